@@ -1,0 +1,1 @@
+"""Lightning callbacks: NTK spectrum, generalization gap and loss crossings."""

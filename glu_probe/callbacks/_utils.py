@@ -1,0 +1,53 @@
+"""Shared helpers for the glu-probe Lightning callbacks.
+
+Kept tiny on purpose: skip rules, rank-zero logging through the Trainer's loggers, and access to the
+TensorBoard ``SummaryWriter`` objects of whatever TensorBoard loggers the user attached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+__all__ = [
+    "is_quiet_run",
+    "log_metrics",
+    "tensorboard_writers",
+]
+
+
+def is_quiet_run(trainer: pl.Trainer) -> bool:
+    """True where a monitor must do nothing: the sanity check and ``fast_dev_run``."""
+    return bool(trainer.sanity_checking or trainer.fast_dev_run)
+
+
+def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Send scalar ``metrics`` to every logger of ``trainer``, once (rank zero), at ``step``.
+
+    Callbacks log outside ``LightningModule.log`` because probes run at points (e.g.
+    ``on_train_batch_end`` every n steps, with our own step index) where ``self.log`` would
+    aggregate across batches or be refused. Values are plain floats.
+    """
+    if not metrics:
+        return
+    step = trainer.global_step if step is None else int(step)
+    _log_rank_zero(trainer, {k: float(v) for k, v in metrics.items()}, step)
+
+
+@rank_zero_only
+def _log_rank_zero(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
+def tensorboard_writers(trainer: pl.Trainer) -> Iterator[Any]:
+    """Yield the ``SummaryWriter`` of each ``TensorBoardLogger`` on rank zero (none elsewhere)."""
+    if trainer.global_rank != 0:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            yield logger.experiment
