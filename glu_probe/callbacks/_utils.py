@@ -16,13 +16,28 @@ from lightning.pytorch.utilities import rank_zero_only
 __all__ = [
     "is_quiet_run",
     "log_metrics",
+    "logger_step",
     "tensorboard_writers",
 ]
 
 
 def is_quiet_run(trainer: pl.Trainer) -> bool:
     """True where a monitor must do nothing: the sanity check and ``fast_dev_run``."""
-    return bool(trainer.sanity_checking or trainer.fast_dev_run)
+    return bool(trainer.sanity_checking or getattr(trainer, "fast_dev_run", False))
+
+
+def logger_step(trainer: pl.Trainer) -> int:
+    """The step at which ``LightningModule.log`` values are written (first training batch: 0).
+
+    This is ``fit_loop.epoch_loop._batches_that_stepped``, the counter Lightning's own
+    ``LearningRateMonitor`` logs at; there is no public accessor. ``trainer.global_step`` is one
+    ahead of it inside ``on_train_batch_end``, so callbacks that want their points to sit on the
+    same x as the loss curves use this.
+    """
+    loop = getattr(trainer, "fit_loop", None)
+    epoch_loop = getattr(loop, "epoch_loop", None)
+    step = getattr(epoch_loop, "_batches_that_stepped", None)
+    return int(step) if step is not None else int(trainer.global_step)
 
 
 def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float], step: int | None = None) -> None:

@@ -1,0 +1,179 @@
+"""Forward+backward speed of glu_probe.SwiGLU vs timm's SwiGLU / SwiGLUPacked and HF LlamaMLP.
+
+Usage::
+
+    python benchmarks/bench_mlp.py [--device cpu|cuda] [--tokens 4096] [--dims 256 512 768]
+        [--dtype float32|bfloat16|float16] [--threads N] [--write benchmarks/RESULTS_mlp.md]
+
+Every block gets the same shapes (``in = out = dim``, gated width ``hidden = round(8·dim/3)``
+to a multiple of 8, bias off as in LLaMA) and identical weights. One step is
+``y = block(x); y.backward(dy)`` with ``x.requires_grad=True``; each is timed with
+``torch.utils.benchmark.Timer.blocked_autorange`` and the table reports the median time and the
+ratio ``ours / theirs`` (<= 1.0 means glu-probe is no slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+from glu_probe.modules import SwiGLU
+
+OURS = ("glu_probe.SwiGLU", "glu_probe.SwiGLU(packed=False)")
+
+
+def _competitors(dim: int, hidden: int, device: str, dtype: torch.dtype) -> dict[str, nn.Module]:
+    ours = SwiGLU(dim, hidden, bias=False)
+    wg, wu = (t.detach().clone() for t in ours.fc1.weight.chunk(2, 0))
+    unpacked = SwiGLU(dim, hidden, bias=False, packed=False)
+    unpacked.fc1_g.weight.data.copy_(wg)
+    unpacked.fc1_x.weight.data.copy_(wu)
+    unpacked.fc2.weight.data.copy_(ours.fc2.weight)
+    blocks: dict[str, nn.Module] = {OURS[0]: ours, OURS[1]: unpacked}
+    try:
+        from timm.layers import SwiGLU as TimmSwiGLU
+        from timm.layers import SwiGLUPacked
+
+        t = TimmSwiGLU(dim, hidden, bias=False)
+        t.fc1_g.weight.data.copy_(wg)
+        t.fc1_x.weight.data.copy_(wu)
+        t.fc2.weight.data.copy_(ours.fc2.weight)
+        blocks["timm.SwiGLU"] = t
+        tp = SwiGLUPacked(dim, 2 * hidden, bias=False)
+        tp.fc1.weight.data.copy_(ours.fc1.weight)
+        tp.fc2.weight.data.copy_(ours.fc2.weight)
+        blocks["timm.SwiGLUPacked"] = tp
+    except ImportError:
+        print("timm not installed: skipping timm blocks", file=sys.stderr)
+    try:
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaMLP
+
+        cfg = LlamaConfig(hidden_size=dim, intermediate_size=hidden, hidden_act="silu")
+        m = LlamaMLP(cfg)
+        m.gate_proj.weight.data.copy_(wg)
+        m.up_proj.weight.data.copy_(wu)
+        m.down_proj.weight.data.copy_(ours.fc2.weight)
+        blocks["hf.LlamaMLP"] = m
+    except ImportError:
+        print("transformers not installed: skipping LlamaMLP", file=sys.stderr)
+    return {k: v.to(device=device, dtype=dtype) for k, v in blocks.items()}
+
+
+def _step(block: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        x.grad = None
+        for p in block.parameters():
+            p.grad = None
+        block(x).backward(dy)
+
+    return run
+
+
+def bench(
+    tokens: int,
+    dims: list[int],
+    device: str,
+    dtype: torch.dtype,
+    min_run_time: float,
+    rounds: int = 3,
+) -> list[dict[str, float | int | str]]:
+    rows: list[dict[str, float | int | str]] = []
+    for dim in dims:
+        hidden = 8 * round(8 * dim / 3 / 8)
+        torch.manual_seed(0)
+        blocks = _competitors(dim, hidden, device, dtype)
+        x = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
+        dy = torch.randn(tokens, dim, device=device, dtype=dtype)
+        ref = blocks[OURS[0]](x)
+        fns = {}
+        for name, block in blocks.items():
+            tol = 1e-3 if dtype == torch.float32 else 1e-1
+            torch.testing.assert_close(block(x), ref, rtol=tol, atol=tol)  # same function
+            fns[name] = _step(block, x, dy)
+            for _ in range(3):
+                fns[name]()
+        # Interleave the competitors over `rounds` rounds and keep each one's best median, so
+        # that load from other processes affects all of them alike.
+        times: dict[str, float] = dict.fromkeys(fns, float("inf"))
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                timer = benchmark.Timer(
+                    stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+                )
+                t = timer.blocked_autorange(min_run_time=min_run_time).median
+                times[name] = min(times[name], t)
+        for mine in OURS:
+            for name, t in times.items():
+                if name in OURS:
+                    continue
+                rows.append(
+                    {
+                        "tokens": tokens,
+                        "dim": dim,
+                        "hidden": hidden,
+                        "ours": mine,
+                        "vs": name,
+                        "ours_ms": times[mine] * 1e3,
+                        "theirs_ms": t * 1e3,
+                        "ratio": times[mine] / t,
+                    }
+                )
+    return rows
+
+
+def to_markdown(rows: list[dict[str, float | int | str]], header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| tokens | dim | hidden | ours | vs | ours (ms) | theirs (ms) | ratio ours/theirs |",
+        "|---:|---:|---:|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['tokens']} | {r['dim']} | {r['hidden']} | {r['ours']} | {r['vs']} | "
+            f"{r['ours_ms']:.2f} | {r['theirs_ms']:.2f} | {r['ratio']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--dims", type=int, nargs="+", default=[256, 512, 768])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--min-run-time", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (best kept)")
+    parser.add_argument("--write", default=None, help="also write the markdown table to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    dev_name = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else platform.processor() or "cpu"
+    )
+    rows = bench(args.tokens, args.dims, args.device, dtype, args.min_run_time, args.rounds)
+    header = (
+        f"### MLP forward+backward, device={args.device} ({dev_name}), dtype={args.dtype}, "
+        f"threads={torch.get_num_threads()}, torch {torch.__version__}; best of {args.rounds} "
+        "interleaved rounds of median times"
+    )
+    table = to_markdown(rows, header)
+    print(table)
+    if args.write:
+        with open(args.write, "w") as f:
+            f.write(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,579 @@
+"""GLU-family MLP blocks, their non-gated baselines, and exact parameter matching.
+
+Two block families, both with timm's ``Mlp`` constructor signature so that they are drop-in
+``mlp_layer`` arguments for timm models:
+
+* :class:`MLP` (non-gated):  ``y = W2 · φ(W1 x + b1) + b2``.
+* :class:`GatedMLP` (Shazeer 2020, "GLU Variants Improve Transformer"):
+  ``y = W2 · (σ(Wg x + bg) ⊙ (Wu x + bu)) + b2``.
+
+.. important::
+   ``hidden_features`` of a gated block is the **gated width** ``h`` — the width of ``σ(Wg x)``
+   (and of ``Wu x``), exactly as for timm's ``SwiGLU`` and Hugging Face's ``intermediate_size``.
+   A gated block of width ``h`` therefore holds ``(2·in + out)·h`` weights, not ``(in + out)·h``.
+   Use :func:`gated_hidden_features` / :func:`dense_hidden_features` to convert between
+   parameter-matched widths. (timm's ``GluMlp``/``SwiGLUPacked`` instead take the *packed* width
+   ``2h``; ours never do.)
+
+Parameter counts (``b1``/``b2`` are the fc1/fc2 bias flags as 0/1)::
+
+    P_dense(h) = (in + out + b1) · h + b2 · out
+    P_gated(h) = (2·in + out + 2·b1) · h + b2 · out
+
+Both are affine in ``h``, so the parameter-matched width is the multiple of ``multiple_of``
+nearest to the exact real solution (the "2/3 rule": for ``in == out == d`` and no biases,
+``P_gated(h') = P_dense(h)`` gives ``h' = 2h/3``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ACTIVATIONS",
+    "GATED_VARIANTS",
+    "GEGLU",
+    "GLU",
+    "MLP",
+    "VARIANTS",
+    "Bilinear",
+    "GatedMLP",
+    "ReGLU",
+    "SwiGLU",
+    "activation_name",
+    "closest_width",
+    "dense_hidden_features",
+    "gated_hidden_features",
+    "is_gated_variant",
+    "make_mlp",
+    "mlp_num_params",
+    "resolve_activation",
+]
+
+#: Canonical activation names accepted wherever an ``act_layer`` may be a string.
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "gelu_tanh": partial(nn.GELU, approximate="tanh"),
+    "silu": nn.SiLU,
+    "sigmoid": nn.Sigmoid,
+    "identity": nn.Identity,
+}
+# Aliases used by Hugging Face configs (``hidden_act`` / ``activation_function``).
+_ACT_ALIASES = {
+    "swish": "silu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "linear": "identity",
+    "none": "identity",
+}
+
+InitFn = Callable[[Tensor, Tensor | None], None]
+"""``init(weight, bias)``: called in place on each logical projection (gate, up, down, fc1, fc2)."""
+
+
+def _canonical_act_name(name: str) -> str:
+    key = name.lower()
+    key = _ACT_ALIASES.get(key, key)
+    if key not in ACTIVATIONS:
+        known = sorted(ACTIVATIONS) + sorted(_ACT_ALIASES)
+        raise ValueError(
+            f"unknown activation {name!r}; expected one of {known} or an nn.Module class"
+        )
+    return key
+
+
+def resolve_activation(act: Any) -> nn.Module:
+    """Build an activation module from a name, an ``nn.Module`` class/factory, or an instance.
+
+    ``None`` means the identity. Strings: ``"relu" | "gelu" | "gelu_tanh" | "silu" | "sigmoid" |
+    "identity"`` (plus HF aliases ``swish``, ``gelu_new``, ``gelu_pytorch_tanh``, ``linear``).
+    """
+    if act is None:
+        return nn.Identity()
+    if isinstance(act, str):
+        return ACTIVATIONS[_canonical_act_name(act)]()
+    if isinstance(act, nn.Module):
+        return act
+    if callable(act):
+        mod = act()
+        if not isinstance(mod, nn.Module):
+            raise TypeError(
+                f"act_layer factory {act!r} returned {type(mod).__name__}, not nn.Module"
+            )
+        return mod
+    raise TypeError(f"act_layer must be a name, an nn.Module class or instance; got {act!r}")
+
+
+def activation_name(act: nn.Module) -> str:
+    """Canonical name of an activation module (``"custom:<Class>"`` when unknown)."""
+    if isinstance(act, nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    for name, cls in (
+        ("relu", nn.ReLU),
+        ("silu", nn.SiLU),
+        ("sigmoid", nn.Sigmoid),
+        ("identity", nn.Identity),
+    ):
+        if isinstance(act, cls):
+            return name
+    # transformers' activation classes (GELUActivation, NewGELUActivation, ...).
+    cls_name = type(act).__name__
+    hf = {
+        "GELUActivation": "gelu",
+        "NewGELUActivation": "gelu_tanh",
+        "PytorchGELUTanh": "gelu_tanh",
+        "GELUTanh": "gelu_tanh",
+        "SiLUActivation": "silu",
+        "LinearActivation": "identity",
+    }
+    return hf.get(cls_name, f"custom:{cls_name}")
+
+
+def _pair(value: Any, name: str) -> tuple[Any, Any]:
+    if isinstance(value, tuple | list):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be a scalar or a pair, got {value!r}")
+        return value[0], value[1]
+    return value, value
+
+
+def _check_width(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
+
+
+def _check_drop(value: Any) -> float:
+    p = float(value)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {value!r}")
+    return p
+
+
+def _warn_ignored(cls: str, kwargs: Mapping[str, Any]) -> None:
+    if kwargs:
+        warnings.warn(
+            f"{cls}: ignoring unsupported keyword arguments {sorted(kwargs)}",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+class MLP(nn.Module):
+    """Non-gated MLP, ``y = drop2(fc2(norm(drop1(act(fc1(x))))))``.
+
+    Same signature and attribute names as ``timm.layers.Mlp`` (``fc1, act, drop1, norm, fc2,
+    drop2``), so it is a drop-in ``mlp_layer``. ``act_layer`` may be an ``nn.Module`` class or
+    instance or one of the names in :data:`ACTIVATIONS`. ``bias`` and ``drop`` may be pairs
+    (fc1, fc2). Weights use ``nn.Linear``'s default init unless ``init(weight, bias)`` is given.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        act_layer: Any = nn.GELU,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        bias: bool | tuple[bool, bool] = True,
+        drop: float | tuple[float, float] = 0.0,
+        use_conv: bool = False,
+        init: InitFn | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        _warn_ignored(type(self).__name__, kwargs)
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.in_features = _check_width(in_features, "in_features")
+        self.hidden_features = _check_width(hidden_features or in_features, "hidden_features")
+        self.out_features = _check_width(out_features or in_features, "out_features")
+        b1, b2 = _pair(bias, "bias")
+        p1, p2 = _pair(drop, "drop")
+        self.use_conv = use_conv
+        linear = partial(nn.Conv2d, kernel_size=1) if use_conv else nn.Linear
+        self.fc1 = linear(self.in_features, self.hidden_features, bias=bool(b1), **dd)
+        self.act = resolve_activation(act_layer)
+        self.drop1 = nn.Dropout(_check_drop(p1))
+        self.norm = norm_layer(self.hidden_features, **dd) if norm_layer else nn.Identity()
+        self.fc2 = linear(self.hidden_features, self.out_features, bias=bool(b2), **dd)
+        self.drop2 = nn.Dropout(_check_drop(p2))
+        if init is not None:
+            with torch.no_grad():
+                init(self.fc1.weight, self.fc1.bias)
+                init(self.fc2.weight, self.fc2.bias)
+
+    @property
+    def gated(self) -> bool:
+        return False
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.drop1(self.act(self.fc1(x)))
+        return self.drop2(self.fc2(self.norm(x)))
+
+    def extra_repr(self) -> str:
+        return f"act={activation_name(self.act)}"
+
+
+class GatedMLP(nn.Module):
+    """Gated MLP (GLU family), ``y = W2 (act(x Wg + bg) ⊙ (x Wu + bu)) + b2``.
+
+    ``hidden_features`` is the **gated width** (see the module docstring). With ``packed=True``
+    (default) the gate and up projections are a single ``fc1`` with ``2·hidden`` output rows,
+    ordered ``[gate; up]`` (:attr:`GATE_FIRST` is ``True``), so the forward pass runs one matmul
+    and splits the result with a zero-copy ``chunk``; this is the layout of timm's
+    ``SwiGLUPacked``. With ``packed=False`` the projections are ``fc1_g`` (gate) and ``fc1_x``
+    (up), the layout of timm's ``SwiGLU``; :mod:`glu_probe.convert` maps between layouts.
+
+    Attributes ``act, drop1, norm, fc2, drop2`` are as in timm's ``Mlp``; ``drop1`` acts on the
+    gated product, ``norm`` (optional, ``norm_layer(hidden)``) follows it.
+
+    Weights use ``nn.Linear``'s default init (which depends only on fan-in, so packed and unpacked
+    layouts draw from the same distribution) unless ``init(weight, bias)`` is given; ``init`` is
+    applied to the gate, up and down projections separately (on views for the packed ``fc1``).
+    :meth:`init_weights` re-initialises the gate like timm's ``SwiGLU`` (weight ~ N(0, 1e-6²),
+    bias 1), and is what timm's ViT init calls.
+    """
+
+    GATE_FIRST: bool = True
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        act_layer: Any = nn.SiLU,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        bias: bool | tuple[bool, bool] = True,
+        drop: float | tuple[float, float] = 0.0,
+        packed: bool = True,
+        use_conv: bool = False,
+        init: InitFn | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        _warn_ignored(type(self).__name__, kwargs)
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.in_features = _check_width(in_features, "in_features")
+        self.hidden_features = _check_width(hidden_features or in_features, "hidden_features")
+        self.out_features = _check_width(out_features or in_features, "out_features")
+        h = self.hidden_features
+        b1, b2 = _pair(bias, "bias")
+        p1, p2 = _pair(drop, "drop")
+        self.packed = bool(packed)
+        self.use_conv = use_conv
+        self._chunk_dim = 1 if use_conv else -1
+        linear = partial(nn.Conv2d, kernel_size=1) if use_conv else nn.Linear
+        if self.packed:
+            self.fc1 = linear(self.in_features, 2 * h, bias=bool(b1), **dd)
+        else:
+            self.fc1_g = linear(self.in_features, h, bias=bool(b1), **dd)
+            self.fc1_x = linear(self.in_features, h, bias=bool(b1), **dd)
+        self.act = resolve_activation(act_layer)
+        self.drop1 = nn.Dropout(_check_drop(p1))
+        self.norm = norm_layer(h, **dd) if norm_layer else nn.Identity()
+        self.fc2 = linear(h, self.out_features, bias=bool(b2), **dd)
+        self.drop2 = nn.Dropout(_check_drop(p2))
+        if init is not None:
+            with torch.no_grad():
+                for w, b in (
+                    self.gate_params(),
+                    self.up_params(),
+                    (self.fc2.weight, self.fc2.bias),
+                ):
+                    init(w, b)
+
+    @property
+    def gated(self) -> bool:
+        return True
+
+    def _half(self, t: Tensor | None, which: int) -> Tensor | None:
+        if t is None:
+            return None
+        h = self.hidden_features
+        start = which * h if self.GATE_FIRST else (1 - which) * h
+        return t[start : start + h]
+
+    def gate_params(self) -> tuple[Tensor, Tensor | None]:
+        """(weight, bias) of the gate projection (views into ``fc1`` when packed)."""
+        if self.packed:
+            w = self._half(self.fc1.weight, 0)
+            assert w is not None
+            return w, self._half(self.fc1.bias, 0)
+        return self.fc1_g.weight, self.fc1_g.bias
+
+    def up_params(self) -> tuple[Tensor, Tensor | None]:
+        """(weight, bias) of the up (value) projection (views into ``fc1`` when packed)."""
+        if self.packed:
+            w = self._half(self.fc1.weight, 1)
+            assert w is not None
+            return w, self._half(self.fc1.bias, 1)
+        return self.fc1_x.weight, self.fc1_x.bias
+
+    def init_weights(self) -> None:
+        """timm ``SwiGLU.init_weights``: gate weight ~ N(0, 1e-6²), gate bias = 1."""
+        w, b = self.gate_params()
+        with torch.no_grad():
+            if b is not None:
+                nn.init.ones_(b)
+            nn.init.normal_(w, std=1e-6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.packed:
+            gu = self.fc1(x)
+            g, u = gu.chunk(2, dim=self._chunk_dim)
+            if not self.GATE_FIRST:
+                g, u = u, g
+        else:
+            g, u = self.fc1_g(x), self.fc1_x(x)
+        x = self.drop1(self.act(g) * u)
+        return self.drop2(self.fc2(self.norm(x)))
+
+    def extra_repr(self) -> str:
+        return (
+            f"act={activation_name(self.act)}, packed={self.packed}, gate_first={self.GATE_FIRST}"
+        )
+
+
+class _FixedGateMLP(GatedMLP):
+    """A :class:`GatedMLP` whose gate activation is fixed by the class (``_GATE``).
+
+    ``act_layer`` is accepted for timm compatibility (timm's ``Block`` always passes its own,
+    usually ``nn.GELU``) and deliberately ignored: the variant name fixes the gate. Use
+    :class:`GatedMLP` for a custom gate.
+    """
+
+    _GATE: Callable[[], nn.Module] = nn.SiLU
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        act_layer: Any = None,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        bias: bool | tuple[bool, bool] = True,
+        drop: float | tuple[float, float] = 0.0,
+        packed: bool = True,
+        use_conv: bool = False,
+        init: InitFn | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        del act_layer  # fixed by the variant, see the class docstring
+        super().__init__(
+            in_features,
+            hidden_features,
+            out_features,
+            act_layer=type(self)._GATE,
+            norm_layer=norm_layer,
+            bias=bias,
+            drop=drop,
+            packed=packed,
+            use_conv=use_conv,
+            init=init,
+            device=device,
+            dtype=dtype,
+            **kwargs,
+        )
+
+
+_FIXED_NOTE = """
+
+    The gate activation is fixed; an ``act_layer`` argument (e.g. the ``nn.GELU`` that timm's
+    ``Block`` passes) is accepted and ignored. Signature and layout: see :class:`GatedMLP`.
+    """
+
+
+class GLU(_FixedGateMLP):
+    __doc__ = (
+        "GLU: ``y = W2 (sigmoid(x Wg + bg) ⊙ (x Wu + bu)) + b2`` (Dauphin et al. 2017)."
+        + _FIXED_NOTE
+    )
+    _GATE = nn.Sigmoid
+
+
+class Bilinear(_FixedGateMLP):
+    __doc__ = "Bilinear: ``y = W2 ((x Wg + bg) ⊙ (x Wu + bu)) + b2``." + _FIXED_NOTE
+    _GATE = nn.Identity
+
+
+class ReGLU(_FixedGateMLP):
+    __doc__ = "ReGLU: ``y = W2 (relu(x Wg + bg) ⊙ (x Wu + bu)) + b2``." + _FIXED_NOTE
+    _GATE = nn.ReLU
+
+
+class SwiGLU(_FixedGateMLP):
+    __doc__ = "SwiGLU: ``y = W2 (silu(x Wg + bg) ⊙ (x Wu + bu)) + b2``." + _FIXED_NOTE
+    _GATE = nn.SiLU
+
+
+class GEGLU(GatedMLP):
+    """GEGLU: ``y = W2 (gelu(x Wg) ⊙ x Wu)``, with ``approximate="none"`` (exact erf GELU) or
+    ``"tanh"``.
+
+    The gate activation is fixed; an ``act_layer`` argument (e.g. the ``nn.GELU`` that timm's
+    ``Block`` passes) is accepted and ignored. Signature and layout: see :class:`GatedMLP`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        act_layer: Any = None,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        bias: bool | tuple[bool, bool] = True,
+        drop: float | tuple[float, float] = 0.0,
+        packed: bool = True,
+        use_conv: bool = False,
+        init: InitFn | None = None,
+        approximate: str = "none",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        del act_layer  # fixed by the variant
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"GEGLU approximate must be 'none' or 'tanh', got {approximate!r}")
+        super().__init__(
+            in_features,
+            hidden_features,
+            out_features,
+            act_layer=partial(nn.GELU, approximate=approximate),
+            norm_layer=norm_layer,
+            bias=bias,
+            drop=drop,
+            packed=packed,
+            use_conv=use_conv,
+            init=init,
+            device=device,
+            dtype=dtype,
+            **kwargs,
+        )
+
+
+#: Variant name -> constructor with the timm signature.
+VARIANTS: dict[str, Callable[..., nn.Module]] = {
+    "glu": GLU,
+    "bilinear": Bilinear,
+    "reglu": ReGLU,
+    "geglu": GEGLU,
+    "swiglu": SwiGLU,
+    "relu": partial(MLP, act_layer=nn.ReLU),
+    "gelu": partial(MLP, act_layer=nn.GELU),
+    "silu": partial(MLP, act_layer=nn.SiLU),
+}
+GATED_VARIANTS = frozenset({"glu", "bilinear", "reglu", "geglu", "swiglu"})
+
+
+def _check_variant(variant: str) -> str:
+    if not isinstance(variant, str) or variant.lower() not in VARIANTS:
+        raise ValueError(f"unknown MLP variant {variant!r}; expected one of {sorted(VARIANTS)}")
+    return variant.lower()
+
+
+def is_gated_variant(variant: str) -> bool:
+    return _check_variant(variant) in GATED_VARIANTS
+
+
+def make_mlp(
+    variant: str,
+    in_features: int,
+    hidden_features: int,
+    out_features: int | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build the block named ``variant`` (see :data:`VARIANTS`).
+
+    ``hidden_features`` is the gated width for gated variants. For the non-gated variants an
+    ``act_layer`` in ``kwargs`` is rejected, since the variant name fixes it.
+    """
+    name = _check_variant(variant)
+    if name not in GATED_VARIANTS and "act_layer" in kwargs:
+        raise TypeError(f"make_mlp({name!r}): the variant fixes the activation; drop act_layer")
+    return VARIANTS[name](in_features, hidden_features, out_features, **kwargs)
+
+
+def _bias_flags(bias: bool | tuple[bool, bool]) -> tuple[int, int]:
+    b1, b2 = _pair(bias, "bias")
+    return int(bool(b1)), int(bool(b2))
+
+
+def mlp_num_params(
+    in_features: int,
+    hidden_features: int,
+    out_features: int | None = None,
+    bias: bool | tuple[bool, bool] = True,
+    gated: bool = False,
+) -> int:
+    """Closed-form parameter count of :class:`MLP` / :class:`GatedMLP` (no norm layer)."""
+    slope, const = _param_line(in_features, out_features, bias, gated)
+    return slope * _check_width(hidden_features, "hidden_features") + const
+
+
+def _param_line(
+    in_features: int, out_features: int | None, bias: bool | tuple[bool, bool], gated: bool
+) -> tuple[int, int]:
+    """``P(h) = slope·h + const`` for a block of width ``h``."""
+    d_in = _check_width(in_features, "in_features")
+    d_out = _check_width(out_features or in_features, "out_features")
+    b1, b2 = _bias_flags(bias)
+    k = 2 if gated else 1
+    return k * (d_in + b1) + d_out, b2 * d_out
+
+
+def closest_width(target: float, slope: int, const: int, multiple_of: int = 1) -> int:
+    """The positive multiple of ``multiple_of`` whose ``slope·h + const`` is closest to
+    ``target`` (ties go to the smaller width)."""
+    m = _check_width(multiple_of, "multiple_of")
+    exact = (target - const) / slope
+    lo = max(m, math.floor(exact / m) * m)
+    hi = max(m, math.ceil(exact / m) * m)
+    return lo if abs(slope * lo + const - target) <= abs(slope * hi + const - target) else hi
+
+
+def gated_hidden_features(
+    in_features: int,
+    hidden_features: int,
+    out_features: int | None = None,
+    bias: bool | tuple[bool, bool] = True,
+    multiple_of: int = 1,
+) -> int:
+    """Gated width whose :class:`GatedMLP` parameter count is closest to that of an :class:`MLP`
+    of width ``hidden_features`` (same in/out/bias), among positive multiples of ``multiple_of``.
+
+    Solves ``(2·in + out + 2·b1)·h + b2·out = (in + out + b1)·H + b2·out`` for ``h`` and rounds;
+    the count error is at most ``multiple_of·(2·in + out + 2·b1)/2``.
+    """
+    target = mlp_num_params(in_features, hidden_features, out_features, bias, gated=False)
+    slope, const = _param_line(in_features, out_features, bias, gated=True)
+    return closest_width(target, slope, const, multiple_of)
+
+
+def dense_hidden_features(
+    in_features: int,
+    gated_hidden_features: int,
+    out_features: int | None = None,
+    bias: bool | tuple[bool, bool] = True,
+    multiple_of: int = 1,
+) -> int:
+    """Inverse of :func:`gated_hidden_features`: the non-gated width whose :class:`MLP` parameter
+    count is closest to that of a :class:`GatedMLP` of gated width ``gated_hidden_features``."""
+    target = mlp_num_params(in_features, gated_hidden_features, out_features, bias, gated=True)
+    slope, const = _param_line(in_features, out_features, bias, gated=False)
+    return closest_width(target, slope, const, multiple_of)

@@ -1,0 +1,52 @@
+"""Swap the MLP blocks of timm / Hugging Face / glu-probe models in one call.
+
+Built-in adapters, asked in this order (adapters added with :func:`register_adapter` come
+first): Hugging Face BERT layers, GPT-2 MLPs, LLaMA-family MLPs, timm MLPs, glu-probe blocks.
+"""
+
+from glu_probe.swap.core import (
+    MLPAdapter,
+    MLPSpec,
+    SwapEntry,
+    SwapReport,
+    UnsupportedModelError,
+    host_init,
+    register_adapter,
+    registered_adapters,
+    swap_mlp,
+    unregister_adapter,
+)
+from glu_probe.swap.glu_probe import GluProbeAdapter
+from glu_probe.swap.hf_bert import BertLayerAdapter, ResidualNormMLP
+from glu_probe.swap.hf_gpt2 import GPT2MLPAdapter
+from glu_probe.swap.hf_llama import LlamaMLPAdapter
+from glu_probe.swap.timm import TimmMlpAdapter
+
+__all__ = [
+    "BertLayerAdapter",
+    "GPT2MLPAdapter",
+    "GluProbeAdapter",
+    "LlamaMLPAdapter",
+    "MLPAdapter",
+    "MLPSpec",
+    "ResidualNormMLP",
+    "SwapEntry",
+    "SwapReport",
+    "TimmMlpAdapter",
+    "UnsupportedModelError",
+    "host_init",
+    "register_adapter",
+    "registered_adapters",
+    "swap_mlp",
+    "unregister_adapter",
+]
+
+for _adapter in (
+    BertLayerAdapter(),
+    GPT2MLPAdapter(),
+    LlamaMLPAdapter(),
+    TimmMlpAdapter(),
+    GluProbeAdapter(),
+):
+    register_adapter(_adapter, first=False)
+del _adapter

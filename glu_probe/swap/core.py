@@ -1,0 +1,670 @@
+"""The MLP-swap driver: walk a model, ask adapters, build parameter-matched replacements.
+
+``swap_mlp`` is all-or-nothing: every block is recognised, described and rebuilt before the
+first one is installed, and any module that *looks* like an MLP but no adapter recognises makes
+the call fail (``strict=True``) instead of leaving a half-swapped model.
+
+Width rule (``match="params"``): the source block has ``P_src`` parameters (its linear layers
+and, for timm, its inner norm). A replacement of width ``h`` has ``P(h) = slope·h + const``
+parameters (closed form, :func:`glu_probe.modules.mlp_num_params` plus the norm's per-unit
+parameters), and ``h`` is the multiple of ``multiple_of`` closest to the solution of
+``P(h) = P_src``. If that alignment cannot meet ``tolerance`` (relative difference, default 1%),
+the largest divisor of ``multiple_of`` that can is used instead, with a warning. The resulting
+error is at most ``multiple_of_used · slope / 2`` parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from glu_probe.modules import (
+    GATED_VARIANTS,
+    VARIANTS,
+    _param_line,
+    activation_name,
+    closest_width,
+    make_mlp,
+)
+
+__all__ = [
+    "MLPAdapter",
+    "MLPSpec",
+    "SwapEntry",
+    "SwapReport",
+    "UnsupportedModelError",
+    "register_adapter",
+    "registered_adapters",
+    "swap_mlp",
+    "unregister_adapter",
+]
+
+#: Canonical activation name -> Hugging Face ``ACT2FN`` key written into host configs.
+HF_ACT_NAMES = {
+    "relu": "relu",
+    "gelu": "gelu",
+    "gelu_tanh": "gelu_pytorch_tanh",
+    "silu": "silu",
+    "sigmoid": "sigmoid",
+    "identity": "linear",
+}
+#: Gate (gated variants) or hidden (dense variants) activation of each variant.
+VARIANT_ACTIVATION = {
+    "glu": "sigmoid",
+    "bilinear": "identity",
+    "reglu": "relu",
+    "geglu": "gelu",
+    "swiglu": "silu",
+    "relu": "relu",
+    "gelu": "gelu",
+    "silu": "silu",
+}
+RECORD_ATTR = "glu_probe_swap"
+"""Name of the record ``swap_mlp`` leaves on a Hugging Face config (a JSON-able dict)."""
+
+_REGISTER_HELP = (
+    "To swap a custom block, subclass glu_probe.swap.MLPAdapter (matches, describe, and "
+    "optionally build/install/config_keys) and call glu_probe.swap.register_adapter(MyAdapter())."
+)
+
+
+class UnsupportedModelError(ValueError):
+    """No MLP block recognised, or only some of them (never a silent partial swap)."""
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """What an adapter found: the shape and conventions of one MLP block."""
+
+    in_features: int
+    hidden_features: int
+    """Width of the hidden layer; the gated width for gated blocks."""
+    out_features: int
+    gated: bool
+    activation: str
+    """Canonical name (``activation_name``) of the hidden/gate activation."""
+    num_params: int
+    """Parameters of the block's own layers (excluding e.g. BERT's residual LayerNorm)."""
+    bias: tuple[bool, bool] = (True, True)
+    drop: tuple[float, float] = (0.0, 0.0)
+    norm: nn.Module | None = None
+    """Inner norm after the activation (timm ``scale_mlp_norm``), copied into the new block."""
+    use_conv: bool = False
+    kind: str = ""
+    """Human-readable name of the source block, e.g. ``"timm.Mlp"`` or ``"GPT2MLP"``."""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+
+
+class MLPAdapter(ABC):
+    """Teaches :func:`swap_mlp` one family of MLP blocks.
+
+    ``matches`` is a cheap structural test; ``describe`` reads the block (and raises
+    :class:`UnsupportedModelError` if it only partly fits); ``build`` makes the replacement
+    (default: :func:`glu_probe.modules.make_mlp`); ``install`` puts it in place (default:
+    ``setattr`` on the parent); ``config_keys`` names the host-config fields for the width and
+    the activation that the swap updates.
+    """
+
+    name: str = "adapter"
+
+    @abstractmethod
+    def matches(self, module: nn.Module) -> bool:
+        """Whether ``module`` is a block this adapter handles."""
+
+    @abstractmethod
+    def describe(self, module: nn.Module) -> MLPSpec:
+        """Read the block's shape, activation, biases, dropout, device and dtype."""
+
+    def build(self, spec: MLPSpec, variant: str, hidden: int, **kwargs: Any) -> nn.Module:
+        """The replacement block (default: ``make_mlp`` with the source's conventions)."""
+        norm_layer = _norm_factory(spec.norm) if spec.norm is not None else None
+        return make_mlp(
+            variant,
+            spec.in_features,
+            hidden,
+            spec.out_features,
+            bias=spec.bias,
+            drop=spec.drop,
+            norm_layer=norm_layer,
+            use_conv=spec.use_conv,
+            device=spec.device,
+            dtype=spec.dtype,
+            **kwargs,
+        )
+
+    def install(self, root: nn.Module, path: str, old: nn.Module, new: nn.Module) -> None:
+        """Put ``new`` where ``old`` is (default: replace the attribute at ``path``)."""
+        parent, _, attr = path.rpartition(".")
+        setattr(root.get_submodule(parent), attr, new)
+
+    def config_keys(self, model: nn.Module) -> tuple[str | None, str | None]:
+        """Host-config fields ``(width_key, activation_key)`` to update (``None``: leave)."""
+        return None, None
+
+    def source_parameters(self, module: nn.Module) -> list[nn.Parameter]:
+        """The parameters the new block replaces (default: all of ``module``'s)."""
+        return list(module.parameters())
+
+
+@dataclass
+class SwapEntry:
+    """One swapped block."""
+
+    path: str
+    adapter: str
+    source: str
+    source_activation: str
+    source_gated: bool
+    source_hidden: int
+    hidden_features: int
+    params_before: int
+    params_after: int
+    multiple_of: int
+
+    @property
+    def rel_diff(self) -> float:
+        """``(after - before) / before``."""
+        return (self.params_after - self.params_before) / self.params_before
+
+
+@dataclass
+class SwapReport:
+    """What :func:`swap_mlp` did."""
+
+    variant: str
+    match: str
+    entries: list[SwapEntry]
+    config_updates: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    unrecognised: list[str] = field(default_factory=list)
+
+    @property
+    def paths(self) -> list[str]:
+        return [e.path for e in self.entries]
+
+    @property
+    def params_before(self) -> int:
+        return sum(e.params_before for e in self.entries)
+
+    @property
+    def params_after(self) -> int:
+        return sum(e.params_after for e in self.entries)
+
+    @property
+    def rel_diff(self) -> float:
+        """Relative difference of the total MLP parameter count."""
+        return (self.params_after - self.params_before) / self.params_before
+
+    @property
+    def max_abs_rel_diff(self) -> float:
+        return max(abs(e.rel_diff) for e in self.entries)
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"swap_mlp -> {self.variant} (match={self.match})",
+            "",
+            "| path | from | hidden | to hidden | params before | params after | rel diff |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for e in self.entries:
+            lines.append(
+                f"| {e.path} | {e.source} ({e.source_activation}) | {e.source_hidden} | "
+                f"{e.hidden_features} | {e.params_before} | {e.params_after} | "
+                f"{100 * e.rel_diff:+.2f}% |"
+            )
+        lines.append(
+            f"| **total** | | | | {self.params_before} | {self.params_after} | "
+            f"{100 * self.rel_diff:+.2f}% |"
+        )
+        if self.config_updates:
+            lines.append("")
+            lines.append(
+                "config: "
+                + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in self.config_updates.items())
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+_ADAPTERS: list[MLPAdapter] = []
+
+
+def register_adapter(adapter: MLPAdapter, *, first: bool = True) -> MLPAdapter:
+    """Register ``adapter`` (an :class:`MLPAdapter` instance) for :func:`swap_mlp`.
+
+    With ``first=True`` (default) it is asked before the built-in adapters, so it can take over
+    blocks they would otherwise match. Returns the adapter (usable as a decorator on an
+    instance-returning expression).
+    """
+    if not isinstance(adapter, MLPAdapter):
+        raise TypeError(
+            f"register_adapter expects an MLPAdapter instance, got {type(adapter).__name__}"
+        )
+    if adapter in _ADAPTERS:
+        _ADAPTERS.remove(adapter)
+    if first:
+        _ADAPTERS.insert(0, adapter)
+    else:
+        _ADAPTERS.append(adapter)
+    return adapter
+
+
+def unregister_adapter(adapter: MLPAdapter) -> None:
+    """Remove a registered adapter (``ValueError`` if it is not registered)."""
+    if adapter not in _ADAPTERS:
+        raise ValueError(f"adapter {adapter!r} is not registered")
+    _ADAPTERS.remove(adapter)
+
+
+def registered_adapters() -> list[MLPAdapter]:
+    """Adapters in the order :func:`swap_mlp` asks them."""
+    return list(_ADAPTERS)
+
+
+def _norm_factory(norm: nn.Module) -> Callable[..., nn.Module]:
+    """A ``norm_layer(width, device=, dtype=)`` factory rebuilding ``norm``'s type and options."""
+    if isinstance(norm, nn.LayerNorm):
+
+        def make_ln(n: int, **dd: Any) -> nn.Module:
+            return nn.LayerNorm(
+                n,
+                eps=norm.eps,
+                elementwise_affine=norm.elementwise_affine,
+                bias=norm.bias is not None,
+                **dd,
+            )
+
+        return make_ln
+    if isinstance(norm, nn.RMSNorm):
+
+        def make_rms(n: int, **dd: Any) -> nn.Module:
+            return nn.RMSNorm(n, eps=norm.eps, elementwise_affine=norm.elementwise_affine, **dd)
+
+        return make_rms
+    cls = type(norm)
+
+    def make_other(n: int, **dd: Any) -> nn.Module:
+        try:
+            return cls(n, **dd)
+        except TypeError as err:
+            raise UnsupportedModelError(
+                f"cannot rebuild the inner norm {cls.__name__} of the MLP at a new width: {err}"
+            ) from err
+
+    return make_other
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _first_param(module: nn.Module) -> torch.Tensor:
+    for p in module.parameters():
+        return p
+    raise UnsupportedModelError(f"{type(module).__name__} has no parameters")
+
+
+def spec_from_glu_probe(module: Any, kind: str) -> MLPSpec:
+    """Describe one of our own :class:`~glu_probe.modules.MLP` / ``GatedMLP`` blocks."""
+    fc2 = module.fc2
+    assert isinstance(fc2, nn.Linear | nn.Conv2d)
+    fc1_bias = (module.fc1 if hasattr(module, "fc1") else module.fc1_g).bias is not None
+    norm = None if isinstance(module.norm, nn.Identity) else module.norm
+    p = _first_param(module)
+    return MLPSpec(
+        in_features=int(module.in_features),  # type: ignore[arg-type]
+        hidden_features=int(module.hidden_features),  # type: ignore[arg-type]
+        out_features=int(module.out_features),  # type: ignore[arg-type]
+        gated=bool(module.gated),
+        activation=activation_name(module.act),  # type: ignore[arg-type]
+        num_params=_params(module),
+        bias=(fc1_bias, fc2.bias is not None),
+        drop=(float(module.drop1.p), float(module.drop2.p)),  # type: ignore[union-attr]
+        norm=norm,
+        use_conv=bool(getattr(module, "use_conv", False)),
+        kind=kind,
+        device=p.device,
+        dtype=p.dtype,
+    )
+
+
+# --------------------------------------------------------------------------- host conventions
+
+
+def _hf_config(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict") and hasattr(config, "model_type"):
+        return config
+    return None
+
+
+def _is_timm_host(model: nn.Module) -> bool:
+    return any(c.__module__.startswith("timm.") for c in type(model).__mro__)
+
+
+def host_init(root: nn.Module, path: str, block: Any) -> None:
+    """Initialise a new block the way the host initialises its own MLPs.
+
+    * Hugging Face (a ``config`` with ``initializer_range``): linear weights ~ N(0, r²), biases 0
+      (``PreTrainedModel._init_weights``); for GPT-2 (``model_type == "gpt2"``) the output
+      projection uses the scaled std ``r / sqrt(2 · n_layer)`` of the GPT-2 paper.
+    * timm: the host's ViT init (``weight_init_mode``: '' -> trunc_normal(0.02) / zero bias, or
+      jax / moco), applied with timm's own ``named_apply`` so that blocks with an
+      ``init_weights()`` (timm's ``SwiGLU``, our ``GatedMLP``) get it exactly as in a freshly
+      built timm model; plus ``fix_init`` rescaling of ``fc2`` by ``1/sqrt(2·(layer+1))``.
+    * anything else: the block keeps ``nn.Linear``'s default init.
+    """
+    config = _hf_config(root)
+    if config is not None and hasattr(config, "initializer_range"):
+        std = float(config.initializer_range)
+        with torch.no_grad():
+            for m in block.modules():
+                if isinstance(m, nn.Linear | nn.Conv2d):
+                    nn.init.normal_(m.weight, mean=0.0, std=std)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.LayerNorm | nn.RMSNorm) and hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            n_layer = getattr(config, "n_layer", None)
+            if getattr(config, "model_type", "") == "gpt2" and n_layer and hasattr(block, "fc2"):
+                nn.init.normal_(block.fc2.weight, mean=0.0, std=std / math.sqrt(2 * n_layer))
+        return
+    if _is_timm_host(root):
+        from timm.models._manipulate import named_apply
+        from timm.models.vision_transformer import get_init_weights_vit
+
+        mode = getattr(root, "weight_init_mode", "") or ""
+        with torch.no_grad():
+            named_apply(get_init_weights_vit(mode), block, name=path, include_root=True)
+            hit = re.fullmatch(r"(?:.*\.)?blocks\.(\d+)\.mlp", path)
+            if getattr(root, "fix_init", False) and hit and hasattr(block, "fc2"):
+                block.fc2.weight.div_(math.sqrt(2.0 * (int(hit.group(1)) + 1)))
+
+
+# --------------------------------------------------------------------------- the driver
+
+_CANDIDATE_NAME = re.compile(r"^(mlp|mlps|ffn|ffns|feed_?forward|intermediate|mlp_block)$", re.I)
+_CANDIDATE_CLASS = re.compile(r"(mlp|feedforward|feed_forward|ffn|intermediate|swiglu|geglu)", re.I)
+
+
+def _walk(
+    module: nn.Module, prefix: str, adapters: list[MLPAdapter]
+) -> Iterator[tuple[str, nn.Module, MLPAdapter | None]]:
+    """Yield ``(path, module, adapter)`` for matched blocks (not descending into them) and
+    ``(path, module, None)`` for every other module."""
+    for adapter in adapters:
+        if adapter.matches(module):
+            yield prefix, module, adapter
+            return
+    yield prefix, module, None
+    for name, child in module.named_children():
+        yield from _walk(child, f"{prefix}.{name}" if prefix else name, adapters)
+
+
+def _looks_like_mlp(path: str, module: nn.Module) -> bool:
+    last = path.rpartition(".")[2]
+    return bool(_CANDIDATE_NAME.match(last) or _CANDIDATE_CLASS.search(type(module).__name__))
+
+
+def _resolve_width(
+    spec: MLPSpec,
+    variant: str,
+    match: str,
+    multiple_of: int,
+    tolerance: float | None,
+    record: dict[str, Any] | None,
+) -> tuple[int, int]:
+    """(hidden width, alignment used) of the replacement for ``spec``."""
+    gated = variant in GATED_VARIANTS
+    if match == "width":
+        return spec.hidden_features, 1
+    if gated == spec.gated:
+        return spec.hidden_features, 1  # same family: identical parameter count at equal width
+    if record and record.get("variant") == variant and spec.hidden_features == record.get("hidden"):
+        # A host rebuilt from a config this function already updated: its native block has the
+        # swapped width; keep it so that state dicts of the swapped model load.
+        return spec.hidden_features, 1
+    slope, const = _param_line(spec.in_features, spec.out_features, spec.bias, gated)
+    if spec.norm is not None:
+        slope += _params(spec.norm) // spec.hidden_features
+    target = spec.num_params
+    divisors = [d for d in range(multiple_of, 0, -1) if multiple_of % d == 0]
+    best: tuple[int, int] | None = None
+    for d in divisors:
+        h = closest_width(target, slope, const, d)
+        err = abs(slope * h + const - target) / target
+        if best is None:
+            best = (h, d)
+        if tolerance is None or err <= tolerance:
+            if d != multiple_of:
+                h0 = best[0]
+                err0 = abs(slope * h0 + const - target) / target
+                warnings.warn(
+                    f"swap_mlp: multiple_of={multiple_of} gives width {h0} with a "
+                    f"{100 * err0:.2f}% parameter mismatch (> tolerance "
+                    f"{100 * (tolerance or 0):.2f}%); using multiple_of={d} "
+                    f"(width {h}, {100 * err:.2f}%) instead",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            return h, d
+    h = closest_width(target, slope, const, 1)
+    err = abs(slope * h + const - target) / target
+    warnings.warn(
+        f"swap_mlp: no width matches {target} parameters within {100 * (tolerance or 0):.2f}% "
+        f"(best: {h}, {100 * err:.2f}%); the block is too small for the tolerance",
+        UserWarning,
+        stacklevel=4,
+    )
+    return h, 1
+
+
+def swap_mlp(
+    model: nn.Module,
+    variant: str,
+    *,
+    match: Literal["params", "width"] = "params",
+    multiple_of: int = 8,
+    strict: bool = True,
+    tolerance: float | None = 0.01,
+    hidden_features: int | None = None,
+    init: Literal["host", "default"] = "host",
+    **module_kwargs: Any,
+) -> SwapReport:
+    """Replace every MLP block of ``model`` in place by a ``variant`` block.
+
+    Args:
+        model: a timm / Hugging Face / plain PyTorch model (see the registered adapters).
+        variant: ``"glu" | "bilinear" | "reglu" | "geglu" | "swiglu"`` (gated) or
+            ``"relu" | "gelu" | "silu"`` (non-gated).
+        match: ``"params"`` keeps each block's parameter count (gated <-> non-gated via the
+            closed-form counts; same family keeps the width), ``"width"`` keeps the hidden
+            width (the gated width for gated blocks).
+        multiple_of: alignment of new widths under ``match="params"``.
+        strict: if ``True`` (default), any MLP-looking module that no adapter recognises raises
+            :class:`UnsupportedModelError`; if ``False`` it is left alone with a warning and
+            listed in ``SwapReport.unrecognised``. A model with no recognised block always raises.
+        tolerance: largest accepted relative parameter difference under ``match="params"``
+            before ``multiple_of`` is relaxed (warning); ``None`` never relaxes it.
+        hidden_features: use this width for every block instead of matching.
+        init: ``"host"`` initialises new blocks with the host's conventions (see
+            :func:`host_init`); ``"default"`` keeps ``nn.Linear`` defaults.
+        module_kwargs: passed to the block constructors (e.g. ``packed=False``,
+            ``approximate="tanh"`` for ``"geglu"``).
+
+    Returns:
+        A :class:`SwapReport` (per-block paths, widths, parameter counts, config updates).
+
+    The device, dtype, training mode, frozen state (``requires_grad``), dropout probabilities,
+    bias flags and inner norm of each block are kept. A Hugging Face host's config is updated
+    (width and, where only the MLP uses it, the activation; plus a ``glu_probe_swap`` record),
+    so a model rebuilt from it and swapped again has the same structure.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"swap_mlp expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(variant, str) or variant.lower() not in VARIANTS:
+        raise ValueError(f"unknown MLP variant {variant!r}; expected one of {sorted(VARIANTS)}")
+    variant = variant.lower()
+    if match not in ("params", "width"):
+        raise ValueError(f"match must be 'params' or 'width', got {match!r}")
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise ValueError(f"multiple_of must be a positive int, got {multiple_of!r}")
+    if tolerance is not None and not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be in [0, 1) or None, got {tolerance!r}")
+    if hidden_features is not None and (
+        isinstance(hidden_features, bool)
+        or not isinstance(hidden_features, int)
+        or hidden_features < 1
+    ):
+        raise ValueError(f"hidden_features must be a positive int, got {hidden_features!r}")
+    if init not in ("host", "default"):
+        raise ValueError(f"init must be 'host' or 'default', got {init!r}")
+    if "act_layer" in module_kwargs:
+        raise TypeError("swap_mlp: the variant fixes the activation; do not pass act_layer")
+
+    adapters = registered_adapters()
+    found: list[tuple[str, nn.Module, MLPAdapter]] = []
+    others: list[tuple[str, nn.Module]] = []
+    for path, module, adapter in _walk(model, "", adapters):
+        if adapter is None:
+            others.append((path, module))
+        else:
+            found.append((path, module, adapter))
+    if any(path == "" for path, _, _ in found):
+        raise UnsupportedModelError(
+            f"the model itself is an MLP block ({type(model).__name__}); swap_mlp replaces blocks "
+            "inside a host model. Build the new block directly with glu_probe.make_mlp."
+        )
+    matched = [p for p, _, _ in found]
+    suspects = [
+        f"{p} ({type(m).__name__})"
+        for p, m in others
+        if p
+        and _looks_like_mlp(p, m)
+        and not any(q.startswith(p + ".") for q in matched)  # ancestors of recognised blocks
+    ]
+    names = ", ".join(a.name for a in adapters)
+    if not found:
+        what = (
+            f"MLP-like modules no adapter recognises: {suspects}"
+            if suspects
+            else "no MLP-like module at all"
+        )
+        raise UnsupportedModelError(
+            f"swap_mlp found no recognised MLP block in {type(model).__name__} ({what}; "
+            f"adapters tried: {names}). {_REGISTER_HELP}"
+        )
+    if suspects:
+        msg = (
+            f"{type(model).__name__} is only partly recognised: {len(found)} MLP block(s) "
+            f"({', '.join(matched[:4])}{', ...' if len(matched) > 4 else ''}) but also "
+            f"{suspects} that no adapter ({names}) recognises. {_REGISTER_HELP}"
+        )
+        if strict:
+            raise UnsupportedModelError(
+                msg + " Pass strict=False to swap only the recognised ones."
+            )
+        warnings.warn(msg, UserWarning, stacklevel=2)
+
+    config = _hf_config(model)
+    record = getattr(config, RECORD_ATTR, None) if config is not None else None
+    if not isinstance(record, dict):
+        record = None
+
+    # Describe and build everything before installing anything: all or nothing.
+    plan: list[tuple[str, nn.Module, MLPAdapter, nn.Module, SwapEntry]] = []
+    for path, old, adapter in found:
+        spec = adapter.describe(old)
+        if hidden_features is not None:
+            hidden, used = hidden_features, 1
+        else:
+            hidden, used = _resolve_width(spec, variant, match, multiple_of, tolerance, record)
+        new = adapter.build(spec, variant, hidden, **module_kwargs)
+        if init == "host":
+            host_init(model, path, new)
+        new.train(old.training)
+        if not any(p.requires_grad for p in adapter.source_parameters(old)):
+            new.requires_grad_(False)  # a frozen block stays frozen
+        entry = SwapEntry(
+            path=path,
+            adapter=adapter.name,
+            source=spec.kind or type(old).__name__,
+            source_activation=spec.activation,
+            source_gated=spec.gated,
+            source_hidden=spec.hidden_features,
+            hidden_features=hidden,
+            params_before=spec.num_params,
+            params_after=_params(new),
+            multiple_of=used,
+        )
+        plan.append((path, old, adapter, new, entry))
+    for path, old, adapter, new, _ in plan:
+        adapter.install(model, path, old, new)
+
+    report = SwapReport(variant=variant, match=match, entries=[e for *_, e in plan])
+    report.unrecognised = suspects
+    if config is not None:
+        new_act = getattr(plan[0][3], "act", None)
+        act = activation_name(new_act) if isinstance(new_act, nn.Module) else None
+        adapters_used = [a for _, _, a in found]
+        report.config_updates = _update_config(model, config, report, adapters_used, act)
+    return report
+
+
+def _update_config(
+    model: nn.Module,
+    config: Any,
+    report: SwapReport,
+    adapters: list[MLPAdapter],
+    act_name: str | None,
+) -> dict[str, tuple[Any, Any]]:
+    widths = {e.hidden_features for e in report.entries}
+    width_keys: set[str] = set()
+    act_keys: set[str] = set()
+    old_record = getattr(config, RECORD_ATTR, None)
+    for adapter in {id(a): a for a in adapters}.values():
+        wk, ak = adapter.config_keys(model)
+        if wk is None and ak is None and isinstance(old_record, dict):
+            wk, ak = old_record.get("width_key"), old_record.get("act_key")
+        if wk:
+            width_keys.add(wk)
+        if ak:
+            act_keys.add(ak)
+    updates: dict[str, tuple[Any, Any]] = {}
+    hidden = next(iter(widths)) if len(widths) == 1 else None
+    if hidden is None and width_keys:
+        warnings.warn(
+            f"swap_mlp: blocks got different widths {sorted(widths)}; config keys "
+            f"{sorted(width_keys)} left unchanged",
+            UserWarning,
+            stacklevel=3,
+        )
+    for key in sorted(width_keys):
+        if hidden is not None and hasattr(config, key):
+            updates[key] = (getattr(config, key), hidden)
+            setattr(config, key, hidden)
+    act = HF_ACT_NAMES.get(act_name or "", HF_ACT_NAMES[VARIANT_ACTIVATION[report.variant]])
+    for key in sorted(act_keys):
+        if hasattr(config, key):
+            updates[key] = (getattr(config, key), act)
+            setattr(config, key, act)
+    rec = {
+        "variant": report.variant,
+        "match": report.match,
+        "hidden": hidden,
+        "width_key": next(iter(sorted(width_keys)), None),
+        "act_key": next(iter(sorted(act_keys)), None),
+    }
+    updates[RECORD_ATTR] = (old_record, rec)
+    setattr(config, RECORD_ATTR, rec)
+    return updates

@@ -1,0 +1,129 @@
+"""Adapter for Hugging Face BERT-family layers: ``BertIntermediate`` + ``BertOutput``.
+
+A ``BertLayer`` computes its feed-forward part in two modules::
+
+    h = act(intermediate.dense(a))                              # BertIntermediate
+    y = output.LayerNorm(output.dropout(output.dense(h)) + a)   # BertOutput (residual + LN)
+
+The adapter matches the *layer* (a module with both children) and rewires it so that
+``intermediate`` is ``nn.Identity`` and ``output`` is a :class:`ResidualNormMLP` holding the whole
+new MLP and the layer's own ``LayerNorm`` (same module, same state-dict key
+``output.LayerNorm.*``): ``y = LayerNorm(mlp(a) + a)``, where ``mlp``'s output dropout is the
+layer's ``hidden_dropout_prob``. The residual and the LayerNorm are thus unchanged.
+
+Only ``intermediate_size`` of the host config is updated: BERT also uses ``hidden_act`` in its
+MLM prediction head, so changing it would change that head in a rebuilt model (the MLP's
+activation is recorded in the config's ``glu_probe_swap`` record instead).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from glu_probe.modules import MLP, GatedMLP, activation_name
+from glu_probe.swap.core import MLPAdapter, MLPSpec, UnsupportedModelError, spec_from_glu_probe
+
+__all__ = ["BertLayerAdapter", "ResidualNormMLP"]
+
+
+class ResidualNormMLP(nn.Module):
+    """``forward(hidden_states, input_tensor) = LayerNorm(mlp(hidden_states) + input_tensor)``.
+
+    Drop-in for ``BertOutput`` (same call signature) when ``BertIntermediate`` is an identity.
+    """
+
+    def __init__(self, mlp: nn.Module, layer_norm: nn.Module) -> None:
+        super().__init__()
+        self.mlp = mlp
+        self.LayerNorm = layer_norm
+
+    def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+        return self.LayerNorm(self.mlp(hidden_states) + input_tensor)
+
+
+def _act_of(intermediate: nn.Module) -> nn.Module | None:
+    act = getattr(intermediate, "intermediate_act_fn", None)
+    return act if isinstance(act, nn.Module) else None
+
+
+class BertLayerAdapter(MLPAdapter):
+    """Matches modules with ``intermediate`` and ``output`` children shaped like BERT's (or
+    already rewired by this adapter)."""
+
+    name = "hf_bert"
+
+    def matches(self, module: nn.Module) -> bool:
+        inter = getattr(module, "intermediate", None)
+        out = getattr(module, "output", None)
+        if isinstance(inter, nn.Identity) and isinstance(out, ResidualNormMLP):
+            return True
+        return isinstance(getattr(inter, "dense", None), nn.Linear) and isinstance(
+            getattr(out, "dense", None), nn.Linear
+        )
+
+    def describe(self, module: Any) -> MLPSpec:
+        inter, out = module.intermediate, module.output
+        cls = type(module).__name__
+        if isinstance(out, ResidualNormMLP):
+            mlp = out.mlp
+            if not isinstance(mlp, MLP | GatedMLP):
+                raise UnsupportedModelError(f"{cls}.output.mlp is a {type(mlp).__name__}")
+            return spec_from_glu_probe(mlp, f"{cls}(glu_probe.{type(mlp).__name__})")
+        ln = getattr(out, "LayerNorm", None)
+        drop = getattr(out, "dropout", None)
+        act = _act_of(inter)
+        missing = [
+            what
+            for what, ok in (
+                ("intermediate.intermediate_act_fn", act is not None),
+                ("output.LayerNorm", isinstance(ln, nn.LayerNorm)),
+                ("output.dropout", isinstance(drop, nn.Dropout)),
+            )
+            if not ok
+        ]
+        if missing:
+            raise UnsupportedModelError(
+                f"{cls} has intermediate.dense and output.dense like a BertLayer but lacks "
+                f"{missing}; its residual/LayerNorm semantics are unknown"
+            )
+        d1, d2 = inter.dense, out.dense
+        assert isinstance(d1, nn.Linear) and isinstance(d2, nn.Linear) and act is not None
+        assert isinstance(drop, nn.Dropout)
+        if d1.out_features != d2.in_features:
+            raise UnsupportedModelError(
+                f"{cls}: intermediate width {d1.out_features} != output in {d2.in_features}"
+            )
+        return MLPSpec(
+            in_features=d1.in_features,
+            hidden_features=d1.out_features,
+            out_features=d2.out_features,
+            gated=False,
+            activation=activation_name(act),
+            num_params=sum(p.numel() for p in (*d1.parameters(), *d2.parameters())),
+            bias=(d1.bias is not None, d2.bias is not None),
+            drop=(0.0, float(drop.p)),
+            kind=f"{cls}(intermediate+output)",
+            device=d1.weight.device,
+            dtype=d1.weight.dtype,
+        )
+
+    def install(self, root: nn.Module, path: str, old: Any, new: nn.Module) -> None:
+        out = old.output
+        layer_norm = out.LayerNorm
+        assert isinstance(layer_norm, nn.Module)
+        old.intermediate = nn.Identity()
+        old.output = ResidualNormMLP(new, layer_norm)
+        old.output.train(out.training)
+
+    def source_parameters(self, module: nn.Module) -> list[nn.Parameter]:
+        out: Any = module.output
+        if isinstance(out, ResidualNormMLP):
+            return list(out.mlp.parameters())
+        inter: Any = module.intermediate
+        return [*inter.dense.parameters(), *out.dense.parameters()]
+
+    def config_keys(self, model: nn.Module) -> tuple[str | None, str | None]:
+        config = getattr(model, "config", None)
+        return ("intermediate_size" if hasattr(config, "intermediate_size") else None), None

@@ -1,0 +1,26 @@
+"""The public API promised by the issues resolves from the top-level package."""
+
+from __future__ import annotations
+
+import glu_probe
+import glu_probe.callbacks
+import glu_probe.ntk
+
+
+def test_every_exported_name_resolves():
+    for module in (glu_probe, glu_probe.callbacks, glu_probe.ntk):
+        missing = [name for name in module.__all__ if not hasattr(module, name)]
+        assert missing == [], f"{module.__name__} exports missing names: {missing}"
+
+
+def test_issue_named_entry_points_are_exported():
+    names = {
+        "MLP", "GatedMLP", "GLU", "Bilinear", "ReGLU", "GEGLU", "SwiGLU",
+        "gated_hidden_features", "swap_mlp", "register_adapter", "SwapReport",
+        "ntk_spectrum", "ntk_matrix", "NTKOperator", "NTKSpectrum",
+        "NTKSpectrumMonitor", "GeneralizationGapMonitor", "LossCrossingMonitor", "PairedModule",
+        "find_crossings",
+    }  # fmt: skip
+    assert names <= set(glu_probe.__all__)
+    assert glu_probe.ntk_spectrum is glu_probe.ntk.ntk_spectrum
+    assert glu_probe.NTKSpectrumMonitor is glu_probe.callbacks.NTKSpectrumMonitor

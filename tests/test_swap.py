@@ -1,0 +1,444 @@
+"""glu_probe.swap: swaps on tiny offline timm ViT, GPT-2, LLaMA and BERT hosts, both ways."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from glu_probe.modules import MLP, GatedMLP, SwiGLU, mlp_num_params
+from glu_probe.swap import (
+    MLPAdapter,
+    MLPSpec,
+    ResidualNormMLP,
+    UnsupportedModelError,
+    register_adapter,
+    swap_mlp,
+    unregister_adapter,
+)
+
+torch.set_num_threads(1)
+timm_vit = pytest.importorskip("timm.models.vision_transformer")
+timm_layers = pytest.importorskip("timm.layers")
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore:swap_mlp. multiple_of=8 gives width")
+
+VOCAB = 64
+
+
+def vit(mlp_layer: Any = None, **kw: Any) -> Any:
+    extra = {"mlp_layer": mlp_layer} if mlp_layer is not None else {}
+    return timm_vit.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10, **extra, **kw
+    )
+
+
+def gpt2_config(**kw: Any) -> Any:
+    args: dict[str, Any] = {"n_embd": 64, "n_layer": 2, "n_head": 2, "vocab_size": VOCAB}
+    args.update(n_positions=32, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2Config(**{**args, **kw})
+
+
+def llama_config() -> Any:
+    return transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+
+
+def bert_config() -> Any:
+    return transformers.BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
+    )
+
+
+HOSTS: dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]] = {
+    "gpt2": (gpt2_config, lambda c: transformers.GPT2LMHeadModel(c)),
+    "llama": (llama_config, lambda c: transformers.LlamaForCausalLM(c)),
+    "bert": (bert_config, lambda c: transformers.BertForMaskedLM(c)),
+}
+
+
+def hf_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids).loss
+
+
+def vit_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(x), torch.arange(x.shape[0]) % 10)
+
+
+def _inputs(kind: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    if kind == "vit":
+        return torch.randn(4, 3, 32, 32, generator=g)
+    return torch.randint(0, VOCAB, (2, 12), generator=g)
+
+
+def _train(model: nn.Module, loss_fn: Callable, x: torch.Tensor, steps: int = 4) -> list[float]:
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(model, x)
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+    return losses
+
+
+def _check_trains(model: nn.Module, loss_fn: Callable, x: torch.Tensor) -> None:
+    new = [p for n, p in model.named_parameters() if ".mlp." in n or ".output.mlp." in n]
+    assert new, "no swapped parameters found"
+    losses = _train(model, loss_fn, x)
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in new)
+
+
+def _check_report(report: Any, n_blocks: int, gated: bool, bias: bool = True) -> None:
+    assert len(report.entries) == n_blocks
+    for e in report.entries:
+        assert abs(e.rel_diff) <= 0.01, e
+        assert e.params_after == mlp_num_params(64, e.hidden_features, 64, bias, gated=gated)
+    assert report.params_before == sum(e.params_before for e in report.entries)
+
+
+# ------------------------------------------------------------------------------- timm
+
+
+@pytest.mark.parametrize(
+    ("mlp_layer", "first", "back"),
+    [
+        (None, "swiglu", "gelu"),
+        (timm_layers.SwiGLUPacked, "gelu", "reglu"),
+        (timm_layers.SwiGLU, "relu", "geglu"),
+        (timm_layers.GluMlp, "silu", "glu"),
+    ],
+)
+def test_timm_vit_swap_both_ways(mlp_layer: Any, first: str, back: str) -> None:
+    torch.manual_seed(0)
+    model = vit(mlp_layer)
+    before = sum(p.numel() for p in model.parameters())
+    gated_first = first in ("glu", "bilinear", "reglu", "geglu", "swiglu")
+    report = swap_mlp(model, first)
+    assert report.paths == ["blocks.0.mlp", "blocks.1.mlp"]
+    _check_report(report, 2, gated_first)
+    assert isinstance(model.blocks[0].mlp, GatedMLP if gated_first else MLP)
+    assert abs(sum(p.numel() for p in model.parameters()) - before) <= 0.01 * before
+    report2 = swap_mlp(model, back)
+    _check_report(report2, 2, not gated_first)
+    x = _inputs("vit")
+    assert model(x).shape == (4, 10)
+    _check_trains(model, vit_loss, x)
+
+
+def test_timm_init_conventions_and_attributes() -> None:
+    torch.manual_seed(0)
+    model = vit(drop_rate=0.0, proj_drop_rate=0.1).double().eval()
+    swap_mlp(model, "gelu", match="width", multiple_of=1)  # Mlp -> our MLP, same width
+    mlp = model.blocks[1].mlp
+    assert isinstance(mlp, MLP) and mlp.hidden_features == 256
+    assert mlp.fc1.weight.dtype == torch.float64 and not mlp.training
+    assert mlp.drop2.p == 0.1
+    w = mlp.fc1.weight
+    # timm's trunc_normal_(std=.02) truncates at +-2 (absolute), i.e. effectively N(0, .02^2)
+    assert w.std().item() == pytest.approx(0.02, rel=0.05)
+    assert w.mean().abs().item() < 0.002
+    assert mlp.fc1.bias is not None and not mlp.fc1.bias.any()
+    swap_mlp(model, "swiglu")  # timm's ViT init calls init_weights(): gate ~0, bias 1
+    g, b = model.blocks[0].mlp.gate_params()
+    assert g.abs().max() < 1e-4 and torch.all(b == 1)
+    swap_mlp(model, "relu", init="default")
+    assert model.blocks[0].mlp.fc1.weight.std().item() > 0.03  # nn.Linear default, fan_in 64
+
+
+def test_timm_fix_init_rescales_fc2() -> None:
+    torch.manual_seed(0)
+    model = vit(fix_init=True)
+    swap_mlp(model, "swiglu", match="width", multiple_of=1)
+    s0 = model.blocks[0].mlp.fc2.weight.std().item()
+    s1 = model.blocks[1].mlp.fc2.weight.std().item()
+    assert s0 / s1 == pytest.approx(math.sqrt(2), rel=0.1)
+
+
+def test_timm_round_trip_state_dict() -> None:
+    torch.manual_seed(0)
+    a = vit()
+    swap_mlp(a, "swiglu")
+    b = vit()
+    swap_mlp(b, "swiglu")
+    b.load_state_dict(a.state_dict())  # strict
+    x = _inputs("vit")
+    a.eval(), b.eval()
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------- Hugging Face
+
+
+@pytest.mark.parametrize(
+    ("host", "first", "back"),
+    [("gpt2", "swiglu", "gelu"), ("llama", "gelu", "swiglu"), ("bert", "reglu", "relu")],
+)
+def test_hf_swap_both_ways_and_train(host: str, first: str, back: str) -> None:
+    torch.manual_seed(0)
+    make_config, build = HOSTS[host]
+    model = build(make_config())
+    gated_first = first in ("reglu", "swiglu")
+    report = swap_mlp(model, first)
+    _check_report(report, 2, gated_first, bias=host != "llama")
+    report2 = swap_mlp(model, back)
+    _check_report(report2, 2, not gated_first, bias=host != "llama")
+    ids = _inputs("hf")
+    assert model(input_ids=ids).logits.shape == (2, 12, VOCAB)
+    _check_trains(model, hf_loss, ids)
+
+
+@pytest.mark.parametrize("host", sorted(HOSTS))
+@pytest.mark.parametrize("rebuild_from", ["original_config", "swapped_config"])
+def test_hf_round_trip_state_dict(host: str, rebuild_from: str) -> None:
+    torch.manual_seed(0)
+    make_config, build = HOSTS[host]
+    config = make_config()
+    original = copy.deepcopy(config)
+    variant = "gelu" if host == "llama" else "swiglu"
+    a = build(config)
+    swap_mlp(a, variant)
+    fresh = build(
+        copy.deepcopy(original) if rebuild_from == "original_config" else copy.deepcopy(a.config)
+    )
+    swap_mlp(fresh, variant)
+    missing, unexpected = fresh.load_state_dict(a.state_dict(), strict=True)
+    assert not missing and not unexpected
+    ids = _inputs("hf")
+    a.eval(), fresh.eval()
+    torch.testing.assert_close(a(input_ids=ids).logits, fresh(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_gpt2_conventions_and_config() -> None:
+    torch.manual_seed(0)
+    config = gpt2_config(resid_pdrop=0.05, n_layer=8, n_embd=128, n_head=2)
+    model = transformers.GPT2LMHeadModel(config).double()
+    report = swap_mlp(model, "swiglu", multiple_of=8)
+    mlp = model.transformer.h[3].mlp
+    assert isinstance(mlp, SwiGLU) and mlp.fc1.weight.dtype == torch.float64
+    assert mlp.training and mlp.drop2.p == 0.05 and mlp.drop1.p == 0.0
+    r = config.initializer_range
+    assert mlp.fc1.weight.std().item() == pytest.approx(r, rel=0.05)
+    assert mlp.fc2.weight.std().item() == pytest.approx(r / math.sqrt(2 * 8), rel=0.05)
+    assert mlp.fc1.bias is not None and not mlp.fc1.bias.any()
+    h = report.entries[0].hidden_features
+    assert h % 8 == 0 and report.entries[0].multiple_of == 8
+    assert config.n_inner == h and config.activation_function == "silu"
+    assert report.config_updates["n_inner"] == (None, h)
+    assert config.glu_probe_swap["variant"] == "swiglu"
+    model.transformer.h[0].mlp.requires_grad_(False)
+    swap_mlp(model, "gelu")
+    assert not any(p.requires_grad for p in model.transformer.h[0].mlp.parameters())
+    assert all(p.requires_grad for p in model.transformer.h[1].mlp.parameters())
+    # the swapped config is still a valid GPT-2 config
+    transformers.GPT2LMHeadModel(copy.deepcopy(config))
+
+
+def test_llama_structural_copies_and_config() -> None:
+    torch.manual_seed(0)
+    config = llama_config()
+    model = transformers.LlamaForCausalLM(config)
+
+    class MyMLP(nn.Module):  # a "copy" with another class name, e.g. MistralMLP
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_proj = nn.Linear(64, 172, bias=False)
+            self.up_proj = nn.Linear(64, 172, bias=False)
+            self.down_proj = nn.Linear(172, 64, bias=False)
+            self.act_fn = nn.SiLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    model.model.layers[1].mlp = MyMLP()
+    report = swap_mlp(model, "swiglu", match="width")
+    assert [e.source for e in report.entries] == ["LlamaMLP", "MyMLP"]
+    assert all(e.params_after == e.params_before for e in report.entries)
+    assert config.intermediate_size == 172 and config.hidden_act == "silu"
+    w = model.model.layers[0].mlp.fc1.weight
+    assert w.std().item() == pytest.approx(config.initializer_range, rel=0.05)
+    swap_mlp(model, "relu")
+    assert (
+        config.hidden_act == "relu"
+        and config.intermediate_size == model.model.layers[0].mlp.hidden_features
+    )
+
+
+def test_bert_keeps_residual_and_layernorm() -> None:
+    torch.manual_seed(0)
+    config = bert_config()
+    model = transformers.BertModel(config).double().eval()
+    layer: Any = model.encoder.layer[0]
+    ln: Any = layer.output.LayerNorm
+    ln_w = ln.weight.clone()
+    # equivalent GELU MLP at the same width reproduces the original layer exactly
+    inter, out = layer.intermediate, layer.output
+    a = torch.randn(2, 5, 64, dtype=torch.float64)
+    expected = out(inter(a), a)
+    d1, d2 = inter.dense.weight.clone(), out.dense.weight.clone()
+    b1, b2 = inter.dense.bias.clone(), out.dense.bias.clone()
+    report = swap_mlp(model, "gelu", match="width")
+    assert report.paths == ["encoder.layer.0", "encoder.layer.1"]
+    assert isinstance(layer.intermediate, nn.Identity) and isinstance(layer.output, ResidualNormMLP)
+    assert torch.equal(ln.weight, ln_w)
+    assert layer.output.LayerNorm is ln
+    mlp: Any = layer.output.mlp
+    assert mlp.drop2.p == config.hidden_dropout_prob and not mlp.training
+    with torch.no_grad():
+        mlp.fc1.weight.copy_(d1)
+        mlp.fc1.bias.copy_(b1)
+        mlp.fc2.weight.copy_(d2)
+        mlp.fc2.bias.copy_(b2)
+    torch.testing.assert_close(
+        layer.output(layer.intermediate(a), a), expected, rtol=1e-12, atol=1e-12
+    )
+    assert "encoder.layer.0.output.LayerNorm.weight" in model.state_dict()
+    assert config.hidden_act == "gelu"  # the MLM head's activation is left alone
+
+
+# ------------------------------------------------------------------------------- errors
+
+
+class Custom(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w_in = nn.Linear(64, 256)
+        self.w_out = nn.Linear(256, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_out(torch.relu(self.w_in(x)))
+
+
+def test_unsupported_and_partial_models() -> None:
+    with pytest.raises(UnsupportedModelError, match=r"no recognised MLP block .*register_adapter"):
+        swap_mlp(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4)), "swiglu")
+    model = vit()
+    model.blocks[1].mlp = Custom()
+    ref = model.blocks[0].mlp
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"only partly recognised.*blocks\.1\.mlp \(Custom\).*register_adapter",
+    ):
+        swap_mlp(model, "swiglu")
+    assert model.blocks[0].mlp is ref  # nothing swapped
+    with pytest.warns(UserWarning, match="only partly recognised"):
+        report = swap_mlp(model, "swiglu", strict=False)
+    assert report.paths == ["blocks.0.mlp"] and report.unrecognised == ["blocks.1.mlp (Custom)"]
+    gmlp = vit(timm_layers.GatedMlp)
+    with pytest.raises(UnsupportedModelError, match=r"GatedMlp"):
+        swap_mlp(gmlp, "swiglu")
+    with pytest.raises(UnsupportedModelError, match="the model itself is an MLP block"):
+        swap_mlp(nn.Sequential(SwiGLU(4, 4))[0], "gelu")
+
+
+def test_partly_shaped_bert_layer_is_an_error_and_atomic() -> None:
+    class Inter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dense = nn.Linear(64, 256)
+            self.intermediate_act_fn = nn.GELU()
+
+    class Out(nn.Module):  # like HF ViTOutput: no LayerNorm
+        def __init__(self) -> None:
+            super().__init__()
+            self.dense = nn.Linear(256, 64)
+            self.dropout = nn.Dropout(0.0)
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.intermediate, self.output = Inter(), Out()
+
+    model: Any = nn.ModuleDict({"ok": nn.ModuleDict({"mlp": MLP(64, 256)}), "layer": Layer()})
+    ok = model["ok"]["mlp"]
+    with pytest.raises(UnsupportedModelError, match=r"lacks \['output.LayerNorm'\]"):
+        swap_mlp(model, "swiglu")
+    assert model["ok"]["mlp"] is ok
+
+
+def test_register_adapter_for_custom_block() -> None:
+    class CustomAdapter(MLPAdapter):
+        name = "custom"
+
+        def matches(self, module: nn.Module) -> bool:
+            return isinstance(module, Custom)
+
+        def describe(self, module: Any) -> MLPSpec:
+            return MLPSpec(
+                in_features=64,
+                hidden_features=256,
+                out_features=64,
+                gated=False,
+                activation="relu",
+                num_params=sum(p.numel() for p in module.parameters()),
+            )
+
+    model = vit()
+    model.blocks[1].mlp = Custom()
+    adapter = register_adapter(CustomAdapter())
+    try:
+        report = swap_mlp(model, "swiglu")
+    finally:
+        unregister_adapter(adapter)
+    assert [e.adapter for e in report.entries] == ["timm", "custom"]
+    assert isinstance(model.blocks[1].mlp, SwiGLU)
+    with pytest.raises(TypeError, match="expects an MLPAdapter instance"):
+        register_adapter(CustomAdapter)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "err", "msg"),
+    [
+        ({"variant": "swish"}, ValueError, "unknown MLP variant 'swish'"),
+        ({"variant": "swiglu", "match": "flops"}, ValueError, "match must be 'params' or 'width'"),
+        ({"variant": "swiglu", "multiple_of": 0}, ValueError, "multiple_of must be a positive int"),
+        (
+            {"variant": "swiglu", "hidden_features": -4},
+            ValueError,
+            "hidden_features must be a positive int",
+        ),
+        ({"variant": "swiglu", "tolerance": 2.0}, ValueError, "tolerance"),
+        ({"variant": "gelu", "act_layer": nn.ReLU}, TypeError, "fixes the activation"),
+        ({"variant": "swiglu", "init": "xavier"}, ValueError, "init must be"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], err: type[Exception], msg: str) -> None:
+    model = vit()
+    with pytest.raises(err, match=msg):
+        swap_mlp(model, **kwargs)
+
+
+def test_multiple_of_fallback_warns_and_explicit_width() -> None:
+    model = vit()
+    with pytest.warns(UserWarning, match=r"multiple_of=8 gives width .* using multiple_of=2"):
+        report = swap_mlp(model, "swiglu")
+    assert report.entries[0].multiple_of == 2 and abs(report.rel_diff) <= 0.01
+    report = swap_mlp(model, "gelu", hidden_features=100)
+    assert model.blocks[0].mlp.hidden_features == 100 and report.entries[0].hidden_features == 100
+    assert "blocks.0.mlp" in report.to_markdown()
