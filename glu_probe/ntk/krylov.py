@@ -1,0 +1,673 @@
+r"""Block Lanczos for the extreme eigenvalues of a symmetric operator, with error bounds.
+
+Given a symmetric (in practice positive semi-definite) ``n x n`` operator ``K`` that is only
+available through block products ``V -> K V``, :func:`block_lanczos` builds an orthonormal
+basis ``Q = [Q_1, ..., Q_j]`` of the block Krylov space
+
+.. math::
+    \mathcal K_j(K, Q_1) = \operatorname{span}\{Q_1, K Q_1, \dots, K^{j-1} Q_1\},
+
+keeps the products ``W = K Q``, and solves the projected (Rayleigh--Ritz) problem
+``H = Q^T K Q = Q^T W`` in float64.  An eigenpair ``(\theta_i, y_i)`` of ``H`` gives the Ritz pair
+``(\theta_i, x_i = Q y_i)``.  In exact arithmetic ``H`` is block tridiagonal (the block Lanczos
+recursion); here every new block is orthogonalised against the whole basis twice ("twice is
+enough", Giraud et al. 2005), the coefficients of both passes enter ``H``, and the block Lanczos
+relation
+
+.. math::
+    K Q = Q H + R E^T,
+
+with ``R`` the (not yet normalised) residual of the last block, gives every Ritz residual without
+another product: ``\|K x_i - \theta_i x_i\| = \|R\, y_i^{\text{last}}\|``.  At the end the
+residuals are verified explicitly from the stored products, ``\|W y_i - \theta_i Q y_i\|``, and the
+larger of the two is reported.
+
+Error bounds (all for the operator *as evaluated*, i.e. including the rounding of ``matvec``):
+
+* residual bound: a Ritz value ``\theta`` with residual ``r`` (unit vector) has an eigenvalue of
+  ``K`` in ``[\theta - r, \theta + r]``;
+* Kato--Temple / gap bound (Parlett, *The Symmetric Eigenvalue Problem*, Thm. 11.7.1): if
+  every other eigenvalue is at distance ``\ge \delta`` from ``\theta``, that eigenvalue is within
+  ``r^2 / \delta``; for a cluster of Ritz values with overlapping residual intervals the block
+  form (Mathias 1998) with ``r^2`` summed over the cluster.  The gap ``\delta`` is estimated from
+  the other Ritz values (``|\theta_j - \theta| - r_j``), as ARPACK and Parlett do; it is an
+  estimate, not a certificate;
+* interlacing (Cauchy): ``\lambda_{\min}(K) \le \theta_{\min}`` and ``\theta_{\max} \le
+  \lambda_{\max}(K)`` always, so ``\theta_{\min}`` is a certified upper bound on
+  ``\lambda_{\min}`` and, for ``K`` positive definite, ``\theta_{\max}/\theta_{\min}`` is a
+  certified lower bound on the condition number ``\kappa = \lambda_{\max}/\lambda_{\min}``.
+
+Why hand-written: ``scipy.sparse.linalg.eigsh`` (ARPACK) works on float64 CPU numpy arrays, is a
+single-vector method (one product at a time, no batching over a block of vectors through the
+network), cannot run on GPU tensors, and cannot be warm-started from a *block* of previous Ritz
+vectors; ``torch.lobpcg`` needs a preconditioner to be competitive, has no thick restart, and
+is fragile on rank-deficient (PSD, singular) operators.  The NTK product is the expensive part,
+so the aim here is the fewest products: a block method with full reorthogonalisation, a thick
+restart, breakdown handling and warm starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LanczosResult",
+    "block_lanczos",
+    "ritz_bounds",
+    "ritz_error_bounds",
+]
+
+Which = Literal["both", "largest", "smallest"]
+# default memory for the basis and its products (2 * n * max_basis numbers)
+_DEFAULT_BASIS_BYTES = 256 * 2**20
+_WHICH = ("both", "largest", "smallest")
+
+
+# --------------------------------------------------------------------------------------------
+# error bounds
+# --------------------------------------------------------------------------------------------
+def _as_f64_1d(x: Tensor | float, m: int, name: str) -> Tensor:
+    t = torch.as_tensor(x, dtype=torch.float64).detach().cpu()
+    if t.ndim == 0:
+        t = t.expand(m).clone()
+    if t.shape != (m,):
+        raise ValueError(f"{name} must be a scalar or have shape ({m},), got {tuple(t.shape)}")
+    return t
+
+
+def ritz_error_bounds(
+    ritz_values: Tensor, residual_norms: Tensor, *, gaps: Tensor | float | None = None
+) -> Tensor:
+    r"""Error bound ``e_i`` per Ritz value: an eigenvalue of ``K`` lies in ``[θ_i-e_i, θ_i+e_i]``.
+
+    ``e_i = min(r_i, ρ^2 / δ)``.  The residual bound ``r_i`` always holds (unit Ritz vector).  The
+    quadratic bound ``ρ^2/δ`` is Kato--Temple's ``r_i^2/δ_i`` for an isolated Ritz value (Parlett,
+    Thm. 11.7.1) and, for a *cluster* ``C`` of Ritz values whose residual intervals
+    ``θ_j ± r_j`` overlap, its block form (Mathias 1998, SIMAX 19(2)) with ``ρ^2 = Σ_{j∈C} r_j^2``
+    (``≥ ||R_C||_2^2``); it holds when the eigenvalues of ``K`` not approximated by ``C`` are at
+    least ``δ`` away.  Without ``gaps``, ``δ`` is estimated from the Ritz values outside the
+    cluster, ``δ = min_{j∉C} (dist(θ_j, [min θ_C, max θ_C]) - r_j)`` (clamped at 0; then
+    ``e_i = r_i``), as ARPACK and Parlett do -- an estimate, not a certificate.
+
+    Args:
+        ritz_values: ``(m,)`` Ritz values.
+        residual_norms: ``(m,)`` residual norms ``||K x_i - θ_i x_i||`` of unit Ritz vectors.
+        gaps: optional lower bounds ``δ_i`` (scalar or ``(m,)``) on the distance from ``θ_i`` to
+            the rest of the spectrum; they override the estimate (and use ``ρ = r_i``).
+
+    Returns:
+        ``(m,)`` float64 error bounds.
+    """
+    theta = torch.as_tensor(ritz_values, dtype=torch.float64).detach().cpu().reshape(-1)
+    m = theta.numel()
+    r = _as_f64_1d(residual_norms, m, "residual_norms")
+    if bool((r < 0).any()) or not bool(torch.isfinite(r).all()):
+        raise ValueError("residual_norms must be finite and non-negative")
+    if gaps is not None:
+        delta = _as_f64_1d(gaps, m, "gaps")
+        rho2 = r.square()
+    elif m == 1:
+        return r.clone()
+    else:
+        order = torch.argsort(theta)
+        ts, rs = theta[order], r[order]
+        # clusters: chains of neighbours whose residual intervals overlap
+        linked = (ts[1:] - ts[:-1]) <= (rs[1:] + rs[:-1])
+        cid = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(~linked, 0)])
+        rho2_s = torch.zeros(m, dtype=torch.float64)
+        delta_s = torch.zeros(m, dtype=torch.float64)
+        for c in range(int(cid[-1]) + 1):
+            inside = cid == c
+            lo, hi = ts[inside].min(), ts[inside].max()
+            out_t, out_r = ts[~inside], rs[~inside]
+            if out_t.numel():
+                dist = torch.maximum(lo - out_t, out_t - hi).clamp_min(0.0) - out_r
+                d = float(dist.min().clamp_min(0.0))
+            else:  # no Ritz value outside the cluster: no gap estimate, no refinement
+                d = 0.0
+            rho2_s[inside] = rs[inside].square().sum()
+            delta_s[inside] = d
+        rho2 = torch.empty_like(rho2_s)
+        delta = torch.empty_like(delta_s)
+        rho2[order], delta[order] = rho2_s, delta_s
+    refined = torch.where(delta > 0, rho2 / delta.clamp_min(1e-300), r)
+    return torch.minimum(r, refined)
+
+
+def ritz_bounds(
+    ritz_values: Tensor, residual_norms: Tensor, *, gaps: Tensor | float | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""Intervals ``[lower_i, upper_i]`` that each contain an eigenvalue of ``K``.
+
+    ``lower_i = θ_i - e_i`` and ``upper_i = θ_i + e_i`` with ``e_i`` from
+    :func:`ritz_error_bounds` (residual bound, refined by the quadratic ``r**2/gap`` bound).
+    With Cauchy interlacing (``λ_min ≤ θ_min`` and ``θ_max ≤ λ_max`` for every Rayleigh--Ritz
+    projection), ``θ_min`` is a certified upper bound on ``λ_min``, and ``θ_max/θ_min`` a
+    certified lower bound on ``κ`` when ``θ_min > 0``.  An interval certifies *an* eigenvalue;
+    that it is the extreme one also assumes that the Krylov space has not missed an eigenvalue
+    beyond it (a random start makes that improbable; no Krylov method can certify it).
+
+    Returns:
+        ``(lower, upper)``, two float64 ``(m,)`` tensors.
+    """
+    theta = torch.as_tensor(ritz_values, dtype=torch.float64).detach().cpu().reshape(-1)
+    e = ritz_error_bounds(theta, residual_norms, gaps=gaps)
+    return theta - e, theta + e
+
+
+# --------------------------------------------------------------------------------------------
+# result
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LanczosResult:
+    """Result of :func:`block_lanczos`.
+
+    Attributes:
+        ritz_values: ``(m,)`` float64 CPU tensor, all Ritz values of the final projection,
+            ascending.
+        ritz_vectors: ``(n, m)`` unit Ritz vectors (working dtype and device), column ``i``
+            belongs to ``ritz_values[i]``.
+        residual_norms: ``(m,)`` float64, ``||K x_i - θ_i x_i||`` (the larger of the Lanczos
+            relation estimate and the explicit check from the stored products).
+        error_bounds: ``(m,)`` float64, :func:`ritz_error_bounds` of the above.
+        n_matvecs: number of single-vector products with ``K`` (a block of ``b`` columns
+            counts ``b``).
+        converged_max: λ_max meets the tolerance (see :func:`block_lanczos`).
+        converged_min: λ_min meets the tolerance, or is zero to within ``tol·|θ_max|``.
+        lambda_min_is_zero: ``θ_min`` is indistinguishable from 0 (``|θ_min| ≤ max(r_min,
+            noise)`` with ``noise = sqrt(n)·eps·|θ_max|``): ``K`` is numerically singular.
+        exact: the Krylov space is the whole space (``n ≤`` basis size), so the Ritz values are
+            the eigenvalues of the evaluated operator up to rounding.
+        which: the ends that were asked for.
+        n_restarts: thick restarts performed.
+        n_random: random vectors injected after deflation (rank-deficient blocks, invariant
+            subspaces) or to pad the start block.
+        tol: the tolerance used.
+    """
+
+    ritz_values: Tensor
+    ritz_vectors: Tensor
+    residual_norms: Tensor
+    error_bounds: Tensor
+    n_matvecs: int
+    converged_max: bool
+    converged_min: bool
+    lambda_min_is_zero: bool
+    exact: bool
+    which: str
+    n_restarts: int
+    n_random: int
+    tol: float
+
+    @property
+    def lambda_max(self) -> float:
+        """Largest Ritz value θ_max (a certified lower bound on λ_max)."""
+        return float(self.ritz_values[-1])
+
+    @property
+    def lambda_min(self) -> float:
+        """Smallest Ritz value θ_min (a certified upper bound on λ_min)."""
+        return float(self.ritz_values[0])
+
+    @property
+    def residual_max(self) -> float:
+        """Residual norm of the Ritz pair of θ_max."""
+        return float(self.residual_norms[-1])
+
+    @property
+    def residual_min(self) -> float:
+        """Residual norm of the Ritz pair of θ_min."""
+        return float(self.residual_norms[0])
+
+    @property
+    def error_max(self) -> float:
+        """Error bound of θ_max (residual, refined by the estimated gap)."""
+        return float(self.error_bounds[-1])
+
+    @property
+    def error_min(self) -> float:
+        """Error bound of θ_min (residual, refined by the estimated gap)."""
+        return float(self.error_bounds[0])
+
+    @property
+    def converged(self) -> bool:
+        """Whether every end in ``which`` converged."""
+        if self.which == "largest":
+            return self.converged_max
+        if self.which == "smallest":
+            return self.converged_min
+        return self.converged_max and self.converged_min
+
+    @property
+    def condition_number(self) -> float:
+        """θ_max/θ_min (``inf`` when θ_min ≤ 0 or λ_min is numerically zero)."""
+        if self.lambda_min_is_zero or self.lambda_min <= 0.0:
+            return math.inf
+        return self.lambda_max / self.lambda_min
+
+    @property
+    def condition_number_lower(self) -> float:
+        """Certified lower bound θ_max/θ_min on κ(K) (``inf`` when θ_min ≤ 0: K is singular)."""
+        if self.lambda_min <= 0.0:
+            return math.inf
+        return self.lambda_max / self.lambda_min
+
+    def warm_start(self, block_size: int) -> Tensor:
+        """Ritz vectors to pass as ``v0`` to the next call (at most ``block_size`` columns).
+
+        Alternates from the wanted ends (largest first): ``x_max, x_min, x_max-1, x_min+1, ...``
+        for ``which="both"``.
+        """
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        m = self.ritz_values.numel()
+        if self.which == "largest":
+            order = list(range(m - 1, -1, -1))
+        elif self.which == "smallest":
+            order = list(range(m))
+        else:
+            order = []
+            lo, hi = 0, m - 1
+            while lo <= hi:
+                order.append(hi)
+                if lo != hi:
+                    order.append(lo)
+                lo, hi = lo + 1, hi - 1
+        idx = torch.tensor(order[:block_size], device=self.ritz_vectors.device)
+        return self.ritz_vectors.index_select(1, idx)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _randn(n: int, k: int, *, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
+    return torch.randn(n, k, generator=gen, dtype=dtype, device=gen.device).to(device)
+
+
+def _project_out(basis: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Two passes of classical Gram--Schmidt of ``x`` against ``basis`` ("twice is enough")."""
+    if basis.shape[1] == 0:
+        return x, x.new_zeros(0, x.shape[1])
+    c = basis.mT @ x
+    x = x - basis @ c
+    c2 = basis.mT @ x
+    x = x - basis @ c2
+    return x, c + c2
+
+
+def _orthonormal_columns(basis: Tensor, x: Tensor) -> Tensor:
+    """Orthonormalise the unit-norm columns of ``x`` against ``basis`` and each other.
+
+    A column whose component orthogonal to ``basis`` and to the previous columns (``|r_ii|`` of
+    the QR factor after two projection passes) is below ``sqrt(eps)`` is numerically dependent
+    and dropped (the callers refill with random vectors).  One more projection + QR keeps the
+    result orthogonal to working precision.
+    """
+    if x.shape[1] == 0:
+        return x
+    x, _ = _project_out(basis, x)
+    q, r = torch.linalg.qr(x)
+    ok = r.diagonal().abs() > math.sqrt(torch.finfo(x.dtype).eps)
+    q = q[:, ok]
+    if q.shape[1]:
+        q, _ = _project_out(basis, q)
+        q, _ = torch.linalg.qr(q)
+    return q
+
+
+def _random_block(
+    basis: Tensor, k: int, *, dtype: torch.dtype, device: torch.device, gen: torch.Generator
+) -> Tensor:
+    """``k`` random orthonormal vectors orthogonal to ``basis`` (``k <= n - basis.shape[1]``)."""
+    out = basis.new_zeros(basis.shape[0], 0)
+    for _ in range(10):
+        need = k - out.shape[1]
+        if need <= 0:
+            break
+        z = _randn(basis.shape[0], need, dtype=dtype, device=device, gen=gen)
+        z = z / z.norm(dim=0, keepdim=True)
+        full = torch.cat([basis, out], dim=1)
+        out = torch.cat([out, _orthonormal_columns(full, z)], dim=1)
+    if out.shape[1] < k:
+        raise RuntimeError(
+            f"could not draw {k} random vectors orthogonal to a basis of {basis.shape[1]} "
+            f"columns in dimension {basis.shape[0]}"
+        )
+    return out[:, :k]
+
+
+def _next_block(
+    basis: Tensor,
+    resid: Tensor,
+    *,
+    k: int,
+    thresh: float,
+    dtype: torch.dtype,
+    device: torch.device,
+    gen: torch.Generator,
+) -> tuple[Tensor, Tensor, int]:
+    """Next orthonormal block from the residual ``resid`` (already orthogonal to ``basis``).
+
+    Returns ``(P, Rfac, n_random)``: ``P`` is ``(n, k)`` orthonormal and orthogonal to
+    ``basis``; ``Rfac`` (float64, ``b x b``) satisfies ``||resid y|| = ||Rfac y||`` for every
+    ``y`` (all singular directions, deflated ones included, so the Lanczos-relation residuals
+    stay honest); ``n_random`` counts the columns filled with random vectors because the
+    residual was rank deficient (singular value ``<= thresh``).
+    """
+    r64 = resid.to(torch.float64)
+    gram = r64.mT @ r64
+    evals, vecs = torch.linalg.eigh(gram.cpu())
+    evals, vecs = evals.flip(0), vecs.flip(1)
+    s = evals.clamp_min(0.0).sqrt()
+    rfac = s[:, None] * vecs.mT
+    keep = int((s > thresh).sum())
+    keep = min(keep, k)
+    if keep:
+        v = (vecs[:, :keep] / s[:keep]).to(device=resid.device, dtype=dtype)
+        u = _orthonormal_columns(basis, resid @ v)
+    else:
+        u = resid.new_zeros(resid.shape[0], 0)
+    n_random = k - u.shape[1]
+    if n_random:
+        z = _random_block(
+            torch.cat([basis, u], dim=1), n_random, dtype=dtype, device=device, gen=gen
+        )
+        u = torch.cat([u, z], dim=1)
+    return u, rfac, n_random
+
+
+def _explicit_residuals(q: Tensor, w: Tensor, y: Tensor, theta: Tensor) -> Tensor:
+    """``||W y_i - θ_i Q y_i|| / ||Q y_i||`` (float64): the residual of the Ritz pairs checked
+    against the stored products ``W = K Q`` instead of the Lanczos relation."""
+    yd = y.to(device=q.device, dtype=q.dtype)
+    x = q @ yd
+    kx = w @ yd
+    th = theta.to(device=q.device, dtype=q.dtype)
+    xnorm = x.norm(dim=0).clamp_min(torch.finfo(q.dtype).tiny)
+    return ((kx - x * th).norm(dim=0) / xnorm).to(torch.float64).cpu()
+
+
+def _converged_flags(
+    theta: Tensor, err: Tensor, tol: float, noise: float
+) -> tuple[bool, bool, bool]:
+    """``(converged_max, converged_min, lambda_min_is_zero)`` from float64 Ritz data.
+
+    An end converges when its error bound is ``<= tol·|θ|``.  λ_min is numerically zero when the
+    whole interval ``θ_min ± e_min`` lies within the rounding noise ``noise`` of the evaluated
+    operator; that also counts as converged (the relative accuracy of a zero eigenvalue is
+    meaningless, the finding "K is singular at working precision" is not).
+    """
+    t_max, t_min = float(theta[-1]), float(theta[0])
+    e_max, e_min = float(err[-1]), float(err[0])
+    scale = max(abs(t_max), abs(t_min))
+    conv_max = e_max <= tol * abs(t_max) or scale == 0.0
+    min_is_zero = abs(t_min) + e_min <= noise or scale == 0.0
+    conv_min = e_min <= tol * abs(t_min) or min_is_zero
+    return conv_max, conv_min, min_is_zero
+
+
+# --------------------------------------------------------------------------------------------
+# the solver
+# --------------------------------------------------------------------------------------------
+def block_lanczos(
+    matvec: Callable[[Tensor], Tensor],
+    n: int,
+    *,
+    block_size: int = 4,
+    max_matvecs: int = 200,
+    tol: float = 1e-4,
+    v0: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+    which: Which = "both",
+    max_basis: int | None = None,
+) -> LanczosResult:
+    r"""Extreme eigenvalues of a symmetric operator by block Lanczos (full reorthogonalisation).
+
+    Args:
+        matvec: maps an ``(n, b)`` tensor ``V`` to ``K V`` (``(n, b)``); ``K`` must be
+            symmetric.  It is the expensive part: the solver calls it once per block and counts
+            every column.
+        n: dimension of ``K``.
+        block_size: columns per block (``b``); a block resolves clusters of up to ``b``
+            eigenvalues and batches the products.  ``n <= b`` gives the exact eigenvalues from
+            one block product.
+        max_matvecs: budget of single-vector products (a block costs ``b``).  The iteration
+            stops before a block would exceed it and then reports ``converged=False`` honestly.
+        tol: relative accuracy asked of the extreme eigenvalues.  An end is converged when
+            its error bound ``e = min(r, r^2/δ)`` (:func:`ritz_error_bounds`) satisfies
+            ``e <= tol·|θ|``; the smallest end also counts as converged when ``θ_min`` is zero to
+            within its residual and ``r_min <= tol·|θ_max|`` (numerically singular ``K``, see
+            ``lambda_min_is_zero``).  Note ``e <= tol·|θ|`` implies ``r <= tol·|θ_max|``-level
+            residuals at the largest end, and for λ_min makes the relative error of λ_min (hence
+            of κ) about ``tol`` rather than ``tol·κ``.
+        v0: warm start, ``(n,)`` or ``(n, k)`` with ``k <= block_size`` (e.g.
+            ``previous.warm_start(block_size)``); padded with random vectors to ``b`` columns.
+        dtype: working dtype of the basis and the products (the projected eigenproblem is
+            always solved in float64).
+        device: device of the basis (default: that of ``v0``, else CPU).
+        generator: source of the random start/refill vectors.  Default: a private generator
+            seeded with 0 (deterministic; the global RNG is never touched).
+        which: ``"both"``, ``"largest"`` or ``"smallest"``: the ends that must converge (and
+            that a thick restart keeps).
+        max_basis: most basis columns kept in memory (``Q`` and ``K Q``: ``2·n·max_basis``
+            numbers).  When full, a thick restart (Wu & Simon 2000) compresses the basis onto
+            the wanted Ritz vectors.  Default: as many columns as fit in 256 MiB (at least
+            ``4·b``), capped by ``n`` and ``max_matvecs``; below ``n`` the Krylov space cannot
+            become exact.
+
+    Returns:
+        :class:`LanczosResult`.
+
+    Raises:
+        ValueError: bad arguments, or ``matvec`` returned the wrong shape or non-finite values.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if which not in _WHICH:
+        raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"dtype must be torch.float32 or torch.float64 (a floating-point working precision "
+            f"that QR and eigh support), got {dtype}"
+        )
+    b = min(block_size, n)
+    if not isinstance(max_matvecs, int) or max_matvecs < b:
+        raise ValueError(
+            f"max_matvecs must be an integer >= block_size ({b}), got {max_matvecs!r}: one block "
+            "product is the least the solver can do"
+        )
+    if device is None:
+        device = v0.device if v0 is not None else torch.device("cpu")
+    device = torch.device(device)
+    gen = generator
+    if gen is None:
+        gen = torch.Generator()
+        gen.manual_seed(0)
+
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if max_basis is None:
+        max_basis = max(4 * b, _DEFAULT_BASIS_BYTES // (2 * n * itemsize))
+    cap = min(n, max_matvecs, max_basis)
+    if cap < min(n, 2 * b):
+        raise ValueError(
+            f"max_basis={max_basis} is too small: it must hold at least two blocks "
+            f"({2 * b} columns) or the whole space (n={n})"
+        )
+    eps = torch.finfo(dtype).eps
+    noise_rel = math.sqrt(n) * eps
+
+    q_buf = torch.zeros(n, cap, dtype=dtype, device=device)
+    w_buf = torch.zeros(n, cap, dtype=dtype, device=device)
+    h = torch.zeros(cap, cap, dtype=torch.float64)
+    m = 0
+    n_mv = 0
+    n_restarts = 0
+    n_random = 0
+    scale = 0.0
+
+    # ---- start block ------------------------------------------------------------------
+    empty = q_buf[:, :0]
+    if v0 is not None:
+        v = torch.as_tensor(v0)
+        if v.ndim == 1:
+            v = v[:, None]
+        if v.ndim != 2 or v.shape[0] != n:
+            raise ValueError(f"v0 must have shape (n,) or (n, k) with n={n}, got {tuple(v.shape)}")
+        if v.shape[1] > block_size:
+            raise ValueError(
+                f"v0 has {v.shape[1]} columns but block_size is {block_size}; pass "
+                "result.warm_start(block_size) or raise block_size"
+            )
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError("v0 contains NaN or Inf")
+        v = v.detach().to(device=device, dtype=dtype)
+        norms = v.norm(dim=0)
+        v = v[:, norms > 0] / norms[norms > 0]
+        p = _orthonormal_columns(empty, v)[:, :b]
+    else:
+        p = empty
+    if p.shape[1] < b:
+        n_random += b - p.shape[1]
+        p = torch.cat(
+            [p, _random_block(p, b - p.shape[1], dtype=dtype, device=device, gen=gen)], dim=1
+        )
+
+    theta = torch.zeros(0, dtype=torch.float64)
+    y = torch.zeros(0, 0, dtype=torch.float64)
+    rel_res = torch.zeros(0, dtype=torch.float64)
+    conv_max = conv_min = min_is_zero = False
+    blk = 0
+
+    while True:
+        bc = p.shape[1]
+        # ---- thick restart (Wu & Simon 2000): keep the wanted Ritz vectors ---------------
+        if m + bc > cap:
+            keep = max(min(cap // 2, cap - bc), 1)
+            if which == "largest":
+                idx = torch.arange(m - keep, m)
+            elif which == "smallest":
+                idx = torch.arange(0, keep)
+            else:
+                lo = (keep + 1) // 2
+                idx = torch.cat([torch.arange(0, lo), torch.arange(m - (keep - lo), m)])
+            yk = y[:, idx].to(device=device, dtype=dtype)
+            q_new = q_buf[:, :m] @ yk
+            w_new = w_buf[:, :m] @ yk
+            q_buf[:, :keep] = q_new
+            w_buf[:, :keep] = w_new
+            h.zero_()
+            h[:keep, :keep] = torch.diag(theta[idx])
+            m = keep
+            n_restarts += 1
+            # p was orthogonal to the old basis, hence to its compression; re-project anyway
+            p = _orthonormal_columns(q_buf[:, :m], p)
+            if p.shape[1] < bc:
+                n_random += bc - p.shape[1]
+                p = torch.cat(
+                    [
+                        p,
+                        _random_block(
+                            torch.cat([q_buf[:, :m], p], 1),
+                            bc - p.shape[1],
+                            dtype=dtype,
+                            device=device,
+                            gen=gen,
+                        ),
+                    ],
+                    dim=1,
+                )
+
+        # ---- one block product ------------------------------------------------------------
+        wp = matvec(p)
+        if not isinstance(wp, Tensor) or wp.shape != (n, bc):
+            shape = tuple(wp.shape) if isinstance(wp, Tensor) else type(wp).__name__
+            raise ValueError(f"matvec must map an ({n}, {bc}) tensor to ({n}, {bc}), got {shape}")
+        if not bool(torch.isfinite(wp).all()):
+            raise ValueError(
+                "matvec returned NaN or Inf: the operator is not finite at this point "
+                "(check the model outputs and the probe batch)"
+            )
+        wp = wp.detach().to(device=device, dtype=dtype)
+        n_mv += bc
+        blk = m
+        q_buf[:, m : m + bc] = p
+        w_buf[:, m : m + bc] = wp
+        m += bc
+        scale = max(scale, float(wp.norm(dim=0).max()))
+        resid, coef = _project_out(q_buf[:, :m], wp)
+        c64 = coef.to(torch.float64).cpu()
+        h[:m, blk:m] = c64
+        h[blk:m, :m] = c64.mT
+        d = h[blk:m, blk:m]
+        h[blk:m, blk:m] = 0.5 * (d + d.mT)
+
+        # ---- projected eigenproblem in float64 ----------------------------------------------
+        theta, y = torch.linalg.eigh(h[:m, :m])
+        exact = m >= n
+        k_next = 0 if exact else min(b, n - m)
+        if k_next:
+            p, rfac, nr = _next_block(
+                q_buf[:, :m],
+                resid,
+                k=k_next,
+                thresh=10 * eps * scale,
+                dtype=dtype,
+                device=device,
+                gen=gen,
+            )
+            n_random += nr
+        else:
+            rfac = resid.to(torch.float64).cpu().norm(dim=0).diag()
+        rel_res = (rfac @ y[blk:m, :]).norm(dim=0)
+        err = ritz_error_bounds(theta, rel_res)
+        noise = noise_rel * max(abs(float(theta[-1])), abs(float(theta[0])))
+        conv_max, conv_min, min_is_zero = _converged_flags(theta, err, tol, noise)
+        done = {"both": conv_max and conv_min, "largest": conv_max, "smallest": conv_min}[which]
+        if done and not exact:
+            # verify the extreme pairs explicitly from the stored products before stopping
+            ends = torch.tensor([0, m - 1]) if m > 1 else torch.tensor([0])
+            explicit = _explicit_residuals(q_buf[:, :m], w_buf[:, :m], y[:, ends], theta[ends])
+            rel_res[ends] = torch.maximum(rel_res[ends], explicit)
+            err = ritz_error_bounds(theta, rel_res)
+            conv_max, conv_min, min_is_zero = _converged_flags(theta, err, tol, noise)
+            done = {"both": conv_max and conv_min, "largest": conv_max, "smallest": conv_min}[which]
+        if exact or done or n_mv + k_next > max_matvecs:
+            break
+
+    # ---- Ritz vectors and explicit residual check --------------------------------------------
+    x = q_buf[:, :m] @ y.to(device=device, dtype=dtype)
+    x = x / x.norm(dim=0).clamp_min(torch.finfo(dtype).tiny)
+    explicit = _explicit_residuals(q_buf[:, :m], w_buf[:, :m], y, theta)
+    residuals = torch.maximum(rel_res, explicit)
+    err = ritz_error_bounds(theta, residuals)
+    noise = noise_rel * max(abs(float(theta[-1])), abs(float(theta[0])))
+    conv_max, conv_min, min_is_zero = _converged_flags(theta, err, tol, noise)
+    if exact:
+        conv_max = conv_min = True
+    return LanczosResult(
+        ritz_values=theta,
+        ritz_vectors=x,
+        residual_norms=residuals,
+        error_bounds=err,
+        n_matvecs=n_mv,
+        converged_max=conv_max,
+        converged_min=conv_min,
+        lambda_min_is_zero=min_is_zero,
+        exact=exact,
+        which=which,
+        n_restarts=n_restarts,
+        n_random=n_random,
+        tol=float(tol),
+    )
