@@ -1,0 +1,404 @@
+"""``LossCrossingMonitor``: when does the model's loss curve cross its baseline's?
+
+The monitor feeds pairs ``(this run's loss, baseline loss)`` at each logging step to a streaming
+:class:`glu_probe.crossing.CrossingDetector` (EMA smoothing + hysteresis band + patience; the math
+and its guarantees are in :mod:`glu_probe.crossing`), so its crossings are exactly those that
+:func:`glu_probe.crossing.find_crossings` finds offline on the same series.
+
+Baselines
+---------
+``baseline=`` is one of
+
+* ``"paired"``: a baseline trained in the same process on identical batches by
+  :class:`~glu_probe.callbacks.PairedModule`. The monitor reads ``<model_prefix>/<monitor>`` and
+  ``<baseline_prefix>/<monitor>`` from ``trainer.callback_metrics`` (prefixes from the module;
+  ``model_key``/``baseline_key`` override the names, which also makes ``"paired"`` work with any
+  module that logs two such metrics).
+* a path to a previous run's **TensorBoard log directory** (or one event file); the scalar tag
+  ``baseline_key`` (default: ``monitor``) is read with tensorboard's ``EventAccumulator``. A
+  directory without event files of its own is searched recursively and must then hold exactly one
+  directory with event files (e.g. ``lightning_logs`` with a single ``version_0``).
+* a path to a **CSVLogger ``metrics.csv``**; the column ``baseline_key`` (default: ``monitor``)
+  against the ``step`` column, empty cells skipped.
+* a **sequence in memory**: losses (step ``i`` for the i-th value) or ``(step, loss)`` pairs.
+
+Recorded baselines are linearly interpolated at this run's steps; steps outside the baseline's
+step range are not compared (no extrapolation). Steps are the *logger* steps (those in the
+TensorBoard/CSV files: the first training batch is step 0), so a recorded run and a live run line
+up. When a step is seen twice (e.g. validation at the step of the last training batch) only its
+first value counts.
+
+Outputs
+-------
+* ``crossing/delta`` = smoothed (this run − baseline), every ``log_every_n_steps`` updates and at
+  each crossing; ``crossing/event`` = +1 (model overtakes baseline) or −1 (baseline overtakes
+  model) at each crossing's detection step, through all of the Trainer's loggers on rank zero;
+* a TensorBoard text entry (tag ``crossing``) per crossing, on every TensorBoardLogger;
+* ``on_crossing(trainer, pl_module, crossing)``, an optional user hook, called on every rank;
+* ``crossings``: the list of :class:`~glu_probe.crossing.Crossing` so far.
+
+Which loss: ``monitor`` is looked up in ``trainer.callback_metrics`` (``monitor``, then
+``monitor + "_step"``). With ``phase="train"`` (default unless the name contains ``val``) it is
+read after every training batch; with ``phase="val"`` at the end of every validation run.
+
+Under DDP, log the monitored loss with ``sync_dist=True`` (PairedModule does) so that every rank
+feeds its detector the same values; metrics and text are written once (rank zero), the hook runs
+on every rank.
+
+The detector state (smoothing, regime, crossings) is saved in checkpoints, so a resumed run
+reports the same crossings as an uninterrupted one. The sanity check and ``fast_dev_run`` are
+skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from glu_probe.callbacks._utils import is_quiet_run, log_metrics, logger_step, tensorboard_writers
+from glu_probe.crossing import Crossing, CrossingDetector
+
+__all__ = ["LossCrossingMonitor", "load_baseline_series"]
+
+CrossingHook = Callable[[pl.Trainer, pl.LightningModule, Crossing], Any]
+# Sequences first: jsonargparse (LightningCLI) tries a union's members in order, and ``str`` would
+# swallow a YAML list as its text.
+BaselineSpec = Sequence[float] | Sequence[tuple[float, float]] | str | os.PathLike[str]
+_EVENT_GLOB = "events.out.tfevents.*"
+
+
+def _clean_series(steps: Any, values: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted, de-duplicated (last value per step wins), finite series."""
+    s = np.asarray(steps, dtype=np.float64).reshape(-1)
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    keep = np.isfinite(s) & np.isfinite(v)
+    s, v = s[keep], v[keep]
+    if s.size == 0:
+        raise MisconfigurationException(f"LossCrossingMonitor: {what} holds no finite values")
+    order = np.argsort(s, kind="stable")
+    s, v = s[order], v[order]
+    last = np.append(s[1:] != s[:-1], True)  # last occurrence of each step
+    return s[last], v[last]
+
+
+def _tensorboard_dir(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if any(path.glob(_EVENT_GLOB)):
+        return path
+    dirs = sorted({p.parent for p in path.rglob(_EVENT_GLOB)})
+    if not dirs:
+        raise MisconfigurationException(
+            f"LossCrossingMonitor: no TensorBoard event files under {str(path)!r}"
+        )
+    if len(dirs) > 1:
+        listed = ", ".join(str(d) for d in dirs[:6])
+        raise MisconfigurationException(
+            f"LossCrossingMonitor: {str(path)!r} holds several runs ({listed}); "
+            "pass the one directory of the baseline run"
+        )
+    return dirs[0]
+
+
+def _load_tensorboard(path: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(_tensorboard_dir(path)), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = acc.Tags().get("scalars", [])
+    if tag not in tags:
+        raise MisconfigurationException(
+            f"LossCrossingMonitor: TensorBoard run {str(path)!r} has no scalar tag {tag!r}; "
+            f"available: {sorted(tags)}"
+        )
+    events = acc.Scalars(tag)
+    return _clean_series(
+        [e.step for e in events], [e.value for e in events], f"tag {tag!r} of {str(path)!r}"
+    )
+
+
+def _load_csv(path: Path, column: str) -> tuple[np.ndarray, np.ndarray]:
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = reader.fieldnames or []
+        if "step" not in fields or column not in fields:
+            missing = [c for c in ("step", column) if c not in fields]
+            raise MisconfigurationException(
+                f"LossCrossingMonitor: {str(path)!r} has no column(s) {missing}; columns: {fields}"
+            )
+        steps, values = [], []
+        for row in reader:
+            if row.get(column) not in (None, "") and row.get("step") not in (None, ""):
+                steps.append(float(row["step"]))
+                values.append(float(row[column]))
+    return _clean_series(steps, values, f"column {column!r} of {str(path)!r}")
+
+
+def _load_sequence(seq: Any) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(seq, torch.Tensor):
+        seq = seq.detach().cpu().numpy()
+    try:
+        arr = np.asarray(seq, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise MisconfigurationException(
+            "LossCrossingMonitor: an in-memory baseline must be a sequence of losses or of "
+            f"(step, loss) pairs ({err})"
+        ) from err
+    if arr.ndim == 1:
+        steps, values = np.arange(arr.size, dtype=np.float64), arr
+    elif arr.ndim == 2 and arr.shape[1] == 2:
+        steps, values = arr[:, 0], arr[:, 1]
+    else:
+        raise MisconfigurationException(
+            "LossCrossingMonitor: an in-memory baseline must be a sequence of losses or of "
+            f"(step, loss) pairs; got an array of shape {arr.shape}"
+        )
+    if arr.size == 0:
+        raise MisconfigurationException("LossCrossingMonitor: the in-memory baseline is empty")
+    if not np.all(np.isfinite(values)):
+        raise MisconfigurationException(
+            "LossCrossingMonitor: the in-memory baseline contains non-finite losses"
+        )
+    if np.any(np.diff(steps) <= 0):
+        raise MisconfigurationException(
+            "LossCrossingMonitor: the in-memory baseline's steps must be strictly increasing"
+        )
+    return steps, values
+
+
+def load_baseline_series(baseline: BaselineSpec, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, losses)`` of a recorded baseline: TB directory/event file, ``.csv``, or sequence.
+
+    Raises:
+        MisconfigurationException: missing file, unknown kind, missing tag/column, bad values.
+    """
+    if isinstance(baseline, (str, os.PathLike)):
+        path = Path(baseline)
+        if not path.exists():
+            raise MisconfigurationException(
+                f"LossCrossingMonitor: baseline path {str(path)!r} does not exist"
+            )
+        if path.is_file() and path.suffix.lower() == ".csv":
+            return _load_csv(path, key)
+        if path.is_dir() or path.name.startswith("events.out.tfevents"):
+            return _load_tensorboard(path, key)
+        raise MisconfigurationException(
+            f"LossCrossingMonitor: unknown baseline kind for {str(path)!r}: expected 'paired', a "
+            "TensorBoard log directory or event file, a CSVLogger metrics.csv, or a sequence"
+        )
+    return _load_sequence(baseline)
+
+
+class LossCrossingMonitor(Callback):
+    """Detect when this run's loss crosses a baseline's (see the module docstring).
+
+    Args:
+        baseline: ``"paired"``, a TensorBoard log dir / event file, a ``metrics.csv`` path, or a
+            sequence of losses / ``(step, loss)`` pairs.
+        monitor: the loss name of this run (``trainer.callback_metrics`` key, without prefix for
+            ``"paired"``).
+        baseline_key: the baseline's tag (TB), column (CSV) or metric (paired); default
+            ``monitor`` (TB/CSV) or ``<baseline_prefix>/<monitor>`` (paired).
+        model_key: this run's metric name; default ``monitor`` or ``<model_prefix>/<monitor>``.
+        smoothing, patience, hysteresis, abs_hysteresis: the detector's parameters
+            (:class:`glu_probe.crossing.CrossingDetector`).
+        on_crossing: ``hook(trainer, pl_module, crossing)`` called at each crossing.
+        log_every_n_steps: cadence of ``crossing/delta`` in updates (default: the Trainer's).
+        phase: ``"train"`` (after each training batch) or ``"val"`` (after each validation);
+            default from the name (``"val"`` if it contains ``val``).
+    """
+
+    def __init__(
+        self,
+        baseline: BaselineSpec = "paired",
+        monitor: str = "train_loss",
+        baseline_key: str | None = None,
+        *,
+        model_key: str | None = None,
+        smoothing: float = 0.9,
+        patience: int = 5,
+        hysteresis: float = 0.01,
+        abs_hysteresis: float = 0.0,
+        on_crossing: CrossingHook | None = None,
+        log_every_n_steps: int | None = None,
+        phase: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(monitor, str) or not monitor:
+            raise MisconfigurationException(
+                f"LossCrossingMonitor: monitor must be a metric name, got {monitor!r}"
+            )
+        try:
+            self.detector = CrossingDetector(
+                smoothing=smoothing,
+                patience=patience,
+                hysteresis=hysteresis,
+                abs_hysteresis=abs_hysteresis,
+            )
+        except ValueError as err:
+            raise MisconfigurationException(f"LossCrossingMonitor: {err}") from err
+        if on_crossing is not None and not callable(on_crossing):
+            raise MisconfigurationException("LossCrossingMonitor: on_crossing must be callable")
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool)
+            or not isinstance(log_every_n_steps, int)
+            or log_every_n_steps < 1
+        ):
+            raise MisconfigurationException(
+                f"LossCrossingMonitor: log_every_n_steps must be an int >= 1, "
+                f"got {log_every_n_steps!r}"
+            )
+        if phase is None:
+            phase = "val" if re.search(r"(^|[/_.])val", monitor) else "train"
+        if phase not in ("train", "val"):
+            raise MisconfigurationException(
+                f"LossCrossingMonitor: phase must be 'train' or 'val', got {phase!r}"
+            )
+        self.monitor = monitor
+        self.model_key = model_key
+        self.baseline_key = baseline_key
+        self.on_crossing = on_crossing
+        self.log_every_n_steps = log_every_n_steps
+        self.phase = phase
+        self._series: tuple[np.ndarray, np.ndarray] | None = None
+        if isinstance(baseline, str) and baseline == "paired":
+            self.kind = "paired"
+        else:
+            self.kind = "recorded"
+            self._series = load_baseline_series(baseline, baseline_key or monitor)
+        self.baseline = baseline if isinstance(baseline, (str, os.PathLike)) else "<sequence>"
+        self._keys: tuple[str, str | None] | None = None
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def crossings(self) -> list[Crossing]:
+        """The crossings detected so far (restored on resume)."""
+        return list(self.detector.crossings)
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, baseline=str(self.baseline))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"detector": self.detector.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.detector.load_state_dict(state_dict["detector"])
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.kind == "paired":
+            from glu_probe.callbacks.paired import PairedModule
+
+            if isinstance(pl_module, PairedModule):
+                mk = self.model_key or f"{pl_module.model_prefix}/{self.monitor}"
+                bk = self.baseline_key or f"{pl_module.baseline_prefix}/{self.monitor}"
+            elif self.model_key is not None and self.baseline_key is not None:
+                mk, bk = self.model_key, self.baseline_key
+            else:
+                raise MisconfigurationException(
+                    "LossCrossingMonitor(baseline='paired') needs a PairedModule, or model_key "
+                    f"and baseline_key naming two logged metrics (got {type(pl_module).__name__})"
+                )
+            self._keys = (mk, bk)
+        else:
+            self._keys = (self.model_key or self.monitor, None)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.phase == "train" and not is_quiet_run(trainer):
+            self._update(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.phase == "val" and not is_quiet_run(trainer) and trainer.state.fn == "fit":
+            self._update(trainer, pl_module)
+
+    # ------------------------------------------------------------------ internals
+    def _read(self, trainer: pl.Trainer, key: str) -> float | None:
+        metrics = trainer.callback_metrics
+        for k in (key, f"{key}_step"):
+            if k in metrics:
+                return float(metrics[k])
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(
+                f"LossCrossingMonitor: metric {key!r} is not logged (yet); logged: "
+                f"{sorted(metrics)}"
+            )
+        return None
+
+    def _baseline_at(self, step: int) -> float | None:
+        assert self._series is not None
+        steps, values = self._series
+        if step < steps[0] or step > steps[-1]:
+            if "range" not in self._warned and step > steps[-1]:
+                self._warned.add("range")
+                rank_zero_warn(
+                    f"LossCrossingMonitor: the baseline ends at step {int(steps[-1])}; later "
+                    "steps are not compared"
+                )
+            return None
+        return float(np.interp(float(step), steps, values))
+
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._keys is None:
+            self.setup(trainer, pl_module, "fit")
+        assert self._keys is not None
+        step = logger_step(trainer)
+        last = self.detector.last_step
+        if last is not None and step <= last:
+            return
+        a = self._read(trainer, self._keys[0])
+        if a is None:
+            return
+        if self.kind == "paired":
+            assert self._keys[1] is not None
+            b = self._read(trainer, self._keys[1])
+        else:
+            b = self._baseline_at(step)
+        if b is None:
+            return
+        crossing = self.detector.update(step, a, b)
+        if self.detector.last_step != step:  # non-finite loss: ignored by the detector
+            return
+        every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50)))
+        metrics: dict[str, float] = {}
+        if (self.detector.n_updates - 1) % every == 0 or crossing is not None:
+            metrics["crossing/delta"] = self.detector.delta
+        if crossing is not None:
+            metrics["crossing/event"] = float(crossing.event)
+        log_metrics(trainer, metrics, step=step)
+        if crossing is not None:
+            self._announce(trainer, pl_module, crossing)
+
+    def _announce(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, crossing: Crossing
+    ) -> None:
+        text = (
+            f"**{crossing.direction}** at step {crossing.step} (confirmed at step "
+            f"{crossing.detected_step}): smoothed {self.monitor} model "
+            f"{crossing.smoothed_a:.6g} vs baseline {crossing.smoothed_b:.6g}, "
+            f"delta {crossing.delta:+.4g}"
+        )
+        for writer in tensorboard_writers(trainer):
+            writer.add_text("crossing", text, global_step=crossing.detected_step)
+        if self.on_crossing is not None:
+            self.on_crossing(trainer, pl_module, crossing)

@@ -1,0 +1,161 @@
+"""TensorBoard dashboard: model and baseline on the same charts (custom-scalars layout).
+
+TensorBoard's *Custom Scalars* plugin draws one chart per entry of a layout; a ``Multiline``
+chart overlays every scalar tag matching any of its regular expressions. The default layout
+(category ``"glu-probe: model vs baseline"``) has the charts
+
+==========================  ===============================================================
+chart                       tags (for the default prefixes ``model`` / ``baseline``)
+==========================  ===============================================================
+train loss                  ``model/train_loss``, ``baseline/train_loss``
+val loss                    ``model/val_loss``, ``baseline/val_loss``
+NTK condition number        ``ntk/model/condition_number``, ``ntk/baseline/condition_number``
+                            (and ``ntk/condition_number`` of an unpaired run)
+generalization gap          ``gap/model/loss``, ``gap/baseline/loss`` (and ``gap/loss``)
+loss crossing               ``crossing/delta``, ``crossing/event``
+==========================  ===============================================================
+
+so every metric that :class:`PairedModule`, :class:`NTKSpectrumMonitor`,
+:class:`GeneralizationGapMonitor` and :class:`LossCrossingMonitor` log lands next to its
+counterpart. ``charts=`` adds charts or replaces default ones (same title) with explicit tags.
+
+The layout is a run-level setting: it is written once per event directory (a second call on the
+same writer does nothing) and only on rank zero.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from glu_probe.callbacks._utils import is_quiet_run, tensorboard_writers
+
+__all__ = ["DEFAULT_CATEGORY", "TensorBoardDashboard", "default_layout", "write_dashboard_layout"]
+
+DEFAULT_CATEGORY = "glu-probe: model vs baseline"
+Layout = dict[str, dict[str, list[Any]]]
+
+# Writers that already hold a layout; the layout is a once-per-run setting.
+_WRITTEN: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def default_layout(model_prefix: str = "model", baseline_prefix: str = "baseline") -> Layout:
+    """The default custom-scalars layout (see the module docstring)."""
+    m, b = re.escape(model_prefix), re.escape(baseline_prefix)
+    both = f"({m}|{b})"
+    return {
+        DEFAULT_CATEGORY: {
+            "train loss": ["Multiline", [f"^{both}/train_loss$"]],
+            "val loss": ["Multiline", [f"^{both}/val_loss$"]],
+            "NTK condition number": [
+                "Multiline",
+                [f"^ntk/({both}/)?condition_number$"],
+            ],
+            "generalization gap": ["Multiline", [f"^gap/({both}/)?loss$"]],
+            "loss crossing": ["Multiline", ["^crossing/delta$", "^crossing/event$"]],
+        }
+    }
+
+
+def _build_layout(
+    charts: Mapping[str, Sequence[str]] | None,
+    model_prefix: str,
+    baseline_prefix: str,
+    include_defaults: bool,
+) -> Layout:
+    layout = default_layout(model_prefix, baseline_prefix) if include_defaults else {}
+    if charts:
+        category = layout.setdefault(DEFAULT_CATEGORY, {})
+        for title, tags in charts.items():
+            if isinstance(tags, str) or not isinstance(tags, Sequence) or not tags:
+                raise MisconfigurationException(
+                    f"dashboard chart {title!r}: give a non-empty list of scalar tags, got {tags!r}"
+                )
+            category[str(title)] = ["Multiline", [f"^{re.escape(str(t))}$" for t in tags]]
+    if not layout or not any(layout.values()):
+        raise MisconfigurationException("the dashboard layout is empty: no charts to write")
+    return layout
+
+
+def write_dashboard_layout(
+    writer_or_trainer: Any,
+    *,
+    pairs: Mapping[str, Sequence[str]] | None = None,
+    model_prefix: str = "model",
+    baseline_prefix: str = "baseline",
+    include_defaults: bool = True,
+) -> Layout:
+    """Write the custom-scalars layout to a ``SummaryWriter`` or to each TensorBoard logger.
+
+    Args:
+        writer_or_trainer: a ``SummaryWriter`` (anything with ``add_custom_scalars``) or a
+            ``Trainer`` (its TensorBoardLoggers' writers, rank zero only; none: nothing written).
+        pairs: extra charts ``{title: [tag, tag, ...]}`` of exact scalar tags drawn together,
+            e.g. ``{"accuracy": ["model/val_acc", "baseline/val_acc"]}``; a default chart of the
+            same title is replaced.
+        model_prefix, baseline_prefix: the PairedModule prefixes used in the default charts.
+        include_defaults: start from :func:`default_layout` (else only ``pairs``).
+
+    Returns:
+        The layout written (``{category: {title: ["Multiline", [regex, ...]]}}``).
+    """
+    layout = _build_layout(pairs, model_prefix, baseline_prefix, include_defaults)
+    if isinstance(writer_or_trainer, pl.Trainer):
+        writers = list(tensorboard_writers(writer_or_trainer))
+    elif callable(getattr(writer_or_trainer, "add_custom_scalars", None)):
+        writers = [writer_or_trainer]
+    else:
+        raise TypeError(
+            "write_dashboard_layout needs a lightning Trainer or a SummaryWriter, "
+            f"got {type(writer_or_trainer).__name__}"
+        )
+    for writer in writers:
+        if writer in _WRITTEN:
+            continue
+        writer.add_custom_scalars(layout)
+        writer.flush()
+        _WRITTEN.add(writer)
+    return layout
+
+
+class TensorBoardDashboard(Callback):
+    """Write the model-vs-baseline custom-scalars layout at fit start (rank zero, once).
+
+    Args: as :func:`write_dashboard_layout`; the prefixes default to the PairedModule's own.
+    """
+
+    def __init__(
+        self,
+        pairs: Mapping[str, Sequence[str]] | None = None,
+        model_prefix: str | None = None,
+        baseline_prefix: str | None = None,
+        include_defaults: bool = True,
+    ) -> None:
+        super().__init__()
+        # validate now (MisconfigurationException at construction), write at fit start
+        _build_layout(pairs, model_prefix or "model", baseline_prefix or "baseline",
+                      include_defaults)  # fmt: skip
+        self.pairs = dict(pairs) if pairs else None
+        self.model_prefix = model_prefix
+        self.baseline_prefix = baseline_prefix
+        self.include_defaults = include_defaults
+        self.layout: Layout | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if is_quiet_run(trainer):
+            return
+        mp = str(self.model_prefix or getattr(pl_module, "model_prefix", "model"))
+        bp = str(self.baseline_prefix or getattr(pl_module, "baseline_prefix", "baseline"))
+        self.layout = write_dashboard_layout(
+            trainer,
+            pairs=self.pairs,
+            model_prefix=mp,
+            baseline_prefix=bp,
+            include_defaults=self.include_defaults,
+        )

@@ -1,0 +1,516 @@
+"""``GeneralizationGapMonitor``: val − train loss (and metrics), measured the same way on both.
+
+What is computed
+----------------
+At the end of every validation run during ``fit`` it logs
+
+* ``gap/loss`` = L_val − L_train,
+* ``gap/<name>`` = M_val − M_train for each torchmetrics metric ``name`` the user names,
+* the two sides, ``gap/train/loss``, ``gap/val/loss``, ``gap/train/<name>``, ``gap/val/<name>``
+  (``log_components=True``).
+
+Clean mode (default)
+--------------------
+Both sides come from a *clean* evaluation: the network in eval mode, under ``torch.no_grad``,
+with the same loss function and the same aggregation. L is the mean of the per-batch losses
+weighted by the number of loss terms in each batch (the samples, or the non-ignored tokens for
+class targets ``-100``), which is exactly the dataset mean for per-term mean losses. Metrics
+accumulate with torchmetrics' own ``update``/``compute`` on two private copies of each metric.
+
+* **Train side:** a training subset fixed once at train start: ``train_subset_size`` samples at
+  indices drawn by a ``torch.Generator`` seeded with ``seed`` from a map-style training dataset,
+  collated with the loader's ``collate_fn`` in batches of its ``batch_size`` (no sampler is
+  touched, so training order and RNG are unchanged and every DDP rank holds the same subset); for
+  an ``IterableDataset`` the first batches of a fresh loader iterator (under ``isolate_rng``).
+  ``train_subset=`` (a list of batches) overrides. The batches go through the module's
+  batch-transfer hooks once and stay on the device.
+* **Val side:** the batches of the (first) validation loader that Lightning runs anyway,
+  evaluated again in ``on_validation_batch_end`` by the same function (``val_batches`` caps how
+  many), so no second pass over the validation data is needed. Under DDP the val sums are
+  all-reduced (each rank holds its shard); metrics sync themselves.
+
+The loss function (contract)
+----------------------------
+For each batch the monitor needs ``(loss, preds, target)``:
+
+1. :class:`~glu_probe.callbacks.PairedModule`: its ``evaluate(batch, which)`` for *both* members;
+   the names then become ``gap/<model_prefix>/loss``, ``gap/<baseline_prefix>/loss``,
+   ``gap/<prefix>/<name>`` (and ``gap/<prefix>/train/...`` components), so the dashboard puts
+   model and baseline on one chart.
+2. else ``loss_fn(preds, target)`` given to the monitor, with ``preds`` the predictions of
+   ``pl_module(inputs)``;
+3. else the module's own ``compute_loss(batch) -> Tensor`` (an extra forward feeds metrics);
+4. else the module's ``loss_fn(preds, target)`` attribute.
+
+Batches are ``(inputs, target)`` or dicts with ``labels_key``; outputs a tensor, a tuple (first
+element) or an object with ``.logits`` (as in PairedModule). Anything else:
+MisconfigurationException at train start.
+
+Logged mode
+-----------
+``mode="logged"`` does no evaluation: it reads ``val_key`` and ``train_key`` (tried as given, then
+with ``_epoch`` and ``_step`` suffixes) from ``trainer.callback_metrics`` at validation end, and for
+metrics the pairs ``{name: (train_key, val_key)}`` (or names ``n`` meaning ``train_n``/``val_n``).
+Cheap, but the two sides are whatever was logged: usually the last step's (or previous epoch's)
+training loss in train mode with dropout, against a full-val-set mean in eval mode.
+
+Inference mode
+--------------
+``Trainer(inference_mode=True)`` (the default) puts ``trainer.validate()``/``test()`` under
+``torch.inference_mode()``; the validation that runs *inside* ``fit`` is always under
+``torch.no_grad`` (Lightning builds that loop with ``inference_mode=False``). The monitor measures
+during ``fit`` only, so it works with either setting, including a loss hook that re-enables
+autograd itself (``with torch.enable_grad(): ...``, e.g. a gradient penalty). A stand-alone
+``trainer.validate()`` has no training subset: the monitor skips it with a warning saying so. If an
+evaluation ever runs under inference mode and the loss hook needs autograd (which inference mode
+cannot give back), a MisconfigurationException says to use ``Trainer(inference_mode=False)``.
+
+Zero interference
+-----------------
+Evaluations run under ``isolate_rng``, in eval mode with every submodule's train/eval flag
+restored afterwards, under ``no_grad`` (``.grad`` untouched), on the unwrapped module (no DDP
+reducer involvement). The sanity check, ``fast_dev_run`` and ``trainer.validate`` are skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from glu_probe.callbacks._utils import is_quiet_run, log_metrics, logger_step
+from glu_probe.callbacks.paired import PairedModule, _call, _logits, _n_items, _split_batch
+
+__all__ = ["GeneralizationGapMonitor"]
+
+_RESERVED = {"loss", "train", "val"}
+
+
+@contextmanager
+def _eval_no_grad(module: nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _first_loader(loaders: Any) -> DataLoader | None:
+    if isinstance(loaders, DataLoader):
+        return loaders
+    values = loaders.values() if isinstance(loaders, Mapping) else loaders
+    if isinstance(values, (list, tuple)) or isinstance(loaders, Mapping):
+        for v in values:
+            found = _first_loader(v)
+            if found is not None:
+                return found
+    return None
+
+
+def _n_samples(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    if isinstance(batch, Mapping):
+        for v in batch.values():
+            return _n_samples(v)
+    if isinstance(batch, (tuple, list)) and batch:
+        return _n_samples(batch[0])
+    return 1
+
+
+class _Side:
+    """Accumulates one side (train or val) of one evaluated network."""
+
+    def __init__(self, metrics: Mapping[str, Any], device: torch.device, sync: bool) -> None:
+        self.metrics = {}
+        for name, metric in metrics.items():
+            clone = copy.deepcopy(metric).to(device)
+            if not sync:
+                clone.sync_on_compute = False  # identical data on every rank: nothing to gather
+            self.metrics[name] = clone
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = 0.0
+        self.count = 0
+        for m in self.metrics.values():
+            m.reset()
+
+    def add(self, loss: torch.Tensor, preds: Any, target: Any) -> None:
+        n = _n_items(target)
+        self.loss_sum += float(loss) * n
+        self.count += n
+        for m in self.metrics.values():
+            m.update(preds, target)
+
+
+class GeneralizationGapMonitor(Callback):
+    """Log ``gap/loss`` = val − train loss and ``gap/<metric>`` at each validation end.
+
+    Args:
+        train_subset_size: number of training samples evaluated (clean mode).
+        metrics: clean mode: ``{name: torchmetrics.Metric}``; logged mode: ``{name: (train_key,
+            val_key)}`` or a list of names ``n`` (keys ``train_n``, ``val_n``).
+        mode: ``"clean"`` (default) or ``"logged"``.
+        train_key, val_key: logged-mode loss names.
+        loss_fn: ``loss_fn(preds, target)``; see the module docstring for the lookup order.
+        val_batches: at most this many validation batches are evaluated (``None``: all).
+        train_subset: explicit training batches instead of drawing a subset.
+        seed: seed of the subset indices.
+        labels_key: the targets' key in dict batches.
+        log_components: also log both sides (``gap/train/...``, ``gap/val/...``).
+    """
+
+    def __init__(
+        self,
+        train_subset_size: int = 256,
+        metrics: Mapping[str, Any] | Sequence[str] | None = None,
+        mode: str = "clean",
+        train_key: str = "train_loss",
+        val_key: str = "val_loss",
+        *,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        val_batches: int | None = None,
+        train_subset: Sequence[Any] | None = None,
+        seed: int = 0,
+        labels_key: str = "labels",
+        log_components: bool = True,
+    ) -> None:
+        super().__init__()
+        if mode not in ("clean", "logged"):
+            raise MisconfigurationException(
+                f"GeneralizationGapMonitor: mode must be 'clean' or 'logged', got {mode!r}"
+            )
+        if (
+            isinstance(train_subset_size, bool)
+            or not isinstance(train_subset_size, int)
+            or train_subset_size < 1
+        ):
+            raise MisconfigurationException(
+                "GeneralizationGapMonitor: train_subset_size must be an int >= 1, "
+                f"got {train_subset_size!r}"
+            )
+        if val_batches is not None and (
+            isinstance(val_batches, bool) or not isinstance(val_batches, int) or val_batches < 1
+        ):
+            raise MisconfigurationException(
+                f"GeneralizationGapMonitor: val_batches must be an int >= 1 or None, "
+                f"got {val_batches!r}"
+            )
+        if loss_fn is not None and not callable(loss_fn):
+            raise MisconfigurationException("GeneralizationGapMonitor: loss_fn must be callable")
+        if train_subset is not None and (
+            isinstance(train_subset, (str, bytes, torch.Tensor)) or len(train_subset) == 0
+        ):
+            raise MisconfigurationException(
+                "GeneralizationGapMonitor: train_subset must be a non-empty list of batches"
+            )
+        self.mode = mode
+        self.metric_pairs: dict[str, tuple[str, str]] = {}
+        self.metrics: dict[str, Any] = {}
+        if mode == "clean":
+            self.metrics = self._check_clean_metrics(metrics)
+        else:
+            self.metric_pairs = self._check_logged_metrics(metrics)
+        self.train_subset_size = train_subset_size
+        self.train_key = train_key
+        self.val_key = val_key
+        self.loss_fn = loss_fn
+        self.val_batches = val_batches
+        self.train_subset = list(train_subset) if train_subset is not None else None
+        self.seed = int(seed)
+        self.labels_key = labels_key
+        self.log_components = bool(log_components)
+        self.history: list[dict[str, float]] = []
+        self._batches: list[Any] | None = None
+        self._sides: dict[str, dict[str, _Side]] = {}
+        self._active = False
+        self._warned_validate = False
+
+    # ------------------------------------------------------------------ config checks
+    @staticmethod
+    def _check_name(name: Any) -> str:
+        if not isinstance(name, str) or not name or "/" in name or name in _RESERVED:
+            raise MisconfigurationException(
+                f"GeneralizationGapMonitor: metric name {name!r} must be a non-empty string "
+                f"without '/' and not one of {sorted(_RESERVED)}"
+            )
+        return name
+
+    def _check_clean_metrics(self, metrics: Any) -> dict[str, Any]:
+        if metrics is None:
+            return {}
+        if not isinstance(metrics, Mapping):
+            raise MisconfigurationException(
+                "GeneralizationGapMonitor(mode='clean'): metrics must be a mapping "
+                "{name: torchmetrics.Metric}"
+            )
+        from torchmetrics import Metric
+
+        out = {}
+        for name, metric in metrics.items():
+            if not isinstance(metric, Metric):
+                raise MisconfigurationException(
+                    f"GeneralizationGapMonitor(mode='clean'): metric {name!r} is a "
+                    f"{type(metric).__name__}, not a torchmetrics.Metric"
+                )
+            out[self._check_name(name)] = metric
+        return out
+
+    def _check_logged_metrics(self, metrics: Any) -> dict[str, tuple[str, str]]:
+        if metrics is None:
+            return {}
+        if isinstance(metrics, Mapping):
+            pairs = {}
+            for name, keys in metrics.items():
+                if (
+                    not isinstance(keys, (tuple, list))
+                    or len(keys) != 2
+                    or not all(isinstance(k, str) for k in keys)
+                ):
+                    raise MisconfigurationException(
+                        f"GeneralizationGapMonitor(mode='logged'): metric {name!r} must map to "
+                        f"a pair (train_key, val_key), got {keys!r}"
+                    )
+                pairs[self._check_name(name)] = (keys[0], keys[1])
+            return pairs
+        if isinstance(metrics, str) or not isinstance(metrics, Sequence):
+            raise MisconfigurationException(
+                "GeneralizationGapMonitor(mode='logged'): metrics must be a list of names or a "
+                "mapping {name: (train_key, val_key)}"
+            )
+        return {self._check_name(n): (f"train_{n}", f"val_{n}") for n in metrics}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.mode != "clean" or is_quiet_run(trainer):
+            return
+        self._check_contract(pl_module)
+        include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        with isolate_rng(include_cuda=include_cuda):
+            batches = self.train_subset if self.train_subset is not None else self._draw(trainer)
+            self._batches = [trainer.strategy.batch_to_device(b) for b in batches]
+        device = pl_module.device
+        self._sides = {
+            tag: {
+                "train": _Side(self.metrics, device, sync=False),
+                "val": _Side(self.metrics, device, sync=True),
+            }
+            for tag in self._tags(pl_module)
+        }
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn != "fit" and not self._warned_validate:
+            self._warned_validate = True
+            loop = trainer.validate_loop if trainer.state.fn == "validate" else trainer.test_loop
+            inference = bool(getattr(loop, "inference_mode", False))
+            mode = " (under inference mode)" if inference else ""
+            rank_zero_warn(
+                f"GeneralizationGapMonitor: skipping trainer.validate(){mode}: the gap is measured "
+                "during fit only, against the training subset fixed at train start"
+            )
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._active = (
+            self.mode == "clean"
+            and not is_quiet_run(trainer)
+            and trainer.state.fn == "fit"
+            and self._batches is not None
+        )
+        if self._active:
+            for sides in self._sides.values():
+                sides["val"].reset()
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self._active or dataloader_idx != 0:
+            return
+        if self.val_batches is not None and batch_idx >= self.val_batches:
+            return
+        self._evaluate(pl_module, [batch], "val")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if is_quiet_run(trainer) or trainer.state.fn != "fit":
+            return
+        if self.mode == "logged":
+            metrics = self._logged(trainer, pl_module)
+        else:
+            if not self._active:
+                return
+            self._active = False
+            assert self._batches is not None
+            for sides in self._sides.values():
+                sides["train"].reset()
+            self._evaluate(pl_module, self._batches, "train")
+            metrics = self._clean_metrics(trainer)
+        step = logger_step(trainer)
+        self.history.append({"step": float(step), **metrics})
+        log_metrics(trainer, metrics, step=step)
+
+    # ------------------------------------------------------------------ clean evaluation
+    def _tags(self, pl_module: pl.LightningModule) -> list[str]:
+        if isinstance(pl_module, PairedModule):
+            return [pl_module.model_prefix, pl_module.baseline_prefix]
+        return [""]
+
+    def _check_contract(self, pl_module: pl.LightningModule) -> None:
+        if isinstance(pl_module, PairedModule) or self.loss_fn is not None:
+            return
+        if callable(getattr(pl_module, "compute_loss", None)):
+            return
+        if callable(getattr(pl_module, "loss_fn", None)):
+            return
+        raise MisconfigurationException(
+            f"GeneralizationGapMonitor cannot find the loss of {type(pl_module).__name__}: pass "
+            "loss_fn=..., or give the module a compute_loss(batch) method or a loss_fn(preds, "
+            "target) attribute, or use mode='logged'"
+        )
+
+    def _draw(self, trainer: pl.Trainer) -> list[Any]:
+        loader = _first_loader(trainer.train_dataloader)
+        if loader is None:
+            raise MisconfigurationException(
+                "GeneralizationGapMonitor found no train DataLoader to draw its subset from; "
+                "pass train_subset=[batches]"
+            )
+        dataset = loader.dataset
+        bs = loader.batch_size or 64
+        if (
+            not isinstance(dataset, IterableDataset)
+            and hasattr(dataset, "__len__")
+            and hasattr(dataset, "__getitem__")
+        ):
+            n = len(dataset)  # type: ignore[arg-type]
+            k = min(self.train_subset_size, n)
+            gen = torch.Generator().manual_seed(self.seed)
+            idx = torch.randperm(n, generator=gen)[:k].sort().values.tolist()
+            return [
+                loader.collate_fn([dataset[i] for i in idx[j : j + bs]]) for j in range(0, k, bs)
+            ]
+        batches, got = [], 0
+        for batch in loader:
+            batches.append(batch)
+            got += _n_samples(batch)
+            if got >= self.train_subset_size:
+                break
+        if not batches:
+            raise MisconfigurationException("GeneralizationGapMonitor: the train loader is empty")
+        return batches
+
+    def _batch_outputs(self, pl_module: pl.LightningModule, batch: Any, tag: str) -> tuple:
+        if isinstance(pl_module, PairedModule):
+            return pl_module.evaluate(batch, tag)
+        inputs, target = _split_batch(batch, self.labels_key)
+        if self.loss_fn is not None:
+            preds = _logits(_call(pl_module, inputs))
+            return self.loss_fn(preds, target), preds, target
+        compute = getattr(pl_module, "compute_loss", None)
+        if callable(compute):
+            loss = compute(batch)
+            maybe_preds = _logits(_call(pl_module, inputs)) if self.metrics else None
+            return loss, maybe_preds, target
+        preds = _logits(_call(pl_module, inputs))
+        module_loss: Any = pl_module.loss_fn
+        return module_loss(preds, target), preds, target
+
+    def _evaluate(self, pl_module: pl.LightningModule, batches: Sequence[Any], side: str) -> None:
+        include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        with isolate_rng(include_cuda=include_cuda), _eval_no_grad(pl_module):
+            for batch in batches:
+                for tag, sides in self._sides.items():
+                    try:
+                        loss, preds, target = self._batch_outputs(pl_module, batch, tag)
+                    except RuntimeError as err:
+                        if torch.is_inference_mode_enabled() and (
+                            "inference" in str(err).lower() or "grad" in str(err).lower()
+                        ):
+                            raise MisconfigurationException(
+                                "GeneralizationGapMonitor: the loss function needs autograd, "
+                                "which Trainer(inference_mode=True) disables during validation; "
+                                f"use Trainer(inference_mode=False). Original error: {err}"
+                            ) from err
+                        raise
+                    sides[side].add(loss, preds, target)
+
+    def _clean_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for tag, sides in self._sides.items():
+            prefix = f"gap/{tag}/" if tag else "gap/"
+            tr, va = sides["train"], sides["val"]
+            # val batches are this rank's shard: sum over ranks (a no-op on one process)
+            totals = torch.tensor([va.loss_sum, float(va.count)], dtype=torch.float64)
+            totals = trainer.strategy.reduce(
+                totals.to(trainer.strategy.root_device), reduce_op="sum"
+            )
+            val_sum, val_count = float(totals[0]), float(totals[1])
+            if val_count == 0 or tr.count == 0:
+                continue
+            train_loss = tr.loss_sum / tr.count
+            val_loss = val_sum / val_count
+            out[f"{prefix}loss"] = val_loss - train_loss
+            if self.log_components:
+                out[f"{prefix}train/loss"] = train_loss
+                out[f"{prefix}val/loss"] = val_loss
+            for name in self.metrics:
+                m_tr = float(tr.metrics[name].compute())
+                m_va = float(va.metrics[name].compute())
+                out[f"{prefix}{name}"] = m_va - m_tr
+                if self.log_components:
+                    out[f"{prefix}train/{name}"] = m_tr
+                    out[f"{prefix}val/{name}"] = m_va
+        return {k: v for k, v in out.items() if math.isfinite(v)}
+
+    # ------------------------------------------------------------------ logged mode
+    def _lookup(self, trainer: pl.Trainer, key: str) -> float:
+        metrics = trainer.callback_metrics
+        for k in (key, f"{key}_epoch", f"{key}_step"):
+            if k in metrics:
+                return float(metrics[k])
+        raise MisconfigurationException(
+            f"GeneralizationGapMonitor(mode='logged'): {key!r} is not logged; logged metrics: "
+            f"{sorted(metrics)}"
+        )
+
+    def _logged(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        out: dict[str, float] = {}
+        pairs = {"loss": (self.train_key, self.val_key), **self.metric_pairs}
+        for tag in self._tags(pl_module):
+            prefix = f"gap/{tag}/" if tag else "gap/"
+            for name, (tk, vk) in pairs.items():
+                if tag:
+                    tk, vk = f"{tag}/{tk}", f"{tag}/{vk}"
+                tr, va = self._lookup(trainer, tk), self._lookup(trainer, vk)
+                out[f"{prefix}{name}"] = va - tr
+                if self.log_components:
+                    out[f"{prefix}train/{name}"] = tr
+                    out[f"{prefix}val/{name}"] = va
+        return out

@@ -1,0 +1,502 @@
+"""``PairedModule``: train a model and its baseline side by side on identical batches.
+
+One LightningModule holds two networks, ``model`` (e.g. a GLU variant) and ``baseline`` (e.g. its
+non-gated counterpart), each with its own optimizer (and optional LR scheduler). Every training
+batch is fed to both; the two losses are logged under distinct prefixes so that
+:class:`~glu_probe.callbacks.LossCrossingMonitor` (``baseline="paired"``), the gap and NTK monitors
+and the TensorBoard dashboard can put them side by side.
+
+What holds (and is tested)
+--------------------------
+* **Identical batches.** Both networks see exactly the same batch (same tensors, same order).
+* **The model trains as if alone.** With manual optimization the step is::
+
+      loss_m = loss_fn(model(x), y)                       # global torch RNG (dropout, ...)
+      loss_b = loss_fn(baseline(x), y)                    # private baseline RNG stream
+      manual_backward(loss_m + loss_b)                    # one backward, one DDP reduction
+      opt_model.step(); opt_baseline.step()
+
+  The networks share no parameters, so ∂(loss_m + loss_b)/∂θ_model = ∂loss_m/∂θ_model exactly
+  (the sum node passes its unit seed gradient through unchanged), and the baseline's forward runs
+  under ``torch.random.fork_rng`` with its own generator state. The global RNG stream is therefore
+  consumed by the model exactly as in a run without the baseline: on CPU the model's parameters are
+  **bit-identical** to training it alone with the same seed, optimizer and batches.
+* **The baseline has an independent RNG stream,** seeded with ``baseline_seed`` (default:
+  ``torch.initial_seed() + 1`` at fit start, so ``seed_everything`` makes it reproducible) and
+  saved in checkpoints. Its trajectory does not depend on what it is paired with. It equals a solo
+  run of the baseline bit for bit when the baseline draws no random numbers (no dropout); with
+  dropout, it equals a solo run whose dropout masks come from a generator seeded with
+  ``baseline_seed`` (statistically equivalent, not the same masks as a solo run seeded otherwise).
+* **One global step per batch.** ``trainer.global_step`` counts paired updates: the model's
+  optimizer steps through its ``LightningOptimizer`` (which advances the step counter) and the
+  baseline's through ``trainer.strategy.optimizer_step`` (same precision plugin and hooks, no
+  counter), so ``max_steps`` and every step-based cadence mean the same as for one model.
+* **Gradient clipping** (``gradient_clip_val``; Lightning's ``Trainer(gradient_clip_val=...)`` is
+  refused under manual optimization) happens in ``on_before_optimizer_step``, i.e. after AMP
+  unscaling and per optimizer, so each network is clipped exactly as if trained alone.
+* **LR schedulers** are stepped by the module (manual optimization does not step them):
+  every batch (``lr_scheduler_interval="step"``) or every epoch (``"epoch"``);
+  ``ReduceLROnPlateau`` is stepped at epoch end with ``<prefix>/<lr_scheduler_monitor>``.
+* fp16 mixed precision with a GradScaler is refused: one scaler shared by two optimizers would
+  rescale between the two steps. Use ``precision="bf16-mixed"`` or full precision.
+
+Batches and losses
+------------------
+A batch is ``(x, y)`` (``x`` is passed to the network as its one argument) or a dict with an
+HF-style ``labels`` entry (``labels_key``); the dict minus the labels is passed as keyword
+arguments. Outputs may be a tensor, a tuple/list (first element), or an object/dict with
+``.logits``. With ``causal_lm=True`` the logits ``(B, T, V)`` and labels ``(B, T)`` are shifted
+(position t predicts label t+1) and flattened, as in HF's causal-LM loss. Higher-rank logits with
+one-dimension-lower targets are flattened to ``(N, V)`` / ``(N,)``. The default loss is
+cross-entropy with ``ignore_index=-100``; ``loss_fn(preds, target)`` replaces it.
+
+Logged metrics (names ``<model_prefix>/...`` and ``<baseline_prefix>/...``)
+---------------------------------------------------------------------------
+``train_loss`` (on_step), ``val_loss`` and ``test_loss`` (on_epoch), all with ``sync_dist``
+(mean over ranks; a no-op on one process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+__all__ = ["PairedModule"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+OptimizerSpec = str | type[torch.optim.Optimizer] | Callable[..., torch.optim.Optimizer]
+
+_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+}
+
+
+# ------------------------------------------------------------------------ batch protocol helpers
+# Shared with GeneralizationGapMonitor so that both measure losses the same way.
+
+
+def _split_batch(batch: Any, labels_key: str = "labels") -> tuple[Any, Any]:
+    """``(inputs, target)`` of an ``(x, y)`` tuple or of a dict with a labels entry."""
+    if isinstance(batch, Mapping):
+        if labels_key not in batch:
+            raise ValueError(
+                f"dict batch has no {labels_key!r} entry (keys: {sorted(batch)}); "
+                "set labels_key to the name of the targets"
+            )
+        return {k: v for k, v in batch.items() if k != labels_key}, batch[labels_key]
+    if isinstance(batch, (tuple, list)):
+        if len(batch) != 2:
+            raise ValueError(
+                f"tuple/list batches must be (inputs, target); got {len(batch)} elements"
+            )
+        return batch[0], batch[1]
+    raise ValueError(
+        f"unsupported batch type {type(batch).__name__}: use (inputs, target) or a dict with labels"
+    )
+
+
+def _call(module: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return module(**inputs)
+    return module(inputs)
+
+
+def _logits(output: Any) -> torch.Tensor:
+    """The prediction tensor of a model output (tensor, ``.logits``, dict, or tuple's first)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        f"cannot find the predictions in a model output of type {type(output).__name__}: "
+        "return a tensor, a tuple (predictions first), or an object with .logits"
+    )
+
+
+def _prepare(
+    logits: torch.Tensor, target: torch.Tensor, causal_lm: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift (causal LM) and flatten sequence predictions to ``(N, V)`` and ``(N,)``."""
+    if causal_lm:
+        if logits.dim() != 3 or target.dim() != 2:
+            raise ValueError(
+                "causal_lm=True expects logits (B, T, V) and labels (B, T); got "
+                f"{tuple(logits.shape)} and {tuple(target.shape)}"
+            )
+        logits = logits[:, :-1, :]
+        target = target[:, 1:]
+    if logits.dim() > 2 and target.dim() == logits.dim() - 1:
+        logits = logits.reshape(-1, logits.shape[-1])
+        target = target.reshape(-1)
+    return logits, target
+
+
+def _default_loss(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the non-ignored targets (``ignore_index=-100``, as HF)."""
+    return F.cross_entropy(preds.float(), target, ignore_index=-100)
+
+
+def _n_items(target: Any) -> int:
+    """Number of loss terms of a prepared target (non-ignored tokens for class targets)."""
+    if not isinstance(target, torch.Tensor) or target.dim() == 0:
+        return 1
+    if not target.is_floating_point():
+        return int((target != -100).sum().item())
+    return int(target.shape[0])
+
+
+def _make_optimizer(
+    spec: OptimizerSpec, params: Sequence[nn.Parameter], lr: float, kwargs: Mapping[str, Any]
+) -> torch.optim.Optimizer:
+    if isinstance(spec, str):
+        spec = _OPTIMIZERS[spec.lower()]
+    if isinstance(spec, type) and issubclass(spec, torch.optim.Optimizer):
+        cls: Any = spec  # concrete optimizers all take lr (the base class does not)
+        return cast(torch.optim.Optimizer, cls(params, lr=lr, **kwargs))
+    factory: Any = spec
+    opt = factory(params)  # a factory: params -> Optimizer (lr and optimizer_kwargs not used)
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise MisconfigurationException(
+            f"PairedModule: the optimizer factory returned {type(opt).__name__}, "
+            "not a torch.optim.Optimizer"
+        )
+    return opt
+
+
+class PairedModule(pl.LightningModule):
+    """Train ``model`` and ``baseline`` side by side on identical batches (see module docstring).
+
+    Args:
+        model: the network under study (logged under ``model_prefix``).
+        baseline: the reference network (logged under ``baseline_prefix``).
+        loss_fn: ``loss_fn(preds, target) -> scalar``; default: cross-entropy with
+            ``ignore_index=-100``.
+        optimizer: a name (``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"``, ``"adagrad"``), an
+            optimizer class (both built with ``lr`` and ``optimizer_kwargs``), or a factory
+            ``params -> Optimizer`` (called once per network; ``lr`` is then not used).
+        lr: learning rate for a named optimizer or class.
+        optimizer_kwargs: extra keyword arguments for a named optimizer or class.
+        lr_scheduler: optional factory ``optimizer -> LRScheduler`` (one per network).
+        lr_scheduler_interval: ``"step"`` or ``"epoch"``.
+        lr_scheduler_monitor: metric (without prefix) for ``ReduceLROnPlateau``.
+        gradient_clip_val: clip each network's gradients to this value (``None``: no clipping).
+        gradient_clip_algorithm: ``"norm"`` or ``"value"``.
+        causal_lm: shift logits/labels for next-token prediction.
+        labels_key: the targets' key in dict batches.
+        model_prefix, baseline_prefix: metric name prefixes.
+        baseline_seed: seed of the baseline's private RNG stream.
+        sync_dist: average logged losses over DDP ranks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        baseline: nn.Module,
+        *,
+        loss_fn: LossFn | None = None,
+        optimizer: OptimizerSpec = "adamw",
+        lr: float = 1e-3,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        lr_scheduler_interval: str = "step",
+        lr_scheduler_monitor: str = "val_loss",
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+        causal_lm: bool = False,
+        labels_key: str = "labels",
+        model_prefix: str = "model",
+        baseline_prefix: str = "baseline",
+        baseline_seed: int | None = None,
+        sync_dist: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module) or not isinstance(baseline, nn.Module):
+            raise MisconfigurationException(
+                "PairedModule(model, baseline): both must be torch.nn.Module instances"
+            )
+        if model is baseline:
+            raise MisconfigurationException(
+                "PairedModule: model and baseline are the same object; pass two networks "
+                "(e.g. copy.deepcopy(model))"
+            )
+        shared = {id(p) for p in model.parameters()} & {id(p) for p in baseline.parameters()}
+        if shared:
+            raise MisconfigurationException(
+                f"PairedModule: model and baseline share {len(shared)} parameter tensor(s); "
+                "they must be independent networks"
+            )
+        if isinstance(optimizer, str) and optimizer.lower() not in _OPTIMIZERS:
+            raise MisconfigurationException(
+                f"PairedModule: unknown optimizer {optimizer!r}; use one of "
+                f"{sorted(_OPTIMIZERS)}, an optimizer class, or a factory params -> Optimizer"
+            )
+        if not isinstance(optimizer, str) and not callable(optimizer):
+            raise MisconfigurationException(
+                f"PairedModule: optimizer must be a name, a class or a callable, got {optimizer!r}"
+            )
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise MisconfigurationException(f"PairedModule: lr must be > 0, got {lr!r}")
+        if lr_scheduler_interval not in ("step", "epoch"):
+            raise MisconfigurationException(
+                "PairedModule: lr_scheduler_interval must be 'step' or 'epoch', "
+                f"got {lr_scheduler_interval!r}"
+            )
+        if lr_scheduler is not None and not callable(lr_scheduler):
+            raise MisconfigurationException(
+                "PairedModule: lr_scheduler must be a factory optimizer -> scheduler"
+            )
+        if gradient_clip_val is not None and not gradient_clip_val > 0:
+            raise MisconfigurationException(
+                f"PairedModule: gradient_clip_val must be > 0 or None, got {gradient_clip_val!r}"
+            )
+        if gradient_clip_algorithm not in ("norm", "value"):
+            raise MisconfigurationException(
+                "PairedModule: gradient_clip_algorithm must be 'norm' or 'value', "
+                f"got {gradient_clip_algorithm!r}"
+            )
+        for name, prefix in (("model_prefix", model_prefix), ("baseline_prefix", baseline_prefix)):
+            if not prefix or "/" in prefix:
+                raise MisconfigurationException(
+                    f"PairedModule: {name} must be a non-empty name without '/', got {prefix!r}"
+                )
+        if model_prefix == baseline_prefix:
+            raise MisconfigurationException(
+                "PairedModule: model_prefix and baseline_prefix must differ"
+            )
+        if loss_fn is not None and not callable(loss_fn):
+            raise MisconfigurationException("PairedModule: loss_fn must be callable")
+
+        self.automatic_optimization = False
+        self.model = model
+        self.baseline = baseline
+        self.loss_fn: LossFn = loss_fn if loss_fn is not None else _default_loss
+        self.optimizer_spec = optimizer
+        self.lr = float(lr)
+        self.optimizer_kwargs = dict(optimizer_kwargs or {})
+        self.lr_scheduler_factory = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.lr_scheduler_monitor = lr_scheduler_monitor
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.causal_lm = bool(causal_lm)
+        self.labels_key = labels_key
+        self.model_prefix = model_prefix
+        self.baseline_prefix = baseline_prefix
+        self.baseline_seed = baseline_seed
+        self.sync_dist = bool(sync_dist)
+        self._rng_cpu: torch.Tensor | None = None
+        self._rng_cuda: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ members
+    def members(self) -> dict[str, nn.Module]:
+        """``{model_prefix: model, baseline_prefix: baseline}``."""
+        return {self.model_prefix: self.model, self.baseline_prefix: self.baseline}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The *model*'s forward (the baseline is reached through ``self.baseline``)."""
+        return self.model(*args, **kwargs)
+
+    def evaluate(self, batch: Any, which: str = "model") -> tuple[torch.Tensor, Any, Any]:
+        """``(loss, preds, target)`` of one member on ``batch`` (``which``: member or prefix).
+
+        ``preds``/``target`` are shifted and flattened as for the loss. The baseline runs on its
+        private RNG stream. Used by training, validation and the generalization-gap monitor.
+        """
+        module = self._member(which)
+        inputs, target = _split_batch(batch, self.labels_key)
+        if module is self.baseline:
+            # only training forwards advance the private stream (eval-mode draws, if any, come
+            # from a throwaway copy), so evaluations never change the baseline's training
+            with self._baseline_rng(persist=module.training):
+                out = _call(module, inputs)
+        else:
+            out = _call(module, inputs)
+        preds, target = _prepare(_logits(out), target, self.causal_lm)
+        return self.loss_fn(preds, target), preds, target
+
+    def compute_loss(self, batch: Any, which: str = "model") -> torch.Tensor:
+        """The loss of one member on ``batch``."""
+        return self.evaluate(batch, which)[0]
+
+    def _member(self, which: str) -> nn.Module:
+        if which in ("model", self.model_prefix):
+            return self.model
+        if which in ("baseline", self.baseline_prefix):
+            return self.baseline
+        raise ValueError(
+            f"unknown member {which!r}; use 'model', 'baseline', {self.model_prefix!r} or "
+            f"{self.baseline_prefix!r}"
+        )
+
+    # ------------------------------------------------------------------ baseline RNG stream
+    def _stream_seed(self) -> int:
+        if self.baseline_seed is not None:
+            return int(self.baseline_seed)
+        return (torch.initial_seed() + 1) % (2**63)
+
+    def _init_baseline_rng(self) -> None:
+        seed = self._stream_seed()
+        self._rng_cpu = torch.Generator().manual_seed(seed).get_state()
+        if self.device.type == "cuda":
+            self._rng_cuda = torch.Generator(device=self.device).manual_seed(seed).get_state()
+
+    @contextmanager
+    def _baseline_rng(self, persist: bool = True) -> Iterator[None]:
+        cuda = self.device.type == "cuda"
+        if self._rng_cpu is None or (cuda and self._rng_cuda is None):
+            self._init_baseline_rng()
+        rng_cpu, rng_cuda = self._rng_cpu, self._rng_cuda
+        assert rng_cpu is not None
+        devices = [self.device] if cuda else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(rng_cpu)
+            if cuda:
+                assert rng_cuda is not None
+                torch.cuda.set_rng_state(rng_cuda, self.device)
+            yield
+            if persist:
+                self._rng_cpu = torch.get_rng_state()
+                if cuda:
+                    self._rng_cuda = torch.cuda.get_rng_state(self.device)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def configure_optimizers(self) -> Any:
+        optimizers = [
+            _make_optimizer(
+                self.optimizer_spec, list(m.parameters()), self.lr, self.optimizer_kwargs
+            )
+            for m in (self.model, self.baseline)
+        ]
+        if self.lr_scheduler_factory is None:
+            return optimizers
+        schedulers = [self.lr_scheduler_factory(opt) for opt in optimizers]
+        return optimizers, schedulers
+
+    def setup(self, stage: str) -> None:
+        trainer = self._trainer
+        if trainer is None:
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            raise MisconfigurationException(
+                "PairedModule does not support fp16 mixed precision with a GradScaler (one scaler "
+                "would be updated between the two optimizers' steps); use precision='bf16-mixed' "
+                "or full precision"
+            )
+
+    def on_fit_start(self) -> None:
+        if self._rng_cpu is None:
+            self._init_baseline_rng()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        opt_model, opt_baseline = cast(list[Any], self.optimizers())
+        loss_m, _, _ = self.evaluate(batch, "model")
+        loss_b, _, _ = self.evaluate(batch, "baseline")
+        opt_model.zero_grad()
+        opt_baseline.zero_grad()
+        # One backward of the sum: the networks share no parameters, so each gets exactly the
+        # gradient of its own loss, and DDP's reducer sees one backward per forward.
+        self.manual_backward(loss_m + loss_b)
+        opt_model.step()  # advances trainer.global_step (once per batch)
+        # The baseline's step goes through the same precision plugin and hooks, but not through
+        # the LightningOptimizer, so it does not advance the global step a second time.
+        self.trainer.strategy.optimizer_step(opt_baseline.optimizer, closure=_no_closure)
+        if self.lr_scheduler_factory is not None and self.lr_scheduler_interval == "step":
+            self._step_schedulers(plateau=False)
+        bs = self._batch_size(batch)
+        self.log(
+            f"{self.model_prefix}/train_loss", loss_m.detach(), on_step=True, on_epoch=False,
+            batch_size=bs, sync_dist=self.sync_dist,
+        )  # fmt: skip
+        self.log(
+            f"{self.baseline_prefix}/train_loss", loss_b.detach(), on_step=True, on_epoch=False,
+            batch_size=bs, sync_dist=self.sync_dist,
+        )  # fmt: skip
+        return loss_m.detach()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Called by the precision plugin after AMP unscaling and before each optimizer's step:
+        # the one correct place to clip under manual optimization.
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(
+                optimizer,
+                gradient_clip_val=self.gradient_clip_val,
+                gradient_clip_algorithm=self.gradient_clip_algorithm,
+            )
+
+    def on_train_epoch_end(self) -> None:
+        if self.lr_scheduler_factory is not None:
+            self._step_schedulers(plateau=True)
+
+    def _step_schedulers(self, plateau: bool) -> None:
+        scheds = self.lr_schedulers()
+        if scheds is None:
+            return
+        if not isinstance(scheds, list):
+            scheds = [scheds]
+        for prefix, sched in zip((self.model_prefix, self.baseline_prefix), scheds, strict=True):
+            is_plateau = isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            if is_plateau:
+                if not plateau:
+                    continue
+                key = f"{prefix}/{self.lr_scheduler_monitor}"
+                value = self.trainer.callback_metrics.get(key)
+                if value is None:
+                    raise MisconfigurationException(
+                        f"PairedModule: ReduceLROnPlateau monitors {key!r}, which is not logged "
+                        f"(available: {sorted(self.trainer.callback_metrics)})"
+                    )
+                sched.step(value)  # type: ignore[arg-type]
+            elif plateau == (self.lr_scheduler_interval == "epoch"):
+                sched.step()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val_loss")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test_loss")
+
+    def _eval_step(self, batch: Any, name: str) -> None:
+        bs = self._batch_size(batch)
+        for which in (self.model_prefix, self.baseline_prefix):
+            loss = self.evaluate(batch, which)[0]
+            self.log(
+                f"{which}/{name}", loss, on_step=False, on_epoch=True, batch_size=bs,
+                sync_dist=self.sync_dist,
+            )  # fmt: skip
+
+    def _batch_size(self, batch: Any) -> int | None:
+        try:
+            _, target = _split_batch(batch, self.labels_key)
+        except ValueError:
+            return None
+        return int(target.shape[0]) if isinstance(target, torch.Tensor) and target.dim() else None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["paired_baseline_rng"] = {"cpu": self._rng_cpu, "cuda": self._rng_cuda}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("paired_baseline_rng")
+        if state is not None:
+            self._rng_cpu = state["cpu"]
+            self._rng_cuda = state["cuda"]
+
+
+def _no_closure() -> None:
+    return None

@@ -1,0 +1,295 @@
+"""LossCrossingMonitor in real Trainer runs: paired, TensorBoard, CSV and in-memory baselines."""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader
+
+from glu_probe.callbacks.crossing import LossCrossingMonitor
+from glu_probe.callbacks.paired import PairedModule
+from glu_probe.crossing import BASELINE_OVERTAKES, MODEL_OVERTAKES, find_crossings
+
+torch.set_num_threads(1)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+
+N = 120
+T = np.arange(N, dtype=np.float64)
+# a(t) = 2 e^{-0.04 t}, b(t) = e^{-0.02 t}: crossing at t* = ln 2 / 0.02 = 34.66
+CURVE_A = 2.0 * np.exp(-0.04 * T)
+CURVE_B = np.exp(-0.02 * T)
+# self.log stores float32 tensors, and the loggers write float32 values
+F32 = lambda x: np.asarray(x, dtype=np.float32).astype(np.float64)  # noqa: E731
+KW = dict(smoothing=0.0, patience=3, hysteresis=0.01)  # unsmoothed: step = ceil(t*) = 35
+
+
+class Synthetic(pl.LightningModule):
+    """Logs a prescribed ``train_loss`` at each logger step (and trains a dummy weight)."""
+
+    def __init__(self, values: np.ndarray, name: str = "train_loss") -> None:
+        super().__init__()
+        self.values = values
+        self.name = name
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        t = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+        self.log(self.name, float(self.values[t]), on_step=True, on_epoch=False)
+        return (self.w**2).sum() + batch.sum() * 0
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _loader(n: int = N) -> DataLoader:
+    return DataLoader(torch.zeros(n, 1), batch_size=1)
+
+
+def _trainer(tmp_path, **kw) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        log_every_n_steps=1,
+        max_epochs=1,
+        default_root_dir=str(tmp_path),
+    )
+    defaults.update(kw)
+    return pl.Trainer(**defaults)
+
+
+def _csv_rows(logger: CSVLogger) -> list[dict[str, str]]:
+    logger.save()
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_sequence_baseline_gives_the_analytic_crossing_and_outputs(tmp_path):
+    seen = []
+    mon = LossCrossingMonitor(
+        baseline=list(CURVE_B), on_crossing=lambda tr, m, c: seen.append((tr.global_step, c)), **KW
+    )
+    logger = CSVLogger(str(tmp_path), name="model")
+    _trainer(tmp_path, logger=logger, callbacks=[mon]).fit(Synthetic(CURVE_A), _loader())
+    (c,) = mon.crossings
+    assert c.step == math.ceil(math.log(2.0) / 0.02) == 35
+    assert c.direction == MODEL_OVERTAKES
+    assert mon.crossings == find_crossings(T, F32(CURVE_A), T, CURVE_B, **KW)
+    assert seen == [(c.detected_step + 1, c)]  # hook called once, right after that batch
+    rows = _csv_rows(logger)
+    events = [(int(r["step"]), float(r["crossing/event"])) for r in rows if r["crossing/event"]]
+    assert events == [(c.detected_step, 1.0)]
+    deltas = {int(r["step"]): float(r["crossing/delta"]) for r in rows if r["crossing/delta"]}
+    assert len(deltas) == N  # log_every_n_steps=1: every update
+    assert deltas[50] == pytest.approx(CURVE_A[50] - CURVE_B[50], rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["tensorboard", "csv"])
+def test_recorded_baseline_run_gives_the_known_crossing(tmp_path, kind):
+    # 1) the baseline run, logged by Lightning itself
+    if kind == "tensorboard":
+        base_logger: pl.loggers.Logger = TensorBoardLogger(str(tmp_path), name="base")
+    else:
+        base_logger = CSVLogger(str(tmp_path), name="base")
+    _trainer(tmp_path, logger=base_logger).fit(Synthetic(CURVE_B), _loader())
+    base_logger.save()
+    assert base_logger.log_dir is not None
+    source = (
+        Path(base_logger.log_dir).parent  # the run root: one version dir inside, found by search
+        if kind == "tensorboard"
+        else Path(base_logger.log_dir) / "metrics.csv"
+    )
+    # 2) the model run, compared with the recorded baseline; the smoothed default detector
+    mon = LossCrossingMonitor(baseline=source, monitor="train_loss", smoothing=0.5, patience=3)
+    tb = TensorBoardLogger(str(tmp_path), name="model")
+    _trainer(tmp_path, logger=tb, callbacks=[mon]).fit(Synthetic(CURVE_A), _loader())
+    expected = find_crossings(T, F32(CURVE_A), T, F32(CURVE_B), smoothing=0.5, patience=3)
+    assert mon.crossings == expected and len(expected) == 1
+    # closed form for the smoothed zero: A g(α) e^{−αt} = B g(β) e^{−βt}, g(c) = .5/(1 − .5 e^c)
+    g = lambda c: 0.5 / (1 - 0.5 * math.exp(c))  # noqa: E731
+    t_s = math.log(2.0 * g(0.04) / g(0.02)) / 0.02
+    assert expected[0].step == math.ceil(t_s)
+    # the TensorBoard text entry, read back
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb.experiment.flush()
+    acc = EventAccumulator(tb.log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    texts = [t for t in acc.Tags()["tensors"] if t.startswith("crossing")]
+    assert texts, acc.Tags()
+    (ev,) = acc.Tensors(texts[0])
+    assert ev.step == expected[0].detected_step
+    assert MODEL_OVERTAKES in ev.tensor_proto.string_val[0].decode()
+
+
+def _linear_pair(w0: float, scale: float) -> nn.Module:
+    """f(x) = w·s·x: with x = 1, y = 0, MSE and SGD(η) the loss is (w0 s)² (1 − 2ηs²)^{2t}."""
+    lin = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(w0)
+    return nn.Sequential(lin, _Scale(scale))
+
+
+class _Scale(nn.Module):
+    def __init__(self, s: float) -> None:
+        super().__init__()
+        self.s = s
+
+    def forward(self, x):
+        return x * self.s
+
+
+def test_paired_baseline_matches_the_closed_form(tmp_path):
+    eta = 0.005
+    model = _linear_pair(1.0, math.sqrt(2.0))  # loss 2 · 0.9604^t
+    baseline = _linear_pair(1.0, 1.0)  # loss 1 · 0.9801^t
+    module = PairedModule(model, baseline, loss_fn=nn.functional.mse_loss, optimizer="sgd", lr=eta)
+    data = DataLoader(list(zip(torch.ones(80, 1), torch.zeros(80, 1), strict=True)), batch_size=1)
+    mon = LossCrossingMonitor("paired", smoothing=0.0, patience=3)
+    logger = CSVLogger(str(tmp_path))
+    _trainer(tmp_path, logger=logger, callbacks=[mon]).fit(module, data)
+    t_star = math.log(2.0) / math.log((1 - 2 * eta) ** 2 / (1 - 4 * eta) ** 2)  # 34.13
+    (c,) = mon.crossings
+    assert c.step == math.ceil(t_star) and c.direction == MODEL_OVERTAKES
+    rows = _csv_rows(logger)
+    steps = [int(r["step"]) for r in rows if r["model/train_loss"]]
+    la = [float(r["model/train_loss"]) for r in rows if r["model/train_loss"]]
+    lb = [float(r["baseline/train_loss"]) for r in rows if r["baseline/train_loss"]]
+    assert la[10] == pytest.approx(2 * 0.9604**10, rel=1e-4)
+    assert mon.crossings == find_crossings(steps, la, steps, lb, smoothing=0.0, patience=3)
+
+
+def test_resume_gives_the_same_crossings(tmp_path):
+    # b crosses a twice (down, then up again): a sine bump on the baseline
+    b = 1.0 + 0.3 * np.sin(T / 12.0)
+    a = np.ones(N)
+    kw = dict(smoothing=0.5, patience=2, hysteresis=0.02)
+    full = LossCrossingMonitor(baseline=list(b), **kw)
+    _trainer(tmp_path, max_epochs=3, callbacks=[full]).fit(Synthetic(a), _loader(40))
+    assert [c.direction for c in full.crossings][:2] == [BASELINE_OVERTAKES, MODEL_OVERTAKES]
+
+    first = LossCrossingMonitor(baseline=list(b), **kw)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)
+    _trainer(tmp_path, max_epochs=1, callbacks=[first, ckpt], enable_checkpointing=True).fit(
+        Synthetic(a), _loader(40)
+    )
+    resumed = LossCrossingMonitor(baseline=list(b), **kw)
+    _trainer(tmp_path, max_epochs=3, callbacks=[resumed]).fit(
+        Synthetic(a), _loader(40), ckpt_path=str(tmp_path / "ck" / "last.ckpt")
+    )
+    assert resumed.crossings == full.crossings
+    assert resumed.detector.state_dict() == full.detector.state_dict()
+
+
+def test_quiet_on_fast_dev_run_and_sanity_check(tmp_path):
+    mon = LossCrossingMonitor(baseline=list(CURVE_B), **KW)
+    _trainer(tmp_path, fast_dev_run=3, callbacks=[mon]).fit(Synthetic(CURVE_A), _loader())
+    assert mon.detector.n_updates == 0
+
+    class WithVal(Synthetic):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", 1.0 + batch.sum())
+
+    mon = LossCrossingMonitor(baseline=[1.0] * N, monitor="val_loss", **KW)
+    assert mon.phase == "val"
+    trainer = _trainer(
+        tmp_path, callbacks=[mon], num_sanity_val_steps=2, limit_train_batches=10,
+        limit_val_batches=2, max_epochs=2,
+    )  # fmt: skip
+    trainer.fit(WithVal(CURVE_A), _loader(), _loader(4))
+    assert mon.detector.n_updates == 2  # one per epoch's validation, none for the sanity check
+
+
+def test_bad_config(tmp_path):
+    with pytest.raises(MisconfigurationException, match="does not exist"):
+        LossCrossingMonitor(baseline=str(tmp_path / "nope"))
+    (tmp_path / "x.txt").write_text("1\n")
+    with pytest.raises(MisconfigurationException, match="unknown baseline kind"):
+        LossCrossingMonitor(baseline=tmp_path / "x.txt")
+    with pytest.raises(MisconfigurationException, match="patience"):
+        LossCrossingMonitor(baseline=[1.0, 2.0], patience=-1)
+    with pytest.raises(MisconfigurationException, match="smoothing"):
+        LossCrossingMonitor(baseline=[1.0, 2.0], smoothing=1.5)
+    with pytest.raises(MisconfigurationException, match="strictly increasing"):
+        LossCrossingMonitor(baseline=[(0, 1.0), (0, 2.0)])
+    with pytest.raises(MisconfigurationException, match="shape"):
+        LossCrossingMonitor(baseline=np.ones((3, 3)))
+    with pytest.raises(MisconfigurationException, match="phase"):
+        LossCrossingMonitor(baseline=[1.0], phase="test")
+    (tmp_path / "m.csv").write_text("step,loss\n0,1.0\n")
+    with pytest.raises(MisconfigurationException, match=r"no column\(s\) \['train_loss'\]"):
+        LossCrossingMonitor(baseline=tmp_path / "m.csv")
+    with pytest.raises(MisconfigurationException, match="no TensorBoard event files"):
+        LossCrossingMonitor(baseline=tmp_path)
+    with pytest.raises(MisconfigurationException, match="needs a PairedModule"):
+        _trainer(tmp_path, callbacks=[LossCrossingMonitor("paired")]).fit(
+            Synthetic(CURVE_A), _loader(4)
+        )
+
+
+def test_configurable_from_lightningcli_yaml(tmp_path):
+    pytest.importorskip("jsonargparse")
+    from lightning.pytorch.cli import LightningCLI
+
+    from glu_probe.callbacks.dashboard import TensorBoardDashboard
+    from glu_probe.callbacks.gap import GeneralizationGapMonitor
+
+    cfg = tmp_path / "cli.yaml"
+    cfg.write_text(
+        """
+model:
+  class_path: glu_probe.callbacks.paired.PairedModule
+  init_args:
+    model: {class_path: torch.nn.Linear, init_args: {in_features: 4, out_features: 2}}
+    baseline: {class_path: torch.nn.Linear, init_args: {in_features: 4, out_features: 2}}
+    optimizer: sgd
+    lr: 0.1
+    model_prefix: glu
+trainer:
+  accelerator: cpu
+  logger: false
+  enable_progress_bar: false
+  callbacks:
+    - class_path: glu_probe.callbacks.crossing.LossCrossingMonitor
+      init_args: {baseline: paired, monitor: train_loss, patience: 3, smoothing: 0.5}
+    - class_path: glu_probe.callbacks.gap.GeneralizationGapMonitor
+      init_args:
+        train_subset_size: 32
+        metrics:
+          acc:
+            class_path: torchmetrics.classification.MulticlassAccuracy
+            init_args: {num_classes: 2}
+    - class_path: glu_probe.callbacks.dashboard.TensorBoardDashboard
+      init_args: {pairs: {acc: [glu/val_acc, baseline/val_acc]}}
+"""
+    )
+    cli = LightningCLI(
+        pl.LightningModule,
+        subclass_mode_model=True,
+        run=False,
+        args=["--config", str(cfg)],
+        save_config_callback=None,
+    )
+    assert isinstance(cli.model, PairedModule) and cli.model.model_prefix == "glu"
+    by_type = {type(cb): cb for cb in cli.trainer.callbacks}
+    cross = by_type[LossCrossingMonitor]
+    assert cross.kind == "paired" and cross.detector.patience == 3
+    assert cross.detector.smoothing == 0.5
+    gap = by_type[GeneralizationGapMonitor]
+    assert type(gap.metrics["acc"]).__name__ == "MulticlassAccuracy"
+    assert by_type[TensorBoardDashboard].pairs == {"acc": ["glu/val_acc", "baseline/val_acc"]}

@@ -1,0 +1,264 @@
+"""GeneralizationGapMonitor: numbers against an independent recomputation, in real Trainer runs."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from glu_probe.callbacks.gap import GeneralizationGapMonitor
+from glu_probe.callbacks.paired import PairedModule
+
+torch.set_num_threads(1)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+
+
+def _data(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return TensorDataset(x, y)
+
+
+def _net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3)
+    )
+
+
+class Classifier(pl.LightningModule):
+    """Uses the ``loss_fn`` attribute contract."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.net = _net(seed)
+        self.loss_fn = F.cross_entropy
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.loss_fn(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", self.loss_fn(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+TRAIN, VAL = _data(48, 0), _data(30, 1)
+
+
+def _trainer(tmp_path, **kw) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        num_sanity_val_steps=0,
+        max_epochs=2,
+        default_root_dir=str(tmp_path),
+    )
+    defaults.update(kw)
+    return pl.Trainer(**defaults)
+
+
+def _loaders(shuffle: bool = True):
+    return DataLoader(TRAIN, batch_size=8, shuffle=shuffle), DataLoader(VAL, batch_size=8)
+
+
+def _last_row(logger: CSVLogger, key: str) -> dict[str, str]:
+    logger.save()
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return [r for r in rows if r.get(key)][-1]
+
+
+def _subset(n: int, k: int, seed: int = 0):
+    """The documented subset rule, recomputed: sorted randperm(n, seed)[:k]."""
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+    return TRAIN.tensors[0][idx], TRAIN.tensors[1][idx]
+
+
+def _mean_ce_and_acc(net: nn.Module, x, y) -> tuple[float, float]:
+    net.eval()
+    with torch.no_grad():
+        logits = net(x)
+    return float(F.cross_entropy(logits, y)), float((logits.argmax(-1) == y).float().mean())
+
+
+def test_clean_gap_equals_independent_recomputation(tmp_path):
+    mon = GeneralizationGapMonitor(
+        train_subset_size=20, metrics={"acc": MulticlassAccuracy(num_classes=3, average="micro")}
+    )
+    logger = CSVLogger(str(tmp_path))
+    module = Classifier()
+    train, val = _loaders()
+    _trainer(tmp_path, logger=logger, callbacks=[mon]).fit(module, train, val)
+    assert len(mon.history) == 2  # one per validation
+    # the last validation ran after the last optimizer step: final weights are those measured
+    tr_loss, tr_acc = _mean_ce_and_acc(module.net, *_subset(48, 20))
+    va_loss, va_acc = _mean_ce_and_acc(module.net, *VAL.tensors)
+    row = _last_row(logger, "gap/loss")
+    assert float(row["gap/loss"]) == pytest.approx(va_loss - tr_loss, rel=1e-5, abs=1e-6)
+    assert float(row["gap/train/loss"]) == pytest.approx(tr_loss, rel=1e-5)
+    assert float(row["gap/val/loss"]) == pytest.approx(va_loss, rel=1e-5)
+    assert float(row["gap/acc"]) == pytest.approx(va_acc - tr_acc, abs=1e-6)
+    # the clean val loss agrees with the module's own logged val loss (same eval, same data)
+    assert float(_last_row(logger, "val_loss")["val_loss"]) == pytest.approx(va_loss, rel=1e-5)
+    assert module.training  # flags restored
+
+
+def test_zero_interference_and_flags(tmp_path):
+    finals = []
+    for callbacks in ([], [GeneralizationGapMonitor(train_subset_size=16)]):
+        module = Classifier()
+        train, val = _loaders(shuffle=True)
+        torch.manual_seed(0)
+        _trainer(tmp_path, callbacks=callbacks).fit(module, train, val)
+        finals.append(copy.deepcopy(module.state_dict()))  # includes BatchNorm running stats
+    for k in finals[0]:
+        assert torch.equal(finals[0][k], finals[1][k]), k
+    # direct check: grads, RNG and per-module flags are untouched by an evaluation
+    module = Classifier()
+    mon = GeneralizationGapMonitor()
+    mon._sides = {"": {"train": _SideProbe(), "val": _SideProbe()}}
+    module.train()
+    module.net[3].eval()  # a deliberately mixed state
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    batch = next(iter(DataLoader(TRAIN, batch_size=8)))
+    before_rng = torch.get_rng_state()
+    mon._evaluate(module, [batch], "train")
+    assert torch.equal(torch.get_rng_state(), before_rng)
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in module.parameters())
+    assert [m.training for m in module.net] == [True, True, True, False, True]
+
+
+class _SideProbe:
+    def add(self, loss, preds, target):
+        assert not torch.is_grad_enabled() and not preds.requires_grad
+
+
+def test_paired_module_measures_model_and_baseline(tmp_path):
+    paired = PairedModule(_net(1), _net(2), optimizer="sgd", lr=0.1)
+    mon = GeneralizationGapMonitor(train_subset_size=24, val_batches=2)
+    logger = CSVLogger(str(tmp_path))
+    train, val = _loaders()
+    _trainer(tmp_path, logger=logger, callbacks=[mon], max_epochs=1).fit(paired, train, val)
+    row = _last_row(logger, "gap/model/loss")
+    x_val, y_val = VAL.tensors[0][:16], VAL.tensors[1][:16]  # val_batches=2 of size 8
+    for prefix, net in (("model", paired.model), ("baseline", paired.baseline)):
+        tr, _ = _mean_ce_and_acc(net, *_subset(48, 24))
+        va, _ = _mean_ce_and_acc(net, x_val, y_val)
+        assert float(row[f"gap/{prefix}/loss"]) == pytest.approx(va - tr, rel=1e-5, abs=1e-6)
+    assert "gap/loss" not in row or row["gap/loss"] == ""
+
+
+def test_logged_mode_reads_callback_metrics(tmp_path):
+    mon = GeneralizationGapMonitor(mode="logged")
+    module = Classifier()
+    train, val = _loaders()
+    trainer = _trainer(tmp_path, callbacks=[mon], max_epochs=1)
+    trainer.fit(module, train, val)
+    (entry,) = mon.history
+    cm = trainer.callback_metrics
+    assert entry["gap/loss"] == pytest.approx(float(cm["val_loss"]) - float(cm["train_loss"]))
+    with pytest.raises(MisconfigurationException, match="'train_acc' is not logged"):
+        _trainer(tmp_path, callbacks=[GeneralizationGapMonitor(mode="logged", metrics=["acc"])],
+                 max_epochs=1).fit(Classifier(), *_loaders())  # fmt: skip
+
+
+class GradPenalty(Classifier):
+    """A loss hook that needs autograd even when called under no_grad."""
+
+    def compute_loss(self, batch):
+        x, y = batch
+        with torch.enable_grad():
+            x = x.clone().requires_grad_(True)
+            loss = F.cross_entropy(self(x), y)
+            (g,) = torch.autograd.grad(loss, x)
+        return loss.detach() + g.pow(2).sum().detach()
+
+
+def test_inference_mode(tmp_path):
+    train, val = _loaders()
+    # fit's validation runs under no_grad even with inference_mode=True (the default), so a loss
+    # hook that re-enables autograd works there
+    for inference_mode in (False, True):
+        mon = GeneralizationGapMonitor(train_subset_size=8)
+        trainer = _trainer(tmp_path, callbacks=[mon], max_epochs=1, inference_mode=inference_mode)
+        trainer.fit(GradPenalty(), train, val)
+        assert "gap/loss" in mon.history[0]
+    # a stand-alone validate (inference mode) is skipped with a clear message
+    with pytest.warns(UserWarning, match=r"skipping trainer.validate\(\) \(under inference mode\)"):
+        trainer.validate(trainer.lightning_module, val, verbose=False)
+    assert len(mon.history) == 1
+    # and a hook that needs autograd under inference mode gets told what to do
+    module = GradPenalty()
+    mon = GeneralizationGapMonitor()
+    mon._sides = {"": {"train": _SideProbe(), "val": _SideProbe()}}
+    with (
+        torch.inference_mode(),
+        pytest.raises(MisconfigurationException, match="inference_mode=False"),
+    ):
+        mon._evaluate(module, [(TRAIN.tensors[0][:4], TRAIN.tensors[1][:4])], "val")
+
+
+def test_quiet_runs_and_bad_config(tmp_path):
+    mon = GeneralizationGapMonitor(train_subset_size=8)
+    _trainer(tmp_path, callbacks=[mon], fast_dev_run=2).fit(Classifier(), *_loaders())
+    assert mon.history == []
+    mon = GeneralizationGapMonitor(train_subset_size=8)
+    trainer = _trainer(tmp_path, callbacks=[mon], num_sanity_val_steps=2, max_epochs=1)
+    trainer.fit(Classifier(), *_loaders())
+    assert len(mon.history) == 1  # the sanity check did not count
+
+    with pytest.raises(MisconfigurationException, match="mode must be"):
+        GeneralizationGapMonitor(mode="fast")
+    with pytest.raises(MisconfigurationException, match="train_subset_size"):
+        GeneralizationGapMonitor(train_subset_size=0)
+    with pytest.raises(MisconfigurationException, match="val_batches"):
+        GeneralizationGapMonitor(val_batches=-2)
+    with pytest.raises(MisconfigurationException, match=r"not a torchmetrics\.Metric"):
+        GeneralizationGapMonitor(metrics={"acc": lambda p, t: 0.0})
+    with pytest.raises(MisconfigurationException, match="metric name 'loss'"):
+        GeneralizationGapMonitor(metrics={"loss": MulticlassAccuracy(num_classes=3)})
+    with pytest.raises(MisconfigurationException, match="pair"):
+        GeneralizationGapMonitor(mode="logged", metrics={"acc": "val_acc"})
+
+    class NoLoss(Classifier):
+        def __init__(self):
+            super().__init__()
+            del self.loss_fn
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+    with pytest.raises(MisconfigurationException, match="cannot find the loss"):
+        _trainer(tmp_path, callbacks=[GeneralizationGapMonitor()], max_epochs=1).fit(
+            NoLoss(), *_loaders()
+        )

@@ -1,0 +1,269 @@
+"""PairedModule: identical batches, bit-identical training, one global step per batch."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from glu_probe.callbacks.paired import PairedModule
+
+torch.set_num_threads(1)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+
+
+def _data(n: int = 48, d: int = 8, c: int = 3, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = torch.randint(0, c, (n,), generator=g)
+    return TensorDataset(x, y)
+
+
+def _net(seed: int, dropout: float = 0.0, hidden: int = 16) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 3))
+
+
+def _trainer(tmp_path, **kw) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+    )
+    defaults.update(kw)
+    return pl.Trainer(**defaults)
+
+
+def _solo(
+    net: nn.Module,
+    loader: DataLoader,
+    steps: int,
+    *,
+    seed: int,
+    lr: float = 1e-2,
+    clip: float | None = None,
+    sched_step: int | None = None,
+) -> nn.Module:
+    """Plain torch loop: the ground truth of 'training the network alone'."""
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, sched_step, 0.5) if sched_step else None
+    done = 0
+    while done < steps:
+        for x, y in loader:
+            loss = F.cross_entropy(net(x), y, ignore_index=-100)
+            opt.zero_grad()
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+            opt.step()
+            if sched is not None:
+                sched.step()
+            done += 1
+            if done == steps:
+                break
+    return net
+
+
+@pytest.mark.parametrize("clip,sched_step", [(None, None), (0.05, 2)])
+def test_paired_equals_training_each_alone_bit_identical(tmp_path, clip, sched_step):
+    loader = DataLoader(_data(), batch_size=8, shuffle=False)
+    steps = 9  # more than one epoch (6 batches per epoch)
+    model, baseline = _net(1, dropout=0.3), _net(2, hidden=12)
+    ref_model = _solo(
+        copy.deepcopy(model), loader, steps, seed=123, clip=clip, sched_step=sched_step
+    )
+    ref_base = _solo(
+        copy.deepcopy(baseline), loader, steps, seed=999, clip=clip, sched_step=sched_step
+    )
+    sched = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=sched_step, gamma=0.5)
+    module = PairedModule(
+        model,
+        baseline,
+        optimizer="adamw",
+        lr=1e-2,
+        gradient_clip_val=clip,
+        lr_scheduler=sched if sched_step else None,
+    )
+    trainer = _trainer(tmp_path, max_steps=steps)
+    torch.manual_seed(123)
+    trainer.fit(module, train_dataloaders=loader)
+    assert trainer.global_step == steps  # one global step per paired update
+    for p, q in zip(module.model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for p, q in zip(module.baseline.parameters(), ref_base.parameters(), strict=True):
+        assert torch.equal(p, q)
+    # the clipping actually bit (otherwise the clip case would test nothing)
+    if clip is not None:
+        unclipped = _solo(copy.deepcopy(_net(1, dropout=0.3)), loader, steps, seed=123)
+        assert not torch.equal(next(unclipped.parameters()), next(module.model.parameters()))
+
+
+def test_baseline_stream_is_independent_of_its_partner(tmp_path):
+    loader = DataLoader(_data(), batch_size=8, shuffle=True)
+    finals = []
+    for partner in (_net(1, dropout=0.5), _net(5, dropout=0.1, hidden=32)):
+        module = PairedModule(partner, _net(2, dropout=0.5), baseline_seed=7, lr=1e-2)
+        torch.manual_seed(0)
+        _trainer(tmp_path, max_steps=6).fit(module, train_dataloaders=loader)
+        finals.append([p.detach().clone() for p in module.baseline.parameters()])
+    for p, q in zip(*finals, strict=True):
+        assert torch.equal(p, q)
+    # and the baseline's dropout stream differs from the model's: the global stream after the run
+    # is what a model-only run leaves behind
+    module = PairedModule(_net(1, dropout=0.5), _net(2, dropout=0.5), baseline_seed=7)
+    torch.manual_seed(0)
+    _trainer(tmp_path, max_steps=3).fit(module, train_dataloaders=loader)
+    after_paired = torch.rand(1)
+    solo = _SoloModule(_net(1, dropout=0.5))
+    torch.manual_seed(0)
+    _trainer(tmp_path, max_steps=3).fit(solo, train_dataloaders=loader)
+    assert torch.equal(after_paired, torch.rand(1))
+    for p, q in zip(module.model.parameters(), solo.net.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+class _SoloModule(pl.LightningModule):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y, ignore_index=-100)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.net.parameters(), lr=1e-3)
+
+
+def test_logged_names_and_values(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    ds = _data(n=40)
+    train = DataLoader(ds, batch_size=8)
+    val = DataLoader(_data(n=20, seed=3), batch_size=10)
+    module = PairedModule(_net(1), _net(2), model_prefix="glu", baseline_prefix="relu")
+    trainer = _trainer(tmp_path, max_epochs=1, logger=CSVLogger(str(tmp_path)), log_every_n_steps=1)
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
+    cm = trainer.callback_metrics
+    assert {"glu/train_loss", "relu/train_loss", "glu/val_loss", "relu/val_loss"} <= set(cm)
+    # val loss = batch-size weighted mean of the per-batch mean cross-entropy, recomputed here
+    module.eval()
+    with torch.no_grad():
+        for name, net in (("glu", module.model), ("relu", module.baseline)):
+            tot = sum(F.cross_entropy(net(x), y, reduction="sum") for x, y in val)
+            assert float(cm[f"{name}/val_loss"]) == pytest.approx(float(tot) / 20, rel=1e-6)
+    import csv
+
+    with open(trainer.logger.log_dir + "/metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    train_rows = [r for r in rows if r.get("glu/train_loss")]
+    assert [int(r["step"]) for r in train_rows] == list(range(5))
+
+
+def test_causal_lm_loss_matches_hf_and_trains(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(
+        vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    m, b = transformers.GPT2LMHeadModel(cfg), transformers.GPT2LMHeadModel(cfg)
+    module = PairedModule(m, b, causal_lm=True)
+    ids = torch.randint(0, 32, (4, 12))
+    labels = ids.clone()
+    labels[:, :3] = -100  # ignored positions, as HF
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        ours = module.compute_loss(batch, "model")
+        hf = m(**batch).loss
+    assert float(ours) == pytest.approx(float(hf), rel=1e-6)
+    samples = [{k: v[i] for k, v in batch.items()} for i in range(4)]
+    data = DataLoader(samples, batch_size=2)  # dict batches through the default collate
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(module, train_dataloaders=data)
+    assert trainer.global_step == 2
+    assert "model/train_loss" in trainer.callback_metrics
+
+
+def test_reduce_on_plateau_and_epoch_scheduler(tmp_path):
+    train = DataLoader(_data(n=16), batch_size=8)
+    val = DataLoader(_data(n=8, seed=4), batch_size=8)
+    module = PairedModule(
+        _net(1), _net(2), optimizer=torch.optim.SGD, lr=0.1,
+        lr_scheduler=functools.partial(
+            torch.optim.lr_scheduler.ReduceLROnPlateau, factor=0.5, patience=0, threshold=10.0
+        ),
+    )  # fmt: skip
+    _trainer(tmp_path, max_epochs=3).fit(module, train, val)
+    # threshold=10 (relative) makes every epoch "no improvement" (even the first: best*(1-10) is
+    # -inf), so with patience=0 the lr halves at each of the 3 epoch ends
+    for opt in module.optimizers():
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    module = PairedModule(
+        _net(1), _net(2), optimizer=lambda ps: torch.optim.SGD(ps, lr=0.2),
+        lr_scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.1),
+        lr_scheduler_interval="epoch",
+    )  # fmt: skip
+    _trainer(tmp_path, max_epochs=2).fit(module, train)
+    for opt in module.optimizers():
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.2 * 0.1**2)
+
+
+def test_resume_restores_baseline_stream(tmp_path):
+    loader = DataLoader(_data(n=24), batch_size=8)  # 3 batches per epoch
+
+    def run(max_epochs: int, ckpt: str | None = None) -> PairedModule:
+        module = PairedModule(_net(1), _net(2, dropout=0.5), baseline_seed=3, lr=1e-2)
+        trainer = _trainer(tmp_path, max_epochs=max_epochs)
+        torch.manual_seed(0)
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt)
+        if ckpt is None:
+            trainer.save_checkpoint(str(tmp_path / f"e{max_epochs}.ckpt"))
+        return module
+
+    full = run(2)
+    run(1)
+    resumed = run(2, str(tmp_path / "e1.ckpt"))
+    for p, q in zip(full.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_bad_config():
+    net = _net(0)
+    with pytest.raises(MisconfigurationException, match="same object"):
+        PairedModule(net, net)
+    with pytest.raises(MisconfigurationException, match="unknown optimizer"):
+        PairedModule(_net(0), _net(1), optimizer="adamx")
+    with pytest.raises(MisconfigurationException, match="lr must be > 0"):
+        PairedModule(_net(0), _net(1), lr=-1.0)
+    with pytest.raises(MisconfigurationException, match="must differ"):
+        PairedModule(_net(0), _net(1), model_prefix="a", baseline_prefix="a")
+    with pytest.raises(MisconfigurationException, match="without '/'"):
+        PairedModule(_net(0), _net(1), model_prefix="a/b")
+    with pytest.raises(MisconfigurationException, match="gradient_clip_algorithm"):
+        PairedModule(_net(0), _net(1), gradient_clip_algorithm="max")
+    shared = nn.Linear(8, 3)
+    with pytest.raises(MisconfigurationException, match="share 2 parameter"):
+        PairedModule(nn.Sequential(shared), nn.Sequential(shared, nn.ReLU()))
+    module = PairedModule(_net(0), _net(1))
+    with pytest.raises(ValueError, match="no 'labels' entry"):
+        module.compute_loss({"x": torch.zeros(2, 8)})
+    with pytest.raises(ValueError, match=r"\(inputs, target\)"):
+        module.compute_loss((torch.zeros(2, 8), torch.zeros(2), torch.zeros(2)))
+    with pytest.raises(ValueError, match="unknown member"):
+        module.compute_loss((torch.zeros(2, 8), torch.zeros(2, dtype=torch.long)), "other")
