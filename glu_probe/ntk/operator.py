@@ -1,0 +1,260 @@
+"""Matrix-free NTK products ``V -> K V = J (Jᵀ V)``.
+
+Jᵀ U is a vector-Jacobian product (reverse mode) and J T a Jacobian-vector product (forward
+mode), both from :mod:`torch.func` and both vectorised over the k columns of the block with
+:func:`torch.vmap`, so one call costs about one batched backward plus one batched forward-mode
+pass instead of k of each.
+
+When the probe batch is not chunked, one linearisation is built per operator and reused by every
+product: the ``vjp_fn`` of :func:`torch.func.vjp` (the saved forward residuals) and, for long
+iterations, the traced ``jvp_fn`` of :func:`torch.func.linearize`, so a product never re-runs the
+primal forward (before the switch, the JVP recomputes one forward, shared by the k columns). With
+``chunk_size`` the probe batch is processed ``chunk_size`` samples at a time and nothing is kept
+between products, which bounds memory by one chunk's activations at the price of recomputing the
+forward pass of each chunk.
+
+Error: a product is exact up to floating-point rounding of the chosen ``dtype`` (float32 by
+default, TF32 disabled, so the relative error is of order n_params·2⁻²⁴ at worst and typically
+far smaller; ``dtype=torch.float64`` for more).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .functional import OutputSpec, ParamFilter, ProbeFunction
+
+__all__ = ["NTKOperator"]
+
+
+def _batched(fn: Callable[..., Any], k: int) -> Callable[..., Any]:
+    """``vmap(fn)``; for a single column, ``fn`` on the squeezed column (vmap has a fixed cost)."""
+    if k > 1:
+        return torch.vmap(fn)
+
+    def single(*args: Tensor) -> Any:
+        out = fn(*(a[0] for a in args))
+        if isinstance(out, Tensor):
+            return out.unsqueeze(0)
+        return tuple(o.unsqueeze(0) for o in out)
+
+    return single
+
+
+class NTKOperator:
+    """The empirical NTK K = J Jᵀ of a model on a probe batch, as a matrix-free operator.
+
+    Args:
+        model: any ``nn.Module``.
+        inputs: probe inputs (tensor, tuple or dict; see :class:`ProbeFunction`).
+        output: ``"pntk"``, ``"full"`` or a callable ``model_output -> rows``.
+        params: parameter filter (callable, list of names, substring/regex).
+        dtype: probe precision (float32 default; float64 option). TF32 is disabled inside.
+        chunk_size: process the probe batch this many samples at a time (bounds memory; the
+            linearisation is then recomputed per product). ``None``: one chunk, cached.
+        eval_mode: run BatchNorm/dropout in eval mode (default).
+        process_group: a ``torch.distributed`` group. Each rank holds its own shard of the probe
+            batch; :meth:`matvec` takes and returns the *full* (n, k) block (n = rows of all
+            ranks, concatenated in rank order), Jᵣᵀ Vᵣ is all-reduced, so every rank runs the
+            identical Krylov iteration. Collective: every rank must call :meth:`matvec` together.
+        linearize: trace the JVP once with :func:`torch.func.linearize` so later products skip
+            the primal forward (faster per product, but tracing costs about as much as a few
+            hundred small products). ``None`` (default): switch to it after
+            :attr:`LINEARIZE_AFTER` block products, i.e. only for long iterations. Unchunked
+            operators only.
+        probe: a prebuilt :class:`ProbeFunction` (then model, inputs, output, params, dtype and
+            eval_mode are taken from it).
+
+    Attributes:
+        n: number of rows of K (all ranks).
+        n_matvecs: number of columns multiplied so far (a (n, k) block counts k).
+    """
+
+    LINEARIZE_AFTER = 16
+
+    def __init__(
+        self,
+        model: nn.Module | None,
+        inputs: Any,
+        *,
+        output: OutputSpec = "pntk",
+        params: ParamFilter = None,
+        dtype: torch.dtype = torch.float32,
+        chunk_size: int | None = None,
+        eval_mode: bool = True,
+        process_group: Any = None,
+        linearize: bool | None = None,
+        probe: ProbeFunction | None = None,
+    ) -> None:
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+        if probe is None:
+            if model is None:
+                raise ValueError("pass a model (or a prebuilt probe=)")
+            probe = ProbeFunction(
+                model, inputs, output=output, params=params, dtype=dtype, eval_mode=eval_mode
+            )
+        self.probe = probe
+        self.dtype = probe.dtype
+        self.device = self.probe.device
+        self.process_group = process_group
+        self.n_matvecs = 0
+        self._ranges = self.probe.sample_ranges(chunk_size)
+        self._cache: list[tuple[Callable[..., Any], Callable[..., Any]]] | None = None
+        self.linearize = linearize
+        self._traced = False
+        self._n_products = 0
+        self.n_local = self.probe.n_rows
+        if process_group is not None:
+            import torch.distributed as dist
+
+            world = dist.get_world_size(process_group)
+            counts = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(world)]
+            mine = torch.tensor([self.n_local], dtype=torch.long, device=self.device)
+            dist.all_gather(counts, mine, group=process_group)
+            self._counts = [int(c.item()) for c in counts]
+            rank = dist.get_rank(process_group)
+            self.offset = sum(self._counts[:rank])
+            self.n = sum(self._counts)
+        else:
+            self._counts = [self.n_local]
+            self.offset = 0
+            self.n = self.n_local
+
+    @property
+    def n_params(self) -> int:
+        """Number of selected trainable parameters (columns of J)."""
+        return self.probe.n_params
+
+    # ------------------------------------------------------------------ linearisation
+    def _linearised_jvp(self, start: int, stop: int) -> Callable[..., Any]:
+        chunk = self.probe.chunk(start, stop)
+        try:
+            with warnings.catch_warnings():
+                # make_fx's constant folding warns about get_attr nodes it creates itself.
+                warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
+                _, jvp_lin = torch.func.linearize(lambda p: self.probe(p, chunk), self.probe.params)
+        except Exception as err:  # linearize traces with make_fx; some models do not trace
+            warnings.warn(
+                f"torch.func.linearize failed ({type(err).__name__}: {err}); keeping "
+                "torch.func.jvp, which recomputes the forward pass per product",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.linearize = False
+            return self._jvp(start, stop)
+
+        def jvp_fn(*t: Tensor) -> Tensor:
+            return jvp_lin(t)
+
+        return jvp_fn
+
+    def _linearisations(self) -> list[tuple[Callable[..., Any], Callable[..., Any]]] | None:
+        """The cached (vjp_fn, jvp_fn) of the single chunk, or ``None`` when chunked."""
+        if len(self._ranges) > 1:
+            return None
+        a, b = self._ranges[0]
+        if self._cache is None:
+            with self.probe.session():
+                trace = self.linearize is True
+                jvp = self._linearised_jvp(a, b) if trace else self._jvp(a, b)
+                self._cache = [(self._vjp(a, b), jvp)]
+                self._traced = trace
+        elif (
+            self.linearize is None and not self._traced and self._n_products >= self.LINEARIZE_AFTER
+        ):
+            with self.probe.session():
+                self._cache = [(self._cache[0][0], self._linearised_jvp(a, b))]
+            self._traced = True
+        return self._cache
+
+    def _vjp(self, start: int, stop: int) -> Callable[..., Any]:
+        chunk = self.probe.chunk(start, stop)
+        return torch.func.vjp(lambda *p: self.probe(p, chunk), *self.probe.params)[1]
+
+    def _jvp(self, start: int, stop: int) -> Callable[..., Any]:
+        chunk = self.probe.chunk(start, stop)
+        params = self.probe.params
+
+        def jvp_fn(*t: Tensor) -> Tensor:
+            return torch.func.jvp(lambda *p: self.probe(p, chunk), params, t)[1]
+
+        return jvp_fn
+
+    def _all_reduce(self, acc: list[Tensor], k: int) -> list[Tensor]:
+        import torch.distributed as dist
+
+        flat = torch.cat([x.reshape(k, -1) for x in acc], dim=1)
+        dist.all_reduce(flat, group=self.process_group)
+        sizes = [x[0].numel() for x in acc]
+        return [c.reshape(x.shape) for c, x in zip(flat.split(sizes, dim=1), acc, strict=True)]
+
+    # ------------------------------------------------------------------ products
+    def matvec(self, V: Tensor) -> Tensor:
+        """K V for a (n, k) block (or a length-n vector), in the operator's dtype and device."""
+        vector = V.ndim == 1
+        if V.shape[0] != self.n:
+            raise ValueError(
+                f"matvec expects {self.n} rows, got a tensor of shape {tuple(V.shape)}"
+            )
+        V = V.reshape(self.n, -1).to(device=self.device, dtype=self.dtype)
+        k = V.shape[1]
+        local = V[self.offset : self.offset + self.n_local]
+        cached = self._linearisations()
+        with self.probe.session():
+            # Jᵀ U summed over chunks: a list of (k, *param.shape) tensors.
+            acc: list[Tensor] = []
+            for i, (a, b) in enumerate(self._ranges):
+                ra, rb = self.probe.row_range(a, b)
+                u = local[ra:rb].T.contiguous()
+                vjp_fn = cached[i][0] if cached is not None else self._vjp(a, b)
+                part = _batched(vjp_fn, k)(u)
+                if not acc:
+                    acc = list(part)
+                else:
+                    for x, y in zip(acc, part, strict=True):
+                        x.add_(y)
+                del vjp_fn
+            if self.process_group is not None:
+                acc = self._all_reduce(acc, k)
+            tangents = tuple(acc)
+            outs = []
+            for i, (a, b) in enumerate(self._ranges):
+                jvp_fn = cached[i][1] if cached is not None else self._jvp(a, b)
+                outs.append(_batched(jvp_fn, k)(*tangents))
+        out_local = torch.cat(outs, dim=1).T  # (n_local, k)
+        out = self._gather(out_local.contiguous())
+        self.n_matvecs += k
+        self._n_products += 1
+        return out.reshape(-1) if vector else out
+
+    __matmul__ = matvec
+
+    def _gather(self, out_local: Tensor) -> Tensor:
+        if self.process_group is None:
+            return out_local
+        import torch.distributed as dist
+
+        width = max(self._counts)
+        k = out_local.shape[1]
+        padded = out_local.new_zeros(width, k)
+        padded[: self.n_local] = out_local
+        parts = [torch.empty_like(padded) for _ in self._counts]
+        dist.all_gather(parts, padded, group=self.process_group)
+        return torch.cat([p[:c] for p, c in zip(parts, self._counts, strict=True)], dim=0)
+
+    def forward_rows(self) -> Tensor:
+        """g(θ) on this rank's shard (one plain forward pass; for timing and checks)."""
+        with self.probe.session(), torch.no_grad():
+            return self.probe(self.probe.params)
+
+    def __repr__(self) -> str:
+        return (
+            f"NTKOperator(n={self.n}, n_params={self.n_params}, dtype={self.dtype}, "
+            f"chunks={len(self._ranges)}, n_matvecs={self.n_matvecs})"
+        )

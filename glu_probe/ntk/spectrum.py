@@ -1,0 +1,358 @@
+"""NTK spectrum driver: exact (dense eigh) where affordable, block Lanczos where not.
+
+``ntk_spectrum`` returns an :class:`NTKSpectrum` with the extreme eigenvalues of the empirical
+NTK K = J Jᵀ, the condition number κ = λ_max/λ_min and what is known about their error:
+
+* ``method="dense"``: K is assembled in float64 under a memory budget (:func:`ntk_matrix`) and
+  ``torch.linalg.eigh`` gives every eigenvalue to within ≈ n·ε₆₄·λ_max (backward stability and
+  Weyl's inequality), so κ is exact to ≈ n·ε₆₄·κ relative error. Residuals are 0.
+* ``method="lanczos"``: block Lanczos (:func:`~glu_probe.ntk.krylov.block_lanczos`) on the
+  matrix-free :class:`NTKOperator`. For a Ritz pair (θ, x) with residual r = ‖Kx − θx‖ there is an
+  eigenvalue of K in [θ − r, θ + r]. Cauchy interlacing gives θ_max ≤ λ_max and λ_min ≤ θ_min
+  always, so ``lambda_min_upper = θ_min`` is a certified upper bound on λ_min and
+  ``condition_number_lower = θ_max/θ_min`` a certified lower bound on κ, converged or not.
+  ``converged`` is true only when both ends meet ``tol`` (see ``block_lanczos``); otherwise a
+  warning says so and ``condition_number`` is only an estimate.
+* ``method="auto"``: dense when n ≤ :data:`AUTO_DENSE_MAX_ROWS` and K fits the memory budget.
+  The dense path costs n per-sample backward passes plus an n²·P/2 GEMM and an n³ eigh, which
+  beats the tens to hundreds of full-batch products Lanczos needs for λ_min of an ill-conditioned
+  K up to about a thousand rows.
+
+Numerical rank: the number of eigenvalues above λ_max·n·ε (ε of float64 for the dense path),
+the standard ``matrix_rank`` tolerance. A smaller rank (a near-null space) raises a
+:class:`NTKRankWarning`; negative eigenvalues (rounding of a PSD K) are reported as computed,
+never clamped, and κ is then ``inf``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .dense import _budget, ntk_matrix
+from .density import effective_rank as _effective_rank
+from .functional import OutputSpec, ParamFilter, ProbeFunction
+from .krylov import block_lanczos
+from .operator import NTKOperator
+
+__all__ = ["AUTO_DENSE_MAX_ROWS", "NTKRankWarning", "NTKSpectrum", "ntk_spectrum"]
+
+AUTO_DENSE_MAX_ROWS = 1024
+"""``method="auto"`` uses the exact dense path up to this many rows (if K fits the budget)."""
+
+
+class NTKRankWarning(RuntimeWarning):
+    """K has a near-null space (numerical rank < n) or λ_min is numerically zero."""
+
+
+@dataclass
+class NTKSpectrum:
+    """Extreme eigenvalues, condition number and error information of an empirical NTK.
+
+    Attributes:
+        lambda_max: largest eigenvalue (Lanczos: θ_max, a certified lower bound on λ_max).
+        lambda_min: smallest eigenvalue (Lanczos: θ_min, a certified upper bound on λ_min).
+            Never clamped: it can be ≤ 0 for a numerically singular K.
+        condition_number: λ_max/λ_min; ``inf`` when λ_min ≤ 0 or is numerically zero.
+        eigenvalues: all eigenvalues, ascending, float64 (dense path), else ``None``.
+        residual_max, residual_min: Ritz residual norms ‖Kx − θx‖ of the two ends (0 when exact):
+            an eigenvalue lies within that distance of each reported value.
+        converged: both ends met the tolerance (always true for the dense path).
+        numerical_rank: number of eigenvalues above λ_max·n·ε (dense path, or Lanczos when the
+            Krylov space covers the whole space), else ``None``.
+        effective_rank: exp of the Shannon entropy of λ/Σλ (Roy & Vetterli 2007) over the
+            computed eigenvalues; ``nan`` for the Lanczos path (only a few eigenvalues known).
+        n_rows: n, the size of K.
+        n_matvecs: products with K (a block of k columns counts k); 0 for the dense Jacobian path.
+        wall_time: seconds, probe construction included.
+        method: ``"dense"`` or ``"lanczos"``.
+        ritz_vectors: (n, m) vectors of the extreme eigenvalues, largest and smallest
+            alternating; pass the result as ``warm_start=`` of the next call.
+        lambda_min_upper: certified upper bound on λ_min (θ_min; λ_min itself when exact).
+        condition_number_lower: certified lower bound on κ (θ_max/θ_min; κ itself when exact).
+    """
+
+    lambda_max: float
+    lambda_min: float
+    condition_number: float
+    eigenvalues: Tensor | None
+    residual_max: float
+    residual_min: float
+    converged: bool
+    numerical_rank: int | None
+    effective_rank: float
+    n_rows: int
+    n_matvecs: int
+    wall_time: float
+    method: str
+    ritz_vectors: Tensor | None
+    lambda_min_upper: float
+    condition_number_lower: float
+
+    def as_dict(self) -> dict[str, float]:
+        """Every scalar field as a float (bools as 0/1, a missing rank as ``nan``), for logging."""
+        out: dict[str, float] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("eigenvalues", "ritz_vectors", "method"):
+                continue
+            out[f.name] = math.nan if v is None else float(v)
+        return out
+
+
+def _alternate_ends(vectors: Tensor, values: Tensor, k: int) -> Tensor:
+    """Columns ordered largest, smallest, 2nd largest, 2nd smallest, ... (at most k)."""
+    m = values.numel()
+    order: list[int] = []
+    lo, hi = 0, m - 1
+    while lo <= hi and len(order) < k:
+        order.append(hi)
+        if lo != hi and len(order) < k:
+            order.append(lo)
+        lo, hi = lo + 1, hi - 1
+    return vectors[:, order]
+
+
+def _warm_vectors(warm_start: Any, n: int, block_size: int) -> Tensor | None:
+    if warm_start is None:
+        return None
+    v = warm_start.ritz_vectors if isinstance(warm_start, NTKSpectrum) else warm_start
+    if v is None:
+        return None
+    if not isinstance(v, Tensor) or v.shape[0] != n:
+        shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        warnings.warn(
+            f"warm_start ignored: its vectors have shape {shape}, but K has {n} rows "
+            "(the probe batch changed size)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    v = v.reshape(n, -1)
+    return v[:, : min(block_size, n)]
+
+
+def _zero_kernel_error() -> ValueError:
+    return ValueError(
+        "the NTK is identically zero (K == 0): the probe outputs do not depend on the selected "
+        "parameters; check the params= filter and the output= choice"
+    )
+
+
+def _rank_warning(rank: int, n: int, lam_min: float, tol: float) -> None:
+    warnings.warn(
+        f"K has a near-null space: numerical rank {rank} of {n} (tolerance λ_max·n·eps = "
+        f"{tol:.3e}, λ_min = {lam_min:.3e}); κ is then infinite or meaningless. Fewer rows "
+        "(smaller probe batch, output='pntk') or more parameters make K full rank",
+        NTKRankWarning,
+        stacklevel=3,
+    )
+
+
+def ntk_spectrum(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    output: OutputSpec = "pntk",
+    method: str = "auto",
+    params: ParamFilter = None,
+    dtype: torch.dtype = torch.float32,
+    tol: float = 1e-4,
+    max_matvecs: int = 400,
+    block_size: int = 4,
+    which: str = "both",
+    warm_start: NTKSpectrum | Tensor | None = None,
+    memory_budget: int | None = None,
+    chunk_size: int | None = None,
+    eval_mode: bool = True,
+    process_group: Any = None,
+    generator: torch.Generator | None = None,
+) -> NTKSpectrum:
+    """Extreme eigenvalues and condition number of the empirical NTK of ``model`` on ``inputs``.
+
+    Args:
+        model: any ``nn.Module``; its state (training flags, RNG, ``.grad``) is left untouched.
+        inputs: probe batch: tensor, tuple or dict (HF batch); integer token ids are fine.
+        output: ``"pntk"`` (one row per sample/token), ``"full"`` (every output) or a callable.
+        method: ``"auto"``, ``"dense"`` (exact, float64 eigh) or ``"lanczos"`` (matrix-free).
+        params: parameter filter (callable, list of names, substring/regex).
+        dtype: precision of the Lanczos products (float32 default, TF32 off; float64 option).
+            The dense path always works in float64.
+        tol: relative accuracy of the Lanczos extreme eigenvalues.
+        max_matvecs: budget of single-vector products for Lanczos.
+        block_size: Lanczos block size.
+        which: Lanczos ends that must converge: ``"both"``, ``"largest"`` (λ_max only: cheap,
+            λ_min then is an upper bound only) or ``"smallest"``.
+        warm_start: a previous :class:`NTKSpectrum` (or an (n, k) tensor) whose Ritz vectors
+            start the Lanczos iteration; ignored with a warning if n changed.
+        memory_budget: bytes for the dense path (K plus live Jacobian blocks).
+        chunk_size: samples per chunk in the matrix-free products (bounds activation memory).
+        eval_mode: run BatchNorm/dropout in eval mode (default).
+        process_group: distributed group; each rank passes its own probe shard (Lanczos only).
+        generator: random source of the Lanczos start (default: fixed seed, global RNG untouched).
+
+    Raises:
+        ValueError: bad arguments, empty batch, no trainable parameters, NaN/Inf outputs, or
+            outputs that do not depend on the parameters (K == 0).
+    """
+    t0 = time.perf_counter()
+    if method not in ("auto", "dense", "lanczos"):
+        raise ValueError(f"method must be 'auto', 'dense' or 'lanczos', got {method!r}")
+    if method == "dense" and process_group is not None:
+        raise ValueError("method='dense' does not support process_group; use method='lanczos'")
+    probe = ProbeFunction(
+        model, inputs, output=output, params=params, dtype=dtype, eval_mode=eval_mode
+    )
+    n = probe.n_rows
+    if method == "auto":
+        method = "lanczos"
+        if process_group is None and n <= AUTO_DENSE_MAX_ROWS:
+            budget = _budget(probe, 8, memory_budget)
+            if budget >= n * n * 8 + 4 * probe.n_params * 8:
+                method = "dense"
+    if method == "dense":
+        return _dense(probe, memory_budget, block_size, t0)
+    return _lanczos(
+        probe,
+        tol=tol,
+        max_matvecs=max_matvecs,
+        block_size=block_size,
+        which=which,
+        warm_start=warm_start,
+        chunk_size=chunk_size,
+        process_group=process_group,
+        generator=generator,
+        t0=t0,
+    )
+
+
+def _dense(
+    probe: ProbeFunction, memory_budget: int | None, block_size: int, t0: float
+) -> NTKSpectrum:
+    probe = probe.astype(torch.float64)
+    K = ntk_matrix(None, None, probe=probe, memory_budget=memory_budget)
+    n = K.shape[0]
+    evals, evecs = torch.linalg.eigh(K)
+    evals = evals.cpu()
+    lam_max, lam_min = float(evals[-1]), float(evals[0])
+    if lam_max <= 0.0:
+        raise _zero_kernel_error()
+    rank_tol = lam_max * n * torch.finfo(torch.float64).eps
+    rank = int((evals > rank_tol).sum())
+    if rank < n:
+        _rank_warning(rank, n, lam_min, rank_tol)
+    kappa = lam_max / lam_min if lam_min > 0.0 else math.inf
+    return NTKSpectrum(
+        lambda_max=lam_max,
+        lambda_min=lam_min,
+        condition_number=kappa,
+        eigenvalues=evals,
+        residual_max=0.0,
+        residual_min=0.0,
+        converged=True,
+        numerical_rank=rank,
+        effective_rank=float(_effective_rank(evals)),
+        n_rows=n,
+        n_matvecs=0,
+        wall_time=time.perf_counter() - t0,
+        method="dense",
+        ritz_vectors=_alternate_ends(evecs, evals, max(2 * block_size, 2)),
+        lambda_min_upper=lam_min,
+        condition_number_lower=kappa,
+    )
+
+
+def _lanczos(
+    probe: ProbeFunction,
+    *,
+    tol: float,
+    max_matvecs: int,
+    block_size: int,
+    which: str,
+    warm_start: Any,
+    chunk_size: int | None,
+    process_group: Any,
+    generator: torch.Generator | None,
+    t0: float,
+) -> NTKSpectrum:
+    op = NTKOperator(None, None, probe=probe, chunk_size=chunk_size, process_group=process_group)
+    n = op.n
+    v0 = _warm_vectors(warm_start, n, block_size)
+    if v0 is not None:
+        v0 = v0.to(device=probe.device, dtype=probe.dtype)
+    res = block_lanczos(
+        op.matvec,
+        n,
+        block_size=block_size,
+        max_matvecs=max(max_matvecs, min(block_size, n)),
+        tol=tol,
+        v0=v0,
+        dtype=probe.dtype,
+        device=probe.device,
+        generator=generator,
+        which=which,  # type: ignore[arg-type]
+    )
+    theta = res.ritz_values
+    if float(theta.abs().max()) == 0.0:
+        raise _zero_kernel_error()
+    numerical_rank: int | None = None
+    eff_rank = math.nan
+    eps = torch.finfo(probe.dtype).eps
+    rank_tol = res.lambda_max * n * eps
+    if res.exact:
+        numerical_rank = int((theta > rank_tol).sum())
+        eff_rank = float(_effective_rank(theta))
+        if numerical_rank < n:
+            _rank_warning(numerical_rank, n, res.lambda_min, rank_tol)
+    elif res.lambda_min_is_zero:
+        warnings.warn(
+            f"λ_min is numerically zero (θ_min = {res.lambda_min:.3e}, residual "
+            f"{res.residual_min:.3e}, products in {probe.dtype}): K has a near-null space and "
+            "κ = inf; the numerical rank is unknown without the dense path (method='dense')"
+            + ("; dtype=torch.float64 resolves smaller eigenvalues" if eps > 1e-10 else ""),
+            NTKRankWarning,
+            stacklevel=2,
+        )
+    elif res.condition_number * eps > 10 * tol and math.isfinite(res.condition_number):
+        warnings.warn(
+            f"λ_min is close to the rounding level of {probe.dtype} products: eps·κ = "
+            f"{res.condition_number * eps:.1e} > 10·tol, so λ_min and κ may carry a relative "
+            "error of that order even though the iteration converged; pass dtype=torch.float64",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if not res.converged:
+        ends = {"both": "λ_max and λ_min", "largest": "λ_max", "smallest": "λ_min"}[which]
+        warnings.warn(
+            f"block Lanczos did not converge for {ends} within {res.n_matvecs} products "
+            f"(residuals: max end {res.residual_max:.2e}, min end {res.residual_min:.2e}, "
+            f"tol={tol}); condition_number is an estimate, condition_number_lower = "
+            f"{res.condition_number_lower:.4g} is certified. Raise max_matvecs or use "
+            "warm_start=",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return NTKSpectrum(
+        lambda_max=res.lambda_max,
+        lambda_min=res.lambda_min,
+        condition_number=res.condition_number,
+        eigenvalues=theta.clone() if res.exact else None,
+        residual_max=res.residual_max,
+        residual_min=res.residual_min,
+        converged=bool(res.converged),
+        numerical_rank=numerical_rank,
+        effective_rank=eff_rank,
+        n_rows=n,
+        n_matvecs=op.n_matvecs,
+        wall_time=time.perf_counter() - t0,
+        method="lanczos",
+        ritz_vectors=res.warm_start(max(2 * block_size, 2)),
+        lambda_min_upper=res.lambda_min,
+        condition_number_lower=res.condition_number_lower,
+    )

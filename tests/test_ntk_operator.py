@@ -1,0 +1,126 @@
+"""NTKOperator: K V against an explicit float64 J Jᵀ; chunking, linearisation, gloo shards."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from glu_probe.ntk import NTKOperator, ntk_spectrum
+
+torch.set_num_threads(1)
+
+
+def explicit_ntk(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Independent truth: float64 reverse-mode Jacobian of the pNTK rows, then J Jᵀ."""
+    m = copy.deepcopy(model).double().eval()
+    names = [n for n, _ in m.named_parameters()]
+    ps = tuple(p.detach() for p in m.parameters())
+
+    def f(*theta):
+        y = torch.func.functional_call(m, dict(zip(names, theta, strict=True)), (x.double(),))
+        return y.sum(-1) / math.sqrt(y.shape[-1])
+
+    J = torch.autograd.functional.jacobian(f, ps)
+    J = torch.cat([j.reshape(j.shape[0], -1) for j in J], dim=1)
+    return J @ J.T
+
+
+def make_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 32), nn.GELU(), nn.Linear(32, 3))
+
+
+@pytest.fixture(scope="module")
+def problem():
+    model = make_net()
+    x = torch.randn(20, 6)
+    return model, x, explicit_ntk(model, x)
+
+
+def test_matvec_float64_matches_explicit_kernel(problem):
+    model, x, K = problem
+    op = NTKOperator(model, x, dtype=torch.float64)
+    V = torch.randn(20, 5, dtype=torch.float64)
+    torch.testing.assert_close(op.matvec(V), K @ V, rtol=1e-12, atol=1e-12)
+    assert op.n == 20 and op.n_matvecs == 5
+    v = torch.randn(20, dtype=torch.float64)
+    torch.testing.assert_close(op @ v, K @ v, rtol=1e-12, atol=1e-12)
+    assert op.n_matvecs == 6
+
+
+def test_matvec_float32_default_accuracy(problem):
+    model, x, K = problem
+    op = NTKOperator(model, x)
+    V = torch.randn(20, 3, dtype=torch.float64)
+    out = op.matvec(V)
+    assert out.dtype == torch.float32
+    err = (out.double() - K @ V).norm() / (K @ V).norm()
+    assert err < 1e-5
+
+
+def test_tf32_flags_restored(problem):
+    model, x, _ = problem
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    NTKOperator(model, x).matvec(torch.randn(20, 2))
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 20])
+def test_chunked_equals_unchunked(problem, chunk_size):
+    model, x, K = problem
+    op = NTKOperator(model, x, dtype=torch.float64, chunk_size=chunk_size)
+    V = torch.randn(20, 4, dtype=torch.float64)
+    torch.testing.assert_close(op.matvec(V), K @ V, rtol=1e-12, atol=1e-12)
+
+
+def test_linearised_jvp_matches_and_switches(problem):
+    model, x, K = problem
+    V = torch.randn(20, 2, dtype=torch.float64)
+    traced = NTKOperator(model, x, dtype=torch.float64, linearize=True)
+    torch.testing.assert_close(traced.matvec(V), K @ V, rtol=1e-12, atol=1e-12)
+    auto = NTKOperator(model, x, dtype=torch.float64)
+    for _ in range(NTKOperator.LINEARIZE_AFTER + 1):
+        out = auto.matvec(V)
+    assert auto._traced  # switched to the traced JVP for the long run
+    torch.testing.assert_close(out, K @ V, rtol=1e-12, atol=1e-12)
+
+
+def test_matvec_shape_error(problem):
+    model, x, _ = problem
+    with pytest.raises(ValueError, match="expects 20 rows"):
+        NTKOperator(model, x).matvec(torch.randn(19, 2))
+    with pytest.raises(ValueError, match="chunk_size"):
+        NTKOperator(model, x, chunk_size=0)
+
+
+def _worker(rank: int, world: int, init_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = make_net()
+        x = torch.randn(20, 6, generator=torch.Generator().manual_seed(1))
+        shard = x[:13] if rank == 0 else x[13:]  # unequal shards
+        full = NTKOperator(model, x, dtype=torch.float64)
+        op = NTKOperator(model, shard, dtype=torch.float64, process_group=dist.group.WORLD)
+        assert op.n == 20
+        V = torch.randn(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(op.matvec(V), full.matvec(V), rtol=1e-12, atol=1e-12)
+        ref = ntk_spectrum(model, x, method="dense")
+        s = ntk_spectrum(
+            model, shard, method="lanczos", dtype=torch.float64, process_group=dist.group.WORLD
+        )
+        assert s.n_rows == 20 and s.converged
+        assert abs(s.lambda_max / ref.lambda_max - 1) < 1e-8
+        assert abs(s.condition_number / ref.condition_number - 1) < 1e-6
+    finally:
+        dist.destroy_process_group()
+
+
+def test_process_group_gloo_two_ranks(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)

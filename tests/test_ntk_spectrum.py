@@ -1,0 +1,279 @@
+"""ntk_spectrum accuracy against dense float64 truth (explicit reverse-mode Jacobian, eigh).
+
+Targets (issue 3): exact path κ rel. error <= 1e-6; iterative path λ_max rel. error <= 1e-4 within
+30 products, λ_min and κ rel. error <= 1e-3 once converged; on two-layer ReLU/ReGLU nets, a tiny
+timm ViT and a tiny HF GPT-2 (token ids), each with and without a GLU MLP.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from glu_probe.ntk import NTKRankWarning, NTKSpectrum, ntk_matrix, ntk_spectrum
+from glu_probe.ntk.spectrum import AUTO_DENSE_MAX_ROWS
+
+torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------- truth
+def pntk_rows(out) -> torch.Tensor:
+    y = out if isinstance(out, torch.Tensor) else out["logits"]
+    return (y.sum(-1) / math.sqrt(y.shape[-1])).reshape(-1)
+
+
+def true_eigenvalues(model: nn.Module, inputs) -> torch.Tensor:
+    """Ascending float64 eigenvalues of J Jᵀ, J from torch.autograd.functional.jacobian."""
+    m = copy.deepcopy(model).double().eval()
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    ps = tuple(p.detach() for _, p in m.named_parameters() if p.requires_grad)
+    call = ((), inputs) if isinstance(inputs, dict) else ((inputs.double(),), {})
+
+    def f(*theta):
+        return pntk_rows(torch.func.functional_call(m, dict(zip(names, theta, strict=True)), *call))
+
+    J = torch.autograd.functional.jacobian(f, ps)
+    J = torch.cat([j.reshape(j.shape[0], -1) for j in J], dim=1)
+    return torch.linalg.eigvalsh(J @ J.T)
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a / b - 1.0)
+
+
+# ----------------------------------------------------------------------------- models
+class TwoLayer(nn.Module):
+    """The paper's nets: z = V φ(W x) (ReLU) and z = V (φ(W x) ⊙ U x) (ReGLU)."""
+
+    def __init__(self, d: int, m: int, glu: bool) -> None:
+        super().__init__()
+        self.W = nn.Linear(d, m, bias=False)
+        self.U = nn.Linear(d, m, bias=False) if glu else None
+        self.V = nn.Linear(m, 1, bias=False)
+
+    def forward(self, x):
+        h = torch.relu(self.W(x))
+        return self.V(h * self.U(x) if self.U is not None else h)
+
+
+def two_layer(glu: bool, n: int = 256):
+    torch.manual_seed(0)
+    x = torch.randn(n, 16)
+    return TwoLayer(16, 64, glu), x / x.norm(dim=1, keepdim=True)
+
+
+def vit(glu: bool):
+    import timm
+    from timm.layers import SwiGLU
+
+    torch.manual_seed(0)
+    kw = dict(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_classes=4)
+    if glu:
+        kw.update(mlp_layer=SwiGLU, act_layer=nn.SiLU)
+    model = timm.models.vision_transformer.VisionTransformer(**kw)
+    return model, torch.randn(40, 3, 8, 8)
+
+
+class GatedGPT2MLP(nn.Module):
+    """ReGLU MLP for a GPT-2 block, built by hand: c_proj(relu(x W_g) ⊙ (x W_u))."""
+
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d, h)
+        self.up = nn.Linear(d, h)
+        self.c_proj = nn.Linear(h, d)
+
+    def forward(self, x):
+        return self.c_proj(torch.relu(self.gate(x)) * self.up(x))
+
+
+def gpt2(glu: bool):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=32,
+        n_positions=8,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = GPT2LMHeadModel(cfg)
+    if glu:
+        for block in model.transformer.h:
+            block.mlp = GatedGPT2MLP(16, 32)
+    ids = torch.randint(0, 32, (5, 8))
+    ids[:, 0] = torch.arange(5)  # equal prefixes would give equal rows (causal): K singular
+    return model, {"input_ids": ids}
+
+
+MODELS = {
+    "relu": lambda: two_layer(False),
+    "reglu": lambda: two_layer(True),
+    "vit": lambda: vit(False),
+    "vit-swiglu": lambda: vit(True),
+    "gpt2": lambda: gpt2(False),
+    "gpt2-reglu": lambda: gpt2(True),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def case(request):
+    model, inputs = MODELS[request.param]()
+    return request.param, model, inputs, true_eigenvalues(model, inputs)
+
+
+# ----------------------------------------------------------------------------- accuracy
+def test_dense_path_exact(case):
+    name, model, inputs, ev = case
+    s = ntk_spectrum(model, inputs, method="dense")
+    kappa = float(ev[-1] / ev[0])
+    assert s.method == "dense" and s.converged and s.n_rows == ev.numel()
+    assert rel(s.condition_number, kappa) <= 1e-6, name
+    assert rel(s.lambda_max, float(ev[-1])) <= 1e-10
+    torch.testing.assert_close(s.eigenvalues, ev, rtol=0, atol=1e-10 * float(ev[-1]))
+    assert s.residual_max == 0.0 and s.lambda_min_upper == s.lambda_min
+    assert s.numerical_rank == ev.numel()
+    p = ev / ev.sum()
+    assert s.effective_rank == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-9)
+
+
+def test_lanczos_lambda_max_within_30_matvecs(case):
+    name, model, inputs, ev = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # λ_min is not asked to converge here
+        s = ntk_spectrum(model, inputs, method="lanczos", which="largest", max_matvecs=30)
+    assert s.n_matvecs <= 30
+    assert rel(s.lambda_max, float(ev[-1])) <= 1e-4, name
+    assert s.lambda_max <= float(ev[-1]) * (1 + 1e-6)  # interlacing: θ_max <= λ_max
+
+
+def test_lanczos_lambda_min_and_kappa_once_converged(case):
+    name, model, inputs, ev = case
+    # float64 products: the ViTs have κ ≈ 1e5-1e6, beyond what float32 products resolve to 1e-3
+    s = ntk_spectrum(model, inputs, method="lanczos", dtype=torch.float64, max_matvecs=400)
+    assert s.converged, name
+    kappa = float(ev[-1] / ev[0])
+    assert rel(s.lambda_min, float(ev[0])) <= 1e-3, name
+    assert rel(s.condition_number, kappa) <= 1e-3, name
+    assert s.residual_min <= 1e-3 * s.lambda_max
+
+
+@pytest.mark.parametrize("glu", [False, True])
+def test_lanczos_float32_two_layer_nets(glu):
+    """The paper's nets in the default float32, with fewer products than rows."""
+    model, x = two_layer(glu)
+    ev = true_eigenvalues(model, x)
+    s = ntk_spectrum(model, x, method="lanczos", max_matvecs=400)
+    assert s.converged and s.n_matvecs < x.shape[0]
+    assert rel(s.lambda_min, float(ev[0])) <= 1e-3
+    assert rel(s.condition_number, float(ev[-1] / ev[0])) <= 1e-3
+
+
+def test_float32_precision_floor_is_flagged():
+    """κ ≈ 1e7: float32 products cannot resolve λ_min; the result says so instead of lying."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 6)
+    model = TwoLayer(6, 48, False)
+    x = x / x.norm(dim=1, keepdim=True)
+    ev = true_eigenvalues(model, x)
+    with pytest.warns(RuntimeWarning) as record:
+        s = ntk_spectrum(model, x, method="lanczos", max_matvecs=400)
+    assert any("float64" in str(w.message) for w in record)
+    assert s.lambda_min_upper >= float(ev[0]) * (1 - 1e-6)  # still a valid upper bound
+    assert s.condition_number == math.inf or s.condition_number <= float(ev[-1] / ev[0]) * 1.01
+
+
+# ----------------------------------------------------------------------------- honesty
+def ill_conditioned():
+    torch.manual_seed(1)
+    x = torch.randn(96, 4)
+    x = x / x.norm(dim=1, keepdim=True)
+    return TwoLayer(4, 64, False), x
+
+
+def test_unconverged_lambda_min_is_reported_with_certified_bounds():
+    model, x = ill_conditioned()
+    ev = true_eigenvalues(model, x)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        s = ntk_spectrum(model, x, method="lanczos", max_matvecs=12, block_size=4)
+    assert not s.converged and s.n_matvecs <= 12
+    assert s.lambda_min_upper >= float(ev[0])  # θ_min >= λ_min always
+    assert s.condition_number_lower <= float(ev[-1] / ev[0])  # certified lower bound on κ
+    assert s.residual_min > 0
+
+
+def test_warm_start_needs_fewer_products():
+    model, x = two_layer(True)
+    cold = ntk_spectrum(model, x, method="lanczos")
+    warm = ntk_spectrum(model, x, method="lanczos", warm_start=cold)
+    assert cold.converged and warm.converged
+    assert warm.n_matvecs < cold.n_matvecs
+    assert rel(warm.condition_number, cold.condition_number) < 1e-3
+    with pytest.warns(RuntimeWarning, match="warm_start ignored"):
+        ntk_spectrum(model, x[:10], method="lanczos", warm_start=cold)
+
+
+def test_near_null_space_is_flagged_not_clamped():
+    torch.manual_seed(0)
+    model = TwoLayer(3, 5, False)  # P = 20 parameters, 40 rows: rank <= 20
+    x = torch.randn(40, 3)
+    ev = true_eigenvalues(model, x)
+    with pytest.warns(NTKRankWarning, match="near-null space"):
+        s = ntk_spectrum(model, x, method="dense")
+    tol = float(ev[-1]) * 40 * torch.finfo(torch.float64).eps
+    assert s.numerical_rank == int((ev > tol).sum()) <= 20
+    assert s.lambda_min == float(s.eigenvalues[0])  # as computed, not clamped to 0
+    assert abs(s.lambda_min) < tol
+    assert s.condition_number == math.inf or s.condition_number > 1e10
+
+
+def test_lanczos_flags_numerically_zero_lambda_min():
+    torch.manual_seed(0)
+    model = TwoLayer(3, 5, False)
+    x = torch.randn(40, 3)
+    with pytest.warns(NTKRankWarning):
+        s = ntk_spectrum(model, x, method="lanczos", dtype=torch.float64, max_matvecs=60)
+    assert s.condition_number == math.inf
+
+
+def test_auto_method_choice():
+    model, x = two_layer(False)
+    assert ntk_spectrum(model, x).method == "dense"
+    # a budget that cannot hold K forces the matrix-free path
+    s = ntk_spectrum(model, x, memory_budget=1000)
+    assert s.method == "lanczos"
+    assert AUTO_DENSE_MAX_ROWS >= 512
+
+
+def test_dense_memory_budget_strategies_agree():
+    model, x = two_layer(True)
+    ref = ntk_matrix(model, x, strategy="jacobian")
+    p = sum(q.numel() for q in model.parameters())
+    tight = 256 * 256 * 8 + 96 * p * 8  # K plus 96 Jacobian rows: panels of 48, blocks of 24
+    torch.testing.assert_close(ntk_matrix(model, x, memory_budget=tight), ref)
+    torch.testing.assert_close(ntk_matrix(model, x, strategy="operator"), ref)
+    with pytest.raises(ValueError, match="memory_budget"):
+        ntk_matrix(model, x, memory_budget=1000)
+
+
+def test_as_dict_is_all_floats():
+    model, x = two_layer(False)
+    d = ntk_spectrum(model, x).as_dict()
+    assert all(isinstance(v, float) for v in d.values())
+    assert d["converged"] == 1.0 and d["n_rows"] == 256.0
+    assert set(d) >= {"lambda_max", "lambda_min", "condition_number", "effective_rank"}
+    assert isinstance(NTKSpectrum.__dataclass_fields__["ritz_vectors"], object)
+
+
+def test_bad_method():
+    model, x = two_layer(False)
+    with pytest.raises(ValueError, match="method must be"):
+        ntk_spectrum(model, x, method="eigsh")
