@@ -1,0 +1,163 @@
+"""GPT-2: GELU MLP vs a parameter-matched SwiGLU, over several seeds (the paper's GPT-2 experiment).
+
+For each seed a Hugging Face ``GPT2LMHeadModel`` built from a ``GPT2Config`` (the baseline, GELU
+MLP) and a copy whose MLPs are swapped to a parameter-matched gated variant (``--variant``, default
+SwiGLU; every other parameter identical at init) are trained side by side as byte-level language
+models on identical batches (:class:`glu_probe.callbacks.PairedModule`) with the NTK,
+generalization-gap and loss-crossing monitors. The script reports, as mean ± std over seeds: the
+NTK condition number at init and at the end, the first step at which the GLU model's training loss
+overtakes the baseline's, the final train/validation losses (nats per byte) and the gap.
+
+Data (offline): a folder of text files (``--data``), a Hugging Face dataset saved with
+``save_to_disk`` (``--hf-dataset``), or by default the Python standard library's source files. The
+last 10% of the bytes are the validation split.
+
+Sizes:
+  --size quick   tiny (CI: seconds per seed)
+  --size cpu     the demo size (default: a few minutes per seed on CPU)
+  --size paper   GPT-2 small (n_embd 768, 12 layers, 12 heads, 256-byte context) for a GPU
+
+Examples::
+
+    python examples/gpt2_glu_vs_mlp.py --size quick --seeds 0 1
+    python examples/gpt2_glu_vs_mlp.py --size paper --data ~/corpus --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from glu_probe.data import hf_text_dataset, text_corpus
+from glu_probe.demo import PairSettings, fit_pair, resolve_accelerator
+from glu_probe.models import gpt2_pair
+from glu_probe.report import aggregate_seeds, format_seed_table, load_run, summarize
+
+SIZES: dict[str, tuple[dict[str, Any], int, int, PairSettings]] = {
+    # (GPT2Config overrides, seq_len, max_bytes, settings)
+    "quick": (
+        {"n_embd": 32, "n_layer": 1, "n_head": 2}, 32, 200_000,
+        PairSettings(
+            steps=16, batch_size=8, lr=1e-3, optimizer="adamw", val_every=8, val_batches=2,
+            ntk_every=8, probe_size=1, gap_subset=16,
+        ),
+    ),
+    "cpu": (
+        {"n_embd": 64, "n_layer": 2, "n_head": 4}, 64, 1_000_000,
+        PairSettings(
+            steps=600, batch_size=16, lr=1e-3, optimizer="adamw", val_every=50, val_batches=8,
+            ntk_every=24, probe_size=4, gap_subset=128,
+        ),
+    ),
+    "paper": (
+        {"n_embd": 768, "n_layer": 12, "n_head": 12}, 256, 50_000_000,
+        PairSettings(
+            steps=10000, batch_size=32, lr=3e-4, optimizer="adamw", val_every=500,
+            val_batches=50, ntk_every=400, probe_size=2, gap_subset=512,
+        ),
+    ),
+}  # fmt: skip
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--size", choices=sorted(SIZES), default="cpu", help="model/training size")
+    p.add_argument("--quick", action="store_true", help="same as --size quick")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds")
+    p.add_argument("--variant", default="swiglu", help="gated MLP variant of the model")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", default=None, help="folder of text files (default: Python stdlib)")
+    src.add_argument("--hf-dataset", default=None, help="a datasets.save_to_disk folder")
+    p.add_argument("--text-field", default="text", help="text column of --hf-dataset")
+    p.add_argument("--max-bytes", type=int, default=None, help="override the corpus byte cap")
+    p.add_argument("--steps", type=int, default=None, help="override the optimizer steps")
+    p.add_argument("--lr", type=float, default=None, help="override the learning rate")
+    p.add_argument("--n-layer", type=int, default=None, help="override the number of blocks")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--out", default="runs/examples", help="TensorBoard root")
+    p.add_argument("--run-name", default=None, help="run folder (default: gpt2-<size>)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size = "quick"
+    for flag in ("data", "hf_dataset"):
+        value = getattr(args, flag)
+        if value is not None and not Path(value).exists():
+            p.error(f"--{flag.replace('_', '-')} {value!r} does not exist")
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    cfg, seq_len, max_bytes, settings = SIZES[args.size]
+    cfg = dict(cfg)
+    if args.n_layer is not None:
+        cfg["n_layer"] = args.n_layer
+    max_bytes = args.max_bytes or max_bytes
+    settings = replace(settings, steps=args.steps or settings.steps, lr=args.lr or settings.lr)
+    if args.hf_dataset:
+        data_name = f"hf:{args.hf_dataset}"
+        kw: dict[str, Any] = {"seq_len": seq_len, "max_bytes": max_bytes}
+        train = hf_text_dataset(args.hf_dataset, split="train", text_field=args.text_field, **kw)
+        val = hf_text_dataset(args.hf_dataset, split="val", text_field=args.text_field, **kw)
+    else:
+        data_name = args.data or "python-stdlib"
+        train = text_corpus(args.data, split="train", seq_len=seq_len, max_bytes=max_bytes)
+        val = text_corpus(args.data, split="val", seq_len=seq_len, max_bytes=max_bytes)
+    accelerator = resolve_accelerator(args.device)
+    if accelerator == "cpu":
+        torch.set_num_threads(args.threads)  # tiny models: extra threads only spin-wait
+    run_name = args.run_name or f"gpt2-{args.size}"
+    out = Path(args.out)
+    metas = []
+    for seed in args.seeds:
+        pl.seed_everything(seed, workers=True, verbose=False)
+        pair = gpt2_pair(args.variant, seed=seed, n_positions=seq_len, **cfg)
+        metas.append(
+            fit_pair(
+                pair, train, val, settings, loss_fn=None, save_dir=out, name=run_name,
+                version=f"seed_{seed}", seed=seed, accelerator=accelerator,
+                progress=not args.no_progress,
+            )
+        )  # fmt: skip
+    run = load_run(out / run_name)
+    rows = [r for r in summarize(run) if r["run"] in {f"seed_{s}" for s in args.seeds}]
+    agg = aggregate_seeds(rows)
+    table = format_seed_table(agg)
+    print(f"\nGPT-2 ({data_name}, size {args.size}, {len(args.seeds)} seeds): {metas[0]['params']}")
+    print(table)
+    result = {
+        "data": data_name,
+        "size": args.size,
+        "gpt2": {**cfg, "n_positions": seq_len},
+        "settings": settings.__dict__,
+        "seeds": list(args.seeds),
+        "train_bytes": int(train.tokens.numel()),
+        "rows": rows,
+        "aggregate": agg,
+        "seconds": [m["seconds"] for m in metas],
+        "params": metas[0]["params"],
+        "table": table,
+    }
+    (out / run_name / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    print(f"results: {out / run_name / 'results.json'}")
+    print(f"TensorBoard: tensorboard --logdir {out / run_name}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

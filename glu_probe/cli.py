@@ -1,0 +1,480 @@
+"""The ``glu-probe`` command line: ``demo``, ``report``, ``theory`` and ``spectrum``.
+
+Run ``glu-probe --help`` or ``glu-probe <command> --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+_GLU_VARIANTS = ("glu", "bilinear", "reglu", "geglu", "swiglu")
+_DENSE_VARIANTS = ("relu", "gelu", "silu")
+
+_EPILOG = """\
+examples:
+  glu-probe demo                       # three paired GLU vs non-GLU runs (~5 min on 2 CPU cores)
+  glu-probe demo --quick --out /tmp/r  # the reduced CI size (about a minute)
+  glu-probe report runs/demo-20260101-120000 --out report.png
+  glu-probe theory --d 16 --m 256 --n 512
+  glu-probe spectrum --timm vit_tiny_patch16_224 --set img_size=32 --set depth=2 --swap swiglu
+  glu-probe spectrum --hf-config gpt2 --set n_layer=2 --set n_embd=64 --set n_head=4
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    if "=" not in text or text.startswith("="):
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw  # a plain string, e.g. act_layer=gelu
+    return key.strip(), value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``glu-probe`` (all subcommands)."""
+    parser = argparse.ArgumentParser(
+        prog="glu-probe",
+        description=(
+            "glu-probe: GLU vs non-GLU MLPs through the lens of the NTK condition number "
+            "(after 'The Devil is in the Condition Numbers: Why is GLU Better than non-GLU "
+            "Structure?')."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    demo = sub.add_parser(
+        "demo",
+        help="train the three demo pairs and write a summary, a report figure and TensorBoard logs",
+        description=(
+            "Train three pairs of networks side by side on identical batches (the paper's "
+            "two-layer ReLU vs ReGLU in the NTK setting; a tiny timm ViT, GELU MLP vs SwiGLU, on "
+            "scikit-learn's digits; a tiny GPT-2, GELU vs SwiGLU, as a byte-level LM on a text "
+            "corpus) with the NTK, generalization-gap and loss-crossing monitors. Logs go to "
+            "OUT/RUN_NAME/<pair>; at the end a summary table is printed and "
+            "OUT/RUN_NAME/report.png "
+            "is written. No network access; a GPU is used when present (--device)."
+        ),
+    )
+    demo.add_argument(
+        "--out", default="runs", metavar="DIR", help="TensorBoard root (default: runs)"
+    )
+    demo.add_argument(
+        "--run-name", default=None, metavar="NAME", help="run folder name (default: demo-<time>)"
+    )
+    demo.add_argument(
+        "--quick", action="store_true", help="reduced size for CI (about a minute on CPU)"
+    )
+    demo.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="folder of text files for the GPT-2 pair (default: the Python standard library)",
+    )
+    demo.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="auto (GPU when present), cpu or cuda (default: auto)",
+    )
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed of data, init and batches (default: 0)"
+    )
+    demo.add_argument(
+        "--pairs",
+        nargs="+",
+        default=None,
+        metavar="PAIR",
+        help="run only these pairs: two_layer vit gpt2 (default: all)",
+    )
+    demo.add_argument(
+        "--max-minutes",
+        type=_positive_float,
+        default=None,
+        metavar="MIN",
+        help="wall-time cap per pair in minutes (the summary says when a pair was cut short)",
+    )
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+    report = sub.add_parser(
+        "report",
+        help="summary table and report figure from the TensorBoard event files of a run",
+        description=(
+            "Read every TensorBoard event directory under RUN_DIR (any run that used the "
+            "glu-probe callbacks), print the summary table (condition number at the first and "
+            "last probe, loss crossings, final train/val losses and gaps) and write a PNG with "
+            "loss curves, condition-number curves and eigenvalue distributions."
+        ),
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. runs/demo-...")
+    report.add_argument(
+        "--out", default=None, metavar="PNG", help="figure path (default: RUN_DIR/report.png)"
+    )
+    report.add_argument("--json", action="store_true", help="print the summary rows as JSON too")
+
+    theory = sub.add_parser(
+        "theory",
+        help="the paper's two-layer NTK formulas vs the measured NTK for one (d, m, n) setting",
+        description=(
+            "Draw the paper's two-layer ReLU and ReGLU networks (W, U ~ N(0, 1/d), V ~ N(0, 1/m), "
+            "x ~ N(0, I_d)) and compare the extreme eigenvalues and condition number of the exact "
+            "empirical NTK with the infinite-width kernel, the paper's approximate kernel (eq. "
+            "10/11) and its closed forms. Several values per option give a grid."
+        ),
+    )
+    theory.add_argument("--d", type=_positive_int, nargs="+", required=True, help="input dimension")
+    theory.add_argument("--m", type=_positive_int, nargs="+", required=True, help="hidden width")
+    theory.add_argument(
+        "--n", type=_positive_int, nargs="+", required=True, help="number of samples"
+    )
+    theory.add_argument(
+        "--seed", type=int, default=0, help="seed of inputs and weights (default: 0)"
+    )
+    theory.add_argument("--markdown", action="store_true", help="print a Markdown table")
+
+    spec = sub.add_parser(
+        "spectrum",
+        help="NTK condition number of a timm or Hugging Face model at init (from a name/config)",
+        description=(
+            "Build a model from its architecture only (no pretrained weights, no network): a timm "
+            "model by name (timm.create_model(NAME, pretrained=False, **SET)) or a Hugging Face "
+            "model from a model type (e.g. gpt2, llama, bert) or a config.json file, with SET "
+            "overrides; optionally swap its MLPs (--swap); then compute the extreme eigenvalues "
+            "and the condition number of its empirical NTK on a random probe batch."
+        ),
+    )
+    src = spec.add_mutually_exclusive_group(required=True)
+    src.add_argument("--timm", metavar="NAME", help="timm model name, e.g. vit_tiny_patch16_224")
+    src.add_argument(
+        "--hf-config",
+        metavar="TYPE_OR_JSON",
+        help="Hugging Face model type (gpt2, llama, bert, ...) or path to a config.json",
+    )
+    spec.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="model/config override, repeatable (values parsed as JSON, else strings)",
+    )
+    spec.add_argument(
+        "--swap",
+        choices=_GLU_VARIANTS + _DENSE_VARIANTS,
+        default=None,
+        help="swap every MLP block to this variant first (parameter-matched)",
+    )
+    spec.add_argument(
+        "--batch-size", type=_positive_int, default=8, help="probe samples (default 8)"
+    )
+    spec.add_argument(
+        "--seq-len", type=_positive_int, default=16, help="tokens per sample, text models (16)"
+    )
+    spec.add_argument(
+        "--img-size", type=_positive_int, default=None, help="image side, vision models (auto)"
+    )
+    spec.add_argument(
+        "--output", choices=("pntk", "full"), default="pntk", help="NTK rows (default: pntk)"
+    )
+    spec.add_argument(
+        "--method",
+        choices=("auto", "dense", "lanczos"),
+        default="auto",
+        help="exact dense eigh, block Lanczos, or automatic (default)",
+    )
+    spec.add_argument("--seed", type=int, default=0, help="seed of weights and probe (default 0)")
+    spec.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default: auto)"
+    )
+    spec.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    demo.set_defaults(handler=_cmd_demo, subparser=demo)
+    report.set_defaults(handler=_cmd_report, subparser=report)
+    theory.set_defaults(handler=_cmd_theory, subparser=theory)
+    spec.set_defaults(handler=_cmd_spectrum, subparser=spec)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------------
+
+
+def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from glu_probe.demo import PAIRS, run_demo
+
+    if args.pairs is not None:
+        bad = [p for p in args.pairs if p not in PAIRS]
+        if bad:
+            parser.error(f"demo: unknown pair(s) {bad}; choose from {list(PAIRS)}")
+    if args.data is not None and not Path(args.data).exists():
+        parser.error(f"demo: --data folder {args.data!r} does not exist")
+    if args.run_name is not None and ("/" in args.run_name or args.run_name in ("", ".", "..")):
+        parser.error(f"demo: --run-name must be a plain folder name, got {args.run_name!r}")
+    run_demo(
+        out_dir=args.out,
+        run_name=args.run_name,
+        quick=args.quick,
+        data=args.data,
+        device=args.device,
+        seed=args.seed,
+        max_minutes=args.max_minutes,
+        pairs=tuple(args.pairs) if args.pairs else PAIRS,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from glu_probe.report import load_run, make_console, plot_report, render_table, summarize
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        parser.error(f"report: RUN_DIR {args.run_dir!r} does not exist or is not a directory")
+    try:
+        run = load_run(run_dir)
+    except FileNotFoundError as err:
+        parser.error(f"report: {err}")
+    rows = summarize(run)
+    console = make_console()
+    console.print(render_table(rows, title=f"glu-probe report: {run_dir}"))
+    png = plot_report(run, args.out or run_dir / "report.png")
+    console.print(f"Report figure: {png}")
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    return 0
+
+
+def _cmd_theory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from glu_probe.theory import format_theory_table, theory_table
+
+    try:
+        rows = theory_table(args.d, args.m, args.n, args.seed)
+    except ValueError as err:
+        parser.error(f"theory: {err}")
+    print(format_theory_table(rows, markdown=args.markdown))
+    return 0
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    return name
+
+
+def _build_timm(name: str, overrides: dict[str, Any], parser: argparse.ArgumentParser) -> Any:
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        parser.error(f"spectrum: unknown timm model {name!r}{hint}")
+    try:
+        return timm.create_model(name, pretrained=False, **overrides)
+    except TypeError as err:
+        parser.error(f"spectrum: timm model {name!r} rejected an override: {err}")
+
+
+def _build_hf(spec: str, overrides: dict[str, Any], parser: argparse.ArgumentParser) -> Any:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = Path(spec)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            parser.error(f"spectrum: config file {spec!r} does not exist")
+        try:
+            cfg_dict = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            parser.error(f"spectrum: {spec!r} is not valid JSON: {err}")
+        model_type = cfg_dict.pop("model_type", None)
+        if model_type is None:
+            parser.error(f"spectrum: {spec!r} has no 'model_type' entry")
+    else:
+        model_type, cfg_dict = spec, {}
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        parser.error(f"spectrum: unknown Hugging Face model type {model_type!r}{hint}")
+    cfg_dict.update(overrides)
+    config = AutoConfig.for_model(model_type, **cfg_dict)
+    try:
+        return AutoModelForCausalLM.from_config(config)
+    except ValueError:
+        return AutoModel.from_config(config)
+
+
+def _hf_tensor_module(hf: Any) -> Any:
+    """Wrap a Hugging Face model: ``forward(input_ids)`` -> logits, else the last hidden state."""
+    import torch
+    from torch import nn
+
+    class HFTensorOutput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hf = hf
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            out = self.hf(input_ids=input_ids, use_cache=False)
+            logits = getattr(out, "logits", None)
+            return logits if logits is not None else out.last_hidden_state
+
+    return HFTensorOutput()
+
+
+def _cmd_spectrum(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    from glu_probe.ntk import ntk_spectrum
+
+    overrides = dict(args.overrides)
+    try:
+        device = _resolve_device(args.device)
+    except ValueError as err:
+        parser.error(f"spectrum: {err}")
+    torch.manual_seed(args.seed)
+    if args.timm:
+        model = _build_timm(args.timm, overrides, parser)
+        name = args.timm
+    else:
+        model = _build_hf(args.hf_config, overrides, parser)
+        name = f"hf:{args.hf_config}"
+    n_before = sum(p.numel() for p in model.parameters())
+    swap_lines: list[str] = []
+    if args.swap:
+        from glu_probe.swap import UnsupportedModelError, swap_mlp
+
+        try:
+            report = swap_mlp(model, args.swap, match="params", multiple_of=1)
+        except UnsupportedModelError as err:
+            parser.error(f"spectrum: cannot swap {name}: {err}")
+        text = str(report).splitlines()
+        total = next((ln for ln in text if "**total**" in ln), "")
+        cells = [c.strip() for c in total.strip("|").split("|")]
+        detail = f"params {cells[-3]} -> {cells[-2]} ({cells[-1]})" if len(cells) >= 3 else ""
+        swap_lines.append(f"{args.swap} (match=params) {detail}".strip())
+    n_params = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    if args.timm:
+        inputs = _timm_probe(model, args.batch_size, args.img_size, gen)
+        net = model
+    else:
+        vocab = int(getattr(model.config, "vocab_size", 256))
+        max_pos = getattr(model.config, "n_positions", None) or getattr(
+            model.config, "max_position_embeddings", None
+        )
+        if max_pos is not None and args.seq_len > int(max_pos):
+            parser.error(
+                f"spectrum: --seq-len {args.seq_len} exceeds the model's {max_pos} positions"
+            )
+        inputs = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen)
+        net = _hf_tensor_module(model)
+    net = net.to(device)
+    inputs = inputs.to(device)
+    result = ntk_spectrum(net, inputs, output=args.output, method=args.method)
+    info = {
+        "model": name,
+        "parameters": n_params,
+        "parameters_before_swap": n_before,
+        "probe_shape": list(inputs.shape),
+        "output": args.output,
+        "method": result.method,
+        "n_rows": result.n_rows,
+        "lambda_max": result.lambda_max,
+        "lambda_min": result.lambda_min,
+        "condition_number": result.condition_number,
+        "residual_max": result.residual_max,
+        "residual_min": result.residual_min,
+        "converged": result.converged,
+        "wall_time": result.wall_time,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    from rich.table import Table
+
+    from glu_probe.report import make_console
+
+    table = Table(title=f"NTK spectrum at init: {name}", show_header=False)
+    for line in swap_lines:
+        table.add_row("swap", line)
+    table.add_row("parameters", f"{n_params:,}")
+    table.add_row("probe", f"{tuple(inputs.shape)} -> {result.n_rows} rows ({args.output})")
+    table.add_row("method", f"{result.method} (converged: {result.converged})")
+    table.add_row("λ_max", f"{result.lambda_max:.6g}  ± {result.residual_max:.2g} (Ritz residual)")
+    table.add_row("λ_min", f"{result.lambda_min:.6g}  ± {result.residual_min:.2g} (Ritz residual)")
+    table.add_row("κ = λ_max/λ_min", f"{result.condition_number:.6g}")
+    table.add_row("wall time", f"{result.wall_time:.2f} s on {device}")
+    make_console().print(table)
+    return 0
+
+
+def _timm_probe(model: Any, batch: int, img_size: int | None, gen: Any) -> Any:
+    import torch
+
+    chans, size = 3, 224
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None:
+        proj = getattr(pe, "proj", None)
+        chans = int(getattr(proj, "in_channels", chans))
+        pe_size = getattr(pe, "img_size", None)
+        if pe_size is not None:
+            size = int(pe_size[0] if isinstance(pe_size, (tuple, list)) else pe_size)
+    else:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        c, h, _w = cfg.get("input_size", (3, 224, 224))
+        chans, size = int(c), int(h)
+    size = img_size or size
+    return torch.randn(batch, chans, size, size, generator=gen)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``glu-probe`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args, args.subparser))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,515 @@
+"""Summary table and report figure from the TensorBoard event files of a run.
+
+Works on any run that used the glu-probe callbacks, with or without :class:`PairedModule`:
+
+* :func:`load_run` finds every directory under ``run_dir`` that holds ``events.out.tfevents.*``
+  files (a *sub-run*: e.g. ``runs/demo/vit/version_0``) and reads all its scalars and histograms
+  with TensorBoard's own ``EventAccumulator`` (no sampling: ``size_guidance`` 0 keeps every event).
+* :func:`summarize` turns each sub-run into table rows, one per trained network (``model`` and
+  ``baseline`` of a paired run, or the single network of a plain run): the NTK condition number
+  κ = λ_max/λ_min at the first and last probe, the loss-crossing steps, and the last logged
+  train loss, validation loss and generalization gap (val − train).
+* :func:`render_table` prints the rows with rich; :func:`plot_report` draws loss curves,
+  condition-number curves and eigenvalue distributions (the ``ntk/.../log10_spectrum`` histograms
+  at the first and last probe) with matplotlib's Agg backend.
+
+Tag conventions read (the first one present wins): ``ntk/<side>/condition_number`` or
+``ntk/condition_number``; ``<side>/train_loss`` (also ``_epoch``/``_step`` suffixes) or
+``train_loss``; ``<side>/val_loss`` or ``val_loss``; ``gap/<side>/loss``, ``<side>/gap/loss`` or
+``gap/loss``; ``crossing/event`` (one event per crossing, value +1 when the model overtakes the
+baseline and -1 back). A ``pair.json`` file in a sub-run (written by ``glu-probe demo``) gives
+display labels for ``model`` and ``baseline``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "HistogramSnapshot",
+    "RunData",
+    "Series",
+    "SubRun",
+    "aggregate_seeds",
+    "crossing_steps",
+    "format_seed_table",
+    "load_run",
+    "make_console",
+    "plot_report",
+    "render_table",
+    "summarize",
+]
+
+_EVENT_FILE = re.compile(r"events\.out\.tfevents\.")
+_VERSION = re.compile(r"version_\d+$")
+
+
+@dataclass
+class Series:
+    """One scalar tag: ``steps`` and ``values`` (sorted by step; last write wins per step)."""
+
+    steps: np.ndarray
+    values: np.ndarray
+
+    @property
+    def last(self) -> float:
+        return float(self.values[-1]) if len(self.values) else math.nan
+
+    @property
+    def first(self) -> float:
+        return float(self.values[0]) if len(self.values) else math.nan
+
+
+@dataclass
+class HistogramSnapshot:
+    """One histogram event: bucket right edges ``limits`` and ``counts``, plus ``min``/``max``."""
+
+    step: int
+    limits: np.ndarray
+    counts: np.ndarray
+    min: float
+    max: float
+    num: float
+
+
+@dataclass
+class SubRun:
+    """The events of one directory: ``scalars[tag]`` and ``histograms[tag]`` (sorted by step)."""
+
+    name: str
+    path: Path
+    scalars: dict[str, Series] = field(default_factory=dict)
+    histograms: dict[str, list[HistogramSnapshot]] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunData:
+    """All sub-runs found under ``root``, keyed by their display name."""
+
+    root: Path
+    subruns: dict[str, SubRun]
+
+
+def _event_dirs(root: Path) -> list[Path]:
+    dirs = set()
+    for dirpath, _dirnames, filenames in os.walk(root):
+        if any(_EVENT_FILE.match(f) for f in filenames):
+            dirs.add(Path(dirpath))
+    return sorted(dirs)
+
+
+def _display_names(root: Path, dirs: Sequence[Path]) -> dict[Path, str]:
+    names: dict[Path, str] = {}
+    for d in dirs:
+        rel = d.relative_to(root).as_posix()
+        parent = d.parent
+        siblings = [x for x in dirs if x.parent == parent and _VERSION.match(x.name)]
+        if _VERSION.match(d.name) and len(siblings) == 1:
+            rel = parent.relative_to(root).as_posix() if parent != root else d.name
+        names[d] = "." if rel in ("", ".") else rel
+    return names
+
+
+def _read_dir(path: Path, name: str) -> SubRun:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # size_guidance 0 = keep every event (the default reservoir-samples long runs).
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    sub = SubRun(name=name, path=path)
+    for tag in tags.get("scalars", []):
+        by_step: dict[int, float] = {}
+        for ev in acc.Scalars(tag):
+            by_step[int(ev.step)] = float(ev.value)  # a rewritten step (resume) keeps the last
+        steps = np.array(sorted(by_step), dtype=np.int64)
+        sub.scalars[tag] = Series(steps, np.array([by_step[s] for s in steps], dtype=np.float64))
+    for tag in tags.get("histograms", []):
+        snaps: dict[int, HistogramSnapshot] = {}
+        for hev in acc.Histograms(tag):
+            h = hev.histogram_value
+            snaps[int(hev.step)] = HistogramSnapshot(
+                step=int(hev.step),
+                limits=np.asarray(h.bucket_limit, dtype=np.float64),
+                counts=np.asarray(h.bucket, dtype=np.float64),
+                min=float(h.min),
+                max=float(h.max),
+                num=float(h.num),
+            )
+        sub.histograms[tag] = [snaps[s] for s in sorted(snaps)]
+    meta = path / "pair.json"
+    if not meta.is_file():
+        meta = path.parent / "pair.json"
+    if meta.is_file():
+        try:
+            data = json.loads(meta.read_text(encoding="utf-8"))
+            sub.labels = {str(k): str(v) for k, v in data.get("labels", {}).items()}
+        except (OSError, ValueError):
+            sub.labels = {}
+    return sub
+
+
+def load_run(run_dir: str | os.PathLike[str]) -> RunData:
+    """Read every TensorBoard sub-run under ``run_dir``.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` does not exist or holds no event files.
+    """
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"run directory {str(root)!r} does not exist")
+    dirs = _event_dirs(root)
+    if not dirs:
+        raise FileNotFoundError(
+            f"no TensorBoard event files (events.out.tfevents.*) under {str(root)!r}; "
+            "point at the folder a TensorBoardLogger wrote (e.g. runs/<run>)"
+        )
+    names = _display_names(root, dirs)
+    return RunData(root=root, subruns={names[d]: _read_dir(d, names[d]) for d in dirs})
+
+
+# --------------------------------------------------------------------------------------------
+# summary
+# --------------------------------------------------------------------------------------------
+
+
+def _sides(sub: SubRun) -> list[str]:
+    tags = set(sub.scalars) | set(sub.histograms)
+    paired = [s for s in ("model", "baseline") if any(t.startswith(f"{s}/") for t in tags)]
+    paired += [
+        s for s in ("model", "baseline") if s not in paired and f"ntk/{s}/condition_number" in tags
+    ]
+    return [s for s in ("model", "baseline") if s in paired] or [""]
+
+
+def _pick(sub: SubRun, candidates: Sequence[str]) -> Series | None:
+    for tag in candidates:
+        if tag in sub.scalars and len(sub.scalars[tag].values):
+            return sub.scalars[tag]
+    return None
+
+
+def _loss_candidates(side: str, kind: str) -> list[str]:
+    base = f"{side}/{kind}_loss" if side else f"{kind}_loss"
+    return [base, f"{base}_epoch", f"{base}_step"]
+
+
+def _kappa_tag(side: str) -> list[str]:
+    return [f"ntk/{side}/condition_number"] if side else ["ntk/condition_number"]
+
+
+def _gap_tags(side: str) -> list[str]:
+    return [f"gap/{side}/loss", f"{side}/gap/loss"] if side else ["gap/loss"]
+
+
+def crossing_steps(sub: SubRun) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """``(estimated, detected)`` loss crossings of a paired sub-run, as ``(step, direction)``.
+
+    ``direction`` is +1 when the model overtakes the baseline, -1 back. ``detected`` are the
+    ``crossing/event`` markers of a :class:`~glu_probe.callbacks.LossCrossingMonitor` (logged at
+    the step the crossing was *confirmed*, after its smoothing and patience). ``estimated`` are
+    the crossing steps themselves (the first step of the new sign of the smoothed difference):
+    :func:`glu_probe.crossing.find_crossings`, the monitor's detector run offline with its default
+    parameters, on the logged ``model/`` and ``baseline/`` train losses; when those are not both
+    logged, the detection steps are used.
+    """
+    series = sub.scalars.get("crossing/event")
+    detected: list[tuple[int, float]] = []
+    if series is not None:
+        pairs = zip(series.steps, series.values, strict=True)
+        detected = [(int(s), float(v)) for s, v in pairs if v != 0]
+    a = _pick(sub, _loss_candidates("model", "train"))
+    b = _pick(sub, _loss_candidates("baseline", "train"))
+    if a is None or b is None or len(a.values) < 2 or len(b.values) < 2:
+        return list(detected), detected
+    from glu_probe.crossing import find_crossings
+
+    ok_a, ok_b = np.isfinite(a.values), np.isfinite(b.values)
+    found = find_crossings(a.steps[ok_a], a.values[ok_a], b.steps[ok_b], b.values[ok_b])
+    return [(int(c.step), float(c.event)) for c in found], detected
+
+
+def summarize(run: RunData) -> list[dict[str, Any]]:
+    """One row per trained network of every sub-run.
+
+    Keys: ``run``, ``side`` (``model``/``baseline``/``""``), ``label``, ``kappa_init``,
+    ``kappa_end`` (condition number at the first and last probe), ``steps`` (last logged step),
+    ``train_loss``, ``val_loss``, ``gap`` (last logged gap; val − train from the losses when no gap
+    tag exists), ``crossings`` (list of ``(step, direction)``; on every row of a paired sub-run).
+    Missing values are ``nan``.
+    """
+    rows: list[dict[str, Any]] = []
+    for name, sub in run.subruns.items():
+        crossings, detected = crossing_steps(sub)
+        for side in _sides(sub):
+            kappa = _pick(sub, _kappa_tag(side))
+            train = _pick(sub, _loss_candidates(side, "train"))
+            val = _pick(sub, _loss_candidates(side, "val"))
+            gap_series = _pick(sub, _gap_tags(side))
+            gap = gap_series.last if gap_series is not None else math.nan
+            if gap_series is None and train is not None and val is not None:
+                gap = val.last - train.last
+            last_steps = [s.steps[-1] for s in (train, val, kappa) if s is not None]
+            rows.append(
+                {
+                    "run": name,
+                    "side": side,
+                    "label": sub.labels.get(side, side or "(single)"),
+                    "kappa_init": kappa.first if kappa is not None else math.nan,
+                    "kappa_end": kappa.last if kappa is not None else math.nan,
+                    "steps": int(max(last_steps)) if last_steps else 0,
+                    "train_loss": train.last if train is not None else math.nan,
+                    "val_loss": val.last if val is not None else math.nan,
+                    "gap": gap,
+                    "crossings": crossings,
+                    "crossings_detected": detected,
+                }
+            )
+    return rows
+
+
+def _fmt(x: Any, spec: str = ".4g") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return format(x, spec)
+
+
+def _fmt_crossings(
+    crossings: Sequence[tuple[int, float]], detected: Sequence[tuple[int, float]] = ()
+) -> str:
+    if not crossings:
+        return "none"
+    parts = [f"{s}{'↑' if d > 0 else '↓'}" for s, d in crossings[:4]]
+    text = ", ".join(parts) + (" …" if len(crossings) > 4 else "")
+    if detected:
+        text += " (confirmed " + ", ".join(str(s) for s, _ in detected[:4]) + ")"
+    return text
+
+
+def render_table(rows: Sequence[dict[str, Any]], title: str = "glu-probe summary") -> Any:
+    """A ``rich.table.Table`` of :func:`summarize` rows (print it with ``rich.print``).
+
+    Crossing steps (estimated, see :func:`crossing_steps`) carry an arrow: ↑ the GLU model
+    overtakes the baseline, ↓ the baseline takes the lead back; the monitor's confirmation steps
+    follow in parentheses.
+    """
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for col, justify in (
+        ("run", "left"),
+        ("network", "left"),
+        ("κ init", "right"),
+        ("κ end", "right"),
+        ("crossing step(s)", "left"),
+        ("train loss", "right"),
+        ("val loss", "right"),
+        ("gap", "right"),
+        ("steps", "right"),
+    ):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    previous = None
+    for row in rows:
+        first = row["run"] != previous
+        previous = row["run"]
+        table.add_row(
+            row["run"] if first else "",
+            str(row["label"]),
+            _fmt(row["kappa_init"], ".3g"),
+            _fmt(row["kappa_end"], ".3g"),
+            _fmt_crossings(row["crossings"], row.get("crossings_detected", [])) if first else "",
+            _fmt(row["train_loss"]),
+            _fmt(row["val_loss"]),
+            _fmt(row["gap"], "+.4g"),
+            str(row["steps"]),
+        )
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# figure
+# --------------------------------------------------------------------------------------------
+
+
+def _spectrum_tag(sub: SubRun, side: str) -> str | None:
+    prefix = f"ntk/{side}/" if side else "ntk/"
+    for name in ("log10_spectrum", "spectrum"):
+        if prefix + name in sub.histograms and sub.histograms[prefix + name]:
+            return prefix + name
+    return None
+
+
+def _plot_histogram(ax: Any, snap: HistogramSnapshot, label: str, color: str, ls: str) -> None:
+    # TensorBoard buckets are given by right edges; the first left edge is the minimum.
+    if snap.num <= 0 or len(snap.limits) == 0:
+        return
+    limits = np.clip(snap.limits, snap.min, snap.max)
+    left = np.concatenate([[snap.min], limits[:-1]])
+    mids = 0.5 * (left + limits)
+    ax.step(mids, snap.counts / max(snap.num, 1.0), where="mid", color=color, ls=ls, label=label)
+
+
+def _ema(values: np.ndarray, beta: float = 0.9) -> np.ndarray:
+    # Debiased exponential moving average, the same smoothing as glu_probe.crossing's detector.
+    out = np.empty(len(values))
+    m = 0.0
+    for k, v in enumerate(values, start=1):
+        m = beta * m + (1.0 - beta) * float(v)
+        out[k - 1] = m / (1.0 - beta**k)
+    return out
+
+
+def plot_report(run: RunData, path: str | os.PathLike[str], *, dpi: int = 110) -> Path:
+    """Write the report figure (PNG) and return its path.
+
+    One row of three panels per sub-run: (1) train loss (faint: raw; solid: debiased EMA with
+    β = 0.9, the crossing detector's smoothing) and validation loss (dashed) of each network
+    against the step, with vertical lines at the logged crossings; (2) the NTK condition
+    number κ (log scale); (3) the distribution of log10 NTK eigenvalues at the first (dashed) and
+    last (solid) probe, from the monitors' histograms.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if not run.subruns:
+        raise ValueError("the run has no sub-runs to plot")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = len(run.subruns)
+    fig, axes = plt.subplots(n, 3, figsize=(15, 3.6 * n), squeeze=False)
+    colors = {"model": "tab:red", "baseline": "tab:blue", "": "tab:green"}
+    for i, (name, sub) in enumerate(run.subruns.items()):
+        ax_loss, ax_kappa, ax_spec = axes[i]
+        for side in _sides(sub):
+            label = sub.labels.get(side, side or name)
+            c = colors.get(side, "tab:gray")
+            train = _pick(sub, _loss_candidates(side, "train"))
+            val = _pick(sub, _loss_candidates(side, "val"))
+            if train is not None:
+                ax_loss.plot(train.steps, train.values, color=c, lw=0.6, alpha=0.25)
+                ax_loss.plot(
+                    train.steps, _ema(train.values), color=c, lw=1.4, label=f"{label} train (EMA)"
+                )
+            if val is not None:
+                ax_loss.plot(
+                    val.steps, val.values, color=c, ls="--", marker=".", label=f"{label} val"
+                )
+            kappa = _pick(sub, _kappa_tag(side))
+            if kappa is not None:
+                ax_kappa.plot(kappa.steps, kappa.values, color=c, marker=".", label=label)
+            tag = _spectrum_tag(sub, side)
+            if tag is not None:
+                snaps = sub.histograms[tag]
+                _plot_histogram(ax_spec, snaps[0], f"{label} step {snaps[0].step}", c, "--")
+                if len(snaps) > 1:
+                    _plot_histogram(ax_spec, snaps[-1], f"{label} step {snaps[-1].step}", c, "-")
+                ax_spec.set_xlabel("log10 eigenvalue" if "log10" in tag else "eigenvalue")
+        for step, direction in crossing_steps(sub)[0]:
+            ax_loss.axvline(step, color="k" if direction > 0 else "0.6", lw=0.8, ls=":")
+        ax_loss.set_title(f"{name}: loss (dotted lines: crossings)")
+        ax_loss.set_xlabel("step")
+        ax_loss.set_yscale("log")
+        ax_kappa.set_title(f"{name}: NTK condition number κ")
+        ax_kappa.set_xlabel("step")
+        ax_kappa.set_yscale("log")
+        ax_spec.set_title(f"{name}: NTK eigenvalue distribution")
+        ax_spec.set_ylabel("fraction")
+        for ax in (ax_loss, ax_kappa, ax_spec):
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# several seeds
+# --------------------------------------------------------------------------------------------
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    finite = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan, 0
+    arr = np.asarray(finite)
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return float(arr.mean()), std, len(arr)
+
+
+def aggregate_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± standard deviation over seeds of :func:`summarize` rows, per network.
+
+    Rows are grouped by ``side`` (``model``/``baseline``/``""``); each group is one network
+    trained with different seeds. For ``kappa_init``, ``kappa_end``, ``train_loss``,
+    ``val_loss`` and ``gap`` the result holds ``<key>_mean``, ``<key>_std`` (sample standard
+    deviation, ``ddof=1``; 0 for one seed) over the finite values. ``crossing`` is the first step
+    at which the model overtakes the baseline (estimated, see :func:`crossing_steps`), averaged
+    over the seeds that have one; ``seeds_with_crossing`` counts them out of ``n_seeds``.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["side"], []).append(r)
+    out = []
+    for side, group in groups.items():
+        agg: dict[str, Any] = {"side": side, "label": group[0]["label"], "n_seeds": len(group)}
+        for key in ("kappa_init", "kappa_end", "train_loss", "val_loss", "gap"):
+            mean, std, _n = _mean_std([r[key] for r in group])
+            agg[f"{key}_mean"], agg[f"{key}_std"] = mean, std
+        firsts = [next((s for s, d in r["crossings"] if d > 0), None) for r in group]
+        steps = [float(s) for s in firsts if s is not None]
+        mean, std, n = _mean_std(steps)
+        agg.update(crossing_mean=mean, crossing_std=std, seeds_with_crossing=n)
+        out.append(agg)
+    return out
+
+
+def format_seed_table(agg: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of :func:`aggregate_seeds` rows (mean ± std over seeds)."""
+
+    def pm(row: dict[str, Any], key: str, spec: str = ".4g") -> str:
+        mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+        std_spec = spec.lstrip("+")
+        return "-" if not math.isfinite(mean) else f"{mean:{spec}} ± {std:{std_spec}}"
+
+    lines = [
+        "| network | seeds | κ init | κ end | first crossing step (GLU overtakes) "
+        "| train loss | val loss | gap (val − train) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in agg:
+        crossing = (
+            f"{pm(r, 'crossing', '.0f')} ({r['seeds_with_crossing']}/{r['n_seeds']} seeds)"
+            if r["side"] == "model"
+            else ""
+        )
+        lines.append(
+            f"| {r['label']} | {r['n_seeds']} | {pm(r, 'kappa_init', '.3g')} | "
+            f"{pm(r, 'kappa_end', '.3g')} | {crossing} | {pm(r, 'train_loss')} | "
+            f"{pm(r, 'val_loss')} | {pm(r, 'gap', '+.4f')} |"
+        )
+    return "\n".join(lines)
+
+
+def make_console(width: int = 150) -> Any:
+    """A ``rich.console.Console``; ``width`` columns when output is not a terminal (rich's
+    fallback of 80 columns is too narrow for the summary table)."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=width)

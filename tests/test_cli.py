@@ -1,0 +1,194 @@
+"""The glu-probe command line: help, argument errors, and each command against direct calls."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from glu_probe.cli import build_parser, main
+
+
+def _exit_code(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+# ----------------------------------------------------------------------------------- help
+
+
+def test_console_script_help_lists_every_command():
+    res = subprocess.run(
+        [sys.executable, "-m", "glu_probe.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0
+    for cmd in ("demo", "report", "theory", "spectrum"):
+        assert cmd in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("cmd", "options"),
+    [
+        ("demo", ["--out", "--run-name", "--quick", "--data", "--device", "--seed", "--pairs"]),
+        ("report", ["RUN_DIR", "--out", "--json"]),
+        ("theory", ["--d", "--m", "--n", "--seed", "--markdown"]),
+        (
+            "spectrum",
+            ["--timm", "--hf-config", "--set", "--swap", "--batch-size", "--method", "--output"],
+        ),
+    ],
+)
+def test_subcommand_help_documents_options(cmd, options, capsys):
+    code, out, _ = _exit_code([cmd, "--help"], capsys)
+    assert code == 0
+    for opt in options:
+        assert opt in out
+
+
+def test_no_command_is_an_error(capsys):
+    code, _, err = _exit_code([], capsys)
+    assert code == 2 and "required" in err
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["theory", "--d", "0", "--m", "8", "--n", "10"], "expected a positive integer, got 0"),
+        (["theory", "--d", "x", "--m", "8", "--n", "10"], "expected a positive integer, got 'x'"),
+        (["theory", "--m", "8", "--n", "10"], "the following arguments are required: --d"),
+        (["demo", "--pairs", "resnet"], "unknown pair(s) ['resnet']"),
+        (["demo", "--data", "/no/such/folder"], "--data folder '/no/such/folder' does not exist"),
+        (["demo", "--run-name", "a/b"], "--run-name must be a plain folder name"),
+        (["demo", "--device", "tpu"], "invalid choice: 'tpu'"),
+        (["demo", "--max-minutes", "-1"], "expected a positive number"),
+        (["spectrum"], "one of the arguments --timm --hf-config is required"),
+        (["spectrum", "--timm", "vit_tiny_patch16_22"], "did you mean vit_tiny_patch16_224"),
+        (["spectrum", "--hf-config", "gpt3"], "unknown Hugging Face model type 'gpt3'"),
+        (["spectrum", "--timm", "vit_tiny_patch16_224", "--set", "depth"], "expected KEY=VALUE"),
+        (["spectrum", "--timm", "vit_tiny_patch16_224", "--swap", "mish"], "invalid choice"),
+        (["spectrum", "--hf-config", "/no/such/config.json"], "does not exist"),
+    ],
+)
+def test_argument_errors_are_clear(argv, message, capsys):
+    code, _, err = _exit_code(argv, capsys)
+    assert code == 2
+    assert message in err
+
+
+def test_report_on_missing_or_empty_run_dir(tmp_path: Path, capsys):
+    code, _, err = _exit_code(["report", str(tmp_path / "missing")], capsys)
+    assert code == 2 and "does not exist or is not a directory" in err
+    code, _, err = _exit_code(["report", str(tmp_path)], capsys)
+    assert code == 2 and "no TensorBoard event files" in err
+
+
+def test_hf_config_json_without_model_type(tmp_path: Path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"n_layer": 1}))
+    code, _, err = _exit_code(["spectrum", "--hf-config", str(cfg)], capsys)
+    assert code == 2 and "has no 'model_type' entry" in err
+
+
+# ----------------------------------------------------------------------------------- commands
+
+
+def test_theory_prints_the_theory_table(capsys):
+    from glu_probe.theory import format_theory_table, theory_table
+
+    assert main(["theory", "--d", "5", "--m", "16", "--n", "12", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == format_theory_table(theory_table(5, 16, 12, 3)).strip()
+
+
+def test_report_command_prints_values_and_writes_png(tmp_path: Path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(tmp_path / "run" / "pair"))
+    for s, (a, b) in enumerate([(1.0, 0.9), (0.6, 0.7), (0.4, 0.6)]):
+        w.add_scalar("model/train_loss", a, s)
+        w.add_scalar("baseline/train_loss", b, s)
+    w.add_scalar("ntk/model/condition_number", 123.0, 0)
+    w.add_scalar("ntk/baseline/condition_number", 4567.0, 0)
+    w.close()
+    png = tmp_path / "r.png"
+    assert main(["report", str(tmp_path / "run"), "--out", str(png), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "123" in out and "4.57e+03" in out
+    rows = json.loads(out[out.index("[\n") :])
+    assert {r["side"] for r in rows} == {"model", "baseline"}
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def _pntk_condition_number(model, x):
+    """Independent ground truth: J by torch.func.jacrev of g = Σ_o f_o/√O, float64 eigvalsh."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def g(p, xi):
+        out = torch.func.functional_call(model, p, (xi.unsqueeze(0),))
+        return out.reshape(-1, out.shape[-1]).sum(-1) / out.shape[-1] ** 0.5
+
+    model.eval()
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        jac = torch.vmap(torch.func.jacrev(g), in_dims=(None, 0))(params, x)
+    J = torch.cat([j.reshape(j.shape[0] * j.shape[1], -1) for j in jac.values()], dim=1).double()
+    ev = torch.linalg.eigvalsh(J @ J.T)
+    return float(ev[-1] / ev[0]), float(ev[-1]), float(ev[0])
+
+
+def test_spectrum_timm_matches_direct_ntk(capsys):
+    import timm
+
+    argv = [
+        "spectrum", "--timm", "vit_tiny_patch16_224", "--set", "img_size=16",
+        "--set", "patch_size=8", "--set", "depth=1", "--set", "embed_dim=32",
+        "--set", "num_heads=2", "--set", "num_classes=5", "--batch-size", "6",
+        "--method", "dense", "--device", "cpu", "--seed", "4", "--json",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    info = json.loads(capsys.readouterr().out)
+    torch.manual_seed(4)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=1,
+        embed_dim=32, num_heads=2, num_classes=5,
+    )  # fmt: skip
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    kappa, lmax, lmin = _pntk_condition_number(model, x)
+    assert info["probe_shape"] == [6, 3, 16, 16] and info["n_rows"] == 6
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["lambda_max"] == pytest.approx(lmax, rel=1e-4)
+    assert info["lambda_min"] == pytest.approx(lmin, rel=1e-3)
+    assert info["condition_number"] == pytest.approx(kappa, rel=1e-3)
+
+
+def test_spectrum_hf_gpt2_with_swap(capsys):
+    argv = [
+        "spectrum", "--hf-config", "gpt2", "--set", "n_layer=1", "--set", "n_embd=32",
+        "--set", "n_head=2", "--set", "vocab_size=64", "--set", "n_positions=16",
+        "--seq-len", "4", "--batch-size", "2", "--swap", "swiglu", "--method", "dense",
+        "--device", "cpu", "--json",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["n_rows"] == 8 and info["method"] == "dense"
+    assert abs(info["parameters"] - info["parameters_before_swap"]) <= 0.01 * info["parameters"]
+    assert info["condition_number"] == pytest.approx(info["lambda_max"] / info["lambda_min"])
+    code, _, err = _exit_code([*argv[:-1], "--seq-len", "32"], capsys)
+    assert code == 2 and "exceeds the model's 16 positions" in err
+
+
+def test_parser_is_reusable():
+    parser = build_parser()
+    args = parser.parse_args(["demo", "--quick", "--seed", "3"])
+    assert args.quick and args.seed == 3 and args.out == "runs" and args.device == "auto"

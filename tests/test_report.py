@@ -1,0 +1,147 @@
+"""The report reads back exactly what was written to TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from glu_probe.crossing import find_crossings
+from glu_probe.report import crossing_steps, load_run, plot_report, render_table, summarize
+
+STEPS = np.arange(0, 60)
+# model starts worse and overtakes the baseline around step 20
+MODEL_LOSS = 2.0 * np.exp(-STEPS / 10.0) + 0.05
+BASE_LOSS = 1.2 * np.exp(-STEPS / 25.0) + 0.2
+
+
+def _write_paired(root: Path) -> dict[str, list[float]]:
+    w = SummaryWriter(str(root / "pairA" / "version_0"))
+    for s in STEPS:
+        w.add_scalar("model/train_loss", MODEL_LOSS[s], int(s))
+        w.add_scalar("baseline/train_loss", BASE_LOSS[s], int(s))
+    kappas = {"model": [50.0, 40.0, 30.0], "baseline": [500.0, 450.0, 420.0]}
+    for i, s in enumerate((0, 20, 59)):
+        w.add_scalar("ntk/model/condition_number", kappas["model"][i], s)
+        w.add_scalar("ntk/baseline/condition_number", kappas["baseline"][i], s)
+        rng = np.random.default_rng(i)
+        w.add_histogram("ntk/model/log10_spectrum", rng.normal(0, 1, 64), s)
+        w.add_histogram("ntk/baseline/log10_spectrum", rng.normal(1, 2, 64), s)
+    for s, (mv, bv) in ((29, (0.4, 0.5)), (59, (0.3, 0.45))):
+        w.add_scalar("model/val_loss", mv, s)
+        w.add_scalar("baseline/val_loss", bv, s)
+        w.add_scalar("gap/model/loss", mv - MODEL_LOSS[s], s)
+        w.add_scalar("gap/baseline/loss", bv - BASE_LOSS[s], s)
+    w.add_scalar("crossing/delta", 0.1, 10)
+    w.add_scalar("crossing/event", 1.0, 27)
+    w.close()
+    (root / "pairA" / "version_0" / "pair.json").write_text(
+        json.dumps({"labels": {"model": "SwiGLU", "baseline": "GELU MLP"}})
+    )
+    return kappas
+
+
+def _write_single(root: Path) -> None:
+    w = SummaryWriter(str(root / "nested" / "plain"))
+    for s, v in enumerate([1.0, 0.8, 0.7]):
+        w.add_scalar("train_loss", v, s)
+    w.add_scalar("val_loss", 0.9, 2)
+    w.add_scalar("ntk/condition_number", 12.5, 0)
+    w.add_scalar("ntk/condition_number", 7.5, 2)
+    w.close()
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    _write_paired(tmp_path)
+    _write_single(tmp_path)
+    return tmp_path
+
+
+def test_load_run_reads_every_scalar_and_histogram(run_dir: Path):
+    run = load_run(run_dir)
+    assert set(run.subruns) == {"pairA", "nested/plain"}
+    sub = run.subruns["pairA"]
+    np.testing.assert_array_equal(sub.scalars["model/train_loss"].steps, STEPS)
+    np.testing.assert_allclose(sub.scalars["model/train_loss"].values, MODEL_LOSS, rtol=1e-6)
+    np.testing.assert_allclose(sub.scalars["baseline/train_loss"].values, BASE_LOSS, rtol=1e-6)
+    hist = sub.histograms["ntk/model/log10_spectrum"]
+    assert [h.step for h in hist] == [0, 20, 59]
+    values = np.random.default_rng(0).normal(0, 1, 64)
+    assert hist[0].num == 64 and hist[0].counts.sum() == 64
+    assert hist[0].min == pytest.approx(values.min()) and hist[0].max == pytest.approx(values.max())
+    assert sub.labels == {"model": "SwiGLU", "baseline": "GELU MLP"}
+
+
+def test_summarize_numbers_equal_written_values(run_dir: Path):
+    rows = {(r["run"], r["side"]): r for r in summarize(load_run(run_dir))}
+    m, b = rows[("pairA", "model")], rows[("pairA", "baseline")]
+    assert m["label"] == "SwiGLU" and b["label"] == "GELU MLP"
+    assert m["kappa_init"] == 50.0 and m["kappa_end"] == 30.0
+    assert b["kappa_init"] == 500.0 and b["kappa_end"] == 420.0
+    assert m["train_loss"] == pytest.approx(MODEL_LOSS[-1], rel=1e-6)
+    assert b["train_loss"] == pytest.approx(BASE_LOSS[-1], rel=1e-6)
+    assert m["val_loss"] == pytest.approx(0.3) and b["val_loss"] == pytest.approx(0.45)
+    assert m["gap"] == pytest.approx(0.3 - MODEL_LOSS[-1], rel=1e-5)
+    assert m["steps"] == 59
+    # the detected marker is read back; the estimated step is find_crossings on the losses
+    assert m["crossings_detected"] == [(27, 1.0)]
+    expected = find_crossings(STEPS, MODEL_LOSS, STEPS, BASE_LOSS)
+    assert m["crossings"] == [(c.step, float(c.event)) for c in expected]
+    assert len(expected) == 1 and expected[0].direction == "model overtakes baseline"
+    true_cross = STEPS[np.argmax(MODEL_LOSS < BASE_LOSS)]
+    assert true_cross <= m["crossings"][0][0] <= true_cross + 12  # smoothing lag ≤ β/(1−β)+Δ
+
+    p = rows[("nested/plain", "")]
+    assert p["kappa_init"] == 12.5 and p["kappa_end"] == 7.5
+    assert p["train_loss"] == pytest.approx(0.7) and p["val_loss"] == pytest.approx(0.9)
+    assert p["gap"] == pytest.approx(0.2)  # val − train when no gap tag was logged
+    assert p["crossings"] == [] and p["crossings_detected"] == []
+
+
+def test_render_table_shows_the_values(run_dir: Path):
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(render_table(summarize(load_run(run_dir))))
+    text = console.export_text()
+    for needle in ("SwiGLU", "GELU MLP", "50", "420", "27", "12.5", "7.5", "nested/plain"):
+        assert needle in text
+
+
+def test_plot_report_writes_png(run_dir: Path, tmp_path: Path):
+    out = plot_report(load_run(run_dir), tmp_path / "fig" / "report.png")
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_version_folders_are_kept_apart(tmp_path: Path):
+    for v in (0, 1):
+        w = SummaryWriter(str(tmp_path / "exp" / f"version_{v}"))
+        w.add_scalar("train_loss", float(v), 0)
+        w.close()
+    run = load_run(tmp_path)
+    assert set(run.subruns) == {"exp/version_0", "exp/version_1"}
+    rows = summarize(run)
+    assert sorted(r["train_loss"] for r in rows) == [0.0, 1.0]
+    assert all(math.isnan(r["kappa_init"]) for r in rows)
+
+
+def test_load_run_errors(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_run(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no TensorBoard event files"):
+        load_run(tmp_path)
+
+
+def test_crossing_steps_without_losses_uses_logged_markers(tmp_path: Path):
+    w = SummaryWriter(str(tmp_path))
+    w.add_scalar("crossing/event", -1.0, 5)
+    w.add_scalar("crossing/event", 1.0, 9)
+    w.close()
+    sub = next(iter(load_run(tmp_path).subruns.values()))
+    assert crossing_steps(sub) == ([(5, -1.0), (9, 1.0)], [(5, -1.0), (9, 1.0)])
