@@ -211,8 +211,10 @@ class LossCrossingMonitor(Callback):
         baseline_key: the baseline's tag (TB), column (CSV) or metric (paired); default
             ``monitor`` (TB/CSV) or ``<baseline_prefix>/<monitor>`` (paired).
         model_key: this run's metric name; default ``monitor`` or ``<model_prefix>/<monitor>``.
-        smoothing, patience, hysteresis, abs_hysteresis: the detector's parameters
-            (:class:`glu_probe.crossing.CrossingDetector`).
+        smoothing: the detector's ``smoothing`` (:class:`glu_probe.crossing.CrossingDetector`).
+        patience: the detector's ``patience`` (:class:`glu_probe.crossing.CrossingDetector`).
+        hysteresis: the detector's ``hysteresis`` (:class:`glu_probe.crossing.CrossingDetector`).
+        abs_hysteresis: the detector's ``abs_hysteresis`` (see ``CrossingDetector``).
         on_crossing: ``hook(trainer, pl_module, crossing)`` called at each crossing.
         log_every_n_steps: cadence of ``crossing/delta`` in updates (default: the Trainer's).
         phase: ``"train"`` (after each training batch) or ``"val"`` (after each validation);

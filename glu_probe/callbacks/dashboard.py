@@ -99,7 +99,8 @@ def write_dashboard_layout(
         pairs: extra charts ``{title: [tag, tag, ...]}`` of exact scalar tags drawn together,
             e.g. ``{"accuracy": ["model/val_acc", "baseline/val_acc"]}``; a default chart of the
             same title is replaced.
-        model_prefix, baseline_prefix: the PairedModule prefixes used in the default charts.
+        model_prefix: the PairedModule's model prefix used in the default charts.
+        baseline_prefix: the PairedModule's baseline prefix used in the default charts.
         include_defaults: start from :func:`default_layout` (else only ``pairs``).
 
     Returns:

@@ -167,7 +167,8 @@ class GeneralizationGapMonitor(Callback):
         metrics: clean mode: ``{name: torchmetrics.Metric}``; logged mode: ``{name: (train_key,
             val_key)}`` or a list of names ``n`` (keys ``train_n``, ``val_n``).
         mode: ``"clean"`` (default) or ``"logged"``.
-        train_key, val_key: logged-mode loss names.
+        train_key: logged-mode name of the training loss.
+        val_key: logged-mode name of the validation loss.
         loss_fn: ``loss_fn(preds, target)``; see the module docstring for the lookup order.
         val_batches: at most this many validation batches are evaluated (``None``: all).
         train_subset: explicit training batches instead of drawing a subset.

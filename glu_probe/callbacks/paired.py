@@ -199,7 +199,8 @@ class PairedModule(pl.LightningModule):
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.
         causal_lm: shift logits/labels for next-token prediction.
         labels_key: the targets' key in dict batches.
-        model_prefix, baseline_prefix: metric name prefixes.
+        model_prefix: metric name prefix of the model.
+        baseline_prefix: metric name prefix of the baseline.
         baseline_seed: seed of the baseline's private RNG stream.
         sync_dist: average logged losses over DDP ranks.
     """

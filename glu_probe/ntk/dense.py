@@ -220,7 +220,11 @@ def ntk_matrix(
     """The empirical NTK K = J Jᵀ (n × n, n = number of rows) as a dense tensor.
 
     Args:
-        model, inputs, output, params, eval_mode: see :class:`~glu_probe.ntk.NTKOperator`.
+        model: as for :class:`~glu_probe.ntk.NTKOperator`.
+        inputs: as for :class:`~glu_probe.ntk.NTKOperator`.
+        output: as for :class:`~glu_probe.ntk.NTKOperator`.
+        params: as for :class:`~glu_probe.ntk.NTKOperator`.
+        eval_mode: as for :class:`~glu_probe.ntk.NTKOperator`.
         dtype: precision of J and K (float64 default).
         memory_budget: bytes for K plus the live Jacobian blocks or product vectors. ``None``:
             K plus 40% of the full Jacobian's bytes, capped at half of the free device memory.

@@ -168,7 +168,8 @@ def slq_density(
         n_steps: Lanczos steps per probe (capped at ``n``).
         generator: random source for the probes (default: private generator seeded 0; the
             global RNG is untouched).
-        dtype, device: working dtype and device of the vectors.
+        dtype: working dtype of the vectors.
+        device: working device of the vectors.
         probes: optional ``(n, n_probes)`` start vectors instead of random ones (normalised
             here); useful to reproduce an estimate.
     """

@@ -1,0 +1,294 @@
+"""Training-time overhead of the glu-probe monitors at their default cadence.
+
+Usage::
+
+    python benchmarks/bench_callbacks.py [--device cpu|cuda] [--models two_layer vit gpt2]
+        [--repeats 2] [--threads N] [--write benchmarks/RESULTS_callbacks.md]
+
+For each demo-like pair (the settings of ``glu_probe.demo.default_settings()``: the paper's
+two-layer ReLU/ReGLU regression, a tiny timm ViT on 16x16 digits, a tiny HF GPT-2 on 64-byte
+windows; each trained as a :class:`~glu_probe.callbacks.PairedModule`) the same ``Trainer.fit``
+is timed
+
+* **without** callbacks, and
+* **with** ``NTKSpectrumMonitor()`` (every argument at its default: automatic cadence
+  ``max(1, steps // 25)``, ``probe_size=64``, ``output="pntk"``, ``method="auto"``),
+  ``GeneralizationGapMonitor()``, ``LossCrossingMonitor(baseline="paired")`` and
+  ``TensorBoardDashboard()``;
+
+both with the same TensorBoardLogger, validation cadence and data order. Runs are interleaved
+(without, with, without, with, ...) and the minimum wall time of each is kept, which is the
+least noisy estimate on a shared machine. ``overhead = with / without − 1``; the target is
+<= 5% with >= 20 probes per run. The NTK probe count and the mean time per probe are reported.
+
+Because two wall times on a busy machine differ by more than 5% from noise alone, the table also
+gives the NTK monitor's own time (timed inside the run, ``NTKSpectrumMonitor.probe_seconds``)
+over the run without callbacks, and its projection to the full-length run:
+``26 · (s / probe) / (steps · s / step)`` (the default cadence gives 26 probes whatever the
+length). ``--scale 0.25`` runs a quarter of the demo's steps (still 26 probes, so the measured
+share is 4x the full-length one).
+
+``--device cuda`` times a GPT-2-small-sized model (124M parameters: 12 layers, 12 heads,
+n_embd 768, 1024 positions; 256-byte windows) for ``--gpu-steps`` steps instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def build(name: str, device: str, gpu_steps: int) -> tuple[Any, Any, Dataset, Dataset, Any]:
+    """``(settings, pair, train, val, loss_fn)`` as in the demo (public builders only)."""
+    import torch.nn.functional as F
+
+    from glu_probe import data as gdata
+    from glu_probe import models
+    from glu_probe.demo import default_settings
+
+    if name == "gpt2_small":
+        s = replace(
+            default_settings()["gpt2"],
+            steps=gpu_steps,
+            batch_size=8,
+            options={"seq_len": 256, "max_bytes": 4_000_000},
+        )
+        pair = models.gpt2_pair(
+            "swiglu", seed=0, n_positions=1024, n_embd=768, n_layer=12, n_head=12
+        )
+        kw: dict[str, Any] = {"seq_len": 256, "max_bytes": 4_000_000}
+        return s, pair, gdata.text_corpus(**kw), gdata.text_corpus(split="val", **kw), None
+    s = default_settings()[name]
+    o = s.options
+    if name == "two_layer":
+        pair = models.two_layer_pair(o["d"], o["m"], seed=0)
+        kw = {"d": o["d"], "n_train": o["n_train"], "n_val": o["n_val"], "seed": 0}
+
+        def mse(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return F.mse_loss(p.float(), t.float())
+
+        return (
+            s,
+            pair,
+            gdata.two_layer_regression("train", **kw),
+            gdata.two_layer_regression("val", **kw),
+            mse,
+        )
+    if name == "vit":
+        pair = models.vit_pair(
+            "swiglu",
+            seed=0,
+            img_size=16,
+            patch_size=4,
+            in_chans=1,
+            num_classes=10,
+            embed_dim=o["embed_dim"],
+            depth=o["depth"],
+            num_heads=o["num_heads"],
+        )
+        return (
+            s,
+            pair,
+            gdata.digits_dataset("train", image_size=16),
+            gdata.digits_dataset("val", image_size=16),
+            None,
+        )
+    if name == "gpt2":
+        pair = models.gpt2_pair(
+            "swiglu",
+            seed=0,
+            n_positions=o["seq_len"],
+            n_embd=o["n_embd"],
+            n_layer=o["n_layer"],
+            n_head=o["n_head"],
+        )
+        kw = {"seq_len": o["seq_len"], "max_bytes": o["max_bytes"]}
+        return s, pair, gdata.text_corpus(**kw), gdata.text_corpus(split="val", **kw), None
+    raise SystemExit(f"unknown model {name!r}")
+
+
+def fit_once(
+    name: str, with_callbacks: bool, device: str, gpu_steps: int, root: Path, scale: float = 1.0
+) -> dict[str, Any]:
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from glu_probe.callbacks.crossing import LossCrossingMonitor
+    from glu_probe.callbacks.dashboard import TensorBoardDashboard
+    from glu_probe.callbacks.gap import GeneralizationGapMonitor
+    from glu_probe.callbacks.ntk import NTKSpectrumMonitor
+    from glu_probe.callbacks.paired import PairedModule
+
+    pl.seed_everything(0, verbose=False)
+    s, pair, train, val, loss_fn = build(name, device, gpu_steps)
+    full_steps = s.steps
+    s = replace(s, steps=max(25, round(s.steps * scale)))
+    module = PairedModule(
+        pair.model, pair.baseline, loss_fn=loss_fn, optimizer=s.optimizer, lr=s.lr
+    )
+    gen = torch.Generator().manual_seed(0)
+    train_dl = DataLoader(
+        train,
+        batch_size=min(s.batch_size, len(train)),  # type: ignore[arg-type]
+        shuffle=True,
+        drop_last=True,
+        generator=gen,
+    )
+    val_dl = DataLoader(val, batch_size=max(s.batch_size, 64))
+    ntk = NTKSpectrumMonitor()
+    callbacks: list[Any] = (
+        [
+            ntk,
+            GeneralizationGapMonitor(),
+            LossCrossingMonitor(baseline="paired", monitor="train_loss"),
+            TensorBoardDashboard(),
+        ]
+        if with_callbacks
+        else []
+    )
+    trainer = pl.Trainer(
+        max_steps=s.steps,
+        accelerator="cuda" if device == "cuda" else "cpu",
+        devices=1,
+        logger=TensorBoardLogger(root, name=name, version="with" if with_callbacks else "without"),
+        callbacks=callbacks,
+        val_check_interval=s.val_every,
+        check_val_every_n_epoch=None,
+        limit_val_batches=s.val_batches,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    trainer.fit(module, train_dl, val_dl)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return {
+        "wall": wall,
+        "steps": trainer.global_step,
+        "full_steps": full_steps,
+        "probes": len(ntk.history),
+        "every": ntk._resolved_every,
+        "probe_rows": ntk._n_probe,
+        "probe_total": sum(ntk.probe_seconds),
+        "probe_s": sum(ntk.probe_seconds) / max(1, len(ntk.probe_seconds)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--models", nargs="+", default=None)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--gpu-steps", type=int, default=200)
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="CPU: run scale x the demo's steps (the cadence still gives 26 probes)",
+    )
+    p.add_argument(
+        "--typical-steps",
+        type=int,
+        default=10_000,
+        help="GPU: run length of the projected NTK share (26 probes at the default cadence)",
+    )
+    p.add_argument("--write", type=Path, default=None, help="write the table (markdown) here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    models = args.models or (
+        ["gpt2_small"] if args.device == "cuda" else ["two_layer", "vit", "gpt2"]
+    )
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            best: dict[bool, dict[str, Any]] = {}
+            for _ in range(args.repeats):
+                for with_cb in (False, True):
+                    r = fit_once(name, with_cb, args.device, args.gpu_steps, Path(tmp), args.scale)
+                    if with_cb not in best or r["wall"] < best[with_cb]["wall"]:
+                        best[with_cb] = r
+                    print(f"{name:10s} with={with_cb!s:5s} wall={r['wall']:.2f}s", flush=True)
+            w, wo = best[True], best[False]
+            rows.append(
+                {
+                    "model": name,
+                    "steps": wo["steps"],
+                    "without_s": wo["wall"],
+                    "with_s": w["wall"],
+                    "overhead": w["wall"] / wo["wall"] - 1.0,
+                    "probes": w["probes"],
+                    "every": w["every"],
+                    "probe_s": w["probe_s"],
+                    # The NTK monitor's own time (timed inside the run) over the run without
+                    # callbacks: a less noisy figure than the difference of two wall times.
+                    "ntk_share": w["probe_total"] / wo["wall"],
+                    "step_s": wo["wall"] / max(1, wo["steps"]),
+                    "full_steps": args.typical_steps if args.device == "cuda" else wo["full_steps"],
+                }
+            )
+    header = (
+        "| model | steps | without (s) | with (s) | overhead (all four) | NTK probes "
+        "| every n steps | s / probe (model + baseline) | NTK time / run time "
+        "| projected NTK share at full length (steps) | NTK share <= 5% from (steps) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [header]
+    for r in rows:
+        # Default cadence on the full-length run: 25 probes + step 0, each costing probe_s.
+        projected = 26 * r["probe_s"] / (r["full_steps"] * r["step_s"])
+        # Shortest run whose 26 probes cost at most 5% of its training time.
+        break_even = 26 * r["probe_s"] / (0.05 * r["step_s"])
+        lines.append(
+            f"| {r['model']} | {r['steps']} | {r['without_s']:.2f} | {r['with_s']:.2f} "
+            f"| {100 * r['overhead']:+.1f}% | {r['probes']} | {r['every']} | {r['probe_s']:.3f} "
+            f"| {100 * r['ntk_share']:.1f}% | {100 * projected:.1f}% ({r['full_steps']}) "
+            f"| {break_even:,.0f} |"
+        )
+    env = (
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, device {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
+    )
+    table = "\n".join(lines)
+    print(env)
+    print(table)
+    if args.write:
+        args.write.write_text(
+            "# Monitor overhead (benchmarks/bench_callbacks.py)\n\n"
+            f"`{' '.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}` on {env}.\n\n"
+            + table
+            + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

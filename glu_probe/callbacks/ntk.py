@@ -1,0 +1,841 @@
+"""``NTKSpectrumMonitor``: the NTK condition number of the model, logged while it trains.
+
+What is computed
+----------------
+Let f(θ; x) be the probed function (``pl_module(x)``, i.e. ``forward``, for a plain LightningModule;
+``pl_module.model(x)`` and ``pl_module.baseline(x)`` for a :class:`PairedModule`; or the submodule
+named by ``module=``), x_1..x_N a *fixed* probe batch and g the row map selected by ``output``
+(``"pntk"``: g = Σ_o f_o/√O per sample or token; ``"full"``: every output scalar; or a callable).
+With J = ∂g/∂θ over the trainable parameters (optionally filtered by ``params``), the empirical
+NTK is K = J Jᵀ. Every ``every_n_steps`` optimizer steps (and at step 0) the monitor calls
+:func:`glu_probe.ntk.ntk_spectrum` and logs
+
+* ``ntk/lambda_max`` = λ_max(K), ``ntk/lambda_min`` = λ_min(K),
+* ``ntk/condition_number`` = λ_max / λ_min,
+* ``ntk/effective_rank`` (the engine's effective rank of the spectrum),
+* ``ntk/residual_max``, ``ntk/residual_min``: the Ritz residual norms ‖K v − θ v‖ of the extreme
+  Ritz pairs. By the Bauer–Fike / Kahan bound for symmetric K, an eigenvalue of K lies within
+  that distance of the reported value; both are 0 on the exact (dense ``eigh``) path.
+
+For a PairedModule the names are ``ntk/model/<name>`` and ``ntk/baseline/<name>`` (its
+``model_prefix`` / ``baseline_prefix``). On rank zero it
+also writes TensorBoard histograms of the spectrum (``ntk/spectrum`` and ``ntk/log10_spectrum``, the
+latter over the strictly positive eigenvalues only) and a matplotlib figure of the sorted
+eigenvalues, when the engine returned the whole spectrum (exact path).
+
+Probe batch
+-----------
+By default the probe is the first ``probe_size`` samples of the training *dataset*, collated with
+the train loader's ``collate_fn``. No sampler is consulted and the loader is never iterated, so the
+training order and every RNG stay untouched, and every DDP rank (and a single-process run) sees the
+same probe. For an ``IterableDataset`` a fresh iterator of the loader is drawn from instead, under
+``isolate_rng`` and with any loader/sampler ``generator`` state restored afterwards. A user
+``probe`` (a batch in the loader's format) is used as is. The default probe keeps at most
+``max_rows`` (64) rows of K: a sequence model with one pNTK row per token keeps
+``max(1, max_rows // seq_len)`` sequences. The cap also keeps K full rank: rows from several
+sequences of a small LM easily make K numerically singular (κ = inf), and the cost of the exact
+path grows linearly with the rows. The batch goes through the module's
+``on_before_batch_transfer`` / ``transfer_batch_to_device`` / ``on_after_batch_transfer`` hooks,
+then the model input is extracted: ``x`` of ``(x, y, ...)``, a dict minus its label keys, a tensor
+as is; ``probe_inputs=callable(batch) -> inputs`` overrides.
+
+Cost
+----
+The defaults are chosen for a small, steady overhead: pNTK rows, at most 64 of them, the exact
+path (dense float64 ``eigh``) with a 256 MiB ``memory_budget`` so that K is assembled from a few
+large Jacobian blocks, histograms at every probe and the PNG figure (about 0.2 s to render) at
+the first and the last probe only (``figure_every`` adds more). ``benchmarks/bench_callbacks.py``
+measures the overhead.
+
+Cadence
+-------
+``every_n_steps=None`` (the default) resolves at train start to
+``max(1, trainer.estimated_stepping_batches // target_probes)`` with ``target_probes=25``, so a run
+gets at least ``target_probes`` probes (plus the one at step 0) however long it is.
+
+Zero interference
+-----------------
+A probe runs under ``isolate_rng`` (torch CPU/CUDA, numpy, python RNG restored), with the probed
+modules in eval mode (their train/eval flags restored afterwards), through ``torch.func`` on
+detached parameters (``.grad`` never written), on the *unwrapped* LightningModule (the DDP wrapper
+and its reducer are never called).
+
+Distributed
+-----------
+Under DDP the default is: rank 0 probes the full batch and broadcasts the result, so every rank
+holds the same history and metrics are logged once. ``shard_probe=True`` gives each rank a
+contiguous shard of the probe batch and the engine all-reduces Jᵀv over the world group, so the
+probe scales with world size and every rank runs the same Krylov iteration. FSDP, DeepSpeed and
+model-parallel strategies shard the parameters themselves and are refused at setup with a
+MisconfigurationException.
+
+Failure containment
+-------------------
+An out-of-memory error halves the chunk size once and retries; a second one warns and skips the
+probe. Non-finite outputs or eigenvalues warn and skip. ``strict=True`` raises instead.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from glu_probe.callbacks._utils import is_quiet_run, log_metrics, tensorboard_writers
+
+__all__ = ["NTKProbeWarning", "NTKSpectrumMonitor"]
+
+#: Metric names logged per probe target (prefixed with ``ntk/`` or ``ntk/<target>/``).
+METRICS = (
+    "lambda_max",
+    "lambda_min",
+    "condition_number",
+    "effective_rank",
+    "residual_max",
+    "residual_min",
+)
+
+#: Default ``memory_budget`` (bytes) of the exact path inside the monitor.
+DEFAULT_MEMORY_BUDGET = 2**28
+
+#: Dict keys removed from a dict batch to obtain the model input.
+LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+
+_METHODS = ("auto", "dense", "lanczos")
+_OUTPUTS = ("pntk", "full")
+_NONFINITE = re.compile(r"\bnan\b|\binf\b|non-finite|nonfinite", re.IGNORECASE)
+_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLAFSDP")
+
+
+class NTKProbeWarning(UserWarning):
+    """A probe was skipped (out of memory, non-finite values); training continues."""
+
+
+class _ProbeFailure(Exception):
+    """Internal: a contained failure (reason in ``args[0]``)."""
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def _is_nonfinite_error(err: BaseException) -> bool:
+    # The engine raises ValueError("... NaN/Inf value(s) ...") on non-finite model outputs.
+    return isinstance(err, (ValueError, FloatingPointError)) and bool(_NONFINITE.search(str(err)))
+
+
+def _batch_len(batch: Any) -> int | None:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else None
+    if isinstance(batch, Mapping):
+        for v in batch.values():
+            n = _batch_len(v)
+            if n is not None:
+                return n
+        return None
+    if isinstance(batch, (list, tuple)):
+        for v in batch:
+            n = _batch_len(v)
+            if n is not None:
+                return n
+    return None
+
+
+def _slice_batch(batch: Any, sl: slice) -> Any:
+    """Slice every tensor of a (nested) batch along dim 0; other leaves are kept."""
+    if isinstance(batch, torch.Tensor):
+        return batch[sl] if batch.dim() > 0 else batch
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _slice_batch(v, sl) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_slice_batch(v, sl) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_slice_batch(v, sl) for v in batch)
+    return batch
+
+
+def _concat_batches(batches: Sequence[Any]) -> Any:
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(batches)) if first.dim() > 0 else first
+    if isinstance(first, Mapping):
+        return type(first)({k: _concat_batches([b[k] for b in batches]) for k in first})  # type: ignore[call-arg]
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)(*(_concat_batches([b[i] for b in batches]) for i in range(len(first))))
+    if isinstance(first, (list, tuple)):
+        return type(first)(_concat_batches([b[i] for b in batches]) for i in range(len(first)))
+    return first
+
+
+def default_probe_inputs(batch: Any) -> Any:
+    """The model input of a training batch: ``x`` of ``(x, y, ...)``, a dict minus label keys."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        return {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+    if isinstance(batch, (list, tuple)) and len(batch) > 0:
+        return batch[0]
+    raise MisconfigurationException(
+        "NTKSpectrumMonitor cannot find the model input in a batch of type "
+        f"{type(batch).__name__}; pass `probe_inputs=callable(batch) -> inputs`."
+    )
+
+
+@contextmanager
+def _generator_states_restored(loader: DataLoader) -> Iterator[None]:
+    """Restore the private ``torch.Generator``s a loader/sampler may own (not covered by
+    ``isolate_rng``, which handles the global generators only)."""
+    gens: list[torch.Generator] = []
+    for owner in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator):
+            gens.append(g)
+        inner = getattr(owner, "sampler", None)
+        g2 = getattr(inner, "generator", None)
+        if isinstance(g2, torch.Generator):
+            gens.append(g2)
+    states = [g.get_state() for g in gens]
+    try:
+        yield
+    finally:
+        for g, s in zip(gens, states, strict=True):
+            g.set_state(s)
+
+
+@contextmanager
+def _eval_mode(modules: Sequence[nn.Module], enabled: bool) -> Iterator[None]:
+    flags = [(m, m.training) for root in modules for m in root.modules()] if enabled else []
+    try:
+        if enabled:
+            for root in modules:
+                root.eval()
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        extra = " or None" if allow_none else ""
+        raise MisconfigurationException(f"`{name}` must be a positive int{extra}, got {value!r}.")
+
+
+class NTKSpectrumMonitor(Callback):
+    """Log the extreme eigenvalues and condition number of the empirical NTK during training.
+
+    See the module docstring for the math, the probe batch, the cadence and the guarantees.
+
+    Args:
+        every_n_steps: probe every n optimizer steps (and at step 0). ``None``: automatic,
+            ``max(1, estimated_stepping_batches // target_probes)``.
+        probe: a fixed probe batch in the training loader's format; default: the first
+            ``probe_size`` samples of the training dataset.
+        probe_size: number of samples of the default probe (ignored when ``probe`` is given).
+        max_rows: cap on the rows of K of the default probe: fewer samples are kept when
+            ``probe_size`` samples would give more rows (sequence models: one row per token under
+            ``"pntk"``). ``None``: no cap. Not applied to a user ``probe``.
+        output: ``"pntk"``, ``"full"`` or a callable mapping the model output to rows.
+        method: ``"auto"``, ``"dense"`` (exact) or ``"lanczos"`` (iterative, warm-started).
+        params: parameter filter forwarded to the engine (names, predicate or regex).
+        strict: raise instead of warning and skipping on OOM / non-finite values.
+        log_histogram: write TensorBoard histograms of the spectrum (exact path).
+        log_figure: write a matplotlib spectrum figure to TensorBoard (exact path).
+        figure_every: ``None`` (default): draw the figure at the first and the last probe of
+            the run; ``k``: also at every k-th probe. Rendering one PNG (~0.2 s) costs more
+            than a small probe, so the default keeps it to two per run.
+        shard_probe: under DDP, shard the probe across ranks with an all-reduced operator.
+        probe_inputs: ``callable(batch) -> inputs`` that extracts the model input.
+        module: attribute path of the submodule to probe (e.g. ``"net"``); default: the
+            LightningModule itself, or ``model`` and ``baseline`` of a PairedModule.
+        target_probes: probes per run targeted by the automatic cadence (>= 20 recommended).
+        chunk_size: probe rows per chunk in the engine (``None``: engine default).
+        dtype: probe precision (``torch.float32`` or ``torch.float64``).
+        eval_mode: run the probed modules in eval mode (dropout off, BatchNorm running stats).
+        warm_start: warm-start the iterative path from the previous probe's Ritz vectors.
+        spectrum_kwargs: extra keyword arguments for :func:`glu_probe.ntk.ntk_spectrum`
+            (e.g. ``tol``, ``max_matvecs``, ``block_size``). ``memory_budget`` defaults to
+            :data:`DEFAULT_MEMORY_BUDGET` (256 MiB) here, so that the exact path assembles K from
+            a few large Jacobian blocks instead of many small ones (about 10x faster on small
+            probes than the engine's minimal-memory default).
+        prefix: metric name prefix (``"ntk"``); change it to run several monitors side by side
+            (e.g. one restricted to the MLP parameters).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        probe: Any = None,
+        probe_size: int = 64,
+        max_rows: int | None = 64,
+        output: str | Callable[..., Any] = "pntk",
+        method: str = "auto",
+        params: Any = None,
+        strict: bool = False,
+        log_histogram: bool = True,
+        log_figure: bool = True,
+        figure_every: int | None = None,
+        shard_probe: bool = False,
+        probe_inputs: Callable[[Any], Any] | None = None,
+        module: str | None = None,
+        target_probes: int = 25,
+        chunk_size: int | None = None,
+        dtype: torch.dtype | str = torch.float32,
+        eval_mode: bool = True,
+        warm_start: bool = True,
+        spectrum_kwargs: Mapping[str, Any] | None = None,
+        prefix: str = "ntk",
+    ) -> None:
+        super().__init__()
+        _check_positive_int("every_n_steps", every_n_steps, allow_none=True)
+        _check_positive_int("probe_size", probe_size)
+        _check_positive_int("max_rows", max_rows, allow_none=True)
+        _check_positive_int("target_probes", target_probes)
+        _check_positive_int("chunk_size", chunk_size, allow_none=True)
+        _check_positive_int("figure_every", figure_every, allow_none=True)
+        if not (callable(output) or output in _OUTPUTS):
+            raise MisconfigurationException(
+                f"`output` must be one of {_OUTPUTS} or a callable, got {output!r}."
+            )
+        if method not in _METHODS:
+            raise MisconfigurationException(f"`method` must be one of {_METHODS}, got {method!r}.")
+        if probe_inputs is not None and not callable(probe_inputs):
+            raise MisconfigurationException("`probe_inputs` must be a callable(batch) -> inputs.")
+        if module is not None and (not isinstance(module, str) or not module):
+            raise MisconfigurationException(
+                f"`module` must be an attribute path such as 'net', got {module!r}."
+            )
+        if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
+            raise MisconfigurationException(
+                f"`prefix` must be a non-empty name without a trailing '/', got {prefix!r}."
+            )
+        if isinstance(dtype, str):
+            resolved = getattr(torch, dtype.removeprefix("torch."), None)
+            if not isinstance(resolved, torch.dtype):
+                raise MisconfigurationException(f"`dtype` {dtype!r} is not a torch dtype.")
+            dtype = resolved
+        if dtype not in (torch.float32, torch.float64):
+            raise MisconfigurationException(
+                f"`dtype` must be torch.float32 or torch.float64, got {dtype}."
+            )
+        self.every_n_steps = every_n_steps
+        self.probe = probe
+        self.probe_size = probe_size
+        self.max_rows = max_rows
+        self.output = output
+        self.method = method
+        self.params = params
+        self.strict = bool(strict)
+        self.log_histogram = bool(log_histogram)
+        self.log_figure = bool(log_figure)
+        self.figure_every = figure_every
+        self.shard_probe = bool(shard_probe)
+        self.probe_inputs = probe_inputs
+        self.module = module
+        self.target_probes = target_probes
+        self.chunk_size = chunk_size
+        self.dtype = dtype
+        self.eval_mode = bool(eval_mode)
+        self.warm_start = bool(warm_start)
+        self.spectrum_kwargs = dict(spectrum_kwargs or {})
+        self.spectrum_kwargs.setdefault("memory_budget", DEFAULT_MEMORY_BUDGET)
+        self.prefix = prefix
+
+        # Run state (checkpointed).
+        self._resolved_every: int | None = every_n_steps
+        self.last_probe_step: int | None = None
+        self.history: list[dict[str, Any]] = []
+        self._ritz: dict[str, torch.Tensor] = {}
+        # Per-fit state.
+        self._inputs: Any = None
+        self._n_probe: int = 0
+        #: Wall seconds of each probe of this process (all targets, logging included).
+        self.probe_seconds: list[float] = []
+        self._pending_figure: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    # ------------------------------------------------------------------ Lightning plumbing
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            prefix=self.prefix,
+            output=self.output if isinstance(self.output, str) else "callable",
+            module=self.module,
+            params=repr(self.params),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "every_n_steps": self._resolved_every,
+            "last_probe_step": self.last_probe_step,
+            "history": [dict(h) for h in self.history],
+            "warm_start": {k: v.detach().cpu().clone() for k, v in self._ritz.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.every_n_steps is None:
+            self._resolved_every = state_dict.get("every_n_steps")
+        self.last_probe_step = state_dict.get("last_probe_step")
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+        self._ritz = dict(state_dict.get("warm_start", {}))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        name = type(trainer.strategy).__name__
+        if any(tag.lower() in name.lower() for tag in _UNSUPPORTED_STRATEGIES):
+            raise MisconfigurationException(
+                f"NTKSpectrumMonitor does not support the {name} strategy: it shards the "
+                "parameters, and the probe needs each rank to hold the whole model. Use "
+                "strategy='ddp' (optionally with shard_probe=True) or remove the callback."
+            )
+        for tag, target in self._targets(pl_module).items():
+            if (
+                self.module is None
+                and tag == ""
+                and type(target).forward is pl.LightningModule.forward
+            ):
+                raise MisconfigurationException(
+                    f"NTKSpectrumMonitor probes `{type(pl_module).__name__}.forward`, which is not "
+                    "implemented. Implement `forward`, or pass `module='<submodule attribute>'`."
+                )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if is_quiet_run(trainer):
+            return
+        if self._resolved_every is None:
+            est = trainer.estimated_stepping_batches
+            if not math.isfinite(est):
+                raise MisconfigurationException(
+                    "NTKSpectrumMonitor cannot choose an automatic cadence for a run of unknown "
+                    "length (max_steps=-1 with an infinite loader); pass `every_n_steps`."
+                )
+            self._resolved_every = max(1, int(est) // self.target_probes)
+        self._inputs = self._fix_probe(trainer, pl_module)
+        self._maybe_probe(trainer, pl_module)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if is_quiet_run(trainer) or self._inputs is None:
+            return
+        self._maybe_probe(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._inputs = None  # release the probe batch (device memory)
+        if self._pending_figure is not None:  # the last probe's spectrum figure
+            step, spectra = self._pending_figure
+            self._pending_figure = None
+            writers = list(tensorboard_writers(trainer))
+            if writers:
+                self._draw(writers, spectra, step)
+
+    def _metric_prefix(self, tag: str) -> str:
+        return f"{self.prefix}/" if tag == "" else f"{self.prefix}/{tag}/"
+
+    # ------------------------------------------------------------------ probe batch
+    def _targets(self, pl_module: pl.LightningModule) -> dict[str, nn.Module]:
+        if self.module is not None:
+            obj: Any = pl_module
+            for part in self.module.split("."):
+                if not hasattr(obj, part):
+                    raise MisconfigurationException(
+                        f"NTKSpectrumMonitor(module={self.module!r}): "
+                        f"{type(pl_module).__name__} has no attribute path {self.module!r}."
+                    )
+                obj = getattr(obj, part)
+            if not isinstance(obj, nn.Module):
+                raise MisconfigurationException(
+                    f"NTKSpectrumMonitor(module={self.module!r}) is a {type(obj).__name__}, "
+                    "not an nn.Module."
+                )
+            return {"": obj}
+        if _is_paired(pl_module):
+            # {model_prefix: model, baseline_prefix: baseline}: names match the paired losses.
+            paired: Any = pl_module
+            return dict(paired.members())
+        return {"": pl_module}
+
+    def _fix_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """Build the probe (model inputs on the module's device; this rank's shard if sharded)."""
+        include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        with isolate_rng(include_cuda=include_cuda):
+            batch = self.probe if self.probe is not None else self._probe_from_loader(trainer)
+        n = _batch_len(batch)
+        if n is None or n < 1:
+            raise MisconfigurationException(
+                "NTKSpectrumMonitor: the probe batch is empty or has no tensor with a batch "
+                "dimension."
+            )
+        batch = pl_module.on_before_batch_transfer(batch, 0)
+        batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+        batch = pl_module.on_after_batch_transfer(batch, 0)
+        extract = self.probe_inputs or default_probe_inputs
+        inputs = extract(batch)
+        n = _batch_len(inputs) or n
+        if self.probe is None and self.max_rows is not None:
+            n = self._cap_rows(pl_module, inputs, n, include_cuda)
+            inputs = _slice_batch(inputs, slice(0, n))
+        world, rank = trainer.world_size, trainer.global_rank
+        if self.shard_probe and world > 1:
+            if n < world:
+                raise MisconfigurationException(
+                    f"NTKSpectrumMonitor(shard_probe=True): the probe has {n} samples, fewer than "
+                    f"the {world} ranks."
+                )
+            # Contiguous shards in rank order (np.array_split sizes): the engine's all-reduced
+            # operator concatenates row blocks in rank order.
+            base, extra = divmod(n, world)
+            start = rank * base + min(rank, extra)
+            stop = start + base + (1 if rank < extra else 0)
+            inputs = _slice_batch(inputs, slice(start, stop))
+            n = stop - start
+        self._n_probe = n
+        return inputs
+
+    def _cap_rows(self, pl_module: pl.LightningModule, inputs: Any, n: int, cuda: bool) -> int:
+        """Samples to keep so that the probe has at most ``max_rows`` rows of K.
+
+        One forward pass of one sample (the engine's own row count: per token for sequence
+        outputs under ``"pntk"``, every output under ``"full"``).
+        """
+        from glu_probe.ntk import ProbeFunction
+
+        target = next(iter(self._targets(pl_module).values()))
+        with isolate_rng(include_cuda=cuda), torch.inference_mode(False), torch.enable_grad():
+            probe = ProbeFunction(
+                target,
+                _slice_batch(inputs, slice(0, 1)),
+                output=self.output,
+                params=self.params,
+                eval_mode=self.eval_mode,
+            )
+        assert self.max_rows is not None
+        return max(1, min(n, self.max_rows // max(1, probe.rows_per_sample)))
+
+    def _probe_from_loader(self, trainer: pl.Trainer) -> Any:
+        loaders = trainer.train_dataloader
+        loader = _first_loader(loaders)
+        if loader is None:
+            raise MisconfigurationException(
+                "NTKSpectrumMonitor found no train DataLoader to draw its probe from; "
+                "pass `probe=`."
+            )
+        dataset = getattr(loader, "dataset", None)
+        collate = getattr(loader, "collate_fn", None)
+        if (
+            dataset is not None
+            and not isinstance(dataset, IterableDataset)
+            and hasattr(dataset, "__len__")
+            and hasattr(dataset, "__getitem__")
+            and collate is not None
+        ):
+            k = min(self.probe_size, len(dataset))
+            return collate([dataset[i] for i in range(k)])
+        # Iterable dataset: take the first batches of a fresh iterator (RNG states restored).
+        batches: list[Any] = []
+        got = 0
+        with _generator_states_restored(loader):
+            for b in loader:
+                batches.append(b)
+                got += _batch_len(b) or 0
+                if got >= self.probe_size:
+                    break
+        if not batches:
+            raise MisconfigurationException("NTKSpectrumMonitor: the train dataloader is empty.")
+        batch = _concat_batches(batches) if len(batches) > 1 else batches[0]
+        return _slice_batch(batch, slice(0, self.probe_size))
+
+    # ------------------------------------------------------------------ probing
+    def _maybe_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        every = self._resolved_every or 1
+        if step % every != 0 or self.last_probe_step == step:
+            return
+        self.last_probe_step = step
+        t0 = time.perf_counter()
+        try:
+            self._probe_and_log(trainer, pl_module, step)
+        finally:
+            self.probe_seconds.append(time.perf_counter() - t0)
+
+    def _probe_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        results = self._probe_all(trainer, pl_module, step)
+        if not results:
+            return
+        entry: dict[str, Any] = {"step": step}
+        metrics: dict[str, float] = {}
+        for tag, res in results.items():
+            prefix = self._metric_prefix(tag)
+            for name in METRICS:
+                metrics[prefix + name] = float(res[name])
+        entry.update(metrics)
+        self.history.append(entry)
+        log_metrics(trainer, metrics, step=step)
+        if self.log_histogram or self.log_figure:
+            self._log_spectra(trainer, results, step)
+
+    def _probe_all(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
+    ) -> dict[str, dict[str, Any]]:
+        """Probe every target; under DDP without sharding rank 0 computes and broadcasts."""
+        distributed = trainer.world_size > 1
+        compute_here = self.shard_probe or not distributed or trainer.global_rank == 0
+        payload: Any = None
+        original: Exception | None = None
+        if compute_here:
+            try:
+                payload = {"ok": self._compute(trainer, pl_module, step)}
+            except _ProbeFailure as err:
+                payload = {"skip": str(err)}
+            except Exception as err:
+                if not distributed or self.shard_probe:
+                    raise
+                # Tell the other ranks before raising, so that none waits in a collective.
+                original = err
+                payload = {"error": f"{type(err).__name__}: {err}"}
+        if distributed and not self.shard_probe:
+            payload = trainer.strategy.broadcast(payload, src=0)
+        if original is not None:
+            raise original
+        if "error" in payload:
+            raise RuntimeError(f"NTKSpectrumMonitor probe failed on rank 0: {payload['error']}")
+        if "skip" in payload:
+            rank_zero_warn(payload["skip"], category=NTKProbeWarning)
+            return {}
+        results: dict[str, dict[str, Any]] = payload["ok"]
+        for tag, res in results.items():
+            ritz = res.pop("ritz_vectors", None)
+            if self.warm_start and isinstance(ritz, torch.Tensor):
+                self._ritz[tag] = ritz
+        return results
+
+    def _compute(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
+    ) -> dict[str, dict[str, Any]]:
+        from glu_probe.ntk import ntk_spectrum  # lazy: keeps callback import light
+
+        group = None
+        if self.shard_probe and trainer.world_size > 1:
+            group = torch.distributed.group.WORLD
+        targets = self._targets(pl_module)
+        out: dict[str, dict[str, Any]] = {}
+        include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        for tag, target in targets.items():
+            name = tag or type(pl_module).__name__
+            warm = self._ritz.get(tag) if self.warm_start else None
+            if warm is not None:
+                warm = warm.to(pl_module.device)
+            kwargs: dict[str, Any] = dict(self.spectrum_kwargs)
+            kwargs.update(
+                output=self.output,
+                method=self.method,
+                params=self.params,
+                dtype=self.dtype,
+                eval_mode=self.eval_mode,
+                warm_start=warm,
+                process_group=group,
+            )
+            if group is not None:
+                self._check_shards(target, group, name, step, include_cuda)
+            chunk = self.chunk_size
+            for attempt in range(2):
+                t0 = time.perf_counter()
+                try:
+                    with (
+                        isolate_rng(include_cuda=include_cuda),
+                        _eval_mode([target], self.eval_mode),
+                        torch.inference_mode(False),
+                        torch.enable_grad(),
+                    ):
+                        spec = ntk_spectrum(target, self._inputs, chunk_size=chunk, **kwargs)
+                except Exception as err:
+                    if _is_oom(err):
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
+                        if attempt == 0:
+                            chunk = max(1, (chunk or self._n_probe) // 2)
+                            continue
+                        if self.strict:
+                            raise
+                        raise _ProbeFailure(
+                            f"NTKSpectrumMonitor: out of memory probing {name} at step {step} "
+                            f"(also with chunk_size={chunk}); probe skipped, training continues. "
+                            "Lower `probe_size` or `chunk_size`."
+                        ) from err
+                    if _is_nonfinite_error(err):
+                        if self.strict:
+                            raise
+                        raise _ProbeFailure(
+                            f"NTKSpectrumMonitor: non-finite values probing {name} at step {step} "
+                            f"({err}); probe skipped, training continues."
+                        ) from err
+                    raise
+                break
+            values = spec.as_dict() if hasattr(spec, "as_dict") else {}
+            res: dict[str, Any] = {}
+            for key in METRICS:
+                res[key] = float(values.get(key, getattr(spec, key)))
+            if not all(math.isfinite(res[k]) for k in ("lambda_max", "lambda_min")):
+                msg = (
+                    f"NTKSpectrumMonitor: non-finite eigenvalues probing {name} at step {step} "
+                    f"(lambda_max={res['lambda_max']}, lambda_min={res['lambda_min']})"
+                )
+                if self.strict:
+                    raise FloatingPointError(msg)
+                raise _ProbeFailure(msg + "; probe skipped, training continues.")
+            eig = getattr(spec, "eigenvalues", None)
+            res["eigenvalues"] = (
+                eig.detach().double().cpu() if isinstance(eig, torch.Tensor) else None
+            )
+            ritz = getattr(spec, "ritz_vectors", None)
+            res["ritz_vectors"] = ritz.detach().cpu() if isinstance(ritz, torch.Tensor) else None
+            res["wall_time"] = time.perf_counter() - t0
+            out[tag] = res
+        return out
+
+    def _check_shards(
+        self, target: nn.Module, group: Any, name: str, step: int, include_cuda: bool
+    ) -> None:
+        """Sharded probe: agree on every rank's shard being finite *before* any collective.
+
+        A rank whose shard has non-finite outputs would otherwise leave the others waiting in
+        the operator's all-gather. One forward pass of the local shard (the engine's own check)
+        and a MIN all-reduce of the verdict; all ranks then skip (or raise) together.
+        """
+        from glu_probe.ntk import ProbeFunction
+
+        reason = ""
+        try:
+            with isolate_rng(include_cuda=include_cuda), torch.inference_mode(False):
+                ProbeFunction(
+                    target,
+                    self._inputs,
+                    output=self.output,
+                    params=self.params,
+                    eval_mode=self.eval_mode,
+                )
+        except ValueError as err:
+            if not _is_nonfinite_error(err):
+                raise
+            reason = str(err)
+        device = next(target.parameters()).device
+        flag = torch.tensor([0 if reason else 1], device=device, dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
+        if int(flag.item()) == 0:
+            msg = (
+                f"NTKSpectrumMonitor: non-finite values probing {name} at step {step} on "
+                f"{'this rank' if reason else 'another rank'}'s probe shard"
+                + (f" ({reason})" if reason else "")
+            )
+            if self.strict:
+                raise FloatingPointError(msg)
+            raise _ProbeFailure(msg + "; probe skipped on every rank, training continues.")
+
+    # ------------------------------------------------------------------ TensorBoard extras
+    def _log_spectra(
+        self, trainer: pl.Trainer, results: Mapping[str, Mapping[str, Any]], step: int
+    ) -> None:
+        writers = list(tensorboard_writers(trainer))
+        if not writers:
+            return
+        spectra = {
+            tag: res["eigenvalues"]
+            for tag, res in results.items()
+            if isinstance(res.get("eigenvalues"), torch.Tensor) and res["eigenvalues"].numel() > 0
+        }
+        if not spectra:
+            return
+        if self.log_histogram:
+            for writer in writers:
+                for tag, eig in spectra.items():
+                    prefix = self._metric_prefix(tag)
+                    writer.add_histogram(prefix + "spectrum", eig.numpy(), global_step=step)
+                    pos = eig[eig > 0]
+                    if pos.numel() > 0:
+                        writer.add_histogram(
+                            prefix + "log10_spectrum", pos.log10().numpy(), global_step=step
+                        )
+        if not self.log_figure:
+            return
+        # history already holds this probe: it is probe number len - 1 of the run.
+        index = len(self.history) - 1
+        every = self.figure_every
+        if index == 0 or (every is not None and index % every == 0):
+            self._draw(writers, spectra, step)
+            self._pending_figure = None
+        else:  # drawn at train end if it stays the last probe
+            self._pending_figure = (step, dict(spectra))
+
+    def _draw(self, writers: list[Any], spectra: Mapping[str, torch.Tensor], step: int) -> None:
+        fig = _spectrum_figure(spectra, step)
+        for writer in writers:
+            writer.add_figure(f"{self.prefix}/spectrum_figure", fig, global_step=step, close=False)
+
+
+def _spectrum_figure(spectra: Mapping[str, torch.Tensor], step: int) -> Any:
+    """Sorted eigenvalues on a log axis (non-positive ones are listed in the legend, not drawn)."""
+    # A bare Figure (no pyplot): no global figure registry, no backend switch in the user's process.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.2), dpi=80)
+    ax = fig.add_subplot(1, 1, 1)
+    for tag, eig in spectra.items():
+        vals = torch.sort(eig, descending=True).values
+        pos = vals[vals > 0]
+        n_nonpos = int(vals.numel() - pos.numel())
+        kappa = float(vals[0] / vals[-1]) if vals[-1] != 0 else float("inf")
+        label = f"{tag or 'model'}: κ={kappa:.3g}"
+        if n_nonpos:
+            label += f" ({n_nonpos} ≤ 0 not drawn)"
+        ax.semilogy(range(1, pos.numel() + 1), pos.numpy(), marker=".", lw=1, label=label)
+    ax.set_xlabel("index i")
+    ax.set_ylabel("eigenvalue λ_i of K = J Jᵀ")
+    ax.set_title(f"NTK spectrum, step {step}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _is_paired(pl_module: pl.LightningModule) -> bool:
+    try:
+        from glu_probe.callbacks.paired import PairedModule
+    except ImportError:  # the paired module is optional for this callback
+        return False
+    return isinstance(pl_module, PairedModule)
+
+
+def _first_loader(loaders: Any) -> DataLoader | None:
+    if isinstance(loaders, DataLoader):
+        return loaders
+    if isinstance(loaders, Mapping):
+        for v in loaders.values():
+            found = _first_loader(v)
+            if found is not None:
+                return found
+    if isinstance(loaders, (list, tuple)):
+        for v in loaders:
+            found = _first_loader(v)
+            if found is not None:
+                return found
+    return None

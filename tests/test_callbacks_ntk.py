@@ -1,0 +1,646 @@
+"""NTKSpectrumMonitor with real Trainers on tiny models.
+
+Ground truth: the NTK K = J Jᵀ of the same module on the same probe, with J from
+``torch.autograd.functional.jacobian`` in float64 at the parameters of the probed step, and its
+spectrum from a dense ``torch.linalg.eigvalsh``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import glu_probe.ntk
+from glu_probe.callbacks.ntk import NTKProbeWarning, NTKSpectrumMonitor
+
+torch.set_num_threads(1)
+
+METRICS = (
+    "lambda_max",
+    "lambda_min",
+    "condition_number",
+    "effective_rank",
+    "residual_max",
+    "residual_min",
+)
+
+
+class TinyNet(pl.LightningModule):
+    def __init__(self, d_in: int = 5, hidden: int = 8, d_out: int = 3, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d_in, hidden), nn.Tanh(), nn.Dropout(dropout), nn.Linear(hidden, d_out)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class NoForward(TinyNet):
+    forward = pl.LightningModule.forward  # type: ignore[assignment]
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+
+class Snapshots(pl.Callback):
+    """Parameters at train start (step 0) and after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _take(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.states[trainer.global_step] = {
+            k: v.detach().clone() for k, v in pl_module.state_dict().items()
+        }
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *a: Any
+    ) -> None:
+        self._take(trainer, pl_module)
+
+
+def make_data(n: int = 32, d_in: int = 5, d_out: int = 3, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, d_in, generator=g), torch.randn(n, d_out, generator=g))
+
+
+def loader(ds: TensorDataset, shuffle: bool = False, batch_size: int = 8) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle)
+
+
+def trainer(**kw: Any) -> pl.Trainer:
+    base: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    base.update(kw)
+    return pl.Trainer(**base)
+
+
+def dense_spectrum(module: nn.Module, x: torch.Tensor, output: str = "pntk") -> torch.Tensor:
+    """Independent truth: eigvalsh of J Jᵀ in float64, J from autograd.functional.jacobian."""
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    params = tuple(p.detach().double() for n, p in module.named_parameters() if p.requires_grad)
+    buffers = {n: b.double() for n, b in module.named_buffers()}
+    was_training = module.training
+    module.eval()
+
+    def rows(*ps: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(
+            module, {**buffers, **dict(zip(names, ps, strict=True))}, (x.double(),)
+        )
+        if output == "pntk":
+            return out.sum(-1) / math.sqrt(out.shape[-1])
+        return out.reshape(-1)
+
+    jac = torch.autograd.functional.jacobian(rows, params)
+    module.train(was_training)
+    J = torch.cat([j.reshape(j.shape[0], -1) for j in jac], dim=1)
+    return torch.linalg.eigvalsh(J @ J.T)
+
+
+def truth_at(state: dict[str, torch.Tensor], x: torch.Tensor, output: str = "pntk") -> torch.Tensor:
+    net = TinyNet()
+    net.load_state_dict(state)
+    return dense_spectrum(net, x, output).double()
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+# ---------------------------------------------------------------------------- correctness
+@pytest.mark.parametrize(
+    ("output", "dtype", "method", "rtol"),
+    [
+        ("pntk", torch.float64, "dense", 1e-9),
+        ("full", torch.float64, "dense", 1e-9),
+        ("pntk", torch.float32, "auto", 1e-4),
+    ],
+)
+def test_logged_values_equal_dense_eigh(tmp_path, output, dtype, method, rtol):
+    torch.manual_seed(0)
+    ds = make_data()
+    model = TinyNet()
+    snaps = Snapshots()
+    mon = NTKSpectrumMonitor(
+        every_n_steps=2, probe_size=12, output=output, dtype=dtype, method=method
+    )
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer(max_steps=5, callbacks=[mon, snaps], logger=logger).fit(model, loader(ds))
+
+    x = ds.tensors[0][:12]
+    rows = [r for r in read_csv(Path(logger.log_dir) / "metrics.csv") if r.get("ntk/lambda_max")]
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]
+    assert [h["step"] for h in mon.history] == [0, 2, 4]
+    for row, hist in zip(rows, mon.history, strict=True):
+        ev = truth_at(snaps.states[hist["step"]], x, output)
+        lmax, lmin = float(ev[-1]), float(ev[0])
+        for source in (hist, {k: float(v) for k, v in row.items() if v}):
+            assert source["ntk/lambda_max"] == pytest.approx(lmax, rel=rtol)
+            assert source["ntk/lambda_min"] == pytest.approx(lmin, rel=10 * rtol)
+            assert source["ntk/condition_number"] == pytest.approx(lmax / lmin, rel=10 * rtol)
+            assert source["ntk/residual_max"] >= 0.0
+            assert source["ntk/residual_min"] >= 0.0
+        n_rows = ev.numel()
+        assert 1.0 <= hist["ntk/effective_rank"] <= n_rows + 1e-9
+        expected_er = float(glu_probe.ntk.effective_rank(ev))
+        assert hist["ntk/effective_rank"] == pytest.approx(expected_er, rel=max(rtol, 1e-6))
+
+
+def test_probe_in_eval_mode_with_dropout_and_user_probe():
+    """Dropout is off inside the probe (eval mode); a user probe batch is used as given."""
+    torch.manual_seed(1)
+    ds = make_data()
+    model = TinyNet(dropout=0.5)
+    snaps = Snapshots()
+    probe = (torch.randn(7, 5), torch.zeros(7, 3))
+    mon = NTKSpectrumMonitor(every_n_steps=3, probe=probe, dtype=torch.float64, method="dense")
+    trainer(max_steps=3, callbacks=[mon, snaps]).fit(model, loader(ds, shuffle=True))
+    assert [h["step"] for h in mon.history] == [0, 3]
+    for hist in mon.history:
+        net = TinyNet(dropout=0.5)
+        net.load_state_dict(snaps.states[hist["step"]])
+        ev = dense_spectrum(net, probe[0])
+        assert hist["ntk/lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-9)
+        assert hist["ntk/condition_number"] == pytest.approx(float(ev[-1] / ev[0]), rel=1e-8)
+    assert model.training  # flags restored after the probes
+
+
+def test_dict_batches_and_probe_inputs():
+    class DictNet(TinyNet):
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            return self.net(features)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return nn.functional.mse_loss(self(batch["features"]), batch["labels"])
+
+    ds = make_data()
+    items = [{"features": x, "labels": y} for x, y in zip(*ds.tensors, strict=True)]
+    dl: DataLoader[Any] = DataLoader(items, batch_size=8)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    model = DictNet()
+    mon = NTKSpectrumMonitor(every_n_steps=10, probe_size=6, dtype=torch.float64)
+    trainer(max_steps=1, callbacks=[mon]).fit(model, dl)
+    # The dict minus its label key is passed as keyword arguments: model(features=x).
+    assert mon.history[0]["ntk/lambda_max"] > 0
+
+    torch.manual_seed(0)
+    plain = TinyNet()
+    init = {k: v.clone() for k, v in plain.state_dict().items()}
+    mon2 = NTKSpectrumMonitor(
+        every_n_steps=10, probe_size=6, dtype=torch.float64, probe_inputs=lambda b: b[0][:4]
+    )
+    trainer(max_steps=1, callbacks=[mon2]).fit(plain, loader(ds))
+    ev = truth_at(init, ds.tensors[0][:4])
+    assert mon2.history[0]["ntk/lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-9)
+
+
+# ---------------------------------------------------------------------------- cadence
+def test_cadence_fixed_and_accumulation():
+    ds = make_data()
+    mon = NTKSpectrumMonitor(every_n_steps=3, probe_size=4)
+    trainer(max_steps=10, callbacks=[mon]).fit(TinyNet(), loader(ds))
+    assert [h["step"] for h in mon.history] == [0, 3, 6, 9]
+
+    # Optimizer steps, not batches: 8 batches with accumulate_grad_batches=2 = 4 steps.
+    mon = NTKSpectrumMonitor(every_n_steps=2, probe_size=4)
+    trainer(max_steps=4, accumulate_grad_batches=2, callbacks=[mon]).fit(TinyNet(), loader(ds))
+    assert [h["step"] for h in mon.history] == [0, 2, 4]
+
+
+def test_auto_cadence_gives_at_least_20_probes():
+    ds = make_data()
+    mon = NTKSpectrumMonitor(probe_size=4)
+    trainer(max_epochs=13, callbacks=[mon]).fit(TinyNet(), loader(ds))  # 52 steps
+    assert mon.every_n_steps is None
+    assert mon._resolved_every == 52 // 25 == 2
+    steps = [h["step"] for h in mon.history]
+    assert steps == list(range(0, 53, 2))
+    assert len(steps) >= 20
+
+
+def test_skips_sanity_check_and_fast_dev_run(monkeypatch):
+    real = glu_probe.ntk.ntk_spectrum
+    calls: list[tuple[bool, int]] = []
+    t = trainer(max_steps=2, num_sanity_val_steps=2, limit_val_batches=1, val_check_interval=1)
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append((t.sanity_checking, t.global_step))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(glu_probe.ntk, "ntk_spectrum", spy)
+    ds = make_data()
+    mon = NTKSpectrumMonitor(every_n_steps=1, probe_size=4)
+    t.callbacks.append(mon)  # type: ignore[attr-defined]
+    t.fit(TinyNet(), loader(ds), loader(ds))
+    assert calls == [(False, 0), (False, 1), (False, 2)]
+
+    calls.clear()
+    mon = NTKSpectrumMonitor(every_n_steps=1, probe_size=4)
+    trainer(fast_dev_run=True, callbacks=[mon]).fit(TinyNet(), loader(ds), loader(ds))
+    assert calls == []
+    assert mon.history == []
+
+
+def test_warm_start_from_previous_ritz_vectors(monkeypatch):
+    real = glu_probe.ntk.ntk_spectrum
+    seen: list[Any] = []
+    returned: list[Any] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("warm_start"))
+        res = real(*args, **kwargs)
+        returned.append(res.ritz_vectors)
+        return res
+
+    monkeypatch.setattr(glu_probe.ntk, "ntk_spectrum", spy)
+    ds = make_data(n=64)
+    mon = NTKSpectrumMonitor(every_n_steps=1, probe_size=24, method="lanczos")
+    trainer(max_steps=2, callbacks=[mon]).fit(TinyNet(), loader(ds))
+    assert seen[0] is None
+    assert returned[0] is not None
+    for prev, cur in zip(returned[:-1], seen[1:], strict=True):
+        assert cur is not None
+        torch.testing.assert_close(cur.cpu(), prev.cpu())
+    assert set(mon.state_dict()["warm_start"]) == {""}
+
+
+# ---------------------------------------------------------------------------- loggers
+def test_tensorboard_scalars_histograms_and_figure(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ds = make_data()
+    mon = NTKSpectrumMonitor(every_n_steps=2, probe_size=8, dtype=torch.float64)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer(max_steps=4, callbacks=[mon], logger=logger).fit(TinyNet(), loader(ds))
+    logger.experiment.flush()
+    acc = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "images": 0}).Reload()
+    tags = acc.Tags()
+    for name in METRICS:
+        events = acc.Scalars(f"ntk/{name}")
+        assert [e.step for e in events] == [0, 2, 4]
+        for e, h in zip(events, mon.history, strict=True):
+            assert e.value == pytest.approx(h[f"ntk/{name}"], rel=1e-6)
+    assert "ntk/spectrum" in tags["histograms"]
+    assert "ntk/log10_spectrum" in tags["histograms"]
+    hist = acc.Histograms("ntk/spectrum")
+    assert [h.step for h in hist] == [0, 2, 4]
+    assert hist[0].histogram_value.num == 8  # one entry per eigenvalue (8 pNTK rows)
+    assert hist[0].histogram_value.max == pytest.approx(mon.history[0]["ntk/lambda_max"])
+    # The figure: first and last probe (rendering costs more than these probes).
+    assert [i.step for i in acc.Images("ntk/spectrum_figure")] == [0, 4]
+
+
+def test_csv_several_loggers_and_no_logger(tmp_path):
+    ds = make_data()
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    cs = CSVLogger(tmp_path, name="csv")
+    mon = NTKSpectrumMonitor(every_n_steps=2, probe_size=8, log_figure=False)
+    trainer(max_steps=4, callbacks=[mon], logger=[tb, cs]).fit(TinyNet(), loader(ds))
+    rows = [r for r in read_csv(Path(cs.log_dir) / "metrics.csv") if r.get("ntk/lambda_max")]
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]
+    for r, h in zip(rows, mon.history, strict=True):
+        assert float(r["ntk/condition_number"]) == pytest.approx(h["ntk/condition_number"])
+    assert list(Path(tb.log_dir).glob("events.out.tfevents.*"))
+
+    mon = NTKSpectrumMonitor(every_n_steps=2, probe_size=8)
+    trainer(max_steps=4, callbacks=[mon], logger=False).fit(TinyNet(), loader(ds))
+    assert [h["step"] for h in mon.history] == [0, 2, 4]
+
+
+# ---------------------------------------------------------------------------- misconfiguration
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"every_n_steps": 2.5}, "every_n_steps"),
+        ({"probe_size": 0}, "probe_size"),
+        ({"output": "logits"}, "output"),
+        ({"method": "eigsh"}, "method"),
+        ({"target_probes": 0}, "target_probes"),
+        ({"chunk_size": -1}, "chunk_size"),
+        ({"probe_inputs": 3}, "probe_inputs"),
+        ({"module": ""}, "module"),
+        ({"dtype": torch.float16}, "dtype"),
+        ({"dtype": "float77"}, "dtype"),
+        ({"prefix": "ntk/"}, "prefix"),
+        ({"figure_every": 0}, "figure_every"),
+        ({"max_rows": 0}, "max_rows"),
+    ],
+)
+def test_bad_config_raises_at_construction(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        NTKSpectrumMonitor(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
+def test_sharded_parameter_strategies_refused(name):
+    fake_strategy = type(name, (), {})()
+    fake = SimpleNamespace(strategy=fake_strategy)
+    with pytest.raises(MisconfigurationException, match=f"{name}.*strategy='ddp'"):
+        NTKSpectrumMonitor().setup(fake, TinyNet(), "fit")  # type: ignore[arg-type]
+
+
+def test_real_fsdp_strategy_object_refused():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    fake = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(MisconfigurationException, match="FSDPStrategy"):
+        NTKSpectrumMonitor().setup(fake, TinyNet(), "fit")  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+def test_fsdp_trainer_refused_at_setup():
+    mon = NTKSpectrumMonitor(every_n_steps=1)
+    t = trainer(max_steps=1, callbacks=[mon], accelerator="cuda", strategy="fsdp")
+    with pytest.raises(MisconfigurationException, match="FSDPStrategy"):
+        t.fit(TinyNet(), loader(make_data()))
+
+
+def test_module_without_forward_and_bad_module_path():
+    ds = make_data()
+    with pytest.raises(MisconfigurationException, match=r"forward.*module="):
+        trainer(max_steps=1, callbacks=[NTKSpectrumMonitor()]).fit(NoForward(), loader(ds))
+    with pytest.raises(MisconfigurationException, match="no attribute path 'body'"):
+        trainer(max_steps=1, callbacks=[NTKSpectrumMonitor(module="body")]).fit(
+            NoForward(), loader(ds)
+        )
+    # module="net" probes the submodule: same function as forward here.
+    torch.manual_seed(0)
+    model = NoForward()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    mon = NTKSpectrumMonitor(module="net", every_n_steps=5, probe_size=6, dtype=torch.float64)
+    trainer(max_steps=1, callbacks=[mon]).fit(model, loader(ds))
+    ev = truth_at(init, ds.tensors[0][:6])
+    assert mon.history[0]["ntk/lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-9)
+
+
+# ---------------------------------------------------------------------------- failure containment
+def _run_with(monkeypatch, fake: Any, **mon_kw: Any) -> tuple[NTKSpectrumMonitor, TinyNet]:
+    monkeypatch.setattr(glu_probe.ntk, "ntk_spectrum", fake)
+    mon = NTKSpectrumMonitor(every_n_steps=1, probe_size=8, **mon_kw)
+    model = TinyNet()
+    trainer(max_steps=3, callbacks=[mon]).fit(model, loader(make_data()))
+    return mon, model
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory."),
+        RuntimeError("DefaultCPUAllocator: out of memory"),
+    ],
+)
+def test_oom_halves_chunk_once_then_skips(monkeypatch, error):
+    chunks: list[Any] = []
+
+    def always_oom(*args: Any, **kwargs: Any) -> Any:
+        chunks.append(kwargs.get("chunk_size"))
+        raise error
+
+    with pytest.warns(NTKProbeWarning, match="out of memory.*chunk_size=4.*training continues"):
+        mon, _ = _run_with(monkeypatch, always_oom)
+    assert mon.history == []
+    assert chunks == [None, 4] * 4  # steps 0..3: first try, then half of the 8-sample probe
+
+
+def test_oom_retry_succeeds(monkeypatch):
+    real = glu_probe.ntk.ntk_spectrum
+    chunks: list[Any] = []
+
+    def oom_first(*args: Any, **kwargs: Any) -> Any:
+        chunks.append(kwargs.get("chunk_size"))
+        if len(chunks) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+        return real(*args, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NTKProbeWarning)
+        mon, _ = _run_with(monkeypatch, oom_first, chunk_size=6)
+    assert chunks[:3] == [6, 3, 6]
+    assert [h["step"] for h in mon.history] == [0, 1, 2, 3]
+
+
+def test_nan_skips_with_warning_and_strict_raises(monkeypatch):
+    real = glu_probe.ntk.ntk_spectrum
+
+    def nan_model_output(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("the model output has 3 NaN/Inf value(s) on the probe batch")
+
+    with pytest.warns(NTKProbeWarning, match="non-finite"):
+        mon, _ = _run_with(monkeypatch, nan_model_output)
+    assert mon.history == []
+
+    def nan_eigenvalue(*args: Any, **kwargs: Any) -> Any:
+        res = real(*args, **kwargs)
+        res.lambda_min = float("nan")
+        if hasattr(res, "as_dict"):
+            d = res.as_dict()
+            res.as_dict = lambda: {**d, "lambda_min": float("nan")}  # type: ignore[method-assign]
+        return res
+
+    with pytest.warns(NTKProbeWarning, match="non-finite eigenvalues"):
+        mon, _ = _run_with(monkeypatch, nan_eigenvalue)
+    assert mon.history == []
+
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        _run_with(monkeypatch, nan_model_output, strict=True)
+    with pytest.raises(FloatingPointError, match="non-finite eigenvalues"):
+        _run_with(monkeypatch, nan_eigenvalue, strict=True)
+
+    def oom(*args: Any, **kwargs: Any) -> Any:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        _run_with(monkeypatch, oom, strict=True)
+
+
+def test_real_nan_output_is_contained():
+    """A model whose output is NaN on the probe (not in training): warn, skip, keep training."""
+    ds = make_data()
+    probe = (torch.full((4, 5), float("nan")), torch.zeros(4, 3))
+    mon = NTKSpectrumMonitor(every_n_steps=1, probe=probe)
+    model = TinyNet()
+    with pytest.warns(NTKProbeWarning, match="non-finite"):
+        trainer(max_steps=2, callbacks=[mon]).fit(model, loader(ds))
+    assert mon.history == []
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_other_errors_propagate(monkeypatch):
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise TypeError("a bug")
+
+    with pytest.raises(TypeError, match="a bug"):
+        _run_with(monkeypatch, broken)
+
+
+# ---------------------------------------------------------------------------- paired module
+def test_paired_module_probes_model_and_baseline():
+    paired_mod = pytest.importorskip("glu_probe.callbacks.paired")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    baseline = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    init_m = [p.detach().clone() for p in model.parameters()]
+    init_b = [p.detach().clone() for p in baseline.parameters()]
+    paired = paired_mod.PairedModule(model, baseline, loss_fn=nn.functional.mse_loss)
+    mon = NTKSpectrumMonitor(every_n_steps=10, probe_size=6, dtype=torch.float64)
+    trainer(max_steps=1, callbacks=[mon]).fit(paired, loader(make_data()))
+    h = mon.history[0]
+    x = make_data().tensors[0][:6]
+    for tag, init in (("model", init_m), ("baseline", init_b)):
+        clone = nn.Sequential(
+            nn.Linear(5, 8), nn.Tanh() if tag == "model" else nn.ReLU(), nn.Linear(8, 3)
+        )
+        with torch.no_grad():
+            for p, q in zip(clone.parameters(), init, strict=True):
+                p.copy_(q)
+        ev = dense_spectrum(clone, x)
+        assert h[f"ntk/{tag}/lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-9)
+        assert h[f"ntk/{tag}/condition_number"] == pytest.approx(float(ev[-1] / ev[0]), rel=1e-8)
+    assert "ntk/lambda_max" not in h
+
+
+class TokenLM(pl.LightningModule):
+    """(B, T) token ids -> (B, T, V) logits: the pNTK has one row per token."""
+
+    def __init__(self, vocab: int = 11, width: int = 6) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(ids)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (ids,) = batch
+        logits = self(ids[:, :-1])
+        return nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+        )
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_max_rows_caps_token_probes():
+    ids = torch.randint(0, 11, (24, 8), generator=torch.Generator().manual_seed(0))
+    dl = DataLoader(TensorDataset(ids), batch_size=6)
+    torch.manual_seed(0)
+    model = TokenLM()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    mon = NTKSpectrumMonitor(every_n_steps=5, probe_size=10, max_rows=20, dtype=torch.float64)
+    trainer(max_steps=1, callbacks=[mon]).fit(model, dl)
+    assert mon._n_probe == 2  # 20 rows // 8 tokens per sequence
+    ref = TokenLM()
+    ref.load_state_dict(init)
+    names = [n for n, _ in ref.named_parameters()]
+    params = tuple(p.detach().double() for p in ref.parameters())
+
+    def rows(*ps: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(
+            ref.double(), dict(zip(names, ps, strict=True)), (ids[:2],)
+        )
+        return (out.sum(-1) / math.sqrt(out.shape[-1])).reshape(-1)
+
+    jac = torch.autograd.functional.jacobian(rows, params)
+    J = torch.cat([j.reshape(16, -1) for j in jac], dim=1)
+    ev = torch.linalg.eigvalsh(J @ J.T)
+    assert mon.history[0]["ntk/lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-9)
+    assert mon.history[0]["ntk/lambda_min"] == pytest.approx(float(ev[0]), rel=1e-7)
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """An iterable dataset whose order depends on the global RNG (as a shuffling stream would)."""
+
+    def __init__(self, ds: TensorDataset) -> None:
+        self.ds = ds
+
+    def __iter__(self) -> Any:
+        order = torch.randperm(len(self.ds))
+        for i in order.tolist():
+            yield self.ds[i]
+
+
+def test_iterable_dataset_probe_leaves_training_unchanged():
+    ds = make_data()
+
+    class RngAtStart(pl.Callback):
+        state: torch.Tensor
+
+        def on_train_start(self, *args: Any) -> None:
+            self.state = torch.get_rng_state()
+
+    at_start = RngAtStart()
+
+    def fit(with_monitor: bool) -> tuple[TinyNet, NTKSpectrumMonitor | None, torch.Tensor]:
+        pl.seed_everything(3, verbose=False)
+        model = TinyNet()
+        mon = NTKSpectrumMonitor(every_n_steps=2, probe_size=10, dtype=torch.float64)
+        cbs: list[pl.Callback] = [at_start, mon] if with_monitor else []
+        trainer(max_steps=4, callbacks=cbs).fit(model, DataLoader(Stream(ds), batch_size=8))
+        return model, (mon if with_monitor else None), torch.get_rng_state()
+
+    ref, _, rng_ref = fit(False)
+    got, mon, rng_got = fit(True)
+    for p, q in zip(ref.parameters(), got.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert torch.equal(rng_ref, rng_got)
+    assert mon is not None and [h["step"] for h in mon.history] == [0, 2, 4]
+    # The probe: the first 10 samples of a fresh loader iterator, drawn with the RNG state of
+    # train start (and restored afterwards).
+    pl.seed_everything(3, verbose=False)
+    init = TinyNet().state_dict()
+    torch.set_rng_state(at_start.state)
+    it = iter(DataLoader(Stream(ds), batch_size=8))
+    x = torch.cat([next(it)[0], next(it)[0]])[:10]
+    ev = truth_at(init, x)
+    assert mon.history[0]["ntk/lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-9)
+
+
+def test_figure_every(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    mon = NTKSpectrumMonitor(every_n_steps=1, probe_size=6, figure_every=3, log_histogram=False)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer(max_steps=7, callbacks=[mon], logger=logger).fit(TinyNet(), loader(make_data()))
+    acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0}).Reload()
+    assert [i.step for i in acc.Images("ntk/spectrum_figure")] == [0, 3, 6, 7]  # + the last
+    assert "ntk/spectrum" not in acc.Tags()["histograms"]

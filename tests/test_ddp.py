@@ -1,0 +1,154 @@
+"""NTKSpectrumMonitor under DDP on CPU (gloo, 2 processes).
+
+Single process: batches of 8. DDP: batches of 4 per rank with Lightning's DistributedSampler
+(no shuffle), so step k sees the same 8 samples and the averaged gradient equals the
+single-process one up to float rounding. The probes must then agree, be logged once (one CSV row
+per probe), and the sharded probe (each rank holds half of the probe batch, Jᵀv all-reduced) must
+equal the unsharded one.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from glu_probe.callbacks.ntk import NTKSpectrumMonitor
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed (gloo)"
+)
+
+METRICS = ("lambda_max", "lambda_min", "condition_number", "effective_rank")
+
+
+class Net(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.2)
+
+
+class DumpHistory(pl.Callback):
+    """Save every rank's monitor histories (the launcher returns no callback state)."""
+
+    def __init__(self, path: Path, monitors: list[NTKSpectrumMonitor]) -> None:
+        self.path = path
+        self.monitors = monitors
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        torch.save(
+            [m.history for m in self.monitors], self.path / f"history_rank{trainer.global_rank}.pt"
+        )
+
+
+def data() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(32, 5, generator=g), torch.randn(32, 3, generator=g))
+
+
+class Data(pl.LightningDataModule):
+    """Unshuffled DistributedSampler under DDP (Lightning's automatic one always shuffles)."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        ds = data()
+        trainer = self.trainer
+        assert trainer is not None
+        if trainer.world_size == 1:
+            return DataLoader(ds, batch_size=self.batch_size)
+        sampler: DistributedSampler[Any] = DistributedSampler(
+            ds, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+        )
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler)
+
+
+def nan_probe() -> tuple[torch.Tensor, torch.Tensor]:
+    """A probe whose second shard (rank 1's last 6 of 13 samples) gives NaN outputs."""
+    x = data().tensors[0][:13].clone()
+    x[7:] = float("nan")
+    return x, torch.zeros(13, 3)
+
+
+def monitors() -> list[NTKSpectrumMonitor]:
+    # 13 probe samples: the sharded monitor splits them unevenly (7 + 6).
+    return [
+        NTKSpectrumMonitor(every_n_steps=2, probe_size=13, prefix="ntk", method="lanczos"),
+        NTKSpectrumMonitor(
+            every_n_steps=2, probe_size=13, prefix="ntks", method="lanczos", shard_probe=True
+        ),
+        # Only rank 1's shard is non-finite: every rank must skip together (no rank left
+        # waiting in a collective), and training goes on.
+        NTKSpectrumMonitor(every_n_steps=2, probe=nan_probe(), prefix="nan", shard_probe=True),
+    ]
+
+
+def fit(tmp: Path, devices: int, batch_size: int) -> list[list[list[dict[str, Any]]]]:
+    """Per rank, per monitor (plain, sharded): the probe history."""
+    torch.manual_seed(0)
+    model = Net()
+    mons = monitors()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_fork" if devices > 1 else "auto",
+        max_steps=4,
+        logger=CSVLogger(tmp, name="csv"),
+        callbacks=[*mons, DumpHistory(tmp, mons)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(model, datamodule=Data(batch_size))
+    return [torch.load(tmp / f"history_rank{r}.pt") for r in range(devices)]
+
+
+def test_ddp_equals_single_process_logged_once_and_sharded_equals_unsharded(tmp_path):
+    torch.set_num_threads(1)
+    single = fit(tmp_path / "single", devices=1, batch_size=8)[0]
+    ranks = fit(tmp_path / "ddp", devices=2, batch_size=4)
+
+    # Every rank holds the same (broadcast / all-reduced) history.
+    torch.testing.assert_close(ranks[0], ranks[1], rtol=0, atol=0, equal_nan=True)
+    plain, sharded, nan = ranks[0]
+    assert nan == [] and single[2] == []
+    assert [h["step"] for h in plain] == [h["step"] for h in sharded] == [0, 2, 4]
+
+    for ref, got, got_sh in zip(single[0], plain, sharded, strict=True):
+        for name in METRICS:
+            assert got[f"ntk/{name}"] == pytest.approx(ref[f"ntk/{name}"], rel=1e-4), name
+            assert got_sh[f"ntks/{name}"] == pytest.approx(got[f"ntk/{name}"], rel=1e-4), name
+
+    # Logged once: one CSV row per probe and monitor, only rank 0 writes.
+    csv_files = list((tmp_path / "ddp").rglob("metrics.csv"))
+    assert len(csv_files) == 1
+    with open(csv_files[0]) as fh:
+        rows = list(csv.DictReader(fh))
+    for prefix, hist in (("ntk", plain), ("ntks", sharded)):
+        logged = [r for r in rows if r.get(f"{prefix}/lambda_max")]
+        assert [int(r["step"]) for r in logged] == [0, 2, 4]
+        for r, h in zip(logged, hist, strict=True):
+            assert float(r[f"{prefix}/lambda_max"]) == pytest.approx(h[f"{prefix}/lambda_max"])
+    assert not any(r.get("nan/lambda_max") for r in rows)

@@ -1,0 +1,148 @@
+"""Crash and resume: a run restarted from a mid-run checkpoint logs the same series.
+
+Run A trains 16 steps uninterrupted. Run B is the same run, checkpointed at each epoch end, and
+crashes at step 10. Run C is a fresh process-like restart (new module with other initial weights,
+new callbacks with empty state) resumed from B's checkpoint at step 8. The NTK series (Lanczos,
+warm-started from the previous probe's Ritz vectors, which must therefore come back from the
+checkpoint) and the crossing history of C must equal A's.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from glu_probe.callbacks.crossing import LossCrossingMonitor
+from glu_probe.callbacks.ntk import NTKSpectrumMonitor
+
+torch.set_num_threads(1)
+
+# Baseline losses alternating far above / far below this run's loss (~1): a crossing every few
+# steps, on both sides of the resume point.
+BASELINE = ([10.0] * 3 + [0.0] * 3) * 3
+
+
+class Net(pl.LightningModule):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+class Crash(pl.Callback):
+    def __init__(self) -> None:
+        self.monitor: NTKSpectrumMonitor | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        callbacks: list[pl.Callback] = trainer.callbacks  # type: ignore[attr-defined]
+        self.monitor = next(c for c in callbacks if isinstance(c, NTKSpectrumMonitor))
+        if trainer.global_step == 10:
+            raise SimulatedCrash("the process dies at step 10")
+
+
+def data_loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(32, 5, generator=g), torch.randn(32, 2, generator=g))
+    return DataLoader(ds, batch_size=8)
+
+
+def monitors() -> tuple[NTKSpectrumMonitor, LossCrossingMonitor]:
+    return (
+        NTKSpectrumMonitor(
+            every_n_steps=3,
+            probe_size=20,
+            method="lanczos",
+            spectrum_kwargs={"block_size": 2, "max_matvecs": 60},
+        ),
+        LossCrossingMonitor(baseline=BASELINE, monitor="train_loss", smoothing=0.0, patience=1),
+    )
+
+
+def run(tmp: Path, name: str, extra: list[pl.Callback], seed: int = 0, ckpt: Path | None = None):
+    ntk, crossing = monitors()
+    logger = CSVLogger(tmp, name=name)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=4,
+        logger=logger,
+        log_every_n_steps=1,
+        callbacks=[ntk, crossing, *extra],
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in extra),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Net(seed), data_loader(), ckpt_path=ckpt)
+    return ntk, crossing, Path(logger.log_dir) / "metrics.csv"
+
+
+def ntk_rows(path: Path) -> dict[int, dict[str, float]]:
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    return {
+        int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("ntk/") and v}
+        for r in rows
+        if r.get("ntk/lambda_max")
+    }
+
+
+def test_crash_and_resume_logs_the_same_series(tmp_path):
+    ntk_a, cross_a, csv_a = run(tmp_path, "a", [])
+    assert [h["step"] for h in ntk_a.history] == [0, 3, 6, 9, 12, 15]
+    assert len(cross_a.crossings) >= 2
+
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    crash = Crash()
+    with pytest.raises(SimulatedCrash):
+        run(tmp_path, "b", [ckpt_cb, crash])
+    assert crash.monitor is not None
+    assert [h["step"] for h in crash.monitor.history] == [0, 3, 6, 9]  # died at step 10
+    ckpt = tmp_path / "ckpt" / "epoch=1-step=8.ckpt"
+    assert ckpt.exists(), sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    state = torch.load(ckpt, weights_only=False)["callbacks"]
+    saved = next(v for k, v in state.items() if k.startswith("NTKSpectrumMonitor"))
+    assert saved["last_probe_step"] == 6 and set(saved["warm_start"]) == {""}
+
+    # A different initial model and fresh callbacks: everything must come from the checkpoint.
+    ntk_c, cross_c, csv_c = run(tmp_path, "c", [], seed=123, ckpt=ckpt)
+
+    assert [h["step"] for h in ntk_c.history] == [0, 3, 6, 9, 12, 15]
+    for ha, hc in zip(ntk_a.history, ntk_c.history, strict=True):
+        assert ha.keys() == hc.keys()
+        for k in ha:
+            assert hc[k] == pytest.approx(ha[k], rel=1e-12, nan_ok=True), (ha["step"], k)
+    # What the resumed run itself logged (steps after 8) equals the uninterrupted log.
+    logged_a, logged_c = ntk_rows(csv_a), ntk_rows(csv_c)
+    assert sorted(logged_c) == [9, 12, 15]
+    for step, row in logged_c.items():
+        assert row.keys() == logged_a[step].keys()
+        for k, v in row.items():
+            assert v == pytest.approx(logged_a[step][k], rel=1e-6, nan_ok=True)
+
+    assert cross_c.crossings == cross_a.crossings
+    assert any(c.step > 8 for c in cross_a.crossings)
