@@ -23,9 +23,9 @@ run() {  # run NAME SECONDS CMD...
   echo "rc=$rc wall=$(( $(date +%s) - t0 ))s" | tee -a "$OUT/$name.txt"
   tail -n 40 "$OUT/$name.txt"
 }
-run gpu_tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+run gpu_tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests
 run bench_mlp 60 python3 benchmarks/bench_mlp.py --device cuda
 run bench_ntk 200 python3 benchmarks/bench_ntk.py --device cuda
-run bench_callbacks 120 python3 benchmarks/bench_callbacks.py --device cuda
-run demo 120 python3 -m glu_probe.cli demo --quick --out /tmp/gpu_runs
+run bench_callbacks 150 python3 benchmarks/bench_callbacks.py --device cuda --gpu-steps 100
+run demo 60 python3 -m glu_probe.cli demo --quick --out /tmp/gpu_runs
 exit 0

@@ -1,0 +1,59 @@
+"""CUDA checks (skipped without a GPU): the same numbers on the device as dense float64 truth.
+
+Run on a CUDA machine with ``pytest -m gpu`` (``benchmarks/gpu_check.sh`` does so).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import glu_probe
+from glu_probe.ntk import ntk_spectrum
+from glu_probe.theory import empirical_ntk, two_layer
+
+pytestmark = pytest.mark.gpu
+
+
+def _truth(model, X):
+    evals = torch.linalg.eigvalsh(empirical_ntk(model.cpu(), X.cpu().double()))
+    return float(evals[-1]), float(evals[0])
+
+
+@pytest.mark.parametrize("kind", ["relu", "reglu"])
+@pytest.mark.parametrize("method", ["dense", "lanczos"])
+def test_ntk_spectrum_on_cuda_matches_float64_truth(kind, method):
+    torch.manual_seed(0)
+    model = two_layer(kind, 8, 64, seed=0)
+    X = torch.randn(48, 8)
+    lam_max, lam_min = _truth(copy.deepcopy(model), X)
+    spec = ntk_spectrum(
+        model.cuda(), X.cuda(), method=method, dtype=torch.float64, tol=1e-8, max_matvecs=400
+    )
+    assert spec.lambda_max == pytest.approx(lam_max, rel=1e-6)
+    assert spec.lambda_min == pytest.approx(lam_min, rel=1e-4)
+    assert spec.converged
+    assert next(model.parameters()).device.type == "cuda"
+
+
+@pytest.mark.parametrize("variant", ["swiglu", "geglu", "reglu"])
+def test_gated_block_on_cuda_matches_cpu(variant):
+    torch.manual_seed(0)
+    block = glu_probe.make_mlp(variant, 32, 48)
+    x = torch.randn(4, 10, 32)
+    ref = block(x)
+    out = copy.deepcopy(block).cuda()(x.cuda())
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_swap_keeps_cuda_device_and_dtype():
+    timm = pytest.importorskip("timm")
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=4, in_chans=1, embed_dim=64, depth=2, num_heads=4, num_classes=10
+    ).to("cuda", torch.bfloat16)
+    report = glu_probe.swap_mlp(vit, "swiglu")
+    assert abs(report.rel_diff) <= 0.01
+    p = next(vit.blocks[0].mlp.parameters())
+    assert p.device.type == "cuda" and p.dtype == torch.bfloat16
