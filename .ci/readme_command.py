@@ -19,7 +19,9 @@ def readme_command(which: str, readme: Path = Path("README.md")) -> str:
         raise SystemExit(f"README.md has no '<!-- quickstart:{which} -->' command block")
     lines = [ln for ln in match.group(1).splitlines() if ln.strip()]
     if len(lines) != 1:
-        raise SystemExit(f"quickstart:{which} must be exactly one command, found {len(lines)} lines")
+        raise SystemExit(
+            f"quickstart:{which} must be exactly one command, found {len(lines)} lines"
+        )
     return lines[0]
 
 
