@@ -49,3 +49,27 @@ def test_ci_runs_the_readme_test_command():
 def test_console_script_points_at_cli_main():
     pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert 'glu-probe = "glu_probe.cli:main"' in pyproject
+
+
+def test_readme_example_runs_and_logs_the_promised_metrics(tmp_path, monkeypatch):
+    """The README's "In your own run" snippet runs as written and logs what it says."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"<!-- example:readme -->\s*```python\n(.*?)\n```", text, flags=re.S)
+    assert code is not None
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code.group(1), "README.md", "exec"), scope)
+    metrics = scope["trainer"].callback_metrics
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted(tmp_path.glob("runs/**/events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("ntk/model/condition_number", "ntk/baseline/condition_number", "crossing/delta"):
+        assert tag in tags, (tag, sorted(tags))
+    kappa = [e.value for e in acc.Scalars("ntk/model/condition_number")]
+    assert len(kappa) >= 20 and all(k >= 1.0 for k in kappa)
+    assert any(t.startswith("gap/") for t in tags)
+    assert "model/train_loss" in metrics
