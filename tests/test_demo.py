@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from glu_probe.cli import main
@@ -172,3 +173,18 @@ def test_quick_demo_two_layer_kappa_equals_direct_ntk(quick_run):
         ev = torch.linalg.eigvalsh(J @ J.T)
         kappa = float(ev[-1] / ev[0])
         assert rows[("two_layer", side)]["kappa_init"] == pytest.approx(kappa, rel=1e-3)
+
+
+def test_device_auto_picks_the_gpu_when_present(monkeypatch):
+    from glu_probe.demo import resolve_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_accelerator("auto") == "gpu"
+    assert resolve_accelerator("cuda") == "gpu"
+    assert resolve_accelerator("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_accelerator("auto") == "cpu"
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_accelerator("cuda")
+    with pytest.raises(ValueError, match="device must be"):
+        resolve_accelerator("tpu")
