@@ -318,6 +318,9 @@ def test_tensorboard_scalars_histograms_and_figure(tmp_path):
         assert [e.step for e in events] == [0, 2, 4]
         for e, h in zip(events, mon.history, strict=True):
             assert e.value == pytest.approx(h[f"ntk/{name}"], rel=1e-6)
+    kappa = [e.value for e in acc.Scalars("ntk/condition_number")]
+    log_kappa = [e.value for e in acc.Scalars("ntk/log10_condition_number")]
+    assert log_kappa == pytest.approx([math.log10(k) for k in kappa], rel=1e-6)
     assert "ntk/spectrum" in tags["histograms"]
     assert "ntk/log10_spectrum" in tags["histograms"]
     hist = acc.Histograms("ntk/spectrum")

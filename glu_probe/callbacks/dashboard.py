@@ -11,6 +11,8 @@ train loss                  ``model/train_loss``, ``baseline/train_loss``
 val loss                    ``model/val_loss``, ``baseline/val_loss``
 NTK condition number        ``ntk/model/condition_number``, ``ntk/baseline/condition_number``
                             (and ``ntk/condition_number`` of an unpaired run)
+NTK condition number        the same tags' ``log10_condition_number`` (κ spans decades)
+(log10)
 generalization gap          ``gap/model/loss``, ``gap/baseline/loss`` (and ``gap/loss``)
 loss crossing               ``crossing/delta``, ``crossing/event``
 ==========================  ===============================================================
@@ -56,6 +58,10 @@ def default_layout(model_prefix: str = "model", baseline_prefix: str = "baseline
             "NTK condition number": [
                 "Multiline",
                 [f"^ntk/({both}/)?condition_number$"],
+            ],
+            "NTK condition number (log10)": [
+                "Multiline",
+                [f"^ntk/({both}/)?log10_condition_number$"],
             ],
             "generalization gap": ["Multiline", [f"^gap/({both}/)?loss$"]],
             "loss crossing": ["Multiline", ["^crossing/delta$", "^crossing/event$"]],

@@ -11,7 +11,7 @@ NTK is K = J Jᵀ. Every ``every_n_steps`` optimizer steps (and at step 0) the m
 :func:`glu_probe.ntk.ntk_spectrum` and logs
 
 * ``ntk/lambda_max`` = λ_max(K), ``ntk/lambda_min`` = λ_min(K),
-* ``ntk/condition_number`` = λ_max / λ_min,
+* ``ntk/condition_number`` = λ_max / λ_min, and ``ntk/log10_condition_number``,
 * ``ntk/effective_rank`` (the engine's effective rank of the spectrum),
 * ``ntk/residual_max``, ``ntk/residual_min``: the Ritz residual norms ‖K v − θ v‖ of the extreme
   Ritz pairs. By the Bauer–Fike / Kahan bound for symmetric K, an eigenvalue of K lies within
@@ -589,6 +589,12 @@ class NTKSpectrumMonitor(Callback):
             prefix = self._metric_prefix(tag)
             for name in METRICS:
                 metrics[prefix + name] = float(res[name])
+            # κ spans decades during training (1e7 at init to 1e3 later); its log10 keeps the
+            # dashboard chart readable, since custom-scalars charts have no log axis setting.
+            kappa = float(res["condition_number"])
+            metrics[prefix + "log10_condition_number"] = (
+                math.log10(kappa) if kappa > 0 else math.nan
+            )
         entry.update(metrics)
         self.history.append(entry)
         log_metrics(trainer, metrics, step=step)
