@@ -8,6 +8,7 @@ spectrum from a dense ``torch.linalg.eigvalsh``.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -563,15 +564,17 @@ class TokenLM(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_max_rows_caps_token_probes():
+def test_max_rows_caps_token_probes(caplog):
     ids = torch.randint(0, 11, (24, 8), generator=torch.Generator().manual_seed(0))
     dl = DataLoader(TensorDataset(ids), batch_size=6)
     torch.manual_seed(0)
     model = TokenLM()
     init = {k: v.clone() for k, v in model.state_dict().items()}
     mon = NTKSpectrumMonitor(every_n_steps=5, probe_size=10, max_rows=20, dtype=torch.float64)
-    trainer(max_steps=1, callbacks=[mon]).fit(model, dl)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        trainer(max_steps=1, callbacks=[mon]).fit(model, dl)
     assert mon._n_probe == 2  # 20 rows // 8 tokens per sequence
+    assert "probing 2 of 10 samples" in caplog.text  # the cap is said, not silent
     ref = TokenLM()
     ref.load_state_dict(init)
     names = [n for n, _ in ref.named_parameters()]

@@ -87,7 +87,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
@@ -494,8 +494,14 @@ class NTKSpectrumMonitor(Callback):
         inputs = extract(batch)
         n = _batch_len(inputs) or n
         if self.probe is None and self.max_rows is not None:
+            requested = n
             n = self._cap_rows(pl_module, inputs, n, include_cuda)
             inputs = _slice_batch(inputs, slice(0, n))
+            if n < requested:
+                rank_zero_info(
+                    f"NTKSpectrumMonitor: probing {n} of {requested} samples to keep K at most "
+                    f"max_rows={self.max_rows} rows; pass max_rows=None to probe all of them."
+                )
         world, rank = trainer.world_size, trainer.global_rank
         if self.shard_probe and world > 1:
             if n < world:
