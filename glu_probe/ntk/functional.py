@@ -23,6 +23,7 @@ are passed as copies so running statistics are never updated.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -213,15 +214,23 @@ class ProbeFunction:
         """The same probe (model, original inputs, filter) in another dtype."""
         if dtype == self.dtype:
             return self
-        inputs, params = self._source
-        return ProbeFunction(
-            self.model,
-            inputs,
-            output=self.output,
-            params=params,
-            dtype=dtype,
-            eval_mode=self.eval_mode,
-        )
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        # Same model, rows and checks: only the tensors are re-cast, from the model's own
+        # parameters and the original inputs (not from this probe's possibly rounded copies).
+        # The validating forward pass of ``__init__`` is repeated only when narrowing: row
+        # count, parameter dependence and finiteness do not change with a wider float type.
+        new = copy.copy(self)
+        new.dtype = dtype
+        named = dict(self.model.named_parameters())
+        new.params = tuple(named[n].detach().to(dtype, copy=True) for n in self.names)
+        new.constants = {n: new._cast(t.detach()) for n, t in named.items() if n not in self.names}
+        for n, b in self.model.named_buffers():
+            new.constants[n] = new._cast(b.detach()).clone()
+        new.inputs = _map_tensors(self._source[0], lambda t: new._cast(t).to(self.device))
+        if torch.finfo(dtype).bits < torch.finfo(self.dtype).bits:
+            new.n_rows, new.rows_per_sample = new._check()
+        return new
 
     # ------------------------------------------------------------------ helpers
     def _cast(self, t: Tensor) -> Tensor:
