@@ -303,6 +303,42 @@ def test_warm_start_from_previous_ritz_vectors(monkeypatch):
     assert set(mon.state_dict()["warm_start"]) == {""}
 
 
+def test_iterative_path_logs_an_slq_effective_rank():
+    """Lanczos path (λ_max only, so far from the whole space): the logged effective rank is the
+    deflated-SLQ estimate, within 10% of the float64 truth at the probed parameters; with
+    ``slq_probes=0`` it is not logged at all (never a NaN series)."""
+    torch.manual_seed(0)
+    ds = make_data(n=96)
+    snaps = Snapshots()
+    kw = {"which": "largest", "block_size": 2}
+    mon = NTKSpectrumMonitor(
+        every_n_steps=2,
+        probe_size=96,
+        max_rows=None,
+        method="lanczos",
+        dtype=torch.float64,
+        spectrum_kwargs=kw,
+    )
+    model = TinyNet(hidden=64)
+    trainer(max_steps=2, callbacks=[mon, snaps]).fit(model, loader(ds))
+    x = ds.tensors[0]
+    for hist in mon.history:
+        net = TinyNet(hidden=64)
+        net.load_state_dict(snaps.states[hist["step"]])
+        truth = float(glu_probe.ntk.effective_rank(dense_spectrum(net, x)))
+        assert hist["ntk/effective_rank"] == pytest.approx(truth, rel=0.10)
+    off = NTKSpectrumMonitor(
+        every_n_steps=2,
+        probe_size=96,
+        method="lanczos",
+        dtype=torch.float64,
+        spectrum_kwargs={**kw, "slq_probes": 0},
+    )
+    trainer(max_steps=1, callbacks=[off]).fit(TinyNet(hidden=64), loader(ds))
+    assert "ntk/effective_rank" not in off.history[0]
+    assert "ntk/lambda_max" in off.history[0]
+
+
 # ---------------------------------------------------------------------------- loggers
 def test_tensorboard_scalars_histograms_and_figure(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -367,6 +403,9 @@ def test_csv_several_loggers_and_no_logger(tmp_path):
         ({"prefix": "ntk/"}, "prefix"),
         ({"figure_every": 0}, "figure_every"),
         ({"max_rows": 0}, "max_rows"),
+        ({"spectrum_kwargs": {"tool": 1e-3}}, "'tool', which is not an argument of ntk_spectrum"),
+        ({"spectrum_kwargs": {"dtype": torch.float64}}, "argument of NTKSpectrumMonitor"),
+        ({"spectrum_kwargs": [("tol", 1e-3)]}, "must be a mapping"),
     ],
 )
 def test_bad_config_raises_at_construction(kwargs, match):

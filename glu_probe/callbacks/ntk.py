@@ -12,7 +12,10 @@ NTK is K = J Jᵀ. Every ``every_n_steps`` optimizer steps (and at step 0) the m
 
 * ``ntk/lambda_max`` = λ_max(K), ``ntk/lambda_min`` = λ_min(K),
 * ``ntk/condition_number`` = λ_max / λ_min, and ``ntk/log10_condition_number``,
-* ``ntk/effective_rank`` (the engine's effective rank of the spectrum),
+* ``ntk/effective_rank``: the entropy effective rank of the spectrum, exact on the dense path; on
+  the iterative path a stochastic Lanczos quadrature estimate (``slq_probes=4`` fixed
+  Rademacher probes × 20 steps, the converged top Ritz pairs deflated; set
+  ``spectrum_kwargs={"slq_probes": 0}`` to skip it, and it is then not logged),
 * ``ntk/residual_max``, ``ntk/residual_min``: the Ritz residual norms ‖K v − θ v‖ of the extreme
   Ritz pairs. By the Bauer–Fike / Kahan bound for symmetric K, an eigenvalue of K lies within
   that distance of the reported value; both are 0 on the exact (dense ``eigh``) path.
@@ -110,6 +113,10 @@ METRICS = (
 #: Default ``memory_budget`` (bytes) of the exact path inside the monitor.
 DEFAULT_MEMORY_BUDGET = 2**28
 
+#: Default ``slq_probes`` inside the monitor: the iterative path estimates the effective rank by
+#: SLQ with this many probes (4 × 20 single-vector products, in 20 block products).
+DEFAULT_SLQ_PROBES = 4
+
 #: Dict keys removed from a dict batch to obtain the model input.
 LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 
@@ -117,6 +124,49 @@ _METHODS = ("auto", "dense", "lanczos")
 _OUTPUTS = ("pntk", "full")
 _NONFINITE = re.compile(r"\bnan\b|\binf\b|non-finite|nonfinite", re.IGNORECASE)
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLAFSDP")
+
+
+#: ntk_spectrum arguments the monitor sets itself (its own constructor arguments).
+_MONITOR_OWNED = (
+    "model",
+    "inputs",
+    "output",
+    "method",
+    "params",
+    "dtype",
+    "eval_mode",
+    "warm_start",
+    "process_group",
+    "chunk_size",
+)
+
+
+def _checked_spectrum_kwargs(spectrum_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``spectrum_kwargs`` as a dict, its names checked now instead of at the first probe."""
+    import inspect
+
+    from glu_probe.ntk import ntk_spectrum
+
+    if spectrum_kwargs is None:
+        return {}
+    if not isinstance(spectrum_kwargs, Mapping):
+        raise MisconfigurationException(
+            f"`spectrum_kwargs` must be a mapping of ntk_spectrum arguments, got "
+            f"{type(spectrum_kwargs).__name__}."
+        )
+    known = set(inspect.signature(ntk_spectrum).parameters)
+    for key in spectrum_kwargs:
+        if key in _MONITOR_OWNED:
+            raise MisconfigurationException(
+                f"`spectrum_kwargs` sets {key!r}, which is an argument of NTKSpectrumMonitor "
+                "itself; pass it to the monitor directly."
+            )
+        if key not in known:
+            raise MisconfigurationException(
+                f"`spectrum_kwargs` has {key!r}, which is not an argument of ntk_spectrum "
+                f"(known: {', '.join(sorted(known - set(_MONITOR_OWNED)))})."
+            )
+    return dict(spectrum_kwargs)
 
 
 class NTKProbeWarning(UserWarning):
@@ -273,7 +323,8 @@ class NTKSpectrumMonitor(Callback):
             (e.g. ``tol``, ``max_matvecs``, ``block_size``). ``memory_budget`` defaults to
             :data:`DEFAULT_MEMORY_BUDGET` (256 MiB) here, so that the exact path assembles K from
             a few large Jacobian blocks instead of many small ones (about 10x faster on small
-            probes than the engine's minimal-memory default).
+            probes than the engine's minimal-memory default), and ``slq_probes`` to
+            :data:`DEFAULT_SLQ_PROBES` (the effective rank on the iterative path).
         prefix: metric name prefix (``"ntk"``); change it to run several monitors side by side
             (e.g. one restricted to the MLP parameters).
     """
@@ -353,8 +404,9 @@ class NTKSpectrumMonitor(Callback):
         self.dtype = dtype
         self.eval_mode = bool(eval_mode)
         self.warm_start = bool(warm_start)
-        self.spectrum_kwargs = dict(spectrum_kwargs or {})
+        self.spectrum_kwargs = _checked_spectrum_kwargs(spectrum_kwargs)
         self.spectrum_kwargs.setdefault("memory_budget", DEFAULT_MEMORY_BUDGET)
+        self.spectrum_kwargs.setdefault("slq_probes", DEFAULT_SLQ_PROBES)
         self.prefix = prefix
 
         # Run state (checkpointed).
@@ -594,6 +646,8 @@ class NTKSpectrumMonitor(Callback):
         for tag, res in results.items():
             prefix = self._metric_prefix(tag)
             for name in METRICS:
+                if name == "effective_rank" and math.isnan(res[name]):
+                    continue  # iterative path with slq_probes=0: unknown, not logged as NaN
                 metrics[prefix + name] = float(res[name])
             # κ spans decades during training (1e7 at init to 1e3 later); its log10 keeps the
             # dashboard chart readable, since custom-scalars charts have no log axis setting.

@@ -18,6 +18,12 @@ NTK K = J Jᵀ, the condition number κ = λ_max/λ_min and what is known about 
   beats the tens to hundreds of full-batch products Lanczos needs for λ_min of an ill-conditioned
   K up to about a thousand rows.
 
+Effective rank: exact (from every eigenvalue) on the dense path and when Lanczos spans the whole
+space. Otherwise Lanczos knows only a few eigenvalues, and ``slq_probes > 0`` estimates it by
+stochastic Lanczos quadrature (:func:`~glu_probe.ntk.density.slq_density`, ``slq_probes``
+Rademacher probes × ``slq_steps`` steps, one block product per step): an estimate whose error is
+the Hutchinson sampling error, not a bound. ``slq_probes = 0`` (default) leaves it ``nan``.
+
 Numerical rank: the number of eigenvalues above λ_max·n·ε (ε of float64 for the dense path),
 the standard ``matrix_rank`` tolerance. A smaller rank (a near-null space) raises a
 :class:`NTKRankWarning`; negative eigenvalues (rounding of a PSD K) are reported as computed,
@@ -37,6 +43,7 @@ from torch import Tensor, nn
 
 from .dense import _budget, ntk_matrix
 from .density import effective_rank as _effective_rank
+from .density import slq_density, slq_effective_rank
 from .functional import OutputSpec, ParamFilter, ProbeFunction
 from .krylov import block_lanczos
 from .operator import NTKOperator
@@ -66,8 +73,9 @@ class NTKSpectrum:
         converged: both ends met the tolerance (always true for the dense path).
         numerical_rank: number of eigenvalues above λ_max·n·ε (dense path, or Lanczos when the
             Krylov space covers the whole space), else ``None``.
-        effective_rank: exp of the Shannon entropy of λ/Σλ (Roy & Vetterli 2007) over the
-            computed eigenvalues; ``nan`` for the Lanczos path (only a few eigenvalues known).
+        effective_rank: exp of the Shannon entropy of λ/Σλ (Roy & Vetterli 2007): exact from
+            every eigenvalue (dense path), an SLQ estimate on the Lanczos path when
+            ``slq_probes > 0`` (see ``effective_rank_method``), else ``nan``.
         n_rows: n, the size of K.
         n_matvecs: products with K (a block of k columns counts k); 0 for the dense Jacobian path.
         wall_time: seconds, probe construction included.
@@ -76,6 +84,10 @@ class NTKSpectrum:
             alternating; pass the result as ``warm_start=`` of the next call.
         lambda_min_upper: certified upper bound on λ_min (θ_min; λ_min itself when exact).
         condition_number_lower: certified lower bound on κ (θ_max/θ_min; κ itself when exact).
+        effective_rank_method: ``"exact"``, ``"slq"`` (a stochastic estimate) or ``"none"``.
+        density_nodes, density_weights: SLQ quadrature nodes and weights of the spectral
+            measure (Lanczos path with ``slq_probes > 0``; weights sum to 1), for
+            :func:`~glu_probe.ntk.density.spectral_density` with ``weights=``; else ``None``.
     """
 
     lambda_max: float
@@ -94,16 +106,29 @@ class NTKSpectrum:
     ritz_vectors: Tensor | None
     lambda_min_upper: float
     condition_number_lower: float
+    effective_rank_method: str = "exact"
+    density_nodes: Tensor | None = None
+    density_weights: Tensor | None = None
 
     def as_dict(self) -> dict[str, float]:
         """Every scalar field as a float (bools as 0/1, a missing rank as ``nan``), for logging."""
         out: dict[str, float] = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in ("eigenvalues", "ritz_vectors", "method"):
+            if f.name in _NON_SCALAR:
                 continue
             out[f.name] = math.nan if v is None else float(v)
         return out
+
+
+_NON_SCALAR = (
+    "eigenvalues",
+    "ritz_vectors",
+    "method",
+    "effective_rank_method",
+    "density_nodes",
+    "density_weights",
+)
 
 
 def _alternate_ends(vectors: Tensor, values: Tensor, k: int) -> Tensor:
@@ -136,6 +161,19 @@ def _warm_vectors(warm_start: Any, n: int, block_size: int) -> Tensor | None:
         return None
     v = v.reshape(n, -1)
     return v[:, : min(block_size, n)]
+
+
+def _converged_top(res: Any, tol: float) -> tuple[Tensor, Tensor] | None:
+    """The Ritz pairs with error bound ≤ tol·θ_max (converged), largest first, for SLQ deflation."""
+    theta, bound = res.ritz_values, res.error_bounds
+    if theta.numel() == 0:
+        return None
+    top = float(theta.max())
+    order = torch.argsort(theta, descending=True)
+    keep = [int(i) for i in order if theta[i] > 0 and bound[i] <= tol * top]
+    if not keep:
+        return None
+    return theta[keep], res.ritz_vectors[:, keep]
 
 
 def _zero_kernel_error() -> ValueError:
@@ -173,6 +211,8 @@ def ntk_spectrum(
     eval_mode: bool = True,
     process_group: Any = None,
     generator: torch.Generator | None = None,
+    slq_probes: int = 0,
+    slq_steps: int = 20,
 ) -> NTKSpectrum:
     """Extreme eigenvalues and condition number of the empirical NTK of ``model`` on ``inputs``.
 
@@ -196,6 +236,13 @@ def ntk_spectrum(
         eval_mode: run BatchNorm/dropout in eval mode (default).
         process_group: distributed group; each rank passes its own probe shard (Lanczos only).
         generator: random source of the Lanczos start (default: fixed seed, global RNG untouched).
+        slq_probes: Lanczos path only: estimate the effective rank and the spectral density by
+            stochastic Lanczos quadrature with this many Rademacher probes (0: skip, the
+            default). Costs ``slq_probes·slq_steps`` single-vector products in ``slq_steps``
+            block products. The probes come from a fixed seed, so successive calls (a training
+            run's probes) use the same vectors and their estimates vary smoothly.
+        slq_steps: Lanczos steps per SLQ probe (the quadrature is exact for polynomials of
+            degree < 2·slq_steps).
 
     Raises:
         ValueError: bad arguments, empty batch, no trainable parameters, NaN/Inf outputs, or
@@ -204,6 +251,9 @@ def ntk_spectrum(
     t0 = time.perf_counter()
     if method not in ("auto", "dense", "lanczos"):
         raise ValueError(f"method must be 'auto', 'dense' or 'lanczos', got {method!r}")
+    for name, value, low in (("slq_probes", slq_probes, 0), ("slq_steps", slq_steps, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if method == "dense" and process_group is not None:
         raise ValueError("method='dense' does not support process_group; use method='lanczos'")
     probe = ProbeFunction(
@@ -228,6 +278,8 @@ def ntk_spectrum(
         chunk_size=chunk_size,
         process_group=process_group,
         generator=generator,
+        slq_probes=slq_probes,
+        slq_steps=slq_steps,
         t0=t0,
     )
 
@@ -279,6 +331,8 @@ def _lanczos(
     chunk_size: int | None,
     process_group: Any,
     generator: torch.Generator | None,
+    slq_probes: int,
+    slq_steps: int,
     t0: float,
 ) -> NTKSpectrum:
     op = NTKOperator(None, None, probe=probe, chunk_size=chunk_size, process_group=process_group)
@@ -303,11 +357,15 @@ def _lanczos(
         raise _zero_kernel_error()
     numerical_rank: int | None = None
     eff_rank = math.nan
+    eff_method = "none"
+    nodes: Tensor | None = None
+    weights: Tensor | None = None
     eps = torch.finfo(probe.dtype).eps
     rank_tol = res.lambda_max * n * eps
     if res.exact:
         numerical_rank = int((theta > rank_tol).sum())
         eff_rank = float(_effective_rank(theta))
+        eff_method = "exact"
         if numerical_rank < n:
             _rank_warning(numerical_rank, n, res.lambda_min, rank_tol)
     elif res.lambda_min_is_zero:
@@ -327,6 +385,22 @@ def _lanczos(
             RuntimeWarning,
             stacklevel=2,
         )
+    if slq_probes > 0 and not res.exact:
+        # Fixed seed: the same probes every call, so a run's estimates vary smoothly (common
+        # random numbers), and every rank of a sharded operator draws the same vectors.
+        slq_gen = torch.Generator().manual_seed(0x51C)
+        nodes, weights = slq_density(
+            op.matvec,
+            n,
+            n_probes=slq_probes,
+            n_steps=slq_steps,
+            generator=slq_gen,
+            dtype=probe.dtype,
+            device=probe.device,
+            deflate=_converged_top(res, tol),
+        )
+        eff_rank = slq_effective_rank(nodes, weights, n)
+        eff_method = "slq"
     if not res.converged:
         ends = {"both": "λ_max and λ_min", "largest": "λ_max", "smallest": "λ_min"}[which]
         warnings.warn(
@@ -355,4 +429,7 @@ def _lanczos(
         ritz_vectors=res.warm_start(max(2 * block_size, 2)),
         lambda_min_upper=res.lambda_min,
         condition_number_lower=res.condition_number_lower,
+        effective_rank_method=eff_method,
+        density_nodes=nodes,
+        density_weights=weights,
     )
