@@ -14,7 +14,7 @@ NTK is K = J Jᵀ. Every ``every_n_steps`` optimizer steps (and at step 0) the m
 * ``ntk/condition_number`` = λ_max / λ_min, and ``ntk/log10_condition_number``,
 * ``ntk/effective_rank``: the entropy effective rank of the spectrum, exact on the dense path; on
   the iterative path a stochastic Lanczos quadrature estimate (``slq_probes=4`` fixed
-  Rademacher probes × 20 steps, the converged top Ritz pairs deflated; set
+  Rademacher probes × 10 steps, the converged top Ritz pairs deflated; set
   ``spectrum_kwargs={"slq_probes": 0}`` to skip it, and it is then not logged),
 * ``ntk/residual_max``, ``ntk/residual_min``: the Ritz residual norms ‖K v − θ v‖ of the extreme
   Ritz pairs. By the Bauer–Fike / Kahan bound for symmetric K, an eigenvalue of K lies within
@@ -114,7 +114,8 @@ METRICS = (
 DEFAULT_MEMORY_BUDGET = 2**28
 
 #: Default ``slq_probes`` inside the monitor: the iterative path estimates the effective rank by
-#: SLQ with this many probes (4 × 20 single-vector products, in 20 block products).
+#: SLQ with this many probes (4 × 10 single-vector products, in 10 block products: the quadrature
+#: of λ log λ converges in a few steps, and what is left is the sampling error).
 DEFAULT_SLQ_PROBES = 4
 
 #: Dict keys removed from a dict batch to obtain the model input.

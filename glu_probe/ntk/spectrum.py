@@ -212,7 +212,7 @@ def ntk_spectrum(
     process_group: Any = None,
     generator: torch.Generator | None = None,
     slq_probes: int = 0,
-    slq_steps: int = 20,
+    slq_steps: int = 10,
 ) -> NTKSpectrum:
     """Extreme eigenvalues and condition number of the empirical NTK of ``model`` on ``inputs``.
 
