@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU pass: GPU tests + the three benchmarks on CUDA + the demo, results under $OUT.
+# One prepared GPU pass: GPU tests (the quick demo on the GPU among them) + the three benchmarks
+# on CUDA, results under $OUT.
 # Usage on the device machine (repo root):  bash benchmarks/gpu_check.sh
 # Needs the pure-Python wheels for curvlinops in ./.whl (the device image lacks curvlinops,
 # backpack-for-pytorch, einconv, unfoldNd): `pip download --no-deps -d .whl NAME==VER` here, then
@@ -25,9 +26,8 @@ run() {  # run NAME SECONDS CMD...
   echo "rc=$rc wall=$(( $(date +%s) - t0 ))s" | tee -a "$OUT/$name.txt"
   tail -n 40 "$OUT/$name.txt"
 }
-run gpu_tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_krylov.py tests/test_callbacks_ntk.py
+run gpu_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_krylov.py tests/test_callbacks_ntk.py
 run bench_mlp 60 python3 benchmarks/bench_mlp.py --device cuda
 run bench_ntk 200 python3 benchmarks/bench_ntk.py --device cuda
 run bench_callbacks 150 python3 benchmarks/bench_callbacks.py --device cuda --gpu-steps 100
-run demo 60 python3 -m glu_probe.cli demo --quick --out /tmp/gpu_runs
 exit 0

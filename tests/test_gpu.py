@@ -57,3 +57,15 @@ def test_swap_keeps_cuda_device_and_dtype():
     assert abs(report.rel_diff) <= 0.01
     p = next(vit.blocks[0].mlp.parameters())
     assert p.device.type == "cuda" and p.dtype == torch.bfloat16
+
+
+def test_demo_uses_the_gpu_by_default(tmp_path):
+    """`glu-probe demo` with no --device trains on the GPU when one is present (issue #5)."""
+    import json
+
+    from glu_probe.demo import run_demo
+
+    res = run_demo(out_dir=tmp_path, run_name="gpu", quick=True, pairs=["two_layer"], progress=False)
+    metas = [json.loads(p.read_text()) for p in (tmp_path / "gpu").rglob("pair.json")]
+    assert metas and all(m["accelerator"] == "gpu" for m in metas)
+    assert res.rows and all(r["kappa_init"] > 1.0 for r in res.rows)
