@@ -65,7 +65,9 @@ def test_demo_uses_the_gpu_by_default(tmp_path):
 
     from glu_probe.demo import run_demo
 
-    res = run_demo(out_dir=tmp_path, run_name="gpu", quick=True, pairs=["two_layer"], progress=False)
+    res = run_demo(
+        out_dir=tmp_path, run_name="gpu", quick=True, pairs=["two_layer"], progress=False
+    )
     metas = [json.loads(p.read_text()) for p in (tmp_path / "gpu").rglob("pair.json")]
     assert metas and all(m["accelerator"] == "gpu" for m in metas)
     assert res.rows and all(r["kappa_init"] > 1.0 for r in res.rows)
