@@ -152,3 +152,70 @@ def test_ddp_equals_single_process_logged_once_and_sharded_equals_unsharded(tmp_
         for r, h in zip(logged, hist, strict=True):
             assert float(r[f"{prefix}/lambda_max"]) == pytest.approx(h[f"{prefix}/lambda_max"])
     assert not any(r.get("nan/lambda_max") for r in rows)
+
+
+def _fit_sharded(tmp: Path, mons: list[NTKSpectrumMonitor]) -> list[list[list[dict[str, Any]]]]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        max_steps=4,
+        logger=False,
+        callbacks=[*mons, DumpHistory(tmp, mons)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(Net(), datamodule=Data(4))
+    return [torch.load(tmp / f"history_rank{r}.pt") for r in range(2)]
+
+
+def test_sharded_probe_oom_on_one_rank_mid_iteration(tmp_path, monkeypatch):
+    """Rank 1 runs out of memory in its 3rd local Jᵀv product of the step-2 probe (mid Lanczos).
+
+    Every rank must learn of it before the all-reduce (no rank left waiting, no later product
+    paired with a stale one), halve the chunk together and redo the probe, so the series equals
+    the undisturbed one. An OOM that persists after the halving raises on every rank with
+    ``strict=True`` instead of hanging.
+    """
+    from glu_probe.ntk import operator as op_mod
+
+    torch.set_num_threads(1)
+    mon = lambda **kw: NTKSpectrumMonitor(  # noqa: E731
+        every_n_steps=2,
+        probe_size=13,
+        method="lanczos",
+        shard_probe=True,
+        dtype=torch.float64,
+        **kw,
+    )
+    clean = _fit_sharded(tmp_path / "clean", [mon()])
+
+    real = op_mod.NTKOperator._local_vjp
+    state = {"calls": 0, "persistent": False}
+
+    def flaky(self, *args, **kwargs):
+        if dist.get_rank() == 1 and self.process_group is not None:
+            state["calls"] += 1
+            if state["calls"] == 3 or (state["persistent"] and state["calls"] > 3):
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. (injected on rank 1)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(op_mod.NTKOperator, "_local_vjp", flaky)
+    hurt = _fit_sharded(tmp_path / "oom", [mon()])
+    torch.testing.assert_close(hurt[0], hurt[1], rtol=0, atol=0)
+    assert [h["step"] for h in hurt[0][0]] == [0, 2, 4]
+    for ref, got in zip(clean[0][0], hurt[0][0], strict=True):
+        for name in METRICS:
+            assert got[f"ntk/{name}"] == pytest.approx(ref[f"ntk/{name}"], rel=1e-4), name
+
+    # Forked ranks start from this process's state: calls == 0. A persistent OOM survives the
+    # halved retry, and strict=True then raises on every rank (no rank hangs in a collective).
+    state["persistent"] = True
+    skipped = _fit_sharded(tmp_path / "skip", [mon()])  # not strict: skipped, training goes on
+    assert skipped[0] == skipped[1] == [[]]
+    with pytest.raises(Exception, match="out of memory"):
+        _fit_sharded(tmp_path / "strict", [mon(strict=True)])

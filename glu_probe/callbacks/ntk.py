@@ -784,15 +784,18 @@ class NTKSpectrumMonitor(Callback):
     def _check_shards(
         self, target: nn.Module, group: Any, name: str, step: int, include_cuda: bool
     ) -> None:
-        """Sharded probe: agree on every rank's shard being finite *before* any collective.
+        """Sharded probe: agree on every rank's shard being usable *before* any collective.
 
-        A rank whose shard has non-finite outputs would otherwise leave the others waiting in
-        the operator's all-gather. One forward pass of the local shard (the engine's own check)
-        and a MIN all-reduce of the verdict; all ranks then skip (or raise) together.
+        A rank whose shard has non-finite outputs (or runs out of memory, or fails otherwise)
+        would leave the others waiting in the operator's all-gather. One forward pass of the
+        local shard (the engine's own check) and a MAX all-reduce of the verdict (0 ok,
+        1 non-finite, 2 out of memory, 3 other); all ranks then skip (or raise) together.
         """
         from glu_probe.ntk import ProbeFunction
 
         reason = ""
+        own: Exception | None = None
+        code = 0
         try:
             with isolate_rng(include_cuda=include_cuda), torch.inference_mode(False):
                 ProbeFunction(
@@ -802,22 +805,31 @@ class NTKSpectrumMonitor(Callback):
                     params=self.params,
                     eval_mode=self.eval_mode,
                 )
-        except ValueError as err:
-            if not _is_nonfinite_error(err):
-                raise
-            reason = str(err)
+        except Exception as err:
+            own, reason = err, str(err)
+            code = 1 if _is_nonfinite_error(err) else 2 if _is_oom(err) else 3
         device = next(target.parameters()).device
-        flag = torch.tensor([0 if reason else 1], device=device, dtype=torch.int32)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
-        if int(flag.item()) == 0:
-            msg = (
-                f"NTKSpectrumMonitor: non-finite values probing {name} at step {step} on "
-                f"{'this rank' if reason else 'another rank'}'s probe shard"
-                + (f" ({reason})" if reason else "")
+        flag = torch.tensor([code], device=device, dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+        worst = int(flag.item())
+        if worst == 0:
+            return
+        where = "this rank" if code else "another rank"
+        if worst == 3:
+            if own is not None and code == 3:
+                raise own
+            raise RuntimeError(
+                f"NTKSpectrumMonitor: probing {name} at step {step} failed on another rank's "
+                "probe shard (see its error)"
             )
-            if self.strict:
-                raise FloatingPointError(msg)
-            raise _ProbeFailure(msg + "; probe skipped on every rank, training continues.")
+        what = "non-finite values" if worst == 1 else "out of memory"
+        msg = (
+            f"NTKSpectrumMonitor: {what} probing {name} at step {step} on {where}'s probe shard"
+            + (f" ({reason})" if reason else "")
+        )
+        if self.strict:
+            raise (FloatingPointError(msg) if worst == 1 else RuntimeError(msg)) from own
+        raise _ProbeFailure(msg + "; probe skipped on every rank, training continues.")
 
     # ------------------------------------------------------------------ TensorBoard extras
     def _log_spectra(

@@ -32,6 +32,12 @@ from .functional import OutputSpec, ParamFilter, ProbeFunction
 __all__ = ["NTKOperator"]
 
 
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
 def _batched(fn: Callable[..., Any], k: int) -> Callable[..., Any]:
     """``vmap(fn)``; for a single column, ``fn`` on the squeezed column (vmap has a fixed cost)."""
     if k > 1:
@@ -205,28 +211,28 @@ class NTKOperator:
         V = V.reshape(self.n, -1).to(device=self.device, dtype=self.dtype)
         k = V.shape[1]
         local = V[self.offset : self.offset + self.n_local]
-        cached = self._linearisations()
-        with self.probe.session():
-            # Jᵀ U summed over chunks: a list of (k, *param.shape) tensors.
-            acc: list[Tensor] = []
-            for i, (a, b) in enumerate(self._ranges):
-                ra, rb = self.probe.row_range(a, b)
-                u = local[ra:rb].T.contiguous()
-                vjp_fn = cached[i][0] if cached is not None else self._vjp(a, b)
-                part = _batched(vjp_fn, k)(u)
-                if not acc:
-                    acc = list(part)
-                else:
-                    for x, y in zip(acc, part, strict=True):
-                        x.add_(y)
-                del vjp_fn
-            if self.process_group is not None:
-                acc = self._all_reduce(acc, k)
-            tangents = tuple(acc)
-            outs = []
-            for i, (a, b) in enumerate(self._ranges):
-                jvp_fn = cached[i][1] if cached is not None else self._jvp(a, b)
-                outs.append(_batched(jvp_fn, k)(*tangents))
+        # Sharded: a rank that fails in its local part (e.g. out of memory) must not leave the
+        # others waiting in (or, worse, pairing a later call with) the all-reduce; every rank
+        # first agrees on success (_agree), then all raise together or all go on.
+        acc: list[Tensor] = []
+        err: BaseException | None = None
+        cached: Any = None
+        try:
+            cached = self._linearisations()
+            with self.probe.session():
+                acc = self._local_vjp(local, k, cached)
+        except Exception as e:
+            err = e
+        self._agree(err, "Jᵀv")
+        if self.process_group is not None:
+            acc = self._all_reduce(acc, k)
+        outs: list[Tensor] = []
+        try:
+            with self.probe.session():
+                outs = self._local_jvp(tuple(acc), k, cached)
+        except Exception as e:
+            err = e
+        self._agree(err, "J(Jᵀv)")
         out_local = torch.cat(outs, dim=1).T  # (n_local, k)
         out = self._gather(out_local.contiguous())
         self.n_matvecs += k
@@ -234,6 +240,61 @@ class NTKOperator:
         return out.reshape(-1) if vector else out
 
     __matmul__ = matvec
+
+    def _local_vjp(self, local: Tensor, k: int, cached: Any) -> list[Tensor]:
+        """Jᵀ U of this rank's rows, summed over chunks: (k, *param.shape) tensors."""
+        acc: list[Tensor] = []
+        for i, (a, b) in enumerate(self._ranges):
+            ra, rb = self.probe.row_range(a, b)
+            u = local[ra:rb].T.contiguous()
+            vjp_fn = cached[i][0] if cached is not None else self._vjp(a, b)
+            part = _batched(vjp_fn, k)(u)
+            if not acc:
+                acc = list(part)
+            else:
+                for x, y in zip(acc, part, strict=True):
+                    x.add_(y)
+            del vjp_fn
+        return acc
+
+    def _local_jvp(self, tangents: tuple[Tensor, ...], k: int, cached: Any) -> list[Tensor]:
+        """J T on this rank's rows, one (k, rows) tensor per chunk."""
+        outs = []
+        for i, (a, b) in enumerate(self._ranges):
+            jvp_fn = cached[i][1] if cached is not None else self._jvp(a, b)
+            outs.append(_batched(jvp_fn, k)(*tangents))
+        return outs
+
+    def _agree(self, err: BaseException | None, stage: str) -> None:
+        """Raise ``err`` here, and a matching error on every other rank, before any collective.
+
+        Unsharded: just re-raise. Sharded: one MAX all-reduce of a status code (0 ok, 1 out of
+        memory, 2 other). The failing rank re-raises its own exception; the others raise a
+        RuntimeError saying which kind, with "out of memory" in the text for an OOM so that
+        callers (the monitor's halve-and-retry) treat it alike on every rank.
+        """
+        if self.process_group is None:
+            if err is not None:
+                raise err
+            return
+        import torch.distributed as dist
+
+        code = 0 if err is None else (1 if _is_oom(err) else 2)
+        status = torch.tensor([code], dtype=torch.int32, device=self.device)
+        dist.all_reduce(status, op=dist.ReduceOp.MAX, group=self.process_group)
+        worst = int(status.item())
+        if err is not None:
+            raise err
+        if worst == 1:
+            raise RuntimeError(
+                f"NTKOperator: out of memory on another rank during {stage}; this product is "
+                "abandoned on every rank"
+            )
+        if worst == 2:
+            raise RuntimeError(
+                f"NTKOperator: another rank failed during {stage} (see its error); this product "
+                "is abandoned on every rank"
+            )
 
     def _gather(self, out_local: Tensor) -> Tensor:
         if self.process_group is None:
