@@ -6,9 +6,12 @@ mode), both from :mod:`torch.func` and both vectorised over the k columns of the
 pass instead of k of each.
 
 When the probe batch is not chunked, one linearisation is built per operator and reused by every
-product: the ``vjp_fn`` of :func:`torch.func.vjp` (the saved forward residuals) and, for long
-iterations, the traced ``jvp_fn`` of :func:`torch.func.linearize`, so a product never re-runs the
-primal forward (before the switch, the JVP recomputes one forward, shared by the k columns). With
+product: the ``vjp_fn`` of :func:`torch.func.vjp` (the saved forward residuals) and a JVP that
+recomputes the primal forward once per product (shared by the k columns). For long iterations
+(``linearize``) both maps are then *traced* once (:func:`trace_linear_map`, the same make_fx +
+constant folding as :func:`torch.func.linearize`, with the activation-derivative ops decomposed
+so that φ'(primal) is folded into a constant): a product then runs only the ops that depend on
+the vectors, never the primal forward and never an activation derivative. With
 ``chunk_size`` the probe batch is processed ``chunk_size`` samples at a time and nothing is kept
 between products, which bounds memory by one chunk's activations at the price of recomputing the
 forward pass of each chunk.
@@ -21,7 +24,7 @@ far smaller; ``dtype=torch.float64`` for more).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +33,76 @@ from torch import Tensor, nn
 from .functional import OutputSpec, ParamFilter, ProbeFunction
 
 __all__ = ["NTKOperator"]
+
+
+def _fold_decompositions() -> dict[Any, Any]:
+    """Decompositions of the elementwise activation-derivative ops, for constant folding.
+
+    ``gelu_backward(g, x)`` and its kin are single aten ops whose eager kernels recompute the
+    activation's derivative from ``x`` at every call. Decomposed, they become ``g * φ'(x)`` with
+    a ``φ'(x)`` that depends on the (constant) primal only, which constant folding evaluates
+    once. Only these ops are decomposed: the rest of the graph keeps its fused kernels.
+    """
+    from torch._decomp import get_decompositions
+
+    aten = torch.ops.aten
+    ops = [
+        aten.gelu_backward,
+        aten.silu_backward,
+        aten.sigmoid_backward,
+        aten.tanh_backward,
+        aten.threshold_backward,
+        aten.hardtanh_backward,
+        aten.elu_backward,
+        aten.leaky_relu_backward,
+        aten.softplus_backward,
+        aten.mish_backward,
+        aten.hardswish_backward,
+        aten.hardsigmoid_backward,
+    ]
+    return get_decompositions([op for op in ops if op is not None])
+
+
+def _example_like(tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """Random example inputs for tracing (a private generator: the global RNG is untouched)."""
+    gen = torch.Generator(device=tensors[0].device).manual_seed(0)
+    return tuple(
+        torch.randn(t.shape, generator=gen, dtype=t.dtype, device=t.device) for t in tensors
+    )
+
+
+def trace_linear_map(fn: Callable[..., Any], example: Sequence[Tensor]) -> Callable[..., Any]:
+    """``fn`` (linear in its tensor arguments, everything else fixed) as a folded FX graph.
+
+    What :func:`torch.func.linearize` does for a JVP, for any such map (here also the VJP of the
+    probe): :func:`~torch.fx.experimental.proxy_tensor.make_fx` records the aten ops of one call,
+    with the activation-derivative ops decomposed (:func:`_fold_decompositions`), and
+    :func:`~torch.fx.experimental.const_fold.split_const_subgraphs` evaluates once every
+    subgraph that does not depend on the arguments (the primal forward pass, the activation
+    derivatives). A call then runs only the argument-dependent ops: for a GELU MLP the matvec
+    drops from ~4x to ~2.7x a forward pass on CPU (benchmarks/RESULTS_ntk.md §2).
+
+    The trace is checked against ``fn`` on ``example`` (relative error ≤ 1e-4 in float32,
+    1e-10 in float64); a mismatch raises, and callers keep ``fn``.
+    """
+    from torch.fx.experimental import const_fold
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with warnings.catch_warnings():
+        # make_fx's constant folding warns about get_attr nodes it creates itself.
+        warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
+        graph = make_fx(fn, decomposition_table=_fold_decompositions())(*example)
+        folded = const_fold.split_const_subgraphs(graph)
+    ref = torch.utils._pytree.tree_leaves(fn(*example))
+    got = torch.utils._pytree.tree_leaves(folded(*example))
+    tol = 1e-10 if example[0].dtype == torch.float64 else 1e-4
+    scale = max(float(r.abs().max()) for r in ref) if ref else 0.0
+    if len(ref) != len(got) or any(
+        r.shape != g.shape or float((r - g).abs().max()) > tol * max(scale, 1e-30)
+        for r, g in zip(ref, got, strict=False)
+    ):
+        raise RuntimeError("the traced map disagrees with the original on a random input")
+    return folded
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -68,11 +141,11 @@ class NTKOperator:
             batch; :meth:`matvec` takes and returns the *full* (n, k) block (n = rows of all
             ranks, concatenated in rank order), Jᵣᵀ Vᵣ is all-reduced, so every rank runs the
             identical Krylov iteration. Collective: every rank must call :meth:`matvec` together.
-        linearize: trace the JVP once with :func:`torch.func.linearize` so later products skip
-            the primal forward (faster per product, but tracing costs about as much as a few
-            hundred small products). ``None`` (default): switch to it after
-            :attr:`LINEARIZE_AFTER` block products, i.e. only for long iterations. Unchunked
-            operators only.
+        linearize: trace the JVP and the VJP once (:func:`trace_linear_map`) so later products
+            skip the primal forward and the activation derivatives (faster per product, but
+            tracing costs about as much as a few hundred small products). ``None`` (default):
+            switch to it after :attr:`LINEARIZE_AFTER` block products, i.e. only for long
+            iterations. Unchunked operators only.
         probe: a prebuilt :class:`ProbeFunction` (then model, inputs, output, params, dtype and
             eval_mode are taken from it).
 
@@ -140,14 +213,16 @@ class NTKOperator:
     # ------------------------------------------------------------------ linearisation
     def _linearised_jvp(self, start: int, stop: int) -> Callable[..., Any]:
         chunk = self.probe.chunk(start, stop)
+        params = self.probe.params
+
+        def jvp(*t: Tensor) -> Tensor:
+            return torch.func.jvp(lambda *p: self.probe(p, chunk), params, t)[1]
+
         try:
-            with warnings.catch_warnings():
-                # make_fx's constant folding warns about get_attr nodes it creates itself.
-                warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
-                _, jvp_lin = torch.func.linearize(lambda p: self.probe(p, chunk), self.probe.params)
-        except Exception as err:  # linearize traces with make_fx; some models do not trace
+            return trace_linear_map(jvp, _example_like(params))
+        except Exception as err:  # make_fx tracing fails on some models
             warnings.warn(
-                f"torch.func.linearize failed ({type(err).__name__}: {err}); keeping "
+                f"tracing the JVP failed ({type(err).__name__}: {err}); keeping "
                 "torch.func.jvp, which recomputes the forward pass per product",
                 RuntimeWarning,
                 stacklevel=3,
@@ -155,10 +230,22 @@ class NTKOperator:
             self.linearize = False
             return self._jvp(start, stop)
 
-        def jvp_fn(*t: Tensor) -> Tensor:
-            return jvp_lin(t)
-
-        return jvp_fn
+    def _traced_vjp(self, vjp_fn: Callable[..., Any], start: int, stop: int) -> Callable[..., Any]:
+        """``vjp_fn`` as a traced, constant-folded linear map (``vjp_fn`` itself on failure)."""
+        a, b = self.probe.row_range(start, stop)
+        example = _example_like((torch.empty(b - a, dtype=self.dtype, device=self.device),))
+        try:
+            # (a lambda: make_fx reads the signature, and vjp_fn has keyword-only extras)
+            traced = trace_linear_map(lambda u: vjp_fn(u), example)
+        except Exception as err:
+            warnings.warn(
+                f"tracing the VJP failed ({type(err).__name__}: {err}); keeping the autograd "
+                "vjp, which recomputes activation derivatives per product",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return vjp_fn
+        return traced
 
     def _linearisations(self) -> list[tuple[Callable[..., Any], Callable[..., Any]]] | None:
         """The cached (vjp_fn, jvp_fn) of the single chunk, or ``None`` when chunked."""
@@ -167,15 +254,18 @@ class NTKOperator:
         a, b = self._ranges[0]
         if self._cache is None:
             with self.probe.session():
-                trace = self.linearize is True
-                jvp = self._linearised_jvp(a, b) if trace else self._jvp(a, b)
-                self._cache = [(self._vjp(a, b), jvp)]
-                self._traced = trace
+                vjp = self._vjp(a, b)
+                if self.linearize is True:
+                    self._cache = [(self._traced_vjp(vjp, a, b), self._linearised_jvp(a, b))]
+                    self._traced = True
+                else:
+                    self._cache = [(vjp, self._jvp(a, b))]
         elif (
             self.linearize is None and not self._traced and self._n_products >= self.LINEARIZE_AFTER
         ):
             with self.probe.session():
-                self._cache = [(self._cache[0][0], self._linearised_jvp(a, b))]
+                vjp = self._cache[0][0]
+                self._cache = [(self._traced_vjp(vjp, a, b), self._linearised_jvp(a, b))]
             self._traced = True
         return self._cache
 
