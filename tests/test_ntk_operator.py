@@ -124,3 +124,42 @@ def _worker(rank: int, world: int, init_file: str) -> None:
 
 def test_process_group_gloo_two_ranks(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
+def test_traced_products_fold_activation_derivatives(problem):
+    """The traced VJP and JVP equal autograd's, and no activation-derivative op is left to run
+    per product (gelu_backward is decomposed and its φ'(x) folded into a constant)."""
+    from glu_probe.ntk.operator import trace_linear_map
+
+    model, x, K = problem
+    op = NTKOperator(model, x, dtype=torch.float64, linearize=True)
+    V = torch.randn(20, 3, dtype=torch.float64)
+    torch.testing.assert_close(op.matvec(V), K @ V, rtol=1e-12, atol=1e-12)
+    vjp_fn, jvp_fn = op._cache[0]  # type: ignore[index]
+    for fn in (vjp_fn, jvp_fn):
+        assert hasattr(fn, "code")  # an FX graph module, not the autograd fallback
+        assert "mm" in fn.code and "gelu" not in fn.code, (
+            fn.code
+        )  # neither gelu nor gelu_backward runs per product
+    probe = op.probe
+    with probe.session():
+        _, ref_vjp = torch.func.vjp(lambda *p: probe(p), *probe.params)
+        u = torch.randn(20, dtype=torch.float64)
+        traced = trace_linear_map(lambda a: ref_vjp(a), (u,))
+        for a, b in zip(traced(u), ref_vjp(u), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_tracing_failure_falls_back_with_a_warning(problem, monkeypatch):
+    import glu_probe.ntk.operator as op_mod
+
+    def broken(fn, example):
+        raise RuntimeError("cannot trace this model")
+
+    monkeypatch.setattr(op_mod, "trace_linear_map", broken)
+    model, x, K = problem
+    V = torch.randn(20, 2, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="tracing the (JVP|VJP) failed"):
+        op = NTKOperator(model, x, dtype=torch.float64, linearize=True)
+        out = op.matvec(V)
+    torch.testing.assert_close(out, K @ V, rtol=1e-12, atol=1e-12)
