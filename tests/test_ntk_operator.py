@@ -138,9 +138,8 @@ def test_traced_products_fold_activation_derivatives(problem):
     vjp_fn, jvp_fn = op._cache[0]  # type: ignore[index]
     for fn in (vjp_fn, jvp_fn):
         assert hasattr(fn, "code")  # an FX graph module, not the autograd fallback
-        assert "mm" in fn.code and "gelu" not in fn.code, (
-            fn.code
-        )  # neither gelu nor gelu_backward runs per product
+        # neither gelu nor gelu_backward runs per product
+        assert "mm" in fn.code and "gelu" not in fn.code, fn.code
     probe = op.probe
     with probe.session():
         _, ref_vjp = torch.func.vjp(lambda *p: probe(p), *probe.params)
