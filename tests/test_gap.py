@@ -175,6 +175,39 @@ def test_paired_module_measures_model_and_baseline(tmp_path):
     assert "gap/loss" not in row or row["gap/loss"] == ""
 
 
+def test_paired_validation_batches_are_not_evaluated_twice(tmp_path, monkeypatch):
+    """The monitor reads the val side from PairedModule.validation_step's outputs: per
+    validation, evaluate() runs once per member per val batch (Lightning's own pass) plus the
+    training subset, and the gaps equal those of the re-evaluating path exactly."""
+    import glu_probe.callbacks.gap as gap_mod
+
+    def fit(reuse: bool) -> tuple[list[dict], list[str]]:
+        if not reuse:
+            monkeypatch.setattr(gap_mod, "_paired_evaluations", lambda *a: None)
+        calls: list[str] = []
+        paired = PairedModule(_net(1), _net(2), optimizer="sgd", lr=0.1)
+        real = paired.evaluate
+
+        def counting(batch, which="model"):
+            calls.append("train" if paired.training else "eval")
+            return real(batch, which)
+
+        paired.evaluate = counting  # type: ignore[method-assign]
+        acc = MulticlassAccuracy(num_classes=3, average="micro")
+        mon = GeneralizationGapMonitor(train_subset_size=24, metrics={"acc": acc})
+        train, val = _loaders(shuffle=False)
+        _trainer(tmp_path, callbacks=[mon], max_epochs=1).fit(paired, train, val)
+        monkeypatch.undo()
+        return mon.history, calls
+
+    hist, calls = fit(reuse=True)
+    ref_hist, ref_calls = fit(reuse=False)
+    assert hist == ref_hist  # same numbers, bit for bit
+    val_batches, subset_batches, members = 4, 3, 2  # 30 val samples / 8; 24 subset / 8
+    assert calls.count("eval") == members * (val_batches + subset_batches)
+    assert ref_calls.count("eval") == members * (2 * val_batches + subset_batches)
+
+
 def test_logged_mode_reads_callback_metrics(tmp_path):
     mon = GeneralizationGapMonitor(mode="logged")
     module = Classifier()

@@ -26,8 +26,11 @@ accumulate with torchmetrics' own ``update``/``compute`` on two private copies o
   batch-transfer hooks once and stay on the device.
 * **Val side:** the batches of the (first) validation loader that Lightning runs anyway,
   evaluated again in ``on_validation_batch_end`` by the same function (``val_batches`` caps how
-  many), so no second pass over the validation data is needed. Under DDP the val sums are
-  all-reduced (each rank holds its shard); metrics sync themselves.
+  many), so no second pass over the validation data is needed. For a
+  :class:`~glu_probe.callbacks.PairedModule` not even that: its ``validation_step`` returns what
+  :meth:`~glu_probe.callbacks.PairedModule.evaluate` gave for both members, and the monitor
+  adds those (same function, same eval mode and ``no_grad``) instead of running the batch again.
+  Under DDP the val sums are all-reduced (each rank holds its shard); metrics sync themselves.
 
 The loss function (contract)
 ----------------------------
@@ -90,7 +93,14 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from glu_probe.callbacks._utils import is_quiet_run, log_metrics, logger_step
-from glu_probe.callbacks.paired import PairedModule, _call, _logits, _n_items, _split_batch
+from glu_probe.callbacks.paired import (
+    EVAL_OUTPUTS_KEY,
+    PairedModule,
+    _call,
+    _logits,
+    _n_items,
+    _split_batch,
+)
 
 __all__ = ["GeneralizationGapMonitor"]
 
@@ -157,6 +167,25 @@ class _Side:
         self.count += n
         for m in self.metrics.values():
             m.update(preds, target)
+
+
+def _paired_evaluations(
+    pl_module: pl.LightningModule, outputs: Any, sides: Mapping[str, Any]
+) -> Mapping[str, Any] | None:
+    """``{tag: (loss, preds, target)}`` from a PairedModule's validation_step, if it has them.
+
+    They come from :meth:`PairedModule.evaluate` in Lightning's validation loop (eval mode, no
+    grad), the very function the clean evaluation would call, so reusing them changes no number
+    and saves a second forward pass of both networks per validation batch.
+    """
+    if not isinstance(pl_module, PairedModule) or not isinstance(outputs, Mapping):
+        return None
+    found = outputs.get(EVAL_OUTPUTS_KEY)
+    if not isinstance(found, Mapping) or not all(
+        isinstance(found.get(tag), tuple) and len(found[tag]) == 3 for tag in sides
+    ):
+        return None
+    return found
 
 
 class GeneralizationGapMonitor(Callback):
@@ -356,6 +385,11 @@ class GeneralizationGapMonitor(Callback):
         if not self._active or dataloader_idx != 0:
             return
         if self.val_batches is not None and batch_idx >= self.val_batches:
+            return
+        reused = _paired_evaluations(pl_module, outputs, self._sides)
+        if reused is not None:  # the PairedModule's own validation_step results, no 2nd pass
+            for tag, sides in self._sides.items():
+                sides["val"].add(*reused[tag])
             return
         self._evaluate(pl_module, [batch], "val")
 

@@ -68,7 +68,13 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-__all__ = ["PairedModule"]
+__all__ = ["EVAL_OUTPUTS_KEY", "PairedModule"]
+
+#: Key of the dict that ``PairedModule.validation_step``/``test_step`` return: ``{prefix: (loss,
+#: preds, target)}`` of both members, exactly what :meth:`PairedModule.evaluate` gave, so that
+#: :class:`~glu_probe.callbacks.GeneralizationGapMonitor` reads the validation side from
+#: ``outputs`` instead of running every validation batch through both networks a second time.
+EVAL_OUTPUTS_KEY = "glu_probe_evaluations"
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OptimizerSpec = str | type[torch.optim.Optimizer] | Callable[..., torch.optim.Optimizer]
@@ -467,20 +473,23 @@ class PairedModule(pl.LightningModule):
             elif plateau == (self.lr_scheduler_interval == "epoch"):
                 sched.step()
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "val_loss")
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "val_loss")
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "test_loss")
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "test_loss")
 
-    def _eval_step(self, batch: Any, name: str) -> None:
+    def _eval_step(self, batch: Any, name: str) -> dict[str, Any]:
         bs = self._batch_size(batch)
+        results = {}
         for which in (self.model_prefix, self.baseline_prefix):
-            loss = self.evaluate(batch, which)[0]
+            results[which] = self.evaluate(batch, which)
             self.log(
-                f"{which}/{name}", loss, on_step=False, on_epoch=True, batch_size=bs,
-                sync_dist=self.sync_dist,
+                f"{which}/{name}", results[which][0], on_step=False, on_epoch=True,
+                batch_size=bs, sync_dist=self.sync_dist,
             )  # fmt: skip
+        # Lightning hands this to on_validation_batch_end and drops it (nothing accumulates).
+        return {EVAL_OUTPUTS_KEY: results}
 
     def _batch_size(self, batch: Any) -> int | None:
         try:
