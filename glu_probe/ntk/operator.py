@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .functional import OutputSpec, ParamFilter, ProbeFunction
 
-__all__ = ["NTKOperator"]
+__all__ = ["NTKOperator", "trace_linear_map"]
 
 
 def _fold_decompositions() -> dict[Any, Any]:
