@@ -281,9 +281,10 @@ def matvec_ratio(device: torch.device, big: bool) -> None:
     emit()
     emit(
         "Times: best of 5 trials of 5 calls. "
-        "`traced`: JVP from torch.func.linearize (the default switches to it after "
-        f"{NTKOperator.LINEARIZE_AFTER} block products); `before trace`: JVP recomputes the "
-        "primal forward."
+        "`traced`: VJP and JVP traced once and constant-folded (`trace_linear_map`: no primal "
+        "forward, no activation derivative per product; the default switches to it after "
+        f"{NTKOperator.LINEARIZE_AFTER} block products); `before trace`: autograd VJP, and a "
+        "JVP that recomputes the primal forward."
     )
     emit()
 
