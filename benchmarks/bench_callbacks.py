@@ -120,6 +120,38 @@ def build(name: str, device: str, gpu_steps: int) -> tuple[Any, Any, Dataset, Da
     raise SystemExit(f"unknown model {name!r}")
 
 
+def time_hooks(callbacks: list[Any]) -> dict[str, float]:
+    """Wrap every Lightning hook each callback overrides; return {callback: seconds} (live).
+
+    The callbacks' own time inside the run is a far less noisy overhead figure than the
+    difference of two wall times on a shared machine (which drift by 20-40% between runs).
+    """
+    import lightning.pytorch as pl
+
+    totals: dict[str, float] = {}
+    hooks = [h for h in dir(pl.Callback) if h.startswith(("on_", "setup", "teardown"))]
+    for cb in callbacks:
+        name = type(cb).__name__
+        totals[name] = 0.0
+        for hook in hooks:
+            if getattr(type(cb), hook) is getattr(pl.Callback, hook):
+                continue  # not overridden: Lightning's no-op
+
+            setattr(cb, hook, _timed(getattr(cb, hook), name, totals))
+    return totals
+
+
+def _timed(fn: Any, name: str, totals: dict[str, float]) -> Any:
+    def wrapped(*args: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kw)
+        finally:
+            totals[name] += time.perf_counter() - t0
+
+    return wrapped
+
+
 def fit_once(
     name: str, with_callbacks: bool, device: str, gpu_steps: int, root: Path, scale: float = 1.0
 ) -> dict[str, Any]:
@@ -159,6 +191,7 @@ def fit_once(
         if with_callbacks
         else []
     )
+    hook_seconds = time_hooks(callbacks)
     trainer = pl.Trainer(
         max_steps=s.steps,
         accelerator="cuda" if device == "cuda" else "cpu",
@@ -189,6 +222,7 @@ def fit_once(
         "every": ntk._resolved_every,
         "probe_rows": ntk._n_probe,
         "probe_total": sum(ntk.probe_seconds),
+        "hooks": dict(hook_seconds),
         "probe_s": sum(ntk.probe_seconds) / max(1, len(ntk.probe_seconds)),
     }
 
@@ -250,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                     # The NTK monitor's own time (timed inside the run) over the run without
                     # callbacks: a less noisy figure than the difference of two wall times.
                     "ntk_share": w["probe_total"] / wo["wall"],
+                    "hooks_share": sum(w["hooks"].values()) / wo["wall"],
+                    "hooks": {k: v / wo["wall"] for k, v in w["hooks"].items()},
                     "step_s": wo["wall"] / max(1, wo["steps"]),
                     "full_steps": args.typical_steps if args.device == "cuda" else wo["full_steps"],
                 }
@@ -257,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         "| model | steps | without (s) | with (s) | overhead (all four) | NTK probes "
         "| every n steps | s / probe (model + baseline) | NTK time / run time "
-        "| projected NTK share at full length (steps) | NTK share <= 5% from (steps) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|"
+        "| projected NTK share at full length (steps) | NTK share <= 5% from (steps) "
+        "| all four callbacks' own time / run time |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
     for r in rows:
@@ -270,8 +307,17 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['model']} | {r['steps']} | {r['without_s']:.2f} | {r['with_s']:.2f} "
             f"| {100 * r['overhead']:+.1f}% | {r['probes']} | {r['every']} | {r['probe_s']:.3f} "
             f"| {100 * r['ntk_share']:.1f}% | {100 * projected:.1f}% ({r['full_steps']}) "
-            f"| {break_even:,.0f} |"
+            f"| {break_even:,.0f} | {100 * r['hooks_share']:.1f}% |"
         )
+    lines.append("")
+    lines.append("Callbacks' own time (all their hooks, timed inside the run) / run time without:")
+    lines.append("")
+    names = list(rows[0]["hooks"]) if rows else []
+    lines.append("| model | " + " | ".join(names) + " |")
+    lines.append("|---|" + "---|" * len(names))
+    for r in rows:
+        cells = " | ".join(f"{100 * r['hooks'][n]:.1f}%" for n in names)
+        lines.append(f"| {r['model']} | {cells} |")
     env = (
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, device {args.device}"
