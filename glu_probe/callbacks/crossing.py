@@ -55,7 +55,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -334,8 +334,7 @@ class LossCrossingMonitor(Callback):
             self._update(trainer, pl_module)
 
     # ------------------------------------------------------------------ internals
-    def _read(self, trainer: pl.Trainer, key: str) -> float | None:
-        metrics = trainer.callback_metrics
+    def _read(self, metrics: Mapping[str, Any], key: str) -> float | None:
         for k in (key, f"{key}_step"):
             if k in metrics:
                 return float(metrics[k])
@@ -368,12 +367,14 @@ class LossCrossingMonitor(Callback):
         last = self.detector.last_step
         if last is not None and step <= last:
             return
-        a = self._read(trainer, self._keys[0])
+        # One read per step: Lightning rebuilds the metrics dict on every access (~10 µs).
+        logged = trainer.callback_metrics
+        a = self._read(logged, self._keys[0])
         if a is None:
             return
         if self.kind == "paired":
             assert self._keys[1] is not None
-            b = self._read(trainer, self._keys[1])
+            b = self._read(logged, self._keys[1])
         else:
             b = self._baseline_at(step)
         if b is None:
