@@ -689,3 +689,31 @@ def test_figure_every(tmp_path):
     acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0}).Reload()
     assert [i.step for i in acc.Images("ntk/spectrum_figure")] == [0, 3, 6, 7]  # + the last
     assert "ntk/spectrum" not in acc.Tags()["histograms"]
+
+
+def test_iterative_path_writes_slq_histogram_and_figure(tmp_path):
+    """Iterative path: TensorBoard gets the SLQ estimate of the log10 spectrum (bucket counts add
+    up to about n, the size of K) and a density figure, at the first and the last probe."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    ds = make_data(n=96)
+    mon = NTKSpectrumMonitor(
+        every_n_steps=2,
+        probe_size=96,
+        max_rows=None,
+        method="lanczos",
+        dtype=torch.float64,
+        spectrum_kwargs={"which": "largest", "block_size": 2},
+    )
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer(max_steps=4, callbacks=[mon], logger=logger).fit(TinyNet(hidden=64), loader(ds))
+    logger.experiment.flush()
+    acc = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "images": 0}).Reload()
+    hist = acc.Histograms("ntk/log10_spectrum")
+    assert [h.step for h in hist] == [0, 2, 4]
+    for h in hist:
+        counts = sum(h.histogram_value.bucket)
+        assert counts == pytest.approx(96, rel=0.02)  # n·Σ weights over positive nodes
+    assert "ntk/spectrum" not in acc.Tags()["histograms"]  # no exact eigenvalues to show
+    assert [e.step for e in acc.Images("ntk/spectrum_figure")] == [0, 4]

@@ -24,7 +24,10 @@ For a PairedModule the names are ``ntk/model/<name>`` and ``ntk/baseline/<name>`
 ``model_prefix`` / ``baseline_prefix``). On rank zero it
 also writes TensorBoard histograms of the spectrum (``ntk/spectrum`` and ``ntk/log10_spectrum``, the
 latter over the strictly positive eigenvalues only) and a matplotlib figure of the sorted
-eigenvalues, when the engine returned the whole spectrum (exact path).
+eigenvalues, when the engine returned the whole spectrum (exact path). On the iterative path
+it writes the SLQ estimate instead: ``ntk/log10_spectrum`` with the expected number of
+eigenvalues per bucket (n times the quadrature weight), and a figure of the estimated density
+of log10 λ.
 
 Probe batch
 -----------
@@ -306,8 +309,10 @@ class NTKSpectrumMonitor(Callback):
         method: ``"auto"``, ``"dense"`` (exact) or ``"lanczos"`` (iterative, warm-started).
         params: parameter filter forwarded to the engine (names, predicate or regex).
         strict: raise instead of warning and skipping on OOM / non-finite values.
-        log_histogram: write TensorBoard histograms of the spectrum (exact path).
-        log_figure: write a matplotlib spectrum figure to TensorBoard (exact path).
+        log_histogram: write TensorBoard histograms of the spectrum (exact path: every
+            eigenvalue; iterative path: the SLQ estimate of log10 λ).
+        log_figure: write a matplotlib spectrum figure to TensorBoard (exact path: sorted
+            eigenvalues; iterative path: the SLQ density of log10 λ).
         figure_every: ``None`` (default): draw the figure at the first and the last probe of
             the run; ``k``: also at every k-th probe. Rendering one PNG (~0.2 s) costs more
             than a small probe, so the default keeps it to two per run.
@@ -420,7 +425,7 @@ class NTKSpectrumMonitor(Callback):
         self._n_probe: int = 0
         #: Wall seconds of each probe of this process (all targets, logging included).
         self.probe_seconds: list[float] = []
-        self._pending_figure: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._pending_figure: tuple[int, dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -775,6 +780,13 @@ class NTKSpectrumMonitor(Callback):
             res["eigenvalues"] = (
                 eig.detach().double().cpu() if isinstance(eig, torch.Tensor) else None
             )
+            nodes = getattr(spec, "density_nodes", None)
+            weights = getattr(spec, "density_weights", None)
+            res["density"] = (
+                (nodes.detach().double().cpu(), weights.detach().double().cpu(), int(spec.n_rows))
+                if isinstance(nodes, torch.Tensor) and isinstance(weights, torch.Tensor)
+                else None
+            )
             ritz = getattr(spec, "ritz_vectors", None)
             res["ritz_vectors"] = ritz.detach().cpu() if isinstance(ritz, torch.Tensor) else None
             res["wall_time"] = time.perf_counter() - t0
@@ -838,23 +850,28 @@ class NTKSpectrumMonitor(Callback):
         writers = list(tensorboard_writers(trainer))
         if not writers:
             return
-        spectra = {
-            tag: res["eigenvalues"]
-            for tag, res in results.items()
-            if isinstance(res.get("eigenvalues"), torch.Tensor) and res["eigenvalues"].numel() > 0
-        }
+        spectra: dict[str, Any] = {}
+        for tag, res in results.items():
+            eig = res.get("eigenvalues")
+            if isinstance(eig, torch.Tensor) and eig.numel() > 0:
+                spectra[tag] = eig  # exact: every eigenvalue
+            elif res.get("density") is not None:
+                spectra[tag] = res["density"]  # iterative path: SLQ (nodes, weights, n)
         if not spectra:
             return
         if self.log_histogram:
             for writer in writers:
-                for tag, eig in spectra.items():
+                for tag, spec in spectra.items():
                     prefix = self._metric_prefix(tag)
-                    writer.add_histogram(prefix + "spectrum", eig.numpy(), global_step=step)
-                    pos = eig[eig > 0]
-                    if pos.numel() > 0:
-                        writer.add_histogram(
-                            prefix + "log10_spectrum", pos.log10().numpy(), global_step=step
-                        )
+                    if isinstance(spec, torch.Tensor):
+                        writer.add_histogram(prefix + "spectrum", spec.numpy(), global_step=step)
+                        pos = spec[spec > 0]
+                        if pos.numel() > 0:
+                            writer.add_histogram(
+                                prefix + "log10_spectrum", pos.log10().numpy(), global_step=step
+                            )
+                    else:
+                        _slq_histogram(writer, prefix + "log10_spectrum", *spec, step=step)
         if not self.log_figure:
             return
         # history already holds this probe: it is probe number len - 1 of the run.
@@ -866,10 +883,68 @@ class NTKSpectrumMonitor(Callback):
         else:  # drawn at train end if it stays the last probe
             self._pending_figure = (step, dict(spectra))
 
-    def _draw(self, writers: list[Any], spectra: Mapping[str, torch.Tensor], step: int) -> None:
-        fig = _spectrum_figure(spectra, step)
+    def _draw(self, writers: list[Any], spectra: Mapping[str, Any], step: int) -> None:
+        if all(isinstance(v, torch.Tensor) for v in spectra.values()):
+            fig = _spectrum_figure(spectra, step)
+        else:
+            fig = _density_figure(spectra, step)
         for writer in writers:
             writer.add_figure(f"{self.prefix}/spectrum_figure", fig, global_step=step, close=False)
+
+
+def _slq_histogram(
+    writer: Any, tag: str, nodes: torch.Tensor, weights: torch.Tensor, n: int, *, step: int
+) -> None:
+    """A TensorBoard histogram of log10 λ from SLQ quadrature (expected eigenvalue counts).
+
+    Bucket counts are n·(quadrature weight in the bucket), the expected number of eigenvalues of
+    the n x n kernel there; non-positive nodes (rounding) have no logarithm and are left out.
+    """
+    from glu_probe.ntk.density import spectral_density
+
+    keep = nodes > 0
+    if not bool(keep.any()):
+        return
+    x, w = nodes[keep].log10(), weights[keep]
+    edges, dens = spectral_density(nodes[keep], weights=w, bins=30, log=True)
+    counts = dens * edges.diff() * float(w.sum()) * n
+    writer.add_histogram_raw(
+        tag,
+        min=float(x.min()),
+        max=float(x.max()),
+        num=float(counts.sum()),
+        sum=float((w * x).sum() * n),
+        sum_squares=float((w * x * x).sum() * n),
+        bucket_limits=edges[1:].tolist(),
+        bucket_counts=counts.tolist(),
+        global_step=step,
+    )
+
+
+def _density_figure(spectra: Mapping[str, Any], step: int) -> Any:
+    """Spectral densities of log10 λ: exact eigenvalues, or SLQ estimates (iterative path)."""
+    from matplotlib.figure import Figure
+
+    from glu_probe.ntk.density import spectral_density
+
+    fig = Figure(figsize=(5, 3.2), dpi=80)
+    ax = fig.add_subplot(1, 1, 1)
+    for tag, spec in spectra.items():
+        if isinstance(spec, torch.Tensor):
+            vals, w, how = spec[spec > 0], None, "exact"
+        else:
+            nodes, weights, _ = spec
+            vals, w, how = nodes[nodes > 0], weights[nodes > 0], "SLQ estimate"
+        if vals.numel() == 0:
+            continue
+        edges, dens = spectral_density(vals, weights=w, bins=30, log=True)
+        ax.stairs(dens.numpy(), edges.numpy(), label=f"{tag or 'model'} ({how})")
+    ax.set_xlabel("log10 λ")
+    ax.set_ylabel("density")
+    ax.set_title(f"NTK spectral density, step {step}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def _spectrum_figure(spectra: Mapping[str, torch.Tensor], step: int) -> Any:
