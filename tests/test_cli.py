@@ -170,6 +170,7 @@ def test_spectrum_timm_matches_direct_ntk(capsys):
     assert info["lambda_max"] == pytest.approx(lmax, rel=1e-4)
     assert info["lambda_min"] == pytest.approx(lmin, rel=1e-3)
     assert info["condition_number"] == pytest.approx(kappa, rel=1e-3)
+    assert info["effective_rank_method"] == "exact" and 1.0 <= info["effective_rank"] <= 6.0
 
 
 def test_spectrum_hf_gpt2_with_swap(capsys):
