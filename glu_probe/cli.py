@@ -443,7 +443,9 @@ def _cmd_spectrum(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     table.add_row("method", f"{result.method} (converged: {result.converged})")
     table.add_row("λ_max", f"{result.lambda_max:.6g}  ± {result.residual_max:.2g} (Ritz residual)")
     table.add_row("λ_min", f"{result.lambda_min:.6g}  ± {result.residual_min:.2g} (Ritz residual)")
-XX, f"{result.wall_time:.2f} s on {device}")
+    table.add_row("κ = λ_max/λ_min", f"{result.condition_number:.6g}")
+    table.add_row("effective rank", f"{result.effective_rank:.4g} ({result.effective_rank_method})")
+    table.add_row("wall time", f"{result.wall_time:.2f} s on {device}")
     make_console().print(table)
     return 0
 
