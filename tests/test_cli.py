@@ -193,3 +193,16 @@ def test_parser_is_reusable():
     parser = build_parser()
     args = parser.parse_args(["demo", "--quick", "--seed", "3"])
     assert args.quick and args.seed == 3 and args.out == "runs" and args.device == "auto"
+
+
+def test_spectrum_table_output(capsys):
+    """Without --json: a rich table with κ and the effective rank (iterative path: SLQ)."""
+    argv = [
+        "spectrum", "--hf-config", "gpt2", "--set", "n_layer=1", "--set", "n_embd=32",
+        "--set", "n_head=2", "--set", "vocab_size=64", "--set", "n_positions=16",
+        "--seq-len", "8", "--batch-size", "2", "--method", "lanczos", "--device", "cpu",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "NTK spectrum at init" in out and "κ = λ_max/λ_min" in out
+    assert "effective rank" in out and ("(slq)" in out or "(exact)" in out)
