@@ -303,6 +303,18 @@ def test_warm_start_from_previous_ritz_vectors(monkeypatch):
     assert set(mon.state_dict()["warm_start"]) == {""}
 
 
+def lanczos_monitor(spectrum_kwargs: dict[str, Any]) -> NTKSpectrumMonitor:
+    """Iterative path on all 96 probe rows (no max_rows cap), float64."""
+    return NTKSpectrumMonitor(
+        every_n_steps=2,
+        probe_size=96,
+        max_rows=None,
+        method="lanczos",
+        dtype=torch.float64,
+        spectrum_kwargs=spectrum_kwargs,
+    )
+
+
 def test_iterative_path_logs_an_slq_effective_rank():
     """Lanczos path (λ_max only, so far from the whole space): the logged effective rank is the
     deflated-SLQ estimate, within 10% of the float64 truth at the probed parameters; with
@@ -311,14 +323,7 @@ def test_iterative_path_logs_an_slq_effective_rank():
     ds = make_data(n=96)
     snaps = Snapshots()
     kw = {"which": "largest", "block_size": 2}
-    mon = NTKSpectrumMonitor(
-        every_n_steps=2,
-        probe_size=96,
-        max_rows=None,
-        method="lanczos",
-        dtype=torch.float64,
-        spectrum_kwargs=kw,
-    )
+    mon = lanczos_monitor(kw)
     model = TinyNet(hidden=64)
     trainer(max_steps=2, callbacks=[mon, snaps]).fit(model, loader(ds))
     x = ds.tensors[0]
@@ -327,13 +332,7 @@ def test_iterative_path_logs_an_slq_effective_rank():
         net.load_state_dict(snaps.states[hist["step"]])
         truth = float(glu_probe.ntk.effective_rank(dense_spectrum(net, x)))
         assert hist["ntk/effective_rank"] == pytest.approx(truth, rel=0.10)
-    off = NTKSpectrumMonitor(
-        every_n_steps=2,
-        probe_size=96,
-        method="lanczos",
-        dtype=torch.float64,
-        spectrum_kwargs={**kw, "slq_probes": 0},
-    )
+    off = lanczos_monitor({**kw, "slq_probes": 0})
     trainer(max_steps=1, callbacks=[off]).fit(TinyNet(hidden=64), loader(ds))
     assert "ntk/effective_rank" not in off.history[0]
     assert "ntk/lambda_max" in off.history[0]
@@ -698,14 +697,7 @@ def test_iterative_path_writes_slq_histogram_and_figure(tmp_path):
 
     torch.manual_seed(0)
     ds = make_data(n=96)
-    mon = NTKSpectrumMonitor(
-        every_n_steps=2,
-        probe_size=96,
-        max_rows=None,
-        method="lanczos",
-        dtype=torch.float64,
-        spectrum_kwargs={"which": "largest", "block_size": 2},
-    )
+    mon = lanczos_monitor({"which": "largest", "block_size": 2})
     logger = TensorBoardLogger(tmp_path, name="tb")
     trainer(max_steps=4, callbacks=[mon], logger=logger).fit(TinyNet(hidden=64), loader(ds))
     logger.experiment.flush()

@@ -939,9 +939,13 @@ def _density_figure(spectra: Mapping[str, Any], step: int) -> Any:
             continue
         edges, dens = spectral_density(vals, weights=w, bins=30, log=True)
         ax.stairs(dens.numpy(), edges.numpy(), label=f"{tag or 'model'} ({how})")
-    ax.set_xlabel("log10 λ")
-    ax.set_ylabel("density")
-    ax.set_title(f"NTK spectral density, step {step}")
+    return _finish(fig, ax, "log10 λ", "density", f"NTK spectral density, step {step}")
+
+
+def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str) -> Any:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -963,12 +967,7 @@ def _spectrum_figure(spectra: Mapping[str, torch.Tensor], step: int) -> Any:
         if n_nonpos:
             label += f" ({n_nonpos} ≤ 0 not drawn)"
         ax.semilogy(range(1, pos.numel() + 1), pos.numpy(), marker=".", lw=1, label=label)
-    ax.set_xlabel("index i")
-    ax.set_ylabel("eigenvalue λ_i of K = J Jᵀ")
-    ax.set_title(f"NTK spectrum, step {step}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "index i", "eigenvalue λ_i of K = J Jᵀ", f"NTK spectrum, step {step}")
 
 
 def _is_paired(pl_module: pl.LightningModule) -> bool:
