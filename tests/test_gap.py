@@ -129,6 +129,30 @@ def test_clean_gap_equals_independent_recomputation(tmp_path):
     assert module.training  # flags restored
 
 
+@pytest.mark.parametrize(("eval_batch_size", "n_batches"), [(None, 2), (24, 1), (5, 5)])
+def test_training_subset_eval_batch_size(tmp_path, eval_batch_size, n_batches):
+    """Train batches of 4, val batches of 16: by default the 24-sample subset is evaluated in
+    batches of 16 (the larger loader batch size), or as asked; the gap is the same."""
+    calls: list[int] = []
+
+    class Counting(Classifier):
+        def forward(self, x):
+            if not self.training:
+                calls.append(x.shape[0])
+            return super().forward(x)
+
+    mon = GeneralizationGapMonitor(train_subset_size=24, eval_batch_size=eval_batch_size)
+    module = Counting()
+    train, val = DataLoader(TRAIN, batch_size=4), DataLoader(VAL, batch_size=16)
+    _trainer(tmp_path, callbacks=[mon], max_epochs=1).fit(module, train, val)
+    # each val batch twice (Lightning's step, then the monitor's re-evaluation), then the subset
+    assert calls[:4] == [16, 16, 14, 14]
+    assert sum(calls[4:]) == 24 and len(calls[4:]) == n_batches
+    tr_loss, _ = _mean_ce_and_acc(module.net, *_subset(48, 24))
+    va_loss, _ = _mean_ce_and_acc(module.net, *VAL.tensors)
+    assert mon.history[-1]["gap/loss"] == pytest.approx(va_loss - tr_loss, rel=1e-5, abs=1e-6)
+
+
 def test_zero_interference_and_flags(tmp_path):
     finals = []
     for callbacks in ([], [GeneralizationGapMonitor(train_subset_size=16)]):
@@ -273,6 +297,8 @@ def test_quiet_runs_and_bad_config(tmp_path):
         GeneralizationGapMonitor(train_subset_size=0)
     with pytest.raises(MisconfigurationException, match="val_batches"):
         GeneralizationGapMonitor(val_batches=-2)
+    with pytest.raises(MisconfigurationException, match="eval_batch_size"):
+        GeneralizationGapMonitor(eval_batch_size=0)
     with pytest.raises(MisconfigurationException, match=r"not a torchmetrics\.Metric"):
         GeneralizationGapMonitor(metrics={"acc": lambda p, t: 0.0})
     with pytest.raises(MisconfigurationException, match="metric name 'loss'"):

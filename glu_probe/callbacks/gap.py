@@ -204,6 +204,11 @@ class GeneralizationGapMonitor(Callback):
         seed: seed of the subset indices.
         labels_key: the targets' key in dict batches.
         log_components: also log both sides (``gap/train/...``, ``gap/val/...``).
+        eval_batch_size: batch size of the training-subset evaluation. ``None`` (default): the
+            larger of the train and the (first) validation loader's batch sizes, read at the
+            first validation, so the subset is evaluated in batches no larger than ones the run
+            already fits on the device (eval runs without gradients), and small training batches
+            (a language model's 8 sequences) do not cost dozens of small forward passes.
     """
 
     def __init__(
@@ -220,6 +225,7 @@ class GeneralizationGapMonitor(Callback):
         seed: int = 0,
         labels_key: str = "labels",
         log_components: bool = True,
+        eval_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("clean", "logged"):
@@ -242,6 +248,15 @@ class GeneralizationGapMonitor(Callback):
                 f"GeneralizationGapMonitor: val_batches must be an int >= 1 or None, "
                 f"got {val_batches!r}"
             )
+        if eval_batch_size is not None and (
+            isinstance(eval_batch_size, bool)
+            or not isinstance(eval_batch_size, int)
+            or eval_batch_size < 1
+        ):
+            raise MisconfigurationException(
+                f"GeneralizationGapMonitor: eval_batch_size must be an int >= 1 or None, "
+                f"got {eval_batch_size!r}"
+            )
         if loss_fn is not None and not callable(loss_fn):
             raise MisconfigurationException("GeneralizationGapMonitor: loss_fn must be callable")
         if train_subset is not None and (
@@ -262,6 +277,13 @@ class GeneralizationGapMonitor(Callback):
         self.val_key = val_key
         self.loss_fn = loss_fn
         self.val_batches = val_batches
+        self.eval_batch_size = eval_batch_size
+        # Map-style subset: its samples and the train loader's collate_fn / batch size, to be
+        # batched at the eval batch size at the first validation (val loaders exist only then).
+        self._items: list[Any] | None = None
+        self._collate: Callable[[list[Any]], Any] | None = None
+        self._train_bs = 1
+        self._rebatched = True
         self.train_subset = list(train_subset) if train_subset is not None else None
         self.seed = int(seed)
         self.labels_key = labels_key
@@ -339,9 +361,11 @@ class GeneralizationGapMonitor(Callback):
             return
         self._check_contract(pl_module)
         include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self._items = None  # set by _draw for a map-style subset
         with isolate_rng(include_cuda=include_cuda):
             batches = self.train_subset if self.train_subset is not None else self._draw(trainer)
             self._batches = [trainer.strategy.batch_to_device(b) for b in batches]
+        self._rebatched = self._items is None
         device = pl_module.device
         self._sides = {
             tag: {
@@ -369,6 +393,8 @@ class GeneralizationGapMonitor(Callback):
             and trainer.state.fn == "fit"
             and self._batches is not None
         )
+        if self._active and not self._rebatched:
+            self._rebatch(trainer)
         if self._active:
             for sides in self._sides.values():
                 sides["val"].reset()
@@ -430,6 +456,21 @@ class GeneralizationGapMonitor(Callback):
             "target) attribute, or use mode='logged'"
         )
 
+    def _rebatch(self, trainer: pl.Trainer) -> None:
+        """Batch the drawn subset at the eval batch size (once, at the first validation)."""
+        self._rebatched = True
+        if self._items is None or self._collate is None:
+            return
+        bs = self.eval_batch_size
+        if bs is None:
+            val = _first_loader(trainer.val_dataloaders)
+            bs = max(self._train_bs, (val.batch_size if val is not None else None) or 1)
+        if bs == self._train_bs:
+            return
+        items, collate = self._items, self._collate
+        batches = [collate(items[j : j + bs]) for j in range(0, len(items), bs)]
+        self._batches = [trainer.strategy.batch_to_device(b) for b in batches]
+
     def _draw(self, trainer: pl.Trainer) -> list[Any]:
         loader = _first_loader(trainer.train_dataloader)
         if loader is None:
@@ -448,9 +489,9 @@ class GeneralizationGapMonitor(Callback):
             k = min(self.train_subset_size, n)
             gen = torch.Generator().manual_seed(self.seed)
             idx = torch.randperm(n, generator=gen)[:k].sort().values.tolist()
-            return [
-                loader.collate_fn([dataset[i] for i in idx[j : j + bs]]) for j in range(0, k, bs)
-            ]
+            items = [dataset[i] for i in idx]
+            self._items, self._collate, self._train_bs = items, loader.collate_fn, bs
+            return [loader.collate_fn(items[j : j + bs]) for j in range(0, k, bs)]
         batches, got = [], 0
         for batch in loader:
             batches.append(batch)
