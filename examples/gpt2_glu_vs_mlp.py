@@ -33,13 +33,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 
 from glu_probe.data import hf_text_dataset, text_corpus
-from glu_probe.demo import PairSettings, fit_pair, resolve_accelerator
+from glu_probe.demo import PairSettings, fit_seeds, resolve_accelerator
 from glu_probe.models import gpt2_pair
-from glu_probe.report import aggregate_seeds, format_seed_table, load_run, summarize
 
 SIZES: dict[str, tuple[dict[str, Any], int, int, PairSettings]] = {
     # (GPT2Config overrides, seq_len, max_bytes, settings)
@@ -123,21 +121,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)  # tiny models: extra threads only spin-wait
     run_name = args.run_name or f"gpt2-{args.size}"
     out = Path(args.out)
-    metas = []
-    for seed in args.seeds:
-        pl.seed_everything(seed, workers=True, verbose=False)
-        pair = gpt2_pair(args.variant, seed=seed, n_positions=seq_len, **cfg)
-        metas.append(
-            fit_pair(
-                pair, train, val, settings, loss_fn=None, save_dir=out, name=run_name,
-                version=f"seed_{seed}", seed=seed, accelerator=accelerator,
-                progress=not args.no_progress,
-            )
-        )  # fmt: skip
-    run = load_run(out / run_name)
-    rows = [r for r in summarize(run) if r["run"] in {f"seed_{s}" for s in args.seeds}]
-    agg = aggregate_seeds(rows)
-    table = format_seed_table(agg)
+    fit = fit_seeds(
+        lambda seed: gpt2_pair(args.variant, seed=seed, n_positions=seq_len, **cfg),
+        train,
+        val,
+        settings,
+        seeds=args.seeds,
+        save_dir=out,
+        name=run_name,
+        accelerator=accelerator,
+        progress=not args.no_progress,
+    )
+    metas, rows, agg, table = fit["metas"], fit["rows"], fit["aggregate"], fit["table"]
     print(f"\nGPT-2 ({data_name}, size {args.size}, {len(args.seeds)} seeds): {metas[0]['params']}")
     print(table)
     result = {

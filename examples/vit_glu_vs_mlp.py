@@ -32,13 +32,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 
 from glu_probe.data import cifar10_dataset, digits_dataset
-from glu_probe.demo import PairSettings, fit_pair, resolve_accelerator
+from glu_probe.demo import PairSettings, fit_seeds, resolve_accelerator
 from glu_probe.models import vit_pair
-from glu_probe.report import aggregate_seeds, format_seed_table, load_run, summarize
 
 SIZES: dict[str, tuple[dict[str, Any], PairSettings]] = {
     "quick": (
@@ -120,21 +118,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)  # tiny models: extra threads only spin-wait
     run_name = args.run_name or f"vit-{args.size}-{data_name}"
     out = Path(args.out)
-    metas = []
-    for seed in args.seeds:
-        pl.seed_everything(seed, workers=True, verbose=False)
-        pair = vit_pair(args.variant, seed=seed, **vit_kw)
-        metas.append(
-            fit_pair(
-                pair, train, val, settings, loss_fn=None, save_dir=out, name=run_name,
-                version=f"seed_{seed}", seed=seed, accelerator=accelerator,
-                progress=not args.no_progress,
-            )
-        )  # fmt: skip
-    run = load_run(out / run_name)
-    rows = [r for r in summarize(run) if r["run"] in {f"seed_{s}" for s in args.seeds}]
-    agg = aggregate_seeds(rows)
-    table = format_seed_table(agg)
+    fit = fit_seeds(
+        lambda seed: vit_pair(args.variant, seed=seed, **vit_kw),
+        train,
+        val,
+        settings,
+        seeds=args.seeds,
+        save_dir=out,
+        name=run_name,
+        accelerator=accelerator,
+        progress=not args.no_progress,
+    )
+    metas, rows, agg, table = fit["metas"], fit["rows"], fit["aggregate"], fit["table"]
     print(f"\nViT ({data_name}, size {args.size}, {len(args.seeds)} seeds): {metas[0]['params']}")
     print(table)
     result = {

@@ -41,6 +41,7 @@ __all__ = [
     "PairSettings",
     "default_settings",
     "fit_pair",
+    "fit_seeds",
     "observations",
     "resolve_accelerator",
     "run_demo",
@@ -358,6 +359,42 @@ def fit_pair(
     out.mkdir(parents=True, exist_ok=True)
     (out / "pair.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
     return meta
+
+
+def fit_seeds(
+    build: Callable[[int], Any],
+    train: Dataset[Any],
+    val: Dataset[Any],
+    s: PairSettings,
+    *,
+    seeds: Sequence[int],
+    save_dir: str | Path,
+    name: str,
+    accelerator: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """:func:`fit_pair` once per seed (``build(seed)`` makes the pair), then mean ± std.
+
+    Each seed logs to ``<save_dir>/<name>/seed_<seed>``. Returns ``metas`` (one per seed), the
+    summary ``rows`` of those seeds, their ``aggregate`` over seeds and the rendered ``table``.
+    """
+    import lightning.pytorch as pl
+
+    from glu_probe.report import aggregate_seeds, format_seed_table, load_run, summarize
+
+    metas = []
+    for seed in seeds:
+        pl.seed_everything(seed, workers=True, verbose=False)
+        metas.append(
+            fit_pair(
+                build(seed), train, val, s, loss_fn=None, save_dir=save_dir, name=name,
+                version=f"seed_{seed}", seed=seed, accelerator=accelerator, progress=progress,
+            )
+        )  # fmt: skip
+    versions = {f"seed_{seed}" for seed in seeds}
+    rows = [r for r in summarize(load_run(Path(save_dir) / name)) if r["run"] in versions]
+    agg = aggregate_seeds(rows)
+    return {"metas": metas, "rows": rows, "aggregate": agg, "table": format_seed_table(agg)}
 
 
 def _train_pair(
