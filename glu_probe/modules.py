@@ -169,7 +169,67 @@ def _warn_ignored(cls: str, kwargs: Mapping[str, Any]) -> None:
         )
 
 
-class MLP(nn.Module):
+class _MLPBase(nn.Module):
+    """What :class:`MLP` and :class:`GatedMLP` share: checked widths and the timm-named tail.
+
+    A subclass constructor calls :meth:`_init_widths`, builds its own ``fc1`` layer(s), then
+    :meth:`_init_tail`, in that order: layer creation order fixes the default initialisation.
+    """
+
+    in_features: int
+    hidden_features: int
+    out_features: int
+    use_conv: bool
+    act: nn.Module
+    drop1: nn.Dropout
+    norm: nn.Module
+    fc2: nn.Linear | nn.Conv2d
+    drop2: nn.Dropout
+
+    def _init_widths(
+        self,
+        in_features: int,
+        hidden_features: int | None,
+        out_features: int | None,
+        bias: bool | tuple[bool, bool],
+        drop: float | tuple[float, float],
+        use_conv: bool,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+        kwargs: dict[str, Any],
+    ) -> tuple[Callable[..., nn.Linear | nn.Conv2d], bool, dict[str, Any]]:
+        """Set the checked widths; return the projection factory (``nn.Linear``, or a 1x1
+        ``nn.Conv2d`` with ``use_conv``), the ``fc1`` bias flag and the device/dtype keywords."""
+        _warn_ignored(type(self).__name__, kwargs)
+        self.in_features = _check_width(in_features, "in_features")
+        self.hidden_features = _check_width(hidden_features or in_features, "hidden_features")
+        self.out_features = _check_width(out_features or in_features, "out_features")
+        b1, _ = _pair(bias, "bias")
+        _pair(drop, "drop")  # a malformed pair fails before any layer is built
+        self.use_conv = use_conv
+        linear = partial(nn.Conv2d, kernel_size=1) if use_conv else nn.Linear
+        return linear, bool(b1), {"device": device, "dtype": dtype}
+
+    def _init_tail(
+        self,
+        act_layer: Any,
+        norm_layer: Callable[..., nn.Module] | None,
+        bias: bool | tuple[bool, bool],
+        drop: float | tuple[float, float],
+        linear: Callable[..., nn.Linear | nn.Conv2d],
+        dd: dict[str, Any],
+    ) -> None:
+        """``act, drop1, norm, fc2, drop2`` (timm ``Mlp`` names) after ``fc1``."""
+        h = self.hidden_features
+        p1, p2 = _pair(drop, "drop")
+        self.act = resolve_activation(act_layer)
+        self.drop1 = nn.Dropout(_check_drop(p1))
+        self.norm = norm_layer(h, **dd) if norm_layer else nn.Identity()
+        self.fc2 = linear(h, self.out_features, bias=bool(_pair(bias, "bias")[1]), **dd)
+        self.drop2 = nn.Dropout(_check_drop(p2))
+
+
+class MLP(_MLPBase):
     """Non-gated MLP, ``y = drop2(fc2(norm(drop1(act(fc1(x))))))``.
 
     Same signature and attribute names as ``timm.layers.Mlp`` (``fc1, act, drop1, norm, fc2,
@@ -194,21 +254,11 @@ class MLP(nn.Module):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        _warn_ignored(type(self).__name__, kwargs)
-        dd: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.in_features = _check_width(in_features, "in_features")
-        self.hidden_features = _check_width(hidden_features or in_features, "hidden_features")
-        self.out_features = _check_width(out_features or in_features, "out_features")
-        b1, b2 = _pair(bias, "bias")
-        p1, p2 = _pair(drop, "drop")
-        self.use_conv = use_conv
-        linear = partial(nn.Conv2d, kernel_size=1) if use_conv else nn.Linear
-        self.fc1 = linear(self.in_features, self.hidden_features, bias=bool(b1), **dd)
-        self.act = resolve_activation(act_layer)
-        self.drop1 = nn.Dropout(_check_drop(p1))
-        self.norm = norm_layer(self.hidden_features, **dd) if norm_layer else nn.Identity()
-        self.fc2 = linear(self.hidden_features, self.out_features, bias=bool(b2), **dd)
-        self.drop2 = nn.Dropout(_check_drop(p2))
+        linear, b1, dd = self._init_widths(
+            in_features, hidden_features, out_features, bias, drop, use_conv, device, dtype, kwargs
+        )
+        self.fc1 = linear(self.in_features, self.hidden_features, bias=b1, **dd)
+        self._init_tail(act_layer, norm_layer, bias, drop, linear, dd)
         if init is not None:
             with torch.no_grad():
                 init(self.fc1.weight, self.fc1.bias)
@@ -226,7 +276,7 @@ class MLP(nn.Module):
         return f"act={activation_name(self.act)}"
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(_MLPBase):
     """Gated MLP (GLU family), ``y = W2 (act(x Wg + bg) ⊙ (x Wu + bu)) + b2``.
 
     ``hidden_features`` is the **gated width** (see the module docstring). With ``packed=True``
@@ -265,28 +315,18 @@ class GatedMLP(nn.Module):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        _warn_ignored(type(self).__name__, kwargs)
-        dd: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.in_features = _check_width(in_features, "in_features")
-        self.hidden_features = _check_width(hidden_features or in_features, "hidden_features")
-        self.out_features = _check_width(out_features or in_features, "out_features")
+        linear, b1, dd = self._init_widths(
+            in_features, hidden_features, out_features, bias, drop, use_conv, device, dtype, kwargs
+        )
         h = self.hidden_features
-        b1, b2 = _pair(bias, "bias")
-        p1, p2 = _pair(drop, "drop")
         self.packed = bool(packed)
-        self.use_conv = use_conv
         self._chunk_dim = 1 if use_conv else -1
-        linear = partial(nn.Conv2d, kernel_size=1) if use_conv else nn.Linear
         if self.packed:
-            self.fc1 = linear(self.in_features, 2 * h, bias=bool(b1), **dd)
+            self.fc1 = linear(self.in_features, 2 * h, bias=b1, **dd)
         else:
-            self.fc1_g = linear(self.in_features, h, bias=bool(b1), **dd)
-            self.fc1_x = linear(self.in_features, h, bias=bool(b1), **dd)
-        self.act = resolve_activation(act_layer)
-        self.drop1 = nn.Dropout(_check_drop(p1))
-        self.norm = norm_layer(h, **dd) if norm_layer else nn.Identity()
-        self.fc2 = linear(h, self.out_features, bias=bool(b2), **dd)
-        self.drop2 = nn.Dropout(_check_drop(p2))
+            self.fc1_g = linear(self.in_features, h, bias=b1, **dd)
+            self.fc1_x = linear(self.in_features, h, bias=b1, **dd)
+        self._init_tail(act_layer, norm_layer, bias, drop, linear, dd)
         if init is not None:
             with torch.no_grad():
                 for w, b in (
