@@ -1,7 +1,8 @@
 """Shared helpers for the glu-probe Lightning callbacks.
 
-Kept tiny on purpose: skip rules, rank-zero logging through the Trainer's loggers, and access to the
-TensorBoard ``SummaryWriter`` objects of whatever TensorBoard loggers the user attached.
+Kept tiny on purpose: skip rules, config checks, rank-zero logging through the Trainer's loggers,
+and access to the TensorBoard ``SummaryWriter`` objects of whatever TensorBoard loggers the user
+attached.
 """
 
 from __future__ import annotations
@@ -12,13 +13,26 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 __all__ = [
+    "check_positive_int",
     "is_quiet_run",
     "log_metrics",
     "logger_step",
     "tensorboard_writers",
 ]
+
+
+def check_positive_int(owner: str, name: str, value: Any, allow_none: bool = False) -> None:
+    """MisconfigurationException unless ``value`` is an int >= 1 (or ``None`` if allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        extra = " or None" if allow_none else ""
+        raise MisconfigurationException(
+            f"{owner}: `{name}` must be a positive int{extra}, got {value!r}."
+        )
 
 
 def is_quiet_run(trainer: pl.Trainer) -> bool:

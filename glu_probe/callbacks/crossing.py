@@ -66,7 +66,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from glu_probe.callbacks._utils import is_quiet_run, log_metrics, logger_step, tensorboard_writers
+from glu_probe.callbacks._utils import (
+    check_positive_int,
+    is_quiet_run,
+    log_metrics,
+    logger_step,
+    tensorboard_writers,
+)
 from glu_probe.crossing import Crossing, CrossingDetector
 
 __all__ = ["LossCrossingMonitor", "load_baseline_series"]
@@ -252,15 +258,9 @@ class LossCrossingMonitor(Callback):
             raise MisconfigurationException(f"LossCrossingMonitor: {err}") from err
         if on_crossing is not None and not callable(on_crossing):
             raise MisconfigurationException("LossCrossingMonitor: on_crossing must be callable")
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool)
-            or not isinstance(log_every_n_steps, int)
-            or log_every_n_steps < 1
-        ):
-            raise MisconfigurationException(
-                f"LossCrossingMonitor: log_every_n_steps must be an int >= 1, "
-                f"got {log_every_n_steps!r}"
-            )
+        check_positive_int(
+            "LossCrossingMonitor", "log_every_n_steps", log_every_n_steps, allow_none=True
+        )
         if phase is None:
             phase = "val" if re.search(r"(^|[/_.])val", monitor) else "train"
         if phase not in ("train", "val"):

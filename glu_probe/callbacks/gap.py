@@ -92,7 +92,12 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from glu_probe.callbacks._utils import is_quiet_run, log_metrics, logger_step
+from glu_probe.callbacks._utils import (
+    check_positive_int,
+    is_quiet_run,
+    log_metrics,
+    logger_step,
+)
 from glu_probe.callbacks.paired import (
     EVAL_OUTPUTS_KEY,
     PairedModule,
@@ -232,31 +237,10 @@ class GeneralizationGapMonitor(Callback):
             raise MisconfigurationException(
                 f"GeneralizationGapMonitor: mode must be 'clean' or 'logged', got {mode!r}"
             )
-        if (
-            isinstance(train_subset_size, bool)
-            or not isinstance(train_subset_size, int)
-            or train_subset_size < 1
-        ):
-            raise MisconfigurationException(
-                "GeneralizationGapMonitor: train_subset_size must be an int >= 1, "
-                f"got {train_subset_size!r}"
-            )
-        if val_batches is not None and (
-            isinstance(val_batches, bool) or not isinstance(val_batches, int) or val_batches < 1
-        ):
-            raise MisconfigurationException(
-                f"GeneralizationGapMonitor: val_batches must be an int >= 1 or None, "
-                f"got {val_batches!r}"
-            )
-        if eval_batch_size is not None and (
-            isinstance(eval_batch_size, bool)
-            or not isinstance(eval_batch_size, int)
-            or eval_batch_size < 1
-        ):
-            raise MisconfigurationException(
-                f"GeneralizationGapMonitor: eval_batch_size must be an int >= 1 or None, "
-                f"got {eval_batch_size!r}"
-            )
+        owner = "GeneralizationGapMonitor"
+        check_positive_int(owner, "train_subset_size", train_subset_size)
+        check_positive_int(owner, "val_batches", val_batches, allow_none=True)
+        check_positive_int(owner, "eval_batch_size", eval_batch_size, allow_none=True)
         if loss_fn is not None and not callable(loss_fn):
             raise MisconfigurationException("GeneralizationGapMonitor: loss_fn must be callable")
         if train_subset is not None and (

@@ -99,7 +99,12 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from glu_probe.callbacks._utils import is_quiet_run, log_metrics, tensorboard_writers
+from glu_probe.callbacks._utils import (
+    check_positive_int,
+    is_quiet_run,
+    log_metrics,
+    tensorboard_writers,
+)
 
 __all__ = ["NTKProbeWarning", "NTKSpectrumMonitor"]
 
@@ -283,14 +288,6 @@ def _eval_mode(modules: Sequence[nn.Module], enabled: bool) -> Iterator[None]:
             m.training = flag
 
 
-def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        extra = " or None" if allow_none else ""
-        raise MisconfigurationException(f"`{name}` must be a positive int{extra}, got {value!r}.")
-
-
 class NTKSpectrumMonitor(Callback):
     """Log the extreme eigenvalues and condition number of the empirical NTK during training.
 
@@ -360,12 +357,12 @@ class NTKSpectrumMonitor(Callback):
         prefix: str = "ntk",
     ) -> None:
         super().__init__()
-        _check_positive_int("every_n_steps", every_n_steps, allow_none=True)
-        _check_positive_int("probe_size", probe_size)
-        _check_positive_int("max_rows", max_rows, allow_none=True)
-        _check_positive_int("target_probes", target_probes)
-        _check_positive_int("chunk_size", chunk_size, allow_none=True)
-        _check_positive_int("figure_every", figure_every, allow_none=True)
+        check_positive_int("NTKSpectrumMonitor", "every_n_steps", every_n_steps, allow_none=True)
+        check_positive_int("NTKSpectrumMonitor", "probe_size", probe_size)
+        check_positive_int("NTKSpectrumMonitor", "max_rows", max_rows, allow_none=True)
+        check_positive_int("NTKSpectrumMonitor", "target_probes", target_probes)
+        check_positive_int("NTKSpectrumMonitor", "chunk_size", chunk_size, allow_none=True)
+        check_positive_int("NTKSpectrumMonitor", "figure_every", figure_every, allow_none=True)
         if not (callable(output) or output in _OUTPUTS):
             raise MisconfigurationException(
                 f"`output` must be one of {_OUTPUTS} or a callable, got {output!r}."
