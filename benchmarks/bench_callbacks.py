@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -162,24 +162,13 @@ def fit_once(
     from glu_probe.callbacks.dashboard import TensorBoardDashboard
     from glu_probe.callbacks.gap import GeneralizationGapMonitor
     from glu_probe.callbacks.ntk import NTKSpectrumMonitor
-    from glu_probe.callbacks.paired import PairedModule
+    from glu_probe.demo import pair_run
 
     pl.seed_everything(0, verbose=False)
     s, pair, train, val, loss_fn = build(name, device, gpu_steps)
     full_steps = s.steps
     s = replace(s, steps=max(25, round(s.steps * scale)))
-    module = PairedModule(
-        pair.model, pair.baseline, loss_fn=loss_fn, optimizer=s.optimizer, lr=s.lr
-    )
-    gen = torch.Generator().manual_seed(0)
-    train_dl = DataLoader(
-        train,
-        batch_size=min(s.batch_size, len(train)),  # type: ignore[arg-type]
-        shuffle=True,
-        drop_last=True,
-        generator=gen,
-    )
-    val_dl = DataLoader(val, batch_size=max(s.batch_size, 64))
+    module, train_dl, val_dl, trainer_kwargs = pair_run(pair, train, val, s, loss_fn=loss_fn)
     ntk = NTKSpectrumMonitor()
     callbacks: list[Any] = (
         [
@@ -193,19 +182,11 @@ def fit_once(
     )
     hook_seconds = time_hooks(callbacks)
     trainer = pl.Trainer(
-        max_steps=s.steps,
         accelerator="cuda" if device == "cuda" else "cpu",
-        devices=1,
         logger=TensorBoardLogger(root, name=name, version="with" if with_callbacks else "without"),
         callbacks=callbacks,
-        val_check_interval=s.val_every,
-        check_val_every_n_epoch=None,
-        limit_val_batches=s.val_batches,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
         enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
+        **trainer_kwargs,
     )
     if device == "cuda":
         torch.cuda.synchronize()

@@ -43,6 +43,7 @@ __all__ = [
     "fit_pair",
     "fit_seeds",
     "observations",
+    "pair_run",
     "resolve_accelerator",
     "run_demo",
 ]
@@ -273,6 +274,55 @@ def _max_time(minutes: float | None) -> Any:
     return {"seconds": float(minutes) * 60.0} if minutes else None
 
 
+def pair_run(
+    pair: Any,
+    train: Dataset[Any],
+    val: Dataset[Any],
+    s: PairSettings,
+    *,
+    loss_fn: Callable[..., torch.Tensor] | None,
+    seed: int = 0,
+) -> tuple[Any, DataLoader[Any], DataLoader[Any], dict[str, Any]]:
+    """What a demo run of ``pair`` is made of: ``(module, train_loader, val_loader, trainer_kw)``.
+
+    The :class:`~glu_probe.callbacks.PairedModule` (AdamW without weight decay, or SGD), a
+    shuffled train loader whose order comes from a generator seeded with ``seed``, the val loader
+    (batches of at least 64) and the ``Trainer`` keywords of the cadence in ``s`` (steps,
+    validation interval and batches, one device, no checkpoints). :func:`fit_pair` and
+    ``benchmarks/bench_callbacks.py`` build their runs from it.
+    """
+    from glu_probe.callbacks.paired import PairedModule
+
+    module = PairedModule(
+        pair.model,
+        pair.baseline,
+        loss_fn=loss_fn,
+        optimizer=s.optimizer,
+        lr=s.lr,
+        optimizer_kwargs={"weight_decay": 0.0} if s.optimizer == "adamw" else {},
+    )
+    train_loader = DataLoader(
+        train,
+        batch_size=min(s.batch_size, len(train)),  # type: ignore[arg-type]
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    val_loader = DataLoader(val, batch_size=max(s.batch_size, 64), shuffle=False)
+    trainer_kwargs = {
+        "max_steps": s.steps,
+        "devices": 1,
+        "val_check_interval": s.val_every,
+        "check_val_every_n_epoch": None,
+        "limit_val_batches": s.val_batches,
+        "num_sanity_val_steps": 0,
+        "log_every_n_steps": 1,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+    }
+    return module, train_loader, val_loader, trainer_kwargs
+
+
 def fit_pair(
     pair: Any,
     train: Dataset[Any],
@@ -298,46 +348,23 @@ def fit_pair(
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from glu_probe.callbacks.paired import PairedModule
     from glu_probe.data import ByteWindowDataset, lm_probe_batch
 
-    module = PairedModule(
-        pair.model,
-        pair.baseline,
-        loss_fn=loss_fn,
-        optimizer=s.optimizer,
-        lr=s.lr,
-        optimizer_kwargs={"weight_decay": 0.0} if s.optimizer == "adamw" else {},
+    module, train_loader, val_loader, trainer_kwargs = pair_run(
+        pair, train, val, s, loss_fn=loss_fn, seed=seed
     )
-    gen = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(
-        train,
-        batch_size=min(s.batch_size, len(train)),  # type: ignore[arg-type]
-        shuffle=True,
-        drop_last=True,
-        generator=gen,
-    )
-    val_loader = DataLoader(val, batch_size=max(s.batch_size, 64), shuffle=False)
     probe = None
     if isinstance(train, ByteWindowDataset):
         # Distinct first bytes: shared prefixes would duplicate pNTK rows (K exactly singular).
         probe = lm_probe_batch(train, s.probe_size)
     logger = TensorBoardLogger(save_dir=str(save_dir), name=name, version=version)
     trainer = pl.Trainer(
-        max_steps=s.steps,
         accelerator=accelerator,
-        devices=1,
         logger=logger,
         callbacks=_callbacks(s, progress, probe),
-        val_check_interval=s.val_every,
-        check_val_every_n_epoch=None,
-        limit_val_batches=s.val_batches,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
         enable_progress_bar=progress,
-        enable_model_summary=False,
-        enable_checkpointing=False,
         max_time=_max_time(max_minutes),
+        **trainer_kwargs,
     )
     t0 = time.perf_counter()
     trainer.fit(module, train_loader, val_loader)
