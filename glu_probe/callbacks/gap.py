@@ -267,7 +267,6 @@ class GeneralizationGapMonitor(Callback):
         self._items: list[Any] | None = None
         self._collate: Callable[[list[Any]], Any] | None = None
         self._train_bs = 1
-        self._rebatched = True
         self.train_subset = list(train_subset) if train_subset is not None else None
         self.seed = int(seed)
         self.labels_key = labels_key
@@ -349,7 +348,6 @@ class GeneralizationGapMonitor(Callback):
         with isolate_rng(include_cuda=include_cuda):
             batches = self.train_subset if self.train_subset is not None else self._draw(trainer)
             self._batches = [trainer.strategy.batch_to_device(b) for b in batches]
-        self._rebatched = self._items is None
         device = pl_module.device
         self._sides = {
             tag: {
@@ -377,7 +375,7 @@ class GeneralizationGapMonitor(Callback):
             and trainer.state.fn == "fit"
             and self._batches is not None
         )
-        if self._active and not self._rebatched:
+        if self._active and self._items is not None:
             self._rebatch(trainer)
         if self._active:
             for sides in self._sides.values():
@@ -442,8 +440,8 @@ class GeneralizationGapMonitor(Callback):
 
     def _rebatch(self, trainer: pl.Trainer) -> None:
         """Batch the drawn subset at the eval batch size (once, at the first validation)."""
-        self._rebatched = True
-        if self._items is None or self._collate is None:
+        items, collate, self._items = self._items, self._collate, None  # consumed
+        if items is None or collate is None:
             return
         bs = self.eval_batch_size
         if bs is None:
@@ -451,7 +449,6 @@ class GeneralizationGapMonitor(Callback):
             bs = max(self._train_bs, (val.batch_size if val is not None else None) or 1)
         if bs == self._train_bs:
             return
-        items, collate = self._items, self._collate
         batches = [collate(items[j : j + bs]) for j in range(0, len(items), bs)]
         self._batches = [trainer.strategy.batch_to_device(b) for b in batches]
 

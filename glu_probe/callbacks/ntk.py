@@ -105,6 +105,7 @@ from glu_probe.callbacks._utils import (
     log_metrics,
     tensorboard_writers,
 )
+from glu_probe.ntk.operator import is_out_of_memory
 
 __all__ = ["NTKProbeWarning", "NTKSpectrumMonitor"]
 
@@ -184,12 +185,6 @@ class NTKProbeWarning(UserWarning):
 
 class _ProbeFailure(Exception):
     """Internal: a contained failure (reason in ``args[0]``)."""
-
-
-def _is_oom(err: BaseException) -> bool:
-    if isinstance(err, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
 
 
 def _is_nonfinite_error(err: BaseException) -> bool:
@@ -739,7 +734,7 @@ class NTKSpectrumMonitor(Callback):
                     ):
                         spec = ntk_spectrum(target, self._inputs, chunk_size=chunk, **kwargs)
                 except Exception as err:
-                    if _is_oom(err):
+                    if is_out_of_memory(err):
                         if torch.cuda.is_available():
                             torch.cuda.empty_cache()
                         if attempt == 0:
@@ -816,7 +811,7 @@ class NTKSpectrumMonitor(Callback):
                 )
         except Exception as err:
             own, reason = err, str(err)
-            code = 1 if _is_nonfinite_error(err) else 2 if _is_oom(err) else 3
+            code = 1 if _is_nonfinite_error(err) else 2 if is_out_of_memory(err) else 3
         device = next(target.parameters()).device
         flag = torch.tensor([code], device=device, dtype=torch.int32)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)

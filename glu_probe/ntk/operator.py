@@ -105,7 +105,8 @@ def trace_linear_map(fn: Callable[..., Any], example: Sequence[Tensor]) -> Calla
     return folded
 
 
-def _is_oom(err: BaseException) -> bool:
+def is_out_of_memory(err: BaseException) -> bool:
+    """``err`` is an out-of-memory error (CUDA's, or a RuntimeError that says so, e.g. CPU)."""
     if isinstance(err, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
@@ -369,7 +370,7 @@ class NTKOperator:
             return
         import torch.distributed as dist
 
-        code = 0 if err is None else (1 if _is_oom(err) else 2)
+        code = 0 if err is None else (1 if is_out_of_memory(err) else 2)
         status = torch.tensor([code], dtype=torch.int32, device=self.device)
         dist.all_reduce(status, op=dist.ReduceOp.MAX, group=self.process_group)
         worst = int(status.item())
