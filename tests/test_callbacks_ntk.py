@@ -185,6 +185,23 @@ def test_logged_values_equal_dense_eigh(tmp_path, output, dtype, method, rtol):
         assert hist["ntk/effective_rank"] == pytest.approx(expected_er, rel=max(rtol, 1e-6))
 
 
+def test_default_exact_path_is_mixed_precision_within_its_logged_bound():
+    """dtype=float32 (default): float32 Jacobian rows, K in float64; truth within the residuals."""
+    torch.manual_seed(0)
+    ds = make_data()
+    snaps = Snapshots()
+    mon = NTKSpectrumMonitor(every_n_steps=2, probe_size=12, method="dense")
+    trainer(max_steps=3, callbacks=[mon, snaps]).fit(TinyNet(), loader(ds))
+    assert [h["step"] for h in mon.history] == [0, 2]
+    x = ds.tensors[0][:12]
+    for hist in mon.history:
+        ev = truth_at(snaps.states[hist["step"]], x)
+        assert hist["ntk/residual_max"] > 0.0 and hist["ntk/residual_min"] > 0.0
+        assert abs(hist["ntk/lambda_max"] - float(ev[-1])) <= hist["ntk/residual_max"]
+        assert abs(hist["ntk/lambda_min"] - float(ev[0])) <= hist["ntk/residual_min"]
+        assert hist["ntk/condition_number"] == pytest.approx(float(ev[-1] / ev[0]), rel=1e-5)
+
+
 def test_probe_in_eval_mode_with_dropout_and_user_probe():
     """Dropout is off inside the probe (eval mode); a user probe batch is used as given."""
     torch.manual_seed(1)

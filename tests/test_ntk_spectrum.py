@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from glu_probe.ntk import NTKRankWarning, NTKSpectrum, ntk_matrix, ntk_spectrum
+from glu_probe.ntk.dense import jacobian_rounding_estimate, jacobian_rows
+from glu_probe.ntk.functional import ProbeFunction
 from glu_probe.ntk.spectrum import AUTO_DENSE_MAX_ROWS
 
 torch.set_num_threads(1)
@@ -143,6 +145,69 @@ def test_dense_path_exact(case):
     assert s.numerical_rank == ev.numel()
     p = ev / ev.sum()
     assert s.effective_rank == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- mixed precision
+def _jacobian(model: nn.Module, inputs, dtype: torch.dtype) -> torch.Tensor:
+    probe = ProbeFunction(model, inputs, dtype=dtype)
+    with probe.session():
+        parts = jacobian_rows(probe)(0, probe.batch_size)
+    return torch.cat([j.reshape(probe.n_rows, -1) for j in parts], dim=1).double()
+
+
+def test_rounding_estimate_covers_the_float32_jacobian_error(case):
+    """The premise of the mixed path: ‖J₃₂ − J₆₄‖ ≤ 16·u₃₂·‖J‖_F, measured on every model."""
+    name, model, inputs, _ = case
+    j64 = _jacobian(model, inputs, torch.float64)
+    j32 = _jacobian(model, inputs, torch.float32)
+    err_f = float((j32 - j64).norm())
+    estimate = jacobian_rounding_estimate(float((j64 * j64).sum()), torch.float32)
+    assert 0.0 < err_f <= estimate, name
+    assert float(torch.linalg.matrix_norm(j32 - j64, ord=2)) <= err_f
+    # the mixed K is the exact Gram matrix of the float32 rows (float32 products are exact in
+    # float64), not a float32 GEMM; a budget for one panel computes the same rows in one call
+    K = ntk_matrix(model, inputs, jacobian_dtype=torch.float32, memory_budget=2**30)
+    torch.testing.assert_close(K, j32 @ j32.T, rtol=1e-12, atol=1e-12 * float(K.diag().max()))
+
+
+def test_mixed_precision_dense_path_within_its_rounding_bound(case):
+    """float32 Jacobian, float64 K and eigh: every eigenvalue within 2√θ·δ + δ² of the truth."""
+    name, model, inputs, ev = case
+    s = ntk_spectrum(model, inputs, method="dense", jacobian_dtype=torch.float32)
+    assert s.method == "dense" and s.precision == "mixed" and s.converged
+    theta = s.eigenvalues
+    assert theta is not None
+    delta = jacobian_rounding_estimate(float(theta.sum()), torch.float32)
+    bound = 2.0 * theta.clamp_min(0.0).sqrt() * delta + delta**2
+    assert bool(((theta - ev).abs() <= bound).all()), name
+    assert s.residual_max == pytest.approx(float(bound[-1]), rel=1e-6)
+    assert s.residual_min == pytest.approx(float(bound[0]), rel=1e-6)
+    kappa = float(ev[-1] / ev[0])
+    assert s.lambda_min_upper >= float(ev[0]) and s.condition_number_lower <= kappa
+    # the bound is loose (E is not aligned with the extreme singular vectors): the error itself
+    # stays small even for the ViT's κ ≈ 1e6
+    assert rel(s.condition_number, kappa) <= 1e-4, name
+    assert s.numerical_rank == ev.numel()
+
+
+def test_symmetric_gram_panel_and_mixed_path_at_512_rows():
+    """Mixed and float64 dense paths agree on a 512-row K built from one-triangle panels."""
+    torch.manual_seed(0)
+    model, x = two_layer(False, n=512)
+    j64 = _jacobian(model, x, torch.float64)
+    big = 2**30  # one panel of 256 samples: the symmetric (three-block) Gram
+    torch.testing.assert_close(ntk_matrix(model, x, memory_budget=big), j64 @ j64.T)
+    s = ntk_spectrum(model, x, method="dense", memory_budget=big, jacobian_dtype=torch.float32)
+    ev = torch.linalg.eigvalsh(j64 @ j64.T)
+    assert rel(s.condition_number, float(ev[-1] / ev[0])) <= 1e-6
+
+
+def test_bad_jacobian_dtype():
+    model, x = two_layer(False, n=8)
+    with pytest.raises(ValueError, match="jacobian_dtype"):
+        ntk_spectrum(model, x, jacobian_dtype=torch.float16)
+    with pytest.raises(ValueError, match="jacobian_dtype"):
+        ntk_matrix(model, x, jacobian_dtype=torch.int64)
 
 
 def test_lanczos_lambda_max_within_30_matvecs(case):

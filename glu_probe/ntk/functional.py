@@ -210,8 +210,13 @@ class ProbeFunction:
         self.n_params = sum(p.numel() for p in self.params)
         self.n_rows, self.rows_per_sample = self._check()
 
-    def astype(self, dtype: torch.dtype) -> ProbeFunction:
-        """The same probe (model, original inputs, filter) in another dtype."""
+    def astype(self, dtype: torch.dtype, *, check: bool = True) -> ProbeFunction:
+        """The same probe (model, original inputs, filter) in another dtype.
+
+        ``check=False`` skips the validating forward pass that narrowing repeats (for callers
+        that check the finiteness of their own results, as :func:`~glu_probe.ntk.ntk_matrix`
+        does for K).
+        """
         if dtype == self.dtype:
             return self
         if not dtype.is_floating_point:
@@ -228,7 +233,7 @@ class ProbeFunction:
         for n, b in self.model.named_buffers():
             new.constants[n] = new._cast(b.detach()).clone()
         new.inputs = _map_tensors(self._source[0], lambda t: new._cast(t).to(self.device))
-        if torch.finfo(dtype).bits < torch.finfo(self.dtype).bits:
+        if check and torch.finfo(dtype).bits < torch.finfo(self.dtype).bits:
             new.n_rows, new.rows_per_sample = new._check()
         return new
 
