@@ -171,6 +171,15 @@ def test_spectrum_timm_matches_direct_ntk(capsys):
     assert info["lambda_min"] == pytest.approx(lmin, rel=1e-3)
     assert info["condition_number"] == pytest.approx(kappa, rel=1e-3)
     assert info["effective_rank_method"] == "exact" and 1.0 <= info["effective_rank"] <= 6.0
+    assert info["precision"] == "float64" and info["residual_min"] == 0.0
+
+    # --jacobian-dtype float32: the mixed-precision exact path (engine accuracy against float64
+    # truth is tested in test_ntk_spectrum.py); here the wiring and the printed bound
+    assert main([*argv, "--jacobian-dtype", "float32"]) == 0
+    mixed = json.loads(capsys.readouterr().out)
+    assert mixed["precision"] == "mixed" and mixed["residual_min"] > 0.0
+    assert abs(mixed["lambda_min"] - lmin) <= mixed["residual_min"] + 1e-12 * lmax
+    assert abs(mixed["lambda_max"] - lmax) <= mixed["residual_max"] + 1e-12 * lmax
 
 
 def test_spectrum_hf_gpt2_with_swap(capsys):
