@@ -18,7 +18,9 @@ NTK is K = J Jᵀ. Every ``every_n_steps`` optimizer steps (and at step 0) the m
   ``spectrum_kwargs={"slq_probes": 0}`` to skip it, and it is then not logged),
 * ``ntk/residual_max``, ``ntk/residual_min``: the Ritz residual norms ‖K v − θ v‖ of the extreme
   Ritz pairs. By the Bauer–Fike / Kahan bound for symmetric K, an eigenvalue of K lies within
-  that distance of the reported value; both are 0 on the exact (dense ``eigh``) path.
+  that distance of the reported value. On the exact (dense ``eigh``) path they are the rounding
+  bounds 2·√λ·δ + δ² of the float32 Jacobian rows (default ``dtype``; see
+  :func:`~glu_probe.ntk.ntk_spectrum`), and 0 with ``dtype=torch.float64``.
 
 For a PairedModule the names are ``ntk/model/<name>`` and ``ntk/baseline/<name>`` (its
 ``model_prefix`` / ``baseline_prefix``). On rank zero it
