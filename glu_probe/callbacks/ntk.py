@@ -951,7 +951,9 @@ def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str) -> Any:
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=7)
-    fig.tight_layout()
+    # Fixed margins for this figure size instead of tight_layout(), which costs an extra draw
+    # (about 40-180 ms of the ~100 ms a figure takes; a two-layer demo step is 7 ms).
+    fig.subplots_adjust(left=0.15, right=0.97, bottom=0.15, top=0.9)
     return fig
 
 
