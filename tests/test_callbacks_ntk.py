@@ -202,6 +202,27 @@ def test_default_exact_path_is_mixed_precision_within_its_logged_bound():
         assert hist["ntk/condition_number"] == pytest.approx(float(ev[-1] / ev[0]), rel=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_mixed_and_half_precision_training(precision):
+    """The probe runs outside the Trainer's autocast and on float64 copies of bf16 weights: the
+    logged spectrum is that of the weights as they are, in float64."""
+    torch.manual_seed(0)
+    ds = make_data()
+    snaps = Snapshots()
+    mon = NTKSpectrumMonitor(every_n_steps=2, probe_size=12, dtype=torch.float64, method="dense")
+    model = TinyNet()
+    trainer(max_steps=3, callbacks=[mon, snaps], precision=precision).fit(model, loader(ds))
+    assert [h["step"] for h in mon.history] == [0, 2]
+    if precision == "bf16-true":
+        assert next(model.parameters()).dtype == torch.bfloat16
+    x = ds.tensors[0][:12]
+    for hist in mon.history:
+        state = {k: v.double() for k, v in snaps.states[hist["step"]].items()}
+        ev = truth_at(state, x)
+        assert hist["ntk/lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-9)
+        assert hist["ntk/condition_number"] == pytest.approx(float(ev[-1] / ev[0]), rel=1e-8)
+
+
 def test_probe_in_eval_mode_with_dropout_and_user_probe():
     """Dropout is off inside the probe (eval mode); a user probe batch is used as given."""
     torch.manual_seed(1)

@@ -232,6 +232,36 @@ def test_paired_validation_batches_are_not_evaluated_twice(tmp_path, monkeypatch
     assert ref_calls.count("eval") == members * (2 * val_batches + subset_batches)
 
 
+@pytest.mark.parametrize("paired", [False, True], ids=["module", "paired"])
+def test_mixed_precision_training_gap_is_measured_under_one_precision(tmp_path, paired):
+    """Under precision="bf16-mixed" both sides are evaluated under the Trainer's autocast, as
+    its own validation_step is: with the training set as the validation set the gap is exactly
+    0, and the clean val loss equals the module's own logged val loss."""
+    module: pl.LightningModule = (
+        PairedModule(_net(1), _net(2), optimizer="sgd", lr=0.1) if paired else Classifier()
+    )
+    mon = GeneralizationGapMonitor(train_subset_size=len(TRAIN))  # all of it, in order
+    logger = CSVLogger(str(tmp_path))
+    same = DataLoader(TRAIN, batch_size=8)
+    trainer = _trainer(
+        tmp_path, logger=logger, callbacks=[mon], max_epochs=1, precision="bf16-mixed"
+    )
+    trainer.fit(module, DataLoader(TRAIN, batch_size=8, shuffle=True), same)
+    tags = ("model", "baseline") if paired else ("",)
+    for tag in tags:
+        prefix = f"gap/{tag}/" if tag else "gap/"
+        assert mon.history[-1][f"{prefix}loss"] == 0.0, tag
+    if not paired:
+        logged = float(_last_row(logger, "val_loss")["val_loss"])
+        assert mon.history[-1]["gap/val/loss"] == pytest.approx(logged, rel=1e-6)
+        # and it is the autocast loss, which differs from a float32 evaluation
+        net = module.net.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = float(F.cross_entropy(net(TRAIN.tensors[0]).float(), TRAIN.tensors[1]))
+        f32, _ = _mean_ce_and_acc(net, *TRAIN.tensors)
+        assert logged == pytest.approx(auto, rel=2e-3) and abs(auto - f32) > 1e-5
+
+
 def test_logged_mode_reads_callback_metrics(tmp_path):
     mon = GeneralizationGapMonitor(mode="logged")
     module = Classifier()

@@ -11,10 +11,12 @@ At the end of every validation run during ``fit`` it logs
 
 Clean mode (default)
 --------------------
-Both sides come from a *clean* evaluation: the network in eval mode, under ``torch.no_grad``,
-with the same loss function and the same aggregation. L is the mean of the per-batch losses
-weighted by the number of loss terms in each batch (the samples, or the non-ignored tokens for
-class targets ``-100``), which is exactly the dataset mean for per-term mean losses. Metrics
+Both sides come from a *clean* evaluation: the network in eval mode, under ``torch.no_grad``
+and the Trainer's validation precision context (autocast under ``precision="bf16-mixed"``, as for
+Lightning's own ``validation_step``), with the same loss function and the same aggregation. L is
+the mean of the per-batch losses weighted by the number of loss terms in each batch (the samples,
+or the non-ignored tokens for class targets ``-100``), which is exactly the dataset mean for
+per-term mean losses. Metrics
 accumulate with torchmetrics' own ``update``/``compute`` on two private copies of each metric.
 
 * **Train side:** a training subset fixed once at train start: ``train_subset_size`` samples at
@@ -80,7 +82,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -110,6 +112,20 @@ from glu_probe.callbacks.paired import (
 __all__ = ["GeneralizationGapMonitor"]
 
 _RESERVED = {"loss", "train", "val"}
+
+
+def _precision_context(trainer: pl.Trainer | None) -> AbstractContextManager[Any]:
+    """The Trainer's validation precision context (autocast under ``"bf16-mixed"``/``"16-mixed"``).
+
+    Lightning runs ``validation_step`` inside it, and a PairedModule's val side comes from there,
+    so both sides of the gap are evaluated under it: otherwise a mixed-precision run would compare
+    an autocast val loss with a float32 train loss, and the rounding difference (1e-5 to 1e-3 of
+    the loss) would show up as a generalization gap.
+    """
+    plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
+    if plugin is None:
+        return nullcontext()
+    return plugin.val_step_context()
 
 
 @contextmanager
@@ -399,7 +415,7 @@ class GeneralizationGapMonitor(Callback):
             for tag, sides in self._sides.items():
                 sides["val"].add(*reused[tag])
             return
-        self._evaluate(pl_module, [batch], "val")
+        self._evaluate(pl_module, [batch], "val", trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if is_quiet_run(trainer) or trainer.state.fn != "fit":
@@ -413,7 +429,7 @@ class GeneralizationGapMonitor(Callback):
             assert self._batches is not None
             for sides in self._sides.values():
                 sides["train"].reset()
-            self._evaluate(pl_module, self._batches, "train")
+            self._evaluate(pl_module, self._batches, "train", trainer)
             metrics = self._clean_metrics(trainer)
         step = logger_step(trainer)
         self.history.append({"step": float(step), **metrics})
@@ -499,9 +515,19 @@ class GeneralizationGapMonitor(Callback):
         module_loss: Any = pl_module.loss_fn
         return module_loss(preds, target), preds, target
 
-    def _evaluate(self, pl_module: pl.LightningModule, batches: Sequence[Any], side: str) -> None:
+    def _evaluate(
+        self,
+        pl_module: pl.LightningModule,
+        batches: Sequence[Any],
+        side: str,
+        trainer: pl.Trainer | None = None,
+    ) -> None:
         include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        with isolate_rng(include_cuda=include_cuda), _eval_no_grad(pl_module):
+        with (
+            isolate_rng(include_cuda=include_cuda),
+            _eval_no_grad(pl_module),
+            _precision_context(trainer),
+        ):
             for batch in batches:
                 for tag, sides in self._sides.items():
                     try:
