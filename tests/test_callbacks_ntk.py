@@ -669,6 +669,105 @@ def test_max_rows_caps_token_probes(caplog):
     assert mon.history[0]["ntk/lambda_min"] == pytest.approx(float(ev[0]), rel=1e-7)
 
 
+class CausalLM(pl.LightningModule):
+    """A tiny HF GPT-2 on dict batches (input_ids, attention_mask): causal, one row per token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(vocab_size=13, n_positions=32, n_embd=8, n_layer=1, n_head=2)
+        self.lm = GPT2LMHeadModel(cfg)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])[:, :-1]
+        target = batch["input_ids"][:, 1:]
+        return nn.functional.cross_entropy(logits.reshape(-1, 13), target.reshape(-1))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class ProbeShapes(pl.Callback):
+    """Shapes of a monitor's probe inputs while training (the monitor frees them at train end)."""
+
+    def __init__(self, mon: NTKSpectrumMonitor) -> None:
+        self.mon, self.shapes = mon, {}
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        inputs = self.mon._inputs
+        items = inputs.items() if isinstance(inputs, dict) else [("x", inputs)]
+        self.shapes = {k: tuple(v.shape) for k, v in items}
+
+
+@pytest.mark.filterwarnings("ignore:per-sample vmap")
+def test_long_sequence_is_cut_to_max_rows_tokens(caplog):
+    """One 32-token sequence, max_rows=12: the probe is its first 12 tokens, and for a causal LM
+    its K is the leading 12 x 12 block of the whole sequence's K (float64 truth)."""
+    g = torch.Generator().manual_seed(0)
+    items = [
+        {"input_ids": torch.randint(0, 13, (32,), generator=g), "attention_mask": torch.ones(32)}
+        for _ in range(4)
+    ]
+    dl: DataLoader[Any] = DataLoader(items, batch_size=2)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    model = CausalLM()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    mon = NTKSpectrumMonitor(
+        every_n_steps=5, probe_size=4, max_rows=12, dtype=torch.float64, method="dense"
+    )
+    shapes = ProbeShapes(mon)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        trainer(max_steps=1, callbacks=[mon, shapes]).fit(model, dl)
+    assert "probing the first 12 of 32 tokens" in caplog.text
+    assert shapes.shapes == {"input_ids": (1, 12), "attention_mask": (1, 12)}
+
+    ref = CausalLM()
+    ref.load_state_dict(init)
+    ref = ref.double().eval()
+    names = [n for n, p in ref.named_parameters() if p.requires_grad]
+    params = tuple(p.detach() for n, p in ref.named_parameters() if p.requires_grad)
+    ids, mask = items[0]["input_ids"][None], items[0]["attention_mask"][None].double()
+
+    def rows(*ps: torch.Tensor) -> torch.Tensor:
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            out = torch.func.functional_call(ref, dict(zip(names, ps, strict=True)), (ids, mask))
+        return (out.sum(-1) / math.sqrt(out.shape[-1])).reshape(-1)
+
+    jac = torch.autograd.functional.jacobian(rows, params)
+    J = torch.cat([j.reshape(32, -1) for j in jac], dim=1)
+    ev = torch.linalg.eigvalsh((J @ J.T)[:12, :12])  # the leading block of the 32-token K
+    assert mon.history[0]["ntk/lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-9)
+    assert mon.history[0]["ntk/condition_number"] == pytest.approx(float(ev[-1] / ev[0]), rel=1e-7)
+
+
+class FixedLengthLM(TokenLM):
+    """Learned positions of a fixed length: a shorter input fails, so the sequence stays whole."""
+
+    def __init__(self, length: int = 8) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.zeros(length, 6))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(ids) + self.pos))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (ids,) = batch
+        return self(ids).square().mean()
+
+
+def test_sequence_that_cannot_be_cut_stays_whole():
+    ids = torch.randint(0, 11, (6, 8), generator=torch.Generator().manual_seed(0))
+    mon = NTKSpectrumMonitor(every_n_steps=5, probe_size=4, max_rows=5, dtype=torch.float64)
+    shapes = ProbeShapes(mon)
+    fit = trainer(max_steps=1, callbacks=[mon, shapes])
+    fit.fit(FixedLengthLM(), DataLoader(TensorDataset(ids)))
+    assert shapes.shapes == {"x": (1, 8)} and mon.history[0]["ntk/lambda_max"] > 0
+
+
 class Stream(torch.utils.data.IterableDataset):
     """An iterable dataset whose order depends on the global RNG (as a shuffling stream would)."""
 

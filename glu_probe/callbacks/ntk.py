@@ -40,9 +40,13 @@ same probe. For an ``IterableDataset`` a fresh iterator of the loader is drawn f
 ``isolate_rng`` and with any loader/sampler ``generator`` state restored afterwards. A user
 ``probe`` (a batch in the loader's format) is used as is. The default probe keeps at most
 ``max_rows`` (64) rows of K: a sequence model with one pNTK row per token keeps
-``max(1, max_rows // seq_len)`` sequences. The cap also keeps K full rank: rows from several
-sequences of a small LM easily make K numerically singular (κ = inf), and the cost of the exact
-path grows linearly with the rows. The batch goes through the module's
+``max(1, max_rows // seq_len)`` sequences, and a single sequence longer than ``max_rows`` tokens
+is cut to its first ``max_rows`` tokens (every input tensor whose second dimension is the sequence
+length; kept whole if the cut does not give ``max_rows`` rows). In a causal LM the rows of the
+first t tokens do not depend on later tokens, so the cut probe's K is exactly the leading
+``max_rows`` × ``max_rows`` block of the whole sequence's K. The cap also keeps K full rank:
+rows from several sequences of a small LM easily make K numerically singular (κ = inf), and the
+cost of the exact path grows linearly with the rows. The batch goes through the module's
 ``on_before_batch_transfer`` / ``transfer_batch_to_device`` / ``on_after_batch_transfer`` hooks,
 then the model input is extracted: ``x`` of ``(x, y, ...)``, a dict minus its label keys, a tensor
 as is; ``probe_inputs=callable(batch) -> inputs`` overrides.
@@ -301,7 +305,8 @@ class NTKSpectrumMonitor(Callback):
         probe_size: number of samples of the default probe (ignored when ``probe`` is given).
         max_rows: cap on the rows of K of the default probe: fewer samples are kept when
             ``probe_size`` samples would give more rows (sequence models: one row per token under
-            ``"pntk"``). ``None``: no cap. Not applied to a user ``probe``.
+            ``"pntk"``), and one sequence longer than ``max_rows`` tokens is cut to its first
+            ``max_rows`` tokens. ``None``: no cap. Not applied to a user ``probe``.
         output: ``"pntk"``, ``"full"`` or a callable mapping the model output to rows.
         method: ``"auto"``, ``"dense"`` (exact) or ``"lanczos"`` (iterative, warm-started).
         params: parameter filter forwarded to the engine (names, predicate or regex).
@@ -556,13 +561,16 @@ class NTKSpectrumMonitor(Callback):
         n = _batch_len(inputs) or n
         if self.probe is None and self.max_rows is not None:
             requested = n
-            n = self._cap_rows(pl_module, inputs, n, include_cuda)
+            per_sample = self._rows_per_sample(pl_module, inputs, include_cuda)
+            n = max(1, min(n, self.max_rows // max(1, per_sample)))
             inputs = _slice_batch(inputs, slice(0, n))
             if n < requested:
                 rank_zero_info(
                     f"NTKSpectrumMonitor: probing {n} of {requested} samples to keep K at most "
                     f"max_rows={self.max_rows} rows; pass max_rows=None to probe all of them."
                 )
+            if per_sample > self.max_rows:
+                inputs = self._cut_tokens(pl_module, inputs, per_sample, include_cuda)
         world, rank = trainer.world_size, trainer.global_rank
         if self.shard_probe and world > 1:
             if n < world:
@@ -580,12 +588,9 @@ class NTKSpectrumMonitor(Callback):
         self._n_probe = n
         return inputs
 
-    def _cap_rows(self, pl_module: pl.LightningModule, inputs: Any, n: int, cuda: bool) -> int:
-        """Samples to keep so that the probe has at most ``max_rows`` rows of K.
-
-        One forward pass of one sample (the engine's own row count: per token for sequence
-        outputs under ``"pntk"``, every output under ``"full"``).
-        """
+    def _rows_per_sample(self, pl_module: pl.LightningModule, inputs: Any, cuda: bool) -> int:
+        """Rows of K per sample: one forward pass of one sample (the engine's own row count: per
+        token for sequence outputs under ``"pntk"``, every output under ``"full"``)."""
         from glu_probe.ntk import ProbeFunction
 
         target = next(iter(self._targets(pl_module).values()))
@@ -597,8 +602,40 @@ class NTKSpectrumMonitor(Callback):
                 params=self.params,
                 eval_mode=self.eval_mode,
             )
-        assert self.max_rows is not None
-        return max(1, min(n, self.max_rows // max(1, probe.rows_per_sample)))
+        return probe.rows_per_sample
+
+    def _cut_tokens(
+        self, pl_module: pl.LightningModule, inputs: Any, seq_len: int, cuda: bool
+    ) -> Any:
+        """The first ``max_rows`` tokens of a sequence with more pNTK rows than ``max_rows``.
+
+        Every input tensor whose second dimension is ``seq_len`` (ids, attention mask, position
+        or token-type ids) is cut. The inputs are returned unchanged when that does not give
+        exactly ``max_rows`` rows per sample (not a token model, or one that needs its length).
+        """
+        from glu_probe.ntk.functional import _map_tensors
+
+        keep = self.max_rows
+        assert keep is not None
+        if self.output != "pntk":
+            return inputs
+
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            return t[:, :keep] if t.ndim >= 2 and t.shape[1] == seq_len else t
+
+        shorter = _map_tensors(inputs, cut)
+        try:
+            rows = self._rows_per_sample(pl_module, shorter, cuda)
+        except Exception:  # the model rejects the shorter input: keep the whole sequence
+            return inputs
+        if rows != keep:
+            return inputs
+        rank_zero_info(
+            f"NTKSpectrumMonitor: probing the first {keep} of {seq_len} tokens to keep K at most "
+            f"max_rows={keep} rows (in a causal model: the leading block of the whole sequence's "
+            "K); pass max_rows=None to probe all of them."
+        )
+        return shorter
 
     def _probe_from_loader(self, trainer: pl.Trainer) -> Any:
         loaders = trainer.train_dataloader
