@@ -703,7 +703,7 @@ class ProbeShapes(pl.Callback):
         self.shapes = {k: tuple(v.shape) for k, v in items}
 
 
-@pytest.mark.filterwarnings("ignore:per-sample vmap")
+@pytest.mark.filterwarnings("error:per-sample vmap")  # one sample: no vmap over samples
 def test_long_sequence_is_cut_to_max_rows_tokens(caplog):
     """One 32-token sequence, max_rows=12: the probe is its first 12 tokens, and for a causal LM
     its K is the leading 12 x 12 block of the whole sequence's K (float64 truth)."""

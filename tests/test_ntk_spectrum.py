@@ -202,6 +202,63 @@ def test_symmetric_gram_panel_and_mixed_path_at_512_rows():
     assert rel(s.condition_number, float(ev[-1] / ev[0])) <= 1e-6
 
 
+# ----------------------------------------------------------------------------- HF masks
+def _bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+    model = BertForSequenceClassification(cfg).eval()
+    ids = torch.randint(0, 50, (6, 8), generator=torch.Generator().manual_seed(1))
+    return model, ids
+
+
+def _batch_truth(model: nn.Module, batch: dict) -> torch.Tensor:
+    """K from the Jacobian of the whole batch (no per-sample vmap), float64."""
+    m = copy.deepcopy(model).double()
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    ps = tuple(p.detach() for _, p in m.named_parameters() if p.requires_grad)
+
+    def f(*theta):
+        out = torch.func.functional_call(m, dict(zip(names, theta, strict=True)), (), batch)
+        return pntk_rows(out)
+
+    J = torch.autograd.functional.jacobian(f, ps)
+    J = torch.cat([j.reshape(j.shape[0], -1) for j in J], dim=1)
+    return J @ J.T
+
+
+def test_hf_attention_mask_all_ones_is_vmapped_as_a_constant():
+    """HF checks masks with data-dependent .all(): an all-ones mask is passed unbatched, so the
+    per-sample vmap works (no fallback warning) and K is that of the unmasked batch."""
+    model, ids = _bert()
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        K = ntk_matrix(model, batch, strategy="jacobian", memory_budget=2**26)
+    torch.testing.assert_close(K, _batch_truth(model, batch), rtol=1e-10, atol=1e-12)
+    plain = ntk_matrix(model, {"input_ids": ids}, strategy="jacobian", memory_budget=2**26)
+    torch.testing.assert_close(K, plain, rtol=1e-12, atol=0.0)
+
+
+def test_hf_padding_mask_falls_back_to_one_sample_at_a_time():
+    model, ids = _bert()
+    mask = torch.ones_like(ids)
+    mask[::2, 5:] = 0  # padded samples: the masks differ, vmap over them fails inside HF
+    batch = {"input_ids": ids, "attention_mask": mask}
+    with pytest.warns(RuntimeWarning, match="falling back to jacrev one sample at a time"):
+        K = ntk_matrix(model, batch, strategy="jacobian", memory_budget=2**26)
+    torch.testing.assert_close(K, _batch_truth(model, batch), rtol=1e-10, atol=1e-12)
+
+
 def test_bad_jacobian_dtype():
     model, x = two_layer(False, n=8)
     with pytest.raises(ValueError, match="jacobian_dtype"):

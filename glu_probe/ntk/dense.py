@@ -55,7 +55,13 @@ ROUNDING_FACTOR = 16.0
 
 
 def _per_sample_jacobian(probe: ProbeFunction) -> Callable[[int, int], tuple[Tensor, ...]]:
-    """Rows of J for samples ``a:b`` with ``vmap`` over samples of ``jacrev`` of one sample."""
+    """Rows of J for samples ``a:b`` with ``vmap`` over samples of ``jacrev`` of one sample.
+
+    An input whose samples ``a:b`` are all equal (an all-ones attention mask, a shared position
+    tensor, any input of a single sample) is passed once, unbatched, instead of being vmapped:
+    the result is the same, and models that branch on such inputs (HF attention masks checked
+    with ``.all()``) then run under ``vmap``. A single sample needs no ``vmap`` at all.
+    """
     leaves, spec = pytree.tree_flatten(probe.inputs)
     batched = [
         isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == probe.batch_size for t in leaves
@@ -69,11 +75,19 @@ def _per_sample_jacobian(probe: ProbeFunction) -> Callable[[int, int], tuple[Ten
         ]
         return probe(params, pytree.tree_unflatten(full, spec))
 
-    jac = torch.vmap(torch.func.jacrev(single), in_dims=(None, 0))
+    jac_one = torch.func.jacrev(single)
 
     def rows(a: int, b: int) -> tuple[Tensor, ...]:
-        sample = tuple(t[a:b] for t, flag in zip(leaves, batched, strict=True) if flag)
-        out = jac(probe.params, sample)
+        parts = [t[a:b] for t, flag in zip(leaves, batched, strict=True) if flag]
+        if b - a == 1:
+            out = tuple(j.unsqueeze(0) for j in jac_one(probe.params, tuple(p[0] for p in parts)))
+        else:
+            same = [bool((p == p[:1]).all()) for p in parts]
+            if all(same):
+                same[0] = False  # vmap needs one batched input; the rows may repeat
+            dims = tuple(None if eq else 0 for eq in same)
+            args = tuple(p[0] if eq else p for p, eq in zip(parts, same, strict=True))
+            out = torch.vmap(jac_one, in_dims=(None, dims))(probe.params, args)
         return tuple(j.reshape(-1, *j.shape[2:]) for j in out)
 
     return rows
@@ -92,26 +106,38 @@ def _chunk_jacobian(probe: ProbeFunction) -> Callable[[int, int], tuple[Tensor, 
 def jacobian_rows(probe: ProbeFunction) -> Callable[[int, int], tuple[Tensor, ...]]:
     """A function ``(a, b) -> J rows of samples a:b`` (a tuple aligned with ``probe.params``).
 
-    Uses per-sample ``vmap(jacrev)`` and falls back (with a warning) to ``jacrev`` of the whole
-    chunk when the model cannot be vmapped over samples.
+    Uses per-sample ``vmap(jacrev)``. When the model cannot be vmapped over samples (data-dependent
+    control flow on a per-sample input, e.g. an HF padding mask checked with ``.all()``), it falls
+    back, with a warning, to ``jacrev`` of one sample at a time (no ``vmap`` over samples: the
+    same rows, a Python loop over the samples), and if even that fails to ``jacrev`` of the whole
+    chunk (each row then costs a backward pass through the whole chunk).
     """
     per_sample = _per_sample_jacobian(probe)
-    fallback = _chunk_jacobian(probe)
-    state = {"fn": per_sample}
+    chunked = _chunk_jacobian(probe)
+
+    def one_at_a_time(a: int, b: int) -> tuple[Tensor, ...]:
+        parts = [per_sample(i, i + 1) for i in range(a, b)]
+        return tuple(torch.cat(col) for col in zip(*parts, strict=True))
+
+    chain = [per_sample, one_at_a_time, chunked]
+    names = ["per-sample vmap(jacrev)", "jacrev one sample at a time", "jacrev over each chunk"]
+    state = {"level": 0}
 
     def rows(a: int, b: int) -> tuple[Tensor, ...]:
-        if state["fn"] is per_sample:
+        while True:
+            level = state["level"]
+            if level == len(chain) - 1:
+                return chain[level](a, b)
             try:
-                return per_sample(a, b)
+                return chain[level](a, b)
             except Exception as err:  # data-dependent control flow etc.
                 warnings.warn(
-                    f"per-sample vmap(jacrev) failed ({type(err).__name__}: {err}); "
-                    "falling back to jacrev over each chunk (slower, same result)",
+                    f"{names[level]} failed ({type(err).__name__}: {err}); falling back to "
+                    f"{names[level + 1]} (slower, same result)",
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                state["fn"] = fallback
-        return state["fn"](a, b)
+                state["level"] = level + 1
 
     return rows
 
