@@ -259,6 +259,17 @@ def test_hf_padding_mask_falls_back_to_one_sample_at_a_time():
     torch.testing.assert_close(K, _batch_truth(model, batch), rtol=1e-10, atol=1e-12)
 
 
+def test_mixed_request_with_operator_strategy_is_float64():
+    """When no Jacobian rows fit the budget, K comes from float64 products: precision float64."""
+    model, x = two_layer(True, n=64)
+    p = sum(q.numel() for q in model.parameters())
+    budget = 64 * 64 * 8 + 5 * p * 8  # K + 5 rows: a 3-sample panel is < 1/8 of the rows
+    s = ntk_spectrum(model, x, method="dense", memory_budget=budget, jacobian_dtype=torch.float32)
+    assert s.precision == "float64" and s.residual_min == 0.0
+    ev = true_eigenvalues(model, x)
+    assert rel(s.condition_number, float(ev[-1] / ev[0])) <= 1e-9
+
+
 def test_bad_jacobian_dtype():
     model, x = two_layer(False, n=8)
     with pytest.raises(ValueError, match="jacobian_dtype"):

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .dense import _budget, jacobian_rounding_estimate, ntk_matrix
+from .dense import _budget, _plan, jacobian_rounding_estimate, ntk_matrix
 from .density import effective_rank as _effective_rank
 from .density import slq_density, slq_effective_rank
 from .functional import OutputSpec, ParamFilter, ProbeFunction
@@ -316,6 +316,9 @@ def _dense(
     jacobian_dtype: torch.dtype = torch.float64,
 ) -> NTKSpectrum:
     probe = probe.astype(torch.float64)
+    if _plan(probe, 8, _budget(probe, 8, memory_budget)) is None:
+        # No Jacobian rows fit: ntk_matrix uses float64 matrix-free products, K is float64-exact.
+        jacobian_dtype = torch.float64
     K = ntk_matrix(
         None, None, probe=probe, memory_budget=memory_budget, jacobian_dtype=jacobian_dtype
     )
