@@ -38,6 +38,19 @@ def test_ntk_spectrum_on_cuda_matches_float64_truth(kind, method):
     assert next(model.parameters()).device.type == "cuda"
 
 
+@pytest.mark.parametrize("kind", ["relu", "reglu"])
+def test_mixed_precision_dense_path_on_cuda_within_its_bound(kind):
+    """float32 Jacobian rows on the GPU (TF32 off inside the probe), float64 K and eigh."""
+    torch.manual_seed(0)
+    model = two_layer(kind, 8, 64, seed=0)
+    X = torch.randn(48, 8)
+    lam_max, lam_min = _truth(copy.deepcopy(model), X)
+    spec = ntk_spectrum(model.cuda(), X.cuda(), method="dense", jacobian_dtype=torch.float32)
+    assert spec.precision == "mixed"
+    assert abs(spec.lambda_max - lam_max) <= spec.residual_max
+    assert abs(spec.lambda_min - lam_min) <= spec.residual_min
+
+
 @pytest.mark.parametrize("variant", ["swiglu", "geglu", "reglu"])
 def test_gated_block_on_cuda_matches_cpu(variant):
     torch.manual_seed(0)
