@@ -249,14 +249,45 @@ def test_hf_attention_mask_all_ones_is_vmapped_as_a_constant():
     torch.testing.assert_close(K, plain, rtol=1e-12, atol=0.0)
 
 
-def test_hf_padding_mask_falls_back_to_one_sample_at_a_time():
+def test_hf_padding_mask_falls_back_to_groups_of_equal_masks():
+    """Padded samples: the masks differ and vmap over them fails inside HF; within groups of
+    samples with equal masks the mask is a constant and vmap works (here: 3 groups)."""
     model, ids = _bert()
     mask = torch.ones_like(ids)
-    mask[::2, 5:] = 0  # padded samples: the masks differ, vmap over them fails inside HF
+    mask[::2, 5:] = 0
+    mask[1, 7:] = 0
     batch = {"input_ids": ids, "attention_mask": mask}
-    with pytest.warns(RuntimeWarning, match="falling back to jacrev one sample at a time"):
+    with pytest.warns(RuntimeWarning, match="falling back to vmap.jacrev. within groups") as rec:
         K = ntk_matrix(model, batch, strategy="jacobian", memory_budget=2**26)
+    assert not any("one sample at a time" in str(w.message) for w in rec)
     torch.testing.assert_close(K, _batch_truth(model, batch), rtol=1e-10, atol=1e-12)
+
+
+class _Branchy(nn.Module):
+    """Data-dependent control flow on the input itself: no vmap over samples at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        scale = 2.0 if float(x.sum()) > 0 else 0.5
+        return self.lin(x * scale)
+
+
+def test_data_dependent_model_falls_back_to_one_sample_at_a_time():
+    torch.manual_seed(0)
+    model, x = _Branchy(), torch.randn(6, 4)
+    with pytest.warns(RuntimeWarning, match="falling back to jacrev one sample at a time"):
+        K = ntk_matrix(model, x, strategy="jacobian", memory_budget=2**26)
+    # truth: each sample's gradient row by plain autograd, float64
+    ref = copy.deepcopy(model).double()
+    grads = []
+    for xi in x.double():
+        out = pntk_rows(ref(xi[None])).sum()
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(out, ref.parameters())]))
+    J = torch.stack(grads)
+    torch.testing.assert_close(K, J @ J.T, rtol=1e-10, atol=1e-12)
 
 
 def test_mixed_request_with_operator_strategy_is_float64():

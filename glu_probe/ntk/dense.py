@@ -54,18 +54,24 @@ __all__ = ["jacobian_rounding_estimate", "jacobian_rows", "ntk_matrix"]
 ROUNDING_FACTOR = 16.0
 
 
-def _per_sample_jacobian(probe: ProbeFunction) -> Callable[[int, int], tuple[Tensor, ...]]:
-    """Rows of J for samples ``a:b`` with ``vmap`` over samples of ``jacrev`` of one sample.
-
-    An input whose samples ``a:b`` are all equal (an all-ones attention mask, a shared position
-    tensor, any input of a single sample) is passed once, unbatched, instead of being vmapped:
-    the result is the same, and models that branch on such inputs (HF attention masks checked
-    with ``.all()``) then run under ``vmap``. A single sample needs no ``vmap`` at all.
-    """
+def _batched_leaves(probe: ProbeFunction) -> tuple[list[Any], Any, list[bool]]:
     leaves, spec = pytree.tree_flatten(probe.inputs)
     batched = [
         isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == probe.batch_size for t in leaves
     ]
+    return leaves, spec, batched
+
+
+def _per_sample_jacobian(probe: ProbeFunction) -> Callable[[slice | Tensor], tuple[Tensor, ...]]:
+    """Rows of J for the samples ``sel`` (a slice or an index tensor) with ``vmap`` over samples
+    of ``jacrev`` of one sample.
+
+    An input whose selected samples are all equal (an all-ones attention mask, a shared position
+    tensor, any input of a single sample) is passed once, unbatched, instead of being vmapped:
+    the result is the same, and models that branch on such inputs (HF attention masks checked
+    with ``.all()``) then run under ``vmap``. A single sample needs no ``vmap`` at all.
+    """
+    leaves, spec, batched = _batched_leaves(probe)
 
     def single(params: tuple[Tensor, ...], sample: tuple[Tensor, ...]) -> Tensor:
         it = iter(sample)
@@ -77,9 +83,9 @@ def _per_sample_jacobian(probe: ProbeFunction) -> Callable[[int, int], tuple[Ten
 
     jac_one = torch.func.jacrev(single)
 
-    def rows(a: int, b: int) -> tuple[Tensor, ...]:
-        parts = [t[a:b] for t, flag in zip(leaves, batched, strict=True) if flag]
-        if b - a == 1:
+    def rows(sel: slice | Tensor) -> tuple[Tensor, ...]:
+        parts = [t[sel] for t, flag in zip(leaves, batched, strict=True) if flag]
+        if parts[0].shape[0] == 1:
             out = tuple(j.unsqueeze(0) for j in jac_one(probe.params, tuple(p[0] for p in parts)))
         else:
             same = [bool((p == p[:1]).all()) for p in parts]
@@ -91,6 +97,23 @@ def _per_sample_jacobian(probe: ProbeFunction) -> Callable[[int, int], tuple[Ten
         return tuple(j.reshape(-1, *j.shape[2:]) for j in out)
 
     return rows
+
+
+def _mask_groups(probe: ProbeFunction, a: int, b: int) -> list[Tensor]:
+    """Samples ``a:b`` grouped by their mask-like inputs (integer or bool tensors of 0/1 values
+    that differ between samples, as padding masks do); one group when there are none."""
+    leaves, _, batched = _batched_leaves(probe)
+    keys = []
+    for t, flag in zip(leaves, batched, strict=True):
+        if not flag or t.is_floating_point() or t.is_complex():
+            continue
+        part = t[a:b].reshape(b - a, -1)
+        if bool(((part == 0) | (part == 1)).all()) and not bool((part == part[:1]).all()):
+            keys.append(part.to(torch.int64))
+    if not keys:
+        return [torch.arange(a, b)]
+    _, group = torch.unique(torch.cat(keys, dim=1), dim=0, return_inverse=True)
+    return [torch.nonzero(group == g).flatten() + a for g in range(int(group.max()) + 1)]
 
 
 def _chunk_jacobian(probe: ProbeFunction) -> Callable[[int, int], tuple[Tensor, ...]]:
@@ -108,19 +131,41 @@ def jacobian_rows(probe: ProbeFunction) -> Callable[[int, int], tuple[Tensor, ..
 
     Uses per-sample ``vmap(jacrev)``. When the model cannot be vmapped over samples (data-dependent
     control flow on a per-sample input, e.g. an HF padding mask checked with ``.all()``), it falls
-    back, with a warning, to ``jacrev`` of one sample at a time (no ``vmap`` over samples: the
-    same rows, a Python loop over the samples), and if even that fails to ``jacrev`` of the whole
-    chunk (each row then costs a backward pass through the whole chunk).
+    back, with a warning, to the same ``vmap`` within groups of samples that share their masks
+    (0/1 integer inputs, passed unbatched within a group), then to ``jacrev`` of one sample at a
+    time (no ``vmap`` over samples: a Python loop), and if even that fails to ``jacrev`` of the
+    whole chunk (each row then costs a backward pass through the whole chunk). Every level gives
+    the same rows.
     """
     per_sample = _per_sample_jacobian(probe)
     chunked = _chunk_jacobian(probe)
+    r = probe.rows_per_sample
+
+    def vmapped(a: int, b: int) -> tuple[Tensor, ...]:
+        return per_sample(slice(a, b))
+
+    def by_mask(a: int, b: int) -> tuple[Tensor, ...]:
+        groups = _mask_groups(probe, a, b)
+        outs = [per_sample(idx) for idx in groups]
+        where = torch.argsort(torch.cat(groups))  # sample a+i is at position where[i]
+        return tuple(
+            torch.cat(col)
+            .reshape(b - a, r, *col[0].shape[1:])[where]
+            .reshape(-1, *col[0].shape[1:])
+            for col in zip(*outs, strict=True)
+        )
 
     def one_at_a_time(a: int, b: int) -> tuple[Tensor, ...]:
-        parts = [per_sample(i, i + 1) for i in range(a, b)]
+        parts = [per_sample(slice(i, i + 1)) for i in range(a, b)]
         return tuple(torch.cat(col) for col in zip(*parts, strict=True))
 
-    chain = [per_sample, one_at_a_time, chunked]
-    names = ["per-sample vmap(jacrev)", "jacrev one sample at a time", "jacrev over each chunk"]
+    chain = [vmapped, by_mask, one_at_a_time, chunked]
+    names = [
+        "per-sample vmap(jacrev)",
+        "vmap(jacrev) within groups of samples with equal masks",
+        "jacrev one sample at a time",
+        "jacrev over each chunk",
+    ]
     state = {"level": 0}
 
     def rows(a: int, b: int) -> tuple[Tensor, ...]:
