@@ -399,6 +399,21 @@ def test_near_null_space_is_flagged_not_clamped():
     assert s.condition_number == math.inf or s.condition_number > 1e10
 
 
+def test_mixed_precision_rank_uses_the_rounding_tolerance():
+    """Mixed path: eigenvalues below δ² (singular values below the rounding estimate) do not
+    count towards the rank, and the warning points to float64 rows."""
+    torch.manual_seed(0)
+    model = TwoLayer(3, 5, False)  # P = 20, 40 rows: rank <= 20
+    x = torch.randn(40, 3)
+    ev = true_eigenvalues(model, x)
+    with pytest.warns(NTKRankWarning, match="jacobian_dtype=torch.float64"):
+        s = ntk_spectrum(model, x, method="dense", jacobian_dtype=torch.float32)
+    assert s.eigenvalues is not None
+    delta = jacobian_rounding_estimate(float(s.eigenvalues.sum()), torch.float32)
+    assert s.numerical_rank == int((s.eigenvalues > delta**2).sum())
+    assert s.numerical_rank == int((ev > delta**2).sum()) <= 20
+
+
 def test_lanczos_flags_numerically_zero_lambda_min():
     torch.manual_seed(0)
     model = TwoLayer(3, 5, False)

@@ -197,11 +197,22 @@ def _zero_kernel_error() -> ValueError:
     )
 
 
-def _rank_warning(rank: int, n: int, lam_min: float, tol: float) -> None:
+def _rank_warning(rank: int, n: int, lam_min: float, tol: float, mixed: bool = False) -> None:
+    what = (
+        "max(λ_max·n·eps, δ²), δ the float32 Jacobian's rounding estimate"
+        if mixed
+        else "λ_max·n·eps"
+    )
+    hint = (
+        "; jacobian_dtype=torch.float64 (the monitor's dtype=torch.float64) resolves smaller "
+        "eigenvalues"
+        if mixed
+        else ""
+    )
     warnings.warn(
-        f"K has a near-null space: numerical rank {rank} of {n} (tolerance λ_max·n·eps = "
+        f"K has a near-null space: numerical rank {rank} of {n} (tolerance {what} = "
         f"{tol:.3e}, λ_min = {lam_min:.3e}); κ is then infinite or meaningless. Fewer rows "
-        "(smaller probe batch, output='pntk') or more parameters make K full rank",
+        f"(smaller probe batch, output='pntk') or more parameters make K full rank{hint}",
         NTKRankWarning,
         stacklevel=3,
     )
@@ -339,7 +350,7 @@ def _dense(
     rank_tol = max(lam_max * n * torch.finfo(torch.float64).eps, delta * delta)
     rank = int((evals > rank_tol).sum())
     if rank < n:
-        _rank_warning(rank, n, lam_min, rank_tol)
+        _rank_warning(rank, n, lam_min, rank_tol, mixed=mixed)
     kappa = lam_max / lam_min if lam_min > 0.0 else math.inf
     upper = lam_min + res_min
     kappa_lower = (lam_max - res_max) / upper if upper > 0.0 else math.inf
