@@ -58,7 +58,7 @@ path in mixed precision (float32 Jacobian rows, K and its ``eigh`` in float64: h
 float64 rows, with the rounding bound logged as ``ntk/residual_min`` and ``ntk/residual_max``;
 ``dtype=torch.float64`` for float64 rows) with a 256 MiB ``memory_budget`` so that K is
 assembled from a few large Jacobian blocks, histograms at every probe and the PNG figure (about
-0.2 s to render) at the first and the last probe only (``figure_every`` adds more).
+0.1 s to render) at the first and the last probe only (``figure_every`` adds more).
 ``benchmarks/bench_callbacks.py`` measures the overhead.
 
 Cadence
@@ -316,7 +316,7 @@ class NTKSpectrumMonitor(Callback):
         log_figure: write a matplotlib spectrum figure to TensorBoard (exact path: sorted
             eigenvalues; iterative path: the SLQ density of log10 λ).
         figure_every: ``None`` (default): draw the figure at the first and the last probe of
-            the run; ``k``: also at every k-th probe. Rendering one PNG (~0.2 s) costs more
+            the run; ``k``: also at every k-th probe. Rendering one PNG (~0.1 s) costs more
             than a small probe, so the default keeps it to two per run.
         shard_probe: under DDP, shard the probe across ranks with an all-reduced operator.
         probe_inputs: ``callable(batch) -> inputs`` that extracts the model input.
