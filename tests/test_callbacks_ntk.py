@@ -223,6 +223,25 @@ def test_mixed_and_half_precision_training(precision):
         assert hist["ntk/condition_number"] == pytest.approx(float(ev[-1] / ev[0]), rel=1e-8)
 
 
+def test_engine_warnings_are_relayed_once_per_fit():
+    """A rank-deficient probe warns at every probe inside the engine (the text changes with λ_min);
+    the monitor shows it once per fit, on rank zero, with its category."""
+    from glu_probe.ntk import NTKRankWarning
+
+    torch.manual_seed(0)
+    ds = make_data(n=32, d_in=2, d_out=1)
+    model = TinyNet(d_in=2, hidden=2, d_out=1)  # 9 parameters, 24 rows: rank <= 9
+    mon = NTKSpectrumMonitor(every_n_steps=1, probe_size=24, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=3, callbacks=[mon]).fit(model, loader(ds))
+    assert len(mon.history) == 4
+    rank = [w for w in caught if issubclass(w.category, NTKRankWarning)]
+    assert len(rank) == 1, [str(w.message) for w in rank]
+    assert "shown once per fit" in str(rank[0].message)
+    assert "near-null space" in str(rank[0].message)
+
+
 def test_probe_in_eval_mode_with_dropout_and_user_probe():
     """Dropout is off inside the probe (eval mode); a user probe batch is used as given."""
     torch.manual_seed(1)

@@ -94,6 +94,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -434,6 +435,8 @@ class NTKSpectrumMonitor(Callback):
         #: Wall seconds of each probe of this process (all targets, logging included).
         self.probe_seconds: list[float] = []
         self._pending_figure: tuple[int, dict[str, Any]] | None = None
+        # Warning sites (category, file, line) already relayed in this fit.
+        self._warned_sites: set[tuple[Any, str, int]] = set()
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -492,6 +495,7 @@ class NTKSpectrumMonitor(Callback):
                     "length (max_steps=-1 with an infinite loader); pass `every_n_steps`."
                 )
             self._resolved_every = max(1, int(est) // self.target_probes)
+        self._warned_sites = set()
         self._inputs = self._fix_probe(trainer, pl_module)
         self._maybe_probe(trainer, pl_module)
 
@@ -742,6 +746,31 @@ class NTKSpectrumMonitor(Callback):
                 self._ritz[tag] = ritz
         return results
 
+    @contextmanager
+    def _relayed_warnings(self, name: str, step: int) -> Iterator[None]:
+        """The warnings raised during a probe, relayed on rank zero, once per warning site per fit.
+
+        A probe repeats every few steps, and warnings whose text carries numbers (the rank
+        warning's λ_min, say) would otherwise be printed again at every probe, and by every rank
+        that probes.
+        """
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield
+            finally:
+                pending = list(caught)
+        for w in pending:
+            site = (w.category, w.filename, w.lineno)
+            if site in self._warned_sites:
+                continue
+            self._warned_sites.add(site)
+            rank_zero_warn(
+                f"NTKSpectrumMonitor ({name}, step {step}): {w.message} "
+                "(shown once per fit; later probes may repeat it silently)",
+                category=w.category,
+            )
+
     def _compute(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> dict[str, dict[str, Any]]:
@@ -780,6 +809,7 @@ class NTKSpectrumMonitor(Callback):
                         _eval_mode([target], self.eval_mode),
                         torch.inference_mode(False),
                         torch.enable_grad(),
+                        self._relayed_warnings(name, step),
                     ):
                         spec = ntk_spectrum(target, self._inputs, chunk_size=chunk, **kwargs)
                 except Exception as err:
