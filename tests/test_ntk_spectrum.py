@@ -257,10 +257,15 @@ def test_hf_padding_mask_falls_back_to_groups_of_equal_masks():
     mask[::2, 5:] = 0
     mask[1, 7:] = 0
     batch = {"input_ids": ids, "attention_mask": mask}
-    with pytest.warns(RuntimeWarning, match="falling back to vmap.jacrev. within groups") as rec:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the grouping is silent: as fast
         K = ntk_matrix(model, batch, strategy="jacobian", memory_budget=2**26)
-    assert not any("one sample at a time" in str(w.message) for w in rec)
     torch.testing.assert_close(K, _batch_truth(model, batch), rtol=1e-10, atol=1e-12)
+    # the path taken is the grouped one: per-sample vmap over the whole block fails
+    from glu_probe.ntk.dense import _mask_groups
+
+    probe = ProbeFunction(model, batch)
+    assert [g.tolist() for g in _mask_groups(probe, 0, 6)] == [[0, 2, 4], [1], [3, 5]]
 
 
 class _Branchy(nn.Module):
@@ -278,8 +283,10 @@ class _Branchy(nn.Module):
 def test_data_dependent_model_falls_back_to_one_sample_at_a_time():
     torch.manual_seed(0)
     model, x = _Branchy(), torch.randn(6, 4)
-    with pytest.warns(RuntimeWarning, match="falling back to jacrev one sample at a time"):
+    with pytest.warns(RuntimeWarning, match="falling back to jacrev one sample at a time") as rec:
         K = ntk_matrix(model, x, strategy="jacobian", memory_budget=2**26)
+    fallbacks = [str(w.message) for w in rec if "falling back" in str(w.message)]
+    assert len(fallbacks) == 1 and fallbacks[0].startswith("vmap(jacrev) within groups")
     # truth: each sample's gradient row by plain autograd, float64
     ref = copy.deepcopy(model).double()
     grads = []

@@ -130,12 +130,12 @@ def jacobian_rows(probe: ProbeFunction) -> Callable[[int, int], tuple[Tensor, ..
     """A function ``(a, b) -> J rows of samples a:b`` (a tuple aligned with ``probe.params``).
 
     Uses per-sample ``vmap(jacrev)``. When the model cannot be vmapped over samples (data-dependent
-    control flow on a per-sample input, e.g. an HF padding mask checked with ``.all()``), it falls
-    back, with a warning, to the same ``vmap`` within groups of samples that share their masks
-    (0/1 integer inputs, passed unbatched within a group), then to ``jacrev`` of one sample at a
-    time (no ``vmap`` over samples: a Python loop), and if even that fails to ``jacrev`` of the
-    whole chunk (each row then costs a backward pass through the whole chunk). Every level gives
-    the same rows.
+    control flow on a per-sample input, e.g. an HF padding mask checked with ``.all()``), it uses
+    the same ``vmap`` within groups of samples that share their masks (0/1 integer inputs, passed
+    unbatched within a group; about as fast, so without a warning). If that fails too, it falls
+    back, with a warning, to ``jacrev`` of one sample at a time (no ``vmap`` over samples: a
+    Python loop), and if even that fails to ``jacrev`` of the whole chunk (each row then costs a
+    backward pass through the whole chunk). Every level gives the same rows.
     """
     per_sample = _per_sample_jacobian(probe)
     chunked = _chunk_jacobian(probe)
@@ -166,7 +166,7 @@ def jacobian_rows(probe: ProbeFunction) -> Callable[[int, int], tuple[Tensor, ..
         "jacrev one sample at a time",
         "jacrev over each chunk",
     ]
-    state = {"level": 0}
+    state: dict[str, Any] = {"level": 0, "first_error": None}
 
     def rows(a: int, b: int) -> tuple[Tensor, ...]:
         while True:
@@ -176,13 +176,22 @@ def jacobian_rows(probe: ProbeFunction) -> Callable[[int, int], tuple[Tensor, ..
             try:
                 return chain[level](a, b)
             except Exception as err:  # data-dependent control flow etc.
+                state["level"] = level + 1
+                if level == 0:
+                    # Grouping by masks is as fast for padded batches (the common cause, HF
+                    # masks): said only if it fails too.
+                    state["first_error"] = err
+                    continue
+                first = state["first_error"]
+                cause = f"{type(err).__name__}: {err}"
+                if first is not None and level == 1:
+                    cause = f"{type(first).__name__}: {first}"
                 warnings.warn(
-                    f"{names[level]} failed ({type(err).__name__}: {err}); falling back to "
-                    f"{names[level + 1]} (slower, same result)",
+                    f"{names[level]} failed ({cause}); falling back to {names[level + 1]} "
+                    "(slower, same result)",
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                state["level"] = level + 1
 
     return rows
 
