@@ -7,6 +7,7 @@ spectrum from a dense ``torch.linalg.eigvalsh``.
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 import math
@@ -761,6 +762,90 @@ def test_long_sequence_is_cut_to_max_rows_tokens(caplog):
     ev = torch.linalg.eigvalsh((J @ J.T)[:12, :12])  # the leading block of the 32-token K
     assert mon.history[0]["ntk/lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-9)
     assert mon.history[0]["ntk/condition_number"] == pytest.approx(float(ev[-1] / ev[0]), rel=1e-7)
+
+
+class PaddedClassifier(pl.LightningModule):
+    """A tiny HF BERT classifier on padded dict batches (input_ids, attention_mask, labels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertForSequenceClassification
+
+        cfg = BertConfig(
+            vocab_size=40,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+            num_labels=3,
+        )
+        self.bert = BertForSequenceClassification(cfg)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        return nn.functional.cross_entropy(logits, batch["labels"])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _pad(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    T = max(len(b["input_ids"]) for b in batch)
+    ids = torch.zeros(len(batch), T, dtype=torch.long)
+    mask = torch.zeros(len(batch), T, dtype=torch.long)
+    for i, b in enumerate(batch):
+        ids[i, : len(b["input_ids"])] = b["input_ids"]
+        mask[i, : len(b["input_ids"])] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": torch.tensor([b["y"] for b in batch]),
+    }
+
+
+def test_hf_classifier_with_padded_batches():
+    """Padded masks make HF's per-sample vmap fail; the probe groups samples by mask, warns
+    about nothing, and logs the float64 truth of the whole padded batch."""
+    g = torch.Generator().manual_seed(0)
+    items = [
+        {
+            "input_ids": torch.randint(1, 40, (int(torch.randint(3, 9, (1,), generator=g)),)),
+            "y": int(torch.randint(0, 3, (1,), generator=g)),
+        }
+        for _ in range(24)
+    ]
+    torch.manual_seed(0)
+    model = PaddedClassifier()
+    init = copy.deepcopy(model.bert).double().eval()
+    mon = NTKSpectrumMonitor(every_n_steps=5, probe_size=12, dtype=torch.float64, method="dense")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        trainer(max_steps=1, callbacks=[mon]).fit(
+            model, DataLoader(items, batch_size=6, collate_fn=_pad)
+        )
+    probe = _pad(items[:12])
+    assert len({tuple(m.tolist()) for m in probe["attention_mask"]}) > 1  # really padded
+    names = [n for n, _ in init.named_parameters()]
+    params = tuple(p.detach() for p in init.parameters())
+
+    def rows(*ps: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(
+            init,
+            dict(zip(names, ps, strict=True)),
+            (),
+            {"input_ids": probe["input_ids"], "attention_mask": probe["attention_mask"]},
+        ).logits
+        return out.sum(-1) / math.sqrt(out.shape[-1])
+
+    jac = torch.autograd.functional.jacobian(rows, params)
+    J = torch.cat([j.reshape(12, -1) for j in jac], dim=1)
+    ev = torch.linalg.eigvalsh(J @ J.T)
+    assert mon.history[0]["ntk/lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-9)
+    assert mon.history[0]["ntk/condition_number"] == pytest.approx(float(ev[-1] / ev[0]), rel=1e-6)
 
 
 class FixedLengthLM(TokenLM):
