@@ -52,12 +52,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 def build(name: str, device: str, gpu_steps: int) -> tuple[Any, Any, Dataset, Dataset, Any]:
-    """``(settings, pair, train, val, loss_fn)`` as in the demo (public builders only)."""
-    import torch.nn.functional as F
-
+    """``(settings, pair, train, val, loss_fn)``: the demo's pairs (``glu_probe.demo.build_pair``)
+    or, for ``gpt2_small``, a GPT-2-small-sized pair on 256-byte windows."""
     from glu_probe import data as gdata
     from glu_probe import models
-    from glu_probe.demo import default_settings
+    from glu_probe.demo import build_pair, default_settings
 
     if name == "gpt2_small":
         s = replace(
@@ -71,53 +70,11 @@ def build(name: str, device: str, gpu_steps: int) -> tuple[Any, Any, Dataset, Da
         )
         kw: dict[str, Any] = {"seq_len": 256, "max_bytes": 4_000_000}
         return s, pair, gdata.text_corpus(**kw), gdata.text_corpus(split="val", **kw), None
-    s = default_settings()[name]
-    o = s.options
-    if name == "two_layer":
-        pair = models.two_layer_pair(o["d"], o["m"], seed=0)
-        kw = {"d": o["d"], "n_train": o["n_train"], "n_val": o["n_val"], "seed": 0}
-
-        def mse(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return F.mse_loss(p.float(), t.float())
-
-        return (
-            s,
-            pair,
-            gdata.two_layer_regression("train", **kw),
-            gdata.two_layer_regression("val", **kw),
-            mse,
-        )
-    if name == "vit":
-        pair = models.vit_pair(
-            "swiglu",
-            seed=0,
-            img_size=16,
-            patch_size=4,
-            in_chans=1,
-            num_classes=10,
-            embed_dim=o["embed_dim"],
-            depth=o["depth"],
-            num_heads=o["num_heads"],
-        )
-        return (
-            s,
-            pair,
-            gdata.digits_dataset("train", image_size=16),
-            gdata.digits_dataset("val", image_size=16),
-            None,
-        )
-    if name == "gpt2":
-        pair = models.gpt2_pair(
-            "swiglu",
-            seed=0,
-            n_positions=o["seq_len"],
-            n_embd=o["n_embd"],
-            n_layer=o["n_layer"],
-            n_head=o["n_head"],
-        )
-        kw = {"seq_len": o["seq_len"], "max_bytes": o["max_bytes"]}
-        return s, pair, gdata.text_corpus(**kw), gdata.text_corpus(split="val", **kw), None
-    raise SystemExit(f"unknown model {name!r}")
+    settings = default_settings()
+    if name not in settings:
+        raise SystemExit(f"unknown model {name!r}")
+    s = settings[name]
+    return (s, *build_pair(name, s, seed=0))
 
 
 def time_hooks(callbacks: list[Any]) -> dict[str, float]:

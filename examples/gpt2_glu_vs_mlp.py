@@ -26,17 +26,19 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from glu_probe.data import hf_text_dataset, text_corpus
-from glu_probe.demo import PairSettings, fit_seeds, resolve_accelerator
+from glu_probe.demo import (
+    PairSettings,
+    add_example_arguments,
+    check_example_arguments,
+    run_example,
+)
 from glu_probe.models import gpt2_pair
 
 SIZES: dict[str, tuple[dict[str, Any], int, int, PairSettings]] = {
@@ -70,32 +72,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--size", choices=sorted(SIZES), default="cpu", help="model/training size")
-    p.add_argument("--quick", action="store_true", help="same as --size quick")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds")
-    p.add_argument("--variant", default="swiglu", help="gated MLP variant of the model")
+    add_example_arguments(p, SIZES, run_name_help="run folder (default: gpt2-<size>)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", default=None, help="folder of text files (default: Python stdlib)")
     src.add_argument("--hf-dataset", default=None, help="a datasets.save_to_disk folder")
     p.add_argument("--text-field", default="text", help="text column of --hf-dataset")
     p.add_argument("--max-bytes", type=int, default=None, help="override the corpus byte cap")
-    p.add_argument("--steps", type=int, default=None, help="override the optimizer steps")
-    p.add_argument("--lr", type=float, default=None, help="override the learning rate")
     p.add_argument("--n-layer", type=int, default=None, help="override the number of blocks")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--out", default="runs/examples", help="TensorBoard root")
-    p.add_argument("--run-name", default=None, help="run folder (default: gpt2-<size>)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.size = "quick"
+    args = check_example_arguments(p, p.parse_args(argv))
     for flag in ("data", "hf_dataset"):
         value = getattr(args, flag)
         if value is not None and not Path(value).exists():
             p.error(f"--{flag.replace('_', '-')} {value!r} does not exist")
-    if args.steps is not None and args.steps < 1:
-        p.error("--steps must be >= 1")
     return args
 
 
@@ -116,42 +104,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         data_name = args.data or "python-stdlib"
         train = text_corpus(args.data, split="train", seq_len=seq_len, max_bytes=max_bytes)
         val = text_corpus(args.data, split="val", seq_len=seq_len, max_bytes=max_bytes)
-    accelerator = resolve_accelerator(args.device)
-    if accelerator == "cpu":
-        torch.set_num_threads(args.threads)  # tiny models: extra threads only spin-wait
-    run_name = args.run_name or f"gpt2-{args.size}"
-    out = Path(args.out)
-    fit = fit_seeds(
-        lambda seed: gpt2_pair(args.variant, seed=seed, n_positions=seq_len, **cfg),
-        train,
-        val,
-        settings,
-        seeds=args.seeds,
-        save_dir=out,
-        name=run_name,
-        accelerator=accelerator,
-        progress=not args.no_progress,
+    return run_example(
+        args,
+        title="GPT-2",
+        data_name=data_name,
+        build=lambda seed: gpt2_pair(args.variant, seed=seed, n_positions=seq_len, **cfg),
+        train=train,
+        val=val,
+        settings=settings,
+        run_name=args.run_name or f"gpt2-{args.size}",
+        config={"gpt2": {**cfg, "n_positions": seq_len}},
+        extra={"train_bytes": int(train.tokens.numel())},
     )
-    metas, rows, agg, table = fit["metas"], fit["rows"], fit["aggregate"], fit["table"]
-    print(f"\nGPT-2 ({data_name}, size {args.size}, {len(args.seeds)} seeds): {metas[0]['params']}")
-    print(table)
-    result = {
-        "data": data_name,
-        "size": args.size,
-        "gpt2": {**cfg, "n_positions": seq_len},
-        "settings": settings.__dict__,
-        "seeds": list(args.seeds),
-        "train_bytes": int(train.tokens.numel()),
-        "rows": rows,
-        "aggregate": agg,
-        "seconds": [m["seconds"] for m in metas],
-        "params": metas[0]["params"],
-        "table": table,
-    }
-    (out / run_name / "results.json").write_text(json.dumps(result, indent=2, default=str))
-    print(f"results: {out / run_name / 'results.json'}")
-    print(f"TensorBoard: tensorboard --logdir {out / run_name}")
-    return result
 
 
 if __name__ == "__main__":

@@ -25,17 +25,19 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from glu_probe.data import cifar10_dataset, digits_dataset
-from glu_probe.demo import PairSettings, fit_seeds, resolve_accelerator
+from glu_probe.demo import (
+    PairSettings,
+    add_example_arguments,
+    check_example_arguments,
+    run_example,
+)
 from glu_probe.models import vit_pair
 
 SIZES: dict[str, tuple[dict[str, Any], PairSettings]] = {
@@ -68,27 +70,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--size", choices=sorted(SIZES), default="cpu", help="model/training size")
-    p.add_argument("--quick", action="store_true", help="same as --size quick")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds")
-    p.add_argument("--variant", default="swiglu", help="gated MLP variant of the model")
+    add_example_arguments(p, SIZES, run_name_help="run folder (default: vit-<size>-<data>)")
     p.add_argument("--cifar-root", default=None, help="folder holding cifar-10-batches-py")
     p.add_argument("--train-limit", type=int, default=None, help="use the first N train images")
-    p.add_argument("--steps", type=int, default=None, help="override the optimizer steps")
-    p.add_argument("--lr", type=float, default=None, help="override the learning rate")
     p.add_argument("--depth", type=int, default=None, help="override the number of blocks")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--out", default="runs/examples", help="TensorBoard root")
-    p.add_argument("--run-name", default=None, help="run folder (default: vit-<size>-<data>)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.size = "quick"
+    args = check_example_arguments(p, p.parse_args(argv))
     if args.cifar_root is not None and not Path(args.cifar_root).is_dir():
         p.error(f"--cifar-root {args.cifar_root!r} is not a directory")
-    if args.steps is not None and args.steps < 1:
-        p.error("--steps must be >= 1")
     return args
 
 
@@ -113,41 +101,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         train = digits_dataset("train", image_size=16, seed=0)
         val = digits_dataset("val", image_size=16, seed=0)
         vit_kw.update(img_size=16, patch_size=4, in_chans=1, num_classes=10)
-    accelerator = resolve_accelerator(args.device)
-    if accelerator == "cpu":
-        torch.set_num_threads(args.threads)  # tiny models: extra threads only spin-wait
-    run_name = args.run_name or f"vit-{args.size}-{data_name}"
-    out = Path(args.out)
-    fit = fit_seeds(
-        lambda seed: vit_pair(args.variant, seed=seed, **vit_kw),
-        train,
-        val,
-        settings,
-        seeds=args.seeds,
-        save_dir=out,
-        name=run_name,
-        accelerator=accelerator,
-        progress=not args.no_progress,
+    return run_example(
+        args,
+        title="ViT",
+        data_name=data_name,
+        build=lambda seed: vit_pair(args.variant, seed=seed, **vit_kw),
+        train=train,
+        val=val,
+        settings=settings,
+        run_name=args.run_name or f"vit-{args.size}-{data_name}",
+        config={"vit": vit_kw},
     )
-    metas, rows, agg, table = fit["metas"], fit["rows"], fit["aggregate"], fit["table"]
-    print(f"\nViT ({data_name}, size {args.size}, {len(args.seeds)} seeds): {metas[0]['params']}")
-    print(table)
-    result = {
-        "data": data_name,
-        "size": args.size,
-        "vit": vit_kw,
-        "settings": settings.__dict__,
-        "seeds": list(args.seeds),
-        "rows": rows,
-        "aggregate": agg,
-        "seconds": [m["seconds"] for m in metas],
-        "params": metas[0]["params"],
-        "table": table,
-    }
-    (out / run_name / "results.json").write_text(json.dumps(result, indent=2, default=str))
-    print(f"results: {out / run_name / 'results.json'}")
-    print(f"TensorBoard: tensorboard --logdir {out / run_name}")
-    return result
 
 
 if __name__ == "__main__":

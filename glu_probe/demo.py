@@ -194,10 +194,15 @@ def _regression_loss(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(preds.float(), target.float())
 
 
-def _build_pair(
-    name: str, s: PairSettings, seed: int, data: str | None
+def build_pair(
+    name: str, s: PairSettings, seed: int = 0, data: str | None = None
 ) -> tuple[Any, Dataset[Any], Dataset[Any], Callable[..., torch.Tensor] | None]:
-    """``(ModelPair, train_dataset, val_dataset, loss_fn)`` of the pair ``name``."""
+    """``(ModelPair, train_dataset, val_dataset, loss_fn)`` of the demo pair ``name``.
+
+    ``s`` gives the sizes (``s.options``); ``data`` is a folder of text files for ``"gpt2"``
+    (default: the Python standard library). :func:`run_demo` and
+    ``benchmarks/bench_callbacks.py`` build their pairs with it.
+    """
     from glu_probe import data as gdata
     from glu_probe import models
 
@@ -424,6 +429,93 @@ def fit_seeds(
     return {"metas": metas, "rows": rows, "aggregate": agg, "table": format_seed_table(agg)}
 
 
+def add_example_arguments(parser: Any, sizes: Sequence[str], run_name_help: str) -> None:
+    """The command-line options the per-model examples share (``examples/*_glu_vs_mlp.py``):
+    ``--size``/``--quick``, ``--seeds``, ``--variant``, ``--steps``, ``--lr``, ``--device``,
+    ``--out``, ``--run-name``, ``--no-progress`` and ``--threads``; the example adds its own data
+    options. :func:`check_example_arguments` finishes them after parsing."""
+    p = parser
+    p.add_argument("--size", choices=sorted(sizes), default="cpu", help="model/training size")
+    p.add_argument("--quick", action="store_true", help="same as --size quick")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds")
+    p.add_argument("--variant", default="swiglu", help="gated MLP variant of the model")
+    p.add_argument("--steps", type=int, default=None, help="override the optimizer steps")
+    p.add_argument("--lr", type=float, default=None, help="override the learning rate")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--out", default="runs/examples", help="TensorBoard root")
+    p.add_argument("--run-name", default=None, help=run_name_help)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs)")
+
+
+def check_example_arguments(parser: Any, args: Any) -> Any:
+    """``--quick`` means ``--size quick``; ``--steps`` must be positive (``parser.error``)."""
+    if args.quick:
+        args.size = "quick"
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be >= 1")
+    return args
+
+
+def run_example(
+    args: Any,
+    *,
+    title: str,
+    data_name: str,
+    build: Callable[[int], Any],
+    train: Dataset[Any],
+    val: Dataset[Any],
+    settings: PairSettings,
+    run_name: str,
+    config: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The shared body of the per-model examples: :func:`fit_seeds` over ``args.seeds``, the
+    printed mean ± std table, and ``<out>/<run_name>/results.json`` (returned as a dict).
+
+    ``config`` (the model's own sizes, e.g. ``{"vit": {...}}``) and ``extra`` go into the results
+    next to the data name, size, settings, seeds, rows, aggregate, wall times and parameters.
+    """
+    accelerator = resolve_accelerator(args.device)
+    if accelerator == "cpu":
+        torch.set_num_threads(args.threads)  # tiny models: extra threads only spin-wait
+    out = Path(args.out)
+    fit = fit_seeds(
+        build,
+        train,
+        val,
+        settings,
+        seeds=args.seeds,
+        save_dir=out,
+        name=run_name,
+        accelerator=accelerator,
+        progress=not args.no_progress,
+    )
+    metas, rows, agg, table = fit["metas"], fit["rows"], fit["aggregate"], fit["table"]
+    print(
+        f"\n{title} ({data_name}, size {args.size}, {len(args.seeds)} seeds): {metas[0]['params']}"
+    )
+    print(table)
+    result = {
+        "data": data_name,
+        "size": args.size,
+        **config,
+        "settings": settings.__dict__,
+        "seeds": list(args.seeds),
+        **(extra or {}),
+        "rows": rows,
+        "aggregate": agg,
+        "seconds": [m["seconds"] for m in metas],
+        "params": metas[0]["params"],
+        "table": table,
+    }
+    path = out / run_name / "results.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    print(f"results: {path}")
+    print(f"TensorBoard: tensorboard --logdir {out / run_name}")
+    return result
+
+
 def _train_pair(
     name: str,
     s: PairSettings,
@@ -439,7 +531,7 @@ def _train_pair(
     import lightning.pytorch as pl
 
     pl.seed_everything(seed, workers=True, verbose=False)
-    pair, train, val, loss_fn = _build_pair(name, s, seed, data)
+    pair, train, val, loss_fn = build_pair(name, s, seed, data)
     return fit_pair(
         pair,
         train,

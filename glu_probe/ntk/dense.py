@@ -166,32 +166,23 @@ def jacobian_rows(probe: ProbeFunction) -> Callable[[int, int], tuple[Tensor, ..
         "jacrev one sample at a time",
         "jacrev over each chunk",
     ]
-    state: dict[str, Any] = {"level": 0, "first_error": None}
+    state = {"level": 0}
 
     def rows(a: int, b: int) -> tuple[Tensor, ...]:
-        while True:
+        while state["level"] < len(chain) - 1:
             level = state["level"]
-            if level == len(chain) - 1:
-                return chain[level](a, b)
             try:
                 return chain[level](a, b)
             except Exception as err:  # data-dependent control flow etc.
                 state["level"] = level + 1
-                if level == 0:
-                    # Grouping by masks is as fast for padded batches (the common cause, HF
-                    # masks): said only if it fails too.
-                    state["first_error"] = err
-                    continue
-                first = state["first_error"]
-                cause = f"{type(err).__name__}: {err}"
-                if first is not None and level == 1:
-                    cause = f"{type(first).__name__}: {first}"
-                warnings.warn(
-                    f"{names[level]} failed ({cause}); falling back to {names[level + 1]} "
-                    "(slower, same result)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                if level > 0:  # grouping by masks (level 1) is as fast: not worth a warning
+                    warnings.warn(
+                        f"{names[level]} failed ({type(err).__name__}: {err}); falling back "
+                        f"to {names[level + 1]} (slower, same result)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+        return chain[-1](a, b)
 
     return rows
 
@@ -397,6 +388,17 @@ def ntk_matrix(
         probe = ProbeFunction(
             model, inputs, output=output, params=params, dtype=dtype, eval_mode=eval_mode
         )
+    return _assemble(probe, memory_budget, strategy, jacobian_dtype)[0]
+
+
+def _assemble(
+    probe: ProbeFunction,
+    memory_budget: int | None,
+    strategy: str,
+    jacobian_dtype: torch.dtype | None,
+) -> tuple[Tensor, torch.dtype]:
+    """K by the chosen strategy, and the dtype its Jacobian rows were computed in (the probe's
+    own for the operator strategy, whose products always run in ``probe.dtype``)."""
     itemsize = torch.empty((), dtype=probe.dtype).element_size()
     budget = _budget(probe, itemsize, memory_budget)
     n = probe.n_rows
@@ -414,10 +416,12 @@ def ntk_matrix(
             f"rows need {probe.rows_per_sample * probe.n_params * itemsize} bytes, three samples "
             "and a panel of 1/8 of the rows must fit next to K); use strategy='operator'"
         )
+    rows_dtype = probe.dtype
     if plan is not None:
-        K = _jacobian_strategy(probe, *plan, jacobian_dtype or probe.dtype)
+        rows_dtype = jacobian_dtype or probe.dtype
+        K = _jacobian_strategy(probe, *plan, rows_dtype)
     else:
         K = _operator_strategy(probe, itemsize, budget)
     if not torch.isfinite(K).all():
         raise ValueError("the NTK has NaN/Inf entries (the Jacobian overflowed); try float64")
-    return K
+    return K, rows_dtype

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .dense import _budget, _plan, jacobian_rounding_estimate, ntk_matrix
+from .dense import _assemble, _budget, jacobian_rounding_estimate
 from .density import effective_rank as _effective_rank
 from .density import slq_density, slq_effective_rank
 from .functional import OutputSpec, ParamFilter, ProbeFunction
@@ -327,16 +327,13 @@ def _dense(
     jacobian_dtype: torch.dtype = torch.float64,
 ) -> NTKSpectrum:
     probe = probe.astype(torch.float64)
-    if _plan(probe, 8, _budget(probe, 8, memory_budget)) is None:
-        # No Jacobian rows fit: ntk_matrix uses float64 matrix-free products, K is float64-exact.
-        jacobian_dtype = torch.float64
-    K = ntk_matrix(
-        None, None, probe=probe, memory_budget=memory_budget, jacobian_dtype=jacobian_dtype
-    )
+    # rows_dtype is float64 when no Jacobian rows fit: the operator strategy's products run in
+    # float64 whatever jacobian_dtype asks, and K is then float64-exact.
+    K, rows_dtype = _assemble(probe, memory_budget, "auto", jacobian_dtype)
     n = K.shape[0]
-    mixed = jacobian_dtype != torch.float64
+    mixed = rows_dtype != torch.float64
     # ‖E‖₂ estimate of the Jacobian's rounding (0: float64 rows, K exact up to n·ε₆₄·λ_max).
-    delta = jacobian_rounding_estimate(float(K.trace()), jacobian_dtype) if mixed else 0.0
+    delta = jacobian_rounding_estimate(float(K.trace()), rows_dtype) if mixed else 0.0
     evals, evecs = torch.linalg.eigh(K)
     evals = evals.cpu()
     lam_max, lam_min = float(evals[-1]), float(evals[0])
