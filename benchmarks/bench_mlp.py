@@ -9,7 +9,9 @@ Every block gets the same shapes (``in = out = dim``, gated width ``hidden = rou
 to a multiple of 8, bias off as in LLaMA) and identical weights. One step is
 ``y = block(x); y.backward(dy)`` with ``x.requires_grad=True``; each is timed with
 ``torch.utils.benchmark.Timer.blocked_autorange`` and the table reports the median time and the
-ratio ``ours / theirs`` (<= 1.0 means glu-probe is no slower).
+ratio ``ours / theirs`` (<= 1.0 means glu-probe is no slower). ``SwiGLU(fused=False)`` is the
+packed block with autograd's ``chunk`` backward (a ``cat``), the default before the fused
+gated product (``glu_probe.gated_product``), kept as a reference.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch.utils import benchmark
 
 from glu_probe.modules import SwiGLU
 
-OURS = ("glu_probe.SwiGLU", "glu_probe.SwiGLU(packed=False)")
+OURS = ("glu_probe.SwiGLU", "glu_probe.SwiGLU(packed=False)", "glu_probe.SwiGLU(fused=False)")
 
 
 def _competitors(dim: int, hidden: int, device: str, dtype: torch.dtype) -> dict[str, nn.Module]:
@@ -35,7 +37,9 @@ def _competitors(dim: int, hidden: int, device: str, dtype: torch.dtype) -> dict
     unpacked.fc1_g.weight.data.copy_(wg)
     unpacked.fc1_x.weight.data.copy_(wu)
     unpacked.fc2.weight.data.copy_(ours.fc2.weight)
-    blocks: dict[str, nn.Module] = {OURS[0]: ours, OURS[1]: unpacked}
+    unfused = SwiGLU(dim, hidden, bias=False, fused=False)  # packed, autograd's chunk backward
+    unfused.load_state_dict(ours.state_dict())
+    blocks: dict[str, nn.Module] = {OURS[0]: ours, OURS[1]: unpacked, OURS[2]: unfused}
     try:
         from timm.layers import SwiGLU as TimmSwiGLU
         from timm.layers import SwiGLUPacked
@@ -128,6 +132,35 @@ def bench(
     return rows
 
 
+def profile(tokens: int, dim: int, device: str, dtype: torch.dtype, names: list[str]) -> str:
+    """Per-kernel self time of 10 forward+backward steps of each named block (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    hidden = 8 * round(8 * dim / 3 / 8)
+    torch.manual_seed(0)
+    blocks = _competitors(dim, hidden, device, dtype)
+    x = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(tokens, dim, device=device, dtype=dtype)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    key = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    out = []
+    for name in names:
+        if name not in blocks:
+            continue
+        step = _step(blocks[name], x, dy)
+        for _ in range(3):
+            step()
+        with torch_profile(activities=acts) as prof:
+            for _ in range(10):
+                step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        out.append(f"#### profile: {name}, tokens={tokens}, dim={dim}, 10 steps\n")
+        out.append(prof.key_averages().table(sort_by=key, row_limit=14))
+    return "\n".join(out)
+
+
 def to_markdown(rows: list[dict[str, float | int | str]], header: str) -> str:
     lines = [
         header,
@@ -153,6 +186,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-run-time", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (best kept)")
     parser.add_argument("--write", default=None, help="also write the markdown table to this file")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print torch.profiler kernel tables (first dim) for ours, unfused, timm SwiGLU",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.write:
         with open(args.write, "w") as f:
             f.write(table)
+    if args.profile:
+        names = [OURS[0], OURS[2], OURS[1], "timm.SwiGLU"]
+        print(profile(args.tokens, args.dims[0], args.device, dtype, names))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 # One prepared GPU pass: GPU tests (the quick demo on the GPU among them) + the three benchmarks
 # on CUDA, results under $OUT.
 # Usage on the device machine (repo root):  bash benchmarks/gpu_check.sh
-# Needs the pure-Python wheels for curvlinops in ./.whl (the device image lacks curvlinops,
-# backpack-for-pytorch, einconv, unfoldNd): `pip download --no-deps -d .whl NAME==VER` here, then
-# run it with the device tool: command "bash benchmarks/gpu_check.sh", carry [".whl"], timeout 600.
+# Run it with the device tool: command "bash benchmarks/gpu_check.sh", timeout 600. The steps
+# below need no extra wheels; for bench_ntk's curvlinops section (4) carry the pure-Python wheels
+# in ./.whl (the device image lacks curvlinops, backpack-for-pytorch, einconv, unfoldNd:
+# `pip download --no-deps -d .whl NAME==VER` here, then carry [".whl"]).
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -26,8 +27,11 @@ run() {  # run NAME SECONDS CMD...
   echo "rc=$rc wall=$(( $(date +%s) - t0 ))s" | tee -a "$OUT/$name.txt"
   tail -n 40 "$OUT/$name.txt"
 }
-run gpu_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_krylov.py tests/test_callbacks_ntk.py
-run bench_mlp 60 python3 benchmarks/bench_mlp.py --device cuda
-run bench_ntk 200 python3 benchmarks/bench_ntk.py --device cuda
-run bench_callbacks 150 python3 benchmarks/bench_callbacks.py --device cuda --gpu-steps 100
+# Ordered by what only a GPU can tell; each step has its own time cap (about 7 minutes in all).
+run bench_mlp_bf16 90 python3 benchmarks/bench_mlp.py --device cuda --dtype bfloat16 --tokens 16384 \
+  --dims 768 1024 2048 --min-run-time 0.3 --profile
+run bench_mlp_fp32 45 python3 benchmarks/bench_mlp.py --device cuda --min-run-time 0.3
+run bench_ntk_gpt2_small 110 python3 benchmarks/bench_ntk.py --device cuda --sections 5
+run gpu_tests 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_krylov.py tests/test_callbacks_ntk.py
+run bench_callbacks 110 python3 benchmarks/bench_callbacks.py --device cuda --repeats 1 --gpu-steps 200
 exit 0

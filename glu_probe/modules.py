@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .gated_product import packed_gated_product
+
 __all__ = [
     "ACTIVATIONS",
     "GATED_VARIANTS",
@@ -283,8 +285,11 @@ class GatedMLP(_MLPBase):
     (default) the gate and up projections are a single ``fc1`` with ``2·hidden`` output rows,
     ordered ``[gate; up]`` (:attr:`GATE_FIRST` is ``True``), so the forward pass runs one matmul
     and splits the result with a zero-copy ``chunk``; this is the layout of timm's
-    ``SwiGLUPacked``. With ``packed=False`` the projections are ``fc1_g`` (gate) and ``fc1_x``
-    (up), the layout of timm's ``SwiGLU``; :mod:`glu_probe.convert` maps between layouts.
+    ``SwiGLUPacked``. With ``fused=True`` (default) the packed backward writes both gradient
+    halves into one buffer instead of autograd's ``cat`` of them (see
+    :mod:`glu_probe.gated_product`); ``fused=False`` keeps autograd's ``chunk`` backward. With
+    ``packed=False`` the projections are ``fc1_g`` (gate) and ``fc1_x`` (up), the layout of
+    timm's ``SwiGLU``; :mod:`glu_probe.convert` maps between layouts.
 
     Attributes ``act, drop1, norm, fc2, drop2`` are as in timm's ``Mlp``; ``drop1`` acts on the
     gated product, ``norm`` (optional, ``norm_layer(hidden)``) follows it.
@@ -308,6 +313,7 @@ class GatedMLP(_MLPBase):
         bias: bool | tuple[bool, bool] = True,
         drop: float | tuple[float, float] = 0.0,
         packed: bool = True,
+        fused: bool = True,
         use_conv: bool = False,
         init: InitFn | None = None,
         device: torch.device | str | None = None,
@@ -320,6 +326,7 @@ class GatedMLP(_MLPBase):
         )
         h = self.hidden_features
         self.packed = bool(packed)
+        self.fused = bool(fused)
         self._chunk_dim = 1 if use_conv else -1
         if self.packed:
             self.fc1 = linear(self.in_features, 2 * h, bias=b1, **dd)
@@ -372,14 +379,14 @@ class GatedMLP(_MLPBase):
             nn.init.normal_(w, std=1e-6)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.packed:
-            gu = self.fc1(x)
-            g, u = gu.chunk(2, dim=self._chunk_dim)
-            if not self.GATE_FIRST:
-                g, u = u, g
+        if self.packed and self.fused:
+            x = packed_gated_product(self.fc1(x), self.act, self._chunk_dim, self.GATE_FIRST)
+        elif self.packed:
+            g, u = self.fc1(x).chunk(2, dim=self._chunk_dim)
+            x = self.act(g) * u if self.GATE_FIRST else self.act(u) * g
         else:
-            g, u = self.fc1_g(x), self.fc1_x(x)
-        x = self.drop1(self.act(g) * u)
+            x = self.act(self.fc1_g(x)) * self.fc1_x(x)
+        x = self.drop1(x)
         return self.drop2(self.fc2(self.norm(x)))
 
     def extra_repr(self) -> str:
@@ -408,6 +415,7 @@ class _FixedGateMLP(GatedMLP):
         bias: bool | tuple[bool, bool] = True,
         drop: float | tuple[float, float] = 0.0,
         packed: bool = True,
+        fused: bool = True,
         use_conv: bool = False,
         init: InitFn | None = None,
         device: torch.device | str | None = None,
@@ -424,6 +432,7 @@ class _FixedGateMLP(GatedMLP):
             bias=bias,
             drop=drop,
             packed=packed,
+            fused=fused,
             use_conv=use_conv,
             init=init,
             device=device,
@@ -480,6 +489,7 @@ class GEGLU(GatedMLP):
         bias: bool | tuple[bool, bool] = True,
         drop: float | tuple[float, float] = 0.0,
         packed: bool = True,
+        fused: bool = True,
         use_conv: bool = False,
         init: InitFn | None = None,
         approximate: str = "none",
@@ -499,6 +509,7 @@ class GEGLU(GatedMLP):
             bias=bias,
             drop=drop,
             packed=packed,
+            fused=fused,
             use_conv=use_conv,
             init=init,
             device=device,

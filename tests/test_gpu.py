@@ -61,6 +61,23 @@ def test_gated_block_on_cuda_matches_cpu(variant):
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["swiglu", "geglu", "reglu", "glu"])
+def test_fused_packed_backward_on_cuda_matches_the_plain_path(variant, dtype):
+    """The copy-free packed backward (default) gives autograd's gradients of the chunk path."""
+    torch.manual_seed(0)
+    fused = glu_probe.make_mlp(variant, 64, 96).to("cuda", dtype)
+    plain = copy.deepcopy(fused)
+    plain.fused = False
+    x = torch.randn(8, 33, 64, device="cuda", dtype=dtype)
+    for m in (fused, plain):
+        m(x).float().square().sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for (n, p), q in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        scale = q.grad.float().abs().max().clamp_min(1.0)
+        torch.testing.assert_close(p.grad.float() / scale, q.grad.float() / scale, **tol, msg=n)
+
+
 def test_swap_keeps_cuda_device_and_dtype():
     timm = pytest.importorskip("timm")
     vit = timm.models.vision_transformer.VisionTransformer(
