@@ -1,27 +1,34 @@
-"""The packed gated product ``act(g) ⊙ u`` with a copy-free backward.
+"""A packed gated MLP computed feature-major, so that every elementwise kernel runs contiguous.
 
-A packed gated block computes ``gu = x W1ᵀ`` with ``W1 = [Wg; Wu]`` (one matmul) and splits
-``gu`` into the gate ``g`` and the up projection ``u`` along the feature dimension. Written with
-``chunk``, autograd's backward of the split is a ``cat`` of the two gradient halves: an extra
-read and write of the (tokens, 2·hidden) gradient that unpacked blocks (timm ``SwiGLU``, HF
-``LlamaMLP``) never do. In bf16 on a GPU the matmuls are fast enough that this memory traffic
-shows (5–18% of forward+backward on an H200, ``benchmarks/RESULTS_mlp.md``).
+A packed gated block computes ``gu = x W1ᵀ`` with ``W1 = [Wg; Wu]`` (one matmul) and splits it
+into the gate ``g`` and the up projection ``u``. Token-major (``gu`` of shape ``(N, 2h)``), both
+halves are strided views: CUDA's vectorised elementwise kernels need contiguous operands, so
+``act(g)``, ``act(g) ⊙ u`` and their backward kernels fall back to the strided kernel, and the
+backward of the split is a ``cat``. On an H100 in bf16 that made the packed block 15–17% slower
+than timm's ``SwiGLU`` / HF's ``LlamaMLP`` (two separate matmuls whose outputs are contiguous);
+the per-kernel profile is in ``benchmarks/RESULTS_mlp.md``.
 
-:func:`packed_gated_product` is an :class:`torch.autograd.Function` whose backward writes
-``∂L/∂g = ∂L/∂y ⊙ u ⊙ act'(g)`` and ``∂L/∂u = ∂L/∂y ⊙ act(g)`` straight into the two halves of
-one buffer with the fused ``*_backward`` kernels of ATen, and which saves only ``gu`` (the plain
-path also keeps ``act(g)``). Written by hand because no library op fuses a split with a
-gated product's backward; torch.compile would, but it is not what a user's eager run uses.
+:func:`fused_gated_mlp` computes the same block **feature-major**: ``Pᵀ = W1 xᵀ`` is
+``(2h, N)``, so ``gᵀ`` and ``uᵀ`` are its two contiguous row blocks, ``hᵀ = act(gᵀ) ⊙ uᵀ`` is
+contiguous, and ``y = h W2ᵀ`` reads ``hᵀ`` as a transposed GEMM operand (no copy). The backward
+(an :class:`torch.autograd.Function`, written by hand because autograd of the token-major
+expression is what is slow) forms ``∂L/∂hᵀ = W2ᵀ (∂L/∂y)ᵀ`` directly in the same layout and writes
+``∂L/∂gᵀ = ∂L/∂hᵀ ⊙ uᵀ ⊙ act'(gᵀ)`` and ``∂L/∂uᵀ = ∂L/∂hᵀ ⊙ act(gᵀ)`` into the two halves of one
+buffer with ATen's fused ``*_backward`` kernels, so there is no ``cat``. Same GEMMs as the
+unfused block (one packed matmul for the gate and up projections, forward and backward), fewer
+saved tensors (``x``, ``Pᵀ``, ``hᵀ``; autograd of the plain block also keeps ``act(g)``).
 
-Scope, so that nothing else changes:
+Scope, so that nothing else changes (:meth:`glu_probe.modules.GatedMLP.forward` checks it):
 
-* the gate activations with a closed-form ATen backward: ``nn.SiLU``, ``nn.Sigmoid``,
-  ``nn.ReLU``, ``nn.GELU`` (exact or tanh) and ``nn.Identity`` (exact types, not subclasses,
-  whose ``forward`` may differ); any other activation takes the plain ``chunk`` path;
-* eager autograd only: under torch.func transforms (the NTK engine's ``vmap``/``jvp``/``vjp``)
-  the plain path runs, so the engine differentiates exactly the same ops as before. Forward-mode
-  AD with dual tensors is supported through :meth:`_PackedGatedProduct.jvp`, and a backward run
-  with ``create_graph=True`` uses differentiable ops (double backward works).
+* gate activations with a closed-form ATen backward: exact ``nn.SiLU``, ``nn.Sigmoid``,
+  ``nn.ReLU``, ``nn.GELU`` (exact or tanh) and ``nn.Identity`` (not subclasses, whose forward may
+  differ); plain ``nn.Linear`` projections without hooks; no ``norm`` and no active ``drop1``;
+* not under torch.func transforms: the NTK engine's ``vmap``/``jvp``/``vjp`` see the plain
+  module, exactly the same ops as before. Forward-mode AD with dual tensors goes through
+  :meth:`_FusedGatedMLP.jvp`, and a backward with ``create_graph=True`` differentiates the plain
+  expression (double backward works);
+* autocast: the inputs are cast to the autocast dtype as ``F.linear`` would be, and the
+  gradients are returned in the dtypes of the inputs.
 """
 
 from __future__ import annotations
@@ -33,13 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["fused_gate_kind", "packed_gated_product"]
+__all__ = ["fused_gate_kind", "fused_gated_mlp"]
 
 _aten = torch.ops.aten
 
 
 def fused_gate_kind(act: nn.Module) -> str | None:
-    """The fused-backward key of an activation module, or ``None`` for the plain path."""
+    """The fused path's key of an activation module, or ``None`` (plain path)."""
     t = type(act)
     if t is nn.SiLU:
         return "silu"
@@ -79,9 +86,8 @@ def _act_derivative(kind: str, g: Tensor) -> Tensor:
     if kind == "relu":
         return (g > 0).to(g.dtype)
     if kind == "gelu":  # Φ(g) + g·φ(g)
-        return 0.5 * (1 + torch.erf(g * math.sqrt(0.5))) + g * torch.exp(-0.5 * g * g) / math.sqrt(
-            2 * math.pi
-        )
+        phi = torch.exp(-0.5 * g * g) / math.sqrt(2 * math.pi)
+        return 0.5 * (1 + torch.erf(g * math.sqrt(0.5))) + g * phi
     if kind == "gelu_tanh":  # d/dg of 0.5·g·(1 + tanh(c·(g + 0.044715·g³)))
         c = math.sqrt(2 / math.pi)
         t = torch.tanh(c * (g + 0.044715 * g**3))
@@ -90,13 +96,12 @@ def _act_derivative(kind: str, g: Tensor) -> Tensor:
 
 
 def _act_backward_into(kind: str, grad: Tensor, g: Tensor, out: Tensor) -> None:
-    """``out ← grad ⊙ act'(g)`` without a temporary (ATen ``out=`` overloads)."""
+    """``out ← grad ⊙ act'(g)`` with ATen's fused backward kernels (``out=`` overloads)."""
     if kind == "silu":
         _aten.silu_backward.grad_input(grad, g, grad_input=out)
     elif kind == "sigmoid":
         _aten.sigmoid_backward.grad_input(grad, torch.sigmoid(g), grad_input=out)
     elif kind == "relu":
-        # threshold_backward has an out= overload too: zero where g <= 0.
         _aten.threshold_backward.grad_input(grad, g, 0, grad_input=out)
     elif kind in ("gelu", "gelu_tanh"):
         approx = "tanh" if kind == "gelu_tanh" else "none"
@@ -105,72 +110,180 @@ def _act_backward_into(kind: str, grad: Tensor, g: Tensor, out: Tensor) -> None:
         out.copy_(grad)
 
 
-def _plain(gu: Tensor, kind: str, dim: int, gate_first: bool) -> Tensor:
-    g, u = _halves(gu, dim, gate_first)
-    return _act(kind, g) * u
-
-
-def _halves(t: Tensor, dim: int, gate_first: bool) -> tuple[Tensor, Tensor]:
-    a, b = t.chunk(2, dim=dim)
+def _halves(t: Tensor, gate_first: bool) -> tuple[Tensor, Tensor]:
+    """(gate, up) row blocks of a feature-major ``(2h, N)`` tensor."""
+    a, b = t.chunk(2, dim=0)
     return (a, b) if gate_first else (b, a)
 
 
-class _PackedGatedProduct(torch.autograd.Function):
-    """``y = act(g) ⊙ u`` for ``(g, u) = split(gu)``; see the module docstring."""
-
-    @staticmethod
-    def forward(gu: Tensor, kind: str, dim: int, gate_first: bool) -> Tensor:  # type: ignore[override]
-        return _plain(gu, kind, dim, gate_first)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        gu, kind, dim, gate_first = inputs
-        ctx.kind, ctx.dim, ctx.gate_first = kind, dim, gate_first
-        ctx.save_for_backward(gu)
-        ctx.save_for_forward(gu)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
-        (gu,) = ctx.saved_tensors
-        kind, dim, gate_first = ctx.kind, ctx.dim, ctx.gate_first
-        g, u = _halves(gu, dim, gate_first)
-        if torch.is_grad_enabled():
-            # create_graph=True: autograd of the plain expression, so that the result is itself
-            # differentiable (ATen's fused *_backward kernels have no derivatives of their own).
-            (dgu,) = torch.autograd.grad(
-                _plain(gu, kind, dim, gate_first), gu, grad, create_graph=True
-            )
-            return dgu, None, None, None
-        out = torch.empty_like(gu, dtype=torch.promote_types(gu.dtype, grad.dtype))
-        og, ou = _halves(out, dim, gate_first)
-        torch.mul(grad, _act(kind, g), out=ou)
-        _act_backward_into(kind, grad * u, g, og)
-        return out, None, None, None
-
-    @staticmethod
-    def jvp(ctx: Any, t_gu: Tensor, *_: Any) -> Tensor:
-        (gu,) = ctx.saved_tensors
-        g, u = _halves(gu, ctx.dim, ctx.gate_first)
-        tg, tu = _halves(t_gu, ctx.dim, ctx.gate_first)
-        return _act_derivative(ctx.kind, g) * tg * u + _act(ctx.kind, g) * tu
-
-
-def packed_gated_product(
-    gu: Tensor, act: nn.Module, dim: int = -1, gate_first: bool = True
+def _plain(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    kind: str,
+    gate_first: bool,
 ) -> Tensor:
-    """``act(g) ⊙ u`` where ``gu`` holds ``[g; u]`` (``gate_first``) or ``[u; g]`` along ``dim``.
+    """The token-major reference expression (what the unfused block computes)."""
+    a, b = F.linear(x, w1, b1).chunk(2, dim=-1)
+    g, u = (a, b) if gate_first else (b, a)
+    return F.linear(_act(kind, g) * u, w2, b2)
 
-    Same values and gradients as ``g, u = gu.chunk(2, dim); act(g) * u``; the backward writes the
-    packed gradient into one buffer instead of concatenating two (see the module docstring for
-    when the fused path applies; otherwise this *is* the plain expression).
+
+def _compute_dtype(x: Tensor) -> torch.dtype | None:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    if t is None or dtype is None or not t.is_floating_point():
+        return t
+    return t.to(dtype)
+
+
+def _linear_t(w: Tensor, xt: Tensor, b: Tensor | None) -> Tensor:
+    """``w @ xt (+ b[:, None])``: a feature-major linear layer."""
+    if b is None:
+        return torch.mm(w, xt)
+    return torch.addmm(b.unsqueeze(1), w, xt)
+
+
+class _FusedGatedMLP(torch.autograd.Function):
+    """``y = W2 (act(g) ⊙ u) + b2``, ``[g; u] = W1 x + b1``, feature-major (module docstring)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        w1: Tensor,
+        b1: Tensor | None,
+        w2: Tensor,
+        b2: Tensor | None,
+        kind: str,
+        gate_first: bool,
+    ) -> Tensor:
+        cdt = _compute_dtype(x)
+        ctx.cdt, ctx.kind, ctx.gate_first = cdt, kind, gate_first
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (x, w1, b1, w2, b2))
+        with torch.autocast(x.device.type, enabled=False):
+            xc, w1c, b1c, w2c, b2c = _inputs(ctx, x, w1, b1, w2, b2)
+            pt = _linear_t(w1c, xc.t(), b1c)  # (2h, N): gate and up rows contiguous
+            g, u = _halves(pt, gate_first)
+            ht = _act(kind, g) * u  # (h, N), contiguous
+            y = _linear_t(w2c, ht, b2c).t()  # (N, out): one GEMM on the transposed operands
+        # The inputs are saved as given (a backward with create_graph must reach them) and cast
+        # again in backward: a second cast of the weights costs far less than keeping copies.
+        ctx.save_for_backward(x, w1, b1, w2, b2, pt, ht)
+        ctx.save_for_forward(x, w1, b1, w2, b2, pt, ht)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        *saved, pt, ht = ctx.saved_tensors
+        kind, gate_first = ctx.kind, ctx.gate_first
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            # create_graph=True: autograd of the plain expression, so that the gradients are
+            # themselves differentiable (ATen's fused *_backward kernels have no derivatives).
+            return _double_backward(ctx, saved, dy)
+        with torch.autocast(dy.device.type, enabled=False):
+            x2, w1, b1, w2, b2 = _inputs(ctx, *saved)
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(w2.dtype)
+            dht = torch.mm(w2.t(), dy2.t())  # (h, N), the layout of ht
+            dw2 = torch.mm(dy2.t(), ht.t()) if need[3] else None
+            db2 = dy2.sum(0) if b2 is not None and need[4] else None
+            g, u = _halves(pt, gate_first)
+            dpt = torch.empty_like(pt)
+            dg, du = _halves(dpt, gate_first)
+            torch.mul(dht, _act(kind, g), out=du)
+            _act_backward_into(kind, dht * u, g, dg)
+            dx = torch.mm(dpt.t(), w1) if need[0] else None
+            dw1 = torch.mm(dpt, x2) if need[1] else None
+            db1 = dpt.sum(1) if b1 is not None and need[2] else None
+        grads = (dx, dw1, db1, dw2, db2)
+        out: list[Tensor | None] = []
+        for gr, dt in zip(grads, ctx.dtypes, strict=True):
+            out.append(None if gr is None or dt is None else gr.to(dt))
+        if out[0] is not None:
+            out[0] = out[0].reshape(ctx.shape)
+        return (*out, None, None)
+
+    @staticmethod
+    def jvp(ctx: Any, tx: Any, tw1: Any, tb1: Any, tw2: Any, tb2: Any, *_: Any) -> Tensor:
+        *saved, pt, ht = ctx.saved_tensors
+        x2, w1, _b1, w2, _b2 = _inputs(ctx, *saved)
+        g, u = _halves(pt, ctx.gate_first)
+        cdt = pt.dtype
+        tpt = torch.zeros_like(pt)
+        if tx is not None:
+            tpt = tpt + torch.mm(w1, tx.reshape(-1, tx.shape[-1]).to(cdt).t())
+        if tw1 is not None:
+            tpt = tpt + torch.mm(tw1.to(cdt), x2.t())
+        if tb1 is not None:
+            tpt = tpt + tb1.to(cdt).unsqueeze(1)
+        tg, tu = _halves(tpt, ctx.gate_first)
+        tht = _act_derivative(ctx.kind, g) * tg * u + _act(ctx.kind, g) * tu
+        ty = torch.mm(w2, tht)
+        if tw2 is not None:
+            ty = ty + torch.mm(tw2.to(cdt), ht)
+        if tb2 is not None:
+            ty = ty + tb2.to(cdt).unsqueeze(1)
+        ty = ty.t()
+        return ty.reshape(*ctx.shape[:-1], ty.shape[-1])
+
+
+def _inputs(
+    ctx: Any, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
+    """The inputs in the compute dtype, ``x`` flattened to ``(N, in)``."""
+    ctx.shape = x.shape
+    c = ctx.cdt
+    xc, w1c, w2c = _cast(x, c), _cast(w1, c), _cast(w2, c)
+    assert xc is not None and w1c is not None and w2c is not None
+    return xc.reshape(-1, x.shape[-1]), w1c, _cast(b1, c), w2c, _cast(b2, c)
+
+
+def _double_backward(ctx: Any, saved: tuple[Any, ...], dy: Tensor) -> tuple[Tensor | None, ...]:
+    inputs = list(saved)
+    idx = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    with torch.enable_grad(), torch.autocast(dy.device.type, enabled=False):
+        y = _plain(*_inputs(ctx, *saved), ctx.kind, ctx.gate_first)
+        grads = torch.autograd.grad(
+            y,
+            [inputs[i] for i in idx],
+            dy.reshape(y.shape).to(y.dtype),
+            create_graph=True,
+            allow_unused=True,
+        )
+    out: list[Tensor | None] = [None] * 5
+    for i, gr in zip(idx, grads, strict=True):
+        dt = ctx.dtypes[i]
+        out[i] = None if gr is None else gr.to(dt)
+    if out[0] is not None:
+        out[0] = out[0].reshape(ctx.shape)
+    return (*out, None, None)
+
+
+def fused_gated_mlp(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    kind: str,
+    gate_first: bool = True,
+) -> Tensor:
+    """``F.linear(act(g) * u, w2, b2)`` with ``g, u`` the halves of ``F.linear(x, w1, b1)``.
+
+    Same values (up to the order of floating-point sums) and gradients as the token-major
+    expression, computed feature-major (see the module docstring). ``kind`` is a
+    :func:`fused_gate_kind` key; ``gate_first`` says whether ``w1``'s first ``h`` rows are the
+    gate. Under torch.func transforms this is the plain expression.
     """
-    kind = fused_gate_kind(act)
-    if (
-        kind is None
-        or not (torch.is_grad_enabled() and gu.requires_grad)
-        or torch._C._are_functorch_transforms_active()
-    ):
-        g, u = _halves(gu, dim, gate_first)
-        return act(g) * u
-    out: Tensor = _PackedGatedProduct.apply(gu, kind, dim, gate_first)
-    return out
+    if torch._C._are_functorch_transforms_active():
+        return _plain(x, w1, b1, w2, b2, kind, gate_first)
+    y: Tensor = _FusedGatedMLP.apply(x, w1, b1, w2, b2, kind, gate_first)
+    return y

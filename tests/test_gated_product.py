@@ -1,17 +1,21 @@
-"""The packed gated product's copy-free backward against the plain ``chunk`` expression.
+"""The feature-major fused gated MLP against the token-major ``chunk`` expression.
 
-Ground truth: autograd of ``act(g) * u`` after ``chunk`` (float64), and finite-difference-free
-checks through ``torch.autograd.gradcheck`` / ``gradgradcheck`` / forward-mode ``fwAD``.
+Ground truth: autograd of ``F.linear(act(g) * u, W2, b2)`` with ``g, u = F.linear(x, W1,
+b1).chunk(2, -1)`` in float64, and finite differences through ``torch.autograd.gradcheck`` /
+``gradgradcheck`` (forward-mode AD included).
 """
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch import nn
 
-from glu_probe.gated_product import _PackedGatedProduct, fused_gate_kind, packed_gated_product
+from glu_probe.gated_product import _FusedGatedMLP, _plain, fused_gate_kind, fused_gated_mlp
 from glu_probe.modules import GEGLU, GLU, Bilinear, GatedMLP, ReGLU, SwiGLU
 
 ACTS = {
@@ -22,133 +26,178 @@ ACTS = {
     "gelu_tanh": nn.GELU(approximate="tanh"),
     "identity": nn.Identity(),
 }
+D, H, O = 6, 5, 4
 
 
-def _plain(gu: torch.Tensor, act: nn.Module, dim: int, gate_first: bool) -> torch.Tensor:
-    a, b = gu.chunk(2, dim=dim)
+def _params(bias: bool, seed: int = 0) -> list[torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*s: int) -> torch.Tensor:
+        return torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_()
+
+    return [r(2 * H, D), r(2 * H) if bias else None, r(O, H), r(O) if bias else None]
+
+
+def _reference(x, w1, b1, w2, b2, act, gate_first):
+    a, b = F.linear(x, w1, b1).chunk(2, dim=-1)
     g, u = (a, b) if gate_first else (b, a)
-    return act(g) * u
+    return F.linear(act(g) * u, w2, b2)
 
 
 @pytest.mark.parametrize("kind", sorted(ACTS))
-@pytest.mark.parametrize("dim,gate_first", [(-1, True), (-1, False), (1, True)])
-def test_values_and_gradients_match_the_plain_expression(kind, dim, gate_first):
-    torch.manual_seed(0)
+@pytest.mark.parametrize("bias,gate_first", [(True, True), (False, True), (True, False)])
+def test_values_and_all_gradients_match_the_token_major_expression(kind, bias, gate_first):
     act = ACTS[kind]
     assert fused_gate_kind(act) == kind
-    shape = (3, 8, 5, 4) if dim == 1 else (3, 5, 8)
-    gu = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    dy = torch.randn_like(_plain(gu, act, dim, gate_first))
-    ref = _plain(gu, act, dim, gate_first)
-    (g_ref,) = torch.autograd.grad(ref, gu, dy)
-    out = packed_gated_product(gu, act, dim, gate_first)
-    assert out.grad_fn is not None and "PackedGatedProduct" in type(out.grad_fn).__name__
-    (g_out,) = torch.autograd.grad(out, gu, dy)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    torch.testing.assert_close(g_out, g_ref, rtol=1e-14, atol=1e-14)
-    assert g_out.is_contiguous() and g_out.shape == gu.shape
+    w1, b1, w2, b2 = _params(bias)
+    x = torch.randn(3, 7, D, dtype=torch.float64, requires_grad=True)
+    ref = _reference(x, w1, b1, w2, b2, act, gate_first)
+    out = fused_gated_mlp(x, w1, b1, w2, b2, kind, gate_first)
+    assert "FusedGatedMLP" in type(out.grad_fn).__name__
+    assert out.shape == ref.shape == (3, 7, O)
+    torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-13)
+    leaves = [t for t in (x, w1, b1, w2, b2) if t is not None]
+    dy = torch.randn_like(ref)
+    g_ref = torch.autograd.grad(ref, leaves, dy)
+    g_out = torch.autograd.grad(out, leaves, dy)
+    for a, b in zip(g_out, g_ref, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["silu", "sigmoid", "gelu", "gelu_tanh", "identity"])
-def test_gradcheck_gradgradcheck_and_forward_mode(kind):
-    """Double backward (create_graph) and forward-mode AD against finite differences."""
-    torch.manual_seed(1)
-    gu = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+def test_gradcheck_forward_mode_and_double_backward(kind):
+    """Finite differences: reverse, forward (dual tensors) and create_graph double backward."""
+    w1, b1, w2, b2 = _params(True, seed=1)
+    x = torch.randn(2, 3, D, dtype=torch.float64, requires_grad=True)
 
-    def f(t: torch.Tensor) -> torch.Tensor:
-        return _PackedGatedProduct.apply(t, kind, -1, True)
+    def f(*t: torch.Tensor) -> torch.Tensor:
+        return _FusedGatedMLP.apply(*t, kind, True)
 
-    assert torch.autograd.gradcheck(f, (gu,), check_forward_ad=True)
-    assert torch.autograd.gradgradcheck(f, (gu,))
-
-
-def test_relu_forward_mode_and_double_backward_away_from_the_kink():
-    gu = torch.randn(4, 6, dtype=torch.float64)
-    gu = (gu.sign() * (gu.abs() + 0.1)).requires_grad_()  # no entry within 0.1 of the kink
-
-    def f(t: torch.Tensor) -> torch.Tensor:
-        return _PackedGatedProduct.apply(t, "relu", -1, True)
-
-    assert torch.autograd.gradcheck(f, (gu,), check_forward_ad=True)
-    assert torch.autograd.gradgradcheck(f, (gu,))
+    args = (x, w1, b1, w2, b2)
+    assert torch.autograd.gradcheck(f, args, check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(f, args)
 
 
-def test_dual_tensor_jvp_matches_the_plain_expression():
-    torch.manual_seed(2)
-    gu = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
-    t = torch.randn_like(gu)
-    act = nn.SiLU()
+def test_relu_gradcheck_away_from_the_kink():
+    w1, b1, w2, b2 = _params(True, seed=2)
+    x = torch.randn(4, D, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():  # move every pre-activation at least 0.1 away from 0
+        pre = F.linear(x, w1, b1)
+        b1 += torch.where(pre.abs().min(0).values < 0.1, 0.3, 0.0)
+        assert (F.linear(x, w1, b1).abs() > 0.05).all()
+
+    def f(*t: torch.Tensor) -> torch.Tensor:
+        return _FusedGatedMLP.apply(*t, "relu", True)
+
+    assert torch.autograd.gradcheck(f, (x, w1, b1, w2, b2), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(f, (x, w1, b1, w2, b2))
+
+
+def test_dual_tensor_jvp_with_weight_tangents():
+    w1, b1, w2, b2 = _params(True, seed=3)
+    x = torch.randn(5, D, dtype=torch.float64)
+    prim = [x, w1.detach(), b1.detach(), w2.detach(), b2.detach()]
+    tans = [torch.randn_like(p) for p in prim]
     with fwAD.dual_level():
-        y = packed_gated_product(fwAD.make_dual(gu, t), act)
-        tan = fwAD.unpack_dual(y).tangent
-    _, ref = torch.func.jvp(lambda z: _plain(z, act, -1, True), (gu.detach(),), (t,))
-    torch.testing.assert_close(tan, ref, rtol=1e-14, atol=1e-14)
+        duals = [fwAD.make_dual(p, t) for p, t in zip(prim, tans, strict=True)]
+        tan = fwAD.unpack_dual(fused_gated_mlp(*duals, "silu")).tangent
+    _, ref = torch.func.jvp(lambda *p: _reference(*p, nn.SiLU(), True), tuple(prim), tuple(tans))
+    torch.testing.assert_close(tan, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_plain_path_outside_eager_training():
-    """No grad, torch.func transforms and unknown activations run the plain ops."""
-    gu = torch.randn(2, 8, requires_grad=True)
-    with torch.no_grad():
-        assert packed_gated_product(gu, nn.SiLU()).grad_fn is None
+def test_torch_func_transforms_see_the_plain_expression():
+    w1, b1, w2, b2 = (None if p is None else p.detach() for p in _params(True))
+    x = torch.randn(3, D, dtype=torch.float64)
     seen: list[str] = []
 
     def f(t: torch.Tensor) -> torch.Tensor:
-        y = packed_gated_product(t, nn.SiLU())
+        y = fused_gated_mlp(t, w1, b1, w2, b2, "silu")
         seen.append(type(y.grad_fn).__name__ if y.grad_fn is not None else "none")
         return y
 
-    torch.func.vmap(f)(gu)
-    torch.func.jacrev(f)(gu[0])
-    assert not any("PackedGatedProduct" in s for s in seen)
-
-    class MySiLU(nn.SiLU):  # a subclass may override forward: never fused
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return 2 * super().forward(x)
-
-    assert fused_gate_kind(MySiLU()) is None
-    y = packed_gated_product(gu, MySiLU())
-    torch.testing.assert_close(y, _plain(gu, MySiLU(), -1, True))
-    assert "PackedGatedProduct" not in type(y.grad_fn).__name__
+    jac = torch.func.vmap(torch.func.jacrev(f))(x)
+    ref = torch.func.vmap(torch.func.jacrev(lambda t: _plain(t, w1, b1, w2, b2, "silu", True)))(x)
+    torch.testing.assert_close(jac, ref, rtol=0, atol=0)
+    assert not any("FusedGatedMLP" in s for s in seen)
 
 
-@pytest.mark.parametrize("cls", [SwiGLU, GLU, ReGLU, Bilinear, GEGLU])
-@pytest.mark.parametrize("use_conv", [False, True])
-def test_fused_and_unfused_blocks_train_identically(cls, use_conv):
-    """Same weights: the loss, every parameter gradient and one SGD step agree in float64."""
-    torch.manual_seed(3)
-    kw = dict(bias=True, use_conv=use_conv, dtype=torch.float64)
-    fused = cls(6, 10, 5, **kw)
-    plain = cls(6, 10, 5, fused=False, **kw)
-    plain.load_state_dict(fused.state_dict())
-    assert fused.fused and not plain.fused
-    x = torch.randn(4, 6, 3, 3, dtype=torch.float64) if use_conv else torch.randn(4, 7, 6)
-    x = x.to(torch.float64)
-    for m in (fused, plain):
-        m.zero_grad()
-        m(x).square().sum().backward()
-    for (n, p), q in zip(fused.named_parameters(), plain.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-13, atol=1e-13, msg=n)
-
-
-def test_bfloat16_autocast_matches_the_plain_path():
+def test_autocast_bfloat16_matches_the_unfused_block_and_keeps_grad_dtypes():
     torch.manual_seed(4)
-    fused, plain = SwiGLU(32, 48), SwiGLU(32, 48, fused=False)
-    plain.load_state_dict(fused.state_dict())
-    x = torch.randn(16, 32)
+    fused = SwiGLU(32, 48)
+    plain = copy.deepcopy(fused)
+    plain.fused = False
+    x = torch.randn(16, 32, requires_grad=True)
     grads = []
     for m in (fused, plain):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = m(x)
         assert y.dtype == torch.bfloat16
         y.float().square().sum().backward()
-        grads.append(m.fc1.weight.grad)
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-2, atol=1e-2)
+        assert all(p.grad.dtype == torch.float32 for p in m.parameters())
+        grads.append([p.grad.clone() for p in m.parameters()] + [x.grad.clone()])
+        x.grad = None
+    for a, b in zip(*grads, strict=True):
+        scale = b.abs().max()
+        torch.testing.assert_close(a / scale, b / scale, rtol=2e-2, atol=2e-2)
 
 
-def test_custom_gate_activation_keeps_the_plain_path():
-    m = GatedMLP(4, 6, act_layer=nn.Tanh)
-    x = torch.randn(3, 4)
-    y = m(x)
-    y.sum().backward()
-    g, u = m.fc1(x).chunk(2, -1)
-    torch.testing.assert_close(y, m.fc2(torch.tanh(g) * u))
+@pytest.mark.parametrize("cls", [SwiGLU, GLU, ReGLU, Bilinear, GEGLU])
+def test_fused_and_unfused_blocks_train_identically(cls):
+    """Same weights: output, every parameter gradient and the input gradient agree (float64)."""
+    torch.manual_seed(3)
+    fused = cls(6, 10, 5, dtype=torch.float64)
+    plain = copy.deepcopy(fused)
+    plain.fused = False
+    assert fused._fused_kind() is not None and plain._fused_kind() is None
+    x = torch.randn(4, 7, 6, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for m in (fused, plain):
+        y = m(x)
+        y.square().sum().backward()
+        outs.append([y.detach(), x.grad.clone(), *(p.grad for p in m.parameters())])
+        x.grad = None
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_path_falls_back_where_it_would_change_behaviour():
+    m = SwiGLU(4, 6, drop=0.5)
+    assert m._fused_kind() is None  # active drop1 between the projections
+    m.eval()
+    assert m._fused_kind() == "silu"  # dropout is the identity in eval
+    assert SwiGLU(4, 6, norm_layer=nn.LayerNorm)._fused_kind() is None
+    assert SwiGLU(4, 6, use_conv=True)._fused_kind() is None
+    assert SwiGLU(4, 6, packed=False)._fused_kind() is None
+    assert GatedMLP(4, 6, act_layer=nn.Tanh)._fused_kind() is None
+
+    class MySiLU(nn.SiLU):  # a subclass may override forward: never fused
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    assert fused_gate_kind(MySiLU()) is None
+    h = SwiGLU(4, 6)
+    seen = []
+    handle = h.fc1.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    assert h._fused_kind() is None  # a hook must see fc1 run
+    h(torch.randn(2, 4))
+    assert seen == [torch.Size([2, 12])]
+    handle.remove()
+    assert h._fused_kind() == "silu"
+    g = nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert h._fused_kind() is None  # global hooks too
+    finally:
+        g.remove()
+
+
+def test_inference_and_bias_free_llama_layout():
+    torch.manual_seed(5)
+    m = SwiGLU(8, 12, bias=False, dtype=torch.float64).eval()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y = m(x)
+        g, u = m.fc1(x).chunk(2, -1)
+        ref = m.fc2(F.silu(g) * u)
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, ref, rtol=1e-13, atol=1e-13)

@@ -64,7 +64,7 @@ def test_gated_block_on_cuda_matches_cpu(variant):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["swiglu", "geglu", "reglu", "glu"])
 def test_fused_packed_backward_on_cuda_matches_the_plain_path(variant, dtype):
-    """The copy-free packed backward (default) gives autograd's gradients of the chunk path."""
+    """The feature-major fused path (default) gives autograd's gradients of the chunk path."""
     torch.manual_seed(0)
     fused = glu_probe.make_mlp(variant, 64, 96).to("cuda", dtype)
     plain = copy.deepcopy(fused)

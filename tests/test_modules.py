@@ -77,7 +77,10 @@ def test_packed_layout_is_gate_first_and_matches_unpacked() -> None:
         u.fc1_x.bias.copy_(p.fc1.bias[4:])
         u.fc2.load_state_dict(p.fc2.state_dict())
     x = _x(3, 6)
+    p.fused = False  # the token-major packed expression: bitwise the unpacked block
     torch.testing.assert_close(p(x), u(x), rtol=0, atol=0)
+    p.fused = True  # feature-major (another GEMM order): equal up to float64 rounding
+    torch.testing.assert_close(p(x), u(x), rtol=1e-14, atol=1e-15)
     assert p.gate_params()[0].data_ptr() == p.fc1.weight.data_ptr()  # a view, no copy
 
 
