@@ -98,13 +98,22 @@ def time_hooks(callbacks: list[Any]) -> dict[str, float]:
     return totals
 
 
+_LAST_PRINT = [time.perf_counter()]
+
+
 def _timed(fn: Any, name: str, totals: dict[str, float]) -> Any:
     def wrapped(*args: Any, **kw: Any) -> Any:
         t0 = time.perf_counter()
         try:
             return fn(*args, **kw)
         finally:
-            totals[name] += time.perf_counter() - t0
+            now = time.perf_counter()
+            totals[name] += now - t0
+            if now - _LAST_PRINT[0] > 10.0:  # running totals, so that a killed run still tells
+                _LAST_PRINT[0] = now
+                step = getattr(args[0], "global_step", "?") if args else "?"
+                live = ", ".join(f"{k} {v:.1f} s" for k, v in totals.items())
+                print(f"  [step {step}] callback time so far: {live}", flush=True)
 
     return wrapped
 

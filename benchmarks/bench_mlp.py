@@ -9,9 +9,10 @@ Every block gets the same shapes (``in = out = dim``, gated width ``hidden = rou
 to a multiple of 8, bias off as in LLaMA) and identical weights. One step is
 ``y = block(x); y.backward(dy)`` with ``x.requires_grad=True``; each is timed with
 ``torch.utils.benchmark.Timer.blocked_autorange`` and the table reports the median time and the
-ratio ``ours / theirs`` (<= 1.0 means glu-probe is no slower). ``SwiGLU(fused=False)`` is the
-packed block with autograd's ``chunk`` backward (a ``cat``), the default before the fused
-gated product (``glu_probe.gated_product``), kept as a reference.
+ratio ``ours / theirs`` (<= 1.0 means glu-probe is no slower). ``glu_probe.SwiGLU`` is the
+default (``fused=None``: the feature-major fused path for 16-bit compute on CUDA, the
+token-major ``chunk`` expression otherwise); ``fused=True`` / ``fused=False`` force either
+packed path (``glu_probe.gated_product``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ from torch.utils import benchmark
 
 from glu_probe.modules import SwiGLU
 
-OURS = ("glu_probe.SwiGLU", "glu_probe.SwiGLU(packed=False)", "glu_probe.SwiGLU(fused=False)")
+OURS = (
+    "glu_probe.SwiGLU",
+    "glu_probe.SwiGLU(packed=False)",
+    "glu_probe.SwiGLU(fused=True)",
+    "glu_probe.SwiGLU(fused=False)",
+)
 
 
 def _competitors(dim: int, hidden: int, device: str, dtype: torch.dtype) -> dict[str, nn.Module]:
@@ -37,9 +43,10 @@ def _competitors(dim: int, hidden: int, device: str, dtype: torch.dtype) -> dict
     unpacked.fc1_g.weight.data.copy_(wg)
     unpacked.fc1_x.weight.data.copy_(wu)
     unpacked.fc2.weight.data.copy_(ours.fc2.weight)
-    unfused = SwiGLU(dim, hidden, bias=False, fused=False)  # packed, autograd's chunk backward
-    unfused.load_state_dict(ours.state_dict())
-    blocks: dict[str, nn.Module] = {OURS[0]: ours, OURS[1]: unpacked, OURS[2]: unfused}
+    blocks: dict[str, nn.Module] = {OURS[0]: ours, OURS[1]: unpacked}
+    for name, fused in ((OURS[2], True), (OURS[3], False)):  # both packed paths, forced
+        blocks[name] = SwiGLU(dim, hidden, bias=False, fused=fused)
+        blocks[name].load_state_dict(ours.state_dict())
     try:
         from timm.layers import SwiGLU as TimmSwiGLU
         from timm.layers import SwiGLUPacked
@@ -212,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.write, "w") as f:
             f.write(table)
     if args.profile:
-        names = [OURS[0], OURS[2], OURS[1], "timm.SwiGLU"]
+        names = [OURS[2], OURS[3], OURS[1], "timm.SwiGLU"]
         print(profile(args.tokens, args.dims[0], args.device, dtype, names))
 
 

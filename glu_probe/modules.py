@@ -297,10 +297,14 @@ class GatedMLP(_MLPBase):
     (default) the gate and up projections are a single ``fc1`` with ``2·hidden`` output rows,
     ordered ``[gate; up]`` (:attr:`GATE_FIRST` is ``True``), so the forward pass runs one matmul
     and splits the result with a zero-copy ``chunk``; this is the layout of timm's
-    ``SwiGLUPacked``. With ``fused=True`` (default) the packed block runs feature-major, so that
-    its elementwise kernels read contiguous halves and its backward needs no ``cat``
-    (:mod:`glu_probe.gated_product`; same values and gradients, as fast as the unpacked blocks
-    in bf16 on a GPU); ``fused=False`` keeps the token-major ``chunk`` expression. With
+    ``SwiGLUPacked``. The packed block can run feature-major, so that its elementwise kernels
+    read contiguous halves and its backward needs no ``cat`` (:mod:`glu_probe.gated_product`;
+    same values and gradients up to rounding). ``fused=None`` (default) does so where that was
+    measured to be faster: CUDA inputs computed in bf16/fp16 (autocast or 16-bit weights), where
+    it was 3–8% faster than timm's ``SwiGLU`` and HF's ``LlamaMLP`` while the token-major packed
+    block was 3–15% slower (H100, ``benchmarks/RESULTS_mlp.md``); in float32 and on CPU the
+    token-major ``chunk`` expression runs. ``fused=True`` forces the feature-major path wherever
+    it applies, ``fused=False`` never takes it. With
     ``packed=False`` the projections are ``fc1_g`` (gate) and ``fc1_x`` (up), the layout of
     timm's ``SwiGLU``; :mod:`glu_probe.convert` maps between layouts.
 
@@ -326,7 +330,7 @@ class GatedMLP(_MLPBase):
         bias: bool | tuple[bool, bool] = True,
         drop: float | tuple[float, float] = 0.0,
         packed: bool = True,
-        fused: bool = True,
+        fused: bool | None = None,
         use_conv: bool = False,
         init: InitFn | None = None,
         device: torch.device | str | None = None,
@@ -339,7 +343,9 @@ class GatedMLP(_MLPBase):
         )
         h = self.hidden_features
         self.packed = bool(packed)
-        self.fused = bool(fused)
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(f"fused must be None (auto), True or False; got {fused!r}")
+        self.fused: bool | None = fused
         self._chunk_dim = 1 if use_conv else -1
         if self.packed:
             self.fc1 = linear(self.in_features, 2 * h, bias=b1, **dd)
@@ -398,7 +404,7 @@ class GatedMLP(_MLPBase):
         no active ``drop1``, when no hook watches a sub-module (it bypasses their forwards) and
         no torch.func transform is active (see :mod:`glu_probe.gated_product`).
         """
-        if not (self.fused and self.packed) or self.use_conv:
+        if self.fused is False or not self.packed or self.use_conv:
             return None
         if type(self.fc1) is not nn.Linear or type(self.fc2) is not nn.Linear:
             return None
@@ -410,8 +416,20 @@ class GatedMLP(_MLPBase):
             return None
         return fused_gate_kind(self.act)
 
+    def _fused_pays(self, x: Tensor) -> bool:
+        """``fused=None``: CUDA and a 16-bit compute dtype (measured, see the class docstring)."""
+        if self.fused is not None:
+            return self.fused
+        if not x.is_cuda:
+            return False
+        if torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype("cuda")
+        else:
+            dtype = self.fc2.weight.dtype
+        return dtype in (torch.bfloat16, torch.float16)
+
     def forward(self, x: Tensor) -> Tensor:
-        kind = self._fused_kind()
+        kind = self._fused_kind() if self._fused_pays(x) else None
         if kind is not None:
             assert isinstance(self.fc1, nn.Linear) and isinstance(self.fc2, nn.Linear)
             y = fused_gated_mlp(
@@ -458,7 +476,7 @@ class _FixedGateMLP(GatedMLP):
         bias: bool | tuple[bool, bool] = True,
         drop: float | tuple[float, float] = 0.0,
         packed: bool = True,
-        fused: bool = True,
+        fused: bool | None = None,
         use_conv: bool = False,
         init: InitFn | None = None,
         device: torch.device | str | None = None,
@@ -532,7 +550,7 @@ class GEGLU(GatedMLP):
         bias: bool | tuple[bool, bool] = True,
         drop: float | tuple[float, float] = 0.0,
         packed: bool = True,
-        fused: bool = True,
+        fused: bool | None = None,
         use_conv: bool = False,
         init: InitFn | None = None,
         approximate: str = "none",

@@ -63,19 +63,47 @@ def test_gated_block_on_cuda_matches_cpu(variant):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["swiglu", "geglu", "reglu", "glu"])
-def test_fused_packed_backward_on_cuda_matches_the_plain_path(variant, dtype):
-    """The feature-major fused path (default) gives autograd's gradients of the chunk path."""
+def test_fused_packed_path_on_cuda_is_as_accurate_as_the_plain_path(variant, dtype):
+    """Feature-major (fused=True) and token-major (fused=False) gradients against float64 truth
+    of the same weights: the fused path's error is at most twice the plain path's (+ a floor).
+
+    (A direct fused-vs-plain comparison at a fixed 2e-2 tolerance failed for ReGLU in bf16 on an
+    H100 on 2026-11-27; two bf16 GEMM orders round differently, so each path is measured against
+    float64 truth here instead. This version has not yet run on a GPU.)
+    """
     torch.manual_seed(0)
-    fused = glu_probe.make_mlp(variant, 64, 96).to("cuda", dtype)
+    fused = glu_probe.make_mlp(variant, 64, 96, fused=True).to("cuda", dtype)
     plain = copy.deepcopy(fused)
     plain.fused = False
+    truth = copy.deepcopy(fused).double()
+    truth.fused = False
     x = torch.randn(8, 33, 64, device="cuda", dtype=dtype)
-    for m in (fused, plain):
-        m(x).float().square().sum().backward()
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    for (n, p), q in zip(fused.named_parameters(), plain.parameters(), strict=True):
-        scale = q.grad.float().abs().max().clamp_min(1.0)
-        torch.testing.assert_close(p.grad.float() / scale, q.grad.float() / scale, **tol, msg=n)
+    grads = []
+    for m, xin in ((fused, x), (plain, x), (truth, x.double())):
+        y = m(xin)
+        fused_ran = "FusedGatedMLP" in type(y.grad_fn).__name__
+        assert fused_ran == (m is fused)
+        y.double().square().sum().backward()
+        grads.append([p.grad.double() for p in m.parameters()])
+    floor = 1e-6 if dtype == torch.float32 else 1e-3
+    for (n, _), gf, gp, gt in zip(fused.named_parameters(), *grads, strict=True):
+        scale = gt.abs().max()
+        err_f = float((gf - gt).abs().max() / scale)
+        err_p = float((gp - gt).abs().max() / scale)
+        assert err_f <= 2 * err_p + floor, (n, err_f, err_p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_policy_on_cuda(dtype):
+    """fused=None: feature-major for bf16 weights and under bf16 autocast, token-major in fp32."""
+    m = glu_probe.SwiGLU(64, 96).to("cuda", dtype)
+    x = torch.randn(4, 64, device="cuda", dtype=dtype, requires_grad=True)
+    y = m(x)
+    assert ("FusedGatedMLP" in type(y.grad_fn).__name__) == (dtype == torch.bfloat16)
+    if dtype == torch.float32:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = m(x)
+        assert "FusedGatedMLP" in type(y.grad_fn).__name__ and y.dtype == torch.bfloat16
 
 
 def test_swap_keeps_cuda_device_and_dtype():
