@@ -402,8 +402,13 @@ class GatedMLP(_MLPBase):
 
         It applies to the packed ``nn.Linear`` layout with a known gate activation, no norm and
         no active ``drop1``, when no hook watches a sub-module (it bypasses their forwards) and
-        no torch.func transform is active (see :mod:`glu_probe.gated_product`).
+        no torch.func transform is active (see :mod:`glu_probe.gated_product`). Under
+        ``torch.compile`` / ``torch.export`` and ``torch.jit.trace`` the plain expression is
+        traced: Dynamo cannot trace an autograd Function with a custom ``jvp``, and Inductor
+        fuses the elementwise ops itself.
         """
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return None
         if self.fused is False or not self.packed or self.use_conv:
             return None
         if type(self.fc1) is not nn.Linear or type(self.fc2) is not nn.Linear:
@@ -418,6 +423,8 @@ class GatedMLP(_MLPBase):
 
     def _fused_pays(self, x: Tensor) -> bool:
         """``fused=None``: CUDA and a 16-bit compute dtype (measured, see the class docstring)."""
+        if torch.compiler.is_compiling():
+            return False
         if self.fused is not None:
             return self.fused
         if not x.is_cuda:

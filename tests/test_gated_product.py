@@ -8,6 +8,7 @@ b1).chunk(2, -1)`` in float64, and finite differences through ``torch.autograd.g
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -217,3 +218,34 @@ def test_default_policy_keeps_the_token_major_path_off_cuda():
     assert "FusedGatedMLP" in type(y.grad_fn).__name__
     with pytest.raises(TypeError, match="fused must be None"):
         SwiGLU(8, 12, fused="yes")
+
+
+def test_torch_compile_traces_the_plain_expression():
+    """Dynamo cannot trace an autograd Function with a custom jvp: compiled blocks (fullgraph)
+    trace the token-major expression instead, with the same values and gradients."""
+    m = SwiGLU(16, 24, fused=True)
+    x = torch.randn(4, 16, requires_grad=True)
+    ref = m(x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    (g,) = torch.autograd.grad(y.square().sum(), x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+class _FakeCuda:
+    """Stands in for a CUDA input in the policy check (``_fused_pays`` reads ``is_cuda`` only)."""
+
+    is_cuda = True
+
+
+def test_default_policy_decides_on_the_compute_dtype():
+    """fused=None on CUDA: feature-major for bf16/fp16 weights, token-major for fp32 weights
+    (autocast on CUDA is covered by tests/test_gpu.py)."""
+    fake: Any = _FakeCuda()
+    assert SwiGLU(8, 12, dtype=torch.bfloat16)._fused_pays(fake)
+    assert SwiGLU(8, 12, dtype=torch.float16)._fused_pays(fake)
+    assert not SwiGLU(8, 12)._fused_pays(fake)
+    assert not SwiGLU(8, 12, fused=False, dtype=torch.bfloat16)._fused_pays(fake)
+    assert SwiGLU(8, 12, fused=True)._fused_pays(torch.randn(2, 8))
