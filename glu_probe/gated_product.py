@@ -203,13 +203,7 @@ class _FusedGatedMLP(torch.autograd.Function):
             dx = torch.mm(dpt.t(), w1) if need[0] else None
             dw1 = torch.mm(dpt, x2) if need[1] else None
             db1 = dpt.sum(1) if b1 is not None and need[2] else None
-        grads = (dx, dw1, db1, dw2, db2)
-        out: list[Tensor | None] = []
-        for gr, dt in zip(grads, ctx.dtypes, strict=True):
-            out.append(None if gr is None or dt is None else gr.to(dt))
-        if out[0] is not None:
-            out[0] = out[0].reshape(ctx.shape)
-        return (*out, None, None)
+        return _as_inputs(ctx, [dx, dw1, db1, dw2, db2])
 
     @staticmethod
     def jvp(ctx: Any, tx: Any, tw1: Any, tb1: Any, tw2: Any, tb2: Any, *_: Any) -> Tensor:
@@ -260,8 +254,13 @@ def _double_backward(ctx: Any, saved: tuple[Any, ...], dy: Tensor) -> tuple[Tens
         )
     out: list[Tensor | None] = [None] * 5
     for i, gr in zip(idx, grads, strict=True):
-        dt = ctx.dtypes[i]
-        out[i] = None if gr is None else gr.to(dt)
+        out[i] = gr
+    return _as_inputs(ctx, out)
+
+
+def _as_inputs(ctx: Any, grads: list[Tensor | None]) -> tuple[Tensor | None, ...]:
+    """Gradients in the dtypes (and ``x``'s shape) of the inputs; ``None`` for the two flags."""
+    out = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)]
     if out[0] is not None:
         out[0] = out[0].reshape(ctx.shape)
     return (*out, None, None)
