@@ -2,10 +2,11 @@
 # One prepared GPU pass: GPU tests (the quick demo on the GPU among them) + the three benchmarks
 # on CUDA, results under $OUT.
 # Usage on the device machine (repo root):  bash benchmarks/gpu_check.sh
-# Run it with the device tool: command "bash benchmarks/gpu_check.sh", timeout 600. The steps
-# below need no extra wheels; for bench_ntk's curvlinops section (4) carry the pure-Python wheels
-# in ./.whl (the device image lacks curvlinops, backpack-for-pytorch, einconv, unfoldNd:
-# `pip download --no-deps -d .whl NAME==VER` here, then carry [".whl"]).
+# Run it with the device tool: command "bash benchmarks/gpu_check.sh", carry [".whl"],
+# timeout 600. bench_ntk's curvlinops section (4) needs the pure-Python wheels in ./.whl (the
+# device image lacks curvlinops, backpack-for-pytorch, einconv, unfoldNd): here,
+# `pip download --no-deps -d .whl curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1
+# einconv==0.1.0 unfoldNd==0.2.3`; without them that section prints "skipped".
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -27,13 +28,14 @@ run() {  # run NAME SECONDS CMD...
   echo "rc=$rc wall=$(( $(date +%s) - t0 ))s" | tee -a "$OUT/$name.txt"
   tail -n 40 "$OUT/$name.txt"
 }
-# Ordered by what only a GPU can tell; each step has its own time cap (about 7 minutes in all).
-run bench_mlp_bf16 75 python3 benchmarks/bench_mlp.py --device cuda --dtype bfloat16 --tokens 16384 \
-  --dims 768 1024 2048 --min-run-time 0.3 --profile
-run gpu_tests 45 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
-run bench_callbacks 230 python3 benchmarks/bench_callbacks.py --device cuda --repeats 1 --gpu-steps 200
-run bench_mlp_fp32 80 python3 benchmarks/bench_mlp.py --device cuda --min-run-time 0.3
-# Not in this pass (run 2026-11-27 on an H100, figures in RESULTS_ntk.md; ~30 s together):
-#   python3 benchmarks/bench_ntk.py --device cuda --sections 5
-#   python3 -m pytest -q -m gpu tests/test_krylov.py tests/test_callbacks_ntk.py
+# Ordered by what only a GPU can tell; each step has its own time cap (about 8 minutes in all).
+run gpu_tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_krylov.py \
+  tests/test_callbacks_ntk.py
+run bench_callbacks 200 python3 benchmarks/bench_callbacks.py --device cuda --repeats 1 --gpu-steps 200
+run bench_ntk 130 python3 benchmarks/bench_ntk.py --device cuda --sections 1,2,3,4,6
+run bench_mlp_bf16 60 python3 benchmarks/bench_mlp.py --device cuda --dtype bfloat16 --tokens 16384 \
+  --dims 768 1024 2048 --min-run-time 0.3
+# Run 2026-11-27 on an H100 (figures in RESULTS_ntk.md §5, RESULTS_mlp.md):
+#   python3 benchmarks/bench_ntk.py --device cuda --sections 5       (~30 s)
+#   python3 benchmarks/bench_mlp.py --device cuda --min-run-time 0.3 (fp32, ~60 s)
 exit 0

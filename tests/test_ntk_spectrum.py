@@ -495,3 +495,26 @@ def test_lanczos_effective_rank_by_deflated_slq(glu):
         ntk_spectrum(model, x, slq_probes=-1)
     with pytest.raises(ValueError, match="slq_steps"):
         ntk_spectrum(model, x, slq_steps=0)
+
+
+@pytest.mark.parametrize("glu", [False, True])
+def test_small_probe_spans_the_whole_space_instead_of_slq(glu):
+    """which="both" with SLQ asked for and n <= 2·slq_probes·slq_steps: Lanczos spans the whole
+    space (n products, not convergence + quadrature), so every eigenvalue matches float64 dense
+    truth and the effective rank is exact; larger n keeps the SLQ estimate."""
+    from glu_probe.ntk.density import effective_rank
+
+    model, x = two_layer(glu, n=64)
+    truth = true_eigenvalues(model, x)
+    s = ntk_spectrum(model, x, method="lanczos", slq_probes=4, slq_steps=10, dtype=torch.float64)
+    assert s.effective_rank_method == "exact" and s.converged and s.n_matvecs <= 64 + 4
+    assert s.eigenvalues is not None
+    torch.testing.assert_close(
+        s.eigenvalues.sort().values, truth.sort().values, rtol=1e-9, atol=1e-9 * float(truth[-1])
+    )
+    assert s.effective_rank == pytest.approx(float(effective_rank(truth)), rel=1e-9)
+    assert rel(s.condition_number, float(truth[-1] / truth[0])) < 1e-8
+    # beyond the threshold (n = 128 > 2·2·10): convergence, then the quadrature estimate
+    model, x = two_layer(glu, n=128)
+    est = ntk_spectrum(model, x, method="lanczos", slq_probes=2, slq_steps=10, dtype=torch.float64)
+    assert est.effective_rank_method == "slq" and est.eigenvalues is None

@@ -428,6 +428,7 @@ def block_lanczos(
     generator: torch.Generator | None = None,
     which: Which = "both",
     max_basis: int | None = None,
+    full_span: bool = False,
 ) -> LanczosResult:
     r"""Extreme eigenvalues of a symmetric operator by block Lanczos (full reorthogonalisation).
 
@@ -462,6 +463,9 @@ def block_lanczos(
             the wanted Ritz vectors.  Default: as many columns as fit in 256 MiB (at least
             ``4·b``), capped by ``n`` and ``max_matvecs``; below ``n`` the Krylov space cannot
             become exact.
+        full_span: go on past convergence until the Krylov space is the whole space (``exact``,
+            every eigenvalue), unless ``max_matvecs`` stops it first. Worth it when ``n`` is
+            small and every eigenvalue is wanted anyway (e.g. an effective rank).
 
     Returns:
         :class:`LanczosResult`.
@@ -643,7 +647,7 @@ def block_lanczos(
             err = ritz_error_bounds(theta, rel_res)
             conv_max, conv_min, min_is_zero = _converged_flags(theta, err, tol, noise)
             done = {"both": conv_max and conv_min, "largest": conv_max, "smallest": conv_min}[which]
-        if exact or done or n_mv + k_next > max_matvecs:
+        if exact or (done and not full_span) or n_mv + k_next > max_matvecs:
             break
 
     # ---- Ritz vectors and explicit residual check --------------------------------------------
