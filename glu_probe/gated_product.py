@@ -131,17 +131,11 @@ def _plain(
     return F.linear(_act(kind, g) * u, w2, b2)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype | None:
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return None
-
-
-def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
-    if t is None or dtype is None or not t.is_floating_point():
-        return t
-    return t.to(dtype)
 
 
 def _linear_t(w: Tensor, xt: Tensor, b: Tensor | None) -> Tensor:
@@ -152,7 +146,11 @@ def _linear_t(w: Tensor, xt: Tensor, b: Tensor | None) -> Tensor:
 
 
 class _FusedGatedMLP(torch.autograd.Function):
-    """``y = W2 (act(g) ⊙ u) + b2``, ``[g; u] = W1 x + b1``, feature-major (module docstring)."""
+    """``y = W2 (act(g) ⊙ u) + b2``, ``[g; u] = W1 x + b1``, feature-major (module docstring).
+
+    ``x`` is ``(N, in)``; every input is already in the compute dtype (:func:`fused_gated_mlp`
+    casts under autocast, where autograd sees the casts).
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -165,105 +163,74 @@ class _FusedGatedMLP(torch.autograd.Function):
         kind: str,
         gate_first: bool,
     ) -> Tensor:
-        cdt = _compute_dtype(x)
-        ctx.cdt, ctx.kind, ctx.gate_first = cdt, kind, gate_first
-        ctx.dtypes = tuple(None if t is None else t.dtype for t in (x, w1, b1, w2, b2))
-        with torch.autocast(x.device.type, enabled=False):
-            xc, w1c, b1c, w2c, b2c = _inputs(ctx, x, w1, b1, w2, b2)
-            pt = _linear_t(w1c, xc.t(), b1c)  # (2h, N): gate and up rows contiguous
-            g, u = _halves(pt, gate_first)
-            ht = _act(kind, g) * u  # (h, N), contiguous
-            y = _linear_t(w2c, ht, b2c).t()  # (N, out): one GEMM on the transposed operands
-        # The inputs are saved as given (a backward with create_graph must reach them) and cast
-        # again in backward: a second cast of the weights costs far less than keeping copies.
+        ctx.kind, ctx.gate_first = kind, gate_first
+        pt = _linear_t(w1, x.t(), b1)  # (2h, N): gate and up rows contiguous
+        g, u = _halves(pt, gate_first)
+        ht = _act(kind, g) * u  # (h, N), contiguous
+        y = _linear_t(w2, ht, b2).t()  # (N, out): one GEMM on the transposed operands
+        # The inputs (a backward with create_graph differentiates through them) and the two
+        # intermediates; the plain block's autograd keeps as much, plus act(g).
         ctx.save_for_backward(x, w1, b1, w2, b2, pt, ht)
         ctx.save_for_forward(x, w1, b1, w2, b2, pt, ht)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        *saved, pt, ht = ctx.saved_tensors
+        x, w1, b1, w2, b2, pt, ht = ctx.saved_tensors
         kind, gate_first = ctx.kind, ctx.gate_first
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():
             # create_graph=True: autograd of the plain expression, so that the gradients are
             # themselves differentiable (ATen's fused *_backward kernels have no derivatives).
-            return _double_backward(ctx, saved, dy)
-        with torch.autocast(dy.device.type, enabled=False):
-            x2, w1, b1, w2, b2 = _inputs(ctx, *saved)
-            dy2 = dy.reshape(-1, dy.shape[-1]).to(w2.dtype)
-            dht = torch.mm(w2.t(), dy2.t())  # (h, N), the layout of ht
-            dw2 = torch.mm(dy2.t(), ht.t()) if need[3] else None
-            db2 = dy2.sum(0) if b2 is not None and need[4] else None
-            g, u = _halves(pt, gate_first)
-            dpt = torch.empty_like(pt)
-            dg, du = _halves(dpt, gate_first)
-            torch.mul(dht, _act(kind, g), out=du)
-            _act_backward_into(kind, dht * u, g, dg)
-            dx = torch.mm(dpt.t(), w1) if need[0] else None
-            dw1 = torch.mm(dpt, x2) if need[1] else None
-            db1 = dpt.sum(1) if b1 is not None and need[2] else None
-        return _as_inputs(ctx, [dx, dw1, db1, dw2, db2])
+            return _double_backward(ctx, (x, w1, b1, w2, b2), dy)
+        dy = dy.to(w2.dtype)
+        dht = torch.mm(w2.t(), dy.t())  # (h, N), the layout of ht
+        dw2 = torch.mm(dy.t(), ht.t()) if need[3] else None
+        db2 = dy.sum(0) if b2 is not None and need[4] else None
+        g, u = _halves(pt, gate_first)
+        dpt = torch.empty_like(pt)
+        dg, du = _halves(dpt, gate_first)
+        torch.mul(dht, _act(kind, g), out=du)
+        _act_backward_into(kind, dht * u, g, dg)
+        dx = torch.mm(dpt.t(), w1) if need[0] else None
+        dw1 = torch.mm(dpt, x) if need[1] else None
+        db1 = dpt.sum(1) if b1 is not None and need[2] else None
+        return dx, dw1, db1, dw2, db2, None, None
 
     @staticmethod
     def jvp(ctx: Any, tx: Any, tw1: Any, tb1: Any, tw2: Any, tb2: Any, *_: Any) -> Tensor:
-        *saved, pt, ht = ctx.saved_tensors
-        x2, w1, _b1, w2, _b2 = _inputs(ctx, *saved)
+        x, w1, _b1, w2, _b2, pt, ht = ctx.saved_tensors
         g, u = _halves(pt, ctx.gate_first)
-        cdt = pt.dtype
         tpt = torch.zeros_like(pt)
         if tx is not None:
-            tpt = tpt + torch.mm(w1, tx.reshape(-1, tx.shape[-1]).to(cdt).t())
+            tpt = tpt + torch.mm(w1, tx.t())
         if tw1 is not None:
-            tpt = tpt + torch.mm(tw1.to(cdt), x2.t())
+            tpt = tpt + torch.mm(tw1, x.t())
         if tb1 is not None:
-            tpt = tpt + tb1.to(cdt).unsqueeze(1)
+            tpt = tpt + tb1.unsqueeze(1)
         tg, tu = _halves(tpt, ctx.gate_first)
         tht = _act_derivative(ctx.kind, g) * tg * u + _act(ctx.kind, g) * tu
         ty = torch.mm(w2, tht)
         if tw2 is not None:
-            ty = ty + torch.mm(tw2.to(cdt), ht)
+            ty = ty + torch.mm(tw2, ht)
         if tb2 is not None:
-            ty = ty + tb2.to(cdt).unsqueeze(1)
-        ty = ty.t()
-        return ty.reshape(*ctx.shape[:-1], ty.shape[-1])
-
-
-def _inputs(
-    ctx: Any, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
-    """The inputs in the compute dtype, ``x`` flattened to ``(N, in)``."""
-    ctx.shape = x.shape
-    c = ctx.cdt
-    xc, w1c, w2c = _cast(x, c), _cast(w1, c), _cast(w2, c)
-    assert xc is not None and w1c is not None and w2c is not None
-    return xc.reshape(-1, x.shape[-1]), w1c, _cast(b1, c), w2c, _cast(b2, c)
+            ty = ty + tb2.unsqueeze(1)
+        return ty.t()
 
 
 def _double_backward(ctx: Any, saved: tuple[Any, ...], dy: Tensor) -> tuple[Tensor | None, ...]:
     inputs = list(saved)
     idx = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
-    with torch.enable_grad(), torch.autocast(dy.device.type, enabled=False):
-        y = _plain(*_inputs(ctx, *saved), ctx.kind, ctx.gate_first)
+    with torch.enable_grad():
+        x, w1, b1, w2, b2 = saved
+        y = _plain(x, w1, b1, w2, b2, ctx.kind, ctx.gate_first)
         grads = torch.autograd.grad(
-            y,
-            [inputs[i] for i in idx],
-            dy.reshape(y.shape).to(y.dtype),
-            create_graph=True,
-            allow_unused=True,
+            y, [inputs[i] for i in idx], dy.to(y.dtype), create_graph=True, allow_unused=True
         )
-    out: list[Tensor | None] = [None] * 5
+    out: list[Tensor | None] = [None] * 7
     for i, gr in zip(idx, grads, strict=True):
         out[i] = gr
-    return _as_inputs(ctx, out)
-
-
-def _as_inputs(ctx: Any, grads: list[Tensor | None]) -> tuple[Tensor | None, ...]:
-    """Gradients in the dtypes (and ``x``'s shape) of the inputs; ``None`` for the two flags."""
-    out = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True)]
-    if out[0] is not None:
-        out[0] = out[0].reshape(ctx.shape)
-    return (*out, None, None)
+    return tuple(out)
 
 
 def fused_gated_mlp(
@@ -280,9 +247,19 @@ def fused_gated_mlp(
     Same values (up to the order of floating-point sums) and gradients as the token-major
     expression, computed feature-major (see the module docstring). ``kind`` is a
     :func:`fused_gate_kind` key; ``gate_first`` says whether ``w1``'s first ``h`` rows are the
-    gate. Under torch.func transforms this is the plain expression.
+    gate. Under autocast the inputs are cast to the autocast dtype first, as ``F.linear``
+    would cast them (autograd sees the casts, so gradients come back in the inputs' dtypes and
+    only the cast copy of ``x`` is kept, as in the plain block). Under torch.func transforms this
+    is the plain expression.
     """
     if torch._C._are_functorch_transforms_active():
         return _plain(x, w1, b1, w2, b2, kind, gate_first)
-    y: Tensor = _FusedGatedMLP.apply(x, w1, b1, w2, b2, kind, gate_first)
-    return y
+    cdt = _autocast_dtype(x)
+    if cdt is not None:
+        x, w1, w2 = x.to(cdt), w1.to(cdt), w2.to(cdt)
+        b1 = None if b1 is None else b1.to(cdt)
+        b2 = None if b2 is None else b2.to(cdt)
+    shape = x.shape
+    with torch.autocast(x.device.type, enabled=False):
+        y: Tensor = _FusedGatedMLP.apply(x.reshape(-1, shape[-1]), w1, b1, w2, b2, kind, gate_first)
+    return y.reshape(*shape[:-1], y.shape[-1])

@@ -30,3 +30,16 @@ def _restore_torch_global_state():
     yield
     torch.set_default_dtype(dtype)
     torch.set_grad_enabled(grad)
+
+
+def ran_fused(out: torch.Tensor) -> bool:
+    """Whether ``out`` came from the fused packed gated MLP (its autograd node, or a reshape of
+    it for inputs with more than two dimensions)."""
+    fn = out.grad_fn
+    for _ in range(2):
+        if fn is None:
+            return False
+        if "FusedGatedMLP" in type(fn).__name__:
+            return True
+        fn = fn.next_functions[0][0] if fn.next_functions else None
+    return False
