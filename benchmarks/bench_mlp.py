@@ -77,12 +77,16 @@ def _competitors(dim: int, hidden: int, device: str, dtype: torch.dtype) -> dict
     return {k: v.to(device=device, dtype=dtype) for k, v in blocks.items()}
 
 
-def _step(block: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
+def _step(
+    block: nn.Module, x: torch.Tensor, dy: torch.Tensor, autocast: torch.dtype | None = None
+) -> Callable[[], None]:
     def run() -> None:
         x.grad = None
         for p in block.parameters():
             p.grad = None
-        block(x).backward(dy)
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            y = block(x)
+        y.backward(dy.to(y.dtype))
 
     return run
 
@@ -94,6 +98,7 @@ def bench(
     dtype: torch.dtype,
     min_run_time: float,
     rounds: int = 3,
+    autocast: torch.dtype | None = None,
 ) -> list[dict[str, float | int | str]]:
     rows: list[dict[str, float | int | str]] = []
     for dim in dims:
@@ -102,12 +107,15 @@ def bench(
         blocks = _competitors(dim, hidden, device, dtype)
         x = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn(tokens, dim, device=device, dtype=dtype)
-        ref = blocks[OURS[0]](x)
+        low = autocast is not None or dtype != torch.float32
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            ref = blocks[OURS[0]](x)
+            for block in blocks.values():
+                tol = 1e-1 if low else 1e-3
+                torch.testing.assert_close(block(x), ref, rtol=tol, atol=tol)  # same function
         fns = {}
         for name, block in blocks.items():
-            tol = 1e-3 if dtype == torch.float32 else 1e-1
-            torch.testing.assert_close(block(x), ref, rtol=tol, atol=tol)  # same function
-            fns[name] = _step(block, x, dy)
+            fns[name] = _step(block, x, dy, autocast)
             for _ in range(3):
                 fns[name]()
         # Interleave the competitors over `rounds` rounds and keep each one's best median, so
@@ -194,6 +202,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (best kept)")
     parser.add_argument("--write", default=None, help="also write the markdown table to this file")
     parser.add_argument(
+        "--autocast",
+        default=None,
+        choices=["bfloat16", "float16"],
+        help="run each step under torch.autocast of this dtype (weights stay in --dtype), as "
+        "Lightning's precision='bf16-mixed' does",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="also print torch.profiler kernel tables (first dim) for ours, unfused, timm SwiGLU",
@@ -207,9 +222,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.device.startswith("cuda")
         else platform.processor() or "cpu"
     )
-    rows = bench(args.tokens, args.dims, args.device, dtype, args.min_run_time, args.rounds)
+    autocast = getattr(torch, args.autocast) if args.autocast else None
+    rows = bench(
+        args.tokens, args.dims, args.device, dtype, args.min_run_time, args.rounds, autocast
+    )
+    amp = f", autocast={args.autocast}" if args.autocast else ""
     header = (
-        f"### MLP forward+backward, device={args.device} ({dev_name}), dtype={args.dtype}, "
+        f"### MLP forward+backward, device={args.device} ({dev_name}), dtype={args.dtype}{amp}, "
         f"threads={torch.get_num_threads()}, torch {torch.__version__}; best of {args.rounds} "
         "interleaved rounds of median times"
     )
