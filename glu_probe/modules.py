@@ -172,13 +172,18 @@ def _warn_ignored(cls: str, kwargs: Mapping[str, Any]) -> None:
 
 
 def _has_hooks(*modules: nn.Module) -> bool:
-    """Whether any forward/backward hook (per module or global) could watch these modules."""
+    """Whether a hook (per module or global) could watch these modules, or a wrapper replaced
+    one's ``forward`` on the instance (accelerate's device/offload hooks do that)."""
     from torch.nn.modules import module as _m
 
     if _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks:
         return True
     return any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        m._forward_hooks
+        or m._forward_pre_hooks
+        or m._backward_hooks
+        or m._backward_pre_hooks
+        or "forward" in m.__dict__
         for m in modules
     )
 

@@ -194,6 +194,21 @@ def test_fused_path_falls_back_where_it_would_change_behaviour():
         assert h._fused_kind() is None  # global hooks too
     finally:
         g.remove()
+    # a wrapper that replaces fc2's forward on the instance (as accelerate's offload hooks do,
+    # loading the weight on the fly) must run: the plain path calls it
+    calls = []
+    plain_forward = h.fc2.forward
+
+    def wrapped(t: torch.Tensor) -> torch.Tensor:
+        calls.append(t.shape)
+        return plain_forward(t)
+
+    h.fc2.forward = wrapped
+    assert h._fused_kind() is None
+    h(torch.randn(2, 4))
+    assert calls == [torch.Size([2, 6])]
+    del h.fc2.forward
+    assert h._fused_kind() == "silu"
 
 
 def test_inference_and_bias_free_llama_layout():
