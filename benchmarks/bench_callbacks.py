@@ -113,6 +113,9 @@ def _timed(fn: Any, name: str, totals: dict[str, float]) -> Any:
                 _LAST_PRINT[0] = now
                 step = getattr(args[0], "global_step", "?") if args else "?"
                 live = ", ".join(f"{k} {v:.1f} s" for k, v in totals.items())
+                probes = getattr(getattr(fn, "__self__", None), "probe_seconds", None)
+                if probes:
+                    live += f"; {len(probes)} NTK probes, last {probes[-1]:.2f} s"
                 print(f"  [step {step}] callback time so far: {live}", flush=True)
 
     return wrapped
