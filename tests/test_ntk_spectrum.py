@@ -190,6 +190,45 @@ def test_mixed_precision_dense_path_within_its_rounding_bound(case):
     assert s.numerical_rank == ev.numel()
 
 
+def test_mixed_path_keeps_float32_rows_in_the_panel_where_float64_rows_do_not_fit():
+    """One sample, 16 output rows, a budget below its float64 rows but above its float32 rows
+    plus the widened Gram chunks: the Jacobian strategy still runs (float32 panel, widened a
+    chunk at a time), and K is exactly the float64 Gram matrix of the float32 rows."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(32, 64), nn.Tanh()]
+    for _ in range(5):
+        layers += [nn.Linear(64, 64), nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(64, 16))
+    x = torch.randn(1, 32)
+    rows = {}
+    for dt in (torch.float32, torch.float64):
+        probe = ProbeFunction(model, x, output="full", dtype=dt)
+        with probe.session():
+            parts = jacobian_rows(probe)(0, 1)
+        rows[dt] = torch.cat([j.reshape(16, -1) for j in parts], dim=1).double()
+    p = sum(q.numel() for q in model.parameters())
+    budget = 2_800_000
+    assert 16 * p * 8 + 16 * 16 * 8 > budget  # float64 rows do not fit
+    with pytest.raises(ValueError, match="too small for the Jacobian strategy"):
+        ntk_matrix(model, x, output="full", strategy="jacobian", memory_budget=budget)
+    K = ntk_matrix(
+        model,
+        x,
+        output="full",
+        strategy="jacobian",
+        memory_budget=budget,
+        jacobian_dtype=torch.float32,
+    )
+    j32 = rows[torch.float32]
+    torch.testing.assert_close(K, j32 @ j32.T, rtol=1e-13, atol=1e-13 * float(K.diag().max()))
+    s = ntk_spectrum(
+        model, x, output="full", method="dense", memory_budget=budget, jacobian_dtype=torch.float32
+    )
+    assert s.precision == "mixed"
+    truth = torch.linalg.eigvalsh(rows[torch.float64] @ rows[torch.float64].T)
+    assert rel(s.condition_number, float(truth[-1] / truth[0])) <= 1e-5
+
+
 def test_symmetric_gram_panel_and_mixed_path_at_512_rows():
     """Mixed and float64 dense paths agree on a 512-row K built from one-triangle panels."""
     torch.manual_seed(0)

@@ -187,10 +187,31 @@ def jacobian_rows(probe: ProbeFunction) -> Callable[[int, int], tuple[Tensor, ..
     return rows
 
 
-def _gram(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> Tensor:
+#: Elements of one converted column chunk in :func:`_gram` (float32 rows widened to float64 a
+#: chunk at a time, so that the widened copy never holds more than this many numbers per side).
+GRAM_CHUNK_ELEMENTS = 2**20
+
+
+def _gram(a: tuple[Tensor, ...], b: tuple[Tensor, ...], dtype: torch.dtype | None = None) -> Tensor:
+    """``A Bᵀ`` of row blocks held one tensor per parameter, accumulated in ``dtype``.
+
+    Rows narrower than ``dtype`` (float32 rows of the mixed-precision path) are widened a column
+    chunk at a time: a product of two float32 numbers is exact in float64, so the result is the
+    float64 Gram matrix of the float32 rows without a float64 copy of the rows.
+    """
     out = None
     for x, y in zip(a, b, strict=True):
-        term = x.reshape(x.shape[0], -1) @ y.reshape(y.shape[0], -1).T
+        x2, y2 = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
+        if dtype is None or (x2.dtype == dtype and y2.dtype == dtype):
+            term = x2 @ y2.T
+        else:
+            m = x2.shape[1]
+            step = max(1, GRAM_CHUNK_ELEMENTS // max(x2.shape[0], y2.shape[0]))
+            term = torch.zeros(x2.shape[0], y2.shape[0], dtype=dtype, device=x2.device)
+            for c in range(0, m, step):
+                xc = x2[:, c : c + step].to(dtype)
+                yc = xc if y is x else y2[:, c : c + step].to(dtype)
+                term.addmm_(xc, yc.T)
         out = term if out is None else out.add_(term)
     assert out is not None
     return out
@@ -202,25 +223,22 @@ def _gram(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> Tensor:
 SYMMETRIC_GRAM_ROWS = 256
 
 
-def _gram_sym(a: tuple[Tensor, ...]) -> Tensor:
-    """A Aᵀ of the rows ``a`` (one tensor per parameter), one triangle when that pays off."""
+def _gram_sym(a: tuple[Tensor, ...], dtype: torch.dtype | None = None) -> Tensor:
+    """A Aᵀ of the rows ``a`` (one tensor per parameter) in ``dtype``, one triangle when that
+    pays off."""
     n = a[0].shape[0]
     if n < SYMMETRIC_GRAM_ROWS:
-        return _gram(a, a)
+        return _gram(a, a, dtype)
     h = n // 2
     top = tuple(x[:h] for x in a)
     bottom = tuple(x[h:] for x in a)
-    K = torch.empty(n, n, dtype=a[0].dtype, device=a[0].device)
-    K[:h, :h] = _gram(top, top)
-    K[h:, h:] = _gram(bottom, bottom)
-    off = _gram(bottom, top)
+    K = torch.empty(n, n, dtype=dtype or a[0].dtype, device=a[0].device)
+    K[:h, :h] = _gram(top, top, dtype)
+    K[h:, h:] = _gram(bottom, bottom, dtype)
+    off = _gram(bottom, top, dtype)
     K[h:, :h] = off
     K[:h, h:] = off.T
     return K
-
-
-def _as(rows: tuple[Tensor, ...], dtype: torch.dtype) -> tuple[Tensor, ...]:
-    return tuple(t.to(dtype) for t in rows)
 
 
 def jacobian_rounding_estimate(trace_k: float, dtype: torch.dtype) -> float:
@@ -260,19 +278,28 @@ def _budget(probe: ProbeFunction, itemsize: int, memory_budget: int | None) -> i
     return min(n * n * itemsize + jacobian_part, _available_bytes(probe.device) // 2)
 
 
-def _plan(probe: ProbeFunction, itemsize: int, budget: int) -> tuple[int, int] | None:
+def _plan(
+    probe: ProbeFunction, itemsize: int, budget: int, row_itemsize: int | None = None
+) -> tuple[int, int] | None:
     """(panel samples, block samples) of the Jacobian strategy, or ``None`` if it does not fit.
 
-    The panel (at most half of the samples) and two blocks (a streamed block and the workspace
-    of the one being computed) must fit in the budget next to K. ``None`` also when the panel
-    would hold less than 1/8 of the rows: the streamed recomputation would then cost more than
-    the operator strategy.
+    ``itemsize`` is K's, ``row_itemsize`` the Jacobian rows' (smaller on the mixed-precision
+    path, whose rows are widened a chunk at a time, see :func:`_gram`). The panel (at most half
+    of the samples) and two blocks (a streamed block and the workspace of the one being
+    computed) must fit in the budget next to K; a single-sample probe needs only its own rows (its
+    panel is one call's output, nothing is streamed). ``None`` also when the panel would hold
+    less than 1/8 of the rows: the streamed recomputation would then cost more than the operator
+    strategy.
     """
     n, r, s_total = probe.n_rows, probe.rows_per_sample, probe.batch_size
-    row_bytes = probe.n_params * itemsize
+    row_itemsize = row_itemsize or itemsize
+    row_bytes = probe.n_params * row_itemsize
     free = budget - n * n * itemsize
+    if row_itemsize < itemsize:  # the two widened column chunks of _gram
+        widest = n * max(p.numel() for p in probe.params)
+        free -= 2 * min(GRAM_CHUNK_ELEMENTS, widest) * itemsize
     budget_samples = max(free, 0) // (row_bytes * r)
-    if budget_samples < 3:
+    if budget_samples < min(3, s_total):
         return None
     block = max(1, min(budget_samples // 4, s_total))
     panel = max(block, min(budget_samples - 2 * block, math.ceil(s_total / 2)))
@@ -282,7 +309,11 @@ def _plan(probe: ProbeFunction, itemsize: int, budget: int) -> tuple[int, int] |
 
 
 def _jacobian_strategy(
-    probe: ProbeFunction, panel: int, block: int, jacobian_dtype: torch.dtype
+    probe: ProbeFunction,
+    panel: int,
+    block: int,
+    jacobian_dtype: torch.dtype,
+    buf_dtype: torch.dtype | None = None,
 ) -> Tensor:
     n, r, s_total = probe.n_rows, probe.rows_per_sample, probe.batch_size
     K = torch.empty(n, n, dtype=probe.dtype, device=probe.device)
@@ -292,21 +323,29 @@ def _jacobian_strategy(
     with source.session():
         for p0 in range(0, s_total, panel):
             p1 = min(p0 + panel, s_total)
-            # The panel's rows go into one preallocated buffer per parameter, so that its GEMMs
-            # are large (small-output GEMMs run at a fraction of the BLAS peak) without a copy.
-            buf = [
-                torch.empty((p1 - p0) * r, *p.shape, dtype=probe.dtype, device=probe.device)
-                for p in probe.params
-            ]
-            for a in range(p0, p1, block):
-                b = min(a + block, p1)
-                for dst, src in zip(buf, rows(a, b), strict=True):
-                    dst[(a - p0) * r : (b - p0) * r] = src
+            if p1 - p0 <= block and (buf_dtype or probe.dtype) == jacobian_dtype:
+                # One call makes the whole panel in the buffer's dtype: its output is the
+                # buffer, no copy.
+                buf = list(rows(p0, p1))
+            else:
+                # The panel's rows go into one preallocated buffer per parameter (in K's dtype,
+                # or the rows' narrower one, see _assemble), so that its GEMMs are large
+                # (small-output GEMMs run at a fraction of the BLAS peak) without a copy.
+                buf = [
+                    torch.empty(
+                        (p1 - p0) * r, *p.shape, dtype=buf_dtype or probe.dtype, device=probe.device
+                    )
+                    for p in probe.params
+                ]
+                for a in range(p0, p1, block):
+                    b = min(a + block, p1)
+                    for dst, src in zip(buf, rows(a, b), strict=True):
+                        dst[(a - p0) * r : (b - p0) * r] = src
             ra, rb = p0 * r, p1 * r
-            K[ra:rb, ra:rb] = _gram_sym(tuple(buf))
+            K[ra:rb, ra:rb] = _gram_sym(tuple(buf), probe.dtype)
             for a in range(p1, s_total, block):
                 b = min(a + block, s_total)
-                g = _gram(tuple(buf), _as(rows(a, b), probe.dtype))
+                g = _gram(tuple(buf), rows(a, b), probe.dtype)
                 K[ra:rb, a * r : b * r] = g
                 K[a * r : b * r, ra:rb] = g.T
             del buf
@@ -409,17 +448,28 @@ def _assemble(
             f"{n * n * itemsize} bytes plus {4 * probe.n_params * itemsize} for one product; "
             f"give at least {need} bytes, or use method='lanczos' (matrix-free)"
         )
-    plan = _plan(probe, itemsize, budget) if strategy != "operator" else None
+    plan, buf_dtype = None, probe.dtype
+    if strategy != "operator":
+        plan = _plan(probe, itemsize, budget)  # panel held in K's dtype
+        rows = jacobian_dtype or probe.dtype
+        row_itemsize = torch.empty((), dtype=rows).element_size()
+        if row_itemsize < itemsize:
+            # Narrower rows (mixed precision) can stay narrow in the panel, widened a chunk at a
+            # time in the Gram: up to twice the rows per panel, less recomputation.
+            narrow = _plan(probe, itemsize, budget, row_itemsize)
+            if narrow is not None and (plan is None or narrow[0] > plan[0]):
+                plan, buf_dtype = narrow, rows
     if strategy == "jacobian" and plan is None:
         raise ValueError(
             f"memory_budget={budget} bytes is too small for the Jacobian strategy (one sample's "
-            f"rows need {probe.rows_per_sample * probe.n_params * itemsize} bytes, three samples "
-            "and a panel of 1/8 of the rows must fit next to K); use strategy='operator'"
+            f"rows need {probe.rows_per_sample * probe.n_params * row_itemsize} bytes, three "
+            "samples (or all, if fewer) and a panel of 1/8 of the rows must fit next to K); use "
+            "strategy='operator'"
         )
     rows_dtype = probe.dtype
     if plan is not None:
         rows_dtype = jacobian_dtype or probe.dtype
-        K = _jacobian_strategy(probe, *plan, rows_dtype)
+        K = _jacobian_strategy(probe, *plan, rows_dtype, buf_dtype)
     else:
         K = _operator_strategy(probe, itemsize, budget)
     if not torch.isfinite(K).all():
