@@ -40,6 +40,14 @@ def _params(bias: bool, seed: int = 0) -> list[torch.Tensor | None]:
     return [r(2 * H, D), r(2 * H) if bias else None, r(O, H), r(O) if bias else None]
 
 
+def _fused_and_plain(block: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``block`` forced onto the fused path, and a copy with the same weights that never is."""
+    block.fused = True
+    plain = copy.deepcopy(block)
+    plain.fused = False
+    return block, plain
+
+
 def _reference(x, w1, b1, w2, b2, act, gate_first):
     a, b = F.linear(x, w1, b1).chunk(2, dim=-1)
     g, u = (a, b) if gate_first else (b, a)
@@ -128,9 +136,7 @@ def test_torch_func_transforms_see_the_plain_expression():
 
 def test_autocast_bfloat16_matches_the_unfused_block_and_keeps_grad_dtypes():
     torch.manual_seed(4)
-    fused = SwiGLU(32, 48, fused=True)
-    plain = copy.deepcopy(fused)
-    plain.fused = False
+    fused, plain = _fused_and_plain(SwiGLU(32, 48))
     x = torch.randn(16, 32, requires_grad=True)
     grads = []
     for m in (fused, plain):
@@ -150,9 +156,7 @@ def test_autocast_bfloat16_matches_the_unfused_block_and_keeps_grad_dtypes():
 def test_fused_and_unfused_blocks_train_identically(cls):
     """Same weights: output, every parameter gradient and the input gradient agree (float64)."""
     torch.manual_seed(3)
-    fused = cls(6, 10, 5, dtype=torch.float64, fused=True)
-    plain = copy.deepcopy(fused)
-    plain.fused = False
+    fused, plain = _fused_and_plain(cls(6, 10, 5, dtype=torch.float64))
     assert fused._fused_kind() is not None and plain._fused_kind() is None
     x = torch.randn(4, 7, 6, dtype=torch.float64, requires_grad=True)
     outs = []
@@ -272,9 +276,7 @@ def test_gradient_penalty_under_autocast_reaches_the_float32_input_and_weights()
     """Double backward through autocast's casts: a gradient penalty on the fp32 input gives the
     same weight gradients as the plain block (bf16 tolerance), with fp32 dtypes throughout."""
     torch.manual_seed(6)
-    fused = SwiGLU(16, 24, fused=True)
-    plain = copy.deepcopy(fused)
-    plain.fused = False
+    fused, plain = _fused_and_plain(SwiGLU(16, 24))
     x = torch.randn(8, 16, requires_grad=True)
     grads = []
     for m in (fused, plain):
