@@ -4,9 +4,11 @@ A packed gated block computes ``gu = x W1ᵀ`` with ``W1 = [Wg; Wu]`` (one matmu
 into the gate ``g`` and the up projection ``u``. Token-major (``gu`` of shape ``(N, 2h)``), both
 halves are strided views: CUDA's vectorised elementwise kernels need contiguous operands, so
 ``act(g)``, ``act(g) ⊙ u`` and their backward kernels fall back to the strided kernel, and the
-backward of the split is a ``cat``. On an H100 in bf16 that made the packed block 15–17% slower
+backward of the split is a ``cat``. On an H100 in bf16 that made the packed block 3–15% slower
 than timm's ``SwiGLU`` / HF's ``LlamaMLP`` (two separate matmuls whose outputs are contiguous);
-the per-kernel profile is in ``benchmarks/RESULTS_mlp.md``.
+the per-kernel profile is in ``benchmarks/RESULTS_mlp.md``. The feature-major block below was
+3–8% faster than both there, but 1.4–1.5x slower in fp32 at width 256, so
+:class:`~glu_probe.modules.GatedMLP` uses it by default only for 16-bit compute on CUDA.
 
 :func:`fused_gated_mlp` computes the same block **feature-major**: ``Pᵀ = W1 xᵀ`` is
 ``(2h, N)``, so ``gᵀ`` and ``uᵀ`` are its two contiguous row blocks, ``hᵀ = act(gᵀ) ⊙ uᵀ`` is
@@ -24,11 +26,12 @@ Scope, so that nothing else changes (:meth:`glu_probe.modules.GatedMLP.forward` 
   ``nn.ReLU``, ``nn.GELU`` (exact or tanh) and ``nn.Identity`` (not subclasses, whose forward may
   differ); plain ``nn.Linear`` projections without hooks; no ``norm`` and no active ``drop1``;
 * not under torch.func transforms: the NTK engine's ``vmap``/``jvp``/``vjp`` see the plain
-  module, exactly the same ops as before. Forward-mode AD with dual tensors goes through
-  :meth:`_FusedGatedMLP.jvp`, and a backward with ``create_graph=True`` differentiates the plain
-  expression (double backward works);
-* autocast: the inputs are cast to the autocast dtype as ``F.linear`` would be, and the
-  gradients are returned in the dtypes of the inputs.
+  module, exactly the same ops as before; not under ``torch.compile``/``torch.export``/
+  ``torch.jit.trace`` either (Dynamo cannot trace a Function with a custom ``jvp``).
+  Forward-mode AD with dual tensors goes through :meth:`_FusedGatedMLP.jvp`, and a backward
+  with ``create_graph=True`` differentiates the plain expression (double backward works);
+* autocast: the inputs are cast to the autocast dtype, as ``F.linear`` would cast them, before
+  the Function (autograd sees the casts, so the gradients come back in the inputs' dtypes).
 """
 
 from __future__ import annotations
