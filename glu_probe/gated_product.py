@@ -252,10 +252,14 @@ def fused_gated_mlp(
     :func:`fused_gate_kind` key; ``gate_first`` says whether ``w1``'s first ``h`` rows are the
     gate. Under autocast the inputs are cast to the autocast dtype first, as ``F.linear``
     would cast them (autograd sees the casts, so gradients come back in the inputs' dtypes and
-    only the cast copy of ``x`` is kept, as in the plain block). Under torch.func transforms this
-    is the plain expression.
+    only the cast copy of ``x`` is kept, as in the plain block). Under torch.func transforms,
+    ``torch.compile``/``torch.export`` and ``torch.jit.trace`` this is the plain expression.
     """
-    if torch._C._are_functorch_transforms_active():
+    if (
+        torch._C._are_functorch_transforms_active()
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+    ):
         return _plain(x, w1, b1, w2, b2, kind, gate_first)
     cdt = _autocast_dtype(x)
     if cdt is not None:

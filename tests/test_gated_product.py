@@ -253,6 +253,12 @@ def test_torch_compile_traces_the_plain_expression():
     (g,) = torch.autograd.grad(y.square().sum(), x)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+    # the function itself too, called directly inside a compiled region
+    w1, b1, w2, b2 = m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias
+    fn = torch.compile(
+        lambda t: fused_gated_mlp(t, w1, b1, w2, b2, "silu"), backend="aot_eager", fullgraph=True
+    )
+    torch.testing.assert_close(fn(x), ref, rtol=1e-5, atol=1e-6)
 
 
 class _FakeCuda:
