@@ -99,6 +99,22 @@ def time_hooks(callbacks: list[Any]) -> dict[str, float]:
 
 
 _LAST_PRINT = [time.perf_counter()]
+#: ``method/precision/products/seconds`` of every ntk_spectrum call of the run (see _record).
+SPECTRA: list[str] = []
+
+
+def _record(fn: Any) -> Any:
+    """Wrap ``glu_probe.ntk.ntk_spectrum`` so that the running print says which path each probe
+    took and how many products it needed (the monitor imports it at call time)."""
+
+    def wrapped(*args: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        s = fn(*args, **kw)
+        dt = time.perf_counter() - t0
+        SPECTRA.append(f"{s.method}/{s.precision}/{s.n_matvecs} products/{dt:.2f} s")
+        return s
+
+    return wrapped
 
 
 def _timed(fn: Any, name: str, totals: dict[str, float]) -> Any:
@@ -116,6 +132,8 @@ def _timed(fn: Any, name: str, totals: dict[str, float]) -> Any:
                 probes = getattr(getattr(fn, "__self__", None), "probe_seconds", None)
                 if probes:
                     live += f"; {len(probes)} NTK probes, last {probes[-1]:.2f} s"
+                if SPECTRA:
+                    live += " (" + ", ".join(SPECTRA[-2:]) + ")"
                 print(f"  [step {step}] callback time so far: {live}", flush=True)
 
     return wrapped
@@ -150,6 +168,11 @@ def fit_once(
         else []
     )
     hook_seconds = time_hooks(callbacks)
+    import glu_probe.ntk as gntk
+
+    SPECTRA.clear()
+    plain_spectrum = gntk.ntk_spectrum
+    gntk.ntk_spectrum = _record(plain_spectrum)  # type: ignore[assignment]
     trainer = pl.Trainer(
         accelerator="cuda" if device == "cuda" else "cpu",
         logger=TensorBoardLogger(root, name=name, version="with" if with_callbacks else "without"),
@@ -160,7 +183,10 @@ def fit_once(
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    trainer.fit(module, train_dl, val_dl)
+    try:
+        trainer.fit(module, train_dl, val_dl)
+    finally:
+        gntk.ntk_spectrum = plain_spectrum  # type: ignore[assignment]
     if device == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
