@@ -455,9 +455,11 @@ def _assemble(
         row_itemsize = torch.empty((), dtype=rows).element_size()
         if row_itemsize < itemsize:
             # Narrower rows (mixed precision) can stay narrow in the panel, widened a chunk at a
-            # time in the Gram: up to twice the rows per panel, less recomputation.
+            # time in the Gram: up to twice the rows per panel (less recomputation), half the
+            # panel memory, and no widening copy of the panel (demo ViT/GPT-2 probes: 0–10%
+            # faster in an interleaved A/B on one core), so it wins ties too.
             narrow = _plan(probe, itemsize, budget, row_itemsize)
-            if narrow is not None and (plan is None or narrow[0] > plan[0]):
+            if narrow is not None and (plan is None or narrow[0] >= plan[0]):
                 plan, buf_dtype = narrow, rows
     if strategy == "jacobian" and plan is None:
         raise ValueError(
