@@ -36,12 +36,14 @@ Scope, so that nothing else changes (:meth:`glu_probe.modules.GatedMLP.forward` 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .activation_math import act as _act
+from .activation_math import act_grad as _act_derivative
 
 __all__ = ["fused_gate_kind", "fused_gated_mlp"]
 
@@ -62,40 +64,6 @@ def fused_gate_kind(act: nn.Module) -> str | None:
     if t is nn.GELU:
         return "gelu_tanh" if act.approximate == "tanh" else "gelu"
     return None
-
-
-def _act(kind: str, g: Tensor) -> Tensor:
-    if kind == "silu":
-        return F.silu(g)
-    if kind == "sigmoid":
-        return torch.sigmoid(g)
-    if kind == "relu":
-        return F.relu(g)
-    if kind == "gelu":
-        return F.gelu(g)
-    if kind == "gelu_tanh":
-        return F.gelu(g, approximate="tanh")
-    return g
-
-
-def _act_derivative(kind: str, g: Tensor) -> Tensor:
-    """``act'(g)`` in plain (differentiable) ops, for forward-mode AD."""
-    if kind == "silu":
-        s = torch.sigmoid(g)
-        return s * (1 + g * (1 - s))
-    if kind == "sigmoid":
-        s = torch.sigmoid(g)
-        return s * (1 - s)
-    if kind == "relu":
-        return (g > 0).to(g.dtype)
-    if kind == "gelu":  # Φ(g) + g·φ(g)
-        phi = torch.exp(-0.5 * g * g) / math.sqrt(2 * math.pi)
-        return 0.5 * (1 + torch.erf(g * math.sqrt(0.5))) + g * phi
-    if kind == "gelu_tanh":  # d/dg of 0.5·g·(1 + tanh(c·(g + 0.044715·g³)))
-        c = math.sqrt(2 / math.pi)
-        t = torch.tanh(c * (g + 0.044715 * g**3))
-        return 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * c * (1 + 3 * 0.044715 * g * g)
-    return torch.ones_like(g)
 
 
 def _act_backward_into(kind: str, grad: Tensor, g: Tensor, out: Tensor) -> None:

@@ -406,14 +406,12 @@ class GatedMLP(_MLPBase):
         """The activation key when the feature-major fused path applies, else ``None``.
 
         It applies to the packed ``nn.Linear`` layout with a known gate activation, no norm and
-        no active ``drop1``, when no hook watches a sub-module (it bypasses their forwards) and
-        no torch.func transform is active (see :mod:`glu_probe.gated_product`). Under
-        ``torch.compile`` / ``torch.export`` and ``torch.jit.trace`` the plain expression is
-        traced: Dynamo cannot trace an autograd Function with a custom ``jvp``, and Inductor
-        fuses the elementwise ops itself.
+        no active ``drop1``, when no hook watches a sub-module (it bypasses their forwards).
+        Under torch.func transforms, ``torch.compile`` / ``torch.export`` and
+        ``torch.jit.trace``, :func:`~glu_probe.gated_product.fused_gated_mlp` itself computes the
+        plain expression (Dynamo cannot trace an autograd Function with a custom ``jvp``, and
+        Inductor fuses the elementwise ops itself).
         """
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return None
         if self.fused is False or not self.packed or self.use_conv:
             return None
         if type(self.fc1) is not nn.Linear or type(self.fc2) is not nn.Linear:
@@ -422,14 +420,10 @@ class GatedMLP(_MLPBase):
             return None
         if _has_hooks(self.fc1, self.act, self.drop1, self.norm, self.fc2):
             return None
-        if torch._C._are_functorch_transforms_active():
-            return None
         return fused_gate_kind(self.act)
 
     def _fused_pays(self, x: Tensor) -> bool:
         """``fused=None``: CUDA and a 16-bit compute dtype (measured, see the class docstring)."""
-        if torch.compiler.is_compiling():
-            return False
         if self.fused is not None:
             return self.fused
         if not x.is_cuda:

@@ -48,8 +48,10 @@ from typing import Any, Literal, NamedTuple, overload
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .activation_math import act as _act
+from .activation_math import act_grad as _act_grad
 
 __all__ = [
     "DENSE_KINDS",
@@ -103,9 +105,6 @@ GATED_KINDS: tuple[str, ...] = tuple(k for k, (_, g) in _KIND_SPEC.items() if g)
 PAPER_KINDS: tuple[str, ...] = ("relu", "reglu")
 """The kinds the paper has closed forms for."""
 
-_SQRT2 = math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
 
 def _check_kind(kind: str, allowed: Sequence[str] = KINDS) -> tuple[str, bool]:
     if kind not in allowed:
@@ -123,34 +122,6 @@ def _check_pos_int(**kw: Any) -> None:
     for name, v in kw.items():
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-
-def _act(name: str, t: Tensor) -> Tensor:
-    if name == "relu":
-        return torch.relu(t)
-    if name == "sigmoid":
-        return torch.sigmoid(t)
-    if name == "silu":
-        return F.silu(t)
-    if name == "gelu":
-        return F.gelu(t)
-    return t  # identity (bilinear)
-
-
-def _act_grad(name: str, t: Tensor) -> Tensor:
-    """phi'(t) in closed form (so empirical_ntk does not depend on autograd; the tests check these
-    against autograd). relu'(0) = 0, the same convention as torch's relu backward."""
-    if name == "relu":
-        return (t > 0).to(t.dtype)
-    if name == "sigmoid":
-        s = torch.sigmoid(t)
-        return s * (1 - s)
-    if name == "silu":
-        s = torch.sigmoid(t)
-        return s * (1 + t * (1 - s))
-    if name == "gelu":
-        return 0.5 * (1 + torch.erf(t / _SQRT2)) + t * torch.exp(-0.5 * t * t) * _INV_SQRT_2PI
-    return torch.ones_like(t)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,3 +43,19 @@ def ran_fused(out: torch.Tensor) -> bool:
             return True
         fn = fn.next_functions[0][0] if fn.next_functions else None
     return False
+
+
+def tiny_bert_classifier(vocab_size: int) -> torch.nn.Module:
+    """A one-layer HF BERT sequence classifier (hidden 16, 3 labels) built from a config."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(cfg)

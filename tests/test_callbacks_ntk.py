@@ -19,6 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import tiny_bert_classifier
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -769,18 +770,7 @@ class PaddedClassifier(pl.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        from transformers import BertConfig, BertForSequenceClassification
-
-        cfg = BertConfig(
-            vocab_size=40,
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=16,
-            num_labels=3,
-        )
-        self.bert = BertForSequenceClassification(cfg)
+        self.bert = tiny_bert_classifier(vocab_size=40)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import tiny_bert_classifier
 from torch import nn
 
 from glu_probe.ntk import NTKRankWarning, NTKSpectrum, ntk_matrix, ntk_spectrum
@@ -243,19 +244,8 @@ def test_symmetric_gram_panel_and_mixed_path_at_512_rows():
 
 # ----------------------------------------------------------------------------- HF masks
 def _bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
     torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
-    model = BertForSequenceClassification(cfg).eval()
+    model = tiny_bert_classifier(vocab_size=50).eval()
     ids = torch.randint(0, 50, (6, 8), generator=torch.Generator().manual_seed(1))
     return model, ids
 
