@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import math
 
 import pytest
@@ -101,25 +102,42 @@ def test_matvec_shape_error(problem):
 
 def _worker(rank: int, world: int, init_file: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A short timeout: a rank that fails leaves its peer waiting in a collective for this long
+    # (the default is 30 minutes), and the test then reports the failing rank's error.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     try:
-        model = make_net()
-        x = torch.randn(20, 6, generator=torch.Generator().manual_seed(1))
-        shard = x[:13] if rank == 0 else x[13:]  # unequal shards
-        full = NTKOperator(model, x, dtype=torch.float64)
-        op = NTKOperator(model, shard, dtype=torch.float64, process_group=dist.group.WORLD)
-        assert op.n == 20
-        V = torch.randn(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-        torch.testing.assert_close(op.matvec(V), full.matvec(V), rtol=1e-12, atol=1e-12)
-        ref = ntk_spectrum(model, x, method="dense")
-        s = ntk_spectrum(
-            model, shard, method="lanczos", dtype=torch.float64, process_group=dist.group.WORLD
-        )
-        assert s.n_rows == 20 and s.converged
-        assert abs(s.lambda_max / ref.lambda_max - 1) < 1e-8
-        assert abs(s.condition_number / ref.condition_number - 1) < 1e-6
+        _check_sharded_operator(rank)
+        # Neither rank tears gloo down while its peer may still use the connection: a rank
+        # that destroyed the group (and exited) mid-exchange once aborted the other in CI
+        # ("terminate called without an active exception", SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _check_sharded_operator(rank: int) -> None:
+    """Rank-sharded products and Lanczos equal the single-process ones on the whole probe."""
+    model = make_net()
+    x = torch.randn(20, 6, generator=torch.Generator().manual_seed(1))
+    shard = x[:13] if rank == 0 else x[13:]  # unequal shards
+    full = NTKOperator(model, x, dtype=torch.float64)
+    op = NTKOperator(model, shard, dtype=torch.float64, process_group=dist.group.WORLD)
+    assert op.n == 20
+    V = torch.randn(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(op.matvec(V), full.matvec(V), rtol=1e-12, atol=1e-12)
+    ref = ntk_spectrum(model, x, method="dense")
+    s = ntk_spectrum(
+        model, shard, method="lanczos", dtype=torch.float64, process_group=dist.group.WORLD
+    )
+    assert s.n_rows == 20 and s.converged
+    assert abs(s.lambda_max / ref.lambda_max - 1) < 1e-8
+    assert abs(s.condition_number / ref.condition_number - 1) < 1e-6
 
 
 def test_process_group_gloo_two_ranks(tmp_path):
