@@ -16,7 +16,7 @@ import torch
 from conftest import tiny_bert_classifier
 from torch import nn
 
-from glu_probe.ntk import NTKRankWarning, NTKSpectrum, ntk_matrix, ntk_spectrum
+from glu_probe.ntk import NTKOperator, NTKRankWarning, NTKSpectrum, ntk_matrix, ntk_spectrum
 from glu_probe.ntk.dense import jacobian_rounding_estimate, jacobian_rows
 from glu_probe.ntk.functional import ProbeFunction
 from glu_probe.ntk.spectrum import AUTO_DENSE_MAX_ROWS
@@ -527,16 +527,28 @@ def test_lanczos_effective_rank_by_deflated_slq(glu):
 
 
 @pytest.mark.parametrize("glu", [False, True])
-def test_small_probe_spans_the_whole_space_instead_of_slq(glu):
+def test_small_probe_spans_the_whole_space_instead_of_slq(glu, monkeypatch):
     """which="both" with SLQ asked for and n <= 2·slq_probes·slq_steps: Lanczos spans the whole
     space (n products, not convergence + quadrature), so every eigenvalue matches float64 dense
-    truth and the effective rank is exact; larger n keeps the SLQ estimate."""
+    truth and the effective rank is exact; larger n keeps the SLQ estimate. The span is carried
+    by blocks of FULL_SPAN_BLOCK columns, not block_size: 4 block products for n = 64."""
+    from glu_probe.ntk import spectrum as spectrum_mod
     from glu_probe.ntk.density import effective_rank
 
+    widths: list[int] = []
+    matvec = NTKOperator.matvec
+
+    def counting(self, V):
+        widths.append(1 if V.ndim == 1 else V.shape[1])
+        return matvec(self, V)
+
+    monkeypatch.setattr(NTKOperator, "matvec", counting)
     model, x = two_layer(glu, n=64)
     truth = true_eigenvalues(model, x)
     s = ntk_spectrum(model, x, method="lanczos", slq_probes=4, slq_steps=10, dtype=torch.float64)
     assert s.effective_rank_method == "exact" and s.converged and s.n_matvecs <= 64 + 4
+    assert spectrum_mod.FULL_SPAN_BLOCK == 16
+    assert widths == [16, 16, 16, 16] and sum(widths) == s.n_matvecs
     assert s.eigenvalues is not None
     torch.testing.assert_close(
         s.eigenvalues.sort().values, truth.sort().values, rtol=1e-9, atol=1e-9 * float(truth[-1])
@@ -547,3 +559,20 @@ def test_small_probe_spans_the_whole_space_instead_of_slq(glu):
     model, x = two_layer(glu, n=128)
     est = ntk_spectrum(model, x, method="lanczos", slq_probes=2, slq_steps=10, dtype=torch.float64)
     assert est.effective_rank_method == "slq" and est.eigenvalues is None
+
+
+def test_full_span_block_width_respects_free_memory(monkeypatch):
+    """The full-span block is widened only while its VJP outputs (width · n_params numbers) fit
+    in 1/8 of the free memory, and never narrower than block_size."""
+    from glu_probe.ntk import spectrum as spectrum_mod
+
+    model, x = two_layer(False, n=64)
+    probe = ProbeFunction(model, x, dtype=torch.float32)
+    column = probe.n_params * 4
+    monkeypatch.setattr(spectrum_mod, "_available_bytes", lambda device: 8 * 6 * column)
+    assert spectrum_mod._full_span_block(probe, 64, 4) == 6
+    assert spectrum_mod._full_span_block(probe, 64, 8) == 8
+    monkeypatch.setattr(spectrum_mod, "_available_bytes", lambda device: 2**40)
+    assert spectrum_mod._full_span_block(probe, 64, 4) == 16
+    assert spectrum_mod._full_span_block(probe, 10, 4) == 10
+    assert spectrum_mod._full_span_block(probe, 64, 32) == 32
