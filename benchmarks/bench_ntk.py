@@ -16,7 +16,10 @@ Sections:
 5. (CUDA) GPT-2-small (124M): λ_max time (target <= 2 s) and exact κ at n=256 (target <= 30 s);
 6. the mixed-precision exact path (float32 Jacobian rows, float64 K and eigh; the monitor's
    default) against float64 rows on the demo models at the monitor's 64 pNTK rows: time ratio,
-   κ error against the float64 result and the reported rounding bound.
+   κ error against the float64 result and the reported rounding bound;
+7. (on request: ``--sections 7``; ~2 minutes on CPU) the monitor's GPT-2-small probe (one
+   64-token sequence, iterative path with ``slq_probes=4``, so Lanczos spans the whole space):
+   time with 4-column blocks (``block_size``) against ``FULL_SPAN_BLOCK``-column blocks.
 """
 
 from __future__ import annotations
@@ -465,6 +468,50 @@ def gpt2_small(device: torch.device) -> None:
     emit()
 
 
+def full_span_width(device: torch.device) -> None:
+    """The monitor's GPT-2-small probe spanned in 4-column blocks vs FULL_SPAN_BLOCK columns."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from glu_probe.ntk import spectrum as spectrum_mod
+
+    emit("## 7. GPT-2-small, the monitor's probe (64 tokens, full span): block width")
+    emit()
+    torch.manual_seed(0)
+    cfg = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(cfg).to(device)
+    x = to(ids(1, 64, cfg.vocab_size), device)
+    widths: list[int] = []
+    matvec = NTKOperator.matvec
+
+    def counting(self: NTKOperator, V: torch.Tensor) -> torch.Tensor:
+        widths.append(1 if V.ndim == 1 else V.shape[1])
+        return matvec(self, V)
+
+    widest = spectrum_mod.FULL_SPAN_BLOCK
+    emit("| widest block | block products | widths | products | time | κ | effective rank |")
+    emit("|---|---|---|---|---|---|---|")
+    NTKOperator.matvec = counting  # type: ignore[method-assign]
+    try:
+        ntk_spectrum(model, {"input_ids": x["input_ids"][:, :8]}, method="lanczos", slq_probes=4)
+        for cap in (4, widest):
+            spectrum_mod.FULL_SPAN_BLOCK = cap
+            widths.clear()
+            s, t = timed(
+                lambda: ntk_spectrum(model, x, method="lanczos", slq_probes=4, block_size=4),
+                device,
+            )
+            emit(
+                f"| {cap} | {len(widths)} | {sorted(set(widths))} | {s.n_matvecs} | {t:.2f} s | "
+                f"{s.condition_number:.6g} | {s.effective_rank:.4g} ({s.effective_rank_method}) |"
+            )
+    finally:
+        NTKOperator.matvec = matvec  # type: ignore[method-assign]
+        spectrum_mod.FULL_SPAN_BLOCK = widest
+    emit()
+    emit("(The width is also capped so that the block's VJP outputs fit 1/8 of free memory.)")
+    emit()
+
+
 def mixed_precision(device: torch.device) -> None:
     from glu_probe.models import gpt2_pair, two_layer_pair, vit_pair
 
@@ -549,6 +596,8 @@ def main() -> None:
         gpt2_small(device)
     if 6 in run:
         mixed_precision(device)
+    if 7 in run:
+        full_span_width(device)
     emit(
         f"Total benchmark time: {time.perf_counter() - t0:.0f} s "
         f"(`{' '.join([sys.executable.split('/')[-1], *sys.argv])}`)"

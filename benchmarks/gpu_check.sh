@@ -32,7 +32,7 @@ run() {  # run NAME SECONDS CMD...
 run gpu_tests 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_krylov.py \
   tests/test_callbacks_ntk.py
 run bench_callbacks 200 python3 benchmarks/bench_callbacks.py --device cuda --repeats 1 --gpu-steps 200
-run bench_ntk 130 python3 benchmarks/bench_ntk.py --device cuda --sections 1,2,3,4,6
+run bench_ntk 150 python3 benchmarks/bench_ntk.py --device cuda --sections 1,2,3,4,6,7
 run bench_mlp_bf16 45 python3 benchmarks/bench_mlp.py --device cuda --dtype bfloat16 --tokens 16384 \
   --dims 768 2048 --min-run-time 0.3
 run bench_mlp_amp 45 python3 benchmarks/bench_mlp.py --device cuda --autocast bfloat16 --tokens 16384 \
