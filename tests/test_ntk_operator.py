@@ -140,6 +140,35 @@ def _check_sharded_operator(rank: int) -> None:
     assert s.n_rows == 20 and s.converged
     assert abs(s.lambda_max / ref.lambda_max - 1) < 1e-8
     assert abs(s.condition_number / ref.condition_number - 1) < 1e-6
+    # Full span (slq_probes > 0, n = 20 <= 2·2·10) with a different free memory on each rank:
+    # the ranks agree on one block width (the narrowest), else their collectives would not pair.
+    from glu_probe.ntk import spectrum as spectrum_mod
+
+    column = sum(p.numel() for p in model.parameters()) * 8
+    fits = 16 if rank == 0 else 5
+    spectrum_mod._available_bytes = lambda device: 8 * fits * column  # type: ignore[assignment]
+    widths: list[int] = []
+    matvec = NTKOperator.matvec
+
+    def counting(self, V):
+        widths.append(V.shape[1])
+        return matvec(self, V)
+
+    NTKOperator.matvec = counting  # type: ignore[method-assign]
+    full_span = ntk_spectrum(
+        model,
+        shard,
+        method="lanczos",
+        dtype=torch.float64,
+        slq_probes=2,
+        slq_steps=10,
+        process_group=dist.group.WORLD,
+    )
+    assert widths == [5, 5, 5, 5], widths
+    assert full_span.effective_rank_method == "exact" and full_span.eigenvalues is not None
+    torch.testing.assert_close(
+        full_span.eigenvalues.sort().values, ref.eigenvalues.sort().values, rtol=1e-9, atol=1e-12
+    )
 
 
 def test_process_group_gloo_two_ranks(tmp_path):

@@ -422,7 +422,17 @@ def _lanczos(
     full_span = (
         slq_probes > 0 and which == "both" and n <= min(2 * slq_probes * slq_steps, max_matvecs)
     )
-    width = _full_span_block(probe, n, block_size) if full_span else block_size
+    width = block_size
+    if full_span:
+        width = _full_span_block(probe, n, block_size)
+        if process_group is not None:
+            # Every rank must run the same block products (each is a collective), but free
+            # memory differs between ranks: all take the narrowest width.
+            import torch.distributed as dist
+
+            agreed = torch.tensor([width], dtype=torch.int64, device=probe.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=process_group)
+            width = int(agreed.item())
     res = block_lanczos(
         op.matvec,
         n,
