@@ -6,6 +6,8 @@ import copy
 import datetime
 import gc
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -121,6 +123,12 @@ def _worker(rank: int, world: int, init_file: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Success: leave without interpreter finalisation, where gloo's worker threads may still
+    # free tensors that hold Python references and abort the process (SIGABRT; see
+    # pytorch/pytorch#179291). A failure above raises instead and is reported by mp.spawn.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _check_sharded_operator(rank: int) -> None:
