@@ -58,10 +58,10 @@ from .operator import NTKOperator
 __all__ = ["AUTO_DENSE_MAX_ROWS", "NTKRankWarning", "NTKSpectrum", "ntk_spectrum"]
 
 AUTO_DENSE_MAX_ROWS = 1024
+"""``method="auto"`` uses the exact dense path up to this many rows (if K fits the budget)."""
 
 #: Widest block product when Lanczos spans the whole space (see :func:`_full_span_block`).
 FULL_SPAN_BLOCK = 16
-"""``method="auto"`` uses the exact dense path up to this many rows (if K fits the budget)."""
 
 
 class NTKRankWarning(RuntimeWarning):
