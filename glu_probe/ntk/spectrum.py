@@ -55,7 +55,13 @@ from .functional import OutputSpec, ParamFilter, ProbeFunction
 from .krylov import block_lanczos
 from .operator import NTKOperator
 
-__all__ = ["AUTO_DENSE_MAX_ROWS", "NTKRankWarning", "NTKSpectrum", "ntk_spectrum"]
+__all__ = [
+    "AUTO_DENSE_MAX_ROWS",
+    "FULL_SPAN_BLOCK",
+    "NTKRankWarning",
+    "NTKSpectrum",
+    "ntk_spectrum",
+]
 
 AUTO_DENSE_MAX_ROWS = 1024
 """``method="auto"`` uses the exact dense path up to this many rows (if K fits the budget)."""
