@@ -88,15 +88,23 @@ def _per_sample_jacobian(probe: ProbeFunction) -> Callable[[slice | Tensor], tup
         if parts[0].shape[0] == 1:
             out = tuple(j.unsqueeze(0) for j in jac_one(probe.params, tuple(p[0] for p in parts)))
         else:
-            same = [bool((p == p[:1]).all()) for p in parts]
-            if all(same):
-                same[0] = False  # vmap needs one batched input; the rows may repeat
-            dims = tuple(None if eq else 0 for eq in same)
-            args = tuple(p[0] if eq else p for p, eq in zip(parts, same, strict=True))
+            args, dims = _vmap_args(parts)
             out = torch.vmap(jac_one, in_dims=(None, dims))(probe.params, args)
         return tuple(j.reshape(-1, *j.shape[2:]) for j in out)
 
     return rows
+
+
+def _vmap_args(parts: list[Tensor]) -> tuple[tuple[Tensor, ...], tuple[int | None, ...]]:
+    """The batched inputs of a chunk of samples for a ``vmap`` over samples, and their in_dims:
+    an input whose samples are all equal is passed once, unbatched (see
+    :func:`_per_sample_jacobian`)."""
+    same = [bool((p == p[:1]).all()) for p in parts]
+    if all(same):
+        same[0] = False  # vmap needs one batched input; the rows may repeat
+    dims = tuple(None if eq else 0 for eq in same)
+    args = tuple(p[0] if eq else p for p, eq in zip(parts, same, strict=True))
+    return args, dims
 
 
 def _mask_groups(probe: ProbeFunction, a: int, b: int) -> list[Tensor]:
@@ -275,7 +283,12 @@ def _budget(probe: ProbeFunction, itemsize: int, memory_budget: int | None) -> i
         return int(memory_budget)
     n, row_bytes = probe.n_rows, probe.n_params * itemsize
     jacobian_part = max(int(0.4 * n * row_bytes), 4 * probe.rows_per_sample * row_bytes)
-    return min(n * n * itemsize + jacobian_part, _available_bytes(probe.device) // 2)
+    return min(n * n * itemsize + jacobian_part, budget_cap(probe))
+
+
+def budget_cap(probe: ProbeFunction) -> int:
+    """The most a default budget takes: half of the free memory of the probe's device."""
+    return _available_bytes(probe.device) // 2
 
 
 def _plan(
@@ -396,11 +409,16 @@ def ntk_matrix(
         eval_mode: as for :class:`~glu_probe.ntk.NTKOperator`.
         dtype: precision of J and K (float64 default).
         memory_budget: bytes for K plus the live Jacobian blocks or product vectors. ``None``:
-            K plus 40% of the full Jacobian's bytes, capped at half of the free device memory.
-        strategy: ``"jacobian"`` (per-sample Jacobian row blocks and GEMMs; fastest when the
-            blocks fit), ``"operator"`` (columns K eⱼ from matrix-free products: memory of a few
+            K plus 40% of the full Jacobian's bytes (60%, at least 16 MiB, for the structured
+            strategy, whose factors replace the Linear layers' rows), capped at half of the free
+            device memory.
+        strategy: ``"structured"`` (:mod:`glu_probe.ntk.structured`: ``nn.Linear`` layers
+            from their Kronecker factors, every other parameter from its rows; one per-sample
+            pass, nothing recomputed), ``"jacobian"`` (per-sample Jacobian row blocks and
+            GEMMs), ``"operator"`` (columns K eⱼ from matrix-free products: memory of a few
             parameter vectors per column, for models whose Jacobian rows do not fit) or
-            ``"auto"`` (jacobian when its panel fits the budget, else operator).
+            ``"auto"`` (structured where a layer qualifies and its factors fit, else jacobian
+            when its panel fits the budget, else operator).
         probe: a prebuilt :class:`ProbeFunction` (then model/inputs/output/params are ignored).
         jacobian_dtype: precision of the Jacobian rows of the ``"jacobian"`` strategy (``None``:
             ``dtype``). ``torch.float32`` with a float64 ``dtype`` is the mixed-precision mode of
@@ -415,8 +433,10 @@ def ntk_matrix(
         ValueError: the budget cannot hold K itself, or a bad strategy; see also
             :class:`ProbeFunction` for bad models and inputs.
     """
-    if strategy not in ("auto", "jacobian", "operator"):
-        raise ValueError(f"strategy must be 'auto', 'jacobian' or 'operator', got {strategy!r}")
+    if strategy not in ("auto", "structured", "jacobian", "operator"):
+        raise ValueError(
+            f"strategy must be 'auto', 'structured', 'jacobian' or 'operator', got {strategy!r}"
+        )
     if jacobian_dtype is not None and not (
         isinstance(jacobian_dtype, torch.dtype) and jacobian_dtype.is_floating_point
     ):
@@ -448,6 +468,32 @@ def _assemble(
             f"{n * n * itemsize} bytes plus {4 * probe.n_params * itemsize} for one product; "
             f"give at least {need} bytes, or use method='lanczos' (matrix-free)"
         )
+    rows_dtype = jacobian_dtype or probe.dtype
+    if strategy in ("auto", "structured"):
+        from .structured import structured_ntk
+
+        sbudget = budget
+        if memory_budget is None:
+            # The structured strategy stores factors that replace (and are smaller than) the
+            # Linear layers' rows, and recomputes nothing: it may use K + 60% of J's bytes
+            # (at least 16 MiB: small problems need not be squeezed).
+            row_item = torch.empty((), dtype=rows_dtype).element_size()
+            j_bytes = n * probe.n_params * row_item
+            extra = max(int(0.6 * j_bytes), 2**24)
+            sbudget = max(budget, min(n * n * itemsize + extra, budget_cap(probe)))
+        K = structured_ntk(probe, sbudget, rows_dtype)
+        if K is not None:
+            if not torch.isfinite(K).all():
+                raise ValueError(
+                    "the NTK has NaN/Inf entries (the Jacobian overflowed); try float64"
+                )
+            return K, rows_dtype
+        if strategy == "structured":
+            raise ValueError(
+                "strategy='structured' does not apply: no nn.Linear layer qualifies (a plain, "
+                "unshared layer that runs once per forward pass and whose factors are smaller "
+                f"than its rows), or its factors do not fit memory_budget={sbudget} bytes"
+            )
     plan, buf_dtype = None, probe.dtype
     if strategy != "operator":
         plan = _plan(probe, itemsize, budget)  # panel held in K's dtype
@@ -468,11 +514,10 @@ def _assemble(
             "samples (or all, if fewer) and a panel of 1/8 of the rows must fit next to K); use "
             "strategy='operator'"
         )
-    rows_dtype = probe.dtype
     if plan is not None:
-        rows_dtype = jacobian_dtype or probe.dtype
         K = _jacobian_strategy(probe, *plan, rows_dtype, buf_dtype)
     else:
+        rows_dtype = probe.dtype
         K = _operator_strategy(probe, itemsize, budget)
     if not torch.isfinite(K).all():
         raise ValueError("the NTK has NaN/Inf entries (the Jacobian overflowed); try float64")

@@ -1,0 +1,326 @@
+"""The exact NTK with structured Linear-layer blocks: Kronecker factors instead of Jacobian rows.
+
+For a ``nn.Linear`` layer y = x Wᵀ + b that sees tokens t = 1..T of sample s(r) (T = 1 for an
+MLP on vectors), the Jacobian row of output row r with respect to W is a sum of outer products,
+
+    ∂g_r/∂W = Σ_t G_{r,t} A_{s(r),t}ᵀ,   G_{r,t} = ∂g_r/∂y_t (out numbers),  A_{s,t} = x_t (in),
+
+and ∂g_r/∂b = Σ_t G_{r,t}. So the layer's block of K = J Jᵀ needs only the factors G (n·T·out
+numbers) and A (N·T·in) instead of its n·in·out Jacobian entries (Novak, Sohl-Dickstein &
+Schoenholz 2022, "Fast finite width neural tangent kernel": structured derivatives):
+
+    K_W[r, r'] = Σ_{t,t'} (G_{r,t}·G_{r',t'}) (A_{s(r),t}·A_{s(r'),t'}),
+
+computed either as a Hadamard product of the two Gram matrices summed over token pairs
+((n·T)²·(in+out) flops; for T = 1 simply (G Gᵀ) ⊙ (A Aᵀ)), or by expanding the rows
+E_r = G_rᵀ A_{s(r)} a block at a time and taking their Gram (n·T·in·out + n²·in·out flops),
+whichever costs less. Every other parameter (embeddings, norms, convolutions, GPT-2's
+``Conv1D``) keeps its per-sample Jacobian rows. K is the same matrix as the row-based strategy's,
+up to rounding: G, A and the remaining rows come from one per-sample ``vmap(jacrev)`` pass (taps
+ε added to each layer's output; G = ∂g/∂ε at ε = 0; A is returned as an auxiliary output), so
+nothing is recomputed, and the weight-gradient products of the Linear layers are never formed
+per sample unless expanding is cheaper.
+
+Which layers qualify: plain ``nn.Linear`` modules (``forward`` not overridden) whose weight is
+selected, not shared with another module (tied embeddings), and which run exactly once per
+forward pass (a layer applied twice, or whose weight is used functionally, as
+``nn.MultiheadAttention`` does with ``out_proj``, keeps its rows), and only where the factors take
+less memory than the rows. A check guards the rest: sample 0's block of K is recomputed from
+plain Jacobian rows, and a mismatch beyond rounding makes the caller fall back to the row-based
+strategy with a warning.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from .functional import ProbeFunction
+
+__all__ = ["structured_ntk"]
+
+#: Floor of the transient workspace (Gram blocks, one vmapped call's outputs), in bytes.
+MIN_TRANSIENT_BYTES = 2**20
+
+
+@dataclass
+class _Layer:
+    module: nn.Linear
+    weight: int  # index into probe.params
+    bias: int | None  # index into probe.params (a selected bias), else None
+    in_shape: tuple[int, ...]  # one sample's input to the layer (leading batch dim 1 included)
+    out_shape: tuple[int, ...]
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.in_shape[:-1])
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_shape[-1]
+
+    @property
+    def fan_out(self) -> int:
+        return self.out_shape[-1]
+
+
+def _candidates(probe: ProbeFunction) -> list[tuple[nn.Linear, int, int | None]]:
+    """Plain, unshared ``nn.Linear`` modules whose weight is a selected parameter."""
+    index = {name: i for i, name in enumerate(probe.names)}
+    uses: dict[int, int] = {}
+    for _, p in probe.model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    found = []
+    for name, m in probe.model.named_modules(remove_duplicate=False):
+        if not isinstance(m, nn.Linear) or type(m).forward is not nn.Linear.forward:
+            continue
+        prefix = f"{name}." if name else ""
+        w = index.get(prefix + "weight")
+        if w is None or uses.get(id(m.weight), 0) != 1:
+            continue
+        b = None
+        if m.bias is not None:
+            if uses.get(id(m.bias), 0) != 1:
+                continue
+            b = index.get(prefix + "bias")
+        found.append((m, w, b))
+    return found
+
+
+class _Taps:
+    """Forward hooks that record each layer's input and add a tap ε to its output."""
+
+    def __init__(self, modules: list[nn.Linear]) -> None:
+        self.modules = modules
+        self.taps: tuple[Tensor, ...] | None = None
+        self.inputs: dict[int, Tensor] = {}
+        self.calls = [0] * len(modules)
+        self.shapes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _Taps:
+        for k, m in enumerate(self.modules):
+            self._handles.append(m.register_forward_hook(self._hook(k)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, k: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor:
+            self.calls[k] += 1
+            x = args[0] if args else None
+            if isinstance(x, Tensor):
+                self.inputs[k] = x
+                self.shapes[k] = (tuple(x.shape), tuple(out.shape))
+            return out if self.taps is None else out + self.taps[k]
+
+        return hook
+
+
+def _layers(
+    probe: ProbeFunction, leaves: list[Any], spec: Any, batched: list[bool]
+) -> list[_Layer]:
+    """The candidates that run exactly once on one sample, with their per-sample shapes."""
+    found = _candidates(probe)
+    if not found:
+        return []
+    sample = [t[:1] if flag else t for t, flag in zip(leaves, batched, strict=True)]
+    with _Taps([m for m, _, _ in found]) as taps, torch.no_grad():
+        probe(probe.params, pytree.tree_unflatten(sample, spec))
+    out = []
+    for k, (m, w, b) in enumerate(found):
+        if taps.calls[k] != 1 or k not in taps.shapes:
+            continue
+        in_shape, out_shape = taps.shapes[k]
+        if in_shape[:-1] != out_shape[:-1] or not in_shape or in_shape[0] != 1:
+            continue
+        out.append(_Layer(m, w, b, in_shape, out_shape))
+    return out
+
+
+def _worth_it(layer: _Layer, n: int, samples: int) -> bool:
+    """The factors (G: n·T·out, A: N·T·in) take less memory than the layer's Jacobian rows."""
+    t, fi, fo = layer.tokens, layer.fan_in, layer.fan_out
+    rows = n * (fi * fo + (fo if layer.bias is not None else 0))
+    return n * t * fo + samples * t * fi < rows
+
+
+def _hadamard_pays(layer: _Layer, n: int) -> bool:
+    """Hadamard route ((n·T)²·(in+out) flops) cheaper than expanding the rows."""
+    t, fi, fo = layer.tokens, layer.fan_in, layer.fan_out
+    return (n * t) ** 2 * (fi + fo) <= n * t * fi * fo + n * n * fi * fo
+
+
+def structured_ntk(
+    probe: ProbeFunction, budget: int, jacobian_dtype: torch.dtype, chunk: int | None = None
+) -> Tensor | None:
+    """K (n × n, ``probe.dtype``) with the structured Linear blocks, or ``None`` where the
+    strategy does not apply (no qualifying layer, the factors do not fit ``budget`` bytes next to
+    K, the model cannot be vmapped over samples; silently, the row strategy takes over) or its
+    check fails (then with a warning)."""
+    from .dense import _batched_leaves, _gram_sym, _vmap_args, jacobian_rows
+
+    n, r, s_total = probe.n_rows, probe.rows_per_sample, probe.batch_size
+    kdtype = probe.dtype
+    k_item = torch.empty((), dtype=kdtype).element_size()
+    source = probe.astype(jacobian_dtype, check=False)
+    r_item = torch.empty((), dtype=jacobian_dtype).element_size()
+    leaves, spec, batched = _batched_leaves(source)
+    if not any(batched):
+        return None
+    with source.session():
+        layers = [ly for ly in _layers(source, leaves, spec, batched) if _worth_it(ly, n, s_total)]
+    if not layers:
+        return None
+    structured = {ly.weight for ly in layers} | {ly.bias for ly in layers if ly.bias is not None}
+    rest = [i for i in range(len(source.params)) if i not in structured]
+    rest_numel = sum(source.params[i].numel() for i in rest)
+    factors = sum(n * ly.tokens * ly.fan_out + s_total * ly.tokens * ly.fan_in for ly in layers)
+    stored = (factors + n * rest_numel) * r_item
+    # Workspace of the Gram: one expanded block of rows or one Hadamard Gram, in K's dtype.
+    work = max(
+        (n * ly.tokens) ** 2 if _hadamard_pays(ly, n) else n * ly.fan_in * ly.fan_out
+        for ly in layers
+    )
+    # Transient memory (the Gram's workspace, one vmapped call's outputs) is kept to a fraction
+    # of what is stored anyway, so that the peak is about K + the stored factors and rows.
+    transient = max(stored // 8, MIN_TRANSIENT_BYTES)
+    work_bytes = min(work * k_item, transient)
+    if n * n * k_item + stored + work_bytes > budget:
+        return None
+    per_sample = (factors // max(s_total, 1) + r * rest_numel) * r_item
+    if chunk is None:
+        chunk = max(1, min(s_total, transient // max(per_sample, 1)))
+
+    modules = [ly.module for ly in layers]
+    params = list(source.params)
+
+    def single(rest_p: tuple[Tensor, ...], taps_p: tuple[Tensor, ...], sample: Any) -> Any:
+        it = iter(sample)
+        full = [
+            next(it).unsqueeze(0) if flag else leaf
+            for leaf, flag in zip(leaves, batched, strict=True)
+        ]
+        theta = list(params)
+        for i, t in zip(rest, rest_p, strict=True):
+            theta[i] = t
+        hooks.taps, hooks.inputs = taps_p, {}
+        rows = source(tuple(theta), pytree.tree_unflatten(full, spec))
+        return rows, tuple(hooks.inputs[k] for k in range(len(layers)))
+
+    jac = torch.func.jacrev(single, argnums=(0, 1), has_aux=True)
+    taps = tuple(
+        torch.zeros(ly.out_shape, dtype=jacobian_dtype, device=probe.device) for ly in layers
+    )
+    rest_p = tuple(params[i] for i in rest)
+    # The factors and rows of all samples, written a chunk at a time (no concatenated copies).
+    dev, rdt = probe.device, jacobian_dtype
+    g_buf = [torch.empty(n, ly.tokens, ly.fan_out, dtype=rdt, device=dev) for ly in layers]
+    a_buf = [torch.empty(s_total, ly.tokens, ly.fan_in, dtype=rdt, device=dev) for ly in layers]
+    rest_buf = [torch.empty(n, *params[i].shape, dtype=rdt, device=dev) for i in rest]
+    try:
+        with source.session(), _Taps(modules) as hooks:
+            for a in range(0, s_total, chunk):
+                b = min(a + chunk, s_total)
+                parts = [t[a:b] for t, flag in zip(leaves, batched, strict=True) if flag]
+                args, dims = _vmap_args(parts)
+                (j_rest, j_taps), inputs = torch.vmap(jac, in_dims=(None, None, dims))(
+                    rest_p, taps, args
+                )
+                for k, ly in enumerate(layers):
+                    g_buf[k][a * r : b * r] = j_taps[k].reshape(-1, ly.tokens, ly.fan_out)
+                    a_buf[k][a:b] = inputs[k].reshape(-1, ly.tokens, ly.fan_in)
+                for dst, j in zip(rest_buf, j_rest, strict=True):
+                    dst[a * r : b * r] = j.reshape(-1, *j.shape[2:])
+                del j_rest, j_taps, inputs
+    except Exception:
+        # E.g. data-dependent control flow under vmap (HF padding masks): the row strategy has
+        # the fallbacks for that (grouping samples by mask, ...) and warns where they cost.
+        return None
+    K = torch.zeros(n, n, dtype=kdtype, device=dev)
+    if rest:
+        K += _gram_sym(tuple(rest_buf), kdtype)
+    del rest_buf
+    sample_of_row = torch.arange(s_total, device=probe.device).repeat_interleave(r)
+    for k, ly in enumerate(layers):
+        G = g_buf[k].to(kdtype)  # (n, T, out)
+        A = a_buf[k].to(kdtype)  # (N, T, in): one per sample, not per row
+        K += _layer_gram(G, A, sample_of_row, ly, max(work_bytes // k_item, 1))
+        del G, A
+    tokens = max(ly.tokens for ly in layers)
+    if not _agrees(K, source, jacobian_rows, r, tokens):
+        return None
+    return K
+
+
+def _layer_gram(G: Tensor, A: Tensor, sample_of_row: Tensor, layer: _Layer, work: int) -> Tensor:
+    """The layer's block of K from its factors (module docstring), in G's dtype."""
+    n, t = G.shape[0], layer.tokens
+    K = torch.zeros(n, n, dtype=G.dtype, device=G.device)
+    if layer.bias is not None:
+        g = G.sum(1)
+        K += g @ g.T
+    if t == 1:
+        a0, g0 = A[:, 0], G[:, 0]
+        aa = (a0 @ a0.T)[sample_of_row][:, sample_of_row]
+        return K.add_((g0 @ g0.T).mul_(aa))
+    if _hadamard_pays(layer, n):
+        af = A.reshape(-1, layer.fan_in)
+        aa = (af @ af.T).reshape(A.shape[0], t, A.shape[0], t)
+        aa = aa[sample_of_row][:, :, sample_of_row]  # (n, T, n, T)
+        gf = G.reshape(n * t, -1)
+        return K.add_(((gf @ gf.T).reshape(n, t, n, t) * aa).sum((1, 3)))
+    # Expanded rows E_r = G_rᵀ A_s(r) (out × in), a block of rows at a time (blocks i ≤ j).
+    step = max(1, min(n, work // max(layer.fan_in * layer.fan_out, 1)))
+
+    def expand(a: int, b: int) -> Tensor:
+        rows_a = A[sample_of_row[a:b]]
+        return torch.bmm(G[a:b].transpose(1, 2), rows_a).reshape(b - a, -1)
+
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        ea = expand(a, b)
+        K[a:b, a:b] += ea @ ea.T
+        for c in range(b, n, step):
+            d = min(c + step, n)
+            off = ea @ expand(c, d).T
+            K[a:b, c:d] += off
+            K[c:d, a:b] += off.T
+    return K
+
+
+def _agrees(K: Tensor, source: ProbeFunction, jacobian_rows: Any, r: int, tokens: int) -> bool:
+    """Sample 0's block of K against the Gram of its plain Jacobian rows (all parameters)."""
+    with source.session():
+        rows = jacobian_rows(source)(0, 1)
+    ref = torch.zeros(r, r, dtype=K.dtype, device=K.device)
+    for j in rows:
+        j2 = j.reshape(r, -1).to(K.dtype)
+        ref += j2 @ j2.T
+    scale = float(ref.diagonal().abs().max())
+    err = float((K[:r, :r] - ref).abs().max())
+    # Both sides sum the same products, rounded differently: the plain rows sum each layer's
+    # T token terms in the rows' precision (≲ T·ε relative), and both Grams sum P terms in K's.
+    # A missing contribution (a weight used outside its layer's forward) is of the order of
+    # the entries themselves.
+    eps_rows, eps_k = torch.finfo(source.dtype).eps, torch.finfo(K.dtype).eps
+    tol = (8 * tokens * eps_rows + 4 * math.sqrt(source.n_params) * eps_k) * scale
+    if err <= tol:
+        return True
+    warnings.warn(
+        f"structured NTK: sample 0's block differs from the plain Jacobian rows by {err:.3e} "
+        f"(tolerance {tol:.3e}); a Linear layer's weight is probably used outside its forward "
+        "pass. Using Jacobian rows instead",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return False

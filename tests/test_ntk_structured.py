@@ -1,0 +1,236 @@
+"""The structured strategy (Linear layers from Kronecker factors) against float64 truth."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from glu_probe.ntk import ntk_matrix
+from glu_probe.ntk.dense import _batched_leaves
+from glu_probe.ntk.functional import ProbeFunction
+from glu_probe.ntk.structured import _hadamard_pays, _layers, structured_ntk
+
+torch.set_num_threads(1)
+
+
+def truth(model: nn.Module, x: torch.Tensor, output: str = "full") -> torch.Tensor:
+    """Independent: float64 reverse-mode Jacobian of all rows (torch.autograd.functional)."""
+    m = copy.deepcopy(model).double().eval()
+    named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    names = [n for n, _ in named]
+
+    def f(*theta):
+        y = torch.func.functional_call(m, dict(zip(names, theta, strict=True)), (x.double(),))
+        if output == "pntk":
+            return y.sum(-1).reshape(-1) / math.sqrt(y.shape[-1])
+        return y.reshape(-1)
+
+    J = torch.autograd.functional.jacobian(f, tuple(p.detach() for _, p in named))
+    J = torch.cat([j.reshape(j.shape[0], -1) for j in J], dim=1)
+    return J @ J.T
+
+
+def layers_of(model: nn.Module, x: torch.Tensor, output: str = "full"):
+    probe = ProbeFunction(model, x, output=output, dtype=torch.float64)
+    leaves, spec, batched = _batched_leaves(probe)
+    with probe.session():
+        return probe, _layers(probe, leaves, spec, batched)
+
+
+class TokenMLP(nn.Module):
+    """A Linear layer on T = 2 tokens (the Hadamard route) and a head on the mean token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 64)
+        self.head = nn.Linear(64, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.fc(x)).mean(1))
+
+
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention uses out_proj.weight functionally: it never calls out_proj."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mha(x, x, x)[0].mean(1))
+
+
+class Sneaky(nn.Module):
+    """fc's weight is also used outside fc's forward pass: the factors miss that term."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.fc(x) + x @ self.fc.weight.T))
+
+
+def vit(glu: bool) -> nn.Module:
+    timm = pytest.importorskip("timm")
+    from timm.layers import SwiGLU
+
+    kw = dict(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_classes=3)
+    if glu:
+        kw.update(mlp_layer=SwiGLU, act_layer=nn.SiLU)
+    return timm.models.vision_transformer.VisionTransformer(**kw)
+
+
+CASES = {
+    "mlp": lambda: (nn.Sequential(nn.Linear(7, 16), nn.ReLU(), nn.Linear(16, 3)), (12, 7)),
+    "token-mlp": lambda: (TokenMLP(), (9, 2, 32)),
+    "vit": lambda: (vit(False), (6, 3, 8, 8)),
+    "vit-swiglu": lambda: (vit(True), (6, 3, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("output", ["full", "pntk"])
+def test_structured_equals_float64_truth(name, output):
+    torch.manual_seed(0)
+    model, shape = CASES[name]()
+    x = torch.randn(*shape)
+    _, layers = layers_of(model, x, output)
+    assert layers, name  # the strategy applies
+    K = ntk_matrix(model, x, output=output, strategy="structured")
+    ref = truth(model, x, output)
+    torch.testing.assert_close(K, ref, rtol=1e-10, atol=1e-12 * float(ref.diag().max()))
+    # auto picks it (same K) and the row strategy agrees
+    torch.testing.assert_close(ntk_matrix(model, x, output=output), K, rtol=0, atol=0)
+    rows = ntk_matrix(model, x, output=output, strategy="jacobian")
+    torch.testing.assert_close(rows, ref, rtol=1e-10, atol=1e-12 * float(ref.diag().max()))
+
+
+def test_both_token_routes_and_blocked_expansion():
+    """T > 1: the Hadamard route where it is cheaper, the expanded rows otherwise, and the
+    expansion in several row blocks when the workspace is small: all equal to the truth."""
+    torch.manual_seed(1)
+    model, x = TokenMLP(), torch.randn(9, 2, 32)
+    probe, layers = layers_of(model, x)
+    fc = next(ly for ly in layers if ly.module is model.fc)
+    assert fc.tokens == 2 and _hadamard_pays(fc, probe.n_rows)
+    ref = truth(model, x)
+    K = structured_ntk(probe, 2**30, torch.float64)
+    assert K is not None
+    torch.testing.assert_close(K, ref, rtol=1e-10, atol=1e-13)
+    # force the expansion route, with a workspace of a few rows (several blocks)
+    import glu_probe.ntk.structured as structured
+
+    orig = structured._hadamard_pays
+    try:
+        structured._hadamard_pays = lambda layer, n: False  # type: ignore[assignment]
+        steps: list[int] = []
+        bmm = torch.bmm
+
+        def counting(a, b):
+            steps.append(a.shape[0])
+            return bmm(a, b)
+
+        torch.bmm = counting  # type: ignore[assignment]
+        floor = structured.MIN_TRANSIENT_BYTES
+        structured.MIN_TRANSIENT_BYTES = 3 * 32 * 64 * 8  # a workspace of 3 expanded rows
+        try:
+            K2 = structured_ntk(probe, 2**30, torch.float64)
+        finally:
+            torch.bmm = bmm  # type: ignore[assignment]
+            structured.MIN_TRANSIENT_BYTES = floor
+        # blocks of at most 3 rows, each pair i <= j expanded: more than n / 3 expansions
+        assert K2 is not None and max(steps) <= 3 and len(steps) > probe.n_rows // 3
+        torch.testing.assert_close(K2, ref, rtol=1e-10, atol=1e-13)
+    finally:
+        structured._hadamard_pays = orig
+
+
+def test_layers_that_do_not_qualify_keep_their_rows():
+    """A layer applied twice, MHA's out_proj (used functionally), tied weights: excluded, and K
+    is still exact."""
+    torch.manual_seed(2)
+    model, x = Twice(), torch.randn(10, 6)
+    _, layers = layers_of(model, x)
+    assert [ly.module for ly in layers] == [model.b]
+    ref = truth(model, x)
+    torch.testing.assert_close(
+        ntk_matrix(model, x, output="full", strategy="structured"), ref, rtol=1e-10, atol=1e-13
+    )
+    model2, x2 = Attention(), torch.randn(5, 4, 8)
+    _, layers = layers_of(model2, x2)
+    assert [ly.module for ly in layers] == [model2.head]
+    ref2 = truth(model2, x2)
+    torch.testing.assert_close(
+        ntk_matrix(model2, x2, output="full", strategy="structured"), ref2, rtol=1e-10, atol=1e-13
+    )
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    tied[2].weight = tied[0].weight
+    _, layers = layers_of(tied, torch.randn(6, 4))
+    assert layers == []
+    with pytest.raises(ValueError, match="does not apply"):
+        ntk_matrix(tied, torch.randn(6, 4), strategy="structured")
+
+
+def test_weight_used_outside_forward_is_caught_and_rows_take_over():
+    torch.manual_seed(3)
+    model, x = Sneaky(), torch.randn(8, 5)
+    probe, layers = layers_of(model, x)
+    assert model.fc in [ly.module for ly in layers]
+    with pytest.warns(RuntimeWarning, match="differs from the plain Jacobian rows"):
+        assert structured_ntk(probe, 2**30, torch.float64) is None
+    ref = truth(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        K = ntk_matrix(model, x, output="full")
+    torch.testing.assert_close(K, ref, rtol=1e-10, atol=1e-13)
+
+
+def test_parameter_filter_and_frozen_bias():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 2))
+    model[0].bias.requires_grad_(False)
+    x = torch.randn(10, 6)
+    _, layers = layers_of(model, x)
+    first = next(ly for ly in layers if ly.module is model[0])
+    assert first.bias is None  # frozen: a constant, not a factor
+    torch.testing.assert_close(
+        ntk_matrix(model, x, output="full", strategy="structured"),
+        truth(model, x),
+        rtol=1e-10,
+        atol=1e-13,
+    )
+    # only the second layer's parameters
+    m2 = copy.deepcopy(model)
+    m2[0].weight.requires_grad_(False)
+    K = ntk_matrix(m2, x, output="full", strategy="structured", params="2.")
+    torch.testing.assert_close(K, truth(m2, x), rtol=1e-10, atol=1e-13)
+
+
+def test_factors_that_do_not_fit_fall_back_to_rows():
+    torch.manual_seed(5)
+    model, x = nn.Sequential(nn.Linear(7, 16), nn.ReLU(), nn.Linear(16, 3)), torch.randn(12, 7)
+    probe = ProbeFunction(model, x, output="full", dtype=torch.float64)
+    n, p = probe.n_rows, probe.n_params
+    assert structured_ntk(probe, n * n * 8 + 64, torch.float64) is None
+    tight = n * n * 8 + 4 * p * 8  # K and one product: less than K and the factors
+    with pytest.raises(ValueError, match="does not apply"):
+        ntk_matrix(model, x, output="full", strategy="structured", memory_budget=tight)
+    K = ntk_matrix(model, x, output="full", memory_budget=tight)  # auto: another strategy
+    torch.testing.assert_close(K, truth(model, x), rtol=1e-10, atol=1e-13)
