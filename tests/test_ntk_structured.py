@@ -234,3 +234,27 @@ def test_factors_that_do_not_fit_fall_back_to_rows():
         ntk_matrix(model, x, output="full", strategy="structured", memory_budget=tight)
     K = ntk_matrix(model, x, output="full", memory_budget=tight)  # auto: another strategy
     torch.testing.assert_close(K, truth(model, x), rtol=1e-10, atol=1e-13)
+
+
+def test_auto_uses_the_factors_only_where_rows_would_be_recomputed(monkeypatch):
+    """auto: structured when the row strategy's panel cannot hold every sample (default budget
+    here), rows when it can (a large budget) or for a single sample."""
+    import glu_probe.ntk.structured as structured
+
+    calls: list[int] = []
+    real = structured.structured_ntk
+
+    def spy(probe, *args, **kwargs):
+        calls.append(probe.batch_size)
+        return real(probe, *args, **kwargs)
+
+    monkeypatch.setattr(structured, "structured_ntk", spy)
+    torch.manual_seed(6)
+    model, x = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)), torch.randn(64, 16)
+    ref = truth(model, x)
+    K = ntk_matrix(model, x, output="full")  # default budget: K + 40% of J
+    assert calls == [64]
+    torch.testing.assert_close(K, ref, rtol=1e-10, atol=1e-12 * float(ref.diag().max()))
+    ntk_matrix(model, x, output="full", memory_budget=2**30)  # every row fits: rows
+    ntk_matrix(model, x[:1], output="full")  # one sample
+    assert calls == [64]

@@ -47,6 +47,8 @@ __all__ = ["structured_ntk"]
 
 #: Floor of the transient workspace (Gram blocks, one vmapped call's outputs), in bytes.
 MIN_TRANSIENT_BYTES = 2**20
+#: The transient workspace is this fraction (1/divisor) of the stored factors and rows.
+TRANSIENT_DIVISOR = 12
 
 
 @dataclass
@@ -193,7 +195,7 @@ def structured_ntk(
     )
     # Transient memory (the Gram's workspace, one vmapped call's outputs) is kept to a fraction
     # of what is stored anyway, so that the peak is about K + the stored factors and rows.
-    transient = max(stored // 8, MIN_TRANSIENT_BYTES)
+    transient = max(stored // TRANSIENT_DIVISOR, MIN_TRANSIENT_BYTES)
     work_bytes = min(work * k_item, transient)
     if n * n * k_item + stored + work_bytes > budget:
         return None
