@@ -258,3 +258,24 @@ def test_auto_uses_the_factors_only_where_rows_would_be_recomputed(monkeypatch):
     ntk_matrix(model, x, output="full", memory_budget=2**30)  # every row fits: rows
     ntk_matrix(model, x[:1], output="full")  # one sample
     assert calls == [64]
+
+
+def test_hf_bert_dict_batch_and_padded_masks():
+    """An HF BERT classifier (dict batch, T tokens per Linear): exact; with padded masks the
+    per-sample vmap fails, the strategy steps aside and auto's row strategy gives K."""
+    pytest.importorskip("transformers")
+    from conftest import tiny_bert_classifier
+
+    torch.manual_seed(7)
+    bert = tiny_bert_classifier(50).eval()
+    ids = torch.randint(1, 50, (6, 10))
+    batch = {"input_ids": ids, "attention_mask": torch.ones(6, 10, dtype=torch.long)}
+    ref = ntk_matrix(bert, batch, output="full", strategy="jacobian")
+    K = ntk_matrix(bert, batch, output="full", strategy="structured")
+    torch.testing.assert_close(K, ref, rtol=1e-10, atol=1e-12 * float(ref.diag().max()))
+    padded = dict(batch, attention_mask=batch["attention_mask"].clone())
+    padded["attention_mask"][::2, 7:] = 0
+    with pytest.raises(ValueError, match="cannot be vmapped"):
+        ntk_matrix(bert, padded, output="full", strategy="structured")
+    rows = ntk_matrix(bert, padded, output="full", strategy="jacobian")
+    torch.testing.assert_close(ntk_matrix(bert, padded, output="full"), rows, rtol=0, atol=0)

@@ -505,7 +505,8 @@ def _assemble(
             raise ValueError(
                 "strategy='structured' does not apply: no nn.Linear layer qualifies (a plain, "
                 "unshared layer that runs once per forward pass and whose factors are smaller "
-                f"than its rows), or its factors do not fit memory_budget={sbudget} bytes"
+                f"than its rows), its factors do not fit memory_budget={sbudget} bytes, or the "
+                "model cannot be vmapped over samples (e.g. padded HF attention masks)"
             )
     plan, buf_dtype = None, probe.dtype
     if strategy != "operator":
