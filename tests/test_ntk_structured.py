@@ -150,8 +150,11 @@ def test_both_token_routes_and_blocked_expansion():
         torch.bmm = counting  # type: ignore[assignment]
         floor = structured.MIN_TRANSIENT_BYTES
         structured.MIN_TRANSIENT_BYTES = 3 * 32 * 64 * 8  # a workspace of 3 expanded rows
+        n = probe.n_rows
+        stored = 8 * sum(n * ly.tokens * ly.fan_out + 9 * ly.tokens * ly.fan_in for ly in layers)
+        tight = n * n * 8 + stored + 2 * structured.MIN_TRANSIENT_BYTES  # little headroom
         try:
-            K2 = structured_ntk(probe, 2**30, torch.float64)
+            K2 = structured_ntk(probe, tight, torch.float64)
         finally:
             torch.bmm = bmm  # type: ignore[assignment]
             structured.MIN_TRANSIENT_BYTES = floor
