@@ -206,7 +206,7 @@ def structured_ntk(
     if chunk is None:
         chunk = max(1, min(s_total, transient // max(per_sample, 1)))
 
-    modules = [ly.module for ly in layers]
+    hooks = _Taps([ly.module for ly in layers])
     params = list(source.params)
 
     def single(rest_p: tuple[Tensor, ...], taps_p: tuple[Tensor, ...], sample: Any) -> Any:
@@ -233,7 +233,7 @@ def structured_ntk(
     a_buf = [torch.empty(s_total, ly.tokens, ly.fan_in, dtype=rdt, device=dev) for ly in layers]
     rest_buf = [torch.empty(n, *params[i].shape, dtype=rdt, device=dev) for i in rest]
     try:
-        with source.session(), _Taps(modules) as hooks:
+        with source.session(), hooks:
             for a in range(0, s_total, chunk):
                 b = min(a + chunk, s_total)
                 parts = [t[a:b] for t, flag in zip(leaves, batched, strict=True) if flag]
