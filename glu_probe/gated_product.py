@@ -81,9 +81,10 @@ def _act_backward_into(kind: str, grad: Tensor, g: Tensor, out: Tensor) -> None:
         out.copy_(grad)
 
 
-def _halves(t: Tensor, gate_first: bool) -> tuple[Tensor, Tensor]:
-    """(gate, up) row blocks of a feature-major ``(2h, N)`` tensor."""
-    a, b = t.chunk(2, dim=0)
+def _halves(t: Tensor, gate_first: bool, dim: int = 0) -> tuple[Tensor, Tensor]:
+    """(gate, up) halves of a packed tensor along ``dim``: the row blocks of a feature-major
+    ``(2h, N)`` tensor (``dim=0``) or the column halves of a token-major one (``dim=-1``)."""
+    a, b = t.chunk(2, dim=dim)
     return (a, b) if gate_first else (b, a)
 
 
@@ -97,8 +98,7 @@ def _plain(
     gate_first: bool,
 ) -> Tensor:
     """The token-major reference expression (what the unfused block computes)."""
-    a, b = F.linear(x, w1, b1).chunk(2, dim=-1)
-    g, u = (a, b) if gate_first else (b, a)
+    g, u = _halves(F.linear(x, w1, b1), gate_first, dim=-1)
     return F.linear(_act(kind, g) * u, w2, b2)
 
 

@@ -283,10 +283,10 @@ def _budget(probe: ProbeFunction, itemsize: int, memory_budget: int | None) -> i
         return int(memory_budget)
     n, row_bytes = probe.n_rows, probe.n_params * itemsize
     jacobian_part = max(int(0.4 * n * row_bytes), 4 * probe.rows_per_sample * row_bytes)
-    return min(n * n * itemsize + jacobian_part, budget_cap(probe))
+    return min(n * n * itemsize + jacobian_part, _budget_cap(probe))
 
 
-def budget_cap(probe: ProbeFunction) -> int:
+def _budget_cap(probe: ProbeFunction) -> int:
     """The most a default budget takes: half of the free memory of the probe's device."""
     return _available_bytes(probe.device) // 2
 
@@ -451,16 +451,44 @@ def ntk_matrix(
     return _assemble(probe, memory_budget, strategy, jacobian_dtype)[0]
 
 
-def _structured_pays(probe: ProbeFunction, budget: int) -> bool:
+def _structured_pays(probe: ProbeFunction, wide_plan: tuple[int, int] | None) -> bool:
     """``auto``: try the structured strategy only where the row strategy would recompute rows
     (its panel cannot hold every sample) and there are several samples. Where the rows all fit
     at once, the row strategy is as fast or faster (one vmapped call, no factor expansion;
     measured on the demo ViT and GPT-2 probes), and a single sample has no rows to share."""
     if probe.batch_size < 2:
         return False
+    return wide_plan is None or wide_plan[0] < probe.batch_size
+
+
+def _structured(
+    probe: ProbeFunction,
+    budget: int,
+    memory_budget: int | None,
+    rows_dtype: torch.dtype,
+    required: bool,
+) -> Tensor | None:
+    """K by the structured strategy, or ``None`` (``required``: a ValueError instead)."""
+    from .structured import structured_ntk
+
+    n = probe.n_rows
     itemsize = torch.empty((), dtype=probe.dtype).element_size()
-    plan = _plan(probe, itemsize, budget)
-    return plan is None or plan[0] < probe.batch_size
+    if memory_budget is None:
+        # The structured strategy stores factors that replace (and are smaller than) the
+        # Linear layers' rows, and recomputes nothing: it may use K + 60% of J's bytes
+        # (at least 16 MiB: small problems need not be squeezed).
+        row_item = torch.empty((), dtype=rows_dtype).element_size()
+        extra = max(int(0.6 * n * probe.n_params * row_item), 2**24)
+        budget = max(budget, min(n * n * itemsize + extra, _budget_cap(probe)))
+    K = structured_ntk(probe, budget, rows_dtype)
+    if K is None and required:
+        raise ValueError(
+            "strategy='structured' does not apply: no nn.Linear layer qualifies (a plain, "
+            "unshared layer that runs once per forward pass and whose factors are smaller "
+            f"than its rows), its factors do not fit memory_budget={budget} bytes, or the "
+            "model cannot be vmapped over samples (e.g. padded HF attention masks)"
+        )
+    return K
 
 
 def _assemble(
@@ -482,57 +510,33 @@ def _assemble(
             f"give at least {need} bytes, or use method='lanczos' (matrix-free)"
         )
     rows_dtype = jacobian_dtype or probe.dtype
-    if strategy == "structured" or (strategy == "auto" and _structured_pays(probe, budget)):
-        from .structured import structured_ntk
-
-        sbudget = budget
-        if memory_budget is None:
-            # The structured strategy stores factors that replace (and are smaller than) the
-            # Linear layers' rows, and recomputes nothing: it may use K + 60% of J's bytes
-            # (at least 16 MiB: small problems need not be squeezed).
-            row_item = torch.empty((), dtype=rows_dtype).element_size()
-            j_bytes = n * probe.n_params * row_item
-            extra = max(int(0.6 * j_bytes), 2**24)
-            sbudget = max(budget, min(n * n * itemsize + extra, budget_cap(probe)))
-        K = structured_ntk(probe, sbudget, rows_dtype)
-        if K is not None:
-            if not torch.isfinite(K).all():
-                raise ValueError(
-                    "the NTK has NaN/Inf entries (the Jacobian overflowed); try float64"
-                )
-            return K, rows_dtype
-        if strategy == "structured":
-            raise ValueError(
-                "strategy='structured' does not apply: no nn.Linear layer qualifies (a plain, "
-                "unshared layer that runs once per forward pass and whose factors are smaller "
-                f"than its rows), its factors do not fit memory_budget={sbudget} bytes, or the "
-                "model cannot be vmapped over samples (e.g. padded HF attention masks)"
-            )
-    plan, buf_dtype = None, probe.dtype
-    if strategy != "operator":
-        plan = _plan(probe, itemsize, budget)  # panel held in K's dtype
-        rows = jacobian_dtype or probe.dtype
-        row_itemsize = torch.empty((), dtype=rows).element_size()
-        if row_itemsize < itemsize:
-            # Narrower rows (mixed precision) can stay narrow in the panel, widened a chunk at a
-            # time in the Gram: up to twice the rows per panel (less recomputation), half the
+    row_itemsize = torch.empty((), dtype=rows_dtype).element_size()
+    plan = _plan(probe, itemsize, budget) if strategy != "operator" else None  # K-dtype panel
+    K: Tensor | None = None
+    if strategy == "structured" or (strategy == "auto" and _structured_pays(probe, plan)):
+        K = _structured(probe, budget, memory_budget, rows_dtype, strategy == "structured")
+    if K is None:
+        buf_dtype = probe.dtype
+        if strategy != "operator" and row_itemsize < itemsize:
+            # Narrower rows (mixed precision) can stay narrow in the panel, widened a chunk at
+            # a time in the Gram: up to twice the rows per panel (less recomputation), half the
             # panel memory, and no widening copy of the panel (demo ViT/GPT-2 probes: 0–10%
             # faster in an interleaved A/B on one core), so it wins ties too.
             narrow = _plan(probe, itemsize, budget, row_itemsize)
             if narrow is not None and (plan is None or narrow[0] >= plan[0]):
-                plan, buf_dtype = narrow, rows
-    if strategy == "jacobian" and plan is None:
-        raise ValueError(
-            f"memory_budget={budget} bytes is too small for the Jacobian strategy (one sample's "
-            f"rows need {probe.rows_per_sample * probe.n_params * row_itemsize} bytes, three "
-            "samples (or all, if fewer) and a panel of 1/8 of the rows must fit next to K); use "
-            "strategy='operator'"
-        )
-    if plan is not None:
-        K = _jacobian_strategy(probe, *plan, rows_dtype, buf_dtype)
-    else:
-        rows_dtype = probe.dtype
-        K = _operator_strategy(probe, itemsize, budget)
+                plan, buf_dtype = narrow, rows_dtype
+        if strategy == "jacobian" and plan is None:
+            raise ValueError(
+                f"memory_budget={budget} bytes is too small for the Jacobian strategy (one "
+                f"sample's rows need {probe.rows_per_sample * probe.n_params * row_itemsize} "
+                "bytes, three samples (or all, if fewer) and a panel of 1/8 of the rows must fit "
+                "next to K); use strategy='operator'"
+            )
+        if plan is not None:
+            K = _jacobian_strategy(probe, *plan, rows_dtype, buf_dtype)
+        else:
+            rows_dtype = probe.dtype
+            K = _operator_strategy(probe, itemsize, budget)
     if not torch.isfinite(K).all():
         raise ValueError("the NTK has NaN/Inf entries (the Jacobian overflowed); try float64")
     return K, rows_dtype

@@ -169,7 +169,7 @@ def structured_ntk(
     strategy does not apply (no qualifying layer, the factors do not fit ``budget`` bytes next to
     K, the model cannot be vmapped over samples; silently, the row strategy takes over) or its
     check fails (then with a warning)."""
-    from .dense import _batched_leaves, _gram_sym, _vmap_args, jacobian_rows
+    from .dense import _batched_leaves, _gram_sym, _vmap_args
 
     n, r, s_total = probe.n_rows, probe.rows_per_sample, probe.batch_size
     kdtype = probe.dtype
@@ -262,7 +262,7 @@ def structured_ntk(
         K += _layer_gram(G, A, sample_of_row, ly, max(work_bytes // k_item, 1))
         del G, A
     tokens = max(ly.tokens for ly in layers)
-    if not _agrees(K, source, jacobian_rows, r, tokens):
+    if not _agrees(K, source, r, tokens):
         return None
     return K
 
@@ -303,8 +303,10 @@ def _layer_gram(G: Tensor, A: Tensor, sample_of_row: Tensor, layer: _Layer, work
     return K
 
 
-def _agrees(K: Tensor, source: ProbeFunction, jacobian_rows: Any, r: int, tokens: int) -> bool:
+def _agrees(K: Tensor, source: ProbeFunction, r: int, tokens: int) -> bool:
     """Sample 0's block of K against the Gram of its plain Jacobian rows (all parameters)."""
+    from .dense import jacobian_rows
+
     with source.session():
         rows = jacobian_rows(source)(0, 1)
     ref = torch.zeros(r, r, dtype=K.dtype, device=K.device)
