@@ -19,7 +19,9 @@ Sections:
    κ error against the float64 result and the reported rounding bound;
 7. (on request: ``--sections 7``; ~2 minutes on CPU) the monitor's GPT-2-small probe (one
    64-token sequence, iterative path with ``slq_probes=4``, so Lanczos spans the whole space):
-   time with 4-column blocks (``block_size``) against ``FULL_SPAN_BLOCK``-column blocks.
+   time with 4-column blocks (``block_size``) against 16- and 64-column blocks;
+8. (on request: ``--sections 8``) where section 3's time goes: K by each strategy, eigh of K on
+   the device and on the CPU, eigvalsh, and (CUDA) kernel launches and host syncs of one call.
 """
 
 from __future__ import annotations
@@ -316,16 +318,10 @@ def tutorial_kappa(model: nn.Module, x: torch.Tensor) -> float:
     return float(ev[-1] / ev[0])
 
 
-def dense_vs_tutorial(device: torch.device) -> None:
-    emit("## 3. Exact κ at n = N·O = 512 vs the PyTorch NTK tutorial (float64 both)")
-    emit()
-    emit(
-        "| model | P | tutorial time | ours time | time ratio | tutorial peak | ours peak | "
-        "memory ratio | κ rel.diff |"
-    )
-    emit("|---|---|---|---|---|---|---|---|---|")
+def _section3_cases(device: torch.device) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """Section 3's models and batches (n = N·O = 512), float64, eval mode, on ``device``."""
     torch.manual_seed(0)
-    cases = {
+    cases: dict[str, tuple[nn.Module, torch.Tensor]] = {
         "MLP 32-256-8, N=64": (
             nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 8)),
             torch.randn(64, 32),
@@ -339,8 +335,78 @@ def dense_vs_tutorial(device: torch.device) -> None:
             torch.randn(64, 3, 16, 16),
         ),
     }
-    for name, (model, x) in cases.items():
-        model, x = model.double().eval().to(device), x.double().to(device)
+    return {k: (m.double().eval().to(device), x.double().to(device)) for k, (m, x) in cases.items()}
+
+
+def dense_breakdown(device: torch.device) -> None:
+    """Where section 3's time goes, per case: K by each strategy, the eigendecomposition."""
+    from glu_probe.ntk import ntk_matrix
+
+    emit("## 8. Section 3 broken down: K by strategy, eigendecomposition (float64)")
+    emit()
+    emit(
+        "| model | tutorial | ours (ntk_spectrum) | K auto | K structured | K jacobian | "
+        "eigh on device | eigh on CPU (+copy) | eigvalsh on device |"
+    )
+    emit("|---|---|---|---|---|---|---|---|---|")
+    for name, (model, x) in _section3_cases(device).items():
+        cells = []
+
+        def k_of(strategy: str, m: nn.Module = model, x: torch.Tensor = x) -> Any:
+            return ntk_matrix(m, x, output="full", strategy=strategy)
+
+        fns: dict[str, Callable[[], Any]] = {
+            "tutorial": lambda m=model, x=x: tutorial_kappa(m, x),
+            "ours": lambda m=model, x=x: ntk_spectrum(m, x, output="full", method="dense"),
+            "auto": lambda: k_of("auto"),
+            "structured": lambda: k_of("structured"),
+            "jacobian": lambda: k_of("jacobian"),
+        }
+        K = k_of("jacobian")
+        fns["eigh"] = lambda K=K: torch.linalg.eigh(K)
+        fns["eigh_cpu"] = lambda K=K: torch.linalg.eigh(K.cpu())
+        fns["eigvalsh"] = lambda K=K: torch.linalg.eigvalsh(K)
+        for fn in fns.values():
+            try:
+                fn()  # warm
+                cells.append(f"{best(fn, device, 1, trials=3) * 1e3:.1f} ms")
+            except ValueError as err:  # e.g. structured does not apply
+                cells.append(f"n/a ({str(err)[:30]}…)")
+        emit(f"| {name} | " + " | ".join(cells) + " |")
+    emit()
+    if device.type != "cuda":
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    model, x = _section3_cases(device)["timm ViT d32, N=64, O=8"]
+    for label, fn in (
+        ("tutorial", lambda: tutorial_kappa(model, x)),
+        ("ours", lambda: ntk_spectrum(model, x, output="full", method="dense")),
+    ):
+        fn()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        ka = prof.key_averages()
+        calls = {e.key: e.count for e in ka}
+        launches = sum(v for k, v in calls.items() if "LaunchKernel" in k)
+        syncs = {k: v for k, v in calls.items() if "Synchronize" in k or "Memcpy" in k}
+        emit(f"ViT, {label}: {launches} kernel launches, host syncs/copies {syncs}")
+        emit("```")
+        emit(ka.table(sort_by="self_cpu_time_total", row_limit=12))
+        emit("```")
+    emit()
+
+
+def dense_vs_tutorial(device: torch.device) -> None:
+    emit("## 3. Exact κ at n = N·O = 512 vs the PyTorch NTK tutorial (float64 both)")
+    emit()
+    emit(
+        "| model | P | tutorial time | ours time | time ratio | tutorial peak | ours peak | "
+        "memory ratio | κ rel.diff |"
+    )
+    emit("|---|---|---|---|---|---|---|---|---|")
+    for name, (model, x) in _section3_cases(device).items():
         # warm both code paths once on a small batch
         tutorial_kappa(model, x[:2])
         ntk_spectrum(model, x[:2], output="full", method="dense")
@@ -487,27 +553,40 @@ def full_span_width(device: torch.device) -> None:
         widths.append(1 if V.ndim == 1 else V.shape[1])
         return matvec(self, V)
 
-    widest = spectrum_mod.FULL_SPAN_BLOCK
+    saved = spectrum_mod.FULL_SPAN_BLOCK, spectrum_mod.FULL_SPAN_BLOCK_CUDA
     emit("| widest block | block products | widths | products | time | κ | effective rank |")
     emit("|---|---|---|---|---|---|---|")
     NTKOperator.matvec = counting  # type: ignore[method-assign]
     try:
         ntk_spectrum(model, {"input_ids": x["input_ids"][:, :8]}, method="lanczos", slq_probes=4)
-        for cap in (4, widest):
-            spectrum_mod.FULL_SPAN_BLOCK = cap
+        for cap in (4, 16, 64):
+            spectrum_mod.FULL_SPAN_BLOCK = spectrum_mod.FULL_SPAN_BLOCK_CUDA = cap
             widths.clear()
-            s, t = timed(
-                lambda: ntk_spectrum(model, x, method="lanczos", slq_probes=4, block_size=4),
-                device,
+            s, t = min(
+                (
+                    timed(
+                        lambda: ntk_spectrum(
+                            model, x, method="lanczos", slq_probes=4, block_size=4
+                        ),
+                        device,
+                    )
+                    for _ in range(2)
+                ),
+                key=lambda r: r[1],
             )
             emit(
-                f"| {cap} | {len(widths)} | {sorted(set(widths))} | {s.n_matvecs} | {t:.2f} s | "
-                f"{s.condition_number:.6g} | {s.effective_rank:.4g} ({s.effective_rank_method}) |"
+                f"| {cap} | {len(widths) // 2} | {sorted(set(widths))} | {s.n_matvecs} | "
+                f"{t:.2f} s | {s.condition_number:.6g} | {s.effective_rank:.4g} "
+                f"({s.effective_rank_method}) |"
             )
     finally:
         NTKOperator.matvec = matvec  # type: ignore[method-assign]
-        spectrum_mod.FULL_SPAN_BLOCK = widest
+        spectrum_mod.FULL_SPAN_BLOCK, spectrum_mod.FULL_SPAN_BLOCK_CUDA = saved
     emit()
+    emit(
+        f"Defaults: FULL_SPAN_BLOCK = {saved[0]} (CPU), FULL_SPAN_BLOCK_CUDA = {saved[1]}. "
+        "Time: best of 2."
+    )
     emit("(The width is also capped so that the block's VJP outputs fit 1/8 of free memory.)")
     emit()
 
@@ -598,6 +677,8 @@ def main() -> None:
         mixed_precision(device)
     if 7 in run:
         full_span_width(device)
+    if 8 in run:
+        dense_breakdown(device)
     emit(
         f"Total benchmark time: {time.perf_counter() - t0:.0f} s "
         f"(`{' '.join([sys.executable.split('/')[-1], *sys.argv])}`)"

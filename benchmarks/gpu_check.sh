@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU pass: GPU tests (the quick demo on the GPU among them) + the three benchmarks
 # on CUDA, results under $OUT.
-# Usage on the device machine (repo root):  bash benchmarks/gpu_check.sh
+# Usage on the device machine (repo root):  bash benchmarks/gpu_check.sh [STEP ...]
 # Run it with the device tool: command "bash benchmarks/gpu_check.sh", carry [".whl"],
 # timeout 600. bench_ntk's curvlinops section (4) needs the pure-Python wheels in ./.whl (the
 # device image lacks curvlinops, backpack-for-pytorch, einconv, unfoldNd): here,
@@ -28,15 +28,25 @@ run() {  # run NAME SECONDS CMD...
   echo "rc=$rc wall=$(( $(date +%s) - t0 ))s" | tee -a "$OUT/$name.txt"
   tail -n 40 "$OUT/$name.txt"
 }
-# Ordered by what only a GPU can tell; each step has its own time cap (about 8 minutes in all).
-run gpu_tests 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_krylov.py \
-  tests/test_callbacks_ntk.py
-run bench_callbacks 200 python3 benchmarks/bench_callbacks.py --device cuda --repeats 1 --gpu-steps 200
-run bench_ntk 150 python3 benchmarks/bench_ntk.py --device cuda --sections 1,2,3,4,6,7
-run bench_mlp_bf16 45 python3 benchmarks/bench_mlp.py --device cuda --dtype bfloat16 --tokens 16384 \
-  --dims 768 2048 --min-run-time 0.3
-run bench_mlp_amp 45 python3 benchmarks/bench_mlp.py --device cuda --autocast bfloat16 --tokens 16384 \
-  --dims 768 2048 --min-run-time 0.3
+# Steps (all by default, or those named on the command line), ordered by what only a GPU can
+# tell; each has its own time cap (about 7 minutes in all).
+steps=${*:-gpu_tests fused_acc bench_callbacks bench_ntk bench_mlp_bf16 bench_mlp_amp}
+for step in $steps; do
+  case $step in
+    gpu_tests) run gpu_tests 75 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
+      tests/test_krylov.py tests/test_callbacks_ntk.py ;;
+    fused_acc) run fused_acc 30 python3 benchmarks/fused_accuracy.py --device cuda --seeds 4 ;;
+    bench_callbacks) run bench_callbacks 150 python3 benchmarks/bench_callbacks.py --device cuda \
+      --repeats 1 --gpu-steps 200 ;;
+    bench_ntk) run bench_ntk 90 python3 benchmarks/bench_ntk.py --device cuda \
+      --sections "${NTK_SECTIONS:-1,2,3,4,6,7,8}" ;;
+    bench_mlp_bf16) run bench_mlp_bf16 45 python3 benchmarks/bench_mlp.py --device cuda \
+      --dtype bfloat16 --tokens 16384 --dims 768 2048 --min-run-time 0.3 ;;
+    bench_mlp_amp) run bench_mlp_amp 60 python3 benchmarks/bench_mlp.py --device cuda \
+      --autocast bfloat16 --tokens 16384 --dims 768 2048 --min-run-time 0.2 --rounds 5 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
 # Run 2026-11-27 on an H100 (figures in RESULTS_ntk.md §5, RESULTS_mlp.md):
 #   python3 benchmarks/bench_ntk.py --device cuda --sections 5       (~30 s)
 #   python3 benchmarks/bench_mlp.py --device cuda --min-run-time 0.3 (fp32, ~60 s)

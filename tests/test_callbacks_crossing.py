@@ -196,6 +196,63 @@ def test_resume_gives_the_same_crossings(tmp_path):
     assert resumed.detector.state_dict() == full.detector.state_dict()
 
 
+def test_batched_reads_change_no_result(tmp_path):
+    """read_every=k (what an accelerator gets by default: one device->host read per k batches)
+    gives the same crossings, logged deltas and events, at the same steps, as reading after
+    every batch; the queue never holds k values, and a checkpoint taken mid-queue holds every
+    step seen (so resuming from it gives the same crossings)."""
+    b = 1.0 + 0.3 * np.sin(T / 12.0)
+    a = np.ones(N)
+    kw = dict(smoothing=0.5, patience=2, hysteresis=0.02)
+    logs = {}
+    mons = {}
+
+    class QueueProbe(pl.Callback):
+        def __init__(self, mon: LossCrossingMonitor, k: int) -> None:
+            self.mon, self.k, self.lengths = mon, k, []
+
+        def on_train_batch_end(self, trainer, *args):
+            self.lengths.append(len(self.mon._pending))
+            assert len(self.mon._pending) < self.k
+
+    for k in (1, 7):
+        mon = LossCrossingMonitor(baseline=list(b), read_every=k, **kw)
+        probe = QueueProbe(mon, k)
+        logger = CSVLogger(str(tmp_path), name=f"k{k}")
+        _trainer(tmp_path, logger=logger, callbacks=[mon, probe]).fit(Synthetic(a), _loader())
+        rows = _csv_rows(logger)
+        logs[k] = [(r["step"], r["crossing/delta"], r["crossing/event"]) for r in rows]
+        mons[k] = mon
+        assert mon._pending == []
+        assert max(probe.lengths) == k - 1  # k = 7: the reads were batched
+    assert len(mons[1].crossings) >= 2
+    assert mons[7].crossings == mons[1].crossings
+    assert mons[7].detector.state_dict() == mons[1].detector.state_dict()
+    assert sorted(logs[7]) == sorted(logs[1])
+
+    # a checkpoint at every 10th batch, i.e. with 3 pairs queued (read_every=7)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ck"), every_n_train_steps=10, save_top_k=-1)
+    first = LossCrossingMonitor(baseline=list(b), read_every=7, **kw)
+    _trainer(tmp_path, max_steps=60, callbacks=[first, ckpt], enable_checkpointing=True).fit(
+        Synthetic(a), _loader()
+    )
+    path = next((tmp_path / "ck").glob("*step=50.ckpt"))
+    state = torch.load(path, weights_only=False)["callbacks"]
+    (saved,) = [v for key, v in state.items() if key.startswith("LossCrossingMonitor")]
+    assert saved["detector"]["last_step"] == 49  # steps 0..49 all read before saving
+    resumed = LossCrossingMonitor(baseline=list(b), read_every=7, **kw)
+    _trainer(tmp_path, callbacks=[resumed]).fit(Synthetic(a), _loader(), ckpt_path=str(path))
+    assert resumed.crossings == mons[1].crossings
+
+
+def test_queued_device_scalars_are_stacked_without_reading():
+    from glu_probe.callbacks.crossing import _stack_scalars
+
+    v = _stack_scalars([torch.tensor(1.5, dtype=torch.bfloat16), torch.tensor(2.25)])
+    assert v.dtype == torch.float32 and v.tolist() == [1.5, 2.25]
+    assert _stack_scalars([torch.tensor(3), 0.5]).tolist() == [3.0, 0.5]
+
+
 def test_quiet_on_fast_dev_run_and_sanity_check(tmp_path):
     mon = LossCrossingMonitor(baseline=list(CURVE_B), **KW)
     _trainer(tmp_path, fast_dev_run=3, callbacks=[mon]).fit(Synthetic(CURVE_A), _loader())

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
+from glu_probe.callbacks import gap as gap_mod
 from glu_probe.callbacks.gap import GeneralizationGapMonitor
 from glu_probe.callbacks.paired import PairedModule
 
@@ -107,7 +108,10 @@ def _mean_ce_and_acc(net: nn.Module, x, y) -> tuple[float, float]:
     return float(F.cross_entropy(logits, y)), float((logits.argmax(-1) == y).float().mean())
 
 
-def test_clean_gap_equals_independent_recomputation(tmp_path):
+@pytest.mark.parametrize("lazy", [False, True], ids=["read-per-batch", "queued-on-device"])
+def test_clean_gap_equals_independent_recomputation(tmp_path, monkeypatch, lazy):
+    # lazy: the accelerator path (sums queued as float64 tensors, read once), forced on CPU
+    monkeypatch.setattr(gap_mod, "_reads_lazily", lambda loss, target: lazy)
     mon = GeneralizationGapMonitor(
         train_subset_size=20, metrics={"acc": MulticlassAccuracy(num_classes=3, average="micro")}
     )
@@ -127,6 +131,81 @@ def test_clean_gap_equals_independent_recomputation(tmp_path):
     # the clean val loss agrees with the module's own logged val loss (same eval, same data)
     assert float(_last_row(logger, "val_loss")["val_loss"]) == pytest.approx(va_loss, rel=1e-5)
     assert module.training  # flags restored
+
+
+def test_queued_sums_count_non_ignored_tokens(monkeypatch):
+    """The on-device accumulation weighs each batch's mean loss by its non-ignored tokens
+    (class targets -100), exactly as the per-batch read does."""
+    side_read = gap_mod._Side({}, torch.device("cpu"), sync=False)
+    side_queued = gap_mod._Side({}, torch.device("cpu"), sync=False)
+    gen = torch.Generator().manual_seed(0)
+    total, terms = 0.0, 0
+    for _ in range(3):
+        logits = torch.randn(4, 7, 5, generator=gen)
+        target = torch.randint(0, 5, (4, 7), generator=gen)
+        target[torch.rand(4, 7, generator=gen) < 0.3] = -100
+        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+        side_read.add(loss, logits, target)
+        monkeypatch.setattr(gap_mod, "_reads_lazily", lambda loss, target: True)
+        side_queued.add(loss, logits, target)
+        monkeypatch.undo()
+        keep = target != -100
+        total += float(F.cross_entropy(logits[keep].double(), target[keep], reduction="sum"))
+        terms += int(keep.sum())
+    assert side_queued._queued and side_queued.count == terms == side_read.count
+    assert not side_queued._queued  # read once, on first access
+    assert side_queued.loss_sum == pytest.approx(side_read.loss_sum, rel=1e-12)
+    assert side_queued.loss_sum / terms == pytest.approx(total / terms, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("limit_val", "val_batches", "expected"),
+    [(2, None, 12), (None, None, 30), (None, 1, 6), (1.0, None, 30)],
+)
+def test_automatic_subset_matches_the_validation_size(tmp_path, limit_val, val_batches, expected):
+    """train_subset_size=None: as many training samples as the validation run evaluates (val
+    batches of 6, capped by limit_val_batches / val_batches; at most AUTO_SUBSET_MAX), drawn
+    by the documented rule (sorted seeded randperm prefix), and the gap is computed on them."""
+    mon = GeneralizationGapMonitor(val_batches=val_batches)
+    logger = CSVLogger(str(tmp_path))
+    module = Classifier()
+    kw = {} if limit_val is None else {"limit_val_batches": limit_val}
+    train, val = DataLoader(TRAIN, batch_size=8, shuffle=True), DataLoader(VAL, batch_size=6)
+    _trainer(tmp_path, logger=logger, callbacks=[mon], max_epochs=1, **kw).fit(module, train, val)
+    assert sum(gap_mod._n_samples(b) for b in mon._batches) == expected
+    tr_loss, _ = _mean_ce_and_acc(module.net, *_subset(48, expected))
+    assert float(_last_row(logger, "gap/loss")["gap/train/loss"]) == pytest.approx(
+        tr_loss, rel=1e-5
+    )
+
+
+def test_automatic_subset_is_capped(tmp_path, monkeypatch):
+    monkeypatch.setattr(gap_mod, "AUTO_SUBSET_MAX", 10)
+    mon = GeneralizationGapMonitor()
+    module = Classifier()
+    train, val = _loaders()
+    _trainer(tmp_path, callbacks=[mon], max_epochs=1).fit(module, train, val)
+    assert sum(gap_mod._n_samples(b) for b in mon._batches) == 10
+
+
+def test_automatic_subset_of_an_iterable_loader(tmp_path):
+    """An IterableDataset: the first batches of a fresh iterator, cut to the val size."""
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(zip(TRAIN.tensors[0], TRAIN.tensors[1], strict=True))
+
+    mon = GeneralizationGapMonitor()
+    module = Classifier()
+    train = DataLoader(Stream(), batch_size=4)
+    val = DataLoader(VAL, batch_size=6)
+    trainer = _trainer(
+        tmp_path, callbacks=[mon], max_steps=6, val_check_interval=3, limit_val_batches=2
+    )
+    trainer.fit(module, train, val)
+    assert len(mon.history) == 2
+    assert [gap_mod._n_samples(b) for b in mon._batches] == [4, 4, 4]  # >= 12 samples
 
 
 @pytest.mark.parametrize(("eval_batch_size", "n_batches"), [(None, 2), (24, 1), (5, 5)])

@@ -150,3 +150,45 @@ def test_structured_strategy_on_cuda_matches_the_row_strategy(jacobian_dtype):
     assert K.device.type == "cuda"
     tol = 1e-10 if jacobian_dtype == torch.float64 else 1e-5
     torch.testing.assert_close(K, rows, rtol=tol, atol=tol * float(rows.diag().max()))
+
+
+def test_crossing_monitor_reads_cuda_losses_in_batches(tmp_path):
+    """Losses logged on the GPU are queued and read every log_every_n_steps batches (no sync
+    per step), and the crossings are exactly those of the offline detector."""
+    import numpy as np
+    from lightning.pytorch.callbacks import Callback
+    from test_callbacks_crossing import CURVE_A, CURVE_B, F32, KW, Synthetic, T, _loader, _trainer
+
+    from glu_probe.callbacks.crossing import LossCrossingMonitor
+    from glu_probe.crossing import find_crossings
+
+    queued: list[int] = []
+    mon = LossCrossingMonitor(baseline=list(CURVE_B), **KW)
+
+    class Probe(Callback):
+        def on_train_batch_end(self, *args):
+            queued.append(len(mon._pending))
+
+    trainer = _trainer(tmp_path, accelerator="cuda", log_every_n_steps=10, callbacks=[mon, Probe()])
+    trainer.fit(Synthetic(CURVE_A), _loader())
+    assert max(queued) == 9 and mon._pending == []
+    assert mon.crossings == find_crossings(T, F32(CURVE_A), T, np.asarray(CURVE_B), **KW)
+
+
+def test_gap_sums_queued_on_cuda_match_cpu():
+    import torch.nn.functional as F
+
+    from glu_probe.callbacks.gap import _Side
+
+    gen = torch.Generator().manual_seed(0)
+    sides = {d: _Side({}, torch.device(d), sync=False) for d in ("cpu", "cuda")}
+    for _ in range(3):
+        logits = torch.randn(4, 7, 5, generator=gen)
+        target = torch.randint(0, 5, (4, 7), generator=gen)
+        target[torch.rand(4, 7, generator=gen) < 0.3] = -100
+        for d, side in sides.items():
+            lg, tg = logits.to(d), target.to(d)
+            side.add(F.cross_entropy(lg.flatten(0, 1), tg.flatten()), lg, tg)
+    assert sides["cuda"]._queued  # not read back yet
+    assert sides["cuda"].count == sides["cpu"].count
+    assert sides["cuda"].loss_sum == pytest.approx(sides["cpu"].loss_sum, rel=1e-6)

@@ -148,6 +148,30 @@ def test_dense_path_exact(case):
     assert s.effective_rank == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-9)
 
 
+def test_dense_vectors_are_the_extreme_eigenvectors_on_request():
+    """Default: eigenvalues only (eigvalsh), no vectors. dense_vectors=True: the same
+    eigenvalues plus the extreme eigenvectors (largest, smallest, ...), checked as
+    ‖K v − λ v‖ ≤ 1e-10·λ_max against an explicit float64 J Jᵀ, and usable as a warm start."""
+    model, inputs = two_layer(True)
+    ev = true_eigenvalues(model, inputs)
+    plain = ntk_spectrum(model, inputs, method="dense")
+    assert plain.ritz_vectors is None
+    s = ntk_spectrum(model, inputs, method="dense", dense_vectors=True, block_size=3)
+    torch.testing.assert_close(s.eigenvalues, plain.eigenvalues, rtol=0, atol=1e-12 * float(ev[-1]))
+    j = _jacobian(model, inputs, torch.float64)
+    K = j @ j.T
+    V = s.ritz_vectors
+    assert V is not None and V.shape == (ev.numel(), 6)
+    lams = torch.stack([ev[-1], ev[0], ev[-2], ev[1], ev[-3], ev[2]])
+    resid = (K @ V.double() - V.double() * lams).norm(dim=0)
+    assert float(resid.max()) <= 1e-10 * float(ev[-1])
+    warm = ntk_spectrum(model, inputs, method="lanczos", dtype=torch.float64, warm_start=s)
+    cold = ntk_spectrum(model, inputs, method="lanczos", dtype=torch.float64)
+    assert warm.n_matvecs < cold.n_matvecs
+    with pytest.raises(ValueError, match="dense_vectors"):
+        ntk_spectrum(model, inputs, method="dense", dense_vectors="yes")  # type: ignore[arg-type]
+
+
 # ----------------------------------------------------------------------------- mixed precision
 def _jacobian(model: nn.Module, inputs, dtype: torch.dtype) -> torch.Tensor:
     probe = ProbeFunction(model, inputs, dtype=dtype)
@@ -592,3 +616,26 @@ def test_full_span_block_width_respects_free_memory(monkeypatch):
     assert spectrum_mod._full_span_block(probe, 64, 4) == 16
     assert spectrum_mod._full_span_block(probe, 10, 4) == 10
     assert spectrum_mod._full_span_block(probe, 64, 32) == 32
+
+
+def test_full_span_block_width_by_device_and_memory(monkeypatch):
+    """16 columns on the CPU, FULL_SPAN_BLOCK_CUDA (64) on CUDA, never fewer than block_size,
+    never more than n, and no wider than 1/8 of free memory holds the block's VJP outputs."""
+    from types import SimpleNamespace
+
+    from glu_probe.ntk import spectrum as spectrum_mod
+
+    free = {"bytes": 2**40}
+    monkeypatch.setattr(spectrum_mod, "_available_bytes", lambda device: free["bytes"])
+
+    def width(device: str, n: int = 64, block: int = 4, params: int = 10**6) -> int:
+        probe = SimpleNamespace(n_params=params, dtype=torch.float32, device=torch.device(device))
+        return spectrum_mod._full_span_block(probe, n, block)  # type: ignore[arg-type]
+
+    assert spectrum_mod.FULL_SPAN_BLOCK_CUDA == 64
+    assert width("cpu") == 16 and width("cuda") == 64
+    assert width("cuda", n=40) == 40 and width("cpu", n=8, block=4) == 8
+    free["bytes"] = 8 * 20 * 4 * 10**6  # 1/8 of free memory holds 20 float32 columns
+    assert width("cuda") == 20 and width("cpu") == 16
+    free["bytes"] = 0
+    assert width("cuda") == 4 and width("cuda", block=6) == 6

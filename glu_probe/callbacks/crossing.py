@@ -41,6 +41,16 @@ Which loss: ``monitor`` is looked up in ``trainer.callback_metrics`` (``monitor`
 ``monitor + "_step"``). With ``phase="train"`` (default unless the name contains ``val``) it is
 read after every training batch; with ``phase="val"`` at the end of every validation run.
 
+Reading a loss that lives on a GPU is a device synchronisation: done after every batch it stalls
+the launch queue (measured on an H200 with GPT-2-small: ~6% of the step time). So with
+``phase="train"`` the values are *collected* after every batch (one tiny on-device ``stack``,
+no sync) and *read* every ``read_every`` batches in one transfer (default: every batch for CPU
+values, every ``log_every_n_steps`` batches for accelerator tensors), and before every
+validation, checkpoint and the end of training. The detector sees the same ``(step, loss,
+baseline)`` sequence either way, so the crossings, their steps and the steps the metrics are
+logged at are unchanged; only ``on_crossing`` and the text entry come up to ``read_every − 1``
+batches later in wall time.
+
 Under DDP, log the monitored loss with ``sync_dist=True`` (PairedModule does) so that every rank
 feeds its detector the same values; metrics and text are written once (rank zero), the hook runs
 on every rank.
@@ -82,6 +92,21 @@ CrossingHook = Callable[[pl.Trainer, pl.LightningModule, Crossing], Any]
 # swallow a YAML list as its text.
 BaselineSpec = Sequence[float] | Sequence[tuple[float, float]] | str | os.PathLike[str]
 _EVENT_GLOB = "events.out.tfevents.*"
+
+
+def _stack_scalars(values: Sequence[Any]) -> torch.Tensor:
+    """Logged scalars (tensors on one device, or numbers) as one 1-D tensor on that device,
+    without reading them back: an on-device ``stack`` (a single tiny kernel, no sync)."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    devices = {t.device for t in tensors}
+    if len(tensors) == len(values) and len(devices) == 1:
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        if not dtype.is_floating_point:
+            dtype = torch.float64
+        return torch.stack([t.detach().reshape(()).to(dtype) for t in tensors])
+    return torch.tensor([float(v) for v in values], dtype=torch.float64)
 
 
 def _clean_series(steps: Any, values: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -225,6 +250,9 @@ class LossCrossingMonitor(Callback):
         log_every_n_steps: cadence of ``crossing/delta`` in updates (default: the Trainer's).
         phase: ``"train"`` (after each training batch) or ``"val"`` (after each validation);
             default from the name (``"val"`` if it contains ``val``).
+        read_every: with ``phase="train"``, read the collected losses back to the host every
+            this many batches (default: 1 for CPU values, ``log_every_n_steps`` for accelerator
+            tensors; see the module docstring). Detection results do not depend on it.
     """
 
     def __init__(
@@ -241,6 +269,7 @@ class LossCrossingMonitor(Callback):
         on_crossing: CrossingHook | None = None,
         log_every_n_steps: int | None = None,
         phase: str | None = None,
+        read_every: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(monitor, str) or not monitor:
@@ -261,6 +290,7 @@ class LossCrossingMonitor(Callback):
         check_positive_int(
             "LossCrossingMonitor", "log_every_n_steps", log_every_n_steps, allow_none=True
         )
+        check_positive_int("LossCrossingMonitor", "read_every", read_every, allow_none=True)
         if phase is None:
             phase = "val" if re.search(r"(^|[/_.])val", monitor) else "train"
         if phase not in ("train", "val"):
@@ -273,6 +303,11 @@ class LossCrossingMonitor(Callback):
         self.on_crossing = on_crossing
         self.log_every_n_steps = log_every_n_steps
         self.phase = phase
+        self.read_every = read_every
+        # (step, values) collected on the device, not yet read (phase="train"); values is a
+        # tensor [a] or [a, b] (b of a recorded baseline is a float kept beside it).
+        self._pending: list[tuple[int, Any, float | None]] = []
+        self._host: tuple[pl.Trainer, pl.LightningModule] | None = None
         self._series: tuple[np.ndarray, np.ndarray] | None = None
         if isinstance(baseline, str) and baseline == "paired":
             self.kind = "paired"
@@ -294,6 +329,7 @@ class LossCrossingMonitor(Callback):
         return self._generate_state_key(monitor=self.monitor, baseline=str(self.baseline))
 
     def state_dict(self) -> dict[str, Any]:
+        self._flush()  # a checkpoint holds every step seen so far
         return {"detector": self.detector.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -317,6 +353,7 @@ class LossCrossingMonitor(Callback):
             self._keys = (mk, bk)
         else:
             self._keys = (self.model_key or self.monitor, None)
+        self._host = (trainer, pl_module)
 
     def on_train_batch_end(
         self,
@@ -327,17 +364,29 @@ class LossCrossingMonitor(Callback):
         batch_idx: int,
     ) -> None:
         if self.phase == "train" and not is_quiet_run(trainer):
-            self._update(trainer, pl_module)
+            self._collect(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.phase == "val" and not is_quiet_run(trainer) and trainer.state.fn == "fit":
             self._update(trainer, pl_module)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._flush()
+
     # ------------------------------------------------------------------ internals
-    def _read(self, metrics: Mapping[str, Any], key: str) -> float | None:
+    def _lookup(self, metrics: Mapping[str, Any], key: str) -> Any:
+        """The logged value (tensor or number, not read back), or None with a one-time warning."""
         for k in (key, f"{key}_step"):
             if k in metrics:
-                return float(metrics[k])
+                return metrics[k]
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(
@@ -360,31 +409,71 @@ class LossCrossingMonitor(Callback):
         return float(np.interp(float(step), steps, values))
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Read this step's pair now (``phase="val"``: once per validation)."""
+        self._collect(trainer, pl_module, read_now=True)
+
+    def _collect(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, read_now: bool = False
+    ) -> None:
+        """Queue this step's ``(loss, baseline)`` as it is (no device sync), and read the queue
+        back every ``read_every`` steps (see the module docstring)."""
         if self._keys is None:
             self.setup(trainer, pl_module, "fit")
         assert self._keys is not None
+        self._host = (trainer, pl_module)
         step = logger_step(trainer)
-        last = self.detector.last_step
+        last = self._pending[-1][0] if self._pending else self.detector.last_step
         if last is not None and step <= last:
             return
-        # One read per step: Lightning rebuilds the metrics dict on every access (~10 µs).
+        # One lookup per step: Lightning rebuilds the metrics dict on every access (~10 µs).
         logged = trainer.callback_metrics
-        a = self._read(logged, self._keys[0])
+        a = self._lookup(logged, self._keys[0])
         if a is None:
             return
+        recorded: float | None = None
         if self.kind == "paired":
             assert self._keys[1] is not None
-            b = self._read(logged, self._keys[1])
+            b = self._lookup(logged, self._keys[1])
+            if b is None:
+                return
+            values = _stack_scalars([a, b])
         else:
-            b = self._baseline_at(step)
-        if b is None:
+            recorded = self._baseline_at(step)
+            if recorded is None:
+                return
+            values = _stack_scalars([a])
+        self._pending.append((step, values, recorded))
+        every = self.read_every
+        if every is None:
+            every = 1 if values.device.type == "cpu" else self._delta_every(trainer)
+        if read_now or len(self._pending) >= every:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Read the queued pairs back in one transfer and feed them to the detector in order."""
+        if not self._pending:
             return
+        pending, self._pending = self._pending, []
+        assert self._host is not None
+        trainer, pl_module = self._host
+        try:
+            rows = torch.stack([v for _, v, _ in pending]).cpu().tolist()
+        except RuntimeError:  # mixed devices or dtypes across steps: one read each
+            rows = [v.cpu().tolist() for _, v, _ in pending]
+        for (step, _, recorded), row in zip(pending, rows, strict=True):
+            self._feed(trainer, pl_module, step, row[0], row[1] if recorded is None else recorded)
+
+    def _delta_every(self, trainer: pl.Trainer) -> int:
+        return self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50)))
+
+    def _feed(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, a: float, b: float
+    ) -> None:
         crossing = self.detector.update(step, a, b)
         if self.detector.last_step != step:  # non-finite loss: ignored by the detector
             return
-        every = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50)))
         metrics: dict[str, float] = {}
-        if (self.detector.n_updates - 1) % every == 0 or crossing is not None:
+        if (self.detector.n_updates - 1) % self._delta_every(trainer) == 0 or crossing is not None:
             metrics["crossing/delta"] = self.detector.delta
         if crossing is not None:
             metrics["crossing/event"] = float(crossing.event)

@@ -19,8 +19,10 @@ or the non-ignored tokens for class targets ``-100``), which is exactly the data
 per-term mean losses. Metrics
 accumulate with torchmetrics' own ``update``/``compute`` on two private copies of each metric.
 
-* **Train side:** a training subset fixed once at train start: ``train_subset_size`` samples at
-  indices drawn by a ``torch.Generator`` seeded with ``seed`` from a map-style training dataset,
+* **Train side:** a training subset fixed once: ``train_subset_size`` samples (default: as many
+  as the validation run evaluates, at most 256, fixed at the first validation) at the first
+  indices of a permutation drawn by a ``torch.Generator`` seeded with ``seed`` from a map-style
+  training dataset (in dataset order),
   collated with the loader's ``collate_fn`` in batches of its ``batch_size`` (no sampler is
   touched, so training order and RNG are unchanged and every DDP rank holds the same subset); for
   an ``IterableDataset`` the first batches of a fresh loader iterator (under ``isolate_rng``).
@@ -112,6 +114,8 @@ from glu_probe.callbacks.paired import (
 __all__ = ["GeneralizationGapMonitor"]
 
 _RESERVED = {"loss", "train", "val"}
+#: Largest automatic training subset (``train_subset_size=None``), in samples.
+AUTO_SUBSET_MAX = 256
 
 
 def _precision_context(trainer: pl.Trainer | None) -> AbstractContextManager[Any]:
@@ -177,17 +181,59 @@ class _Side:
         self.reset()
 
     def reset(self) -> None:
-        self.loss_sum = 0.0
-        self.count = 0
+        self._loss_sum = 0.0
+        self._count = 0.0
+        # [loss·n, n] per batch, float64 on an accelerator, read back once (a per-batch read is
+        # a device sync that stalls the launch queue).
+        self._queued: list[torch.Tensor] = []
         for m in self.metrics.values():
             m.reset()
 
     def add(self, loss: torch.Tensor, preds: Any, target: Any) -> None:
-        n = _n_items(target)
-        self.loss_sum += float(loss) * n
-        self.count += n
+        if _reads_lazily(loss, target):
+            n = _n_items_lazy(target, loss.device)
+            self._queued.append(torch.stack([loss.detach().double().reshape(()) * n, n]))
+        else:
+            k = _n_items(target)
+            self._loss_sum += float(loss) * k
+            self._count += k
         for m in self.metrics.values():
             m.update(preds, target)
+
+    def _settle(self) -> None:
+        if self._queued:
+            total = torch.stack(self._queued).sum(0).tolist()  # one read
+            self._queued = []
+            self._loss_sum += total[0]
+            self._count += total[1]
+
+    @property
+    def loss_sum(self) -> float:
+        """Σ over batches of (batch loss × loss terms in the batch)."""
+        self._settle()
+        return self._loss_sum
+
+    @property
+    def count(self) -> float:
+        """Σ over batches of the loss terms (samples, or non-ignored tokens)."""
+        self._settle()
+        return self._count
+
+
+def _reads_lazily(loss: Any, target: Any) -> bool:
+    """Queue this batch on the device (an accelerator; MPS has no float64) instead of reading."""
+    return (
+        isinstance(loss, torch.Tensor)
+        and loss.device.type not in ("cpu", "mps")
+        and (not isinstance(target, torch.Tensor) or target.device == loss.device)
+    )
+
+
+def _n_items_lazy(target: Any, device: torch.device) -> torch.Tensor:
+    """:func:`_n_items` as a float64 tensor on ``device`` (the target's), never read back."""
+    if isinstance(target, torch.Tensor) and target.dim() > 0 and not target.is_floating_point():
+        return (target != -100).sum().double()
+    return torch.tensor(float(_n_items(target)), dtype=torch.float64, device=device)
 
 
 def _paired_evaluations(
@@ -213,7 +259,11 @@ class GeneralizationGapMonitor(Callback):
     """Log ``gap/loss`` = val − train loss and ``gap/<metric>`` at each validation end.
 
     Args:
-        train_subset_size: number of training samples evaluated (clean mode).
+        train_subset_size: number of training samples evaluated (clean mode). ``None``
+            (default): as many as the validation run evaluates (evaluated val batches × the
+            val loader's batch size, read at the first validation), at most
+            :data:`AUTO_SUBSET_MAX` (256): both sides then carry the same sampling noise, and
+            the train side never costs more than the validation Lightning runs anyway.
         metrics: clean mode: ``{name: torchmetrics.Metric}``; logged mode: ``{name: (train_key,
             val_key)}`` or a list of names ``n`` (keys ``train_n``, ``val_n``).
         mode: ``"clean"`` (default) or ``"logged"``.
@@ -234,7 +284,7 @@ class GeneralizationGapMonitor(Callback):
 
     def __init__(
         self,
-        train_subset_size: int = 256,
+        train_subset_size: int | None = None,
         metrics: Mapping[str, Any] | Sequence[str] | None = None,
         mode: str = "clean",
         train_key: str = "train_loss",
@@ -254,7 +304,7 @@ class GeneralizationGapMonitor(Callback):
                 f"GeneralizationGapMonitor: mode must be 'clean' or 'logged', got {mode!r}"
             )
         owner = "GeneralizationGapMonitor"
-        check_positive_int(owner, "train_subset_size", train_subset_size)
+        check_positive_int(owner, "train_subset_size", train_subset_size, allow_none=True)
         check_positive_int(owner, "val_batches", val_batches, allow_none=True)
         check_positive_int(owner, "eval_batch_size", eval_batch_size, allow_none=True)
         if loss_fn is not None and not callable(loss_fn):
@@ -281,8 +331,10 @@ class GeneralizationGapMonitor(Callback):
         # Map-style subset: its samples and the train loader's collate_fn / batch size, to be
         # batched at the eval batch size at the first validation (val loaders exist only then).
         self._items: list[Any] | None = None
+        self._order: list[int] = []  # the items' dataset indices (a seeded permutation prefix)
         self._collate: Callable[[list[Any]], Any] | None = None
         self._train_bs = 1
+        self._sized = False  # the subset's final size is fixed at the first validation
         self.train_subset = list(train_subset) if train_subset is not None else None
         self.seed = int(seed)
         self.labels_key = labels_key
@@ -361,6 +413,7 @@ class GeneralizationGapMonitor(Callback):
         self._check_contract(pl_module)
         include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         self._items = None  # set by _draw for a map-style subset
+        self._sized = self.train_subset is not None
         with isolate_rng(include_cuda=include_cuda):
             batches = self.train_subset if self.train_subset is not None else self._draw(trainer)
             self._batches = [trainer.strategy.batch_to_device(b) for b in batches]
@@ -391,8 +444,9 @@ class GeneralizationGapMonitor(Callback):
             and trainer.state.fn == "fit"
             and self._batches is not None
         )
-        if self._active and self._items is not None:
-            self._rebatch(trainer)
+        if self._active and not self._sized:
+            self._sized = True
+            self._rebatch(trainer, self._final_size(trainer))
         if self._active:
             for sides in self._sides.values():
                 sides["val"].reset()
@@ -454,21 +508,49 @@ class GeneralizationGapMonitor(Callback):
             "target) attribute, or use mode='logged'"
         )
 
-    def _rebatch(self, trainer: pl.Trainer) -> None:
-        """Batch the drawn subset at the eval batch size (once, at the first validation)."""
+    def _final_size(self, trainer: pl.Trainer) -> int:
+        """The subset's size: ``train_subset_size``, or (``None``) the number of samples the
+        validation run evaluates, at most :data:`AUTO_SUBSET_MAX`."""
+        if self.train_subset_size is not None:
+            return self.train_subset_size
+        n_batches = (getattr(trainer, "num_val_batches", None) or [math.inf])[0]
+        if self.val_batches is not None:
+            n_batches = min(n_batches, self.val_batches)
+        val = _first_loader(trainer.val_dataloaders)
+        bs = val.batch_size if val is not None else None
+        if not bs or not math.isfinite(n_batches) or n_batches <= 0:
+            return AUTO_SUBSET_MAX
+        return max(1, min(AUTO_SUBSET_MAX, int(n_batches) * bs))
+
+    def _rebatch(self, trainer: pl.Trainer, size: int) -> None:
+        """At the first validation: cut the drawn subset to ``size`` samples and batch it at
+        the eval batch size."""
         items, collate, self._items = self._items, self._collate, None  # consumed
-        if items is None or collate is None:
+        if items is None or collate is None:  # batches of an iterable loader
+            if self._batches is not None:
+                kept, got = [], 0
+                for b in self._batches:
+                    if got >= size:
+                        break
+                    kept.append(b)
+                    got += _n_samples(b)
+                self._batches = kept
             return
+        # the first `size` of the seeded permutation, in dataset order (the documented rule)
+        keep = sorted(range(min(size, len(items))), key=self._order.__getitem__)
+        cut = len(keep) < len(items)
+        items = [items[j] for j in keep]
         bs = self.eval_batch_size
         if bs is None:
             val = _first_loader(trainer.val_dataloaders)
             bs = max(self._train_bs, (val.batch_size if val is not None else None) or 1)
-        if bs == self._train_bs:
+        if bs == self._train_bs and not cut:
             return
         batches = [collate(items[j : j + bs]) for j in range(0, len(items), bs)]
         self._batches = [trainer.strategy.batch_to_device(b) for b in batches]
 
     def _draw(self, trainer: pl.Trainer) -> list[Any]:
+        """The largest subset this run may evaluate (cut at the first validation)."""
         loader = _first_loader(trainer.train_dataloader)
         if loader is None:
             raise MisconfigurationException(
@@ -477,23 +559,26 @@ class GeneralizationGapMonitor(Callback):
             )
         dataset = loader.dataset
         bs = loader.batch_size or 64
+        want = self.train_subset_size or AUTO_SUBSET_MAX
         if (
             not isinstance(dataset, IterableDataset)
             and hasattr(dataset, "__len__")
             and hasattr(dataset, "__getitem__")
         ):
             n = len(dataset)  # type: ignore[arg-type]
-            k = min(self.train_subset_size, n)
+            k = min(want, n)
             gen = torch.Generator().manual_seed(self.seed)
-            idx = torch.randperm(n, generator=gen)[:k].sort().values.tolist()
-            items = [dataset[i] for i in idx]
-            self._items, self._collate, self._train_bs = items, loader.collate_fn, bs
-            return [loader.collate_fn(items[j : j + bs]) for j in range(0, k, bs)]
+            order = torch.randperm(n, generator=gen)[:k].tolist()
+            items = [dataset[i] for i in order]  # permutation order: any prefix is the rule
+            self._items, self._order = items, order
+            self._collate, self._train_bs = loader.collate_fn, bs
+            ranked = [items[j] for j in sorted(range(k), key=order.__getitem__)]
+            return [loader.collate_fn(ranked[j : j + bs]) for j in range(0, k, bs)]
         batches, got = [], 0
         for batch in loader:
             batches.append(batch)
             got += _n_samples(batch)
-            if got >= self.train_subset_size:
+            if got >= want:
                 break
         if not batches:
             raise MisconfigurationException("GeneralizationGapMonitor: the train loader is empty")

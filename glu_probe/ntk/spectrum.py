@@ -58,6 +58,7 @@ from .operator import NTKOperator
 __all__ = [
     "AUTO_DENSE_MAX_ROWS",
     "FULL_SPAN_BLOCK",
+    "FULL_SPAN_BLOCK_CUDA",
     "NTKRankWarning",
     "NTKSpectrum",
     "ntk_spectrum",
@@ -68,6 +69,8 @@ AUTO_DENSE_MAX_ROWS = 1024
 
 #: Widest block product when Lanczos spans the whole space (see :func:`_full_span_block`).
 FULL_SPAN_BLOCK = 16
+#: The same on a CUDA device, where a wider vmapped product still gains (fewer launches).
+FULL_SPAN_BLOCK_CUDA = 64
 
 
 class NTKRankWarning(RuntimeWarning):
@@ -98,7 +101,8 @@ class NTKSpectrum:
         wall_time: seconds, probe construction included.
         method: ``"dense"`` or ``"lanczos"``.
         ritz_vectors: (n, m) vectors of the extreme eigenvalues, largest and smallest
-            alternating; pass the result as ``warm_start=`` of the next call.
+            alternating; pass the result as ``warm_start=`` of the next call. ``None`` on the
+            dense path unless ``dense_vectors=True`` (eigenvalues alone cost less).
         lambda_min_upper: certified upper bound on λ_min (θ_min; λ_min itself when exact;
             λ_min + residual_min on the mixed-precision dense path, under its rounding estimate).
         condition_number_lower: certified lower bound on κ (θ_max/θ_min; κ itself when exact;
@@ -248,6 +252,7 @@ def ntk_spectrum(
     slq_probes: int = 0,
     slq_steps: int = 10,
     jacobian_dtype: torch.dtype = torch.float64,
+    dense_vectors: bool = False,
 ) -> NTKSpectrum:
     """Extreme eigenvalues and condition number of the empirical NTK of ``model`` on ``inputs``.
 
@@ -286,6 +291,11 @@ def ntk_spectrum(
             plus the quadrature): every eigenvalue, and the effective rank, exact.
         slq_steps: Lanczos steps per SLQ probe (the quadrature is exact for polynomials of
             degree < 2·slq_steps).
+        dense_vectors: dense path only: also return the extreme eigenvectors as
+            ``ritz_vectors`` (for a later ``warm_start``), with ``eigh`` instead of
+            ``eigvalsh``. Off by default: the eigenvalues alone take 0.5–0.6× the time at
+            n = 512 on CPU, and a dense result rarely warm-starts anything (the next probe of
+            the same size is dense again).
 
     Raises:
         ValueError: bad arguments, empty batch, no trainable parameters, NaN/Inf outputs, or
@@ -313,8 +323,10 @@ def ntk_spectrum(
             budget = _budget(probe, 8, memory_budget)
             if budget >= n * n * 8 + 4 * probe.n_params * 8:
                 method = "dense"
+    if not isinstance(dense_vectors, bool):
+        raise ValueError(f"dense_vectors must be a bool, got {dense_vectors!r}")
     if method == "dense":
-        return _dense(probe, memory_budget, block_size, t0, jacobian_dtype)
+        return _dense(probe, memory_budget, block_size, t0, jacobian_dtype, dense_vectors)
     return _lanczos(
         probe,
         tol=tol,
@@ -337,6 +349,7 @@ def _dense(
     block_size: int,
     t0: float,
     jacobian_dtype: torch.dtype = torch.float64,
+    vectors: bool = False,
 ) -> NTKSpectrum:
     probe = probe.astype(torch.float64)
     # rows_dtype is float64 when no Jacobian rows fit: the operator strategy's products run in
@@ -346,7 +359,11 @@ def _dense(
     mixed = rows_dtype != torch.float64
     # ‖E‖₂ estimate of the Jacobian's rounding (0: float64 rows, K exact up to n·ε₆₄·λ_max).
     delta = jacobian_rounding_estimate(float(K.trace()), rows_dtype) if mixed else 0.0
-    evals, evecs = torch.linalg.eigh(K)
+    evecs: Tensor | None = None
+    if vectors:
+        evals, evecs = torch.linalg.eigh(K)
+    else:
+        evals = torch.linalg.eigvalsh(K)
     evals = evals.cpu()
     lam_max, lam_min = float(evals[-1]), float(evals[0])
     if lam_max <= 0.0:
@@ -377,7 +394,9 @@ def _dense(
         n_matvecs=0,
         wall_time=time.perf_counter() - t0,
         method="dense",
-        ritz_vectors=_alternate_ends(evecs, evals, max(2 * block_size, 2)),
+        ritz_vectors=(
+            None if evecs is None else _alternate_ends(evecs, evals, max(2 * block_size, 2))
+        ),
         lambda_min_upper=upper,
         condition_number_lower=min(kappa_lower, kappa),
         precision="mixed" if mixed else "float64",
@@ -391,13 +410,17 @@ def _full_span_block(probe: ProbeFunction, n: int, block_size: int) -> int:
     how many (vmapped) block products carry them: fewer calls, less per-call dispatch overhead.
     Measured on CPU (GPT-2 of 0.1–3.2M parameters, 64 rows, full span): 16 columns per product
     took 0.5–0.8× the time of 4; 64 columns was slower again (each column holds a
-    parameter-sized VJP output, so memory traffic grows). Hence up to :data:`FULL_SPAN_BLOCK`
-    columns, never fewer than ``block_size``, and only as many as keep the block's VJP outputs
-    (``width · n_params`` numbers) within 1/8 of the device's free memory.
+    parameter-sized VJP output, so memory traffic grows). On an H200 (GPT-2-small, 64 rows)
+    16 columns took 0.30× the time of 4, and wider blocks are measured in
+    ``benchmarks/RESULTS_ntk.md`` §7. Hence up to :data:`FULL_SPAN_BLOCK` columns
+    (:data:`FULL_SPAN_BLOCK_CUDA` on CUDA), never fewer than ``block_size``, and only as many
+    as keep the block's VJP outputs (``width · n_params`` numbers) within 1/8 of the device's
+    free memory.
     """
     per_column = probe.n_params * torch.finfo(probe.dtype).bits // 8
     fits = _available_bytes(probe.device) // 8 // max(per_column, 1)
-    return max(block_size, min(n, FULL_SPAN_BLOCK, fits))
+    cap = FULL_SPAN_BLOCK_CUDA if probe.device.type == "cuda" else FULL_SPAN_BLOCK
+    return max(block_size, min(n, cap, fits))
 
 
 def _lanczos(
