@@ -18,7 +18,10 @@ expression is what is slow) forms ``∂L/∂hᵀ = W2ᵀ (∂L/∂y)ᵀ`` direct
 ``∂L/∂gᵀ = ∂L/∂hᵀ ⊙ uᵀ ⊙ act'(gᵀ)`` and ``∂L/∂uᵀ = ∂L/∂hᵀ ⊙ act(gᵀ)`` into the two halves of one
 buffer with ATen's fused ``*_backward`` kernels, so there is no ``cat``. Same GEMMs as the
 unfused block (one packed matmul for the gate and up projections, forward and backward), fewer
-saved tensors (``x``, ``Pᵀ``, ``hᵀ``; autograd of the plain block also keeps ``act(g)``).
+saved tensors (``x``, ``Pᵀ``, ``hᵀ``; autograd of the plain block also keeps ``act(g)``). In
+16-bit, the packed bias enters the GEMM's float32 accumulation (one rounding, as in the
+token-major ``F.linear``; see :func:`_packed_preactivation`), and the output layer is the
+token-major block's own ``F.linear`` on the transposed view of ``hᵀ``.
 
 Scope, so that nothing else changes (:meth:`glu_probe.modules.GatedMLP.forward` checks it):
 
@@ -109,11 +112,33 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     return None
 
 
-def _linear_t(w: Tensor, xt: Tensor, b: Tensor | None) -> Tensor:
-    """``w @ xt (+ b[:, None])``: a feature-major linear layer."""
-    if b is None:
-        return torch.mm(w, xt)
-    return torch.addmm(b.unsqueeze(1), w, xt)
+def _packed_preactivation(w1: Tensor, x: Tensor, b1: Tensor | None) -> Tensor:
+    """``Pᵀ = W1 xᵀ + b1 1ᵀ``, ``(2h, N)``, rounded once.
+
+    A column-broadcast bias in ``torch.addmm`` is added *after* the product is rounded to
+    bf16/fp16 on CUDA (cuBLASLt's bias epilogue; pytorch/pytorch#180875), so 16-bit
+    pre-activations were rounded twice: on an H200 the bf16 gradients of the block were up to 8x
+    less accurate than the token-major block's (ReGLU: sign flips of near-zero gates), and the
+    same two roundings emulated on the CPU reproduce those errors to three digits
+    (``benchmarks/RESULTS_mlp.md``). Here the bias is one more term of the GEMM's float32
+    accumulation instead: ``[W1 | b1 | 0] [x | 1 | 0]ᵀ`` with the inner dimension padded to a
+    multiple of 8 (tensor-core alignment). That costs one copy of ``x`` and of ``W1`` per call
+    (each smaller than ``Pᵀ``), and only for 16-bit blocks with a bias; without a bias (the
+    LLaMA / timm ``SwiGLU`` convention) it is a plain ``mm``. Float32 keeps ``addmm``.
+    """
+    if b1 is None:
+        return torch.mm(w1, x.t())
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return torch.addmm(b1.unsqueeze(1), w1, x.t())
+    n, k = x.shape
+    k_aug = (k + 1 + 7) // 8 * 8
+    xa = x.new_zeros(n, k_aug)
+    xa[:, :k] = x
+    xa[:, k] = 1
+    wa = w1.new_zeros(w1.shape[0], k_aug)
+    wa[:, :k] = w1
+    wa[:, k] = b1
+    return torch.mm(wa, xa.t())
 
 
 class _FusedGatedMLP(torch.autograd.Function):
@@ -135,10 +160,12 @@ class _FusedGatedMLP(torch.autograd.Function):
         gate_first: bool,
     ) -> Tensor:
         ctx.kind, ctx.gate_first = kind, gate_first
-        pt = _linear_t(w1, x.t(), b1)  # (2h, N): gate and up rows contiguous
+        pt = _packed_preactivation(w1, x, b1)  # (2h, N): gate and up rows contiguous
         g, u = _halves(pt, gate_first)
         ht = _act(kind, g) * u  # (h, N), contiguous
-        y = _linear_t(w2, ht, b2).t()  # (N, out): one GEMM on the transposed operands
+        # (N, out), token-major: hᵀ is read as a transposed GEMM operand (no copy), and the
+        # bias is added exactly as the token-major block's F.linear adds it.
+        y = F.linear(ht.t(), w2, b2)
         # The inputs (a backward with create_graph differentiates through them) and the two
         # intermediates; the plain block's autograd keeps as much, plus act(g).
         ctx.save_for_backward(x, w1, b1, w2, b2, pt, ht)

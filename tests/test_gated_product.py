@@ -299,3 +299,44 @@ def test_gradient_penalty_under_autocast_reaches_the_float32_input_and_weights()
             continue
         scale = b.abs().max()
         torch.testing.assert_close(a / scale, b / scale, rtol=3e-2, atol=3e-2)
+
+
+def _rounded_once_error(pt: torch.Tensor, x, w1, b1) -> float:
+    """Largest |Pᵀ − exact| / (u·|exact| + fp32 accumulation bound): ≤ 1 iff every entry is
+    the float32-accumulated value rounded once to x's dtype (u: its unit roundoff)."""
+    exact = (x.double() @ w1.double().T + b1.double()).T
+    terms = (x.double().abs() @ w1.double().abs().T + b1.double().abs()).T
+    u = torch.finfo(x.dtype).eps / 2
+    bound = u * exact.abs() + 2 * x.shape[1] * 2**-24 * terms + 1e-30
+    return float(((pt.double() - exact).abs() / bound).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [13, 16])
+def test_packed_preactivation_is_rounded_once(dtype, k):
+    """The feature-major pre-activation W1 xᵀ + b1 1ᵀ with the bias inside the float32
+    accumulation (inner dimension padded to a multiple of 8): every entry within one rounding
+    of the exact value, also where the product nearly cancels the bias (a product rounded to
+    16 bits before the bias is added is off by up to u·|W1 x|, far more than u·|result|, and
+    flips the sign of near-zero ReLU gates; see gated_product._packed_preactivation)."""
+    from glu_probe.gated_product import _packed_preactivation
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, k, generator=gen).to(dtype)
+    w1 = torch.randn(24, k, generator=gen).to(dtype)
+    # biases that nearly cancel the products: the worst case for a second rounding
+    b1 = (-(x[:1].float() @ w1.float().T)[0] * (1 + 1e-3 * torch.randn(24, generator=gen))).to(
+        dtype
+    )
+    pt = _packed_preactivation(w1, x, b1)
+    assert pt.shape == (24, 40) and pt.dtype == dtype and pt.is_contiguous()
+    assert _rounded_once_error(pt, x, w1, b1) <= 1.0
+    # the emulated double rounding this replaces fails the same check
+    twice = (x @ w1.T).T + b1.unsqueeze(1)
+    assert _rounded_once_error(twice, x, w1, b1) > 1.0
+    # float32 and bias-free blocks keep the plain GEMM
+    x32, w32, b32 = x.float(), w1.float(), b1.float()
+    torch.testing.assert_close(
+        _packed_preactivation(w32, x32, b32), torch.addmm(b32[:, None], w32, x32.T)
+    )
+    torch.testing.assert_close(_packed_preactivation(w1, x, None), w1 @ x.T)

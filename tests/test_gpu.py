@@ -69,8 +69,9 @@ def test_fused_packed_path_on_cuda_is_as_accurate_as_the_plain_path(variant, dty
     of the same weights: the fused path's error is at most twice the plain path's (+ a floor).
 
     (A direct fused-vs-plain comparison at a fixed 2e-2 tolerance failed for ReGLU in bf16 on an
-    H100 on 2026-11-27; two bf16 GEMM orders round differently, so each path is measured against
-    float64 truth here instead. This version has not yet run on a GPU.)
+    H100 on 2026-11-27, and this version failed for ReGLU in bf16 on an H200 the same day: 8x the
+    plain path's error. Cause: the bias was added after the product was rounded to bf16 (a
+    column-broadcast addmm); now it is inside the GEMM's accumulation. Not yet re-run on a GPU.)
     """
     torch.manual_seed(0)
     fused = glu_probe.make_mlp(variant, 64, 96, fused=True).to("cuda", dtype)
@@ -192,3 +193,22 @@ def test_gap_sums_queued_on_cuda_match_cpu():
     assert sides["cuda"]._queued  # not read back yet
     assert sides["cuda"].count == sides["cpu"].count
     assert sides["cuda"].loss_sum == pytest.approx(sides["cpu"].loss_sum, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_preactivation_on_cuda_is_rounded_once(dtype):
+    """The feature-major pre-activation on the GPU: every entry within one 16-bit rounding of
+    the exact value, including biases that nearly cancel the products (a column-broadcast
+    addmm rounded the product first there: 8x the token-major block's gradient error)."""
+    from test_gated_product import _rounded_once_error
+
+    from glu_probe.gated_product import _packed_preactivation
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(264, 64, generator=gen).to(dtype)
+    w1 = torch.randn(192, 64, generator=gen).to(dtype)
+    b1 = (-(x[:1].float() @ w1.float().T)[0] * (1 + 1e-3 * torch.randn(192, generator=gen))).to(
+        dtype
+    )
+    pt = _packed_preactivation(w1.cuda(), x.cuda(), b1.cuda())
+    assert _rounded_once_error(pt.cpu(), x, w1, b1) <= 1.0
