@@ -3,16 +3,17 @@
 Usage::
 
     python benchmarks/bench_mlp.py [--device cpu|cuda] [--tokens 4096] [--dims 256 512 768]
-        [--dtype float32|bfloat16|float16] [--threads N] [--write benchmarks/RESULTS_mlp.md]
+        [--dtype float32|bfloat16|float16] [--autocast bfloat16] [--bias] [--threads N]
+        [--write benchmarks/RESULTS_mlp.md]
 
 Every block gets the same shapes (``in = out = dim``, gated width ``hidden = round(8·dim/3)``
-to a multiple of 8, bias off as in LLaMA) and identical weights. One step is
-``y = block(x); y.backward(dy)`` with ``x.requires_grad=True``; each is timed with
-``torch.utils.benchmark.Timer.blocked_autorange`` and the table reports the median time and the
-ratio ``ours / theirs`` (<= 1.0 means glu-probe is no slower). ``glu_probe.SwiGLU`` is the
-default (``fused=None``: the feature-major fused path for 16-bit compute on CUDA, the
-token-major ``chunk`` expression otherwise); ``fused=True`` / ``fused=False`` force either
-packed path (``glu_probe.gated_product``).
+to a multiple of 8, bias off as in LLaMA unless ``--bias``, timm's default) and identical
+weights. One step is ``y = block(x); y.backward(dy)`` with ``x.requires_grad=True``; each is
+timed with ``torch.utils.benchmark.Timer.blocked_autorange`` and the table reports the median
+time and the ratio ``ours / theirs`` (<= 1.0 means glu-probe is no slower).
+``glu_probe.SwiGLU`` is the default (``fused=None``: the feature-major fused path for 16-bit
+compute on CUDA, the token-major ``chunk`` expression otherwise); ``fused=True`` /
+``fused=False`` force either packed path (``glu_probe.gated_product``).
 """
 
 from __future__ import annotations
@@ -36,29 +37,43 @@ OURS = (
 )
 
 
-def _competitors(dim: int, hidden: int, device: str, dtype: torch.dtype) -> dict[str, nn.Module]:
-    ours = SwiGLU(dim, hidden, bias=False)
+def _competitors(
+    dim: int, hidden: int, device: str, dtype: torch.dtype, bias: bool = False
+) -> dict[str, nn.Module]:
+    """Every block with the same weights (and biases, with ``bias=True``)."""
+    ours = SwiGLU(dim, hidden, bias=bias)
     wg, wu = (t.detach().clone() for t in ours.fc1.weight.chunk(2, 0))
-    unpacked = SwiGLU(dim, hidden, bias=False, packed=False)
-    unpacked.fc1_g.weight.data.copy_(wg)
-    unpacked.fc1_x.weight.data.copy_(wu)
-    unpacked.fc2.weight.data.copy_(ours.fc2.weight)
+    bg, bu = (t.detach().clone() for t in ours.fc1.bias.chunk(2, 0)) if bias else (None, None)
+    b2 = ours.fc2.bias.detach().clone() if bias else None
+
+    def copy_into(gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> None:
+        gate.weight.data.copy_(wg)
+        up.weight.data.copy_(wu)
+        down.weight.data.copy_(ours.fc2.weight)
+        if bias:
+            gate.bias.data.copy_(bg)
+            up.bias.data.copy_(bu)
+            down.bias.data.copy_(b2)
+
+    unpacked = SwiGLU(dim, hidden, bias=bias, packed=False)
+    copy_into(unpacked.fc1_g, unpacked.fc1_x, unpacked.fc2)
     blocks: dict[str, nn.Module] = {OURS[0]: ours, OURS[1]: unpacked}
     for name, fused in ((OURS[2], True), (OURS[3], False)):  # both packed paths, forced
-        blocks[name] = SwiGLU(dim, hidden, bias=False, fused=fused)
+        blocks[name] = SwiGLU(dim, hidden, bias=bias, fused=fused)
         blocks[name].load_state_dict(ours.state_dict())
     try:
         from timm.layers import SwiGLU as TimmSwiGLU
         from timm.layers import SwiGLUPacked
 
-        t = TimmSwiGLU(dim, hidden, bias=False)
-        t.fc1_g.weight.data.copy_(wg)
-        t.fc1_x.weight.data.copy_(wu)
-        t.fc2.weight.data.copy_(ours.fc2.weight)
+        t = TimmSwiGLU(dim, hidden, bias=bias)
+        copy_into(t.fc1_g, t.fc1_x, t.fc2)
         blocks["timm.SwiGLU"] = t
-        tp = SwiGLUPacked(dim, 2 * hidden, bias=False)
+        tp = SwiGLUPacked(dim, 2 * hidden, bias=bias)
         tp.fc1.weight.data.copy_(ours.fc1.weight)
         tp.fc2.weight.data.copy_(ours.fc2.weight)
+        if bias:
+            tp.fc1.bias.data.copy_(ours.fc1.bias)
+            tp.fc2.bias.data.copy_(ours.fc2.bias)
         blocks["timm.SwiGLUPacked"] = tp
     except ImportError:
         print("timm not installed: skipping timm blocks", file=sys.stderr)
@@ -66,11 +81,11 @@ def _competitors(dim: int, hidden: int, device: str, dtype: torch.dtype) -> dict
         from transformers import LlamaConfig
         from transformers.models.llama.modeling_llama import LlamaMLP
 
-        cfg = LlamaConfig(hidden_size=dim, intermediate_size=hidden, hidden_act="silu")
+        cfg = LlamaConfig(
+            hidden_size=dim, intermediate_size=hidden, hidden_act="silu", mlp_bias=bias
+        )
         m = LlamaMLP(cfg)
-        m.gate_proj.weight.data.copy_(wg)
-        m.up_proj.weight.data.copy_(wu)
-        m.down_proj.weight.data.copy_(ours.fc2.weight)
+        copy_into(m.gate_proj, m.up_proj, m.down_proj)
         blocks["hf.LlamaMLP"] = m
     except ImportError:
         print("transformers not installed: skipping LlamaMLP", file=sys.stderr)
@@ -99,12 +114,13 @@ def bench(
     min_run_time: float,
     rounds: int = 3,
     autocast: torch.dtype | None = None,
+    bias: bool = False,
 ) -> list[dict[str, float | int | str]]:
     rows: list[dict[str, float | int | str]] = []
     for dim in dims:
         hidden = 8 * round(8 * dim / 3 / 8)
         torch.manual_seed(0)
-        blocks = _competitors(dim, hidden, device, dtype)
+        blocks = _competitors(dim, hidden, device, dtype, bias)
         x = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn(tokens, dim, device=device, dtype=dtype)
         low = autocast is not None or dtype != torch.float32
@@ -209,6 +225,11 @@ def main(argv: list[str] | None = None) -> None:
         "Lightning's precision='bf16-mixed' does",
     )
     parser.add_argument(
+        "--bias",
+        action="store_true",
+        help="blocks with biases (timm's default) instead of the LLaMA convention (none)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="also print torch.profiler kernel tables (first dim) for ours, unfused, timm SwiGLU",
@@ -224,9 +245,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     autocast = getattr(torch, args.autocast) if args.autocast else None
     rows = bench(
-        args.tokens, args.dims, args.device, dtype, args.min_run_time, args.rounds, autocast
+        args.tokens,
+        args.dims,
+        args.device,
+        dtype,
+        args.min_run_time,
+        args.rounds,
+        autocast,
+        args.bias,
     )
     amp = f", autocast={args.autocast}" if args.autocast else ""
+    amp += ", bias=True" if args.bias else ""
     header = (
         f"### MLP forward+backward, device={args.device} ({dev_name}), dtype={args.dtype}{amp}, "
         f"threads={torch.get_num_threads()}, torch {torch.__version__}; best of {args.rounds} "

@@ -30,7 +30,7 @@ run() {  # run NAME SECONDS CMD...
 }
 # Steps (all by default, or those named on the command line), ordered by what only a GPU can
 # tell; each has its own time cap (about 7 minutes in all).
-steps=${*:-gpu_tests fused_acc bench_callbacks bench_ntk bench_mlp_bf16 bench_mlp_amp}
+steps=${*:-gpu_tests fused_acc bench_callbacks bench_ntk bench_mlp_bf16 bench_mlp_bias bench_mlp_amp}
 for step in $steps; do
   case $step in
     gpu_tests) run gpu_tests 75 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
@@ -42,6 +42,8 @@ for step in $steps; do
       --sections "${NTK_SECTIONS:-1,2,3,4,6,7,8}" ;;
     bench_mlp_bf16) run bench_mlp_bf16 45 python3 benchmarks/bench_mlp.py --device cuda \
       --dtype bfloat16 --tokens 16384 --dims 768 2048 --min-run-time 0.3 ;;
+    bench_mlp_bias) run bench_mlp_bias 45 python3 benchmarks/bench_mlp.py --device cuda \
+      --dtype bfloat16 --bias --tokens 16384 --dims 768 2048 --min-run-time 0.2 --rounds 5 ;;
     bench_mlp_amp) run bench_mlp_amp 60 python3 benchmarks/bench_mlp.py --device cuda \
       --autocast bfloat16 --tokens 16384 --dims 768 2048 --min-run-time 0.2 --rounds 5 ;;
     *) echo "unknown step $step" ;;
