@@ -245,6 +245,22 @@ def test_batched_reads_change_no_result(tmp_path):
     assert resumed.crossings == mons[1].crossings
 
 
+def test_queued_losses_are_read_when_training_fails(tmp_path):
+    """A run that dies mid-queue still feeds the detector every step it logged."""
+
+    class Failing(Synthetic):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 40:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    mon = LossCrossingMonitor(baseline=list(CURVE_B), read_every=7, **KW)
+    with pytest.raises(RuntimeError, match="boom"):
+        _trainer(tmp_path, callbacks=[mon]).fit(Failing(CURVE_A), _loader())
+    assert mon._pending == [] and mon.detector.last_step == 39
+    assert mon.crossings == find_crossings(T[:40], F32(CURVE_A[:40]), T, CURVE_B, **KW)
+
+
 def test_queued_device_scalars_are_stacked_without_reading():
     from glu_probe.callbacks.crossing import _stack_scalars
 

@@ -379,7 +379,10 @@ class LossCrossingMonitor(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._flush()
+        try:  # keep what was queued before the failure; never mask the original exception
+            self._flush()
+        except Exception as err:
+            rank_zero_warn(f"LossCrossingMonitor: could not read the queued losses: {err}")
 
     # ------------------------------------------------------------------ internals
     def _lookup(self, metrics: Mapping[str, Any], key: str) -> Any:
