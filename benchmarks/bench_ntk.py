@@ -374,6 +374,34 @@ def dense_breakdown(device: torch.device) -> None:
                 cells.append(f"n/a ({str(err)[:30]}…)")
         emit(f"| {name} | " + " | ".join(cells) + " |")
     emit()
+    # The structured strategy's chunks (samples per vmapped pass): each pass costs the same
+    # host-side work, which a GPU pays for at these sizes; larger chunks cost memory.
+    from glu_probe.ntk import structured as structured_mod
+
+    model, x = _section3_cases(device)["timm ViT d32, N=64, O=8"]
+    plain = structured_mod.structured_ntk
+    _, t_ref, m_ref = peak_memory(lambda: tutorial_kappa(model, x), device)
+    t_ref = min(t_ref, best(lambda: tutorial_kappa(model, x), device, 1, trials=3))
+    emit("| ViT, ntk_spectrum dense with structured chunks of | time ratio | memory ratio |")
+    emit("|---|---|---|")
+    try:
+        for chunk in (None, 16, 32, 64):
+
+            def forced(probe: Any, budget: int, jd: Any, c: Any = None, k: Any = chunk) -> Any:
+                return plain(probe, budget, jd, k)
+
+            structured_mod.structured_ntk = forced  # type: ignore[assignment]
+
+            def call() -> Any:
+                return ntk_spectrum(model, x, output="full", method="dense")
+
+            call()
+            _, t, mem = peak_memory(call, device)
+            t = min(t, best(call, device, 1, trials=3))
+            emit(f"| {chunk or 'default'} | {t / t_ref:.2f} | {mem / m_ref:.3f} |")
+    finally:
+        structured_mod.structured_ntk = plain  # type: ignore[assignment]
+    emit()
     if device.type != "cuda":
         return
     from torch.profiler import ProfilerActivity, profile
