@@ -20,8 +20,8 @@ buffer with ATen's fused ``*_backward`` kernels, so there is no ``cat``. Same GE
 unfused block (one packed matmul for the gate and up projections, forward and backward), fewer
 saved tensors (``x``, ``Pᵀ``, ``hᵀ``; autograd of the plain block also keeps ``act(g)``). In
 16-bit, the packed bias enters the GEMM's float32 accumulation (one rounding, as in the
-token-major ``F.linear``; see :func:`_packed_preactivation`), and the output layer is the
-token-major block's own ``F.linear`` on the transposed view of ``hᵀ``.
+token-major ``F.linear``; see :func:`_packed_preactivation`), and an output layer with a bias
+is the token-major block's own ``F.linear`` on the transposed view of ``hᵀ``.
 
 Scope, so that nothing else changes (:meth:`glu_probe.modules.GatedMLP.forward` checks it):
 
@@ -163,9 +163,10 @@ class _FusedGatedMLP(torch.autograd.Function):
         pt = _packed_preactivation(w1, x, b1)  # (2h, N): gate and up rows contiguous
         g, u = _halves(pt, gate_first)
         ht = _act(kind, g) * u  # (h, N), contiguous
-        # (N, out), token-major: hᵀ is read as a transposed GEMM operand (no copy), and the
-        # bias is added exactly as the token-major block's F.linear adds it.
-        y = F.linear(ht.t(), w2, b2)
+        # (N, out), one GEMM on the transposed operands; with a bias, F.linear on the view hᵀ
+        # (no copy) adds it as the token-major block does (a column-broadcast addmm would round
+        # twice in 16 bits).
+        y = torch.mm(w2, ht).t() if b2 is None else F.linear(ht.t(), w2, b2)
         # The inputs (a backward with create_graph differentiates through them) and the two
         # intermediates; the plain block's autograd keeps as much, plus act(g).
         ctx.save_for_backward(x, w1, b1, w2, b2, pt, ht)
