@@ -308,12 +308,16 @@ def test_cadence_fixed_and_accumulation():
 def test_auto_cadence_gives_at_least_20_probes():
     ds = make_data()
     mon = NTKSpectrumMonitor(probe_size=4)
-    trainer(max_epochs=13, callbacks=[mon]).fit(TinyNet(), loader(ds))  # 52 steps
-    assert mon.every_n_steps is None
-    assert mon._resolved_every == 52 // 25 == 2
+    trainer(max_epochs=25, callbacks=[mon]).fit(TinyNet(), loader(ds))  # 100 steps
+    assert mon.every_n_steps is None and mon.target_probes == 20
+    assert mon._resolved_every == 100 // 20 == 5
     steps = [h["step"] for h in mon.history]
-    assert steps == list(range(0, 53, 2))
-    assert len(steps) >= 20
+    assert steps == list(range(0, 101, 5))
+    assert len(steps) == 21 >= 20  # the floor, plus the probe at step 0
+    # a length that is not a multiple of the target still gets at least 20
+    mon = NTKSpectrumMonitor(probe_size=4)
+    trainer(max_epochs=13, callbacks=[mon]).fit(TinyNet(), loader(ds))  # 52 steps
+    assert mon._resolved_every == 2 and len(mon.history) == 27 >= 20
 
 
 def test_skips_sanity_check_and_fast_dev_run(monkeypatch):

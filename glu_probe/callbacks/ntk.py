@@ -64,8 +64,10 @@ assembled from a few large Jacobian blocks, histograms at every probe and the PN
 Cadence
 -------
 ``every_n_steps=None`` (the default) resolves at train start to
-``max(1, trainer.estimated_stepping_batches // target_probes)`` with ``target_probes=25``, so a run
-gets at least ``target_probes`` probes (plus the one at step 0) however long it is.
+``max(1, trainer.estimated_stepping_batches // target_probes)`` with ``target_probes=20``, so a run
+gets at least ``target_probes`` probes (plus the one at step 0: 21) however long it is: the
+fewest the overhead target allows (at least 20 per run), since every probe costs a few training
+steps (the default was 25 until 2026-11-27).
 
 Zero interference
 -----------------
@@ -360,7 +362,7 @@ class NTKSpectrumMonitor(Callback):
         shard_probe: bool = False,
         probe_inputs: Callable[[Any], Any] | None = None,
         module: str | None = None,
-        target_probes: int = 25,
+        target_probes: int = 20,
         chunk_size: int | None = None,
         dtype: torch.dtype | str = torch.float32,
         eval_mode: bool = True,
