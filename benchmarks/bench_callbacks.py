@@ -24,9 +24,9 @@ least noisy estimate on a shared machine. ``overhead = with / without − 1``; t
 Because two wall times on a busy machine differ by more than 5% from noise alone, the table also
 gives the NTK monitor's own time (timed inside the run, ``NTKSpectrumMonitor.probe_seconds``)
 over the run without callbacks, and its projection to the full-length run:
-``26 · (s / probe) / (steps · s / step)`` (the default cadence gives 26 probes whatever the
-length). ``--scale 0.25`` runs a quarter of the demo's steps (still 26 probes, so the measured
-share is 4x the full-length one).
+``P · (s / probe) / (steps · s / step)`` with ``P = target_probes + 1`` probes (21 by default,
+whatever the length). ``--scale 0.25`` runs a quarter of the demo's steps (still P probes, so
+the measured share is 4x the full-length one).
 
 ``--device cuda`` times a GPT-2-small-sized model (124M parameters: 12 layers, 12 heads,
 n_embd 768, 1024 positions; 256-byte windows) for ``--gpu-steps`` steps instead.
@@ -75,6 +75,16 @@ def build(name: str, device: str, gpu_steps: int) -> tuple[Any, Any, Dataset, Da
         raise SystemExit(f"unknown model {name!r}")
     s = settings[name]
     return (s, *build_pair(name, s, seed=0))
+
+
+def _default_probes() -> int:
+    """Probes of the automatic cadence over a run: ``target_probes`` plus the one at step 0."""
+    import inspect
+
+    from glu_probe.callbacks.ntk import NTKSpectrumMonitor
+
+    default = inspect.signature(NTKSpectrumMonitor).parameters["target_probes"].default
+    return int(default) + 1
 
 
 def time_hooks(callbacks: list[Any]) -> dict[str, float]:
@@ -214,13 +224,13 @@ def main(argv: list[str] | None = None) -> int:
         "--scale",
         type=float,
         default=1.0,
-        help="CPU: run scale x the demo's steps (the cadence still gives 26 probes)",
+        help="CPU: run scale x the demo's steps (the cadence still gives the same probes)",
     )
     p.add_argument(
         "--typical-steps",
         type=int,
         default=10_000,
-        help="GPU: run length of the projected NTK share (26 probes at the default cadence)",
+        help="GPU: run length of the projected NTK share (21 probes at the default cadence)",
     )
     p.add_argument("--write", type=Path, default=None, help="write the table (markdown) here")
     args = p.parse_args(argv)
@@ -275,10 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     lines = [header]
     for r in rows:
-        # Default cadence on the full-length run: 25 probes + step 0, each costing probe_s.
-        projected = 26 * r["probe_s"] / (r["full_steps"] * r["step_s"])
-        # Shortest run whose 26 probes cost at most 5% of its training time.
-        break_even = 26 * r["probe_s"] / (0.05 * r["step_s"])
+        # Default cadence on the full-length run: target_probes + the one at step 0.
+        n_probes = _default_probes()
+        projected = n_probes * r["probe_s"] / (r["full_steps"] * r["step_s"])
+        # Shortest run whose default probes cost at most 5% of its training time.
+        break_even = n_probes * r["probe_s"] / (0.05 * r["step_s"])
         lines.append(
             f"| {r['model']} | {r['steps']} | {r['without_s']:.2f} | {r['with_s']:.2f} "
             f"| {100 * r['overhead']:+.1f}% | {r['probes']} | {r['every']} | {r['probe_s']:.3f} "
