@@ -639,3 +639,23 @@ def test_full_span_block_width_by_device_and_memory(monkeypatch):
     assert width("cuda") == 20 and width("cpu") == 16
     free["bytes"] = 0
     assert width("cuda") == 4 and width("cuda", block=6) == 6
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 2**20])
+def test_mixed_gram_packs_parameters_into_chunks_exactly(monkeypatch, chunk):
+    """float32 rows of several parameters (sizes 1, 3, 50, 200), widened to float64 in column
+    chunks that span parameter boundaries: the float64 Gram of the float32 rows, for A Aᵀ and
+    for A Bᵀ with different row counts."""
+    from glu_probe.ntk import dense
+
+    monkeypatch.setattr(dense, "GRAM_CHUNK_ELEMENTS", chunk * 5)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1,), (3,), (5, 10), (200,)]
+    a = tuple(torch.randn(5, *s, generator=gen) for s in shapes)
+    b = tuple(torch.randn(3, *s, generator=gen) for s in shapes)
+    flat_a = torch.cat([x.reshape(5, -1) for x in a], 1).double()
+    flat_b = torch.cat([x.reshape(3, -1) for x in b], 1).double()
+    for left, right, ref in ((a, a, flat_a @ flat_a.T), (a, b, flat_a @ flat_b.T)):
+        got = dense._gram(left, right, torch.float64)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, ref, rtol=1e-14, atol=1e-13)

@@ -205,23 +205,40 @@ def _gram(a: tuple[Tensor, ...], b: tuple[Tensor, ...], dtype: torch.dtype | Non
 
     Rows narrower than ``dtype`` (float32 rows of the mixed-precision path) are widened a column
     chunk at a time: a product of two float32 numbers is exact in float64, so the result is the
-    float64 Gram matrix of the float32 rows without a float64 copy of the rows.
+    float64 Gram matrix of the float32 rows without a float64 copy of the rows. The chunks pack
+    the columns of consecutive parameters into one buffer, so that small parameters (biases,
+    norms) do not each cost a small GEMM: one GEMM per ``GRAM_CHUNK_ELEMENTS / rows`` columns.
     """
-    out = None
+    if dtype is None or all(x.dtype == y.dtype == dtype for x, y in zip(a, b, strict=True)):
+        out = None
+        for x, y in zip(a, b, strict=True):
+            term = x.reshape(x.shape[0], -1) @ y.reshape(y.shape[0], -1).T
+            out = term if out is None else out.add_(term)
+        assert out is not None
+        return out
+    same = a is b or all(x is y for x, y in zip(a, b, strict=True))
+    n_a, n_b = a[0].shape[0], b[0].shape[0]
+    total = sum(x[0].numel() for x in a)
+    step = max(1, min(total, GRAM_CHUNK_ELEMENTS // max(n_a, n_b)))
+    dev = a[0].device
+    out = torch.zeros(n_a, n_b, dtype=dtype, device=dev)
+    buf_a = torch.empty(n_a, step, dtype=dtype, device=dev)
+    buf_b = buf_a if same else torch.empty(n_b, step, dtype=dtype, device=dev)
+    fill = 0
     for x, y in zip(a, b, strict=True):
-        x2, y2 = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
-        if dtype is None or (x2.dtype == dtype and y2.dtype == dtype):
-            term = x2 @ y2.T
-        else:
-            m = x2.shape[1]
-            step = max(1, GRAM_CHUNK_ELEMENTS // max(x2.shape[0], y2.shape[0]))
-            term = torch.zeros(x2.shape[0], y2.shape[0], dtype=dtype, device=x2.device)
-            for c in range(0, m, step):
-                xc = x2[:, c : c + step].to(dtype)
-                yc = xc if y is x else y2[:, c : c + step].to(dtype)
-                term.addmm_(xc, yc.T)
-        out = term if out is None else out.add_(term)
-    assert out is not None
+        x2, y2 = x.reshape(n_a, -1), y.reshape(n_b, -1)
+        c = 0
+        while c < x2.shape[1]:
+            w = min(step - fill, x2.shape[1] - c)
+            buf_a[:, fill : fill + w].copy_(x2[:, c : c + w])  # widened here
+            if not same:
+                buf_b[:, fill : fill + w].copy_(y2[:, c : c + w])
+            fill, c = fill + w, c + w
+            if fill == step:
+                out.addmm_(buf_a, buf_b.T)
+                fill = 0
+    if fill:
+        out.addmm_(buf_a[:, :fill], buf_b[:, :fill].T)
     return out
 
 
