@@ -349,7 +349,8 @@ def dense_breakdown(device: torch.device) -> None:
         "eigh on device | eigh on CPU (+copy) | eigvalsh on device |"
     )
     emit("|---|---|---|---|---|---|---|---|---|")
-    for name, (model, x) in _section3_cases(device).items():
+    cases = _section3_cases(device)
+    for name, (model, x) in cases.items():
         cells = []
 
         def k_of(strategy: str, m: nn.Module = model, x: torch.Tensor = x) -> Any:
@@ -378,7 +379,7 @@ def dense_breakdown(device: torch.device) -> None:
     # host-side work, which a GPU pays for at these sizes; larger chunks cost memory.
     from glu_probe.ntk import structured as structured_mod
 
-    model, x = _section3_cases(device)["timm ViT d32, N=64, O=8"]
+    model, x = cases["timm ViT d32, N=64, O=8"]
     plain = structured_mod.structured_ntk
     _, t_ref, m_ref = peak_memory(lambda: tutorial_kappa(model, x), device)
     t_ref = min(t_ref, best(lambda: tutorial_kappa(model, x), device, 1, trials=3))
@@ -406,7 +407,6 @@ def dense_breakdown(device: torch.device) -> None:
         return
     from torch.profiler import ProfilerActivity, profile
 
-    model, x = _section3_cases(device)["timm ViT d32, N=64, O=8"]
     for label, fn in (
         ("tutorial", lambda: tutorial_kappa(model, x)),
         ("ours", lambda: ntk_spectrum(model, x, output="full", method="dense")),

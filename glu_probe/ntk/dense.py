@@ -207,7 +207,8 @@ def _gram(a: tuple[Tensor, ...], b: tuple[Tensor, ...], dtype: torch.dtype | Non
     chunk at a time: a product of two float32 numbers is exact in float64, so the result is the
     float64 Gram matrix of the float32 rows without a float64 copy of the rows. The chunks pack
     the columns of consecutive parameters into one buffer, so that small parameters (biases,
-    norms) do not each cost a small GEMM: one GEMM per ``GRAM_CHUNK_ELEMENTS / rows`` columns.
+    norms) do not each cost a small GEMM; a chunk holds as many columns as the widest parameter
+    (the memory :func:`_plan` reserves for it), at most ``GRAM_CHUNK_ELEMENTS / rows``.
     """
     if dtype is None or all(x.dtype == y.dtype == dtype for x, y in zip(a, b, strict=True)):
         out = None
@@ -218,8 +219,10 @@ def _gram(a: tuple[Tensor, ...], b: tuple[Tensor, ...], dtype: torch.dtype | Non
         return out
     same = a is b or all(x is y for x, y in zip(a, b, strict=True))
     n_a, n_b = a[0].shape[0], b[0].shape[0]
-    total = sum(x[0].numel() for x in a)
-    step = max(1, min(total, GRAM_CHUNK_ELEMENTS // max(n_a, n_b)))
+    # As many columns as the widest parameter has (the chunk _plan reserves), at most
+    # GRAM_CHUNK_ELEMENTS numbers per side.
+    widest = max(x[0].numel() for x in a)
+    step = max(1, min(widest, GRAM_CHUNK_ELEMENTS // max(n_a, n_b)))
     dev = a[0].device
     out = torch.zeros(n_a, n_b, dtype=dtype, device=dev)
     buf_a = torch.empty(n_a, step, dtype=dtype, device=dev)
@@ -482,20 +485,21 @@ def _structured(
     probe: ProbeFunction,
     budget: int,
     memory_budget: int | None,
+    itemsize: int,
     rows_dtype: torch.dtype,
+    row_itemsize: int,
     required: bool,
 ) -> Tensor | None:
-    """K by the structured strategy, or ``None`` (``required``: a ValueError instead)."""
+    """K by the structured strategy, or ``None`` (``required``: a ValueError instead).
+    ``itemsize`` is K's, ``row_itemsize`` that of ``rows_dtype``."""
     from .structured import structured_ntk
 
     n = probe.n_rows
-    itemsize = torch.empty((), dtype=probe.dtype).element_size()
     if memory_budget is None:
         # The structured strategy stores factors that replace (and are smaller than) the
         # Linear layers' rows, and recomputes nothing: it may use K + 60% of J's bytes
         # (at least 16 MiB: small problems need not be squeezed).
-        row_item = torch.empty((), dtype=rows_dtype).element_size()
-        extra = max(int(0.6 * n * probe.n_params * row_item), 2**24)
+        extra = max(int(0.6 * n * probe.n_params * row_itemsize), 2**24)
         budget = max(budget, min(n * n * itemsize + extra, _budget_cap(probe)))
     K = structured_ntk(probe, budget, rows_dtype)
     if K is None and required:
@@ -531,7 +535,15 @@ def _assemble(
     plan = _plan(probe, itemsize, budget) if strategy != "operator" else None  # K-dtype panel
     K: Tensor | None = None
     if strategy == "structured" or (strategy == "auto" and _structured_pays(probe, plan)):
-        K = _structured(probe, budget, memory_budget, rows_dtype, strategy == "structured")
+        K = _structured(
+            probe,
+            budget,
+            memory_budget,
+            itemsize,
+            rows_dtype,
+            row_itemsize,
+            strategy == "structured",
+        )
     if K is None:
         buf_dtype = probe.dtype
         if strategy != "operator" and row_itemsize < itemsize:
