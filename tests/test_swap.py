@@ -357,6 +357,63 @@ def test_unsupported_and_partial_models() -> None:
         swap_mlp(nn.Sequential(SwiGLU(4, 4))[0], "gelu")
 
 
+def test_mixture_of_experts_with_a_llama_shared_expert_is_not_swapped_silently() -> None:
+    """Qwen2-MoE's block holds a LlamaMLP-shaped shared expert beside routed experts and a
+    router: swapping the shared expert alone would be a silent partial swap."""
+    if not hasattr(transformers, "Qwen2MoeForCausalLM"):
+        pytest.skip("transformers without Qwen2-MoE")
+    config = transformers.Qwen2MoeConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=128,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+    )
+    model = transformers.Qwen2MoeForCausalLM(config)
+    shared = model.model.layers[0].mlp.shared_expert
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"only partly recognised.*layers\.0\.mlp \(Qwen2MoeSparseMoeBlock, whose weights .*"
+        r"experts.* outside the recognised block\(s\) shared_expert.*register_adapter",
+    ):
+        swap_mlp(model, "gelu")
+    assert model.model.layers[0].mlp.shared_expert is shared  # nothing swapped
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.warns(UserWarning, match="only partly recognised"):
+        report = swap_mlp(model, "gelu", strict=False)
+    assert report.paths == [f"model.layers.{i}.mlp.shared_expert" for i in range(2)]
+    listed = " ".join(report.unrecognised)
+    for i in range(2):
+        assert f"model.layers.{i}.mlp (Qwen2MoeSparseMoeBlock" in listed
+        assert f"model.layers.{i}.mlp.experts (Qwen2MoeExperts)" in listed
+
+
+def test_wrapper_with_only_a_norm_around_a_recognised_block_is_fine() -> None:
+    """An MLP-named wrapper whose own parameters are vectors (a norm) is not a partial swap."""
+
+    class FeedForward(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(64)
+            self.mlp = timm_layers.Mlp(64, 256)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.mlp(self.norm(x))
+
+    host = nn.Sequential(nn.Linear(8, 64), FeedForward(), FeedForward())
+    report = swap_mlp(host, "swiglu")
+    assert report.paths == ["1.mlp", "2.mlp"] and report.unrecognised == []
+    assert isinstance(host[1].mlp, GatedMLP)
+
+
 def test_partly_shaped_bert_layer_is_an_error_and_atomic() -> None:
     class Inter(nn.Module):
         def __init__(self) -> None:

@@ -1,7 +1,9 @@
 """Swap the MLP blocks of timm / Hugging Face / glu-probe models in one call.
 
 Built-in adapters, asked in this order (adapters added with :func:`register_adapter` come
-first): Hugging Face BERT layers, GPT-2 MLPs, LLaMA-family MLPs, timm MLPs, glu-probe blocks.
+first): Hugging Face BERT layers, GPT-2 MLPs, LLaMA-family MLPs, timm MLPs, glu-probe blocks, and
+last any other MLP-named block of ``nn.Linear`` layers whose forward pass is checked to be a dense
+or gated MLP (:class:`StructuralMLPAdapter`: HF ViT, CLIP, Phi, Phi-3, GPT-NeoX, GPT-J, ...).
 """
 
 from glu_probe.swap.core import (
@@ -20,6 +22,7 @@ from glu_probe.swap.glu_probe import GluProbeAdapter
 from glu_probe.swap.hf_bert import BertLayerAdapter, ResidualNormMLP
 from glu_probe.swap.hf_gpt2 import GPT2MLPAdapter
 from glu_probe.swap.hf_llama import LlamaMLPAdapter
+from glu_probe.swap.structural import StructuralMLPAdapter
 from glu_probe.swap.timm import TimmMlpAdapter
 
 __all__ = [
@@ -30,6 +33,7 @@ __all__ = [
     "MLPAdapter",
     "MLPSpec",
     "ResidualNormMLP",
+    "StructuralMLPAdapter",
     "SwapEntry",
     "SwapReport",
     "TimmMlpAdapter",
@@ -47,6 +51,7 @@ for _adapter in (
     LlamaMLPAdapter(),
     TimmMlpAdapter(),
     GluProbeAdapter(),
+    StructuralMLPAdapter(),
 ):
     register_adapter(_adapter, first=False)
 del _adapter

@@ -115,6 +115,9 @@ class MLPAdapter(ABC):
     """
 
     name: str = "adapter"
+    #: ``True``: the width key of ``config_keys`` is updated only where the config's value is
+    #: the width of every block this adapter swapped (a key that may mean something else).
+    width_key_must_match: bool = False
 
     @abstractmethod
     def matches(self, module: nn.Module) -> bool:
@@ -393,8 +396,15 @@ def host_init(root: nn.Module, path: str, block: Any) -> None:
 
 # --------------------------------------------------------------------------- the driver
 
-_CANDIDATE_NAME = re.compile(r"^(mlp|mlps|ffn|ffns|feed_?forward|intermediate|mlp_block)$", re.I)
-_CANDIDATE_CLASS = re.compile(r"(mlp|feedforward|feed_forward|ffn|intermediate|swiglu|geglu)", re.I)
+_CANDIDATE_NAME = re.compile(
+    r"^(mlp|mlps|ffn|ffns|feed_?forward|intermediate|mlp_block|block_sparse_moe|moe|experts)$",
+    re.I,
+)
+_CANDIDATE_CLASS = re.compile(
+    r"(mlp|feedforward|feed_forward|ffn|intermediate|swiglu|geglu|sparsemoe|moeblock|moelayer"
+    r"|moe$|experts$)",
+    re.I,
+)
 
 
 def _walk(
@@ -409,6 +419,17 @@ def _walk(
     yield prefix, module, None
     for name, child in module.named_children():
         yield from _walk(child, f"{prefix}.{name}" if prefix else name, adapters)
+
+
+def _uncovered_weights(module: nn.Module, inner: list[str]) -> list[str]:
+    """Names of ``module``'s matrix (or larger) parameters outside the blocks at ``inner``.
+
+    Vectors (norm scales, biases, gates' scalars) do not count: a wrapper may add a norm."""
+    out = []
+    for name, param in module.named_parameters():
+        if param.ndim >= 2 and not any(name.startswith(q + ".") for q in inner):
+            out.append(name)
+    return out
 
 
 def _looks_like_mlp(path: str, module: nn.Module) -> bool:
@@ -546,13 +567,25 @@ def swap_mlp(
             "inside a host model. Build the new block directly with glu_probe.make_mlp."
         )
     matched = [p for p, _, _ in found]
-    suspects = [
-        f"{p} ({type(m).__name__})"
-        for p, m in others
-        if p
-        and _looks_like_mlp(p, m)
-        and not any(q.startswith(p + ".") for q in matched)  # ancestors of recognised blocks
-    ]
+    suspects = []
+    for p, m in others:
+        if not p or not _looks_like_mlp(p, m):
+            continue
+        inner = [q[len(p) + 1 :] for q in matched if q.startswith(p + ".")]
+        if not inner:
+            suspects.append(f"{p} ({type(m).__name__})")
+            continue
+        # An ancestor of recognised blocks (a wrapper) is fine unless it holds weights of its
+        # own outside them: a mixture-of-experts block whose shared expert is a LlamaMLP keeps
+        # its routed experts and router, which a swap of the shared expert alone would leave
+        # behind (a silent partial swap).
+        left = _uncovered_weights(m, inner)
+        if left:
+            shown = ", ".join(left[:4]) + (", ..." if len(left) > 4 else "")
+            suspects.append(
+                f"{p} ({type(m).__name__}, whose weights {shown} are outside the recognised "
+                f"block(s) {', '.join(inner)}; e.g. a mixture-of-experts block)"
+            )
     names = ", ".join(a.name for a in adapters)
     if not found:
         what = (
@@ -636,6 +669,10 @@ def _update_config(
         wk, ak = adapter.config_keys(model)
         if wk is None and ak is None and isinstance(old_record, dict):
             wk, ak = old_record.get("width_key"), old_record.get("act_key")
+        if wk and adapter.width_key_must_match:
+            sources = {e.source_hidden for e in report.entries if e.adapter == adapter.name}
+            if sources != {getattr(config, wk, None)}:
+                wk = None
         if wk:
             width_keys.add(wk)
         if ak:

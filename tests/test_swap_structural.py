@@ -1,0 +1,316 @@
+"""glu_probe.swap.StructuralMLPAdapter: MLP blocks recognised by structure, checked by output.
+
+Tiny offline Hugging Face hosts of families outside GPT-2 / LLaMA / BERT (dense, packed-gated and
+split-gated blocks), blocks that look like an MLP but compute something else (never swapped), and
+the side effects of the check (RNG, training flags).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glu_probe.modules import MLP, GatedMLP, mlp_num_params
+from glu_probe.swap import UnsupportedModelError, swap_mlp
+from glu_probe.swap.structural import _analyse
+
+torch.set_num_threads(1)
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore:swap_mlp. multiple_of=8 gives width")
+
+VOCAB = 64
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 32,
+    "pad_token_id": 0,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
+
+
+def _config(cls_name: str, **kw: Any) -> Any:
+    cls = getattr(transformers, cls_name, None)
+    if cls is None:
+        pytest.skip(f"transformers without {cls_name}")
+    config = cls()
+    for key, value in {**TINY, **kw}.items():
+        setattr(config, key, value)
+    return config
+
+
+# (config class, model class, config overrides, form, source hidden, dropout (before, after fc2))
+FAMILIES: dict[str, tuple[str, str, dict[str, Any], str, int, tuple[float, float]]] = {
+    "phi": ("PhiConfig", "PhiForCausalLM", {}, "dense", 128, (0.0, 0.0)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}, "dense", 128, (0.0, 0.0)),
+    "starcoder2": (
+        "Starcoder2Config",
+        "Starcoder2ForCausalLM",
+        {"residual_dropout": 0.1},  # a float applied with F.dropout after c_proj
+        "dense",
+        128,
+        (0.0, 0.1),
+    ),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}, "packed", 128, (0.0, 0.0)),
+    "modernbert": (
+        "ModernBertConfig",
+        "ModernBertModel",
+        {"mlp_dropout": 0.1, "global_attn_every_n_layers": 1, "local_attention": 8},
+        "packed",  # Wo(drop(act(input) * gate)): dropout before the output layer
+        128,
+        (0.1, 0.0),
+    ),
+    "lfm2": (
+        "Lfm2Config",
+        "Lfm2ForCausalLM",
+        {"layer_types": ["full_attention", "full_attention"]},
+        "split",  # w2(F.silu(w1 x) * w3 x): the activation is found by the check
+        256,  # int(2 * 128 / 3) rounded up to block_multiple_of (block_auto_adjust_ff_dim)
+        (0.0, 0.0),
+    ),
+}
+
+
+def _build(family: str) -> tuple[Any, Any]:
+    cfg_name, model_name, kw, *_ = FAMILIES[family]
+    config = _config(cfg_name, **kw)
+    model_cls = getattr(transformers, model_name, None)
+    if model_cls is None:
+        pytest.skip(f"transformers without {model_name}")
+    return config, model_cls
+
+
+def _mlps(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, MLP | GatedMLP)]
+
+
+def _output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids)
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out.last_hidden_state
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_families_swap_both_ways_and_train(family: str) -> None:
+    torch.manual_seed(0)
+    config, model_cls = _build(family)
+    _, _, _, form, hidden, drop = FAMILIES[family]
+    model = model_cls(config)
+    first, back = ("swiglu", "gelu") if form == "dense" else ("gelu", "swiglu")
+    report = swap_mlp(model, first)
+    assert len(report.entries) == 2
+    for e in report.entries:
+        assert e.adapter == "structural" and e.source.endswith(f"({form})")
+        assert e.source_hidden == hidden and e.source_gated == (form != "dense")
+        assert abs(e.rel_diff) <= 0.01
+    blocks = _mlps(model)
+    assert len(blocks) == 2
+    for b in blocks:
+        assert (b.drop1.p, b.drop2.p) == drop  # dropouts kept in their places
+        assert b.training  # the host's training mode
+        bias = b.fc1.bias is not None, b.fc2.bias is not None
+        assert sum(p.numel() for p in b.parameters()) == mlp_num_params(
+            64, b.hidden_features, 64, bias, gated=first != "gelu"
+        )
+    report2 = swap_mlp(model, back)
+    assert all(e.adapter == "glu_probe" and abs(e.rel_diff) <= 0.01 for e in report2.entries)
+    ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    for b in _mlps(model):
+        b.drop1.p = b.drop2.p = 0.0
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = _output(model, ids).float().pow(2).mean()
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    for b in _mlps(model):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in b.parameters())
+
+
+def test_recognised_form_reproduces_each_family_block_exactly() -> None:
+    """The form the check settles on recomputes the original block (independent formula)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 64, dtype=torch.float64)
+    for family in sorted(FAMILIES):
+        config, model_cls = _build(family)
+        model = model_cls(config).double().eval()
+        block = next(m for m in model.modules() if _analyse(m) is not None)
+        form = _analyse(block)
+        assert form is not None and form.kind == FAMILIES[family][3]
+        h = form.fc1(x)
+        if form.kind == "packed":
+            g, u = h.chunk(2, -1) if form.gate_first else h.chunk(2, -1)[::-1]
+            h = form.act(g) * u
+        elif form.kind == "split":
+            assert form.up is not None
+            h = form.act(h) * form.up(x)
+        else:
+            h = form.act(h)
+        torch.testing.assert_close(form.fc2(h), block(x), rtol=1e-12, atol=1e-12)
+        if family == "lfm2":
+            assert form.act_name == "silu"  # F.silu inside forward, found by the check
+
+
+def test_hf_vit_and_clip_vision_mlps() -> None:
+    torch.manual_seed(0)
+    hosts = (("ViTConfig", "ViTModel"), ("CLIPVisionConfig", "CLIPVisionModel"))
+    for cfg_name, model_name in hosts:
+        if not hasattr(transformers, cfg_name):
+            continue
+        config = getattr(transformers, cfg_name)(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+        model = getattr(transformers, model_name)(config)
+        report = swap_mlp(model, "swiglu")
+        assert len(report.entries) == 2 and all(abs(e.rel_diff) <= 0.01 for e in report.entries)
+        assert config.intermediate_size == report.entries[0].hidden_features
+        x = torch.randn(2, 3, 32, 32)
+        out = model(pixel_values=x).last_hidden_state
+        out.sum().backward()
+        assert all(b.fc1.weight.grad is not None for b in _mlps(model))
+
+
+@pytest.mark.parametrize("rebuild_from", ["original_config", "swapped_config"])
+def test_round_trip_state_dict(rebuild_from: str) -> None:
+    torch.manual_seed(0)
+    config, model_cls = _build("phi")
+    original = copy.deepcopy(config)
+    a = model_cls(config)
+    report = swap_mlp(a, "swiglu")
+    h = report.entries[0].hidden_features
+    assert config.intermediate_size == h and report.config_updates["intermediate_size"] == (128, h)
+    assert config.hidden_act == original.hidden_act  # the activation key is left alone
+    fresh = model_cls(copy.deepcopy(original if rebuild_from == "original_config" else config))
+    swap_mlp(fresh, "swiglu")
+    missing, unexpected = fresh.load_state_dict(a.state_dict(), strict=True)
+    assert not missing and not unexpected
+    ids = torch.randint(1, VOCAB, (2, 12))
+    a.eval(), fresh.eval()
+    torch.testing.assert_close(_output(a, ids), _output(fresh, ids), rtol=0, atol=0)
+
+
+def test_width_key_is_left_alone_where_it_is_not_the_blocks_width() -> None:
+    config, model_cls = _build("lfm2")  # intermediate_size 128, blocks 256 wide
+    model = model_cls(config)
+    report = swap_mlp(model, "gelu")
+    assert "intermediate_size" not in report.config_updates
+    assert config.intermediate_size == 128 and config.glu_probe_swap["variant"] == "gelu"
+
+
+class _Residual(nn.Module):
+    """Looks like an MLP, but adds its input: fc2(act(fc1 x)) + x."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(16, 32), nn.Linear(32, 16), nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x))) + x
+
+
+class _NeedsResidual(_Residual):
+    """MPT / BLOOM style: forward(hidden_states, residual)."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.fc2(self.act(self.fc1(x))) + residual
+
+
+class _Scaled(_Residual):
+    """A constant the form does not have: 0.5 · fc2(act(fc1 x))."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self.fc2(self.act(self.fc1(x)))
+
+
+class _HiddenDropoutMLP(nn.Module):
+    """Dense, with the dropout on the hidden layer: fc2(drop(act(fc1 x)))."""
+
+    def __init__(self, p: float = 0.3) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.act, self.drop = nn.ReLU(), nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+class _UnusedDropoutMLP(_HiddenDropoutMLP):
+    """Has a dropout module but never applies it: the placement check finds no place for it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _host(block: nn.Module) -> nn.Module:
+    host = nn.Sequential(nn.Linear(8, 16))
+    host.add_module("ffn", block)
+    return host
+
+
+@pytest.mark.parametrize("cls", [_Residual, _NeedsResidual, _Scaled, _UnusedDropoutMLP])
+def test_blocks_that_only_look_like_an_mlp_are_never_swapped(cls: type[nn.Module]) -> None:
+    host = _host(cls())
+    block = host.ffn
+    with pytest.raises(UnsupportedModelError, match=rf"ffn \({cls.__name__}\).*register_adapter"):
+        swap_mlp(host, "swiglu")
+    assert host.ffn is block
+
+
+def test_dropout_place_is_found_by_the_training_mode_check() -> None:
+    torch.manual_seed(0)
+    host = _host(_HiddenDropoutMLP(0.3))
+    report = swap_mlp(host, "relu", match="width")
+    new = host.ffn
+    assert isinstance(new, MLP) and (new.drop1.p, new.drop2.p) == (0.3, 0.0)
+    assert report.entries[0].source == "_HiddenDropoutMLP (dense)"
+
+
+def test_check_leaves_rng_and_training_flags_alone() -> None:
+    config, model_cls = _build("modernbert")  # has a dropout: the check runs in training mode
+    model = model_cls(config)
+    model.eval()
+    model.layers[0].mlp.drop.train()  # a mixed flag the check must restore... and the swap keep
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    for m in model.modules():
+        _analyse(m)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not model.layers[0].mlp.training and model.layers[0].mlp.drop.training
+    assert not model.layers[1].mlp.drop.training
+
+
+def test_functional_activation_is_identified_not_assumed() -> None:
+    class GeluFFN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1, self.w3, self.w2 = nn.Linear(16, 24), nn.Linear(16, 24), nn.Linear(24, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.w2(F.gelu(self.w1(x)) * self.w3(x))
+
+    block = GeluFFN()
+    form = _analyse(block)
+    assert form is not None and form.kind == "split" and form.act_name == "gelu"
+    assert form.fc1 is block.w1 and form.up is block.w3 and form.fc2 is block.w2
