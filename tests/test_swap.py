@@ -414,6 +414,21 @@ def test_wrapper_with_only_a_norm_around_a_recognised_block_is_fine() -> None:
     assert isinstance(host[1].mlp, GatedMLP)
 
 
+def test_classifier_heads_are_not_mlp_blocks() -> None:
+    """timm ConvNeXt's ``NormMlpClassifierHead`` has "Mlp" in its name but is the head."""
+    convnext = pytest.importorskip("timm.models.convnext")
+    torch.manual_seed(0)
+    model = convnext.ConvNeXt(
+        depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=10, head_hidden_size=24
+    )
+    report = swap_mlp(model, "swiglu")
+    assert report.paths == [f"stages.{i}.blocks.0.mlp" for i in range(4)]
+    assert report.unrecognised == [] and type(model.head).__name__ == "NormMlpClassifierHead"
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    assert model.stages[3].blocks[0].mlp.fc1.weight.grad is not None
+
+
 def test_partly_shaped_bert_layer_is_an_error_and_atomic() -> None:
     class Inter(nn.Module):
         def __init__(self) -> None:

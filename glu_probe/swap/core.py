@@ -400,6 +400,7 @@ _CANDIDATE_NAME = re.compile(
     r"^(mlp|mlps|ffn|ffns|feed_?forward|intermediate|mlp_block|block_sparse_moe|moe|experts)$",
     re.I,
 )
+_HEAD_CLASS = re.compile(r"(head$|classifier)", re.I)
 _CANDIDATE_CLASS = re.compile(
     r"(mlp|feedforward|feed_forward|ffn|intermediate|swiglu|geglu|sparsemoe|moeblock|moelayer"
     r"|moe$|experts$)",
@@ -432,7 +433,14 @@ def _uncovered_weights(module: nn.Module, inner: list[str]) -> list[str]:
     return out
 
 
+def _is_head(module: nn.Module) -> bool:
+    """Classifier / prediction heads (timm's ``NormMlpClassifierHead``, ...): not MLP blocks."""
+    return bool(_HEAD_CLASS.search(type(module).__name__))
+
+
 def _looks_like_mlp(path: str, module: nn.Module) -> bool:
+    if _is_head(module):
+        return False
     last = path.rpartition(".")[2]
     return bool(_CANDIDATE_NAME.match(last) or _CANDIDATE_CLASS.search(type(module).__name__))
 

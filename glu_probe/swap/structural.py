@@ -9,8 +9,9 @@ Most Hugging Face families outside GPT-2, LLaMA and BERT write their MLP as a sm
 per class, this one accepts a block when
 
 * its class name says MLP/FFN (the rule by which :func:`~glu_probe.swap.swap_mlp` calls a module
-  "MLP-like"), it holds no parameter of its own, and its children are 2 or 3 plain ``nn.Linear``
-  layers, at most one parameter-free activation module and dropouts; and
+  "MLP-like"; classifier and prediction heads excluded), it holds no parameter of its own, and
+  its children are 2 or 3 plain ``nn.Linear`` layers, at most one parameter-free activation
+  module and dropouts; and
 * its ``forward`` on a random input equals one of these forms computed with its own layers (the
   same operations, so up to a few roundings):
 
@@ -53,7 +54,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from glu_probe.modules import activation_name
-from glu_probe.swap.core import _CANDIDATE_CLASS, MLPAdapter, MLPSpec, UnsupportedModelError
+from glu_probe.swap.core import (
+    _CANDIDATE_CLASS,
+    MLPAdapter,
+    MLPSpec,
+    UnsupportedModelError,
+    _is_head,
+)
 
 __all__ = ["StructuralMLPAdapter"]
 
@@ -89,7 +96,7 @@ def _plain_linear(m: nn.Module) -> bool:
 
 def _parts(module: nn.Module) -> tuple[list[nn.Linear], list[nn.Module], list[float]] | None:
     """(linears, activation modules, dropout probabilities) of a candidate, or ``None``."""
-    if not _CANDIDATE_CLASS.search(type(module).__name__):
+    if not _CANDIDATE_CLASS.search(type(module).__name__) or _is_head(module):
         return None
     if any(True for _ in module.parameters(recurse=False)):
         return None
