@@ -8,6 +8,7 @@ import gc
 import math
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -219,3 +220,102 @@ def test_tracing_failure_falls_back_with_a_warning(problem, monkeypatch):
         op = NTKOperator(model, x, dtype=torch.float64, linearize=True)
         out = op.matvec(V)
     torch.testing.assert_close(out, K @ V, rtol=1e-12, atol=1e-12)
+
+
+class _SquareNoJvp(torch.autograd.Function):
+    """x², with a backward but no ``jvp``: forward-mode AD raises NotImplementedError."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class _NoForwardAD(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(_SquareNoJvp.apply(torch.tanh(self.a(x))))
+
+
+@pytest.mark.parametrize("linearize", [False, True])
+def test_products_without_forward_mode_ad_fall_back_to_double_vjp(linearize):
+    """An op with no forward-mode derivative: J·u = VJP of u ↦ Jᵀu, exact to rounding."""
+    model = _NoForwardAD()
+    x = torch.randn(12, 6)
+    K = explicit_ntk(model, x)  # reverse mode only: independent of the fallback
+    with pytest.raises(NotImplementedError, match="forward mode AD"):
+        torch.func.jvp(_SquareNoJvp.apply, (torch.ones(2),), (torch.ones(2),))
+    op = NTKOperator(model, x, dtype=torch.float64, linearize=linearize)
+    V = torch.randn(12, 4, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="VJP of u ↦ Jᵀu"):
+        out = op.matvec(V)
+    torch.testing.assert_close(out, K @ V, rtol=1e-12, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per operator
+        torch.testing.assert_close(op.matvec(V[:, :1]), K @ V[:, :1], rtol=1e-12, atol=1e-12)
+    with pytest.warns(RuntimeWarning, match="VJP of u ↦ Jᵀu"):
+        spec = ntk_spectrum(model, x, method="lanczos", dtype=torch.float64, tol=1e-10)
+    truth = torch.linalg.eigvalsh(K)
+    assert spec.converged
+    assert spec.lambda_max == pytest.approx(float(truth[-1]), rel=1e-8)
+    assert spec.lambda_min == pytest.approx(float(truth[0]), rel=1e-6)
+
+
+class _Float32Only(nn.Module):
+    """Refuses float64, as kernels without a float64 version do (grouped GEMMs of MoE layers)."""
+
+    def __init__(self, refuse_float32: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.refuse_float32 = refuse_float32
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # refuse_float32: after the probe's validating forward pass (the first call), so that
+        # both Jacobian-row attempts fail.
+        self.calls += 1
+        if x.dtype == torch.float64 or (self.refuse_float32 and self.calls > 1):
+            raise RuntimeError(f"no {x.dtype} kernel for this op")
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_dense_path_falls_back_to_float32_rows_when_the_model_refuses_float64():
+    model = _Float32Only()
+    x = torch.randn(10, 6)
+    with pytest.warns(RuntimeWarning, match="does not run in float64.*float32 Jacobian rows"):
+        spec = ntk_spectrum(model, x, method="dense")
+    chosen = ntk_spectrum(model, x, method="dense", jacobian_dtype=torch.float32)
+    assert spec.precision == chosen.precision == "mixed"
+    torch.testing.assert_close(spec.eigenvalues, chosen.eigenvalues, rtol=0, atol=0)
+    # Independent truth: the same network in float64 (the refusal lifted), reverse mode.
+    same = nn.Sequential(copy.deepcopy(model.a), nn.Tanh(), copy.deepcopy(model.b))
+    truth = torch.linalg.eigvalsh(explicit_ntk(same, x))
+    assert spec.residual_min > 0 and spec.residual_max > 0  # the rows' rounding bound
+    assert abs(spec.lambda_min - float(truth[0])) <= spec.residual_min
+    assert abs(spec.lambda_max - float(truth[-1])) <= spec.residual_max
+    torch.testing.assert_close(spec.eigenvalues, truth, rtol=1e-5, atol=1e-6 * float(truth[-1]))
+
+
+def test_dense_path_raises_the_float64_error_when_float32_fails_too():
+    model = _Float32Only()
+    x = torch.randn(10, 6)
+    probe_ok = ntk_spectrum(model, x, method="dense", jacobian_dtype=torch.float32)
+    assert probe_ok.n_rows == 10
+    model.refuse_float32, model.calls = True, 0
+    with pytest.raises(RuntimeError, match=r"no torch\.float64 kernel"):
+        ntk_spectrum(model, x, method="dense")

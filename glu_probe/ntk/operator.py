@@ -105,6 +105,12 @@ def trace_linear_map(fn: Callable[..., Any], example: Sequence[Tensor]) -> Calla
     return folded
 
 
+def _missing_forward_ad(err: BaseException) -> bool:
+    """An operation without a forward-mode derivative (PyTorch's NotImplementedError text)."""
+    text = str(err)
+    return any(s in text for s in ("forward AD", "forward mode AD", "forward-mode"))
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """``err`` is an out-of-memory error (CUDA's, or a RuntimeError that says so, e.g. CPU)."""
     if isinstance(err, torch.cuda.OutOfMemoryError):
@@ -189,6 +195,8 @@ class NTKOperator:
         self.linearize = linearize
         self._traced = False
         self._n_products = 0
+        # False once an operation without a forward-mode derivative was met (J·u by VJPs).
+        self._forward_ad = True
         self.n_local = self.probe.n_rows
         if process_group is not None:
             import torch.distributed as dist
@@ -219,9 +227,15 @@ class NTKOperator:
         def jvp(*t: Tensor) -> Tensor:
             return torch.func.jvp(lambda *p: self.probe(p, chunk), params, t)[1]
 
+        if not self._forward_ad:
+            return self._jvp(start, stop)
         try:
             return trace_linear_map(jvp, _example_like(params))
         except Exception as err:  # make_fx tracing fails on some models
+            if isinstance(err, NotImplementedError) and _missing_forward_ad(err):
+                self._no_forward_ad(err)
+                self.linearize = False
+                return self._jvp(start, stop)
             warnings.warn(
                 f"tracing the JVP failed ({type(err).__name__}: {err}); keeping "
                 "torch.func.jvp, which recomputes the forward pass per product",
@@ -277,11 +291,56 @@ class NTKOperator:
     def _jvp(self, start: int, stop: int) -> Callable[..., Any]:
         chunk = self.probe.chunk(start, stop)
         params = self.probe.params
+        by_vjp = self._jvp_by_vjp(start, stop)
+        if not self._forward_ad:
+            return by_vjp
 
         def jvp_fn(*t: Tensor) -> Tensor:
-            return torch.func.jvp(lambda *p: self.probe(p, chunk), params, t)[1]
+            if not self._forward_ad:
+                return by_vjp(*t)
+            try:
+                return torch.func.jvp(lambda *p: self.probe(p, chunk), params, t)[1]
+            except NotImplementedError as err:
+                if not _missing_forward_ad(err):
+                    raise
+                self._no_forward_ad(err)
+                return by_vjp(*t)
 
         return jvp_fn
+
+    def _jvp_by_vjp(self, start: int, stop: int) -> Callable[..., Any]:
+        """J t without forward-mode AD: the VJP of the linear map u ↦ Jᵀu, applied to t.
+
+        For models with an operation that has no forward-mode derivative (transformers'
+        grouped-GEMM mixture-of-experts layers, custom autograd Functions without ``jvp``).
+        u ↦ Jᵀu is linear, so its VJP with cotangent t is (Jᵀ)ᵀ t = J t, at any u (here 0):
+        one forward and two backward passes per product instead of a forward-mode pass,
+        written by hand because torch.func has no such fallback of its own.
+        """
+        chunk = self.probe.chunk(start, stop)
+        params = self.probe.params
+        a, b = self.probe.row_range(start, stop)
+
+        def jt(u: Tensor) -> tuple[Tensor, ...]:
+            _, vjp_fn = torch.func.vjp(lambda *p: self.probe(p, chunk), *params)
+            return tuple(vjp_fn(u))
+
+        def jvp_fn(*t: Tensor) -> Tensor:
+            u0 = torch.zeros(b - a, dtype=self.dtype, device=self.device)
+            _, back = torch.func.vjp(jt, u0)
+            return back(tuple(t))[0]
+
+        return jvp_fn
+
+    def _no_forward_ad(self, err: BaseException) -> None:
+        if self._forward_ad:
+            self._forward_ad = False
+            warnings.warn(
+                f"NTKOperator: {str(err).splitlines()[0][:200]} — J·u is computed as the VJP of "
+                "u ↦ Jᵀu instead (one forward and two backward passes per product)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _all_reduce(self, acc: list[Tensor], k: int) -> list[Tensor]:
         import torch.distributed as dist

@@ -53,7 +53,7 @@ from .density import effective_rank as _effective_rank
 from .density import slq_density, slq_effective_rank
 from .functional import OutputSpec, ParamFilter, ProbeFunction
 from .krylov import block_lanczos
-from .operator import NTKOperator
+from .operator import NTKOperator, is_out_of_memory
 
 __all__ = [
     "AUTO_DENSE_MAX_ROWS",
@@ -354,7 +354,28 @@ def _dense(
     probe = probe.astype(torch.float64)
     # rows_dtype is float64 when no Jacobian rows fit: the operator strategy's products run in
     # float64 whatever jacobian_dtype asks, and K is then float64-exact.
-    K, rows_dtype = _assemble(probe, memory_budget, "auto", jacobian_dtype)
+    try:
+        K, rows_dtype = _assemble(probe, memory_budget, "auto", jacobian_dtype)
+    except (RuntimeError, NotImplementedError, TypeError) as err:
+        # Some kernels have no float64 version (the grouped GEMM of transformers' fused
+        # mixture-of-experts layers, some fused or quantised ops). float64 rows are only the
+        # default: the mixed-precision path (float32 rows, float64 K, rounding bound in the
+        # residuals) still gives every eigenvalue, so it is taken instead, with a warning. If
+        # float32 fails as well, the float64 error is the one raised.
+        if jacobian_dtype != torch.float64 or is_out_of_memory(err):
+            raise
+        try:
+            K, rows_dtype = _assemble(probe, memory_budget, "auto", torch.float32)
+        except Exception:
+            raise err from None
+        warnings.warn(
+            f"ntk_spectrum: the model does not run in float64 ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}); the dense path used float32 Jacobian rows "
+            "(mixed precision: K and eigh in float64, the rows' rounding bound is in the "
+            "residuals). Pass jacobian_dtype=torch.float32 to choose this and silence the warning",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     n = K.shape[0]
     mixed = rows_dtype != torch.float64
     # ‖E‖₂ estimate of the Jacobian's rounding (0: float64 rows, K exact up to n·ε₆₄·λ_max).
