@@ -322,12 +322,12 @@ class NTKOperator:
         a, b = self.probe.row_range(start, stop)
 
         def jt(u: Tensor) -> tuple[Tensor, ...]:
-            _, vjp_fn = torch.func.vjp(lambda *p: self.probe(p, chunk), *params)
+            vjp_fn = torch.func.vjp(lambda *p: self.probe(p, chunk), *params)[1]
             return tuple(vjp_fn(u))
 
         def jvp_fn(*t: Tensor) -> Tensor:
             u0 = torch.zeros(b - a, dtype=self.dtype, device=self.device)
-            _, back = torch.func.vjp(jt, u0)
+            back = torch.func.vjp(jt, u0)[1]
             return back(tuple(t))[0]
 
         return jvp_fn
