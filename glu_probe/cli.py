@@ -20,7 +20,7 @@ _DENSE_VARIANTS = ("relu", "gelu", "silu")
 
 _EPILOG = """\
 examples:
-  glu-probe demo                       # three paired GLU vs non-GLU runs (~5 min on 2 CPU cores)
+  glu-probe demo                       # three paired GLU vs non-GLU runs (~2 min on 2 CPU cores)
   glu-probe demo --quick --out /tmp/r  # the reduced CI size (about a minute)
   glu-probe report runs/demo-20260101-120000 --out report.png
   glu-probe theory --d 16 --m 256 --n 512

@@ -314,3 +314,17 @@ def test_functional_activation_is_identified_not_assumed() -> None:
     form = _analyse(block)
     assert form is not None and form.kind == "split" and form.act_name == "gelu"
     assert form.fc1 is block.w1 and form.up is block.w3 and form.fc2 is block.w2
+
+
+def test_identity_placeholders_are_not_taken_for_the_activation() -> None:
+    class PlainMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.act, self.norm = nn.Linear(16, 40), nn.GELU(), nn.Identity()
+            self.fc2 = nn.Linear(40, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(self.norm(self.act(self.fc1(x))))
+
+    form = _analyse(PlainMLP())
+    assert form is not None and form.kind == "dense" and form.act_name == "gelu"

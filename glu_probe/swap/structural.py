@@ -11,7 +11,7 @@ per class, this one accepts a block when
 * its class name says MLP/FFN (the rule by which :func:`~glu_probe.swap.swap_mlp` calls a module
   "MLP-like"; classifier and prediction heads excluded), it holds no parameter of its own, and
   its children are 2 or 3 plain ``nn.Linear`` layers, at most one parameter-free activation
-  module and dropouts; and
+  module, dropouts and ``nn.Identity`` placeholders; and
 * its ``forward`` on a random input equals one of these forms computed with its own layers (the
   same operations, so up to a few roundings):
 
@@ -109,6 +109,8 @@ def _parts(module: nn.Module) -> tuple[list[nn.Linear], list[nn.Module], list[fl
             linears.append(child)
         elif isinstance(child, nn.Dropout):
             drops.append(float(child.p))
+        elif isinstance(child, nn.Identity):
+            continue  # a disabled norm or dropout slot
         elif not any(True for _ in child.parameters()) and not any(True for _ in child.children()):
             acts.append(child)
         else:
