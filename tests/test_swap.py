@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -350,9 +351,19 @@ def test_unsupported_and_partial_models() -> None:
     with pytest.warns(UserWarning, match="only partly recognised"):
         report = swap_mlp(model, "swiglu", strict=False)
     assert report.paths == ["blocks.0.mlp"] and report.unrecognised == ["blocks.1.mlp (Custom)"]
-    gmlp = vit(timm_layers.GatedMlp)
+    # gMLP's block (timm GatedMlp with a spatial gating unit) is no MLP block of ours ...
+    from timm.models.mlp_mixer import SpatialGatingUnit
+
+    sgu = functools.partial(SpatialGatingUnit, seq_len=17)  # 4x4 patches + class token
+    gmlp = vit(functools.partial(timm_layers.GatedMlp, gate_layer=sgu))
     with pytest.raises(UnsupportedModelError, match=r"GatedMlp"):
         swap_mlp(gmlp, "swiglu")
+    # ... but without its gate (gate_layer=None: nn.Identity) it computes fc2(act(fc1 x)),
+    # which the structural adapter checks and swaps.
+    plain = vit(timm_layers.GatedMlp)
+    report = swap_mlp(plain, "swiglu")
+    assert [e.adapter for e in report.entries] == ["structural"] * 2
+    assert report.entries[0].source == "GatedMlp (dense)"
     with pytest.raises(UnsupportedModelError, match="the model itself is an MLP block"):
         swap_mlp(nn.Sequential(SwiGLU(4, 4))[0], "gelu")
 
