@@ -440,6 +440,36 @@ def test_classifier_heads_are_not_mlp_blocks() -> None:
     assert model.stages[3].blocks[0].mlp.fc1.weight.grad is not None
 
 
+def test_block_shared_by_several_parents_stays_shared() -> None:
+    """Weights shared across layers (one MLP object under two blocks) stay shared: one
+    replacement installed at both paths, counted once in the totals."""
+
+    class Block(nn.Module):
+        def __init__(self, mlp: nn.Module) -> None:
+            super().__init__()
+            self.norm, self.mlp = nn.LayerNorm(64), mlp
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.mlp(self.norm(x))
+
+    torch.manual_seed(0)
+    shared = timm_layers.Mlp(64, 256)
+    host = nn.Sequential(Block(shared), Block(shared), Block(timm_layers.Mlp(64, 256)))
+    report = swap_mlp(host, "swiglu")
+    assert report.paths == ["0.mlp", "1.mlp", "2.mlp"]
+    assert host[0].mlp is host[1].mlp and host[2].mlp is not host[0].mlp
+    assert [e.shared_with for e in report.entries] == [None, "0.mlp", None]
+    one = report.entries[0]
+    assert report.params_before == 2 * mlp_num_params(64, 256, 64, True, gated=False)
+    assert report.params_after == 2 * one.params_after
+    unique = {id(p): p.numel() for b in host for p in b.mlp.parameters()}
+    assert sum(unique.values()) == report.params_after
+    assert "| 1.mlp | shares 0.mlp |" in report.to_markdown()
+    x = torch.randn(2, 5, 64)
+    host(x).sum().backward()
+    assert host[0].mlp.fc1.weight.grad is host[1].mlp.fc1.weight.grad
+
+
 def test_partly_shaped_bert_layer_is_an_error_and_atomic() -> None:
     class Inter(nn.Module):
         def __init__(self) -> None:

@@ -15,6 +15,7 @@ error is at most ``multiple_of_used · slope / 2`` parameters.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import warnings
@@ -172,6 +173,9 @@ class SwapEntry:
     params_before: int
     params_after: int
     multiple_of: int
+    shared_with: str | None = None
+    """Path of the first entry of a block shared by several parents (one replacement, installed
+    at every path; its parameters count once in the report's totals)."""
 
     @property
     def rel_diff(self) -> float:
@@ -195,11 +199,11 @@ class SwapReport:
 
     @property
     def params_before(self) -> int:
-        return sum(e.params_before for e in self.entries)
+        return sum(e.params_before for e in self.entries if e.shared_with is None)
 
     @property
     def params_after(self) -> int:
-        return sum(e.params_after for e in self.entries)
+        return sum(e.params_after for e in self.entries if e.shared_with is None)
 
     @property
     def rel_diff(self) -> float:
@@ -218,6 +222,9 @@ class SwapReport:
             "|---|---|---:|---:|---:|---:|---:|",
         ]
         for e in self.entries:
+            if e.shared_with is not None:
+                lines.append(f"| {e.path} | shares {e.shared_with} | | | | | |")
+                continue
             lines.append(
                 f"| {e.path} | {e.source} ({e.source_activation}) | {e.source_hidden} | "
                 f"{e.hidden_features} | {e.params_before} | {e.params_after} | "
@@ -624,7 +631,15 @@ def swap_mlp(
 
     # Describe and build everything before installing anything: all or nothing.
     plan: list[tuple[str, nn.Module, MLPAdapter, nn.Module, SwapEntry]] = []
+    first_use: dict[int, tuple[nn.Module, SwapEntry]] = {}
     for path, old, adapter in found:
+        if id(old) in first_use:
+            # One block under several parents (weights shared across layers): one replacement,
+            # installed at every path, so the sharing survives the swap.
+            new, first = first_use[id(old)]
+            entry = dataclasses.replace(first, path=path, shared_with=first.path)
+            plan.append((path, old, adapter, new, entry))
+            continue
         spec = adapter.describe(old)
         if hidden_features is not None:
             hidden, used = hidden_features, 1
@@ -649,6 +664,7 @@ def swap_mlp(
             multiple_of=used,
         )
         plan.append((path, old, adapter, new, entry))
+        first_use[id(old)] = (new, entry)
     for path, old, adapter, new, _ in plan:
         adapter.install(model, path, old, new)
 
