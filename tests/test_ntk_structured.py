@@ -239,28 +239,64 @@ def test_factors_that_do_not_fit_fall_back_to_rows():
     torch.testing.assert_close(K, truth(model, x), rtol=1e-10, atol=1e-13)
 
 
-def test_auto_uses_the_factors_only_where_rows_would_be_recomputed(monkeypatch):
+def test_auto_uses_the_factors_where_rows_are_recomputed_or_cost_more(monkeypatch):
     """auto: structured when the row strategy's panel cannot hold every sample (default budget
-    here), rows when it can (a large budget) or for a single sample."""
+    here); where every row fits (a large budget), only when its Gram is STRUCTURED_MIN_GAIN
+    times cheaper (an MLP on vectors, T = 1) and the rows' Gram is not tiny; never for a single
+    sample. A "not cheaper" verdict is remembered for the same model and shapes."""
+    import glu_probe.ntk.dense as dense
     import glu_probe.ntk.structured as structured
 
-    calls: list[int] = []
+    calls: list[tuple[int, bool]] = []
     real = structured.structured_ntk
 
     def spy(probe, *args, **kwargs):
-        calls.append(probe.batch_size)
-        return real(probe, *args, **kwargs)
+        K = real(probe, *args, **kwargs)
+        calls.append((probe.batch_size, K is not None))
+        return K
+
+    traced: list[int] = []
+    real_layers = structured._layers
+
+    def layers_spy(probe, *args, **kwargs):
+        traced.append(probe.batch_size)
+        return real_layers(probe, *args, **kwargs)
 
     monkeypatch.setattr(structured, "structured_ntk", spy)
+    monkeypatch.setattr(structured, "_layers", layers_spy)
     torch.manual_seed(6)
     model, x = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)), torch.randn(64, 16)
     ref = truth(model, x)
     K = ntk_matrix(model, x, output="full")  # default budget: K + 40% of J
-    assert calls == [64]
+    assert calls == [(64, True)]
     torch.testing.assert_close(K, ref, rtol=1e-10, atol=1e-12 * float(ref.diag().max()))
-    ntk_matrix(model, x, output="full", memory_budget=2**30)  # every row fits: rows
-    ntk_matrix(model, x[:1], output="full")  # one sample
-    assert calls == [64]
+    # Every row fits. Rows' Gram n²·P = 256²·1348 ≥ 2^26; structured: Hadamard n²·(16+64) and
+    # n²·(64+4) plus n² per bias unit: 6.3x fewer multiply-adds -> structured.
+    cost, rows_cost = structured.gram_flops(real_layers(*_traced(model, x)), 256, 0)
+    assert rows_cost == 256**2 * 1348
+    assert cost == 256**2 * (16 + 64 + 64 + 64 + 4 + 4)
+    assert rows_cost >= dense.STRUCTURED_MIN_GAIN * cost
+    K = ntk_matrix(model, x, output="full", memory_budget=2**30)
+    assert calls[-1] == (64, True)
+    torch.testing.assert_close(K, ref, rtol=1e-10, atol=1e-12 * float(ref.diag().max()))
+    ntk_matrix(model, x[:1], output="full")  # one sample: no structured attempt
+    assert len(calls) == 2
+    # Sixteen tokens per sample: the token pairs make the structured Gram dearer -> rows, and
+    # the verdict is cached (no second trace of a sample).
+    seq = TokenMLP()
+    xs = torch.randn(128, 16, 32)  # 256 rows: n²·P = 256²·2242 ≥ 2^26
+    n_calls, n_traced = len(calls), len(traced)
+    K = ntk_matrix(seq, xs, output="full", memory_budget=2**30)
+    assert calls[n_calls:] == [(128, False)] and len(traced) == n_traced + 1
+    torch.testing.assert_close(K, truth(seq, xs), rtol=1e-10, atol=1e-12 * float(K.diag().max()))
+    ntk_matrix(seq, xs, output="full", memory_budget=2**30)
+    assert calls[n_calls:] == [(128, False)] * 2 and len(traced) == n_traced + 1
+
+
+def _traced(model: nn.Module, x: torch.Tensor):
+    probe = ProbeFunction(model, x, output="full", dtype=torch.float64)
+    leaves, spec, batched = _batched_leaves(probe)
+    return probe, leaves, spec, batched
 
 
 def test_hf_bert_dict_batch_and_padded_masks():

@@ -437,9 +437,10 @@ def ntk_matrix(
             pass, nothing recomputed), ``"jacobian"`` (per-sample Jacobian row blocks and
             GEMMs), ``"operator"`` (columns K eⱼ from matrix-free products: memory of a few
             parameter vectors per column, for models whose Jacobian rows do not fit) or
-            ``"auto"`` (structured where the jacobian strategy would recompute rows, a layer
-            qualifies and the factors fit; else jacobian when its panel fits the budget, else
-            operator).
+            ``"auto"`` (structured where the jacobian strategy would recompute rows, or where
+            its Gram is :data:`STRUCTURED_MIN_GAIN` times cheaper than the rows' (MLPs on
+            vectors), a layer qualifies and the factors fit; else jacobian when its panel fits
+            the budget, else operator).
         probe: a prebuilt :class:`ProbeFunction` (then model/inputs/output/params are ignored).
         jacobian_dtype: precision of the Jacobian rows of the ``"jacobian"`` strategy (``None``:
             ``dtype``). ``torch.float32`` with a float64 ``dtype`` is the mixed-precision mode of
@@ -471,14 +472,34 @@ def ntk_matrix(
     return _assemble(probe, memory_budget, strategy, jacobian_dtype)[0]
 
 
-def _structured_pays(probe: ProbeFunction, wide_plan: tuple[int, int] | None) -> bool:
-    """``auto``: try the structured strategy only where the row strategy would recompute rows
-    (its panel cannot hold every sample) and there are several samples. Where the rows all fit
-    at once, the row strategy is as fast or faster (one vmapped call, no factor expansion;
-    measured on the demo ViT and GPT-2 probes), and a single sample has no rows to share."""
+#: ``auto`` where the Jacobian rows would fit: the structured strategy is tried when the rows'
+#: Gram costs at least this many multiply-adds (below, both take a few ms and the rows' single
+#: vmapped call wins on overhead) ...
+STRUCTURED_MIN_ROWS_GRAM = 2**26
+#: ... and is taken when its own Gram costs this many times fewer (:func:`gram_flops`). Measured
+#: on one CPU core, float32 rows: MLPs on vectors (T = 1), where the Hadamard route costs
+#: n²·(in+out) per layer instead of n²·in·out, run 26× (d 64, m 2048, n 256: 0.70 s -> 0.026 s)
+#: to 100× (d 784, m 1024, n 128) faster; the demo ViT and GPT-2 probes, whose token pairs make
+#: the structured Gram no cheaper, keep the rows.
+STRUCTURED_MIN_GAIN = 4.0
+
+
+def _structured_mode(
+    probe: ProbeFunction, wide_plan: tuple[int, int] | None
+) -> tuple[bool, float | None]:
+    """``auto``: (try the structured strategy, ``min_gain`` for it).
+
+    Where the row strategy would recompute rows (its panel cannot hold every sample), the
+    structured one is taken whenever it applies. Where the rows all fit at once, it is taken
+    only if its Gram is :data:`STRUCTURED_MIN_GAIN` times cheaper and the rows' Gram is large
+    (:data:`STRUCTURED_MIN_ROWS_GRAM`): otherwise the rows' single vmapped call is as fast or
+    faster (measured on the demo ViT and GPT-2 probes). A single sample has no rows to share."""
     if probe.batch_size < 2:
-        return False
-    return wide_plan is None or wide_plan[0] < probe.batch_size
+        return False, None
+    if wide_plan is None or wide_plan[0] < probe.batch_size:
+        return True, None
+    n = probe.n_rows
+    return n * n * probe.n_params >= STRUCTURED_MIN_ROWS_GRAM, STRUCTURED_MIN_GAIN
 
 
 def _structured(
@@ -489,9 +510,11 @@ def _structured(
     rows_dtype: torch.dtype,
     row_itemsize: int,
     required: bool,
+    min_gain: float | None = None,
 ) -> Tensor | None:
     """K by the structured strategy, or ``None`` (``required``: a ValueError instead).
-    ``itemsize`` is K's, ``row_itemsize`` that of ``rows_dtype``."""
+    ``itemsize`` is K's, ``row_itemsize`` that of ``rows_dtype``; ``min_gain`` as in
+    :func:`~glu_probe.ntk.structured.structured_ntk`."""
     from .structured import structured_ntk
 
     n = probe.n_rows
@@ -501,7 +524,7 @@ def _structured(
         # (at least 16 MiB: small problems need not be squeezed).
         extra = max(int(0.6 * n * probe.n_params * row_itemsize), 2**24)
         budget = max(budget, min(n * n * itemsize + extra, _budget_cap(probe)))
-    K = structured_ntk(probe, budget, rows_dtype)
+    K = structured_ntk(probe, budget, rows_dtype, min_gain=min_gain)
     if K is None and required:
         raise ValueError(
             "strategy='structured' does not apply: no nn.Linear layer qualifies (a plain, "
@@ -534,7 +557,10 @@ def _assemble(
     row_itemsize = torch.empty((), dtype=rows_dtype).element_size()
     plan = _plan(probe, itemsize, budget) if strategy != "operator" else None  # K-dtype panel
     K: Tensor | None = None
-    if strategy == "structured" or (strategy == "auto" and _structured_pays(probe, plan)):
+    try_structured, min_gain = (
+        _structured_mode(probe, plan) if strategy == "auto" else (strategy == "structured", None)
+    )
+    if try_structured:
         K = _structured(
             probe,
             budget,
@@ -543,6 +569,7 @@ def _assemble(
             rows_dtype,
             row_itemsize,
             strategy == "structured",
+            min_gain,
         )
     if K is None:
         buf_dtype = probe.dtype

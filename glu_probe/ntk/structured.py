@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,16 +163,67 @@ def _hadamard_pays(layer: _Layer, n: int) -> bool:
     return (n * t) ** 2 * (fi + fo) <= n * t * fi * fo + n * n * fi * fo
 
 
+def gram_flops(layers: list[_Layer], n: int, rest_numel: int) -> tuple[int, int]:
+    """Multiply-adds of K's Gram products: (structured strategy, row strategy).
+
+    Rows: n²·P (one GEMM over every parameter). Structured: per layer the cheaper of the
+    Hadamard route ((n·T)²·(in+out)) and the expansion (n·T·in·out + n²·in·out), plus n² per
+    remaining parameter."""
+    rows = n * n * rest_numel
+    structured = n * n * rest_numel
+    for ly in layers:
+        t, fi, fo = ly.tokens, ly.fan_in, ly.fan_out
+        bias = fo if ly.bias is not None else 0
+        rows += n * n * (fi * fo + bias)
+        hadamard = (n * t) ** 2 * (fi + fo)
+        expand = n * t * fi * fo + n * n * fi * fo
+        structured += min(hadamard, expand) + n * n * bias
+    return structured, rows
+
+
+#: Per model, the probe signatures for which the cost test found the structured Gram not
+#: cheaper enough (weak keys: forgotten with the model).
+_NOT_CHEAPER: weakref.WeakKeyDictionary[nn.Module, set[Any]] = weakref.WeakKeyDictionary()
+
+
+def _signature(probe: ProbeFunction, min_gain: float) -> tuple[Any, ...]:
+    """What the cost test's verdict depends on: parameters, their shapes, the probe's shapes."""
+    named = dict(probe.model.named_parameters())
+    leaves = pytree.tree_leaves(probe.inputs)
+    return (
+        min_gain,
+        probe.n_rows,
+        probe.rows_per_sample,
+        probe.batch_size,
+        tuple((name, tuple(named[name].shape)) for name in probe.names),
+        tuple(tuple(t.shape) for t in leaves if isinstance(t, Tensor)),
+    )
+
+
 def structured_ntk(
-    probe: ProbeFunction, budget: int, jacobian_dtype: torch.dtype, chunk: int | None = None
+    probe: ProbeFunction,
+    budget: int,
+    jacobian_dtype: torch.dtype,
+    chunk: int | None = None,
+    min_gain: float | None = None,
 ) -> Tensor | None:
     """K (n × n, ``probe.dtype``) with the structured Linear blocks, or ``None`` where the
     strategy does not apply (no qualifying layer, the factors do not fit ``budget`` bytes next to
     K, the model cannot be vmapped over samples; silently, the row strategy takes over) or its
-    check fails (then with a warning)."""
+    check fails (then with a warning). ``min_gain``: also ``None`` unless the row strategy's
+    Gram takes at least ``min_gain`` times the structured one's multiply-adds
+    (:func:`gram_flops`), the test of ``auto`` where the rows would fit."""
     from .dense import _batched_leaves, _gram_sym, _vmap_args
 
     n, r, s_total = probe.n_rows, probe.rows_per_sample, probe.batch_size
+    signature: tuple[Any, ...] | None = None
+    if min_gain is not None:
+        # The cost test needs the layers (one traced sample); its verdict depends only on the
+        # model's structure and the probe's shapes, so a "not cheaper" is remembered per model
+        # (a monitor probes the same shapes every few steps).
+        signature = _signature(probe, min_gain)
+        if signature in _NOT_CHEAPER.get(probe.model, ()):
+            return None
     kdtype = probe.dtype
     k_item = torch.empty((), dtype=kdtype).element_size()
     source = probe.astype(jacobian_dtype, check=False)
@@ -186,6 +238,11 @@ def structured_ntk(
     structured = {ly.weight for ly in layers} | {ly.bias for ly in layers if ly.bias is not None}
     rest = [i for i in range(len(source.params)) if i not in structured]
     rest_numel = sum(source.params[i].numel() for i in rest)
+    if min_gain is not None:
+        cost, rows_cost = gram_flops(layers, n, rest_numel)
+        if rows_cost < min_gain * cost:
+            _NOT_CHEAPER.setdefault(probe.model, set()).add(signature)
+            return None
     factors = sum(n * ly.tokens * ly.fan_out + s_total * ly.tokens * ly.fan_in for ly in layers)
     stored = (factors + n * rest_numel) * r_item
     # Workspace of the Gram: one expanded block of rows or one Hadamard Gram, in K's dtype.
