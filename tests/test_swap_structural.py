@@ -328,3 +328,27 @@ def test_identity_placeholders_are_not_taken_for_the_activation() -> None:
 
     form = _analyse(PlainMLP())
     assert form is not None and form.kind == "dense" and form.act_name == "gelu"
+
+
+def test_16_bit_blocks_are_checked_in_float32() -> None:
+    """In bf16 a few roundings are a few percent of the output: the check runs on a float32
+    copy, so that GELU and SiLU (or the two halves' order) are still told apart."""
+
+    class GeluFFN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1, self.w3, self.w2 = nn.Linear(16, 24), nn.Linear(16, 24), nn.Linear(24, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.w2(F.gelu(self.w1(x)) * self.w3(x))
+
+    torch.manual_seed(0)
+    block = GeluFFN().to(torch.bfloat16)
+    form = _analyse(block)
+    assert form is not None and form.act_name == "gelu"
+    assert form.fc1 is block.w1 and form.up is block.w3 and form.fc2 is block.w2  # its own layers
+    config, model_cls = _build("phi3")
+    model = model_cls(config).to(torch.bfloat16)
+    report = swap_mlp(model, "gelu")
+    assert [e.source for e in report.entries] == ["Phi3MLP (packed)"] * 2
+    assert all(b.fc1.weight.dtype == torch.bfloat16 for b in _mlps(model))

@@ -45,6 +45,7 @@ the ``glu_probe_swap`` record that :func:`~glu_probe.swap.swap_mlp` writes holds
 
 from __future__ import annotations
 
+import copy
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -186,14 +187,43 @@ class _TrainingFlags:
 
 
 def _analyse(module: nn.Module) -> _Form | None:
-    """The block's form, checked against its own forward pass, or ``None``."""
+    """The block's form, checked against its own forward pass, or ``None``.
+
+    16-bit blocks are checked on a float32 copy: in bf16 a few roundings of the output are
+    a few percent of it, too coarse to tell two activations apart. The form found on the copy
+    is mapped back to the block's own layers (same child names)."""
     parts = _parts(module)
     if parts is None:
         return None
-    linears, acts, drops = parts
-    p = linears[0].weight
+    p = parts[0][0].weight
     if p.device.type == "meta" or not p.dtype.is_floating_point:
         return None
+    if torch.finfo(p.dtype).bits >= 32:
+        return _analyse_checked(module, parts)
+    try:
+        wide = copy.deepcopy(module).float()
+    except Exception:  # not copyable: no check in 16 bits, no swap on a guess
+        return None
+    wide_parts = _parts(wide)
+    form = _analyse_checked(wide, wide_parts) if wide_parts is not None else None
+    if form is None:
+        return None
+    names = {id(child): name for name, child in wide.named_children()}
+    own = dict(module.named_children())
+    form.fc1 = own[names[id(form.fc1)]]  # type: ignore[assignment]
+    form.fc2 = own[names[id(form.fc2)]]  # type: ignore[assignment]
+    if form.up is not None:
+        form.up = own[names[id(form.up)]]  # type: ignore[assignment]
+    if isinstance(form.act, nn.Module) and id(form.act) in names:
+        form.act = own[names[id(form.act)]]
+    return form
+
+
+def _analyse_checked(
+    module: nn.Module, parts: tuple[list[nn.Linear], list[nn.Module], list[float]]
+) -> _Form | None:
+    linears, acts, drops = parts
+    p = linears[0].weight
     layouts = _layouts(linears)
     if not layouts:
         return None
