@@ -352,3 +352,44 @@ def test_16_bit_blocks_are_checked_in_float32() -> None:
     report = swap_mlp(model, "gelu")
     assert [e.source for e in report.entries] == ["Phi3MLP (packed)"] * 2
     assert all(b.fc1.weight.dtype == torch.bfloat16 for b in _mlps(model))
+
+
+@pytest.mark.parametrize(
+    ("feed_forward_proj", "form", "variant"),
+    [("relu", "dense", "swiglu"), ("gated-gelu", "split", "relu")],
+)
+def test_t5_feed_forward_both_ways(feed_forward_proj: str, form: str, variant: str) -> None:
+    """T5 v1.0 (DenseReluDense: wi, act, dropout, wo) and v1.1 (wi_0, wi_1, gated GELU): the
+    dropout sits before ``wo``, found by the training-mode check; T5's init std 1/√fan_in."""
+    if not hasattr(transformers, "T5ForConditionalGeneration"):
+        pytest.skip("transformers without T5")
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        d_model=64,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        d_kv=16,
+        vocab_size=VOCAB,
+        feed_forward_proj=feed_forward_proj,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        dropout_rate=0.1,
+    )
+    model = transformers.T5ForConditionalGeneration(config)
+    report = swap_mlp(model, variant)
+    assert len(report.entries) == 4  # two encoder and two decoder layers
+    assert all(e.source.endswith(f"({form})") and abs(e.rel_diff) <= 0.01 for e in report.entries)
+    assert report.entries[0].path == "encoder.block.0.layer.1.DenseReluDense"
+    blocks = _mlps(model)
+    assert all((b.drop1.p, b.drop2.p) == (0.1, 0.0) for b in blocks)
+    assert config.d_ff == report.entries[0].hidden_features
+    w = blocks[0].fc1.weight
+    assert w.std().item() == pytest.approx(1 / math.sqrt(64), rel=0.05)
+    assert blocks[0].fc2.weight.std().item() == pytest.approx(
+        1 / math.sqrt(blocks[0].hidden_features), rel=0.1
+    )
+    ids = torch.randint(1, VOCAB, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(b.fc1.weight.grad is not None for b in blocks)

@@ -372,9 +372,24 @@ def host_init(root: nn.Module, path: str, block: Any) -> None:
       jax / moco), applied with timm's own ``named_apply`` so that blocks with an
       ``init_weights()`` (timm's ``SwiGLU``, our ``GatedMLP``) get it exactly as in a freshly
       built timm model; plus ``fix_init`` rescaling of ``fc2`` by ``1/sqrt(2·(layer+1))``.
+    * Hugging Face T5 family (``initializer_factor`` and no ``initializer_range``): weights
+      N(0, (factor / √fan_in)²), T5's ``wi`` / ``wo`` init.
     * anything else: the block keeps ``nn.Linear``'s default init.
     """
     config = _hf_config(root)
+    if (
+        config is not None
+        and not hasattr(config, "initializer_range")
+        and hasattr(config, "initializer_factor")
+    ):
+        factor = float(config.initializer_factor)
+        with torch.no_grad():
+            for m in block.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, mean=0.0, std=factor / math.sqrt(m.in_features))
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+        return
     if config is not None and hasattr(config, "initializer_range"):
         std = float(config.initializer_range)
         with torch.no_grad():
@@ -410,7 +425,7 @@ _CANDIDATE_NAME = re.compile(
 _HEAD_CLASS = re.compile(r"(head$|classifier)", re.I)
 _CANDIDATE_CLASS = re.compile(
     r"(mlp|feedforward|feed_forward|ffn|intermediate|swiglu|geglu|sparsemoe|moeblock|moelayer"
-    r"|moe$|experts$)",
+    r"|moe$|experts$|dense\w*actdense|densereludense)",
     re.I,
 )
 
