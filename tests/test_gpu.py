@@ -212,3 +212,69 @@ def test_packed_preactivation_on_cuda_is_rounded_once(dtype):
     )
     pt = _packed_preactivation(w1.cuda(), x.cuda(), b1.cuda())
     assert _rounded_once_error(pt.cpu(), x, w1, b1) <= 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_structural_swap_on_cuda(dtype):
+    """The structural adapter's forward-pass check runs on the device (CUDA generator, forked
+    CUDA RNG; bf16 checked on a float32 copy) and the swap keeps device and dtype."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.PhiConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=64,
+        pad_token_id=0,
+    )
+    model = transformers.PhiForCausalLM(config).to("cuda", dtype)
+    from glu_probe.swap.structural import _analyse
+
+    state = torch.cuda.get_rng_state()
+    form = _analyse(model.model.layers[0].mlp)  # the check alone draws nothing
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    assert form is not None and form.kind == "dense" and form.act_name == "gelu_tanh"
+    report = glu_probe.swap_mlp(model, "swiglu")
+    assert [e.adapter for e in report.entries] == ["structural"] * 2
+    mlp = model.model.layers[0].mlp
+    assert mlp.fc1.weight.device.type == "cuda" and mlp.fc1.weight.dtype == dtype
+    ids = torch.randint(1, 64, (2, 8), device="cuda")
+    model(input_ids=ids).logits.float().sum().backward()
+    assert mlp.fc1.weight.grad is not None
+
+
+def test_products_without_forward_mode_ad_on_cuda():
+    """J·u by the double VJP on the device, against the dense float64 kernel."""
+
+    class SquareNoJvp(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x):
+            return x * x
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 2 * x * g
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(6, 16), torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.b(SquareNoJvp.apply(torch.tanh(self.a(x))))
+
+    torch.manual_seed(0)
+    net, x = Net().cuda(), torch.randn(12, 6, device="cuda")
+    dense = ntk_spectrum(net, x, method="dense", dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="VJP of u"):
+        it = ntk_spectrum(net, x, method="lanczos", dtype=torch.float64, tol=1e-10)
+    assert it.converged
+    assert it.lambda_max == pytest.approx(dense.lambda_max, rel=1e-8)
+    assert it.lambda_min == pytest.approx(dense.lambda_min, rel=1e-6)
