@@ -241,7 +241,10 @@ def structured_ntk(
     if min_gain is not None:
         cost, rows_cost = gram_flops(layers, n, rest_numel)
         if rows_cost < min_gain * cost:
-            _NOT_CHEAPER.setdefault(probe.model, set()).add(signature)
+            seen = _NOT_CHEAPER.setdefault(probe.model, set())
+            if len(seen) >= 64:  # probes of ever new shapes: keep the memo bounded
+                seen.clear()
+            seen.add(signature)
             return None
     factors = sum(n * ly.tokens * ly.fan_out + s_total * ly.tokens * ly.fan_in for ly in layers)
     stored = (factors + n * rest_numel) * r_item
