@@ -33,7 +33,7 @@ run() {  # run NAME SECONDS CMD...
 steps=${*:-gpu_tests fused_acc bench_callbacks bench_ntk bench_mlp_bf16 bench_mlp_bias bench_mlp_amp}
 for step in $steps; do
   case $step in
-    gpu_tests) run gpu_tests 75 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
+    gpu_tests) run gpu_tests 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
       tests/test_krylov.py tests/test_callbacks_ntk.py ;;
     fused_acc) run fused_acc 30 python3 benchmarks/fused_accuracy.py --device cuda --seeds 4 ;;
     bench_callbacks) run bench_callbacks 150 python3 benchmarks/bench_callbacks.py --device cuda \
