@@ -393,3 +393,50 @@ def test_t5_feed_forward_both_ways(feed_forward_proj: str, form: str, variant: s
     ids = torch.randint(1, VOCAB, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(b.fc1.weight.grad is not None for b in blocks)
+
+
+def test_check_uses_fresh_weights_not_the_blocks_own() -> None:
+    """A zero-initialised output layer makes every candidate agree on the block's own weights;
+    the check's fresh weights still tell ReLU from SiLU."""
+
+    class ZeroOutMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+            nn.init.zeros_(self.fc2.weight)
+            nn.init.zeros_(self.fc2.bias)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(F.relu(self.fc1(x)))
+
+    form = _analyse(ZeroOutMLP())
+    assert form is not None and form.kind == "dense" and form.act_name == "relu"
+
+
+def test_blocks_on_the_meta_device_are_recognised() -> None:
+    config, model_cls = _build("phi")
+    with torch.device("meta"):
+        model = model_cls(config)
+    report = swap_mlp(model, "swiglu")
+    assert [e.adapter for e in report.entries] == ["structural"] * 2
+    assert all(b.fc1.weight.device.type == "meta" for b in _mlps(model))
+    model.to_empty(device="cpu")  # the usual next step: materialise, then load weights
+    assert all(b.fc1.weight.device.type == "cpu" for b in _mlps(model))
+
+
+def test_the_check_runs_once_per_block_structure(monkeypatch) -> None:
+    import glu_probe.swap.structural as structural
+
+    monkeypatch.setattr(structural, "_RECIPES", {})
+    calls: list[str] = []
+    real = structural._check
+
+    def spy(module, *args):
+        calls.append(type(module).__name__)
+        return real(module, *args)
+
+    monkeypatch.setattr(structural, "_check", spy)
+    config, model_cls = _build("gpt_neox")
+    config.num_hidden_layers = 4
+    report = swap_mlp(model_cls(config), "swiglu")
+    assert len(report.entries) == 4 and calls == ["GPTNeoXMLP"]

@@ -31,10 +31,16 @@ per class, this one accepts a block when
   anything else fails the check and is reported as an unrecognised MLP block: never swapped on a
   guess.
 
-The check runs one forward pass per candidate block on a ``(2, 3, in_features)`` input, under a
-forked RNG (the global random streams are untouched) and ``torch.no_grad``; the block's
-``training`` flags are restored. Blocks on the ``meta`` device cannot be checked and are not
-recognised.
+The check calls the block's ``forward`` through ``torch.func.functional_call`` with fresh
+weights (float32, on the CPU, from a private generator) on a ``(2, 3, in_features)`` input, and
+computes each candidate form from the same weights. Fresh weights make it independent of the
+block's own: a zero-initialised output layer would make every form agree, bf16 roundings are a
+few percent of the output (too coarse to tell GELU from SiLU), and ``meta``-device weights have
+no values at all (a model built on ``meta`` swaps too). It runs under a forked CPU RNG (the
+global random streams are untouched) and restores the block's ``training`` flags. Its verdict,
+a recipe by child names, depends only on the block's structure (class, children and their
+shapes and settings, dropout rates, plain instance settings), so it is computed once per
+structure and cached: one check for all the layers of a model.
 
 Host config: the width key (``intermediate_size``, ``n_inner``, ``hidden_dim``, ``ffn_dim`` or
 ``d_ff``) is updated only where its value is the blocks' width (Dinov2 derives its width from
@@ -45,7 +51,8 @@ the ``glu_probe_swap`` record that :func:`~glu_probe.swap.swap_mlp` writes holds
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -144,19 +151,41 @@ def _layouts(linears: list[nn.Linear]) -> list[tuple[str, nn.Linear, nn.Linear, 
     return out
 
 
-def _run(form: _Form, x: Tensor, drop: tuple[float, float], training: bool) -> Tensor:
-    h = form.fc1(x)
-    if form.kind == "packed":
+@dataclass(frozen=True)
+class _Recipe:
+    """A form by child names: what the check found, independent of the instance's weights."""
+
+    kind: str
+    fc1: str
+    fc2: str
+    up: str | None
+    gate_first: bool
+    act: str | None  # child name of the activation module; None: functional
+    act_name: str
+    drop: tuple[float, float]
+
+
+def _apply(
+    recipe: _Recipe, tensors: dict[str, Tensor], act: Any, x: Tensor, training: bool
+) -> Tensor:
+    """The recipe's formula with the given weights (``<child>.weight`` / ``<child>.bias``)."""
+
+    def lin(name: str, t: Tensor) -> Tensor:
+        return F.linear(t, tensors[f"{name}.weight"], tensors.get(f"{name}.bias"))
+
+    h = lin(recipe.fc1, x)
+    if recipe.kind == "packed":
         a, b = h.chunk(2, dim=-1)
-        g, u = (a, b) if form.gate_first else (b, a)
-        h = form.act(g) * u
-    elif form.kind == "split":
-        assert form.up is not None
-        h = form.act(h) * form.up(x)
+        g, u = (a, b) if recipe.gate_first else (b, a)
+        h = act(g) * u
+    elif recipe.kind == "split":
+        assert recipe.up is not None
+        h = act(h) * lin(recipe.up, x)
     else:
-        h = form.act(h)
+        h = act(h)
+    drop = recipe.drop
     h = F.dropout(h, drop[0], training) if drop[0] > 0 else h
-    y = form.fc2(h)
+    y = lin(recipe.fc2, h)
     return F.dropout(y, drop[1], training) if drop[1] > 0 else y
 
 
@@ -186,75 +215,131 @@ class _TrainingFlags:
             m.training = flag
 
 
+#: Recipes found per block structure (class, children, dropout rates): blocks of one model share
+#: their forward code, so the check runs once per structure, not once per block.
+_RECIPES: dict[tuple[Any, ...], _Recipe | None] = {}
+
+
+def _structure(module: nn.Module, drops: list[float]) -> tuple[Any, ...]:
+    """What the check's verdict depends on: the class (its forward code), the children (kind,
+    settings, parameter shapes), the dropout rates and the instance's plain settings (flags
+    such as ``chunk_size_feed_forward`` that a forward may branch on)."""
+    children = tuple(
+        (
+            name,
+            "Linear" if isinstance(child, nn.Linear) else repr(child),
+            tuple(tuple(p.shape) for p in child.parameters()),
+        )
+        for name, child in module.named_children()
+    )
+    settings = tuple(
+        sorted(
+            (k, v)
+            for k, v in vars(module).items()
+            if isinstance(v, bool | int | float | str) and k != "training" and not k.startswith("_")
+        )
+    )
+    return (type(module), children, tuple(drops), settings)
+
+
 def _analyse(module: nn.Module) -> _Form | None:
     """The block's form, checked against its own forward pass, or ``None``.
 
-    16-bit blocks are checked on a float32 copy: in bf16 a few roundings of the output are
-    a few percent of it, too coarse to tell two activations apart. The form found on the copy
-    is mapped back to the block's own layers (same child names)."""
+    The check runs the block's ``forward`` with fresh weights (``torch.func.functional_call``:
+    float32, on the CPU, drawn from a private generator) and compares it with each candidate
+    form computed from the same weights. Fresh weights make the check independent of the
+    block's own: a zero-initialised output layer would make every form agree, bf16 roundings
+    are a few percent of the output (too coarse to tell GELU from SiLU), and weights on the
+    ``meta`` device have no values at all. The verdict holds for every block of the same
+    structure and is cached."""
     parts = _parts(module)
     if parts is None:
         return None
-    p = parts[0][0].weight
-    if p.device.type == "meta" or not p.dtype.is_floating_point:
-        return None
-    if torch.finfo(p.dtype).bits >= 32:
-        return _analyse_checked(module, parts)
-    try:
-        wide = copy.deepcopy(module).float()
-    except Exception:  # not copyable: no check in 16 bits, no swap on a guess
-        return None
-    wide_parts = _parts(wide)
-    form = _analyse_checked(wide, wide_parts) if wide_parts is not None else None
-    if form is None:
-        return None
-    names = {id(child): name for name, child in wide.named_children()}
-    own = dict(module.named_children())
-    form.fc1 = own[names[id(form.fc1)]]  # type: ignore[assignment]
-    form.fc2 = own[names[id(form.fc2)]]  # type: ignore[assignment]
-    if form.up is not None:
-        form.up = own[names[id(form.up)]]  # type: ignore[assignment]
-    if isinstance(form.act, nn.Module) and id(form.act) in names:
-        form.act = own[names[id(form.act)]]
-    return form
-
-
-def _analyse_checked(
-    module: nn.Module, parts: tuple[list[nn.Linear], list[nn.Module], list[float]]
-) -> _Form | None:
     linears, acts, drops = parts
-    p = linears[0].weight
+    if not all(p.dtype.is_floating_point for p in module.parameters()):
+        return None
+    key = _structure(module, drops)
+    if key not in _RECIPES:
+        if len(_RECIPES) >= 256:
+            _RECIPES.clear()
+        _RECIPES[key] = _check(module, linears, acts, drops)
+    recipe = _RECIPES[key]
+    if recipe is None:
+        return None
+    own = dict(module.named_children())
+    functional = dict(_FUNCTIONAL_ACTS)
+    up = own[recipe.up] if recipe.up is not None else None
+    return _Form(
+        recipe.kind,
+        own[recipe.fc1],  # type: ignore[arg-type]
+        own[recipe.fc2],  # type: ignore[arg-type]
+        up,  # type: ignore[arg-type]
+        recipe.gate_first,
+        own[recipe.act] if recipe.act is not None else functional[recipe.act_name],
+        recipe.act_name,
+        recipe.drop,
+    )
+
+
+def _check(
+    module: nn.Module, linears: list[nn.Linear], acts: list[nn.Module], drops: list[float]
+) -> _Recipe | None:
+    names = {id(child): name for name, child in module.named_children()}
     layouts = _layouts(linears)
     if not layouts:
         return None
-    acts_tried: list[tuple[str, Any]] = (
-        [(activation_name(acts[0]), acts[0])] if acts else list(_FUNCTIONAL_ACTS)
+    acts_tried: list[tuple[str | None, str, Any]] = (
+        [(names[id(acts[0])], activation_name(acts[0]), acts[0])]
+        if acts
+        else [(None, name, fn) for name, fn in _FUNCTIONAL_ACTS]
     )
-    gen = torch.Generator(device=p.device).manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    tensors: dict[str, Tensor] = {}
+    for lin in linears:
+        name = names[id(lin)]
+        w = torch.randn(lin.out_features, lin.in_features, generator=gen)
+        tensors[f"{name}.weight"] = w / math.sqrt(lin.in_features)
+        if lin.bias is not None:
+            tensors[f"{name}.bias"] = 0.1 * torch.randn(lin.out_features, generator=gen)
+    for name, buf in module.named_buffers():
+        if buf.device.type == "meta":
+            return None
+        tensors[name] = buf.detach().to("cpu")
     inputs: dict[int, Tensor] = {}
-    devices = [p.device] if p.device.type == "cuda" else []
 
-    def forward(x: Tensor, training: bool, seed: int, form: _Form | None = None) -> Any:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+    def reference(x: Tensor, training: bool, seed: int) -> Any:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
-            if form is None:
-                with _TrainingFlags(module, training):
-                    return module(x)
-            return _run(form, x, form.drop, training)
+            with _TrainingFlags(module, training):
+                return torch.func.functional_call(module, tensors, (x,))
 
-    found: _Form | None = None
+    def candidate(recipe: _Recipe, act: Any, x: Tensor, training: bool, seed: int) -> Tensor:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            return _apply(recipe, tensors, act, x, training)
+
+    found: tuple[_Recipe, Any] | None = None
     try:
         for kind, fc1, fc2, up in layouts:
             d_in = fc1.in_features
             if d_in not in inputs:
-                inputs[d_in] = torch.randn(2, 3, d_in, generator=gen, device=p.device).to(p.dtype)
+                inputs[d_in] = torch.randn(2, 3, d_in, generator=gen)
             x = inputs[d_in]
-            ref = forward(x, False, 0)
+            ref = reference(x, False, 0)
             for gate_first in (True, False) if kind == "packed" else (True,):
-                for name, act in acts_tried:
-                    form = _Form(kind, fc1, fc2, up, gate_first, act, name, (0.0, 0.0))
-                    if _close(ref, forward(x, False, 0, form)):
-                        found = form
+                for act_child, act_name, act in acts_tried:
+                    recipe = _Recipe(
+                        kind,
+                        names[id(fc1)],
+                        names[id(fc2)],
+                        names[id(up)] if up is not None else None,
+                        gate_first,
+                        act_child,
+                        act_name,
+                        (0.0, 0.0),
+                    )
+                    if _close(ref, candidate(recipe, act, x, False, 0)):
+                        found = recipe, act
                         break
                 if found is not None:
                     break
@@ -262,23 +347,24 @@ def _analyse_checked(
                 break
         if found is None:
             return None
+        recipe, act = found
         live = [q for q in drops if q > 0]
+        if not live:
+            return recipe
         if len(live) > 2:
             return None
-        if live:
-            x = inputs[found.fc1.in_features]
-            ref = forward(x, True, 1)
-            options = [(live[0], 0.0), (0.0, live[0])] if len(live) == 1 else [tuple(live)]
-            if len(live) == 2:
-                options.append((live[1], live[0]))
-            for option in options:
-                found.drop = (float(option[0]), float(option[1]))
-                if _close(ref, forward(x, True, 1, found)):
-                    return found
-            return None
+        x = inputs[next(lin for lin in linears if names[id(lin)] == recipe.fc1).in_features]
+        ref = reference(x, True, 1)
+        options = [(live[0], 0.0), (0.0, live[0])] if len(live) == 1 else [tuple(live)]
+        if len(live) == 2:
+            options.append((live[1], live[0]))
+        for option in options:
+            placed = dataclasses.replace(recipe, drop=(float(option[0]), float(option[1])))
+            if _close(ref, candidate(placed, act, x, True, 1)):
+                return placed
+        return None
     except Exception:  # a forward that needs more than the hidden states, or fails otherwise
         return None
-    return found
 
 
 class StructuralMLPAdapter(MLPAdapter):
