@@ -365,7 +365,8 @@ def _is_timm_host(model: nn.Module) -> bool:
 def host_init(root: nn.Module, path: str, block: Any) -> None:
     """Initialise a new block the way the host initialises its own MLPs.
 
-    * Hugging Face (a ``config`` with ``initializer_range``): linear weights ~ N(0, r²), biases 0
+    * Hugging Face (a ``config`` with ``initializer_range``, or ``init_std`` as in OPT and BART):
+      linear weights ~ N(0, r²), biases 0
       (``PreTrainedModel._init_weights``); for GPT-2 (``model_type == "gpt2"``) the output
       projection uses the scaled std ``r / sqrt(2 · n_layer)`` of the GPT-2 paper.
     * timm: the host's ViT init (``weight_init_mode``: '' -> trunc_normal(0.02) / zero bias, or
@@ -390,8 +391,9 @@ def host_init(root: nn.Module, path: str, block: Any) -> None:
                     if m.bias is not None:
                         nn.init.zeros_(m.bias)
         return
-    if config is not None and hasattr(config, "initializer_range"):
-        std = float(config.initializer_range)
+    std_key = next((k for k in ("initializer_range", "init_std") if hasattr(config, k)), None)
+    if config is not None and std_key is not None:
+        std = float(getattr(config, std_key))
         with torch.no_grad():
             for m in block.modules():
                 if isinstance(m, nn.Linear | nn.Conv2d):

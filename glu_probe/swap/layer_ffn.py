@@ -1,0 +1,216 @@
+"""Adapter for feed-forward layers that live directly in a transformer layer (no MLP module).
+
+OPT, BART and its relatives (mBART, Marian, Pegasus, BlenderBot, M2M100/NLLB, PLBart), XGLM,
+BioGPT, Whisper and Speech2Text keep ``fc1``, ``activation_fn`` and ``fc2`` on the decoder (or
+encoder) layer itself and compute, inside the layer's ``forward``,
+
+    h = fc2(D_a(activation_fn(fc1(x))))        D_a: dropout(p=activation_dropout), BART family
+
+followed by the layer's own output dropout and residual. There is no MLP module to replace, so
+the adapter matches the *layer* and rewires it: ``fc1`` becomes the whole new block (its hidden
+dropout is the layer's ``activation_dropout``, which the layer then sets to 0), ``activation_fn``
+and ``fc2`` become ``nn.Identity``. The layer then computes its output dropout and residual on
+the new block's output, as before. State-dict keys move from ``fc1.weight`` to
+``fc1.fc1.weight`` etc.; a model rebuilt from its config and swapped the same way has the same
+keys.
+
+The rewiring is checked before it is trusted: the layer is run once as it is and once rewired
+with a block built from its *own* ``fc1``, ``activation_fn`` and ``fc2`` (the same computation, if
+the layer uses them only as ``fc2(act(fc1 x))``), with fresh float32 weights on the CPU
+(``torch.func.functional_call``, a private generator, eval mode, the layer's training flags
+restored) on a ``(1, 4, d)`` input; the two outputs must agree to a few roundings. A layer that
+cannot run on the hidden states alone, or that uses its ``fc1``/``fc2`` in any other way, is not
+matched (and is reported by :func:`~glu_probe.swap.swap_mlp` like any other unrecognised model).
+The verdict is cached per layer structure: one check per model.
+
+Host config: the width key (``ffn_dim``, ``intermediate_size``, ...) is updated only where it
+holds the blocks' width; BART's separate ``encoder_ffn_dim`` / ``decoder_ffn_dim`` are left
+alone (the ``glu_probe_swap`` record holds the swap).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from glu_probe.modules import MLP, GatedMLP, activation_name
+from glu_probe.swap.core import MLPAdapter, MLPSpec, UnsupportedModelError, spec_from_glu_probe
+from glu_probe.swap.structural import WIDTH_KEYS, _close, _TrainingFlags
+
+__all__ = ["LayerFFNAdapter"]
+
+
+class _Chain(nn.Module):
+    """``fc2(act(fc1 x))`` from the layer's own modules (the check's stand-in block)."""
+
+    def __init__(self, fc1: nn.Module, act: nn.Module, fc2: nn.Module) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = fc1, act, fc2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _plain_linear(m: Any) -> bool:
+    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+
+
+def _is_param_free(m: Any) -> bool:
+    return isinstance(m, nn.Module) and not any(True for _ in m.parameters())
+
+
+def _rewired(layer: nn.Module) -> bool:
+    """Already swapped by this adapter: ``fc1`` is a glu-probe block, the rest identities."""
+    return (
+        isinstance(getattr(layer, "fc1", None), MLP | GatedMLP)
+        and isinstance(getattr(layer, "fc2", None), nn.Identity)
+        and isinstance(getattr(layer, "activation_fn", None), nn.Identity)
+    )
+
+
+def _native(layer: nn.Module) -> bool:
+    fc1, fc2 = getattr(layer, "fc1", None), getattr(layer, "fc2", None)
+    return (
+        _plain_linear(fc1)
+        and _plain_linear(fc2)
+        and fc1.out_features == fc2.in_features  # type: ignore[union-attr]
+        and _is_param_free(getattr(layer, "activation_fn", None))
+    )
+
+
+def _structure(layer: nn.Module) -> tuple[Any, ...]:
+    settings = tuple(
+        sorted(
+            (k, v)
+            for k, v in vars(layer).items()
+            if isinstance(v, bool | int | float | str) and k != "training" and not k.startswith("_")
+        )
+    )
+    params = tuple((name, tuple(p.shape)) for name, p in layer.named_parameters())
+    return (type(layer), repr(layer.activation_fn), params, settings)
+
+
+_VERDICTS: dict[tuple[Any, ...], bool] = {}
+
+
+def _output(out: Any) -> Any:
+    return out[0] if isinstance(out, tuple | list) and out else out
+
+
+def _check(layer: nn.Module) -> bool:
+    """The layer computes ``fc2(activation_fn(fc1 x))`` on its hidden states (module docstring)."""
+    fc1: Any = layer.fc1
+    fc2: Any = layer.fc2
+    act: Any = layer.activation_fn
+    gen = torch.Generator().manual_seed(0)
+    fresh: dict[str, Tensor] = {}
+    for name, p in layer.named_parameters():
+        if name.endswith("weight") and p.ndim == 2:
+            fresh[name] = torch.randn(*p.shape, generator=gen) / math.sqrt(p.shape[1])
+        elif name.endswith("weight") and p.ndim == 1:  # norm scales
+            fresh[name] = 1.0 + 0.1 * torch.randn(*p.shape, generator=gen)
+        else:
+            fresh[name] = 0.1 * torch.randn(*p.shape, generator=gen)
+    for name, b in layer.named_buffers():
+        if b.device.type == "meta":
+            return False
+        fresh[name] = b.detach().to("cpu")
+    d = int(fc1.in_features)
+    x = torch.randn(1, 4, d, generator=gen)
+    rewired = {(f"fc1.{k}" if k.startswith(("fc1.", "fc2.")) else k): v for k, v in fresh.items()}
+
+    def run(tensors: dict[str, Tensor]) -> Any:
+        for args in ((x,), (x, None)):
+            try:
+                with torch.random.fork_rng(devices=[]), torch.no_grad():
+                    return _output(torch.func.functional_call(layer, tensors, args))
+            except TypeError:
+                continue
+        raise TypeError("the layer does not run on its hidden states alone")
+
+    with _TrainingFlags(layer, False):
+        try:
+            ref = run(fresh)
+            layer.fc1 = _Chain(fc1, act, fc2)
+            layer.fc2, layer.activation_fn = nn.Identity(), nn.Identity()
+            got = run(rewired)
+        except Exception:
+            return False
+        finally:
+            layer.fc1, layer.fc2, layer.activation_fn = fc1, fc2, act
+    return isinstance(got, Tensor) and _close(ref, got)
+
+
+class LayerFFNAdapter(MLPAdapter):
+    """Matches transformer layers that hold ``fc1``, ``activation_fn`` and ``fc2`` themselves
+    (OPT, BART family, XGLM, BioGPT, Whisper, ...), checked by running the layer (module
+    docstring); also the layers it rewired, so swaps chain."""
+
+    name = "layer_ffn"
+    width_key_must_match = True
+
+    def matches(self, module: nn.Module) -> bool:
+        if _rewired(module):
+            return True
+        if not _native(module):
+            return False
+        key = _structure(module)
+        if key not in _VERDICTS:
+            if len(_VERDICTS) >= 256:
+                _VERDICTS.clear()
+            _VERDICTS[key] = _check(module)
+        return _VERDICTS[key]
+
+    def describe(self, module: nn.Module) -> MLPSpec:
+        cls = type(module).__name__
+        act_drop = getattr(module, "activation_dropout", 0.0)
+        act_drop = float(act_drop) if isinstance(act_drop, int | float) else 0.0
+        if _rewired(module):
+            spec = spec_from_glu_probe(module.fc1, f"{cls}.fc1 (glu_probe)")
+            return dataclasses.replace(spec, drop=(spec.drop[0], 0.0))
+        fc1, fc2 = module.fc1, module.fc2
+        if not (_plain_linear(fc1) and _plain_linear(fc2)):
+            raise UnsupportedModelError(f"{cls}: fc1/fc2 are no longer plain nn.Linear layers")
+        assert isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)
+        act = module.activation_fn
+        return MLPSpec(
+            in_features=fc1.in_features,
+            hidden_features=fc1.out_features,
+            out_features=fc2.out_features,
+            gated=False,
+            activation=activation_name(act),  # type: ignore[arg-type]
+            num_params=sum(p.numel() for p in (*fc1.parameters(), *fc2.parameters())),
+            bias=(fc1.bias is not None, fc2.bias is not None),
+            # The layer's activation dropout moves into the block; its output dropout stays in
+            # the layer, after the block.
+            drop=(act_drop, 0.0),
+            kind=f"{cls} (fc1/fc2)",
+            device=fc1.weight.device,
+            dtype=fc1.weight.dtype,
+        )
+
+    def install(self, root: nn.Module, path: str, old: nn.Module, new: nn.Module) -> None:
+        layer: Any = old  # the layer itself is rewired, not replaced
+        layer.fc1 = new
+        layer.fc2 = nn.Identity()
+        layer.activation_fn = nn.Identity()
+        if isinstance(getattr(layer, "activation_dropout", None), int | float):
+            layer.activation_dropout = 0.0  # now the block's drop1
+
+    def source_parameters(self, module: nn.Module) -> list[nn.Parameter]:
+        layer: Any = module
+        if _rewired(layer):
+            return list(layer.fc1.parameters())
+        return [*layer.fc1.parameters(), *layer.fc2.parameters()]
+
+    def config_keys(self, model: nn.Module) -> tuple[str | None, str | None]:
+        config = getattr(model, "config", None)
+        for key in WIDTH_KEYS:
+            value = getattr(config, key, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return key, None
+        return None, None
