@@ -440,3 +440,62 @@ def test_the_check_runs_once_per_block_structure(monkeypatch) -> None:
     config.num_hidden_layers = 4
     report = swap_mlp(model_cls(config), "swiglu")
     assert len(report.entries) == 4 and calls == ["GPTNeoXMLP"]
+
+
+@pytest.mark.parametrize("family", ["mpt", "bloom"])
+def test_mlps_that_take_the_residual_are_wrapped_and_compute_the_same(family: str) -> None:
+    """MPT / BLOOM: ``forward(hidden_states, residual) = dropout(down(act(up x))) + residual``.
+    The new block is wrapped in ResidualAddMLP; with the old weights copied in, a same-width
+    block gives the original model's logits (eval, and training mode with the same seed: the
+    output dropout is found by the check and drawn before the addition)."""
+    from glu_probe.swap.structural import ResidualAddMLP
+
+    torch.manual_seed(0)
+    if family == "mpt":
+        if not hasattr(transformers, "MptForCausalLM"):
+            pytest.skip("transformers without MPT")
+        config = transformers.MptConfig(
+            d_model=64, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=32
+        )
+        model = transformers.MptForCausalLM(config)
+        up, down = "up_proj", "down_proj"
+        for m in model.modules():  # (MptAttentionConfig types attn_pdrop as an int)
+            if type(m).__name__ == "MptMLP":
+                m.hidden_dropout = 0.1
+    else:
+        if not hasattr(transformers, "BloomForCausalLM"):
+            pytest.skip("transformers without BLOOM")
+        config = transformers.BloomConfig(
+            hidden_size=64, n_head=4, n_layer=2, vocab_size=VOCAB, hidden_dropout=0.1
+        )
+        model = transformers.BloomForCausalLM(config)
+        up, down = "dense_h_to_4h", "dense_4h_to_h"
+    original = copy.deepcopy(model)
+    olds = [m for m in model.modules() if hasattr(m, up) and hasattr(m, down)]
+    weights = [(getattr(m, up), getattr(m, down)) for m in olds]
+    report = swap_mlp(model, "gelu", match="width")
+    assert [e.adapter for e in report.entries] == ["structural"] * 2
+    wrappers = [m for m in model.modules() if isinstance(m, ResidualAddMLP)]
+    assert len(wrappers) == 2
+    with torch.no_grad():
+        for wrapper, (w_up, w_down) in zip(wrappers, weights, strict=True):
+            block = wrapper.mlp
+            assert (block.drop1.p, block.drop2.p) == (0.0, 0.1)
+            block.fc1.weight.copy_(w_up.weight)
+            block.fc2.weight.copy_(w_down.weight)
+            if w_up.bias is not None:
+                block.fc1.bias.copy_(w_up.bias)
+                block.fc2.bias.copy_(w_down.bias)
+            if family == "bloom":
+                block.act = nn.GELU(approximate="tanh")  # BloomGelu is the tanh approximation
+    ids = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+    for training in (False, True):
+        model.train(training), original.train(training)
+        torch.manual_seed(7)
+        ref = original(input_ids=ids).logits
+        torch.manual_seed(7)
+        got = model(input_ids=ids).logits
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    swap_mlp(model, "swiglu")  # chains: the wrapped block is swapped inside its wrapper
+    assert all(isinstance(w.mlp, GatedMLP) for w in wrappers)
+    model(input_ids=ids).logits.sum().backward()

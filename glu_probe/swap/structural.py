@@ -13,7 +13,9 @@ per class, this one accepts a block when
   its children are 2 or 3 plain ``nn.Linear`` layers, at most one parameter-free activation
   module, dropouts and ``nn.Identity`` placeholders; and
 * its ``forward`` on a random input equals one of these forms computed with its own layers (the
-  same operations, so up to a few roundings):
+  same operations, so up to a few roundings), or, for a ``forward(hidden_states, residual)``
+  (MPT, BLOOM), one of them plus the residual (the new block is then wrapped in
+  :class:`ResidualAddMLP`):
 
   ==========  =====================================================================
   dense       ``y = D_o(fc2(D_h(act(fc1 x))))``
@@ -26,10 +28,9 @@ per class, this one accepts a block when
   order of the packed halves and, for a block that calls its activation functionally
   (``F.silu`` in ``Lfm2MLP``), the activation are all settled by that check; the dropouts'
   places by a second check in training mode, where both sides draw the same masks from the same
-  random stream only if the dropouts sit in the same places. A block whose forward needs more
-  than the hidden states (MPT's and BLOOM's take the residual too), returns a tuple, or computes
-  anything else fails the check and is reported as an unrecognised MLP block: never swapped on a
-  guess.
+  random stream only if the dropouts sit in the same places. A block whose forward needs other
+  arguments, returns a tuple, or computes anything else fails the check and is reported as an
+  unrecognised MLP block: never swapped on a guess.
 
 The check calls the block's ``forward`` through ``torch.func.functional_call`` with fresh
 weights (float32, on the CPU, from a private generator) on a ``(2, 3, in_features)`` input, and
@@ -96,6 +97,22 @@ class _Form:
     act: Any  # the activation module, or a function
     act_name: str
     drop: tuple[float, float]  # (before fc2, after fc2)
+    residual: bool = False  # forward(hidden_states, residual) -> block(hidden_states) + residual
+
+
+class ResidualAddMLP(nn.Module):
+    """``forward(hidden_states, residual) = mlp(hidden_states) + residual``.
+
+    Stands in for MLPs whose ``forward`` takes the residual too and adds it (MPT's ``MptMLP``,
+    BLOOM's ``BloomMLP``: ``dropout(down(act(up x))) + residual``); the dropout is ``mlp``'s
+    output dropout, drawn before the addition as there."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, hidden_states: Tensor, residual: Tensor) -> Tensor:
+        return self.mlp(hidden_states) + residual
 
 
 def _plain_linear(m: nn.Module) -> bool:
@@ -163,6 +180,7 @@ class _Recipe:
     act: str | None  # child name of the activation module; None: functional
     act_name: str
     drop: tuple[float, float]
+    residual: bool = False
 
 
 def _apply(
@@ -278,6 +296,7 @@ def _analyse(module: nn.Module) -> _Form | None:
         own[recipe.act] if recipe.act is not None else functional[recipe.act_name],
         recipe.act_name,
         recipe.drop,
+        recipe.residual,
     )
 
 
@@ -307,16 +326,23 @@ def _check(
         tensors[name] = buf.detach().to("cpu")
     inputs: dict[int, Tensor] = {}
 
+    # Some MLPs take the residual as a second argument and add it (MPT, BLOOM). It is fed a
+    # random tensor of the output's shape, so that the check sees whether it is simply added.
+    residual: list[Tensor] = []
+
     def reference(x: Tensor, training: bool, seed: int) -> Any:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
             with _TrainingFlags(module, training):
-                return torch.func.functional_call(module, tensors, (x,))
+                if not residual:
+                    return torch.func.functional_call(module, tensors, (x,))
+                return torch.func.functional_call(module, tensors, (x, residual[0]))
 
     def candidate(recipe: _Recipe, act: Any, x: Tensor, training: bool, seed: int) -> Tensor:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
-            return _apply(recipe, tensors, act, x, training)
+            y = _apply(recipe, tensors, act, x, training)
+            return y + residual[0] if recipe.residual else y
 
     found: tuple[_Recipe, Any] | None = None
     try:
@@ -325,7 +351,12 @@ def _check(
             if d_in not in inputs:
                 inputs[d_in] = torch.randn(2, 3, d_in, generator=gen)
             x = inputs[d_in]
-            ref = reference(x, False, 0)
+            residual.clear()
+            try:
+                ref = reference(x, False, 0)
+            except TypeError:  # forward(hidden_states, residual)?
+                residual.append(torch.randn(2, 3, fc2.out_features, generator=gen))
+                ref = reference(x, False, 0)
             for gate_first in (True, False) if kind == "packed" else (True,):
                 for act_child, act_name, act in acts_tried:
                     recipe = _Recipe(
@@ -337,6 +368,7 @@ def _check(
                         act_child,
                         act_name,
                         (0.0, 0.0),
+                        bool(residual),
                     )
                     if _close(ref, candidate(recipe, act, x, False, 0)):
                         found = recipe, act
@@ -412,6 +444,12 @@ class StructuralMLPAdapter(MLPAdapter):
             device=fc1.weight.device,
             dtype=fc1.weight.dtype,
         )
+
+    def install(self, root: nn.Module, path: str, old: nn.Module, new: nn.Module) -> None:
+        form = self._forms.get(old) or _analyse(old)
+        if form is not None and form.residual:
+            new = ResidualAddMLP(new)
+        super().install(root, path, old, new)
 
     def config_keys(self, model: nn.Module) -> tuple[str | None, str | None]:
         config = getattr(model, "config", None)
