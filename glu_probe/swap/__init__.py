@@ -25,7 +25,7 @@ from glu_probe.swap.hf_bert import BertLayerAdapter, ResidualNormMLP
 from glu_probe.swap.hf_gpt2 import GPT2MLPAdapter
 from glu_probe.swap.hf_llama import LlamaMLPAdapter
 from glu_probe.swap.layer_ffn import LayerFFNAdapter
-from glu_probe.swap.structural import StructuralMLPAdapter
+from glu_probe.swap.structural import ResidualAddMLP, StructuralMLPAdapter
 from glu_probe.swap.timm import TimmMlpAdapter
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "LlamaMLPAdapter",
     "MLPAdapter",
     "MLPSpec",
+    "ResidualAddMLP",
     "ResidualNormMLP",
     "StructuralMLPAdapter",
     "SwapEntry",
