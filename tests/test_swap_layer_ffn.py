@@ -75,6 +75,44 @@ def _fc_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, ...]]:
     return out
 
 
+def test_albert_shared_layer_is_rewired_once_and_computes_the_same() -> None:
+    """ALBERT: ffn / activation / ffn_output on the one layer that serves every depth."""
+    torch.manual_seed(0)
+    config = transformers.AlbertConfig(
+        embedding_size=32,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = transformers.AlbertModel(config)
+    original = copy.deepcopy(model)
+    layer = model.encoder.albert_layer_groups[0].albert_layers[0]
+    w = tuple(t.detach().clone() for t in (layer.ffn.weight, layer.ffn.bias))
+    w += tuple(t.detach().clone() for t in (layer.ffn_output.weight, layer.ffn_output.bias))
+    report = swap_mlp(model, "gelu", match="width")
+    assert report.paths == ["encoder.albert_layer_groups.0.albert_layers.0"]
+    assert report.entries[0].source == "AlbertLayer (ffn/ffn_output)"
+    block = layer.ffn
+    assert isinstance(block, MLP) and isinstance(layer.ffn_output, nn.Identity)
+    with torch.no_grad():
+        block.fc1.weight.copy_(w[0]), block.fc1.bias.copy_(w[1])
+        block.fc2.weight.copy_(w[2]), block.fc2.bias.copy_(w[3])
+    block.act = nn.GELU(approximate="tanh")  # ALBERT's gelu_new
+    ids = torch.randint(1, VOCAB, (2, 10))
+    model.eval(), original.eval()
+    torch.testing.assert_close(
+        model(input_ids=ids).last_hidden_state,
+        original(input_ids=ids).last_hidden_state,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
 @pytest.mark.parametrize("family", ["opt", "bart"])
 def test_rewired_layer_computes_what_the_original_did(family: str) -> None:
     """Independent truth: the unmodified model. A same-width block with the layer's own weights

@@ -2,7 +2,8 @@
 
 OPT, BART and its relatives (mBART, Marian, Pegasus, BlenderBot, M2M100/NLLB, PLBart), XGLM,
 BioGPT, Whisper and Speech2Text keep ``fc1``, ``activation_fn`` and ``fc2`` on the decoder (or
-encoder) layer itself and compute, inside the layer's ``forward``,
+encoder) layer itself (ALBERT: ``ffn``, ``activation``, ``ffn_output``; :data:`NAMES`) and
+compute, inside the layer's ``forward``,
 
     h = fc2(D_a(activation_fn(fc1(x))))        D_a: dropout(p=activation_dropout), BART family
 
@@ -63,26 +64,47 @@ def _is_param_free(m: Any) -> bool:
     return isinstance(m, nn.Module) and not any(True for _ in m.parameters())
 
 
+#: (input layer, activation, output layer) attribute names of the families this adapter knows:
+#: OPT / BART / XGLM / BioGPT / Whisper / ..., and ALBERT (whose one layer serves every depth).
+NAMES: tuple[tuple[str, str, str], ...] = (
+    ("fc1", "activation_fn", "fc2"),
+    ("ffn", "activation", "ffn_output"),
+)
+
+
+def _names(layer: nn.Module, rewired: bool) -> tuple[str, str, str] | None:
+    """The name triple under which ``layer`` holds a native (or, ``rewired``, a swapped) FFN."""
+    for up, act, down in NAMES:
+        a, f, b = (getattr(layer, n, None) for n in (up, act, down))
+        if rewired:
+            ok = (
+                isinstance(a, MLP | GatedMLP)
+                and isinstance(f, nn.Identity)
+                and isinstance(b, nn.Identity)
+            )
+        else:
+            ok = (
+                _plain_linear(a)
+                and _plain_linear(b)
+                and a.out_features == b.in_features  # type: ignore[union-attr]
+                and _is_param_free(f)
+            )
+        if ok:
+            return up, act, down
+    return None
+
+
 def _rewired(layer: nn.Module) -> bool:
-    """Already swapped by this adapter: ``fc1`` is a glu-probe block, the rest identities."""
-    return (
-        isinstance(getattr(layer, "fc1", None), MLP | GatedMLP)
-        and isinstance(getattr(layer, "fc2", None), nn.Identity)
-        and isinstance(getattr(layer, "activation_fn", None), nn.Identity)
-    )
+    """Already swapped by this adapter: the input layer is a glu-probe block, the rest
+    identities."""
+    return _names(layer, True) is not None
 
 
 def _native(layer: nn.Module) -> bool:
-    fc1, fc2 = getattr(layer, "fc1", None), getattr(layer, "fc2", None)
-    return (
-        _plain_linear(fc1)
-        and _plain_linear(fc2)
-        and fc1.out_features == fc2.in_features  # type: ignore[union-attr]
-        and _is_param_free(getattr(layer, "activation_fn", None))
-    )
+    return _names(layer, False) is not None
 
 
-def _structure(layer: nn.Module) -> tuple[Any, ...]:
+def _structure(layer: nn.Module, act_name: str) -> tuple[Any, ...]:
     settings = tuple(
         sorted(
             (k, v)
@@ -91,7 +113,7 @@ def _structure(layer: nn.Module) -> tuple[Any, ...]:
         )
     )
     params = tuple((name, tuple(p.shape)) for name, p in layer.named_parameters())
-    return (type(layer), repr(layer.activation_fn), params, settings)
+    return (type(layer), repr(getattr(layer, act_name)), params, settings)
 
 
 _VERDICTS: dict[tuple[Any, ...], bool] = {}
@@ -101,11 +123,12 @@ def _output(out: Any) -> Any:
     return out[0] if isinstance(out, tuple | list) and out else out
 
 
-def _check(layer: nn.Module) -> bool:
+def _check(layer: nn.Module, names: tuple[str, str, str]) -> bool:
     """The layer computes ``fc2(activation_fn(fc1 x))`` on its hidden states (module docstring)."""
-    fc1: Any = layer.fc1
-    fc2: Any = layer.fc2
-    act: Any = layer.activation_fn
+    up_name, act_name, down_name = names
+    fc1: Any = getattr(layer, up_name)
+    fc2: Any = getattr(layer, down_name)
+    act: Any = getattr(layer, act_name)
     gen = torch.Generator().manual_seed(0)
     fresh: dict[str, Tensor] = {}
     for name, p in layer.named_parameters():
@@ -121,7 +144,13 @@ def _check(layer: nn.Module) -> bool:
         fresh[name] = b.detach().to("cpu")
     d = int(fc1.in_features)
     x = torch.randn(1, 4, d, generator=gen)
-    rewired = {(f"fc1.{k}" if k.startswith(("fc1.", "fc2.")) else k): v for k, v in fresh.items()}
+    rewired = {}
+    for k, v in fresh.items():
+        if k.startswith(f"{up_name}."):
+            k = f"{up_name}.fc1.{k[len(up_name) + 1 :]}"
+        elif k.startswith(f"{down_name}."):
+            k = f"{up_name}.fc2.{k[len(down_name) + 1 :]}"
+        rewired[k] = v
 
     def run(tensors: dict[str, Tensor]) -> Any:
         for args in ((x,), (x, None)):
@@ -135,13 +164,16 @@ def _check(layer: nn.Module) -> bool:
     with _TrainingFlags(layer, False):
         try:
             ref = run(fresh)
-            layer.fc1 = _Chain(fc1, act, fc2)
-            layer.fc2, layer.activation_fn = nn.Identity(), nn.Identity()
+            setattr(layer, up_name, _Chain(fc1, act, fc2))
+            setattr(layer, down_name, nn.Identity())
+            setattr(layer, act_name, nn.Identity())
             got = run(rewired)
         except Exception:
             return False
         finally:
-            layer.fc1, layer.fc2, layer.activation_fn = fc1, fc2, act
+            setattr(layer, up_name, fc1)
+            setattr(layer, down_name, fc2)
+            setattr(layer, act_name, act)
     return isinstance(got, Tensor) and _close(ref, got)
 
 
@@ -156,27 +188,30 @@ class LayerFFNAdapter(MLPAdapter):
     def matches(self, module: nn.Module) -> bool:
         if _rewired(module):
             return True
-        if not _native(module):
+        names = _names(module, False)
+        if names is None:
             return False
-        key = _structure(module)
+        key = _structure(module, names[1])
         if key not in _VERDICTS:
             if len(_VERDICTS) >= 256:
                 _VERDICTS.clear()
-            _VERDICTS[key] = _check(module)
+            _VERDICTS[key] = _check(module, names)
         return _VERDICTS[key]
 
     def describe(self, module: nn.Module) -> MLPSpec:
         cls = type(module).__name__
         act_drop = getattr(module, "activation_dropout", 0.0)
         act_drop = float(act_drop) if isinstance(act_drop, int | float) else 0.0
-        if _rewired(module):
-            spec = spec_from_glu_probe(module.fc1, f"{cls}.fc1 (glu_probe)")
+        swapped = _names(module, True)
+        if swapped is not None:
+            block = getattr(module, swapped[0])
+            spec = spec_from_glu_probe(block, f"{cls}.{swapped[0]} (glu_probe)")
             return dataclasses.replace(spec, drop=(spec.drop[0], 0.0))
-        fc1, fc2 = module.fc1, module.fc2
-        if not (_plain_linear(fc1) and _plain_linear(fc2)):
-            raise UnsupportedModelError(f"{cls}: fc1/fc2 are no longer plain nn.Linear layers")
+        names = _names(module, False)
+        if names is None:
+            raise UnsupportedModelError(f"{cls}: its feed-forward layers are no longer plain")
+        fc1, act, fc2 = (getattr(module, n) for n in names)
         assert isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)
-        act = module.activation_fn
         return MLPSpec(
             in_features=fc1.in_features,
             hidden_features=fc1.out_features,
@@ -188,24 +223,29 @@ class LayerFFNAdapter(MLPAdapter):
             # The layer's activation dropout moves into the block; its output dropout stays in
             # the layer, after the block.
             drop=(act_drop, 0.0),
-            kind=f"{cls} (fc1/fc2)",
+            kind=f"{cls} ({names[0]}/{names[2]})",
             device=fc1.weight.device,
             dtype=fc1.weight.dtype,
         )
 
     def install(self, root: nn.Module, path: str, old: nn.Module, new: nn.Module) -> None:
         layer: Any = old  # the layer itself is rewired, not replaced
-        layer.fc1 = new
-        layer.fc2 = nn.Identity()
-        layer.activation_fn = nn.Identity()
+        names = _names(layer, True) or _names(layer, False)
+        assert names is not None
+        up, act, down = names
+        setattr(layer, up, new)
+        setattr(layer, down, nn.Identity())
+        setattr(layer, act, nn.Identity())
         if isinstance(getattr(layer, "activation_dropout", None), int | float):
             layer.activation_dropout = 0.0  # now the block's drop1
 
     def source_parameters(self, module: nn.Module) -> list[nn.Parameter]:
-        layer: Any = module
-        if _rewired(layer):
-            return list(layer.fc1.parameters())
-        return [*layer.fc1.parameters(), *layer.fc2.parameters()]
+        swapped = _names(module, True)
+        if swapped is not None:
+            return list(getattr(module, swapped[0]).parameters())
+        names = _names(module, False)
+        assert names is not None
+        return [*getattr(module, names[0]).parameters(), *getattr(module, names[2]).parameters()]
 
     def config_keys(self, model: nn.Module) -> tuple[str | None, str | None]:
         config = getattr(model, "config", None)
