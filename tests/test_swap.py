@@ -470,6 +470,67 @@ def test_block_shared_by_several_parents_stays_shared() -> None:
     assert host[0].mlp.fc1.weight.grad is host[1].mlp.fc1.weight.grad
 
 
+@pytest.mark.parametrize("family", ["megatron_bert", "esm"])
+def test_pre_layernorm_bert_variants_compute_the_same(family: str) -> None:
+    """MegatronBERT and ESM normalise before `intermediate` and only add the residual in
+    `output` (ESM calls a functional gelu): checked, rewired with an identity norm, and with the
+    old weights copied into a same-width GELU block they give the original hidden states."""
+    torch.manual_seed(0)
+    common: dict[str, Any] = {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 256,
+        "max_position_embeddings": 32,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    }
+    if family == "esm":
+        if not hasattr(transformers, "EsmModel"):
+            pytest.skip("transformers without ESM")
+        config = transformers.EsmConfig(vocab_size=33, pad_token_id=1, mask_token_id=32, **common)
+        model = transformers.EsmModel(config, add_pooling_layer=False)
+    else:
+        if not hasattr(transformers, "MegatronBertModel"):
+            pytest.skip("transformers without MegatronBERT")
+        config = transformers.MegatronBertConfig(vocab_size=VOCAB, **common)
+        model = transformers.MegatronBertModel(config, add_pooling_layer=False)
+    original = copy.deepcopy(model)
+    layers = list(model.encoder.layer)
+    weights = [
+        tuple(
+            t.detach().clone()
+            for t in (
+                ly.intermediate.dense.weight,
+                ly.intermediate.dense.bias,
+                ly.output.dense.weight,
+                ly.output.dense.bias,
+            )
+        )
+        for ly in layers
+    ]
+    report = swap_mlp(model, "gelu", match="width")
+    assert all(e.source.endswith("(intermediate+output, pre-LN)") for e in report.entries)
+    assert all(e.source_activation == "gelu" for e in report.entries)
+    with torch.no_grad():
+        for ly, (w1, b1, w2, b2) in zip(layers, weights, strict=True):
+            assert isinstance(ly.output, ResidualNormMLP)
+            assert isinstance(ly.output.LayerNorm, nn.Identity)
+            mlp = ly.output.mlp
+            mlp.fc1.weight.copy_(w1), mlp.fc1.bias.copy_(b1)
+            mlp.fc2.weight.copy_(w2), mlp.fc2.bias.copy_(b2)
+    ids = torch.randint(4, 30, (2, 10))
+    model.eval(), original.eval()
+    torch.testing.assert_close(
+        model(input_ids=ids).last_hidden_state,
+        original(input_ids=ids).last_hidden_state,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    swap_mlp(model, "swiglu")
+    model(input_ids=ids).last_hidden_state.sum().backward()
+
+
 def test_partly_shaped_bert_layer_is_an_error_and_atomic() -> None:
     class Inter(nn.Module):
         def __init__(self) -> None:

@@ -11,6 +11,11 @@ new MLP and the layer's own ``LayerNorm`` (same module, same state-dict key
 ``output.LayerNorm.*``): ``y = LayerNorm(mlp(a) + a)``, where ``mlp``'s output dropout is the
 layer's ``hidden_dropout_prob``. The residual and the LayerNorm are thus unchanged.
 
+Pre-LayerNorm variants (MegatronBERT, ESM: the layer normalises before ``intermediate``, and
+``output`` computes ``dropout(dense h) + r`` without a LayerNorm) are taken where both halves are
+checked with fresh weights to compute exactly that (ESM's functional ``gelu`` is found by the
+check); their ``ResidualNormMLP`` gets an identity norm.
+
 Only ``intermediate_size`` of the host config is updated: BERT also uses ``hidden_act`` in its
 MLM prediction head, so changing it would change that head in a rebuilt model (the MLP's
 activation is recorded in the config's ``glu_probe_swap`` record instead).
@@ -18,8 +23,11 @@ activation is recorded in the config's ``glu_probe_swap`` record instead).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from glu_probe.modules import MLP, GatedMLP, activation_name
@@ -41,6 +49,60 @@ class ResidualNormMLP(nn.Module):
 
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
         return self.LayerNorm(self.mlp(hidden_states) + input_tensor)
+
+
+def _pre_ln_activation(inter: nn.Module, out: nn.Module) -> nn.Module | None:
+    """The activation of a pre-LayerNorm BERT layer, or ``None`` unless ``intermediate(x) =
+    act(dense x)`` and ``output(h, r) = dense h + r`` (eval mode), checked with fresh float32
+    CPU weights (as the structural adapter does). ``act`` is the intermediate's
+    ``intermediate_act_fn``, or a functional one found by the check (ESM calls ``gelu``)."""
+    from glu_probe.swap.structural import _close, _TrainingFlags
+
+    d1, d2 = getattr(inter, "dense", None), getattr(out, "dense", None)
+    if not isinstance(d1, nn.Linear) or not isinstance(d2, nn.Linear):
+        return None
+    if d1.out_features != d2.in_features:
+        return None
+    gen = torch.Generator().manual_seed(0)
+
+    def fresh(lin: nn.Linear) -> dict[str, Tensor]:
+        w = torch.randn(lin.out_features, lin.in_features, generator=gen)
+        t = {"dense.weight": w / math.sqrt(lin.in_features)}
+        if lin.bias is not None:
+            t["dense.bias"] = 0.1 * torch.randn(lin.out_features, generator=gen)
+        return t
+
+    t1, t2 = fresh(d1), fresh(d2)
+    x = torch.randn(2, 3, d1.in_features, generator=gen)
+    h = torch.randn(2, 3, d2.in_features, generator=gen)
+    r = torch.randn(2, 3, d2.out_features, generator=gen)
+    own = _act_of(inter)
+    candidates: list[nn.Module] = (
+        [own]
+        if own is not None
+        else [
+            nn.SiLU(),
+            nn.GELU(),
+            nn.GELU(approximate="tanh"),
+            nn.ReLU(),
+            nn.Sigmoid(),
+            nn.Identity(),
+        ]
+    )
+    try:
+        with torch.no_grad(), _TrainingFlags(inter, False), _TrainingFlags(out, False):
+            got_out = torch.func.functional_call(out, t2, (h, r))
+            want_out = F.linear(h, t2["dense.weight"], t2.get("dense.bias")) + r
+            if not _close(got_out, want_out):
+                return None
+            got = torch.func.functional_call(inter, t1, (x,))
+            pre = F.linear(x, t1["dense.weight"], t1.get("dense.bias"))
+            for act in candidates:
+                if _close(got, act(pre)):
+                    return act
+    except Exception:
+        return None
+    return None
 
 
 def _act_of(intermediate: nn.Module) -> nn.Module | None:
@@ -74,11 +136,18 @@ class BertLayerAdapter(MLPAdapter):
         ln = getattr(out, "LayerNorm", None)
         drop = getattr(out, "dropout", None)
         act = _act_of(inter)
+        if not isinstance(ln, nn.LayerNorm) and isinstance(drop, nn.Dropout):
+            # Pre-LayerNorm variants (MegatronBERT, ESM): the layer normalises before
+            # `intermediate`, `output` only adds the residual. Taken only where both halves
+            # are checked to compute exactly that.
+            checked = _pre_ln_activation(inter, out)
+            if checked is not None:
+                act, ln = checked, nn.Identity()
         missing = [
             what
             for what, ok in (
                 ("intermediate.intermediate_act_fn", act is not None),
-                ("output.LayerNorm", isinstance(ln, nn.LayerNorm)),
+                ("output.LayerNorm", isinstance(ln, nn.LayerNorm | nn.Identity)),
                 ("output.dropout", isinstance(drop, nn.Dropout)),
             )
             if not ok
@@ -104,14 +173,15 @@ class BertLayerAdapter(MLPAdapter):
             num_params=sum(p.numel() for p in (*d1.parameters(), *d2.parameters())),
             bias=(d1.bias is not None, d2.bias is not None),
             drop=(0.0, float(drop.p)),
-            kind=f"{cls}(intermediate+output)",
+            kind=f"{cls}(intermediate+output{', pre-LN' if isinstance(ln, nn.Identity) else ''})",
             device=d1.weight.device,
             dtype=d1.weight.dtype,
         )
 
     def install(self, root: nn.Module, path: str, old: Any, new: nn.Module) -> None:
         out = old.output
-        layer_norm = out.LayerNorm
+        # Pre-LayerNorm variants have none after the residual (their norm stays on the layer).
+        layer_norm = getattr(out, "LayerNorm", None) or nn.Identity()
         assert isinstance(layer_norm, nn.Module)
         old.intermediate = nn.Identity()
         old.output = ResidualNormMLP(new, layer_norm)
