@@ -476,7 +476,7 @@ def test_mlps_that_take_the_residual_are_wrapped_and_compute_the_same(family: st
     report = swap_mlp(model, "gelu", match="width")
     assert [e.adapter for e in report.entries] == ["structural"] * 2
     wrappers = [m for m in model.modules() if isinstance(m, ResidualAddMLP)]
-    assert len(wrappers) == 2
+    assert len(wrappers) == 2 and all(w.training for w in wrappers)
     with torch.no_grad():
         for wrapper, (w_up, w_down) in zip(wrappers, weights, strict=True):
             block = wrapper.mlp

@@ -448,7 +448,7 @@ class StructuralMLPAdapter(MLPAdapter):
     def install(self, root: nn.Module, path: str, old: nn.Module, new: nn.Module) -> None:
         form = self._forms.get(old) or _analyse(old)
         if form is not None and form.residual:
-            new = ResidualAddMLP(new)
+            new = ResidualAddMLP(new).train(old.training)
         super().install(root, path, old, new)
 
     def config_keys(self, model: nn.Module) -> tuple[str | None, str | None]:
