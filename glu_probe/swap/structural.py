@@ -41,7 +41,8 @@ no values at all (a model built on ``meta`` swaps too). It runs under a forked C
 global random streams are untouched) and restores the block's ``training`` flags. Its verdict,
 a recipe by child names, depends only on the block's structure (class, children and their
 shapes and settings, dropout rates, plain instance settings), so it is computed once per
-structure and cached: one check for all the layers of a model.
+structure and cached: one check for all the layers of a model. Forward hooks registered on
+the block (or its layers) see those calls, with the random input and the fresh weights.
 
 Host config: the width key (``intermediate_size``, ``n_inner``, ``hidden_dim``, ``ffn_dim`` or
 ``d_ff``) is updated only where its value is the blocks' width (Dinov2 derives its width from
