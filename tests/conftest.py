@@ -59,3 +59,44 @@ def tiny_bert_classifier(vocab_size: int) -> torch.nn.Module:
         num_labels=3,
     )
     return BertForSequenceClassification(cfg)
+
+
+def load_dense(block: torch.nn.Module, w1, b1, w2, b2) -> None:
+    """Copy an old feed-forward layer's weights (``fc1 = (w1, b1)``, ``fc2 = (w2, b2)``, biases
+    may be ``None``) into a same-width glu-probe block, for equivalence checks of a swap."""
+    with torch.no_grad():
+        for lin, w, b in ((block.fc1, w1, b1), (block.fc2, w2, b2)):
+            lin.weight.copy_(w)
+            if b is not None:
+                lin.bias.copy_(b)
+
+
+class SquareNoJvp(torch.autograd.Function):
+    """x², with a backward but no ``jvp``: forward-mode AD raises NotImplementedError."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class NoForwardADNet(torch.nn.Module):
+    """``b(square(tanh(a x)))`` with :class:`SquareNoJvp`: a model without forward-mode AD."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a, self.b = torch.nn.Linear(6, 16), torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(SquareNoJvp.apply(torch.tanh(self.a(x))))

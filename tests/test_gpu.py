@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import ran_fused
+from conftest import NoForwardADNet, ran_fused
 
 import glu_probe
 from glu_probe.ntk import ntk_spectrum
@@ -245,33 +245,8 @@ def test_structural_swap_on_cuda(dtype):
 
 def test_products_without_forward_mode_ad_on_cuda():
     """J·u by the double VJP on the device, against the dense float64 kernel."""
-
-    class SquareNoJvp(torch.autograd.Function):
-        generate_vmap_rule = True
-
-        @staticmethod
-        def forward(x):
-            return x * x
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(inputs[0])
-
-        @staticmethod
-        def backward(ctx, g):
-            (x,) = ctx.saved_tensors
-            return 2 * x * g
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(6, 16), torch.nn.Linear(16, 3)
-
-        def forward(self, x):
-            return self.b(SquareNoJvp.apply(torch.tanh(self.a(x))))
-
-    torch.manual_seed(0)
-    net, x = Net().cuda(), torch.randn(12, 6, device="cuda")
+    net = NoForwardADNet(seed=0).cuda()
+    x = torch.randn(12, 6, device="cuda")
     dense = ntk_spectrum(net, x, method="dense", dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="VJP of u"):
         it = ntk_spectrum(net, x, method="lanczos", dtype=torch.float64, tol=1e-10)

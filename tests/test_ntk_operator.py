@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import NoForwardADNet, SquareNoJvp
 from torch import nn
 
 from glu_probe.ntk import NTKOperator, ntk_spectrum
@@ -222,43 +223,14 @@ def test_tracing_failure_falls_back_with_a_warning(problem, monkeypatch):
     torch.testing.assert_close(out, K @ V, rtol=1e-12, atol=1e-12)
 
 
-class _SquareNoJvp(torch.autograd.Function):
-    """x², with a backward but no ``jvp``: forward-mode AD raises NotImplementedError."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return x * x
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 2 * x * g
-
-
-class _NoForwardAD(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(3)
-        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(_SquareNoJvp.apply(torch.tanh(self.a(x))))
-
-
 @pytest.mark.parametrize("linearize", [False, True])
 def test_products_without_forward_mode_ad_fall_back_to_double_vjp(linearize):
     """An op with no forward-mode derivative: J·u = VJP of u ↦ Jᵀu, exact to rounding."""
-    model = _NoForwardAD()
+    model = NoForwardADNet(seed=3)
     x = torch.randn(12, 6)
     K = explicit_ntk(model, x)  # reverse mode only: independent of the fallback
     with pytest.raises(NotImplementedError, match="forward mode AD"):
-        torch.func.jvp(_SquareNoJvp.apply, (torch.ones(2),), (torch.ones(2),))
+        torch.func.jvp(SquareNoJvp.apply, (torch.ones(2),), (torch.ones(2),))
     op = NTKOperator(model, x, dtype=torch.float64, linearize=linearize)
     V = torch.randn(12, 4, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="VJP of u ↦ Jᵀu"):

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import load_dense
 from torch import nn
 
 from glu_probe.modules import MLP, GatedMLP, SwiGLU, mlp_num_params
@@ -311,11 +312,7 @@ def test_bert_keeps_residual_and_layernorm() -> None:
     assert layer.output.LayerNorm is ln
     mlp: Any = layer.output.mlp
     assert mlp.drop2.p == config.hidden_dropout_prob and not mlp.training
-    with torch.no_grad():
-        mlp.fc1.weight.copy_(d1)
-        mlp.fc1.bias.copy_(b1)
-        mlp.fc2.weight.copy_(d2)
-        mlp.fc2.bias.copy_(b2)
+    load_dense(mlp, d1, b1, d2, b2)
     torch.testing.assert_close(
         layer.output(layer.intermediate(a), a), expected, rtol=1e-12, atol=1e-12
     )
@@ -512,13 +509,10 @@ def test_pre_layernorm_bert_variants_compute_the_same(family: str) -> None:
     report = swap_mlp(model, "gelu", match="width")
     assert all(e.source.endswith("(intermediate+output, pre-LN)") for e in report.entries)
     assert all(e.source_activation == "gelu" for e in report.entries)
-    with torch.no_grad():
-        for ly, (w1, b1, w2, b2) in zip(layers, weights, strict=True):
-            assert isinstance(ly.output, ResidualNormMLP)
-            assert isinstance(ly.output.LayerNorm, nn.Identity)
-            mlp = ly.output.mlp
-            mlp.fc1.weight.copy_(w1), mlp.fc1.bias.copy_(b1)
-            mlp.fc2.weight.copy_(w2), mlp.fc2.bias.copy_(b2)
+    for ly, tensors in zip(layers, weights, strict=True):
+        assert isinstance(ly.output, ResidualNormMLP)
+        assert isinstance(ly.output.LayerNorm, nn.Identity)
+        load_dense(ly.output.mlp, *tensors)
     ids = torch.randint(4, 30, (2, 10))
     model.eval(), original.eval()
     torch.testing.assert_close(

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import load_dense
 from torch import nn
 
 from glu_probe.modules import MLP, GatedMLP
@@ -58,11 +59,8 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 
 def _copy_into(model: nn.Module, weights: dict[str, tuple[torch.Tensor, ...]]) -> None:
     """Copy each layer's original fc1/fc2 weights into its new (same-width) block."""
-    with torch.no_grad():
-        for path, (w1, b1, w2, b2) in weights.items():
-            block = model.get_submodule(path).fc1
-            block.fc1.weight.copy_(w1), block.fc1.bias.copy_(b1)
-            block.fc2.weight.copy_(w2), block.fc2.bias.copy_(b2)
+    for path, tensors in weights.items():
+        load_dense(model.get_submodule(path).fc1, *tensors)
 
 
 def _fc_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, ...]]:
@@ -99,9 +97,7 @@ def test_albert_shared_layer_is_rewired_once_and_computes_the_same() -> None:
     assert report.entries[0].source == "AlbertLayer (ffn/ffn_output)"
     block = layer.ffn
     assert isinstance(block, MLP) and isinstance(layer.ffn_output, nn.Identity)
-    with torch.no_grad():
-        block.fc1.weight.copy_(w[0]), block.fc1.bias.copy_(w[1])
-        block.fc2.weight.copy_(w[2]), block.fc2.bias.copy_(w[3])
+    load_dense(block, *w)
     block.act = nn.GELU(approximate="tanh")  # ALBERT's gelu_new
     ids = torch.randint(1, VOCAB, (2, 10))
     model.eval(), original.eval()

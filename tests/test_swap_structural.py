@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_dense
 from torch import nn
 
 from glu_probe.modules import MLP, GatedMLP, mlp_num_params
@@ -301,16 +302,19 @@ def test_check_leaves_rng_and_training_flags_alone() -> None:
     assert not model.layers[1].mlp.drop.training
 
 
+class _GeluFFN(nn.Module):
+    """Split-gated, activation called functionally: w2(gelu(w1 x) ⊙ w3 x)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.w3, self.w2 = nn.Linear(16, 24), nn.Linear(16, 24), nn.Linear(24, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.gelu(self.w1(x)) * self.w3(x))
+
+
 def test_functional_activation_is_identified_not_assumed() -> None:
-    class GeluFFN(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w1, self.w3, self.w2 = nn.Linear(16, 24), nn.Linear(16, 24), nn.Linear(24, 16)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.w2(F.gelu(self.w1(x)) * self.w3(x))
-
-    block = GeluFFN()
+    block = _GeluFFN()
     form = _analyse(block)
     assert form is not None and form.kind == "split" and form.act_name == "gelu"
     assert form.fc1 is block.w1 and form.up is block.w3 and form.fc2 is block.w2
@@ -331,19 +335,11 @@ def test_identity_placeholders_are_not_taken_for_the_activation() -> None:
 
 
 def test_16_bit_blocks_are_checked_in_float32() -> None:
-    """In bf16 a few roundings are a few percent of the output: the check runs on a float32
-    copy, so that GELU and SiLU (or the two halves' order) are still told apart."""
-
-    class GeluFFN(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w1, self.w3, self.w2 = nn.Linear(16, 24), nn.Linear(16, 24), nn.Linear(24, 16)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.w2(F.gelu(self.w1(x)) * self.w3(x))
+    """In bf16 a few roundings are a few percent of the output: the check runs with fresh
+    float32 weights, so that GELU and SiLU (or the two halves' order) are still told apart."""
 
     torch.manual_seed(0)
-    block = GeluFFN().to(torch.bfloat16)
+    block = _GeluFFN().to(torch.bfloat16)
     form = _analyse(block)
     assert form is not None and form.act_name == "gelu"
     assert form.fc1 is block.w1 and form.up is block.w3 and form.fc2 is block.w2  # its own layers
@@ -477,17 +473,12 @@ def test_mlps_that_take_the_residual_are_wrapped_and_compute_the_same(family: st
     assert [e.adapter for e in report.entries] == ["structural"] * 2
     wrappers = [m for m in model.modules() if isinstance(m, ResidualAddMLP)]
     assert len(wrappers) == 2 and all(w.training for w in wrappers)
-    with torch.no_grad():
-        for wrapper, (w_up, w_down) in zip(wrappers, weights, strict=True):
-            block = wrapper.mlp
-            assert (block.drop1.p, block.drop2.p) == (0.0, 0.1)
-            block.fc1.weight.copy_(w_up.weight)
-            block.fc2.weight.copy_(w_down.weight)
-            if w_up.bias is not None:
-                block.fc1.bias.copy_(w_up.bias)
-                block.fc2.bias.copy_(w_down.bias)
-            if family == "bloom":
-                block.act = nn.GELU(approximate="tanh")  # BloomGelu is the tanh approximation
+    for wrapper, (w_up, w_down) in zip(wrappers, weights, strict=True):
+        block = wrapper.mlp
+        assert (block.drop1.p, block.drop2.p) == (0.0, 0.1)
+        load_dense(block, w_up.weight, w_up.bias, w_down.weight, w_down.bias)
+        if family == "bloom":
+            block.act = nn.GELU(approximate="tanh")  # BloomGelu is the tanh approximation
     ids = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
     for training in (False, True):
         model.train(training), original.train(training)

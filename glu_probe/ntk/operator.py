@@ -291,24 +291,22 @@ class NTKOperator:
     def _jvp(self, start: int, stop: int) -> Callable[..., Any]:
         chunk = self.probe.chunk(start, stop)
         params = self.probe.params
-        by_vjp = self._jvp_by_vjp(start, stop)
         if not self._forward_ad:
-            return by_vjp
+            return self._jvp_by_vjp(chunk, start, stop)
 
         def jvp_fn(*t: Tensor) -> Tensor:
-            if not self._forward_ad:
-                return by_vjp(*t)
-            try:
-                return torch.func.jvp(lambda *p: self.probe(p, chunk), params, t)[1]
-            except NotImplementedError as err:
-                if not _missing_forward_ad(err):
-                    raise
-                self._no_forward_ad(err)
-                return by_vjp(*t)
+            if self._forward_ad:
+                try:
+                    return torch.func.jvp(lambda *p: self.probe(p, chunk), params, t)[1]
+                except NotImplementedError as err:
+                    if not _missing_forward_ad(err):
+                        raise
+                    self._no_forward_ad(err)
+            return self._jvp_by_vjp(chunk, start, stop)(*t)
 
         return jvp_fn
 
-    def _jvp_by_vjp(self, start: int, stop: int) -> Callable[..., Any]:
+    def _jvp_by_vjp(self, chunk: Any, start: int, stop: int) -> Callable[..., Any]:
         """J t without forward-mode AD: the VJP of the linear map u ↦ Jᵀu, applied to t.
 
         For models with an operation that has no forward-mode derivative (transformers'
@@ -317,7 +315,6 @@ class NTKOperator:
         one forward and two backward passes per product instead of a forward-mode pass,
         written by hand because torch.func has no such fallback of its own.
         """
-        chunk = self.probe.chunk(start, stop)
         params = self.probe.params
         a, b = self.probe.row_range(start, stop)
 

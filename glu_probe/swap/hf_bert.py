@@ -23,7 +23,6 @@ activation is recorded in the config's ``glu_probe_swap`` record instead).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -56,7 +55,7 @@ def _pre_ln_activation(inter: nn.Module, out: nn.Module) -> nn.Module | None:
     act(dense x)`` and ``output(h, r) = dense h + r`` (eval mode), checked with fresh float32
     CPU weights (as the structural adapter does). ``act`` is the intermediate's
     ``intermediate_act_fn``, or a functional one found by the check (ESM calls ``gelu``)."""
-    from glu_probe.swap.structural import _close, _TrainingFlags
+    from glu_probe.swap.structural import _FUNCTIONAL_ACTS, _close, _TrainingFlags, fresh_linear
 
     d1, d2 = getattr(inter, "dense", None), getattr(out, "dense", None)
     if not isinstance(d1, nn.Linear) or not isinstance(d2, nn.Linear):
@@ -64,31 +63,12 @@ def _pre_ln_activation(inter: nn.Module, out: nn.Module) -> nn.Module | None:
     if d1.out_features != d2.in_features:
         return None
     gen = torch.Generator().manual_seed(0)
-
-    def fresh(lin: nn.Linear) -> dict[str, Tensor]:
-        w = torch.randn(lin.out_features, lin.in_features, generator=gen)
-        t = {"dense.weight": w / math.sqrt(lin.in_features)}
-        if lin.bias is not None:
-            t["dense.bias"] = 0.1 * torch.randn(lin.out_features, generator=gen)
-        return t
-
-    t1, t2 = fresh(d1), fresh(d2)
+    t1, t2 = fresh_linear(d1, gen, "dense"), fresh_linear(d2, gen, "dense")
     x = torch.randn(2, 3, d1.in_features, generator=gen)
     h = torch.randn(2, 3, d2.in_features, generator=gen)
     r = torch.randn(2, 3, d2.out_features, generator=gen)
     own = _act_of(inter)
-    candidates: list[nn.Module] = (
-        [own]
-        if own is not None
-        else [
-            nn.SiLU(),
-            nn.GELU(),
-            nn.GELU(approximate="tanh"),
-            nn.ReLU(),
-            nn.Sigmoid(),
-            nn.Identity(),
-        ]
-    )
+    candidates = [own] if own is not None else [act for _, act in _FUNCTIONAL_ACTS]
     try:
         with torch.no_grad(), _TrainingFlags(inter, False), _TrainingFlags(out, False):
             got_out = torch.func.functional_call(out, t2, (h, r))

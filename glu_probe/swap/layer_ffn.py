@@ -40,7 +40,13 @@ from torch import Tensor, nn
 
 from glu_probe.modules import MLP, GatedMLP, activation_name
 from glu_probe.swap.core import MLPAdapter, MLPSpec, UnsupportedModelError, spec_from_glu_probe
-from glu_probe.swap.structural import WIDTH_KEYS, _close, _TrainingFlags
+from glu_probe.swap.structural import (
+    _close,
+    _plain_linear,
+    _TrainingFlags,
+    plain_settings,
+    width_key,
+)
 
 __all__ = ["LayerFFNAdapter"]
 
@@ -54,10 +60,6 @@ class _Chain(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
-
-
-def _plain_linear(m: Any) -> bool:
-    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
 
 
 def _is_param_free(m: Any) -> bool:
@@ -105,15 +107,8 @@ def _native(layer: nn.Module) -> bool:
 
 
 def _structure(layer: nn.Module, act_name: str) -> tuple[Any, ...]:
-    settings = tuple(
-        sorted(
-            (k, v)
-            for k, v in vars(layer).items()
-            if isinstance(v, bool | int | float | str) and k != "training" and not k.startswith("_")
-        )
-    )
     params = tuple((name, tuple(p.shape)) for name, p in layer.named_parameters())
-    return (type(layer), repr(getattr(layer, act_name)), params, settings)
+    return (type(layer), repr(getattr(layer, act_name)), params, plain_settings(layer))
 
 
 _VERDICTS: dict[tuple[Any, ...], bool] = {}
@@ -248,9 +243,4 @@ class LayerFFNAdapter(MLPAdapter):
         return [*getattr(module, names[0]).parameters(), *getattr(module, names[2]).parameters()]
 
     def config_keys(self, model: nn.Module) -> tuple[str | None, str | None]:
-        config = getattr(model, "config", None)
-        for key in WIDTH_KEYS:
-            value = getattr(config, key, None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return key, None
-        return None, None
+        return width_key(model), None

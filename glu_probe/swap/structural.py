@@ -77,15 +77,49 @@ __all__ = ["StructuralMLPAdapter"]
 #: Config fields that may hold an MLP's hidden width, asked in this order.
 WIDTH_KEYS = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim", "d_ff")
 
-#: Activations tried, in this order, for a block without an activation module.
-_FUNCTIONAL_ACTS: tuple[tuple[str, Any], ...] = (
-    ("silu", F.silu),
-    ("gelu", F.gelu),
-    ("gelu_tanh", lambda t: F.gelu(t, approximate="tanh")),
-    ("relu", F.relu),
-    ("sigmoid", torch.sigmoid),
-    ("identity", lambda t: t),
+#: Activations tried, in this order, for a block without an activation module (one that calls
+#: e.g. ``F.silu`` in its ``forward``); the modules compute the same functions.
+_FUNCTIONAL_ACTS: tuple[tuple[str, nn.Module], ...] = (
+    ("silu", nn.SiLU()),
+    ("gelu", nn.GELU()),
+    ("gelu_tanh", nn.GELU(approximate="tanh")),
+    ("relu", nn.ReLU()),
+    ("sigmoid", nn.Sigmoid()),
+    ("identity", nn.Identity()),
 )
+
+
+def fresh_linear(lin: nn.Linear, gen: torch.Generator, prefix: str) -> dict[str, Tensor]:
+    """Fresh float32 CPU weights for ``lin`` under ``<prefix>.weight`` / ``<prefix>.bias``, for
+    the adapters' checks: N(0, 1/fan_in) weights, N(0, 0.1²) biases."""
+    w = torch.randn(lin.out_features, lin.in_features, generator=gen)
+    out = {f"{prefix}.weight": w / math.sqrt(lin.in_features)}
+    if lin.bias is not None:
+        out[f"{prefix}.bias"] = 0.1 * torch.randn(lin.out_features, generator=gen)
+    return out
+
+
+def plain_settings(module: nn.Module) -> tuple[tuple[str, Any], ...]:
+    """The instance's plain settings (flags such as ``chunk_size_feed_forward`` that a forward
+    may branch on): part of what a cached check's verdict depends on."""
+    return tuple(
+        sorted(
+            (k, v)
+            for k, v in vars(module).items()
+            if isinstance(v, bool | int | float | str) and k != "training" and not k.startswith("_")
+        )
+    )
+
+
+def width_key(model: nn.Module) -> str | None:
+    """The first of :data:`WIDTH_KEYS` that the model's config holds as an int (the adapters
+    using it set ``width_key_must_match``, so it is written only where it is the width)."""
+    config = getattr(model, "config", None)
+    for key in WIDTH_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return key
+    return None
 
 
 @dataclass
@@ -116,7 +150,7 @@ class ResidualAddMLP(nn.Module):
         return self.mlp(hidden_states) + residual
 
 
-def _plain_linear(m: nn.Module) -> bool:
+def _plain_linear(m: Any) -> bool:
     return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
 
 
@@ -241,8 +275,7 @@ _RECIPES: dict[tuple[Any, ...], _Recipe | None] = {}
 
 def _structure(module: nn.Module, drops: list[float]) -> tuple[Any, ...]:
     """What the check's verdict depends on: the class (its forward code), the children (kind,
-    settings, parameter shapes), the dropout rates and the instance's plain settings (flags
-    such as ``chunk_size_feed_forward`` that a forward may branch on)."""
+    settings, parameter shapes), the dropout rates and the instance's plain settings."""
     children = tuple(
         (
             name,
@@ -251,14 +284,7 @@ def _structure(module: nn.Module, drops: list[float]) -> tuple[Any, ...]:
         )
         for name, child in module.named_children()
     )
-    settings = tuple(
-        sorted(
-            (k, v)
-            for k, v in vars(module).items()
-            if isinstance(v, bool | int | float | str) and k != "training" and not k.startswith("_")
-        )
-    )
-    return (type(module), children, tuple(drops), settings)
+    return (type(module), children, tuple(drops), plain_settings(module))
 
 
 def _analyse(module: nn.Module) -> _Form | None:
@@ -316,11 +342,7 @@ def _check(
     gen = torch.Generator().manual_seed(0)
     tensors: dict[str, Tensor] = {}
     for lin in linears:
-        name = names[id(lin)]
-        w = torch.randn(lin.out_features, lin.in_features, generator=gen)
-        tensors[f"{name}.weight"] = w / math.sqrt(lin.in_features)
-        if lin.bias is not None:
-            tensors[f"{name}.bias"] = 0.1 * torch.randn(lin.out_features, generator=gen)
+        tensors.update(fresh_linear(lin, gen, names[id(lin)]))
     for name, buf in module.named_buffers():
         if buf.device.type == "meta":
             return None
@@ -453,9 +475,4 @@ class StructuralMLPAdapter(MLPAdapter):
         super().install(root, path, old, new)
 
     def config_keys(self, model: nn.Module) -> tuple[str | None, str | None]:
-        config = getattr(model, "config", None)
-        for key in WIDTH_KEYS:
-            value = getattr(config, key, None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return key, None
-        return None, None
+        return width_key(model), None
