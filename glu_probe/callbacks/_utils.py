@@ -17,9 +17,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 __all__ = [
     "check_positive_int",
+    "check_prefix",
+    "check_unique_prefix",
+    "is_fresh_fit",
     "is_quiet_run",
     "log_metrics",
     "logger_step",
+    "stable_repr",
     "tensorboard_writers",
 ]
 
@@ -33,6 +37,50 @@ def check_positive_int(owner: str, name: str, value: Any, allow_none: bool = Fal
         raise MisconfigurationException(
             f"{owner}: `{name}` must be a positive int{extra}, got {value!r}."
         )
+
+
+def check_prefix(owner: str, prefix: Any) -> None:
+    """MisconfigurationException unless ``prefix`` is a non-empty name without a trailing /."""
+    if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
+        raise MisconfigurationException(
+            f"{owner}: `prefix` must be a non-empty name without a trailing '/', got {prefix!r}."
+        )
+
+
+def check_unique_prefix(trainer: pl.Trainer, callback: Any) -> None:
+    """MisconfigurationException if another callback of the same class logs under the same
+    ``prefix``: the two series would be interleaved into one TensorBoard/CSV series."""
+    same = [
+        cb
+        for cb in trainer.callbacks  # type: ignore[attr-defined]
+        if cb is not callback and type(cb) is type(callback) and cb.prefix == callback.prefix
+    ]
+    if same:
+        raise MisconfigurationException(
+            f"{len(same) + 1} {type(callback).__name__} callbacks in this Trainer log under the "
+            f"same prefix {callback.prefix!r}, so their series would be merged into one; give "
+            f"each its own `prefix=` (e.g. prefix='{callback.prefix}_2')."
+        )
+
+
+def is_fresh_fit(trainer: pl.Trainer) -> bool:
+    """True at ``setup(stage="fit")`` of a run that starts at step 0.
+
+    A callback instance reused for a second, independent ``fit`` (a new Trainer) resets its
+    per-run state there. A resumed run also starts at step 0 at ``setup``: Lightning restores
+    the checkpoint (``load_state_dict``) after it, so the restored state wins. A ``fit`` that
+    continues on the same Trainer (``global_step > 0``) keeps the state.
+    """
+    return int(trainer.global_step) == 0
+
+
+def stable_repr(obj: Any) -> str:
+    """``repr(obj)``, but a function or callable object by its qualified name, never by its
+    memory address: part of a ``state_key``, which must be the same in a resumed process."""
+    if callable(obj) and not isinstance(obj, type):
+        target = obj if hasattr(obj, "__qualname__") else type(obj)
+        return f"<callable {getattr(target, '__module__', '?')}.{target.__qualname__}>"
+    return repr(obj)
 
 
 def is_quiet_run(trainer: pl.Trainer) -> bool:

@@ -25,11 +25,16 @@ Baselines
 Recorded baselines are linearly interpolated at this run's steps; steps outside the baseline's
 step range are not compared (no extrapolation). Steps are the *logger* steps (those in the
 TensorBoard/CSV files: the first training batch is step 0), so a recorded run and a live run line
-up. When a step is seen twice (e.g. validation at the step of the last training batch) only its
-first value counts.
+up. With ``phase="train"`` a step's *last* training batch counts: under
+``accumulate_grad_batches=k`` the k micro-batches of one optimizer step share a logger step, and
+the logger writes the last one's loss, so that is the value compared (with a recorded baseline of
+the same run, delta is then exactly 0). With ``phase="val"`` a step's first validation counts.
 
 Outputs
 -------
+Names below are for the default ``prefix="crossing"``; several monitors in one Trainer (e.g. one
+per baseline) need distinct prefixes.
+
 * ``crossing/delta`` = smoothed (this run − baseline), every ``log_every_n_steps`` updates and at
   each crossing; ``crossing/event`` = +1 (model overtakes baseline) or −1 (baseline overtakes
   model) at each crossing's detection step, through all of the Trainer's loggers on rank zero;
@@ -65,6 +70,7 @@ skipped.
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -80,6 +86,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from glu_probe.callbacks._utils import (
     check_positive_int,
+    check_prefix,
+    check_unique_prefix,
+    is_fresh_fit,
     is_quiet_run,
     log_metrics,
     logger_step,
@@ -178,6 +187,21 @@ def _load_csv(path: Path, column: str) -> tuple[np.ndarray, np.ndarray]:
     return _clean_series(steps, values, f"column {column!r} of {str(path)!r}")
 
 
+def _accumulates(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Several training batches per optimizer (and logger) step: ``accumulate_grad_batches``."""
+    k = getattr(trainer, "accumulate_grad_batches", 1)
+    return bool(getattr(pl_module, "automatic_optimization", True)) and isinstance(k, int) and k > 1
+
+
+def _sequence_label(series: tuple[np.ndarray, np.ndarray] | None) -> str:
+    """``<sequence …>`` with a digest of the values: part of the ``state_key``, so it must tell
+    two in-memory baselines apart and be the same in a resumed process."""
+    if series is None:
+        return "<sequence>"
+    digest = hashlib.sha1(np.ascontiguousarray(np.stack(series)).tobytes()).hexdigest()[:12]
+    return f"<sequence {digest}>"
+
+
 def _load_sequence(seq: Any) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(seq, torch.Tensor):
         seq = seq.detach().cpu().numpy()
@@ -255,6 +279,11 @@ class LossCrossingMonitor(Callback):
         read_every: with ``phase="train"``, read the collected losses back to the host every
             this many batches (default: 1 for CPU values, ``log_every_n_steps`` for accelerator
             tensors; see the module docstring). Detection results do not depend on it.
+        prefix: tag prefix of the logged metrics and text (``"crossing"``: ``crossing/delta``,
+            ``crossing/event``); monitors of one Trainer need distinct prefixes.
+
+    One instance can serve several independent ``fit`` runs: a fit that starts at step 0
+    without a checkpoint starts with a fresh detector.
     """
 
     def __init__(
@@ -272,8 +301,10 @@ class LossCrossingMonitor(Callback):
         log_every_n_steps: int | None = None,
         phase: str | None = None,
         read_every: int | None = None,
+        prefix: str = "crossing",
     ) -> None:
         super().__init__()
+        check_prefix("LossCrossingMonitor", prefix)
         if not isinstance(monitor, str) or not monitor:
             raise MisconfigurationException(
                 f"LossCrossingMonitor: monitor must be a metric name, got {monitor!r}"
@@ -306,9 +337,13 @@ class LossCrossingMonitor(Callback):
         self.log_every_n_steps = log_every_n_steps
         self.phase = phase
         self.read_every = read_every
+        self.prefix = prefix
         # (step, values) collected on the device, not yet read (phase="train"); values is a
         # tensor [a] or [a, b] (b of a recorded baseline is a float kept beside it).
         self._pending: list[tuple[int, Any, float | None]] = []
+        # The latest step's entry, replaced by each later batch of the same step (gradient
+        # accumulation: the logger writes the step's last micro-batch) until a new step begins.
+        self._current: tuple[int, Any, float | None] | None = None
         self._host: tuple[pl.Trainer, pl.LightningModule] | None = None
         self._series: tuple[np.ndarray, np.ndarray] | None = None
         if isinstance(baseline, str) and baseline == "paired":
@@ -316,7 +351,9 @@ class LossCrossingMonitor(Callback):
         else:
             self.kind = "recorded"
             self._series = load_baseline_series(baseline, baseline_key or monitor)
-        self.baseline = baseline if isinstance(baseline, (str, os.PathLike)) else "<sequence>"
+        self.baseline = (
+            baseline if isinstance(baseline, (str, os.PathLike)) else _sequence_label(self._series)
+        )
         self._keys: tuple[str, str | None] | None = None
         self._warned: set[str] = set()
 
@@ -328,10 +365,13 @@ class LossCrossingMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(monitor=self.monitor, baseline=str(self.baseline))
+        key: dict[str, Any] = {"monitor": self.monitor, "baseline": str(self.baseline)}
+        if self.prefix != "crossing":  # the default keeps the key of earlier checkpoints
+            key["prefix"] = self.prefix
+        return self._generate_state_key(**key)
 
     def state_dict(self) -> dict[str, Any]:
-        self._flush()  # a checkpoint holds every step seen so far
+        self._flush(current=True)  # a checkpoint holds every step seen so far
         return {"detector": self.detector.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -339,6 +379,12 @@ class LossCrossingMonitor(Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_unique_prefix(trainer, self)
+            if is_fresh_fit(trainer):  # a resumed run's checkpoint is restored after setup
+                self.detector.reset()
+                self._pending, self._current = [], None
+                self._warned = set()
         if self.kind == "paired":
             from glu_probe.callbacks.paired import PairedModule
 
@@ -376,13 +422,13 @@ class LossCrossingMonitor(Callback):
             self._update(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._flush()
+        self._flush(current=True)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         try:  # keep what was queued before the failure; never mask the original exception
-            self._flush()
+            self._flush(current=True)
         except Exception as err:
             rank_zero_warn(f"LossCrossingMonitor: could not read the queued losses: {err}")
 
@@ -416,20 +462,27 @@ class LossCrossingMonitor(Callback):
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Read this step's pair now (``phase="val"``: once per validation)."""
         self._collect(trainer, pl_module, read_now=True)
+        self._flush(current=True)
 
     def _collect(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, read_now: bool = False
     ) -> None:
         """Queue this step's ``(loss, baseline)`` as it is (no device sync), and read the queue
-        back every ``read_every`` steps (see the module docstring)."""
+        back every ``read_every`` steps (see the module docstring). A later batch of the same
+        logger step replaces the step's entry (gradient accumulation: the last micro-batch is
+        the one the logger writes)."""
         if self._keys is None:
             self.setup(trainer, pl_module, "fit")
         assert self._keys is not None
         self._host = (trainer, pl_module)
         step = logger_step(trainer)
-        last = self._pending[-1][0] if self._pending else self.detector.last_step
-        if last is not None and step <= last:
-            return
+        same_step = self._current is not None and self._current[0] == step
+        if not same_step:
+            last = self._current[0] if self._current is not None else None
+            if last is None:
+                last = self._pending[-1][0] if self._pending else self.detector.last_step
+            if last is not None and step <= last:
+                return
         # One lookup per step: Lightning rebuilds the metrics dict on every access (~10 µs).
         logged = trainer.callback_metrics
         a = self._lookup(logged, self._keys[0])
@@ -447,15 +500,24 @@ class LossCrossingMonitor(Callback):
             if recorded is None:
                 return
             values = _stack_scalars([a])
-        self._pending.append((step, values, recorded))
+        if self._current is not None and not same_step:
+            self._pending.append(self._current)
+        self._current = (step, values, recorded)
+        if not _accumulates(trainer, pl_module):  # one batch per step: the step is complete
+            self._pending.append(self._current)
+            self._current = None
         every = self.read_every
         if every is None:
             every = 1 if values.device.type == "cpu" else self._delta_every(trainer)
         if read_now or len(self._pending) >= every:
             self._flush()
 
-    def _flush(self) -> None:
-        """Read the queued pairs back in one transfer and feed them to the detector in order."""
+    def _flush(self, current: bool = False) -> None:
+        """Read the queued pairs back in one transfer and feed them to the detector in order;
+        with ``current``, the latest step's entry too (its step is then closed)."""
+        if current and self._current is not None:
+            self._pending.append(self._current)
+            self._current = None
         if not self._pending:
             return
         pending, self._pending = self._pending, []
@@ -479,9 +541,9 @@ class LossCrossingMonitor(Callback):
             return
         metrics: dict[str, float] = {}
         if (self.detector.n_updates - 1) % self._delta_every(trainer) == 0 or crossing is not None:
-            metrics["crossing/delta"] = self.detector.delta
+            metrics[f"{self.prefix}/delta"] = self.detector.delta
         if crossing is not None:
-            metrics["crossing/event"] = float(crossing.event)
+            metrics[f"{self.prefix}/event"] = float(crossing.event)
         log_metrics(trainer, metrics, step=step)
         if crossing is not None:
             self._announce(trainer, pl_module, crossing)
@@ -496,6 +558,6 @@ class LossCrossingMonitor(Callback):
             f"delta {crossing.delta:+.4g}"
         )
         for writer in tensorboard_writers(trainer):
-            writer.add_text("crossing", text, global_step=crossing.detected_step)
+            writer.add_text(self.prefix, text, global_step=crossing.detected_step)
         if self.on_crossing is not None:
             self.on_crossing(trainer, pl_module, crossing)

@@ -7,8 +7,9 @@ chart overlays every scalar tag matching any of its regular expressions. The def
 ==========================  ===============================================================
 chart                       tags (for the default prefixes ``model`` / ``baseline``)
 ==========================  ===============================================================
-train loss                  ``model/train_loss``, ``baseline/train_loss``
-val loss                    ``model/val_loss``, ``baseline/val_loss``
+train loss                  ``model/train_loss``, ``baseline/train_loss`` (and ``train_loss``
+                            of an unpaired run)
+val loss                    ``model/val_loss``, ``baseline/val_loss`` (and ``val_loss``)
 NTK condition number        ``ntk/model/condition_number``, ``ntk/baseline/condition_number``
                             (and ``ntk/condition_number`` of an unpaired run)
 NTK condition number        the same tags' ``log10_condition_number`` (κ spans decades)
@@ -53,8 +54,8 @@ def default_layout(model_prefix: str = "model", baseline_prefix: str = "baseline
     both = f"({m}|{b})"
     return {
         DEFAULT_CATEGORY: {
-            "train loss": ["Multiline", [f"^{both}/train_loss$"]],
-            "val loss": ["Multiline", [f"^{both}/val_loss$"]],
+            "train loss": ["Multiline", [f"^({both}/)?train_loss$"]],
+            "val loss": ["Multiline", [f"^({both}/)?val_loss$"]],
             "NTK condition number": [
                 "Multiline",
                 [f"^ntk/({both}/)?condition_number$"],

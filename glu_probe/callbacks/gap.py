@@ -50,8 +50,13 @@ For each batch the monitor needs ``(loss, preds, target)``:
 4. else the module's ``loss_fn(preds, target)`` attribute.
 
 Batches are ``(inputs, target)`` or dicts with ``labels_key``; outputs a tensor, a tuple (first
-element) or an object with ``.logits`` (as in PairedModule). Anything else:
-MisconfigurationException at train start.
+element) or an object with ``.logits`` (as in PairedModule). With a ``compute_loss(batch)`` hook
+and no metrics the batch is passed whole and never split (any format; each batch then weighs its
+number of samples). Anything the chosen route cannot split: MisconfigurationException at train
+start (checked on the first training-subset batch), not at the first validation.
+
+Several monitors in one Trainer (e.g. clean and logged side by side) need distinct ``prefix``
+values (default ``"gap"``: ``gap/loss``, ...).
 
 Logged mode
 -----------
@@ -98,6 +103,9 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from glu_probe.callbacks._utils import (
     check_positive_int,
+    check_prefix,
+    check_unique_prefix,
+    is_fresh_fit,
     is_quiet_run,
     log_metrics,
     logger_step,
@@ -189,12 +197,18 @@ class _Side:
         for m in self.metrics.values():
             m.reset()
 
-    def add(self, loss: torch.Tensor, preds: Any, target: Any) -> None:
+    def add(self, loss: torch.Tensor, preds: Any, target: Any, count: int | None = None) -> None:
+        """Add one batch; ``count``: its number of loss terms where there is no target (a
+        ``compute_loss(batch)`` hook on a batch the monitor does not split)."""
         if _reads_lazily(loss, target):
-            n = _n_items_lazy(target, loss.device)
+            n = (
+                _n_items_lazy(target, loss.device)
+                if count is None
+                else torch.tensor(float(count), dtype=torch.float64, device=loss.device)
+            )
             self._queued.append(torch.stack([loss.detach().double().reshape(()) * n, n]))
         else:
-            k = _n_items(target)
+            k = _n_items(target) if count is None else count
             self._loss_sum += float(loss) * k
             self._count += k
         for m in self.metrics.values():
@@ -280,6 +294,11 @@ class GeneralizationGapMonitor(Callback):
             first validation, so the subset is evaluated in batches no larger than ones the run
             already fits on the device (eval runs without gradients), and small training batches
             (a language model's 8 sequences) do not cost dozens of small forward passes.
+        prefix: name prefix of the logged metrics (``"gap"``: ``gap/loss``, ...); monitors of
+            one Trainer need distinct prefixes.
+
+    One instance can serve several independent ``fit`` runs: a fit that starts at step 0
+    without a checkpoint starts with an empty history.
     """
 
     def __init__(
@@ -297,8 +316,10 @@ class GeneralizationGapMonitor(Callback):
         labels_key: str = "labels",
         log_components: bool = True,
         eval_batch_size: int | None = None,
+        prefix: str = "gap",
     ) -> None:
         super().__init__()
+        check_prefix("GeneralizationGapMonitor", prefix)
         if mode not in ("clean", "logged"):
             raise MisconfigurationException(
                 f"GeneralizationGapMonitor: mode must be 'clean' or 'logged', got {mode!r}"
@@ -339,6 +360,7 @@ class GeneralizationGapMonitor(Callback):
         self.seed = int(seed)
         self.labels_key = labels_key
         self.log_components = bool(log_components)
+        self.prefix = prefix
         self.history: list[dict[str, float]] = []
         self._batches: list[Any] | None = None
         self._sides: dict[str, dict[str, _Side]] = {}
@@ -400,6 +422,12 @@ class GeneralizationGapMonitor(Callback):
         return {self._check_name(n): (f"train_{n}", f"val_{n}") for n in metrics}
 
     # ------------------------------------------------------------------ state
+    @property
+    def state_key(self) -> str:
+        if self.prefix == "gap":  # the default keeps the key of earlier checkpoints
+            return super().state_key
+        return self._generate_state_key(prefix=self.prefix)
+
     def state_dict(self) -> dict[str, Any]:
         return {"history": [dict(h) for h in self.history]}
 
@@ -407,6 +435,13 @@ class GeneralizationGapMonitor(Callback):
         self.history = [dict(h) for h in state_dict.get("history", [])]
 
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_unique_prefix(trainer, self)
+        if is_fresh_fit(trainer):  # a resumed run's checkpoint is restored after setup
+            self.history = []
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.mode != "clean" or is_quiet_run(trainer):
             return
@@ -417,6 +452,8 @@ class GeneralizationGapMonitor(Callback):
         with isolate_rng(include_cuda=include_cuda):
             batches = self.train_subset if self.train_subset is not None else self._draw(trainer)
             self._batches = [trainer.strategy.batch_to_device(b) for b in batches]
+        if self._batches:
+            self._check_batch(pl_module, self._batches[0])
         device = pl_module.device
         self._sides = {
             tag: {
@@ -508,6 +545,28 @@ class GeneralizationGapMonitor(Callback):
             "target) attribute, or use mode='logged'"
         )
 
+    def _splits(self, pl_module: pl.LightningModule) -> bool:
+        """Whether the loss route needs ``(inputs, target)`` out of each batch."""
+        if isinstance(pl_module, PairedModule):
+            return False  # PairedModule.evaluate takes the batch as it trains on it
+        if self.loss_fn is None and callable(getattr(pl_module, "compute_loss", None)):
+            return bool(self.metrics)  # the hook takes the whole batch; metrics need a target
+        return True
+
+    def _check_batch(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        """MisconfigurationException at train start for a batch the chosen route cannot split."""
+        if not self._splits(pl_module):
+            return
+        try:
+            _split_batch(batch, self.labels_key)
+        except ValueError as err:
+            raise MisconfigurationException(
+                f"GeneralizationGapMonitor: {err}. The clean evaluation needs (inputs, target) "
+                "batches or dicts with `labels_key`; with other batches give the module a "
+                "compute_loss(batch) hook (and no metrics), pass train_subset=[...] in that "
+                "format, or use mode='logged'."
+            ) from err
+
     def _final_size(self, trainer: pl.Trainer) -> int:
         """The subset's size: ``train_subset_size``, or (``None``) the number of samples the
         validation run evaluates, at most :data:`AUTO_SUBSET_MAX`."""
@@ -585,8 +644,12 @@ class GeneralizationGapMonitor(Callback):
         return batches
 
     def _batch_outputs(self, pl_module: pl.LightningModule, batch: Any, tag: str) -> tuple:
+        """``(loss, preds, target)``; target ``None`` for a batch passed whole to
+        ``compute_loss`` (see :meth:`_splits`)."""
         if isinstance(pl_module, PairedModule):
             return pl_module.evaluate(batch, tag)
+        if not self._splits(pl_module):
+            return pl_module.compute_loss(batch), None, None  # type: ignore[operator]
         inputs, target = _split_batch(batch, self.labels_key)
         if self.loss_fn is not None:
             preds = _logits(_call(pl_module, inputs))
@@ -627,12 +690,15 @@ class GeneralizationGapMonitor(Callback):
                                 f"use Trainer(inference_mode=False). Original error: {err}"
                             ) from err
                         raise
-                    sides[side].add(loss, preds, target)
+                    if target is None:  # a whole batch given to compute_loss: weigh samples
+                        sides[side].add(loss, preds, target, _n_samples(batch))
+                    else:
+                        sides[side].add(loss, preds, target)
 
     def _clean_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         out: dict[str, float] = {}
         for tag, sides in self._sides.items():
-            prefix = f"gap/{tag}/" if tag else "gap/"
+            prefix = f"{self.prefix}/{tag}/" if tag else f"{self.prefix}/"
             tr, va = sides["train"], sides["val"]
             # val batches are this rank's shard: sum over ranks (a no-op on one process)
             totals = torch.tensor([va.loss_sum, float(va.count)], dtype=torch.float64)
@@ -672,7 +738,7 @@ class GeneralizationGapMonitor(Callback):
         out: dict[str, float] = {}
         pairs = {"loss": (self.train_key, self.val_key), **self.metric_pairs}
         for tag in self._tags(pl_module):
-            prefix = f"gap/{tag}/" if tag else "gap/"
+            prefix = f"{self.prefix}/{tag}/" if tag else f"{self.prefix}/"
             for name, (tk, vk) in pairs.items():
                 if tag:
                     tk, vk = f"{tag}/{tk}", f"{tag}/{vk}"

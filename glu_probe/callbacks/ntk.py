@@ -112,8 +112,12 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from glu_probe.callbacks._utils import (
     check_positive_int,
+    check_prefix,
+    check_unique_prefix,
+    is_fresh_fit,
     is_quiet_run,
     log_metrics,
+    stable_repr,
     tensorboard_writers,
 )
 from glu_probe.ntk.operator import is_out_of_memory
@@ -343,7 +347,12 @@ class NTKSpectrumMonitor(Callback):
             probes than the engine's minimal-memory default), and ``slq_probes`` to
             :data:`DEFAULT_SLQ_PROBES` (the effective rank on the iterative path).
         prefix: metric name prefix (``"ntk"``); change it to run several monitors side by side
-            (e.g. one restricted to the MLP parameters).
+            (e.g. one restricted to the MLP parameters). Monitors of one Trainer need distinct
+            prefixes: the same prefix would merge their series (MisconfigurationException at
+            setup; Lightning itself refuses two whose checkpoint ``state_key`` is the same).
+
+    One instance can serve several independent ``fit`` runs: a fit that starts at step 0
+    without a checkpoint starts from a clean state (cadence, history, warm start).
     """
 
     def __init__(
@@ -389,10 +398,7 @@ class NTKSpectrumMonitor(Callback):
             raise MisconfigurationException(
                 f"`module` must be an attribute path such as 'net', got {module!r}."
             )
-        if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
-            raise MisconfigurationException(
-                f"`prefix` must be a non-empty name without a trailing '/', got {prefix!r}."
-            )
+        check_prefix("NTKSpectrumMonitor", prefix)
         if isinstance(dtype, str):
             resolved = getattr(torch, dtype.removeprefix("torch."), None)
             if not isinstance(resolved, torch.dtype):
@@ -447,7 +453,7 @@ class NTKSpectrumMonitor(Callback):
             prefix=self.prefix,
             output=self.output if isinstance(self.output, str) else "callable",
             module=self.module,
-            params=repr(self.params),
+            params=stable_repr(self.params),
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -465,6 +471,15 @@ class NTKSpectrumMonitor(Callback):
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self._ritz = dict(state_dict.get("warm_start", {}))
 
+    def _reset_run(self) -> None:
+        """Forget a previous, independent fit's state (this instance is being reused)."""
+        self._resolved_every = self.every_n_steps
+        self.last_probe_step = None
+        self.history = []
+        self._ritz = {}
+        self.probe_seconds = []
+        self._pending_figure = None
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -475,6 +490,9 @@ class NTKSpectrumMonitor(Callback):
                 "parameters, and the probe needs each rank to hold the whole model. Use "
                 "strategy='ddp' (optionally with shard_probe=True) or remove the callback."
             )
+        check_unique_prefix(trainer, self)
+        if is_fresh_fit(trainer):  # a resumed run's checkpoint is restored after setup
+            self._reset_run()
         for tag, target in self._targets(pl_module).items():
             if (
                 self.module is None
