@@ -15,12 +15,13 @@ error is at most ``multiple_of_used · slope / 2`` parameters.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -158,6 +159,12 @@ class MLPAdapter(ABC):
         """The parameters the new block replaces (default: all of ``module``'s)."""
         return list(module.parameters())
 
+    def resembles(self, module: nn.Module) -> bool:
+        """Whether ``module`` looks like this adapter's block even where :meth:`matches` declines
+        it (a failed check): the driver then reports it as an unrecognised MLP block instead of
+        leaving it alone silently. Default: ``False``."""
+        return False
+
 
 @dataclass
 class SwapEntry:
@@ -191,7 +198,13 @@ class SwapReport:
     match: str
     entries: list[SwapEntry]
     config_updates: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    """``key -> (old, new)`` per updated config field. Keys of the root model's own config are
+    plain (``"n_inner"``); those of a sub-model's config (a wrapped model, a composite model's
+    ``text_config``) are prefixed with the sub-model's path: ``"net.config.n_inner"``."""
     unrecognised: list[str] = field(default_factory=list)
+    config_skipped: dict[str, str] = field(default_factory=dict)
+    """Config keys left unchanged on purpose (same naming as ``config_updates``) and why: e.g. an
+    activation key that other, non-MLP modules of a model rebuilt from the config read too."""
 
     @property
     def paths(self) -> list[str]:
@@ -240,6 +253,8 @@ class SwapReport:
                 "config: "
                 + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in self.config_updates.items())
             )
+        for key, why in self.config_skipped.items():
+            lines.append(f"config {key} left unchanged: {why}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -362,26 +377,210 @@ def _is_timm_host(model: nn.Module) -> bool:
     return any(c.__module__.startswith("timm.") for c in type(model).__mro__)
 
 
-def host_init(root: nn.Module, path: str, block: Any) -> None:
-    """Initialise a new block the way the host initialises its own MLPs.
+def _is_timm_model(model: nn.Module) -> bool:
+    """A timm *model* (not one of its layers): a ``timm.models`` class with ``forward_features``."""
+    return type(model).__module__.startswith("timm.models.") and hasattr(model, "forward_features")
 
-    * Hugging Face (a ``config`` with ``initializer_range``, or ``init_std`` as in OPT and BART):
-      linear weights ~ N(0, r²), biases 0
-      (``PreTrainedModel._init_weights``); for GPT-2 (``model_type == "gpt2"``) the output
-      projection uses the scaled std ``r / sqrt(2 · n_layer)`` of the GPT-2 paper.
-    * timm: the host's ViT init (``weight_init_mode``: '' -> trunc_normal(0.02) / zero bias, or
-      jax / moco), applied with timm's own ``named_apply`` so that blocks with an
+
+def _is_pretrained(model: nn.Module) -> bool:
+    return _hf_config(model) is not None and any(
+        c.__name__ == "PreTrainedModel" for c in type(model).__mro__
+    )
+
+
+def _ancestors(root: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of the modules above ``path``, nearest first, ``root`` (``""``) last."""
+    parts = path.split(".") if path else []
+    return [
+        (".".join(parts[:k]), root.get_submodule(".".join(parts[:k])))
+        for k in range(len(parts) - 1, -1, -1)
+    ]
+
+
+def config_owner(root: nn.Module, path: str) -> tuple[str, nn.Module, Any] | None:
+    """The Hugging Face config that describes the block at ``path``, ``(owner path, owner,
+    config)``, ``owner`` the outermost module holding that config object; ``None`` if none.
+
+    It is the config of the outermost model above the block that holds one (a wrapped model's
+    own config: a ``LightningModule`` holding a ``GPT2LMHeadModel``; T5's root config, not the
+    private copies its stacks hold), except where the nearest one is a sub-config of it (a
+    composite model's ``text_config`` / ``vision_config``, as in LLaVA): then that sub-config."""
+    holders = [(p, m, c) for p, m in reversed(_ancestors(root, path)) if (c := _hf_config(m))]
+    if not holders:
+        return None
+    outer, near = holders[0][2], holders[-1][2]
+    config = near if any(v is near for v in vars(outer).values()) else outer
+    owner = next((p, m) for p, m, c in holders if c is config)
+    return owner[0], owner[1], config
+
+
+def _init_host(root: nn.Module, path: str) -> tuple[str, nn.Module, str] | None:
+    """The sub-model whose init conventions apply to the block at ``path``: its nearest ancestor
+    that is a Hugging Face ``PreTrainedModel`` (``"hf"``) or a timm model (``"timm"``); a root
+    that only holds a config (``"hf"``) or is a timm module (``"timm"``) as a last resort."""
+    for p, m in _ancestors(root, path):
+        if _is_pretrained(m):
+            return p, m, "hf"
+        if _is_timm_model(m):
+            return p, m, "timm"
+    if _hf_config(root) is not None:
+        return "", root, "hf"
+    if _is_timm_host(root):
+        return "", root, "timm"
+    return None
+
+
+def _source_roles(source: nn.Module) -> tuple[str, str] | None:
+    """Child names of the source block's input (first/gate) and output layers, for a block the
+    swap *replaces* (not a layer it rewires) and that holds nothing else with parameters."""
+    for inp, out in (("gate_proj", "down_proj"), ("c_fc", "c_proj")):
+        if hasattr(source, inp) and hasattr(source, out):
+            return inp, out
+    from glu_probe.swap.structural import _analyse
+
+    form = _analyse(source)
+    if form is None:
+        return None
+    names = {id(c): n for n, c in source.named_children()}
+    return names[id(form.fc1)], names[id(form.fc2)]
+
+
+def _stand_in(source: nn.Module, children: dict[str, nn.Module]) -> nn.Module:
+    """A shallow stand-in for ``source`` (same class and instance settings) whose parameterised
+    children are ``children`` only: the host's ``_init_weights`` sees the new layers under the
+    source's names, and nothing of the live model is touched."""
+    stand = object.__new__(type(source))
+    stand.__dict__.update(source.__dict__)
+    stand.__dict__["_parameters"] = {}
+    stand.__dict__["_buffers"] = {}
+    kept = {
+        n: c
+        for n, c in source.named_children()
+        if not any(True for _ in c.parameters()) and not any(True for _ in c.buffers())
+    }
+    stand.__dict__["_modules"] = {**kept, **children}
+    return stand
+
+
+def _new_layers(block: nn.Module) -> tuple[list[nn.Module], nn.Module | None]:
+    """Input layers (``fc1``, or ``fc1_g`` and ``fc1_x``) and output layer of a new block."""
+    inner = getattr(block, "mlp", block)  # ResidualAddMLP / ResidualNormMLP hold it as .mlp
+    ins = [
+        getattr(inner, n)
+        for n in ("fc1", "fc1_g", "fc1_x")
+        if isinstance(getattr(inner, n, None), nn.Module)
+    ]
+    out = getattr(inner, "fc2", None)
+    return ins, out if isinstance(out, nn.Module) else None
+
+
+def _is_t5_block(source: nn.Module | None) -> bool:
+    return (
+        source is not None
+        and hasattr(source, "wo")
+        and (hasattr(source, "wi") or hasattr(source, "wi_0"))
+    )
+
+
+def _hf_init(host: nn.Module, block: nn.Module, source: nn.Module | None) -> bool:
+    """The host ``PreTrainedModel``'s own ``_init_weights``: on every new sub-module (as HF's
+    ``initialize_weights`` does), then on a stand-in of the source block holding the new layers
+    under the source's names (so class-specific rules apply: CLIP's MLP stds, GPT-2's scaled
+    ``c_proj``). ``False`` where the host has no ``_init_weights`` or it fails."""
+    init_fn = getattr(host, "_init_weights", None)
+    if not callable(init_fn):
+        return False
+    try:
+        with torch.no_grad():
+            for m in block.modules():
+                if m is not block and not isinstance(m, nn.Sequential):
+                    init_fn(m)
+            roles = _source_roles(source) if source is not None else None
+            ins, out = _new_layers(block)
+            if roles is not None and ins and out is not None:
+                for lin in ins:
+                    init_fn(_stand_in(source, {roles[0]: lin, roles[1]: out}))  # type: ignore[arg-type]
+    except Exception:
+        return False
+    return True
+
+
+def _timm_init(host: nn.Module, name: str, block: Any) -> None:
+    """timm conventions, by family (see :func:`host_init`)."""
+    import sys
+
+    from timm.models._manipulate import named_apply
+
+    family = sys.modules.get(type(host).__module__)
+    fn = getattr(family, "_init_weights", None)
+    with torch.no_grad():
+        if (
+            not hasattr(host, "weight_init_mode")
+            and callable(fn)
+            and type(host).__module__
+            in (
+                "timm.models.convnext",
+                "timm.models.mlp_mixer",
+            )
+        ):
+            # ConvNeXt: trunc_normal(0.02) / zero bias for Linear *and* Conv2d (conv_mlp);
+            # MLP-Mixer / ResMLP: xavier_uniform, biases N(0, 1e-6²) in blocks named *mlp*.
+            try:
+                named_apply(fn, block, name=name, include_root=True)
+                return
+            except Exception:  # e.g. a bias-free layer ConvNeXt's init does not expect
+                pass
+        from timm.models.vision_transformer import get_init_weights_vit
+
+        mode = getattr(host, "weight_init_mode", "") or ""
+        named_apply(get_init_weights_vit(mode), block, name=name, include_root=True)
+        hit = re.fullmatch(r"(?:.*\.)?blocks\.(\d+)\.mlp", name)
+        if getattr(host, "fix_init", False) and hit and hasattr(block, "fc2"):
+            block.fc2.weight.div_(math.sqrt(2.0 * (int(hit.group(1)) + 1)))
+
+
+def host_init(root: nn.Module, path: str, block: Any, *, source: nn.Module | None = None) -> None:
+    """Initialise a new block the way its host initialises its own MLPs.
+
+    The host is the sub-model that owns the block: its nearest ancestor that is a Hugging Face
+    ``PreTrainedModel`` or a timm model (so a model wrapped in a ``LightningModule`` and the
+    towers of a composite model get their own conventions); ``source`` is the block being
+    replaced.
+
+    * Hugging Face T5 family (a ``source`` with T5's ``wi``/``wo`` layers and a config with
+      ``initializer_factor``): weights N(0, (factor / √fan_in)²), T5's ``wi`` / ``wo`` init.
+    * Hugging Face otherwise: the host's own ``_init_weights``, applied to every new sub-module
+      (plain layers: N(0, initializer_range²) or as the family does, zero biases) and then to a
+      stand-in of the source block holding the new layers under the source's names, so that a
+      class-specific rule applies as to the source: GPT-2's scaled output projection
+      ``r / sqrt(2 · n_layer)``, CLIP's ``fc1`` / ``fc2`` stds. For gated blocks both input
+      layers get the rule of the source's input layer. If the host has no ``_init_weights``
+      (or it fails): N(0, r²) with ``r`` the config's ``initializer_range`` or ``init_std``.
+    * timm ConvNeXt / MLP-Mixer (and ResMLP): the family's own ``_init_weights`` (ConvNeXt:
+      trunc_normal(0.02) and zero bias for ``Linear`` and the 1x1 ``Conv2d`` of ``conv_mlp``;
+      Mixer: xavier-uniform weights and N(0, 1e-6²) biases).
+    * other timm models: the ViT init (``weight_init_mode``: '' -> trunc_normal(0.02) / zero
+      bias, or jax / moco), applied with timm's own ``named_apply`` so that blocks with an
       ``init_weights()`` (timm's ``SwiGLU``, our ``GatedMLP``) get it exactly as in a freshly
-      built timm model; plus ``fix_init`` rescaling of ``fc2`` by ``1/sqrt(2·(layer+1))``.
-    * Hugging Face T5 family (``initializer_factor`` and no ``initializer_range``): weights
-      N(0, (factor / √fan_in)²), T5's ``wi`` / ``wo`` init.
+      built timm ViT; plus ``fix_init`` rescaling of ``fc2`` by ``1/sqrt(2·(layer+1))``. This is
+      the convention of the ViT family; other timm families (Swin, CaiT, BEiT, EVA, ...) use the
+      same trunc_normal(0.02) / zero-bias Linear init, but BEiT's and EVA's depth rescaling of
+      ``fc2`` is not applied.
     * anything else: the block keeps ``nn.Linear``'s default init.
     """
-    config = _hf_config(root)
-    if (
-        config is not None
-        and not hasattr(config, "initializer_range")
-        and hasattr(config, "initializer_factor")
+    found = _init_host(root, path)
+    if found is None:
+        return
+    host_path, host, kind = found
+    name = path[len(host_path) + 1 :] if host_path else path
+    if kind == "timm":
+        _timm_init(host, name, block)
+        return
+    config = _hf_config(host)
+    if config is None:
+        return
+    if hasattr(config, "initializer_factor") and (
+        _is_t5_block(source) or (source is None and not hasattr(config, "initializer_range"))
     ):
         factor = float(config.initializer_factor)
         with torch.no_grad():
@@ -391,8 +590,10 @@ def host_init(root: nn.Module, path: str, block: Any) -> None:
                     if m.bias is not None:
                         nn.init.zeros_(m.bias)
         return
+    if _is_pretrained(host) and _hf_init(host, block, source):
+        return
     std_key = next((k for k in ("initializer_range", "init_std") if hasattr(config, k)), None)
-    if config is not None and std_key is not None:
+    if std_key is not None:
         std = float(getattr(config, std_key))
         with torch.no_grad():
             for m in block.modules():
@@ -405,17 +606,6 @@ def host_init(root: nn.Module, path: str, block: Any) -> None:
             n_layer = getattr(config, "n_layer", None)
             if getattr(config, "model_type", "") == "gpt2" and n_layer and hasattr(block, "fc2"):
                 nn.init.normal_(block.fc2.weight, mean=0.0, std=std / math.sqrt(2 * n_layer))
-        return
-    if _is_timm_host(root):
-        from timm.models._manipulate import named_apply
-        from timm.models.vision_transformer import get_init_weights_vit
-
-        mode = getattr(root, "weight_init_mode", "") or ""
-        with torch.no_grad():
-            named_apply(get_init_weights_vit(mode), block, name=path, include_root=True)
-            hit = re.fullmatch(r"(?:.*\.)?blocks\.(\d+)\.mlp", path)
-            if getattr(root, "fix_init", False) and hit and hasattr(block, "fc2"):
-                block.fc2.weight.div_(math.sqrt(2.0 * (int(hit.group(1)) + 1)))
 
 
 # --------------------------------------------------------------------------- the driver
@@ -462,7 +652,9 @@ def _is_head(module: nn.Module) -> bool:
     return bool(_HEAD_CLASS.search(type(module).__name__))
 
 
-def _looks_like_mlp(path: str, module: nn.Module) -> bool:
+def _looks_like_mlp(path: str, module: nn.Module, adapters: Sequence[MLPAdapter] = ()) -> bool:
+    if any(a.resembles(module) for a in adapters):
+        return True
     if _is_head(module):
         return False
     last = path.rpartition(".")[2]
@@ -601,7 +793,7 @@ def swap_mlp(
     matched = [p for p, _, _ in found]
     suspects = []
     for p, m in others:
-        if not p or not _looks_like_mlp(p, m):
+        if not p or not _looks_like_mlp(p, m, adapters):
             continue
         inner = [q[len(p) + 1 :] for q in matched if q.startswith(p + ".")]
         if not inner:
@@ -641,15 +833,24 @@ def swap_mlp(
             )
         warnings.warn(msg, UserWarning, stacklevel=2)
 
-    config = _hf_config(model)
-    record = getattr(config, RECORD_ATTR, None) if config is not None else None
-    if not isinstance(record, dict):
-        record = None
+    # Parameters of a block that are also used elsewhere (tied to another block's, or to a
+    # non-MLP module): a swap would untie them and miscount. Whole shared blocks are fine.
+    param_names: dict[int, list[str]] = {}
+    for n, q in model.named_parameters(remove_duplicate=False):
+        param_names.setdefault(id(q), []).append(n)
+    paths_of: dict[int, list[str]] = {}
+    for path, old, _ in found:
+        paths_of.setdefault(id(old), []).append(path)
 
     # Describe and build everything before installing anything: all or nothing.
     plan: list[tuple[str, nn.Module, MLPAdapter, nn.Module, SwapEntry]] = []
     first_use: dict[int, tuple[nn.Module, SwapEntry]] = {}
+    failed: dict[int, str] = {}
+    skipped: list[str] = []
     for path, old, adapter in found:
+        if id(old) in failed:
+            skipped.append(f"{path} ({type(old).__name__}, the block at {failed[id(old)]})")
+            continue
         if id(old) in first_use:
             # One block under several parents (weights shared across layers): one replacement,
             # installed at every path, so the sharing survives the swap.
@@ -657,14 +858,30 @@ def swap_mlp(
             entry = dataclasses.replace(first, path=path, shared_with=first.path)
             plan.append((path, old, adapter, new, entry))
             continue
-        spec = adapter.describe(old)
+        try:
+            spec = adapter.describe(old)
+        except UnsupportedModelError as err:
+            what = f"{path} ({type(old).__name__}; adapter {adapter.name!r}: {err})"
+            if strict:
+                raise UnsupportedModelError(
+                    f"swap_mlp cannot swap the block at {what}. {_REGISTER_HELP} Pass "
+                    "strict=False to swap only the other blocks."
+                ) from err
+            failed[id(old)] = path
+            skipped.append(what)
+            continue
+        _check_tied(path, old, adapter, paths_of[id(old)], param_names)
+        owner = config_owner(model, path)
+        record = getattr(owner[2], RECORD_ATTR, None) if owner is not None else None
+        if not isinstance(record, dict):
+            record = None
         if hidden_features is not None:
             hidden, used = hidden_features, 1
         else:
             hidden, used = _resolve_width(spec, variant, match, multiple_of, tolerance, record)
         new = adapter.build(spec, variant, hidden, **module_kwargs)
         if init == "host":
-            host_init(model, path, new)
+            host_init(model, path, new, source=old)
         new.train(old.training)
         if not any(p.requires_grad for p in adapter.source_parameters(old)):
             new.requires_grad_(False)  # a frozen block stays frozen
@@ -682,32 +899,172 @@ def swap_mlp(
         )
         plan.append((path, old, adapter, new, entry))
         first_use[id(old)] = (new, entry)
+    if skipped:
+        msg = (
+            f"swap_mlp: {len(skipped)} block(s) matched by an adapter cannot be swapped and are "
+            f"left unchanged: {skipped}. {_REGISTER_HELP}"
+        )
+        if not plan:
+            raise UnsupportedModelError(f"swap_mlp found no block it can swap: {msg}")
+        warnings.warn(msg, UserWarning, stacklevel=2)
     for path, old, adapter, new, _ in plan:
         adapter.install(model, path, old, new)
 
     report = SwapReport(variant=variant, match=match, entries=[e for *_, e in plan])
-    report.unrecognised = suspects
-    if config is not None:
-        new_act = getattr(plan[0][3], "act", None)
+    report.unrecognised = suspects + skipped
+    # One update per config: each block's config is that of the sub-model owning it.
+    groups: dict[int, tuple[str, nn.Module, Any, list[int]]] = {}
+    for k, (path, *_rest) in enumerate(plan):
+        owner = config_owner(model, path)
+        if owner is not None:
+            groups.setdefault(id(owner[2]), (*owner, []))[3].append(k)
+    for owner_path, owner_module, config, ks in groups.values():
+        sub = SwapReport(variant=variant, match=match, entries=[plan[k][4] for k in ks])
+        new_act = getattr(plan[ks[0]][3], "act", None)
         act = activation_name(new_act) if isinstance(new_act, nn.Module) else None
-        adapters_used = [a for _, _, a in found]
-        report.config_updates = _update_config(model, config, report, adapters_used, act)
+        adapters_used = [plan[k][2] for k in ks]
+        updates, kept = _update_config(
+            model, owner_path, owner_module, config, sub, adapters_used, act
+        )
+        prefix = f"{owner_path}.config." if owner_path else ""
+        report.config_updates.update({prefix + k: v for k, v in updates.items()})
+        report.config_skipped.update({prefix + k: v for k, v in kept.items()})
     return report
+
+
+def _check_tied(
+    path: str,
+    block: nn.Module,
+    adapter: MLPAdapter,
+    paths: list[str],
+    param_names: dict[int, list[str]],
+) -> None:
+    """Refuse a block whose replaced parameters are also used outside it (module docstring)."""
+    for q in adapter.source_parameters(block):
+        names = param_names.get(id(q), [])
+        inside = [n for n in names if any(n.startswith(p + ".") for p in paths)]
+        outside = [n for n in names if n not in inside]
+        if outside:
+            shown = ", ".join(outside[:3]) + (", ..." if len(outside) > 3 else "")
+            raise UnsupportedModelError(
+                f"swap_mlp: the parameter {inside[0] if inside else '?'} of the MLP block at "
+                f"{path} ({type(block).__name__}) is also {shown}: weights tied between "
+                "distinct blocks (or to a non-MLP module) would be silently untied by a swap, "
+                "and its parameter count would be wrong. Untie them first, or share the whole "
+                f"block module (which is kept shared). {_REGISTER_HELP}"
+            )
+
+
+def _module_signature(module: nn.Module) -> tuple[Any, ...]:
+    """What a config key can change in a module built from the config, cheaply: its class, its
+    plain settings (e.g. Mamba's ``activation`` string) and functions it holds."""
+    import types
+
+    funcs = tuple(
+        sorted(
+            (k, getattr(v, "__qualname__", repr(v)))
+            for k, v in vars(module).items()
+            if isinstance(v, types.FunctionType | types.BuiltinFunctionType)
+        )
+    )
+    from glu_probe.swap.structural import plain_settings
+
+    # The class by name: parametrized modules (weight_norm) get a new class per instance.
+    cls = type(module)
+    return (cls.__module__, cls.__qualname__, plain_settings(module), funcs)
+
+
+def _rebuild_host(
+    model: nn.Module, owner_path: str, config: Any
+) -> tuple[str, nn.Module, str | None] | None:
+    """The outermost ``PreTrainedModel`` at or above ``owner_path`` built from ``config`` or from
+    a config holding it (``(path, module, attribute)``: LLaVA's ``text_config``)."""
+    for p, m in [
+        *reversed(_ancestors(model, owner_path)),
+        (owner_path, model.get_submodule(owner_path)),
+    ]:
+        c = _hf_config(m)
+        if c is None or not _is_pretrained(m):
+            continue
+        if c is config:
+            return p, m, None
+        attr = next((k for k, v in vars(c).items() if v is config), None)
+        if attr is not None:
+            return p, m, attr
+    return None
+
+
+def _shared_keys(
+    model: nn.Module,
+    owner_path: str,
+    config: Any,
+    planned: dict[str, Any],
+    swapped: list[str],
+) -> dict[str, str] | None:
+    """Keys of ``planned`` whose new value changes a module outside the ``swapped`` paths of a
+    model rebuilt from the updated config (on the ``meta`` device), with the reason; ``None``
+    when the host cannot be rebuilt that way (nothing checked)."""
+    found = _rebuild_host(model, owner_path, config)
+    if found is None:
+        return None
+    host_path, host, attr = found
+    configs = [host.config, *(v for v in vars(host.config).values() if hasattr(v, "to_dict"))]
+    if any(getattr(c, "use_pretrained_backbone", False) for c in configs):
+        return None  # building it would load (download) backbone weights
+    rel = [p[len(host_path) + 1 :] if host_path else p for p in swapped]
+
+    def signatures(key: str | None) -> dict[str, tuple[Any, ...]]:
+        top = copy.deepcopy(host.config)
+        cfg = getattr(top, attr) if attr else top
+        if key is not None:
+            setattr(cfg, key, planned[key])
+        with (
+            warnings.catch_warnings(),
+            torch.random.fork_rng(devices=[]),
+            torch.device("meta"),
+        ):
+            warnings.simplefilter("ignore")
+            rebuilt = type(host)(top)
+        return {
+            n: _module_signature(m)
+            for n, m in rebuilt.named_modules()
+            if not any(n == q or n.startswith(q + ".") for q in rel)
+        }
+
+    try:
+        base = signatures(None)
+        out: dict[str, str] = {}
+        for key in planned:
+            changed = signatures(key)
+            diff = sorted(n for n in set(base) | set(changed) if base.get(n) != changed.get(n))
+            if diff:
+                shown = ", ".join(d or "<root>" for d in diff[:3]) + (
+                    ", ..." if len(diff) > 3 else ""
+                )
+                out[key] = (
+                    f"{type(host).__name__} rebuilt from the config with {key}="
+                    f"{planned[key]!r} would also change {shown} (not MLP blocks): left unchanged"
+                )
+        return out
+    except Exception:
+        return None
 
 
 def _update_config(
     model: nn.Module,
+    owner_path: str,
+    owner: nn.Module,
     config: Any,
     report: SwapReport,
     adapters: list[MLPAdapter],
     act_name: str | None,
-) -> dict[str, tuple[Any, Any]]:
+) -> tuple[dict[str, tuple[Any, Any]], dict[str, str]]:
     widths = {e.hidden_features for e in report.entries}
     width_keys: set[str] = set()
     act_keys: set[str] = set()
     old_record = getattr(config, RECORD_ATTR, None)
     for adapter in {id(a): a for a in adapters}.values():
-        wk, ak = adapter.config_keys(model)
+        wk, ak = adapter.config_keys(owner)
         if wk is None and ak is None and isinstance(old_record, dict):
             wk, ak = old_record.get("width_key"), old_record.get("act_key")
         if wk and adapter.width_key_must_match:
@@ -718,7 +1075,6 @@ def _update_config(
             width_keys.add(wk)
         if ak:
             act_keys.add(ak)
-    updates: dict[str, tuple[Any, Any]] = {}
     hidden = next(iter(widths)) if len(widths) == 1 else None
     if hidden is None and width_keys:
         warnings.warn(
@@ -727,22 +1083,35 @@ def _update_config(
             UserWarning,
             stacklevel=3,
         )
+    planned: dict[str, Any] = {}
     for key in sorted(width_keys):
         if hidden is not None and hasattr(config, key):
-            updates[key] = (getattr(config, key), hidden)
-            setattr(config, key, hidden)
+            planned[key] = hidden
     act = HF_ACT_NAMES.get(act_name or "", HF_ACT_NAMES[VARIANT_ACTIVATION[report.variant]])
     for key in sorted(act_keys):
         if hasattr(config, key):
-            updates[key] = (getattr(config, key), act)
-            setattr(config, key, act)
+            planned[key] = act
+    changing = {k: v for k, v in planned.items() if getattr(config, k) != v}
+    left: dict[str, str] = {}
+    if changing:
+        swapped = [e.path for e in report.entries]
+        left = _shared_keys(model, owner_path, config, changing, swapped) or {}
+    for key in left:
+        del planned[key]
+        warnings.warn(
+            f"swap_mlp: config key {key!r} not updated: {left[key]}", UserWarning, stacklevel=3
+        )
+    updates: dict[str, tuple[Any, Any]] = {}
+    for key, value in planned.items():
+        updates[key] = (getattr(config, key), value)
+        setattr(config, key, value)
     rec = {
         "variant": report.variant,
         "match": report.match,
         "hidden": hidden,
-        "width_key": next(iter(sorted(width_keys)), None),
-        "act_key": next(iter(sorted(act_keys)), None),
+        "width_key": next(iter(sorted(k for k in width_keys if k in planned)), None),
+        "act_key": next(iter(sorted(k for k in act_keys if k in planned)), None),
     }
     updates[RECORD_ATTR] = (old_record, rec)
     setattr(config, RECORD_ATTR, rec)
-    return updates
+    return updates, left

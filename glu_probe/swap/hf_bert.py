@@ -11,10 +11,13 @@ new MLP and the layer's own ``LayerNorm`` (same module, same state-dict key
 ``output.LayerNorm.*``): ``y = LayerNorm(mlp(a) + a)``, where ``mlp``'s output dropout is the
 layer's ``hidden_dropout_prob``. The residual and the LayerNorm are thus unchanged.
 
-Pre-LayerNorm variants (MegatronBERT, ESM: the layer normalises before ``intermediate``, and
-``output`` computes ``dropout(dense h) + r`` without a LayerNorm) are taken where both halves are
-checked with fresh weights to compute exactly that (ESM's functional ``gelu`` is found by the
-check); their ``ResidualNormMLP`` gets an identity norm.
+Both halves are checked with fresh weights (eval and training mode) to compute exactly that
+from ``(h, r)`` alone, and may hold no parameters besides ``dense`` and ``LayerNorm``: a layer
+whose output holds more (X-MOD's per-language adapters, whose forward takes ``lang_ids``) is
+refused with :class:`~glu_probe.swap.UnsupportedModelError`. Pre-LayerNorm variants
+(MegatronBERT, ESM: the layer normalises before ``intermediate``, and ``output`` computes
+``dropout(dense h) + r`` without a LayerNorm) are taken where the same check passes (ESM's
+functional ``gelu`` is found by it); their ``ResidualNormMLP`` gets an identity norm.
 
 Only ``intermediate_size`` of the host config is updated: BERT also uses ``hidden_act`` in its
 MLM prediction head, so changing it would change that head in a rebuilt model (the MLP's
@@ -50,39 +53,101 @@ class ResidualNormMLP(nn.Module):
         return self.LayerNorm(self.mlp(hidden_states) + input_tensor)
 
 
-def _pre_ln_activation(inter: nn.Module, out: nn.Module) -> nn.Module | None:
-    """The activation of a pre-LayerNorm BERT layer, or ``None`` unless ``intermediate(x) =
-    act(dense x)`` and ``output(h, r) = dense h + r`` (eval mode), checked with fresh float32
-    CPU weights (as the structural adapter does). ``act`` is the intermediate's
-    ``intermediate_act_fn``, or a functional one found by the check (ESM calls ``gelu``)."""
+def _checked_activation(inter: nn.Module, out: nn.Module, norm: nn.LayerNorm | None) -> Any:
+    """The activation of a BERT layer's feed-forward halves, or ``None`` unless
+    ``intermediate(x) = act(dense x)`` and ``output(h, r) = norm(dropout(dense h) + r)`` (post-LN,
+    ``norm`` the output's ``LayerNorm``) or ``dropout(dense h) + r`` (pre-LN, ``norm`` ``None``),
+    in eval and training mode, checked with fresh float32 CPU weights (as the structural adapter
+    does). ``act`` is the intermediate's ``intermediate_act_fn``, or a functional one found by the
+    check (ESM calls ``gelu``). Cached per structure."""
+    from glu_probe.swap.structural import _structure
+
+    key = (_structure(inter, []), _structure(out, []), norm is None)
+    if key not in _VERDICTS:
+        if len(_VERDICTS) >= 256:
+            _VERDICTS.clear()
+        _VERDICTS[key] = _check_halves(inter, out, norm)
+    name = _VERDICTS[key]
+    if name is None:
+        return None
+    own = _act_of(inter)
+    if own is not None:
+        return own
+    from glu_probe.swap.structural import _FUNCTIONAL_ACTS
+
+    return dict(_FUNCTIONAL_ACTS)[name]
+
+
+#: Verdicts of :func:`_checked_activation`: the activation's name (``"own"`` for the
+#: intermediate's module) or ``None``.
+_VERDICTS: dict[tuple[Any, ...], str | None] = {}
+
+
+def _check_halves(inter: nn.Module, out: nn.Module, norm: nn.LayerNorm | None) -> str | None:
     from glu_probe.swap.structural import _FUNCTIONAL_ACTS, _close, _TrainingFlags, fresh_linear
 
     d1, d2 = getattr(inter, "dense", None), getattr(out, "dense", None)
+    drop = getattr(out, "dropout", None)
     if not isinstance(d1, nn.Linear) or not isinstance(d2, nn.Linear):
         return None
-    if d1.out_features != d2.in_features:
+    if d1.out_features != d2.in_features or not isinstance(drop, nn.Dropout):
         return None
     gen = torch.Generator().manual_seed(0)
     t1, t2 = fresh_linear(d1, gen, "dense"), fresh_linear(d2, gen, "dense")
+    if norm is not None:
+        if norm.weight is not None:
+            t2["LayerNorm.weight"] = 1.0 + 0.1 * torch.randn(norm.weight.shape, generator=gen)
+        if norm.bias is not None:
+            t2["LayerNorm.bias"] = 0.1 * torch.randn(norm.bias.shape, generator=gen)
+    for mod, tensors in ((inter, t1), (out, t2)):
+        for name, buf in mod.named_buffers():
+            if buf.device.type == "meta":
+                return None
+            tensors[name] = buf.detach().to("cpu")
     x = torch.randn(2, 3, d1.in_features, generator=gen)
     h = torch.randn(2, 3, d2.in_features, generator=gen)
     r = torch.randn(2, 3, d2.out_features, generator=gen)
     own = _act_of(inter)
-    candidates = [own] if own is not None else [act for _, act in _FUNCTIONAL_ACTS]
+    candidates = [("own", own)] if own is not None else list(_FUNCTIONAL_ACTS)
+
+    def want_out(training: bool) -> Tensor:
+        y = F.dropout(F.linear(h, t2["dense.weight"], t2.get("dense.bias")), drop.p, training)
+        y = y + r
+        if norm is None:
+            return y
+        return F.layer_norm(
+            y, norm.normalized_shape, t2.get("LayerNorm.weight"), t2.get("LayerNorm.bias"), norm.eps
+        )
+
     try:
-        with torch.no_grad(), _TrainingFlags(inter, False), _TrainingFlags(out, False):
-            got_out = torch.func.functional_call(out, t2, (h, r))
-            want_out = F.linear(h, t2["dense.weight"], t2.get("dense.bias")) + r
-            if not _close(got_out, want_out):
-                return None
-            got = torch.func.functional_call(inter, t1, (x,))
-            pre = F.linear(x, t1["dense.weight"], t1.get("dense.bias"))
-            for act in candidates:
-                if _close(got, act(pre)):
-                    return act
-    except Exception:
+        found: str | None = None
+        for training, seed in ((False, 0), (True, 1)):
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(seed)
+                with _TrainingFlags(out, training):
+                    got_out = torch.func.functional_call(out, t2, (h, r))
+                torch.manual_seed(seed)
+                if not _close(got_out, want_out(training)):
+                    return None
+                with _TrainingFlags(inter, training):
+                    got = torch.func.functional_call(inter, t1, (x,))
+                pre = F.linear(x, t1["dense.weight"], t1.get("dense.bias"))
+                hits = [n for n, act in candidates if _close(got, act(pre))]
+                if not hits or (found is not None and hits[0] != found):
+                    return None
+                found = hits[0]
+        return found
+    except Exception:  # other arguments (X-MOD's lang_ids), or fails otherwise
         return None
-    return None
+
+
+def _parameterised_extras(module: nn.Module, allowed: tuple[str, ...]) -> list[str]:
+    """Children of ``module`` holding parameters, other than ``allowed``; own parameters."""
+    extra = [n for n, _ in module.named_parameters(recurse=False)]
+    for name, child in module.named_children():
+        if name not in allowed and any(True for _ in child.parameters()):
+            extra.append(name)
+    return extra
 
 
 def _act_of(intermediate: nn.Module) -> nn.Module | None:
@@ -116,11 +181,30 @@ class BertLayerAdapter(MLPAdapter):
         ln = getattr(out, "LayerNorm", None)
         drop = getattr(out, "dropout", None)
         act = _act_of(inter)
-        if not isinstance(ln, nn.LayerNorm) and isinstance(drop, nn.Dropout):
+        extra = [f"intermediate.{n}" for n in _parameterised_extras(inter, ("dense",))] + [
+            f"output.{n}" for n in _parameterised_extras(out, ("dense", "LayerNorm"))
+        ]
+        if extra:
+            raise UnsupportedModelError(
+                f"{cls} has intermediate.dense and output.dense like a BertLayer but also "
+                f"parameters in {extra} (X-MOD's language adapters, MobileBERT's bottleneck, "
+                "...), which a swap would drop"
+            )
+        if isinstance(ln, nn.LayerNorm) and isinstance(drop, nn.Dropout):
+            # Post-LayerNorm (BERT): `output` must compute LayerNorm(dropout(dense h) + r) on
+            # (h, r) alone and `intermediate` act(dense x), checked with fresh weights.
+            act = _checked_activation(inter, out, ln)
+            if act is None:
+                raise UnsupportedModelError(
+                    f"{cls}: its intermediate/output do not compute act(dense x) and "
+                    "LayerNorm(dropout(dense h) + r) from (h, r) alone (checked with fresh "
+                    "weights); its feed-forward semantics are unknown"
+                )
+        elif not isinstance(ln, nn.LayerNorm) and isinstance(drop, nn.Dropout):
             # Pre-LayerNorm variants (MegatronBERT, ESM): the layer normalises before
             # `intermediate`, `output` only adds the residual. Taken only where both halves
             # are checked to compute exactly that.
-            checked = _pre_ln_activation(inter, out)
+            checked = _checked_activation(inter, out, None)
             if checked is not None:
                 act, ln = checked, nn.Identity()
         missing = [
@@ -163,7 +247,7 @@ class BertLayerAdapter(MLPAdapter):
         # Pre-LayerNorm variants have none after the residual (their norm stays on the layer).
         layer_norm = getattr(out, "LayerNorm", None) or nn.Identity()
         assert isinstance(layer_norm, nn.Module)
-        old.intermediate = nn.Identity()
+        old.intermediate = nn.Identity().train(old.intermediate.training)
         old.output = ResidualNormMLP(new, layer_norm)
         old.output.train(out.training)
 

@@ -1,10 +1,17 @@
 """Adapter for Hugging Face ``LlamaMLP`` and its copies (Mistral, Qwen2, Gemma, ...).
 
-Recognised by structure, not class name: a module with ``gate_proj``, ``up_proj`` and
-``down_proj`` ``nn.Linear`` children and an ``act_fn``, computing
-``down_proj(act_fn(gate_proj(x)) * up_proj(x))``. Its ``intermediate_size`` is the gated width.
-New blocks get weights N(0, initializer_range²) and zero biases (``PreTrainedModel``'s init);
-the config's ``intermediate_size`` and ``hidden_act`` (or ``hidden_activation``) are updated.
+Recognised by structure, not class name, and checked: a module whose children are exactly
+``gate_proj``, ``up_proj``, ``down_proj`` (``nn.Linear``) and a parameter-free ``act_fn``, with no
+parameter of its own, and whose ``forward`` is checked with fresh weights (eval and training mode,
+:func:`~glu_probe.swap.structural.verify_split_gated`) to be exactly
+``down_proj(act_fn(gate_proj(x)) * up_proj(x))``. Blocks with more (BitNet's sub-norm, GLM-4V's
+patch merger, Falcon-H1's multipliers, a dropout as in GTE or Seed-OSS) are declined here: the
+structural adapter takes those it can reproduce (with the dropout in its place), and the driver
+reports the rest (they still *look* like this block: :meth:`LlamaMLPAdapter.resembles`).
+Its ``intermediate_size`` is the gated width.
+New blocks get the host's init (:func:`~glu_probe.swap.host_init`); the config's
+``intermediate_size`` and ``hidden_act`` (or ``hidden_activation``) are updated, the activation
+key only where no other module of a rebuilt model reads it.
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ from torch import nn
 
 from glu_probe.modules import activation_name
 from glu_probe.swap.core import MLPAdapter, MLPSpec, UnsupportedModelError
+from glu_probe.swap.structural import verify_split_gated
+
+_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 __all__ = ["LlamaMLPAdapter"]
 
@@ -24,11 +34,20 @@ class LlamaMLPAdapter(MLPAdapter):
 
     name = "hf_llama"
 
+    def resembles(self, module: nn.Module) -> bool:
+        return all(isinstance(getattr(module, n, None), nn.Linear) for n in _NAMES)
+
     def matches(self, module: nn.Module) -> bool:
-        return all(
-            isinstance(getattr(module, n, None), nn.Linear)
-            for n in ("gate_proj", "up_proj", "down_proj")
-        )
+        if not self.resembles(module):
+            return False
+        children = dict(module.named_children())
+        if set(children) != {*_NAMES, "act_fn"}:
+            return False  # e.g. a dropout (structural adapter) or a norm (BitNet): not ours
+        if any(True for _ in module.parameters(recurse=False)):
+            return False
+        if any(True for _ in children["act_fn"].parameters()):
+            return False
+        return verify_split_gated(module, "gate_proj", "up_proj", "down_proj", "act_fn")
 
     def describe(self, module: Any) -> MLPSpec:
         g, u, d = module.gate_proj, module.up_proj, module.down_proj
@@ -52,8 +71,7 @@ class LlamaMLPAdapter(MLPAdapter):
             out_features=d.out_features,
             gated=True,
             activation=activation_name(act),
-            num_params=sum(p.numel() for p in (g.weight, u.weight, d.weight))
-            + sum(b.numel() for b in (g.bias, u.bias, d.bias) if b is not None),
+            num_params=sum(p.numel() for p in module.parameters()),
             bias=(g.bias is not None, d.bias is not None),
             drop=(0.0, 0.0),
             kind=cls,

@@ -228,9 +228,10 @@ class LayerFFNAdapter(MLPAdapter):
         names = _names(layer, True) or _names(layer, False)
         assert names is not None
         up, act, down = names
+        flags = {n: getattr(layer, n).training for n in (down, act)}
         setattr(layer, up, new)
-        setattr(layer, down, nn.Identity())
-        setattr(layer, act, nn.Identity())
+        setattr(layer, down, nn.Identity().train(flags[down]))
+        setattr(layer, act, nn.Identity().train(flags[act]))
         if isinstance(getattr(layer, "activation_dropout", None), int | float):
             layer.activation_dropout = 0.0  # now the block's drop1
 

@@ -422,6 +422,67 @@ def _check(
         return None
 
 
+#: Verdicts of :func:`verify_split_gated` per block structure.
+_SPLIT_VERDICTS: dict[tuple[Any, ...], bool] = {}
+
+
+def verify_split_gated(module: nn.Module, gate: str, up: str, down: str, act: str) -> bool:
+    """Whether ``module``'s forward is exactly ``down(act(gate x) * up x)`` (the children of
+    these names), in eval *and* in training mode, checked like the structural adapter's forms:
+    fresh float32 CPU weights (:func:`fresh_linear`) through ``torch.func.functional_call`` on a
+    random ``(2, 3, in_features)`` input, under a forked CPU RNG, training flags restored. A block
+    with anything else in its forward (a norm, scales, clamping, a dropout in training mode, other
+    arguments) fails. The verdict depends only on the structure and is cached."""
+    own = dict(module.named_children())
+    lins = [own.get(n) for n in (gate, up, down)]
+    act_mod = own.get(act)
+    if not all(isinstance(lin, nn.Linear) for lin in lins) or not isinstance(act_mod, nn.Module):
+        return False
+    if not all(p.dtype.is_floating_point for p in module.parameters()):
+        return False
+    key = ("split_gated", gate, up, down, act, *_structure(module, []))
+    if key not in _SPLIT_VERDICTS:
+        if len(_SPLIT_VERDICTS) >= 256:
+            _SPLIT_VERDICTS.clear()
+        _SPLIT_VERDICTS[key] = _verify_split(module, lins, act_mod, (gate, up, down, act))  # type: ignore[arg-type]
+    return _SPLIT_VERDICTS[key]
+
+
+def _verify_split(
+    module: nn.Module, lins: list[nn.Linear], act: nn.Module, names: tuple[str, str, str, str]
+) -> bool:
+    gate, up, down, act_name = names
+    g, u, d = lins
+    if g.in_features != u.in_features or g.out_features != u.out_features:
+        return False
+    if d.in_features != g.out_features:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    tensors: dict[str, Tensor] = {}
+    for lin, name in zip(lins, (gate, up, down), strict=True):
+        tensors.update(fresh_linear(lin, gen, name))
+    for name, buf in module.named_buffers():
+        if buf.device.type == "meta":
+            return False
+        tensors[name] = buf.detach().to("cpu")
+    recipe = _Recipe("split", gate, down, up, True, act_name, activation_name(act), (0.0, 0.0))
+    x = torch.randn(2, 3, g.in_features, generator=gen)
+    try:
+        for training, seed in ((False, 0), (True, 1)):
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(seed)
+                with _TrainingFlags(module, training):
+                    ref = torch.func.functional_call(module, tensors, (x,))
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(seed)
+                want = _apply(recipe, tensors, act, x, training)
+            if not _close(ref, want):
+                return False
+    except Exception:  # needs other arguments, or fails otherwise
+        return False
+    return True
+
+
 class StructuralMLPAdapter(MLPAdapter):
     """Matches MLP-named blocks of plain ``nn.Linear`` layers whose forward pass is checked to be
     a dense, packed-gated or split-gated MLP (module docstring)."""
