@@ -51,21 +51,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-    p.add_argument("--depths", type=int, nargs="+", default=[1, 2, 4, 8, 12])
-    p.add_argument("--widths", type=int, nargs="+", default=[32, 64])
+    p.add_argument(
+        "--families",
+        nargs="+",
+        choices=FAMILIES,
+        default=list(FAMILIES),
+        help="host families: timm ViT blocks on digits, HF GPT-2 blocks on stdlib bytes",
+    )
+    p.add_argument(
+        "--depths", type=int, nargs="+", default=[1, 2, 4, 8, 12], help="residual blocks"
+    )
+    p.add_argument(
+        "--widths",
+        type=int,
+        nargs="+",
+        default=[32, 64],
+        help="embedding widths (ViT embed_dim / GPT-2 n_embd; one head per 16)",
+    )
     p.add_argument("--glu", default="swiglu", help="gated variant (swap target)")
     p.add_argument("--dense", default="gelu", help="non-gated variant (gelu: the host's own MLP)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (init and batches)")
     p.add_argument("--train-steps", type=int, default=40, help="AdamW steps after init")
     p.add_argument("--probe-at", type=int, nargs="+", default=None, help="steps to probe at")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch (images/sequences)")
     p.add_argument("--probe-rows", type=int, default=32, help="pNTK rows (images or tokens)")
     p.add_argument("--seq-len", type=int, default=16, help="GPT-2 context")
     p.add_argument("--quick", action="store_true", help="tiny grid for CI")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: GPU when present"
+    )
     p.add_argument("--out", default="runs/examples/deep_ntk", help="output folder")
     args = p.parse_args(argv)
     if args.quick:

@@ -67,10 +67,19 @@ SIZES: dict[str, tuple[dict[str, Any], int, int, PairSettings]] = {
 }  # fmt: skip
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except where the text already says its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "(default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] if __doc__ else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     add_example_arguments(p, SIZES, run_name_help="run folder (default: gpt2-<size>)")
     src = p.add_mutually_exclusive_group()

@@ -4,7 +4,8 @@ Built on "The Devil is in the Condition Numbers: Why is GLU Better than non-GLU 
 
 * Blocks (:mod:`glu_probe.modules`): ``MLP`` and the GLU family ``GatedMLP``, ``GLU``,
   ``Bilinear``, ``ReGLU``, ``GEGLU``, ``SwiGLU`` computing y = W2 (act(x Wg) ⊙ (x Wu)).
-* Swap (:mod:`glu_probe.swap`): ``swap_mlp(model, variant)`` for timm and Hugging Face hosts.
+* Swap (:mod:`glu_probe.swap`): ``swap_mlp(model, variant)`` for timm and Hugging Face hosts;
+  ``register_adapter`` with an ``MLPAdapter`` (describing blocks as ``MLPSpec``) for others.
 * NTK engine (:mod:`glu_probe.ntk`): ``ntk_spectrum`` of K = J Jᵀ on a probe batch, exact or
   matrix-free, with certified bounds.
 * Callbacks (:mod:`glu_probe.callbacks`): ``NTKSpectrumMonitor``, ``GeneralizationGapMonitor``,
@@ -16,6 +17,7 @@ Built on "The Devil is in the Condition Numbers: Why is GLU Better than non-GLU 
 from glu_probe.callbacks import (
     GeneralizationGapMonitor,
     LossCrossingMonitor,
+    NTKProbeWarning,
     NTKSpectrumMonitor,
     PairedModule,
     TensorBoardDashboard,
@@ -43,13 +45,22 @@ from glu_probe.modules import (
 )
 from glu_probe.ntk import (
     NTKOperator,
+    NTKRankWarning,
     NTKSpectrum,
     effective_rank,
     ntk_matrix,
     ntk_spectrum,
     spectral_density,
 )
-from glu_probe.swap import SwapReport, UnsupportedModelError, register_adapter, swap_mlp
+from glu_probe.swap import (
+    MLPAdapter,
+    MLPSpec,
+    SwapEntry,
+    SwapReport,
+    UnsupportedModelError,
+    register_adapter,
+    swap_mlp,
+)
 
 __version__ = "0.1.0"
 
@@ -64,11 +75,16 @@ __all__ = [
     "GatedMLP",
     "GeneralizationGapMonitor",
     "LossCrossingMonitor",
+    "MLPAdapter",
+    "MLPSpec",
     "NTKOperator",
+    "NTKProbeWarning",
+    "NTKRankWarning",
     "NTKSpectrum",
     "NTKSpectrumMonitor",
     "PairedModule",
     "ReGLU",
+    "SwapEntry",
     "SwapReport",
     "SwiGLU",
     "TensorBoardDashboard",

@@ -20,12 +20,13 @@ _DENSE_VARIANTS = ("relu", "gelu", "silu")
 
 _EPILOG = """\
 examples:
-  glu-probe demo                       # three paired GLU vs non-GLU runs (~2 min on 2 CPU cores)
-  glu-probe demo --quick --out /tmp/r  # the reduced CI size (about a minute)
+  glu-probe demo                       # three paired GLU vs non-GLU runs (~1.5-2 min, 2 CPU cores)
+  glu-probe demo --quick --out /tmp/r  # the reduced CI size (about 15 s on an idle CPU)
   glu-probe report runs/demo-20260101-120000 --out report.png
   glu-probe theory --d 16 --m 256 --n 512
   glu-probe spectrum --timm vit_tiny_patch16_224 --set img_size=32 --set depth=2 --swap swiglu
-  glu-probe spectrum --hf-config gpt2 --set n_layer=2 --set n_embd=64 --set n_head=4
+  glu-probe spectrum --hf-config gpt2 --set n_layer=2 --set n_embd=64 --set n_head=4 \
+      --set vocab_size=256 --batch-size 2 --seq-len 32
 """
 
 
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-name", default=None, metavar="NAME", help="run folder name (default: demo-<time>)"
     )
     demo.add_argument(
-        "--quick", action="store_true", help="reduced size for CI (about a minute on CPU)"
+        "--quick", action="store_true", help="reduced size for CI (about 15 s on an idle CPU)"
     )
     demo.add_argument(
         "--data",
@@ -146,7 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     theory = sub.add_parser(
         "theory",
-        help="the paper's two-layer NTK formulas vs the measured NTK for one (d, m, n) setting",
+        help=(
+            "the paper's two-layer NTK formulas vs the measured NTK for one (d, m, n) setting "
+            "or a grid"
+        ),
         description=(
             "Draw the paper's two-layer ReLU and ReGLU networks (W, U ~ N(0, 1/d), V ~ N(0, 1/m), "
             "x ~ N(0, I_d)) and compare the extreme eigenvalues and condition number of the exact "
@@ -249,11 +253,11 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.pairs is not None:
         bad = [p for p in args.pairs if p not in PAIRS]
         if bad:
-            parser.error(f"demo: unknown pair(s) {bad}; choose from {list(PAIRS)}")
+            parser.error(f"unknown pair(s) {bad}; choose from {list(PAIRS)}")
     if args.data is not None and not Path(args.data).exists():
-        parser.error(f"demo: --data folder {args.data!r} does not exist")
+        parser.error(f"--data folder {args.data!r} does not exist")
     if args.run_name is not None and ("/" in args.run_name or args.run_name in ("", ".", "..")):
-        parser.error(f"demo: --run-name must be a plain folder name, got {args.run_name!r}")
+        parser.error(f"--run-name must be a plain folder name, got {args.run_name!r}")
     run_demo(
         out_dir=args.out,
         run_name=args.run_name,
@@ -273,11 +277,11 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        parser.error(f"report: RUN_DIR {args.run_dir!r} does not exist or is not a directory")
+        parser.error(f"RUN_DIR {args.run_dir!r} does not exist or is not a directory")
     try:
         run = load_run(run_dir)
     except FileNotFoundError as err:
-        parser.error(f"report: {err}")
+        parser.error(str(err))
     rows = summarize(run)
     console = make_console()
     console.print(render_table(rows, title=f"glu-probe report: {run_dir}"))
@@ -294,7 +298,7 @@ def _cmd_theory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     try:
         rows = theory_table(args.d, args.m, args.n, args.seed)
     except ValueError as err:
-        parser.error(f"theory: {err}")
+        parser.error(str(err))
     print(format_theory_table(rows, markdown=args.markdown))
     return 0
 
@@ -315,11 +319,11 @@ def _build_timm(name: str, overrides: dict[str, Any], parser: argparse.ArgumentP
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
-        parser.error(f"spectrum: unknown timm model {name!r}{hint}")
+        parser.error(f"unknown timm model {name!r}{hint}")
     try:
         return timm.create_model(name, pretrained=False, **overrides)
     except TypeError as err:
-        parser.error(f"spectrum: timm model {name!r} rejected an override: {err}")
+        parser.error(f"timm model {name!r} rejected an override: {err}")
 
 
 def _build_hf(spec: str, overrides: dict[str, Any], parser: argparse.ArgumentParser) -> Any:
@@ -329,26 +333,63 @@ def _build_hf(spec: str, overrides: dict[str, Any], parser: argparse.ArgumentPar
     path = Path(spec)
     if path.suffix == ".json" or path.is_file():
         if not path.is_file():
-            parser.error(f"spectrum: config file {spec!r} does not exist")
+            parser.error(f"config file {spec!r} does not exist")
         try:
             cfg_dict = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as err:
-            parser.error(f"spectrum: {spec!r} is not valid JSON: {err}")
+            parser.error(f"{spec!r} is not valid JSON: {err}")
         model_type = cfg_dict.pop("model_type", None)
         if model_type is None:
-            parser.error(f"spectrum: {spec!r} has no 'model_type' entry")
+            parser.error(f"{spec!r} has no 'model_type' entry")
     else:
         model_type, cfg_dict = spec, {}
     if model_type not in CONFIG_MAPPING:
         close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        parser.error(f"spectrum: unknown Hugging Face model type {model_type!r}{hint}")
+        parser.error(f"unknown Hugging Face model type {model_type!r}{hint}")
+    _check_config_keys(CONFIG_MAPPING[model_type], overrides, set(cfg_dict), parser)
     cfg_dict.update(overrides)
     config = AutoConfig.for_model(model_type, **cfg_dict)
     try:
         return AutoModelForCausalLM.from_config(config)
     except ValueError:
         return AutoModel.from_config(config)
+
+
+# Keyword arguments every Hugging Face config accepts that are not attributes of a default config.
+_HF_CONFIG_KWARGS = frozenset({"attn_implementation"})
+
+
+def _check_config_keys(
+    config_class: Any, overrides: dict[str, Any], known: set[str], parser: argparse.ArgumentParser
+) -> None:
+    """Refuse a ``--set`` key that the model type's config does not have (a typo would be ignored).
+
+    Valid: an attribute of the default config (aliases in ``attribute_map`` included), a keyword
+    of the config class's ``__init__``, a key of the given config.json, or ``attn_implementation``.
+    """
+    import inspect
+
+    try:
+        default = config_class()
+    except Exception:  # a config without defaults: nothing to compare against
+        return
+    valid = set(default.to_dict()) | set(getattr(default, "attribute_map", {})) | known
+    valid |= _HF_CONFIG_KWARGS
+    valid |= {
+        name
+        for name, p in inspect.signature(config_class.__init__).parameters.items()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name != "self"
+    }
+    for key in overrides:
+        if key in valid or hasattr(default, key):
+            continue
+        close = difflib.get_close_matches(key, sorted(valid), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        parser.error(
+            f"--set {key}: {config_class.__name__} has no attribute {key!r}{hint} "
+            "(an unknown key would be silently ignored)"
+        )
 
 
 def _hf_tensor_module(hf: Any) -> Any:
@@ -378,7 +419,7 @@ def _cmd_spectrum(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     try:
         device = _resolve_device(args.device)
     except ValueError as err:
-        parser.error(f"spectrum: {err}")
+        parser.error(str(err))
     torch.manual_seed(args.seed)
     if args.timm:
         model = _build_timm(args.timm, overrides, parser)
@@ -394,7 +435,7 @@ def _cmd_spectrum(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         try:
             report = swap_mlp(model, args.swap, match="params", multiple_of=1)
         except UnsupportedModelError as err:
-            parser.error(f"spectrum: cannot swap {name}: {err}")
+            parser.error(f"cannot swap {name}: {err}")
         text = str(report).splitlines()
         total = next((ln for ln in text if "**total**" in ln), "")
         cells = [c.strip() for c in total.strip("|").split("|")]
@@ -403,6 +444,7 @@ def _cmd_spectrum(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     n_params = sum(p.numel() for p in model.parameters())
     gen = torch.Generator().manual_seed(args.seed + 1)
     if args.timm:
+        _check_timm_img_size(model, args.img_size, parser)
         inputs = _timm_probe(model, args.batch_size, args.img_size, gen)
         net = model
     else:
@@ -411,13 +453,12 @@ def _cmd_spectrum(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             model.config, "max_position_embeddings", None
         )
         if max_pos is not None and args.seq_len > int(max_pos):
-            parser.error(
-                f"spectrum: --seq-len {args.seq_len} exceeds the model's {max_pos} positions"
-            )
+            parser.error(f"--seq-len {args.seq_len} exceeds the model's {max_pos} positions")
         inputs = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=gen)
         net = _hf_tensor_module(model)
     net = net.to(device)
     inputs = inputs.to(device)
+    _check_probe_runs(net, inputs, parser)
     # slq_probes: the effective rank on the iterative path too (an SLQ estimate there)
     result = ntk_spectrum(
         net,
@@ -459,14 +500,59 @@ def _cmd_spectrum(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     table.add_row("parameters", f"{n_params:,}")
     table.add_row("probe", f"{tuple(inputs.shape)} -> {result.n_rows} rows ({args.output})")
     table.add_row("method", f"{result.method}, {result.precision} (converged: {result.converged})")
-    bound = "rounding bound" if result.precision == "mixed" else "Ritz residual"
-    table.add_row("λ_max", f"{result.lambda_max:.6g}  ± {result.residual_max:.2g} ({bound})")
-    table.add_row("λ_min", f"{result.lambda_min:.6g}  ± {result.residual_min:.2g} ({bound})")
+    if result.precision == "mixed":
+        bound: str | None = "rounding bound"
+    elif result.method == "dense":
+        bound = None  # exact float64 path: no Ritz pair, nothing to bound
+    else:
+        bound = "Ritz residual"
+    for label, value, resid in (
+        ("λ_max", result.lambda_max, result.residual_max),
+        ("λ_min", result.lambda_min, result.residual_min),
+    ):
+        note = f"± {resid:.2g} ({bound})" if bound else "(exact, float64)"
+        table.add_row(label, f"{value:.6g}  {note}")
     table.add_row("κ = λ_max/λ_min", f"{result.condition_number:.6g}")
     table.add_row("effective rank", f"{result.effective_rank:.4g} ({result.effective_rank_method})")
     table.add_row("wall time", f"{result.wall_time:.2f} s on {device}")
     make_console().print(table)
     return 0
+
+
+def _check_probe_runs(net: Any, inputs: Any, parser: argparse.ArgumentParser) -> None:
+    """One eval-mode forward pass of one probe sample: a rejected input is a usage error."""
+    import torch
+
+    flags = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(inputs[:1])
+    except (AssertionError, RuntimeError, ValueError, IndexError, TypeError) as err:
+        parser.error(
+            f"the model rejected the probe batch of shape {tuple(inputs.shape)}: "
+            f"{type(err).__name__}: {err}"
+        )
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def _check_timm_img_size(model: Any, img_size: int | None, parser: argparse.ArgumentParser) -> None:
+    """``--img-size`` against a timm patch embedding of fixed input size."""
+    pe = getattr(model, "patch_embed", None)
+    pe_size = getattr(pe, "img_size", None)
+    if img_size is None or pe_size is None:
+        return
+    if getattr(pe, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True):
+        return
+    size = pe_size if isinstance(pe_size, (tuple, list)) else (pe_size, pe_size)
+    if tuple(int(v) for v in size) != (img_size, img_size):
+        shown = size[0] if size[0] == size[1] else tuple(size)
+        parser.error(
+            f"--img-size {img_size} does not match the model's img_size {shown}; pass "
+            f"--set img_size={img_size} (or --set dynamic_img_size=true)"
+        )
 
 
 def _timm_probe(model: Any, batch: int, img_size: int | None, gen: Any) -> Any:

@@ -100,10 +100,12 @@ class Crossing:
         return 1 if self.direction == MODEL_OVERTAKES else -1
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain (JSON-safe) dict; :meth:`from_dict` restores it."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Crossing:
+        """The :class:`Crossing` of a :meth:`to_dict` result."""
         return cls(
             step=int(d["step"]),
             direction=str(d["direction"]),

@@ -606,6 +606,11 @@ def _check_variant(variant: str) -> str:
 
 
 def is_gated_variant(variant: str) -> bool:
+    """Whether ``variant`` (a key of :data:`VARIANTS`, any case) names a gated block.
+
+    Raises:
+        ValueError: an unknown variant.
+    """
     return _check_variant(variant) in GATED_VARIANTS
 
 

@@ -62,10 +62,12 @@ class Series:
 
     @property
     def last(self) -> float:
+        """The value at the last step (``nan`` for an empty series)."""
         return float(self.values[-1]) if len(self.values) else math.nan
 
     @property
     def first(self) -> float:
+        """The value at the first step (``nan`` for an empty series)."""
         return float(self.values[0]) if len(self.values) else math.nan
 
 

@@ -87,6 +87,67 @@ def test_argument_errors_are_clear(argv, message, capsys):
     assert message in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "prefix"),
+    [
+        (["demo", "--pairs", "resnet"], "glu-probe demo: error: unknown pair(s)"),
+        (["report", "/no/such/run"], "glu-probe report: error: RUN_DIR '/no/such/run'"),
+        (["spectrum", "--hf-config", "gpt3"], "glu-probe spectrum: error: unknown Hugging Face"),
+    ],
+)
+def test_error_messages_name_the_subcommand_once(argv, prefix, capsys):
+    code, _, err = _exit_code(argv, capsys)
+    assert code == 2 and prefix in err
+    assert f"error: {argv[0]}:" not in err
+
+
+_TINY_VIT = [
+    "spectrum", "--timm", "vit_tiny_patch16_224", "--set", "img_size=32", "--set", "depth=1",
+    "--set", "embed_dim=32", "--set", "num_heads=2", "--set", "num_classes=3",
+    "--batch-size", "2", "--device", "cpu", "--json",
+]  # fmt: skip
+
+
+def test_spectrum_img_size_mismatch_is_a_usage_error(capsys):
+    """A fixed-size timm model and another --img-size: exit 2 with the fix, not a traceback."""
+    code, _, err = _exit_code([*_TINY_VIT, "--img-size", "48"], capsys)
+    assert code == 2
+    assert "--img-size 48 does not match the model's img_size 32" in err
+    assert "--set img_size=48" in err
+    # any other input the model rejects (here: a side not divisible by the patch size)
+    argv = [*_TINY_VIT, "--set", "dynamic_img_size=true", "--img-size", "40"]
+    code, _, err = _exit_code(argv, capsys)
+    assert code == 2 and "the model rejected the probe batch of shape (2, 3, 40, 40)" in err
+    # the documented fix works
+    assert main([*_TINY_VIT, "--set", "img_size=48", "--img-size", "48"]) == 0
+    assert json.loads(capsys.readouterr().out)["probe_shape"] == [2, 3, 48, 48]
+
+
+_TINY_GPT2 = [
+    "spectrum", "--hf-config", "gpt2", "--set", "n_embd=32", "--set", "n_head=2",
+    "--set", "vocab_size=64", "--set", "n_positions=16", "--seq-len", "4", "--batch-size", "2",
+    "--method", "dense", "--device", "cpu", "--json",
+]  # fmt: skip
+
+
+def test_spectrum_refuses_unknown_hf_config_keys(tmp_path: Path, capsys):
+    """A typo (n_layers for n_layer) would be ignored by the config: refused, nearest keys named."""
+    code, _, err = _exit_code([*_TINY_GPT2, "--set", "n_layers=1"], capsys)
+    assert code == 2
+    assert "--set n_layers: GPT2Config has no attribute 'n_layers'" in err
+    assert "did you mean n_layer" in err
+    # aliases (attribute_map), init keywords and load-time keywords are accepted
+    ok = [*_TINY_GPT2, "--set", "num_hidden_layers=1", "--set", "attn_implementation=eager"]
+    assert main(ok) == 0
+    assert json.loads(capsys.readouterr().out)["n_rows"] == 8
+    # a key of the given config.json is accepted even if the default config lacks it
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "gpt2", "my_extra": 1, "n_layer": 1}))
+    argv = ["spectrum", "--hf-config", str(cfg), *_TINY_GPT2[3:], "--set", "my_extra=2"]
+    assert main(argv) == 0
+    capsys.readouterr()
+
+
 def test_report_on_missing_or_empty_run_dir(tmp_path: Path, capsys):
     code, _, err = _exit_code(["report", str(tmp_path / "missing")], capsys)
     assert code == 2 and "does not exist or is not a directory" in err
@@ -215,3 +276,13 @@ def test_spectrum_table_output(capsys):
     out = capsys.readouterr().out
     assert "NTK spectrum at init" in out and "κ = λ_max/λ_min" in out
     assert "effective rank" in out and ("(slq)" in out or "(exact)" in out)
+
+
+def test_spectrum_table_says_exact_on_the_float64_dense_path(capsys):
+    """No Ritz pair on the exact path: "(exact, float64)" instead of "± 0 (Ritz residual)"."""
+    argv = [a for a in _TINY_GPT2 if a != "--json"]
+    assert main([*argv, "--set", "n_layer=1"]) == 0
+    out = capsys.readouterr().out
+    assert "(exact, float64)" in out and "Ritz residual" not in out
+    assert main([*argv, "--set", "n_layer=1", "--jacobian-dtype", "float32"]) == 0
+    assert "(rounding bound)" in capsys.readouterr().out

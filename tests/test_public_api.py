@@ -24,3 +24,15 @@ def test_issue_named_entry_points_are_exported():
     assert names <= set(glu_probe.__all__)
     assert glu_probe.ntk_spectrum is glu_probe.ntk.ntk_spectrum
     assert glu_probe.NTKSpectrumMonitor is glu_probe.callbacks.NTKSpectrumMonitor
+
+
+def test_extension_and_warning_types_are_exported():
+    """What ``register_adapter`` needs and the warnings to filter resolve from the top level."""
+    import glu_probe.swap
+
+    for name in ("MLPAdapter", "MLPSpec", "SwapEntry"):
+        assert name in glu_probe.__all__
+        assert getattr(glu_probe, name) is getattr(glu_probe.swap, name)
+    assert glu_probe.NTKProbeWarning is glu_probe.callbacks.NTKProbeWarning
+    assert glu_probe.NTKRankWarning is glu_probe.ntk.NTKRankWarning
+    assert {"NTKProbeWarning", "NTKRankWarning"} <= set(glu_probe.__all__)

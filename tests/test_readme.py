@@ -67,6 +67,9 @@ def test_readme_example_runs_and_logs_the_promised_metrics(tmp_path, monkeypatch
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
+    # the train losses reach TensorBoard too (log_every_n_steps=1 in a 40-step run)
+    for tag in ("model/train_loss", "baseline/train_loss"):
+        assert tag in tags, (tag, sorted(tags))
     for tag in ("ntk/model/condition_number", "ntk/baseline/condition_number", "crossing/delta"):
         assert tag in tags, (tag, sorted(tags))
     kappa = [e.value for e in acc.Scalars("ntk/model/condition_number")]

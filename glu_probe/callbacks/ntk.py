@@ -316,7 +316,8 @@ class NTKSpectrumMonitor(Callback):
             ``max_rows`` tokens. ``None``: no cap. Not applied to a user ``probe``.
         output: ``"pntk"``, ``"full"`` or a callable mapping the model output to rows.
         method: ``"auto"``, ``"dense"`` (exact) or ``"lanczos"`` (iterative, warm-started).
-        params: parameter filter forwarded to the engine (names, predicate or regex).
+        params: parameter filter forwarded to the engine (names, dotted components, regex or
+            predicate; :func:`~glu_probe.ntk.functional.select_parameters`).
         strict: raise instead of warning and skipping on OOM / non-finite values.
         log_histogram: write TensorBoard histograms of the spectrum (exact path: every
             eigenvalue; iterative path: the SLQ estimate of log10 λ).
@@ -859,7 +860,12 @@ class NTKSpectrumMonitor(Callback):
             res: dict[str, Any] = {}
             for key in METRICS:
                 res[key] = float(values.get(key, getattr(spec, key)))
-            if not all(math.isfinite(res[k]) for k in ("lambda_max", "lambda_min")):
+            # which="largest" / "smallest" (spectrum_kwargs) leave the other end NaN by design
+            which = self.spectrum_kwargs.get("which", "both")
+            ends = {"largest": ("lambda_max",), "smallest": ("lambda_min",)}.get(
+                which, ("lambda_max", "lambda_min")
+            )
+            if not all(math.isfinite(res[k]) for k in ends):
                 msg = (
                     f"NTKSpectrumMonitor: non-finite eigenvalues probing {name} at step {step} "
                     f"(lambda_max={res['lambda_max']}, lambda_min={res['lambda_min']})"

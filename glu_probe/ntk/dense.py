@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .functional import OutputSpec, ParamFilter, ProbeFunction
+from .functional import OutputSpec, ParamFilter, ProbeFunction, allows_autograd
 
 __all__ = ["jacobian_rounding_estimate", "jacobian_rows", "ntk_matrix"]
 
@@ -406,6 +406,7 @@ def _operator_strategy(probe: ProbeFunction, itemsize: int, budget: int) -> Tens
     return (K + K.T).mul_(0.5)
 
 
+@allows_autograd
 def ntk_matrix(
     model: nn.Module | None,
     inputs: Any,

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -41,39 +43,89 @@ __all__ = [
 ]
 
 OutputSpec = str | Callable[[Any], Tensor]
-ParamFilter = None | str | Sequence[str] | Callable[[str, nn.Parameter], bool]
+ParamFilter = None | str | re.Pattern[str] | Sequence[str] | Callable[[str, nn.Parameter], bool]
+
+
+#: Characters that make a ``params=`` string a regular expression (``.`` alone does not: it is
+#: the separator of dotted names).
+_REGEX_CHARS = frozenset("^$*+?{}[]\\|()")
+
+
+def _name_matcher(spec: str | re.Pattern[str]) -> Callable[[str], bool]:
+    """A test of one dotted parameter name for a string or pattern filter (see
+    :func:`select_parameters`)."""
+    if isinstance(spec, re.Pattern):
+        pattern = spec
+    elif spec.startswith("re:"):
+        pattern = re.compile(spec[3:])
+    elif any(c in _REGEX_CHARS for c in spec):
+        pattern = re.compile(spec)
+    else:
+        needle = "." + spec.strip(".") + "."
+        return lambda name: needle in "." + name + "."
+    return lambda name: pattern.search(name) is not None
 
 
 def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str, nn.Parameter]:
-    """The trainable parameters of ``model`` selected by ``params``.
+    r"""The trainable parameters of ``model`` selected by ``params``, by their canonical names.
 
-    Only parameters with ``requires_grad=True`` count. ``params`` may be ``None`` (all of them),
-    a callable ``(name, param) -> bool``, a list of exact names, or a string that is matched as a
-    substring or, failing that, as a regular expression (``re.search``) against each name.
+    Only parameters with ``requires_grad=True`` count. ``params`` may be
+
+    * ``None``: all of them;
+    * a plain string (letters, digits, ``_`` and ``.``): whole dotted components of the name,
+      ``"mlp"`` selects ``h.0.mlp.c_fc.weight``, ``"h.1"`` (or ``"h.1."``) selects the parameters
+      of block ``h.1`` but not of ``h.10`` or ``h.11``, ``"fc2"`` not ``fc21``; a full name
+      selects that parameter;
+    * a regular expression, searched anywhere in the name (``re.search``): a compiled
+      ``re.Pattern``, a string prefixed with ``"re:"`` (``"re:fc"`` selects ``fc1`` and ``fc2``),
+      or a string with a regex metacharacter other than ``.`` (``r"^fc2\."``), which cannot be
+      part of a parameter name;
+    * a list of exact names;
+    * a callable ``(name, param) -> bool``.
+
+    A parameter registered under several names (tied weights: GPT-2's ``lm_head.weight`` is
+    ``transformer.wte.weight``) is selected when the filter accepts any of its names, and is
+    returned once, under its canonical name (the first in ``model.named_parameters()``).
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    canonical: dict[int, str] = {}
+    named: list[tuple[str, nn.Parameter]] = []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            canonical[id(p)] = n
+            named.append((n, p))
+    aliases: dict[str, list[str]] = {n: [] for n, _ in named}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in canonical:
+            aliases[canonical[id(p)]].append(n)
     if params is None:
         chosen = named
     elif callable(params):
         fn = params
-        chosen = [(n, p) for n, p in named if fn(n, p)]
-    elif isinstance(params, str):
-        pattern = re.compile(params)
-        chosen = [(n, p) for n, p in named if params in n or pattern.search(n)]
+        chosen = [(n, p) for n, p in named if any(fn(a, p) for a in aliases[n])]
+    elif isinstance(params, (str, re.Pattern)):
+        match = _name_matcher(params)
+        chosen = [(n, p) for n, p in named if any(match(a) for a in aliases[n])]
     else:
-        wanted = list(params)
-        available = {n for n, _ in named}
-        missing = [n for n in wanted if n not in available]
+        wanted = set(params)
+        available = {a for n in aliases for a in aliases[n]}
+        missing = [n for n in params if n not in available]
         if missing:
             raise ValueError(
                 f"params= names not found among the trainable parameters: {missing[:5]}; "
                 f"available names start with {sorted(available)[:5]}"
             )
-        chosen = [(n, p) for n, p in named if n in set(wanted)]
+        chosen = [(n, p) for n, p in named if wanted.intersection(aliases[n])]
     if not chosen:
+        hint = ""
+        if isinstance(params, str):
+            hint = (
+                " (a plain string matches whole dotted components of the names, e.g. 'mlp' or "
+                "'h.1'; for a substring or regular expression pass 're:...' or re.compile(...); "
+                f"names start with {[n for n, _ in named[:3]]})"
+            )
         raise ValueError(
             "no trainable parameters selected: the model has no parameter with requires_grad=True"
-            + ("" if params is None else f" that matches params={params!r}")
+            + ("" if params is None else f" that matches params={params!r}{hint}")
             + "; unfreeze some parameters or change the params= filter"
         )
     return dict(chosen)
@@ -120,27 +172,199 @@ def _rows(out: Any, output: OutputSpec) -> Tensor:
     return y.reshape(y.shape[0], -1).sum(-1) / math.sqrt(width)
 
 
-def _batch_size(inputs: Any) -> int:
+class ProbeInputError(ValueError, RuntimeError):
+    """The model failed on probe inputs that disagree on the batch size (a ``ValueError``; also
+    a ``RuntimeError``, the type of the model's own error, for callers that catch that)."""
+
+
+#: Keys of a dict batch that hold one entry per sample (Hugging Face model inputs): their
+#: leading dimension must be the batch size (or 1), see :func:`_check_batch_sizes`.
+PER_SAMPLE_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "inputs_embeds",
+    "pixel_values",
+    "pixel_mask",
+    "input_values",
+    "input_features",
+    "decoder_input_ids",
+    "decoder_attention_mask",
+    "decoder_inputs_embeds",
+    "labels",
+)
+
+
+def _batch_source(inputs: Any) -> tuple[str, Tensor] | None:
+    """The tensor whose leading dimension is the batch size, and its name.
+
+    The rule: a tensor input is the batch; in a dict, the first per-sample key
+    (:data:`PER_SAMPLE_KEYS`, e.g. ``input_ids``) holding a tensor with a dimension, else the
+    first tensor value with a dimension; in a tuple or list, the first tensor with a dimension.
+    Every tensor whose leading dimension equals that size is batched (split per sample and
+    between chunks); every other tensor is an unbatched constant passed whole to every sample.
+    """
     if isinstance(inputs, Tensor):
-        if inputs.ndim == 0:
-            raise ValueError("the probe input is a 0-d tensor; it needs a leading batch dimension")
-        return int(inputs.shape[0])
-    values = inputs.values() if isinstance(inputs, Mapping) else inputs
-    for v in values:
+        return "inputs", inputs
+    if isinstance(inputs, Mapping):
+        for key in PER_SAMPLE_KEYS:
+            v = inputs.get(key)
+            if isinstance(v, Tensor) and v.ndim > 0:
+                return f"inputs[{key!r}]", v
+        items: Any = [(f"inputs[{k!r}]", v) for k, v in inputs.items()]
+    else:
+        items = [(f"inputs[{i}]", v) for i, v in enumerate(inputs)]
+    for name, v in items:
         if isinstance(v, Tensor) and v.ndim > 0:
-            return int(v.shape[0])
-    raise TypeError(
-        "the probe inputs hold no tensor: pass a tensor, a tuple of tensors or a dict of tensors"
+            return name, v
+    return None
+
+
+def _batch_size(inputs: Any) -> int:
+    """The probe batch size (the rule: :func:`_batch_source`)."""
+    if isinstance(inputs, Tensor) and inputs.ndim == 0:
+        raise ValueError("the probe input is a 0-d tensor; it needs a leading batch dimension")
+    found = _batch_source(inputs)
+    if found is None:
+        raise TypeError(
+            "the probe inputs hold no tensor: pass a tensor, a tuple of tensors or a dict of "
+            "tensors"
+        )
+    return int(found[1].shape[0])
+
+
+def _named_tensors(inputs: Any, prefix: str = "inputs") -> Iterator[tuple[str, Tensor]]:
+    """Every tensor of the (nested) inputs with a readable name (``inputs['attention_mask']``,
+    ``inputs[1]``, ``inputs.x``), in the order of :func:`_map_tensors`."""
+    if isinstance(inputs, Tensor):
+        yield prefix, inputs
+    elif isinstance(inputs, Mapping):
+        for k, v in inputs.items():
+            yield from _named_tensors(v, f"{prefix}[{k!r}]")
+    elif isinstance(inputs, tuple) and hasattr(inputs, "_fields"):
+        for field, v in zip(inputs._fields, inputs, strict=True):
+            yield from _named_tensors(v, f"{prefix}.{field}")
+    elif isinstance(inputs, (tuple, list)):
+        for i, v in enumerate(inputs):
+            yield from _named_tensors(v, f"{prefix}[{i}]")
+
+
+def _odd_leading(inputs: Any, n: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Tensors treated as unbatched constants although their leading dimension is neither the
+    batch size ``n`` nor 1 (names and shapes): a legitimate constant (a (T, T) mask, a table) or
+    a per-sample input of another batch size; only the model can tell."""
+    return [
+        (name, tuple(t.shape))
+        for name, t in _named_tensors(inputs)
+        if t.ndim > 0 and t.shape[0] not in (1, n)
+    ]
+
+
+def _batch_origin(inputs: Any, n: int) -> str:
+    found = _batch_source(inputs)
+    where = (
+        "" if found is None or found[0] == "inputs" else f" (the leading dimension of {found[0]})"
     )
+    return f"the batch size is {n}{where}"
+
+
+def _check_batch_sizes(inputs: Any, n: int) -> None:
+    """Raise on inputs that clearly disagree on the batch size.
+
+    Only per-sample dict keys (:data:`PER_SAMPLE_KEYS`: ``input_ids``, ``attention_mask``, ...)
+    are checked up front: their leading dimension must be ``n`` (or 1, broadcast). Any other
+    tensor whose leading dimension is not ``n`` is an unbatched constant (a shared position
+    tensor, a (T, T) mask, a lookup table); if the model then fails, the validating forward
+    pass names those tensors (:meth:`ProbeFunction._check`).
+    """
+    if n <= 1 or not isinstance(inputs, Mapping):
+        return
+    bad = [
+        (f"inputs[{k!r}]", tuple(v.shape))
+        for k, v in inputs.items()
+        if k in PER_SAMPLE_KEYS
+        and isinstance(v, Tensor)
+        and v.ndim > 0
+        and v.shape[0] not in (1, n)
+    ]
+    if bad:
+        listed = ", ".join(f"{name} has shape {shape}" for name, shape in bad)
+        raise ValueError(
+            f"the probe inputs disagree on the batch size: {_batch_origin(inputs, n)}, but "
+            f"{listed}; per-sample inputs ({', '.join(PER_SAMPLE_KEYS[:3])}, ...) need the "
+            "same leading (batch) dimension"
+        )
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def allows_autograd(fn: F) -> F:
+    """Run ``fn`` outside ``torch.inference_mode`` (a Lightning validation or test hook runs
+    under it): the probe needs autograd, and its results are then ordinary tensors."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_inference_mode_enabled():
+            return fn(*args, **kwargs)
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return cast(F, wrapped)
+
+
+def _warn_train_mode_layers(model: nn.Module) -> None:
+    """``eval_mode=False``: say what train-mode BatchNorm and dropout do to K."""
+    batch_norm = [
+        type(m).__name__
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+    ]
+    dropout = [
+        type(m).__name__
+        for m in model.modules()
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+    ]
+    if batch_norm:
+        warnings.warn(
+            f"eval_mode=False with {batch_norm[0]} in training mode: batch statistics couple the "
+            "samples, so K depends on how the batch is evaluated (the dense path normalises "
+            "each sample by itself, Lanczos the whole batch or each chunk); eval_mode=True "
+            "(running statistics) gives one K for every method",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    if dropout:
+        warnings.warn(
+            f"eval_mode=False with active {dropout[0]}: K is random (a new mask per call); "
+            "the Lanczos path refuses it (vmap forbids random operations), the dense path "
+            "draws one mask per sample. eval_mode=True turns dropout off",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _normal(t: Tensor) -> Tensor:
+    """``t``, or a normal copy of an inference-mode tensor (autograd cannot save those)."""
+    return t.clone() if t.is_inference() else t
 
 
 def _map_tensors(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``inputs`` with ``fn`` applied to every tensor of its (nested) dicts, tuples and lists.
+
+    A namedtuple keeps its type (rebuilt from its fields: ``type(t)(*values)``, since its
+    constructor does not take one iterable), so a model that reads ``batch.x`` sees the cast or
+    sliced tensors; pytree (the dense and structured strategies) flattens it like a tuple.
+    """
     if isinstance(inputs, Tensor):
         return fn(inputs)
     if isinstance(inputs, Mapping):
         return type(inputs)({k: _map_tensors(v, fn) for k, v in inputs.items()})  # type: ignore[call-arg]
-    if isinstance(inputs, tuple) and not hasattr(inputs, "_fields"):
-        return tuple(_map_tensors(v, fn) for v in inputs)
+    if isinstance(inputs, tuple):
+        values = [_map_tensors(v, fn) for v in inputs]
+        if hasattr(inputs, "_fields"):  # namedtuple
+            return type(inputs)(*values)
+        return tuple(values)
     if isinstance(inputs, list):
         return [_map_tensors(v, fn) for v in inputs]
     return inputs
@@ -151,10 +375,14 @@ class ProbeFunction:
 
     Args:
         model: any ``nn.Module``.
-        inputs: a tensor (called as ``model(x)``), a tuple/list (``model(*x)``) or a dict
-            (``model(**x)``, e.g. an HF batch). Integer tensors (token ids, masks) are carried as
-            constants; floating tensors are cast to ``dtype``. Every tensor whose leading
-            dimension equals the batch size is split when the batch is chunked.
+        inputs: a tensor (called as ``model(x)``), a tuple/list/namedtuple (``model(*x)``) or a
+            dict (``model(**x)``, e.g. an HF batch). Integer tensors (token ids, masks) are
+            carried as they are; floating tensors are cast to ``dtype``. The batch size is the
+            leading dimension of the first tensor (of a dict's first per-sample key such as
+            ``input_ids``, see :func:`_batch_source`); every tensor whose leading dimension
+            equals it is split per sample and when the batch is chunked, every other tensor is
+            an unbatched constant. Per-sample dict keys of another batch size raise a
+            ``ValueError`` (:func:`_check_batch_sizes`).
         output: ``"pntk"``, ``"full"`` or a callable ``model_output -> rows``.
         params: parameter filter, see :func:`select_parameters`.
         dtype: floating dtype of the probe (parameters, floating buffers and inputs are cast).
@@ -164,8 +392,9 @@ class ProbeFunction:
             statistics never change, and stochastic layers make K itself random.
 
     Raises:
-        ValueError: empty batch, no trainable parameters, outputs that do not depend on the
-            selected parameters, or NaN/Inf outputs.
+        ValueError: empty batch, inputs that disagree on the batch size, no trainable
+            parameters, outputs that do not depend on the selected parameters, or NaN/Inf
+            outputs.
     """
 
     def __init__(
@@ -183,6 +412,23 @@ class ProbeFunction:
         self.model = model
         self.output = output
         self.eval_mode = eval_mode
+        # Modules registered under several names (``ModuleList([blk] * 3)``, ``self.b = self.a``):
+        # torch.func.functional_call does not restore their parameters after a call (torch
+        # 2.14: the model keeps the probe's tensor copies, detached and in the probe's dtype),
+        # so call_model puts them back itself.
+        seen: dict[int, int] = {}
+        for _, mod in model.named_modules(remove_duplicate=False):
+            seen[id(mod)] = seen.get(id(mod), 0) + 1
+        self._aliased = [m for m in model.modules() if seen[id(m)] > 1]
+        if not eval_mode:
+            _warn_train_mode_layers(model)
+        with torch.inference_mode(False):  # copies usable by autograd even if called under it
+            self._init_tensors(model, inputs, params, dtype)
+        self.n_rows, self.rows_per_sample = self._check()
+
+    def _init_tensors(
+        self, model: nn.Module, inputs: Any, params: ParamFilter, dtype: torch.dtype | None
+    ) -> None:
         selected = select_parameters(model, params)
         first = next(iter(selected.values()))
         self.dtype = dtype if dtype is not None else first.dtype
@@ -206,9 +452,9 @@ class ProbeFunction:
         self.batch_size = _batch_size(inputs)
         if self.batch_size == 0:
             raise ValueError("the probe batch is empty (batch size 0); pass at least one sample")
-        self.inputs = _map_tensors(inputs, lambda t: self._cast(t).to(self.device))
+        _check_batch_sizes(inputs, self.batch_size)
+        self.inputs = _map_tensors(inputs, lambda t: _normal(self._cast(t).to(self.device)))
         self.n_params = sum(p.numel() for p in self.params)
-        self.n_rows, self.rows_per_sample = self._check()
 
     def astype(self, dtype: torch.dtype, *, check: bool = True) -> ProbeFunction:
         """The same probe (model, original inputs, filter) in another dtype.
@@ -227,12 +473,17 @@ class ProbeFunction:
         # count, parameter dependence and finiteness do not change with a wider float type.
         new = copy.copy(self)
         new.dtype = dtype
-        named = dict(self.model.named_parameters())
-        new.params = tuple(named[n].detach().to(dtype, copy=True) for n in self.names)
-        new.constants = {n: new._cast(t.detach()) for n, t in named.items() if n not in self.names}
-        for n, b in self.model.named_buffers():
-            new.constants[n] = new._cast(b.detach()).clone()
-        new.inputs = _map_tensors(self._source[0], lambda t: new._cast(t).to(self.device))
+        with torch.inference_mode(False):
+            named = dict(self.model.named_parameters())
+            new.params = tuple(named[n].detach().to(dtype, copy=True) for n in self.names)
+            new.constants = {
+                n: new._cast(t.detach()) for n, t in named.items() if n not in self.names
+            }
+            for n, b in self.model.named_buffers():
+                new.constants[n] = new._cast(b.detach()).clone()
+            new.inputs = _map_tensors(
+                self._source[0], lambda t: _normal(new._cast(t).to(self.device))
+            )
         if check and torch.finfo(dtype).bits < torch.finfo(self.dtype).bits:
             new.n_rows, new.rows_per_sample = new._check()
         return new
@@ -255,6 +506,7 @@ class ProbeFunction:
             with (
                 torch.random.fork_rng(devices=devices),
                 torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH),
+                torch.inference_mode(False),  # e.g. a Lightning validation hook
             ):
                 yield
         finally:
@@ -271,10 +523,21 @@ class ProbeFunction:
             state.update({n: self.constants[n].clone() for n in self._buffer_names})
         state.update(zip(self.names, params, strict=True))
         if isinstance(inputs, Mapping):
-            return torch.func.functional_call(self.model, state, args=(), kwargs=dict(inputs))
-        if isinstance(inputs, (tuple, list)):
-            return torch.func.functional_call(self.model, state, tuple(inputs))
-        return torch.func.functional_call(self.model, state, (inputs,))
+            args: tuple[Any, ...] = ()
+            kwargs = dict(inputs)
+        else:
+            args, kwargs = (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
+        if not self._aliased:
+            return torch.func.functional_call(self.model, state, args, kwargs)
+        saved = [(m, dict(m._parameters), dict(m._buffers)) for m in self._aliased]
+        try:
+            return torch.func.functional_call(self.model, state, args, kwargs)
+        finally:
+            for m, params_, buffers in saved:
+                m._parameters.clear()
+                m._parameters.update(params_)
+                m._buffers.clear()
+                m._buffers.update(buffers)
 
     def __call__(self, params: Sequence[Tensor], inputs: Any = None) -> Tensor:
         """g(θ; x): the 1-D row vector of the probe at ``params`` on ``inputs`` (default: all)."""
@@ -297,9 +560,26 @@ class ProbeFunction:
 
     def _check(self) -> tuple[int, int]:
         """One forward pass: row count, finiteness and dependence on the parameters."""
-        with self.session(), torch.enable_grad():
-            leaves = tuple(p.detach().requires_grad_(True) for p in self.params)
-            rows = self(leaves)
+        odd = _odd_leading(self.inputs, self.batch_size)
+        hint = ""
+        if odd and self.batch_size > 1:
+            hint = (
+                f"; {_batch_origin(self._source[0], self.batch_size)}, and "
+                + ", ".join(f"{name} (shape {shape})" for name, shape in odd)
+                + " had another leading dimension, so they were passed whole to every sample "
+                "as unbatched constants: if they hold one entry per sample, give them the same "
+                "batch size"
+            )
+        try:
+            with self.session(), torch.enable_grad():
+                leaves = tuple(p.detach().requires_grad_(True) for p in self.params)
+                rows = self(leaves)
+        except (RuntimeError, IndexError) as err:
+            if not hint or isinstance(err, (torch.OutOfMemoryError, NotImplementedError)):
+                raise
+            raise ProbeInputError(
+                f"the model failed on the probe batch ({type(err).__name__}: {err}){hint}"
+            ) from err
         if rows.numel() == 0:
             raise ValueError("the probe produced no rows (empty output)")
         if not torch.isfinite(rows).all():
@@ -316,7 +596,7 @@ class ProbeFunction:
         if rows.numel() % self.batch_size:
             raise ValueError(
                 f"{rows.numel()} rows is not a multiple of the batch size {self.batch_size}; "
-                "the output= callable must give the same number of rows for every sample"
+                "the output= callable must give the same number of rows for every sample" + hint
             )
         return int(rows.numel()), int(rows.numel()) // self.batch_size
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .functional import OutputSpec, ParamFilter, ProbeFunction
+from .functional import OutputSpec, ParamFilter, ProbeFunction, allows_autograd
 
 __all__ = ["NTKOperator", "trace_linear_map"]
 
@@ -139,7 +139,7 @@ class NTKOperator:
         model: any ``nn.Module``.
         inputs: probe inputs (tensor, tuple or dict; see :class:`ProbeFunction`).
         output: ``"pntk"``, ``"full"`` or a callable ``model_output -> rows``.
-        params: parameter filter (callable, list of names, substring/regex).
+        params: parameter filter (see :func:`~glu_probe.ntk.functional.select_parameters`).
         dtype: probe precision (float32 default; float64 option). TF32 is disabled inside.
         chunk_size: process the probe batch this many samples at a time (bounds memory; the
             linearisation is then recomputed per product). ``None``: one chunk, cached.
@@ -163,6 +163,7 @@ class NTKOperator:
 
     LINEARIZE_AFTER = 16
 
+    @allows_autograd
     def __init__(
         self,
         model: nn.Module | None,
@@ -348,6 +349,7 @@ class NTKOperator:
         return [c.reshape(x.shape) for c, x in zip(flat.split(sizes, dim=1), acc, strict=True)]
 
     # ------------------------------------------------------------------ products
+    @allows_autograd
     def matvec(self, V: Tensor) -> Tensor:
         """K V for a (n, k) block (or a length-n vector), in the operator's dtype and device."""
         vector = V.ndim == 1
@@ -397,7 +399,10 @@ class NTKOperator:
             vjp_fn = cached[i][0] if cached is not None else self._vjp(a, b)
             part = _batched(vjp_fn, k)(u)
             if not acc:
-                acc = list(part)
+                # Own storage for the running sum: autograd may return gradients that share
+                # memory (timm's cls_token gradient is a view of pos_embed's for a one-sample
+                # chunk), and summing in place into those would count a chunk twice.
+                acc = [t.clone() for t in part] if len(self._ranges) > 1 else list(part)
             else:
                 for x, y in zip(acc, part, strict=True):
                     x.add_(y)
@@ -456,6 +461,7 @@ class NTKOperator:
         dist.all_gather(parts, padded, group=self.process_group)
         return torch.cat([p[:c] for p, c in zip(parts, self._counts, strict=True)], dim=0)
 
+    @allows_autograd
     def forward_rows(self) -> Tensor:
         """g(θ) on this rank's shard (one plain forward pass; for timing and checks)."""
         with self.probe.session(), torch.no_grad():

@@ -16,10 +16,14 @@ NTK K = J Jᵀ, the condition number κ = λ_max/λ_min and what is known about 
 * ``method="lanczos"``: block Lanczos (:func:`~glu_probe.ntk.krylov.block_lanczos`) on the
   matrix-free :class:`NTKOperator`. For a Ritz pair (θ, x) with residual r = ‖Kx − θx‖ there is an
   eigenvalue of K in [θ − r, θ + r]. Cauchy interlacing gives θ_max ≤ λ_max and λ_min ≤ θ_min
-  always, so ``lambda_min_upper = θ_min`` is a certified upper bound on λ_min and
-  ``condition_number_lower = θ_max/θ_min`` a certified lower bound on κ, converged or not.
-  ``converged`` is true only when both ends meet ``tol`` (see ``block_lanczos``); otherwise a
-  warning says so and ``condition_number`` is only an estimate.
+  always, for the operator as evaluated. The products themselves are rounded (float32 by
+  default), so the bounds on K add an allowance s = 16·√n·ε·θ_max (an estimate of the products'
+  rounding): ``lambda_min_upper = θ_min + s`` bounds λ_min from above and
+  ``condition_number_lower = (θ_max − s)/(θ_min + s)`` bounds κ from below, converged or not.
+  (Without s, float32 products missed by up to ~1e-7·λ_max.) ``converged`` is true only when the
+  ends asked for (``which``) meet ``tol`` (see ``block_lanczos``); otherwise a warning says so and
+  ``condition_number`` is only an estimate. With ``which="largest"`` (``"smallest"``) the other
+  end is not estimated: ``lambda_min`` (``lambda_max``) and ``condition_number`` are ``nan``.
 * ``method="auto"``: dense when n ≤ :data:`AUTO_DENSE_MAX_ROWS` and K fits the memory budget.
   The dense path costs n per-sample backward passes plus an n²·P/2 GEMM and an n³ eigh, which
   beats the tens to hundreds of full-batch products Lanczos needs for λ_min of an ill-conditioned
@@ -51,7 +55,7 @@ from torch import Tensor, nn
 from .dense import _assemble, _available_bytes, _budget, jacobian_rounding_estimate
 from .density import effective_rank as _effective_rank
 from .density import slq_density, slq_effective_rank
-from .functional import OutputSpec, ParamFilter, ProbeFunction
+from .functional import OutputSpec, ParamFilter, ProbeFunction, allows_autograd
 from .krylov import block_lanczos
 from .operator import NTKOperator, is_out_of_memory
 
@@ -82,15 +86,18 @@ class NTKSpectrum:
     """Extreme eigenvalues, condition number and error information of an empirical NTK.
 
     Attributes:
-        lambda_max: largest eigenvalue (Lanczos: θ_max, a certified lower bound on λ_max).
-        lambda_min: smallest eigenvalue (Lanczos: θ_min, a certified upper bound on λ_min).
-            Never clamped: it can be ≤ 0 for a numerically singular K.
+        lambda_max: largest eigenvalue (Lanczos: θ_max, a lower bound on λ_max up to the
+            products' rounding; ``nan`` with ``which="smallest"``).
+        lambda_min: smallest eigenvalue (Lanczos: θ_min, an upper bound on λ_min up to the
+            products' rounding; ``nan`` with ``which="largest"``). Never clamped: it can be ≤ 0
+            for a numerically singular K.
         condition_number: λ_max/λ_min; ``inf`` when λ_min ≤ 0 or is numerically zero.
         eigenvalues: all eigenvalues, ascending, float64 (dense path), else ``None``.
         residual_max, residual_min: Ritz residual norms ‖Kx − θx‖ of the two ends (0 when exact):
             an eigenvalue lies within that distance of each reported value. Mixed-precision dense
             path: the rounding bound 2·√θ·δ + δ² (see the module docstring).
-        converged: both ends met the tolerance (always true for the dense path).
+        converged: the ends asked for (``which``) met the tolerance (always true for the dense
+            path).
         numerical_rank: number of eigenvalues above λ_max·n·ε (dense path, or Lanczos when the
             Krylov space covers the whole space), else ``None``.
         effective_rank: exp of the Shannon entropy of λ/Σλ (Roy & Vetterli 2007): exact from
@@ -103,10 +110,13 @@ class NTKSpectrum:
         ritz_vectors: (n, m) vectors of the extreme eigenvalues, largest and smallest
             alternating; pass the result as ``warm_start=`` of the next call. ``None`` on the
             dense path unless ``dense_vectors=True`` (eigenvalues alone cost less).
-        lambda_min_upper: certified upper bound on λ_min (θ_min; λ_min itself when exact;
-            λ_min + residual_min on the mixed-precision dense path, under its rounding estimate).
-        condition_number_lower: certified lower bound on κ (θ_max/θ_min; κ itself when exact;
-            (λ_max − residual_max)/(λ_min + residual_min) on the mixed-precision dense path).
+        lambda_min_upper: upper bound on λ_min: θ_min + s on the Lanczos path (interlacing,
+            certified for the evaluated products; s = 16·√n·ε·θ_max estimates their rounding);
+            λ_min itself on the float64 dense path (exact up to n·ε₆₄·λ_max); λ_min +
+            residual_min on the mixed-precision dense path, under its rounding estimate.
+        condition_number_lower: lower bound on κ: (θ_max − s)/(θ_min + s) on the Lanczos path;
+            κ itself on the float64 dense path; (λ_max − residual_max)/(λ_min + residual_min)
+            on the mixed-precision dense path, under its rounding estimate.
         precision: the arithmetic: ``"float64"`` (dense), ``"mixed"`` (dense with a float32
             Jacobian and a float64 K) or the dtype of the Lanczos products (``"float32"``).
         effective_rank_method: ``"exact"``, ``"slq"`` (a stochastic estimate) or ``"none"``.
@@ -210,27 +220,77 @@ def _zero_kernel_error() -> ValueError:
     )
 
 
-def _rank_warning(rank: int, n: int, lam_min: float, tol: float, mixed: bool = False) -> None:
+#: Safety factor of the product-rounding allowance c·√n·ε·θ_max added to the Lanczos path's
+#: certificates (``lambda_min_upper``, ``condition_number_lower``).
+_PRODUCT_ROUNDING = 16.0
+
+
+def _check_arguments(
+    which: Any,
+    tol: Any,
+    max_matvecs: Any,
+    block_size: Any,
+    chunk_size: Any,
+    memory_budget: Any,
+    warm_start: Any,
+) -> None:
+    """ValueError for a bad argument, whichever path would use it (the dense path ignores the
+    Lanczos settings, but a typo there is still a typo)."""
+
+    def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            none = " or None" if allow_none else ""
+            raise ValueError(f"{name} must be a positive int{none}, got {value!r}")
+
+    if which not in ("both", "largest", "smallest"):
+        raise ValueError(f"which must be 'both', 'largest' or 'smallest', got {which!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    positive_int("max_matvecs", max_matvecs)
+    positive_int("block_size", block_size)
+    positive_int("chunk_size", chunk_size, allow_none=True)
+    positive_int("memory_budget", memory_budget, allow_none=True)
+    if warm_start is not None and not isinstance(warm_start, (NTKSpectrum, Tensor)):
+        raise ValueError(
+            "warm_start must be a previous NTKSpectrum or an (n, k) tensor of start vectors, "
+            f"got {type(warm_start).__name__}"
+        )
+
+
+def _rank_warning(
+    rank: int,
+    n: int,
+    lam_min: float,
+    tol: float,
+    mixed: bool = False,
+    products: torch.dtype = torch.float64,
+) -> None:
     what = (
         "max(λ_max·n·eps, δ²), δ the float32 Jacobian's rounding estimate"
         if mixed
         else "λ_max·n·eps"
     )
-    hint = (
-        "; jacobian_dtype=torch.float64 (the monitor's dtype=torch.float64) resolves smaller "
-        "eigenvalues"
-        if mixed
-        else ""
-    )
+    hint = ""
+    if mixed:
+        hint = (
+            "; jacobian_dtype=torch.float64 (the monitor's dtype=torch.float64) resolves "
+            "smaller eigenvalues"
+        )
+    elif products != torch.float64:
+        hint = f"; products in {products}: dtype=torch.float64 resolves smaller eigenvalues"
     warnings.warn(
-        f"K has a near-null space: numerical rank {rank} of {n} (tolerance {what} = "
-        f"{tol:.3e}, λ_min = {lam_min:.3e}); κ is then infinite or meaningless. Fewer rows "
+        f"K has a near-null space at this precision: numerical rank {rank} of {n} (tolerance "
+        f"{what} = {tol:.3e}, λ_min = {lam_min:.3e}); λ_min and κ are then dominated by "
+        "rounding (the reported κ is not accurate, possibly infinite). Fewer rows "
         f"(smaller probe batch, output='pntk') or more parameters make K full rank{hint}",
         NTKRankWarning,
         stacklevel=3,
     )
 
 
+@allows_autograd
 def ntk_spectrum(
     model: nn.Module,
     inputs: Any,
@@ -256,19 +316,32 @@ def ntk_spectrum(
 ) -> NTKSpectrum:
     """Extreme eigenvalues and condition number of the empirical NTK of ``model`` on ``inputs``.
 
+    K = J Jᵀ (n × n), J the Jacobian of the n probe rows (``output``) with respect to the selected
+    trainable parameters. The dense path gives every eigenvalue of K to float64 rounding
+    (float64 rows) or within a rounding bound (float32 rows). The Lanczos path gives Ritz values
+    θ with residuals r = ‖Kx − θx‖: an eigenvalue of K lies in [θ − r, θ + r], and interlacing
+    makes θ_max ≤ λ_max and λ_min ≤ θ_min, converged or not (``lambda_min_upper``,
+    ``condition_number_lower``: certified for the evaluated products, widened by an estimate of
+    their rounding). The module docstring has the details;
+    :class:`NTKSpectrum` lists what is returned.
+
     Args:
         model: any ``nn.Module``; its state (training flags, RNG, ``.grad``) is left untouched.
         inputs: probe batch: tensor, tuple or dict (HF batch); integer token ids are fine.
         output: ``"pntk"`` (one row per sample/token), ``"full"`` (every output) or a callable.
         method: ``"auto"``, ``"dense"`` (exact, float64 eigh) or ``"lanczos"`` (matrix-free).
-        params: parameter filter (callable, list of names, substring/regex).
+        params: parameter filter: names, dotted-component strings, regular expressions
+            (``re.Pattern`` or ``"re:..."``) or a callable (see
+            :func:`~glu_probe.ntk.functional.select_parameters`).
         dtype: precision of the Lanczos products (float32 default, TF32 off; float64 option).
             The dense path accumulates K and runs ``eigh`` in float64 whatever ``dtype`` is.
         jacobian_dtype: precision of the dense path's Jacobian rows. ``torch.float64`` (default)
-            is exact to ≈ n·ε₆₄·κ. ``torch.float32`` is the mixed-precision mode: its backward
-            passes cost 2–3× less on CPU, every eigenvalue stays within the reported residual
-            (a rounding estimate, see above), and the relative error of λ_min grows like √κ
-            (measured 1e-8 … 3e-6 at κ ≤ 8e5 on the demo models).
+            is exact to ≈ n·ε₆₄·κ. ``torch.float32`` is the mixed-precision mode (K and ``eigh``
+            stay float64): about half the cost (0.5–0.7× on the demo ViT and GPT-2 on CPU), every
+            eigenvalue within the reported residual 2·√λ·δ + δ², δ =
+            :func:`~glu_probe.ntk.dense.jacobian_rounding_estimate` (a rounding estimate, not a
+            certificate), and the relative error of λ_min grows like √κ (κ errors measured
+            8e-9 … 2.2e-6 at κ ≤ 8e5 on the demo models' 64-row probes, 1e-5 at κ ≈ 2.4e7).
         tol: relative accuracy of the Lanczos extreme eigenvalues.
         max_matvecs: budget of single-vector products for Lanczos.
         block_size: Lanczos block size.
@@ -313,9 +386,24 @@ def ntk_spectrum(
         )
     if method == "dense" and process_group is not None:
         raise ValueError("method='dense' does not support process_group; use method='lanczos'")
-    probe = ProbeFunction(
-        model, inputs, output=output, params=params, dtype=dtype, eval_mode=eval_mode
-    )
+    _check_arguments(which, tol, max_matvecs, block_size, chunk_size, memory_budget, warm_start)
+    # The dense path runs in float64 whatever `dtype` is: validate the probe there too (a
+    # float64 model may be finite only in float64).
+    first = torch.float64 if method == "dense" else dtype
+    try:
+        probe = ProbeFunction(
+            model, inputs, output=output, params=params, dtype=first, eval_mode=eval_mode
+        )
+    except (RuntimeError, NotImplementedError, TypeError) as err:
+        if first == dtype:
+            raise
+        # no float64 kernel for some op: the dense path falls back to float32 rows itself
+        try:
+            probe = ProbeFunction(
+                model, inputs, output=output, params=params, dtype=dtype, eval_mode=eval_mode
+            )
+        except Exception:
+            raise err from None
     n = probe.n_rows
     if method == "auto":
         method = "lanczos"
@@ -483,19 +571,39 @@ def _lanczos(
             agreed = torch.tensor([width], dtype=torch.int64, device=probe.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=process_group)
             width = int(agreed.item())
-    res = block_lanczos(
-        op.matvec,
-        n,
-        block_size=width,
-        max_matvecs=max(max_matvecs, min(width, n)),
-        tol=tol,
-        v0=v0,
-        dtype=probe.dtype,
-        device=probe.device,
-        generator=generator,
-        which=which,  # type: ignore[arg-type]
-        full_span=full_span,
-    )
+    try:
+        res = block_lanczos(
+            op.matvec,
+            n,
+            block_size=width,
+            max_matvecs=max(max_matvecs, min(width, n)),
+            tol=tol,
+            v0=v0,
+            dtype=probe.dtype,
+            device=probe.device,
+            generator=generator,
+            which=which,  # type: ignore[arg-type]
+            full_span=full_span,
+        )
+    except RuntimeError as err:
+        if "randomness" not in str(err):
+            raise
+        raise ValueError(
+            "the model draws random numbers in the probe (dropout in training mode with "
+            "eval_mode=False): K is then random, and the Lanczos path's vmapped products refuse "
+            "it. Use eval_mode=True (dropout off), or method='dense' for one random draw"
+        ) from err
+    except ValueError as err:
+        if "NaN or Inf" not in str(err):
+            raise
+        # The probe outputs were checked finite, so a derivative is not: forward mode (the
+        # JVP) gives 0/0 where a function has no derivative at the probe point.
+        raise ValueError(
+            "NTK product returned NaN or Inf although the probe outputs are finite: a "
+            "derivative is undefined at this point (forward-mode AD gives NaN e.g. for "
+            "sqrt(relu(z)) at z = 0, where reverse mode gives 0). method='dense' uses reverse "
+            "mode only"
+        ) from err
     theta = res.ritz_values
     if float(theta.abs().max()) == 0.0:
         raise _zero_kernel_error()
@@ -511,8 +619,8 @@ def _lanczos(
         eff_rank = float(_effective_rank(theta))
         eff_method = "exact"
         if numerical_rank < n:
-            _rank_warning(numerical_rank, n, res.lambda_min, rank_tol)
-    elif res.lambda_min_is_zero:
+            _rank_warning(numerical_rank, n, res.lambda_min, rank_tol, products=probe.dtype)
+    if res.lambda_min_is_zero and not res.exact:
         warnings.warn(
             f"λ_min is numerically zero (θ_min = {res.lambda_min:.3e}, residual "
             f"{res.residual_min:.3e}, products in {probe.dtype}): K has a near-null space and "
@@ -521,7 +629,12 @@ def _lanczos(
             NTKRankWarning,
             stacklevel=2,
         )
-    elif res.condition_number * eps > 10 * tol and math.isfinite(res.condition_number):
+    elif (
+        which == "both"
+        and res.condition_number * eps > 10 * tol
+        and math.isfinite(res.condition_number)
+        and (not res.exact or numerical_rank == n)
+    ):
         warnings.warn(
             f"λ_min is close to the rounding level of {probe.dtype} products: eps·κ = "
             f"{res.condition_number * eps:.1e} > 10·tol, so λ_min and κ may carry a relative "
@@ -545,21 +658,33 @@ def _lanczos(
         )
         eff_rank = slq_effective_rank(nodes, weights, n)
         eff_method = "slq"
+    # Rounding of the evaluated products: the Ritz data are exact for the operator as computed,
+    # whose products differ from K's by rounding; this estimate widens the certificates to K
+    # (measured misses without it: up to ~1e-7·λ_max with float32 products).
+    slack = _PRODUCT_ROUNDING * math.sqrt(n) * eps * abs(res.lambda_max)
+    lam_max, lam_min, kappa = res.lambda_max, res.lambda_min, res.condition_number
+    upper = lam_min + slack
+    kappa_lower = (lam_max - slack) / upper if upper > 0 else math.inf
+    kappa_lower = min(kappa_lower, res.condition_number_lower)
+    if which == "largest":  # λ_min is not estimated: θ_min only bounds it from above
+        lam_min = kappa = math.nan
+    elif which == "smallest":  # λ_max is not estimated: θ_max only bounds it from below
+        lam_max = kappa = math.nan
     if not res.converged:
         ends = {"both": "λ_max and λ_min", "largest": "λ_max", "smallest": "λ_min"}[which]
         warnings.warn(
             f"block Lanczos did not converge for {ends} within {res.n_matvecs} products "
             f"(residuals: max end {res.residual_max:.2e}, min end {res.residual_min:.2e}, "
             f"tol={tol}); condition_number is an estimate, condition_number_lower = "
-            f"{res.condition_number_lower:.4g} is certified. Raise max_matvecs or use "
+            f"{kappa_lower:.4g} is a bound. Raise max_matvecs or use "
             "warm_start=",
             RuntimeWarning,
             stacklevel=2,
         )
     return NTKSpectrum(
-        lambda_max=res.lambda_max,
-        lambda_min=res.lambda_min,
-        condition_number=res.condition_number,
+        lambda_max=lam_max,
+        lambda_min=lam_min,
+        condition_number=kappa,
         eigenvalues=theta.clone() if res.exact else None,
         residual_max=res.residual_max,
         residual_min=res.residual_min,
@@ -571,8 +696,8 @@ def _lanczos(
         wall_time=time.perf_counter() - t0,
         method="lanczos",
         ritz_vectors=res.warm_start(max(2 * block_size, 2)),
-        lambda_min_upper=res.lambda_min,
-        condition_number_lower=res.condition_number_lower,
+        lambda_min_upper=upper,
+        condition_number_lower=kappa_lower,
         effective_rank_method=eff_method,
         density_nodes=nodes,
         density_weights=weights,
