@@ -441,7 +441,9 @@ def add_example_arguments(parser: Any, sizes: Sequence[str], run_name_help: str)
     p.add_argument("--variant", default="swiglu", help="gated MLP variant of the model")
     p.add_argument("--steps", type=int, default=None, help="override the optimizer steps")
     p.add_argument("--lr", type=float, default=None, help="override the learning rate")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: GPU when present"
+    )
     p.add_argument("--out", default="runs/examples", help="TensorBoard root")
     p.add_argument("--run-name", default=None, help=run_name_help)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

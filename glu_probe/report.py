@@ -103,11 +103,19 @@ class RunData:
 
 
 def _event_dirs(root: Path) -> list[Path]:
-    dirs = set()
+    """Directories holding event files, in the order their runs started (the creation time in
+    the first event file's name, ``events.out.tfevents.<unix time>.<host>...``; then the path):
+    the demo's own order (two-layer, ViT, GPT-2), not the alphabet's."""
+    started: dict[Path, tuple[float, str]] = {}
     for dirpath, _dirnames, filenames in os.walk(root):
-        if any(_EVENT_FILE.match(f) for f in filenames):
-            dirs.add(Path(dirpath))
-    return sorted(dirs)
+        stamps = []
+        for f in filenames:
+            if _EVENT_FILE.match(f):
+                parts = f.split(".")
+                stamps.append(float(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 0.0)
+        if stamps:
+            started[Path(dirpath)] = (min(stamps), dirpath)
+    return sorted(started, key=started.__getitem__)
 
 
 def _display_names(root: Path, dirs: Sequence[Path]) -> dict[Path, str]:
@@ -485,9 +493,19 @@ def format_seed_table(agg: Sequence[dict[str, Any]]) -> str:
     """A Markdown table of :func:`aggregate_seeds` rows (mean ± std over seeds)."""
 
     def pm(row: dict[str, Any], key: str, spec: str = ".4g") -> str:
+        """``mean ± std``, both to the decimal of the std's second significant digit (2.311 ±
+        0.0099 reads as 2.311 ± 0.0099, not 2.311 ± 0.009932); ``spec`` where std is 0."""
         mean, std = row[f"{key}_mean"], row[f"{key}_std"]
-        std_spec = spec.lstrip("+")
-        return "-" if not math.isfinite(mean) else f"{mean:{spec}} ± {std:{std_spec}}"
+        if not math.isfinite(mean):
+            return "-"
+        sign = "+" if spec.startswith("+") else ""
+        if not (math.isfinite(std) and std > 0):
+            return f"{mean:{spec}} ± 0"
+        if abs(mean) >= 1e5 or 0 < abs(mean) < 1e-3:  # κ-sized or tiny: scientific
+            digits = max(0, math.floor(math.log10(abs(mean))) - math.floor(math.log10(std)) + 1)
+            return f"{mean:{sign}.{digits}e} ± {std:.1e}"
+        d = max(0, 1 - math.floor(math.log10(std)))
+        return f"{mean:{sign}.{d}f} ± {std:.{d}f}"
 
     lines = [
         "| network | seeds | κ init | κ end | first crossing step (GLU overtakes) "

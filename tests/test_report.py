@@ -145,3 +145,32 @@ def test_crossing_steps_without_losses_uses_logged_markers(tmp_path: Path):
     w.close()
     sub = next(iter(load_run(tmp_path).subruns.values()))
     assert crossing_steps(sub) == ([(5, -1.0), (9, 1.0)], [(5, -1.0), (9, 1.0)])
+
+
+def test_subruns_are_listed_in_the_order_they_started(tmp_path: Path):
+    """Not alphabetically: the demo writes two_layer, vit, gpt2 in that order."""
+    import time
+
+    for name in ("two_layer", "vit", "gpt2"):
+        w = SummaryWriter(str(tmp_path / name))
+        w.add_scalar("model/train_loss", 1.0, 0)
+        w.close()
+        time.sleep(1.1)  # event file names carry the creation time in whole seconds
+    assert list(load_run(tmp_path).subruns) == ["two_layer", "vit", "gpt2"]
+
+
+def test_seed_table_rounds_mean_and_std_alike():
+    from glu_probe.report import format_seed_table
+
+    row = dict(
+        label="SwiGLU", side="model", n_seeds=3, seeds_with_crossing=2,
+        kappa_init_mean=2.4e7, kappa_init_std=3.1e6, kappa_end_mean=512.3, kappa_end_std=40.2,
+        crossing_mean=109.3, crossing_std=12.4, train_loss_mean=2.311, train_loss_std=0.009932,
+        val_loss_mean=2.4, val_loss_std=0.0, gap_mean=0.105, gap_std=0.0123,
+    )  # fmt: skip
+    line = format_seed_table([row]).splitlines()[-1]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2:] == [
+        "2.40e+07 ± 3.1e+06", "512 ± 40", "109 ± 12 (2/3 seeds)", "2.3110 ± 0.0099",
+        "2.4 ± 0", "+0.105 ± 0.012",
+    ]  # fmt: skip

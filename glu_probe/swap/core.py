@@ -208,14 +208,17 @@ class SwapReport:
 
     @property
     def paths(self) -> list[str]:
+        """Module paths of every swapped block, in model order (shared blocks at each path)."""
         return [e.path for e in self.entries]
 
     @property
     def params_before(self) -> int:
+        """Parameters of the replaced blocks (a block shared by several paths counted once)."""
         return sum(e.params_before for e in self.entries if e.shared_with is None)
 
     @property
     def params_after(self) -> int:
+        """Parameters of the new blocks (a shared replacement counted once)."""
         return sum(e.params_after for e in self.entries if e.shared_with is None)
 
     @property
@@ -225,9 +228,11 @@ class SwapReport:
 
     @property
     def max_abs_rel_diff(self) -> float:
+        """Largest |params_after / params_before − 1| of a single block."""
         return max(abs(e.rel_diff) for e in self.entries)
 
     def to_markdown(self) -> str:
+        """The report as a markdown table: one row per path, a total, the config changes."""
         lines = [
             f"swap_mlp -> {self.variant} (match={self.match})",
             "",
