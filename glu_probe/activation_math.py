@@ -21,6 +21,12 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _TANH_C = math.sqrt(2.0 / math.pi)
 
 
+#: Activation keys of :func:`act` / :func:`act_grad`.
+KINDS = frozenset({"relu", "sigmoid", "silu", "gelu", "gelu_tanh", "identity"})
+#: |t| beyond which tanh(c·(t + 0.044715·t³)) is ±1 in float64 (its argument exceeds 20).
+_GELU_TANH_SATURATED = 10.0
+
+
 def act(name: str, t: Tensor) -> Tensor:
     """φ(t)."""
     if name == "relu":
@@ -33,7 +39,9 @@ def act(name: str, t: Tensor) -> Tensor:
         return F.gelu(t)
     if name == "gelu_tanh":
         return F.gelu(t, approximate="tanh")
-    return t
+    if name == "identity":
+        return t
+    raise ValueError(f"unknown activation {name!r}; expected one of {sorted(KINDS)}")
 
 
 def act_grad(name: str, t: Tensor) -> Tensor:
@@ -49,6 +57,11 @@ def act_grad(name: str, t: Tensor) -> Tensor:
     if name == "gelu":  # Φ(t) + t·φ(t)
         return 0.5 * (1 + torch.erf(t / _SQRT2)) + t * torch.exp(-0.5 * t * t) * _INV_SQRT_2PI
     if name == "gelu_tanh":  # d/dt of 0.5·t·(1 + tanh(c·(t + 0.044715·t³)))
-        th = torch.tanh(_TANH_C * (t + 0.044715 * t**3))
-        return 0.5 * (1 + th) + 0.5 * t * (1 - th * th) * _TANH_C * (1 + 3 * 0.044715 * t * t)
-    return torch.ones_like(t)
+        # (1 − th²)·t·(1 + 3·0.044715·t²) is 0·inf = NaN once t³ overflows (fp16, |t| ≳ 40):
+        # that factor is exactly 0 in any precision there (tanh saturates), so clamp t first.
+        tc = t.clamp(-_GELU_TANH_SATURATED, _GELU_TANH_SATURATED)
+        th = torch.tanh(_TANH_C * (tc + 0.044715 * tc**3))
+        return 0.5 * (1 + th) + 0.5 * tc * (1 - th * th) * _TANH_C * (1 + 3 * 0.044715 * tc * tc)
+    if name == "identity":
+        return torch.ones_like(t)
+    raise ValueError(f"unknown activation {name!r}; expected one of {sorted(KINDS)}")

@@ -80,7 +80,7 @@ def _take(sd: dict[str, Tensor], key: str, required: bool = True) -> Tensor | No
     if key in sd:
         return sd.pop(key)
     if required:
-        raise KeyError(f"missing key {key!r} (present: {sorted(sd)})")
+        raise KeyError(f"missing key {key!r} (keys not yet read: {sorted(sd)})")
     return None
 
 
@@ -98,6 +98,12 @@ def _parse(sd: dict[str, Tensor], layout: str, gate_first: bool | None) -> _Cano
             )
         if (gate_b is None) != (up_b is None):
             raise ValueError(f"only one of {g}.bias / {u}.bias is present")
+        for name, bias in ((g, gate_b), (u, up_b)):
+            if bias is not None and tuple(bias.shape) != (gate_w.shape[0],):
+                raise ValueError(
+                    f"{name}.bias {tuple(bias.shape)} does not match the {gate_w.shape[0]} rows "
+                    f"of {name}.weight"
+                )
     else:
         first = _PACKED[layout] if gate_first is None else gate_first
         d = "fc2"
@@ -117,6 +123,11 @@ def _parse(sd: dict[str, Tensor], layout: str, gate_first: bool | None) -> _Cano
     down_w = _take(sd, f"{d}.weight")
     down_b = _take(sd, f"{d}.bias", False)
     assert down_w is not None
+    if down_b is not None and tuple(down_b.shape) != (down_w.shape[0],):
+        raise ValueError(
+            f"{d}.bias {tuple(down_b.shape)} does not match the {down_w.shape[0]} rows of "
+            f"{d}.weight"
+        )
     if sd:
         raise KeyError(f"unexpected keys for layout {layout!r}: {sorted(sd)}")
     if down_w.shape[1] != gate_w.shape[0]:
@@ -173,6 +184,12 @@ def convert_mlp_state_dict(
     """
     _check_layout(src)
     _check_layout(dst)
+    for side, layout, order in (("src", src, src_gate_first), ("dst", dst, dst_gate_first)):
+        if order is not None and layout in _UNPACKED:
+            raise ValueError(
+                f"{side}_gate_first applies to packed layouts only; {layout!r} keeps the gate and "
+                "up projections in separate tensors"
+            )
     block = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not block:
         raise KeyError(f"no keys start with prefix {prefix!r}")

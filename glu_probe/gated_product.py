@@ -84,6 +84,30 @@ def _act_backward_into(kind: str, grad: Tensor, g: Tensor, out: Tensor) -> None:
         out.copy_(grad)
 
 
+def _vmapped(t: Tensor) -> bool:
+    """Under a vmap (torch.func, or autograd's ``is_grads_batched`` / vectorised jacobians,
+    which batch the backward with the legacy batching rules)."""
+    fn = torch._C._functorch
+    return bool(
+        torch._C._are_functorch_transforms_active()
+        or fn.is_batchedtensor(t)
+        or fn.is_legacy_batchedtensor(t)
+    )
+
+
+def _plain_act_backward(kind: str, grad: Tensor, g: Tensor) -> Tensor:
+    """``grad ⊙ act'(g)``, out of place (the vmappable twin of :func:`_act_backward_into`)."""
+    if kind == "silu":
+        return _aten.silu_backward(grad, g)
+    if kind == "sigmoid":
+        return _aten.sigmoid_backward(grad, torch.sigmoid(g))
+    if kind == "relu":
+        return _aten.threshold_backward(grad, g, 0)
+    if kind in ("gelu", "gelu_tanh"):
+        return _aten.gelu_backward(grad, g, approximate="tanh" if kind == "gelu_tanh" else "none")
+    return grad.clone()
+
+
 def _halves(t: Tensor, gate_first: bool, dim: int = 0) -> tuple[Tensor, Tensor]:
     """(gate, up) halves of a packed tensor along ``dim``: the row blocks of a feature-major
     ``(2h, N)`` tensor (``dim=0``) or the column halves of a token-major one (``dim=-1``)."""
@@ -163,10 +187,10 @@ class _FusedGatedMLP(torch.autograd.Function):
         pt = _packed_preactivation(w1, x, b1)  # (2h, N): gate and up rows contiguous
         g, u = _halves(pt, gate_first)
         ht = _act(kind, g) * u  # (h, N), contiguous
-        # (N, out), one GEMM on the transposed operands; with a bias, F.linear on the view hᵀ
-        # (no copy) adds it as the token-major block does (a column-broadcast addmm would round
-        # twice in 16 bits).
-        y = torch.mm(w2, ht).t() if b2 is None else F.linear(ht.t(), w2, b2)
+        # (N, out), contiguous (a residual add or a view of the output needs that), one GEMM on
+        # the transposed operands; with a bias, F.linear on the view hᵀ (no copy) adds it as the
+        # token-major block does (a column-broadcast addmm would round twice in 16 bits).
+        y = torch.mm(ht.t(), w2.t()) if b2 is None else F.linear(ht.t(), w2, b2)
         # The inputs (a backward with create_graph differentiates through them) and the two
         # intermediates; the plain block's autograd keeps as much, plus act(g).
         ctx.save_for_backward(x, w1, b1, w2, b2, pt, ht)
@@ -187,10 +211,17 @@ class _FusedGatedMLP(torch.autograd.Function):
         dw2 = torch.mm(dy.t(), ht.t()) if need[3] else None
         db2 = dy.sum(0) if b2 is not None and need[4] else None
         g, u = _halves(pt, gate_first)
-        dpt = torch.empty_like(pt)
-        dg, du = _halves(dpt, gate_first)
-        torch.mul(dht, _act(kind, g), out=du)
-        _act_backward_into(kind, dht * u, g, dg)
+        if _vmapped(dy):
+            # vmapped backward (autograd.grad(is_grads_batched=True), vectorised jacobians):
+            # no out= overloads under vmap, so the two halves are built out of place.
+            dg = _plain_act_backward(kind, dht * u, g)
+            du = dht * _act(kind, g)
+            dpt = torch.cat((dg, du) if gate_first else (du, dg), dim=0)
+        else:
+            dpt = torch.empty_like(pt)
+            dg, du = _halves(dpt, gate_first)
+            torch.mul(dht, _act(kind, g), out=du)
+            _act_backward_into(kind, dht * u, g, dg)
         dx = torch.mm(dpt.t(), w1) if need[0] else None
         dw1 = torch.mm(dpt, x) if need[1] else None
         db1 = dpt.sum(1) if b1 is not None and need[2] else None
@@ -255,13 +286,21 @@ def fused_gated_mlp(
         torch._C._are_functorch_transforms_active()
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()
+        # A dual level is open (forward-mode AD with dual tensors): the plain expression, whose
+        # tangents are differentiable in turn (reverse-over-forward: a Jacobian-norm penalty).
+        # The Function's jvp builds the tangent from saved intermediates, constants to autograd.
+        or torch.autograd.forward_ad._current_level >= 0
     ):
         return _plain(x, w1, b1, w2, b2, kind, gate_first)
     cdt = _autocast_dtype(x)
     if cdt is not None:
-        x, w1, w2 = x.to(cdt), w1.to(cdt), w2.to(cdt)
-        b1 = None if b1 is None else b1.to(cdt)
-        b2 = None if b2 is None else b2.to(cdt)
+        # as autocast's own casts: floating tensors except float64, which it never narrows
+        def cast(t: Tensor) -> Tensor:
+            return t.to(cdt) if t.is_floating_point() and t.dtype != torch.float64 else t
+
+        x, w1, w2 = cast(x), cast(w1), cast(w2)
+        b1 = None if b1 is None else cast(b1)
+        b2 = None if b2 is None else cast(b2)
     shape = x.shape
     with torch.autocast(x.device.type, enabled=False):
         y: Tensor = _FusedGatedMLP.apply(x.reshape(-1, shape[-1]), w1, b1, w2, b2, kind, gate_first)

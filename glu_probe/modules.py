@@ -28,6 +28,7 @@ nearest to the exact real solution (the "2/3 rule": for ``in == out == d`` and n
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -105,7 +106,14 @@ def resolve_activation(act: Any) -> nn.Module:
     if isinstance(act, nn.Module):
         return act
     if callable(act):
-        mod = act()
+        try:
+            mod = act()
+        except TypeError as err:  # e.g. torch.relu / F.gelu: a function of the input
+            raise TypeError(
+                f"act_layer {act!r} could not be called without arguments ({err}); pass an "
+                "nn.Module class (nn.ReLU), a factory returning a module, an instance or a name "
+                "('relu'), not an activation function"
+            ) from err
         if not isinstance(mod, nn.Module):
             raise TypeError(
                 f"act_layer factory {act!r} returned {type(mod).__name__}, not nn.Module"
@@ -148,8 +156,12 @@ def _pair(value: Any, name: str) -> tuple[Any, Any]:
 
 
 def _check_width(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool):
         raise TypeError(f"{name} must be a positive int, got {value!r}")
+    try:
+        value = operator.index(value)  # ints, numpy integers (widths read from configs)
+    except TypeError:
+        raise TypeError(f"{name} must be a positive int, got {value!r}") from None
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}")
     return value
@@ -428,10 +440,9 @@ class GatedMLP(_MLPBase):
             return self.fused
         if not x.is_cuda:
             return False
-        if torch.is_autocast_enabled("cuda"):
-            dtype = torch.get_autocast_dtype("cuda")
-        else:
-            dtype = self.fc2.weight.dtype
+        dtype = self.fc2.weight.dtype
+        if torch.is_autocast_enabled("cuda") and dtype != torch.float64:
+            dtype = torch.get_autocast_dtype("cuda")  # autocast never casts float64
         return dtype in (torch.bfloat16, torch.float16)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -539,8 +550,8 @@ class SwiGLU(_FixedGateMLP):
 
 
 class GEGLU(GatedMLP):
-    """GEGLU: ``y = W2 (gelu(x Wg) ⊙ x Wu)``, with ``approximate="none"`` (exact erf GELU) or
-    ``"tanh"``.
+    """GEGLU: ``y = W2 (gelu(x Wg + bg) ⊙ (x Wu + bu)) + b2``, with ``approximate="none"`` (exact
+    erf GELU) or ``"tanh"``.
 
     The gate activation is fixed; an ``act_layer`` argument (e.g. the ``nn.GELU`` that timm's
     ``Block`` passes) is accepted and ignored. Signature and layout: see :class:`GatedMLP`.
@@ -623,12 +634,23 @@ def make_mlp(
 ) -> nn.Module:
     """Build the block named ``variant`` (see :data:`VARIANTS`).
 
-    ``hidden_features`` is the gated width for gated variants. For the non-gated variants an
-    ``act_layer`` in ``kwargs`` is rejected, since the variant name fixes it.
+    ``hidden_features`` is the gated width for gated variants. An ``act_layer`` in ``kwargs`` is
+    rejected, since the variant name fixes the activation (the block classes themselves accept
+    and ignore it, as timm's ``Block`` passes one); ``approximate="tanh"`` selects the tanh GELU
+    for ``"geglu"`` and ``"gelu"``.
     """
     name = _check_variant(variant)
-    if name not in GATED_VARIANTS and "act_layer" in kwargs:
+    if "act_layer" in kwargs:
         raise TypeError(f"make_mlp({name!r}): the variant fixes the activation; drop act_layer")
+    if name == "gelu" and kwargs.get("approximate", "none") != "none":
+        approximate = kwargs.pop("approximate")
+        return MLP(
+            in_features,
+            hidden_features,
+            out_features,
+            act_layer=partial(nn.GELU, approximate=approximate),
+            **kwargs,
+        )
     return VARIANTS[name](in_features, hidden_features, out_features, **kwargs)
 
 
