@@ -378,6 +378,8 @@ def fit_pair(
     meta = {
         "pair": pair.name,
         "labels": {"model": pair.model_label, "baseline": pair.baseline_label},
+        "model_prefix": module.model_prefix,
+        "baseline_prefix": module.baseline_prefix,
         "task": pair.task,
         "params": {"model": m_params, "baseline": b_params},
         "settings": asdict(s),
@@ -602,7 +604,10 @@ def observations(rows: Sequence[dict[str, Any]]) -> list[str]:
                 f"(lower: {winner})."
             )
         if _finite(m["gap"], b["gap"]):
-            parts.append(f"Gap (val − train): {ml} {m['gap']:+.4g} vs {bl} {b['gap']:+.4g}.")
+            parts.append(
+                f"Clean gap (val − train subset, both in eval mode): {ml} {m['gap']:+.4g} vs "
+                f"{bl} {b['gap']:+.4g}."
+            )
         lines.append(" ".join(parts))
     return lines
 

@@ -8,7 +8,10 @@ Works on any run that used the glu-probe callbacks, with or without :class:`Pair
 * :func:`summarize` turns each sub-run into table rows, one per trained network (``model`` and
   ``baseline`` of a paired run, or the single network of a plain run): the NTK condition number
   κ = λ_max/λ_min at the first and last probe, the loss-crossing steps, and the last logged
-  train loss, validation loss and generalization gap (val − train).
+  train loss (the last logged batch), validation loss and the generalization gap: the
+  ``GeneralizationGapMonitor``'s clean gap (validation minus a training subset, both evaluated in
+  eval mode), which is not the difference of the two loss columns (the train column is one
+  training batch in train mode); val − train of those columns only when no gap was logged.
 * :func:`render_table` prints the rows with rich; :func:`plot_report` draws loss curves,
   condition-number curves and eigenvalue distributions (the ``ntk/.../log10_spectrum`` histograms
   at the first and last probe) with matplotlib's Agg backend.
@@ -27,6 +30,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +96,9 @@ class SubRun:
     scalars: dict[str, Series] = field(default_factory=dict)
     histograms: dict[str, list[HistogramSnapshot]] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
+    #: Tag prefix of each side of a paired run: ``PairedModule``'s ``model_prefix`` and
+    #: ``baseline_prefix`` (``pair.json``, else found in the tags; default model / baseline).
+    prefixes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -164,6 +171,9 @@ def _read_dir(path: Path, name: str) -> SubRun:
         try:
             data = json.loads(meta.read_text(encoding="utf-8"))
             sub.labels = {str(k): str(v) for k, v in data.get("labels", {}).items()}
+            for side in ("model", "baseline"):
+                if isinstance(data.get(f"{side}_prefix"), str):
+                    sub.prefixes[side] = data[f"{side}_prefix"]
         except (OSError, ValueError):
             sub.labels = {}
     return sub
@@ -193,13 +203,53 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
 # --------------------------------------------------------------------------------------------
 
 
+#: First tag components that are not a paired run's side (the monitors' own namespaces).
+_NOT_SIDES = {"ntk", "gap", "crossing", "hp_metric", "epoch"}
+
+
+def _side_prefix(sub: SubRun, side: str) -> str:
+    """The tag prefix of ``side`` (``"model"``/``"baseline"``; ``""`` for an unpaired run)."""
+    return sub.prefixes.get(side, side)
+
+
 def _sides(sub: SubRun) -> list[str]:
+    """``["model", "baseline"]`` for a paired sub-run (their tag prefixes in ``sub.prefixes``),
+    ``[""]`` otherwise. Custom ``PairedModule`` prefixes come from ``pair.json``; without it two
+    prefixes that both log a loss or a condition number are taken in alphabetical order, with a
+    warning (crossing directions assume the first is the GLU model)."""
     tags = set(sub.scalars) | set(sub.histograms)
-    paired = [s for s in ("model", "baseline") if any(t.startswith(f"{s}/") for t in tags)]
-    paired += [
-        s for s in ("model", "baseline") if s not in paired and f"ntk/{s}/condition_number" in tags
-    ]
-    return [s for s in ("model", "baseline") if s in paired] or [""]
+
+    def present(prefix: str) -> bool:
+        return any(t.startswith(f"{prefix}/") for t in tags) or (
+            f"ntk/{prefix}/condition_number" in tags
+        )
+
+    prefixes = [_side_prefix(sub, s) for s in ("model", "baseline")]
+    if all(present(p) for p in prefixes) or (
+        not sub.prefixes and any(present(p) for p in prefixes)
+    ):
+        return [s for s, p in zip(("model", "baseline"), prefixes, strict=True) if present(p)]
+    found = sorted(
+        {
+            t.split("/")[0]
+            for t in tags
+            if re.fullmatch(r"[^/]+/(train|val)_loss(_step|_epoch)?", t)
+            and t.split("/")[0] not in _NOT_SIDES
+        }
+        | {t.split("/")[1] for t in tags if re.fullmatch(r"ntk/[^/]+/condition_number", t)}
+    )
+    if len(found) == 2 and not sub.prefixes:
+        warnings.warn(
+            f"report: sub-run {sub.name!r} logs the paired prefixes {found} and has no pair.json "
+            f"naming them; {found[0]!r} is taken as the model (GLU) side, so crossing arrows "
+            "assume that. Write model_prefix / baseline_prefix into its pair.json to fix the "
+            "order",
+            UserWarning,
+            stacklevel=3,
+        )
+        sub.prefixes = {"model": found[0], "baseline": found[1]}
+        return ["model", "baseline"]
+    return [""]
 
 
 def _pick(sub: SubRun, candidates: Sequence[str]) -> Series | None:
@@ -238,8 +288,10 @@ def crossing_steps(sub: SubRun) -> tuple[list[tuple[int, float]], list[tuple[int
     if series is not None:
         pairs = zip(series.steps, series.values, strict=True)
         detected = [(int(s), float(v)) for s, v in pairs if v != 0]
-    a = _pick(sub, _loss_candidates("model", "train"))
-    b = _pick(sub, _loss_candidates("baseline", "train"))
+    if _sides(sub) != ["model", "baseline"]:
+        return list(detected), detected
+    a = _pick(sub, _loss_candidates(_side_prefix(sub, "model"), "train"))
+    b = _pick(sub, _loss_candidates(_side_prefix(sub, "baseline"), "train"))
     if a is None or b is None or len(a.values) < 2 or len(b.values) < 2:
         return list(detected), detected
     from glu_probe.crossing import find_crossings
@@ -262,10 +314,11 @@ def summarize(run: RunData) -> list[dict[str, Any]]:
     for name, sub in run.subruns.items():
         crossings, detected = crossing_steps(sub)
         for side in _sides(sub):
-            kappa = _pick(sub, _kappa_tag(side))
-            train = _pick(sub, _loss_candidates(side, "train"))
-            val = _pick(sub, _loss_candidates(side, "val"))
-            gap_series = _pick(sub, _gap_tags(side))
+            prefix = _side_prefix(sub, side)
+            kappa = _pick(sub, _kappa_tag(prefix))
+            train = _pick(sub, _loss_candidates(prefix, "train"))
+            val = _pick(sub, _loss_candidates(prefix, "val"))
+            gap_series = _pick(sub, _gap_tags(prefix))
             gap = gap_series.last if gap_series is not None else math.nan
             if gap_series is None and train is not None and val is not None:
                 gap = val.last - train.last
@@ -274,7 +327,7 @@ def summarize(run: RunData) -> list[dict[str, Any]]:
                 {
                     "run": name,
                     "side": side,
-                    "label": sub.labels.get(side, side or "(single)"),
+                    "label": sub.labels.get(side, prefix or "(single)"),
                     "kappa_init": kappa.first if kappa is not None else math.nan,
                     "kappa_end": kappa.last if kappa is not None else math.nan,
                     "steps": int(max(last_steps)) if last_steps else 0,
@@ -299,6 +352,9 @@ def _fmt_crossings(
 ) -> str:
     if not crossings:
         return "none"
+    if list(crossings) == list(detected):  # no loss curves to estimate from: markers only
+        parts = [f"{s}{'↑' if d > 0 else '↓'}" for s, d in detected[:4]]
+        return "confirmed " + ", ".join(parts) + (" …" if len(detected) > 4 else "")
     parts = [f"{s}{'↑' if d > 0 else '↓'}" for s, d in crossings[:4]]
     text = ", ".join(parts) + (" …" if len(crossings) > 4 else "")
     if detected:
@@ -324,7 +380,7 @@ def render_table(rows: Sequence[dict[str, Any]], title: str = "glu-probe summary
         ("crossing step(s)", "left"),
         ("train loss", "right"),
         ("val loss", "right"),
-        ("gap", "right"),
+        ("gap (clean)", "right"),
         ("steps", "right"),
     ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
@@ -403,10 +459,11 @@ def plot_report(run: RunData, path: str | os.PathLike[str], *, dpi: int = 110) -
     for i, (name, sub) in enumerate(run.subruns.items()):
         ax_loss, ax_kappa, ax_spec = axes[i]
         for side in _sides(sub):
-            label = sub.labels.get(side, side or name)
+            prefix = _side_prefix(sub, side)
+            label = sub.labels.get(side, prefix or name)
             c = colors.get(side, "tab:gray")
-            train = _pick(sub, _loss_candidates(side, "train"))
-            val = _pick(sub, _loss_candidates(side, "val"))
+            train = _pick(sub, _loss_candidates(prefix, "train"))
+            val = _pick(sub, _loss_candidates(prefix, "val"))
             if train is not None:
                 ax_loss.plot(train.steps, train.values, color=c, lw=0.6, alpha=0.25)
                 ax_loss.plot(
@@ -416,10 +473,10 @@ def plot_report(run: RunData, path: str | os.PathLike[str], *, dpi: int = 110) -
                 ax_loss.plot(
                     val.steps, val.values, color=c, ls="--", marker=".", label=f"{label} val"
                 )
-            kappa = _pick(sub, _kappa_tag(side))
+            kappa = _pick(sub, _kappa_tag(prefix))
             if kappa is not None:
                 ax_kappa.plot(kappa.steps, kappa.values, color=c, marker=".", label=label)
-            tag = _spectrum_tag(sub, side)
+            tag = _spectrum_tag(sub, prefix)
             if tag is not None:
                 snaps = sub.histograms[tag]
                 _plot_histogram(ax_spec, snaps[0], f"{label} step {snaps[0].step}", c, "--")

@@ -243,14 +243,58 @@ def test_resume_restores_baseline_stream(tmp_path):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("sched", ["step_lr", "plateau"])
+def test_epoch_schedulers_resume_from_an_epoch_end_checkpoint(tmp_path, sched):
+    """Lightning re-runs on_train_epoch_end after restoring a checkpoint saved there: the restored
+    epoch scheduler must not step again (StepLR ended at half the lr) and ReduceLROnPlateau,
+    whose metric no checkpoint holds, must not fail. Also: max_steps ending mid-epoch steps no
+    scheduler for the unfinished epoch, as Lightning's own update."""
+    train = DataLoader(_data(n=24), batch_size=8)  # 3 batches per epoch
+    val = DataLoader(_data(n=8, seed=4), batch_size=8)
+    factory = (
+        functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
+        if sched == "step_lr"
+        else functools.partial(
+            torch.optim.lr_scheduler.ReduceLROnPlateau, factor=0.5, patience=0, threshold=10.0
+        )
+    )
+
+    def run(steps: int, ckpt: str | None = None) -> tuple[PairedModule, pl.Trainer]:
+        module = PairedModule(
+            _net(1), _net(2), optimizer=torch.optim.SGD, lr=0.1, lr_scheduler=factory,
+            lr_scheduler_interval="epoch",
+        )  # fmt: skip
+        trainer = _trainer(tmp_path, max_steps=steps)
+        torch.manual_seed(0)
+        trainer.fit(module, train, val, ckpt_path=ckpt)
+        return module, trainer
+
+    full, _ = run(9)  # 3 epochs
+    _, trainer = run(6)  # 2 epochs, then a checkpoint
+    trainer.save_checkpoint(str(tmp_path / "e2.ckpt"))
+    resumed, _ = run(9, str(tmp_path / "e2.ckpt"))
+    for opt_full, opt_res in zip(full.optimizers(), resumed.optimizers(), strict=True):
+        assert opt_res.param_groups[0]["lr"] == opt_full.param_groups[0]["lr"] == 0.1 * 0.5**3
+    for p, q in zip(full.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+    partial, _ = run(7)  # 2 epochs and one batch of the third: 2 scheduler steps
+    for opt in partial.optimizers():
+        assert opt.param_groups[0]["lr"] == 0.1 * 0.5**2
+
+
 def test_bad_config():
     net = _net(0)
     with pytest.raises(MisconfigurationException, match="same object"):
         PairedModule(net, net)
     with pytest.raises(MisconfigurationException, match="unknown optimizer"):
         PairedModule(_net(0), _net(1), optimizer="adamx")
-    with pytest.raises(MisconfigurationException, match="lr must be > 0"):
-        PairedModule(_net(0), _net(1), lr=-1.0)
+    for lr in (-1.0, float("inf"), True):
+        with pytest.raises(MisconfigurationException, match="lr must be a finite number > 0"):
+            PairedModule(_net(0), _net(1), lr=lr)
+    with pytest.raises(MisconfigurationException, match="as lr=, not in optimizer_kwargs"):
+        PairedModule(_net(0), _net(1), optimizer_kwargs={"lr": 0.1})
+    with pytest.raises(MisconfigurationException, match="gradient_clip_val must be > 0"):
+        PairedModule(_net(0), _net(1), gradient_clip_val="1")  # type: ignore[arg-type]
     with pytest.raises(MisconfigurationException, match="must differ"):
         PairedModule(_net(0), _net(1), model_prefix="a", baseline_prefix="a")
     with pytest.raises(MisconfigurationException, match="without '/'"):

@@ -174,3 +174,32 @@ def test_seed_table_rounds_mean_and_std_alike():
         "2.40e+07 ± 3.1e+06", "512 ± 40", "109 ± 12 (2/3 seeds)", "2.3110 ± 0.0099",
         "2.4 ± 0", "+0.105 ± 0.012",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("with_meta", [True, False])
+def test_custom_paired_prefixes(tmp_path: Path, with_meta: bool):
+    """PairedModule(model_prefix="glu", baseline_prefix="relu"): two rows with their values, not
+    one empty "(single)" row; the order comes from pair.json, else alphabetical with a warning."""
+    w = SummaryWriter(str(tmp_path / "run"))
+    for step in range(30):
+        w.add_scalar("relu/train_loss", 1.0 - 0.01 * step, step)
+        w.add_scalar("glu/train_loss", 1.2 - 0.03 * step, step)
+    w.add_scalar("ntk/glu/condition_number", 40.0, 0)
+    w.add_scalar("ntk/relu/condition_number", 90.0, 0)
+    w.close()
+    if with_meta:
+        meta = {"model_prefix": "relu", "baseline_prefix": "glu"}  # deliberately not alphabetical
+        (tmp_path / "run" / "pair.json").write_text(json.dumps(meta))
+        rows = summarize(load_run(tmp_path))
+        model, baseline = "relu", "glu"
+    else:
+        with pytest.warns(UserWarning, match="'glu' is taken as the model"):
+            rows = summarize(load_run(tmp_path))
+        model, baseline = "glu", "relu"
+    assert [(r["side"], r["label"]) for r in rows] == [("model", model), ("baseline", baseline)]
+    by = {r["label"]: r for r in rows}
+    assert by["glu"]["kappa_init"] == 40.0 and by["relu"]["kappa_init"] == 90.0
+    assert by["glu"]["train_loss"] == pytest.approx(1.2 - 0.03 * 29)
+    # glu falls below relu at t = 10 exactly (1.2 - 0.3 = 1.0 - 0.1): a crossing either way round
+    assert len(rows[0]["crossings"]) == 1
+    assert rows[0]["crossings"][0][1] == (1.0 if model == "glu" else -1.0)

@@ -58,6 +58,7 @@ Logged metrics (names ``<model_prefix>/...`` and ``<baseline_prefix>/...``)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
@@ -257,8 +258,14 @@ class PairedModule(pl.LightningModule):
             raise MisconfigurationException(
                 f"PairedModule: optimizer must be a name, a class or a callable, got {optimizer!r}"
             )
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise MisconfigurationException(f"PairedModule: lr must be > 0, got {lr!r}")
+        if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
+            raise MisconfigurationException(
+                f"PairedModule: lr must be a finite number > 0, got {lr!r}"
+            )
+        if optimizer_kwargs is not None and "lr" in optimizer_kwargs:
+            raise MisconfigurationException(
+                "PairedModule: give the learning rate as lr=, not in optimizer_kwargs"
+            )
         if lr_scheduler_interval not in ("step", "epoch"):
             raise MisconfigurationException(
                 "PairedModule: lr_scheduler_interval must be 'step' or 'epoch', "
@@ -268,7 +275,11 @@ class PairedModule(pl.LightningModule):
             raise MisconfigurationException(
                 "PairedModule: lr_scheduler must be a factory optimizer -> scheduler"
             )
-        if gradient_clip_val is not None and not gradient_clip_val > 0:
+        if gradient_clip_val is not None and (
+            isinstance(gradient_clip_val, bool)
+            or not isinstance(gradient_clip_val, (int, float))
+            or not 0 < gradient_clip_val < math.inf
+        ):
             raise MisconfigurationException(
                 f"PairedModule: gradient_clip_val must be > 0 or None, got {gradient_clip_val!r}"
             )
@@ -448,8 +459,20 @@ class PairedModule(pl.LightningModule):
             )
 
     def on_train_epoch_end(self) -> None:
-        if self.lr_scheduler_factory is not None:
-            self._step_schedulers(plateau=True)
+        if self.lr_scheduler_factory is None:
+            return
+        # As Lightning's own epoch-level scheduler update (fit_loop.on_advance_end, which has no
+        # public hook): not on the re-run of an epoch end that a checkpoint saved after (the
+        # restored scheduler already stepped; ReduceLROnPlateau's metric is not in checkpoints),
+        # and only for a completed epoch (max_steps may end one early).
+        loop = getattr(self.trainer, "fit_loop", None)
+        if loop is not None:
+            if getattr(loop, "restarting", False):
+                return
+            ready = getattr(getattr(loop, "epoch_loop", None), "_num_ready_batches_reached", None)
+            if callable(ready) and not ready():
+                return
+        self._step_schedulers(plateau=True)
 
     def _step_schedulers(self, plateau: bool) -> None:
         scheds = self.lr_schedulers()
