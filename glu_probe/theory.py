@@ -62,6 +62,7 @@ __all__ = [
     "KernelCoefficients",
     "TwoLayer",
     "crossing_experiment",
+    "crossing_hypotheses",
     "crossing_verdicts",
     "empirical_ntk",
     "expected_loss_curve",
@@ -316,9 +317,9 @@ def paper_kernel(kind: str, X: Tensor | np.ndarray, m: int) -> Tensor:
     with $r_i = \lVert x_i\rVert$, $D = \mathrm{diag}(\lVert x_i\rVert^2)$ and the
     coefficients of `paper_coefficients` (``d`` = number of columns of ``X``).
 
-    This is the first-order Taylor expansion in $\rho_{ij}$ of the infinite-width kernel
-    (eq. 14/15 with the ReLU $\rho_{ij}^2$ term dropped); `expected_ntk` is the
-    kernel before that approximation.
+    This is the Taylor expansion in $\rho_{ij}$ of the infinite-width kernel, first order for
+    ReLU and second order for ReGLU (eq. 14/15 with the ReLU $\rho_{ij}^2$ term dropped);
+    `expected_ntk` is the kernel before that approximation.
     """
     Xt = _as_inputs(X)
     _check_pos_int(m=m)
@@ -544,6 +545,10 @@ def _gaussian_moments(act: str, X: Tensor, quad_nodes: int | None) -> tuple[Tens
     s = torch.sqrt(torch.clamp(torch.diagonal(S), min=0.0))
     ss = torch.outer(s, s)
     rho = torch.where(ss > 0, S / torch.where(ss > 0, ss, 1.0), torch.zeros_like(S)).clamp(-1, 1)
+    # A point with itself: ρ = 1 exactly (rounded S/(σσ) can be 1 − 1 ulp, and arccos there
+    # loses ~8 digits: the ReLU derivative kernel's diagonal came out 0.4999999976, not ½).
+    diag = torch.arange(S.shape[0])
+    rho[diag, diag] = torch.where(s > 0, 1.0, 0.0).to(rho.dtype)
     if act == "identity":
         return S, torch.ones_like(S)
     if act == "relu":
@@ -792,8 +797,10 @@ def predict_crossing(
     first step $k \le$ ``steps`` from which $L^b$ stays strictly below $L^a$ up
     to ``steps``, provided $L^b \ge L^a$ earlier; ``None`` if there is no such crossing in
     the horizon (including when b is below from the start). With ``K_a`` the non-GLU (ReLU) and
-    ``K_b`` the GLU (ReGLU) kernel this is the paper's crossing: ReLU is ahead early, ReGLU
-    overtakes.
+    ``K_b`` the GLU (ReGLU) kernel this is the crossing of the two Prop. 4.1 curves: ReLU ahead
+    early, ReGLU overtaking. The paper's crossing *result* (App. C) derives it under further
+    hypotheses, $Y^\top(K_a - K_b)Y \ge 0$, $d \ge 5$ and $n \ge 300$, which this function does
+    not assume; `crossing_hypotheses` checks them.
     """
     Ka, Kb = _as_kernel(K_a, "K_a"), _as_kernel(K_b, "K_b")
     if Ka.shape != Kb.shape:
@@ -801,6 +808,33 @@ def predict_crossing(
     la = expected_loss_curve(Ka, Y, eta, steps, init_cov=init_cov_a)
     lb = expected_loss_curve(Kb, Y, eta, steps, init_cov=init_cov_b)
     return _crossing_step(la, lb)
+
+
+def crossing_hypotheses(
+    K_a: Tensor | np.ndarray, K_b: Tensor | np.ndarray, Y: Tensor | np.ndarray, d: int
+) -> dict[str, Any]:
+    r"""The hypotheses of the paper's crossing result (App. C, after Prop. 4.1) for kernels
+    ``K_a`` (non-GLU, ReLU) and ``K_b`` (GLU, ReGLU) on targets ``Y`` of ``d``-dimensional inputs:
+    $Y^\top(K_a - K_b)Y \ge 0$ (the non-GLU model leads early), $d \ge 5$ and $n \ge 300$.
+
+    Returns ``{"quadratic_form": Yᵀ(K_a − K_b)Y, "d": d, "n": n, "sign_ok", "d_ok", "n_ok",
+    "all_hold"}``. A centred target (mean 0) removes ReLU's rank-one β·r rᵀ term from
+    $Y^\top K_a Y$, which is what makes the form positive in the paper's argument: with the
+    standardised targets of `crossing_experiment` it is typically negative, so a crossing seen
+    there is one of the Prop. 4.1 curves, not an instance of the conditional result.
+    """
+    Ka, Kb = _as_kernel(K_a, "K_a"), _as_kernel(K_b, "K_b")
+    y = torch.as_tensor(Y, dtype=torch.float64).reshape(-1)
+    if Ka.shape != Kb.shape or Ka.shape[0] != y.numel():
+        raise ValueError(
+            f"K_a {tuple(Ka.shape)}, K_b {tuple(Kb.shape)} and Y ({y.numel()}) do not match"
+        )
+    q = float(y @ (Ka - Kb) @ y)
+    n = int(y.numel())
+    out: dict[str, Any] = {"quadratic_form": q, "d": int(d), "n": n}
+    out |= {"sign_ok": q >= 0, "d_ok": d >= 5, "n_ok": n >= 300}
+    out["all_hold"] = bool(out["sign_ok"] and out["d_ok"] and out["n_ok"])
+    return out
 
 
 def train_two_layer(
@@ -1126,9 +1160,10 @@ def crossing_experiment(
     * ``observed``: real gradient descent of the two networks.
 
     Returns a dict with ``crossing_<source>`` (int or None), ``eta``, kernel extremes, final
-    mean-squared losses, and with ``keep_curves > 0`` the curves (MSE) subsampled to that many
-    points (``keep_curves > steps`` keeps every step, as `mean_crossings` needs;
-    points.
+    mean-squared losses, ``hypotheses`` (`crossing_hypotheses` of the measured kernels: whether
+    the paper's conditional crossing result applies to this setting), and with
+    ``keep_curves > 0`` the curves (MSE) subsampled to that many points (``keep_curves > steps``
+    keeps every step, as `mean_crossings` needs).
     """
     _check_pos_int(d=d, m=m, n=n)
     X = gaussian_inputs(n, d, seed=seed)
@@ -1160,6 +1195,7 @@ def crossing_experiment(
         out[f"{k}_final_mse_linear"] = float(curves["linear"][i][-1])
     for name, (ca, cb) in curves.items():
         out[f"crossing_{name}"] = _crossing_step(ca, cb)
+    out["hypotheses"] = crossing_hypotheses(Ks[0], Ks[1], Y, d)
     if keep_curves > 0:
         idx = torch.unique(torch.linspace(0, steps, keep_curves).round().long())
         out["curve_steps"] = idx.tolist()

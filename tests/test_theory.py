@@ -547,3 +547,30 @@ def test_example_quick_runs(tmp_path, monkeypatch, capsys):
     data = json.loads(out.read_text())
     assert len(data["spectrum"]) == 4 and len(data["crossing"]) == 2
     assert len(data["crossing_mean"]) == 1 and data["crossing_mean"][0]["seeds"] == 2
+
+
+def test_relu_kernels_on_the_diagonal_are_exact():
+    """ρ_ii = 1 exactly: arccos of a rounded 1 − 1 ulp lost ~8 digits (0.4999999976 for ½)."""
+    from glu_probe.theory import _gaussian_moments
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 7, generator=g, dtype=torch.float64) * 3.3
+    k1, k0 = _gaussian_moments("relu", X, None)
+    sigma2 = (X * X).sum(1) / X.shape[1]
+    torch.testing.assert_close(torch.diagonal(k0), torch.full((40,), 0.5, dtype=torch.float64),
+                               rtol=0, atol=1e-15)  # fmt: skip
+    torch.testing.assert_close(torch.diagonal(k1), sigma2 / 2, rtol=1e-15, atol=0)
+
+
+def test_crossing_hypotheses_closed_form():
+    from glu_probe.theory import crossing_hypotheses
+
+    n, beta = 6, 0.7
+    Kb = torch.eye(n, dtype=torch.float64)
+    Ka = Kb + beta * torch.ones(n, n, dtype=torch.float64)  # a rank-one β·1 1ᵀ term
+    y = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25], dtype=torch.float64)
+    h = crossing_hypotheses(Ka, Kb, y, d=4)
+    assert h["quadratic_form"] == pytest.approx(beta * float(y.sum()) ** 2, rel=1e-14)
+    assert h["sign_ok"] and not h["d_ok"] and not h["n_ok"] and not h["all_hold"]
+    centred = crossing_hypotheses(Ka, Kb, y - y.mean(), d=5)
+    assert centred["quadratic_form"] == pytest.approx(0.0, abs=1e-12) and centred["d_ok"]
