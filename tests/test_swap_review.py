@@ -485,3 +485,378 @@ def test_placeholders_take_the_training_flag_of_what_they_replace() -> None:
     for model in (bert, opt):
         swap_mlp(model, "swiglu")
         assert [n for n, m in model.named_modules() if m.training] == []
+
+
+# =====================================================================================
+# Second review (after 502079a): init preempted by T5's rule, aliases refused as ties, the
+# LLaMA check's full-size allocation, EVA / BEiT init, stand-ins sharing hook dicts, and the
+# shared-key check that silently did not run.
+# =====================================================================================
+
+
+def _std(t: torch.Tensor) -> float:
+    return t.detach().float().std().item()
+
+
+# ---------------------------------------------- 2nd review, finding 1: host init before T5's rule
+
+
+@pytest.mark.parametrize("init_range", [0.05, 1e-10])
+@pytest.mark.parametrize("variant", ["gelu", "swiglu"])
+def test_pix2struct_vision_mlp_gets_its_hosts_init_not_t5s(init_range: float, variant: str) -> None:
+    """Pix2Struct's vision MLP has T5's wi_0/wi_1/wo names but its host initialises it with
+    N(0, initializer_range²); T5's N(0, 1/fan_in) rule (0.088 / 0.036 here) must not preempt."""
+    config = _hf("Pix2StructVisionConfig")(
+        hidden_size=128,
+        patch_embed_hidden_size=128,
+        d_ff=512,
+        d_kv=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        initializer_range=init_range,
+        initializer_factor=1.0,
+    )
+    torch.manual_seed(0)
+    model = _hf("Pix2StructVisionModel")(config)
+    own = model.encoder.layer[0].mlp
+    own_in, own_out = _std(torch.cat([own.wi_0.weight, own.wi_1.weight])), _std(own.wo.weight)
+    assert math.isclose(own_in, init_range, rel_tol=0.03)  # what the host gives its own MLP
+    assert math.isclose(own_out, init_range, rel_tol=0.03)
+    report = swap_mlp(model, variant)
+    assert report.entries[0].hidden_features == (768 if variant == "gelu" else 512)
+    for k in range(2):
+        block = model.encoder.layer[k].mlp
+        fc1 = block.fc1.weight
+        assert math.isclose(_std(fc1), own_in, rel_tol=0.03)
+        assert math.isclose(_std(block.fc2.weight), own_out, rel_tol=0.03)
+        assert torch.all(block.fc2.bias == 0) if block.fc2.bias is not None else True
+
+
+def _t5(feed_forward_proj: str, d_ff: int = 512) -> Any:
+    return transformers.T5Config(
+        d_model=128,
+        d_ff=d_ff,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        d_kv=32,
+        vocab_size=64,
+        feed_forward_proj=feed_forward_proj,
+        initializer_factor=0.5,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+
+
+@pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu"])  # T5 v1.0, v1.1
+@pytest.mark.parametrize("variant", ["gelu", "swiglu"])
+def test_t5_blocks_get_t5s_own_init_weights_at_the_new_width(
+    feed_forward_proj: str, variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """T5's _init_weights itself (on a stand-in of the source block, with d_ff reading the new
+    width) gives wi N(0, 0.5²/128) and wo N(0, 0.5²/new width): what a T5 rebuilt from the
+    updated config gives its own blocks. Without a usable _init_weights, T5's formula."""
+    seen: list[str] = []
+    t5_init = transformers.T5PreTrainedModel._init_weights
+
+    def spy(self: Any, module: nn.Module) -> None:
+        seen.append(type(module).__name__)
+        t5_init(self, module)
+
+    monkeypatch.setattr(transformers.T5PreTrainedModel, "_init_weights", spy)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(_t5(feed_forward_proj))
+    before = copy.deepcopy(model)
+    seen.clear()
+    report = swap_mlp(model, variant)
+    hidden = report.entries[0].hidden_features
+    assert model.config.d_ff == hidden and model.encoder.config.d_ff == 512  # restored
+    want_cls = "T5DenseActDense" if feed_forward_proj == "relu" else "T5DenseGatedActDense"
+    n_in = 2 if hasattr(model.encoder.block[0].layer[1].DenseReluDense, "fc1_g") else 1
+    assert seen.count(want_cls) == 4 * n_in  # one stand-in per block and new input layer
+    torch.manual_seed(1)
+    rebuilt = transformers.T5ForConditionalGeneration(model.config)  # d_ff = new width
+    ref = rebuilt.encoder.block[0].layer[1].DenseReluDense
+    ref_in = ref.wi if hasattr(ref, "wi") else ref.wi_0
+    assert math.isclose(_std(ref_in.weight), 0.5 / math.sqrt(128), rel_tol=0.03)
+    assert math.isclose(_std(ref.wo.weight), 0.5 / math.sqrt(hidden), rel_tol=0.05)
+    for stack in (model.encoder, model.decoder):
+        block = stack.block[1].layer[-1].DenseReluDense
+        fc1 = block.fc1 if hasattr(block, "fc1") else block.fc1_g
+        assert math.isclose(_std(fc1.weight), _std(ref_in.weight), rel_tol=0.05)
+        assert math.isclose(_std(block.fc2.weight), _std(ref.wo.weight), rel_tol=0.05)
+
+    def broken(self: Any, module: nn.Module) -> None:
+        raise RuntimeError("no usable _init_weights")
+
+    monkeypatch.setattr(transformers.T5PreTrainedModel, "_init_weights", broken)
+    torch.manual_seed(0)
+    swap_mlp(before, variant)  # the fallback: T5's formula, same numbers
+    block = before.encoder.block[1].layer[1].DenseReluDense
+    fc1 = block.fc1 if hasattr(block, "fc1") else block.fc1_g
+    assert math.isclose(_std(fc1.weight), 0.5 / math.sqrt(128), rel_tol=0.05)
+    assert math.isclose(_std(block.fc2.weight), 0.5 / math.sqrt(hidden), rel_tol=0.05)
+
+
+# ------------------------------------------- 2nd review, finding 2: aliases are not ties
+
+
+class _Alias(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.backbone = net  # the same model under a second name (EMA, back-compat)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.net(input_ids=ids).logits
+
+
+def test_model_registered_under_two_names_swaps_as_one() -> None:
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, bos_token_id=0
+    )
+    config.eos_token_id = 0
+    model = _Alias(transformers.GPT2LMHeadModel(config))
+    n0 = _n(model)
+    report = swap_mlp(model, "swiglu")
+    assert report.paths == ["net.transformer.h.0.mlp", "net.transformer.h.1.mlp"]
+    # GPT2MLP 64->256->64: 33088 parameters; SwiGLU width 170: 64·340+340 + 170·64+64 = 33044.
+    assert [(e.params_before, e.params_after) for e in report.entries] == [(33088, 33044)] * 2
+    assert _n(model) - n0 == report.params_after - report.params_before == -88
+    for k in range(2):
+        assert model.backbone.transformer.h[k].mlp is model.net.transformer.h[k].mlp
+        assert isinstance(model.backbone.transformer.h[k].mlp, GatedMLP)
+    assert report.config_updates["net.config.n_inner"] == (None, 170)
+    assert model(torch.randint(0, 100, (1, 5))).shape == (1, 5, 100)
+
+
+def test_block_under_two_attribute_names_is_replaced_under_both() -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+    for blk in vit.blocks:
+        blk.ffn = blk.mlp  # registered twice on its parent: named_children finds it once
+    n0 = _n(vit)
+    report = swap_mlp(vit, "gelu", hidden_features=128)
+    assert report.paths == ["blocks.0.mlp", "blocks.1.mlp"]
+    for blk in vit.blocks:
+        assert isinstance(blk.mlp, MLP) and blk.ffn is blk.mlp
+    # timm Mlp 64->256->64 (33088) -> 64->128->64 (16576), twice.
+    assert _n(vit) - n0 == report.params_after - report.params_before == 2 * (16576 - 33088)
+
+
+def test_ties_between_distinct_blocks_are_still_refused_and_strict_false_skips_them() -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2)
+    vit.alias = vit.blocks  # an alias does not hide the real tie below
+    vit.blocks[1].mlp.fc1.weight = vit.blocks[0].mlp.fc1.weight
+    n0 = _n(vit)
+    with pytest.raises(UnsupportedModelError, match=r"blocks\.0\.mlp\.fc1\.weight.*blocks\.1"):
+        swap_mlp(vit, "gelu")
+    assert _n(vit) == n0
+    with pytest.warns(UserWarning, match=r"2 block\(s\) matched by an adapter cannot be swapped"):
+        report = swap_mlp(vit, "gelu", hidden_features=128, strict=False)
+    assert report.paths == ["blocks.2.mlp"] and len(report.unrecognised) == 2
+    assert vit.blocks[1].mlp.fc1.weight is vit.blocks[0].mlp.fc1.weight  # still tied
+    assert _n(vit) - n0 == 16576 - 33088
+
+
+# -------------------------------- 2nd review, finding 3: the LLaMA check allocates nothing big
+
+
+def test_llama_check_runs_on_a_tiny_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from glu_probe.swap import structural
+
+    shapes: list[tuple[int, int]] = []
+    fresh = structural.fresh_linear
+
+    def spy(lin: nn.Linear, gen: torch.Generator, prefix: str) -> dict[str, torch.Tensor]:
+        shapes.append((lin.out_features, lin.in_features))
+        return fresh(lin, gen, prefix)
+
+    monkeypatch.setattr(structural, "fresh_linear", spy)
+    monkeypatch.setattr(structural, "_SPLIT_VERDICTS", {})
+    config = transformers.LlamaConfig(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=2,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128,
+    )
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    report = swap_mlp(model, "gelu")
+    assert [e.adapter for e in report.entries] == ["hf_llama"] * 2
+    assert shapes == [(16, 8), (16, 8), (8, 16)]  # one check, on the reduced copy
+    # The reduced copy still tells a block that computes more: multipliers ≠ 1, on meta, big.
+    with torch.device("meta"):
+        scaled = _ScaledMLP()
+        scaled.gate_proj = nn.Linear(8192, 28672, bias=False)
+        scaled.up_proj = nn.Linear(8192, 28672, bias=False)
+        scaled.down_proj = nn.Linear(28672, 8192, bias=False)
+    assert not structural.verify_split_gated(scaled, "gate_proj", "up_proj", "down_proj", "act_fn")
+    assert max(o * i for o, i in shapes) == 16 * 8
+
+
+def test_llama_check_maps_width_settings_of_the_block() -> None:
+    """A forward that reads its stored widths (``view(-1, self.hidden_size)``) still passes."""
+    from glu_probe.swap.structural import verify_split_gated
+
+    class _Viewing(_LlamaLike):
+        def __init__(self) -> None:
+            super().__init__(d=4096, h=11008)
+            self.hidden_size, self.intermediate_size = 4096, 11008
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+            return self.down_proj(h.view(-1, self.intermediate_size)).view(*x.shape[:-1], -1)
+
+    with torch.device("meta"):
+        block = _Viewing()
+    assert verify_split_gated(block, "gate_proj", "up_proj", "down_proj", "act_fn")
+
+
+def test_llama_7b_shape_on_meta_swaps_fast_without_allocating() -> None:
+    """Peak RSS and time of the swap alone, in a fresh process: its VmHWM (peak resident set of
+    its own address space; ``ru_maxrss`` would carry the parent's peak over ``exec``). Before
+    the fix: +700 MiB and 2.5-4 s for this shape (+3.6 GiB and 14-29 s for 70B)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc/self/status (Linux)")
+    script = """
+import time, warnings, torch, transformers
+from glu_probe.swap import swap_mlp
+warnings.simplefilter("ignore")
+def hwm():
+    line = next(x for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                               num_attention_heads=32, vocab_size=32000)
+with torch.device("meta"):
+    m = transformers.LlamaForCausalLM(cfg)
+torch.randn(4)
+r0 = hwm()
+t = time.perf_counter()
+rep = swap_mlp(m, "gelu")
+dt = time.perf_counter() - t
+assert len(rep.entries) == 32 and {p.device.type for p in m.parameters()} == {"meta"}
+print(dt, hwm() - r0)
+"""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    seconds, extra_mib = map(float, out.stdout.split()[-2:])
+    assert seconds < 5.0
+    assert extra_mib < 100.0
+
+
+# ----------------------------------------------------- 2nd review, finding 4: EVA / BEiT init
+
+
+@pytest.mark.parametrize("variant", ["gelu", "swiglu"])
+@pytest.mark.parametrize("family", ["eva_swiglu", "eva_mlp", "beit"])
+def test_eva_and_beit_blocks_get_their_hosts_init_and_depth_rescale(
+    family: str, variant: str
+) -> None:
+    if family == "beit":
+        from timm.models.beit import Beit
+
+        def build() -> nn.Module:
+            return Beit(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2)
+    else:
+        from timm.models.eva import Eva
+
+        def build() -> nn.Module:
+            kw = {"swiglu_mlp": True, "mlp_ratio": 8 / 3} if family == "eva_swiglu" else {}
+            return Eva(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2, **kw)
+
+    torch.manual_seed(0)
+    model: Any = build()
+    own = [_std(b.mlp.fc2.weight) for b in model.blocks]
+    for k, s in enumerate(own):  # what the host gives its own fc2: 0.02 / sqrt(2(k+1))
+        assert math.isclose(s, 0.02 / math.sqrt(2 * (k + 1)), rel_tol=0.05)
+    own_gate = getattr(model.blocks[0].mlp, "fc1_g", None)
+    if own_gate is not None:  # EVA's own SwiGLU gate: trunc_normal(0.02), zero bias
+        assert math.isclose(_std(own_gate.weight), 0.02, rel_tol=0.05)
+        assert torch.all(own_gate.bias == 0)
+    torch.manual_seed(1)
+    swap_mlp(model, variant, hidden_features=256, packed=False) if variant == "swiglu" else (
+        swap_mlp(model, variant, hidden_features=256)
+    )
+    for k, block in enumerate(model.blocks):
+        new = block.mlp
+        assert math.isclose(_std(new.fc2.weight), own[k], rel_tol=0.05)
+        assert torch.all(new.fc2.bias == 0)
+        first = new.fc1_g if variant == "swiglu" else new.fc1
+        assert math.isclose(_std(first.weight), 0.02, rel_tol=0.05)  # not timm SwiGLU's 1e-6
+        assert torch.all(first.bias == 0)  # not timm SwiGLU's gate bias 1
+
+
+# --------------------------------------- 2nd review, finding 5: stand-ins own their hook dicts
+
+
+def test_stand_in_gets_fresh_hook_dicts_and_buffer_set() -> None:
+    from glu_probe.swap.core import _stand_in
+
+    source = _LlamaLike()
+    source.register_forward_hook(lambda *a: None)
+    source.register_buffer("scale", torch.ones(1), persistent=False)
+    state = {k: (type(v), len(v)) for k, v in vars(source).items() if isinstance(v, dict | set)}
+    new_in, new_out = nn.Linear(32, 64), nn.Linear(64, 32)
+    stand = _stand_in(source, {"gate_proj": new_in, "up_proj": new_in, "down_proj": new_out})
+    assert type(stand) is _LlamaLike and stand.act_fn is source.act_fn
+    assert dict(stand.named_parameters()).keys() == {
+        "gate_proj.weight",
+        "gate_proj.bias",
+        "down_proj.weight",
+        "down_proj.bias",
+    }
+    assert len(stand._forward_hooks) == 0 and stand._non_persistent_buffers_set == set()
+    # What a host's _init_weights might do to its argument stays on the stand-in.
+    stand.register_forward_hook(lambda *a: None)
+    stand.register_forward_pre_hook(lambda *a: None)
+    stand.register_buffer("extra", torch.zeros(1), persistent=False)
+    after = {k: (type(v), len(v)) for k, v in vars(source).items() if isinstance(v, dict | set)}
+    assert after == state and "extra" not in source._buffers
+    assert all(
+        vars(stand)[k] is not v for k, v in vars(source).items() if isinstance(v, dict | set)
+    )
+
+
+# --------------------------------------- 2nd review, finding 6: an unchecked config is named
+
+
+class _ConfigWrapper(nn.Module):
+    """Exposes its model's config itself: no PreTrainedModel at the config's owner path."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.config = net.config
+
+
+def test_config_written_without_the_shared_key_check_is_reported() -> None:
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=64,
+    )
+    plain = swap_mlp(transformers.LlamaForCausalLM(copy.deepcopy(config)), "gelu")
+    assert plain.config_unchecked == {} and plain.config_skipped == {}
+    wrapped = _ConfigWrapper(transformers.LlamaForCausalLM(config))
+    report = swap_mlp(wrapped, "gelu")
+    assert report.config_updates["intermediate_size"] == (176, 264)  # still written
+    assert report.config_updates["hidden_act"] == ("silu", "gelu")
+    assert list(report.config_unchecked) == ["config"]
+    assert "no Hugging Face PreTrainedModel" in report.config_unchecked["config"]
+    assert "config updated without the shared-key check" in report.to_markdown()

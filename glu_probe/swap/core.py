@@ -15,6 +15,7 @@ error is at most ``multiple_of_used · slope / 2`` parameters.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -205,6 +206,11 @@ class SwapReport:
     config_skipped: dict[str, str] = field(default_factory=dict)
     """Config keys left unchanged on purpose (same naming as ``config_updates``) and why: e.g. an
     activation key that other, non-MLP modules of a model rebuilt from the config read too."""
+    config_unchecked: dict[str, str] = field(default_factory=dict)
+    """Configs (``"config"``, or ``"<path>.config"`` for a sub-model's) whose keys were written
+    *without* the shared-key check behind :attr:`config_skipped`, and why: the host could not be
+    rebuilt from the config on the ``meta`` device (a constructor that needs real values or
+    more arguments, a wrapper that only exposes the config, a pretrained backbone to load)."""
 
     @property
     def paths(self) -> list[str]:
@@ -260,6 +266,8 @@ class SwapReport:
             )
         for key, why in self.config_skipped.items():
             lines.append(f"config {key} left unchanged: {why}")
+        for key, why in self.config_unchecked.items():
+            lines.append(f"{key} updated without the shared-key check: {why}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -435,36 +443,54 @@ def _init_host(root: nn.Module, path: str) -> tuple[str, nn.Module, str] | None:
     return None
 
 
-def _source_roles(source: nn.Module) -> tuple[str, str] | None:
-    """Child names of the source block's input (first/gate) and output layers, for a block the
-    swap *replaces* (not a layer it rewires) and that holds nothing else with parameters."""
-    for inp, out in (("gate_proj", "down_proj"), ("c_fc", "c_proj")):
-        if hasattr(source, inp) and hasattr(source, out):
-            return inp, out
+def _source_roles(source: nn.Module) -> tuple[tuple[str, ...], str] | None:
+    """Child names of the source block's input layers (the gate and up projections of a split
+    gated block, else the one input layer) and of its output layer, for a block the swap
+    *replaces* (not a layer it rewires) and that holds nothing else with parameters."""
+    for ins, out in ((("gate_proj", "up_proj"), "down_proj"), (("c_fc",), "c_proj")):
+        if all(hasattr(source, n) for n in (*ins, out)):
+            return ins, out
     from glu_probe.swap.structural import _analyse
 
     form = _analyse(source)
     if form is None:
         return None
     names = {id(c): n for n, c in source.named_children()}
-    return names[id(form.fc1)], names[id(form.fc2)]
+    inputs = (names[id(form.fc1)],) + ((names[id(form.up)],) if form.up is not None else ())
+    return inputs, names[id(form.fc2)]
+
+
+#: ``nn.Module``'s own bookkeeping containers (hooks, the non-persistent buffer set, ...), by
+#: attribute name and type: a stand-in gets fresh empty ones, never the live module's.
+_MODULE_CONTAINERS: dict[str, type] = {
+    k: type(v) for k, v in vars(nn.Module()).items() if isinstance(v, dict | set)
+}
+
+
+def _shell(source: nn.Module, children: dict[str, nn.Module]) -> nn.Module:
+    """A module of ``source``'s class and instance settings (``__init__`` not run) whose
+    children are ``children``, with no parameters or buffers of its own and fresh, empty hook
+    dicts and non-persistent buffer set: whatever is registered on it stays off ``source``.
+    Other attributes (e.g. a ``config``) are shared by reference, read-only by convention."""
+    shell = object.__new__(type(source))
+    state = shell.__dict__
+    state.update(source.__dict__)
+    state.update({k: t() for k, t in _MODULE_CONTAINERS.items()})
+    state["_is_full_backward_hook"] = None
+    state["_modules"] = dict(children)
+    return shell
 
 
 def _stand_in(source: nn.Module, children: dict[str, nn.Module]) -> nn.Module:
     """A shallow stand-in for ``source`` (same class and instance settings) whose parameterised
-    children are ``children`` only: the host's ``_init_weights`` sees the new layers under the
-    source's names, and nothing of the live model is touched."""
-    stand = object.__new__(type(source))
-    stand.__dict__.update(source.__dict__)
-    stand.__dict__["_parameters"] = {}
-    stand.__dict__["_buffers"] = {}
+    children are ``children`` only (:func:`_shell`): the host's ``_init_weights`` sees the new
+    layers under the source's names, and nothing of the live model is touched."""
     kept = {
         n: c
         for n, c in source.named_children()
         if not any(True for _ in c.parameters()) and not any(True for _ in c.buffers())
     }
-    stand.__dict__["_modules"] = {**kept, **children}
-    return stand
+    return _shell(source, {**kept, **children})
 
 
 def _new_layers(block: nn.Module) -> tuple[list[nn.Module], nn.Module | None]:
@@ -487,27 +513,74 @@ def _is_t5_block(source: nn.Module | None) -> bool:
     )
 
 
-def _hf_init(host: nn.Module, block: nn.Module, source: nn.Module | None) -> bool:
+def _fan_in(layer: nn.Module | None) -> int | None:
+    """Input width of a ``Linear`` / ``Conv2d`` (the hidden width, for an output layer)."""
+    width = getattr(layer, "in_features", None) or getattr(layer, "in_channels", None)
+    return width if isinstance(width, int) else None
+
+
+@contextlib.contextmanager
+def _config_width(config: Any, old: int | None, new: int | None) -> Iterator[None]:
+    """Inside the ``with`` statement, the config's MLP-width keys (:data:`WIDTH_KEYS` of the
+    structural adapter: ``d_ff``, ``intermediate_size``, ...) that hold the source's width
+    ``old`` read ``new``, the width the swap writes there afterwards; restored on exit. An
+    ``_init_weights`` that scales by the configured width (T5's ``wo``: ``factor/√d_ff``) then
+    initialises the new block as it would a block of a host rebuilt from the updated config."""
+    from glu_probe.swap.structural import WIDTH_KEYS
+
+    saved: dict[str, Any] = {}
+    if config is not None and old is not None and new is not None and old != new:
+        for key in WIDTH_KEYS:
+            value = getattr(config, key, None)
+            if type(value) is int and value == old:
+                saved[key] = value
+    try:
+        for key in saved:
+            setattr(config, key, new)
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(config, key, value)
+
+
+def _hf_init(
+    host: nn.Module, block: nn.Module, source: nn.Module | None, *, class_rule: bool = False
+) -> bool:
     """The host ``PreTrainedModel``'s own ``_init_weights``: on every new sub-module (as HF's
     ``initialize_weights`` does), then on a stand-in of the source block holding the new layers
     under the source's names (so class-specific rules apply: CLIP's MLP stds, GPT-2's scaled
-    ``c_proj``). ``False`` where the host has no ``_init_weights`` or it fails."""
+    ``c_proj``, T5's ``wi``/``wo``), with the config's width keys reading the new width
+    (:func:`_config_width`). ``False`` where the host has no ``_init_weights`` or it fails, or
+    (``class_rule=True``) where no stand-in can be built."""
     init_fn = getattr(host, "_init_weights", None)
     if not callable(init_fn):
         return False
+    roles = _source_roles(source) if source is not None else None
+    ins, out = _new_layers(block)
+    can_stand_in = roles is not None and bool(ins) and out is not None
+    if class_rule and not can_stand_in:
+        return False
+    old_width = None
+    if roles is not None and source is not None:
+        old_width = _fan_in(getattr(source, roles[1], None))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _config_width(_hf_config(host), old_width, _fan_in(out)):
             for m in block.modules():
                 if m is not block and not isinstance(m, nn.Sequential):
                     init_fn(m)
-            roles = _source_roles(source) if source is not None else None
-            ins, out = _new_layers(block)
-            if roles is not None and ins and out is not None:
+            if can_stand_in:
+                assert roles is not None and source is not None and out is not None
                 for lin in ins:
-                    init_fn(_stand_in(source, {roles[0]: lin, roles[1]: out}))  # type: ignore[arg-type]
+                    init_fn(_stand_in(source, {**dict.fromkeys(roles[0], lin), roles[1]: out}))
     except Exception:
         return False
     return True
+
+
+#: timm families whose models initialise their Linear layers with their own ``_init_weights``
+#: (trunc_normal(0.02), zero bias) and then, always, divide ``blocks[i].mlp.fc2`` (and the
+#: attention projection) by ``sqrt(2·(i+1))`` in ``fix_init_weight``.
+_DEPTH_RESCALED = ("timm.models.eva", "timm.models.beit")
 
 
 def _timm_init(host: nn.Module, name: str, block: Any) -> None:
@@ -519,6 +592,20 @@ def _timm_init(host: nn.Module, name: str, block: Any) -> None:
     family = sys.modules.get(type(host).__module__)
     fn = getattr(family, "_init_weights", None)
     with torch.no_grad():
+        own_init: Any = getattr(host, "_init_weights", None)
+        if type(host).__module__ in _DEPTH_RESCALED and callable(own_init):
+            # EVA / EVA-02 / BEiT: the model's own _init_weights on the Linear layers only
+            # (trunc_normal(0.02), zero bias; gates included: EVA never calls SwiGLU's
+            # init_weights), then fix_init_weight's 1/sqrt(2·(layer+1)) on blocks[layer].mlp.fc2.
+            for m in block.modules():
+                if isinstance(m, nn.Linear):
+                    own_init(m)
+            hit = re.fullmatch(r"blocks\.(\d+)\.mlp", name)
+            if hit and callable(getattr(host, "fix_init_weight", None)):
+                _, out = _new_layers(block)
+                if isinstance(out, nn.Linear):
+                    out.weight.div_(math.sqrt(2.0 * (int(hit.group(1)) + 1)))
+            return
         if (
             not hasattr(host, "weight_init_mode")
             and callable(fn)
@@ -552,25 +639,42 @@ def host_init(root: nn.Module, path: str, block: Any, *, source: nn.Module | Non
     towers of a composite model get their own conventions); ``source`` is the block being
     replaced.
 
-    * Hugging Face T5 family (a ``source`` with T5's ``wi``/``wo`` layers and a config with
-      ``initializer_factor``): weights N(0, (factor / √fan_in)²), T5's ``wi`` / ``wo`` init.
-    * Hugging Face otherwise: the host's own ``_init_weights``, applied to every new sub-module
-      (plain layers: N(0, initializer_range²) or as the family does, zero biases) and then to a
-      stand-in of the source block holding the new layers under the source's names, so that a
+    * Hugging Face: the host's own ``_init_weights``, applied to every new sub-module (plain
+      layers: N(0, initializer_range²) or as the family does, zero biases) and then to a
+      stand-in of the source block holding the new layers under the source's names (the
+      source's class, fresh hook dicts: nothing of the live model is touched), so that a
       class-specific rule applies as to the source: GPT-2's scaled output projection
-      ``r / sqrt(2 · n_layer)``, CLIP's ``fc1`` / ``fc2`` stds. For gated blocks both input
-      layers get the rule of the source's input layer. If the host has no ``_init_weights``
-      (or it fails): N(0, r²) with ``r`` the config's ``initializer_range`` or ``init_std``.
+      ``r / sqrt(2 · n_layer)``, CLIP's ``fc1`` / ``fc2`` stds, T5's ``wi`` / ``wo`` rule
+      (``factor/√d_model``, ``factor/√d_ff``; T5 v1.0 and v1.1, MT5, ...), and no T5 rule
+      where the host's ``_init_weights`` has none for the block (Pix2Struct's vision MLP, which
+      has ``wi``/``wo`` layers but gets N(0, initializer_range²)). While it runs, the config's
+      MLP-width keys (``d_ff``, ``intermediate_size``, ``n_inner``, ``hidden_dim``,
+      ``ffn_dim``) that hold the source's width read the new width, the value the swap writes
+      there: a width-scaled rule (T5's ``wo``) gives what a host rebuilt from the updated
+      config gives its own blocks. For gated blocks both input layers get the rule of the
+      source's input layer(s).
+    * Hugging Face fallbacks: a T5-family block (``source`` with ``wi``/``wo`` layers, config
+      with ``initializer_factor``) whose host has no usable ``_init_weights`` (or whose
+      stand-in cannot be built), or a block with no ``source`` in a host whose config has
+      ``initializer_factor`` and no ``initializer_range``: T5's rule, N(0, (factor/√fan_in)²),
+      zero biases. Otherwise, if the host has no ``_init_weights`` (or it fails): N(0, r²)
+      with ``r`` the config's ``initializer_range`` or ``init_std``.
+    * timm EVA / EVA-02 and BEiT: the model's own ``_init_weights`` on every ``Linear`` of the
+      new block (trunc_normal(0.02), zero bias; a gated block's gate too, as EVA's own
+      ``SwiGLU`` / ``GluMlp`` get it: EVA never calls their ``init_weights``), then
+      ``fix_init_weight``'s depth rescaling of ``blocks[i].mlp.fc2`` by ``1/sqrt(2·(i+1))``.
+      Inner norms keep their fresh (ones / zeros) init, as EVA leaves them.
     * timm ConvNeXt / MLP-Mixer (and ResMLP): the family's own ``_init_weights`` (ConvNeXt:
       trunc_normal(0.02) and zero bias for ``Linear`` and the 1x1 ``Conv2d`` of ``conv_mlp``;
       Mixer: xavier-uniform weights and N(0, 1e-6²) biases).
     * other timm models: the ViT init (``weight_init_mode``: '' -> trunc_normal(0.02) / zero
       bias, or jax / moco), applied with timm's own ``named_apply`` so that blocks with an
       ``init_weights()`` (timm's ``SwiGLU``, our ``GatedMLP``) get it exactly as in a freshly
-      built timm ViT; plus ``fix_init`` rescaling of ``fc2`` by ``1/sqrt(2·(layer+1))``. This is
-      the convention of the ViT family; other timm families (Swin, CaiT, BEiT, EVA, ...) use the
-      same trunc_normal(0.02) / zero-bias Linear init, but BEiT's and EVA's depth rescaling of
-      ``fc2`` is not applied.
+      built timm ViT (gate weight N(0, 1e-6²), gate bias 1); plus ``fix_init`` rescaling of
+      ``fc2`` by ``1/sqrt(2·(layer+1))``. This is the convention of the ViT family; other timm
+      families (Swin, CaiT, ...) use the same trunc_normal(0.02) / zero-bias Linear init, and
+      their new gated blocks get the ViT gate convention above. Depth rescalings other than
+      ViT's ``fix_init`` and EVA's / BEiT's ``fix_init_weight`` are not applied.
     * anything else: the block keeps ``nn.Linear``'s default init.
     """
     found = _init_host(root, path)
@@ -584,9 +688,20 @@ def host_init(root: nn.Module, path: str, block: Any, *, source: nn.Module | Non
     config = _hf_config(host)
     if config is None:
         return
-    if hasattr(config, "initializer_factor") and (
+    # T5's rule, N(0, (factor/√fan_in)²), is a fallback: the host's own _init_weights applies it
+    # to its T5-family blocks through the stand-in (with d_ff reading the new width) and gives
+    # other blocks with wi/wo layers (Pix2Struct's vision MLP) the host's rule for them.
+    t5_rule = hasattr(config, "initializer_factor") and (
         _is_t5_block(source) or (source is None and not hasattr(config, "initializer_range"))
+    )
+    class_rule = _is_t5_block(source)
+    if (
+        not (t5_rule and source is None)
+        and _is_pretrained(host)
+        and _hf_init(host, block, source, class_rule=class_rule)
     ):
+        return
+    if t5_rule:
         factor = float(config.initializer_factor)
         with torch.no_grad():
             for m in block.modules():
@@ -594,8 +709,6 @@ def host_init(root: nn.Module, path: str, block: Any, *, source: nn.Module | Non
                     nn.init.normal_(m.weight, mean=0.0, std=factor / math.sqrt(m.in_features))
                     if m.bias is not None:
                         nn.init.zeros_(m.bias)
-        return
-    if _is_pretrained(host) and _hf_init(host, block, source):
         return
     std_key = next((k for k in ("initializer_range", "init_std") if hasattr(config, k)), None)
     if std_key is not None:
@@ -840,12 +953,17 @@ def swap_mlp(
 
     # Parameters of a block that are also used elsewhere (tied to another block's, or to a
     # non-MLP module): a swap would untie them and miscount. Whole shared blocks are fine.
+    # Every path of every block, aliases included: a model registered under two names
+    # (``self.net = m; self.backbone = m``) or a block under two attribute names is found once
+    # by the walk (``named_children`` de-duplicates) but reaches its parameters by each name.
     param_names: dict[int, list[str]] = {}
     for n, q in model.named_parameters(remove_duplicate=False):
         param_names.setdefault(id(q), []).append(n)
+    found_ids = {id(old) for _, old, _ in found}
     paths_of: dict[int, list[str]] = {}
-    for path, old, _ in found:
-        paths_of.setdefault(id(old), []).append(path)
+    for n, m in model.named_modules(remove_duplicate=False):
+        if id(m) in found_ids:
+            paths_of.setdefault(id(m), []).append(n)
 
     # Describe and build everything before installing anything: all or nothing.
     plan: list[tuple[str, nn.Module, MLPAdapter, nn.Module, SwapEntry]] = []
@@ -864,6 +982,7 @@ def swap_mlp(
             plan.append((path, old, adapter, new, entry))
             continue
         try:
+            _check_tied(path, old, adapter, paths_of[id(old)], param_names)
             spec = adapter.describe(old)
         except UnsupportedModelError as err:
             what = f"{path} ({type(old).__name__}; adapter {adapter.name!r}: {err})"
@@ -875,7 +994,6 @@ def swap_mlp(
             failed[id(old)] = path
             skipped.append(what)
             continue
-        _check_tied(path, old, adapter, paths_of[id(old)], param_names)
         owner = config_owner(model, path)
         record = getattr(owner[2], RECORD_ATTR, None) if owner is not None else None
         if not isinstance(record, dict):
@@ -914,6 +1032,7 @@ def swap_mlp(
         warnings.warn(msg, UserWarning, stacklevel=2)
     for path, old, adapter, new, _ in plan:
         adapter.install(model, path, old, new)
+    _repoint_aliases(model, plan, paths_of)
 
     report = SwapReport(variant=variant, match=match, entries=[e for *_, e in plan])
     report.unrecognised = suspects + skipped
@@ -928,12 +1047,14 @@ def swap_mlp(
         new_act = getattr(plan[ks[0]][3], "act", None)
         act = activation_name(new_act) if isinstance(new_act, nn.Module) else None
         adapters_used = [plan[k][2] for k in ks]
-        updates, kept = _update_config(
+        updates, kept, unchecked = _update_config(
             model, owner_path, owner_module, config, sub, adapters_used, act
         )
         prefix = f"{owner_path}.config." if owner_path else ""
         report.config_updates.update({prefix + k: v for k, v in updates.items()})
         report.config_skipped.update({prefix + k: v for k, v in kept.items()})
+        if unchecked is not None:
+            report.config_unchecked[f"{owner_path}.config" if owner_path else "config"] = unchecked
     return report
 
 
@@ -944,7 +1065,10 @@ def _check_tied(
     paths: list[str],
     param_names: dict[int, list[str]],
 ) -> None:
-    """Refuse a block whose replaced parameters are also used outside it (module docstring)."""
+    """Refuse a block whose replaced parameters are also used outside it (module docstring).
+
+    ``paths`` are all the paths of the block module, aliases included: a name reaching a
+    parameter through any of them is the block's own."""
     for q in adapter.source_parameters(block):
         names = param_names.get(id(q), [])
         inside = [n for n in names if any(n.startswith(p + ".") for p in paths)]
@@ -952,12 +1076,39 @@ def _check_tied(
         if outside:
             shown = ", ".join(outside[:3]) + (", ..." if len(outside) > 3 else "")
             raise UnsupportedModelError(
-                f"swap_mlp: the parameter {inside[0] if inside else '?'} of the MLP block at "
-                f"{path} ({type(block).__name__}) is also {shown}: weights tied between "
-                "distinct blocks (or to a non-MLP module) would be silently untied by a swap, "
-                "and its parameter count would be wrong. Untie them first, or share the whole "
-                f"block module (which is kept shared). {_REGISTER_HELP}"
+                f"the parameter {inside[0] if inside else '?'} of the MLP block at {path} "
+                f"({type(block).__name__}) is also {shown}: weights tied between distinct "
+                "blocks (or to a non-MLP module) would be silently untied by a swap, and its "
+                "parameter count would be wrong. Untie them first, or share the whole block "
+                "module (which is kept shared)"
             )
+
+
+def _repoint_aliases(
+    model: nn.Module,
+    plan: list[tuple[str, nn.Module, MLPAdapter, nn.Module, SwapEntry]],
+    paths_of: dict[int, list[str]],
+) -> None:
+    """After the installs: an alias of a replaced block that still names the old block (the same
+    block under a second attribute name of its parent, ``layer.ffn = layer.mlp``) is pointed at
+    what replaced it. Aliases of an ancestor (``self.backbone = self.net``) see it already, and a
+    block rewired in place (BERT's layer) stays the same object at every path."""
+    done: set[int] = set()
+    for path, old, *_ in plan:
+        if id(old) in done:
+            continue
+        done.add(id(old))
+        now = model.get_submodule(path)
+        if now is old:
+            continue
+        for alias in paths_of.get(id(old), []):
+            parent, _, attr = alias.rpartition(".")
+            try:
+                holder = model.get_submodule(parent)
+            except AttributeError:  # a path through a module the swap replaced
+                continue
+            if getattr(holder, attr, None) is old:
+                setattr(holder, attr, now)
 
 
 def _module_signature(module: nn.Module) -> tuple[Any, ...]:
@@ -1005,17 +1156,20 @@ def _shared_keys(
     config: Any,
     planned: dict[str, Any],
     swapped: list[str],
-) -> dict[str, str] | None:
+) -> dict[str, str] | str:
     """Keys of ``planned`` whose new value changes a module outside the ``swapped`` paths of a
-    model rebuilt from the updated config (on the ``meta`` device), with the reason; ``None``
-    when the host cannot be rebuilt that way (nothing checked)."""
+    model rebuilt from the updated config (on the ``meta`` device), with the reason; a string
+    saying why when the host cannot be rebuilt that way (nothing checked)."""
     found = _rebuild_host(model, owner_path, config)
     if found is None:
-        return None
+        return (
+            "no Hugging Face PreTrainedModel at or above "
+            f"{owner_path or 'the root'} is built from this config"
+        )
     host_path, host, attr = found
     configs = [host.config, *(v for v in vars(host.config).values() if hasattr(v, "to_dict"))]
     if any(getattr(c, "use_pretrained_backbone", False) for c in configs):
-        return None  # building it would load (download) backbone weights
+        return "use_pretrained_backbone: rebuilding it would load backbone weights"
     rel = [p[len(host_path) + 1 :] if host_path else p for p in swapped]
 
     def signatures(key: str | None) -> dict[str, tuple[Any, ...]]:
@@ -1051,8 +1205,10 @@ def _shared_keys(
                     f"{planned[key]!r} would also change {shown} (not MLP blocks): left unchanged"
                 )
         return out
-    except Exception:
-        return None
+    except Exception as err:
+        msg = " ".join(str(err).split())
+        msg = msg[:160] + ("..." if len(msg) > 160 else "")
+        return f"rebuilding {type(host).__name__} on meta failed ({type(err).__name__}: {msg})"
 
 
 def _update_config(
@@ -1063,7 +1219,9 @@ def _update_config(
     report: SwapReport,
     adapters: list[MLPAdapter],
     act_name: str | None,
-) -> tuple[dict[str, tuple[Any, Any]], dict[str, str]]:
+) -> tuple[dict[str, tuple[Any, Any]], dict[str, str], str | None]:
+    """Update ``config`` for the blocks of ``report``: ``(updates, keys left unchanged and why,
+    why the shared-key check did not run or None)``."""
     widths = {e.hidden_features for e in report.entries}
     width_keys: set[str] = set()
     act_keys: set[str] = set()
@@ -1098,9 +1256,14 @@ def _update_config(
             planned[key] = act
     changing = {k: v for k, v in planned.items() if getattr(config, k) != v}
     left: dict[str, str] = {}
+    unchecked: str | None = None
     if changing:
         swapped = [e.path for e in report.entries]
-        left = _shared_keys(model, owner_path, config, changing, swapped) or {}
+        shared = _shared_keys(model, owner_path, config, changing, swapped)
+        if isinstance(shared, str):
+            unchecked = shared
+        else:
+            left = shared
     for key in left:
         del planned[key]
         warnings.warn(
@@ -1119,4 +1282,4 @@ def _update_config(
     }
     updates[RECORD_ATTR] = (old_record, rec)
     setattr(config, RECORD_ATTR, rec)
-    return updates, left
+    return updates, left, unchecked

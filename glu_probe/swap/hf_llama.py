@@ -4,10 +4,13 @@ Recognised by structure, not class name, and checked: a module whose children ar
 ``gate_proj``, ``up_proj``, ``down_proj`` (``nn.Linear``) and a parameter-free ``act_fn``, with no
 parameter of its own, and whose ``forward`` is checked with fresh weights (eval and training mode,
 :func:`~glu_probe.swap.structural.verify_split_gated`) to be exactly
-``down_proj(act_fn(gate_proj(x)) * up_proj(x))``. Blocks with more (BitNet's sub-norm, GLM-4V's
-patch merger, Falcon-H1's multipliers, a dropout as in GTE or Seed-OSS) are declined here: the
-structural adapter takes those it can reproduce (with the dropout in its place), and the driver
-reports the rest (they still *look* like this block: :meth:`LlamaMLPAdapter.resembles`).
+``down_proj(act_fn(gate_proj(x)) * up_proj(x))``. The check runs on a reduced copy of the block
+(same classes and activation module, widths 8/16/12) once per structure, so its cost does not
+depend on the model's size or device (a LLaMA-70B shape on ``meta`` allocates nothing real).
+Blocks with more (BitNet's sub-norm, GLM-4V's patch merger, Falcon-H1's multipliers, a dropout
+as in GTE or Seed-OSS) are declined here: the structural adapter takes those it can reproduce
+(with the dropout in its place), and the driver reports the rest (they still *look* like this
+block: :meth:`LlamaMLPAdapter.resembles`).
 Its ``intermediate_size`` is the gated width.
 New blocks get the host's init (:func:`~glu_probe.swap.host_init`); the config's
 ``intermediate_size`` and ``hidden_act`` (or ``hidden_activation``) are updated, the activation
