@@ -308,3 +308,38 @@ def test_dashboard_loss_charts_match_an_unpaired_run():
     for title, want in (("train loss", tags[:2]), ("val loss", ["val_loss"])):
         found = [t for t in tags if any(re.search(rx, t) for rx in charts[title][1])]
         assert found == want
+
+
+# ---------------------------------------------------------------- distributed configuration
+def test_gap_subset_covers_every_rank_of_a_sharded_validation():
+    """Under DDP each rank's val loader holds a DistributedSampler shard: the automatic training
+    subset must match the whole validation run (all ranks), not one rank's share."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DistributedSampler
+
+    val = _data(40, 3)
+    sharded = DataLoader(val, batch_size=4, sampler=DistributedSampler(val, 2, 0, shuffle=False))
+    gap = GeneralizationGapMonitor()
+    fake = SimpleNamespace(num_val_batches=[len(sharded)], val_dataloaders=sharded)
+    assert gap._final_size(fake) == 5 * 4 * 2  # type: ignore[arg-type]
+    plain = SimpleNamespace(num_val_batches=[10], val_dataloaders=DataLoader(val, batch_size=4))
+    assert gap._final_size(plain) == 40  # type: ignore[arg-type]
+
+
+def test_sharded_dense_probe_and_sharding_strategy_subclasses_are_refused():
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(strategy=object(), world_size=2, callbacks=[], global_step=0)
+    with pytest.raises(MisconfigurationException, match="method='dense'"):
+        NTKSpectrumMonitor(method="dense", shard_probe=True).setup(fake, Classifier(), "fit")  # type: ignore[arg-type]
+
+    class FSDPStrategy:  # stands for lightning's (a GPU is needed to build the real one)
+        pass
+
+    class MyShardedStrategy(FSDPStrategy):
+        pass
+
+    fake.strategy = MyShardedStrategy()
+    with pytest.raises(MisconfigurationException, match="MyShardedStrategy strategy"):
+        NTKSpectrumMonitor().setup(fake, Classifier(), "fit")  # type: ignore[arg-type]

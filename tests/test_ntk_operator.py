@@ -8,6 +8,7 @@ import gc
 import math
 import os
 import sys
+import time
 import warnings
 
 import pytest
@@ -179,6 +180,23 @@ def _check_sharded_operator(rank: int) -> None:
     torch.testing.assert_close(
         full_span.eigenvalues.sort().values, ref.eigenvalues.sort().values, rtol=1e-9, atol=1e-12
     )
+    NTKOperator.matvec = matvec  # type: ignore[method-assign]
+    # A shard that fails its probe check on one rank only (non-finite outputs): every rank
+    # raises at once; the healthy one used to wait in the operator's all-gather until the
+    # collective timeout (30 minutes by default with gloo).
+    bad = shard.clone()
+    if rank == 1:
+        bad[0, 0] = float("nan")
+    t0 = time.perf_counter()
+    for build in (
+        lambda: NTKOperator(model, bad, process_group=dist.group.WORLD),
+        lambda: ntk_spectrum(model, bad, method="lanczos", process_group=dist.group.WORLD),
+    ):
+        with pytest.raises((ValueError, RuntimeError)) as info:
+            build()
+        want = "NaN/Inf" if rank == 1 else "another rank failed"
+        assert want in str(info.value), str(info.value)
+    assert time.perf_counter() - t0 < 30
 
 
 def test_process_group_gloo_two_ranks(tmp_path):

@@ -99,7 +99,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from glu_probe.callbacks._utils import (
     check_positive_int,
@@ -284,7 +284,10 @@ class GeneralizationGapMonitor(Callback):
         train_key: logged-mode name of the training loss.
         val_key: logged-mode name of the validation loss.
         loss_fn: ``loss_fn(preds, target)``; see the module docstring for the lookup order.
-        val_batches: at most this many validation batches are evaluated (``None``: all).
+        val_batches: at most this many validation batches are evaluated (``None``: all); under
+            DDP per rank, like Lightning's ``limit_val_batches``. (Also like Lightning's own
+            ``val_loss``, the val side counts the samples a ``DistributedSampler`` repeats to
+            pad the last shard.)
         train_subset: explicit training batches instead of drawing a subset.
         seed: seed of the subset indices.
         labels_key: the targets' key in dict batches.
@@ -579,7 +582,17 @@ class GeneralizationGapMonitor(Callback):
         bs = val.batch_size if val is not None else None
         if not bs or not math.isfinite(n_batches) or n_batches <= 0:
             return AUTO_SUBSET_MAX
-        return max(1, min(AUTO_SUBSET_MAX, int(n_batches) * bs))
+        # Under DDP every rank evaluates its own shard of the validation set (a
+        # DistributedSampler), and the val sums are all-reduced: the validation run covers
+        # num_replicas times this rank's batches, and the (identical on every rank) training
+        # subset is sized to that.
+        sampler = getattr(val, "sampler", None)
+        replicas = (
+            int(getattr(sampler, "num_replicas", 1))
+            if isinstance(sampler, DistributedSampler)
+            else 1
+        )
+        return max(1, min(AUTO_SUBSET_MAX, int(n_batches) * bs * replicas))
 
     def _rebatch(self, trainer: pl.Trainer, size: int) -> None:
         """At the first validation: cut the drawn subset to ``size`` samples and batch it at

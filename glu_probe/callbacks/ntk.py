@@ -484,12 +484,21 @@ class NTKSpectrumMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        name = type(trainer.strategy).__name__
-        if any(tag.lower() in name.lower() for tag in _UNSUPPORTED_STRATEGIES):
+        # by class name along the MRO: a user subclass of FSDPStrategy shards parameters too
+        names = [c.__name__ for c in type(trainer.strategy).__mro__]
+        name = names[0]
+        if any(tag.lower() in n.lower() for n in names for tag in _UNSUPPORTED_STRATEGIES):
             raise MisconfigurationException(
                 f"NTKSpectrumMonitor does not support the {name} strategy: it shards the "
                 "parameters, and the probe needs each rank to hold the whole model. Use "
                 "strategy='ddp' (optionally with shard_probe=True) or remove the callback."
+            )
+        if self.shard_probe and self.method == "dense" and trainer.world_size > 1:
+            raise MisconfigurationException(
+                "NTKSpectrumMonitor(shard_probe=True, method='dense'): the dense path needs every "
+                "row of J on one process; a sharded probe runs the all-reduced Lanczos operator. "
+                "Use method='auto' or 'lanczos' with shard_probe=True, or shard_probe=False (rank "
+                "zero computes the dense spectrum and shares it)."
             )
         check_unique_prefix(trainer, self)
         if is_fresh_fit(trainer):  # a resumed run's checkpoint is restored after setup
@@ -599,9 +608,14 @@ class NTKSpectrumMonitor(Callback):
         world, rank = trainer.world_size, trainer.global_rank
         if self.shard_probe and world > 1:
             if n < world:
+                cut = (
+                    f" (after max_rows={self.max_rows} kept {n} of the batch's samples)"
+                    if self.probe is None and self.max_rows is not None
+                    else ""
+                )
                 raise MisconfigurationException(
-                    f"NTKSpectrumMonitor(shard_probe=True): the probe has {n} samples, fewer than "
-                    f"the {world} ranks."
+                    f"NTKSpectrumMonitor(shard_probe=True): the probe has {n} samples{cut}, fewer "
+                    f"than the {world} ranks; raise probe_size / max_rows or turn shard_probe off."
                 )
             # Contiguous shards in rank order (np.array_split sizes): the engine's all-reduced
             # operator concatenates row blocks in rank order.
@@ -907,11 +921,12 @@ class NTKSpectrumMonitor(Callback):
         code = 0
         try:
             with isolate_rng(include_cuda=include_cuda), torch.inference_mode(False):
-                ProbeFunction(
+                ProbeFunction(  # in the dtype the engine will use, so its own check agrees
                     target,
                     self._inputs,
                     output=self.output,
                     params=self.params,
+                    dtype=self.dtype,
                     eval_mode=self.eval_mode,
                 )
         except Exception as err:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -111,6 +111,44 @@ def _missing_forward_ad(err: BaseException) -> bool:
     return any(s in text for s in ("forward AD", "forward mode AD", "forward-mode"))
 
 
+T = TypeVar("T")
+
+
+def agreed(build: Callable[[], T], process_group: Any, model: nn.Module) -> T:
+    """``build()`` on every rank of ``process_group``, which then agree on success before any
+    collective: a rank whose probe shard fails (non-finite outputs, out of memory, an empty
+    shard) raises its own error, and every other rank raises too, instead of waiting in the
+    next all-gather until the collective timeout (30 minutes with gloo). One MAX all-reduce of a
+    status code; nothing without a group."""
+    if process_group is None:
+        return build()
+    import torch.distributed as dist
+
+    result: T | None = None
+    failure: BaseException | None = None
+    try:
+        result = build()
+    except Exception as err:
+        failure = err
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if dist.get_backend(process_group) == "gloo":
+        device = torch.device("cpu")
+    code = 0 if failure is None else (1 if is_out_of_memory(failure) else 2)
+    status = torch.tensor([code], dtype=torch.int32, device=device)
+    dist.all_reduce(status, op=dist.ReduceOp.MAX, group=process_group)
+    worst = int(status.item())
+    if failure is not None:
+        raise failure
+    if worst:
+        what = "ran out of memory" if worst == 1 else "failed"
+        raise RuntimeError(
+            f"NTK probe: another rank {what} while setting up its probe shard (see its error); "
+            "every rank stops here" + (" (out of memory)" if worst == 1 else "")
+        )
+    assert result is not None
+    return result
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """``err`` is an out-of-memory error (CUDA's, or a RuntimeError that says so, e.g. CPU)."""
     if isinstance(err, torch.cuda.OutOfMemoryError):
@@ -183,8 +221,13 @@ class NTKOperator:
         if probe is None:
             if model is None:
                 raise ValueError("pass a model (or a prebuilt probe=)")
-            probe = ProbeFunction(
-                model, inputs, output=output, params=params, dtype=dtype, eval_mode=eval_mode
+            model_ = model
+            probe = agreed(
+                lambda: ProbeFunction(
+                    model_, inputs, output=output, params=params, dtype=dtype, eval_mode=eval_mode
+                ),
+                process_group,
+                model_,
             )
         self.probe = probe
         self.dtype = probe.dtype

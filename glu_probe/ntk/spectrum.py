@@ -57,7 +57,7 @@ from .density import effective_rank as _effective_rank
 from .density import slq_density, slq_effective_rank
 from .functional import OutputSpec, ParamFilter, ProbeFunction, allows_autograd
 from .krylov import block_lanczos
-from .operator import NTKOperator, is_out_of_memory
+from .operator import NTKOperator, agreed, is_out_of_memory
 
 __all__ = [
     "AUTO_DENSE_MAX_ROWS",
@@ -391,8 +391,12 @@ def ntk_spectrum(
     # float64 model may be finite only in float64).
     first = torch.float64 if method == "dense" else dtype
     try:
-        probe = ProbeFunction(
-            model, inputs, output=output, params=params, dtype=first, eval_mode=eval_mode
+        probe = agreed(
+            lambda: ProbeFunction(
+                model, inputs, output=output, params=params, dtype=first, eval_mode=eval_mode
+            ),
+            process_group,
+            model,
         )
     except (RuntimeError, NotImplementedError, TypeError) as err:
         if first == dtype:
