@@ -3,12 +3,16 @@
 1. :func:`tutorial_dense_ntk` -- the dense ``torch.func`` method of the PyTorch NTK tutorial
    (https://pytorch.org/tutorials/intermediate/neural_tangent_kernels.html, "Jacobian
    contraction"): ``vmap`` over per-sample ``jacrev`` of ``functional_call``, then
-   ``einsum('Naf,Mbf->NMab', J1, J2)`` per parameter, stacked and summed.  Followed by ``eigh``
-   it is the baseline for the exact condition number (speed and peak memory).
+   ``einsum('Naf,Mbf->NMab', J1, J2)`` per parameter, stacked and summed; for K(x, x) the
+   per-sample Jacobian is computed once and used for both factors.  Followed by
+   ``torch.linalg.eigvalsh`` it is bench_ntk's section-3 anchor for the exact condition number
+   (speed and peak memory).  (bench_ntk also prints the tutorial's function called verbatim
+   with x1 = x2, which computes the Jacobian twice, for information only.)
 2. :func:`curvlinops_condition_number` -- curvlinops' matrix-free Jacobian operator ``J``
-   (``JacobianLinearOperator``) and its adjoint composed into ``J Jᵀ``, exported as a SciPy
-   ``LinearOperator``, with ``scipy.sparse.linalg.eigsh`` (ARPACK) for the largest and the
-   smallest eigenvalue: the baseline for the iterative condition number.
+   (``JacobianLinearOperator``) and its adjoint composed into ``J Jᵀ``, wrapped as a SciPy
+   ``LinearOperator``, with ``scipy.sparse.linalg.eigsh`` (ARPACK, seeded start vector) for the
+   largest and the smallest eigenvalue: bench_ntk's section-4 anchor for the condition number
+   (at the loosest ``tol`` that gives κ to 1e-4).
 
 Rows follow glu-probe's convention (``docs/design.md``): the model output is a tensor
 ``(N, ..., O)`` (or a tuple / dict / HF ``ModelOutput`` holding the logits); ``"full"`` takes
@@ -218,7 +222,9 @@ def curvlinops_condition_number(
     ``J = curvlinops.JacobianLinearOperator(rows_model, params, [(inputs, dummy)])`` (the rows
     of :func:`model_rows` as the model output), ``J.adjoint()`` its transpose
     (``TransposedJacobianLinearOperator``), ``(J @ J.adjoint()).to_scipy(float64)`` the
-    operator, and ``eigsh(k=1, which="LA")`` / ``eigsh(k=1, which="SA")`` with ARPACK's
+    operator (only the SciPy wrapper is float64: the products run in the model's dtype, so pass
+    a float64 model and inputs for a float64 comparison), and ``eigsh(k=1, which="LA")`` /
+    ``eigsh(k=1, which="SA")`` with ARPACK's
     ``tol`` (relative accuracy of the Ritz value: ``||r|| ≤ tol·|θ|``) from the same
     deterministic start vector.  Shift-invert is not available matrix-free, so λ_min uses the
     plain ``"SA"`` mode.  curvlinops' determinism check is switched off (it costs extra passes

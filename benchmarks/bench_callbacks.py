@@ -25,8 +25,14 @@ Because two wall times on a busy machine differ by more than 5% from noise alone
 gives the NTK monitor's own time (timed inside the run, ``NTKSpectrumMonitor.probe_seconds``)
 over the run without callbacks, and its projection to the full-length run:
 ``P · (s / probe) / (steps · s / step)`` with ``P = target_probes + 1`` probes (21 by default,
-whatever the length). ``--scale 0.25`` runs a quarter of the demo's steps (still P probes, so
-the measured share is 4x the full-length one).
+whatever the length). ``s / probe`` there is the NTK monitor's whole hook time per probe (every
+hook it overrides, not only ``probe_seconds``), and ``s / step`` is the steady-state step time
+of the run without callbacks: the time from the start of training batch ``k0`` (10% into the
+run, at most 10) to the end of the last one, over the steps in between (validation that falls
+in between included; Trainer setup, the sanity check and the first steps excluded), so that
+fixed costs are not scaled with the run length. On CUDA every timed hook and the step timer
+synchronise the device first and last (bench side only). ``--scale 0.25`` runs a quarter of the
+demo's steps (still P probes, so the measured share is 4x the full-length one).
 
 ``--device cuda`` times a GPT-2-small-sized model (124M parameters: 12 layers, 12 heads,
 n_embd 768, 1024 positions; 256-byte windows) for ``--gpu-steps`` steps instead.
@@ -87,7 +93,50 @@ def _default_probes() -> int:
     return int(default) + 1
 
 
-def time_hooks(callbacks: list[Any]) -> dict[str, float]:
+def _cuda_sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+class StepTimer:
+    """Steady-state training step time: from the start of batch ``k0`` to the end of the last
+    batch, over the steps in between (a Lightning callback; not itself timed)."""
+
+    def __init__(self, cuda: bool) -> None:
+        import lightning.pytorch as pl
+
+        self.cuda = cuda
+        self.k0 = 0
+        self.t0: float | None = None
+        self.t_end: float | None = None
+        self.n0 = 0
+        self.n_end = 0
+        timer = self
+
+        class _CB(pl.Callback):
+            def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+                steps = int(trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else 0
+                timer.k0 = min(10, max(1, steps // 10))
+
+            def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+                if timer.t0 is None and trainer.global_step >= timer.k0:
+                    _cuda_sync(timer.cuda)
+                    timer.t0, timer.n0 = time.perf_counter(), trainer.global_step
+
+            def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+                if timer.t0 is not None:
+                    _cuda_sync(timer.cuda)
+                    timer.t_end, timer.n_end = time.perf_counter(), trainer.global_step
+
+        self.callback = _CB()
+
+    def step_seconds(self) -> float | None:
+        if self.t0 is None or self.t_end is None or self.n_end <= self.n0:
+            return None
+        return (self.t_end - self.t0) / (self.n_end - self.n0)
+
+
+def time_hooks(callbacks: list[Any], cuda: bool = False) -> dict[str, float]:
     """Wrap every Lightning hook each callback overrides; return {callback: seconds} (live).
 
     The callbacks' own time inside the run is a far less noisy overhead figure than the
@@ -104,7 +153,7 @@ def time_hooks(callbacks: list[Any]) -> dict[str, float]:
             if getattr(type(cb), hook) is getattr(pl.Callback, hook):
                 continue  # not overridden: Lightning's no-op
 
-            setattr(cb, hook, _timed(getattr(cb, hook), name, totals))
+            setattr(cb, hook, _timed(getattr(cb, hook), name, totals, cuda))
     return totals
 
 
@@ -127,12 +176,14 @@ def _record(fn: Any) -> Any:
     return wrapped
 
 
-def _timed(fn: Any, name: str, totals: dict[str, float]) -> Any:
+def _timed(fn: Any, name: str, totals: dict[str, float], cuda: bool = False) -> Any:
     def wrapped(*args: Any, **kw: Any) -> Any:
+        _cuda_sync(cuda)  # bill the training step's queued kernels to the step, not the hook
         t0 = time.perf_counter()
         try:
             return fn(*args, **kw)
         finally:
+            _cuda_sync(cuda)
             now = time.perf_counter()
             totals[name] += now - t0
             if now - _LAST_PRINT[0] > 10.0:  # running totals, so that a killed run still tells
@@ -177,7 +228,8 @@ def fit_once(
         if with_callbacks
         else []
     )
-    hook_seconds = time_hooks(callbacks)
+    hook_seconds = time_hooks(callbacks, cuda=device == "cuda")
+    step_timer = StepTimer(cuda=device == "cuda")
     import glu_probe.ntk as gntk
 
     SPECTRA.clear()
@@ -186,7 +238,7 @@ def fit_once(
     trainer = pl.Trainer(
         accelerator="cuda" if device == "cuda" else "cpu",
         logger=TensorBoardLogger(root, name=name, version="with" if with_callbacks else "without"),
-        callbacks=callbacks,
+        callbacks=[*callbacks, step_timer.callback],
         enable_progress_bar=False,
         **trainer_kwargs,
     )
@@ -210,6 +262,9 @@ def fit_once(
         "probe_total": sum(ntk.probe_seconds),
         "hooks": dict(hook_seconds),
         "probe_s": sum(ntk.probe_seconds) / max(1, len(ntk.probe_seconds)),
+        # the NTK monitor's whole hook time per probe (break-even and projection use this)
+        "ntk_hook_s": hook_seconds.get(type(ntk).__name__, 0.0) / max(1, len(ntk.history)),
+        "steady_step_s": step_timer.step_seconds(),
     }
 
 
@@ -272,28 +327,36 @@ def main(argv: list[str] | None = None) -> int:
                     "ntk_share": w["probe_total"] / wo["wall"],
                     "hooks_share": sum(w["hooks"].values()) / wo["wall"],
                     "hooks": {k: v / wo["wall"] for k, v in w["hooks"].items()},
-                    "step_s": wo["wall"] / max(1, wo["steps"]),
+                    "ntk_hook_s": w["ntk_hook_s"],
+                    # steady-state step time (fixed costs excluded); wall/steps as a fallback
+                    "step_s": wo["steady_step_s"] or wo["wall"] / max(1, wo["steps"]),
+                    "wall_step_s": wo["wall"] / max(1, wo["steps"]),
                     "full_steps": args.typical_steps if args.device == "cuda" else wo["full_steps"],
                 }
             )
     header = (
         "| model | steps | without (s) | with (s) | overhead (all four) | NTK probes "
-        "| every n steps | s / probe (model + baseline) | NTK time / run time "
+        "| every n steps | s / probe (model + baseline; probe only / whole NTK hooks) "
+        "| NTK time / run time | steady step (wall / steps) "
         "| projected NTK share at full length (steps) | NTK share <= 5% from (steps) "
         "| all four callbacks' own time / run time |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
     for r in rows:
         # Default cadence on the full-length run: target_probes + the one at step 0.
         n_probes = _default_probes()
-        projected = n_probes * r["probe_s"] / (r["full_steps"] * r["step_s"])
+        # The NTK monitor's whole hook time per probe, over steady-state training steps.
+        projected = n_probes * r["ntk_hook_s"] / (r["full_steps"] * r["step_s"])
         # Shortest run whose default probes cost at most 5% of its training time.
-        break_even = n_probes * r["probe_s"] / (0.05 * r["step_s"])
+        break_even = n_probes * r["ntk_hook_s"] / (0.05 * r["step_s"])
         lines.append(
             f"| {r['model']} | {r['steps']} | {r['without_s']:.2f} | {r['with_s']:.2f} "
-            f"| {100 * r['overhead']:+.1f}% | {r['probes']} | {r['every']} | {r['probe_s']:.3f} "
-            f"| {100 * r['ntk_share']:.1f}% | {100 * projected:.1f}% ({r['full_steps']}) "
+            f"| {100 * r['overhead']:+.1f}% | {r['probes']} | {r['every']} "
+            f"| {r['probe_s']:.3f} / {r['ntk_hook_s']:.3f} "
+            f"| {100 * r['ntk_share']:.1f}% "
+            f"| {1e3 * r['step_s']:.1f} ms ({1e3 * r['wall_step_s']:.1f} ms) "
+            f"| {100 * projected:.1f}% ({r['full_steps']}) "
             f"| {break_even:,.0f} | {100 * r['hooks_share']:.1f}% |"
         )
     lines.append("")

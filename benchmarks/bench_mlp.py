@@ -124,11 +124,23 @@ def bench(
         x = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn(tokens, dim, device=device, dtype=dtype)
         low = autocast is not None or dtype != torch.float32
-        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
-            ref = blocks[OURS[0]](x)
-            for block in blocks.values():
-                tol = 1e-1 if low else 1e-3
-                torch.testing.assert_close(block(x), ref, rtol=tol, atol=tol)  # same function
+        tol = 1e-1 if low else 1e-3
+        ref_grad: torch.Tensor | None = None
+        for block in blocks.values():
+            # same function: equal outputs and equal input gradients (backward of the same dy)
+            x.grad = None
+            with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+                y = block(x)
+            y.backward(dy.to(y.dtype))
+            assert x.grad is not None
+            if ref_grad is None:
+                ref, ref_grad = y.detach(), x.grad.clone()
+                continue
+            torch.testing.assert_close(y.detach(), ref, rtol=tol, atol=tol)
+            torch.testing.assert_close(x.grad, ref_grad, rtol=tol, atol=tol)
+        x.grad = None
+        for block in blocks.values():
+            block.zero_grad(set_to_none=True)
         fns = {}
         for name, block in blocks.items():
             fns[name] = _step(block, x, dy, autocast)

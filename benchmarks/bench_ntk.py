@@ -7,12 +7,21 @@ measured in the same run, on the same device.
 
 Sections:
 1. accuracy against float64 dense eigh of an explicit J Jᵀ (torch.autograd.functional.jacobian);
-2. one NTK product (per column) / one plain forward pass on the same probe batch (target <= 4x);
+2. one NTK product (per column) / one plain forward pass on the same probe batch (target <= 4x):
+   the verdict's denominator is ``model(x)`` in eval mode under ``torch.no_grad`` with default
+   backends; the probe's own forward (``NTKOperator.forward_rows``: SDPA math backend,
+   functional_call) is printed next to it;
 3. exact κ at n = N·O = 512 against the PyTorch NTK tutorial's dense torch.func method
-   (vmap(jacrev) per sample, einsum J Jᵀ, eigh): time and peak memory (targets: ratio <= 1 and
-   <= 1/4); CPU peak = resident-set high-water mark (reset via /proc/self/clear_refs),
-   CUDA peak = torch.cuda.max_memory_allocated;
-4. κ against curvlinops' J·Jᵀ operator + scipy eigsh at the same accuracy (target >= 20x faster);
+   (``anchors.tutorial_dense_ntk``: vmap(jacrev) per sample computed once, as the tutorial's
+   x1 = x2 case allows, einsum J Jᵀ; then torch.linalg.eigvalsh): time and peak memory (targets:
+   ratio <= 1 and <= 1/4); CPU peak = resident-set high-water mark (reset via
+   /proc/self/clear_refs) of one call in a fresh subprocess per side, median of 3 (min–max
+   printed), CUDA peak = torch.cuda.max_memory_allocated; the verbatim two-Jacobian call
+   (x1, x2 passed separately) is printed for information only;
+4. κ against curvlinops' J·Jᵀ operator + scipy eigsh (``anchors.curvlinops_condition_number``:
+   seeded start vector, the loosest ARPACK tol of 1e-1 … 1e-4 whose κ error is <= 1e-4
+   against the float64 truth) (target >= 20x faster); every method warmed up, best of 3; the
+   curvlinops operator densified (K @ I, n products) + eigvalsh is printed for information;
 5. (CUDA) GPT-2-small (124M): λ_max time (target <= 2 s) and exact κ at n=256 (target <= 30 s);
 6. the mixed-precision exact path (float32 Jacobian rows, float64 K and eigh; the monitor's
    default) against float64 rows on the demo models at the monitor's 64 pNTK rows: time ratio,
@@ -30,8 +39,12 @@ import argparse
 import copy
 import functools
 import gc
+import json
 import math
+import os
 import platform
+import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -42,6 +55,9 @@ import torch
 from torch import nn
 
 from glu_probe.ntk import NTKOperator, ntk_spectrum
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import anchors  # benchmarks/anchors.py: the reference methods
 
 warnings.filterwarnings("ignore")
 LINES: list[str] = []
@@ -252,8 +268,12 @@ def accuracy(device: torch.device) -> None:
 def matvec_ratio(device: torch.device, big: bool) -> None:
     emit("## 2. One NTK product per column / one plain forward pass (target ≤ 4x)")
     emit()
-    emit("| model | n | P | forward | k=1 before trace | k=1 traced | k=4 traced, per column |")
-    emit("|---|---|---|---|---|---|---|")
+    emit(
+        "| model | n | P | plain forward `model(x)` | probe forward (`forward_rows`) "
+        "| k=1 before trace | k=1 traced | k=4 traced, per column |"
+    )
+    emit("|---|---|---|---|---|---|---|---|")
+    verdict = []
     torch.manual_seed(0)
     scale = 4 if big else 1
     cases = {
@@ -271,24 +291,42 @@ def matvec_ratio(device: torch.device, big: bool) -> None:
         ),
     }
     for name, (model, x) in cases.items():
-        model, x = model.to(device), to(x, device)
+        model, x = model.to(device).eval(), to(x, device)
         plain = NTKOperator(model, x, linearize=False)
         traced = NTKOperator(model, x, linearize=True)
         reps = 5
-        fwd = best(plain.forward_rows, device, reps)
+
+        def native(m: nn.Module = model, x: Any = x) -> Any:
+            with torch.no_grad():  # default SDPA backends, default TF32 flags
+                return m(**x) if isinstance(x, dict) else m(x)
+
+        native()
+        plain.forward_rows()
+        fwd = best(native, device, reps)
+        probe_fwd = best(plain.forward_rows, device, reps)
         row = []
         for op, k in ((plain, 1), (traced, 1), (traced, 4)):
             v = torch.randn(op.n, k, device=device)
             op.matvec(v)
             t = best(functools.partial(op.matvec, v), device, reps)
-            row.append(t / k / fwd)
+            row.append((t / k / fwd, t / k / probe_fwd))
+        verdict.append((name, row[1][0]))
+        cells = " | ".join(f"{a:.2f}x ({b:.2f}x)" for a, b in row)
         emit(
-            f"| {name} | {plain.n} | {plain.n_params} | {fwd * 1e3:.2f} ms | {row[0]:.2f}x | "
-            f"{row[1]:.2f}x | {row[2]:.2f}x |"
+            f"| {name} | {plain.n} | {plain.n_params} | {fwd * 1e3:.2f} ms | "
+            f"{probe_fwd * 1e3:.2f} ms | {cells} |"
         )
     emit()
+    worst = max(verdict, key=lambda r: r[1])
     emit(
-        "Times: best of 5 trials of 5 calls. "
+        f"Verdict (traced, 1 column, vs the plain forward): worst {worst[1]:.2f}x ({worst[0]}): "
+        + ("**holds** (≤ 4x)." if worst[1] <= 4 else "**misses** (> 4x).")
+    )
+    emit()
+    emit(
+        "Ratios: product time per column / plain forward `model(x)` (eval, no_grad, default "
+        "backends), in brackets / the probe's own forward (`forward_rows`: SDPA math, "
+        "functional_call, no_grad). Times: best of 5 trials of 5 calls. "
         "`traced`: VJP and JVP traced once and constant-folded (`trace_linear_map`: no primal "
         "forward, no activation derivative per product; the default switches to it after "
         f"{NTKOperator.LINEARIZE_AFTER} block products); `before trace`: autograd VJP, and a "
@@ -298,7 +336,16 @@ def matvec_ratio(device: torch.device, big: bool) -> None:
 
 
 def tutorial_kappa(model: nn.Module, x: torch.Tensor) -> float:
-    """The PyTorch NTK tutorial's method: vmap(jacrev) per sample, einsum J Jᵀ, eigh."""
+    """The PyTorch NTK tutorial's method for K(x, x): ``anchors.tutorial_dense_ntk`` (vmap(jacrev)
+    per sample, computed once and reused for the second factor, einsum J Jᵀ), then eigvalsh."""
+    ev = torch.linalg.eigvalsh(anchors.tutorial_dense_ntk(model, x, output="full"))
+    return float(ev[-1] / ev[0])
+
+
+def tutorial_kappa_verbatim(model: nn.Module, x: torch.Tensor) -> float:
+    """The tutorial's ``empirical_ntk_jacobian_contraction(x1, x2)`` called verbatim with
+    x1 = x2 = x: it computes the per-sample Jacobian twice.  For information only (the old,
+    unfair §3 anchor)."""
     from torch.func import functional_call, jacrev, vmap
 
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -316,6 +363,44 @@ def tutorial_kappa(model: nn.Module, x: torch.Tensor) -> float:
     n, m, a, b = result.shape
     ev = torch.linalg.eigvalsh(result.permute(0, 2, 1, 3).reshape(n * a, m * b))
     return float(ev[-1] / ev[0])
+
+
+SECTION3_SIDES: dict[str, Callable[[nn.Module, torch.Tensor], Any]] = {
+    "tutorial": tutorial_kappa,
+    "verbatim": tutorial_kappa_verbatim,
+    "ours": lambda m, x: ntk_spectrum(m, x, output="full", method="dense"),
+}
+
+
+def _section3_memory_worker(side: str, case: int, threads: int | None) -> None:
+    """(``--mem3 SIDE CASE``, CPU) peak extra RSS of one call in this fresh process."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    model, x = list(_section3_cases(device).values())[case]
+    fn = SECTION3_SIDES[side]
+    fn(model, x[:2])  # the same small warm-up as the timed runs
+    _, dt, mem = peak_memory(lambda: fn(model, x), device)
+    print("MEM3 " + json.dumps({"bytes": mem, "seconds": dt}), flush=True)
+
+
+def section3_memory(side: str, case: int, device: torch.device, reps: int = 3) -> list[float]:
+    """Peak extra memory of one call per side, ``reps`` samples.  CPU: each sample in a fresh
+    subprocess (an RSS high-water mark depends on the heap's history); CUDA: the allocator's
+    peak in this process."""
+    if device.type == "cuda":
+        model, x = list(_section3_cases(device).values())[case]
+        fn = SECTION3_SIDES[side]
+        fn(model, x[:2])
+        return [peak_memory(lambda: fn(model, x), device)[2] for _ in range(reps)]
+    out = []
+    for _ in range(reps):
+        cmd = [sys.executable, os.path.abspath(__file__), "--mem3", side, str(case)]
+        cmd += ["--threads", str(torch.get_num_threads())]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        line = next(ln for ln in res.stdout.splitlines() if ln.startswith("MEM3 "))
+        out.append(float(json.loads(line[5:])["bytes"]))
+    return out
 
 
 def _section3_cases(device: torch.device) -> dict[str, tuple[nn.Module, torch.Tensor]]:
@@ -431,34 +516,49 @@ def dense_vs_tutorial(device: torch.device) -> None:
     emit()
     emit(
         "| model | P | tutorial time | ours time | time ratio | tutorial peak | ours peak | "
-        "memory ratio | κ rel.diff |"
+        "memory ratio (median; min–max) | κ rel.diff | verbatim 2-Jacobian call: time, peak |"
     )
-    emit("|---|---|---|---|---|---|---|---|---|")
-    for name, (model, x) in _section3_cases(device).items():
-        # warm both code paths once on a small batch
-        tutorial_kappa(model, x[:2])
-        ntk_spectrum(model, x[:2], output="full", method="dense")
-
-        def tut(m: nn.Module = model, x: torch.Tensor = x) -> float:
-            return tutorial_kappa(m, x)
-
-        def ours(m: nn.Module = model, x: torch.Tensor = x) -> Any:
-            return ntk_spectrum(m, x, output="full", method="dense")
-
-        # peak memory from the first run of each, time: best of three (alternating)
-        k_t, t_t, m_t = peak_memory(tut, device)
-        s, t_o, m_o = peak_memory(ours, device)
-        for _ in range(2):
-            t_t = min(t_t, timed(tut, device)[1])
-            t_o = min(t_o, timed(ours, device)[1])
+    emit("|---|---|---|---|---|---|---|---|---|---|")
+    mib = 2**20
+    for i, (name, (model, x)) in enumerate(_section3_cases(device).items()):
+        fns = {k: functools.partial(f, model, x) for k, f in SECTION3_SIDES.items()}
+        for f in SECTION3_SIDES.values():  # warm every code path once on a small batch
+            f(model, x[:2])
+        # time: best of three, alternating
+        t = dict.fromkeys(fns, math.inf)
+        res: dict[str, Any] = {}
+        for _ in range(3):
+            for k, fn in fns.items():
+                res[k], dt = timed(fn, device)
+                t[k] = min(t[k], dt)
+        mem = {k: section3_memory(k, i, device) for k in fns}
+        med = {k: statistics.median(v) for k, v in mem.items()}
+        ratios = [o / tu for o in mem["ours"] for tu in mem["tutorial"]]
         p = sum(q.numel() for q in model.parameters())
         emit(
-            f"| {name} | {p} | {t_t:.2f} s | {t_o:.2f} s | {t_o / t_t:.2f} | "
-            f"{m_t / 2**20:.0f} MiB | {m_o / 2**20:.0f} MiB | {m_o / m_t:.3f} | "
-            f"{rel(s.condition_number, k_t):.1e} |"
+            f"| {name} | {p} | {t['tutorial']:.3f} s | {t['ours']:.3f} s | "
+            f"{t['ours'] / t['tutorial']:.2f} | {med['tutorial'] / mib:.0f} MiB "
+            f"({min(mem['tutorial']) / mib:.0f}–{max(mem['tutorial']) / mib:.0f}) | "
+            f"{med['ours'] / mib:.0f} MiB ({min(mem['ours']) / mib:.0f}–"
+            f"{max(mem['ours']) / mib:.0f}) | {med['ours'] / med['tutorial']:.3f} "
+            f"({min(ratios):.3f}–{max(ratios):.3f}) | "
+            f"{rel(res['ours'].condition_number, res['tutorial']):.1e} | "
+            f"{t['verbatim']:.3f} s, {med['verbatim'] / mib:.0f} MiB |"
         )
     emit()
-    emit("Targets: time ratio ≤ 1, memory ratio ≤ 0.25. Time: best of three runs each.")
+    where = (
+        "one call per fresh subprocess, 3 samples per side"
+        if device.type != "cuda"
+        else "torch.cuda.max_memory_allocated, 3 calls per side"
+    )
+    emit(
+        "Targets: time ratio ≤ 1, memory ratio ≤ 0.25. Anchor: `anchors.tutorial_dense_ntk` "
+        "(per-sample Jacobian computed once, as the tutorial's x1 = x2 case allows) + "
+        f"`torch.linalg.eigvalsh`. Time: best of three, alternating. Peak memory: {where}; "
+        "the ratio range pairs every sample of ours with every sample of the tutorial. The "
+        "last column is the tutorial's function called verbatim with x1 = x2 (two Jacobians, "
+        "the anchor used until 2026-11-27 ~12:35 UTC): information only."
+    )
     emit()
 
 
@@ -467,7 +567,7 @@ def versus_curvlinops(device: torch.device) -> None:
     emit()
     try:
         import curvlinops
-        from scipy.sparse.linalg import LinearOperator, eigsh
+        import scipy  # noqa: F401
     except ImportError as err:
         emit(f"skipped: {err} (install the [bench] extra)")
         emit()
@@ -477,6 +577,39 @@ def versus_curvlinops(device: torch.device) -> None:
     x = torch.randn(24, 3, 8, 8, dtype=torch.float64, device=device)
     ev = true_eigenvalues(model, x, output="full")
     kappa = float(ev[-1] / ev[0])
+    n = ev.numel()
+
+    def best_of(fn: Callable[[], Any], trials: int = 3) -> tuple[Any, float]:
+        fn()  # warm-up
+        runs = [timed(fn, device) for _ in range(trials)]
+        return min(runs, key=lambda r: r[1])
+
+    def eigsh_at(tol: float) -> Callable[[], Any]:
+        return lambda: anchors.curvlinops_condition_number(model, x, output="full", tol=tol, seed=0)
+
+    # The anchor: the loosest ARPACK tol whose κ error meets the 1e-4 of ours (seeded v0)
+    sweep = []
+    chosen = None
+    for tol in (1e-1, 1e-2, 1e-3, 1e-4):
+        r, dt = timed(eigsh_at(tol), device)
+        err = rel(r.lambda_max / r.lambda_min, kappa)
+        sweep.append((tol, r, dt, err))
+        if err <= 1e-4:
+            chosen = tol
+            break
+    if chosen is None:
+        chosen = 1e-4
+    (anc, t_c) = best_of(eigsh_at(chosen))
+
+    def densified() -> tuple[float, int]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        y = torch.zeros(x.shape[0], 4, dtype=torch.float64, device=device)
+        J = curvlinops.JacobianLinearOperator(model, params, [(x, y)], check_deterministic=False)
+        K = J @ J.adjoint()
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), torch.no_grad():
+            M = K @ torch.eye(K.shape[1], dtype=torch.float64, device=device)
+        e = torch.linalg.eigvalsh((M + M.T) / 2)
+        return float(e[-1] / e[0]), int(K.shape[1])
 
     def ours_lanczos() -> Any:
         return ntk_spectrum(model, x, output="full", method="lanczos", dtype=torch.float64)
@@ -484,43 +617,49 @@ def versus_curvlinops(device: torch.device) -> None:
     def ours_auto() -> Any:
         return ntk_spectrum(model, x, output="full")
 
-    def theirs() -> tuple[float, float, int]:
-        params = [p for p in model.parameters() if p.requires_grad]
-        y = torch.zeros(24, 4, dtype=torch.float64, device=device)
-        J = curvlinops.JacobianLinearOperator(model, params, [(x, y)], check_deterministic=False)
-        K = (J @ J.adjoint()).to_scipy()
-        count = [0]
-
-        def mv(v: Any) -> Any:
-            count[0] += 1 if v.ndim == 1 else v.shape[1]
-            return K @ v
-
-        op = LinearOperator(K.shape, matvec=mv, matmat=mv, dtype=K.dtype)
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), torch.no_grad():
-            hi = eigsh(op, k=1, which="LA", tol=1e-4, return_eigenvectors=False)[0]
-            lo = eigsh(op, k=1, which="SA", tol=1e-4, maxiter=100000, return_eigenvectors=False)[0]
-        return float(hi), float(lo), count[0]
-
-    ours_lanczos()
-    (hi, lo, count), t_c = timed(theirs, device)
-    s_l, t_l = timed(ours_lanczos, device)
-    s_a, t_a = timed(ours_auto, device)
-    emit("| method | n | time | products | κ rel.err | speed-up vs curvlinops+eigsh |")
-    emit("|---|---|---|---|---|---|")
+    (k_d, c_d), t_d = best_of(densified)
+    s_l, t_l = best_of(ours_lanczos)
+    s_a, t_a = best_of(ours_auto)
     emit(
-        f"| curvlinops + eigsh (LA, SA; tol 1e-4) | {ev.numel()} | {t_c:.2f} s | {count} | "
-        f"{rel(hi / lo, kappa):.1e} | 1 |"
+        "| method | n | time | products | κ rel.err | speed-up vs curvlinops+eigsh "
+        "| speed-up vs curvlinops densified |"
+    )
+    emit("|---|---|---|---|---|---|---|")
+    for tol, r, dt, err in sweep:
+        if tol != chosen:
+            emit(
+                f"| eigsh tol {tol:g} (rejected: κ error > 1e-4; one run) | {n} | {dt:.2f} s | "
+                f"{r.n_matvecs} | {err:.1e} | – | – |"
+            )
+    emit(
+        f"| **anchor**: curvlinops + eigsh (LA, SA; tol {chosen:g}, seeded v0) | {n} | "
+        f"{t_c:.2f} s | {anc.n_matvecs} | {rel(anc.lambda_max / anc.lambda_min, kappa):.1e} | 1 "
+        f"| {t_d / t_c:.2f}x |"
     )
     emit(
-        f"| ntk_spectrum lanczos (tol 1e-4) | {ev.numel()} | {t_l:.2f} s | {s_l.n_matvecs} | "
-        f"{rel(s_l.condition_number, kappa):.1e} | {t_c / t_l:.1f}x |"
+        f"| (info) curvlinops densified (K @ I, n products) + eigvalsh | {n} | {t_d:.3f} s | "
+        f"{c_d} | {rel(k_d, kappa):.1e} | {t_c / t_d:.1f}x | 1 |"
     )
     emit(
-        f"| ntk_spectrum auto (-> {s_a.method}) | {ev.numel()} | {t_a:.2f} s | "
-        f"{s_a.n_matvecs} | {rel(s_a.condition_number, kappa):.1e} | {t_c / t_a:.1f}x |"
+        f"| ntk_spectrum lanczos (tol 1e-4) | {n} | {t_l:.3f} s | {s_l.n_matvecs} | "
+        f"{rel(s_l.condition_number, kappa):.1e} | {t_c / t_l:.1f}x | {t_d / t_l:.2f}x |"
+    )
+    emit(
+        f"| ntk_spectrum auto (-> {s_a.method}) | {n} | {t_a:.3f} s | "
+        f"{s_a.n_matvecs} | {rel(s_a.condition_number, kappa):.1e} | {t_c / t_a:.1f}x | "
+        f"{t_d / t_a:.1f}x |"
     )
     emit()
-    emit(f"κ (truth) = {kappa:.4g}. Target: ≥ 20x.")
+    emit(
+        f"κ (truth) = {kappa:.4g}. Target: ≥ 20x vs curvlinops + eigsh (the issue's anchor): "
+        f"auto {t_c / t_a:.0f}x ({'holds' if t_c / t_a >= 20 else 'misses'}), forced Lanczos "
+        f"{t_c / t_l:.1f}x ({'holds' if t_c / t_l >= 20 else 'misses'}). Every method: one "
+        "warm-up, best of 3 (the rejected eigsh tols: one run each). eigsh uses "
+        "`anchors.curvlinops_condition_number` (start vector seeded, ARPACK's residual test "
+        "‖r‖ ≤ tol·|θ|; ours stops on a Kato–Temple eigenvalue bound, hence the tol sweep). "
+        f"At n = {n} a dense solve is the natural choice: the densified row shows how much of "
+        "the speed-up is dense vs iterative."
+    )
     emit()
 
 
@@ -679,7 +818,11 @@ def main() -> None:
     ap.add_argument(
         "--sections", default="1,2,3,4,5,6", help="comma-separated section numbers to run"
     )
+    ap.add_argument("--mem3", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.mem3:
+        _section3_memory_worker(args.mem3[0], int(args.mem3[1]), args.threads)
+        return
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
