@@ -381,8 +381,8 @@ def _check_config_keys(
         for name, p in inspect.signature(config_class.__init__).parameters.items()
         if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name != "self"
     }
-    for key in overrides:
-        if key in valid or hasattr(default, key):
+    for key, value in overrides.items():
+        if key in valid or hasattr(default, key) or _config_uses(config_class, default, key, value):
             continue
         close = difflib.get_close_matches(key, sorted(valid), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -390,6 +390,19 @@ def _check_config_keys(
             f"--set {key}: {config_class.__name__} has no attribute {key!r}{hint} "
             "(an unknown key would be silently ignored)"
         )
+
+
+def _config_uses(config_class: Any, default: Any, key: str, value: Any) -> bool:
+    """Whether the config takes ``key`` in some form: building it with ``key=value`` changes its
+    ``to_dict()`` (transformers 5 moves ``rope_theta`` into ``rope_parameters``, say)."""
+    try:
+        changed = config_class(**{key: value}).to_dict()
+    except Exception:  # a value the config rejects: let the model build report it
+        return True
+    base = default.to_dict()
+    changed.pop(key, None)  # an unknown key is merely stored as an attribute: that is ignored
+    base.pop(key, None)
+    return bool(changed != base)
 
 
 def _hf_tensor_module(hf: Any) -> Any:

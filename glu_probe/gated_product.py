@@ -289,7 +289,7 @@ def fused_gated_mlp(
         # A dual level is open (forward-mode AD with dual tensors): the plain expression, whose
         # tangents are differentiable in turn (reverse-over-forward: a Jacobian-norm penalty).
         # The Function's jvp builds the tangent from saved intermediates, constants to autograd.
-        or torch.autograd.forward_ad._current_level >= 0
+        or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
     ):
         return _plain(x, w1, b1, w2, b2, kind, gate_first)
     cdt = _autocast_dtype(x)

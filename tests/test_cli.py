@@ -286,3 +286,17 @@ def test_spectrum_table_says_exact_on_the_float64_dense_path(capsys):
     assert "(exact, float64)" in out and "Ritz residual" not in out
     assert main([*argv, "--set", "n_layer=1", "--jacobian-dtype", "float32"]) == 0
     assert "(rounding bound)" in capsys.readouterr().out
+
+
+def test_set_keys_a_config_consumes_in_another_form_are_accepted():
+    """transformers 5 moves ``rope_theta`` into ``rope_parameters``: a valid key, not a typo."""
+    import argparse
+
+    from transformers import GPT2Config, LlamaConfig
+
+    from glu_probe.cli import _check_config_keys
+
+    parser = argparse.ArgumentParser()
+    _check_config_keys(LlamaConfig, {"rope_theta": 5000.0}, set(), parser)
+    with pytest.raises(SystemExit):
+        _check_config_keys(GPT2Config, {"n_layers": 1}, set(), parser)

@@ -860,3 +860,33 @@ def test_config_written_without_the_shared_key_check_is_reported() -> None:
     assert list(report.config_unchecked) == ["config"]
     assert "no Hugging Face PreTrainedModel" in report.config_unchecked["config"]
     assert "config updated without the shared-key check" in report.to_markdown()
+
+
+def test_llama_blocks_with_hooks_or_width_branches_are_refused():
+    """The block's forward is checked at its real widths when small, and hooks (which the new
+    block would not carry) make it unrecognised: both were silently swapped by the reduced-copy
+    check."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from glu_probe.swap import UnsupportedModelError, swap_mlp
+
+    cfg = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2,
+    )  # fmt: skip
+
+    class Branch(LlamaMLP):
+        def forward(self, x):
+            out = super().forward(x)
+            return out * 0.5 if self.intermediate_size >= 64 else out
+
+    hooked = LlamaForCausalLM(cfg)
+    hooked.model.layers[0].mlp.register_forward_hook(lambda m, a, o: o * 2)
+    branched = LlamaForCausalLM(cfg)
+    branched.model.layers[0].mlp = Branch(cfg)
+    for model in (hooked, branched):
+        with pytest.raises(UnsupportedModelError, match="model.layers.0.mlp"):
+            swap_mlp(model, "gelu")
+    plain = LlamaForCausalLM(cfg)
+    assert swap_mlp(plain, "gelu").paths == ["model.layers.0.mlp"]

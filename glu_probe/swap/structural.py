@@ -446,16 +446,25 @@ def verify_split_gated(module: nn.Module, gate: str, up: str, down: str, act: st
     instance settings and activation module, ``Linear`` layers of the same classes and bias
     flags at widths 8/16/12, int settings equal to a width mapped with it), so its cost does not
     grow with the block: a LLaMA-70B-shaped model on ``meta`` is checked in milliseconds with no
-    real allocation. Only where the reduced copy fails and the block is small
-    (:data:`_FULL_CHECK_MAX` elements) is the block itself checked at full size, for a forward
-    that reads its real widths some other way. Hooks registered on the block do not see the
-    reduced copy's calls."""
+    real allocation. A small block (at most :data:`_FULL_CHECK_MAX` weight elements) is
+    checked itself, at its real widths, so a forward that branches on them is checked as it will
+    run; only larger blocks rely on the reduced copy (a large block whose forward branches on
+    its own width could pass it: the remaining risk of checking a model on ``meta`` in
+    milliseconds). A block with forward hooks (on it or its layers) is not this form: the
+    new block would not carry them."""
     own = dict(module.named_children())
     lins = [own.get(n) for n in (gate, up, down)]
     act_mod = own.get(act)
     if not all(isinstance(lin, nn.Linear) for lin in lins) or not isinstance(act_mod, nn.Module):
         return False
     if not all(p.dtype.is_floating_point for p in module.parameters()):
+        return False
+    # Hooks on the block or its layers change what it computes, and the new block would not
+    # carry them: not this form (the reduced copy below would not see them either).
+    if any(
+        m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None)
+        for m in module.modules()
+    ):
         return False
     key = ("split_gated", gate, up, down, act, *_structure(module, []))
     if key not in _SPLIT_VERDICTS:
@@ -465,9 +474,13 @@ def verify_split_gated(module: nn.Module, gate: str, up: str, down: str, act: st
         g, u, d = lins
         assert isinstance(g, nn.Linear) and isinstance(u, nn.Linear) and isinstance(d, nn.Linear)
         reduced = _reduced_split(module, names)
-        ok = reduced is not None and _verify_split(reduced, names)
-        if not ok and g.weight.numel() + u.weight.numel() + d.weight.numel() <= _FULL_CHECK_MAX:
+        small = g.weight.numel() + u.weight.numel() + d.weight.numel() <= _FULL_CHECK_MAX
+        if small:
+            # Small enough to check itself: at its real widths, so a forward that branches on
+            # them (x.shape[-1], self.intermediate_size) is checked as it will run.
             ok = _verify_split(module, names)
+        else:
+            ok = reduced is not None and _verify_split(reduced, names)
         _SPLIT_VERDICTS[key] = ok
     return _SPLIT_VERDICTS[key]
 
