@@ -886,7 +886,7 @@ def test_llama_blocks_with_hooks_or_width_branches_are_refused():
     branched = LlamaForCausalLM(cfg)
     branched.model.layers[0].mlp = Branch(cfg)
     for model in (hooked, branched):
-        with pytest.raises(UnsupportedModelError, match="model.layers.0.mlp"):
+        with pytest.raises(UnsupportedModelError, match=r"model\.layers\.0\.mlp"):
             swap_mlp(model, "gelu")
     plain = LlamaForCausalLM(cfg)
     assert swap_mlp(plain, "gelu").paths == ["model.layers.0.mlp"]
