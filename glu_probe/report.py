@@ -229,14 +229,19 @@ def _sides(sub: SubRun) -> list[str]:
         not sub.prefixes and any(present(p) for p in prefixes)
     ):
         return [s for s, p in zip(("model", "baseline"), prefixes, strict=True) if present(p)]
+    # A paired run's sides each log <prefix>/train_loss, and the paired monitors name them
+    # (crossing/*, gap/<prefix>/..., ntk/<prefix>/...): two task heads or two NTK monitors
+    # with prefixes of their own do not make a pair.
+    losses = {
+        t.split("/")[0]
+        for t in tags
+        if re.fullmatch(r"[^/]+/train_loss(_step|_epoch)?", t) and t.split("/")[0] not in _NOT_SIDES
+    }
+    paired_monitors = any(t.startswith("crossing/") for t in tags)
     found = sorted(
-        {
-            t.split("/")[0]
-            for t in tags
-            if re.fullmatch(r"[^/]+/(train|val)_loss(_step|_epoch)?", t)
-            and t.split("/")[0] not in _NOT_SIDES
-        }
-        | {t.split("/")[1] for t in tags if re.fullmatch(r"ntk/[^/]+/condition_number", t)}
+        p
+        for p in losses
+        if paired_monitors or any(t.startswith((f"gap/{p}/", f"ntk/{p}/")) for t in tags)
     )
     if len(found) == 2 and not sub.prefixes:
         warnings.warn(

@@ -343,3 +343,24 @@ def test_sharded_dense_probe_and_sharding_strategy_subclasses_are_refused():
     fake.strategy = MyShardedStrategy()
     with pytest.raises(MisconfigurationException, match="MyShardedStrategy strategy"):
         NTKSpectrumMonitor().setup(fake, Classifier(), "fit")  # type: ignore[arg-type]
+
+
+def test_gap_with_compute_loss_keeps_token_weighting(tmp_path):
+    """A compute_loss module whose batches do split into (inputs, labels): each batch weighs its
+    non-ignored tokens (-100 is ignored), as before, not its samples."""
+    from glu_probe.callbacks.gap import _Side
+
+    side = _Side({}, torch.device("cpu"), sync=False)
+    labels_a = torch.tensor([[1, 2, -100, -100]])  # 2 tokens
+    labels_b = torch.tensor([[1, 2, 3, 4]])  # 4 tokens
+    gap = GeneralizationGapMonitor()
+
+    class TokenModule(pl.LightningModule):
+        def compute_loss(self, batch):
+            return batch["loss"]
+
+    for labels, loss in ((labels_a, 3.0), (labels_b, 1.0)):
+        batch = {"input_ids": labels.clamp_min(0), "labels": labels, "loss": torch.tensor(loss)}
+        out = gap._batch_outputs(TokenModule(), batch, "")
+        side.add(*out)
+    assert side.loss_sum / side.count == pytest.approx((3.0 * 2 + 1.0 * 4) / 6)

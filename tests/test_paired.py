@@ -277,9 +277,14 @@ def test_epoch_schedulers_resume_from_an_epoch_end_checkpoint(tmp_path, sched):
         assert opt_res.param_groups[0]["lr"] == opt_full.param_groups[0]["lr"] == 0.1 * 0.5**3
     for p, q in zip(full.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
-    partial, _ = run(7)  # 2 epochs and one batch of the third: 2 scheduler steps
+    partial, trainer = run(7)  # 2 epochs and one batch of the third: 2 scheduler steps
     for opt in partial.optimizers():
         assert opt.param_groups[0]["lr"] == 0.1 * 0.5**2
+    # a checkpoint from the middle of an epoch: that epoch's end still steps once
+    trainer.save_checkpoint(str(tmp_path / "mid.ckpt"))
+    mid, _ = run(9, str(tmp_path / "mid.ckpt"))
+    for opt in mid.optimizers():
+        assert opt.param_groups[0]["lr"] == 0.1 * 0.5**3
 
 
 def test_bad_config():

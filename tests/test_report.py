@@ -203,3 +203,17 @@ def test_custom_paired_prefixes(tmp_path: Path, with_meta: bool):
     # glu falls below relu at t = 10 exactly (1.2 - 0.3 = 1.0 - 0.1): a crossing either way round
     assert len(rows[0]["crossings"]) == 1
     assert rows[0]["crossings"][0][1] == (1.0 if model == "glu" else -1.0)
+
+
+def test_unpaired_runs_with_namespaced_tags_are_not_paired(tmp_path: Path):
+    """Two task heads, or train/ and val/ namespaces, are not a model/baseline pair."""
+    for name, tags in {
+        "tasks": ["task_a/train_loss", "task_b/train_loss"],
+        "spaces": ["train/train_loss", "val/val_loss"],
+    }.items():
+        w = SummaryWriter(str(tmp_path / name))
+        for tag in tags:
+            w.add_scalar(tag, 1.0, 0)
+        w.close()
+    rows = summarize(load_run(tmp_path))
+    assert [r["side"] for r in rows] == ["", ""]

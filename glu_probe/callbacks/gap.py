@@ -662,7 +662,13 @@ class GeneralizationGapMonitor(Callback):
         if isinstance(pl_module, PairedModule):
             return pl_module.evaluate(batch, tag)
         if not self._splits(pl_module):
-            return pl_module.compute_loss(batch), None, None  # type: ignore[operator]
+            # The hook takes the batch whole; a target, where the batch has one, still weighs
+            # the batch by its loss terms (non-ignored tokens), else its samples count.
+            try:
+                _, target = _split_batch(batch, self.labels_key)
+            except ValueError:
+                target = None
+            return pl_module.compute_loss(batch), None, target  # type: ignore[operator]
         inputs, target = _split_batch(batch, self.labels_key)
         if self.loss_fn is not None:
             preds = _logits(_call(pl_module, inputs))

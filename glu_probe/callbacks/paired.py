@@ -319,6 +319,7 @@ class PairedModule(pl.LightningModule):
         self.baseline_seed = baseline_seed
         self.sync_dist = bool(sync_dist)
         self._rng_cpu: torch.Tensor | None = None
+        self._sched_step = -1  # optimizer step at which the epoch schedulers last stepped
         self._rng_cuda: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ members
@@ -461,17 +462,19 @@ class PairedModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self.lr_scheduler_factory is None:
             return
-        # As Lightning's own epoch-level scheduler update (fit_loop.on_advance_end, which has no
-        # public hook): not on the re-run of an epoch end that a checkpoint saved after (the
-        # restored scheduler already stepped; ReduceLROnPlateau's metric is not in checkpoints),
-        # and only for a completed epoch (max_steps may end one early).
+        # Once per epoch of training: after restoring a checkpoint saved at an epoch end,
+        # Lightning runs an epoch end again before any new batch (the restored schedulers
+        # already stepped for that epoch; ReduceLROnPlateau's metric is not in checkpoints), so
+        # the optimizer step of the last scheduler step is remembered, and checkpointed. A
+        # checkpoint from the middle of an epoch steps at that epoch's end as usual. Only for a
+        # completed epoch (max_steps may end one early), as Lightning's own update.
+        if self.global_step == self._sched_step:
+            return
         loop = getattr(self.trainer, "fit_loop", None)
-        if loop is not None:
-            if getattr(loop, "restarting", False):
-                return
-            ready = getattr(getattr(loop, "epoch_loop", None), "_num_ready_batches_reached", None)
-            if callable(ready) and not ready():
-                return
+        ready = getattr(getattr(loop, "epoch_loop", None), "_num_ready_batches_reached", None)
+        if callable(ready) and not ready():
+            return
+        self._sched_step = self.global_step
         self._step_schedulers(plateau=True)
 
     def _step_schedulers(self, plateau: bool) -> None:
@@ -523,12 +526,14 @@ class PairedModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["paired_baseline_rng"] = {"cpu": self._rng_cpu, "cuda": self._rng_cuda}
+        checkpoint["paired_scheduler_step"] = self._sched_step
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("paired_baseline_rng")
         if state is not None:
             self._rng_cpu = state["cpu"]
             self._rng_cuda = state["cuda"]
+        self._sched_step = int(checkpoint.get("paired_scheduler_step", -1))
 
 
 def _no_closure() -> None:
