@@ -69,19 +69,25 @@ def fused_gate_kind(act: nn.Module) -> str | None:
     return None
 
 
-def _act_backward_into(kind: str, grad: Tensor, g: Tensor, out: Tensor) -> None:
-    """``out ← grad ⊙ act'(g)`` with ATen's fused backward kernels (``out=`` overloads)."""
+def _act_backward(kind: str, grad: Tensor, g: Tensor, out: Tensor | None = None) -> Tensor:
+    """``grad ⊙ act'(g)`` with ATen's fused backward kernels, written into ``out`` (their
+    ``out=`` overloads) or, with ``out=None``, out of place (under vmap, which has no batching
+    rule for ``out=``)."""
+    args: tuple[Any, ...]
     if kind == "silu":
-        _aten.silu_backward.grad_input(grad, g, grad_input=out)
+        op, args = _aten.silu_backward, (grad, g)
     elif kind == "sigmoid":
-        _aten.sigmoid_backward.grad_input(grad, torch.sigmoid(g), grad_input=out)
+        op, args = _aten.sigmoid_backward, (grad, torch.sigmoid(g))
     elif kind == "relu":
-        _aten.threshold_backward.grad_input(grad, g, 0, grad_input=out)
+        op, args = _aten.threshold_backward, (grad, g, 0)
     elif kind in ("gelu", "gelu_tanh"):
         approx = "tanh" if kind == "gelu_tanh" else "none"
-        _aten.gelu_backward.grad_input(grad, g, approximate=approx, grad_input=out)
+        if out is None:
+            return _aten.gelu_backward(grad, g, approximate=approx)
+        return _aten.gelu_backward.grad_input(grad, g, approximate=approx, grad_input=out)
     else:
-        out.copy_(grad)
+        return grad.clone() if out is None else out.copy_(grad)
+    return op(*args) if out is None else op.grad_input(*args, grad_input=out)
 
 
 def _vmapped(t: Tensor) -> bool:
@@ -93,19 +99,6 @@ def _vmapped(t: Tensor) -> bool:
         or fn.is_batchedtensor(t)
         or fn.is_legacy_batchedtensor(t)
     )
-
-
-def _plain_act_backward(kind: str, grad: Tensor, g: Tensor) -> Tensor:
-    """``grad ⊙ act'(g)``, out of place (the vmappable twin of :func:`_act_backward_into`)."""
-    if kind == "silu":
-        return _aten.silu_backward(grad, g)
-    if kind == "sigmoid":
-        return _aten.sigmoid_backward(grad, torch.sigmoid(g))
-    if kind == "relu":
-        return _aten.threshold_backward(grad, g, 0)
-    if kind in ("gelu", "gelu_tanh"):
-        return _aten.gelu_backward(grad, g, approximate="tanh" if kind == "gelu_tanh" else "none")
-    return grad.clone()
 
 
 def _halves(t: Tensor, gate_first: bool, dim: int = 0) -> tuple[Tensor, Tensor]:
@@ -214,14 +207,14 @@ class _FusedGatedMLP(torch.autograd.Function):
         if _vmapped(dy):
             # vmapped backward (autograd.grad(is_grads_batched=True), vectorised jacobians):
             # no out= overloads under vmap, so the two halves are built out of place.
-            dg = _plain_act_backward(kind, dht * u, g)
+            dg = _act_backward(kind, dht * u, g)
             du = dht * _act(kind, g)
             dpt = torch.cat((dg, du) if gate_first else (du, dg), dim=0)
         else:
             dpt = torch.empty_like(pt)
             dg, du = _halves(dpt, gate_first)
             torch.mul(dht, _act(kind, g), out=du)
-            _act_backward_into(kind, dht * u, g, dg)
+            _act_backward(kind, dht * u, g, out=dg)
         dx = torch.mm(dpt.t(), w1) if need[0] else None
         dw1 = torch.mm(dpt, x) if need[1] else None
         db1 = dpt.sum(1) if b1 is not None and need[2] else None

@@ -133,20 +133,36 @@ def agreed(build: Callable[[], T], process_group: Any, model: nn.Module) -> T:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if dist.get_backend(process_group) == "gloo":
         device = torch.device("cpu")
-    code = 0 if failure is None else (1 if is_out_of_memory(failure) else 2)
+    agree_on_failure(failure, process_group, device, "NTK probe", "setting up its probe shard")
+    assert result is not None
+    return result
+
+
+def agree_on_failure(
+    err: BaseException | None, process_group: Any, device: torch.device, who: str, stage: str
+) -> None:
+    """Raise ``err`` here, and a matching error on every other rank, before any collective.
+
+    No group: just re-raise. With one: a MAX all-reduce of a status code (0 ok, 1 out of memory,
+    2 other). The failing rank re-raises its own exception; the others raise a RuntimeError
+    saying which kind, with "out of memory" in the text for an OOM so that callers (the
+    monitor's halve-and-retry) treat it alike on every rank.
+    """
+    if process_group is None:
+        if err is not None:
+            raise err
+        return
+    import torch.distributed as dist
+
+    code = 0 if err is None else (1 if is_out_of_memory(err) else 2)
     status = torch.tensor([code], dtype=torch.int32, device=device)
     dist.all_reduce(status, op=dist.ReduceOp.MAX, group=process_group)
     worst = int(status.item())
-    if failure is not None:
-        raise failure
+    if err is not None:
+        raise err
     if worst:
-        what = "ran out of memory" if worst == 1 else "failed"
-        raise RuntimeError(
-            f"NTK probe: another rank {what} while setting up its probe shard (see its error); "
-            "every rank stops here" + (" (out of memory)" if worst == 1 else "")
-        )
-    assert result is not None
-    return result
+        what = "out of memory on another rank" if worst == 1 else "another rank failed"
+        raise RuntimeError(f"{who}: {what} during {stage} (see its error); every rank stops here")
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -461,35 +477,8 @@ class NTKOperator:
         return outs
 
     def _agree(self, err: BaseException | None, stage: str) -> None:
-        """Raise ``err`` here, and a matching error on every other rank, before any collective.
-
-        Unsharded: just re-raise. Sharded: one MAX all-reduce of a status code (0 ok, 1 out of
-        memory, 2 other). The failing rank re-raises its own exception; the others raise a
-        RuntimeError saying which kind, with "out of memory" in the text for an OOM so that
-        callers (the monitor's halve-and-retry) treat it alike on every rank.
-        """
-        if self.process_group is None:
-            if err is not None:
-                raise err
-            return
-        import torch.distributed as dist
-
-        code = 0 if err is None else (1 if is_out_of_memory(err) else 2)
-        status = torch.tensor([code], dtype=torch.int32, device=self.device)
-        dist.all_reduce(status, op=dist.ReduceOp.MAX, group=self.process_group)
-        worst = int(status.item())
-        if err is not None:
-            raise err
-        if worst == 1:
-            raise RuntimeError(
-                f"NTKOperator: out of memory on another rank during {stage}; this product is "
-                "abandoned on every rank"
-            )
-        if worst == 2:
-            raise RuntimeError(
-                f"NTKOperator: another rank failed during {stage} (see its error); this product "
-                "is abandoned on every rank"
-            )
+        """:func:`agree_on_failure` for one product of this operator."""
+        agree_on_failure(err, self.process_group, self.device, "NTKOperator", stage)
 
     def _gather(self, out_local: Tensor) -> Tensor:
         if self.process_group is None:
