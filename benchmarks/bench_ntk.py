@@ -473,8 +473,10 @@ def dense_breakdown(device: torch.device) -> None:
     try:
         for chunk in (None, 16, 32, 64):
 
-            def forced(probe: Any, budget: int, jd: Any, c: Any = None, k: Any = chunk) -> Any:
-                return plain(probe, budget, jd, k)
+            def forced(
+                probe: Any, budget: int, jd: Any, c: Any = None, k: Any = chunk, **kw: Any
+            ) -> Any:
+                return plain(probe, budget, jd, k, **kw)
 
             structured_mod.structured_ntk = forced  # type: ignore[assignment]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -287,10 +288,39 @@ def test_error_numerically_zero_kernel():
 def test_error_nan_inf_outputs(bad):
     x = torch.randn(4, 4)
     x[2, 1] = bad
-    with pytest.raises(ValueError, match="NaN/Inf"):
+    with pytest.raises(ValueError, match="NaN/Inf"), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         ntk_spectrum(TwoLayer(), x)
+    # no misleading "weight used outside its forward" warning from the structured check first
+    assert not [w for w in seen if "structured NTK" in str(w.message)]
 
 
 def test_error_bad_output_spec():
     with pytest.raises(ValueError, match="output must be"):
         ProbeFunction(TwoLayer(), torch.randn(3, 4), output="logits")
+
+
+class BatchOnly(nn.Module):
+    """Uses its weight only when it sees more than one sample: one sample alone says "no
+    dependence", the whole batch says yes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) if x.shape[0] > 1 else x[:, :2] * 1.0
+
+
+def test_dependence_on_parameters_is_decided_by_the_whole_batch_when_one_sample_says_no():
+    x = torch.randn(4, 3)
+    probe = ProbeFunction(BatchOnly(), x, output="full")
+    assert (probe.n_rows, probe.rows_per_sample) == (8, 2)
+    # BatchNorm in train mode cannot run on one sample: the whole batch decides, no error
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    with pytest.warns(RuntimeWarning, match="eval_mode=False"):
+        probe = ProbeFunction(bn, x, eval_mode=False)
+    assert probe.n_rows == 4
+    # a batch that really does not depend on the parameters still fails clearly
+    with pytest.raises(ValueError, match=r"do not depend on the selected parameters"):
+        ProbeFunction(Ignores(), torch.randn(4, 4))

@@ -165,11 +165,12 @@ def test_projection_check_passes_on_correct_models(name, rows):
         handle.remove()
     assert K is not None
     assert rel_err(K, truth_K(model, x, output)) < (1e-12 if rows == torch.float64 else 1e-5)
-    # cost of the check: one batched forward per chunk of samples (the whole batch in
-    # ceil(N / 5) forward passes), besides the one-sample trace and the vmapped pass (under
-    # vmap the hook fires once per chunk too)
+    # cost of the check: one batched forward per chunk of the check (r = rows per sample
+    # times the pass's 5 samples: the check holds no per-row Jacobians), besides the one-sample
+    # trace and the vmapped pass (under vmap the hook fires once per chunk too)
     chunks = math.ceil(x.shape[0] / 5)
-    assert len(calls) == 1 + 2 * chunks
+    check_chunks = math.ceil(x.shape[0] / (5 * probe.rows_per_sample))
+    assert len(calls) == 1 + chunks + check_chunks
 
 
 def test_projection_check_covers_a_timm_vit():

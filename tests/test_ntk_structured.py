@@ -318,3 +318,87 @@ def test_hf_bert_dict_batch_and_padded_masks():
         ntk_matrix(bert, padded, output="full", strategy="structured")
     rows = ntk_matrix(bert, padded, output="full", strategy="jacobian")
     torch.testing.assert_close(ntk_matrix(bert, padded, output="full"), rows, rtol=0, atol=0)
+
+
+# ------------------------------------------------------- panel Gram, patchify convolutions
+def test_layer_gram_panels_equal_the_expanded_gram_for_every_workspace():
+    """The expansion route's panel/stream blocking (one triangle, mirrored) against the Gram of
+    the fully expanded rows E_r = G_rᵀ A_s(r), for workspaces from 2 rows to all of them and
+    row counts that the panel and stream sizes do not divide."""
+    from glu_probe.ntk.structured import _Layer, _layer_gram
+
+    gen = torch.Generator().manual_seed(3)
+    t, fi, fo = 5, 3, 4
+    for n, samples in ((24, 6), (13, 13), (7, 7), (1, 1)):
+        G = torch.randn(n, t, fo, generator=gen, dtype=torch.float64)
+        A = torch.randn(samples, t, fi, generator=gen, dtype=torch.float64)
+        sample_of_row = torch.arange(samples).repeat_interleave(n // samples)
+        E = torch.bmm(G.transpose(1, 2), A[sample_of_row]).reshape(n, -1)
+        expected = E @ E.T
+        layer = _Layer(nn.Linear(fi, fo), 0, None, (1, t, fi), (1, t, fo))
+        assert not _hadamard_pays(layer, n)  # the expansion route is the one under test
+        for rows in range(1, n + 3):
+            K = _layer_gram(G, A, sample_of_row, layer, rows * fi * fo)
+            torch.testing.assert_close(K, expected, rtol=1e-13, atol=1e-13)
+        out = torch.ones(n, n, dtype=torch.float64)  # accumulates in place when given
+        assert _layer_gram(G, A, sample_of_row, layer, 3 * fi * fo, out=out) is out
+        torch.testing.assert_close(out, expected + 1, rtol=1e-13, atol=1e-13)
+
+
+class PatchNet(nn.Module):
+    """A patchify convolution (stride = kernel; 7 × 10 input: the conv drops a row and a
+    column), then a Linear on the patch tokens."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+        self.head = nn.Linear(conv.out_channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(self.conv(x)).flatten(2).transpose(1, 2)  # (N, T, C)
+        return self.head(y).mean(1)
+
+
+PATCHIFY = {
+    "patchify": (nn.Conv2d(4, 16, (2, 3), stride=(2, 3)), True),
+    "overlapping": (nn.Conv2d(4, 16, 3, stride=2), False),
+    "padded": (nn.Conv2d(4, 16, 2, stride=2, padding=1), False),
+    "grouped": (nn.Conv2d(4, 16, 2, stride=2, groups=2), False),
+    "dilated": (nn.Conv2d(4, 16, 2, stride=2, dilation=2), False),
+}
+
+
+@pytest.mark.parametrize("name", list(PATCHIFY))
+@pytest.mark.parametrize("output", ["full", "pntk"])
+def test_patchify_convolutions_are_structured_and_exact(name, output):
+    """Only a patchify convolution (non-overlapping, unpadded windows) gets factors; K is the
+    float64 truth either way (the others keep their Jacobian rows)."""
+    conv, qualifies = PATCHIFY[name]
+    torch.manual_seed(4)
+    model = PatchNet(copy.deepcopy(conv)).double()
+    x = torch.randn(6, 4, 7, 10, dtype=torch.float64)
+    _, found = layers_of(model, x, output)
+    assert any(ly.module is model.conv for ly in found) == qualifies
+    expected = truth(model, x, output)
+    if qualifies:
+        probe = ProbeFunction(model, x, output=output, dtype=torch.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no check failure, no fallback
+            K = structured_ntk(probe, 2**30, torch.float64)
+        assert K is not None
+        torch.testing.assert_close(K, expected, rtol=1e-11, atol=1e-12)
+    K = ntk_matrix(model, x, output=output)
+    torch.testing.assert_close(K, expected, rtol=1e-11, atol=1e-12)
+
+
+def test_timm_vit_patch_embedding_is_structured():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(5)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_classes=3
+    ).double()
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    _, found = layers_of(vit, x)
+    assert any(ly.module is vit.patch_embed.proj for ly in found)
+    K = ntk_matrix(vit, x, output="full", strategy="structured")
+    torch.testing.assert_close(K, truth(vit, x), rtol=1e-11, atol=1e-12)

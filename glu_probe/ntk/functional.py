@@ -571,9 +571,10 @@ class ProbeFunction:
                 "batch size"
             )
         try:
-            with self.session(), torch.enable_grad():
-                leaves = tuple(p.detach().requires_grad_(True) for p in self.params)
-                rows = self(leaves)
+            # No autograd graph for the whole batch (its saved activations are not needed here:
+            # dependence on the parameters is read from one sample below).
+            with self.session(), torch.no_grad():
+                rows = self(self.params)
         except (RuntimeError, IndexError) as err:
             if not hint or isinstance(err, (torch.OutOfMemoryError, NotImplementedError)):
                 raise
@@ -588,7 +589,7 @@ class ProbeFunction:
                 f"the model output has {bad} NaN/Inf value(s) on the probe batch; "
                 "the NTK is undefined there: check the inputs and the weights"
             )
-        if not rows.requires_grad:
+        if not self._depends_on_params():
             raise ValueError(
                 "the probe outputs do not depend on the selected parameters (K == 0): "
                 "check the params= filter and that the output is computed from them"
@@ -599,6 +600,20 @@ class ProbeFunction:
                 "the output= callable must give the same number of rows for every sample" + hint
             )
         return int(rows.numel()), int(rows.numel()) // self.batch_size
+
+    def _depends_on_params(self) -> bool:
+        """Whether the rows depend on the selected parameters (autograd tracks them): one
+        sample first; the whole batch where one sample says no or does not run alone (a
+        sample-dependent path, BatchNorm in train mode)."""
+        with self.session(), torch.enable_grad():
+            leaves = tuple(p.detach().requires_grad_(True) for p in self.params)
+            if self.batch_size > 1:
+                try:
+                    if self(leaves, self.chunk(0, 1)).requires_grad:
+                        return True
+                except Exception:  # the whole batch decides
+                    pass
+            return bool(self(leaves).requires_grad)
 
     def row_range(self, start: int, stop: int) -> tuple[int, int]:
         """Rows belonging to samples ``start:stop``."""
