@@ -13,15 +13,18 @@ Schoenholz 2022, "Fast finite width neural tangent kernel": structured derivativ
 
 computed either as a Hadamard product of the two Gram matrices summed over token pairs
 ((n·T)²·(in+out) flops; for T = 1 simply (G Gᵀ) ⊙ (A Aᵀ)), or by expanding the rows
-E_r = G_rᵀ A_{s(r)} a block at a time and taking their Gram (n·T·in·out + n²·in·out flops),
-whichever costs less. Every other parameter (embeddings, norms, convolutions, GPT-2's
-``Conv1D``) keeps its per-sample Jacobian rows. K is the same matrix as the row-based strategy's,
+E_r = G_rᵀ A_{s(r)} a panel at a time and taking their Gram (n·T·in·out + n²·in·out flops),
+whichever costs less. A patchify ``nn.Conv2d`` (stride = kernel, no padding or dilation, one
+group) is a Linear map of its non-overlapping patches: T = its output positions, in = C·kh·kw.
+Every other parameter (embeddings, norms, other convolutions, GPT-2's ``Conv1D``) keeps its
+per-sample Jacobian rows. K is the same matrix as the row-based strategy's,
 up to rounding: G, A and the remaining rows come from one per-sample ``vmap(jacrev)`` pass (taps
 ε added to each layer's output; G = ∂g/∂ε at ε = 0; A is returned as an auxiliary output), so
 nothing is recomputed, and the weight-gradient products of the Linear layers are never formed
 per sample unless expanding is cheaper.
 
-Which layers qualify: plain ``nn.Linear`` modules (``forward`` not overridden) whose weight is
+Which layers qualify: plain ``nn.Linear`` and patchify ``nn.Conv2d`` modules (``forward`` not
+overridden) whose weight is
 selected, not shared with another module (tied embeddings), and which run exactly once per
 forward pass (a layer applied twice, or whose weight is used functionally, as
 ``nn.MultiheadAttention`` does with ``out_proj``, keeps its rows), and only where the factors take
