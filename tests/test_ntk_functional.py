@@ -301,26 +301,53 @@ def test_error_bad_output_spec():
 
 
 class BatchOnly(nn.Module):
-    """Uses its weight only when it sees more than one sample: one sample alone says "no
-    dependence", the whole batch says yes."""
+    """Uses its weight only when it sees more than one sample (``single=False``) or only when it
+    sees one sample (``single=True``): what one sample alone says about the dependence on the
+    parameters is not what the batch says."""
 
-    def __init__(self) -> None:
+    def __init__(self, single: bool = False) -> None:
         super().__init__()
         self.lin = nn.Linear(3, 2)
+        self.single = single
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x) if x.shape[0] > 1 else x[:, :2] * 1.0
+        uses = (x.shape[0] == 1) if self.single else (x.shape[0] > 1)
+        return self.lin(x) if uses else x[:, :2] * 1.0
 
 
-def test_dependence_on_parameters_is_decided_by_the_whole_batch_when_one_sample_says_no():
+def test_dependence_on_parameters_is_decided_by_the_whole_batch():
     x = torch.randn(4, 3)
     probe = ProbeFunction(BatchOnly(), x, output="full")
     assert (probe.n_rows, probe.rows_per_sample) == (8, 2)
-    # BatchNorm in train mode cannot run on one sample: the whole batch decides, no error
+    # the batch does not depend on the weight, though one sample alone would: K == 0, refused
+    with pytest.raises(ValueError, match=r"do not depend on the selected parameters"):
+        ProbeFunction(BatchOnly(single=True), x)
+    # BatchNorm in train mode (it cannot run on one sample) is validated on the whole batch
     bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
     with pytest.warns(RuntimeWarning, match="eval_mode=False"):
         probe = ProbeFunction(bn, x, eval_mode=False)
     assert probe.n_rows == 4
-    # a batch that really does not depend on the parameters still fails clearly
     with pytest.raises(ValueError, match=r"do not depend on the selected parameters"):
         ProbeFunction(Ignores(), torch.randn(4, 4))
+
+
+def test_validation_forward_keeps_no_activations(monkeypatch):
+    """The validation forward records whether the rows depend on the parameters but saves
+    nothing for backward: every tensor autograd would save goes to the dropping pack hook."""
+    from glu_probe.ntk import functional
+
+    dropped = []
+
+    def drop(t):
+        dropped.append(tuple(t.shape))
+
+    monkeypatch.setattr(functional, "_drop_saved", drop)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    probe = ProbeFunction(model, torch.randn(6, 3), output="full")
+    assert probe.n_rows == 12
+    assert (6, 5) in dropped  # tanh's output (its derivative's input) was not kept
+    # the probe still differentiates normally afterwards: K is the float64 truth
+    x = torch.randn(6, 3)
+    K = ntk_matrix(model, x, output="full")
+    expected = explicit_ntk(model, (x,), lambda y: y.reshape(-1))
+    torch.testing.assert_close(K, expected, rtol=1e-10, atol=1e-12)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 import warnings
 
 import pytest
@@ -140,26 +141,27 @@ def test_both_token_routes_and_blocked_expansion():
     orig = structured._hadamard_pays
     try:
         structured._hadamard_pays = lambda layer, n: False  # type: ignore[assignment]
-        steps: list[int] = []
-        bmm = torch.bmm
+        given: list[tuple[object, int]] = []
+        gram = structured._layer_gram
 
-        def counting(a, b):
-            steps.append(a.shape[0])
-            return bmm(a, b)
+        def recording(G, A, layer, work, out=None):
+            given.append((layer.module, work))
+            return gram(G, A, layer, work, out=out)
 
-        torch.bmm = counting  # type: ignore[assignment]
+        structured._layer_gram = recording  # type: ignore[assignment]
         floor = structured.MIN_TRANSIENT_BYTES
-        structured.MIN_TRANSIENT_BYTES = 3 * 32 * 64 * 8  # a workspace of 3 expanded rows
+        structured.MIN_TRANSIENT_BYTES = 3 * 32 * 64 * 8  # a workspace of a few expanded rows
         n = probe.n_rows
         stored = 8 * sum(n * ly.tokens * ly.fan_out + 9 * ly.tokens * ly.fan_in for ly in layers)
         tight = n * n * 8 + stored + 2 * structured.MIN_TRANSIENT_BYTES  # little headroom
         try:
             K2 = structured_ntk(probe, tight, torch.float64)
         finally:
-            torch.bmm = bmm  # type: ignore[assignment]
+            structured._layer_gram = gram  # type: ignore[assignment]
             structured.MIN_TRANSIENT_BYTES = floor
-        # blocks of at most 3 rows, each pair i <= j expanded: more than n / 3 expansions
-        assert K2 is not None and max(steps) <= 3 and len(steps) > probe.n_rows // 3
+        # the fc layer's workspace holds fewer than n expanded rows: several panels
+        work = dict(given)[model.fc]
+        assert K2 is not None and work // (32 * 64 + 2 * 32) < n // 2
         torch.testing.assert_close(K2, ref, rtol=1e-10, atol=1e-13)
     finally:
         structured._hadamard_pays = orig
@@ -333,16 +335,46 @@ def test_layer_gram_panels_equal_the_expanded_gram_for_every_workspace():
         G = torch.randn(n, t, fo, generator=gen, dtype=torch.float64)
         A = torch.randn(samples, t, fi, generator=gen, dtype=torch.float64)
         sample_of_row = torch.arange(samples).repeat_interleave(n // samples)
-        E = torch.bmm(G.transpose(1, 2), A[sample_of_row]).reshape(n, -1)
+        E = torch.bmm(G.transpose(1, 2), A[sample_of_row]).reshape(n, -1)  # independent
         expected = E @ E.T
         layer = _Layer(nn.Linear(fi, fo), 0, None, (1, t, fi), (1, t, fo))
         assert not _hadamard_pays(layer, n)  # the expansion route is the one under test
         for rows in range(1, n + 3):
-            K = _layer_gram(G, A, sample_of_row, layer, rows * fi * fo)
+            K = _layer_gram(G, A, layer, rows * (fi * fo + t * fo))
             torch.testing.assert_close(K, expected, rtol=1e-13, atol=1e-13)
         out = torch.ones(n, n, dtype=torch.float64)  # accumulates in place when given
-        assert _layer_gram(G, A, sample_of_row, layer, 3 * fi * fo, out=out) is out
+        assert _layer_gram(G, A, layer, 3 * fi * fo, out=out) is out
         torch.testing.assert_close(out, expected + 1, rtol=1e-13, atol=1e-13)
+    # a larger case that reaches the 64-row stream blocks, inside and after the panel
+    n, samples, t, fi, fo = 200, 100, 3, 5, 6
+    G = torch.randn(n, t, fo, generator=gen, dtype=torch.float64)
+    A = torch.randn(samples, t, fi, generator=gen, dtype=torch.float64)
+    E = torch.bmm(G.transpose(1, 2), A.repeat_interleave(2, dim=0)).reshape(n, -1)
+    layer = _Layer(nn.Linear(fi, fo), 0, None, (1, t, fi), (1, t, fo))
+    assert not _hadamard_pays(layer, n)
+    for rows in (40, 100, 330, 400):
+        K = _layer_gram(G, A, layer, rows * (fi * fo + t * fo))
+        torch.testing.assert_close(K, E @ E.T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+@pytest.mark.parametrize("rows_per_sample", [1, 3])
+def test_layer_gram_hadamard_routes_and_bias(tokens, rows_per_sample):
+    """The T = 1 and Hadamard routes (A's Gram broadcast over each sample's rows) and the bias
+    block, against the Gram of the explicitly expanded rows [vec(G_rᵀ A_s(r)), Σ_t G_r,t]."""
+    from glu_probe.ntk.structured import _Layer, _layer_gram
+
+    gen = torch.Generator().manual_seed(6)
+    samples, fi, fo = 5, 40, 30
+    n = samples * rows_per_sample
+    G = torch.randn(n, tokens, fo, generator=gen, dtype=torch.float64)
+    A = torch.randn(samples, tokens, fi, generator=gen, dtype=torch.float64)
+    layer = _Layer(nn.Linear(fi, fo), 0, 1, (1, tokens, fi), (1, tokens, fo))
+    assert _hadamard_pays(layer, n)
+    A_rows = A.repeat_interleave(rows_per_sample, dim=0)
+    E = torch.cat([torch.bmm(G.transpose(1, 2), A_rows).reshape(n, -1), G.sum(1)], dim=1)
+    K = _layer_gram(G, A, layer, 10**6)
+    torch.testing.assert_close(K, E @ E.T, rtol=1e-12, atol=1e-12)
 
 
 class PatchNet(nn.Module):
@@ -402,3 +434,99 @@ def test_timm_vit_patch_embedding_is_structured():
     assert any(ly.module is vit.patch_embed.proj for ly in found)
     K = ntk_matrix(vit, x, output="full", strategy="structured")
     torch.testing.assert_close(K, truth(vit, x), rtol=1e-11, atol=1e-12)
+
+
+class StandardisedConv(nn.Conv2d):
+    """Weight standardisation in ``_conv_forward`` (``forward`` not overridden): not a plain
+    patchify convolution, its weight's derivative is not the factors'."""
+
+    def _conv_forward(self, x, weight, bias):
+        w = (weight - weight.mean((1, 2, 3), keepdim=True)) / weight.std((1, 2, 3), keepdim=True)
+        return super()._conv_forward(x, w, bias)
+
+
+def test_overridden_convolutions_and_linears_keep_their_rows():
+    torch.manual_seed(7)
+    model = PatchNet(StandardisedConv(4, 24, 2, stride=2)).double()
+    lin = nn.Linear(4, 4).double()
+
+    def doubled(self, x):  # an instance-level forward override
+        return torch.nn.functional.linear(x, self.weight * 2.0, self.bias)
+
+    lin.forward = types.MethodType(doubled, lin)
+    for net, layer in ((model, model.conv), (nn.Sequential(lin, nn.Tanh()).double(), lin)):
+        x = torch.randn(6, 4, 8, 8, dtype=torch.float64) if net is model else torch.randn(6, 4)
+        _, found = layers_of(net, x)
+        assert not any(ly.module is layer for ly in found)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no failed check, no fallback
+            K = ntk_matrix(net, x, output="full")
+        torch.testing.assert_close(K, truth(net, x), rtol=1e-11, atol=1e-12)
+
+
+def test_overflowing_factor_grams_fall_back_to_finite_rows_quietly():
+    """Inputs of 3e19 saturate tanh (derivative exactly 0 in float32): the rows are finite, but
+    the factors' a·a overflows float32. The rows decide, without a misleading warning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10)
+    )
+    x = torch.randn(16, 4) * 3e19
+    rows = ntk_matrix(model, x, output="full", strategy="jacobian", dtype=torch.float32)
+    assert torch.isfinite(rows).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        K = ntk_matrix(model, x, output="full", strategy="auto", dtype=torch.float32)
+    torch.testing.assert_close(K, rows, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="overflowed"):
+        ntk_matrix(model, x, output="full", strategy="structured", dtype=torch.float32)
+
+
+def test_small_budgets_still_accepted_by_the_structured_strategy():
+    """The structured strategy's memory test reserves the Gram workspace it will use (a small
+    one for a small layer), not a fixed 1 MiB minimum: 2 MB suffices for this MLP (it did before
+    the panel Gram too)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)).double()
+    x = torch.randn(32, 64, dtype=torch.float64)
+    K = ntk_matrix(model, x, output="full", strategy="structured", memory_budget=2_000_000)
+    torch.testing.assert_close(K, truth(model, x), rtol=1e-11, atol=1e-12)
+
+
+def test_expansion_workspace_has_no_per_row_copy_of_the_inputs():
+    """A patchify convolution with many patches and a narrow output (T·in ≫ in·out): the
+    expansion must not copy each sample's patches once per row (that copy was not counted in
+    the workspace and took 2.7× the memory budget). Every tensor the route creates stays within
+    the workspace it was given."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from glu_probe.ntk.structured import _Layer, _layer_gram
+
+    class Largest(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+            inputs = {x.untyped_storage().data_ptr() for x in leaves if torch.is_tensor(x)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in inputs:
+                    self.numel = max(self.numel, t.numel())  # a new allocation, not a view
+            return out
+
+    gen = torch.Generator().manual_seed(8)
+    n, samples, t, fi, fo = 120, 40, 64, 192, 8  # 3 rows per sample
+    G = torch.randn(n, t, fo, generator=gen, dtype=torch.float64)
+    A = torch.randn(samples, t, fi, generator=gen, dtype=torch.float64)
+    layer = _Layer(nn.Linear(fi, fo), 0, None, (1, t, fi), (1, t, fo))
+    assert not _hadamard_pays(layer, n)
+    work = 30 * (fi * fo + t * fo)
+    K = torch.zeros(n, n, dtype=torch.float64)
+    with Largest() as seen:
+        _layer_gram(G, A, layer, work, out=K)
+    assert seen.numel <= work
+    E = torch.bmm(G.transpose(1, 2), A.repeat_interleave(3, dim=0)).reshape(n, -1)
+    expected = E @ E.T  # entries up to ~1e4: float64 sums of 64·192 products in another order
+    torch.testing.assert_close(K, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()))

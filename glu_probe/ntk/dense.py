@@ -530,8 +530,9 @@ def _structured(
         raise ValueError(
             "strategy='structured' does not apply: no nn.Linear layer qualifies (a plain, "
             "unshared layer that runs once per forward pass and whose factors are smaller "
-            f"than its rows), its factors do not fit memory_budget={budget} bytes, or the "
-            "model cannot be vmapped over samples (e.g. padded HF attention masks)"
+            f"than its rows), its factors do not fit memory_budget={budget} bytes, the "
+            "model cannot be vmapped over samples (e.g. padded HF attention masks), or the "
+            "factors' Grams overflowed (non-finite; the row strategy may still be finite)"
         )
     return K
 

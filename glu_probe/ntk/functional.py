@@ -370,6 +370,15 @@ def _map_tensors(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     return inputs
 
 
+def _drop_saved(_: Tensor) -> None:
+    """Pack hook of the probe's validation forward: keep nothing for backward."""
+    return None
+
+
+def _no_backward(_: None) -> Tensor:
+    raise RuntimeError("the probe's validation forward keeps no tensors for a backward pass")
+
+
 class ProbeFunction:
     """A model and a probe batch as a pure function of the selected trainable parameters.
 
@@ -571,10 +580,16 @@ class ProbeFunction:
                 "batch size"
             )
         try:
-            # No autograd graph for the whole batch (its saved activations are not needed here:
-            # dependence on the parameters is read from one sample below).
-            with self.session(), torch.no_grad():
-                rows = self(self.params)
+            # Autograd records the graph (whether the rows depend on the parameters) but saves
+            # no activations for a backward pass that never comes: their memory is freed as the
+            # forward goes, as under no_grad, instead of staying resident beside the dense path.
+            with (
+                self.session(),
+                torch.enable_grad(),
+                torch.autograd.graph.saved_tensors_hooks(_drop_saved, _no_backward),
+            ):
+                leaves = tuple(p.detach().requires_grad_(True) for p in self.params)
+                rows = self(leaves)
         except (RuntimeError, IndexError) as err:
             if not hint or isinstance(err, (torch.OutOfMemoryError, NotImplementedError)):
                 raise
@@ -589,7 +604,7 @@ class ProbeFunction:
                 f"the model output has {bad} NaN/Inf value(s) on the probe batch; "
                 "the NTK is undefined there: check the inputs and the weights"
             )
-        if not self._depends_on_params():
+        if not rows.requires_grad:
             raise ValueError(
                 "the probe outputs do not depend on the selected parameters (K == 0): "
                 "check the params= filter and that the output is computed from them"
@@ -600,20 +615,6 @@ class ProbeFunction:
                 "the output= callable must give the same number of rows for every sample" + hint
             )
         return int(rows.numel()), int(rows.numel()) // self.batch_size
-
-    def _depends_on_params(self) -> bool:
-        """Whether the rows depend on the selected parameters (autograd tracks them): one
-        sample first; the whole batch where one sample says no or does not run alone (a
-        sample-dependent path, BatchNorm in train mode)."""
-        with self.session(), torch.enable_grad():
-            leaves = tuple(p.detach().requires_grad_(True) for p in self.params)
-            if self.batch_size > 1:
-                try:
-                    if self(leaves, self.chunk(0, 1)).requires_grad:
-                        return True
-                except Exception:  # the whole batch decides
-                    pass
-            return bool(self(leaves).requires_grad)
 
     def row_range(self, start: int, stop: int) -> tuple[int, int]:
         """Rows belonging to samples ``start:stop``."""

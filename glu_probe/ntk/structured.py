@@ -111,6 +111,9 @@ def _is_patchify(m: nn.Module) -> bool:
     return (
         isinstance(m, nn.Conv2d)
         and type(m).forward is nn.Conv2d.forward
+        and type(m)._conv_forward is nn.Conv2d._conv_forward  # no weight standardisation etc.
+        and "forward" not in vars(m)
+        and "_conv_forward" not in vars(m)
         and tuple(m.stride) == tuple(m.kernel_size)
         and m.padding in ((0, 0), "valid")
         and tuple(m.dilation) == (1, 1)
@@ -127,7 +130,11 @@ def _candidates(probe: ProbeFunction) -> list[tuple[nn.Linear | nn.Conv2d, int, 
         uses[id(p)] = uses.get(id(p), 0) + 1
     found: list[tuple[nn.Linear | nn.Conv2d, int, int | None]] = []
     for name, m in probe.model.named_modules(remove_duplicate=False):
-        linear = isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+        linear = (
+            isinstance(m, nn.Linear)
+            and type(m).forward is nn.Linear.forward
+            and "forward" not in vars(m)
+        )
         if not (linear or _is_patchify(m)):
             continue
         prefix = f"{name}." if name else ""
@@ -337,7 +344,7 @@ def structured_ntk(
     # under a 256 MiB budget: 195 ms with a 1 MiB workspace, 90 ms with 64 MiB).
     headroom = budget - n * n * k_item - stored
     transient = max(stored // TRANSIENT_DIVISOR, MIN_TRANSIENT_BYTES, headroom // 2)
-    if n * n * k_item + stored + transient > budget:
+    if n * n * k_item + stored + min(work * k_item, transient) > budget:
         return None
     # The layers' Grams run after the remaining rows are freed: their workspace may also use
     # those rows' bytes (less one transient's worth, which the allocator may still hold), and a
@@ -393,8 +400,8 @@ def structured_ntk(
                 for k, ly in enumerate(layers):
                     g_buf[k][a * r : b * r] = ly.output_rows(j_taps[k])
                     a_buf[k][a:b] = ly.input_rows(inputs[k])
-                for dst, j in zip(rest_buf, j_rest, strict=True):
-                    dst[a * r : b * r] = j.reshape(-1, *j.shape[2:])
+                for i in range(len(rest_buf)):  # (no loop variable keeps a chunk alive)
+                    rest_buf[i][a * r : b * r] = j_rest[i].reshape(-1, *j_rest[i].shape[2:])
                 del j_rest, j_taps, inputs
     except Exception:
         # E.g. data-dependent control flow under vmap (HF padding masks): the row strategy has
@@ -403,14 +410,15 @@ def structured_ntk(
     # K starts as the remaining rows' Gram (no zero matrix plus a copy)
     K = _gram_sym(tuple(rest_buf), kdtype) if rest else torch.zeros(n, n, dtype=kdtype, device=dev)
     del rest_buf
-    sample_of_row = torch.arange(s_total, device=probe.device).repeat_interleave(r)
     for ly in layers:  # each layer's factors are freed once its block is added
         G = g_buf.pop(0).to(kdtype)  # (n, T, out)
         A = a_buf.pop(0).to(kdtype)  # (N, T, in): one per sample, not per row
-        _layer_gram(G, A, sample_of_row, ly, max(work_bytes // k_item, 1), out=K)
+        _layer_gram(G, A, ly, max(work_bytes // k_item, 1), out=K)
         del G, A
     if not torch.isfinite(K).all():
-        return K  # the caller raises its NaN/Inf error (the check would only see NaN too)
+        # The factors' Grams overflowed (or the model gives NaN): no check (it would only see
+        # NaN and blame the layers), the row strategy decides, and raises if it is NaN too.
+        return None
     tokens = max(ly.tokens for ly in layers)
     # The rows are only as precise as the model computes: some models run parts of their
     # forward pass in a narrower type than the probe's (LLaMA's RMSNorm in float32).
@@ -426,42 +434,56 @@ def structured_ntk(
 def _layer_gram(
     G: Tensor,
     A: Tensor,
-    sample_of_row: Tensor,
     layer: _Layer,
     work: int,
     out: Tensor | None = None,
 ) -> Tensor:
     """The layer's block of K from its factors (module docstring), in G's dtype, added to
-    ``out`` in place when given (and returned). ``work``: workspace elements."""
+    ``out`` in place when given (and returned). G: (n, T, out), one per row; A: (N, T, in), one
+    per sample; rows are sample-major, n / N per sample. ``work``: workspace elements."""
     n, t = G.shape[0], layer.tokens
     K = torch.zeros(n, n, dtype=G.dtype, device=G.device) if out is None else out
+    s_count = A.shape[0]
+    r = n // s_count  # rows are sample-major, r per sample: A's Grams broadcast over them
     if layer.bias is not None:
         g = G.sum(1)
-        K += g @ g.T
+        K.addmm_(g, g.T)
     if t == 1:
         a0, g0 = A[:, 0], G[:, 0]
-        aa = (a0 @ a0.T)[sample_of_row][:, sample_of_row]
-        return K.add_((g0 @ g0.T).mul_(aa))
+        gg = g0 @ g0.T  # the one n × n temporary
+        gg.view(s_count, r, s_count, r).mul_((a0 @ a0.T).view(s_count, 1, s_count, 1))
+        return K.add_(gg)
     if _hadamard_pays(layer, n):
         af = A.reshape(-1, layer.fan_in)
-        aa = (af @ af.T).reshape(A.shape[0], t, A.shape[0], t)
-        aa = aa[sample_of_row][:, :, sample_of_row]  # (n, T, n, T)
+        aa = (af @ af.T).view(s_count, 1, t, s_count, 1, t)
         gf = G.reshape(n * t, -1)
-        return K.add_(((gf @ gf.T).reshape(n, t, n, t) * aa).sum((1, 3)))
+        gg = (gf @ gf.T).view(s_count, r, t, s_count, r, t).mul_(aa)
+        return K.add_(gg.sum((2, 5)).view(n, n))
     # Expanded rows E_r = G_rᵀ A_s(r) (out × in): a *panel* of p rows is expanded once and
     # multiplied by the rows after it, streamed q at a time (q ≪ p), one triangle of K only.
     # An expansion is a batched product with inner dimension T (a few GMAC/s, bound by writing
     # its output), so each streamed row should meet many panel rows: with panel = block (the
     # old scheme) the rows were re-expanded n/(2·block) times (ViT d32, n = 512: 45 of its
     # 158 ms), and the small square GEMMs ran slower than tall ones.
-    width = layer.fan_in * layer.fan_out
-    total = max(2, work // max(width, 1))
-    q = max(1, min(GRAM_STREAM_ROWS, total // 5))
-    p = max(1, min(n, total - q))
+    # Rows are sample-major (r per sample) and expand a block of whole samples at a time. A
+    # batched product needs one operand copied per row: A's T·in numbers (each sample's tokens
+    # repeated for its r rows) or G's T·out (transposed). The smaller one is copied (a patchify
+    # conv's T·in can be many times its in·out), and counted in the workspace with the row's
+    # in·out. The two routes order a row's in·out columns differently, which K does not see.
+    r = n // A.shape[0]
+    fi, fo = layer.fan_in, layer.fan_out
+    copy_a = fi <= fo
+    total = max(2 * r, work // max(fi * fo + t * min(fi, fo), 1))
+    q = max(r, min(GRAM_STREAM_ROWS, total // 5) // r * r)
+    p = min(n, max(r, (total - q) // r * r))
 
     def expand(a: int, b: int) -> Tensor:
-        rows_a = A[sample_of_row[a:b]]
-        return torch.bmm(G[a:b].transpose(1, 2), rows_a).reshape(b - a, -1)
+        s0, s1 = a // r, b // r
+        if copy_a:  # (in × T) @ (T × out) per row, A's tokens broadcast over the r rows
+            a_t = A[s0:s1].transpose(1, 2).unsqueeze(1)  # (samples, 1, in, T)
+            return torch.matmul(a_t, G[a:b].view(s1 - s0, r, t, fo)).reshape(b - a, -1)
+        g = G[a:b].reshape(s1 - s0, r, t, fo).transpose(2, 3).reshape(s1 - s0, r * fo, t)
+        return torch.bmm(g, A[s0:s1]).reshape(b - a, -1)  # (out × T) @ (T × in) per row
 
     for a in range(0, n, p):
         b = min(a + p, n)
