@@ -375,8 +375,12 @@ def _drop_saved(_: Tensor) -> None:
     return None
 
 
+NO_BACKWARD_MESSAGE = "the probe's validation forward keeps no tensors for a backward pass"
+
+
 def _no_backward(_: None) -> Tensor:
-    raise RuntimeError("the probe's validation forward keeps no tensors for a backward pass")
+    """Unpack hook of the probe's validation forward: a backward pass inside the forward."""
+    raise RuntimeError(NO_BACKWARD_MESSAGE)
 
 
 class ProbeFunction:
@@ -580,16 +584,7 @@ class ProbeFunction:
                 "batch size"
             )
         try:
-            # Autograd records the graph (whether the rows depend on the parameters) but saves
-            # no activations for a backward pass that never comes: their memory is freed as the
-            # forward goes, as under no_grad, instead of staying resident beside the dense path.
-            with (
-                self.session(),
-                torch.enable_grad(),
-                torch.autograd.graph.saved_tensors_hooks(_drop_saved, _no_backward),
-            ):
-                leaves = tuple(p.detach().requires_grad_(True) for p in self.params)
-                rows = self(leaves)
+            rows = self._validation_rows()
         except (RuntimeError, IndexError) as err:
             if not hint or isinstance(err, (torch.OutOfMemoryError, NotImplementedError)):
                 raise
@@ -615,6 +610,22 @@ class ProbeFunction:
                 "the output= callable must give the same number of rows for every sample" + hint
             )
         return int(rows.numel()), int(rows.numel()) // self.batch_size
+
+    def _validation_rows(self) -> Tensor:
+        """The rows of the whole batch, with autograd recording whether they depend on the
+        parameters but saving no activations for a backward pass that never comes: their memory
+        is freed as the forward goes, as under no_grad, instead of staying resident beside the
+        dense path. A model that differentiates inside its forward (forces as −∂E/∂x, gradient
+        penalties) needs its saved tensors: it gets a plain forward with autograd."""
+        leaves = tuple(p.detach().requires_grad_(True) for p in self.params)
+        with self.session(), torch.enable_grad():
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(_drop_saved, _no_backward):
+                    return self(leaves)
+            except RuntimeError as err:
+                if NO_BACKWARD_MESSAGE not in str(err):
+                    raise
+            return self(leaves)
 
     def row_range(self, start: int, stop: int) -> tuple[int, int]:
         """Rows belonging to samples ``start:stop``."""
