@@ -530,3 +530,55 @@ def test_expansion_workspace_has_no_per_row_copy_of_the_inputs():
     E = torch.bmm(G.transpose(1, 2), A.repeat_interleave(3, dim=0)).reshape(n, -1)
     expected = E @ E.T  # entries up to ~1e4: float64 sums of 64·192 products in another order
     torch.testing.assert_close(K, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()))
+
+
+def test_activation_elements_counts_one_samples_allocations():
+    """Closed form: Linear(3, 5) → tanh → Linear(5, 2) on one sample allocates 5 + 5 + 2
+    floats (views such as the weights' transposes are not allocations)."""
+    from glu_probe.ntk.dense import activation_elements, jacobian_transient_bytes
+
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    probe = ProbeFunction(model, torch.randn(4, 3, dtype=torch.float64), output="full")
+    assert activation_elements(probe) == 12
+    assert jacobian_transient_bytes(probe, 8) == (2 + 1) * 12 * 8
+
+
+class WideConv(nn.Module):
+    """Few parameters, large feature maps, many rows per sample: the per-sample backward
+    intermediates dwarf the Jacobian rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 40)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.c2(torch.tanh(self.c1(x)))).mean((2, 3)))
+
+
+def test_vmapped_calls_are_sized_for_their_backward_intermediates(monkeypatch):
+    """Under a budget that holds the rows many times over, each vmapped per-sample call holds
+    few samples, because each sample's call also holds about (r + 1) × its activations (here
+    41 × 49k floats, 16 MB, against 0.3 MB of rows). K is exact either way."""
+    from glu_probe.ntk import dense
+    from glu_probe.ntk.dense import jacobian_transient_bytes
+
+    torch.manual_seed(9)
+    model, x = WideConv().double(), torch.randn(12, 3, 32, 32, dtype=torch.float64)
+    probe = ProbeFunction(model, x, output="full", dtype=torch.float64)
+    trans = jacobian_transient_bytes(probe, 8)
+    rows = probe.rows_per_sample * probe.n_params * 8
+    assert trans > 20 * rows
+    budget = probe.n_rows**2 * 8 + 3 * trans
+    sizes: list[int] = []
+    vmap_args = dense._vmap_args
+
+    def spy(parts):
+        sizes.append(parts[0].shape[0])
+        return vmap_args(parts)
+
+    monkeypatch.setattr(dense, "_vmap_args", spy)
+    K = ntk_matrix(model, x, output="full", memory_budget=budget)
+    assert sizes and max(sizes) <= 3  # the calls before: 12 samples (rows only were counted)
+    torch.testing.assert_close(K, truth(model, x), rtol=1e-10, atol=1e-12)

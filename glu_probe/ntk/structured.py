@@ -288,7 +288,13 @@ def structured_ntk(
     check fails (then with a warning). ``min_gain``: also ``None`` unless the row strategy's
     Gram takes at least ``min_gain`` times the structured one's multiply-adds
     (:func:`gram_flops`), the test of ``auto`` where the rows would fit."""
-    from .dense import _batched_leaves, _gram_sym, _vmap_args
+    from .dense import (
+        _batched_leaves,
+        _gram_sym,
+        _vmap_args,
+        activation_elements,
+        jacobian_transient_bytes,
+    )
 
     n, r, s_total = probe.n_rows, probe.rows_per_sample, probe.batch_size
     signature: tuple[Any, ...] | None = None
@@ -356,11 +362,17 @@ def structured_ntk(
             (n * ly.tokens * ly.fan_out + s_total * ly.tokens * ly.fan_in) * k_item for ly in layers
         )
     )
-    spare = budget - n * n * k_item - factors * r_item - widen - transient
+    # One sample's share of a vmapped call: its factors and rows, and its backward
+    # intermediates (about (r + 1) times its activations, see activation_elements). The pass
+    # runs before K exists: it may use what the budget leaves next to the stored buffers.
+    trans = jacobian_transient_bytes(source, r_item)
+    per_sample = (factors // max(s_total, 1) + r * rest_numel) * r_item + trans
+    pass_room = max(transient, budget - stored)
+    if chunk is None:  # (one sample at least: the other strategies would not do better)
+        chunk = max(1, min(s_total, pass_room // max(per_sample, 1)))
+    # The pass's intermediates are freed before the Grams, but the allocator may keep them.
+    spare = budget - n * n * k_item - factors * r_item - widen - transient - chunk * trans
     work_bytes = min(work * k_item, max(transient, spare))
-    per_sample = (factors // max(s_total, 1) + r * rest_numel) * r_item
-    if chunk is None:
-        chunk = max(1, min(s_total, transient // max(per_sample, 1)))
 
     hooks = _Taps([ly.module for ly in layers])
     params = list(source.params)
@@ -423,10 +435,17 @@ def structured_ntk(
     # The rows are only as precise as the model computes: some models run parts of their
     # forward pass in a narrower type than the probe's (LLaMA's RMSNorm in float32).
     eps = max([torch.finfo(source.dtype).eps] + [torch.finfo(d).eps for d in narrow.dtypes])
-    # The check's VJP holds a chunk's activations and CHECK_VECTORS gradients, not r Jacobian
-    # rows per sample and factors: r times the pass's chunk (ViT d32, 64 samples of 8 rows, the
-    # default budget: one chunk instead of 13, 17 ms instead of 43–58 ms).
-    if not _agrees(K, source, tokens, min(s_total, chunk * max(r, 1)), eps):
+    # The check's VJP holds, per sample, its activations and their gradients for CHECK_VECTORS
+    # cotangents, not r Jacobian rows and factors, and only K is alive beside it: its chunks are
+    # sized for that (ViT d32, 64 samples of 8 rows, the default budget: one chunk instead of
+    # 13, 17 ms instead of 43–58 ms).
+    act_bytes = activation_elements(source) * r_item
+    if act_bytes:
+        room = max(transient, budget - n * n * k_item)
+        check_chunk = max(1, min(s_total, room // ((CHECK_VECTORS + 1) * act_bytes)))
+    else:  # no estimate: r times the pass's chunk
+        check_chunk = min(s_total, chunk * max(r, 1))
+    if not _agrees(K, source, tokens, check_chunk, eps):
         return None
     return K
 
