@@ -354,25 +354,24 @@ def test_validation_forward_keeps_no_activations(monkeypatch):
 
 
 class Forces(nn.Module):
-    """An energy model whose output is the force −∂E/∂x, computed with autograd inside the
-    forward pass (as SchNet-style potentials do)."""
+    """An energy model whose output is the force −∂E/∂x, differentiated inside the forward pass
+    with torch.func (as in machine-learned potentials); torch.func refuses saved-tensor hooks."""
 
     def __init__(self) -> None:
         super().__init__()
         self.energy = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.requires_grad_(True) if not x.requires_grad else x
-        with torch.enable_grad():
-            e = self.energy(x).sum()
-            (g,) = torch.autograd.grad(e, x, create_graph=True)
-        return -g
+        return -torch.vmap(torch.func.grad(lambda xi: self.energy(xi).sum()))(x)
 
 
-def test_models_that_differentiate_inside_forward_pass_validation():
-    """The validation forward drops saved tensors; a model that runs a backward pass inside its
-    forward needs them, and gets a plain autograd forward instead of the hook's error. (Such
-    models stay outside torch.func's transforms, which the NTK paths use.)"""
+def test_models_that_differentiate_inside_forward_are_validated_and_exact():
+    """The validation forward drops saved tensors; a model that differentiates inside its
+    forward cannot run so and gets a plain autograd forward. K is the float64 truth."""
     torch.manual_seed(3)
-    probe = ProbeFunction(Forces(), torch.randn(5, 3), output="full")
+    model, x = Forces(), torch.randn(5, 3)
+    probe = ProbeFunction(model, x, output="full")
     assert (probe.n_rows, probe.rows_per_sample) == (15, 3)
+    K = ntk_matrix(model, x, output="full")
+    expected = explicit_ntk(model, (x,), lambda y: y.reshape(-1))
+    torch.testing.assert_close(K, expected, rtol=1e-9, atol=1e-12)

@@ -572,13 +572,37 @@ def test_vmapped_calls_are_sized_for_their_backward_intermediates(monkeypatch):
     assert trans > 20 * rows
     budget = probe.n_rows**2 * 8 + 3 * trans
     sizes: list[int] = []
-    vmap_args = dense._vmap_args
+    vmap_args, per_sample = dense._vmap_args, dense._per_sample_jacobian
 
-    def spy(parts):
+    def spy(parts):  # the structured pass's chunks
         sizes.append(parts[0].shape[0])
         return vmap_args(parts)
 
+    def spy_rows(probe):  # the row strategy's calls (one sample goes without vmap)
+        rows = per_sample(probe)
+
+        def counted(sel):
+            sizes.append(len(range(12)[sel]) if isinstance(sel, slice) else len(sel))
+            return rows(sel)
+
+        return counted
+
     monkeypatch.setattr(dense, "_vmap_args", spy)
+    monkeypatch.setattr(dense, "_per_sample_jacobian", spy_rows)
     K = ntk_matrix(model, x, output="full", memory_budget=budget)
     assert sizes and max(sizes) <= 3  # the calls before: 12 samples (rows only were counted)
     torch.testing.assert_close(K, truth(model, x), rtol=1e-10, atol=1e-12)
+
+
+def test_intermediates_shrink_blocks_not_the_panel():
+    """Where every row fits, the panel still holds every sample (no recomputation, and `auto`
+    keeps the row strategy's cost test); only the vmapped blocks shrink for the intermediates."""
+    from glu_probe.ntk.dense import _plan, jacobian_transient_bytes
+
+    torch.manual_seed(10)
+    model, x = WideConv().double(), torch.randn(12, 3, 32, 32, dtype=torch.float64)
+    probe = ProbeFunction(model, x, output="full", dtype=torch.float64)
+    rows = probe.n_rows * probe.n_params * 8
+    budget = probe.n_rows**2 * 8 + 8 * rows + 2 * jacobian_transient_bytes(probe, 8)
+    panel, block = _plan(probe, 8, budget)
+    assert panel == 12 and block <= 2

@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -312,6 +313,10 @@ def _budget_cap(probe: ProbeFunction) -> int:
     return _available_bytes(probe.device) // 2
 
 
+#: Per model, the activation elements of one sample per probe signature (weak keys).
+_ACTIVATIONS: weakref.WeakKeyDictionary[nn.Module, dict[Any, int]] = weakref.WeakKeyDictionary()
+
+
 class _NewFloatElements(TorchDispatchMode):
     """Counts the elements of every floating tensor an operation allocates (outputs that are
     not views of its inputs)."""
@@ -349,13 +354,32 @@ def activation_elements(probe: ProbeFunction) -> int:
     cached = getattr(probe, "_activation_elements", None)
     if cached is not None:
         return int(cached)
-    counter = _NewFloatElements()
-    try:
-        with probe.session(), torch.no_grad(), counter:
-            probe(probe.params, probe.chunk(0, 1))
-        elements = counter.elements
-    except Exception:  # a model that does not run on one sample alone: no estimate
-        elements = 0
+    # The trace runs every op through Python (a few ms on a small ViT): it is remembered per
+    # model and probe shapes, since a monitor probes the same shapes every few steps.
+    signature = (
+        probe.dtype,
+        probe.output if isinstance(probe.output, str) else id(probe.output),
+        tuple(probe.names),
+        tuple(
+            (tuple(t.shape), t.dtype)
+            for t in pytree.tree_leaves(probe.inputs)
+            if isinstance(t, Tensor)
+        ),
+    )
+    memo = _ACTIVATIONS.setdefault(probe.model, {})
+    if signature in memo:
+        elements = memo[signature]
+    else:
+        counter = _NewFloatElements()
+        try:
+            with probe.session(), torch.no_grad(), counter:
+                probe(probe.params, probe.chunk(0, 1))
+            elements = counter.elements
+        except Exception:  # a model that does not run on one sample alone: no estimate
+            elements = 0
+        if len(memo) >= 64:  # probes of ever new shapes: keep the memo bounded
+            memo.clear()
+        memo[signature] = elements
     probe._activation_elements = elements  # type: ignore[attr-defined]
     return elements
 
@@ -393,11 +417,13 @@ def _plan(
     # can dwarf the rows (wide feature maps, many rows per sample): blocks shrink for them, down
     # to one sample. Below that nothing is declined: the operator strategy would cost far more
     # (a 3-conv net at 64×64 with 100 rows per sample: 464 s and 7 GiB, against 8 s).
-    trans = jacobian_transient_bytes(probe, row_itemsize)
-    block = max(1, min(budget_samples // 4, s_total, (free // 4) // (row_bytes * r + trans)))
-    panel = max(block, min(budget_samples - 2 * block, math.ceil(s_total / 2)))
+    # The panel (and so whether every row fits, which `auto` asks) depends on the rows only.
+    rows_block = max(1, min(budget_samples // 4, s_total))
+    panel = max(rows_block, min(budget_samples - 2 * rows_block, math.ceil(s_total / 2)))
     if panel < s_total / 8:
         return None
+    trans = jacobian_transient_bytes(probe, row_itemsize)
+    block = max(1, min(rows_block, (free // 4) // (row_bytes * r + trans)))
     return panel, block
 
 

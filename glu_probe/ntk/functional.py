@@ -622,8 +622,11 @@ class ProbeFunction:
             try:
                 with torch.autograd.graph.saved_tensors_hooks(_drop_saved, _no_backward):
                     return self(leaves)
-            except RuntimeError as err:
-                if NO_BACKWARD_MESSAGE not in str(err):
+            except Exception as err:
+                # Any failure under the hooks (the hook's own error, torch.func transforms
+                # inside forward that refuse saved-tensor hooks, a wrapper of either): the plain
+                # forward decides, and its error is the one raised. Out of memory is not retried.
+                if isinstance(err, torch.OutOfMemoryError):
                     raise
             return self(leaves)
 
