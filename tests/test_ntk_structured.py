@@ -606,3 +606,40 @@ def test_intermediates_shrink_blocks_not_the_panel():
     budget = probe.n_rows**2 * 8 + 8 * rows + 2 * jacobian_transient_bytes(probe, 8)
     panel, block = _plan(probe, 8, budget)
     assert panel == 12 and block <= 2
+
+
+def test_hadamard_route_keeps_to_its_workspace():
+    """The Hadamard route's token Gram is (n·T)² numbers: with a smaller workspace the layer
+    takes the blocked expansion instead, and no allocation exceeds the workspace. K is the Gram
+    of the explicitly expanded rows either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from glu_probe.ntk.structured import _Layer, _layer_gram
+
+    class Largest(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+            inputs = {x.untyped_storage().data_ptr() for x in leaves if torch.is_tensor(x)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in inputs:
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    gen = torch.Generator().manual_seed(11)
+    n, t, fi, fo = 40, 2, 64, 64
+    G = torch.randn(n, t, fo, generator=gen, dtype=torch.float64)
+    A = torch.randn(n, t, fi, generator=gen, dtype=torch.float64)
+    layer = _Layer(nn.Linear(fi, fo), 0, None, (1, t, fi), (1, t, fo))
+    assert _hadamard_pays(layer, n)
+    E = torch.bmm(G.transpose(1, 2), A).reshape(n, -1)
+    for work in ((n * t) ** 2, (n * t) ** 2 - 1000):
+        K = torch.zeros(n, n, dtype=torch.float64)
+        with Largest() as seen:
+            _layer_gram(G, A, layer, work, out=K)
+        assert seen.numel <= max(work, n * n)  # (K-sized blocks are K's own)
+        torch.testing.assert_close(K, E @ E.T, rtol=1e-11, atol=1e-10)

@@ -472,8 +472,8 @@ def _layer_gram(
         gg = g0 @ g0.T  # the one n × n temporary
         gg.view(s_count, r, s_count, r).mul_((a0 @ a0.T).view(s_count, 1, s_count, 1))
         return K.add_(gg)
-    if _hadamard_pays(layer, n):
-        af = A.reshape(-1, layer.fan_in)
+    if _hadamard_pays(layer, n) and (n * t) ** 2 <= work:  # else the blocked expansion,
+        af = A.reshape(-1, layer.fan_in)  # which keeps to the workspace
         aa = (af @ af.T).view(s_count, 1, t, s_count, 1, t)
         gf = G.reshape(n * t, -1)
         gg = (gf @ gf.T).view(s_count, r, t, s_count, r, t).mul_(aa)
