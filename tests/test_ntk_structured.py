@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from glu_probe.ntk import ntk_matrix
 from glu_probe.ntk.dense import _batched_leaves
@@ -493,28 +494,30 @@ def test_small_budgets_still_accepted_by_the_structured_strategy():
     torch.testing.assert_close(K, truth(model, x), rtol=1e-11, atol=1e-12)
 
 
+class Largest(TorchDispatchMode):
+    """The largest tensor any operation allocates inside the block (views of inputs do not
+    count): an independent bound on a routine's workspace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        inputs = {x.untyped_storage().data_ptr() for x in leaves if torch.is_tensor(x)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in inputs:
+                self.numel = max(self.numel, t.numel())  # a new allocation, not a view
+        return out
+
+
 def test_expansion_workspace_has_no_per_row_copy_of_the_inputs():
     """A patchify convolution with many patches and a narrow output (T·in ≫ in·out): the
     expansion must not copy each sample's patches once per row (that copy was not counted in
     the workspace and took 2.7× the memory budget). Every tensor the route creates stays within
     the workspace it was given."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from glu_probe.ntk.structured import _Layer, _layer_gram
-
-    class Largest(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-            inputs = {x.untyped_storage().data_ptr() for x in leaves if torch.is_tensor(x)}
-            for t in torch.utils._pytree.tree_leaves(out):
-                if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in inputs:
-                    self.numel = max(self.numel, t.numel())  # a new allocation, not a view
-            return out
 
     gen = torch.Generator().manual_seed(8)
     n, samples, t, fi, fo = 120, 40, 64, 192, 8  # 3 rows per sample
@@ -612,23 +615,7 @@ def test_hadamard_route_keeps_to_its_workspace():
     """The Hadamard route's token Gram is (n·T)² numbers: with a smaller workspace the layer
     takes the blocked expansion instead, and no allocation exceeds the workspace. K is the Gram
     of the explicitly expanded rows either way."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from glu_probe.ntk.structured import _Layer, _layer_gram
-
-    class Largest(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-            inputs = {x.untyped_storage().data_ptr() for x in leaves if torch.is_tensor(x)}
-            for t in torch.utils._pytree.tree_leaves(out):
-                if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in inputs:
-                    self.numel = max(self.numel, t.numel())
-            return out
 
     gen = torch.Generator().manual_seed(11)
     n, t, fi, fo = 40, 2, 64, 64

@@ -45,9 +45,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from .functional import OutputSpec, ParamFilter, ProbeFunction, allows_autograd
+from .functional import FloatTrace, OutputSpec, ParamFilter, ProbeFunction, allows_autograd
 
 __all__ = ["jacobian_rounding_estimate", "jacobian_rows", "ntk_matrix"]
 
@@ -317,31 +316,6 @@ def _budget_cap(probe: ProbeFunction) -> int:
 _ACTIVATIONS: weakref.WeakKeyDictionary[nn.Module, dict[Any, int]] = weakref.WeakKeyDictionary()
 
 
-class _NewFloatElements(TorchDispatchMode):
-    """Counts the elements of every floating tensor an operation allocates (outputs that are
-    not views of its inputs)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.elements = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in pytree.tree_leaves((args, kwargs))
-            if isinstance(t, Tensor)
-        }
-        for t in pytree.tree_leaves(out):
-            if (
-                isinstance(t, Tensor)
-                and t.is_floating_point()
-                and t.untyped_storage().data_ptr() not in inputs
-            ):
-                self.elements += t.numel()
-        return out
-
-
 def activation_elements(probe: ProbeFunction) -> int:
     """Floating-point elements one sample's forward pass allocates (0 if it cannot be traced).
 
@@ -349,39 +323,26 @@ def activation_elements(probe: ProbeFunction) -> int:
     the forward's activations, and their gradients for each of the r cotangents (measured on a
     timm ViT, r = 8: 1.2 r·a; on a convolutional net with 64×64 feature maps, r = 100:
     0.53 r·a; the bound errs on the safe side). Memory planning counts it next to the rows.
-    Cached on the probe.
+    Remembered per model and probe shapes (the trace runs every op through Python, a few ms
+    on a small ViT, and a monitor probes the same shapes every few steps).
     """
-    cached = getattr(probe, "_activation_elements", None)
-    if cached is not None:
-        return int(cached)
-    # The trace runs every op through Python (a few ms on a small ViT): it is remembered per
-    # model and probe shapes, since a monitor probes the same shapes every few steps.
     signature = (
-        probe.dtype,
         probe.output if isinstance(probe.output, str) else id(probe.output),
         tuple(probe.names),
-        tuple(
-            (tuple(t.shape), t.dtype)
-            for t in pytree.tree_leaves(probe.inputs)
-            if isinstance(t, Tensor)
-        ),
+        tuple(tuple(t.shape) for t in pytree.tree_leaves(probe.inputs) if isinstance(t, Tensor)),
     )
     memo = _ACTIVATIONS.setdefault(probe.model, {})
-    if signature in memo:
-        elements = memo[signature]
-    else:
-        counter = _NewFloatElements()
+    if signature not in memo:
+        trace = FloatTrace()
         try:
-            with probe.session(), torch.no_grad(), counter:
+            with probe.session(), torch.no_grad(), trace:
                 probe(probe.params, probe.chunk(0, 1))
-            elements = counter.elements
         except Exception:  # a model that does not run on one sample alone: no estimate
-            elements = 0
+            trace.elements = 0
         if len(memo) >= 64:  # probes of ever new shapes: keep the memo bounded
             memo.clear()
-        memo[signature] = elements
-    probe._activation_elements = elements  # type: ignore[attr-defined]
-    return elements
+        memo[signature] = trace.elements
+    return memo[signature]
 
 
 def jacobian_transient_bytes(probe: ProbeFunction, itemsize: int) -> int:

@@ -33,6 +33,8 @@ from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
     "OutputSpec",
@@ -375,12 +377,34 @@ def _drop_saved(_: Tensor) -> None:
     return None
 
 
-NO_BACKWARD_MESSAGE = "the probe's validation forward keeps no tensors for a backward pass"
-
-
 def _no_backward(_: None) -> Tensor:
     """Unpack hook of the probe's validation forward: a backward pass inside the forward."""
-    raise RuntimeError(NO_BACKWARD_MESSAGE)
+    raise RuntimeError("the probe's validation forward keeps no tensors for a backward pass")
+
+
+class FloatTrace(TorchDispatchMode):
+    """What a (one-sample) forward pass computes in floating point: the dtypes of every
+    operation's outputs, and the elements of the floating tensors it allocates (outputs that
+    are not views of its inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in pytree.tree_leaves((args, kwargs))
+            if isinstance(t, Tensor)
+        }
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, Tensor) and t.is_floating_point():
+                self.dtypes.add(t.dtype)
+                if t.untyped_storage().data_ptr() not in inputs:
+                    self.elements += t.numel()
+        return out
 
 
 class ProbeFunction:

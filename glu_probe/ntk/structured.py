@@ -46,9 +46,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from .functional import ProbeFunction
+from .functional import FloatTrace, ProbeFunction
 
 __all__ = ["structured_ntk"]
 
@@ -210,21 +209,6 @@ def _layers(
     return out
 
 
-class _FloatDtypes(TorchDispatchMode):
-    """Records the floating dtypes of every operation's outputs (of the one-sample trace)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dtypes: set[torch.dtype] = set()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, Tensor) and t.is_floating_point():
-                self.dtypes.add(t.dtype)
-        return out
-
-
 def _worth_it(layer: _Layer, n: int, samples: int) -> bool:
     """The factors (G: n·T·out, A: N·T·in) take less memory than the layer's Jacobian rows."""
     t, fi, fo = layer.tokens, layer.fan_in, layer.fan_out
@@ -312,7 +296,7 @@ def structured_ntk(
     leaves, spec, batched = _batched_leaves(source)
     if not any(batched):
         return None
-    narrow = _FloatDtypes()
+    narrow = FloatTrace()  # the floating dtypes the model computes in
     with source.session():
         try:
             with narrow:
