@@ -581,8 +581,8 @@ def test_vmapped_calls_are_sized_for_their_backward_intermediates(monkeypatch):
         sizes.append(parts[0].shape[0])
         return vmap_args(parts)
 
-    def spy_rows(probe):  # the row strategy's calls (one sample goes without vmap)
-        rows = per_sample(probe)
+    def spy_rows(probe, row_chunk=None):  # the row strategy's calls (one sample: no vmap)
+        rows = per_sample(probe, row_chunk)
 
         def counted(sel):
             sizes.append(len(range(12)[sel]) if isinstance(sel, slice) else len(sel))
@@ -607,8 +607,8 @@ def test_intermediates_shrink_blocks_not_the_panel():
     probe = ProbeFunction(model, x, output="full", dtype=torch.float64)
     rows = probe.n_rows * probe.n_params * 8
     budget = probe.n_rows**2 * 8 + 8 * rows + 2 * jacobian_transient_bytes(probe, 8)
-    panel, block = _plan(probe, 8, budget)
-    assert panel == 12 and block <= 2
+    panel, block, row_chunk = _plan(probe, 8, budget)
+    assert panel == 12 and block <= 2 and row_chunk is None  # two samples fit whole
 
 
 def test_hadamard_route_keeps_to_its_workspace():
@@ -630,3 +630,99 @@ def test_hadamard_route_keeps_to_its_workspace():
             _layer_gram(G, A, layer, work, out=K)
         assert seen.numel <= max(work, n * n)  # (K-sized blocks are K's own)
         torch.testing.assert_close(K, E @ E.T, rtol=1e-11, atol=1e-10)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage allocated inside the block and still alive (each storage
+    counted once, released when its last tensor dies): an independent measure of the tensor
+    memory a routine holds at once, to check against ``memory_budget``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def _release(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if not torch.is_tensor(t):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in self.live or storage.nbytes() == 0:
+                continue  # a view of a live storage, or nothing
+            self.live[key] = storage.nbytes()
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._release, key)
+        return out
+
+
+class ConvRows(nn.Module):
+    """Wide feature maps and 40 rows per sample: one sample's vmapped backward over all its
+    rows holds (r + 1) × its activations (about 16 MB), far more than its rows (0.3 MB)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 40)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.c2(torch.tanh(self.c1(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("strategy", ["auto", "jacobian", "structured"])
+def test_samples_whose_backward_exceeds_the_budget_take_fewer_rows_per_pass(strategy):
+    """A budget that holds K and a few samples' rows, but not one sample's backward over all
+    its rows: the rows are computed a few per backward pass, the tensors alive at once stay
+    within the budget (measured independently, every allocation tracked), and K is exact."""
+    from glu_probe.ntk.dense import jacobian_transient_bytes
+
+    torch.manual_seed(12)
+    model, x = ConvRows().double(), torch.randn(6, 3, 32, 32, dtype=torch.float64)
+    probe = ProbeFunction(model, x, output="full", dtype=torch.float64)
+    trans = jacobian_transient_bytes(probe, 8)
+    all_rows = probe.n_rows * probe.n_params * 8
+    budget = probe.n_rows**2 * 8 + all_rows + 2 * 2**20
+    assert trans > 2 * budget  # one sample's call over all 40 rows alone would be 2x over
+    expected = truth(model, x)
+    with LiveBytes() as live:
+        K = ntk_matrix(model, x, output="full", strategy=strategy, memory_budget=budget)
+    assert live.peak <= budget, (live.peak, budget)
+    torch.testing.assert_close(K, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_row_chunked_jacrev_equals_jacrev():
+    """Against torch.func.jacrev itself: every chunk size, tuple argnums over pytrees of
+    parameters, auxiliary outputs, and an output that is not 1-D."""
+    from glu_probe.ntk.dense import row_chunked_jacrev
+
+    gen = torch.Generator().manual_seed(13)
+    w = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    b = torch.randn(5, generator=gen, dtype=torch.float64)
+    v = torch.randn(5, 2, generator=gen, dtype=torch.float64)
+    x = torch.randn(3, generator=gen, dtype=torch.float64)
+
+    def f(params, head, x):
+        h = torch.tanh(params[0] @ x + params[1])
+        return (h[:, None] * head).reshape(5, 2), h.sum()
+
+    ref, ref_aux = torch.func.jacrev(f, argnums=(0, 1), has_aux=True)((w, b), v, x)
+    for chunk in (None, 1, 3, 9, 10, 64):
+        got, aux = row_chunked_jacrev(f, chunk, argnums=(0, 1), has_aux=True)((w, b), v, x)
+        torch.testing.assert_close(aux, ref_aux, rtol=0, atol=0)
+        for g, e in zip(
+            torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(ref), strict=True
+        ):
+            assert g.shape == e.shape
+            torch.testing.assert_close(g, e, rtol=1e-14, atol=1e-14)
+    single = row_chunked_jacrev(lambda w: torch.tanh(w @ x), 2)(w)
+    torch.testing.assert_close(single, torch.func.jacrev(lambda w: torch.tanh(w @ x))(w))
+    with pytest.raises(ValueError, match="row_chunk"):
+        row_chunked_jacrev(f, 0)

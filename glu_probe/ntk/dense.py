@@ -48,7 +48,7 @@ from torch.utils import _pytree as pytree
 
 from .functional import FloatTrace, OutputSpec, ParamFilter, ProbeFunction, allows_autograd
 
-__all__ = ["jacobian_rounding_estimate", "jacobian_rows", "ntk_matrix"]
+__all__ = ["jacobian_rounding_estimate", "jacobian_rows", "ntk_matrix", "row_chunked_jacrev"]
 
 #: Safety factor c of the rounding estimate ‖E‖₂ ≤ ‖E‖_F ≈ c·u·‖J‖_F (see
 #: :func:`jacobian_rounding_estimate`); measured ‖E‖_F/‖J‖_F was 1.2–5.2 u on the demo models.
@@ -63,7 +63,67 @@ def _batched_leaves(probe: ProbeFunction) -> tuple[list[Any], Any, list[bool]]:
     return leaves, spec, batched
 
 
-def _per_sample_jacobian(probe: ProbeFunction) -> Callable[[slice | Tensor], tuple[Tensor, ...]]:
+def row_chunked_jacrev(
+    func: Callable[..., Any],
+    row_chunk: int | None,
+    *,
+    argnums: int | tuple[int, ...] = 0,
+    has_aux: bool = False,
+) -> Callable[..., Any]:
+    """``torch.func.jacrev(func, argnums=..., has_aux=...)`` computing at most ``row_chunk``
+    rows (output entries) per vmapped backward pass, written into one preallocated result.
+
+    One VJP records the forward pass; then ``vmap(vjp_fn)`` runs over ``row_chunk`` standard
+    basis cotangents at a time. A call holds the rows once, the forward's saved activations and
+    the backward intermediates of ``row_chunk`` cotangents: about ``(row_chunk + 1)`` times
+    one sample's activations instead of ``(r + 1)`` (:func:`activation_elements`). Hand-written
+    because ``jacrev``'s own ``chunk_size`` concatenates its chunks at the end, so the rows
+    exist twice. ``row_chunk=None``: plain ``jacrev``. The in-place writes do not run under an
+    outer ``vmap``: call it on one sample.
+    """
+    if row_chunk is None:
+        return torch.func.jacrev(func, argnums=argnums, has_aux=has_aux)
+    if row_chunk < 1:
+        raise ValueError(f"row_chunk must be a positive int or None, got {row_chunk}")
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+
+    def wrapper(*args: Any) -> Any:
+        def partial(*primals: Any) -> Any:
+            full = list(args)
+            for i, x in zip(nums, primals, strict=True):
+                full[i] = x
+            return func(*full)
+
+        primals = tuple(args[i] for i in nums)
+        res: tuple[Any, ...] = torch.func.vjp(partial, *primals, has_aux=has_aux)
+        out, vjp_fn = res[0], res[1]
+        r = out.numel()
+        flat, spec = pytree.tree_flatten(primals)
+        jac = [torch.empty(r, *p.shape, dtype=p.dtype, device=p.device) for p in flat]
+        for c0 in range(0, r, row_chunk):
+            c1 = min(c0 + row_chunk, r)
+            basis = torch.zeros(c1 - c0, r, dtype=out.dtype, device=out.device)
+            basis[torch.arange(c1 - c0), torch.arange(c0, c1)] = 1
+            basis = basis.view(c1 - c0, *out.shape)
+            if c1 - c0 == 1:
+                grads = pytree.tree_leaves(vjp_fn(basis[0]))
+                for dst, src in zip(jac, grads, strict=True):
+                    dst[c0] = src
+            else:
+                grads = pytree.tree_leaves(torch.vmap(vjp_fn)(basis))
+                for dst, src in zip(jac, grads, strict=True):
+                    dst[c0:c1] = src
+            del grads
+        tree = pytree.tree_unflatten([j.view(*out.shape, *j.shape[1:]) for j in jac], spec)
+        result = tree[0] if isinstance(argnums, int) else tree
+        return (result, res[2]) if has_aux else result
+
+    return wrapper
+
+
+def _per_sample_jacobian(
+    probe: ProbeFunction, row_chunk: int | None = None
+) -> Callable[[slice | Tensor], tuple[Tensor, ...]]:
     """Rows of J for the samples ``sel`` (a slice or an index tensor) with ``vmap`` over samples
     of ``jacrev`` of one sample.
 
@@ -71,6 +131,9 @@ def _per_sample_jacobian(probe: ProbeFunction) -> Callable[[slice | Tensor], tup
     tensor, any input of a single sample) is passed once, unbatched, instead of being vmapped:
     the result is the same, and models that branch on such inputs (HF attention masks checked
     with ``.all()``) then run under ``vmap``. A single sample needs no ``vmap`` at all.
+    ``row_chunk`` (:func:`row_chunked_jacrev`): a sample's rows are computed that many at a time
+    (samples then go one at a time, without ``vmap``), for samples whose backward
+    intermediates alone exceed the memory budget.
     """
     leaves, spec, batched = _batched_leaves(probe)
 
@@ -82,10 +145,14 @@ def _per_sample_jacobian(probe: ProbeFunction) -> Callable[[slice | Tensor], tup
         ]
         return probe(params, pytree.tree_unflatten(full, spec))
 
-    jac_one = torch.func.jacrev(single)
+    jac_one = row_chunked_jacrev(single, row_chunk)
 
     def rows(sel: slice | Tensor) -> tuple[Tensor, ...]:
         parts = [t[sel] for t, flag in zip(leaves, batched, strict=True) if flag]
+        if row_chunk is not None and parts[0].shape[0] > 1:  # one sample at a time
+            idx = torch.arange(probe.batch_size)[sel] if isinstance(sel, slice) else sel
+            outs = [rows(idx[i : i + 1]) for i in range(len(idx))]
+            return tuple(torch.cat(col) for col in zip(*outs, strict=True))
         if parts[0].shape[0] == 1:
             out = tuple(j.unsqueeze(0) for j in jac_one(probe.params, tuple(p[0] for p in parts)))
         else:
@@ -135,7 +202,9 @@ def _chunk_jacobian(probe: ProbeFunction) -> Callable[[int, int], tuple[Tensor, 
     return rows
 
 
-def jacobian_rows(probe: ProbeFunction) -> Callable[[int, int], tuple[Tensor, ...]]:
+def jacobian_rows(
+    probe: ProbeFunction, row_chunk: int | None = None
+) -> Callable[[int, int], tuple[Tensor, ...]]:
     """A function ``(a, b) -> J rows of samples a:b`` (a tuple aligned with ``probe.params``).
 
     Uses per-sample ``vmap(jacrev)``. When the model cannot be vmapped over samples (data-dependent
@@ -144,9 +213,11 @@ def jacobian_rows(probe: ProbeFunction) -> Callable[[int, int], tuple[Tensor, ..
     unbatched within a group; about as fast, so without a warning). If that fails too, it falls
     back, with a warning, to ``jacrev`` of one sample at a time (no ``vmap`` over samples: a
     Python loop), and if even that fails to ``jacrev`` of the whole chunk (each row then costs a
-    backward pass through the whole chunk). Every level gives the same rows.
+    backward pass through the whole chunk). Every level gives the same rows. ``row_chunk``: at
+    most that many rows of a sample per backward pass (:func:`row_chunked_jacrev`), one sample
+    at a time.
     """
-    per_sample = _per_sample_jacobian(probe)
+    per_sample = _per_sample_jacobian(probe, row_chunk)
     chunked = _chunk_jacobian(probe)
     r = probe.rows_per_sample
 
@@ -201,8 +272,15 @@ def jacobian_rows(probe: ProbeFunction) -> Callable[[int, int], tuple[Tensor, ..
 GRAM_CHUNK_ELEMENTS = 2**20
 
 
-def _gram(a: tuple[Tensor, ...], b: tuple[Tensor, ...], dtype: torch.dtype | None = None) -> Tensor:
-    """``A Bᵀ`` of row blocks held one tensor per parameter, accumulated in ``dtype``.
+def _gram(
+    a: tuple[Tensor, ...],
+    b: tuple[Tensor, ...],
+    dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """``A Bᵀ`` of row blocks held one tensor per parameter, accumulated in ``dtype``; added
+    into ``out`` (a block of K, possibly a strided view) in place when given, with no
+    temporary of its size.
 
     Rows narrower than ``dtype`` (float32 rows of the mixed-precision path) are widened a column
     chunk at a time: a product of two float32 numbers is exact in float64, so the result is the
@@ -212,10 +290,9 @@ def _gram(a: tuple[Tensor, ...], b: tuple[Tensor, ...], dtype: torch.dtype | Non
     (the memory :func:`_plan` reserves for it), at most ``GRAM_CHUNK_ELEMENTS / rows``.
     """
     if dtype is None or all(x.dtype == y.dtype == dtype for x, y in zip(a, b, strict=True)):
-        out = None
         for x, y in zip(a, b, strict=True):
-            term = x.reshape(x.shape[0], -1) @ y.reshape(y.shape[0], -1).T
-            out = term if out is None else out.add_(term)
+            x2, y2 = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
+            out = x2 @ y2.T if out is None else out.addmm_(x2, y2.T)
         assert out is not None
         return out
     same = a is b or all(x is y for x, y in zip(a, b, strict=True))
@@ -225,7 +302,8 @@ def _gram(a: tuple[Tensor, ...], b: tuple[Tensor, ...], dtype: torch.dtype | Non
     widest = max(x[0].numel() for x in a)
     step = max(1, min(widest, GRAM_CHUNK_ELEMENTS // max(n_a, n_b)))
     dev = a[0].device
-    out = torch.zeros(n_a, n_b, dtype=dtype, device=dev)
+    if out is None:
+        out = torch.zeros(n_a, n_b, dtype=dtype, device=dev)
     buf_a = torch.empty(n_a, step, dtype=dtype, device=dev)
     buf_b = buf_a if same else torch.empty(n_b, step, dtype=dtype, device=dev)
     fill = 0
@@ -261,12 +339,11 @@ def _gram_sym(a: tuple[Tensor, ...], dtype: torch.dtype | None = None) -> Tensor
     h = n // 2
     top = tuple(x[:h] for x in a)
     bottom = tuple(x[h:] for x in a)
-    K = torch.empty(n, n, dtype=dtype or a[0].dtype, device=a[0].device)
-    K[:h, :h] = _gram(top, top, dtype)
-    K[h:, h:] = _gram(bottom, bottom, dtype)
-    off = _gram(bottom, top, dtype)
-    K[h:, :h] = off
-    K[:h, h:] = off.T
+    K = torch.zeros(n, n, dtype=dtype or a[0].dtype, device=a[0].device)
+    _gram(top, top, dtype, out=K[:h, :h])  # into K's blocks: no block-sized temporaries
+    _gram(bottom, bottom, dtype, out=K[h:, h:])
+    _gram(bottom, top, dtype, out=K[h:, :h])
+    K[:h, h:] = K[h:, :h].T
     return K
 
 
@@ -353,8 +430,9 @@ def jacobian_transient_bytes(probe: ProbeFunction, itemsize: int) -> int:
 
 def _plan(
     probe: ProbeFunction, itemsize: int, budget: int, row_itemsize: int | None = None
-) -> tuple[int, int] | None:
-    """(panel samples, block samples) of the Jacobian strategy, or ``None`` if it does not fit.
+) -> tuple[int, int, int | None] | None:
+    """(panel samples, block samples, rows per backward pass or ``None`` for all of a sample's)
+    of the Jacobian strategy, or ``None`` if it does not fit.
 
     ``itemsize`` is K's, ``row_itemsize`` the Jacobian rows' (smaller on the mixed-precision
     path, whose rows are widened a chunk at a time, see :func:`_gram`). The panel (at most half
@@ -385,13 +463,31 @@ def _plan(
         return None
     trans = jacobian_transient_bytes(probe, row_itemsize)
     block = max(1, min(rows_block, (free // 4) // (row_bytes * r + trans)))
-    return panel, block
+    # What the rows leave of the budget for a call's intermediates: the panel, and the block
+    # being computed or streamed (none beside a panel that one call makes whole).
+    resident = panel if block >= s_total else panel + block
+    return panel, block, row_chunk_for(probe, row_itemsize, free - resident * row_bytes * r)
+
+
+def row_chunk_for(probe: ProbeFunction, itemsize: int, room: int) -> int | None:
+    """Rows of one sample per backward pass (:func:`row_chunked_jacrev`) such that a call's
+    transient memory fits ``room`` bytes: ``None`` (all r rows in one vmapped pass) where one
+    sample's (r + 1) activations fit, else the most that fit, at least 1. Each chunk holds the
+    forward's activations, its cotangents' backward intermediates (about one activation set
+    each) and its own output rows before they are copied into place."""
+    act = activation_elements(probe) * itemsize
+    r = probe.rows_per_sample
+    if r < 2 or (r + 1) * act <= room:
+        return None
+    per_row = act + probe.n_params * itemsize
+    return int(max(1, min(r - 1, (room - act) // max(per_row, 1))))
 
 
 def _jacobian_strategy(
     probe: ProbeFunction,
     panel: int,
     block: int,
+    row_chunk: int | None,
     jacobian_dtype: torch.dtype,
     buf_dtype: torch.dtype | None = None,
 ) -> Tensor:
@@ -399,7 +495,7 @@ def _jacobian_strategy(
     K = torch.empty(n, n, dtype=probe.dtype, device=probe.device)
     # K's finiteness is checked by ntk_matrix, so the narrowed copy needs no validating pass.
     source = probe.astype(jacobian_dtype, check=False)
-    rows = jacobian_rows(source)
+    rows = jacobian_rows(source, row_chunk)
     with source.session():
         for p0 in range(0, s_total, panel):
             p1 = min(p0 + panel, s_total)
@@ -533,7 +629,7 @@ STRUCTURED_MIN_GAIN = 4.0
 
 
 def _structured_mode(
-    probe: ProbeFunction, wide_plan: tuple[int, int] | None
+    probe: ProbeFunction, wide_plan: tuple[int, int, int | None] | None
 ) -> tuple[bool, float | None]:
     """``auto``: (try the structured strategy, ``min_gain`` for it).
 

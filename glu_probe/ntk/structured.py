@@ -278,6 +278,8 @@ def structured_ntk(
         _vmap_args,
         activation_elements,
         jacobian_transient_bytes,
+        row_chunk_for,
+        row_chunked_jacrev,
     )
 
     n, r, s_total = probe.n_rows, probe.rows_per_sample, probe.batch_size
@@ -350,10 +352,15 @@ def structured_ntk(
     # intermediates (about (r + 1) times its activations, see activation_elements). The pass
     # runs before K exists: it may use what the budget leaves next to the stored buffers.
     trans = jacobian_transient_bytes(source, r_item)
-    per_sample = (factors // max(s_total, 1) + r * rest_numel) * r_item + trans
+    sample_rows = (factors // max(s_total, 1) + r * rest_numel) * r_item
     pass_room = max(transient, budget - stored)
+    row_chunk = None
     if chunk is None:  # (one sample at least: the other strategies would not do better)
-        chunk = max(1, min(s_total, pass_room // max(per_sample, 1)))
+        chunk = max(1, min(s_total, pass_room // max(sample_rows + trans, 1)))
+        if chunk == 1:  # a sample's backward intermediates alone may not fit: fewer rows a pass
+            row_chunk = row_chunk_for(source, r_item, pass_room - sample_rows)
+            if row_chunk is not None:
+                trans = (row_chunk + 1) * activation_elements(source) * r_item
     # The pass's intermediates are freed before the Grams, but the allocator may keep them.
     spare = budget - n * n * k_item - factors * r_item - widen - transient - chunk * trans
     work_bytes = min(work * k_item, max(transient, spare))
@@ -374,7 +381,7 @@ def structured_ntk(
         rows = source(tuple(theta), pytree.tree_unflatten(full, spec))
         return rows, tuple(hooks.inputs[k] for k in range(len(layers)))
 
-    jac = torch.func.jacrev(single, argnums=(0, 1), has_aux=True)
+    jac = row_chunked_jacrev(single, row_chunk, argnums=(0, 1), has_aux=True)
     taps = tuple(
         torch.zeros(ly.out_shape, dtype=jacobian_dtype, device=probe.device) for ly in layers
     )
@@ -389,10 +396,15 @@ def structured_ntk(
             for a in range(0, s_total, chunk):
                 b = min(a + chunk, s_total)
                 parts = [t[a:b] for t, flag in zip(leaves, batched, strict=True) if flag]
-                args, dims = _vmap_args(parts)
-                (j_rest, j_taps), inputs = torch.vmap(jac, in_dims=(None, None, dims))(
-                    rest_p, taps, args
-                )
+                if row_chunk is None:
+                    args, dims = _vmap_args(parts)
+                    (j_rest, j_taps), inputs = torch.vmap(jac, in_dims=(None, None, dims))(
+                        rest_p, taps, args
+                    )
+                else:  # one sample (chunk == 1), its rows a few at a time, no vmap
+                    (j_rest, j_taps), inputs = pytree.tree_map(
+                        lambda t: t.unsqueeze(0), jac(rest_p, taps, tuple(p[0] for p in parts))
+                    )
                 for k, ly in enumerate(layers):
                     g_buf[k][a * r : b * r] = ly.output_rows(j_taps[k])
                     a_buf[k][a:b] = ly.input_rows(inputs[k])
