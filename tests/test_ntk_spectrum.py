@@ -244,8 +244,9 @@ def test_mixed_path_keeps_float32_rows_in_the_panel_where_float64_rows_do_not_fi
             parts = jacobian_rows(probe)(0, 1)
         rows[dt] = torch.cat([j.reshape(16, -1) for j in parts], dim=1).double()
     p = sum(q.numel() for q in model.parameters())
-    budget = 2_800_000
-    assert 16 * p * 8 + 16 * 16 * 8 > budget  # float64 rows do not fit
+    # (+ the probe's float64 and float32 copies of the parameters and inputs)
+    budget = 2_800_000 + (p + x.numel()) * (8 + 4)
+    assert 16 * p * 8 + 16 * 16 * 8 + p * 8 > budget  # float64 rows do not fit
     with pytest.raises(ValueError, match="too small for the Jacobian strategy"):
         ntk_matrix(model, x, output="full", strategy="jacobian", memory_budget=budget)
     K = ntk_matrix(
@@ -370,7 +371,9 @@ def test_mixed_request_with_operator_strategy_is_float64(monkeypatch):
     monkeypatch.setattr(structured, "structured_ntk", lambda *a, **k: None)
     model, x = two_layer(True, n=64)
     p = sum(q.numel() for q in model.parameters())
-    budget = 64 * 64 * 8 + 5 * p * 8  # K + 5 rows: a 3-sample panel is < 1/8 of the rows
+    # K + 5 rows (a 3-sample panel is < 1/8 of the rows) + the probe's float64 and float32
+    # copies of the parameters and inputs
+    budget = 64 * 64 * 8 + 5 * p * 8 + (p + x.numel()) * (8 + 4)
     s = ntk_spectrum(model, x, method="dense", memory_budget=budget, jacobian_dtype=torch.float32)
     assert s.precision == "float64" and s.residual_min == 0.0
     ev = true_eigenvalues(model, x)

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from glu_probe.ntk import ntk_matrix
 from glu_probe.ntk.dense import _batched_leaves
-from glu_probe.ntk.functional import ProbeFunction
+from glu_probe.ntk.functional import LiveTensorBytes, ProbeFunction
 from glu_probe.ntk.structured import _hadamard_pays, _layers, structured_ntk
 
 torch.set_num_threads(1)
@@ -231,11 +231,16 @@ def test_parameter_filter_and_frozen_bias():
 
 def test_factors_that_do_not_fit_fall_back_to_rows():
     torch.manual_seed(5)
-    model, x = nn.Sequential(nn.Linear(7, 16), nn.ReLU(), nn.Linear(16, 3)), torch.randn(12, 7)
+    # 64 samples: each layer's factors alone (first layer: 192·16 + 64·7 numbers) exceed
+    # four parameter vectors, so no grouping of the layers fits either
+    model, x = nn.Sequential(nn.Linear(7, 16), nn.ReLU(), nn.Linear(16, 3)), torch.randn(64, 7)
     probe = ProbeFunction(model, x, output="full", dtype=torch.float64)
     n, p = probe.n_rows, probe.n_params
     assert structured_ntk(probe, n * n * 8 + 64, torch.float64) is None
-    tight = n * n * 8 + 4 * p * 8  # K and one product: less than K and the factors
+    # K, one product and the probe's float64 copies of the parameters and inputs: less than K
+    # and any layer's factors
+    tight = n * n * 8 + 4 * p * 8 + (p + x.numel()) * 8
+    assert min(n * 16 + 64 * 7, n * 3 + 64 * 16) > 4 * p
     with pytest.raises(ValueError, match="does not apply"):
         ntk_matrix(model, x, output="full", strategy="structured", memory_budget=tight)
     K = ntk_matrix(model, x, output="full", memory_budget=tight)  # auto: another strategy
@@ -632,37 +637,6 @@ def test_hadamard_route_keeps_to_its_workspace():
         torch.testing.assert_close(K, E @ E.T, rtol=1e-11, atol=1e-10)
 
 
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of tensor storage allocated inside the block and still alive (each storage
-    counted once, released when its last tensor dies): an independent measure of the tensor
-    memory a routine holds at once, to check against ``memory_budget``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, int] = {}
-        self.current = self.peak = 0
-
-    def _release(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        import weakref
-
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if not torch.is_tensor(t):
-                continue
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if key in self.live or storage.nbytes() == 0:
-                continue  # a view of a live storage, or nothing
-            self.live[key] = storage.nbytes()
-            self.current += storage.nbytes()
-            self.peak = max(self.peak, self.current)
-            weakref.finalize(storage, self._release, key)
-        return out
-
-
 class ConvRows(nn.Module):
     """Wide feature maps and 40 rows per sample: one sample's vmapped backward over all its
     rows holds (r + 1) × its activations (about 16 MB), far more than its rows (0.3 MB)."""
@@ -692,7 +666,7 @@ def test_samples_whose_backward_exceeds_the_budget_take_fewer_rows_per_pass(stra
     budget = probe.n_rows**2 * 8 + all_rows + 2 * 2**20
     assert trans > 2 * budget  # one sample's call over all 40 rows alone would be 2x over
     expected = truth(model, x)
-    with LiveBytes() as live:
+    with LiveTensorBytes() as live:
         K = ntk_matrix(model, x, output="full", strategy=strategy, memory_budget=budget)
     assert live.peak <= budget, (live.peak, budget)
     torch.testing.assert_close(K, expected, rtol=1e-10, atol=1e-12)
@@ -726,3 +700,95 @@ def test_row_chunked_jacrev_equals_jacrev():
     torch.testing.assert_close(single, torch.func.jacrev(lambda w: torch.tanh(w @ x))(w))
     with pytest.raises(ValueError, match="row_chunk"):
         row_chunked_jacrev(f, 0)
+
+
+def test_balanced_groups_closed_forms():
+    from glu_probe.ntk.structured import _balanced_groups
+
+    assert _balanced_groups([5, 5, 5, 5], 1) == [[0, 1, 2, 3]]
+    assert _balanced_groups([5, 5, 5, 5], 2) == [[0, 1], [2, 3]]
+    assert _balanced_groups([5, 5, 5, 5], 4) == [[0], [1], [2], [3]]
+    # the first group also carries first_extra: it gets fewer of the layers
+    assert _balanced_groups([5, 5, 5, 5], 2, first_extra=10) == [[0], [1, 2, 3]]
+    # the largest group total is minimal: 9 | 8+1 beats 9+8 | 1
+    assert _balanced_groups([9, 8, 1], 2) == [[0], [1, 2]]
+    assert _balanced_groups([1, 2, 3, 4, 5], 3) == [[0, 1, 2], [3], [4]]
+
+
+def test_factors_that_do_not_fit_together_take_one_pass_per_group(monkeypatch):
+    """A budget below all the factors of a timm ViT but above half of them: the structured
+    strategy splits its layers into groups of consecutive layers, one pass each, instead of
+    giving up (before, the row strategy took over at about twice the time). K equals float64
+    truth, and the tensors alive at once stay within the budget."""
+    from glu_probe.ntk import structured
+
+    torch.manual_seed(14)
+    model = vit(False).double().eval()
+    x = torch.randn(12, 3, 8, 8, dtype=torch.float64)
+    probe = ProbeFunction(model, x, output="full", dtype=torch.float64)
+    chosen: list[list[list[int]]] = []
+    balanced = structured._balanced_groups
+
+    def spy(sizes, m, first_extra=0):
+        groups = balanced(sizes, m, first_extra)
+        chosen.append(groups)
+        return groups
+
+    monkeypatch.setattr(structured, "_balanced_groups", spy)
+    assert structured_ntk(probe, 2**30, torch.float64) is not None
+    assert len(chosen[-1]) == 1  # a large budget: one pass
+    budget = 2**30
+    while budget > 2**16:
+        budget = int(budget * 0.9)
+        chosen.clear()
+        K = structured_ntk(probe, budget, torch.float64)
+        if K is not None and len(chosen[-1]) >= 2:
+            break
+    else:
+        pytest.fail("no budget gave a multi-group structured pass")
+    expected = truth(model, x)
+    torch.testing.assert_close(K, expected, rtol=1e-10, atol=1e-12)
+    with LiveTensorBytes() as live:
+        K = ntk_matrix(model, x, output="full", strategy="structured", memory_budget=budget)
+    assert len(chosen[-1]) >= 2
+    assert live.peak <= budget, (live.peak, budget)
+    torch.testing.assert_close(K, expected, rtol=1e-10, atol=1e-12)
+
+
+BUDGET_CASES = {
+    "mlp-bias": lambda: (
+        nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 4)),
+        torch.randn(24, 16),
+    ),
+    "token-mlp": lambda: (TokenMLP(), torch.randn(10, 2, 32)),
+    "vit": lambda: (vit(False), torch.randn(8, 3, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("name", list(BUDGET_CASES))
+def test_every_strategy_keeps_to_the_budget(name):
+    """For budgets from 'K and a few parameter vectors' upwards, every strategy either
+    declines with a ValueError or returns K equal to float64 truth while the tensors it holds
+    at once (independent count of every allocation) stay within the budget."""
+    torch.manual_seed(15)
+    model, x = BUDGET_CASES[name]()
+    model = model.double()
+    x = x.double()
+    probe = ProbeFunction(model, x, output="full", dtype=torch.float64)
+    n, p = probe.n_rows, probe.n_params
+    copies = (p + x.numel()) * 8
+    expected = truth(model, x)
+    ran = 0
+    for c in (6, 12, 24, 48, 96):
+        budget = n * n * 8 + c * p * 8 + copies
+        for strategy in ("auto", "structured", "jacobian", "operator"):
+            try:
+                with LiveTensorBytes() as live:
+                    K = ntk_matrix(model, x, output="full", strategy=strategy, memory_budget=budget)
+            except ValueError as err:
+                assert "too small" in str(err) or "does not apply" in str(err), err
+                continue
+            ran += 1
+            assert live.peak <= budget, (strategy, c, live.peak, budget)
+            torch.testing.assert_close(K, expected, rtol=1e-9, atol=1e-11)
+    assert ran >= 10

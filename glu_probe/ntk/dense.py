@@ -46,7 +46,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .functional import FloatTrace, OutputSpec, ParamFilter, ProbeFunction, allows_autograd
+from .functional import (
+    FloatTrace,
+    OutputSpec,
+    ParamFilter,
+    ProbeFunction,
+    all_finite,
+    allows_autograd,
+)
 
 __all__ = ["jacobian_rounding_estimate", "jacobian_rows", "ntk_matrix", "row_chunked_jacrev"]
 
@@ -531,22 +538,47 @@ def _jacobian_strategy(
 def _operator_strategy(probe: ProbeFunction, itemsize: int, budget: int) -> Tensor:
     """K = [K e_1, ..., K e_n] from matrix-free products, a block of columns at a time.
 
-    Memory: about four parameter-sized vectors per column (Jᵀ U, the JVP tangents and their
-    workspace) plus one linearisation; the column block is sized to the budget.
+    Memory: K, and per column about four parameter-sized vectors (Jᵀ U, the JVP tangents and
+    their workspace) and two n-vectors (the basis block and its product); per column and per
+    sample of a chunk of the probe batch, the products' activations and backward
+    intermediates (about one activation set each, :func:`activation_elements`). The column
+    block is sized to the budget first (at most 64), then the probe batch is chunked so that
+    its products fit beside it (chunked operators recompute their forward pass per product;
+    an unchunked one keeps one linearisation).
     """
     from .operator import NTKOperator  # local: operator imports functional only
 
-    n = probe.n_rows
+    n, s_total = probe.n_rows, probe.batch_size
     free = budget - n * n * itemsize
-    cols = int(max(1, min(64, n, free // max(1, 4 * probe.n_params * itemsize))))
-    op = NTKOperator(None, None, probe=probe, linearize=n > cols * NTKOperator.LINEARIZE_AFTER)
+    per_col = (4 * probe.n_params + 2 * n) * itemsize
+    act = activation_elements(probe) * itemsize
+    cols = int(max(1, min(64, n, free // max(1, 2 * per_col))))
+    room = free - cols * per_col
+    samples = int(max(1, min(s_total, room // max(1, 2 * (cols + 1) * act)))) if act else s_total
+    chunk = None if samples >= s_total else samples
+    op = NTKOperator(
+        None,
+        None,
+        probe=probe,
+        chunk_size=chunk,
+        linearize=chunk is None and n > cols * NTKOperator.LINEARIZE_AFTER,
+    )
     K = torch.empty(n, n, dtype=probe.dtype, device=probe.device)
-    eye = torch.eye(n, dtype=probe.dtype, device=probe.device)
     for a in range(0, n, cols):
         b = min(a + cols, n)
-        K[:, a:b] = op.matvec(eye[:, a:b])
-    # J (Jᵀ E) is symmetric only up to rounding; eigh reads one triangle, so symmetrise.
-    return (K + K.T).mul_(0.5)
+        basis = torch.zeros(n, b - a, dtype=probe.dtype, device=probe.device)
+        basis[a:b] = torch.eye(b - a, dtype=probe.dtype, device=probe.device)
+        K[:, a:b] = op.matvec(basis)
+        del basis
+    # J (Jᵀ E) is symmetric only up to rounding, and eigh reads one triangle: symmetrise in
+    # place, a block pair at a time (no n × n temporary).
+    for a in range(0, n, cols):
+        for c in range(a, n, cols):
+            upper = K[a : a + cols, c : c + cols]
+            mean = (upper + K[c : c + cols, a : a + cols].T).mul_(0.5)
+            upper.copy_(mean)
+            K[c : c + cols, a : a + cols] = mean.T
+    return K
 
 
 @allows_autograd
@@ -572,7 +604,10 @@ def ntk_matrix(
         params: as for :class:`~glu_probe.ntk.NTKOperator`.
         eval_mode: as for :class:`~glu_probe.ntk.NTKOperator`.
         dtype: precision of J and K (float64 default).
-        memory_budget: bytes for K plus the live Jacobian blocks or product vectors. ``None``:
+        memory_budget: bytes of tensors the call holds at once: K, the live Jacobian blocks,
+            factors or product vectors, their workspaces and vmapped calls, and the probe's
+            copies of the parameters and inputs (tested with an independent count of every
+            allocation). ``None``:
             K plus 40% of the full Jacobian's bytes (60%, at least 16 MiB, for the structured
             strategy, whose factors replace the Linear layers' rows), capped at half of the free
             device memory.
@@ -694,15 +729,28 @@ def _assemble(
     itemsize = torch.empty((), dtype=probe.dtype).element_size()
     budget = _budget(probe, itemsize, memory_budget)
     n = probe.n_rows
-    need = n * n * itemsize + 4 * probe.n_params * itemsize
+    rows_dtype = jacobian_dtype or probe.dtype
+    row_itemsize = torch.empty((), dtype=rows_dtype).element_size()
+    # The probe's own copies of the parameters and inputs (and their narrower copies for the
+    # rows) live through the call: a given budget counts them, so that it bounds every tensor
+    # the call holds (the default budget is the working memory, the copies come on top).
+    copies = 0
+    if memory_budget is not None:
+        floats = [t for t in pytree.tree_leaves(probe.inputs) if torch.is_tensor(t)]
+        inputs = sum(t.numel() for t in floats if t.is_floating_point())
+        copies = (probe.n_params + inputs) * (
+            itemsize + (row_itemsize if rows_dtype != probe.dtype else 0)
+        )
+    need = n * n * itemsize + 4 * probe.n_params * itemsize + copies
     if budget < need:
         raise ValueError(
             f"memory_budget={budget} bytes cannot hold the dense NTK: K alone needs "
-            f"{n * n * itemsize} bytes plus {4 * probe.n_params * itemsize} for one product; "
-            f"give at least {need} bytes, or use method='lanczos' (matrix-free)"
+            f"{n * n * itemsize} bytes plus {4 * probe.n_params * itemsize} for one product "
+            f"and {copies} for the probe's copies of the parameters and inputs; give at least "
+            f"{need} "
+            "bytes, or use method='lanczos' (matrix-free)"
         )
-    rows_dtype = jacobian_dtype or probe.dtype
-    row_itemsize = torch.empty((), dtype=rows_dtype).element_size()
+    budget -= copies
     plan = _plan(probe, itemsize, budget) if strategy != "operator" else None  # K-dtype panel
     K: Tensor | None = None
     try_structured, min_gain = (
@@ -741,6 +789,6 @@ def _assemble(
         else:
             rows_dtype = probe.dtype
             K = _operator_strategy(probe, itemsize, budget)
-    if not torch.isfinite(K).all():
+    if not all_finite(K):
         raise ValueError("the NTK has NaN/Inf entries (the Jacobian overflowed); try float64")
     return K, rows_dtype

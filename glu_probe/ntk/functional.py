@@ -28,6 +28,7 @@ import functools
 import math
 import re
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
@@ -404,6 +405,74 @@ class FloatTrace(TorchDispatchMode):
                 self.dtypes.add(t.dtype)
                 if t.untyped_storage().data_ptr() not in inputs:
                     self.elements += t.numel()
+        return out
+
+
+def all_finite(t: Tensor, block: int = 4096) -> bool:
+    """``torch.isfinite(t).all()`` without its temporaries of t's size (``isfinite`` allocates
+    ``abs(t)`` and three boolean masks). A finite sum proves every entry finite (a NaN or an
+    infinity makes the sum NaN or infinite); only where the sum is not finite (non-finite
+    entries, or finite ones whose sum overflows) are the entries checked, ``block`` at a time.
+    """
+    if bool(torch.isfinite(t.sum())):
+        return True
+    flat = t.reshape(-1)
+    return all(
+        bool(torch.isfinite(flat[a : a + block]).all()) for a in range(0, flat.numel(), block)
+    )
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage that operations inside the block allocate and that are alive
+    at once (each storage counted once, released when its last tensor dies; views of the
+    operations' inputs, such as the model's own parameters, are not allocations).
+
+    The CPU counterpart of ``torch.cuda.max_memory_allocated`` for checking ``memory_budget``
+    (tests, ``benchmarks/bench_ntk.py``), less the scratch that kernels allocate internally.
+    The process's RSS also holds memory that the C allocator keeps after tensors are freed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    @staticmethod
+    def _storage(t: Any) -> Any:
+        """The real storage behind ``t``, or ``None`` (fake or meta tensors of a trace)."""
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        if not isinstance(t, Tensor) or isinstance(t, FakeTensor) or t.is_meta:
+            return None
+        try:
+            storage = t.untyped_storage()
+            storage.data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return None
+        return storage
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = set()
+        for t in pytree.tree_leaves((args, kwargs)):
+            storage = self._storage(t)
+            if storage is not None:
+                inputs.add(storage.data_ptr())
+        for t in pytree.tree_leaves(out):
+            storage = self._storage(t)
+            if storage is None:
+                continue
+            key = storage.data_ptr()
+            if key in self.live or key in inputs or storage.nbytes() == 0:
+                continue
+            self.live[key] = storage.nbytes()
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._release, key)
         return out
 
 

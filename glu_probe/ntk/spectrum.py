@@ -349,7 +349,9 @@ def ntk_spectrum(
             λ_min then is an upper bound only) or ``"smallest"``.
         warm_start: a previous :class:`NTKSpectrum` (or an (n, k) tensor) whose Ritz vectors
             start the Lanczos iteration; ignored with a warning if n changed.
-        memory_budget: bytes for the dense path (K plus live Jacobian blocks).
+        memory_budget: bytes of tensors the dense path's K holds at once (K, live Jacobian
+            blocks or factors, workspaces, the probe's copies), as for
+            :func:`~glu_probe.ntk.ntk_matrix`; the eigendecomposition comes on top.
         chunk_size: samples per chunk in the matrix-free products (bounds activation memory).
         eval_mode: run BatchNorm/dropout in eval mode (default).
         process_group: distributed group; each rank passes its own probe shard (Lanczos only).

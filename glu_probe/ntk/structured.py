@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .functional import FloatTrace, ProbeFunction
+from .functional import FloatTrace, ProbeFunction, all_finite
 
 __all__ = ["structured_ntk"]
 
@@ -55,6 +55,19 @@ __all__ = ["structured_ntk"]
 MIN_TRANSIENT_BYTES = 2**20
 #: The transient workspace is this fraction (1/divisor) of the stored factors and rows.
 TRANSIENT_DIVISOR = 12
+
+
+@dataclass
+class _GroupPlan:
+    """One pass of the structured strategy: the layers it taps (indices), whether it also takes
+    the remaining parameters' rows, its samples per vmapped call, its rows per backward pass
+    (``None``: all of a sample's), and its Gram workspace in elements."""
+
+    members: list[int]
+    with_rest: bool
+    chunk: int
+    row_chunk: int | None
+    work: int
 
 
 @dataclass
@@ -154,7 +167,7 @@ class _Taps:
 
     def __init__(self, modules: list[nn.Linear | nn.Conv2d]) -> None:
         self.modules = modules
-        self.taps: tuple[Tensor, ...] | None = None
+        self.taps: dict[int, Tensor] | None = None
         self.inputs: dict[int, Tensor] = {}
         self.calls = [0] * len(modules)
         self.shapes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
@@ -177,7 +190,8 @@ class _Taps:
             if isinstance(x, Tensor):
                 self.inputs[k] = x
                 self.shapes[k] = (tuple(x.shape), tuple(out.shape))
-            return out if self.taps is None else out + self.taps[k]
+            tap = None if self.taps is None else self.taps.get(k)
+            return out if tap is None else out + tap
 
         return hook
 
@@ -207,6 +221,33 @@ def _layers(
             continue
         out.append(_Layer(m, w, b, in_shape, out_shape))
     return out
+
+
+def _balanced_groups(sizes: list[int], m: int, first_extra: int = 0) -> list[list[int]]:
+    """Consecutive indices of ``sizes`` in at most ``m`` groups whose largest total (the first
+    group's counting ``first_extra`` too) is as small as possible: the least cap for which
+    greedy filling needs at most ``m`` groups, by bisection (greedy is optimal for a fixed
+    order)."""
+
+    def fill(cap: int) -> list[list[int]]:
+        groups: list[list[int]] = [[]]
+        total = first_extra
+        for k, b in enumerate(sizes):
+            if groups[-1] and total + b > cap:
+                groups.append([])
+                total = 0
+            groups[-1].append(k)
+            total += b
+        return groups
+
+    lo, hi = max([*sizes, 0]), sum(sizes) + first_extra
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(fill(mid)) <= m:
+            hi = mid
+        else:
+            lo = mid + 1
+    return fill(lo)
 
 
 def _worth_it(layer: _Layer, n: int, samples: int) -> bool:
@@ -323,107 +364,163 @@ def structured_ntk(
                 seen.clear()
             seen.add(signature)
             return None
-    factors = sum(n * ly.tokens * ly.fan_out + s_total * ly.tokens * ly.fan_in for ly in layers)
-    stored = (factors + n * rest_numel) * r_item
-    # Workspace of the Gram: one expanded block of rows or one Hadamard Gram, in K's dtype.
-    work = max(
-        (n * ly.tokens) ** 2 if _hadamard_pays(ly, n) else n * ly.fan_in * ly.fan_out
-        for ly in layers
-    )
-    # Transient memory (the Gram's workspace, one vmapped call's outputs): half of what the
-    # budget leaves next to K and the stored factors and rows, but at least a fraction of the
-    # stored bytes. Larger blocks mean fewer re-expansions and vmapped calls (demo ViT probe
-    # under a 256 MiB budget: 195 ms with a 1 MiB workspace, 90 ms with 64 MiB).
-    headroom = budget - n * n * k_item - stored
-    transient = max(stored // TRANSIENT_DIVISOR, MIN_TRANSIENT_BYTES, headroom // 2)
-    if n * n * k_item + stored + min(work * k_item, transient) > budget:
-        return None
-    # The layers' Grams run after the remaining rows are freed: their workspace may also use
-    # those rows' bytes (less one transient's worth, which the allocator may still hold), and a
-    # float64 copy of one layer's factors where the rows are narrower (mixed precision).
-    widen = (
-        0
-        if r_item == k_item
-        else max(
-            (n * ly.tokens * ly.fan_out + s_total * ly.tokens * ly.fan_in) * k_item for ly in layers
-        )
-    )
-    # One sample's share of a vmapped call: its factors and rows, and its backward
-    # intermediates (about (r + 1) times its activations, see activation_elements). The pass
-    # runs before K exists: it may use what the budget leaves next to the stored buffers.
-    trans = jacobian_transient_bytes(source, r_item)
-    sample_rows = (factors // max(s_total, 1) + r * rest_numel) * r_item
-    pass_room = max(transient, budget - stored)
-    row_chunk = None
-    if chunk is None:  # (one sample at least: the other strategies would not do better)
-        chunk = max(1, min(s_total, pass_room // max(sample_rows + trans, 1)))
-        if chunk == 1:  # a sample's backward intermediates alone may not fit: fewer rows a pass
-            row_chunk = row_chunk_for(source, r_item, pass_room - sample_rows)
-            if row_chunk is not None:
-                trans = (row_chunk + 1) * activation_elements(source) * r_item
-    # The pass's intermediates are freed before the Grams, but the allocator may keep them.
-    spare = budget - n * n * k_item - factors * r_item - widen - transient - chunk * trans
-    work_bytes = min(work * k_item, max(transient, spare))
+    k_bytes = n * n * k_item
+    rest_bytes = n * rest_numel * r_item
 
+    def size(members: list[int], with_rest: bool, first: bool) -> _GroupPlan | None:
+        """The sizes of one pass over the layers ``members`` (and the remaining parameters'
+        rows if ``with_rest``), or ``None`` where they do not fit the budget."""
+        group = [layers[k] for k in members]
+        factors = sum(n * ly.tokens * ly.fan_out + s_total * ly.tokens * ly.fan_in for ly in group)
+        stored = factors * r_item + (rest_bytes if with_rest else 0)
+        # Workspace of the Gram: one expanded block of rows or one Hadamard Gram, K's dtype.
+        work = max(
+            [
+                _hadamard_work(n, s_total, ly.tokens)
+                if _hadamard_pays(ly, n)
+                else n * ly.fan_in * ly.fan_out
+                for ly in group
+            ]
+            + [1]
+        )
+        # Transient memory (the Gram's workspace, one vmapped call's outputs): half of what
+        # the budget leaves next to K and the stored factors and rows, but at least a fraction
+        # of the stored bytes. Larger blocks mean fewer re-expansions and vmapped calls (demo
+        # ViT probe under a 256 MiB budget: 195 ms with a 1 MiB workspace, 90 ms with 64 MiB).
+        # (The floor never exceeds the headroom itself: tiny budgets are kept too.)
+        headroom = budget - k_bytes - stored
+        floor = min(MIN_TRANSIENT_BYTES, max(headroom, 0))
+        transient = max(stored // TRANSIENT_DIVISOR, floor, headroom // 2)
+        if k_bytes + stored + min(work * k_item, transient) > budget:
+            return None
+        # The layers' Grams run after the remaining rows are freed: their workspace may also
+        # use those rows' bytes (less one transient's worth, which the allocator may still
+        # hold), and a float64 copy of one layer's factors where the rows are narrower (mixed
+        # precision).
+        widen = (
+            0
+            if r_item == k_item
+            else max(
+                (n * ly.tokens * ly.fan_out + s_total * ly.tokens * ly.fan_in) * k_item
+                for ly in group
+            )
+        )
+        # One sample's share of a vmapped call: its factors and rows, and its backward
+        # intermediates (about (r + 1) times its activations, see activation_elements). The
+        # first pass runs before K exists: it may use what the budget leaves next to the
+        # stored buffers.
+        trans = jacobian_transient_bytes(source, r_item)
+        sample_rows = (factors // max(s_total, 1) + (r * rest_numel if with_rest else 0)) * r_item
+        pass_room = max(transient, budget - stored - (0 if first else k_bytes))
+        row_chunk, pass_chunk = None, chunk
+        if pass_chunk is None:  # (one sample at least: the other strategies would not do better)
+            pass_chunk = max(1, min(s_total, pass_room // max(sample_rows + trans, 1)))
+            if pass_chunk == 1:  # one sample's backward alone may not fit: fewer rows a pass
+                row_chunk = row_chunk_for(source, r_item, pass_room - sample_rows)
+                if row_chunk is not None:
+                    trans = (row_chunk + 1) * activation_elements(source) * r_item
+        # The pass's intermediates are freed before the Grams, but the allocator may keep them.
+        spare = budget - k_bytes - factors * r_item - widen - transient - pass_chunk * trans
+        work_bytes = min(work * k_item, max(transient, spare))
+        return _GroupPlan(members, with_rest, pass_chunk, row_chunk, max(work_bytes // k_item, 1))
+
+    # The layers in as few passes as fit the budget: one pass stores every layer's factors (and
+    # recomputes nothing); where they do not all fit, consecutive layers are split into m
+    # groups of about equal bytes (balanced, so that every pass keeps room for large vmapped
+    # chunks and Gram workspaces), and each group's pass recomputes the forward and the
+    # backward down to its lowest tapped layer. The first group also takes the remaining
+    # parameters' rows.
+    sizes = [
+        (n * ly.tokens * ly.fan_out + s_total * ly.tokens * ly.fan_in) * r_item for ly in layers
+    ]
+    plans: list[_GroupPlan] | None = None
+    for m in range(1, len(layers) + 1):
+        groups = _balanced_groups(sizes, m, first_extra=rest_bytes)
+        trial = [size(g, i == 0 and bool(rest), i == 0) for i, g in enumerate(groups)]
+        if all(p is not None for p in trial):
+            plans = [p for p in trial if p is not None]
+            break
+    if plans is None:
+        return None  # not even one layer's factors fit beside K
     hooks = _Taps([ly.module for ly in layers])
     params = list(source.params)
-
-    def single(rest_p: tuple[Tensor, ...], taps_p: tuple[Tensor, ...], sample: Any) -> Any:
-        it = iter(sample)
-        full = [
-            next(it).unsqueeze(0) if flag else leaf
-            for leaf, flag in zip(leaves, batched, strict=True)
-        ]
-        theta = list(params)
-        for i, t in zip(rest, rest_p, strict=True):
-            theta[i] = t
-        hooks.taps, hooks.inputs = taps_p, {}
-        rows = source(tuple(theta), pytree.tree_unflatten(full, spec))
-        return rows, tuple(hooks.inputs[k] for k in range(len(layers)))
-
-    jac = row_chunked_jacrev(single, row_chunk, argnums=(0, 1), has_aux=True)
-    taps = tuple(
-        torch.zeros(ly.out_shape, dtype=jacobian_dtype, device=probe.device) for ly in layers
-    )
-    rest_p = tuple(params[i] for i in rest)
-    # The factors and rows of all samples, written a chunk at a time (no concatenated copies).
     dev, rdt = probe.device, jacobian_dtype
-    g_buf = [torch.empty(n, ly.tokens, ly.fan_out, dtype=rdt, device=dev) for ly in layers]
-    a_buf = [torch.empty(s_total, ly.tokens, ly.fan_in, dtype=rdt, device=dev) for ly in layers]
-    rest_buf = [torch.empty(n, *params[i].shape, dtype=rdt, device=dev) for i in rest]
-    try:
-        with source.session(), hooks:
-            for a in range(0, s_total, chunk):
-                b = min(a + chunk, s_total)
-                parts = [t[a:b] for t, flag in zip(leaves, batched, strict=True) if flag]
-                if row_chunk is None:
-                    args, dims = _vmap_args(parts)
-                    (j_rest, j_taps), inputs = torch.vmap(jac, in_dims=(None, None, dims))(
-                        rest_p, taps, args
-                    )
-                else:  # one sample (chunk == 1), its rows a few at a time, no vmap
-                    (j_rest, j_taps), inputs = pytree.tree_map(
-                        lambda t: t.unsqueeze(0), jac(rest_p, taps, tuple(p[0] for p in parts))
-                    )
-                for k, ly in enumerate(layers):
-                    g_buf[k][a * r : b * r] = ly.output_rows(j_taps[k])
-                    a_buf[k][a:b] = ly.input_rows(inputs[k])
-                for i in range(len(rest_buf)):  # (no loop variable keeps a chunk alive)
-                    rest_buf[i][a * r : b * r] = j_rest[i].reshape(-1, *j_rest[i].shape[2:])
-                del j_rest, j_taps, inputs
-    except Exception:
-        # E.g. data-dependent control flow under vmap (HF padding masks): the row strategy has
-        # the fallbacks for that (grouping samples by mask, ...) and warns where they cost.
-        return None
-    # K starts as the remaining rows' Gram (no zero matrix plus a copy)
-    K = _gram_sym(tuple(rest_buf), kdtype) if rest else torch.zeros(n, n, dtype=kdtype, device=dev)
-    del rest_buf
-    for ly in layers:  # each layer's factors are freed once its block is added
-        G = g_buf.pop(0).to(kdtype)  # (n, T, out)
-        A = a_buf.pop(0).to(kdtype)  # (N, T, in): one per sample, not per row
-        _layer_gram(G, A, ly, max(work_bytes // k_item, 1), out=K)
-        del G, A
-    if not torch.isfinite(K).all():
+    K: Tensor | None = None
+    for plan in plans:
+        group = [layers[k] for k in plan.members]
+        rest_g = rest if plan.with_rest else []
+
+        def single(
+            rest_p: tuple[Tensor, ...],
+            taps_p: tuple[Tensor, ...],
+            sample: Any,
+            members: list[int] = plan.members,
+            rest_g: list[int] = rest_g,
+        ) -> Any:
+            it = iter(sample)
+            full = [
+                next(it).unsqueeze(0) if flag else leaf
+                for leaf, flag in zip(leaves, batched, strict=True)
+            ]
+            theta = list(params)
+            for i, t in zip(rest_g, rest_p, strict=True):
+                theta[i] = t
+            hooks.taps, hooks.inputs = dict(zip(members, taps_p, strict=True)), {}
+            rows = source(tuple(theta), pytree.tree_unflatten(full, spec))
+            return rows, tuple(hooks.inputs[k] for k in members)
+
+        jac = row_chunked_jacrev(single, plan.row_chunk, argnums=(0, 1), has_aux=True)
+        taps = tuple(torch.zeros(ly.out_shape, dtype=rdt, device=dev) for ly in group)
+        rest_p = tuple(params[i] for i in rest_g)
+        # The factors and rows of all samples, written a chunk at a time (no concatenated
+        # copies).
+        g_buf = [torch.empty(n, ly.tokens, ly.fan_out, dtype=rdt, device=dev) for ly in group]
+        a_buf = [torch.empty(s_total, ly.tokens, ly.fan_in, dtype=rdt, device=dev) for ly in group]
+        rest_buf = [torch.empty(n, *params[i].shape, dtype=rdt, device=dev) for i in rest_g]
+        step = plan.chunk
+        try:
+            with source.session(), hooks:
+                for a in range(0, s_total, step):
+                    b = min(a + step, s_total)
+                    parts = [t[a:b] for t, flag in zip(leaves, batched, strict=True) if flag]
+                    if plan.row_chunk is None:
+                        args, dims = _vmap_args(parts)
+                        (j_rest, j_taps), inputs = torch.vmap(jac, in_dims=(None, None, dims))(
+                            rest_p, taps, args
+                        )
+                    else:  # one sample (chunk == 1), its rows a few at a time, no vmap
+                        (j_rest, j_taps), inputs = pytree.tree_map(
+                            lambda t: t.unsqueeze(0),
+                            jac(rest_p, taps, tuple(p[0] for p in parts)),
+                        )
+                    for k, ly in enumerate(group):
+                        g_buf[k][a * r : b * r] = ly.output_rows(j_taps[k])
+                        a_buf[k][a:b] = ly.input_rows(inputs[k])
+                    for i in range(len(rest_buf)):  # (no loop variable keeps a chunk alive)
+                        rest_buf[i][a * r : b * r] = j_rest[i].reshape(-1, *j_rest[i].shape[2:])
+                    del j_rest, j_taps, inputs
+        except Exception:
+            hooks.taps, hooks.inputs = None, {}
+            # E.g. data-dependent control flow under vmap (HF padding masks): the row strategy
+            # has the fallbacks for that (grouping samples by mask, ...) and warns where they
+            # cost.
+            return None
+        hooks.taps, hooks.inputs = None, {}  # (the last call's activations: not kept alive)
+        if K is None:  # K starts as the remaining rows' Gram (no zero matrix plus a copy)
+            K = (
+                _gram_sym(tuple(rest_buf), kdtype)
+                if rest_g
+                else torch.zeros(n, n, dtype=kdtype, device=dev)
+            )
+        del rest_buf
+        for ly in group:  # each layer's factors are freed once its block is added
+            G = g_buf.pop(0).to(kdtype)  # (n, T, out)
+            A = a_buf.pop(0).to(kdtype)  # (N, T, in): one per sample, not per row
+            _layer_gram(G, A, ly, plan.work, out=K)
+            del G, A
+    assert K is not None
+    chunk = plans[0].chunk  # (the projection check's fallback chunking below)
+    if not all_finite(K):
         # The factors' Grams overflowed (or the model gives NaN): no check (it would only see
         # NaN and blame the layers), the row strategy decides, and raises if it is NaN too.
         return None
@@ -436,14 +533,40 @@ def structured_ntk(
     # sized for that (ViT d32, 64 samples of 8 rows, the default budget: one chunk instead of
     # 13, 17 ms instead of 43–58 ms).
     act_bytes = activation_elements(source) * r_item
-    if act_bytes:
-        room = max(transient, budget - n * n * k_item)
+    if act_bytes:  # (beside K: Jᵀ U summed so far and one chunk's, CHECK_VECTORS vectors each)
+        vectors = 2 * CHECK_VECTORS * source.n_params * r_item
+        room = max(0, budget - n * n * k_item - vectors)
         check_chunk = max(1, min(s_total, room // ((CHECK_VECTORS + 1) * act_bytes)))
     else:  # no estimate: r times the pass's chunk
         check_chunk = min(s_total, chunk * max(r, 1))
     if not _agrees(K, source, tokens, check_chunk, eps):
         return None
     return K
+
+
+def _hadamard_work(n: int, samples: int, tokens: int) -> int:
+    """Elements the Hadamard route holds: G's and A's token Grams and their sum over tokens."""
+    return (n * tokens) ** 2 + (samples * tokens) ** 2 + n * n
+
+
+def _add_bias_block(G: Tensor, K: Tensor, work: int) -> None:
+    """K += g gᵀ with g = Σ_t G_t (the bias's rows), within ``work`` elements: g itself where
+    it fits (a view for T = 1), else pairs of row blocks whose sums are formed on the fly."""
+    n, t, fo = G.shape
+    if t == 1:
+        K.addmm_(G[:, 0], G[:, 0].T)
+        return
+    if n * fo <= work:
+        g = G.sum(1)
+        K.addmm_(g, g.T)
+        return
+    q = max(1, work // (2 * fo))
+    for a in range(0, n, q):
+        ga = G[a : a + q].sum(1)
+        for c in range(0, n, q):
+            gc = ga if c == a else G[c : c + q].sum(1)
+            K[a : a + q, c : c + q].addmm_(ga, gc.T)
+            del gc
 
 
 def _layer_gram(
@@ -461,15 +584,24 @@ def _layer_gram(
     s_count = A.shape[0]
     r = n // s_count  # rows are sample-major, r per sample: A's Grams broadcast over them
     if layer.bias is not None:
-        g = G.sum(1)
-        K.addmm_(g, g.T)
+        _add_bias_block(G, K, work)
     if t == 1:
+        # (G Gᵀ) ⊙ (A Aᵀ), A's sample Gram broadcast over each sample's r rows, a block of
+        # whole samples' rows at a time (q × n of G's Gram, q/r × N of A's) within the workspace
         a0, g0 = A[:, 0], G[:, 0]
-        gg = g0 @ g0.T  # the one n × n temporary
-        gg.view(s_count, r, s_count, r).mul_((a0 @ a0.T).view(s_count, 1, s_count, 1))
-        return K.add_(gg)
-    if _hadamard_pays(layer, n) and (n * t) ** 2 <= work:  # else the blocked expansion,
-        af = A.reshape(-1, layer.fan_in)  # which keeps to the workspace
+        q = min(n, max(r, work // (n + s_count) // r * r))
+        for a in range(0, n, q):
+            b = min(a + q, n)
+            s0, s1 = a // r, b // r
+            gg = g0[a:b] @ g0.T
+            aa = (a0[s0:s1] @ a0.T).view(s1 - s0, 1, s_count, 1)
+            gg.view(s1 - s0, r, s_count, r).mul_(aa)
+            K[a:b].add_(gg)
+            del gg, aa
+        return K
+    if _hadamard_pays(layer, n) and _hadamard_work(n, s_count, t) <= work:  # else the blocked
+        # expansion, which keeps to the workspace
+        af = A.reshape(-1, layer.fan_in)
         aa = (af @ af.T).view(s_count, 1, t, s_count, 1, t)
         gf = G.reshape(n * t, -1)
         gg = (gf @ gf.T).view(s_count, r, t, s_count, r, t).mul_(aa)
@@ -518,6 +650,8 @@ def _layer_gram(
             if m > 0:
                 K[c:d, a : a + m] += off[:m].T
             c = d
+            del top, blk, off  # (not alive while the next block is expanded)
+        del ea  # (not alive while the next panel is expanded)
     return K
 
 
