@@ -231,16 +231,16 @@ def test_parameter_filter_and_frozen_bias():
 
 def test_factors_that_do_not_fit_fall_back_to_rows():
     torch.manual_seed(5)
-    # 64 samples: each layer's factors alone (first layer: 192·16 + 64·7 numbers) exceed
+    # 40 samples: each layer's factors alone (second layer: 120·3 + 40·16 numbers) exceed
     # four parameter vectors, so no grouping of the layers fits either
-    model, x = nn.Sequential(nn.Linear(7, 16), nn.ReLU(), nn.Linear(16, 3)), torch.randn(64, 7)
+    model, x = nn.Sequential(nn.Linear(7, 16), nn.ReLU(), nn.Linear(16, 3)), torch.randn(40, 7)
     probe = ProbeFunction(model, x, output="full", dtype=torch.float64)
     n, p = probe.n_rows, probe.n_params
     assert structured_ntk(probe, n * n * 8 + 64, torch.float64) is None
     # K, one product and the probe's float64 copies of the parameters and inputs: less than K
     # and any layer's factors
     tight = n * n * 8 + 4 * p * 8 + (p + x.numel()) * 8
-    assert min(n * 16 + 64 * 7, n * 3 + 64 * 16) > 4 * p
+    assert min(n * 16 + 40 * 7, n * 3 + 40 * 16) > 4 * p
     with pytest.raises(ValueError, match="does not apply"):
         ntk_matrix(model, x, output="full", strategy="structured", memory_budget=tight)
     K = ntk_matrix(model, x, output="full", memory_budget=tight)  # auto: another strategy
