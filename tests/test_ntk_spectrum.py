@@ -505,9 +505,14 @@ def test_lanczos_flags_numerically_zero_lambda_min():
 def test_auto_method_choice():
     model, x = two_layer(False)
     assert ntk_spectrum(model, x).method == "dense"
-    # a budget that cannot hold K forces the matrix-free path
-    s = ntk_spectrum(model, x, memory_budget=1000)
+    # a budget that cannot hold K (and one product) forces the matrix-free path, which keeps
+    # to it (a short Krylov basis here); one that cannot hold even that is a clear error
+    p = sum(q.numel() for q in model.parameters())
+    budget = 256 * 256 * 8 + 4 * p * 8 - 1
+    s = ntk_spectrum(model, x, memory_budget=budget, max_matvecs=40)
     assert s.method == "lanczos"
+    with pytest.raises(ValueError, match="cannot hold one Lanczos product"):
+        ntk_spectrum(model, x, memory_budget=1000)
     assert AUTO_DENSE_MAX_ROWS >= 512
 
 

@@ -274,6 +274,16 @@ class NTKOperator:
             self.offset = 0
             self.n = self.n_local
 
+    def rechunk(self, chunk_size: int | None) -> None:
+        """Process this rank's samples ``chunk_size`` at a time from now on (``None``: one
+        chunk). Local to the rank (no collective: chunks are summed before the all-reduce);
+        drops the cached linearisation."""
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+        self._ranges = self.probe.sample_ranges(chunk_size)
+        self._cache = None
+        self._traced = False
+
     @property
     def n_params(self) -> int:
         """Number of selected trainable parameters (columns of J)."""

@@ -429,6 +429,7 @@ def ntk_spectrum(
         which=which,
         warm_start=warm_start,
         chunk_size=chunk_size,
+        memory_budget=memory_budget,
         process_group=process_group,
         generator=generator,
         slq_probes=slq_probes,
@@ -538,6 +539,59 @@ def _full_span_block(probe: ProbeFunction, n: int, block_size: int) -> int:
     return max(block_size, min(n, cap, fits))
 
 
+def _budgeted_products(
+    probe: ProbeFunction,
+    n: int,
+    width: int,
+    block_size: int,
+    basis_vectors: int,
+    chunk_size: int | None,
+    budget: int,
+) -> tuple[int, int | None]:
+    """(block width, samples per chunk of the probe batch) of the Lanczos path's products
+    within ``budget`` bytes of tensors (``n``: the rows of K, all ranks' when sharded).
+
+    Counted: the probe's copies of the parameters and inputs; the Krylov basis
+    (``basis_vectors`` + 4 blocks of n numbers, float64); per column of a block product about
+    four parameter-sized vectors (Jᵀ U, the JVP tangents, their workspace) and two n-vectors;
+    per column and per sample of a chunk, the product's activations and backward
+    intermediates (about one activation set each, twice: VJP and JVP; see
+    :func:`~glu_probe.ntk.dense.activation_elements`). A full-span block narrows first (down to
+    ``block_size``), then the batch is chunked (chunked products recompute their forward pass).
+    ``ValueError`` where not even one sample's product of ``block_size`` columns fits.
+    """
+    from .dense import activation_elements
+
+    item = torch.finfo(probe.dtype).bits // 8
+    p = probe.n_params
+    floats = [t for t in torch.utils._pytree.tree_leaves(probe.inputs) if torch.is_tensor(t)]
+    copies = (p + sum(t.numel() for t in floats if t.is_floating_point())) * item
+    per_col = (4 * p + 2 * n) * item
+    act = activation_elements(probe) * item
+
+    def basis(w: int) -> int:
+        return n * (basis_vectors + 4 * w) * 8
+
+    def room(w: int) -> int:
+        return budget - copies - basis(w) - w * per_col
+
+    while width > block_size and room(width) < 2 * (width + 1) * act * max(1, probe.batch_size):
+        width = max(block_size, width // 2)
+    need_one = 2 * (width + 1) * act
+    if room(width) < need_one:
+        raise ValueError(
+            f"memory_budget={budget} bytes cannot hold one Lanczos product of {width} vectors: "
+            f"the probe's copies ({copies} bytes), the Krylov basis ({basis(width)}), "
+            f"{width} parameter-sized vectors ({width * per_col}) and one sample's "
+            f"activations ({need_one}); raise it, or lower block_size or max_matvecs"
+        )
+    samples = room(width) // max(need_one, 1) if act else probe.batch_size
+    if samples >= probe.batch_size:
+        return width, chunk_size
+    samples = max(1, int(samples))
+    return width, samples if chunk_size is None else min(chunk_size, samples)
+
+
 def _lanczos(
     probe: ProbeFunction,
     *,
@@ -552,12 +606,10 @@ def _lanczos(
     slq_probes: int,
     slq_steps: int,
     t0: float,
+    memory_budget: int | None = None,
 ) -> NTKSpectrum:
     op = NTKOperator(None, None, probe=probe, chunk_size=chunk_size, process_group=process_group)
-    n = op.n
-    v0 = _warm_vectors(warm_start, n, block_size)
-    if v0 is not None:
-        v0 = v0.to(device=probe.device, dtype=probe.dtype)
+    n = op.n  # (all ranks' rows when sharded)
     # An effective rank is asked for (slq_probes > 0) with both ends: for a small K, spanning
     # the whole space costs n products, about what convergence of λ_min plus the SLQ
     # estimate's slq_probes·slq_steps products would cost, and gives every eigenvalue exactly
@@ -569,14 +621,23 @@ def _lanczos(
     width = block_size
     if full_span:
         width = _full_span_block(probe, n, block_size)
-        if process_group is not None:
-            # Every rank must run the same block products (each is a collective), but free
-            # memory differs between ranks: all take the narrowest width.
-            import torch.distributed as dist
+    if memory_budget is not None:
+        width, budget_chunk = _budgeted_products(
+            probe, n, width, block_size, min(max(max_matvecs, width), n), chunk_size, memory_budget
+        )
+        if budget_chunk != chunk_size:
+            op.rechunk(budget_chunk)  # (local to this rank: no collective)
+    v0 = _warm_vectors(warm_start, n, block_size)
+    if v0 is not None:
+        v0 = v0.to(device=probe.device, dtype=probe.dtype)
+    if full_span and process_group is not None:
+        # Every rank must run the same block products (each is a collective), but free
+        # memory differs between ranks: all take the narrowest width.
+        import torch.distributed as dist
 
-            agreed = torch.tensor([width], dtype=torch.int64, device=probe.device)
-            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=process_group)
-            width = int(agreed.item())
+        agreed = torch.tensor([width], dtype=torch.int64, device=probe.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=process_group)
+        width = int(agreed.item())
     try:
         res = block_lanczos(
             op.matvec,
