@@ -349,9 +349,11 @@ def ntk_spectrum(
             λ_min then is an upper bound only) or ``"smallest"``.
         warm_start: a previous :class:`NTKSpectrum` (or an (n, k) tensor) whose Ritz vectors
             start the Lanczos iteration; ignored with a warning if n changed.
-        memory_budget: bytes of tensors the dense path's K holds at once (K, live Jacobian
-            blocks or factors, workspaces, the probe's copies), as for
-            :func:`~glu_probe.ntk.ntk_matrix`; the eigendecomposition comes on top.
+        memory_budget: bytes of tensors the call holds at once. Dense path: K, its live
+            Jacobian blocks or factors, workspaces and the probe's copies (as for
+            :func:`~glu_probe.ntk.ntk_matrix`), and the eigendecomposition's copy of K (and
+            eigenvectors). Lanczos path: the Krylov basis, the block products' vectors and
+            activations (the probe batch is chunked to fit). ``None``: the defaults of each.
         chunk_size: samples per chunk in the matrix-free products (bounds activation memory).
         eval_mode: run BatchNorm/dropout in eval mode (default).
         process_group: distributed group; each rank passes its own probe shard (Lanczos only).
@@ -447,6 +449,18 @@ def _dense(
     vectors: bool = False,
 ) -> NTKSpectrum:
     probe = probe.astype(torch.float64)
+    if memory_budget is not None:
+        # The eigendecomposition beside K: its copy of K (and the eigenvectors with their
+        # LAPACK workspace, about 2n² more), reserved out of the budget.
+        n = probe.n_rows
+        reserve = (3 if vectors else 1) * n * n * 8 + 8 * n * 8
+        if memory_budget <= reserve:
+            raise ValueError(
+                f"memory_budget={memory_budget} bytes cannot hold K's eigendecomposition "
+                f"({reserve} bytes for n = {n} rows) beside K; raise it, or use "
+                "method='lanczos' (matrix-free)"
+            )
+        memory_budget -= reserve
     # rows_dtype is float64 when no Jacobian rows fit: the operator strategy's products run in
     # float64 whatever jacobian_dtype asks, and K is then float64-exact.
     try:
