@@ -18,7 +18,7 @@ from torch import nn
 
 from glu_probe.ntk import NTKOperator, NTKRankWarning, NTKSpectrum, ntk_matrix, ntk_spectrum
 from glu_probe.ntk.dense import jacobian_rounding_estimate, jacobian_rows
-from glu_probe.ntk.functional import ProbeFunction
+from glu_probe.ntk.functional import ProbeFunction, probe_copy_bytes
 from glu_probe.ntk.spectrum import AUTO_DENSE_MAX_ROWS
 
 torch.set_num_threads(1)
@@ -372,8 +372,11 @@ def test_mixed_request_with_operator_strategy_is_float64(monkeypatch):
     model, x = two_layer(True, n=64)
     p = sum(q.numel() for q in model.parameters())
     # K + 5 rows (a 3-sample panel is < 1/8 of the rows) + the probe's float64 and float32
-    # copies of the parameters and inputs
-    budget = 64 * 64 * 8 + 5 * p * 8 + (p + x.numel()) * (8 + 4)
+    # copies of its parameters, buffers and inputs
+    probe = ProbeFunction(model, x, dtype=torch.float64)
+    copies = probe_copy_bytes(probe) + probe_copy_bytes(probe, 4)
+    eigh = (64 * 64 + 8 * 64) * 8  # the eigendecomposition's copy of K, reserved
+    budget = 64 * 64 * 8 + 5 * p * 8 + copies + eigh
     s = ntk_spectrum(model, x, method="dense", memory_budget=budget, jacobian_dtype=torch.float32)
     assert s.precision == "float64" and s.residual_min == 0.0
     ev = true_eigenvalues(model, x)

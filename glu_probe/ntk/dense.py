@@ -53,6 +53,7 @@ from .functional import (
     ProbeFunction,
     all_finite,
     allows_autograd,
+    probe_copy_bytes,
 )
 
 __all__ = ["jacobian_rounding_estimate", "jacobian_rows", "ntk_matrix", "row_chunked_jacrev"]
@@ -104,6 +105,11 @@ def row_chunked_jacrev(
         primals = tuple(args[i] for i in nums)
         res: tuple[Any, ...] = torch.func.vjp(partial, *primals, has_aux=has_aux)
         out, vjp_fn = res[0], res[1]
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                "row_chunked_jacrev needs a function that returns one tensor (its rows), got "
+                f"{type(out).__name__}; use torch.func.jacrev for pytree outputs"
+            )
         r = out.numel()
         flat, spec = pytree.tree_flatten(primals)
         jac = [torch.empty(r, *p.shape, dtype=p.dtype, device=p.device) for p in flat]
@@ -284,10 +290,11 @@ def _gram(
     b: tuple[Tensor, ...],
     dtype: torch.dtype | None = None,
     out: Tensor | None = None,
+    chunk_elements: int = GRAM_CHUNK_ELEMENTS,
 ) -> Tensor:
     """``A Bᵀ`` of row blocks held one tensor per parameter, accumulated in ``dtype``; added
     into ``out`` (a block of K, possibly a strided view) in place when given, with no
-    temporary of its size.
+    temporary of its size. Widening buffers hold at most ``chunk_elements`` numbers per side.
 
     Rows narrower than ``dtype`` (float32 rows of the mixed-precision path) are widened a column
     chunk at a time: a product of two float32 numbers is exact in float64, so the result is the
@@ -304,10 +311,31 @@ def _gram(
         return out
     same = a is b or all(x is y for x, y in zip(a, b, strict=True))
     n_a, n_b = a[0].shape[0], b[0].shape[0]
+    if not same and (
+        all(x.dtype == dtype for x in a) or all(y.dtype == dtype for y in b)
+    ):  # one side is wide already (a float64 panel beside float32 rows): widen only the other
+        wide_a = all(x.dtype == dtype for x in a)
+        narrow_n = n_b if wide_a else n_a
+        widest = max(x[0].numel() for x in a)
+        step = max(1, min(widest, chunk_elements // max(n_a, n_b)))
+        buf = torch.empty(narrow_n, step, dtype=dtype, device=a[0].device)
+        if out is None:
+            out = torch.zeros(n_a, n_b, dtype=dtype, device=a[0].device)
+        for x, y in zip(a, b, strict=True):
+            x2, y2 = x.reshape(n_a, -1), y.reshape(n_b, -1)
+            for c in range(0, x2.shape[1], step):
+                w = min(step, x2.shape[1] - c)
+                if wide_a:
+                    buf[:, :w].copy_(y2[:, c : c + w])
+                    out.addmm_(x2[:, c : c + w], buf[:, :w].T)
+                else:
+                    buf[:, :w].copy_(x2[:, c : c + w])
+                    out.addmm_(buf[:, :w], y2[:, c : c + w].T)
+        return out
     # As many columns as the widest parameter has (the chunk _plan reserves), at most
     # GRAM_CHUNK_ELEMENTS numbers per side.
     widest = max(x[0].numel() for x in a)
-    step = max(1, min(widest, GRAM_CHUNK_ELEMENTS // max(n_a, n_b)))
+    step = max(1, min(widest, chunk_elements // max(n_a, n_b)))
     dev = a[0].device
     if out is None:
         out = torch.zeros(n_a, n_b, dtype=dtype, device=dev)
@@ -337,19 +365,29 @@ def _gram(
 SYMMETRIC_GRAM_ROWS = 256
 
 
-def _gram_sym(a: tuple[Tensor, ...], dtype: torch.dtype | None = None) -> Tensor:
+def _gram_sym(
+    a: tuple[Tensor, ...],
+    dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
+    chunk_elements: int = GRAM_CHUNK_ELEMENTS,
+) -> Tensor:
     """A Aᵀ of the rows ``a`` (one tensor per parameter) in ``dtype``, one triangle when that
-    pays off."""
+    pays off; written into ``out`` (a block of K, overwritten) when given. Widening buffers
+    (narrower rows) hold at most 2·``chunk_elements`` numbers in all."""
     n = a[0].shape[0]
     if n < SYMMETRIC_GRAM_ROWS:
-        return _gram(a, a, dtype)
+        if out is None:
+            return _gram(a, a, dtype, chunk_elements=chunk_elements)
+        return _gram(a, a, dtype, out=out.zero_(), chunk_elements=chunk_elements)
     h = n // 2
     top = tuple(x[:h] for x in a)
     bottom = tuple(x[h:] for x in a)
-    K = torch.zeros(n, n, dtype=dtype or a[0].dtype, device=a[0].device)
-    _gram(top, top, dtype, out=K[:h, :h])  # into K's blocks: no block-sized temporaries
-    _gram(bottom, bottom, dtype, out=K[h:, h:])
-    _gram(bottom, top, dtype, out=K[h:, :h])
+    K = torch.zeros(n, n, dtype=dtype or a[0].dtype, device=a[0].device) if out is None else out
+    K.zero_()
+    # into K's blocks: no block-sized temporaries
+    _gram(top, top, dtype, out=K[:h, :h], chunk_elements=chunk_elements)
+    _gram(bottom, bottom, dtype, out=K[h:, h:], chunk_elements=chunk_elements)
+    _gram(bottom, top, dtype, out=K[h:, :h], chunk_elements=chunk_elements)
     K[:h, h:] = K[h:, :h].T
     return K
 
@@ -381,9 +419,14 @@ def _available_bytes(device: torch.device) -> int:
 def _budget(probe: ProbeFunction, itemsize: int, memory_budget: int | None) -> int:
     """Bytes for K plus live Jacobian blocks: the user's budget, or the default described above."""
     if memory_budget is not None:
-        if memory_budget <= 0:
+        if (
+            isinstance(memory_budget, bool)
+            or not isinstance(memory_budget, (int, float))
+            or not math.isfinite(memory_budget)
+            or memory_budget <= 0
+        ):
             raise ValueError(
-                f"memory_budget must be a positive number of bytes, got {memory_budget}"
+                f"memory_budget must be a positive, finite number of bytes, got {memory_budget!r}"
             )
         return int(memory_budget)
     n, row_bytes = probe.n_rows, probe.n_params * itemsize
@@ -436,7 +479,12 @@ def jacobian_transient_bytes(probe: ProbeFunction, itemsize: int) -> int:
 
 
 def _plan(
-    probe: ProbeFunction, itemsize: int, budget: int, row_itemsize: int | None = None
+    probe: ProbeFunction,
+    itemsize: int,
+    budget: int,
+    row_itemsize: int | None = None,
+    widen: bool = False,
+    strict: bool = False,
 ) -> tuple[int, int, int | None] | None:
     """(panel samples, block samples, rows per backward pass or ``None`` for all of a sample's)
     of the Jacobian strategy, or ``None`` if it does not fit.
@@ -447,15 +495,18 @@ def _plan(
     computed) must fit in the budget next to K; a single-sample probe needs only its own rows (its
     panel is one call's output, nothing is streamed). ``None`` also when the panel would hold
     less than 1/8 of the rows: the streamed recomputation would then cost more than the operator
-    strategy.
+    strategy. ``widen``: the streamed rows are narrower than the panel (a K-dtype panel on the
+    mixed-precision path), so their Gram widens them a chunk at a time too. ``strict`` (a
+    budget the user gave): ``None`` also where one sample's backward does not fit even a row
+    at a time; else such a sample is differentiated whole.
     """
     n, r, s_total = probe.n_rows, probe.rows_per_sample, probe.batch_size
     row_itemsize = row_itemsize or itemsize
     row_bytes = probe.n_params * row_itemsize
     free = budget - n * n * itemsize
-    if row_itemsize < itemsize:  # the two widened column chunks of _gram
+    if row_itemsize < itemsize or widen:  # the widened column chunks of _gram
         widest = n * max(p.numel() for p in probe.params)
-        free -= 2 * min(GRAM_CHUNK_ELEMENTS, widest) * itemsize
+        free -= 2 * min(_widen_chunk(probe, itemsize, budget), widest) * itemsize
     budget_samples = max(free, 0) // (row_bytes * r)
     if budget_samples < min(3, s_total):
         return None
@@ -473,21 +524,36 @@ def _plan(
     # What the rows leave of the budget for a call's intermediates: the panel, and the block
     # being computed or streamed (none beside a panel that one call makes whole).
     resident = panel if block >= s_total else panel + block
-    return panel, block, row_chunk_for(probe, row_itemsize, free - resident * row_bytes * r)
+    row_chunk = row_chunk_for(probe, row_itemsize, free - resident * row_bytes * r)
+    if row_chunk == 0:
+        if strict:
+            return None  # not even one row of one sample per backward pass fits beside the rows
+        row_chunk = None
+    return panel, block, row_chunk
+
+
+def _widen_chunk(probe: ProbeFunction, itemsize: int, budget: int) -> int:
+    """Numbers per side of :func:`_gram`'s widening buffers on the mixed-precision path: at
+    most :data:`GRAM_CHUNK_ELEMENTS`, and at most 1/16 of what the budget leaves beside K (a
+    small budget is not spent on them), but at least one column of every row."""
+    free = max(budget - probe.n_rows**2 * itemsize, 0)
+    return max(probe.n_rows, min(GRAM_CHUNK_ELEMENTS, free // (16 * itemsize)))
 
 
 def row_chunk_for(probe: ProbeFunction, itemsize: int, room: int) -> int | None:
     """Rows of one sample per backward pass (:func:`row_chunked_jacrev`) such that a call's
     transient memory fits ``room`` bytes: ``None`` (all r rows in one vmapped pass) where one
-    sample's (r + 1) activations fit, else the most that fit, at least 1. Each chunk holds the
-    forward's activations, its cotangents' backward intermediates (about one activation set
-    each) and its own output rows before they are copied into place."""
+    sample's (r + 1) activations fit, else the most that fit, or 0 where not even one row fits.
+    Each chunk holds the forward's activations, its cotangents' backward intermediates (about
+    one activation set each) and its own output rows before they are copied into place."""
     act = activation_elements(probe) * itemsize
     r = probe.rows_per_sample
-    if r < 2 or (r + 1) * act <= room:
+    if (r + 1) * act <= room:
         return None
+    if r < 2:
+        return 0
     per_row = act + probe.n_params * itemsize
-    return int(max(1, min(r - 1, (room - act) // max(per_row, 1))))
+    return int(max(0, min(r - 1, (room - act) // max(per_row, 1))))
 
 
 def _jacobian_strategy(
@@ -497,6 +563,7 @@ def _jacobian_strategy(
     row_chunk: int | None,
     jacobian_dtype: torch.dtype,
     buf_dtype: torch.dtype | None = None,
+    gram_chunk: int = GRAM_CHUNK_ELEMENTS,
 ) -> Tensor:
     n, r, s_total = probe.n_rows, probe.rows_per_sample, probe.batch_size
     K = torch.empty(n, n, dtype=probe.dtype, device=probe.device)
@@ -525,26 +592,36 @@ def _jacobian_strategy(
                     for dst, src in zip(buf, rows(a, b), strict=True):
                         dst[(a - p0) * r : (b - p0) * r] = src
             ra, rb = p0 * r, p1 * r
-            K[ra:rb, ra:rb] = _gram_sym(tuple(buf), probe.dtype)
+            # (into K's blocks: no block temporaries)
+            _gram_sym(tuple(buf), probe.dtype, out=K[ra:rb, ra:rb], chunk_elements=gram_chunk)
             for a in range(p1, s_total, block):
                 b = min(a + block, s_total)
-                g = _gram(tuple(buf), rows(a, b), probe.dtype)
-                K[ra:rb, a * r : b * r] = g
+                g = _gram(
+                    tuple(buf),
+                    rows(a, b),
+                    probe.dtype,
+                    out=K[ra:rb, a * r : b * r].zero_(),
+                    chunk_elements=gram_chunk,
+                )
                 K[a * r : b * r, ra:rb] = g.T
+                del g
             del buf
     return K
 
 
-def _operator_strategy(probe: ProbeFunction, itemsize: int, budget: int) -> Tensor:
+def _operator_strategy(
+    probe: ProbeFunction, itemsize: int, budget: int, strict: bool = False
+) -> Tensor:
     """K = [K e_1, ..., K e_n] from matrix-free products, a block of columns at a time.
 
     Memory: K, and per column about four parameter-sized vectors (Jᵀ U, the JVP tangents and
     their workspace) and two n-vectors (the basis block and its product); per column and per
-    sample of a chunk of the probe batch, the products' activations and backward
-    intermediates (about one activation set each, :func:`activation_elements`). The column
-    block is sized to the budget first (at most 64), then the probe batch is chunked so that
-    its products fit beside it (chunked operators recompute their forward pass per product;
-    an unchunked one keeps one linearisation).
+    sample of a chunk of the probe batch about four activation sets (the VJP's and the JVP's
+    intermediates, measured), and two more per sample for the forward passes. The column block
+    (at most 64) and the batch chunk are sized to the budget, the block first narrowed where a
+    single sample would not fit; the linearisation (traced constants of the whole batch, about
+    four activation sets per sample) is kept only where it fits too. ``strict`` (a budget the
+    user gave): a ``ValueError`` where one column of one sample does not fit.
     """
     from .operator import NTKOperator  # local: operator imports functional only
 
@@ -552,17 +629,36 @@ def _operator_strategy(probe: ProbeFunction, itemsize: int, budget: int) -> Tens
     free = budget - n * n * itemsize
     per_col = (4 * probe.n_params + 2 * n) * itemsize
     act = activation_elements(probe) * itemsize
-    cols = int(max(1, min(64, n, free // max(1, 2 * per_col))))
-    room = free - cols * per_col
-    samples = int(max(1, min(s_total, room // max(1, 2 * (cols + 1) * act)))) if act else s_total
-    chunk = None if samples >= s_total else samples
-    op = NTKOperator(
-        None,
-        None,
-        probe=probe,
-        chunk_size=chunk,
-        linearize=chunk is None and n > cols * NTKOperator.LINEARIZE_AFTER,
-    )
+
+    def per_sample(c: int) -> int:
+        return (4 * c + 2) * act
+
+    if not strict:
+        # The default budget sizes the column block by its parameter-sized vectors only, the
+        # whole batch per product and one linearisation (GPT-2-small at n = 256 on an H100:
+        # 15 s for K).
+        cols = int(max(1, min(64, n, free // max(1, 4 * probe.n_params * itemsize))))
+        chunk = None
+        linearize = n > cols * NTKOperator.LINEARIZE_AFTER
+    else:
+        cols = int(max(1, min(64, n, free // max(1, 2 * per_col))))
+        while cols > 1 and free - cols * per_col < per_sample(cols):
+            cols = max(1, cols // 2)
+        room = free - cols * per_col
+        if room < per_sample(cols):
+            raise ValueError(
+                f"memory_budget is too small for the operator strategy: one column of one "
+                f"sample needs {per_col + per_sample(1)} bytes beside K ({n * n * itemsize}), "
+                f"{max(free, 0)} are left"
+            )
+        samples = int(min(s_total, room // max(1, per_sample(cols)))) if act else s_total
+        chunk = None if samples >= s_total else samples
+        linearize = (
+            chunk is None
+            and n > cols * NTKOperator.LINEARIZE_AFTER
+            and room >= per_sample(cols) * s_total + 4 * act * s_total
+        )
+    op = NTKOperator(None, None, probe=probe, chunk_size=chunk, linearize=linearize)
     K = torch.empty(n, n, dtype=probe.dtype, device=probe.device)
     for a in range(0, n, cols):
         b = min(a + cols, n)
@@ -706,12 +802,15 @@ def _structured(
         # pass's chunks; ViT d32 at n = 512: 9 samples, 7 MB), which the budget now counts.
         extra += math.ceil(probe.batch_size / 8) * jacobian_transient_bytes(probe, row_itemsize)
         budget = max(budget, min(n * n * itemsize + extra, _budget_cap(probe)))
-    K = structured_ntk(probe, budget, rows_dtype, min_gain=min_gain)
+    K = structured_ntk(
+        probe, budget, rows_dtype, min_gain=min_gain, strict=memory_budget is not None
+    )
     if K is None and required:
         raise ValueError(
             "strategy='structured' does not apply: no nn.Linear layer qualifies (a plain, "
             "unshared layer that runs once per forward pass and whose factors are smaller "
-            f"than its rows), its factors do not fit memory_budget={budget} bytes, the "
+            f"than its rows), its factors do not fit memory_budget="
+            f"{memory_budget if memory_budget is not None else budget} bytes, the "
             "model cannot be vmapped over samples (e.g. padded HF attention masks), or the "
             "factors' Grams overflowed (non-finite; the row strategy may still be finite)"
         )
@@ -736,22 +835,30 @@ def _assemble(
     # the call holds (the default budget is the working memory, the copies come on top).
     copies = 0
     if memory_budget is not None:
-        floats = [t for t in pytree.tree_leaves(probe.inputs) if torch.is_tensor(t)]
-        inputs = sum(t.numel() for t in floats if t.is_floating_point())
-        copies = (probe.n_params + inputs) * (
-            itemsize + (row_itemsize if rows_dtype != probe.dtype else 0)
-        )
-    need = n * n * itemsize + 4 * probe.n_params * itemsize + copies
+        copies = probe_copy_bytes(probe)
+        if rows_dtype != probe.dtype:
+            copies += probe_copy_bytes(probe, row_itemsize)
+    # One product: four parameter-sized vectors and two n-vectors, and (a given budget) one
+    # sample's activations for its VJP and JVP (see _operator_strategy).
+    product = 4 * probe.n_params * itemsize
+    if memory_budget is not None:
+        product += (2 * n + 6 * activation_elements(probe)) * itemsize
+    need = n * n * itemsize + product + copies
     if budget < need:
         raise ValueError(
             f"memory_budget={budget} bytes cannot hold the dense NTK: K alone needs "
-            f"{n * n * itemsize} bytes plus {4 * probe.n_params * itemsize} for one product "
-            f"and {copies} for the probe's copies of the parameters and inputs; give at least "
-            f"{need} "
-            "bytes, or use method='lanczos' (matrix-free)"
+            f"{n * n * itemsize} bytes plus {product} for one product "
+            f"and {copies} for the probe's copies of its parameters, buffers and inputs; give "
+            f"at least {need} bytes, or use method='lanczos' (matrix-free)"
         )
+    given = budget
     budget -= copies
-    plan = _plan(probe, itemsize, budget) if strategy != "operator" else None  # K-dtype panel
+    strict = memory_budget is not None
+    plan = (  # K-dtype panel (its streamed rows widened where they are narrower)
+        _plan(probe, itemsize, budget, widen=row_itemsize < itemsize, strict=strict)
+        if strategy != "operator"
+        else None
+    )
     K: Tensor | None = None
     try_structured, min_gain = (
         _structured_mode(probe, plan) if strategy == "auto" else (strategy == "structured", None)
@@ -774,21 +881,23 @@ def _assemble(
             # a time in the Gram: up to twice the rows per panel (less recomputation), half the
             # panel memory, and no widening copy of the panel (demo ViT/GPT-2 probes: 0–10%
             # faster in an interleaved A/B on one core), so it wins ties too.
-            narrow = _plan(probe, itemsize, budget, row_itemsize)
+            narrow = _plan(probe, itemsize, budget, row_itemsize, strict=strict)
             if narrow is not None and (plan is None or narrow[0] >= plan[0]):
                 plan, buf_dtype = narrow, rows_dtype
         if strategy == "jacobian" and plan is None:
             raise ValueError(
-                f"memory_budget={budget} bytes is too small for the Jacobian strategy (one "
+                f"memory_budget={given} bytes is too small for the Jacobian strategy (one "
                 f"sample's rows need {probe.rows_per_sample * probe.n_params * row_itemsize} "
                 "bytes, three samples (or all, if fewer) and a panel of 1/8 of the rows must fit "
                 "next to K); use strategy='operator'"
             )
         if plan is not None:
-            K = _jacobian_strategy(probe, *plan, rows_dtype, buf_dtype)
+            K = _jacobian_strategy(
+                probe, *plan, rows_dtype, buf_dtype, _widen_chunk(probe, itemsize, budget)
+            )
         else:
             rows_dtype = probe.dtype
-            K = _operator_strategy(probe, itemsize, budget)
+            K = _operator_strategy(probe, itemsize, budget, strict)
     if not all_finite(K):
         raise ValueError("the NTK has NaN/Inf entries (the Jacobian overflowed); try float64")
     return K, rows_dtype

@@ -408,6 +408,27 @@ class FloatTrace(TorchDispatchMode):
         return out
 
 
+def probe_copy_bytes(probe: ProbeFunction, itemsize: int | None = None) -> int:
+    """Bytes of the tensors a probe holds of its own: its parameters, frozen parameters and
+    buffers (constants), and floating inputs; with ``itemsize``, what the same tensors take
+    in a dtype of that size (the narrower copy :meth:`ProbeFunction.astype` makes). Counted
+    in full, copies or not (an upper bound). Buffers are also cloned once per forward pass
+    (BatchNorm statistics must not change), so they count twice."""
+    leaves = [t for t in pytree.tree_leaves(probe.inputs) if isinstance(t, Tensor)]
+    floats = [
+        *probe.params,
+        *probe.constants.values(),
+        *(t for t in leaves if t.is_floating_point()),
+    ]
+    buffers = [
+        probe.constants[n] for n in getattr(probe, "_buffer_names", ()) if n in probe.constants
+    ]
+    total = 0
+    for t in [*floats, *buffers]:
+        total += t.numel() * (itemsize if itemsize and t.is_floating_point() else t.element_size())
+    return total
+
+
 def all_finite(t: Tensor, block: int = 4096) -> bool:
     """``torch.isfinite(t).all()`` without its temporaries of t's size (``isfinite`` allocates
     ``abs(t)`` and three boolean masks). A finite sum proves every entry finite (a NaN or an

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from .dense import _assemble, _available_bytes, _budget, jacobian_rounding_estimate
 from .density import effective_rank as _effective_rank
 from .density import slq_density, slq_effective_rank
-from .functional import OutputSpec, ParamFilter, ProbeFunction, allows_autograd
+from .functional import OutputSpec, ParamFilter, ProbeFunction, allows_autograd, probe_copy_bytes
 from .krylov import block_lanczos
 from .operator import NTKOperator, agreed, is_out_of_memory
 
@@ -578,8 +578,7 @@ def _budgeted_products(
 
     item = torch.finfo(probe.dtype).bits // 8
     p = probe.n_params
-    floats = [t for t in torch.utils._pytree.tree_leaves(probe.inputs) if torch.is_tensor(t)]
-    copies = (p + sum(t.numel() for t in floats if t.is_floating_point())) * item
+    copies = probe_copy_bytes(probe)
     per_col = (4 * p + 2 * n) * item
     act = activation_elements(probe) * item
 

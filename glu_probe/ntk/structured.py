@@ -61,13 +61,15 @@ TRANSIENT_DIVISOR = 12
 class _GroupPlan:
     """One pass of the structured strategy: the layers it taps (indices), whether it also takes
     the remaining parameters' rows, its samples per vmapped call, its rows per backward pass
-    (``None``: all of a sample's), and its Gram workspace in elements."""
+    (``None``: all of a sample's), its Gram workspace in elements, and the widening chunk of
+    the remaining rows' Gram (:func:`~glu_probe.ntk.dense._gram`)."""
 
     members: list[int]
     with_rest: bool
     chunk: int
     row_chunk: int | None
     work: int
+    rest_chunk: int
 
 
 @dataclass
@@ -306,14 +308,19 @@ def structured_ntk(
     jacobian_dtype: torch.dtype,
     chunk: int | None = None,
     min_gain: float | None = None,
+    strict: bool = False,
 ) -> Tensor | None:
     """K (n × n, ``probe.dtype``) with the structured Linear blocks, or ``None`` where the
     strategy does not apply (no qualifying layer, the factors do not fit ``budget`` bytes next to
     K, the model cannot be vmapped over samples; silently, the row strategy takes over) or its
     check fails (then with a warning). ``min_gain``: also ``None`` unless the row strategy's
     Gram takes at least ``min_gain`` times the structured one's multiply-adds
-    (:func:`gram_flops`), the test of ``auto`` where the rows would fit."""
+    (:func:`gram_flops`), the test of ``auto`` where the rows would fit. ``strict`` (a budget
+    the user gave): also ``None`` where the pass, the workspace or the check would need more
+    than the budget even at their smallest (one row of one sample, two blocks of a sample's
+    rows); else those floors are taken."""
     from .dense import (
+        GRAM_CHUNK_ELEMENTS,
         _batched_leaves,
         _gram_sym,
         _vmap_args,
@@ -369,7 +376,12 @@ def structured_ntk(
 
     def size(members: list[int], with_rest: bool, first: bool) -> _GroupPlan | None:
         """The sizes of one pass over the layers ``members`` (and the remaining parameters'
-        rows if ``with_rest``), or ``None`` where they do not fit the budget."""
+        rows if ``with_rest``), or ``None`` where they do not fit the budget. Three phases
+        must each fit: the pass (K unless first, the stored factors and rows, one vmapped
+        call's outputs and intermediates), the remaining rows' Gram (K, the stored buffers, its
+        widening buffers on the mixed-precision path), the layers' Grams (K, the factors, a
+        float64 copy of one layer's factors on the mixed path, the workspace: at least what
+        :func:`_layer_gram` needs for two blocks of one sample's rows)."""
         group = [layers[k] for k in members]
         factors = sum(n * ly.tokens * ly.fan_out + s_total * ly.tokens * ly.fan_in for ly in group)
         stored = factors * r_item + (rest_bytes if with_rest else 0)
@@ -383,6 +395,7 @@ def structured_ntk(
             ]
             + [1]
         )
+        least = max([_least_work(ly, n, s_total) for ly in group] + [1])
         # Transient memory (the Gram's workspace, one vmapped call's outputs): half of what
         # the budget leaves next to K and the stored factors and rows, but at least a fraction
         # of the stored bytes. Larger blocks mean fewer re-expansions and vmapped calls (demo
@@ -393,10 +406,6 @@ def structured_ntk(
         transient = max(stored // TRANSIENT_DIVISOR, floor, headroom // 2)
         if k_bytes + stored + min(work * k_item, transient) > budget:
             return None
-        # The layers' Grams run after the remaining rows are freed: their workspace may also
-        # use those rows' bytes (less one transient's worth, which the allocator may still
-        # hold), and a float64 copy of one layer's factors where the rows are narrower (mixed
-        # precision).
         widen = (
             0
             if r_item == k_item
@@ -405,24 +414,41 @@ def structured_ntk(
                 for ly in group
             )
         )
+        # The layers' Grams, after the remaining rows are freed: a hard limit, and the
+        # workspace's floor.
+        layer_room = budget - k_bytes - factors * r_item - widen
+        if strict and layer_room < least * k_item:
+            return None
+        rest_chunk = GRAM_CHUNK_ELEMENTS
+        if with_rest and r_item != k_item:  # the remaining rows' Gram widens them
+            rest_room = (budget - k_bytes - stored) // (2 * k_item)
+            if strict and rest_room < n:
+                return None
+            rest_chunk = max(n, min(GRAM_CHUNK_ELEMENTS, rest_room))
         # One sample's share of a vmapped call: its factors and rows, and its backward
         # intermediates (about (r + 1) times its activations, see activation_elements). The
-        # first pass runs before K exists: it may use what the budget leaves next to the
-        # stored buffers.
+        # first pass runs before K exists.
         trans = jacobian_transient_bytes(source, r_item)
         sample_rows = (factors // max(s_total, 1) + (r * rest_numel if with_rest else 0)) * r_item
-        pass_room = max(transient, budget - stored - (0 if first else k_bytes))
+        pass_room = budget - stored - (0 if first else k_bytes)
         row_chunk, pass_chunk = None, chunk
-        if pass_chunk is None:  # (one sample at least: the other strategies would not do better)
-            pass_chunk = max(1, min(s_total, pass_room // max(sample_rows + trans, 1)))
-            if pass_chunk == 1:  # one sample's backward alone may not fit: fewer rows a pass
+        if pass_chunk is None:
+            pass_chunk = min(s_total, pass_room // max(sample_rows + trans, 1))
+            if pass_chunk < 1:  # one sample's backward alone does not fit: fewer rows a pass
                 row_chunk = row_chunk_for(source, r_item, pass_room - sample_rows)
+                if not row_chunk:
+                    if strict:
+                        return None  # not even one row of one sample (or its rows) fits
+                    row_chunk = None  # (the floor: one sample, all its rows)
+                pass_chunk = 1
                 if row_chunk is not None:
                     trans = (row_chunk + 1) * activation_elements(source) * r_item
         # The pass's intermediates are freed before the Grams, but the allocator may keep them.
         spare = budget - k_bytes - factors * r_item - widen - transient - pass_chunk * trans
-        work_bytes = min(work * k_item, max(transient, spare))
-        return _GroupPlan(members, with_rest, pass_chunk, row_chunk, max(work_bytes // k_item, 1))
+        work_bytes = max(least * k_item, min(work * k_item, max(transient, spare), layer_room))
+        return _GroupPlan(
+            members, with_rest, pass_chunk, row_chunk, max(work_bytes // k_item, 1), rest_chunk
+        )
 
     # The layers in as few passes as fit the budget: one pass stores every layer's factors (and
     # recomputes nothing); where they do not all fit, consecutive layers are split into m
@@ -508,7 +534,7 @@ def structured_ntk(
         hooks.taps, hooks.inputs = None, {}  # (the last call's activations: not kept alive)
         if K is None:  # K starts as the remaining rows' Gram (no zero matrix plus a copy)
             K = (
-                _gram_sym(tuple(rest_buf), kdtype)
+                _gram_sym(tuple(rest_buf), kdtype, chunk_elements=plan.rest_chunk)
                 if rest_g
                 else torch.zeros(n, n, dtype=kdtype, device=dev)
             )
@@ -536,12 +562,26 @@ def structured_ntk(
     if act_bytes:  # (beside K: Jᵀ U summed so far and one chunk's, CHECK_VECTORS vectors each)
         vectors = 2 * CHECK_VECTORS * source.n_params * r_item
         room = max(0, budget - n * n * k_item - vectors)
+        if strict and room < (CHECK_VECTORS + 1) * act_bytes:
+            return None  # the check's one-sample VJP does not fit: the rows decide
         check_chunk = max(1, min(s_total, room // ((CHECK_VECTORS + 1) * act_bytes)))
     else:  # no estimate: r times the pass's chunk
         check_chunk = min(s_total, chunk * max(r, 1))
     if not _agrees(K, source, tokens, check_chunk, eps):
         return None
     return K
+
+
+def _least_work(layer: _Layer, n: int, samples: int) -> int:
+    """The fewest workspace elements :func:`_layer_gram` needs for ``layer``: a block of one
+    sample's r rows against all n (T = 1), or an expanded panel and a streamed block of r rows
+    each with their product (T > 1), and the bias block's two row sums."""
+    r = max(n // max(samples, 1), 1)
+    t, fi, fo = layer.tokens, layer.fan_in, layer.fan_out
+    bias = 2 * fo if layer.bias is not None else 0
+    if t == 1:
+        return r * (n + samples) + bias
+    return 2 * r * (fi * fo + t * min(fi, fo)) + r * r + bias
 
 
 def _hadamard_work(n: int, samples: int, tokens: int) -> int:
@@ -620,9 +660,11 @@ def _layer_gram(
     r = n // A.shape[0]
     fi, fo = layer.fan_in, layer.fan_out
     copy_a = fi <= fo
-    total = max(2 * r, work // max(fi * fo + t * min(fi, fo), 1))
-    q = max(r, min(GRAM_STREAM_ROWS, total // 5) // r * r)
-    p = min(n, max(r, (total - q) // r * r))
+    # Per expanded row: in·out numbers and its copied operand; per panel row also its q
+    # columns of the product with a streamed block. At least one sample's r rows each.
+    per_row = max(fi * fo + t * min(fi, fo), 1)
+    q = max(r, min(GRAM_STREAM_ROWS, work // per_row // 5) // r * r)
+    p = min(n, max(r, (work - q * per_row) // (per_row + q) // r * r))
 
     def expand(a: int, b: int) -> Tensor:
         s0, s1 = a // r, b // r
