@@ -895,3 +895,26 @@ def test_dense_spectrum_keeps_to_the_budget(vectors):
     torch.testing.assert_close(s.eigenvalues.double(), ev, rtol=1e-8, atol=1e-10 * float(ev[-1]))
     with pytest.raises(ValueError, match="eigendecomposition"):
         ntk_spectrum(model, x, output="full", method="dense", memory_budget=n * n * 8)
+
+
+def test_probe_construction_keeps_to_the_budget():
+    """The probe's validating forward pass (rows, finiteness, dependence) runs the batch in
+    chunks under a given budget: with wide feature maps, the whole batch's forward alone
+    would exceed the least budget the dense path accepts; the call stays within it."""
+    from glu_probe.ntk.dense import activation_elements
+    from glu_probe.ntk.functional import probe_copy_bytes
+
+    torch.manual_seed(19)
+    model, x = ConvRows().double(), torch.randn(16, 3, 32, 32, dtype=torch.float64)
+    probe = ProbeFunction(model, x, output="pntk", dtype=torch.float64)
+    n, p, act = probe.n_rows, probe.n_params, activation_elements(probe)
+    least = n * n * 8 + (4 * p + 2 * n + 6 * act) * 8 + probe_copy_bytes(probe)
+    with LiveTensorBytes() as whole:
+        ProbeFunction(model, x, output="pntk", dtype=torch.float64)
+    assert whole.peak > least  # the unchunked validation alone would not fit
+    expected = truth(model, x, "pntk")
+    for budget in (least, 3 * least // 2):
+        with LiveTensorBytes() as live:
+            K = ntk_matrix(model, x, output="pntk", memory_budget=budget)
+        assert live.peak <= budget, (live.peak, budget)
+        torch.testing.assert_close(K, expected, rtol=1e-10, atol=1e-12)

@@ -416,19 +416,25 @@ def _available_bytes(device: torch.device) -> int:
         return 8 * 2**30
 
 
+def checked_budget(memory_budget: Any) -> int:
+    """``memory_budget`` as an int, or a ``ValueError`` unless it is a positive, finite number
+    of bytes (not a bool)."""
+    if (
+        isinstance(memory_budget, bool)
+        or not isinstance(memory_budget, (int, float))
+        or not math.isfinite(memory_budget)
+        or memory_budget <= 0
+    ):
+        raise ValueError(
+            f"memory_budget must be a positive, finite number of bytes, got {memory_budget!r}"
+        )
+    return int(memory_budget)
+
+
 def _budget(probe: ProbeFunction, itemsize: int, memory_budget: int | None) -> int:
     """Bytes for K plus live Jacobian blocks: the user's budget, or the default described above."""
     if memory_budget is not None:
-        if (
-            isinstance(memory_budget, bool)
-            or not isinstance(memory_budget, (int, float))
-            or not math.isfinite(memory_budget)
-            or memory_budget <= 0
-        ):
-            raise ValueError(
-                f"memory_budget must be a positive, finite number of bytes, got {memory_budget!r}"
-            )
-        return int(memory_budget)
+        return checked_budget(memory_budget)
     n, row_bytes = probe.n_rows, probe.n_params * itemsize
     jacobian_part = max(int(0.4 * n * row_bytes), 4 * probe.rows_per_sample * row_bytes)
     return min(n * n * itemsize + jacobian_part, _budget_cap(probe))
@@ -742,7 +748,13 @@ def ntk_matrix(
         if model is None:
             raise ValueError("pass a model (or a prebuilt probe=)")
         probe = ProbeFunction(
-            model, inputs, output=output, params=params, dtype=dtype, eval_mode=eval_mode
+            model,
+            inputs,
+            output=output,
+            params=params,
+            dtype=dtype,
+            eval_mode=eval_mode,
+            memory_budget=None if memory_budget is None else checked_budget(memory_budget),
         )
     return _assemble(probe, memory_budget, strategy, jacobian_dtype)[0]
 

@@ -517,6 +517,12 @@ class ProbeFunction:
         eval_mode: run the model in eval mode (BatchNorm uses running statistics, dropout is off).
             With ``False`` the model's own flags are kept; buffers are still copies, so running
             statistics never change, and stochastic layers make K itself random.
+        memory_budget: bytes the validating forward pass may use beside the probe's copies
+            (``None``: the whole batch at once). Given, the batch is validated in chunks of
+            samples sized by one sample's traced activations
+            (:func:`~glu_probe.ntk.dense.activation_elements`), so that a budget given to
+            :func:`~glu_probe.ntk.ntk_matrix` or :func:`~glu_probe.ntk.ntk_spectrum` also
+            bounds the probe's construction.
 
     Raises:
         ValueError: empty batch, inputs that disagree on the batch size, no trainable
@@ -533,6 +539,7 @@ class ProbeFunction:
         params: ParamFilter = None,
         dtype: torch.dtype | None = None,
         eval_mode: bool = True,
+        memory_budget: int | None = None,
     ) -> None:
         if not (output in ("pntk", "full") or callable(output)):
             raise ValueError(f"output must be 'pntk', 'full' or a callable, got {output!r}")
@@ -551,6 +558,7 @@ class ProbeFunction:
             _warn_train_mode_layers(model)
         with torch.inference_mode(False):  # copies usable by autograd even if called under it
             self._init_tensors(model, inputs, params, dtype)
+        self._validation_budget = memory_budget
         self.n_rows, self.rows_per_sample = self._check()
 
     def _init_tensors(
@@ -732,17 +740,42 @@ class ProbeFunction:
         dense path. A model that differentiates inside its forward (forces as −∂E/∂x, gradient
         penalties) needs its saved tensors: it gets a plain forward with autograd."""
         leaves = tuple(p.detach().requires_grad_(True) for p in self.params)
+        chunks = self._validation_chunks()
         with self.session(), torch.enable_grad():
             try:
                 with torch.autograd.graph.saved_tensors_hooks(_drop_saved, _no_backward):
-                    return self(leaves)
+                    return self._rows_in(leaves, chunks)
             except Exception as err:
                 # Any failure under the hooks (the hook's own error, torch.func transforms
                 # inside forward that refuse saved-tensor hooks, a wrapper of either): the plain
                 # forward decides, and its error is the one raised. Out of memory is not retried.
                 if isinstance(err, torch.OutOfMemoryError):
                     raise
+            return self._rows_in(leaves, chunks)
+
+    def _validation_chunks(self) -> list[tuple[int, int]] | None:
+        """Sample ranges of the validating forward under ``memory_budget`` (``None``: the
+        whole batch): a forward pass that saves nothing holds at most one sample's allocated
+        activations per sample of its chunk."""
+        budget = self._validation_budget
+        if budget is None or self.batch_size < 2:
+            return None
+        from .dense import activation_elements  # local: dense imports this module
+
+        item = torch.finfo(self.dtype).bits // 8
+        act = activation_elements(self) * item
+        if act == 0:
+            return None
+        from_copies = budget - sum(t.numel() * t.element_size() for t in self.params)
+        chunk = max(1, min(self.batch_size, max(from_copies, 0) // act))
+        return None if chunk >= self.batch_size else self.sample_ranges(chunk)
+
+    def _rows_in(self, leaves: tuple[Tensor, ...], chunks: list[tuple[int, int]] | None) -> Tensor:
+        """The rows of the whole batch, or of its chunks concatenated (a row is the gradient's
+        subject: it keeps its graph)."""
+        if chunks is None:
             return self(leaves)
+        return torch.cat([self(leaves, self.chunk(a, b)).reshape(-1) for a, b in chunks])
 
     def row_range(self, start: int, stop: int) -> tuple[int, int]:
         """Rows belonging to samples ``start:stop``."""

@@ -397,7 +397,13 @@ def ntk_spectrum(
     try:
         probe = agreed(
             lambda: ProbeFunction(
-                model, inputs, output=output, params=params, dtype=first, eval_mode=eval_mode
+                model,
+                inputs,
+                output=output,
+                params=params,
+                dtype=first,
+                eval_mode=eval_mode,
+                memory_budget=memory_budget,
             ),
             process_group,
             model,
@@ -408,7 +414,13 @@ def ntk_spectrum(
         # no float64 kernel for some op: the dense path falls back to float32 rows itself
         try:
             probe = ProbeFunction(
-                model, inputs, output=output, params=params, dtype=dtype, eval_mode=eval_mode
+                model,
+                inputs,
+                output=output,
+                params=params,
+                dtype=dtype,
+                eval_mode=eval_mode,
+                memory_budget=memory_budget,
             )
         except Exception:
             raise err from None
