@@ -573,18 +573,25 @@ def _budgeted_products(
     basis_vectors: int,
     chunk_size: int | None,
     budget: int,
-) -> tuple[int, int | None]:
-    """(block width, samples per chunk of the probe batch) of the Lanczos path's products
-    within ``budget`` bytes of tensors (``n``: the rows of K, all ranks' when sharded).
+    slq_steps: int = 0,
+) -> tuple[int, int | None, int]:
+    """(block width, samples per chunk of the probe batch, Krylov basis columns kept) of the
+    Lanczos path within ``budget`` bytes of tensors (``n``: the rows of K, all ranks' when
+    sharded).
 
-    Counted: the probe's copies of the parameters and inputs; the Krylov basis
-    (``basis_vectors`` + 4 blocks of n numbers, float64); per column of a block product about
-    four parameter-sized vectors (Jᵀ U, the JVP tangents, their workspace) and two n-vectors;
-    per column and per sample of a chunk, the product's activations and backward
-    intermediates (about one activation set each, twice: VJP and JVP; see
-    :func:`~glu_probe.ntk.dense.activation_elements`). A full-span block narrows first (down to
-    ``block_size``), then the batch is chunked (chunked products recompute their forward pass).
-    ``ValueError`` where not even one sample's product of ``block_size`` columns fits.
+    Counted: the probe's copies of its parameters, buffers and inputs; twice the Krylov
+    bookkeeping (the solver's orthogonalisation and restart temporaries measured up to 1.3×
+    the single count): a basis of ``cap`` columns (``Q``, ``K Q`` and their restart copies:
+    4·n·cap numbers; the projected matrix and its eigendecomposition: 3·cap²; a block's
+    vectors: 4·n·width) and the SLQ quadrature's block basis (``slq_steps`` = probes × steps
+    columns: 4·n·s + 3·s²); per column of a block product about four parameter-sized vectors
+    (Jᵀ U, the JVP tangents, their workspace) and two n-vectors; per column and per sample of
+    a chunk, the product's activations and backward intermediates (about one activation set
+    each, twice: VJP and JVP; see :func:`~glu_probe.ntk.dense.activation_elements`). The
+    basis shrinks first (to four blocks; a thick restart keeps the wanted Ritz vectors), then
+    a full-span block narrows (down to ``block_size``), then the batch is chunked (chunked
+    products recompute their forward pass). ``ValueError`` where not even one sample's
+    product of ``block_size`` columns fits beside the smallest basis.
     """
     from .dense import activation_elements
 
@@ -593,28 +600,33 @@ def _budgeted_products(
     copies = probe_copy_bytes(probe)
     per_col = (4 * p + 2 * n) * item
     act = activation_elements(probe) * item
+    slq = (4 * n * slq_steps + 3 * slq_steps**2) * item
 
-    def basis(w: int) -> int:
-        return n * (basis_vectors + 4 * w) * 8
+    def krylov(cap: int, w: int) -> int:
+        return 2 * ((4 * n * cap + 3 * cap * cap + 4 * n * w) * item + slq)
 
-    def room(w: int) -> int:
-        return budget - copies - basis(w) - w * per_col
+    def room(cap: int, w: int) -> int:
+        return budget - copies - krylov(cap, w) - w * per_col
 
-    while width > block_size and room(width) < 2 * (width + 1) * act * max(1, probe.batch_size):
+    cap = max(1, basis_vectors)
+    least = min(cap, 4 * block_size)
+    while cap > least and room(cap, block_size) < 2 * (block_size + 1) * act:
+        cap = max(least, cap * 3 // 4)
+    while width > block_size and room(cap, width) < 2 * (width + 1) * act * probe.batch_size:
         width = max(block_size, width // 2)
     need_one = 2 * (width + 1) * act
-    if room(width) < need_one:
+    if room(cap, width) < need_one:
         raise ValueError(
             f"memory_budget={budget} bytes cannot hold one Lanczos product of {width} vectors: "
-            f"the probe's copies ({copies} bytes), the Krylov basis ({basis(width)}), "
-            f"{width} parameter-sized vectors ({width * per_col}) and one sample's "
-            f"activations ({need_one}); raise it, or lower block_size or max_matvecs"
+            f"the probe's copies ({copies} bytes), the smallest Krylov basis "
+            f"({krylov(cap, width)}), {width} parameter-sized vectors ({width * per_col}) and "
+            f"one sample's activations ({need_one}); raise it, or lower block_size"
         )
-    samples = room(width) // max(need_one, 1) if act else probe.batch_size
+    samples = room(cap, width) // max(need_one, 1) if act else probe.batch_size
     if samples >= probe.batch_size:
-        return width, chunk_size
+        return width, chunk_size, cap
     samples = max(1, int(samples))
-    return width, samples if chunk_size is None else min(chunk_size, samples)
+    return width, (samples if chunk_size is None else min(chunk_size, samples)), cap
 
 
 def _lanczos(
@@ -646,12 +658,22 @@ def _lanczos(
     width = block_size
     if full_span:
         width = _full_span_block(probe, n, block_size)
+    max_basis: int | None = None
     if memory_budget is not None:
-        width, budget_chunk = _budgeted_products(
-            probe, n, width, block_size, min(max(max_matvecs, width), n), chunk_size, memory_budget
+        width, budget_chunk, max_basis = _budgeted_products(
+            probe,
+            n,
+            width,
+            block_size,
+            min(max(max_matvecs, width), n),
+            chunk_size,
+            memory_budget,
+            slq_probes * slq_steps,
         )
         if budget_chunk != chunk_size:
             op.rechunk(budget_chunk)  # (local to this rank: no collective)
+        if full_span and max_basis < n:
+            full_span = False  # the whole space does not fit: thick-restarted Lanczos + SLQ
     v0 = _warm_vectors(warm_start, n, block_size)
     if v0 is not None:
         v0 = v0.to(device=probe.device, dtype=probe.dtype)
@@ -676,6 +698,7 @@ def _lanczos(
             generator=generator,
             which=which,  # type: ignore[arg-type]
             full_span=full_span,
+            max_basis=max_basis,
         )
     except RuntimeError as err:
         if "randomness" not in str(err):
