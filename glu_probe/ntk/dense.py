@@ -662,7 +662,9 @@ def _operator_strategy(
         linearize = (
             chunk is None
             and n > cols * NTKOperator.LINEARIZE_AFTER
-            and room >= per_sample(cols) * s_total + 4 * act * s_total
+            # (tracing also holds example tangents and folded copies of the parameters)
+            and room
+            >= per_sample(cols) * s_total + 4 * act * s_total + 6 * probe.n_params * itemsize
         )
     op = NTKOperator(None, None, probe=probe, chunk_size=chunk, linearize=linearize)
     K = torch.empty(n, n, dtype=probe.dtype, device=probe.device)
