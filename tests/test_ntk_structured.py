@@ -641,20 +641,6 @@ def test_hadamard_route_keeps_to_its_workspace():
         torch.testing.assert_close(K, E @ E.T, rtol=1e-11, atol=1e-10)
 
 
-class ConvRows(nn.Module):
-    """Wide feature maps and 40 rows per sample: one sample's vmapped backward over all its
-    rows holds (r + 1) × its activations (about 16 MB), far more than its rows (0.3 MB)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.head = nn.Linear(8, 40)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.c2(torch.tanh(self.c1(x)))).mean((2, 3)))
-
-
 @pytest.mark.parametrize("strategy", ["auto", "jacobian", "structured"])
 def test_samples_whose_backward_exceeds_the_budget_take_fewer_rows_per_pass(strategy):
     """A budget that holds K and a few samples' rows, but not one sample's backward over all
@@ -663,7 +649,7 @@ def test_samples_whose_backward_exceeds_the_budget_take_fewer_rows_per_pass(stra
     from glu_probe.ntk.dense import jacobian_transient_bytes
 
     torch.manual_seed(12)
-    model, x = ConvRows().double(), torch.randn(6, 3, 32, 32, dtype=torch.float64)
+    model, x = WideConv().double(), torch.randn(6, 3, 32, 32, dtype=torch.float64)
     probe = ProbeFunction(model, x, output="full", dtype=torch.float64)
     trans = jacobian_transient_bytes(probe, 8)
     all_rows = probe.n_rows * probe.n_params * 8
@@ -844,7 +830,7 @@ def test_lanczos_keeps_to_the_budget():
     from glu_probe.ntk import ntk_spectrum
 
     torch.manual_seed(16)
-    model, x = ConvRows().double(), torch.randn(6, 3, 32, 32, dtype=torch.float64)
+    model, x = WideConv().double(), torch.randn(6, 3, 32, 32, dtype=torch.float64)
     ev = torch.linalg.eigvalsh(truth(model, x, "pntk"))
     with LiveTensorBytes() as free_run:
         ntk_spectrum(model, x, output="pntk", method="lanczos")
@@ -905,7 +891,7 @@ def test_probe_construction_keeps_to_the_budget():
     from glu_probe.ntk.functional import probe_copy_bytes
 
     torch.manual_seed(19)
-    model, x = ConvRows().double(), torch.randn(16, 3, 32, 32, dtype=torch.float64)
+    model, x = WideConv().double(), torch.randn(16, 3, 32, 32, dtype=torch.float64)
     probe = ProbeFunction(model, x, output="pntk", dtype=torch.float64)
     n, p, act = probe.n_rows, probe.n_params, activation_elements(probe)
     least = n * n * 8 + (4 * p + 2 * n + 6 * act) * 8 + probe_copy_bytes(probe)
