@@ -514,8 +514,10 @@ def test_auto_method_choice():
     budget = 256 * 256 * 8 + 4 * p * 8 - 1
     s = ntk_spectrum(model, x, memory_budget=budget, max_matvecs=40)
     assert s.method == "lanczos"
+    with pytest.raises(ValueError, match="the probe's copies .* take 20736 bytes"):
+        ntk_spectrum(model, x, memory_budget=1000)  # (refused before anything is copied)
     with pytest.raises(ValueError, match="cannot hold one Lanczos product"):
-        ntk_spectrum(model, x, memory_budget=1000)
+        ntk_spectrum(model, x, memory_budget=40_000)
     assert AUTO_DENSE_MAX_ROWS >= 512
 
 

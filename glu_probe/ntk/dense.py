@@ -54,6 +54,7 @@ from .functional import (
     all_finite,
     allows_autograd,
     probe_copy_bytes,
+    refuse_small_budget,
 )
 
 __all__ = ["jacobian_rounding_estimate", "jacobian_rows", "ntk_matrix", "row_chunked_jacrev"]
@@ -551,14 +552,15 @@ def row_chunk_for(probe: ProbeFunction, itemsize: int, room: int) -> int | None:
     transient memory fits ``room`` bytes: ``None`` (all r rows in one vmapped pass) where one
     sample's (r + 1) activations fit, else the most that fit, or 0 where not even one row fits.
     Each chunk holds the forward's activations, its cotangents' backward intermediates (about
-    one activation set each) and its own output rows before they are copied into place."""
+    one activation set each), the one-hot basis cotangents (r numbers each) and its own output
+    rows before they are copied into place."""
     act = activation_elements(probe) * itemsize
     r = probe.rows_per_sample
     if (r + 1) * act <= room:
         return None
     if r < 2:
         return 0
-    per_row = act + probe.n_params * itemsize
+    per_row = act + (probe.n_params + r) * itemsize  # (r: its one-hot basis cotangent)
     return int(max(0, min(r - 1, (room - act) // max(per_row, 1))))
 
 
@@ -749,6 +751,9 @@ def ntk_matrix(
     if probe is None:
         if model is None:
             raise ValueError("pass a model (or a prebuilt probe=)")
+        if memory_budget is not None:
+            memory_budget = checked_budget(memory_budget)
+            refuse_small_budget(memory_budget, model, inputs, params, dtype)
         probe = ProbeFunction(
             model,
             inputs,
@@ -836,11 +841,20 @@ def _assemble(
     memory_budget: int | None,
     strategy: str,
     jacobian_dtype: torch.dtype | None,
+    reserved: int = 0,
 ) -> tuple[Tensor, torch.dtype]:
     """K by the chosen strategy, and the dtype its Jacobian rows were computed in (the probe's
-    own for the operator strategy, whose products always run in ``probe.dtype``)."""
+    own for the operator strategy, whose products always run in ``probe.dtype``).
+    ``reserved``: bytes the caller took out of the user's ``memory_budget`` before (the dense
+    spectrum's eigendecomposition); error messages name the user's budget and the reserve."""
     itemsize = torch.empty((), dtype=probe.dtype).element_size()
     budget = _budget(probe, itemsize, memory_budget)
+    stated = (
+        f"memory_budget={budget + reserved} bytes (of which {reserved} are reserved for K's "
+        "eigendecomposition)"
+        if reserved
+        else f"memory_budget={budget} bytes"
+    )
     n = probe.n_rows
     rows_dtype = jacobian_dtype or probe.dtype
     row_itemsize = torch.empty((), dtype=rows_dtype).element_size()
@@ -860,12 +874,11 @@ def _assemble(
     need = n * n * itemsize + product + copies
     if budget < need:
         raise ValueError(
-            f"memory_budget={budget} bytes cannot hold the dense NTK: K alone needs "
+            f"{stated} cannot hold the dense NTK: K alone needs "
             f"{n * n * itemsize} bytes plus {product} for one product "
             f"and {copies} for the probe's copies of its parameters, buffers and inputs; give "
             f"at least {need} bytes, or use method='lanczos' (matrix-free)"
         )
-    given = budget
     budget -= copies
     strict = memory_budget is not None
     plan = (  # K-dtype panel (its streamed rows widened where they are narrower)
@@ -900,7 +913,7 @@ def _assemble(
                 plan, buf_dtype = narrow, rows_dtype
         if strategy == "jacobian" and plan is None:
             raise ValueError(
-                f"memory_budget={given} bytes is too small for the Jacobian strategy (one "
+                f"{stated} is too small for the Jacobian strategy (one "
                 f"sample's rows need {probe.rows_per_sample * probe.n_params * row_itemsize} "
                 "bytes, three samples (or all, if fewer) and a panel of 1/8 of the rows must fit "
                 "next to K); use strategy='operator'"

@@ -429,6 +429,52 @@ def probe_copy_bytes(probe: ProbeFunction, itemsize: int | None = None) -> int:
     return total
 
 
+def planned_copy_bytes(
+    model: nn.Module, inputs: Any, params: ParamFilter, dtype: torch.dtype | None
+) -> tuple[int, int, int]:
+    """(:func:`probe_copy_bytes`, number of selected parameters, the probe's itemsize) of the
+    probe that
+    ``ProbeFunction(model, inputs, params=params, dtype=dtype)`` would build, computed before
+    it copies anything: a budget too small for the copies is refused before they are made."""
+    selected = select_parameters(model, params)
+    first = next(iter(selected.values()))
+    item = (dtype or first.dtype).itemsize  # (no tensor: nothing allocated before the check)
+
+    def size(t: Tensor) -> int:
+        return t.numel() * (item if t.is_floating_point() else t.element_size())
+
+    total = sum(size(p) for p in selected.values())
+    total += sum(size(p) for n, p in model.named_parameters() if n not in selected)
+    total += 2 * sum(size(b) for b in model.buffers())
+    leaves = [t for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
+    total += sum(size(t) for t in leaves if t.is_floating_point())
+    return total, sum(p.numel() for p in selected.values()), item
+
+
+def refuse_small_budget(
+    memory_budget: int | None,
+    model: nn.Module,
+    inputs: Any,
+    params: ParamFilter,
+    dtype: torch.dtype | None,
+) -> None:
+    """A ``ValueError`` before anything is copied or run where ``memory_budget`` cannot hold
+    what every NTK computation holds at least: the probe's copies of its parameters, buffers and
+    inputs, and four parameter-sized vectors (one product's, or one row block's Gram operands).
+    Budgets above this may still be refused later, by what depends on the rows (K itself)."""
+    if memory_budget is None:
+        return
+    copies, n_params, item = planned_copy_bytes(model, inputs, params, dtype)
+    least = copies + 4 * n_params * item
+    if memory_budget < least:
+        raise ValueError(
+            f"memory_budget={memory_budget} bytes is too small: the probe's copies of the "
+            f"parameters, buffers and inputs take {copies} bytes and the computation needs at "
+            f"least four parameter-sized vectors ({4 * n_params * item}) beside them; give at "
+            f"least {least} bytes (K and the Jacobian rows come on top)"
+        )
+
+
 def all_finite(t: Tensor, block: int = 4096) -> bool:
     """``torch.isfinite(t).all()`` without its temporaries of t's size (``isfinite`` allocates
     ``abs(t)`` and three boolean masks). A finite sum proves every entry finite (a NaN or an
@@ -766,7 +812,7 @@ class ProbeFunction:
         act = activation_elements(self) * item
         if act == 0:
             return None
-        from_copies = budget - sum(t.numel() * t.element_size() for t in self.params)
+        from_copies = budget - probe_copy_bytes(self)
         chunk = max(1, min(self.batch_size, max(from_copies, 0) // act))
         return None if chunk >= self.batch_size else self.sample_ranges(chunk)
 

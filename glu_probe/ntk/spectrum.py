@@ -55,7 +55,14 @@ from torch import Tensor, nn
 from .dense import _assemble, _available_bytes, _budget, jacobian_rounding_estimate
 from .density import effective_rank as _effective_rank
 from .density import slq_density, slq_effective_rank
-from .functional import OutputSpec, ParamFilter, ProbeFunction, allows_autograd, probe_copy_bytes
+from .functional import (
+    OutputSpec,
+    ParamFilter,
+    ProbeFunction,
+    allows_autograd,
+    probe_copy_bytes,
+    refuse_small_budget,
+)
 from .krylov import block_lanczos
 from .operator import NTKOperator, agreed, is_out_of_memory
 
@@ -394,6 +401,8 @@ def ntk_spectrum(
     # The dense path runs in float64 whatever `dtype` is: validate the probe there too (a
     # float64 model may be finite only in float64).
     first = torch.float64 if method == "dense" else dtype
+    if memory_budget is not None:
+        refuse_small_budget(memory_budget, model, inputs, params, first)
     try:
         probe = agreed(
             lambda: ProbeFunction(
@@ -473,10 +482,12 @@ def _dense(
                 "method='lanczos' (matrix-free)"
             )
         memory_budget -= reserve
+    else:
+        reserve = 0
     # rows_dtype is float64 when no Jacobian rows fit: the operator strategy's products run in
     # float64 whatever jacobian_dtype asks, and K is then float64-exact.
     try:
-        K, rows_dtype = _assemble(probe, memory_budget, "auto", jacobian_dtype)
+        K, rows_dtype = _assemble(probe, memory_budget, "auto", jacobian_dtype, reserve)
     except (RuntimeError, NotImplementedError, TypeError) as err:
         # Some kernels have no float64 version (the grouped GEMM of transformers' fused
         # mixture-of-experts layers, some fused or quantised ops). float64 rows are only the
@@ -486,7 +497,7 @@ def _dense(
         if jacobian_dtype != torch.float64 or is_out_of_memory(err):
             raise
         try:
-            K, rows_dtype = _assemble(probe, memory_budget, "auto", torch.float32)
+            K, rows_dtype = _assemble(probe, memory_budget, "auto", torch.float32, reserve)
         except Exception:
             raise err from None
         warnings.warn(
@@ -573,25 +584,34 @@ def _budgeted_products(
     basis_vectors: int,
     chunk_size: int | None,
     budget: int,
+    slq_probes: int = 0,
     slq_steps: int = 0,
 ) -> tuple[int, int | None, int]:
     """(block width, samples per chunk of the probe batch, Krylov basis columns kept) of the
     Lanczos path within ``budget`` bytes of tensors (``n``: the rows of K, all ranks' when
     sharded).
 
-    Counted: the probe's copies of its parameters, buffers and inputs; twice the Krylov
-    bookkeeping (the solver's orthogonalisation and restart temporaries measured up to 1.3×
-    the single count): a basis of ``cap`` columns (``Q``, ``K Q`` and their restart copies:
-    4·n·cap numbers; the projected matrix and its eigendecomposition: 3·cap²; a block's
-    vectors: 4·n·width) and the SLQ quadrature's block basis (``slq_steps`` = probes × steps
-    columns: 4·n·s + 3·s²); per column of a block product about four parameter-sized vectors
-    (Jᵀ U, the JVP tangents, their workspace) and two n-vectors; per column and per sample of
-    a chunk, the product's activations and backward intermediates (about one activation set
-    each, twice: VJP and JVP; see :func:`~glu_probe.ntk.dense.activation_elements`). The
-    basis shrinks first (to four blocks; a thick restart keeps the wanted Ritz vectors), then
-    a full-span block narrows (down to ``block_size``), then the batch is chunked (chunked
-    products recompute their forward pass). ``ValueError`` where not even one sample's
-    product of ``block_size`` columns fits beside the smallest basis.
+    Counted, beside the probe's copies of its parameters, buffers and inputs, in each of two
+    phases that do not overlap:
+
+    * **Lanczos**: twice the Krylov bookkeeping (the solver's orthogonalisation and restart
+      temporaries measured up to 1.3× the single count): a basis of ``cap`` columns (``Q``,
+      ``K Q`` and their restart copies: 4·n·cap numbers; the projected matrix and its
+      eigendecomposition: 3·cap²; a block's vectors: 4·n·width) and one block product of
+      ``width`` columns;
+    * **SLQ** (``slq_probes > 0``, where the Krylov space does not span everything): the Ritz
+      vectors and the deflation basis (2·n·cap), the quadrature's basis of ``slq_probes ×
+      slq_steps`` columns twice (measured peak 1.2–1.65× one basis, its product included),
+      its block's vectors (4·n·probes) and one block product of ``slq_probes`` columns.
+
+    A block product costs, per column, about four parameter-sized vectors (Jᵀ U, the JVP
+    tangents, their workspace) and two n-vectors, and per column and per sample of a chunk the
+    product's activations and backward intermediates (about one activation set each, twice:
+    VJP and JVP; see :func:`~glu_probe.ntk.dense.activation_elements`). The basis shrinks first
+    (to four blocks; a thick restart keeps the wanted Ritz vectors), then a full-span block
+    narrows (down to ``block_size``), then the batch is chunked (chunked products recompute
+    their forward pass). ``ValueError`` where not even one sample's product fits beside the
+    smallest basis.
     """
     from .dense import activation_elements
 
@@ -600,29 +620,52 @@ def _budgeted_products(
     copies = probe_copy_bytes(probe)
     per_col = (4 * p + 2 * n) * item
     act = activation_elements(probe) * item
-    slq = (4 * n * slq_steps + 3 * slq_steps**2) * item
+    steps = min(slq_steps, n)
+    slq_basis = slq_probes * steps
 
     def krylov(cap: int, w: int) -> int:
-        return 2 * ((4 * n * cap + 3 * cap * cap + 4 * n * w) * item + slq)
+        return 2 * (4 * n * cap + 3 * cap * cap + 4 * n * w) * item
 
     def room(cap: int, w: int) -> int:
         return budget - copies - krylov(cap, w) - w * per_col
 
+    def slq_room(cap: int) -> int:
+        held = 2 * n * cap + 2 * n * slq_basis + 4 * n * slq_probes + slq_probes * steps**2
+        return budget - copies - held * item - slq_probes * per_col
+
+    def one(w: int) -> int:  # one sample's activations in a product of w columns
+        return 2 * (w + 1) * act
+
+    def fits(cap: int, w: int, samples: int) -> bool:
+        if room(cap, w) < one(w) * samples:
+            return False
+        return not slq_probes or slq_room(cap) >= one(slq_probes) * min(samples, probe.batch_size)
+
     cap = max(1, basis_vectors)
     least = min(cap, 4 * block_size)
-    while cap > least and room(cap, block_size) < 2 * (block_size + 1) * act:
+    while cap > least and not fits(cap, block_size, 1):
         cap = max(least, cap * 3 // 4)
-    while width > block_size and room(cap, width) < 2 * (width + 1) * act * probe.batch_size:
+    while width > block_size and not fits(cap, width, probe.batch_size):
         width = max(block_size, width // 2)
-    need_one = 2 * (width + 1) * act
-    if room(cap, width) < need_one:
+    if not fits(cap, width, 1):
+        if room(cap, width) < one(width):
+            raise ValueError(
+                f"memory_budget={budget} bytes cannot hold one Lanczos product of {width} "
+                f"vectors: the probe's copies ({copies} bytes), the smallest Krylov basis "
+                f"({krylov(cap, width)}), {width} parameter-sized vectors ({width * per_col}) "
+                f"and one sample's activations ({one(width)}); raise it, or lower block_size"
+            )
         raise ValueError(
-            f"memory_budget={budget} bytes cannot hold one Lanczos product of {width} vectors: "
-            f"the probe's copies ({copies} bytes), the smallest Krylov basis "
-            f"({krylov(cap, width)}), {width} parameter-sized vectors ({width * per_col}) and "
-            f"one sample's activations ({need_one}); raise it, or lower block_size"
+            f"memory_budget={budget} bytes cannot hold the spectral density's quadrature "
+            f"(slq_probes={slq_probes}, slq_steps={slq_steps}) beside the probe's copies: "
+            f"{budget - slq_room(cap) + one(slq_probes)} bytes are needed; raise it, or lower "
+            "slq_probes / slq_steps"
         )
-    samples = room(cap, width) // max(need_one, 1) if act else probe.batch_size
+    if not act:
+        return width, chunk_size, cap
+    samples = room(cap, width) // one(width)
+    if slq_probes:
+        samples = min(samples, slq_room(cap) // one(slq_probes))
     if samples >= probe.batch_size:
         return width, chunk_size, cap
     samples = max(1, int(samples))
@@ -660,20 +703,38 @@ def _lanczos(
         width = _full_span_block(probe, n, block_size)
     max_basis: int | None = None
     if memory_budget is not None:
-        width, budget_chunk, max_basis = _budgeted_products(
-            probe,
-            n,
-            width,
-            block_size,
-            min(max(max_matvecs, width), n),
-            chunk_size,
-            memory_budget,
-            slq_probes * slq_steps,
-        )
+
+        def plan(width: int, slq: int) -> tuple[int, int | None, int]:
+            return _budgeted_products(
+                probe,
+                n,
+                width,
+                block_size,
+                min(max(max_matvecs, width), n),
+                chunk_size,
+                memory_budget,
+                slq,
+                slq_steps,
+            )
+
+        planned = None
+        if full_span:
+            # Spanning the whole space makes every eigenvalue exact and SLQ never runs: its
+            # basis is reserved only where the whole space does not fit.
+            try:
+                planned = plan(width, 0)
+            except ValueError:
+                planned = None
+            if planned is not None and planned[2] < n:
+                planned = None
+            if planned is None:
+                full_span = False  # the whole space does not fit: thick-restarted Lanczos + SLQ
+                width = block_size
+        if planned is None:
+            planned = plan(width, slq_probes)
+        width, budget_chunk, max_basis = planned
         if budget_chunk != chunk_size:
             op.rechunk(budget_chunk)  # (local to this rank: no collective)
-        if full_span and max_basis < n:
-            full_span = False  # the whole space does not fit: thick-restarted Lanczos + SLQ
     v0 = _warm_vectors(warm_start, n, block_size)
     if v0 is not None:
         v0 = v0.to(device=probe.device, dtype=probe.dtype)

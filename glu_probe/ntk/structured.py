@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .functional import FloatTrace, ProbeFunction, all_finite
+from .functional import FloatTrace, LiveTensorBytes, ProbeFunction, all_finite
 
 __all__ = ["structured_ntk"]
 
@@ -288,6 +289,31 @@ def gram_flops(layers: list[_Layer], n: int, rest_numel: int) -> tuple[int, int]
 _NOT_CHEAPER: weakref.WeakKeyDictionary[nn.Module, set[Any]] = weakref.WeakKeyDictionary()
 
 
+#: Per model, the measured one-sample peaks of the pass and the check (:func:`_one_sample_peak`)
+#: per probe signature: they depend on shapes only, and a monitor probes the same shapes every
+#: few steps (measuring costs a dispatch-mode pass, ~14 ms on an MLP 64-2048-1 at n = 256).
+_MEASURED: weakref.WeakKeyDictionary[nn.Module, dict[Any, int]] = weakref.WeakKeyDictionary()
+
+
+def _remembered_peak(
+    probe: ProbeFunction, what: tuple[Any, ...], measure: Callable[[], int]
+) -> int:
+    """``measure()``, remembered per model, probe signature and ``what``."""
+    key = (
+        what,
+        _signature(probe, 0.0),
+        probe.output if isinstance(probe.output, str) else id(probe.output),
+        probe.eval_mode,
+        probe.dtype,
+    )
+    memo = _MEASURED.setdefault(probe.model, {})
+    if key not in memo:
+        if len(memo) >= 64:  # probes of ever new shapes: keep the memo bounded
+            memo.clear()
+        memo[key] = measure()
+    return memo[key]
+
+
 def _signature(probe: ProbeFunction, min_gain: float) -> tuple[Any, ...]:
     """What the cost test's verdict depends on: parameters, their shapes, the probe's shapes."""
     named = dict(probe.model.named_parameters())
@@ -373,6 +399,69 @@ def structured_ntk(
             return None
     k_bytes = n * n * k_item
     rest_bytes = n * rest_numel * r_item
+    hooks = _Taps([ly.module for ly in layers])
+    params = list(source.params)
+    dev, rdt = probe.device, jacobian_dtype
+
+    def pass_fn(members: list[int], rest_g: list[int]) -> Callable[..., Any]:
+        """One sample's rows of the parameters ``rest_g`` and the output gradients of the
+        layers ``members`` (the taps), with those layers' inputs as auxiliary output."""
+
+        def single(rest_p: tuple[Tensor, ...], taps_p: tuple[Tensor, ...], sample: Any) -> Any:
+            it = iter(sample)
+            full = [
+                next(it).unsqueeze(0) if flag else leaf
+                for leaf, flag in zip(leaves, batched, strict=True)
+            ]
+            theta = list(params)
+            for i, t in zip(rest_g, rest_p, strict=True):
+                theta[i] = t
+            hooks.taps, hooks.inputs = dict(zip(members, taps_p, strict=True)), {}
+            rows = source(tuple(theta), pytree.tree_unflatten(full, spec))
+            return rows, tuple(hooks.inputs[k] for k in members)
+
+        return single
+
+    def run_pass(
+        members: list[int], rest_g: list[int], row_chunk: int | None, a: int, b: int
+    ) -> Any:
+        """((rest rows, tap rows), layer inputs) of samples a:b (one sample if ``row_chunk``)."""
+        jac = row_chunked_jacrev(pass_fn(members, rest_g), row_chunk, argnums=(0, 1), has_aux=True)
+        taps = tuple(torch.zeros(layers[k].out_shape, dtype=rdt, device=dev) for k in members)
+        rest_p = tuple(params[i] for i in rest_g)
+        parts = [t[a:b] for t, flag in zip(leaves, batched, strict=True) if flag]
+        if row_chunk is None:
+            args, dims = _vmap_args(parts)
+            return torch.vmap(jac, in_dims=(None, None, dims))(rest_p, taps, args)
+        # one sample (b == a + 1), its rows a few at a time, no vmap
+        return pytree.tree_map(
+            lambda t: t.unsqueeze(0), jac(rest_p, taps, tuple(p[0] for p in parts))
+        )
+
+    everyone = list(range(len(layers)))
+    all_rows = sum(
+        n * ly.tokens * ly.fan_out // max(s_total, 1) + ly.tokens * ly.fan_in for ly in layers
+    )
+    all_rows = (all_rows + r * rest_numel) * r_item  # one sample's outputs of a full pass
+    measured = 0
+    if strict and all_rows + jacobian_transient_bytes(source, r_item) <= budget:
+        # A budget the user gave: one sample's full pass is measured (its backward
+        # intermediates exceed the activation estimate where a weight is used twice, the
+        # per-use gradients, or where BatchNorm and convolutions keep several activation sets
+        # per cotangent under vmap: up to 1.125x over before). Every pass over fewer layers
+        # prunes its backward, so this bounds each sample of every group's vmapped call.
+        def measure_pass() -> int:
+            with hooks:
+                return _one_sample_peak(source, lambda: run_pass(everyone, rest, None, 0, 1))
+
+        try:
+            measured = _remembered_peak(
+                source, ("pass", tuple(everyone), tuple(rest)), measure_pass
+            )
+        except Exception:
+            return None  # the pass itself would fail the same way: the row strategy decides
+        finally:
+            hooks.taps, hooks.inputs = None, {}
 
     def size(members: list[int], with_rest: bool, first: bool) -> _GroupPlan | None:
         """The sizes of one pass over the layers ``members`` (and the remaining parameters'
@@ -428,8 +517,10 @@ def structured_ntk(
         # One sample's share of a vmapped call: its factors and rows, and its backward
         # intermediates (about (r + 1) times its activations, see activation_elements). The
         # first pass runs before K exists.
-        trans = jacobian_transient_bytes(source, r_item)
         sample_rows = (factors // max(s_total, 1) + (r * rest_numel if with_rest else 0)) * r_item
+        # (measured: one sample's whole pass, its rows included; c samples hold at most c
+        # times that, and a pass over fewer layers at most what the full one does)
+        trans = max(jacobian_transient_bytes(source, r_item), measured - sample_rows)
         pass_room = budget - stored - (0 if first else k_bytes)
         row_chunk, pass_chunk = None, chunk
         if pass_chunk is None:
@@ -468,36 +559,10 @@ def structured_ntk(
             break
     if plans is None:
         return None  # not even one layer's factors fit beside K
-    hooks = _Taps([ly.module for ly in layers])
-    params = list(source.params)
-    dev, rdt = probe.device, jacobian_dtype
     K: Tensor | None = None
     for plan in plans:
         group = [layers[k] for k in plan.members]
         rest_g = rest if plan.with_rest else []
-
-        def single(
-            rest_p: tuple[Tensor, ...],
-            taps_p: tuple[Tensor, ...],
-            sample: Any,
-            members: list[int] = plan.members,
-            rest_g: list[int] = rest_g,
-        ) -> Any:
-            it = iter(sample)
-            full = [
-                next(it).unsqueeze(0) if flag else leaf
-                for leaf, flag in zip(leaves, batched, strict=True)
-            ]
-            theta = list(params)
-            for i, t in zip(rest_g, rest_p, strict=True):
-                theta[i] = t
-            hooks.taps, hooks.inputs = dict(zip(members, taps_p, strict=True)), {}
-            rows = source(tuple(theta), pytree.tree_unflatten(full, spec))
-            return rows, tuple(hooks.inputs[k] for k in members)
-
-        jac = row_chunked_jacrev(single, plan.row_chunk, argnums=(0, 1), has_aux=True)
-        taps = tuple(torch.zeros(ly.out_shape, dtype=rdt, device=dev) for ly in group)
-        rest_p = tuple(params[i] for i in rest_g)
         # The factors and rows of all samples, written a chunk at a time (no concatenated
         # copies).
         g_buf = [torch.empty(n, ly.tokens, ly.fan_out, dtype=rdt, device=dev) for ly in group]
@@ -508,17 +573,7 @@ def structured_ntk(
             with source.session(), hooks:
                 for a in range(0, s_total, step):
                     b = min(a + step, s_total)
-                    parts = [t[a:b] for t, flag in zip(leaves, batched, strict=True) if flag]
-                    if plan.row_chunk is None:
-                        args, dims = _vmap_args(parts)
-                        (j_rest, j_taps), inputs = torch.vmap(jac, in_dims=(None, None, dims))(
-                            rest_p, taps, args
-                        )
-                    else:  # one sample (chunk == 1), its rows a few at a time, no vmap
-                        (j_rest, j_taps), inputs = pytree.tree_map(
-                            lambda t: t.unsqueeze(0),
-                            jac(rest_p, taps, tuple(p[0] for p in parts)),
-                        )
+                    (j_rest, j_taps), inputs = run_pass(plan.members, rest_g, plan.row_chunk, a, b)
                     for k, ly in enumerate(group):
                         g_buf[k][a * r : b * r] = ly.output_rows(j_taps[k])
                         a_buf[k][a:b] = ly.input_rows(inputs[k])
@@ -562,9 +617,30 @@ def structured_ntk(
     if act_bytes:  # (beside K: Jᵀ U summed so far and one chunk's, CHECK_VECTORS vectors each)
         vectors = 2 * CHECK_VECTORS * source.n_params * r_item
         room = max(0, budget - n * n * k_item - vectors)
-        if strict and room < (CHECK_VECTORS + 1) * act_bytes:
+        per_sample = (CHECK_VECTORS + 1) * act_bytes
+        if strict and room < per_sample:
             return None  # the check's one-sample VJP does not fit: the rows decide
-        check_chunk = max(1, min(s_total, room // ((CHECK_VECTORS + 1) * act_bytes)))
+        if strict:
+            # Measured as the pass was (BatchNorm, convolutions: above the estimate). A chunk
+            # of c samples holds at most c times one sample's peak (the chunk's gradients, one
+            # sample's share of them, included), beside K and the sum of the earlier chunks.
+            U = _check_vectors(n, K, source.dtype)
+            try:
+                one = _remembered_peak(
+                    source,
+                    ("check", K.dtype),
+                    lambda: _one_sample_peak(
+                        source, lambda: _projected_gram(source, U, 1, K.dtype, 1)
+                    ),
+                )
+            except Exception:
+                return None  # the check would fail the same way: the rows decide
+            del U
+            room = max(0, budget - n * n * k_item - vectors // 2)
+            per_sample = max(per_sample + vectors // 2, one)
+            if room < per_sample:
+                return None
+        check_chunk = max(1, min(s_total, room // per_sample))
     else:  # no estimate: r times the pass's chunk
         check_chunk = min(s_total, chunk * max(r, 1))
     if not _agrees(K, source, tokens, check_chunk, eps):
@@ -709,14 +785,42 @@ CHECK_VECTORS = 2
 CHECK_FACTOR = 8.0
 
 
-def _projected_gram(source: ProbeFunction, U: Tensor, chunk: int, dtype: torch.dtype) -> Tensor:
+def _one_sample_peak(source: ProbeFunction, fn: Callable[[], Any]) -> int:
+    """Peak bytes of the tensors that ``fn()`` (one sample's share of a chunked computation)
+    allocates and holds at once, in the probe's session; its result is dropped.
+
+    Under a budget the user gave, chunks of samples are sized by this measurement where it
+    exceeds the activation estimate (:func:`~glu_probe.ntk.dense.activation_elements`): the
+    estimate cannot see per-use gradients of a shared weight or the extra activation sets that
+    BatchNorm and convolution backward passes keep per cotangent under ``vmap``. Measured by
+    :class:`~glu_probe.ntk.functional.LiveTensorBytes` (a dispatch mode: a few ms of Python per
+    op, once per call)."""
+    with source.session(), LiveTensorBytes() as live:
+        fn()
+    return live.peak
+
+
+def _check_vectors(n: int, K: Tensor, dtype: torch.dtype) -> Tensor:
+    """The check's seeded random unit vectors (n × CHECK_VECTORS), in K's dtype and device,
+    rounded through ``dtype`` (the rows')."""
+    gen = torch.Generator().manual_seed(0x5EED)
+    U = torch.randn(n, CHECK_VECTORS, generator=gen, dtype=torch.float64)
+    return (U / U.norm(dim=0)).to(dtype).to(device=K.device, dtype=K.dtype)
+
+
+def _projected_gram(
+    source: ProbeFunction, U: Tensor, chunk: int, dtype: torch.dtype, samples: int | None = None
+) -> Tensor:
     """(Jᵀ U)ᵀ (Jᵀ U) for the columns of ``U`` (n × k), accumulated in ``dtype``, from one batched
     VJP of the probe's rows per chunk of samples (no per-sample Jacobian, no factors). Holds k
-    parameter-sized vectors in the rows' dtype (2k while a chunk's VJP is added)."""
+    parameter-sized vectors in the rows' dtype (2k while a chunk's VJP is added). ``samples``:
+    only the first ones (a measurement of one chunk's memory)."""
     from .dense import _gram
 
     cot = U.to(source.dtype).T.contiguous()  # (k, n)
     ranges = source.sample_ranges(chunk)
+    if samples is not None:
+        ranges = [(a, min(b, samples)) for a, b in ranges if a < samples]
     acc: list[Tensor] = []
     for a, b in ranges:
         inputs = source.chunk(a, b)
@@ -755,9 +859,7 @@ def _agrees(K: Tensor, source: ProbeFunction, tokens: int, chunk: int, eps_rows:
     silently.
     """
     n = K.shape[0]
-    gen = torch.Generator().manual_seed(0x5EED)
-    U = torch.randn(n, CHECK_VECTORS, generator=gen, dtype=torch.float64)
-    U = (U / U.norm(dim=0)).to(source.dtype).to(device=K.device, dtype=K.dtype)
+    U = _check_vectors(n, K, source.dtype)
     try:
         with source.session():
             ref = _projected_gram(source, U, chunk, K.dtype)
