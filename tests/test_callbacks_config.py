@@ -325,6 +325,41 @@ def test_gap_subset_covers_every_rank_of_a_sharded_validation():
     assert gap._final_size(fake) == 5 * 4 * 2  # type: ignore[arg-type]
     plain = SimpleNamespace(num_val_batches=[10], val_dataloaders=DataLoader(val, batch_size=4))
     assert gap._final_size(plain) == 40  # type: ignore[arg-type]
+    # 13 samples: rank 1's shard ends with one padding sample, and the last batches are
+    # partial: each sample counts once (was 2 batches x 4 x 2 ranks = 16).
+    odd = _data(13, 3)
+    sharded = DataLoader(odd, batch_size=4, sampler=DistributedSampler(odd, 2, 1, shuffle=False))
+    fake = SimpleNamespace(num_val_batches=[len(sharded)], val_dataloaders=sharded)
+    assert gap._final_size(fake) == 13  # type: ignore[arg-type]
+    plain = SimpleNamespace(num_val_batches=[4], val_dataloaders=DataLoader(odd, batch_size=4))
+    assert gap._final_size(plain) == 13  # type: ignore[arg-type]
+    one_batch = SimpleNamespace(num_val_batches=[1], val_dataloaders=sharded)
+    assert gap._final_size(one_batch) == 8  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_gap_real_samples_of_each_rank_cover_the_dataset_once(shuffle):
+    """_real_samples against DistributedSampler itself: the first _real_samples(rank) indices
+    of every rank's shard, taken together, are each sample exactly once (the rest is padding)."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DistributedSampler
+
+    from glu_probe.callbacks.gap import _real_samples
+
+    for n in range(1, 14):
+        for world in (1, 2, 3, 4):
+            ds = list(range(n))
+            seen: list[int] = []
+            for rank in range(world):
+                sampler = DistributedSampler(ds, world, rank, shuffle=shuffle, seed=n)  # type: ignore[arg-type]
+                real = _real_samples(SimpleNamespace(sampler=sampler))
+                assert real is not None
+                seen += list(sampler)[:real]
+            assert sorted(seen) == ds, (n, world)
+    dropping = DistributedSampler(list(range(5)), 2, 0, drop_last=True)  # type: ignore[arg-type]
+    assert _real_samples(SimpleNamespace(sampler=dropping)) is None
+    assert _real_samples(DataLoader(list(range(5)))) is None
 
 
 def test_sharded_dense_probe_and_sharding_strategy_subclasses_are_refused():

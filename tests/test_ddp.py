@@ -21,7 +21,9 @@ import torch.distributed as dist
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torchmetrics import MeanAbsoluteError
 
+from glu_probe.callbacks.gap import GeneralizationGapMonitor
 from glu_probe.callbacks.ntk import NTKSpectrumMonitor
 
 pytestmark = pytest.mark.skipif(
@@ -43,6 +45,10 @@ class Net(pl.LightningModule):
         x, y = batch
         return nn.functional.mse_loss(self(x), y)
 
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.2)
 
@@ -50,7 +56,7 @@ class Net(pl.LightningModule):
 class DumpHistory(pl.Callback):
     """Save every rank's monitor histories (the launcher returns no callback state)."""
 
-    def __init__(self, path: Path, monitors: list[NTKSpectrumMonitor]) -> None:
+    def __init__(self, path: Path, monitors: list[Any]) -> None:
         self.path = path
         self.monitors = monitors
 
@@ -71,6 +77,20 @@ class Data(pl.LightningDataModule):
     def __init__(self, batch_size: int) -> None:
         super().__init__()
         self.batch_size = batch_size
+
+    def val_dataloader(self) -> DataLoader:
+        # 13 samples: under DDP rank 1's shard ends with one padding sample (a repeat of
+        # sample 0) that DistributedSampler adds so that both ranks have 7.
+        g = torch.Generator().manual_seed(1)
+        ds = TensorDataset(torch.randn(13, 5, generator=g), torch.randn(13, 3, generator=g))
+        trainer = self.trainer
+        assert trainer is not None
+        if trainer.world_size == 1:
+            return DataLoader(ds, batch_size=4)
+        sampler: DistributedSampler[Any] = DistributedSampler(
+            ds, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+        )
+        return DataLoader(ds, batch_size=4, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
         ds = data()
@@ -107,10 +127,13 @@ def monitors() -> list[NTKSpectrumMonitor]:
 
 
 def fit(tmp: Path, devices: int, batch_size: int) -> list[list[list[dict[str, Any]]]]:
-    """Per rank, per monitor (plain, sharded): the probe history."""
+    """Per rank, per monitor (plain, sharded, NaN probe, generalization gap): the history."""
     torch.manual_seed(0)
     model = Net()
-    mons = monitors()
+    gap = GeneralizationGapMonitor(
+        loss_fn=nn.functional.mse_loss, metrics={"mae": MeanAbsoluteError()}
+    )
+    mons = [*monitors(), gap]
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -134,8 +157,15 @@ def test_ddp_equals_single_process_logged_once_and_sharded_equals_unsharded(tmp_
 
     # Every rank holds the same (broadcast / all-reduced) history.
     torch.testing.assert_close(ranks[0], ranks[1], rtol=0, atol=0, equal_nan=True)
-    plain, sharded, nan = ranks[0]
+    plain, sharded, nan, gap = ranks[0]
     assert nan == [] and single[2] == []
+    # The gap monitor (one validation, at the end of the epoch): the val side covers each of
+    # the 13 samples once, as one process does, the padding sample of rank 1 left out (it
+    # moved the val loss by 3.9% before), and the training subset is sized to 13 on both.
+    assert [h["step"] for h in gap] == [h["step"] for h in single[3]]
+    assert len(gap) == 1
+    for key in ("gap/loss", "gap/train/loss", "gap/val/loss", "gap/mae", "gap/val/mae"):
+        assert gap[0][key] == pytest.approx(single[3][0][key], rel=1e-5, abs=1e-7), key
     assert [h["step"] for h in plain] == [h["step"] for h in sharded] == [0, 2, 4]
 
     for ref, got, got_sh in zip(single[0], plain, sharded, strict=True):

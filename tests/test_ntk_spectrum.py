@@ -514,7 +514,7 @@ def test_auto_method_choice():
     budget = 256 * 256 * 8 + 4 * p * 8 - 1
     s = ntk_spectrum(model, x, memory_budget=budget, max_matvecs=40)
     assert s.method == "lanczos"
-    with pytest.raises(ValueError, match="the probe's copies .* take 20736 bytes"):
+    with pytest.raises(ValueError, match=r"the probe's copies .* take 20736 bytes"):
         ntk_spectrum(model, x, memory_budget=1000)  # (refused before anything is copied)
     with pytest.raises(ValueError, match="cannot hold one Lanczos product"):
         ntk_spectrum(model, x, memory_budget=40_000)

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -128,3 +129,16 @@ def tensorboard_writers(trainer: pl.Trainer) -> Iterator[Any]:
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             yield logger.experiment
+
+
+def slice_batch(batch: Any, sl: slice) -> Any:
+    """Slice every tensor of a (nested) batch along dim 0; other leaves are kept."""
+    if isinstance(batch, torch.Tensor):
+        return batch[sl] if batch.dim() > 0 else batch
+    if isinstance(batch, Mapping):
+        return type(batch)({k: slice_batch(v, sl) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(slice_batch(v, sl) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(slice_batch(v, sl) for v in batch)
+    return batch

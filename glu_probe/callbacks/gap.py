@@ -109,6 +109,7 @@ from glu_probe.callbacks._utils import (
     is_quiet_run,
     log_metrics,
     logger_step,
+    slice_batch,
 )
 from glu_probe.callbacks.paired import (
     EVAL_OUTPUTS_KEY,
@@ -173,6 +174,25 @@ def _n_samples(batch: Any) -> int:
     if isinstance(batch, (tuple, list)) and batch:
         return _n_samples(batch[0])
     return 1
+
+
+def _real_samples(loader: Any, rank: int | None = None) -> int | None:
+    """Samples of a rank's shard that are not padding, or ``None`` where every sample counts.
+
+    ``DistributedSampler(drop_last=False)`` pads the index list to a multiple of the world size
+    by repeating its first indices; rank r's j-th sample sits at position r + j·W of that
+    list, so it is padding exactly when r + j·W ≥ N: rank r holds ⌈(N − r)/W⌉ real samples,
+    then padding (shuffled or not). ``rank``: another rank's count (default: the sampler's).
+    """
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return None
+    try:
+        n = len(sampler.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    r = sampler.rank if rank is None else rank
+    return max(0, -(-(n - r) // sampler.num_replicas))
 
 
 class _Side:
@@ -504,6 +524,19 @@ class GeneralizationGapMonitor(Callback):
             return
         if self.val_batches is not None and batch_idx >= self.val_batches:
             return
+        # Under DDP the last batches of a rank may hold DistributedSampler padding (repeated
+        # samples, so that every rank has as many): they are left out, so the val side covers
+        # each sample once, as a single process does (13 samples on 2 ranks: 3.9% off before).
+        loader = _first_loader(trainer.val_dataloaders)
+        real = _real_samples(loader)
+        bs = getattr(loader, "batch_size", None)
+        if real is not None and bs:
+            keep = real - batch_idx * bs
+            if keep <= 0:
+                return
+            if keep < _n_samples(batch):
+                self._evaluate(pl_module, [slice_batch(batch, slice(0, keep))], "val", trainer)
+                return
         reused = _paired_evaluations(pl_module, outputs, self._sides)
         if reused is not None:  # the PairedModule's own validation_step results, no 2nd pass
             for tag, sides in self._sides.items():
@@ -586,13 +619,22 @@ class GeneralizationGapMonitor(Callback):
         # DistributedSampler), and the val sums are all-reduced: the validation run covers
         # num_replicas times this rank's batches, and the (identical on every rank) training
         # subset is sized to that.
+        # Each sample counts once: a rank's DistributedSampler padding is not evaluated (see
+        # on_validation_batch_end), nor is the rounding of a last, partial batch.
+        per_rank = int(n_batches) * bs
         sampler = getattr(val, "sampler", None)
-        replicas = (
-            int(getattr(sampler, "num_replicas", 1))
-            if isinstance(sampler, DistributedSampler)
-            else 1
-        )
-        return max(1, min(AUTO_SUBSET_MAX, int(n_batches) * bs * replicas))
+        if isinstance(sampler, DistributedSampler):
+            replicas = int(sampler.num_replicas)
+            if _real_samples(val) is None:  # drop_last, or a dataset without a length
+                total = per_rank * replicas
+            else:
+                total = sum(min(per_rank, _real_samples(val, r) or 0) for r in range(replicas))
+        else:
+            try:  # the samples the loader yields (a subset sampler's, else the dataset's)
+                total = min(per_rank, len(sampler if sampler is not None else val.dataset))  # type: ignore[arg-type,union-attr]
+            except TypeError:  # an iterable dataset without a length
+                total = per_rank
+        return max(1, min(AUTO_SUBSET_MAX, total))
 
     def _rebatch(self, trainer: pl.Trainer, size: int) -> None:
         """At the first validation: cut the drawn subset to ``size`` samples and batch it at

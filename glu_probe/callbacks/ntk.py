@@ -117,6 +117,7 @@ from glu_probe.callbacks._utils import (
     is_fresh_fit,
     is_quiet_run,
     log_metrics,
+    slice_batch,
     stable_repr,
     tensorboard_writers,
 )
@@ -223,19 +224,6 @@ def _batch_len(batch: Any) -> int | None:
             if n is not None:
                 return n
     return None
-
-
-def _slice_batch(batch: Any, sl: slice) -> Any:
-    """Slice every tensor of a (nested) batch along dim 0; other leaves are kept."""
-    if isinstance(batch, torch.Tensor):
-        return batch[sl] if batch.dim() > 0 else batch
-    if isinstance(batch, Mapping):
-        return type(batch)({k: _slice_batch(v, sl) for k, v in batch.items()})  # type: ignore[call-arg]
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_slice_batch(v, sl) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_slice_batch(v, sl) for v in batch)
-    return batch
 
 
 def _concat_batches(batches: Sequence[Any]) -> Any:
@@ -597,7 +585,7 @@ class NTKSpectrumMonitor(Callback):
             requested = n
             per_sample = self._rows_per_sample(pl_module, inputs, include_cuda)
             n = max(1, min(n, self.max_rows // max(1, per_sample)))
-            inputs = _slice_batch(inputs, slice(0, n))
+            inputs = slice_batch(inputs, slice(0, n))
             if n < requested:
                 rank_zero_info(
                     f"NTKSpectrumMonitor: probing {n} of {requested} samples to keep K at most "
@@ -622,7 +610,7 @@ class NTKSpectrumMonitor(Callback):
             base, extra = divmod(n, world)
             start = rank * base + min(rank, extra)
             stop = start + base + (1 if rank < extra else 0)
-            inputs = _slice_batch(inputs, slice(start, stop))
+            inputs = slice_batch(inputs, slice(start, stop))
             n = stop - start
         self._n_probe = n
         return inputs
@@ -636,7 +624,7 @@ class NTKSpectrumMonitor(Callback):
         with isolate_rng(include_cuda=cuda), torch.inference_mode(False), torch.enable_grad():
             probe = ProbeFunction(
                 target,
-                _slice_batch(inputs, slice(0, 1)),
+                slice_batch(inputs, slice(0, 1)),
                 output=self.output,
                 params=self.params,
                 eval_mode=self.eval_mode,
@@ -707,7 +695,7 @@ class NTKSpectrumMonitor(Callback):
         if not batches:
             raise MisconfigurationException("NTKSpectrumMonitor: the train dataloader is empty.")
         batch = _concat_batches(batches) if len(batches) > 1 else batches[0]
-        return _slice_batch(batch, slice(0, self.probe_size))
+        return slice_batch(batch, slice(0, self.probe_size))
 
     # ------------------------------------------------------------------ probing
     def _maybe_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
