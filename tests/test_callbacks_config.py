@@ -113,6 +113,30 @@ def test_crossing_under_accumulation_compares_the_logged_micro_batch(tmp_path):
     np.testing.assert_array_equal(np.array([b for _, _, b in seen]), logged)
     assert mon.detector.delta == 0.0 and mon.crossings == []
 
+    # A checkpoint between two micro-batches of one step (the monitor's state_dict after the
+    # first micro-batch of every step) must not close the step early: the series is the same,
+    # and the step in progress travels in the checkpoint. Before, each step's first
+    # micro-batch loss was fed instead of the logged last one.
+    saved: list[dict] = []
+
+    class MidStepCheckpoint(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx % 4 == 0:
+                saved.append(mon.state_dict())
+
+    seen.clear()
+    mon = Spy(baseline=Path(rec.log_dir) / "metrics.csv", smoothing=0.0)
+    pl.seed_everything(0)
+    cbs = [mon, MidStepCheckpoint()]
+    _trainer(tmp_path, accumulate_grad_batches=4, callbacks=cbs).fit(Classifier(), **loaders)
+    assert [s for s, _, _ in seen] == list(range(6))
+    np.testing.assert_array_equal(np.array([a for _, a, _ in seen]), logged)
+    assert len(saved) == 6 and all("current" in state for state in saved)
+    restored = Spy(baseline=Path(rec.log_dir) / "metrics.csv", smoothing=0.0)
+    restored.load_state_dict(saved[3])
+    assert restored._current is not None and restored._current[0] == 3
+    assert restored.detector.last_step == 2  # steps 0-2 complete, step 3 in progress
+
 
 # ---------------------------------------------------------------- one instance, several fits
 def test_one_instance_over_two_independent_fits_starts_clean(tmp_path):

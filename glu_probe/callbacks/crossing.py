@@ -371,11 +371,24 @@ class LossCrossingMonitor(Callback):
         return self._generate_state_key(**key)
 
     def state_dict(self) -> dict[str, Any]:
-        self._flush(current=True)  # a checkpoint holds every step seen so far
-        return {"detector": self.detector.state_dict()}
+        self._flush()  # a checkpoint holds every completed step seen so far ...
+        state: dict[str, Any] = {"detector": self.detector.state_dict()}
+        if self._current is not None:
+            # ... and the step in progress, not closed: under gradient accumulation a
+            # checkpoint between two micro-batches would otherwise feed the detector this
+            # micro-batch's loss instead of the step's last (the one the logger writes).
+            step, values, recorded = self._current
+            state["current"] = (step, values.detach().cpu().tolist(), recorded)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.detector.load_state_dict(state_dict["detector"])
+        current = state_dict.get("current")  # (absent from older checkpoints)
+        self._current = (
+            None
+            if current is None
+            else (int(current[0]), torch.tensor(current[1], dtype=torch.float64), current[2])
+        )
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
