@@ -490,3 +490,59 @@ def test_mlps_that_take_the_residual_are_wrapped_and_compute_the_same(family: st
     swap_mlp(model, "swiglu")  # chains: the wrapped block is swapped inside its wrapper
     assert all(isinstance(w.mlp, GatedMLP) for w in wrappers)
     model(input_ids=ids).logits.sum().backward()
+
+
+@pytest.mark.parametrize("family", ["phi", "phi3", "lfm2"])
+def test_large_blocks_are_checked_on_a_reduced_copy(family: str, monkeypatch) -> None:
+    """A block above _FULL_CHECK_MAX weight elements (here 4096 -> 16384 on meta) is checked on
+    a copy at tiny widths that keeps the real block's doublings (packed: gate and up in one
+    layer of twice the hidden width): the same form is found, and no fresh weight is larger
+    than the tiny copy's (before: three 4096 x 16384 float32 matrices, 800 MB)."""
+    import glu_probe.swap.structural as structural
+
+    monkeypatch.setattr(structural, "_RECIPES", {})
+    shapes: list[tuple[int, int]] = []
+    fresh = structural.fresh_linear
+
+    def spy(lin: nn.Linear, gen: torch.Generator, prefix: str) -> dict[str, torch.Tensor]:
+        shapes.append((lin.out_features, lin.in_features))
+        return fresh(lin, gen, prefix)
+
+    monkeypatch.setattr(structural, "fresh_linear", spy)
+    cfg_name, model_name, kw, form, *_ = FAMILIES[family]
+    config = _config(cfg_name, **kw)
+    config.hidden_size, config.intermediate_size = 4096, 16384
+    with torch.device("meta"):
+        model = getattr(transformers, model_name)(config)
+    block = next(m for m in model.modules() if type(m).__name__.endswith("MLP"))
+    found = _analyse(block)
+    assert found is not None and found.kind == form
+    assert shapes and max(o * i for o, i in shapes) <= 2 * 52 * 52
+    report = swap_mlp(model, "gelu")
+    assert [e.adapter for e in report.entries] == ["structural"] * 2
+
+
+def test_reduced_copy_keeps_equalities_and_doublings_only() -> None:
+    from glu_probe.swap.structural import _tiny_widths
+
+    packed = [nn.Linear(1024, 8192, device="meta"), nn.Linear(4096, 1024, device="meta")]
+    tiny = _tiny_widths(packed)
+    assert tiny is not None
+    assert tiny[8192] == 2 * tiny[4096] and len(set(tiny.values())) == 3
+    # no doubling that the real widths do not have (1024, 1536, 3000: none is twice another)
+    dense = [nn.Linear(1024, 3000, device="meta"), nn.Linear(3000, 1536, device="meta")]
+    t = _tiny_widths(dense)
+    assert t is not None and len(set(t.values())) == 3
+    assert all(a != 2 * b for a in t.values() for b in t.values())
+    # ... but every real one: 3072 = 2 x 1536 stays a doubling
+    t = _tiny_widths([nn.Linear(1024, 3072, device="meta"), nn.Linear(3072, 1536, device="meta")])
+    assert t is not None and t[3072] == 2 * t[1536]
+
+
+@pytest.mark.parametrize("cls", [_Residual, _Scaled, _UnusedDropoutMLP])
+def test_large_lookalikes_are_refused_on_the_reduced_copy_too(cls: type[nn.Module]) -> None:
+    """Blocks that compute something else than the form are told apart at tiny widths too."""
+    with torch.device("meta"):
+        block = cls()
+        block.fc1, block.fc2 = nn.Linear(4096, 16384), nn.Linear(16384, 4096)
+    assert _analyse(block) is None

@@ -307,7 +307,7 @@ def _analyse(module: nn.Module) -> _Form | None:
     if key not in _RECIPES:
         if len(_RECIPES) >= 256:
             _RECIPES.clear()
-        _RECIPES[key] = _check(module, linears, acts, drops)
+        _RECIPES[key] = _checked_recipe(module, linears, acts, drops)
     recipe = _RECIPES[key]
     if recipe is None:
         return None
@@ -325,6 +325,32 @@ def _analyse(module: nn.Module) -> _Form | None:
         recipe.drop,
         recipe.residual,
     )
+
+
+def _checked_recipe(
+    module: nn.Module, linears: list[nn.Linear], acts: list[nn.Module], drops: list[float]
+) -> _Recipe | None:
+    """:func:`_check` of the block itself where it is small (at most :data:`_FULL_CHECK_MAX`
+    weight elements: a forward that branches on its real widths is checked as it will run),
+    else of a reduced copy (:func:`_tiny_widths`, :func:`_reduced_copy`: milliseconds and no
+    real allocation for a 70B-sized block on ``meta``), and of the block itself only where the
+    copy fails (a forward that reads widths from elsewhere, e.g. its config). The recipe names
+    children, so the copy's verdict holds for the block."""
+    if sum(lin.weight.numel() for lin in linears) > _FULL_CHECK_MAX:
+        names = {id(child): name for name, child in module.named_children()}
+        tiny = _tiny_widths(linears)
+        reduced = (
+            _reduced_copy(module, tuple(names[id(lin)] for lin in linears), tiny)
+            if tiny is not None
+            else None
+        )
+        if reduced is not None:
+            own = dict(reduced.named_children())
+            small = [own[names[id(lin)]] for lin in linears]
+            recipe = _check(reduced, small, acts, drops)  # type: ignore[arg-type]
+            if recipe is not None:
+                return recipe
+    return _check(module, linears, acts, drops)
 
 
 def _check(
@@ -488,29 +514,66 @@ def verify_split_gated(module: nn.Module, gate: str, up: str, down: str, act: st
 def _reduced_split(module: nn.Module, names: tuple[str, str, str, str]) -> nn.Module | None:
     """A copy of ``module`` at tiny widths for :func:`verify_split_gated`, or ``None`` where the
     block holds anything whose size cannot be reduced (a buffer, another child with weights)."""
+    gate, up, down, _ = names
+    children = dict(module.named_children())
+    g, d = children.get(gate), children.get(down)
+    if not isinstance(g, nn.Linear) or not isinstance(d, nn.Linear):
+        return None
+    tiny: dict[int, int] = {}
+    for width, small in zip(
+        (g.in_features, g.out_features, d.out_features), _TINY_WIDTHS, strict=True
+    ):
+        tiny.setdefault(width, small)
+    return _reduced_copy(module, (gate, up, down), tiny)
+
+
+#: Tiny widths for the structural check's reduced copy (:func:`_tiny_widths`): no two of them,
+#: nor twice any of them, are in a ratio of 2, so the copy has exactly the real block's
+#: doublings (a packed gate-and-up layer is twice the hidden width) and no others.
+_TINY_BASES = (8, 12, 20, 28, 44, 52, 68, 76)
+
+
+def _tiny_widths(linears: list[nn.Linear]) -> dict[int, int] | None:
+    """A map of the layers' distinct widths to tiny ones that keeps every equality and every
+    doubling among them (the relations the forms are told apart by, see :func:`_layouts`), or
+    ``None`` where there are too many distinct widths."""
+    widths = sorted({w for lin in linears for w in (lin.in_features, lin.out_features)})
+    tiny: dict[int, int] = {}
+    bases = iter(_TINY_BASES)
+    for w in widths:
+        if w % 2 == 0 and w // 2 in tiny:
+            tiny[w] = 2 * tiny[w // 2]
+            continue
+        base = next(bases, None)
+        if base is None:
+            return None
+        tiny[w] = base
+    return tiny
+
+
+def _reduced_copy(
+    module: nn.Module, linear_names: tuple[str, ...], tiny: dict[int, int]
+) -> nn.Module | None:
+    """A copy of ``module`` (:func:`~glu_probe.swap.core._shell`: same class and instance
+    settings) whose ``Linear`` children ``linear_names`` are shells of the same classes and bias
+    flags at the widths ``tiny`` maps theirs to, int settings equal to a width mapped with it
+    (e.g. LlamaMLP's ``hidden_size``), every other child shared; ``None`` where the block holds
+    anything whose size cannot be reduced (a buffer, another child with weights, a width that
+    ``tiny`` does not map, a ``Linear`` subclass with more parameters)."""
     from glu_probe.swap.core import _shell
 
-    gate, up, down, _ = names
-    linear_names = (gate, up, down)
     if any(True for _ in module.buffers()):
         return None
     children = dict(module.named_children())
     for name, child in children.items():
         if name not in linear_names and any(True for _ in child.parameters()):
             return None
-    g, d = children[gate], children[down]
-    assert isinstance(g, nn.Linear) and isinstance(d, nn.Linear)
-    tiny: dict[int, int] = {}
-    for width, small in zip(
-        (g.in_features, g.out_features, d.out_features), _TINY_WIDTHS, strict=True
-    ):
-        tiny.setdefault(width, small)
 
     def reduced_linear(lin: nn.Linear) -> nn.Module:
         shell: Any = _shell(lin, {})
         n_in, n_out = tiny.get(lin.in_features), tiny.get(lin.out_features)
         if n_in is None or n_out is None:
-            raise KeyError(lin)  # a width that is none of the block's three: not our form
+            raise KeyError(lin)  # a width that is none of the block's: not our form
         shell.in_features, shell.out_features = n_in, n_out
         shell.register_parameter("weight", nn.Parameter(torch.empty(n_out, n_in)))
         bias = nn.Parameter(torch.empty(n_out)) if lin.bias is not None else None
@@ -529,7 +592,7 @@ def _reduced_split(module: nn.Module, names: tuple[str, str, str, str]) -> nn.Mo
     copy = _shell(module, small_children)
     for k, v in vars(module).items():
         if type(v) is int and v in tiny and not k.startswith("_"):
-            copy.__dict__[k] = tiny[v]  # e.g. LlamaMLP's hidden_size / intermediate_size
+            copy.__dict__[k] = tiny[v]
     return copy
 
 
