@@ -894,12 +894,21 @@ def test_dense_spectrum_keeps_to_the_budget(vectors):
         pytest.raises(
             ValueError,
             match=rf"memory_budget=200000 bytes \(of which {reserve} are reserved for K's eigen",
-        ),
+        ) as info,
     ):
         ntk_spectrum(
             model, x, output="full", method="dense", memory_budget=200_000, dense_vectors=vectors
         )
     assert refused.peak <= 200_000
+    # ... and the least budget it names is accepted (it left out the reserve before)
+    import re
+
+    least = int(re.search(r"give at least (\d+) bytes", str(info.value)).group(1))
+    with LiveTensorBytes() as live:
+        ntk_spectrum(
+            model, x, output="full", method="dense", memory_budget=least, dense_vectors=vectors
+        )
+    assert live.peak <= least
 
 
 def test_probe_construction_keeps_to_the_budget():
@@ -1045,3 +1054,100 @@ def test_lanczos_budget_reserves_the_quadrature_only_where_it_runs():
         assert s.effective_rank_method == "slq"
         assert live.peak <= budget, (factor, live.peak, budget)
         assert abs(s.lambda_max - float(ev[-1])) <= 1e-4 * float(ev[-1])
+
+
+@pytest.mark.parametrize("name", ["conv-batchnorm", "mlp"])
+def test_peak_model_predicts_each_chunk_size(name):
+    """_peak_model fits the bytes alive after each operation as fixed + c·per_sample from two
+    traced chunk sizes (1 and 2, or 2 and 3 where one sample takes other kernels: the MLP's
+    mm instead of bmm). Its prediction must equal the measured peak of every chunk size."""
+    from glu_probe.ntk.structured import (
+        _check_vectors,
+        _peak_model,
+        _predicted_peak,
+        _projected_gram,
+    )
+
+    torch.manual_seed(21)
+    if name == "mlp":
+        model, x = (
+            nn.Sequential(nn.Linear(16, 256), nn.ReLU(), nn.Linear(256, 1)),
+            torch.randn(6, 16),
+        )
+    else:
+        model, x = ConvBatchNorm().eval(), torch.randn(6, 2, 6, 6)
+    probe = ProbeFunction(model, x, output="full", dtype=torch.float64)
+    K = torch.zeros(probe.n_rows, probe.n_rows, dtype=torch.float64)
+    U = _check_vectors(probe.n_rows, K, torch.float64)
+
+    def run(c: int) -> None:
+        _projected_gram(probe, U, c, torch.float64, c)
+
+    profile = _peak_model(probe, run, 6)
+    for c in range(1, 7):
+        with probe.session(), LiveTensorBytes() as live:
+            run(c)
+        assert _predicted_peak(profile, c) == live.peak, (c, profile)
+
+
+def test_projection_check_is_not_chunked_by_its_fixed_vectors(monkeypatch):
+    """Under a generous budget the check runs in one VJP: its parameter-sized Jᵀ U is a fixed
+    cost of the chunk, not of each sample (it was charged per sample: 10 VJPs instead of 1 on
+    an MLP 64-2048-1 at n = 256 under 64 MiB)."""
+    from glu_probe.ntk import structured
+
+    chunks: list[int] = []
+    agrees = structured._agrees
+
+    def spy(K, source, tokens, chunk, eps):
+        chunks.append(chunk)
+        return agrees(K, source, tokens, chunk, eps)
+
+    monkeypatch.setattr(structured, "_agrees", spy)
+    torch.manual_seed(22)
+    model, x = (
+        nn.Sequential(nn.Linear(64, 2048), nn.Tanh(), nn.Linear(2048, 1)),
+        torch.randn(96, 64),
+    )
+    K = ntk_matrix(model, x, output="full", strategy="structured", memory_budget=64 * 2**20)
+    assert chunks == [96]
+    torch.testing.assert_close(K, truth(model, x), rtol=1e-9, atol=1e-12)
+
+
+def test_measurements_are_remembered_per_structure_and_renewed_when_it_changes(monkeypatch):
+    """The pass and check profiles are measured once per model structure and probe shapes (a
+    deep copy of the model reuses them), and again where a buffer's shape changes (a stale
+    profile ran 1.21x over the budget)."""
+    from glu_probe.ntk import structured
+
+    measured: list[int] = []
+    peak_model = structured._peak_model
+
+    def spy(source, run, samples):
+        measured.append(samples)
+        return peak_model(source, run, samples)
+
+    monkeypatch.setattr(structured, "_peak_model", spy)
+    monkeypatch.setattr(structured, "_MEASURED", type(structured._MEASURED)())
+
+    class Broad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 3)
+            self.register_buffer("mix", torch.ones(1, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.fc1(x)).unsqueeze(1) * self.mix  # (N, k, 32)
+            return self.fc2(h).mean(1)
+
+    torch.manual_seed(23)
+    model, x = Broad().double(), torch.randn(6, 8, dtype=torch.float64)
+    budget = 2**22
+    for m in (model, model, copy.deepcopy(model)):
+        ntk_matrix(m, x, output="full", strategy="structured", memory_budget=budget)
+    assert len(measured) == 2  # the pass and the check, once
+    model.mix = torch.ones(1, 16, 1, dtype=torch.float64)
+    with LiveTensorBytes() as live:
+        K = ntk_matrix(model, x, output="full", strategy="structured", memory_budget=budget)
+    assert len(measured) == 4 and live.peak <= budget
+    torch.testing.assert_close(K, truth(model, x), rtol=1e-10, atol=1e-12)

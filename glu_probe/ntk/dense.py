@@ -877,7 +877,7 @@ def _assemble(
             f"{stated} cannot hold the dense NTK: K alone needs "
             f"{n * n * itemsize} bytes plus {product} for one product "
             f"and {copies} for the probe's copies of its parameters, buffers and inputs; give "
-            f"at least {need} bytes, or use method='lanczos' (matrix-free)"
+            f"at least {need + reserved} bytes, or use method='lanczos' (matrix-free)"
         )
     budget -= copies
     strict = memory_budget is not None

@@ -499,11 +499,14 @@ class LiveTensorBytes(TorchDispatchMode):
     The process's RSS also holds memory that the C allocator keeps after tensors are freed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, record: bool = False) -> None:
         super().__init__()
         self.live: dict[int, int] = {}
         self.current = 0
         self.peak = 0
+        #: With ``record``: the bytes alive after each operation's allocations, in order (the
+        #: memory profile that :func:`~glu_probe.ntk.structured._peak_model` fits per sample).
+        self.trace: list[int] | None = [] if record else None
 
     def _release(self, key: int) -> None:
         self.current -= self.live.pop(key, 0)
@@ -540,6 +543,8 @@ class LiveTensorBytes(TorchDispatchMode):
             self.current += storage.nbytes()
             self.peak = max(self.peak, self.current)
             weakref.finalize(storage, self._release, key)
+        if self.trace is not None:
+            self.trace.append(self.current)
         return out
 
 

@@ -37,6 +37,7 @@ row-based strategy with a warning.
 
 from __future__ import annotations
 
+import collections
 import math
 import warnings
 import weakref
@@ -289,29 +290,119 @@ def gram_flops(layers: list[_Layer], n: int, rest_numel: int) -> tuple[int, int]
 _NOT_CHEAPER: weakref.WeakKeyDictionary[nn.Module, set[Any]] = weakref.WeakKeyDictionary()
 
 
-#: Per model, the measured one-sample peaks of the pass and the check (:func:`_one_sample_peak`)
-#: per probe signature: they depend on shapes only, and a monitor probes the same shapes every
-#: few steps (measuring costs a dispatch-mode pass, ~14 ms on an MLP 64-2048-1 at n = 256).
-_MEASURED: weakref.WeakKeyDictionary[nn.Module, dict[Any, int]] = weakref.WeakKeyDictionary()
+#: A memory profile per sample count c: the bytes alive after each operation are
+#: ``fixed + c · per_sample`` (exactly so for batched operations), kept as the pairs
+#: ``(fixed, per_sample)`` that can be the largest for some c (:func:`_peak_model`), and the
+#: measured peak of a single sample (its operations may differ: ``mm`` instead of ``bmm``).
+PeakModel = tuple[tuple[tuple[int, int], ...], int]
+
+#: The measured peak models of the pass and the check (:func:`_peak_model`), per model
+#: *structure* (module classes, parameter and buffer shapes and dtypes) and probe signature:
+#: they depend on shapes only, so a monitor that probes the same model every few steps, or a
+#: fresh copy of it each time (an EMA or deep copy), measures once (two or three dispatch-mode
+#: passes: ~14 ms on an MLP 64-2048-1 at n = 256, ~150 ms on a ViT). A forward that changes
+#: with an attribute that is none of these (a loop count) keeps the first measurement.
+_MEASURED: collections.OrderedDict[Any, PeakModel] = collections.OrderedDict()
 
 
-def _remembered_peak(
-    probe: ProbeFunction, what: tuple[Any, ...], measure: Callable[[], int]
-) -> int:
-    """``measure()``, remembered per model, probe signature and ``what``."""
+def _remembered(
+    probe: ProbeFunction, what: tuple[Any, ...], measure: Callable[[], PeakModel]
+) -> PeakModel:
+    """``measure()``, remembered per model structure, probe signature and ``what`` (the 64
+    most recent)."""
+    model = probe.model
     key = (
         what,
         _signature(probe, 0.0),
         probe.output if isinstance(probe.output, str) else id(probe.output),
         probe.eval_mode,
         probe.dtype,
+        tuple(
+            (name, tuple(t.shape), t.dtype, t.requires_grad)
+            for name, t in (*model.named_parameters(), *model.named_buffers())
+        ),
+        tuple((name, type(m)) for name, m in model.named_modules()),
     )
-    memo = _MEASURED.setdefault(probe.model, {})
-    if key not in memo:
-        if len(memo) >= 64:  # probes of ever new shapes: keep the memo bounded
-            memo.clear()
-        memo[key] = measure()
-    return memo[key]
+    if key in _MEASURED:
+        _MEASURED.move_to_end(key)
+        return _MEASURED[key]
+    value = measure()
+    _MEASURED[key] = value
+    if len(_MEASURED) > 64:
+        _MEASURED.popitem(last=False)
+    return value
+
+
+def _peak_model(source: ProbeFunction, run: Callable[[int], Any], samples: int) -> PeakModel:
+    """The memory profile of ``run(c)`` (a chunk of c samples) as a function of c.
+
+    ``run(c)`` is traced for two consecutive counts (:class:`~glu_probe.ntk.functional.
+    LiveTensorBytes` with ``record``: the bytes alive after each operation, in the probe's
+    session). A batched operation allocates ``fixed + c · per_sample`` bytes, so at the t-th
+    operation the bytes alive are ``f_t + c · v_t``, with ``v_t = b_t − a_t`` and
+    ``f_t = a_t − c₀ · v_t`` from the traces ``a`` (c₀ samples) and ``b`` (c₀ + 1); the peak of
+    a chunk of c is the largest of these (:func:`_predicted_peak`). The counts are 1 and 2
+    where their operations are the same, else 2 and 3 (one sample often takes other kernels:
+    ``mm`` for ``bmm``) with one sample's own peak beside; where neither pair matches (a model
+    that branches on the batch size), c times the largest per-sample peak seen. Needed because
+    the activation estimate (:func:`~glu_probe.ntk.dense.activation_elements`) cannot see a
+    shared weight's per-use gradients or the activation sets that BatchNorm and convolution
+    backward passes keep per cotangent under ``vmap``, and one sample's peak alone cannot tell
+    a chunk's fixed bytes (a VJP's parameter-sized gradients) from its per-sample ones."""
+
+    def trace(c: int) -> tuple[list[int], int]:
+        with source.session(), LiveTensorBytes(record=True) as live:
+            run(c)
+        assert live.trace is not None
+        return live.trace, live.peak
+
+    def fit(a: list[int], b: list[int], c0: int) -> tuple[tuple[int, int], ...]:
+        best: dict[int, int] = {}  # per_sample -> the largest fixed part with it
+        for x, y in zip(a, b, strict=True):
+            v = max(y - x, 0)
+            f = max(x - c0 * v, 0)
+            if best.get(v, -1) < f:
+                best[v] = f
+        points: list[tuple[int, int]] = []
+        for v in sorted(best, reverse=True):  # keep the pairs no other pair dominates
+            if not points or best[v] > points[-1][0]:
+                points.append((best[v], v))
+        return tuple(points)
+
+    one, peak_one = trace(1)
+    if samples < 2:
+        return ((peak_one, 0),), peak_one
+    two, peak_two = trace(2)
+    if len(one) == len(two):
+        return fit(one, two, 1), peak_one
+    if samples < 3:
+        return ((peak_two, 0),), peak_one
+    three, peak_three = trace(3)
+    if len(two) == len(three):
+        return fit(two, three, 2), peak_one
+    worst = max(peak_one, -(-peak_two // 2), -(-peak_three // 3))
+    return ((0, worst),), peak_one
+
+
+def _predicted_peak(model: PeakModel, c: int) -> int:
+    """The peak bytes of a chunk of ``c`` samples (:func:`_peak_model`)."""
+    points, one = model
+    return one if c == 1 else max(f + c * v for f, v in points)
+
+
+def _largest_chunk(model: PeakModel, room: int, most: int) -> int:
+    """The most samples (at most ``most``; 0 if not even one) such that chunks of that many
+    and fewer (a last, partial chunk) fit ``room`` bytes by :func:`_predicted_peak`."""
+    points, one = model
+    if one > room:
+        return 0
+    best = most
+    for f, v in points:
+        if f > room:
+            return 1
+        if v:
+            best = min(best, (room - f) // v)
+    return max(1, min(most, int(best)))
 
 
 def _signature(probe: ProbeFunction, min_gain: float) -> tuple[Any, ...]:
@@ -443,21 +534,18 @@ def structured_ntk(
         n * ly.tokens * ly.fan_out // max(s_total, 1) + ly.tokens * ly.fan_in for ly in layers
     )
     all_rows = (all_rows + r * rest_numel) * r_item  # one sample's outputs of a full pass
-    measured = 0
+    measured: PeakModel | None = None
     if strict and all_rows + jacobian_transient_bytes(source, r_item) <= budget:
-        # A budget the user gave: one sample's full pass is measured (its backward
-        # intermediates exceed the activation estimate where a weight is used twice, the
-        # per-use gradients, or where BatchNorm and convolutions keep several activation sets
-        # per cotangent under vmap: up to 1.125x over before). Every pass over fewer layers
-        # prunes its backward, so this bounds each sample of every group's vmapped call.
-        def measure_pass() -> int:
+        # A budget the user gave: the full pass's memory is measured per sample count
+        # (_peak_model: a shared weight's per-use gradients and BatchNorm/convolution backward
+        # passes exceed the activation estimate, up to 1.125x over before). Every pass over
+        # fewer layers prunes its backward, so this bounds every group's vmapped call.
+        def measure_pass() -> PeakModel:
             with hooks:
-                return _one_sample_peak(source, lambda: run_pass(everyone, rest, None, 0, 1))
+                return _peak_model(source, lambda c: run_pass(everyone, rest, None, 0, c), s_total)
 
         try:
-            measured = _remembered_peak(
-                source, ("pass", tuple(everyone), tuple(rest)), measure_pass
-            )
+            measured = _remembered(source, ("pass", tuple(everyone), tuple(rest)), measure_pass)
         except Exception:
             return None  # the pass itself would fail the same way: the row strategy decides
         finally:
@@ -518,13 +606,16 @@ def structured_ntk(
         # intermediates (about (r + 1) times its activations, see activation_elements). The
         # first pass runs before K exists.
         sample_rows = (factors // max(s_total, 1) + (r * rest_numel if with_rest else 0)) * r_item
-        # (measured: one sample's whole pass, its rows included; c samples hold at most c
-        # times that, and a pass over fewer layers at most what the full one does)
-        trans = max(jacobian_transient_bytes(source, r_item), measured - sample_rows)
+        trans = jacobian_transient_bytes(source, r_item)
         pass_room = budget - stored - (0 if first else k_bytes)
         row_chunk, pass_chunk = None, chunk
         if pass_chunk is None:
             pass_chunk = min(s_total, pass_room // max(sample_rows + trans, 1))
+            if measured is not None:  # (the full pass's profile, its rows included)
+                pass_chunk = min(pass_chunk, _largest_chunk(measured, pass_room, s_total))
+                if pass_chunk >= 1:  # what the pass holds beside its rows, per sample
+                    held = _predicted_peak(measured, pass_chunk) - pass_chunk * sample_rows
+                    trans = max(trans, -(-held // pass_chunk))
             if pass_chunk < 1:  # one sample's backward alone does not fit: fewer rows a pass
                 row_chunk = row_chunk_for(source, r_item, pass_room - sample_rows)
                 if not row_chunk:
@@ -620,27 +711,32 @@ def structured_ntk(
         per_sample = (CHECK_VECTORS + 1) * act_bytes
         if strict and room < per_sample:
             return None  # the check's one-sample VJP does not fit: the rows decide
+        check_chunk = max(1, min(s_total, room // per_sample))
         if strict:
-            # Measured as the pass was (BatchNorm, convolutions: above the estimate). A chunk
-            # of c samples holds at most c times one sample's peak (the chunk's gradients, one
-            # sample's share of them, included), beside K and the sum of the earlier chunks.
+            # Measured as the pass was (BatchNorm, convolutions: above the estimate): a chunk's
+            # VJP, its Jᵀ U included, beside K, and, from the second chunk on, the sum of the
+            # earlier chunks' Jᵀ U (CHECK_VECTORS parameter vectors).
             U = _check_vectors(n, K, source.dtype)
             try:
-                one = _remembered_peak(
+                profile = _remembered(
                     source,
                     ("check", K.dtype),
-                    lambda: _one_sample_peak(
-                        source, lambda: _projected_gram(source, U, 1, K.dtype, 1)
+                    lambda: _peak_model(
+                        source,
+                        lambda c: _projected_gram(source, U, c, K.dtype, c),
+                        s_total,
                     ),
                 )
             except Exception:
                 return None  # the check would fail the same way: the rows decide
             del U
-            room = max(0, budget - n * n * k_item - vectors // 2)
-            per_sample = max(per_sample + vectors // 2, one)
-            if room < per_sample:
-                return None
-        check_chunk = max(1, min(s_total, room // per_sample))
+            free = budget - n * n * k_item
+            if _predicted_peak(profile, s_total) <= free:
+                check_chunk = s_total  # one VJP: its Jᵀ U is the sum, nothing beside it
+            else:
+                check_chunk = _largest_chunk(profile, free - vectors // 2, s_total)
+                if check_chunk < 1:
+                    return None  # not even one sample's VJP fits: the rows decide
     else:  # no estimate: r times the pass's chunk
         check_chunk = min(s_total, chunk * max(r, 1))
     if not _agrees(K, source, tokens, check_chunk, eps):
@@ -783,21 +879,6 @@ GRAM_STREAM_ROWS = 64
 CHECK_VECTORS = 2
 #: Safety factor of the projection check's rounding tolerance (see :func:`_agrees`).
 CHECK_FACTOR = 8.0
-
-
-def _one_sample_peak(source: ProbeFunction, fn: Callable[[], Any]) -> int:
-    """Peak bytes of the tensors that ``fn()`` (one sample's share of a chunked computation)
-    allocates and holds at once, in the probe's session; its result is dropped.
-
-    Under a budget the user gave, chunks of samples are sized by this measurement where it
-    exceeds the activation estimate (:func:`~glu_probe.ntk.dense.activation_elements`): the
-    estimate cannot see per-use gradients of a shared weight or the extra activation sets that
-    BatchNorm and convolution backward passes keep per cotangent under ``vmap``. Measured by
-    :class:`~glu_probe.ntk.functional.LiveTensorBytes` (a dispatch mode: a few ms of Python per
-    op, once per call)."""
-    with source.session(), LiveTensorBytes() as live:
-        fn()
-    return live.peak
 
 
 def _check_vectors(n: int, K: Tensor, dtype: torch.dtype) -> Tensor:
