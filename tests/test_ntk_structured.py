@@ -1088,6 +1088,13 @@ def test_peak_model_predicts_each_chunk_size(name):
         with probe.session(), LiveTensorBytes() as live:
             run(c)
         assert _predicted_peak(profile, c) == live.peak, (c, profile)
+    # The check in chunks of c over the whole batch, traced as three chunks (the third shows
+    # what earlier chunks leave alive): its peak is predicted for every chunk size.
+    chunked = _peak_model(probe, lambda c: _projected_gram(probe, U, c, torch.float64, 3 * c), 2)
+    for c in (1, 2):
+        with probe.session(), LiveTensorBytes() as live:
+            _projected_gram(probe, U, c, torch.float64)
+        assert _predicted_peak(chunked, c) == live.peak, (c, chunked)
 
 
 def test_projection_check_is_not_chunked_by_its_fixed_vectors(monkeypatch):

@@ -540,9 +540,17 @@ def structured_ntk(
         # (_peak_model: a shared weight's per-use gradients and BatchNorm/convolution backward
         # passes exceed the activation estimate, up to 1.125x over before). Every pass over
         # fewer layers prunes its backward, so this bounds every group's vmapped call.
+        def one_pass(c: int) -> None:
+            # as the loop below runs it: the call, then its rows reshaped for the buffers (a
+            # patchify layer's input rows are a copy)
+            (_, j_taps), inputs = run_pass(everyone, rest, None, 0, c)
+            for k, ly in enumerate(layers):
+                ly.output_rows(j_taps[k])
+                ly.input_rows(inputs[k])
+
         def measure_pass() -> PeakModel:
             with hooks:
-                return _peak_model(source, lambda c: run_pass(everyone, rest, None, 0, c), s_total)
+                return _peak_model(source, one_pass, s_total)
 
         try:
             measured = _remembered(source, ("pass", tuple(everyone), tuple(rest)), measure_pass)
@@ -729,14 +737,29 @@ def structured_ntk(
                 )
             except Exception:
                 return None  # the check would fail the same way: the rows decide
-            del U
             free = budget - n * n * k_item
             if _predicted_peak(profile, s_total) <= free:
                 check_chunk = s_total  # one VJP: its Jᵀ U is the sum, nothing beside it
-            else:
-                check_chunk = _largest_chunk(profile, free - vectors // 2, s_total)
-                if check_chunk < 1:
-                    return None  # not even one sample's VJP fits: the rows decide
+            elif s_total >= 6:
+                # Chunks: traced as three chunks of c, for c = 1, 2 (or 2, 3): from the second
+                # chunk on, the sum of the earlier ones sits beside the VJP, and the third shows
+                # whatever an earlier chunk leaves alive (a loop variable once kept one
+                # gradient: two traced chunks predicted more chunks 4 kB short).
+                chunked = _remembered(
+                    source,
+                    ("check-chunks", K.dtype),
+                    lambda: _peak_model(
+                        source,
+                        lambda c: _projected_gram(source, U, c, K.dtype, 3 * c),
+                        s_total // 3,
+                    ),
+                )
+                check_chunk = _largest_chunk(chunked, free, s_total // 3)
+            else:  # (beside the VJP: the earlier chunks' sum, and room for one more vector)
+                check_chunk = _largest_chunk(profile, free - vectors, s_total)
+            del U
+            if check_chunk < 1:
+                return None  # not even one sample's VJP fits: the rows decide
     else:  # no estimate: r times the pass's chunk
         check_chunk = min(s_total, chunk * max(r, 1))
     if not _agrees(K, source, tokens, check_chunk, eps):
@@ -917,8 +940,8 @@ def _projected_gram(
             # read them as they are, but copy them before adding other chunks in place.
             acc = list(grads) if len(ranges) == 1 else [g.clone() for g in grads]
         else:
-            for dst, g in zip(acc, grads, strict=True):
-                dst.add_(g)
+            for i in range(len(acc)):  # (no loop variable keeps a gradient alive)
+                acc[i].add_(grads[i])
         del grads, vjp_fn
     return _gram(tuple(acc), tuple(acc), dtype)
 
