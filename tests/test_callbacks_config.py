@@ -423,3 +423,42 @@ def test_gap_with_compute_loss_keeps_token_weighting(tmp_path):
         out = gap._batch_outputs(TokenModule(), batch, "")
         side.add(*out)
     assert side.loss_sum / side.count == pytest.approx((3.0 * 2 + 1.0 * 4) / 6)
+
+
+def test_gap_first_samples_slices_only_sample_major_batches():
+    """Padding is sliced off only where the batch's layout shows its samples (every tensor has
+    n rows in dim 0; lists of n plain values are per-sample); a sequence-first batch (time in
+    dim 0) gives None and is evaluated whole (it was cut along time: +7.3% off the val loss
+    with no padding at all)."""
+    from collections import namedtuple
+
+    from glu_probe.callbacks.gap import _first_samples
+
+    x, y = torch.randn(4, 5), torch.randn(4, 3)
+    got = _first_samples((x, y), 4, 3)
+    assert torch.equal(got[0], x[:3]) and torch.equal(got[1], y[:3])
+    assert _first_samples((torch.randn(10, 4, 5), y), 4, 3) is None  # sequence-first
+    text = ["a", "b", "c", "d"]
+    for batch in ({"labels": y, "text": text}, {"text": text, "labels": y}):
+        got = _first_samples(batch, 4, 3)
+        assert got["text"] == ["a", "b", "c"] and torch.equal(got["labels"], y[:3])
+    Pair = namedtuple("Pair", "inputs target")
+    got = _first_samples(Pair(x, y), 4, 2)
+    assert isinstance(got, Pair) and got.inputs.shape[0] == 2
+    scale = torch.tensor(2.0)  # a 0-dim entry is kept
+    assert _first_samples({"x": x, "scale": scale}, 4, 1)["scale"] is scale
+
+
+def test_gap_subset_with_a_dropping_distributed_sampler():
+    """drop_last=True: each rank evaluates floor(N/W) samples, no padding; the subset is their
+    number (it was rounded up to whole batches: 16 for 12 evaluated)."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DistributedSampler
+
+    odd = _data(13, 3)
+    loader = DataLoader(
+        odd, batch_size=4, sampler=DistributedSampler(odd, 2, 0, shuffle=False, drop_last=True)
+    )
+    fake = SimpleNamespace(num_val_batches=[len(loader)], val_dataloaders=loader)
+    assert GeneralizationGapMonitor()._final_size(fake) == 12  # type: ignore[arg-type]

@@ -1083,14 +1083,17 @@ def test_peak_model_predicts_each_chunk_size(name):
     def run(c: int) -> None:
         _projected_gram(probe, U, c, torch.float64, c)
 
-    profile = _peak_model(probe, run, 6)
+    profile, complete = _peak_model(probe, run, 6, 2**40)
+    assert complete
     for c in range(1, 7):
         with probe.session(), LiveTensorBytes() as live:
             run(c)
         assert _predicted_peak(profile, c) == live.peak, (c, profile)
     # The check in chunks of c over the whole batch, traced as three chunks (the third shows
     # what earlier chunks leave alive): its peak is predicted for every chunk size.
-    chunked = _peak_model(probe, lambda c: _projected_gram(probe, U, c, torch.float64, 3 * c), 2)
+    chunked, _ = _peak_model(
+        probe, lambda c: _projected_gram(probe, U, c, torch.float64, 3 * c), 2, 2**40
+    )
     for c in (1, 2):
         with probe.session(), LiveTensorBytes() as live:
             _projected_gram(probe, U, c, torch.float64)
@@ -1130,9 +1133,9 @@ def test_measurements_are_remembered_per_structure_and_renewed_when_it_changes(m
     measured: list[int] = []
     peak_model = structured._peak_model
 
-    def spy(source, run, samples):
+    def spy(source, run, samples, room):
         measured.append(samples)
-        return peak_model(source, run, samples)
+        return peak_model(source, run, samples, room)
 
     monkeypatch.setattr(structured, "_peak_model", spy)
     monkeypatch.setattr(structured, "_MEASURED", type(structured._MEASURED)())

@@ -546,3 +546,33 @@ def test_large_lookalikes_are_refused_on_the_reduced_copy_too(cls: type[nn.Modul
         block = cls()
         block.fc1, block.fc2 = nn.Linear(4096, 16384), nn.Linear(16384, 4096)
     assert _analyse(block) is None
+
+
+@pytest.mark.parametrize("where", ["block", "pre", "layer"])
+def test_large_hooked_blocks_are_checked_themselves(where: str) -> None:
+    """A hook changes what a block computes and the reduced copy would not carry it: a large
+    hooked block is refused as the same block at small size is (it was accepted, its hook's
+    effect lost, above the reduced-copy threshold), and a hooked block never takes the cached
+    verdict of an unhooked one of the same structure."""
+    import glu_probe.swap.structural as structural
+
+    def build(d: int, h: int) -> nn.Module:
+        block = _HiddenDropoutMLP(p=0.0)
+        block.fc1, block.fc2 = nn.Linear(d, h), nn.Linear(h, d)
+        return block
+
+    plain = build(16, 32)
+    assert _analyse(plain) is not None  # caches the unhooked verdict of this structure
+    for d, h in ((16, 32), (2048, 4096)):
+        with torch.device("meta" if d > 16 else "cpu"):
+            block = build(d, h)
+        if where == "block":
+            block.register_forward_hook(lambda m, a, o: o * 2)
+        elif where == "pre":
+            block.register_forward_pre_hook(lambda m, a: (a[0] * 0,))
+        else:
+            block.fc2.register_forward_hook(lambda m, a, o: o + 1)
+        assert sum(lin.weight.numel() for lin in (block.fc1, block.fc2)) > (
+            structural._FULL_CHECK_MAX if d > 16 else 0
+        )
+        assert _analyse(block) is None, (where, d)

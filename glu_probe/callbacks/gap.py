@@ -109,7 +109,6 @@ from glu_probe.callbacks._utils import (
     is_quiet_run,
     log_metrics,
     logger_step,
-    slice_batch,
 )
 from glu_probe.callbacks.paired import (
     EVAL_OUTPUTS_KEY,
@@ -174,6 +173,37 @@ def _n_samples(batch: Any) -> int:
     if isinstance(batch, (tuple, list)) and batch:
         return _n_samples(batch[0])
     return 1
+
+
+def _first_samples(batch: Any, n: int, keep: int) -> Any:
+    """The first ``keep`` of the ``n`` samples of a batch, or ``None`` where its layout does not
+    show which entries are samples: every tensor must have ``n`` rows in dim 0 (0-dim ones are
+    kept), and a list or tuple of ``n`` plain values (strings, ids) is a per-sample list.
+    Sequence-first tensors (time in dim 0) give ``None``, and the caller keeps the batch whole."""
+    ok = True
+
+    def cut(x: Any) -> Any:
+        nonlocal ok
+        if isinstance(x, torch.Tensor):
+            if x.dim() == 0:
+                return x
+            if x.shape[0] != n:
+                ok = False
+                return x
+            return x[:keep]
+        if isinstance(x, Mapping):
+            return type(x)({k: cut(v) for k, v in x.items()})  # type: ignore[call-arg]
+        if isinstance(x, tuple) and hasattr(x, "_fields"):  # namedtuple
+            return type(x)(*(cut(v) for v in x))
+        if isinstance(x, (list, tuple)):
+            plain = all(isinstance(v, (str, bytes, int, float, bool)) for v in x)
+            if plain and len(x) == n:
+                return type(x)(x[:keep])
+            return type(x)(cut(v) for v in x)
+        return x
+
+    out = cut(batch)
+    return out if ok else None
 
 
 def _real_samples(loader: Any, rank: int | None = None) -> int | None:
@@ -305,9 +335,9 @@ class GeneralizationGapMonitor(Callback):
         val_key: logged-mode name of the validation loss.
         loss_fn: ``loss_fn(preds, target)``; see the module docstring for the lookup order.
         val_batches: at most this many validation batches are evaluated (``None``: all); under
-            DDP per rank, like Lightning's ``limit_val_batches``. (Also like Lightning's own
-            ``val_loss``, the val side counts the samples a ``DistributedSampler`` repeats to
-            pad the last shard.)
+            DDP per rank, like Lightning's ``limit_val_batches``. (Unlike Lightning's own
+            ``val_loss``, the val side leaves out the samples a ``DistributedSampler`` repeats
+            to pad the last shard, where the batch's layout shows its samples.)
         train_subset: explicit training batches instead of drawing a subset.
         seed: seed of the subset indices.
         labels_key: the targets' key in dict batches.
@@ -389,6 +419,7 @@ class GeneralizationGapMonitor(Callback):
         self._sides: dict[str, dict[str, _Side]] = {}
         self._active = False
         self._warned_validate = False
+        self._warned_layout = False
 
     # ------------------------------------------------------------------ config checks
     @staticmethod
@@ -533,10 +564,24 @@ class GeneralizationGapMonitor(Callback):
         if real is not None and bs:
             keep = real - batch_idx * bs
             if keep <= 0:
-                return
-            if keep < _n_samples(batch):
-                self._evaluate(pl_module, [slice_batch(batch, slice(0, keep))], "val", trainer)
-                return
+                return  # all of this batch is padding
+            # (the batch's samples: the sampler's, not dim 0 of a tensor, which may be time)
+            shard = len(loader.sampler)  # type: ignore[arg-type,union-attr]
+            n_batch = min(bs, shard - batch_idx * bs)
+            if keep < n_batch:
+                first = _first_samples(batch, n_batch, keep)
+                if first is not None:
+                    self._evaluate(pl_module, [first], "val", trainer)
+                    return
+                if not self._warned_layout:
+                    self._warned_layout = True
+                    rank_zero_warn(
+                        "GeneralizationGapMonitor: the last validation batch of a rank holds "
+                        f"{n_batch - keep} DistributedSampler padding sample(s), and its layout "
+                        f"does not show which entries are samples (not every tensor has {n_batch} "
+                        "rows in dim 0): it is evaluated whole, so the padding counts, as in "
+                        "Lightning's own val_loss"
+                    )
         reused = _paired_evaluations(pl_module, outputs, self._sides)
         if reused is not None:  # the PairedModule's own validation_step results, no 2nd pass
             for tag, sides in self._sides.items():
@@ -625,7 +670,9 @@ class GeneralizationGapMonitor(Callback):
         sampler = getattr(val, "sampler", None)
         if isinstance(sampler, DistributedSampler):
             replicas = int(sampler.num_replicas)
-            if _real_samples(val) is None:  # drop_last, or a dataset without a length
+            if sampler.drop_last:  # every rank the same share, the rest dropped
+                total = replicas * min(per_rank, len(sampler))
+            elif _real_samples(val) is None:  # a dataset without a length
                 total = per_rank * replicas
             else:
                 total = sum(min(per_rank, _real_samples(val, r) or 0) for r in range(replicas))

@@ -306,10 +306,10 @@ _MEASURED: collections.OrderedDict[Any, PeakModel] = collections.OrderedDict()
 
 
 def _remembered(
-    probe: ProbeFunction, what: tuple[Any, ...], measure: Callable[[], PeakModel]
+    probe: ProbeFunction, what: tuple[Any, ...], measure: Callable[[], tuple[PeakModel, bool]]
 ) -> PeakModel:
-    """``measure()``, remembered per model structure, probe signature and ``what`` (the 64
-    most recent)."""
+    """``measure()``'s profile, remembered per model structure, probe signature and ``what``
+    (the 64 most recent) where it is complete (not bounded for want of room)."""
     model = probe.model
     key = (
         what,
@@ -321,19 +321,32 @@ def _remembered(
             (name, tuple(t.shape), t.dtype, t.requires_grad)
             for name, t in (*model.named_parameters(), *model.named_buffers())
         ),
-        tuple((name, type(m)) for name, m in model.named_modules()),
+        tuple((name, type(m), _settings(m)) for name, m in model.named_modules()),
     )
     if key in _MEASURED:
         _MEASURED.move_to_end(key)
         return _MEASURED[key]
-    value = measure()
-    _MEASURED[key] = value
-    if len(_MEASURED) > 64:
-        _MEASURED.popitem(last=False)
+    value, complete = measure()
+    if complete:
+        _MEASURED[key] = value
+        if len(_MEASURED) > 64:
+            _MEASURED.popitem(last=False)
     return value
 
 
-def _peak_model(source: ProbeFunction, run: Callable[[int], Any], samples: int) -> PeakModel:
+def _settings(module: nn.Module) -> tuple[tuple[str, Any], ...]:
+    """A module's plain settings (int, float, bool, str attributes such as a repeat count or
+    a ratio, not the training flag): a forward may branch on them."""
+    return tuple(
+        (k, v)
+        for k, v in vars(module).items()
+        if type(v) in (int, float, bool, str) and not k.startswith("_") and k != "training"
+    )
+
+
+def _peak_model(
+    source: ProbeFunction, run: Callable[[int], Any], samples: int, room: int
+) -> tuple[PeakModel, bool]:
     """The memory profile of ``run(c)`` (a chunk of c samples) as a function of c.
 
     ``run(c)`` is traced for two consecutive counts (:class:`~glu_probe.ntk.functional.
@@ -369,19 +382,26 @@ def _peak_model(source: ProbeFunction, run: Callable[[int], Any], samples: int) 
                 points.append((best[v], v))
         return tuple(points)
 
+    # A trace is itself a chunk of the computation: it runs only where its peak is bounded
+    # within ``room`` (bytes alive at f + c·v, f ≥ 0, are at most c/c₀ times those at c₀), else
+    # the profile is that bound, and chunks stay below the count that was not traced.
     one, peak_one = trace(1)
     if samples < 2:
-        return ((peak_one, 0),), peak_one
+        return (((peak_one, 0),), peak_one), True
+    if 2 * peak_one > room:
+        return (((0, peak_one),), peak_one), False
     two, peak_two = trace(2)
     if len(one) == len(two):
-        return fit(one, two, 1), peak_one
+        return (fit(one, two, 1), peak_one), True
     if samples < 3:
-        return ((peak_two, 0),), peak_one
+        return (((peak_two, 0),), peak_one), True
+    if -(-3 * peak_two // 2) > room:  # (one sample took other kernels: from two on, 3/2)
+        return (((0, -(-peak_two // 2)),), peak_one), False
     three, peak_three = trace(3)
     if len(two) == len(three):
-        return fit(two, three, 2), peak_one
+        return (fit(two, three, 2), peak_one), True
     worst = max(peak_one, -(-peak_two // 2), -(-peak_three // 3))
-    return ((0, worst),), peak_one
+    return (((0, worst),), peak_one), True
 
 
 def _predicted_peak(model: PeakModel, c: int) -> int:
@@ -548,9 +568,9 @@ def structured_ntk(
                 ly.output_rows(j_taps[k])
                 ly.input_rows(inputs[k])
 
-        def measure_pass() -> PeakModel:
+        def measure_pass() -> tuple[PeakModel, bool]:
             with hooks:
-                return _peak_model(source, one_pass, s_total)
+                return _peak_model(source, one_pass, s_total, budget)
 
         try:
             measured = _remembered(source, ("pass", tuple(everyone), tuple(rest)), measure_pass)
@@ -725,6 +745,7 @@ def structured_ntk(
             # VJP, its Jᵀ U included, beside K, and, from the second chunk on, the sum of the
             # earlier chunks' Jᵀ U (CHECK_VECTORS parameter vectors).
             U = _check_vectors(n, K, source.dtype)
+            free = budget - n * n * k_item
             try:
                 profile = _remembered(
                     source,
@@ -733,13 +754,15 @@ def structured_ntk(
                         source,
                         lambda c: _projected_gram(source, U, c, K.dtype, c),
                         s_total,
+                        free,
                     ),
                 )
             except Exception:
                 return None  # the check would fail the same way: the rows decide
-            free = budget - n * n * k_item
             if _predicted_peak(profile, s_total) <= free:
                 check_chunk = s_total  # one VJP: its Jᵀ U is the sum, nothing beside it
+            elif _predicted_peak(profile, 1) + vectors > free:
+                check_chunk = 0  # not even chunks of one sample beside the running sum
             elif s_total >= 6:
                 # Chunks: traced as three chunks of c, for c = 1, 2 (or 2, 3): from the second
                 # chunk on, the sum of the earlier ones sits beside the VJP, and the third shows
@@ -752,6 +775,7 @@ def structured_ntk(
                         source,
                         lambda c: _projected_gram(source, U, c, K.dtype, 3 * c),
                         s_total // 3,
+                        free,
                     ),
                 )
                 check_chunk = _largest_chunk(chunked, free, s_total // 3)

@@ -284,7 +284,15 @@ def _structure(module: nn.Module, drops: list[float]) -> tuple[Any, ...]:
         )
         for name, child in module.named_children()
     )
-    return (type(module), children, tuple(drops), plain_settings(module))
+    # Hooks change what a block computes: a hooked block is checked on its own (by the hooks'
+    # identities), never given the verdict of an unhooked one of the same structure.
+    hooks = tuple(
+        id(h)
+        for m in module.modules()
+        for d in (m._forward_hooks, m._forward_pre_hooks)
+        for h in d.values()
+    )
+    return (type(module), children, tuple(drops), plain_settings(module), hooks)
 
 
 def _analyse(module: nn.Module) -> _Form | None:
@@ -336,7 +344,12 @@ def _checked_recipe(
     real allocation for a 70B-sized block on ``meta``), and of the block itself only where the
     copy fails (a forward that reads widths from elsewhere, e.g. its config). The recipe names
     children, so the copy's verdict holds for the block."""
-    if sum(lin.weight.numel() for lin in linears) > _FULL_CHECK_MAX:
+    hooked = any(
+        m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None)
+        for m in module.modules()
+    )
+    # (a block with hooks is checked itself: the copy would not carry them)
+    if not hooked and sum(lin.weight.numel() for lin in linears) > _FULL_CHECK_MAX:
         names = {id(child): name for name, child in module.named_children()}
         tiny = _tiny_widths(linears)
         reduced = (
