@@ -100,3 +100,20 @@ class NoForwardADNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(SquareNoJvp.apply(torch.tanh(self.a(x))))
+
+
+@pytest.fixture
+def fresh_weight_shapes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(out, in) of every fresh weight the swap adapters' forward checks draw
+    (``glu_probe.swap.structural.fresh_linear``), in order."""
+    from glu_probe.swap import structural
+
+    shapes: list[tuple[int, int]] = []
+    fresh = structural.fresh_linear
+
+    def spy(lin: torch.nn.Linear, gen: torch.Generator, prefix: str) -> dict[str, torch.Tensor]:
+        shapes.append((lin.out_features, lin.in_features))
+        return fresh(lin, gen, prefix)
+
+    monkeypatch.setattr(structural, "fresh_linear", spy)
+    return shapes

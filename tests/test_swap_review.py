@@ -665,17 +665,12 @@ def test_ties_between_distinct_blocks_are_still_refused_and_strict_false_skips_t
 # -------------------------------- 2nd review, finding 3: the LLaMA check allocates nothing big
 
 
-def test_llama_check_runs_on_a_tiny_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_llama_check_runs_on_a_tiny_copy(
+    monkeypatch: pytest.MonkeyPatch, fresh_weight_shapes: list[tuple[int, int]]
+) -> None:
     from glu_probe.swap import structural
 
-    shapes: list[tuple[int, int]] = []
-    fresh = structural.fresh_linear
-
-    def spy(lin: nn.Linear, gen: torch.Generator, prefix: str) -> dict[str, torch.Tensor]:
-        shapes.append((lin.out_features, lin.in_features))
-        return fresh(lin, gen, prefix)
-
-    monkeypatch.setattr(structural, "fresh_linear", spy)
+    shapes = fresh_weight_shapes
     monkeypatch.setattr(structural, "_SPLIT_VERDICTS", {})
     config = transformers.LlamaConfig(
         hidden_size=8192,

@@ -493,7 +493,9 @@ def test_mlps_that_take_the_residual_are_wrapped_and_compute_the_same(family: st
 
 
 @pytest.mark.parametrize("family", ["phi", "phi3", "lfm2"])
-def test_large_blocks_are_checked_on_a_reduced_copy(family: str, monkeypatch) -> None:
+def test_large_blocks_are_checked_on_a_reduced_copy(
+    family: str, monkeypatch, fresh_weight_shapes
+) -> None:
     """A block above _FULL_CHECK_MAX weight elements (here 4096 -> 16384 on meta) is checked on
     a copy at tiny widths that keeps the real block's doublings (packed: gate and up in one
     layer of twice the hidden width): the same form is found, and no fresh weight is larger
@@ -501,14 +503,7 @@ def test_large_blocks_are_checked_on_a_reduced_copy(family: str, monkeypatch) ->
     import glu_probe.swap.structural as structural
 
     monkeypatch.setattr(structural, "_RECIPES", {})
-    shapes: list[tuple[int, int]] = []
-    fresh = structural.fresh_linear
-
-    def spy(lin: nn.Linear, gen: torch.Generator, prefix: str) -> dict[str, torch.Tensor]:
-        shapes.append((lin.out_features, lin.in_features))
-        return fresh(lin, gen, prefix)
-
-    monkeypatch.setattr(structural, "fresh_linear", spy)
+    shapes = fresh_weight_shapes
     cfg_name, model_name, kw, form, *_ = FAMILIES[family]
     config = _config(cfg_name, **kw)
     config.hidden_size, config.intermediate_size = 4096, 16384
