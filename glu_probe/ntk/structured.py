@@ -297,11 +297,12 @@ _NOT_CHEAPER: weakref.WeakKeyDictionary[nn.Module, set[Any]] = weakref.WeakKeyDi
 PeakModel = tuple[tuple[tuple[int, int], ...], int]
 
 #: The measured peak models of the pass and the check (:func:`_peak_model`), per model
-#: *structure* (module classes, parameter and buffer shapes and dtypes) and probe signature:
-#: they depend on shapes only, so a monitor that probes the same model every few steps, or a
-#: fresh copy of it each time (an EMA or deep copy), measures once (two or three dispatch-mode
-#: passes: ~14 ms on an MLP 64-2048-1 at n = 256, ~150 ms on a ViT). A forward that changes
-#: with an attribute that is none of these (a loop count) keeps the first measurement.
+#: *structure* (module classes and their plain settings, parameter and buffer shapes and
+#: dtypes) and probe signature: they depend on shapes only, so a monitor that probes the same
+#: model every few steps, or a fresh copy of it each time (an EMA or deep copy), measures once
+#: (two or three dispatch-mode passes: ~14 ms on an MLP 64-2048-1 at n = 256, ~150 ms on a
+#: ViT). A forward that changes with a setting held elsewhere (a config object) keeps the first
+#: measurement.
 _MEASURED: collections.OrderedDict[Any, PeakModel] = collections.OrderedDict()
 
 
