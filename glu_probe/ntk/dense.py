@@ -761,7 +761,7 @@ def ntk_matrix(
             params=params,
             dtype=dtype,
             eval_mode=eval_mode,
-            memory_budget=None if memory_budget is None else checked_budget(memory_budget),
+            memory_budget=memory_budget,
         )
     return _assemble(probe, memory_budget, strategy, jacobian_dtype)[0]
 

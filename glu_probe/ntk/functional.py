@@ -414,17 +414,23 @@ def probe_copy_bytes(probe: ProbeFunction, itemsize: int | None = None) -> int:
     in a dtype of that size (the narrower copy :meth:`ProbeFunction.astype` makes). Counted
     in full, copies or not (an upper bound). Buffers are also cloned once per forward pass
     (BatchNorm statistics must not change), so they count twice."""
-    leaves = [t for t in pytree.tree_leaves(probe.inputs) if isinstance(t, Tensor)]
-    floats = [
-        *probe.params,
-        *probe.constants.values(),
-        *(t for t in leaves if t.is_floating_point()),
-    ]
     buffers = [
         probe.constants[n] for n in getattr(probe, "_buffer_names", ()) if n in probe.constants
     ]
+    return _copies_bytes(
+        [*probe.params, *probe.constants.values()], buffers, probe.inputs, itemsize
+    )
+
+
+def _copies_bytes(
+    tensors: Sequence[Tensor], buffers: Sequence[Tensor], inputs: Any, itemsize: int | None
+) -> int:
+    """The counting rule of :func:`probe_copy_bytes` (and :func:`planned_copy_bytes`): every
+    tensor once (floating ones at ``itemsize`` when given), buffers once more (cloned per
+    forward pass), and the floating input tensors."""
+    leaves = [t for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
     total = 0
-    for t in [*floats, *buffers]:
+    for t in [*tensors, *buffers, *(t for t in leaves if t.is_floating_point())]:
         total += t.numel() * (itemsize if itemsize and t.is_floating_point() else t.element_size())
     return total
 
@@ -439,15 +445,9 @@ def planned_copy_bytes(
     selected = select_parameters(model, params)
     first = next(iter(selected.values()))
     item = (dtype or first.dtype).itemsize  # (no tensor: nothing allocated before the check)
-
-    def size(t: Tensor) -> int:
-        return t.numel() * (item if t.is_floating_point() else t.element_size())
-
-    total = sum(size(p) for p in selected.values())
-    total += sum(size(p) for n, p in model.named_parameters() if n not in selected)
-    total += 2 * sum(size(b) for b in model.buffers())
-    leaves = [t for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
-    total += sum(size(t) for t in leaves if t.is_floating_point())
+    buffers = list(model.buffers())
+    frozen = [p for n, p in model.named_parameters() if n not in selected]
+    total = _copies_bytes([*selected.values(), *frozen, *buffers], buffers, inputs, item)
     return total, sum(p.numel() for p in selected.values()), item
 
 
@@ -568,8 +568,10 @@ class ProbeFunction:
         eval_mode: run the model in eval mode (BatchNorm uses running statistics, dropout is off).
             With ``False`` the model's own flags are kept; buffers are still copies, so running
             statistics never change, and stochastic layers make K itself random.
-        memory_budget: bytes the validating forward pass may use beside the probe's copies
-            (``None``: the whole batch at once). Given, the batch is validated in chunks of
+        memory_budget: bytes the probe may hold while it validates the batch: its copies of
+            the parameters, buffers and inputs (:func:`probe_copy_bytes`) and the validating
+            forward pass (``None``: the whole batch at once). Given, the batch is validated in
+            chunks of
             samples sized by one sample's traced activations
             (:func:`~glu_probe.ntk.dense.activation_elements`), so that a budget given to
             :func:`~glu_probe.ntk.ntk_matrix` or :func:`~glu_probe.ntk.ntk_spectrum` also

@@ -403,34 +403,26 @@ def ntk_spectrum(
     first = torch.float64 if method == "dense" else dtype
     if memory_budget is not None:
         refuse_small_budget(memory_budget, model, inputs, params, first)
-    try:
-        probe = agreed(
-            lambda: ProbeFunction(
-                model,
-                inputs,
-                output=output,
-                params=params,
-                dtype=first,
-                eval_mode=eval_mode,
-                memory_budget=memory_budget,
-            ),
-            process_group,
+
+    def build(probe_dtype: torch.dtype) -> ProbeFunction:
+        return ProbeFunction(
             model,
+            inputs,
+            output=output,
+            params=params,
+            dtype=probe_dtype,
+            eval_mode=eval_mode,
+            memory_budget=memory_budget,
         )
+
+    try:
+        probe = agreed(lambda: build(first), process_group, model)
     except (RuntimeError, NotImplementedError, TypeError) as err:
         if first == dtype:
             raise
         # no float64 kernel for some op: the dense path falls back to float32 rows itself
         try:
-            probe = ProbeFunction(
-                model,
-                inputs,
-                output=output,
-                params=params,
-                dtype=dtype,
-                eval_mode=eval_mode,
-                memory_budget=memory_budget,
-            )
+            probe = build(dtype)
         except Exception:
             raise err from None
     n = probe.n_rows

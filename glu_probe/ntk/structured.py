@@ -306,14 +306,11 @@ PeakModel = tuple[tuple[tuple[int, int], ...], int]
 _MEASURED: collections.OrderedDict[Any, PeakModel] = collections.OrderedDict()
 
 
-def _remembered(
-    probe: ProbeFunction, what: tuple[Any, ...], measure: Callable[[], tuple[PeakModel, bool]]
-) -> PeakModel:
-    """``measure()``'s profile, remembered per model structure, probe signature and ``what``
-    (the 64 most recent) where it is complete (not bounded for want of room)."""
+def _structure_key(probe: ProbeFunction) -> tuple[Any, ...]:
+    """What a measured profile depends on (:data:`_MEASURED`): the probe's signature, output,
+    flags and dtype, and the model's structure (computed once per call: it walks the model)."""
     model = probe.model
-    key = (
-        what,
+    return (
         _signature(probe, 0.0),
         probe.output if isinstance(probe.output, str) else id(probe.output),
         probe.eval_mode,
@@ -324,6 +321,16 @@ def _remembered(
         ),
         tuple((name, type(m), _settings(m)) for name, m in model.named_modules()),
     )
+
+
+def _remembered(
+    structure: tuple[Any, ...],
+    what: tuple[Any, ...],
+    measure: Callable[[], tuple[PeakModel, bool]],
+) -> PeakModel:
+    """``measure()``'s profile, remembered per :func:`_structure_key` and ``what`` (the 64 most
+    recent) where it is complete (not bounded for want of room)."""
+    key = (what, structure)
     if key in _MEASURED:
         _MEASURED.move_to_end(key)
         return _MEASURED[key]
@@ -556,6 +563,8 @@ def structured_ntk(
     )
     all_rows = (all_rows + r * rest_numel) * r_item  # one sample's outputs of a full pass
     measured: PeakModel | None = None
+    # (what measured profiles are remembered by: computed once, it walks the model)
+    structure = _structure_key(source) if strict else ()
     if strict and all_rows + jacobian_transient_bytes(source, r_item) <= budget:
         # A budget the user gave: the full pass's memory is measured per sample count
         # (_peak_model: a shared weight's per-use gradients and BatchNorm/convolution backward
@@ -574,7 +583,7 @@ def structured_ntk(
                 return _peak_model(source, one_pass, s_total, budget)
 
         try:
-            measured = _remembered(source, ("pass", tuple(everyone), tuple(rest)), measure_pass)
+            measured = _remembered(structure, ("pass", tuple(everyone), tuple(rest)), measure_pass)
         except Exception:
             return None  # the pass itself would fail the same way: the row strategy decides
         finally:
@@ -763,7 +772,7 @@ def structured_ntk(
             free = budget - n * n * k_item
             try:
                 profile = _remembered(
-                    source,
+                    structure,
                     ("check", K.dtype),
                     lambda: _peak_model(
                         source,
@@ -784,7 +793,7 @@ def structured_ntk(
                 # whatever an earlier chunk leaves alive (a loop variable once kept one
                 # gradient: two traced chunks predicted more chunks 4 kB short).
                 chunked = _remembered(
-                    source,
+                    structure,
                     ("check-chunks", K.dtype),
                     lambda: _peak_model(
                         source,

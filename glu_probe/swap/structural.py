@@ -335,6 +335,14 @@ def _analyse(module: nn.Module) -> _Form | None:
     )
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether the block or any module in it has forward hooks or pre-hooks."""
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None)
+        for m in module.modules()
+    )
+
+
 def _checked_recipe(
     module: nn.Module, linears: list[nn.Linear], acts: list[nn.Module], drops: list[float]
 ) -> _Recipe | None:
@@ -344,12 +352,8 @@ def _checked_recipe(
     real allocation for a 70B-sized block on ``meta``), and of the block itself only where the
     copy fails (a forward that reads widths from elsewhere, e.g. its config). The recipe names
     children, so the copy's verdict holds for the block."""
-    hooked = any(
-        m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None)
-        for m in module.modules()
-    )
     # (a block with hooks is checked itself: the copy would not carry them)
-    if not hooked and sum(lin.weight.numel() for lin in linears) > _FULL_CHECK_MAX:
+    if not _has_hooks(module) and sum(lin.weight.numel() for lin in linears) > _FULL_CHECK_MAX:
         names = {id(child): name for name, child in module.named_children()}
         tiny = _tiny_widths(linears)
         reduced = (
@@ -500,10 +504,7 @@ def verify_split_gated(module: nn.Module, gate: str, up: str, down: str, act: st
         return False
     # Hooks on the block or its layers change what it computes, and the new block would not
     # carry them: not this form (the reduced copy below would not see them either).
-    if any(
-        m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None)
-        for m in module.modules()
-    ):
+    if _has_hooks(module):
         return False
     key = ("split_gated", gate, up, down, act, *_structure(module, []))
     if key not in _SPLIT_VERDICTS:
