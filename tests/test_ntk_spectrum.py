@@ -521,6 +521,19 @@ def test_auto_method_choice():
     assert AUTO_DENSE_MAX_ROWS >= 512
 
 
+def test_float_memory_budget_accepted_like_ntk_matrix():
+    # ntk_matrix took 2e6-style budgets while ntk_spectrum refused them: both take any
+    # positive, finite number of bytes now, and a float budget acts as its int part
+    model, x = two_layer(False)
+    a = ntk_spectrum(model, x, memory_budget=4e6, jacobian_dtype=torch.float32)
+    b = ntk_spectrum(model, x, memory_budget=4_000_000, jacobian_dtype=torch.float32)
+    assert a.method == b.method == "dense"
+    torch.testing.assert_close(a.eigenvalues, b.eigenvalues, rtol=0, atol=0)
+    for bad in (0, -5.0, float("inf"), float("nan"), True, "4e6"):
+        with pytest.raises(ValueError, match="memory_budget must be a positive, finite number"):
+            ntk_spectrum(model, x, memory_budget=bad)
+
+
 def test_dense_memory_budget_strategies_agree():
     model, x = two_layer(True)
     ref = ntk_matrix(model, x, strategy="jacobian")

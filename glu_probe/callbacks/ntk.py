@@ -173,6 +173,7 @@ def _checked_spectrum_kwargs(spectrum_kwargs: Mapping[str, Any] | None) -> dict[
     import inspect
 
     from glu_probe.ntk import ntk_spectrum
+    from glu_probe.ntk.spectrum import check_spectrum_arguments
 
     if spectrum_kwargs is None:
         return {}
@@ -193,6 +194,11 @@ def _checked_spectrum_kwargs(spectrum_kwargs: Mapping[str, Any] | None) -> dict[
                 f"`spectrum_kwargs` has {key!r}, which is not an argument of ntk_spectrum "
                 f"(known: {', '.join(sorted(known - set(_MONITOR_OWNED)))})."
             )
+    checked = inspect.signature(check_spectrum_arguments).parameters
+    try:  # the values too: a bad one would otherwise fail (or be skipped) at every probe
+        check_spectrum_arguments(**{k: v for k, v in spectrum_kwargs.items() if k in checked})
+    except ValueError as err:
+        raise MisconfigurationException(f"`spectrum_kwargs`: {err}") from None
     return dict(spectrum_kwargs)
 
 

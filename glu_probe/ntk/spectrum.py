@@ -52,7 +52,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .dense import _assemble, _available_bytes, _budget, jacobian_rounding_estimate
+from .dense import (
+    _assemble,
+    _available_bytes,
+    _budget,
+    checked_budget,
+    jacobian_rounding_estimate,
+)
 from .density import effective_rank as _effective_rank
 from .density import slq_density, slq_effective_rank
 from .functional import (
@@ -232,17 +238,24 @@ def _zero_kernel_error() -> ValueError:
 _PRODUCT_ROUNDING = 16.0
 
 
-def _check_arguments(
-    which: Any,
-    tol: Any,
-    max_matvecs: Any,
-    block_size: Any,
-    chunk_size: Any,
-    memory_budget: Any,
-    warm_start: Any,
+def check_spectrum_arguments(
+    *,
+    method: Any = "auto",
+    which: Any = "both",
+    tol: Any = 1e-4,
+    max_matvecs: Any = 400,
+    block_size: Any = 4,
+    chunk_size: Any = None,
+    memory_budget: Any = None,
+    warm_start: Any = None,
+    slq_probes: Any = 0,
+    slq_steps: Any = 10,
+    jacobian_dtype: Any = torch.float64,
+    dense_vectors: Any = False,
 ) -> None:
-    """ValueError for a bad argument, whichever path would use it (the dense path ignores the
-    Lanczos settings, but a typo there is still a typo)."""
+    """ValueError for a bad :func:`ntk_spectrum` setting, whichever path would use it (the dense
+    path ignores the Lanczos settings, but a typo there is still a typo). Needs no model: the
+    monitor checks its ``spectrum_kwargs`` with it at construction."""
 
     def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
         if value is None and allow_none:
@@ -251,6 +264,17 @@ def _check_arguments(
             none = " or None" if allow_none else ""
             raise ValueError(f"{name} must be a positive int{none}, got {value!r}")
 
+    if method not in ("auto", "dense", "lanczos"):
+        raise ValueError(f"method must be 'auto', 'dense' or 'lanczos', got {method!r}")
+    for name, value, low in (("slq_probes", slq_probes, 0), ("slq_steps", slq_steps, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if jacobian_dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"jacobian_dtype must be torch.float32 or torch.float64, got {jacobian_dtype!r}"
+        )
+    if not isinstance(dense_vectors, bool):
+        raise ValueError(f"dense_vectors must be a bool, got {dense_vectors!r}")
     if which not in ("both", "largest", "smallest"):
         raise ValueError(f"which must be 'both', 'largest' or 'smallest', got {which!r}")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
@@ -258,7 +282,8 @@ def _check_arguments(
     positive_int("max_matvecs", max_matvecs)
     positive_int("block_size", block_size)
     positive_int("chunk_size", chunk_size, allow_none=True)
-    positive_int("memory_budget", memory_budget, allow_none=True)
+    if memory_budget is not None:
+        checked_budget(memory_budget)  # any positive, finite number of bytes, as ntk_matrix
     if warm_start is not None and not isinstance(warm_start, (NTKSpectrum, Tensor)):
         raise ValueError(
             "warm_start must be a previous NTKSpectrum or an (n, k) tensor of start vectors, "
@@ -386,18 +411,24 @@ def ntk_spectrum(
             outputs that do not depend on the parameters (K == 0).
     """
     t0 = time.perf_counter()
-    if method not in ("auto", "dense", "lanczos"):
-        raise ValueError(f"method must be 'auto', 'dense' or 'lanczos', got {method!r}")
-    for name, value, low in (("slq_probes", slq_probes, 0), ("slq_steps", slq_steps, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if jacobian_dtype not in (torch.float32, torch.float64):
-        raise ValueError(
-            f"jacobian_dtype must be torch.float32 or torch.float64, got {jacobian_dtype!r}"
-        )
+    check_spectrum_arguments(
+        method=method,
+        which=which,
+        tol=tol,
+        max_matvecs=max_matvecs,
+        block_size=block_size,
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        warm_start=warm_start,
+        slq_probes=slq_probes,
+        slq_steps=slq_steps,
+        jacobian_dtype=jacobian_dtype,
+        dense_vectors=dense_vectors,
+    )
     if method == "dense" and process_group is not None:
         raise ValueError("method='dense' does not support process_group; use method='lanczos'")
-    _check_arguments(which, tol, max_matvecs, block_size, chunk_size, memory_budget, warm_start)
+    if memory_budget is not None:
+        memory_budget = checked_budget(memory_budget)
     # The dense path runs in float64 whatever `dtype` is: validate the probe there too (a
     # float64 model may be finite only in float64).
     first = torch.float64 if method == "dense" else dtype
@@ -432,8 +463,6 @@ def ntk_spectrum(
             budget = _budget(probe, 8, memory_budget)
             if budget >= n * n * 8 + 4 * probe.n_params * 8:
                 method = "dense"
-    if not isinstance(dense_vectors, bool):
-        raise ValueError(f"dense_vectors must be a bool, got {dense_vectors!r}")
     if method == "dense":
         return _dense(probe, memory_budget, block_size, t0, jacobian_dtype, dense_vectors)
     return _lanczos(
