@@ -190,7 +190,7 @@ def test_layers_that_do_not_qualify_keep_their_rows():
     tied[2].weight = tied[0].weight
     _, layers = layers_of(tied, torch.randn(6, 4))
     assert layers == []
-    with pytest.raises(ValueError, match="does not apply"):
+    with pytest.raises(ValueError, match=r"does not apply: no nn\.Linear layer qualifies"):
         ntk_matrix(tied, torch.randn(6, 4), strategy="structured")
 
 
@@ -245,7 +245,9 @@ def test_factors_that_do_not_fit_fall_back_to_rows():
     act = activation_elements(probe)
     tight = n * n * 8 + (4 * p + 2 * n + 6 * act) * 8 + (p + x.numel()) * 8
     assert min(n * 16 + 40 * 7, n * 3 + 40 * 16) > 4 * p
-    with pytest.raises(ValueError, match="does not apply"):
+    with pytest.raises(
+        ValueError, match=r"does not apply \(memory_budget=\d+ bytes\): not even one"
+    ):
         ntk_matrix(model, x, output="full", strategy="structured", memory_budget=tight)
     K = ntk_matrix(model, x, output="full", memory_budget=tight)  # auto: another strategy
     torch.testing.assert_close(K, truth(model, x), rtol=1e-10, atol=1e-13)
@@ -1161,3 +1163,46 @@ def test_measurements_are_remembered_per_structure_and_renewed_when_it_changes(m
         K = ntk_matrix(model, x, output="full", strategy="structured", memory_budget=budget)
     assert len(measured) == 4 and live.peak <= budget
     torch.testing.assert_close(K, truth(model, x), rtol=1e-10, atol=1e-12)
+
+
+class _FailsOnThree(nn.Module):
+    """Runs on one or two samples but not on three (and its 1- and 2-sample op sequences
+    differ, so that the memory measurement traces 2 and 3 samples)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 64), nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc1(x))
+        if x.shape[0] == 1:
+            h = h * 1.0
+        if x.shape[0] == 3:
+            raise RuntimeError("batch of 3 not supported")
+        return self.fc2(h)
+
+
+def test_structured_refusal_names_its_reason():
+    # A review found "does not apply: no nn.Linear layer qualifies ..." blamed on the layers
+    # when the memory measurement itself failed: the message now names what failed.
+    torch.manual_seed(0)
+    model, x = _FailsOnThree().double(), torch.randn(4, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"projection check fails when measured.*batch of 3"):
+        ntk_matrix(model, x, output="full", strategy="structured", memory_budget=2**22)
+    # auto still gets the exact K from the rows
+    K = ntk_matrix(model, x, output="full", memory_budget=2**22)
+    torch.testing.assert_close(K, truth(model, x), rtol=1e-10, atol=1e-13)
+
+    # data-dependent control flow under vmap
+    class ItemGate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) * (2.0 if float(x.sum()) > 0 else 1.0)
+
+    with pytest.raises(ValueError, match="cannot be vmapped over samples"):
+        ntk_matrix(
+            ItemGate().double(), torch.randn(6, 5, dtype=torch.float64), strategy="structured"
+        )

@@ -821,17 +821,18 @@ def _structured(
         # pass's chunks; ViT d32 at n = 512: 9 samples, 7 MB), which the budget now counts.
         extra += math.ceil(probe.batch_size / 8) * jacobian_transient_bytes(probe, row_itemsize)
         budget = max(budget, min(n * n * itemsize + extra, _budget_cap(probe)))
+    why: list[str] = []
     K = structured_ntk(
-        probe, budget, rows_dtype, min_gain=min_gain, strict=memory_budget is not None
+        probe, budget, rows_dtype, min_gain=min_gain, strict=memory_budget is not None, why=why
     )
     if K is None and required:
+        if probe.batch_size < 2 and not why:
+            why.append("a single sample has no rows to share")
+        given = "" if memory_budget is None else f" (memory_budget={memory_budget} bytes)"
         raise ValueError(
-            "strategy='structured' does not apply: no nn.Linear layer qualifies (a plain, "
-            "unshared layer that runs once per forward pass and whose factors are smaller "
-            f"than its rows), its factors do not fit memory_budget="
-            f"{memory_budget if memory_budget is not None else budget} bytes, the "
-            "model cannot be vmapped over samples (e.g. padded HF attention masks), or the "
-            "factors' Grams overflowed (non-finite; the row strategy may still be finite)"
+            f"strategy='structured' does not apply{given}: "
+            f"{why[-1] if why else 'no reason recorded'}; strategy='auto' or 'jacobian' "
+            "computes K from Jacobian rows instead"
         )
     return K
 

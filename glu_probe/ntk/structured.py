@@ -454,6 +454,7 @@ def structured_ntk(
     chunk: int | None = None,
     min_gain: float | None = None,
     strict: bool = False,
+    why: list[str] | None = None,
 ) -> Tensor | None:
     """K (n × n, ``probe.dtype``) with the structured Linear blocks, or ``None`` where the
     strategy does not apply (no qualifying layer, the factors do not fit ``budget`` bytes next to
@@ -463,7 +464,8 @@ def structured_ntk(
     (:func:`gram_flops`), the test of ``auto`` where the rows would fit. ``strict`` (a budget
     the user gave): also ``None`` where the pass, the workspace or the check would need more
     than the budget even at their smallest (one row of one sample, two blocks of a sample's
-    rows); else those floors are taken."""
+    rows); else those floors are taken. ``why``: where given, the reason for a ``None`` is
+    appended to it (the error of ``strategy="structured"`` names it)."""
     from .dense import (
         GRAM_CHUNK_ELEMENTS,
         _batched_leaves,
@@ -475,6 +477,12 @@ def structured_ntk(
         row_chunked_jacrev,
     )
 
+    def decline(reason: str) -> Tensor | None:
+        """``None`` (the strategy does not apply), its reason kept in ``why``."""
+        if why is not None:
+            why.append(reason)
+        return None
+
     n, r, s_total = probe.n_rows, probe.rows_per_sample, probe.batch_size
     signature: tuple[Any, ...] | None = None
     if min_gain is not None:
@@ -483,14 +491,14 @@ def structured_ntk(
         # (a monitor probes the same shapes every few steps).
         signature = _signature(probe, min_gain)
         if signature in _NOT_CHEAPER.get(probe.model, ()):
-            return None
+            return decline("its Gram is not cheaper than the rows'")
     kdtype = probe.dtype
     k_item = torch.empty((), dtype=kdtype).element_size()
     source = probe.astype(jacobian_dtype, check=False)
     r_item = torch.empty((), dtype=jacobian_dtype).element_size()
     leaves, spec, batched = _batched_leaves(source)
     if not any(batched):
-        return None
+        return decline("no input has a sample dimension to run the factors' pass over")
     narrow = FloatTrace()  # the floating dtypes the model computes in
     with source.session():
         try:
@@ -499,12 +507,15 @@ def structured_ntk(
         except Exception:
             try:  # the dispatch mode itself may have failed: trace again without it
                 found = _layers(source, leaves, spec, batched)
-            except Exception:  # one sample alone does not run: the row strategy decides
-                return None
+            except Exception as err:  # one sample alone does not run: the rows decide
+                return decline(f"one sample alone does not run through the model ({err!r})")
             narrow.dtypes.add(torch.float32)  # unknown: allow float32 rounding in the check
         layers = [ly for ly in found if _worth_it(ly, n, s_total)]
     if not layers:
-        return None
+        return decline(
+            "no nn.Linear layer qualifies (a plain, unshared layer that runs once per forward "
+            "pass and whose factors are smaller than its rows)"
+        )
     structured = {ly.weight for ly in layers} | {ly.bias for ly in layers if ly.bias is not None}
     rest = [i for i in range(len(source.params)) if i not in structured]
     rest_numel = sum(source.params[i].numel() for i in rest)
@@ -515,7 +526,7 @@ def structured_ntk(
             if len(seen) >= 64:  # probes of ever new shapes: keep the memo bounded
                 seen.clear()
             seen.add(signature)
-            return None
+            return decline("its Gram is not cheaper than the rows'")
     k_bytes = n * n * k_item
     rest_bytes = n * rest_numel * r_item
     hooks = _Taps([ly.module for ly in layers])
@@ -584,8 +595,8 @@ def structured_ntk(
 
         try:
             measured = _remembered(structure, ("pass", tuple(everyone), tuple(rest)), measure_pass)
-        except Exception:
-            return None  # the pass itself would fail the same way: the row strategy decides
+        except Exception as err:  # the pass itself would fail the same way: the rows decide
+            return decline(f"the factors' pass fails when its memory is measured ({err!r})")
         finally:
             hooks.taps, hooks.inputs = None, {}
 
@@ -700,8 +711,8 @@ def structured_ntk(
                 if more is not None and narrowest(more) >= 2 * narrowest(plans):
                     plans = more
             break
-    if plans is None:
-        return None  # not even one layer's factors fit beside K
+    if plans is None:  # not even one layer's factors fit beside K
+        return decline(f"not even one layer's factors and pass fit {budget} bytes beside K")
     K: Tensor | None = None
     for plan in plans:
         group = [layers[k] for k in plan.members]
@@ -723,12 +734,12 @@ def structured_ntk(
                     for i in range(len(rest_buf)):  # (no loop variable keeps a chunk alive)
                         rest_buf[i][a * r : b * r] = j_rest[i].reshape(-1, *j_rest[i].shape[2:])
                     del j_rest, j_taps, inputs
-        except Exception:
+        except Exception as err:
             hooks.taps, hooks.inputs = None, {}
             # E.g. data-dependent control flow under vmap (HF padding masks): the row strategy
             # has the fallbacks for that (grouping samples by mask, ...) and warns where they
             # cost.
-            return None
+            return decline(f"the model cannot be vmapped over samples ({err!r})")
         hooks.taps, hooks.inputs = None, {}  # (the last call's activations: not kept alive)
         if K is None:  # K starts as the remaining rows' Gram (no zero matrix plus a copy)
             K = (
@@ -747,7 +758,7 @@ def structured_ntk(
     if not all_finite(K):
         # The factors' Grams overflowed (or the model gives NaN): no check (it would only see
         # NaN and blame the layers), the row strategy decides, and raises if it is NaN too.
-        return None
+        return decline("the factors' Grams overflowed (non-finite)")
     tokens = max(ly.tokens for ly in layers)
     # The rows are only as precise as the model computes: some models run parts of their
     # forward pass in a narrower type than the probe's (LLaMA's RMSNorm in float32).
@@ -761,8 +772,8 @@ def structured_ntk(
         vectors = 2 * CHECK_VECTORS * source.n_params * r_item
         room = max(0, budget - n * n * k_item - vectors)
         per_sample = (CHECK_VECTORS + 1) * act_bytes
-        if strict and room < per_sample:
-            return None  # the check's one-sample VJP does not fit: the rows decide
+        if strict and room < per_sample:  # the check's one-sample VJP does not fit
+            return decline(f"the projection check's one-sample VJP does not fit {budget} bytes")
         check_chunk = max(1, min(s_total, room // per_sample))
         if strict:
             # Measured as the pass was (BatchNorm, convolutions: above the estimate): a chunk's
@@ -781,8 +792,8 @@ def structured_ntk(
                         free,
                     ),
                 )
-            except Exception:
-                return None  # the check would fail the same way: the rows decide
+            except Exception as err:  # the check would fail the same way: the rows decide
+                return decline(f"the projection check fails when measured ({err!r})")
             if _predicted_peak(profile, s_total) <= free:
                 check_chunk = s_total  # one VJP: its Jᵀ U is the sum, nothing beside it
             elif _predicted_peak(profile, 1) + vectors > free:
@@ -806,12 +817,12 @@ def structured_ntk(
             else:  # (beside the VJP: the earlier chunks' sum, and room for one more vector)
                 check_chunk = _largest_chunk(profile, free - vectors, s_total)
             del U
-            if check_chunk < 1:
-                return None  # not even one sample's VJP fits: the rows decide
+            if check_chunk < 1:  # not even one sample's VJP fits: the rows decide
+                return decline(f"the projection check's one-sample VJP does not fit {budget} bytes")
     else:  # no estimate: r times the pass's chunk
         check_chunk = min(s_total, chunk * max(r, 1))
     if not _agrees(K, source, tokens, check_chunk, eps):
-        return None
+        return decline("its projection check could not run on the batch or disagreed with K")
     return K
 
 
