@@ -1165,6 +1165,55 @@ def test_measurements_are_remembered_per_structure_and_renewed_when_it_changes(m
     torch.testing.assert_close(K, truth(model, x), rtol=1e-10, atol=1e-12)
 
 
+def test_measurements_renewed_when_a_config_object_setting_changes(monkeypatch):
+    """A forward that branches on a setting held in a config object (as HF models do) gets
+    its own measurement: the key holds the plain attributes of the settings objects a module
+    holds (a repeat count there shared one profile, up to 1.98x over the budget)."""
+    from types import SimpleNamespace
+
+    from glu_probe.ntk import structured
+
+    measured: list[int] = []
+    peak_model = structured._peak_model
+
+    def spy(source, run, samples, room):
+        measured.append(samples)
+        return peak_model(source, run, samples, room)
+
+    monkeypatch.setattr(structured, "_peak_model", spy)
+    monkeypatch.setattr(structured, "_MEASURED", type(structured._MEASURED)())
+
+    class Configured(nn.Module):
+        def __init__(self, repeats: int) -> None:
+            super().__init__()
+            self.config = SimpleNamespace(repeats=repeats, _impl="x")
+            self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc1(x)
+            for _ in range(self.config.repeats):  # activations grow with the count
+                h = h * torch.tanh(h)
+            return self.fc2(h)
+
+    torch.manual_seed(24)
+    a, b = Configured(1).double(), Configured(12).double()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(6, 8, dtype=torch.float64)
+    pa = ProbeFunction(a, x, output="full", dtype=torch.float64)
+    pb = ProbeFunction(b, x, output="full", dtype=torch.float64)
+    assert structured._structure_key(pa) != structured._structure_key(pb)
+    budget = 2**22
+    ntk_matrix(a, x, output="full", strategy="structured", memory_budget=budget)
+    assert len(measured) == 2
+    with LiveTensorBytes() as live:
+        K = ntk_matrix(b, x, output="full", strategy="structured", memory_budget=budget)
+    assert len(measured) == 4 and live.peak <= budget
+    torch.testing.assert_close(K, truth(b, x), rtol=1e-10, atol=1e-12)
+    before = structured._structure_key(pb)
+    b.config._impl = "y"  # private attributes of a settings object count too
+    assert structured._structure_key(pb) != before
+
+
 class _FailsOnThree(nn.Module):
     """Runs on one or two samples but not on three (and its 1- and 2-sample op sequences
     differ, so that the memory measurement traces 2 and 3 samples)."""

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from .._settings import plain_settings
 from .functional import FloatTrace, LiveTensorBytes, ProbeFunction, all_finite
 
 __all__ = ["structured_ntk"]
@@ -301,8 +302,9 @@ PeakModel = tuple[tuple[tuple[int, int], ...], int]
 #: dtypes) and probe signature: they depend on shapes only, so a monitor that probes the same
 #: model every few steps, or a fresh copy of it each time (an EMA or deep copy), measures once
 #: (two or three dispatch-mode passes: ~14 ms on an MLP 64-2048-1 at n = 256, ~150 ms on a
-#: ViT). A forward that changes with a setting held elsewhere (a config object) keeps the first
-#: measurement.
+#: ViT). The settings are the modules' plain attributes and those of the settings objects they
+#: hold (an HF config): a forward that branches on state held anywhere else (a global, a closure)
+#: keeps the first measurement.
 _MEASURED: collections.OrderedDict[Any, PeakModel] = collections.OrderedDict()
 
 
@@ -312,15 +314,25 @@ def _structure_key(probe: ProbeFunction) -> tuple[Any, ...]:
     model = probe.model
     return (
         _signature(probe, 0.0),
-        probe.output if isinstance(probe.output, str) else id(probe.output),
+        _output_key(probe.output),
         probe.eval_mode,
         probe.dtype,
         tuple(
             (name, tuple(t.shape), t.dtype, t.requires_grad)
             for name, t in (*model.named_parameters(), *model.named_buffers())
         ),
-        tuple((name, type(m), _settings(m)) for name, m in model.named_modules()),
+        tuple((name, type(m), plain_settings(m, held=True)) for name, m in model.named_modules()),
     )
+
+
+def _output_key(output: Any) -> Any:
+    """The output spec itself where it is hashable (a callable kept alive in the key cannot
+    have its ``id`` reused by a later one), else its ``id``."""
+    try:
+        hash(output)
+    except TypeError:
+        return id(output)
+    return output
 
 
 def _remembered(
@@ -340,16 +352,6 @@ def _remembered(
         if len(_MEASURED) > 64:
             _MEASURED.popitem(last=False)
     return value
-
-
-def _settings(module: nn.Module) -> tuple[tuple[str, Any], ...]:
-    """A module's plain settings (int, float, bool, str attributes such as a repeat count or
-    a ratio, not the training flag): a forward may branch on them."""
-    return tuple(
-        (k, v)
-        for k, v in vars(module).items()
-        if type(v) in (int, float, bool, str) and not k.startswith("_") and k != "training"
-    )
 
 
 def _peak_model(

@@ -1123,7 +1123,7 @@ def _module_signature(module: nn.Module) -> tuple[Any, ...]:
             if isinstance(v, types.FunctionType | types.BuiltinFunctionType)
         )
     )
-    from glu_probe.swap.structural import plain_settings
+    from glu_probe._settings import plain_settings
 
     # The class by name: parametrized modules (weight_norm) get a new class per instance.
     cls = type(module)

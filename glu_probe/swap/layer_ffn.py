@@ -38,13 +38,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from glu_probe._settings import plain_settings
 from glu_probe.modules import MLP, GatedMLP, activation_name
 from glu_probe.swap.core import MLPAdapter, MLPSpec, UnsupportedModelError, spec_from_glu_probe
 from glu_probe.swap.structural import (
     _close,
     _plain_linear,
     _TrainingFlags,
-    plain_settings,
     width_key,
 )
 

@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from glu_probe._settings import plain_settings
 from glu_probe.modules import activation_name
 from glu_probe.swap.core import (
     _CANDIDATE_CLASS,
@@ -97,18 +98,6 @@ def fresh_linear(lin: nn.Linear, gen: torch.Generator, prefix: str) -> dict[str,
     if lin.bias is not None:
         out[f"{prefix}.bias"] = 0.1 * torch.randn(lin.out_features, generator=gen)
     return out
-
-
-def plain_settings(module: nn.Module) -> tuple[tuple[str, Any], ...]:
-    """The instance's plain settings (flags such as ``chunk_size_feed_forward`` that a forward
-    may branch on): part of what a cached check's verdict depends on."""
-    return tuple(
-        sorted(
-            (k, v)
-            for k, v in vars(module).items()
-            if isinstance(v, bool | int | float | str) and k != "training" and not k.startswith("_")
-        )
-    )
 
 
 def width_key(model: nn.Module) -> str | None:
