@@ -267,8 +267,11 @@ class CrossingDetector:
             "crossings": [c.to_dict() for c in self.crossings],
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`. The detector's parameters must match the saved ones."""
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore a :meth:`state_dict`. ``strict``: the detector's parameters must match the
+        saved ones (a ``ValueError`` otherwise); else this detector keeps its own and goes on
+        from the saved smoothed losses, regime and crossings (later updates use the new
+        parameters; a patience count in progress is capped at the new patience)."""
         params = dict(state["params"])
         mine = {
             "smoothing": self.smoothing,
@@ -276,7 +279,7 @@ class CrossingDetector:
             "hysteresis": self.hysteresis,
             "abs_hysteresis": self.abs_hysteresis,
         }
-        if params != mine:
+        if params != mine and strict:
             raise ValueError(
                 f"CrossingDetector parameters differ from the saved state: saved {params}, "
                 f"this detector {mine}; construct it with the saved parameters to resume"
@@ -288,7 +291,7 @@ class CrossingDetector:
         self._bias = float(state["bias"])
         self.regime = int(state["regime"])
         self._pending = int(state["pending"])
-        self._count = int(state["count"])
+        self._count = min(int(state["count"]), self.patience - 1)
         self._sign = int(state["sign"])
         since = state["sign_since"]
         self._sign_since = None if since is None else int(since)

@@ -305,6 +305,66 @@ def test_cadence_fixed_and_accumulation():
     assert [h["step"] for h in mon.history] == [0, 2, 4]
 
 
+class TwoOptimizers(TinyNet):
+    """Manual optimization, two optimizers stepped each batch (a GAN's pattern): global_step
+    advances by two per batch, the logged losses by one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        for opt in self.optimizers():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(self(x), y)
+            self.manual_backward(loss)
+            opt.step()
+        self.log("train_loss", loss)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        first, second = self.net[0].parameters(), self.net[3].parameters()
+        return [torch.optim.SGD(first, lr=0.1), torch.optim.SGD(second, lr=0.1)]
+
+
+def test_cadence_under_manual_optimization_with_two_optimizers(tmp_path):
+    # A review found every_n_steps=3 probing every 6 optimizer steps (multiples of 3 skipped
+    # by a global_step advancing by 2) at x = global_step, twice the loss curves' x.
+    ds = make_data()
+    snaps = Snapshots()
+    mon = NTKSpectrumMonitor(every_n_steps=3, probe_size=6, dtype=torch.float64)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer(max_epochs=3, logger=logger, log_every_n_steps=1, callbacks=[mon, snaps]).fit(
+        TwoOptimizers(), loader(ds)
+    )  # 12 batches, 24 optimizer steps
+    assert [h["step"] for h in mon.history] == [0, 3, 6, 9, 12]
+    rows = read_csv(Path(logger.log_dir) / "metrics.csv")
+    loss_steps = sorted({int(r["step"]) for r in rows if r.get("train_loss")})
+    ntk_steps = sorted({int(r["step"]) for r in rows if r.get("ntk/condition_number")})
+    assert loss_steps == list(range(12)) and ntk_steps == [0, 3, 6, 9, 12]
+    # the probe at x = k measures the parameters after k batches (global_step 2k)
+    x = ds.tensors[0][:6]
+    for h in mon.history[1:]:
+        eig = truth_at(snaps.states[2 * h["step"]], x)
+        assert h["ntk/lambda_max"] == pytest.approx(float(eig[-1]), rel=1e-9)
+
+
+def test_eval_mode_false_with_batchnorm():
+    # eval_mode=False on a BatchNorm model crashed at train start: the monitor counted rows on
+    # one sample, which BatchNorm in training mode rejects.
+    class BN(TinyNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+
+    mon = NTKSpectrumMonitor(every_n_steps=2, probe_size=6, eval_mode=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the engine warns that BatchNorm couples the samples)
+        trainer(max_steps=4, callbacks=[mon]).fit(BN(), loader(make_data()))
+    assert [h["step"] for h in mon.history] == [0, 2, 4]
+    assert all(math.isfinite(h["ntk/lambda_max"]) for h in mon.history)
+
+
 def test_auto_cadence_gives_at_least_20_probes():
     ds = make_data()
     mon = NTKSpectrumMonitor(probe_size=4)
@@ -474,6 +534,8 @@ def test_csv_several_loggers_and_no_logger(tmp_path):
         ({"spectrum_kwargs": {"which": "top"}}, "`spectrum_kwargs`: which must be"),
         ({"spectrum_kwargs": {"slq_probes": -2}}, "`spectrum_kwargs`: slq_probes must be"),
         ({"spectrum_kwargs": {"dense_vectors": 1}}, "`spectrum_kwargs`: dense_vectors must be"),
+        ({"params": 42}, "params must be None, a name or regular expression"),
+        ({"params": "re:fc("}, "not a valid regular expression"),
     ],
 )
 def test_bad_config_raises_at_construction(kwargs, match):

@@ -408,6 +408,9 @@ def test_quiet_runs_and_bad_config(tmp_path):
         GeneralizationGapMonitor(val_batches=-2)
     with pytest.raises(MisconfigurationException, match="eval_batch_size"):
         GeneralizationGapMonitor(eval_batch_size=0)
+    for seed in ("a", 1.5, True):  # (int("a") raised a plain ValueError)
+        with pytest.raises(MisconfigurationException, match="`seed` must be an int"):
+            GeneralizationGapMonitor(seed=seed)
     with pytest.raises(MisconfigurationException, match=r"not a torchmetrics\.Metric"):
         GeneralizationGapMonitor(metrics={"acc": lambda p, t: 0.0})
     with pytest.raises(MisconfigurationException, match="metric name 'loss'"):

@@ -146,3 +146,50 @@ def test_crash_and_resume_logs_the_same_series(tmp_path):
 
     assert cross_c.crossings == cross_a.crossings
     assert any(c.step > 8 for c in cross_a.crossings)
+
+
+def test_resume_with_changed_settings_warns_and_goes_on(tmp_path):
+    """Resuming with another crossing patience, or another probe, is told (a warning) instead
+    of aborting the fit (the crossing detector raised a raw ValueError) or silently mixing
+    two probes' series and warm-starting from vectors of another K."""
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    run(tmp_path, "a", [ckpt_cb])
+    ckpt = tmp_path / "ckpt" / "epoch=1-step=8.ckpt"
+
+    def resumed(ntk: NTKSpectrumMonitor, crossing: LossCrossingMonitor) -> None:
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=3,
+            logger=False,
+            callbacks=[ntk, crossing],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(Net(0), data_loader(), ckpt_path=ckpt)
+
+    ntk, crossing = monitors()
+    changed = LossCrossingMonitor(
+        baseline=BASELINE, monitor="train_loss", smoothing=0.0, patience=3
+    )
+    with pytest.warns(UserWarning, match="resuming with detector settings"):
+        resumed(ntk, changed)
+    saved = torch.load(ckpt, weights_only=False)["callbacks"]
+    before = next(v for k, v in saved.items() if k.startswith("LossCrossingMonitor"))
+    n_saved = len(before["detector"]["crossings"])
+    assert changed.detector.patience == 3 and len(changed.crossings) >= n_saved
+    assert [c.to_dict() for c in changed.crossings[:n_saved]] == before["detector"]["crossings"]
+
+    other_probe = NTKSpectrumMonitor(
+        every_n_steps=3,
+        probe_size=12,  # the checkpoint's probe had 20 samples
+        method="lanczos",
+        spectrum_kwargs={"block_size": 2, "max_matvecs": 60},
+    )
+    _, crossing = monitors()
+    with pytest.warns(UserWarning, match=r"probe batch \(input shapes \[\[12, 5\]\]\) differs"):
+        resumed(other_probe, crossing)
+    assert [h["step"] for h in other_probe.history] == [0, 3, 6, 9, 12]
+    assert other_probe._ritz[""].shape[0] == 12  # its own K's vectors (the saved had 20 rows)
+    assert all(h["ntk/lambda_max"] > 0 for h in other_probe.history[-2:])

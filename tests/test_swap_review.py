@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from typing import Any
 
 import pytest
@@ -885,3 +886,41 @@ def test_llama_blocks_with_hooks_or_width_branches_are_refused():
             swap_mlp(model, "gelu")
     plain = LlamaForCausalLM(cfg)
     assert swap_mlp(plain, "gelu").paths == ["model.layers.0.mlp"]
+
+
+@pytest.mark.parametrize("host", ["gpt2", "timm"])
+@pytest.mark.parametrize("kind", ["forward", "observer", "pre", "backward", "layer"])
+def test_hooked_blocks_are_refused_by_every_adapter(host: str, kind: str) -> None:
+    """GPT-2's and timm's adapters swapped a hooked block and dropped its hook (a hook that
+    zeroed the output was lost without a word) where the LLaMA, structural and BERT adapters
+    refuse: every adapter now refuses a block with hooks of any kind, naming them, and
+    changes nothing."""
+    if host == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model: nn.Module = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4))
+        block, path = model.transformer.h[1].mlp, "transformer.h.1.mlp"
+    else:
+        from timm.models.vision_transformer import VisionTransformer
+
+        model = VisionTransformer(img_size=16, patch_size=8, embed_dim=64, depth=2, num_heads=4)
+        block, path = model.blocks[1].mlp, "blocks.1.mlp"
+    layer = next(m for m in block.children() if isinstance(m, nn.Module))
+    seen: list[int] = []
+    if kind == "forward":
+        block.register_forward_hook(lambda m, a, o: o * 0)
+    elif kind == "observer":
+        block.register_forward_hook(lambda m, a, o: seen.append(1))
+    elif kind == "pre":
+        block.register_forward_pre_hook(lambda m, a: None)
+    elif kind == "backward":
+        block.register_full_backward_hook(lambda m, gi, go: None)
+    else:
+        layer.register_forward_hook(lambda m, a, o: None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedModelError, match=rf"{re.escape(path)}.*has hooks"):
+        swap_mlp(model, "swiglu")
+    assert model.get_submodule(path) is block  # nothing swapped (all or nothing)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    report = swap_mlp(model, "swiglu", strict=False)  # the others still can be
+    assert path not in report.paths and len(report.paths) == 1

@@ -8,6 +8,7 @@ attached.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,6 +21,7 @@ __all__ = [
     "check_positive_int",
     "check_prefix",
     "check_unique_prefix",
+    "generator_states_restored",
     "is_fresh_fit",
     "is_quiet_run",
     "log_metrics",
@@ -142,3 +144,24 @@ def slice_batch(batch: Any, sl: slice) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(slice_batch(v, sl) for v in batch)
     return batch
+
+
+@contextmanager
+def generator_states_restored(loader: Any) -> Iterator[None]:
+    """Restore the private ``torch.Generator``s a loader/sampler may own (not covered by
+    ``isolate_rng``, which handles the global generators only)."""
+    gens: list[torch.Generator] = []
+    for owner in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator):
+            gens.append(g)
+        inner = getattr(owner, "sampler", None)
+        g2 = getattr(inner, "generator", None)
+        if isinstance(g2, torch.Generator):
+            gens.append(g2)
+    states = [g.get_state() for g in gens]
+    try:
+        yield
+    finally:
+        for g, s in zip(gens, states, strict=True):
+            g.set_state(s)

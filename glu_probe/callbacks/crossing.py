@@ -382,7 +382,15 @@ class LossCrossingMonitor(Callback):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.detector.load_state_dict(state_dict["detector"])
+        saved = state_dict["detector"]
+        mine = self.detector.state_dict()["params"]
+        if dict(saved["params"]) != mine:
+            rank_zero_warn(
+                f"LossCrossingMonitor: resuming with detector settings {mine} where the "
+                f"checkpoint used {dict(saved['params'])}: the saved smoothed losses and "
+                "crossings are kept, and later steps use the new settings"
+            )
+        self.detector.load_state_dict(saved, strict=False)
         current = state_dict.get("current")  # (absent from older checkpoints)
         self._current = (
             None

@@ -20,7 +20,7 @@ loss crossing               ``crossing/delta``, ``crossing/event``
 
 so every metric that :class:`PairedModule`, :class:`NTKSpectrumMonitor`,
 :class:`GeneralizationGapMonitor` and :class:`LossCrossingMonitor` log lands next to its
-counterpart. ``charts=`` adds charts or replaces default ones (same title) with explicit tags.
+counterpart. ``pairs=`` adds charts or replaces default ones (same title) with explicit tags.
 
 The layout is a run-level setting: it is written once per event directory (a second call on the
 same writer does nothing) and only on rank zero.

@@ -105,6 +105,7 @@ from glu_probe.callbacks._utils import (
     check_positive_int,
     check_prefix,
     check_unique_prefix,
+    generator_states_restored,
     is_fresh_fit,
     is_quiet_run,
     log_metrics,
@@ -410,7 +411,11 @@ class GeneralizationGapMonitor(Callback):
         self._train_bs = 1
         self._sized = False  # the subset's final size is fixed at the first validation
         self.train_subset = list(train_subset) if train_subset is not None else None
-        self.seed = int(seed)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise MisconfigurationException(
+                f"GeneralizationGapMonitor: `seed` must be an int, got {seed!r}"
+            )
+        self.seed = seed
         self.labels_key = labels_key
         self.log_components = bool(log_components)
         self.prefix = prefix
@@ -708,7 +713,10 @@ class GeneralizationGapMonitor(Callback):
         if bs == self._train_bs and not cut:
             return
         batches = [collate(items[j : j + bs]) for j in range(0, len(items), bs)]
-        self._batches = [trainer.strategy.batch_to_device(b) for b in batches]
+        # (the module's transfer hooks may draw random numbers: isolated, as at train start)
+        include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        with isolate_rng(include_cuda=include_cuda):
+            self._batches = [trainer.strategy.batch_to_device(b) for b in batches]
 
     def _draw(self, trainer: pl.Trainer) -> list[Any]:
         """The largest subset this run may evaluate (cut at the first validation)."""
@@ -736,11 +744,12 @@ class GeneralizationGapMonitor(Callback):
             ranked = [items[j] for j in sorted(range(k), key=order.__getitem__)]
             return [loader.collate_fn(ranked[j : j + bs]) for j in range(0, k, bs)]
         batches, got = [], 0
-        for batch in loader:
-            batches.append(batch)
-            got += _n_samples(batch)
-            if got >= want:
-                break
+        with generator_states_restored(loader):  # (a loader's own generator seeds its workers)
+            for batch in loader:
+                batches.append(batch)
+                got += _n_samples(batch)
+                if got >= want:
+                    break
         if not batches:
             raise MisconfigurationException("GeneralizationGapMonitor: the train loader is empty")
         return batches

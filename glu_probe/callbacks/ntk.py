@@ -114,13 +114,16 @@ from glu_probe.callbacks._utils import (
     check_positive_int,
     check_prefix,
     check_unique_prefix,
+    generator_states_restored,
     is_fresh_fit,
     is_quiet_run,
     log_metrics,
+    logger_step,
     slice_batch,
     stable_repr,
     tensorboard_writers,
 )
+from glu_probe.ntk.functional import _map_tensors, check_param_filter
 from glu_probe.ntk.operator import is_out_of_memory
 
 __all__ = ["NTKProbeWarning", "NTKSpectrumMonitor"]
@@ -260,27 +263,6 @@ def default_probe_inputs(batch: Any) -> Any:
 
 
 @contextmanager
-def _generator_states_restored(loader: DataLoader) -> Iterator[None]:
-    """Restore the private ``torch.Generator``s a loader/sampler may own (not covered by
-    ``isolate_rng``, which handles the global generators only)."""
-    gens: list[torch.Generator] = []
-    for owner in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
-        g = getattr(owner, "generator", None)
-        if isinstance(g, torch.Generator):
-            gens.append(g)
-        inner = getattr(owner, "sampler", None)
-        g2 = getattr(inner, "generator", None)
-        if isinstance(g2, torch.Generator):
-            gens.append(g2)
-    states = [g.get_state() for g in gens]
-    try:
-        yield
-    finally:
-        for g, s in zip(gens, states, strict=True):
-            g.set_state(s)
-
-
-@contextmanager
 def _eval_mode(modules: Sequence[nn.Module], enabled: bool) -> Iterator[None]:
     flags = [(m, m.training) for root in modules for m in root.modules()] if enabled else []
     try:
@@ -299,8 +281,10 @@ class NTKSpectrumMonitor(Callback):
     See the module docstring for the math, the probe batch, the cadence and the guarantees.
 
     Args:
-        every_n_steps: probe every n optimizer steps (and at step 0). ``None``: automatic,
-            ``max(1, estimated_stepping_batches // target_probes)``.
+        every_n_steps: probe every n training steps (and at step 0), on the x-axis of the
+            logged losses: optimizer steps, or under manual optimization the batches in which
+            an optimizer stepped (a two-optimizer step advances ``global_step`` by two).
+            ``None``: automatic, ``max(1, estimated_stepping_batches // target_probes)``.
         probe: a fixed probe batch in the training loader's format; default: the first
             ``probe_size`` samples of the training dataset.
         probe_size: number of samples of the default probe (ignored when ``probe`` is given).
@@ -409,6 +393,10 @@ class NTKSpectrumMonitor(Callback):
         self.max_rows = max_rows
         self.output = output
         self.method = method
+        try:
+            check_param_filter(params)
+        except ValueError as err:
+            raise MisconfigurationException(f"NTKSpectrumMonitor: {err}") from None
         self.params = params
         self.strict = bool(strict)
         self.log_histogram = bool(log_histogram)
@@ -440,6 +428,11 @@ class NTKSpectrumMonitor(Callback):
         self._pending_figure: tuple[int, dict[str, Any]] | None = None
         # Warning sites (category, file, line) already relayed in this fit.
         self._warned_sites: set[tuple[Any, str, int]] = set()
+        self._global_step = 0  # trainer.global_step at the last batch end
+        # Shapes of the probe's input tensors (checkpointed: a resumed run with another probe
+        # is told, and does not warm-start from vectors of another K).
+        self._probe_shapes: list[list[int]] | None = None
+        self._saved_probe_shapes: list[list[int]] | None = None
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -457,6 +450,7 @@ class NTKSpectrumMonitor(Callback):
             "last_probe_step": self.last_probe_step,
             "history": [dict(h) for h in self.history],
             "warm_start": {k: v.detach().cpu().clone() for k, v in self._ritz.items()},
+            "probe_shapes": self._probe_shapes,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -465,6 +459,7 @@ class NTKSpectrumMonitor(Callback):
         self.last_probe_step = state_dict.get("last_probe_step")
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self._ritz = dict(state_dict.get("warm_start", {}))
+        self._saved_probe_shapes = state_dict.get("probe_shapes")  # (absent before 0.x)
 
     def _reset_run(self) -> None:
         """Forget a previous, independent fit's state (this instance is being reused)."""
@@ -521,7 +516,17 @@ class NTKSpectrumMonitor(Callback):
             self._resolved_every = max(1, int(est) // self.target_probes)
         self._warned_sites = set()
         self._inputs = self._fix_probe(trainer, pl_module)
-        self._maybe_probe(trainer, pl_module)
+        shapes = self._probe_shapes
+        saved, self._saved_probe_shapes = self._saved_probe_shapes, None
+        if saved is not None and saved != shapes:
+            rank_zero_warn(
+                f"NTKSpectrumMonitor: the probe batch (input shapes {shapes}) differs from the "
+                f"resumed checkpoint's ({saved}): the logged series changes probe here, and the "
+                "saved warm start is dropped"
+            )
+            self._ritz = {}
+        self._global_step = trainer.global_step
+        self._maybe_probe(trainer, pl_module, logger_step(trainer))
 
     def on_train_batch_end(
         self,
@@ -533,7 +538,13 @@ class NTKSpectrumMonitor(Callback):
     ) -> None:
         if is_quiet_run(trainer) or self._inputs is None:
             return
-        self._maybe_probe(trainer, pl_module)
+        # Probes sit on the x-axis of the logged losses: Lightning's logger step, counted after
+        # the batch's optimizer step (it is incremented after this hook, and only where an
+        # optimizer stepped; global_step counts each optimizer of a manual multi-optimizer step).
+        if trainer.global_step == self._global_step:
+            return  # no optimizer stepped (gradient accumulation): the step has not ended
+        self._global_step = trainer.global_step
+        self._maybe_probe(trainer, pl_module, logger_step(trainer) + 1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._inputs = None  # release the probe batch (device memory)
@@ -573,17 +584,19 @@ class NTKSpectrumMonitor(Callback):
     def _fix_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         """Build the probe (model inputs on the module's device; this rank's shard if sharded)."""
         include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        # The module's transfer hooks run here too: they may draw random numbers (GPU-side
+        # augmentation in on_after_batch_transfer), which must not shift the run's RNG.
         with isolate_rng(include_cuda=include_cuda):
             batch = self.probe if self.probe is not None else self._probe_from_loader(trainer)
-        n = _batch_len(batch)
-        if n is None or n < 1:
-            raise MisconfigurationException(
-                "NTKSpectrumMonitor: the probe batch is empty or has no tensor with a batch "
-                "dimension."
-            )
-        batch = pl_module.on_before_batch_transfer(batch, 0)
-        batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-        batch = pl_module.on_after_batch_transfer(batch, 0)
+            n = _batch_len(batch)
+            if n is None or n < 1:
+                raise MisconfigurationException(
+                    "NTKSpectrumMonitor: the probe batch is empty or has no tensor with a batch "
+                    "dimension."
+                )
+            batch = pl_module.on_before_batch_transfer(batch, 0)
+            batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+            batch = pl_module.on_after_batch_transfer(batch, 0)
         extract = self.probe_inputs or default_probe_inputs
         inputs = extract(batch)
         n = _batch_len(inputs) or n
@@ -599,6 +612,15 @@ class NTKSpectrumMonitor(Callback):
                 )
             if per_sample > self.max_rows:
                 inputs = self._cut_tokens(pl_module, inputs, per_sample, include_cuda)
+        # the whole probe's shapes (the same on every rank, before sharding)
+        shapes: list[list[int]] = []
+
+        def note(t: torch.Tensor) -> torch.Tensor:
+            shapes.append(list(t.shape))
+            return t
+
+        _map_tensors(inputs, note)
+        self._probe_shapes = shapes
         world, rank = trainer.world_size, trainer.global_rank
         if self.shard_probe and world > 1:
             if n < world:
@@ -627,15 +649,25 @@ class NTKSpectrumMonitor(Callback):
         from glu_probe.ntk import ProbeFunction
 
         target = next(iter(self._targets(pl_module).values()))
-        with isolate_rng(include_cuda=cuda), torch.inference_mode(False), torch.enable_grad():
-            probe = ProbeFunction(
-                target,
-                slice_batch(inputs, slice(0, 1)),
-                output=self.output,
-                params=self.params,
-                eval_mode=self.eval_mode,
-            )
-        return probe.rows_per_sample
+
+        def rows(k: int) -> int:
+            with isolate_rng(include_cuda=cuda), torch.inference_mode(False), torch.enable_grad():
+                probe = ProbeFunction(
+                    target,
+                    slice_batch(inputs, slice(0, k)),
+                    output=self.output,
+                    params=self.params,
+                    eval_mode=self.eval_mode,
+                )
+            return probe.rows_per_sample
+
+        try:
+            return rows(1)
+        except Exception:
+            # eval_mode=False: BatchNorm in training mode rejects a batch of one sample
+            if self.eval_mode or (_batch_len(inputs) or 0) < 2:
+                raise
+            return rows(2)
 
     def _cut_tokens(
         self, pl_module: pl.LightningModule, inputs: Any, seq_len: int, cuda: bool
@@ -646,8 +678,6 @@ class NTKSpectrumMonitor(Callback):
         or token-type ids) is cut. The inputs are returned unchanged when that does not give
         exactly ``max_rows`` rows per sample (not a token model, or one that needs its length).
         """
-        from glu_probe.ntk.functional import _map_tensors
-
         keep = self.max_rows
         assert keep is not None
         if self.output != "pntk":
@@ -692,7 +722,7 @@ class NTKSpectrumMonitor(Callback):
         # Iterable dataset: take the first batches of a fresh iterator (RNG states restored).
         batches: list[Any] = []
         got = 0
-        with _generator_states_restored(loader):
+        with generator_states_restored(loader):
             for b in loader:
                 batches.append(b)
                 got += _batch_len(b) or 0
@@ -704,11 +734,11 @@ class NTKSpectrumMonitor(Callback):
         return slice_batch(batch, slice(0, self.probe_size))
 
     # ------------------------------------------------------------------ probing
-    def _maybe_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        step = trainer.global_step
+    def _maybe_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         every = self._resolved_every or 1
-        if step % every != 0 or self.last_probe_step == step:
-            return
+        last = self.last_probe_step
+        if last is not None and step // every <= last // every:
+            return  # (a multiple of n crossed, not hit: the step may advance by more than one)
         self.last_probe_step = step
         t0 = time.perf_counter()
         try:

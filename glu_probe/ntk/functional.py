@@ -69,6 +69,27 @@ def _name_matcher(spec: str | re.Pattern[str]) -> Callable[[str], bool]:
     return lambda name: pattern.search(name) is not None
 
 
+def check_param_filter(params: Any) -> None:
+    """A ``ValueError`` unless ``params`` is a filter :func:`select_parameters` takes: ``None``,
+    a string (a valid regular expression where it is one), a compiled pattern, a sequence of
+    names or a callable."""
+    if params is None or callable(params) or isinstance(params, re.Pattern):
+        return
+    if isinstance(params, str):
+        try:
+            _name_matcher(params)
+        except re.error as err:
+            msg = f"params={params!r} is not a valid regular expression: {err}"
+            raise ValueError(msg) from None
+        return
+    if isinstance(params, Sequence) and all(isinstance(n, str) for n in params):
+        return
+    raise ValueError(
+        "params must be None, a name or regular expression (str or re.Pattern), a sequence of "
+        f"parameter names or a callable (name, param) -> bool; got {params!r}"
+    )
+
+
 def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str, nn.Parameter]:
     r"""The trainable parameters of ``model`` selected by ``params``, by their canonical names.
 
@@ -90,6 +111,7 @@ def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str,
     ``transformer.wte.weight``) is selected when the filter accepts any of its names, and is
     returned once, under its canonical name (the first in ``model.named_parameters()``).
     """
+    check_param_filter(params)
     canonical: dict[int, str] = {}
     named: list[tuple[str, nn.Parameter]] = []
     for n, p in model.named_parameters():

@@ -915,7 +915,9 @@ def swap_mlp(
             continue
         inner = [q[len(p) + 1 :] for q in matched if q.startswith(p + ".")]
         if not inner:
-            suspects.append(f"{p} ({type(m).__name__})")
+            # (adapters that run the block to check its form decline hooked blocks)
+            hooked = ", with hooks the new block would not carry" if hooked_modules(m) else ""
+            suspects.append(f"{p} ({type(m).__name__}{hooked})")
             continue
         # An ancestor of recognised blocks (a wrapper) is fine unless it holds weights of its
         # own outside them: a mixture-of-experts block whose shared expert is a LlamaMLP keeps
@@ -982,6 +984,7 @@ def swap_mlp(
             plan.append((path, old, adapter, new, entry))
             continue
         try:
+            _check_hooks(old)
             _check_tied(path, old, adapter, paths_of[id(old)], param_names)
             spec = adapter.describe(old)
         except UnsupportedModelError as err:
@@ -1056,6 +1059,36 @@ def swap_mlp(
         if unchecked is not None:
             report.config_unchecked[f"{owner_path}.config" if owner_path else "config"] = unchecked
     return report
+
+
+#: The hook registries of ``nn.Module`` (the new block would not carry them).
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def hooked_modules(module: nn.Module) -> list[str]:
+    """Names (``""``: the block itself) of the modules in ``module`` with forward, pre-forward
+    or backward hooks: a swap builds a new block, which would not carry them."""
+    return [
+        name for name, m in module.named_modules() if any(getattr(m, d, None) for d in _HOOK_DICTS)
+    ]
+
+
+def _check_hooks(module: nn.Module) -> None:
+    hooked = hooked_modules(module)
+    if hooked:
+        where = ", ".join(repr(h) if h else "the block itself" for h in hooked[:4])
+        raise UnsupportedModelError(
+            f"it has hooks ({where}), which the new block would not carry (a swap that dropped "
+            "them would change what the model computes or records): remove them "
+            "(handle.remove()), swap, then register them on the new block at this path"
+        )
 
 
 def _check_tied(

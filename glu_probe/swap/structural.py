@@ -71,6 +71,7 @@ from glu_probe.swap.core import (
     MLPSpec,
     UnsupportedModelError,
     _is_head,
+    hooked_modules,
 )
 
 __all__ = ["StructuralMLPAdapter"]
@@ -325,11 +326,8 @@ def _analyse(module: nn.Module) -> _Form | None:
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    """Whether the block or any module in it has forward hooks or pre-hooks."""
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None)
-        for m in module.modules()
-    )
+    """Whether the block or any module in it has hooks (forward, pre-forward or backward)."""
+    return bool(hooked_modules(module))
 
 
 def _checked_recipe(
