@@ -134,11 +134,19 @@ def _parse(sd: dict[str, Tensor], layout: str, gate_first: bool | None) -> _Cano
         raise ValueError(
             f"down projection {tuple(down_w.shape)} does not take the gated width {gate_w.shape[0]}"
         )
+    dtypes = {str(t.dtype) for t in (gate_w, up_w, down_w, gate_b, up_b, down_b) if t is not None}
+    if len(dtypes) > 1:  # (packing would promote them silently)
+        raise ValueError(f"the block's tensors have different dtypes {sorted(dtypes)}")
     return _Canonical(gate_w, up_w, down_w, gate_b, up_b, down_b, norm)
 
 
 def _emit(c: _Canonical, layout: str, gate_first: bool | None) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
+    if layout == "hf_llama" and any(t.ndim != 2 for t in (c.gate_w, c.up_w, c.down_w)):
+        raise ValueError(
+            "the block's projections are not 2-D Linear weights (a use_conv block's are "
+            f"{tuple(c.gate_w.shape)}): LlamaMLP holds nn.Linear layers"
+        )
     if layout in _UNPACKED:
         g, u, d = _UNPACKED[layout]
         out[f"{g}.weight"] = c.gate_w.clone()
@@ -189,6 +197,14 @@ def convert_mlp_state_dict(
             raise ValueError(
                 f"{side}_gate_first applies to packed layouts only; {layout!r} keeps the gate and "
                 "up projections in separate tensors"
+            )
+    if prefix and not prefix.endswith("."):
+        dotted = prefix + "."
+        if any(k.startswith(dotted) for k in state_dict):
+            # "layers.1.mlp" would also take "layers.10.mlp..." and leave a leading dot
+            raise KeyError(
+                f"prefix {prefix!r} names a module: end it with a dot ({dotted!r}), so that it "
+                "takes that block's keys only"
             )
     block = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not block:

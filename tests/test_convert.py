@@ -103,6 +103,19 @@ def test_prefix_converts_one_block_only() -> None:
     assert "layers.1.mlp.gate_proj.weight" in out and "layers.0.mlp.fc1.weight" in out
     assert torch.equal(out["embed.weight"], blocks["embed.weight"])
     assert torch.equal(out["layers.1.mlp.up_proj.weight"], blocks["layers.1.mlp.fc1.weight"][6:])
+    # without the trailing dot the prefix would also take layers.10.mlp and leave ".weight"
+    with pytest.raises(KeyError, match=r"end it with a dot \('layers\.1\.mlp\.'\)"):
+        to_hf_llama(blocks, prefix="layers.1.mlp")
+
+
+def test_mixed_dtypes_and_conv_weights_are_refused() -> None:
+    hf = to_hf_llama(SwiGLU(8, 6).state_dict())
+    hf["gate_proj.bias"], hf["up_proj.bias"] = torch.zeros(6, dtype=torch.float64), torch.zeros(6)
+    with pytest.raises(ValueError, match=r"different dtypes \['torch.float32', 'torch.float64'\]"):
+        from_hf_llama(hf)  # packing would have promoted the bias to float64 silently
+    conv = SwiGLU(8, 6, use_conv=True).state_dict()
+    with pytest.raises(ValueError, match="not 2-D Linear weights"):
+        to_hf_llama(conv)
 
 
 def test_errors() -> None:
