@@ -924,3 +924,14 @@ def test_hooked_blocks_are_refused_by_every_adapter(host: str, kind: str) -> Non
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     report = swap_mlp(model, "swiglu", strict=False)  # the others still can be
     assert path not in report.paths and len(report.paths) == 1
+
+
+def test_refusal_names_linear_subclasses() -> None:
+    """Falcon's MLP was refused without a reason: its layers are FalconLinear, nn.Linear
+    subclasses with their own forward, which no built-in adapter takes as plain layers."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    cfg = FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    model = FalconForCausalLM(cfg)
+    with pytest.raises(UnsupportedModelError, match=r"whose layers are FalconLinear: nn\.Linear"):
+        swap_mlp(model, "swiglu")

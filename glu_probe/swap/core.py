@@ -917,7 +917,7 @@ def swap_mlp(
         if not inner:
             # (adapters that run the block to check its form decline hooked blocks)
             hooked = ", with hooks the new block would not carry" if hooked_modules(m) else ""
-            suspects.append(f"{p} ({type(m).__name__}{hooked})")
+            suspects.append(f"{p} ({type(m).__name__}{hooked}{_custom_linears(m)})")
             continue
         # An ancestor of recognised blocks (a wrapper) is fine unless it holds weights of its
         # own outside them: a mixture-of-experts block whose shared expert is a LlamaMLP keeps
@@ -1059,6 +1059,22 @@ def swap_mlp(
         if unchecked is not None:
             report.config_unchecked[f"{owner_path}.config" if owner_path else "config"] = unchecked
     return report
+
+
+def _custom_linears(module: nn.Module) -> str:
+    """A note naming the ``nn.Linear`` subclasses with their own ``forward`` among a block's
+    layers (Falcon's ``FalconLinear``): the built-in adapters take plain layers only, since a
+    subclass's forward may compute something else."""
+    names = sorted(
+        {
+            type(m).__name__
+            for m in module.children()
+            if isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward
+        }
+    )
+    if not names:
+        return ""
+    return f", whose layers are {', '.join(names)}: nn.Linear subclasses with their own forward"
 
 
 #: The hook registries of ``nn.Module`` (the new block would not carry them).
