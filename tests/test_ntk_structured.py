@@ -729,22 +729,30 @@ def test_factors_that_do_not_fit_together_take_one_pass_per_group(monkeypatch):
     monkeypatch.setattr(structured, "_balanced_groups", spy)
     assert structured_ntk(probe, 2**30, torch.float64) is not None
     assert len(chosen[-1]) == 1  # a large budget: one pass
-    budget = 2**30
-    while budget > 2**16:
-        budget = int(budget * 0.9)
-        chosen.clear()
-        K = structured_ntk(probe, budget, torch.float64)
-        if K is not None and len(chosen[-1]) >= 2:
-            break
-    else:
-        pytest.fail("no budget gave a multi-group structured pass")
     expected = truth(model, x)
-    torch.testing.assert_close(K, expected, rtol=1e-10, atol=1e-12)
-    with LiveTensorBytes() as live:
-        K = ntk_matrix(model, x, output="full", strategy="structured", memory_budget=budget)
-    assert len(chosen[-1]) >= 2
-    assert live.peak <= budget, (live.peak, budget)
-    torch.testing.assert_close(K, expected, rtol=1e-10, atol=1e-12)
+    for given in (False, True):  # the default (estimated) and a given (measured) budget
+        budget = 2**23
+        while budget > 2**16:
+            budget = int(budget * 0.9)
+            chosen.clear()
+            with LiveTensorBytes() as live:
+                try:
+                    K = (
+                        ntk_matrix(
+                            model, x, output="full", strategy="structured", memory_budget=budget
+                        )
+                        if given
+                        else structured_ntk(probe, budget, torch.float64)
+                    )
+                except ValueError:
+                    continue
+            if K is not None and chosen and len(chosen[-1]) >= 2:
+                break
+        else:
+            pytest.fail("no budget gave a multi-group structured pass")
+        torch.testing.assert_close(K, expected, rtol=1e-10, atol=1e-12)
+        if given:
+            assert live.peak <= budget, (live.peak, budget)
 
 
 BUDGET_CASES = {

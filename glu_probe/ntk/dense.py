@@ -479,10 +479,22 @@ def activation_elements(probe: ProbeFunction) -> int:
     return memo[signature]
 
 
-def jacobian_transient_bytes(probe: ProbeFunction, itemsize: int) -> int:
+#: Factor on the backward-pass estimates (:func:`jacobian_transient_bytes`,
+#: :func:`row_chunk_for`) where the user gave a memory budget and nothing was measured: passes
+#: that keep more than one activation set per cotangent ran over a budget sized by the bare
+#: estimate (a Conv+BatchNorm net's one-sample pass, 1.03-1.06x, and its memory measurement
+#: itself; a bias-only net's one-row backward, 1.004x). The default budget, sized for speed,
+#: takes the bare estimate.
+ESTIMATE_MARGIN = 1.5
+
+
+def jacobian_transient_bytes(probe: ProbeFunction, itemsize: int, strict: bool = False) -> int:
     """Bytes one sample adds to a ``vmap(jacrev)`` call beyond its rows (see
-    :func:`activation_elements`)."""
-    return (probe.rows_per_sample + 1) * activation_elements(probe) * itemsize
+    :func:`activation_elements`; ``strict``: a given budget, with :data:`ESTIMATE_MARGIN`)."""
+    act = activation_elements(probe) * itemsize
+    if strict:
+        act = math.ceil(act * ESTIMATE_MARGIN)
+    return (probe.rows_per_sample + 1) * act
 
 
 def _plan(
@@ -526,12 +538,19 @@ def _plan(
     panel = max(rows_block, min(budget_samples - 2 * rows_block, math.ceil(s_total / 2)))
     if panel < s_total / 8:
         return None
-    trans = jacobian_transient_bytes(probe, row_itemsize)
+    trans = jacobian_transient_bytes(probe, row_itemsize, strict)
     block = max(1, min(rows_block, (free // 4) // (row_bytes * r + trans)))
     # What the rows leave of the budget for a call's intermediates: the panel, and the block
     # being computed or streamed (none beside a panel that one call makes whole).
     resident = panel if block >= s_total else panel + block
-    row_chunk = row_chunk_for(probe, row_itemsize, free - resident * row_bytes * r)
+    row_chunk = row_chunk_for(probe, row_itemsize, free - resident * row_bytes * r, strict)
+    # (A smaller panel leaves more room for the backward pass: a larger budget must not be
+    # refused where a smaller one was accepted.)
+    least_panel = max(rows_block, math.ceil(s_total / 8))
+    while row_chunk == 0 and strict and panel > least_panel:
+        panel -= 1
+        resident = panel if block >= s_total else panel + block
+        row_chunk = row_chunk_for(probe, row_itemsize, free - resident * row_bytes * r, strict)
     if row_chunk == 0:
         if strict:
             return None  # not even one row of one sample per backward pass fits beside the rows
@@ -547,14 +566,19 @@ def _widen_chunk(probe: ProbeFunction, itemsize: int, budget: int) -> int:
     return max(probe.n_rows, min(GRAM_CHUNK_ELEMENTS, free // (16 * itemsize)))
 
 
-def row_chunk_for(probe: ProbeFunction, itemsize: int, room: int) -> int | None:
+def row_chunk_for(
+    probe: ProbeFunction, itemsize: int, room: int, strict: bool = False
+) -> int | None:
     """Rows of one sample per backward pass (:func:`row_chunked_jacrev`) such that a call's
     transient memory fits ``room`` bytes: ``None`` (all r rows in one vmapped pass) where one
     sample's (r + 1) activations fit, else the most that fit, or 0 where not even one row fits.
     Each chunk holds the forward's activations, its cotangents' backward intermediates (about
     one activation set each), the one-hot basis cotangents (r numbers each) and its own output
-    rows before they are copied into place."""
+    rows before they are copied into place. ``strict``: a given budget, the activations counted
+    with :data:`ESTIMATE_MARGIN`."""
     act = activation_elements(probe) * itemsize
+    if strict:
+        act = math.ceil(act * ESTIMATE_MARGIN)
     r = probe.rows_per_sample
     if (r + 1) * act <= room:
         return None

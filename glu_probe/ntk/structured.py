@@ -469,6 +469,7 @@ def structured_ntk(
     rows); else those floors are taken. ``why``: where given, the reason for a ``None`` is
     appended to it (the error of ``strategy="structured"`` names it)."""
     from .dense import (
+        ESTIMATE_MARGIN,
         GRAM_CHUNK_ELEMENTS,
         _batched_leaves,
         _gram_sym,
@@ -578,7 +579,7 @@ def structured_ntk(
     measured: PeakModel | None = None
     # (what measured profiles are remembered by: computed once, it walks the model)
     structure = _structure_key(source) if strict else ()
-    if strict and all_rows + jacobian_transient_bytes(source, r_item) <= budget:
+    if strict and all_rows + jacobian_transient_bytes(source, r_item, strict) <= budget:
         # A budget the user gave: the full pass's memory is measured per sample count
         # (_peak_model: a shared weight's per-use gradients and BatchNorm/convolution backward
         # passes exceed the activation estimate, up to 1.125x over before). Every pass over
@@ -657,25 +658,29 @@ def structured_ntk(
         # intermediates (about (r + 1) times its activations, see activation_elements). The
         # first pass runs before K exists.
         sample_rows = (factors // max(s_total, 1) + (r * rest_numel if with_rest else 0)) * r_item
-        trans = jacobian_transient_bytes(source, r_item)
+        trans = jacobian_transient_bytes(source, r_item, strict)
         pass_room = budget - stored - (0 if first else k_bytes)
         row_chunk, pass_chunk = None, chunk
         if pass_chunk is None:
-            pass_chunk = min(s_total, pass_room // max(sample_rows + trans, 1))
-            if measured is not None:  # (the full pass's profile, its rows included)
-                pass_chunk = min(pass_chunk, _largest_chunk(measured, pass_room, s_total))
+            if measured is not None:
+                # The full pass's measured profile (its rows included) bounds every group's
+                # pass: it replaces the activation estimate (and its margin).
+                pass_chunk = _largest_chunk(measured, pass_room, s_total)
                 if pass_chunk >= 1:  # what the pass holds beside its rows, per sample
                     held = _predicted_peak(measured, pass_chunk) - pass_chunk * sample_rows
-                    trans = max(trans, -(-held // pass_chunk))
+                    trans = max(-(-held // pass_chunk), 0)
+            else:
+                pass_chunk = min(s_total, pass_room // max(sample_rows + trans, 1))
             if pass_chunk < 1:  # one sample's backward alone does not fit: fewer rows a pass
-                row_chunk = row_chunk_for(source, r_item, pass_room - sample_rows)
+                row_chunk = row_chunk_for(source, r_item, pass_room - sample_rows, strict)
                 if not row_chunk:
                     if strict:
                         return None  # not even one row of one sample (or its rows) fits
                     row_chunk = None  # (the floor: one sample, all its rows)
                 pass_chunk = 1
                 if row_chunk is not None:
-                    trans = (row_chunk + 1) * activation_elements(source) * r_item
+                    act = activation_elements(source) * r_item
+                    trans = (row_chunk + 1) * math.ceil(act * (ESTIMATE_MARGIN if strict else 1))
         # The pass's intermediates are freed before the Grams, but the allocator may keep them.
         spare = budget - k_bytes - factors * r_item - widen - transient - pass_chunk * trans
         work_bytes = max(least * k_item, min(work * k_item, max(transient, spare), layer_room))
