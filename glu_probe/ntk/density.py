@@ -159,7 +159,9 @@ def slq_density(
     Returns:
         ``(nodes, weights)``, float64 CPU tensors of equal length (``≤ n_probes·n_steps``):
         the quadrature nodes ``θ`` of all probes and their weights ``τ/n_probes`` (they sum to
-        1).  ``Σ w f(θ)`` estimates ``tr f(K)/n``; see :func:`slq_trace`,
+        1 without deflation; with ``deflate``, the deflated pairs weigh 1/n each and the probes'
+        weights are scaled by their mass outside them, so the sum is 1 only in expectation:
+        0.98–1.02 measured).  ``Σ w f(θ)`` estimates ``tr f(K)/n``; see :func:`slq_trace`,
         :func:`slq_effective_rank`, and :func:`spectral_density` with ``weights=``.
 
     Args:
