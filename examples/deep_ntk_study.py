@@ -94,6 +94,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--widths must be multiples of 8 (heads of width 8 or 16)")
     if args.train_steps < 0:
         p.error("--train-steps must be >= 0")
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
     if args.probe_at is None:
         args.probe_at = sorted({0, args.train_steps // 4, args.train_steps})
     if any(s < 0 or s > args.train_steps for s in args.probe_at):

@@ -6,7 +6,9 @@ parameter identical at init) are trained side by side on identical batches
 (:class:`glu_probe.callbacks.PairedModule`) with the NTK, generalization-gap and loss-crossing
 monitors. The script then reports, as mean ± std over seeds: the NTK condition number at init and
 at the end, the first step at which the GLU model's training loss overtakes the baseline's, the
-final train/validation losses and the generalization gap (val − train).
+final train/validation losses and the clean generalization gap (the validation loss minus
+the loss on a fixed training subset, both in eval mode; not the difference of the two loss
+columns, whose train loss is the last training minibatch's, in train mode).
 
 Data: CIFAR-10 from a local ``cifar-10-batches-py`` folder (``--cifar-root``; never downloaded),
 else scikit-learn's digits (8x8, resized to 16x16).

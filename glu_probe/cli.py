@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +27,7 @@ examples:
   glu-probe report runs/demo-20260101-120000 --out report.png
   glu-probe theory --d 16 --m 256 --n 512
   glu-probe spectrum --timm vit_tiny_patch16_224 --set img_size=32 --set depth=2 --swap swiglu
-  glu-probe spectrum --hf-config gpt2 --set n_layer=2 --set n_embd=64 --set n_head=4 \
+  glu-probe spectrum --hf-config gpt2 --set n_layer=2 --set n_embd=64 --set n_head=4 \\
       --set vocab_size=256 --batch-size 2 --seq-len 32
 """
 
@@ -101,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--data",
         default=None,
-        metavar="DIR",
-        help="folder of text files for the GPT-2 pair (default: the Python standard library)",
+        metavar="PATH",
+        help="folder (or one file) of text for the GPT-2 pair (default: the Python standard "
+        "library)",
     )
     demo.add_argument(
         "--device",
@@ -247,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from glu_probe.demo import PAIRS, run_demo
 
@@ -254,10 +263,42 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         bad = [p for p in args.pairs if p not in PAIRS]
         if bad:
             parser.error(f"unknown pair(s) {bad}; choose from {list(PAIRS)}")
-    if args.data is not None and not Path(args.data).exists():
-        parser.error(f"--data folder {args.data!r} does not exist")
+        if len(set(args.pairs)) < len(args.pairs):
+            parser.error(f"--pairs lists a pair twice: {args.pairs}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    if args.device == "cuda" and not _cuda_available():
+        parser.error("--device cuda: no CUDA device is available (use --device auto or cpu)")
     if args.run_name is not None and ("/" in args.run_name or args.run_name in ("", ".", "..")):
         parser.error(f"--run-name must be a plain folder name, got {args.run_name!r}")
+    if args.data is not None:
+        if not Path(args.data).exists():
+            parser.error(f"--data {args.data!r} does not exist")
+        if args.pairs is None or "gpt2" in args.pairs:
+            from glu_probe.data import text_corpus
+            from glu_probe.demo import default_settings
+
+            o = default_settings(args.quick)["gpt2"].options
+            try:  # read now, not after the other pairs have trained
+                for split in ("train", "val"):
+                    text_corpus(
+                        args.data, split=split, seq_len=o["seq_len"], max_bytes=o["max_bytes"]
+                    )
+            except (OSError, ValueError) as err:
+                parser.error(f"--data {args.data!r}: {err}")
+    out = Path(args.out)
+    try:  # (before anything trains: a bad --out once failed after the first pair)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        parser.error(f"--out {args.out!r} cannot be used as a folder: {err}")
+    run_dir = out / args.run_name if args.run_name is not None else None
+    if run_dir is not None and run_dir.exists() and any(run_dir.iterdir()):
+        # TensorBoard would add this run's event files beside the old ones, and the report
+        # would mix both runs' series
+        parser.error(
+            f"run folder {str(run_dir)!r} exists and is not empty: its event "
+            "files would mix with this run's; pass another --run-name or remove it"
+        )
     run_demo(
         out_dir=args.out,
         run_name=args.run_name,
@@ -278,6 +319,9 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         parser.error(f"RUN_DIR {args.run_dir!r} does not exist or is not a directory")
+    target = Path(args.out) if args.out else run_dir / "report.png"
+    if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+        parser.error(f"--out {str(target)!r}: not a writable file path")
     try:
         run = load_run(run_dir)
     except FileNotFoundError as err:
@@ -285,7 +329,7 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     rows = summarize(run)
     console = make_console()
     console.print(render_table(rows, title=f"glu-probe report: {run_dir}"))
-    png = plot_report(run, args.out or run_dir / "report.png")
+    png = plot_report(run, target)
     console.print(f"Report figure: {png}")
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
@@ -496,12 +540,21 @@ def _cmd_spectrum(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         "residual_max": result.residual_max,
         "residual_min": result.residual_min,
         "converged": result.converged,
+        "numerical_rank": result.numerical_rank,
+        # λ_min at the rounding level: κ is infinite and λ_min is noise, not a value
+        "lambda_min_resolved": math.isfinite(result.condition_number),
+        "lambda_min_upper": result.lambda_min_upper,
+        "condition_number_lower": result.condition_number_lower,
         "effective_rank": result.effective_rank,
         "effective_rank_method": result.effective_rank_method,
         "wall_time": result.wall_time,
     }
     if args.json:
-        print(json.dumps(info, indent=2, default=str))
+        # (strict JSON: a non-finite number is written as null)
+        clean = {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in info.items()
+        }
+        print(json.dumps(clean, indent=2, default=str))
         return 0
     from rich.table import Table
 
@@ -513,19 +566,27 @@ def _cmd_spectrum(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     table.add_row("parameters", f"{n_params:,}")
     table.add_row("probe", f"{tuple(inputs.shape)} -> {result.n_rows} rows ({args.output})")
     table.add_row("method", f"{result.method}, {result.precision} (converged: {result.converged})")
-    if result.precision == "mixed":
-        bound: str | None = "rounding bound"
-    elif result.method == "dense":
-        bound = None  # exact float64 path: no Ritz pair, nothing to bound
-    else:
-        bound = "Ritz residual"
+    bound = "rounding bound" if result.method == "dense" else "Ritz residual + rounding"
+    resolved = math.isfinite(result.condition_number)
     for label, value, resid in (
         ("λ_max", result.lambda_max, result.residual_max),
         ("λ_min", result.lambda_min, result.residual_min),
     ):
-        note = f"± {resid:.2g} ({bound})" if bound else "(exact, float64)"
+        note = f"± {resid:.2g} ({bound})"
+        if label == "λ_min" and not resolved:
+            note = (
+                f"numerically zero at {result.precision} (rank {result.numerical_rank} of "
+                f"{result.n_rows}): rounding noise, not a value"
+                if result.numerical_rank is not None
+                else "numerically zero: rounding noise, not a value"
+            )
         table.add_row(label, f"{value:.6g}  {note}")
-    table.add_row("κ = λ_max/λ_min", f"{result.condition_number:.6g}")
+    kappa = (
+        f"{result.condition_number:.6g}"
+        if resolved
+        else f"inf (K is singular at this precision; κ ≥ {result.condition_number_lower:.3g})"
+    )
+    table.add_row("κ = λ_max/λ_min", kappa)
     table.add_row("effective rank", f"{result.effective_rank:.4g} ({result.effective_rank_method})")
     table.add_row("wall time", f"{result.wall_time:.2f} s on {device}")
     make_console().print(table)
@@ -590,7 +651,9 @@ def _timm_probe(model: Any, batch: int, img_size: int | None, gen: Any) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``glu-probe`` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # (named by the subcommand's own usage, not the top level's)
+        args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.handler(args, args.subparser))
     except KeyboardInterrupt:

@@ -453,11 +453,20 @@ def add_example_arguments(parser: Any, sizes: Sequence[str], run_name_help: str)
 
 
 def check_example_arguments(parser: Any, args: Any) -> Any:
-    """``--quick`` means ``--size quick``; ``--steps`` must be positive (``parser.error``)."""
+    """``--quick`` means ``--size quick``; ``--steps`` and ``--threads`` must be positive, the
+    seeds non-negative and ``--variant`` a gated variant (``parser.error``, exit status 2)."""
+    from glu_probe.modules import GATED_VARIANTS
+
     if args.quick:
         args.size = "quick"
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be >= 1")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if any(s < 0 for s in args.seeds):
+        parser.error(f"--seeds must be >= 0, got {args.seeds}")
+    if args.variant not in GATED_VARIANTS:
+        parser.error(f"--variant must be one of {sorted(GATED_VARIANTS)}, got {args.variant!r}")
     return args
 
 

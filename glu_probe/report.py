@@ -363,7 +363,8 @@ def _fmt_crossings(
     parts = [f"{s}{'↑' if d > 0 else '↓'}" for s, d in crossings[:4]]
     text = ", ".join(parts) + (" …" if len(crossings) > 4 else "")
     if detected:
-        text += " (confirmed " + ", ".join(str(s) for s, _ in detected[:4]) + ")"
+        more = " …" if len(detected) > 4 else ""
+        text += " (confirmed " + ", ".join(str(s) for s, _ in detected[:4]) + more + ")"
     return text
 
 
@@ -571,7 +572,7 @@ def format_seed_table(agg: Sequence[dict[str, Any]]) -> str:
 
     lines = [
         "| network | seeds | κ init | κ end | first crossing step (GLU overtakes) "
-        "| train loss | val loss | gap (val − train) |",
+        "| train loss | val loss | clean gap (val − train subset, eval mode) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in agg:

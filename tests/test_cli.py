@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,10 @@ def test_no_command_is_an_error(capsys):
         (["theory", "--d", "x", "--m", "8", "--n", "10"], "expected a positive integer, got 'x'"),
         (["theory", "--m", "8", "--n", "10"], "the following arguments are required: --d"),
         (["demo", "--pairs", "resnet"], "unknown pair(s) ['resnet']"),
-        (["demo", "--data", "/no/such/folder"], "--data folder '/no/such/folder' does not exist"),
+        (["demo", "--data", "/no/such/folder"], "--data '/no/such/folder' does not exist"),
+        (["demo", "--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["demo", "--pairs", "vit", "vit"], "--pairs lists a pair twice"),
+        (["demo", "--bogus"], "glu-probe demo: error: unrecognized arguments: --bogus"),
         (["demo", "--run-name", "a/b"], "--run-name must be a plain folder name"),
         (["demo", "--device", "tpu"], "invalid choice: 'tpu'"),
         (["demo", "--max-minutes", "-1"], "expected a positive number"),
@@ -279,14 +283,68 @@ def test_spectrum_table_output(capsys):
     assert "effective rank" in out and ("(slq)" in out or "(exact)" in out)
 
 
-def test_spectrum_table_says_exact_on_the_float64_dense_path(capsys):
-    """No Ritz pair on the exact path: "(exact, float64)" instead of "± 0 (Ritz residual)"."""
+def test_spectrum_table_names_the_rounding_bound_on_the_dense_path(capsys):
+    """No Ritz pair on the exact path: its float64 rounding allowance, not a "Ritz residual"."""
     argv = [a for a in _TINY_GPT2 if a != "--json"]
     assert main([*argv, "--set", "n_layer=1"]) == 0
     out = capsys.readouterr().out
-    assert "(exact, float64)" in out and "Ritz residual" not in out
+    assert "(rounding bound)" in out and "Ritz residual" not in out
     assert main([*argv, "--set", "n_layer=1", "--jacobian-dtype", "float32"]) == 0
     assert "(rounding bound)" in capsys.readouterr().out
+
+
+def test_spectrum_says_when_lambda_min_is_rounding_noise(capsys):
+    """A rank-deficient K (128 pNTK rows of a tiny GPT-2): λ_min was labelled "exact" and κ
+    printed as 2.7e17; the table and the JSON now say that λ_min is numerically zero and κ
+    infinite (JSON null, strict JSON)."""
+    argv = [
+        "spectrum", "--hf-config", "gpt2", "--set", "n_layer=1", "--set", "n_embd=32",
+        "--set", "n_head=2", "--set", "vocab_size=64", "--batch-size", "8", "--seq-len", "16",
+        "--device", "cpu",
+    ]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "numerically zero at float64 (rank 127 of 128)" in out
+        assert "inf (K is singular at this precision" in out
+        assert main([*argv, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)  # (strict: no bare Infinity / NaN)
+    assert info["condition_number"] is None and info["lambda_min_resolved"] is False
+    assert info["numerical_rank"] == 127 and info["condition_number_lower"] > 1e10
+
+
+def test_demo_refuses_what_would_fail_or_mix_before_training(tmp_path, capsys):
+    """Checked before any pair trains (a bad --data was found after two pairs had trained; a
+    reused run folder mixed two runs' event files in the report)."""
+    used = tmp_path / "runs" / "mine"
+    used.mkdir(parents=True)
+    (used / "events.out.tfevents.1").write_bytes(b"x")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("a\n")
+    cases = [
+        (["--out", str(tmp_path / "runs"), "--run-name", "mine"], "exists and is not empty"),
+        (["--out", str(afile)], "cannot be used as a folder"),
+        (["--data", str(empty)], "no readable text files"),
+        (["--data", str(tiny)], "too short for one window"),
+    ]
+    for extra, message in cases:
+        code, _, err = _exit_code(["demo", "--quick", *extra], capsys)
+        assert code == 2 and message in err, (extra, err)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mine"]
+
+
+def test_report_refuses_an_unwritable_figure_path(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, _, err = _exit_code(["report", str(run), "--out", str(afile / "r.png")], capsys)
+    assert code == 2 and "not a writable file path" in err
 
 
 def test_set_keys_a_config_consumes_in_another_form_are_accepted():

@@ -78,6 +78,15 @@ def test_example_argument_errors(tmp_path: Path, capsys):
     with pytest.raises(SystemExit):
         vit.parse_args(["--cifar-root", str(tmp_path / "none")])
     assert "is not a directory" in capsys.readouterr().err
+    # (raw tracebacks before: a ValueError for the variant, a RuntimeError for the threads)
+    for argv, message in (
+        (["--variant", "foo"], "--variant must be one of"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--seeds", "-1"], "--seeds must be >= 0"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            vit.parse_args(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
     gpt = _load("gpt2_glu_vs_mlp")
     with pytest.raises(SystemExit):
         gpt.parse_args(["--data", str(tmp_path / "none")])

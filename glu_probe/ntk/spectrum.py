@@ -568,7 +568,9 @@ def _dense(
     rank = int((evals > rank_tol).sum())
     if rank < n:
         _rank_warning(rank, n, lam_min, rank_tol, mixed=mixed)
-    kappa = lam_max / lam_min if lam_min > 0.0 else math.inf
+    # λ_min at or below the rounding level (numerical rank < n) is numerically zero: κ = ∞, as
+    # documented and as on the Lanczos path (it was λ_max/λ_min of rounding noise, e.g. 2.7e17)
+    kappa = lam_max / lam_min if lam_min > 0.0 and rank == n else math.inf
     if rank == n and eps64 * kappa > 1e-6:
         warnings.warn(
             f"K is ill-conditioned at float64: eps·κ = {eps64 * kappa:.1e} > 1e-6, so λ_min and "
