@@ -738,9 +738,9 @@ def ntk_matrix(
             factors or product vectors, their workspaces and vmapped calls, and the probe's
             copies of the parameters and inputs (tested with an independent count of every
             allocation). ``None``:
-            K plus 40% of the full Jacobian's bytes (60%, at least 16 MiB, for the structured
-            strategy, whose factors replace the Linear layers' rows), capped at half of the free
-            device memory.
+            K plus 40% of the full Jacobian's bytes (at least 16 MiB for the structured
+            strategy, whose factors replace the Linear layers' rows), capped at half of the
+            free device memory.
         strategy: ``"structured"`` (:mod:`glu_probe.ntk.structured`: ``nn.Linear`` layers
             from their Kronecker factors, every other parameter from its rows; one per-sample
             pass, nothing recomputed), ``"jacobian"`` (per-sample Jacobian row blocks and
@@ -838,9 +838,11 @@ def _structured(
     n = probe.n_rows
     if memory_budget is None:
         # The structured strategy stores factors that replace (and are smaller than) the
-        # Linear layers' rows, and recomputes nothing: it may use K + 60% of J's bytes
-        # (at least 16 MiB: small problems need not be squeezed).
-        extra = max(int(0.6 * n * probe.n_params * row_itemsize), 2**24)
+        # Linear layers' rows: it may use K + 40% of J's bytes, as the row strategy (at least
+        # 16 MiB: small problems need not be squeezed). 60% until 2026-11-27: the §3 ViT at
+        # n = 512 then held 0.29x the PyTorch tutorial's peak RSS (target 0.25x); at 40%,
+        # 0.22-0.24x at about the same time (0.83x vs 0.86x of the tutorial's, one noisy box).
+        extra = max(int(0.4 * n * probe.n_params * row_itemsize), 2**24)
         # ... and the backward intermediates of a vmapped call over 1/8 of the samples (the
         # pass's chunks; ViT d32 at n = 512: 9 samples, 7 MB), which the budget now counts.
         extra += math.ceil(probe.batch_size / 8) * jacobian_transient_bytes(probe, row_itemsize)
