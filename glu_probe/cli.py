@@ -320,7 +320,11 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     if not run_dir.is_dir():
         parser.error(f"RUN_DIR {args.run_dir!r} does not exist or is not a directory")
     target = Path(args.out) if args.out else run_dir / "report.png"
-    if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+    try:  # (its folder is created, as the figure writer does)
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        parser.error(f"--out {str(target)!r}: not a writable file path ({err})")
+    if target.is_dir() or not os.access(target.parent, os.W_OK):
         parser.error(f"--out {str(target)!r}: not a writable file path")
     try:
         run = load_run(run_dir)

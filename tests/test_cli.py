@@ -345,6 +345,11 @@ def test_report_refuses_an_unwritable_figure_path(tmp_path, capsys):
     afile.write_text("x")
     code, _, err = _exit_code(["report", str(run), "--out", str(afile / "r.png")], capsys)
     assert code == 2 and "not a writable file path" in err
+    # a folder that does not exist yet is created (as before the check): no refusal for it
+    code, _, err = _exit_code(
+        ["report", str(run), "--out", str(tmp_path / "new" / "r.png")], capsys
+    )
+    assert "not a writable file path" not in err and (tmp_path / "new").is_dir()
 
 
 def test_set_keys_a_config_consumes_in_another_form_are_accepted():

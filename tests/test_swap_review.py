@@ -935,3 +935,30 @@ def test_refusal_names_linear_subclasses() -> None:
     model = FalconForCausalLM(cfg)
     with pytest.raises(UnsupportedModelError, match=r"whose layers are FalconLinear: nn\.Linear"):
         swap_mlp(model, "swiglu")
+
+
+def test_bert_keeps_hooks_on_what_its_swap_keeps() -> None:
+    """transformers 5 leaves output-capturing hooks on BertLayer and BertSelfAttention after a
+    forward with output_hidden_states=True; the BERT swap rewires the layer in place and keeps
+    both, so it must not refuse (it did, for a while, on 2026-11-27). A hook on the replaced
+    intermediate layer is still refused."""
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+        vocab_size=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = BertModel(cfg)
+    ids = torch.randint(0, 64, (1, 8))
+    model(ids, output_hidden_states=True)
+    layer = model.encoder.layer[0]
+    assert layer._forward_hooks  # (transformers' own capture hook)
+    report = swap_mlp(model, "swiglu")
+    assert len(report.paths) == 2 and layer._forward_hooks  # kept with the layer
+    out = model(ids, output_hidden_states=True)
+    assert len(out.hidden_states) == 3
+    other = BertModel(cfg)
+    other.encoder.layer[1].intermediate.register_forward_hook(lambda m, a, o: o * 2)
+    with pytest.raises(UnsupportedModelError, match=r"has hooks \('intermediate'"):
+        swap_mlp(other, "swiglu")

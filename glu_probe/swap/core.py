@@ -156,6 +156,13 @@ class MLPAdapter(ABC):
         """Host-config fields ``(width_key, activation_key)`` to update (``None``: leave)."""
         return None, None
 
+    def dropped_modules(self, module: nn.Module) -> list[nn.Module]:
+        """The modules of ``module`` that the swap takes out of the model (default: all of
+        them, the block replaced whole). Hooks on them would be lost, so a block with such
+        hooks is refused; an adapter that rewires a block in place (BERT's layer) keeps the
+        rest, and their hooks (transformers' own output-capturing ones) with them."""
+        return list(module.modules())
+
     def source_parameters(self, module: nn.Module) -> list[nn.Parameter]:
         """The parameters the new block replaces (default: all of ``module``'s)."""
         return list(module.parameters())
@@ -984,7 +991,7 @@ def swap_mlp(
             plan.append((path, old, adapter, new, entry))
             continue
         try:
-            _check_hooks(old)
+            _check_hooks(old, adapter)
             _check_tied(path, old, adapter, paths_of[id(old)], param_names)
             spec = adapter.describe(old)
         except UnsupportedModelError as err:
@@ -1096,8 +1103,13 @@ def hooked_modules(module: nn.Module) -> list[str]:
     ]
 
 
-def _check_hooks(module: nn.Module) -> None:
-    hooked = hooked_modules(module)
+def _check_hooks(module: nn.Module, adapter: MLPAdapter) -> None:
+    dropped = {id(m) for m in adapter.dropped_modules(module)}
+    hooked = [
+        name
+        for name, m in module.named_modules()
+        if id(m) in dropped and any(getattr(m, d, None) for d in _HOOK_DICTS)
+    ]
     if hooked:
         where = ", ".join(repr(h) if h else "the block itself" for h in hooked[:4])
         raise UnsupportedModelError(

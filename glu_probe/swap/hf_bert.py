@@ -251,6 +251,18 @@ class BertLayerAdapter(MLPAdapter):
         old.output = ResidualNormMLP(new, layer_norm)
         old.output.train(out.training)
 
+    def dropped_modules(self, module: nn.Module) -> list[nn.Module]:
+        # install() keeps the layer, its attention and the output's LayerNorm
+        keep = getattr(module.output, "LayerNorm", None)
+        parts = [getattr(module, "intermediate", None), getattr(module, "output", None)]
+        return [
+            m
+            for part in parts
+            if isinstance(part, nn.Module)
+            for m in part.modules()
+            if m is not keep
+        ]
+
     def source_parameters(self, module: nn.Module) -> list[nn.Parameter]:
         out: Any = module.output
         if isinstance(out, ResidualNormMLP):
