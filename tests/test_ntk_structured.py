@@ -1342,3 +1342,31 @@ def test_structured_refusal_names_its_reason():
         ntk_matrix(
             ItemGate().double(), torch.randn(6, 5, dtype=torch.float64), strategy="structured"
         )
+
+
+def test_tied_embedding_head_keeps_to_budgets_above_its_least():
+    """An LM head tied to the embedding (one parameter, two names): the row strategy's
+    per-sample rows hold both uses' gradients and their sum at once, which the activation
+    estimate did not count (1.010x over at twice the least budget, a review found). Under a
+    given budget the tied parameters' per-use gradients are counted now."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.h = nn.Embedding(50, 32), nn.Linear(32, 32)
+            self.out = nn.Linear(32, 50, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.tanh(self.h(self.emb(x).mean(1))))
+
+    torch.manual_seed(0)
+    model, x = Tied(), torch.randint(0, 50, (40, 6))
+
+    def call(b: int) -> torch.Tensor:
+        return ntk_matrix(model, x, memory_budget=b)
+
+    for budget in range(262_000, 300_000, 4_000):  # (over at 270-278 kB before)
+        with LiveTensorBytes() as live:
+            call(budget)
+        assert live.peak <= budget, (live.peak, budget)

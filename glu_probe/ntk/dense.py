@@ -488,13 +488,28 @@ def activation_elements(probe: ProbeFunction) -> int:
 ESTIMATE_MARGIN = 1.5
 
 
+def shared_gradient_elements(probe: ProbeFunction) -> int:
+    """Elements of the per-use gradients of the probe's tied parameters (registered under k > 1
+    names, e.g. an LM head tied to the embedding): autograd holds the k uses' gradients and
+    their sum at once, k + 1 parameter-sized tensors per row where the row itself counts one.
+    (A module called twice is not seen here: the structured strategy measures that case.)"""
+    uses: dict[int, int] = {}
+    for _, p in probe.model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    named = dict(probe.model.named_parameters())
+    return sum(uses[id(named[n])] * named[n].numel() for n in probe.names if uses[id(named[n])] > 1)
+
+
 def jacobian_transient_bytes(probe: ProbeFunction, itemsize: int, strict: bool = False) -> int:
     """Bytes one sample adds to a ``vmap(jacrev)`` call beyond its rows (see
-    :func:`activation_elements`; ``strict``: a given budget, with :data:`ESTIMATE_MARGIN`)."""
+    :func:`activation_elements`; ``strict``: a given budget, with :data:`ESTIMATE_MARGIN` and
+    the tied parameters' per-use gradients, :func:`shared_gradient_elements`)."""
     act = activation_elements(probe) * itemsize
-    if strict:
-        act = math.ceil(act * ESTIMATE_MARGIN)
-    return (probe.rows_per_sample + 1) * act
+    r = probe.rows_per_sample
+    if not strict:
+        return (r + 1) * act
+    shared = r * shared_gradient_elements(probe) * itemsize
+    return (r + 1) * math.ceil(act * ESTIMATE_MARGIN) + shared
 
 
 def _plan(
@@ -585,6 +600,8 @@ def row_chunk_for(
     if r < 2:
         return 0
     per_row = act + (probe.n_params + r) * itemsize  # (r: its one-hot basis cotangent)
+    if strict:  # (a tied parameter's per-use gradients and their sum beside the row)
+        per_row += shared_gradient_elements(probe) * itemsize
     return int(max(0, min(r - 1, (room - act) // max(per_row, 1))))
 
 
