@@ -84,19 +84,15 @@ def callbacks(paired: bool) -> list[pl.Callback]:
     ]
 
 
-def train(tmp: Path, paired: bool, with_callbacks: bool) -> tuple[pl.LightningModule, Any]:
-    pl.seed_everything(7, workers=True)
-    if paired:
-        module: pl.LightningModule = PairedModule(net(nn.ReLU), net(nn.GELU), lr=1e-2)
-    else:
-        module = Plain()
+def fit(tmp: Path, module: pl.LightningModule, cbs: list[pl.Callback]) -> pl.Trainer:
+    """Two epochs of 32 shuffled samples, validation every 2 steps, deterministic, TensorBoard."""
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
         max_epochs=2,
         val_check_interval=2,
         logger=TensorBoardLogger(tmp, name="tb"),
-        callbacks=callbacks(paired) if with_callbacks else [],
+        callbacks=cbs,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -106,6 +102,16 @@ def train(tmp: Path, paired: bool, with_callbacks: bool) -> tuple[pl.LightningMo
     val_dl = DataLoader(data(16), batch_size=8)
     with deterministic():
         trainer.fit(module, train_dl, val_dl)
+    return trainer
+
+
+def train(tmp: Path, paired: bool, with_callbacks: bool) -> tuple[pl.LightningModule, Any]:
+    pl.seed_everything(7, workers=True)
+    if paired:
+        module: pl.LightningModule = PairedModule(net(nn.ReLU), net(nn.GELU), lr=1e-2)
+    else:
+        module = Plain()
+    trainer = fit(tmp, module, callbacks(paired) if with_callbacks else [])
     return module, (torch.get_rng_state(), trainer)
 
 
@@ -145,22 +151,7 @@ class Augmented(Plain):
 def train_augmented(tmp: Path, cbs: list[pl.Callback]) -> tuple[pl.LightningModule, torch.Tensor]:
     pl.seed_everything(7, workers=True)
     module = Augmented()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=2,
-        val_check_interval=2,
-        logger=TensorBoardLogger(tmp, name="tb"),
-        callbacks=cbs,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-    )
-    train_dl = DataLoader(data(32), batch_size=8, shuffle=True)
-    val_dl = DataLoader(data(16), batch_size=8)
-    with deterministic():
-        trainer.fit(module, train_dl, val_dl)
+    fit(tmp, module, cbs)
     return module, torch.get_rng_state()
 
 

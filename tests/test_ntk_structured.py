@@ -976,6 +976,16 @@ class ConvBatchNorm(nn.Module):
         return self.head(torch.tanh(self.bn1(self.fc(h))))
 
 
+def _warmed_conv_batchnorm() -> nn.Module:
+    """A float64 :class:`ConvBatchNorm` in eval mode with running statistics from 3 batches."""
+    model = ConvBatchNorm()
+    with torch.no_grad():
+        model.train()
+        for _ in range(3):
+            model(torch.randn(8, 2, 6, 6))
+    return model.eval().double()
+
+
 def _least_accepted(call, hi: int) -> int:
     """The smallest budget (to 0.1%) that ``call(budget)`` accepts (acceptance is monotone)."""
     lo = 1
@@ -999,12 +1009,7 @@ def test_structured_strategy_keeps_to_budgets_near_its_least(name):
     if name == "tied":
         model, x = TiedOutput().double(), torch.randn(8, 12, dtype=torch.float64)
     else:
-        model = ConvBatchNorm()
-        with torch.no_grad():
-            model.train()
-            for _ in range(3):
-                model(torch.randn(8, 2, 6, 6))
-        model = model.eval().double()
+        model = _warmed_conv_batchnorm()
         x = torch.randn(6, 2, 6, 6, dtype=torch.float64)
     expected = truth(model, x)
     for jdt in (None, torch.float32):
@@ -1038,12 +1043,7 @@ def test_few_samples_of_a_batchnorm_net_keep_to_budgets_near_the_least(samples):
     from glu_probe.ntk import ntk_spectrum
 
     torch.manual_seed(1)
-    model = ConvBatchNorm()
-    with torch.no_grad():
-        model.train()
-        for _ in range(3):
-            model(torch.randn(8, 2, 6, 6))
-    model = model.eval().double()
+    model = _warmed_conv_batchnorm()
     x = torch.randn(samples, 2, 6, 6, dtype=torch.float64)
     expected = truth(model, x)
     calls = {
@@ -1213,10 +1213,8 @@ def test_projection_check_is_not_chunked_by_its_fixed_vectors(monkeypatch):
     torch.testing.assert_close(K, truth(model, x), rtol=1e-9, atol=1e-12)
 
 
-def test_measurements_are_remembered_per_structure_and_renewed_when_it_changes(monkeypatch):
-    """The pass and check profiles are measured once per model structure and probe shapes (a
-    deep copy of the model reuses them), and again where a buffer's shape changes (a stale
-    profile ran 1.21x over the budget)."""
+def _count_measurements(monkeypatch) -> list[int]:
+    """A fresh memo of measured profiles, and the sample counts of every measurement taken."""
     from glu_probe.ntk import structured
 
     measured: list[int] = []
@@ -1228,6 +1226,15 @@ def test_measurements_are_remembered_per_structure_and_renewed_when_it_changes(m
 
     monkeypatch.setattr(structured, "_peak_model", spy)
     monkeypatch.setattr(structured, "_MEASURED", type(structured._MEASURED)())
+    return measured
+
+
+def test_measurements_are_remembered_per_structure_and_renewed_when_it_changes(monkeypatch):
+    """The pass and check profiles are measured once per model structure and probe shapes (a
+    deep copy of the model reuses them), and again where a buffer's shape changes (a stale
+    profile ran 1.21x over the budget)."""
+
+    measured = _count_measurements(monkeypatch)
 
     class Broad(nn.Module):
         def __init__(self) -> None:
@@ -1260,15 +1267,7 @@ def test_measurements_renewed_when_a_config_object_setting_changes(monkeypatch):
 
     from glu_probe.ntk import structured
 
-    measured: list[int] = []
-    peak_model = structured._peak_model
-
-    def spy(source, run, samples, room):
-        measured.append(samples)
-        return peak_model(source, run, samples, room)
-
-    monkeypatch.setattr(structured, "_peak_model", spy)
-    monkeypatch.setattr(structured, "_MEASURED", type(structured._MEASURED)())
+    measured = _count_measurements(monkeypatch)
 
     class Configured(nn.Module):
         def __init__(self, repeats: int) -> None:
