@@ -347,6 +347,8 @@ def summarize(run: RunData) -> list[dict[str, Any]]:
 
 
 def _fmt(x: Any, spec: str = ".4g") -> str:
+    if isinstance(x, float) and x == math.inf:
+        return "inf"  # (κ of a numerically singular K)
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
     return format(x, spec)

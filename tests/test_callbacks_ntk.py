@@ -1012,3 +1012,20 @@ def test_iterative_path_writes_slq_histogram_and_figure(tmp_path):
         assert counts == pytest.approx(96, rel=0.02)  # n·Σ weights over positive nodes
     assert "ntk/spectrum" not in acc.Tags()["histograms"]  # no exact eigenvalues to show
     assert [e.step for e in acc.Images("ntk/spectrum_figure")] == [0, 4]
+
+
+def test_singular_probe_logs_an_infinite_condition_number():
+    """More probe rows than parameters: K is singular, and the dense path now reports κ = ∞ (it
+    reported λ_max over the rounding noise of λ_min); the monitor logs it as such, and the
+    report shows "inf"."""
+    from glu_probe.report import _fmt
+
+    ds = make_data(n=64, d_in=5, d_out=3)
+    mon = NTKSpectrumMonitor(every_n_steps=2, probe_size=64, max_rows=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the engine's rank warning)
+        trainer(max_steps=2, callbacks=[mon]).fit(TinyNet(hidden=2), loader(ds))
+    assert [h["step"] for h in mon.history] == [0, 2]
+    assert all(h["ntk/condition_number"] == math.inf for h in mon.history)
+    assert all(h["ntk/lambda_max"] > 0 for h in mon.history)
+    assert _fmt(math.inf, ".3g") == "inf" and _fmt(math.nan) == "-"
