@@ -336,8 +336,20 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     png = plot_report(run, target)
     console.print(f"Report figure: {png}")
     if args.json:
-        print(json.dumps(rows, indent=2, default=str))
+        print(json.dumps(_strict_json(rows), indent=2, default=str))
     return 0
+
+
+def _strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float as ``None``: strict JSON (no bare Infinity/NaN,
+    which JSON.parse and strict readers reject; κ is infinite for a singular K)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 def _cmd_theory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -554,11 +566,7 @@ def _cmd_spectrum(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         "wall_time": result.wall_time,
     }
     if args.json:
-        # (strict JSON: a non-finite number is written as null)
-        clean = {
-            k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in info.items()
-        }
-        print(json.dumps(clean, indent=2, default=str))
+        print(json.dumps(_strict_json(info), indent=2, default=str))
         return 0
     from rich.table import Table
 

@@ -196,6 +196,31 @@ def test_report_command_prints_values_and_writes_png(tmp_path: Path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_json_is_strict_with_an_infinite_condition_number(tmp_path: Path, capsys):
+    """κ = ∞ (a singular K) was written as a bare Infinity, which strict JSON readers reject;
+    the table shows "inf"."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(tmp_path / "run" / "pair"))
+    for s, (a, b) in enumerate([(1.0, 0.9), (0.6, 0.7)]):
+        w.add_scalar("model/train_loss", a, s)
+        w.add_scalar("baseline/train_loss", b, s)
+    w.add_scalar("ntk/model/condition_number", float("inf"), 0)
+    w.add_scalar("ntk/baseline/condition_number", 50.0, 0)
+    w.close()
+    png = tmp_path / "r.png"
+    assert main(["report", str(tmp_path / "run"), "--out", str(png), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "inf" in out
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    rows = json.loads(out[out.index("[\n") :], parse_constant=refuse)
+    model = next(r for r in rows if r["side"] == "model")
+    assert model["kappa_init"] is None
+
+
 def _pntk_condition_number(model, x):
     """Independent ground truth: J by torch.func.jacrev of g = Σ_o f_o/√O, float64 eigvalsh."""
     params = {k: v.detach() for k, v in model.named_parameters()}

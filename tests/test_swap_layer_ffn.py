@@ -225,3 +225,29 @@ def test_layers_that_use_fc1_and_fc2_otherwise_are_not_rewired() -> None:
         with pytest.raises(UnsupportedModelError, match="no recognised MLP block"):
             swap_mlp(host, "swiglu")
         assert host[0].fc1 is fc1 and isinstance(host[0].fc2, nn.Linear)  # restored by the check
+
+
+@pytest.mark.parametrize(
+    ("where", "kept"),
+    [("", True), ("self_attn", True), ("final_layer_norm", True), ("fc1", False), ("fc2", False)],
+)
+def test_hooks_refuse_only_what_the_rewiring_drops(where: str, kept: bool) -> None:
+    """The layer is rewired in place: hooks on the layer, its attention and its norms stay and
+    still fire (transformers' own output-capturing hooks sit there after a forward with
+    output_hidden_states=True; a first version of the hook check refused OPT then). Hooks on
+    fc1 or fc2, which the swap takes out, are refused."""
+    from glu_probe.swap import UnsupportedModelError
+
+    torch.manual_seed(0)
+    model = transformers.OPTModel(opt_config()).eval()
+    path = "decoder.layers.0" + ("." + where if where else "")
+    module = model.get_submodule(path)
+    calls: list[int] = []
+    module.register_forward_hook(lambda *a: calls.append(1))
+    if not kept:
+        with pytest.raises(UnsupportedModelError, match=rf"has hooks \('{where}'"):
+            swap_mlp(model, "swiglu")
+        return
+    swap_mlp(model, "swiglu")
+    model(input_ids=torch.randint(3, 50, (1, 5)))
+    assert calls and any(m is module for m in model.modules())

@@ -235,6 +235,16 @@ class LayerFFNAdapter(MLPAdapter):
         if isinstance(getattr(layer, "activation_dropout", None), int | float):
             layer.activation_dropout = 0.0  # now the block's drop1
 
+    def dropped_modules(self, module: nn.Module) -> list[nn.Module]:
+        # install() rewires the layer in place: only the up, activation and down modules go
+        # (the layer, its attention and its norms stay, with their hooks: transformers' own
+        # output-capturing ones included)
+        names = _names(module, True) or _names(module, False)
+        if names is None:
+            return list(module.modules())
+        parts = [getattr(module, n, None) for n in names]
+        return [m for part in parts if isinstance(part, nn.Module) for m in part.modules()]
+
     def source_parameters(self, module: nn.Module) -> list[nn.Parameter]:
         swapped = _names(module, True)
         if swapped is not None:
