@@ -242,15 +242,20 @@ class CrossingDetector:
         self.crossings.append(crossing)
         return crossing
 
+    @property
+    def params(self) -> dict[str, Any]:
+        """The detector's settings, as its :meth:`state_dict` saves them."""
+        return {
+            "smoothing": self.smoothing,
+            "patience": self.patience,
+            "hysteresis": self.hysteresis,
+            "abs_hysteresis": self.abs_hysteresis,
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """All state as plain Python values (checkpoint- and JSON-friendly)."""
         return {
-            "params": {
-                "smoothing": self.smoothing,
-                "patience": self.patience,
-                "hysteresis": self.hysteresis,
-                "abs_hysteresis": self.abs_hysteresis,
-            },
+            "params": self.params,
             "n_updates": self.n_updates,
             "n_nonfinite": self.n_nonfinite,
             "ema_a": self._ema_a,
@@ -272,13 +277,7 @@ class CrossingDetector:
         saved ones (a ``ValueError`` otherwise); else this detector keeps its own and goes on
         from the saved smoothed losses, regime and crossings (later updates use the new
         parameters; a patience count in progress is capped at the new patience)."""
-        params = dict(state["params"])
-        mine = {
-            "smoothing": self.smoothing,
-            "patience": self.patience,
-            "hysteresis": self.hysteresis,
-            "abs_hysteresis": self.abs_hysteresis,
-        }
+        params, mine = dict(state["params"]), self.params
         if params != mine and strict:
             raise ValueError(
                 f"CrossingDetector parameters differ from the saved state: saved {params}, "

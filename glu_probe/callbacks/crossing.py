@@ -383,7 +383,7 @@ class LossCrossingMonitor(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict["detector"]
-        mine = self.detector.state_dict()["params"]
+        mine = self.detector.params
         if dict(saved["params"]) != mine:
             rank_zero_warn(
                 f"LossCrossingMonitor: resuming with detector settings {mine} where the "

@@ -402,21 +402,28 @@ def _explicit_residuals(q: Tensor, w: Tensor, y: Tensor, theta: Tensor) -> Tenso
 TRUST_EXPONENT = 0.75
 
 
-def _error_bounds(theta: Tensor, residuals: Tensor, tol: float, refine: bool) -> Tensor:
+def _error_bounds(
+    theta: Tensor,
+    residuals: Tensor,
+    tol: float,
+    refine: bool,
+    trust_exponent: float = TRUST_EXPONENT,
+) -> Tensor:
     """:func:`ritz_error_bounds` as the convergence test uses it: the quadratic refinement
     r²/δ only where it can be trusted, else the plain residual r.
 
     δ is estimated from the other Ritz values, which says nothing about eigenvalues the basis
     has not found yet. Two guards: the basis must hold a Krylov block beyond the start block
     (``refine``), and the Ritz value's own residual must already be small,
-    r ≤ tol**:data:`TRUST_EXPONENT`·|θ| (a warm start whose λ_min residual exceeded λ_min
-    itself was once declared converged through a gap to far-away Ritz values).
+    r ≤ tol**``trust_exponent``·|θ| (:data:`TRUST_EXPONENT` by default; a warm start whose
+    λ_min residual exceeded λ_min itself was once declared converged through a gap to far-away
+    Ritz values).
     """
     plain = residuals.to(torch.float64).cpu().clone()
     if not refine:
         return plain
     err = ritz_error_bounds(theta, residuals)
-    trusted = plain <= tol**TRUST_EXPONENT * theta.abs()
+    trusted = plain <= tol**trust_exponent * theta.abs()
     return torch.where(trusted, err, plain)
 
 

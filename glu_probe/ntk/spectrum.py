@@ -71,7 +71,7 @@ from .functional import (
     probe_copy_bytes,
     refuse_small_budget,
 )
-from .krylov import block_lanczos, ritz_error_bounds
+from .krylov import _error_bounds, block_lanczos
 from .operator import NTKOperator, agreed, is_out_of_memory
 
 __all__ = [
@@ -227,9 +227,7 @@ def _converged_top(res: Any, tol: float) -> tuple[Tensor, Tensor] | None:
     theta = res.ritz_values
     if theta.numel() == 0:
         return None
-    plain = res.residual_norms.to(torch.float64).cpu()
-    refined = ritz_error_bounds(theta, plain)
-    bound = torch.where(plain <= math.sqrt(tol) * theta.abs(), refined, plain)
+    bound = _error_bounds(theta, res.residual_norms, tol, refine=True, trust_exponent=0.5)
     top = float(theta.max())
     order = torch.argsort(theta, descending=True)
     keep = [int(i) for i in order if theta[i] > 0 and bound[i] <= tol * top]

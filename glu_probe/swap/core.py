@@ -1095,21 +1095,19 @@ _HOOK_DICTS = (
 )
 
 
+def _has_own_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, d, None) for d in _HOOK_DICTS)
+
+
 def hooked_modules(module: nn.Module) -> list[str]:
     """Names (``""``: the block itself) of the modules in ``module`` with forward, pre-forward
     or backward hooks: a swap builds a new block, which would not carry them."""
-    return [
-        name for name, m in module.named_modules() if any(getattr(m, d, None) for d in _HOOK_DICTS)
-    ]
+    return [name for name, m in module.named_modules() if _has_own_hooks(m)]
 
 
 def _check_hooks(module: nn.Module, adapter: MLPAdapter) -> None:
     dropped = {id(m) for m in adapter.dropped_modules(module)}
-    hooked = [
-        name
-        for name, m in module.named_modules()
-        if id(m) in dropped and any(getattr(m, d, None) for d in _HOOK_DICTS)
-    ]
+    hooked = [n for n, m in module.named_modules() if id(m) in dropped and _has_own_hooks(m)]
     if hooked:
         where = ", ".join(repr(h) if h else "the block itself" for h in hooked[:4])
         raise UnsupportedModelError(
