@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from glu_probe._rng import seeded
+
 __all__ = [
     "CausalLMLogits",
     "ModelPair",
@@ -137,8 +139,7 @@ def tiny_vit(
     """A tiny timm ``VisionTransformer`` (GELU ``Mlp`` blocks), initialised under ``seed``."""
     from timm.models.vision_transformer import VisionTransformer
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):  # built on the CPU
         return VisionTransformer(
             img_size=img_size,
             patch_size=patch_size,
@@ -157,8 +158,7 @@ def _swapped_copy(host: nn.Module, variant: str, seed: int, multiple_of: int) ->
     from glu_probe.swap import swap_mlp
 
     model = copy.deepcopy(host)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
+    with seeded(seed + 1, {p.device for p in model.parameters()}):
         report = swap_mlp(model, variant, match="params", multiple_of=multiple_of)
     return model, report
 
@@ -236,8 +236,7 @@ def tiny_gpt2(
         eos_token_id=0,
         **defaults,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):  # built on the CPU
         return GPT2LMHeadModel(config)
 
 

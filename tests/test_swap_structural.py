@@ -302,6 +302,40 @@ def test_check_leaves_rng_and_training_flags_alone() -> None:
     assert not model.layers[1].mlp.drop.training
 
 
+def test_check_never_reseeds_a_cuda_generator(monkeypatch) -> None:
+    """Found on an H100 (2026-11-28): the check seeded with ``torch.manual_seed`` inside
+    ``fork_rng(devices=[])``, which reseeds every CUDA generator and restores none (on a CPU-only
+    machine it queues that reseed for CUDA's initialisation). Neither the check, the split-gated
+    verification nor the seeded model builders may reach CUDA's seeding at all."""
+    import glu_probe.swap.structural as structural
+    from glu_probe import models
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append("all"))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append("one"))
+    monkeypatch.setattr(structural, "_RECIPES", {})
+    monkeypatch.setattr(structural, "_SPLIT_VERDICTS", {})
+    config, model_cls = _build("modernbert")  # a dropout: the training-mode check runs too
+    model = model_cls(config)
+    for m in model.modules():
+        _analyse(m)
+    assert structural.verify_split_gated(_SplitFFN(), "w1", "w3", "w2", "act")
+    models.tiny_vit(seed=1)
+    models.tiny_gpt2(seed=1)
+    models.vit_pair("swiglu", seed=1)
+    assert calls == []
+
+
+class _SplitFFN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.w3, self.w2 = nn.Linear(16, 24), nn.Linear(16, 24), nn.Linear(24, 16)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
+
+
 class _GeluFFN(nn.Module):
     """Split-gated, activation called functionally: w2(gelu(w1 x) ⊙ w3 x)."""
 

@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from glu_probe._rng import seeded
 from glu_probe._settings import plain_settings
 from glu_probe.modules import activation_name
 from glu_probe.swap.core import (
@@ -384,16 +385,13 @@ def _check(
     residual: list[Tensor] = []
 
     def reference(x: Tensor, training: bool, seed: int) -> Any:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed)
-            with _TrainingFlags(module, training):
-                if not residual:
-                    return torch.func.functional_call(module, tensors, (x,))
-                return torch.func.functional_call(module, tensors, (x, residual[0]))
+        with seeded(seed), torch.no_grad(), _TrainingFlags(module, training):  # CPU tensors
+            if not residual:
+                return torch.func.functional_call(module, tensors, (x,))
+            return torch.func.functional_call(module, tensors, (x, residual[0]))
 
     def candidate(recipe: _Recipe, act: Any, x: Tensor, training: bool, seed: int) -> Tensor:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed)
+        with seeded(seed), torch.no_grad():  # CPU tensors only
             y = _apply(recipe, tensors, act, x, training)
             return y + residual[0] if recipe.residual else y
 
@@ -619,12 +617,9 @@ def _verify_split(module: nn.Module, names: tuple[str, str, str, str]) -> bool:
     x = torch.randn(2, 3, g.in_features, generator=gen)
     try:
         for training, seed in ((False, 0), (True, 1)):
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                torch.manual_seed(seed)
-                with _TrainingFlags(module, training):
-                    ref = torch.func.functional_call(module, tensors, (x,))
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                torch.manual_seed(seed)
+            with seeded(seed), torch.no_grad(), _TrainingFlags(module, training):  # CPU only
+                ref = torch.func.functional_call(module, tensors, (x,))
+            with seeded(seed), torch.no_grad():  # CPU tensors only
                 want = _apply(recipe, tensors, act, x, training)
             if not _close(ref, want):
                 return False
