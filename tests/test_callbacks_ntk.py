@@ -187,6 +187,79 @@ def test_logged_values_equal_dense_eigh(tmp_path, output, dtype, method, rtol):
         assert hist["ntk/effective_rank"] == pytest.approx(expected_er, rel=max(rtol, 1e-6))
 
 
+class WideNet(TinyNet):
+    """16.8M float32 parameters: the probe's own copies (parameters and four parameter-sized
+    vectors) exceed 256 MiB."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(5, 4096), nn.Tanh(), nn.Linear(4096, 4096), nn.Tanh(), nn.Linear(4096, 3)
+        )
+
+
+def test_default_budget_grows_with_the_model():
+    """The monitor's default memory_budget is the probe's own floor plus 256 MiB of workspace.
+    A fixed 256 MiB (the default until 2026-11-28) refused every model above ~13M float32
+    parameters with a ValueError at train start (a GPT-2-small pair on an H100)."""
+    torch.manual_seed(0)
+    ds = make_data(n=8)
+    snaps = Snapshots()
+    mon = NTKSpectrumMonitor(every_n_steps=1, probe_size=4)
+    model = WideNet()
+    assert sum(p.numel() for p in model.parameters()) * 4 * 5 > 2**28
+    trainer(max_steps=1, callbacks=[mon, snaps]).fit(model, loader(ds, batch_size=4))
+    assert [h["step"] for h in mon.history] == [0, 1]
+    net = WideNet()
+    net.load_state_dict(snaps.states[0])
+    ev = dense_spectrum(net, ds.tensors[0][:4]).double()
+    assert mon.history[0]["ntk/lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-5)
+    assert mon.history[0]["ntk/lambda_min"] == pytest.approx(float(ev[0]), rel=1e-4)
+
+
+def test_given_budget_too_small_is_a_misconfiguration_and_default_falls_back(monkeypatch):
+    """A memory_budget the user gives is a cap: too small for the model, the first probe raises
+    a MisconfigurationException that says so (training never starts). The default never
+    refuses: where its workspace is too small (here forced to 1 byte), the probe runs under the
+    engine's own default instead, and logs the true spectrum."""
+    ds = make_data()
+    mon = NTKSpectrumMonitor(every_n_steps=2, probe_size=12, spectrum_kwargs={"memory_budget": 64})
+    with pytest.raises(MisconfigurationException, match=r"spectrum_kwargs.*memory_budget=64"):
+        trainer(max_steps=2, callbacks=[mon]).fit(TinyNet(), loader(ds))
+
+    import glu_probe.callbacks.ntk as ntk_callback
+
+    monkeypatch.setattr(ntk_callback, "DEFAULT_MEMORY_BUDGET", 1)
+    torch.manual_seed(0)
+    snaps = Snapshots()
+    mon = NTKSpectrumMonitor(every_n_steps=2, probe_size=12, method="dense")
+    least = {}
+    real = ntk_callback.NTKSpectrumMonitor._default_budget
+
+    def spy(self, target, group=None):
+        least["budget"] = real(self, target, group)
+        return least["budget"]
+
+    monkeypatch.setattr(ntk_callback.NTKSpectrumMonitor, "_default_budget", spy)
+    budgets: list[Any] = []
+    engine = glu_probe.ntk.ntk_spectrum
+
+    def recorded(*args, **kwargs):
+        budgets.append(kwargs["memory_budget"])
+        return engine(*args, **kwargs)
+
+    monkeypatch.setattr(glu_probe.ntk, "ntk_spectrum", recorded)
+    trainer(max_steps=1, callbacks=[mon, snaps]).fit(TinyNet(), loader(ds))
+    assert budgets[:2] == [least["budget"], None]  # refused, then the engine's default
+    from glu_probe.ntk.functional import least_memory_budget
+
+    assert least["budget"] == 1 + least_memory_budget(
+        TinyNet(), ds.tensors[0][:12], None, torch.float64
+    )
+    ev = truth_at(snaps.states[0], ds.tensors[0][:12])
+    assert mon.history[0]["ntk/condition_number"] == pytest.approx(float(ev[-1] / ev[0]), rel=1e-4)
+
+
 def test_default_exact_path_is_mixed_precision_within_its_logged_bound():
     """dtype=float32 (default): float32 Jacobian rows, K in float64; truth within the residuals."""
     torch.manual_seed(0)

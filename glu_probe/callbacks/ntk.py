@@ -56,7 +56,8 @@ Cost
 The defaults are chosen for a small, steady overhead: pNTK rows, at most 64 of them, the exact
 path in mixed precision (float32 Jacobian rows, K and its ``eigh`` in float64: half the cost of
 float64 rows, with the rounding bound logged as ``ntk/residual_min`` and ``ntk/residual_max``;
-``dtype=torch.float64`` for float64 rows) with a 256 MiB ``memory_budget`` so that K is
+``dtype=torch.float64`` for float64 rows) with 256 MiB of workspace beyond what the probe
+itself needs (``memory_budget``; on CUDA half the free memory, where more) so that K is
 assembled from a few large Jacobian blocks, histograms at every probe and the PNG figure (about
 0.1 s to render) at the first and the last probe only (``figure_every`` adds more).
 ``benchmarks/bench_callbacks.py`` measures the overhead.
@@ -138,7 +139,10 @@ METRICS = (
     "residual_min",
 )
 
-#: Default ``memory_budget`` (bytes) of the exact path inside the monitor.
+#: Default workspace (bytes) of a probe inside the monitor, on top of the least budget the probe
+#: needs (:func:`glu_probe.ntk.functional.least_memory_budget`: its copies of the parameters,
+#: buffers and inputs and four parameter-sized vectors); on CUDA, half of the device's free
+#: memory where that is more (the engine's own default without a budget).
 DEFAULT_MEMORY_BUDGET = 2**28
 
 #: Default ``slq_probes`` inside the monitor: the iterative path estimates the effective rank by
@@ -321,9 +325,12 @@ class NTKSpectrumMonitor(Callback):
         warm_start: warm-start the iterative path from the previous probe's Ritz vectors.
         spectrum_kwargs: extra keyword arguments for :func:`glu_probe.ntk.ntk_spectrum`
             (e.g. ``tol``, ``max_matvecs``, ``block_size``). ``memory_budget`` defaults to
-            :data:`DEFAULT_MEMORY_BUDGET` (256 MiB) here, so that the exact path assembles K from
-            a few large Jacobian blocks instead of many small ones (about 10x faster on small
-            probes than the engine's minimal-memory default), and ``slq_probes`` to
+            the least the probe needs plus :data:`DEFAULT_MEMORY_BUDGET` (256 MiB; on CUDA, half
+            the free device memory where that is more) here, so that the exact path assembles
+            K from a few large Jacobian blocks instead of many small ones (about 10x faster on
+            small probes than the engine's minimal-memory default) whatever the model's size;
+            a given ``memory_budget`` is a cap (too small for the model: a
+            MisconfigurationException at the first probe), and ``slq_probes`` to
             :data:`DEFAULT_SLQ_PROBES` (the effective rank on the iterative path).
         prefix: metric name prefix (``"ntk"``); change it to run several monitors side by side
             (e.g. one restricted to the MLP parameters). Monitors of one Trainer need distinct
@@ -411,7 +418,6 @@ class NTKSpectrumMonitor(Callback):
         self.eval_mode = bool(eval_mode)
         self.warm_start = bool(warm_start)
         self.spectrum_kwargs = _checked_spectrum_kwargs(spectrum_kwargs)
-        self.spectrum_kwargs.setdefault("memory_budget", DEFAULT_MEMORY_BUDGET)
         self.spectrum_kwargs.setdefault("slq_probes", DEFAULT_SLQ_PROBES)
         self.prefix = prefix
 
@@ -830,6 +836,27 @@ class NTKSpectrumMonitor(Callback):
                 category=w.category,
             )
 
+    def _default_budget(self, target: nn.Module, group: Any = None) -> int:
+        """``memory_budget`` of a probe of ``target`` unless ``spectrum_kwargs`` sets one: the
+        least the probe needs plus :data:`DEFAULT_MEMORY_BUDGET` of workspace (on CUDA, half
+        the device's free memory where that is more). A fixed 256 MiB, the default until
+        2026-11-28, refused every model above about 13M float32 parameters (a GPT-2-small pair
+        stopped at train start on an H100), since the probe's own copies exceed it. Under a
+        sharded probe (``group``) every rank takes the smallest rank's budget."""
+        from glu_probe.ntk.dense import _available_bytes
+        from glu_probe.ntk.functional import least_memory_budget
+
+        first = torch.float64 if self.method == "dense" else self.dtype  # as ntk_spectrum
+        least = least_memory_budget(target, self._inputs, self.params, first)
+        device = next(target.parameters()).device
+        spare = _available_bytes(device) // 2 if device.type == "cuda" else 0
+        budget = least + max(DEFAULT_MEMORY_BUDGET, spare)
+        if group is not None:  # free memory differs between ranks; their plans must not
+            agreed = torch.tensor([budget], dtype=torch.int64, device=device)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN, group=group)
+            budget = int(agreed.item())
+        return budget
+
     def _compute(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
     ) -> dict[str, dict[str, Any]]:
@@ -847,6 +874,8 @@ class NTKSpectrumMonitor(Callback):
             if warm is not None:
                 warm = warm.to(pl_module.device)
             kwargs: dict[str, Any] = dict(self.spectrum_kwargs)
+            if "memory_budget" not in kwargs:
+                kwargs["memory_budget"] = self._default_budget(target, group)
             kwargs.update(
                 output=self.output,
                 method=self.method,
@@ -860,7 +889,8 @@ class NTKSpectrumMonitor(Callback):
             if group is not None:
                 self._check_shards(target, group, name, step, include_cuda)
             chunk = self.chunk_size
-            for attempt in range(2):
+            halved = False
+            while True:
                 t0 = time.perf_counter()
                 try:
                     with (
@@ -872,10 +902,21 @@ class NTKSpectrumMonitor(Callback):
                     ):
                         spec = ntk_spectrum(target, self._inputs, chunk_size=chunk, **kwargs)
                 except Exception as err:
+                    if isinstance(err, ValueError) and str(err).startswith("memory_budget"):
+                        if "memory_budget" in self.spectrum_kwargs:
+                            raise MisconfigurationException(
+                                f"NTKSpectrumMonitor: probing {name}: `spectrum_kwargs` {err}"
+                            ) from err
+                        if kwargs["memory_budget"] is not None:
+                            # the default workspace is too small for this model's activations:
+                            # the engine's own default (half the free memory) instead
+                            kwargs["memory_budget"] = None
+                            continue
                     if is_out_of_memory(err):
                         if torch.cuda.is_available():
                             torch.cuda.empty_cache()
-                        if attempt == 0:
+                        if not halved:
+                            halved = True
                             chunk = max(1, (chunk or self._n_probe) // 2)
                             continue
                         if self.strict:

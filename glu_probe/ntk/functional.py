@@ -473,6 +473,18 @@ def planned_copy_bytes(
     return total, sum(p.numel() for p in selected.values()), item
 
 
+def least_memory_budget(
+    model: nn.Module, inputs: Any, params: ParamFilter, dtype: torch.dtype | None
+) -> int:
+    """The least ``memory_budget`` (bytes) that any NTK computation of ``model`` on ``inputs``
+    accepts: the probe's copies of its parameters, buffers and inputs
+    (:func:`planned_copy_bytes`) and four parameter-sized vectors (one product's, or one row
+    block's Gram operands) at the probe's itemsize. Below it, :func:`refuse_small_budget`
+    refuses; K and the Jacobian rows come on top."""
+    copies, n_params, item = planned_copy_bytes(model, inputs, params, dtype)
+    return copies + 4 * n_params * item
+
+
 def refuse_small_budget(
     memory_budget: int | None,
     model: nn.Module,
@@ -487,7 +499,7 @@ def refuse_small_budget(
     if memory_budget is None:
         return
     copies, n_params, item = planned_copy_bytes(model, inputs, params, dtype)
-    least = copies + 4 * n_params * item
+    least = least_memory_budget(model, inputs, params, dtype)
     if memory_budget < least:
         raise ValueError(
             f"memory_budget={memory_budget} bytes is too small: the probe's copies of the "
