@@ -366,3 +366,55 @@ trainer:
     gap = by_type[GeneralizationGapMonitor]
     assert type(gap.metrics["acc"]).__name__ == "MulticlassAccuracy"
     assert by_type[TensorBoardDashboard].pairs == {"acc": ["glu/val_acc", "baseline/val_acc"]}
+
+
+def test_per_step_read_makes_no_host_reads_with_progress_bar_metrics(tmp_path, monkeypatch):
+    """Lightning's ``trainer.callback_metrics`` calls ``Tensor.item()`` on every ``prog_bar``
+    metric at each access (a device sync per metric on a GPU). The monitor's per-step hook read
+    it until 2026-11-28: 16 ``.item()`` calls over 8 steps with two progress-bar metrics (review
+    of the CUDA paths). It now reads the step's values without them, and those values are the
+    ones ``callback_metrics`` holds (same keys, same tensors)."""
+    from glu_probe.callbacks._utils import step_metrics
+
+    class Bar(Synthetic):
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            self.log("lr_x", torch.tensor(0.5) + batch_idx, prog_bar=True)
+            self.log("acc", torch.tensor(0.25), prog_bar=True, on_step=True, on_epoch=True)
+            self.log("ep_only", torch.tensor(1.0), on_step=False, on_epoch=True)
+            return out
+
+    mon = LossCrossingMonitor(baseline=list(CURVE_B), read_every=10**6, **KW)
+    reads = {"in_hook": 0}
+    real_item = torch.Tensor.item
+    hook = LossCrossingMonitor.on_train_batch_end
+    inside = {"on": False}
+
+    def counting_item(self):
+        if inside["on"]:
+            reads["in_hook"] += 1
+        return real_item(self)
+
+    def timed_hook(self, *args, **kwargs):
+        inside["on"] = True
+        try:
+            return hook(self, *args, **kwargs)
+        finally:
+            inside["on"] = False
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    monkeypatch.setattr(LossCrossingMonitor, "on_train_batch_end", timed_hook)
+    seen = []
+
+    class Compare(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            ours = dict(step_metrics(trainer))
+            theirs = dict(trainer.callback_metrics)
+            seen.append(set(ours) == set(theirs))
+            assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+    trainer = _trainer(tmp_path, max_steps=8, callbacks=[mon, Compare()])
+    trainer.fit(Bar(CURVE_A), _loader())
+    assert reads["in_hook"] == 0
+    assert seen == [True] * 8
+    assert mon.detector.last_step == 7  # every step was still read (at fit end)

@@ -41,12 +41,21 @@ def test_ntk_spectrum_on_cuda_matches_float64_truth(kind, method):
 
 @pytest.mark.parametrize("kind", ["relu", "reglu"])
 def test_mixed_precision_dense_path_on_cuda_within_its_bound(kind):
-    """float32 Jacobian rows on the GPU (TF32 off inside the probe), float64 K and eigh."""
+    """float32 Jacobian rows on the GPU, float64 K and eigh. The user has TF32 on (the torch
+    >= 2.9 way, as Hugging Face ``TrainingArguments(tf32=True)`` does): the probe runs in IEEE
+    float32 anyway (TF32 would break the bound) and leaves the setting as it was (it raised
+    before 2026-11-28)."""
     torch.manual_seed(0)
     model = two_layer(kind, 8, 64, seed=0)
     X = torch.randn(48, 8)
     lam_max, lam_min = _truth(copy.deepcopy(model), X)
-    spec = ntk_spectrum(model.cuda(), X.cuda(), method="dense", jacobian_dtype=torch.float32)
+    before = torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        spec = ntk_spectrum(model.cuda(), X.cuda(), method="dense", jacobian_dtype=torch.float32)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
     assert spec.precision == "mixed"
     assert abs(spec.lambda_max - lam_max) <= spec.residual_max
     assert abs(spec.lambda_min - lam_min) <= spec.residual_min

@@ -71,11 +71,72 @@ def test_matvec_float32_default_accuracy(problem):
     assert err < 1e-5
 
 
-def test_tf32_flags_restored(problem):
-    model, x, _ = problem
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    NTKOperator(model, x).matvec(torch.randn(20, 2))
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+_PRECISION_SCRIPT = """
+import sys, torch
+from torch import nn
+import glu_probe.ntk as ntk
+from glu_probe.ntk.functional import _precision_knobs
+
+setup = sys.argv[1]
+if setup == "medium":
+    torch.set_float32_matmul_precision("medium")
+elif setup == "new-api":
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.fp32_precision = "tf32"
+elif setup == "legacy":
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+seen = []
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        seen.append(tuple(o.fp32_precision for o in _precision_knobs()))
+        return self.b(torch.tanh(self.a(x)))
+
+def state():
+    try:  # raises where the backends' settings differ (the new-api setup, before and after)
+        overall = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        overall = "mixed"
+    knobs = tuple(o.fp32_precision for o in _precision_knobs())
+    return knobs, torch.backends.fp32_precision, overall
+
+torch.manual_seed(0)
+before = state()
+net, x = Net(), torch.randn(6, 4)
+ntk.ntk_spectrum(net, x, method="lanczos", tol=1e-6)
+ntk.ntk_spectrum(net, x, method="dense")
+assert state() == before, (state(), before)
+assert seen and all(set(s) == {"ieee"} for s in seen), seen
+if setup == "legacy":
+    assert torch.backends.cuda.matmul.allow_tf32 is True
+print("ok", before)
+"""
+
+
+@pytest.mark.parametrize("setup", ["default", "medium", "new-api", "legacy"])
+def test_float32_precision_settings_ieee_inside_and_restored(setup):
+    """The probe runs its float32 products in IEEE float32 (no TF32, no bf16 oneDNN matmuls)
+    and gives every precision setting back. It saved and restored the legacy ``allow_tf32``
+    flags until 2026-11-28: after the torch >= 2.9 ``fp32_precision`` API had been used (or
+    Hugging Face ``TrainingArguments(tf32=...)``) every probe raised, and after
+    ``set_float32_matmul_precision("medium")`` one probe left ``get_float32_matmul_precision()``
+    raising for the rest of the process. One fresh interpreter per setup (the state is global).
+    """
+    import subprocess
+    import sys
+
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9: the legacy flags are the only settings")
+    res = subprocess.run(
+        [sys.executable, "-c", _PRECISION_SCRIPT, setup], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith("ok")
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 20])

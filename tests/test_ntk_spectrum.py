@@ -730,3 +730,18 @@ def test_lanczos_residual_fields_cover_the_products_rounding():
         assert abs(s.lambda_max - float(ev[-1])) <= s.residual_max, seed
         if s.converged:
             assert abs(s.lambda_min - float(ev[0])) <= s.residual_min, seed
+
+
+def test_cuda_available_memory_counts_the_allocators_cache(monkeypatch):
+    """On CUDA the memory a probe may take is the driver's free memory plus what PyTorch's
+    caching allocator reserves but no tensor uses (after some training most of the card). Until
+    2026-11-28 only the driver's figure counted: an 80 GB card with 60 GiB reserved and 10 GiB
+    allocated gave 18 GiB instead of 68 GiB, and the chosen path depended on the cache (review
+    of the CUDA paths; arithmetic, so checked on the CPU)."""
+    from glu_probe.ntk.dense import _available_bytes
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (18 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 60 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10 * gib)
+    assert _available_bytes(torch.device("cuda", 0)) == 68 * gib

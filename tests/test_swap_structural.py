@@ -323,6 +323,21 @@ def test_check_never_reseeds_a_cuda_generator(monkeypatch) -> None:
     models.tiny_vit(seed=1)
     models.tiny_gpt2(seed=1)
     models.vit_pair("swiglu", seed=1)
+    # The other adapters whose checks run the block's forward with seeded dropout: BERT's
+    # intermediate/output pair (reseeded CUDA until 2026-11-28, found by review) and OPT's layer.
+    from conftest import tiny_bert_classifier
+
+    import glu_probe.swap.hf_bert as hf_bert
+    import glu_probe.swap.layer_ffn as layer_ffn
+
+    monkeypatch.setattr(hf_bert, "_VERDICTS", {})
+    monkeypatch.setattr(layer_ffn, "_VERDICTS", {})
+    swap_mlp(tiny_bert_classifier(32), "reglu")
+    opt = transformers.OPTConfig(
+        hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32
+    )
+    opt.word_embed_proj_dim = 16
+    swap_mlp(transformers.OPTForCausalLM(opt), "swiglu")
     assert calls == []
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "log_metrics",
     "logger_step",
     "stable_repr",
+    "step_metrics",
     "tensorboard_writers",
 ]
 
@@ -103,6 +104,37 @@ def logger_step(trainer: pl.Trainer) -> int:
     epoch_loop = getattr(loop, "epoch_loop", None)
     step = getattr(epoch_loop, "_batches_that_stepped", None)
     return int(step) if step is not None else int(trainer.global_step)
+
+
+def step_metrics(trainer: pl.Trainer) -> Mapping[str, Any]:
+    """``trainer.callback_metrics`` during a training step, without reading anything back.
+
+    Lightning builds ``callback_metrics`` together with the progress-bar dict, and converts
+    every ``prog_bar=True`` value with ``Tensor.item()`` on each access. On a GPU each of those
+    is a device sync, so a per-step hook that reads ``callback_metrics`` syncs every step
+    wherever the progress bar does not already (bar disabled, or ``refresh_rate`` > 1). Lightning
+    has no public accessor for the callback part alone. This helper builds that part from the
+    trainer's result collection, as ``_ResultCollection.metrics(on_step=True)`` does (the
+    latest on-step value of every metric, under its plain and its ``_step`` name, over the
+    values already collected). Outside a training step, or where those internals differ (other
+    Lightning versions), it returns ``trainer.callback_metrics``."""
+    connector = getattr(trainer, "_logger_connector", None)
+    results = getattr(trainer, "_results", None)
+    try:
+        if connector is None or results is None or not results.training:
+            return trainer.callback_metrics
+        if connector._first_loop_iter is None:  # outside the epoch: no on-step values
+            return trainer.callback_metrics
+        out = dict(connector._callback_metrics)
+        for _, metric in results.valid_items():
+            value = metric._forward_cache if metric.meta.on_step else None
+            if not isinstance(value, torch.Tensor):
+                continue
+            name, forked = results._forked_name(metric, True)
+            out[name] = out[forked] = value
+        return out
+    except (AttributeError, TypeError):
+        return trainer.callback_metrics
 
 
 def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float], step: int | None = None) -> None:

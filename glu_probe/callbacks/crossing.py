@@ -92,6 +92,7 @@ from glu_probe.callbacks._utils import (
     is_quiet_run,
     log_metrics,
     logger_step,
+    step_metrics,
     tensorboard_writers,
 )
 from glu_probe.crossing import Crossing, CrossingDetector
@@ -504,8 +505,8 @@ class LossCrossingMonitor(Callback):
                 last = self._pending[-1][0] if self._pending else self.detector.last_step
             if last is not None and step <= last:
                 return
-        # One lookup per step: Lightning rebuilds the metrics dict on every access (~10 µs).
-        logged = trainer.callback_metrics
+        # One lookup per step, without Lightning's .item() of every progress-bar metric
+        logged = step_metrics(trainer)
         a = self._lookup(logged, self._keys[0])
         if a is None:
             return

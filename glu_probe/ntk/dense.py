@@ -408,9 +408,13 @@ def jacobian_rounding_estimate(trace_k: float, dtype: torch.dtype) -> float:
 
 
 def _available_bytes(device: torch.device) -> int:
-    """Free memory on ``device`` (CUDA: ``mem_get_info``; CPU: available physical pages)."""
+    """Memory on ``device`` that new tensors can take: on CUDA what the driver has free
+    (``mem_get_info``) plus what PyTorch's caching allocator holds but no tensor uses (after a
+    few training steps most of the card: the freed activations stay reserved); on the CPU the
+    available physical pages."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + max(0, int(cached))
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):

@@ -473,6 +473,50 @@ def planned_copy_bytes(
     return total, sum(p.numel() for p in selected.values()), item
 
 
+def _precision_knobs() -> list[Any]:
+    """The per-backend ``fp32_precision`` settings of torch >= 2.9 (cuBLAS, cuDNN, oneDNN)."""
+    b = torch.backends
+    owners = [
+        getattr(b.cuda, "matmul", None),
+        getattr(getattr(b, "cudnn", None), "conv", None),
+        getattr(getattr(b, "cudnn", None), "rnn", None),
+        getattr(getattr(b, "mkldnn", None), "matmul", None),
+        getattr(getattr(b, "mkldnn", None), "conv", None),
+        getattr(getattr(b, "mkldnn", None), "rnn", None),
+    ]
+    return [o for o in owners if o is not None and hasattr(o, "fp32_precision")]
+
+
+@contextlib.contextmanager
+def ieee_float32() -> Iterator[None]:
+    """float32 matmuls and convolutions in IEEE float32 inside the block (no TF32 on CUDA, no
+    bf16 oneDNN kernels on the CPU), the user's settings restored after.
+
+    On torch >= 2.9 through the ``fp32_precision`` settings: the legacy ``allow_tf32`` getters
+    raise once those were used (``torch.backends.fp32_precision``, Hugging Face
+    ``TrainingArguments(tf32=...)``), and setting the legacy flags back would leave a
+    ``set_float32_matmul_precision("medium")`` process in a mixed state in which
+    ``torch.get_float32_matmul_precision()`` raises. Older torch: the ``allow_tf32`` flags."""
+    knobs = _precision_knobs()
+    if knobs:
+        saved = [o.fp32_precision for o in knobs]
+        try:
+            for o in knobs:
+                o.fp32_precision = "ieee"
+            yield
+        finally:
+            for o, v in zip(knobs, saved, strict=True):
+                o.fp32_precision = v
+        return
+    legacy = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = legacy
+
+
 def least_memory_budget(
     model: nn.Module, inputs: Any, params: ParamFilter, dtype: torch.dtype | None
 ) -> int:
@@ -716,16 +760,15 @@ class ProbeFunction:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        """Probe context: eval mode, SDPA math backend, no TF32, forked RNG; all restored after."""
+        """Probe context: eval mode, SDPA math backend, IEEE float32 (no TF32, no bf16 oneDNN
+        matmuls), forked RNG; all restored after."""
         flags = [(m, m.training) for m in self.model.modules()]
-        tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         devices = [self.device] if self.device.type == "cuda" else []
         try:
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
             if self.eval_mode:
                 self.model.eval()
             with (
+                ieee_float32(),
                 torch.random.fork_rng(devices=devices),
                 torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH),
                 torch.inference_mode(False),  # e.g. a Lightning validation hook
@@ -734,7 +777,6 @@ class ProbeFunction:
         finally:
             for m, t in flags:
                 m.training = t
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
     def call_model(self, params: Sequence[Tensor], inputs: Any) -> Any:
         """The raw model output at ``params`` (a tuple aligned with :attr:`names`)."""

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from glu_probe._rng import seeded
 from glu_probe.modules import MLP, GatedMLP, activation_name
 from glu_probe.swap.core import MLPAdapter, MLPSpec, UnsupportedModelError, spec_from_glu_probe
 
@@ -122,11 +123,10 @@ def _check_halves(inter: nn.Module, out: nn.Module, norm: nn.LayerNorm | None) -
     try:
         found: str | None = None
         for training, seed in ((False, 0), (True, 1)):
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                torch.manual_seed(seed)
+            with seeded(seed), torch.no_grad():  # CPU tensors: the CUDA generators untouched
                 with _TrainingFlags(out, training):
                     got_out = torch.func.functional_call(out, t2, (h, r))
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)  # the same dropout mask again
                 if not _close(got_out, want_out(training)):
                     return None
                 with _TrainingFlags(inter, training):
