@@ -371,7 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     env = (
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, device {args.device}"
-        + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
+        + (
+            f" ({torch.cuda.get_device_name(args.device)})"
+            if args.device.startswith("cuda")
+            else ""
+        )
     )
     table = "\n".join(lines)
     print(env)

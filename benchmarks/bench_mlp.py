@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     dev_name = (
-        torch.cuda.get_device_name()
+        torch.cuda.get_device_name(args.device)
         if args.device.startswith("cuda")
         else platform.processor() or "cpu"
     )

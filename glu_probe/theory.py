@@ -218,7 +218,8 @@ def two_layer(
         model = TwoLayer(kind, d, m, out, bias, dtype=dtype, device=dev)
 
     def draw(shape: tuple[int, ...], std: float) -> Tensor:
-        return torch.randn(shape, generator=generator, dtype=torch.float64) * std
+        where = generator.device if generator is not None else "cpu"  # a CUDA generator too
+        return torch.randn(shape, generator=generator, dtype=torch.float64, device=where) * std
 
     with torch.no_grad():
         model.W.weight.copy_(draw((m, d), 1.0 / math.sqrt(d)))

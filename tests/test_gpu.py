@@ -263,3 +263,18 @@ def test_products_without_forward_mode_ad_on_cuda():
     assert it.converged
     assert it.lambda_max == pytest.approx(dense.lambda_max, rel=1e-8)
     assert it.lambda_min == pytest.approx(dense.lambda_min, rel=1e-6)
+
+
+def test_cuda_generators_are_accepted_where_a_generator_is():
+    """slq_density and theory.two_layer draw on the generator's own device (a CUDA generator
+    raised "Expected a 'cpu' device type for generator" until 2026-11-28); the same seed on
+    either device gives a valid draw, and the SLQ weights still sum to one."""
+    from glu_probe.ntk.density import slq_density
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    A = torch.diag(torch.linspace(1.0, 10.0, 20, dtype=torch.float64))
+    nodes, weights = slq_density(lambda v: A @ v, 20, generator=gen, dtype=torch.float64)
+    assert weights.sum().item() == pytest.approx(1.0, abs=1e-9)
+    assert nodes.min().item() >= 1.0 - 1e-8 and nodes.max().item() <= 10.0 + 1e-8
+    net = two_layer("reglu", 4, 16, generator=torch.Generator(device="cuda").manual_seed(0))
+    assert all(torch.isfinite(p).all() for p in net.parameters())

@@ -316,3 +316,18 @@ def test_bad_config():
         module.compute_loss((torch.zeros(2, 8), torch.zeros(2), torch.zeros(2)))
     with pytest.raises(ValueError, match="unknown member"):
         module.compute_loss((torch.zeros(2, 8), torch.zeros(2, dtype=torch.long)), "other")
+
+
+def test_a_missing_stream_is_started_without_resetting_the_restored_one():
+    """A checkpoint saved on the CPU holds the baseline's CPU stream and no CUDA one. Resumed on
+    a GPU, only the missing CUDA stream is started; the restored CPU stream is kept (both were
+    reset until 2026-11-28, review of the CUDA paths). On the CPU: a restored stream survives
+    the initialisation, and a missing one is seeded from baseline_seed."""
+    module = PairedModule(_net(1), _net(2, dropout=0.5), baseline_seed=3, lr=1e-2)
+    restored = torch.Generator().manual_seed(99).get_state()
+    module.on_load_checkpoint({"paired_baseline_rng": {"cpu": restored, "cuda": None}})
+    module._init_baseline_rng()
+    assert torch.equal(module._rng_cpu, restored)
+    fresh = PairedModule(_net(1), _net(2, dropout=0.5), baseline_seed=3, lr=1e-2)
+    fresh._init_baseline_rng()
+    assert torch.equal(fresh._rng_cpu, torch.Generator().manual_seed(3).get_state())

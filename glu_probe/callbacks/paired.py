@@ -370,9 +370,13 @@ class PairedModule(pl.LightningModule):
         return (torch.initial_seed() + 1) % (2**63)
 
     def _init_baseline_rng(self) -> None:
+        """Start the baseline's streams that do not exist yet. A checkpoint of a CPU run resumed
+        on a GPU keeps its restored CPU stream and gets a fresh CUDA one (both were reset
+        until 2026-11-28)."""
         seed = self._stream_seed()
-        self._rng_cpu = torch.Generator().manual_seed(seed).get_state()
-        if self.device.type == "cuda":
+        if self._rng_cpu is None:
+            self._rng_cpu = torch.Generator().manual_seed(seed).get_state()
+        if self.device.type == "cuda" and self._rng_cuda is None:
             self._rng_cuda = torch.Generator(device=self.device).manual_seed(seed).get_state()
 
     @contextmanager

@@ -133,7 +133,10 @@ def spectral_density(
 
 
 def _rademacher(n: int, k: int, gen: torch.Generator) -> Tensor:
-    return torch.randint(0, 2, (n, k), generator=gen, dtype=torch.float64).mul_(2).sub_(1)
+    """±1 probes, drawn on the generator's device (a CUDA generator draws there), returned on
+    the CPU."""
+    draw = torch.randint(0, 2, (n, k), generator=gen, dtype=torch.float64, device=gen.device)
+    return draw.mul_(2).sub_(1).cpu()
 
 
 def slq_density(
