@@ -439,6 +439,9 @@ class NTKSpectrumMonitor(Callback):
         # is told, and does not warm-start from vectors of another K).
         self._probe_shapes: list[list[int]] | None = None
         self._saved_probe_shapes: list[list[int]] | None = None
+        # Targets whose default budget the engine refused in this fit: they probe under the
+        # engine's own default from then on (no refused attempt at every probe).
+        self._unbudgeted: set[str] = set()
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -521,6 +524,7 @@ class NTKSpectrumMonitor(Callback):
                 )
             self._resolved_every = max(1, int(est) // self.target_probes)
         self._warned_sites = set()
+        self._unbudgeted = set()
         self._inputs = self._fix_probe(trainer, pl_module)
         shapes = self._probe_shapes
         saved, self._saved_probe_shapes = self._saved_probe_shapes, None
@@ -875,7 +879,8 @@ class NTKSpectrumMonitor(Callback):
                 warm = warm.to(pl_module.device)
             kwargs: dict[str, Any] = dict(self.spectrum_kwargs)
             if "memory_budget" not in kwargs:
-                kwargs["memory_budget"] = self._default_budget(target, group)
+                fallback = tag in self._unbudgeted
+                kwargs["memory_budget"] = None if fallback else self._default_budget(target, group)
             kwargs.update(
                 output=self.output,
                 method=self.method,
@@ -911,6 +916,7 @@ class NTKSpectrumMonitor(Callback):
                             # the default workspace is too small for this model's activations:
                             # the engine's own default (half the free memory) instead
                             kwargs["memory_budget"] = None
+                            self._unbudgeted.add(tag)
                             continue
                     if is_out_of_memory(err):
                         if torch.cuda.is_available():
