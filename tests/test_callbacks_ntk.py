@@ -205,11 +205,27 @@ def test_default_budget_grows_with_the_model():
     torch.manual_seed(0)
     ds = make_data(n=8)
     snaps = Snapshots()
-    mon = NTKSpectrumMonitor(every_n_steps=1, probe_size=4)
     model = WideNet()
     assert sum(p.numel() for p in model.parameters()) * 4 * 5 > 2**28
-    trainer(max_steps=1, callbacks=[mon, snaps]).fit(model, loader(ds, batch_size=4))
-    assert [h["step"] for h in mon.history] == [0, 1]
+    budgets = []
+    engine = glu_probe.ntk.ntk_spectrum
+
+    def recorded(*args, **kwargs):
+        budgets.append(kwargs["memory_budget"])
+        return engine(*args, **kwargs)
+
+    for method in ("auto", "lanczos"):
+        budgets.clear()
+        mon = NTKSpectrumMonitor(every_n_steps=1, probe_size=4, method=method)
+        with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+            mp.setattr(glu_probe.ntk, "ntk_spectrum", recorded)
+            warnings.simplefilter("error", NTKProbeWarning)  # no fallback to an unbounded probe
+            trainer(max_steps=1, callbacks=[mon, snaps]).fit(model, loader(ds, batch_size=4))
+        # the default was accepted as it is (the first version counted the float32 probe alone:
+        # refused above ~11M parameters, then probed under half the free memory)
+        assert len(budgets) == 2 and None not in budgets and not mon._unbudgeted
+        assert [h["step"] for h in mon.history] == [0, 1]
+        model.load_state_dict(snaps.states[0])  # the second fit starts where the first did
     net = WideNet()
     net.load_state_dict(snaps.states[0])
     ev = dense_spectrum(net, ds.tensors[0][:4]).double()
@@ -249,13 +265,19 @@ def test_given_budget_too_small_is_a_misconfiguration_and_default_falls_back(mon
         return engine(*args, **kwargs)
 
     monkeypatch.setattr(glu_probe.ntk, "ntk_spectrum", recorded)
-    trainer(max_steps=3, callbacks=[mon, snaps]).fit(TinyNet(), loader(ds))
+    with pytest.warns(NTKProbeWarning, match="default memory_budget .* too small"):
+        trainer(max_steps=3, callbacks=[mon, snaps]).fit(TinyNet(), loader(ds))
     # refused once, then the engine's default, also at the next probe (no refused attempt each)
     assert budgets == [least["budget"], None, None]
-    from glu_probe.ntk.functional import least_memory_budget
+    from glu_probe.ntk.functional import least_memory_budget, planned_copy_bytes
 
-    assert least["budget"] == 1 + least_memory_budget(
-        TinyNet(), ds.tensors[0][:12], None, torch.float64
+    assert (
+        least["budget"]
+        == 1
+        + least_memory_budget(  # method="dense": the float64 probe
+            TinyNet(), ds.tensors[0][:12], None, torch.float64
+        )
+        + planned_copy_bytes(TinyNet(), ds.tensors[0][:12], None, torch.float32)[0]
     )
     ev = truth_at(snaps.states[0], ds.tensors[0][:12])
     assert mon.history[0]["ntk/condition_number"] == pytest.approx(float(ev[-1] / ev[0]), rel=1e-4)

@@ -848,10 +848,22 @@ class NTKSpectrumMonitor(Callback):
         stopped at train start on an H100), since the probe's own copies exceed it. Under a
         sharded probe (``group``) every rank takes the smallest rank's budget."""
         from glu_probe.ntk.dense import _available_bytes
-        from glu_probe.ntk.functional import least_memory_budget
+        from glu_probe.ntk.functional import least_memory_budget, planned_copy_bytes
 
-        first = torch.float64 if self.method == "dense" else self.dtype  # as ntk_spectrum
-        least = least_memory_budget(target, self._inputs, self.params, first)
+        # What each path holds at least beside its workspace (activations excepted): the dense
+        # path a float64 probe (its copies, four float64 parameter-sized vectors) and, for
+        # narrower rows, the copies in that dtype; the Lanczos path the probe's copies and
+        # block_size columns of four parameter-sized vectors. `auto` may take either. (The
+        # first version counted the float32 probe alone: refused above ~11M parameters, then
+        # probed under half the free memory, 11.6 GB for a 16M GPT-2; scale review.)
+        inputs, params = self._inputs, self.params
+        dense = least_memory_budget(target, inputs, params, torch.float64)
+        copies, n_params, item = planned_copy_bytes(target, inputs, params, self.dtype)
+        if self.dtype != torch.float64:
+            dense += copies
+        block = int(self.spectrum_kwargs.get("block_size", 4))
+        lanczos = copies + 4 * block * n_params * item
+        least = {"dense": dense, "lanczos": lanczos}.get(self.method, max(dense, lanczos))
         device = next(target.parameters()).device
         spare = _available_bytes(device) // 2 if device.type == "cuda" else 0
         budget = least + max(DEFAULT_MEMORY_BUDGET, spare)
@@ -915,6 +927,14 @@ class NTKSpectrumMonitor(Callback):
                         if kwargs["memory_budget"] is not None:
                             # the default workspace is too small for this model's activations:
                             # the engine's own default (half the free memory) instead
+                            rank_zero_warn(
+                                f"NTKSpectrumMonitor: probing {name}: the default memory_budget "
+                                f"({kwargs['memory_budget']} bytes) is too small ({err}); this "
+                                "fit probes it under the engine's default (half the free "
+                                "memory) instead. Pass spectrum_kwargs={'memory_budget': ...} "
+                                "to bound it.",
+                                category=NTKProbeWarning,
+                            )
                             kwargs["memory_budget"] = None
                             self._unbudgeted.add(tag)
                             continue
