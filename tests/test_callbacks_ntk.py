@@ -1026,8 +1026,21 @@ def test_sequence_that_cannot_be_cut_stays_whole():
     mon = NTKSpectrumMonitor(every_n_steps=5, probe_size=4, max_rows=5, dtype=torch.float64)
     shapes = ProbeShapes(mon)
     fit = trainer(max_steps=1, callbacks=[mon, shapes])
-    fit.fit(FixedLengthLM(), DataLoader(TensorDataset(ids)))
+    # the true size of K is said (until 2026-11-28 only "probing 1 of 4 samples to keep K at
+    # most max_rows=5 rows" was, while K kept its 8 rows: 1,048,576 for output="full" on an LM)
+    with pytest.warns(NTKProbeWarning, match="gives 8 rows of K .* so K has 8 rows"):
+        fit.fit(FixedLengthLM(), DataLoader(TensorDataset(ids)))
     assert shapes.shapes == {"x": (1, 8)} and mon.history[0]["ntk/lambda_max"] > 0
+
+
+def test_full_output_rows_beyond_max_rows_are_announced():
+    """output="full" of a 3-output net with max_rows=2: a sample has 3 rows that no cut can
+    reduce; the probe keeps one sample and warns that K has 3 rows."""
+    ds = make_data()
+    mon = NTKSpectrumMonitor(every_n_steps=5, probe_size=8, max_rows=2, output="full")
+    with pytest.warns(NTKProbeWarning, match="gives 3 rows of K"):
+        trainer(max_steps=1, callbacks=[mon]).fit(TinyNet(), loader(ds))
+    assert mon._n_probe == 1
 
 
 class Stream(torch.utils.data.IterableDataset):

@@ -370,3 +370,26 @@ def test_dense_path_raises_the_float64_error_when_float32_fails_too():
     model.refuse_float32, model.calls = True, 0
     with pytest.raises(RuntimeError, match=r"no torch\.float64 kernel"):
         ntk_spectrum(model, x, method="dense")
+
+
+def test_forward_mode_decompositions_load_without_torchs_deprecation_warning():
+    """torch >= 2.10 warns "torch.jit.script is deprecated" once per scripted forward-mode
+    decomposition when the first JVP of a process loads them (18 times under an "always"
+    filter); the NTK monitor relayed that as a probe warning. The operator loads them with that
+    one message silenced. A fresh interpreter: the loading happens once per process."""
+    import subprocess
+    import sys
+
+    script = (
+        "import warnings, torch\n"
+        "from torch import nn\n"
+        "from glu_probe.ntk import ntk_spectrum\n"
+        "net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    ntk_spectrum(net, torch.randn(5, 3), method='lanczos', tol=1e-6)\n"
+        "print(sum('jit.script' in str(w.message) for w in seen))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "0"

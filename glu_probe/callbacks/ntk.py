@@ -325,8 +325,9 @@ class NTKSpectrumMonitor(Callback):
         warm_start: warm-start the iterative path from the previous probe's Ritz vectors.
         spectrum_kwargs: extra keyword arguments for :func:`glu_probe.ntk.ntk_spectrum`
             (e.g. ``tol``, ``max_matvecs``, ``block_size``). ``memory_budget`` defaults to
-            the least the probe needs plus :data:`DEFAULT_MEMORY_BUDGET` (256 MiB; on CUDA, half
-            the free device memory where that is more) here, so that the exact path assembles
+            the least the probe's path holds (:meth:`_default_budget`) plus
+            :data:`DEFAULT_MEMORY_BUDGET` (256 MiB; on CUDA, half the free device memory where
+            that is more) here, so that the exact path assembles
             K from a few large Jacobian blocks instead of many small ones (about 10x faster on
             small probes than the engine's minimal-memory default) whatever the model's size;
             a given ``memory_budget`` is a cap (too small for the model: a
@@ -615,13 +616,25 @@ class NTKSpectrumMonitor(Callback):
             per_sample = self._rows_per_sample(pl_module, inputs, include_cuda)
             n = max(1, min(n, self.max_rows // max(1, per_sample)))
             inputs = slice_batch(inputs, slice(0, n))
-            if n < requested:
+            if per_sample > self.max_rows:
+                shorter = self._cut_tokens(pl_module, inputs, per_sample, include_cuda)
+                if shorter is inputs:  # kept whole: say how large K is (it was unannounced)
+                    rank_zero_warn(
+                        f"NTKSpectrumMonitor: one probe sample gives {per_sample} rows of K "
+                        f"with output={self.output!r}, more than max_rows={self.max_rows}, and "
+                        "cannot be cut (only the pNTK rows of a token model are), so K has "
+                        f"{per_sample} rows and each probe costs accordingly (output='full' "
+                        "of a language model has sequence length x vocabulary rows). Use "
+                        "output='pntk' or a callable that picks fewer rows, or pass "
+                        "max_rows=None to silence this.",
+                        category=NTKProbeWarning,
+                    )
+                inputs = shorter
+            if n < requested and per_sample <= self.max_rows:
                 rank_zero_info(
                     f"NTKSpectrumMonitor: probing {n} of {requested} samples to keep K at most "
                     f"max_rows={self.max_rows} rows; pass max_rows=None to probe all of them."
                 )
-            if per_sample > self.max_rows:
-                inputs = self._cut_tokens(pl_module, inputs, per_sample, include_cuda)
         # the whole probe's shapes (the same on every rank, before sharding)
         shapes: list[list[int]] = []
 

@@ -105,6 +105,22 @@ def trace_linear_map(fn: Callable[..., Any], example: Sequence[Tensor]) -> Calla
     return folded
 
 
+def _load_jvp_decompositions() -> None:
+    """Load torch's forward-mode decompositions (what the first ``make_dual`` of a process
+    does) with their ``torch.jit.script is deprecated`` FutureWarning silenced: on torch >= 2.10
+    it fires once per scripted decomposition (18 times under an "always" filter), and the NTK
+    monitor relayed it as if the probed model had caused it (scale review, 2026-11-28). Only
+    that message of that loading step is silenced."""
+    load = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)
+    if load is None:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning
+        )
+        load()
+
+
 def _missing_forward_ad(err: BaseException) -> bool:
     """An operation without a forward-mode derivative (PyTorch's NotImplementedError text)."""
     text = str(err)
@@ -257,6 +273,7 @@ class NTKOperator:
         self._n_products = 0
         # False once an operation without a forward-mode derivative was met (J·u by VJPs).
         self._forward_ad = True
+        _load_jvp_decompositions()
         self.n_local = self.probe.n_rows
         if process_group is not None:
             import torch.distributed as dist
