@@ -451,7 +451,9 @@ def _budget_cap(probe: ProbeFunction) -> int:
 
 
 #: Per model, the activation elements of one sample per probe signature (weak keys).
-_ACTIVATIONS: weakref.WeakKeyDictionary[nn.Module, dict[Any, int]] = weakref.WeakKeyDictionary()
+_ACTIVATIONS: weakref.WeakKeyDictionary[nn.Module, dict[Any, tuple[int, torch.dtype | None]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def activation_elements(probe: ProbeFunction) -> int:
@@ -464,10 +466,30 @@ def activation_elements(probe: ProbeFunction) -> int:
     Remembered per model and probe shapes (the trace runs every op through Python, a few ms
     on a small ViT, and a monitor probes the same shapes every few steps).
     """
+    return _forward_trace(probe)[0]
+
+
+def forward_rounding_dtype(probe: ProbeFunction) -> torch.dtype:
+    """The least precise floating dtype the model's forward pass computes in on the probe:
+    ``probe.dtype``, or a narrower one where the model casts internally (Hugging Face LLaMA,
+    Mistral, Qwen, ... compute their RMSNorm, rotary embedding and softmax in float32 whatever
+    the weights' dtype). A float64 probe of such a model is float64 only up to float32
+    rounding, and its error bounds must say so (scale review, 2026-11-28: a LLaMA probe's λ_min
+    was off by 1.5e-6 against a reported float64 residual of 1.8e-9). From the same one-sample
+    trace as :func:`activation_elements` (remembered per model and probe shapes)."""
+    narrow = _forward_trace(probe)[1]
+    return narrow if narrow is not None else probe.dtype
+
+
+def _forward_trace(probe: ProbeFunction) -> tuple[int, torch.dtype | None]:
+    """(floating elements one sample's forward allocates, the least precise floating dtype its
+    operations output where that is less precise than ``probe.dtype``), remembered per model,
+    output, parameters, input shapes and probe dtype."""
     signature = (
         probe.output if isinstance(probe.output, str) else id(probe.output),
         tuple(probe.names),
         tuple(tuple(t.shape) for t in pytree.tree_leaves(probe.inputs) if isinstance(t, Tensor)),
+        probe.dtype,
     )
     memo = _ACTIVATIONS.setdefault(probe.model, {})
     if signature not in memo:
@@ -477,9 +499,13 @@ def activation_elements(probe: ProbeFunction) -> int:
                 probe(probe.params, probe.chunk(0, 1))
         except Exception:  # a model that does not run on one sample alone: no estimate
             trace.elements = 0
+            trace.dtypes = set()
+        own = torch.finfo(probe.dtype).eps
+        coarser = [d for d in trace.dtypes if torch.finfo(d).eps > own]
+        narrow = max(coarser, key=lambda d: torch.finfo(d).eps) if coarser else None
         if len(memo) >= 64:  # probes of ever new shapes: keep the memo bounded
             memo.clear()
-        memo[signature] = trace.elements
+        memo[signature] = (trace.elements, narrow)
     return memo[signature]
 
 

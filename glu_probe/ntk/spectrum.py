@@ -59,6 +59,7 @@ from .dense import (
     _available_bytes,
     _budget,
     checked_budget,
+    forward_rounding_dtype,
     jacobian_rounding_estimate,
 )
 from .density import effective_rank as _effective_rank
@@ -540,9 +541,15 @@ def _dense(
             stacklevel=3,
         )
     n = K.shape[0]
-    mixed = rows_dtype != torch.float64
+    # The rows' rounding: their dtype's, or coarser where the model casts inside its forward
+    # (LLaMA-family norms in float32): then even float64 rows carry float32 rounding.
+    internal = forward_rounding_dtype(probe)
+    rounding_dtype = max(rows_dtype, internal, key=lambda d: torch.finfo(d).eps)
+    if internal != torch.float64 and rows_dtype == torch.float64:
+        _warn_internal_cast(internal)
+    mixed = rounding_dtype != torch.float64
     # ‖E‖₂ estimate of the Jacobian's rounding (0: float64 rows, K exact up to n·ε₆₄·λ_max).
-    delta = jacobian_rounding_estimate(float(K.trace()), rows_dtype) if mixed else 0.0
+    delta = jacobian_rounding_estimate(float(K.trace()), rounding_dtype) if mixed else 0.0
     evecs: Tensor | None = None
     if vectors:
         evals, evecs = torch.linalg.eigh(K)
@@ -600,6 +607,17 @@ def _dense(
         lambda_min_upper=upper,
         condition_number_lower=min(kappa_lower, kappa),
         precision="mixed" if mixed else "float64",
+    )
+
+
+def _warn_internal_cast(internal: torch.dtype) -> None:
+    warnings.warn(
+        f"the model computes part of its forward pass in {internal} whatever the probe's dtype "
+        "(a cast inside it, e.g. Hugging Face LLaMA-family RMSNorm, rotary embedding or "
+        f"softmax): the float64 probe is exact only to {internal} rounding, and the residuals "
+        "and bounds carry that rounding (precision='mixed')",
+        RuntimeWarning,
+        stacklevel=5,
     )
 
 
@@ -835,7 +853,10 @@ def _lanczos(
     eff_method = "none"
     nodes: Tensor | None = None
     weights: Tensor | None = None
-    eps = torch.finfo(probe.dtype).eps
+    internal = forward_rounding_dtype(probe)  # coarser where the model casts internally
+    if internal != probe.dtype and probe.dtype == torch.float64:
+        _warn_internal_cast(internal)
+    eps = max(torch.finfo(probe.dtype).eps, torch.finfo(internal).eps)
     rank_tol = res.lambda_max * n * eps
     if res.exact:
         numerical_rank = int((theta > rank_tol).sum())
@@ -858,10 +879,12 @@ def _lanczos(
         and math.isfinite(res.condition_number)
         and (not res.exact or numerical_rank == n)
     ):
+        coarse = max(probe.dtype, internal, key=lambda d: torch.finfo(d).eps)
         warnings.warn(
-            f"λ_min is close to the rounding level of {probe.dtype} products: eps·κ = "
+            f"λ_min is close to the rounding level of {coarse} products: eps·κ = "
             f"{res.condition_number * eps:.1e} > 10·tol, so λ_min and κ may carry a relative "
-            "error of that order even though the iteration converged; pass dtype=torch.float64",
+            "error of that order even though the iteration converged"
+            + ("; pass dtype=torch.float64" if probe.dtype != torch.float64 else ""),
             RuntimeWarning,
             stacklevel=2,
         )
@@ -926,5 +949,5 @@ def _lanczos(
         effective_rank_method=eff_method,
         density_nodes=nodes,
         density_weights=weights,
-        precision=str(probe.dtype).removeprefix("torch."),
+        precision=("mixed" if internal != probe.dtype else str(probe.dtype).removeprefix("torch.")),
     )
