@@ -139,10 +139,10 @@ METRICS = (
     "residual_min",
 )
 
-#: Default workspace (bytes) of a probe inside the monitor, on top of the least budget the probe
-#: needs (:func:`glu_probe.ntk.functional.least_memory_budget`: its copies of the parameters,
-#: buffers and inputs and four parameter-sized vectors); on CUDA, half of the device's free
-#: memory where that is more (the engine's own default without a budget).
+#: Default workspace (bytes) of a probe inside the monitor, on top of the least that the probe's
+#: path holds (:meth:`NTKSpectrumMonitor._default_budget`: the dense path's float64 probe and
+#: rows' copies, or the Lanczos path's block columns); on CUDA, half of the device's free memory
+#: where that is more (the engine's own default without a budget).
 DEFAULT_MEMORY_BUDGET = 2**28
 
 #: Default ``slq_probes`` inside the monitor: the iterative path estimates the effective rank by
