@@ -31,15 +31,18 @@ run() {  # run NAME SECONDS CMD...
 # Steps (all by default, or those named on the command line), ordered by what only a GPU can
 # tell; each has its own time cap (under 10 minutes in all; bench_ntk's cap went from 90 s to
 # 150 s when section 4 began to sweep eigsh tols and take the best of 3 after a warm-up).
-# The default is what a lease of 15 device minutes can re-check (caps ~530 s): the open GPU points
-# first; bench_mlp_bf16 / bench_mlp_amp (bias-free bf16, measured 2026-11-27) on request.
-steps=${*:-fused_acc gpu_tests bench_mlp_bias bench_ntk bench_callbacks bench_mlp_cpu16}
+# The default is what a lease of 15 device minutes can re-check (caps ~530 s), the open GPU points
+# first: the GPU tests (new since the H100 run of 2026-11-28: TF32 via fp32_precision, CUDA
+# generators, the swap's CUDA RNG), the callbacks' overhead with the fixed default budget, MLP
+# speed with biases and on 16 CPU cores; then the accuracy and NTK sections measured that day.
+# bench_mlp_bf16 / bench_mlp_amp (bias-free bf16, measured 2026-11-27) on request.
+steps=${*:-gpu_tests bench_callbacks bench_mlp_bias bench_mlp_cpu16 fused_acc bench_ntk}
 for step in $steps; do
   case $step in
     gpu_tests) run gpu_tests 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
       tests/test_krylov.py tests/test_callbacks_ntk.py ;;
     fused_acc) run fused_acc 30 python3 benchmarks/fused_accuracy.py --device cuda --seeds 4 ;;
-    bench_callbacks) run bench_callbacks 150 python3 benchmarks/bench_callbacks.py --device cuda \
+    bench_callbacks) run bench_callbacks 200 python3 benchmarks/bench_callbacks.py --device cuda \
       --repeats 1 --gpu-steps 200 ;;
     bench_ntk) run bench_ntk 150 python3 benchmarks/bench_ntk.py --device cuda \
       --sections "${NTK_SECTIONS:-1,2,3,4}" ;;
