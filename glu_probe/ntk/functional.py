@@ -542,9 +542,9 @@ def refuse_small_budget(
     Budgets above this may still be refused later, by what depends on the rows (K itself)."""
     if memory_budget is None:
         return
-    copies, n_params, item = planned_copy_bytes(model, inputs, params, dtype)
     least = least_memory_budget(model, inputs, params, dtype)
     if memory_budget < least:
+        copies, n_params, item = planned_copy_bytes(model, inputs, params, dtype)
         raise ValueError(
             f"memory_budget={memory_budget} bytes is too small: the probe's copies of the "
             f"parameters, buffers and inputs take {copies} bytes and the computation needs at "

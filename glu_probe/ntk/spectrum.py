@@ -543,10 +543,8 @@ def _dense(
     n = K.shape[0]
     # The rows' rounding: their dtype's, or coarser where the model casts inside its forward
     # (LLaMA-family norms in float32): then even float64 rows carry float32 rounding.
-    internal = forward_rounding_dtype(probe)
+    internal = _internal_rounding(probe, warn=rows_dtype == torch.float64)
     rounding_dtype = max(rows_dtype, internal, key=lambda d: torch.finfo(d).eps)
-    if internal != torch.float64 and rows_dtype == torch.float64:
-        _warn_internal_cast(internal)
     mixed = rounding_dtype != torch.float64
     # ‖E‖₂ estimate of the Jacobian's rounding (0: float64 rows, K exact up to n·ε₆₄·λ_max).
     delta = jacobian_rounding_estimate(float(K.trace()), rounding_dtype) if mixed else 0.0
@@ -610,15 +608,21 @@ def _dense(
     )
 
 
-def _warn_internal_cast(internal: torch.dtype) -> None:
-    warnings.warn(
-        f"the model computes part of its forward pass in {internal} whatever the probe's dtype "
-        "(a cast inside it, e.g. Hugging Face LLaMA-family RMSNorm, rotary embedding or "
-        f"softmax): the float64 probe is exact only to {internal} rounding, and the residuals "
-        "and bounds carry that rounding (precision='mixed')",
-        RuntimeWarning,
-        stacklevel=5,
-    )
+def _internal_rounding(probe: ProbeFunction, warn: bool = True) -> torch.dtype:
+    """:func:`~glu_probe.ntk.dense.forward_rounding_dtype` (``probe.dtype``, or coarser where
+    the model casts inside its forward), with a warning where that makes a float64 probe less
+    than float64."""
+    internal = forward_rounding_dtype(probe)
+    if warn and internal != probe.dtype and probe.dtype == torch.float64:
+        warnings.warn(
+            f"the model computes part of its forward pass in {internal} whatever the probe's "
+            "dtype (a cast inside it, e.g. Hugging Face LLaMA-family RMSNorm, rotary embedding "
+            f"or softmax): the float64 probe is exact only to {internal} rounding, and the "
+            "residuals and bounds carry that rounding (precision='mixed')",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+    return internal
 
 
 def _full_span_block(probe: ProbeFunction, n: int, block_size: int) -> int:
@@ -853,10 +857,8 @@ def _lanczos(
     eff_method = "none"
     nodes: Tensor | None = None
     weights: Tensor | None = None
-    internal = forward_rounding_dtype(probe)  # coarser where the model casts internally
-    if internal != probe.dtype and probe.dtype == torch.float64:
-        _warn_internal_cast(internal)
-    eps = max(torch.finfo(probe.dtype).eps, torch.finfo(internal).eps)
+    internal = _internal_rounding(probe)  # probe.dtype, or coarser where the model casts
+    eps = torch.finfo(internal).eps
     rank_tol = res.lambda_max * n * eps
     if res.exact:
         numerical_rank = int((theta > rank_tol).sum())
@@ -879,9 +881,8 @@ def _lanczos(
         and math.isfinite(res.condition_number)
         and (not res.exact or numerical_rank == n)
     ):
-        coarse = max(probe.dtype, internal, key=lambda d: torch.finfo(d).eps)
         warnings.warn(
-            f"λ_min is close to the rounding level of {coarse} products: eps·κ = "
+            f"λ_min is close to the rounding level of {internal} products: eps·κ = "
             f"{res.condition_number * eps:.1e} > 10·tol, so λ_min and κ may carry a relative "
             "error of that order even though the iteration converged"
             + ("; pass dtype=torch.float64" if probe.dtype != torch.float64 else ""),
