@@ -269,11 +269,13 @@ def accuracy(device: torch.device) -> None:
 def matvec_ratio(device: torch.device, big: bool) -> None:
     emit("## 2. One NTK product per column / one plain forward pass (target ≤ 4x)")
     emit()
+    cuda = device.type == "cuda"
     emit(
         "| model | n | P | plain forward `model(x)` | probe forward (`forward_rows`) "
         "| k=1 before trace | k=1 traced | k=4 traced, per column |"
+        + (" k=1 traced, eager (`cuda_graphs=False`) |" if cuda else "")
     )
-    emit("|---|---|---|---|---|---|---|---|")
+    emit("|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))
     verdict = []
     torch.manual_seed(0)
     scale = 4 if big else 1
@@ -295,6 +297,7 @@ def matvec_ratio(device: torch.device, big: bool) -> None:
         model, x = model.to(device).eval(), to(x, device)
         plain = NTKOperator(model, x, linearize=False)
         traced = NTKOperator(model, x, linearize=True)
+        eager = NTKOperator(model, x, linearize=True, cuda_graphs=False)
         reps = 5
 
         def native(m: nn.Module = model, x: Any = x) -> Any:
@@ -306,7 +309,8 @@ def matvec_ratio(device: torch.device, big: bool) -> None:
         fwd = best(native, device, reps)
         probe_fwd = best(plain.forward_rows, device, reps)
         row = []
-        for op, k in ((plain, 1), (traced, 1), (traced, 4)):
+        ops = [(plain, 1), (traced, 1), (traced, 4)] + ([(eager, 1)] if cuda else [])
+        for op, k in ops:
             v = torch.randn(op.n, k, device=device)
             op.matvec(v)
             t = best(functools.partial(op.matvec, v), device, reps)
@@ -330,8 +334,10 @@ def matvec_ratio(device: torch.device, big: bool) -> None:
         "functional_call, no_grad). Times: best of 5 trials of 5 calls. "
         "`traced`: VJP and JVP traced once and constant-folded (`trace_linear_map`: no primal "
         "forward, no activation derivative per product; the default switches to it after "
-        f"{NTKOperator.LINEARIZE_AFTER} block products); `before trace`: autograd VJP, and a "
-        "JVP that recomputes the primal forward."
+        f"{NTKOperator.LINEARIZE_AFTER} block products where enough remain); `before trace`: "
+        "autograd VJP, and a JVP that recomputes the primal forward. On CUDA every product "
+        f"after the {NTKOperator.GRAPH_AFTER}nd of a width is a CUDA graph replay (the "
+        "operator's default), except in the last column."
     )
     emit()
 

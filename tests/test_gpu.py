@@ -278,3 +278,117 @@ def test_cuda_generators_are_accepted_where_a_generator_is():
     assert nodes.min().item() >= 1.0 - 1e-8 and nodes.max().item() <= 10.0 + 1e-8
     net = two_layer("reglu", 4, 16, generator=torch.Generator(device="cuda").manual_seed(0))
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def _graph_cases():
+    from torch import nn
+
+    from glu_probe.models import tiny_vit
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 4))
+    return [
+        ("mlp", mlp, torch.randn(96, 16)),
+        ("vit", tiny_vit(embed_dim=32, depth=1, num_heads=2), torch.randn(12, 1, 16, 16)),
+    ]
+
+
+@pytest.mark.parametrize("linearize", [False, True])
+@pytest.mark.parametrize("case", [0, 1])
+def test_cuda_graph_products_equal_eager_products(case, linearize):
+    """Products replayed from a CUDA graph (after two of a width) equal eager ones, and a
+    graph leaves the caller's stream, the RNG, .grad and the allocator as they were."""
+    import gc
+    import weakref
+
+    from glu_probe.ntk import NTKOperator
+
+    _, model, x = _graph_cases()[case]
+    model, x = model.cuda().eval(), x.cuda()
+    eager = NTKOperator(model, x, cuda_graphs=False, linearize=linearize)
+    graphed = NTKOperator(model, x, linearize=linearize)
+    widths = [4, 4, 4, 4, 1, 1, 1, 4]
+    blocks = [torch.randn(eager.n, k).cuda() for k in widths]
+    rng = torch.cuda.get_rng_state()
+    stream = torch.cuda.current_stream()
+    for V in blocks:
+        want = eager.matvec(V)
+        got = graphed.matvec(V)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    # width 4 captured on call 2 and replayed on calls 3-4; width 1 captured on call 6 and
+    # replayed on call 7; call 8 (width 4 again) recaptures: one graph at a time
+    assert graphed.n_graph_replays == 3
+    assert eager.n_graph_replays == 0
+    assert torch.cuda.current_stream() == stream
+    assert torch.equal(torch.cuda.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training is False
+    graph = weakref.ref(graphed._graph)
+    del graphed
+    gc.collect()
+    assert graph() is None  # the graph (and its memory pool) went with the operator
+
+
+def test_lanczos_with_cuda_graphs_matches_float64_truth():
+    """The forced Lanczos path replays its products from a graph, and still meets the
+    accuracy targets against dense float64 truth (a timm ViT)."""
+    from glu_probe.ntk import NTKOperator
+
+    _, model, x = _graph_cases()[1]
+    truth = ntk_spectrum(
+        copy.deepcopy(model).double(), x.double(), method="dense", dtype=torch.float64
+    )
+    model, x = model.cuda().double(), x.cuda().double()
+    replays = []
+    real = NTKOperator._graph_product
+
+    def spy(self, local, k):
+        out = real(self, local, k)
+        replays.append(self.n_graph_replays)
+        return out
+
+    NTKOperator._graph_product = spy
+    try:
+        spec = ntk_spectrum(model, x, method="lanczos", dtype=torch.float64, tol=1e-8)
+    finally:
+        NTKOperator._graph_product = real
+    assert max(replays) >= 1
+    assert spec.converged
+    assert spec.lambda_max == pytest.approx(truth.lambda_max, rel=1e-8)
+    assert spec.lambda_min == pytest.approx(truth.lambda_min, rel=1e-6)
+
+
+def test_a_model_that_syncs_falls_back_to_eager_products():
+    """A forward pass with a host sync cannot be captured: one RuntimeWarning, products stay
+    exact, and the CUDA state (stream, later captures elsewhere) is sound."""
+    from torch import nn
+
+    from glu_probe.ntk import NTKOperator
+
+    class Syncs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(6, 3)
+
+        def forward(self, x):
+            torch.cuda.synchronize()
+            return self.lin(x).tanh()
+
+    torch.manual_seed(0)
+    model, x = Syncs().cuda(), torch.randn(10, 6).cuda()
+    eager = NTKOperator(model, x, cuda_graphs=False, dtype=torch.float64)
+    op = NTKOperator(model, x, dtype=torch.float64)
+    stream = torch.cuda.current_stream()
+    V = torch.randn(10, 2, dtype=torch.float64).cuda()
+    with pytest.warns(RuntimeWarning, match="CUDA graph failed"):
+        for _ in range(4):
+            torch.testing.assert_close(op.matvec(V), eager.matvec(V), rtol=1e-12, atol=1e-12)
+    assert op.n_graph_replays == 0
+    assert torch.cuda.current_stream() == stream
+    # a later capture (another operator) still works
+    _, mlp, xm = _graph_cases()[0]
+    other = NTKOperator(mlp.cuda(), xm.cuda())
+    Vm = torch.randn(96, 2).cuda()
+    for _ in range(3):
+        other.matvec(Vm)
+    assert other.n_graph_replays == 1

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 import warnings
+from typing import ClassVar
 
 import pytest
 import torch
@@ -393,3 +394,111 @@ def test_forward_mode_decompositions_load_without_torchs_deprecation_warning():
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "0"
+
+
+def test_default_traces_only_when_enough_products_remain(problem):
+    """Tracing costs 10–200 untraced products: with the caller's bound on the products still
+    to come (``expected_products``), the default traces only where at least
+    ``TRACE_MIN_REMAINING`` remain; without a bound it keeps the old rule."""
+    model, x, K = problem
+    V = torch.randn(20, 2, dtype=torch.float64)
+    after = NTKOperator.LINEARIZE_AFTER
+    for expected, traced in (
+        (after + NTKOperator.TRACE_MIN_REMAINING - 1, False),
+        (after + NTKOperator.TRACE_MIN_REMAINING, True),
+        (None, True),
+    ):
+        op = NTKOperator(model, x, dtype=torch.float64)
+        op.expected_products = expected
+        for _ in range(after + 1):
+            out = op.matvec(V)
+        assert op._traced is traced, expected
+        torch.testing.assert_close(out, K @ V, rtol=1e-12, atol=1e-12)
+
+
+def test_forced_lanczos_on_a_small_kernel_does_not_trace(problem, monkeypatch):
+    """A 20-row kernel spans its whole space in at most 21 single-column products: tracing
+    (about a second on the ViT of benchmarks §4, where it was 70% of the forced Lanczos time)
+    cannot pay for itself there. The result is still exact."""
+    import glu_probe.ntk.operator as operator_module
+
+    model, x, K = problem
+    calls = []
+    real = operator_module.trace_linear_map
+    monkeypatch.setattr(
+        operator_module, "trace_linear_map", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    spec = ntk_spectrum(model, x, method="lanczos", dtype=torch.float64, block_size=1)
+    assert spec.n_matvecs > NTKOperator.LINEARIZE_AFTER  # the old rule traced here
+    assert calls == []
+    ev = torch.linalg.eigvalsh(K)
+    assert spec.lambda_max == pytest.approx(float(ev[-1]), rel=1e-9)
+    assert spec.lambda_min == pytest.approx(float(ev[0]), rel=1e-6)
+
+
+class _FakeGraph:
+    """Stands in for the CUDA graph on the CPU: 'captures' by keeping the function and
+    'replays' by calling it (``mode``: "ok", "raise" in the capture, "wrong" replays)."""
+
+    mode = "ok"
+    captured: ClassVar[list] = []
+
+    def __init__(self, key, fn, U):
+        if self.mode == "raise":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.key, self.fn = key, fn
+        self.static_in = U.clone()
+        type(self).captured.append(key)
+
+    def __call__(self, U):
+        out = self.fn(U)
+        return out + 1.0 if self.mode == "wrong" else out
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    import glu_probe.ntk.operator as operator_module
+
+    _FakeGraph.captured = []
+    _FakeGraph.mode = "ok"
+    monkeypatch.setattr(operator_module, "_GraphedProduct", _FakeGraph)
+    monkeypatch.setattr(NTKOperator, "_graphs_apply", lambda self: True)
+    monkeypatch.setattr(
+        NTKOperator, "_on_own_stream", lambda self, local, k: self._graph_product(local, k)
+    )
+    return _FakeGraph
+
+
+def test_graph_capture_logic_replays_after_two_products_per_width(problem, fake_graphs):
+    model, x, K = problem
+    op = NTKOperator(model, x, dtype=torch.float64, linearize=False)
+    for k, replays in ((3, [0, 0, 1, 2, 3]), (1, [3, 3, 4])):
+        for want in replays:
+            V = torch.randn(20, k, dtype=torch.float64)
+            torch.testing.assert_close(op.matvec(V), K @ V, rtol=1e-12, atol=1e-12)
+            assert op.n_graph_replays == want
+    # one graph at a time: width 3, then width 1 (captured on its second product)
+    assert fake_graphs.captured == [(3, False), (1, False)]
+    assert op._graph is not None and op._graph.key == (1, False)
+    assert op.n_matvecs == 5 * 3 + 3
+    op.release()
+    assert op._graph is None
+
+
+@pytest.mark.parametrize("mode", ["raise", "wrong"])
+def test_failed_or_wrong_capture_falls_back_to_eager_products(problem, fake_graphs, mode):
+    """A capture that fails (a sync inside the model) or a replay that disagrees with the
+    eager product drops graphs for good, with one RuntimeWarning; every product stays exact."""
+    model, x, K = problem
+    fake_graphs.mode = mode
+    op = NTKOperator(model, x, dtype=torch.float64, linearize=False)
+    V = torch.randn(20, 2, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="CUDA graph failed"):
+        for _ in range(2):
+            torch.testing.assert_close(op.matvec(V), K @ V, rtol=1e-12, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            torch.testing.assert_close(op.matvec(V), K @ V, rtol=1e-12, atol=1e-12)
+    assert op.n_graph_replays == 0 and op._graph is None
+    assert len(fake_graphs.captured) == (1 if mode == "wrong" else 0)

@@ -69,6 +69,12 @@ _DEFAULT_BASIS_BYTES = 256 * 2**20
 _WHICH = ("both", "largest", "smallest")
 
 
+def default_max_basis(n: int, block_size: int, dtype: torch.dtype) -> int:
+    """The basis columns :func:`block_lanczos` keeps when ``max_basis=None``."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return max(4 * block_size, _DEFAULT_BASIS_BYTES // (2 * n * itemsize))
+
+
 # --------------------------------------------------------------------------------------------
 # error bounds
 # --------------------------------------------------------------------------------------------
@@ -120,19 +126,24 @@ def ritz_error_bounds(
         # clusters: chains of neighbours whose residual intervals overlap
         linked = (ts[1:] - ts[:-1]) <= (rs[1:] + rs[:-1])
         cid = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(~linked, 0)])
-        rho2_s = torch.zeros(m, dtype=torch.float64)
-        delta_s = torch.zeros(m, dtype=torch.float64)
-        for c in range(int(cid[-1]) + 1):
-            inside = cid == c
-            lo, hi = ts[inside].min(), ts[inside].max()
-            out_t, out_r = ts[~inside], rs[~inside]
-            if out_t.numel():
-                dist = torch.maximum(lo - out_t, out_t - hi).clamp_min(0.0) - out_r
-                d = float(dist.min().clamp_min(0.0))
-            else:  # no Ritz value outside the cluster: no gap estimate, no refinement
-                d = 0.0
-            rho2_s[inside] = rs[inside].square().sum()
-            delta_s[inside] = d
+        n_clusters = int(cid[-1]) + 1
+        # Clusters are runs of the sorted values, so the gap of a run [s, e] is the nearer of
+        # θ_s - max_{j<s}(θ_j + r_j) and min_{j>e}(θ_j - r_j) - θ_e: a prefix maximum and a
+        # suffix minimum, vectorised (a loop over clusters cost 2 ms per Lanczos step at
+        # m ≈ 50).
+        idx = torch.arange(m)
+        starts = idx[torch.cat([torch.ones(1, dtype=torch.bool), ~linked])]
+        ends = torch.cat([starts[1:] - 1, torch.tensor([m - 1])])
+        inf = torch.full((1,), math.inf, dtype=torch.float64)
+        below_max = torch.cat([-inf, torch.cummax(ts + rs, 0).values])  # [s]: max over j < s
+        suffix_min = torch.flip(torch.cummin(torch.flip(ts - rs, [0]), 0).values, [0])
+        above_min = torch.cat([suffix_min, inf])  # [e + 1]: min over j > e
+        gap = torch.minimum(ts[starts] - below_max[starts], above_min[ends + 1] - ts[ends])
+        # no Ritz value outside the cluster (gap = inf): no gap estimate, no refinement
+        d_c = torch.where(torch.isinf(gap), torch.zeros_like(gap), gap.clamp_min(0.0))
+        rho2_c = torch.zeros(n_clusters, dtype=torch.float64).index_add_(0, cid, rs.square())
+        rho2_s = rho2_c[cid]
+        delta_s = d_c[cid]
         rho2 = torch.empty_like(rho2_s)
         delta = torch.empty_like(delta_s)
         rho2[order], delta[order] = rho2_s, delta_s
@@ -535,9 +546,8 @@ def block_lanczos(
         gen = torch.Generator()
         gen.manual_seed(0)
 
-    itemsize = torch.empty(0, dtype=dtype).element_size()
     if max_basis is None:
-        max_basis = max(4 * b, _DEFAULT_BASIS_BYTES // (2 * n * itemsize))
+        max_basis = default_max_basis(n, b, dtype)
     cap = min(n, max_matvecs, max_basis)
     if cap < min(n, 2 * b):
         raise ValueError(

@@ -16,6 +16,14 @@ the vectors, never the primal forward and never an activation derivative. With
 between products, which bounds memory by one chunk's activations at the price of recomputing the
 forward pass of each chunk.
 
+Tracing costs about as much as 10–200 untraced products (CPU, 2026-11-28: 0.4–3.6 s for the
+benchmark's MLP, ViT and GPT-2) and saves 1–55% per product, so the default traces only where
+the caller's bound on the products still to come (:attr:`NTKOperator.expected_products`) leaves
+at least :attr:`NTKOperator.TRACE_MIN_REMAINING` of them. On a GPU a small model's product is
+bound by kernel launches and Python dispatch, not arithmetic: there the product of one block
+width is captured once in a CUDA graph (:class:`torch.cuda.CUDAGraph`) and replayed, checked
+against the eager product it replaces (``cuda_graphs``).
+
 Error: a product is exact up to floating-point rounding of the chosen ``dtype`` (float32 by
 default, TF32 disabled, so the relative error is of order n_params·2⁻²⁴ at worst and typically
 far smaller; ``dtype=torch.float64`` for more).
@@ -202,6 +210,33 @@ def _batched(fn: Callable[..., Any], k: int) -> Callable[..., Any]:
     return single
 
 
+class _GraphedProduct:
+    """One block width's local product ``U -> (J Jᵀ U)`` captured in a CUDA graph.
+
+    Written by hand because the product runs inside torch.func transforms that
+    :func:`torch.cuda.make_graphed_callables` does not take (it wants modules or functions
+    whose outputs require grad). This is the capture recipe of the CUDA-graphs notes of the
+    PyTorch docs: capture on a side stream that has already run the product eagerly (the
+    warm-up), with static input and output buffers. It captures on the *current* stream, which
+    the operator makes its own stream: the linearisation was built there too, and autograd runs
+    each backward op on the stream of its forward op, so the VJP's kernels land in the capture.
+    The replay reads the input buffer and the linearisation's tensors at their captured
+    addresses, which the operator keeps alive and unchanged.
+    """
+
+    def __init__(self, key: tuple[int, bool], fn: Callable[[Tensor], Tensor], U: Tensor) -> None:
+        self.key = key
+        self.static_in = U.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=torch.cuda.current_stream(U.device)):
+            self.static_out = fn(self.static_in)
+
+    def __call__(self, U: Tensor) -> Tensor:
+        self.static_in.copy_(U)
+        self.graph.replay()
+        return self.static_out.clone()
+
+
 class NTKOperator:
     """The empirical NTK K = J Jᵀ of a model on a probe batch, as a matrix-free operator.
 
@@ -225,13 +260,31 @@ class NTKOperator:
             iterations. Unchunked operators only.
         probe: a prebuilt :class:`ProbeFunction` (then model, inputs, output, params, dtype and
             eval_mode are taken from it).
+        cuda_graphs: capture the product of a block width in a CUDA graph once it has run
+            :attr:`GRAPH_AFTER` times, and replay it from then on (one graph at a time; the
+            first replay is checked against the eager product, and any capture failure falls
+            back to eager products with a ``RuntimeWarning``). ``None`` (default): on for
+            unchunked, unsharded operators on a CUDA device, as :attr:`CUDA_GRAPHS` says. The
+            graph holds one product's workspace until the operator is released
+            (:meth:`release`) or garbage-collected.
 
     Attributes:
         n: number of rows of K (all ranks).
         n_matvecs: number of columns multiplied so far (a (n, k) block counts k).
+        expected_products: the caller's upper bound on the block products this operator will
+            run in all (``None``: unknown). With ``linearize=None`` the operator traces only
+            if at least :attr:`TRACE_MIN_REMAINING` of them are still to come.
+        n_graph_replays: block products served by a CUDA graph replay so far.
     """
 
     LINEARIZE_AFTER = 16
+    #: Least block products still to come for the default to trace (tracing costs 10–200
+    #: untraced products and saves 1–55% of each; CPU, 2026-11-28).
+    TRACE_MIN_REMAINING = 64
+    #: Block products of one width before it is captured in a CUDA graph.
+    GRAPH_AFTER = 2
+    #: Process-wide default for ``cuda_graphs=None``.
+    CUDA_GRAPHS = True
 
     @allows_autograd
     def __init__(
@@ -247,6 +300,7 @@ class NTKOperator:
         process_group: Any = None,
         linearize: bool | None = None,
         probe: ProbeFunction | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
@@ -271,6 +325,13 @@ class NTKOperator:
         self.linearize = linearize
         self._traced = False
         self._n_products = 0
+        self.expected_products: int | None = None
+        self.cuda_graphs = cuda_graphs
+        self._graph: _GraphedProduct | None = None
+        self._graph_counts: dict[tuple[int, bool], int] = {}
+        self._graph_failed = False
+        self._stream: Any = None
+        self.n_graph_replays = 0
         # False once an operation without a forward-mode derivative was met (J·u by VJPs).
         self._forward_ad = True
         _load_jvp_decompositions()
@@ -300,6 +361,12 @@ class NTKOperator:
         self._ranges = self.probe.sample_ranges(chunk_size)
         self._cache = None
         self._traced = False
+        self.release()
+
+    def release(self) -> None:
+        """Drop the CUDA graph (and the workspace its memory pool holds)."""
+        self._graph = None
+        self._graph_counts.clear()
 
     @property
     def n_params(self) -> int:
@@ -363,7 +430,13 @@ class NTKOperator:
                 else:
                     self._cache = [(vjp, self._jvp(a, b))]
         elif (
-            self.linearize is None and not self._traced and self._n_products >= self.LINEARIZE_AFTER
+            self.linearize is None
+            and not self._traced
+            and self._n_products >= self.LINEARIZE_AFTER
+            and (
+                self.expected_products is None
+                or self.expected_products - self._n_products >= self.TRACE_MIN_REMAINING
+            )
         ):
             with self.probe.session():
                 vjp = self._cache[0][0]
@@ -446,9 +519,21 @@ class NTKOperator:
         V = V.reshape(self.n, -1).to(device=self.device, dtype=self.dtype)
         k = V.shape[1]
         local = V[self.offset : self.offset + self.n_local]
-        # Sharded: a rank that fails in its local part (e.g. out of memory) must not leave the
-        # others waiting in (or, worse, pairing a later call with) the all-reduce; every rank
-        # first agrees on success (_agree), then all raise together or all go on.
+        if self.process_group is None:
+            if self._graphs_apply():
+                out = self._on_own_stream(local, k)
+            else:
+                # unsharded: both maps in one probe session (entering one costs ~0.5 ms)
+                maps = self._linearisations()
+                with self.probe.session():
+                    out = self._eager_product(local, k, maps)
+            self.n_matvecs += k
+            self._n_products += 1
+            return out.reshape(-1) if vector else out
+        # Sharded (the rest of this method): a rank that fails in its local part (e.g. out of
+        # memory) must not leave the others waiting in (or, worse, pairing a later call with)
+        # the all-reduce; every rank first agrees on success (_agree), then all raise together
+        # or all go on.
         acc: list[Tensor] = []
         err: BaseException | None = None
         cached: Any = None
@@ -475,6 +560,77 @@ class NTKOperator:
         return out.reshape(-1) if vector else out
 
     __matmul__ = matvec
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _graphs_apply(self) -> bool:
+        on = self.CUDA_GRAPHS if self.cuda_graphs is None else self.cuda_graphs
+        return (
+            bool(on)
+            and self.device.type == "cuda"
+            and self.process_group is None
+            and len(self._ranges) == 1
+        )
+
+    def _on_own_stream(self, local: Tensor, k: int) -> Tensor:
+        """:meth:`_graph_product` on the operator's own CUDA stream, ordered after and before
+        the caller's work (a graph cannot be captured on the default stream)."""
+        caller = torch.cuda.current_stream(self.device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self.device)
+        self._stream.wait_stream(caller)
+        try:
+            with torch.cuda.stream(self._stream):
+                return self._graph_product(local, k)
+        finally:
+            caller.wait_stream(self._stream)
+
+    def _eager_product(self, local: Tensor, k: int, cached: Any) -> Tensor:
+        """J Jᵀ U of this rank's rows, unsharded: the (n_local, k) block."""
+        acc = self._local_vjp(local, k, cached)
+        outs = self._local_jvp(tuple(acc), k, cached)
+        return torch.cat(outs, dim=1).T.contiguous()
+
+    def _graph_product(self, local: Tensor, k: int) -> Tensor:
+        """K U, by a CUDA graph replay once the width ``k`` has run :attr:`GRAPH_AFTER` times.
+
+        The call that reaches that count runs the product eagerly (what it returns), then
+        captures it; the first replay must reproduce the eager product (relative error ≤ 1e-4
+        in float32, 1e-10 in float64), or the graph is dropped for good, with a
+        ``RuntimeWarning``, and products run eagerly."""
+        cached = self._linearisations()  # (may trace: never inside a capture)
+        key = (k, self._traced)
+        if self._graph is not None and self._graph.key == key:
+            self.n_graph_replays += 1
+            return self._graph(local)
+        with self.probe.session():
+            eager = self._eager_product(local, k, cached)
+        count = self._graph_counts.get(key, 0) + 1
+        self._graph_counts[key] = count
+        if count < self.GRAPH_AFTER or self._graph_failed:
+            return eager
+        self._graph = None  # one graph at a time: free the old pool first
+        try:
+            with self.probe.session():
+                graph = _GraphedProduct(key, lambda U: self._eager_product(U, k, cached), local)
+            got = graph(local)
+            tol = 1e-10 if self.dtype == torch.float64 else 1e-4
+            scale = float(eager.abs().max())
+            diff = float((got - eager).abs().max())
+            if not diff <= tol * max(scale, 1e-30):
+                raise RuntimeError(f"the replay differs from the eager product by {diff:.3e}")
+        except Exception as err:
+            self._graph_failed = True
+            first = str(err).splitlines()[0][:200] if str(err) else ""
+            warnings.warn(
+                f"NTKOperator: capturing the product in a CUDA graph failed "
+                f"({type(err).__name__}: {first}); products run eagerly (cuda_graphs=False "
+                "skips the attempt)",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            return eager
+        self._graph = graph
+        return eager
 
     def _local_vjp(self, local: Tensor, k: int, cached: Any) -> list[Tensor]:
         """Jᵀ U of this rank's rows, summed over chunks: (k, *param.shape) tensors."""

@@ -72,7 +72,7 @@ from .functional import (
     probe_copy_bytes,
     refuse_small_budget,
 )
-from .krylov import _error_bounds, block_lanczos
+from .krylov import _error_bounds, block_lanczos, default_max_basis
 from .operator import NTKOperator, agreed, is_out_of_memory
 
 __all__ = [
@@ -815,6 +815,13 @@ def _lanczos(
         agreed = torch.tensor([width], dtype=torch.int64, device=probe.device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=process_group)
         width = int(agreed.item())
+    # The products this call runs at most (the Krylov space stops at n columns unless thick
+    # restarts keep it smaller, then max_matvecs stops it; the SLQ estimate adds slq_steps
+    # blocks): the operator traces its linear maps only where enough of them remain.
+    span = max(max_matvecs, min(width, n))
+    if (max_basis if max_basis is not None else default_max_basis(n, width, probe.dtype)) >= n:
+        span = min(span, n + width)
+    op.expected_products = -(-span // width) + (slq_steps if slq_probes > 0 else 0)
     try:
         res = block_lanczos(
             op.matvec,
