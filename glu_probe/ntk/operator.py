@@ -228,7 +228,14 @@ class _GraphedProduct:
         self.key = key
         self.static_in = U.clone()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=torch.cuda.current_stream(U.device)):
+        # thread_local: the capture must not make the user's other threads (a DataLoader's
+        # pin-memory thread) fail their CUDA calls; kernels that autograd's worker thread
+        # launches on the capture stream are captured all the same
+        with torch.cuda.graph(
+            self.graph,
+            stream=torch.cuda.current_stream(U.device),
+            capture_error_mode="thread_local",
+        ):
             self.static_out = fn(self.static_in)
 
     def __call__(self, U: Tensor) -> Tensor:
@@ -606,8 +613,8 @@ class NTKOperator:
             eager = self._eager_product(local, k, cached)
         count = self._graph_counts.get(key, 0) + 1
         self._graph_counts[key] = count
-        if count < self.GRAPH_AFTER or self._graph_failed:
-            return eager
+        if count < self.GRAPH_AFTER or self._graph_failed or not bool(eager.isfinite().all()):
+            return eager  # (a non-finite product is the caller's error to report, not a graph's)
         self._graph = None  # one graph at a time: free the old pool first
         try:
             with self.probe.session():
