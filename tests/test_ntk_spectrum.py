@@ -680,7 +680,6 @@ def test_mixed_gram_packs_parameters_into_chunks_exactly(monkeypatch, chunk):
     for A Bᵀ with different row counts."""
     from glu_probe.ntk import dense
 
-    monkeypatch.setattr(dense, "GRAM_CHUNK_ELEMENTS", chunk * 5)
     gen = torch.Generator().manual_seed(0)
     shapes = [(1,), (3,), (5, 10), (200,)]
     a = tuple(torch.randn(5, *s, generator=gen) for s in shapes)
@@ -688,9 +687,33 @@ def test_mixed_gram_packs_parameters_into_chunks_exactly(monkeypatch, chunk):
     flat_a = torch.cat([x.reshape(5, -1) for x in a], 1).double()
     flat_b = torch.cat([x.reshape(3, -1) for x in b], 1).double()
     for left, right, ref in ((a, a, flat_a @ flat_a.T), (a, b, flat_a @ flat_b.T)):
-        got = dense._gram(left, right, torch.float64)
+        # (the chunk passed explicitly: a monkeypatched module constant never reached the
+        # default argument, so until 2026-11-28 every case here ran with 2**20)
+        got = dense._gram(left, right, torch.float64, chunk_elements=chunk * 5)
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, ref, rtol=1e-14, atol=1e-13)
+
+
+def test_widening_chunk_is_larger_on_cuda_and_stays_within_the_budget():
+    """A GPU runs each widening chunk as a GEMM and two copies of a few microseconds: 2**20
+    numbers a chunk made a GPT-2-small probe 5,253 GEMMs and host-bound (350 ms for 132 ms of
+    GPU time, H200). On CUDA the cap is 2**26, still at most 1/16 of what the budget leaves
+    beside K; the CPU keeps 2**20."""
+    from types import SimpleNamespace
+
+    from glu_probe.ntk import dense
+
+    def probe(device):
+        return SimpleNamespace(n_rows=64, device=torch.device(device))
+
+    big = 2**40
+    assert dense._widen_chunk(probe("cuda"), 8, big) == 2**26
+    assert dense._widen_chunk(probe("cpu"), 8, big) == 2**20
+    k_bytes = 64 * 64 * 8
+    budget = k_bytes + 16 * 8 * 3 * 2**20  # room for 3·2**20 numbers a side
+    assert dense._widen_chunk(probe("cuda"), 8, budget) == 3 * 2**20
+    assert dense._widen_chunk(probe("cpu"), 8, budget) == 2**20
+    assert dense._widen_chunk(probe("cuda"), 8, k_bytes) == 64  # one column of every row
 
 
 @pytest.mark.parametrize("kappa", [1e14, 1e18])

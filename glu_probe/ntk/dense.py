@@ -284,6 +284,17 @@ def jacobian_rows(
 #: Elements of one converted column chunk in :func:`_gram` (float32 rows widened to float64 a
 #: chunk at a time, so that the widened copy never holds more than this many numbers per side).
 GRAM_CHUNK_ELEMENTS = 2**20
+#: The same on CUDA. A chunk is one GEMM and two widening copies, and on a GPU each is a kernel
+#: launch of a few microseconds' work at 2**20: a 64-row probe of a GPT-2-small-sized model
+#: (86M parameters) ran 5,253 float64 GEMMs and 6,061 copies, and took 350 ms for 132 ms of GPU
+#: time (H200, 2026-11-28, ``benchmarks/profile_probe.py``). 64x fewer chunks cost at most
+#: 1 GiB of widening buffers, and only where the budget leaves 16x that (:func:`_widen_chunk`).
+GRAM_CHUNK_ELEMENTS_CUDA = 2**26
+
+
+def gram_chunk_elements(device: torch.device) -> int:
+    """The cap on :func:`_gram`'s widening chunk on ``device``."""
+    return GRAM_CHUNK_ELEMENTS_CUDA if device.type == "cuda" else GRAM_CHUNK_ELEMENTS
 
 
 def _gram(
@@ -605,10 +616,12 @@ def _plan(
 
 def _widen_chunk(probe: ProbeFunction, itemsize: int, budget: int) -> int:
     """Numbers per side of :func:`_gram`'s widening buffers on the mixed-precision path: at
-    most :data:`GRAM_CHUNK_ELEMENTS`, and at most 1/16 of what the budget leaves beside K (a
-    small budget is not spent on them), but at least one column of every row."""
+    most :func:`gram_chunk_elements` (2**20 on the CPU, 2**26 on CUDA), and at most 1/16 of
+    what the budget leaves beside K (a small budget is not spent on them), but at least one
+    column of every row."""
     free = max(budget - probe.n_rows**2 * itemsize, 0)
-    return max(probe.n_rows, min(GRAM_CHUNK_ELEMENTS, free // (16 * itemsize)))
+    cap = gram_chunk_elements(probe.device)
+    return max(probe.n_rows, min(cap, free // (16 * itemsize)))
 
 
 def row_chunk_for(

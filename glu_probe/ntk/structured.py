@@ -470,11 +470,11 @@ def structured_ntk(
     appended to it (the error of ``strategy="structured"`` names it)."""
     from .dense import (
         ESTIMATE_MARGIN,
-        GRAM_CHUNK_ELEMENTS,
         _batched_leaves,
         _gram_sym,
         _vmap_args,
         activation_elements,
+        gram_chunk_elements,
         jacobian_transient_bytes,
         row_chunk_for,
         row_chunked_jacrev,
@@ -648,12 +648,12 @@ def structured_ntk(
         layer_room = budget - k_bytes - factors * r_item - widen
         if strict and layer_room < least * k_item:
             return None
-        rest_chunk = GRAM_CHUNK_ELEMENTS
+        rest_chunk = gram_chunk_elements(source.device)
         if with_rest and r_item != k_item:  # the remaining rows' Gram widens them
             rest_room = (budget - k_bytes - stored) // (2 * k_item)
             if strict and rest_room < n:
                 return None
-            rest_chunk = max(n, min(GRAM_CHUNK_ELEMENTS, rest_room))
+            rest_chunk = max(n, min(rest_chunk, rest_room))
         # One sample's share of a vmapped call: its factors and rows, and its backward
         # intermediates (about (r + 1) times its activations, see activation_elements). The
         # first pass runs before K exists.
