@@ -39,7 +39,7 @@ run() {  # run NAME SECONDS CMD...
 steps=${*:-gpu_tests bench_callbacks bench_mlp_bias bench_mlp_cpu16 fused_acc bench_ntk}
 for step in $steps; do
   case $step in
-    gpu_tests) run gpu_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
+    gpu_tests) run gpu_tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
       tests/test_krylov.py tests/test_callbacks_ntk.py ;;
     fused_acc) run fused_acc 30 python3 benchmarks/fused_accuracy.py --device cuda --seeds 4 ;;
     bench_callbacks) run bench_callbacks 200 python3 benchmarks/bench_callbacks.py --device cuda \
