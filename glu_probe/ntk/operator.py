@@ -586,7 +586,8 @@ class NTKOperator:
             self._stream = torch.cuda.Stream(device=self.device)
         self._stream.wait_stream(caller)
         try:
-            with torch.cuda.stream(self._stream):
+            # (the probe's device made current too: a capture begins on the current device)
+            with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
                 return self._graph_product(local, k)
         finally:
             caller.wait_stream(self._stream)
