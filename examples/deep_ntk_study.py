@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 import time
@@ -38,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glu_probe import _json as strict_json
 from glu_probe.data import digits_dataset, lm_probe_batch, text_corpus
 from glu_probe.models import CausalLMLogits, tiny_gpt2, tiny_vit
 from glu_probe.ntk import ntk_spectrum
@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     png = figure(records, args, out / "deep_ntk.png")
     settings = {k: v for k, v in vars(args).items()}
     (out / "deep_ntk.json").write_text(
-        json.dumps({"settings": settings, "records": records}, indent=2, default=str)
+        strict_json.dumps({"settings": settings, "records": records}, indent=2)
     )
     (out / "deep_ntk.md").write_text(md + "\n")
     print(md)

@@ -25,13 +25,13 @@ The functions used here live in :mod:`glu_probe.theory` (``glu-probe theory`` ca
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
 
 import torch
 
+from glu_probe import _json as strict_json
 from glu_probe.theory import (
     crossing_experiment,
     crossing_verdicts,
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n(total {time.perf_counter() - t0:.1f} s)")
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1, default=str)
+            fh.write(strict_json.dumps(result, indent=1))
         print(f"wrote {args.out}")
     return 0
 

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import _json as strict_json
+
 __all__ = ["build_parser", "main"]
 
 _GLU_VARIANTS = ("glu", "bilinear", "reglu", "geglu", "swiglu")
@@ -336,20 +338,8 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     png = plot_report(run, target)
     console.print(f"Report figure: {png}")
     if args.json:
-        print(json.dumps(_strict_json(rows), indent=2, default=str))
+        print(strict_json.dumps(rows, indent=2))
     return 0
-
-
-def _strict_json(value: Any) -> Any:
-    """``value`` with every non-finite float as ``None``: strict JSON (no bare Infinity/NaN,
-    which JSON.parse and strict readers reject; κ is infinite for a singular K)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    return value
 
 
 def _cmd_theory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -566,7 +556,7 @@ def _cmd_spectrum(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         "wall_time": result.wall_time,
     }
     if args.json:
-        print(json.dumps(_strict_json(info), indent=2, default=str))
+        print(strict_json.dumps(info, indent=2))
         return 0
     from rich.table import Table
 

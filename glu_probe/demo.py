@@ -22,7 +22,6 @@ statement of what was observed, writes ``<out_dir>/<run_name>/report.png``
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+
+from . import _json as strict_json
 
 __all__ = [
     "PAIRS",
@@ -391,7 +392,7 @@ def fit_pair(
     }
     out = Path(logger.log_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pair.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+    (out / "pair.json").write_text(strict_json.dumps(meta, indent=2), encoding="utf-8")
     return meta
 
 
@@ -523,7 +524,7 @@ def run_example(
         "table": table,
     }
     path = out / run_name / "results.json"
-    path.write_text(json.dumps(result, indent=2, default=str))
+    path.write_text(strict_json.dumps(result, indent=2))
     print(f"results: {path}")
     print(f"TensorBoard: tensorboard --logdir {out / run_name}")
     return result
@@ -741,7 +742,7 @@ def run_demo(
     console.print(f"Training time: {seconds['total']:.0f} s ({accelerator})")
     console.print(f"TensorBoard:   [bold]{cmd}[/bold]")
     summary = {"rows": rows, "observations": notes, "seconds": seconds, "pairs": metas}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (run_dir / "summary.json").write_text(strict_json.dumps(summary, indent=2))
     return DemoResult(
         run_dir=run_dir,
         report_png=png,

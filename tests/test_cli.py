@@ -389,3 +389,30 @@ def test_set_keys_a_config_consumes_in_another_form_are_accepted():
     _check_config_keys(LlamaConfig, {"rope_theta": 5000.0}, set(), parser)
     with pytest.raises(SystemExit):
         _check_config_keys(GPT2Config, {"n_layers": 1}, set(), parser)
+
+
+def test_strict_json_writes_null_for_non_finite_floats():
+    """What glu-probe writes (demo summaries, examples' results, ``--json``) is strict JSON:
+    NaN and ±inf become null at any depth, tuples become lists, other objects their str."""
+    import json
+    import math
+
+    import numpy as np
+
+    from glu_probe import _json
+
+    value = {
+        "kappa": math.inf,
+        "gap": float("nan"),
+        "rows": [(1, -math.inf), {"x": np.float64("nan"), "y": 2.5}],
+        "path": Path("/tmp/x"),
+    }
+    text = _json.dumps(value)
+    back = json.loads(text, parse_constant=lambda c: pytest.fail(f"constant {c} written"))
+    assert back == {
+        "kappa": None,
+        "gap": None,
+        "rows": [[1, None], {"x": None, "y": 2.5}],
+        "path": "/tmp/x",
+    }
+    assert _json.strict((math.nan, 1.0)) == [None, 1.0]

@@ -62,8 +62,14 @@ def test_quick_demo_writes_event_files_with_expected_tags(quick_run):
             len(scalars["ntk/model/condition_number"])
             >= steps // default_settings(True)[pair].ntk_every
         )
-        meta = json.loads((run_dir / pair / "pair.json").read_text())
+        meta = json.loads((run_dir / pair / "pair.json").read_text(), parse_constant=_no_nan)
         assert meta["steps_done"] == steps and not meta["stopped_early"]
+    # strict JSON everywhere (bare NaN/Infinity, which JSON.parse and jq reject, until 2026-11-28)
+    json.loads((run_dir / "summary.json").read_text(), parse_constant=_no_nan)
+
+
+def _no_nan(name: str) -> None:
+    raise AssertionError(f"non-standard JSON constant {name} written")
 
 
 @pytest.mark.slow

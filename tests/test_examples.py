@@ -50,6 +50,10 @@ def test_vit_example_quick(tmp_path: Path):
     res = mod.main(["--quick", "--seeds", "0", "1", "--out", str(tmp_path), "--no-progress"])
     run_dir = tmp_path / "vit-quick-digits"
     assert res["data"] == "digits" and (run_dir / "results.json").is_file()
+    json.loads(  # strict JSON: no bare NaN / Infinity (until 2026-11-28)
+        (run_dir / "results.json").read_text(),
+        parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"),
+    )
     m, b = res["params"]["model"], res["params"]["baseline"]
     assert abs(m - b) / b < 0.01  # parameter-matched swap
     _check_seed_aggregate(res, run_dir, [0, 1])
@@ -105,7 +109,10 @@ def test_deep_ntk_study_quick(tmp_path: Path):
     # families x widths x depths x seeds x variants x probe steps
     assert len(recs) == 2 * 1 * 2 * 1 * 2 * 2
     assert (tmp_path / "deep_ntk.png").read_bytes()[:4] == b"\x89PNG"
-    saved = json.loads((tmp_path / "deep_ntk.json").read_text())
+    saved = json.loads(  # strict JSON: no bare NaN / Infinity (until 2026-11-28)
+        (tmp_path / "deep_ntk.json").read_text(),
+        parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"),
+    )
     assert len(saved["records"]) == len(recs)
     assert "| gpt2 | 16 | 2 |" in (tmp_path / "deep_ntk.md").read_text()
     # one κ at init against an independent dense NTK (torch.func Jacobian, float64 eigvalsh)
