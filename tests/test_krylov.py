@@ -329,9 +329,18 @@ def test_ritz_error_bounds_match_the_cluster_definition(seed):
             r[: m // 2] = 0.0
         if trial % 7 == 0:
             r = r + 100.0  # one cluster: no gap, plain residuals
+        if trial % 4 == 1:  # clustered far from 0: gaps of a few hundred ulps (review 2026-11-28)
+            theta = 1e4 + 1e-9 * torch.randn(m, generator=g, dtype=torch.float64)
+            r = 1e-11 * torch.rand(m, generator=g, dtype=torch.float64)
         got = ritz_error_bounds(theta, r)
         want = _cluster_bounds_by_definition(theta, r)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=0.0)
+    # a gap of one ulp: the refinement (r²/δ) must see it exactly as the definition does
+    theta = torch.tensor([1.0, 1.0 + 2.0**-52], dtype=torch.float64)
+    r = torch.tensor([1.5e-16, 1e-20], dtype=torch.float64)
+    torch.testing.assert_close(
+        ritz_error_bounds(theta, r), _cluster_bounds_by_definition(theta, r), rtol=1e-12, atol=0.0
+    )
 
 
 def test_ritz_bounds_bad_input():

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 import warnings
+import weakref
 from typing import ClassVar
 
 import pytest
@@ -438,19 +439,28 @@ def test_forced_lanczos_on_a_small_kernel_does_not_trace(problem, monkeypatch):
 
 class _FakeGraph:
     """Stands in for the CUDA graph on the CPU: 'captures' by keeping the function and
-    'replays' by calling it (``mode``: "ok", "raise" in the capture, "wrong" replays)."""
+    'replays' by calling it (``mode``: "ok"; "raise" in the capture; "wrong" replays; "stale":
+    replays return the capture's output whatever the input, as a graph does whose work ran
+    outside the capture)."""
 
     mode = "ok"
     captured: ClassVar[list] = []
+    attempts = 0
+    alive: ClassVar[list] = []
 
     def __init__(self, key, fn, U):
+        type(self).attempts += 1
         if self.mode == "raise":
             raise RuntimeError("operation not permitted when stream is capturing")
         self.key, self.fn = key, fn
         self.static_in = U.clone()
+        self.static_out = fn(U)
         type(self).captured.append(key)
+        type(self).alive.append(weakref.ref(self))
 
     def __call__(self, U):
+        if self.mode == "stale":
+            return self.static_out.clone()
         out = self.fn(U)
         return out + 1.0 if self.mode == "wrong" else out
 
@@ -459,10 +469,15 @@ class _FakeGraph:
 def fake_graphs(monkeypatch):
     import glu_probe.ntk.operator as operator_module
 
-    _FakeGraph.captured = []
+    _FakeGraph.captured, _FakeGraph.alive, _FakeGraph.attempts = [], [], 0
     _FakeGraph.mode = "ok"
     monkeypatch.setattr(operator_module, "_GraphedProduct", _FakeGraph)
-    monkeypatch.setattr(NTKOperator, "_graphs_apply", lambda self: True)
+    monkeypatch.setattr(operator_module, "_UNGRAPHABLE", weakref.WeakSet())
+    monkeypatch.setattr(
+        NTKOperator,
+        "_graphs_wanted",
+        lambda self: self.probe.model not in operator_module._UNGRAPHABLE,
+    )
     monkeypatch.setattr(
         NTKOperator, "_on_own_stream", lambda self, local, k: self._graph_product(local, k)
     )
@@ -485,10 +500,12 @@ def test_graph_capture_logic_replays_after_two_products_per_width(problem, fake_
     assert op._graph is None
 
 
-@pytest.mark.parametrize("mode", ["raise", "wrong"])
+@pytest.mark.parametrize("mode", ["raise", "wrong", "stale"])
 def test_failed_or_wrong_capture_falls_back_to_eager_products(problem, fake_graphs, mode):
-    """A capture that fails (a sync inside the model) or a replay that disagrees with the
-    eager product drops graphs for good, with one RuntimeWarning; every product stays exact."""
+    """A capture that fails (a sync inside the model), a replay that disagrees with the eager
+    product, or a graph whose output ignores its input (the check replays on a second block,
+    not the capture's own: review 2026-11-28) drops graphs for good, with one RuntimeWarning;
+    every product stays exact, and a later operator on the model does not try again."""
     model, x, K = problem
     fake_graphs.mode = mode
     op = NTKOperator(model, x, dtype=torch.float64, linearize=False)
@@ -501,4 +518,97 @@ def test_failed_or_wrong_capture_falls_back_to_eager_products(problem, fake_grap
         for _ in range(3):
             torch.testing.assert_close(op.matvec(V), K @ V, rtol=1e-12, atol=1e-12)
     assert op.n_graph_replays == 0 and op._graph is None
-    assert len(fake_graphs.captured) == (1 if mode == "wrong" else 0)
+    assert len(fake_graphs.captured) == (0 if mode == "raise" else 1)
+    again = NTKOperator(model, x, dtype=torch.float64, linearize=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(4):
+            torch.testing.assert_close(again.matvec(V), K @ V, rtol=1e-12, atol=1e-12)
+    assert fake_graphs.attempts == 1
+
+
+def test_alternating_widths_never_capture_and_a_new_width_drops_the_graph(problem, fake_graphs):
+    """A capture needs GRAPH_AFTER products of one width in a row: widths 4 and 1 in turn
+    captured on every switch before (24 products, 22 captures, 0 replays; review 2026-11-28).
+    A product of another width drops the held graph before it runs, so two products'
+    workspaces are never held at once."""
+    model, x, K = problem
+    op = NTKOperator(model, x, dtype=torch.float64, linearize=False)
+    for i in range(12):
+        V = torch.randn(20, 4 if i % 2 else 1, dtype=torch.float64)
+        torch.testing.assert_close(op.matvec(V), K @ V, rtol=1e-12, atol=1e-12)
+    assert fake_graphs.captured == [] and op.n_graph_replays == 0
+    for _ in range(3):
+        op.matvec(torch.randn(20, 3, dtype=torch.float64))
+    assert op._graph is not None and op.n_graph_replays == 1
+    op.matvec(torch.randn(20, 2, dtype=torch.float64))
+    assert op._graph is None
+    assert op.n_matvecs == 6 * 1 + 6 * 4 + 3 * 3 + 2
+
+
+def test_rechunk_and_tracing_drop_or_rekey_the_graph(problem, fake_graphs):
+    model, x, K = problem
+    V = torch.randn(20, 2, dtype=torch.float64)
+    op = NTKOperator(model, x, dtype=torch.float64, linearize=False)
+    for _ in range(3):
+        op.matvec(V)
+    assert op._graph is not None
+    op.rechunk(7)
+    assert op._graph is None and op._cache is None
+    torch.testing.assert_close(op.matvec(V), K @ V, rtol=1e-12, atol=1e-12)
+    auto = NTKOperator(model, x, dtype=torch.float64)  # traces after LINEARIZE_AFTER products
+    for _ in range(NTKOperator.LINEARIZE_AFTER + 3):
+        out = auto.matvec(V)
+    assert auto._traced and auto._graph is not None and auto._graph.key == (2, True)
+    torch.testing.assert_close(out, K @ V, rtol=1e-12, atol=1e-12)
+    assert auto.n_matvecs == 2 * (NTKOperator.LINEARIZE_AFTER + 3)
+
+
+def test_ntk_spectrum_frees_its_graph_before_returning(problem, fake_graphs):
+    """The operator sits in a reference cycle (its cached maps refer to it): without an
+    explicit release its CUDA graph (a product's workspace) lived on until the garbage
+    collector ran (review 2026-11-28)."""
+    import gc
+
+    model, x, K = problem
+    gc.disable()
+    try:
+        spec = ntk_spectrum(model, x, method="lanczos", dtype=torch.float64)
+        assert fake_graphs.captured, "the Lanczos products should have been captured"
+        assert all(ref() is None for ref in fake_graphs.alive)
+    finally:
+        gc.enable()
+    ev = torch.linalg.eigvalsh(K)
+    assert spec.lambda_max == pytest.approx(float(ev[-1]), rel=1e-9)
+
+
+def test_expected_products_bounds_the_products_run(monkeypatch):
+    """With thick restarts (a basis just under n) blocks get narrower and products more: the
+    bound counted full-width blocks and was exceeded, 58 products against 50 (review
+    2026-11-28). It is now an upper bound in every case tried."""
+    from glu_probe.ntk import krylov, spectrum
+
+    runs = []
+    real = NTKOperator.matvec
+
+    def spy(self, V):
+        runs.append(self)
+        return real(self, V)
+
+    monkeypatch.setattr(NTKOperator, "matvec", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 24), nn.Tanh(), nn.Linear(24, 1)).double()
+    x = torch.randn(37, 5, dtype=torch.float64)
+    for basis in (None, 36, 32, 12):
+        if basis is not None:
+            monkeypatch.setattr(
+                spectrum, "default_max_basis", lambda n, b, d, m=basis: max(m, 4 * b)
+            )
+            monkeypatch.setattr(krylov, "default_max_basis", lambda n, b, d, m=basis: max(m, 4 * b))
+        for block in (1, 3, 8):
+            runs.clear()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # (not converged in 400)
+                ntk_spectrum(model, x, method="lanczos", dtype=torch.float64, block_size=block)
+            op = runs[0]
+            assert op._n_products <= op.expected_products, (basis, block)

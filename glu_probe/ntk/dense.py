@@ -754,12 +754,15 @@ def _operator_strategy(
         )
     op = NTKOperator(None, None, probe=probe, chunk_size=chunk, linearize=linearize)
     K = torch.empty(n, n, dtype=probe.dtype, device=probe.device)
-    for a in range(0, n, cols):
-        b = min(a + cols, n)
-        basis = torch.zeros(n, b - a, dtype=probe.dtype, device=probe.device)
-        basis[a:b] = torch.eye(b - a, dtype=probe.dtype, device=probe.device)
-        K[:, a:b] = op.matvec(basis)
-        del basis
+    try:
+        for a in range(0, n, cols):
+            b = min(a + cols, n)
+            basis = torch.zeros(n, b - a, dtype=probe.dtype, device=probe.device)
+            basis[a:b] = torch.eye(b - a, dtype=probe.dtype, device=probe.device)
+            K[:, a:b] = op.matvec(basis)
+            del basis
+    finally:
+        op.release()  # its CUDA graph and linearisation now, not at garbage collection
     # J (Jᵀ E) is symmetric only up to rounding, and eigh reads one triangle: symmetrise in
     # place, a block pair at a time (no n × n temporary).
     for a in range(0, n, cols):

@@ -127,18 +127,22 @@ def ritz_error_bounds(
         linked = (ts[1:] - ts[:-1]) <= (rs[1:] + rs[:-1])
         cid = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(~linked, 0)])
         n_clusters = int(cid[-1]) + 1
-        # Clusters are runs of the sorted values, so the gap of a run [s, e] is the nearer of
-        # θ_s - max_{j<s}(θ_j + r_j) and min_{j>e}(θ_j - r_j) - θ_e: a prefix maximum and a
-        # suffix minimum, vectorised (a loop over clusters cost 2 ms per Lanczos step at
+        # Clusters are runs [s, e] of the sorted values: the gap of a run is the least of
+        # (θ_s - θ_j) - r_j over j < s and (θ_j - θ_e) - r_j over j > e, computed as the
+        # definition rounds it (θ_s - (θ_j + r_j), a prefix maximum, lost r_j beside a large θ:
+        # bounds 4% off for Ritz values clustered at 1e4, review 2026-11-28), for all runs at
+        # once, a block of runs at a time (a loop over runs cost 2 ms per Lanczos step at
         # m ≈ 50).
         idx = torch.arange(m)
         starts = idx[torch.cat([torch.ones(1, dtype=torch.bool), ~linked])]
         ends = torch.cat([starts[1:] - 1, torch.tensor([m - 1])])
-        inf = torch.full((1,), math.inf, dtype=torch.float64)
-        below_max = torch.cat([-inf, torch.cummax(ts + rs, 0).values])  # [s]: max over j < s
-        suffix_min = torch.flip(torch.cummin(torch.flip(ts - rs, [0]), 0).values, [0])
-        above_min = torch.cat([suffix_min, inf])  # [e + 1]: min over j > e
-        gap = torch.minimum(ts[starts] - below_max[starts], above_min[ends + 1] - ts[ends])
+        parts = []
+        for c0 in range(0, n_clusters, 1024):
+            s_c, e_c = starts[c0 : c0 + 1024, None], ends[c0 : c0 + 1024, None]
+            below = torch.where(idx < s_c, (ts[s_c] - ts) - rs, math.inf)
+            above = torch.where(idx > e_c, (ts - ts[e_c]) - rs, math.inf)
+            parts.append(torch.minimum(below, above).amin(dim=1))
+        gap = torch.cat(parts)
         # no Ritz value outside the cluster (gap = inf): no gap estimate, no refinement
         d_c = torch.where(torch.isinf(gap), torch.zeros_like(gap), gap.clamp_min(0.0))
         rho2_c = torch.zeros(n_clusters, dtype=torch.float64).index_add_(0, cid, rs.square())

@@ -31,7 +31,10 @@ far smaller; ``dtype=torch.float64`` for more).
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -41,6 +44,22 @@ from torch import Tensor, nn
 from .functional import OutputSpec, ParamFilter, ProbeFunction, allows_autograd
 
 __all__ = ["NTKOperator", "trace_linear_map"]
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Models whose NTK product could not be captured in a CUDA graph: later operators on them run
+#: eagerly from the start (``ntk_spectrum`` builds one operator per call, and a capture that
+#: cannot work costs a sync, a garbage collection and an emptied allocator cache each time).
+_UNGRAPHABLE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _warn_outside(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first frame outside glu-probe (the user's call),
+    wherever inside the package it is raised (a product runs deep inside ``block_lanczos``)."""
+    level, frame = 1, sys._getframe(0)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR + os.sep):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def _fold_decompositions() -> dict[Any, Any]:
@@ -268,12 +287,14 @@ class NTKOperator:
         probe: a prebuilt :class:`ProbeFunction` (then model, inputs, output, params, dtype and
             eval_mode are taken from it).
         cuda_graphs: capture the product of a block width in a CUDA graph once it has run
-            :attr:`GRAPH_AFTER` times, and replay it from then on (one graph at a time; the
-            first replay is checked against the eager product, and any capture failure falls
-            back to eager products with a ``RuntimeWarning``). ``None`` (default): on for
-            unchunked, unsharded operators on a CUDA device, as :attr:`CUDA_GRAPHS` says. The
-            graph holds one product's workspace until the operator is released
-            (:meth:`release`) or garbage-collected.
+            :attr:`GRAPH_AFTER` times in a row, and replay it from then on (one graph at a
+            time, dropped as soon as a product of another width runs; a replay on a second,
+            random block is checked against the eager product before the graph is used, and a
+            capture that fails falls back to eager products with a ``RuntimeWarning``, for this
+            model from then on). ``None`` (default): on for unchunked, unsharded operators in
+            eval mode on a CUDA device, as :attr:`CUDA_GRAPHS` says; decided at the first
+            product. The graph holds one product's workspace until :meth:`release` (which
+            ``ntk_spectrum`` and ``ntk_matrix`` call before they return) or garbage collection.
 
     Attributes:
         n: number of rows of K (all ranks).
@@ -335,7 +356,9 @@ class NTKOperator:
         self.expected_products: int | None = None
         self.cuda_graphs = cuda_graphs
         self._graph: _GraphedProduct | None = None
-        self._graph_counts: dict[tuple[int, bool], int] = {}
+        self._graphs_on: bool | None = None  # decided at the first product
+        self._last_key: tuple[int, bool] | None = None
+        self._run = 0  # products of _last_key in a row
         self._graph_failed = False
         self._stream: Any = None
         self.n_graph_replays = 0
@@ -366,14 +389,17 @@ class NTKOperator:
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
         self._ranges = self.probe.sample_ranges(chunk_size)
-        self._cache = None
-        self._traced = False
         self.release()
 
     def release(self) -> None:
-        """Drop the CUDA graph (and the workspace its memory pool holds)."""
+        """Drop the CUDA graph (and the workspace its memory pool holds) and the cached
+        linearisation (the probe batch's saved activations) now, rather than when the garbage
+        collector finds the operator (its cached maps refer back to it). Later products
+        rebuild what they need."""
         self._graph = None
-        self._graph_counts.clear()
+        self._last_key, self._run = None, 0
+        self._cache = None
+        self._traced = False
 
     @property
     def n_params(self) -> int:
@@ -527,7 +553,9 @@ class NTKOperator:
         k = V.shape[1]
         local = V[self.offset : self.offset + self.n_local]
         if self.process_group is None:
-            if self._graphs_apply():
+            if self._graphs_on is None:
+                self._graphs_on = self._graphs_wanted()
+            if self._graphs_on and len(self._ranges) == 1:
                 out = self._on_own_stream(local, k)
             else:
                 # unsharded: both maps in one probe session (entering one costs ~0.5 ms)
@@ -569,13 +597,19 @@ class NTKOperator:
     __matmul__ = matvec
 
     # ------------------------------------------------------------------ CUDA graphs
-    def _graphs_apply(self) -> bool:
+    def _graphs_wanted(self) -> bool:
+        """Whether this operator replays products from CUDA graphs (asked once, at the first
+        product: the linearisation must be built on the operator's own stream, where the
+        capture runs, since autograd runs each backward op on its forward op's stream). Not in
+        train mode (``eval_mode=False``): a replay of a product that draws random numbers
+        would advance the caller's CUDA generator."""
         on = self.CUDA_GRAPHS if self.cuda_graphs is None else self.cuda_graphs
         return (
             bool(on)
             and self.device.type == "cuda"
             and self.process_group is None
-            and len(self._ranges) == 1
+            and self.probe.eval_mode
+            and self.probe.model not in _UNGRAPHABLE
         )
 
     def _on_own_stream(self, local: Tensor, k: int) -> Tensor:
@@ -599,42 +633,50 @@ class NTKOperator:
         return torch.cat(outs, dim=1).T.contiguous()
 
     def _graph_product(self, local: Tensor, k: int) -> Tensor:
-        """K U, by a CUDA graph replay once the width ``k`` has run :attr:`GRAPH_AFTER` times.
+        """K U: a CUDA graph replay once the width ``k`` has run :attr:`GRAPH_AFTER` times in
+        a row, else the eager product.
 
-        The call that reaches that count runs the product eagerly (what it returns), then
-        captures it; the first replay must reproduce the eager product (relative error ≤ 1e-4
-        in float32, 1e-10 in float64), or the graph is dropped for good, with a
-        ``RuntimeWarning``, and products run eagerly."""
+        The call that completes the run computes the product eagerly (what it returns), then
+        captures it. Before the graph is used, a replay on a second, random block must
+        reproduce the eager product of that block (relative error ≤ 1e-4 in float32, 1e-10 in
+        float64): a replay on the capture's own input would also pass for a graph that missed
+        work done outside the capture. Otherwise the graph is dropped, the model is not
+        captured again, a ``RuntimeWarning`` says so, and products run eagerly."""
         cached = self._linearisations()  # (may trace: never inside a capture)
         key = (k, self._traced)
         if self._graph is not None and self._graph.key == key:
             self.n_graph_replays += 1
             return self._graph(local)
+        # one graph at a time, and its pool is freed before another product's workspace is
+        # taken (the memory budgets count one product's)
+        self._graph = None
         with self.probe.session():
             eager = self._eager_product(local, k, cached)
-        count = self._graph_counts.get(key, 0) + 1
-        self._graph_counts[key] = count
-        if count < self.GRAPH_AFTER or self._graph_failed or not bool(eager.isfinite().all()):
+        self._run = self._run + 1 if key == self._last_key else 1
+        self._last_key = key
+        if self._run < self.GRAPH_AFTER or self._graph_failed or not bool(eager.isfinite().all()):
             return eager  # (a non-finite product is the caller's error to report, not a graph's)
-        self._graph = None  # one graph at a time: free the old pool first
         try:
+            gen = torch.Generator(device=self.device).manual_seed(0x6A)
+            check = torch.randn(local.shape, generator=gen, dtype=local.dtype, device=self.device)
             with self.probe.session():
                 graph = _GraphedProduct(key, lambda U: self._eager_product(U, k, cached), local)
-            got = graph(local)
+                want = self._eager_product(check, k, cached)
+                got = graph(check)
             tol = 1e-10 if self.dtype == torch.float64 else 1e-4
-            scale = float(eager.abs().max())
-            diff = float((got - eager).abs().max())
+            scale = float(want.abs().max())
+            diff = float((got - want).abs().max())
             if not diff <= tol * max(scale, 1e-30):
-                raise RuntimeError(f"the replay differs from the eager product by {diff:.3e}")
+                raise RuntimeError(f"a replay differs from the eager product by {diff:.3e}")
         except Exception as err:
             self._graph_failed = True
+            _UNGRAPHABLE.add(self.probe.model)
             first = str(err).splitlines()[0][:200] if str(err) else ""
-            warnings.warn(
+            _warn_outside(
                 f"NTKOperator: capturing the product in a CUDA graph failed "
-                f"({type(err).__name__}: {first}); products run eagerly (cuda_graphs=False "
-                "skips the attempt)",
+                f"({type(err).__name__}: {first}); products of this model run eagerly from "
+                "now on (cuda_graphs=False skips the attempt)",
                 RuntimeWarning,
-                stacklevel=5,
             )
             return eager
         self._graph = graph
