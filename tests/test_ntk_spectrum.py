@@ -805,3 +805,44 @@ def test_models_that_cast_inside_their_forward_carry_that_rounding():
     assert abs(it.lambda_min - float(rows[0])) <= it.residual_min
     clean = ntk_spectrum(tiny_gpt2(seed=0), torch.randint(0, 50, (1, 16)), method="dense")
     assert clean.precision == "float64"
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "structured"])
+def test_cuda_widening_cap_keeps_budgets_and_k(monkeypatch, strategy):
+    """The CUDA cap on the widening chunk (2**26 numbers) forced on the CPU: the tensors of a
+    mixed-precision probe stay within every budget of a ladder (an independent count of live
+    tensor bytes), and K is the float64 truth to float32-row accuracy, as with the CPU cap."""
+    import warnings
+
+    from glu_probe.ntk import dense, ntk_matrix
+    from glu_probe.ntk.functional import LiveTensorBytes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(32, 384), nn.Tanh(), nn.Linear(384, 384), nn.Tanh(), nn.Linear(384, 2)
+    )
+    x = torch.randn(48, 32)
+    truth = ntk_matrix(model, x, output="full", dtype=torch.float64)
+    monkeypatch.setattr(dense, "gram_chunk_elements", lambda device: 2**26)
+    accepted = 0
+    for budget in (2**22, 2**23, 2**25, 2**27):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                with LiveTensorBytes() as live:
+                    K = ntk_matrix(
+                        model,
+                        x,
+                        output="full",
+                        dtype=torch.float64,
+                        jacobian_dtype=torch.float32,
+                        memory_budget=budget,
+                        strategy=strategy,
+                    )
+            except ValueError:
+                continue
+        accepted += 1
+        assert live.peak <= budget, (budget, live.peak)
+        rel = float((K - truth).abs().max() / truth.abs().max())
+        assert rel < 1e-6
+    assert accepted >= 2
