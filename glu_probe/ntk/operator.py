@@ -660,8 +660,9 @@ class NTKOperator:
             gen = torch.Generator(device=self.device).manual_seed(0x6A)
             check = torch.randn(local.shape, generator=gen, dtype=local.dtype, device=self.device)
             with self.probe.session():
-                graph = _GraphedProduct(key, lambda U: self._eager_product(U, k, cached), local)
+                # (the check's eager product first: never beside the graph's workspace)
                 want = self._eager_product(check, k, cached)
+                graph = _GraphedProduct(key, lambda U: self._eager_product(U, k, cached), local)
                 got = graph(check)
             tol = 1e-10 if self.dtype == torch.float64 else 1e-4
             scale = float(want.abs().max())
