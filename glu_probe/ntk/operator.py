@@ -359,7 +359,6 @@ class NTKOperator:
         self._graphs_on: bool | None = None  # decided at the first product
         self._last_key: tuple[int, bool] | None = None
         self._run = 0  # products of _last_key in a row
-        self._graph_failed = False
         self._stream: Any = None
         self.n_graph_replays = 0
         # False once an operation without a forward-mode derivative was met (J·u by VJPs).
@@ -598,16 +597,15 @@ class NTKOperator:
 
     # ------------------------------------------------------------------ CUDA graphs
     def _graphs_wanted(self) -> bool:
-        """Whether this operator replays products from CUDA graphs (asked once, at the first
-        product: the linearisation must be built on the operator's own stream, where the
-        capture runs, since autograd runs each backward op on its forward op's stream). Not in
-        train mode (``eval_mode=False``): a replay of a product that draws random numbers
+        """Whether this unsharded operator replays products from CUDA graphs (asked once, at
+        the first product: the linearisation must be built on the operator's own stream, where
+        the capture runs, since autograd runs each backward op on its forward op's stream). Not
+        in train mode (``eval_mode=False``): a replay of a product that draws random numbers
         would advance the caller's CUDA generator."""
         on = self.CUDA_GRAPHS if self.cuda_graphs is None else self.cuda_graphs
         return (
             bool(on)
             and self.device.type == "cuda"
-            and self.process_group is None
             and self.probe.eval_mode
             and self.probe.model not in _UNGRAPHABLE
         )
@@ -654,7 +652,11 @@ class NTKOperator:
             eager = self._eager_product(local, k, cached)
         self._run = self._run + 1 if key == self._last_key else 1
         self._last_key = key
-        if self._run < self.GRAPH_AFTER or self._graph_failed or not bool(eager.isfinite().all()):
+        if (
+            self._run < self.GRAPH_AFTER
+            or self.probe.model in _UNGRAPHABLE  # (a capture of it failed)
+            or not bool(eager.isfinite().all())
+        ):
             return eager  # (a non-finite product is the caller's error to report, not a graph's)
         try:
             gen = torch.Generator(device=self.device).manual_seed(0x6A)
@@ -670,7 +672,6 @@ class NTKOperator:
             if not diff <= tol * max(scale, 1e-30):
                 raise RuntimeError(f"a replay differs from the eager product by {diff:.3e}")
         except Exception as err:
-            self._graph_failed = True
             _UNGRAPHABLE.add(self.probe.model)
             first = str(err).splitlines()[0][:200] if str(err) else ""
             _warn_outside(
