@@ -38,6 +38,7 @@ def main() -> None:
 
     import lightning.pytorch as pl
     from bench_callbacks import build
+    from lightning.fabric.utilities.apply_func import move_data_to_device
 
     import glu_probe.ntk as gntk
     from glu_probe.callbacks.ntk import NTKSpectrumMonitor
@@ -76,17 +77,7 @@ def main() -> None:
     # Lightning moves the module back to the CPU at the end of fit: back to the device
     device = torch.device(args.device)
     module.to(device)
-
-    def to_device(obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            return obj.to(device)
-        if isinstance(obj, dict):
-            return {k: to_device(v) for k, v in obj.items()}
-        if isinstance(obj, (tuple, list)):
-            return type(obj)(to_device(v) for v in obj)
-        return obj
-
-    calls = [(model, to_device(inputs), kwargs) for model, inputs, kwargs in calls]
+    calls = [(model, move_data_to_device(inputs, device), kw) for model, inputs, kw in calls]
     assert all(next(m.parameters()).device.type == device.type for m, _, _ in calls)
 
     def sync() -> None:
