@@ -175,14 +175,16 @@ def bench(
     return rows
 
 
-def profile(tokens: int, dim: int, device: str, dtype: torch.dtype, names: list[str]) -> str:
+def profile(
+    tokens: int, dim: int, device: str, dtype: torch.dtype, names: list[str], bias: bool = False
+) -> str:
     """Per-kernel self time of 10 forward+backward steps of each named block (torch.profiler)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     hidden = 8 * round(8 * dim / 3 / 8)
     torch.manual_seed(0)
-    blocks = _competitors(dim, hidden, device, dtype)
+    blocks = _competitors(dim, hidden, device, dtype, bias)
     x = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn(tokens, dim, device=device, dtype=dtype)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
@@ -199,7 +201,7 @@ def profile(tokens: int, dim: int, device: str, dtype: torch.dtype, names: list[
                 step()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-        out.append(f"#### profile: {name}, tokens={tokens}, dim={dim}, 10 steps\n")
+        out.append(f"#### profile: {name}, tokens={tokens}, dim={dim}, bias={bias}, 10 steps\n")
         out.append(prof.key_averages().table(sort_by=key, row_limit=14))
     return "\n".join(out)
 
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
             f.write(table)
     if args.profile:
         names = [OURS[2], OURS[3], OURS[1], "timm.SwiGLU"]
-        print(profile(args.tokens, args.dims[0], args.device, dtype, names))
+        print(profile(args.tokens, args.dims[0], args.device, dtype, names, args.bias))
 
 
 if __name__ == "__main__":

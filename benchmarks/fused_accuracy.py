@@ -51,7 +51,7 @@ def errors(variant: str, dtype: torch.dtype, seed: int, device: str) -> dict[str
         x2 = x.reshape(-1, 64)
         exact = F.linear(x2.double(), w1.double(), b1.double())
         token_major = F.linear(x2, w1, b1).double()
-        feature_major = gated_product._packed_preactivation(w1, x2, b1).t().double()
+        feature_major = gated_product._packed_preactivation(w1, x2, b1)[0].t().double()
         scale = exact.abs().max()
         out["pre-activation err (fused, plain)"] = (
             round(float((feature_major - exact).abs().max() / scale), 5),

@@ -50,6 +50,8 @@ for step in $steps; do
       --dtype bfloat16 --tokens 16384 --dims 768 2048 --min-run-time 0.3 ;;
     bench_mlp_bias) run bench_mlp_bias 60 python3 benchmarks/bench_mlp.py --device cuda \
       --dtype bfloat16 --bias --tokens 16384 --dims 768 2048 --min-run-time 0.2 --rounds 5 ;;
+    profile_mlp_bias) run profile_mlp_bias 45 python3 benchmarks/bench_mlp.py --device cuda \
+      --dtype bfloat16 --bias --tokens 16384 --dims 768 --min-run-time 0.2 --rounds 3 --profile ;;
     bench_mlp_amp) run bench_mlp_amp 60 python3 benchmarks/bench_mlp.py --device cuda \
       --autocast bfloat16 --tokens 16384 --dims 768 2048 --min-run-time 0.2 --rounds 5 ;;
     bench_mlp_cpu16) run bench_mlp_cpu16 90 python3 benchmarks/bench_mlp.py --device cpu \

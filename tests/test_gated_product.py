@@ -328,15 +328,104 @@ def test_packed_preactivation_is_rounded_once(dtype, k):
     b1 = (-(x[:1].float() @ w1.float().T)[0] * (1 + 1e-3 * torch.randn(24, generator=gen))).to(
         dtype
     )
-    pt = _packed_preactivation(w1, x, b1)
+    pt, xa = _packed_preactivation(w1, x, b1)
     assert pt.shape == (24, 40) and pt.dtype == dtype and pt.is_contiguous()
+    # the augmented input the backward reuses: [x | 1 | 0], inner dimension a multiple of 8
+    k_aug = (k + 1 + 7) // 8 * 8
+    assert xa is not None and xa.shape == (40, k_aug) and xa.dtype == dtype
+    assert torch.equal(xa[:, :k], x) and bool((xa[:, k] == 1).all())
+    assert not xa[:, k + 1 :].any()
     assert _rounded_once_error(pt, x, w1, b1) <= 1.0
     # the emulated double rounding this replaces fails the same check
     twice = (x @ w1.T).T + b1.unsqueeze(1)
     assert _rounded_once_error(twice, x, w1, b1) > 1.0
     # float32 and bias-free blocks keep the plain GEMM
     x32, w32, b32 = x.float(), w1.float(), b1.float()
-    torch.testing.assert_close(
-        _packed_preactivation(w32, x32, b32), torch.addmm(b32[:, None], w32, x32.T)
-    )
-    torch.testing.assert_close(_packed_preactivation(w1, x, None), w1 @ x.T)
+    pt32, xa32 = _packed_preactivation(w32, x32, b32)
+    torch.testing.assert_close(pt32, torch.addmm(b32[:, None], w32, x32.T))
+    pt_nb, xa_nb = _packed_preactivation(w1, x, None)
+    torch.testing.assert_close(pt_nb, w1 @ x.T)
+    assert xa32 is None and xa_nb is None
+
+
+@pytest.mark.parametrize("kind", ["silu", "relu"])
+def test_bf16_bias_gradient_comes_from_the_weight_gemm_as_accurately(kind):
+    """16-bit with a bias: ``[dW1 | db1 | 0] = dPᵀ [x | 1 | 0]`` (one GEMM, no separate
+    reduction over the (2h, N) gradient). Against float64 autograd of the same bf16 values,
+    every gradient is as accurate as the token-major bf16 block's (autograd, a reduction for the
+    bias); the parameters' ``.grad`` keep their layout; with fc1's weight frozen the bias
+    gradient still comes (from a reduction then)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    gen = torch.Generator().manual_seed(7)
+    n, k, h, o = 256, 40, 48, 24
+
+    def r(*s: int, scale: float = 1.0) -> torch.Tensor:
+        return (scale * torch.randn(*s, generator=gen)).to(torch.bfloat16)
+
+    base = [r(n, k), r(2 * h, k, scale=k**-0.5), r(2 * h), r(o, h, scale=h**-0.5), r(o)]
+    dy = r(n, o)
+
+    def grads(dtype: torch.dtype, fn: Any) -> list[torch.Tensor]:
+        leaves = [t.detach().to(dtype).requires_grad_() for t in base]
+        y = fn(*leaves, kind, True)
+        return list(torch.autograd.grad(y, leaves, dy.to(dtype)))
+
+    shapes: list[tuple[int, ...]] = []
+
+    class Sums(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.sum.dim_IntList:
+                shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    truth = grads(torch.float64, _plain)
+    with Sums():
+        fused = grads(torch.bfloat16, fused_gated_mlp)
+    assert shapes and (2 * h, n) not in shapes  # no reduction over dPᵀ (db2's is there)
+    plain = grads(torch.bfloat16, _plain)
+    for name, f, p, t in zip(["x", "w1", "b1", "w2", "b2"], fused, plain, truth, strict=True):
+        assert f.shape == t.shape and f.dtype == torch.bfloat16
+        scale = t.abs().max()
+        err_f = float((f.double() - t).abs().max() / scale)
+        err_p = float((p.double() - t).abs().max() / scale)
+        assert err_f <= max(2 * err_p, 2**-7), (name, err_f, err_p)
+
+    m = SwiGLU(k, h, o, fused=True, dtype=torch.bfloat16)
+    x = base[0].clone().requires_grad_()
+    m(x).float().square().sum().backward()
+    assert m.fc1.weight.grad.is_contiguous() and m.fc1.bias.grad.is_contiguous()
+    assert m.fc1.weight.grad.shape == (2 * h, k)
+    db1_full = m.fc1.bias.grad.clone()
+    m.zero_grad(set_to_none=True)
+    m.fc1.weight.requires_grad_(False)
+    m(x).float().square().sum().backward()
+    assert m.fc1.weight.grad is None
+    tol = 2 * float(db1_full.abs().max()) * 2**-8
+    torch.testing.assert_close(m.fc1.bias.grad, db1_full, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_backward_reuses_the_saved_activation(bias):
+    """act(g) is kept from the forward (as timm's SwiGLU keeps it), not recomputed in the
+    backward; the gradients stay those of the token-major expression (float64)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls: list[str] = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    w1, b1, w2, b2 = _params(bias, seed=2)
+    x = torch.randn(5, D, dtype=torch.float64, requires_grad=True)
+    y = fused_gated_mlp(x, w1, b1, w2, b2, "silu")
+    leaves = [t for t in (x, w1, b1, w2, b2) if t is not None]
+    with Ops():
+        g_out = torch.autograd.grad(y, leaves, torch.ones_like(y))
+    assert "aten.silu_backward.grad_input" in calls
+    assert not any(c.startswith("aten.silu.") for c in calls), calls
+    g_ref = torch.autograd.grad(_plain(x, w1, b1, w2, b2, "silu", True), leaves, torch.ones_like(y))
+    for a, b in zip(g_out, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -219,7 +219,7 @@ def test_packed_preactivation_on_cuda_is_rounded_once(dtype):
     b1 = (-(x[:1].float() @ w1.float().T)[0] * (1 + 1e-3 * torch.randn(192, generator=gen))).to(
         dtype
     )
-    pt = _packed_preactivation(w1.cuda(), x.cuda(), b1.cuda())
+    pt, _ = _packed_preactivation(w1.cuda(), x.cuda(), b1.cuda())
     assert _rounded_once_error(pt.cpu(), x, w1, b1) <= 1.0
 
 
