@@ -36,6 +36,8 @@ run() {  # run NAME SECONDS CMD...
 # generators, the swap's CUDA RNG), the callbacks' overhead with the fixed default budget, MLP
 # speed with biases and on 16 CPU cores; then the accuracy and NTK sections measured that day.
 # bench_mlp_bf16 / bench_mlp_amp (bias-free bf16, measured 2026-11-27) on request.
+# Next lease (pending decisions first): ab_mlp_bias (biased bf16 layouts across widths, ~60 s,
+# decides the default for biased 16-bit blocks at small widths, issue #2).
 steps=${*:-gpu_tests bench_callbacks bench_mlp_bias bench_mlp_cpu16 fused_acc bench_ntk}
 for step in $steps; do
   case $step in
@@ -52,6 +54,7 @@ for step in $steps; do
       --dtype bfloat16 --bias --tokens 16384 --dims 768 2048 --min-run-time 0.2 --rounds 5 ;;
     profile_mlp_bias) run profile_mlp_bias 45 python3 benchmarks/bench_mlp.py --device cuda \
       --dtype bfloat16 --bias --tokens 16384 --dims 768 --min-run-time 0.2 --rounds 3 --profile ;;
+    ab_mlp_bias) run ab_mlp_bias 90 python3 benchmarks/ab_mlp_bias.py --device cuda ;;
     bench_mlp_amp) run bench_mlp_amp 60 python3 benchmarks/bench_mlp.py --device cuda \
       --autocast bfloat16 --tokens 16384 --dims 768 2048 --min-run-time 0.2 --rounds 5 ;;
     bench_mlp_cpu16) run bench_mlp_cpu16 90 python3 benchmarks/bench_mlp.py --device cpu \
