@@ -18,11 +18,11 @@ expression is what is slow) forms ``∂L/∂hᵀ = W2ᵀ (∂L/∂y)ᵀ`` direct
 ``∂L/∂gᵀ = ∂L/∂hᵀ ⊙ uᵀ ⊙ act'(gᵀ)`` and ``∂L/∂uᵀ = ∂L/∂hᵀ ⊙ act(gᵀ)`` into the two halves of one
 buffer with ATen's fused ``*_backward`` kernels, so there is no ``cat``. Same GEMMs as the
 unfused block (one packed matmul for the gate and up projections, forward and backward), the
-same saved tensors as timm's ``SwiGLU`` (``x``, ``Pᵀ`` = ``[g; u]``, ``act(g)``, ``hᵀ``; keeping
-``act(g)`` instead of recomputing it in the backward was 33 µs of 1.15 ms faster per step on an
-H200 at dim 768, bf16), plus, for 16-bit blocks with a bias, the augmented input of
-:func:`_packed_preactivation` (``N × (in + 8)``; 26 MB at 16384 tokens × 768, 8–9% of the
-block's saved activations). In
+same saved tensors as timm's ``SwiGLU`` where all its weights train (``x``, ``Pᵀ`` =
+``[g; u]``, ``act(g)``, ``hᵀ``; keeping ``act(g)`` instead of recomputing it in the backward was
+33 µs of 1.15 ms faster per step on an H200 at dim 768, bf16), plus, for 16-bit blocks whose
+``W1`` and bias both train, the augmented input of :func:`_packed_preactivation`
+(``N × (in + 8)``; 26 MB at 16384 tokens × 768, 8–9% of the block's saved activations). In
 16-bit, the packed bias enters the GEMM's float32 accumulation (one rounding, as in the
 token-major ``F.linear``; see :func:`_packed_preactivation`), and an output layer with a bias
 is the token-major block's own ``F.linear`` on the transposed view of ``hᵀ``.
@@ -73,15 +73,18 @@ def fused_gate_kind(act: nn.Module) -> str | None:
     return None
 
 
-def _act_backward(kind: str, grad: Tensor, g: Tensor, out: Tensor | None = None) -> Tensor:
+def _act_backward(
+    kind: str, grad: Tensor, g: Tensor, out: Tensor | None = None, ag: Tensor | None = None
+) -> Tensor:
     """``grad ⊙ act'(g)`` with ATen's fused backward kernels, written into ``out`` (their
     ``out=`` overloads) or, with ``out=None``, out of place (under vmap, which has no batching
-    rule for ``out=``)."""
+    rule for ``out=``). ``ag``: ``act(g)`` where already computed (sigmoid's backward reads
+    it)."""
     args: tuple[Any, ...]
     if kind == "silu":
         op, args = _aten.silu_backward, (grad, g)
     elif kind == "sigmoid":
-        op, args = _aten.sigmoid_backward, (grad, torch.sigmoid(g))
+        op, args = _aten.sigmoid_backward, (grad, torch.sigmoid(g) if ag is None else ag)
     elif kind == "relu":
         op, args = _aten.threshold_backward, (grad, g, 0)
     elif kind in ("gelu", "gelu_tanh"):
@@ -147,9 +150,10 @@ def _packed_preactivation(w1: Tensor, x: Tensor, b1: Tensor | None) -> tuple[Ten
     multiple of 8 (tensor-core alignment). Each augmented operand is one ``cat`` (one kernel:
     the first version's zero fill, slice copy and column fill were three), and only for 16-bit
     blocks with a bias; without a bias (the LLaMA / timm ``SwiGLU`` convention) it is a plain
-    ``mm``. Float32 keeps ``addmm``. The backward reuses ``xa``: ``dPᵀ xa = [dW1 | db1 | 0]``
-    gives the bias gradient inside the weight-gradient GEMM, where a separate ``dPᵀ 1`` reads
-    all of ``dPᵀ`` once more (the size of the block's largest activation).
+    ``mm``. Float32 keeps ``addmm``. Where W1 and b1 both need gradients, the backward reuses
+    ``xa``: ``dPᵀ xa = [dW1 | db1 | 0]`` gives the bias gradient inside the weight-gradient
+    GEMM, where a separate ``dPᵀ 1`` reads all of ``dPᵀ`` once more (the size of the block's
+    largest activation).
     """
     if b1 is None:
         return torch.mm(w1, x.t()), None
@@ -193,9 +197,10 @@ class _FusedGatedMLP(torch.autograd.Function):
         y = torch.mm(ht.t(), w2.t()) if b2 is None else F.linear(ht.t(), w2, b2)
         # The inputs (a backward with create_graph differentiates through them) and the three
         # intermediates that timm's SwiGLU keeps as well. ``xa`` (16-bit with a bias) carries
-        # the bias gradient into the dW1 GEMM; ``x`` is kept as well, as the input a
-        # create_graph backward differentiates.
-        ctx.save_for_backward(x, w1, b1, w2, b2, pt, ht, xa, ag)
+        # the bias gradient into the dW1 GEMM, so it is kept only where W1 and b1 both need
+        # gradients; ``x`` is kept as well, as the input a create_graph backward differentiates.
+        need = ctx.needs_input_grad
+        ctx.save_for_backward(x, w1, b1, w2, b2, pt, ht, xa if need[1] and need[2] else None, ag)
         ctx.save_for_forward(x, w1, b1, w2, b2, pt, ht)
         return y
 
@@ -216,22 +221,24 @@ class _FusedGatedMLP(torch.autograd.Function):
         if _vmapped(dy):
             # vmapped backward (autograd.grad(is_grads_batched=True), vectorised jacobians):
             # no out= overloads under vmap, so the two halves are built out of place.
-            dg = _act_backward(kind, dht * u, g)
+            dg = _act_backward(kind, dht * u, g, ag=ag)
             du = dht * ag
             dpt = torch.cat((dg, du) if gate_first else (du, dg), dim=0)
         else:
             dpt = torch.empty_like(pt)
             dg, du = _halves(dpt, gate_first)
             torch.mul(dht, ag, out=du)
-            _act_backward(kind, dht * u, g, out=dg)
+            _act_backward(kind, dht * u, g, out=dg, ag=ag)
         dx = torch.mm(dpt.t(), w1) if need[0] else None
         dw1 = db1 = None
-        if xa is not None and need[1] and need[2]:
-            # [dW1 | db1 | 0] in one GEMM (see _packed_preactivation); strided views, which
-            # autograd accepts (AccumulateGrad copies them into the parameters' layout)
+        if xa is not None:  # saved only where W1 and b1 both need gradients
+            # [dW1 | db1 | 0] in one GEMM (see _packed_preactivation), returned contiguous: as
+            # torch.autograd.grad and gradient hooks hand them out, callers flatten them with
+            # view(-1), and a strided view would keep the padded buffer alive. (AccumulateGrad
+            # takes these copies over; it would otherwise copy the views itself.)
             k = x.shape[1]
             dwa = torch.mm(dpt, xa)
-            dw1, db1 = dwa[:, :k], dwa[:, k]
+            dw1, db1 = dwa[:, :k].contiguous(), dwa[:, k].contiguous()
         else:
             dw1 = torch.mm(dpt, x) if need[1] else None
             db1 = dpt.sum(1) if b1 is not None and need[2] else None

@@ -405,10 +405,12 @@ def test_bf16_bias_gradient_comes_from_the_weight_gemm_as_accurately(kind):
     torch.testing.assert_close(m.fc1.bias.grad, db1_full, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("kind", ["silu", "sigmoid"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_backward_reuses_the_saved_activation(bias):
+def test_backward_reuses_the_saved_activation(bias, kind):
     """act(g) is kept from the forward (as timm's SwiGLU keeps it), not recomputed in the
-    backward; the gradients stay those of the token-major expression (float64)."""
+    backward (sigmoid's backward kernel reads it too); the gradients stay those of the
+    token-major expression (float64)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     calls: list[str] = []
@@ -420,12 +422,54 @@ def test_backward_reuses_the_saved_activation(bias):
 
     w1, b1, w2, b2 = _params(bias, seed=2)
     x = torch.randn(5, D, dtype=torch.float64, requires_grad=True)
-    y = fused_gated_mlp(x, w1, b1, w2, b2, "silu")
+    y = fused_gated_mlp(x, w1, b1, w2, b2, kind)
     leaves = [t for t in (x, w1, b1, w2, b2) if t is not None]
     with Ops():
         g_out = torch.autograd.grad(y, leaves, torch.ones_like(y))
-    assert "aten.silu_backward.grad_input" in calls
-    assert not any(c.startswith("aten.silu.") for c in calls), calls
-    g_ref = torch.autograd.grad(_plain(x, w1, b1, w2, b2, "silu", True), leaves, torch.ones_like(y))
+    assert f"aten.{kind}_backward.grad_input" in calls
+    assert not any(c.startswith(f"aten.{kind}.") for c in calls), calls
+    g_ref = torch.autograd.grad(_plain(x, w1, b1, w2, b2, kind, True), leaves, torch.ones_like(y))
     for a, b in zip(g_out, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("frozen", [(), ("fc1.weight",), ("fc1.weight", "fc1.bias"), ("all",)])
+def test_bf16_biased_block_gradients_are_contiguous_and_xa_kept_only_when_used(frozen):
+    """16-bit with a bias: the fc1 gradients that ``torch.autograd.grad`` and gradient hooks
+    hand out are contiguous (flattening them with ``view(-1)`` works; they were strided views of
+    the ``[dW1 | db1 | 0]`` buffer), and the augmented input ``[x | 1 | 0]`` is saved for the
+    backward only where W1 and b1 both need gradients."""
+    torch.manual_seed(8)
+    k, n = 12, 40
+    k_aug = (k + 1 + 7) // 8 * 8
+    m = SwiGLU(k, 16, fused=True, dtype=torch.bfloat16)
+    for name, p in m.named_parameters():
+        if name in frozen or "all" in frozen:
+            p.requires_grad_(False)
+    x = torch.randn(n, k, dtype=torch.bfloat16, requires_grad=True)
+    shapes: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x)
+    assert ran_fused(y)
+    assert ((n, k_aug) in shapes) == (not frozen)
+    trainable = [p for p in m.parameters() if p.requires_grad]
+    seen: list[bool] = []
+    for p in trainable:
+        p.register_hook(lambda g: seen.append(g.is_contiguous()))
+    grads = torch.autograd.grad(y.float().square().sum(), [x, *trainable])
+    assert all(seen) and len(seen) == len(trainable)
+    for g in grads:
+        assert g.is_contiguous()
+        g.view(-1)
+    if not frozen:  # the same values as a reduction and a plain GEMM would give
+        plain = copy.deepcopy(m)
+        plain.fused = False
+        ref = torch.autograd.grad(plain(x).float().square().sum(), [x, *plain.parameters()])
+        for a, b in zip(grads, ref, strict=True):
+            scale = b.abs().max().float()
+            torch.testing.assert_close(a.float() / scale, b.float() / scale, rtol=0, atol=3e-2)
