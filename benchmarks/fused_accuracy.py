@@ -28,14 +28,16 @@ import glu_probe
 from glu_probe import gated_product
 
 
-def errors(variant: str, dtype: torch.dtype, seed: int, device: str) -> dict[str, object]:
+def errors(
+    variant: str, dtype: torch.dtype, seed: int, device: str, batch: int = 8
+) -> dict[str, object]:
     torch.manual_seed(seed)
     fused = glu_probe.make_mlp(variant, 64, 96, fused=True).to(device, dtype)
     plain = copy.deepcopy(fused)
     plain.fused = False
     truth = copy.deepcopy(fused).double()
     truth.fused = False
-    x = torch.randn(8, 33, 64, device=device, dtype=dtype)
+    x = torch.randn(batch, 33, 64, device=device, dtype=dtype)
     grads = []
     gates = []
     for m, xin in ((fused, x), (plain, x), (truth, x.double())):
@@ -79,7 +81,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=8,
+        help="sequences of 33 tokens (8: 264 tokens; 500: 16,500, where cuBLAS may split the "
+        "weight-gradient GEMMs' long inner dimension, the bias gradient's included)",
+    )
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    print(f"dtype {args.dtype}, {args.batch * 33} tokens")
     flag = torch.backends.cuda.matmul
     print("param: (fused error, plain error), relative to max |grad|")
     for reduced in (True, False):
@@ -88,7 +100,7 @@ def main() -> None:
         print(f"## reduced-precision reductions allowed: {reduced}")
         for variant in ("reglu", "swiglu"):
             for seed in range(args.seeds):
-                print(variant, seed, errors(variant, torch.bfloat16, seed, args.device))
+                print(variant, seed, errors(variant, dtype, seed, args.device, args.batch))
 
 
 if __name__ == "__main__":

@@ -37,13 +37,16 @@ run() {  # run NAME SECONDS CMD...
 # speed with biases and on 16 CPU cores; then the accuracy and NTK sections measured that day.
 # bench_mlp_bf16 / bench_mlp_amp (bias-free bf16, measured 2026-11-27) on request.
 # Next lease (pending decisions first): ab_mlp_bias (biased bf16 layouts across widths, ~60 s,
-# decides the default for biased 16-bit blocks at small widths, issue #2).
+# decides the default for biased 16-bit blocks at small widths, issue #2) and fused_acc_long
+# (fp16, 16,500 tokens: the bias gradient from the dW1 GEMM where cuBLAS may split K).
 steps=${*:-gpu_tests bench_callbacks bench_mlp_bias bench_mlp_cpu16 fused_acc bench_ntk}
 for step in $steps; do
   case $step in
     gpu_tests) run gpu_tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
       tests/test_krylov.py tests/test_callbacks_ntk.py ;;
     fused_acc) run fused_acc 30 python3 benchmarks/fused_accuracy.py --device cuda --seeds 4 ;;
+    fused_acc_long) run fused_acc_long 40 python3 benchmarks/fused_accuracy.py --device cuda \
+      --seeds 2 --dtype float16 --batch 500 ;;
     bench_callbacks) run bench_callbacks 200 python3 benchmarks/bench_callbacks.py --device cuda \
       --repeats 1 --gpu-steps 200 ;;
     bench_ntk) run bench_ntk 150 python3 benchmarks/bench_ntk.py --device cuda \
