@@ -31,15 +31,15 @@ run() {  # run NAME SECONDS CMD...
 # Steps (all by default, or those named on the command line), ordered by what only a GPU can
 # tell; each has its own time cap (under 10 minutes in all; bench_ntk's cap went from 90 s to
 # 150 s when section 4 began to sweep eigsh tols and take the best of 3 after a warm-up).
-# The default is what a lease of 15 device minutes can re-check (caps ~530 s), the open GPU points
-# first: the GPU tests (new since the H100 run of 2026-11-28: TF32 via fp32_precision, CUDA
-# generators, the swap's CUDA RNG), the callbacks' overhead with the fixed default budget, MLP
-# speed with biases and on 16 CPU cores; then the accuracy and NTK sections measured that day.
-# bench_mlp_bf16 / bench_mlp_amp (bias-free bf16, measured 2026-11-27) on request.
-# Next lease (pending decisions first): ab_mlp_bias (biased bf16 layouts across widths, ~60 s,
-# decides the default for biased 16-bit blocks at small widths, issue #2) and fused_acc_long
-# (fp16, 16,500 tokens: the bias gradient from the dW1 GEMM where cuBLAS may split K).
-steps=${*:-gpu_tests bench_callbacks bench_mlp_bias bench_mlp_cpu16 fused_acc bench_ntk}
+# The default is what a lease of 15 device minutes can re-check (caps ~490 s; walls on an H200,
+# 2026-11-28: ~35 + 18 + ~30 + ~60 + 42 + 52 s), the pending GPU decisions first: the GPU tests,
+# the feature-major block's accuracy (bf16, and fp16 at 16,500 tokens, where cuBLAS may split the
+# inner dimension of the dW1 GEMM that now yields the bias gradient), the biased bf16 layouts
+# across widths (ab_mlp_bias: decides the default for biased 16-bit blocks at small widths,
+# issue #2), the MLP speed with biases, then NTK sections 1, 2 and 4 (NTK_SECTIONS to change).
+# On request: bench_callbacks (GPT-2-small pair, ~100 s), bench_mlp_cpu16, bench_mlp_bf16 /
+# bench_mlp_amp (bias-free bf16), profile_mlp_bias (kernel tables at dim 768 with biases).
+steps=${*:-gpu_tests fused_acc fused_acc_long ab_mlp_bias bench_mlp_bias bench_ntk}
 for step in $steps; do
   case $step in
     gpu_tests) run gpu_tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
@@ -50,7 +50,7 @@ for step in $steps; do
     bench_callbacks) run bench_callbacks 200 python3 benchmarks/bench_callbacks.py --device cuda \
       --repeats 1 --gpu-steps 200 ;;
     bench_ntk) run bench_ntk 150 python3 benchmarks/bench_ntk.py --device cuda \
-      --sections "${NTK_SECTIONS:-1,2,3,4}" ;;
+      --sections "${NTK_SECTIONS:-1,2,4}" ;;
     bench_mlp_bf16) run bench_mlp_bf16 45 python3 benchmarks/bench_mlp.py --device cuda \
       --dtype bfloat16 --tokens 16384 --dims 768 2048 --min-run-time 0.3 ;;
     bench_mlp_bias) run bench_mlp_bias 60 python3 benchmarks/bench_mlp.py --device cuda \
