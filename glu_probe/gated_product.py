@@ -230,6 +230,8 @@ class _FusedGatedMLP(torch.autograd.Function):
             torch.mul(dht, ag, out=du)
             _act_backward(kind, dht * u, g, out=dg, ag=ag)
         dx = torch.mm(dpt.t(), w1) if need[0] else None
+        dw1: Tensor | None
+        db1: Tensor | None
         if xa is not None:  # saved only where W1 and b1 both need gradients
             # [dW1 | db1 | 0] in one GEMM (see _packed_preactivation), returned contiguous: as
             # torch.autograd.grad and gradient hooks hand them out, callers flatten them with
