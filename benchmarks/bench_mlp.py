@@ -81,8 +81,13 @@ def _competitors(
         from transformers import LlamaConfig
         from transformers.models.llama.modeling_llama import LlamaMLP
 
-        cfg = LlamaConfig(
-            hidden_size=dim, intermediate_size=hidden, hidden_act="silu", mlp_bias=bias
+        cfg = LlamaConfig(  # one head: the MLP ignores it, and any width divides by it
+            hidden_size=dim,
+            intermediate_size=hidden,
+            hidden_act="silu",
+            mlp_bias=bias,
+            num_attention_heads=1,
+            num_key_value_heads=1,
         )
         m = LlamaMLP(cfg)
         copy_into(m.gate_proj, m.up_proj, m.down_proj)
