@@ -90,3 +90,17 @@ def test_gpu_check_defines_every_default_step_and_its_scripts_exist():
     assert set(defaults.group(1).split()) <= arms
     for script in re.findall(r"python3 (benchmarks/[a-z_0-9]+\.py)", text):
         assert (ROOT / script).is_file(), script
+
+
+def test_bench_ntk_accuracy_section_runs_and_meets_its_targets():
+    """Section 1 on the CPU (the GPU runs it in ``gpu_check.sh``): every dense κ within 1e-6 of
+    the float64 truth, and every Lanczos λ_max within 1e-4 in at most 30 products."""
+    out = _run("benchmarks/bench_ntk.py", "--device", "cpu", "--sections", "1")
+    table = out[out.index("## 1.") :].split("\n\n")[1].splitlines()
+    rows = table[2:]  # below the header and the |---| line
+    assert len(rows) == 6 and all(r.startswith("| ") for r in rows)
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[3]) <= 1e-6, row
+        lmax_err, products = re.match(r"([0-9.e+-]+) \((\d+)\)", cells[4]).groups()
+        assert float(lmax_err) <= 1e-4 and int(products) <= 30, row
