@@ -391,7 +391,8 @@ def ntk_spectrum(
         which: Lanczos ends that must converge: ``"both"``, ``"largest"`` (λ_max only: cheap,
             λ_min then is an upper bound only) or ``"smallest"``.
         warm_start: a previous :class:`NTKSpectrum` (or an (n, k) tensor) whose Ritz vectors
-            start the Lanczos iteration; ignored with a warning if n changed.
+            start the Lanczos iteration; ignored with a warning if n changed, and without one
+            for a dense result, which carries no vectors unless ``dense_vectors=True``.
         memory_budget: bytes of tensors the call holds at once. Dense path: K, its live
             Jacobian blocks or factors, workspaces and the probe's copies (as for
             :func:`~glu_probe.ntk.ntk_matrix`), and the eigendecomposition's copy of K (and
