@@ -612,3 +612,87 @@ def test_expected_products_bounds_the_products_run(monkeypatch):
                 ntk_spectrum(model, x, method="lanczos", dtype=torch.float64, block_size=block)
             op = runs[0]
             assert op._n_products <= op.expected_products, (basis, block)
+
+
+def _traced_pair(model: nn.Module, x: torch.Tensor, fuse: bool, monkeypatch) -> NTKOperator:
+    """A float64 operator whose products are traced now, with or without the accumulation
+    rewrites (``operator._fuse_accumulations``)."""
+    import glu_probe.ntk.operator as operator_mod
+
+    real = operator_mod._fuse_accumulations
+    counts: list[int] = []
+    monkeypatch.setattr(
+        operator_mod,
+        "_fuse_accumulations",
+        (lambda gm: counts.append(real(gm)) or counts[-1]) if fuse else (lambda gm: 0),
+    )
+    op = NTKOperator(model, x, dtype=torch.float64, linearize=True)
+    op.matvec(torch.randn(op.n, 1, dtype=torch.float64))  # traces here
+    monkeypatch.setattr(operator_mod, "_fuse_accumulations", real)
+    op.fused_counts = counts  # type: ignore[attr-defined]
+    return op
+
+
+def test_accumulation_rewrites_keep_the_products_of_a_vit_and_an_mlp(monkeypatch):
+    """Sums of products in the traced JVP become addmm / addmm_ / baddbmm_ / addcmul_ (23 on
+    this ViT: Linear biases and weight tangents, attention's two bmm, LayerNorm's muls). The
+    products, one column and a vmapped block of three, equal the unrewritten trace's to float64
+    rounding, and the MLP's equal the explicit float64 K."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=8, patch_size=4, in_chans=3, num_classes=3, embed_dim=16, depth=1, num_heads=2
+    ).eval()
+    xv = torch.randn(3, 3, 8, 8)
+    model, x, K = make_net(1), torch.randn(12, 6), None
+    K = explicit_ntk(model, x)
+    for net, inp in ((vit, xv), (model, x)):
+        fused = _traced_pair(net, inp, True, monkeypatch)
+        plain = _traced_pair(net, inp, False, monkeypatch)
+        assert sum(fused.fused_counts) > 0
+        for k in (1, 3):
+            V = torch.randn(fused.n, k, dtype=torch.float64)
+            ref = plain.matvec(V)
+            torch.testing.assert_close(fused.matvec(V), ref, rtol=1e-12, atol=1e-12)
+            if net is model:
+                torch.testing.assert_close(fused.matvec(V), K @ V, rtol=1e-10, atol=1e-10)
+    assert sum(_traced_pair(vit, xv, True, monkeypatch).fused_counts) >= 8
+
+
+def test_accumulation_rewrites_never_write_inputs_shared_results_or_misbroadcast():
+    """Rewritten: a fresh product's sum with another (in place, addmm_) and a bias vector's
+    (out of place, addmm). Left alone: an input accumulator (never written; left unchanged), a
+    product that is also returned, a bias added after a view that changes the last dimension
+    (its broadcast differs) and ``x + x``. Every output keeps its value."""
+    from glu_probe.ntk.operator import _fuse_accumulations
+
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    W2 = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    bias4 = torch.randn(4, generator=gen, dtype=torch.float64)
+    bias8 = torch.randn(8, generator=gen, dtype=torch.float64)
+
+    def fn(u: torch.Tensor):
+        t = u @ W  # also returned: never written in place
+        s = t + u @ W2
+        r = u + u @ W2  # an input accumulator
+        q = (u @ W).view(6, 2, 4) + bias4  # the view changes the last dimension
+        p = (u @ W) + (u @ W2)  # rewritten in place
+        b = u @ W2 + bias8  # rewritten out of place
+        d = s * 2
+        return s, t, r, q, p, b, d + d
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    u = torch.randn(6, 8, generator=gen, dtype=torch.float64)
+    gm = make_fx(fn)(u)
+    before = [o.clone() for o in fn(u)]
+    n = _fuse_accumulations(gm)
+    assert n == 2
+    u_copy = u.clone()
+    after = gm(u)
+    assert torch.equal(u, u_copy)
+    for a, b in zip(after, before, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    targets = [str(node.target) for node in gm.graph.nodes if node.op == "call_function"]
+    assert targets.count("aten.addmm_.default") == 1 and targets.count("aten.addmm.default") == 1
