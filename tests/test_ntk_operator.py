@@ -660,10 +660,11 @@ def test_accumulation_rewrites_keep_the_products_of_a_vit_and_an_mlp(monkeypatch
 
 
 def test_accumulation_rewrites_never_write_inputs_shared_results_or_misbroadcast():
-    """Rewritten: a fresh product's sum with another (in place, addmm_) and a bias vector's
-    (out of place, addmm). Left alone: an input accumulator (never written; left unchanged), a
-    product that is also returned, a bias added after a view that changes the last dimension
-    (its broadcast differs) and ``x + x``. Every output keeps its value."""
+    """Rewritten: a fresh product's sum with another (in place, addmm_; also through 3-D views
+    of both, and chained after a bias) and a bias vector's (out of place, addmm). Left alone: an
+    input accumulator (never written; left unchanged), a product that is also returned, a bias
+    added after a view that changes the last dimension (its broadcast differs) and ``x + x``.
+    Every output keeps its value."""
     from glu_probe.ntk.operator import _fuse_accumulations
 
     gen = torch.Generator().manual_seed(3)
@@ -679,8 +680,10 @@ def test_accumulation_rewrites_never_write_inputs_shared_results_or_misbroadcast
         q = (u @ W).view(6, 2, 4) + bias4  # the view changes the last dimension
         p = (u @ W) + (u @ W2)  # rewritten in place
         b = u @ W2 + bias8  # rewritten out of place
+        w = (u @ W).view(2, 3, 8) + (u @ W2).view(2, 3, 8)  # in place, into the view's base
+        c = (u @ W + bias8) + u @ W2  # a chain: addmm, then addmm_ into it
         d = s * 2
-        return s, t, r, q, p, b, d + d
+        return s, t, r, q, p, b, w, c, d + d
 
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -688,11 +691,11 @@ def test_accumulation_rewrites_never_write_inputs_shared_results_or_misbroadcast
     gm = make_fx(fn)(u)
     before = [o.clone() for o in fn(u)]
     n = _fuse_accumulations(gm)
-    assert n == 2
+    assert n == 5
     u_copy = u.clone()
     after = gm(u)
     assert torch.equal(u, u_copy)
     for a, b in zip(after, before, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
     targets = [str(node.target) for node in gm.graph.nodes if node.op == "call_function"]
-    assert targets.count("aten.addmm_.default") == 1 and targets.count("aten.addmm.default") == 1
+    assert targets.count("aten.addmm_.default") == 3 and targets.count("aten.addmm.default") == 2
