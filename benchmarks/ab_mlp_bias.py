@@ -45,12 +45,9 @@ def _split_pre(w1: Tensor, x: Tensor, b1: Tensor | None) -> tuple[Tensor, Tensor
     """``_packed_preactivation`` with the augmented GEMM split into its two row halves."""
     if b1 is None or x.dtype not in (torch.bfloat16, torch.float16):
         return _default_pre(w1, x, b1)
-    n, k = x.shape
-    pad = (k + 1 + 7) // 8 * 8 - k
-    xa = torch.cat((x, torch.eye(1, pad, dtype=x.dtype, device=x.device).expand(n, pad)), 1)
-    wa = torch.cat((w1, F.pad(b1.unsqueeze(1), (0, pad - 1))), dim=1)
+    wa, xa = gated_product._augmented_operands(w1, x, b1)
     h = w1.shape[0] // 2
-    pt = x.new_empty(2 * h, n)
+    pt = x.new_empty(2 * h, x.shape[0])
     torch.mm(wa[:h], xa.t(), out=pt[:h])
     torch.mm(wa[h:], xa.t(), out=pt[h:])
     return pt, xa

@@ -74,17 +74,17 @@ def fused_gate_kind(act: nn.Module) -> str | None:
 
 
 def _act_backward(
-    kind: str, grad: Tensor, g: Tensor, out: Tensor | None = None, ag: Tensor | None = None
+    kind: str, grad: Tensor, g: Tensor, ag: Tensor, out: Tensor | None = None
 ) -> Tensor:
     """``grad ⊙ act'(g)`` with ATen's fused backward kernels, written into ``out`` (their
     ``out=`` overloads) or, with ``out=None``, out of place (under vmap, which has no batching
-    rule for ``out=``). ``ag``: ``act(g)`` where already computed (sigmoid's backward reads
+    rule for ``out=``). ``ag`` is ``act(g)``, saved by the forward (sigmoid's backward reads
     it)."""
     args: tuple[Any, ...]
     if kind == "silu":
         op, args = _aten.silu_backward, (grad, g)
     elif kind == "sigmoid":
-        op, args = _aten.sigmoid_backward, (grad, torch.sigmoid(g) if ag is None else ag)
+        op, args = _aten.sigmoid_backward, (grad, ag)
     elif kind == "relu":
         op, args = _aten.threshold_backward, (grad, g, 0)
     elif kind in ("gelu", "gelu_tanh"):
@@ -159,13 +159,20 @@ def _packed_preactivation(w1: Tensor, x: Tensor, b1: Tensor | None) -> tuple[Ten
         return torch.mm(w1, x.t()), None
     if x.dtype not in (torch.bfloat16, torch.float16):
         return torch.addmm(b1.unsqueeze(1), w1, x.t()), None
+    wa, xa = _augmented_operands(w1, x, b1)
+    return torch.mm(wa, xa.t()), xa
+
+
+def _augmented_operands(w1: Tensor, x: Tensor, b1: Tensor) -> tuple[Tensor, Tensor]:
+    """``([W1 | b1 | 0], [x | 1 | 0])``, the inner dimension padded to a multiple of 8, each one
+    ``cat`` (see :func:`_packed_preactivation`)."""
     n, k = x.shape
     pad = (k + 1 + 7) // 8 * 8 - k
     # [1, 0, …, 0] made on the device (no host-to-device copy; capturable in a CUDA graph)
     tail = torch.eye(1, pad, dtype=x.dtype, device=x.device)
     xa = torch.cat((x, tail.expand(n, pad)), dim=1)
     wa = torch.cat((w1, F.pad(b1.unsqueeze(1), (0, pad - 1))), dim=1)
-    return torch.mm(wa, xa.t()), xa
+    return wa, xa
 
 
 class _FusedGatedMLP(torch.autograd.Function):
@@ -221,14 +228,14 @@ class _FusedGatedMLP(torch.autograd.Function):
         if _vmapped(dy):
             # vmapped backward (autograd.grad(is_grads_batched=True), vectorised jacobians):
             # no out= overloads under vmap, so the two halves are built out of place.
-            dg = _act_backward(kind, dht * u, g, ag=ag)
+            dg = _act_backward(kind, dht * u, g, ag)
             du = dht * ag
             dpt = torch.cat((dg, du) if gate_first else (du, dg), dim=0)
         else:
             dpt = torch.empty_like(pt)
             dg, du = _halves(dpt, gate_first)
             torch.mul(dht, ag, out=du)
-            _act_backward(kind, dht * u, g, out=dg, ag=ag)
+            _act_backward(kind, dht * u, g, ag, out=dg)
         dx = torch.mm(dpt.t(), w1) if need[0] else None
         dw1: Tensor | None
         db1: Tensor | None

@@ -209,7 +209,7 @@ def _refuse_constant_mutations(gm: Any) -> None:
     """
     inputs = {n for n in gm.graph.nodes if n.op == "placeholder"}
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node in inputs:
+        if node.op != "call_function":
             continue
         if any(a in inputs for a in node.all_input_nodes):
             inputs.add(node)
@@ -244,8 +244,8 @@ def trace_linear_map(fn: Callable[..., Any], example: Sequence[Tensor]) -> Calla
         warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
         graph = make_fx(fn, decomposition_table=_fold_decompositions())(*example)
         folded = const_fold.split_const_subgraphs(graph)
-    _fuse_accumulations(folded)
     _refuse_constant_mutations(folded)
+    _fuse_accumulations(folded)
     ref = torch.utils._pytree.tree_leaves(fn(*example))
     got = torch.utils._pytree.tree_leaves(folded(*example))
     tol = 1e-10 if example[0].dtype == torch.float64 else 1e-4

@@ -743,6 +743,19 @@ def _budgeted_products(
 
 
 def _lanczos(
+    probe: ProbeFunction, *, chunk_size: int | None, process_group: Any, **rest: Any
+) -> NTKSpectrum:
+    """:func:`_lanczos_on` on a new operator, whose CUDA graph and linearisation are released
+    when it returns, not at garbage collection."""
+    op = NTKOperator(None, None, probe=probe, chunk_size=chunk_size, process_group=process_group)
+    try:
+        return _lanczos_on(op, probe, chunk_size=chunk_size, process_group=process_group, **rest)
+    finally:
+        op.release()
+
+
+def _lanczos_on(
+    op: NTKOperator,
     probe: ProbeFunction,
     *,
     tol: float,
@@ -758,214 +771,207 @@ def _lanczos(
     t0: float,
     memory_budget: int | None = None,
 ) -> NTKSpectrum:
-    op = NTKOperator(None, None, probe=probe, chunk_size=chunk_size, process_group=process_group)
-    try:
-        n = op.n  # (all ranks' rows when sharded)
-        # An effective rank is asked for (slq_probes > 0) with both ends: for a small K, spanning
-        # the whole space costs n products, about what convergence of λ_min plus the SLQ
-        # estimate's slq_probes·slq_steps products would cost, and gives every eigenvalue exactly
-        # (an exact effective rank and κ, no quadrature). E.g. GPT-2-small at 64 rows: 64 products
-        # instead of 48 + 40.
-        full_span = (
-            slq_probes > 0 and which == "both" and n <= min(2 * slq_probes * slq_steps, max_matvecs)
-        )
-        width = block_size
+    n = op.n  # (all ranks' rows when sharded)
+    # An effective rank is asked for (slq_probes > 0) with both ends: for a small K, spanning
+    # the whole space costs n products, about what convergence of λ_min plus the SLQ
+    # estimate's slq_probes·slq_steps products would cost, and gives every eigenvalue exactly
+    # (an exact effective rank and κ, no quadrature). E.g. GPT-2-small at 64 rows: 64 products
+    # instead of 48 + 40.
+    full_span = (
+        slq_probes > 0 and which == "both" and n <= min(2 * slq_probes * slq_steps, max_matvecs)
+    )
+    width = block_size
+    if full_span:
+        width = _full_span_block(probe, n, block_size)
+    max_basis: int | None = None
+    if memory_budget is not None:
+
+        def plan(width: int, slq: int) -> tuple[int, int | None, int]:
+            return _budgeted_products(
+                probe,
+                n,
+                width,
+                block_size,
+                min(max(max_matvecs, width), n),
+                chunk_size,
+                memory_budget,
+                slq,
+                slq_steps,
+            )
+
+        planned = None
         if full_span:
-            width = _full_span_block(probe, n, block_size)
-        max_basis: int | None = None
-        if memory_budget is not None:
-
-            def plan(width: int, slq: int) -> tuple[int, int | None, int]:
-                return _budgeted_products(
-                    probe,
-                    n,
-                    width,
-                    block_size,
-                    min(max(max_matvecs, width), n),
-                    chunk_size,
-                    memory_budget,
-                    slq,
-                    slq_steps,
-                )
-
-            planned = None
-            if full_span:
-                # Spanning the whole space makes every eigenvalue exact and SLQ never runs: its
-                # basis is reserved only where the whole space does not fit.
-                try:
-                    planned = plan(width, 0)
-                except ValueError:
-                    planned = None
-                if planned is not None and planned[2] < n:
-                    planned = None
-                if planned is None:
-                    full_span = False  # the whole space does not fit: thick-restarted Lanczos + SLQ
-                    width = block_size
+            # Spanning the whole space makes every eigenvalue exact and SLQ never runs: its
+            # basis is reserved only where the whole space does not fit.
+            try:
+                planned = plan(width, 0)
+            except ValueError:
+                planned = None
+            if planned is not None and planned[2] < n:
+                planned = None
             if planned is None:
-                planned = plan(width, slq_probes)
-            width, budget_chunk, max_basis = planned
-            if budget_chunk != chunk_size:
-                op.rechunk(budget_chunk)  # (local to this rank: no collective)
-        v0 = _warm_vectors(warm_start, n, block_size)
-        if v0 is not None:
-            v0 = v0.to(device=probe.device, dtype=probe.dtype)
-        if full_span and process_group is not None:
-            # Every rank must run the same block products (each is a collective), but free
-            # memory differs between ranks: all take the narrowest width.
-            import torch.distributed as dist
+                full_span = False  # the whole space does not fit: thick-restarted Lanczos + SLQ
+                width = block_size
+        if planned is None:
+            planned = plan(width, slq_probes)
+        width, budget_chunk, max_basis = planned
+        if budget_chunk != chunk_size:
+            op.rechunk(budget_chunk)  # (local to this rank: no collective)
+    v0 = _warm_vectors(warm_start, n, block_size)
+    if v0 is not None:
+        v0 = v0.to(device=probe.device, dtype=probe.dtype)
+    if full_span and process_group is not None:
+        # Every rank must run the same block products (each is a collective), but free
+        # memory differs between ranks: all take the narrowest width.
+        import torch.distributed as dist
 
-            agreed = torch.tensor([width], dtype=torch.int64, device=probe.device)
-            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=process_group)
-            width = int(agreed.item())
-        # The products this call runs at most (the Krylov space stops at n columns unless thick
-        # restarts keep it smaller; then max_matvecs columns stop it, in blocks that a restart may
-        # make narrower, so up to one product per column; the SLQ estimate adds slq_steps blocks):
-        # the operator traces its linear maps only where enough of them remain.
-        span = max(max_matvecs, min(width, n))
-        if (max_basis if max_basis is not None else default_max_basis(n, width, probe.dtype)) >= n:
-            products = -(-min(span, n + width) // width)
-        else:
-            products = span
-        op.expected_products = products + (slq_steps if slq_probes > 0 else 0)
-        try:
-            res = block_lanczos(
-                op.matvec,
-                n,
-                block_size=width,
-                max_matvecs=max(max_matvecs, min(width, n)),
-                tol=tol,
-                v0=v0,
-                dtype=probe.dtype,
-                device=probe.device,
-                generator=generator,
-                which=which,  # type: ignore[arg-type]
-                full_span=full_span,
-                max_basis=max_basis,
-            )
-        except RuntimeError as err:
-            if "randomness" not in str(err):
-                raise
-            raise ValueError(
-                "the model draws random numbers in the probe (dropout in training mode with "
-                "eval_mode=False): K is then random, and the Lanczos path's vmapped products "
-                "refuse it. Use eval_mode=True (dropout off), or method='dense' for one random "
-                "draw"
-            ) from err
-        except ValueError as err:
-            if "NaN or Inf" not in str(err):
-                raise
-            # The probe outputs were checked finite, so a derivative is not: forward mode (the
-            # JVP) gives 0/0 where a function has no derivative at the probe point.
-            raise ValueError(
-                "NTK product returned NaN or Inf although the probe outputs are finite: a "
-                "derivative is undefined at this point (forward-mode AD gives NaN e.g. for "
-                "sqrt(relu(z)) at z = 0, where reverse mode gives 0). method='dense' uses reverse "
-                "mode only"
-            ) from err
-        theta = res.ritz_values
-        if float(theta.abs().max()) == 0.0:
-            raise _zero_kernel_error()
-        numerical_rank: int | None = None
-        eff_rank = math.nan
-        eff_method = "none"
-        nodes: Tensor | None = None
-        weights: Tensor | None = None
-        internal = _internal_rounding(probe)  # probe.dtype, or coarser where the model casts
-        eps = torch.finfo(internal).eps
-        rank_tol = res.lambda_max * n * eps
-        if res.exact:
-            numerical_rank = int((theta > rank_tol).sum())
-            eff_rank = float(_effective_rank(theta))
-            eff_method = "exact"
-            if numerical_rank < n:
-                _rank_warning(numerical_rank, n, res.lambda_min, rank_tol, products=probe.dtype)
-        if res.lambda_min_is_zero and not res.exact:
-            warnings.warn(
-                f"λ_min is numerically zero (θ_min = {res.lambda_min:.3e}, residual "
-                f"{res.residual_min:.3e}, products in {probe.dtype}): K has a near-null space and "
-                "κ = inf; the numerical rank is unknown without the dense path (method='dense')"
-                + ("; dtype=torch.float64 resolves smaller eigenvalues" if eps > 1e-10 else ""),
-                NTKRankWarning,
-                stacklevel=2,
-            )
-        elif (
-            which == "both"
-            and res.condition_number * eps > 10 * tol
-            and math.isfinite(res.condition_number)
-            and (not res.exact or numerical_rank == n)
-        ):
-            warnings.warn(
-                f"λ_min is close to the rounding level of {internal} products: eps·κ = "
-                f"{res.condition_number * eps:.1e} > 10·tol, so λ_min and κ may carry a relative "
-                "error of that order even though the iteration converged"
-                + ("; pass dtype=torch.float64" if probe.dtype != torch.float64 else ""),
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        if slq_probes > 0 and not res.exact:
-            # Fixed seed: the same probes every call, so a run's estimates vary smoothly (common
-            # random numbers), and every rank of a sharded operator draws the same vectors.
-            slq_gen = torch.Generator().manual_seed(0x51C)
-            nodes, weights = slq_density(
-                op.matvec,
-                n,
-                n_probes=slq_probes,
-                n_steps=slq_steps,
-                generator=slq_gen,
-                dtype=probe.dtype,
-                device=probe.device,
-                deflate=_converged_top(res, tol),
-            )
-            eff_rank = slq_effective_rank(nodes, weights, n)
-            eff_method = "slq"
-        # Rounding of the evaluated products: the Ritz data are exact for the operator as computed,
-        # whose products differ from K's by rounding; this estimate widens the certificates to K
-        # (measured misses without it: up to ~1e-7·λ_max with float32 products).
-        slack = _PRODUCT_ROUNDING * math.sqrt(n) * eps * abs(res.lambda_max)
-        lam_max, lam_min, kappa = res.lambda_max, res.lambda_min, res.condition_number
-        upper = lam_min + slack
-        kappa_lower = (lam_max - slack) / upper if upper > 0 else math.inf
-        kappa_lower = min(kappa_lower, res.condition_number_lower)
-        if which == "largest":  # λ_min is not estimated: θ_min only bounds it from above
-            lam_min = kappa = math.nan
-        elif which == "smallest":  # λ_max is not estimated: θ_max only bounds it from below
-            lam_max = kappa = math.nan
-        if not res.converged:
-            ends = {"both": "λ_max and λ_min", "largest": "λ_max", "smallest": "λ_min"}[which]
-            warnings.warn(
-                f"block Lanczos did not converge for {ends} within {res.n_matvecs} products "
-                f"(residuals: max end {res.residual_max:.2e}, min end {res.residual_min:.2e}, "
-                f"tol={tol}); condition_number is an estimate, condition_number_lower = "
-                f"{kappa_lower:.4g} is a bound. Raise max_matvecs or use "
-                "warm_start=",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return NTKSpectrum(
-            lambda_max=lam_max,
-            lambda_min=lam_min,
-            condition_number=kappa,
-            eigenvalues=theta.clone() if res.exact else None,
-            # (the products' rounding too: a float32 θ_max once missed λ_max by 1.03e-5 against a
-            # residual of 1.025e-5)
-            residual_max=res.residual_max + slack,
-            residual_min=res.residual_min + slack,
-            converged=bool(res.converged),
-            numerical_rank=numerical_rank,
-            effective_rank=eff_rank,
-            n_rows=n,
-            n_matvecs=op.n_matvecs,
-            wall_time=time.perf_counter() - t0,
-            method="lanczos",
-            ritz_vectors=res.warm_start(max(2 * block_size, 2)),
-            lambda_min_upper=upper,
-            condition_number_lower=kappa_lower,
-            effective_rank_method=eff_method,
-            density_nodes=nodes,
-            density_weights=weights,
-            precision=(
-                "mixed" if internal != probe.dtype else str(probe.dtype).removeprefix("torch.")
-            ),
+        agreed = torch.tensor([width], dtype=torch.int64, device=probe.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=process_group)
+        width = int(agreed.item())
+    # The products this call runs at most (the Krylov space stops at n columns unless thick
+    # restarts keep it smaller; then max_matvecs columns stop it, in blocks that a restart may
+    # make narrower, so up to one product per column; the SLQ estimate adds slq_steps blocks):
+    # the operator traces its linear maps only where enough of them remain.
+    span = max(max_matvecs, min(width, n))
+    if (max_basis if max_basis is not None else default_max_basis(n, width, probe.dtype)) >= n:
+        products = -(-min(span, n + width) // width)
+    else:
+        products = span
+    op.expected_products = products + (slq_steps if slq_probes > 0 else 0)
+    try:
+        res = block_lanczos(
+            op.matvec,
+            n,
+            block_size=width,
+            max_matvecs=max(max_matvecs, min(width, n)),
+            tol=tol,
+            v0=v0,
+            dtype=probe.dtype,
+            device=probe.device,
+            generator=generator,
+            which=which,  # type: ignore[arg-type]
+            full_span=full_span,
+            max_basis=max_basis,
         )
-    finally:
-        op.release()  # its CUDA graph and linearisation now, not at garbage collection
+    except RuntimeError as err:
+        if "randomness" not in str(err):
+            raise
+        raise ValueError(
+            "the model draws random numbers in the probe (dropout in training mode with "
+            "eval_mode=False): K is then random, and the Lanczos path's vmapped products refuse "
+            "it. Use eval_mode=True (dropout off), or method='dense' for one random draw"
+        ) from err
+    except ValueError as err:
+        if "NaN or Inf" not in str(err):
+            raise
+        # The probe outputs were checked finite, so a derivative is not: forward mode (the
+        # JVP) gives 0/0 where a function has no derivative at the probe point.
+        raise ValueError(
+            "NTK product returned NaN or Inf although the probe outputs are finite: a "
+            "derivative is undefined at this point (forward-mode AD gives NaN e.g. for "
+            "sqrt(relu(z)) at z = 0, where reverse mode gives 0). method='dense' uses reverse "
+            "mode only"
+        ) from err
+    theta = res.ritz_values
+    if float(theta.abs().max()) == 0.0:
+        raise _zero_kernel_error()
+    numerical_rank: int | None = None
+    eff_rank = math.nan
+    eff_method = "none"
+    nodes: Tensor | None = None
+    weights: Tensor | None = None
+    internal = _internal_rounding(probe)  # probe.dtype, or coarser where the model casts
+    eps = torch.finfo(internal).eps
+    rank_tol = res.lambda_max * n * eps
+    if res.exact:
+        numerical_rank = int((theta > rank_tol).sum())
+        eff_rank = float(_effective_rank(theta))
+        eff_method = "exact"
+        if numerical_rank < n:
+            _rank_warning(numerical_rank, n, res.lambda_min, rank_tol, products=probe.dtype)
+    if res.lambda_min_is_zero and not res.exact:
+        warnings.warn(
+            f"λ_min is numerically zero (θ_min = {res.lambda_min:.3e}, residual "
+            f"{res.residual_min:.3e}, products in {probe.dtype}): K has a near-null space and "
+            "κ = inf; the numerical rank is unknown without the dense path (method='dense')"
+            + ("; dtype=torch.float64 resolves smaller eigenvalues" if eps > 1e-10 else ""),
+            NTKRankWarning,
+            stacklevel=2,
+        )
+    elif (
+        which == "both"
+        and res.condition_number * eps > 10 * tol
+        and math.isfinite(res.condition_number)
+        and (not res.exact or numerical_rank == n)
+    ):
+        warnings.warn(
+            f"λ_min is close to the rounding level of {internal} products: eps·κ = "
+            f"{res.condition_number * eps:.1e} > 10·tol, so λ_min and κ may carry a relative "
+            "error of that order even though the iteration converged"
+            + ("; pass dtype=torch.float64" if probe.dtype != torch.float64 else ""),
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if slq_probes > 0 and not res.exact:
+        # Fixed seed: the same probes every call, so a run's estimates vary smoothly (common
+        # random numbers), and every rank of a sharded operator draws the same vectors.
+        slq_gen = torch.Generator().manual_seed(0x51C)
+        nodes, weights = slq_density(
+            op.matvec,
+            n,
+            n_probes=slq_probes,
+            n_steps=slq_steps,
+            generator=slq_gen,
+            dtype=probe.dtype,
+            device=probe.device,
+            deflate=_converged_top(res, tol),
+        )
+        eff_rank = slq_effective_rank(nodes, weights, n)
+        eff_method = "slq"
+    # Rounding of the evaluated products: the Ritz data are exact for the operator as computed,
+    # whose products differ from K's by rounding; this estimate widens the certificates to K
+    # (measured misses without it: up to ~1e-7·λ_max with float32 products).
+    slack = _PRODUCT_ROUNDING * math.sqrt(n) * eps * abs(res.lambda_max)
+    lam_max, lam_min, kappa = res.lambda_max, res.lambda_min, res.condition_number
+    upper = lam_min + slack
+    kappa_lower = (lam_max - slack) / upper if upper > 0 else math.inf
+    kappa_lower = min(kappa_lower, res.condition_number_lower)
+    if which == "largest":  # λ_min is not estimated: θ_min only bounds it from above
+        lam_min = kappa = math.nan
+    elif which == "smallest":  # λ_max is not estimated: θ_max only bounds it from below
+        lam_max = kappa = math.nan
+    if not res.converged:
+        ends = {"both": "λ_max and λ_min", "largest": "λ_max", "smallest": "λ_min"}[which]
+        warnings.warn(
+            f"block Lanczos did not converge for {ends} within {res.n_matvecs} products "
+            f"(residuals: max end {res.residual_max:.2e}, min end {res.residual_min:.2e}, "
+            f"tol={tol}); condition_number is an estimate, condition_number_lower = "
+            f"{kappa_lower:.4g} is a bound. Raise max_matvecs or use "
+            "warm_start=",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return NTKSpectrum(
+        lambda_max=lam_max,
+        lambda_min=lam_min,
+        condition_number=kappa,
+        eigenvalues=theta.clone() if res.exact else None,
+        # (the products' rounding too: a float32 θ_max once missed λ_max by 1.03e-5 against a
+        # residual of 1.025e-5)
+        residual_max=res.residual_max + slack,
+        residual_min=res.residual_min + slack,
+        converged=bool(res.converged),
+        numerical_rank=numerical_rank,
+        effective_rank=eff_rank,
+        n_rows=n,
+        n_matvecs=op.n_matvecs,
+        wall_time=time.perf_counter() - t0,
+        method="lanczos",
+        ritz_vectors=res.warm_start(max(2 * block_size, 2)),
+        lambda_min_upper=upper,
+        condition_number_lower=kappa_lower,
+        effective_rank_method=eff_method,
+        density_nodes=nodes,
+        density_weights=weights,
+        precision=("mixed" if internal != probe.dtype else str(probe.dtype).removeprefix("torch.")),
+    )
