@@ -1,4 +1,4 @@
-"""Gradient accuracy of the fused (feature-major) and plain (token-major) packed gated MLP.
+"""Gradient accuracy of the fused (feature-major or split) and plain (token-major) gated MLP.
 
 For each variant, dtype and seed: the largest gradient error of each parameter, relative to
 the largest |gradient|, against float64 truth of the same weights and inputs (the check of
@@ -9,7 +9,12 @@ and where the two paths' intermediates part: the packed pre-activations (feature
 ``addmm`` with a column bias vs token-major ``F.linear``) and the block output, each against
 float64, with the gate's sign flips.
 
-    python benchmarks/fused_accuracy.py --device cuda
+    python benchmarks/fused_accuracy.py --device cuda [--layouts feature split]
+
+``--layouts``: the fused block's layouts to check (``gated_product.fused_gated_mlp``): at the
+64 input features here a biased 16-bit block runs ``split`` by default; ``feature`` forces the
+feature-major block (``SPLIT_BELOW_IN_FEATURES = 0``). The pre-activation row of ``split`` is
+its ``F.linear`` of each half of the packed weight.
 
 (On an H200, 2026-11-27, computing the fused backward's weight gradients by a swapped GEMM, a
 float32-output GEMM or a float32 GEMM of upcast operands left every error unchanged, so the
@@ -29,8 +34,9 @@ from glu_probe import gated_product
 
 
 def errors(
-    variant: str, dtype: torch.dtype, seed: int, device: str, batch: int = 8
+    variant: str, dtype: torch.dtype, seed: int, device: str, batch: int = 8, layout: str = "split"
 ) -> dict[str, object]:
+    gated_product.SPLIT_BELOW_IN_FEATURES = 0 if layout == "feature" else 1 << 30
     torch.manual_seed(seed)
     fused = glu_probe.make_mlp(variant, 64, 96, fused=True).to(device, dtype)
     plain = copy.deepcopy(fused)
@@ -53,7 +59,11 @@ def errors(
         x2 = x.reshape(-1, 64)
         exact = F.linear(x2.double(), w1.double(), b1.double())
         token_major = F.linear(x2, w1, b1).double()
-        feature_major = gated_product._packed_preactivation(w1, x2, b1)[0].t().double()
+        if layout == "feature":
+            feature_major = gated_product._packed_preactivation(w1, x2, b1)[0].t().double()
+        else:  # the split layout's two GEMMs on the packed weight's row blocks
+            halves = zip(w1.chunk(2), b1.chunk(2), strict=True)
+            feature_major = torch.cat([F.linear(x2, w, b) for w, b in halves], -1).double()
         scale = exact.abs().max()
         out["pre-activation err (fused, plain)"] = (
             round(float((feature_major - exact).abs().max() / scale), 5),
@@ -89,6 +99,8 @@ def main() -> None:
         help="sequences of 33 tokens (8: 264 tokens; 500: 16,500, where cuBLAS may split the "
         "weight-gradient GEMMs' long inner dimension, the bias gradient's included)",
     )
+    layouts = ["feature", "split"]
+    ap.add_argument("--layouts", nargs="+", default=layouts, choices=layouts)
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     print(f"dtype {args.dtype}, {args.batch * 33} tokens")
@@ -98,9 +110,11 @@ def main() -> None:
         flag.allow_bf16_reduced_precision_reduction = reduced
         flag.allow_fp16_reduced_precision_reduction = reduced
         print(f"## reduced-precision reductions allowed: {reduced}")
-        for variant in ("reglu", "swiglu"):
-            for seed in range(args.seeds):
-                print(variant, seed, errors(variant, dtype, seed, args.device, args.batch))
+        for layout in args.layouts:
+            for variant in ("reglu", "swiglu"):
+                for seed in range(args.seeds):
+                    e = errors(variant, dtype, seed, args.device, args.batch, layout)
+                    print(layout, variant, seed, e)
 
 
 if __name__ == "__main__":

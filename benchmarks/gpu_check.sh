@@ -42,11 +42,11 @@ run() {  # run NAME SECONDS CMD...
 steps=${*:-gpu_tests fused_acc fused_acc_long ab_mlp_bias bench_mlp_bias bench_ntk}
 for step in $steps; do
   case $step in
-    gpu_tests) run gpu_tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
+    gpu_tests) run gpu_tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
       tests/test_krylov.py tests/test_callbacks_ntk.py ;;
-    fused_acc) run fused_acc 30 python3 benchmarks/fused_accuracy.py --device cuda --seeds 4 ;;
+    fused_acc) run fused_acc 40 python3 benchmarks/fused_accuracy.py --device cuda --seeds 2 ;;
     fused_acc_long) run fused_acc_long 40 python3 benchmarks/fused_accuracy.py --device cuda \
-      --seeds 2 --dtype float16 --batch 500 ;;
+      --seeds 1 --dtype float16 --batch 500 ;;
     bench_callbacks) run bench_callbacks 200 python3 benchmarks/bench_callbacks.py --device cuda \
       --repeats 1 --gpu-steps 200 ;;
     bench_ntk) run bench_ntk 150 python3 benchmarks/bench_ntk.py --device cuda \

@@ -27,6 +27,19 @@ same saved tensors as timm's ``SwiGLU`` where all its weights train (``x``, ``P�
 token-major ``F.linear``; see :func:`_packed_preactivation`), and an output layer with a bias
 is the token-major block's own ``F.linear`` on the transposed view of ``hᵀ``.
 
+Split layout. With a bias in 16 bits the feature-major block needs the augmented operands
+above (a copy of ``x`` that scales with N·in while the GEMMs scale with N·in·h), and its packed
+pre-activation GEMM with inner dimension ``in + 8`` is a shape cuBLAS tiles less well than two
+half-size GEMMs. On an H200 (bf16, 16384 tokens, ``benchmarks/ab_mlp_bias.py``,
+``RESULTS_mlp.md`` "session 17") it was 1.09–1.30x timm's ``SwiGLU`` at width 768 from run to
+run, while two token-major GEMMs on the packed weight's row blocks (bias in the GEMM epilogue,
+contiguous ``(N, h)`` halves, :class:`_SplitFusedGatedMLP`) were 0.98x at 768 and 1024 and
+1.00x at 1536; at 2048 the feature-major block was the faster (0.95x against 1.03x). So
+:func:`fused_gated_mlp` splits 16-bit blocks with a bias and fewer than
+:data:`SPLIT_BELOW_IN_FEATURES` input features; the split path's values and roundings are the
+token-major block's own (``F.linear`` with its bias), its gradients too, up to the order of
+sums.
+
 Scope, so that nothing else changes (:meth:`glu_probe.modules.GatedMLP.forward` checks it):
 
 * gate activations with a closed-form ATen backward: exact ``nn.SiLU``, ``nn.Sigmoid``,
@@ -52,9 +65,13 @@ from torch import Tensor, nn
 from .activation_math import act as _act
 from .activation_math import act_grad as _act_derivative
 
-__all__ = ["fused_gate_kind", "fused_gated_mlp"]
+__all__ = ["SPLIT_BELOW_IN_FEATURES", "fused_gate_kind", "fused_gated_mlp"]
 
 _aten = torch.ops.aten
+
+#: ``layout="auto"`` runs 16-bit blocks with a bias and fewer input features than this split
+#: (token-major, two GEMMs); see the module docstring, "Split layout".
+SPLIT_BELOW_IN_FEATURES = 2048
 
 
 def fused_gate_kind(act: nn.Module) -> str | None:
@@ -273,6 +290,94 @@ class _FusedGatedMLP(torch.autograd.Function):
         return ty.t()
 
 
+class _SplitFusedGatedMLP(torch.autograd.Function):
+    """The same block token-major, its gate and up projections two GEMMs on the row blocks of
+    the packed ``W1`` (module docstring, "Split layout").
+
+    ``g = x Wgᵀ + bg`` and ``u = x Wuᵀ + bu`` are each an ``F.linear`` (the bias in the GEMM's
+    epilogue, as in timm's ``SwiGLU``), so both are contiguous ``(N, h)`` tensors and their
+    rounding is the token-major block's. The backward writes ``dWg`` and ``dWu`` into the two
+    row blocks of one ``(2h, in)`` buffer (autograd of the two slices would scatter each into a
+    zero-filled ``(2h, in)`` tensor and add them) and ``dx = dg Wg + du Wu`` as one ``addmm``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        w1: Tensor,
+        b1: Tensor | None,
+        w2: Tensor,
+        b2: Tensor | None,
+        kind: str,
+        gate_first: bool,
+    ) -> Tensor:
+        ctx.kind, ctx.gate_first = kind, gate_first
+        wg, wu = _halves(w1, gate_first)
+        bg, bu = (None, None) if b1 is None else _halves(b1, gate_first)
+        g = F.linear(x, wg, bg)  # (N, h), contiguous
+        u = F.linear(x, wu, bu)
+        ag = _act(kind, g)
+        hh = ag * u
+        ctx.save_for_backward(x, w1, b1, w2, b2, g, u, ag, hh)
+        ctx.save_for_forward(x, w1, b1, w2, b2, g, u, ag, hh)
+        return F.linear(hh, w2, b2)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, w1, b1, w2, b2, g, u, ag, hh = ctx.saved_tensors
+        kind, gate_first = ctx.kind, ctx.gate_first
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: see _FusedGatedMLP.backward
+            return _double_backward(ctx, (x, w1, b1, w2, b2), dy)
+        dy = dy.to(w2.dtype)
+        dh = torch.mm(dy, w2)  # (N, h)
+        dw2 = torch.mm(dy.t(), hh) if need[3] else None
+        db2 = dy.sum(0) if b2 is not None and need[4] else None
+        du = dh * ag
+        dg = _act_backward(kind, dh * u, g, ag)
+        wg, wu = _halves(w1, gate_first)
+        dx = torch.addmm(torch.mm(dg, wg), du, wu) if need[0] else None
+        first, second = (dg, du) if gate_first else (du, dg)
+        dw1: Tensor | None = None
+        db1: Tensor | None = None
+        if _vmapped(dy):  # no out= overloads under vmap: the halves are joined out of place
+            if need[1]:
+                dw1 = torch.cat((torch.mm(first.t(), x), torch.mm(second.t(), x)), dim=0)
+            if b1 is not None and need[2]:
+                db1 = torch.cat((first.sum(0), second.sum(0)))
+            return dx, dw1, db1, dw2, db2, None, None
+        h = g.shape[1]
+        if need[1]:
+            dw1 = torch.empty_like(w1)
+            torch.mm(first.t(), x, out=dw1[:h])
+            torch.mm(second.t(), x, out=dw1[h:])
+        if b1 is not None and need[2]:
+            db1 = torch.empty_like(b1)
+            torch.sum(first, 0, out=db1[:h])
+            torch.sum(second, 0, out=db1[h:])
+        return dx, dw1, db1, dw2, db2, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, tx: Any, tw1: Any, tb1: Any, tw2: Any, tb2: Any, *_: Any) -> Tensor:
+        x, w1, _b1, w2, _b2, g, u, ag, hh = ctx.saved_tensors
+        tp = torch.zeros(g.shape[0], 2 * g.shape[1], dtype=g.dtype, device=g.device)
+        if tx is not None:
+            tp = tp + F.linear(tx, w1)
+        if tw1 is not None:
+            tp = tp + F.linear(x, tw1)
+        if tb1 is not None:
+            tp = tp + tb1
+        tg, tu = _halves(tp, ctx.gate_first, dim=-1)
+        th = _act_derivative(ctx.kind, g) * tg * u + ag * tu
+        ty = F.linear(th, w2)
+        if tw2 is not None:
+            ty = ty + F.linear(hh, tw2)
+        if tb2 is not None:
+            ty = ty + tb2
+        return ty
+
+
 def _double_backward(ctx: Any, saved: tuple[Any, ...], dy: Tensor) -> tuple[Tensor | None, ...]:
     inputs = list(saved)
     idx = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
@@ -296,6 +401,7 @@ def fused_gated_mlp(
     b2: Tensor | None,
     kind: str,
     gate_first: bool = True,
+    layout: str = "auto",
 ) -> Tensor:
     """``F.linear(act(g) * u, w2, b2)`` with ``g, u`` the halves of ``F.linear(x, w1, b1)``.
 
@@ -306,7 +412,14 @@ def fused_gated_mlp(
     would cast them (autograd sees the casts, so gradients come back in the inputs' dtypes and
     only the cast copy of ``x`` is kept, as in the plain block). Under torch.func transforms,
     ``torch.compile``/``torch.export`` and ``torch.jit.trace`` this is the plain expression.
+
+    ``layout``: ``"feature"`` (feature-major, one packed GEMM), ``"split"`` (token-major, two
+    GEMMs on ``w1``'s row blocks) or ``"auto"``: split for a 16-bit compute dtype with a bias
+    ``b1`` and fewer than :data:`SPLIT_BELOW_IN_FEATURES` input features, feature-major
+    otherwise (measured; module docstring, "Split layout").
     """
+    if layout not in ("auto", "feature", "split"):
+        raise ValueError(f"layout must be 'auto', 'feature' or 'split'; got {layout!r}")
     if (
         torch._C._are_functorch_transforms_active()
         or torch.compiler.is_compiling()
@@ -326,7 +439,15 @@ def fused_gated_mlp(
         x, w1, w2 = cast(x), cast(w1), cast(w2)
         b1 = None if b1 is None else cast(b1)
         b2 = None if b2 is None else cast(b2)
+    if layout == "auto":
+        split = (
+            b1 is not None
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and x.shape[-1] < SPLIT_BELOW_IN_FEATURES
+        )
+        layout = "split" if split else "feature"
+    fn = _SplitFusedGatedMLP if layout == "split" else _FusedGatedMLP
     shape = x.shape
     with torch.autocast(x.device.type, enabled=False):
-        y: Tensor = _FusedGatedMLP.apply(x.reshape(-1, shape[-1]), w1, b1, w2, b2, kind, gate_first)
+        y: Tensor = fn.apply(x.reshape(-1, shape[-1]), w1, b1, w2, b2, kind, gate_first)
     return y.reshape(*shape[:-1], y.shape[-1])

@@ -67,10 +67,10 @@ def test_fused_accuracy_runs_and_both_paths_are_as_accurate():
         "benchmarks/fused_accuracy.py",
         *("--device", "cpu", "--seeds", "1", "--batch", "1", "--dtype", "float16"),
     )
-    rows = [line for line in out.splitlines() if line.startswith(("reglu", "swiglu"))]
-    assert len(rows) == 4  # 2 variants x reduced-precision reductions on/off
+    rows = [line for line in out.splitlines() if line.startswith(("feature", "split"))]
+    assert len(rows) == 8  # 2 layouts x 2 variants x reduced-precision reductions on/off
     for row in rows:
-        errors = ast.literal_eval(row.split(" ", 2)[2])
+        errors = ast.literal_eval(row.split(" ", 3)[3])
         for key in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
             fused, plain = errors[key]
             assert fused <= 2 * plain + 1e-3, (key, fused, plain)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from conftest import ran_fused
 from torch import nn
 
+from glu_probe import gated_product
 from glu_probe.gated_product import _plain, fused_gate_kind, fused_gated_mlp
 from glu_probe.modules import GEGLU, GLU, Bilinear, GatedMLP, ReGLU, SwiGLU
 
@@ -29,6 +30,20 @@ ACTS = {
     "identity": nn.Identity(),
 }
 D, H, O = 6, 5, 4
+LAYOUTS = ["feature", "split"]
+
+
+def _ran_layout(out: torch.Tensor) -> str | None:
+    """Which fused Function computed ``out``: ``"split"``, ``"feature"`` or ``None``."""
+    fn = out.grad_fn
+    for _ in range(2):
+        name = type(fn).__name__ if fn is not None else ""
+        if "SplitFusedGatedMLP" in name:
+            return "split"
+        if "FusedGatedMLP" in name:
+            return "feature"
+        fn = fn.next_functions[0][0] if fn is not None and fn.next_functions else None
+    return None
 
 
 def _params(bias: bool, seed: int = 0) -> list[torch.Tensor | None]:
@@ -54,16 +69,17 @@ def _reference(x, w1, b1, w2, b2, act, gate_first):
     return F.linear(act(g) * u, w2, b2)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", sorted(ACTS))
 @pytest.mark.parametrize("bias,gate_first", [(True, True), (False, True), (True, False)])
-def test_values_and_all_gradients_match_the_token_major_expression(kind, bias, gate_first):
+def test_values_and_all_gradients_match_the_token_major_expression(kind, bias, gate_first, layout):
     act = ACTS[kind]
     assert fused_gate_kind(act) == kind
     w1, b1, w2, b2 = _params(bias)
     x = torch.randn(3, 7, D, dtype=torch.float64, requires_grad=True)
     ref = _reference(x, w1, b1, w2, b2, act, gate_first)
-    out = fused_gated_mlp(x, w1, b1, w2, b2, kind, gate_first)
-    assert ran_fused(out)
+    out = fused_gated_mlp(x, w1, b1, w2, b2, kind, gate_first, layout=layout)
+    assert ran_fused(out) and _ran_layout(out) == layout
     assert out.shape == ref.shape == (3, 7, O)
     torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-13)
     leaves = [t for t in (x, w1, b1, w2, b2) if t is not None]
@@ -75,22 +91,24 @@ def test_values_and_all_gradients_match_the_token_major_expression(kind, bias, g
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", ["silu", "sigmoid", "gelu", "gelu_tanh", "identity"])
-def test_gradcheck_forward_mode_and_double_backward(kind):
+def test_gradcheck_forward_mode_and_double_backward(kind, layout):
     """Finite differences: reverse, forward (dual tensors) and create_graph double backward."""
     w1, b1, w2, b2 = _params(True, seed=1)
     x = torch.randn(2, 3, D, dtype=torch.float64, requires_grad=True)
 
     def f(*t: torch.Tensor) -> torch.Tensor:
-        return fused_gated_mlp(*t, kind)
+        return fused_gated_mlp(*t, kind, layout=layout)
 
     args = (x, w1, b1, w2, b2)
-    assert ran_fused(f(*args))
+    assert _ran_layout(f(*args)) == layout
     assert torch.autograd.gradcheck(f, args, check_forward_ad=True)
     assert torch.autograd.gradgradcheck(f, args)
 
 
-def test_relu_gradcheck_away_from_the_kink():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_relu_gradcheck_away_from_the_kink(layout):
     w1, b1, w2, b2 = _params(True, seed=2)
     x = torch.randn(4, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     x.requires_grad_()
@@ -100,22 +118,34 @@ def test_relu_gradcheck_away_from_the_kink():
         assert (F.linear(x, w1, b1).abs() > 0.3).all()
 
     def f(*t: torch.Tensor) -> torch.Tensor:
-        return fused_gated_mlp(*t, "relu")
+        return fused_gated_mlp(*t, "relu", layout=layout)
 
     assert torch.autograd.gradcheck(f, (x, w1, b1, w2, b2), check_forward_ad=True)
     assert torch.autograd.gradgradcheck(f, (x, w1, b1, w2, b2))
 
 
-def test_dual_tensor_jvp_with_weight_tangents():
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("gate_first", [True, False])
+def test_dual_tensor_jvp_with_weight_tangents(gate_first, layout):
+    """Dual tensors: fused_gated_mlp computes the plain expression under a dual level (its
+    tangent must be differentiable in turn); the Functions' own ``jvp`` (called directly)
+    gives the same tangent."""
     w1, b1, w2, b2 = _params(True, seed=3)
     x = torch.randn(5, D, dtype=torch.float64)
     prim = [x, w1.detach(), b1.detach(), w2.detach(), b2.detach()]
     tans = [torch.randn_like(p) for p in prim]
+    fn = {"feature": gated_product._FusedGatedMLP, "split": gated_product._SplitFusedGatedMLP}
+    tangents = []
     with fwAD.dual_level():
         duals = [fwAD.make_dual(p, t) for p, t in zip(prim, tans, strict=True)]
-        tan = fwAD.unpack_dual(fused_gated_mlp(*duals, "silu")).tangent
-    _, ref = torch.func.jvp(lambda *p: _reference(*p, nn.SiLU(), True), tuple(prim), tuple(tans))
-    torch.testing.assert_close(tan, ref, rtol=1e-12, atol=1e-12)
+        tangents.append(fwAD.unpack_dual(fused_gated_mlp(*duals, "silu", gate_first)).tangent)
+        out = fn[layout].apply(*duals, "silu", gate_first)
+        tangents.append(fwAD.unpack_dual(out).tangent)
+    _, ref = torch.func.jvp(
+        lambda *p: _reference(*p, nn.SiLU(), gate_first), tuple(prim), tuple(tans)
+    )
+    for tan in tangents:
+        torch.testing.assert_close(tan, ref, rtol=1e-12, atol=1e-12)
 
 
 def test_torch_func_transforms_see_the_plain_expression():
@@ -349,7 +379,7 @@ def test_packed_preactivation_is_rounded_once(dtype, k):
 
 
 @pytest.mark.parametrize("kind", ["silu", "relu"])
-def test_bf16_bias_gradient_comes_from_the_weight_gemm_as_accurately(kind):
+def test_bf16_bias_gradient_comes_from_the_weight_gemm_as_accurately(kind, monkeypatch):
     """16-bit with a bias: ``[dW1 | db1 | 0] = dPᵀ [x | 1 | 0]`` (one GEMM, no separate
     reduction over the (2h, N) gradient). Against float64 autograd of the same bf16 values,
     every gradient is as accurate as the token-major bf16 block's (autograd, a reduction for the
@@ -381,7 +411,7 @@ def test_bf16_bias_gradient_comes_from_the_weight_gemm_as_accurately(kind):
 
     truth = grads(torch.float64, _plain)
     with Sums():
-        fused = grads(torch.bfloat16, fused_gated_mlp)
+        fused = grads(torch.bfloat16, lambda *a: fused_gated_mlp(*a, layout="feature"))
     assert shapes and (2 * h, n) not in shapes  # no reduction over dPᵀ (db2's is there)
     plain = grads(torch.bfloat16, _plain)
     for name, f, p, t in zip(["x", "w1", "b1", "w2", "b2"], fused, plain, truth, strict=True):
@@ -391,6 +421,7 @@ def test_bf16_bias_gradient_comes_from_the_weight_gemm_as_accurately(kind):
         err_p = float((p.double() - t).abs().max() / scale)
         assert err_f <= max(2 * err_p, 2**-7), (name, err_f, err_p)
 
+    monkeypatch.setattr(gated_product, "SPLIT_BELOW_IN_FEATURES", 0)  # feature-major blocks
     m = SwiGLU(k, h, o, fused=True, dtype=torch.bfloat16)
     x = base[0].clone().requires_grad_()
     m(x).float().square().sum().backward()
@@ -405,9 +436,10 @@ def test_bf16_bias_gradient_comes_from_the_weight_gemm_as_accurately(kind):
     torch.testing.assert_close(m.fc1.bias.grad, db1_full, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", ["silu", "sigmoid"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_backward_reuses_the_saved_activation(bias, kind):
+def test_backward_reuses_the_saved_activation(bias, kind, layout):
     """act(g) is kept from the forward (as timm's SwiGLU keeps it), not recomputed in the
     backward (sigmoid's backward kernel reads it too); the gradients stay those of the
     token-major expression (float64)."""
@@ -422,27 +454,36 @@ def test_backward_reuses_the_saved_activation(bias, kind):
 
     w1, b1, w2, b2 = _params(bias, seed=2)
     x = torch.randn(5, D, dtype=torch.float64, requires_grad=True)
-    y = fused_gated_mlp(x, w1, b1, w2, b2, kind)
+    y = fused_gated_mlp(x, w1, b1, w2, b2, kind, layout=layout)
+    assert _ran_layout(y) == layout
     leaves = [t for t in (x, w1, b1, w2, b2) if t is not None]
     with Ops():
         g_out = torch.autograd.grad(y, leaves, torch.ones_like(y))
-    assert f"aten.{kind}_backward.grad_input" in calls
+    # feature layout: written into its half of one buffer (out=); split: out of place
+    variant = "grad_input" if layout == "feature" else "default"
+    assert f"aten.{kind}_backward.{variant}" in calls
     assert not any(c.startswith(f"aten.{kind}.") for c in calls), calls
     g_ref = torch.autograd.grad(_plain(x, w1, b1, w2, b2, kind, True), leaves, torch.ones_like(y))
     for a, b in zip(g_out, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("frozen", [(), ("fc1.weight",), ("fc1.weight", "fc1.bias"), ("all",)])
-def test_bf16_biased_block_gradients_are_contiguous_and_xa_kept_only_when_used(frozen):
+def test_bf16_biased_block_gradients_are_contiguous_and_xa_kept_only_when_used(
+    frozen, layout, monkeypatch
+):
     """16-bit with a bias: the fc1 gradients that ``torch.autograd.grad`` and gradient hooks
     hand out are contiguous (flattening them with ``view(-1)`` works; they were strided views of
-    the ``[dW1 | db1 | 0]`` buffer), and the augmented input ``[x | 1 | 0]`` is saved for the
-    backward only where W1 and b1 both need gradients."""
+    the ``[dW1 | db1 | 0]`` buffer; the split layout writes them into row blocks of one buffer),
+    and the augmented input ``[x | 1 | 0]`` is saved for the backward only where W1 and b1 both
+    need gradients, and never by the split layout, which has none."""
+    if layout == "feature":
+        monkeypatch.setattr(gated_product, "SPLIT_BELOW_IN_FEATURES", 0)
     torch.manual_seed(8)
     k, n = 12, 40
     k_aug = (k + 1 + 7) // 8 * 8
-    m = SwiGLU(k, 16, fused=True, dtype=torch.bfloat16)
+    m = SwiGLU(k, 20, fused=True, dtype=torch.bfloat16)
     for name, p in m.named_parameters():
         if name in frozen or "all" in frozen:
             p.requires_grad_(False)
@@ -455,8 +496,8 @@ def test_bf16_biased_block_gradients_are_contiguous_and_xa_kept_only_when_used(f
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = m(x)
-    assert ran_fused(y)
-    assert ((n, k_aug) in shapes) == (not frozen)
+    assert _ran_layout(y) == layout
+    assert ((n, k_aug) in shapes) == (not frozen and layout == "feature")
     trainable = [p for p in m.parameters() if p.requires_grad]
     seen: list[bool] = []
     for p in trainable:
@@ -473,3 +514,90 @@ def test_bf16_biased_block_gradients_are_contiguous_and_xa_kept_only_when_used(f
         for a, b in zip(grads, ref, strict=True):
             scale = b.abs().max().float()
             torch.testing.assert_close(a.float() / scale, b.float() / scale, rtol=0, atol=3e-2)
+
+
+def test_auto_layout_splits_narrow_biased_16_bit_blocks(monkeypatch):
+    """``layout="auto"``: the split (token-major, two GEMMs) layout for a 16-bit compute dtype
+    with a bias and fewer than ``SPLIT_BELOW_IN_FEATURES`` inputs, feature-major otherwise
+    (measured on an H200: gated_product's docstring); under autocast the compute dtype
+    decides."""
+
+    def layout(dtype: torch.dtype, bias: bool, k: int = 8, autocast: bool = False) -> str | None:
+        m = SwiGLU(k, 12, bias=bias, fused=True, dtype=dtype)
+        x = torch.randn(3, k, dtype=dtype, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return _ran_layout(m(x))
+
+    assert gated_product.SPLIT_BELOW_IN_FEATURES == 2048
+    assert layout(torch.bfloat16, True) == layout(torch.float16, True) == "split"
+    assert layout(torch.float32, True, autocast=True) == "split"
+    assert layout(torch.bfloat16, False) == "feature"  # no bias: no augmented operands
+    assert layout(torch.float32, True) == layout(torch.float64, True) == "feature"
+    monkeypatch.setattr(gated_product, "SPLIT_BELOW_IN_FEATURES", 8)
+    assert layout(torch.bfloat16, True, k=8) == "feature"
+    assert layout(torch.bfloat16, True, k=7) == "split"
+    w1, b1, w2, b2 = _params(True)
+    with pytest.raises(ValueError, match="layout must be"):
+        fused_gated_mlp(torch.randn(2, D, dtype=torch.float64), w1, b1, w2, b2, "silu", True, "x")
+
+
+@pytest.mark.parametrize("gate_first", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_split_layout_rounds_as_the_token_major_block(dtype, gate_first):
+    """16 bits with a bias, split layout: the output and every gradient as accurate as the
+    token-major block's against float64 autograd of the same 16-bit values (its gate and up
+    pre-activations are ``F.linear``'s, bias in the GEMM's accumulation, and equal to the
+    token-major block's ``F.linear`` of the packed weight)."""
+    gen = torch.Generator().manual_seed(11)
+    n, k, h, o = 192, 40, 48, 24
+
+    def r(*s: int, scale: float = 1.0) -> torch.Tensor:
+        return (scale * torch.randn(*s, generator=gen)).to(dtype)
+
+    base = [r(n, k), r(2 * h, k, scale=k**-0.5), r(2 * h), r(o, h, scale=h**-0.5), r(o)]
+    dy = r(n, o)
+
+    def run(dt: torch.dtype, fn: Any) -> list[torch.Tensor]:
+        leaves = [t.detach().to(dt).requires_grad_() for t in base]
+        y = fn(*leaves, "relu", gate_first)
+        return [y.detach(), *torch.autograd.grad(y, leaves, dy.to(dt))]
+
+    truth = run(torch.float64, _plain)
+    split = run(dtype, lambda *a: fused_gated_mlp(*a, layout="split"))
+    plain = run(dtype, _plain)
+    for name, f, p, t in zip(["y", "x", "w1", "b1", "w2", "b2"], split, plain, truth, strict=True):
+        assert f.shape == t.shape and f.dtype == dtype and f.is_contiguous()
+        scale = t.abs().max()
+        err_f = float((f.double() - t).abs().max() / scale)
+        err_p = float((p.double() - t).abs().max() / scale)
+        assert err_f <= max(1.5 * err_p, 2**-9), (name, err_f, err_p)
+    # the pre-activations the Function keeps: the token-major block's, entry for entry
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    x, w1, b1, w2, b2 = (t.detach().requires_grad_() for t in base)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fused_gated_mlp(x, w1, b1, w2, b2, "relu", gate_first, layout="split")
+    g, u = [t for t in saved if t.shape == (n, h)][:2]  # saved: x, w1, b1, w2, b2, g, u, ...
+    g_ref, u_ref = gated_product._halves(F.linear(x, w1, b1), gate_first, dim=-1)
+    assert torch.equal(g, g_ref) and torch.equal(u, u_ref)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_batched_gradients_of_every_input(layout):
+    """``autograd.grad(..., is_grads_batched=True)`` vmaps the backward (no ``out=`` there): the
+    gradients of the input, both weights and both biases equal a loop over the cotangents."""
+    w1, b1, w2, b2 = _params(True, seed=4)
+    x = torch.randn(3, D, dtype=torch.float64, requires_grad=True)
+    leaves = [x, w1, b1, w2, b2]
+    y = fused_gated_mlp(x, w1, b1, w2, b2, "gelu", False, layout=layout)
+    assert _ran_layout(y) == layout
+    cots = torch.randn(4, *y.shape, dtype=y.dtype)
+    batched = torch.autograd.grad(y, leaves, cots, is_grads_batched=True, retain_graph=True)
+    for i, c in enumerate(cots):
+        ref = torch.autograd.grad(_plain(x, w1, b1, w2, b2, "gelu", False), leaves, c)
+        for a, b in zip(batched, ref, strict=True):
+            torch.testing.assert_close(a[i], b, rtol=1e-12, atol=1e-12)

@@ -12,6 +12,7 @@ import torch
 from conftest import NoForwardADNet, ran_fused
 
 import glu_probe
+from glu_probe import gated_product
 from glu_probe.ntk import ntk_spectrum
 from glu_probe.theory import empirical_ntk, two_layer
 
@@ -71,10 +72,13 @@ def test_gated_block_on_cuda_matches_cpu(variant):
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["feature", "split"])
 @pytest.mark.parametrize("batch", [8, 500])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("variant", ["swiglu", "geglu", "reglu", "glu"])
-def test_fused_packed_path_on_cuda_is_as_accurate_as_the_plain_path(variant, dtype, batch):
+def test_fused_packed_path_on_cuda_is_as_accurate_as_the_plain_path(
+    variant, dtype, batch, layout, monkeypatch
+):
     """Feature-major (fused=True) and token-major (fused=False) gradients against float64 truth
     of the same weights: the fused path's error is at most twice the plain path's (+ a floor).
     At 264 and 16,500 tokens: in 16 bits the fused path's bias gradient comes out of the dW1
@@ -84,8 +88,14 @@ def test_fused_packed_path_on_cuda_is_as_accurate_as_the_plain_path(variant, dty
     H100 on 2026-11-27, and this version failed for ReGLU in bf16 on an H200 the same day: 8x the
     plain path's error. Cause: the bias was added after the product was rounded to bf16 (a
     column-broadcast addmm); now it is inside the GEMM's accumulation. Passed on an H100 and an
-    H200 on 2026-11-28 at 264 tokens in float32 and bf16.)
+    H200 on 2026-11-28 at 264 tokens in float32 and bf16.) Both layouts of the fused block:
+    16-bit blocks with a bias and fewer than SPLIT_BELOW_IN_FEATURES inputs run ``split`` by
+    default (token-major, two GEMMs); ``feature`` forces the feature-major block.
     """
+    if layout == "feature":
+        monkeypatch.setattr(gated_product, "SPLIT_BELOW_IN_FEATURES", 0)
+    elif dtype == torch.float32:
+        pytest.skip("float32 runs the feature-major block whatever the width")
     torch.manual_seed(0)
     fused = glu_probe.make_mlp(variant, 64, 96, fused=True).to("cuda", dtype)
     plain = copy.deepcopy(fused)
@@ -100,6 +110,9 @@ def test_fused_packed_path_on_cuda_is_as_accurate_as_the_plain_path(variant, dty
         assert fused_ran == (m is fused)
         y.double().square().sum().backward()
         grads.append([p.grad.double() for p in m.parameters()])
+        if m is fused:  # the layout asked for (y is a reshape of the Function's output)
+            split_ran = "Split" in type(y.grad_fn.next_functions[0][0]).__name__
+            assert split_ran == (layout == "split")
         if m is fused:  # contiguous gradients (torch.autograd.grad and hooks hand them out)
             assert all(p.grad.is_contiguous() for p in m.parameters())
     floor = 1e-6 if dtype == torch.float32 else 1e-3
