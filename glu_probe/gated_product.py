@@ -448,6 +448,11 @@ def fused_gated_mlp(
         layout = "split" if split else "feature"
     fn = _SplitFusedGatedMLP if layout == "split" else _FusedGatedMLP
     shape = x.shape
-    with torch.autocast(x.device.type, enabled=False):
-        y: Tensor = fn.apply(x.reshape(-1, shape[-1]), w1, b1, w2, b2, kind, gate_first)
-    return y.reshape(*shape[:-1], y.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
+    y: Tensor
+    if cdt is None:  # no autocast to turn off (the context costs host time at every call)
+        y = fn.apply(x2, w1, b1, w2, b2, kind, gate_first)
+    else:
+        with torch.autocast(x.device.type, enabled=False):
+            y = fn.apply(x2, w1, b1, w2, b2, kind, gate_first)
+    return y if x.dim() == 2 else y.reshape(*shape[:-1], y.shape[-1])

@@ -601,3 +601,24 @@ def test_batched_gradients_of_every_input(layout):
         ref = torch.autograd.grad(_plain(x, w1, b1, w2, b2, "gelu", False), leaves, c)
         for a, b in zip(batched, ref, strict=True):
             torch.testing.assert_close(a[i], b, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_block_still_runs_an_active_or_watched_output_dropout():
+    """The fused path skips ``drop2``'s module call only where it is the identity (``p = 0``,
+    no hook): a hook on it still fires, and an active one still drops."""
+    torch.manual_seed(9)
+    x = torch.randn(64, 8)
+    m = SwiGLU(8, 12, fused=True)
+    seen: list[torch.Size] = []
+    handle = m.drop2.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    y = m(x)
+    assert ran_fused(y) and seen == [torch.Size([64, 8])]
+    handle.remove()
+    active = SwiGLU(8, 12, drop=(0.0, 0.5), fused=True)
+    active.load_state_dict(m.state_dict())
+    y_drop = active(x)
+    assert ran_fused(y_drop)
+    zeros = float((y_drop == 0).float().mean())
+    assert 0.35 < zeros < 0.65, zeros
+    kept = y_drop != 0
+    torch.testing.assert_close(y_drop[kept], 2 * m(x)[kept], rtol=1e-6, atol=1e-6)
