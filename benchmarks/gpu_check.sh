@@ -31,12 +31,13 @@ run() {  # run NAME SECONDS CMD...
 # Steps (all by default, or those named on the command line), ordered by what only a GPU can
 # tell; each has its own time cap (under 10 minutes in all; bench_ntk's cap went from 90 s to
 # 150 s when section 4 began to sweep eigsh tols and take the best of 3 after a warm-up).
-# The default is what a lease of 15 device minutes can re-check (caps ~490 s; walls on an H200,
-# 2026-11-28: ~35 + 18 + ~30 + ~60 + 42 + 52 s), the pending GPU decisions first: the GPU tests,
-# the feature-major block's accuracy (bf16, and fp16 at 16,500 tokens, where cuBLAS may split the
-# inner dimension of the dW1 GEMM that now yields the bias gradient), the biased bf16 layouts
-# across widths (ab_mlp_bias: decides the default for biased 16-bit blocks at small widths,
-# issue #2), the MLP speed with biases, then NTK sections 1, 2 and 4 (NTK_SECTIONS to change).
+# The default is what a lease of 15 device minutes can re-check (caps 530 s; walls on an H200,
+# 2026-11-28 session 17: 34 + 16 + 16 + ~95 + 42 + 60 s, plus ~35 s to start the machine): the
+# GPU tests, the fused block's accuracy in both layouts (bf16, and fp16 at 16,500 tokens, where
+# cuBLAS may split the inner dimension of the dW1 GEMM that yields the feature-major bias
+# gradient), the biased bf16 layouts across widths (ab_mlp_bias: the measurement behind
+# SPLIT_BELOW_IN_FEATURES, issue #2), the MLP speed with biases, then NTK sections 1, 2 and 4
+# (NTK_SECTIONS to change).
 # On request: bench_callbacks (GPT-2-small pair, ~100 s), bench_mlp_cpu16, bench_mlp_bf16 /
 # bench_mlp_amp (bias-free bf16), profile_mlp_bias (kernel tables at dim 768 with biases).
 steps=${*:-gpu_tests fused_acc fused_acc_long ab_mlp_bias bench_mlp_bias bench_ntk}
@@ -57,7 +58,7 @@ for step in $steps; do
       --dtype bfloat16 --bias --tokens 16384 --dims 768 2048 --min-run-time 0.2 --rounds 5 ;;
     profile_mlp_bias) run profile_mlp_bias 45 python3 benchmarks/bench_mlp.py --device cuda \
       --dtype bfloat16 --bias --tokens 16384 --dims 768 --min-run-time 0.2 --rounds 3 --profile ;;
-    ab_mlp_bias) run ab_mlp_bias 90 python3 benchmarks/ab_mlp_bias.py --device cuda ;;
+    ab_mlp_bias) run ab_mlp_bias 120 python3 benchmarks/ab_mlp_bias.py --device cuda ;;
     bench_mlp_amp) run bench_mlp_amp 60 python3 benchmarks/bench_mlp.py --device cuda \
       --autocast bfloat16 --tokens 16384 --dims 768 2048 --min-run-time 0.2 --rounds 5 ;;
     bench_mlp_cpu16) run bench_mlp_cpu16 90 python3 benchmarks/bench_mlp.py --device cpu \
