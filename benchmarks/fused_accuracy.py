@@ -47,9 +47,11 @@ def errors(
     grads = []
     gates = []
     for m, xin in ((fused, x), (plain, x), (truth, x.double())):
+        xin = xin.detach().requires_grad_()
         y = m(xin)
         y.double().square().sum().backward()
-        grads.append([p.grad.double() for p in m.parameters()])
+        assert xin.grad is not None
+        grads.append([p.grad.double() for p in m.parameters()] + [xin.grad.double()])
         with torch.no_grad():
             gates.append(torch.nn.functional.linear(xin, m.fc1.weight, m.fc1.bias)[..., :96])
     flips = int((gates[0].double().sign() != gates[2].sign()).sum())
@@ -78,7 +80,8 @@ def errors(
             round(float((m(x).double() - y_t).abs().max() / y_t.abs().max()), 5)
             for m in (fused, plain)
         )
-    for (name, _), gf, gp, gt in zip(fused.named_parameters(), *grads, strict=True):
+    names = [name for name, _ in fused.named_parameters()] + ["x (input)"]
+    for name, gf, gp, gt in zip(names, *grads, strict=True):
         scale = gt.abs().max()
         out[name] = (
             round(float((gf - gt).abs().max() / scale), 5),

@@ -188,7 +188,12 @@ def _has_hooks(*modules: nn.Module) -> bool:
     one's ``forward`` on the instance (accelerate's device/offload hooks do that)."""
     from torch.nn.modules import module as _m
 
-    if _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks:
+    if (
+        _m._global_forward_hooks
+        or _m._global_forward_pre_hooks
+        or _m._global_backward_hooks
+        or getattr(_m, "_global_backward_pre_hooks", None)
+    ):
         return True
     return any(
         m._forward_hooks
@@ -198,6 +203,14 @@ def _has_hooks(*modules: nn.Module) -> bool:
         or "forward" in m.__dict__
         for m in modules
     )
+
+
+def _inactive_dropout(m: nn.Module | None, training: bool) -> bool:
+    """Whether ``m`` is exactly an ``nn.Identity``, or an ``nn.Dropout`` that drops nothing
+    (eval mode, or ``p = 0``): the fused path may skip it."""
+    if type(m) is nn.Identity:
+        return True
+    return type(m) is nn.Dropout and (not training or m.p == 0)  # type: ignore[union-attr]
 
 
 class _MLPBase(nn.Module):
@@ -420,10 +433,13 @@ class GatedMLP(_MLPBase):
             nn.init.normal_(w, std=1e-6)
 
     def _fused_kind(self) -> str | None:
-        """The activation key when the feature-major fused path applies, else ``None``.
+        """The activation key when the fused path (either layout) applies, else ``None``.
 
         It applies to the packed ``nn.Linear`` layout with a known gate activation, no norm and
-        no active ``drop1``, when no hook watches a sub-module (it bypasses their forwards).
+        no active ``drop1`` (an ``nn.Dropout`` in eval mode or with ``p = 0``, or an
+        ``nn.Identity``), when no hook watches a sub-module (it bypasses their forwards) and
+        every sub-module is still a registered module (a plain callable assigned in place of
+        one keeps the plain path, which calls it).
         Under torch.func transforms, ``torch.compile`` / ``torch.export`` and
         ``torch.jit.trace``, :func:`~glu_probe.gated_product.fused_gated_mlp` itself computes the
         plain expression (Dynamo cannot trace an autograd Function with a custom ``jvp``, and
@@ -434,14 +450,16 @@ class GatedMLP(_MLPBase):
         # sub-modules read from _modules once (nn.Module.__getattr__ is ~1 µs a lookup, and
         # this runs at every call: host time counts where small blocks are launch-bound)
         mods = self._modules
-        fc1, fc2, norm, drop1, act = (mods[k] for k in ("fc1", "fc2", "norm", "drop1", "act"))
+        fc1, fc2, norm, drop1, act = (mods.get(k) for k in ("fc1", "fc2", "norm", "drop1", "act"))
         if type(fc1) is not nn.Linear or type(fc2) is not nn.Linear:
             return None
-        if type(norm) is not nn.Identity or (self.training and drop1.p > 0):  # type: ignore[union-attr,operator]
+        if type(norm) is not nn.Identity or not _inactive_dropout(drop1, self.training):
             return None
-        if _has_hooks(fc1, act, drop1, norm, fc2):  # type: ignore[arg-type]
+        if act is None or drop1 is None:
             return None
-        return fused_gate_kind(act)  # type: ignore[arg-type]
+        if _has_hooks(fc1, act, drop1, norm, fc2):
+            return None
+        return fused_gate_kind(act)
 
     def _fused_pays(self, x: Tensor) -> bool:
         """``fused=None``: CUDA and a 16-bit compute dtype (measured, see the class docstring)."""
@@ -457,12 +475,12 @@ class GatedMLP(_MLPBase):
     def forward(self, x: Tensor) -> Tensor:
         kind = self._fused_kind() if self._fused_pays(x) else None
         if kind is not None:
-            fc1, fc2, drop2 = (self._modules[k] for k in ("fc1", "fc2", "drop2"))
+            fc1, fc2, drop2 = (self._modules.get(k) for k in ("fc1", "fc2", "drop2"))
             assert isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)
             w1, b1, w2, b2 = fc1.weight, fc1.bias, fc2.weight, fc2.bias
             y = fused_gated_mlp(x, w1, b1, w2, b2, kind, self.GATE_FIRST)
             if type(drop2) is nn.Dropout and drop2.p == 0 and not _has_hooks(drop2):
-                return y  # the identity, without a module call
+                return y  # the identity, without a module call (any other drop2 is called)
             return self.drop2(y)
         if self.packed:
             g, u = self.fc1(x).chunk(2, dim=self._chunk_dim)

@@ -71,7 +71,7 @@ def test_fused_accuracy_runs_and_both_paths_are_as_accurate():
     assert len(rows) == 8  # 2 layouts x 2 variants x reduced-precision reductions on/off
     for row in rows:
         errors = ast.literal_eval(row.split(" ", 3)[3])
-        for key in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+        for key in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "x (input)"):
             fused, plain = errors[key]
             assert fused <= 2 * plain + 1e-3, (key, fused, plain)
 

@@ -125,7 +125,8 @@ def test_fused_packed_path_on_cuda_is_as_accurate_as_the_plain_path(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_default_policy_on_cuda(dtype):
-    """fused=None: feature-major for bf16 weights and under bf16 autocast, token-major in fp32."""
+    """fused=None: the fused path for bf16 weights and under bf16 autocast (the split layout at
+    this width, biases on), the token-major expression in fp32."""
     m = glu_probe.SwiGLU(64, 96).to("cuda", dtype)
     x = torch.randn(4, 64, device="cuda", dtype=dtype, requires_grad=True)
     y = m(x)
