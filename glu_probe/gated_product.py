@@ -31,10 +31,11 @@ Split layout. With a bias in 16 bits the feature-major block needs the augmented
 above (a copy of ``x`` that scales with N·in while the GEMMs scale with N·in·h), and its packed
 pre-activation GEMM with inner dimension ``in + 8`` is a shape cuBLAS tiles less well than two
 half-size GEMMs. On an H200 (bf16, 16384 tokens, ``benchmarks/ab_mlp_bias.py``,
-``RESULTS_mlp.md`` "session 17") it was 1.09–1.30x timm's ``SwiGLU`` at width 768 from run to
-run, while two token-major GEMMs on the packed weight's row blocks (bias in the GEMM epilogue,
-contiguous ``(N, h)`` halves, :class:`_SplitFusedGatedMLP`) were 0.98x at 768 and 1024 and
-1.00x at 1536; at 2048 the feature-major block was the faster (0.95x against 1.03x). So
+``RESULTS_mlp.md`` "session 17") it was 1.01–1.30x timm's ``SwiGLU`` at width 768 from run to
+run (median 1.16x), while two token-major GEMMs on the packed weight's row blocks (bias in the
+GEMM epilogue, contiguous ``(N, h)`` halves, :class:`_SplitFusedGatedMLP`) were 0.96–1.05x at
+widths 768–1536 (median 1.02x at 768); at 2048 the feature-major block was the faster (0.95x
+against 1.02–1.03x). So
 :func:`fused_gated_mlp` splits 16-bit blocks with a bias and fewer than
 :data:`SPLIT_BELOW_IN_FEATURES` input features. The split path's forward values and roundings
 are the token-major block's own (``F.linear`` with its bias), its parameter gradients the same

@@ -338,8 +338,8 @@ class GatedMLP(_MLPBase):
     fused path's split layout instead: token-major, the gate and up projections two GEMMs on
     ``fc1``'s row blocks (the bias in the GEMM, as in timm's ``SwiGLU``), which was 0.96–1.05x
     timm's ``SwiGLU`` on an H200 at widths 768–1536 (median 1.02x at 768, where the
-    feature-major block was 1.01–1.30x from run to run). ``fused=True`` forces the fused path (either layout) wherever it applies,
-    ``fused=False`` never takes it. With
+    feature-major block was 1.01–1.30x from run to run). ``fused=True`` forces the fused path
+    (either layout) wherever it applies, ``fused=False`` never takes it. With
     ``packed=False`` the projections are ``fc1_g`` (gate) and ``fc1_x`` (up), the layout of
     timm's ``SwiGLU``; :mod:`glu_probe.convert` maps between layouts.
 
