@@ -86,6 +86,11 @@ def _take(sd: dict[str, Tensor], key: str, required: bool = True) -> Tensor | No
 
 def _parse(sd: dict[str, Tensor], layout: str, gate_first: bool | None) -> _Canonical:
     norm = {k: sd.pop(k) for k in [k for k in sd if k.startswith("norm.")]}
+    for key, t in sd.items():  # layer weights are matrices (or 1x1 conv kernels), biases vectors
+        if key.endswith(".weight") and t.ndim not in (2, 4):
+            raise ValueError(f"{key} has shape {tuple(t.shape)}: a layer weight has 2 (or 4) dims")
+        if key.endswith(".bias") and t.ndim != 1:
+            raise ValueError(f"{key} has shape {tuple(t.shape)}: a bias has 1 dim")
     if layout in _UNPACKED:
         g, u, d = _UNPACKED[layout]
         gate_w = _take(sd, f"{g}.weight")

@@ -142,3 +142,28 @@ def test_errors() -> None:
     hf["up_proj.weight"] = torch.zeros(5, 8)
     with pytest.raises(ValueError, match=r"gate weight \(6, 8\) and up weight \(5, 8\) differ"):
         from_hf_llama(hf)
+
+
+@pytest.mark.parametrize(
+    "key,tensor,layout",
+    [
+        ("fc1.weight", torch.zeros(12), "glu_probe"),  # a 1-D packed weight
+        ("fc1.bias", torch.tensor(0.0), "glu_probe"),  # a 0-d bias
+        ("fc2.weight", torch.zeros(6), "glu_probe"),  # a 1-D output weight
+    ],
+)
+def test_malformed_weights_and_biases_are_refused_by_name(key, tensor, layout) -> None:
+    """(Review, session 17.) A weight that is not a matrix (or a 1x1 conv kernel) or a bias
+    that is not a vector raises a ValueError naming the key; they were accepted (1-D weights
+    came out 1-D) or failed with a bare IndexError or a misleading message."""
+    sd = SwiGLU(4, 6).state_dict()
+    sd[key] = tensor
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        convert_mlp_state_dict(sd, layout, "hf_llama")
+    llama = {
+        "gate_proj.weight": torch.zeros(6),
+        "up_proj.weight": torch.zeros(6),
+        "down_proj.weight": torch.zeros(4, 6),
+    }
+    with pytest.raises(ValueError, match=r"gate_proj\.weight"):
+        from_hf_llama(llama)

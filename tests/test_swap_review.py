@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 from typing import Any
 
 import pytest
@@ -962,3 +963,94 @@ def test_bert_keeps_hooks_on_what_its_swap_keeps() -> None:
     other.encoder.layer[1].intermediate.register_forward_hook(lambda m, a, o: o * 2)
     with pytest.raises(UnsupportedModelError, match=r"has hooks \('intermediate'"):
         swap_mlp(other, "swiglu")
+
+
+def test_a_second_swap_of_a_place_keeps_the_hosts_init_rules() -> None:
+    """(Review, session 17.) swiglu then back to gelu: the second swap replaces a glu-probe
+    block, and initialised it with the host's generic rule (T5: N(0, initializer_factor²) =
+    N(0, 1), ~30x too large; GPT-2: no depth scaling of the output layer). The host's own
+    block, kept as a meta-device copy on the new block (no storage, not a sub-module),
+    decides the rules at every later swap of that place."""
+    transformers = pytest.importorskip("transformers")
+    from glu_probe.swap.core import ORIGIN_ATTR
+
+    torch.manual_seed(0)
+    d = 256
+    cfg = transformers.T5Config(
+        d_model=d,
+        d_ff=1024,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=4,
+        d_kv=64,
+        vocab_size=64,
+    )
+    t5 = transformers.T5ForConditionalGeneration(cfg)
+    for variant in ("swiglu", "gelu", "reglu"):
+        report = swap_mlp(t5, variant)
+        block = t5.encoder.block[0].layer[1].DenseReluDense
+        width = report.entries[0].hidden_features
+        assert abs(float(block.fc1.weight.std()) * d**0.5 - 1) < 0.05, variant  # factor/√d_model
+        assert abs(float(block.fc2.weight.std()) * width**0.5 - 1) < 0.05, variant  # /√d_ff
+        origin = block.__dict__[ORIGIN_ATTR]
+        assert type(origin).__name__.startswith("T5Dense")
+        assert all(p.is_meta for p in origin.parameters())
+    assert not any("origin" in k for k in t5.state_dict())  # not a sub-module
+    assert not any(p.is_meta for p in t5.parameters())
+
+    gpt = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_embd=256, n_layer=8, n_head=4, vocab_size=64, n_positions=32)
+    )
+    rule = 0.02 / (2 * 8) ** 0.5
+    for variant in ("swiglu", "gelu"):
+        swap_mlp(gpt, variant)
+        std = float(gpt.transformer.h[0].mlp.fc2.weight.std())
+        assert abs(std / rule - 1) < 0.1, (variant, std)
+    copy.deepcopy(gpt)(torch.randint(0, 64, (2, 8))).logits.sum().backward()
+
+
+def test_a_parametrized_layer_is_refused_not_silently_dropped() -> None:
+    """(Review, session 17.) ``nn.utils.parametrizations.weight_norm`` registers no hook: the
+    swap dropped it silently and counted its ``original0`` / ``original1`` tensors as the
+    block's parameters. Now refused like the hook-based ``weight_norm``; a block without it
+    still swaps."""
+    timm = pytest.importorskip("timm")
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = timm.layers.Mlp(32, 128)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mlp(x)
+
+    m = Net()
+    nn.utils.parametrizations.weight_norm(m.mlp.fc1)
+    with pytest.raises(UnsupportedModelError, match="parametrizations"):
+        swap_mlp(m, "gelu")
+    assert nn.utils.parametrize.is_parametrized(m.mlp.fc1)  # left as it was
+    nn.utils.parametrize.remove_parametrizations(m.mlp.fc1, "weight")
+    assert swap_mlp(m, "gelu").entries[0].params_before == 32 * 128 + 128 + 128 * 32 + 32
+
+
+def test_a_block_in_several_dtypes_gets_a_warning() -> None:
+    """(Review, session 17.) A block whose layers have different dtypes (T5's ``wo`` kept in
+    float32 in a 16-bit model) is rebuilt in one dtype: the swap says so."""
+    timm = pytest.importorskip("timm")
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = timm.layers.Mlp(32, 128)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mlp(x)
+
+    m = Net()
+    m.mlp.fc1.to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="several dtypes"):
+        swap_mlp(m, "swiglu")
+    plain = Net()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*several dtypes")
+        swap_mlp(plain, "swiglu")

@@ -22,7 +22,7 @@ import math
 import re
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -488,6 +488,42 @@ def _shell(source: nn.Module, children: dict[str, nn.Module]) -> nn.Module:
     return shell
 
 
+#: Instance attribute (in ``__dict__``, not a registered sub-module) of a block a swap built:
+#: a parameter-free, meta-device copy of the *first* block swapped out at its place (the
+#: host's own class and layer names), which a later swap of the same place initialises from.
+ORIGIN_ATTR = "_glu_probe_origin"
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` (class, instance settings, children) whose parameters and buffers
+    are meta tensors of the same shapes and dtypes, with fresh hook dicts: no storage, nothing
+    shared with the live module but read-only attributes (a ``config``)."""
+    dup = object.__new__(type(module))
+    state = dup.__dict__
+    state.update(module.__dict__)
+    state.update({k: t() for k, t in _MODULE_CONTAINERS.items()})
+    state["_is_full_backward_hook"] = None
+    state.pop(ORIGIN_ATTR, None)
+    for k, v in module._parameters.items():
+        dup._parameters[k] = (
+            None if v is None else nn.Parameter(torch.empty_like(v, device="meta"), v.requires_grad)
+        )
+    for k, b in module._buffers.items():
+        dup._buffers[k] = None if b is None else torch.empty_like(b, device="meta")
+    dup._non_persistent_buffers_set.update(module._non_persistent_buffers_set)
+    for k, c in module._modules.items():
+        dup._modules[k] = None if c is None else _meta_copy(c)
+    return dup
+
+
+def _origin_of(block: nn.Module) -> nn.Module:
+    """The block a swap's initialisation reads the host's rules from: for a block an earlier
+    swap built, the copy of the host's own block it replaced (:data:`ORIGIN_ATTR`), else the
+    block itself."""
+    origin = block.__dict__.get(ORIGIN_ATTR)
+    return origin if isinstance(origin, nn.Module) else block
+
+
 def _stand_in(source: nn.Module, children: dict[str, nn.Module]) -> nn.Module:
     """A shallow stand-in for ``source`` (same class and instance settings) whose parameterised
     children are ``children`` only (:func:`_shell`): the host's ``_init_weights`` sees the new
@@ -527,19 +563,22 @@ def _fan_in(layer: nn.Module | None) -> int | None:
 
 
 @contextlib.contextmanager
-def _config_width(config: Any, old: int | None, new: int | None) -> Iterator[None]:
+def _config_width(config: Any, old: Iterable[int | None], new: int | None) -> Iterator[None]:
     """Inside the ``with`` statement, the config's MLP-width keys (:data:`WIDTH_KEYS` of the
-    structural adapter: ``d_ff``, ``intermediate_size``, ...) that hold the source's width
-    ``old`` read ``new``, the width the swap writes there afterwards; restored on exit. An
-    ``_init_weights`` that scales by the configured width (T5's ``wo``: ``factor/√d_ff``) then
-    initialises the new block as it would a block of a host rebuilt from the updated config."""
+    structural adapter: ``d_ff``, ``intermediate_size``, ...) that hold one of the widths
+    ``old`` (the source's, and that of the host's own block first swapped out there: a nested
+    config copy, T5's encoder and decoder stacks, keeps that one) read ``new``, the width the
+    swap writes there afterwards; restored on exit. An ``_init_weights`` that scales by the
+    configured width (T5's ``wo``: ``factor/√d_ff``) then initialises the new block as it would
+    a block of a host rebuilt from the updated config."""
     from glu_probe.swap.structural import WIDTH_KEYS
 
+    olds = {w for w in old if w is not None and w != new}
     saved: dict[str, Any] = {}
-    if config is not None and old is not None and new is not None and old != new:
+    if config is not None and olds and new is not None:
         for key in WIDTH_KEYS:
             value = getattr(config, key, None)
-            if type(value) is int and value == old:
+            if type(value) is int and value in olds:
                 saved[key] = value
     try:
         for key in saved:
@@ -551,34 +590,47 @@ def _config_width(config: Any, old: int | None, new: int | None) -> Iterator[Non
 
 
 def _hf_init(
-    host: nn.Module, block: nn.Module, source: nn.Module | None, *, class_rule: bool = False
+    host: nn.Module,
+    block: nn.Module,
+    source: nn.Module | None,
+    *,
+    class_rule: bool = False,
+    origin: nn.Module | None = None,
 ) -> bool:
     """The host ``PreTrainedModel``'s own ``_init_weights``: on every new sub-module (as HF's
     ``initialize_weights`` does), then on a stand-in of the source block holding the new layers
     under the source's names (so class-specific rules apply: CLIP's MLP stds, GPT-2's scaled
     ``c_proj``, T5's ``wi``/``wo``), with the config's width keys reading the new width
     (:func:`_config_width`). ``False`` where the host has no ``_init_weights`` or it fails, or
-    (``class_rule=True``) where no stand-in can be built."""
+    (``class_rule=True``) where no stand-in can be built. ``origin``: the host's own block
+    whose class and layer names the stand-in takes (:func:`_origin_of`; ``source`` itself by
+    default), ``source`` the block replaced now (its width is the config's)."""
     init_fn = getattr(host, "_init_weights", None)
     if not callable(init_fn):
         return False
-    roles = _source_roles(source) if source is not None else None
+    ref = origin if origin is not None else source
+    roles = _source_roles(ref) if ref is not None else None
     ins, out = _new_layers(block)
     can_stand_in = roles is not None and bool(ins) and out is not None
     if class_rule and not can_stand_in:
         return False
-    old_width = None
-    if roles is not None and source is not None:
-        old_width = _fan_in(getattr(source, roles[1], None))
+    old_widths: tuple[int | None, ...] = ()
+    if roles is not None and source is not None and ref is not None:
+        # the replaced block's hidden width (its output layer under the host's name, or, for a
+        # block an earlier swap built, its fc2) and the host's own block's
+        old_widths = (
+            _fan_in(getattr(source, roles[1], None)) or _fan_in(_new_layers(source)[1]),
+            _fan_in(getattr(ref, roles[1], None)),
+        )
     try:
-        with torch.no_grad(), _config_width(_hf_config(host), old_width, _fan_in(out)):
+        with torch.no_grad(), _config_width(_hf_config(host), old_widths, _fan_in(out)):
             for m in block.modules():
                 if m is not block and not isinstance(m, nn.Sequential):
                     init_fn(m)
             if can_stand_in:
-                assert roles is not None and source is not None and out is not None
+                assert roles is not None and ref is not None and out is not None
                 for lin in ins:
-                    init_fn(_stand_in(source, {**dict.fromkeys(roles[0], lin), roles[1]: out}))
+                    init_fn(_stand_in(ref, {**dict.fromkeys(roles[0], lin), roles[1]: out}))
     except Exception:
         return False
     return True
@@ -638,13 +690,23 @@ def _timm_init(host: nn.Module, name: str, block: Any) -> None:
             block.fc2.weight.div_(math.sqrt(2.0 * (int(hit.group(1)) + 1)))
 
 
-def host_init(root: nn.Module, path: str, block: Any, *, source: nn.Module | None = None) -> None:
+def host_init(
+    root: nn.Module,
+    path: str,
+    block: Any,
+    *,
+    source: nn.Module | None = None,
+    origin: nn.Module | None = None,
+) -> None:
     """Initialise a new block the way its host initialises its own MLPs.
 
     The host is the sub-model that owns the block: its nearest ancestor that is a Hugging Face
     ``PreTrainedModel`` or a timm model (so a model wrapped in a ``LightningModule`` and the
     towers of a composite model get their own conventions); ``source`` is the block being
-    replaced.
+    replaced, and ``origin`` the host's own block that was first swapped out at this place,
+    whose class and layer names decide the rules below (``source`` by default). A second swap
+    of the same place (``swiglu`` then back to ``gelu``) thus initialises as the first did:
+    T5's, GPT-2's and CLIP's rules see their own block's class, not a glu-probe block's.
 
     * Hugging Face: the host's own ``_init_weights``, applied to every new sub-module (plain
       layers: N(0, initializer_range²) or as the family does, zero biases) and then to a
@@ -698,14 +760,15 @@ def host_init(root: nn.Module, path: str, block: Any, *, source: nn.Module | Non
     # T5's rule, N(0, (factor/√fan_in)²), is a fallback: the host's own _init_weights applies it
     # to its T5-family blocks through the stand-in (with d_ff reading the new width) and gives
     # other blocks with wi/wo layers (Pix2Struct's vision MLP) the host's rule for them.
+    ref = origin if origin is not None else source
     t5_rule = hasattr(config, "initializer_factor") and (
-        _is_t5_block(source) or (source is None and not hasattr(config, "initializer_range"))
+        _is_t5_block(ref) or (source is None and not hasattr(config, "initializer_range"))
     )
-    class_rule = _is_t5_block(source)
+    class_rule = _is_t5_block(ref)
     if (
         not (t5_rule and source is None)
         and _is_pretrained(host)
-        and _hf_init(host, block, source, class_rule=class_rule)
+        and _hf_init(host, block, source, class_rule=class_rule, origin=ref)
     ):
         return
     if t5_rule:
@@ -1013,8 +1076,12 @@ def swap_mlp(
         else:
             hidden, used = _resolve_width(spec, variant, match, multiple_of, tolerance, record)
         new = adapter.build(spec, variant, hidden, **module_kwargs)
+        _warn_mixed_dtypes(path, old, new, adapter)
+        origin = _origin_of(old)
         if init == "host":
-            host_init(model, path, new, source=old)
+            host_init(model, path, new, source=old, origin=origin)
+        # the host's own block, for a later swap of this place (a meta copy: no storage)
+        new.__dict__[ORIGIN_ATTR] = origin if origin is not old else _meta_copy(old)
         new.train(old.training)
         if not any(p.requires_grad for p in adapter.source_parameters(old)):
             new.requires_grad_(False)  # a frozen block stays frozen
@@ -1105,8 +1172,37 @@ def hooked_modules(module: nn.Module) -> list[str]:
     return [name for name, m in module.named_modules() if _has_own_hooks(m)]
 
 
+def _warn_mixed_dtypes(path: str, old: nn.Module, new: nn.Module, adapter: MLPAdapter) -> None:
+    """Warn where the replaced block's floating parameters have several dtypes (T5 keeps
+    ``wo`` in float32 in a 16-bit model, ``_keep_in_fp32_modules``): the new block has one."""
+    olds = {p.dtype for p in adapter.source_parameters(old) if p.is_floating_point()}
+    news = {p.dtype for p in new.parameters() if p.is_floating_point()}
+    if len(olds) > 1:
+        warnings.warn(
+            f"swap_mlp: the block at {path} holds parameters in several dtypes "
+            f"({', '.join(sorted(str(d) for d in olds))}); the new block holds "
+            f"{', '.join(sorted(str(d) for d in news))} (a layer the host kept in float32, such "
+            "as T5's wo, is not kept so): cast the new block's layers if the model needs it",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _check_hooks(module: nn.Module, adapter: MLPAdapter) -> None:
     dropped = {id(m) for m in adapter.dropped_modules(module)}
+    from torch.nn.utils import parametrize
+
+    wrapped = [
+        n for n, m in module.named_modules() if id(m) in dropped and parametrize.is_parametrized(m)
+    ]
+    if wrapped:
+        where = ", ".join(repr(w) if w else "the block itself" for w in wrapped[:4])
+        raise UnsupportedModelError(
+            f"it has parametrizations ({where}: weight_norm, spectral_norm, ...), which the new "
+            "block would not carry (and whose extra tensors would be counted as its parameters): "
+            "remove them (torch.nn.utils.parametrize.remove_parametrizations), swap, then "
+            "register them on the new block's layers"
+        )
     hooked = [n for n, m in module.named_modules() if id(m) in dropped and _has_own_hooks(m)]
     if hooked:
         where = ", ".join(repr(h) if h else "the block itself" for h in hooked[:4])
