@@ -3,9 +3,10 @@
 
 On an H200 (2026-11-28, ``RESULTS_mlp.md``, "session 16") the feature-major block with biases
 was 1.00–1.04x timm's ``SwiGLU`` at dim 768 but 0.95x at dim 2048, and in session 17
-1.17–1.30x at 768, while two token-major GEMMs on the packed weight's row blocks (a prototype
-in this script then, ``_SplitFusedGatedMLP`` in the library now) were 0.98x at 768 and 1024 and
-1.00x at 1536, 1.03x at 2048. This script times, on identical weights, in bf16 with biases:
+1.01–1.30x at 768 (median 1.16), while two token-major GEMMs on the packed weight's row blocks
+(a prototype in this script at first, ``_SplitFusedGatedMLP`` in the library now) were
+0.96–1.05x at 768–1536 (median 1.02x at 768) and 1.02–1.03x at 2048. This script times, on
+identical weights, in bf16 with biases:
 
 * ``default``: ``glu_probe.SwiGLU`` as it runs on CUDA (the layout its width selects);
 * ``feature``: the same block forced feature-major (``SPLIT_BELOW_IN_FEATURES = 0``);
