@@ -975,23 +975,16 @@ def test_a_second_swap_of_a_place_keeps_the_hosts_init_rules() -> None:
     from glu_probe.swap.core import ORIGIN_ATTR
 
     torch.manual_seed(0)
-    d = 256
-    cfg = transformers.T5Config(
-        d_model=d,
-        d_ff=1024,
-        num_layers=1,
-        num_decoder_layers=1,
-        num_heads=4,
-        d_kv=64,
-        vocab_size=64,
-    )
+    d, factor = 128, 0.5
+    cfg = _t5("relu", d_ff=1024)
     t5 = transformers.T5ForConditionalGeneration(cfg)
     for variant in ("swiglu", "gelu", "reglu"):
         report = swap_mlp(t5, variant)
         block = t5.encoder.block[0].layer[1].DenseReluDense
         width = report.entries[0].hidden_features
-        assert abs(float(block.fc1.weight.std()) * d**0.5 - 1) < 0.05, variant  # factor/√d_model
-        assert abs(float(block.fc2.weight.std()) * width**0.5 - 1) < 0.05, variant  # /√d_ff
+        # factor/√d_model and factor/√d_ff (the new width)
+        assert abs(float(block.fc1.weight.std()) * d**0.5 / factor - 1) < 0.05, variant
+        assert abs(float(block.fc2.weight.std()) * width**0.5 / factor - 1) < 0.05, variant
         origin = block.__dict__[ORIGIN_ATTR]
         assert type(origin).__name__.startswith("T5Dense")
         assert all(p.is_meta for p in origin.parameters())
@@ -1009,6 +1002,21 @@ def test_a_second_swap_of_a_place_keeps_the_hosts_init_rules() -> None:
     copy.deepcopy(gpt)(torch.randint(0, 64, (2, 8))).logits.sum().backward()
 
 
+class _MlpHost(nn.Module):
+    """A plain module holding a timm ``Mlp(32, 128)`` as ``mlp``."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+def _timm_mlp_host(timm: Any) -> nn.Module:
+    return _MlpHost(timm.layers.Mlp(32, 128))
+
+
 def test_a_parametrized_layer_is_refused_not_silently_dropped() -> None:
     """(Review, session 17.) ``nn.utils.parametrizations.weight_norm`` registers no hook: the
     swap dropped it silently and counted its ``original0`` / ``original1`` tensors as the
@@ -1016,15 +1024,7 @@ def test_a_parametrized_layer_is_refused_not_silently_dropped() -> None:
     still swaps."""
     timm = pytest.importorskip("timm")
 
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.mlp = timm.layers.Mlp(32, 128)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.mlp(x)
-
-    m = Net()
+    m = _timm_mlp_host(timm)
     nn.utils.parametrizations.weight_norm(m.mlp.fc1)
     with pytest.raises(UnsupportedModelError, match="parametrizations"):
         swap_mlp(m, "gelu")
@@ -1038,19 +1038,11 @@ def test_a_block_in_several_dtypes_gets_a_warning() -> None:
     float32 in a 16-bit model) is rebuilt in one dtype: the swap says so."""
     timm = pytest.importorskip("timm")
 
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.mlp = timm.layers.Mlp(32, 128)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.mlp(x)
-
-    m = Net()
+    m = _timm_mlp_host(timm)
     m.mlp.fc1.to(torch.bfloat16)
     with pytest.warns(UserWarning, match="several dtypes"):
         swap_mlp(m, "swiglu")
-    plain = Net()
+    plain = _timm_mlp_host(timm)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*several dtypes")
         swap_mlp(plain, "swiglu")

@@ -1189,28 +1189,31 @@ def _warn_mixed_dtypes(path: str, old: nn.Module, new: nn.Module, adapter: MLPAd
 
 
 def _check_hooks(module: nn.Module, adapter: MLPAdapter) -> None:
-    dropped = {id(m) for m in adapter.dropped_modules(module)}
+    """Refuse a block with hooks or parametrizations on a module the swap takes out: the new
+    block would not carry them (and a parametrization's tensors would count as parameters)."""
     from torch.nn.utils import parametrize
 
-    wrapped = [
-        n for n, m in module.named_modules() if id(m) in dropped and parametrize.is_parametrized(m)
-    ]
-    if wrapped:
-        where = ", ".join(repr(w) if w else "the block itself" for w in wrapped[:4])
-        raise UnsupportedModelError(
-            f"it has parametrizations ({where}: weight_norm, spectral_norm, ...), which the new "
-            "block would not carry (and whose extra tensors would be counted as its parameters): "
+    dropped = {id(m) for m in adapter.dropped_modules(module)}
+    checks = (
+        (
+            parametrize.is_parametrized,
+            "parametrizations ({where}: weight_norm, spectral_norm, ...), which the new block "
+            "would not carry (and whose extra tensors would be counted as its parameters): "
             "remove them (torch.nn.utils.parametrize.remove_parametrizations), swap, then "
-            "register them on the new block's layers"
-        )
-    hooked = [n for n, m in module.named_modules() if id(m) in dropped and _has_own_hooks(m)]
-    if hooked:
-        where = ", ".join(repr(h) if h else "the block itself" for h in hooked[:4])
-        raise UnsupportedModelError(
-            f"it has hooks ({where}), which the new block would not carry (a swap that dropped "
-            "them would change what the model computes or records): remove them "
-            "(handle.remove()), swap, then register them on the new block at this path"
-        )
+            "register them on the new block's layers",
+        ),
+        (
+            _has_own_hooks,
+            "hooks ({where}), which the new block would not carry (a swap that dropped them "
+            "would change what the model computes or records): remove them (handle.remove()), "
+            "swap, then register them on the new block at this path",
+        ),
+    )
+    for found, message in checks:
+        names = [n for n, m in module.named_modules() if id(m) in dropped and found(m)]
+        if names:
+            where = ", ".join(repr(n) if n else "the block itself" for n in names[:4])
+            raise UnsupportedModelError("it has " + message.format(where=where))
 
 
 def _check_tied(
