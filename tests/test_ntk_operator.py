@@ -745,3 +745,40 @@ def test_in_place_updates_in_the_forward_keep_products_right_over_repeated_calls
         first = op.matvec(V)
     for out in [first] + [op.matvec(V) for _ in range(4)]:
         torch.testing.assert_close(out, K @ V, rtol=1e-10, atol=1e-10)
+
+
+def test_cpu_block_products_time_both_ways_then_keep_the_faster(problem, monkeypatch):
+    """On the CPU a traced operator times BLOCK_TRIALS products of a k > 1 block vmapped and
+    as many column by column, then keeps the faster for that width (``block_mode``); every
+    product, trial or not, is K V. Untraced maps, single columns and ``release`` leave it
+    alone."""
+    model, x, K = problem
+    op = NTKOperator(model, x, dtype=torch.float64, linearize=True)
+    calls: list[int] = []
+    eager = NTKOperator._eager_product
+
+    def spy(self, local, k, cached):
+        calls.append(k)
+        return eager(self, local, k, cached)
+
+    monkeypatch.setattr(NTKOperator, "_eager_product", spy)
+    clock = iter([0.0, 1.0, 0.0, 0.5, 0.0, 1.0, 0.0, 0.5])  # vmap 1 s, columns 0.5 s
+    monkeypatch.setattr("glu_probe.ntk.operator.time.perf_counter", lambda: next(clock))
+    for i in range(2 * NTKOperator.BLOCK_TRIALS + 2):
+        V = torch.randn(20, 4, dtype=torch.float64)
+        torch.testing.assert_close(op.matvec(V), K @ V, rtol=1e-12, atol=1e-12)
+        if i < 2 * NTKOperator.BLOCK_TRIALS - 1:
+            assert 4 not in op.block_mode
+    assert op.block_mode == {4: "columns"}
+    # trials alternate vmap (one call with k=4) and columns (four calls with k=1); then columns
+    assert calls == [4, 1, 1, 1, 1, 4, 1, 1, 1, 1] + [1] * 8
+    op.matvec(torch.randn(20, 1, dtype=torch.float64))
+    assert set(op.block_mode) == {4}  # single columns: nothing to choose
+    op.release()
+    assert op.block_mode == {}
+
+    untraced = NTKOperator(model, x, dtype=torch.float64, linearize=False)
+    for _ in range(2 * NTKOperator.BLOCK_TRIALS + 1):
+        V = torch.randn(20, 4, dtype=torch.float64)
+        torch.testing.assert_close(untraced.matvec(V), K @ V, rtol=1e-12, atol=1e-12)
+    assert untraced.block_mode == {}
