@@ -208,12 +208,12 @@ def _refuse_constant_mutations(gm: Any) -> None:
     four calls of a two-layer net in a review, 2026-11-28), and a one-call check cannot see it.
     Such maps are refused here; the caller keeps the untraced products, which are right.
     """
-    inputs = {n for n in gm.graph.nodes if n.op == "placeholder"}
+    dependent = {n for n in gm.graph.nodes if n.op == "placeholder"}  # on the inputs
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        if any(a in inputs for a in node.all_input_nodes):
-            inputs.add(node)
+        if any(a in dependent for a in node.all_input_nodes):
+            dependent.add(node)
             continue
         schema = getattr(node.target, "_schema", None)
         if schema is not None and schema.is_mutable:

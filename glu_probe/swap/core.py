@@ -498,12 +498,9 @@ def _meta_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` (class, instance settings, children) whose parameters and buffers
     are meta tensors of the same shapes and dtypes, with fresh hook dicts: no storage, nothing
     shared with the live module but read-only attributes (a ``config``)."""
-    dup = object.__new__(type(module))
-    state = dup.__dict__
-    state.update(module.__dict__)
-    state.update({k: t() for k, t in _MODULE_CONTAINERS.items()})
-    state["_is_full_backward_hook"] = None
-    state.pop(ORIGIN_ATTR, None)
+    children = {k: None if c is None else _meta_copy(c) for k, c in module._modules.items()}
+    dup = _shell(module, children)  # type: ignore[arg-type]
+    dup.__dict__.pop(ORIGIN_ATTR, None)
     for k, v in module._parameters.items():
         dup._parameters[k] = (
             None if v is None else nn.Parameter(torch.empty_like(v, device="meta"), v.requires_grad)
@@ -511,8 +508,6 @@ def _meta_copy(module: nn.Module) -> nn.Module:
     for k, b in module._buffers.items():
         dup._buffers[k] = None if b is None else torch.empty_like(b, device="meta")
     dup._non_persistent_buffers_set.update(module._non_persistent_buffers_set)
-    for k, c in module._modules.items():
-        dup._modules[k] = None if c is None else _meta_copy(c)
     return dup
 
 
@@ -1176,8 +1171,8 @@ def _warn_mixed_dtypes(path: str, old: nn.Module, new: nn.Module, adapter: MLPAd
     """Warn where the replaced block's floating parameters have several dtypes (T5 keeps
     ``wo`` in float32 in a 16-bit model, ``_keep_in_fp32_modules``): the new block has one."""
     olds = {p.dtype for p in adapter.source_parameters(old) if p.is_floating_point()}
-    news = {p.dtype for p in new.parameters() if p.is_floating_point()}
     if len(olds) > 1:
+        news = {p.dtype for p in new.parameters() if p.is_floating_point()}
         warnings.warn(
             f"swap_mlp: the block at {path} holds parameters in several dtypes "
             f"({', '.join(sorted(str(d) for d in olds))}); the new block holds "
