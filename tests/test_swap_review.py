@@ -572,7 +572,8 @@ def test_t5_blocks_get_t5s_own_init_weights_at_the_new_width(
     seen.clear()
     report = swap_mlp(model, variant)
     hidden = report.entries[0].hidden_features
-    assert model.config.d_ff == hidden and model.encoder.config.d_ff == 512  # restored
+    # (the stacks' private config copies follow the root's since session 18)
+    assert model.config.d_ff == model.encoder.config.d_ff == model.decoder.config.d_ff == hidden
     want_cls = "T5DenseActDense" if feed_forward_proj == "relu" else "T5DenseGatedActDense"
     n_in = 2 if hasattr(model.encoder.block[0].layer[1].DenseReluDense, "fc1_g") else 1
     assert seen.count(want_cls) == 4 * n_in  # one stand-in per block and new input layer
@@ -1046,3 +1047,21 @@ def test_a_block_in_several_dtypes_gets_a_warning() -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*several dtypes")
         swap_mlp(plain, "swiglu")
+
+
+def test_t5_stacks_private_config_copies_follow_the_swap() -> None:
+    """(Session 18.) T5's encoder and decoder stacks each hold a deep copy of the root config;
+    the swap updated only the root's ``d_ff``, so ``model.encoder.config.d_ff`` kept describing
+    the blocks before the swap. The copies now follow, both ways, and the report names them."""
+    model = transformers.T5ForConditionalGeneration(_t5("relu", d_ff=96))
+    assert model.encoder.config is not model.config
+    report = swap_mlp(model, "swiglu")
+    hidden = report.entries[0].hidden_features
+    assert hidden != 96
+    for stack in ("encoder", "decoder"):
+        assert getattr(model, stack).config.d_ff == hidden
+        assert report.config_updates[f"{stack}.config.d_ff"] == (96, hidden)
+    assert model.decoder.config.is_decoder and not model.encoder.config.is_decoder  # untouched
+    back = swap_mlp(model, "relu")
+    assert back.entries[0].hidden_features == 96
+    assert model.config.d_ff == model.encoder.config.d_ff == model.decoder.config.d_ff == 96

@@ -1124,10 +1124,36 @@ def swap_mlp(
         )
         prefix = f"{owner_path}.config." if owner_path else ""
         report.config_updates.update({prefix + k: v for k, v in updates.items()})
+        report.config_updates.update(_sync_config_copies(owner_path, owner_module, config, updates))
         report.config_skipped.update({prefix + k: v for k, v in kept.items()})
         if unchecked is not None:
             report.config_unchecked[f"{owner_path}.config" if owner_path else "config"] = unchecked
     return report
+
+
+def _sync_config_copies(
+    owner_path: str, owner: nn.Module, config: Any, updates: dict[str, tuple[Any, Any]]
+) -> dict[str, tuple[Any, Any]]:
+    """Apply ``updates`` (key: (old, new)) of ``config`` to the private copies of it that
+    sub-modules of ``owner`` hold, where such a copy still has the old value: T5's encoder and
+    decoder stacks each keep a deep copy of the root config (with ``is_decoder`` changed), and
+    their ``d_ff`` would otherwise keep describing the blocks before the swap. A copy is a config
+    of the same class that is neither ``config`` itself nor one of its sub-configs. Returns the
+    updates made, keyed by the copy's path (``encoder.config.d_ff``), one entry per copy."""
+    done: dict[str, tuple[Any, Any]] = {}
+    seen = {id(config)} | {id(v) for v in vars(config).values()}
+    keys = {k: v for k, v in updates.items() if k != RECORD_ATTR}
+    for path, module in owner.named_modules():
+        copy = _hf_config(module)
+        if copy is None or id(copy) in seen or type(copy) is not type(config):
+            continue
+        seen.add(id(copy))
+        where = ".".join(p for p in (owner_path, path) if p)
+        for key, (before, after) in keys.items():
+            if hasattr(copy, key) and getattr(copy, key) == before:
+                setattr(copy, key, after)
+                done[f"{where}.config.{key}"] = (before, after)
+    return done
 
 
 def _custom_linears(module: nn.Module) -> str:
