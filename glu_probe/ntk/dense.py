@@ -946,6 +946,25 @@ def _assemble(
         else f"memory_budget={budget} bytes"
     )
     n = probe.n_rows
+    if probe.per_sample_why is not None:
+        # The row and structured strategies differentiate each sample alone: that is the
+        # batch's Jacobian only where the samples are independent. The operator strategy's
+        # products run over the whole batch (its chunking refuses to split such a probe).
+        if strategy in ("jacobian", "structured"):
+            raise ValueError(
+                f"strategy={strategy!r} differentiates each sample alone, but "
+                f"{probe.per_sample_why}; strategy='operator' (or 'auto') computes K from "
+                "products over the whole batch"
+            )
+        if strategy == "auto":
+            warnings.warn(
+                f"{probe.per_sample_why}: K comes from matrix-free products over the whole "
+                "batch (strategy='operator'), not from per-sample Jacobian rows, which would "
+                "give another matrix",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        strategy = "operator"
     rows_dtype = jacobian_dtype or probe.dtype
     row_itemsize = torch.empty((), dtype=rows_dtype).element_size()
     # The probe's own copies of the parameters and inputs (and their narrower copies for the

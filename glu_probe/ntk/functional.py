@@ -338,6 +338,14 @@ def allows_autograd(fn: F) -> F:
     return cast(F, wrapped)
 
 
+def _active_dropout(model: nn.Module) -> bool:
+    """A dropout layer in training mode with p > 0 (its passes are random)."""
+    return any(
+        isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+        for m in model.modules()
+    )
+
+
 def _warn_train_mode_layers(model: nn.Module) -> None:
     """``eval_mode=False``: say what train-mode BatchNorm and dropout do to K."""
     batch_norm = [
@@ -353,9 +361,10 @@ def _warn_train_mode_layers(model: nn.Module) -> None:
     if batch_norm:
         warnings.warn(
             f"eval_mode=False with {batch_norm[0]} in training mode: batch statistics couple the "
-            "samples, so K depends on how the batch is evaluated (the dense path normalises "
-            "each sample by itself, Lanczos the whole batch or each chunk); eval_mode=True "
-            "(running statistics) gives one K for every method",
+            "samples, so K is that of the whole batch only: the dense path computes it from "
+            "products over the whole batch (slower than per-sample Jacobian rows), and "
+            "splitting the batch into chunks is refused; eval_mode=True (running statistics) "
+            "keeps the samples independent",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -690,6 +699,9 @@ class ProbeFunction:
         with torch.inference_mode(False):  # copies usable by autograd even if called under it
             self._init_tensors(model, inputs, params, dtype)
         self._validation_budget = memory_budget
+        #: Why a sample evaluated alone does not give its rows in the batch (``None``: it does);
+        #: set by the validating forward pass, see :meth:`_independence`.
+        self.per_sample_why: str | None = None
         self.n_rows, self.rows_per_sample = self._check()
 
     def _init_tensors(
@@ -818,9 +830,67 @@ class ProbeFunction:
         return _map_tensors(self.inputs, cut)
 
     def sample_ranges(self, chunk_size: int | None) -> list[tuple[int, int]]:
-        """Contiguous sample ranges of at most ``chunk_size`` samples (one range if ``None``)."""
+        """Contiguous sample ranges of at most ``chunk_size`` samples (one range if ``None``).
+
+        A ``ValueError`` where that splits the batch of a probe whose samples are not
+        independent (:attr:`per_sample_why`): the products of its parts would not be the
+        batch's."""
+        ranges = self._split(chunk_size)
+        if len(ranges) > 1 and self.per_sample_why is not None:
+            raise ValueError(
+                f"the probe batch cannot be split into chunks of {ranges[0][1]} samples (to fit "
+                f"memory_budget, or chunk_size): {self.per_sample_why}, so products over parts "
+                "of the batch are not the batch's NTK. Give memory for the whole batch (a larger "
+                "memory_budget, chunk_size=None), a smaller probe batch, or eval_mode=True where "
+                "train-mode BatchNorm couples the samples"
+            )
+        return ranges
+
+    def _split(self, chunk_size: int | None) -> list[tuple[int, int]]:
         step = self.batch_size if chunk_size is None else max(1, int(chunk_size))
         return [(a, min(a + step, self.batch_size)) for a in range(0, self.batch_size, step)]
+
+    def _independence(self, rows: Tensor) -> str | None:
+        """Whether the first sample evaluated alone gives its rows in the batch (``rows``, the
+        validating pass's): ``None`` if so, else why not. Per-sample Jacobians (the dense
+        path's row and structured strategies) and products over parts of the batch are the
+        batch's only where samples are independent. They are not where the forward pass
+        couples the samples (batch statistics: train-mode BatchNorm, batch-mean centring, set
+        pooling, attention across the batch) or where an input whose leading dimension equals
+        the batch size is not one entry per sample (it is then split per sample). One forward
+        pass of one sample, no gradient; equal up to sqrt(ε) of the rows' scale (kernels for
+        one sample may round differently). Not checked where active dropout (``eval_mode=False``)
+        makes every pass random: the rows have no reference value then."""
+        n = self.batch_size
+        if n < 2 or rows.numel() % n or (not self.eval_mode and _active_dropout(self.model)):
+            return None
+        r = rows.numel() // n
+        try:
+            with self.session(), torch.no_grad():
+                one = self(self.params, self.chunk(0, 1)).detach().reshape(-1)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:
+            text = " ".join(str(err).split())[:200]
+            return (
+                "the model fails on one sample alone, so it cannot be differentiated sample by "
+                f"sample ({type(err).__name__}: {text})"
+            )
+        if one.numel() != r:
+            return f"one sample alone gives {one.numel()} rows, against {r} per sample in the batch"
+        ref = rows.detach()[:r].to(one.dtype)
+        diff = (one - ref).abs().max()
+        scale = torch.maximum(ref.abs().max(), one.abs().max())
+        tol = math.sqrt(torch.finfo(self.dtype).eps)
+        if not bool(diff > tol * scale):  # (one synchronisation; NaN compares False)
+            return None
+        return (
+            "the probe's samples are not independent: the first sample's rows computed alone "
+            f"differ from its rows in the batch by {float(diff / scale):.1e} of their scale "
+            "(the forward pass couples the samples, e.g. train-mode BatchNorm or batch-mean "
+            "centring, or an input whose leading dimension equals the batch size is not one "
+            "entry per sample)"
+        )
 
     def _check(self) -> tuple[int, int]:
         """One forward pass: row count, finiteness and dependence on the parameters."""
@@ -860,6 +930,7 @@ class ProbeFunction:
                 f"{rows.numel()} rows is not a multiple of the batch size {self.batch_size}; "
                 "the output= callable must give the same number of rows for every sample" + hint
             )
+        self.per_sample_why = self._independence(rows)
         return int(rows.numel()), int(rows.numel()) // self.batch_size
 
     def _validation_rows(self) -> Tensor:
@@ -897,7 +968,7 @@ class ProbeFunction:
             return None
         from_copies = budget - probe_copy_bytes(self)
         chunk = max(1, min(self.batch_size, max(from_copies, 0) // act))
-        return None if chunk >= self.batch_size else self.sample_ranges(chunk)
+        return None if chunk >= self.batch_size else self._split(chunk)
 
     def _rows_in(self, leaves: tuple[Tensor, ...], chunks: list[tuple[int, int]] | None) -> Tensor:
         """The rows of the whole batch, or of its chunks concatenated (a row is the gradient's
