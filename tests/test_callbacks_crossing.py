@@ -137,6 +137,44 @@ def test_recorded_baseline_run_gives_the_known_crossing(tmp_path, kind):
     assert MODEL_OVERTAKES in ev.tensor_proto.string_val[0].decode()
 
 
+def _logged(logger: CSVLogger, name: str = "train_loss") -> tuple[list[int], list[float]]:
+    rows = [r for r in _csv_rows(logger) if r.get(name)]
+    return [int(r["step"]) for r in rows], [float(r[name]) for r in rows]
+
+
+def test_a_recorded_baseline_is_compared_at_the_logged_steps(tmp_path):
+    """(Review, session 18.) At ``log_every_n_steps=5`` the monitor compared every batch's
+    noisy loss with a baseline recorded every 5 steps (interpolated in between): a run compared
+    with its own log "crossed" it again and again, and no offline ``find_crossings`` on the
+    logged series could reproduce what it reported. Now it compares at the logged steps only:
+    no crossing of a run with its own log, and online == offline on the logs."""
+    rng = np.random.default_rng(0)
+    noisy_b = CURVE_B + 0.03 * rng.standard_normal(N)
+    noisy_a = CURVE_A + 0.03 * rng.standard_normal(N)
+    kw = dict(smoothing=0.0, patience=2, hysteresis=0.0)
+    base = CSVLogger(str(tmp_path), name="base")
+    _trainer(tmp_path, logger=base, log_every_n_steps=5).fit(Synthetic(noisy_b), _loader())
+    base_steps, base_loss = _logged(base)
+    assert base_steps == list(range(4, N, 5))
+    source = Path(base.log_dir) / "metrics.csv"
+    # the same run against its own log
+    same = LossCrossingMonitor(baseline=source, **kw)
+    _trainer(tmp_path, log_every_n_steps=5, callbacks=[same]).fit(Synthetic(noisy_b), _loader())
+    assert same.crossings == []  # (the old code found crossings here)
+    assert same.detector.n_updates == len(base_steps)
+    # another run: its logged series against the baseline's, offline, gives the same crossings
+    other = LossCrossingMonitor(baseline=source, **kw)
+    model_log = CSVLogger(str(tmp_path), name="model")
+    _trainer(tmp_path, logger=model_log, log_every_n_steps=5, callbacks=[other]).fit(
+        Synthetic(noisy_a), _loader()
+    )
+    steps, loss = _logged(model_log)
+    offline = find_crossings(steps, loss, base_steps, base_loss, **kw)
+    assert other.crossings == offline and len(offline) >= 1
+    deltas = [int(r["step"]) for r in _csv_rows(model_log) if r.get("crossing/delta")]
+    assert deltas == steps  # one delta per update, at the logged steps
+
+
 def _linear_pair(w0: float, scale: float) -> nn.Module:
     """f(x) = w·s·x: with x = 1, y = 0, MSE and SGD(η) the loss is (w0 s)² (1 − 2ηs²)^{2t}."""
     lin = nn.Linear(1, 1, bias=False)
@@ -194,6 +232,45 @@ def test_resume_gives_the_same_crossings(tmp_path):
     )
     assert resumed.crossings == full.crossings
     assert resumed.detector.state_dict() == full.detector.state_dict()
+
+
+def test_resume_finds_a_recorded_baseline_spelled_another_way(tmp_path, monkeypatch):
+    """(Review, session 18.) The checkpoint key held the baseline's path as typed: resuming with
+    ``./base.csv`` or an absolute path instead of ``base.csv`` lost the crossings and the
+    detector state, with only Lightning's generic warning. The key is now the baseline's
+    content; a checkpoint written under the old key still resumes (Lightning's legacy key)."""
+    b = 1.0 + 0.3 * np.sin(T / 12.0)
+    base = CSVLogger(str(tmp_path), name="base")
+    _trainer(tmp_path, logger=base, max_epochs=3).fit(Synthetic(b), _loader(40))
+    monkeypatch.chdir(Path(base.log_dir))
+    a = np.ones(N)
+    kw = dict(smoothing=0.5, patience=2, hysteresis=0.02)
+    full = LossCrossingMonitor(baseline="metrics.csv", **kw)
+    _trainer(tmp_path, max_epochs=3, callbacks=[full]).fit(Synthetic(a), _loader(40))
+    assert len(full.crossings) >= 2
+    first = LossCrossingMonitor(baseline="metrics.csv", **kw)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)
+    _trainer(tmp_path, max_epochs=1, callbacks=[first, ckpt], enable_checkpointing=True).fit(
+        Synthetic(a), _loader(40)
+    )
+    path = tmp_path / "ck" / "last.ckpt"
+    for spelled in ("./metrics.csv", str(Path("metrics.csv").resolve())):
+        resumed = LossCrossingMonitor(baseline=spelled, **kw)
+        assert resumed.state_key == first.state_key
+        _trainer(tmp_path, max_epochs=3, callbacks=[resumed]).fit(
+            Synthetic(a), _loader(40), ckpt_path=str(path)
+        )
+        assert resumed.crossings == full.crossings
+    # a checkpoint of the old format: the state under the path as typed
+    old = torch.load(path, weights_only=False)
+    states = old["callbacks"]
+    states[first._legacy_state_key] = states.pop(first.state_key)
+    torch.save(old, tmp_path / "old.ckpt")
+    resumed = LossCrossingMonitor(baseline="metrics.csv", **kw)
+    _trainer(tmp_path, max_epochs=3, callbacks=[resumed]).fit(
+        Synthetic(a), _loader(40), ckpt_path=str(tmp_path / "old.ckpt")
+    )
+    assert resumed.crossings == full.crossings
 
 
 def test_batched_reads_change_no_result(tmp_path):
@@ -307,6 +384,9 @@ def test_bad_config(tmp_path):
     (tmp_path / "m.csv").write_text("step,loss\n0,1.0\n")
     with pytest.raises(MisconfigurationException, match=r"no column\(s\) \['train_loss'\]"):
         LossCrossingMonitor(baseline=tmp_path / "m.csv")
+    (tmp_path / "n.csv").write_text("step,train_loss\n0,1.0\n1,n/a\n")  # (was a raw ValueError)
+    with pytest.raises(MisconfigurationException, match=r"line 3 .* not a number"):
+        LossCrossingMonitor(baseline=tmp_path / "n.csv")
     with pytest.raises(MisconfigurationException, match="no TensorBoard event files"):
         LossCrossingMonitor(baseline=tmp_path)
     with pytest.raises(MisconfigurationException, match="needs a PairedModule"):

@@ -663,6 +663,21 @@ def test_fsdp_trainer_refused_at_setup():
         t.fit(TinyNet(), loader(make_data()))
 
 
+def test_lanczos_with_train_mode_dropout_is_refused_at_setup():
+    """(Review, session 18.) ``eval_mode=False, method="lanczos"`` on a model with active
+    dropout ended ``fit`` at the first probe with a plain ``ValueError``; it is a configuration
+    error, found at setup."""
+    model = TinyNet(dropout=0.2)
+    mon = NTKSpectrumMonitor(every_n_steps=1, eval_mode=False, method="lanczos")
+    with pytest.raises(MisconfigurationException, match=r"dropout.*eval_mode=True"):
+        trainer(max_steps=1, callbacks=[mon]).fit(model, loader(make_data()))
+    model.net[2].p = 0.0  # inactive dropout: fine
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        trainer(max_steps=1, callbacks=[mon]).fit(model, loader(make_data()))
+    assert mon.history
+
+
 def test_module_without_forward_and_bad_module_path():
     ds = make_data()
     with pytest.raises(MisconfigurationException, match=r"forward.*module="):

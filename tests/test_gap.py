@@ -433,3 +433,41 @@ def test_quiet_runs_and_bad_config(tmp_path):
         _trainer(tmp_path, callbacks=[GeneralizationGapMonitor()], max_epochs=1).fit(
             NoLoss(), *_loaders()
         )
+
+
+def test_a_split_made_by_a_subset_sampler_keeps_the_subset_on_the_training_side(
+    tmp_path, monkeypatch
+):
+    """(Review, session 18.) One dataset split into train/val by ``SubsetRandomSampler``s: the
+    gap monitor drew its "training" subset from the whole dataset (validation samples included;
+    23 of 64 in the review, gap 41% too small), and the NTK monitor's default probe took the
+    dataset's first samples. Both now draw from the sampler's indices, and the clean training
+    loss is that of training samples only."""
+    from torch.utils.data import SubsetRandomSampler
+
+    from glu_probe.callbacks import NTKSpectrumMonitor
+
+    full = _data(80, 3)
+    train_idx, val_idx = list(range(40, 80)), list(range(40))
+    gen = torch.Generator().manual_seed(1)
+    train = DataLoader(full, batch_size=8, sampler=SubsetRandomSampler(train_idx, generator=gen))
+    val = DataLoader(full, batch_size=8, sampler=SubsetRandomSampler(val_idx))
+    gap = GeneralizationGapMonitor(train_subset_size=16)
+    ntk = NTKSpectrumMonitor(every_n_steps=1000, probe_size=6, log_figure=False)
+    probes: list = []
+    plain = NTKSpectrumMonitor._probe_from_loader
+
+    def spy(self, trainer):
+        probes.append(plain(self, trainer))
+        return probes[-1]
+
+    monkeypatch.setattr(NTKSpectrumMonitor, "_probe_from_loader", spy)
+    model = Classifier()
+    _trainer(tmp_path, max_epochs=1, callbacks=[gap, ntk]).fit(model, train, val)
+    drawn = sorted(gap._order)
+    assert len(drawn) == 16 and all(i in train_idx for i in drawn)  # (the old code: 7 of 16 not)
+    want = torch.randperm(40, generator=torch.Generator().manual_seed(gap.seed))[:16]
+    assert drawn == sorted(train_idx[i] for i in want.tolist())  # the documented rule, on the pool
+    loss, _ = _mean_ce_and_acc(model.net, *full[drawn])
+    assert gap.history[-1]["gap/train/loss"] == pytest.approx(loss, rel=1e-5)
+    assert torch.equal(probes[0][0], full.tensors[0][40:46])  # the sampler's first indices

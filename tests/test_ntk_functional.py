@@ -211,6 +211,37 @@ def test_model_state_rng_and_grads_untouched(method):
         assert torch.equal(v, state[k]), k
 
 
+class OwnTrain(nn.Module):
+    """Overrides ``train()`` to switch more than the flags (as frozen-BatchNorm and noise
+    injection modules do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(3, 8), nn.Linear(8, 1)
+        self.use_noise = True
+
+    def train(self, mode: bool = True) -> OwnTrain:
+        super().train(mode)
+        self.use_noise = mode
+        return self
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(x)))
+
+
+@pytest.mark.parametrize("method", ["dense", "lanczos"])
+def test_a_train_override_is_undone_through_train(method):
+    """(Review, session 18.) The probe called ``eval()`` and restored only the ``training``
+    attributes: the model came back with ``training=True`` but ``use_noise=False``, a state it
+    never had. The probe now switches back through ``train()``."""
+    model = OwnTrain().train()
+    ntk_spectrum(model, torch.randn(6, 3), method=method, max_matvecs=12)
+    assert model.training and model.use_noise
+    model.eval()
+    ntk_spectrum(model, torch.randn(6, 3), method=method, max_matvecs=12)
+    assert not model.training and not model.use_noise
+
+
 def test_eval_mode_uses_running_statistics():
     torch.manual_seed(0)
     model = Stateful()

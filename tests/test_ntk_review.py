@@ -242,3 +242,48 @@ def test_train_mode_layers_with_eval_mode_false_are_explained():
         with pytest.raises(ValueError, match="dropout in training mode"):
             ntk_spectrum(drop, x, eval_mode=False, method="lanczos")
     assert drop.training and drop[1].training  # flags restored
+
+
+def test_full_span_lanczos_below_its_rank_tolerance_reports_kappa_inf() -> None:
+    """(Review, session 18.) A float32 Lanczos run that spans the whole space counted a
+    numerical rank of 114 of 128 (eigenvalues under λ_max·n·ε₃₂) and warned that κ was
+    "dominated by rounding, possibly infinite", but reported a finite κ. As on the dense path
+    and as documented, κ is now ∞ where the rank is short, with a finite lower bound; float64
+    products resolve the small eigenvalues and give the finite κ."""
+    from glu_probe.ntk.spectrum import NTKRankWarning
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 256), nn.ReLU(), nn.Linear(256, 1))
+    x = torch.randn(128, 4)
+    with pytest.warns(NTKRankWarning, match="numerical rank"):
+        res = ntk_spectrum(model, x, method="lanczos")
+    assert res.eigenvalues is not None  # the whole space: every eigenvalue
+    assert res.numerical_rank is not None and res.numerical_rank < 128
+    assert res.condition_number == math.inf
+    assert 1.0 < res.condition_number_lower < math.inf
+    exact = ntk_spectrum(model, x, method="lanczos", dtype=torch.float64)
+    assert exact.converged and math.isfinite(exact.condition_number)
+    assert res.condition_number_lower <= exact.condition_number * (1 + 1e-6)
+
+
+def test_auto_takes_the_float64_dense_path_for_outputs_that_overflow_float32() -> None:
+    """(Review, session 18.) ``method="auto"`` validated the probe in float32 before choosing
+    the float64 dense path, so a float64 model whose outputs overflow float32 (but not float64)
+    was refused, while ``method="dense"`` accepted it."""
+
+    class Big(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x) * 1e40
+
+    torch.manual_seed(0)
+    model, x = Big().double(), torch.randn(4, 3)
+    dense = ntk_spectrum(model, x, method="dense")
+    auto = ntk_spectrum(model, x)
+    assert auto.method == "dense"
+    assert math.isclose(auto.condition_number, dense.condition_number, rel_tol=1e-12)
+    with pytest.raises(ValueError, match="NaN/Inf"):  # Lanczos runs in float32: still refused
+        ntk_spectrum(model, x, method="lanczos")

@@ -363,3 +363,54 @@ def test_tied_alias_selects_the_underlying_parameter():
     assert list(select_parameters(m, lambda n, p: n == "head.weight")) == ["emb.weight"]
     K = ntk_matrix(m, ids, params="head")
     assert rel_err(K, truth_K(m, ids, select={"emb.weight"})) < 1e-12
+
+
+def test_params_may_be_a_sub_module() -> None:
+    """(Review, session 18.) ``params=model[2]`` was taken for a ``(name, p) -> bool`` filter
+    and *called* (a Linear then raised a TypeError; a module whose forward takes two arguments
+    silently selected every parameter). A sub-module now selects its parameters."""
+    from glu_probe.ntk.functional import select_parameters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    assert list(select_parameters(model, model[2])) == ["2.weight", "2.bias"]
+    torch.testing.assert_close(
+        ntk_matrix(model, x, params=model[2]), ntk_matrix(model, x, params="2")
+    )
+    with pytest.raises(ValueError, match="holds none of the model's parameters"):
+        ntk_matrix(model, x, params=nn.Linear(3, 5))
+    model[2].requires_grad_(False)
+    with pytest.raises(ValueError, match="all frozen"):
+        ntk_matrix(model, x, params=model[2])
+
+
+def test_meta_parameters_and_nested_inputs() -> None:
+    """(Review, session 18.) A model on the meta device failed with "Tensor.item() cannot be
+    called on meta tensors"; inputs nested one level deeper (``{"xs": (a, b)}``) were refused
+    as holding "no tensor". The first now says what to do; the second is probed."""
+    with pytest.raises(ValueError, match="meta device"):
+        ntk_spectrum(nn.Linear(3, 2, device="meta"), torch.randn(4, 3))
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(2, 4)
+
+        def forward(self, xs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            return torch.tanh(self.a(xs[0]) + self.b(xs[1])).sum(-1, keepdim=True)
+
+    torch.manual_seed(0)
+    model = Pair().double()
+    a, b = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    ps = tuple(p.detach() for p in model.parameters())
+
+    def rows(*theta: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, dict(zip(names, theta, strict=True)), ((a, b),))[
+            :, 0
+        ]
+
+    J = torch.cat([j.reshape(5, -1) for j in torch.autograd.functional.jacobian(rows, ps)], 1)
+    for inputs in ({"xs": (a, b)}, ((a, b),)):
+        torch.testing.assert_close(ntk_matrix(model, inputs), J @ J.T, rtol=1e-10, atol=1e-12)

@@ -26,6 +26,8 @@ __all__ = [
     "is_quiet_run",
     "log_metrics",
     "logger_step",
+    "logs_this_step",
+    "sampler_indices",
     "stable_repr",
     "step_metrics",
     "tensorboard_writers",
@@ -90,6 +92,42 @@ def stable_repr(obj: Any) -> str:
 def is_quiet_run(trainer: pl.Trainer) -> bool:
     """True where a monitor must do nothing: the sanity check and ``fast_dev_run``."""
     return bool(trainer.sanity_checking or getattr(trainer, "fast_dev_run", False))
+
+
+def sampler_indices(loader: Any) -> list[int] | None:
+    """The dataset indices a loader's sampler restricts itself to, read without iterating it
+    (no RNG is drawn): ``SubsetRandomSampler.indices`` or any sampler with an ``indices``
+    sequence of ints, also inside the ``DistributedSamplerWrapper`` Lightning puts around a
+    custom sampler under DDP and in a ``BatchSampler``. ``None`` where the sampler has no such
+    set (a sequential or random sampler over the whole dataset, a weighted sampler)."""
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if batch_sampler is not None and getattr(batch_sampler, "sampler", None) is not None:
+        sampler = batch_sampler.sampler
+    for candidate in (sampler, getattr(getattr(sampler, "dataset", None), "_sampler", None)):
+        indices = getattr(candidate, "indices", None)
+        if indices is None or isinstance(indices, (str, bytes)):
+            continue
+        try:
+            out = [int(i) for i in indices]
+        except (TypeError, ValueError):
+            continue
+        if out:
+            return out
+    return None
+
+
+def logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether the loggers write this training step's ``self.log`` values, asked inside
+    ``on_train_batch_end`` (Lightning writes them right after that hook, by the rule of its
+    logger connector: every ``log_every_n_steps`` steps, at a stop and under ``fast_dev_run``).
+    There is no public accessor; where the internals differ, ``True`` (every step)."""
+    connector = getattr(trainer, "_logger_connector", None)
+    try:
+        flag = bool(connector.should_update_logs) if connector is not None else True
+    except Exception:  # (other Lightning versions, loops this rule does not know)
+        return True
+    return flag or bool(getattr(trainer, "fast_dev_run", False))
 
 
 def logger_step(trainer: pl.Trainer) -> int:

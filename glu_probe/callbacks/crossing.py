@@ -25,7 +25,14 @@ Baselines
 Recorded baselines are linearly interpolated at this run's steps; steps outside the baseline's
 step range are not compared (no extrapolation). Steps are the *logger* steps (those in the
 TensorBoard/CSV files: the first training batch is step 0), so a recorded run and a live run line
-up. With ``phase="train"`` a step's *last* training batch counts: under
+up. A baseline of another run (recorded or in memory) is compared, with ``phase="train"``, only at
+the steps this run's loggers write (every ``log_every_n_steps``, Lightning's rule): the pairs fed
+to the detector are then exactly the logged series, so :func:`~glu_probe.crossing.find_crossings`
+on this run's log and the baseline gives the same crossings, and a run compared with its own
+recorded log never crosses it. (Comparing every batch's noisy loss with a baseline logged every 50
+steps found crossings of a run with its own log: review, session 18.) ``"paired"`` compares
+every training batch: both curves are there at every step; offline, the same crossings need
+``log_every_n_steps=1``. With ``phase="train"`` a step's *last* training batch counts: under
 ``accumulate_grad_batches=k`` the k micro-batches of one optimizer step share a logger step, and
 the logger writes the last one's loss, so that is the value compared (with a recorded baseline of
 the same run, delta is then exactly 0). With ``phase="val"`` a step's first validation counts.
@@ -92,6 +99,7 @@ from glu_probe.callbacks._utils import (
     is_quiet_run,
     log_metrics,
     logger_step,
+    logs_this_step,
     step_metrics,
     tensorboard_writers,
 )
@@ -181,10 +189,17 @@ def _load_csv(path: Path, column: str) -> tuple[np.ndarray, np.ndarray]:
                 f"LossCrossingMonitor: {str(path)!r} has no column(s) {missing}; columns: {fields}"
             )
         steps, values = [], []
-        for row in reader:
+        for line, row in enumerate(reader, start=2):
             if row.get(column) not in (None, "") and row.get("step") not in (None, ""):
-                steps.append(float(row["step"]))
-                values.append(float(row[column]))
+                try:
+                    step, value = float(row["step"]), float(row[column])
+                except ValueError as err:
+                    raise MisconfigurationException(
+                        f"LossCrossingMonitor: line {line} of {str(path)!r} holds a value that is "
+                        f"not a number in 'step' or {column!r} ({err})"
+                    ) from None
+                steps.append(step)
+                values.append(value)
     return _clean_series(steps, values, f"column {column!r} of {str(path)!r}")
 
 
@@ -274,7 +289,9 @@ class LossCrossingMonitor(Callback):
         hysteresis: the detector's ``hysteresis`` (:class:`glu_probe.crossing.CrossingDetector`).
         abs_hysteresis: the detector's ``abs_hysteresis`` (see ``CrossingDetector``).
         on_crossing: ``hook(trainer, pl_module, crossing)`` called at each crossing.
-        log_every_n_steps: cadence of ``crossing/delta`` in updates (default: the Trainer's).
+        log_every_n_steps: cadence of ``crossing/delta`` in updates (default: the Trainer's;
+            every update for a baseline of another run with ``phase="train"``, whose updates
+            already come at the loggers' cadence).
         phase: ``"train"`` (after each training batch) or ``"val"`` (after each validation);
             default from the name (``"val"`` if it contains ``val``).
         read_every: with ``phase="train"``, read the collected losses back to the host every
@@ -366,7 +383,20 @@ class LossCrossingMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        key: dict[str, Any] = {"monitor": self.monitor, "baseline": str(self.baseline)}
+        """The checkpoint key: the monitored name, the baseline by its content (a digest of a
+        recorded or in-memory series, so that ``base.csv``, ``./base.csv`` and an absolute path
+        to it resume the same state: review, session 18) and a non-default prefix."""
+        label = "paired" if self._series is None else _sequence_label(self._series)
+        return self._state_key_with(label)
+
+    @property
+    def _legacy_state_key(self) -> str:  # type: ignore[override]
+        """The key of checkpoints written before session 18 (a recorded baseline by its path
+        as given), which Lightning tries when :attr:`state_key` is not in a checkpoint."""
+        return self._state_key_with(str(self.baseline))
+
+    def _state_key_with(self, baseline: str) -> str:
+        key: dict[str, Any] = {"monitor": self.monitor, "baseline": baseline}
         if self.prefix != "crossing":  # the default keeps the key of earlier checkpoints
             key["prefix"] = self.prefix
         return self._generate_state_key(**key)
@@ -497,6 +527,8 @@ class LossCrossingMonitor(Callback):
             self.setup(trainer, pl_module, "fit")
         assert self._keys is not None
         self._host = (trainer, pl_module)
+        if self.kind == "recorded" and not read_now and not logs_this_step(trainer):
+            return  # (a recorded baseline: compared at the logged steps only)
         step = logger_step(trainer)
         same_step = self._current is not None and self._current[0] == step
         if not same_step:
@@ -553,7 +585,11 @@ class LossCrossingMonitor(Callback):
             self._feed(trainer, pl_module, step, row[0], row[1] if recorded is None else recorded)
 
     def _delta_every(self, trainer: pl.Trainer) -> int:
-        return self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50)))
+        if self.log_every_n_steps:
+            return self.log_every_n_steps
+        if self.kind == "recorded" and self.phase == "train":
+            return 1  # its updates already come at the loggers' cadence
+        return max(1, int(getattr(trainer, "log_every_n_steps", 50)))
 
     def _feed(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, a: float, b: float

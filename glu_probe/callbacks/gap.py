@@ -22,9 +22,10 @@ accumulate with torchmetrics' own ``update``/``compute`` on two private copies o
 * **Train side:** a training subset fixed once: ``train_subset_size`` samples (default: as many
   as the validation run evaluates, at most 256, fixed at the first validation) at the first
   indices of a permutation drawn by a ``torch.Generator`` seeded with ``seed`` from a map-style
-  training dataset (in dataset order),
+  training dataset (in dataset order) or, where the loader's sampler has an index set
+  (``SubsetRandomSampler.indices``: a train/val split of one dataset), from those indices,
   collated with the loader's ``collate_fn`` in batches of its ``batch_size`` (no sampler is
-  touched, so training order and RNG are unchanged and every DDP rank holds the same subset); for
+  iterated, so training order and RNG are unchanged and every DDP rank holds the same subset); for
   an ``IterableDataset`` the first batches of a fresh loader iterator (under ``isolate_rng``).
   ``train_subset=`` (a list of batches) overrides. The batches go through the module's
   batch-transfer hooks once and stay on the device.
@@ -110,6 +111,7 @@ from glu_probe.callbacks._utils import (
     is_quiet_run,
     log_metrics,
     logger_step,
+    sampler_indices,
 )
 from glu_probe.callbacks.paired import (
     EVAL_OUTPUTS_KEY,
@@ -734,10 +736,16 @@ class GeneralizationGapMonitor(Callback):
             and hasattr(dataset, "__len__")
             and hasattr(dataset, "__getitem__")
         ):
-            n = len(dataset)  # type: ignore[arg-type]
+            # A sampler with an index set (SubsetRandomSampler: a train/val split of one
+            # dataset) restricts the draw to its samples; before session 18 the whole dataset
+            # was drawn from, validation samples included (review: 23 of 64, gap 41% low).
+            pool = sampler_indices(loader)
+            n = len(pool) if pool is not None else len(dataset)  # type: ignore[arg-type]
             k = min(want, n)
             gen = torch.Generator().manual_seed(self.seed)
             order = torch.randperm(n, generator=gen)[:k].tolist()
+            if pool is not None:
+                order = [pool[i] for i in order]
             items = [dataset[i] for i in order]  # permutation order: any prefix is the rule
             self._items, self._order = items, order
             self._collate, self._train_bs = loader.collate_fn, bs

@@ -120,11 +120,12 @@ from glu_probe.callbacks._utils import (
     is_quiet_run,
     log_metrics,
     logger_step,
+    sampler_indices,
     slice_batch,
     stable_repr,
     tensorboard_writers,
 )
-from glu_probe.ntk.functional import _map_tensors, check_param_filter
+from glu_probe.ntk.functional import _active_dropout, _map_tensors, check_param_filter
 from glu_probe.ntk.operator import is_out_of_memory
 
 __all__ = ["NTKProbeWarning", "NTKSpectrumMonitor"]
@@ -512,6 +513,14 @@ class NTKSpectrumMonitor(Callback):
                     f"NTKSpectrumMonitor probes `{type(pl_module).__name__}.forward`, which is not "
                     "implemented. Implement `forward`, or pass `module='<submodule attribute>'`."
                 )
+            if not self.eval_mode and self.method == "lanczos" and _active_dropout(target):
+                # (found at the first probe before, as a plain ValueError that ended the fit:
+                # review, session 18)
+                raise MisconfigurationException(
+                    "NTKSpectrumMonitor(eval_mode=False, method='lanczos'): the model has dropout "
+                    "in training mode, and the matrix-free products cannot draw random numbers "
+                    "(vmap); use eval_mode=True (dropout off in the probe) or method='dense'"
+                )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if is_quiet_run(trainer):
@@ -740,8 +749,11 @@ class NTKSpectrumMonitor(Callback):
             and hasattr(dataset, "__getitem__")
             and collate is not None
         ):
-            k = min(self.probe_size, len(dataset))
-            return collate([dataset[i] for i in range(k)])
+            # (the first of a subset sampler's indices: the samples this loader trains on)
+            pool = sampler_indices(loader)
+            indices = pool[: self.probe_size] if pool is not None else range(len(dataset))
+            k = min(self.probe_size, len(indices))
+            return collate([dataset[i] for i in indices[:k]])
         # Iterable dataset: take the first batches of a fresh iterator (RNG states restored).
         batches: list[Any] = []
         got = 0

@@ -46,7 +46,9 @@ __all__ = [
 ]
 
 OutputSpec = str | Callable[[Any], Tensor]
-ParamFilter = None | str | re.Pattern[str] | Sequence[str] | Callable[[str, nn.Parameter], bool]
+ParamFilter = (
+    None | str | re.Pattern[str] | Sequence[str] | nn.Module | Callable[[str, nn.Parameter], bool]
+)
 
 
 #: Characters that make a ``params=`` string a regular expression (``.`` alone does not: it is
@@ -72,8 +74,8 @@ def _name_matcher(spec: str | re.Pattern[str]) -> Callable[[str], bool]:
 def check_param_filter(params: Any) -> None:
     """A ``ValueError`` unless ``params`` is a filter :func:`select_parameters` takes: ``None``,
     a string (a valid regular expression where it is one), a compiled pattern, a sequence of
-    names or a callable."""
-    if params is None or callable(params) or isinstance(params, re.Pattern):
+    names, a sub-module or a callable."""
+    if params is None or isinstance(params, (nn.Module, re.Pattern)) or callable(params):
         return
     if isinstance(params, str):
         try:
@@ -86,7 +88,8 @@ def check_param_filter(params: Any) -> None:
         return
     raise ValueError(
         "params must be None, a name or regular expression (str or re.Pattern), a sequence of "
-        f"parameter names or a callable (name, param) -> bool; got {params!r}"
+        "parameter names, a sub-module of the model or a callable (name, param) -> bool; got "
+        f"{params!r}"
     )
 
 
@@ -105,6 +108,7 @@ def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str,
       or a string with a regex metacharacter other than ``.`` (``r"^fc2\."``), which cannot be
       part of a parameter name;
     * a list of exact names;
+    * a sub-module of ``model`` (an ``nn.Module``): its parameters (``params=model.blocks[3]``);
     * a callable ``(name, param) -> bool``.
 
     A parameter registered under several names (tied weights: GPT-2's ``lm_head.weight`` is
@@ -124,6 +128,15 @@ def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str,
             aliases[canonical[id(p)]].append(n)
     if params is None:
         chosen = named
+    elif isinstance(params, nn.Module):
+        # (before the callable test: a module is callable, and was called as a filter)
+        own = {id(p) for p in params.parameters()}
+        if not own.intersection(id(p) for _, p in model.named_parameters()):
+            raise ValueError(
+                f"params= is a {type(params).__name__} that holds none of the model's "
+                "parameters; pass a sub-module of the model (or names, a pattern or a callable)"
+            )
+        chosen = [(n, p) for n, p in named if id(p) in own]
     elif callable(params):
         fn = params
         chosen = [(n, p) for n, p in named if any(fn(a, p) for a in aliases[n])]
@@ -142,7 +155,9 @@ def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str,
         chosen = [(n, p) for n, p in named if wanted.intersection(aliases[n])]
     if not chosen:
         hint = ""
-        if isinstance(params, str):
+        if isinstance(params, nn.Module):
+            hint = " (its parameters are all frozen)"
+        elif isinstance(params, str):
             hint = (
                 " (a plain string matches whole dotted components of the names, e.g. 'mlp' or "
                 "'h.1'; for a substring or regular expression pass 're:...' or re.compile(...); "
@@ -228,20 +243,31 @@ def _batch_source(inputs: Any) -> tuple[str, Tensor] | None:
     first tensor value with a dimension; in a tuple or list, the first tensor with a dimension.
     Every tensor whose leading dimension equals that size is batched (split per sample and
     between chunks); every other tensor is an unbatched constant passed whole to every sample.
+    Where no value at the top level is such a tensor, nested dicts, tuples and lists are
+    searched in order by the same rule (``{"xs": (a, b)}``: ``a``).
     """
+    return _batch_source_in(inputs, "inputs")
+
+
+def _batch_source_in(inputs: Any, where: str) -> tuple[str, Tensor] | None:
     if isinstance(inputs, Tensor):
-        return "inputs", inputs
+        return where, inputs
     if isinstance(inputs, Mapping):
         for key in PER_SAMPLE_KEYS:
             v = inputs.get(key)
             if isinstance(v, Tensor) and v.ndim > 0:
-                return f"inputs[{key!r}]", v
-        items: Any = [(f"inputs[{k!r}]", v) for k, v in inputs.items()]
+                return f"{where}[{key!r}]", v
+        items: Any = [(f"{where}[{k!r}]", v) for k, v in inputs.items()]
+    elif isinstance(inputs, (tuple, list)):
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(inputs)]
     else:
-        items = [(f"inputs[{i}]", v) for i, v in enumerate(inputs)]
+        return None
     for name, v in items:
         if isinstance(v, Tensor) and v.ndim > 0:
             return name, v
+    for name, v in items:  # (nested containers, after every tensor of this level)
+        if isinstance(v, (Mapping, tuple, list)) and (found := _batch_source_in(v, name)):
+            return found
     return None
 
 
@@ -709,6 +735,12 @@ class ProbeFunction:
     ) -> None:
         selected = select_parameters(model, params)
         first = next(iter(selected.values()))
+        if any(p.is_meta for p in selected.values()):
+            raise ValueError(
+                "the model's parameters are on the meta device (shapes without values): load or "
+                "initialise them (e.g. model.to_empty(device=...) and an init, or "
+                "load_state_dict(..., assign=True)) before probing"
+            )
         self.dtype = dtype if dtype is not None else first.dtype
         if not self.dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating dtype, got {self.dtype}")
@@ -776,8 +808,10 @@ class ProbeFunction:
         matmuls), forked RNG; all restored after."""
         flags = [(m, m.training) for m in self.model.modules()]
         devices = [self.device] if self.device.type == "cuda" else []
+        switched = False
         try:
             if self.eval_mode:
+                switched = True
                 self.model.eval()
             with (
                 ieee_float32(),
@@ -787,6 +821,11 @@ class ProbeFunction:
             ):
                 yield
         finally:
+            if switched:
+                # Back through the model's own train(): an override that switches more than
+                # the flags (frozen BatchNorm, noise injection) undoes its eval() side effects.
+                # Then every flag exactly as it was (mixed modes, flags set by hand).
+                self.model.train(flags[0][1])
             for m, t in flags:
                 m.training = t
 

@@ -458,6 +458,7 @@ def ntk_spectrum(
             memory_budget=memory_budget,
         )
 
+    wide: ProbeFunction | None = None  # `auto`: finite only in float64 (see below)
     try:
         probe = agreed(lambda: build(first), process_group, model)
     except (RuntimeError, NotImplementedError, TypeError) as err:
@@ -468,7 +469,28 @@ def ntk_spectrum(
             probe = build(dtype)
         except Exception:
             raise err from None
+    except ValueError as err:
+        # `auto` validates in `dtype` before it knows its method; outputs that overflow there
+        # may be finite in float64, where the dense path runs (review, session 18: a float64
+        # model refused by `auto` and accepted by method="dense").
+        if method != "auto" or first == torch.float64 or process_group is not None:
+            raise
+        if "NaN/Inf" not in str(err):
+            raise
+        try:
+            wide = build(torch.float64)
+        except Exception:
+            raise err from None
+        probe = wide
     n = probe.n_rows
+    if wide is not None:
+        if n > AUTO_DENSE_MAX_ROWS or _budget(probe, 8, memory_budget) < n * n * 8:
+            raise ValueError(
+                f"the model's outputs are not finite in {dtype} on the probe batch (they are in "
+                "float64), and the probe is too large for the float64 dense path; pass "
+                "dtype=torch.float64"
+            )
+        method = "dense"
     if method == "auto":
         method = "lanczos"
         if process_group is None and n <= AUTO_DENSE_MAX_ROWS:
@@ -936,6 +958,11 @@ def _lanczos_on(
     upper = lam_min + slack
     kappa_lower = (lam_max - slack) / upper if upper > 0 else math.inf
     kappa_lower = min(kappa_lower, res.condition_number_lower)
+    if res.exact and numerical_rank is not None and numerical_rank < n:
+        # λ_min at or below the products' rounding level is numerically zero: κ = ∞, as on the
+        # dense path and as the rank warning says (it was kept finite here while the rank said
+        # otherwise: review, session 18); condition_number_lower stays a bound.
+        kappa = math.inf
     if which == "largest":  # λ_min is not estimated: θ_min only bounds it from above
         lam_min = kappa = math.nan
     elif which == "smallest":  # λ_max is not estimated: θ_max only bounds it from below
