@@ -159,3 +159,59 @@ def test_independent_samples_are_not_flagged(dtype: torch.dtype) -> None:
             probe = ProbeFunction(model.to(dtype), inputs, dtype=dtype)
         assert probe.per_sample_why is None
         assert len(probe.sample_ranges(2)) > 1  # chunking stays allowed
+
+
+class CumSum(nn.Module):
+    """Each sample sees the earlier ones: the first sample alone is unchanged, the last not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x).cumsum(0)))
+
+
+class BatchStd(nn.Module):
+    """Standardised on the batch: one sample alone gives NaN (the std of one value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(torch.tanh((h - h.mean(0)) / (h.std(0) + 1e-5)))
+
+
+@pytest.mark.parametrize("cls", [CumSum, BatchStd])
+def test_coupling_the_first_sample_does_not_show_is_found(cls: type[nn.Module]) -> None:
+    """(Second review, session 18.) Checking the first sample alone missed a cumulative sum
+    over the batch (κ 53 against the batch's 686, no warning) and a batch standardisation
+    whose one-sample pass is NaN (then "the NTK has NaN/Inf entries"). The last sample is
+    checked too, and a sample that is not finite alone counts as coupled."""
+    torch.manual_seed(0)
+    model = cls().double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    truth = _truth(model, (x,))
+    with pytest.warns(RuntimeWarning, match="samples are not independent"):
+        K = ntk_matrix(model, x)
+    torch.testing.assert_close(K, truth, rtol=1e-9, atol=1e-12)
+
+
+def test_rows_that_sum_to_rounding_noise_are_not_flagged() -> None:
+    """(Second review, session 18.) A feature extractor ending in a LayerNorm (timm models with
+    ``num_classes=0``) has pNTK rows Σ_o f_o/√O at rounding level, and the kernels for one
+    sample round differently from the batch's: the check compared those noise levels and
+    flagged independent models (a 9x slower dense path, chunking refused). The scale is now
+    that of the summed outputs."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 32, 32)
+    for name, kw, dtype in [
+        ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8), torch.float64),
+        ("convnext_atto", {}, torch.float32),
+    ]:
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kw).eval()
+        probe = ProbeFunction(model, x, dtype=dtype)
+        assert probe.per_sample_why is None, (name, probe.per_sample_why)

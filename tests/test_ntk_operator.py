@@ -260,6 +260,27 @@ def _check_sharded_operator(rank: int) -> None:
         want = "NaN/Inf" if rank == 1 else "another rank failed"
         assert want in str(info.value), str(info.value)
     assert time.perf_counter() - t0 < 30
+    # (Review, session 18.) A probe whose samples are not independent cannot be sharded: rank
+    # 0 (3 samples) finds it, rank 1 (1 sample: nothing to compare) does not. Rank 0's refusal
+    # was rank-local and rank 1 waited in the all-gather until the timeout; now both raise.
+    torch.manual_seed(0)
+    centred = nn.Sequential(nn.Linear(6, 8), _Centre(), nn.Tanh(), nn.Linear(8, 1)).double()
+    part = torch.randn(3 if rank == 0 else 1, 6, dtype=torch.float64)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises((ValueError, RuntimeError)) as info:
+            ntk_spectrum(centred, part, method="lanczos", process_group=dist.group.WORLD)
+    want = "sharded across ranks" if rank == 0 else "another rank failed"
+    assert want in str(info.value), str(info.value)
+    assert time.perf_counter() - t0 < 30
+
+
+class _Centre(nn.Module):
+    """Hidden units centred on the batch mean: couples the samples."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h - h.mean(0, keepdim=True)
 
 
 def test_process_group_gloo_two_ranks(tmp_path):

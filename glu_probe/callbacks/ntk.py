@@ -125,7 +125,12 @@ from glu_probe.callbacks._utils import (
     stable_repr,
     tensorboard_writers,
 )
-from glu_probe.ntk.functional import _active_dropout, _map_tensors, check_param_filter
+from glu_probe.ntk.functional import (
+    ProbeSplitError,
+    _active_dropout,
+    _map_tensors,
+    check_param_filter,
+)
 from glu_probe.ntk.operator import is_out_of_memory
 
 __all__ = ["NTKProbeWarning", "NTKSpectrumMonitor"]
@@ -976,6 +981,15 @@ class NTKSpectrumMonitor(Callback):
                             f"NTKSpectrumMonitor: out of memory probing {name} at step {step} "
                             f"(also with chunk_size={chunk}); probe skipped, training continues. "
                             "Lower `probe_size` or `chunk_size`."
+                        ) from err
+                    if halved and isinstance(err, ProbeSplitError):
+                        # (the halved chunk after an OOM, on a probe that must stay whole)
+                        if self.strict:
+                            raise
+                        raise _ProbeFailure(
+                            f"NTKSpectrumMonitor: out of memory probing {name} at step {step}, "
+                            f"and its batch cannot be split into chunks ({err}); probe skipped, "
+                            "training continues. Lower `probe_size`."
                         ) from err
                     if _is_nonfinite_error(err):
                         if self.strict:

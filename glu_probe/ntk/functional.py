@@ -212,6 +212,11 @@ def _rows(out: Any, output: OutputSpec) -> Tensor:
     return y.reshape(y.shape[0], -1).sum(-1) / math.sqrt(width)
 
 
+class ProbeSplitError(ValueError):
+    """A probe whose samples are not independent cannot be split into parts (chunks of the
+    batch, or shards across ranks): the parts' products would not be the batch's."""
+
+
 class ProbeInputError(ValueError, RuntimeError):
     """The model failed on probe inputs that disagree on the batch size (a ``ValueError``; also
     a ``RuntimeError``, the type of the model's own error, for callers that catch that)."""
@@ -876,7 +881,7 @@ class ProbeFunction:
         batch's."""
         ranges = self._split(chunk_size)
         if len(ranges) > 1 and self.per_sample_why is not None:
-            raise ValueError(
+            raise ProbeSplitError(
                 f"the probe batch cannot be split into chunks of {ranges[0][1]} samples (to fit "
                 f"memory_budget, or chunk_size): {self.per_sample_why}, so products over parts "
                 "of the batch are not the batch's NTK. Give memory for the whole batch (a larger "
@@ -890,45 +895,66 @@ class ProbeFunction:
         return [(a, min(a + step, self.batch_size)) for a in range(0, self.batch_size, step)]
 
     def _independence(self, rows: Tensor) -> str | None:
-        """Whether the first sample evaluated alone gives its rows in the batch (``rows``, the
-        validating pass's): ``None`` if so, else why not. Per-sample Jacobians (the dense
-        path's row and structured strategies) and products over parts of the batch are the
-        batch's only where samples are independent. They are not where the forward pass
-        couples the samples (batch statistics: train-mode BatchNorm, batch-mean centring, set
-        pooling, attention across the batch) or where an input whose leading dimension equals
-        the batch size is not one entry per sample (it is then split per sample). One forward
-        pass of one sample, no gradient; equal up to sqrt(ε) of the rows' scale (kernels for
-        one sample may round differently). Not checked where active dropout (``eval_mode=False``)
-        makes every pass random: the rows have no reference value then."""
+        """Whether the first and the last sample, each evaluated alone, give their rows in the
+        batch (``rows``, the validating pass's): ``None`` if so, else why not. Per-sample
+        Jacobians (the dense path's row and structured strategies) and products over parts of
+        the batch are the batch's only where samples are independent. They are not where the
+        forward pass couples the samples (batch statistics: train-mode BatchNorm, batch-mean
+        centring, set pooling, attention or a cumulative sum across the batch) or where an input
+        whose leading dimension equals the batch size is not one entry per sample (it is then
+        split per sample). Two forward passes of one sample, no gradient, one synchronisation.
+
+        Equal means within sqrt(ε) of the rows' scale, where the scale of a pNTK or full row is
+        that of the outputs it sums (Σ|f_o|/√O: rows of a LayerNorm-ended feature extractor sum
+        to rounding noise, and kernels for one sample round differently; review, session 18).
+        A sample that gives NaN/Inf alone, on a batch that is finite, is not independent either.
+        The last sample catches coupling that leaves the first unchanged (a cumulative sum over
+        the batch); coupling that changes neither end is not seen. Not checked where active
+        dropout (``eval_mode=False``) makes every pass random: no reference value then."""
         n = self.batch_size
         if n < 2 or rows.numel() % n or (not self.eval_mode and _active_dropout(self.model)):
             return None
         r = rows.numel() // n
-        try:
-            with self.session(), torch.no_grad():
-                one = self(self.params, self.chunk(0, 1)).detach().reshape(-1)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as err:
-            text = " ".join(str(err).split())[:200]
-            return (
-                "the model fails on one sample alone, so it cannot be differentiated sample by "
-                f"sample ({type(err).__name__}: {text})"
-            )
-        if one.numel() != r:
-            return f"one sample alone gives {one.numel()} rows, against {r} per sample in the batch"
-        ref = rows.detach()[:r].to(one.dtype)
-        diff = (one - ref).abs().max()
-        scale = torch.maximum(ref.abs().max(), one.abs().max())
         tol = math.sqrt(torch.finfo(self.dtype).eps)
-        if not bool(diff > tol * scale):  # (one synchronisation; NaN compares False)
+        bad: list[Tensor] = []
+        for i in (0, n - 1):
+            try:
+                with self.session(), torch.no_grad():
+                    out = self.call_model(self.params, self.chunk(i, i + 1))
+                    one = _rows(out, self.output).detach().reshape(-1)
+                    spread = (
+                        _rows(pick_output(out).abs(), self.output).detach().abs().max()
+                        if isinstance(self.output, str) and one.numel() == r
+                        else None
+                    )
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err:
+                text = " ".join(str(err).split())[:200]
+                return (
+                    "the model fails on one sample alone, so it cannot be differentiated sample "
+                    f"by sample ({type(err).__name__}: {text})"
+                )
+            if one.numel() != r:
+                return (
+                    f"one sample alone gives {one.numel()} rows, against {r} per sample in the "
+                    "batch"
+                )
+            ref = rows.detach()[i * r : (i + 1) * r].to(one.dtype)
+            scale = torch.maximum(ref.abs().max(), one.abs().max())
+            if spread is not None:
+                scale = torch.maximum(scale, spread.to(scale.dtype))
+            diff = (one - ref).abs().max()
+            bad.append(~torch.isfinite(one).all() | (diff > tol * scale))
+        flags = torch.stack(bad).tolist()  # (the one synchronisation)
+        if not any(flags):
             return None
+        which = "first" if flags[0] else "last"
         return (
-            "the probe's samples are not independent: the first sample's rows computed alone "
-            f"differ from its rows in the batch by {float(diff / scale):.1e} of their scale "
-            "(the forward pass couples the samples, e.g. train-mode BatchNorm or batch-mean "
-            "centring, or an input whose leading dimension equals the batch size is not one "
-            "entry per sample)"
+            f"the probe's samples are not independent: the {which} sample's rows computed alone "
+            "differ from its rows in the batch, or are not finite alone (the forward pass couples "
+            "the samples, e.g. train-mode BatchNorm, batch-mean centring or standardisation, or "
+            "an input whose leading dimension equals the batch size is not one entry per sample)"
         )
 
     def _check(self) -> tuple[int, int]:

@@ -42,7 +42,13 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from .functional import OutputSpec, ParamFilter, ProbeFunction, allows_autograd
+from .functional import (
+    OutputSpec,
+    ParamFilter,
+    ProbeFunction,
+    ProbeSplitError,
+    allows_autograd,
+)
 
 __all__ = ["NTKOperator", "trace_linear_map"]
 
@@ -481,7 +487,7 @@ class NTKOperator:
         self.device = self.probe.device
         self.process_group = process_group
         self.n_matvecs = 0
-        self._ranges = self.probe.sample_ranges(chunk_size)
+        self._ranges = self._agreed_ranges(chunk_size)
         self._cache: list[tuple[Callable[..., Any], Callable[..., Any]]] | None = None
         self.linearize = linearize
         self._traced = False
@@ -523,8 +529,39 @@ class NTKOperator:
         drops the cached linearisation."""
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
-        self._ranges = self.probe.sample_ranges(chunk_size)
+        self._ranges = self._agreed_ranges(chunk_size)
         self.release()
+
+    def _agreed_ranges(self, chunk_size: int | None) -> list[tuple[int, int]]:
+        """This rank's sample ranges. A probe whose samples are not independent may not be
+        split (:class:`~glu_probe.ntk.functional.ProbeSplitError`): not into chunks, and not
+        across ranks either. Under a process group every rank learns of a refusal on any rank
+        before the next collective (one all-reduce): a rank-local error left the others waiting
+        in the row-count all-gather until the collective timeout (review, session 18)."""
+        err: ProbeSplitError | None = None
+        ranges: list[tuple[int, int]] = []
+        try:
+            ranges = self.probe.sample_ranges(chunk_size)
+            if self.process_group is not None and self.probe.per_sample_why is not None:
+                raise ProbeSplitError(
+                    f"a probe sharded across ranks evaluates each rank's samples apart, but "
+                    f"{self.probe.per_sample_why}; probe on one rank (the monitor's "
+                    "shard_probe=False) or make the samples independent (eval_mode=True where "
+                    "train-mode BatchNorm couples them)"
+                )
+        except ProbeSplitError as exc:
+            err = exc
+        if self.process_group is None:
+            if err is not None:
+                raise err
+            return ranges
+        import torch.distributed as dist
+
+        device = self.device
+        if dist.get_backend(self.process_group) == "gloo":
+            device = torch.device("cpu")
+        agree_on_failure(err, self.process_group, device, "NTK probe", "splitting its batch")
+        return ranges
 
     def release(self) -> None:
         """Drop the CUDA graph (and the workspace its memory pool holds) and the cached
