@@ -175,6 +175,16 @@ def test_a_recorded_baseline_is_compared_at_the_logged_steps(tmp_path):
     assert deltas == steps  # one delta per update, at the logged steps
 
 
+def test_a_baseline_is_compared_every_step_where_nothing_is_logged(tmp_path):
+    """(Second review, session 18.) ``Trainer(log_every_n_steps=0)`` logs nothing, and the
+    logged-steps rule then fed the detector nothing at all, silently: with no logged series to
+    agree with, every step is compared (as before)."""
+    mon = LossCrossingMonitor(baseline=list(CURVE_B), **KW)
+    _trainer(tmp_path, log_every_n_steps=0, callbacks=[mon]).fit(Synthetic(CURVE_A), _loader())
+    assert mon.detector.n_updates == N
+    assert mon.crossings == find_crossings(T, F32(CURVE_A), T, CURVE_B, **KW)
+
+
 def _linear_pair(w0: float, scale: float) -> nn.Module:
     """f(x) = w·s·x: with x = 1, y = 0, MSE and SGD(η) the loss is (w0 s)² (1 − 2ηs²)^{2t}."""
     lin = nn.Linear(1, 1, bias=False)
@@ -235,13 +245,16 @@ def test_resume_gives_the_same_crossings(tmp_path):
 
 
 def test_resume_finds_a_recorded_baseline_spelled_another_way(tmp_path, monkeypatch):
-    """(Review, session 18.) The checkpoint key held the baseline's path as typed: resuming with
-    ``./base.csv`` or an absolute path instead of ``base.csv`` lost the crossings and the
-    detector state, with only Lightning's generic warning. The key is now the baseline's
-    content; a checkpoint written under the old key still resumes (Lightning's legacy key)."""
+    """(Review, session 18.) The checkpoint key holds the baseline's path as typed: resuming
+    with ``./metrics.csv`` or an absolute path instead of ``metrics.csv`` lost the crossings and
+    the detector state, with only Lightning's generic warning. The monitor now finds its state
+    under the other spelling (same monitored name and prefix, same baseline content). A key by
+    content instead (tried first) lost the state when the baseline file grew before the resume:
+    the path as typed stays the key, so that case resumes too."""
     b = 1.0 + 0.3 * np.sin(T / 12.0)
     base = CSVLogger(str(tmp_path), name="base")
     _trainer(tmp_path, logger=base, max_epochs=3).fit(Synthetic(b), _loader(40))
+    base.save()
     monkeypatch.chdir(Path(base.log_dir))
     a = np.ones(N)
     kw = dict(smoothing=0.5, patience=2, hysteresis=0.02)
@@ -253,24 +266,27 @@ def test_resume_finds_a_recorded_baseline_spelled_another_way(tmp_path, monkeypa
     _trainer(tmp_path, max_epochs=1, callbacks=[first, ckpt], enable_checkpointing=True).fit(
         Synthetic(a), _loader(40)
     )
-    path = tmp_path / "ck" / "last.ckpt"
+    path = str(tmp_path / "ck" / "last.ckpt")
     for spelled in ("./metrics.csv", str(Path("metrics.csv").resolve())):
         resumed = LossCrossingMonitor(baseline=spelled, **kw)
-        assert resumed.state_key == first.state_key
-        _trainer(tmp_path, max_epochs=3, callbacks=[resumed]).fit(
-            Synthetic(a), _loader(40), ckpt_path=str(path)
-        )
+        assert resumed.state_key != first.state_key
+        with pytest.warns(UserWarning, match="restored the state saved under"):
+            _trainer(tmp_path, max_epochs=3, callbacks=[resumed]).fit(
+                Synthetic(a), _loader(40), ckpt_path=path
+            )
         assert resumed.crossings == full.crossings
-    # a checkpoint of the old format: the state under the path as typed
-    old = torch.load(path, weights_only=False)
-    states = old["callbacks"]
-    states[first._legacy_state_key] = states.pop(first.state_key)
-    torch.save(old, tmp_path / "old.ckpt")
+        assert resumed.detector.state_dict() == full.detector.state_dict()
+    # the baseline file grows (its run went on) between the checkpoint and the resume
+    with open("metrics.csv", newline="") as fh:
+        header = next(csv.reader(fh))
+    with open("metrics.csv", "a", newline="") as fh:
+        csv.DictWriter(fh, header).writerow({"step": 3 * 40 + 5, "train_loss": 1.0})
     resumed = LossCrossingMonitor(baseline="metrics.csv", **kw)
+    assert resumed._identity() != first._identity()  # (the content changed, the key did not)
     _trainer(tmp_path, max_epochs=3, callbacks=[resumed]).fit(
-        Synthetic(a), _loader(40), ckpt_path=str(tmp_path / "old.ckpt")
+        Synthetic(a), _loader(40), ckpt_path=path
     )
-    assert resumed.crossings == full.crossings
+    assert resumed.detector.n_updates == full.detector.n_updates
 
 
 def test_batched_reads_change_no_result(tmp_path):

@@ -663,6 +663,20 @@ def test_fsdp_trainer_refused_at_setup():
         t.fit(TinyNet(), loader(make_data()))
 
 
+def test_sub_module_params_get_distinct_checkpoint_keys():
+    """(Second review, session 18.) ``params=<sub-module>`` was keyed by its class alone, so two
+    monitors of different Linear layers shared a checkpoint key (a resume could restore the
+    other K's history). The key now names the sub-module's path in the probed module."""
+    keys = []
+    for k in (0, 3):
+        model = TinyNet()
+        mon = NTKSpectrumMonitor(every_n_steps=1, params=model.net[k], probe_size=6)
+        trainer(max_steps=1, callbacks=[mon]).fit(model, loader(make_data()))
+        assert mon.history
+        keys.append(mon.state_key)
+    assert keys[0] != keys[1] and "net.0" in keys[0] and "net.3" in keys[1]
+
+
 def test_lanczos_with_train_mode_dropout_is_refused_at_setup():
     """(Review, session 18.) ``eval_mode=False, method="lanczos"`` on a model with active
     dropout ended ``fit`` at the first probe with a plain ``ValueError``; it is a configuration
@@ -705,11 +719,21 @@ def _run_with(monkeypatch, fake: Any, **mon_kw: Any) -> tuple[NTKSpectrumMonitor
     return mon, model
 
 
+def _real_cpu_oom() -> RuntimeError:
+    """What the CPU allocator really raises for a refused allocation (no memory is used)."""
+    try:
+        torch.empty(2**45)
+    except RuntimeError as err:
+        return err
+    raise AssertionError("a 128 TiB allocation succeeded")
+
+
 @pytest.mark.parametrize(
     "error",
     [
         torch.cuda.OutOfMemoryError("CUDA out of memory."),
         RuntimeError("DefaultCPUAllocator: out of memory"),
+        _real_cpu_oom(),  # (review, session 18: "can't allocate memory" ended the fit)
     ],
 )
 def test_oom_halves_chunk_once_then_skips(monkeypatch, error):

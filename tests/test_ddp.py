@@ -257,3 +257,65 @@ def test_sharded_probe_oom_on_one_rank_mid_iteration(tmp_path, monkeypatch):
     assert skipped[0] == skipped[1] == [[]]
     with pytest.raises(Exception, match="out of memory"):
         _fit_sharded(tmp_path / "strict", [mon(strict=True)])
+
+
+class RankStream(torch.utils.data.IterableDataset):
+    """An iterable dataset that splits its stream by rank: each rank sees other samples."""
+
+    def __iter__(self):
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        g = torch.Generator().manual_seed(100 + rank)
+        for _ in range(16):
+            yield torch.randn(5, generator=g), torch.randn(3, generator=g)
+
+
+def _rank0_samples(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100)
+    pairs = [(torch.randn(5, generator=g), torch.randn(3, generator=g)) for _ in range(n)]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def test_iterable_data_split_by_rank_gives_every_rank_rank_zeros_probe(tmp_path):
+    """(Review, session 18.) With an iterable dataset that splits its stream by rank, each rank
+    drew its probe (and the gap monitor its training subset) from its own stream: a sharded
+    probe mixed the ranks' data, and sharded and unsharded monitors disagreed at every probe.
+    Rank 0's batches are now every rank's, as for a map-style dataset."""
+    from glu_probe.ntk import ntk_spectrum
+
+    kw: dict[str, Any] = {"every_n_steps": 2, "probe_size": 6, "method": "lanczos"}
+    mons = [
+        NTKSpectrumMonitor(prefix="ntk", dtype=torch.float64, **kw),
+        NTKSpectrumMonitor(prefix="ntks", dtype=torch.float64, shard_probe=True, **kw),
+        GeneralizationGapMonitor(loss_fn=nn.functional.mse_loss, train_subset_size=6),
+    ]
+    torch.manual_seed(0)
+    init = Net()
+    torch.manual_seed(0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        max_steps=2,
+        logger=False,
+        callbacks=[*mons, DumpHistory(tmp_path, mons)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        limit_val_batches=1,
+        val_check_interval=2,
+    )
+    val = DataLoader(data(), batch_size=8)
+    trainer.fit(
+        Net(), train_dataloaders=DataLoader(RankStream(), batch_size=4), val_dataloaders=val
+    )
+    ranks = [torch.load(tmp_path / f"history_rank{r}.pt") for r in range(2)]
+    assert ranks[0] == ranks[1]
+    plain, sharded, gap = ranks[0]
+    x0, _ = _rank0_samples(6)
+    want = ntk_spectrum(init.net, x0, method="dense")
+    assert plain[0]["ntk/lambda_max"] == pytest.approx(want.lambda_max, rel=1e-9)
+    for a, b in zip(plain, sharded, strict=True):
+        assert b["ntks/lambda_max"] == pytest.approx(a["ntk/lambda_max"], rel=1e-9)
+        assert b["ntks/condition_number"] == pytest.approx(a["ntk/condition_number"], rel=1e-6)
+    assert gap and all("gap/train/loss" in h for h in gap)

@@ -471,3 +471,21 @@ def test_a_split_made_by_a_subset_sampler_keeps_the_subset_on_the_training_side(
     loss, _ = _mean_ce_and_acc(model.net, *full[drawn])
     assert gap.history[-1]["gap/train/loss"] == pytest.approx(loss, rel=1e-5)
     assert torch.equal(probes[0][0], full.tensors[0][40:46])  # the sampler's first indices
+
+
+def test_sampler_indices_reads_sequences_only():
+    """A sampler's ``indices`` is read only where it is a sequence or an array: a one-shot
+    iterator would be emptied for the training loader (second review, session 18)."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import BatchSampler, SubsetRandomSampler
+
+    from glu_probe.callbacks._utils import sampler_indices
+
+    assert sampler_indices(SimpleNamespace(sampler=SubsetRandomSampler([5, 3]))) == [5, 3]
+    batched = BatchSampler(SubsetRandomSampler(torch.tensor([2, 4])), 2, False)
+    assert sampler_indices(SimpleNamespace(sampler=None, batch_sampler=batched)) == [2, 4]
+    once = SimpleNamespace(indices=iter([1, 2, 3]))
+    assert sampler_indices(SimpleNamespace(sampler=once)) is None
+    assert list(once.indices) == [1, 2, 3]  # not consumed
+    assert sampler_indices(DataLoader(TRAIN, batch_size=4)) is None  # the whole dataset

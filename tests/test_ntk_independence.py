@@ -215,3 +215,19 @@ def test_rows_that_sum_to_rounding_noise_are_not_flagged() -> None:
         model = timm.create_model(name, pretrained=False, num_classes=0, **kw).eval()
         probe = ProbeFunction(model, x, dtype=dtype)
         assert probe.per_sample_why is None, (name, probe.per_sample_why)
+
+
+def test_train_mode_batchnorm_beside_active_dropout_still_runs() -> None:
+    """(Second review, session 18.) With active dropout (``eval_mode=False``) the check was
+    skipped entirely, so train-mode BatchNorm1d beside it still crashed the dense path with
+    "Expected more than 1 value per channel". Whether a sample runs alone is still checked."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.1), nn.Linear(8, 1))
+    model = model.double().train()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        probe = ProbeFunction(model, x, eval_mode=False)
+        assert probe.per_sample_why is not None and "one sample alone" in probe.per_sample_why
+        K = ntk_matrix(model, x, eval_mode=False)  # (random: one dropout mask per pass)
+    assert K.shape == (6, 6) and bool(torch.isfinite(K).all())

@@ -137,6 +137,28 @@ def test_baseline_stream_is_independent_of_its_partner(tmp_path):
         assert torch.equal(p, q)
 
 
+def test_an_evaluation_before_fit_does_not_seed_the_baseline_stream(tmp_path):
+    """(Review, session 18.) ``trainer.validate(module)`` before ``fit`` started the baseline's
+    random stream from the seed active then, and ``fit`` kept it: ``seed_everything`` before
+    ``fit`` no longer reproduced a baseline with dropout (max weight difference 0.09). The
+    stream now starts with the fit, as documented."""
+    loader = DataLoader(_data(), batch_size=8)
+    val = DataLoader(_data(), batch_size=8)
+
+    def run(validate_seed: int | None) -> list[torch.Tensor]:
+        module = PairedModule(_net(1), _net(2, dropout=0.5), lr=1e-2)
+        if validate_seed is not None:
+            torch.manual_seed(validate_seed)
+            _trainer(tmp_path).validate(module, val, verbose=False)
+        pl.seed_everything(42, verbose=False)
+        _trainer(tmp_path, max_steps=6).fit(module, train_dataloaders=loader)
+        return [p.detach().clone() for p in module.baseline.parameters()]
+
+    plain, after_a, after_b = run(None), run(1234), run(999)
+    for p, q, r in zip(plain, after_a, after_b, strict=True):
+        assert torch.equal(p, q) and torch.equal(p, r)
+
+
 class _SoloModule(pl.LightningModule):
     def __init__(self, net: nn.Module) -> None:
         super().__init__()

@@ -7,7 +7,7 @@ attached.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -105,7 +105,10 @@ def sampler_indices(loader: Any) -> list[int] | None:
     if batch_sampler is not None and getattr(batch_sampler, "sampler", None) is not None:
         sampler = batch_sampler.sampler
     for candidate in (sampler, getattr(getattr(sampler, "dataset", None), "_sampler", None)):
-        indices = getattr(candidate, "indices", None)
+        indices: Any = getattr(candidate, "indices", None)
+        # A sequence or an array only: reading a one-shot iterator would empty the sampler.
+        if not (isinstance(indices, (Sequence, torch.Tensor)) or hasattr(indices, "__array__")):
+            continue
         if indices is None or isinstance(indices, (str, bytes)):
             continue
         try:

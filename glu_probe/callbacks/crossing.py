@@ -76,6 +76,7 @@ skipped.
 
 from __future__ import annotations
 
+import ast
 import csv
 import hashlib
 import os
@@ -383,16 +384,10 @@ class LossCrossingMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        """The checkpoint key: the monitored name, the baseline by its content (a digest of a
-        recorded or in-memory series, so that ``base.csv``, ``./base.csv`` and an absolute path
-        to it resume the same state: review, session 18) and a non-default prefix."""
-        label = "paired" if self._series is None else _sequence_label(self._series)
-        return self._state_key_with(label)
-
-    @property
-    def _legacy_state_key(self) -> str:  # type: ignore[override]
-        """The key of checkpoints written before session 18 (a recorded baseline by its path
-        as given), which Lightning tries when :attr:`state_key` is not in a checkpoint."""
+        """The checkpoint key: the monitored name, the baseline as given (a recorded one by its
+        path) and a non-default prefix. A checkpoint that holds no state under this key (the
+        same baseline given as ``./base.csv`` or by an absolute path) is searched for this
+        monitor's state by :meth:`on_load_checkpoint`."""
         return self._state_key_with(str(self.baseline))
 
     def _state_key_with(self, baseline: str) -> str:
@@ -401,9 +396,62 @@ class LossCrossingMonitor(Callback):
             key["prefix"] = self.prefix
         return self._generate_state_key(**key)
 
+    def _identity(self) -> str:
+        """The baseline by its content: ``"paired"`` or a digest of its series."""
+        return "paired" if self._series is None else _sequence_label(self._series)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Where the checkpoint holds no state under :attr:`state_key` (the baseline's path was
+        spelled another way: ``./base.csv``, an absolute path, another working directory), take
+        this monitor's state from the ``LossCrossingMonitor`` entry with the same monitored name
+        and prefix: the one saved for a baseline of the same content where the checkpoint
+        records it, else the only such entry. The crossings and the detector were lost on such
+        a resume (review, session 18). Nothing is taken where the choice is ambiguous."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return  # (Lightning restores it)
+        head = type(self).__qualname__
+        mine = {"monitor": self.monitor}
+        if self.prefix != "crossing":
+            mine["prefix"] = self.prefix
+        found: list[tuple[str, dict[str, Any]]] = []
+        for key, state in states.items():
+            if not (isinstance(key, str) and key.startswith(head + "{")):
+                continue
+            try:
+                fields = ast.literal_eval(key[len(head) :])
+            except (ValueError, SyntaxError):
+                continue
+            if (
+                isinstance(fields, dict)
+                and {k: v for k, v in fields.items() if k != "baseline"} == mine
+            ):
+                found.append((key, state))
+        same = [f for f in found if f[1].get("baseline_digest") == self._identity()]
+        chosen = same if same else [f for f in found if "baseline_digest" not in f[1]]
+        if len(chosen) != 1:
+            if found:
+                rank_zero_warn(
+                    f"LossCrossingMonitor: the checkpoint holds no state under {self.state_key!r}, "
+                    f"and {len(found)} other entries for {self.monitor!r} do not tell which is "
+                    "this monitor's: its crossings start afresh"
+                )
+            return
+        key, state = chosen[0]
+        self.load_state_dict(state)
+        rank_zero_warn(
+            f"LossCrossingMonitor: restored the state saved under {key!r} (the baseline is now "
+            f"given as {str(self.baseline)!r})"
+        )
+
     def state_dict(self) -> dict[str, Any]:
         self._flush()  # a checkpoint holds every completed step seen so far ...
-        state: dict[str, Any] = {"detector": self.detector.state_dict()}
+        state: dict[str, Any] = {
+            "detector": self.detector.state_dict(),
+            "baseline_digest": self._identity(),
+        }
         if self._current is not None:
             # ... and the step in progress, not closed: under gradient accumulation a
             # checkpoint between two micro-batches would otherwise feed the detector this
@@ -527,7 +575,12 @@ class LossCrossingMonitor(Callback):
             self.setup(trainer, pl_module, "fit")
         assert self._keys is not None
         self._host = (trainer, pl_module)
-        if self.kind == "recorded" and not read_now and not logs_this_step(trainer):
+        if (
+            self.kind == "recorded"
+            and not read_now
+            and int(getattr(trainer, "log_every_n_steps", 1))  # (0: nothing logged: every step)
+            and not logs_this_step(trainer)
+        ):
             return  # (a recorded baseline: compared at the logged steps only)
         step = logger_step(trainer)
         same_step = self._current is not None and self._current[0] == step

@@ -760,6 +760,10 @@ class GeneralizationGapMonitor(Callback):
                     break
         if not batches:
             raise MisconfigurationException("GeneralizationGapMonitor: the train loader is empty")
+        if trainer.world_size > 1:
+            # An iterable dataset may split its stream by rank: rank 0's batches are every
+            # rank's subset, as for a map-style dataset (review, session 18).
+            batches = trainer.strategy.broadcast(batches, src=0)
         return batches
 
     def _batch_outputs(self, pl_module: pl.LightningModule, batch: Any, tag: str) -> tuple:

@@ -33,8 +33,9 @@ of log10 λ.
 
 Probe batch
 -----------
-By default the probe is the first ``probe_size`` samples of the training *dataset*, collated with
-the train loader's ``collate_fn``. No sampler is consulted and the loader is never iterated, so the
+By default the probe is the first ``probe_size`` samples of the training *dataset* (of its
+sampler's index set where it has one, as ``SubsetRandomSampler`` does), collated with the train
+loader's ``collate_fn``. No sampler is iterated and neither is the loader, so the
 training order and every RNG stay untouched, and every DDP rank (and a single-process run) sees the
 same probe. For an ``IterableDataset`` a fresh iterator of the loader is drawn from instead, under
 ``isolate_rng`` and with any loader/sampler ``generator`` state restored afterwards. A user
@@ -412,6 +413,7 @@ class NTKSpectrumMonitor(Callback):
         except ValueError as err:
             raise MisconfigurationException(f"NTKSpectrumMonitor: {err}") from None
         self.params = params
+        self._params_path: str | None = None  # a sub-module params= by its path (setup)
         self.strict = bool(strict)
         self.log_histogram = bool(log_histogram)
         self.log_figure = bool(log_figure)
@@ -453,11 +455,16 @@ class NTKSpectrumMonitor(Callback):
     # ------------------------------------------------------------------ Lightning plumbing
     @property
     def state_key(self) -> str:
+        params = stable_repr(self.params)
+        if isinstance(self.params, nn.Module):
+            # a sub-module by its path in the probed module (set up at `setup`): two sub-modules
+            # of one class must not share a key (review, session 18)
+            params = f"<module {self._params_path or type(self.params).__qualname__}>"
         return self._generate_state_key(
             prefix=self.prefix,
             output=self.output if isinstance(self.output, str) else "callable",
             module=self.module,
-            params=stable_repr(self.params),
+            params=params,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -506,6 +513,10 @@ class NTKSpectrumMonitor(Callback):
                 "zero computes the dense spectrum and shares it)."
             )
         check_unique_prefix(trainer, self)
+        if isinstance(self.params, nn.Module):
+            self._params_path = next(
+                (n for n, m in pl_module.named_modules() if m is self.params), None
+            )
         if is_fresh_fit(trainer):  # a resumed run's checkpoint is restored after setup
             self._reset_run()
         for tag, target in self._targets(pl_module).items():
@@ -771,7 +782,13 @@ class NTKSpectrumMonitor(Callback):
         if not batches:
             raise MisconfigurationException("NTKSpectrumMonitor: the train dataloader is empty.")
         batch = _concat_batches(batches) if len(batches) > 1 else batches[0]
-        return slice_batch(batch, slice(0, self.probe_size))
+        batch = slice_batch(batch, slice(0, self.probe_size))
+        if trainer.world_size > 1:
+            # An iterable dataset may split its stream by rank: rank 0's batch is every rank's
+            # probe (a sharded probe then takes its slice of one batch, not of its own; review,
+            # session 18: sharded and unsharded monitors disagreed at every probe).
+            batch = trainer.strategy.broadcast(batch, src=0)
+        return batch
 
     # ------------------------------------------------------------------ probing
     def _maybe_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:

@@ -424,6 +424,14 @@ class PairedModule(pl.LightningModule):
             )
 
     def on_fit_start(self) -> None:
+        trainer = self._trainer
+        fresh = trainer is not None and trainer.global_step == 0 and trainer.ckpt_path is None
+        if fresh:
+            # The stream starts with the fit (the documented rule, so that seed_everything
+            # before fit reproduces the baseline); an evaluation before it (trainer.validate)
+            # had started it from the seed active then, and the fit kept that stream (review,
+            # session 18). A resumed fit keeps its restored stream.
+            self._rng_cpu = self._rng_cuda = None
         if self._rng_cpu is None:
             self._init_baseline_rng()
 

@@ -909,11 +909,15 @@ class ProbeFunction:
         to rounding noise, and kernels for one sample round differently; review, session 18).
         A sample that gives NaN/Inf alone, on a batch that is finite, is not independent either.
         The last sample catches coupling that leaves the first unchanged (a cumulative sum over
-        the batch); coupling that changes neither end is not seen. Not checked where active
-        dropout (``eval_mode=False``) makes every pass random: no reference value then."""
+        the batch); coupling that changes neither end is not seen. Where active dropout
+        (``eval_mode=False``) makes every pass random there is no reference value: only whether
+        a sample runs alone is checked."""
         n = self.batch_size
-        if n < 2 or rows.numel() % n or (not self.eval_mode and _active_dropout(self.model)):
+        if n < 2 or rows.numel() % n:
             return None
+        # Active dropout (eval_mode=False): every pass is random, so only whether one sample
+        # runs alone is checked (train-mode BatchNorm1d beside dropout: review, session 18).
+        compare = self.eval_mode or not _active_dropout(self.model)
         r = rows.numel() // n
         tol = math.sqrt(torch.finfo(self.dtype).eps)
         bad: list[Tensor] = []
@@ -935,6 +939,8 @@ class ProbeFunction:
                     "the model fails on one sample alone, so it cannot be differentiated sample "
                     f"by sample ({type(err).__name__}: {text})"
                 )
+            if not compare:
+                continue
             if one.numel() != r:
                 return (
                     f"one sample alone gives {one.numel()} rows, against {r} per sample in the "
@@ -946,6 +952,8 @@ class ProbeFunction:
                 scale = torch.maximum(scale, spread.to(scale.dtype))
             diff = (one - ref).abs().max()
             bad.append(~torch.isfinite(one).all() | (diff > tol * scale))
+        if not bad:
+            return None
         flags = torch.stack(bad).tolist()  # (the one synchronisation)
         if not any(flags):
             return None

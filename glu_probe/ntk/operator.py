@@ -341,11 +341,19 @@ def agree_on_failure(
         raise RuntimeError(f"{who}: {what} during {stage} (see its error); every rank stops here")
 
 
+#: How out-of-memory errors read where they are a plain RuntimeError: CUDA's older text, and the
+#: CPU allocator's ("DefaultCPUAllocator: can't allocate memory ... (Cannot allocate memory)";
+#: a refused CPU allocation ended the fit instead of halving the chunk: review, session 18).
+_OOM_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
 def is_out_of_memory(err: BaseException) -> bool:
-    """``err`` is an out-of-memory error (CUDA's, or a RuntimeError that says so, e.g. CPU)."""
-    if isinstance(err, torch.cuda.OutOfMemoryError):
+    """``err`` is an out-of-memory error (``torch.OutOfMemoryError``, or a RuntimeError that says
+    so: the CPU allocator's, CUDA's older text)."""
+    if isinstance(err, torch.OutOfMemoryError):
         return True
-    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(t in text for t in _OOM_TEXTS)
 
 
 def _batched(fn: Callable[..., Any], k: int) -> Callable[..., Any]:
