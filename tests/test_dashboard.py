@@ -94,6 +94,44 @@ def test_layout_read_back_from_a_real_run_puts_model_and_baseline_together(tmp_p
     assert charts["first layer"] == ["^model/w$", "^baseline/w$"]
 
 
+def test_charts_follow_the_monitors_prefixes(tmp_path):
+    """(Review, session 18.) The charts matched only the default ``ntk/``, ``gap/`` and
+    ``crossing/`` tags, so the series of a monitor with its own ``prefix=`` (a second NTK
+    monitor of the MLP blocks, say) reached no chart. They now match the Trainer's monitors'
+    prefixes, read back from the event file against the scalar tags actually logged."""
+    from glu_probe.callbacks import NTKSpectrumMonitor
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 4, generator=g)
+    y = (x[:, 0] > 0).long()
+    train = DataLoader(TensorDataset(x, y), batch_size=8)
+    val = DataLoader(TensorDataset(x[:16], y[:16]), batch_size=8)
+    tb = TensorBoardLogger(str(tmp_path), name="run")
+    monitors = [
+        NTKSpectrumMonitor(every_n_steps=4, probe_size=8, log_figure=False),
+        NTKSpectrumMonitor(every_n_steps=4, probe_size=8, log_figure=False, prefix="ntk_last",
+                           params="2"),
+        GeneralizationGapMonitor(train_subset_size=8, prefix="gap_small"),
+        LossCrossingMonitor("paired", patience=2, prefix="cross_b"),
+    ]  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, num_sanity_val_steps=0, log_every_n_steps=1, logger=tb,
+        callbacks=[TensorBoardDashboard(), *monitors],
+    )  # fmt: skip
+    trainer.fit(PairedModule(_net(0), _net(1)), train, val)
+    tb.experiment.flush()
+    layout, scalar_tags, _ = _read_layout(tb.log_dir)
+    charts = _charts(layout)
+    kappa = _matching(charts["NTK condition number"], scalar_tags)
+    assert kappa == {f"{p}/{m}/condition_number" for p in ("ntk", "ntk_last") for m in
+                     ("model", "baseline")}  # fmt: skip
+    assert _matching(charts["generalization gap"], scalar_tags) == {
+        "gap_small/model/loss", "gap_small/baseline/loss",
+    }  # fmt: skip
+    assert _matching(charts["loss crossing"], scalar_tags) == {"cross_b/delta"}
+
+
 def _charts_from_dict(layout: dict) -> dict[str, list[str]]:
     return {title: spec[1] for title, spec in layout[DEFAULT_CATEGORY].items()}
 

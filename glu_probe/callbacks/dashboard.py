@@ -22,8 +22,12 @@ so every metric that :class:`PairedModule`, :class:`NTKSpectrumMonitor`,
 :class:`GeneralizationGapMonitor` and :class:`LossCrossingMonitor` log lands next to its
 counterpart. ``pairs=`` adds charts or replaces default ones (same title) with explicit tags.
 
-The layout is a run-level setting: it is written once per event directory (a second call on the
-same writer does nothing) and only on rank zero.
+Charts of the NTK, gap and crossing series match the prefixes of the Trainer's monitors (their
+``prefix=``), so several monitors of one kind share a chart.
+
+The layout is a run-level setting: it is written once per writer (a second call on the same
+writer does nothing) and only on rank zero; a run resumed into the same log directory writes it
+again, which TensorBoard reads as one layout.
 """
 
 from __future__ import annotations
@@ -48,24 +52,38 @@ Layout = dict[str, dict[str, list[Any]]]
 _WRITTEN: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def default_layout(model_prefix: str = "model", baseline_prefix: str = "baseline") -> Layout:
-    """The default custom-scalars layout (see the module docstring)."""
+def default_layout(
+    model_prefix: str = "model",
+    baseline_prefix: str = "baseline",
+    *,
+    ntk_prefixes: Sequence[str] = ("ntk",),
+    gap_prefixes: Sequence[str] = ("gap",),
+    crossing_prefixes: Sequence[str] = ("crossing",),
+) -> Layout:
+    """The default custom-scalars layout (see the module docstring). ``*_prefixes``: the tag
+    prefixes of the monitors whose series the charts draw (several monitors of one kind, with
+    their own ``prefix=``, share a chart)."""
     m, b = re.escape(model_prefix), re.escape(baseline_prefix)
     both = f"({m}|{b})"
+
+    def any_of(prefixes: Sequence[str]) -> str:
+        return "(" + "|".join(re.escape(p) for p in dict.fromkeys(prefixes)) + ")"
+
+    ntk, gap, cross = any_of(ntk_prefixes), any_of(gap_prefixes), any_of(crossing_prefixes)
     return {
         DEFAULT_CATEGORY: {
             "train loss": ["Multiline", [f"^({both}/)?train_loss$"]],
             "val loss": ["Multiline", [f"^({both}/)?val_loss$"]],
             "NTK condition number": [
                 "Multiline",
-                [f"^ntk/({both}/)?condition_number$"],
+                [f"^{ntk}/({both}/)?condition_number$"],
             ],
             "NTK condition number (log10)": [
                 "Multiline",
-                [f"^ntk/({both}/)?log10_condition_number$"],
+                [f"^{ntk}/({both}/)?log10_condition_number$"],
             ],
-            "generalization gap": ["Multiline", [f"^gap/({both}/)?loss$"]],
-            "loss crossing": ["Multiline", ["^crossing/delta$", "^crossing/event$"]],
+            "generalization gap": ["Multiline", [f"^{gap}/({both}/)?loss$"]],
+            "loss crossing": ["Multiline", [f"^{cross}/delta$", f"^{cross}/event$"]],
         }
     }
 
@@ -75,8 +93,13 @@ def _build_layout(
     model_prefix: str,
     baseline_prefix: str,
     include_defaults: bool,
+    monitor_prefixes: Mapping[str, Sequence[str]] | None = None,
 ) -> Layout:
-    layout = default_layout(model_prefix, baseline_prefix) if include_defaults else {}
+    layout = (
+        default_layout(model_prefix, baseline_prefix, **(monitor_prefixes or {}))
+        if include_defaults
+        else {}
+    )
     if charts:
         category = layout.setdefault(DEFAULT_CATEGORY, {})
         for title, tags in charts.items():
@@ -97,6 +120,7 @@ def write_dashboard_layout(
     model_prefix: str = "model",
     baseline_prefix: str = "baseline",
     include_defaults: bool = True,
+    monitor_prefixes: Mapping[str, Sequence[str]] | None = None,
 ) -> Layout:
     """Write the custom-scalars layout to a ``SummaryWriter`` or to each TensorBoard logger.
 
@@ -109,11 +133,14 @@ def write_dashboard_layout(
         model_prefix: the PairedModule's model prefix used in the default charts.
         baseline_prefix: the PairedModule's baseline prefix used in the default charts.
         include_defaults: start from :func:`default_layout` (else only ``pairs``).
+        monitor_prefixes: ``{"ntk_prefixes": [...], "gap_prefixes": [...],
+            "crossing_prefixes": [...]}`` for :func:`default_layout` (the Trainer's monitors'
+            own prefixes where a ``TensorBoardDashboard`` writes it).
 
     Returns:
         The layout written (``{category: {title: ["Multiline", [regex, ...]]}}``).
     """
-    layout = _build_layout(pairs, model_prefix, baseline_prefix, include_defaults)
+    layout = _build_layout(pairs, model_prefix, baseline_prefix, include_defaults, monitor_prefixes)
     if isinstance(writer_or_trainer, pl.Trainer):
         writers = list(tensorboard_writers(writer_or_trainer))
     elif callable(getattr(writer_or_trainer, "add_custom_scalars", None)):
@@ -166,4 +193,26 @@ class TensorBoardDashboard(Callback):
             model_prefix=mp,
             baseline_prefix=bp,
             include_defaults=self.include_defaults,
+            monitor_prefixes=_monitor_prefixes(trainer),
         )
+
+
+def _monitor_prefixes(trainer: pl.Trainer) -> dict[str, list[str]]:
+    """The tag prefixes of the Trainer's glu-probe monitors (their own ``prefix=``; the
+    defaults where there is none): the charts drew only the default prefixes before, so the
+    series of a second monitor (``prefix="ntk_mlp"``) reached no chart (review, session 18)."""
+    from glu_probe.callbacks.crossing import LossCrossingMonitor
+    from glu_probe.callbacks.gap import GeneralizationGapMonitor
+    from glu_probe.callbacks.ntk import NTKSpectrumMonitor
+
+    kinds = {
+        "ntk_prefixes": (NTKSpectrumMonitor, "ntk"),
+        "gap_prefixes": (GeneralizationGapMonitor, "gap"),
+        "crossing_prefixes": (LossCrossingMonitor, "crossing"),
+    }
+    callbacks = list(getattr(trainer, "callbacks", []))
+    out: dict[str, list[str]] = {}
+    for key, (cls, default) in kinds.items():
+        found = [str(getattr(c, "prefix", default)) for c in callbacks if isinstance(c, cls)]
+        out[key] = found or [default]
+    return out
