@@ -175,3 +175,60 @@ def test_all_callbacks_from_yaml(tmp_path):
     assert TensorBoardDashboard in by_type
     crossing = by_type[LossCrossingMonitor]
     assert crossing.monitor == "train_loss"
+
+
+class ClassData(pl.LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(0)
+        ds = TensorDataset(torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g))
+        return DataLoader(ds, batch_size=8)
+
+
+PAIRED_YAML = """
+model:
+  class_path: glu_probe.callbacks.PairedModule
+  init_args:
+    model:
+      class_path: glu_probe.modules.SwiGLU
+      init_args: {in_features: 4, hidden_features: 8, out_features: 3}
+    baseline:
+      class_path: glu_probe.modules.MLP
+      init_args: {in_features: 4, hidden_features: 12, out_features: 3}
+    optimizer: torch.optim.Adam
+    lr: 0.05
+    loss_fn:
+      class_path: torch.nn.CrossEntropyLoss
+      init_args: {label_smoothing: 0.1}
+    lr_scheduler:
+      class_path: torch.optim.lr_scheduler.StepLR
+      init_args: {step_size: 1, gamma: 0.5}
+trainer:
+  accelerator: cpu
+  max_steps: 2
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+"""
+
+
+def test_paired_module_from_yaml_with_classes(tmp_path):
+    """(Review, session 18.) ``PairedModule``'s scheduler (``Callable[[Optimizer], Any]``) and
+    loss (``Callable[[Tensor, Tensor], Tensor]``) could not be given as class paths, and
+    ``optimizer: torch.optim.Adam`` was read as an unknown optimizer name. Lightning's
+    ``LRSchedulerCallable`` convention, a module loss and dotted optimizer paths now parse."""
+    cfg = tmp_path / "paired.yaml"
+    cfg.write_text(textwrap.dedent(PAIRED_YAML))
+    cli = LightningCLI(
+        datamodule_class=ClassData,
+        args=["--config", str(cfg)],
+        run=False,
+        save_config_callback=None,
+        subclass_mode_model=True,
+    )
+    module = cli.model
+    assert isinstance(module.loss_fn, nn.CrossEntropyLoss) and module.loss_fn.label_smoothing == 0.1
+    cli.trainer.fit(module, cli.datamodule)
+    for opt in module.optimizers():
+        assert isinstance(opt.optimizer, torch.optim.Adam)
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**2)  # stepped twice

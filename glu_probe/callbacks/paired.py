@@ -78,6 +78,12 @@ __all__ = ["EVAL_OUTPUTS_KEY", "PairedModule"]
 EVAL_OUTPUTS_KEY = "glu_probe_evaluations"
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: A scheduler per optimizer, Lightning's ``LRSchedulerCallable``: jsonargparse (LightningCLI)
+#: builds it from ``class_path: torch.optim.lr_scheduler.StepLR`` and ``init_args``.
+LRSchedulerFactory = Callable[
+    [torch.optim.Optimizer],
+    torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau,
+]
 OptimizerSpec = str | type[torch.optim.Optimizer] | Callable[..., torch.optim.Optimizer]
 
 _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -168,6 +174,20 @@ def _n_items(target: Any) -> int:
     return int(target.shape[0])
 
 
+def _import_dotted(path: str) -> Any:
+    """The object a dotted path names (``"torch.optim.Adam"``), or a
+    MisconfigurationException."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise MisconfigurationException(
+            f"PairedModule: optimizer {path!r} names nothing importable ({err})"
+        ) from None
+
+
 def _make_optimizer(
     spec: OptimizerSpec, params: Sequence[nn.Parameter], lr: float, kwargs: Mapping[str, Any]
 ) -> torch.optim.Optimizer:
@@ -192,14 +212,17 @@ class PairedModule(pl.LightningModule):
     Args:
         model: the network under study (logged under ``model_prefix``).
         baseline: the reference network (logged under ``baseline_prefix``).
-        loss_fn: ``loss_fn(preds, target) -> scalar``; default: cross-entropy with
-            ``ignore_index=-100``.
+        loss_fn: ``loss_fn(preds, target) -> scalar`` (a function or a module such as
+            ``nn.CrossEntropyLoss()``); default: cross-entropy with ``ignore_index=-100``.
         optimizer: a name (``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"``, ``"adagrad"``), an
-            optimizer class (both built with ``lr`` and ``optimizer_kwargs``), or a factory
-            ``params -> Optimizer`` (called once per network; ``lr`` is then not used).
+            optimizer class or its dotted path (``"torch.optim.Adam"``; all built with ``lr``
+            and ``optimizer_kwargs``), or a factory ``params -> Optimizer`` (called once per
+            network; ``lr`` is then not used).
         lr: learning rate for a named optimizer or class.
         optimizer_kwargs: extra keyword arguments for a named optimizer or class.
-        lr_scheduler: optional factory ``optimizer -> LRScheduler`` (one per network).
+        lr_scheduler: optional factory ``optimizer -> LRScheduler`` (one per network;
+            Lightning's ``LRSchedulerCallable``, so a LightningCLI YAML gives it as
+            ``class_path: torch.optim.lr_scheduler.StepLR`` with ``init_args``).
         lr_scheduler_interval: ``"step"`` or ``"epoch"``.
         lr_scheduler_monitor: metric (without prefix) for ``ReduceLROnPlateau``.
         gradient_clip_val: clip each network's gradients to this value (``None``: no clipping).
@@ -217,11 +240,11 @@ class PairedModule(pl.LightningModule):
         model: nn.Module,
         baseline: nn.Module,
         *,
-        loss_fn: LossFn | None = None,
+        loss_fn: nn.Module | LossFn | None = None,
         optimizer: OptimizerSpec = "adamw",
         lr: float = 1e-3,
         optimizer_kwargs: dict[str, Any] | None = None,
-        lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        lr_scheduler: LRSchedulerFactory | None = None,
         lr_scheduler_interval: str = "step",
         lr_scheduler_monitor: str = "val_loss",
         gradient_clip_val: float | None = None,
@@ -249,6 +272,8 @@ class PairedModule(pl.LightningModule):
                 f"PairedModule: model and baseline share {len(shared)} parameter tensor(s); "
                 "they must be independent networks"
             )
+        if isinstance(optimizer, str) and "." in optimizer:
+            optimizer = _import_dotted(optimizer)  # "torch.optim.Adam" (a LightningCLI YAML)
         if isinstance(optimizer, str) and optimizer.lower() not in _OPTIMIZERS:
             raise MisconfigurationException(
                 f"PairedModule: unknown optimizer {optimizer!r}; use one of "
