@@ -1065,3 +1065,48 @@ def test_t5_stacks_private_config_copies_follow_the_swap() -> None:
     back = swap_mlp(model, "relu")
     assert back.entries[0].hidden_features == 96
     assert model.config.d_ff == model.encoder.config.d_ff == model.decoder.config.d_ff == 96
+
+
+def test_a_partly_frozen_block_keeps_its_flags_per_layer() -> None:
+    """(Review, session 18.) A block whose weights are frozen while its biases train (BitFit)
+    came back fully trainable after a swap, silently; the flags now follow the layer roles, and
+    a swap back restores the original trainable count."""
+    timm = pytest.importorskip("timm")
+
+    m = _timm_mlp_host(timm)
+    for layer in (m.mlp.fc1, m.mlp.fc2):
+        layer.weight.requires_grad_(False)
+    trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    swap_mlp(m, "swiglu")
+    flags = {n: p.requires_grad for n, p in m.mlp.named_parameters()}
+    assert flags == {"fc1.weight": False, "fc1.bias": True, "fc2.weight": False, "fc2.bias": True}
+    swap_mlp(m, "gelu")
+    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == trainable
+    # gate and up frozen differently: no role of the new packed fc1 fits, so a warning
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=64,
+        )
+    )
+    mlp = llama.model.layers[0].mlp
+    mlp.gate_proj.weight.requires_grad_(False)
+    with pytest.warns(UserWarning, match="partly frozen"):
+        swap_mlp(llama, "gelu")
+
+
+def test_a_swap_under_inference_mode_leaves_a_trainable_model() -> None:
+    """(Review, session 18.) Under ``torch.inference_mode()`` (a Lightning validation hook) the
+    new blocks were built from inference tensors: the model could no longer be trained."""
+    timm = pytest.importorskip("timm")
+
+    m = _timm_mlp_host(timm)
+    with torch.inference_mode():
+        swap_mlp(m, "swiglu")
+    assert not any(p.is_inference() for p in m.parameters())
+    m(torch.randn(3, 32)).sum().backward()
+    assert m.mlp.fc1.weight.grad is not None

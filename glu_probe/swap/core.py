@@ -450,6 +450,57 @@ def _init_host(root: nn.Module, path: str) -> tuple[str, nn.Module, str] | None:
     return None
 
 
+def _keep_frozen(path: str, old: nn.Module, new: nn.Module, adapter: MLPAdapter) -> None:
+    """Carry the source block's frozen state (``requires_grad``) to ``new``: a frozen block
+    stays frozen; a partly frozen one (BitFit: biases train, weights do not) keeps its flags per
+    layer role, input layers to ``fc1``/``fc1_g``/``fc1_x``, output layer to ``fc2``, weight to
+    weight and bias to bias. Only the fully frozen case was kept before session 18: a partly
+    frozen block came back fully trainable, silently (review). Where the roles cannot be mapped
+    (a rewired block, input layers frozen differently from each other), a warning says that the
+    new block trains every parameter."""
+    flags = [p.requires_grad for p in adapter.source_parameters(old)]
+    if all(flags):
+        return
+    if not any(flags):
+        new.requires_grad_(False)  # a frozen block stays frozen
+        return
+    roles = _source_roles(old)
+    inputs = [m for n, m in new.named_children() if n in ("fc1", "fc1_g", "fc1_x")]
+    output = getattr(new, "fc2", None)
+    plan: list[tuple[list[nn.Module], str, bool]] = []
+    if roles is not None and inputs and isinstance(output, nn.Module):
+        ins, out = roles
+        for names, targets in ((ins, inputs), ((out,), [output])):
+            for kind in ("weight", "bias"):
+                seen = {
+                    t.requires_grad
+                    for n in names
+                    if isinstance(t := getattr(getattr(old, n, None), kind, None), torch.Tensor)
+                }
+                if len(seen) > 1:
+                    plan = []
+                    roles = None
+                    break
+                if seen:
+                    plan.append((targets, kind, seen.pop()))
+            if roles is None:
+                break
+    if roles is None or not plan:
+        warnings.warn(
+            f"swap_mlp: the block at {path or '<root>'} is partly frozen ({sum(flags)} of "
+            f"{len(flags)} parameter tensors train) in a way that does not map onto the new "
+            "block's layers; the new block trains all its parameters",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    for targets, kind, flag in plan:
+        for module in targets:
+            param = getattr(module, kind, None)
+            if isinstance(param, nn.Parameter):
+                param.requires_grad_(flag)
+
+
 def _source_roles(source: nn.Module) -> tuple[tuple[str, ...], str] | None:
     """Child names of the source block's input layers (the gate and up projections of a split
     gated block, else the one input layer) and of its output layer, for a block the swap
@@ -938,6 +989,21 @@ def swap_mlp(
     (width and, where only the MLP uses it, the activation; plus a ``glu_probe_swap`` record),
     so a model rebuilt from it and swapped again has the same structure.
     """
+    if torch.is_inference_mode_enabled():
+        # Blocks built under inference mode hold inference tensors, which cannot train (a
+        # Lightning validation hook runs under it; review, session 18): build them outside it.
+        with torch.inference_mode(False):
+            return swap_mlp(
+                model,
+                variant,
+                match=match,
+                multiple_of=multiple_of,
+                strict=strict,
+                tolerance=tolerance,
+                hidden_features=hidden_features,
+                init=init,
+                **module_kwargs,
+            )
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_mlp expects an nn.Module, got {type(model).__name__}")
     if not isinstance(variant, str) or variant.lower() not in VARIANTS:
@@ -1078,8 +1144,7 @@ def swap_mlp(
         # the host's own block, for a later swap of this place (a meta copy: no storage)
         new.__dict__[ORIGIN_ATTR] = origin if origin is not old else _meta_copy(old)
         new.train(old.training)
-        if not any(p.requires_grad for p in adapter.source_parameters(old)):
-            new.requires_grad_(False)  # a frozen block stays frozen
+        _keep_frozen(path, old, new, adapter)
         entry = SwapEntry(
             path=path,
             adapter=adapter.name,
