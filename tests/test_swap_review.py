@@ -1110,3 +1110,13 @@ def test_a_swap_under_inference_mode_leaves_a_trainable_model() -> None:
     assert not any(p.is_inference() for p in m.parameters())
     m(torch.randn(3, 32)).sum().backward()
     assert m.mlp.fc1.weight.grad is not None
+
+
+def test_arguments_taken_from_the_source_block_are_refused_clearly() -> None:
+    """(Review, session 18.) ``swap_mlp(m, "swiglu", bias=False)`` raised a raw "make_mlp() got
+    multiple values for keyword argument 'bias'"; these arguments come from each source block."""
+    timm = pytest.importorskip("timm")
+
+    for key in ("bias", "drop", "dtype", "norm_layer"):
+        with pytest.raises(TypeError, match=r"taken from each block being replaced"):
+            swap_mlp(_timm_mlp_host(timm), "swiglu", **{key: None})

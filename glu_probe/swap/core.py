@@ -948,6 +948,10 @@ def _resolve_width(
     return h, 1
 
 
+#: ``make_mlp`` arguments the default :meth:`MLPAdapter.build` takes from the source block.
+_FROM_SOURCE = frozenset({"bias", "drop", "norm_layer", "use_conv", "device", "dtype"})
+
+
 def swap_mlp(
     model: nn.Module,
     variant: str,
@@ -984,10 +988,13 @@ def swap_mlp(
     Returns:
         A :class:`SwapReport` (per-block paths, widths, parameter counts, config updates).
 
-    The device, dtype, training mode, frozen state (``requires_grad``), dropout probabilities,
-    bias flags and inner norm of each block are kept. A Hugging Face host's config is updated
-    (width and, where only the MLP uses it, the activation; plus a ``glu_probe_swap`` record),
-    so a model rebuilt from it and swapped again has the same structure.
+    The device, dtype, training mode, frozen state (``requires_grad``, per layer role where a
+    block is partly frozen), dropout probabilities, bias flags and inner norm of each block are
+    kept. A Hugging Face host's config is updated in place (width and, where only the MLP uses
+    it, the activation; plus a ``glu_probe_swap`` record), so a model rebuilt from it and swapped
+    again has the same structure. Another model built from the *same config object* sees those
+    updates too (transformers keeps a reference, not a copy): build each model from its own
+    config, or swap a ``copy.deepcopy`` of the model.
     """
     if torch.is_inference_mode_enabled():
         # Blocks built under inference mode hold inference tensors, which cannot train (a
@@ -1025,6 +1032,14 @@ def swap_mlp(
         raise ValueError(f"init must be 'host' or 'default', got {init!r}")
     if "act_layer" in module_kwargs:
         raise TypeError("swap_mlp: the variant fixes the activation; do not pass act_layer")
+    taken = sorted(set(module_kwargs) & _FROM_SOURCE)
+    if taken:
+        # (a raw "make_mlp() got multiple values for keyword argument" before: review)
+        raise TypeError(
+            f"swap_mlp: {taken} are taken from each block being replaced (its biases, dropout, "
+            "norm, layout, device and dtype), not from swap_mlp's arguments; change them on the "
+            "new blocks after the swap (report.entries lists their paths)"
+        )
 
     adapters = registered_adapters()
     found: list[tuple[str, nn.Module, MLPAdapter]] = []
