@@ -414,3 +414,24 @@ def test_meta_parameters_and_nested_inputs() -> None:
     J = torch.cat([j.reshape(5, -1) for j in torch.autograd.functional.jacobian(rows, ps)], 1)
     for inputs in ({"xs": (a, b)}, ((a, b),)):
         torch.testing.assert_close(ntk_matrix(model, inputs), J @ J.T, rtol=1e-10, atol=1e-12)
+
+
+def test_a_tuple_output_of_several_tensors_is_pointed_out() -> None:
+    """(Review, session 18.) A model returning ``(aux, logits)`` was probed on ``aux`` (the
+    first tensor) without a word; the probe now says which tensor it took."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.aux, self.head = nn.Linear(5, 8), nn.Linear(8, 3), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = torch.tanh(self.body(x))
+            return self.aux(h), self.head(h)
+
+    x = torch.randn(6, 5)
+    with pytest.warns(RuntimeWarning, match=r"tuple of 2 tensors.*first \(shape \(1, 3\)\)"):
+        ntk_matrix(TwoHeads(), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ntk_matrix(TwoHeads(), x, output=lambda out: out[1].sum(-1))

@@ -353,3 +353,38 @@ def test_a_missing_stream_is_started_without_resetting_the_restored_one():
     fresh = PairedModule(_net(1), _net(2, dropout=0.5), baseline_seed=3, lr=1e-2)
     fresh._init_baseline_rng()
     assert torch.equal(fresh._rng_cpu, torch.Generator().manual_seed(3).get_state())
+
+
+def test_regression_targets_with_the_default_loss_are_refused(tmp_path):
+    """(Review, session 18.) The default loss is cross-entropy: float targets of shape (B, 1)
+    for a one-output model gave a loss of exactly 0 and trained nothing, silently. They now
+    raise an error that names ``loss_fn=``; with ``loss_fn=mse_loss`` the pair trains."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 6, generator=g), torch.randn(16, 1, generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    pair = PairedModule(nn.Linear(6, 1), nn.Linear(6, 1))
+    with pytest.raises(ValueError, match="loss_fn="):
+        _trainer(tmp_path, max_steps=1).fit(pair, train_dataloaders=loader)
+    pair = PairedModule(nn.Linear(6, 1), nn.Linear(6, 1), loss_fn=F.mse_loss, lr=0.1)
+    before = F.mse_loss(pair.model(x), y).item()
+    _trainer(tmp_path, max_steps=4).fit(pair, train_dataloaders=loader)
+    assert F.mse_loss(pair.model(x), y).item() < before
+
+
+def test_labels_equal_to_input_ids_without_causal_lm_are_pointed_out(tmp_path):
+    """(Review, session 18.) A Hugging Face causal LM with ``labels=input_ids`` and the default
+    ``causal_lm=False`` trained each position on its own token, without a word."""
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8)
+    nets = [transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg)) for _ in range(2)]
+    ids = torch.randint(0, 32, (8, 8), generator=torch.Generator().manual_seed(0))
+    batches = DataLoader(
+        [{"input_ids": ids[i : i + 4], "labels": ids[i : i + 4]} for i in (0, 4)], batch_size=None
+    )
+    with pytest.warns(UserWarning, match="causal_lm=True"):
+        _trainer(tmp_path, max_steps=1).fit(PairedModule(*nets), train_dataloaders=batches)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*causal_lm=True")
+        _trainer(tmp_path, max_steps=1).fit(
+            PairedModule(*nets, causal_lm=True), train_dataloaders=batches
+        )

@@ -66,6 +66,7 @@ from typing import Any, cast
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -161,8 +162,41 @@ def _prepare(
 
 
 def _default_loss(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the non-ignored targets (``ignore_index=-100``, as HF)."""
+    """Mean cross-entropy over the non-ignored targets (``ignore_index=-100``, as HF).
+
+    For classification: integer class targets, or class probabilities of the logits' shape.
+    Float targets of another shape, or a one-class output (cross-entropy over one class is 0
+    whatever the model does: a regression pair trained nothing, silently; review, session
+    18), raise a ``ValueError`` that names ``loss_fn=``."""
+    if target.is_floating_point() and (preds.shape[-1] == 1 or target.shape != preds.shape):
+        raise ValueError(
+            f"PairedModule's default loss is cross-entropy, for classification (integer class "
+            f"targets, or class probabilities shaped like the logits); got float targets "
+            f"{tuple(target.shape)} for outputs {tuple(preds.shape)}. Pass loss_fn=, e.g. "
+            "torch.nn.functional.mse_loss for regression"
+        )
     return F.cross_entropy(preds.float(), target, ignore_index=-100)
+
+
+def _warn_unshifted(batch: Any, labels_key: str, logits: Any) -> None:
+    """A dict batch whose labels are its ``input_ids`` (the Hugging Face causal-LM convention,
+    where the model's own loss shifts them) with sequence logits and ``causal_lm=False``: the
+    loss then asks each position to predict its own token. Said once (review, session 18)."""
+    if not isinstance(batch, Mapping) or not isinstance(logits, torch.Tensor) or logits.ndim != 3:
+        return
+    labels, ids = batch.get(labels_key), batch.get("input_ids")
+    if (
+        isinstance(labels, torch.Tensor)
+        and isinstance(ids, torch.Tensor)
+        and labels.shape == ids.shape
+        and bool(torch.equal(labels, ids))
+    ):
+        rank_zero_warn(
+            f"PairedModule: the batch's {labels_key!r} equal its 'input_ids' and the logits are "
+            "per token, but causal_lm=False: each position is trained to predict its own token. "
+            "For next-token prediction (Hugging Face's convention for labels=input_ids) pass "
+            "causal_lm=True"
+        )
 
 
 def _n_items(target: Any) -> int:
@@ -338,6 +372,7 @@ class PairedModule(pl.LightningModule):
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.causal_lm = bool(causal_lm)
+        self._checked_causal = False  # (the labels == input_ids check, once)
         self.labels_key = labels_key
         self.model_prefix = model_prefix
         self.baseline_prefix = baseline_prefix
@@ -371,7 +406,11 @@ class PairedModule(pl.LightningModule):
                 out = _call(module, inputs)
         else:
             out = _call(module, inputs)
-        preds, target = _prepare(_logits(out), target, self.causal_lm)
+        logits = _logits(out)
+        if not self.causal_lm and not self._checked_causal:
+            self._checked_causal = True
+            _warn_unshifted(batch, self.labels_key, logits)
+        preds, target = _prepare(logits, target, self.causal_lm)
         return self.loss_fn(preds, target), preds, target
 
     def compute_loss(self, batch: Any, which: str = "model") -> torch.Tensor:

@@ -369,6 +369,22 @@ def allows_autograd(fn: F) -> F:
     return cast(F, wrapped)
 
 
+def _warn_first_of_several(out: Any, output: OutputSpec) -> None:
+    """A tuple or list output with several tensors is probed on its first (``pick_output``):
+    say so, since ``(aux, logits)`` would be probed on ``aux`` (review, session 18)."""
+    if not isinstance(output, str) or not isinstance(out, (tuple, list)):
+        return
+    tensors = [t for t in out if isinstance(t, Tensor)]
+    if len(tensors) > 1:
+        warnings.warn(
+            f"the model returns a {type(out).__name__} of {len(tensors)} tensors: the probe's "
+            f"rows come from the first (shape {tuple(tensors[0].shape)}); pass "
+            "output=callable(model_output) -> rows to probe another",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
 def _active_dropout(model: nn.Module) -> bool:
     """A dropout layer in training mode with p > 0 (its passes are random)."""
     return any(
@@ -925,6 +941,8 @@ class ProbeFunction:
             try:
                 with self.session(), torch.no_grad():
                     out = self.call_model(self.params, self.chunk(i, i + 1))
+                    if i == 0:
+                        _warn_first_of_several(out, self.output)
                     one = _rows(out, self.output).detach().reshape(-1)
                     spread = (
                         _rows(pick_output(out).abs(), self.output).detach().abs().max()
