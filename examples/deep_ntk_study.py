@@ -84,9 +84,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", default="runs/examples/deep_ntk", help="output folder")
     args = p.parse_args(argv)
-    if args.quick:
-        args.depths, args.widths, args.train_steps = [1, 2], [16], 3
-        args.probe_rows, args.batch_size, args.seq_len = 8, 8, 8
+    if args.quick:  # a tiny grid, except where a flag was given explicitly
+        small = {"depths": [1, 2], "widths": [16], "train_steps": 3, "probe_rows": 8,
+                 "batch_size": 8, "seq_len": 8}  # fmt: skip
+        for name, value in small.items():
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, value)
     for name in ("depths", "widths"):
         if any(v < 1 for v in getattr(args, name)):
             p.error(f"--{name} must be positive")

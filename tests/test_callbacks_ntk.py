@@ -663,6 +663,30 @@ def test_fsdp_trainer_refused_at_setup():
         t.fit(TinyNet(), loader(make_data()))
 
 
+class DictBatches(TinyNet):
+    """Trains on ``{"image", "label"}`` batches while ``forward`` takes ``x``."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = nn.functional.mse_loss(self(batch["image"]), batch["label"])
+        self.log("train_loss", loss)
+        return loss
+
+
+def test_dict_batch_keys_that_are_not_forward_arguments_get_a_hint():
+    """(New-user review, session 18.) The monitor calls the model with a dict batch's entries
+    as keyword arguments: ``{"image", "label"}`` for ``forward(x)`` failed at train start with
+    a bare TypeError that did not mention the monitor or ``probe_inputs=``."""
+    ds = make_data()
+    samples = [{"image": x, "label": y} for x, y in zip(*ds.tensors, strict=True)]
+    loader_ = torch.utils.data.DataLoader(samples, batch_size=8)
+    mon = NTKSpectrumMonitor(every_n_steps=1, probe_size=6)
+    with pytest.raises(MisconfigurationException, match=r"model\(\*\*batch\).*probe_inputs="):
+        trainer(max_steps=1, callbacks=[mon]).fit(DictBatches(), loader_)
+    ok = NTKSpectrumMonitor(every_n_steps=1, probe_size=6, probe_inputs=lambda b: b["image"])
+    trainer(max_steps=1, callbacks=[ok]).fit(DictBatches(), loader_)
+    assert ok.history
+
+
 def test_sub_module_params_get_distinct_checkpoint_keys():
     """(Second review, session 18.) ``params=<sub-module>`` was keyed by its class alone, so two
     monitors of different Linear layers shared a checkpoint key (a resume could restore the

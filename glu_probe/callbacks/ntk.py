@@ -20,7 +20,8 @@ NTK is K = J Jᵀ. Every ``every_n_steps`` optimizer steps (and at step 0) the m
   Ritz pairs. By the Bauer–Fike / Kahan bound for symmetric K, an eigenvalue of K lies within
   that distance of the reported value. On the exact (dense ``eigh``) path they are the rounding
   bounds 2·√λ·δ + δ² of the float32 Jacobian rows (default ``dtype``; see
-  :func:`~glu_probe.ntk.ntk_spectrum`), and 0 with ``dtype=torch.float64``.
+  :func:`~glu_probe.ntk.ntk_spectrum`), and with ``dtype=torch.float64`` the float64 rounding
+  allowance n·ε₆₄·λ_max alone (about 1e-13 of λ_max at 64 rows).
 
 For a PairedModule the names are ``ntk/model/<name>`` and ``ntk/baseline/<name>`` (its
 ``model_prefix`` / ``baseline_prefix``). On rank zero it
@@ -320,7 +321,8 @@ class NTKSpectrumMonitor(Callback):
         module: attribute path of the submodule to probe (e.g. ``"net"``); default: the
             LightningModule itself, or ``model`` and ``baseline`` of a PairedModule.
         target_probes: probes per run targeted by the automatic cadence (>= 20 recommended).
-        chunk_size: probe rows per chunk in the engine (``None``: engine default).
+        chunk_size: probe samples per chunk of the engine's matrix-free products (``None``:
+            engine default).
         dtype: probe precision (``torch.float32`` or ``torch.float64``) of the derivatives:
             the iterative path's products, and the exact path's Jacobian rows
             (``jacobian_dtype`` of :func:`~glu_probe.ntk.ntk_spectrum`; K and its ``eigh`` are
@@ -638,7 +640,24 @@ class NTKSpectrumMonitor(Callback):
         n = _batch_len(inputs) or n
         if self.probe is None and self.max_rows is not None:
             requested = n
-            per_sample = self._rows_per_sample(pl_module, inputs, include_cuda)
+            try:
+                per_sample = self._rows_per_sample(pl_module, inputs, include_cuda)
+            except TypeError as err:
+                # A dict batch whose keys are not forward's arguments ({"image", "label"} for
+                # forward(x)): the bare TypeError did not say where the call came from (review,
+                # session 18).
+                how = (
+                    "as model(**batch) (its labels key removed)"
+                    if isinstance(inputs, Mapping)
+                    else "as model(*batch)"
+                    if isinstance(inputs, (tuple, list))
+                    else "as model(batch)"
+                )
+                raise MisconfigurationException(
+                    f"NTKSpectrumMonitor: the probed module failed on the probe inputs, called "
+                    f"{how} ({type(err).__name__}: {err}); pass probe_inputs=callable(batch) -> "
+                    "the model's inputs (e.g. lambda b: b['image']), or probe= a batch"
+                ) from err
             n = max(1, min(n, self.max_rows // max(1, per_sample)))
             inputs = slice_batch(inputs, slice(0, n))
             if per_sample > self.max_rows:

@@ -934,7 +934,7 @@ def _resolve_width(
                     f"{100 * (tolerance or 0):.2f}%); using multiple_of={d} "
                     f"(width {h}, {100 * err:.2f}%) instead",
                     UserWarning,
-                    stacklevel=4,
+                    stacklevel=3,  # (the caller of swap_mlp)
                 )
             return h, d
     h = closest_width(target, slope, const, 1)
@@ -943,7 +943,7 @@ def _resolve_width(
         f"swap_mlp: no width matches {target} parameters within {100 * (tolerance or 0):.2f}% "
         f"(best: {h}, {100 * err:.2f}%); the block is too small for the tolerance",
         UserWarning,
-        stacklevel=4,
+        stacklevel=3,
     )
     return h, 1
 
