@@ -287,6 +287,13 @@ def test_resume_finds_a_recorded_baseline_spelled_another_way(tmp_path, monkeypa
         Synthetic(a), _loader(40), ckpt_path=path
     )
     assert resumed.detector.n_updates == full.detector.n_updates
+    # grown *and* spelled another way: the one entry of that name is taken, and said so
+    resumed = LossCrossingMonitor(baseline="./metrics.csv", **kw)
+    with pytest.warns(UserWarning, match="content differs"):
+        _trainer(tmp_path, max_epochs=3, callbacks=[resumed]).fit(
+            Synthetic(a), _loader(40), ckpt_path=path
+        )
+    assert resumed.detector.n_updates == full.detector.n_updates
 
 
 def test_batched_reads_change_no_result(tmp_path):

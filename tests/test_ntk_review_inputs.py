@@ -430,7 +430,9 @@ def test_a_tuple_output_of_several_tensors_is_pointed_out() -> None:
             return self.aux(h), self.head(h)
 
     x = torch.randn(6, 5)
-    with pytest.warns(RuntimeWarning, match=r"tuple of 2 tensors.*first \(shape \(1, 3\)\)"):
+    with pytest.warns(
+        RuntimeWarning, match=r"\(tuple\) holds 2 tensors.*first \(per sample \(3,\)\)"
+    ):
         ntk_matrix(TwoHeads(), x)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)

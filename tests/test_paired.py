@@ -157,6 +157,24 @@ def test_an_evaluation_before_fit_does_not_seed_the_baseline_stream(tmp_path):
     plain, after_a, after_b = run(None), run(1234), run(999)
     for p, q, r in zip(plain, after_a, after_b, strict=True):
         assert torch.equal(p, q) and torch.equal(p, r)
+    # a second fit of the same module (a new Trainer) continues the stream of the first: it
+    # is not re-seeded, which would replay the first fit's dropout masks (second review)
+    module = PairedModule(_net(1), _net(2, dropout=0.5), lr=1e-2)
+    _trainer(tmp_path, max_steps=2).fit(module, train_dataloaders=loader)
+    after_first = module._rng_cpu.clone()
+    seen: list[torch.Tensor] = []
+    plain_fit_start = PairedModule.on_fit_start
+
+    def spy(self):
+        plain_fit_start(self)
+        seen.append(self._rng_cpu.clone())
+
+    PairedModule.on_fit_start = spy  # type: ignore[method-assign]
+    try:
+        _trainer(tmp_path, max_steps=2).fit(module, train_dataloaders=loader)
+    finally:
+        PairedModule.on_fit_start = plain_fit_start  # type: ignore[method-assign]
+    assert torch.equal(seen[0], after_first)
 
 
 class _SoloModule(pl.LightningModule):
@@ -365,6 +383,12 @@ def test_regression_targets_with_the_default_loss_are_refused(tmp_path):
     pair = PairedModule(nn.Linear(6, 1), nn.Linear(6, 1))
     with pytest.raises(ValueError, match="loss_fn="):
         _trainer(tmp_path, max_steps=1).fit(pair, train_dataloaders=loader)
+    from glu_probe.callbacks.paired import _default_loss
+
+    with pytest.raises(ValueError, match="1 class"):  # one class on dim 1, integer targets
+        _default_loss(torch.randn(4, 1, 3, 3), torch.zeros(4, 3, 3, dtype=torch.long))
+    soft = torch.softmax(torch.randn(4, 5, 3, 1), dim=1)  # classes on dim 1, a trailing 1
+    assert torch.isfinite(_default_loss(torch.randn(4, 5, 3, 1), soft))
     pair = PairedModule(nn.Linear(6, 1), nn.Linear(6, 1), loss_fn=F.mse_loss, lr=0.1)
     before = F.mse_loss(pair.model(x), y).item()
     _trainer(tmp_path, max_steps=4).fit(pair, train_dataloaders=loader)

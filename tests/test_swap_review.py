@@ -1082,6 +1082,23 @@ def test_a_partly_frozen_block_keeps_its_flags_per_layer() -> None:
     assert flags == {"fc1.weight": False, "fc1.bias": True, "fc2.weight": False, "fc2.bias": True}
     swap_mlp(m, "gelu")
     assert sum(p.numel() for p in m.parameters() if p.requires_grad) == trainable
+    # BERT's rewired block has no layer roles, but BitFit flags are uniform per kind
+    bert = transformers.BertModel(
+        transformers.BertConfig(
+            hidden_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=128,
+            vocab_size=64,
+        )
+    )
+    for name, p in bert.named_parameters():
+        p.requires_grad_(name.endswith("bias"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*partly frozen")
+        swap_mlp(bert, "swiglu")
+    swapped = [(n, p) for n, p in bert.named_parameters() if ".mlp." in n or "ffn" in n]
+    assert swapped and all(p.requires_grad == n.endswith("bias") for n, p in swapped)
     # gate and up frozen differently: no role of the new packed fc1 fits, so a warning
     llama = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(

@@ -406,9 +406,10 @@ class LossCrossingMonitor(Callback):
         """Where the checkpoint holds no state under :attr:`state_key` (the baseline's path was
         spelled another way: ``./base.csv``, an absolute path, another working directory), take
         this monitor's state from the ``LossCrossingMonitor`` entry with the same monitored name
-        and prefix: the one saved for a baseline of the same content where the checkpoint
-        records it, else the only such entry. The crossings and the detector were lost on such
-        a resume (review, session 18). Nothing is taken where the choice is ambiguous."""
+        and prefix: the one saved for a baseline of the same content, else the only such entry
+        (a baseline that also grew since; the warning says so). The crossings and the detector
+        were lost on such a resume (review, session 18). Nothing is taken where the choice is
+        ambiguous."""
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:
             return  # (Lightning restores it)
@@ -430,7 +431,7 @@ class LossCrossingMonitor(Callback):
             ):
                 found.append((key, state))
         same = [f for f in found if f[1].get("baseline_digest") == self._identity()]
-        chosen = same if same else [f for f in found if "baseline_digest" not in f[1]]
+        chosen = same if same else (found if len(found) == 1 else [])
         if len(chosen) != 1:
             if found:
                 rank_zero_warn(
@@ -441,9 +442,13 @@ class LossCrossingMonitor(Callback):
             return
         key, state = chosen[0]
         self.load_state_dict(state)
+        changed = state.get("baseline_digest") not in (None, self._identity())
         rank_zero_warn(
             f"LossCrossingMonitor: restored the state saved under {key!r} (the baseline is now "
-            f"given as {str(self.baseline)!r})"
+            f"given as {str(self.baseline)!r}"
+            + ("; its content differs from the checkpoint's" if changed else "")
+            + "); Lightning's 'Please add the following callbacks' warning about that key "
+            "can be ignored"
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -67,6 +67,8 @@ def default_layout(
     both = f"({m}|{b})"
 
     def any_of(prefixes: Sequence[str]) -> str:
+        if isinstance(prefixes, str):  # one prefix, not its characters
+            prefixes = [prefixes]
         return "(" + "|".join(re.escape(p) for p in dict.fromkeys(prefixes)) + ")"
 
     ntk, gap, cross = any_of(ntk_prefixes), any_of(gap_prefixes), any_of(crossing_prefixes)

@@ -763,7 +763,10 @@ class GeneralizationGapMonitor(Callback):
         if trainer.world_size > 1:
             # An iterable dataset may split its stream by rank: rank 0's batches are every
             # rank's subset, as for a map-style dataset (review, session 18).
-            batches = trainer.strategy.broadcast(batches, src=0)
+            from lightning.fabric.utilities.apply_func import move_data_to_device
+
+            # (on the CPU: a pickled CUDA tensor would arrive on rank 0's device)
+            batches = trainer.strategy.broadcast(move_data_to_device(batches, "cpu"), src=0)
         return batches
 
     def _batch_outputs(self, pl_module: pl.LightningModule, batch: Any, tag: str) -> tuple:

@@ -806,7 +806,10 @@ class NTKSpectrumMonitor(Callback):
             # An iterable dataset may split its stream by rank: rank 0's batch is every rank's
             # probe (a sharded probe then takes its slice of one batch, not of its own; review,
             # session 18: sharded and unsharded monitors disagreed at every probe).
-            batch = trainer.strategy.broadcast(batch, src=0)
+            from lightning.fabric.utilities.apply_func import move_data_to_device
+
+            # (on the CPU: a pickled CUDA tensor would arrive on rank 0's device)
+            batch = trainer.strategy.broadcast(move_data_to_device(batch, "cpu"), src=0)
         return batch
 
     # ------------------------------------------------------------------ probing

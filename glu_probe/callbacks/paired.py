@@ -164,26 +164,32 @@ def _prepare(
 def _default_loss(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the non-ignored targets (``ignore_index=-100``, as HF).
 
-    For classification: integer class targets, or class probabilities of the logits' shape.
-    Float targets of another shape, or a one-class output (cross-entropy over one class is 0
+    For classification: integer class targets, or class probabilities of the logits' shape
+    (classes on dimension 1, as in ``torch.nn.functional.cross_entropy``). Float targets of
+    another shape, or a one-class output (cross-entropy over one class is 0
     whatever the model does: a regression pair trained nothing, silently; review, session
     18), raise a ``ValueError`` that names ``loss_fn=``."""
-    if target.is_floating_point() and (preds.shape[-1] == 1 or target.shape != preds.shape):
+    classes = preds.shape[1] if preds.dim() >= 2 else preds.shape[0]  # (torch's class dim)
+    if classes == 1 or (target.is_floating_point() and target.shape != preds.shape):
         raise ValueError(
             f"PairedModule's default loss is cross-entropy, for classification (integer class "
-            f"targets, or class probabilities shaped like the logits); got float targets "
-            f"{tuple(target.shape)} for outputs {tuple(preds.shape)}. Pass loss_fn=, e.g. "
-            "torch.nn.functional.mse_loss for regression"
+            f"targets, or class probabilities shaped like the logits, classes on dimension 1); "
+            f"got {'float' if target.is_floating_point() else 'integer'} targets "
+            f"{tuple(target.shape)} for outputs {tuple(preds.shape)} ({classes} class(es)). "
+            "Pass loss_fn=, e.g. torch.nn.functional.mse_loss for regression"
         )
     return F.cross_entropy(preds.float(), target, ignore_index=-100)
 
 
-def _warn_unshifted(batch: Any, labels_key: str, logits: Any) -> None:
+def _warn_unshifted(batch: Any, labels_key: str, logits: Any, module: nn.Module) -> None:
     """A dict batch whose labels are its ``input_ids`` (the Hugging Face causal-LM convention,
     where the model's own loss shifts them) with sequence logits and ``causal_lm=False``: the
     loss then asks each position to predict its own token. Said once (review, session 18)."""
     if not isinstance(batch, Mapping) or not isinstance(logits, torch.Tensor) or logits.ndim != 3:
         return
+    config = getattr(module, "config", None)
+    if "decoder_input_ids" in batch or getattr(config, "is_encoder_decoder", False):
+        return  # (an encoder-decoder's labels are the decoder's targets: already aligned)
     labels, ids = batch.get(labels_key), batch.get("input_ids")
     if (
         isinstance(labels, torch.Tensor)
@@ -373,6 +379,7 @@ class PairedModule(pl.LightningModule):
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.causal_lm = bool(causal_lm)
         self._checked_causal = False  # (the labels == input_ids check, once)
+        self._stream_from_fit = False  # the baseline stream was started (or restored) by a fit
         self.labels_key = labels_key
         self.model_prefix = model_prefix
         self.baseline_prefix = baseline_prefix
@@ -409,7 +416,7 @@ class PairedModule(pl.LightningModule):
         logits = _logits(out)
         if not self.causal_lm and not self._checked_causal:
             self._checked_causal = True
-            _warn_unshifted(batch, self.labels_key, logits)
+            _warn_unshifted(batch, self.labels_key, logits, module)
         preds, target = _prepare(logits, target, self.causal_lm)
         return self.loss_fn(preds, target), preds, target
 
@@ -490,14 +497,15 @@ class PairedModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         trainer = self._trainer
         fresh = trainer is not None and trainer.global_step == 0 and trainer.ckpt_path is None
-        if fresh:
-            # The stream starts with the fit (the documented rule, so that seed_everything
-            # before fit reproduces the baseline); an evaluation before it (trainer.validate)
-            # had started it from the seed active then, and the fit kept that stream (review,
-            # session 18). A resumed fit keeps its restored stream.
+        if fresh and not self._stream_from_fit:
+            # The stream starts with the first fit (the documented rule, so that
+            # seed_everything before fit reproduces the baseline); an evaluation before it
+            # (trainer.validate) had started it from the seed active then, and the fit kept
+            # that stream (review, session 18). A later fit, and a resumed one, continue theirs.
             self._rng_cpu = self._rng_cuda = None
         if self._rng_cpu is None:
             self._init_baseline_rng()
+        self._stream_from_fit = True
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         opt_model, opt_baseline = cast(list[Any], self.optimizers())

@@ -377,8 +377,8 @@ def _warn_first_of_several(out: Any, output: OutputSpec) -> None:
     tensors = [t for t in out if isinstance(t, Tensor)]
     if len(tensors) > 1:
         warnings.warn(
-            f"the model returns a {type(out).__name__} of {len(tensors)} tensors: the probe's "
-            f"rows come from the first (shape {tuple(tensors[0].shape)}); pass "
+            f"the model's output ({type(out).__name__}) holds {len(tensors)} tensors: the "
+            f"probe's rows come from the first (per sample {tuple(tensors[0].shape[1:])}); pass "
             "output=callable(model_output) -> rows to probe another",
             RuntimeWarning,
             stacklevel=4,

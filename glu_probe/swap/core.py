@@ -486,6 +486,20 @@ def _keep_frozen(path: str, old: nn.Module, new: nn.Module, adapter: MLPAdapter)
             if roles is None:
                 break
     if roles is None or not plan:
+        # No layer roles (a rewired block such as BERT's, a block with a norm inside), but the
+        # flags may still be uniform per kind: BitFit freezes every weight and trains every
+        # bias. Then weights follow weights and biases follow biases (review, session 18).
+        own = {id(p) for p in adapter.source_parameters(old)}
+        kinds: dict[str, set[bool]] = {}
+        for name, p in old.named_parameters():
+            if id(p) in own:
+                kinds.setdefault(name.rsplit(".", 1)[-1], set()).add(p.requires_grad)
+        if kinds and all(len(v) == 1 for v in kinds.values()):
+            for name, p in new.named_parameters():
+                kind = name.rsplit(".", 1)[-1]
+                if kind in kinds:
+                    p.requires_grad_(next(iter(kinds[kind])))
+            return
         warnings.warn(
             f"swap_mlp: the block at {path or '<root>'} is partly frozen ({sum(flags)} of "
             f"{len(flags)} parameter tensors train) in a way that does not map onto the new "
@@ -1033,13 +1047,6 @@ def swap_mlp(
     if "act_layer" in module_kwargs:
         raise TypeError("swap_mlp: the variant fixes the activation; do not pass act_layer")
     taken = sorted(set(module_kwargs) & _FROM_SOURCE)
-    if taken:
-        # (a raw "make_mlp() got multiple values for keyword argument" before: review)
-        raise TypeError(
-            f"swap_mlp: {taken} are taken from each block being replaced (its biases, dropout, "
-            "norm, layout, device and dtype), not from swap_mlp's arguments; change them on the "
-            "new blocks after the swap (report.entries lists their paths)"
-        )
 
     adapters = registered_adapters()
     found: list[tuple[str, nn.Module, MLPAdapter]] = []
@@ -1151,6 +1158,15 @@ def swap_mlp(
             hidden, used = hidden_features, 1
         else:
             hidden, used = _resolve_width(spec, variant, match, multiple_of, tolerance, record)
+        if taken and type(adapter).build is MLPAdapter.build:
+            # The default build takes these from the source block (a raw "make_mlp() got
+            # multiple values for keyword argument" before: review, session 18); an adapter
+            # with its own build may take them.
+            raise TypeError(
+                f"swap_mlp: {taken} are taken from each block being replaced (its biases, "
+                f"dropout, norm, layout, device and dtype) by adapter {adapter.name!r}, not from "
+                "swap_mlp's arguments; change them on the new blocks after the swap"
+            )
         new = adapter.build(spec, variant, hidden, **module_kwargs)
         _warn_mixed_dtypes(path, old, new, adapter)
         origin = _origin_of(old)
