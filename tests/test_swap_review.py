@@ -298,16 +298,30 @@ def test_activation_key_read_by_a_non_mlp_module_is_left_alone() -> None:
         assert torch.equal(model(input_ids=ids).logits, rebuilt(input_ids=ids).logits)
 
 
-def test_activation_key_only_the_mlps_read_is_updated() -> None:
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=64,
+def _tiny_llama() -> nn.Module:
+    return transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=64,
+        )
     )
-    report = swap_mlp(transformers.LlamaForCausalLM(config), "gelu")
+
+
+def _tiny_bert() -> nn.Module:
+    return transformers.BertModel(
+        transformers.BertConfig(
+            hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+            vocab_size=64,
+        )
+    )  # fmt: skip
+
+
+def test_activation_key_only_the_mlps_read_is_updated() -> None:
+    report = swap_mlp(_tiny_llama(), "gelu")
     assert report.config_updates["hidden_act"] == ("silu", "gelu") and report.config_skipped == {}
 
 
@@ -465,15 +479,7 @@ def test_describe_errors_name_the_path_and_strict_false_skips_the_block() -> Non
 
 
 def test_placeholders_take_the_training_flag_of_what_they_replace() -> None:
-    bert = transformers.BertModel(
-        transformers.BertConfig(
-            hidden_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=128,
-            vocab_size=64,
-        )
-    ).eval()
+    bert = _tiny_bert().eval()
     opt = transformers.OPTForCausalLM(
         transformers.OPTConfig(
             hidden_size=64,
@@ -1083,15 +1089,7 @@ def test_a_partly_frozen_block_keeps_its_flags_per_layer() -> None:
     swap_mlp(m, "gelu")
     assert sum(p.numel() for p in m.parameters() if p.requires_grad) == trainable
     # BERT's rewired block has no layer roles, but BitFit flags are uniform per kind
-    bert = transformers.BertModel(
-        transformers.BertConfig(
-            hidden_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=128,
-            vocab_size=64,
-        )
-    )
+    bert = _tiny_bert()
     for name, p in bert.named_parameters():
         p.requires_grad_(name.endswith("bias"))
     with warnings.catch_warnings():
@@ -1100,16 +1098,7 @@ def test_a_partly_frozen_block_keeps_its_flags_per_layer() -> None:
     swapped = [(n, p) for n, p in bert.named_parameters() if ".mlp." in n or "ffn" in n]
     assert swapped and all(p.requires_grad == n.endswith("bias") for n, p in swapped)
     # gate and up frozen differently: no role of the new packed fc1 fits, so a warning
-    llama = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            hidden_size=64,
-            intermediate_size=176,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            vocab_size=64,
-        )
-    )
+    llama = _tiny_llama()
     mlp = llama.model.layers[0].mlp
     mlp.gate_proj.weight.requires_grad_(False)
     with pytest.warns(UserWarning, match="partly frozen"):

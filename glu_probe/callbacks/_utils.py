@@ -27,6 +27,7 @@ __all__ = [
     "log_metrics",
     "logger_step",
     "logs_this_step",
+    "rank_zero_batches",
     "sampler_indices",
     "stable_repr",
     "step_metrics",
@@ -118,6 +119,18 @@ def sampler_indices(loader: Any) -> list[int] | None:
         if out:
             return out
     return None
+
+
+def rank_zero_batches(trainer: pl.Trainer, obj: Any) -> Any:
+    """``obj`` (batches drawn from an iterable dataset) as rank 0 drew it, on every rank: such a
+    dataset may split its stream by rank, while a probe or a training subset must be the same
+    everywhere (review, session 18). Moved through the CPU (a pickled CUDA tensor would arrive
+    on rank 0's device); a single process gets ``obj`` back as it is."""
+    if trainer.world_size <= 1:
+        return obj
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return trainer.strategy.broadcast(move_data_to_device(obj, "cpu"), src=0)
 
 
 def logs_this_step(trainer: pl.Trainer) -> bool:

@@ -111,6 +111,7 @@ from glu_probe.callbacks._utils import (
     is_quiet_run,
     log_metrics,
     logger_step,
+    rank_zero_batches,
     sampler_indices,
 )
 from glu_probe.callbacks.paired import (
@@ -760,14 +761,7 @@ class GeneralizationGapMonitor(Callback):
                     break
         if not batches:
             raise MisconfigurationException("GeneralizationGapMonitor: the train loader is empty")
-        if trainer.world_size > 1:
-            # An iterable dataset may split its stream by rank: rank 0's batches are every
-            # rank's subset, as for a map-style dataset (review, session 18).
-            from lightning.fabric.utilities.apply_func import move_data_to_device
-
-            # (on the CPU: a pickled CUDA tensor would arrive on rank 0's device)
-            batches = trainer.strategy.broadcast(move_data_to_device(batches, "cpu"), src=0)
-        return batches
+        return rank_zero_batches(trainer, batches)  # (every rank's subset, as for a map-style one)
 
     def _batch_outputs(self, pl_module: pl.LightningModule, batch: Any, tag: str) -> tuple:
         """``(loss, preds, target)``; target ``None`` for a batch passed whole to

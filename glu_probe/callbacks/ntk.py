@@ -122,6 +122,7 @@ from glu_probe.callbacks._utils import (
     is_quiet_run,
     log_metrics,
     logger_step,
+    rank_zero_batches,
     sampler_indices,
     slice_batch,
     stable_repr,
@@ -801,16 +802,8 @@ class NTKSpectrumMonitor(Callback):
         if not batches:
             raise MisconfigurationException("NTKSpectrumMonitor: the train dataloader is empty.")
         batch = _concat_batches(batches) if len(batches) > 1 else batches[0]
-        batch = slice_batch(batch, slice(0, self.probe_size))
-        if trainer.world_size > 1:
-            # An iterable dataset may split its stream by rank: rank 0's batch is every rank's
-            # probe (a sharded probe then takes its slice of one batch, not of its own; review,
-            # session 18: sharded and unsharded monitors disagreed at every probe).
-            from lightning.fabric.utilities.apply_func import move_data_to_device
-
-            # (on the CPU: a pickled CUDA tensor would arrive on rank 0's device)
-            batch = trainer.strategy.broadcast(move_data_to_device(batch, "cpu"), src=0)
-        return batch
+        # (rank 0's batch on every rank: a sharded probe takes its slice of one batch)
+        return rank_zero_batches(trainer, slice_batch(batch, slice(0, self.probe_size)))
 
     # ------------------------------------------------------------------ probing
     def _maybe_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:

@@ -456,8 +456,9 @@ def _keep_frozen(path: str, old: nn.Module, new: nn.Module, adapter: MLPAdapter)
     layer role, input layers to ``fc1``/``fc1_g``/``fc1_x``, output layer to ``fc2``, weight to
     weight and bias to bias. Only the fully frozen case was kept before session 18: a partly
     frozen block came back fully trainable, silently (review). Where the roles cannot be mapped
-    (a rewired block, input layers frozen differently from each other), a warning says that the
-    new block trains every parameter."""
+    (a rewired block, input layers frozen differently from each other), flags uniform per kind
+    (every weight frozen, every bias trained) still carry over; otherwise a warning says that
+    the new block trains every parameter."""
     flags = [p.requires_grad for p in adapter.source_parameters(old)]
     if all(flags):
         return
@@ -467,9 +468,9 @@ def _keep_frozen(path: str, old: nn.Module, new: nn.Module, adapter: MLPAdapter)
     roles = _source_roles(old)
     inputs = [m for n, m in new.named_children() if n in ("fc1", "fc1_g", "fc1_x")]
     output = getattr(new, "fc2", None)
-    plan: list[tuple[list[nn.Module], str, bool]] = []
     if roles is not None and inputs and isinstance(output, nn.Module):
         ins, out = roles
+        plan: list[tuple[list[nn.Module], str, bool]] = []
         for names, targets in ((ins, inputs), ((out,), [output])):
             for kind in ("weight", "bias"):
                 seen = {
@@ -477,42 +478,38 @@ def _keep_frozen(path: str, old: nn.Module, new: nn.Module, adapter: MLPAdapter)
                     for n in names
                     if isinstance(t := getattr(getattr(old, n, None), kind, None), torch.Tensor)
                 }
-                if len(seen) > 1:
-                    plan = []
-                    roles = None
-                    break
                 if seen:
-                    plan.append((targets, kind, seen.pop()))
-            if roles is None:
-                break
-    if roles is None or not plan:
-        # No layer roles (a rewired block such as BERT's, a block with a norm inside), but the
-        # flags may still be uniform per kind: BitFit freezes every weight and trains every
-        # bias. Then weights follow weights and biases follow biases (review, session 18).
-        own = {id(p) for p in adapter.source_parameters(old)}
-        kinds: dict[str, set[bool]] = {}
-        for name, p in old.named_parameters():
-            if id(p) in own:
-                kinds.setdefault(name.rsplit(".", 1)[-1], set()).add(p.requires_grad)
-        if kinds and all(len(v) == 1 for v in kinds.values()):
-            for name, p in new.named_parameters():
-                kind = name.rsplit(".", 1)[-1]
-                if kind in kinds:
-                    p.requires_grad_(next(iter(kinds[kind])))
+                    plan.append(
+                        (targets, kind, seen.pop()) if len(seen) == 1 else ([], kind, False)
+                    )
+        if plan and all(targets for targets, _, _ in plan):
+            for targets, kind, flag in plan:
+                for module in targets:
+                    param = getattr(module, kind, None)
+                    if isinstance(param, nn.Parameter):
+                        param.requires_grad_(flag)
             return
-        warnings.warn(
-            f"swap_mlp: the block at {path or '<root>'} is partly frozen ({sum(flags)} of "
-            f"{len(flags)} parameter tensors train) in a way that does not map onto the new "
-            "block's layers; the new block trains all its parameters",
-            UserWarning,
-            stacklevel=3,
-        )
+    # No layer roles (a rewired block such as BERT's, a block with a norm inside), or input
+    # layers frozen differently: the flags may still be uniform per kind (BitFit freezes every
+    # weight and trains every bias), and then weights follow weights, biases biases.
+    own = {id(p) for p in adapter.source_parameters(old)}
+    kinds: dict[str, set[bool]] = {}
+    for name, p in old.named_parameters():
+        if id(p) in own:
+            kinds.setdefault(name.rsplit(".", 1)[-1], set()).add(p.requires_grad)
+    if kinds and all(len(v) == 1 for v in kinds.values()):
+        for name, p in new.named_parameters():
+            kind = name.rsplit(".", 1)[-1]
+            if kind in kinds:
+                p.requires_grad_(next(iter(kinds[kind])))
         return
-    for targets, kind, flag in plan:
-        for module in targets:
-            param = getattr(module, kind, None)
-            if isinstance(param, nn.Parameter):
-                param.requires_grad_(flag)
+    warnings.warn(
+        f"swap_mlp: the block at {path or '<root>'} is partly frozen ({sum(flags)} of "
+        f"{len(flags)} parameter tensors train) in a way that does not map onto the new "
+        "block's layers; the new block trains all its parameters",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _source_roles(source: nn.Module) -> tuple[tuple[str, ...], str] | None:
@@ -1013,6 +1010,8 @@ def swap_mlp(
     if torch.is_inference_mode_enabled():
         # Blocks built under inference mode hold inference tensors, which cannot train (a
         # Lightning validation hook runs under it; review, session 18): build them outside it.
+        # (Not `ntk.functional.allows_autograd`: its extra frame would shift the stacklevel of
+        # every warning the swap gives.)
         with torch.inference_mode(False):
             return swap_mlp(
                 model,
