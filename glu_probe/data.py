@@ -298,7 +298,8 @@ def hf_text_dataset(
         import datasets
     except ImportError as err:
         raise ImportError(
-            "hf_text_dataset needs the Hugging Face `datasets` package (pip install datasets); "
+            "hf_text_dataset needs the Hugging Face `datasets` package (the [data] extra: "
+            "pip install 'glu-probe[data]'); "
             "or pass a plain folder of text files to text_corpus()"
         ) from err
     loaded: Any = datasets.load_from_disk(str(root))

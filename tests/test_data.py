@@ -176,6 +176,44 @@ def test_hf_text_dataset_reads_saved_dict(tmp_path: Path, monkeypatch):
         hf_text_dataset(tmp_path, text_field="content", split="all", seq_len=2)
 
 
+def test_hf_text_dataset_real_save_to_disk_folders(tmp_path: Path):
+    """The real ``datasets`` package (the ``[data]`` extra): a Dataset and a DatasetDict written
+    with ``save_to_disk`` from the standard library's own source text, read back byte for byte."""
+    import datasets  # the [data] extra; a missing install fails here, not silently skips
+
+    sources = sorted(stdlib_source_dir().glob("*.py"))[:3]
+    texts = [p.read_text(encoding="utf-8") for p in sources]
+    expected = b"".join(t.encode("utf-8") + b"\n" for t in texts)
+
+    single = tmp_path / "single"
+    datasets.Dataset.from_dict({"content": texts, "n": list(range(3))}).save_to_disk(str(single))
+    ds = hf_text_dataset(single, split="all", text_field="content", seq_len=16, max_bytes=None)
+    assert bytes(ds.tokens.tolist()) == expected
+    # the same split rule as text_corpus: train + val are the whole blob, in order
+    train = hf_text_dataset(single, split="train", text_field="content", seq_len=16, max_bytes=None)
+    val = hf_text_dataset(single, split="val", text_field="content", seq_len=16, max_bytes=None)
+    assert bytes(train.tokens.tolist()) + bytes(val.tokens.tolist()) == expected
+    capped = hf_text_dataset(single, split="all", text_field="content", seq_len=16, max_bytes=100)
+    assert bytes(capped.tokens.tolist()) == expected[:100]
+    with pytest.raises(TypeError, match="column 'n' must hold strings"):
+        hf_text_dataset(single, split="all", text_field="n", seq_len=2)
+    with pytest.raises(ValueError, match="text_field 'text' not in the dataset's columns"):
+        hf_text_dataset(single, split="all", seq_len=2)
+
+    both = tmp_path / "dict"
+    datasets.DatasetDict(
+        {
+            "validation": datasets.Dataset.from_dict({"text": ["held out"]}),
+            "train": datasets.Dataset.from_dict({"text": texts}),
+        }
+    ).save_to_disk(str(both))
+    assert bytes(hf_text_dataset(both, split="all", max_bytes=None).tokens.tolist()) == expected
+    held = hf_text_dataset(both, split="all", hf_split="validation", seq_len=2, max_bytes=None)
+    assert bytes(held.tokens.tolist()) == b"held out\n"
+    with pytest.raises(ValueError, match="not in the saved splits"):
+        hf_text_dataset(both, hf_split="test")
+
+
 # ----------------------------------------------------------------------------------- CIFAR-10
 
 
