@@ -346,6 +346,9 @@ class GatedMLP(_MLPBase):
     Attributes ``act, drop1, norm, fc2, drop2`` are as in timm's ``Mlp``; ``drop1`` acts on the
     gated product, ``norm`` (optional, ``norm_layer(hidden)``) follows it.
 
+    ``align_to`` (as in timm's ``SwiGLU``, which timm's EVA and NaFlexViT pass) rounds the gated
+    width up to a multiple of ``align_to``; 0 (default) keeps ``hidden_features`` as given.
+
     Weights use ``nn.Linear``'s default init (which depends only on fan-in, so packed and unpacked
     layouts draw from the same distribution) unless ``init(weight, bias)`` is given; ``init`` is
     applied to the gate, up and down projections separately (on views for the packed ``fc1``).
@@ -368,6 +371,7 @@ class GatedMLP(_MLPBase):
         fused: bool | None = None,
         use_conv: bool = False,
         init: InitFn | None = None,
+        align_to: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         **kwargs: Any,
@@ -376,6 +380,12 @@ class GatedMLP(_MLPBase):
         linear, b1, dd = self._init_widths(
             in_features, hidden_features, out_features, bias, drop, use_conv, device, dtype, kwargs
         )
+        if isinstance(align_to, bool) or not isinstance(align_to, int) or align_to < 0:
+            raise ValueError(
+                f"align_to must be a non-negative int (0: no rounding), got {align_to!r}"
+            )
+        if align_to:  # timm's SwiGLU rule: the gated width rounded up to a multiple of align_to
+            self.hidden_features += -self.hidden_features % align_to
         h = self.hidden_features
         self.packed = bool(packed)
         if fused is not None and not isinstance(fused, bool):

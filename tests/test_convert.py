@@ -61,6 +61,23 @@ def test_timm_swiglu_both_ways_functional(norm: bool) -> None:
     _same(to_timm_swiglu(ours.state_dict()), t.state_dict())
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_timm_swiglu_align_to(packed: bool) -> None:
+    """``align_to`` rounds the gated width up as timm's SwiGLU does (EVA passes it): 100 -> 104
+    with align_to=8; the same weights give the same function; a bad value is refused."""
+    layers = pytest.importorskip("timm.layers")
+    t = layers.SwiGLU(16, 100, align_to=8).double()
+    ours = SwiGLU(16, 100, align_to=8, packed=packed, dtype=torch.float64)
+    assert ours.hidden_features == t.fc1_g.out_features == 104
+    ours.load_state_dict(from_timm_swiglu(t.state_dict(), packed=packed))
+    torch.testing.assert_close(ours(_x()), t(_x()), rtol=1e-12, atol=1e-12)
+    assert SwiGLU(16, 104, align_to=8).hidden_features == 104  # already aligned: unchanged
+    assert SwiGLU(16, 100, align_to=0).hidden_features == 100
+    for bad in (-8, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="align_to must be a non-negative int"):
+            SwiGLU(16, 100, align_to=bad)
+
+
 def test_timm_packed_layouts() -> None:
     layers = pytest.importorskip("timm.layers")
     packed = layers.SwiGLUPacked(16, 48).double()  # packed width 48 -> gated 24, gate first
