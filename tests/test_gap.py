@@ -473,6 +473,53 @@ def test_a_split_made_by_a_subset_sampler_keeps_the_subset_on_the_training_side(
     assert torch.equal(probes[0][0], full.tensors[0][40:46])  # the sampler's first indices
 
 
+def test_a_loader_without_automatic_batching_hands_out_batches_not_samples(tmp_path, monkeypatch):
+    """``DataLoader(batch_size=None)`` over a dataset whose items are whole batches: the gap
+    monitor's subset is made of seeded whole items and the NTK monitor's default probe of the
+    first samples of the first items. Before, both collated *items* as if they were samples:
+    the probe was a list of 20 batches (a crash naming the wrong cause) and the gap subset a
+    list of 16 batches (refused as a 16-element batch)."""
+    from torch.utils.data import BatchSampler, Dataset, SequentialSampler
+
+    from glu_probe.callbacks import NTKSpectrumMonitor
+    from glu_probe.callbacks._utils import items_are_batches
+
+    full = _data(80, 3)
+    x_all, y_all = full.tensors
+
+    class Batches(Dataset):
+        def __len__(self) -> int:
+            return 10
+
+        def __getitem__(self, i: int):
+            return x_all[8 * i : 8 * i + 8], y_all[8 * i : 8 * i + 8]
+
+    gen = torch.Generator().manual_seed(1)
+    train = DataLoader(Batches(), batch_size=None, shuffle=True, generator=gen)
+    val = DataLoader(_data(24, 4), batch_size=8)
+    assert items_are_batches(train) and not items_are_batches(val)
+    assert not items_are_batches(
+        DataLoader(full, batch_sampler=BatchSampler(SequentialSampler(full), 8, False))
+    )  # a batch sampler: items are samples
+    gap = GeneralizationGapMonitor(train_subset_size=16)
+    ntk = NTKSpectrumMonitor(every_n_steps=1000, probe_size=20, log_figure=False)
+    probes: list = []
+    plain = NTKSpectrumMonitor._probe_from_loader
+
+    def spy(self, trainer):
+        probes.append(plain(self, trainer))
+        return probes[-1]
+
+    monkeypatch.setattr(NTKSpectrumMonitor, "_probe_from_loader", spy)
+    model = Classifier()
+    _trainer(tmp_path, max_epochs=1, callbacks=[gap, ntk]).fit(model, train, val)
+    assert torch.equal(probes[0][0], x_all[:20]) and torch.equal(probes[0][1], y_all[:20])
+    items = torch.randperm(10, generator=torch.Generator().manual_seed(gap.seed))[:2].tolist()
+    rows = torch.cat([torch.arange(8 * i, 8 * i + 8) for i in items])
+    loss, _ = _mean_ce_and_acc(model.net, x_all[rows], y_all[rows])
+    assert gap.history[-1]["gap/train/loss"] == pytest.approx(loss, rel=1e-5)
+
+
 def test_sampler_indices_reads_sequences_only():
     """A sampler's ``indices`` is read only where it is a sequence or an array: a one-shot
     iterator would be emptied for the training loader (second review, session 18)."""

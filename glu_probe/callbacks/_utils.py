@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader
 
 __all__ = [
     "check_positive_int",
@@ -93,6 +94,18 @@ def stable_repr(obj: Any) -> str:
 def is_quiet_run(trainer: pl.Trainer) -> bool:
     """True where a monitor must do nothing: the sanity check and ``fast_dev_run``."""
     return bool(trainer.sanity_checking or getattr(trainer, "fast_dev_run", False))
+
+
+def items_are_batches(loader: Any) -> bool:
+    """Whether a loader yields its dataset's items as batches: a ``DataLoader(batch_size=None)``
+    (automatic batching off, no ``batch_sampler``) hands out ``collate_fn(dataset[i])``
+    (``default_convert`` by default), so each item of a map-style dataset is already a batch,
+    not one sample."""
+    return (
+        isinstance(loader, DataLoader)
+        and loader.batch_size is None
+        and loader.batch_sampler is None
+    )
 
 
 def sampler_indices(loader: Any) -> list[int] | None:

@@ -25,7 +25,10 @@ accumulate with torchmetrics' own ``update``/``compute`` on two private copies o
   training dataset (in dataset order) or, where the loader's sampler has an index set
   (``SubsetRandomSampler.indices``: a train/val split of one dataset), from those indices,
   collated with the loader's ``collate_fn`` in batches of its ``batch_size`` (no sampler is
-  iterated, so training order and RNG are unchanged and every DDP rank holds the same subset); for
+  iterated, so training order and RNG are unchanged and every DDP rank holds the same subset).
+  With ``DataLoader(batch_size=None)`` each dataset item is a whole batch: whole items are taken
+  in the seeded order until ``train_subset_size`` samples are reached (cut, as for an iterable
+  loader, by whole batches at the first validation). For
   an ``IterableDataset`` the first batches of a fresh loader iterator (under ``isolate_rng``).
   ``train_subset=`` (a list of batches) overrides. The batches go through the module's
   batch-transfer hooks once and stay on the device.
@@ -109,6 +112,7 @@ from glu_probe.callbacks._utils import (
     generator_states_restored,
     is_fresh_fit,
     is_quiet_run,
+    items_are_batches,
     log_metrics,
     logger_step,
     rank_zero_batches,
@@ -742,8 +746,19 @@ class GeneralizationGapMonitor(Callback):
             # was drawn from, validation samples included (review: 23 of 64, gap 41% low).
             pool = sampler_indices(loader)
             n = len(pool) if pool is not None else len(dataset)  # type: ignore[arg-type]
-            k = min(want, n)
             gen = torch.Generator().manual_seed(self.seed)
+            if items_are_batches(loader):
+                # batch_size=None: each item is a whole batch; seeded whole items until `want`
+                # samples (kept as batches, cut like an iterable loader's at the validation)
+                whole: list[Any] = []
+                got = 0
+                for i in torch.randperm(n, generator=gen).tolist():
+                    if got >= want:
+                        break
+                    whole.append(loader.collate_fn(dataset[pool[i] if pool is not None else i]))
+                    got += _n_samples(whole[-1])
+                return whole
+            k = min(want, n)
             order = torch.randperm(n, generator=gen)[:k].tolist()
             if pool is not None:
                 order = [pool[i] for i in order]

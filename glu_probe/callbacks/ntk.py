@@ -38,7 +38,9 @@ By default the probe is the first ``probe_size`` samples of the training *datase
 sampler's index set where it has one, as ``SubsetRandomSampler`` does), collated with the train
 loader's ``collate_fn``. No sampler is iterated and neither is the loader, so the
 training order and every RNG stay untouched, and every DDP rank (and a single-process run) sees the
-same probe. For an ``IterableDataset`` a fresh iterator of the loader is drawn from instead, under
+same probe. With ``DataLoader(batch_size=None)`` (automatic batching off) each dataset item
+is a whole batch: the probe is the first ``probe_size`` samples of the first items, in the same
+order. For an ``IterableDataset`` a fresh iterator of the loader is drawn from instead, under
 ``isolate_rng`` and with any loader/sampler ``generator`` state restored afterwards. A user
 ``probe`` (a batch in the loader's format) is used as is. The default probe keeps at most
 ``max_rows`` (64) rows of K: a sequence model with one pNTK row per token keeps
@@ -120,6 +122,7 @@ from glu_probe.callbacks._utils import (
     generator_states_restored,
     is_fresh_fit,
     is_quiet_run,
+    items_are_batches,
     log_metrics,
     logger_step,
     rank_zero_batches,
@@ -787,23 +790,30 @@ class NTKSpectrumMonitor(Callback):
         ):
             # (the first of a subset sampler's indices: the samples this loader trains on)
             pool = sampler_indices(loader)
-            indices = pool[: self.probe_size] if pool is not None else range(len(dataset))
+            indices = pool if pool is not None else range(len(dataset))
+            if items_are_batches(loader):  # batch_size=None: each item is a whole batch
+                return self._first_samples(collate(dataset[i]) for i in indices)
             k = min(self.probe_size, len(indices))
             return collate([dataset[i] for i in indices[:k]])
         # Iterable dataset: take the first batches of a fresh iterator (RNG states restored).
-        batches: list[Any] = []
-        got = 0
         with generator_states_restored(loader):
-            for b in loader:
-                batches.append(b)
-                got += _batch_len(b) or 0
-                if got >= self.probe_size:
-                    break
-        if not batches:
-            raise MisconfigurationException("NTKSpectrumMonitor: the train dataloader is empty.")
-        batch = _concat_batches(batches) if len(batches) > 1 else batches[0]
+            batch = self._first_samples(iter(loader))
         # (rank 0's batch on every rank: a sharded probe takes its slice of one batch)
-        return rank_zero_batches(trainer, slice_batch(batch, slice(0, self.probe_size)))
+        return rank_zero_batches(trainer, batch)
+
+    def _first_samples(self, batches: Iterator[Any]) -> Any:
+        """The first ``probe_size`` samples of a stream of batches, as one batch."""
+        taken: list[Any] = []
+        got = 0
+        for b in batches:
+            taken.append(b)
+            got += _batch_len(b) or 0
+            if got >= self.probe_size:
+                break
+        if not taken:
+            raise MisconfigurationException("NTKSpectrumMonitor: the train dataloader is empty.")
+        batch = _concat_batches(taken) if len(taken) > 1 else taken[0]
+        return slice_batch(batch, slice(0, self.probe_size))
 
     # ------------------------------------------------------------------ probing
     def _maybe_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
