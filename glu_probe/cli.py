@@ -398,12 +398,43 @@ def _build_hf(spec: str, overrides: dict[str, Any], parser: argparse.ArgumentPar
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         parser.error(f"unknown Hugging Face model type {model_type!r}{hint}")
     _check_config_keys(CONFIG_MAPPING[model_type], overrides, set(cfg_dict), parser)
+    given = set(cfg_dict) | set(overrides)
     cfg_dict.update(overrides)
+    _drop_special_ids_outside_vocab(CONFIG_MAPPING[model_type], cfg_dict, given)
     config = AutoConfig.for_model(model_type, **cfg_dict)
     try:
         return AutoModelForCausalLM.from_config(config)
     except ValueError:
         return AutoModel.from_config(config)
+
+
+_SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def _drop_special_ids_outside_vocab(
+    config_class: Any, cfg_dict: dict[str, Any], given: set[str]
+) -> None:
+    """A smaller ``vocab_size`` (``--set vocab_size=256`` on gpt2) leaves the model type's
+    default special-token ids (50256) outside the vocabulary, which transformers warns about.
+    The spectrum probe generates nothing, so such defaults, unless given explicitly, become
+    ``None``, with a note on stderr."""
+    vocab = cfg_dict.get("vocab_size")
+    if not isinstance(vocab, int) or isinstance(vocab, bool):
+        return
+    try:
+        default = config_class()
+    except Exception:  # a config without defaults: nothing to compare against
+        return
+    for key in _SPECIAL_TOKEN_IDS:
+        value = getattr(default, key, None)
+        if key in given or not isinstance(value, int) or 0 <= value < vocab:
+            continue
+        cfg_dict[key] = None
+        print(
+            f"note: the default {key}={value} lies outside vocab_size={vocab}; set to None "
+            f"(pass --set {key}=N to keep one)",
+            file=sys.stderr,
+        )
 
 
 # Keyword arguments every Hugging Face config accepts that are not attributes of a default config.

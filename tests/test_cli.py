@@ -152,6 +152,26 @@ def test_spectrum_refuses_unknown_hf_config_keys(tmp_path: Path, capsys):
     capsys.readouterr()
 
 
+def test_hf_special_token_ids_outside_a_smaller_vocab_become_none(capsys):
+    """gpt2's default bos/eos id 50256 lies outside ``--set vocab_size=64`` (transformers warned
+    on every docs example): such defaults become None with a note; explicit ones are kept."""
+    import argparse
+
+    from glu_probe.cli import _build_hf
+
+    parser = argparse.ArgumentParser()
+    tiny = {"n_embd": 32, "n_head": 2, "n_layer": 1, "vocab_size": 64, "n_positions": 16}
+    model = _build_hf("gpt2", dict(tiny), parser)
+    assert model.config.bos_token_id is None and model.config.eos_token_id is None
+    err = capsys.readouterr().err
+    assert "the default bos_token_id=50256 lies outside vocab_size=64; set to None" in err
+    kept = _build_hf("gpt2", {**tiny, "eos_token_id": 3}, parser)
+    assert kept.config.eos_token_id == 3 and kept.config.bos_token_id is None
+    assert "eos_token_id" not in capsys.readouterr().err
+    full = _build_hf("gpt2", {**tiny, "vocab_size": 50257}, parser)  # inside: untouched
+    assert full.config.bos_token_id == 50256 and capsys.readouterr().err == ""
+
+
 def test_report_on_missing_or_empty_run_dir(tmp_path: Path, capsys):
     code, _, err = _exit_code(["report", str(tmp_path / "missing")], capsys)
     assert code == 2 and "does not exist or is not a directory" in err
