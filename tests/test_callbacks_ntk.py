@@ -187,6 +187,23 @@ def test_logged_values_equal_dense_eigh(tmp_path, output, dtype, method, rtol):
         assert hist["ntk/effective_rank"] == pytest.approx(expected_er, rel=max(rtol, 1e-6))
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_true_precision_runs_probe_the_weights_as_trained(precision):
+    """(Session 19.) Under ``"bf16-true"`` / ``"64-true"`` the weights are bf16 / float64: the
+    probe (float32 by default) measures exactly those weights, widened, against float64 truth."""
+    torch.manual_seed(0)
+    ds = make_data()
+    model, snaps = TinyNet(), Snapshots()
+    mon = NTKSpectrumMonitor(every_n_steps=2, probe_size=12, method="dense")
+    trainer(max_steps=3, callbacks=[mon, snaps], precision=precision).fit(model, loader(ds))
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float64
+    assert next(model.parameters()).dtype == dtype and [h["step"] for h in mon.history] == [0, 2]
+    for hist in mon.history:
+        ev = truth_at(snaps.states[hist["step"]], ds.tensors[0][:12])
+        assert hist["ntk/lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-5)
+        assert hist["ntk/condition_number"] == pytest.approx(float(ev[-1] / ev[0]), rel=1e-4)
+
+
 class WideNet(TinyNet):
     """16.8M float32 parameters: the probe's own copies (parameters and four parameter-sized
     vectors) exceed 256 MiB."""

@@ -133,6 +133,30 @@ def test_clean_gap_equals_independent_recomputation(tmp_path, monkeypatch, lazy)
     assert module.training  # flags restored
 
 
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_true_precision_casts_the_subset_like_the_loops(tmp_path, precision):
+    """(Session 19.) Under ``"64-true"`` / ``"bf16-true"`` the weights are float64 / bf16 and
+    Lightning's loops cast each batch's floating tensors to match (the precision plugin's
+    ``convert_input``). The monitor's own training subset was moved but not cast, so the first
+    validation crashed the fit ("mat1 and mat2 must have the same dtype"); now it is cast like
+    the loops' batches, and the gap matches an independent recomputation in that dtype."""
+    mon = GeneralizationGapMonitor(train_subset_size=20)
+    logger = CSVLogger(str(tmp_path))
+    module = Classifier()
+    _trainer(tmp_path, logger=logger, callbacks=[mon], precision=precision).fit(module, *_loaders())
+    dtype = torch.float64 if precision == "64-true" else torch.bfloat16
+    assert next(module.parameters()).dtype == dtype
+    x, y = _subset(48, 20)
+    tr_loss, _ = _mean_ce_and_acc(module.net, x.to(dtype), y)
+    va_loss, _ = _mean_ce_and_acc(module.net, VAL.tensors[0].to(dtype), VAL.tensors[1])
+    # bf16: losses of batches of 8 against one batch of all samples, each rounded to 8 bits
+    rel = 1e-9 if dtype == torch.float64 else 2e-2
+    assert mon.history[-1]["gap/train/loss"] == pytest.approx(tr_loss, rel=rel)
+    assert mon.history[-1]["gap/val/loss"] == pytest.approx(va_loss, rel=rel)
+    logged = float(_last_row(logger, "val_loss")["val_loss"])
+    assert mon.history[-1]["gap/val/loss"] == pytest.approx(logged, rel=rel)
+
+
 def test_queued_sums_count_non_ignored_tokens(monkeypatch):
     """The on-device accumulation weighs each batch's mean loss by its non-ignored tokens
     (class targets -100), exactly as the per-batch read does."""

@@ -172,6 +172,16 @@ def _first_loader(loaders: Any) -> DataLoader | None:
     return None
 
 
+def _as_trained(trainer: pl.Trainer, batch: Any) -> Any:
+    """``batch`` as Lightning's loops hand it to a step: moved by the strategy (the module's
+    transfer hooks included), then converted by the precision plugin. Under ``"bf16-true"``,
+    ``"16-true"`` or ``"64-true"`` the plugin casts floating inputs to the parameters' dtype;
+    without it the subset's float32 inputs met bf16/float64 weights and the fit crashed."""
+    batch = trainer.strategy.batch_to_device(batch)
+    plugin = getattr(trainer, "precision_plugin", None)
+    return plugin.convert_input(batch) if plugin is not None else batch
+
+
 def _n_samples(batch: Any) -> int:
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() else 1
@@ -517,7 +527,7 @@ class GeneralizationGapMonitor(Callback):
         self._sized = self.train_subset is not None
         with isolate_rng(include_cuda=include_cuda):
             batches = self.train_subset if self.train_subset is not None else self._draw(trainer)
-            self._batches = [trainer.strategy.batch_to_device(b) for b in batches]
+            self._batches = [_as_trained(trainer, b) for b in batches]
         if self._batches:
             self._check_batch(pl_module, self._batches[0])
         device = pl_module.device
@@ -723,7 +733,7 @@ class GeneralizationGapMonitor(Callback):
         # (the module's transfer hooks may draw random numbers: isolated, as at train start)
         include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         with isolate_rng(include_cuda=include_cuda):
-            self._batches = [trainer.strategy.batch_to_device(b) for b in batches]
+            self._batches = [_as_trained(trainer, b) for b in batches]
 
     def _draw(self, trainer: pl.Trainer) -> list[Any]:
         """The largest subset this run may evaluate (cut at the first validation)."""
