@@ -459,25 +459,12 @@ def test_quiet_runs_and_bad_config(tmp_path):
         )
 
 
-def test_a_split_made_by_a_subset_sampler_keeps_the_subset_on_the_training_side(
-    tmp_path, monkeypatch
-):
-    """(Review, session 18.) One dataset split into train/val by ``SubsetRandomSampler``s: the
-    gap monitor drew its "training" subset from the whole dataset (validation samples included;
-    23 of 64 in the review, gap 41% too small), and the NTK monitor's default probe took the
-    dataset's first samples. Both now draw from the sampler's indices, and the clean training
-    loss is that of training samples only."""
-    from torch.utils.data import SubsetRandomSampler
-
+def _fit_recording_probes(tmp_path, monkeypatch, gap, probe_size, train, val):
+    """Fit a Classifier for one epoch with ``gap`` and an NTK monitor of ``probe_size``; return
+    the model and the NTK monitor's default probes as drawn from the loader."""
     from glu_probe.callbacks import NTKSpectrumMonitor
 
-    full = _data(80, 3)
-    train_idx, val_idx = list(range(40, 80)), list(range(40))
-    gen = torch.Generator().manual_seed(1)
-    train = DataLoader(full, batch_size=8, sampler=SubsetRandomSampler(train_idx, generator=gen))
-    val = DataLoader(full, batch_size=8, sampler=SubsetRandomSampler(val_idx))
-    gap = GeneralizationGapMonitor(train_subset_size=16)
-    ntk = NTKSpectrumMonitor(every_n_steps=1000, probe_size=6, log_figure=False)
+    ntk = NTKSpectrumMonitor(every_n_steps=1000, probe_size=probe_size, log_figure=False)
     probes: list = []
     plain = NTKSpectrumMonitor._probe_from_loader
 
@@ -488,6 +475,26 @@ def test_a_split_made_by_a_subset_sampler_keeps_the_subset_on_the_training_side(
     monkeypatch.setattr(NTKSpectrumMonitor, "_probe_from_loader", spy)
     model = Classifier()
     _trainer(tmp_path, max_epochs=1, callbacks=[gap, ntk]).fit(model, train, val)
+    return model, probes
+
+
+def test_a_split_made_by_a_subset_sampler_keeps_the_subset_on_the_training_side(
+    tmp_path, monkeypatch
+):
+    """(Review, session 18.) One dataset split into train/val by ``SubsetRandomSampler``s: the
+    gap monitor drew its "training" subset from the whole dataset (validation samples included;
+    23 of 64 in the review, gap 41% too small), and the NTK monitor's default probe took the
+    dataset's first samples. Both now draw from the sampler's indices, and the clean training
+    loss is that of training samples only."""
+    from torch.utils.data import SubsetRandomSampler
+
+    full = _data(80, 3)
+    train_idx, val_idx = list(range(40, 80)), list(range(40))
+    gen = torch.Generator().manual_seed(1)
+    train = DataLoader(full, batch_size=8, sampler=SubsetRandomSampler(train_idx, generator=gen))
+    val = DataLoader(full, batch_size=8, sampler=SubsetRandomSampler(val_idx))
+    gap = GeneralizationGapMonitor(train_subset_size=16)
+    model, probes = _fit_recording_probes(tmp_path, monkeypatch, gap, 6, train, val)
     drawn = sorted(gap._order)
     assert len(drawn) == 16 and all(i in train_idx for i in drawn)  # (the old code: 7 of 16 not)
     want = torch.randperm(40, generator=torch.Generator().manual_seed(gap.seed))[:16]
@@ -505,7 +512,6 @@ def test_a_loader_without_automatic_batching_hands_out_batches_not_samples(tmp_p
     list of 16 batches (refused as a 16-element batch)."""
     from torch.utils.data import BatchSampler, Dataset, SequentialSampler
 
-    from glu_probe.callbacks import NTKSpectrumMonitor
     from glu_probe.callbacks._utils import items_are_batches
 
     full = _data(80, 3)
@@ -526,17 +532,7 @@ def test_a_loader_without_automatic_batching_hands_out_batches_not_samples(tmp_p
         DataLoader(full, batch_sampler=BatchSampler(SequentialSampler(full), 8, False))
     )  # a batch sampler: items are samples
     gap = GeneralizationGapMonitor(train_subset_size=16)
-    ntk = NTKSpectrumMonitor(every_n_steps=1000, probe_size=20, log_figure=False)
-    probes: list = []
-    plain = NTKSpectrumMonitor._probe_from_loader
-
-    def spy(self, trainer):
-        probes.append(plain(self, trainer))
-        return probes[-1]
-
-    monkeypatch.setattr(NTKSpectrumMonitor, "_probe_from_loader", spy)
-    model = Classifier()
-    _trainer(tmp_path, max_epochs=1, callbacks=[gap, ntk]).fit(model, train, val)
+    model, probes = _fit_recording_probes(tmp_path, monkeypatch, gap, 20, train, val)
     assert torch.equal(probes[0][0], x_all[:20]) and torch.equal(probes[0][1], y_all[:20])
     items = torch.randperm(10, generator=torch.Generator().manual_seed(gap.seed))[:2].tolist()
     rows = torch.cat([torch.arange(8 * i, 8 * i + 8) for i in items])
