@@ -267,17 +267,19 @@ def trace_linear_map(fn: Callable[..., Any], example: Sequence[Tensor]) -> Calla
 
 def _load_jvp_decompositions() -> None:
     """Load torch's forward-mode decompositions (what the first ``make_dual`` of a process
-    does) with their ``torch.jit.script is deprecated`` FutureWarning silenced: on torch >= 2.10
+    does) with their ``torch.jit.script is deprecated`` warning silenced: on torch >= 2.10
     it fires once per scripted decomposition (18 times under an "always" filter), and the NTK
     monitor relayed it as if the probed model had caused it (scale review, 2026-11-28). Only
-    that message of that loading step is silenced."""
+    that message of that loading step is silenced, in either category: torch 2.11 raises it as
+    a DeprecationWarning, 2.14 as a FutureWarning."""
     load = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)
     if load is None:
         return
     with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning
-        )
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings(
+                "ignore", message=r".*torch\.jit\.script.* is deprecated", category=category
+            )
         load()
 
 
