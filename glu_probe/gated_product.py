@@ -433,8 +433,9 @@ def fused_gated_mlp(
     if layout not in ("auto", "feature", "split"):
         raise ValueError(f"layout must be 'auto', 'feature' or 'split'; got {layout!r}")
     if (
-        torch._C._are_functorch_transforms_active()
-        or torch.compiler.is_compiling()
+        # is_compiling() first: torch 2.4's dynamo cannot trace the functorch query (fullgraph)
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
         or torch.jit.is_tracing()
         # A dual level is open (forward-mode AD with dual tensors): the plain expression, whose
         # tangents are differentiable in turn (reverse-over-forward: a Jacobian-norm penalty).
