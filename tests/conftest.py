@@ -13,6 +13,16 @@ import pytest
 import torch
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a version string (``"2.4.1+cu121"``, ``"2.10.0a0"``)."""
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+TORCH_VERSION = _major_minor(torch.__version__)
+"""torch's ``(major, minor)``, for tests that guard on behaviour a torch release changed."""
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -40,6 +40,15 @@ METRICS = (
 )
 
 
+def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE, in float32 where the Trainer runs in 16 bits ("bf16-true"): torch < 2.6 has no CPU
+    kernel of ``mse_loss`` for bfloat16 (added in pytorch PR #139959). Only the loss widens; the
+    forward, the weights and what the monitor probes stay those of the precision trained in."""
+    if out.dtype in (torch.bfloat16, torch.float16):
+        out, target = out.float(), target.float()
+    return nn.functional.mse_loss(out, target)
+
+
 class TinyNet(pl.LightningModule):
     def __init__(self, d_in: int = 5, hidden: int = 8, d_out: int = 3, dropout: float = 0.0):
         super().__init__()
@@ -52,13 +61,13 @@ class TinyNet(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = nn.functional.mse_loss(self(x), y)
+        loss = mse(self(x), y)
         self.log("train_loss", loss)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
-        self.log("val_loss", nn.functional.mse_loss(self(x), y))
+        self.log("val_loss", mse(self(x), y))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -69,7 +78,7 @@ class NoForward(TinyNet):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        return nn.functional.mse_loss(self.net(x), y)
+        return mse(self.net(x), y)
 
 
 class Snapshots(pl.Callback):

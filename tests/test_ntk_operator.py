@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import NoForwardADNet, SquareNoJvp
+from conftest import TORCH_VERSION, NoForwardADNet, SquareNoJvp
 from torch import nn
 
 from glu_probe.ntk import NTKOperator, ntk_spectrum
@@ -722,9 +722,15 @@ def test_accumulation_rewrites_are_out_of_place_and_vmap_cleanly(capfd):
     n = _fuse_accumulations(gm)
     targets = [str(node.target) for node in gm.graph.nodes if node.op == "call_function"]
     assert not any(t.endswith("_.default") for t in targets), targets  # nothing in place
-    assert targets.count("aten.addmm.default") == 8  # s, r, p, b, w, c (two), z
     assert targets.count("aten.baddbmm.default") == 1 and targets.count("aten.addcmul.default") == 2
-    assert n == 11
+    if TORCH_VERSION >= (2, 8):
+        assert targets.count("aten.addmm.default") == 8  # s, r, p, b, w, c (two), z
+        assert n == 11
+    else:
+        # torch < 2.8: make_fx leaves the get_attr nodes of captured constants (bias8) without
+        # meta["val"], so the two bias-vector rewrites (b, c) are not made; the values below are
+        # the same, only their fusion is lost
+        assert targets.count("aten.addmm.default") >= 6 and n >= 9
     u_copy = u.clone()
     capfd.readouterr()
     for _ in range(3):  # repeated calls: nothing drifts
@@ -762,7 +768,13 @@ def test_in_place_updates_in_the_forward_keep_products_right_over_repeated_calls
     K = explicit_ntk(model, x)
     V = torch.randn(4, 2, dtype=torch.float64)
     op = NTKOperator(model, x, dtype=torch.float64, linearize=True)
-    with pytest.warns(RuntimeWarning, match="mutates a constant in place"):
+    if TORCH_VERSION >= (2, 6):
+        with pytest.warns(RuntimeWarning, match="mutates a constant in place"):
+            first = op.matvec(V)
+    else:
+        # torch < 2.6: make_fx records ``copy_(addmm, add)`` into a tensor the trace recomputes
+        # at every call, not a mutation of a folded constant: nothing to refuse, and the
+        # products below are right over repeated calls all the same
         first = op.matvec(V)
     for out in [first] + [op.matvec(V) for _ in range(4)]:
         torch.testing.assert_close(out, K @ V, rtol=1e-10, atol=1e-10)

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import TORCH_VERSION
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -835,21 +836,32 @@ def test_every_strategy_keeps_to_the_budget(name):
 
 def test_lanczos_keeps_to_the_budget():
     """The matrix-free path under memory_budget: the probe batch is chunked (and a full-span
-    block narrowed) so that the tensors alive at once stay within the budget; λ_max and κ
-    match float64 truth. A budget below one sample's product is a clear ValueError."""
+    block narrowed) so that the tensors alive at once stay within the budget, in float64 and in
+    float32 products; λ_max and κ match float64 truth (κ within float32's eps·κ in float32). A
+    budget below one sample's product is a clear ValueError."""
     from glu_probe.ntk import ntk_spectrum
 
     torch.manual_seed(16)
     model, x = WideConv().double(), torch.randn(6, 3, 32, 32, dtype=torch.float64)
     ev = torch.linalg.eigvalsh(truth(model, x, "pntk"))
-    with LiveTensorBytes() as free_run:
-        ntk_spectrum(model, x, output="pntk", method="lanczos")
-    budget = free_run.peak // 2
-    with LiveTensorBytes() as live:
-        s = ntk_spectrum(model, x, output="pntk", method="lanczos", memory_budget=budget)
-    assert live.peak <= budget, (live.peak, budget)
-    assert abs(s.lambda_max - float(ev[-1])) <= 1e-4 * float(ev[-1])
-    assert abs(s.condition_number - float(ev[-1] / ev[0])) <= 1e-3 * float(ev[-1] / ev[0])
+    kappa = float(ev[-1] / ev[0])  # ≈ 3.2e4
+    # float32 products (the default) carry a κ error up to eps₃₂·κ ≈ 3.9e-3 here, as the library
+    # warns: 4e-5 on torch >= 2.8, 1.1e-3 on torch 2.4 - 2.6, the float32 kernels' rounding. κ is
+    # held to 1e-3 in float64 products and, on torch >= 2.8, in float32; below 2.8 float32 is held
+    # to the library's own eps·κ.
+    for dtype in (torch.float64, torch.float32):
+        with LiveTensorBytes() as free_run:
+            ntk_spectrum(model, x, output="pntk", method="lanczos", dtype=dtype)
+        budget = free_run.peak // 2
+        with LiveTensorBytes() as live:
+            s = ntk_spectrum(
+                model, x, output="pntk", method="lanczos", memory_budget=budget, dtype=dtype
+            )
+        assert live.peak <= budget, (dtype, live.peak, budget)
+        assert abs(s.lambda_max - float(ev[-1])) <= 1e-4 * float(ev[-1])
+        strict = dtype == torch.float64 or TORCH_VERSION >= (2, 8)
+        tol = 1e-3 if strict else torch.finfo(dtype).eps * s.condition_number
+        assert abs(s.condition_number - kappa) <= tol * kappa, dtype
     # Below the probe's copies and four parameter vectors: refused before anything is copied.
     with LiveTensorBytes() as refused, pytest.raises(ValueError, match="the probe's copies"):
         ntk_spectrum(model, x, output="pntk", method="lanczos", memory_budget=50_000)

@@ -384,11 +384,18 @@ def test_mixture_of_experts_with_a_llama_shared_expert_is_not_swapped_silently()
     )
     model = transformers.Qwen2MoeForCausalLM(config)
     shared = model.model.layers[0].mlp.shared_expert
+    # transformers 4.x keeps the routed experts as a ModuleList of MLPs, which are recognised
+    # (the router's gate is what is left outside); 5.x fuses them into one Qwen2MoeExperts
+    # (whose weights are then left outside as well)
+    per_expert = isinstance(model.model.layers[0].mlp.experts, nn.ModuleList)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    outside = r"gate\.weight, " + ("shared_expert_gate" if per_expert else r"experts\.gate_up_proj")
+    recognised = "".join(f"experts\\.{e}, " for e in range(4)) if per_expert else ""
     with pytest.raises(
         UnsupportedModelError,
-        match=r"only partly recognised.*layers\.0\.mlp \(Qwen2MoeSparseMoeBlock, whose weights .*"
-        r"experts.* outside the recognised block\(s\) shared_expert.*register_adapter",
+        match=r"only partly recognised.*layers\.0\.mlp \(Qwen2MoeSparseMoeBlock, whose weights "
+        rf"{outside}.* outside the recognised block\(s\) {recognised}shared_expert;"
+        r".*register_adapter",
     ):
         swap_mlp(model, "gelu")
     assert model.model.layers[0].mlp.shared_expert is shared  # nothing swapped
@@ -397,11 +404,14 @@ def test_mixture_of_experts_with_a_llama_shared_expert_is_not_swapped_silently()
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.warns(UserWarning, match="only partly recognised"):
         report = swap_mlp(model, "gelu", strict=False)
-    assert report.paths == [f"model.layers.{i}.mlp.shared_expert" for i in range(2)]
+    experts = [f"experts.{e}" for e in range(4)] if per_expert else []
+    assert report.paths == [
+        f"model.layers.{i}.mlp.{name}" for i in range(2) for name in [*experts, "shared_expert"]
+    ]
     listed = " ".join(report.unrecognised)
     for i in range(2):
         assert f"model.layers.{i}.mlp (Qwen2MoeSparseMoeBlock" in listed
-        assert f"model.layers.{i}.mlp.experts (Qwen2MoeExperts)" in listed
+        assert (f"model.layers.{i}.mlp.experts (Qwen2MoeExperts)" in listed) != per_expert
 
 
 def test_wrapper_with_only_a_norm_around_a_recognised_block_is_fine() -> None:

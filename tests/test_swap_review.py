@@ -568,7 +568,10 @@ def test_t5_blocks_get_t5s_own_init_weights_at_the_new_width(
     t5_init = transformers.T5PreTrainedModel._init_weights
 
     def spy(self: Any, module: nn.Module) -> None:
-        seen.append(type(module).__name__)
+        # real init calls only: before transformers 5, post_init also runs _init_weights on the
+        # meta-device rebuild that reads the model's shared keys (no storage, nothing drawn)
+        if not any(p.is_meta for p in module.parameters()):
+            seen.append(type(module).__name__)
         t5_init(self, module)
 
     monkeypatch.setattr(transformers.T5PreTrainedModel, "_init_weights", spy)
@@ -961,15 +964,20 @@ def test_bert_keeps_hooks_on_what_its_swap_keeps() -> None:
     ids = torch.randint(0, 64, (1, 8))
     model(ids, output_hidden_states=True)
     layer = model.encoder.layer[0]
-    assert layer._forward_hooks  # (transformers' own capture hook)
+    captured = dict(layer._forward_hooks)  # (transformers' own capture hook, where it has one)
     report = swap_mlp(model, "swiglu")
-    assert len(report.paths) == 2 and layer._forward_hooks  # kept with the layer
+    assert len(report.paths) == 2 and layer._forward_hooks == captured  # kept with the layer
     out = model(ids, output_hidden_states=True)
     assert len(out.hidden_states) == 3
     other = BertModel(cfg)
     other.encoder.layer[1].intermediate.register_forward_hook(lambda m, a, o: o * 2)
     with pytest.raises(UnsupportedModelError, match=r"has hooks \('intermediate'"):
         swap_mlp(other, "swiglu")
+    if not captured:  # the rest ran; the point of the test needs transformers' capture hooks
+        pytest.skip(
+            "this transformers leaves no output-capturing hook on BertLayer (recent 5.x does;"
+            " 5.0 and 4.x do not)"
+        )
 
 
 def test_a_second_swap_of_a_place_keeps_the_hosts_init_rules() -> None:
