@@ -66,8 +66,6 @@ class SphinxRoles(griffe.Extension):
         super().__init__()
         self.packages = set(packages) if packages else None
         self.stats: Counter[str] = Counter()
-        self.unresolved: list[tuple[str, str]] = []
-        """(file:line, role) of the roles whose target was not found."""
         self._by_suffix: dict[str, list[str]] = {}
 
     def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
@@ -96,10 +94,10 @@ class SphinxRoles(griffe.Extension):
         out: list[str] = []
         prose: list[str] = []
         in_fence = False
-        for number, line in enumerate(text.split("\n")):
+        for line in text.split("\n"):
             if _FENCE_RE.match(line):
                 if not in_fence and prose:
-                    out.append(self._rewrite_prose(obj, pkg, "\n".join(prose), number - len(prose)))
+                    out.append(self._rewrite_prose(obj, pkg, "\n".join(prose)))
                     prose = []
                 in_fence = not in_fence
                 out.append(line)
@@ -108,24 +106,18 @@ class SphinxRoles(griffe.Extension):
             else:
                 prose.append(line)
         if prose:
-            first = len(text.split("\n")) - len(prose)
-            out.append(self._rewrite_prose(obj, pkg, "\n".join(prose), first))
+            out.append(self._rewrite_prose(obj, pkg, "\n".join(prose)))
         return "\n".join(out)
 
-    def _rewrite_prose(
-        self, obj: griffe.Object, pkg: griffe.Module, text: str, first_line: int
-    ) -> str:
+    def _rewrite_prose(self, obj: griffe.Object, pkg: griffe.Module, text: str) -> str:
         def replace(match: re.Match[str]) -> str:
             if match["literal"]:
                 return match[0]
-            line = first_line + text.count("\n", 0, match.start())
-            return self._render_role(obj, pkg, match["role"], match["content"], line)
+            return self._render_role(obj, pkg, match["content"])
 
         return ROLE_RE.sub(replace, text)
 
-    def _render_role(
-        self, obj: griffe.Object, pkg: griffe.Module, role: str, content: str, line: int
-    ) -> str:
+    def _render_role(self, obj: griffe.Object, pkg: griffe.Module, content: str) -> str:
         content = " ".join(content.split())
         explicit = _EXPLICIT_TITLE_RE.match(content)
         if explicit:
@@ -137,13 +129,9 @@ class SphinxRoles(griffe.Extension):
         target = written.removesuffix("()")
         if title is None:
             title = written.rsplit(".", 1)[-1] if short else written.lstrip(".")
-        self.stats["roles"] += 1
-
         identifier = self._resolve(obj, pkg, target)
         if identifier is None:
             self.stats["unresolved"] += 1
-            where = f"{_location(obj)}:{_lineno(obj, line)}"
-            self.unresolved.append((where, f":{role}:`{content}`"))
             return _code(title)
         if identifier.split(".", 1)[0] != pkg.name:
             self.stats["external"] += 1
@@ -185,7 +173,6 @@ class SphinxRoles(griffe.Extension):
         matches = [p for p in self._by_suffix.get(last, []) if p.endswith("." + target)]
         if len(matches) != 1:
             return None
-        self.stats["by_suffix"] += 1
         return matches[0]
 
 
@@ -222,17 +209,3 @@ def _descend(found: griffe.Object | griffe.Alias, parts: list[str]) -> str | Non
         except _RESOLUTION_ERRORS:
             return current.target_path
     return current.path
-
-
-def _location(obj: griffe.Object) -> str:
-    try:
-        return str(obj.relative_filepath)
-    except ValueError:
-        return obj.path
-
-
-def _lineno(obj: griffe.Object, line: int) -> int | str:
-    """The source line of the docstring's `line`-th line (exact for docstrings that start on
-    the line of their opening quotes, as all of this package's do)."""
-    start = obj.docstring.lineno if obj.docstring is not None else None
-    return "?" if start is None else start + line

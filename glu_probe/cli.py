@@ -397,10 +397,17 @@ def _build_hf(spec: str, overrides: dict[str, Any], parser: argparse.ArgumentPar
         close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         parser.error(f"unknown Hugging Face model type {model_type!r}{hint}")
-    _check_config_keys(CONFIG_MAPPING[model_type], overrides, set(cfg_dict), parser)
+    config_class = CONFIG_MAPPING[model_type]
+    try:
+        default = config_class()
+    except Exception:  # a config without defaults: nothing to compare against
+        default = None
+    if default is not None:
+        _check_config_keys(config_class, default, overrides, set(cfg_dict), parser)
     given = set(cfg_dict) | set(overrides)
     cfg_dict.update(overrides)
-    _drop_special_ids_outside_vocab(CONFIG_MAPPING[model_type], cfg_dict, given)
+    if default is not None:
+        _drop_special_ids_outside_vocab(default, cfg_dict, given)
     config = AutoConfig.for_model(model_type, **cfg_dict)
     try:
         return AutoModelForCausalLM.from_config(config)
@@ -412,7 +419,7 @@ _SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_s
 
 
 def _drop_special_ids_outside_vocab(
-    config_class: Any, cfg_dict: dict[str, Any], given: set[str]
+    default: Any, cfg_dict: dict[str, Any], given: set[str]
 ) -> None:
     """A smaller ``vocab_size`` (``--set vocab_size=256`` on gpt2) leaves the model type's
     default special-token ids (50256) outside the vocabulary, which transformers warns about.
@@ -420,10 +427,6 @@ def _drop_special_ids_outside_vocab(
     ``None``, with a note on stderr."""
     vocab = cfg_dict.get("vocab_size")
     if not isinstance(vocab, int) or isinstance(vocab, bool):
-        return
-    try:
-        default = config_class()
-    except Exception:  # a config without defaults: nothing to compare against
         return
     for key in _SPECIAL_TOKEN_IDS:
         value = getattr(default, key, None)
@@ -442,19 +445,20 @@ _HF_CONFIG_KWARGS = frozenset({"attn_implementation"})
 
 
 def _check_config_keys(
-    config_class: Any, overrides: dict[str, Any], known: set[str], parser: argparse.ArgumentParser
+    config_class: Any,
+    default: Any,
+    overrides: dict[str, Any],
+    known: set[str],
+    parser: argparse.ArgumentParser,
 ) -> None:
     """Refuse a ``--set`` key that the model type's config does not have (a typo would be ignored).
 
-    Valid: an attribute of the default config (aliases in ``attribute_map`` included), a keyword
+    Valid: an attribute of ``default``, the model type's default config (aliases in
+    ``attribute_map`` included), a keyword
     of the config class's ``__init__``, a key of the given config.json, or ``attn_implementation``.
     """
     import inspect
 
-    try:
-        default = config_class()
-    except Exception:  # a config without defaults: nothing to compare against
-        return
     valid = set(default.to_dict()) | set(getattr(default, "attribute_map", {})) | known
     valid |= _HF_CONFIG_KWARGS
     valid |= {

@@ -406,9 +406,9 @@ def test_set_keys_a_config_consumes_in_another_form_are_accepted():
     from glu_probe.cli import _check_config_keys
 
     parser = argparse.ArgumentParser()
-    _check_config_keys(LlamaConfig, {"rope_theta": 5000.0}, set(), parser)
+    _check_config_keys(LlamaConfig, LlamaConfig(), {"rope_theta": 5000.0}, set(), parser)
     with pytest.raises(SystemExit):
-        _check_config_keys(GPT2Config, {"n_layers": 1}, set(), parser)
+        _check_config_keys(GPT2Config, GPT2Config(), {"n_layers": 1}, set(), parser)
 
 
 def test_strict_json_writes_null_for_non_finite_floats():
