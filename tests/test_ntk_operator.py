@@ -744,6 +744,76 @@ def test_accumulation_rewrites_are_out_of_place_and_vmap_cleanly(capfd):
     assert "performance drop" not in capfd.readouterr().err
 
 
+def test_in_place_copy_writes_only_into_its_own_temporaries():
+    """The unbatched copy of a traced map (``operator._in_place_copy``) accumulates in place
+    where the accumulator is a fresh temporary that only the accumulation reads, and nowhere
+    else: not into the input, a result also returned, a view of a shared value, a bias vector
+    or a folded constant. Three calls give the out-of-place map's outputs to float64 rounding,
+    and the input, the returned values and the constants keep theirs (a wrong in-place write
+    would drift from call to call)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from glu_probe.ntk.operator import _fuse_accumulations, _in_place_copy, trace_linear_map
+
+    gen = torch.Generator().manual_seed(5)
+    W, W2 = (torch.randn(8, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    bias8 = torch.randn(8, generator=gen, dtype=torch.float64)
+    A = torch.randn(2, 8, 3, generator=gen, dtype=torch.float64)
+
+    def fn(u: torch.Tensor):
+        t = u @ W  # also returned: its accumulation stays out of place
+        s = t + u @ W2
+        p = (u @ W) + (u @ W2)  # a fresh temporary: in place
+        b = u @ W2 + bias8  # a bias vector: out of place
+        h = u.view(2, 3, 8) * 2  # read twice below
+        w = h + (u @ W2).view(2, 3, 8)  # accumulates into h, which m reads too: out of place
+        m = torch.bmm(h, A) + torch.bmm(u.view(2, 3, 8), A)
+        e = (u * 3.0) + (u * t)
+        return s, t, p, b, w, m, e
+
+    u = torch.randn(6, 8, generator=gen, dtype=torch.float64)
+    gm = make_fx(fn)(u)
+    _fuse_accumulations(gm)
+    single = _in_place_copy(gm)
+    assert single is not None
+    targets = [str(n.target) for n in single.graph.nodes if n.op == "call_function"]
+    assert sum(t.endswith("_.default") for t in targets) >= 2, targets  # p, m or e at least
+    ref = [o.clone() for o in gm(u)]
+    u_copy = u.clone()
+    for _ in range(3):
+        got = single(u)
+        assert torch.equal(u, u_copy)
+        for a, b in zip(got, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    # a folded constant accumulator (C does not depend on the input) is never written
+    C0, C1 = torch.randn(6, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
+    traced = trace_linear_map(lambda v: C0 @ C1 + v @ W, (u,))
+    for _ in range(3):
+        one = traced.unbatched(u) if hasattr(traced, "unbatched") else traced(u)
+        torch.testing.assert_close(one, C0 @ C1 + u @ W, rtol=1e-13, atol=1e-13)
+
+
+def test_single_column_products_run_the_in_place_copy():
+    """A traced operator's single-column product runs each map's in-place copy, and its
+    products equal the explicit K's over repeated calls (blocks of columns keep the vmapped
+    out-of-place maps, compared in ``test_accumulation_rewrites_keep_the_products...``)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=8, patch_size=4, in_chans=3, num_classes=3, embed_dim=16, depth=1, num_heads=2
+    ).eval()
+    x = torch.randn(3, 3, 8, 8)
+    K = explicit_ntk(vit, x)
+    op = NTKOperator(vit, x, dtype=torch.float64, linearize=True)
+    v = torch.randn(op.n, 1, dtype=torch.float64)
+    first = op.matvec(v)
+    assert hasattr(op._cache[0][1], "unbatched")  # the JVP has accumulations to do in place
+    for out in [first] + [op.matvec(v) for _ in range(3)]:
+        torch.testing.assert_close(out, K @ v, rtol=1e-10, atol=1e-10)
+    V = torch.randn(op.n, 3, dtype=torch.float64)
+    torch.testing.assert_close(op.matvec(V), K @ V, rtol=1e-10, atol=1e-10)
+
+
 class _InplaceResidual(nn.Module):
     """An activation updated in place in the forward (``h += c``), as residual blocks do."""
 

@@ -121,6 +121,7 @@ def _fuse_accumulations(gm: Any) -> int:
     safe whatever aliases them, and all three ops have vmap batching rules (the operator vmaps
     the map over block columns; an in-place first version fell back to a per-column loop there,
     with a warning per product, and could not write a batched sum into an unbatched operand).
+    Unbatched calls run an in-place copy instead where that is safe (:func:`_in_place_copy`).
     """
     import torch.fx as fx
 
@@ -205,6 +206,71 @@ def _fuse_accumulations(gm: Any) -> int:
     return count
 
 
+def _in_place_copy(gm: Any) -> Any:
+    """A copy of the traced map whose accumulations write into their accumulator, for
+    unbatched calls (one column); ``None`` where nothing qualifies.
+
+    The out-of-place ``addmm`` / ``baddbmm`` of :func:`_fuse_accumulations` first copy their
+    accumulator into a new output (ATen's out-of-place form), a full pass over a Linear layer's
+    output per rewrite: on the timm ViT of ``bench_ntk.py`` §2 two of the JVP's four copies of
+    the 2080x256 MLP activation. Where the accumulator is an intermediate that this op alone
+    reads, made by an op that allocates its result (a GEMM, a sum, a product: never a view of
+    something else, an input or a folded constant), overwriting it is safe and the copy goes.
+    Under :func:`torch.vmap` these in-place ops have no batching rule (a per-column fallback
+    with a warning), so the operator keeps the out-of-place map for blocks of columns.
+
+    The copy shares the folded constants with ``gm`` (no second copy of the activations).
+    Written by hand: torch.fx has no in-place reuse pass, and Inductor's (which has) compiles for
+    seconds per model and probe shape.
+    """
+    import torch.fx as fx
+
+    aten = torch.ops.aten
+    in_place = {
+        aten.addmm.default: aten.addmm_.default,
+        aten.baddbmm.default: aten.baddbmm_.default,
+        aten.addcmul.default: aten.addcmul_.default,
+    }
+    fresh = {  # ops whose output is new storage (no alias of an argument)
+        aten.mm.default,
+        aten.addmm.default,
+        aten.bmm.default,
+        aten.baddbmm.default,
+        aten.add.Tensor,
+        aten.sub.Tensor,
+        aten.mul.Tensor,
+        aten.addcmul.default,
+    }
+    views = (aten.view.default, aten._unsafe_view.default)
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in in_place:
+            continue
+        acc = node.args[0]
+        if not isinstance(acc, fx.Node) or len(acc.users) != 1:
+            continue
+        owner: Any = acc
+        if owner.op == "call_function" and owner.target in views:  # a view of a fresh result
+            owner = owner.args[0]
+            if not isinstance(owner, fx.Node) or len(owner.users) != 1:
+                continue
+        if owner.op != "call_function" or owner.target not in fresh:
+            continue
+        av, out = acc.meta.get("val"), node.meta.get("val")
+        if not isinstance(av, Tensor) or not isinstance(out, Tensor):
+            continue
+        if tuple(av.shape) != tuple(out.shape) or av.dtype != out.dtype:
+            continue  # (a broadcast accumulator, such as a bias vector, stays out of place)
+        node.target = in_place[node.target]
+        count += 1
+    if not count:
+        return None
+    graph.lint()
+    return fx.GraphModule(gm, graph)
+
+
 def _refuse_constant_mutations(gm: Any) -> None:
     """Raise if the folded graph mutates a value that does not depend on its inputs.
 
@@ -262,6 +328,15 @@ def trace_linear_map(fn: Callable[..., Any], example: Sequence[Tensor]) -> Calla
         for r, g in zip(ref, got, strict=False)
     ):
         raise RuntimeError("the traced map disagrees with the original on a random input")
+    single = _in_place_copy(folded)
+    if single is not None:
+        outs = torch.utils._pytree.tree_leaves(single(*example))
+        if len(outs) == len(got) and all(
+            o.shape == g.shape and float((o - g).abs().max()) <= tol * max(scale, 1e-30)
+            for o, g in zip(outs, got, strict=True)
+        ):
+            # read by _batched for one column; a plain attribute, not a registered submodule
+            folded.__dict__["unbatched"] = single
     return folded
 
 
@@ -359,12 +434,14 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def _batched(fn: Callable[..., Any], k: int) -> Callable[..., Any]:
-    """``vmap(fn)``; for a single column, ``fn`` on the squeezed column (vmap has a fixed cost)."""
+    """``vmap(fn)``; for a single column, ``fn`` on the squeezed column (vmap has a fixed cost),
+    or a traced map's in-place copy where it has one (:func:`_in_place_copy`)."""
     if k > 1:
         return torch.vmap(fn)
+    one = getattr(fn, "unbatched", fn)
 
     def single(*args: Tensor) -> Any:
-        out = fn(*(a[0] for a in args))
+        out = one(*(a[0] for a in args))
         if isinstance(out, Tensor):
             return out.unsqueeze(0)
         return tuple(o.unsqueeze(0) for o in out)
