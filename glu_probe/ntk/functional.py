@@ -371,14 +371,25 @@ def allows_autograd(fn: F) -> F:
 
 def _warn_first_of_several(out: Any, output: OutputSpec) -> None:
     """A tuple or list output with several tensors is probed on its first (``pick_output``):
-    say so, since ``(aux, logits)`` would be probed on ``aux`` (review, session 18)."""
-    if not isinstance(output, str) or not isinstance(out, (tuple, list)):
+    say so, since ``(aux, logits)`` would be probed on ``aux`` (review, session 18). The same
+    for a dict (or an HF ``ModelOutput``) without ``logits``, naming the key probed (review,
+    session 20: ``{"features": ..., "scores": ...}`` was probed on ``features`` silently)."""
+    if not isinstance(output, str):
         return
-    tensors = [t for t in out if isinstance(t, Tensor)]
+    which = "the first"
+    if isinstance(out, (tuple, list)):
+        tensors = [t for t in out if isinstance(t, Tensor)]
+    elif isinstance(out, Mapping) and not isinstance(out.get("logits"), Tensor):
+        named = [(k, v) for k, v in out.items() if isinstance(v, Tensor)]
+        tensors = [v for _, v in named]
+        if named:
+            which = f"the first, {named[0][0]!r}"
+    else:
+        return
     if len(tensors) > 1:
         warnings.warn(
             f"the model's output ({type(out).__name__}) holds {len(tensors)} tensors: the "
-            f"probe's rows come from the first (per sample {tuple(tensors[0].shape[1:])}); pass "
+            f"probe's rows come from {which} (per sample {tuple(tensors[0].shape[1:])}); pass "
             "output=callable(model_output) -> rows to probe another",
             RuntimeWarning,
             stacklevel=4,
@@ -830,6 +841,15 @@ class ProbeFunction:
         flags = [(m, m.training) for m in self.model.modules()]
         devices = [self.device] if self.device.type == "cuda" else []
         switched = False
+        # Inside the user's ``torch.nn.utils.parametrize.cached()`` a parametrized weight is
+        # computed once and reused: every probe pass then read the weight of the first call, not
+        # the probe's parameters (weight_norm: K 5% off and a false λ_min bound, review session
+        # 20). The probe turns the cache off for its passes and gives it back as it was.
+        from torch.nn.utils import parametrize
+
+        cache_level = getattr(parametrize, "_cache_enabled", None)
+        if cache_level:
+            parametrize._cache_enabled = 0
         try:
             if self.eval_mode:
                 switched = True
@@ -849,14 +869,18 @@ class ProbeFunction:
                 self.model.train(flags[0][1])
             for m, t in flags:
                 m.training = t
+            if cache_level:
+                parametrize._cache_enabled = cache_level
 
     def call_model(self, params: Sequence[Tensor], inputs: Any) -> Any:
         """The raw model output at ``params`` (a tuple aligned with :attr:`names`)."""
         state = dict(self.constants)
-        if not self.eval_mode:
-            # Train-mode layers (BatchNorm) update buffers in place; torch.func forbids mutating
-            # captured tensors, and the probe must not change the model, so each call gets copies.
-            state.update({n: self.constants[n].clone() for n in self._buffer_names})
+        # Forwards that update buffers in place (train-mode BatchNorm, but also a call counter
+        # or a running estimate updated in eval mode): torch.func forbids mutating captured
+        # tensors, and the probe's own copies must stay as built (a mutated copy once made the
+        # first and last samples' validating passes disagree: a false "not independent"), so
+        # each call gets fresh copies, in either mode. Counted per pass in the memory plans.
+        state.update({n: self.constants[n].clone() for n in self._buffer_names})
         state.update(zip(self.names, params, strict=True))
         if isinstance(inputs, Mapping):
             args: tuple[Any, ...] = ()

@@ -72,7 +72,7 @@ from .functional import (
     probe_copy_bytes,
     refuse_small_budget,
 )
-from .krylov import _error_bounds, block_lanczos, default_max_basis
+from .krylov import LanczosResult, _error_bounds, block_lanczos, default_max_basis
 from .operator import NTKOperator, agreed, is_out_of_memory
 
 __all__ = [
@@ -516,6 +516,57 @@ def ntk_spectrum(
     )
 
 
+#: A warm-started Lanczos end that moved by more than this factor from the warm start's value
+#: is confirmed from a cold start (:func:`_warm_start_moved`).
+WARM_CONFIRM_FACTOR = 2.0
+
+
+def _warm_start_moved(warm_start: Any, res: LanczosResult, which: str) -> bool:
+    """Whether a converged warm-started run must be confirmed from a random start.
+
+    A Krylov method cannot certify that no eigenvalue lies beyond its extreme Ritz values; a
+    random start makes a miss improbable, since every eigenvector then has a share of the start.
+    A warm start of the previous probe's Ritz vectors gives that up for speed: where those
+    vectors are still eigenvectors of the new K (to rounding) their Ritz pairs converge at once,
+    and the run can stop before the random refill shows what lies beyond. Review, session 20:
+    a two-expert model whose second probe only rescaled one expert (K block diagonal, the same
+    eigenvectors) stopped with ``converged=True`` and λ_min 88-542x too large in 6 of 6 seeds.
+    The previous values are the warm start's evidence that nothing lies beyond: where an end
+    moved by more than :data:`WARM_CONFIRM_FACTOR`, the kernel changed too much for that
+    evidence, and the run is repeated from a random start (its products counted too). A raw
+    tensor warm start carries no previous values and is not checked.
+    """
+    if not isinstance(warm_start, NTKSpectrum) or not res.converged:
+        return False
+    pairs = []
+    if which in ("both", "largest"):
+        pairs.append((warm_start.lambda_max, res.lambda_max))
+    if which in ("both", "smallest"):
+        pairs.append((warm_start.lambda_min, res.lambda_min))
+    for before, now in pairs:
+        if not (math.isfinite(before) and before > 0.0 and math.isfinite(now)):
+            continue
+        if now <= 0.0 or not 1.0 / WARM_CONFIRM_FACTOR <= now / before <= WARM_CONFIRM_FACTOR:
+            return True
+    return False
+
+
+def _overflow_hint(dtype: torch.dtype) -> str:
+    """The overflow half of a non-finite Lanczos product's message (review, session 20: K of
+    ~1e41 from outputs of ~1e20 was blamed on an undefined derivative, and K of ~1e36 gave an
+    internal "residual_norms must be finite" error)."""
+    top = torch.finfo(dtype).max
+    return (
+        f"K's entries may overflow {str(dtype).removeprefix('torch.')} (above {top:.1e}; they "
+        "grow as the outputs' scale squared), "
+        + (
+            "pass dtype=torch.float64 (the dense path, method='dense', also works in float64), "
+            if dtype != torch.float64
+            else "rescale the outputs, "
+        )
+    )
+
+
 def _dense(
     probe: ProbeFunction,
     memory_budget: int | None,
@@ -860,14 +911,15 @@ def _lanczos_on(
     else:
         products = span
     op.expected_products = products + (slq_steps if slq_probes > 0 else 0)
-    try:
-        res = block_lanczos(
+
+    def run(start: Tensor | None) -> LanczosResult:
+        return block_lanczos(
             op.matvec,
             n,
             block_size=width,
             max_matvecs=max(max_matvecs, min(width, n)),
             tol=tol,
-            v0=v0,
+            v0=start,
             dtype=probe.dtype,
             device=probe.device,
             generator=generator,
@@ -875,6 +927,21 @@ def _lanczos_on(
             full_span=full_span,
             max_basis=max_basis,
         )
+
+    try:
+        res = run(v0)
+        if v0 is not None and _warm_start_moved(warm_start, res, which):
+            res = run(None)  # confirmed from a cold (random) start
+    except NotImplementedError as err:
+        if "derivative for" not in str(err):
+            raise
+        # No forward-mode AD and no double backward either (nn.EmbeddingBag): J·u cannot be
+        # formed as a JVP, nor as the VJP of u ↦ Jᵀu (review, session 20).
+        raise NotImplementedError(
+            f"the Lanczos path cannot form J·u for this model ({err}): an operation has neither "
+            "a forward-mode derivative nor a double backward (e.g. nn.EmbeddingBag). "
+            "method='dense' needs reverse mode only and works"
+        ) from err
     except RuntimeError as err:
         if "randomness" not in str(err):
             raise
@@ -884,16 +951,26 @@ def _lanczos_on(
             "it. Use eval_mode=True (dropout off), or method='dense' for one random draw"
         ) from err
     except ValueError as err:
-        if "NaN or Inf" not in str(err):
+        if "NaN or Inf" not in str(err) and "must be finite" not in str(err):
             raise
         # The probe outputs were checked finite, so a derivative is not: forward mode (the
-        # JVP) gives 0/0 where a function has no derivative at the probe point.
+        # JVP) gives 0/0 where a function has no derivative at the probe point; or K's
+        # entries (|∇g|², up to the outputs' scale squared) overflow the products' dtype.
+        if "must be finite" in str(err):  # finite products, overflowing Ritz algebra
+            raise ValueError(
+                "the Lanczos iteration's numbers are not finite: " + _overflow_hint(probe.dtype)
+            ) from err
         raise ValueError(
-            "NTK product returned NaN or Inf although the probe outputs are finite: a "
-            "derivative is undefined at this point (forward-mode AD gives NaN e.g. for "
-            "sqrt(relu(z)) at z = 0, where reverse mode gives 0). method='dense' uses reverse "
-            "mode only"
+            "NTK product returned NaN or Inf although the probe outputs are finite: "
+            + _overflow_hint(probe.dtype)
+            + "or a derivative is undefined at this point (forward-mode AD gives NaN e.g. for "
+            "sqrt(relu(z)) at z = 0, where reverse mode gives 0; method='dense' uses reverse "
+            "mode only)"
         ) from err
+    if not (math.isfinite(res.lambda_max) and math.isfinite(res.lambda_min)):
+        raise ValueError(
+            "the Lanczos iteration's Ritz values are not finite: " + _overflow_hint(probe.dtype)
+        )
     theta = res.ritz_values
     if float(theta.abs().max()) == 0.0:
         raise _zero_kernel_error()

@@ -1,0 +1,217 @@
+"""Review of the NTK engine on unusual models (session 20), against independent float64 truth:
+one ``torch.autograd.grad`` per row of a float64 copy of the model, K = J Jᵀ, ``eigvalsh``."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from glu_probe.ntk import ntk_matrix, ntk_spectrum
+
+torch.set_num_threads(1)
+
+
+def truth(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """K in float64 from per-row autograd gradients of a float64 copy (pNTK rows)."""
+    m = copy.deepcopy(model).double().eval()
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    args = tuple(a.double() if a.is_floating_point() else a for a in args)
+    params = [p for p in m.parameters() if p.requires_grad]
+    y = m(*args)
+    rows = y.reshape(y.shape[0], -1).sum(-1) / math.sqrt(math.prod(y.shape[1:]) or 1)
+    J = torch.stack(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(r, params, retain_graph=True)])
+            for r in rows
+        ]
+    )
+    return J @ J.T
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+def test_a_parametrized_weight_is_probed_inside_parametrize_cached():
+    """Inside ``torch.nn.utils.parametrize.cached()`` a parametrized weight was computed once
+    and reused, so every probe pass read the first call's weight instead of the probe's
+    parameters: ``ntk_matrix`` 5% off, dense and Lanczos κ 1.7x off with ``converged=True`` and
+    a violated λ_min bound, ``auto`` a dtype crash. The probe now turns the cache off for its
+    passes and leaves the user's context as it was."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 3))
+    parametrizations.weight_norm(m[0])
+    x = torch.randn(24, 6)
+    K = truth(m, x)
+    ev = torch.linalg.eigvalsh(K)
+    kappa = float(ev[-1] / ev[0])
+    with parametrize.cached():
+        level = parametrize._cache_enabled
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (weight_norm has no forward AD: a fallback note)
+            got = ntk_matrix(m, x)
+            spectra = [
+                ntk_spectrum(m, x, method=meth, dtype=torch.float64)
+                for meth in ("auto", "dense", "lanczos")
+            ]
+        assert parametrize._cache_enabled == level  # the user's context is given back
+    assert float((got - K).norm() / K.norm()) < 1e-10
+    for s in spectra:
+        assert s.converged
+        assert rel(s.condition_number, kappa) < 1e-6, (s.method, s.condition_number, kappa)
+        assert s.lambda_min_upper >= float(ev[0]) * (1 - 1e-9)
+
+
+class _Counting(nn.Module):
+    """An eval-mode forward that updates a buffer in place (a call counter, and a running
+    estimate under no_grad), as monitoring code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 12), nn.Linear(12, 2)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("running", torch.zeros(12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        h = torch.tanh(self.a(x))
+        with torch.no_grad():
+            self.running.mul_(0.9).add_(0.1 * h.detach().mean(0))
+        return self.b(h)
+
+
+def test_a_forward_that_updates_buffers_in_eval_mode_is_probed_exactly():
+    """torch.func refused the in-place buffer update ("would mutate a captured Tensor") in
+    ``ntk_matrix`` and ``ntk_spectrum``, after fallback warnings and a false "samples are not
+    independent"; only ``eval_mode=False`` cloned the buffers. Every pass now gets copies: K is
+    exact, no independence warning, and the model's buffers are untouched."""
+    torch.manual_seed(1)
+    m = _Counting().eval()
+    x = torch.randn(10, 5)
+    K = truth(m, x)  # (its forward mutates its own copy's buffers only)
+    ev = torch.linalg.eigvalsh(K)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback notes, no false independence warning
+        got = ntk_matrix(m, x)
+        spectra = [
+            ntk_spectrum(m, x, method=meth, dtype=torch.float64)
+            for meth in ("auto", "dense", "lanczos")
+        ]
+    assert float((got - K).norm() / K.norm()) < 1e-10
+    for s in spectra:
+        assert rel(s.condition_number, float(ev[-1] / ev[0])) < 1e-6, s.method
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_a_dict_output_without_logits_names_the_tensor_probed():
+    """A dict output of several tensors and no ``logits`` was probed on its first value
+    silently (a tuple got a warning); the warning now names the key."""
+
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f, self.s = nn.Linear(4, 3), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"features": self.f(x), "scores": self.s(x)}
+
+    x = torch.randn(5, 4)
+    with pytest.warns(RuntimeWarning, match=r"\(dict\) holds 2 tensors.*'features'"):
+        ntk_matrix(Heads(), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ntk_matrix(Heads(), x, output=lambda out: out["scores"].sum(-1))
+
+
+def test_embedding_bag_on_the_lanczos_path_says_what_works():
+    """nn.EmbeddingBag has neither forward-mode AD nor a double backward, so the Lanczos path
+    cannot form J·u; the raw "derivative for '_embedding_bag_backward' is not implemented" now
+    comes with the reason and method='dense', which is exact."""
+
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e, self.h = nn.EmbeddingBag(20, 8, mode="mean"), nn.Linear(8, 2)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.h(torch.tanh(self.e(ids)))
+
+    torch.manual_seed(2)
+    m, ids = Bag(), torch.randint(0, 20, (10, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(NotImplementedError, match="method='dense'"):
+            ntk_spectrum(m, ids, method="lanczos", dtype=torch.float64)
+        s = ntk_spectrum(m, ids, method="dense")
+    ev = torch.linalg.eigvalsh(truth(m, ids))
+    assert rel(s.condition_number, float(ev[-1] / ev[0])) < 1e-6
+
+
+@pytest.mark.parametrize("scale", [1e20, 3e17])
+def test_float32_lanczos_overflow_says_so(scale: float):
+    """Outputs finite in float32 whose K overflows it: the products' NaN/Inf was blamed on an
+    undefined derivative (1e20), or an internal "residual_norms must be finite" came out
+    (3e17). Both now name the overflow and dtype=torch.float64, which is exact."""
+
+    class Big(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.g = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.g(torch.tanh(self.fc(x))) * scale
+
+    torch.manual_seed(0)
+    m, x = Big(), torch.randn(10, 4)
+    with pytest.raises(ValueError, match=r"overflow float32.*dtype=torch\.float64"):
+        ntk_spectrum(m, x, method="lanczos")
+    ev = torch.linalg.eigvalsh(truth(m, x))
+    s = ntk_spectrum(m, x, method="lanczos", dtype=torch.float64)
+    assert s.converged and rel(s.condition_number, float(ev[-1] / ev[0])) < 1e-3
+
+
+class _Experts(nn.Module):
+    """Hard-routed experts: sample i goes through expert i % 2, so K is block diagonal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(6, 24), nn.Tanh(), nn.Linear(24, 1)) for _ in range(2)
+        )
+        self.register_buffer("gain", torch.ones(2))
+
+    def forward(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        outs = torch.stack([e(x).squeeze(-1) * g for e, g in zip(self.experts, self.gain)], -1)
+        return outs.gather(1, route[:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_warm_start_whose_end_jumped_is_confirmed_from_a_cold_start(seed: int):
+    """The previous probe's Ritz vectors are eigenvectors of the new K when only one expert's
+    block is rescaled (x400 here); warm-started, Lanczos stopped after 16 products with
+    ``converged=True`` and λ_min 88-542x too large. An end that moved by more than
+    WARM_CONFIRM_FACTOR is now confirmed from a random start: the result is the truth's."""
+    torch.manual_seed(seed)
+    m = _Experts()
+    n = 96
+    inputs = (torch.randn(n, 6), torch.arange(n) % 2)
+    m.gain[1] = 0.05
+    first = ntk_spectrum(m, inputs, method="lanczos", dtype=torch.float64)
+    m.gain[1] = 20.0
+    ev = torch.linalg.eigvalsh(truth(m, inputs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (eps·κ note at κ ~ 1e6)
+        warm = ntk_spectrum(m, inputs, method="lanczos", dtype=torch.float64, warm_start=first)
+    assert warm.converged
+    assert rel(warm.lambda_min, float(ev[0])) < 1e-3, (warm.lambda_min, float(ev[0]))
+    assert rel(warm.lambda_max, float(ev[-1])) < 1e-4
