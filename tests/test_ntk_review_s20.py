@@ -191,7 +191,9 @@ class _Experts(nn.Module):
         self.register_buffer("gain", torch.ones(2))
 
     def forward(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
-        outs = torch.stack([e(x).squeeze(-1) * g for e, g in zip(self.experts, self.gain)], -1)
+        outs = torch.stack(
+            [e(x).squeeze(-1) * g for e, g in zip(self.experts, self.gain, strict=True)], -1
+        )
         return outs.gather(1, route[:, None]).squeeze(1)
 
 
