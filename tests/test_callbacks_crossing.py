@@ -521,3 +521,31 @@ def test_per_step_read_makes_no_host_reads_with_progress_bar_metrics(tmp_path, m
     assert reads["in_hook"] == 0
     assert seen == [True] * 8
     assert mon.detector.last_step == 7  # every step was still read (at fit end)
+
+
+class _EpochLogged(Synthetic):
+    """``train_loss`` logged once per epoch (``on_step=False, on_epoch=True``)."""
+
+    def training_step(self, batch, batch_idx):
+        t = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+        self.log(self.name, float(self.values[t]), on_step=False, on_epoch=True)
+        return (self.w**2).sum() + batch.sum() * 0
+
+
+def test_a_loss_logged_once_per_epoch_is_not_compared_at_every_step(tmp_path):
+    """With ``on_step=False`` the value the monitor read during a step was the previous
+    epoch's mean: it fed the detector 12 stale pairs at steps the logger never wrote (review,
+    session 20). Such a key is now skipped with one warning that says how to log it."""
+    fed: list[int] = []
+
+    class Spy(LossCrossingMonitor):
+        def _feed(self, trainer, pl_module, step, a, b):
+            fed.append(step)
+            super()._feed(trainer, pl_module, step, a, b)
+
+    mon = Spy(baseline=list(CURVE_B), **KW)
+    with pytest.warns(UserWarning, match=r"once per epoch \(on_step=False\).*on_step=True"):
+        _trainer(tmp_path, max_epochs=3, callbacks=[mon]).fit(
+            _EpochLogged(np.concatenate([CURVE_A] * 3)), _loader(20)
+        )
+    assert fed == [] and mon.crossings == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import math
 import warnings
 from pathlib import Path
 
@@ -556,3 +557,28 @@ def test_sampler_indices_reads_sequences_only():
     assert sampler_indices(SimpleNamespace(sampler=once)) is None
     assert list(once.indices) == [1, 2, 3]  # not consumed
     assert sampler_indices(DataLoader(TRAIN, batch_size=4)) is None  # the whole dataset
+
+
+class _EvalNaN(Classifier):
+    """Outputs NaN in eval mode between steps 3 and 6 (training is unaffected)."""
+
+    def forward(self, x):
+        out = self.net(x)
+        if not self.training and 3 <= self.global_step <= 6:
+            out = out * float("nan")
+        return out
+
+
+def test_a_validation_without_finite_losses_warns_and_logs_no_gap(tmp_path):
+    """Non-finite losses are left out of the sums; a validation with none left logged nothing,
+    said nothing, and put an entry of the step alone into ``history`` (review, session 20). It
+    now warns, and history holds only real gaps."""
+    gap = GeneralizationGapMonitor(train_subset_size=16)
+    train, val = _loaders(shuffle=False)
+    with pytest.warns(RuntimeWarning, match="no finite loss .* at step [35]"):
+        _trainer(
+            tmp_path, max_epochs=None, max_steps=12, val_check_interval=2, callbacks=[gap]
+        ).fit(_EvalNaN(), train, val)
+    steps = [int(h["step"]) for h in gap.history]
+    assert steps == [1, 7, 9, 11]
+    assert all(math.isfinite(h["gap/loss"]) for h in gap.history)

@@ -217,3 +217,32 @@ def test_a_warm_start_whose_end_jumped_is_confirmed_from_a_cold_start(seed: int)
     assert warm.converged
     assert rel(warm.lambda_min, float(ev[0])) < 1e-3, (warm.lambda_min, float(ev[0]))
     assert rel(warm.lambda_max, float(ev[-1])) < 1e-4
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.compiler, "set_stance"), reason="torch.compiler.set_stance: torch >= 2.6"
+)
+def test_a_compiled_submodule_is_probed_without_compiling_anything():
+    """Traced through torch.func, a ``torch.compile``d sub-module made dynamo compile two more
+    graphs for the probe, and the training step then ran other kernels (a fit with the NTK
+    monitor drifted by 4e-8 from one without, inductor; review, session 20). The probe runs
+    compiled modules eagerly: no compilation, and K is the eager model's."""
+    compiled: list[int] = []
+
+    def backend(gm: torch.fx.GraphModule, example: list[torch.Tensor]) -> Any:
+        compiled.append(len(example))
+        return gm.forward
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    K = truth(m, torch.randn(10, 4, generator=torch.Generator().manual_seed(1)))
+    m[0] = torch.compile(m[0], backend=backend)
+    m(torch.randn(6, 4))  # the training step's graph
+    assert len(compiled) == 1
+    x = torch.randn(10, 4, generator=torch.Generator().manual_seed(1))
+    s = ntk_spectrum(m, x, dtype=torch.float64)
+    got = ntk_matrix(m, x)
+    assert len(compiled) == 1
+    ev = torch.linalg.eigvalsh(K)
+    assert rel(s.condition_number, float(ev[-1] / ev[0])) < 1e-9
+    assert float((got - K).norm() / K.norm()) < 1e-10

@@ -412,3 +412,38 @@ def test_labels_equal_to_input_ids_without_causal_lm_are_pointed_out(tmp_path):
         _trainer(tmp_path, max_steps=1).fit(
             PairedModule(*nets, causal_lm=True), train_dataloaders=batches
         )
+
+
+def test_predict_and_several_validation_loaders(tmp_path):
+    """``trainer.predict`` on ``(x, y)`` batches called ``forward([x, y])`` (a TypeError), and
+    Lightning refused several validation loaders for want of ``dataloader_idx`` (review,
+    session 20). Predictions are now both members' outputs on the inputs, and each validation
+    loader's losses are logged under Lightning's ``/dataloader_idx_k`` suffix, equal to a
+    recomputation."""
+    module = PairedModule(_net(1), _net(2, dropout=0.5), model_prefix="glu", baseline_prefix="relu")
+    val_a, val_b = _data(n=20, seed=3), _data(n=12, seed=4)
+    trainer = _trainer(tmp_path, max_epochs=1)
+    trainer.fit(
+        module,
+        DataLoader(_data(n=40), batch_size=8),
+        [DataLoader(val_a, batch_size=10), DataLoader(val_b, batch_size=6)],
+    )
+    cm = trainer.callback_metrics
+    module.eval()
+    with torch.no_grad():
+        for k, ds in enumerate((val_a, val_b)):
+            x, y = ds.tensors
+            for name, net in (("glu", module.model), ("relu", module.baseline)):
+                ref = F.cross_entropy(net(x), y)
+                got = cm[f"{name}/val_loss/dataloader_idx_{k}"]
+                assert float(got) == pytest.approx(float(ref), rel=1e-6)
+    pred_loader = DataLoader(val_a, batch_size=10)
+    out = trainer.predict(module, pred_loader)
+    x = val_a.tensors[0]
+    with torch.no_grad():
+        assert torch.equal(torch.cat([o["glu"] for o in out]), module.model(x))
+        assert torch.equal(torch.cat([o["relu"] for o in out]), module.baseline(x))  # (eval)
+    only_x = DataLoader(x, batch_size=10)  # batches without targets are the inputs
+    out = trainer.predict(module, only_x)
+    with torch.no_grad():
+        assert torch.equal(torch.cat([o["glu"] for o in out]), module.model(x))

@@ -193,3 +193,54 @@ def test_resume_with_changed_settings_warns_and_goes_on(tmp_path):
     assert [h["step"] for h in other_probe.history] == [0, 3, 6, 9, 12]
     assert other_probe._ritz[""].shape[0] == 12  # its own K's vectors (the saved had 20 rows)
     assert all(h["ntk/lambda_max"] > 0 for h in other_probe.history[-2:])
+
+
+def test_a_probe_at_the_start_of_a_resumed_fit_is_logged_at_the_checkpoint_step(tmp_path):
+    """A monitor new to a resumed fit (or with another cadence) probes when the fit starts:
+    that probe measures the checkpoint's parameters. It was written one step early (Lightning
+    advances its logger step for the restored checkpoint only when the epoch loop starts,
+    after ``on_train_start``): the checkpoint's κ after 8 steps at step 7 (review, session 20).
+    It now sits at 8, where the uninterrupted run logged the same κ."""
+    ntk_a, _, _ = run(tmp_path, "a", [])
+
+    class MidEpochCrash(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step == 10:
+                raise SimulatedCrash("the process dies at step 10")
+
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=4, save_top_k=-1)
+    with pytest.raises(SimulatedCrash):
+        run(tmp_path, "b", [ckpt_cb, MidEpochCrash()])
+    ckpt = tmp_path / "ck" / "epoch=1-step=8.ckpt"
+    assert ckpt.exists(), sorted(p.name for p in (tmp_path / "ck").iterdir())
+    # the monitor is new to the resumed fit: no state of it in the checkpoint
+    state = torch.load(ckpt, weights_only=False)
+    state["callbacks"] = {
+        k: v for k, v in state["callbacks"].items() if not k.startswith("NTKSpectrumMonitor")
+    }
+    ckpt = tmp_path / "without_monitor.ckpt"
+    torch.save(state, ckpt)
+    fresh = NTKSpectrumMonitor(every_n_steps=5, probe_size=20, dtype=torch.float64)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=4,
+        logger=False,
+        callbacks=[fresh],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.warns(Warning):  # (Lightning: a mid-epoch checkpoint of a plain loader)
+        trainer.fit(Net(123), data_loader(), ckpt_path=ckpt)
+    first = fresh.history[0]
+    assert first["step"] == 8
+    # its parameters are the checkpoint's: a float64 probe of them on the same 20 samples
+    from glu_probe.ntk import ntk_spectrum
+
+    model = Net(0)
+    model.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])
+    x = torch.cat([b[0] for b in data_loader()])[:20]
+    kappa = ntk_spectrum(model, x, dtype=torch.float64).condition_number
+    assert first["ntk/condition_number"] == pytest.approx(kappa, rel=1e-9)
+    assert ntk_a.history  # (the uninterrupted run, for the checkpoint)

@@ -204,6 +204,23 @@ def step_metrics(trainer: pl.Trainer) -> Mapping[str, Any]:
         return trainer.callback_metrics
 
 
+def logged_on_step(trainer: pl.Trainer, key: str) -> bool | None:
+    """Whether ``key`` is logged with ``on_step=True`` in the running epoch's results: ``False``
+    for a metric logged once per epoch (``self.log(..., on_step=False, on_epoch=True)``), whose
+    value in ``callback_metrics`` during a step is the previous epoch's; ``None`` where it is not
+    logged (yet) or Lightning's internals differ."""
+    results = getattr(trainer, "_results", None)
+    try:
+        if results is None:
+            return None
+        for _, metric in results.valid_items():
+            if key in (metric.meta.name, *results._forked_name(metric, True)):
+                return bool(metric.meta.on_step)
+    except (AttributeError, TypeError):
+        return None
+    return None
+
+
 def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float], step: int | None = None) -> None:
     """Send scalar ``metrics`` to every logger of ``trainer``, once (rank zero), at ``step``.
 

@@ -99,6 +99,7 @@ from glu_probe.callbacks._utils import (
     is_fresh_fit,
     is_quiet_run,
     log_metrics,
+    logged_on_step,
     logger_step,
     logs_this_step,
     step_metrics,
@@ -551,6 +552,23 @@ class LossCrossingMonitor(Callback):
             )
         return None
 
+    def _epoch_only(self, trainer: pl.Trainer) -> bool:
+        """A monitored key logged once per epoch (``on_step=False``): during a step its value is
+        the previous epoch's mean, and comparing it at every step fed the detector stale
+        values at steps the logger never wrote (review, session 20). Such steps are skipped,
+        with a one-time warning."""
+        stale = [
+            k for k in self._keys or () if k is not None and logged_on_step(trainer, k) is False
+        ]
+        if stale and "epoch-only" not in self._warned:
+            self._warned.add("epoch-only")
+            rank_zero_warn(
+                f"LossCrossingMonitor: {stale} is logged once per epoch (on_step=False): its "
+                "value during a step is the previous epoch's, so the steps are not compared. "
+                "Log it with self.log(..., on_step=True) for per-step crossings"
+            )
+        return bool(stale)
+
     def _baseline_at(self, step: int) -> float | None:
         assert self._series is not None
         steps, values = self._series
@@ -595,6 +613,8 @@ class LossCrossingMonitor(Callback):
                 last = self._pending[-1][0] if self._pending else self.detector.last_step
             if last is not None and step <= last:
                 return
+        if self.phase == "train" and not read_now and self._epoch_only(trainer):
+            return
         # One lookup per step, without Lightning's .item() of every progress-bar metric
         logged = step_metrics(trainer)
         a = self._lookup(logged, self._keys[0])

@@ -626,6 +626,17 @@ class GeneralizationGapMonitor(Callback):
             self._evaluate(pl_module, self._batches, "train", trainer)
             metrics = self._clean_metrics(trainer)
         step = logger_step(trainer)
+        if not metrics and self.mode != "logged":
+            # Non-finite losses are left out of the sums; with none left there is no gap. It
+            # was skipped without a word, and history got an entry of the step alone (review,
+            # session 20).
+            rank_zero_warn(
+                f"GeneralizationGapMonitor: no finite loss on the training subset or the "
+                f"validation batches at step {step} (NaN or Inf outputs in eval mode?); no gap "
+                "is logged for this validation",
+                category=RuntimeWarning,
+            )
+            return
         self.history.append({"step": float(step), **metrics})
         log_metrics(trainer, metrics, step=step)
 

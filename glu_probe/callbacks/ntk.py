@@ -450,6 +450,7 @@ class NTKSpectrumMonitor(Callback):
         # Warning sites (category, file, line) already relayed in this fit.
         self._warned_sites: set[tuple[Any, str, int]] = set()
         self._global_step = 0  # trainer.global_step at the last batch end
+        self._start_probe = False  # the start probe is due at the next batch start
         # Shapes of the probe's input tensors (checkpointed: a resumed run with another probe
         # is told, and does not warm-start from vectors of another K).
         self._probe_shapes: list[list[int]] | None = None
@@ -550,9 +551,13 @@ class NTKSpectrumMonitor(Callback):
         if self._resolved_every is None:
             est = trainer.estimated_stepping_batches
             if not math.isfinite(est):
+                why = "max_steps=-1 with an infinite loader"
+                if trainer.max_steps == -1 and trainer.max_epochs in (-1, None):
+                    # Trainer(max_time=...) alone sets max_epochs=-1 (review, session 20)
+                    why = "neither max_steps nor max_epochs is set, e.g. Trainer(max_time=...)"
                 raise MisconfigurationException(
                     "NTKSpectrumMonitor cannot choose an automatic cadence for a run of unknown "
-                    "length (max_steps=-1 with an infinite loader); pass `every_n_steps`."
+                    f"length ({why}); pass `every_n_steps`."
                 )
             self._resolved_every = max(1, int(est) // self.target_probes)
         self._warned_sites = set()
@@ -568,7 +573,20 @@ class NTKSpectrumMonitor(Callback):
             )
             self._ritz = {}
         self._global_step = trainer.global_step
-        self._maybe_probe(trainer, pl_module, logger_step(trainer))
+        # The start probe runs at the first batch's start, not here: on a resumed fit Lightning
+        # advances its logger step for the restored checkpoint only when the epoch loop starts
+        # (after this hook), so a probe here was written one step early (review, session 20:
+        # the checkpoint's κ at step 7 where the uninterrupted run has it at 8). The parameters
+        # are the same at both points.
+        self._start_probe = True
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._start_probe:
+            self._start_probe = False
+            if not is_quiet_run(trainer):
+                self._maybe_probe(trainer, pl_module, logger_step(trainer))
 
     def on_train_batch_end(
         self,

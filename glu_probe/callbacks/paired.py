@@ -583,11 +583,29 @@ class PairedModule(pl.LightningModule):
             elif plateau == (self.lr_scheduler_interval == "epoch"):
                 sched.step()
 
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+    # (dataloader_idx: Lightning refuses several validation or test loaders without it; the
+    # metrics of each loader are then logged with Lightning's "/dataloader_idx_k" suffix)
+    def validation_step(
+        self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Any]:
         return self._eval_step(batch, "val_loss")
 
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         return self._eval_step(batch, "test_loss")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Both members' outputs, ``{model_prefix: ..., baseline_prefix: ...}``, on the batch's
+        inputs: an ``(inputs, target)`` pair or a dict with ``labels_key`` loses its target, any
+        other batch is the inputs. (Lightning's default called ``forward`` on the whole batch,
+        a TypeError for ``(x, y)`` batches; review, session 20.) The baseline runs on its private
+        RNG stream, as in evaluation."""
+        try:
+            inputs, _ = _split_batch(batch, self.labels_key)
+        except ValueError:
+            inputs = batch
+        with self._baseline_rng(persist=False):
+            base = _call(self.baseline, inputs)
+        return {self.model_prefix: _call(self.model, inputs), self.baseline_prefix: base}
 
     def _eval_step(self, batch: Any, name: str) -> dict[str, Any]:
         bs = self._batch_size(batch)

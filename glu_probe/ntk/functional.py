@@ -369,6 +369,20 @@ def allows_autograd(fn: F) -> F:
     return cast(F, wrapped)
 
 
+def _eager_stance() -> contextlib.AbstractContextManager[Any]:
+    """``torch.compile``d modules run eagerly inside the probe (torch >= 2.6).
+
+    Traced through torch.func, a compiled sub-module made dynamo compile new graphs for the
+    probe's shapes and wrappers, and the training step then ran other inductor kernels: the
+    parameters of a fit with the NTK monitor differed by 4e-8 after 6 steps (review, session 20).
+    Under the ``"force_eager"`` stance nothing is compiled, and the probe's K is the eager
+    model's (the compiled one computes the same function)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        return contextlib.nullcontext()
+    return cast(contextlib.AbstractContextManager[Any], set_stance("force_eager"))
+
+
 def _warn_first_of_several(out: Any, output: OutputSpec) -> None:
     """A tuple or list output with several tensors is probed on its first (``pick_output``):
     say so, since ``(aux, logits)`` would be probed on ``aux`` (review, session 18). The same
@@ -859,6 +873,7 @@ class ProbeFunction:
                 torch.random.fork_rng(devices=devices),
                 torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH),
                 torch.inference_mode(False),  # e.g. a Lightning validation hook
+                _eager_stance(),
             ):
                 yield
         finally:
