@@ -635,6 +635,15 @@ def test_expected_products_bounds_the_products_run(monkeypatch):
             assert op._n_products <= op.expected_products, (basis, block)
 
 
+def _tiny_vit() -> nn.Module:
+    """A one-block timm ViT on 8x8 images (seeded), in eval mode; skips without timm."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=8, patch_size=4, in_chans=3, num_classes=3, embed_dim=16, depth=1, num_heads=2
+    ).eval()
+
+
 def _traced_pair(model: nn.Module, x: torch.Tensor, fuse: bool, monkeypatch) -> NTKOperator:
     """A float64 operator whose products are traced now, with or without the accumulation
     rewrites (``operator._fuse_accumulations``)."""
@@ -659,11 +668,7 @@ def test_accumulation_rewrites_keep_the_products_of_a_vit_and_an_mlp(monkeypatch
     this ViT: Linear biases and weight tangents, attention's two bmm, LayerNorm's muls). The
     products, one column and a vmapped block of three, equal the unrewritten trace's to float64
     rounding, and the MLP's equal the explicit float64 K."""
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    vit = timm.models.vision_transformer.VisionTransformer(
-        img_size=8, patch_size=4, in_chans=3, num_classes=3, embed_dim=16, depth=1, num_heads=2
-    ).eval()
+    vit = _tiny_vit()
     xv = torch.randn(3, 3, 8, 8)
     model, x, K = make_net(1), torch.randn(12, 6), None
     K = explicit_ntk(model, x)
@@ -797,11 +802,7 @@ def test_single_column_products_run_the_in_place_copy():
     """A traced operator's single-column product runs each map's in-place copy, and its
     products equal the explicit K's over repeated calls (blocks of columns keep the vmapped
     out-of-place maps, compared in ``test_accumulation_rewrites_keep_the_products...``)."""
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    vit = timm.models.vision_transformer.VisionTransformer(
-        img_size=8, patch_size=4, in_chans=3, num_classes=3, embed_dim=16, depth=1, num_heads=2
-    ).eval()
+    vit = _tiny_vit()
     x = torch.randn(3, 3, 8, 8)
     K = explicit_ntk(vit, x)
     op = NTKOperator(vit, x, dtype=torch.float64, linearize=True)

@@ -1134,3 +1134,65 @@ def test_arguments_taken_from_the_source_block_are_refused_clearly() -> None:
     for key in ("bias", "drop", "dtype", "norm_layer"):
         with pytest.raises(TypeError, match=r"taken from each block being replaced"):
             swap_mlp(_timm_mlp_host(timm), "swiglu", **{key: None})
+
+
+# ----------------------------------------------------------- session 20: more HF architectures
+def test_layers_whose_rewiring_check_fails_are_reported_not_left_dense():
+    """LED's encoder layers need more than the hidden states in their forward, so the layer
+    adapter's rewiring check declines them: only the decoder was swapped, with an empty
+    ``report.unrecognised`` and no warning (review, session 20). They are now reported: a clear
+    error naming them and ``register_adapter``."""
+    transformers = pytest.importorskip("transformers")
+    from glu_probe.swap import UnsupportedModelError, swap_mlp
+
+    cfg = transformers.LEDConfig(
+        vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=256,
+        decoder_ffn_dim=256, max_encoder_position_embeddings=64,
+        max_decoder_position_embeddings=64, attention_window=[4, 4],
+    )  # fmt: skip
+    model = transformers.LEDForConditionalGeneration(cfg)
+    with pytest.raises(UnsupportedModelError, match=r"led\.encoder\.layers\.0.*register_adapter"):
+        swap_mlp(model, "swiglu")
+
+
+def test_a_width_matched_record_does_not_override_a_params_matched_swap():
+    """A GPT-J config updated by a ``match="width"`` swap made a later ``match="params"`` swap
+    of a model built from it keep the recorded width: +50% parameters, silently (review,
+    session 20). The record is used only for a swap of the same match."""
+    transformers = pytest.importorskip("transformers")
+    from glu_probe.swap import swap_mlp
+
+    cfg = transformers.GPTJConfig(
+        vocab_size=128, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64
+    )
+    first = transformers.GPTJForCausalLM(copy.deepcopy(cfg))
+    swap_mlp(first, "swiglu", match="width")
+    rebuilt = transformers.GPTJForCausalLM(copy.deepcopy(first.config))
+    fresh = transformers.GPTJForCausalLM(copy.deepcopy(cfg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (multiple_of notes)
+        r_rebuilt = swap_mlp(rebuilt, "swiglu", match="params")
+        r_fresh = swap_mlp(fresh, "swiglu", match="params")
+    assert abs(r_rebuilt.rel_diff) <= 0.01
+    assert r_rebuilt.entries[0].hidden_features == r_fresh.entries[0].hidden_features
+
+
+def test_shared_experts_do_not_write_the_routed_experts_width_key():
+    """Qwen2-MoE under ``strict=False``: only the shared experts (width
+    ``shared_expert_intermediate_size``) are swapped, and their new width was written to
+    ``intermediate_size``, a width these blocks never had (review, session 20)."""
+    transformers = pytest.importorskip("transformers")
+    from glu_probe.swap import swap_mlp
+
+    cfg = transformers.Qwen2MoeConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=256, moe_intermediate_size=64,
+        shared_expert_intermediate_size=128, num_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    model = transformers.Qwen2MoeForCausalLM(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = swap_mlp(model, "gelu", strict=False)
+    assert report.entries and all("shared_expert" in e.path for e in report.entries)
+    assert model.config.intermediate_size == 256

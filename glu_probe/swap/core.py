@@ -920,9 +920,16 @@ def _resolve_width(
         return spec.hidden_features, 1
     if gated == spec.gated:
         return spec.hidden_features, 1  # same family: identical parameter count at equal width
-    if record and record.get("variant") == variant and spec.hidden_features == record.get("hidden"):
+    if (
+        record
+        and record.get("variant") == variant
+        and record.get("match", match) == match
+        and spec.hidden_features == record.get("hidden")
+    ):
         # A host rebuilt from a config this function already updated: its native block has the
-        # swapped width; keep it so that state dicts of the swapped model load.
+        # swapped width; keep it so that state dicts of the swapped model load. Only for a swap
+        # of the same match: a config updated by match="width" made a later match="params" swap
+        # keep that width, +50% parameters without a word (review, session 20).
         return spec.hidden_features, 1
     slope, const = _param_line(spec.in_features, spec.out_features, spec.bias, gated)
     if spec.norm is not None:

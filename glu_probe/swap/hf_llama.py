@@ -36,6 +36,10 @@ class LlamaMLPAdapter(MLPAdapter):
     """Matches modules with ``gate_proj``/``up_proj``/``down_proj`` ``nn.Linear`` children."""
 
     name = "hf_llama"
+    # Qwen2-MoE's shared experts (width shared_expert_intermediate_size) wrote their new width
+    # to intermediate_size, the routed experts' width, under strict=False (review, session 20):
+    # the config key is written only where it is these blocks' width.
+    width_key_must_match = True
 
     def resembles(self, module: nn.Module) -> bool:
         return all(isinstance(getattr(module, n, None), nn.Linear) for n in _NAMES)
