@@ -246,3 +246,57 @@ def test_a_compiled_submodule_is_probed_without_compiling_anything():
     ev = torch.linalg.eigvalsh(K)
     assert rel(s.condition_number, float(ev[-1] / ev[0])) < 1e-9
     assert float((got - K).norm() / K.norm()) < 1e-10
+
+
+def test_the_ntk_monitor_confirms_a_warm_start_whose_end_jumped(tmp_path):
+    """The monitor warm-starts each Lanczos probe from the previous probe's Ritz vectors, passed
+    as a :class:`~glu_probe.ntk.WarmStart` with the eigenvalues they came from (kept in its
+    checkpoint state), so the engine's check applies to it: one expert's block rescaled x400
+    between probes gives the truth's λ_min at the next probe, not the stale eigenvector's."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from glu_probe.callbacks import NTKSpectrumMonitor
+    from glu_probe.ntk import WarmStart
+
+    n = 96
+    gen = torch.Generator().manual_seed(0)
+    x, route = torch.randn(n, 6, generator=gen), torch.arange(n) % 2
+
+    class Host(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = _Experts()
+            self.net.gain[1] = 0.05
+
+        def forward(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+            return self.net(x, route)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if self.global_step == 3:
+                self.net.gain[1] = 20.0  # between the probes at steps 2 and 4
+            return self(*batch).pow(2).mean() * 0.0  # (no learning: K changes by the gain)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    monitor = NTKSpectrumMonitor(
+        every_n_steps=2, probe=(x, route), probe_inputs=lambda batch: tuple(batch),
+        method="lanczos", dtype=torch.float64, log_histogram=False, log_figure=False,
+    )  # fmt: skip
+
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=5, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor],
+    )  # fmt: skip
+    host = Host()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(host, DataLoader(TensorDataset(x, route), batch_size=16))
+    by_step = {int(h["step"]): h for h in monitor.history}
+    assert sorted(by_step) == [0, 2, 4]
+    ev = torch.linalg.eigvalsh(truth(host.net, (x, route)))
+    assert rel(by_step[4]["ntk/lambda_min"], float(ev[0])) < 1e-3
+    assert set(monitor.state_dict()["warm_values"]) == {""}
+    assert isinstance(WarmStart(torch.zeros(2, 1), 1.0, 0.5), tuple)

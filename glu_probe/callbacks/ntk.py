@@ -138,6 +138,7 @@ from glu_probe.ntk.functional import (
     check_param_filter,
 )
 from glu_probe.ntk.operator import is_out_of_memory
+from glu_probe.ntk.spectrum import WarmStart
 
 __all__ = ["NTKProbeWarning", "NTKSpectrumMonitor"]
 
@@ -441,6 +442,7 @@ class NTKSpectrumMonitor(Callback):
         self.last_probe_step: int | None = None
         self.history: list[dict[str, Any]] = []
         self._ritz: dict[str, torch.Tensor] = {}
+        self._ritz_values: dict[str, tuple[float, float]] = {}  # (λ_max, λ_min) of those
         # Per-fit state.
         self._inputs: Any = None
         self._n_probe: int = 0
@@ -480,6 +482,8 @@ class NTKSpectrumMonitor(Callback):
             "last_probe_step": self.last_probe_step,
             "history": [dict(h) for h in self.history],
             "warm_start": {k: v.detach().cpu().clone() for k, v in self._ritz.items()},
+            # (the eigenvalues the vectors came from: a resumed run checks its warm starts too)
+            "warm_values": dict(self._ritz_values),
             "probe_shapes": self._probe_shapes,
         }
 
@@ -489,6 +493,7 @@ class NTKSpectrumMonitor(Callback):
         self.last_probe_step = state_dict.get("last_probe_step")
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self._ritz = dict(state_dict.get("warm_start", {}))
+        self._ritz_values = dict(state_dict.get("warm_values", {}))  # (absent before session 20)
         self._saved_probe_shapes = state_dict.get("probe_shapes")  # (absent before 0.x)
 
     def _reset_run(self) -> None:
@@ -497,6 +502,7 @@ class NTKSpectrumMonitor(Callback):
         self.last_probe_step = None
         self.history = []
         self._ritz = {}
+        self._ritz_values = {}
         self.probe_seconds = []
         self._pending_figure = None
 
@@ -572,6 +578,7 @@ class NTKSpectrumMonitor(Callback):
                 "saved warm start is dropped"
             )
             self._ritz = {}
+            self._ritz_values = {}
         self._global_step = trainer.global_step
         # The start probe runs at the first batch's start, not here: on a resumed fit Lightning
         # advances its logger step for the restored checkpoint only when the epoch loop starts
@@ -903,6 +910,7 @@ class NTKSpectrumMonitor(Callback):
             ritz = res.pop("ritz_vectors", None)
             if self.warm_start and isinstance(ritz, torch.Tensor):
                 self._ritz[tag] = ritz
+                self._ritz_values[tag] = (float(res["lambda_max"]), float(res["lambda_min"]))
         return results
 
     @contextmanager
@@ -976,9 +984,12 @@ class NTKSpectrumMonitor(Callback):
         include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         for tag, target in targets.items():
             name = tag or type(pl_module).__name__
-            warm = self._ritz.get(tag) if self.warm_start else None
+            warm: Any = self._ritz.get(tag) if self.warm_start else None
             if warm is not None:
                 warm = warm.to(pl_module.device)
+                seen = self._ritz_values.get(tag)
+                if seen is not None:  # (checked against them: see WarmStart)
+                    warm = WarmStart(warm, *seen)
             kwargs: dict[str, Any] = dict(self.spectrum_kwargs)
             if "memory_budget" not in kwargs:
                 fallback = tag in self._unbudgeted

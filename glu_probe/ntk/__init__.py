@@ -8,13 +8,14 @@ from .dense import ntk_matrix
 from .density import effective_rank, spectral_density
 from .functional import ProbeFunction
 from .operator import NTKOperator
-from .spectrum import NTKRankWarning, NTKSpectrum, ntk_spectrum
+from .spectrum import NTKRankWarning, NTKSpectrum, WarmStart, ntk_spectrum
 
 __all__ = [
     "NTKOperator",
     "NTKRankWarning",
     "NTKSpectrum",
     "ProbeFunction",
+    "WarmStart",
     "effective_rank",
     "ntk_matrix",
     "ntk_spectrum",

@@ -49,7 +49,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -81,8 +81,22 @@ __all__ = [
     "FULL_SPAN_BLOCK_CUDA",
     "NTKRankWarning",
     "NTKSpectrum",
+    "WarmStart",
     "ntk_spectrum",
 ]
+
+
+class WarmStart(NamedTuple):
+    """Lanczos start vectors with the extreme eigenvalues of the probe they came from: what a
+    previous :class:`NTKSpectrum` carries for ``warm_start=``, in a form a callback can keep in
+    a checkpoint. With the values, a run whose end moved by more than ``WARM_CONFIRM_FACTOR``
+    from them is confirmed from a random start (see ``docs/ntk.md``, warm starts); a bare
+    tensor of vectors is not checked."""
+
+    vectors: Tensor
+    lambda_max: float
+    lambda_min: float
+
 
 AUTO_DENSE_MAX_ROWS = 1024
 """``method="auto"`` uses the exact dense path up to this many rows (if K fits the budget)."""
@@ -202,7 +216,12 @@ def _alternate_ends(vectors: Tensor, values: Tensor, k: int) -> Tensor:
 def _warm_vectors(warm_start: Any, n: int, block_size: int) -> Tensor | None:
     if warm_start is None:
         return None
-    v = warm_start.ritz_vectors if isinstance(warm_start, NTKSpectrum) else warm_start
+    if isinstance(warm_start, NTKSpectrum):
+        v = warm_start.ritz_vectors
+    elif isinstance(warm_start, WarmStart):
+        v = warm_start.vectors
+    else:
+        v = warm_start
     if v is None:
         return None
     if not isinstance(v, Tensor) or v.shape[0] != n:
@@ -295,10 +314,10 @@ def check_spectrum_arguments(
     positive_int("chunk_size", chunk_size, allow_none=True)
     if memory_budget is not None:
         checked_budget(memory_budget)  # any positive, finite number of bytes, as ntk_matrix
-    if warm_start is not None and not isinstance(warm_start, (NTKSpectrum, Tensor)):
+    if warm_start is not None and not isinstance(warm_start, (NTKSpectrum, WarmStart, Tensor)):
         raise ValueError(
-            "warm_start must be a previous NTKSpectrum or an (n, k) tensor of start vectors, "
-            f"got {type(warm_start).__name__}"
+            "warm_start must be a previous NTKSpectrum, a WarmStart or an (n, k) tensor of start "
+            f"vectors, got {type(warm_start).__name__}"
         )
 
 
@@ -390,9 +409,10 @@ def ntk_spectrum(
         block_size: Lanczos block size.
         which: Lanczos ends that must converge: ``"both"``, ``"largest"`` (λ_max only: cheap,
             λ_min then is an upper bound only) or ``"smallest"``.
-        warm_start: a previous :class:`NTKSpectrum` (or an (n, k) tensor) whose Ritz vectors
-            start the Lanczos iteration; ignored with a warning if n changed, and without one
-            for a dense result, which carries no vectors unless ``dense_vectors=True``.
+        warm_start: a previous :class:`NTKSpectrum` (or a :class:`WarmStart`, or an (n, k)
+            tensor) whose Ritz vectors start the Lanczos iteration; ignored with a warning if
+            n changed, and without one for a dense result, which carries no vectors unless
+            ``dense_vectors=True``.
         memory_budget: bytes of tensors the call holds at once. Dense path: K, its live
             Jacobian blocks or factors, workspaces and the probe's copies (as for
             :func:`~glu_probe.ntk.ntk_matrix`), and the eigendecomposition's copy of K (and
@@ -534,9 +554,10 @@ def _warm_start_moved(warm_start: Any, res: LanczosResult, which: str) -> bool:
     The previous values are the warm start's evidence that nothing lies beyond: where an end
     moved by more than :data:`WARM_CONFIRM_FACTOR`, the kernel changed too much for that
     evidence, and the run is repeated from a random start (its products counted too). A raw
-    tensor warm start carries no previous values and is not checked.
+    tensor warm start carries no previous values and is not checked (a :class:`WarmStart`
+    carries them: the NTK monitor's warm starts).
     """
-    if not isinstance(warm_start, NTKSpectrum) or not res.converged:
+    if not isinstance(warm_start, (NTKSpectrum, WarmStart)) or not res.converged:
         return False
     pairs = []
     if which in ("both", "largest"):
