@@ -22,6 +22,8 @@ from glu_probe.callbacks import (
     GeneralizationGapMonitor,
     LossCrossingMonitor,
     NTKSpectrumMonitor,
+    PairedModule,
+    TensorBoardDashboard,
 )
 
 torch.set_num_threads(1)
@@ -462,3 +464,27 @@ def test_gap_subset_with_a_dropping_distributed_sampler():
     )
     fake = SimpleNamespace(num_val_batches=[len(loader)], val_dataloaders=loader)
     assert GeneralizationGapMonitor()._final_size(fake) == 12  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: TensorBoardDashboard(model_prefix=3), "model_prefix"),
+        (lambda: GeneralizationGapMonitor(mode="logged", train_key=3), "train_key"),
+        (lambda: GeneralizationGapMonitor(labels_key=None), "labels_key"),
+        (lambda: LossCrossingMonitor(baseline=[1.0, 2.0], baseline_key=3), "baseline_key"),
+        (
+            lambda: PairedModule(nn.Linear(2, 2), nn.Linear(2, 2), optimizer_kwargs={"bogus": 1}),
+            "bogus",
+        ),
+        (
+            lambda: PairedModule(nn.Linear(2, 2), nn.Linear(2, 2), baseline_seed="a"),
+            "baseline_seed",
+        ),
+    ],
+)
+def test_names_seeds_and_optimizer_keywords_are_checked_at_construction(build, match):
+    """These were accepted and failed at the first validation, at fit, or never (a metric "not
+    logged (yet)" for the whole run; review, session 20)."""
+    with pytest.raises(MisconfigurationException, match=match):
+        build()

@@ -582,3 +582,51 @@ def test_a_validation_without_finite_losses_warns_and_logs_no_gap(tmp_path):
     steps = [int(h["step"]) for h in gap.history]
     assert steps == [1, 7, 9, 11]
     assert all(math.isfinite(h["gap/loss"]) for h in gap.history)
+
+
+class _DictForward(Classifier):
+    """A module whose forward takes the whole dict batch."""
+
+    def forward(self, batch):
+        return self.net(batch["x"])
+
+    def training_step(self, batch, batch_idx):
+        return self.loss_fn(self(batch), batch["labels"])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.loss_fn(self(batch), batch["labels"]))
+
+
+def test_a_forward_that_takes_the_whole_batch_is_refused_at_train_start(tmp_path):
+    """The clean evaluation calls ``forward(**inputs)``; a forward that takes the dict batch
+    whole failed at the first validation with its own TypeError, after training steps (review,
+    session 20). It is now refused at train start with what to do; a compute_loss(batch) hook
+    makes it work."""
+
+    def as_dicts(ds):
+        x, y = ds.tensors
+        return [{"x": x[i], "labels": y[i]} for i in range(len(x))]
+
+    train = DataLoader(as_dicts(TRAIN), batch_size=8)
+    val = DataLoader(as_dicts(VAL), batch_size=8)
+    steps: list[int] = []
+
+    class Counting(_DictForward):
+        def training_step(self, batch, batch_idx):
+            steps.append(batch_idx)
+            return super().training_step(batch, batch_idx)
+
+    gap = GeneralizationGapMonitor(train_subset_size=16)
+    with pytest.raises(MisconfigurationException, match=r"forward\(batch\).*compute_loss"):
+        _trainer(tmp_path, max_steps=4, callbacks=[gap]).fit(Counting(), train, val)
+    assert steps == []
+
+    class WithHook(_DictForward):
+        def compute_loss(self, batch):
+            return self.loss_fn(self(batch), batch["labels"])
+
+    gap = GeneralizationGapMonitor(train_subset_size=16)
+    _trainer(tmp_path, max_steps=4, val_check_interval=2, callbacks=[gap]).fit(
+        WithHook(), train, val
+    )
+    assert gap.history and all(math.isfinite(h["gap/loss"]) for h in gap.history)

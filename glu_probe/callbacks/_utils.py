@@ -55,6 +55,20 @@ def check_prefix(owner: str, prefix: Any) -> None:
         )
 
 
+def check_name(owner: str, arg: str, value: Any, allow_none: bool = False) -> None:
+    """MisconfigurationException unless ``value`` is a non-empty string (or ``None`` where
+    allowed): a metric name, a dict key or a prefix given as another type failed only at first
+    use, or never (a metric that is "not logged (yet)" for the whole run; review, session 20)."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, str) or not value:
+        raise MisconfigurationException(
+            f"{owner}: `{arg}` must be a non-empty string"
+            + (" or None" if allow_none else "")
+            + f", got {value!r}."
+        )
+
+
 def check_unique_prefix(trainer: pl.Trainer, callback: Any) -> None:
     """MisconfigurationException if another callback of the same class logs under the same
     ``prefix``: the two series would be interleaved into one TensorBoard/CSV series."""

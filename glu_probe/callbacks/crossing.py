@@ -93,6 +93,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from glu_probe.callbacks._utils import (
+    check_name,
     check_positive_int,
     check_prefix,
     check_unique_prefix,
@@ -350,6 +351,8 @@ class LossCrossingMonitor(Callback):
             raise MisconfigurationException(
                 f"LossCrossingMonitor: phase must be 'train' or 'val', got {phase!r}"
             )
+        check_name("LossCrossingMonitor", "model_key", model_key, allow_none=True)
+        check_name("LossCrossingMonitor", "baseline_key", baseline_key, allow_none=True)
         self.monitor = monitor
         self.model_key = model_key
         self.baseline_key = baseline_key

@@ -41,7 +41,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from glu_probe.callbacks._utils import is_quiet_run, tensorboard_writers
+from glu_probe.callbacks._utils import check_name, is_quiet_run, tensorboard_writers
 
 __all__ = ["DEFAULT_CATEGORY", "TensorBoardDashboard", "default_layout", "write_dashboard_layout"]
 
@@ -175,6 +175,8 @@ class TensorBoardDashboard(Callback):
         include_defaults: bool = True,
     ) -> None:
         super().__init__()
+        check_name("TensorBoardDashboard", "model_prefix", model_prefix, allow_none=True)
+        check_name("TensorBoardDashboard", "baseline_prefix", baseline_prefix, allow_none=True)
         # validate now (MisconfigurationException at construction), write at fit start
         _build_layout(pairs, model_prefix or "model", baseline_prefix or "baseline",
                       include_defaults)  # fmt: skip

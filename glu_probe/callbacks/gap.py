@@ -91,6 +91,7 @@ reducer involvement). The sanity check, ``fast_dev_run`` and ``trainer.validate`
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -106,6 +107,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from glu_probe.callbacks._utils import (
+    check_name,
     check_positive_int,
     check_prefix,
     check_unique_prefix,
@@ -414,6 +416,9 @@ class GeneralizationGapMonitor(Callback):
             self.metrics = self._check_clean_metrics(metrics)
         else:
             self.metric_pairs = self._check_logged_metrics(metrics)
+        for arg, value in (("train_key", train_key), ("val_key", val_key)):
+            check_name("GeneralizationGapMonitor", arg, value)
+        check_name("GeneralizationGapMonitor", "labels_key", labels_key)
         self.train_subset_size = train_subset_size
         self.train_key = train_key
         self.val_key = val_key
@@ -672,13 +677,37 @@ class GeneralizationGapMonitor(Callback):
         if not self._splits(pl_module):
             return
         try:
-            _split_batch(batch, self.labels_key)
+            inputs, _ = _split_batch(batch, self.labels_key)
         except ValueError as err:
             raise MisconfigurationException(
                 f"GeneralizationGapMonitor: {err}. The clean evaluation needs (inputs, target) "
                 "batches or dicts with `labels_key`; with other batches give the module a "
                 "compute_loss(batch) hook (and no metrics), pass train_subset=[...] in that "
                 "format, or use mode='logged'."
+            ) from err
+        if isinstance(pl_module, PairedModule):
+            return  # (its members are called by PairedModule.evaluate)
+        hook = callable(getattr(pl_module, "compute_loss", None))
+        if hook and self.loss_fn is None and not self.metrics:
+            return  # compute_loss(batch) alone: forward is not called
+        # The module is called as forward(**inputs) (a dict) or forward(inputs): a forward that
+        # takes the batch whole failed at the first validation, after training steps had run,
+        # with the module's own TypeError (review, session 20). Its signature is checked here.
+        try:
+            sig = inspect.signature(pl_module.forward)
+            if isinstance(inputs, Mapping):
+                sig.bind(**inputs)
+            else:
+                sig.bind(inputs)
+        except (TypeError, ValueError) as err:
+            if isinstance(err, ValueError):  # (no signature to read: not checked)
+                return
+            shown = sorted(inputs) if isinstance(inputs, Mapping) else type(inputs).__name__
+            raise MisconfigurationException(
+                f"GeneralizationGapMonitor: the clean evaluation calls the module with the "
+                f"batch's inputs ({shown}, the target split off), but "
+                f"{type(pl_module).__name__}.forward{sig} does not take them ({err}). Give the "
+                "module a compute_loss(batch) hook (and no metrics), or use mode='logged'."
             ) from err
 
     def _final_size(self, trainer: pl.Trainer) -> int:

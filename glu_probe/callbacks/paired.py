@@ -58,6 +58,7 @@ Logged metrics (names ``<model_prefix>/...`` and ``<baseline_prefix>/...``)
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -323,6 +324,12 @@ class PairedModule(pl.LightningModule):
             raise MisconfigurationException(
                 f"PairedModule: optimizer must be a name, a class or a callable, got {optimizer!r}"
             )
+        if baseline_seed is not None and (
+            isinstance(baseline_seed, bool) or not isinstance(baseline_seed, int)
+        ):
+            raise MisconfigurationException(
+                f"PairedModule: baseline_seed must be an int or None, got {baseline_seed!r}"
+            )
         if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
             raise MisconfigurationException(
                 f"PairedModule: lr must be a finite number > 0, got {lr!r}"
@@ -331,6 +338,16 @@ class PairedModule(pl.LightningModule):
             raise MisconfigurationException(
                 "PairedModule: give the learning rate as lr=, not in optimizer_kwargs"
             )
+        opt_class = _OPTIMIZERS.get(optimizer.lower()) if isinstance(optimizer, str) else optimizer
+        if optimizer_kwargs and isinstance(opt_class, type):
+            # (a misspelt keyword failed only at fit start; review, session 20)
+            try:
+                inspect.signature(opt_class).bind([], lr=lr, **optimizer_kwargs)
+            except (TypeError, ValueError) as err:
+                raise MisconfigurationException(
+                    f"PairedModule: optimizer_kwargs {sorted(optimizer_kwargs)} do not fit "
+                    f"{opt_class.__name__}: {err}"
+                ) from err
         if lr_scheduler_interval not in ("step", "epoch"):
             raise MisconfigurationException(
                 "PairedModule: lr_scheduler_interval must be 'step' or 'epoch', "
