@@ -1196,3 +1196,25 @@ def test_shared_experts_do_not_write_the_routed_experts_width_key():
         report = swap_mlp(model, "gelu", strict=False)
     assert report.entries and all("shared_expert" in e.path for e in report.entries)
     assert model.config.intermediate_size == 256
+
+
+def test_a_custom_norm_class_is_named_in_the_bert_adapters_error():
+    """DeBERTa v1's output norm is a ``DebertaLayerNorm``, not ``nn.LayerNorm``; the error said
+    the layer lacked ``output.LayerNorm`` (review, session 20). It now names the class."""
+    transformers = pytest.importorskip("transformers")
+    from glu_probe.swap import UnsupportedModelError, swap_mlp
+
+    if not hasattr(transformers, "DebertaModel"):
+        pytest.skip("transformers without DeBERTa")
+    cfg = transformers.DebertaConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=256,
+    )  # fmt: skip
+    model = transformers.DebertaModel(cfg)
+    norm = type(model.encoder.layer[0].output.LayerNorm).__name__
+    if norm == "LayerNorm":
+        pytest.skip("this transformers' DeBERTa uses nn.LayerNorm")
+    with pytest.raises(
+        UnsupportedModelError, match=rf"as a torch\.nn\.LayerNorm \(it is a {norm}\)"
+    ):
+        swap_mlp(model, "swiglu")

@@ -207,11 +207,18 @@ class BertLayerAdapter(MLPAdapter):
             checked = _checked_activation(inter, out, None)
             if checked is not None:
                 act, ln = checked, nn.Identity()
+        # (a norm of another class is named as such: DeBERTa v1's DebertaLayerNorm was reported
+        # as a missing output.LayerNorm; review, session 20)
+        norm_what = (
+            "output.LayerNorm"
+            if ln is None
+            else f"output.LayerNorm as a torch.nn.LayerNorm (it is a {type(ln).__name__})"
+        )
         missing = [
             what
             for what, ok in (
                 ("intermediate.intermediate_act_fn", act is not None),
-                ("output.LayerNorm", isinstance(ln, nn.LayerNorm | nn.Identity)),
+                (norm_what, isinstance(ln, nn.LayerNorm | nn.Identity)),
                 ("output.dropout", isinstance(drop, nn.Dropout)),
             )
             if not ok
