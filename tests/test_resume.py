@@ -194,6 +194,18 @@ def test_resume_with_changed_settings_warns_and_goes_on(tmp_path):
     assert other_probe._ritz[""].shape[0] == 12  # its own K's vectors (the saved had 20 rows)
     assert all(h["ntk/lambda_max"] > 0 for h in other_probe.history[-2:])
 
+    # another cadence is told too (it changed silently; review, session 20)
+    faster = NTKSpectrumMonitor(
+        every_n_steps=2,
+        probe_size=20,
+        method="lanczos",
+        spectrum_kwargs={"block_size": 2, "max_matvecs": 60},
+    )
+    _, crossing = monitors()
+    with pytest.warns(UserWarning, match="every_n_steps=2, the checkpoint's run probed every 3"):
+        resumed(faster, crossing)
+    assert [h["step"] for h in faster.history] == [0, 3, 6, 8, 10, 12]
+
 
 def test_a_probe_at_the_start_of_a_resumed_fit_is_logged_at_the_checkpoint_step(tmp_path):
     """A monitor new to a resumed fit (or with another cadence) probes when the fit starts:

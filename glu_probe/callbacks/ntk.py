@@ -488,8 +488,16 @@ class NTKSpectrumMonitor(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_every = state_dict.get("every_n_steps")
         if self.every_n_steps is None:
-            self._resolved_every = state_dict.get("every_n_steps")
+            self._resolved_every = saved_every
+        elif saved_every is not None and saved_every != self.every_n_steps:
+            # (the cadence changed silently on such a resume; review, session 20)
+            rank_zero_warn(
+                f"NTKSpectrumMonitor: resumed with every_n_steps={self.every_n_steps}, the "
+                f"checkpoint's run probed every {saved_every} steps: the logged series changes "
+                "cadence here"
+            )
         self.last_probe_step = state_dict.get("last_probe_step")
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self._ritz = dict(state_dict.get("warm_start", {}))
