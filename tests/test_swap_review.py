@@ -1218,3 +1218,29 @@ def test_a_custom_norm_class_is_named_in_the_bert_adapters_error():
         UnsupportedModelError, match=rf"as a torch\.nn\.LayerNorm \(it is a {norm}\)"
     ):
         swap_mlp(model, "swiglu")
+
+
+def test_a_chain_on_a_host_without_a_width_key_reloads_into_a_rebuilt_model():
+    """BART's config has no key the swap writes for the width: a chain that left the family
+    and came back (``swiglu`` then ``gelu``: 512 -> 520 at d_model 128) ended elsewhere than
+    the single ``gelu`` swap of a model rebuilt from the updated config (512), so the
+    documented reload failed with a size mismatch (review, session 20). The recorded width is
+    now used."""
+    transformers = pytest.importorskip("transformers")
+    from glu_probe.swap import swap_mlp
+
+    cfg = transformers.BartConfig(
+        vocab_size=64, d_model=128, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=512,
+        decoder_ffn_dim=512, max_position_embeddings=32,
+    )  # fmt: skip
+    chained = transformers.BartForConditionalGeneration(copy.deepcopy(cfg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        swap_mlp(chained, "swiglu")
+        last = swap_mlp(chained, "gelu")
+        rebuilt = transformers.BartForConditionalGeneration(copy.deepcopy(chained.config))
+        again = swap_mlp(rebuilt, "gelu")
+    assert last.entries[0].hidden_features != 512  # (the chain moved the width)
+    assert again.entries[0].hidden_features == last.entries[0].hidden_features
+    rebuilt.load_state_dict(chained.state_dict())  # strict

@@ -918,19 +918,23 @@ def _resolve_width(
     gated = variant in GATED_VARIANTS
     if match == "width":
         return spec.hidden_features, 1
+    if record and record.get("variant") == variant and record.get("match", match) == match:
+        # A host rebuilt from a config this function already updated. Only for a swap of the
+        # same match: a config updated by match="width" made a later match="params" swap keep
+        # that width, +50% parameters without a word (review, session 20).
+        recorded = record.get("hidden")
+        if spec.hidden_features == recorded:
+            # its native block has the swapped width: keep it, so that state dicts load
+            return spec.hidden_features, 1
+        if isinstance(recorded, int) and record.get("width_key") is None:
+            # The config has no key for the width (the BART family, Whisper, GPT-J with
+            # n_inner=None), so the rebuilt block has its source width: a chain that left the
+            # family and came back (swiglu then gelu: 2048 -> 1368 -> 2056) ended elsewhere than
+            # a single swap of the rebuilt model (2048), and its state dict did not load
+            # (review, session 20). The recorded width is the chain's.
+            return recorded, 1
     if gated == spec.gated:
         return spec.hidden_features, 1  # same family: identical parameter count at equal width
-    if (
-        record
-        and record.get("variant") == variant
-        and record.get("match", match) == match
-        and spec.hidden_features == record.get("hidden")
-    ):
-        # A host rebuilt from a config this function already updated: its native block has the
-        # swapped width; keep it so that state dicts of the swapped model load. Only for a swap
-        # of the same match: a config updated by match="width" made a later match="params" swap
-        # keep that width, +50% parameters without a word (review, session 20).
-        return spec.hidden_features, 1
     slope, const = _param_line(spec.in_features, spec.out_features, spec.bias, gated)
     if spec.norm is not None:
         slope += _params(spec.norm) // spec.hidden_features
