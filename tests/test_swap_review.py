@@ -1244,3 +1244,39 @@ def test_a_chain_on_a_host_without_a_width_key_reloads_into_a_rebuilt_model():
     assert last.entries[0].hidden_features != 512  # (the chain moved the width)
     assert again.entries[0].hidden_features == last.entries[0].hidden_features
     rebuilt.load_state_dict(chained.state_dict())  # strict
+
+
+def test_a_composite_model_gets_a_record_on_its_top_config(tmp_path):
+    """CLIP's blocks belong to its text and vision sub-configs, which got the swap's record;
+    the saved top config had none, so the documented reload (``config.glu_probe_swap``) raised
+    an AttributeError (review, session 20). The top config now names the variant and the
+    sub-configs, and the reload loads every key."""
+    transformers = pytest.importorskip("transformers")
+    from glu_probe.swap import swap_mlp
+
+    cfg = transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=64, hidden_size=32, intermediate_size=128, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=16,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+            image_size=16, patch_size=8,
+        ),
+        projection_dim=16,
+    )  # fmt: skip
+    model = transformers.CLIPModel(copy.deepcopy(cfg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        report = swap_mlp(model, "swiglu")
+    record = model.config.glu_probe_swap
+    assert record["variant"] == "swiglu" and record["hidden"] is None
+    assert record["sub_configs"] == ["text_model", "vision_model"]
+    assert "glu_probe_swap" in report.config_updates
+    model.save_pretrained(tmp_path)
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    rebuilt = transformers.CLIPModel(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        swap_mlp(rebuilt, config.glu_probe_swap["variant"])
+    rebuilt.load_state_dict(model.state_dict())  # strict

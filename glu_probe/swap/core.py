@@ -1234,7 +1234,33 @@ def swap_mlp(
         report.config_skipped.update({prefix + k: v for k, v in kept.items()})
         if unchecked is not None:
             report.config_unchecked[f"{owner_path}.config" if owner_path else "config"] = unchecked
+    _record_at_root(model, groups, report)
     return report
+
+
+def _record_at_root(model: nn.Module, groups: dict[int, Any], report: SwapReport) -> None:
+    """A composite model (CLIP, SigLIP, PaliGemma, ``EncoderDecoderModel``) whose swapped blocks
+    all belong to sub-configs gets a record on its top config too, naming them: the documented
+    reload reads ``config.glu_probe_swap["variant"]`` from the saved top config, which had none
+    (an AttributeError; review, session 20). It holds no width (``hidden`` None), so it changes
+    no swap; the sub-configs' records keep theirs."""
+    root = getattr(model, "config", None)
+    if root is None or not callable(getattr(root, "to_dict", None)) or id(root) in groups:
+        return
+    subs = sorted(path for path, *_ in groups.values() if path)
+    if not subs:
+        return
+    old = getattr(root, RECORD_ATTR, None)
+    rec = {
+        "variant": report.variant,
+        "match": report.match,
+        "hidden": None,
+        "width_key": None,
+        "act_key": None,
+        "sub_configs": subs,
+    }
+    setattr(root, RECORD_ATTR, rec)
+    report.config_updates[RECORD_ATTR] = (old, rec)
 
 
 def _sync_config_copies(
