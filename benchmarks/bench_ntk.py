@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -87,6 +87,20 @@ def timed(fn: Callable[[], Any], device: torch.device, repeat: int = 1) -> tuple
 def best(fn: Callable[[], Any], device: torch.device, repeat: int, trials: int = 5) -> float:
     """Best of ``trials`` mean times over ``repeat`` calls (robust to a shared, loaded box)."""
     return min(timed(fn, device, repeat)[1] for _ in range(trials))
+
+
+def best_interleaved(
+    fns: Sequence[Callable[[], Any]], device: torch.device, repeat: int, trials: int = 7
+) -> list[float]:
+    """Best of ``trials`` mean times of each of ``fns``, the trials of all of them interleaved
+    (a, b, c, a, b, c, ...): a ratio of two of them is then not biased by the box's drift
+    between two measuring phases (on the shared 2-core box the plain forward alone moved by
+    10-15% from one run to the next, session 20)."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(trials):
+        for i, fn in enumerate(fns):
+            times[i].append(timed(fn, device, repeat)[1])
+    return [min(t) for t in times]
 
 
 def _rss_kib(field: str) -> int:
@@ -306,15 +320,17 @@ def matvec_ratio(device: torch.device, big: bool) -> None:
 
         native()
         plain.forward_rows()
-        fwd = best(native, device, reps)
-        probe_fwd = best(plain.forward_rows, device, reps)
-        row = []
         ops = [(plain, 1), (traced, 1), (traced, 4)] + ([(eager, 1)] if cuda else [])
+        products = []
         for op, k in ops:
             v = torch.randn(op.n, k, device=device)
             op.matvec(v)
-            t = best(functools.partial(op.matvec, v), device, reps)
-            row.append((t / k / fwd, t / k / probe_fwd))
+            products.append(functools.partial(op.matvec, v))
+        # every timing interleaved with the others: the ratios share the box's state
+        fwd, probe_fwd, *prods = best_interleaved(
+            [native, plain.forward_rows, *products], device, reps
+        )
+        row = [(t / k / fwd, t / k / probe_fwd) for t, (_, k) in zip(prods, ops, strict=True)]
         verdict.append((name, row[1][0]))
         cells = " | ".join(f"{a:.2f}x ({b:.2f}x)" for a, b in row)
         emit(
@@ -331,7 +347,8 @@ def matvec_ratio(device: torch.device, big: bool) -> None:
     emit(
         "Ratios: product time per column / plain forward `model(x)` (eval, no_grad, default "
         "backends), in brackets / the probe's own forward (`forward_rows`: SDPA math, "
-        "functional_call, no_grad). Times: best of 5 trials of 5 calls. "
+        "functional_call, no_grad). Times: best of 7 trials of 5 calls, the trials of all "
+        "columns interleaved. "
         "`traced`: VJP and JVP traced once and constant-folded (`trace_linear_map`: no primal "
         "forward, no activation derivative per product; the default switches to it after "
         f"{NTKOperator.LINEARIZE_AFTER} block products where enough remain); `before trace`: "
