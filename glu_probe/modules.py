@@ -144,6 +144,12 @@ def activation_name(act: nn.Module) -> str:
         "SiLUActivation": "silu",
         "LinearActivation": "identity",
     }
+    if type(act).__module__.startswith("timm.layers"):
+        # timm's own classes (what get_act_layer("gelu") returns): reported as custom:GELU
+        # before (review, session 20)
+        timm_names = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "Sigmoid": "sigmoid"}
+        if cls_name in timm_names:
+            return timm_names[cls_name]
     return hf.get(cls_name, f"custom:{cls_name}")
 
 

@@ -1280,3 +1280,123 @@ def test_a_composite_model_gets_a_record_on_its_top_config(tmp_path):
         warnings.simplefilter("ignore", UserWarning)
         swap_mlp(rebuilt, config.glu_probe_swap["variant"])
     rebuilt.load_state_dict(model.state_dict())  # strict
+
+
+# ------------------------------------------------------- session 20: more timm families
+def _timm_vit(**kw: Any) -> nn.Module:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    defaults: dict[str, Any] = dict(
+        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=5
+    )
+    defaults.update(kw)
+    return timm.models.vision_transformer.VisionTransformer(**defaults).eval()
+
+
+def test_blocks_holding_their_mlp_layers_are_reported():
+    """timm's ParallelScalingBlock holds its MLP as ``mlp_out_proj`` (input fused into
+    ``in_proj``): with a MAP attention pool the swap changed ``attn_pool.mlp`` alone and
+    reported success, every block keeping its dense GELU MLP (review, session 20)."""
+    timm = pytest.importorskip("timm")
+    from glu_probe.swap import UnsupportedModelError, swap_mlp
+
+    model = timm.create_model(
+        "vit_base_patch16_xp_224", img_size=32, patch_size=8, embed_dim=64, depth=2,
+        num_heads=2, num_classes=5, global_pool="map",
+    )  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match=r"blocks\.0 \(ParallelScalingBlock\)"):
+        swap_mlp(model, "swiglu", multiple_of=2)
+
+
+def test_subclasses_with_their_own_forward_are_not_swapped_as_their_base():
+    """A timm ``Mlp`` subclass computing ``x + gamma * mlp(x)``, or a glu_probe block
+    subclass, was swapped as the plain block: its forward and ``gamma`` dropped, outputs 0.46
+    off on a same-family swap (review, session 20). They are now unrecognised blocks."""
+    timm = pytest.importorskip("timm")
+    from glu_probe import SwiGLU
+    from glu_probe.swap import UnsupportedModelError, swap_mlp
+
+    class ScaledMlp(timm.layers.Mlp):
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            self.gamma = nn.Parameter(torch.full((1,), 0.5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.gamma * super().forward(x)
+
+    class Doubled(SwiGLU):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    for layer, variant in ((ScaledMlp, "gelu"), (Doubled, "swiglu")):
+        with pytest.raises(UnsupportedModelError, match=layer.__name__):
+            swap_mlp(_timm_vit(mlp_layer=layer), variant)
+    swap_mlp(_timm_vit(mlp_layer=SwiGLU), "gelu")  # (the classes themselves still swap)
+
+
+@pytest.mark.parametrize("which", ["rms_eps", "rms_no_affine", "layernorm2d"])
+def test_an_inner_norm_is_rebuilt_with_its_class_and_settings(which):
+    """The MLP's inner norm was rebuilt as ``cls(width)``: timm ``RmsNorm(eps=1e-2)`` came
+    back with eps 1e-6 (a same-weights same-family swap 0.10 off), ``affine=False`` affine (a
+    state dict that no longer loads), and ``LayerNorm2d`` as a plain LayerNorm (a crash at the
+    first forward; review, session 20). A same-family swap holding the source weights now
+    gives the same outputs."""
+    timm = pytest.importorskip("timm")
+    from functools import partial
+
+    from glu_probe.swap import swap_mlp
+
+    torch.manual_seed(0)
+    if which == "layernorm2d":
+        mlp = timm.layers.Mlp(
+            32, 128, act_layer=nn.GELU, norm_layer=timm.layers.LayerNorm2d, use_conv=True
+        )
+        model, x = nn.Sequential(mlp).eval(), torch.randn(2, 32, 4, 4)
+    else:
+        norm = partial(timm.layers.RmsNorm, eps=1e-2, affine=which == "rms_eps")
+        model = _timm_vit(norm_layer=norm, scale_mlp_norm=True)
+        x = torch.randn(2, 3, 32, 32)
+    old = [m for m in model.modules() if isinstance(m, timm.layers.Mlp)]
+    with torch.no_grad():
+        for m in old:  # a non-trivial norm state
+            for p in m.norm.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        y0 = model(x)
+    swap_mlp(model, "gelu")
+    new = [m for m in model.modules() if type(m).__name__ == "MLP"]
+    assert len(new) == len(old)
+    for a, b in zip(old, new, strict=True):
+        assert type(b.norm) is type(a.norm) and b.norm.eps == a.norm.eps
+        b.load_state_dict(a.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y0, rtol=1e-5, atol=1e-6)
+
+
+def test_a_width_changed_by_align_to_is_reported_and_told():
+    """``swap_mlp(..., align_to=64)``: GatedMLP rounds the resolved width (170) up to 192, and
+    the report said 170 for +12.8% parameters under match="params", silently (review, session
+    20). The report now gives the built width, with a warning."""
+    from glu_probe.swap import swap_mlp
+
+    model = _timm_vit()
+    with pytest.warns(UserWarning, match=r"blocks\.0\.mlp 170 -> 192.*no longer match"):
+        report = swap_mlp(model, "swiglu", align_to=64)
+    assert [e.hidden_features for e in report.entries] == [192, 192]
+    assert model.blocks[0].mlp.hidden_features == 192
+
+
+def test_timm_activation_classes_have_their_names():
+    """``get_act_layer("gelu")`` is timm's own GELU class, reported as ``custom:GELU``."""
+    timm = pytest.importorskip("timm")
+    from glu_probe.modules import activation_name
+
+    for name, expected in (("gelu", "gelu"), ("gelu_tanh", "gelu_tanh"), ("sigmoid", "sigmoid")):
+        act = timm.layers.get_act_layer(name)()
+        assert activation_name(act) == expected
+        x = torch.randn(50)
+        ref = {
+            "gelu": F.gelu(x),
+            "gelu_tanh": F.gelu(x, approximate="tanh"),
+            "sigmoid": x.sigmoid(),
+        }
+        torch.testing.assert_close(act(x), ref[expected])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import math
 import re
 import warnings
@@ -316,37 +317,59 @@ def registered_adapters() -> list[MLPAdapter]:
     return list(_ADAPTERS)
 
 
-def _norm_factory(norm: nn.Module) -> Callable[..., nn.Module]:
-    """A ``norm_layer(width, device=, dtype=)`` factory rebuilding ``norm``'s type and options."""
+def _norm_settings(norm: nn.Module) -> dict[str, Any]:
+    """The constructor settings of ``norm`` that can be read back from the instance, under
+    every spelling a norm constructor uses (``elementwise_affine`` / ``affine``, ...)."""
+    affine = getattr(norm, "elementwise_affine", getattr(norm, "affine", None))
+    if not isinstance(affine, bool):
+        affine = getattr(norm, "weight", None) is not None
+    out: dict[str, Any] = {"elementwise_affine": affine, "affine": affine}
+    if isinstance(getattr(norm, "eps", None), float):
+        out["eps"] = norm.eps
     if isinstance(norm, nn.LayerNorm):
+        out["bias"] = norm.bias is not None
+    for name in ("momentum", "track_running_stats"):
+        if hasattr(norm, name):
+            out[name] = getattr(norm, name)
+    return out
 
-        def make_ln(n: int, **dd: Any) -> nn.Module:
-            return nn.LayerNorm(
-                n,
-                eps=norm.eps,
-                elementwise_affine=norm.elementwise_affine,
-                bias=norm.bias is not None,
-                **dd,
-            )
 
-        return make_ln
-    if isinstance(norm, nn.RMSNorm):
+def _norm_factory(norm: nn.Module) -> Callable[..., nn.Module]:
+    """A ``norm_layer(width, device=, dtype=)`` factory rebuilding ``norm``'s type and options.
 
-        def make_rms(n: int, **dd: Any) -> nn.Module:
-            return nn.RMSNorm(n, eps=norm.eps, elementwise_affine=norm.elementwise_affine, **dd)
-
-        return make_rms
+    The norm's own class with every setting its constructor takes and the instance shows (eps,
+    affine, bias, momentum, ...). Only ``nn.LayerNorm`` and ``nn.RMSNorm`` were rebuilt with
+    their settings before; any other class got its defaults (timm ``RmsNorm(eps=1e-2)`` came
+    back with eps 1e-6, ``affine=False`` affine, ``BatchNorm2d(eps=0.1)`` with 1e-5), and a
+    ``LayerNorm`` subclass became a plain ``nn.LayerNorm`` (``LayerNorm2d``: a crash on the
+    first forward; review, session 20). The rebuilt norm is checked against the source: the same
+    class, parameter names and eps, else :class:`UnsupportedModelError`.
+    """
     cls = type(norm)
+    try:
+        accepted = set(inspect.signature(cls).parameters)
+    except (TypeError, ValueError):
+        accepted = set()
+    settings = {k: v for k, v in _norm_settings(norm).items() if k in accepted}
+    want = {name for name, _ in norm.named_parameters(recurse=False)}
 
-    def make_other(n: int, **dd: Any) -> nn.Module:
+    def make(n: int, **dd: Any) -> nn.Module:
         try:
-            return cls(n, **dd)
+            new = cls(n, **settings, **dd)
         except TypeError as err:
             raise UnsupportedModelError(
                 f"cannot rebuild the inner norm {cls.__name__} of the MLP at a new width: {err}"
             ) from err
+        got = {name for name, _ in new.named_parameters(recurse=False)}
+        if got != want or getattr(new, "eps", None) != getattr(norm, "eps", None):
+            raise UnsupportedModelError(
+                f"cannot rebuild the inner norm {cls.__name__} of the MLP with its settings "
+                f"(parameters {sorted(want)} -> {sorted(got)}, eps {getattr(norm, 'eps', None)} "
+                f"-> {getattr(new, 'eps', None)})"
+            )
+        return new
 
-    return make_other
+    return make
 
 
 def _params(module: nn.Module) -> int:
@@ -897,11 +920,25 @@ def _is_head(module: nn.Module) -> bool:
     return bool(_HEAD_CLASS.search(type(module).__name__))
 
 
+def _holds_mlp_layers(module: nn.Module) -> bool:
+    """A block that holds its feed-forward layers itself as ``mlp_*`` Linear children, with no
+    ``mlp`` child (timm's ``ParallelScalingBlock``: ``mlp_out_proj``, its input projection fused
+    into ``in_proj``). It was never counted as MLP-like: a ViT with such blocks and a swappable
+    attention-pool MLP was swapped there alone, with success and no unrecognised block (review,
+    session 20)."""
+    children = dict(module.named_children())
+    if "mlp" in children:
+        return False
+    return any(n.startswith("mlp_") and isinstance(c, nn.Linear) for n, c in children.items())
+
+
 def _looks_like_mlp(path: str, module: nn.Module, adapters: Sequence[MLPAdapter] = ()) -> bool:
     if any(a.resembles(module) for a in adapters):
         return True
     if _is_head(module):
         return False
+    if _holds_mlp_layers(module):
+        return True
     last = path.rpartition(".")[2]
     return bool(_CANDIDATE_NAME.match(last) or _CANDIDATE_CLASS.search(type(module).__name__))
 
@@ -1135,6 +1172,7 @@ def swap_mlp(
     first_use: dict[int, tuple[nn.Module, SwapEntry]] = {}
     failed: dict[int, str] = {}
     skipped: list[str] = []
+    realigned: list[tuple[str, int, int]] = []  # (path, resolved width, built width)
     for path, old, adapter in found:
         if id(old) in failed:
             skipped.append(f"{path} ({type(old).__name__}, the block at {failed[id(old)]})")
@@ -1178,6 +1216,14 @@ def swap_mlp(
                 "swap_mlp's arguments; change them on the new blocks after the swap"
             )
         new = adapter.build(spec, variant, hidden, **module_kwargs)
+        built = getattr(new, "hidden_features", None)
+        if isinstance(built, int) and built != hidden:
+            # A module keyword changed the width after it was resolved (align_to rounds the
+            # gated width up): the report said 170 for a 192-wide block, +12.8% parameters
+            # under match="params" with no word (review, session 20). The real width is
+            # reported, and the change is told once per swap.
+            realigned.append((path, hidden, built))
+            hidden = built
         _warn_mixed_dtypes(path, old, new, adapter)
         origin = _origin_of(old)
         if init == "host":
@@ -1200,6 +1246,18 @@ def swap_mlp(
         )
         plan.append((path, old, adapter, new, entry))
         first_use[id(old)] = (new, entry)
+    if realigned:
+        path0, resolved, built = realigned[0]
+        warnings.warn(
+            f"swap_mlp: the new blocks are wider or narrower than the resolved width: {path0} "
+            f"{resolved} -> {built}"
+            + (f" (and {len(realigned) - 1} more)" if len(realigned) > 1 else "")
+            + " (a module keyword such as align_to changed it); the report gives the built "
+            "widths"
+            + (", and the parameter counts no longer match" if match == "params" else ""),
+            UserWarning,
+            stacklevel=2,
+        )
     if skipped:
         msg = (
             f"swap_mlp: {len(skipped)} block(s) matched by an adapter cannot be swapped and are "

@@ -21,6 +21,14 @@ class GluProbeAdapter(MLPAdapter):
     name = "glu_probe"
 
     def matches(self, module: nn.Module) -> bool:
+        # (a subclass with its own forward is not swapped as the block it extends: see
+        # TimmMlpAdapter.matches)
+        return isinstance(module, MLP | GatedMLP) and type(module).forward in (
+            MLP.forward,
+            GatedMLP.forward,
+        )
+
+    def resembles(self, module: nn.Module) -> bool:
         return isinstance(module, MLP | GatedMLP)
 
     def describe(self, module: nn.Module) -> MLPSpec:
