@@ -1253,8 +1253,7 @@ def swap_mlp(
             f"{resolved} -> {built}"
             + (f" (and {len(realigned) - 1} more)" if len(realigned) > 1 else "")
             + " (a module keyword such as align_to changed it); the report gives the built "
-            "widths"
-            + (", and the parameter counts no longer match" if match == "params" else ""),
+            "widths" + (", and the parameter counts no longer match" if match == "params" else ""),
             UserWarning,
             stacklevel=2,
         )
