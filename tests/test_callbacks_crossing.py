@@ -544,7 +544,7 @@ def test_a_loss_logged_once_per_epoch_is_not_compared_at_every_step(tmp_path):
             super()._feed(trainer, pl_module, step, a, b)
 
     mon = Spy(baseline=list(CURVE_B), **KW)
-    with pytest.warns(UserWarning, match=r"once per epoch \(on_step=False\).*on_step=True"):
+    with pytest.warns(UserWarning, match=r"once per epoch \(on_step=False.*on_step=True"):
         _trainer(tmp_path, max_epochs=3, callbacks=[mon]).fit(
             _EpochLogged(np.concatenate([CURVE_A] * 3)), _loader(20)
         )

@@ -533,7 +533,7 @@ def test_warm_start_from_previous_ritz_vectors(monkeypatch):
     def spy(*args: Any, **kwargs: Any) -> Any:
         seen.append(kwargs.get("warm_start"))
         res = real(*args, **kwargs)
-        returned.append(res.ritz_vectors)
+        returned.append(res)
         return res
 
     monkeypatch.setattr(glu_probe.ntk, "ntk_spectrum", spy)
@@ -541,10 +541,12 @@ def test_warm_start_from_previous_ritz_vectors(monkeypatch):
     mon = NTKSpectrumMonitor(every_n_steps=1, probe_size=24, method="lanczos")
     trainer(max_steps=2, callbacks=[mon]).fit(TinyNet(), loader(ds))
     assert seen[0] is None
-    assert returned[0] is not None
+    assert returned[0].ritz_vectors is not None
     for prev, cur in zip(returned[:-1], seen[1:], strict=True):
-        assert cur is not None
-        torch.testing.assert_close(cur.cpu(), prev.cpu())
+        # the previous Ritz vectors, with the eigenvalues they came from (session 20)
+        assert isinstance(cur, glu_probe.ntk.WarmStart)
+        torch.testing.assert_close(cur.vectors.cpu(), prev.ritz_vectors.cpu())
+        assert (cur.lambda_max, cur.lambda_min) == (prev.lambda_max, prev.lambda_min)
     assert set(mon.state_dict()["warm_start"]) == {""}
 
 

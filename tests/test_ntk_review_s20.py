@@ -300,3 +300,168 @@ def test_the_ntk_monitor_confirms_a_warm_start_whose_end_jumped(tmp_path):
     assert rel(by_step[4]["ntk/lambda_min"], float(ev[0])) < 1e-3
     assert set(monitor.state_dict()["warm_values"]) == {""}
     assert isinstance(WarmStart(torch.zeros(2, 1), 1.0, 0.5), tuple)
+
+
+# --------------------------------------------------- session 20: re-review of the fixes above
+def test_the_in_place_copy_never_writes_an_accumulator_it_also_reads():
+    """``y = b(h + h @ M)`` with a frozen ``M``: the VJP's fused ``addmm(g, g, M)`` became
+    ``addmm_(g, g, M)``, which ATen computes wrongly when the output is also an operand; with a
+    small ``M`` it passed the trace check and float32 single-column products were 3.8e-6 off
+    (re-review, session 20). Such a node stays out of place; single columns equal blocks."""
+    from glu_probe.ntk import NTKOperator
+    from glu_probe.ntk.operator import _fuse_accumulations, _in_place_copy
+
+    class FrozenMix(nn.Module):
+        def __init__(self, scale: float) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 7), nn.Linear(7, 3)
+            self.register_buffer("M", scale * torch.randn(7, 7) / 7**0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            return self.b(h + h @ self.M)
+
+    for scale in (1e-2, 1.0):
+        torch.manual_seed(0)
+        m, x = FrozenMix(scale), torch.randn(8, 5)
+        op = NTKOperator(m, x, dtype=torch.float32, linearize=True)
+        V = torch.randn(op.n, 3)
+        op.matvec(V[:, :1])
+        for traced in op._cache[0]:
+            single = getattr(traced, "unbatched", None)
+            if single is None:
+                continue
+            for node in single.graph.nodes:
+                if str(node.target).endswith("_.default"):
+                    assert node.args[0] not in node.args[1:], node
+        cols = torch.cat([op.matvec(V[:, i : i + 1]) for i in range(3)], 1)
+        torch.testing.assert_close(
+            cols, op.matvec(V), rtol=1e-6, atol=1e-6 * float(cols.abs().max())
+        )
+    assert callable(_in_place_copy) and callable(_fuse_accumulations)
+
+
+def test_a_read_only_buffer_is_not_copied_per_pass_and_a_mutated_one_is():
+    """Copying every buffer per pass made a dense probe of a model with a 4000x8000 read-only
+    table 14x slower (re-review, session 20). Buffers are copied per pass only once a forward
+    is seen to update one in place (then K is still exact and the model untouched)."""
+    from glu_probe.ntk import ProbeFunction
+
+    class Table(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.register_buffer("table", torch.randn(6, 6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.a(x)) @ self.table
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    assert not ProbeFunction(Table(), x)._clone_buffers
+    m = _Counting().eval()
+    probe = ProbeFunction(m, torch.randn(10, 5))
+    assert probe._clone_buffers
+    assert float(probe.constants["calls"]) == 0.0  # its copies back to the model's values
+
+
+def test_the_epoch_name_of_a_step_and_epoch_metric_is_not_compared(tmp_path):
+    """``self.log(..., on_step=True, on_epoch=True)`` and ``monitor="train_loss_epoch"`` fed
+    the previous epoch's mean at every step (re-review, session 20): skipped now, as the
+    epoch-only key is."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from glu_probe.callbacks import LossCrossingMonitor
+
+    class Both(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = (self.w * batch).pow(2).mean()
+            self.log("train_loss", loss, on_step=True, on_epoch=True)
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    fed: list[int] = []
+
+    class Spy(LossCrossingMonitor):
+        def _feed(self, trainer: Any, pl_module: Any, step: int, a: Any, b: Any) -> None:
+            fed.append(step)
+            super()._feed(trainer, pl_module, step, a, b)
+
+    mon = Spy(baseline=[1.0] * 40, monitor="train_loss_epoch", smoothing=0.0, patience=1)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[mon],
+        log_every_n_steps=1,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="once per epoch"):
+        trainer.fit(Both(), DataLoader(torch.randn(24, 1), batch_size=4))
+    assert fed == []
+
+
+def test_only_second_order_gaps_get_the_dense_advice():
+    """The advice "method='dense' works" was given for any missing derivative, also a missing
+    first-order one (``igamma`` in its input), where the dense path fails too; ``ctc_loss``'s
+    missing double backward came as a RuntimeError without it (re-review, session 20)."""
+    from glu_probe.ntk.spectrum import _no_double_backward
+
+    assert _no_double_backward(
+        NotImplementedError("the derivative for '_embedding_bag_backward' is not implemented.")
+    )
+    assert _no_double_backward(
+        RuntimeError("derivative for aten::_ctc_loss_backward is not implemented")
+    )
+    assert not _no_double_backward(
+        NotImplementedError("the derivative for 'igamma: input' is not implemented.")
+    )
+
+    class Igamma(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.igamma(self.a(x).exp(), torch.ones(2))
+
+    with pytest.raises(NotImplementedError, match="igamma: input") as info:
+        ntk_spectrum(Igamma(), torch.randn(6, 3), method="lanczos", dtype=torch.float64)
+    assert "method='dense'" not in str(info.value)
+
+
+def test_a_near_null_lambda_min_does_not_send_a_warm_start_back_cold():
+    """λ_min at the products' rounding level (a rank-deficient K) is noise, not a position:
+    float32 warm starts of such a K over a few training steps were re-run cold 7 times of 7
+    (re-review, session 20). It is not compared."""
+    import glu_probe.ntk.spectrum as spectrum_mod
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))  # 21 parameters
+    x = torch.randn(80, 3)  # 80 rows: rank <= 21
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    verdicts: list[bool] = []
+    real = spectrum_mod._warm_start_moved
+
+    def spy(warm: Any, res: Any, which: str) -> bool:
+        verdicts.append(real(warm, res, which))
+        return verdicts[-1]
+
+    previous = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spectrum_mod._warm_start_moved = spy  # (restored below)
+        try:
+            for _ in range(5):
+                previous = ntk_spectrum(model, x, method="lanczos", warm_start=previous)
+                loss = model(x).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        finally:
+            spectrum_mod._warm_start_moved = real
+    assert len(verdicts) == 4 and not any(verdicts)

@@ -447,3 +447,16 @@ def test_predict_and_several_validation_loaders(tmp_path):
     out = trainer.predict(module, only_x)
     with torch.no_grad():
         assert torch.equal(torch.cat([o["glu"] for o in out]), module.model(x))
+
+
+def test_predict_on_bare_input_batches_and_integer_seeds_of_any_type(tmp_path):
+    """``DataLoader(TensorDataset(x))`` yields ``[x]``, which reached the model as a list; a
+    numpy integer seed was refused after the construction checks (re-review, session 20)."""
+    np = pytest.importorskip("numpy")
+    module = PairedModule(_net(1), _net(2), baseline_seed=np.int64(3))
+    assert module.baseline_seed == 3 and type(module.baseline_seed) is int
+    x = _data(n=12).tensors[0]
+    out = _trainer(tmp_path).predict(module, DataLoader(TensorDataset(x), batch_size=6))
+    module.eval()
+    with torch.no_grad():
+        assert torch.equal(torch.cat([o["model"] for o in out]), module.model(x))

@@ -1400,3 +1400,57 @@ def test_timm_activation_classes_have_their_names():
             "sigmoid": x.sigmoid(),
         }
         torch.testing.assert_close(act(x), ref[expected])
+
+
+# ------------------------------------------- session 20: re-review of the fixes above
+def test_a_recorded_width_is_not_applied_to_a_model_of_other_sizes():
+    """The record's width was applied to any block of a host without a width key: a BART built
+    from a copy of a swapped config with 256-wide FFNs got the width recorded for 32 (21
+    instead of 168, 8x fewer parameters; re-review, session 20). It is applied only to the
+    host's own block shape the record came from."""
+    transformers = pytest.importorskip("transformers")
+    from glu_probe.swap import swap_mlp
+
+    kw = dict(
+        d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=64,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    cfg = transformers.BartConfig(**kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        swap_mlp(transformers.BartForConditionalGeneration(cfg), "swiglu")
+        wider = copy.deepcopy(cfg)
+        wider.encoder_ffn_dim = wider.decoder_ffn_dim = 256
+        report = swap_mlp(transformers.BartForConditionalGeneration(wider), "swiglu")
+        fresh = swap_mlp(
+            transformers.BartForConditionalGeneration(
+                transformers.BartConfig(**{**kw, "encoder_ffn_dim": 256, "decoder_ffn_dim": 256})
+            ),
+            "swiglu",
+        )
+    assert [e.hidden_features for e in report.entries] == [e.hidden_features for e in fresh.entries]
+    assert abs(report.rel_diff) <= 0.01
+
+
+def test_a_per_layer_width_list_is_left_alone_not_a_crash():
+    """Gemma 3n's ``intermediate_size`` is a per-layer list: the width-key check hashed it and
+    raised a TypeError after the blocks were already replaced (re-review, session 20). The list
+    is left alone and the swap completes."""
+    transformers = pytest.importorskip("transformers")
+    from glu_probe.swap import swap_mlp
+
+    if not hasattr(transformers, "Gemma3nTextConfig"):
+        pytest.skip("transformers without Gemma 3n")
+    cfg = transformers.Gemma3nTextConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, vocab_size=64, vocab_size_per_layer_input=64,
+        hidden_size_per_layer_input=4, laurel_rank=2, altup_num_inputs=2,
+        num_kv_shared_layers=0, layer_types=["sliding_attention", "full_attention"],
+        activation_sparsity_pattern=[0.0, 0.0], sliding_window=8, max_position_embeddings=64,
+    )  # fmt: skip
+    model = transformers.Gemma3nForCausalLM(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = swap_mlp(model, "gelu", strict=False)
+    assert report.entries and cfg.intermediate_size == [32, 32]

@@ -230,6 +230,11 @@ def logged_on_step(trainer: pl.Trainer, key: str) -> bool | None:
         for _, metric in results.valid_items():
             if key in (metric.meta.name, *results._forked_name(metric, True)):
                 return bool(metric.meta.on_step)
+            # its "_epoch" name (on_step=True, on_epoch=True): the previous epoch's mean during
+            # a step, as for an epoch-only metric (review, session 20)
+            both = metric.meta.on_step and metric.meta.on_epoch
+            if both and key == results._forked_name(metric, False)[1]:
+                return False
     except (AttributeError, TypeError):
         return None
     return None

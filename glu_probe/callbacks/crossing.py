@@ -566,8 +566,9 @@ class LossCrossingMonitor(Callback):
         if stale and "epoch-only" not in self._warned:
             self._warned.add("epoch-only")
             rank_zero_warn(
-                f"LossCrossingMonitor: {stale} is logged once per epoch (on_step=False): its "
-                "value during a step is the previous epoch's, so the steps are not compared. "
+                f"LossCrossingMonitor: {stale} is logged once per epoch (on_step=False, or the "
+                "'_epoch' name of an on_step and on_epoch metric): its value during a step is "
+                "the previous epoch's, so the steps are not compared. "
                 "Log it with self.log(..., on_step=True) for per-step crossings"
             )
         return bool(stale)

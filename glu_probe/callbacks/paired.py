@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
@@ -324,12 +325,15 @@ class PairedModule(pl.LightningModule):
             raise MisconfigurationException(
                 f"PairedModule: optimizer must be a name, a class or a callable, got {optimizer!r}"
             )
-        if baseline_seed is not None and (
-            isinstance(baseline_seed, bool) or not isinstance(baseline_seed, int)
-        ):
-            raise MisconfigurationException(
-                f"PairedModule: baseline_seed must be an int or None, got {baseline_seed!r}"
-            )
+        if baseline_seed is not None:
+            try:  # (any integer type, numpy's too; not a bool)
+                if isinstance(baseline_seed, bool):
+                    raise TypeError
+                baseline_seed = operator.index(baseline_seed)
+            except TypeError:
+                raise MisconfigurationException(
+                    f"PairedModule: baseline_seed must be an int or None, got {baseline_seed!r}"
+                ) from None
         if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
             raise MisconfigurationException(
                 f"PairedModule: lr must be a finite number > 0, got {lr!r}"
@@ -620,6 +624,8 @@ class PairedModule(pl.LightningModule):
             inputs, _ = _split_batch(batch, self.labels_key)
         except ValueError:
             inputs = batch
+            if isinstance(inputs, (list, tuple)) and len(inputs) == 1:
+                inputs = inputs[0]  # DataLoader(TensorDataset(x)) gives [x]
         with self._baseline_rng(persist=False):
             base = _call(self.baseline, inputs)
         return {self.model_prefix: _call(self.model, inputs), self.baseline_prefix: base}

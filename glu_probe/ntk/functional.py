@@ -797,6 +797,7 @@ class ProbeFunction:
         )
         # Frozen parameters and buffers are constants of the probe (copies: never mutated).
         self.constants: dict[str, Tensor] = {}
+        self._clone_buffers = False  # (set once a forward is seen to update a buffer in place)
         for n, p in model.named_parameters():
             if n not in selected:
                 self.constants[n] = self._cast(p.detach())
@@ -894,14 +895,42 @@ class ProbeFunction:
         # or a running estimate updated in eval mode): torch.func forbids mutating captured
         # tensors, and the probe's own copies must stay as built (a mutated copy once made the
         # first and last samples' validating passes disagree: a false "not independent"), so
-        # each call gets fresh copies, in either mode. Counted per pass in the memory plans.
-        state.update({n: self.constants[n].clone() for n in self._buffer_names})
+        # such forwards get fresh copies per call (counted per pass in the memory plans). In
+        # eval mode only once a forward is seen to mutate one: copying a large read-only buffer
+        # per pass made a dense probe 14x slower (a 4000x8000 table; review, session 20).
+        clone = self._clone_buffers or not self.eval_mode
+        if clone:
+            state.update({n: self.constants[n].clone() for n in self._buffer_names})
+        versions = None if clone else [self.constants[n]._version for n in self._buffer_names]
         state.update(zip(self.names, params, strict=True))
         if isinstance(inputs, Mapping):
             args: tuple[Any, ...] = ()
             kwargs = dict(inputs)
         else:
             args, kwargs = (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
+        try:
+            out = self._functional_call(state, args, kwargs)
+        except RuntimeError as err:
+            if clone or "mutate a captured Tensor" not in str(err):
+                raise
+            self._buffers_mutated()  # (inside a transform, before any plain call saw it)
+            return self.call_model(params, inputs)
+        if versions and any(
+            self.constants[n]._version != v
+            for n, v in zip(self._buffer_names, versions, strict=True)
+        ):
+            self._buffers_mutated()
+        return out
+
+    def _buffers_mutated(self) -> None:
+        """A forward updated a buffer in place: fresh copies per call from now on, and the
+        probe's own copies back to the model's values."""
+        self._clone_buffers = True
+        for n, b in self.model.named_buffers():
+            if n in self.constants:
+                self.constants[n] = self._cast(b.detach()).clone()
+
+    def _functional_call(self, state: dict[str, Tensor], args: Any, kwargs: Any) -> Any:
         if not self._aliased:
             return torch.func.functional_call(self.model, state, args, kwargs)
         saved = [(m, dict(m._parameters), dict(m._buffers)) for m in self._aliased]

@@ -192,6 +192,10 @@ class SwapEntry:
     shared_with: str | None = None
     """Path of the first entry of a block shared by several parents (one replacement, installed
     at every path; its parameters count once in the report's totals)."""
+    in_features: int | None = None
+    """The block's input width (``None`` where the adapter does not say)."""
+    out_features: int | None = None
+    """The block's output width."""
 
     @property
     def rel_diff(self) -> float:
@@ -963,7 +967,12 @@ def _resolve_width(
         if spec.hidden_features == recorded:
             # its native block has the swapped width: keep it, so that state dicts load
             return spec.hidden_features, 1
-        if isinstance(recorded, int) and record.get("width_key") is None:
+        native = (
+            record.get("native_hidden") == spec.hidden_features
+            and record.get("in_features") == spec.in_features
+            and record.get("out_features") == spec.out_features
+        )
+        if isinstance(recorded, int) and record.get("width_key") is None and native:
             # The config has no key for the width (the BART family, Whisper, GPT-J with
             # n_inner=None), so the rebuilt block has its source width: a chain that left the
             # family and came back (swiglu then gelu: 2048 -> 1368 -> 2056) ended elsewhere than
@@ -1243,6 +1252,8 @@ def swap_mlp(
             params_before=spec.num_params,
             params_after=_params(new),
             multiple_of=used,
+            in_features=spec.in_features,
+            out_features=spec.out_features,
         )
         plan.append((path, old, adapter, new, entry))
         first_use[id(old)] = (new, entry)
@@ -1600,7 +1611,9 @@ def _update_config(
             wk, ak = old_record.get("width_key"), old_record.get("act_key")
         if wk and adapter.width_key_must_match:
             sources = {e.source_hidden for e in report.entries if e.adapter == adapter.name}
-            if sources != {getattr(config, wk, None)}:
+            value = getattr(config, wk, None)
+            # (a per-layer list, as Gemma 3n's intermediate_size, is not this width: left alone)
+            if not isinstance(value, int) or sources != {value}:
                 wk = None
         if wk:
             width_keys.add(wk)
@@ -1641,12 +1654,30 @@ def _update_config(
     for key, value in planned.items():
         updates[key] = (getattr(config, key), value)
         setattr(config, key, value)
+
+    # The host's own blocks (what a model rebuilt from this config holds where the width key is
+    # not written): carried through a chain of swaps, so that _resolve_width applies the
+    # recorded width to such blocks only, not to a model of other sizes built from a copy of
+    # this config (review, session 20: GPT-J at n_embd 64 got a width recorded at 16).
+    def unique(values: set[Any]) -> Any:
+        return next(iter(values)) if len(values) == 1 else None
+
+    native = (
+        {k: old_record.get(k) for k in ("native_hidden", "in_features", "out_features")}
+        if isinstance(old_record, dict) and "native_hidden" in old_record
+        else {
+            "native_hidden": unique({e.source_hidden for e in report.entries}),
+            "in_features": unique({e.in_features for e in report.entries}),
+            "out_features": unique({e.out_features for e in report.entries}),
+        }
+    )
     rec = {
         "variant": report.variant,
         "match": report.match,
         "hidden": hidden,
         "width_key": next(iter(sorted(k for k in width_keys if k in planned)), None),
         "act_key": next(iter(sorted(k for k in act_keys if k in planned)), None),
+        **native,
     }
     updates[RECORD_ATTR] = (old_record, rec)
     setattr(config, RECORD_ATTR, rec)
