@@ -549,3 +549,31 @@ def test_a_loss_logged_once_per_epoch_is_not_compared_at_every_step(tmp_path):
             _EpochLogged(np.concatenate([CURVE_A] * 3)), _loader(20)
         )
     assert fed == [] and mon.crossings == []
+
+
+class _EveryFifth(Synthetic):
+    """``train_loss`` logged on step, but only every fifth step."""
+
+    def training_step(self, batch, batch_idx):
+        t = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+        if t % 5 == 0:
+            self.log(self.name, float(self.values[t]), on_step=True, on_epoch=False)
+        return (self.w**2).sum() + batch.sum() * 0
+
+
+def test_a_loss_logged_every_kth_step_is_compared_at_those_steps_only(tmp_path):
+    """Lightning keeps the last on-step value until the key is logged again: the detector got
+    4 stale pairs out of 5 (re-review, session 20). Only the steps that logged are compared,
+    so the online crossings equal the offline detector's on the logged series."""
+    fed: list[int] = []
+
+    class Spy(LossCrossingMonitor):
+        def _feed(self, trainer, pl_module, step, a, b):
+            fed.append(step)
+            super()._feed(trainer, pl_module, step, a, b)
+
+    mon = Spy(baseline=list(CURVE_B), **KW)
+    _trainer(tmp_path, callbacks=[mon]).fit(_EveryFifth(CURVE_A), _loader())
+    steps = [t for t in range(N) if t % 5 == 0]
+    assert fed == steps
+    assert mon.crossings == find_crossings(steps, F32(CURVE_A[steps]), T, CURVE_B, **KW)

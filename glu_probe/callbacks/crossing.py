@@ -379,6 +379,7 @@ class LossCrossingMonitor(Callback):
         )
         self._keys: tuple[str, str | None] | None = None
         self._warned: set[str] = set()
+        self._last_read: list[torch.Tensor] = []  # the tensors read at the last step
 
     # ------------------------------------------------------------------ state
     @property
@@ -494,6 +495,7 @@ class LossCrossingMonitor(Callback):
                 self.detector.reset()
                 self._pending, self._current = [], None
                 self._warned = set()
+                self._last_read = []
         if self.kind == "paired":
             from glu_probe.callbacks.paired import PairedModule
 
@@ -554,6 +556,16 @@ class LossCrossingMonitor(Callback):
                 f"{sorted(metrics)}"
             )
         return None
+
+    def _not_logged_now(self, a: Any, b: Any) -> bool:
+        """Whether this step logged no new value: Lightning keeps the last on-step value until
+        the key is logged again, a new tensor each time. A loss logged every k-th step was
+        compared at every step with its last value, k-1 stale pairs out of k (re-review,
+        session 20). Such steps are skipped."""
+        current = [v for v in (a, b) if isinstance(v, torch.Tensor)]
+        stale = bool(current) and all(any(v is seen for seen in self._last_read) for v in current)
+        self._last_read = current
+        return stale
 
     def _epoch_only(self, trainer: pl.Trainer) -> bool:
         """A monitored key logged once per epoch (``on_step=False``): during a step its value is
@@ -625,11 +637,15 @@ class LossCrossingMonitor(Callback):
         if a is None:
             return
         recorded: float | None = None
+        b = None
         if self.kind == "paired":
             assert self._keys[1] is not None
             b = self._lookup(logged, self._keys[1])
             if b is None:
                 return
+        if self.phase == "train" and not read_now and self._not_logged_now(a, b):
+            return
+        if self.kind == "paired":
             values = _stack_scalars([a, b])
         else:
             recorded = self._baseline_at(step)
