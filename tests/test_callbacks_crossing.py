@@ -523,6 +523,17 @@ def test_per_step_read_makes_no_host_reads_with_progress_bar_metrics(tmp_path, m
     assert mon.detector.last_step == 7  # every step was still read (at fit end)
 
 
+def _feeding_monitor(fed: list[int]) -> LossCrossingMonitor:
+    """A monitor against ``CURVE_B`` that appends each step it feeds to its detector."""
+
+    class Spy(LossCrossingMonitor):
+        def _feed(self, trainer, pl_module, step, a, b):
+            fed.append(step)
+            super()._feed(trainer, pl_module, step, a, b)
+
+    return Spy(baseline=list(CURVE_B), **KW)
+
+
 class _EpochLogged(Synthetic):
     """``train_loss`` logged once per epoch (``on_step=False, on_epoch=True``)."""
 
@@ -537,13 +548,7 @@ def test_a_loss_logged_once_per_epoch_is_not_compared_at_every_step(tmp_path):
     epoch's mean: it fed the detector 12 stale pairs at steps the logger never wrote (review,
     session 20). Such a key is now skipped with one warning that says how to log it."""
     fed: list[int] = []
-
-    class Spy(LossCrossingMonitor):
-        def _feed(self, trainer, pl_module, step, a, b):
-            fed.append(step)
-            super()._feed(trainer, pl_module, step, a, b)
-
-    mon = Spy(baseline=list(CURVE_B), **KW)
+    mon = _feeding_monitor(fed)
     with pytest.warns(UserWarning, match=r"once per epoch \(on_step=False.*on_step=True"):
         _trainer(tmp_path, max_epochs=3, callbacks=[mon]).fit(
             _EpochLogged(np.concatenate([CURVE_A] * 3)), _loader(20)
@@ -566,13 +571,7 @@ def test_a_loss_logged_every_kth_step_is_compared_at_those_steps_only(tmp_path):
     4 stale pairs out of 5 (re-review, session 20). Only the steps that logged are compared,
     so the online crossings equal the offline detector's on the logged series."""
     fed: list[int] = []
-
-    class Spy(LossCrossingMonitor):
-        def _feed(self, trainer, pl_module, step, a, b):
-            fed.append(step)
-            super()._feed(trainer, pl_module, step, a, b)
-
-    mon = Spy(baseline=list(CURVE_B), **KW)
+    mon = _feeding_monitor(fed)
     _trainer(tmp_path, callbacks=[mon]).fit(_EveryFifth(CURVE_A), _loader())
     steps = [t for t in range(N) if t % 5 == 0]
     assert fed == steps

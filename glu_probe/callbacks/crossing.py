@@ -380,6 +380,9 @@ class LossCrossingMonitor(Callback):
         self._keys: tuple[str, str | None] | None = None
         self._warned: set[str] = set()
         self._last_read: list[torch.Tensor] = []  # the tensors read at the last step
+        # logged_on_step's verdict per key, once the key is logged (fixed for a fit: not
+        # re-derived from Lightning's results at every step)
+        self._on_step: dict[str, bool] = {}
 
     # ------------------------------------------------------------------ state
     @property
@@ -491,6 +494,7 @@ class LossCrossingMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             check_unique_prefix(trainer, self)
+            self._on_step = {}
             if is_fresh_fit(trainer):  # a resumed run's checkpoint is restored after setup
                 self.detector.reset()
                 self._pending, self._current = [], None
@@ -572,9 +576,13 @@ class LossCrossingMonitor(Callback):
         the previous epoch's mean, and comparing it at every step fed the detector stale
         values at steps the logger never wrote (review, session 20). Such steps are skipped,
         with a one-time warning."""
-        stale = [
-            k for k in self._keys or () if k is not None and logged_on_step(trainer, k) is False
-        ]
+        keys = [k for k in self._keys or () if k is not None]
+        for k in keys:
+            if k not in self._on_step:
+                verdict = logged_on_step(trainer, k)
+                if verdict is not None:
+                    self._on_step[k] = verdict
+        stale = [k for k in keys if self._on_step.get(k) is False]
         if stale and "epoch-only" not in self._warned:
             self._warned.add("epoch-only")
             rank_zero_warn(
