@@ -11,6 +11,8 @@ identical weights, in bf16 with biases:
 * ``default``: ``glu_probe.SwiGLU`` as it runs on CUDA (the layout its width selects);
 * ``feature``: the same block forced feature-major (``SPLIT_BELOW_IN_FEATURES = 0``);
 * ``split``: the same block forced split (two token-major GEMMs, hand-written backward);
+* ``split-autograd``: the same two GEMMs differentiated by autograd (the default below
+  ``gated_product.SPLIT_AUTOGRAD_BELOW_MACS`` of work, where steps are host-bound);
 * anchors: ``SwiGLU(packed=False)`` (autograd of two ``nn.Linear``), timm ``SwiGLU``, HF
   ``LlamaMLP``.
 
@@ -35,8 +37,18 @@ from bench_mlp import _competitors, _step
 
 from glu_probe import gated_product
 
-_DEFAULT = gated_product.SPLIT_BELOW_IN_FEATURES
-_THRESHOLD = {"default": _DEFAULT, "feature": 0, "split": 1 << 30}
+_DEFAULT = (gated_product.SPLIT_BELOW_IN_FEATURES, gated_product.SPLIT_AUTOGRAD_BELOW_MACS)
+# (SPLIT_BELOW_IN_FEATURES, SPLIT_AUTOGRAD_BELOW_MACS) that make layout="auto" run each layout
+_THRESHOLD = {
+    "default": _DEFAULT,
+    "feature": (0, _DEFAULT[1]),
+    "split": (1 << 30, 0),
+    "split-autograd": (1 << 30, 1 << 62),
+}
+
+
+def _set_thresholds(thresholds: tuple[int, int]) -> None:
+    gated_product.SPLIT_BELOW_IN_FEATURES, gated_product.SPLIT_AUTOGRAD_BELOW_MACS = thresholds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,8 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "cpu"
     print(f"# biased bf16 gated blocks, {args.tokens} tokens, {name}, torch {torch.__version__}")
     print(f"best of {args.rounds} interleaved rounds of medians (ms; ratio to timm / HF)\n")
-    print("| dim | hidden | default | feature | split | packed=False | timm.SwiGLU | hf.LlamaMLP |")
-    print("|---:|---:|---|---|---|---|---:|---:|")
+    print(
+        "| dim | hidden | default | feature | split | split-autograd | packed=False | "
+        "timm.SwiGLU | hf.LlamaMLP |"
+    )
+    print("|---:|---:|---|---|---|---|---|---:|---:|")
     for dim in args.dims:
         hidden = 8 * round(8 * dim / 3 / 8)
         torch.manual_seed(0)
@@ -61,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         ours.fused = True  # the default's own path on CUDA; forced so that the CPU runs it too
         x = torch.randn(args.tokens, dim, device=dev, dtype=dtype, requires_grad=True)
         dy = torch.randn(args.tokens, dim, device=dev, dtype=dtype)
-        cands: dict[str, tuple[int, nn.Module]] = {
+        cands: dict[str, tuple[tuple[int, int], nn.Module]] = {
             k: (threshold, ours) for k, threshold in _THRESHOLD.items()
         }
         cands["packed=False"] = (_DEFAULT, blocks["glu_probe.SwiGLU(packed=False)"])
@@ -71,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         # same function: outputs and input gradients agree with the default's (bf16 tolerance)
         ref: tuple[Tensor, Tensor] | None = None
         for threshold, block in cands.values():
-            gated_product.SPLIT_BELOW_IN_FEATURES = threshold
+            _set_thresholds(threshold)
             x.grad = None
             y = block(x)
             y.backward(dy)
@@ -84,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         times = dict.fromkeys(cands, float("inf"))
         for _ in range(args.rounds):
             for key, (threshold, block) in cands.items():
-                gated_product.SPLIT_BELOW_IN_FEATURES = threshold
+                _set_thresholds(threshold)
                 fn = _step(block, x, dy)
                 for _ in range(3):
                     fn()
@@ -92,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
                 times[key] = min(
                     times[key], timer.blocked_autorange(min_run_time=args.min_run_time).median
                 )
-        gated_product.SPLIT_BELOW_IN_FEATURES = _DEFAULT
+        _set_thresholds(_DEFAULT)
 
         def cell(key: str, times: dict[str, float] = times, anchors: list[str] = anchors) -> str:
             t = times[key]
@@ -101,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
 
         print(
             f"| {dim} | {hidden} | {cell('default')} | {cell('feature')} | {cell('split')} | "
-            f"{cell('packed=False')} | "
+            f"{cell('split-autograd')} | {cell('packed=False')} | "
             + " | ".join(f"{times[a] * 1e3:.3f}" for a in anchors)
             + " |"
         )

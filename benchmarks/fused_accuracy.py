@@ -9,12 +9,14 @@ and where the two paths' intermediates part: the packed pre-activations (feature
 ``addmm`` with a column bias vs token-major ``F.linear``) and the block output, each against
 float64, with the gate's sign flips.
 
-    python benchmarks/fused_accuracy.py --device cuda [--layouts feature split]
+    python benchmarks/fused_accuracy.py --device cuda [--layouts feature split split-autograd]
 
 ``--layouts``: the fused block's layouts to check (``gated_product.fused_gated_mlp``): at the
-64 input features here a biased 16-bit block runs ``split`` by default; ``feature`` forces the
-feature-major block (``SPLIT_BELOW_IN_FEATURES = 0``). The pre-activation row of ``split`` is
-its ``F.linear`` of each half of the packed weight.
+64 input features and the few tokens here a biased 16-bit block runs ``split-autograd`` by
+default; ``split`` forces the hand-written backward of the same GEMMs
+(``SPLIT_AUTOGRAD_BELOW_MACS = 0``), ``feature`` the feature-major block
+(``SPLIT_BELOW_IN_FEATURES = 0``). The pre-activation row of both split layouts is their
+``F.linear`` of each half of the packed weight.
 
 (On an H200, 2026-11-27, computing the fused backward's weight gradients by a swapped GEMM, a
 float32-output GEMM or a float32 GEMM of upcast operands left every error unchanged, so the
@@ -37,6 +39,7 @@ def errors(
     variant: str, dtype: torch.dtype, seed: int, device: str, batch: int = 8, layout: str = "split"
 ) -> dict[str, object]:
     gated_product.SPLIT_BELOW_IN_FEATURES = 0 if layout == "feature" else 1 << 30
+    gated_product.SPLIT_AUTOGRAD_BELOW_MACS = 0 if layout == "split" else 1 << 62
     torch.manual_seed(seed)
     fused = glu_probe.make_mlp(variant, 64, 96, fused=True).to(device, dtype)
     plain = copy.deepcopy(fused)
@@ -63,7 +66,7 @@ def errors(
         token_major = F.linear(x2, w1, b1).double()
         if layout == "feature":
             feature_major = gated_product._packed_preactivation(w1, x2, b1)[0].t().double()
-        else:  # the split layout's two GEMMs on the packed weight's row blocks
+        else:  # the split layouts' two GEMMs on the packed weight's row blocks
             halves = zip(w1.chunk(2), b1.chunk(2), strict=True)
             feature_major = torch.cat([F.linear(x2, w, b) for w, b in halves], -1).double()
         scale = exact.abs().max()
@@ -102,7 +105,7 @@ def main() -> None:
         help="sequences of 33 tokens (8: 264 tokens; 500: 16,500, where cuBLAS may split the "
         "weight-gradient GEMMs' long inner dimension, the bias gradient's included)",
     )
-    layouts = ["feature", "split"]
+    layouts = ["feature", "split", "split-autograd"]
     ap.add_argument("--layouts", nargs="+", default=layouts, choices=layouts)
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)

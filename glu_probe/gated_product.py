@@ -45,6 +45,24 @@ result): about 5% more RMS error in bf16 and fp16 on the CPU, and less than timm
 HF's ``LlamaMLP``, whose autograd rounds both products and their sum
 (``tests/test_gated_product.py``).
 
+Host-bound steps. Where a block's GEMMs are small, the step's wall time is the host's time to
+issue its kernels, not the device's (H200, bf16 with biases, 16384 tokens × 512 features: 0.6 ms
+of device time under 1.2–1.8 ms of host time per step; ``RESULTS_mlp.md``, "host time vs device
+time"), and the hand-written backward above, Python code run by the autograd engine, costs host
+time that autograd's own C++ backward does not. There the split layout runs as
+``"split-autograd"``: the same two token-major GEMMs on ``w1``'s row blocks, written as
+differentiable ops (timm's ``SwiGLU`` expression on views of the packed weight), so the backward
+is autograd's: timm's kernels plus one ``cat`` per packed parameter (the backward of ``chunk``),
+and in 16 bits timm's values and gradients bit for bit (``tests/test_gated_product.py``).
+``layout="auto"`` takes it for split blocks whose work ``N·in·h`` (one projection's
+multiply-adds) is below :data:`SPLIT_AUTOGRAD_BELOW_MACS` (2·10¹⁰: 16384 tokens × 512 × 1368
+below, × 768 × 2048 above, the widths where the hand-written split layout was measured at
+1.17x and 0.997x timm's ``SwiGLU`` on an H200). On the 2-core CPU box (1 thread, bf16, 8 tokens
+× 16 features, a step that is all host time; 2026-11-28, ``RESULTS_mlp.md``, "session 21") the
+module's forward and backward took 343–348 µs this way, with the module's per-call checks
+trimmed, against 395–427 µs before (timm's ``SwiGLU``: 330–357 µs, HF's ``LlamaMLP``:
+309–313 µs). Not yet measured on a GPU.
+
 Scope, so that nothing else changes (:meth:`glu_probe.modules.GatedMLP.forward` checks it):
 
 * gate activations with a closed-form ATen backward: exact ``nn.SiLU``, ``nn.Sigmoid``,
@@ -73,13 +91,24 @@ from torch import Tensor, nn
 from .activation_math import act as _act
 from .activation_math import act_grad as _act_derivative
 
-__all__ = ["SPLIT_BELOW_IN_FEATURES", "fused_gate_kind", "fused_gated_mlp"]
+__all__ = [
+    "SPLIT_AUTOGRAD_BELOW_MACS",
+    "SPLIT_BELOW_IN_FEATURES",
+    "fused_gate_kind",
+    "fused_gated_mlp",
+]
 
 _aten = torch.ops.aten
 
 #: ``layout="auto"`` runs 16-bit blocks with a bias and fewer input features than this split
 #: (token-major, two GEMMs); see the module docstring, "Split layout".
 SPLIT_BELOW_IN_FEATURES = 2048
+
+#: ``layout="auto"`` runs those split blocks as ``"split-autograd"`` (the same two GEMMs,
+#: differentiated by autograd: no Python backward) when one projection's work ``N·in·h`` is below
+#: this many multiply-adds: there the step is bound by host time, not by the device (module
+#: docstring, "Host-bound steps").
+SPLIT_AUTOGRAD_BELOW_MACS = 2 * 10**10
 
 
 def fused_gate_kind(act: nn.Module) -> str | None:
@@ -154,7 +183,12 @@ def _plain(
     return F.linear(_act(kind, g) * u, w2, b2)
 
 
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    if _any_autocast is not None and not _any_autocast():
+        return None  # one C call (0.4 µs here) instead of the device's type and its query
     dev = x.device.type
     try:
         enabled = torch.is_autocast_enabled(dev)
@@ -390,6 +424,24 @@ class _SplitFusedGatedMLP(torch.autograd.Function):
         return ty
 
 
+def _split_autograd(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    kind: str,
+    gate_first: bool,
+) -> Tensor:
+    """The split layout's two token-major GEMMs on ``w1``'s row blocks, differentiated by
+    autograd (``"split-autograd"``; module docstring, "Host-bound steps"): timm's ``SwiGLU``
+    expression on views of the packed weight, whose two weight-gradient halves autograd joins
+    with one ``cat`` (the backward of ``chunk``)."""
+    wg, wu = _halves(w1, gate_first)
+    bg, bu = (None, None) if b1 is None else _halves(b1, gate_first)
+    return F.linear(_act(kind, F.linear(x, wg, bg)) * F.linear(x, wu, bu), w2, b2)
+
+
 def _double_backward(ctx: Any, saved: tuple[Any, ...], dy: Tensor) -> tuple[Tensor | None, ...]:
     inputs = list(saved)
     idx = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
@@ -403,6 +455,9 @@ def _double_backward(ctx: Any, saved: tuple[Any, ...], dy: Tensor) -> tuple[Tens
     for i, gr in zip(idx, grads, strict=True):
         out[i] = gr
     return tuple(out)
+
+
+_LAYOUTS = ("auto", "feature", "split", "split-autograd")
 
 
 def fused_gated_mlp(
@@ -426,12 +481,14 @@ def fused_gated_mlp(
     ``torch.compile``/``torch.export`` and ``torch.jit.trace`` this is the plain expression.
 
     ``layout``: ``"feature"`` (feature-major, one packed GEMM), ``"split"`` (token-major, two
-    GEMMs on ``w1``'s row blocks) or ``"auto"``: split for a 16-bit compute dtype with a bias
-    ``b1`` and fewer than :data:`SPLIT_BELOW_IN_FEATURES` input features, feature-major
-    otherwise (measured; module docstring, "Split layout").
+    GEMMs on ``w1``'s row blocks, a hand-written backward), ``"split-autograd"`` (the same
+    GEMMs, differentiated by autograd) or ``"auto"``: split for a 16-bit compute dtype with a
+    bias ``b1`` and fewer than :data:`SPLIT_BELOW_IN_FEATURES` input features (as
+    ``"split-autograd"`` where ``N·in·h`` is below :data:`SPLIT_AUTOGRAD_BELOW_MACS`),
+    feature-major otherwise (measured; module docstring, "Split layout" and "Host-bound steps").
     """
-    if layout not in ("auto", "feature", "split"):
-        raise ValueError(f"layout must be 'auto', 'feature' or 'split'; got {layout!r}")
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(map(repr, _LAYOUTS))}; got {layout!r}")
     if (
         # is_compiling() first: torch 2.4's dynamo cannot trace the functorch query (fullgraph)
         torch.compiler.is_compiling()
@@ -453,12 +510,17 @@ def fused_gated_mlp(
         b1 = None if b1 is None else cast(b1)
         b2 = None if b2 is None else cast(b2)
     if layout == "auto":
-        split = (
-            b1 is not None
-            and x.dtype in (torch.bfloat16, torch.float16)
-            and x.shape[-1] < SPLIT_BELOW_IN_FEATURES
-        )
-        layout = "split" if split else "feature"
+        k = x.shape[-1]
+        split = b1 is not None and x.dtype in (torch.bfloat16, torch.float16)
+        if not split or k >= SPLIT_BELOW_IN_FEATURES:
+            layout = "feature"
+        elif x.numel() * (w1.shape[0] // 2) < SPLIT_AUTOGRAD_BELOW_MACS:
+            layout = "split-autograd"
+        else:
+            layout = "split"
+    if layout == "split-autograd":
+        # plain differentiable ops (any shape of x; under autocast its inputs are cast already)
+        return _split_autograd(x, w1, b1, w2, b2, kind, gate_first)
     fn = _SplitFusedGatedMLP if layout == "split" else _FusedGatedMLP
     shape = x.shape
     x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])

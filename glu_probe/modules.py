@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module
 
 from .gated_product import fused_gate_kind, fused_gated_mlp
 
@@ -189,26 +190,50 @@ def _warn_ignored(cls: str, kwargs: Mapping[str, Any]) -> None:
         )
 
 
-def _has_hooks(*modules: nn.Module) -> bool:
-    """Whether a hook (per module or global) could watch these modules, or a wrapper replaced
-    one's ``forward`` on the instance (accelerate's device/offload hooks do that)."""
-    from torch.nn.modules import module as _m
+# The checks below run at every call of a fused block, where host time is what a launch-bound
+# step pays for (benchmarks/RESULTS_mlp.md, "host time"): plain loops and attribute reads, no
+# import or generator per call.
+def _global_hooks() -> bool:
+    """Whether a global module hook is registered (it would watch every sub-module)."""
+    m = _nn_module
+    return bool(
+        m._global_forward_hooks
+        or m._global_forward_pre_hooks
+        or m._global_backward_hooks
+        or getattr(m, "_global_backward_pre_hooks", None)
+    )
 
-    if (
-        _m._global_forward_hooks
-        or _m._global_forward_pre_hooks
-        or _m._global_backward_hooks
-        or getattr(_m, "_global_backward_pre_hooks", None)
-    ):
-        return True
-    return any(
+
+def _module_hooked(m: nn.Module) -> bool:
+    """Whether a hook of ``m``'s own could watch it, or a wrapper replaced its ``forward`` on
+    the instance (accelerate's device/offload hooks do that)."""
+    return bool(
         m._forward_hooks
         or m._forward_pre_hooks
         or m._backward_hooks
         or m._backward_pre_hooks
         or "forward" in m.__dict__
-        for m in modules
     )
+
+
+def _has_hooks(*modules: nn.Module) -> bool:
+    """Whether a hook (per module or global) could watch these modules, or a wrapper replaced
+    one's ``forward`` on the instance."""
+    if _global_hooks():
+        return True
+    for m in modules:  # noqa: SIM110 (a loop: no generator object per call)
+        if _module_hooked(m):
+            return True
+    return False
+
+
+def _weight_and_bias(m: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """``(m.weight, m.bias)``, read from ``_parameters`` where both are registered there (two dict
+    reads instead of two ``nn.Module.__getattr__`` calls), else through the attributes."""
+    p = m._parameters
+    if "weight" in p and "bias" in p and p["weight"] is not None:
+        return p["weight"], p["bias"]  # type: ignore[return-value]
+    return m.weight, m.bias  # type: ignore[return-value]
 
 
 def _inactive_dropout(m: nn.Module | None, training: bool) -> bool:
@@ -466,7 +491,8 @@ class GatedMLP(_MLPBase):
         # sub-modules read from _modules once (nn.Module.__getattr__ is ~1 µs a lookup, and
         # this runs at every call: host time counts where small blocks are launch-bound)
         mods = self._modules
-        fc1, fc2, norm, drop1, act = (mods.get(k) for k in ("fc1", "fc2", "norm", "drop1", "act"))
+        get = mods.get
+        fc1, fc2, norm, drop1, act = get("fc1"), get("fc2"), get("norm"), get("drop1"), get("act")
         if type(fc1) is not nn.Linear or type(fc2) is not nn.Linear:
             return None
         if type(norm) is not nn.Identity or not _inactive_dropout(drop1, self.training):
@@ -483,7 +509,7 @@ class GatedMLP(_MLPBase):
             return self.fused
         if not x.is_cuda:
             return False
-        dtype = self.fc2.weight.dtype
+        dtype = _weight_and_bias(self._modules["fc2"])[0].dtype  # type: ignore[arg-type]
         if torch.is_autocast_enabled("cuda") and dtype != torch.float64:
             dtype = torch.get_autocast_dtype("cuda")  # autocast never casts float64
         return dtype in (torch.bfloat16, torch.float16)
@@ -491,11 +517,13 @@ class GatedMLP(_MLPBase):
     def forward(self, x: Tensor) -> Tensor:
         kind = self._fused_kind() if self._fused_pays(x) else None
         if kind is not None:
-            fc1, fc2, drop2 = (self._modules.get(k) for k in ("fc1", "fc2", "drop2"))
-            assert isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)
-            w1, b1, w2, b2 = fc1.weight, fc1.bias, fc2.weight, fc2.bias
+            mods = self._modules  # checked by _fused_kind: fc1 and fc2 are nn.Linear
+            w1, b1 = _weight_and_bias(mods["fc1"])  # type: ignore[arg-type]
+            w2, b2 = _weight_and_bias(mods["fc2"])  # type: ignore[arg-type]
             y = fused_gated_mlp(x, w1, b1, w2, b2, kind, self.GATE_FIRST)
-            if type(drop2) is nn.Dropout and drop2.p == 0 and not _has_hooks(drop2):
+            drop2 = mods.get("drop2")
+            # no global hook here (_fused_kind checked): only drop2's own hooks are left to see
+            if type(drop2) is nn.Dropout and drop2.p == 0 and not _module_hooked(drop2):
                 return y  # the identity, without a module call (any other drop2 is called)
             return self.drop2(y)
         if self.packed:

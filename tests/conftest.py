@@ -42,17 +42,45 @@ def _restore_torch_global_state():
     torch.set_grad_enabled(grad)
 
 
-def ran_fused(out: torch.Tensor) -> bool:
-    """Whether ``out`` came from the fused packed gated MLP (its autograd node, or a reshape of
-    it for inputs with more than two dimensions)."""
+def _splits_a_leaf(node: object) -> bool:
+    """Whether an autograd ``Split*Backward`` node splits a leaf (``w1.chunk(2)``; under autocast
+    through the cast of the leaf), not an activation (the plain path's ``fc1(x).chunk(2)``)."""
+    for nxt, _ in node.next_functions:  # type: ignore[attr-defined]
+        while nxt is not None and type(nxt).__name__ == "ToCopyBackward0":
+            nxt = nxt.next_functions[0][0]
+        if nxt is not None and type(nxt).__name__ == "AccumulateGrad":
+            return True
+    return False
+
+
+def fused_layout(out: torch.Tensor) -> str | None:
+    """Which layout of the fused packed gated MLP computed ``out``: ``"feature"`` or ``"split"``
+    (its Function's node, or a reshape of it for inputs with more than two dimensions),
+    ``"split-autograd"`` (autograd splits the packed weight ``w1`` itself, which needs a
+    trainable ``w1``), or ``None`` (the plain path)."""
     fn = out.grad_fn
     for _ in range(2):
-        if fn is None:
-            return False
-        if "FusedGatedMLP" in type(fn).__name__:
-            return True
-        fn = fn.next_functions[0][0] if fn.next_functions else None
-    return False
+        name = type(fn).__name__ if fn is not None else ""
+        if "SplitFusedGatedMLP" in name:
+            return "split"
+        if "FusedGatedMLP" in name:
+            return "feature"
+        fn = fn.next_functions[0][0] if fn is not None and fn.next_functions else None
+    seen, todo = set(), [out.grad_fn]
+    while todo and len(seen) < 64:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__.startswith("Split") and _splits_a_leaf(node):
+            return "split-autograd"
+        todo.extend(n for n, _ in node.next_functions)
+    return None
+
+
+def ran_fused(out: torch.Tensor) -> bool:
+    """Whether ``out`` came from the fused packed gated MLP, in any layout."""
+    return fused_layout(out) is not None
 
 
 def tiny_bert_classifier(vocab_size: int) -> torch.nn.Module:

@@ -59,7 +59,7 @@ def test_ab_mlp_bias_runs_and_its_candidates_agree():
         *("--min-run-time", "0.01"),
     )
     (row,) = [line for line in out.splitlines() if line.startswith("| 16 | 40 |")]
-    assert len(row.strip("|").split("|")) == 8
+    assert len(row.strip("|").split("|")) == 9
 
 
 def test_fused_accuracy_runs_and_both_paths_are_as_accurate():
@@ -68,7 +68,7 @@ def test_fused_accuracy_runs_and_both_paths_are_as_accurate():
         *("--device", "cpu", "--seeds", "1", "--batch", "1", "--dtype", "float16"),
     )
     rows = [line for line in out.splitlines() if line.startswith(("feature", "split"))]
-    assert len(rows) == 8  # 2 layouts x 2 variants x reduced-precision reductions on/off
+    assert len(rows) == 12  # 3 layouts x 2 variants x reduced-precision reductions on/off
     for row in rows:
         errors = ast.literal_eval(row.split(" ", 3)[3])
         for key in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "x (input)"):

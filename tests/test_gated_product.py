@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from conftest import TORCH_VERSION, ran_fused
+from conftest import TORCH_VERSION, fused_layout, ran_fused
 from torch import nn
 
 from glu_probe import gated_product
@@ -33,17 +33,15 @@ D, H, O = 6, 5, 4
 LAYOUTS = ["feature", "split"]
 
 
-def _ran_layout(out: torch.Tensor) -> str | None:
-    """Which fused Function computed ``out``: ``"split"``, ``"feature"`` or ``None``."""
-    fn = out.grad_fn
-    for _ in range(2):
-        name = type(fn).__name__ if fn is not None else ""
-        if "SplitFusedGatedMLP" in name:
-            return "split"
-        if "FusedGatedMLP" in name:
-            return "feature"
-        fn = fn.next_functions[0][0] if fn is not None and fn.next_functions else None
-    return None
+_ran_layout = fused_layout
+
+
+def _force_layout(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """Make ``layout="auto"`` pick ``layout`` for the 16-bit biased blocks of a test."""
+    if layout == "feature":
+        monkeypatch.setattr(gated_product, "SPLIT_BELOW_IN_FEATURES", 0)
+    elif layout == "split":
+        monkeypatch.setattr(gated_product, "SPLIT_AUTOGRAD_BELOW_MACS", 0)
 
 
 def _params(bias: bool, seed: int = 0) -> list[torch.Tensor | None]:
@@ -478,8 +476,7 @@ def test_bf16_biased_block_gradients_are_contiguous_and_xa_kept_only_when_used(
     the ``[dW1 | db1 | 0]`` buffer; the split layout writes them into row blocks of one buffer),
     and the augmented input ``[x | 1 | 0]`` is saved for the backward only where W1 and b1 both
     need gradients, and never by the split layout, which has none."""
-    if layout == "feature":
-        monkeypatch.setattr(gated_product, "SPLIT_BELOW_IN_FEATURES", 0)
+    _force_layout(monkeypatch, layout)
     torch.manual_seed(8)
     k, n = 12, 40
     k_aug = (k + 1 + 7) // 8 * 8
@@ -531,19 +528,30 @@ def test_auto_layout_splits_narrow_biased_16_bit_blocks(monkeypatch):
     """``layout="auto"``: the split (token-major, two GEMMs) layout for a 16-bit compute dtype
     with a bias and fewer than ``SPLIT_BELOW_IN_FEATURES`` inputs, feature-major otherwise
     (measured on an H200: gated_product's docstring); under autocast the compute dtype
-    decides."""
+    decides. Split blocks whose work ``N·in·h`` is below ``SPLIT_AUTOGRAD_BELOW_MACS`` (any
+    of these tiny ones) are differentiated by autograd (``"split-autograd"``)."""
 
-    def layout(dtype: torch.dtype, bias: bool, k: int = 8, autocast: bool = False) -> str | None:
+    def layout(
+        dtype: torch.dtype, bias: bool, k: int = 8, autocast: bool = False, n: int = 3
+    ) -> str | None:
         m = SwiGLU(k, 12, bias=bias, fused=True, dtype=dtype)
-        x = torch.randn(3, k, dtype=dtype, requires_grad=True)
+        x = torch.randn(n, k, dtype=dtype, requires_grad=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             return _ran_layout(m(x))
 
     assert gated_product.SPLIT_BELOW_IN_FEATURES == 2048
-    assert layout(torch.bfloat16, True) == layout(torch.float16, True) == "split"
-    assert layout(torch.float32, True, autocast=True) == "split"
+    assert gated_product.SPLIT_AUTOGRAD_BELOW_MACS == 2 * 10**10
+    assert layout(torch.bfloat16, True) == layout(torch.float16, True) == "split-autograd"
+    assert layout(torch.float32, True, autocast=True) == "split-autograd"
     assert layout(torch.bfloat16, False) == "feature"  # no bias: no augmented operands
     assert layout(torch.float32, True) == layout(torch.float64, True) == "feature"
+    # the work threshold: N·in·h multiply-adds of one projection (here 5 · 8 · 12 = 480)
+    monkeypatch.setattr(gated_product, "SPLIT_AUTOGRAD_BELOW_MACS", 480)
+    assert layout(torch.bfloat16, True, n=5) == "split"
+    assert layout(torch.bfloat16, True, n=4) == "split-autograd"
+    assert layout(torch.float32, True, autocast=True, n=5) == "split"
+    monkeypatch.setattr(gated_product, "SPLIT_AUTOGRAD_BELOW_MACS", 0)
+    assert layout(torch.bfloat16, True) == layout(torch.float16, True) == "split"
     monkeypatch.setattr(gated_product, "SPLIT_BELOW_IN_FEATURES", 8)
     assert layout(torch.bfloat16, True, k=8) == "feature"
     assert layout(torch.bfloat16, True, k=7) == "split"
@@ -719,3 +727,75 @@ def test_fused_path_checks_survive_replaced_sub_modules_and_global_hooks():
 
     meta = SwiGLU(8, 12, fused=True, device="meta")
     assert meta(torch.empty(3, 8, device="meta")).shape == (3, 8)
+
+
+@pytest.mark.parametrize("kind", ["silu", "gelu_tanh", "relu", "sigmoid", "identity"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_split_autograd_layout_is_bitwise_timms_swiglu(kind, dtype):
+    """``"split-autograd"`` computes timm's ``SwiGLU`` expression (two ``F.linear`` with their
+    biases, ``act(g) * u``, ``F.linear``) on views of the packed weight: in 16 bits the output
+    and every gradient are bitwise those of two separate ``nn.Linear`` with the same values (the
+    packed weight's gradient is their two gradients joined), contiguous, and ``x``'s gradient
+    sums the same two products."""
+    timm_layers = pytest.importorskip("timm.layers")
+    act = {"silu": nn.SiLU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
+    act.update({"sigmoid": nn.Sigmoid, "identity": nn.Identity})
+    torch.manual_seed(3)
+    n, k, h, o = 10, 12, 16, 8
+    t = timm_layers.SwiGLU(k, h, o, act_layer=act[kind], bias=True).to(dtype)
+    w1 = torch.cat([t.fc1_g.weight, t.fc1_x.weight]).detach().requires_grad_()
+    b1 = torch.cat([t.fc1_g.bias, t.fc1_x.bias]).detach().requires_grad_()
+    w2 = t.fc2.weight.detach().clone().requires_grad_()
+    b2 = t.fc2.bias.detach().clone().requires_grad_()
+    x = torch.randn(2, n, k, dtype=dtype, requires_grad=True)
+    dy = torch.randn(2, n, o, dtype=dtype)
+    y = fused_gated_mlp(x, w1, b1, w2, b2, kind, True, layout="split-autograd")
+    assert _ran_layout(y) == "split-autograd"
+    grads = torch.autograd.grad(y, [x, w1, b1, w2, b2], dy)
+    x_t = x.detach().clone().requires_grad_()
+    y_t = t(x_t)
+    ref = torch.autograd.grad(y_t, [x_t, *t.parameters()], dy)
+    assert torch.equal(y, y_t)
+    assert torch.equal(grads[0], ref[0])
+    assert torch.equal(grads[1], torch.cat([ref[1], ref[3]]))  # fc1_g.weight, fc1_x.weight
+    assert torch.equal(grads[2], torch.cat([ref[2], ref[4]]))
+    assert torch.equal(grads[3], ref[5]) and torch.equal(grads[4], ref[6])
+    assert all(g.is_contiguous() for g in grads)
+
+
+def test_split_autograd_layout_in_float64_gate_order_autocast_and_double_backward():
+    """Against the token-major reference in float64 (both gate orders, frozen pieces), under
+    CPU bf16 autocast (the gradients come back in float32, as the plain block's), and through a
+    ``create_graph`` backward (plain ops: double backward is autograd's own)."""
+    for gate_first in (True, False):
+        w1, b1, w2, b2 = _params(True, seed=4)
+        x = torch.randn(7, D, dtype=torch.float64, requires_grad=True)
+        b2.requires_grad_(False)
+        leaves = [x, w1, b1, w2]
+        y = fused_gated_mlp(x, w1, b1, w2, b2, "gelu", gate_first, layout="split-autograd")
+        ref = _plain(x, w1, b1, w2, b2, "gelu", gate_first)
+        torch.testing.assert_close(y, ref, rtol=1e-13, atol=1e-13)
+        g = torch.autograd.grad(y.square().sum(), leaves, create_graph=True)
+        g_ref = torch.autograd.grad(ref.square().sum(), leaves, create_graph=True)
+        for a, b in zip(g, g_ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        gg = torch.autograd.grad(g[0].square().sum(), [w1, w2])
+        gg_ref = torch.autograd.grad(g_ref[0].square().sum(), [w1, w2])
+        for a, b in zip(gg, gg_ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+    m = SwiGLU(D, 10, fused=True)
+    plain = copy.deepcopy(m)
+    plain.fused = False
+    x = torch.randn(5, D)
+    outs = []
+    for mod in (m, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = mod(x)
+        assert y.dtype == torch.bfloat16 and ran_fused(y) == (mod is m)
+        assert _ran_layout(y) in (None, "split-autograd")
+        y.float().square().sum().backward()
+        assert all(p.grad.dtype == torch.float32 for p in mod.parameters())
+        outs.append([y.float(), *(p.grad for p in mod.parameters())])
+    for a, b in zip(*outs, strict=True):
+        scale = b.abs().max()
+        torch.testing.assert_close(a / scale, b / scale, rtol=0, atol=2e-2)

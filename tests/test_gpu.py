@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import NoForwardADNet, ran_fused
+from conftest import NoForwardADNet, fused_layout, ran_fused
 
 import glu_probe
 from glu_probe import gated_product
@@ -72,7 +72,7 @@ def test_gated_block_on_cuda_matches_cpu(variant):
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["feature", "split"])
+@pytest.mark.parametrize("layout", ["feature", "split", "split-autograd"])
 @pytest.mark.parametrize("batch", [8, 500])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("variant", ["swiglu", "geglu", "reglu", "glu"])
@@ -90,12 +90,15 @@ def test_fused_packed_path_on_cuda_is_as_accurate_as_the_plain_path(
     column-broadcast addmm); now it is inside the GEMM's accumulation. Passed on an H100 and an
     H200 on 2026-11-28 at 264 tokens in float32 and bf16.) Both layouts of the fused block:
     16-bit blocks with a bias and fewer than SPLIT_BELOW_IN_FEATURES inputs run ``split`` by
-    default (token-major, two GEMMs); ``feature`` forces the feature-major block.
+    default (token-major, two GEMMs; differentiated by autograd, ``split-autograd``, below
+    SPLIT_AUTOGRAD_BELOW_MACS, as these); ``feature`` forces the feature-major block.
     """
     if layout == "feature":
         monkeypatch.setattr(gated_product, "SPLIT_BELOW_IN_FEATURES", 0)
     elif dtype == torch.float32:
         pytest.skip("float32 runs the feature-major block whatever the width")
+    if layout == "split":
+        monkeypatch.setattr(gated_product, "SPLIT_AUTOGRAD_BELOW_MACS", 0)
     torch.manual_seed(0)
     fused = glu_probe.make_mlp(variant, 64, 96, fused=True).to("cuda", dtype)
     plain = copy.deepcopy(fused)
@@ -110,9 +113,8 @@ def test_fused_packed_path_on_cuda_is_as_accurate_as_the_plain_path(
         assert fused_ran == (m is fused)
         y.double().square().sum().backward()
         grads.append([p.grad.double() for p in m.parameters()])
-        if m is fused:  # the layout asked for (y is a reshape of the Function's output)
-            split_ran = "Split" in type(y.grad_fn.next_functions[0][0]).__name__
-            assert split_ran == (layout == "split")
+        if m is fused:  # the layout asked for
+            assert fused_layout(y) == layout
         if m is fused:  # contiguous gradients (torch.autograd.grad and hooks hand them out)
             assert all(p.grad.is_contiguous() for p in m.parameters())
     floor = 1e-6 if dtype == torch.float32 else 1e-3
