@@ -236,12 +236,14 @@ def _weight_and_bias(m: nn.Module) -> tuple[Tensor, Tensor | None]:
     return m.weight, m.bias  # type: ignore[return-value]
 
 
-def _inactive_dropout(m: nn.Module | None, training: bool) -> bool:
+def _inactive_dropout(m: nn.Module | None) -> bool:
     """Whether ``m`` is exactly an ``nn.Identity``, or an ``nn.Dropout`` that drops nothing
-    (eval mode, or ``p = 0``): the fused path may skip it."""
+    (in eval mode itself, or ``p = 0``): the fused path may skip it. The dropout's own flag
+    counts, not the block's: Monte-Carlo dropout puts the model in eval mode and then its
+    ``nn.Dropout`` modules back in training mode."""
     if type(m) is nn.Identity:
         return True
-    return type(m) is nn.Dropout and (not training or m.p == 0)  # type: ignore[union-attr]
+    return type(m) is nn.Dropout and (not m.training or m.p == 0)  # type: ignore[union-attr]
 
 
 class _MLPBase(nn.Module):
@@ -382,7 +384,13 @@ class GatedMLP(_MLPBase):
 
     Weights use ``nn.Linear``'s default init (which depends only on fan-in, so packed and unpacked
     layouts draw from the same distribution) unless ``init(weight, bias)`` is given; ``init`` is
-    applied to the gate, up and down projections separately (on views for the packed ``fc1``).
+    applied to the gate, up and down projections separately (on views for the packed ``fc1``, so
+    it must write in place, as ``nn.init`` functions do: rebinding ``weight.data`` is lost). An
+    init applied to ``fc1`` as a whole that depends on fan-out (xavier: timm ViT's
+    ``weight_init="jax"`` / ``"moco"``, MLP-Mixer) sees its ``2·hidden`` rows, as for timm's
+    ``SwiGLUPacked``: the up half's std is ``√((in + h)/(in + 2h))`` of timm ``SwiGLU``'s.
+    :func:`~glu_probe.swap_mlp` re-draws that half as its host draws a separate ``Linear``; in
+    a model you build, ``packed=False`` gets timm ``SwiGLU``'s init.
     :meth:`init_weights` re-initialises the gate like timm's ``SwiGLU`` (weight ~ N(0, 1e-6²),
     bias 1), and is what timm's ViT init calls.
     """
@@ -495,7 +503,7 @@ class GatedMLP(_MLPBase):
         fc1, fc2, norm, drop1, act = get("fc1"), get("fc2"), get("norm"), get("drop1"), get("act")
         if type(fc1) is not nn.Linear or type(fc2) is not nn.Linear:
             return None
-        if type(norm) is not nn.Identity or not _inactive_dropout(drop1, self.training):
+        if type(norm) is not nn.Identity or not _inactive_dropout(drop1):
             return None
         if act is None or drop1 is None:
             return None
@@ -505,11 +513,17 @@ class GatedMLP(_MLPBase):
 
     def _fused_pays(self, x: Tensor) -> bool:
         """``fused=None``: CUDA and a 16-bit compute dtype (measured, see the class docstring)."""
+        if isinstance(x, torch.fx.Proxy):
+            return False  # symbolic tracing (timm's feature extractors): the plain expression
         if self.fused is not None:
             return self.fused
         if not x.is_cuda:
             return False
-        dtype = _weight_and_bias(self._modules["fc2"])[0].dtype  # type: ignore[arg-type]
+        fc2 = self._modules.get("fc2")
+        w2 = None if fc2 is None else fc2._parameters.get("weight")
+        if w2 is None:
+            return False  # a wrapped or replaced output layer: the plain path calls it
+        dtype = w2.dtype
         if torch.is_autocast_enabled("cuda") and dtype != torch.float64:
             dtype = torch.get_autocast_dtype("cuda")  # autocast never casts float64
         return dtype in (torch.bfloat16, torch.float16)
@@ -528,7 +542,13 @@ class GatedMLP(_MLPBase):
             return self.drop2(y)
         if self.packed:
             g, u = self.fc1(x).chunk(2, dim=self._chunk_dim)
-            x = self.act(g) * u if self.GATE_FIRST else self.act(u) * g
+            if not self.GATE_FIRST:
+                g, u = u, g
+            if getattr(self.act, "inplace", False):
+                # an in-place activation may not write into one of the views chunk returns
+                # (autograd refuses it); unpacked, its input is a fresh tensor
+                g = g.clone()
+            x = self.act(g) * u
         else:
             x = self.act(self.fc1_g(x)) * self.fc1_x(x)
         x = self.drop1(x)
@@ -709,7 +729,9 @@ def make_mlp(
     name = _check_variant(variant)
     if "act_layer" in kwargs:
         raise TypeError(f"make_mlp({name!r}): the variant fixes the activation; drop act_layer")
-    if name == "gelu" and kwargs.get("approximate", "none") != "none":
+    if name == "gelu" and kwargs.get("approximate", "none") == "none":
+        kwargs.pop("approximate", None)  # the default: nothing to pass on (MLP would warn)
+    elif name == "gelu":
         approximate = kwargs.pop("approximate")
         return MLP(
             in_features,

@@ -726,6 +726,30 @@ def _hf_init(
 _DEPTH_RESCALED = ("timm.models.eva", "timm.models.beit")
 
 
+def _redraw_packed_up_half(block: Any, fn: Any, name: str) -> None:
+    """Re-draw the up half of a packed gated block's ``fc1`` as ``fn`` draws a separate
+    ``nn.Linear(in, h)`` named ``<name>.fc1_x`` (timm ``SwiGLU``'s up projection).
+
+    ``fn`` saw ``fc1`` as one layer of ``2h`` rows: an init whose scale depends on fan-out
+    (xavier_uniform: timm ViT's ``jax`` / ``moco`` modes, MLP-Mixer / ResMLP) gave the up half
+    ``√((in + h)/(in + 2h))`` of the std timm's ``SwiGLU`` gets (0.74x at h = 4·in). The gate
+    half is left as the host left it: these inits end with the block's ``init_weights`` (timm
+    ``SwiGLU``'s gate rule), which ``fn`` has run.
+    """
+    from timm.models._manipulate import named_apply
+
+    from ..modules import GatedMLP
+
+    if not (isinstance(block, GatedMLP) and block.packed and type(block.fc1) is nn.Linear):
+        return
+    w, b = block.up_params()
+    stand = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    named_apply(fn, stand, name=f"{name}.fc1_x", include_root=True)
+    w.copy_(stand.weight)
+    if b is not None:
+        b.copy_(stand.bias)
+
+
 def _timm_init(host: nn.Module, name: str, block: Any) -> None:
     """timm conventions, by family (see :func:`host_init`)."""
     import sys
@@ -762,13 +786,16 @@ def _timm_init(host: nn.Module, name: str, block: Any) -> None:
             # MLP-Mixer / ResMLP: xavier_uniform, biases N(0, 1e-6²) in blocks named *mlp*.
             try:
                 named_apply(fn, block, name=name, include_root=True)
+                _redraw_packed_up_half(block, fn, name)
                 return
             except Exception:  # e.g. a bias-free layer ConvNeXt's init does not expect
                 pass
         from timm.models.vision_transformer import get_init_weights_vit
 
         mode = getattr(host, "weight_init_mode", "") or ""
-        named_apply(get_init_weights_vit(mode), block, name=name, include_root=True)
+        vit_init = get_init_weights_vit(mode)
+        named_apply(vit_init, block, name=name, include_root=True)
+        _redraw_packed_up_half(block, vit_init, name)
         hit = re.fullmatch(r"(?:.*\.)?blocks\.(\d+)\.mlp", name)
         if getattr(host, "fix_init", False) and hit and hasattr(block, "fc2"):
             block.fc2.weight.div_(math.sqrt(2.0 * (int(hit.group(1)) + 1)))
