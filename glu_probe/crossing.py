@@ -32,8 +32,12 @@ For every update ``k = 1, 2, ...`` with raw losses ``a_k, b_k`` at step ``s_k``:
    abstention or opposite vote resets the count. When the count reaches ``patience`` the regime
    becomes ``v``. If the old regime was ``±1`` this is a **crossing**; the first regime
    (from 0) is not a crossing, it only records which curve is ahead. So a crossing needs the
-   smoothed difference to leave the band on one side and then stay beyond the band on the other
-   side for ``patience`` updates.
+   smoothed difference to stay beyond the band on one side for ``patience`` updates (the first
+   regime) and then beyond the band on the other side for ``patience`` updates. A lead shorter
+   than ``patience`` updates is treated as noise: a crossing after it is not reported (with
+   ``b`` interpolated onto ``a``'s steps in :func:`find_crossings`, updates are ``a``'s logged
+   steps: a coarsely logged ``a`` gives fewer of them; lower ``patience`` or log more often to
+   resolve an early, short lead).
 
 4. **Reported step.** ``Crossing.step`` is the first step at which ``d`` took the new sign and
    kept it until detection (the zero-crossing of the smoothed difference, on the logged step grid);
@@ -54,6 +58,8 @@ Non-finite losses (NaN/inf) are ignored by the streaming detector (counted in
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -116,20 +122,23 @@ class Crossing:
         )
 
 
+def _real(x: Any) -> bool:
+    """A real number, numpy scalars included (``np.float32(0.9)``), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def _check_params(
     smoothing: float, patience: int, hysteresis: float, abs_hysteresis: float
 ) -> None:
-    if not (isinstance(smoothing, (int, float)) and 0.0 <= smoothing < 1.0):
+    if not (_real(smoothing) and 0.0 <= smoothing < 1.0):
         raise ValueError(f"smoothing must be a float in [0, 1), got {smoothing!r}")
-    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-        raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
-    if not (isinstance(hysteresis, (int, float)) and math.isfinite(hysteresis) and hysteresis >= 0):
-        raise ValueError(f"hysteresis must be a finite float >= 0, got {hysteresis!r}")
-    if not (
-        isinstance(abs_hysteresis, (int, float))
-        and math.isfinite(abs_hysteresis)
-        and abs_hysteresis >= 0
+    if not (isinstance(patience, numbers.Integral) and not isinstance(patience, bool)) or (
+        patience < 1
     ):
+        raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
+    if not (_real(hysteresis) and math.isfinite(hysteresis) and hysteresis >= 0):
+        raise ValueError(f"hysteresis must be a finite float >= 0, got {hysteresis!r}")
+    if not (_real(abs_hysteresis) and math.isfinite(abs_hysteresis) and abs_hysteresis >= 0):
         raise ValueError(f"abs_hysteresis must be a finite float >= 0, got {abs_hysteresis!r}")
 
 
@@ -186,16 +195,18 @@ class CrossingDetector:
 
     def update(self, step: int, loss_a: float, loss_b: float) -> Crossing | None:
         """Feed one pair of losses at ``step``; return the crossing confirmed now, if any."""
+        if not _real(step) or step != int(step):
+            raise ValueError(f"step must be an integer (a training step), got {step!r}")
         step = int(step)
         if self.last_step is not None and step <= self.last_step:
             raise ValueError(
                 f"steps must be strictly increasing: got step {step} after {self.last_step}"
             )
         a, b = float(loss_a), float(loss_b)
+        self.last_step = step  # a skipped (non-finite) update takes its step too
         if not (math.isfinite(a) and math.isfinite(b)):
             self.n_nonfinite += 1
             return None
-        self.last_step = step
         self.n_updates += 1
         beta = self.smoothing
         self._ema_a = beta * self._ema_a + (1.0 - beta) * a
@@ -347,6 +358,15 @@ def find_crossings(
     )
     inside = (sa >= sb[0]) & (sa <= sb[-1])
     sa, va = sa[inside], va[inside]
+    if sa.size < patience + 1:
+        warnings.warn(
+            f"find_crossings: only {sa.size} steps of series a lie within series b's steps "
+            f"[{sb[0]:g}, {sb[-1]:g}]; a regime needs {patience} updates and a crossing two "
+            "regimes, so none can be found (compare on overlapping, finer step grids, or lower "
+            "patience)",
+            UserWarning,
+            stacklevel=2,
+        )
     vb_on_a = np.interp(sa, sb, vb)
     for s, x, y in zip(sa.tolist(), va.tolist(), vb_on_a.tolist(), strict=True):
         detector.update(round(s), x, y)

@@ -266,7 +266,8 @@ def _pick(sub: SubRun, candidates: Sequence[str]) -> Series | None:
 
 def _loss_candidates(side: str, kind: str) -> list[str]:
     base = f"{side}/{kind}_loss" if side else f"{kind}_loss"
-    return [base, f"{base}_epoch", f"{base}_step"]
+    # per step before per epoch: the last logged batch, and the grid crossings are read on
+    return [base, f"{base}_step", f"{base}_epoch"]
 
 
 def _kappa_tag(side: str) -> list[str]:
@@ -357,6 +358,10 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
 def _fmt_crossings(
     crossings: Sequence[tuple[int, float]], detected: Sequence[tuple[int, float]] = ()
 ) -> str:
+    if not crossings and detected:  # the curves show none the detector confirmed: say so
+        parts = [f"{s}{'↑' if d > 0 else '↓'}" for s, d in detected[:4]]
+        more = " …" if len(detected) > 4 else ""
+        return "confirmed " + ", ".join(parts) + more + " (none on the logged curves)"
     if not crossings:
         return "none"
     if list(crossings) == list(detected):  # no loss curves to estimate from: markers only
@@ -533,9 +538,11 @@ def aggregate_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     Rows are grouped by ``side`` (``model``/``baseline``/``""``); each group is one network
     trained with different seeds. For ``kappa_init``, ``kappa_end``, ``train_loss``,
     ``val_loss`` and ``gap`` the result holds ``<key>_mean``, ``<key>_std`` (sample standard
-    deviation, ``ddof=1``; 0 for one seed) over the finite values. ``crossing`` is the first step
-    at which the model overtakes the baseline (estimated, see :func:`crossing_steps`), averaged
-    over the seeds that have one; ``seeds_with_crossing`` counts them out of ``n_seeds``.
+    deviation, ``ddof=1``; 0 for one seed) over the finite values, and ``<key>_n``, how many
+    seeds were finite (:func:`format_seed_table` shows "(2/3 finite)" where some were not).
+    ``crossing`` is the first step at which the model overtakes the baseline (estimated, see
+    :func:`crossing_steps`), averaged over the seeds that have one; ``seeds_with_crossing``
+    counts them out of ``n_seeds``.
     """
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -544,8 +551,9 @@ def aggregate_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for side, group in groups.items():
         agg: dict[str, Any] = {"side": side, "label": group[0]["label"], "n_seeds": len(group)}
         for key in ("kappa_init", "kappa_end", "train_loss", "val_loss", "gap"):
-            mean, std, _n = _mean_std([r[key] for r in group])
+            mean, std, n_finite = _mean_std([r[key] for r in group])
             agg[f"{key}_mean"], agg[f"{key}_std"] = mean, std
+            agg[f"{key}_n"] = n_finite
         firsts = [next((s for s, d in r["crossings"] if d > 0), None) for r in group]
         steps = [float(s) for s in firsts if s is not None]
         mean, std, n = _mean_std(steps)
@@ -563,6 +571,11 @@ def format_seed_table(agg: Sequence[dict[str, Any]]) -> str:
         mean, std = row[f"{key}_mean"], row[f"{key}_std"]
         if not math.isfinite(mean):
             return "-"
+        n_finite = row.get(f"{key}_n", row["n_seeds"])
+        if n_finite < row["n_seeds"] and key != "crossing":  # a diverged or infinite seed
+            return pm({**row, f"{key}_n": row["n_seeds"]}, key, spec) + (
+                f" ({n_finite}/{row['n_seeds']} finite)"
+            )
         sign = "+" if spec.startswith("+") else ""
         if not (math.isfinite(std) and std > 0):
             return f"{mean:{spec}} ± 0"

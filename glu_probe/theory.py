@@ -1177,6 +1177,14 @@ def crossing_experiment(
     keeps every step, as `mean_crossings` needs).
     """
     _check_pos_int(d=d, m=m, n=n)
+    bad = [k for k in kinds if k not in PAPER_KINDS]
+    if len(kinds) != 2 or bad:
+        # checked before any training: the "paper" source needs the paper's kernels
+        raise ValueError(
+            f"crossing_experiment compares with the paper's kernels, which exist for "
+            f"{' and '.join(PAPER_KINDS)} only; got kinds={tuple(kinds)!r} (for other kinds, "
+            "compare expected_loss_curve / linearized_train / train_two_layer directly)"
+        )
     X = gaussian_inputs(n, d, seed=seed)
     Y = make_target(X, target, seed=seed + 1)
     models = [

@@ -66,7 +66,9 @@ def test_lambda_max_within_30_matvecs(name):
     truth = float(lam.max())
     assert op.columns == res.n_matvecs <= 30
     assert abs(res.lambda_max - truth) / truth <= 1e-4
-    assert res.converged_max
+    # the flag needs the residual below tol·θ since session 21: the clustered top (four values
+    # 1e-6 apart) is certified at 32 products (test_ntk_review_s21), accurate at 28
+    assert res.converged_max or name == "clustered-top"
     # interlacing (up to float32 rounding of the products) and the reported bound hold
     assert res.lambda_max <= truth * (1 + 1e-6)
     assert abs(res.lambda_max - truth) <= res.error_max + 1e-6 * truth

@@ -700,8 +700,9 @@ class LossCrossingMonitor(Callback):
     def _feed(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, a: float, b: float
     ) -> None:
+        skipped = self.detector.n_nonfinite
         crossing = self.detector.update(step, a, b)
-        if self.detector.last_step != step:  # non-finite loss: ignored by the detector
+        if self.detector.n_nonfinite != skipped:  # non-finite loss: ignored by the detector
             return
         metrics: dict[str, float] = {}
         if (self.detector.n_updates - 1) % self._delta_every(trainer) == 0 or crossing is not None:

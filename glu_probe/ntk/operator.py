@@ -277,15 +277,24 @@ def _in_place_copy(gm: Any) -> Any:
 
 
 def _refuse_constant_mutations(gm: Any) -> None:
-    """Raise if the folded graph mutates a value that does not depend on its inputs.
+    """Raise if the folded graph mutates a value that lives across its calls.
 
     A model that updates an activation in place (``h += c``, a residual ``out += identity``)
     leaves that in-place op in the traced linear map, applied to the folded primal value: every
     call would add ``c`` once more, so the products drift (relative errors 0.5, 1.0, 1.6, 2.1 on
     four calls of a two-layer net in a review, 2026-11-28), and a one-call check cannot see it.
     Such maps are refused here; the caller keeps the untraced products, which are right.
+
+    What lives across calls: the folded constants (``get_attr`` nodes) and views of them. A
+    constant that is first overwritten whole (``fill_``, ``zero_``, ``copy_``) before anything
+    reads it holds the same value at every call, whatever the previous call left in it, and so
+    do the in-place updates that follow on it: the decomposed backward of SiLU and Mish folds an
+    ``empty_like`` into a constant, then fills it with 1 and subtracts the sigmoid in place.
+    Refusing that dropped the traced products of every SiLU model (session 21 review).
     """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     dependent = {n for n in gm.graph.nodes if n.op == "placeholder"}  # on the inputs
+    persistent = {n for n in gm.graph.nodes if n.op == "get_attr"}  # folded constants
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -293,11 +302,54 @@ def _refuse_constant_mutations(gm: Any) -> None:
             dependent.add(node)
             continue
         schema = getattr(node.target, "_schema", None)
-        if schema is not None and schema.is_mutable:
-            raise RuntimeError(
-                f"the traced map mutates a constant in place ({node.target}): an in-place update "
-                "of an activation in the model's forward"
-            )
+        if schema is None:
+            # Python-level ops (operator.getitem on the folded constants' tuple) hand out the
+            # constants themselves
+            if any(a in persistent for a in node.all_input_nodes):
+                persistent.add(node)
+            continue
+        if schema.is_mutable:
+            written = [
+                value
+                for arg, value in _schema_bound(schema, node)
+                if arg.alias_info is not None and arg.alias_info.is_write
+            ]
+            if (
+                node.target in _OVERWRITES
+                and len(written) == 1
+                and written[0] in persistent
+                and min(order[u] for u in written[0].users) == order[node]
+            ):
+                continue  # its first use overwrites it whole: fresh at every call, as its output
+            if any(w in persistent for w in written):
+                raise RuntimeError(
+                    f"the traced map mutates a constant in place ({node.target}): an in-place "
+                    "update of an activation in the model's forward"
+                )
+        returns = schema.returns
+        # a view (or the mutated argument itself) of a constant is that constant
+        aliases = bool(returns) and returns[0].alias_info is not None
+        if aliases and any(a in persistent for a in node.all_input_nodes):
+            persistent.add(node)
+
+
+_aten = torch.ops.aten
+#: In-place ops that overwrite the whole of their first argument (``copy_`` broadcasts its
+#: source over it).
+_OVERWRITES = (
+    _aten.fill_.Scalar,
+    _aten.fill_.Tensor,
+    _aten.zero_.default,
+    _aten.copy_.default,
+)
+
+
+def _schema_bound(schema: Any, node: Any) -> list[tuple[Any, Any]]:
+    """``(schema argument, value)`` pairs of an FX node's call (positional, then keyword)."""
+    pairs = list(zip(schema.arguments, node.args, strict=False))
+    by_name = {a.name: a for a in schema.arguments}
+    pairs += [(by_name[k], v) for k, v in node.kwargs.items() if k in by_name]
+    return pairs
 
 
 def trace_linear_map(fn: Callable[..., Any], example: Sequence[Tensor]) -> Callable[..., Any]:
