@@ -653,7 +653,7 @@ def test_csv_several_loggers_and_no_logger(tmp_path):
         ({"spectrum_kwargs": {"dtype": torch.float64}}, "argument of NTKSpectrumMonitor"),
         ({"spectrum_kwargs": [("tol", 1e-3)]}, "must be a mapping"),
         # values too, not only names (they would otherwise fail at every probe)
-        ({"spectrum_kwargs": {"tol": -1.0}}, "`spectrum_kwargs`: tol must be a positive"),
+        ({"spectrum_kwargs": {"tol": -1.0}}, "`spectrum_kwargs`: tol must be a relative accuracy"),
         ({"spectrum_kwargs": {"memory_budget": 0}}, "`spectrum_kwargs`: memory_budget must be"),
         ({"spectrum_kwargs": {"which": "top"}}, "`spectrum_kwargs`: which must be"),
         ({"spectrum_kwargs": {"slq_probes": -2}}, "`spectrum_kwargs`: slq_probes must be"),

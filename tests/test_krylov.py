@@ -362,8 +362,8 @@ def _eye(v: torch.Tensor) -> torch.Tensor:
         ({"n": 0}, "n must be a positive integer"),
         ({"block_size": 0}, "block_size must be a positive integer"),
         ({"which": "middle"}, "which must be one of"),
-        ({"tol": 0.0}, "tol must be a positive finite number"),
-        ({"tol": float("nan")}, "tol must be a positive finite number"),
+        ({"tol": 0.0}, "tol must be a relative accuracy in \\(0, 1\\)"),
+        ({"tol": float("nan")}, "tol must be a relative accuracy in \\(0, 1\\)"),
         ({"max_matvecs": 2}, "max_matvecs must be an integer >= 8 .two blocks"),
         # (between one and two blocks: refused by name, not as a max_basis the user never set)
         ({"max_matvecs": 6}, "max_matvecs must be an integer >= 8 .two blocks"),

@@ -98,3 +98,42 @@ def test_the_clustered_top_converges_right_after_a_few_more_products():
     assert abs(r.lambda_max / float(lam.max()) - 1) <= 1e-6
     assert r.residual_max <= 1e-4 * r.lambda_max
     assert math.isfinite(r.error_max)
+
+
+def _linear_problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A bias-free linear model: K = X Xᵀ exactly."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 60, generator=g, dtype=torch.float64)
+    lin = nn.Linear(60, 1, bias=False).double()
+    return lin, X, torch.linalg.eigvalsh(X @ X.T)
+
+
+@pytest.mark.parametrize("scale", [1e150, 1e-155])
+def test_lanczos_at_extreme_scales_of_k(scale):
+    """K ≈ 1e302 crashed ``eigh`` of the block Gram with a raw ``_LinAlgError``; K ≈ 1e-310
+    reported ``converged=True`` with κ 3.76 for 56.78. The products are now scaled by a power of
+    two (exact) and the results scaled back; subnormal products also warn."""
+    lin, X, ev = _linear_problem()
+    kappa = float(ev[-1] / ev[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = ntk_spectrum(lin, X * scale, method="lanczos", dtype=torch.float64)
+    assert s.converged
+    assert abs(s.condition_number / kappa - 1) <= 1e-6
+    assert abs(s.lambda_max / (float(ev[-1]) * scale**2) - 1) <= 1e-6
+    underflow = [w for w in caught if "underflow" in str(w.message)]
+    assert bool(underflow) == (scale < 1)
+
+
+def test_a_warm_start_with_nan_is_ignored_with_a_warning_and_tol_must_be_below_one():
+    """A NaN in a warm-start tensor was reported as an overflow or an undefined derivative of
+    the model; ``tol=1.0`` was accepted and gave κ 7.2 for 56.8 with ``converged=True``."""
+    lin, X, ev = _linear_problem()
+    with pytest.warns(RuntimeWarning, match="warm_start ignored: its vectors contain NaN"):
+        s = ntk_spectrum(lin, X, method="lanczos", warm_start=torch.full((40, 4), math.nan))
+    assert s.converged and abs(s.condition_number / float(ev[-1] / ev[0]) - 1) <= 1e-3
+    for tol in (1.0, 5.0):
+        with pytest.raises(ValueError, match=r"tol must be a relative accuracy in \(0, 1\)"):
+            ntk_spectrum(lin, X, method="lanczos", tol=tol)
+        with pytest.raises(ValueError, match=r"tol must be a relative accuracy in \(0, 1\)"):
+            block_lanczos(lambda V: V, 10, tol=tol)

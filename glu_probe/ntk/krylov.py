@@ -49,6 +49,7 @@ restart, breakdown handling and warm starts.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -401,6 +402,25 @@ def _next_block(
     return u, rfac, n_random
 
 
+def _power_of_two_unit(w: Tensor) -> float:
+    """``2**-e`` with ``2**e`` about the largest entry of ``w`` (1 where ``w`` is all zero), and a
+    warning where that entry is so small that the products have lost bits to gradual underflow
+    (below ``tiny/eps`` of the dtype: ~1e-292 in float64, ~1e-31 in float32)."""
+    fi = torch.finfo(w.dtype)
+    top = float(w.abs().max())
+    if top == 0.0 or not math.isfinite(top):
+        return 1.0
+    if top < fi.tiny / fi.eps:
+        warnings.warn(
+            f"the NTK products are as small as {top:.1e}, where {w.dtype} has lost precision to "
+            "underflow: λ_min and κ may be wrong. Scale the model's outputs up (the NTK scales "
+            "with their square), or use method='dense'",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return math.ldexp(1.0, min(max(-math.frexp(top)[1], -1000), 1000))  # representable
+
+
 def _explicit_residuals(q: Tensor, w: Tensor, y: Tensor, theta: Tensor) -> Tensor:
     """``||W y_i - θ_i Q y_i|| / ||Q y_i||`` (float64): the residual of the Ritz pairs checked
     against the stored products ``W = K Q`` instead of the Lanczos relation."""
@@ -569,8 +589,11 @@ def block_lanczos(
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     if which not in _WHICH:
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
-    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise ValueError(
+            f"tol must be a relative accuracy in (0, 1), got {tol!r} (tol >= 1 accepts any "
+            "Ritz value, however far from the eigenvalue)"
+        )
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(
             f"dtype must be torch.float32 or torch.float64 (a floating-point working precision "
@@ -610,6 +633,11 @@ def block_lanczos(
     n_restarts = 0
     n_random = 0
     scale = 0.0
+    # K's products are scaled by a power of two (exact) set on the first block, so that the
+    # Gram matrices and residual norms of K at any scale stay within the floating-point range;
+    # the results are scaled back at the end (a K of 1e302 crashed eigh with a raw
+    # _LinAlgError; one of 1e-310 reported κ 3.8 for 57; session 21 review)
+    unit: float | None = None
 
     # ---- start block ------------------------------------------------------------------
     empty = q_buf[:, :0]
@@ -694,6 +722,10 @@ def block_lanczos(
                 "(check the model outputs and the probe batch)"
             )
         wp = wp.detach().to(device=device, dtype=dtype)
+        if unit is None:
+            unit = _power_of_two_unit(wp)
+        if unit != 1.0:
+            wp = wp * unit  # exact: a power of two
         n_mv += bc
         blk = m
         q_buf[:, m : m + bc] = p
@@ -765,11 +797,12 @@ def block_lanczos(
     conv_max, conv_min, min_is_zero = _converged_flags(theta, conv_err, tol, noise)
     if exact:
         conv_max = conv_min = True
+    back = 1.0 / unit if unit else 1.0
     return LanczosResult(
-        ritz_values=theta,
+        ritz_values=theta * back,
         ritz_vectors=x,
-        residual_norms=residuals,
-        error_bounds=err,
+        residual_norms=residuals * back,
+        error_bounds=err * back,
         n_matvecs=n_mv,
         converged_max=conv_max,
         converged_min=conv_min,

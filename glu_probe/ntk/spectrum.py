@@ -233,8 +233,16 @@ def _warm_vectors(warm_start: Any, n: int, block_size: int) -> Tensor | None:
             stacklevel=3,
         )
         return None
-    v = v.reshape(n, -1)
-    return v[:, : min(block_size, n)]
+    v = v.reshape(n, -1)[:, : min(block_size, n)]
+    if not bool(torch.isfinite(v).all()):
+        warnings.warn(
+            "warm_start ignored: its vectors contain NaN or Inf (a previous probe that failed?); "
+            "starting from random vectors",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return v
 
 
 def _converged_top(res: Any, tol: float) -> tuple[Tensor, Tensor] | None:
@@ -307,8 +315,11 @@ def check_spectrum_arguments(
         raise ValueError(f"dense_vectors must be a bool, got {dense_vectors!r}")
     if which not in ("both", "largest", "smallest"):
         raise ValueError(f"which must be 'both', 'largest' or 'smallest', got {which!r}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
-        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
+        raise ValueError(
+            f"tol must be a relative accuracy in (0, 1), got {tol!r} (tol >= 1 accepts any "
+            "Ritz value, however far from the eigenvalue)"
+        )
     positive_int("max_matvecs", max_matvecs)
     positive_int("block_size", block_size)
     positive_int("chunk_size", chunk_size, allow_none=True)
