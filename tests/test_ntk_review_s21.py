@@ -137,3 +137,19 @@ def test_a_warm_start_with_nan_is_ignored_with_a_warning_and_tol_must_be_below_o
             ntk_spectrum(lin, X, method="lanczos", tol=tol)
         with pytest.raises(ValueError, match=r"tol must be a relative accuracy in \(0, 1\)"):
             block_lanczos(lambda V: V, 10, tol=tol)
+
+
+def test_spectral_density_on_a_shared_range_stays_a_fraction_of_all_values():
+    """``range=`` cutting values off renormalised the rest without a word (1/3 per bin where
+    the docstring's "fraction of eigenvalues" means 1/4)."""
+    from glu_probe.ntk import spectral_density
+
+    lam = torch.tensor([1.5, 2.5, 3.5, 10.0], dtype=torch.float64)
+    with pytest.warns(UserWarning, match="1 of 4 values lie outside"):
+        edges, dens = spectral_density(lam, bins=4, log=False, range=(0.0, 4.0))
+    torch.testing.assert_close(dens, torch.tensor([0.0, 0.25, 0.25, 0.25], dtype=torch.float64))
+    assert float((dens * edges.diff()).sum()) == pytest.approx(0.75)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, full = spectral_density(lam, bins=4, log=False)  # the data range: nothing left out
+    assert float((full * (10.0 - 1.5) / 4).sum()) == pytest.approx(1.0)

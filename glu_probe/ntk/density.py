@@ -92,7 +92,9 @@ def spectral_density(
         log: histogram ``log10 λ`` instead of ``λ``.
         weights: optional non-negative weights, same length as ``eigenvalues``.
         range: ``(low, high)`` of the histogram (in ``log10`` units when ``log``); default the
-            data range.
+            data range. Values outside it are left out with a warning that says how many, and
+            the density stays a fraction of *all* of them (``Σ density·diff(edges)`` is then
+            the fraction inside), so spectra drawn on one shared range compare.
 
     Returns:
         ``edges`` ``(bins + 1,)`` and ``density`` ``(bins,)``, float64 CPU tensors.
@@ -128,7 +130,18 @@ def spectral_density(
         if hi <= lo:  # a single distinct value: centre a unit-width window on it
             lo, hi = lo - 0.5, hi + 0.5
         range = (lo, hi)
-    density, edges = torch.histogram(lam, bins=bins, range=range, weight=w, density=True)
+    lo, hi = float(range[0]), float(range[1])
+    inside = (lam >= lo) & (lam <= hi)
+    n_out = int((~inside).sum())
+    total = float(w.sum()) if w is not None else float(lam.numel())
+    if n_out:
+        warnings.warn(
+            f"spectral_density: {n_out} of {lam.numel()} values lie outside range={range} and "
+            "are left out (the density is a fraction of all of them)",
+            stacklevel=2,
+        )
+    counts, edges = torch.histogram(lam, bins=bins, range=(lo, hi), weight=w)
+    density = counts / (total * edges.diff())
     return edges, density
 
 
