@@ -195,7 +195,9 @@ class CrossingDetector:
 
     def update(self, step: int, loss_a: float, loss_b: float) -> Crossing | None:
         """Feed one pair of losses at ``step``; return the crossing confirmed now, if any."""
-        if not _real(step) or step != int(step):
+        if getattr(step, "ndim", None) == 0 and hasattr(step, "item"):
+            step = step.item()  # a 0-d tensor or array
+        if not _real(step) or not math.isfinite(step) or step != int(step):
             raise ValueError(f"step must be an integer (a training step), got {step!r}")
         step = int(step)
         if self.last_step is not None and step <= self.last_step:

@@ -266,8 +266,11 @@ def _pick(sub: SubRun, candidates: Sequence[str]) -> Series | None:
 
 def _loss_candidates(side: str, kind: str) -> list[str]:
     base = f"{side}/{kind}_loss" if side else f"{kind}_loss"
-    # per step before per epoch: the last logged batch, and the grid crossings are read on
-    return [base, f"{base}_step", f"{base}_epoch"]
+    if kind == "train":
+        # per step before per epoch: on the training-step axis, the grid crossings are read on
+        return [base, f"{base}_step", f"{base}_epoch"]
+    # validation: the epoch mean (a "_step" tag counts validation batches, not training steps)
+    return [base, f"{base}_epoch", f"{base}_step"]
 
 
 def _kappa_tag(side: str) -> list[str]:
@@ -303,7 +306,10 @@ def crossing_steps(sub: SubRun) -> tuple[list[tuple[int, float]], list[tuple[int
     from glu_probe.crossing import find_crossings
 
     ok_a, ok_b = np.isfinite(a.values), np.isfinite(b.values)
-    found = find_crossings(a.steps[ok_a], a.values[ok_a], b.steps[ok_b], b.values[ok_b])
+    with warnings.catch_warnings():
+        # a short run simply has no crossing here (the table says "none")
+        warnings.filterwarnings("ignore", message="find_crossings: only", category=UserWarning)
+        found = find_crossings(a.steps[ok_a], a.values[ok_a], b.steps[ok_b], b.values[ok_b])
     return [(int(c.step), float(c.event)) for c in found], detected
 
 

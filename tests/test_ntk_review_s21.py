@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from test_krylov import spd
@@ -153,3 +154,33 @@ def test_spectral_density_on_a_shared_range_stays_a_fraction_of_all_values():
         warnings.simplefilter("error")
         _, full = spectral_density(lam, bins=4, log=False)  # the data range: nothing left out
     assert float((full * (10.0 - 1.5) / 4).sum()) == pytest.approx(1.0)
+
+
+def test_the_product_scale_survives_a_small_first_block_and_tiny_float32_products():
+    """Re-review of the power-of-two scaling: a unit set from a first block that sees only the
+    small end of K (a warm start of λ_min's vector) made later float32 products overflow
+    ("residual_norms must be finite"); float32 products of ~1e-40 got a unit beyond float32's
+    range (a raw _LinAlgError). A K inside the safe band is no longer scaled up, and the unit
+    stays within a quarter of the dtype's exponent range."""
+    n = 60
+    d = torch.logspace(0, -3, n, dtype=torch.float64)
+    d[-1] = 1e-30
+    K = torch.diag(d).float()
+    v0 = torch.zeros(n)
+    v0[-1] = 1.0
+    r = block_lanczos(lambda V: K @ V, n, dtype=torch.float32, v0=v0, block_size=1, max_matvecs=200)
+    assert r.converged and abs(r.lambda_max - 1.0) <= 1e-4
+
+    class Tiny(nn.Module):  # outputs scaled by 1e-20: K ≈ 1e-40, below float32's normal range
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x) * 1e-20
+
+    torch.manual_seed(0)
+    model, x = Tiny(), torch.randn(30, 6)
+    with pytest.warns(RuntimeWarning, match="underflow"):
+        s = ntk_spectrum(model, x, method="lanczos", tol=np.float32(1e-3), max_matvecs=60)
+    assert math.isfinite(s.lambda_max) and s.lambda_max > 0

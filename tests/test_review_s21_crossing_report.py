@@ -75,3 +75,20 @@ def test_crossing_experiment_refuses_kinds_without_paper_kernels_before_training
     with pytest.raises(ValueError, match="paper's kernels"):
         crossing_experiment(10, 200, 60, kinds=("gelu", "swiglu"), steps=50)
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_re_review_steps_as_0d_tensors_and_the_validation_loss_epoch_tag():
+    """A 0-d tensor or array step was accepted before session 21's whole-number check and is
+    again; an infinite step is a clear ValueError (it was an OverflowError). The report reads
+    a validation loss from its epoch tag first: a ``val_loss_step`` tag counts validation
+    batches, not training steps (the re-review's gap came out −0.17 for +4.6)."""
+    import torch
+
+    det = CrossingDetector(patience=2)
+    det.update(torch.tensor(3), 1.0, 2.0)
+    det.update(np.array(4), 1.0, 2.0)
+    assert det.last_step == 4
+    with pytest.raises(ValueError, match="integer"):
+        det.update(math.inf, 1.0, 2.0)
+    assert _loss_candidates("", "val") == ["val_loss", "val_loss_epoch", "val_loss_step"]
+    assert _loss_candidates("", "train") == ["train_loss", "train_loss_step", "train_loss_epoch"]

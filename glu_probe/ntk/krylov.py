@@ -49,6 +49,7 @@ restart, breakdown handling and warm starts.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -403,13 +404,20 @@ def _next_block(
 
 
 def _power_of_two_unit(w: Tensor) -> float:
-    """``2**-e`` with ``2**e`` about the largest entry of ``w`` (1 where ``w`` is all zero), and a
-    warning where that entry is so small that the products have lost bits to gradual underflow
-    (below ``tiny/eps`` of the dtype: ~1e-292 in float64, ~1e-31 in float32)."""
+    """The power of two that the products are scaled by, from the first block ``w``: 1 where its
+    largest entry lies between ``tiny/eps`` of the dtype (~1e-292 in float64, ~1e-31 in float32:
+    below it the products lose bits to gradual underflow) and ``2**(max_exp/4)`` (~1e77, ~4e9:
+    above it the block Grams may overflow); outside that band ``2**-e`` with ``2**e`` about that
+    entry (within a quarter of the dtype's exponent range, so that the unit itself and a later
+    block of a larger K stay representable), with a warning on underflow. The first block may
+    see only the small end of K (a warm start of λ_min's vector), so a K inside the band is
+    never scaled up."""
     fi = torch.finfo(w.dtype)
     top = float(w.abs().max())
     if top == 0.0 or not math.isfinite(top):
         return 1.0
+    exp = math.frexp(top)[1]
+    limit = math.frexp(fi.max)[1] // 4  # 256 in float64, 32 in float32
     if top < fi.tiny / fi.eps:
         warnings.warn(
             f"the NTK products are as small as {top:.1e}, where {w.dtype} has lost precision to "
@@ -418,7 +426,10 @@ def _power_of_two_unit(w: Tensor) -> float:
             RuntimeWarning,
             stacklevel=3,
         )
-    return math.ldexp(1.0, min(max(-math.frexp(top)[1], -1000), 1000))  # representable
+    elif exp <= limit:
+        return 1.0
+    span = 3 * limit  # |e| ≤ 768 in float64, 96 in float32
+    return math.ldexp(1.0, min(max(-exp, -span), span))
 
 
 def _explicit_residuals(q: Tensor, w: Tensor, y: Tensor, theta: Tensor) -> Tensor:
@@ -589,11 +600,8 @@ def block_lanczos(
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     if which not in _WHICH:
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
-    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and 0 < tol < 1):
-        raise ValueError(
-            f"tol must be a relative accuracy in (0, 1), got {tol!r} (tol >= 1 accepts any "
-            "Ritz value, however far from the eigenvalue)"
-        )
+    if isinstance(tol, bool) or not (isinstance(tol, numbers.Real) and 0 < tol < 1):
+        raise ValueError(f"tol must be a relative accuracy in (0, 1), got {tol!r}")
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(
             f"dtype must be torch.float32 or torch.float64 (a floating-point working precision "

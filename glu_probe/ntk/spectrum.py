@@ -46,6 +46,7 @@ never clamped, and κ is then ``inf``.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from dataclasses import dataclass, fields
@@ -315,11 +316,8 @@ def check_spectrum_arguments(
         raise ValueError(f"dense_vectors must be a bool, got {dense_vectors!r}")
     if which not in ("both", "largest", "smallest"):
         raise ValueError(f"which must be 'both', 'largest' or 'smallest', got {which!r}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
-        raise ValueError(
-            f"tol must be a relative accuracy in (0, 1), got {tol!r} (tol >= 1 accepts any "
-            "Ritz value, however far from the eigenvalue)"
-        )
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 < float(tol) < 1:
+        raise ValueError(f"tol must be a relative accuracy in (0, 1), got {tol!r}")
     positive_int("max_matvecs", max_matvecs)
     positive_int("block_size", block_size)
     positive_int("chunk_size", chunk_size, allow_none=True)
