@@ -31,8 +31,9 @@ run() {  # run NAME SECONDS CMD...
 # Steps (all by default, or those named on the command line), ordered by what only a GPU can
 # tell; each has its own time cap (under 10 minutes in all; bench_ntk's cap went from 90 s to
 # 150 s when section 4 began to sweep eigsh tols and take the best of 3 after a warm-up).
-# The default is what a lease of 15 device minutes can re-check (caps 530 s; walls on an H200,
-# 2026-11-28 session 17: 34 + 16 + 16 + ~95 + 42 + 60 s, plus ~35 s to start the machine): the
+# The default is what a lease of 15 device minutes can re-check (caps 560 s; walls on an H200,
+# 2026-11-28 session 17: 34 + 16 + 16 + ~95 + 42 + 60 s, plus ~35 s to start the machine; since
+# session 21 ab_mlp_bias times a fourth layout, split-autograd, and fused_acc checks it: ~+20%): the
 # GPU tests, the fused block's accuracy in both layouts (bf16, and fp16 at 16,500 tokens, where
 # cuBLAS may split the inner dimension of the dW1 GEMM that yields the feature-major bias
 # gradient), the biased bf16 layouts across widths (ab_mlp_bias: the measurement behind
@@ -58,7 +59,7 @@ for step in $steps; do
       --dtype bfloat16 --bias --tokens 16384 --dims 768 2048 --min-run-time 0.2 --rounds 5 ;;
     profile_mlp_bias) run profile_mlp_bias 45 python3 benchmarks/bench_mlp.py --device cuda \
       --dtype bfloat16 --bias --tokens 16384 --dims 768 --min-run-time 0.2 --rounds 3 --profile ;;
-    ab_mlp_bias) run ab_mlp_bias 120 python3 benchmarks/ab_mlp_bias.py --device cuda ;;
+    ab_mlp_bias) run ab_mlp_bias 150 python3 benchmarks/ab_mlp_bias.py --device cuda ;;
     bench_mlp_amp) run bench_mlp_amp 60 python3 benchmarks/bench_mlp.py --device cuda \
       --autocast bfloat16 --tokens 16384 --dims 768 2048 --min-run-time 0.2 --rounds 5 ;;
     bench_mlp_cpu16) run bench_mlp_cpu16 90 python3 benchmarks/bench_mlp.py --device cpu \
