@@ -510,9 +510,8 @@ def fused_gated_mlp(
         b1 = None if b1 is None else cast(b1)
         b2 = None if b2 is None else cast(b2)
     if layout == "auto":
-        k = x.shape[-1]
         split = b1 is not None and x.dtype in (torch.bfloat16, torch.float16)
-        if not split or k >= SPLIT_BELOW_IN_FEATURES:
+        if not split or x.shape[-1] >= SPLIT_BELOW_IN_FEATURES:
             layout = "feature"
         elif x.numel() * (w1.shape[0] // 2) < SPLIT_AUTOGRAD_BELOW_MACS:
             layout = "split-autograd"

@@ -571,17 +571,9 @@ def aggregate_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def format_seed_table(agg: Sequence[dict[str, Any]]) -> str:
     """A Markdown table of :func:`aggregate_seeds` rows (mean ± std over seeds)."""
 
-    def pm(row: dict[str, Any], key: str, spec: str = ".4g") -> str:
+    def mean_std(mean: float, std: float, spec: str) -> str:
         """``mean ± std``, both to the decimal of the std's second significant digit (2.311 ±
         0.0099 reads as 2.311 ± 0.0099, not 2.311 ± 0.009932); ``spec`` where std is 0."""
-        mean, std = row[f"{key}_mean"], row[f"{key}_std"]
-        if not math.isfinite(mean):
-            return "-"
-        n_finite = row.get(f"{key}_n", row["n_seeds"])
-        if n_finite < row["n_seeds"] and key != "crossing":  # a diverged or infinite seed
-            return pm({**row, f"{key}_n": row["n_seeds"]}, key, spec) + (
-                f" ({n_finite}/{row['n_seeds']} finite)"
-            )
         sign = "+" if spec.startswith("+") else ""
         if not (math.isfinite(std) and std > 0):
             return f"{mean:{spec}} ± 0"
@@ -590,6 +582,18 @@ def format_seed_table(agg: Sequence[dict[str, Any]]) -> str:
             return f"{mean:{sign}.{digits}e} ± {std:.1e}"
         d = max(0, 1 - math.floor(math.log10(std)))
         return f"{mean:{sign}.{d}f} ± {std:.{d}f}"
+
+    def pm(row: dict[str, Any], key: str, spec: str = ".4g") -> str:
+        """:func:`mean_std` of ``key``, "-" where no seed was finite, and how many were where
+        some were not (a diverged or infinite seed)."""
+        mean = row[f"{key}_mean"]
+        if not math.isfinite(mean):
+            return "-"
+        text = mean_std(mean, row[f"{key}_std"], spec)
+        n_finite = row.get(f"{key}_n", row["n_seeds"])
+        if n_finite < row["n_seeds"] and key != "crossing":
+            text += f" ({n_finite}/{row['n_seeds']} finite)"
+        return text
 
     lines = [
         "| network | seeds | κ init | κ end | first crossing step (GLU overtakes) "

@@ -403,6 +403,12 @@ def _next_block(
     return u, rfac, n_random
 
 
+def check_tol(tol: object) -> None:
+    """Refuse a ``tol`` that is not a relative accuracy in (0, 1) (a numpy scalar is fine)."""
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 < float(tol) < 1:
+        raise ValueError(f"tol must be a relative accuracy in (0, 1), got {tol!r}")
+
+
 def _power_of_two_unit(w: Tensor) -> float:
     """The power of two that the products are scaled by, from the first block ``w``: 1 where its
     largest entry lies between ``tiny/eps`` of the dtype (~1e-292 in float64, ~1e-31 in float32:
@@ -485,7 +491,12 @@ FLOOR_FACTOR = 10.0
 
 
 def _convergence_errors(
-    theta: Tensor, residuals: Tensor, tol: float, refine: bool, noise: float
+    theta: Tensor,
+    residuals: Tensor,
+    tol: float,
+    refine: bool,
+    noise: float,
+    refined: Tensor | None = None,
 ) -> Tensor:
     """The errors the convergence test compares with ``tol·|θ|``: the residuals ``r``, except
     where a residual has reached the rounding floor of the products (``r <= FLOOR_FACTOR·noise``)
@@ -493,12 +504,16 @@ def _convergence_errors(
     λ_min of an ill-conditioned ``K``): there the refined :func:`_error_bounds`, whose gap to
     the rest of the spectrum is estimated from the other Ritz values. Before that floor more
     products shrink ``r``, and an eigenvalue the basis has not resolved yet (which the
-    estimated gap cannot see) has time to show (see :func:`_converged_flags`)."""
+    estimated gap cannot see) has time to show (see :func:`_converged_flags`). ``refined``: the
+    :func:`_error_bounds` of these residuals where the caller has them already; they are only
+    computed where a residual is at the floor (their cluster gaps cost time at every step)."""
     r = residuals.to(torch.float64).cpu()
-    if not refine:
-        return r.clone()
     at_floor = r <= FLOOR_FACTOR * noise
-    return torch.where(at_floor, _error_bounds(theta, r, tol, refine), r)
+    if not refine or not bool(at_floor.any()):
+        return r.clone()
+    if refined is None:
+        refined = _error_bounds(theta, r, tol, refine)
+    return torch.where(at_floor, refined, r)
 
 
 def _converged_flags(
@@ -600,8 +615,7 @@ def block_lanczos(
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     if which not in _WHICH:
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
-    if isinstance(tol, bool) or not (isinstance(tol, numbers.Real) and 0 < tol < 1):
-        raise ValueError(f"tol must be a relative accuracy in (0, 1), got {tol!r}")
+    check_tol(tol)
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(
             f"dtype must be torch.float32 or torch.float64 (a floating-point working precision "
@@ -799,9 +813,10 @@ def block_lanczos(
     x = x / x.norm(dim=0).clamp_min(torch.finfo(dtype).tiny)
     explicit = _explicit_residuals(q_buf[:, :m], w_buf[:, :m], y, theta)
     residuals = torch.maximum(rel_res, explicit)
-    err = _error_bounds(theta, residuals, tol, exact or m >= 2 * b)
+    refine = exact or m >= 2 * b
+    err = _error_bounds(theta, residuals, tol, refine)
     noise = noise_rel * max(abs(float(theta[-1])), abs(float(theta[0])))
-    conv_err = _convergence_errors(theta, residuals, tol, exact or m >= 2 * b, noise)
+    conv_err = _convergence_errors(theta, residuals, tol, refine, noise, refined=err)
     conv_max, conv_min, min_is_zero = _converged_flags(theta, conv_err, tol, noise)
     if exact:
         conv_max = conv_min = True

@@ -46,7 +46,6 @@ never clamped, and κ is then ``inf``.
 from __future__ import annotations
 
 import math
-import numbers
 import time
 import warnings
 from dataclasses import dataclass, fields
@@ -73,7 +72,7 @@ from .functional import (
     probe_copy_bytes,
     refuse_small_budget,
 )
-from .krylov import LanczosResult, _error_bounds, block_lanczos, default_max_basis
+from .krylov import LanczosResult, _error_bounds, block_lanczos, check_tol, default_max_basis
 from .operator import NTKOperator, agreed, is_out_of_memory
 
 __all__ = [
@@ -316,8 +315,7 @@ def check_spectrum_arguments(
         raise ValueError(f"dense_vectors must be a bool, got {dense_vectors!r}")
     if which not in ("both", "largest", "smallest"):
         raise ValueError(f"which must be 'both', 'largest' or 'smallest', got {which!r}")
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 < float(tol) < 1:
-        raise ValueError(f"tol must be a relative accuracy in (0, 1), got {tol!r}")
+    check_tol(tol)
     positive_int("max_matvecs", max_matvecs)
     positive_int("block_size", block_size)
     positive_int("chunk_size", chunk_size, allow_none=True)
