@@ -27,6 +27,8 @@ nearest to the exact real solution (the "2/3 rule": for ``in == out == d`` and n
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import operator
 import warnings
@@ -703,6 +705,37 @@ def _check_variant(variant: str) -> str:
     return variant.lower()
 
 
+def _check_keywords(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Refuse keywords the block of ``name`` does not take: the block classes accept and ignore
+    unknown ones with a warning (timm's ``Block`` passes its own), but in a direct call to the
+    factory, or through ``swap_mlp(**module_kwargs)``, an unknown keyword is a typo
+    (``multple_of``) or a setting of another variant (``approximate`` for ``"swiglu"``) that
+    would otherwise be dropped with only a warning per block."""
+    target = VARIANTS[name]
+    cls: type = target.func if isinstance(target, partial) else target  # type: ignore[assignment]
+    accepted = {  # each class's own keywords and those it passes on to its bases (align_to)
+        n
+        for c in cls.__mro__
+        if c.__module__ == __name__ and "__init__" in vars(c)
+        for n, p in inspect.signature(vars(c)["__init__"]).parameters.items()
+        if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD
+    } - {"self", "in_features", "hidden_features", "out_features", "act_layer"}
+    if name == "gelu":
+        accepted.add("approximate")
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        hints = [
+            f"{k!r} -> {close[0]!r}?"
+            for k in unknown
+            if (close := difflib.get_close_matches(k, accepted, n=1))
+        ]
+        raise TypeError(
+            f"make_mlp({name!r}) got unexpected keyword argument(s) {unknown}"
+            + (f" ({', '.join(hints)})" if hints else "")
+            + f"; a {name!r} block takes {sorted(accepted)}"
+        )
+
+
 def is_gated_variant(variant: str) -> bool:
     """Whether ``variant`` (a key of :data:`VARIANTS`, any case) names a gated block.
 
@@ -729,6 +762,7 @@ def make_mlp(
     name = _check_variant(variant)
     if "act_layer" in kwargs:
         raise TypeError(f"make_mlp({name!r}): the variant fixes the activation; drop act_layer")
+    _check_keywords(name, kwargs)
     if name == "gelu" and kwargs.get("approximate", "none") == "none":
         kwargs.pop("approximate", None)  # the default: nothing to pass on (MLP would warn)
     elif name == "gelu":

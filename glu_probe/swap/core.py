@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import difflib
 import inspect
 import math
 import re
@@ -33,6 +34,7 @@ from torch import nn
 from glu_probe.modules import (
     GATED_VARIANTS,
     VARIANTS,
+    _check_keywords,
     _param_line,
     activation_name,
     closest_width,
@@ -1078,7 +1080,8 @@ def swap_mlp(
         init: ``"host"`` initialises new blocks with the host's conventions (see
             :func:`host_init`); ``"default"`` keeps ``nn.Linear`` defaults.
         module_kwargs: passed to the block constructors (e.g. ``packed=False``,
-            ``approximate="tanh"`` for ``"geglu"``).
+            ``approximate="tanh"`` for ``"geglu"``); one that the new block does not take is a
+            ``TypeError`` before anything is changed.
 
     Returns:
         A :class:`SwapReport` (per-block paths, widths, parameter counts, config updates).
@@ -1090,6 +1093,10 @@ def swap_mlp(
     again has the same structure. Another model built from the *same config object* sees those
     updates too (transformers keeps a reference, not a copy): build each model from its own
     config, or swap a ``copy.deepcopy`` of the model.
+
+    All or nothing: every block is built before the first is installed, and if installing or
+    updating the configs fails, the model's modules and configs are restored before the error
+    propagates.
     """
     if torch.is_inference_mode_enabled():
         # Blocks built under inference mode hold inference tensors, which cannot train (a
@@ -1251,6 +1258,8 @@ def swap_mlp(
                 f"dropout, norm, layout, device and dtype) by adapter {adapter.name!r}, not from "
                 "swap_mlp's arguments; change them on the new blocks after the swap"
             )
+        if module_kwargs and type(adapter).build is MLPAdapter.build:
+            _check_module_kwargs(variant, module_kwargs)
         new = adapter.build(spec, variant, hidden, **module_kwargs)
         built = getattr(new, "hidden_features", None)
         if isinstance(built, int) and built != hidden:
@@ -1303,12 +1312,33 @@ def swap_mlp(
         if not plan:
             raise UnsupportedModelError(f"swap_mlp found no block it can swap: {msg}")
         warnings.warn(msg, UserWarning, stacklevel=2)
+    report = SwapReport(variant=variant, match=match, entries=[e for *_, e in plan])
+    report.unrecognised = suspects + skipped
+    # Installing and updating the configs runs user code (a registered adapter's install, a
+    # config's __setattr__ validators): a failure part way through restores the model and its
+    # configs as they were, so the swap stays all or nothing.
+    undo = _Snapshot(model)
+    try:
+        _install_and_configure(model, plan, paths_of, report, variant, match)
+    except BaseException:
+        undo.restore()
+        raise
+    return report
+
+
+def _install_and_configure(
+    model: nn.Module,
+    plan: list[tuple[str, nn.Module, MLPAdapter, nn.Module, SwapEntry]],
+    paths_of: dict[int, list[str]],
+    report: SwapReport,
+    variant: str,
+    match: Literal["params", "width"],
+) -> None:
+    """The part of :func:`swap_mlp` that changes the model: install the planned blocks, repoint
+    aliases and update the Hugging Face configs (filling ``report``'s config fields)."""
     for path, old, adapter, new, _ in plan:
         adapter.install(model, path, old, new)
     _repoint_aliases(model, plan, paths_of)
-
-    report = SwapReport(variant=variant, match=match, entries=[e for *_, e in plan])
-    report.unrecognised = suspects + skipped
     # One update per config: each block's config is that of the sub-model owning it.
     groups: dict[int, tuple[str, nn.Module, Any, list[int]]] = {}
     for k, (path, *_rest) in enumerate(plan):
@@ -1330,7 +1360,63 @@ def swap_mlp(
         if unchecked is not None:
             report.config_unchecked[f"{owner_path}.config" if owner_path else "config"] = unchecked
     _record_at_root(model, groups, report)
-    return report
+
+
+_MODULE_DICTS = ("_modules", "_parameters", "_buffers")
+
+
+class _Snapshot:
+    """The attributes of every module of a model and of every Hugging Face config it holds
+    (sub-configs included), to put back after a failed swap. Shallow: the module tree, plain
+    attributes and config values are restored; tensors are not copied (the swap changes none
+    in place)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        # (each module's attributes, and the contents of its child / parameter / buffer dicts)
+        self.modules: list[tuple[nn.Module, dict[str, Any], dict[str, dict[str, Any]]]] = [
+            (m, dict(vars(m)), {k: dict(vars(m)[k]) for k in _MODULE_DICTS})
+            for m in model.modules()
+        ]
+        configs: dict[int, Any] = {}
+        todo = [c for m in model.modules() if (c := _hf_config(m)) is not None]
+        while todo:
+            c = todo.pop()
+            if id(c) in configs:
+                continue
+            configs[id(c)] = c
+            todo.extend(
+                v for v in vars(c).values() if hasattr(v, "to_dict") and hasattr(v, "model_type")
+            )
+        self.configs = [(c, dict(vars(c))) for c in configs.values()]
+
+    def restore(self) -> None:
+        for m, attrs, contents in self.modules:
+            for key, saved in contents.items():
+                attrs[key].clear()
+                attrs[key].update(saved)
+            vars(m).clear()
+            vars(m).update(attrs)
+        for c, attrs in self.configs:
+            vars(c).clear()
+            vars(c).update(attrs)
+
+
+def _check_module_kwargs(variant: str, module_kwargs: dict[str, Any]) -> None:
+    """A keyword that neither ``swap_mlp`` nor the new blocks take is refused before anything
+    is built (it had been dropped with a warning per block: a typo such as ``multple_of=4``
+    swapped with the default alignment)."""
+    try:
+        _check_keywords(variant, module_kwargs)
+    except TypeError as err:
+        own = [n for n in inspect.signature(swap_mlp).parameters if n not in ("model", "variant")]
+        hints = [
+            f"{k!r} -> {close[0]!r}?"
+            for k in sorted(module_kwargs)
+            if (close := difflib.get_close_matches(k, own, n=1))
+        ]
+        raise TypeError(
+            f"swap_mlp: {err}" + (f"; swap_mlp's own keywords: {', '.join(hints)}" if hints else "")
+        ) from None
 
 
 def _record_at_root(model: nn.Module, groups: dict[int, Any], report: SwapReport) -> None:
