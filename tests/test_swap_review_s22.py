@@ -111,3 +111,69 @@ def test_make_mlp_refuses_unknown_keywords_and_keeps_known_ones() -> None:
         assert glu_probe.make_mlp("geglu", 4, 8, approximate="tanh").act.approximate == "tanh"
         assert glu_probe.make_mlp("gelu", 4, 8, approximate="tanh").act.approximate == "tanh"
         assert not glu_probe.make_mlp("swiglu", 4, 8, packed=False, bias=False).packed
+
+
+# ---- include / exclude ----------------------------------------------------------------------
+def test_exclude_and_include_pick_blocks_by_path() -> None:
+    model = _vit()
+    first = model.blocks[2].mlp
+    report = swap_mlp(model, "swiglu", multiple_of=2, exclude=r"blocks\.2\.mlp")
+    assert report.paths == ["blocks.0.mlp", "blocks.1.mlp"]
+    assert report.excluded == ["blocks.2.mlp"] and model.blocks[2].mlp is first
+    assert "left unchanged (include/exclude): blocks.2.mlp" in report.to_markdown()
+    model = _vit()
+    report = swap_mlp(model, "swiglu", multiple_of=2, include=["blocks.1.mlp"])  # a plain path
+    assert report.paths == ["blocks.1.mlp"]
+    assert [type(b.mlp).__name__ for b in model.blocks] == ["Mlp", "SwiGLU", "Mlp"]
+    model = _vit()
+    report = swap_mlp(
+        model, "swiglu", multiple_of=2, include=lambda path, m: path != "blocks.0.mlp"
+    )
+    assert report.paths == ["blocks.1.mlp", "blocks.2.mlp"]
+
+
+def test_bad_include_exclude_are_refused_before_any_change() -> None:
+    model = _vit()
+    before = _structure(model)
+    with pytest.raises(ValueError, match="leave none of the 3 recognised"):
+        swap_mlp(model, "swiglu", exclude=r"blocks\.\d\.mlp")
+    with pytest.raises(ValueError, match="not a regular expression"):
+        swap_mlp(model, "swiglu", include="blocks[")
+    with pytest.raises(TypeError, match="include must be"):
+        swap_mlp(model, "swiglu", include=3)  # type: ignore[arg-type]
+    assert _structure(model) == before
+    with pytest.warns(UserWarning, match=r"exclude pattern\(s\) \['block\.0\.mlp'\] match no"):
+        report = swap_mlp(model, "swiglu", multiple_of=2, exclude="block.0.mlp")  # typo
+    assert len(report.paths) == 3
+
+
+def test_a_shared_block_is_included_or_excluded_whole() -> None:
+    model = _vit()
+    model.blocks[1].mlp = model.blocks[0].mlp
+    with pytest.raises(ValueError, match="one module shared by these paths"):
+        swap_mlp(model, "swiglu", multiple_of=2, exclude=r"blocks\.1\.mlp")
+
+
+def test_partial_hf_swap_keeps_the_config_and_reloads(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The config keeps describing the excluded blocks, quietly; its record names them, and the
+    documented reload recipe with ``exclude=record["excluded"]`` gives identical logits."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    config = transformers.GPT2Config(
+        n_embd=16, n_layer=4, n_head=2, vocab_size=32, n_positions=8, bos_token_id=0, eos_token_id=0
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "config key not updated" warning for the asked-for part
+        report = swap_mlp(model, "swiglu", multiple_of=2, exclude=r"transformer\.h\.[23]\.mlp")
+    assert config.n_inner is None and config.activation_function == "gelu_new"
+    assert set(report.config_skipped) == {"n_inner", "activation_function"}
+    assert config.glu_probe_swap["excluded"] == ["transformer.h.2.mlp", "transformer.h.3.mlp"]
+    model.save_pretrained(tmp_path)
+    saved = transformers.AutoConfig.from_pretrained(tmp_path)
+    rebuilt = transformers.AutoModelForCausalLM.from_config(saved)
+    swap_mlp(rebuilt, saved.glu_probe_swap["variant"], exclude=saved.glu_probe_swap["excluded"])
+    state = safetensors_torch.load_file(str(tmp_path / "model.safetensors"))
+    missing, unexpected = rebuilt.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    x = torch.randint(0, 32, (2, 8))
+    torch.testing.assert_close(rebuilt.eval()(x).logits, model.eval()(x).logits, rtol=0, atol=0)

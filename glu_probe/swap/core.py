@@ -217,6 +217,8 @@ class SwapReport:
     plain (``"n_inner"``); those of a sub-model's config (a wrapped model, a composite model's
     ``text_config``) are prefixed with the sub-model's path: ``"net.config.n_inner"``."""
     unrecognised: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
+    """Paths of recognised blocks left unchanged by ``include`` / ``exclude``."""
     config_skipped: dict[str, str] = field(default_factory=dict)
     """Config keys left unchanged on purpose (same naming as ``config_updates``) and why: e.g. an
     activation key that other, non-MLP modules of a model rebuilt from the config read too."""
@@ -278,6 +280,9 @@ class SwapReport:
                 "config: "
                 + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in self.config_updates.items())
             )
+        if self.excluded:
+            lines.append("")
+            lines.append(f"left unchanged (include/exclude): {', '.join(self.excluded)}")
         for key, why in self.config_skipped.items():
             lines.append(f"config {key} left unchanged: {why}")
         for key, why in self.config_unchecked.items():
@@ -1059,6 +1064,8 @@ def swap_mlp(
     tolerance: float | None = 0.01,
     hidden_features: int | None = None,
     init: Literal["host", "default"] = "host",
+    include: PathFilter | None = None,
+    exclude: PathFilter | None = None,
     **module_kwargs: Any,
 ) -> SwapReport:
     """Replace every MLP block of ``model`` in place by a ``variant`` block.
@@ -1079,6 +1086,13 @@ def swap_mlp(
         hidden_features: use this width for every block instead of matching.
         init: ``"host"`` initialises new blocks with the host's conventions (see
             :func:`host_init`); ``"default"`` keeps ``nn.Linear`` defaults.
+        include: swap only the recognised blocks whose path (as ``SwapReport.paths`` gives it)
+            matches: a regular expression matched against the whole path
+            (``r"blocks\\.[0-5]\\.mlp"``), a sequence of them (any may match; a plain path
+            matches itself), or a callable ``(path, module) -> bool``. ``None``: every block.
+        exclude: leave the blocks it matches (same forms) unchanged; they are listed in
+            ``SwapReport.excluded``. A pattern that matches no recognised block warns (a typo
+            would otherwise swap everything).
         module_kwargs: passed to the block constructors (e.g. ``packed=False``,
             ``approximate="tanh"`` for ``"geglu"``); one that the new block does not take is a
             ``TypeError`` before anything is changed.
@@ -1113,6 +1127,8 @@ def swap_mlp(
                 tolerance=tolerance,
                 hidden_features=hidden_features,
                 init=init,
+                include=include,
+                exclude=exclude,
                 **module_kwargs,
             )
     if not isinstance(model, nn.Module):
@@ -1195,6 +1211,7 @@ def swap_mlp(
                 msg + " Pass strict=False to swap only the recognised ones."
             )
         warnings.warn(msg, UserWarning, stacklevel=2)
+    found, excluded = _select_blocks(found, include, exclude)
 
     # Parameters of a block that are also used elsewhere (tied to another block's, or to a
     # non-MLP module): a swap would untie them and miscount. Whole shared blocks are fine.
@@ -1314,6 +1331,7 @@ def swap_mlp(
         warnings.warn(msg, UserWarning, stacklevel=2)
     report = SwapReport(variant=variant, match=match, entries=[e for *_, e in plan])
     report.unrecognised = suspects + skipped
+    report.excluded = excluded
     # Installing and updating the configs runs user code (a registered adapter's install, a
     # config's __setattr__ validators): a failure part way through restores the model and its
     # configs as they were, so the swap stays all or nothing.
@@ -1351,8 +1369,10 @@ def _install_and_configure(
         act = activation_name(new_act) if isinstance(new_act, nn.Module) else None
         adapters_used = [plan[k][2] for k in ks]
         updates, kept, unchecked = _update_config(
-            model, owner_path, owner_module, config, sub, adapters_used, act
+            model, owner_path, owner_module, config, sub, adapters_used, act, report.excluded
         )
+        if report.excluded:  # (root paths: a rebuilt model is swapped with exclude=these)
+            updates[RECORD_ATTR][1]["excluded"] = list(report.excluded)
         prefix = f"{owner_path}.config." if owner_path else ""
         report.config_updates.update({prefix + k: v for k, v in updates.items()})
         report.config_updates.update(_sync_config_copies(owner_path, owner_module, config, updates))
@@ -1401,6 +1421,82 @@ class _Snapshot:
             vars(c).update(attrs)
 
 
+#: ``include`` / ``exclude`` of :func:`swap_mlp`: a regular expression matched against a block's
+#: whole path, a sequence of them, or a callable ``(path, module) -> bool``.
+PathFilter = str | Sequence[str] | Callable[[str, nn.Module], bool]
+
+
+def _path_matcher(
+    name: str, spec: PathFilter
+) -> tuple[Callable[[str, nn.Module], bool], list[str]]:
+    """``(matcher, patterns)`` for an ``include`` / ``exclude`` argument (``patterns``: the
+    regular expressions, to tell which matched nothing)."""
+    if callable(spec):
+        return spec, []
+    patterns = [spec] if isinstance(spec, str) else spec
+    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(
+            f"swap_mlp: {name} must be a regular expression, a sequence of them or a callable "
+            f"(path, module) -> bool, got {spec!r}"
+        )
+    try:
+        compiled = [re.compile(p) for p in patterns]
+    except re.error as err:
+        raise ValueError(
+            f"swap_mlp: {name} pattern {err.pattern!r} is not a regular expression: {err}"
+        ) from None
+    return (lambda path, _module: any(c.fullmatch(path) for c in compiled)), list(patterns)
+
+
+def _first_paths(found: list[tuple[str, nn.Module, MLPAdapter]]) -> str:
+    return ", ".join(path for path, _, _ in found[:4]) + (", ..." if len(found) > 4 else "")
+
+
+def _select_blocks(
+    found: list[tuple[str, nn.Module, MLPAdapter]],
+    include: PathFilter | None,
+    exclude: PathFilter | None,
+) -> tuple[list[tuple[str, nn.Module, MLPAdapter]], list[str]]:
+    """The recognised blocks ``include`` / ``exclude`` keep, and the paths they leave out. A
+    block found at several paths (shared across layers) is kept or left out at all of them."""
+    if include is None and exclude is None:
+        return found, []
+    chosen = {path: True for path, _, _ in found}
+    for name, spec, want in (("include", include, True), ("exclude", exclude, False)):
+        if spec is None:
+            continue
+        matcher, patterns = _path_matcher(name, spec)
+        hits = {path: bool(matcher(path, m)) for path, m, _ in found}
+        for path, hit in hits.items():
+            if hit is not want:
+                chosen[path] = False
+        unused = [p for p in patterns if not any(re.fullmatch(p, path) for path in hits)]
+        if unused:
+            shown = _first_paths(found)
+            warnings.warn(
+                f"swap_mlp: {name} pattern(s) {unused} match no recognised MLP block (patterns "
+                f"are matched against the whole path, e.g. {shown})",
+                UserWarning,
+                stacklevel=3,
+            )
+    paths_of: dict[int, list[str]] = {}
+    for path, m, _ in found:
+        paths_of.setdefault(id(m), []).append(path)
+    for paths in paths_of.values():
+        if len({chosen[p] for p in paths}) > 1:
+            raise ValueError(
+                f"swap_mlp: the block at {paths} is one module shared by these paths; include or "
+                "exclude all of them"
+            )
+    kept = [f for f in found if chosen[f[0]]]
+    if not kept:
+        raise ValueError(
+            f"swap_mlp: include/exclude leave none of the {len(found)} recognised block(s) to "
+            f"swap ({_first_paths(found)})"
+        )
+    return kept, [path for path, _, _ in found if not chosen[path]]
+
+
 def _check_module_kwargs(variant: str, module_kwargs: dict[str, Any]) -> None:
     """A keyword that neither ``swap_mlp`` nor the new blocks take is refused before anything
     is built (it had been dropped with a warning per block: a typo such as ``multple_of=4``
@@ -1440,6 +1536,8 @@ def _record_at_root(model: nn.Module, groups: dict[int, Any], report: SwapReport
         "act_key": None,
         "sub_configs": subs,
     }
+    if report.excluded:
+        rec["excluded"] = list(report.excluded)
     setattr(root, RECORD_ATTR, rec)
     report.config_updates[RECORD_ATTR] = (old, rec)
 
@@ -1642,16 +1740,24 @@ def _rebuild_host(
     return None
 
 
+#: How a config key left unchanged because it would change only the blocks ``exclude`` kept is
+#: reported (in ``SwapReport.config_skipped``, without a warning: the partial swap is asked for).
+_EXCLUDED_ONLY = "it would change the blocks left out by include/exclude"
+
+
 def _shared_keys(
     model: nn.Module,
     owner_path: str,
     config: Any,
     planned: dict[str, Any],
     swapped: list[str],
+    excluded: Sequence[str] = (),
 ) -> dict[str, str] | str:
     """Keys of ``planned`` whose new value changes a module outside the ``swapped`` paths of a
     model rebuilt from the updated config (on the ``meta`` device), with the reason; a string
-    saying why when the host cannot be rebuilt that way (nothing checked)."""
+    saying why when the host cannot be rebuilt that way (nothing checked). A reason for a key
+    that changes only blocks in ``excluded`` (left out on purpose) starts with
+    :data:`_EXCLUDED_ONLY`."""
     found = _rebuild_host(model, owner_path, config)
     if found is None:
         return (
@@ -1663,6 +1769,10 @@ def _shared_keys(
     if any(getattr(c, "use_pretrained_backbone", False) for c in configs):
         return "use_pretrained_backbone: rebuilding it would load backbone weights"
     rel = [p[len(host_path) + 1 :] if host_path else p for p in swapped]
+    rel_excluded = [p[len(host_path) + 1 :] if host_path else p for p in excluded]
+
+    def inside(name: str, paths: list[str]) -> bool:
+        return any(name == q or name.startswith(q + ".") for q in paths)
 
     def signatures(key: str | None) -> dict[str, tuple[Any, ...]]:
         top = copy.deepcopy(host.config)
@@ -1676,11 +1786,7 @@ def _shared_keys(
         ):
             warnings.simplefilter("ignore")
             rebuilt = type(host)(top)
-        return {
-            n: _module_signature(m)
-            for n, m in rebuilt.named_modules()
-            if not any(n == q or n.startswith(q + ".") for q in rel)
-        }
+        return {n: _module_signature(m) for n, m in rebuilt.named_modules() if not inside(n, rel)}
 
     try:
         base = signatures(None)
@@ -1688,13 +1794,19 @@ def _shared_keys(
         for key in planned:
             changed = signatures(key)
             diff = sorted(n for n in set(base) | set(changed) if base.get(n) != changed.get(n))
-            if diff:
+            if diff and all(inside(d, rel_excluded) for d in diff):
+                out[key] = (
+                    f"{_EXCLUDED_ONLY} ({', '.join(sorted(excluded)[:3])}"
+                    f"{', ...' if len(excluded) > 3 else ''}) as well ({key}={planned[key]!r})"
+                )
+            elif diff:
                 shown = ", ".join(d or "<root>" for d in diff[:3]) + (
                     ", ..." if len(diff) > 3 else ""
                 )
                 out[key] = (
                     f"{type(host).__name__} rebuilt from the config with {key}="
-                    f"{planned[key]!r} would also change {shown} (not MLP blocks): left unchanged"
+                    f"{planned[key]!r} would also change {shown} (outside the swapped "
+                    "blocks): left unchanged"
                 )
         return out
     except Exception as err:
@@ -1711,6 +1823,7 @@ def _update_config(
     report: SwapReport,
     adapters: list[MLPAdapter],
     act_name: str | None,
+    excluded: Sequence[str] = (),
 ) -> tuple[dict[str, tuple[Any, Any]], dict[str, str], str | None]:
     """Update ``config`` for the blocks of ``report``: ``(updates, keys left unchanged and why,
     why the shared-key check did not run or None)``."""
@@ -1753,13 +1866,15 @@ def _update_config(
     unchecked: str | None = None
     if changing:
         swapped = [e.path for e in report.entries]
-        shared = _shared_keys(model, owner_path, config, changing, swapped)
+        shared = _shared_keys(model, owner_path, config, changing, swapped, excluded)
         if isinstance(shared, str):
             unchecked = shared
         else:
             left = shared
     for key in left:
         del planned[key]
+        if left[key].startswith(_EXCLUDED_ONLY):
+            continue
         warnings.warn(
             f"swap_mlp: config key {key!r} not updated: {left[key]}", UserWarning, stacklevel=3
         )
