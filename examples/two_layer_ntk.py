@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.steps = args.steps if args.steps is not None else (400 if args.quick else 2000)
     args.eta_scale = args.eta_scale or ([1.0] if args.quick else [1.0, 0.25])
     args.seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    if args.seed < 0:
+        p.error("--seed must be a non-negative integer (it seeds numpy SeedSequence streams)")
     if min(min(c) for c in args.cross) < 1 or args.steps < 1 or args.seeds < 1:
         p.error("--cross, --steps and --seeds must be positive")
     if any(not 0 < e < 2 for e in args.eta_scale):

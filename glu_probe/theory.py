@@ -125,6 +125,29 @@ def _check_pos_int(**kw: Any) -> None:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
+# Random streams of the experiments: numpy SeedSequence spawn keys, (experiment, role, ...).
+_CROSS_INPUTS, _CROSS_TARGET, _CROSS_NETWORK = (0, 0), (0, 1), (0, 2)  # crossing_experiment
+_TABLE_INPUTS, _TABLE_NETWORK = (1, 0), (1, 1)  # theory_table
+
+
+def _stream_seed(seed: int, *stream: int) -> int:
+    """The torch seed of the random stream ``stream`` (non-negative ints) under base ``seed``.
+
+    It is the first 32-bit word of ``numpy.random.SeedSequence(seed, spawn_key=stream)``: the
+    child that nested ``SeedSequence(seed).spawn(...)`` calls reach (``spawn_key=(i, j)`` is
+    ``.spawn(i + 1)[i].spawn(j + 1)[j]``). SeedSequence hashes the seed and the key together, so
+    distinct ``(seed, stream)`` pairs get unrelated seeds; arithmetic offsets such as
+    ``seed + 1`` made one seed's target stream the next seed's input stream. 32 bits because a
+    torch CPU generator uses only the low 32 bits of its seed (``manual_seed(s)`` and
+    ``manual_seed(s + 2**32)`` draw the same numbers); two given streams thus coincide with
+    probability 2**-32 (the tests check seeds 0-3 of both experiments).
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    ss = np.random.SeedSequence(int(seed), spawn_key=tuple(int(k) for k in stream))
+    return int(ss.generate_state(1, np.uint32)[0])
+
+
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
@@ -831,8 +854,9 @@ def crossing_hypotheses(
     Returns ``{"quadratic_form": Yᵀ(K_a − K_b)Y, "d": d, "n": n, "sign_ok", "d_ok", "n_ok",
     "all_hold"}``. A centred target (mean 0) removes ReLU's rank-one β·r rᵀ term from
     $Y^\top K_a Y$, which is what makes the form positive in the paper's argument: with the
-    standardised targets of `crossing_experiment` it is typically negative, so a crossing seen
-    there is one of the Prop. 4.1 curves, not an instance of the conditional result.
+    standardised targets of `crossing_experiment` it is often negative (in 8 of the 12 runs of
+    docs/theory.md), and a crossing seen in such a run is one of the Prop. 4.1 curves, not an
+    instance of the conditional result.
     """
     Ka, Kb = _as_kernel(K_a, "K_a"), _as_kernel(K_b, "K_b")
     y = torch.as_tensor(Y, dtype=torch.float64).reshape(-1)
@@ -924,9 +948,13 @@ def theory_table(
 ) -> list[dict[str, Any]]:
     r"""Measure the NTK extremes against the paper, over the grid ``d x m x n``.
 
-    For each setting the inputs $X \sim \mathcal N(0, I_d)^n$ are shared by both kinds and
-    one network per kind is drawn (`two_layer`, seeded). Each row (one per setting and
-    kind) holds $\lambda_{max}, \lambda_{min}, \kappa$ of
+    For each setting the inputs $X \sim \mathcal N(0, I_d)^n$ are shared by both kinds (and by
+    every ``m``) and one network per kind is drawn (`two_layer`). Each draw has its own random
+    stream, derived from ``seed`` (a non-negative integer) and its role and setting by
+    `numpy.random.SeedSequence` (spawn keys ``(1, 0, d, n)`` for ``X``, ``(1, 1, j, d, m, n)`` for
+    the network of ``kinds[j]``), so draws of different roles, settings or seeds get unrelated
+    streams (not offsets of one another, as before, when X could be a network's weights).
+    Each row (one per setting and kind) holds $\lambda_{max}, \lambda_{min}, \kappa$ of
 
     * ``emp_*``: the exact empirical NTK (`empirical_ntk`),
     * ``inf_*``: the infinite-width kernel (`expected_ntk`),
@@ -935,19 +963,21 @@ def theory_table(
       for ReGLU ``cf_lambda_max`` is the bounds' midpoint, with ``cf_lambda_max_lower/upper``,
     * ``err_lambda_max`` / ``err_lambda_min`` / ``err_kappa``: relative error of the closed form
       vs the empirical value (for ReGLU's $\lambda_{max}$: 0 inside the bounds, else the
-      relative distance to the nearer bound), and ``lambda_max_in_bounds``.
+      relative distance to the nearer bound), and ``lambda_max_in_bounds``; ``inf`` where the
+      measured $\lambda_{min} \le 0$ (a kernel singular to rounding, e.g. $n$ above the number
+      of parameters), and then ``err_kappa`` is NaN (a finite formula against an infinite
+      $\kappa$), printed ``nan`` by `format_theory_table`.
     """
     ds, ms, ns = _grid(d, "d"), _grid(m, "m"), _grid(n, "n")
     for k in kinds:
         _check_kind(k, PAPER_KINDS)
     rows: list[dict[str, Any]] = []
     for di, ni in itertools.product(ds, ns):
-        X = gaussian_inputs(ni, di, seed=seed * 1_000_003 + 7919 * di + ni)
+        X = gaussian_inputs(ni, di, seed=_stream_seed(seed, *_TABLE_INPUTS, di, ni))
         for mi in ms:
             for j, kind in enumerate(kinds):
-                model = two_layer(
-                    kind, di, mi, seed=seed * 1_000_003 + 31 * mi + j, dtype=torch.float64
-                )
+                net_seed = _stream_seed(seed, *_TABLE_NETWORK, j, di, mi, ni)
+                model = two_layer(kind, di, mi, seed=net_seed, dtype=torch.float64)
                 row: dict[str, Any] = {"kind": kind, "d": di, "m": mi, "n": ni, "seed": seed}
                 for tag, K in (
                     ("emp", empirical_ntk(model, X)),
@@ -973,8 +1003,8 @@ def theory_table(
                     row |= {"cf_lambda_max": cf_max, "err_lambda_max": (cf_max - emax) / emax}
                 row["cf_lambda_min"] = cf_min
                 row["cf_kappa"] = row["cf_lambda_max"] / cf_min
-                row["err_lambda_min"] = (cf_min - emin) / emin if emin > 0 else math.inf
-                row["err_kappa"] = (row["cf_kappa"] - row["emp_kappa"]) / row["emp_kappa"]
+                row["err_lambda_min"] = _rel_err(cf_min, emin)
+                row["err_kappa"] = _rel_err(row["cf_kappa"], row["emp_kappa"])
                 rows.append(row)
     return rows
 
@@ -991,8 +1021,22 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _rel_err(value: float, reference: float) -> float:
+    """``(value - reference) / reference``: ``inf`` against a measured value <= 0 (a singular
+    kernel: its lambda_min is 0 up to rounding, so any positive formula is infinitely far off) and
+    NaN, undefined, against an infinite or NaN one (a finite kappa formula against the infinite
+    kappa of such a kernel)."""
+    if not math.isfinite(reference):
+        return math.nan
+    return (value - reference) / reference if reference > 0 else math.inf
+
+
 def _pct(x: float) -> str:
-    return f"{100 * x:+.1f}%" if math.isfinite(x) else "inf"
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{100 * x:+.1f}%"
 
 
 def _render(
@@ -1162,6 +1206,12 @@ def crossing_experiment(
     Both models (``kinds[0]`` = a, non-GLU; ``kinds[1]`` = b, GLU) are trained by
     `train_two_layer` with the same $\eta$ (default ``eta_scale / lambda_max`` of the
     larger of the two empirical NTKs) on the same $X\sim\mathcal N(0,I_d)^n$ and target.
+    ``seed`` (a non-negative integer) fixes four independent random streams, derived by
+    `numpy.random.SeedSequence` with spawn keys ``(0, 0)`` (inputs), ``(0, 1)`` (target) and
+    ``(0, 2, i)`` (the network of ``kinds[i]``), unrelated to those of any other seed (before,
+    seed s's target was seed s + 1's inputs), so runs over several seeds are independent draws
+    (`mean_crossings` averages them). The streams do not depend on ``d, m, n``, ``steps`` or
+    $\eta$: runs that differ only in ``eta_scale`` share their inputs, target and initial networks.
     Crossing steps (`predict_crossing` semantics: b overtakes a and stays ahead) from:
 
     * ``paper``: Prop. 4.1 with the paper's kernels (eq. 10/11) and $C = K$;
@@ -1185,10 +1235,10 @@ def crossing_experiment(
             f"{' and '.join(PAPER_KINDS)} only; got kinds={tuple(kinds)!r} (for other kinds, "
             "compare expected_loss_curve / linearized_train / train_two_layer directly)"
         )
-    X = gaussian_inputs(n, d, seed=seed)
-    Y = make_target(X, target, seed=seed + 1)
+    X = gaussian_inputs(n, d, seed=_stream_seed(seed, *_CROSS_INPUTS))
+    Y = make_target(X, target, seed=_stream_seed(seed, *_CROSS_TARGET))
     models = [
-        two_layer(k, d, m, seed=seed * 7919 + 17 + i, dtype=torch.float64)
+        two_layer(k, d, m, seed=_stream_seed(seed, *_CROSS_NETWORK, i), dtype=torch.float64)
         for i, k in enumerate(kinds)
     ]
     Ks = [empirical_ntk(mod, X) for mod in models]

@@ -8,6 +8,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -491,7 +492,9 @@ def test_theory_table_rows_are_consistent():
     for r in rows:
         assert r["emp_kappa"] == pytest.approx(r["emp_lambda_max"] / r["emp_lambda_min"])
         assert r["cf_lambda_min"] == pytest.approx(paper_lambda_min(r["kind"], 6, 40, r["n"]))
-        X = gaussian_inputs(r["n"], 6, seed=1 * 1_000_003 + 7919 * 6 + r["n"])
+        # the documented stream of X: SeedSequence(seed, spawn_key=(1, 0, d, n)), 32 bits
+        ss = np.random.SeedSequence(1, spawn_key=(1, 0, 6, r["n"]))
+        X = gaussian_inputs(r["n"], 6, seed=int(ss.generate_state(1, np.uint32)[0]))
         lam = torch.linalg.eigvalsh(paper_kernel(r["kind"], X, 40))
         assert r["ker_lambda_max"] == pytest.approx(float(lam[-1]))
         assert r["ker_lambda_min"] == pytest.approx(float(lam[0]))
@@ -506,6 +509,108 @@ def test_theory_table_rows_are_consistent():
         theory_table([0], 10, 10)
     with pytest.raises(ValueError, match="closed forms exist only"):
         theory_table(4, 10, 10, kinds=("swiglu",))
+
+
+def _record_streams(monkeypatch) -> list[tuple[str, int]]:
+    """Make theory's input, target and network draws log ``(role, seed)`` (then draw as usual)."""
+    log: list[tuple[str, int]] = []
+
+    def wrap(name: str, role: str):
+        orig = getattr(th, name)
+
+        def f(*args, **kw):
+            assert kw.get("seed") is not None, f"{name} called without a seed"
+            log.append((role(args) if callable(role) else role, int(kw["seed"])))
+            return orig(*args, **kw)
+
+        monkeypatch.setattr(th, name, f)
+
+    wrap("gaussian_inputs", "inputs")
+    wrap("make_target", "target")
+    wrap("two_layer", lambda args: f"network {args[0]}")
+    return log
+
+
+def _stream(seed: int) -> tuple[float, ...]:
+    """The first draws of the torch stream a seed starts (a CPU generator keeps 32 bits)."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(16, generator=g, dtype=torch.float64).tolist())
+
+
+def test_crossing_experiment_streams_are_distinct_across_seeds_and_roles(monkeypatch):
+    """Inputs, target and each network get their own stream for every seed. Before, seed s drew
+    its target with seed s + 1, the stream of seed s + 1's inputs, so seed averages (mean_crossings,
+    the example's --seeds) mixed correlated runs."""
+    log = _record_streams(monkeypatch)
+    seeds = range(4)
+    for s in seeds:
+        crossing_experiment(3, 4, 5, seed=s, steps=1)
+    roles = ["inputs", "target", "network relu", "network reglu"]
+    assert [r for r, _ in log] == roles * len(seeds)
+    streams = {}
+    for (role, seed), s in zip(log, [s for s in seeds for _ in roles], strict=True):
+        streams.setdefault(_stream(seed), []).append((s, role))
+    shared = [v for v in streams.values() if len(v) > 1]
+    assert not shared, f"(seed, role) pairs drawing from the same stream: {shared}"
+    # the documented scheme: SeedSequence(seed) spawn keys (0, role[, i]), one 32-bit word
+    target_of_0 = np.random.SeedSequence(0).spawn(1)[0].spawn(2)[1]
+    assert log[1][1] == int(target_of_0.generate_state(1, np.uint32)[0])
+    # same seed, same streams (also with another eta_scale: step sizes are compared on one draw)
+    seed2 = log[2 * len(roles) : 3 * len(roles)]
+    log.clear()
+    crossing_experiment(3, 4, 5, seed=2, steps=1, eta_scale=0.5)
+    assert log == seed2
+    with pytest.raises(ValueError, match="non-negative integer"):
+        crossing_experiment(3, 4, 5, seed=-1, steps=1)
+
+
+def test_theory_table_streams_are_distinct_across_seeds_and_settings(monkeypatch):
+    """Before, X used seed * 1_000_003 + 7919 d + n and the networks seed * 1_000_003 + 31 m + j:
+    at d=1, m=258, n=79 both are 7998, so the ReLU network's W was X itself; and a seed's X
+    could be the next seed's network (7919 d + n - 31 m - j = 1_000_003, e.g. d=127, m=200,
+    n=490)."""
+    log = _record_streams(monkeypatch)
+    for seed in range(4):
+        theory_table(1, [258, 259], [79, 80], seed)
+    theory_table(127, 200, 490, 0)
+    theory_table(127, 200, 490, 1)
+    by_stream: dict[tuple[float, ...], set[int]] = {}
+    for i, (_, seed) in enumerate(log):
+        by_stream.setdefault(_stream(seed), set()).add(i)
+    # X is shared by the kinds and the m's of one (d, n): one call of gaussian_inputs per (d, n)
+    assert all(len(v) == 1 for v in by_stream.values()), "two draws share a stream"
+    assert len(log) == 4 * (2 + 2 * 2 * 2) + 2 * (1 + 2)
+    with pytest.raises(ValueError, match="non-negative integer"):
+        theory_table(3, 4, 5, -1)
+
+
+def test_example_refuses_a_negative_seed(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["two_layer_ntk.py", "--quick", "--seed", "-1"])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(str(ROOT / "examples" / "two_layer_ntk.py"), run_name="__main__")
+    assert exc.value.code == 2 and "--seed must be a non-negative" in capsys.readouterr().err
+
+
+def test_theory_table_prints_an_undefined_kappa_error_as_nan():
+    """A singular NTK (d = m = 1: rank 2 or 3 of 30) has lambda_min <= 0 up to rounding, so its
+    kappa is inf and the formula's kappa error NaN (finite against infinite); it was printed
+    "inf", like the lambda_min error, which is infinite."""
+    rows = theory_table(1, 1, 30, 0)
+
+    def cells(rs: list[dict]) -> list[dict[str, str]]:
+        lines = format_theory_table(rs, markdown=True).splitlines()
+        cols = lines[2].strip("| ").split(" | ")
+        return [dict(zip(cols, ln.strip("| ").split(" | "), strict=True)) for ln in lines[4:]]
+
+    for r, c in zip(rows, cells(rows), strict=True):
+        assert r["emp_lambda_min"] <= 0 and r["emp_kappa"] == math.inf
+        assert math.isnan(r["err_kappa"]) and r["err_lambda_min"] == math.inf
+        assert (c["κ emp"], c["λmin err"], c["κ err"]) == ("inf", "inf", "nan")
+    # the formatter on its own: nan, +inf and -inf stay apart
+    row = dict(rows[0], err_lambda_max=-math.inf, err_lambda_min=math.inf, err_kappa=math.nan)
+    (c,) = cells([row])
+    assert (c["λmax err"], c["λmin err"], c["κ err"]) == ("-inf", "inf", "nan")
+    assert "nan" in format_theory_table([row])  # the rich table too
 
 
 def test_crossing_experiment_linear_prediction_matches_real_training():
