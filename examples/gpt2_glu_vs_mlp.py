@@ -10,7 +10,9 @@ overtakes the baseline's, the final train/validation losses (nats per byte) and 
 
 Data (offline): a folder of text files (``--data``), a Hugging Face dataset saved with
 ``save_to_disk`` (``--hf-dataset``), or by default the Python standard library's source files. The
-last 10% of the bytes are the validation split.
+last 10% of the bytes are the validation split. A ``--hf-dataset`` DatasetDict must have a
+``train`` split; if it has a ``validation`` split, that split is the validation data and the whole
+``train`` split is trained on.
 
 Sizes:
   --size quick   tiny (CI: seconds per seed)
@@ -37,6 +39,7 @@ from glu_probe.demo import (
     PairSettings,
     add_example_arguments,
     check_example_arguments,
+    free_run_name,
     run_example,
 )
 from glu_probe.models import gpt2_pair
@@ -81,7 +84,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=_HelpFormatter,
     )
-    add_example_arguments(p, SIZES, run_name_help="run folder (default: gpt2-<size>)")
+    add_example_arguments(
+        p,
+        SIZES,
+        run_name_help="run folder (default: gpt2-<size>, or gpt2-<size>-N when that is used)",
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", default=None, help="folder of text files (default: Python stdlib)")
     src.add_argument("--hf-dataset", default=None, help="a datasets.save_to_disk folder")
@@ -89,6 +96,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-bytes", type=int, default=None, help="override the corpus byte cap")
     p.add_argument("--n-layer", type=int, default=None, help="override the number of blocks")
     args = check_example_arguments(p, p.parse_args(argv))
+    if args.max_bytes is not None and args.max_bytes <= 0:
+        p.error(f"--max-bytes must be positive, got {args.max_bytes}")
     for flag in ("data", "hf_dataset"):
         value = getattr(args, flag)
         if value is not None and not Path(value).exists():
@@ -102,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = dict(cfg)
     if args.n_layer is not None:
         cfg["n_layer"] = args.n_layer
-    max_bytes = args.max_bytes or max_bytes
+    max_bytes = max_bytes if args.max_bytes is None else args.max_bytes
     settings = replace(settings, steps=args.steps or settings.steps, lr=args.lr or settings.lr)
     if args.hf_dataset:
         data_name = f"hf:{args.hf_dataset}"
@@ -121,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         train=train,
         val=val,
         settings=settings,
-        run_name=args.run_name or f"gpt2-{args.size}",
+        run_name=args.run_name or free_run_name(args.out, f"gpt2-{args.size}"),
         config={"gpt2": {**cfg, "n_positions": seq_len}},
         extra={"train_bytes": int(train.tokens.numel())},
     )

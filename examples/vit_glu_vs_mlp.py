@@ -38,6 +38,7 @@ from glu_probe.demo import (
     PairSettings,
     add_example_arguments,
     check_example_arguments,
+    free_run_name,
     run_example,
 )
 from glu_probe.models import vit_pair
@@ -81,13 +82,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=_HelpFormatter,
     )
-    add_example_arguments(p, SIZES, run_name_help="run folder (default: vit-<size>-<data>)")
+    add_example_arguments(
+        p,
+        SIZES,
+        run_name_help="run folder (default: vit-<size>-<data>, -N appended when that is used)",
+    )
     p.add_argument("--cifar-root", default=None, help="folder holding cifar-10-batches-py")
     p.add_argument("--train-limit", type=int, default=None, help="use the first N train images")
     p.add_argument("--depth", type=int, default=None, help="override the number of blocks")
     args = check_example_arguments(p, p.parse_args(argv))
     if args.cifar_root is not None and not Path(args.cifar_root).is_dir():
         p.error(f"--cifar-root {args.cifar_root!r} is not a directory")
+    if args.train_limit is not None and args.train_limit < 1:
+        p.error(f"--train-limit must be >= 1, got {args.train_limit}")
     return args
 
 
@@ -120,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         train=train,
         val=val,
         settings=settings,
-        run_name=args.run_name or f"vit-{args.size}-{data_name}",
+        run_name=args.run_name or free_run_name(args.out, f"vit-{args.size}-{data_name}"),
         config={"vit": vit_kw},
     )
 

@@ -49,8 +49,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
     return value
 
 
@@ -267,8 +267,8 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(f"unknown pair(s) {bad}; choose from {list(PAIRS)}")
         if len(set(args.pairs)) < len(args.pairs):
             parser.error(f"--pairs lists a pair twice: {args.pairs}")
-    if args.seed < 0:
-        parser.error(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < 2**32:
+        parser.error(f"--seed must lie in [0, 2**32), got {args.seed}")
     if args.device == "cuda" and not _cuda_available():
         parser.error("--device cuda: no CUDA device is available (use --device auto or cpu)")
     if args.run_name is not None and ("/" in args.run_name or args.run_name in ("", ".", "..")):
@@ -277,15 +277,10 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if not Path(args.data).exists():
             parser.error(f"--data {args.data!r} does not exist")
         if args.pairs is None or "gpt2" in args.pairs:
-            from glu_probe.data import text_corpus
-            from glu_probe.demo import default_settings
+            from glu_probe.demo import check_text_data, default_settings
 
-            o = default_settings(args.quick)["gpt2"].options
             try:  # read now, not after the other pairs have trained
-                for split in ("train", "val"):
-                    text_corpus(
-                        args.data, split=split, seq_len=o["seq_len"], max_bytes=o["max_bytes"]
-                    )
+                check_text_data(args.data, default_settings(args.quick)["gpt2"])
             except (OSError, ValueError) as err:
                 parser.error(f"--data {args.data!r}: {err}")
     out = Path(args.out)

@@ -17,6 +17,7 @@ All splits are deterministic: the same arguments give the same tensors, in the s
 
 from __future__ import annotations
 
+import numbers
 import os
 import sysconfig
 from collections.abc import Iterable, Sequence
@@ -26,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
+
+from glu_probe._rng import stream_seed
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -82,7 +85,8 @@ def digits_dataset(
     Args:
         split: ``"train"``, ``"val"`` or ``"all"``.
         image_size: side of the returned images (>= 8).
-        val_fraction: fraction of images held out for validation.
+        val_fraction: fraction of images held out for validation; one that rounds to an empty
+            training or validation split is refused.
         seed: seed of the split permutation.
         flatten: return images as vectors of ``image_size**2`` values instead of ``(1, H, W)``.
 
@@ -108,8 +112,13 @@ def digits_dataset(
             images, size=(int(image_size), int(image_size)), mode="bilinear", align_corners=False
         )
     n = images.shape[0]
-    perm = torch.as_tensor(np.random.RandomState(seed).permutation(n))
     n_train = round(n * (1.0 - float(val_fraction)))
+    if not 0 < n_train < n:
+        raise ValueError(
+            f"val_fraction={val_fraction!r} leaves {n_train} training and {n - n_train} "
+            f"validation images (of {n}); both splits must be non-empty"
+        )
+    perm = torch.as_tensor(np.random.RandomState(seed).permutation(n))
     train_idx, val_idx = perm[:n_train], perm[n_train:]
     train_images = images[train_idx]
     mean, std = train_images.mean(), train_images.std()
@@ -145,6 +154,27 @@ def _iter_files(root: Path, suffixes: Sequence[str] | None) -> Iterable[Path]:
             yield Path(dirpath) / name
 
 
+_SCAN_CHUNK = 1 << 20
+
+
+def _read_text_prefix(file: Path, limit: int | None) -> bytes | None:
+    """The first ``limit`` bytes of ``file`` (all of it for ``None``); ``None`` for a file that is
+    empty, cannot be read, or holds a NUL byte anywhere, also past ``limit`` (a binary file)."""
+    try:
+        with open(file, "rb") as f:
+            data = f.read() if limit is None else f.read(limit)
+            if not data or b"\x00" in data:
+                return None
+            if limit is not None and len(data) == limit:
+                # More may follow: scan it for a NUL byte without keeping it.
+                while chunk := f.read(_SCAN_CHUNK):
+                    if b"\x00" in chunk:
+                        return None
+    except OSError:
+        return None
+    return data
+
+
 def read_text_files(
     path: str | os.PathLike[str],
     *,
@@ -154,32 +184,38 @@ def read_text_files(
     """Concatenate the text files under ``path`` (a folder or one file) into one byte string.
 
     Files are visited in sorted order (directories ``site-packages``, ``__pycache__`` and hidden
-    ones are skipped), files containing a NUL byte are treated as binary and skipped, and each
-    file is followed by a newline. Reading stops once ``max_bytes`` bytes have been collected (the
-    result is cut at exactly ``max_bytes``); ``None`` reads everything.
+    ones are skipped), empty or unreadable files and files containing a NUL byte anywhere are
+    skipped (the latter as binary), and each file not ending in a newline is followed by one.
+    Reading stops once ``max_bytes`` bytes have been collected (the result is cut at exactly
+    ``max_bytes``); ``None`` reads everything.
+
+    Memory stays near ``max_bytes`` whatever the file sizes: at most the remaining budget is read
+    from each file, and the rest of the file in which the cut falls is only scanned for a NUL
+    byte, in 1 MiB chunks that are not kept.
     """
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"text corpus path {str(root)!r} does not exist")
     if max_bytes is not None and int(max_bytes) <= 0:
         raise ValueError(f"max_bytes must be positive or None, got {max_bytes}")
+    budget = None if max_bytes is None else int(max_bytes)
     files = [root] if root.is_file() else list(_iter_files(root, suffixes))
     chunks: list[bytes] = []
     total = 0
     for file in files:
-        try:
-            data = file.read_bytes()
-        except OSError:
+        data = _read_text_prefix(file, None if budget is None else budget - total)
+        if data is None:
             continue
-        if not data or b"\x00" in data:
-            continue
-        chunks.append(data if data.endswith(b"\n") else data + b"\n")
-        total += len(chunks[-1])
-        if max_bytes is not None and total >= max_bytes:
-            break
+        chunks.append(data)
+        total += len(data)
+        if budget is not None and total >= budget:
+            break  # the cut falls inside or at the end of this file: no separator
+        if not data.endswith(b"\n"):
+            chunks.append(b"\n")
+            total += 1
+            if budget is not None and total >= budget:
+                break
     blob = b"".join(chunks)
-    if max_bytes is not None:
-        blob = blob[: int(max_bytes)]
     if not blob:
         what = f" with suffixes {tuple(suffixes)}" if suffixes else ""
         raise ValueError(f"no readable text files{what} under {str(root)!r}")
@@ -286,11 +322,26 @@ def hf_text_dataset(
     """Byte-level windows from a Hugging Face ``datasets`` dataset saved locally.
 
     ``path`` is a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``
-    (loaded with ``datasets.load_from_disk``; nothing is downloaded). For a ``DatasetDict``,
-    ``hf_split`` picks the split (default: ``"train"`` if present, else the first). The
-    ``text_field`` column is UTF-8 encoded, rows are joined with newlines and capped at
-    ``max_bytes``, then split and windowed exactly as in :func:`text_corpus`.
+    (loaded with ``datasets.load_from_disk``; nothing is downloaded). The ``text_field`` column is
+    UTF-8 encoded, rows are joined with newlines and capped at ``max_bytes``, then windowed
+    exactly as in :func:`text_corpus`. Which rows make up ``split``:
+
+    * a ``Dataset``: its bytes are split as in :func:`text_corpus`: ``"train"`` is the first
+      ``1 - val_fraction`` of them, ``"val"`` the tail, ``"all"`` everything.
+    * a ``DatasetDict`` with ``hf_split`` given: that one split, divided the same way.
+    * a ``DatasetDict`` without ``hf_split``: it must have a ``"train"`` split (otherwise a
+      ``ValueError`` lists its splits; name one with ``hf_split``). If it also has a
+      ``"validation"`` split (only that name: not ``"valid"``, ``"val"`` or ``"test"``),
+      ``"val"`` is the whole ``validation`` split and ``"train"`` and ``"all"`` are the whole
+      ``train`` split (``val_fraction`` is not used); otherwise ``train`` is divided as a
+      ``Dataset`` is.
+
+    ``max_bytes`` (positive, or ``None`` for no cap) caps the bytes read from the chosen split.
     """
+    _check_split(split)
+    _check_fraction(val_fraction)
+    if max_bytes is not None and int(max_bytes) <= 0:
+        raise ValueError(f"max_bytes must be positive or None, got {max_bytes}")
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"Hugging Face dataset folder {str(root)!r} does not exist")
@@ -303,20 +354,36 @@ def hf_text_dataset(
             "or pass a plain folder of text files to text_corpus()"
         ) from err
     loaded: Any = datasets.load_from_disk(str(root))
+    own_val = False  # the DatasetDict's own validation split serves split="val"
     if isinstance(loaded, dict):  # a DatasetDict (a dict subclass)
         keys = list(loaded.keys())
         if not keys:
             raise ValueError(f"the DatasetDict at {str(root)!r} has no splits")
-        key = hf_split if hf_split is not None else ("train" if "train" in keys else keys[0])
-        if key not in keys:
-            raise ValueError(f"hf_split {key!r} not in the saved splits {keys}")
-        loaded = loaded[key]
-    columns = list(getattr(loaded, "column_names", []) or [])
+        if hf_split is not None:
+            if hf_split not in keys:
+                raise ValueError(f"hf_split {hf_split!r} not in the saved splits {keys}")
+            loaded = loaded[hf_split]
+        elif "train" not in keys:
+            raise ValueError(
+                f"the DatasetDict at {str(root)!r} has no 'train' split (its splits: {keys}); "
+                "pass hf_split=<name> to use one of them"
+            )
+        else:
+            own_val = "validation" in keys
+            loaded = loaded["validation" if own_val and split == "val" else "train"]
+    blob = _hf_text_bytes(loaded, text_field, max_bytes)
+    part = blob if own_val else _split_bytes(blob, split, val_fraction)
+    return ByteWindowDataset(part, seq_len=seq_len, stride=stride)
+
+
+def _hf_text_bytes(dataset: Any, text_field: str, max_bytes: int | None) -> bytes:
+    # The rows' UTF-8 text, each followed by a newline, cut at max_bytes.
+    columns = list(getattr(dataset, "column_names", []) or [])
     if columns and text_field not in columns:
         raise ValueError(f"text_field {text_field!r} not in the dataset's columns {columns}")
     chunks: list[bytes] = []
     total = 0
-    for row in loaded:
+    for row in dataset:
         if text_field not in row:
             raise ValueError(f"text_field {text_field!r} not in the dataset row keys {sorted(row)}")
         text = row[text_field]
@@ -330,8 +397,7 @@ def hf_text_dataset(
     blob = b"".join(chunks)
     if max_bytes is not None:
         blob = blob[: int(max_bytes)]
-    part = _split_bytes(blob, split, val_fraction)
-    return ByteWindowDataset(part, seq_len=seq_len, stride=stride)
+    return blob
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,16 +418,23 @@ def cifar10_dataset(
     Parsing is torchvision's (``torchvision.datasets.CIFAR10(root, download=False)``); the uint8
     HWC images are turned into float32 ``(N, 3, 32, 32)`` tensors in [0, 1], standardised per
     channel with the usual CIFAR-10 mean/std when ``normalize``. ``split`` is ``"train"`` (the
-    50000 training images) or ``"val"``/``"test"`` (the 10000 test images). ``limit`` keeps the
-    first ``limit`` images. ``verify_md5=False`` skips torchvision's checksum test of the batch
-    files (for re-packed or subsampled copies in the same format).
+    50000 training images) or ``"val"``/``"test"`` (the 10000 test images). ``limit`` (a
+    positive int, or ``None`` for all) keeps the first ``limit`` images. ``verify_md5=False``
+    skips torchvision's checksum test of the batch files (for re-packed or subsampled copies in
+    the same format). Either way every batch file of both splits and ``batches.meta`` must exist;
+    a missing one is named in the ``FileNotFoundError``.
     """
     _check_split(split, ("train", "val", "test"))
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or int(limit) < 1
+    ):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     folder = Path(root)
-    if not (folder / "cifar-10-batches-py").is_dir():
+    base = folder / "cifar-10-batches-py"
+    if not base.is_dir():
         raise FileNotFoundError(
             f"no CIFAR-10 at {str(folder)!r}: expected the folder "
-            f"{str(folder / 'cifar-10-batches-py')!r} (extract cifar-10-python.tar.gz from "
+            f"{str(base)!r} (extract cifar-10-python.tar.gz from "
             "https://www.cs.toronto.edu/~kriz/cifar.html there; glu-probe never downloads)"
         )
     try:
@@ -370,6 +443,15 @@ def cifar10_dataset(
         raise ImportError(
             "cifar10_dataset needs torchvision: pip install 'glu-probe[timm]'"
         ) from err
+
+    expected = [name for name, _ in CIFAR10.train_list + CIFAR10.test_list]
+    missing = [n for n in [*expected, CIFAR10.meta["filename"]] if not (base / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-10 under {str(folder)!r} is incomplete: {str(base)!r} lacks "
+            f"{', '.join(missing)} (torchvision's CIFAR10 needs all of {', '.join(expected)} and "
+            f"{CIFAR10.meta['filename']})"
+        )
 
     cls: Any = CIFAR10
     if not verify_md5:
@@ -392,9 +474,11 @@ def cifar10_dataset(
     try:
         ds = cls(str(folder), train=(split == "train"), download=False)
     except RuntimeError as err:
+        if not verify_md5:  # pragma: no cover - the files exist, checked above
+            raise FileNotFoundError(f"CIFAR-10 under {str(folder)!r}: {err}") from err
         raise FileNotFoundError(
-            f"CIFAR-10 under {str(folder)!r} is missing files or corrupted ({err}); "
-            "pass verify_md5=False for a re-packed copy"
+            f"CIFAR-10 under {str(folder)!r} is missing files or corrupted: torchvision's md5 "
+            f"check of the batch files failed ({err}); pass verify_md5=False for a re-packed copy"
         ) from err
     data = np.asarray(ds.data)
     targets = np.asarray(ds.targets)
@@ -424,8 +508,10 @@ def two_layer_regression(
 ) -> TensorDataset:
     """The paper's NTK-setting regression data: x ~ N(0, I_d), a scalar target per sample.
 
-    ``n_train + n_val`` inputs are drawn from ``torch.Generator().manual_seed(seed)``; the target
-    is :func:`glu_probe.theory.make_target` of all of them (``"teacher"``: a random tanh network
+    ``n_train + n_val`` inputs and the target each come from their own stream of ``seed``
+    (:func:`glu_probe._rng.stream_seed` keys ``(3, 0)`` and ``(3, 1)``, unrelated to the
+    networks of :func:`glu_probe.models.two_layer_pair` and to other seeds); the target is
+    :func:`glu_probe.theory.make_target` of all the inputs (``"teacher"``: a random tanh network
     plus x_1 x_2, or ``"random"`` labels), standardised jointly, then the first ``n_train`` rows
     are the training split and the rest validation. Targets have shape ``(N, 1)`` to match the
     ``out=1`` two-layer networks.
@@ -435,9 +521,9 @@ def two_layer_regression(
     _check_split(split)
     if int(d) < 1 or int(n_train) < 1 or int(n_val) < 1:
         raise ValueError(f"d, n_train and n_val must be positive, got {d}, {n_train}, {n_val}")
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(stream_seed(seed, 3, 0))
     X = torch.randn(int(n_train) + int(n_val), int(d), generator=g, dtype=torch.float64)
-    y = make_target(X, target, seed=int(seed) + 1)  # type: ignore[arg-type]
+    y = make_target(X, target, seed=stream_seed(seed, 3, 1))  # type: ignore[arg-type]
     X32, y32 = X.to(torch.float32), y.to(torch.float32).unsqueeze(1)
     sl = {"train": slice(0, n_train), "val": slice(n_train, None), "all": slice(None)}[split]
     return TensorDataset(X32[sl].contiguous(), y32[sl].contiguous())

@@ -40,11 +40,14 @@ __all__ = [
     "PAIRS",
     "DemoResult",
     "PairSettings",
+    "check_text_data",
     "default_settings",
     "fit_pair",
     "fit_seeds",
+    "free_run_name",
     "observations",
     "pair_run",
+    "refuse_used_folder",
     "resolve_accelerator",
     "run_demo",
 ]
@@ -245,6 +248,51 @@ def build_pair(
     raise ValueError(f"unknown demo pair {name!r}; choose from {PAIRS}")
 
 
+def check_text_data(data: str | Path | None, s: PairSettings) -> None:
+    """Read the GPT-2 pair's corpus (``data``, default the Python stdlib sources) as
+    :func:`build_pair` will, and take its probe batch, so that a corpus that cannot serve (too
+    short, unreadable, fewer distinct first bytes than ``s.probe_size``) fails before any pair
+    trains (it had failed after the two-layer and ViT pairs: review, session 22). Raises
+    ``ValueError`` / ``OSError``."""
+    from glu_probe.data import lm_probe_batch, text_corpus
+
+    o = s.options
+    for split in ("train", "val"):
+        corpus = text_corpus(data, split=split, seq_len=o["seq_len"], max_bytes=o["max_bytes"])
+        if split == "train":
+            lm_probe_batch(corpus, s.probe_size)
+
+
+def refuse_used_folder(path: str | Path, what: str = "run folder") -> None:
+    """``FileExistsError`` if ``path`` exists and is not empty: TensorBoard would add a run's
+    event files beside the old ones, and :func:`glu_probe.report.load_run` would then report a
+    mix of both runs (a re-run of an example under its default name reported the first run's
+    last steps: review, session 22)."""
+    p = Path(path)
+    if p.is_dir() and any(p.iterdir()):
+        raise FileExistsError(
+            f"{what} {str(p)!r} exists and is not empty: its event files would mix with this "
+            "run's; use another run name or remove it"
+        )
+
+
+def free_run_name(out_dir: str | Path, base: str) -> str:
+    """``base`` if ``<out_dir>/<base>`` is free (missing or empty), else the first free
+    ``base-2``, ``base-3``, ...: the examples' default run names, so that a re-run does not
+    write into (and report) an earlier run's folder."""
+    name, k = base, 1
+    while (p := Path(out_dir) / name).is_dir() and any(p.iterdir()):
+        k += 1
+        name = f"{base}-{k}"
+    return name
+
+
+def _check_seed(seed: object) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        # (Lightning's seed_everything takes 32-bit seeds; 2**32 raised inside it)
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+
+
 def _callbacks(s: PairSettings, progress: bool, probe: Any = None) -> list[Any]:
     from glu_probe.callbacks.crossing import LossCrossingMonitor
     from glu_probe.callbacks.dashboard import TensorBoardDashboard
@@ -356,6 +404,8 @@ def fit_pair(
 
     from glu_probe.data import ByteWindowDataset, lm_probe_batch
 
+    _check_seed(seed)
+    refuse_used_folder(Path(save_dir) / name / version)
     module, train_loader, val_loader, trainer_kwargs = pair_run(
         pair, train, val, s, loss_fn=loss_fn, seed=seed
     )
@@ -417,6 +467,9 @@ def fit_seeds(
 
     from glu_probe.report import aggregate_seeds, format_seed_table, load_run, summarize
 
+    for seed in seeds:  # all before the first trains
+        _check_seed(seed)
+        refuse_used_folder(Path(save_dir) / name / f"seed_{seed}")
     metas = []
     for seed in seeds:
         pl.seed_everything(seed, workers=True, verbose=False)
@@ -686,8 +739,13 @@ def run_demo(
         raise ValueError(f"pairs must be a non-empty subset of {PAIRS}, got {list(pairs)}")
     if data is not None and not Path(data).exists():
         raise FileNotFoundError(f"--data folder {str(data)!r} does not exist")
-    if max_minutes is not None and not max_minutes > 0:
-        raise ValueError(f"max_minutes must be > 0, got {max_minutes}")
+    if max_minutes is not None and not 0 < max_minutes < math.inf:
+        raise ValueError(f"max_minutes must be a positive finite number, got {max_minutes}")
+    _check_seed(seed)
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
     accelerator = resolve_accelerator(device)
     console = console or make_console()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -696,9 +754,12 @@ def run_demo(
         raise ValueError(f"run_name must be a plain folder name, got {run_name!r}")
     run_root = Path(out_dir)
     run_dir = run_root / run_name
+    refuse_used_folder(run_dir)
     cfg = default_settings(quick)
     if settings:
         cfg.update(settings)
+    if "gpt2" in pairs:
+        check_text_data(data, cfg["gpt2"])
     if accelerator == "cpu" and threads is not None:
         torch.set_num_threads(int(threads))
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from glu_probe._rng import seeded
+from glu_probe._rng import seeded, stream_seed
 
 __all__ = [
     "CausalLMLogits",
@@ -94,8 +94,11 @@ _LABELS = {
 def two_layer_pair(d: int = 16, m: int = 256, *, seed: int = 0) -> ModelPair:
     """The paper's two-layer ReGLU model and ReLU baseline with shared W and V.
 
-    Both are built by :func:`glu_probe.theory.two_layer` (seeds ``seed`` and ``seed + 1``, the
-    global RNG untouched); the ReGLU network then receives the ReLU network's W and V, so the two
+    Both are built by :func:`glu_probe.theory.two_layer` (the global RNG untouched) from their
+    own streams of ``seed`` (:func:`glu_probe._rng.stream_seed` keys ``(2, 0)`` and ``(2, 1)``;
+    until session 22 they took ``seed`` and ``seed + 1``, the streams of
+    :func:`glu_probe.data.two_layer_regression`'s inputs and target, so W was the training
+    inputs scaled); the ReGLU network then receives the ReLU network's W and V, so the two
     differ only by the gate
     ``U x`` (z(x) = V (φ(W x) ⊙ U x) vs z(x) = V φ(W x)). Output: one scalar per sample.
     """
@@ -103,8 +106,8 @@ def two_layer_pair(d: int = 16, m: int = 256, *, seed: int = 0) -> ModelPair:
 
     if int(d) < 1 or int(m) < 1:
         raise ValueError(f"d and m must be positive, got d={d}, m={m}")
-    baseline = two_layer("relu", int(d), int(m), seed=seed)
-    model = two_layer("reglu", int(d), int(m), seed=seed + 1)
+    baseline = two_layer("relu", int(d), int(m), seed=stream_seed(seed, 2, 0))
+    model = two_layer("reglu", int(d), int(m), seed=stream_seed(seed, 2, 1))
     shared = {k: v for k, v in baseline.state_dict().items() if k in model.state_dict()}
     model.load_state_dict(shared, strict=False)
     return ModelPair(
@@ -154,11 +157,12 @@ def tiny_vit(
 
 
 def _swapped_copy(host: nn.Module, variant: str, seed: int, multiple_of: int) -> tuple[Any, Any]:
-    """Deep-copy ``host`` and swap its MLPs (fresh MLP init under ``seed + 1``)."""
+    """Deep-copy ``host`` and swap its MLPs (fresh MLP init from stream ``(2, 2)`` of ``seed``:
+    ``seed + 1`` was the next seed's host init)."""
     from glu_probe.swap import swap_mlp
 
     model = copy.deepcopy(host)
-    with seeded(seed + 1, {p.device for p in model.parameters()}):
+    with seeded(stream_seed(seed, 2, 2), {p.device for p in model.parameters()}):
         report = swap_mlp(model, variant, match="params", multiple_of=multiple_of)
     return model, report
 

@@ -132,7 +132,10 @@ def _display_names(root: Path, dirs: Sequence[Path]) -> dict[Path, str]:
         parent = d.parent
         siblings = [x for x in dirs if x.parent == parent and _VERSION.match(x.name)]
         if _VERSION.match(d.name) and len(siblings) == 1:
-            rel = parent.relative_to(root).as_posix() if parent != root else d.name
+            # (the root itself may be a version folder: its parent is outside the root, and
+            # relative_to raised; review, session 22)
+            inside = parent != root and parent.is_relative_to(root)
+            rel = parent.relative_to(root).as_posix() if inside else d.name
         names[d] = "." if rel in ("", ".") else rel
     return names
 
@@ -220,9 +223,11 @@ def _sides(sub: SubRun) -> list[str]:
     tags = set(sub.scalars) | set(sub.histograms)
 
     def present(prefix: str) -> bool:
-        return any(t.startswith(f"{prefix}/") for t in tags) or (
-            f"ntk/{prefix}/condition_number" in tags
-        )
+        # a side's own loss or its NTK monitor's series, not any tag under the prefix: an
+        # unpaired run that logs "model/grad_norm" lost all its values to a one-sided "pair"
+        # (review, session 22)
+        side = re.compile(rf"{re.escape(prefix)}/(train|val)_loss(_step|_epoch)?")
+        return any(side.fullmatch(t) for t in tags) or f"ntk/{prefix}/condition_number" in tags
 
     prefixes = [_side_prefix(sub, s) for s in ("model", "baseline")]
     if all(present(p) for p in prefixes) or (

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._rng import stream_seed
 from .activation_math import act as _act
 from .activation_math import act_grad as _act_grad
 
@@ -125,27 +126,10 @@ def _check_pos_int(**kw: Any) -> None:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
-# Random streams of the experiments: numpy SeedSequence spawn keys, (experiment, role, ...).
+# Random streams of the experiments: glu_probe._rng.stream_seed keys (experiment, role, ...).
 _CROSS_INPUTS, _CROSS_TARGET, _CROSS_NETWORK = (0, 0), (0, 1), (0, 2)  # crossing_experiment
 _TABLE_INPUTS, _TABLE_NETWORK = (1, 0), (1, 1)  # theory_table
-
-
-def _stream_seed(seed: int, *stream: int) -> int:
-    """The torch seed of the random stream ``stream`` (non-negative ints) under base ``seed``.
-
-    It is the first 32-bit word of ``numpy.random.SeedSequence(seed, spawn_key=stream)``: the
-    child that nested ``SeedSequence(seed).spawn(...)`` calls reach (``spawn_key=(i, j)`` is
-    ``.spawn(i + 1)[i].spawn(j + 1)[j]``). SeedSequence hashes the seed and the key together, so
-    distinct ``(seed, stream)`` pairs get unrelated seeds; arithmetic offsets such as
-    ``seed + 1`` made one seed's target stream the next seed's input stream. 32 bits because a
-    torch CPU generator uses only the low 32 bits of its seed (``manual_seed(s)`` and
-    ``manual_seed(s + 2**32)`` draw the same numbers); two given streams thus coincide with
-    probability 2**-32 (the tests check seeds 0-3 of both experiments).
-    """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    ss = np.random.SeedSequence(int(seed), spawn_key=tuple(int(k) for k in stream))
-    return int(ss.generate_state(1, np.uint32)[0])
+_stream_seed = stream_seed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -998,11 +982,13 @@ def theory_table(
                     row |= {"cf_lambda_max": cf_max.mid, "cf_lambda_max_lower": lo}
                     row |= {"cf_lambda_max_upper": hi, "lambda_max_in_bounds": lo <= emax <= hi}
                     gap = 0.0 if lo <= emax <= hi else min(abs(emax - lo), abs(emax - hi))
-                    row["err_lambda_max"] = gap / emax
+                    row["err_lambda_max"] = _rel_err(emax + gap, emax) if gap else 0.0
                 else:
-                    row |= {"cf_lambda_max": cf_max, "err_lambda_max": (cf_max - emax) / emax}
+                    row |= {"cf_lambda_max": cf_max, "err_lambda_max": _rel_err(cf_max, emax)}
                 row["cf_lambda_min"] = cf_min
-                row["cf_kappa"] = row["cf_lambda_max"] / cf_min
+                # (a formula λ_min <= 0, at d=1 say, predicts no finite κ; and a kernel that is 0
+                # at d=m=n=1 divided by zero: review, session 22)
+                row["cf_kappa"] = row["cf_lambda_max"] / cf_min if cf_min > 0 else math.nan
                 row["err_lambda_min"] = _rel_err(cf_min, emin)
                 row["err_kappa"] = _rel_err(row["cf_kappa"], row["emp_kappa"])
                 rows.append(row)

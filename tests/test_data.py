@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+import tracemalloc
 import types
 from pathlib import Path
 
@@ -72,6 +73,17 @@ def test_digits_resize_shapes_determinism_and_seeds():
 def test_digits_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         digits_dataset(**kwargs)
+
+
+@pytest.mark.parametrize("val_fraction", [1e-4, 0.9999])
+def test_digits_refuses_a_val_fraction_that_empties_a_split(val_fraction):
+    n_train = round(1797 * (1 - val_fraction))  # 1797 and 0 train images
+    sizes = rf"leaves {n_train} training and {1797 - n_train} validation images \(of 1797\)"
+    for split in ("train", "val", "all"):
+        with pytest.raises(ValueError, match=sizes):
+            digits_dataset(split, image_size=8, val_fraction=val_fraction)
+    # the smallest fraction that still leaves one validation image is accepted
+    assert len(digits_dataset("val", image_size=8, val_fraction=1 / 1797)) == 1
 
 
 # ----------------------------------------------------------------------------------- text
@@ -145,6 +157,86 @@ def test_text_corpus_bad_input(tmp_path: Path, text_dir: Path):
         text_corpus(text_dir, max_bytes=0)
 
 
+def _read_text_files_before(path: Path, suffixes=None, max_bytes=None) -> bytes:
+    """read_text_files as it was (whole files read, joined, then cut): the reference output."""
+    from glu_probe.data import _iter_files
+
+    files = [path] if path.is_file() else list(_iter_files(path, suffixes))
+    chunks: list[bytes] = []
+    total = 0
+    for file in files:
+        data = file.read_bytes()
+        if not data or b"\x00" in data:
+            continue
+        chunks.append(data if data.endswith(b"\n") else data + b"\n")
+        total += len(chunks[-1])
+        if max_bytes is not None and total >= max_bytes:
+            break
+    blob = b"".join(chunks)
+    return blob if max_bytes is None else blob[:max_bytes]
+
+
+def test_read_text_files_output_equals_whole_file_reading_for_every_cap(tmp_path: Path):
+    files = {
+        "a.txt": b"first\n",
+        "b.txt": b"no newline",
+        "d.txt": b"\x00early binary",
+        "e.txt": b"x",
+        "f.txt": b"\n\n",
+        "c/empty.txt": b"",
+        "c/h.md": b"# markdown",
+        "c/late_nul.txt": b"0123456789" * 3 + b"\x00 binary, seen only past any cut",
+        "c/nl.txt": b"two\nlines\n",
+    }
+    for name, data in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    whole = read_text_files(tmp_path, max_bytes=None)
+    assert whole == b"first\nno newline\nx\n\n\n# markdown\ntwo\nlines\n"
+    assert read_text_files(tmp_path, max_bytes=16) == b"first\nno newline"  # cut before a "\n"
+    assert read_text_files(tmp_path, max_bytes=17) == b"first\nno newline\n"  # at a separator
+    assert read_text_files(tmp_path, suffixes=(".txt",), max_bytes=25) == (
+        b"first\nno newline\nx\n\n\ntwo\n"  # late_nul.txt skipped although its first bytes fit
+    )
+    for suffixes in (None, (".txt",), (".md",)):
+        total = len(_read_text_files_before(tmp_path, suffixes))
+        for cap in [None, *range(1, total + 3)]:
+            expected = _read_text_files_before(tmp_path, suffixes, cap)
+            assert read_text_files(tmp_path, suffixes=suffixes, max_bytes=cap) == expected, cap
+    for name in ("a.txt", "b.txt", "c/nl.txt"):
+        for cap in (None, 1, 5, 6, 9, 10, 11, 12):
+            expected = _read_text_files_before(tmp_path / name, max_bytes=cap)
+            assert read_text_files(tmp_path / name, max_bytes=cap) == expected, (name, cap)
+
+
+def test_read_text_files_does_not_read_a_big_file_whole(tmp_path: Path):
+    line = b"the quick brown fox jumps over the lazy dog\n"
+    big = tmp_path / "a_big.txt"
+    with open(big, "wb") as f:
+        for _ in range(48):
+            f.write(line * (1 << 14))  # 48 x 704 KiB: a 33 MiB file
+    size = big.stat().st_size
+    (tmp_path / "b_small.txt").write_bytes(b"small file\n")
+
+    def read_traced(**kwargs) -> tuple[bytes, int]:
+        tracemalloc.start()
+        try:
+            blob = read_text_files(tmp_path, **kwargs)
+            return blob, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    blob, peak = read_traced(max_bytes=1000)
+    assert blob == (line * 23)[:1000]
+    assert peak < 4 << 20 < size // 8  # reading the file whole peaks above its size
+    # a NUL byte at the very end still makes the whole file binary, without reading it whole
+    with open(big, "ab") as f:
+        f.write(b"\x00")
+    blob, peak = read_traced(max_bytes=1000)
+    assert blob == b"small file\n"
+    assert peak < 4 << 20
+
+
 # ----------------------------------------------------------------------------------- HF datasets
 
 
@@ -214,6 +306,83 @@ def test_hf_text_dataset_real_save_to_disk_folders(tmp_path: Path):
         hf_text_dataset(both, hf_split="test")
 
 
+_TRAIN_ROWS = [f"train row {i}" for i in range(8)]
+_VAL_ROWS = ["held out one", "held out two"]
+
+
+def _lines(rows: list[str]) -> bytes:
+    return b"".join(r.encode() + b"\n" for r in rows)
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny ``save_to_disk`` folders: a Dataset, DatasetDicts with and without train/validation."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("hf")
+    train = datasets.Dataset.from_dict({"text": _TRAIN_ROWS})
+    val = datasets.Dataset.from_dict({"text": _VAL_ROWS})
+    test = datasets.Dataset.from_dict({"text": ["test row one", "test row two"]})
+    train.save_to_disk(str(root / "plain"))
+    datasets.DatasetDict({"train": train, "validation": val}).save_to_disk(str(root / "train_val"))
+    datasets.DatasetDict({"train": train}).save_to_disk(str(root / "train_only"))
+    datasets.DatasetDict({"test": test, "validation": val}).save_to_disk(str(root / "no_train"))
+    return root
+
+
+@pytest.mark.parametrize("max_bytes", [0, -1])
+def test_hf_text_dataset_refuses_a_non_positive_max_bytes(hf_folders: Path, max_bytes: int):
+    with pytest.raises(ValueError, match="max_bytes must be positive or None"):
+        hf_text_dataset(hf_folders / "plain", seq_len=4, max_bytes=max_bytes)
+
+
+def test_gpt2_example_refuses_a_non_positive_max_bytes(capsys):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "gpt2_glu_vs_mlp.py"
+    spec = importlib.util.spec_from_file_location("_gpt2_example_for_test_data", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    for value in ("0", "-5"):
+        with pytest.raises(SystemExit) as info:
+            example.parse_args(["--max-bytes", value])
+        assert info.value.code == 2
+        assert f"--max-bytes must be positive, got {value}" in capsys.readouterr().err
+    assert example.parse_args(["--max-bytes", "123"]).max_bytes == 123
+    assert example.parse_args([]).max_bytes is None
+
+
+def test_hf_dataset_dict_uses_its_own_validation_split(hf_folders: Path):
+    train_bytes, val_bytes = _lines(_TRAIN_ROWS), _lines(_VAL_ROWS)
+    cut = round(len(train_bytes) * 0.9)
+
+    def read(folder: str, split: str, **kw) -> bytes:
+        kw = {"seq_len": 4, "max_bytes": None, **kw}
+        return bytes(hf_text_dataset(hf_folders / folder, split=split, **kw).tokens.tolist())
+
+    # a saved "validation" split is the validation data; "train" and "all" are the whole train
+    assert read("train_val", "val") == val_bytes
+    assert read("train_val", "train") == train_bytes
+    assert read("train_val", "all") == train_bytes
+    assert read("train_val", "val", seq_len=2, max_bytes=5) == val_bytes[:5]  # capped as well
+    # a named hf_split is one corpus, divided by val_fraction as before
+    assert read("train_val", "val", hf_split="train") == train_bytes[cut:]
+    assert read("train_val", "train", hf_split="validation", seq_len=2) == val_bytes[:23]
+    # without a validation split: the tail of train, as for a plain Dataset
+    assert read("train_only", "val") == read("plain", "val") == train_bytes[cut:]
+    assert read("train_only", "train") == read("plain", "train") == train_bytes[:cut]
+
+
+def test_hf_dataset_dict_without_train_split_needs_hf_split(hf_folders: Path):
+    with pytest.raises(ValueError, match=r"has no 'train' split \(its splits: ") as info:
+        hf_text_dataset(hf_folders / "no_train", seq_len=4)
+    assert "'test'" in str(info.value) and "'validation'" in str(info.value)
+    assert "hf_split" in str(info.value)
+    ds = hf_text_dataset(hf_folders / "no_train", split="all", hf_split="test", seq_len=4)
+    assert bytes(ds.tokens.tolist()) == b"test row one\ntest row two\n"
+
+
 # ----------------------------------------------------------------------------------- CIFAR-10
 
 
@@ -262,10 +431,30 @@ def test_cifar10_errors(tmp_path: Path):
         cifar10_dataset(tmp_path, "all")
 
 
+def test_cifar10_refuses_a_limit_that_is_not_a_positive_int(tmp_path: Path):
+    _fake_cifar(tmp_path)
+    for limit in (0, -3, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="limit must be a positive int or None"):
+            cifar10_dataset(tmp_path, verify_md5=False, limit=limit)  # type: ignore[arg-type]
+    assert len(cifar10_dataset(tmp_path, verify_md5=False, limit=np.int64(3))) == 3
+    assert len(cifar10_dataset(tmp_path, verify_md5=False, limit=10**9)) == 20
+
+
+@pytest.mark.parametrize("verify_md5", [False, True])
+@pytest.mark.parametrize("missing", ["data_batch_5", "batches.meta"])
+def test_cifar10_names_a_missing_file(tmp_path: Path, verify_md5: bool, missing: str):
+    _fake_cifar(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"is incomplete: .* lacks {missing} \(") as info:
+        cifar10_dataset(tmp_path, "test", verify_md5=verify_md5)
+    assert "verify_md5" not in str(info.value)  # it would not help
+
+
 # ----------------------------------------------------------------------------------- two-layer
 
 
 def test_two_layer_regression_splits_and_target():
+    from glu_probe._rng import stream_seed
     from glu_probe.theory import make_target
 
     train = two_layer_regression("train", d=5, n_train=40, n_val=24, seed=2)
@@ -273,10 +462,11 @@ def test_two_layer_regression_splits_and_target():
     X = torch.cat([train.tensors[0], val.tensors[0]]).double()
     y = torch.cat([train.tensors[1], val.tensors[1]]).squeeze(1).double()
     assert train.tensors[0].shape == (40, 5) and val.tensors[1].shape == (24, 1)
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(stream_seed(2, 3, 0))  # the documented input stream
     X_direct = torch.randn(64, 5, generator=g, dtype=torch.float64)
     torch.testing.assert_close(X, X_direct.float().double())
-    torch.testing.assert_close(y, make_target(X_direct, "teacher", seed=3).float().double())
+    y_direct = make_target(X_direct, "teacher", seed=stream_seed(2, 3, 1))
+    torch.testing.assert_close(y, y_direct.float().double())
     assert abs(float(y.mean())) < 1e-5 and abs(float(y.std()) - 1) < 1e-5
 
 

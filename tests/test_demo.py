@@ -102,22 +102,28 @@ def test_quick_demo_summary_equals_logged_values(quick_run):
 
 
 @pytest.mark.slow
-def test_quick_demo_two_layer_story(quick_run):
-    """Seed 0 reproduces the paper's two-layer story at CI size (deterministic on CPU)."""
+def test_quick_demo_two_layer_kappa_and_loss(quick_run):
+    """Seed 0 at CI size: ReGLU's NTK is better conditioned and it ends with the lower train loss
+    (deterministic on CPU). Until session 22 this test also asserted the paper's early ReLU lead
+    and loss crossing: those came from a seeding bug that made the ReLU network's first-layer
+    weights the training inputs (W = X[:m]/4). With independent draws ReGLU leads from step 0
+    here, as a single run may (docs/theory.md: whether one run crosses depends on its f0), and
+    the crossing column must say so."""
     run_dir, _ = quick_run
     rows = {
         (r["run"], r["side"]): r for r in json.loads((run_dir / "summary.json").read_text())["rows"]
     }
     reglu, relu = rows[("two_layer", "model")], rows[("two_layer", "baseline")]
     assert reglu["kappa_init"] < relu["kappa_init"], "ReGLU's NTK should be better conditioned"
-    ups = [s for s, d in reglu["crossings"] if d > 0]
-    assert ups, "ReGLU should overtake ReLU in the quick two-layer run"
     assert reglu["train_loss"] < relu["train_loss"]
-    # ReLU led before the crossing
     scalars = _scalars(run_dir / "two_layer")
     m = dict(scalars["model/train_loss"])
     b = dict(scalars["baseline/train_loss"])
-    assert any(b[s] < m[s] for s in range(1, ups[0]))
+    ahead = [s for s in sorted(m) if s > 0 and m[s] < b[s]]
+    # the reported crossings are those of the logged curves (find_crossings' smoothing aside):
+    # none when ReGLU is ahead at every logged step
+    if len(ahead) == len([s for s in m if s > 0]):
+        assert reglu["crossings"] == []
 
 
 def test_observations_state_what_was_seen():
@@ -146,7 +152,7 @@ def test_run_demo_rejects_bad_arguments(tmp_path: Path):
         run_demo(tmp_path, data=tmp_path / "missing")
     with pytest.raises(ValueError, match="device must be"):
         run_demo(tmp_path, device="tpu")
-    with pytest.raises(ValueError, match="max_minutes must be > 0"):
+    with pytest.raises(ValueError, match="max_minutes must be a positive finite number"):
         run_demo(tmp_path, max_minutes=0)
 
 

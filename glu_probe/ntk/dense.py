@@ -658,6 +658,14 @@ def _jacobian_strategy(
     gram_chunk: int = GRAM_CHUNK_ELEMENTS,
 ) -> Tensor:
     n, r, s_total = probe.n_rows, probe.rows_per_sample, probe.batch_size
+    # Every sample's rows are made in the same call, samples [k·block, (k+1)·block), whether for
+    # its panel or streamed against another panel: a vmapped call's rounding depends on its
+    # batch, and a sample's float32 rows made in two different calls differ by ~1e-7 relative,
+    # so K was not the Gram matrix of any one set of rows (an exactly singular K reported full
+    # rank and a finite κ, λ_min errors up to 500x the residual the Gram bound gives: review,
+    # session 22). A panel is a whole number of blocks (the planner keeps panel >= block).
+    block = max(1, min(block, panel))
+    panel = max(block, panel // block * block)
     K = torch.empty(n, n, dtype=probe.dtype, device=probe.device)
     # K's finiteness is checked by ntk_matrix, so the narrowed copy needs no validating pass.
     source = probe.astype(jacobian_dtype, check=False)
