@@ -41,6 +41,13 @@ __all__ = [
 ]
 
 
+def _count(name: str, value: object) -> None:
+    """A positive ``int`` (not a ``bool``: ``n_probes=True`` ran as 1, ``n_steps=True`` failed
+    inside torch; review, session 22)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def _eigs_f64(eigenvalues: Tensor, name: str = "eigenvalues") -> Tensor:
     lam = torch.as_tensor(eigenvalues).detach().to(device="cpu", dtype=torch.float64).reshape(-1)
     if lam.numel() == 0:
@@ -67,7 +74,8 @@ def effective_rank(eigenvalues: Tensor) -> float:
             "effective_rank needs at least one positive eigenvalue (got max "
             f"{float(lam.max()):.3g}): the kernel is zero or negative"
         )
-    p = pos / pos.sum()
+    p = pos / pos.max()  # (scaled first: a sum of three 1e308s overflowed to a NaN rank)
+    p = p / p.sum()
     return float(torch.exp(-(p * p.log()).sum()))
 
 
@@ -99,8 +107,15 @@ def spectral_density(
     Returns:
         ``edges`` ``(bins + 1,)`` and ``density`` ``(bins,)``, float64 CPU tensors.
     """
-    if not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"bins must be a positive integer, got {bins!r}")
+    _count("bins", bins)
+    if range is not None:
+        try:
+            r_lo, r_hi = (float(v) for v in range)
+        except (TypeError, ValueError):
+            raise ValueError(f"range must be a pair (low, high), got {range!r}") from None
+        if not (math.isfinite(r_lo) and math.isfinite(r_hi) and r_lo < r_hi):
+            # (torch raised its own RuntimeError, or widened (1, 1) to (0.5, 1.5) silently)
+            raise ValueError(f"range must be finite with low < high, got {range!r}")
     lam = _eigs_f64(eigenvalues)
     w = None
     if weights is not None:
@@ -202,13 +217,10 @@ def slq_density(
             pairs are taken as exact: a residual ``r_i`` shifts ``f(values_i)`` by about
             ``|f'|·r_i``.
     """
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    if not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
+    _count("n", n)
+    _count("n_steps", n_steps)
     if probes is None:
-        if not isinstance(n_probes, int) or n_probes < 1:
-            raise ValueError(f"n_probes must be a positive integer, got {n_probes!r}")
+        _count("n_probes", n_probes)
         gen = generator
         if gen is None:
             gen = torch.Generator()
@@ -313,7 +325,9 @@ def _deflation_basis(deflate: tuple[Tensor, Tensor], n: int) -> tuple[Tensor, Te
     vecs = torch.as_tensor(vectors).detach().to(device="cpu", dtype=torch.float64)
     if vecs.ndim == 1:
         vecs = vecs[:, None]
-    if vecs.ndim != 2 or vecs.shape != (n, vals.numel()) or vals.numel() > n:
+    if vals.numel() > n:
+        raise ValueError(f"deflate has {vals.numel()} pairs, more than n = {n}")
+    if vecs.ndim != 2 or vecs.shape != (n, vals.numel()):
         raise ValueError(
             f"deflate vectors must have shape (n, k) = ({n}, {vals.numel()}), "
             f"got {tuple(vecs.shape)}"
@@ -321,19 +335,29 @@ def _deflation_basis(deflate: tuple[Tensor, Tensor], n: int) -> tuple[Tensor, Te
     if not (bool(torch.isfinite(vals).all()) and bool(torch.isfinite(vecs).all())):
         raise ValueError("deflate values and vectors must be finite")
     q, r = torch.linalg.qr(vecs)
-    if vals.numel() and float(r.diagonal().abs().min()) < 1e-8 * float(r.diagonal().abs().max()):
-        raise ValueError("deflate vectors are linearly dependent")
+    diag = r.diagonal().abs()
+    # (relative to the largest: all zero passed, and a zero vector became an arbitrary unit
+    # vector taken as an exact eigenpair; review, session 22)
+    if vals.numel() and (float(diag.max()) == 0.0 or float(diag.min()) < 1e-8 * float(diag.max())):
+        raise ValueError("deflate vectors are zero or linearly dependent")
     return vals, q
+
+
+def _nodes_and_weights(nodes: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    th = _eigs_f64(nodes, "nodes")
+    w = _eigs_f64(weights, "weights")
+    if th.shape != w.shape:
+        raise ValueError("nodes and weights must have the same length")
+    if bool((w < 0).any()):  # (quadrature weights are non-negative; they were taken as given)
+        raise ValueError("weights must be non-negative")
+    return th, w
 
 
 def slq_trace(
     nodes: Tensor, weights: Tensor, n: int, fn: Callable[[Tensor], Tensor] | None = None
 ) -> float:
     """SLQ estimate of ``tr f(K) = n·Σ_k w_k f(θ_k)`` (``f`` = identity by default: the trace)."""
-    th = _eigs_f64(nodes, "nodes")
-    w = _eigs_f64(weights, "weights")
-    if th.shape != w.shape:
-        raise ValueError("nodes and weights must have the same length")
+    th, w = _nodes_and_weights(nodes, weights)
     vals = th if fn is None else torch.as_tensor(fn(th), dtype=torch.float64)
     return float(n * (w * vals).sum())
 
@@ -347,10 +371,7 @@ def slq_effective_rank(nodes: Tensor, weights: Tensor, n: int) -> float:
     so ``erank ≈ n·s·exp(-e/s)``.  A ratio of estimates: slightly biased, consistent as the
     number of probes grows.
     """
-    th = _eigs_f64(nodes, "nodes")
-    w = _eigs_f64(weights, "weights")
-    if th.shape != w.shape:
-        raise ValueError("nodes and weights must have the same length")
+    th, w = _nodes_and_weights(nodes, weights)
     pos = th > 0
     s = float((w[pos] * th[pos]).sum())
     if s <= 0:

@@ -37,10 +37,11 @@ stochastic Lanczos quadrature (:func:`~glu_probe.ntk.density.slq_density`, ``slq
 Rademacher probes × ``slq_steps`` steps, one block product per step): an estimate whose error is
 the Hutchinson sampling error, not a bound. ``slq_probes = 0`` (default) leaves it ``nan``.
 
-Numerical rank: the number of eigenvalues above λ_max·n·ε (ε of float64 for the dense path),
-the standard ``matrix_rank`` tolerance. A smaller rank (a near-null space) raises a
-:class:`NTKRankWarning`; negative eigenvalues (rounding of a PSD K) are reported as computed,
-never clamped, and κ is then ``inf``.
+Numerical rank: the number of eigenvalues above λ_max·n·ε₆₄ on the dense path (the standard
+``matrix_rank`` tolerance), and above λ_max·√n·ε, the products' rounding level that also stops
+the iteration at a numerically zero λ_min, on a Lanczos run whose basis spans the whole space.
+A smaller rank (a near-null space) raises a :class:`NTKRankWarning`; negative eigenvalues
+(rounding of a PSD K) are reported as computed, never clamped, and κ is then ``inf``.
 """
 
 from __future__ import annotations
@@ -130,8 +131,8 @@ class NTKSpectrum:
             (see the module docstring). Both allowances are estimates, not certificates.
         converged: the ends asked for (``which``) met the tolerance (always true for the dense
             path).
-        numerical_rank: number of eigenvalues above λ_max·n·ε (dense path, or Lanczos when the
-            Krylov space covers the whole space), else ``None``.
+        numerical_rank: number of eigenvalues above λ_max·n·ε₆₄ (dense path) or λ_max·√n·ε
+            (Lanczos when the Krylov space covers the whole space), else ``None``.
         effective_rank: exp of the Shannon entropy of λ/Σλ (Roy & Vetterli 2007): exact from
             every eigenvalue (dense path), an SLQ estimate on the Lanczos path when
             ``slq_probes > 0`` (see ``effective_rank_method``), else ``nan``.
@@ -335,8 +336,9 @@ def _rank_warning(
     tol: float,
     mixed: bool = False,
     products: torch.dtype = torch.float64,
+    what: str | None = None,
 ) -> None:
-    what = (
+    what = what or (
         "max(λ_max·n·eps, δ²), δ the float32 Jacobian's rounding estimate"
         if mixed
         else "λ_max·n·eps"
@@ -1024,14 +1026,28 @@ def _lanczos_on(
     weights: Tensor | None = None
     internal = _internal_rounding(probe)  # probe.dtype, or coarser where the model casts
     eps = torch.finfo(internal).eps
-    rank_tol = res.lambda_max * n * eps
+    # The rounding level of the products (the Lanczos stop's own "numerically zero" test,
+    # krylov._converged_flags): eigenvalues below it are noise. It was λ_max·n·eps (the dense
+    # eigh's matrix_rank tolerance) when the basis spans the whole space, √n times the early
+    # stop's, so tol=1e-6 reported κ = inf where tol=1e-4 stopped early with κ to 6e-6; the
+    # measured errors of such runs stay near eps·λ_max (review, session 22). With a model
+    # that rounds in bfloat16, n·eps exceeded 1 from n = 128 on (rank 0 beside a finite λ_max).
+    rank_tol = res.lambda_max * math.sqrt(n) * eps
+    wants_min = which != "largest"  # (λ_min is not estimated for "largest": no word on it)
     if res.exact:
         numerical_rank = int((theta > rank_tol).sum())
         eff_rank = float(_effective_rank(theta))
         eff_method = "exact"
-        if numerical_rank < n:
-            _rank_warning(numerical_rank, n, res.lambda_min, rank_tol, products=probe.dtype)
-    if res.lambda_min_is_zero and not res.exact:
+        if numerical_rank < n and wants_min:
+            _rank_warning(
+                numerical_rank,
+                n,
+                res.lambda_min,
+                rank_tol,
+                products=probe.dtype,
+                what="λ_max·√n·eps, the products' rounding level",
+            )
+    if res.lambda_min_is_zero and not res.exact and wants_min:
         warnings.warn(
             f"λ_min is numerically zero (θ_min = {res.lambda_min:.3e}, residual "
             f"{res.residual_min:.3e}, products in {probe.dtype}): K has a near-null space and "
@@ -1078,6 +1094,8 @@ def _lanczos_on(
     upper = lam_min + slack
     kappa_lower = (lam_max - slack) / upper if upper > 0 else math.inf
     kappa_lower = min(kappa_lower, res.condition_number_lower)
+    if kappa_lower < 1.0:  # κ >= 1 always (a slack above λ_max, as with bfloat16, gave -0.43)
+        kappa_lower = 1.0
     if res.exact and numerical_rank is not None and numerical_rank < n:
         # λ_min at or below the products' rounding level is numerically zero: κ = ∞, as on the
         # dense path and as the rank warning says (it was kept finite here while the rank said
