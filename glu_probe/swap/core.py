@@ -19,6 +19,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import functools
 import inspect
 import math
 import re
@@ -218,7 +219,10 @@ class SwapReport:
     ``text_config``) are prefixed with the sub-model's path: ``"net.config.n_inner"``."""
     unrecognised: list[str] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
-    """Paths of recognised blocks left unchanged by ``include`` / ``exclude``."""
+    """Paths (of the object swapped) of the recognised blocks left unchanged by ``include`` /
+    ``exclude``, and of MLP-like modules no adapter recognises that they leave out. (A config's
+    ``glu_probe_swap`` record lists, under ``"excluded"``, the host's own blocks left after the
+    swap, relative to the model owning the config: what its reload recipe leaves out.)"""
     config_skipped: dict[str, str] = field(default_factory=dict)
     """Config keys left unchanged on purpose (same naming as ``config_updates``) and why: e.g. an
     activation key that other, non-MLP modules of a model rebuilt from the config read too."""
@@ -421,7 +425,10 @@ def spec_from_glu_probe(module: Any, kind: str) -> MLPSpec:
 
 
 def _hf_config(model: nn.Module) -> Any:
-    config = getattr(model, "config", None)
+    try:
+        config = getattr(model, "config", None)
+    except Exception:  # a ``config`` property that fails (not loaded yet): no config to use
+        return None
     if config is not None and hasattr(config, "to_dict") and hasattr(config, "model_type"):
         return config
     return None
@@ -989,18 +996,25 @@ def _resolve_width(
     tolerance: float | None,
     record: dict[str, Any] | None,
 ) -> tuple[int, int]:
-    """(hidden width, alignment used) of the replacement for ``spec``."""
+    """(hidden width, alignment used) of the replacement for ``spec``.
+
+    A width taken from the config's record (a host rebuilt from a config a swap updated, or a
+    later swap of other blocks of the same model: one width per config) is reported with the
+    alignment it was made with (the record's ``multiple_of``), not this call's, which it
+    ignores."""
     gated = variant in GATED_VARIANTS
-    if match == "width":
-        return spec.hidden_features, 1
     if record and record.get("variant") == variant and record.get("match", match) == match:
         # A host rebuilt from a config this function already updated. Only for a swap of the
         # same match: a config updated by match="width" made a later match="params" swap keep
-        # that width, +50% parameters without a word (review, session 20).
+        # that width, +50% parameters without a word (review, session 20). Also for
+        # match="width" (the reload recipe passes the record's match): a chain that ended with
+        # a match="width" swap has the width of the chain, not of the host's own block.
         recorded = record.get("hidden")
+        aligned = record.get("multiple_of")
+        used = aligned if isinstance(aligned, int) and aligned >= 1 else 1
         if spec.hidden_features == recorded:
             # its native block has the swapped width: keep it, so that state dicts load
-            return spec.hidden_features, 1
+            return spec.hidden_features, used
         native = (
             record.get("native_hidden") == spec.hidden_features
             and record.get("in_features") == spec.in_features
@@ -1012,7 +1026,9 @@ def _resolve_width(
             # family and came back (swiglu then gelu: 2048 -> 1368 -> 2056) ended elsewhere than
             # a single swap of the rebuilt model (2048), and its state dict did not load
             # (review, session 20). The recorded width is the chain's.
-            return recorded, 1
+            return recorded, used
+    if match == "width":
+        return spec.hidden_features, 1
     if gated == spec.gated:
         return spec.hidden_features, 1  # same family: identical parameter count at equal width
     slope, const = _param_line(spec.in_features, spec.out_features, spec.bias, gated)
@@ -1087,12 +1103,17 @@ def swap_mlp(
         init: ``"host"`` initialises new blocks with the host's conventions (see
             :func:`host_init`); ``"default"`` keeps ``nn.Linear`` defaults.
         include: swap only the recognised blocks whose path (as ``SwapReport.paths`` gives it)
-            matches: a regular expression matched against the whole path
-            (``r"blocks\\.[0-5]\\.mlp"``), a sequence of them (any may match; a plain path
-            matches itself), or a callable ``(path, module) -> bool``. ``None``: every block.
+            matches: a regular expression (a string or a compiled ``re.Pattern``) matched
+            against the whole path (``r"blocks\\.[0-5]\\.mlp"``; a string also matches the path
+            equal to it, so a plain path matches itself), any iterable of them (a list, tuple,
+            set or generator; any may match), or a callable ``(path, module) -> bool``. A block
+            reachable under several names of its parent (``layer.ffn = layer.mlp``) matches
+            under any of them. ``None``: every block.
         exclude: leave the blocks it matches (same forms) unchanged; they are listed in
-            ``SwapReport.excluded``. A pattern that matches no recognised block warns (a typo
-            would otherwise swap everything).
+            ``SwapReport.excluded``. A pattern or callable that matches no recognised block
+            warns (a typo would otherwise swap everything). MLP-looking modules that no adapter
+            recognises are left alone without an error (``strict=True``) where ``include`` /
+            ``exclude`` leave them out and no block inside them is swapped.
         module_kwargs: passed to the block constructors (e.g. ``packed=False``,
             ``approximate="tanh"`` for ``"geglu"``); one that the new block does not take is a
             ``TypeError`` before anything is changed.
@@ -1157,7 +1178,9 @@ def swap_mlp(
     adapters = registered_adapters()
     found: list[tuple[str, nn.Module, MLPAdapter]] = []
     others: list[tuple[str, nn.Module]] = []
+    position: dict[str, int] = {}  # walk order, to list paths in model order
     for path, module, adapter in _walk(model, "", adapters):
+        position[path] = len(position)
         if adapter is None:
             others.append((path, module))
         else:
@@ -1168,7 +1191,8 @@ def swap_mlp(
             "inside a host model. Build the new block directly with glu_probe.make_mlp."
         )
     matched = [p for p, _, _ in found]
-    suspects = []
+    # (path, module, description, root paths of the recognised blocks inside it)
+    suspects: list[tuple[str, nn.Module, str, list[str]]] = []
     for p, m in others:
         if not p or not _looks_like_mlp(p, m, adapters):
             continue
@@ -1176,7 +1200,7 @@ def swap_mlp(
         if not inner:
             # (adapters that run the block to check its form decline hooked blocks)
             hooked = ", with hooks the new block would not carry" if hooked_modules(m) else ""
-            suspects.append(f"{p} ({type(m).__name__}{hooked}{_custom_linears(m)})")
+            suspects.append((p, m, f"{p} ({type(m).__name__}{hooked}{_custom_linears(m)})", []))
             continue
         # An ancestor of recognised blocks (a wrapper) is fine unless it holds weights of its
         # own outside them: a mixture-of-experts block whose shared expert is a LlamaMLP keeps
@@ -1185,14 +1209,15 @@ def swap_mlp(
         left = _uncovered_weights(m, inner)
         if left:
             shown = ", ".join(left[:4]) + (", ..." if len(left) > 4 else "")
-            suspects.append(
+            what = (
                 f"{p} ({type(m).__name__}, whose weights {shown} are outside the recognised "
                 f"block(s) {', '.join(inner)}; e.g. a mixture-of-experts block)"
             )
+            suspects.append((p, m, what, [f"{p}.{q}" for q in inner]))
     names = ", ".join(a.name for a in adapters)
     if not found:
         what = (
-            f"MLP-like modules no adapter recognises: {suspects}"
+            f"MLP-like modules no adapter recognises: {[s[2] for s in suspects]}"
             if suspects
             else "no MLP-like module at all"
         )
@@ -1200,32 +1225,39 @@ def swap_mlp(
             f"swap_mlp found no recognised MLP block in {type(model).__name__} ({what}; "
             f"adapters tried: {names}). {_REGISTER_HELP}"
         )
-    if suspects:
-        msg = (
-            f"{type(model).__name__} is only partly recognised: {len(found)} MLP block(s) "
-            f"({', '.join(matched[:4])}{', ...' if len(matched) > 4 else ''}) but also "
-            f"{suspects} that no adapter ({names}) recognises. {_REGISTER_HELP}"
-        )
-        if strict:
-            raise UnsupportedModelError(
-                msg + " Pass strict=False to swap only the recognised ones."
-            )
-        warnings.warn(msg, UserWarning, stacklevel=2)
-    found, excluded = _select_blocks(found, include, exclude)
 
-    # Parameters of a block that are also used elsewhere (tied to another block's, or to a
-    # non-MLP module): a swap would untie them and miscount. Whole shared blocks are fine.
     # Every path of every block, aliases included: a model registered under two names
     # (``self.net = m; self.backbone = m``) or a block under two attribute names is found once
     # by the walk (``named_children`` de-duplicates) but reaches its parameters by each name.
+    candidate_ids = {id(m) for _, m, _ in found} | {id(m) for _, m, _, _ in suspects}
+    paths_of: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if id(m) in candidate_ids:
+            paths_of.setdefault(id(m), []).append(n)
+    all_found = found
+    found, excluded, left_out = _select_blocks(model, found, suspects, paths_of, include, exclude)
+    unrecognised = [s for s in suspects if s[0] not in left_out]
+    if unrecognised:
+        msg = (
+            f"{type(model).__name__} is only partly recognised: {len(all_found)} MLP block(s) "
+            f"({', '.join(matched[:4])}{', ...' if len(matched) > 4 else ''}) but also "
+            f"{[s[2] for s in unrecognised]} that no adapter ({names}) recognises. "
+            f"{_REGISTER_HELP}"
+        )
+        if strict:
+            raise UnsupportedModelError(
+                msg + " Pass strict=False to swap only the recognised ones (or leave these "
+                "modules out with exclude=)."
+            )
+        warnings.warn(msg, UserWarning, stacklevel=2)
+    excluded.sort(key=position.__getitem__)
+    _warn_mixed_record(model, found, variant)
+
+    # Parameters of a block that are also used elsewhere (tied to another block's, or to a
+    # non-MLP module): a swap would untie them and miscount. Whole shared blocks are fine.
     param_names: dict[int, list[str]] = {}
     for n, q in model.named_parameters(remove_duplicate=False):
         param_names.setdefault(id(q), []).append(n)
-    found_ids = {id(old) for _, old, _ in found}
-    paths_of: dict[int, list[str]] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        if id(m) in found_ids:
-            paths_of.setdefault(id(m), []).append(n)
 
     # Describe and build everything before installing anything: all or nothing.
     plan: list[tuple[str, nn.Module, MLPAdapter, nn.Module, SwapEntry]] = []
@@ -1330,14 +1362,32 @@ def swap_mlp(
             raise UnsupportedModelError(f"swap_mlp found no block it can swap: {msg}")
         warnings.warn(msg, UserWarning, stacklevel=2)
     report = SwapReport(variant=variant, match=match, entries=[e for *_, e in plan])
-    report.unrecognised = suspects + skipped
+    report.unrecognised = [s[2] for s in unrecognised] + skipped
     report.excluded = excluded
+    # What the model holds after the swap, outside this swap's blocks: the host's own blocks
+    # (left out, skipped by strict=False, or MLP-like modules no adapter recognises), which the
+    # config record lists under "excluded" for the reload recipe, and the blocks an earlier
+    # swap built, which the record describes only if they are what this swap builds.
+    planned = {path for path, *_ in plan}
+    host_own: list[str] = []
+    earlier: dict[str, tuple[str, int | None]] = {}
+    for path, block, _ in all_found:
+        if path in planned:
+            continue
+        built = _built_by_swap(block)
+        if built is None:
+            host_own.append(path)
+        else:
+            earlier[path] = _block_signature(built)
+    own = set(host_own)
+    host_own += [p for p, _, _, inner in suspects if all(q in own for q in inner)]
+    host_own.sort(key=position.__getitem__)
     # Installing and updating the configs runs user code (a registered adapter's install, a
     # config's __setattr__ validators): a failure part way through restores the model and its
     # configs as they were, so the swap stays all or nothing.
     undo = _Snapshot(model)
     try:
-        _install_and_configure(model, plan, paths_of, report, variant, match)
+        _install_and_configure(model, plan, paths_of, report, variant, match, host_own, earlier)
     except BaseException:
         undo.restore()
         raise
@@ -1351,9 +1401,18 @@ def _install_and_configure(
     report: SwapReport,
     variant: str,
     match: Literal["params", "width"],
+    host_own: Sequence[str] = (),
+    earlier: dict[str, tuple[str, int | None]] | None = None,
 ) -> None:
     """The part of :func:`swap_mlp` that changes the model: install the planned blocks, repoint
-    aliases and update the Hugging Face configs (filling ``report``'s config fields)."""
+    aliases and update the Hugging Face configs (filling ``report``'s config fields).
+
+    ``host_own``: root paths of the blocks (and MLP-like modules) that are still the host's own
+    after the swap; ``earlier``: root path -> (variant, width) of the blocks an earlier swap
+    built that this one leaves in place. Each config's record lists the first (relative to the
+    sub-model owning the config: what a model rebuilt from it holds) under ``"excluded"``, and
+    under ``"mixed"`` those of the second that it does not describe."""
+    earlier = earlier or {}
     for path, old, adapter, new, _ in plan:
         adapter.install(model, path, old, new)
     _repoint_aliases(model, plan, paths_of)
@@ -1363,40 +1422,152 @@ def _install_and_configure(
         owner = config_owner(model, path)
         if owner is not None:
             groups.setdefault(id(owner[2]), (*owner, []))[3].append(k)
+    mixed: dict[str, str] = {}  # root path -> what the block is, for blocks a record misses
     for owner_path, owner_module, config, ks in groups.values():
         sub = SwapReport(variant=variant, match=match, entries=[plan[k][4] for k in ks])
         new_act = getattr(plan[ks[0]][3], "act", None)
         act = activation_name(new_act) if isinstance(new_act, nn.Module) else None
         adapters_used = [plan[k][2] for k in ks]
+        own = [p for p in host_own if _under(p, owner_path)]
+        before = {p: sig for p, sig in earlier.items() if _under(p, owner_path)}
         updates, kept, unchecked = _update_config(
-            model, owner_path, owner_module, config, sub, adapters_used, act, report.excluded
+            model, owner_path, owner_module, config, sub, adapters_used, act, own, list(before)
         )
-        if report.excluded:  # (root paths: a rebuilt model is swapped with exclude=these)
-            updates[RECORD_ATTR][1]["excluded"] = list(report.excluded)
+        rec = updates[RECORD_ATTR][1]
+        if own:  # (a model rebuilt from the config is swapped with exclude=these)
+            rec["excluded"] = [_relative(p, owner_path) for p in own]
+        odd = _undescribed(before, [_block_signature(plan[k][3]) for k in ks], rec["hidden"])
+        if odd:
+            rec["mixed"] = {_relative(p, owner_path): odd[p] for p in odd}
+            mixed.update(odd)
         prefix = f"{owner_path}.config." if owner_path else ""
         report.config_updates.update({prefix + k: v for k, v in updates.items()})
         report.config_updates.update(_sync_config_copies(owner_path, owner_module, config, updates))
         report.config_skipped.update({prefix + k: v for k, v in kept.items()})
         if unchecked is not None:
             report.config_unchecked[f"{owner_path}.config" if owner_path else "config"] = unchecked
-    _record_at_root(model, groups, report)
+    signatures = [_block_signature(new) for *_, new, _ in plan]
+    mixed.update(_record_at_root(model, groups, report, host_own, earlier, signatures, mixed))
+    if mixed:
+        shown = ", ".join(f"{p}: {what}" for p, what in list(mixed.items())[:4]) + (
+            ", ..." if len(mixed) > 4 else ""
+        )
+        built = sorted({f"{label} (width {h})" for label, h in signatures})
+        warnings.warn(
+            f"swap_mlp: the model now holds glu_probe blocks of more than one kind: this swap "
+            f"built {', '.join(built)}, and an earlier swap left {shown}. The config's "
+            f"{RECORD_ATTR} record describes one variant and width, so it lists those blocks "
+            'under "mixed": a model rebuilt from the config and swapped with the reload recipe '
+            "would not be this model. Swap them to the same variant and width before saving, "
+            "or rebuild the model by replaying the same swaps",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
-_MODULE_DICTS = ("_modules", "_parameters", "_buffers")
+def _under(path: str, owner_path: str) -> bool:
+    """Whether ``path`` is at or below ``owner_path`` (``""``: the root, which holds all)."""
+    return not owner_path or path == owner_path or path.startswith(owner_path + ".")
+
+
+def _relative(path: str, owner_path: str) -> str:
+    """``path`` relative to ``owner_path`` (a path at or below it)."""
+    return path[len(owner_path) + 1 :] if owner_path else path
+
+
+def _built_by_swap(block: nn.Module) -> nn.Module | None:
+    """The block an earlier swap built at this place (in ``block`` itself or, for a layer an
+    adapter rewired in place, BERT's or OPT's, inside it), or ``None`` for a host's own block."""
+    for m in block.modules():
+        if ORIGIN_ATTR in vars(m):
+            return m
+    return None
+
+
+def _block_signature(block: nn.Module) -> tuple[str, int | None]:
+    """``(variant, width)`` of a block a swap built: the variant named by its gating and
+    activation (``"gelu"``, ``"swiglu"``; otherwise a description such as ``"gated
+    gelu_tanh"``) and its hidden width."""
+    act = getattr(block, "act", None)
+    try:
+        name = activation_name(act) if isinstance(act, nn.Module) else type(block).__name__
+    except Exception:
+        name = type(block).__name__
+    gated = bool(getattr(block, "gated", False))
+    label = next(
+        (v for v, a in VARIANT_ACTIVATION.items() if a == name and (v in GATED_VARIANTS) == gated),
+        f"gated {name}" if gated else name,
+    )
+    width = getattr(block, "hidden_features", None)
+    return label, width if isinstance(width, int) else None
+
+
+def _undescribed(
+    before: dict[str, tuple[str, int | None]],
+    built: Sequence[tuple[str, int | None]],
+    hidden: int | None,
+) -> dict[str, str]:
+    """The blocks of ``before`` (path -> variant and width of a block an earlier swap built) that
+    a record of this swap's blocks (``built``, recorded width ``hidden``) does not describe:
+    another variant, or another width than the recorded one, with what they are."""
+    labels = {label for label, _ in built}
+    return {
+        p: f"{label} (width {h})"
+        for p, (label, h) in before.items()
+        if label not in labels or (hidden is not None and h is not None and h != hidden)
+    }
+
+
+def _warn_mixed_record(
+    model: nn.Module, found: list[tuple[str, nn.Module, MLPAdapter]], variant: str
+) -> None:
+    """Warn where this swap is about to build ``variant`` at a host's own block that a config
+    record marks ``"mixed"``: a model rebuilt from the config of a model that held blocks of
+    several variants, which one swap does not rebuild."""
+    root_record = getattr(_hf_config(model), RECORD_ATTR, None)
+    hits: dict[str, str] = {}
+    for path, block, _ in found:
+        if _built_by_swap(block) is not None:
+            continue
+        owner = config_owner(model, path)
+        records = [(path, root_record)]
+        if owner is not None:
+            records.append((_relative(path, owner[0]), getattr(owner[2], RECORD_ATTR, None)))
+        for rel, record in records:
+            odd = record.get("mixed") if isinstance(record, dict) else None
+            if isinstance(odd, dict) and rel in odd:
+                hits[path] = str(odd[rel])
+    if hits:
+        shown = ", ".join(f"{p}: {what}" for p, what in list(hits.items())[:4]) + (
+            ", ..." if len(hits) > 4 else ""
+        )
+        warnings.warn(
+            f'swap_mlp: the config\'s {RECORD_ATTR} record is marked "mixed": the model it was '
+            f"written for held other blocks at {shown}; this swap builds {variant!r} there, so "
+            "it does not rebuild that model (its state dict will not load as saved)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class _Snapshot:
     """The attributes of every module of a model and of every Hugging Face config it holds
-    (sub-configs included), to put back after a failed swap. Shallow: the module tree, plain
-    attributes and config values are restored; tensors are not copied (the swap changes none
-    in place)."""
+    (sub-configs included), to put back after a failed swap. Shallow: each module's class
+    (a parametrization changes it), its attributes and the contents of every dict or set it
+    holds (children, parameters, buffers, hook dicts, the non-persistent buffer set) are
+    restored, and the configs' values; tensors are not copied (the swap changes none in
+    place)."""
 
     def __init__(self, model: nn.Module) -> None:
-        # (each module's attributes, and the contents of its child / parameter / buffer dicts)
-        self.modules: list[tuple[nn.Module, dict[str, Any], dict[str, dict[str, Any]]]] = [
-            (m, dict(vars(m)), {k: dict(vars(m)[k]) for k in _MODULE_DICTS})
-            for m in model.modules()
-        ]
+        self.modules: list[tuple[nn.Module, type, dict[str, Any], dict[str, Any]]] = []
+        for m in model.modules():
+            attrs = dict(vars(m))
+            contents = {
+                k: dict(v) if isinstance(v, dict) else set(v)
+                for k, v in attrs.items()
+                if isinstance(v, dict | set)
+            }
+            self.modules.append((m, type(m), attrs, contents))
         configs: dict[int, Any] = {}
         todo = [c for m in model.modules() if (c := _hf_config(m)) is not None]
         while todo:
@@ -1410,10 +1581,12 @@ class _Snapshot:
         self.configs = [(c, dict(vars(c))) for c in configs.values()]
 
     def restore(self) -> None:
-        for m, attrs, contents in self.modules:
+        for m, cls, attrs, contents in self.modules:
             for key, saved in contents.items():
                 attrs[key].clear()
                 attrs[key].update(saved)
+            if type(m) is not cls:
+                m.__class__ = cls
             vars(m).clear()
             vars(m).update(attrs)
         for c, attrs in self.configs:
@@ -1421,72 +1594,131 @@ class _Snapshot:
             vars(c).update(attrs)
 
 
-#: ``include`` / ``exclude`` of :func:`swap_mlp`: a regular expression matched against a block's
-#: whole path, a sequence of them, or a callable ``(path, module) -> bool``.
-PathFilter = str | Sequence[str] | Callable[[str, nn.Module], bool]
+#: ``include`` / ``exclude`` of :func:`swap_mlp`: a regular expression (string or compiled)
+#: matched against a block's whole path, an iterable of them, or a callable
+#: ``(path, module) -> bool``.
+PathFilter = (
+    str | re.Pattern[str] | Iterable[str | re.Pattern[str]] | Callable[[str, nn.Module], bool]
+)
 
 
 def _path_matcher(
-    name: str, spec: PathFilter
-) -> tuple[Callable[[str, nn.Module], bool], list[str]]:
-    """``(matcher, patterns)`` for an ``include`` / ``exclude`` argument (``patterns``: the
-    regular expressions, to tell which matched nothing)."""
+    name: str, spec: PathFilter, known: set[str]
+) -> list[tuple[str, Callable[[str, nn.Module], bool]]]:
+    """``(label, test)`` per pattern of an ``include`` / ``exclude`` argument (one for a
+    callable), to tell which matched nothing. A string pattern matches a path it equals, or
+    that it matches as a regular expression; one that is not a regular expression must be one
+    of the ``known`` paths."""
     if callable(spec):
-        return spec, []
-    patterns = [spec] if isinstance(spec, str) else spec
-    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
+        fn = spec
+        label = getattr(fn, "__qualname__", None) or repr(fn)
+        return [(f"callable {label}", lambda path, module: bool(fn(path, module)))]
+    if isinstance(spec, str | re.Pattern):
+        items: list[Any] = [spec]
+    elif isinstance(spec, Iterable) and not isinstance(spec, bytes | bytearray):
+        items = list(spec)  # (once: a generator)
+    else:
+        items = [spec]
+    if not all(
+        isinstance(p, str) or (isinstance(p, re.Pattern) and isinstance(p.pattern, str))
+        for p in items
+    ):
         raise TypeError(
-            f"swap_mlp: {name} must be a regular expression, a sequence of them or a callable "
-            f"(path, module) -> bool, got {spec!r}"
+            f"swap_mlp: {name} must be a regular expression (a string or a compiled pattern), "
+            f"an iterable of them or a callable (path, module) -> bool, got {spec!r}"
         )
-    try:
-        compiled = [re.compile(p) for p in patterns]
-    except re.error as err:
-        raise ValueError(
-            f"swap_mlp: {name} pattern {err.pattern!r} is not a regular expression: {err}"
-        ) from None
-    return (lambda path, _module: any(c.fullmatch(path) for c in compiled)), list(patterns)
+    tests: list[tuple[str, Callable[[str, nn.Module], bool]]] = []
+    for p in items:
+        if isinstance(p, re.Pattern):
+            tests.append((p.pattern, _regex_test(None, p)))
+            continue
+        try:
+            compiled: re.Pattern[str] | None = re.compile(p)
+        except re.error as err:
+            if p not in known:
+                raise ValueError(
+                    f"swap_mlp: {name} pattern {p!r} is not a regular expression ({err}) nor "
+                    "the path of a block"
+                ) from None
+            compiled = None
+        tests.append((p, _regex_test(p, compiled)))
+    return tests
 
 
-def _first_paths(found: list[tuple[str, nn.Module, MLPAdapter]]) -> str:
-    return ", ".join(path for path, _, _ in found[:4]) + (", ..." if len(found) > 4 else "")
+def _regex_test(
+    literal: str | None, compiled: re.Pattern[str] | None
+) -> Callable[[str, nn.Module], bool]:
+    def test(path: str, _module: nn.Module) -> bool:
+        return path == literal or (compiled is not None and compiled.fullmatch(path) is not None)
+
+    return test
+
+
+def _first_paths(found: Sequence[tuple[Any, ...]]) -> str:
+    return ", ".join(f[0] for f in found[:4]) + (", ..." if len(found) > 4 else "")
 
 
 def _select_blocks(
+    model: nn.Module,
     found: list[tuple[str, nn.Module, MLPAdapter]],
+    suspects: Sequence[tuple[str, nn.Module, str, list[str]]],
+    paths_of: dict[int, list[str]],
     include: PathFilter | None,
     exclude: PathFilter | None,
-) -> tuple[list[tuple[str, nn.Module, MLPAdapter]], list[str]]:
-    """The recognised blocks ``include`` / ``exclude`` keep, and the paths they leave out. A
-    block found at several paths (shared across layers) is kept or left out at all of them."""
+) -> tuple[list[tuple[str, nn.Module, MLPAdapter]], list[str], set[str]]:
+    """The recognised blocks ``include`` / ``exclude`` keep, the paths they leave out (blocks and
+    MLP-like modules no adapter recognises), and the paths of the latter that they leave out
+    (those holding no kept block), which are then not unrecognised blocks. A block is matched
+    under each name its parent gives it (``layer.ffn = layer.mlp``); a block found at several
+    paths (shared across layers) is kept or left out at all of them."""
     if include is None and exclude is None:
-        return found, []
-    chosen = {path: True for path, _, _ in found}
+        return found, [], set()
+
+    def names(path: str, module: nn.Module) -> list[str]:
+        holder = model.get_submodule(path.rpartition(".")[0])
+        aliases = [
+            q
+            for q in paths_of.get(id(module), [])
+            if q != path and model.get_submodule(q.rpartition(".")[0]) is holder
+        ]
+        return [path, *aliases]
+
+    candidates = [(p, m, names(p, m)) for p, m, _ in found]
+    candidates += [(p, m, names(p, m)) for p, m, _, _ in suspects]
+    known = {q for _, _, qs in candidates for q in qs}
+    chosen = {p: True for p, _, _ in candidates}
     for name, spec, want in (("include", include, True), ("exclude", exclude, False)):
         if spec is None:
             continue
-        matcher, patterns = _path_matcher(name, spec)
-        hits = {path: bool(matcher(path, m)) for path, m, _ in found}
-        for path, hit in hits.items():
-            if hit is not want:
+        tests = _path_matcher(name, spec, known)
+        used: set[int] = set()
+        for path, module, qs in candidates:
+            hits = [i for i, (_, test) in enumerate(tests) if any(test(q, module) for q in qs)]
+            used.update(hits)
+            if bool(hits) is not want:
                 chosen[path] = False
-        unused = [p for p in patterns if not any(re.fullmatch(p, path) for path in hits)]
+        unused = [label for i, (label, _) in enumerate(tests) if i not in used]
         if unused:
             shown = _first_paths(found)
-            warnings.warn(
-                f"swap_mlp: {name} pattern(s) {unused} match no recognised MLP block (patterns "
-                f"are matched against the whole path, e.g. {shown})",
-                UserWarning,
-                stacklevel=3,
-            )
-    paths_of: dict[int, list[str]] = {}
-    for path, m, _ in found:
-        paths_of.setdefault(id(m), []).append(path)
-    for paths in paths_of.values():
+            if callable(spec):
+                message = (
+                    f"the {name} {unused[0]} matches no recognised MLP block (it is called "
+                    f"with each block's path and module, e.g. {shown})"
+                )
+            else:
+                message = (
+                    f"{name} pattern(s) {unused} match no recognised MLP block (patterns are "
+                    f"matched against the whole path, e.g. {shown})"
+                )
+            warnings.warn(f"swap_mlp: {message}", UserWarning, stacklevel=3)
+    by_module: dict[int, list[str]] = {}
+    for path, module, _ in found:
+        by_module.setdefault(id(module), []).append(path)
+    for paths in by_module.values():
         if len({chosen[p] for p in paths}) > 1:
             raise ValueError(
-                f"swap_mlp: the block at {paths} is one module shared by these paths; include or "
-                "exclude all of them"
+                f"swap_mlp: the block at {paths} is one module shared by these paths; include "
+                "or exclude all of them"
             )
     kept = [f for f in found if chosen[f[0]]]
     if not kept:
@@ -1494,41 +1726,83 @@ def _select_blocks(
             f"swap_mlp: include/exclude leave none of the {len(found)} recognised block(s) to "
             f"swap ({_first_paths(found)})"
         )
-    return kept, [path for path, _, _ in found if not chosen[path]]
+    left_out = {
+        p
+        for p, _, _, inner in suspects
+        if not chosen[p] and not any(chosen.get(q, False) for q in inner)
+    }
+    return kept, [p for p, _, _ in found if not chosen[p]] + sorted(left_out), left_out
+
+
+def _passable_keywords(variant: str) -> list[str]:
+    """The keywords a ``variant`` block takes that can be passed through ``swap_mlp``: not those
+    it takes from the block it replaces (:data:`_FROM_SOURCE`), nor ``init`` (``swap_mlp``'s own
+    argument, another meaning), nor ``act_layer`` (the variant fixes it)."""
+    import glu_probe.modules as modules
+
+    target = VARIANTS[variant]
+    cls: type = target.func if isinstance(target, functools.partial) else target  # type: ignore[assignment]
+    accepted = {  # as glu_probe.modules._check_keywords: each class's own and its bases'
+        n
+        for c in cls.__mro__
+        if c.__module__ == modules.__name__ and "__init__" in vars(c)
+        for n, p in inspect.signature(vars(c)["__init__"]).parameters.items()
+        if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD
+    } - {"self", "in_features", "hidden_features", "out_features", "act_layer"}
+    if variant == "gelu":
+        accepted.add("approximate")
+    return sorted(accepted - _FROM_SOURCE - {"init"})
 
 
 def _check_module_kwargs(variant: str, module_kwargs: dict[str, Any]) -> None:
     """A keyword that neither ``swap_mlp`` nor the new blocks take is refused before anything
     is built (it had been dropped with a warning per block: a typo such as ``multple_of=4``
-    swapped with the default alignment)."""
+    swapped with the default alignment). The message lists what can be passed through."""
     try:
         _check_keywords(variant, module_kwargs)
-    except TypeError as err:
+    except TypeError:
+        passable = _passable_keywords(variant)
         own = [n for n in inspect.signature(swap_mlp).parameters if n not in ("model", "variant")]
+        unknown = sorted(k for k in module_kwargs if k not in passable)
         hints = [
             f"{k!r} -> {close[0]!r}?"
-            for k in sorted(module_kwargs)
-            if (close := difflib.get_close_matches(k, own, n=1))
+            for k in unknown
+            if (close := difflib.get_close_matches(k, passable + own, n=1))
         ]
         raise TypeError(
-            f"swap_mlp: {err}" + (f"; swap_mlp's own keywords: {', '.join(hints)}" if hints else "")
+            f"swap_mlp: unexpected keyword argument(s) {unknown} for the new {variant!r} blocks"
+            + (f" ({', '.join(hints)})" if hints else "")
+            + f"; through swap_mlp a {variant!r} block takes {passable}"
         ) from None
 
 
-def _record_at_root(model: nn.Module, groups: dict[int, Any], report: SwapReport) -> None:
+def _record_at_root(
+    model: nn.Module,
+    groups: dict[int, Any],
+    report: SwapReport,
+    host_own: Sequence[str] = (),
+    earlier: dict[str, tuple[str, int | None]] | None = None,
+    built: Sequence[tuple[str, int | None]] = (),
+    mixed: dict[str, str] | None = None,
+) -> dict[str, str]:
     """A composite model (CLIP, SigLIP, PaliGemma, ``EncoderDecoderModel``) whose swapped blocks
     all belong to sub-configs gets a record on its top config too, naming them: the documented
     reload reads ``config.glu_probe_swap["variant"]`` from the saved top config, which had none
     (an AttributeError; review, session 20). It holds no width (``hidden`` None), so it changes
-    no swap; the sub-configs' records keep theirs."""
-    root = getattr(model, "config", None)
-    if root is None or not callable(getattr(root, "to_dict", None)) or id(root) in groups:
-        return
+    no swap; the sub-configs' records keep theirs. Its ``"excluded"`` lists the host's own blocks
+    of the whole model, and its ``"mixed"`` the blocks of an earlier swap of another variant
+    (in any sub-model) and those the sub-configs' records mark; returns the latter."""
+    root = _hf_config(model)
+    if root is None or id(root) in groups:
+        return {}
     subs = sorted(path for path, *_ in groups.values() if path)
     if not subs:
-        return
+        return {}
     old = getattr(root, RECORD_ATTR, None)
-    rec = {
+    earlier = earlier or {}
+    if earlier and isinstance(old, dict) and isinstance(old.get("sub_configs"), list):
+        subs = sorted(set(subs) | set(old["sub_configs"]))  # (an earlier swap's, still there)
+    rec: dict[str, Any] = {
         "variant": report.variant,
         "match": report.match,
         "hidden": None,
@@ -1536,10 +1810,14 @@ def _record_at_root(model: nn.Module, groups: dict[int, Any], report: SwapReport
         "act_key": None,
         "sub_configs": subs,
     }
-    if report.excluded:
-        rec["excluded"] = list(report.excluded)
+    if host_own:
+        rec["excluded"] = list(host_own)
+    odd = {**(mixed or {}), **_undescribed(earlier, built, None)}
+    if odd:
+        rec["mixed"] = odd
     setattr(root, RECORD_ATTR, rec)
     report.config_updates[RECORD_ATTR] = (old, rec)
+    return odd
 
 
 def _sync_config_copies(
@@ -1740,9 +2018,13 @@ def _rebuild_host(
     return None
 
 
-#: How a config key left unchanged because it would change only the blocks ``exclude`` kept is
-#: reported (in ``SwapReport.config_skipped``, without a warning: the partial swap is asked for).
-_EXCLUDED_ONLY = "it would change the blocks left out by include/exclude"
+#: How a config key left unchanged because it would change only the blocks the swap leaves as
+#: the host's own (left out by include/exclude, skipped under strict=False) is reported (in
+#: ``SwapReport.config_skipped``, without a warning: the partial swap is asked for).
+_EXCLUDED_ONLY = "it would change the blocks this swap leaves unchanged"
+#: How a key is reported that is left unchanged because the config cannot be checked by a
+#: rebuild and blocks the swap leaves unchanged follow it (also without a warning).
+_UNCHECKED_KEPT = "the config cannot be checked by a rebuild"
 
 
 def _shared_keys(
@@ -1756,8 +2038,8 @@ def _shared_keys(
     """Keys of ``planned`` whose new value changes a module outside the ``swapped`` paths of a
     model rebuilt from the updated config (on the ``meta`` device), with the reason; a string
     saying why when the host cannot be rebuilt that way (nothing checked). A reason for a key
-    that changes only blocks in ``excluded`` (left out on purpose) starts with
-    :data:`_EXCLUDED_ONLY`."""
+    that changes only blocks in ``excluded`` (the host's own blocks the swap leaves) starts with
+    :data:`_EXCLUDED_ONLY`. Paths are the root's; those outside the rebuilt host are ignored."""
     found = _rebuild_host(model, owner_path, config)
     if found is None:
         return (
@@ -1768,8 +2050,8 @@ def _shared_keys(
     configs = [host.config, *(v for v in vars(host.config).values() if hasattr(v, "to_dict"))]
     if any(getattr(c, "use_pretrained_backbone", False) for c in configs):
         return "use_pretrained_backbone: rebuilding it would load backbone weights"
-    rel = [p[len(host_path) + 1 :] if host_path else p for p in swapped]
-    rel_excluded = [p[len(host_path) + 1 :] if host_path else p for p in excluded]
+    rel = [_relative(p, host_path) for p in swapped if _under(p, host_path)]
+    rel_excluded = [_relative(p, host_path) for p in excluded if _under(p, host_path)]
 
     def inside(name: str, paths: list[str]) -> bool:
         return any(name == q or name.startswith(q + ".") for q in paths)
@@ -1824,9 +2106,12 @@ def _update_config(
     adapters: list[MLPAdapter],
     act_name: str | None,
     excluded: Sequence[str] = (),
+    earlier: Sequence[str] = (),
 ) -> tuple[dict[str, tuple[Any, Any]], dict[str, str], str | None]:
     """Update ``config`` for the blocks of ``report``: ``(updates, keys left unchanged and why,
-    why the shared-key check did not run or None)``."""
+    why the shared-key check did not run or None)``. ``excluded``: root paths of the host's own
+    blocks under this config that the swap leaves (their keys are kept); ``earlier``: those of
+    blocks an earlier swap built (a model rebuilt from the config is swapped there too)."""
     widths = {e.hidden_features for e in report.entries}
     width_keys: set[str] = set()
     act_keys: set[str] = set()
@@ -1865,15 +2150,24 @@ def _update_config(
     left: dict[str, str] = {}
     unchecked: str | None = None
     if changing:
-        swapped = [e.path for e in report.entries]
+        swapped = [e.path for e in report.entries] + list(earlier)
         shared = _shared_keys(model, owner_path, config, changing, swapped, excluded)
-        if isinstance(shared, str):
+        if isinstance(shared, str) and excluded:
+            # Nothing says which modules the keys change, and blocks of the host's own are
+            # left under this config: a key they follow would no longer describe them.
+            shown = ", ".join(excluded[:3]) + (", ..." if len(excluded) > 3 else "")
+            left = {
+                k: f"{_UNCHECKED_KEPT} ({shared}), and the blocks this swap leaves unchanged "
+                f"({shown}) may follow it: left unchanged ({k}={v!r})"
+                for k, v in changing.items()
+            }
+        elif isinstance(shared, str):
             unchecked = shared
         else:
             left = shared
     for key in left:
         del planned[key]
-        if left[key].startswith(_EXCLUDED_ONLY):
+        if left[key].startswith((_EXCLUDED_ONLY, _UNCHECKED_KEPT)):
             continue
         warnings.warn(
             f"swap_mlp: config key {key!r} not updated: {left[key]}", UserWarning, stacklevel=3
@@ -1903,6 +2197,8 @@ def _update_config(
         "variant": report.variant,
         "match": report.match,
         "hidden": hidden,
+        # the alignment that width was made with (a later swap that reuses the width says it)
+        "multiple_of": unique({e.multiple_of for e in report.entries}),
         "width_key": next(iter(sorted(k for k in width_keys if k in planned)), None),
         "act_key": next(iter(sorted(k for k in act_keys if k in planned)), None),
         **native,
