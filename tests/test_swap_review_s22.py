@@ -469,3 +469,41 @@ def test_the_unknown_keyword_error_lists_only_what_swap_mlp_passes_on() -> None:
         assert f"'{refused}'" not in message
     with pytest.raises(TypeError, match=r"'relu' block takes \[\]"):
         swap_mlp(_vit(), "relu", approximate="tanh")
+
+
+# ---- re-review of the rework ------------------------------------------------------------------
+def test_rollback_survives_a_dict_subclass_that_refuses_update() -> None:
+    """diffusers models hold a ``FrozenDict`` (``update`` raises): the rollback failed on it,
+    hid the swap's own error and restored nothing."""
+
+    class FrozenDict(dict):  # type: ignore[type-arg]
+        def update(self, *a: object, **k: object) -> None:
+            raise Exception("You cannot use update on a FrozenDict")
+
+    model = _vit()
+    model._internal_dict = FrozenDict(a=1)  # type: ignore[assignment]
+    before = _structure(model)
+    inner = next(a for a in registered_adapters() if a.matches(model.blocks[0].mlp))
+    adapter = register_adapter(_FailingInstall(inner))
+    try:
+        with pytest.raises(RuntimeError, match="install failed"):
+            swap_mlp(model, "swiglu", multiple_of=2)
+    finally:
+        unregister_adapter(adapter)
+    assert _structure(model) == before
+    assert dict(model._internal_dict) == {"a": 1}
+
+
+def test_config_key_warnings_point_at_the_caller() -> None:
+    """NomicBERT's ``hidden_act`` is read outside the MLPs too: the "not updated" warning
+    pointed into glu_probe/swap/core.py once the config update moved one frame deeper."""
+    config = transformers.NomicBertConfig(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=176,
+        vocab_size=64, hidden_act="silu",
+    )  # fmt: skip
+    model = transformers.NomicBertForMaskedLM(config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        swap_mlp(model, "gelu")
+    ours = [w for w in caught if "not updated" in str(w.message)]
+    assert ours and all(w.filename == __file__ for w in ours), [w.filename for w in ours]

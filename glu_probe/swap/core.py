@@ -1581,10 +1581,22 @@ class _Snapshot:
         self.configs = [(c, dict(vars(c))) for c in configs.values()]
 
     def restore(self) -> None:
+        """Put everything back. Only containers whose contents changed are rewritten (a dict
+        subclass may refuse ``update``: diffusers' ``FrozenDict``, which every diffusers model
+        holds, made the rollback itself fail, hiding the swap's error and restoring nothing;
+        re-review, session 22), and one that cannot be is left with a warning while the rest,
+        configs included, is still restored."""
+        failed: list[str] = []
         for m, cls, attrs, contents in self.modules:
             for key, saved in contents.items():
-                attrs[key].clear()
-                attrs[key].update(saved)
+                now = attrs[key]
+                if _same_contents(now, saved):
+                    continue
+                try:
+                    now.clear()
+                    now.update(saved)
+                except Exception as err:
+                    failed.append(f"{type(m).__name__}.{key} ({type(err).__name__}: {err})")
             if type(m) is not cls:
                 m.__class__ = cls
             vars(m).clear()
@@ -1592,6 +1604,22 @@ class _Snapshot:
         for c, attrs in self.configs:
             vars(c).clear()
             vars(c).update(attrs)
+        if failed:
+            warnings.warn(
+                "swap_mlp: rolling back the failed swap could not restore "
+                + ", ".join(failed[:4])
+                + (", ..." if len(failed) > 4 else ""),
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
+def _same_contents(now: Any, saved: Any) -> bool:
+    """Whether a dict holds the same keys bound to the same objects (identity: values may be
+    tensors), or a set the same members, as its snapshot."""
+    if isinstance(saved, set):
+        return bool(now == saved)
+    return bool(now.keys() == saved.keys() and all(now[k] is v for k, v in saved.items()))
 
 
 #: ``include`` / ``exclude`` of :func:`swap_mlp`: a regular expression (string or compiled)
@@ -2136,7 +2164,7 @@ def _update_config(
             f"swap_mlp: blocks got different widths {sorted(widths)}; config keys "
             f"{sorted(width_keys)} left unchanged",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # (through _install_and_configure: the caller of swap_mlp)
         )
     planned: dict[str, Any] = {}
     for key in sorted(width_keys):
@@ -2170,7 +2198,7 @@ def _update_config(
         if left[key].startswith((_EXCLUDED_ONLY, _UNCHECKED_KEPT)):
             continue
         warnings.warn(
-            f"swap_mlp: config key {key!r} not updated: {left[key]}", UserWarning, stacklevel=3
+            f"swap_mlp: config key {key!r} not updated: {left[key]}", UserWarning, stacklevel=4
         )
     updates: dict[str, tuple[Any, Any]] = {}
     for key, value in planned.items():
