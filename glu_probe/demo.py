@@ -23,6 +23,7 @@ statement of what was observed, writes ``<out_dir>/<run_name>/report.png``
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -41,6 +42,7 @@ __all__ = [
     "DemoResult",
     "PairSettings",
     "check_text_data",
+    "claim_run_folder",
     "default_settings",
     "fit_pair",
     "fit_seeds",
@@ -276,6 +278,29 @@ def refuse_used_folder(path: str | Path, what: str = "run folder") -> None:
         )
 
 
+#: The file a run writes first into its folder, atomically (``open(..., "x")``): of two runs
+#: started together on one folder, one gets it and the other stops before writing anything.
+RUN_CLAIM = ".glu-probe-run"
+
+
+def claim_run_folder(path: str | Path, what: str = "run folder") -> None:
+    """:func:`refuse_used_folder`, then claim ``path`` for this run by creating
+    :data:`RUN_CLAIM` in it exclusively: two runs started together had both found the folder
+    empty and written their event files side by side (a parallel seed sweep under one name, or
+    two default names stamped in the same second; re-review, session 22)."""
+    p = Path(path)
+    refuse_used_folder(p, what)
+    p.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(p / RUN_CLAIM, "x", encoding="utf-8") as f:
+            f.write(f"pid {os.getpid()}\n")
+    except FileExistsError:
+        raise FileExistsError(
+            f"{what} {str(p)!r} was claimed by another run started at the same time; use another "
+            "run name"
+        ) from None
+
+
 def free_run_name(out_dir: str | Path, base: str) -> str:
     """``base`` if ``<out_dir>/<base>`` is free (missing or empty), else the first free
     ``base-2``, ``base-3``, ...: the examples' default run names, so that a re-run does not
@@ -405,7 +430,7 @@ def fit_pair(
     from glu_probe.data import ByteWindowDataset, lm_probe_batch
 
     _check_seed(seed)
-    refuse_used_folder(Path(save_dir) / name / version)
+    claim_run_folder(Path(save_dir) / name / version)
     module, train_loader, val_loader, trainer_kwargs = pair_run(
         pair, train, val, s, loss_fn=loss_fn, seed=seed
     )
@@ -467,6 +492,8 @@ def fit_seeds(
 
     from glu_probe.report import aggregate_seeds, format_seed_table, load_run, summarize
 
+    if len(set(seeds)) < len(seeds):  # (the second run of a seed found its folder used)
+        raise ValueError(f"seeds must be distinct, got {list(seeds)}")
     for seed in seeds:  # all before the first trains
         _check_seed(seed)
         refuse_used_folder(Path(save_dir) / name / f"seed_{seed}")
@@ -749,17 +776,30 @@ def run_demo(
     accelerator = resolve_accelerator(device)
     console = console or make_console()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    default_name = not run_name
     run_name = run_name or (f"demo-quick-{stamp}" if quick else f"demo-{stamp}")
     if not run_name or "/" in run_name or run_name in (".", ".."):
         raise ValueError(f"run_name must be a plain folder name, got {run_name!r}")
     run_root = Path(out_dir)
     run_dir = run_root / run_name
-    refuse_used_folder(run_dir)
+    if not default_name:  # (early, before the corpus is read; claimed just before training)
+        refuse_used_folder(run_dir)
     cfg = default_settings(quick)
     if settings:
         cfg.update(settings)
     if "gpt2" in pairs:
         check_text_data(data, cfg["gpt2"])
+    for k in range(2, 1000):  # claim it (a default name stamped in the same second: -2, -3, ...)
+        try:
+            claim_run_folder(run_dir)
+            break
+        except FileExistsError:
+            if not default_name:
+                raise
+            run_name = f"{run_name.rsplit(stamp, 1)[0]}{stamp}-{k}"
+            run_dir = run_root / run_name
+    else:
+        raise FileExistsError(f"no free run folder for {run_name!r} under {str(run_root)!r}")
     if accelerator == "cpu" and threads is not None:
         torch.set_num_threads(int(threads))
 

@@ -159,3 +159,41 @@ def test_vit_example_refuses_a_non_positive_train_limit(capsys: pytest.CaptureFi
     with pytest.raises(SystemExit) as exc:
         module.parse_args(["--train-limit", "0"])
     assert exc.value.code == 2 and "--train-limit must be >= 1" in capsys.readouterr().err
+
+
+def test_runs_started_together_claim_a_folder_once(tmp_path: Path) -> None:
+    """Two runs started together on one folder both found it empty and wrote side by side
+    (re-review, session 22): the claim is atomic, so exactly one of them gets it."""
+    import threading
+
+    from glu_probe.demo import RUN_CLAIM, claim_run_folder
+
+    target, outcomes = tmp_path / "race", []
+    barrier = threading.Barrier(8)
+
+    def claim() -> None:
+        barrier.wait()
+        try:
+            claim_run_folder(target)
+            outcomes.append("ok")
+        except FileExistsError:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["ok"] + ["refused"] * 7
+    assert (target / RUN_CLAIM).exists()
+    with pytest.raises(FileExistsError, match="not empty"):
+        run_demo(tmp_path, "race", quick=True, pairs=("two_layer",), progress=False)
+
+
+def test_fit_seeds_refuses_repeated_seeds_before_training(tmp_path: Path) -> None:
+    def build(seed: int) -> object:
+        raise AssertionError("nothing may be built or trained")
+
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        fit_seeds(build, [], [], default_settings(True)["two_layer"], seeds=[0, 0],
+                  save_dir=tmp_path, name="ex", progress=False)  # fmt: skip

@@ -39,7 +39,7 @@ import math
 import os
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -648,6 +648,16 @@ def row_chunk_for(
     return int(max(0, min(r - 1, (room - act) // max(per_row, 1))))
 
 
+def _grid(start: int, stop: int, panel: int, block: int) -> Iterator[tuple[int, int]]:
+    """The row calls ``(a, b)`` covering samples ``start:stop`` (``start`` a panel boundary):
+    each panel's blocks of ``block`` samples, the last one cut at the panel's end, so that a
+    sample is always made by the same call (see :func:`_jacobian_strategy`)."""
+    for q0 in range(start, stop, panel):
+        q1 = min(q0 + panel, stop)
+        for a in range(q0, q1, block):
+            yield a, min(a + block, q1)
+
+
 def _jacobian_strategy(
     probe: ProbeFunction,
     panel: int,
@@ -658,14 +668,13 @@ def _jacobian_strategy(
     gram_chunk: int = GRAM_CHUNK_ELEMENTS,
 ) -> Tensor:
     n, r, s_total = probe.n_rows, probe.rows_per_sample, probe.batch_size
-    # Every sample's rows are made in the same call, samples [k·block, (k+1)·block), whether for
-    # its panel or streamed against another panel: a vmapped call's rounding depends on its
-    # batch, and a sample's float32 rows made in two different calls differ by ~1e-7 relative,
-    # so K was not the Gram matrix of any one set of rows (an exactly singular K reported full
-    # rank and a finite κ, λ_min errors up to 500x the residual the Gram bound gives: review,
-    # session 22). A panel is a whole number of blocks (the planner keeps panel >= block).
-    block = max(1, min(block, panel))
-    panel = max(block, panel // block * block)
+    # Every sample's rows are made by the same call, whether for its own panel or streamed
+    # against another panel: the calls are the blocks of each panel, [q0 + j·block, ...) cut at
+    # the panel's end (_grid). A vmapped call's rounding depends on its batch, and a sample's
+    # float32 rows made in two different calls differ by ~1e-7 relative, so K was not the Gram
+    # matrix of any one set of rows when the streamed blocks ran across panel boundaries (an
+    # exactly singular K reported full rank and a finite κ, λ_min errors up to 500x the residual
+    # the Gram bound gives: review, session 22).
     K = torch.empty(n, n, dtype=probe.dtype, device=probe.device)
     # K's finiteness is checked by ntk_matrix, so the narrowed copy needs no validating pass.
     source = probe.astype(jacobian_dtype, check=False)
@@ -687,15 +696,13 @@ def _jacobian_strategy(
                     )
                     for p in probe.params
                 ]
-                for a in range(p0, p1, block):
-                    b = min(a + block, p1)
+                for a, b in _grid(p0, p1, panel, block):
                     for dst, src in zip(buf, rows(a, b), strict=True):
                         dst[(a - p0) * r : (b - p0) * r] = src
             ra, rb = p0 * r, p1 * r
             # (into K's blocks: no block temporaries)
             _gram_sym(tuple(buf), probe.dtype, out=K[ra:rb, ra:rb], chunk_elements=gram_chunk)
-            for a in range(p1, s_total, block):
-                b = min(a + block, s_total)
+            for a, b in _grid(p1, s_total, panel, block):
                 g = _gram(
                     tuple(buf),
                     rows(a, b),
