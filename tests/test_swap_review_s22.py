@@ -51,10 +51,9 @@ class _FailingInstall(MLPAdapter):
         self.inner.install(root, path, old, new)
 
 
-def test_failed_install_restores_every_block() -> None:
-    model = _vit()
-    x = torch.randn(2, 1, 8, 8)
-    before, out = _structure(model), model(x)
+def _swap_failing_at_the_third_install(model: VisionTransformer) -> _FailingInstall:
+    """Swap ``model`` to SwiGLU through a registered adapter whose third install fails; the
+    error must be the install's own."""
     inner = next(a for a in registered_adapters() if a.matches(model.blocks[0].mlp))
     adapter = register_adapter(_FailingInstall(inner))
     try:
@@ -62,6 +61,15 @@ def test_failed_install_restores_every_block() -> None:
             swap_mlp(model, "swiglu", multiple_of=2)
     finally:
         unregister_adapter(adapter)
+    assert isinstance(adapter, _FailingInstall)
+    return adapter
+
+
+def test_failed_install_restores_every_block() -> None:
+    model = _vit()
+    x = torch.randn(2, 1, 8, 8)
+    before, out = _structure(model), model(x)
+    adapter = _swap_failing_at_the_third_install(model)
     assert adapter.calls == 3  # two blocks had been installed when it failed
     assert _structure(model) == before  # (before: blocks 0 and 1 stayed SwiGLU)
     torch.testing.assert_close(model(x), out, rtol=0, atol=0)
@@ -483,13 +491,7 @@ def test_rollback_survives_a_dict_subclass_that_refuses_update() -> None:
     model = _vit()
     model._internal_dict = FrozenDict(a=1)  # type: ignore[assignment]
     before = _structure(model)
-    inner = next(a for a in registered_adapters() if a.matches(model.blocks[0].mlp))
-    adapter = register_adapter(_FailingInstall(inner))
-    try:
-        with pytest.raises(RuntimeError, match="install failed"):
-            swap_mlp(model, "swiglu", multiple_of=2)
-    finally:
-        unregister_adapter(adapter)
+    _swap_failing_at_the_third_install(model)
     assert _structure(model) == before
     assert dict(model._internal_dict) == {"a": 1}
 
