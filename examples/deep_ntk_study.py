@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glu_probe import _json as strict_json
+from glu_probe._rng import seeded, stream_seed
 from glu_probe.data import digits_dataset, lm_probe_batch, text_corpus
 from glu_probe.models import CausalLMLogits, tiny_gpt2, tiny_vit
 from glu_probe.ntk import ntk_spectrum
@@ -124,13 +125,15 @@ def build_host(family: str, depth: int, width: int, seed: int, seq_len: int) -> 
 
 
 def variant_of(host: nn.Module, variant: str, seed: int) -> nn.Module:
-    """A deep copy of ``host`` with its MLPs swapped to ``variant`` (``gelu``: unchanged)."""
+    """A deep copy of ``host`` with its MLPs swapped to ``variant`` (``gelu``: unchanged).
+
+    The fresh MLPs draw from stream ``(2, 2)`` of ``seed``, as ``glu_probe.models`` pairs do
+    (``seed + 1`` was the next seed's host init, and reseeded every CUDA generator)."""
     model = copy.deepcopy(host)
     if variant == "gelu":
         return model
     target = model.lm if isinstance(model, CausalLMLogits) else model
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
+    with seeded(stream_seed(seed, 2, 2), {p.device for p in target.parameters()}):
         swap_mlp(target, variant, match="params", multiple_of=1)
     return model
 

@@ -11,7 +11,8 @@ draws share a stream (``seed`` and ``seed + 1`` did: one seed's target was the n
 inputs, and the demo's two-layer ReLU weights were its training inputs). Spawn keys in use,
 (user, role, ...): ``(0, ...)`` ``theory.crossing_experiment``, ``(1, ...)``
 ``theory.theory_table``, ``(2, ...)`` ``models`` (two-layer networks, the swapped MLPs of the
-ViT / GPT-2 pairs), ``(3, ...)`` ``data.two_layer_regression``.
+ViT / GPT-2 pairs and of ``examples/deep_ntk_study.py``), ``(3, ...)``
+``data.two_layer_regression``, ``(4, ...)`` ``cli`` (``glu-probe spectrum``'s probe inputs).
 """
 
 from __future__ import annotations

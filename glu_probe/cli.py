@@ -506,6 +506,7 @@ def _hf_tensor_module(hf: Any) -> Any:
 def _cmd_spectrum(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
+    from glu_probe._rng import stream_seed
     from glu_probe.ntk import ntk_spectrum
 
     overrides = dict(args.overrides)
@@ -535,7 +536,8 @@ def _cmd_spectrum(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         detail = f"params {cells[-3]} -> {cells[-2]} ({cells[-1]})" if len(cells) >= 3 else ""
         swap_lines.append(f"{args.swap} (match=params) {detail}".strip())
     n_params = sum(p.numel() for p in model.parameters())
-    gen = torch.Generator().manual_seed(args.seed + 1)
+    # probe inputs: their own stream (seed + 1 was the next seed's model init)
+    gen = torch.Generator().manual_seed(stream_seed(args.seed, 4, 0))
     if args.timm:
         _check_timm_img_size(model, args.img_size, parser)
         inputs = _timm_probe(model, args.batch_size, args.img_size, gen)
