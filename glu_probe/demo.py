@@ -265,13 +265,18 @@ def check_text_data(data: str | Path | None, s: PairSettings) -> None:
             lm_probe_batch(corpus, s.probe_size)
 
 
+def _used(folder: Path) -> bool:
+    """Whether ``folder`` exists and holds anything (a run's files, or another run's claim)."""
+    return folder.is_dir() and any(folder.iterdir())
+
+
 def refuse_used_folder(path: str | Path, what: str = "run folder") -> None:
     """``FileExistsError`` if ``path`` exists and is not empty: TensorBoard would add a run's
     event files beside the old ones, and :func:`glu_probe.report.load_run` would then report a
     mix of both runs (a re-run of an example under its default name reported the first run's
     last steps: review, session 22)."""
     p = Path(path)
-    if p.is_dir() and any(p.iterdir()):
+    if _used(p):
         raise FileExistsError(
             f"{what} {str(p)!r} exists and is not empty: its event files would mix with this "
             "run's; use another run name or remove it"
@@ -306,7 +311,7 @@ def free_run_name(out_dir: str | Path, base: str) -> str:
     ``base-2``, ``base-3``, ...: the examples' default run names, so that a re-run does not
     write into (and report) an earlier run's folder."""
     name, k = base, 1
-    while (p := Path(out_dir) / name).is_dir() and any(p.iterdir()):
+    while _used(Path(out_dir) / name):
         k += 1
         name = f"{base}-{k}"
     return name

@@ -705,12 +705,8 @@ def _check_variant(variant: str) -> str:
     return variant.lower()
 
 
-def _check_keywords(name: str, kwargs: Mapping[str, Any]) -> None:
-    """Refuse keywords the block of ``name`` does not take: the block classes accept and ignore
-    unknown ones with a warning (timm's ``Block`` passes its own), but in a direct call to the
-    factory, or through ``swap_mlp(**module_kwargs)``, an unknown keyword is a typo
-    (``multple_of``) or a setting of another variant (``approximate`` for ``"swiglu"``) that
-    would otherwise be dropped with only a warning per block."""
+def _block_keywords(name: str) -> set[str]:
+    """The keywords :func:`make_mlp` passes to the block of ``name`` beside its widths."""
     target = VARIANTS[name]
     cls: type = target.func if isinstance(target, partial) else target  # type: ignore[assignment]
     accepted = {  # each class's own keywords and those it passes on to its bases (align_to)
@@ -722,6 +718,16 @@ def _check_keywords(name: str, kwargs: Mapping[str, Any]) -> None:
     } - {"self", "in_features", "hidden_features", "out_features", "act_layer"}
     if name == "gelu":
         accepted.add("approximate")
+    return accepted
+
+
+def _check_keywords(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Refuse keywords the block of ``name`` does not take: the block classes accept and ignore
+    unknown ones with a warning (timm's ``Block`` passes its own), but in a direct call to the
+    factory, or through ``swap_mlp(**module_kwargs)``, an unknown keyword is a typo
+    (``multple_of``) or a setting of another variant (``approximate`` for ``"swiglu"``) that
+    would otherwise be dropped with only a warning per block."""
+    accepted = _block_keywords(name)
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         hints = [

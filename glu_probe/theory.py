@@ -129,7 +129,6 @@ def _check_pos_int(**kw: Any) -> None:
 # Random streams of the experiments: glu_probe._rng.stream_seed keys (experiment, role, ...).
 _CROSS_INPUTS, _CROSS_TARGET, _CROSS_NETWORK = (0, 0), (0, 1), (0, 2)  # crossing_experiment
 _TABLE_INPUTS, _TABLE_NETWORK = (1, 0), (1, 1)  # theory_table
-_stream_seed = stream_seed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -957,10 +956,10 @@ def theory_table(
         _check_kind(k, PAPER_KINDS)
     rows: list[dict[str, Any]] = []
     for di, ni in itertools.product(ds, ns):
-        X = gaussian_inputs(ni, di, seed=_stream_seed(seed, *_TABLE_INPUTS, di, ni))
+        X = gaussian_inputs(ni, di, seed=stream_seed(seed, *_TABLE_INPUTS, di, ni))
         for mi in ms:
             for j, kind in enumerate(kinds):
-                net_seed = _stream_seed(seed, *_TABLE_NETWORK, j, di, mi, ni)
+                net_seed = stream_seed(seed, *_TABLE_NETWORK, j, di, mi, ni)
                 model = two_layer(kind, di, mi, seed=net_seed, dtype=torch.float64)
                 row: dict[str, Any] = {"kind": kind, "d": di, "m": mi, "n": ni, "seed": seed}
                 for tag, K in (
@@ -1221,10 +1220,10 @@ def crossing_experiment(
             f"{' and '.join(PAPER_KINDS)} only; got kinds={tuple(kinds)!r} (for other kinds, "
             "compare expected_loss_curve / linearized_train / train_two_layer directly)"
         )
-    X = gaussian_inputs(n, d, seed=_stream_seed(seed, *_CROSS_INPUTS))
-    Y = make_target(X, target, seed=_stream_seed(seed, *_CROSS_TARGET))
+    X = gaussian_inputs(n, d, seed=stream_seed(seed, *_CROSS_INPUTS))
+    Y = make_target(X, target, seed=stream_seed(seed, *_CROSS_TARGET))
     models = [
-        two_layer(k, d, m, seed=_stream_seed(seed, *_CROSS_NETWORK, i), dtype=torch.float64)
+        two_layer(k, d, m, seed=stream_seed(seed, *_CROSS_NETWORK, i), dtype=torch.float64)
         for i, k in enumerate(kinds)
     ]
     Ks = [empirical_ntk(mod, X) for mod in models]

@@ -19,7 +19,6 @@ import contextlib
 import copy
 import dataclasses
 import difflib
-import functools
 import inspect
 import math
 import re
@@ -35,6 +34,7 @@ from torch import nn
 from glu_probe.modules import (
     GATED_VARIANTS,
     VARIANTS,
+    _block_keywords,
     _check_keywords,
     _param_line,
     activation_name,
@@ -1766,20 +1766,7 @@ def _passable_keywords(variant: str) -> list[str]:
     """The keywords a ``variant`` block takes that can be passed through ``swap_mlp``: not those
     it takes from the block it replaces (:data:`_FROM_SOURCE`), nor ``init`` (``swap_mlp``'s own
     argument, another meaning), nor ``act_layer`` (the variant fixes it)."""
-    import glu_probe.modules as modules
-
-    target = VARIANTS[variant]
-    cls: type = target.func if isinstance(target, functools.partial) else target  # type: ignore[assignment]
-    accepted = {  # as glu_probe.modules._check_keywords: each class's own and its bases'
-        n
-        for c in cls.__mro__
-        if c.__module__ == modules.__name__ and "__init__" in vars(c)
-        for n, p in inspect.signature(vars(c)["__init__"]).parameters.items()
-        if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD
-    } - {"self", "in_features", "hidden_features", "out_features", "act_layer"}
-    if variant == "gelu":
-        accepted.add("approximate")
-    return sorted(accepted - _FROM_SOURCE - {"init"})
+    return sorted(_block_keywords(variant) - _FROM_SOURCE - {"init"})
 
 
 def _check_module_kwargs(variant: str, module_kwargs: dict[str, Any]) -> None:
