@@ -219,7 +219,13 @@ def _reload(model: nn.Module, path, warn: bool = False) -> nn.Module:  # type: i
     assert "mixed" not in record
     with warnings.catch_warnings():
         warnings.simplefilter("default" if warn else "error")
-        swap_mlp(rebuilt, record["variant"], match=record["match"], exclude=record.get("excluded"))
+        swap_mlp(
+            rebuilt,
+            record["variant"],
+            match=record["match"],
+            exclude=record.get("excluded"),
+            **record.get("module_kwargs", {}),
+        )
     state = safetensors_torch.load_file(f"{path}/model.safetensors")
     missing, unexpected = rebuilt.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}

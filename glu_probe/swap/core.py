@@ -24,7 +24,7 @@ import math
 import re
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -1265,6 +1265,8 @@ def swap_mlp(
     failed: dict[int, str] = {}
     skipped: list[str] = []
     realigned: list[tuple[str, int, int]] = []  # (path, resolved width, built width)
+    recordable = _recordable_kwargs(module_kwargs)
+    kwargs_differ: dict[str, str] = {}  # what differs -> first path
     for path, old, adapter in found:
         if id(old) in failed:
             skipped.append(f"{path} ({type(old).__name__}, the block at {failed[id(old)]})")
@@ -1294,6 +1296,12 @@ def swap_mlp(
         record = getattr(owner[2], RECORD_ATTR, None) if owner is not None else None
         if not isinstance(record, dict):
             record = None
+        if record is not None and record.get("variant") == variant and _built_by_swap(old) is None:
+            # a host's own block under a record of this variant: a model rebuilt from a saved
+            # config, or a partial swap after another (a re-swap of swapped blocks replaces them)
+            differing = _kwargs_differ(record, recordable)
+            if differing:
+                kwargs_differ.setdefault(differing, path)
         if hidden_features is not None:
             hidden, used = hidden_features, 1
         else:
@@ -1342,6 +1350,16 @@ def swap_mlp(
         )
         plan.append((path, old, adapter, new, entry))
         first_use[id(old)] = (new, entry)
+    for differing, path0 in kwargs_differ.items():
+        warnings.warn(
+            f"swap_mlp: the config's {RECORD_ATTR} record of {path0} was made by a swap to "
+            f"{variant!r} with other module keywords ({differing}): a model rebuilt from a saved "
+            "config gets the blocks of the saved model only when the swap is given the same "
+            "ones, as the reload recipe does with **record['module_kwargs']. The record will "
+            "describe this swap's keywords",
+            UserWarning,
+            stacklevel=2,
+        )
     if realigned:
         path0, resolved, built = realigned[0]
         warnings.warn(
@@ -1387,7 +1405,9 @@ def swap_mlp(
     # configs as they were, so the swap stays all or nothing.
     undo = _Snapshot(model)
     try:
-        _install_and_configure(model, plan, paths_of, report, variant, match, host_own, earlier)
+        _install_and_configure(
+            model, plan, paths_of, report, variant, match, host_own, earlier, module_kwargs
+        )
     except BaseException:
         undo.restore()
         raise
@@ -1403,6 +1423,7 @@ def _install_and_configure(
     match: Literal["params", "width"],
     host_own: Sequence[str] = (),
     earlier: dict[str, tuple[str, int | None]] | None = None,
+    module_kwargs: Mapping[str, Any] | None = None,
 ) -> None:
     """The part of :func:`swap_mlp` that changes the model: install the planned blocks, repoint
     aliases and update the Hugging Face configs (filling ``report``'s config fields).
@@ -1434,6 +1455,7 @@ def _install_and_configure(
             model, owner_path, owner_module, config, sub, adapters_used, act, own, list(before)
         )
         rec = updates[RECORD_ATTR][1]
+        _record_kwargs(rec, module_kwargs or {})
         if own:  # (a model rebuilt from the config is swapped with exclude=these)
             rec["excluded"] = [_relative(p, owner_path) for p in own]
         odd = _undescribed(before, [_block_signature(plan[k][3]) for k in ks], rec["hidden"])
@@ -1447,7 +1469,11 @@ def _install_and_configure(
         if unchecked is not None:
             report.config_unchecked[f"{owner_path}.config" if owner_path else "config"] = unchecked
     signatures = [_block_signature(new) for *_, new, _ in plan]
-    mixed.update(_record_at_root(model, groups, report, host_own, earlier, signatures, mixed))
+    mixed.update(
+        _record_at_root(
+            model, groups, report, host_own, earlier, signatures, mixed, module_kwargs or {}
+        )
+    )
     if mixed:
         shown = ", ".join(f"{p}: {what}" for p, what in list(mixed.items())[:4]) + (
             ", ..." if len(mixed) > 4 else ""
@@ -1463,6 +1489,55 @@ def _install_and_configure(
             UserWarning,
             stacklevel=3,
         )
+
+
+def _recordable_kwargs(module_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The module keywords a config record can hold: those whose values survive a JSON round
+    trip (``save_pretrained`` writes the config as JSON); the passable ones all do (``packed``,
+    ``fused``, ``align_to``, ``approximate``)."""
+    return {
+        k: v
+        for k, v in sorted(module_kwargs.items())
+        if v is None or isinstance(v, (bool, int, float, str))
+    }
+
+
+def _record_kwargs(rec: dict[str, Any], module_kwargs: Mapping[str, Any]) -> None:
+    """Put the swap's module keywords in a config record (``"module_kwargs"``, which the reload
+    recipe passes back to :func:`swap_mlp`: ``approximate="tanh"`` changes the numbers and
+    ``packed=False`` the state-dict keys of what is built), and name those it cannot hold."""
+    kept = _recordable_kwargs(module_kwargs)
+    rec.pop("module_kwargs", None)
+    rec.pop("module_kwargs_unrecorded", None)
+    if kept:
+        rec["module_kwargs"] = kept
+    left = sorted(set(module_kwargs) - set(kept))
+    if left:
+        rec["module_kwargs_unrecorded"] = left
+
+
+def _kwargs_differ(record: Mapping[str, Any], recordable: Mapping[str, Any]) -> str:
+    """How the module keywords of a config record (a swap to the same variant made it) differ
+    from a new swap's, as text (``""`` where they agree). Keywords the record could not hold are
+    not compared."""
+    old = record.get("module_kwargs")
+    old = dict(old) if isinstance(old, Mapping) else {}
+    unrecorded = record.get("module_kwargs_unrecorded")
+    skip = set(unrecorded) if isinstance(unrecorded, list) else set()
+    keys = sorted((set(old) | set(recordable)) - skip)
+    parts = [
+        f"{k}: record {old[k]!r} vs {recordable[k]!r}"
+        if k in old and k in recordable
+        else (
+            f"{k}={old[k]!r} in the record only" if k in old else f"{k}={recordable[k]!r} here only"
+        )
+        for k in keys
+        if old.get(k, _MISSING) != recordable.get(k, _MISSING)
+    ]
+    return "; ".join(parts)
+
+
+_MISSING = object()
 
 
 def _under(path: str, owner_path: str) -> bool:
@@ -1799,6 +1874,7 @@ def _record_at_root(
     earlier: dict[str, tuple[str, int | None]] | None = None,
     built: Sequence[tuple[str, int | None]] = (),
     mixed: dict[str, str] | None = None,
+    module_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """A composite model (CLIP, SigLIP, PaliGemma, ``EncoderDecoderModel``) whose swapped blocks
     all belong to sub-configs gets a record on its top config too, naming them: the documented
@@ -1825,6 +1901,7 @@ def _record_at_root(
         "act_key": None,
         "sub_configs": subs,
     }
+    _record_kwargs(rec, module_kwargs or {})
     if host_own:
         rec["excluded"] = list(host_own)
     odd = {**(mixed or {}), **_undescribed(earlier, built, None)}
