@@ -23,6 +23,7 @@ statement of what was observed, writes ``<out_dir>/<run_name>/report.png``
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -317,10 +318,16 @@ def free_run_name(out_dir: str | Path, base: str) -> str:
     return name
 
 
-def _check_seed(seed: object) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+def _check_seed(seed: object) -> int:
+    """``seed`` as a Python int: any integer (``numpy.int64`` from a sweep too) in [0, 2**32)."""
+    if (
+        isinstance(seed, bool)
+        or not isinstance(seed, numbers.Integral)
+        or not 0 <= int(seed) < 2**32
+    ):
         # (Lightning's seed_everything takes 32-bit seeds; 2**32 raised inside it)
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    return int(seed)
 
 
 def _callbacks(s: PairSettings, progress: bool, probe: Any = None) -> list[Any]:
@@ -434,7 +441,7 @@ def fit_pair(
 
     from glu_probe.data import ByteWindowDataset, lm_probe_batch
 
-    _check_seed(seed)
+    seed = _check_seed(seed)
     claim_run_folder(Path(save_dir) / name / version)
     module, train_loader, val_loader, trainer_kwargs = pair_run(
         pair, train, val, s, loss_fn=loss_fn, seed=seed
@@ -497,10 +504,10 @@ def fit_seeds(
 
     from glu_probe.report import aggregate_seeds, format_seed_table, load_run, summarize
 
+    seeds = [_check_seed(seed) for seed in seeds]  # all before the first trains
     if len(set(seeds)) < len(seeds):  # (the second run of a seed found its folder used)
         raise ValueError(f"seeds must be distinct, got {list(seeds)}")
-    for seed in seeds:  # all before the first trains
-        _check_seed(seed)
+    for seed in seeds:
         refuse_used_folder(Path(save_dir) / name / f"seed_{seed}")
     metas = []
     for seed in seeds:
@@ -773,7 +780,7 @@ def run_demo(
         raise FileNotFoundError(f"--data folder {str(data)!r} does not exist")
     if max_minutes is not None and not 0 < max_minutes < math.inf:
         raise ValueError(f"max_minutes must be a positive finite number, got {max_minutes}")
-    _check_seed(seed)
+    seed = _check_seed(seed)
     if threads is not None and (
         isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
     ):

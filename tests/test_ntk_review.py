@@ -293,5 +293,9 @@ def test_auto_takes_the_float64_dense_path_for_outputs_that_overflow_float32() -
     auto = ntk_spectrum(model, x)
     assert auto.method == "dense"
     assert math.isclose(auto.condition_number, dense.condition_number, rel_tol=1e-12)
-    with pytest.raises(ValueError, match="NaN/Inf"):  # Lanczos runs in float32: still refused
-        ntk_spectrum(model, x, method="lanczos")
+    with pytest.raises(ValueError, match="NaN/Inf"):  # Lanczos in float32: still refused
+        ntk_spectrum(model, x, method="lanczos", dtype=torch.float32)
+    # (session 23: a float64 model's Lanczos products are float64 by default)
+    lanczos = ntk_spectrum(model, x, method="lanczos")
+    assert lanczos.precision == "float64"
+    assert math.isclose(lanczos.lambda_max, dense.lambda_max, rel_tol=1e-10)

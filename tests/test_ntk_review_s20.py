@@ -163,7 +163,11 @@ def test_float32_lanczos_overflow_says_so(scale: float):
     undefined derivative (1e20), or an internal "residual_norms must be finite" came out
     (3e17). Both named the overflow and dtype=torch.float64, which is exact. Since session 21
     the solver scales the products by a power of two, so at 3e17 (K ≈ 1e35, representable)
-    float32 gives κ itself, to 1e-5 of the truth; at 1e20 (K ≈ 1e40) the products overflow."""
+    float32 gives κ itself within float32's eps·κ (5.3e-4 here; the issue's 1e-3 for a converged
+    κ), inside its certified lower bound; at 1e20 (K ≈ 1e40) the products overflow. (The error
+    itself is the float32 kernels' rounding and moves with the CPU: 4e-6 where this was written,
+    1.9e-5 on the session-23 box with the same torch 2.14.1, where a 1e-5 bound failed on
+    unchanged code.)"""
 
     class Big(nn.Module):
         def __init__(self) -> None:
@@ -181,7 +185,10 @@ def test_float32_lanczos_overflow_says_so(scale: float):
             ntk_spectrum(m, x, method="lanczos")
     else:
         s32 = ntk_spectrum(m, x, method="lanczos")
-        assert s32.converged and rel(s32.condition_number, float(ev[-1] / ev[0])) < 1e-5
+        kappa = float(ev[-1] / ev[0])
+        assert s32.converged and s32.precision == "float32"
+        assert rel(s32.condition_number, kappa) < min(1e-3, torch.finfo(torch.float32).eps * kappa)
+        assert s32.condition_number_lower <= kappa
     s = ntk_spectrum(m, x, method="lanczos", dtype=torch.float64)
     assert s.converged and rel(s.condition_number, float(ev[-1] / ev[0])) < 1e-3
 

@@ -862,12 +862,17 @@ def test_lanczos_keeps_to_the_budget():
         strict = dtype == torch.float64 or TORCH_VERSION >= (2, 8)
         tol = 1e-3 if strict else torch.finfo(dtype).eps * s.condition_number
         assert abs(s.condition_number - kappa) <= tol * kappa, dtype
-    # Below the probe's copies and four parameter vectors: refused before anything is copied.
+    # Below the probe's copies and four parameter vectors: refused before anything is copied
+    # (float32 products, as before session 23 made them the float64 model's default).
     with LiveTensorBytes() as refused, pytest.raises(ValueError, match="the probe's copies"):
-        ntk_spectrum(model, x, output="pntk", method="lanczos", memory_budget=50_000)
+        ntk_spectrum(
+            model, x, output="pntk", method="lanczos", memory_budget=50_000, dtype=torch.float32
+        )
     assert refused.peak == 0
     with pytest.raises(ValueError, match="cannot hold one Lanczos product"):
-        ntk_spectrum(model, x, output="pntk", method="lanczos", memory_budget=100_000)
+        ntk_spectrum(
+            model, x, output="pntk", method="lanczos", memory_budget=100_000, dtype=torch.float32
+        )
 
 
 def test_operator_rechunk_keeps_the_products():

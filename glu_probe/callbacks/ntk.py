@@ -331,10 +331,11 @@ class NTKSpectrumMonitor(Callback):
         dtype: probe precision (``torch.float32`` or ``torch.float64``) of the derivatives:
             the iterative path's products, and the exact path's Jacobian rows
             (``jacobian_dtype`` of :func:`~glu_probe.ntk.ntk_spectrum`; K and its ``eigh`` are
-            float64 either way). float32 (default) is the mixed-precision exact path: 1.6× (ViT)
-            to 2× (GPT-2) faster per probe on CPU, every eigenvalue within the logged residual
-            (a rounding estimate), measured κ errors 1e-8 … 3e-6. float64 makes the exact path
-            exact to ≈ n·ε₆₄·κ.
+            float64 either way). float32 is the mixed-precision exact path: 1.6× (ViT) to 2×
+            (GPT-2) faster per probe on CPU, every eigenvalue within the logged residual (a
+            rounding estimate), measured κ errors 1e-8 … 3e-6. float64 makes the exact path
+            exact to ≈ n·ε₆₄·κ. ``None`` (default): float32, or float64 for a float64 model (a
+            float32 probe would round its parameters and inputs, which no residual covers).
         eval_mode: run the probed modules in eval mode (dropout off, BatchNorm running stats).
         warm_start: warm-start the iterative path from the previous probe's Ritz vectors.
         spectrum_kwargs: extra keyword arguments for :func:`glu_probe.ntk.ntk_spectrum`
@@ -374,7 +375,7 @@ class NTKSpectrumMonitor(Callback):
         module: str | None = None,
         target_probes: int = 20,
         chunk_size: int | None = None,
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str | None = None,
         eval_mode: bool = True,
         warm_start: bool = True,
         spectrum_kwargs: Mapping[str, Any] | None = None,
@@ -405,7 +406,7 @@ class NTKSpectrumMonitor(Callback):
             if not isinstance(resolved, torch.dtype):
                 raise MisconfigurationException(f"`dtype` {dtype!r} is not a torch dtype.")
             dtype = resolved
-        if dtype not in (torch.float32, torch.float64):
+        if dtype is not None and dtype not in (torch.float32, torch.float64):
             raise MisconfigurationException(
                 f"`dtype` must be torch.float32 or torch.float64, got {dtype}."
             )
@@ -964,8 +965,9 @@ class NTKSpectrumMonitor(Callback):
         # probed under half the free memory, 11.6 GB for a 16M GPT-2; scale review.)
         inputs, params = self._inputs, self.params
         dense = least_memory_budget(target, inputs, params, torch.float64)
-        copies, n_params, item = planned_copy_bytes(target, inputs, params, self.dtype)
-        if self.dtype != torch.float64:
+        dtype = self._dtype_for(target)
+        copies, n_params, item = planned_copy_bytes(target, inputs, params, dtype)
+        if dtype != torch.float64:
             dense += copies
         block = int(self.spectrum_kwargs.get("block_size", 4))
         lanczos = copies + 4 * block * n_params * item
@@ -978,6 +980,13 @@ class NTKSpectrumMonitor(Callback):
             torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN, group=group)
             budget = int(agreed.item())
         return budget
+
+    def _dtype_for(self, target: nn.Module) -> torch.dtype:
+        """The probe precision for ``target``: ``dtype``, or by default float32 (float64 for a
+        float64 model: :func:`~glu_probe.ntk.functional.default_probe_dtype`)."""
+        from glu_probe.ntk.functional import default_probe_dtype
+
+        return self.dtype if self.dtype is not None else default_probe_dtype(target, self.params)
 
     def _compute(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
@@ -1006,8 +1015,8 @@ class NTKSpectrumMonitor(Callback):
                 output=self.output,
                 method=self.method,
                 params=self.params,
-                dtype=self.dtype,
-                jacobian_dtype=self.dtype,
+                dtype=self._dtype_for(target),
+                jacobian_dtype=self._dtype_for(target),
                 eval_mode=self.eval_mode,
                 warm_start=warm,
                 process_group=group,
@@ -1135,7 +1144,7 @@ class NTKSpectrumMonitor(Callback):
                     self._inputs,
                     output=self.output,
                     params=self.params,
-                    dtype=self.dtype,
+                    dtype=self._dtype_for(target),
                     eval_mode=self.eval_mode,
                 )
         except Exception as err:

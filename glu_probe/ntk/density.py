@@ -75,6 +75,7 @@ def effective_rank(eigenvalues: Tensor) -> float:
             f"{float(lam.max()):.3g}): the kernel is zero or negative"
         )
     p = pos / pos.max()  # (scaled first: a sum of three 1e308s overflowed to a NaN rank)
+    p = p[p > 0]  # (eigenvalues 1e330 times below the largest underflow to 0: 0·log 0 was NaN)
     p = p / p.sum()
     return float(torch.exp(-(p * p.log()).sum()))
 

@@ -48,6 +48,7 @@ from .functional import (
     ProbeFunction,
     ProbeSplitError,
     allows_autograd,
+    default_probe_dtype,
 )
 
 __all__ = ["NTKOperator", "trace_linear_map"]
@@ -551,7 +552,8 @@ class NTKOperator:
         inputs: probe inputs (tensor, tuple or dict; see :class:`ProbeFunction`).
         output: ``"pntk"``, ``"full"`` or a callable ``model_output -> rows``.
         params: parameter filter (see :func:`~glu_probe.ntk.functional.select_parameters`).
-        dtype: probe precision (float32 default; float64 option). TF32 is disabled inside.
+        dtype: probe precision; ``None`` (default): float32, or float64 for a float64 model
+            (:func:`~glu_probe.ntk.functional.default_probe_dtype`). TF32 is disabled inside.
         chunk_size: process the probe batch this many samples at a time (bounds memory; the
             linearisation is then recomputed per product). ``None``: one chunk, cached.
         eval_mode: run BatchNorm/dropout in eval mode (default).
@@ -608,7 +610,7 @@ class NTKOperator:
         *,
         output: OutputSpec = "pntk",
         params: ParamFilter = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         chunk_size: int | None = None,
         eval_mode: bool = True,
         process_group: Any = None,
@@ -622,6 +624,8 @@ class NTKOperator:
             if model is None:
                 raise ValueError("pass a model (or a prebuilt probe=)")
             model_ = model
+            if dtype is None:
+                dtype = default_probe_dtype(model_, params)
             probe = agreed(
                 lambda: ProbeFunction(
                     model_, inputs, output=output, params=params, dtype=dtype, eval_mode=eval_mode

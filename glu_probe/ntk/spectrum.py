@@ -70,6 +70,7 @@ from .functional import (
     ParamFilter,
     ProbeFunction,
     allows_autograd,
+    default_probe_dtype,
     probe_copy_bytes,
     refuse_small_budget,
 )
@@ -369,7 +370,7 @@ def ntk_spectrum(
     output: OutputSpec = "pntk",
     method: str = "auto",
     params: ParamFilter = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     tol: float = 1e-4,
     max_matvecs: int = 400,
     block_size: int = 4,
@@ -404,7 +405,9 @@ def ntk_spectrum(
         params: parameter filter: names, dotted-component strings, regular expressions
             (``re.Pattern`` or ``"re:..."``) or a callable (see
             :func:`~glu_probe.ntk.functional.select_parameters`).
-        dtype: precision of the Lanczos products (float32 default, TF32 off; float64 option).
+        dtype: precision of the Lanczos products (TF32 off): ``None`` (default) is float32, or
+            float64 for a float64 model (:func:`~glu_probe.ntk.functional.default_probe_dtype`:
+            a float32 probe would round its parameters and inputs, which no residual covers).
             The dense path accumulates K and runs ``eigh`` in float64 whatever ``dtype`` is.
         jacobian_dtype: precision of the dense path's Jacobian rows. ``torch.float64`` (default)
             is exact to ≈ n·ε₆₄·κ. ``torch.float32`` is the mixed-precision mode (K and ``eigh``
@@ -466,6 +469,8 @@ def ntk_spectrum(
         jacobian_dtype=jacobian_dtype,
         dense_vectors=dense_vectors,
     )
+    if dtype is None:
+        dtype = default_probe_dtype(model, params)
     if method == "dense" and process_group is not None:
         raise ValueError("method='dense' does not support process_group; use method='lanczos'")
     if memory_budget is not None:
@@ -526,6 +531,17 @@ def ntk_spectrum(
             budget = _budget(probe, 8, memory_budget)
             if budget >= n * n * 8 + 4 * probe.n_params * 8:
                 method = "dense"
+    narrowed = jacobian_dtype if method == "dense" else probe.dtype
+    if narrowed != torch.float64 and default_probe_dtype(model, params) == torch.float64:
+        what = "jacobian_dtype" if method == "dense" else "dtype"
+        warnings.warn(
+            f"ntk_spectrum: the model is float64 but {what}={narrowed} probes it in float32: its "
+            "parameters, buffers and inputs are rounded to float32, a change of the model that "
+            "the reported residuals do not cover (they bound the rounding of the products or "
+            "rows only); leave dtype at its default or pass torch.float64",
+            UserWarning,
+            stacklevel=3,  # (past allows_autograd's wrapper),
+        )
     if method == "dense":
         return _dense(probe, memory_budget, block_size, t0, jacobian_dtype, dense_vectors)
     return _lanczos(
