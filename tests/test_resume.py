@@ -256,3 +256,46 @@ def test_a_probe_at_the_start_of_a_resumed_fit_is_logged_at_the_checkpoint_step(
     kappa = ntk_spectrum(model, x, dtype=torch.float64).condition_number
     assert first["ntk/condition_number"] == pytest.approx(kappa, rel=1e-9)
     assert ntk_a.history  # (the uninterrupted run, for the checkpoint)
+
+
+def _auto_fit(tmp: Path, name: str, max_steps: int, ckpt: Path | None = None) -> NTKSpectrumMonitor:
+    ntk = NTKSpectrumMonitor(probe_size=8, method="dense", log_histogram=False, log_figure=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=CSVLogger(tmp, name=name),
+        callbacks=[ntk],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(Net(0), data_loader(), ckpt_path=ckpt)
+    if ckpt is None:
+        trainer.save_checkpoint(tmp / f"{name}.ckpt")
+    return ntk
+
+
+def test_an_automatic_cadence_is_chosen_again_for_a_longer_resumed_run(tmp_path):
+    """(Review, session 23.) A 20-step run resolves every 1 step; resumed to 80 steps it kept
+    probing every step (61 more probes, the 80-step run's cadence gives 15), silently."""
+    first = _auto_fit(tmp_path, "short", 20)
+    assert first._resolved_every == 1
+    with pytest.warns(UserWarning, match="automatic cadence is every 4 steps from here"):
+        resumed = _auto_fit(tmp_path, "long", 80, ckpt=tmp_path / "short.ckpt")
+    steps = [h["step"] for h in resumed.history]
+    after = [s for s in steps if s > 20]
+    assert after == list(range(24, 81, 4)), steps
+    assert steps[: len(steps) - len(after)] == [h["step"] for h in first.history]
+
+
+def test_an_automatic_cadence_resumed_with_the_same_length_is_kept_quietly(tmp_path):
+    import warnings
+
+    _auto_fit(tmp_path, "crash", 40)  # (a checkpoint at its end: a resume adds no steps)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        resumed = _auto_fit(tmp_path, "again", 40, ckpt=tmp_path / "crash.ckpt")
+    assert not [r for r in rec if "cadence" in str(r.message)]
+    assert resumed._resolved_every == 2

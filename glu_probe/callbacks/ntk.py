@@ -458,6 +458,7 @@ class NTKSpectrumMonitor(Callback):
         # is told, and does not warm-start from vectors of another K).
         self._probe_shapes: list[list[int]] | None = None
         self._saved_probe_shapes: list[list[int]] | None = None
+        self._restored_every: int | None = None  # an automatic cadence a checkpoint brought
         # Targets whose default budget the engine refused in this fit: they probe under the
         # engine's own default from then on (no refused attempt at every probe).
         self._unbudgeted: set[str] = set()
@@ -492,6 +493,7 @@ class NTKSpectrumMonitor(Callback):
         saved_every = state_dict.get("every_n_steps")
         if self.every_n_steps is None:
             self._resolved_every = saved_every
+            self._restored_every = saved_every
         elif saved_every is not None and saved_every != self.every_n_steps:
             # (the cadence changed silently on such a resume; review, session 20)
             rank_zero_warn(
@@ -508,6 +510,7 @@ class NTKSpectrumMonitor(Callback):
     def _reset_run(self) -> None:
         """Forget a previous, independent fit's state (this instance is being reused)."""
         self._resolved_every = self.every_n_steps
+        self._restored_every = None
         self.last_probe_step = None
         self.history = []
         self._ritz = {}
@@ -575,6 +578,23 @@ class NTKSpectrumMonitor(Callback):
                     f"length ({why}); pass `every_n_steps`."
                 )
             self._resolved_every = max(1, int(est) // self.target_probes)
+        elif self._restored_every is not None:
+            # An automatic cadence from a checkpoint is that of the first run's length: resumed
+            # with another max_steps (30 -> 80 steps), the run kept probing every step, 4x the
+            # probes the cadence targets, without a word (review, session 23). It is chosen
+            # again for this run's length; the logged series changes cadence here.
+            est = trainer.estimated_stepping_batches
+            fresh = max(1, int(est) // self.target_probes) if math.isfinite(est) else None
+            if fresh is not None and fresh != self._restored_every:
+                rank_zero_warn(
+                    f"NTKSpectrumMonitor: the checkpoint's run probed every "
+                    f"{self._restored_every} steps, chosen for its length; this run has "
+                    f"{int(est)} steps, so the automatic cadence is every {fresh} steps from "
+                    "here (the logged series changes cadence at this step; pass every_n_steps "
+                    "to keep one)"
+                )
+                self._resolved_every = fresh
+        self._restored_every = None
         self._warned_sites = set()
         self._unbudgeted = set()
         self._inputs = self._fix_probe(trainer, pl_module)

@@ -1266,6 +1266,7 @@ def swap_mlp(
     skipped: list[str] = []
     realigned: list[tuple[str, int, int]] = []  # (path, resolved width, built width)
     recordable = _recordable_kwargs(module_kwargs)
+    same_kind: list[str] = []  # blocks replaced by fresh ones of the function class they had
     kwargs_differ: dict[str, str] = {}  # what differs -> first path
     for path, old, adapter in found:
         if id(old) in failed:
@@ -1292,6 +1293,18 @@ def swap_mlp(
             failed[id(old)] = path
             skipped.append(what)
             continue
+        if taken and type(adapter).build is MLPAdapter.build:
+            # The default build takes these from the source block (a raw "make_mlp() got
+            # multiple values for keyword argument" before: review, session 18); an adapter
+            # with its own build may take them.
+            raise TypeError(
+                f"swap_mlp: {taken} are taken from each block being replaced (its biases, "
+                f"dropout, norm, layout, device and dtype) by adapter {adapter.name!r}, not from "
+                "swap_mlp's arguments; change them on the new blocks after the swap"
+            )
+        # (checked before the width is resolved: a refused call gave its width warnings first)
+        if module_kwargs and type(adapter).build is MLPAdapter.build:
+            _check_module_kwargs(variant, module_kwargs)
         owner = config_owner(model, path)
         record = getattr(owner[2], RECORD_ATTR, None) if owner is not None else None
         if not isinstance(record, dict):
@@ -1306,17 +1319,6 @@ def swap_mlp(
             hidden, used = hidden_features, 1
         else:
             hidden, used = _resolve_width(spec, variant, match, multiple_of, tolerance, record)
-        if taken and type(adapter).build is MLPAdapter.build:
-            # The default build takes these from the source block (a raw "make_mlp() got
-            # multiple values for keyword argument" before: review, session 18); an adapter
-            # with its own build may take them.
-            raise TypeError(
-                f"swap_mlp: {taken} are taken from each block being replaced (its biases, "
-                f"dropout, norm, layout, device and dtype) by adapter {adapter.name!r}, not from "
-                "swap_mlp's arguments; change them on the new blocks after the swap"
-            )
-        if module_kwargs and type(adapter).build is MLPAdapter.build:
-            _check_module_kwargs(variant, module_kwargs)
         new = adapter.build(spec, variant, hidden, **module_kwargs)
         built = getattr(new, "hidden_features", None)
         if isinstance(built, int) and built != hidden:
@@ -1327,6 +1329,10 @@ def swap_mlp(
             realigned.append((path, hidden, built))
             hidden = built
         _warn_mixed_dtypes(path, old, new, adapter)
+        # (quiet for the reload recipe's swap: a host's own block under a record of this variant)
+        rebuilt = record is not None and record.get("variant") == variant
+        if _same_kind(spec, new, hidden) and not (rebuilt and _built_by_swap(old) is None):
+            same_kind.append(f"{path} ({spec.kind or type(old).__name__}, {spec.activation})")
         origin = _origin_of(old)
         if init == "host":
             host_init(model, path, new, source=old, origin=origin)
@@ -1350,6 +1356,17 @@ def swap_mlp(
         )
         plan.append((path, old, adapter, new, entry))
         first_use[id(old)] = (new, entry)
+    if same_kind:
+        warnings.warn(
+            f"swap_mlp: {len(same_kind)} block(s) already are what this swap builds ({variant!r} "
+            f"at the same width: {', '.join(same_kind[:3])}"
+            + (", ..." if len(same_kind) > 3 else "")
+            + "): they are replaced by newly initialised blocks, and their weights are dropped. "
+            "To keep trained weights in glu_probe blocks, copy them over with "
+            "glu_probe.convert.convert_mlp_state_dict (e.g. from_hf_llama) instead",
+            UserWarning,
+            stacklevel=2,
+        )
     for differing, path0 in kwargs_differ.items():
         warnings.warn(
             f"swap_mlp: the config's {RECORD_ATTR} record of {path0} was made by a swap to "
@@ -1489,6 +1506,22 @@ def _install_and_configure(
             UserWarning,
             stacklevel=3,
         )
+
+
+def _same_kind(spec: MLPSpec, new: nn.Module, hidden: int) -> bool:
+    """Whether the block built for ``spec`` computes the function class the replaced block had:
+    same gating, activation and width (a same-variant swap, which only re-initialises)."""
+    act = getattr(new, "act", None)
+    try:
+        name = activation_name(act) if isinstance(act, nn.Module) else None
+    except Exception:
+        return False
+    return (
+        name is not None
+        and name == spec.activation
+        and bool(getattr(new, "gated", False)) == bool(spec.gated)
+        and hidden == spec.hidden_features
+    )
 
 
 def _recordable_kwargs(module_kwargs: Mapping[str, Any]) -> dict[str, Any]:

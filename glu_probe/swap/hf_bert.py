@@ -85,7 +85,7 @@ _VERDICTS: dict[tuple[Any, ...], str | None] = {}
 
 
 def _check_halves(inter: nn.Module, out: nn.Module, norm: nn.LayerNorm | None) -> str | None:
-    from glu_probe.swap.structural import _FUNCTIONAL_ACTS, _close, _TrainingFlags, fresh_linear
+    from glu_probe.swap.structural import _FUNCTIONAL_ACTS, _CheckRun, _close, fresh_linear
 
     d1, d2 = getattr(inter, "dense", None), getattr(out, "dense", None)
     drop = getattr(out, "dropout", None)
@@ -124,12 +124,12 @@ def _check_halves(inter: nn.Module, out: nn.Module, norm: nn.LayerNorm | None) -
         found: str | None = None
         for training, seed in ((False, 0), (True, 1)):
             with seeded(seed), torch.no_grad():  # CPU tensors: the CUDA generators untouched
-                with _TrainingFlags(out, training):
+                with _CheckRun(out, training, silence_hooks=True):
                     got_out = torch.func.functional_call(out, t2, (h, r))
                 torch.default_generator.manual_seed(seed)  # the same dropout mask again
                 if not _close(got_out, want_out(training)):
                     return None
-                with _TrainingFlags(inter, training):
+                with _CheckRun(inter, training, silence_hooks=True):
                     got = torch.func.functional_call(inter, t1, (x,))
                 pre = F.linear(x, t1["dense.weight"], t1.get("dense.bias"))
                 hits = [n for n, act in candidates if _close(got, act(pre))]

@@ -23,7 +23,14 @@ __all__ = ["GPT2MLPAdapter"]
 
 
 def _is_conv1d(module: object) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+    # (through the MRO: a parametrized layer's class is a ``ParametrizedConv1D`` subclass, which
+    # must still be matched so that the swap refuses it for its parametrization, not as an
+    # unrecognised block; review, session 23)
+    return (
+        any(c.__name__ == "Conv1D" for c in type(module).__mro__)
+        and hasattr(module, "nf")
+        and hasattr(module, "nx")
+    )
 
 
 class GPT2MLPAdapter(MLPAdapter):

@@ -42,9 +42,9 @@ from glu_probe._settings import plain_settings
 from glu_probe.modules import MLP, GatedMLP, activation_name
 from glu_probe.swap.core import MLPAdapter, MLPSpec, UnsupportedModelError, spec_from_glu_probe
 from glu_probe.swap.structural import (
+    _CheckRun,
     _close,
     _plain_linear,
-    _TrainingFlags,
     width_key,
 )
 
@@ -158,7 +158,7 @@ def _check(layer: nn.Module, names: tuple[str, str, str]) -> bool:
                 continue
         raise TypeError("the layer does not run on its hidden states alone")
 
-    with _TrainingFlags(layer, False):
+    with _CheckRun(layer, False, silence_hooks=True):
         try:
             ref = run(fresh)
             setattr(layer, up_name, _Chain(fc1, act, fc2))

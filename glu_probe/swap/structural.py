@@ -68,6 +68,7 @@ from glu_probe._settings import plain_settings
 from glu_probe.modules import activation_name
 from glu_probe.swap.core import (
     _CANDIDATE_CLASS,
+    _HOOK_DICTS,
     MLPAdapter,
     MLPSpec,
     UnsupportedModelError,
@@ -244,19 +245,38 @@ def _close(ref: Any, got: Tensor) -> bool:
     return float((ref - got).abs().max()) <= 64 * eps * max(scale, torch.finfo(ref.dtype).tiny)
 
 
-class _TrainingFlags:
-    """Put ``module`` in ``mode`` and restore every submodule's own flag afterwards."""
+class _CheckRun:
+    """For a form check's run of ``module`` on random inputs: put it in ``mode`` and restore
+    every submodule's own flag afterwards; with ``silence_hooks``, the hooks of every submodule
+    are silenced meanwhile (the dicts emptied and refilled in place: their handles stay valid).
 
-    def __init__(self, module: nn.Module, mode: bool) -> None:
-        self.module, self.mode = module, mode
+    Silenced where the swap keeps some of the modules run (BERT's output LayerNorm, an
+    encoder-decoder layer's norms): a forward hook there fired twice per swap on the check's
+    random tensors, which an activation-recording hook then kept (review, session 23). Hooks on
+    modules the swap takes out refuse the block anyway. Not silenced in the structural check,
+    whose blocks are taken out whole: a hooked block must fail that check (its cached verdict
+    and its reduced copy would not carry the hook)."""
+
+    def __init__(self, module: nn.Module, mode: bool, silence_hooks: bool = False) -> None:
+        self.module, self.mode, self.silence = module, mode, silence_hooks
         self.flags = [(m, m.training) for m in module.modules()]
+        self.hooks: list[tuple[dict[Any, Any], dict[Any, Any]]] = []
 
     def __enter__(self) -> None:
         self.module.train(self.mode)
+        for m in self.module.modules() if self.silence else ():
+            for name in _HOOK_DICTS:
+                hooks = getattr(m, name, None)
+                if isinstance(hooks, dict) and hooks:
+                    self.hooks.append((hooks, dict(hooks)))
+                    hooks.clear()
 
     def __exit__(self, *exc: Any) -> None:
         for m, flag in self.flags:
             m.training = flag
+        for hooks, saved in self.hooks:
+            hooks.update(saved)
+        self.hooks.clear()
 
 
 #: Recipes found per block structure (class, children, dropout rates): blocks of one model share
@@ -385,7 +405,7 @@ def _check(
     residual: list[Tensor] = []
 
     def reference(x: Tensor, training: bool, seed: int) -> Any:
-        with seeded(seed), torch.no_grad(), _TrainingFlags(module, training):  # CPU tensors
+        with seeded(seed), torch.no_grad(), _CheckRun(module, training):  # CPU tensors
             if not residual:
                 return torch.func.functional_call(module, tensors, (x,))
             return torch.func.functional_call(module, tensors, (x, residual[0]))
@@ -617,7 +637,7 @@ def _verify_split(module: nn.Module, names: tuple[str, str, str, str]) -> bool:
     x = torch.randn(2, 3, g.in_features, generator=gen)
     try:
         for training, seed in ((False, 0), (True, 1)):
-            with seeded(seed), torch.no_grad(), _TrainingFlags(module, training):  # CPU only
+            with seeded(seed), torch.no_grad(), _CheckRun(module, training):  # CPU only
                 ref = torch.func.functional_call(module, tensors, (x,))
             with seeded(seed), torch.no_grad():  # CPU tensors only
                 want = _apply(recipe, tensors, act, x, training)
