@@ -721,6 +721,22 @@ def _block_keywords(name: str) -> set[str]:
     return accepted
 
 
+def _keyword_defaults(name: str) -> dict[str, Any]:
+    """The default of each keyword :func:`make_mlp` passes to the block of ``name`` (those
+    with one): a keyword given at its default builds the same block as one left out."""
+    target = VARIANTS[name]
+    cls: type = target.func if isinstance(target, partial) else target  # type: ignore[assignment]
+    defaults: dict[str, Any] = {}
+    for c in reversed(cls.__mro__):  # (a subclass's default wins)
+        if c.__module__ == __name__ and "__init__" in vars(c):
+            for n, p in inspect.signature(vars(c)["__init__"]).parameters.items():
+                if p.default is not p.empty:
+                    defaults[n] = p.default
+    if name == "gelu":
+        defaults["approximate"] = "none"
+    return {k: v for k, v in defaults.items() if k in _block_keywords(name)}
+
+
 def _check_keywords(name: str, kwargs: Mapping[str, Any]) -> None:
     """Refuse keywords the block of ``name`` does not take: the block classes accept and ignore
     unknown ones with a warning (timm's ``Block`` passes its own), but in a direct call to the

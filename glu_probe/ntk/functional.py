@@ -93,23 +93,52 @@ def check_param_filter(params: Any) -> None:
     )
 
 
+def _float64_share(model: nn.Module) -> tuple[bool, bool]:
+    """Whether any, and whether all, floating parameters (trainable or not) and buffers of
+    ``model`` are float64."""
+    dtypes = [t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    wide = [d == torch.float64 for d in dtypes]
+    return any(wide), bool(wide) and all(wide)
+
+
 def default_probe_dtype(model: nn.Module, params: ParamFilter = None) -> torch.dtype:
     """The probe precision used when none is given: ``torch.float32``, or ``torch.float64`` for
-    a model whose selected trainable floating parameters are all float64.
+    a float64 model (every floating parameter and buffer float64; ``params`` is checked, not
+    used: frozen parameters and buffers are cast to the probe's dtype too).
 
     A probe in float32 rounds the model's parameters, buffers and floating inputs to float32: K
     is then the kernel of a perturbed model, which the reported residuals (rounding of the
-    products or rows) do not cover. For a float32 model nothing is rounded; a float64 model was
+    products or rows) do not cover. For a float32 model nothing is rounded; a float64 part was
     made float64 on purpose, and rounding its inputs can change K by more than the residuals say
     (review, session 23: inputs 1e4 + 1e-2·N(0, 1) lost 5% of their spread, λ_max 80x outside
     its residual, κ 6.6% off, with no warning). ``dtype=torch.float32`` still probes such a model
-    in float32 when asked.
+    in float32 when asked, with a warning (:func:`warn_narrowed`). A model of float64 and other
+    parts (a float64 layer before a float32 head: 390x its residual) gets float32, with that
+    warning too: the probe casts every tensor to one dtype, and such a model often casts between
+    its parts in its forward, which float64 throughout would break.
     """
-    selected = select_parameters(model, params)
-    floating = [p.dtype for p in selected.values() if p.dtype.is_floating_point]
-    if floating and all(d == torch.float64 for d in floating):
-        return torch.float64
-    return torch.float32
+    select_parameters(model, params)  # (a bad filter is refused here as in the probe)
+    return torch.float64 if _float64_share(model)[1] else torch.float32
+
+
+def warn_narrowed(model: nn.Module, dtype: torch.dtype, what: str, stacklevel: int = 1) -> None:
+    """Warn that a probe in ``dtype`` (narrower than float64) rounds a model holding float64
+    tensors; ``stacklevel`` counts from the caller of this function."""
+    some, every = _float64_share(model)
+    if dtype != torch.float64 and some:
+        fix = (
+            "leave dtype at its default or pass torch.float64"
+            if every
+            else "pass torch.float64 where the model runs with every tensor in float64"
+        )
+        warnings.warn(
+            f"the model holds float64 parameters or buffers but {what}={dtype} probes it in "
+            f"{str(dtype).removeprefix('torch.')}: they and the inputs are rounded, a change of "
+            "the model that the reported residuals do not cover (they bound the rounding of the "
+            f"products or rows only); {fix}",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str, nn.Parameter]:

@@ -49,6 +49,7 @@ from .functional import (
     ProbeSplitError,
     allows_autograd,
     default_probe_dtype,
+    warn_narrowed,
 )
 
 __all__ = ["NTKOperator", "trace_linear_map"]
@@ -626,6 +627,8 @@ class NTKOperator:
             model_ = model
             if dtype is None:
                 dtype = default_probe_dtype(model_, params)
+            else:  # (stacklevel: past allows_autograd's wrapper, to the caller)
+                warn_narrowed(model_, dtype, "NTKOperator: dtype", stacklevel=3)
             probe = agreed(
                 lambda: ProbeFunction(
                     model_, inputs, output=output, params=params, dtype=dtype, eval_mode=eval_mode

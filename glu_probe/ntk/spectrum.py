@@ -73,6 +73,7 @@ from .functional import (
     default_probe_dtype,
     probe_copy_bytes,
     refuse_small_budget,
+    warn_narrowed,
 )
 from .krylov import LanczosResult, _error_bounds, block_lanczos, check_tol, default_max_basis
 from .operator import NTKOperator, agreed, is_out_of_memory
@@ -531,17 +532,10 @@ def ntk_spectrum(
             budget = _budget(probe, 8, memory_budget)
             if budget >= n * n * 8 + 4 * probe.n_params * 8:
                 method = "dense"
-    narrowed = jacobian_dtype if method == "dense" else probe.dtype
-    if narrowed != torch.float64 and default_probe_dtype(model, params) == torch.float64:
-        what = "jacobian_dtype" if method == "dense" else "dtype"
-        warnings.warn(
-            f"ntk_spectrum: the model is float64 but {what}={narrowed} probes it in float32: its "
-            "parameters, buffers and inputs are rounded to float32, a change of the model that "
-            "the reported residuals do not cover (they bound the rounding of the products or "
-            "rows only); leave dtype at its default or pass torch.float64",
-            UserWarning,
-            stacklevel=3,  # (past allows_autograd's wrapper),
-        )
+    if method == "dense":  # (stacklevel: past allows_autograd's wrapper, to the caller)
+        warn_narrowed(model, jacobian_dtype, "ntk_spectrum: jacobian_dtype", stacklevel=3)
+    else:
+        warn_narrowed(model, probe.dtype, "ntk_spectrum: dtype", stacklevel=3)
     if method == "dense":
         return _dense(probe, memory_budget, block_size, t0, jacobian_dtype, dense_vectors)
     return _lanczos(

@@ -36,6 +36,7 @@ from glu_probe.modules import (
     VARIANTS,
     _block_keywords,
     _check_keywords,
+    _keyword_defaults,
     _param_line,
     activation_name,
     closest_width,
@@ -1265,8 +1266,9 @@ def swap_mlp(
     failed: dict[int, str] = {}
     skipped: list[str] = []
     realigned: list[tuple[str, int, int]] = []  # (path, resolved width, built width)
-    recordable = _recordable_kwargs(module_kwargs)
+    recordable = _recordable_kwargs(module_kwargs, variant)
     same_kind: list[str] = []  # blocks replaced by fresh ones of the function class they had
+    any_built = any(_built_by_swap(block) is not None for _, block, _ in all_found)
     kwargs_differ: dict[str, str] = {}  # what differs -> first path
     for path, old, adapter in found:
         if id(old) in failed:
@@ -1329,9 +1331,18 @@ def swap_mlp(
             realigned.append((path, hidden, built))
             hidden = built
         _warn_mixed_dtypes(path, old, new, adapter)
-        # (quiet for the reload recipe's swap: a host's own block under a record of this variant)
-        rebuilt = record is not None and record.get("variant") == variant
-        if _same_kind(spec, new, hidden) and not (rebuilt and _built_by_swap(old) is None):
+        # Quiet for the reload recipe's swap of a model rebuilt from a saved config: a host's own
+        # block under a record of this variant that does not list it as left out, in a model
+        # holding no block a swap built. (A partial swap after another is not a rebuild: its
+        # trained block was dropped without a word; review, session 23.)
+        rebuilt = (
+            record is not None
+            and record.get("variant") == variant
+            and _built_by_swap(old) is None
+            and not any_built
+            and not _listed(record.get("excluded"), path, owner[0] if owner else "")
+        )
+        if _same_kind(spec, new, hidden) and not rebuilt:
             same_kind.append(f"{path} ({spec.kind or type(old).__name__}, {spec.activation})")
         origin = _origin_of(old)
         if init == "host":
@@ -1508,6 +1519,16 @@ def _install_and_configure(
         )
 
 
+def _listed(paths: Any, path: str, owner_path: str) -> bool:
+    """Whether a record's path list (``"excluded"``, relative to the config's owner) holds the
+    block at root path ``path``."""
+    return (
+        isinstance(paths, list)
+        and _under(path, owner_path)
+        and _relative(path, owner_path) in paths
+    )
+
+
 def _same_kind(spec: MLPSpec, new: nn.Module, hidden: int) -> bool:
     """Whether the block built for ``spec`` computes the function class the replaced block had:
     same gating, activation and width (a same-variant swap, which only re-initialises)."""
@@ -1524,14 +1545,20 @@ def _same_kind(spec: MLPSpec, new: nn.Module, hidden: int) -> bool:
     )
 
 
-def _recordable_kwargs(module_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+def _recordable_kwargs(
+    module_kwargs: Mapping[str, Any], variant: str | None = None
+) -> dict[str, Any]:
     """The module keywords a config record can hold: those whose values survive a JSON round
     trip (``save_pretrained`` writes the config as JSON); the passable ones all do (``packed``,
-    ``fused``, ``align_to``, ``approximate``)."""
+    ``fused``, ``align_to``, ``approximate``). With ``variant``, a keyword given at the block's
+    default is left out: it builds the block a swap without it builds (``packed=True`` then a
+    swap without it warned that the keywords differed; review, session 23)."""
+    defaults = _keyword_defaults(variant) if variant in VARIANTS else {}
     return {
         k: v
         for k, v in sorted(module_kwargs.items())
-        if v is None or isinstance(v, (bool, int, float, str))
+        if (v is None or isinstance(v, (bool, int, float, str)))
+        and not (k in defaults and type(v) is type(defaults[k]) and v == defaults[k])
     }
 
 
@@ -1539,12 +1566,12 @@ def _record_kwargs(rec: dict[str, Any], module_kwargs: Mapping[str, Any]) -> Non
     """Put the swap's module keywords in a config record (``"module_kwargs"``, which the reload
     recipe passes back to :func:`swap_mlp`: ``approximate="tanh"`` changes the numbers and
     ``packed=False`` the state-dict keys of what is built), and name those it cannot hold."""
-    kept = _recordable_kwargs(module_kwargs)
+    kept = _recordable_kwargs(module_kwargs, rec.get("variant"))
     rec.pop("module_kwargs", None)
     rec.pop("module_kwargs_unrecorded", None)
     if kept:
         rec["module_kwargs"] = kept
-    left = sorted(set(module_kwargs) - set(kept))
+    left = sorted(set(module_kwargs) - set(_recordable_kwargs(module_kwargs)))
     if left:
         rec["module_kwargs_unrecorded"] = left
 
@@ -1595,7 +1622,9 @@ def _built_by_swap(block: nn.Module) -> nn.Module | None:
 def _block_signature(block: nn.Module) -> tuple[str, int | None]:
     """``(variant, width)`` of a block a swap built: the variant named by its gating and
     activation (``"gelu"``, ``"swiglu"``; otherwise a description such as ``"gated
-    gelu_tanh"``) and its hidden width."""
+    gelu_tanh"``), with ``" (packed=False)"`` for a gated block with separate gate and up
+    layers (other state-dict keys: a chain of swaps with either layout is "mixed"; review,
+    session 23), and its hidden width."""
     act = getattr(block, "act", None)
     try:
         name = activation_name(act) if isinstance(act, nn.Module) else type(block).__name__
@@ -1606,6 +1635,8 @@ def _block_signature(block: nn.Module) -> tuple[str, int | None]:
         (v for v, a in VARIANT_ACTIVATION.items() if a == name and (v in GATED_VARIANTS) == gated),
         f"gated {name}" if gated else name,
     )
+    if gated and getattr(block, "packed", True) is False:
+        label += " (packed=False)"
     width = getattr(block, "hidden_features", None)
     return label, width if isinstance(width, int) else None
 

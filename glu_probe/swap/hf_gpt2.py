@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from torch.nn.utils.parametrize import is_parametrized
 
 from glu_probe.modules import activation_name
 from glu_probe.swap.core import MLPAdapter, MLPSpec, UnsupportedModelError
@@ -23,14 +24,14 @@ __all__ = ["GPT2MLPAdapter"]
 
 
 def _is_conv1d(module: object) -> bool:
-    # (through the MRO: a parametrized layer's class is a ``ParametrizedConv1D`` subclass, which
-    # must still be matched so that the swap refuses it for its parametrization, not as an
-    # unrecognised block; review, session 23)
-    return (
-        any(c.__name__ == "Conv1D" for c in type(module).__mro__)
-        and hasattr(module, "nf")
-        and hasattr(module, "nx")
-    )
+    # A parametrized layer's class is torch's generated ``ParametrizedConv1D`` subclass, matched
+    # so that the swap refuses it for its parametrization, not as an unrecognised block; other
+    # subclasses of ``Conv1D`` (their own forward, extra parameters) stay unmatched (review,
+    # session 23).
+    cls = type(module)
+    if isinstance(module, nn.Module) and is_parametrized(module) and len(cls.__bases__) == 1:
+        cls = cls.__bases__[0]
+    return cls.__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
 
 
 class GPT2MLPAdapter(MLPAdapter):
