@@ -352,3 +352,148 @@ def test_a_keyword_at_its_default_is_not_recorded_and_does_not_warn(tmp_path) ->
     swap_mlp(model, "geglu", approximate="none", fused=None)
     assert "module_kwargs" not in model.config.glu_probe_swap
     _same_logits(model, _reload(model, tmp_path))
+
+
+# ---- review F (session 23): activation checkpointing in the probed model ------------------------
+def test_a_timm_vit_with_grad_checkpointing_is_probed_as_without() -> None:
+    """Before: torch.func's "don't yet support saved tensor hooks" ended the fit at the first
+    probe."""
+    timm = pytest.importorskip("timm")
+    from glu_probe.ntk import ntk_spectrum
+
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=2, num_heads=2
+    )
+    x = torch.randn(6, 1, 8, 8)
+    plain = ntk_spectrum(vit, x, method="dense")
+    vit.set_grad_checkpointing(True)
+    got = ntk_spectrum(vit, x, method="dense")
+    assert vit.grad_checkpointing is True  # given back
+    assert got.condition_number == pytest.approx(plain.condition_number, rel=1e-12)
+
+
+def test_a_hf_model_with_gradient_checkpointing_is_probed_and_keeps_its_hooks() -> None:
+    """Before: transformers' make_inputs_require_grads hook called requires_grad_() inside the
+    transform (a RuntimeError at the first probe)."""
+    from glu_probe.ntk import ntk_spectrum
+
+    model = _gpt2()
+    x = torch.randint(0, 32, (3, 8))
+    plain = ntk_spectrum(model, x, method="dense")
+    model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()  # (the hook; transformers may register it already)
+    emb = model.get_input_embeddings()
+    seen: list[int] = []
+    emb.register_forward_hook(lambda m, a, o: seen.append(1))  # after HF's: order kept
+    before = list(emb._forward_hooks.items())
+    flags = {
+        n: m.gradient_checkpointing
+        for n, m in model.named_modules()
+        if hasattr(m, "gradient_checkpointing")
+    }
+    got = ntk_spectrum(model, x, method="dense")
+    assert got.condition_number == pytest.approx(plain.condition_number, rel=1e-9)
+    assert list(emb._forward_hooks.items()) == before
+    assert flags == {
+        n: m.gradient_checkpointing
+        for n, m in model.named_modules()
+        if hasattr(m, "gradient_checkpointing")
+    }
+    assert any(flags.values())
+    model.train()
+    model(x).logits.sum().backward()  # training with checkpointing still works
+    assert seen
+
+
+def test_an_unconditional_checkpoint_call_gets_a_clear_error() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    from glu_probe.ntk import ntk_spectrum
+
+    class Always(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return checkpoint(self.fc, x, use_reentrant=False)
+
+    with pytest.raises(RuntimeError, match=r"checkpointing .* make it conditional"):
+        ntk_spectrum(Always(), torch.randn(4, 3), method="dense")
+
+
+# ---- review F (session 23): the gap monitor's weights for a causal LM ---------------------------
+def _lm_run(tmp_path, causal_lm: bool | None) -> tuple[list[float], list[float], list[float]]:  # type: ignore[no-untyped-def]
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from glu_probe.callbacks import GeneralizationGapMonitor
+
+    class LM(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _gpt2(2)
+
+        def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.net(**batch).loss
+
+        def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
+            return self.compute_loss(batch)
+
+        def validation_step(self, batch: dict[str, torch.Tensor], _: int) -> None:
+            self.log("val_loss", self.compute_loss(batch))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for k in range(12):  # padded sequences of 3..8 tokens: batches of unequal token counts
+        ids = torch.randint(1, 32, (8,), generator=g)
+        n = 3 + k % 6
+        mask = (torch.arange(8) < n).long()
+        labels = ids.masked_fill(mask == 0, -100)
+        items.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    train = DataLoader(items, batch_size=4)
+    val = DataLoader(items[::-1], batch_size=5)
+    module, gap = LM(), GeneralizationGapMonitor(causal_lm=causal_lm, seed=0)
+    pl.Trainer(
+        max_steps=3, val_check_interval=3, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[gap],
+    ).fit(module, train, val)  # fmt: skip
+    module.eval()
+    sums = {"shifted": [0.0, 0.0], "unshifted": [0.0, 0.0]}
+    with torch.no_grad():
+        for b in val:
+            loss = float(module.compute_loss(b))
+            for key, w in (
+                ("shifted", (b["labels"][:, 1:] != -100).sum()),
+                ("unshifted", (b["labels"] != -100).sum()),
+            ):
+                sums[key][0] += loss * float(w)
+                sums[key][1] += float(w)
+    return (
+        [h["gap/val/loss"] for h in gap.history],
+        [sums["shifted"][0] / sums["shifted"][1]],
+        [sums["unshifted"][0] / sums["unshifted"][1]],
+    )
+
+
+def test_the_gap_of_a_causal_lm_is_a_mean_over_its_shifted_tokens(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Before: weighed by the unshifted labels, one token too many per sequence (a 1e-3 error
+    on a 0.1 gap in the review's run)."""
+    got, shifted, unshifted = _lm_run(tmp_path, None)
+    assert got == pytest.approx(shifted, rel=1e-12) and got != pytest.approx(unshifted, rel=1e-6)
+    got, shifted, unshifted = _lm_run(tmp_path, False)  # (labels shifted in the data)
+    assert got == pytest.approx(unshifted, rel=1e-12)
+
+
+def test_the_gap_monitor_refuses_a_non_bool_causal_lm() -> None:
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from glu_probe.callbacks import GeneralizationGapMonitor
+
+    with pytest.raises(MisconfigurationException, match="causal_lm must be True, False or None"):
+        GeneralizationGapMonitor(causal_lm="yes")  # type: ignore[arg-type]

@@ -320,6 +320,22 @@ def _n_items_lazy(target: Any, device: torch.device) -> torch.Tensor:
     return torch.tensor(float(_n_items(target)), dtype=torch.float64, device=device)
 
 
+def _token_labels(target: Any) -> bool:
+    """Whether ``target`` is ``(batch, tokens)`` class indices (a language model's labels)."""
+    return (
+        isinstance(target, torch.Tensor)
+        and target.dim() == 2
+        and not target.is_floating_point()
+        and not target.is_complex()
+    )
+
+
+def _holds_causal_lm(module: nn.Module) -> bool:
+    """Whether ``module`` holds a Hugging Face causal language model (by class name: a model
+    whose loss shifts its labels for next-token prediction)."""
+    return any(type(m).__name__.endswith(("ForCausalLM", "LMHeadModel")) for m in module.modules())
+
+
 def _paired_evaluations(
     pl_module: pl.LightningModule, outputs: Any, sides: Mapping[str, Any]
 ) -> Mapping[str, Any] | None:
@@ -369,6 +385,13 @@ class GeneralizationGapMonitor(Callback):
             (a language model's 8 sequences) do not cost dozens of small forward passes.
         prefix: name prefix of the logged metrics (``"gap"``: ``gap/loss``, ...); monitors of
             one Trainer need distinct prefixes.
+        causal_lm: weigh each batch by its non-ignored labels after the next-token shift
+            (``labels[..., 1:]``), the terms a causal language model's loss averages (Hugging
+            Face's ``*ForCausalLM`` shift ``labels=input_ids`` inside). ``None`` (default):
+            when the module holds such a model (a class named ``...ForCausalLM`` or
+            ``...LMHeadModel``) and the targets are ``(batch, tokens)`` class indices; pass
+            ``False`` for labels already shifted in the data. (A ``PairedModule`` shifts, or
+            not, by its own ``causal_lm``.)
 
     One instance can serve several independent ``fit`` runs: a fit that starts at step 0
     without a checkpoint starts with an empty history.
@@ -390,9 +413,17 @@ class GeneralizationGapMonitor(Callback):
         log_components: bool = True,
         eval_batch_size: int | None = None,
         prefix: str = "gap",
+        causal_lm: bool | None = None,
     ) -> None:
         super().__init__()
         check_prefix("GeneralizationGapMonitor", prefix)
+        if causal_lm is not None and not isinstance(causal_lm, bool):
+            raise MisconfigurationException(
+                "GeneralizationGapMonitor: causal_lm must be True, False or None, got "
+                f"{causal_lm!r}"
+            )
+        self.causal_lm = causal_lm
+        self._shifted = False  # resolved at setup (causal_lm, or the module's own kind)
         if mode not in ("clean", "logged"):
             raise MisconfigurationException(
                 f"GeneralizationGapMonitor: mode must be 'clean' or 'logged', got {mode!r}"
@@ -522,6 +553,11 @@ class GeneralizationGapMonitor(Callback):
         check_unique_prefix(trainer, self)
         if is_fresh_fit(trainer):  # a resumed run's checkpoint is restored after setup
             self.history = []
+        self._shifted = (
+            self.causal_lm
+            if self.causal_lm is not None
+            else not isinstance(pl_module, PairedModule) and _holds_causal_lm(pl_module)
+        )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.mode != "clean" or is_quiet_run(trainer):
@@ -883,6 +919,11 @@ class GeneralizationGapMonitor(Callback):
                         raise
                     if target is None:  # a whole batch given to compute_loss: weigh samples
                         sides[side].add(loss, preds, target, _n_samples(batch))
+                    elif self._shifted and _token_labels(target):
+                        # a causal LM's loss averages the labels after the shift: weighed by
+                        # the unshifted count, each sequence counted one token too many
+                        # (review, session 23)
+                        sides[side].add(loss, preds, target, _n_items(target[..., 1:]))
                     else:
                         sides[side].add(loss, preds, target)
 

@@ -602,6 +602,41 @@ def planned_copy_bytes(
     return total, sum(p.numel() for p in selected.values()), item
 
 
+#: Instance flags that turn activation checkpointing on: timm's models (``grad_checkpointing``)
+#: and Hugging Face's modules (``gradient_checkpointing``).
+_CHECKPOINTING_FLAGS = ("grad_checkpointing", "gradient_checkpointing")
+
+
+def _checkpointing_off(
+    model: nn.Module,
+) -> tuple[list[tuple[nn.Module, str]], list[tuple[dict[Any, Any], list[tuple[Any, Any]]]]]:
+    """Turn off ``model``'s activation checkpointing for the probe's passes: the instance flags
+    of :data:`_CHECKPOINTING_FLAGS` that are ``True``, and Hugging Face's
+    ``make_inputs_require_grads`` forward hooks (``enable_input_require_grads``, registered by
+    ``gradient_checkpointing_enable``: it calls ``requires_grad_()``, refused inside a torch.func
+    transform, and changes no value). Returns what to put back: the flags switched off, and
+    each hook dict a hook was taken out of with its items before (keys and order kept)."""
+    flags: list[tuple[nn.Module, str]] = []
+    hooks: list[tuple[dict[Any, Any], list[tuple[Any, Any]]]] = []
+    for m in model.modules():
+        own = vars(m)
+        for name in _CHECKPOINTING_FLAGS:
+            if own.get(name) is True:
+                own[name] = False
+                flags.append((m, name))
+        forward_hooks = own.get("_forward_hooks")
+        if isinstance(forward_hooks, dict):
+            saved = list(forward_hooks.items())
+            drop = [
+                k for k, fn in saved if getattr(fn, "__name__", "") == "make_inputs_require_grads"
+            ]
+            if drop:
+                hooks.append((forward_hooks, saved))
+                for key in drop:
+                    del forward_hooks[key]
+    return flags, hooks
+
+
 def _precision_knobs() -> list[Any]:
     """The per-backend ``fp32_precision`` settings of torch >= 2.9 (cuBLAS, cuDNN, oneDNN)."""
     b = torch.backends
@@ -913,6 +948,12 @@ class ProbeFunction:
         cache_level = getattr(parametrize, "_cache_enabled", None)
         if cache_level:
             parametrize._cache_enabled = 0
+        # Gradient checkpointing recomputes the same forward: the probe's passes run without it
+        # (torch.func has no saved-tensor hooks, so timm's set_grad_checkpointing(True) ended
+        # the fit at the first probe; and Hugging Face's checkpointing registers a hook that
+        # calls requires_grad_() on the embeddings' output, refused inside a transform; review,
+        # session 23). Flags and hooks are given back as they were.
+        checkpointing, hooks = _checkpointing_off(self.model)
         try:
             if self.eval_mode:
                 switched = True
@@ -924,8 +965,25 @@ class ProbeFunction:
                 torch.inference_mode(False),  # e.g. a Lightning validation hook
                 _eager_stance(),
             ):
-                yield
+                try:
+                    yield
+                except RuntimeError as err:
+                    if "saved tensor hooks" not in str(err):
+                        raise
+                    raise RuntimeError(
+                        f"{err} The model runs activation (gradient) checkpointing or another "
+                        "saved-tensor hook in its forward, which torch.func cannot differentiate "
+                        "through; the probe turns off timm's and Hugging Face's checkpointing "
+                        "flags, but not a torch.utils.checkpoint call the model makes "
+                        "unconditionally: make it conditional (e.g. on a flag or self.training, "
+                        "with the probe's default eval_mode=True)"
+                    ) from err
         finally:
+            for m, name in checkpointing:
+                vars(m)[name] = True
+            for hook_dict, saved in hooks:  # (in their order: a hook registered later than
+                hook_dict.clear()  # the one taken out still runs after it)
+                hook_dict.update(saved)
             if switched:
                 # Back through the model's own train(): an override that switches more than
                 # the flags (frozen BatchNorm, noise injection) undoes its eval() side effects.
