@@ -23,6 +23,16 @@ TORCH_VERSION = _major_minor(torch.__version__)
 """torch's ``(major, minor)``, for tests that guard on behaviour a torch release changed."""
 
 
+def _lightning_version() -> tuple[int, int]:
+    import lightning
+
+    return _major_minor(lightning.__version__)
+
+
+LIGHTNING_VERSION = _lightning_version()
+"""lightning's ``(major, minor)``, likewise."""
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import LIGHTNING_VERSION
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -246,7 +247,10 @@ def test_a_probe_at_the_start_of_a_resumed_fit_is_logged_at_the_checkpoint_step(
     with pytest.warns(Warning):  # (Lightning: a mid-epoch checkpoint of a plain loader)
         trainer.fit(Net(123), data_loader(), ckpt_path=ckpt)
     first = fresh.history[0]
-    assert first["step"] == 8
+    # Lightning 2.4 restores its logger step one short after a checkpoint saved at a batch end
+    # (_batches_that_stepped 7 for global_step 8; made consistent upstream in 2.5, PR 20379)
+    # and logs its own first resumed loss at 7 too: the probe follows Lightning's counter.
+    assert first["step"] == (8 if LIGHTNING_VERSION >= (2, 5) else 7)
     # its parameters are the checkpoint's: a float64 probe of them on the same 20 samples
     from glu_probe.ntk import ntk_spectrum
 

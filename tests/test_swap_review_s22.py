@@ -505,6 +505,8 @@ def test_rollback_survives_a_dict_subclass_that_refuses_update() -> None:
 def test_config_key_warnings_point_at_the_caller() -> None:
     """NomicBERT's ``hidden_act`` is read outside the MLPs too: the "not updated" warning
     pointed into glu_probe/swap/core.py once the config update moved one frame deeper."""
+    if not hasattr(transformers, "NomicBertConfig"):
+        pytest.skip("transformers without NomicBertConfig")
     config = transformers.NomicBertConfig(
         hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=176,
         vocab_size=64, hidden_act="silu",

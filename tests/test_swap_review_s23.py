@@ -424,7 +424,9 @@ def test_an_unconditional_checkpoint_call_gets_a_clear_error() -> None:
 
 
 # ---- review F (session 23): the gap monitor's weights for a causal LM ---------------------------
-def _lm_run(tmp_path, causal_lm: bool | None) -> tuple[list[float], list[float], list[float]]:  # type: ignore[no-untyped-def]
+def _lm_run(  # type: ignore[no-untyped-def]
+    tmp_path, causal_lm: bool | None, net=None, last_one_label: bool = False
+) -> tuple[list[float], list[float], list[float]]:
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
@@ -433,7 +435,7 @@ def _lm_run(tmp_path, causal_lm: bool | None) -> tuple[list[float], list[float],
     class LM(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = _gpt2(2)
+            self.net = net() if net is not None else _gpt2(2)
 
         def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             return self.net(**batch).loss
@@ -454,6 +456,8 @@ def _lm_run(tmp_path, causal_lm: bool | None) -> tuple[list[float], list[float],
         n = 3 + k % 6
         mask = (torch.arange(8) < n).long()
         labels = ids.masked_fill(mask == 0, -100)
+        if last_one_label and k < 2:  # (the reversed val set's last batch: items 1 and 0)
+            labels = labels.masked_fill(torch.arange(8) > 0, -100)
         items.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     train = DataLoader(items, batch_size=4)
     val = DataLoader(items[::-1], batch_size=5)
@@ -468,6 +472,8 @@ def _lm_run(tmp_path, causal_lm: bool | None) -> tuple[list[float], list[float],
     with torch.no_grad():
         for b in val:
             loss = float(module.compute_loss(b))
+            if loss != loss:  # (no terms in the batch: HF's mean is NaN)
+                continue
             for key, w in (
                 ("shifted", (b["labels"][:, 1:] != -100).sum()),
                 ("unshifted", (b["labels"] != -100).sum()),
@@ -497,3 +503,82 @@ def test_the_gap_monitor_refuses_a_non_bool_causal_lm() -> None:
 
     with pytest.raises(MisconfigurationException, match="causal_lm must be True, False or None"):
         GeneralizationGapMonitor(causal_lm="yes")  # type: ignore[arg-type]
+
+
+def _xlnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return transformers.XLNetLMHeadModel(
+        transformers.XLNetConfig(vocab_size=32, d_model=16, n_layer=1, n_head=2, d_inner=32)
+    )
+
+
+def test_the_gap_of_an_lm_whose_loss_does_not_shift_keeps_the_unshifted_weights(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """XLNetLMHeadModel's loss does not shift: auto-detection by "LMHeadModel" weighed it by
+    the shifted labels (re-review, session 23)."""
+    got, shifted, unshifted = _lm_run(tmp_path, None, net=_xlnet)
+    assert got == pytest.approx(unshifted, rel=1e-12) and got != pytest.approx(shifted, rel=1e-6)
+
+
+def test_a_causal_lm_inside_an_encoder_decoder_is_not_taken_for_the_model() -> None:
+    from glu_probe.callbacks.gap import _holds_causal_lm
+
+    enc = transformers.BertConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        vocab_size=32,
+    )
+    dec = transformers.GPT2Config(
+        n_embd=16, n_layer=1, n_head=2, vocab_size=32, add_cross_attention=True, is_decoder=True
+    )
+    config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    both = transformers.EncoderDecoderModel(config=config)
+    assert not _holds_causal_lm(both) and _holds_causal_lm(both.decoder)
+    assert _holds_causal_lm(torch.nn.ModuleDict({"lm": _gpt2(1), "head": torch.nn.Linear(2, 2)}))
+
+
+def test_a_batch_with_no_terms_after_the_shift_adds_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """HF's mean over no terms is NaN: 0 x NaN made the whole validation side NaN (no gap)."""
+    got, shifted, _ = _lm_run(tmp_path, None, last_one_label=True)
+    assert got == pytest.approx(shifted, rel=1e-12)
+
+
+def test_class_targets_of_a_module_holding_an_lm_are_not_shifted() -> None:
+    from glu_probe.callbacks.gap import _token_labels
+
+    ids = torch.randint(0, 32, (4, 8))
+    assert _token_labels({"input_ids": ids, "labels": ids}, ids)
+    assert not _token_labels({"input_ids": ids, "labels": ids[:, :1]}, ids[:, :1])  # (B, 1)
+    assert not _token_labels((torch.randn(4, 8), ids), ids)  # float inputs: not token ids
+    assert not _token_labels({"input_ids": ids}, torch.randint(0, 2, (4, 3)))  # multi-label
+
+
+def test_a_one_shot_hook_removed_during_the_probe_stays_removed() -> None:
+    from glu_probe.ntk import ntk_spectrum
+
+    model = _gpt2()
+    model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    emb = model.get_input_embeddings()
+    calls: list[int] = []
+
+    def once(m: torch.nn.Module, a: object, o: torch.Tensor) -> None:
+        calls.append(1)
+        handle.remove()
+
+    hf_hooks = list(emb._forward_hooks.items())
+    handle = emb.register_forward_hook(once)
+    ntk_spectrum(model, torch.randint(0, 32, (2, 8)), method="dense")
+    assert len(calls) == 1
+    model.eval()(torch.randint(0, 32, (1, 8)))
+    assert len(calls) == 1  # was revived by the restore, and fired again
+    assert list(emb._forward_hooks.items()) == hf_hooks and hf_hooks
+
+
+def test_the_operator_warns_by_default_on_a_model_of_float64_and_float32_parts() -> None:
+    from glu_probe.ntk import NTKOperator
+
+    with pytest.warns(UserWarning, match="holds float64 parameters or buffers") as rec:
+        op = NTKOperator(_MixedPrecision(), 1e4 + torch.randn(4, 4, dtype=torch.float64))
+    assert op.dtype == torch.float32 and any(r.filename == __file__ for r in rec)

@@ -276,11 +276,14 @@ class _Side:
                 if count is None
                 else torch.tensor(float(count), dtype=torch.float64, device=loss.device)
             )
-            self._queued.append(torch.stack([loss.detach().double().reshape(()) * n, n]))
+            term = loss.detach().double().reshape(()) * n
+            term = torch.where(n > 0, term, torch.zeros_like(term))  # (no terms: adds nothing)
+            self._queued.append(torch.stack([term, n]))
         else:
             k = _n_items(target) if count is None else count
-            self._loss_sum += float(loss) * k
-            self._count += k
+            if k:  # (a batch with no loss terms adds nothing: its NaN mean made the sum NaN)
+                self._loss_sum += float(loss) * k
+                self._count += k
         for m in self.metrics.values():
             m.update(preds, target)
 
@@ -320,20 +323,65 @@ def _n_items_lazy(target: Any, device: torch.device) -> torch.Tensor:
     return torch.tensor(float(_n_items(target)), dtype=torch.float64, device=device)
 
 
-def _token_labels(target: Any) -> bool:
-    """Whether ``target`` is ``(batch, tokens)`` class indices (a language model's labels)."""
-    return (
+def _token_labels(batch: Any, target: Any) -> bool:
+    """Whether ``target`` is a language model's next-token labels: ``(batch, tokens)`` class
+    indices of the shape of the batch's token ids (``input_ids``, or the integer inputs of an
+    ``(inputs, target)`` batch), Hugging Face's ``labels=input_ids`` convention; not a
+    classifier's ``(batch, 1)`` or multi-label targets (re-review, session 23: a ``(B, 1)``
+    target of a module that also held a causal LM was shifted to no terms at all)."""
+    if not (
         isinstance(target, torch.Tensor)
         and target.dim() == 2
+        and target.shape[1] > 1
         and not target.is_floating_point()
         and not target.is_complex()
+    ):
+        return False
+    if isinstance(batch, Mapping):
+        ids = batch.get("input_ids")
+    elif isinstance(batch, (tuple, list)) and batch:
+        ids = batch[0]
+    else:
+        ids = None
+    return (
+        isinstance(ids, torch.Tensor)
+        and not ids.is_floating_point()
+        and tuple(ids.shape) == tuple(target.shape)
     )
 
 
+#: Hugging Face model classes whose loss shifts ``labels`` for next-token prediction beside the
+#: ``...ForCausalLM`` ones (``XLNetLMHeadModel``, ``XLMWithLMHeadModel`` and
+#: ``FlaubertWithLMHeadModel`` do not shift, and are left out).
+_SHIFTING_LM_HEADS = frozenset(
+    {
+        "BertLMHeadModel",
+        "BlipTextLMHeadModel",
+        "CTRLLMHeadModel",
+        "GPT2LMHeadModel",
+        "OpenAIGPTLMHeadModel",
+    }
+)
+
+
 def _holds_causal_lm(module: nn.Module) -> bool:
-    """Whether ``module`` holds a Hugging Face causal language model (by class name: a model
-    whose loss shifts its labels for next-token prediction)."""
-    return any(type(m).__name__.endswith(("ForCausalLM", "LMHeadModel")) for m in module.modules())
+    """Whether ``module`` holds a Hugging Face causal language model whose loss shifts its
+    labels: a ``...ForCausalLM`` or a class of :data:`_SHIFTING_LM_HEADS`, not inside another
+    Hugging Face model (an ``EncoderDecoderModel`` with a GPT-2 decoder computes its own loss,
+    unshifted; re-review, session 23)."""
+
+    def hf(m: nn.Module) -> bool:
+        return any(c.__name__ == "PreTrainedModel" for c in type(m).__mro__)
+
+    outer: list[str] = []  # paths of the outermost Hugging Face models (pre-order walk)
+    for path, m in module.named_modules():
+        if not hf(m) or any(p == "" or path.startswith(p + ".") for p in outer):
+            continue
+        outer.append(path)
+        name = type(m).__name__
+        if name.endswith("ForCausalLM") or name in _SHIFTING_LM_HEADS:
+            return True
+    return False
 
 
 def _paired_evaluations(
@@ -919,7 +967,7 @@ class GeneralizationGapMonitor(Callback):
                         raise
                     if target is None:  # a whole batch given to compute_loss: weigh samples
                         sides[side].add(loss, preds, target, _n_samples(batch))
-                    elif self._shifted and _token_labels(target):
+                    elif self._shifted and _token_labels(batch, target):
                         # a causal LM's loss averages the labels after the shift: weighed by
                         # the unshifted count, each sequence counted one token too many
                         # (review, session 23)

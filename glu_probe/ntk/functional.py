@@ -607,6 +607,11 @@ def planned_copy_bytes(
 _CHECKPOINTING_FLAGS = ("grad_checkpointing", "gradient_checkpointing")
 
 
+def _is_require_grads_hook(fn: Any) -> bool:
+    """Hugging Face's ``make_inputs_require_grads`` forward hook."""
+    return getattr(fn, "__name__", "") == "make_inputs_require_grads"
+
+
 def _checkpointing_off(
     model: nn.Module,
 ) -> tuple[list[tuple[nn.Module, str]], list[tuple[dict[Any, Any], list[tuple[Any, Any]]]]]:
@@ -627,9 +632,7 @@ def _checkpointing_off(
         forward_hooks = own.get("_forward_hooks")
         if isinstance(forward_hooks, dict):
             saved = list(forward_hooks.items())
-            drop = [
-                k for k, fn in saved if getattr(fn, "__name__", "") == "make_inputs_require_grads"
-            ]
+            drop = [k for k, fn in saved if _is_require_grads_hook(fn)]
             if drop:
                 hooks.append((forward_hooks, saved))
                 for key in drop:
@@ -981,9 +984,16 @@ class ProbeFunction:
         finally:
             for m, name in checkpointing:
                 vars(m)[name] = True
-            for hook_dict, saved in hooks:  # (in their order: a hook registered later than
-                hook_dict.clear()  # the one taken out still runs after it)
-                hook_dict.update(saved)
+            for hook_dict, saved in hooks:
+                # The hooks taken out go back at their places; a hook removed meanwhile (a
+                # one-shot hook that removes itself) stays removed, one added stays last
+                # (re-review, session 23: a full snapshot revived a removed hook).
+                now = dict(hook_dict)
+                taken = {k for k, fn in saved if _is_require_grads_hook(fn)}
+                merged = [(k, now.get(k, fn)) for k, fn in saved if k in taken or k in now]
+                merged += [(k, fn) for k, fn in now.items() if k not in dict(saved)]
+                hook_dict.clear()
+                hook_dict.update(merged)
             if switched:
                 # Back through the model's own train(): an override that switches more than
                 # the flags (frozen BatchNorm, noise injection) undoes its eval() side effects.
@@ -1188,7 +1198,10 @@ class ProbeFunction:
         if not rows.requires_grad:
             raise ValueError(
                 "the probe outputs do not depend on the selected parameters (K == 0): "
-                "check the params= filter and that the output is computed from them"
+                "check the params= filter and that the output is computed from them (and not "
+                "cut from them: detach(), torch.no_grad(), or a reentrant "
+                "torch.utils.checkpoint(..., use_reentrant=True) in the forward, which torch.func "
+                "cannot see through)"
             )
         if rows.numel() % self.batch_size:
             raise ValueError(

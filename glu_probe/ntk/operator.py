@@ -627,8 +627,9 @@ class NTKOperator:
             model_ = model
             if dtype is None:
                 dtype = default_probe_dtype(model_, params)
-            else:  # (stacklevel: past allows_autograd's wrapper, to the caller)
-                warn_narrowed(model_, dtype, "NTKOperator: dtype", stacklevel=3)
+            # (a model of float64 and float32 parts gets float32 by default, with the warning;
+            # stacklevel: past allows_autograd's wrapper, to the caller)
+            warn_narrowed(model_, dtype, "NTKOperator: dtype", stacklevel=3)
             probe = agreed(
                 lambda: ProbeFunction(
                     model_, inputs, output=output, params=params, dtype=dtype, eval_mode=eval_mode
