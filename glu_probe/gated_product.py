@@ -42,8 +42,11 @@ are the token-major block's own (``F.linear`` with its bias), its parameter grad
 GEMMs and reductions per half. Its input gradient ``dx = dg Wg + du Wu`` is one rounding more
 than the packed block's single GEMM (the second GEMM accumulates onto the first one's 16-bit
 result): about 5% more RMS error in bf16 and fp16 on the CPU, and less than timm's ``SwiGLU`` /
-HF's ``LlamaMLP``, whose autograd rounds both products and their sum
-(``tests/test_gated_product.py``).
+HF's ``LlamaMLP`` in a 16-bit model, whose autograd rounds both products and their sum
+(``tests/test_gated_product.py``). Under autocast a non-leaf input is cast once per timm
+``Linear``, so timm's halves meet in float32: there the split layout's input gradient is about
+2% less accurate than timm's (relative RMS 5.61e-3 against 5.48e-3, bf16 on the CPU; review,
+session 23), not more.
 
 Host-bound steps. Where a block's GEMMs are small, the step's wall time is the host's time to
 issue its kernels, not the device's (H200, bf16 with biases, 16384 tokens × 512 features: 0.6 ms
@@ -53,7 +56,8 @@ time that autograd's own C++ backward does not. There the split layout runs as
 ``"split-autograd"``: the same two token-major GEMMs on ``w1``'s row blocks, written as
 differentiable ops (timm's ``SwiGLU`` expression on views of the packed weight), so the backward
 is autograd's: timm's kernels plus one ``cat`` per packed parameter (the backward of ``chunk``),
-and in 16 bits timm's values and gradients bit for bit (``tests/test_gated_product.py``).
+and in 16 bits timm's values and gradients bit for bit (``tests/test_gated_product.py``), under
+autocast too: there autocast casts ``x`` once per GEMM, as for timm's two ``Linear`` layers.
 ``layout="auto"`` takes it for split blocks whose work ``N·in·h`` (one projection's
 multiply-adds) is below :data:`SPLIT_AUTOGRAD_BELOW_MACS` (2·10¹⁰: 16384 tokens × 512 × 1368
 below, × 768 × 2048 above, the widths where the hand-written split layout was measured at
@@ -501,6 +505,23 @@ def fused_gated_mlp(
     ):
         return _plain(x, w1, b1, w2, b2, kind, gate_first)
     cdt = _autocast_dtype(x)
+    if layout == "auto":
+        # the compute dtype: autocast's, except for float64, which it never narrows
+        compute = cdt if cdt is not None and x.dtype != torch.float64 else x.dtype
+        split = b1 is not None and compute in (torch.bfloat16, torch.float16)
+        if not split or x.shape[-1] >= SPLIT_BELOW_IN_FEATURES:
+            layout = "feature"
+        elif x.numel() * (w1.shape[0] // 2) < SPLIT_AUTOGRAD_BELOW_MACS:
+            layout = "split-autograd"
+        else:
+            layout = "split"
+    if layout == "split-autograd":
+        # Plain differentiable ops (any shape of x), under autocast with autocast's own casts:
+        # one cast of x per GEMM as in timm's SwiGLU, whose two input-gradient halves then meet
+        # in float32. A single cast of x before both summed them in the 16-bit dtype (review,
+        # session 23: input gradient 5.6e-3 relative RMS error against timm's 5.3e-3, not bit
+        # for bit).
+        return _split_autograd(x, w1, b1, w2, b2, kind, gate_first)
     if cdt is not None:
         # as autocast's own casts: floating tensors except float64, which it never narrows
         def cast(t: Tensor) -> Tensor:
@@ -509,17 +530,6 @@ def fused_gated_mlp(
         x, w1, w2 = cast(x), cast(w1), cast(w2)
         b1 = None if b1 is None else cast(b1)
         b2 = None if b2 is None else cast(b2)
-    if layout == "auto":
-        split = b1 is not None and x.dtype in (torch.bfloat16, torch.float16)
-        if not split or x.shape[-1] >= SPLIT_BELOW_IN_FEATURES:
-            layout = "feature"
-        elif x.numel() * (w1.shape[0] // 2) < SPLIT_AUTOGRAD_BELOW_MACS:
-            layout = "split-autograd"
-        else:
-            layout = "split"
-    if layout == "split-autograd":
-        # plain differentiable ops (any shape of x; under autocast its inputs are cast already)
-        return _split_autograd(x, w1, b1, w2, b2, kind, gate_first)
     fn = _SplitFusedGatedMLP if layout == "split" else _FusedGatedMLP
     shape = x.shape
     x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])

@@ -582,3 +582,43 @@ def test_the_operator_warns_by_default_on_a_model_of_float64_and_float32_parts()
     with pytest.warns(UserWarning, match="holds float64 parameters or buffers") as rec:
         op = NTKOperator(_MixedPrecision(), 1e4 + torch.randn(4, 4, dtype=torch.float64))
     assert op.dtype == torch.float32 and any(r.filename == __file__ for r in rec)
+
+
+# ---- review H (session 23): split-autograd under autocast ---------------------------------------
+@pytest.mark.parametrize("layout", ["auto", "split-autograd"])
+def test_split_autograd_under_autocast_is_timms_swiglu_bit_for_bit(layout: str) -> None:
+    """A non-leaf input (what a norm layer hands the block) under CPU bf16 autocast: x was cast
+    once for both GEMMs, so its two gradient halves were summed in bf16, where timm's two
+    Linear layers each cast x and sum the halves in float32 (0 of 5 trials bit-equal before)."""
+    timm_layers = pytest.importorskip("timm.layers")
+    from glu_probe.gated_product import fused_gated_mlp
+    from glu_probe.modules import SwiGLU
+
+    torch.manual_seed(0)
+    t = timm_layers.SwiGLU(64, 128, bias=True)
+    ours = SwiGLU(64, 128, fused=True)
+    with torch.no_grad():
+        ours.fc1.weight.copy_(torch.cat([t.fc1_g.weight, t.fc1_x.weight]))
+        ours.fc1.bias.copy_(torch.cat([t.fc1_g.bias, t.fc1_x.bias]))
+        ours.fc2.weight.copy_(t.fc2.weight)
+        ours.fc2.bias.copy_(t.fc2.bias)
+    x0 = torch.randn(4, 16, 64, requires_grad=True)
+    dy = torch.randn(4, 16, 64)
+    outs = []
+    for block in (ours, t):
+        x0.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = x0 * 1.0  # (non-leaf)
+            if block is ours and layout != "auto":
+                f = ours.fc1
+                y = fused_gated_mlp(
+                    x, f.weight, f.bias, ours.fc2.weight, ours.fc2.bias, "silu", True, layout=layout
+                )
+            else:
+                y = block(x)
+        y.backward(dy.to(y.dtype))
+        outs.append((y.detach(), x0.grad.clone()))
+    assert outs[0][0].dtype == outs[1][0].dtype == torch.bfloat16
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert torch.equal(outs[0][1], outs[1][1])
+    assert torch.equal(ours.fc1.weight.grad, torch.cat([t.fc1_g.weight.grad, t.fc1_x.weight.grad]))
