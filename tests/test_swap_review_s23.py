@@ -12,7 +12,7 @@ from glu_probe import swap_mlp
 
 transformers = pytest.importorskip("transformers")
 
-from test_swap_review_s22 import _gpt2, _reload, _same_logits  # noqa: E402
+from test_swap_review_s22 import _gpt2, _llama, _reload, _same_logits  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -230,18 +230,9 @@ def test_a_hook_on_a_kept_bert_layernorm_does_not_see_the_form_check() -> None:
     assert len(calls) == 1
 
 
-def _llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, vocab_size=32, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config)
-
-
 def test_a_same_kind_swap_warns_that_it_drops_the_weights() -> None:
     model = _llama()
-    with pytest.warns(UserWarning, match=r"2 block\(s\) already are what this swap builds"):
+    with pytest.warns(UserWarning, match=r"3 block\(s\) already are what this swap builds"):
         swap_mlp(model, "swiglu")
     with pytest.warns(UserWarning, match="their weights are dropped"):
         swap_mlp(model, "swiglu")  # a re-swap of glu_probe blocks re-initialises them too
@@ -323,11 +314,10 @@ def test_other_conv1d_subclasses_stay_unmatched() -> None:
 
 def test_a_partial_swap_after_another_warns_that_it_drops_same_kind_weights() -> None:
     model = _llama()
-    layers = ["model.layers.0.mlp", "model.layers.1.mlp"]
     with pytest.warns(UserWarning, match="their weights are dropped"):
-        swap_mlp(model, "swiglu", exclude=[layers[1]])
+        swap_mlp(model, "swiglu", exclude=["model.layers.1.mlp"])
     with pytest.warns(UserWarning, match=r"1 block\(s\) already are .*model.layers.1.mlp"):
-        swap_mlp(model, "swiglu", exclude=[layers[0]])
+        swap_mlp(model, "swiglu", include=["model.layers.1.mlp"])
 
 
 def test_a_chain_of_two_layouts_is_marked_mixed() -> None:
