@@ -1311,9 +1311,12 @@ def swap_mlp(
         record = getattr(owner[2], RECORD_ATTR, None) if owner is not None else None
         if not isinstance(record, dict):
             record = None
-        if record is not None and record.get("variant") == variant and _built_by_swap(old) is None:
-            # a host's own block under a record of this variant: a model rebuilt from a saved
-            # config, or a partial swap after another (a re-swap of swapped blocks replaces them)
+        # a host's own block under a record of this variant: a model rebuilt from a saved
+        # config, or a partial swap after another (a re-swap of swapped blocks replaces them)
+        own_under_record = (
+            record is not None and record.get("variant") == variant and _built_by_swap(old) is None
+        )
+        if own_under_record and record is not None:
             differing = _kwargs_differ(record, recordable)
             if differing:
                 kwargs_differ.setdefault(differing, path)
@@ -1336,11 +1339,11 @@ def swap_mlp(
         # holding no block a swap built. (A partial swap after another is not a rebuild: its
         # trained block was dropped without a word; review, session 23.)
         rebuilt = (
-            record is not None
-            and record.get("variant") == variant
-            and _built_by_swap(old) is None
+            own_under_record
             and not any_built
-            and not _listed(record.get("excluded"), path, owner[0] if owner else "")
+            and not _listed(
+                record.get("excluded") if record else None, path, owner[0] if owner else ""
+            )
         )
         if _same_kind(spec, new, hidden) and not rebuilt:
             same_kind.append(f"{path} ({spec.kind or type(old).__name__}, {spec.activation})")
