@@ -1028,6 +1028,7 @@ class NTKSpectrumMonitor(Callback):
                 if seen is not None:  # (checked against them: see WarmStart)
                     warm = WarmStart(warm, *seen)
             kwargs: dict[str, Any] = dict(self.spectrum_kwargs)
+            dtype = self._dtype_for(target)
             if "memory_budget" not in kwargs:
                 fallback = tag in self._unbudgeted
                 kwargs["memory_budget"] = None if fallback else self._default_budget(target, group)
@@ -1035,7 +1036,7 @@ class NTKSpectrumMonitor(Callback):
                 output=self.output,
                 method=self.method,
                 params=self.params,
-                dtype=(dtype := self._dtype_for(target)),
+                dtype=dtype,
                 jacobian_dtype=dtype,
                 eval_mode=self.eval_mode,
                 warm_start=warm,
