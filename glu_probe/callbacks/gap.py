@@ -436,10 +436,11 @@ class GeneralizationGapMonitor(Callback):
         causal_lm: weigh each batch by its non-ignored labels after the next-token shift
             (``labels[..., 1:]``), the terms a causal language model's loss averages (Hugging
             Face's ``*ForCausalLM`` shift ``labels=input_ids`` inside). ``None`` (default):
-            when the module holds such a model (a class named ``...ForCausalLM`` or
-            ``...LMHeadModel``) and the targets are ``(batch, tokens)`` class indices; pass
-            ``False`` for labels already shifted in the data. (A ``PairedModule`` shifts, or
-            not, by its own ``causal_lm``.)
+            when the module's outermost Hugging Face model is a ``...ForCausalLM`` or an LM head
+            whose loss shifts (GPT-2's, BERT's, ...; not XLNet's, XLM's, nor an
+            ``EncoderDecoderModel``) and the targets have the shape of the batch's
+            ``input_ids``; pass ``False`` for labels already shifted in the data. (A
+            ``PairedModule`` shifts, or not, by its own ``causal_lm``.)
 
     One instance can serve several independent ``fit`` runs: a fit that starts at step 0
     without a checkpoint starts with an empty history.
