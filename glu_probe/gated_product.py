@@ -81,7 +81,10 @@ Scope, so that nothing else changes (:meth:`glu_probe.modules.GatedMLP.forward` 
   backward with ``create_graph=True`` differentiates the plain expression (double backward
   works);
 * autocast: the inputs are cast to the autocast dtype, as ``F.linear`` would cast them, before
-  the Function (autograd sees the casts, so the gradients come back in the inputs' dtypes).
+  the Function (autograd sees the casts, so the gradients come back in the inputs' dtypes); the
+  ``"split-autograd"`` layout has no Function: its packed ``w1`` and ``b1`` are cast before they
+  are split and autocast casts ``x`` for each of its GEMMs, as for timm's two ``Linear`` layers
+  (a non-leaf ``x`` is then kept cast twice, as timm keeps it).
 """
 
 from __future__ import annotations
@@ -481,7 +484,9 @@ def fused_gated_mlp(
     :func:`fused_gate_kind` key; ``gate_first`` says whether ``w1``'s first ``h`` rows are the
     gate. Under autocast the inputs are cast to the autocast dtype first, as ``F.linear``
     would cast them (autograd sees the casts, so gradients come back in the inputs' dtypes and
-    only the cast copy of ``x`` is kept, as in the plain block). Under torch.func transforms,
+    only the cast copy of ``x`` is kept, as in the plain block), except on ``"split-autograd"``,
+    which runs timm's ``SwiGLU`` casts (one cast of ``x`` per GEMM; the module docstring,
+    "autocast"). Under torch.func transforms,
     ``torch.compile``/``torch.export`` and ``torch.jit.trace`` this is the plain expression.
 
     ``layout``: ``"feature"`` (feature-major, one packed GEMM), ``"split"`` (token-major, two
@@ -520,7 +525,12 @@ def fused_gated_mlp(
         # one cast of x per GEMM as in timm's SwiGLU, whose two input-gradient halves then meet
         # in float32. A single cast of x before both summed them in the 16-bit dtype (review,
         # session 23: input gradient 5.6e-3 relative RMS error against timm's 5.3e-3, not bit
-        # for bit).
+        # for bit). The packed w1 and b1 are cast before they are split, as timm's two weights
+        # each are: the backward of the split (a cat) then runs in the autocast dtype (split
+        # first, bf16 weights under fp16 autocast failed in autocast's dtype check).
+        if cdt is not None:
+            w1 = w1.to(cdt) if w1.dtype != torch.float64 else w1
+            b1 = None if b1 is None or b1.dtype == torch.float64 else b1.to(cdt)
         return _split_autograd(x, w1, b1, w2, b2, kind, gate_first)
     if cdt is not None:
         # as autocast's own casts: floating tensors except float64, which it never narrows

@@ -612,3 +612,41 @@ def test_split_autograd_under_autocast_is_timms_swiglu_bit_for_bit(layout: str) 
     assert torch.equal(outs[0][0], outs[1][0])
     assert torch.equal(outs[0][1], outs[1][1])
     assert torch.equal(ours.fc1.weight.grad, torch.cat([t.fc1_g.weight.grad, t.fc1_x.weight.grad]))
+
+
+@pytest.mark.parametrize(
+    ("weights", "autocast"),
+    [
+        (torch.bfloat16, torch.float16),
+        (torch.float16, torch.bfloat16),
+        (torch.float32, torch.float16),
+    ],
+)
+def test_split_autograd_with_16_bit_weights_under_the_other_16_bit_autocast(
+    weights: torch.dtype, autocast: torch.dtype
+) -> None:
+    """bf16 weights under fp16 autocast, backward inside the autocast block: the packed weight
+    was split before autocast cast it, and the split's backward (a cat of two bf16 halves) failed
+    in autocast's dtype check (re-review, session 23); timm's SwiGLU runs, and so does this."""
+    timm_layers = pytest.importorskip("timm.layers")
+    from glu_probe.modules import SwiGLU
+
+    torch.manual_seed(0)
+    t = timm_layers.SwiGLU(16, 24, bias=True).to(weights)
+    ours = SwiGLU(16, 24, fused=True, dtype=weights)
+    with torch.no_grad():
+        ours.fc1.weight.copy_(torch.cat([t.fc1_g.weight, t.fc1_x.weight]))
+        ours.fc1.bias.copy_(torch.cat([t.fc1_g.bias, t.fc1_x.bias]))
+        ours.fc2.weight.copy_(t.fc2.weight)
+        ours.fc2.bias.copy_(t.fc2.bias)
+    x0 = torch.randn(3, 5, 16, requires_grad=True)
+    got = []
+    for block in (ours, t):
+        x0.grad = None
+        with torch.autocast("cpu", dtype=autocast):
+            y = block(x0 * 1.0)
+            y.float().sum().backward()
+        got.append((y.detach(), x0.grad.clone()))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+    assert ours.fc1.weight.grad.dtype == weights
+    assert torch.equal(ours.fc1.weight.grad, torch.cat([t.fc1_g.weight.grad, t.fc1_x.weight.grad]))
