@@ -319,3 +319,57 @@ def test_iterable_data_split_by_rank_gives_every_rank_rank_zeros_probe(tmp_path)
         assert b["ntks/lambda_max"] == pytest.approx(a["ntk/lambda_max"], rel=1e-9)
         assert b["ntks/condition_number"] == pytest.approx(a["ntk/condition_number"], rel=1e-6)
     assert gap and all("gap/train/loss" in h for h in gap)
+
+
+class _RankShards(pl.LightningDataModule):
+    """Validation shards of the user's own making (no DistributedSampler): samples r, r + 2, ...
+    of 13 on rank r, so rank 0 evaluates 7 and rank 1 six."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(data(), batch_size=8)
+
+    def val_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(1)
+        ds = TensorDataset(torch.randn(13, 5, generator=g), torch.randn(13, 3, generator=g))
+        trainer = self.trainer
+        assert trainer is not None
+        rank, world = trainer.global_rank, trainer.world_size
+        return DataLoader(torch.utils.data.Subset(ds, range(rank, 13, world)), batch_size=3)
+
+
+class _Frozen(Net):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)  # weights fixed: one exact truth
+
+
+def test_user_shards_size_one_training_subset_for_every_rank(tmp_path):
+    """(Review, session 23.) Without a DistributedSampler each rank sized the training subset
+    to its own validation shard (7 and 6 of 13 samples): two different subsets, and a gap of
+    the wrong sign against the one-process value. The shards' total (13) sizes it now."""
+    histories = []
+    for devices in (1, 2):
+        torch.manual_seed(0)
+        gap = GeneralizationGapMonitor(loss_fn=nn.functional.mse_loss)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=devices,
+            strategy="ddp_fork" if devices > 1 else "auto",
+            max_steps=2,
+            val_check_interval=2,
+            logger=False,
+            callbacks=[gap, DumpHistory(tmp_path / str(devices), [gap])],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            num_sanity_val_steps=0,
+        )
+        (tmp_path / str(devices)).mkdir()
+        trainer.fit(_Frozen(), datamodule=_RankShards())
+        histories.append(
+            [torch.load(tmp_path / str(devices) / f"history_rank{r}.pt")[0] for r in range(devices)]
+        )
+    (single,), (rank0, rank1) = histories
+    assert rank0 == rank1
+    for key in ("gap/loss", "gap/train/loss", "gap/val/loss"):
+        assert rank0[-1][key] == pytest.approx(single[-1][key], rel=1e-6), key

@@ -800,13 +800,33 @@ class GeneralizationGapMonitor(Callback):
         validation run evaluates, at most :data:`AUTO_SUBSET_MAX`."""
         if self.train_subset_size is not None:
             return self.train_subset_size
+        total = self._validation_samples(trainer)
+        if trainer.world_size > 1 and not isinstance(
+            getattr(_first_loader(trainer.val_dataloaders), "sampler", None), DistributedSampler
+        ):
+            # Shards of the user's own making (no DistributedSampler): the val sums are
+            # all-reduced over every rank's shard, so the subset (identical on every rank) is
+            # sized to their total. Each rank sized it to its own shard before: 7 and 6 of 13
+            # samples, two different subsets and a gap of the wrong sign (review, session 23).
+            # Every rank reaches this all-reduce (its own count may be unknown: inf).
+            count = torch.tensor(
+                [math.inf if total is None else float(total)],
+                dtype=torch.float64,
+                device=trainer.strategy.root_device,
+            )
+            reduced = float(trainer.strategy.reduce(count, reduce_op="sum"))
+            total = int(reduced) if math.isfinite(reduced) else None
+        return AUTO_SUBSET_MAX if total is None else max(1, min(AUTO_SUBSET_MAX, total))
+
+    def _validation_samples(self, trainer: pl.Trainer) -> int | None:
+        """The samples the validation run evaluates (``None``: unknown), before the cap."""
         n_batches = (getattr(trainer, "num_val_batches", None) or [math.inf])[0]
         if self.val_batches is not None:
             n_batches = min(n_batches, self.val_batches)
         val = _first_loader(trainer.val_dataloaders)
         bs = val.batch_size if val is not None else None
         if not bs or not math.isfinite(n_batches) or n_batches <= 0:
-            return AUTO_SUBSET_MAX
+            return None
         # Under DDP every rank evaluates its own shard of the validation set (a
         # DistributedSampler), and the val sums are all-reduced: the validation run covers
         # num_replicas times this rank's batches, and the (identical on every rank) training
@@ -818,17 +838,14 @@ class GeneralizationGapMonitor(Callback):
         if isinstance(sampler, DistributedSampler):
             replicas = int(sampler.num_replicas)
             if sampler.drop_last:  # every rank the same share, the rest dropped
-                total = replicas * min(per_rank, len(sampler))
-            elif _real_samples(val) is None:  # a dataset without a length
-                total = per_rank * replicas
-            else:
-                total = sum(min(per_rank, _real_samples(val, r) or 0) for r in range(replicas))
-        else:
-            try:  # the samples the loader yields (a subset sampler's, else the dataset's)
-                total = min(per_rank, len(sampler if sampler is not None else val.dataset))  # type: ignore[arg-type,union-attr]
-            except TypeError:  # an iterable dataset without a length
-                total = per_rank
-        return max(1, min(AUTO_SUBSET_MAX, total))
+                return replicas * min(per_rank, len(sampler))
+            if _real_samples(val) is None:  # a dataset without a length
+                return per_rank * replicas
+            return sum(min(per_rank, _real_samples(val, r) or 0) for r in range(replicas))
+        try:  # the samples the loader yields (a subset sampler's, else the dataset's)
+            return min(per_rank, len(sampler if sampler is not None else val.dataset))  # type: ignore[arg-type,union-attr]
+        except TypeError:  # an iterable dataset without a length
+            return per_rank
 
     def _rebatch(self, trainer: pl.Trainer, size: int) -> None:
         """At the first validation: cut the drawn subset to ``size`` samples and batch it at
