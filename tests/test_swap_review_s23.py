@@ -650,3 +650,62 @@ def test_split_autograd_with_16_bit_weights_under_the_other_16_bit_autocast(
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
     assert ours.fc1.weight.grad.dtype == weights
     assert torch.equal(ours.fc1.weight.grad, torch.cat([t.fc1_g.weight.grad, t.fc1_x.weight.grad]))
+
+
+# ---- session 23: padded tokens' rows are left out of K -----------------------------------------
+def _padded_gpt2_batch(side: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        vocab_size=64,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(1, 64, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    if side == "right":
+        mask[1, 6:] = 0
+    else:
+        mask[1, :10] = 0
+    return model, {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_tokens_rows_are_left_out_of_the_spectrum(side: str) -> None:
+    """Before: the 10 padded tokens' rows were part of K (κ 300 instead of 121 with right
+    padding, 462 instead of 85 with left padding)."""
+    from glu_probe.ntk import ntk_matrix, ntk_spectrum
+
+    model, batch = _padded_gpt2_batch(side)
+    K = ntk_matrix(model, batch, dtype=torch.float64)  # every row (ntk_matrix keeps them)
+    keep = batch["attention_mask"].reshape(-1).bool()
+    truth = torch.linalg.eigvalsh(K[keep][:, keep])
+    every = torch.linalg.eigvalsh(K)
+    kappa = float(truth[-1] / truth[0])
+    dense = ntk_spectrum(model, batch, method="dense")
+    assert dense.n_rows == 22 and dense.eigenvalues is not None
+    torch.testing.assert_close(dense.eigenvalues, truth, rtol=1e-9, atol=1e-12 * float(truth[-1]))
+    lanczos = ntk_spectrum(model, batch, method="lanczos", dtype=torch.float64)
+    assert lanczos.n_rows == 22 and lanczos.condition_number == pytest.approx(kappa, rel=1e-6)
+    kept = ntk_spectrum(model, batch, method="dense", drop_padding=False)
+    assert kept.n_rows == 32
+    assert kept.condition_number == pytest.approx(float(every[-1] / every[0]), rel=1e-9)
+    assert kept.condition_number > 2 * kappa  # what the padded rows did to κ
+
+
+def test_drop_padding_leaves_unpadded_and_non_token_probes_alone() -> None:
+    from glu_probe.ntk import ntk_spectrum
+
+    model, batch = _padded_gpt2_batch("right")
+    full = dict(batch, attention_mask=torch.ones_like(batch["attention_mask"]))
+    a = ntk_spectrum(model, full, method="dense")
+    b = ntk_spectrum(model, full, method="dense", drop_padding=False)
+    assert a.n_rows == b.n_rows == 32 and a.condition_number == b.condition_number
+    # output="full": rows per token and vocabulary entry, kept whole (documented)
+    assert ntk_spectrum(model, batch, method="dense", output="full").n_rows == 32 * 64
+    with pytest.raises(ValueError, match="drop_padding must be a bool"):
+        ntk_spectrum(model, batch, drop_padding="yes")  # type: ignore[arg-type]

@@ -801,7 +801,7 @@ class GeneralizationGapMonitor(Callback):
         if self.train_subset_size is not None:
             return self.train_subset_size
         total = self._validation_samples(trainer)
-        if trainer.world_size > 1 and not isinstance(
+        if getattr(trainer, "world_size", 1) > 1 and not isinstance(
             getattr(_first_loader(trainer.val_dataloaders), "sampler", None), DistributedSampler
         ):
             # Shards of the user's own making (no DistributedSampler): the val sums are

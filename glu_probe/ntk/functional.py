@@ -1255,6 +1255,29 @@ class ProbeFunction:
             return self(leaves)
         return torch.cat([self(leaves, self.chunk(a, b)).reshape(-1) for a, b in chunks])
 
+    def padding_keep(self) -> Tensor | None:
+        """Which rows are real tokens: for ``output="pntk"`` per-token rows (a sequence output)
+        of a dict batch with a ``(batch, tokens)`` ``attention_mask`` of the rows' token count,
+        ``False`` where the mask is 0 (a padded token), as a bool tensor over the rows (CPU);
+        ``None`` where nothing is padded or the rows are not per token. A padded token's row
+        is the kernel at a position no loss sees (a review's GPT-2, 2 sequences of 16 tokens,
+        one padded after 6: κ 300 with its 10 padded rows, 121 without; left padding 462 and
+        85), so :func:`~glu_probe.ntk.ntk_spectrum` leaves them out by default."""
+        if self.output != "pntk":
+            return None
+        source = self._source[0]
+        mask = source.get("attention_mask") if isinstance(source, Mapping) else None
+        if (
+            not isinstance(mask, Tensor)
+            or mask.dim() != 2
+            or tuple(mask.shape) != (self.batch_size, self.rows_per_sample)
+        ):
+            return None
+        keep = (mask != 0).reshape(-1).cpu()
+        if bool(keep.all()) or not bool(keep.any()):
+            return None
+        return keep
+
     def row_range(self, start: int, stop: int) -> tuple[int, int]:
         """Rows belonging to samples ``start:stop``."""
         return start * self.rows_per_sample, stop * self.rows_per_sample
