@@ -530,7 +530,7 @@ def fused_gated_mlp(
         # first, bf16 weights under fp16 autocast failed in autocast's dtype check).
         if cdt is not None:
             w1 = w1.to(cdt) if w1.dtype != torch.float64 else w1
-            b1 = None if b1 is None or b1.dtype == torch.float64 else b1.to(cdt)
+            b1 = b1 if b1 is None or b1.dtype == torch.float64 else b1.to(cdt)
         return _split_autograd(x, w1, b1, w2, b2, kind, gate_first)
     if cdt is not None:
         # as autocast's own casts: floating tensors except float64, which it never narrows

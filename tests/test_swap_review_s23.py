@@ -709,3 +709,60 @@ def test_drop_padding_leaves_unpadded_and_non_token_probes_alone() -> None:
     assert ntk_spectrum(model, batch, method="dense", output="full").n_rows == 32 * 64
     with pytest.raises(ValueError, match="drop_padding must be a bool"):
         ntk_spectrum(model, batch, drop_padding="yes")  # type: ignore[arg-type]
+
+
+def test_an_encoder_decoders_rows_follow_the_decoder_mask_not_the_encoders() -> None:
+    """A T5 whose decoder length equals the encoder's: the encoder's padding dropped real
+    decoder rows (re-review, session 23)."""
+    from glu_probe.ntk import ntk_spectrum
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=32,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        decoder_start_token_id=0,
+    )
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    ids = torch.randint(1, 32, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 3:] = 0
+    dec = torch.randint(1, 32, (2, 6))
+    batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}
+    assert ntk_spectrum(model, batch, method="dense").n_rows == 12  # no decoder row is padding
+    dec_mask = torch.ones(2, 6, dtype=torch.long)
+    dec_mask[0, 4:] = 0
+    batch["decoder_attention_mask"] = dec_mask
+    assert ntk_spectrum(model, batch, method="dense").n_rows == 10
+
+
+def test_a_probe_of_padding_only_is_refused() -> None:
+    from glu_probe.ntk import ntk_spectrum
+
+    model, batch = _padded_gpt2_batch("right")
+    only = {
+        "input_ids": batch["input_ids"][1:, 8:],
+        "attention_mask": batch["attention_mask"][1:, 8:],
+    }
+    with pytest.raises(ValueError, match="every token of the probe batch is padding"):
+        ntk_spectrum(model, only, method="dense")
+    assert ntk_spectrum(model, only, method="dense", drop_padding=False).n_rows == 8
+
+
+def test_split_autograd_keeps_a_float64_bias_under_autocast() -> None:
+    """The weight cast before the split turned a float64 b1 into None (re-review, session 23)."""
+    from glu_probe.gated_product import _plain, fused_gated_mlp
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    w1 = torch.randn(12, 8, dtype=torch.float64)
+    b1 = torch.full((12,), 5.0, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(8, 6, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused_gated_mlp(x, w1, b1, w2, None, "silu", True, layout="split-autograd")
+    torch.testing.assert_close(y, _plain(x, w1, b1, w2, None, "silu", True), rtol=0, atol=1e-12)
+    y.sum().backward()
+    assert b1.grad is not None

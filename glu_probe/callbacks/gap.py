@@ -808,7 +808,8 @@ class GeneralizationGapMonitor(Callback):
             # all-reduced over every rank's shard, so the subset (identical on every rank) is
             # sized to their total. Each rank sized it to its own shard before: 7 and 6 of 13
             # samples, two different subsets and a gap of the wrong sign (review, session 23).
-            # Every rank reaches this all-reduce (its own count may be unknown: inf).
+            # Every rank that validates reaches this all-reduce (its own count may be unknown:
+            # inf); a rank with no validation loader at all does not validate (known limit).
             count = torch.tensor(
                 [math.inf if total is None else float(total)],
                 dtype=torch.float64,

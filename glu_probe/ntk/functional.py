@@ -1262,11 +1262,27 @@ class ProbeFunction:
         ``None`` where nothing is padded or the rows are not per token. A padded token's row
         is the kernel at a position no loss sees (a review's GPT-2, 2 sequences of 16 tokens,
         one padded after 6: κ 300 with its 10 padded rows, 121 without; left padding 462 and
-        85), so :func:`~glu_probe.ntk.ntk_spectrum` leaves them out by default."""
+        85), so :func:`~glu_probe.ntk.ntk_spectrum` leaves them out by default. An
+        encoder-decoder's rows are its decoder's tokens, masked by ``decoder_attention_mask``.
+
+        Raises:
+            ValueError: every token is padding (no row is real).
+        """
         if self.output != "pntk":
             return None
         source = self._source[0]
-        mask = source.get("attention_mask") if isinstance(source, Mapping) else None
+        if not isinstance(source, Mapping):
+            return None
+        # An encoder-decoder's rows are the decoder's tokens: its own mask, never the encoder's
+        # (a T5 whose decoder length equalled the encoder's lost real decoder rows by the
+        # encoder's padding; re-review, session 23).
+        config = getattr(self.model, "config", None)
+        key = (
+            "decoder_attention_mask"
+            if getattr(config, "is_encoder_decoder", False) or "decoder_input_ids" in source
+            else "attention_mask"
+        )
+        mask = source.get(key)
         if (
             not isinstance(mask, Tensor)
             or mask.dim() != 2
@@ -1274,9 +1290,13 @@ class ProbeFunction:
         ):
             return None
         keep = (mask != 0).reshape(-1).cpu()
-        if bool(keep.all()) or not bool(keep.any()):
-            return None
-        return keep
+        if not bool(keep.any()):
+            raise ValueError(
+                f"every token of the probe batch is padding ({key} all 0): no row is real; "
+                "give a probe with real tokens (with left padding a probe cut to its first "
+                "tokens can hold padding only), or pass drop_padding=False"
+            )
+        return None if bool(keep.all()) else keep
 
     def row_range(self, start: int, stop: int) -> tuple[int, int]:
         """Rows belonging to samples ``start:stop``."""
