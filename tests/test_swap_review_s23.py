@@ -766,3 +766,109 @@ def test_split_autograd_keeps_a_float64_bias_under_autocast() -> None:
     torch.testing.assert_close(y, _plain(x, w1, b1, w2, None, "silu", True), rtol=0, atol=1e-12)
     y.sum().backward()
     assert b1.grad is not None
+
+
+def _t5() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=32,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    return transformers.T5ForConditionalGeneration(config).eval()
+
+
+def test_a_wrapped_encoder_decoder_fed_labels_masks_its_decoder_rows_by_the_labels() -> None:
+    """A module holding a T5 (no config of its own) with labels instead of decoder_input_ids:
+    the encoder's mask was applied to the decoder's rows (re-review, session 23)."""
+    from glu_probe.ntk.functional import ProbeFunction
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.t5 = _t5()
+
+        def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+            return self.t5(**batch).logits
+
+    ids = torch.randint(1, 32, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 3:] = 0
+    labels = torch.randint(1, 32, (2, 6))
+    labels[0, 4:] = -100
+    probe = ProbeFunction(Wrapper(), {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    keep = probe.padding_keep()
+    assert keep is not None and keep.tolist() == (labels != -100).reshape(-1).tolist()
+
+
+def test_an_encoder_alone_is_masked_by_its_attention_mask() -> None:
+    """BART's encoder shares the encoder-decoder config: the decoder rule (no decoder mask:
+    keep every row) had kept its padded rows."""
+    from glu_probe.ntk.functional import ProbeFunction
+
+    config = transformers.BartConfig(
+        vocab_size=32,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=16,
+    )
+    encoder = transformers.BartModel(config).get_encoder().eval()
+    ids = torch.randint(3, 32, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, 3:] = 0
+    probe = ProbeFunction(encoder, {"input_ids": ids, "attention_mask": mask})
+    keep = probe.padding_keep()
+    assert keep is not None and int(keep.sum()) == 10
+
+
+def test_the_monitor_skips_a_probe_it_cut_to_padding_only() -> None:
+    """Its max_rows cut keeps a sequence's first tokens: with left padding, all padding. The
+    ValueError ended the fit at step 0; the probe is skipped with a warning now."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from glu_probe.callbacks import NTKSpectrumMonitor
+    from glu_probe.callbacks.ntk import NTKProbeWarning
+
+    class LM(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _gpt2(1)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.net(input_ids=input_ids, attention_mask=attention_mask).logits
+
+        def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
+            return self(**batch).float().pow(2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    ids = torch.randint(1, 32, (4, 8))
+    mask = torch.ones(4, 8, dtype=torch.long)
+    mask[:, :5] = 0  # left padding: the first 5 tokens of every sequence
+    items = [{"input_ids": i, "attention_mask": m} for i, m in zip(ids, mask, strict=True)]
+    monitor = NTKSpectrumMonitor(
+        every_n_steps=1, probe_size=1, max_rows=4, log_figure=False, log_histogram=False
+    )
+    trainer = pl.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[monitor],
+    )
+    with pytest.warns(NTKProbeWarning, match="every token of the probe batch is padding"):
+        trainer.fit(LM(), DataLoader(items, batch_size=4))
+    assert trainer.global_step == 2 and monitor.history == []

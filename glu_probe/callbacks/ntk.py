@@ -132,6 +132,7 @@ from glu_probe.callbacks._utils import (
     tensorboard_writers,
 )
 from glu_probe.ntk.functional import (
+    ProbePaddingError,
     ProbeSplitError,
     _active_dropout,
     _map_tensors,
@@ -1106,6 +1107,16 @@ class NTKSpectrumMonitor(Callback):
                         raise _ProbeFailure(
                             f"NTKSpectrumMonitor: non-finite values probing {name} at step {step} "
                             f"({err}); probe skipped, training continues."
+                        ) from err
+                    if isinstance(err, ProbePaddingError):
+                        # (its own probe cut can be all padding: a skipped probe, not a fit
+                        # ended at step 0; re-review, session 23)
+                        if self.strict:
+                            raise
+                        raise _ProbeFailure(
+                            f"NTKSpectrumMonitor: probing {name} at step {step}: {err} (here: "
+                            "spectrum_kwargs={'drop_padding': False}); probe skipped, training "
+                            "continues."
                         ) from err
                     raise
                 break

@@ -260,6 +260,10 @@ def _rows(out: Any, output: OutputSpec) -> Tensor:
     return y.reshape(y.shape[0], -1).sum(-1) / math.sqrt(width)
 
 
+class ProbePaddingError(ValueError):
+    """Every token of a probe batch is padding: with ``drop_padding`` no row of K is left."""
+
+
 class ProbeSplitError(ValueError):
     """A probe whose samples are not independent cannot be split into parts (chunks of the
     batch, or shards across ranks): the parts' products would not be the batch's."""
@@ -1273,16 +1277,25 @@ class ProbeFunction:
         source = self._source[0]
         if not isinstance(source, Mapping):
             return None
-        # An encoder-decoder's rows are the decoder's tokens: its own mask, never the encoder's
-        # (a T5 whose decoder length equalled the encoder's lost real decoder rows by the
-        # encoder's padding; re-review, session 23).
-        config = getattr(self.model, "config", None)
-        key = (
-            "decoder_attention_mask"
-            if getattr(config, "is_encoder_decoder", False) or "decoder_input_ids" in source
-            else "attention_mask"
+        # An encoder-decoder's rows are the decoder's tokens: its own mask, or the labels a
+        # decoder built from labels predicts (-100: padding), never the encoder's mask (a T5
+        # whose decoder length equalled the encoder's lost real decoder rows by the encoder's
+        # padding; re-reviews, session 23). A model holding an encoder-decoder is one with a
+        # decoder (a wrapper of a T5 counts; BART's encoder alone does not).
+        decoder = "decoder_input_ids" in source or "decoder_inputs_embeds" in source
+        decoder = decoder or any(
+            getattr(getattr(m, "config", None), "is_encoder_decoder", False) is True
+            and isinstance(getattr(m, "decoder", None), nn.Module)
+            for m in self.model.modules()
         )
+        key = "attention_mask"
         mask = source.get(key)
+        if decoder:
+            key = "decoder_attention_mask"
+            mask = source.get(key)
+            labels = source.get("labels")
+            if mask is None and isinstance(labels, Tensor) and not labels.is_floating_point():
+                key, mask = "labels", (labels != -100)
         if (
             not isinstance(mask, Tensor)
             or mask.dim() != 2
@@ -1291,10 +1304,11 @@ class ProbeFunction:
             return None
         keep = (mask != 0).reshape(-1).cpu()
         if not bool(keep.any()):
-            raise ValueError(
-                f"every token of the probe batch is padding ({key} all 0): no row is real; "
-                "give a probe with real tokens (with left padding a probe cut to its first "
-                "tokens can hold padding only), or pass drop_padding=False"
+            raise ProbePaddingError(
+                f"every token of the probe batch is padding ({key}: no real token): no row is "
+                "real; give a probe with real tokens (with left padding, a probe cut to its "
+                "first tokens, as NTKSpectrumMonitor's max_rows does, can hold padding only: "
+                "max_rows=None), or pass drop_padding=False"
             )
         return None if bool(keep.all()) else keep
 
