@@ -1282,20 +1282,32 @@ class ProbeFunction:
         # whose decoder length equalled the encoder's lost real decoder rows by the encoder's
         # padding; re-reviews, session 23). A model holding an encoder-decoder is one with a
         # decoder (a wrapper of a T5 counts; BART's encoder alone does not).
-        decoder = "decoder_input_ids" in source or "decoder_inputs_embeds" in source
-        decoder = decoder or any(
+        # Decoder inputs in the batch: its rows are the decoder's (its own mask, else every row).
+        # Labels alone, in a model holding an encoder-decoder: the decoder built from them
+        # (labels != -100 are real). Otherwise the encoder's own mask (an encoder probed alone,
+        # also inside a wrapper of the whole model; BART's decoder fed its shifted input_ids is
+        # masked by attention_mask too, one position off at the padding's edge: known limit).
+        labels = source.get("labels")
+        real = (
+            labels != -100
+            if isinstance(labels, Tensor) and not labels.is_floating_point()
+            else None
+        )
+        if real is not None and not bool(real.any()):
+            real = None  # (labels all ignored: no word on which rows are real)
+        key, mask = "attention_mask", source.get("attention_mask")
+        if any(k in source for k in ("decoder_input_ids", "decoder_inputs_embeds")) or (
+            "decoder_attention_mask" in source
+        ):
+            key, mask = "decoder_attention_mask", source.get("decoder_attention_mask")
+            if mask is None and real is not None:
+                key, mask = "labels", real
+        elif real is not None and any(
             getattr(getattr(m, "config", None), "is_encoder_decoder", False) is True
             and isinstance(getattr(m, "decoder", None), nn.Module)
             for m in self.model.modules()
-        )
-        key = "attention_mask"
-        mask = source.get(key)
-        if decoder:
-            key = "decoder_attention_mask"
-            mask = source.get(key)
-            labels = source.get("labels")
-            if mask is None and isinstance(labels, Tensor) and not labels.is_floating_point():
-                key, mask = "labels", (labels != -100)
+        ):
+            key, mask = "labels", real
         if (
             not isinstance(mask, Tensor)
             or mask.dim() != 2
