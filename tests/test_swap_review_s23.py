@@ -872,3 +872,35 @@ def test_the_monitor_skips_a_probe_it_cut_to_padding_only() -> None:
     with pytest.warns(NTKProbeWarning, match="every token of the probe batch is padding"):
         trainer.fit(LM(), DataLoader(items, batch_size=4))
     assert trainer.global_step == 2 and monitor.history == []
+
+
+def test_an_encoder_run_alone_inside_a_wrapper_of_a_whole_t5_follows_its_attention_mask() -> None:
+    """The wrapper holds the whole T5 but runs its encoder: taken for the decoder, its padded
+    rows were kept, and labels all -100 raised (review, session 23)."""
+    from glu_probe.ntk import ntk_spectrum
+
+    class EncoderOnly(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.t5 = _t5()
+
+        def forward(
+            self,
+            input_ids: torch.Tensor,
+            attention_mask: torch.Tensor,
+            labels: torch.Tensor | None = None,
+        ) -> torch.Tensor:
+            return self.t5.get_encoder()(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).last_hidden_state
+
+    ids = torch.randint(1, 32, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    model = EncoderOnly().eval()
+    assert (
+        ntk_spectrum(model, {"input_ids": ids, "attention_mask": mask}, method="dense").n_rows == 10
+    )
+    labels = torch.full((2, 6), -100)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    assert ntk_spectrum(model, batch, method="dense").n_rows == 10
