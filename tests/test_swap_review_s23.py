@@ -716,17 +716,7 @@ def test_an_encoder_decoders_rows_follow_the_decoder_mask_not_the_encoders() -> 
     decoder rows (re-review, session 23)."""
     from glu_probe.ntk import ntk_spectrum
 
-    torch.manual_seed(0)
-    config = transformers.T5Config(
-        vocab_size=32,
-        d_model=16,
-        d_kv=8,
-        d_ff=32,
-        num_layers=1,
-        num_heads=2,
-        decoder_start_token_id=0,
-    )
-    model = transformers.T5ForConditionalGeneration(config).eval()
+    model = _t5()
     ids = torch.randint(1, 32, (2, 6))
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, 3:] = 0
