@@ -894,3 +894,49 @@ def test_an_encoder_run_alone_inside_a_wrapper_of_a_whole_t5_follows_its_attenti
     labels = torch.full((2, 6), -100)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     assert ntk_spectrum(model, batch, method="dense").n_rows == 10
+
+
+def test_an_iterable_loader_of_batches_padded_to_different_lengths_probes_the_first() -> None:
+    """Batches padded batch by batch (T = 6, then 8): joining them for the probe raised "Sizes
+    of tensors must match" at train start (review, session 23)."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from glu_probe.callbacks import NTKSpectrumMonitor
+
+    class Stream(IterableDataset):
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            g = torch.Generator().manual_seed(0)
+            for t in (6, 8, 6, 8):
+                ids = torch.randint(1, 32, (2, t), generator=g)
+                yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    class LM(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _gpt2(1)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.net(input_ids=input_ids, attention_mask=attention_mask).logits
+
+        def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
+            return self(**batch).float().pow(2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    monitor = NTKSpectrumMonitor(
+        every_n_steps=1, probe_size=4, max_rows=None, log_figure=False, log_histogram=False
+    )
+    trainer = pl.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[monitor],
+    )
+    with pytest.warns(UserWarning, match="differ in shape beyond the batch dimension"):
+        trainer.fit(LM(), DataLoader(Stream(), batch_size=None))
+    assert monitor.history  # probed, on the first batch's 2 sequences of 6 tokens:
+    assert [2, 6] in monitor._probe_shapes

@@ -266,6 +266,18 @@ def _concat_batches(batches: Sequence[Any]) -> Any:
     return first
 
 
+def _trailing_shapes(batch: Any) -> Any:
+    """The shapes of a batch's tensors beyond their first (batch) dimension, as a nested tuple:
+    batches that :func:`_concat_batches` can join have equal ones."""
+    if isinstance(batch, torch.Tensor):
+        return tuple(batch.shape[1:])
+    if isinstance(batch, Mapping):
+        return tuple((k, _trailing_shapes(v)) for k, v in batch.items())
+    if isinstance(batch, (list, tuple)):
+        return tuple(_trailing_shapes(v) for v in batch)
+    return None
+
+
 def default_probe_inputs(batch: Any) -> Any:
     """The model input of a training batch: ``x`` of ``(x, y, ...)``, a dict minus label keys."""
     if isinstance(batch, torch.Tensor):
@@ -857,10 +869,24 @@ class NTKSpectrumMonitor(Callback):
         return rank_zero_batches(trainer, batch)
 
     def _first_samples(self, batches: Iterator[Any]) -> Any:
-        """The first ``probe_size`` samples of a stream of batches, as one batch."""
+        """The first ``probe_size`` samples of a stream of batches, as one batch. Batches of
+        another shape than the first beyond the batch dimension (sequences padded batch by
+        batch) cannot join it: the probe then holds the samples before the first such batch,
+        with a warning (the concatenation failed at train start before; review, session 23)."""
         taken: list[Any] = []
         got = 0
+        first: Any = None
         for b in batches:
+            shapes = _trailing_shapes(b)
+            if taken and shapes != first:
+                rank_zero_warn(
+                    f"NTKSpectrumMonitor: the training batches differ in shape beyond the batch "
+                    f"dimension (e.g. sequences padded batch by batch: {first} then {shapes}); "
+                    f"the probe holds the first batch's {got} samples of probe_size="
+                    f"{self.probe_size}. Pass probe= (one batch) for a larger probe."
+                )
+                break
+            first = shapes
             taken.append(b)
             got += _batch_len(b) or 0
             if got >= self.probe_size:
