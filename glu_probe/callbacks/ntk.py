@@ -274,6 +274,8 @@ def _trailing_shapes(batch: Any) -> Any:
     if isinstance(batch, Mapping):
         return tuple((k, _trailing_shapes(v)) for k, v in batch.items())
     if isinstance(batch, (list, tuple)):
+        if not any(isinstance(v, (torch.Tensor, Mapping, list, tuple)) for v in batch):
+            return None  # (per-sample items, strings or ids: their length is the batch size)
         return tuple(_trailing_shapes(v) for v in batch)
     return None
 
