@@ -821,14 +821,9 @@ def test_an_encoder_alone_is_masked_by_its_attention_mask() -> None:
     assert keep is not None and int(keep.sum()) == 10
 
 
-def test_the_monitor_skips_a_probe_it_cut_to_padding_only() -> None:
-    """Its max_rows cut keeps a sequence's first tokens: with left padding, all padding. The
-    ValueError ended the fit at step 0; the probe is skipped with a warning now."""
+def _frozen_lm():  # type: ignore[no-untyped-def]
+    """A LightningModule of a one-layer GPT-2 on dict batches, with a zero learning rate."""
     import lightning.pytorch as pl
-    from torch.utils.data import DataLoader
-
-    from glu_probe.callbacks import NTKSpectrumMonitor
-    from glu_probe.callbacks.ntk import NTKProbeWarning
 
     class LM(pl.LightningModule):
         def __init__(self) -> None:
@@ -843,6 +838,18 @@ def test_the_monitor_skips_a_probe_it_cut_to_padding_only() -> None:
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    return LM()
+
+
+def test_the_monitor_skips_a_probe_it_cut_to_padding_only() -> None:
+    """Its max_rows cut keeps a sequence's first tokens: with left padding, all padding. The
+    ValueError ended the fit at step 0; the probe is skipped with a warning now."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from glu_probe.callbacks import NTKSpectrumMonitor
+    from glu_probe.callbacks.ntk import NTKProbeWarning
 
     ids = torch.randint(1, 32, (4, 8))
     mask = torch.ones(4, 8, dtype=torch.long)
@@ -860,7 +867,7 @@ def test_the_monitor_skips_a_probe_it_cut_to_padding_only() -> None:
         callbacks=[monitor],
     )
     with pytest.warns(NTKProbeWarning, match="every token of the probe batch is padding"):
-        trainer.fit(LM(), DataLoader(items, batch_size=4))
+        trainer.fit(_frozen_lm(), DataLoader(items, batch_size=4))
     assert trainer.global_step == 2 and monitor.history == []
 
 
@@ -911,20 +918,6 @@ def test_an_iterable_loader_of_batches_padded_to_different_lengths_probes_the_fi
                 ids = torch.randint(1, 32, (2, t), generator=g)
                 yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-    class LM(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = _gpt2(1)
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            return self.net(input_ids=input_ids, attention_mask=attention_mask).logits
-
-        def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
-            return self(**batch).float().pow(2).mean()
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.0)
-
     monitor = NTKSpectrumMonitor(
         every_n_steps=1, probe_size=4, max_rows=None, log_figure=False, log_histogram=False
     )
@@ -937,6 +930,6 @@ def test_an_iterable_loader_of_batches_padded_to_different_lengths_probes_the_fi
         callbacks=[monitor],
     )
     with pytest.warns(UserWarning, match="differ in shape beyond the batch dimension"):
-        trainer.fit(LM(), DataLoader(Stream(), batch_size=None))
+        trainer.fit(_frozen_lm(), DataLoader(Stream(), batch_size=None))
     assert monitor.history  # probed, on the first batch's 2 sequences of 6 tokens:
     assert [2, 6] in monitor._probe_shapes
