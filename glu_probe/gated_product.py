@@ -193,6 +193,11 @@ def _plain(
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 
+def _autocast_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` as autocast casts it: floating tensors except float64, which it never narrows."""
+    return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+
+
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     if _any_autocast is not None and not _any_autocast():
         return None  # one C call (0.4 µs here) instead of the device's type and its query
@@ -529,17 +534,13 @@ def fused_gated_mlp(
         # each are: the backward of the split (a cat) then runs in the autocast dtype (split
         # first, bf16 weights under fp16 autocast failed in autocast's dtype check).
         if cdt is not None:
-            w1 = w1.to(cdt) if w1.dtype != torch.float64 else w1
-            b1 = b1 if b1 is None or b1.dtype == torch.float64 else b1.to(cdt)
+            w1 = _autocast_cast(w1, cdt)
+            b1 = None if b1 is None else _autocast_cast(b1, cdt)
         return _split_autograd(x, w1, b1, w2, b2, kind, gate_first)
     if cdt is not None:
-        # as autocast's own casts: floating tensors except float64, which it never narrows
-        def cast(t: Tensor) -> Tensor:
-            return t.to(cdt) if t.is_floating_point() and t.dtype != torch.float64 else t
-
-        x, w1, w2 = cast(x), cast(w1), cast(w2)
-        b1 = None if b1 is None else cast(b1)
-        b2 = None if b2 is None else cast(b2)
+        x, w1, w2 = _autocast_cast(x, cdt), _autocast_cast(w1, cdt), _autocast_cast(w2, cdt)
+        b1 = None if b1 is None else _autocast_cast(b1, cdt)
+        b2 = None if b2 is None else _autocast_cast(b2, cdt)
     fn = _SplitFusedGatedMLP if layout == "split" else _FusedGatedMLP
     shape = x.shape
     x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])

@@ -581,17 +581,14 @@ def test_split_autograd_under_autocast_is_timms_swiglu_bit_for_bit(layout: str) 
     once for both GEMMs, so its two gradient halves were summed in bf16, where timm's two
     Linear layers each cast x and sum the halves in float32 (0 of 5 trials bit-equal before)."""
     timm_layers = pytest.importorskip("timm.layers")
+    from glu_probe.convert import from_timm_swiglu
     from glu_probe.gated_product import fused_gated_mlp
     from glu_probe.modules import SwiGLU
 
     torch.manual_seed(0)
     t = timm_layers.SwiGLU(64, 128, bias=True)
     ours = SwiGLU(64, 128, fused=True)
-    with torch.no_grad():
-        ours.fc1.weight.copy_(torch.cat([t.fc1_g.weight, t.fc1_x.weight]))
-        ours.fc1.bias.copy_(torch.cat([t.fc1_g.bias, t.fc1_x.bias]))
-        ours.fc2.weight.copy_(t.fc2.weight)
-        ours.fc2.bias.copy_(t.fc2.bias)
+    ours.load_state_dict(from_timm_swiglu(t.state_dict()))
     x0 = torch.randn(4, 16, 64, requires_grad=True)
     dy = torch.randn(4, 16, 64)
     outs = []
@@ -629,16 +626,13 @@ def test_split_autograd_with_16_bit_weights_under_the_other_16_bit_autocast(
     was split before autocast cast it, and the split's backward (a cat of two bf16 halves) failed
     in autocast's dtype check (re-review, session 23); timm's SwiGLU runs, and so does this."""
     timm_layers = pytest.importorskip("timm.layers")
+    from glu_probe.convert import from_timm_swiglu
     from glu_probe.modules import SwiGLU
 
     torch.manual_seed(0)
     t = timm_layers.SwiGLU(16, 24, bias=True).to(weights)
     ours = SwiGLU(16, 24, fused=True, dtype=weights)
-    with torch.no_grad():
-        ours.fc1.weight.copy_(torch.cat([t.fc1_g.weight, t.fc1_x.weight]))
-        ours.fc1.bias.copy_(torch.cat([t.fc1_g.bias, t.fc1_x.bias]))
-        ours.fc2.weight.copy_(t.fc2.weight)
-        ours.fc2.bias.copy_(t.fc2.bias)
+    ours.load_state_dict(from_timm_swiglu(t.state_dict()))
     x0 = torch.randn(3, 5, 16, requires_grad=True)
     got = []
     for block in (ours, t):
@@ -842,10 +836,23 @@ def _frozen_lm():  # type: ignore[no-untyped-def]
     return LM()
 
 
+def _two_step_trainer(monitor: object):  # type: ignore[no-untyped-def]
+    """A quiet two-step Trainer with ``monitor`` as its only callback."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[monitor],
+    )
+
+
 def test_the_monitor_skips_a_probe_it_cut_to_padding_only() -> None:
     """Its max_rows cut keeps a sequence's first tokens: with left padding, all padding. The
     ValueError ended the fit at step 0; the probe is skipped with a warning now."""
-    import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
     from glu_probe.callbacks import NTKSpectrumMonitor
@@ -858,14 +865,7 @@ def test_the_monitor_skips_a_probe_it_cut_to_padding_only() -> None:
     monitor = NTKSpectrumMonitor(
         every_n_steps=1, probe_size=1, max_rows=4, log_figure=False, log_histogram=False
     )
-    trainer = pl.Trainer(
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[monitor],
-    )
+    trainer = _two_step_trainer(monitor)
     with pytest.warns(NTKProbeWarning, match="every token of the probe batch is padding"):
         trainer.fit(_frozen_lm(), DataLoader(items, batch_size=4))
     assert trainer.global_step == 2 and monitor.history == []
@@ -906,7 +906,6 @@ def test_an_encoder_run_alone_inside_a_wrapper_of_a_whole_t5_follows_its_attenti
 def test_an_iterable_loader_of_batches_padded_to_different_lengths_probes_the_first() -> None:
     """Batches padded batch by batch (T = 6, then 8): joining them for the probe raised "Sizes
     of tensors must match" at train start (review, session 23)."""
-    import lightning.pytorch as pl
     from torch.utils.data import DataLoader, IterableDataset
 
     from glu_probe.callbacks import NTKSpectrumMonitor
@@ -921,14 +920,7 @@ def test_an_iterable_loader_of_batches_padded_to_different_lengths_probes_the_fi
     monitor = NTKSpectrumMonitor(
         every_n_steps=1, probe_size=4, max_rows=None, log_figure=False, log_histogram=False
     )
-    trainer = pl.Trainer(
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[monitor],
-    )
+    trainer = _two_step_trainer(monitor)
     with pytest.warns(UserWarning, match="differ in shape beyond the batch dimension"):
         trainer.fit(_frozen_lm(), DataLoader(Stream(), batch_size=None))
     assert monitor.history  # probed, on the first batch's 2 sequences of 6 tokens:

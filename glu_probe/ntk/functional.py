@@ -992,10 +992,10 @@ class ProbeFunction:
                 # The hooks taken out go back at their places; a hook removed meanwhile (a
                 # one-shot hook that removes itself) stays removed, one added stays last
                 # (re-review, session 23: a full snapshot revived a removed hook).
-                now = dict(hook_dict)
+                now, before = dict(hook_dict), dict(saved)
                 taken = {k for k, fn in saved if _is_require_grads_hook(fn)}
                 merged = [(k, now.get(k, fn)) for k, fn in saved if k in taken or k in now]
-                merged += [(k, fn) for k, fn in now.items() if k not in dict(saved)]
+                merged += [(k, fn) for k, fn in now.items() if k not in before]
                 hook_dict.clear()
                 hook_dict.update(merged)
             if switched:
@@ -1267,7 +1267,8 @@ class ProbeFunction:
         is the kernel at a position no loss sees (a review's GPT-2, 2 sequences of 16 tokens,
         one padded after 6: κ 300 with its 10 padded rows, 121 without; left padding 462 and
         85), so :func:`~glu_probe.ntk.ntk_spectrum` leaves them out by default. An
-        encoder-decoder's rows are its decoder's tokens, masked by ``decoder_attention_mask``.
+        encoder-decoder's rows are its decoder's tokens, masked by ``decoder_attention_mask``
+        or by its ``labels`` (``docs/ntk.md``, "Padded tokens", gives the rule).
 
         Raises:
             ValueError: every token is padding (no row is real).
@@ -1277,12 +1278,9 @@ class ProbeFunction:
         source = self._source[0]
         if not isinstance(source, Mapping):
             return None
-        # An encoder-decoder's rows are the decoder's tokens: its own mask, or the labels a
-        # decoder built from labels predicts (-100: padding), never the encoder's mask (a T5
-        # whose decoder length equalled the encoder's lost real decoder rows by the encoder's
-        # padding; re-reviews, session 23). A model holding an encoder-decoder is one with a
-        # decoder (a wrapper of a T5 counts; BART's encoder alone does not).
-        # Decoder inputs in the batch: its rows are the decoder's (its own mask, else every row).
+        # Which mask (re-reviews, session 23: a T5 whose decoder length equalled the encoder's
+        # lost real decoder rows by the encoder's padding). Decoder inputs in the batch: its
+        # rows are the decoder's (its own mask, else the labels, else every row).
         # Labels alone, in a model holding an encoder-decoder: the decoder built from them
         # (labels != -100 are real). Otherwise the encoder's own mask (an encoder probed alone,
         # also inside a wrapper of the whole model; BART's decoder fed its shifted input_ids is
