@@ -94,8 +94,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("depths", "widths"):
         if any(v < 1 for v in getattr(args, name)):
             p.error(f"--{name} must be positive")
-    if any(w % 16 and w >= 16 and w % 8 for w in args.widths):
-        p.error("--widths must be multiples of 8 (heads of width 8 or 16)")
+    bad = [w for w in args.widths if w % _heads(w)]
+    if bad:
+        # (56 passed the old multiple-of-8 check and crashed in timm: 3 heads of 18.7;
+        # review, session 24)
+        p.error(
+            f"--widths {bad}: a width must be divisible by its head count, one head per 16 "
+            "channels (max(1, width // 16)): e.g. 8, 16, 32, 48, 64, 96, 128"
+        )
     if args.train_steps < 0:
         p.error("--train-steps must be >= 0")
     if args.threads < 1:

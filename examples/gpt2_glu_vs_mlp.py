@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from glu_probe.demo import (
     PairSettings,
     add_example_arguments,
     check_example_arguments,
+    example_settings,
     free_run_name,
     run_example,
 )
@@ -96,6 +96,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-bytes", type=int, default=None, help="override the corpus byte cap")
     p.add_argument("--n-layer", type=int, default=None, help="override the number of blocks")
     args = check_example_arguments(p, p.parse_args(argv))
+    if args.n_layer is not None and args.n_layer < 1:
+        p.error(f"--n-layer must be >= 1, got {args.n_layer}")
     if args.max_bytes is not None and args.max_bytes <= 0:
         p.error(f"--max-bytes must be positive, got {args.max_bytes}")
     for flag in ("data", "hf_dataset"):
@@ -112,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.n_layer is not None:
         cfg["n_layer"] = args.n_layer
     max_bytes = max_bytes if args.max_bytes is None else args.max_bytes
-    settings = replace(settings, steps=args.steps or settings.steps, lr=args.lr or settings.lr)
+    settings = example_settings(settings, args)
     if args.hf_dataset:
         data_name = f"hf:{args.hf_dataset}"
         kw: dict[str, Any] = {"seq_len": seq_len, "max_bytes": max_bytes}

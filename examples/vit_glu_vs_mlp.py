@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from glu_probe.demo import (
     PairSettings,
     add_example_arguments,
     check_example_arguments,
+    example_settings,
     free_run_name,
     run_example,
 )
@@ -88,9 +88,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         run_name_help="run folder (default: vit-<size>-<data>, -N appended when that is used)",
     )
     p.add_argument("--cifar-root", default=None, help="folder holding cifar-10-batches-py")
+    p.add_argument(
+        "--no-verify-md5",
+        action="store_true",
+        help="skip torchvision's md5 check of the CIFAR-10 files (a re-packed or subsampled copy)",
+    )
     p.add_argument("--train-limit", type=int, default=None, help="use the first N train images")
     p.add_argument("--depth", type=int, default=None, help="override the number of blocks")
     args = check_example_arguments(p, p.parse_args(argv))
+    if args.depth is not None and args.depth < 1:
+        p.error(f"--depth must be >= 1, got {args.depth}")
     if args.cifar_root is not None and not Path(args.cifar_root).is_dir():
         p.error(f"--cifar-root {args.cifar_root!r} is not a directory")
     if args.train_limit is not None and args.train_limit < 1:
@@ -104,15 +111,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     vit_kw = dict(vit_kw)
     if args.depth is not None:
         vit_kw["depth"] = args.depth
-    settings = replace(
-        settings,
-        steps=args.steps or settings.steps,
-        lr=args.lr or settings.lr,
-    )
+    settings = example_settings(settings, args)
     if args.cifar_root:
         data_name = "cifar10"
-        train = cifar10_dataset(args.cifar_root, "train", limit=args.train_limit)
-        val = cifar10_dataset(args.cifar_root, "test")
+        check = not args.no_verify_md5
+        train = cifar10_dataset(args.cifar_root, "train", limit=args.train_limit, verify_md5=check)
+        val = cifar10_dataset(args.cifar_root, "test", verify_md5=check)
         vit_kw.update(img_size=32, patch_size=4, in_chans=3, num_classes=10)
     else:
         data_name = "digits"

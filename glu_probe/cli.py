@@ -311,12 +311,22 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from glu_probe.report import load_run, make_console, plot_report, render_table, summarize
+    from glu_probe.report import (
+        figure_path,
+        load_run,
+        make_console,
+        plot_report,
+        render_table,
+        summarize,
+    )
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         parser.error(f"RUN_DIR {args.run_dir!r} does not exist or is not a directory")
-    target = Path(args.out) if args.out else run_dir / "report.png"
+    try:
+        target = figure_path(args.out) if args.out else run_dir / "report.png"
+    except ValueError as err:
+        parser.error(f"--out {err}")
     try:  # (its folder is created, as the figure writer does)
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -40,7 +40,8 @@ For every update ``k = 1, 2, ...`` with raw losses ``a_k, b_k`` at step ``s_k``:
    resolve an early, short lead).
 
 4. **Reported step.** ``Crossing.step`` is the first step at which ``d`` took the new sign and
-   kept it until detection (the zero-crossing of the smoothed difference, on the logged step grid);
+   kept it until detection (the zero-crossing of the smoothed difference, on the logged step grid;
+   where ``d`` is exactly 0 at steps right before it took the new sign, the first of those);
    ``Crossing.detected_step`` is the step at which the patience ran out. For a clean crossing of
    slope ``c = d'(t)`` at ``t*`` with step spacing Δ: ``step − t* ∈ [0, Δ)`` without smoothing
    and ``≈ Δ·β/(1 − β)`` with smoothing, and ``detected_step ≥ step + (patience − 1)·Δ``
@@ -181,8 +182,9 @@ class CrossingDetector:
         self.regime = 0
         self._pending = 0
         self._count = 0
-        self._sign = 0  # strict sign of the last smoothed difference
-        self._sign_since: int | None = None  # first step of the current strict sign
+        self._sign = 0  # strict sign of the last non-zero smoothed difference
+        self._sign_since: int | None = None  # first step of the current sign (see update)
+        self._zero_since: int | None = None  # first step of a run of exact zeros, up to now
         self.last_step: int | None = None
         self.smoothed_a = math.nan
         self.smoothed_b = math.nan
@@ -220,9 +222,17 @@ class CrossingDetector:
         d = self.smoothed_a - self.smoothed_b
 
         sign = (d > 0) - (d < 0)
-        if sign != self._sign:
-            self._sign = sign
-            self._sign_since = step
+        if sign == 0:
+            if self._zero_since is None:
+                self._zero_since = step
+        else:
+            if sign != self._sign:
+                # A difference of exactly 0 at t* (float32 losses tie) is where the sign
+                # changes: the new sign dates from the first zero before it, so step = ⌈t*⌉ as
+                # documented (it was the first step after t*, one step late; review, s24).
+                self._sign = sign
+                self._sign_since = step if self._zero_since is None else self._zero_since
+            self._zero_since = None
 
         band = max(
             self.abs_hysteresis,
@@ -279,6 +289,7 @@ class CrossingDetector:
             "count": self._count,
             "sign": self._sign,
             "sign_since": self._sign_since,
+            "zero_since": self._zero_since,
             "last_step": self.last_step,
             "smoothed_a": self.smoothed_a,
             "smoothed_b": self.smoothed_b,
@@ -307,6 +318,8 @@ class CrossingDetector:
         self._sign = int(state["sign"])
         since = state["sign_since"]
         self._sign_since = None if since is None else int(since)
+        zero = state.get("zero_since")  # (absent from checkpoints before session 24)
+        self._zero_since = None if zero is None else int(zero)
         last = state["last_step"]
         self.last_step = None if last is None else int(last)
         self.smoothed_a = float(state["smoothed_a"])
@@ -360,7 +373,7 @@ def find_crossings(
     )
     inside = (sa >= sb[0]) & (sa <= sb[-1])
     sa, va = sa[inside], va[inside]
-    if sa.size < patience + 1:
+    if sa.size < 2 * patience:  # (patience + 1 before: 6..9 steps at patience 5 were silent)
         warnings.warn(
             f"find_crossings: only {sa.size} steps of series a lie within series b's steps "
             f"[{sb[0]:g}, {sb[-1]:g}]; a regime needs {patience} updates and a crossing two "

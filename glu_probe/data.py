@@ -240,6 +240,8 @@ class ByteWindowDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             raise ValueError(f"stride must be >= 1, got {stride}")
         if isinstance(data, torch.Tensor):
             tokens = data.to(torch.int64).flatten()
+        elif len(data) == 0:  # (torch.frombuffer refuses an empty buffer with its own text)
+            tokens = torch.zeros(0, dtype=torch.int64)
         else:
             tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64)
         if tokens.numel() < int(seq_len) + 1:
@@ -476,10 +478,13 @@ def cifar10_dataset(
     except RuntimeError as err:
         if not verify_md5:  # pragma: no cover - the files exist, checked above
             raise FileNotFoundError(f"CIFAR-10 under {str(folder)!r}: {err}") from err
+        # (torchvision's own text, "You can use download=True", is left out: glu-probe never
+        # downloads; review, session 24)
         raise FileNotFoundError(
             f"CIFAR-10 under {str(folder)!r} is missing files or corrupted: torchvision's md5 "
-            f"check of the batch files failed ({err}); pass verify_md5=False for a re-packed copy"
-        ) from err
+            "check of the batch files failed; pass verify_md5=False (examples: "
+            "--no-verify-md5) for a re-packed or subsampled copy"
+        ) from None
     data = np.asarray(ds.data)
     targets = np.asarray(ds.targets)
     if limit is not None:

@@ -546,14 +546,18 @@ def add_example_arguments(parser: Any, sizes: Sequence[str], run_name_help: str)
 
 
 def check_example_arguments(parser: Any, args: Any) -> Any:
-    """``--quick`` means ``--size quick``; ``--steps`` and ``--threads`` must be positive, the
-    seeds non-negative and ``--variant`` a gated variant (``parser.error``, exit status 2)."""
+    """``--quick`` means ``--size quick``; ``--steps`` and ``--threads`` must be positive,
+    ``--lr`` positive and finite, the seeds non-negative and ``--variant`` a gated variant
+    (``parser.error``, exit status 2, before any run folder is claimed)."""
     from glu_probe.modules import GATED_VARIANTS
 
     if args.quick:
         args.size = "quick"
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be >= 1")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        # (-0.001 crashed after the run folder was claimed, and 0 was read as "not given")
+        parser.error(f"--lr must be a positive number, got {args.lr}")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if any(s < 0 for s in args.seeds):
@@ -561,6 +565,38 @@ def check_example_arguments(parser: Any, args: Any) -> Any:
     if args.variant not in GATED_VARIANTS:
         parser.error(f"--variant must be one of {sorted(GATED_VARIANTS)}, got {args.variant!r}")
     return args
+
+
+def _cadence(steps: int, every: int, default_steps: int) -> int:
+    """``every`` rescaled from a run of ``default_steps`` to one of ``steps`` (the same number
+    of validations / probes), moved down to a divisor of ``steps`` where one lies within a
+    factor two, so that the last one falls on the last step."""
+    scaled = max(1, round(every * steps / default_steps))
+    for d in range(scaled, max(1, scaled // 2) - 1, -1):
+        if steps % d == 0:
+            return d
+    return scaled
+
+
+def example_settings(settings: PairSettings, args: Any) -> PairSettings:
+    """``settings`` with the examples' ``--steps`` and ``--lr`` overrides. With ``--steps``, the
+    validation and NTK cadences are rescaled (:func:`_cadence`): kept as they were, ``--steps
+    12`` validated and probed last at step 8, and the table's "κ end" and final losses were
+    those of step 8 (review, session 24). A cadence that cannot land on the last step is said
+    so."""
+    lr = settings.lr if args.lr is None else args.lr
+    if args.steps is None or args.steps == settings.steps:
+        return replace(settings, lr=lr)
+    steps = args.steps
+    val_every = _cadence(steps, settings.val_every, settings.steps)
+    ntk_every = _cadence(steps, settings.ntk_every, settings.steps)
+    for what, every in (("validation", val_every), ("NTK probe", ntk_every)):
+        if steps % every:
+            print(
+                f"note: --steps {steps}: the last {what} is at step {steps - steps % every} "
+                f"(every {every} steps), not at the last step"
+            )
+    return replace(settings, steps=steps, lr=lr, val_every=val_every, ntk_every=ntk_every)
 
 
 def run_example(

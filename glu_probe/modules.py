@@ -285,6 +285,10 @@ class _MLPBase(nn.Module):
         self.out_features = _check_width(out_features or in_features, "out_features")
         b1, _ = _pair(bias, "bias")
         _pair(drop, "drop")  # a malformed pair fails before any layer is built
+        if not isinstance(use_conv, bool):
+            # timm's SwiGLU takes align_to 8th, its Mlp / GluMlp use_conv: a positional
+            # SwiGLU(..., drop, 8) read as use_conv=8 would build 1x1 convs (review, s24)
+            raise TypeError(f"use_conv must be a bool, got {use_conv!r}")
         self.use_conv = use_conv
         linear = partial(nn.Conv2d, kernel_size=1) if use_conv else nn.Linear
         return linear, bool(b1), {"device": device, "dtype": dtype}
@@ -327,9 +331,10 @@ class MLP(_MLPBase):
         bias: bool | tuple[bool, bool] = True,
         drop: float | tuple[float, float] = 0.0,
         use_conv: bool = False,
-        init: InitFn | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        init: InitFn | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -408,9 +413,10 @@ class GatedMLP(_MLPBase):
         norm_layer: Callable[..., nn.Module] | None = None,
         bias: bool | tuple[bool, bool] = True,
         drop: float | tuple[float, float] = 0.0,
+        use_conv: bool = False,
+        *,
         packed: bool = True,
         fused: bool | None = None,
-        use_conv: bool = False,
         init: InitFn | None = None,
         align_to: int = 0,
         device: torch.device | str | None = None,
@@ -432,7 +438,9 @@ class GatedMLP(_MLPBase):
         if fused is not None and not isinstance(fused, bool):
             raise TypeError(f"fused must be None (auto), True or False; got {fused!r}")
         self.fused: bool | None = fused
-        self._chunk_dim = 1 if use_conv else -1
+        # the channels: dim -3 of an (N, C, H, W) or unbatched (C, H, W) conv input (dim 1
+        # split H of an unbatched one, and under vmap; review, session 24)
+        self._chunk_dim = -3 if use_conv else -1
         if self.packed:
             self.fc1 = linear(self.in_features, 2 * h, bias=b1, **dd)
         else:
@@ -581,9 +589,10 @@ class _FixedGateMLP(GatedMLP):
         norm_layer: Callable[..., nn.Module] | None = None,
         bias: bool | tuple[bool, bool] = True,
         drop: float | tuple[float, float] = 0.0,
+        use_conv: bool = False,
+        *,
         packed: bool = True,
         fused: bool | None = None,
-        use_conv: bool = False,
         init: InitFn | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -655,9 +664,10 @@ class GEGLU(GatedMLP):
         norm_layer: Callable[..., nn.Module] | None = None,
         bias: bool | tuple[bool, bool] = True,
         drop: float | tuple[float, float] = 0.0,
+        use_conv: bool = False,
+        *,
         packed: bool = True,
         fused: bool | None = None,
-        use_conv: bool = False,
         init: InitFn | None = None,
         approximate: str = "none",
         device: torch.device | str | None = None,
@@ -848,7 +858,9 @@ def gated_hidden_features(
     of width ``hidden_features`` (same in/out/bias), among positive multiples of ``multiple_of``.
 
     Solves ``(2·in + out + 2·b1)·h + b2·out = (in + out + b1)·H + b2·out`` for ``h`` and rounds;
-    the count error is at most ``multiple_of·(2·in + out + 2·b1)/2``.
+    the count error is at most ``multiple_of·(2·in + out + 2·b1)/2`` when the exact ``h`` is at
+    least ``multiple_of/2``; below that the smallest positive multiple, ``multiple_of``, is
+    returned, and the error is that of ``h = multiple_of`` (larger than the bound).
     """
     target = mlp_num_params(in_features, hidden_features, out_features, bias, gated=False)
     slope, const = _param_line(in_features, out_features, bias, gated=True)

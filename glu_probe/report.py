@@ -45,6 +45,7 @@ __all__ = [
     "SubRun",
     "aggregate_seeds",
     "crossing_steps",
+    "figure_path",
     "format_seed_table",
     "load_run",
     "make_console",
@@ -131,7 +132,9 @@ def _display_names(root: Path, dirs: Sequence[Path]) -> dict[Path, str]:
         rel = d.relative_to(root).as_posix()
         parent = d.parent
         siblings = [x for x in dirs if x.parent == parent and _VERSION.match(x.name)]
-        if _VERSION.match(d.name) and len(siblings) == 1:
+        # (not where the parent holds event files of its own: both were named after the
+        # parent, and one run's data replaced the other's without a word; review, s24)
+        if _VERSION.match(d.name) and len(siblings) == 1 and parent not in dirs:
             # (the root itself may be a version folder: its parent is outside the root, and
             # relative_to raised; review, session 22)
             inside = parent != root and parent.is_relative_to(root)
@@ -459,8 +462,32 @@ def _ema(values: np.ndarray, beta: float = 0.9) -> np.ndarray:
     return out
 
 
+def figure_path(path: str | os.PathLike[str]) -> Path:
+    """The file :func:`plot_report` writes for ``path``: ``path`` itself, with ``.png`` added
+    where it has no suffix (matplotlib adds it; the path returned and printed before was the
+    one asked for, a file that did not exist; review, session 24).
+
+    Raises:
+        ValueError: a suffix matplotlib cannot write (``.txt``): checked before any work (it
+            failed after the table was printed, with matplotlib's traceback).
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    out = Path(path)
+    if not out.suffix:
+        return out.with_name(out.name + ".png")
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix[1:].lower() not in kinds:
+        raise ValueError(
+            f"{str(out)!r}: matplotlib cannot write {out.suffix!r} files; use one of "
+            + ", ".join(f".{k}" for k in sorted(kinds))
+        )
+    return out
+
+
 def plot_report(run: RunData, path: str | os.PathLike[str], *, dpi: int = 110) -> Path:
-    """Write the report figure (PNG) and return its path.
+    """Write the report figure and return its path (:func:`figure_path`: PNG where ``path``
+    has no suffix, else the format its suffix names).
 
     One row of three panels per sub-run: (1) train loss (faint: raw; solid: debiased EMA with
     β = 0.9, the crossing detector's smoothing) and validation loss (dashed) of each network
@@ -475,7 +502,7 @@ def plot_report(run: RunData, path: str | os.PathLike[str], *, dpi: int = 110) -
 
     if not run.subruns:
         raise ValueError("the run has no sub-runs to plot")
-    out = Path(path)
+    out = figure_path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     n = len(run.subruns)
     fig, axes = plt.subplots(n, 3, figsize=(15, 3.6 * n), squeeze=False)

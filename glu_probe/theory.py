@@ -1151,6 +1151,8 @@ def make_target(
     Xt = _as_inputs(X)
     g = torch.Generator().manual_seed(int(seed))
     n, d = Xt.shape
+    if n < 2:  # (one sample has no variance: the target was NaN; review, session 24)
+        raise ValueError(f"make_target standardises over the samples and needs n >= 2, got {n}")
     if kind == "random":
         y = torch.randn(n, generator=g, dtype=torch.float64)
     elif kind == "teacher":
@@ -1209,9 +1211,11 @@ def crossing_experiment(
     mean-squared losses, ``hypotheses`` (`crossing_hypotheses` of the measured kernels: whether
     the paper's conditional crossing result applies to this setting), and with
     ``keep_curves > 0`` the curves (MSE) subsampled to that many points (``keep_curves > steps``
-    keeps every step, as `mean_crossings` needs).
+    keeps every step, as `mean_crossings` needs). ``n >= 2`` (the target is standardised).
     """
     _check_pos_int(d=d, m=m, n=n)
+    if n < 2:
+        raise ValueError(f"crossing_experiment needs n >= 2 samples (the target), got {n}")
     bad = [k for k in kinds if k not in PAPER_KINDS]
     if len(kinds) != 2 or bad:
         # checked before any training: the "paper" source needs the paper's kernels
@@ -1229,6 +1233,12 @@ def crossing_experiment(
     Ks = [empirical_ntk(mod, X) for mod in models]
     lmax = max(float(torch.linalg.eigvalsh(K)[-1]) for K in Ks)
     if eta is None:
+        if not lmax > 0:  # every unit dead at init (tiny m): a bare ZeroDivisionError before
+            raise ValueError(
+                f"crossing_experiment: both networks' NTKs are 0 at init (d={d}, m={m}, n={n}: "
+                "no unit active on any input), so the default eta = eta_scale / lambda_max is "
+                "undefined; use a larger width m or give eta"
+            )
         eta = eta_scale / lmax
     with torch.no_grad():
         f0 = [mod(X)[:, 0] for mod in models]

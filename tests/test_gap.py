@@ -375,9 +375,14 @@ def test_logged_mode_reads_callback_metrics(tmp_path):
     (entry,) = mon.history
     cm = trainer.callback_metrics
     assert entry["gap/loss"] == pytest.approx(float(cm["val_loss"]) - float(cm["train_loss"]))
-    with pytest.raises(MisconfigurationException, match="'train_acc' is not logged"):
-        _trainer(tmp_path, callbacks=[GeneralizationGapMonitor(mode="logged", metrics=["acc"])],
-                 max_epochs=1).fit(Classifier(), *_loaders())  # fmt: skip
+    # A name not logged (yet) is said once and left out; the fit goes on (session 24: a
+    # training loss logged per epoch exists only from the first epoch end on, and its absence
+    # at an earlier validation ended the fit with a MisconfigurationException).
+    mon = GeneralizationGapMonitor(mode="logged", metrics=["acc"])
+    with pytest.warns(UserWarning, match=r"'train_acc' is not logged \(yet\)"):
+        _trainer(tmp_path, callbacks=[mon], max_epochs=1).fit(Classifier(), *_loaders())
+    (entry,) = mon.history
+    assert "gap/loss" in entry and "gap/acc" not in entry
 
 
 class GradPenalty(Classifier):

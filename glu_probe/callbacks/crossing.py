@@ -50,7 +50,8 @@ per baseline) need distinct prefixes.
 * ``crossings``: the list of :class:`~glu_probe.crossing.Crossing` so far.
 
 Which loss: ``monitor`` is looked up in ``trainer.callback_metrics`` (``monitor``, then
-``monitor + "_step"``). With ``phase="train"`` (default unless the name contains ``val``) it is
+``monitor + "_step"``). With ``phase="train"`` (default unless a part of the name is ``val``,
+``valid(ation)`` or ``eval(uation)``) it is
 read after every training batch; with ``phase="val"`` at the end of every validation run.
 
 Reading a loss that lives on a GPU is a device synchronisation: done after every batch it keeps
@@ -221,6 +222,9 @@ def _sequence_label(series: tuple[np.ndarray, np.ndarray] | None) -> str:
     return f"<sequence {digest}>"
 
 
+_VALIDATION_WORDS = frozenset({"val", "valid", "validation", "eval", "evaluation"})
+
+
 def _load_sequence(seq: Any) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(seq, torch.Tensor):
         seq = seq.detach().cpu().numpy()
@@ -245,6 +249,12 @@ def _load_sequence(seq: Any) -> tuple[np.ndarray, np.ndarray]:
     if not np.all(np.isfinite(values)):
         raise MisconfigurationException(
             "LossCrossingMonitor: the in-memory baseline contains non-finite losses"
+        )
+    if not np.all(np.isfinite(steps)):
+        # np.diff of a NaN step is no "<= 0": such a baseline was taken, and every comparison
+        # after the NaN was skipped without a word (an inf step made up values; review, s24)
+        raise MisconfigurationException(
+            "LossCrossingMonitor: the in-memory baseline contains non-finite steps"
         )
     if np.any(np.diff(steps) <= 0):
         raise MisconfigurationException(
@@ -293,10 +303,13 @@ class LossCrossingMonitor(Callback):
         abs_hysteresis: the detector's ``abs_hysteresis`` (see ``CrossingDetector``).
         on_crossing: ``hook(trainer, pl_module, crossing)`` called at each crossing.
         log_every_n_steps: cadence of ``crossing/delta`` in updates (default: the Trainer's;
-            every update for a baseline of another run with ``phase="train"``, whose updates
-            already come at the loggers' cadence).
+            every update with ``phase="val"`` (one a validation) and for a baseline of
+            another run with ``phase="train"``, whose updates already come at the loggers'
+            cadence).
         phase: ``"train"`` (after each training batch) or ``"val"`` (after each validation);
-            default from the name (``"val"`` if it contains ``val``).
+            default from the name: ``"val"`` if one of its parts (split at non-letters,
+            any case) is ``val``, ``valid``, ``validation``, ``eval`` or ``evaluation``
+            (``val_loss``, ``eval_loss``, ``Val/loss``; not ``value_loss``).
         read_every: with ``phase="train"``, read the collected losses back to the host every
             this many batches (default: 1 for CPU values, ``log_every_n_steps`` for accelerator
             tensors; see the module docstring). Detection results do not depend on it.
@@ -346,7 +359,12 @@ class LossCrossingMonitor(Callback):
         )
         check_positive_int("LossCrossingMonitor", "read_every", read_every, allow_none=True)
         if phase is None:
-            phase = "val" if re.search(r"(^|[/_.])val", monitor) else "train"
+            # A validation word among the name's parts (split at non-letters, any case):
+            # eval_loss (HF's name) and Val_loss were taken for training losses before, and
+            # eval_loss was compared at the training steps, 5 steps late (review, session 24);
+            # value_loss (an RL critic's training loss) is not one.
+            parts = set(re.split(r"[^a-z]+", monitor.lower()))
+            phase = "val" if parts & _VALIDATION_WORDS else "train"
         if phase not in ("train", "val"):
             raise MisconfigurationException(
                 f"LossCrossingMonitor: phase must be 'train' or 'val', got {phase!r}"
@@ -695,6 +713,11 @@ class LossCrossingMonitor(Callback):
             return self.log_every_n_steps
         if self.kind == "recorded" and self.phase == "train":
             return 1  # its updates already come at the loggers' cadence
+        if self.phase == "val":
+            # one update per validation, already sparser than any logging cadence: counted in
+            # log_every_n_steps updates, the delta chart had a point every 50 validations
+            # (review, session 24)
+            return 1
         return max(1, int(getattr(trainer, "log_every_n_steps", 50)))
 
     def _feed(

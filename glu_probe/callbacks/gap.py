@@ -92,6 +92,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -124,6 +125,7 @@ from glu_probe.callbacks.paired import (
     EVAL_OUTPUTS_KEY,
     PairedModule,
     _call,
+    _copy_tensors,
     _logits,
     _n_items,
     _split_batch,
@@ -182,6 +184,67 @@ def _as_trained(trainer: pl.Trainer, batch: Any) -> Any:
     batch = trainer.strategy.batch_to_device(batch)
     plugin = getattr(trainer, "precision_plugin", None)
     return plugin.convert_input(batch) if plugin is not None else batch
+
+
+@contextmanager
+def _as_validating(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
+    """The module in eval mode and the trainer's stage ``VALIDATING`` (as when Lightning moves a
+    validation batch): the training subset goes through the transfer hooks as validation
+    batches do, so that an augmentation under ``if self.trainer.training`` (or
+    ``self.training``) is left out, whatever the batch sizes. It was applied at train start
+    and undone only where the subset was rebatched at the first validation (gap/train/loss
+    1.0988 or 0.9939 by eval_batch_size; review, session 24). Flags and stage restored."""
+    from lightning.pytorch.trainer.states import RunningStage
+
+    flags = [(m, m.training) for m in pl_module.modules()]
+    stage = trainer.state.stage
+    try:
+        pl_module.eval()
+        trainer.state.stage = RunningStage.VALIDATING
+        yield
+    finally:
+        trainer.state.stage = stage
+        for m, flag in flags:
+            m.training = flag
+
+
+def _loader_batch_size(loader: Any) -> int | None:
+    """The batch size a loader yields: ``batch_size``, else its ``batch_sampler``'s
+    (``BatchSampler.batch_size``, else the length of its first batch of indices; a custom
+    batch sampler has ``batch_size=None`` on the loader), else ``None``."""
+    bs = getattr(loader, "batch_size", None)
+    if bs:
+        return int(bs)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if batch_sampler is None:
+        return None
+    bs = getattr(batch_sampler, "batch_size", None)
+    if isinstance(bs, int) and bs > 0:
+        return bs
+    include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    try:
+        with isolate_rng(include_cuda=include_cuda), generator_states_restored(loader):
+            first = next(iter(batch_sampler))
+        return len(first) or None
+    except (StopIteration, TypeError):
+        return None
+
+
+def _unsized_loader_samples(loader: Any, n_batches: int) -> int | None:
+    """The samples in the first ``n_batches`` batches of a loader without ``batch_size``."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    try:
+        if batch_sampler is not None:
+            with isolate_rng(include_cuda=include_cuda), generator_states_restored(loader):
+                return sum(len(b) for b in itertools.islice(iter(batch_sampler), n_batches))
+        if items_are_batches(loader):
+            dataset = loader.dataset
+            n_items = min(n_batches, len(dataset))
+            return n_items * _n_samples(loader.collate_fn(dataset[0])) if n_items else None
+    except (TypeError, IndexError, KeyError, NotImplementedError):
+        return None
+    return None
 
 
 def _n_samples(batch: Any) -> int:
@@ -261,6 +324,7 @@ class _Side:
     def reset(self) -> None:
         self._loss_sum = 0.0
         self._count = 0.0
+        self._skipped = 0.0  # batches with a non-finite loss, left out
         # [loss·n, n] per batch, float64 on an accelerator, read back once (a per-batch read is
         # a device sync that stalls the launch queue).
         self._queued: list[torch.Tensor] = []
@@ -277,12 +341,25 @@ class _Side:
                 else torch.tensor(float(count), dtype=torch.float64, device=loss.device)
             )
             term = loss.detach().double().reshape(()) * n
-            term = torch.where(n > 0, term, torch.zeros_like(term))  # (no terms: adds nothing)
-            self._queued.append(torch.stack([term, n]))
+            # A batch with a non-finite loss is left out, and counted: one NaN batch made the
+            # whole side NaN, and the gap vanished from the logs without a word (review,
+            # session 24). No terms: adds nothing.
+            finite = torch.isfinite(term)
+            kept = finite & (n > 0)
+            zero = torch.zeros_like(term)
+            self._queued.append(
+                torch.stack(
+                    [torch.where(kept, term, zero), torch.where(kept, n, zero), (~finite).double()]
+                )
+            )
         else:
             k = _n_items(target) if count is None else count
+            value = float(loss)
+            if k and not math.isfinite(value):
+                self._skipped += 1
+                return
             if k:  # (a batch with no loss terms adds nothing: its NaN mean made the sum NaN)
-                self._loss_sum += float(loss) * k
+                self._loss_sum += value * k
                 self._count += k
         for m in self.metrics.values():
             m.update(preds, target)
@@ -293,6 +370,7 @@ class _Side:
             self._queued = []
             self._loss_sum += total[0]
             self._count += total[1]
+            self._skipped += total[2]
 
     @property
     def loss_sum(self) -> float:
@@ -305,6 +383,25 @@ class _Side:
         """Σ over batches of the loss terms (samples, or non-ignored tokens)."""
         self._settle()
         return self._count
+
+    @property
+    def skipped(self) -> float:
+        """Batches left out for a non-finite loss."""
+        self._settle()
+        return self._skipped
+
+
+def _scalar_metric(name: str, value: Any) -> float:
+    """A metric's computed value as a float; a clear error for one that is not a scalar (a
+    per-class ``average=None`` accuracy crashed the fit with "only one element tensors can be
+    converted"; review, session 24)."""
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise MisconfigurationException(
+            f"GeneralizationGapMonitor: metric {name!r} computes a tensor of shape "
+            f"{tuple(value.shape)}; the gap needs one number (e.g. average='macro' or "
+            "'micro' instead of average=None / 'none')"
+        )
+    return float(value)
 
 
 def _reads_lazily(loss: Any, target: Any) -> bool:
@@ -527,6 +624,7 @@ class GeneralizationGapMonitor(Callback):
         self._active = False
         self._warned_validate = False
         self._warned_layout = False
+        self._warned_missing: set[str] = set()
 
     # ------------------------------------------------------------------ config checks
     @staticmethod
@@ -554,6 +652,15 @@ class GeneralizationGapMonitor(Callback):
                 raise MisconfigurationException(
                     f"GeneralizationGapMonitor(mode='clean'): metric {name!r} is a "
                     f"{type(metric).__name__}, not a torchmetrics.Metric"
+                )
+            if getattr(metric, "average", "macro") in (None, "none") or (
+                getattr(metric, "multidim_average", "global") == "samplewise"
+            ):
+                raise MisconfigurationException(
+                    f"GeneralizationGapMonitor(mode='clean'): metric {name!r} computes one "
+                    "value per class or per sample (average=None / 'none', or "
+                    "multidim_average='samplewise'); the gap needs one number: use "
+                    "average='macro' or 'micro'"
                 )
             out[self._check_name(name)] = metric
         return out
@@ -615,7 +722,7 @@ class GeneralizationGapMonitor(Callback):
         include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         self._items = None  # set by _draw for a map-style subset
         self._sized = self.train_subset is not None
-        with isolate_rng(include_cuda=include_cuda):
+        with isolate_rng(include_cuda=include_cuda), _as_validating(trainer, pl_module):
             batches = self.train_subset if self.train_subset is not None else self._draw(trainer)
             self._batches = [_as_trained(trainer, b) for b in batches]
         if self._batches:
@@ -716,7 +823,9 @@ class GeneralizationGapMonitor(Callback):
             self._evaluate(pl_module, self._batches, "train", trainer)
             metrics = self._clean_metrics(trainer)
         step = logger_step(trainer)
-        if not metrics and self.mode != "logged":
+        if not metrics and self.mode == "logged":
+            return  # (a key not logged yet: warned in _lookup)
+        if not metrics:
             # Non-finite losses are left out of the sums; with none left there is no gap. It
             # was skipped without a word, and history got an entry of the step alone (review,
             # session 20).
@@ -826,7 +935,15 @@ class GeneralizationGapMonitor(Callback):
             n_batches = min(n_batches, self.val_batches)
         val = _first_loader(trainer.val_dataloaders)
         bs = val.batch_size if val is not None else None
-        if not bs or not math.isfinite(n_batches) or n_batches <= 0:
+        if not math.isfinite(n_batches) or n_batches <= 0:
+            return None
+        if not bs and val is not None:
+            # No batch_size on the loader: a custom batch_sampler (its batches of indices are
+            # counted, no data loaded), or items that are batches (the first item's size per
+            # batch). Both fell back to AUTO_SUBSET_MAX (200 samples against a validation of
+            # 20; review, session 24).
+            return _unsized_loader_samples(val, int(n_batches))
+        if not bs:
             return None
         # Under DDP every rank evaluates its own shard of the validation set (a
         # DistributedSampler), and the val sums are all-reduced: the validation run covers
@@ -869,7 +986,7 @@ class GeneralizationGapMonitor(Callback):
         bs = self.eval_batch_size
         if bs is None:
             val = _first_loader(trainer.val_dataloaders)
-            bs = max(self._train_bs, (val.batch_size if val is not None else None) or 1)
+            bs = max(self._train_bs, _loader_batch_size(val) or 1)
         if bs == self._train_bs and not cut:
             return
         batches = [collate(items[j : j + bs]) for j in range(0, len(items), bs)]
@@ -887,7 +1004,9 @@ class GeneralizationGapMonitor(Callback):
                 "pass train_subset=[batches]"
             )
         dataset = loader.dataset
-        bs = loader.batch_size or 64
+        # (a custom batch_sampler: the loader's batch_size is None; 64 was taken, and the
+        # subset was evaluated in batches far larger than the run's; review, session 24)
+        bs = _loader_batch_size(loader) or 64
         want = self.train_subset_size or AUTO_SUBSET_MAX
         if (
             not isinstance(dataset, IterableDataset)
@@ -970,8 +1089,12 @@ class GeneralizationGapMonitor(Callback):
             _eval_no_grad(pl_module),
             _precision_context(trainer),
         ):
-            for batch in batches:
+            for kept in batches:
                 for tag, sides in self._sides.items():
+                    # Each evaluation gets its own copy of the tensors: a model that changes its
+                    # input in place changed the kept training subset for every later
+                    # validation, and a paired baseline's inputs (review, session 24).
+                    batch = _copy_tensors(kept)
                     try:
                         loss, preds, target = self._batch_outputs(pl_module, batch, tag)
                     except RuntimeError as err:
@@ -1000,11 +1123,20 @@ class GeneralizationGapMonitor(Callback):
             prefix = f"{self.prefix}/{tag}/" if tag else f"{self.prefix}/"
             tr, va = sides["train"], sides["val"]
             # val batches are this rank's shard: sum over ranks (a no-op on one process)
-            totals = torch.tensor([va.loss_sum, float(va.count)], dtype=torch.float64)
+            totals = torch.tensor([va.loss_sum, float(va.count), va.skipped], dtype=torch.float64)
             totals = trainer.strategy.reduce(
                 totals.to(trainer.strategy.root_device), reduce_op="sum"
             )
             val_sum, val_count = float(totals[0]), float(totals[1])
+            for side, skipped in (("training subset", tr.skipped), ("validation", totals[2])):
+                if skipped:
+                    rank_zero_warn(
+                        f"GeneralizationGapMonitor: {int(skipped)} batch(es) of the {side} "
+                        f"side{' of ' + tag if tag else ''} had a non-finite loss (NaN or Inf "
+                        f"in eval mode) and are left out of the gap at step "
+                        f"{logger_step(trainer)}",
+                        category=RuntimeWarning,
+                    )
             if val_count == 0 or tr.count == 0:
                 continue
             train_loss = tr.loss_sum / tr.count
@@ -1014,8 +1146,8 @@ class GeneralizationGapMonitor(Callback):
                 out[f"{prefix}train/loss"] = train_loss
                 out[f"{prefix}val/loss"] = val_loss
             for name in self.metrics:
-                m_tr = float(tr.metrics[name].compute())
-                m_va = float(va.metrics[name].compute())
+                m_tr = _scalar_metric(name, tr.metrics[name].compute())
+                m_va = _scalar_metric(name, va.metrics[name].compute())
                 out[f"{prefix}{name}"] = m_va - m_tr
                 if self.log_components:
                     out[f"{prefix}train/{name}"] = m_tr
@@ -1023,15 +1155,24 @@ class GeneralizationGapMonitor(Callback):
         return {k: v for k, v in out.items() if math.isfinite(v)}
 
     # ------------------------------------------------------------------ logged mode
-    def _lookup(self, trainer: pl.Trainer, key: str) -> float:
+    def _lookup(self, trainer: pl.Trainer, key: str) -> float | None:
+        """The logged value of ``key`` (or its ``_epoch`` / ``_step`` forms); ``None``, with a
+        warning the first time, where it is not logged (yet): a training loss logged per epoch
+        exists only from the first epoch end, and its absence at a validation within the first
+        epoch ended the fit with a MisconfigurationException (review, session 24)."""
         metrics = trainer.callback_metrics
         for k in (key, f"{key}_epoch", f"{key}_step"):
             if k in metrics:
                 return float(metrics[k])
-        raise MisconfigurationException(
-            f"GeneralizationGapMonitor(mode='logged'): {key!r} is not logged; logged metrics: "
-            f"{sorted(metrics)}"
-        )
+        if key not in self._warned_missing:
+            self._warned_missing.add(key)
+            rank_zero_warn(
+                f"GeneralizationGapMonitor(mode='logged'): {key!r} is not logged (yet) at step "
+                f"{logger_step(trainer)}, so no gap is logged for this validation (a metric "
+                f"logged per epoch appears from the first epoch end on); logged metrics: "
+                f"{sorted(metrics)}"
+            )
+        return None
 
     def _logged(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -1042,6 +1183,8 @@ class GeneralizationGapMonitor(Callback):
                 if tag:
                     tk, vk = f"{tag}/{tk}", f"{tag}/{vk}"
                 tr, va = self._lookup(trainer, tk), self._lookup(trainer, vk)
+                if tr is None or va is None:
+                    continue
                 out[f"{prefix}{name}"] = va - tr
                 if self.log_components:
                     out[f"{prefix}train/{name}"] = tr

@@ -52,8 +52,9 @@ first t tokens do not depend on later tokens, so the cut probe's K is exactly th
 rows from several sequences of a small LM easily make K numerically singular (κ = inf), and the
 cost of the exact path grows linearly with the rows. The batch goes through the module's
 ``on_before_batch_transfer`` / ``transfer_batch_to_device`` / ``on_after_batch_transfer`` hooks,
-then the model input is extracted: ``x`` of ``(x, y, ...)``, a dict minus its label keys, a tensor
-as is; ``probe_inputs=callable(batch) -> inputs`` overrides.
+then the model input is extracted: ``x`` of ``(x, y, ...)``, a dict minus its label keys
+(``labels``, ``label``, ``targets``, ``target``, ``y``, and a PairedModule's ``labels_key``), a
+tensor as is; ``probe_inputs=callable(batch) -> inputs`` overrides.
 
 Cost
 ----
@@ -316,7 +317,10 @@ class NTKSpectrumMonitor(Callback):
         every_n_steps: probe every n training steps (and at step 0), on the x-axis of the
             logged losses: optimizer steps, or under manual optimization the batches in which
             an optimizer stepped (a two-optimizer step advances ``global_step`` by two).
-            ``None``: automatic, ``max(1, estimated_stepping_batches // target_probes)``.
+            ``None``: automatic, ``max(1, estimated_stepping_batches // target_probes)``
+            (under manual optimization with ``max_steps``, where a batch steps k optimizers
+            and the run has ``max_steps / k`` batches: re-chosen from k after the first
+            step).
         probe: a fixed probe batch in the training loader's format; default: the first
             ``probe_size`` samples of the training dataset.
         probe_size: number of samples of the default probe (ignored when ``probe`` is given).
@@ -464,7 +468,7 @@ class NTKSpectrumMonitor(Callback):
         self._n_probe: int = 0
         #: Wall seconds of each probe of this process (all targets, logging included).
         self.probe_seconds: list[float] = []
-        self._pending_figure: tuple[int, dict[str, Any]] | None = None
+        self._pending_figure: tuple[int, dict[str, Any], dict[str, float]] | None = None
         # Warning sites (category, file, line) already relayed in this fit.
         self._warned_sites: set[tuple[Any, str, int]] = set()
         self._global_step = 0  # trainer.global_step at the last batch end
@@ -474,6 +478,7 @@ class NTKSpectrumMonitor(Callback):
         self._probe_shapes: list[list[int]] | None = None
         self._saved_probe_shapes: list[list[int]] | None = None
         self._restored_every: int | None = None  # an automatic cadence a checkpoint brought
+        self._recheck_cadence = False  # (manual optimization: see on_train_start)
         # Targets whose default budget the engine refused in this fit: they probe under the
         # engine's own default from then on (no refused attempt at every probe).
         self._unbudgeted: set[str] = set()
@@ -569,6 +574,23 @@ class NTKSpectrumMonitor(Callback):
                     f"NTKSpectrumMonitor probes `{type(pl_module).__name__}.forward`, which is not "
                     "implemented. Implement `forward`, or pass `module='<submodule attribute>'`."
                 )
+            if (
+                not self.eval_mode
+                and _active_dropout(target)
+                and any(
+                    isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+                    for m in target.modules()
+                )
+            ):
+                # (any method: K of train-mode BatchNorm comes from products over the whole
+                # batch, and each would draw new dropout masks; the fit ended at the first
+                # probe with vmap's randomness error; review, session 24)
+                raise MisconfigurationException(
+                    "NTKSpectrumMonitor(eval_mode=False): the model has dropout and BatchNorm in "
+                    "training mode; BatchNorm couples the samples, so K must come from products "
+                    "over the whole batch, each of which would draw new dropout masks. Use "
+                    "eval_mode=True (dropout off, running statistics)"
+                )
             if not self.eval_mode and self.method == "lanczos" and _active_dropout(target):
                 # (found at the first probe before, as a plain ValueError that ended the fit:
                 # review, session 18)
@@ -610,6 +632,16 @@ class NTKSpectrumMonitor(Callback):
                 )
                 self._resolved_every = fresh
         self._restored_every = None
+        # Under manual optimization a batch may step several optimizers (global_step + k),
+        # and max_steps counts those steps, while probes sit on the batches that stepped: an
+        # automatic cadence from max_steps gave 20/k probes (11 with two optimizers; review,
+        # session 24). It is re-chosen after the first stepping batch, which shows k.
+        self._recheck_cadence = (
+            self.every_n_steps is None
+            and not pl_module.automatic_optimization
+            and trainer.max_steps != -1
+            and trainer.estimated_stepping_batches >= trainer.max_steps
+        )
         self._warned_sites = set()
         self._unbudgeted = set()
         self._inputs = self._fix_probe(trainer, pl_module)
@@ -654,17 +686,23 @@ class NTKSpectrumMonitor(Callback):
         # optimizer stepped; global_step counts each optimizer of a manual multi-optimizer step).
         if trainer.global_step == self._global_step:
             return  # no optimizer stepped (gradient accumulation): the step has not ended
+        per_batch = trainer.global_step - self._global_step
         self._global_step = trainer.global_step
+        if self._recheck_cadence:
+            self._recheck_cadence = False
+            if per_batch > 1:  # (see on_train_start) the run has max_steps / k batches
+                batches = math.ceil(trainer.max_steps / per_batch)
+                self._resolved_every = max(1, batches // self.target_probes)
         self._maybe_probe(trainer, pl_module, logger_step(trainer) + 1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._inputs = None  # release the probe batch (device memory)
         if self._pending_figure is not None:  # the last probe's spectrum figure
-            step, spectra = self._pending_figure
+            step, spectra, kappas = self._pending_figure
             self._pending_figure = None
             writers = list(tensorboard_writers(trainer))
             if writers:
-                self._draw(writers, spectra, step)
+                self._draw(writers, spectra, step, kappas)
 
     def _metric_prefix(self, tag: str) -> str:
         return f"{self.prefix}/" if tag == "" else f"{self.prefix}/{tag}/"
@@ -709,6 +747,12 @@ class NTKSpectrumMonitor(Callback):
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
             batch = pl_module.on_after_batch_transfer(batch, 0)
         extract = self.probe_inputs or default_probe_inputs
+        labels_key = getattr(pl_module, "labels_key", None) if _is_paired(pl_module) else None
+        if self.probe_inputs is None and isinstance(batch, Mapping) and labels_key is not None:
+            # A PairedModule's dict batches lose its own labels_key, as in its training step
+            # (labels_key="answer" ended the fit at train start: model(**batch) got the
+            # targets; review, session 24).
+            batch = {k: v for k, v in batch.items() if k != labels_key}
         inputs = extract(batch)
         n = _batch_len(inputs) or n
         if self.probe is None and self.max_rows is not None:
@@ -720,7 +764,8 @@ class NTKSpectrumMonitor(Callback):
                 # forward(x)): the bare TypeError did not say where the call came from (review,
                 # session 18).
                 how = (
-                    "as model(**batch) (its labels key removed)"
+                    f"as model(**batch) with keys {sorted(inputs)} (label keys removed: "
+                    f"{sorted({*LABEL_KEYS, *([labels_key] if labels_key else [])})})"
                     if isinstance(inputs, Mapping)
                     else "as model(*batch)"
                     if isinstance(inputs, (tuple, list))
@@ -1267,15 +1312,24 @@ class NTKSpectrumMonitor(Callback):
         # history already holds this probe: it is probe number len - 1 of the run.
         index = len(self.history) - 1
         every = self.figure_every
+        # (the legend shows the logged κ: inf for a numerically singular K, where λ_max/λ_min
+        # of a tiny negative λ_min read -2.7e16; review, session 24)
+        kappas = {tag: float(res["condition_number"]) for tag, res in results.items()}
         if index == 0 or (every is not None and index % every == 0):
-            self._draw(writers, spectra, step)
+            self._draw(writers, spectra, step, kappas)
             self._pending_figure = None
         else:  # drawn at train end if it stays the last probe
-            self._pending_figure = (step, dict(spectra))
+            self._pending_figure = (step, dict(spectra), kappas)
 
-    def _draw(self, writers: list[Any], spectra: Mapping[str, Any], step: int) -> None:
+    def _draw(
+        self,
+        writers: list[Any],
+        spectra: Mapping[str, Any],
+        step: int,
+        kappas: Mapping[str, float] | None = None,
+    ) -> None:
         if all(isinstance(v, torch.Tensor) for v in spectra.values()):
-            fig = _spectrum_figure(spectra, step)
+            fig = _spectrum_figure(spectra, step, kappas)
         else:
             fig = _density_figure(spectra, step)
         for writer in writers:
@@ -1358,8 +1412,12 @@ def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str) -> Any:
     return fig
 
 
-def _spectrum_figure(spectra: Mapping[str, torch.Tensor], step: int) -> Any:
-    """Sorted eigenvalues on a log axis (non-positive ones are listed in the legend, not drawn)."""
+def _spectrum_figure(
+    spectra: Mapping[str, torch.Tensor], step: int, kappas: Mapping[str, float] | None = None
+) -> Any:
+    """Sorted eigenvalues on a log axis (non-positive ones are listed in the legend, not drawn);
+    the legend gives each side's κ from ``kappas`` (the logged values), else λ_max/λ_min (inf
+    where λ_min ≤ 0)."""
     # A bare Figure (no pyplot): no global figure registry, no backend switch in the user's process.
     from matplotlib.figure import Figure
 
@@ -1369,7 +1427,10 @@ def _spectrum_figure(spectra: Mapping[str, torch.Tensor], step: int) -> Any:
         vals = torch.sort(eig, descending=True).values
         pos = vals[vals > 0]
         n_nonpos = int(vals.numel() - pos.numel())
-        kappa = float(vals[0] / vals[-1]) if vals[-1] != 0 else float("inf")
+        if kappas is not None and tag in kappas:
+            kappa = kappas[tag]
+        else:
+            kappa = float(vals[0] / vals[-1]) if vals[-1] > 0 else float("inf")
         label = f"{tag or 'model'}: κ={kappa:.3g}"
         if n_nonpos:
             label += f" ({n_nonpos} ≤ 0 not drawn)"

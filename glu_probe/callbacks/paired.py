@@ -8,7 +8,9 @@ and the TensorBoard dashboard can put them side by side.
 
 What holds (and is tested)
 --------------------------
-* **Identical batches.** Both networks see exactly the same batch (same tensors, same order).
+* **Identical batches.** Both networks see exactly the same batch (same values, same order);
+  the baseline gets its own copy of the tensors, so a model that changes its input in place (a
+  first ``nn.ReLU(inplace=True)``) does not change the baseline's.
 * **The model trains as if alone.** With manual optimization the step is::
 
       loss_m = loss_fn(model(x), y)                       # global torch RNG (dropout, ...)
@@ -39,6 +41,14 @@ What holds (and is tested)
   ``ReduceLROnPlateau`` is stepped at epoch end with ``<prefix>/<lr_scheduler_monitor>``.
 * fp16 mixed precision with a GradScaler is refused: one scaler shared by two optimizers would
   rescale between the two steps. Use ``precision="bf16-mixed"`` or full precision.
+  ``Trainer(accumulate_grad_batches>1)`` is refused by Lightning under manual optimization.
+
+Known limit: under DDP, Lightning's manual optimization turns off DDP's per-forward broadcast
+of buffers (``broadcast_buffers``), so train-mode BatchNorm's running statistics are each rank's
+own (the parameters stay identical on every rank, as in a solo DDP run): evaluation in eval mode
+then differs slightly between ranks and from a solo DDP run, which copies rank 0's statistics at
+each forward. ``Trainer(sync_batchnorm=True)`` (statistics over all ranks, the same everywhere)
+avoids it.
 
 Batches and losses
 ------------------
@@ -58,6 +68,7 @@ Logged metrics (names ``<model_prefix>/...`` and ``<baseline_prefix>/...``)
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import operator
@@ -205,6 +216,24 @@ def _warn_unshifted(batch: Any, labels_key: str, logits: Any, module: nn.Module)
             "For next-token prediction (Hugging Face's convention for labels=input_ids) pass "
             "causal_lm=True"
         )
+
+
+def _copy_tensors(batch: Any) -> Any:
+    """``batch`` with every tensor cloned (containers rebuilt: tuples, named tuples, lists and
+    mappings, HF ``BatchEncoding`` included); anything else shared."""
+    if isinstance(batch, torch.Tensor):
+        return batch.clone()
+    if isinstance(batch, Mapping):
+        out = copy.copy(batch)
+        for k in batch:
+            out[k] = _copy_tensors(batch[k])  # type: ignore[index]
+        return out
+    if isinstance(batch, tuple):
+        items = [_copy_tensors(b) for b in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    if isinstance(batch, list):
+        return type(batch)(_copy_tensors(b) for b in batch)
+    return batch
 
 
 def _n_items(target: Any) -> int:
@@ -527,11 +556,29 @@ class PairedModule(pl.LightningModule):
         if self._rng_cpu is None:
             self._init_baseline_rng()
         self._stream_from_fit = True
+        if trainer is not None and trainer.ckpt_path is None:
+            # A fit that restores nothing has fresh schedulers (configure_optimizers ran again):
+            # the step of the last epoch-scheduler step, kept from an earlier fit (or from
+            # load_from_checkpoint), skipped this fit's first epoch step (review, session 24).
+            self._sched_step = -1
+
+    def on_train_start(self) -> None:
+        configs = getattr(self.trainer, "lr_scheduler_configs", None) or []
+        if self.lr_scheduler_factory is None and configs:
+            rank_zero_warn(
+                f"PairedModule: configure_optimizers returned {len(configs)} LR scheduler(s), "
+                "which PairedModule does not step (manual optimization; it steps those of its "
+                "lr_scheduler= argument). Pass lr_scheduler=<factory> (with "
+                "lr_scheduler_interval / lr_scheduler_monitor), or step them in your own hooks"
+            )
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         opt_model, opt_baseline = cast(list[Any], self.optimizers())
+        # The baseline gets its own copy: a model that changes its input in place (a first
+        # nn.ReLU(inplace=True)) handed it modified inputs (review, session 24).
+        theirs = _copy_tensors(batch)
         loss_m, _, _ = self.evaluate(batch, "model")
-        loss_b, _, _ = self.evaluate(batch, "baseline")
+        loss_b, _, _ = self.evaluate(theirs, "baseline")
         opt_model.zero_grad()
         opt_baseline.zero_grad()
         # One backward of the sum: the networks share no parameters, so each gets exactly the
@@ -633,8 +680,9 @@ class PairedModule(pl.LightningModule):
     def _eval_step(self, batch: Any, name: str) -> dict[str, Any]:
         bs = self._batch_size(batch)
         results = {}
-        for which in (self.model_prefix, self.baseline_prefix):
-            results[which] = self.evaluate(batch, which)
+        theirs = _copy_tensors(batch)  # (as in training_step)
+        for which, given in ((self.model_prefix, batch), (self.baseline_prefix, theirs)):
+            results[which] = self.evaluate(given, which)
             self.log(
                 f"{which}/{name}", results[which][0], on_step=False, on_epoch=True,
                 batch_size=bs, sync_dist=self.sync_dist,

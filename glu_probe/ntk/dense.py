@@ -51,6 +51,7 @@ from .functional import (
     OutputSpec,
     ParamFilter,
     ProbeFunction,
+    _active_dropout,
     all_finite,
     allows_autograd,
     probe_copy_bytes,
@@ -965,6 +966,17 @@ def _assemble(
         # The row and structured strategies differentiate each sample alone: that is the
         # batch's Jacobian only where the samples are independent. The operator strategy's
         # products run over the whole batch (its chunking refuses to split such a probe).
+        if not probe.eval_mode and _active_dropout(probe.model):
+            # Each product over the whole batch would draw its own dropout masks: the columns
+            # of "K" came from different networks (a vmapped block crashed with vmap's
+            # randomness error, single columns gave a silently inconsistent matrix; review,
+            # session 24).
+            raise ValueError(
+                f"{probe.per_sample_why}, so K must come from products over the whole batch, "
+                "and the model draws random numbers in the probe (dropout in training mode "
+                "with eval_mode=False): each product would draw new masks, and there is no one "
+                "K to compute. Use eval_mode=True (dropout off, running statistics)"
+            )
         if strategy in ("jacobian", "structured"):
             raise ValueError(
                 f"strategy={strategy!r} differentiates each sample alone, but "

@@ -503,8 +503,32 @@ def _warn_train_mode_layers(model: nn.Module) -> None:
 
 
 def _normal(t: Tensor) -> Tensor:
-    """``t``, or a normal copy of an inference-mode tensor (autograd cannot save those)."""
+    """``t`` detached, or a normal copy of an inference-mode tensor (autograd cannot save
+    those). Detached: an input that requires grad (``inputs_embeds`` of an upstream layer, a
+    saliency input) made the rows depend on it, so the check that they depend on the selected
+    parameters passed for an unused head (K all zeros, no error), and K came back holding a
+    graph to the caller's input (review, session 24)."""
+    t = t.detach()
     return t.clone() if t.is_inference() else t
+
+
+def _plain_mappings(inputs: Any) -> Any:
+    """``inputs`` with every mapping pytree does not know (HF ``BatchEncoding``, a
+    ``UserDict``) turned into a dict: pytree took the tokenizer's own output for one leaf with
+    no sample dimension, and the dense path fell back to slow whole-batch rows with
+    misleading warnings (review, session 24). The model is called with ``**inputs`` either
+    way."""
+    from torch.utils._pytree import SUPPORTED_NODES
+
+    if isinstance(inputs, Mapping):
+        items = {k: _plain_mappings(v) for k, v in inputs.items()}
+        return items if type(inputs) not in SUPPORTED_NODES else type(inputs)(items)  # type: ignore[call-arg]
+    if isinstance(inputs, tuple):
+        values = [_plain_mappings(v) for v in inputs]
+        return type(inputs)(*values) if hasattr(inputs, "_fields") else tuple(values)
+    if isinstance(inputs, list):
+        return [_plain_mappings(v) for v in inputs]
+    return inputs
 
 
 def _map_tensors(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -900,7 +924,9 @@ class ProbeFunction:
         if self.batch_size == 0:
             raise ValueError("the probe batch is empty (batch size 0); pass at least one sample")
         _check_batch_sizes(inputs, self.batch_size)
-        self.inputs = _map_tensors(inputs, lambda t: _normal(self._cast(t).to(self.device)))
+        self.inputs = _plain_mappings(
+            _map_tensors(inputs, lambda t: _normal(self._cast(t).to(self.device)))
+        )
         self.n_params = sum(p.numel() for p in self.params)
 
     def astype(self, dtype: torch.dtype, *, check: bool = True) -> ProbeFunction:
@@ -928,8 +954,8 @@ class ProbeFunction:
             }
             for n, b in self.model.named_buffers():
                 new.constants[n] = new._cast(b.detach()).clone()
-            new.inputs = _map_tensors(
-                self._source[0], lambda t: _normal(new._cast(t).to(self.device))
+            new.inputs = _plain_mappings(
+                _map_tensors(self._source[0], lambda t: _normal(new._cast(t).to(self.device)))
             )
         if check and torch.finfo(dtype).bits < torch.finfo(self.dtype).bits:
             new.n_rows, new.rows_per_sample = new._check()
@@ -1208,9 +1234,18 @@ class ProbeFunction:
                 "cannot see through)"
             )
         if rows.numel() % self.batch_size:
+            rule = (
+                "the output= callable must give the same number of rows for every sample"
+                if callable(self.output)
+                else f"output={self.output!r} reads the rows from the picked output tensor "
+                "(the logits, else the first tensor), which must hold the batch in dim 0: a "
+                "model returning (outputs, batch), or a dict whose first tensor is a 0-d loss, "
+                "gives another count; pass output=<callable> that picks and shapes the rows"
+            )
             raise ValueError(
                 f"{rows.numel()} rows is not a multiple of the batch size {self.batch_size}; "
-                "the output= callable must give the same number of rows for every sample" + hint
+                + rule
+                + hint
             )
         self.per_sample_why = self._independence(rows)
         return int(rows.numel()), int(rows.numel()) // self.batch_size

@@ -440,8 +440,30 @@ def _is_timm_host(model: nn.Module) -> bool:
 
 
 def _is_timm_model(model: nn.Module) -> bool:
-    """A timm *model* (not one of its layers): a ``timm.models`` class with ``forward_features``."""
-    return type(model).__module__.startswith("timm.models.") and hasattr(model, "forward_features")
+    """A timm *model* (not one of its layers): a ``timm.models`` class with ``forward_features``,
+    or the wrapper ``timm.create_model(..., features_only=True)`` returns (``FeatureListNet``
+    and its kin hold the model's stages, not the model: without ``forward_features`` they were
+    not taken for a model, and a backbone's swapped blocks got another init; review, s24)."""
+    module = type(model).__module__
+    if module == "timm.models._features":
+        return type(model).__name__.startswith("Feature") and type(model).__name__.endswith("Net")
+    return module.startswith("timm.models.") and hasattr(model, "forward_features")
+
+
+def _timm_family(host: nn.Module, name: str) -> str:
+    """The timm family module (``timm.models.convnext``, ...) whose init conventions apply to
+    the block at ``name`` inside ``host``: the host's own, or for a ``features_only`` wrapper
+    (``timm.models._features``) that of the outermost module between it and the block that
+    belongs to a family (its stages: ``stages_0`` is a ``ConvNeXtStage``)."""
+    module = type(host).__module__
+    if not module.startswith("timm.models._"):
+        return module
+    parts = name.split(".")
+    for k in range(1, len(parts)):
+        inner = type(host.get_submodule(".".join(parts[:k]))).__module__
+        if inner.startswith("timm.models.") and not inner.startswith("timm.models._"):
+            return inner
+    return module
 
 
 def _is_pretrained(model: nn.Module) -> bool:
@@ -771,11 +793,12 @@ def _timm_init(host: nn.Module, name: str, block: Any) -> None:
 
     from timm.models._manipulate import named_apply
 
-    family = sys.modules.get(type(host).__module__)
+    family_name = _timm_family(host, name)
+    family = sys.modules.get(family_name)
     fn = getattr(family, "_init_weights", None)
     with torch.no_grad():
         own_init: Any = getattr(host, "_init_weights", None)
-        if type(host).__module__ in _DEPTH_RESCALED and callable(own_init):
+        if family_name in _DEPTH_RESCALED and callable(own_init):
             # EVA / EVA-02 / BEiT: the model's own _init_weights on the Linear layers only
             # (trunc_normal(0.02), zero bias; gates included: EVA never calls SwiGLU's
             # init_weights), then fix_init_weight's 1/sqrt(2·(layer+1)) on blocks[layer].mlp.fc2.
@@ -791,7 +814,7 @@ def _timm_init(host: nn.Module, name: str, block: Any) -> None:
         if (
             not hasattr(host, "weight_init_mode")
             and callable(fn)
-            and type(host).__module__
+            and family_name
             in (
                 "timm.models.convnext",
                 "timm.models.mlp_mixer",
@@ -809,7 +832,24 @@ def _timm_init(host: nn.Module, name: str, block: Any) -> None:
 
         mode = getattr(host, "weight_init_mode", "") or ""
         vit_init = get_init_weights_vit(mode)
-        named_apply(vit_init, block, name=name, include_root=True)
+        convs: tuple[type, ...] = (nn.Conv1d,) if "jax" in mode else (nn.Conv1d, nn.Conv2d)
+
+        def init(module: nn.Module, name: str = "") -> None:
+            # The ViT inits ('' and moco) draw nn.Linear only: the 1x1 convs of a use_conv
+            # block (FocalNet, a ConvNeXt features_only backbone) kept torch's default,
+            # 2-5x timm's scale (review, session 24). They get trunc_normal(0.02) and zero
+            # bias, the rule of every timm family with conv MLPs, before the block's own
+            # init_weights (the gate rule; named_apply walks children first).
+            if isinstance(module, convs):
+                weight, bias = module.weight, module.bias
+                assert isinstance(weight, torch.Tensor)
+                nn.init.trunc_normal_(weight, std=0.02)
+                if isinstance(bias, torch.Tensor):
+                    nn.init.zeros_(bias)
+            else:
+                vit_init(module, name)
+
+        named_apply(init, block, name=name, include_root=True)
         _redraw_packed_up_half(block, vit_init, name)
         hit = re.fullmatch(r"(?:.*\.)?blocks\.(\d+)\.mlp", name)
         if getattr(host, "fix_init", False) and hit and hasattr(block, "fc2"):
@@ -859,13 +899,17 @@ def host_init(
       ``SwiGLU`` / ``GluMlp`` get it: EVA never calls their ``init_weights``), then
       ``fix_init_weight``'s depth rescaling of ``blocks[i].mlp.fc2`` by ``1/sqrt(2·(i+1))``.
       Inner norms keep their fresh (ones / zeros) init, as EVA leaves them.
+    * a ``features_only`` wrapper (``FeatureListNet``, ...) is the model it was made from:
+      the family of its stages applies.
     * timm ConvNeXt / MLP-Mixer (and ResMLP): the family's own ``_init_weights`` (ConvNeXt:
       trunc_normal(0.02) and zero bias for ``Linear`` and the 1x1 ``Conv2d`` of ``conv_mlp``;
       Mixer: xavier-uniform weights and N(0, 1e-6²) biases).
     * other timm models: the ViT init (``weight_init_mode``: '' -> trunc_normal(0.02) / zero
-      bias, or jax / moco), applied with timm's own ``named_apply`` so that blocks with an
-      ``init_weights()`` (timm's ``SwiGLU``, our ``GatedMLP``) get it exactly as in a freshly
-      built timm ViT (gate weight N(0, 1e-6²), gate bias 1); plus ``fix_init`` rescaling of
+      bias, or jax / moco; the 1x1 convs of a ``use_conv`` block, which the ViT inits other
+      than jax leave alone, get trunc_normal(0.02) / zero bias, the rule of timm's families
+      with conv MLPs such as FocalNet), applied with timm's own ``named_apply`` so that blocks
+      with an ``init_weights()`` (timm's ``SwiGLU``, our ``GatedMLP``) get it exactly as in a
+      freshly built timm ViT (gate weight N(0, 1e-6²), gate bias 1); plus ``fix_init`` rescaling of
       ``fc2`` by ``1/sqrt(2·(layer+1))``. This is the convention of the ViT family; other timm
       families (Swin, CaiT, ...) use the same trunc_normal(0.02) / zero-bias Linear init, and
       their new gated blocks get the ViT gate convention above. Depth rescalings other than
