@@ -140,6 +140,13 @@ def _display_names(root: Path, dirs: Sequence[Path]) -> dict[Path, str]:
             inside = parent != root and parent.is_relative_to(root)
             rel = parent.relative_to(root).as_posix() if inside else d.name
         names[d] = "." if rel in ("", ".") else rel
+    # Two folders under one name lost one of them without a word (a root named version_0 with
+    # a child version_0; re-review, session 24): those keep their paths under the root.
+    taken = [n for n in names.values()]
+    for d in dirs:
+        if taken.count(names[d]) > 1:
+            rel = d.relative_to(root).as_posix() if d != root else "."
+            names[d] = "." if rel in ("", ".") else rel
     return names
 
 

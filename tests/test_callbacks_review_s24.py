@@ -4,7 +4,9 @@ configurations (each test fails on the code before it)."""
 from __future__ import annotations
 
 import functools
+import math
 import warnings
+from collections.abc import Mapping, MutableMapping
 
 import pytest
 import torch
@@ -14,8 +16,13 @@ from test_paired import _data, _solo, _trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
-from glu_probe.callbacks import GeneralizationGapMonitor, NTKSpectrumMonitor, PairedModule
-from glu_probe.ntk import ntk_spectrum
+from glu_probe.callbacks import (
+    GeneralizationGapMonitor,
+    LossCrossingMonitor,
+    NTKSpectrumMonitor,
+    PairedModule,
+)
+from glu_probe.ntk import ntk_matrix
 
 
 def _pair(**kw) -> PairedModule:
@@ -133,17 +140,29 @@ def _dropout_bn() -> nn.Module:
 
 
 @pytest.mark.parametrize("output", ["pntk", "full"])
-def test_train_mode_dropout_with_batchnorm_has_no_one_kernel(output):
-    """BatchNorm couples the samples (products over the whole batch) and each product drew new
-    dropout masks: vmap's randomness error ("full"), or a matrix whose columns came from
-    different networks without a word ("pntk", column by column)."""
+def test_train_mode_dropout_with_batchnorm_gives_one_networks_kernel(output):
+    """BatchNorm couples the samples, so K comes from products over the whole batch; with
+    active dropout a vmapped block of columns crashed with vmap's randomness error ("full").
+    Column by column every product draws the same masks: K is the Gram matrix of one
+    network's Jacobian (the same matrix as single-column products, and PSD)."""
+    from glu_probe.ntk import NTKOperator
+
+    model = _dropout_bn().double()
+    x = torch.randn(8, 6, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        with pytest.raises(ValueError, match="draws random numbers"):
-            ntk_spectrum(_dropout_bn(), torch.randn(8, 6), eval_mode=False, output=output)
+        K = ntk_matrix(model, x, eval_mode=False, output=output)
+        op = NTKOperator(model, x, eval_mode=False, output=output)
+        eye = torch.eye(K.shape[0], dtype=torch.float64)
+        columns = torch.cat([op.matvec(eye[:, i : i + 1]) for i in range(K.shape[0])], dim=1)
+    torch.testing.assert_close(columns, columns.T, rtol=0, atol=1e-12 * K.abs().max())
+    torch.testing.assert_close(K, columns, rtol=1e-12, atol=1e-12 * K.abs().max())
+    assert torch.linalg.eigvalsh(K)[0] > -1e-10 * K.abs().max()
+    assert K.shape[0] == (8 if output == "pntk" else 32)
 
 
-def test_the_monitor_refuses_train_mode_dropout_with_batchnorm_at_setup(tmp_path):
+def test_the_monitor_probes_train_mode_dropout_with_batchnorm(tmp_path):
+    """NTKSpectrumMonitor(eval_mode=False, method="dense") ended the fit at the first probe."""
     import lightning.pytorch as pl
 
     class Module(pl.LightningModule):
@@ -156,16 +175,21 @@ def test_the_monitor_refuses_train_mode_dropout_with_batchnorm_at_setup(tmp_path
 
         def training_step(self, batch, batch_idx):
             x, y = batch
-            return F.cross_entropy(self(x[:, :6]), y)
+            return F.cross_entropy(self(x), y)
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    monitor = NTKSpectrumMonitor(every_n_steps=1, probe_size=8, eval_mode=False, method="dense")
-    with pytest.raises(MisconfigurationException, match="dropout and BatchNorm"):
+    monitor = NTKSpectrumMonitor(
+        every_n_steps=1, probe_size=8, eval_mode=False, method="dense", output="full"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         _trainer(tmp_path, max_steps=2, callbacks=[monitor]).fit(
-            Module(), DataLoader(_data(16), batch_size=8)
+            Module(), DataLoader(_data(16, d=6), batch_size=8)
         )
+    assert len(monitor.history) == 3
+    assert all(math.isfinite(h["ntk/condition_number"]) for h in monitor.history)
 
 
 # ---------------------------------------------------------------- second round (G, H)
@@ -395,3 +419,306 @@ def test_the_spectrum_figure_shows_the_logged_kappa():
     assert "κ=inf" in legend and "1 ≤ 0 not drawn" in legend
     legend = _spectrum_figure({"": eig}, 0, {"": float("inf")}).axes[0].get_legend().get_texts()
     assert "κ=inf" in legend[0].get_text()
+
+
+# ---------------------------------------------------------------- re-review of the fixes
+class _ReadOnly(Mapping):
+    def __init__(self, d) -> None:
+        self._d = dict(d)
+
+    def __getitem__(self, k):
+        return self._d[k]
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+class _Mutable(MutableMapping):
+    """A mutable mapping without ``__copy__``: ``copy.copy`` shares its storage."""
+
+    def __init__(self, d=()) -> None:
+        self._d = dict(d)
+
+    def __getitem__(self, k):
+        return self._d[k]
+
+    def __setitem__(self, k, v) -> None:
+        self._d[k] = v
+
+    def __delitem__(self, k) -> None:
+        del self._d[k]
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+class _InPlaceFirst(nn.Module):
+    def __init__(self, seed: int, inplace: bool) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.act = nn.ReLU(inplace=inplace)
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(self.act(x))
+
+
+class _Plain(nn.Module):
+    """A linear layer alone (its output changes when its input was ReLU'd in place)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("kind", [_ReadOnly, _Mutable])
+def test_mapping_batches_of_any_kind_train_and_keep_the_baseline_apart(tmp_path, kind):
+    """The copy crashed read-only mappings ("does not support item assignment") and, for a
+    mutable mapping without __copy__, wrote the clones into the caller's own storage (the
+    baseline still saw the model's in-place ReLU: 0.112 off its solo run)."""
+    torch.manual_seed(0)
+    X, Y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+
+    def collate(items):
+        return kind({"x": X[items], "labels": Y[items]})
+
+    loader = DataLoader(list(range(16)), batch_size=4, collate_fn=collate)
+    pair = PairedModule(_InPlaceFirst(1, True), _Plain(2), optimizer="sgd", lr=0.1)
+    _trainer(tmp_path, max_steps=4).fit(pair, loader)
+    solo = _Plain(2)
+    opt = torch.optim.SGD(solo.parameters(), lr=0.1)
+    for i, batch in enumerate(loader):
+        if i == 4:
+            break
+        opt.zero_grad()
+        F.cross_entropy(solo(batch["x"]), batch["labels"]).backward()
+        opt.step()
+    assert torch.equal(solo.lin.weight, pair.baseline.lin.weight)
+
+
+def test_predict_gives_the_baseline_its_own_inputs():
+    pair = PairedModule(_Plain(1), _InPlaceFirst(2, True))
+    x = torch.randn(6, 4)
+    out = pair.predict_step((x.clone(), torch.zeros(6, dtype=torch.long)), 0)
+    torch.testing.assert_close(out["model"], pair.model(x.clone()), rtol=0, atol=0)
+
+
+def test_a_batch_sampler_with_its_own_generator_is_not_drawn_from(tmp_path):
+    """Learning the batch size by iterating a bucketing batch sampler advanced its private
+    numpy generator: the run's batch order, and its parameters, changed (0.108)."""
+    import lightning.pytorch as pl
+    import numpy as np
+    from torch.utils.data import Sampler
+
+    class Buckets(Sampler):
+        def __init__(self, n: int, bs: int) -> None:
+            self.n, self.bs, self.rng = n, bs, np.random.default_rng(0)
+
+        def __iter__(self):
+            perm = self.rng.permutation(self.n)
+            for i in range(0, self.n, self.bs):
+                yield perm[i : i + self.bs].tolist()
+
+        def __len__(self) -> int:
+            return -(-self.n // self.bs)
+
+    data = _clf_data(32, 0)
+
+    def run(callbacks):
+        pl.seed_everything(0, verbose=False)
+        module = _clf_module()
+        _trainer(tmp_path, max_epochs=2, val_check_interval=4, callbacks=callbacks).fit(
+            module,
+            DataLoader(data, batch_sampler=Buckets(32, 4)),
+            DataLoader(data, batch_sampler=Buckets(32, 8)),
+        )
+        return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+    gap = GeneralizationGapMonitor(train_subset_size=8)
+    assert torch.equal(run([]), run([gap]))
+    # (evaluated at the larger of the two loaders' batch sizes, 4 and 8, read without drawing)
+    assert [len(b[0]) for b in gap._batches] == [8]
+
+
+def test_the_accelerator_path_counts_like_the_cpu_path(monkeypatch):
+    """On an accelerator a batch with no loss terms (NaN·0) counted as skipped, and the
+    non-finite batch still fed the metrics while the CPU path left them out."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from glu_probe.callbacks import gap as gap_module
+
+    batches = [
+        (torch.tensor(0.5), torch.eye(3)[[0, 1]], torch.tensor([0, 1])),
+        (torch.tensor(float("nan")), torch.eye(3)[[2, 2]], torch.tensor([0, 1])),
+        (torch.tensor(float("nan")), torch.eye(3)[[0]], torch.tensor([-100])),  # no terms
+    ]
+    results = []
+    for lazy in (False, True):
+        monkeypatch.setattr(gap_module, "_reads_lazily", lambda loss, target, lazy=lazy: lazy)
+        side = gap_module._Side({"acc": MulticlassAccuracy(3, ignore_index=-100)}, "cpu", False)
+        for loss, preds, target in batches:
+            side.add(loss, preds, target)
+        acc = float(side.metrics["acc"].compute())
+        results.append((side.loss_sum, side.count, side.skipped, acc))
+    assert results[0] == results[1]
+    assert results[0][:3] == (1.0, 2.0, 1.0)
+
+
+def test_logged_mode_still_refuses_a_name_that_never_comes(tmp_path):
+    """Missing keys became one warning for the whole run: a misspelt train_key logged no gap
+    at any of 12 validations."""
+    train, val = _clf_data(48, 0), _clf_data(16, 1)
+    gap = GeneralizationGapMonitor(mode="logged", train_key="trian_loss", val_key="val_loss")
+    trainer = _trainer(tmp_path, max_epochs=3, val_check_interval=3, callbacks=[gap])
+    with (
+        pytest.warns(UserWarning, match="not logged"),
+        pytest.raises(MisconfigurationException, match="'trian_loss' is not logged"),
+    ):
+        trainer.fit(_clf_module(), DataLoader(train, batch_size=8), DataLoader(val, batch_size=8))
+    assert trainer.current_epoch == 1  # (the first validation of the second epoch)
+
+
+@pytest.mark.parametrize("name", ["valLoss", "valloss", "ValLoss", "evalLoss", "validLoss"])
+def test_run_together_and_camel_case_validation_names(name):
+    assert LossCrossingMonitor(baseline=[1.0, 2.0], monitor=name).phase == "val"
+
+
+def test_a_resumed_manual_optimization_run_keeps_its_cadence_quietly(tmp_path):
+    """The restored cadence was compared with max_steps // 20 before the recheck: a warning of
+    a cadence change that the recheck then undid."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class TwoOptimizers(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(6, 3), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            for opt in self.optimizers():
+                opt.zero_grad()
+            self.manual_backward(F.cross_entropy(self(x), y))
+            for opt in self.optimizers():
+                opt.step()
+
+        def configure_optimizers(self):
+            return [torch.optim.SGD(m.parameters(), lr=0.1) for m in (self.a, self.b)]
+
+    loader = DataLoader(_clf_data(400, 0), batch_size=4)
+    whole = NTKSpectrumMonitor(probe_size=8, target_probes=5)
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path / "ck", filename="{step}", every_n_train_steps=10, save_top_k=-1
+    )
+    _trainer(tmp_path, max_steps=40, callbacks=[whole, ckpt], enable_checkpointing=True).fit(
+        TwoOptimizers(), loader
+    )
+    resumed = NTKSpectrumMonitor(probe_size=8, target_probes=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, max_steps=40, callbacks=[resumed], enable_checkpointing=False).fit(
+            TwoOptimizers(), loader, ckpt_path=str(tmp_path / "ck" / "step=20.ckpt")
+        )
+    assert not [w for w in caught if "cadence" in str(w.message)]
+    assert [h["step"] for h in resumed.history] == [h["step"] for h in whole.history]
+
+
+# ---------------------------------------------------------------- configuration and dashboard
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: NTKSpectrumMonitor(eval_mode="no"), "eval_mode"),
+        (lambda: NTKSpectrumMonitor(strict="false"), "strict"),
+        (lambda: NTKSpectrumMonitor(shard_probe="no"), "shard_probe"),
+        (lambda: NTKSpectrumMonitor(params=[]), "selects no parameter"),
+        (lambda: GeneralizationGapMonitor(log_components="no"), "log_components"),
+        (lambda: GeneralizationGapMonitor(train_subset=3), "train_subset"),
+        (lambda: PairedModule(nn.Linear(2, 2), nn.Linear(2, 2), causal_lm="no"), "causal_lm"),
+        (lambda: PairedModule(nn.Linear(2, 2), nn.Linear(2, 2), labels_key=""), "labels_key"),
+    ],
+)
+def test_bad_values_are_refused_at_construction(make, match):
+    """Strings were taken as true flags (strict='false' did the opposite of what was meant)."""
+    with pytest.raises(MisconfigurationException, match=match):
+        make()
+
+
+def test_dashboard_arguments_are_checked():
+    from glu_probe.callbacks import TensorBoardDashboard
+
+    with pytest.raises(MisconfigurationException, match="must not contain '/'"):
+        TensorBoardDashboard(model_prefix="a/")
+    with pytest.raises(MisconfigurationException, match="pairs"):
+        TensorBoardDashboard(pairs=[1])
+    with pytest.raises(MisconfigurationException, match="include_defaults"):
+        TensorBoardDashboard(include_defaults="yes")
+
+
+def _layout_tags(log_dir) -> tuple[dict[str, list[str]], list[str]]:
+    """The written layout's charts -> the logged scalar tags each matches."""
+    import re
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    (event,) = acc.Tensors(metadata.CONFIG_SUMMARY_TAG)
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(event.tensor_proto.string_val[0])
+    charts = {}
+    for category in layout.category:
+        for chart in category.chart:
+            patterns = chart.multiline.tag
+            charts[chart.title] = [t for t in tags if any(re.search(p, t) for p in patterns)]
+    return charts, tags
+
+
+def _paired_dashboard_run(tmp_path, logger, n_val_loaders: int = 1) -> None:
+    from glu_probe.callbacks import TensorBoardDashboard
+
+    pair = PairedModule(nn.Linear(8, 3), nn.Linear(8, 3), lr=0.1)
+    val = [DataLoader(_data(8), batch_size=4) for _ in range(n_val_loaders)]
+    dashboard = TensorBoardDashboard()
+    _trainer(tmp_path, max_epochs=1, logger=logger, log_every_n_steps=1, callbacks=[dashboard]).fit(
+        pair, DataLoader(_data(16), batch_size=4), val if n_val_loaders > 1 else val[0]
+    )
+
+
+def test_the_val_chart_draws_several_validation_loaders(tmp_path):
+    """Several loaders log .../val_loss/dataloader_idx_k: the chart matched none of them."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    _paired_dashboard_run(tmp_path, logger, n_val_loaders=2)
+    charts, _ = _layout_tags(logger.log_dir)
+    assert sorted(charts["val loss"]) == sorted(
+        f"{side}/val_loss/dataloader_idx_{k}" for side in ("model", "baseline") for k in (0, 1)
+    )
+
+
+def test_the_charts_follow_a_loggers_prefix(tmp_path):
+    """TensorBoardLogger(prefix="exp") writes exp-model/train_loss: every chart was empty."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb", prefix="exp")
+    _paired_dashboard_run(tmp_path, logger)
+    charts, _ = _layout_tags(logger.log_dir)
+    assert sorted(charts["train loss"]) == ["exp-baseline/train_loss", "exp-model/train_loss"]
+    assert sorted(charts["val loss"]) == ["exp-baseline/val_loss", "exp-model/val_loss"]

@@ -232,3 +232,40 @@ def test_paired_module_from_yaml_with_classes(tmp_path):
     for opt in module.optimizers():
         assert isinstance(opt.optimizer, torch.optim.Adam)
         assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5**2)  # stepped twice
+
+
+def first_output_row(out: torch.Tensor) -> torch.Tensor:
+    """An ``output=`` callable named by its dotted path in YAML."""
+    return out[:, 0]
+
+
+def test_callables_and_loss_modules_from_yaml(tmp_path):
+    """(Session 24.) `output: <dotted path>` was read as the string it is (the union tried
+    `str` first), and the gap monitor's `loss_fn` took no class_path (`torch.nn.MSELoss`)."""
+    from glu_probe.callbacks.gap import GeneralizationGapMonitor
+
+    cli = _cli(
+        tmp_path,
+        """
+        trainer:
+          accelerator: cpu
+          max_steps: 2
+          logger: false
+          enable_checkpointing: false
+          enable_progress_bar: false
+          enable_model_summary: false
+          callbacks:
+            - class_path: glu_probe.callbacks.ntk.NTKSpectrumMonitor
+              init_args:
+                output: test_lightning_cli.first_output_row
+            - class_path: glu_probe.callbacks.gap.GeneralizationGapMonitor
+              init_args:
+                loss_fn:
+                  class_path: torch.nn.MSELoss
+        """,
+    )
+    callbacks: list[Any] = cli.trainer.callbacks  # type: ignore[attr-defined]
+    (ntk,) = [c for c in callbacks if isinstance(c, NTKSpectrumMonitor)]
+    (gap,) = [c for c in callbacks if isinstance(c, GeneralizationGapMonitor)]
+    assert ntk.output is first_output_row
+    assert isinstance(gap.loss_fn, nn.MSELoss)

@@ -64,3 +64,12 @@ def test_a_zero_kernel_at_init_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(theory, "empirical_ntk", lambda mod, X: torch.zeros(len(X), len(X)))
     with pytest.raises(ValueError, match="NTKs are 0 at init"):
         crossing_experiment(3, 4, 5, steps=5)
+
+
+def test_a_version_folder_root_with_a_version_child_keeps_both(tmp_path):
+    root = tmp_path / "version_0"
+    _events(root, 3.0)
+    _events(root / "version_0", 4.0)
+    run = load_run(root)
+    finals = {name: sub.scalars["train_loss"].values[-1] for name, sub in run.subruns.items()}
+    assert finals == {".": 3.0, "version_0": 4.0}

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -45,6 +46,16 @@ def check_positive_int(owner: str, name: str, value: Any, allow_none: bool = Fal
         raise MisconfigurationException(
             f"{owner}: `{name}` must be a positive int{extra}, got {value!r}."
         )
+
+
+def check_bool(owner: str, **flags: Any) -> None:
+    """MisconfigurationException unless every flag is a bool: ``strict='false'`` was taken as
+    true and silently did the opposite of what was meant (review, session 24)."""
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise MisconfigurationException(
+                f"{owner}: `{name}` must be True or False, got {value!r}."
+            )
 
 
 def check_prefix(owner: str, prefix: Any) -> None:

@@ -50,8 +50,8 @@ per baseline) need distinct prefixes.
 * ``crossings``: the list of :class:`~glu_probe.crossing.Crossing` so far.
 
 Which loss: ``monitor`` is looked up in ``trainer.callback_metrics`` (``monitor``, then
-``monitor + "_step"``). With ``phase="train"`` (default unless a part of the name is ``val``,
-``valid(ation)`` or ``eval(uation)``) it is
+``monitor + "_step"``). With ``phase="train"`` (default unless a part of the name starts with
+``val`` or ``eval``, not ``value``) it is
 read after every training batch; with ``phase="val"`` at the end of every validation run.
 
 Reading a loss that lives on a GPU is a device synchronisation: done after every batch it keeps
@@ -222,7 +222,16 @@ def _sequence_label(series: tuple[np.ndarray, np.ndarray] | None) -> str:
     return f"<sequence {digest}>"
 
 
-_VALIDATION_WORDS = frozenset({"val", "valid", "validation", "eval", "evaluation"})
+def _names_validation(name: str) -> bool:
+    """Whether a metric name is a validation metric: one of its parts (split at non-letters and
+    at camelCase humps, any case) starts with ``val`` or ``eval`` but not ``value``:
+    ``val_loss``, ``eval_loss`` (HF's name), ``Val/loss``, ``valLoss``, ``valloss``,
+    ``validation_loss``; not ``train_loss``, ``value_loss`` (an RL critic's training loss),
+    ``interval_loss``. Names starting with ``val`` or after a separator were taken before, so
+    ``eval_loss`` was compared at the training steps, 5 steps late (review, session 24)."""
+    humps = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name)
+    parts = re.split(r"[^a-z]+", humps.lower())
+    return any(re.match(r"e?val(?!ue)", part) for part in parts)
 
 
 def _load_sequence(seq: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -307,9 +316,9 @@ class LossCrossingMonitor(Callback):
             another run with ``phase="train"``, whose updates already come at the loggers'
             cadence).
         phase: ``"train"`` (after each training batch) or ``"val"`` (after each validation);
-            default from the name: ``"val"`` if one of its parts (split at non-letters,
-            any case) is ``val``, ``valid``, ``validation``, ``eval`` or ``evaluation``
-            (``val_loss``, ``eval_loss``, ``Val/loss``; not ``value_loss``).
+            default from the name: ``"val"`` if one of its parts (split at non-letters and
+            camelCase humps, any case) starts with ``val`` or ``eval`` but not ``value``
+            (``val_loss``, ``eval_loss``, ``Val/loss``, ``valLoss``; not ``value_loss``).
         read_every: with ``phase="train"``, read the collected losses back to the host every
             this many batches (default: 1 for CPU values, ``log_every_n_steps`` for accelerator
             tensors; see the module docstring). Detection results do not depend on it.
@@ -359,12 +368,7 @@ class LossCrossingMonitor(Callback):
         )
         check_positive_int("LossCrossingMonitor", "read_every", read_every, allow_none=True)
         if phase is None:
-            # A validation word among the name's parts (split at non-letters, any case):
-            # eval_loss (HF's name) and Val_loss were taken for training losses before, and
-            # eval_loss was compared at the training steps, 5 steps late (review, session 24);
-            # value_loss (an RL critic's training loss) is not one.
-            parts = set(re.split(r"[^a-z]+", monitor.lower()))
-            phase = "val" if parts & _VALIDATION_WORDS else "train"
+            phase = "val" if _names_validation(monitor) else "train"
         if phase not in ("train", "val"):
             raise MisconfigurationException(
                 f"LossCrossingMonitor: phase must be 'train' or 'val', got {phase!r}"

@@ -9,7 +9,8 @@ chart                       tags (for the default prefixes ``model`` / ``baselin
 ==========================  ===============================================================
 train loss                  ``model/train_loss``, ``baseline/train_loss`` (and ``train_loss``
                             of an unpaired run)
-val loss                    ``model/val_loss``, ``baseline/val_loss`` (and ``val_loss``)
+val loss                    ``model/val_loss``, ``baseline/val_loss`` (and ``val_loss``;
+                            with several loaders ``.../val_loss/dataloader_idx_k``)
 NTK condition number        ``ntk/model/condition_number``, ``ntk/baseline/condition_number``
                             (and ``ntk/condition_number`` of an unpaired run)
 NTK condition number        the same tags' ``log10_condition_number`` (κ spans decades)
@@ -23,7 +24,8 @@ so every metric that :class:`PairedModule`, :class:`NTKSpectrumMonitor`,
 counterpart. ``pairs=`` adds charts or replaces default ones (same title) with explicit tags.
 
 Charts of the NTK, gap and crossing series match the prefixes of the Trainer's monitors (their
-``prefix=``), so several monitors of one kind share a chart.
+``prefix=``), so several monitors of one kind share a chart. A ``TensorBoardLogger(prefix=...)``
+writes every tag as ``<prefix>-<tag>``: its layout's patterns carry that prefix too.
 
 The layout is a run-level setting: it is written once per writer (a second call on the same
 writer does nothing) and only on rank zero; a run resumed into the same log directory writes it
@@ -34,14 +36,15 @@ from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from glu_probe.callbacks._utils import check_name, is_quiet_run, tensorboard_writers
+from glu_probe.callbacks._utils import check_bool, check_name, is_quiet_run
 
 __all__ = ["DEFAULT_CATEGORY", "TensorBoardDashboard", "default_layout", "write_dashboard_layout"]
 
@@ -75,7 +78,9 @@ def default_layout(
     return {
         DEFAULT_CATEGORY: {
             "train loss": ["Multiline", [f"^({both}/)?train_loss$"]],
-            "val loss": ["Multiline", [f"^({both}/)?val_loss$"]],
+            # (several validation loaders: Lightning's /dataloader_idx_k suffix; the chart was
+            # empty with two; review, session 24)
+            "val loss": ["Multiline", [f"^({both}/)?val_loss(/dataloader_idx_\\d+)?$"]],
             "NTK condition number": [
                 "Multiline",
                 [f"^{ntk}/({both}/)?condition_number$"],
@@ -144,21 +149,48 @@ def write_dashboard_layout(
     """
     layout = _build_layout(pairs, model_prefix, baseline_prefix, include_defaults, monitor_prefixes)
     if isinstance(writer_or_trainer, pl.Trainer):
-        writers = list(tensorboard_writers(writer_or_trainer))
+        targets = list(_tensorboard_targets(writer_or_trainer))
     elif callable(getattr(writer_or_trainer, "add_custom_scalars", None)):
-        writers = [writer_or_trainer]
+        targets = [(writer_or_trainer, "")]
     else:
         raise TypeError(
             "write_dashboard_layout needs a lightning Trainer or a SummaryWriter, "
             f"got {type(writer_or_trainer).__name__}"
         )
-    for writer in writers:
+    for writer, tag_prefix in targets:
         if writer in _WRITTEN:
             continue
-        writer.add_custom_scalars(layout)
+        writer.add_custom_scalars(_with_tag_prefix(layout, tag_prefix))
         writer.flush()
         _WRITTEN.add(writer)
     return layout
+
+
+def _tensorboard_targets(trainer: pl.Trainer) -> Iterator[tuple[Any, str]]:
+    """``(writer, tag prefix)`` of each TensorBoardLogger on rank zero: a logger made with
+    ``prefix="exp"`` writes ``exp-model/train_loss``, and every chart matched nothing (review,
+    session 24)."""
+    if trainer.global_rank != 0:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            prefix = str(getattr(logger, "_prefix", "") or "")
+            join = str(getattr(logger, "LOGGER_JOIN_CHAR", "-"))
+            yield logger.experiment, f"{prefix}{join}" if prefix else ""
+
+
+def _with_tag_prefix(layout: Layout, tag_prefix: str) -> Layout:
+    """``layout`` with every pattern anchored after ``tag_prefix`` (``^x`` -> ``^<prefix>x``)."""
+    if not tag_prefix:
+        return layout
+    head = "^" + re.escape(tag_prefix)
+    return {
+        category: {
+            title: [kind, [head + p[1:] if p.startswith("^") else p for p in patterns]]
+            for title, (kind, patterns) in charts.items()
+        }
+        for category, charts in layout.items()
+    }
 
 
 class TensorBoardDashboard(Callback):
@@ -177,6 +209,17 @@ class TensorBoardDashboard(Callback):
         super().__init__()
         check_name("TensorBoardDashboard", "model_prefix", model_prefix, allow_none=True)
         check_name("TensorBoardDashboard", "baseline_prefix", baseline_prefix, allow_none=True)
+        for arg, value in (("model_prefix", model_prefix), ("baseline_prefix", baseline_prefix)):
+            if value is not None and "/" in value:  # (as PairedModule refuses: no chart matched)
+                raise MisconfigurationException(
+                    f"TensorBoardDashboard: `{arg}` must not contain '/', got {value!r}."
+                )
+        check_bool("TensorBoardDashboard", include_defaults=include_defaults)
+        if pairs is not None and not isinstance(pairs, Mapping):
+            raise MisconfigurationException(
+                "TensorBoardDashboard: `pairs` must be a mapping {title: [tag, ...]}, got "
+                f"{pairs!r}."
+            )
         # validate now (MisconfigurationException at construction), write at fit start
         _build_layout(pairs, model_prefix or "model", baseline_prefix or "baseline",
                       include_defaults)  # fmt: skip

@@ -92,7 +92,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -108,6 +107,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from glu_probe.callbacks._utils import (
+    check_bool,
     check_name,
     check_positive_int,
     check_prefix,
@@ -210,8 +210,9 @@ def _as_validating(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterat
 
 def _loader_batch_size(loader: Any) -> int | None:
     """The batch size a loader yields: ``batch_size``, else its ``batch_sampler``'s
-    (``BatchSampler.batch_size``, else the length of its first batch of indices; a custom
-    batch sampler has ``batch_size=None`` on the loader), else ``None``."""
+    (``BatchSampler.batch_size``; a custom batch sampler: its mean batch, the samples over its
+    length), else ``None``. Nothing is drawn from a sampler: a bucketing sampler may shuffle
+    with a generator of its own, which iterating would advance (review, session 24)."""
     bs = getattr(loader, "batch_size", None)
     if bs:
         return int(bs)
@@ -221,23 +222,39 @@ def _loader_batch_size(loader: Any) -> int | None:
     bs = getattr(batch_sampler, "batch_size", None)
     if isinstance(bs, int) and bs > 0:
         return bs
-    include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    samples, batches = _sampler_samples(loader), _length(batch_sampler)
+    return math.ceil(samples / batches) if samples and batches else None
+
+
+def _length(obj: Any) -> int | None:
     try:
-        with isolate_rng(include_cuda=include_cuda), generator_states_restored(loader):
-            first = next(iter(batch_sampler))
-        return len(first) or None
-    except (StopIteration, TypeError):
+        return len(obj)
+    except TypeError:
         return None
 
 
+def _sampler_samples(loader: Any) -> int | None:
+    """The samples a loader with a batch sampler covers in one pass (its sampler's, else its
+    dataset's length), read without iterating."""
+    inner = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    n = _length(inner) if inner is not None else None
+    return n if n is not None else _length(getattr(loader, "dataset", None))
+
+
 def _unsized_loader_samples(loader: Any, n_batches: int) -> int | None:
-    """The samples in the first ``n_batches`` batches of a loader without ``batch_size``."""
+    """The samples in the first ``n_batches`` batches of a loader without ``batch_size``:
+    a batch sampler's samples (all of them where the run evaluates every batch, else its mean
+    batch times ``n_batches``), or for items that are batches the first item's size per batch.
+    Nothing is drawn from a sampler (see :func:`_loader_batch_size`)."""
     batch_sampler = getattr(loader, "batch_sampler", None)
-    include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     try:
         if batch_sampler is not None:
-            with isolate_rng(include_cuda=include_cuda), generator_states_restored(loader):
-                return sum(len(b) for b in itertools.islice(iter(batch_sampler), n_batches))
+            samples, batches = _sampler_samples(loader), _length(batch_sampler)
+            if samples is None or not batches:
+                return None
+            if n_batches >= batches:
+                return samples
+            return min(samples, n_batches * math.ceil(samples / batches))
         if items_are_batches(loader):
             dataset = loader.dataset
             n_items = min(n_batches, len(dataset))
@@ -344,21 +361,20 @@ class _Side:
             # A batch with a non-finite loss is left out, and counted: one NaN batch made the
             # whole side NaN, and the gap vanished from the logs without a word (review,
             # session 24). No terms: adds nothing.
+            # (a batch with no loss terms, NaN·0, is no skipped batch: it adds nothing)
             finite = torch.isfinite(term)
             kept = finite & (n > 0)
             zero = torch.zeros_like(term)
+            skipped = (~finite & (n > 0)).double()
             self._queued.append(
-                torch.stack(
-                    [torch.where(kept, term, zero), torch.where(kept, n, zero), (~finite).double()]
-                )
+                torch.stack([torch.where(kept, term, zero), torch.where(kept, n, zero), skipped])
             )
         else:
             k = _n_items(target) if count is None else count
             value = float(loss)
             if k and not math.isfinite(value):
-                self._skipped += 1
-                return
-            if k:  # (a batch with no loss terms adds nothing: its NaN mean made the sum NaN)
+                self._skipped += 1  # (its metrics still update below, as on an accelerator)
+            elif k:  # (a batch with no loss terms adds nothing: its NaN mean made the sum NaN)
                 self._loss_sum += value * k
                 self._count += k
         for m in self.metrics.values():
@@ -551,7 +567,8 @@ class GeneralizationGapMonitor(Callback):
         train_key: str = "train_loss",
         val_key: str = "val_loss",
         *,
-        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        # (nn.Module first: a YAML class_path such as torch.nn.MSELoss; session 24)
+        loss_fn: nn.Module | Callable[[Any, Any], torch.Tensor] | None = None,
         val_batches: int | None = None,
         train_subset: Sequence[Any] | None = None,
         seed: int = 0,
@@ -581,7 +598,9 @@ class GeneralizationGapMonitor(Callback):
         if loss_fn is not None and not callable(loss_fn):
             raise MisconfigurationException("GeneralizationGapMonitor: loss_fn must be callable")
         if train_subset is not None and (
-            isinstance(train_subset, (str, bytes, torch.Tensor)) or len(train_subset) == 0
+            isinstance(train_subset, (str, bytes, torch.Tensor))
+            or not isinstance(train_subset, Sequence)  # (an int crashed with a TypeError)
+            or len(train_subset) == 0
         ):
             raise MisconfigurationException(
                 "GeneralizationGapMonitor: train_subset must be a non-empty list of batches"
@@ -616,6 +635,7 @@ class GeneralizationGapMonitor(Callback):
             )
         self.seed = seed
         self.labels_key = labels_key
+        check_bool("GeneralizationGapMonitor", log_components=log_components)
         self.log_components = bool(log_components)
         self.prefix = prefix
         self.history: list[dict[str, float]] = []
@@ -625,6 +645,7 @@ class GeneralizationGapMonitor(Callback):
         self._warned_validate = False
         self._warned_layout = False
         self._warned_missing: set[str] = set()
+        self._epoch_ended = False  # a training epoch of this fit has ended (logged mode)
 
     # ------------------------------------------------------------------ config checks
     @staticmethod
@@ -706,6 +727,8 @@ class GeneralizationGapMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._warned_missing = set()
+        self._epoch_ended = False
         check_unique_prefix(trainer, self)
         if is_fresh_fit(trainer):  # a resumed run's checkpoint is restored after setup
             self.history = []
@@ -735,6 +758,9 @@ class GeneralizationGapMonitor(Callback):
             }
             for tag in self._tags(pl_module)
         }
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_ended = True  # (per-epoch training metrics exist from here on)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != "fit" and not self._warned_validate:
@@ -1164,6 +1190,14 @@ class GeneralizationGapMonitor(Callback):
         for k in (key, f"{key}_epoch", f"{key}_step"):
             if k in metrics:
                 return float(metrics[k])
+        if self._epoch_ended:
+            # Every per-epoch metric exists from the first epoch end on: still missing at a
+            # validation of a later epoch, the name is not logged at all (a typo); it was a
+            # MisconfigurationException at the first validation before session 24.
+            raise MisconfigurationException(
+                f"GeneralizationGapMonitor(mode='logged'): {key!r} is not logged (still missing "
+                f"in epoch {trainer.current_epoch}); logged metrics: {sorted(metrics)}"
+            )
         if key not in self._warned_missing:
             self._warned_missing.add(key)
             rank_zero_warn(

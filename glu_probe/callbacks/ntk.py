@@ -117,6 +117,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from glu_probe.callbacks._utils import (
+    check_bool,
     check_positive_int,
     check_prefix,
     check_unique_prefix,
@@ -382,7 +383,9 @@ class NTKSpectrumMonitor(Callback):
         probe: Any = None,
         probe_size: int = 64,
         max_rows: int | None = 64,
-        output: str | Callable[..., Any] = "pntk",
+        # (Callable first: jsonargparse tries a union's types in order, and str took a
+        # dotted path to a function as text; review, session 24)
+        output: Callable[..., Any] | str = "pntk",
         method: str = "auto",
         params: Any = None,
         strict: bool = False,
@@ -420,6 +423,15 @@ class NTKSpectrumMonitor(Callback):
                 f"`module` must be an attribute path such as 'net', got {module!r}."
             )
         check_prefix("NTKSpectrumMonitor", prefix)
+        check_bool(
+            "NTKSpectrumMonitor",
+            strict=strict,
+            log_histogram=log_histogram,
+            log_figure=log_figure,
+            shard_probe=shard_probe,
+            eval_mode=eval_mode,
+            warm_start=warm_start,
+        )
         if isinstance(dtype, str):
             resolved = getattr(torch, dtype.removeprefix("torch."), None)
             if not isinstance(resolved, torch.dtype):
@@ -479,6 +491,7 @@ class NTKSpectrumMonitor(Callback):
         self._saved_probe_shapes: list[list[int]] | None = None
         self._restored_every: int | None = None  # an automatic cadence a checkpoint brought
         self._recheck_cadence = False  # (manual optimization: see on_train_start)
+        self._pending_restored: int | None = None  # a restored cadence, compared then
         # Targets whose default budget the engine refused in this fit: they probe under the
         # engine's own default from then on (no refused attempt at every probe).
         self._unbudgeted: set[str] = set()
@@ -574,23 +587,6 @@ class NTKSpectrumMonitor(Callback):
                     f"NTKSpectrumMonitor probes `{type(pl_module).__name__}.forward`, which is not "
                     "implemented. Implement `forward`, or pass `module='<submodule attribute>'`."
                 )
-            if (
-                not self.eval_mode
-                and _active_dropout(target)
-                and any(
-                    isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
-                    for m in target.modules()
-                )
-            ):
-                # (any method: K of train-mode BatchNorm comes from products over the whole
-                # batch, and each would draw new dropout masks; the fit ended at the first
-                # probe with vmap's randomness error; review, session 24)
-                raise MisconfigurationException(
-                    "NTKSpectrumMonitor(eval_mode=False): the model has dropout and BatchNorm in "
-                    "training mode; BatchNorm couples the samples, so K must come from products "
-                    "over the whole batch, each of which would draw new dropout masks. Use "
-                    "eval_mode=True (dropout off, running statistics)"
-                )
             if not self.eval_mode and self.method == "lanczos" and _active_dropout(target):
                 # (found at the first probe before, as a plain ValueError that ended the fit:
                 # review, session 18)
@@ -603,6 +599,17 @@ class NTKSpectrumMonitor(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if is_quiet_run(trainer):
             return
+        # Under manual optimization a batch may step several optimizers (global_step + k),
+        # and max_steps counts those steps, while probes sit on the batches that stepped: an
+        # automatic cadence from max_steps gave 20/k probes (11 with two optimizers; review,
+        # session 24). It is re-chosen after the first stepping batch, which shows k.
+        self._recheck_cadence = (
+            self.every_n_steps is None
+            and not pl_module.automatic_optimization
+            and trainer.max_steps != -1
+            and trainer.estimated_stepping_batches >= trainer.max_steps
+        )
+        self._pending_restored = None
         if self._resolved_every is None:
             est = trainer.estimated_stepping_batches
             if not math.isfinite(est):
@@ -615,6 +622,10 @@ class NTKSpectrumMonitor(Callback):
                     f"length ({why}); pass `every_n_steps`."
                 )
             self._resolved_every = max(1, int(est) // self.target_probes)
+        elif self._restored_every is not None and self._recheck_cadence:
+            # (compared after the first step, once k is known: compared here, it announced a
+            # change of cadence that the recheck then undid; re-review, session 24)
+            self._pending_restored = self._restored_every
         elif self._restored_every is not None:
             # An automatic cadence from a checkpoint is that of the first run's length: resumed
             # with another max_steps (30 -> 80 steps), the run kept probing every step, 4x the
@@ -623,25 +634,9 @@ class NTKSpectrumMonitor(Callback):
             est = trainer.estimated_stepping_batches
             fresh = max(1, int(est) // self.target_probes) if math.isfinite(est) else None
             if fresh is not None and fresh != self._restored_every:
-                rank_zero_warn(
-                    f"NTKSpectrumMonitor: the checkpoint's run probed every "
-                    f"{self._restored_every} steps, chosen for its length; this run has "
-                    f"{int(est)} steps, so the automatic cadence is every {fresh} steps from "
-                    "here (the logged series changes cadence at this step; pass every_n_steps "
-                    "to keep one)"
-                )
+                self._warn_cadence_change(self._restored_every, fresh, int(est))
                 self._resolved_every = fresh
         self._restored_every = None
-        # Under manual optimization a batch may step several optimizers (global_step + k),
-        # and max_steps counts those steps, while probes sit on the batches that stepped: an
-        # automatic cadence from max_steps gave 20/k probes (11 with two optimizers; review,
-        # session 24). It is re-chosen after the first stepping batch, which shows k.
-        self._recheck_cadence = (
-            self.every_n_steps is None
-            and not pl_module.automatic_optimization
-            and trainer.max_steps != -1
-            and trainer.estimated_stepping_batches >= trainer.max_steps
-        )
         self._warned_sites = set()
         self._unbudgeted = set()
         self._inputs = self._fix_probe(trainer, pl_module)
@@ -662,6 +657,14 @@ class NTKSpectrumMonitor(Callback):
         # the checkpoint's κ at step 7 where the uninterrupted run has it at 8). The parameters
         # are the same at both points.
         self._start_probe = True
+
+    def _warn_cadence_change(self, restored: int, fresh: int, steps: int) -> None:
+        rank_zero_warn(
+            f"NTKSpectrumMonitor: the checkpoint's run probed every {restored} steps, chosen "
+            f"for its length; this run has {steps} steps, so the automatic cadence is every "
+            f"{fresh} steps from here (the logged series changes cadence at this step; pass "
+            "every_n_steps to keep one)"
+        )
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -690,9 +693,14 @@ class NTKSpectrumMonitor(Callback):
         self._global_step = trainer.global_step
         if self._recheck_cadence:
             self._recheck_cadence = False
-            if per_batch > 1:  # (see on_train_start) the run has max_steps / k batches
-                batches = math.ceil(trainer.max_steps / per_batch)
-                self._resolved_every = max(1, batches // self.target_probes)
+            # (see on_train_start) the run has max_steps / k batches
+            batches = math.ceil(trainer.max_steps / max(1, per_batch))
+            fresh = max(1, batches // self.target_probes)
+            restored, self._pending_restored = self._pending_restored, None
+            if restored is not None and fresh != restored:
+                self._warn_cadence_change(restored, fresh, batches)
+            if per_batch > 1 or restored is not None:
+                self._resolved_every = fresh
         self._maybe_probe(trainer, pl_module, logger_step(trainer) + 1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -68,7 +68,7 @@ Logged metrics (names ``<model_prefix>/...`` and ``<baseline_prefix>/...``)
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import inspect
 import math
 import operator
@@ -219,20 +219,36 @@ def _warn_unshifted(batch: Any, labels_key: str, logits: Any, module: nn.Module)
 
 
 def _copy_tensors(batch: Any) -> Any:
-    """``batch`` with every tensor cloned (containers rebuilt: tuples, named tuples, lists and
-    mappings, HF ``BatchEncoding`` included); anything else shared."""
+    """``batch`` with every tensor cloned, its containers rebuilt with their own type: tuples,
+    named tuples, lists, dataclasses and mappings (``dict``, ``OrderedDict``, HF
+    ``BatchEncoding``: ``type(m)(dict)``). A container that cannot be rebuilt that way (a
+    read-only mapping whose constructor takes no dict) is kept as it is, shared, as before
+    session 24: the copy protects against a model that changes its input in place, and must
+    never make a batch the run accepts fail (a review found ``copy.copy`` plus item assignment
+    crashing read-only mappings and writing into a custom mapping's shared storage)."""
     if isinstance(batch, torch.Tensor):
         return batch.clone()
-    if isinstance(batch, Mapping):
-        out = copy.copy(batch)
-        for k in batch:
-            out[k] = _copy_tensors(batch[k])  # type: ignore[index]
-        return out
-    if isinstance(batch, tuple):
-        items = [_copy_tensors(b) for b in batch]
-        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
-    if isinstance(batch, list):
-        return type(batch)(_copy_tensors(b) for b in batch)
+    try:
+        if isinstance(batch, Mapping):
+            items = {k: _copy_tensors(v) for k, v in batch.items()}
+            out = type(batch)(items)  # type: ignore[call-arg]
+            if out is not batch and all(out[k] is v for k, v in items.items()):
+                return out
+            return batch
+        if isinstance(batch, tuple):
+            values = [_copy_tensors(b) for b in batch]
+            return type(batch)(*values) if hasattr(batch, "_fields") else type(batch)(values)
+        if isinstance(batch, list):
+            return type(batch)(_copy_tensors(b) for b in batch)
+        if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+            fields = {
+                f.name: _copy_tensors(getattr(batch, f.name))
+                for f in dataclasses.fields(batch)
+                if f.init
+            }
+            return dataclasses.replace(batch, **fields)
+    except Exception:  # a container we cannot rebuild: shared, as before
+        return batch
     return batch
 
 
@@ -414,6 +430,10 @@ class PairedModule(pl.LightningModule):
             )
         if loss_fn is not None and not callable(loss_fn):
             raise MisconfigurationException("PairedModule: loss_fn must be callable")
+        from glu_probe.callbacks._utils import check_bool, check_name
+
+        check_bool("PairedModule", causal_lm=causal_lm, sync_dist=sync_dist)
+        check_name("PairedModule", "labels_key", labels_key)  # ('' was taken)
 
         self.automatic_optimization = False
         self.model = model
@@ -673,8 +693,8 @@ class PairedModule(pl.LightningModule):
             inputs = batch
             if isinstance(inputs, (list, tuple)) and len(inputs) == 1:
                 inputs = inputs[0]  # DataLoader(TensorDataset(x)) gives [x]
-        with self._baseline_rng(persist=False):
-            base = _call(self.baseline, inputs)
+        with self._baseline_rng(persist=False):  # (its own copy: see training_step)
+            base = _call(self.baseline, _copy_tensors(inputs))
         return {self.model_prefix: _call(self.model, inputs), self.baseline_prefix: base}
 
     def _eval_step(self, batch: Any, name: str) -> dict[str, Any]:

@@ -51,7 +51,6 @@ from .functional import (
     OutputSpec,
     ParamFilter,
     ProbeFunction,
-    _active_dropout,
     all_finite,
     allows_autograd,
     probe_copy_bytes,
@@ -771,12 +770,27 @@ def _operator_strategy(
     op = NTKOperator(None, None, probe=probe, chunk_size=chunk, linearize=linearize)
     K = torch.empty(n, n, dtype=probe.dtype, device=probe.device)
     try:
-        for a in range(0, n, cols):
+        a = 0
+        while a < n:
             b = min(a + cols, n)
             basis = torch.zeros(n, b - a, dtype=probe.dtype, device=probe.device)
             basis[a:b] = torch.eye(b - a, dtype=probe.dtype, device=probe.device)
-            K[:, a:b] = op.matvec(basis)
-            del basis
+            try:
+                K[:, a:b] = op.matvec(basis)
+            except RuntimeError as err:
+                # A model that draws random numbers in the probe (train-mode dropout or
+                # stochastic depth with eval_mode=False): vmap refuses random ops in a block
+                # of columns. Column by column every product draws the same masks (the probe
+                # forks the RNG state alike for each), so the columns are those of one
+                # network's K; the blocks crashed the fit with vmap's randomness error
+                # (review, session 24).
+                if cols == 1 or "randomness" not in str(err):
+                    raise
+                cols = 1
+                continue
+            finally:
+                del basis
+            a = b
     finally:
         op.release()  # its CUDA graph and linearisation now, not at garbage collection
     # J (Jᵀ E) is symmetric only up to rounding, and eigh reads one triangle: symmetrise in
@@ -966,17 +980,6 @@ def _assemble(
         # The row and structured strategies differentiate each sample alone: that is the
         # batch's Jacobian only where the samples are independent. The operator strategy's
         # products run over the whole batch (its chunking refuses to split such a probe).
-        if not probe.eval_mode and _active_dropout(probe.model):
-            # Each product over the whole batch would draw its own dropout masks: the columns
-            # of "K" came from different networks (a vmapped block crashed with vmap's
-            # randomness error, single columns gave a silently inconsistent matrix; review,
-            # session 24).
-            raise ValueError(
-                f"{probe.per_sample_why}, so K must come from products over the whole batch, "
-                "and the model draws random numbers in the probe (dropout in training mode "
-                "with eval_mode=False): each product would draw new masks, and there is no one "
-                "K to compute. Use eval_mode=True (dropout off, running statistics)"
-            )
         if strategy in ("jacobian", "structured"):
             raise ValueError(
                 f"strategy={strategy!r} differentiates each sample alone, but "

@@ -85,6 +85,8 @@ def check_param_filter(params: Any) -> None:
             raise ValueError(msg) from None
         return
     if isinstance(params, Sequence) and all(isinstance(n, str) for n in params):
+        if len(params) == 0:  # (selects nothing: found only at the first probe before)
+            raise ValueError("params=[] selects no parameter; give names, or None for all")
         return
     raise ValueError(
         "params must be None, a name or regular expression (str or re.Pattern), a sequence of "
