@@ -722,3 +722,38 @@ def test_the_charts_follow_a_loggers_prefix(tmp_path):
     charts, _ = _layout_tags(logger.log_dir)
     assert sorted(charts["train loss"]) == ["exp-baseline/train_loss", "exp-model/train_loss"]
     assert sorted(charts["val loss"]) == ["exp-baseline/val_loss", "exp-model/val_loss"]
+
+
+def test_batch_copies_run_no_constructor_again_and_keep_defaultdicts():
+    """dataclasses.replace ran __post_init__ again (a /255 applied twice) and reset init=False
+    fields; a defaultdict could not be rebuilt and was shared with the model."""
+    import collections
+    import dataclasses
+
+    from glu_probe.callbacks.paired import _copy_tensors
+
+    @dataclasses.dataclass
+    class Inputs:
+        pixels: torch.Tensor
+        mask: torch.Tensor | None = dataclasses.field(default=None, init=False)
+
+        def __post_init__(self) -> None:
+            self.pixels = self.pixels / 255
+
+    batch = Inputs(torch.full((2, 3), 255.0))
+    batch.mask = torch.ones(2, dtype=torch.bool)
+    copied = _copy_tensors(batch)
+    assert torch.equal(copied.pixels, batch.pixels) and copied.pixels is not batch.pixels
+    assert copied.mask is not None and torch.equal(copied.mask, batch.mask)
+    table = collections.defaultdict(list, {"x": torch.ones(2)})
+    out = _copy_tensors(table)
+    assert type(out) is collections.defaultdict and out.default_factory is list
+    assert torch.equal(out["x"], table["x"]) and out["x"] is not table["x"]
+
+
+def test_dashboard_pairs_given_with_the_loggers_prefix_still_match():
+    from glu_probe.callbacks.dashboard import _with_tag_prefix
+
+    layout = {"c": {"acc": ["Multiline", ["^model/acc$", "^exp\\-model/acc$"]]}}
+    (patterns,) = [chart[1] for chart in _with_tag_prefix(layout, "exp-")["c"].values()]
+    assert patterns == ["^exp\\-model/acc$", "^exp\\-model/acc$"]

@@ -184,9 +184,13 @@ def _with_tag_prefix(layout: Layout, tag_prefix: str) -> Layout:
     if not tag_prefix:
         return layout
     head = "^" + re.escape(tag_prefix)
+
+    def anchored(p: str) -> str:  # (a pair given with the prefix already: kept as it is)
+        return head + p[1:] if p.startswith("^") and not p.startswith(head) else p
+
     return {
         category: {
-            title: [kind, [head + p[1:] if p.startswith("^") else p for p in patterns]]
+            title: [kind, [anchored(p) for p in patterns]]
             for title, (kind, patterns) in charts.items()
         }
         for category, charts in layout.items()

@@ -68,6 +68,8 @@ Logged metrics (names ``<model_prefix>/...`` and ``<baseline_prefix>/...``)
 
 from __future__ import annotations
 
+import collections
+import copy
 import dataclasses
 import inspect
 import math
@@ -220,8 +222,9 @@ def _warn_unshifted(batch: Any, labels_key: str, logits: Any, module: nn.Module)
 
 def _copy_tensors(batch: Any) -> Any:
     """``batch`` with every tensor cloned, its containers rebuilt with their own type: tuples,
-    named tuples, lists, dataclasses and mappings (``dict``, ``OrderedDict``, HF
-    ``BatchEncoding``: ``type(m)(dict)``). A container that cannot be rebuilt that way (a
+    named tuples, lists, dataclasses (a shallow copy, fields replaced: no ``__init__`` run
+    again) and mappings (``dict``, ``OrderedDict``, ``defaultdict``, HF ``BatchEncoding``:
+    ``type(m)(dict)``). A container that cannot be rebuilt that way (a
     read-only mapping whose constructor takes no dict) is kept as it is, shared, as before
     session 24: the copy protects against a model that changes its input in place, and must
     never make a batch the run accepts fail (a review found ``copy.copy`` plus item assignment
@@ -231,9 +234,13 @@ def _copy_tensors(batch: Any) -> Any:
     try:
         if isinstance(batch, Mapping):
             items = {k: _copy_tensors(v) for k, v in batch.items()}
-            out = type(batch)(items)  # type: ignore[call-arg]
-            if out is not batch and all(out[k] is v for k, v in items.items()):
-                return out
+            rebuilt: Any = (
+                type(batch)(batch.default_factory, items)
+                if isinstance(batch, collections.defaultdict)
+                else type(batch)(items)  # type: ignore[call-arg]
+            )
+            if rebuilt is not batch and all(rebuilt[k] is v for k, v in items.items()):
+                return rebuilt
             return batch
         if isinstance(batch, tuple):
             values = [_copy_tensors(b) for b in batch]
@@ -241,12 +248,13 @@ def _copy_tensors(batch: Any) -> Any:
         if isinstance(batch, list):
             return type(batch)(_copy_tensors(b) for b in batch)
         if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-            fields = {
-                f.name: _copy_tensors(getattr(batch, f.name))
-                for f in dataclasses.fields(batch)
-                if f.init
-            }
-            return dataclasses.replace(batch, **fields)
+            # A shallow copy with every field replaced, init=False ones too: not
+            # dataclasses.replace, which runs __init__ / __post_init__ again (a normalisation
+            # there was applied twice to the baseline's copy; re-review, session 24).
+            shallow: Any = copy.copy(batch)
+            for f in dataclasses.fields(batch):
+                object.__setattr__(shallow, f.name, _copy_tensors(getattr(batch, f.name)))
+            return shallow
     except Exception:  # a container we cannot rebuild: shared, as before
         return batch
     return batch
