@@ -344,9 +344,8 @@ def test_a_per_class_metric_is_refused_at_construction():
     GeneralizationGapMonitor(metrics={"acc": MulticlassAccuracy(3)})  # (macro: one number)
 
 
-def test_the_automatic_cadence_counts_batches_under_manual_optimization(tmp_path):
-    """Two optimizers stepped a batch: max_steps=100 is 50 batches, and the cadence from
-    max_steps // 20 gave 11 probes."""
+def _two_optimizers():
+    """A manual-optimization module that steps two optimizers a batch (global_step + 2)."""
     import lightning.pytorch as pl
 
     class TwoOptimizers(pl.LightningModule):
@@ -370,9 +369,16 @@ def test_the_automatic_cadence_counts_batches_under_manual_optimization(tmp_path
         def configure_optimizers(self):
             return [torch.optim.SGD(m.parameters(), lr=0.1) for m in (self.a, self.b)]
 
+    return TwoOptimizers()
+
+
+def test_the_automatic_cadence_counts_batches_under_manual_optimization(tmp_path):
+    """Two optimizers stepped a batch: max_steps=100 is 50 batches, and the cadence from
+    max_steps // 20 gave 11 probes."""
+
     monitor = NTKSpectrumMonitor(probe_size=8)
     trainer = _trainer(tmp_path, max_steps=100, callbacks=[monitor])
-    trainer.fit(TwoOptimizers(), DataLoader(_clf_data(400, 0), batch_size=4))
+    trainer.fit(_two_optimizers(), DataLoader(_clf_data(400, 0), batch_size=4))
     assert trainer.global_step == 100
     assert len(monitor.history) >= 21
 
@@ -597,29 +603,7 @@ def test_run_together_and_camel_case_validation_names(name):
 def test_a_resumed_manual_optimization_run_keeps_its_cadence_quietly(tmp_path):
     """The restored cadence was compared with max_steps // 20 before the recheck: a warning of
     a cadence change that the recheck then undid."""
-    import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
-
-    class TwoOptimizers(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.automatic_optimization = False
-            torch.manual_seed(0)
-            self.a, self.b = nn.Linear(6, 3), nn.Linear(6, 3)
-
-        def forward(self, x):
-            return self.a(x) + self.b(x)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            for opt in self.optimizers():
-                opt.zero_grad()
-            self.manual_backward(F.cross_entropy(self(x), y))
-            for opt in self.optimizers():
-                opt.step()
-
-        def configure_optimizers(self):
-            return [torch.optim.SGD(m.parameters(), lr=0.1) for m in (self.a, self.b)]
 
     loader = DataLoader(_clf_data(400, 0), batch_size=4)
     whole = NTKSpectrumMonitor(probe_size=8, target_probes=5)
@@ -627,13 +611,13 @@ def test_a_resumed_manual_optimization_run_keeps_its_cadence_quietly(tmp_path):
         dirpath=tmp_path / "ck", filename="{step}", every_n_train_steps=10, save_top_k=-1
     )
     _trainer(tmp_path, max_steps=40, callbacks=[whole, ckpt], enable_checkpointing=True).fit(
-        TwoOptimizers(), loader
+        _two_optimizers(), loader
     )
     resumed = NTKSpectrumMonitor(probe_size=8, target_probes=5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _trainer(tmp_path, max_steps=40, callbacks=[resumed], enable_checkpointing=False).fit(
-            TwoOptimizers(), loader, ckpt_path=str(tmp_path / "ck" / "step=20.ckpt")
+            _two_optimizers(), loader, ckpt_path=str(tmp_path / "ck" / "step=20.ckpt")
         )
     assert not [w for w in caught if "cadence" in str(w.message)]
     # (Lightning 2.4 restores the logger step of such a checkpoint one short, for every logged
