@@ -748,3 +748,24 @@ def test_dashboard_pairs_given_with_the_loggers_prefix_still_match():
     layout = {"c": {"acc": ["Multiline", ["^model/acc$", "^exp\\-model/acc$"]]}}
     (patterns,) = [chart[1] for chart in _with_tag_prefix(layout, "exp-")["c"].values()]
     assert patterns == ["^exp\\-model/acc$", "^exp\\-model/acc$"]
+
+
+def test_dataclass_copies_own_their_non_field_tensors():
+    """A tensor made in __post_init__ (no field) stayed shared: a model that changed it in place
+    changed the baseline's input (0.045 off its solo run)."""
+    import dataclasses
+
+    from glu_probe.callbacks.paired import _copy_tensors
+
+    @dataclasses.dataclass
+    class Inputs:
+        x: torch.Tensor
+
+        def __post_init__(self) -> None:
+            self.scaled = self.x * 2
+
+    batch = Inputs(torch.randn(3, 2))
+    copied = _copy_tensors(batch)
+    assert torch.equal(copied.scaled, batch.scaled) and copied.scaled is not batch.scaled
+    batch.scaled.relu_()
+    assert torch.equal(copied.scaled, batch.x * 2)

@@ -251,9 +251,14 @@ def _copy_tensors(batch: Any) -> Any:
             # A shallow copy with every field replaced, init=False ones too: not
             # dataclasses.replace, which runs __init__ / __post_init__ again (a normalisation
             # there was applied twice to the baseline's copy; re-review, session 24).
+            # Attributes that are no fields (a tensor made in __post_init__, a cached_property)
+            # are copied too: the shallow copy shared them (re-review, session 24).
             shallow: Any = copy.copy(batch)
-            for f in dataclasses.fields(batch):
-                object.__setattr__(shallow, f.name, _copy_tensors(getattr(batch, f.name)))
+            names = {f.name for f in dataclasses.fields(batch)}
+            names.update(getattr(batch, "__dict__", {}))
+            for name in names:
+                if hasattr(batch, name):
+                    object.__setattr__(shallow, name, _copy_tensors(getattr(batch, name)))
             return shallow
     except Exception:  # a container we cannot rebuild: shared, as before
         return batch

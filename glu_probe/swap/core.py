@@ -1312,7 +1312,6 @@ def swap_mlp(
     realigned: list[tuple[str, int, int]] = []  # (path, resolved width, built width)
     recordable = _recordable_kwargs(module_kwargs, variant)
     same_kind: list[str] = []  # blocks replaced by fresh ones of the function class they had
-    trained: list[str] = []  # replaced blocks that had gradients (a swap during training)
     any_built = any(_built_by_swap(block) is not None for _, block, _ in all_found)
     kwargs_differ: dict[str, str] = {}  # what differs -> first path
     for path, old, adapter in found:
@@ -1415,20 +1414,6 @@ def swap_mlp(
         )
         plan.append((path, old, adapter, new, entry))
         first_use[id(old)] = (new, entry)
-        if any(p.grad is not None for p in adapter.source_parameters(old)):
-            trained.append(path)
-    if trained:
-        # The replaced blocks had gradients: a swap during training. An optimizer made before
-        # it holds the old parameters, not the new blocks' (which then stay at their init, their
-        # .grad accumulating); nothing said so (review, session 24).
-        warnings.warn(
-            f"swap_mlp: {len(trained)} replaced block(s) had gradients ({', '.join(trained[:3])}"
-            f"{', ...' if len(trained) > 3 else ''}): an optimizer (and LR scheduler) made "
-            "before the swap holds the old blocks' parameters, not the new ones; make them "
-            "again after swap_mlp",
-            UserWarning,
-            stacklevel=2,
-        )
     if same_kind:
         warnings.warn(
             f"swap_mlp: {len(same_kind)} block(s) already are what this swap builds ({variant!r} "
