@@ -311,6 +311,10 @@ def matvec_ratio(device: torch.device, big: bool) -> None:
         model, x = model.to(device).eval(), to(x, device)
         plain = NTKOperator(model, x, linearize=False)
         traced = NTKOperator(model, x, linearize=True)
+        # (its own operator for the 4-column product: an operator keeps one CUDA graph, of one
+        # width, so interleaved k=1 and k=4 trials on one operator recaptured at every switch
+        # and the traced columns were never pure replays; review, session 24)
+        traced4 = NTKOperator(model, x, linearize=True)
         eager = NTKOperator(model, x, linearize=True, cuda_graphs=False)
         reps = 5
 
@@ -320,7 +324,7 @@ def matvec_ratio(device: torch.device, big: bool) -> None:
 
         native()
         plain.forward_rows()
-        ops = [(plain, 1), (traced, 1), (traced, 4)] + ([(eager, 1)] if cuda else [])
+        ops = [(plain, 1), (traced, 1), (traced4, 4)] + ([(eager, 1)] if cuda else [])
         products = []
         for op, k in ops:
             v = torch.randn(op.n, k, device=device)
@@ -644,22 +648,28 @@ def versus_curvlinops(device: torch.device) -> None:
         runs = [timed(fn, device) for _ in range(trials)]
         return min(runs, key=lambda r: r[1])
 
-    def eigsh_at(tol: float) -> Callable[[], Any]:
-        return lambda: anchors.curvlinops_condition_number(model, x, output="full", tol=tol, seed=0)
+    def eigsh_at(tol: float, mode: str) -> Callable[[], Any]:
+        return lambda: anchors.curvlinops_condition_number(
+            model, x, output="full", tol=tol, seed=0, ends_mode=mode
+        )
 
-    # The anchor: the loosest ARPACK tol whose κ error meets the 1e-4 of ours (seeded v0)
+    # The anchor: for each way of calling eigsh (two solves LA + SA, or one k=2 "BE" solve for
+    # both ends; session 24), the loosest ARPACK tol whose κ error meets the 1e-4 of ours
+    # (seeded v0); then the faster of the two.
     sweep = []
-    chosen = None
-    for tol in (1e-1, 1e-2, 1e-3, 1e-4):
-        r, dt = timed(eigsh_at(tol), device)
-        err = rel(r.lambda_max / r.lambda_min, kappa)
-        sweep.append((tol, r, dt, err))
-        if err <= 1e-4:
-            chosen = tol
-            break
-    if chosen is None:
-        chosen = 1e-4
-    (anc, t_c) = best_of(eigsh_at(chosen))
+    candidates = []
+    for mode in ("separate", "both"):
+        chosen_tol = None
+        for tol in (1e-1, 1e-2, 1e-3, 1e-4):
+            r, dt = timed(eigsh_at(tol, mode), device)
+            err = rel(r.lambda_max / r.lambda_min, kappa)
+            sweep.append((mode, tol, r, dt, err))
+            if err <= 1e-4:
+                chosen_tol = tol
+                break
+        candidates.append((mode, 1e-4 if chosen_tol is None else chosen_tol))
+    timed_candidates = [(best_of(eigsh_at(tol, mode)), mode, tol) for mode, tol in candidates]
+    ((anc, t_c), chosen_mode, chosen) = min(timed_candidates, key=lambda c: c[0][1])
 
     def densified() -> tuple[float, int]:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -685,14 +695,17 @@ def versus_curvlinops(device: torch.device) -> None:
         "| speed-up vs curvlinops densified |"
     )
     emit("|---|---|---|---|---|---|---|")
-    for tol, r, dt, err in sweep:
-        if tol != chosen:
+    labels = {"separate": "LA, SA", "both": "k=2, BE"}
+    for mode, tol, r, dt, err in sweep:
+        if (mode, tol) != (chosen_mode, chosen):
+            why = "κ error > 1e-4" if err > 1e-4 else "slower way to reach 1e-4"
             emit(
-                f"| eigsh tol {tol:g} (rejected: κ error > 1e-4; one run) | {n} | {dt:.2f} s | "
-                f"{r.n_matvecs} | {err:.1e} | – | – |"
+                f"| eigsh {labels[mode]}, tol {tol:g} (not the anchor: {why}; one run) | {n} | "
+                f"{dt:.2f} s | {r.n_matvecs} | {err:.1e} | – | – |"
             )
     emit(
-        f"| **anchor**: curvlinops + eigsh (LA, SA; tol {chosen:g}, seeded v0) | {n} | "
+        f"| **anchor**: curvlinops + eigsh ({labels[chosen_mode]}; tol {chosen:g}, seeded v0) "
+        f"| {n} | "
         f"{t_c:.2f} s | {anc.n_matvecs} | {rel(anc.lambda_max / anc.lambda_min, kappa):.1e} | 1 "
         f"| {t_d / t_c:.2f}x |"
     )

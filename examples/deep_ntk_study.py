@@ -41,6 +41,7 @@ from glu_probe import _json as strict_json
 from glu_probe._rng import seeded, stream_seed
 from glu_probe.data import digits_dataset, lm_probe_batch, text_corpus
 from glu_probe.models import CausalLMLogits, tiny_gpt2, tiny_vit
+from glu_probe.modules import GATED_VARIANTS, VARIANTS
 from glu_probe.ntk import ntk_spectrum
 from glu_probe.swap import swap_mlp
 
@@ -69,14 +70,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[32, 64],
         help="embedding widths (ViT embed_dim / GPT-2 n_embd; one head per 16)",
     )
-    p.add_argument("--glu", default="swiglu", help="gated variant (swap target)")
-    p.add_argument("--dense", default="gelu", help="non-gated variant (gelu: the host's own MLP)")
+    gated = sorted(GATED_VARIANTS)
+    p.add_argument("--glu", default="swiglu", choices=gated, help="gated variant (swap target)")
+    p.add_argument(
+        "--dense",
+        default="gelu",
+        choices=sorted(set(VARIANTS) - GATED_VARIANTS),
+        help="non-gated variant (gelu: the host's own MLP)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (init and batches)")
     p.add_argument("--train-steps", type=int, default=40, help="AdamW steps after init")
     p.add_argument("--probe-at", type=int, nargs="+", default=None, help="steps to probe at")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--batch-size", type=int, default=32, help="training batch (images/sequences)")
-    p.add_argument("--probe-rows", type=int, default=32, help="pNTK rows (images or tokens)")
+    p.add_argument(
+        "--probe-rows",
+        type=int,
+        default=32,
+        help="pNTK rows: images (ViT) or tokens (GPT-2, whole sequences: "
+        "max(1, probe_rows // seq_len) of them)",
+    )
     p.add_argument("--seq-len", type=int, default=16, help="GPT-2 context")
     p.add_argument("--quick", action="store_true", help="tiny grid for CI")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -106,8 +119,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--train-steps must be >= 0")
     if args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
+    if any(s < 0 for s in args.seeds):
+        p.error(f"--seeds must be >= 0, got {args.seeds}")
     if args.probe_at is None:
-        args.probe_at = sorted({0, args.train_steps // 4, args.train_steps})
+        args.probe_at = [0, args.train_steps // 4, args.train_steps]
+    args.probe_at = sorted(set(args.probe_at))  # (a repeated step crashed the progress line)
     if any(s < 0 or s > args.train_steps for s in args.probe_at):
         p.error("--probe-at steps must lie in [0, --train-steps]")
     return args
@@ -238,7 +254,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         first = records[-len(args.probe_at)]
                         print(
                             f"{family:5s} w={width:4d} L={depth:2d} seed={seed} {variant:7s} "
-                            f"params={n_params:9,d} κ(init)={first['kappa']:.3g} "
+                            f"params={n_params:9,d} κ(step {first['step']})={first['kappa']:.3g} "
                             f"κ(step {last['step']})={last['kappa']:.3g} ({dt:.1f}s)",
                             flush=True,
                         )
@@ -248,7 +264,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def table(records: Sequence[dict[str, Any]], args: argparse.Namespace) -> str:
     """Markdown: κ (geometric mean over seeds) per (family, width, depth), dense vs GLU."""
 
-    def gmean(vals: list[float]) -> float:
+    def gmean(vals: list[Any]) -> float:
+        # A seed whose K is singular (κ = inf, null in the JSON) makes the mean inf: dropped
+        # before, it turned an infinite κ into the other seeds' (review, session 24).
+        vals = [math.inf if v is None else float(v) for v in vals]
+        if any(v == math.inf for v in vals):
+            return math.inf
         vals = [v for v in vals if v > 0 and math.isfinite(v)]
         return float(np.exp(np.mean(np.log(vals)))) if vals else math.nan
 

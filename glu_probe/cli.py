@@ -524,6 +524,8 @@ def _cmd_spectrum(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         device = _resolve_device(args.device)
     except ValueError as err:
         parser.error(str(err))
+    if not 0 <= args.seed < 2**32:  # (as demo's: a traceback before; review, session 24)
+        parser.error(f"--seed must lie in [0, 2**32), got {args.seed}")
     torch.manual_seed(args.seed)
     if args.timm:
         model = _build_timm(args.timm, overrides, parser)

@@ -94,3 +94,37 @@ def test_the_vit_example_offers_the_md5_switch_its_error_names():
     assert args.no_verify_md5
     with pytest.raises(SystemExit):
         vit.parse_args(["--quick", "--depth", "0"])
+
+
+def test_deep_study_arguments_are_checked_before_any_work(capsys):
+    study = _example("deep_ntk_study")
+    for bad in (["--glu", "foo"], ["--dense", "swiglu"], ["--seeds", "-1"]):
+        with pytest.raises(SystemExit) as stop:
+            study.parse_args(["--quick", *bad])
+        assert stop.value.code == 2
+    args = study.parse_args(["--quick", "--train-steps", "2", "--probe-at", "0", "0", "2"])
+    assert args.probe_at == [0, 2]  # (a repeated step crashed the progress line)
+
+
+def test_deep_study_table_keeps_a_singular_seed():
+    """A seed with κ = inf was dropped from the geometric mean: the table showed the other
+    seeds' κ (50) and a ratio of 0.5 where the GLU's κ is infinite."""
+    study = _example("deep_ntk_study")
+    args = study.parse_args(["--quick", "--train-steps", "0", "--probe-at", "0"])
+    rec = {"family": "gpt2", "width": 16, "depth": 1, "step": 0}
+    records = [
+        {**rec, "seed": 0, "variant": args.dense, "kappa": 100.0},
+        {**rec, "seed": 1, "variant": args.dense, "kappa": 100.0},
+        {**rec, "seed": 0, "variant": args.glu, "kappa": 50.0},
+        {**rec, "seed": 1, "variant": args.glu, "kappa": float("inf")},
+    ]
+    row = study.table(records, args).splitlines()[-1]
+    assert "| inf |" in row and "| 0.5 |" not in row
+
+
+def test_spectrum_seed_is_a_usage_error(capsys):
+    from glu_probe.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["spectrum", "--hf-config", "gpt2", "--seed", "-1"])
+    assert stop.value.code == 2 and "--seed must lie in" in capsys.readouterr().err
