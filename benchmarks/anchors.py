@@ -279,6 +279,10 @@ def curvlinops_condition_number(
         op = LinearOperator((n, n), matvec=mv, matmat=mm, rmatvec=mv, dtype=np.float64)
         v0 = np.random.default_rng(seed).standard_normal(n)
         ends = []
+        if ends_mode not in ("separate", "both"):
+            raise ValueError(f"ends_mode must be 'separate' or 'both', got {ends_mode!r}")
+        if ends_mode == "both" and n < 3:  # (eigsh needs k < n: two solves instead)
+            ends_mode = "separate"
         if ends_mode == "both":
             # One ARPACK run for both ends (k=2, "BE"): about 0.57x the products of the two
             # separate runs on §4's ViT (review, session 24: the anchor did more work than
@@ -293,7 +297,10 @@ def curvlinops_condition_number(
                 ends = [float(vals[-1]), float(vals[0])]
             except ArpackNoConvergence as err:
                 got = np.sort(np.asarray(err.eigenvalues))
-                ends = [float(got[-1]), float(got[0])] if got.size > 1 else [math.nan, math.nan]
+                if got.size > 1:
+                    ends = [float(got[-1]), float(got[0])]
+                else:  # (λ_max converges first: a single converged value is taken for it)
+                    ends = [float(got[0]) if got.size else math.nan, math.nan]
                 warnings.warn(
                     f"eigsh(which='BE') did not converge after {count[0]} matvecs "
                     f"(tol={tol}, maxiter={maxiter}); using {ends}",

@@ -657,18 +657,19 @@ def versus_curvlinops(device: torch.device) -> None:
     # both ends; session 24), the loosest ARPACK tol whose κ error meets the 1e-4 of ours
     # (seeded v0); then the faster of the two.
     sweep = []
-    candidates = []
+    candidates = []  # (met the accuracy, κ error, mode, tol)
     for mode in ("separate", "both"):
-        chosen_tol = None
         for tol in (1e-1, 1e-2, 1e-3, 1e-4):
             r, dt = timed(eigsh_at(tol, mode), device)
             err = rel(r.lambda_max / r.lambda_min, kappa)
             sweep.append((mode, tol, r, dt, err))
             if err <= 1e-4:
-                chosen_tol = tol
                 break
-        candidates.append((mode, 1e-4 if chosen_tol is None else chosen_tol))
-    timed_candidates = [(best_of(eigsh_at(tol, mode)), mode, tol) for mode, tol in candidates]
+        candidates.append((err <= 1e-4, err, mode, tol))
+    # Only the ways that met the accuracy compete on time; if neither did, the more accurate
+    # (a faster but inaccurate anchor won before; re-review, session 24).
+    met = [c for c in candidates if c[0]] or [min(candidates, key=lambda c: c[1])]
+    timed_candidates = [(best_of(eigsh_at(tol, mode)), mode, tol) for _, _, mode, tol in met]
     ((anc, t_c), chosen_mode, chosen) = min(timed_candidates, key=lambda c: c[0][1])
 
     def densified() -> tuple[float, int]:
@@ -698,7 +699,7 @@ def versus_curvlinops(device: torch.device) -> None:
     labels = {"separate": "LA, SA", "both": "k=2, BE"}
     for mode, tol, r, dt, err in sweep:
         if (mode, tol) != (chosen_mode, chosen):
-            why = "κ error > 1e-4" if err > 1e-4 else "slower way to reach 1e-4"
+            why = "κ error > 1e-4" if err > 1e-4 else "a slower way to reach 1e-4"
             emit(
                 f"| eigsh {labels[mode]}, tol {tol:g} (not the anchor: {why}; one run) | {n} | "
                 f"{dt:.2f} s | {r.n_matvecs} | {err:.1e} | – | – |"

@@ -71,10 +71,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="embedding widths (ViT embed_dim / GPT-2 n_embd; one head per 16)",
     )
     gated = sorted(GATED_VARIANTS)
-    p.add_argument("--glu", default="swiglu", choices=gated, help="gated variant (swap target)")
+    p.add_argument(
+        "--glu", default="swiglu", type=str.lower, choices=gated, help="gated variant (swap target)"
+    )
     p.add_argument(
         "--dense",
         default="gelu",
+        type=str.lower,
         choices=sorted(set(VARIANTS) - GATED_VARIANTS),
         help="non-gated variant (gelu: the host's own MLP)",
     )

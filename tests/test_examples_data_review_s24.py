@@ -104,6 +104,7 @@ def test_deep_study_arguments_are_checked_before_any_work(capsys):
         assert stop.value.code == 2
     args = study.parse_args(["--quick", "--train-steps", "2", "--probe-at", "0", "0", "2"])
     assert args.probe_at == [0, 2]  # (a repeated step crashed the progress line)
+    assert study.parse_args(["--quick", "--glu", "SwiGLU"]).glu == "swiglu"  # (as swap_mlp)
 
 
 def test_deep_study_table_keeps_a_singular_seed():
