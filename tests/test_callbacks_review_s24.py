@@ -769,3 +769,34 @@ def test_dataclass_copies_own_their_non_field_tensors():
     assert torch.equal(copied.scaled, batch.scaled) and copied.scaled is not batch.scaled
     batch.scaled.relu_()
     assert torch.equal(copied.scaled, batch.x * 2)
+
+
+def test_stochastic_depth_with_lanczos_is_refused_at_setup(tmp_path):
+    """timm's DropPath draws random numbers like dropout, but the setup check saw nn.Dropout
+    only: eval_mode=False with method="lanczos" ended the fit at its first probe."""
+    import lightning.pytorch as pl
+
+    timm = pytest.importorskip("timm")
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(6, 3)
+            self.drop = timm.layers.DropPath(0.3)
+
+        def forward(self, x):
+            return self.drop(self.fc(x))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    monitor = NTKSpectrumMonitor(every_n_steps=1, probe_size=4, eval_mode=False, method="lanczos")
+    with pytest.raises(MisconfigurationException, match="dropout"):
+        _trainer(tmp_path, max_steps=1, callbacks=[monitor]).fit(
+            Module(), DataLoader(_clf_data(8, 0), batch_size=4)
+        )

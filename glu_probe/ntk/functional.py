@@ -465,11 +465,21 @@ def _warn_first_of_several(out: Any, output: OutputSpec) -> None:
 
 
 def _active_dropout(model: nn.Module) -> bool:
-    """A dropout layer in training mode with p > 0 (its passes are random)."""
-    return any(
-        isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
-        for m in model.modules()
-    )
+    """A dropout layer in training mode with p > 0 (its passes are random): torch's dropout
+    modules, and stochastic depth (timm's ``DropPath``, torchvision's ``StochasticDepth``),
+    which the monitor's setup check missed, so a Lanczos probe ended the fit at its first
+    probe instead (review, session 24)."""
+    for m in model.modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+        name = type(m).__name__
+        if name == "DropPath" and float(getattr(m, "drop_prob", 0.0) or 0.0) > 0:
+            return True
+        if name == "StochasticDepth" and float(getattr(m, "p", 0.0) or 0.0) > 0:
+            return True
+    return False
 
 
 def _warn_train_mode_layers(model: nn.Module) -> None:
