@@ -31,6 +31,7 @@ import math
 import os
 import re
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,20 +133,19 @@ def _display_names(root: Path, dirs: Sequence[Path]) -> dict[Path, str]:
         rel = d.relative_to(root).as_posix()
         parent = d.parent
         siblings = [x for x in dirs if x.parent == parent and _VERSION.match(x.name)]
-        # (not where the parent holds event files of its own: both were named after the
-        # parent, and one run's data replaced the other's without a word; review, s24)
-        if _VERSION.match(d.name) and len(siblings) == 1 and parent not in dirs:
+        if _VERSION.match(d.name) and len(siblings) == 1:
             # (the root itself may be a version folder: its parent is outside the root, and
             # relative_to raised; review, session 22)
             inside = parent != root and parent.is_relative_to(root)
             rel = parent.relative_to(root).as_posix() if inside else d.name
         names[d] = "." if rel in ("", ".") else rel
-    # Two folders under one name lost one of them without a word (a root named version_0 with
-    # a child version_0; re-review, session 24): those keep their paths under the root.
-    taken = [n for n in names.values()]
+    # Two folders under one name lost one of them without a word (a folder with event files
+    # of its own and a lone version_0 child, a root named version_0 with a child version_0;
+    # reviews, session 24): those keep their paths under the root.
+    uses = Counter(names.values())
     for d in dirs:
-        if taken.count(names[d]) > 1:
-            rel = d.relative_to(root).as_posix() if d != root else "."
+        if uses[names[d]] > 1:
+            rel = d.relative_to(root).as_posix()
             names[d] = "." if rel in ("", ".") else rel
     return names
 

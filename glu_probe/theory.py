@@ -1214,8 +1214,6 @@ def crossing_experiment(
     keeps every step, as `mean_crossings` needs). ``n >= 2`` (the target is standardised).
     """
     _check_pos_int(d=d, m=m, n=n)
-    if n < 2:
-        raise ValueError(f"crossing_experiment needs n >= 2 samples (the target), got {n}")
     bad = [k for k in kinds if k not in PAPER_KINDS]
     if len(kinds) != 2 or bad:
         # checked before any training: the "paper" source needs the paper's kernels

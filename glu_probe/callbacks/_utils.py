@@ -270,13 +270,23 @@ def _log_rank_zero(trainer: pl.Trainer, metrics: dict[str, float], step: int) ->
         logger.log_metrics(metrics, step=step)
 
 
-def tensorboard_writers(trainer: pl.Trainer) -> Iterator[Any]:
-    """Yield the ``SummaryWriter`` of each ``TensorBoardLogger`` on rank zero (none elsewhere)."""
+def tensorboard_targets(trainer: pl.Trainer) -> Iterator[tuple[Any, str]]:
+    """Yield ``(SummaryWriter, tag prefix)`` of each ``TensorBoardLogger`` on rank zero (none
+    elsewhere): the tag prefix is what the logger puts before every scalar tag it writes
+    (``"exp-"`` for ``prefix="exp"``, else ``""``)."""
     if trainer.global_rank != 0:
         return
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            yield logger.experiment
+            prefix = str(getattr(logger, "_prefix", "") or "")
+            join = str(getattr(logger, "LOGGER_JOIN_CHAR", "-"))
+            yield logger.experiment, f"{prefix}{join}" if prefix else ""
+
+
+def tensorboard_writers(trainer: pl.Trainer) -> Iterator[Any]:
+    """Yield the ``SummaryWriter`` of each ``TensorBoardLogger`` on rank zero (none elsewhere)."""
+    for writer, _ in tensorboard_targets(trainer):
+        yield writer
 
 
 def slice_batch(batch: Any, sl: slice) -> Any:

@@ -36,15 +36,19 @@ from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from glu_probe.callbacks._utils import check_bool, check_name, is_quiet_run
+from glu_probe.callbacks._utils import (
+    check_bool,
+    check_name,
+    is_quiet_run,
+    tensorboard_targets,
+)
 
 __all__ = ["DEFAULT_CATEGORY", "TensorBoardDashboard", "default_layout", "write_dashboard_layout"]
 
@@ -149,7 +153,9 @@ def write_dashboard_layout(
     """
     layout = _build_layout(pairs, model_prefix, baseline_prefix, include_defaults, monitor_prefixes)
     if isinstance(writer_or_trainer, pl.Trainer):
-        targets = list(_tensorboard_targets(writer_or_trainer))
+        # (a logger made with prefix="exp" writes exp-model/train_loss: every chart matched
+        # nothing before its tag prefix was put into the patterns; review, session 24)
+        targets = list(tensorboard_targets(writer_or_trainer))
     elif callable(getattr(writer_or_trainer, "add_custom_scalars", None)):
         targets = [(writer_or_trainer, "")]
     else:
@@ -164,19 +170,6 @@ def write_dashboard_layout(
         writer.flush()
         _WRITTEN.add(writer)
     return layout
-
-
-def _tensorboard_targets(trainer: pl.Trainer) -> Iterator[tuple[Any, str]]:
-    """``(writer, tag prefix)`` of each TensorBoardLogger on rank zero: a logger made with
-    ``prefix="exp"`` writes ``exp-model/train_loss``, and every chart matched nothing (review,
-    session 24)."""
-    if trainer.global_rank != 0:
-        return
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            prefix = str(getattr(logger, "_prefix", "") or "")
-            join = str(getattr(logger, "LOGGER_JOIN_CHAR", "-"))
-            yield logger.experiment, f"{prefix}{join}" if prefix else ""
 
 
 def _with_tag_prefix(layout: Layout, tag_prefix: str) -> Layout:

@@ -153,15 +153,21 @@ def _precision_context(trainer: pl.Trainer | None) -> AbstractContextManager[Any
 
 
 @contextmanager
-def _eval_no_grad(module: nn.Module) -> Iterator[None]:
+def _eval_flags(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode, every sub-module's ``training`` flag given back afterwards."""
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
-        with torch.no_grad():
-            yield
+        yield
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+@contextmanager
+def _eval_no_grad(module: nn.Module) -> Iterator[None]:
+    with _eval_flags(module), torch.no_grad():
+        yield
 
 
 def _first_loader(loaders: Any) -> DataLoader | None:
@@ -196,16 +202,13 @@ def _as_validating(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterat
     1.0988 or 0.9939 by eval_batch_size; review, session 24). Flags and stage restored."""
     from lightning.pytorch.trainer.states import RunningStage
 
-    flags = [(m, m.training) for m in pl_module.modules()]
     stage = trainer.state.stage
-    try:
-        pl_module.eval()
-        trainer.state.stage = RunningStage.VALIDATING
-        yield
-    finally:
-        trainer.state.stage = stage
-        for m, flag in flags:
-            m.training = flag
+    with _eval_flags(pl_module):
+        try:
+            trainer.state.stage = RunningStage.VALIDATING
+            yield
+        finally:
+            trainer.state.stage = stage
 
 
 def _loader_batch_size(loader: Any) -> int | None:
@@ -222,8 +225,8 @@ def _loader_batch_size(loader: Any) -> int | None:
     bs = getattr(batch_sampler, "batch_size", None)
     if isinstance(bs, int) and bs > 0:
         return bs
-    samples, batches = _sampler_samples(loader), _length(batch_sampler)
-    return math.ceil(samples / batches) if samples and batches else None
+    shape = _batch_sampler_shape(loader)
+    return math.ceil(shape[0] / shape[1]) if shape else None
 
 
 def _length(obj: Any) -> int | None:
@@ -233,12 +236,18 @@ def _length(obj: Any) -> int | None:
         return None
 
 
-def _sampler_samples(loader: Any) -> int | None:
-    """The samples a loader with a batch sampler covers in one pass (its sampler's, else its
-    dataset's length), read without iterating."""
-    inner = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
-    n = _length(inner) if inner is not None else None
-    return n if n is not None else _length(getattr(loader, "dataset", None))
+def _batch_sampler_shape(loader: Any) -> tuple[int, int] | None:
+    """``(samples, batches)`` of one pass of a loader's batch sampler (samples: its sampler's
+    length, else the dataset's), read without iterating; ``None`` where either is unknown."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if batch_sampler is None:
+        return None
+    inner = getattr(batch_sampler, "sampler", None)
+    samples = _length(inner) if inner is not None else None
+    if samples is None:
+        samples = _length(getattr(loader, "dataset", None))
+    batches = _length(batch_sampler)
+    return (samples, batches) if samples and batches else None
 
 
 def _unsized_loader_samples(loader: Any, n_batches: int) -> int | None:
@@ -246,12 +255,12 @@ def _unsized_loader_samples(loader: Any, n_batches: int) -> int | None:
     a batch sampler's samples (all of them where the run evaluates every batch, else its mean
     batch times ``n_batches``), or for items that are batches the first item's size per batch.
     Nothing is drawn from a sampler (see :func:`_loader_batch_size`)."""
-    batch_sampler = getattr(loader, "batch_sampler", None)
     try:
-        if batch_sampler is not None:
-            samples, batches = _sampler_samples(loader), _length(batch_sampler)
-            if samples is None or not batches:
+        if getattr(loader, "batch_sampler", None) is not None:
+            shape = _batch_sampler_shape(loader)
+            if shape is None:
                 return None
+            samples, batches = shape
             if n_batches >= batches:
                 return samples
             return min(samples, n_batches * math.ceil(samples / batches))
@@ -360,12 +369,10 @@ class _Side:
             term = loss.detach().double().reshape(()) * n
             # A batch with a non-finite loss is left out, and counted: one NaN batch made the
             # whole side NaN, and the gap vanished from the logs without a word (review,
-            # session 24). No terms: adds nothing.
-            # (a batch with no loss terms, NaN·0, is no skipped batch: it adds nothing)
-            finite = torch.isfinite(term)
-            kept = finite & (n > 0)
-            zero = torch.zeros_like(term)
-            skipped = (~finite & (n > 0)).double()
+            # session 24). A batch with no loss terms (NaN·0) adds nothing and is not counted.
+            finite, has_terms = torch.isfinite(term), n > 0
+            kept, zero = finite & has_terms, torch.zeros_like(term)
+            skipped = (~finite & has_terms).double()
             self._queued.append(
                 torch.stack([torch.where(kept, term, zero), torch.where(kept, n, zero), skipped])
             )
@@ -1115,12 +1122,15 @@ class GeneralizationGapMonitor(Callback):
             _eval_no_grad(pl_module),
             _precision_context(trainer),
         ):
+            tags = list(self._sides.items())
             for kept in batches:
-                for tag, sides in self._sides.items():
+                for i, (tag, sides) in enumerate(tags):
                     # Each evaluation gets its own copy of the tensors: a model that changes its
                     # input in place changed the kept training subset for every later
-                    # validation, and a paired baseline's inputs (review, session 24).
-                    batch = _copy_tensors(kept)
+                    # validation, and a paired baseline's inputs (review, session 24). The
+                    # last evaluation of a validation batch, which nothing reuses, takes it.
+                    last_use = side == "val" and i == len(tags) - 1
+                    batch = kept if last_use else _copy_tensors(kept)
                     try:
                         loss, preds, target = self._batch_outputs(pl_module, batch, tag)
                     except RuntimeError as err:

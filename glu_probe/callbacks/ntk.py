@@ -99,6 +99,7 @@ probe. Non-finite outputs or eigenvalues warn and skip. ``strict=True`` raises i
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -282,12 +283,13 @@ def _trailing_shapes(batch: Any) -> Any:
     return None
 
 
-def default_probe_inputs(batch: Any) -> Any:
-    """The model input of a training batch: ``x`` of ``(x, y, ...)``, a dict minus label keys."""
+def default_probe_inputs(batch: Any, labels_key: str | None = None) -> Any:
+    """The model input of a training batch: ``x`` of ``(x, y, ...)``, a dict minus label keys
+    (:data:`LABEL_KEYS` and ``labels_key``, a PairedModule's own)."""
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, Mapping):
-        return {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+        return {k: v for k, v in batch.items() if k not in LABEL_KEYS and k != labels_key}
     if isinstance(batch, (list, tuple)) and len(batch) > 0:
         return batch[0]
     raise MisconfigurationException(
@@ -603,15 +605,16 @@ class NTKSpectrumMonitor(Callback):
         # and max_steps counts those steps, while probes sit on the batches that stepped: an
         # automatic cadence from max_steps gave 20/k probes (11 with two optimizers; review,
         # session 24). It is re-chosen after the first stepping batch, which shows k.
+        # (the run's length matters to the automatic cadence only)
+        est = trainer.estimated_stepping_batches if self.every_n_steps is None else math.inf
         self._recheck_cadence = (
             self.every_n_steps is None
             and not pl_module.automatic_optimization
             and trainer.max_steps != -1
-            and trainer.estimated_stepping_batches >= trainer.max_steps
+            and est >= trainer.max_steps
         )
         self._pending_restored = None
         if self._resolved_every is None:
-            est = trainer.estimated_stepping_batches
             if not math.isfinite(est):
                 why = "max_steps=-1 with an infinite loader"
                 if trainer.max_steps == -1 and trainer.max_epochs in (-1, None):
@@ -631,7 +634,6 @@ class NTKSpectrumMonitor(Callback):
             # with another max_steps (30 -> 80 steps), the run kept probing every step, 4x the
             # probes the cadence targets, without a word (review, session 23). It is chosen
             # again for this run's length; the logged series changes cadence here.
-            est = trainer.estimated_stepping_batches
             fresh = max(1, int(est) // self.target_probes) if math.isfinite(est) else None
             if fresh is not None and fresh != self._restored_every:
                 self._warn_cadence_change(self._restored_every, fresh, int(est))
@@ -754,13 +756,13 @@ class NTKSpectrumMonitor(Callback):
             batch = pl_module.on_before_batch_transfer(batch, 0)
             batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
             batch = pl_module.on_after_batch_transfer(batch, 0)
-        extract = self.probe_inputs or default_probe_inputs
+        # A PairedModule's dict batches lose its own labels_key too, as in its training step
+        # (labels_key="answer" ended the fit at train start: model(**batch) got the targets;
+        # review, session 24).
         labels_key = getattr(pl_module, "labels_key", None) if _is_paired(pl_module) else None
-        if self.probe_inputs is None and isinstance(batch, Mapping) and labels_key is not None:
-            # A PairedModule's dict batches lose its own labels_key, as in its training step
-            # (labels_key="answer" ended the fit at train start: model(**batch) got the
-            # targets; review, session 24).
-            batch = {k: v for k, v in batch.items() if k != labels_key}
+        extract = self.probe_inputs or functools.partial(
+            default_probe_inputs, labels_key=labels_key
+        )
         inputs = extract(batch)
         n = _batch_len(inputs) or n
         if self.probe is None and self.max_rows is not None:

@@ -85,6 +85,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from glu_probe.callbacks._utils import check_bool, check_name
+
 __all__ = ["EVAL_OUTPUTS_KEY", "PairedModule"]
 
 #: Key of the dict that ``PairedModule.validation_step``/``test_step`` return: ``{prefix: (loss,
@@ -443,8 +445,6 @@ class PairedModule(pl.LightningModule):
             )
         if loss_fn is not None and not callable(loss_fn):
             raise MisconfigurationException("PairedModule: loss_fn must be callable")
-        from glu_probe.callbacks._utils import check_bool, check_name
-
         check_bool("PairedModule", causal_lm=causal_lm, sync_dist=sync_dist)
         check_name("PairedModule", "labels_key", labels_key)  # ('' was taken)
 

@@ -524,44 +524,39 @@ def _normal(t: Tensor) -> Tensor:
     return t.clone() if t.is_inference() else t
 
 
-def _plain_mappings(inputs: Any) -> Any:
-    """``inputs`` with every mapping pytree does not know (HF ``BatchEncoding``, a
-    ``UserDict``) turned into a dict: pytree took the tokenizer's own output for one leaf with
-    no sample dimension, and the dense path fell back to slow whole-batch rows with
-    misleading warnings (review, session 24). The model is called with ``**inputs`` either
-    way."""
-    from torch.utils._pytree import SUPPORTED_NODES
-
-    if isinstance(inputs, Mapping):
-        items = {k: _plain_mappings(v) for k, v in inputs.items()}
-        return items if type(inputs) not in SUPPORTED_NODES else type(inputs)(items)  # type: ignore[call-arg]
-    if isinstance(inputs, tuple):
-        values = [_plain_mappings(v) for v in inputs]
-        return type(inputs)(*values) if hasattr(inputs, "_fields") else tuple(values)
-    if isinstance(inputs, list):
-        return [_plain_mappings(v) for v in inputs]
-    return inputs
-
-
-def _map_tensors(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+def _map_tensors(inputs: Any, fn: Callable[[Tensor], Tensor], *, plain: bool = False) -> Any:
     """``inputs`` with ``fn`` applied to every tensor of its (nested) dicts, tuples and lists.
 
     A namedtuple keeps its type (rebuilt from its fields: ``type(t)(*values)``, since its
     constructor does not take one iterable), so a model that reads ``batch.x`` sees the cast or
     sliced tensors; pytree (the dense and structured strategies) flattens it like a tuple.
+    ``plain=True`` (the probe's own copies) turns every mapping pytree does not know (HF
+    ``BatchEncoding``, a ``UserDict``) into a dict: pytree took the tokenizer's own output for
+    one leaf with no sample dimension, and the dense path fell back to slow whole-batch rows
+    with misleading warnings (review, session 24). The model is called with ``**inputs``
+    either way.
     """
     if isinstance(inputs, Tensor):
         return fn(inputs)
     if isinstance(inputs, Mapping):
-        return type(inputs)({k: _map_tensors(v, fn) for k, v in inputs.items()})  # type: ignore[call-arg]
+        items = {k: _map_tensors(v, fn, plain=plain) for k, v in inputs.items()}
+        if plain and type(inputs) not in _pytree_nodes():
+            return items
+        return type(inputs)(items)  # type: ignore[call-arg]
     if isinstance(inputs, tuple):
-        values = [_map_tensors(v, fn) for v in inputs]
+        values = [_map_tensors(v, fn, plain=plain) for v in inputs]
         if hasattr(inputs, "_fields"):  # namedtuple
             return type(inputs)(*values)
         return tuple(values)
     if isinstance(inputs, list):
-        return [_map_tensors(v, fn) for v in inputs]
+        return [_map_tensors(v, fn, plain=plain) for v in inputs]
     return inputs
+
+
+def _pytree_nodes() -> Any:
+    from torch.utils._pytree import SUPPORTED_NODES
+
+    return SUPPORTED_NODES
 
 
 def _drop_saved(_: Tensor) -> None:
@@ -936,8 +931,8 @@ class ProbeFunction:
         if self.batch_size == 0:
             raise ValueError("the probe batch is empty (batch size 0); pass at least one sample")
         _check_batch_sizes(inputs, self.batch_size)
-        self.inputs = _plain_mappings(
-            _map_tensors(inputs, lambda t: _normal(self._cast(t).to(self.device)))
+        self.inputs = _map_tensors(
+            inputs, lambda t: _normal(self._cast(t).to(self.device)), plain=True
         )
         self.n_params = sum(p.numel() for p in self.params)
 
@@ -966,8 +961,8 @@ class ProbeFunction:
             }
             for n, b in self.model.named_buffers():
                 new.constants[n] = new._cast(b.detach()).clone()
-            new.inputs = _plain_mappings(
-                _map_tensors(self._source[0], lambda t: _normal(new._cast(t).to(self.device)))
+            new.inputs = _map_tensors(
+                self._source[0], lambda t: _normal(new._cast(t).to(self.device)), plain=True
             )
         if check and torch.finfo(dtype).bits < torch.finfo(self.dtype).bits:
             new.n_rows, new.rows_per_sample = new._check()
