@@ -33,6 +33,7 @@ import math
 import operator
 import warnings
 from collections.abc import Callable, Mapping
+from fractions import Fraction
 from functools import partial
 from typing import Any
 
@@ -799,6 +800,8 @@ def make_mlp(
         kwargs.pop("approximate", None)  # the default: nothing to pass on (MLP would warn)
     elif name == "gelu":
         approximate = kwargs.pop("approximate")
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}")
         return MLP(
             in_features,
             hidden_features,
@@ -839,12 +842,16 @@ def _param_line(
 
 def closest_width(target: float, slope: int, const: int, multiple_of: int = 1) -> int:
     """The positive multiple of ``multiple_of`` whose ``slope·h + const`` is closest to
-    ``target`` (ties go to the smaller width)."""
+    ``target`` (ties go to the smaller width).
+
+    Exact rational arithmetic (:class:`fractions.Fraction`): a float quotient loses the nearest
+    width once it passes 2**53.
+    """
     m = _check_width(multiple_of, "multiple_of")
-    exact = (target - const) / slope
-    lo = max(m, math.floor(exact / m) * m)
-    hi = max(m, math.ceil(exact / m) * m)
-    return lo if abs(slope * lo + const - target) <= abs(slope * hi + const - target) else hi
+    goal = Fraction(target)
+    lo = max(m, math.floor((goal - const) / (slope * m)) * m)
+    hi = max(m, lo + m)
+    return lo if abs(slope * lo + const - goal) <= abs(slope * hi + const - goal) else hi
 
 
 def gated_hidden_features(

@@ -218,6 +218,14 @@ def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str,
             + ("" if params is None else f" that matches params={params!r}{hint}")
             + "; unfreeze some parameters or change the params= filter"
         )
+    complex_ = [n for n, p in chosen if p.is_complex()]
+    if complex_:
+        # The probe runs in a real dtype: a cast would drop the imaginary parts (another
+        # model's K, reported as converged).
+        raise ValueError(
+            f"complex parameters are not supported by the NTK probe: {complex_[:5]}; hold them "
+            "as real tensors (torch.view_as_real) or leave them out with the params= filter"
+        )
     return dict(chosen)
 
 
@@ -1226,6 +1234,11 @@ class ProbeFunction:
             ) from err
         if rows.numel() == 0:
             raise ValueError("the probe produced no rows (empty output)")
+        if rows.is_complex():
+            raise ValueError(
+                "the probe rows are complex: the NTK probe needs real rows; pass output= a "
+                "callable that returns real ones (e.g. torch.view_as_real(out).flatten(1))"
+            )
         if not torch.isfinite(rows).all():
             bad = int((~torch.isfinite(rows)).sum())
             raise ValueError(

@@ -1,0 +1,80 @@
+"""Session 25 review findings: each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from glu_probe.modules import (
+    dense_hidden_features,
+    gated_hidden_features,
+    make_mlp,
+    mlp_num_params,
+)
+from glu_probe.ntk import ntk_matrix, ntk_spectrum
+
+
+@pytest.mark.parametrize(
+    ("d_in", "hidden", "multiple_of"),
+    [(3, 100_000_000_000_000_001, 1), (1, 2**60, 1), (5, 3 * 2**58 + 7, 8)],
+)
+def test_widths_above_2_pow_53_are_the_closest(d_in: int, hidden: int, multiple_of: int) -> None:
+    # A float quotient lost the nearest width above 2**53 (count error 33 vs 0 for the first).
+    target = mlp_num_params(d_in, hidden, gated=False)
+    h = gated_hidden_features(d_in, hidden, multiple_of=multiple_of)
+    assert h % multiple_of == 0
+    err = abs(mlp_num_params(d_in, h, gated=True) - target)
+    for other in (h - multiple_of, h + multiple_of):  # the count is linear in h
+        assert err <= abs(mlp_num_params(d_in, other, gated=True) - target)
+    back = dense_hidden_features(d_in, h)
+    err_back = abs(mlp_num_params(d_in, back, gated=False) - mlp_num_params(d_in, h, gated=True))
+    for other in (back - 1, back + 1):
+        assert err_back <= abs(
+            mlp_num_params(d_in, other, gated=False) - mlp_num_params(d_in, h, gated=True)
+        )
+
+
+def test_make_mlp_gelu_refuses_a_bad_approximate_at_construction() -> None:
+    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh'"):
+        make_mlp("gelu", 8, 16, approximate="bogus")
+    block = make_mlp("gelu", 8, 16, approximate="tanh")
+    x = torch.randn(3, 8)
+    ref = block.fc2(nn.functional.gelu(block.fc1(x), approximate="tanh"))
+    torch.testing.assert_close(block(x), ref)
+
+
+class _ComplexWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 3, dtype=torch.cdouble))
+        self.v = nn.Parameter(torch.randn(8, 3, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(self.w.dtype) @ self.w).abs() + x @ self.v
+
+
+@pytest.mark.parametrize("method", ["dense", "lanczos"])
+def test_complex_parameters_are_refused_not_cast(method: str) -> None:
+    # They were cast to real (imaginary parts dropped): kappa 66.8 for a true 24.6, converged.
+    torch.manual_seed(0)
+    model, x = _ComplexWeight(), torch.randn(6, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"complex parameters are not supported.*'w'"):
+        ntk_spectrum(model, x, method=method, output="full")
+    # leaving them out with params= works, and gives the real part's kernel exactly
+    k = ntk_matrix(model, x, output="full", params=["v"], dtype=torch.float64)
+    xx = x @ x.T
+    torch.testing.assert_close(k, torch.kron(xx, torch.eye(3, dtype=torch.float64)))
+
+
+def test_complex_rows_get_a_clear_error() -> None:
+    class ComplexOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.polar(self.lin(x), x[:, :3])
+
+    with pytest.raises(ValueError, match="probe rows are complex"):
+        ntk_spectrum(ComplexOut(), torch.randn(5, 4), output="full")
