@@ -81,7 +81,7 @@ def test_failed_config_update_restores_blocks_and_config(monkeypatch: pytest.Mon
     model = transformers.GPT2LMHeadModel(config)
     before, cfg = _structure(model), dict(vars(config))
 
-    def boom(*args: object) -> None:
+    def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("config update failed")
 
     monkeypatch.setattr(core, "_record_at_root", boom)  # after every config was written

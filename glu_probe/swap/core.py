@@ -435,6 +435,12 @@ def _hf_config(model: nn.Module) -> Any:
     return None
 
 
+def _holds_config(model: nn.Module) -> bool:
+    """``model.config`` is its own (an instance or class attribute), not read through a
+    forwarding ``__getattr__``."""
+    return "config" in vars(model) or any("config" in vars(k) for k in type(model).__mro__)
+
+
 def _is_timm_host(model: nn.Module) -> bool:
     return any(c.__module__.startswith("timm.") for c in type(model).__mro__)
 
@@ -488,8 +494,15 @@ def config_owner(root: nn.Module, path: str) -> tuple[str, nn.Module, Any] | Non
     It is the config of the outermost model above the block that holds one (a wrapped model's
     own config: a ``LightningModule`` holding a ``GPT2LMHeadModel``; T5's root config, not the
     private copies its stacks hold), except where the nearest one is a sub-config of it (a
-    composite model's ``text_config`` / ``vision_config``, as in LLaVA): then that sub-config."""
-    holders = [(p, m, c) for p, m in reversed(_ancestors(root, path)) if (c := _hf_config(m))]
+    composite model's ``text_config`` / ``vision_config``, as in LLaVA): then that sub-config.
+    A wrapper that only forwards attribute reads to the model it wraps (``torch.compile``'s
+    ``OptimizedModule``, FSDP) does not hold the config: the record's paths are the model's,
+    which is what gets saved (review, session 25: they began with ``_orig_mod.``)."""
+    holders = [
+        (p, m, c)
+        for p, m in reversed(_ancestors(root, path))
+        if (c := _hf_config(m)) and _holds_config(m)
+    ]
     if not holders:
         return None
     outer, near = holders[0][2], holders[-1][2]
@@ -512,6 +525,39 @@ def _init_host(root: nn.Module, path: str) -> tuple[str, nn.Module, str] | None:
     if _is_timm_host(root):
         return "", root, "timm"
     return None
+
+
+def _keep_dropout_modes(path: str, old: nn.Module, new: nn.Module, adapter: MLPAdapter) -> None:
+    """Carry dropout modes that differ from the block's own: a model in training mode whose
+    dropouts the user put in eval mode (switched off) kept them off only until the swap, whose
+    ``new.train(old.training)`` turned the new block's back on (review, session 25). A dropout
+    takes the mode of the source's one of the same name (timm's ``drop1`` / ``drop2``), else
+    the source dropouts' common mode; modes that differ with no such match get a warning."""
+    kinds = (nn.modules.dropout._DropoutNd,)
+    dropped = {id(m) for m in adapter.dropped_modules(old)}
+    sources = {n: m for n, m in old.named_modules() if isinstance(m, kinds) and id(m) in dropped}
+    modes = {m.training for m in sources.values()}
+    if not sources or modes == {old.training}:
+        return  # new.train(old.training) already gave every dropout its mode
+    unmatched = []
+    for name, m in new.named_modules():
+        if not isinstance(m, kinds):
+            continue
+        src = sources.get(name)
+        if src is not None:
+            m.train(src.training)
+        elif len(modes) == 1:
+            m.train(next(iter(modes)))
+        else:
+            unmatched.append(name)
+    if unmatched:
+        warnings.warn(
+            f"swap_mlp: {path}'s dropouts are in different modes "
+            f"({', '.join(f'{n}: {m.training}' for n, m in sources.items())}); the new "
+            f"block's {unmatched} are in the block's mode (training={old.training}): set "
+            "their modes again if needed",
+            stacklevel=4,
+        )
 
 
 def _keep_frozen(path: str, old: nn.Module, new: nn.Module, adapter: MLPAdapter) -> None:
@@ -787,6 +833,29 @@ def _redraw_packed_up_half(block: Any, fn: Any, name: str) -> None:
         b.copy_(stand.bias)
 
 
+@contextlib.contextmanager
+def _init_in_float32(block: nn.Module) -> Iterator[None]:
+    """Hold ``block``'s 16-bit floating tensors in float32 for an init, then cast them back.
+
+    torch's ``trunc_normal_`` drawn in fp16/bf16 is far off (std 0.036 / 0.097 for 0.02, values
+    clamped at ±2: review, session 25); a host's own blocks are initialised in float32 and cast.
+    The tensors keep their identity (``.data`` is swapped), so optimisers and hooks still hold
+    them.
+    """
+    low = [
+        (t, t.dtype)
+        for t in [*block.parameters(), *block.buffers()]
+        if t.dtype in (torch.float16, torch.bfloat16)
+    ]
+    for t, _ in low:
+        t.data = t.data.float()
+    try:
+        yield
+    finally:
+        for t, dtype in low:
+            t.data = t.data.to(dtype)
+
+
 def _timm_init(host: nn.Module, name: str, block: Any) -> None:
     """timm conventions, by family (see :func:`host_init`)."""
     import sys
@@ -922,7 +991,8 @@ def host_init(
     host_path, host, kind = found
     name = path[len(host_path) + 1 :] if host_path else path
     if kind == "timm":
-        _timm_init(host, name, block)
+        with _init_in_float32(block):
+            _timm_init(host, name, block)
         return
     config = _hf_config(host)
     if config is None:
@@ -1397,6 +1467,7 @@ def swap_mlp(
         # the host's own block, for a later swap of this place (a meta copy: no storage)
         new.__dict__[ORIGIN_ATTR] = origin if origin is not old else _meta_copy(old)
         new.train(old.training)
+        _keep_dropout_modes(path, old, new, adapter)
         _keep_frozen(path, old, new, adapter)
         entry = SwapEntry(
             path=path,
@@ -1481,7 +1552,17 @@ def swap_mlp(
     undo = _Snapshot(model)
     try:
         _install_and_configure(
-            model, plan, paths_of, report, variant, match, host_own, earlier, module_kwargs
+            model,
+            plan,
+            paths_of,
+            report,
+            variant,
+            match,
+            host_own,
+            earlier,
+            module_kwargs,
+            # (those holding none of the swapped blocks are under "excluded" already)
+            lenient=[s[0] for s in unrecognised if s[0] not in host_own],
         )
     except BaseException:
         undo.restore()
@@ -1499,9 +1580,15 @@ def _install_and_configure(
     host_own: Sequence[str] = (),
     earlier: dict[str, tuple[str, int | None]] | None = None,
     module_kwargs: Mapping[str, Any] | None = None,
+    lenient: Sequence[str] = (),
 ) -> None:
     """The part of :func:`swap_mlp` that changes the model: install the planned blocks, repoint
     aliases and update the Hugging Face configs (filling ``report``'s config fields).
+
+    ``lenient``: root paths of the MLP-like modules no adapter recognised that ``strict=False``
+    left in place. A record above them says ``"strict": False``: the reload recipe's swap of a
+    model rebuilt from the config meets them again (a mixture-of-experts wrapper around a
+    swapped shared expert, which ``exclude=`` cannot leave out; review, session 25).
 
     ``host_own``: root paths of the blocks (and MLP-like modules) that are still the host's own
     after the swap; ``earlier``: root path -> (variant, width) of the blocks an earlier swap
@@ -1509,6 +1596,7 @@ def _install_and_configure(
     sub-model owning the config: what a model rebuilt from it holds) under ``"excluded"``, and
     under ``"mixed"`` those of the second that it does not describe."""
     earlier = earlier or {}
+    replaced = {path: _replaced_paths(path, old, adapter) for path, old, adapter, *_ in plan}
     for path, old, adapter, new, _ in plan:
         adapter.install(model, path, old, new)
     _repoint_aliases(model, plan, paths_of)
@@ -1527,12 +1615,23 @@ def _install_and_configure(
         own = [p for p in host_own if _under(p, owner_path)]
         before = {p: sig for p, sig in earlier.items() if _under(p, owner_path)}
         updates, kept, unchecked = _update_config(
-            model, owner_path, owner_module, config, sub, adapters_used, act, own, list(before)
+            model,
+            owner_path,
+            owner_module,
+            config,
+            sub,
+            adapters_used,
+            act,
+            own,
+            list(before),
+            replaced,
         )
         rec = updates[RECORD_ATTR][1]
         _record_kwargs(rec, module_kwargs or {})
         if own:  # (a model rebuilt from the config is swapped with exclude=these)
             rec["excluded"] = [_relative(p, owner_path) for p in own]
+        if any(_under(p, owner_path) for p in lenient):
+            rec["strict"] = False
         odd = _undescribed(before, [_block_signature(plan[k][3]) for k in ks], rec["hidden"])
         if odd:
             rec["mixed"] = {_relative(p, owner_path): odd[p] for p in odd}
@@ -1546,7 +1645,15 @@ def _install_and_configure(
     signatures = [_block_signature(new) for *_, new, _ in plan]
     mixed.update(
         _record_at_root(
-            model, groups, report, host_own, earlier, signatures, mixed, module_kwargs or {}
+            model,
+            groups,
+            report,
+            host_own,
+            earlier,
+            signatures,
+            mixed,
+            module_kwargs or {},
+            strict=not lenient,
         )
     )
     if mixed:
@@ -1564,6 +1671,18 @@ def _install_and_configure(
             UserWarning,
             stacklevel=3,
         )
+
+
+def _replaced_paths(path: str, old: nn.Module, adapter: MLPAdapter) -> list[str]:
+    """Root paths of the modules of the block at ``path`` that its swap takes out (the
+    adapter's ``dropped_modules``; read before it is installed): ``[path]`` for a block replaced
+    whole, a layer's feed-forward parts for one rewired in place (BERT's ``intermediate`` and
+    ``output``), so that the shared-key check still sees the rest of the layer (LiLT's layout
+    feed-forward, sized from ``intermediate_size``; review, session 25)."""
+    dropped = {id(m) for m in adapter.dropped_modules(old)}
+    if id(old) in dropped:
+        return [path]
+    return [f"{path}.{n}" for n, m in old.named_modules() if n and id(m) in dropped]
 
 
 def _listed(paths: Any, path: str, owner_path: str) -> bool:
@@ -1986,6 +2105,7 @@ def _record_at_root(
     built: Sequence[tuple[str, int | None]] = (),
     mixed: dict[str, str] | None = None,
     module_kwargs: Mapping[str, Any] | None = None,
+    strict: bool = True,
 ) -> dict[str, str]:
     """A composite model (CLIP, SigLIP, PaliGemma, ``EncoderDecoderModel``) whose swapped blocks
     all belong to sub-configs gets a record on its top config too, naming them: the documented
@@ -2015,6 +2135,8 @@ def _record_at_root(
     _record_kwargs(rec, module_kwargs or {})
     if host_own:
         rec["excluded"] = list(host_own)
+    if not strict:
+        rec["strict"] = False
     odd = {**(mixed or {}), **_undescribed(earlier, built, None)}
     if odd:
         rec["mixed"] = odd
@@ -2273,31 +2395,41 @@ def _shared_keys(
             rebuilt = type(host)(top)
         return {n: _module_signature(m) for n, m in rebuilt.named_modules() if not inside(n, rel)}
 
+    def failed(err: Exception) -> str:
+        msg = " ".join(str(err).split())
+        return f"{type(err).__name__}: {msg[:160]}{'...' if len(msg) > 160 else ''}"
+
     try:
         base = signatures(None)
-        out: dict[str, str] = {}
-        for key in planned:
-            changed = signatures(key)
-            diff = sorted(n for n in set(base) | set(changed) if base.get(n) != changed.get(n))
-            if diff and all(inside(d, rel_excluded) for d in diff):
-                out[key] = (
-                    f"{_EXCLUDED_ONLY} ({', '.join(sorted(excluded)[:3])}"
-                    f"{', ...' if len(excluded) > 3 else ''}) as well ({key}={planned[key]!r})"
-                )
-            elif diff:
-                shown = ", ".join(d or "<root>" for d in diff[:3]) + (
-                    ", ..." if len(diff) > 3 else ""
-                )
-                out[key] = (
-                    f"{type(host).__name__} rebuilt from the config with {key}="
-                    f"{planned[key]!r} would also change {shown} (outside the swapped "
-                    "blocks): left unchanged"
-                )
-        return out
     except Exception as err:
-        msg = " ".join(str(err).split())
-        msg = msg[:160] + ("..." if len(msg) > 160 else "")
-        return f"rebuilding {type(host).__name__} on meta failed ({type(err).__name__}: {msg})"
+        return f"rebuilding {type(host).__name__} on meta failed ({failed(err)})"
+    out: dict[str, str] = {}
+    for key in planned:
+        try:
+            changed = signatures(key)
+        except Exception as err:
+            # The host builds from its config but not with this value (OpenAI GPT's afn
+            # accepts relu/silu/gelu/swish only: a saved "sigmoid" could not be built at all;
+            # review, session 25): the key stays.
+            out[key] = (
+                f"{type(host).__name__} cannot be built with {key}={planned[key]!r} "
+                f"({failed(err)}): left unchanged"
+            )
+            continue
+        diff = sorted(n for n in set(base) | set(changed) if base.get(n) != changed.get(n))
+        if diff and all(inside(d, rel_excluded) for d in diff):
+            out[key] = (
+                f"{_EXCLUDED_ONLY} ({', '.join(sorted(excluded)[:3])}"
+                f"{', ...' if len(excluded) > 3 else ''}) as well ({key}={planned[key]!r})"
+            )
+        elif diff:
+            shown = ", ".join(d or "<root>" for d in diff[:3]) + (", ..." if len(diff) > 3 else "")
+            out[key] = (
+                f"{type(host).__name__} rebuilt from the config with {key}="
+                f"{planned[key]!r} would also change {shown} (outside the swapped "
+                "blocks): left unchanged"
+            )
+    return out
 
 
 def _update_config(
@@ -2310,11 +2442,15 @@ def _update_config(
     act_name: str | None,
     excluded: Sequence[str] = (),
     earlier: Sequence[str] = (),
+    replaced: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[dict[str, tuple[Any, Any]], dict[str, str], str | None]:
     """Update ``config`` for the blocks of ``report``: ``(updates, keys left unchanged and why,
     why the shared-key check did not run or None)``. ``excluded``: root paths of the host's own
     blocks under this config that the swap leaves (their keys are kept); ``earlier``: those of
-    blocks an earlier swap built (a model rebuilt from the config is swapped there too)."""
+    blocks an earlier swap built (a model rebuilt from the config is swapped there too);
+    ``replaced``: block path -> root paths of the modules its swap takes out (a layer rewired
+    in place keeps the rest, which the shared-key check must still see; the whole block by
+    default)."""
     widths = {e.hidden_features for e in report.entries}
     width_keys: set[str] = set()
     act_keys: set[str] = set()
@@ -2353,7 +2489,9 @@ def _update_config(
     left: dict[str, str] = {}
     unchecked: str | None = None
     if changing:
-        swapped = [e.path for e in report.entries] + list(earlier)
+        replaced = replaced or {}
+        swapped = [q for e in report.entries for q in replaced.get(e.path, [e.path])]
+        swapped += list(earlier)
         shared = _shared_keys(model, owner_path, config, changing, swapped, excluded)
         if isinstance(shared, str) and excluded:
             # Nothing says which modules the keys change, and blocks of the host's own are

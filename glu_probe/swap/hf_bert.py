@@ -190,6 +190,21 @@ class BertLayerAdapter(MLPAdapter):
                 f"parameters in {extra} (X-MOD's language adapters, MobileBERT's bottleneck, "
                 "...), which a swap would drop"
             )
+        # A second feed-forward part beside intermediate/output (LiLT's layout_intermediate /
+        # layout_output): swapping the first alone was a silent partial swap, and the width
+        # key written for it resized the second in a rebuilt model (review, session 25).
+        second = [
+            n
+            for n, child in module.named_children()
+            if n not in ("intermediate", "output")
+            and isinstance(getattr(child, "dense", None), nn.Linear)
+        ]
+        if second:
+            raise UnsupportedModelError(
+                f"{cls} holds another feed-forward part ({', '.join(second)}) beside "
+                "intermediate/output, which this adapter does not swap (LiLT's layout "
+                "feed-forward); a swap of one of them would be a partial swap"
+            )
         if isinstance(ln, nn.LayerNorm) and isinstance(drop, nn.Dropout):
             # Post-LayerNorm (BERT): `output` must compute LayerNorm(dropout(dense h) + r) on
             # (h, r) alone and `intermediate` act(dense x), checked with fresh weights.

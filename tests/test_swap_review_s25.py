@@ -1,0 +1,222 @@
+"""Session 25 review of the swap: each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from glu_probe.swap import swap_mlp
+from glu_probe.swap.core import UnsupportedModelError, register_adapter, unregister_adapter
+from glu_probe.swap.hf_bert import BertLayerAdapter
+
+transformers = pytest.importorskip("transformers")
+
+
+def _quiet_swap(model: nn.Module, variant: str, **kw: Any) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return swap_mlp(model, variant, **kw)
+
+
+def _recipe(model: nn.Module, record: dict[str, Any]) -> None:
+    """docs/modules.md's reload swap, word for word."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        swap_mlp(
+            model,
+            record["variant"],
+            match=record["match"],
+            exclude=record.get("excluded"),
+            strict=record.get("strict", True),
+            **record.get("module_kwargs", {}),
+        )
+
+
+def _same_logits(a: nn.Module, b: nn.Module, vocab: int = 64) -> None:
+    x = torch.randint(0, vocab, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(a.eval()(x).logits, b.eval()(x).logits, rtol=0, atol=0)
+
+
+def test_strict_false_moe_swap_reloads_with_the_recipe() -> None:
+    # A MoE wrapper around a swapped shared expert stayed unrecognised: the recipe's strict
+    # swap of the rebuilt model raised "only partly recognised".
+    torch.manual_seed(0)
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=176, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+        mlp_only_layers=[0], max_position_embeddings=64,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    report = _quiet_swap(model, "gelu", strict=False)
+    assert report.paths == ["model.layers.0.mlp", "model.layers.1.mlp.shared_expert"]
+    record = model.config.glu_probe_swap
+    assert record["strict"] is False
+    saved = transformers.Qwen2MoeConfig.from_dict(model.config.to_dict())
+    rebuilt = transformers.AutoModelForCausalLM.from_config(saved)
+    _recipe(rebuilt, saved.glu_probe_swap)
+    rebuilt.load_state_dict(model.state_dict())
+    _same_logits(model, rebuilt)
+    # a strict swap (nothing left unrecognised) records nothing of the kind
+    plain = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2))
+    _quiet_swap(plain, "swiglu")
+    assert "strict" not in plain.config.glu_probe_swap
+
+
+def test_swap_through_a_torch_compile_wrapper_records_the_models_paths() -> None:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_embd=64, n_layer=2, n_head=4, n_positions=32)
+    model = transformers.GPT2LMHeadModel(config)
+    _quiet_swap(torch.compile(model), "swiglu", exclude=r".*h\.1\.mlp")
+    record = model.config.glu_probe_swap
+    assert record["excluded"] == ["transformer.h.1.mlp"]  # was "_orig_mod.transformer.h.1.mlp"
+    saved = transformers.GPT2Config.from_dict(model.config.to_dict())
+    rebuilt = transformers.GPT2LMHeadModel(saved)
+    _recipe(rebuilt, saved.glu_probe_swap)
+    rebuilt.load_state_dict(model.state_dict())
+    _same_logits(model, rebuilt)
+
+
+@pytest.mark.parametrize("variant", ["glu", "bilinear", "swiglu"])
+def test_openai_gpt_activation_key_only_takes_values_its_class_builds(variant: str) -> None:
+    # "sigmoid" / "linear" were written to afn: the saved config could not be built at all.
+    torch.manual_seed(0)
+    config = transformers.OpenAIGPTConfig(
+        vocab_size=64, n_embd=64, n_layer=2, n_head=4, n_positions=32
+    )
+    model = transformers.OpenAIGPTLMHeadModel(config)
+    report = _quiet_swap(model, variant)
+    saved = transformers.OpenAIGPTConfig.from_dict(model.config.to_dict())
+    if variant == "swiglu":
+        assert saved.afn == "silu"  # a value OpenAI GPT takes is still written
+    else:
+        assert saved.afn == "gelu"
+        assert "cannot be built with afn=" in report.config_skipped["afn"]
+    assert not report.config_unchecked
+    rebuilt = transformers.OpenAIGPTLMHeadModel(saved)
+    _recipe(rebuilt, saved.glu_probe_swap)
+    rebuilt.load_state_dict(model.state_dict())
+    _same_logits(model, rebuilt)
+
+
+def _lilt() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LiltConfig(
+        vocab_size=64, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=256, max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.LiltModel(config)
+
+
+def test_a_layer_with_a_second_feed_forward_is_refused_not_half_swapped() -> None:
+    # LiLT's layout feed-forward was left, silently, and resized by intermediate_size on reload.
+    model = _lilt()
+    with pytest.raises(UnsupportedModelError, match=r"another feed-forward part.*layout_inter"):
+        swap_mlp(model, "swiglu")
+    assert type(model.encoder.layer[0].intermediate).__name__ == "LiltIntermediate"
+
+
+class _TextFFNOnly(BertLayerAdapter):
+    """A user's adapter that swaps LiLT's text feed-forward alone (hides the layout one from
+    the built-in check)."""
+
+    name = "lilt_text_ffn"
+
+    def describe(self, module: Any) -> Any:
+        hidden = {n: module._modules.pop(n) for n in ("layout_intermediate", "layout_output")}
+        try:
+            return super().describe(module)
+        finally:
+            module._modules.update(hidden)
+
+
+def test_shared_key_check_sees_the_rest_of_a_layer_rewired_in_place() -> None:
+    # The check masked the whole layer: intermediate_size (which also sizes LiLT's layout
+    # feed-forward) was written, and the checkpoint no longer loaded into a rebuilt model.
+    adapter = register_adapter(_TextFFNOnly())
+    try:
+        model = _lilt()
+        report = _quiet_swap(model, "swiglu")
+        assert report.paths == ["encoder.layer.0", "encoder.layer.1"]
+        assert "intermediate_size" not in report.config_updates
+        assert "layout_intermediate" in report.config_skipped["intermediate_size"]
+        saved = transformers.LiltConfig.from_dict(model.config.to_dict())
+        rebuilt = transformers.LiltModel(saved)
+        _recipe(rebuilt, saved.glu_probe_swap)
+        rebuilt.load_state_dict(model.state_dict())
+        x = torch.randint(0, 64, (2, 8))
+        with torch.no_grad():
+            torch.testing.assert_close(
+                model.eval()(x).last_hidden_state, rebuilt.eval()(x).last_hidden_state
+            )
+    finally:
+        unregister_adapter(adapter)
+
+
+def test_dropouts_switched_off_stay_off_after_the_swap() -> None:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=1, n_head=2, resid_pdrop=0.5, attn_pdrop=0.0
+    )  # (attention dropout runs inside SDPA, on the attention module's own flag)
+    model = transformers.GPT2LMHeadModel(config).train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()  # the user's switch: deterministic training
+    _quiet_swap(model, "swiglu")
+    block = model.transformer.h[0].mlp
+    assert block.training and block.drop2.p == 0.5
+    assert not any(m.training for m in block.modules() if isinstance(m, nn.Dropout))
+    x = torch.randint(0, 64, (2, 8))
+    torch.testing.assert_close(model(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+def test_dropout_modes_carry_by_name_and_mixed_ones_without_a_match_warn() -> None:
+    timm = pytest.importorskip("timm")
+    from timm.layers import Mlp
+
+    class Host(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = Mlp(64, 256, drop=0.3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mlp(x)
+
+    host = Host().train()
+    host.mlp.drop1.eval()  # the hidden dropout off, the output one on
+    _quiet_swap(host, "swiglu")
+    assert not host.mlp.drop1.training and host.mlp.drop2.training
+    del timm
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, resid_pdrop=0.5)
+    gpt = transformers.GPT2LMHeadModel(config).train()
+    gpt.transformer.h[0].mlp.eval()  # the block off, its dropout with it: one mode, no warning
+    gpt.transformer.h[0].mlp.dropout.train()  # the block off, its dropout on
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message=".*(mismatch|already are)")
+        swap_mlp(gpt, "swiglu")
+    block = gpt.transformer.h[0].mlp
+    assert not block.training and block.drop1.training and block.drop2.training
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_timm_host_gets_timm_init_at_its_scale(dtype: torch.dtype) -> None:
+    # trunc_normal_ drawn in 16 bits: std 0.036 / 0.097 for 0.02, values clamped at +-2.
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=192, depth=2, num_heads=3
+    ).to(dtype)
+    _quiet_swap(vit, "gelu")
+    w = vit.blocks[0].mlp.fc1.weight
+    assert w.dtype == dtype
+    assert abs(float(w.float().std()) - 0.02) < 0.001
+    assert float(w.float().abs().max()) < 0.2
+    assert isinstance(w, nn.Parameter) and w is vit.blocks[0].mlp.fc1.weight
