@@ -26,6 +26,7 @@ __all__ = [
     "generator_states_restored",
     "is_fresh_fit",
     "is_quiet_run",
+    "loader_batches",
     "log_metrics",
     "logger_step",
     "logs_this_step",
@@ -300,6 +301,36 @@ def slice_batch(batch: Any, sl: slice) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(slice_batch(v, sl) for v in batch)
     return batch
+
+
+@contextmanager
+def loader_batches(loader: Any) -> Iterator[Iterator[Any]]:
+    """An iterator over ``loader``'s batches that leaves the loader as it was (its private
+    generators restored: :func:`generator_states_restored`; the caller isolates the global RNG).
+
+    A ``persistent_workers`` ``DataLoader`` keeps one worker pool on itself, made when
+    Lightning checks the loader at setup; iterating the loader resets that pool, and the
+    workers' random state (an iterable dataset's augmentation) went on from where the callback
+    left it: other batches from the second epoch on than without the callbacks (review, session
+    25). Such a loader gets an iterator of its own here (its own workers, seeded from the
+    global RNG as any new pool is), shut down afterwards. ``_get_iterator`` is private torch
+    API, but the only way to a pool that is not the loader's.
+    """
+    with generator_states_restored(loader):
+        if (
+            isinstance(loader, torch.utils.data.DataLoader)
+            and loader.persistent_workers
+            and loader.num_workers > 0
+        ):
+            it = loader._get_iterator()
+            try:
+                yield it
+            finally:
+                shutdown = getattr(it, "_shutdown_workers", None)
+                if callable(shutdown):
+                    shutdown()
+        else:
+            yield iter(loader)
 
 
 @contextmanager

@@ -112,10 +112,10 @@ from glu_probe.callbacks._utils import (
     check_positive_int,
     check_prefix,
     check_unique_prefix,
-    generator_states_restored,
     is_fresh_fit,
     is_quiet_run,
     items_are_batches,
+    loader_batches,
     log_metrics,
     logger_step,
     rank_zero_batches,
@@ -186,10 +186,35 @@ def _as_trained(trainer: pl.Trainer, batch: Any) -> Any:
     """``batch`` as Lightning's loops hand it to a step: moved by the strategy (the module's
     transfer hooks included), then converted by the precision plugin. Under ``"bf16-true"``,
     ``"16-true"`` or ``"64-true"`` the plugin casts floating inputs to the parameters' dtype;
-    without it the subset's float32 inputs met bf16/float64 weights and the fit crashed."""
+    without it the subset's float32 inputs met bf16/float64 weights and the fit crashed.
+    ``on_before_batch_transfer`` (the module's, or a datamodule's that overrides it) runs first,
+    as in the loops (it was skipped: the training side saw other inputs; review, session 25)."""
+    batch = trainer.lightning_module._on_before_batch_transfer(batch, 0)
     batch = trainer.strategy.batch_to_device(batch)
     plugin = getattr(trainer, "precision_plugin", None)
     return plugin.convert_input(batch) if plugin is not None else batch
+
+
+def _check_every_rank_validates(trainer: pl.Trainer) -> None:
+    """Refuse a DDP run where some ranks have validation batches and others none (a user's
+    shards with ``allow_zero_length_dataloader_with_multiple_devices``): Lightning skips
+    validation on the empty ranks, and the monitor's all-reduce of the validation sums waited
+    for them until the process group timed out (30 min; review, session 25). Every rank is
+    here; the validation loader is set up as Lightning does before its first validation (a
+    no-op after the sanity check)."""
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    loop.setup_data()
+    has = float(sum(loop.max_batches) > 0)
+    count = torch.tensor([has], dtype=torch.float64, device=trainer.strategy.root_device)
+    ranks = int(float(trainer.strategy.reduce(count, reduce_op="sum")))
+    if 0 < ranks < trainer.world_size:
+        raise MisconfigurationException(
+            f"GeneralizationGapMonitor: {trainer.world_size - ranks} of {trainer.world_size} "
+            "ranks have no validation batches (this rank has "
+            f"{'some' if has else 'none'}); Lightning skips their validation, and the "
+            "monitor's all-reduce of the validation sums would wait for them forever. Give "
+            "every rank validation batches (a DistributedSampler does), or use mode='logged'."
+        )
 
 
 @contextmanager
@@ -749,6 +774,8 @@ class GeneralizationGapMonitor(Callback):
         if self.mode != "clean" or is_quiet_run(trainer):
             return
         self._check_contract(pl_module)
+        if getattr(trainer, "world_size", 1) > 1:
+            _check_every_rank_validates(trainer)
         include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         self._items = None  # set by _draw for a map-style subset
         self._sized = self.train_subset is not None
@@ -871,6 +898,11 @@ class GeneralizationGapMonitor(Callback):
             return
         self.history.append({"step": float(step), **metrics})
         log_metrics(trainer, metrics, step=step)
+        # Also in trainer.callback_metrics, on every rank: EarlyStopping / ModelCheckpoint
+        # (monitor="gap/loss") read them there; they said the metric was not available
+        # (review, session 25). ModelCheckpoint runs last; an EarlyStopping checking at
+        # validation end must come after this monitor in the callbacks list.
+        trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in metrics.items()})
 
     # ------------------------------------------------------------------ clean evaluation
     def _tags(self, pl_module: pl.LightningModule) -> list[str]:
@@ -1073,8 +1105,8 @@ class GeneralizationGapMonitor(Callback):
             ranked = [items[j] for j in sorted(range(k), key=order.__getitem__)]
             return [loader.collate_fn(ranked[j : j + bs]) for j in range(0, k, bs)]
         batches, got = [], 0
-        with generator_states_restored(loader):  # (a loader's own generator seeds its workers)
-            for batch in loader:
+        with loader_batches(loader) as it:  # (a loader's own generator seeds its workers)
+            for batch in it:
                 batches.append(batch)
                 got += _n_samples(batch)
                 if got >= want:

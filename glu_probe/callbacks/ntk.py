@@ -51,10 +51,11 @@ first t tokens do not depend on later tokens, so the cut probe's K is exactly th
 ``max_rows`` × ``max_rows`` block of the whole sequence's K. The cap also keeps K full rank:
 rows from several sequences of a small LM easily make K numerically singular (κ = inf), and the
 cost of the exact path grows linearly with the rows. The batch goes through the module's
-``on_before_batch_transfer`` / ``transfer_batch_to_device`` / ``on_after_batch_transfer`` hooks,
-then the model input is extracted: ``x`` of ``(x, y, ...)``, a dict minus its label keys
-(``labels``, ``label``, ``targets``, ``target``, ``y``, and a PairedModule's ``labels_key``), a
-tensor as is; ``probe_inputs=callable(batch) -> inputs`` overrides.
+``on_before_batch_transfer`` / ``transfer_batch_to_device`` / ``on_after_batch_transfer`` hooks
+(a datamodule's where it overrides them), then the model input is extracted: ``x`` of
+``(x, y, ...)``, a dict minus its label keys (``labels``, ``label``, ``targets``, ``target``,
+``y``, and a PairedModule's ``labels_key``), a tensor as is; ``probe_inputs=callable(batch) ->
+inputs`` overrides.
 
 Cost
 ----
@@ -122,10 +123,10 @@ from glu_probe.callbacks._utils import (
     check_positive_int,
     check_prefix,
     check_unique_prefix,
-    generator_states_restored,
     is_fresh_fit,
     is_quiet_run,
     items_are_batches,
+    loader_batches,
     log_metrics,
     logger_step,
     rank_zero_batches,
@@ -607,6 +608,10 @@ class NTKSpectrumMonitor(Callback):
         # session 24). It is re-chosen after the first stepping batch, which shows k.
         # (the run's length matters to the automatic cadence only)
         est = trainer.estimated_stepping_batches if self.every_n_steps is None else math.inf
+        if est <= 0:
+            # An iterable dataset under max_epochs alone: Lightning estimates max_steps, -1,
+            # which passed as finite and probed every step (review, session 25).
+            est = math.inf
         self._recheck_cadence = (
             self.every_n_steps is None
             and not pl_module.automatic_optimization
@@ -753,9 +758,11 @@ class NTKSpectrumMonitor(Callback):
                     "NTKSpectrumMonitor: the probe batch is empty or has no tensor with a batch "
                     "dimension."
                 )
-            batch = pl_module.on_before_batch_transfer(batch, 0)
-            batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-            batch = pl_module.on_after_batch_transfer(batch, 0)
+            # As Lightning's loops call them: a LightningDataModule's transfer hooks, where it
+            # overrides them, run in place of the module's (the probe had skipped them; review,
+            # session 25).
+            batch = pl_module._on_before_batch_transfer(batch, 0)
+            batch = pl_module._apply_batch_transfer_handler(batch, pl_module.device, 0)
         # A PairedModule's dict batches lose its own labels_key too, as in its training step
         # (labels_key="answer" ended the fit at train start: model(**batch) got the targets;
         # review, session 24).
@@ -920,8 +927,8 @@ class NTKSpectrumMonitor(Callback):
             k = min(self.probe_size, len(indices))
             return collate([dataset[i] for i in indices[:k]])
         # Iterable dataset: take the first batches of a fresh iterator (RNG states restored).
-        with generator_states_restored(loader):
-            batch = self._first_samples(iter(loader))
+        with loader_batches(loader) as it:
+            batch = self._first_samples(it)
         # (rank 0's batch on every rank: a sharded probe takes its slice of one batch)
         return rank_zero_batches(trainer, batch)
 

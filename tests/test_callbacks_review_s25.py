@@ -1,0 +1,206 @@
+"""Session 25 review of the callbacks: each test failed (or hung) on the code before its fix."""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from glu_probe.callbacks import GeneralizationGapMonitor, NTKSpectrumMonitor
+from glu_probe.ntk import ntk_spectrum
+
+
+def _data(n: int = 32, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    return TensorDataset(x, x @ torch.randn(4, 1, generator=g))
+
+
+class Reg(pl.LightningModule):
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.loss_fn = nn.MSELoss()
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.loss_fn(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", self.loss_fn(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def _trainer(**kw: Any) -> pl.Trainer:
+    base: dict[str, Any] = {
+        "accelerator": "cpu",
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "logger": False,
+        "deterministic": True,
+    }
+    return pl.Trainer(**{**base, **kw})
+
+
+SCALE = 10.0
+
+
+class ScaleBefore(Reg):
+    """Preprocessing in the module's on_before_batch_transfer (the gap's training side skipped
+    it: gap/train/loss 3.28 for the true 3.78)."""
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return batch[0] * SCALE, batch[1]
+
+
+class Plain(pl.LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_data(32), batch_size=8)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_data(16, seed=1), batch_size=8)
+
+
+class ScaleInDataModule(Plain):
+    """The same in a datamodule's on_after_batch_transfer (the NTK probe called the module's
+    hooks, skipping the datamodule's: lambda_max 16.2 for 44.1)."""
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return batch[0] * SCALE, batch[1]
+
+
+@pytest.mark.parametrize(("module", "datamodule"), [(ScaleBefore, Plain), (Reg, ScaleInDataModule)])
+def test_probe_and_training_subset_go_through_every_transfer_hook(
+    module: type[Reg], datamodule: type[Plain]
+) -> None:
+    pl.seed_everything(0)
+    ntk = NTKSpectrumMonitor(
+        every_n_steps=100, probe_size=8, log_figure=False, log_histogram=False, dtype=torch.float64
+    )
+    gap = GeneralizationGapMonitor(train_subset_size=32)
+    trainer = _trainer(
+        callbacks=[ntk, gap], max_steps=1, val_check_interval=1, num_sanity_val_steps=0
+    )
+    model = module(lr=0.0)  # parameters never change: the numbers below are at init
+    trainer.fit(model, datamodule=datamodule())
+    train, val = _data(32), _data(16, seed=1)
+    with torch.no_grad():
+        want_train = model.loss_fn(model(train.tensors[0] * SCALE), train.tensors[1]).item()
+        want_val = model.loss_fn(model(val.tensors[0] * SCALE), val.tensors[1]).item()
+    h = gap.history[0]
+    assert h["gap/train/loss"] == pytest.approx(want_train, rel=1e-6)
+    assert h["gap/val/loss"] == pytest.approx(want_val, rel=1e-6)
+    want = ntk_spectrum(model.net, train.tensors[0][:8] * SCALE, method="dense")
+    assert ntk.history[0]["ntk/lambda_max"] == pytest.approx(want.lambda_max, rel=1e-9)
+
+
+class NoisyStream(IterableDataset):
+    """An augmentation drawn in the data workers."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        data = _data(32)
+        for i in range(32):
+            x, y = data[i]
+            yield x + 0.1 * torch.randn(4), y
+
+
+def _fit_stream(callbacks: list[Any]) -> torch.Tensor:
+    pl.seed_everything(0)
+    train = DataLoader(NoisyStream(), batch_size=8, num_workers=1, persistent_workers=True)
+    model = Reg()
+    _trainer(callbacks=callbacks, max_epochs=2).fit(
+        model, train, DataLoader(_data(16, seed=1), batch_size=8)
+    )
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="worker processes")
+def test_persistent_workers_pool_is_left_to_training() -> None:
+    # Iterating the loader reset its persistent pool and advanced the workers' RNG: other
+    # batches from epoch 1 on, parameters off by up to 0.13.
+    plain = _fit_stream([])
+    for callback in (
+        NTKSpectrumMonitor(every_n_steps=2, probe_size=8, log_figure=False, log_histogram=False),
+        GeneralizationGapMonitor(),
+    ):
+        assert torch.equal(_fit_stream([callback]), plain), type(callback).__name__
+
+
+def test_iterable_data_with_max_epochs_only_needs_an_explicit_cadence() -> None:
+    # Lightning estimates -1 stepping batches there: the cadence became every step, silently.
+    trainer = _trainer(
+        callbacks=[NTKSpectrumMonitor(log_figure=False, log_histogram=False)], max_epochs=1
+    )
+    train = DataLoader(NoisyStream(), batch_size=8)
+    with pytest.raises(MisconfigurationException, match="run of unknown length"):
+        trainer.fit(Reg(), train, DataLoader(_data(16, seed=1), batch_size=8))
+
+
+def test_gap_metrics_reach_early_stopping_and_model_checkpoint(tmp_path: Any) -> None:
+    # They went to the loggers only: "metric gap/loss which is not available".
+    pl.seed_everything(0)
+    gap = GeneralizationGapMonitor()
+    stop = EarlyStopping(monitor="gap/loss", patience=0, mode="min", check_finite=True)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="gap/loss", mode="min", save_top_k=1)
+    trainer = _trainer(
+        callbacks=[gap, stop, ckpt], max_epochs=6, enable_checkpointing=True, logger=False
+    )
+    trainer.fit(Reg(lr=0.05), DataLoader(_data(32), batch_size=8), Plain().val_dataloader())
+    gaps = [h["gap/loss"] for h in gap.history]
+    assert len(gaps) >= 2
+    assert trainer.callback_metrics["gap/loss"].item() == pytest.approx(gaps[-1])
+    assert ckpt.best_model_score is not None
+    assert ckpt.best_model_score.item() == pytest.approx(min(gaps))
+    # patience 0: stopped at the first validation whose gap did not improve, if any
+    worse = [i for i in range(1, len(gaps)) if gaps[i] >= min(gaps[:i])]
+    assert len(gaps) == (worse[0] + 1 if worse else 6)
+
+
+class _EmptyOnRankOne(Reg):
+    def __init__(self) -> None:
+        super().__init__()
+        self.allow_zero_length_dataloader_with_multiple_devices = True
+
+    def val_dataloader(self) -> DataLoader:
+        if self.global_rank == 0:
+            return DataLoader(_data(16, seed=1), batch_size=8)
+        return DataLoader(TensorDataset(torch.zeros(0, 4), torch.zeros(0, 1)), batch_size=8)
+
+
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or sys.platform == "win32", reason="needs gloo"
+)
+def test_ddp_rank_without_validation_batches_is_refused_not_a_deadlock() -> None:
+    # Rank 0 waited in the gap's all-reduce while rank 1 skipped validation (until the process
+    # group's timeout, 30 min by default; 30 s here so that the old code fails, not hangs).
+    from lightning.pytorch.strategies import DDPStrategy
+
+    trainer = _trainer(
+        callbacks=[GeneralizationGapMonitor()],
+        devices=2,
+        strategy=DDPStrategy(start_method="fork", timeout=timedelta(seconds=30)),
+        max_epochs=1,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        deterministic=False,
+    )
+    with pytest.raises(Exception, match="ranks have no validation batches"):
+        trainer.fit(_EmptyOnRankOne(), DataLoader(_data(32), batch_size=8))
