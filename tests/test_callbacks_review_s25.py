@@ -204,3 +204,66 @@ def test_ddp_rank_without_validation_batches_is_refused_not_a_deadlock() -> None
     )
     with pytest.raises(Exception, match="ranks have no validation batches"):
         trainer.fit(_EmptyOnRankOne(), DataLoader(_data(32), batch_size=8))
+
+
+# ---------------------------------------------------------------------- PairedModule
+
+
+def _net(seed: int, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 3))
+
+
+def _classes(n: int = 64) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g))
+    return DataLoader(data, batch_size=4)
+
+
+@pytest.mark.parametrize(("model_prefix", "baseline_prefix"), [("glu", "model"), ("baseline", "x")])
+def test_paired_prefixes_that_name_the_other_member_are_refused(
+    model_prefix: str, baseline_prefix: str
+) -> None:
+    # ("glu", "model"): validation scored the model twice; ("baseline", "model"): the model
+    # trained with twice its gradient and the baseline never.
+    from glu_probe.callbacks import PairedModule
+
+    with pytest.raises(MisconfigurationException, match="each member is also known by its own"):
+        PairedModule(_net(1), _net(2), model_prefix=model_prefix, baseline_prefix=baseline_prefix)
+
+
+def test_paired_epoch_scheduler_resumes_from_a_last_batch_checkpoint(tmp_path: Any) -> None:
+    # Stepped at the epoch end, after a checkpoint saved on the epoch's last batch
+    # (every_n_train_steps): the resumed run never made that step (lr 0.0103 for 0.0072).
+    from functools import partial
+
+    from glu_probe.callbacks import PairedModule
+
+    def fit(epochs: int, ckpt_path: Any = None, callbacks: Any = ()) -> PairedModule:
+        pl.seed_everything(0, verbose=False)
+        module = PairedModule(
+            _net(1),
+            _net(2, dropout=0.3),
+            lr=3e-2,
+            lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.7),
+            lr_scheduler_interval="epoch",
+        )
+        trainer = _trainer(
+            max_epochs=epochs,
+            callbacks=list(callbacks),
+            enable_checkpointing=bool(callbacks),
+            limit_val_batches=0,
+            deterministic=False,
+        )
+        trainer.fit(module, _classes(), ckpt_path=ckpt_path)
+        return module
+
+    whole = fit(4)
+    fit(2, callbacks=[ModelCheckpoint(tmp_path, save_top_k=-1, every_n_train_steps=16)])
+    resumed = fit(4, ckpt_path=tmp_path / "epoch=1-step=32.ckpt")
+    for run in (whole, resumed):
+        for opt in run.trainer.optimizers:
+            assert opt.param_groups[0]["lr"] == pytest.approx(3e-2 * 0.7**4, rel=1e-12)
+    for member in ("model", "baseline"):
+        a, b = getattr(whole, member).state_dict(), getattr(resumed, member).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), member

@@ -439,6 +439,15 @@ class PairedModule(pl.LightningModule):
                 raise MisconfigurationException(
                     f"PairedModule: {name} must be a non-empty name without '/', got {prefix!r}"
                 )
+        if model_prefix == "baseline" or baseline_prefix == "model":
+            # Members are named by their prefix or by "model" / "baseline" (evaluate(batch,
+            # which)): crossed names mixed the networks up (the model scored twice, or trained
+            # with twice its gradient and the baseline never; review, session 25).
+            raise MisconfigurationException(
+                "PairedModule: model_prefix may not be 'baseline', nor baseline_prefix 'model' "
+                f"(got {model_prefix!r}, {baseline_prefix!r}): each member is also known by "
+                "its own name"
+            )
         if model_prefix == baseline_prefix:
             raise MisconfigurationException(
                 "PairedModule: model_prefix and baseline_prefix must differ"
@@ -621,7 +630,13 @@ class PairedModule(pl.LightningModule):
         # The baseline's step goes through the same precision plugin and hooks, but not through
         # the LightningOptimizer, so it does not advance the global step a second time.
         self.trainer.strategy.optimizer_step(opt_baseline.optimizer, closure=_no_closure)
-        if self.lr_scheduler_factory is not None and self.lr_scheduler_interval == "step":
+        if self.lr_scheduler_factory is not None and (
+            self.lr_scheduler_interval == "step" or self._last_batch_of_epoch()
+        ):
+            # Epoch-interval schedulers step on the epoch's last batch, before
+            # on_train_batch_end, where Lightning steps its own: stepped at the epoch end, a
+            # checkpoint saved on that batch (every_n_train_steps) held them one step behind,
+            # and a run resumed from it never made that step (review, session 25).
             self._step_schedulers(plateau=False)
         bs = self._batch_size(batch)
         self.log(
@@ -644,9 +659,16 @@ class PairedModule(pl.LightningModule):
                 gradient_clip_algorithm=self.gradient_clip_algorithm,
             )
 
+    def _last_batch_of_epoch(self) -> bool:
+        loop = getattr(self.trainer, "fit_loop", None)
+        ready = getattr(getattr(loop, "epoch_loop", None), "_num_ready_batches_reached", None)
+        return bool(ready()) if callable(ready) else False
+
     def on_train_epoch_end(self) -> None:
         if self.lr_scheduler_factory is None:
             return
+        # ReduceLROnPlateau steps here, after the validation it monitors (the other
+        # epoch-interval schedulers stepped on the epoch's last batch, as Lightning's do).
         # Once per epoch of training: after restoring a checkpoint saved at an epoch end,
         # Lightning runs an epoch end again before any new batch (the restored schedulers
         # already stepped for that epoch; ReduceLROnPlateau's metric is not in checkpoints), so
@@ -670,9 +692,9 @@ class PairedModule(pl.LightningModule):
             scheds = [scheds]
         for prefix, sched in zip((self.model_prefix, self.baseline_prefix), scheds, strict=True):
             is_plateau = isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            if is_plateau != plateau:
+                continue
             if is_plateau:
-                if not plateau:
-                    continue
                 key = f"{prefix}/{self.lr_scheduler_monitor}"
                 value = self.trainer.callback_metrics.get(key)
                 if value is None:
@@ -681,7 +703,7 @@ class PairedModule(pl.LightningModule):
                         f"(available: {sorted(self.trainer.callback_metrics)})"
                     )
                 sched.step(value)  # type: ignore[arg-type]
-            elif plateau == (self.lr_scheduler_interval == "epoch"):
+            else:
                 sched.step()
 
     # (dataloader_idx: Lightning refuses several validation or test loaders without it; the
