@@ -47,11 +47,35 @@ from glu_probe.swap import swap_mlp
 
 FAMILIES = ("vit", "gpt2")
 
+# The grid and training sizes: the full study, and --quick's tiny grid for CI. Either fills only
+# the options not given on the command line (an option given at its normal default value, say
+# --quick --depths 1 2 4 8 12, was once taken as not given; review, session 25).
+NORMAL = {"depths": [1, 2, 4, 8, 12], "widths": [32, 64], "train_steps": 40, "probe_rows": 32,
+          "batch_size": 32, "seq_len": 16}  # fmt: skip
+QUICK = {"depths": [1, 2], "widths": [16], "train_steps": 3, "probe_rows": 8, "batch_size": 8,
+         "seq_len": 8}  # fmt: skip
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except where the text already says its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "(default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _sized(name: str) -> str:
+    def show(v: Any) -> str:
+        return " ".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    return f"(default: {show(NORMAL[name])}; with --quick: {show(QUICK[name])})"
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] if __doc__ else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument(
         "--families",
@@ -61,14 +85,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="host families: timm ViT blocks on digits, HF GPT-2 blocks on stdlib bytes",
     )
     p.add_argument(
-        "--depths", type=int, nargs="+", default=[1, 2, 4, 8, 12], help="residual blocks"
+        "--depths", type=int, nargs="+", default=None, help=f"residual blocks {_sized('depths')}"
     )
     p.add_argument(
         "--widths",
         type=int,
         nargs="+",
-        default=[32, 64],
-        help="embedding widths (ViT embed_dim / GPT-2 n_embd; one head per 16)",
+        default=None,
+        help="embedding widths (ViT embed_dim / GPT-2 n_embd; one head per 16) " + _sized("widths"),
     )
     gated = sorted(GATED_VARIANTS)
     p.add_argument(
@@ -82,18 +106,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="non-gated variant (gelu: the host's own MLP)",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (init and batches)")
-    p.add_argument("--train-steps", type=int, default=40, help="AdamW steps after init")
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        default=None,
+        help=f"AdamW steps after init {_sized('train_steps')}",
+    )
     p.add_argument("--probe-at", type=int, nargs="+", default=None, help="steps to probe at")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    p.add_argument("--batch-size", type=int, default=32, help="training batch (images/sequences)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"training batch (images/sequences) {_sized('batch_size')}",
+    )
     p.add_argument(
         "--probe-rows",
         type=int,
-        default=32,
+        default=None,
         help="pNTK rows: images (ViT) or tokens (GPT-2, whole sequences: "
-        "max(1, probe_rows // seq_len) of them)",
+        f"max(1, probe_rows // seq_len) of them) {_sized('probe_rows')}",
     )
-    p.add_argument("--seq-len", type=int, default=16, help="GPT-2 context")
+    p.add_argument("--seq-len", type=int, default=None, help=f"GPT-2 context {_sized('seq_len')}")
     p.add_argument("--quick", action="store_true", help="tiny grid for CI")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument(
@@ -101,12 +135,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", default="runs/examples/deep_ntk", help="output folder")
     args = p.parse_args(argv)
-    if args.quick:  # a tiny grid, except where a flag was given explicitly
-        small = {"depths": [1, 2], "widths": [16], "train_steps": 3, "probe_rows": 8,
-                 "batch_size": 8, "seq_len": 8}  # fmt: skip
-        for name, value in small.items():
-            if getattr(args, name) == p.get_default(name):
-                setattr(args, name, value)
+    sizes = QUICK if args.quick else NORMAL  # a tiny grid, except where a flag was given
+    for name, value in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, copy.copy(value))
     for name in ("depths", "widths"):
         if any(v < 1 for v in getattr(args, name)):
             p.error(f"--{name} must be positive")
@@ -122,6 +154,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--train-steps must be >= 0")
     if args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
+    # (0 or a negative value failed mid-run, or, --probe-rows 0 with gpt2, ran on one sequence;
+    # review, session 25)
+    for name in ("batch_size", "probe_rows", "seq_len"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be a positive finite number, got {args.lr}")
     if any(s < 0 for s in args.seeds):
         p.error(f"--seeds must be >= 0, got {args.seeds}")
     if args.probe_at is None:
@@ -129,7 +168,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.probe_at = sorted(set(args.probe_at))  # (a repeated step crashed the progress line)
     if any(s < 0 or s > args.train_steps for s in args.probe_at):
         p.error("--probe-at steps must lie in [0, --train-steps]")
+    _check_data(p, args)
     return args
+
+
+def _check_data(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The data of each family can serve ``--batch-size`` and ``--probe-rows`` (before anything
+    trains): a batch larger than the training set never yielded one (an endless loop), a ViT probe
+    larger than it was silently cut, and a GPT-2 probe needs one window per distinct first byte
+    (:func:`glu_probe.data.lm_probe_batch`: at most 256, and only as many as the corpus has, 94
+    for the stdlib at ``--seq-len 16``)."""
+    if "vit" in args.families:
+        n = len(digits_dataset("train", image_size=16, seed=0))
+        if args.batch_size > n:
+            p.error(f"--batch-size {args.batch_size} exceeds the {n} digits training images")
+        if args.probe_rows > n:
+            p.error(f"--probe-rows {args.probe_rows} exceeds the {n} digits training images")
+    if "gpt2" in args.families:
+        n_seq = _probe_sequences(args)
+        if n_seq > 256:
+            p.error(
+                f"--probe-rows {args.probe_rows} at --seq-len {args.seq_len} asks for {n_seq} "
+                "probe sequences; GPT-2 probe sequences need distinct first bytes (at most 256)"
+            )
+        corpus = text_corpus(None, split="train", seq_len=args.seq_len, max_bytes=_MAX_BYTES)
+        if args.batch_size > len(corpus):
+            p.error(
+                f"--batch-size {args.batch_size} exceeds the {len(corpus)} training sequences "
+                f"of {args.seq_len} bytes"
+            )
+        try:
+            lm_probe_batch(corpus, n_seq)
+        except ValueError as err:
+            p.error(f"--probe-rows {args.probe_rows} at --seq-len {args.seq_len}: {err}")
+
+
+_MAX_BYTES = 400_000  # the GPT-2 family's corpus: the first bytes of the stdlib sources
+
+
+def _probe_sequences(args: argparse.Namespace) -> int:
+    """GPT-2 probe sequences: whole sequences of ``--seq-len`` tokens, at least one."""
+    return max(1, args.probe_rows // args.seq_len)
 
 
 def _heads(width: int) -> int:
@@ -173,11 +252,11 @@ class Task:
             self.x, self.y = ds.tensors
             self.probe = self.x[: args.probe_rows]
         else:
-            corpus = text_corpus(None, split="train", seq_len=args.seq_len, max_bytes=400_000)
+            corpus = text_corpus(None, split="train", seq_len=args.seq_len, max_bytes=_MAX_BYTES)
             n = len(corpus)
             self.x = torch.stack([corpus[i][0] for i in range(n)])
             self.y = torch.stack([corpus[i][1] for i in range(n)])
-            n_seq = max(1, args.probe_rows // args.seq_len)
+            n_seq = _probe_sequences(args)
             # distinct first bytes: shared prefixes would duplicate pNTK rows (singular K)
             self.probe = lm_probe_batch(corpus, n_seq)[0]
         self.batch_size = args.batch_size
@@ -203,7 +282,8 @@ def measure(
     probe = task.probe.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     batches = task.batches(seed)
-    out, losses = [], []
+    out: list[dict[str, Any]] = []
+    losses: list[float] = []
     for step in range(args.train_steps + 1):
         if step in args.probe_at:
             spec = ntk_spectrum(model, probe, output="pntk", method="dense")

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from glu_probe.data import hf_text_dataset, text_corpus
+from glu_probe.data import hf_text_dataset, lm_probe_batch, text_corpus
 from glu_probe.demo import (
     PairSettings,
     add_example_arguments,
@@ -79,14 +79,14 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=_HelpFormatter,
     )
     add_example_arguments(
         p,
-        SIZES,
+        list(SIZES),
         run_name_help="run folder (default: gpt2-<size>, or gpt2-<size>-N when that is used)",
     )
     src = p.add_mutually_exclusive_group()
@@ -95,6 +95,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-field", default="text", help="text column of --hf-dataset")
     p.add_argument("--max-bytes", type=int, default=None, help="override the corpus byte cap")
     p.add_argument("--n-layer", type=int, default=None, help="override the number of blocks")
+    return p
+
+
+def parse_args(
+    argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> argparse.Namespace:
+    p = parser if parser is not None else build_parser()
     args = check_example_arguments(p, p.parse_args(argv))
     if args.n_layer is not None and args.n_layer < 1:
         p.error(f"--n-layer must be >= 1, got {args.n_layer}")
@@ -108,22 +115,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+    p = build_parser()
+    args = parse_args(argv, p)
     cfg, seq_len, max_bytes, settings = SIZES[args.size]
     cfg = dict(cfg)
     if args.n_layer is not None:
         cfg["n_layer"] = args.n_layer
     max_bytes = max_bytes if args.max_bytes is None else args.max_bytes
     settings = example_settings(settings, args)
-    if args.hf_dataset:
-        data_name = f"hf:{args.hf_dataset}"
-        kw: dict[str, Any] = {"seq_len": seq_len, "max_bytes": max_bytes}
-        train = hf_text_dataset(args.hf_dataset, split="train", text_field=args.text_field, **kw)
-        val = hf_text_dataset(args.hf_dataset, split="val", text_field=args.text_field, **kw)
-    else:
-        data_name = args.data or "python-stdlib"
-        train = text_corpus(args.data, split="train", seq_len=seq_len, max_bytes=max_bytes)
-        val = text_corpus(args.data, split="val", seq_len=seq_len, max_bytes=max_bytes)
+    # Read the data and take the probe batch now, before any run folder is claimed: a text too
+    # short for one window, or a folder that is no saved dataset, was a traceback (review,
+    # session 25)
+    flag, value = ("--hf-dataset", args.hf_dataset) if args.hf_dataset else ("--data", args.data)
+    try:
+        if args.hf_dataset:
+            data_name = f"hf:{args.hf_dataset}"
+            kw: dict[str, Any] = {"seq_len": seq_len, "max_bytes": max_bytes}
+            hf_kw = {"text_field": args.text_field, **kw}
+            train = hf_text_dataset(args.hf_dataset, split="train", **hf_kw)
+            val = hf_text_dataset(args.hf_dataset, split="val", **hf_kw)
+        else:
+            data_name = args.data or "python-stdlib"
+            train = text_corpus(args.data, split="train", seq_len=seq_len, max_bytes=max_bytes)
+            val = text_corpus(args.data, split="val", seq_len=seq_len, max_bytes=max_bytes)
+        lm_probe_batch(train, settings.probe_size)
+    except (OSError, ValueError, TypeError) as err:
+        p.error(f"{flag} {value!r}: {err}" if value is not None else str(err))
     return run_example(
         args,
         title="GPT-2",

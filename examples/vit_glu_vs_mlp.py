@@ -27,6 +27,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,14 +78,14 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=_HelpFormatter,
     )
     add_example_arguments(
         p,
-        SIZES,
+        list(SIZES),
         run_name_help="run folder (default: vit-<size>-<data>, -N appended when that is used)",
     )
     p.add_argument("--cifar-root", default=None, help="folder holding cifar-10-batches-py")
@@ -95,6 +96,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--train-limit", type=int, default=None, help="use the first N train images")
     p.add_argument("--depth", type=int, default=None, help="override the number of blocks")
+    return p
+
+
+def parse_args(
+    argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> argparse.Namespace:
+    p = parser if parser is not None else build_parser()
     args = check_example_arguments(p, p.parse_args(argv))
     if args.depth is not None and args.depth < 1:
         p.error(f"--depth must be >= 1, got {args.depth}")
@@ -102,11 +110,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--cifar-root {args.cifar_root!r} is not a directory")
     if args.train_limit is not None and args.train_limit < 1:
         p.error(f"--train-limit must be >= 1, got {args.train_limit}")
+    if args.train_limit is not None and args.cifar_root is None:
+        # (it was silently ignored on digits: review, session 25)
+        p.error("--train-limit needs --cifar-root (it limits the CIFAR-10 training images)")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+    p = build_parser()
+    args = parse_args(argv, p)
     vit_kw, settings = SIZES[args.size]
     vit_kw = dict(vit_kw)
     if args.depth is not None:
@@ -115,8 +127,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.cifar_root:
         data_name = "cifar10"
         check = not args.no_verify_md5
-        train = cifar10_dataset(args.cifar_root, "train", limit=args.train_limit, verify_md5=check)
-        val = cifar10_dataset(args.cifar_root, "test", verify_md5=check)
+        try:  # (a missing or corrupted CIFAR-10 was a traceback: review, session 25)
+            train = cifar10_dataset(
+                args.cifar_root, "train", limit=args.train_limit, verify_md5=check
+            )
+            val = cifar10_dataset(args.cifar_root, "test", verify_md5=check)
+        except (OSError, ValueError, EOFError, pickle.UnpicklingError) as err:
+            p.error(f"--cifar-root {args.cifar_root!r}: {err}")
         vit_kw.update(img_size=32, patch_size=4, in_chans=3, num_classes=10)
     else:
         data_name = "digits"

@@ -375,15 +375,45 @@ def _build_timm(name: str, overrides: dict[str, Any], parser: argparse.ArgumentP
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
         parser.error(f"unknown timm model {name!r}{hint}")
+    _check_layer_counts(overrides, parser)
     try:
         return timm.create_model(name, pretrained=False, **overrides)
-    except TypeError as err:
-        parser.error(f"timm model {name!r} rejected an override: {err}")
+    except Exception as err:  # (AssertionError, ZeroDivisionError, KeyError: review, session 25)
+        parser.error(f"timm model {name!r} rejected an override: {type(err).__name__}: {err}")
+
+
+# ``--set`` keys that count layers/blocks: a count below 1 built a model without blocks, and its
+# "NTK spectrum" was reported with exit status 0 (review, session 25)
+_LAYER_COUNT_KEYS = frozenset(
+    {
+        "depth",
+        "depths",
+        "n_layer",
+        "n_layers",
+        "num_layers",
+        "num_hidden_layers",
+        "num_decoder_layers",
+        "num_encoder_layers",
+        "encoder_layers",
+        "decoder_layers",
+    }
+)
+
+
+def _check_layer_counts(overrides: dict[str, Any], parser: argparse.ArgumentParser) -> None:
+    """Refuse a layer/block count (``depth``, ``n_layer``, ``num_hidden_layers``, ...) below 1."""
+    for key, value in overrides.items():
+        if key not in _LAYER_COUNT_KEYS:
+            continue
+        counts = value if isinstance(value, list) else [value]
+        if any(isinstance(v, (int, float)) and not isinstance(v, bool) and v < 1 for v in counts):
+            parser.error(f"--set {key}={json.dumps(value)}: a layer count must be >= 1")
 
 
 def _build_hf(spec: str, overrides: dict[str, Any], parser: argparse.ArgumentParser) -> Any:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     path = Path(spec)
     if path.suffix == ".json" or path.is_file():
@@ -393,9 +423,13 @@ def _build_hf(spec: str, overrides: dict[str, Any], parser: argparse.ArgumentPar
             cfg_dict = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as err:
             parser.error(f"{spec!r} is not valid JSON: {err}")
+        if not isinstance(cfg_dict, dict):  # (a list was a TypeError traceback: session 25)
+            parser.error(f"{spec!r} is not a JSON object (got {type(cfg_dict).__name__})")
         model_type = cfg_dict.pop("model_type", None)
         if model_type is None:
             parser.error(f"{spec!r} has no 'model_type' entry")
+        if not isinstance(model_type, str):
+            parser.error(f"{spec!r}: 'model_type' must be a string, got {model_type!r}")
     else:
         model_type, cfg_dict = spec, {}
     if model_type not in CONFIG_MAPPING:
@@ -409,15 +443,22 @@ def _build_hf(spec: str, overrides: dict[str, Any], parser: argparse.ArgumentPar
         default = None
     if default is not None:
         _check_config_keys(config_class, default, overrides, set(cfg_dict), parser)
+    _check_layer_counts(overrides, parser)
     given = set(cfg_dict) | set(overrides)
     cfg_dict.update(overrides)
     if default is not None:
         _drop_special_ids_outside_vocab(default, cfg_dict, given)
-    config = AutoConfig.for_model(model_type, **cfg_dict)
+    # A value the config or the model rejects (n_head=3 with n_embd=32, n_embd=abc,
+    # activation_function=foo) is a usage error, not a traceback (review, session 25); the bare
+    # model is built only for a config without a causal-LM head, not on any ValueError (which
+    # built the model twice and raised twice).
     try:
-        return AutoModelForCausalLM.from_config(config)
-    except ValueError:
+        config = AutoConfig.for_model(model_type, **cfg_dict)
+        if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+            return AutoModelForCausalLM.from_config(config)
         return AutoModel.from_config(config)
+    except Exception as err:
+        parser.error(f"--hf-config {spec!r}: {type(err).__name__}: {err}")
 
 
 _SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
@@ -556,6 +597,8 @@ def _cmd_spectrum(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         net = model
     else:
         vocab = int(getattr(model.config, "vocab_size", 256))
+        if vocab < 1:  # (torch.randint raised a RuntimeError: review, session 25)
+            parser.error(f"--hf-config {args.hf_config!r}: vocab_size must be >= 1, got {vocab}")
         max_pos = getattr(model.config, "n_positions", None) or getattr(
             model.config, "max_position_embeddings", None
         )

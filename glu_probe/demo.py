@@ -547,8 +547,8 @@ def add_example_arguments(parser: Any, sizes: Sequence[str], run_name_help: str)
 
 def check_example_arguments(parser: Any, args: Any) -> Any:
     """``--quick`` means ``--size quick``; ``--steps`` and ``--threads`` must be positive,
-    ``--lr`` positive and finite, the seeds non-negative and ``--variant`` a gated variant
-    (``parser.error``, exit status 2, before any run folder is claimed)."""
+    ``--lr`` positive and finite, the seeds non-negative and distinct and ``--variant`` a gated
+    variant (``parser.error``, exit status 2, before any run folder is claimed)."""
     from glu_probe.modules import GATED_VARIANTS
 
     if args.quick:
@@ -562,6 +562,8 @@ def check_example_arguments(parser: Any, args: Any) -> Any:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if any(s < 0 for s in args.seeds):
         parser.error(f"--seeds must be >= 0, got {args.seeds}")
+    if len(set(args.seeds)) < len(args.seeds):  # (fit_seeds raised late: review, session 25)
+        parser.error(f"--seeds must be distinct, got {args.seeds}")
     if args.variant not in GATED_VARIANTS:
         parser.error(f"--variant must be one of {sorted(GATED_VARIANTS)}, got {args.variant!r}")
     return args

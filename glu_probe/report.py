@@ -316,11 +316,16 @@ def crossing_steps(sub: SubRun) -> tuple[list[tuple[int, float]], list[tuple[int
         return list(detected), detected
     a = _pick(sub, _loss_candidates(_side_prefix(sub, "model"), "train"))
     b = _pick(sub, _loss_candidates(_side_prefix(sub, "baseline"), "train"))
-    if a is None or b is None or len(a.values) < 2 or len(b.values) < 2:
+    if a is None or b is None:
         return list(detected), detected
     from glu_probe.crossing import find_crossings
 
     ok_a, ok_b = np.isfinite(a.values), np.isfinite(b.values)
+    # fewer than two finite points on a side (a short run, or a loss that is NaN/inf throughout):
+    # no crossing here; the length was checked before the filter, and a side with no finite loss
+    # raised "series a is empty" (review, session 25)
+    if int(ok_a.sum()) < 2 or int(ok_b.sum()) < 2:
+        return list(detected), detected
     with warnings.catch_warnings():
         # a short run simply has no crossing here (the table says "none")
         warnings.filterwarnings("ignore", message="find_crossings: only", category=UserWarning)
