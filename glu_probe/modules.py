@@ -30,6 +30,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import numbers
 import operator
 import warnings
 from collections.abc import Callable, Mapping
@@ -848,7 +849,9 @@ def closest_width(target: float, slope: int, const: int, multiple_of: int = 1) -
     width once it passes 2**53.
     """
     m = _check_width(multiple_of, "multiple_of")
-    goal = Fraction(target)
+    # (numpy and tensor scalars through float: Fraction takes only Rational, float, str)
+    goal = Fraction(target) if isinstance(target, numbers.Rational | float) else float(target)
+    goal = Fraction(goal)
     lo = max(m, math.floor((goal - const) / (slope * m)) * m)
     hi = max(m, lo + m)
     return lo if abs(slope * lo + const - goal) <= abs(slope * hi + const - goal) else hi

@@ -267,3 +267,51 @@ def test_paired_epoch_scheduler_resumes_from_a_last_batch_checkpoint(tmp_path: A
     for member in ("model", "baseline"):
         a, b = getattr(whole, member).state_dict(), getattr(resumed, member).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), member
+
+
+class _ValEpochs(pl.LightningDataModule):
+    """Records the epochs at which Lightning asks for the validation loader."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[int] = []
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_data(32), batch_size=8)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.trainer is not None
+        self.asked.append(self.trainer.current_epoch)
+        if self.trainer.global_rank == 0:
+            torch.save(self.asked, self.path)
+        return DataLoader(_data(16, seed=1), batch_size=8)
+
+
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or sys.platform == "win32", reason="needs gloo"
+)
+def test_ddp_rank_check_leaves_validation_setup_to_lightning(tmp_path: Any) -> None:
+    # (Re-review.) The check set the validation loader up at train start: a module with a
+    # validation_step but no val loader crashed ("val_dataloader must be implemented"), and
+    # with check_val_every_n_epoch=2 + reload_dataloaders_every_n_epochs=2 the epoch-1
+    # validation ran on the loader made at train start (no reload at epoch 1).
+    from lightning.pytorch.strategies import DDPStrategy
+
+    def ddp(**kw: Any) -> pl.Trainer:
+        return _trainer(
+            callbacks=[GeneralizationGapMonitor()],
+            devices=2,
+            strategy=DDPStrategy(start_method="fork", timeout=timedelta(seconds=60)),
+            num_sanity_val_steps=0,
+            deterministic=False,
+            **kw,
+        )
+
+    ddp(max_epochs=1).fit(Reg(), DataLoader(_data(32), batch_size=8))  # no val loader: runs
+    data = _ValEpochs()
+    data.path = tmp_path / "asked.pt"  # type: ignore[attr-defined]
+    ddp(max_epochs=4, check_val_every_n_epoch=2, reload_dataloaders_every_n_epochs=2).fit(
+        Reg(), datamodule=data
+    )
+    asked = torch.load(tmp_path / "asked.pt")
+    assert asked[-2:] == [1, 3]  # Lightning's own reloads (the check may ask once at start)

@@ -78,3 +78,15 @@ def test_complex_rows_get_a_clear_error() -> None:
 
     with pytest.raises(ValueError, match="probe rows are complex"):
         ntk_spectrum(ComplexOut(), torch.randn(5, 4), output="full")
+
+
+def test_closest_width_takes_numpy_and_tensor_targets() -> None:
+    # (Re-review.) Fraction() refused np.float32 and 0-d tensors, which worked before.
+    import numpy as np
+
+    from glu_probe.modules import closest_width
+
+    want = closest_width(1000.0, 3, 4, 1)
+    assert want == 332
+    for target in (np.float32(1000.0), np.float64(1000.0), np.int64(1000), torch.tensor(1000.0)):
+        assert closest_width(target, 3, 4, 1) == want

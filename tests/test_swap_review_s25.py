@@ -220,3 +220,47 @@ def test_16_bit_timm_host_gets_timm_init_at_its_scale(dtype: torch.dtype) -> Non
     assert abs(float(w.float().std()) - 0.02) < 0.001
     assert float(w.float().abs().max()) < 0.2
     assert isinstance(w, nn.Parameter) and w is vit.blocks[0].mlp.fc1.weight
+
+
+def test_dropouts_switched_off_stay_off_through_installs_that_set_modes() -> None:
+    # (Re-review.) BERT's install (and the structural adapter's residual wrapper) set their
+    # wrapper's mode recursively, which turned the new block's dropouts back on.
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    bert = transformers.BertModel(config).train()
+    for m in bert.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()
+    _quiet_swap(bert, "swiglu")
+    mlp = bert.encoder.layer[0].output.mlp
+    assert mlp.training and not mlp.drop1.training and not mlp.drop2.training
+    x = torch.randint(0, 64, (2, 8))
+    torch.testing.assert_close(bert(x).last_hidden_state, bert(x).last_hidden_state, rtol=0, atol=0)
+
+    class ResidualFFN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up_proj = nn.Linear(32, 128)
+            self.act = nn.GELU()
+            self.down_proj = nn.Linear(128, 32)
+            self.dropout = nn.Dropout(0.5)
+
+        def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+            return self.dropout(self.down_proj(self.act(self.up_proj(hidden_states)))) + residual
+
+    class Host(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ffn = ResidualFFN()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.ffn(x, x)
+
+    host = Host().train()
+    host.ffn.dropout.eval()
+    _quiet_swap(host, "swiglu", strict=False)
+    drops = [m for m in host.modules() if isinstance(m, nn.Dropout)]
+    assert drops and not any(m.training for m in drops)

@@ -200,10 +200,23 @@ def _check_every_rank_validates(trainer: pl.Trainer) -> None:
     shards with ``allow_zero_length_dataloader_with_multiple_devices``): Lightning skips
     validation on the empty ranks, and the monitor's all-reduce of the validation sums waited
     for them until the process group timed out (30 min; review, session 25). Every rank is
-    here; the validation loader is set up as Lightning does before its first validation (a
-    no-op after the sanity check)."""
+    here. Without a sanity check the validation loader is set up here as Lightning does before
+    its first validation (so a module's ``val_dataloader()`` is asked once more), then the loop
+    is left as it was, for Lightning to set it up at its time; after the sanity check its batch
+    counts are read as they are."""
+    if not trainer.enable_validation:
+        return  # (no validation at all: nothing to wait for, and no loader to ask for)
     loop = trainer.fit_loop.epoch_loop.val_loop
-    loop.setup_data()
+    # The loop's state as it was: a loader set up here would be kept (and its reload epoch
+    # recorded) where Lightning sets it up later (check_val_every_n_epoch with
+    # reload_dataloaders_every_n_epochs reloaded at other epochs; re-review, session 25).
+    # (After the sanity check the loader is there already: its batch counts are read as
+    # they are, and no reload is asked for.)
+    if loop._combined_loader is None:
+        epoch = loop._last_val_dl_reload_epoch
+        loop.setup_data()
+        loop._combined_loader = None
+        loop._last_val_dl_reload_epoch = epoch
     has = float(sum(loop.max_batches) > 0)
     count = torch.tensor([has], dtype=torch.float64, device=trainer.strategy.root_device)
     ranks = int(float(trainer.strategy.reduce(count, reduce_op="sum")))

@@ -1598,7 +1598,13 @@ def _install_and_configure(
     earlier = earlier or {}
     replaced = {path: _replaced_paths(path, old, adapter) for path, old, adapter, *_ in plan}
     for path, old, adapter, new, _ in plan:
+        # The new block's modes as the plan set them (dropouts switched off stay off): an
+        # install that sets its wrapper's mode recursively (BERT's ResidualNormMLP, the
+        # structural adapter's ResidualAddMLP) reset them (re-review, session 25).
+        modes = [(m, m.training) for m in new.modules()]
         adapter.install(model, path, old, new)
+        for m, training in modes:
+            m.training = training
     _repoint_aliases(model, plan, paths_of)
     # One update per config: each block's config is that of the sub-model owning it.
     groups: dict[int, tuple[str, nn.Module, Any, list[int]]] = {}
