@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import inspect
 import json
 import math
 import os
@@ -541,13 +542,16 @@ def _hf_tensor_module(hf: Any) -> Any:
     import torch
     from torch import nn
 
+    # (use_cache only where forward names it: DistilBERT's of transformers 4.x refuses it)
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(hf.forward).parameters else {}
+
     class HFTensorOutput(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.hf = hf
 
         def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            out = self.hf(input_ids=input_ids, use_cache=False)
+            out = self.hf(input_ids=input_ids, **extra)
             logits = getattr(out, "logits", None)
             return logits if logits is not None else out.last_hidden_state
 

@@ -232,6 +232,11 @@ def test_paired_prefixes_that_name_the_other_member_are_refused(
         PairedModule(_net(1), _net(2), model_prefix=model_prefix, baseline_prefix=baseline_prefix)
 
 
+@pytest.mark.skipif(
+    tuple(int(v) for v in pl.__version__.split(".")[:2]) < (2, 5),
+    reason="Lightning < 2.5 resumes a checkpoint saved on an epoch's last batch one batch early "
+    "(a plain LightningModule's StepLR then steps twice too: fixed upstream in 2.5)",
+)
 def test_paired_epoch_scheduler_resumes_from_a_last_batch_checkpoint(tmp_path: Any) -> None:
     # Stepped at the epoch end, after a checkpoint saved on the epoch's last batch
     # (every_n_train_steps): the resumed run never made that step (lr 0.0103 for 0.0072).

@@ -54,9 +54,13 @@ def test_strict_false_moe_swap_reloads_with_the_recipe() -> None:
     )  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_config(config)
     report = _quiet_swap(model, "gelu", strict=False)
-    assert report.paths == ["model.layers.0.mlp", "model.layers.1.mlp.shared_expert"]
+    assert "model.layers.1.mlp.shared_expert" in report.paths
     record = model.config.glu_probe_swap
-    assert record["strict"] is False
+    # (transformers 4.x holds the routed experts as MLP blocks, swapped too: then nothing is
+    # left unrecognised; 5.x fuses them into one module, which the MoE wrapper keeps)
+    assert record.get("strict", True) is (not report.unrecognised)
+    if tuple(int(v) for v in transformers.__version__.split(".")[:1]) >= (5,):
+        assert record["strict"] is False
     saved = transformers.Qwen2MoeConfig.from_dict(model.config.to_dict())
     rebuilt = transformers.AutoModelForCausalLM.from_config(saved)
     _recipe(rebuilt, saved.glu_probe_swap)
