@@ -431,7 +431,7 @@ def test_a_tuple_output_of_several_tensors_is_pointed_out() -> None:
 
     x = torch.randn(6, 5)
     with pytest.warns(
-        RuntimeWarning, match=r"\(tuple\) holds 2 tensors.*first \(per sample \(3,\)\)"
+        RuntimeWarning, match=r"\(tuple\) holds 2 tensors.*first \(shape \(6, 3\) for 6 sample"
     ):
         ntk_matrix(TwoHeads(), x)
     with warnings.catch_warnings():

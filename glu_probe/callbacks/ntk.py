@@ -102,6 +102,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 import time
 import warnings
@@ -284,19 +285,43 @@ def _trailing_shapes(batch: Any) -> Any:
     return None
 
 
-def default_probe_inputs(batch: Any, labels_key: str | None = None) -> Any:
+def default_probe_inputs(
+    batch: Any, labels_key: str | None = None, keep_labels: bool = False
+) -> Any:
     """The model input of a training batch: ``x`` of ``(x, y, ...)``, a dict minus label keys
-    (:data:`LABEL_KEYS` and ``labels_key``, a PairedModule's own)."""
+    (:data:`LABEL_KEYS` and ``labels_key``, a PairedModule's own). ``keep_labels``: a dict's
+    ``labels`` stay, for an encoder-decoder model, whose decoder inputs come from them (and
+    whose decoder rows they mask: ``docs/ntk.md``, "Padded tokens")."""
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, Mapping):
-        return {k: v for k, v in batch.items() if k not in LABEL_KEYS and k != labels_key}
+        return {
+            k: v
+            for k, v in batch.items()
+            if (k not in LABEL_KEYS and k != labels_key) or (keep_labels and k == "labels")
+        }
     if isinstance(batch, (list, tuple)) and len(batch) > 0:
         return batch[0]
     raise MisconfigurationException(
         "NTKSpectrumMonitor cannot find the model input in a batch of type "
         f"{type(batch).__name__}; pass `probe_inputs=callable(batch) -> inputs`."
     )
+
+
+def _is_encoder_decoder(module: nn.Module) -> bool:
+    """A Hugging Face encoder-decoder model (``config.is_encoder_decoder``) in ``module``."""
+    return any(
+        getattr(getattr(m, "config", None), "is_encoder_decoder", False) is True
+        for m in module.modules()
+    )
+
+
+def _raised_here(err: BaseException) -> bool:
+    """Whether ``err`` was raised by glu-probe's own code (its last frame), not by the model."""
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and f"{os.sep}glu_probe{os.sep}" in frames[-1].filename
 
 
 @contextmanager
@@ -767,8 +792,15 @@ class NTKSpectrumMonitor(Callback):
         # (labels_key="answer" ended the fit at train start: model(**batch) got the targets;
         # review, session 24).
         labels_key = getattr(pl_module, "labels_key", None) if _is_paired(pl_module) else None
+        # An encoder-decoder (T5, BART, Whisper) builds its decoder inputs from `labels`:
+        # without them T5 failed at setup, and BART was probed on another function (decoder
+        # inputs from the shifted input_ids) with its padded decoder rows kept (review,
+        # session 25).
+        enc_dec = isinstance(batch, Mapping) and any(
+            _is_encoder_decoder(m) for m in self._targets(pl_module).values()
+        )
         extract = self.probe_inputs or functools.partial(
-            default_probe_inputs, labels_key=labels_key
+            default_probe_inputs, labels_key=labels_key, keep_labels=enc_dec
         )
         inputs = extract(batch)
         n = _batch_len(inputs) or n
@@ -776,7 +808,9 @@ class NTKSpectrumMonitor(Callback):
             requested = n
             try:
                 per_sample = self._rows_per_sample(pl_module, inputs, include_cuda)
-            except TypeError as err:
+            except (TypeError, ValueError) as err:
+                if isinstance(err, ValueError) and _raised_here(err):
+                    raise  # (the engine's own message: NaN outputs, no dependence, ...)
                 # A dict batch whose keys are not forward's arguments ({"image", "label"} for
                 # forward(x)): the bare TypeError did not say where the call came from (review,
                 # session 18).
@@ -796,7 +830,9 @@ class NTKSpectrumMonitor(Callback):
             n = max(1, min(n, self.max_rows // max(1, per_sample)))
             inputs = slice_batch(inputs, slice(0, n))
             if per_sample > self.max_rows:
-                shorter = self._cut_tokens(pl_module, inputs, per_sample, include_cuda)
+                shorter = self._cut_tokens(
+                    pl_module, inputs, per_sample, include_cuda, decoder_only=enc_dec
+                )
                 if shorter is inputs:  # kept whole: say how large K is (it was unannounced)
                     rank_zero_warn(
                         f"NTKSpectrumMonitor: one probe sample gives {per_sample} rows of K "
@@ -872,13 +908,21 @@ class NTKSpectrumMonitor(Callback):
             return rows(2)
 
     def _cut_tokens(
-        self, pl_module: pl.LightningModule, inputs: Any, seq_len: int, cuda: bool
+        self,
+        pl_module: pl.LightningModule,
+        inputs: Any,
+        seq_len: int,
+        cuda: bool,
+        decoder_only: bool = False,
     ) -> Any:
         """The first ``max_rows`` tokens of a sequence with more pNTK rows than ``max_rows``.
 
         Every input tensor whose second dimension is ``seq_len`` (ids, attention mask, position
-        or token-type ids) is cut. The inputs are returned unchanged when that does not give
-        exactly ``max_rows`` rows per sample (not a token model, or one that needs its length).
+        or token-type ids) is cut; of an encoder-decoder's dict (``decoder_only``) only the
+        decoder's (``decoder_*`` and ``labels``: its rows), the source sequence staying whole
+        (it was cut too where its length was the decoder's; review, session 25). The inputs are
+        returned unchanged when that does not give exactly ``max_rows`` rows per sample (not a
+        token model, or one that needs its length).
         """
         keep = self.max_rows
         assert keep is not None
@@ -888,7 +932,13 @@ class NTKSpectrumMonitor(Callback):
         def cut(t: torch.Tensor) -> torch.Tensor:
             return t[:, :keep] if t.ndim >= 2 and t.shape[1] == seq_len else t
 
-        shorter = _map_tensors(inputs, cut)
+        if decoder_only and isinstance(inputs, Mapping):
+            shorter = {
+                k: _map_tensors(v, cut) if k.startswith("decoder_") or k == "labels" else v
+                for k, v in inputs.items()
+            }
+        else:
+            shorter = _map_tensors(inputs, cut)
         try:
             rows = self._rows_per_sample(pl_module, shorter, cuda)
         except Exception:  # the model rejects the shorter input: keep the whole sequence

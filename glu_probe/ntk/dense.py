@@ -64,6 +64,11 @@ __all__ = ["jacobian_rounding_estimate", "jacobian_rows", "ntk_matrix", "row_chu
 ROUNDING_FACTOR = 16.0
 
 
+class DenseBudgetError(ValueError):
+    """``memory_budget`` cannot hold the dense path (K, its eigendecomposition, one product):
+    ``method="auto"`` then takes the Lanczos path instead."""
+
+
 def _batched_leaves(probe: ProbeFunction) -> tuple[list[Any], Any, list[bool]]:
     leaves, spec = pytree.tree_flatten(probe.inputs)
     batched = [
@@ -1012,7 +1017,7 @@ def _assemble(
         product += (2 * n + 6 * activation_elements(probe)) * itemsize
     need = n * n * itemsize + product + copies
     if budget < need:
-        raise ValueError(
+        raise DenseBudgetError(
             f"{stated} cannot hold the dense NTK: K alone needs "
             f"{n * n * itemsize} bytes plus {product} for one product "
             f"and {copies} for the probe's copies of its parameters, buffers and inputs; give "

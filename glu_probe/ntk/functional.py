@@ -445,7 +445,7 @@ def _eager_stance() -> contextlib.AbstractContextManager[Any]:
     return cast(contextlib.AbstractContextManager[Any], set_stance("force_eager"))
 
 
-def _warn_first_of_several(out: Any, output: OutputSpec) -> None:
+def _warn_first_of_several(out: Any, output: OutputSpec, samples: int) -> None:
     """A tuple or list output with several tensors is probed on its first (``pick_output``):
     say so, since ``(aux, logits)`` would be probed on ``aux`` (review, session 18). The same
     for a dict (or an HF ``ModelOutput``) without ``logits``, naming the key probed (review,
@@ -465,8 +465,8 @@ def _warn_first_of_several(out: Any, output: OutputSpec) -> None:
     if len(tensors) > 1:
         warnings.warn(
             f"the model's output ({type(out).__name__}) holds {len(tensors)} tensors: the "
-            f"probe's rows come from {which} (per sample {tuple(tensors[0].shape[1:])}); pass "
-            "output=callable(model_output) -> rows to probe another",
+            f"probe's rows come from {which} (shape {tuple(tensors[0].shape)} for {samples} "
+            "sample(s)); pass output=callable(model_output) -> rows to probe another",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -1170,8 +1170,6 @@ class ProbeFunction:
             try:
                 with self.session(), torch.no_grad():
                     out = self.call_model(self.params, self.chunk(i, i + 1))
-                    if i == 0:
-                        _warn_first_of_several(out, self.output)
                     one = _rows(out, self.output).detach().reshape(-1)
                     spread = (
                         _rows(pick_output(out).abs(), self.output).detach().abs().max()
@@ -1310,9 +1308,16 @@ class ProbeFunction:
     def _rows_in(self, leaves: tuple[Tensor, ...], chunks: list[tuple[int, int]] | None) -> Tensor:
         """The rows of the whole batch, or of its chunks concatenated (a row is the gradient's
         subject: it keeps its graph)."""
-        if chunks is None:
-            return self(leaves)
-        return torch.cat([self(leaves, self.chunk(a, b)).reshape(-1) for a, b in chunks])
+        parts = []
+        for k, (a, b) in enumerate(chunks or [(0, self.batch_size)]):
+            out = self.call_model(leaves, self.inputs if chunks is None else self.chunk(a, b))
+            if k == 0:
+                # (here, where every probe passes: in the one-sample independence check a probe
+                # of one sample, the monitor's usual one for long sequences, was never warned
+                # about; review, session 25)
+                _warn_first_of_several(out, self.output, b - a)
+            parts.append(_rows(out, self.output).reshape(-1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def padding_keep(self) -> Tensor | None:
         """Which rows are real tokens: for ``output="pntk"`` per-token rows (a sequence output)

@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from .dense import (
+    DenseBudgetError,
     _assemble,
     _available_bytes,
     _budget,
@@ -539,6 +540,7 @@ def ntk_spectrum(
                 "dtype=torch.float64"
             )
         method = "dense"
+    auto = method == "auto"
     if method == "auto":
         method = "lanczos"
         if process_group is None and n <= AUTO_DENSE_MAX_ROWS:
@@ -559,7 +561,16 @@ def ntk_spectrum(
         )
         keep = None
     if method == "dense":
-        return _dense(probe, memory_budget, block_size, t0, jacobian_dtype, dense_vectors, keep)
+        try:
+            return _dense(probe, memory_budget, block_size, t0, jacobian_dtype, dense_vectors, keep)
+        except DenseBudgetError:
+            # auto's estimate (K and four parameter vectors) is below the dense path's floor
+            # (K's eigendecomposition beside K, one product's activations, the probe's copies):
+            # a budget it accepted was refused with "use method='lanczos'", where Lanczos fits
+            # (review, session 25). The refusal comes before any work.
+            if not auto:
+                raise
+            method = "lanczos"
     return _lanczos(
         probe,
         keep=keep,
@@ -662,7 +673,7 @@ def _dense(
         n = probe.n_rows
         reserve = (3 if vectors else 1) * n * n * 8 + 8 * n * 8
         if memory_budget <= reserve:
-            raise ValueError(
+            raise DenseBudgetError(
                 f"memory_budget={memory_budget} bytes cannot hold K's eigendecomposition "
                 f"({reserve} bytes for n = {n} rows) beside K; raise it, or use "
                 "method='lanczos' (matrix-free)"
@@ -878,7 +889,8 @@ def _budgeted_products(
             raise ValueError(
                 f"memory_budget={budget} bytes cannot hold one Lanczos product of {width} "
                 f"vectors: the probe's copies ({copies} bytes), the smallest Krylov basis "
-                f"({krylov(cap, width)}), {width} parameter-sized vectors ({width * per_col}) "
+                f"({krylov(cap, width)}), {width} columns of four parameter-sized vectors and "
+                f"two n-vectors each ({width * per_col}) "
                 f"and one sample's activations ({one(width)}); raise it, or lower block_size"
             )
         raise ValueError(
