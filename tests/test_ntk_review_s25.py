@@ -202,3 +202,43 @@ def test_auto_takes_lanczos_where_the_budget_cannot_hold_the_dense_path() -> Non
     lanczos = ntk_spectrum(model, x, method="lanczos", memory_budget=budget, which="largest")
     assert auto.method == "lanczos"
     assert auto.lambda_max == pytest.approx(lanczos.lambda_max, rel=1e-6)
+
+
+class _NeedsBoth(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        if extra is None:
+            raise ValueError("You must specify extra")  # as T5 without decoder inputs
+        return self.net(x + extra)
+
+
+class _DictModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = _NeedsBoth()
+
+    def forward(self, **kw: Any) -> Any:
+        return self.model(**kw)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.model(batch["x"], batch["extra"]).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_model_value_error_at_probe_setup_gets_the_probe_inputs_hint() -> None:
+    # A model's ValueError on the extracted inputs ended the fit with the bare error.
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    items = [{"x": torch.randn(4), "labels": torch.randn(4)} for _ in range(4)]
+    trainer = pl.Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu",
+        callbacks=[NTKSpectrumMonitor(log_histogram=False, log_figure=False)],
+    )  # fmt: skip
+    with pytest.raises(MisconfigurationException, match=r"You must specify extra.*probe_inputs="):
+        trainer.fit(_DictModule(), DataLoader(_Items(items), batch_size=2))
