@@ -680,17 +680,39 @@ def _as_targets(Y: Tensor | np.ndarray, n: int, name: str = "Y") -> Tensor:
         Yt = Yt[:, None]
     if Yt.dim() != 2 or Yt.shape[0] != n:
         raise ValueError(f"{name} must have shape (n,) or (n, k) with n={n}, got {tuple(Yt.shape)}")
+    if not torch.isfinite(Yt).all():
+        # (NaN targets gave NaN curves, and predict_crossing None: "no crossing"; review,
+        # session 25)
+        raise ValueError(f"{name} has NaN or Inf entries")
     return Yt
 
 
-def _check_eta_steps(eta: float, steps: int, lam_max: float) -> None:
-    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta > 0):
+def _check_eta(eta: Any) -> float:
+    """``eta`` as a float: a positive finite real scalar (numpy and 0-d tensor scalars too,
+    as ``0.5 / eigvalsh(K)[-1]`` gives); a bool is refused (True was taken as 1)."""
+    ok = not isinstance(eta, (bool, np.bool_))
+    try:
+        value = float(eta) if ok else math.nan
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
         raise ValueError(f"eta must be a positive finite number, got {eta!r}")
+    return value
+
+
+def _check_reduction(reduction: Any) -> None:
+    if reduction not in ("sum", "mean"):  # ("avg" was taken as "sum": review, session 25)
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+def _check_eta_steps(eta: float, steps: int, lam_max: float) -> None:
+    eta = _check_eta(eta)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
     if eta * lam_max >= 2:
+        what = "does not converge" if eta * lam_max == 2 else "diverges"
         warnings.warn(
-            f"eta * lambda_max = {eta * lam_max:.3g} >= 2: kernel gradient descent diverges "
+            f"eta * lambda_max = {eta * lam_max:.3g} >= 2: kernel gradient descent {what} "
             f"(use eta < {2 / lam_max:.3g})",
             RuntimeWarning,
             stacklevel=3,
@@ -734,6 +756,7 @@ def expected_loss_curve(
     (k independent outputs, each with covariance C: the trace term is counted k times).
     Warns if $\eta\lambda_{max}\ge 2$ (divergence).
     """
+    _check_reduction(reduction)
     Kt = _as_kernel(K)
     n = Kt.shape[0]
     Yt = _as_targets(Y, n)
@@ -769,6 +792,7 @@ def linearized_train(
     regime, with the same step rule as `train_two_layer` (GD on
     $\tfrac12\lVert f-Y\rVert^2$, step $\eta$). ``reduction="mean"`` divides by n.
     """
+    _check_reduction(reduction)
     Kt = _as_kernel(K)
     n = Kt.shape[0]
     Yt = _as_targets(Y, n)
@@ -782,13 +806,20 @@ def linearized_train(
 
 def _crossing_step(curve_a: Tensor | np.ndarray, curve_b: Tensor | np.ndarray) -> int | None:
     """First k with curve_b[k'] < curve_a[k'] for every k' >= k, provided curve_b >= curve_a at
-    some earlier step (else there is no crossing and the answer is None)."""
+    some earlier step (else there is no crossing and the answer is None). A tail where the two
+    curves are equal (both decayed to 0.0, or to the same floor) says nothing and is left out:
+    a crossing at step 4 vanished once the horizon reached the underflow (review, session 25)."""
     a = torch.as_tensor(curve_a, dtype=torch.float64)
     b = torch.as_tensor(curve_b, dtype=torch.float64)
     if a.shape != b.shape or a.dim() != 1:
         raise ValueError(
             f"curves must be 1-D of equal length, got {tuple(a.shape)}, {tuple(b.shape)}"
         )
+    differ = (a != b).nonzero()
+    if differ.numel() == 0:
+        return None
+    end = int(differ[-1]) + 1
+    a, b = a[:end], b[:end]
     below = (b < a).tolist()
     if not below or not below[-1]:
         return None
@@ -874,6 +905,7 @@ def train_two_layer(
     $\tfrac{1}{2n}\lVert f-Y\rVert^2$ with learning rate $n\eta$ is the same update.)
     ``reduction="mean"`` divides the returned losses by n.
     """
+    _check_reduction(reduction)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
@@ -882,8 +914,10 @@ def train_two_layer(
     Yt = torch.as_tensor(Y).to(dtype=p0.dtype, device=p0.device)
     if Yt.dim() == 1:
         Yt = Yt[:, None]
-    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta > 0):
-        raise ValueError(f"eta must be a positive finite number, got {eta!r}")
+    for name, t in (("X", Xt), ("Y", Yt)):
+        if not torch.isfinite(t).all():  # (NaN losses without a word: review, session 25)
+            raise ValueError(f"{name} has NaN or Inf entries")
+    eta = _check_eta(eta)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
     losses = torch.empty(steps + 1, dtype=torch.float64)
@@ -908,9 +942,12 @@ def train_two_layer(
 
 
 def _extremes(K: Tensor) -> tuple[float, float, float]:
+    """λ_max, λ_min and κ; κ = inf where λ_min is zero to rounding (at most λ_max·n·ε, the
+    ``matrix_rank`` tolerance: a λ_min of +1.1e-16 gave κ = 1.6e17; review, session 25)."""
     lam = torch.linalg.eigvalsh(K)
     lmax, lmin = float(lam[-1]), float(lam[0])
-    return lmax, lmin, (lmax / lmin if lmin > 0 else math.inf)
+    floor = lmax * K.shape[0] * torch.finfo(lam.dtype).eps
+    return lmax, lmin, (lmax / lmin if lmin > floor else math.inf)
 
 
 def _grid(v: int | Sequence[int], name: str) -> list[int]:
@@ -1215,6 +1252,13 @@ def crossing_experiment(
     """
     _check_pos_int(d=d, m=m, n=n)
     bad = [k for k in kinds if k not in PAPER_KINDS]
+    if len(kinds) == 2 and not bad and kinds[0] == kinds[1]:
+        # (outputs are keyed by kind: the second network's overwrote the first's; review,
+        # session 25)
+        raise ValueError(
+            f"crossing_experiment compares two different kinds, got kinds={tuple(kinds)!r}; "
+            "for a same-kind control run train_two_layer on two seeds"
+        )
     if len(kinds) != 2 or bad:
         # checked before any training: the "paper" source needs the paper's kernels
         raise ValueError(
@@ -1329,12 +1373,21 @@ def mean_crossings(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in results:
         if "curves" not in r or len(r["curve_steps"]) != r["steps"] + 1:
             raise ValueError("mean_crossings needs crossing_experiment(..., keep_curves=steps + 1)")
-        key = (r["d"], r["m"], r["n"], r["steps"], round(float(r["eta_lambda_max"]), 9))
+        # (target and kinds too: a teacher run and a random-target run were averaged together;
+        # review, session 25)
+        key = (
+            r["d"], r["m"], r["n"], r["steps"], round(float(r["eta_lambda_max"]), 9),
+            r.get("target"), tuple(r["kinds"]),
+        )  # fmt: skip
         groups.setdefault(key, []).append(r)
     out: list[dict[str, Any]] = []
-    for (d, m, n, steps, el), rs in groups.items():
+    for (d, m, n, steps, el, target, _), rs in groups.items():
+        seeds = [r.get("seed") for r in rs]
+        if len(set(seeds)) < len(seeds):
+            raise ValueError(f"mean_crossings: runs of one setting repeat a seed ({seeds})")
         ka, kb = rs[0]["kinds"]
         row: dict[str, Any] = {"d": d, "m": m, "n": n, "steps": steps, "eta_lambda_max": el}
+        row["target"] = target
         row |= {"seeds": len(rs), "kinds": [ka, kb]}
         for name in rs[0]["curves"]:
             ca = torch.tensor([r["curves"][name][ka] for r in rs], dtype=torch.float64).mean(0)

@@ -90,3 +90,88 @@ def test_closest_width_takes_numpy_and_tensor_targets() -> None:
     assert want == 332
     for target in (np.float32(1000.0), np.float64(1000.0), np.int64(1000), torch.tensor(1000.0)):
         assert closest_width(target, 3, 4, 1) == want
+
+
+# ---------------------------------------------------------------------- theory (review s25)
+
+
+def _paper_setting() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    from glu_probe.theory import gaussian_inputs, make_target, paper_kernel
+
+    X = gaussian_inputs(20, 100, seed=0)
+    Y = make_target(X, seed=1)
+    Ka, Kb = paper_kernel("relu", X, 2000), paper_kernel("reglu", X, 2000)
+    return Ka, Kb, Y, 1.0 / float(torch.linalg.eigvalsh(Ka)[-1])
+
+
+def test_a_crossing_survives_a_horizon_past_the_underflow() -> None:
+    # Both curves reach 0.0 by step 10,000: "b < a up to the last step" failed there, and the
+    # crossing at step 4 came back as None.
+    from glu_probe.theory import expected_loss_curve, predict_crossing
+
+    Ka, Kb, Y, eta = _paper_setting()
+    assert float(expected_loss_curve(Ka, Y, eta, 30_000)[-1]) == 0.0
+    assert float(expected_loss_curve(Kb, Y, eta, 30_000)[-1]) == 0.0
+    for steps in (100, 3000, 10_000, 30_000):
+        assert predict_crossing(Ka, Kb, Y, eta, steps) == 4, steps
+
+
+def test_theory_refuses_non_finite_targets_bad_eta_and_reduction() -> None:
+    import numpy as np
+
+    from glu_probe.theory import (
+        expected_loss_curve,
+        linearized_train,
+        predict_crossing,
+        train_two_layer,
+        two_layer,
+    )
+
+    Ka, Kb, Y, eta = _paper_setting()
+    bad = Y.clone()
+    bad[3] = float("nan")
+    with pytest.raises(ValueError, match="Y has NaN or Inf"):
+        predict_crossing(Ka, Kb, bad, eta, 50)  # was None: "no crossing"
+    with pytest.raises(ValueError, match="Y has NaN or Inf"):
+        linearized_train(Ka, bad, eta, 5)
+    with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean'"):
+        expected_loss_curve(Ka, Y, eta, 5, reduction="avg")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="eta must be a positive finite number"):
+        expected_loss_curve(Ka, Y, True, 5)  # type: ignore[arg-type]
+    # numpy and 0-d tensor scalars are numbers (they were refused)
+    want = expected_loss_curve(Ka, Y, eta, 5)
+    for e in (np.float32(eta), np.float64(eta), torch.tensor(eta, dtype=torch.float64)):
+        got = expected_loss_curve(Ka, Y, e, 5)  # type: ignore[arg-type]
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    net = two_layer("relu", 4, 16, seed=0, dtype=torch.float64)
+    X = torch.randn(6, 4, dtype=torch.float64)
+    Xbad = X.clone()
+    Xbad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="X has NaN or Inf"):
+        train_two_layer(net, Xbad, torch.randn(6, dtype=torch.float64), 1e-2, 2)
+    with pytest.raises(ValueError, match="reduction must be"):
+        train_two_layer(net, X, torch.randn(6), 1e-2, 2, reduction="avg")  # type: ignore[arg-type]
+
+
+def test_rounding_level_lambda_min_gives_infinite_kappa() -> None:
+    from glu_probe.theory import _extremes
+
+    K = torch.diag(torch.tensor([1e-16 * 4.0, 1.0, 2.0], dtype=torch.float64))
+    assert _extremes(K)[2] == float("inf")  # was 5e15
+    K = torch.diag(torch.tensor([1e-9, 1.0, 2.0], dtype=torch.float64))
+    assert _extremes(K)[2] == pytest.approx(2e9)
+
+
+def test_crossing_experiment_and_mean_crossings_keep_settings_apart() -> None:
+    from glu_probe.theory import crossing_experiment, mean_crossings
+
+    with pytest.raises(ValueError, match="two different kinds"):
+        crossing_experiment(5, 50, 10, seed=0, steps=5, kinds=("relu", "relu"))
+    runs = [
+        crossing_experiment(5, 50, 10, seed=s, steps=5, target=t, keep_curves=6)
+        for s, t in ((0, "teacher"), (1, "random"))
+    ]
+    rows = mean_crossings(runs)
+    assert sorted((r["target"], r["seeds"]) for r in rows) == [("random", 1), ("teacher", 1)]
+    with pytest.raises(ValueError, match="repeat a seed"):
+        mean_crossings([runs[0], runs[0]])
