@@ -408,7 +408,7 @@ def _check_layer_counts(overrides: dict[str, Any], parser: argparse.ArgumentPars
             continue
         counts = value if isinstance(value, list) else [value]
         if any(isinstance(v, (int, float)) and not isinstance(v, bool) and v < 1 for v in counts):
-            parser.error(f"--set {key}={json.dumps(value)}: a layer count must be >= 1")
+            parser.error(f"{key}={json.dumps(value)}: a layer count must be >= 1")
 
 
 def _build_hf(spec: str, overrides: dict[str, Any], parser: argparse.ArgumentParser) -> Any:
@@ -444,9 +444,9 @@ def _build_hf(spec: str, overrides: dict[str, Any], parser: argparse.ArgumentPar
         default = None
     if default is not None:
         _check_config_keys(config_class, default, overrides, set(cfg_dict), parser)
-    _check_layer_counts(overrides, parser)
     given = set(cfg_dict) | set(overrides)
     cfg_dict.update(overrides)
+    _check_layer_counts(cfg_dict, parser)  # (a config file's values too: re-review, session 25)
     if default is not None:
         _drop_special_ids_outside_vocab(default, cfg_dict, given)
     # A value the config or the model rejects (n_head=3 with n_embd=32, n_embd=abc,

@@ -27,6 +27,7 @@ nearest to the exact real solution (the "2/3 rule": for ``in == out == d`` and n
 
 from __future__ import annotations
 
+import decimal
 import difflib
 import inspect
 import math
@@ -849,12 +850,17 @@ def closest_width(target: float, slope: int, const: int, multiple_of: int = 1) -
     width once it passes 2**53.
     """
     m = _check_width(multiple_of, "multiple_of")
-    # (numpy and tensor scalars through float: Fraction takes only Rational, float, str)
-    goal = Fraction(target) if isinstance(target, numbers.Rational | float) else float(target)
-    goal = Fraction(goal)
+    # (integers exactly, numpy's too; other numpy and tensor scalars through float: Fraction
+    # takes only Rational, float, Decimal and str)
+    if isinstance(target, numbers.Integral):
+        goal = Fraction(int(target))
+    elif isinstance(target, numbers.Rational | float | decimal.Decimal | str):
+        goal = Fraction(target)
+    else:
+        goal = Fraction(float(target))
     lo = max(m, math.floor((goal - const) / (slope * m)) * m)
     hi = max(m, lo + m)
-    return lo if abs(slope * lo + const - goal) <= abs(slope * hi + const - goal) else hi
+    return int(lo if abs(slope * lo + const - goal) <= abs(slope * hi + const - goal) else hi)
 
 
 def gated_hidden_features(

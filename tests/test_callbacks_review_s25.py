@@ -320,3 +320,60 @@ def test_ddp_rank_check_leaves_validation_setup_to_lightning(tmp_path: Any) -> N
     )
     asked = torch.load(tmp_path / "asked.pt")
     assert asked[-2:] == [1, 3]  # Lightning's own reloads (the check may ask once at start)
+
+
+class _SkipsLastBatch:
+    """on_train_batch_start returns -1 at batch 3 (the epoch ends there, without its step)."""
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        return -1 if batch_idx == 3 else None
+
+
+def test_paired_epoch_scheduler_steps_when_the_last_batch_is_skipped() -> None:
+    # (Re-review.) Epoch schedulers stepped only in training_step on the epoch's last batch: an
+    # epoch ended by on_train_batch_start returning -1 never stepped them (lr stayed 0.1).
+    from functools import partial
+
+    from glu_probe.callbacks import PairedModule
+
+    class Skipping(_SkipsLastBatch, PairedModule):
+        pass
+
+    class Solo(_SkipsLastBatch, pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _net(1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)]
+
+    lrs: dict[str, list[float]] = {"paired": [], "solo": []}
+
+    class Record(pl.Callback):
+        def __init__(self, key: str) -> None:
+            self.key = key
+
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            lrs[self.key].append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    paired = Skipping(
+        _net(1),
+        _net(2),
+        optimizer="sgd",
+        lr=0.1,
+        lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+        lr_scheduler_interval="epoch",
+    )
+    _trainer(max_epochs=4, callbacks=[Record("paired")], limit_val_batches=0).fit(
+        paired, _classes(32)
+    )
+    _trainer(max_epochs=4, callbacks=[Record("solo")], limit_val_batches=0).fit(
+        Solo(), _classes(32)
+    )
+    assert lrs["solo"] == pytest.approx([0.1, 0.05, 0.025, 0.0125])
+    assert lrs["paired"] == pytest.approx(lrs["solo"])

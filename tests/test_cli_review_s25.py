@@ -125,10 +125,10 @@ def test_timm_overrides_the_model_rejects_are_usage_errors(override, message, ca
 @pytest.mark.parametrize(
     "argv, message",
     [
-        ([*_GPT2, "--set", "n_layer=-1"], "--set n_layer=-1: a layer count must be >= 1"),
-        ([*_GPT2, "--set", "n_layer=0"], "--set n_layer=0: a layer count must be >= 1"),
-        ([*_GPT2, "--set", "num_hidden_layers=0"], "--set num_hidden_layers=0: a layer count"),
-        ([*_VIT, "--set", "depth=0"], "--set depth=0: a layer count must be >= 1"),
+        ([*_GPT2, "--set", "n_layer=-1"], "n_layer=-1: a layer count must be >= 1"),
+        ([*_GPT2, "--set", "n_layer=0"], "n_layer=0: a layer count must be >= 1"),
+        ([*_GPT2, "--set", "num_hidden_layers=0"], "num_hidden_layers=0: a layer count"),
+        ([*_VIT, "--set", "depth=0"], "depth=0: a layer count must be >= 1"),
     ],
 )
 def test_a_layer_count_below_one_is_refused(argv, message, capsys):
@@ -329,3 +329,16 @@ def test_gpt2_example_data_problems_are_usage_errors(tmp_path: Path, capsys):
     err = _usage_error(lambda: gpt.main([*argv, "--hf-dataset", str(empty)]), capsys)
     assert f"--hf-dataset {str(empty)!r}: " in err
     assert not out.exists() or not any(out.iterdir())  # no run folder claimed
+
+
+def test_a_layer_count_below_one_in_a_config_file_is_refused(tmp_path: Path, capsys):
+    """(Re-review.) Only --set values were checked: a config.json with n_layer 0 ran."""
+    cfg = tmp_path / "config.json"
+    cfg.write_text(
+        json.dumps(
+            {"model_type": "gpt2", "n_layer": 0, "n_embd": 32, "n_head": 2, "vocab_size": 64}
+        )
+    )
+    argv = ["spectrum", "--hf-config", str(cfg), "--batch-size", "2", "--seq-len", "8"]
+    err = _usage_error(lambda: main(argv), capsys)
+    assert "n_layer=0: a layer count must be >= 1" in err

@@ -242,3 +242,14 @@ def test_a_model_value_error_at_probe_setup_gets_the_probe_inputs_hint() -> None
     )  # fmt: skip
     with pytest.raises(MisconfigurationException, match=r"You must specify extra.*probe_inputs="):
         trainer.fit(_DictModule(), DataLoader(_Items(items), batch_size=2))
+
+
+def test_auto_keeps_the_dense_path_when_its_eigenvectors_are_asked_for() -> None:
+    # (Re-review.) dense_vectors=True (the dense path's eigenvectors) fell back to float32
+    # Lanczos silently where only the eigenvector reserve did not fit.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
+    x = torch.randn(200, 4)
+    with pytest.raises(ValueError, match="cannot hold"):
+        ntk_spectrum(model, x, method="auto", memory_budget=700_000, dense_vectors=True)
+    assert ntk_spectrum(model, x, method="auto", memory_budget=700_000).method == "dense"

@@ -175,3 +175,17 @@ def test_crossing_experiment_and_mean_crossings_keep_settings_apart() -> None:
     assert sorted((r["target"], r["seeds"]) for r in rows) == [("random", 1), ("teacher", 1)]
     with pytest.raises(ValueError, match="repeat a seed"):
         mean_crossings([runs[0], runs[0]])
+
+
+def test_closest_width_returns_a_python_int_for_numpy_integer_targets() -> None:
+    import decimal
+    import json
+
+    import numpy as np
+
+    from glu_probe.modules import closest_width
+
+    for target in (np.int64(1000), np.int32(1000), decimal.Decimal(1000), 1000):
+        got = closest_width(target, 3, 4, 1)
+        assert type(got) is int and got == 332
+        json.dumps(got)

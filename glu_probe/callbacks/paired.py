@@ -479,6 +479,7 @@ class PairedModule(pl.LightningModule):
         self.sync_dist = bool(sync_dist)
         self._rng_cpu: torch.Tensor | None = None
         self._sched_step = -1  # optimizer step at which the epoch schedulers last stepped
+        self._last_batch_step = -1  # the same, for those stepped on an epoch's last batch
         self._rng_cuda: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ members
@@ -603,6 +604,7 @@ class PairedModule(pl.LightningModule):
             # the step of the last epoch-scheduler step, kept from an earlier fit (or from
             # load_from_checkpoint), skipped this fit's first epoch step (review, session 24).
             self._sched_step = -1
+            self._last_batch_step = -1
 
     def on_train_start(self) -> None:
         configs = getattr(self.trainer, "lr_scheduler_configs", None) or []
@@ -638,6 +640,7 @@ class PairedModule(pl.LightningModule):
             # checkpoint saved on that batch (every_n_train_steps) held them one step behind,
             # and a run resumed from it never made that step (review, session 25).
             self._step_schedulers(plateau=False)
+            self._last_batch_step = self.global_step
         bs = self._batch_size(batch)
         self.log(
             f"{self.model_prefix}/train_loss", loss_m.detach(), on_step=True, on_epoch=False,
@@ -682,6 +685,11 @@ class PairedModule(pl.LightningModule):
         if callable(ready) and not ready():
             return
         self._sched_step = self.global_step
+        if self.lr_scheduler_interval == "epoch" and self._last_batch_step != self.global_step:
+            # The epoch's last batch ran no training_step (on_train_batch_start returned -1,
+            # or a None batch): Lightning still steps its epoch schedulers at the epoch end
+            # (re-review, session 25).
+            self._step_schedulers(plateau=False)
         self._step_schedulers(plateau=True)
 
     def _step_schedulers(self, plateau: bool) -> None:
@@ -755,6 +763,7 @@ class PairedModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["paired_baseline_rng"] = {"cpu": self._rng_cpu, "cuda": self._rng_cuda}
         checkpoint["paired_scheduler_step"] = self._sched_step
+        checkpoint["paired_last_batch_scheduler_step"] = self._last_batch_step
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("paired_baseline_rng")
@@ -762,6 +771,7 @@ class PairedModule(pl.LightningModule):
             self._rng_cpu = state["cpu"]
             self._rng_cuda = state["cuda"]
         self._sched_step = int(checkpoint.get("paired_scheduler_step", -1))
+        self._last_batch_step = int(checkpoint.get("paired_last_batch_scheduler_step", -1))
 
 
 def _no_closure() -> None:

@@ -568,9 +568,10 @@ def ntk_spectrum(
             # (K's eigendecomposition beside K, one product's activations, the probe's copies):
             # a budget it accepted was refused with "use method='lanczos'", where Lanczos fits
             # (review, session 25). The refusal comes before any work.
-            if not auto:
-                raise
+            if not auto or dense_vectors:
+                raise  # (dense_vectors asks for the dense path's eigenvectors: no fallback)
             method = "lanczos"
+            warn_narrowed(model, probe.dtype, "ntk_spectrum: dtype", stacklevel=3)
     return _lanczos(
         probe,
         keep=keep,
