@@ -41,6 +41,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -689,12 +690,14 @@ def _as_targets(Y: Tensor | np.ndarray, n: int, name: str = "Y") -> Tensor:
 
 def _check_eta(eta: Any) -> float:
     """``eta`` as a float: a positive finite real scalar (numpy and 0-d tensor scalars too,
-    as ``0.5 / eigvalsh(K)[-1]`` gives); a bool is refused (True was taken as 1)."""
-    ok = not isinstance(eta, (bool, np.bool_))
-    try:
-        value = float(eta) if ok else math.nan
-    except (TypeError, ValueError):
-        value = math.nan
+    as ``0.5 / eigvalsh(K)[-1]`` gives); bools, strings, complex numbers and arrays of more
+    than one number are refused (True was taken as 1; review, session 25)."""
+    real = not isinstance(eta, (bool, np.bool_)) and (
+        isinstance(eta, numbers.Real)
+        or (isinstance(eta, Tensor) and eta.ndim == 0 and not eta.is_complex())
+        or (isinstance(eta, np.ndarray) and eta.ndim == 0 and np.isrealobj(eta))
+    )
+    value = float(eta) if real else math.nan
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"eta must be a positive finite number, got {eta!r}")
     return value
@@ -844,11 +847,13 @@ def predict_crossing(
     With $L^a_k, L^b_k$ from `expected_loss_curve` (same ``Y``, ``eta``), returns the
     first step $k \le$ ``steps`` from which $L^b$ stays strictly below $L^a$ up
     to ``steps``, provided $L^b \ge L^a$ earlier; ``None`` if there is no such crossing in
-    the horizon (including when b is below from the start). With ``K_a`` the non-GLU (ReLU) and
-    ``K_b`` the GLU (ReGLU) kernel this is the crossing of the two Prop. 4.1 curves: ReLU ahead
-    early, ReGLU overtaking. The paper's crossing *result* (App. C) derives it under further
-    hypotheses, $Y^\top(K_a - K_b)Y \ge 0$, $d \ge 5$ and $n \ge 300$, which this function does
-    not assume; `crossing_hypotheses` checks them.
+    the horizon (including when b is below from the start). A tail where the two curves are
+    equal (both decayed to 0.0 in float64) is left out: it says nothing about the order.
+    With ``K_a`` the non-GLU (ReLU) and ``K_b`` the GLU (ReGLU) kernel this is the crossing
+    of the two Prop. 4.1 curves: ReLU ahead early, ReGLU overtaking. The paper's crossing
+    *result* (App. C) derives it under further hypotheses, $Y^\top(K_a - K_b)Y \ge 0$,
+    $d \ge 5$ and $n \ge 300$, which this function does not assume; `crossing_hypotheses`
+    checks them.
     """
     Ka, Kb = _as_kernel(K_a, "K_a"), _as_kernel(K_b, "K_b")
     if Ka.shape != Kb.shape:

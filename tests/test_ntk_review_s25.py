@@ -244,12 +244,36 @@ def test_a_model_value_error_at_probe_setup_gets_the_probe_inputs_hint() -> None
         trainer.fit(_DictModule(), DataLoader(_Items(items), batch_size=2))
 
 
-def test_auto_keeps_the_dense_path_when_its_eigenvectors_are_asked_for() -> None:
-    # (Re-review.) dense_vectors=True (the dense path's eigenvectors) fell back to float32
-    # Lanczos silently where only the eigenvector reserve did not fit.
+def test_auto_with_dense_vectors_is_monotone_in_the_budget() -> None:
+    # (Re-reviews.) Below auto's estimate it took Lanczos, between the estimate and the dense
+    # path's own count it raised, above it ran dense: a larger budget must not turn a result
+    # into an error. Lanczos carries its Ritz vectors.
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2))
-    x = torch.randn(200, 4)
-    with pytest.raises(ValueError, match="cannot hold"):
-        ntk_spectrum(model, x, method="auto", memory_budget=700_000, dense_vectors=True)
-    assert ntk_spectrum(model, x, method="auto", memory_budget=700_000).method == "dense"
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    x = torch.randn(200, 8)
+    methods = []
+    for budget in (200_000, 700_000, 3_000_000):  # (n = 200: the middle one raised)
+        s = ntk_spectrum(
+            model, x, method="auto", memory_budget=budget, dense_vectors=True, max_matvecs=40
+        )
+        methods.append(s.method)
+    assert methods[0] == "lanczos" and methods[-1] == "dense"
+    assert methods == sorted(methods, key=["lanczos", "dense"].index)
+
+
+def test_auto_fallback_warns_of_the_dtype_it_uses_only() -> None:
+    # (Re-review.) The dense path's jacobian_dtype warning came before its budget refusal, so a
+    # run auto moved to Lanczos warned of a jacobian_dtype it never used.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 10)).double()
+    x = torch.randn(1024, 64, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = ntk_spectrum(
+            model, x, method="auto", memory_budget=12 * 2**20, dtype=torch.float32,
+            jacobian_dtype=torch.float32, which="largest",
+        )  # fmt: skip
+    assert s.method == "lanczos"
+    texts = [str(w.message) for w in caught]
+    assert not any("jacobian_dtype" in t for t in texts), texts
+    assert any("ntk_spectrum: dtype" in t for t in texts), texts

@@ -136,8 +136,9 @@ def test_theory_refuses_non_finite_targets_bad_eta_and_reduction() -> None:
         linearized_train(Ka, bad, eta, 5)
     with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean'"):
         expected_loss_curve(Ka, Y, eta, 5, reduction="avg")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="eta must be a positive finite number"):
-        expected_loss_curve(Ka, Y, True, 5)  # type: ignore[arg-type]
+    for bad_eta in (True, "0.5", np.complex128(0.1 + 1j), torch.tensor([0.1]), np.array([0.1])):
+        with pytest.raises(ValueError, match="eta must be a positive finite number"):
+            expected_loss_curve(Ka, Y, bad_eta, 5)  # type: ignore[arg-type]
     # numpy and 0-d tensor scalars are numbers (they were refused)
     want = expected_loss_curve(Ka, Y, eta, 5)
     for e in (np.float32(eta), np.float64(eta), torch.tensor(eta, dtype=torch.float64)):

@@ -547,9 +547,9 @@ def ntk_spectrum(
             budget = _budget(probe, 8, memory_budget)
             if budget >= n * n * 8 + 4 * probe.n_params * 8:
                 method = "dense"
-    if method == "dense":  # (stacklevel: past allows_autograd's wrapper, to the caller)
-        warn_narrowed(model, jacobian_dtype, "ntk_spectrum: jacobian_dtype", stacklevel=3)
-    else:
+    # (The dense path's narrowing warning comes once it has accepted the budget: a run that
+    # auto then moves to Lanczos warned of a jacobian_dtype it never used.)
+    if method != "dense":  # (stacklevel: past allows_autograd's wrapper, to the caller)
         warn_narrowed(model, probe.dtype, "ntk_spectrum: dtype", stacklevel=3)
     keep = probe.padding_keep() if drop_padding else None
     if keep is not None and process_group is not None:
@@ -562,15 +562,20 @@ def ntk_spectrum(
         keep = None
     if method == "dense":
         try:
-            return _dense(probe, memory_budget, block_size, t0, jacobian_dtype, dense_vectors, keep)
+            result = _dense(
+                probe, memory_budget, block_size, t0, jacobian_dtype, dense_vectors, keep
+            )
+            warn_narrowed(model, jacobian_dtype, "ntk_spectrum: jacobian_dtype", stacklevel=3)
+            return result
         except DenseBudgetError:
             # auto's estimate (K and four parameter vectors) is below the dense path's floor
             # (K's eigendecomposition beside K, one product's activations, the probe's copies):
             # a budget it accepted was refused with "use method='lanczos'", where Lanczos fits
             # (review, session 25). The refusal comes before any work.
-            if not auto or dense_vectors:
-                raise  # (dense_vectors asks for the dense path's eigenvectors: no fallback)
-            method = "lanczos"
+            if not auto:
+                raise
+            method = "lanczos"  # (with dense_vectors too, as below auto's estimate: the
+            # Lanczos result carries its Ritz vectors)
             warn_narrowed(model, probe.dtype, "ntk_spectrum: dtype", stacklevel=3)
     return _lanczos(
         probe,
