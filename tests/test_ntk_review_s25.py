@@ -23,8 +23,9 @@ from glu_probe.ntk import ntk_spectrum
 transformers = pytest.importorskip("transformers")
 
 
-def _reference_eigs(model: nn.Module, inputs: dict[str, torch.Tensor], keep: Any = None) -> Any:
-    """Per-token pNTK rows of the logits (sum over the vocabulary / sqrt(V)), float64."""
+def _reference_kernel(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """K of the per-token pNTK rows of the logits (sum over the vocabulary / sqrt(V)), from a
+    float64 jacrev Jacobian."""
     m = copy.deepcopy(model).double().eval()
     params = {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}
 
@@ -35,9 +36,15 @@ def _reference_eigs(model: nn.Module, inputs: dict[str, torch.Tensor], keep: Any
 
     jac = jacrev(rows)(params)
     J = torch.cat([j.reshape(j.shape[0], -1) for j in jac.values()], 1)
+    return J @ J.T
+
+
+def _reference_eigs(model: nn.Module, inputs: dict[str, torch.Tensor], keep: Any = None) -> Any:
+    K = _reference_kernel(model, inputs)
     if keep is not None:
-        J = J[keep.reshape(-1)]
-    return torch.linalg.eigvalsh(J @ J.T)
+        idx = keep.reshape(-1).nonzero().squeeze(1)
+        K = K[idx][:, idx]
+    return torch.linalg.eigvalsh(K)
 
 
 class _Items(Dataset):
@@ -153,19 +160,9 @@ def test_monitor_cuts_only_the_decoder_of_an_encoder_decoder() -> None:
     assert monitor._probe_shapes == [[1, 6], [1, 6], [1, 4], [1, 4]]  # source whole
     one = {k: torch.stack([items[0][k]]) for k in ("input_ids", "attention_mask")}
     one["decoder_input_ids"] = torch.stack([items[0]["decoder_input_ids"]])
-    ev = _reference_eigs(init, one)  # 6 decoder rows; the causal decoder's leading block:
-    m = copy.deepcopy(init).double().eval()
-    params = {n: p.detach() for n, p in m.named_parameters()}
-
-    def rows(p: dict[str, torch.Tensor]) -> torch.Tensor:
-        with sdpa_kernel(SDPBackend.MATH):
-            y = functional_call(m, p, (), dict(one)).logits
-        return (y.sum(-1) / math.sqrt(y.shape[-1])).reshape(-1)
-
-    jac = jacrev(rows)(params)
-    J = torch.cat([j.reshape(j.shape[0], -1) for j in jac.values()], 1)
-    lead = torch.linalg.eigvalsh((J @ J.T)[:4, :4])
-    assert ev.numel() == 6
+    K = _reference_kernel(init, one)  # 6 decoder rows; the causal decoder's leading block:
+    lead = torch.linalg.eigvalsh(K[:4, :4])
+    assert K.shape == (6, 6)
     h = monitor.history[0]
     assert h["ntk/condition_number"] == pytest.approx((lead[-1] / lead[0]).item(), rel=1e-7)
 
