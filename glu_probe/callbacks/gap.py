@@ -207,11 +207,8 @@ def _check_every_rank_validates(trainer: pl.Trainer) -> None:
     if not trainer.enable_validation:
         return  # (no validation at all: nothing to wait for, and no loader to ask for)
     loop = trainer.fit_loop.epoch_loop.val_loop
-    # The loop's state as it was: a loader set up here would be kept (and its reload epoch
-    # recorded) where Lightning sets it up later (check_val_every_n_epoch with
-    # reload_dataloaders_every_n_epochs reloaded at other epochs; re-review, session 25).
-    # (After the sanity check the loader is there already: its batch counts are read as
-    # they are, and no reload is asked for.)
+    # (A loader set up here and kept, with its reload epoch recorded, made check_val_every_n_
+    # epoch + reload_dataloaders_every_n_epochs reload at other epochs; re-review, session 25.)
     if loop._combined_loader is None:
         epoch = loop._last_val_dl_reload_epoch
         loop.setup_data()
