@@ -38,6 +38,7 @@ side (used by ``examples/two_layer_ntk.py`` and ``glu-probe theory``).
 
 from __future__ import annotations
 
+import decimal
 import io
 import itertools
 import math
@@ -688,18 +689,25 @@ def _as_targets(Y: Tensor | np.ndarray, n: int, name: str = "Y") -> Tensor:
     return Yt
 
 
-def _check_eta(eta: Any) -> float:
-    """``eta`` as a float: a positive finite real scalar (numpy and 0-d tensor scalars too,
-    as ``0.5 / eigvalsh(K)[-1]`` gives); bools, strings, complex numbers and arrays of more
-    than one number are refused (True was taken as 1; review, session 25)."""
-    real = not isinstance(eta, (bool, np.bool_)) and (
-        isinstance(eta, numbers.Real)
-        or (isinstance(eta, Tensor) and eta.ndim == 0 and not eta.is_complex())
-        or (isinstance(eta, np.ndarray) and eta.ndim == 0 and np.isrealobj(eta))
-    )
-    value = float(eta) if real else math.nan
+def _check_eta(eta: Any, name: str = "eta") -> float:
+    """``eta`` as a float: a positive finite real scalar (int, float, Fraction, Decimal, numpy
+    integer/float scalars, 0-d integer/float tensors and arrays, as ``0.5 / eigvalsh(K)[-1]``
+    gives); bools, strings, complex numbers, timedeltas and arrays of more than one number are
+    refused (True was taken as 1; review, session 25)."""
+    if isinstance(eta, Tensor):
+        real = eta.ndim == 0 and not eta.is_complex() and eta.dtype != torch.bool
+    elif isinstance(eta, (np.ndarray, np.generic)):
+        real = np.ndim(eta) == 0 and eta.dtype.kind in "iuf"
+    else:
+        real = isinstance(eta, (numbers.Real, decimal.Decimal)) and not isinstance(eta, bool)
+    value = math.nan
+    if real:
+        try:
+            value = float(eta)
+        except (TypeError, ValueError, OverflowError, RuntimeError):  # (meta tensors, 1e400)
+            value = math.nan
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"eta must be a positive finite number, got {eta!r}")
+        raise ValueError(f"{name} must be a positive finite number, got {eta!r}")
     return value
 
 
@@ -1256,6 +1264,11 @@ def crossing_experiment(
     keeps every step, as `mean_crossings` needs). ``n >= 2`` (the target is standardised).
     """
     _check_pos_int(d=d, m=m, n=n)
+    # (checked before any training, and held as floats: a tensor eta came back in the results,
+    # which then could not be written as JSON; review, session 25)
+    eta_scale = _check_eta(eta_scale, "eta_scale")
+    if eta is not None:
+        eta = _check_eta(eta)
     bad = [k for k in kinds if k not in PAPER_KINDS]
     if len(kinds) == 2 and not bad and kinds[0] == kinds[1]:
         # (outputs are keyed by kind: the second network's overwrote the first's; review,

@@ -190,3 +190,30 @@ def test_closest_width_returns_a_python_int_for_numpy_integer_targets() -> None:
         got = closest_width(target, 3, 4, 1)
         assert type(got) is int and got == 332
         json.dumps(got)
+
+
+def test_eta_is_a_real_scalar_and_crossing_experiment_keeps_it_a_float() -> None:
+    # (Re-review.) Bool tensors/arrays, numpy strings and timedeltas slipped through or raised
+    # TypeError; Decimal was refused; crossing_experiment returned a tensor eta (no JSON).
+    import decimal
+    import fractions
+    import json
+
+    import numpy as np
+
+    from glu_probe.theory import _check_eta, crossing_experiment
+
+    good = [0.1, np.float32(0.1), np.int64(1), fractions.Fraction(1, 10), decimal.Decimal("0.1")]
+    good += [torch.tensor(0.1), np.array(0.1)]
+    for eta in good:
+        assert _check_eta(eta) == pytest.approx(float(eta), rel=1e-6)
+    bad = [torch.tensor(True), np.array(True), np.array("0.1"), np.array("0.1", dtype=object)]
+    bad += [np.timedelta64(1, "s"), 10**400, torch.tensor(0.1, device="meta"), [0.1]]
+    for eta in bad:
+        with pytest.raises(ValueError, match="eta must be a positive finite number"):
+            _check_eta(eta)
+    r = crossing_experiment(3, 4, 6, steps=3, eta=torch.tensor(0.01))
+    assert type(r["eta"]) is float and type(r["eta_lambda_max"]) is float
+    json.dumps({k: r[k] for k in ("eta", "eta_lambda_max")})
+    with pytest.raises(ValueError, match="eta_scale must be a positive finite number"):
+        crossing_experiment(3, 4, 6, steps=3, eta_scale=-1.0)
