@@ -274,3 +274,58 @@ def test_auto_fallback_warns_of_the_dtype_it_uses_only() -> None:
     texts = [str(w.message) for w in caught]
     assert not any("jacobian_dtype" in t for t in texts), texts
     assert any("ntk_spectrum: dtype" in t for t in texts), texts
+
+
+def test_a_probe_is_a_snapshot_and_refuses_a_recast_after_the_model_changed() -> None:
+    # (Cache review.) astype re-read the live model: after an optimizer step K came at the new
+    # weights or the old by jacobian_dtype alone (0.59 relative apart).
+    from glu_probe.ntk import NTKOperator, ntk_matrix
+    from glu_probe.ntk.functional import ProbeFunction
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+    x = torch.randn(6, 4)
+    probe = ProbeFunction(m, x, dtype=torch.float32)
+    before = ntk_matrix(m, x, dtype=torch.float64)
+    # unchanged model: the probe re-casts, and dtype is honoured with probe= (it was ignored)
+    K = ntk_matrix(None, None, probe=probe, dtype=torch.float64)
+    assert K.dtype == torch.float64
+    torch.testing.assert_close(K, before, rtol=1e-6, atol=0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(3.0)  # an optimizer step
+    with pytest.raises(ValueError, match="changed since this probe was built"):
+        ntk_matrix(None, None, probe=probe, dtype=torch.float64)
+    with pytest.raises(ValueError, match="changed since this probe was built"):
+        ntk_matrix(None, None, probe=probe, jacobian_dtype=torch.float64)
+    op = NTKOperator(None, None, probe=probe)  # products in the probe's own dtype: the snapshot
+    snapshot = op.matvec(torch.eye(6)).double()
+    torch.testing.assert_close(snapshot, before, rtol=1e-5, atol=1e-6)
+
+
+class _Switchable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.low = nn.Linear(4, 32), nn.Linear(32, 1), False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if self.low:
+            h = h.float()
+        return self.b(torch.tanh(h).to(x.dtype))
+
+
+def test_forward_rounding_memo_follows_the_models_settings() -> None:
+    # (Cache review.) The memo kept a float64 verdict after the forward switched to a float32
+    # cast through an attribute: the bounds were 1e9 too small and the warning went missing.
+    torch.manual_seed(0)
+    m = _Switchable().double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    first = ntk_spectrum(m, x, method="dense")
+    m.low = True
+    with pytest.warns(RuntimeWarning, match="float32"):
+        second = ntk_spectrum(m, x, method="dense")
+    assert second.residual_max > 1e4 * first.residual_max
+    m.low = False
+    exact = ntk_spectrum(m, x, method="dense")
+    assert abs(exact.lambda_max - second.lambda_max) <= second.residual_max

@@ -268,3 +268,42 @@ def test_dropouts_switched_off_stay_off_through_installs_that_set_modes() -> Non
     _quiet_swap(host, "swiglu", strict=False)
     drops = [m for m in host.modules() if isinstance(m, nn.Dropout)]
     assert drops and not any(m.training for m in drops)
+
+
+class _FooMLP(nn.Module):
+    def __init__(self, act: Any = nn.functional.gelu, scale: float | None = None) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 256), nn.Linear(256, 64)
+        self.act_fn = act
+        self._scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self._scale is not None:
+            h = h * self._scale
+        return self.fc2(self.act_fn(h))
+
+
+class _Stack(nn.Module):
+    def __init__(self, *blocks: nn.Module) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.layers:
+            x = block(x)
+        return x
+
+
+def test_structural_verdicts_are_not_shared_across_instance_state() -> None:
+    # (Cache review.) The verdict cache keyed on class, children and public settings: within
+    # one swap, a scaled block got a plain block's verdict (swapped), a SiLU block held as an
+    # attribute was reported as GELU.
+    from glu_probe.swap import structural
+
+    structural._RECIPES.clear()
+    with pytest.raises(UnsupportedModelError, match=r"layers\.1 \(_FooMLP\)"):
+        _quiet_swap(_Stack(_FooMLP(), _FooMLP(scale=2.0)), "swiglu")
+    structural._RECIPES.clear()
+    report = _quiet_swap(_Stack(_FooMLP(), _FooMLP(nn.functional.silu)), "swiglu")
+    assert [e.source_activation for e in report.entries] == ["gelu", "silu"]

@@ -472,6 +472,13 @@ def _warn_first_of_several(out: Any, output: OutputSpec, samples: int) -> None:
         )
 
 
+def _versions(model: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Identity and in-place version of every parameter and buffer: equal tuples mean nothing
+    was replaced or written in place (an optimizer step bumps the versions)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return tuple((id(t), t._version) for t in tensors)
+
+
 def _active_dropout(model: nn.Module) -> bool:
     """A dropout layer in training mode with p > 0 (its passes are random): torch's dropout
     modules, and stochastic depth (timm's ``DropPath``, torchvision's ``StochasticDepth``),
@@ -934,6 +941,7 @@ class ProbeFunction:
         for n, b in model.named_buffers():
             self.constants[n] = self._cast(b.detach()).clone()
             self._buffer_names.append(n)
+        self._versions = _versions(model)  # (see _check_snapshot)
         self._source = (inputs, params)
         self.batch_size = _batch_size(inputs)
         if self.batch_size == 0:
@@ -943,6 +951,28 @@ class ProbeFunction:
             inputs, lambda t: _normal(self._cast(t).to(self.device)), plain=True
         )
         self.n_params = sum(p.numel() for p in self.params)
+
+    def _check_snapshot(self) -> None:
+        """Refuse a re-cast once the model's parameters or buffers changed: the probe holds the
+        weights of its construction, and a re-cast from the live model mixed them (K at the new
+        weights or the old, by jacobian_dtype alone; review, session 25)."""
+        live = dict(self.model.named_parameters())
+        if _versions(self.model) == self._versions:
+            return  # (no tensor of the model replaced or changed in place: no comparison)
+        for n, snap in zip(self.names, self.params, strict=True):
+            if not torch.equal(self._cast(live[n].detach()).to(snap.device), snap):
+                raise ValueError(
+                    f"the model's parameter {n!r} changed since this probe was built: a probe "
+                    "holds the weights of its construction; build a new one (or call ntk_matrix "
+                    "/ ntk_spectrum with the model) after an optimizer step"
+                )
+        for n, b in self.model.named_buffers():
+            held = self.constants.get(n)
+            if held is not None and not torch.equal(self._cast(b.detach()).to(held.device), held):
+                raise ValueError(
+                    f"the model's buffer {n!r} changed since this probe was built; build a new "
+                    "probe"
+                )
 
     def astype(self, dtype: torch.dtype, *, check: bool = True) -> ProbeFunction:
         """The same probe (model, original inputs, filter) in another dtype.
@@ -955,6 +985,7 @@ class ProbeFunction:
             return self
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        self._check_snapshot()
         # Same model, rows and checks: only the tensors are re-cast, from the model's own
         # parameters and the original inputs (not from this probe's possibly rounded copies).
         # The validating forward pass of ``__init__`` is repeated only when narrowing: row

@@ -303,7 +303,35 @@ def _structure(module: nn.Module, drops: list[float]) -> tuple[Any, ...]:
         for d in (m._forward_hooks, m._forward_pre_hooks)
         for h in d.values()
     )
-    return (type(module), children, tuple(drops), plain_settings(module), hooks)
+    return (type(module), children, tuple(drops), plain_settings(module), hooks, _instance(module))
+
+
+def _instance(module: nn.Module) -> tuple[Any, ...]:
+    """What else of the block and its modules a forward may read: private plain attributes
+    (``self._scale``), callables held as attributes (``self.act_fn = F.silu``, a lambda, a
+    ``forward`` replaced on the instance: by identity) and the blocks' own buffer values (a
+    scale buffer). A block of the same class and shapes otherwise got an earlier block's
+    verdict, even within one swap: a scaled block swapped as a plain one, a SiLU block reported
+    as GELU (review, session 25). Large buffers are keyed by identity (no verdict shared)."""
+    out: list[Any] = []
+    for name, m in module.named_modules():
+        own: list[tuple[Any, ...]] = []
+        for k, v in vars(m).items():
+            if k == "training" or (k.startswith("_") and isinstance(v, dict)):
+                continue  # (nn.Module's own registries; the training flag)
+            if type(v) in (bool, int, float, str, type(None)):
+                own.append((k, v))
+            elif callable(v) and not isinstance(v, (nn.Module, type)):
+                own.append((k, "callable", id(getattr(v, "__func__", v))))
+        for k, b in m._buffers.items():
+            if b is None:
+                own.append((k, None))
+            elif b.is_meta or b.numel() > 4096:
+                own.append((k, "buffer", id(b)))
+            else:
+                own.append((k, "buffer", str(b.dtype), tuple(b.shape), b.detach().cpu().tolist()))
+        out.append((name, tuple(sorted(own, key=lambda kv: str(kv[0])))))
+    return tuple(out)
 
 
 def _analyse(module: nn.Module) -> _Form | None:
