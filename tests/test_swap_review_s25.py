@@ -307,3 +307,15 @@ def test_structural_verdicts_are_not_shared_across_instance_state() -> None:
     structural._RECIPES.clear()
     report = _quiet_swap(_Stack(_FooMLP(), _FooMLP(nn.functional.silu)), "swiglu")
     assert [e.source_activation for e in report.entries] == ["gelu", "silu"]
+
+
+def test_structural_verdict_key_is_hashable_with_array_buffers() -> None:
+    # (Re-review.) The buffer values went into the key as nested lists: TypeError.
+    class BufferedMLP(_FooMLP):
+        def __init__(self, value: float) -> None:
+            super().__init__()
+            self.register_buffer("table", torch.full((2, 2), value))
+            self.register_buffer("flag", torch.ones(3, dtype=torch.bool))
+
+    report = _quiet_swap(_Stack(BufferedMLP(1.0), BufferedMLP(2.0)), "swiglu")
+    assert report.paths == ["layers.0", "layers.1"]

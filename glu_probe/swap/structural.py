@@ -329,7 +329,8 @@ def _instance(module: nn.Module) -> tuple[Any, ...]:
             elif b.is_meta or b.numel() > 4096:
                 own.append((k, "buffer", id(b)))
             else:
-                own.append((k, "buffer", str(b.dtype), tuple(b.shape), b.detach().cpu().tolist()))
+                values = tuple(b.detach().cpu().reshape(-1).tolist())  # (hashable)
+                own.append((k, "buffer", str(b.dtype), tuple(b.shape), values))
         out.append((name, tuple(sorted(own, key=lambda kv: str(kv[0])))))
     return tuple(out)
 
