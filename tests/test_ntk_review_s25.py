@@ -329,3 +329,25 @@ def test_forward_rounding_memo_follows_the_models_settings() -> None:
     m.low = False
     exact = ntk_spectrum(m, x, method="dense")
     assert abs(exact.lambda_max - second.lambda_max) <= second.residual_max
+
+
+class _NanTableLazyCache(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("table", torch.tensor([float("nan"), 1.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "cache"):
+            self.register_buffer("cache", torch.ones(1))  # registered on the first call
+        return self.lin(x) * self.cache
+
+
+def test_snapshot_check_tolerates_nan_buffers_and_buffers_added_by_forward() -> None:
+    # (Re-review.) A buffer registered by the first forward broke the fast check, and the NaN
+    # buffer then compared unequal to itself: a false "changed since this probe was built".
+    torch.manual_seed(0)
+    model, x = _NanTableLazyCache(), torch.randn(5, 4)
+    s = ntk_spectrum(model, x, dtype=torch.float32, jacobian_dtype=torch.float32, method="dense")
+    want = ntk_spectrum(model, x, method="dense")  # (float64 rows: no re-cast)
+    assert s.lambda_max == pytest.approx(want.lambda_max, rel=1e-5)

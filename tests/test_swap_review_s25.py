@@ -319,3 +319,22 @@ def test_structural_verdict_key_is_hashable_with_array_buffers() -> None:
 
     report = _quiet_swap(_Stack(BufferedMLP(1.0), BufferedMLP(2.0)), "swiglu")
     assert report.paths == ["layers.0", "layers.1"]
+
+
+def test_structural_verdicts_survive_reused_object_ids() -> None:
+    # (Re-review.) Callables entered the key by id(): after a block was freed, another lambda
+    # at the same address took its verdict (about half of them wrong).
+    import gc
+
+    from glu_probe.swap import structural
+
+    structural._RECIPES.clear()
+    wrong = 0
+    for i in range(8):
+        act = (lambda t: nn.functional.gelu(t)) if i % 2 else (lambda t: nn.functional.silu(t))
+        form = structural._analyse(_FooMLP(act))
+        assert form is not None
+        wrong += form.act_name != ("gelu" if i % 2 else "silu")
+        del act, form
+        gc.collect()
+    assert wrong == 0

@@ -472,11 +472,12 @@ def _warn_first_of_several(out: Any, output: OutputSpec, samples: int) -> None:
         )
 
 
-def _versions(model: nn.Module) -> tuple[tuple[int, int], ...]:
-    """Identity and in-place version of every parameter and buffer: equal tuples mean nothing
-    was replaced or written in place (an optimizer step bumps the versions)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return tuple((id(t), t._version) for t in tensors)
+def _versions(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Identity and in-place version of every parameter and buffer, by name: an unchanged pair
+    means the tensor was neither replaced nor written in place (an optimizer step bumps the
+    version)."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return {n: (id(t), t._version) for n, t in named}
 
 
 def _active_dropout(model: nn.Module) -> bool:
@@ -956,22 +957,27 @@ class ProbeFunction:
         """Refuse a re-cast once the model's parameters or buffers changed: the probe holds the
         weights of its construction, and a re-cast from the live model mixed them (K at the new
         weights or the old, by jacobian_dtype alone; review, session 25)."""
-        live = dict(self.model.named_parameters())
-        if _versions(self.model) == self._versions:
-            return  # (no tensor of the model replaced or changed in place: no comparison)
-        for n, snap in zip(self.names, self.params, strict=True):
-            if not torch.equal(self._cast(live[n].detach()).to(snap.device), snap):
+        now = _versions(self.model)
+        held = {**dict(zip(self.names, self.params, strict=True)), **self.constants}
+        live = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        for n, tensor in live.items():
+            # Only the tensors replaced or written in place since (new ones, such as a buffer a
+            # forward registers on its first call, are not part of the snapshot), compared
+            # with NaNs in the same places equal (a NaN buffer made a false "changed").
+            snap = held.get(n)
+            if snap is None or now.get(n) == self._versions.get(n):
+                continue
+            value = self._cast(tensor.detach()).to(snap.device)
+            same = value.shape == snap.shape and (
+                torch.equal(value, snap)
+                or (value.is_floating_point() and torch.allclose(value, snap, 0, 0, True))
+            )
+            if not same:
+                what = "parameter" if n in self.names else "buffer or frozen parameter"
                 raise ValueError(
-                    f"the model's parameter {n!r} changed since this probe was built: a probe "
+                    f"the model's {what} {n!r} changed since this probe was built: a probe "
                     "holds the weights of its construction; build a new one (or call ntk_matrix "
                     "/ ntk_spectrum with the model) after an optimizer step"
-                )
-        for n, b in self.model.named_buffers():
-            held = self.constants.get(n)
-            if held is not None and not torch.equal(self._cast(b.detach()).to(held.device), held):
-                raise ValueError(
-                    f"the model's buffer {n!r} changed since this probe was built; build a new "
-                    "probe"
                 )
 
     def astype(self, dtype: torch.dtype, *, check: bool = True) -> ProbeFunction:

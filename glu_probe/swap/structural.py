@@ -54,6 +54,7 @@ the ``glu_probe_swap`` record that :func:`~glu_probe.swap.swap_mlp` writes holds
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import weakref
 from dataclasses import dataclass
@@ -312,7 +313,8 @@ def _instance(module: nn.Module) -> tuple[Any, ...]:
     ``forward`` replaced on the instance: by identity) and the blocks' own buffer values (a
     scale buffer). A block of the same class and shapes otherwise got an earlier block's
     verdict, even within one swap: a scaled block swapped as a plain one, a SiLU block reported
-    as GELU (review, session 25). Large buffers are keyed by identity (no verdict shared)."""
+    as GELU (review, session 25). Buffer values enter by digest; callables by themselves (the
+    key holds them, so no other object can take their id)."""
     out: list[Any] = []
     for name, m in module.named_modules():
         own: list[tuple[Any, ...]] = []
@@ -322,15 +324,21 @@ def _instance(module: nn.Module) -> tuple[Any, ...]:
             if type(v) in (bool, int, float, str, type(None)):
                 own.append((k, v))
             elif callable(v) and not isinstance(v, (nn.Module, type)):
-                own.append((k, "callable", id(getattr(v, "__func__", v))))
+                # the function itself, not its id: held by the key, its id cannot be reused by
+                # another callable while the verdict is cached (unhashable ones: no sharing)
+                fn = getattr(v, "__func__", v)
+                try:
+                    hash(fn)
+                except TypeError:
+                    fn = object()
+                own.append((k, "callable", fn))
         for k, b in m._buffers.items():
-            if b is None:
-                own.append((k, None))
-            elif b.is_meta or b.numel() > 4096:
-                own.append((k, "buffer", id(b)))
-            else:
-                values = tuple(b.detach().cpu().reshape(-1).tolist())  # (hashable)
-                own.append((k, "buffer", str(b.dtype), tuple(b.shape), values))
+            if b is None or b.is_meta:
+                own.append((k, None if b is None else ("meta", b)))  # (held: no id reuse)
+            else:  # (the values by digest: hashable, NaN-safe, any size)
+                raw = b.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                digest = hashlib.blake2b(raw.tobytes(), digest_size=16).hexdigest()
+                own.append((k, "buffer", str(b.dtype), tuple(b.shape), digest))
         out.append((name, tuple(sorted(own, key=lambda kv: str(kv[0])))))
     return tuple(out)
 
