@@ -662,10 +662,12 @@ class PairedModule(pl.LightningModule):
                 gradient_clip_algorithm=self.gradient_clip_algorithm,
             )
 
-    def _last_batch_of_epoch(self) -> bool:
+    def _last_batch_of_epoch(self, unknown: bool = False) -> bool:
+        """Whether the epoch's batches are all ready (Lightning's own test for its epoch
+        schedulers); ``unknown`` where the loop does not say."""
         loop = getattr(self.trainer, "fit_loop", None)
         ready = getattr(getattr(loop, "epoch_loop", None), "_num_ready_batches_reached", None)
-        return bool(ready()) if callable(ready) else False
+        return bool(ready()) if callable(ready) else unknown
 
     def on_train_epoch_end(self) -> None:
         if self.lr_scheduler_factory is None:
@@ -680,9 +682,7 @@ class PairedModule(pl.LightningModule):
         # completed epoch (max_steps may end one early), as Lightning's own update.
         if self.global_step == self._sched_step:
             return
-        loop = getattr(self.trainer, "fit_loop", None)
-        ready = getattr(getattr(loop, "epoch_loop", None), "_num_ready_batches_reached", None)
-        if callable(ready) and not ready():
+        if not self._last_batch_of_epoch(unknown=True):
             return
         self._sched_step = self.global_step
         if self.lr_scheduler_interval == "epoch" and self._last_batch_step != self.global_step:
