@@ -66,6 +66,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
+
+from ._warnings import external_stacklevel
 
 __all__ = [
     "BASELINE_OVERTAKES",
@@ -327,9 +330,23 @@ class CrossingDetector:
         self.crossings = [Crossing.from_dict(c) for c in state["crossings"]]
 
 
+def float64_array(values: Any) -> np.ndarray:
+    """``values`` (numbers, numpy arrays, tensors of any float dtype, or sequences holding
+    tensors, e.g. losses appended during training) as a float64 numpy array. Tensors are
+    detached and converted by torch: numpy knows no bfloat16 and refuses tensors that require
+    grad (raw ``TypeError`` / ``RuntimeError`` before, review session 26)."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().to("cpu", torch.float64).numpy()
+    if isinstance(values, (list, tuple)) and any(
+        isinstance(v, (torch.Tensor, list, tuple)) for v in values
+    ):
+        return np.asarray([float64_array(v) for v in values], dtype=np.float64)
+    return np.asarray(values, dtype=np.float64)
+
+
 def _as_series(name: str, steps: Sequence[float], losses: Sequence[float]) -> tuple[Any, Any]:
-    s = np.asarray(steps, dtype=np.float64).reshape(-1)
-    v = np.asarray(losses, dtype=np.float64).reshape(-1)
+    s = float64_array(steps).reshape(-1)
+    v = float64_array(losses).reshape(-1)
     if s.shape != v.shape:
         raise ValueError(f"steps_{name} and loss_{name} differ in length ({s.size} vs {v.size})")
     if s.size == 0:
@@ -380,7 +397,7 @@ def find_crossings(
             "regimes, so none can be found (compare on overlapping, finer step grids, or lower "
             "patience)",
             UserWarning,
-            stacklevel=2,
+            stacklevel=external_stacklevel(),
         )
     vb_on_a = np.interp(sa, sb, vb)
     for s, x, y in zip(sa.tolist(), va.tolist(), vb_on_a.tolist(), strict=True):

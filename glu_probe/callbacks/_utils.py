@@ -199,7 +199,7 @@ def logger_step(trainer: pl.Trainer) -> int:
     return int(step) if step is not None else int(trainer.global_step)
 
 
-def step_metrics(trainer: pl.Trainer) -> Mapping[str, Any]:
+def step_metrics(trainer: pl.Trainer, after_batch: bool = False) -> Mapping[str, Any]:
     """``trainer.callback_metrics`` during a training step, without reading anything back.
 
     Lightning builds ``callback_metrics`` together with the progress-bar dict, and converts
@@ -210,13 +210,21 @@ def step_metrics(trainer: pl.Trainer) -> Mapping[str, Any]:
     trainer's result collection, as ``_ResultCollection.metrics(on_step=True)`` does (the
     latest on-step value of every metric, under its plain and its ``_step`` name, over the
     values already collected). Outside a training step, or where those internals differ (other
-    Lightning versions), it returns ``trainer.callback_metrics``."""
+    Lightning versions), it returns ``trainer.callback_metrics``.
+
+    ``after_batch``: read the training epoch's results from a hook after the batch (the next
+    batch's start, a validation start, the training epoch's end, before Lightning resets them),
+    where ``trainer._results`` may be validation's."""
     connector = getattr(trainer, "_logger_connector", None)
     results = getattr(trainer, "_results", None)
+    if after_batch:
+        results = getattr(
+            getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "_results", None
+        )
     try:
         if connector is None or results is None or not results.training:
             return trainer.callback_metrics
-        if connector._first_loop_iter is None:  # outside the epoch: no on-step values
+        if connector._first_loop_iter is None and not after_batch:  # outside the epoch
             return trainer.callback_metrics
         out = dict(connector._callback_metrics)
         for _, metric in results.valid_items():

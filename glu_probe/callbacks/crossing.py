@@ -53,6 +53,12 @@ Which loss: ``monitor`` is looked up in ``trainer.callback_metrics`` (``monitor`
 ``monitor + "_step"``). With ``phase="train"`` (default unless a part of the name starts with
 ``val`` or ``eval``, not ``value``) it is
 read after every training batch; with ``phase="val"`` at the end of every validation run.
+A loss logged in an ``on_train_batch_end`` hook (the LightningModule's, which Lightning calls
+after every callback's, or a callback's) is read at the next hook instead (the next batch's
+start, a validation start or the epoch's end), still paired with its own step: read in the
+monitor's own ``on_train_batch_end`` it held the previous step's value. A checkpoint saved in
+that step's ``on_train_batch_end`` (``ModelCheckpoint(every_n_train_steps=...)``) is written
+before such a loss exists, so a run resumed from it does not compare that one step.
 
 Reading a loss that lives on a GPU is a device synchronisation: done after every batch it keeps
 the host from queueing the next step while the GPU finishes this one (on an H200 with a
@@ -107,7 +113,7 @@ from glu_probe.callbacks._utils import (
     step_metrics,
     tensorboard_writers,
 )
-from glu_probe.crossing import Crossing, CrossingDetector
+from glu_probe.crossing import Crossing, CrossingDetector, float64_array
 
 __all__ = ["LossCrossingMonitor", "load_baseline_series"]
 
@@ -235,11 +241,9 @@ def _names_validation(name: str) -> bool:
 
 
 def _load_sequence(seq: Any) -> tuple[np.ndarray, np.ndarray]:
-    if isinstance(seq, torch.Tensor):
-        seq = seq.detach().cpu().numpy()
     try:
-        arr = np.asarray(seq, dtype=np.float64)
-    except (TypeError, ValueError) as err:
+        arr = float64_array(seq)
+    except (TypeError, ValueError, RuntimeError) as err:
         raise MisconfigurationException(
             "LossCrossingMonitor: an in-memory baseline must be a sequence of losses or of "
             f"(step, loss) pairs ({err})"
@@ -389,6 +393,9 @@ class LossCrossingMonitor(Callback):
         # The latest step's entry, replaced by each later batch of the same step (gradient
         # accumulation: the logger writes the step's last micro-batch) until a new step begins.
         self._current: tuple[int, Any, float | None] | None = None
+        # (logger step, whether the loggers write it) of a batch whose loss is logged after
+        # the monitor's on_train_batch_end: read at the next hook (see the module docstring)
+        self._deferred: tuple[int, bool] | None = None
         self._host: tuple[pl.Trainer, pl.LightningModule] | None = None
         self._series: tuple[np.ndarray, np.ndarray] | None = None
         if isinstance(baseline, str) and baseline == "paired":
@@ -522,6 +529,7 @@ class LossCrossingMonitor(Callback):
                 self._pending, self._current = [], None
                 self._warned = set()
                 self._last_read = []
+            self._deferred = None
         if self.kind == "paired":
             from glu_probe.callbacks.paired import PairedModule
 
@@ -549,9 +557,22 @@ class LossCrossingMonitor(Callback):
         batch_idx: int,
     ) -> None:
         if self.phase == "train" and not is_quiet_run(trainer):
-            self._collect(trainer, pl_module)
+            self._read_deferred(trainer, pl_module)
+            if self._logged_later(trainer):
+                self._deferred = (logger_step(trainer), logs_this_step(trainer))
+            else:
+                self._collect(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._read_deferred(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._read_deferred(trainer, pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._read_deferred(trainer, pl_module)
         self._flush()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -559,12 +580,14 @@ class LossCrossingMonitor(Callback):
             self._update(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._read_deferred(trainer, pl_module)
         self._flush(current=True)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         try:  # keep what was queued before the failure; never mask the original exception
+            self._deferred = None  # (its hook may not have run: its value is not this step's)
             self._flush(current=True)
         except Exception as err:
             rank_zero_warn(f"LossCrossingMonitor: could not read the queued losses: {err}")
@@ -633,13 +656,42 @@ class LossCrossingMonitor(Callback):
         self._collect(trainer, pl_module, read_now=True)
         self._flush(current=True)
 
+    def _logged_later(self, trainer: pl.Trainer) -> bool:
+        """Whether a monitored key is (or may be) logged after this ``on_train_batch_end``: in an
+        ``on_train_batch_end`` hook, or not logged yet this epoch (the first batch of a key
+        logged there). Where Lightning's internals differ: ``False`` (read now, as before)."""
+        keys = [k for k in self._keys or () if k is not None]
+        results = getattr(trainer, "_results", None)
+        try:
+            if results is None or not results.training:
+                return False
+            hooks: dict[str, str] = {}
+            for _, metric in results.valid_items():
+                for name in (metric.meta.name, *results._forked_name(metric, True)):
+                    hooks[name] = metric.meta.fx
+        except (AttributeError, TypeError):
+            return False
+        found = [hooks.get(k, hooks.get(f"{k}_step")) for k in keys]
+        return any(fx is None or fx == "on_train_batch_end" for fx in found)
+
+    def _read_deferred(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Read the deferred batch's loss (logged after the monitor's on_train_batch_end)."""
+        if self._deferred is not None:
+            deferred, self._deferred = self._deferred, None
+            self._collect(trainer, pl_module, deferred=deferred)
+
     def _collect(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, read_now: bool = False
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        read_now: bool = False,
+        deferred: tuple[int, bool] | None = None,
     ) -> None:
         """Queue this step's ``(loss, baseline)`` as it is (no device sync), and read the queue
         back every ``read_every`` steps (see the module docstring). A later batch of the same
         logger step replaces the step's entry (gradient accumulation: the last micro-batch is
-        the one the logger writes)."""
+        the one the logger writes). ``deferred``: the (step, logged) of a batch whose loss
+        was logged after the monitor's ``on_train_batch_end``, read at a later hook."""
         if self._keys is None:
             self.setup(trainer, pl_module, "fit")
         assert self._keys is not None
@@ -648,10 +700,10 @@ class LossCrossingMonitor(Callback):
             self.kind == "recorded"
             and not read_now
             and int(getattr(trainer, "log_every_n_steps", 1))  # (0: nothing logged: every step)
-            and not logs_this_step(trainer)
+            and not (deferred[1] if deferred is not None else logs_this_step(trainer))
         ):
             return  # (a recorded baseline: compared at the logged steps only)
-        step = logger_step(trainer)
+        step = deferred[0] if deferred is not None else logger_step(trainer)
         same_step = self._current is not None and self._current[0] == step
         if not same_step:
             last = self._current[0] if self._current is not None else None
@@ -662,7 +714,7 @@ class LossCrossingMonitor(Callback):
         if self.phase == "train" and not read_now and self._epoch_only(trainer):
             return
         # One lookup per step, without Lightning's .item() of every progress-bar metric
-        logged = step_metrics(trainer)
+        logged = step_metrics(trainer, after_batch=deferred is not None)
         a = self._lookup(logged, self._keys[0])
         if a is None:
             return
