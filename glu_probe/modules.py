@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
 
+from ._warnings import external_stacklevel
 from .gated_product import fused_gate_kind, fused_gated_mlp
 
 __all__ = [
@@ -191,7 +192,7 @@ def _warn_ignored(cls: str, kwargs: Mapping[str, Any]) -> None:
         warnings.warn(
             f"{cls}: ignoring unsupported keyword arguments {sorted(kwargs)}",
             UserWarning,
-            stacklevel=3,
+            stacklevel=external_stacklevel(),
         )
 
 

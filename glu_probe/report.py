@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from ._warnings import external_stacklevel
+
 __all__ = [
     "HistogramSnapshot",
     "RunData",
@@ -265,7 +267,7 @@ def _sides(sub: SubRun) -> list[str]:
             "assume that. Write model_prefix / baseline_prefix into its pair.json to fix the "
             "order",
             UserWarning,
-            stacklevel=3,
+            stacklevel=external_stacklevel(),
         )
         sub.prefixes = {"model": found[0], "baseline": found[1]}
         return ["model", "baseline"]

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from ._rng import stream_seed
+from ._warnings import external_stacklevel
 from .activation_math import act as _act
 from .activation_math import act_grad as _act_grad
 
@@ -539,7 +540,7 @@ def _trapezoid_nodes(sigma_max: float, nodes: int | None) -> tuple[Tensor, Tenso
                 f"per dimension; using {_QUAD_MAX_NODES} (accuracy below float64 round-off is "
                 "no longer guaranteed): rescale the inputs or pass quad_nodes",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=external_stacklevel(),
             )
             nodes = _QUAD_MAX_NODES
     z = torch.linspace(-_QUAD_HALF_WIDTH, _QUAD_HALF_WIDTH, nodes, dtype=torch.float64)
@@ -726,7 +727,7 @@ def _check_eta_steps(eta: float, steps: int, lam_max: float) -> None:
             f"eta * lambda_max = {eta * lam_max:.3g} >= 2: kernel gradient descent {what} "
             f"(use eta < {2 / lam_max:.3g})",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=external_stacklevel(),
         )
 
 

@@ -32,6 +32,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .._warnings import external_stacklevel
+
 __all__ = [
     "effective_rank",
     "slq_density",
@@ -134,7 +136,7 @@ def spectral_density(
             warnings.warn(
                 f"spectral_density(log=True) leaves out {n_drop} non-positive eigenvalue(s) "
                 f"(smallest {float(lam.min()):.3g}); use log=False to include them",
-                stacklevel=2,
+                stacklevel=external_stacklevel(),
             )
         lam = lam[keep].log10()
         if w is not None:
@@ -154,7 +156,7 @@ def spectral_density(
         warnings.warn(
             f"spectral_density: {n_out} of {lam.numel()} values lie outside range={range} and "
             "are left out (the density is a fraction of all of them)",
-            stacklevel=2,
+            stacklevel=external_stacklevel(),
         )
     counts, edges = torch.histogram(lam, bins=bins, range=(lo, hi), weight=w)
     density = counts / (total * edges.diff())

@@ -58,6 +58,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .._warnings import external_stacklevel
+
 __all__ = [
     "LanczosResult",
     "block_lanczos",
@@ -430,7 +432,7 @@ def _power_of_two_unit(w: Tensor) -> float:
             "underflow: λ_min and κ may be wrong. Scale the model's outputs up (the NTK scales "
             "with their square), or use method='dense'",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=external_stacklevel(),
         )
     elif exp <= limit:
         return 1.0

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from .._settings import plain_settings
+from .._warnings import external_stacklevel
 from .functional import FloatTrace, LiveTensorBytes, ProbeFunction, all_finite
 
 __all__ = ["structured_ntk"]
@@ -1052,6 +1053,6 @@ def _agrees(K: Tensor, source: ProbeFunction, tokens: int, chunk: int, eps_rows:
         "forward pass (or, with eval_mode=False, a layer couples the samples). "
         "Using Jacobian rows instead",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=external_stacklevel(),
     )
     return False
