@@ -24,7 +24,7 @@ import math
 import re
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -42,6 +42,8 @@ from glu_probe.modules import (
     closest_width,
     make_mlp,
 )
+
+from .._warnings import external_stacklevel
 
 __all__ = [
     "MLPAdapter",
@@ -556,7 +558,7 @@ def _keep_dropout_modes(path: str, old: nn.Module, new: nn.Module, adapter: MLPA
             f"({', '.join(f'{n}: {m.training}' for n, m in sources.items())}); the new "
             f"block's {unmatched} are in the block's mode (training={old.training}): set "
             "their modes again if needed",
-            stacklevel=4,
+            stacklevel=external_stacklevel(),
         )
 
 
@@ -618,7 +620,7 @@ def _keep_frozen(path: str, old: nn.Module, new: nn.Module, adapter: MLPAdapter)
         f"{len(flags)} parameter tensors train) in a way that does not map onto the new "
         "block's layers; the new block trains all its parameters",
         UserWarning,
-        stacklevel=3,
+        stacklevel=external_stacklevel(),
     )
 
 
@@ -1110,13 +1112,15 @@ def _resolve_width(
     multiple_of: int,
     tolerance: float | None,
     record: dict[str, Any] | None,
+    path: str | None = None,
 ) -> tuple[int, int]:
     """(hidden width, alignment used) of the replacement for ``spec``.
 
     A width taken from the config's record (a host rebuilt from a config a swap updated, or a
     later swap of other blocks of the same model: one width per config) is reported with the
     alignment it was made with (the record's ``multiple_of``), not this call's, which it
-    ignores."""
+    ignores. ``path``: the block's path relative to the model owning the config, for the
+    record's per-block ``"widths"`` (blocks of several widths under one config)."""
     gated = variant in GATED_VARIANTS
     if record and record.get("variant") == variant and record.get("match", match) == match:
         # A host rebuilt from a config this function already updated. Only for a swap of the
@@ -1127,6 +1131,23 @@ def _resolve_width(
         recorded = record.get("hidden")
         aligned = record.get("multiple_of")
         used = aligned if isinstance(aligned, int) and aligned >= 1 else 1
+        per_block = record.get("widths")
+        pair = per_block.get(path) if isinstance(per_block, dict) and path is not None else None
+        if (
+            isinstance(pair, list)
+            and len(pair) == 2
+            and all(isinstance(w, int) for w in pair)
+            and record.get("width_key") is None
+            and record.get("in_features") in (None, spec.in_features)
+            and record.get("out_features") in (None, spec.out_features)
+        ):
+            # Blocks of several widths under one config (BART with encoder_ffn_dim !=
+            # decoder_ffn_dim): no single width describes them, and a chain's blocks (swiglu then
+            # gelu: 256 -> 384 and 128 -> 192) did not load into the rebuilt model's swap, which
+            # fell back to 256 and 128 (review, session 26). The record gives each block's.
+            native, width = pair
+            if spec.hidden_features in (native, width):
+                return width, used
         if spec.hidden_features == recorded:
             # its native block has the swapped width: keep it, so that state dicts load
             return spec.hidden_features, used
@@ -1167,7 +1188,7 @@ def _resolve_width(
                     f"{100 * (tolerance or 0):.2f}%); using multiple_of={d} "
                     f"(width {h}, {100 * err:.2f}%) instead",
                     UserWarning,
-                    stacklevel=3,  # (the caller of swap_mlp)
+                    stacklevel=external_stacklevel(),  # (the caller of swap_mlp)
                 )
             return h, d
     h = closest_width(target, slope, const, 1)
@@ -1176,7 +1197,7 @@ def _resolve_width(
         f"swap_mlp: no width matches {target} parameters within {100 * (tolerance or 0):.2f}% "
         f"(best: {h}, {100 * err:.2f}%); the block is too small for the tolerance",
         UserWarning,
-        stacklevel=3,
+        stacklevel=external_stacklevel(),
     )
     return h, 1
 
@@ -1364,7 +1385,7 @@ def swap_mlp(
                 msg + " Pass strict=False to swap only the recognised ones (or leave these "
                 "modules out with exclude=)."
             )
-        warnings.warn(msg, UserWarning, stacklevel=2)
+        warnings.warn(msg, UserWarning, stacklevel=external_stacklevel())
     excluded.sort(key=position.__getitem__)
     _warn_mixed_record(model, found, variant)
 
@@ -1437,7 +1458,8 @@ def swap_mlp(
         if hidden_features is not None:
             hidden, used = hidden_features, 1
         else:
-            hidden, used = _resolve_width(spec, variant, match, multiple_of, tolerance, record)
+            rel = _relative(path, owner[0]) if owner is not None else None
+            hidden, used = _resolve_width(spec, variant, match, multiple_of, tolerance, record, rel)
         new = adapter.build(spec, variant, hidden, **module_kwargs)
         built = getattr(new, "hidden_features", None)
         if isinstance(built, int) and built != hidden:
@@ -1494,7 +1516,7 @@ def swap_mlp(
             "To keep trained weights in glu_probe blocks, copy them over with "
             "glu_probe.convert.convert_mlp_state_dict (e.g. from_hf_llama) instead",
             UserWarning,
-            stacklevel=2,
+            stacklevel=external_stacklevel(),
         )
     for differing, path0 in kwargs_differ.items():
         warnings.warn(
@@ -1504,7 +1526,7 @@ def swap_mlp(
             "ones, as the reload recipe does with **record['module_kwargs']. The record will "
             "describe this swap's keywords",
             UserWarning,
-            stacklevel=2,
+            stacklevel=external_stacklevel(),
         )
     if realigned:
         path0, resolved, built = realigned[0]
@@ -1515,7 +1537,7 @@ def swap_mlp(
             + " (a module keyword such as align_to changed it); the report gives the built "
             "widths" + (", and the parameter counts no longer match" if match == "params" else ""),
             UserWarning,
-            stacklevel=2,
+            stacklevel=external_stacklevel(),
         )
     if skipped:
         msg = (
@@ -1524,7 +1546,7 @@ def swap_mlp(
         )
         if not plan:
             raise UnsupportedModelError(f"swap_mlp found no block it can swap: {msg}")
-        warnings.warn(msg, UserWarning, stacklevel=2)
+        warnings.warn(msg, UserWarning, stacklevel=external_stacklevel())
     report = SwapReport(variant=variant, match=match, entries=[e for *_, e in plan])
     report.unrecognised = [s[2] for s in unrecognised] + skipped
     report.excluded = excluded
@@ -1597,6 +1619,8 @@ def _install_and_configure(
     under ``"mixed"`` those of the second that it does not describe."""
     earlier = earlier or {}
     replaced = {path: _replaced_paths(path, old, adapter) for path, old, adapter, *_ in plan}
+    # (read before installing: a layer rewired in place holds its new block afterwards)
+    built_before = [_built_by_swap(old) is not None for _, old, *_ in plan]
     for path, old, adapter, new, _ in plan:
         # The new block's modes as the plan set them (dropouts switched off stay off): an
         # install that sets its wrapper's mode recursively (BERT's ResidualNormMLP, the
@@ -1634,11 +1658,25 @@ def _install_and_configure(
         )
         rec = updates[RECORD_ATTR][1]
         _record_kwargs(rec, module_kwargs or {})
+        sigs = [_block_signature(plan[k][3]) for k in ks]
+        widths = _block_widths(
+            [plan[k][4] for k in ks],
+            [built_before[k] for k in ks],
+            owner_path,
+            config,
+            updates[RECORD_ATTR][0],
+            rec,
+            before,
+            {label for label, _ in sigs},
+        )
+        if widths:
+            rec["widths"] = widths
         if own:  # (a model rebuilt from the config is swapped with exclude=these)
             rec["excluded"] = [_relative(p, owner_path) for p in own]
         if any(_under(p, owner_path) for p in lenient):
             rec["strict"] = False
-        odd = _undescribed(before, [_block_signature(plan[k][3]) for k in ks], rec["hidden"])
+        described = [p for p in before if _relative(p, owner_path) in widths]
+        odd = _undescribed(before, sigs, rec["hidden"], described)
         if odd:
             rec["mixed"] = {_relative(p, owner_path): odd[p] for p in odd}
             mixed.update(odd)
@@ -1675,8 +1713,69 @@ def _install_and_configure(
             "would not be this model. Swap them to the same variant and width before saving, "
             "or rebuild the model by replaying the same swaps",
             UserWarning,
-            stacklevel=3,
+            stacklevel=external_stacklevel(),
         )
+
+
+def _block_widths(
+    entries: Sequence[SwapEntry],
+    built_before: Sequence[bool],
+    owner_path: str,
+    config: Any,
+    old_record: Any,
+    rec: Mapping[str, Any],
+    earlier: Mapping[str, tuple[str, int | None]],
+    labels: Collection[str],
+) -> dict[str, list[int]]:
+    """``{path relative to owner_path: [native width, new width]}`` for the blocks of one
+    config's record (``rec``) where its single ``"hidden"`` / ``"native_hidden"`` do not describe
+    them all (blocks of several widths: BART with ``encoder_ffn_dim != decoder_ffn_dim``), so
+    that the reload recipe's swap of a model rebuilt from the config builds each block at its
+    width; ``{}`` where they do, or where the record wrote a width key (the rebuilt blocks then
+    have the recorded width). The native width is that of the block a model rebuilt from the
+    config holds there: the replaced block's for a host's own block (``built_before`` False), the
+    earlier record's for a block an earlier swap built.
+
+    ``earlier``: root path -> (variant label, width) of the blocks under this config that an
+    earlier swap built and this one leaves; one of this swap's ``labels`` that the earlier
+    record (of the same variant) describes at its width keeps its entry, so that partial swaps of
+    one variant (encoder, then decoder) are not "mixed" for their widths alone."""
+    if rec.get("width_key") is not None:
+        return {}
+    old = old_record if isinstance(old_record, dict) else {}
+    old_widths: dict[str, Any] = old["widths"] if isinstance(old.get("widths"), dict) else {}
+    old_key = old.get("width_key")
+    pairs: dict[str, tuple[int | None, int]] = {}
+    if old.get("variant") == rec.get("variant") and old_key is None:
+        old_mixed: dict[str, Any] = old["mixed"] if isinstance(old.get("mixed"), dict) else {}
+        for path, (label, h) in earlier.items():
+            rel = _relative(path, owner_path)
+            pair = old_widths.get(rel, [old.get("native_hidden"), old.get("hidden")])
+            if (
+                label in labels
+                and rel not in old_mixed
+                and isinstance(pair, list)
+                and len(pair) == 2
+                and isinstance(pair[0], int)
+                and isinstance(h, int)
+                and pair[1] == h
+            ):
+                pairs[rel] = (pair[0], h)
+    for entry, built in zip(entries, built_before, strict=True):
+        rel = _relative(entry.path, owner_path)
+        native: Any = entry.source_hidden
+        if built:
+            pair = old_widths.get(rel)
+            if isinstance(pair, list) and len(pair) == 2:
+                native = pair[0]
+            elif isinstance(old_key, str):  # (left unchanged: the rebuilt block reads it)
+                native = getattr(config, old_key, None)
+            else:
+                native = old.get("native_hidden")
+        pairs[rel] = (native if isinstance(native, int) else None, entry.hidden_features)
+    if set(pairs.values()) == {(rec.get("native_hidden"), rec.get("hidden"))}:
+        return {}  # one width for all (the common case: the record says it)
+    return {rel: [n, h] for rel, (n, h) in pairs.items() if n is not None}
 
 
 def _replaced_paths(path: str, old: nn.Module, adapter: MLPAdapter) -> list[str]:
@@ -1817,15 +1916,18 @@ def _undescribed(
     before: dict[str, tuple[str, int | None]],
     built: Sequence[tuple[str, int | None]],
     hidden: int | None,
+    described: Collection[str] = (),
 ) -> dict[str, str]:
     """The blocks of ``before`` (path -> variant and width of a block an earlier swap built) that
     a record of this swap's blocks (``built``, recorded width ``hidden``) does not describe:
-    another variant, or another width than the recorded one, with what they are."""
+    another variant, or another width than the recorded one (unless the record's per-block
+    ``"widths"`` give it: ``described``), with what they are."""
     labels = {label for label, _ in built}
     return {
         p: f"{label} (width {h})"
         for p, (label, h) in before.items()
-        if label not in labels or (hidden is not None and h is not None and h != hidden)
+        if label not in labels
+        or (hidden is not None and h is not None and h != hidden and p not in described)
     }
 
 
@@ -1857,7 +1959,7 @@ def _warn_mixed_record(
             f"written for held other blocks at {shown}; this swap builds {variant!r} there, so "
             "it does not rebuild that model (its state dict will not load as saved)",
             UserWarning,
-            stacklevel=3,
+            stacklevel=external_stacklevel(),
         )
 
 
@@ -1921,7 +2023,7 @@ class _Snapshot:
                 + ", ".join(failed[:4])
                 + (", ..." if len(failed) > 4 else ""),
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=external_stacklevel(),
             )
 
 
@@ -2049,7 +2151,7 @@ def _select_blocks(
                     f"{name} pattern(s) {unused} match no recognised MLP block (patterns are "
                     f"matched against the whole path, e.g. {shown})"
                 )
-            warnings.warn(f"swap_mlp: {message}", UserWarning, stacklevel=3)
+            warnings.warn(f"swap_mlp: {message}", UserWarning, stacklevel=external_stacklevel())
     by_module: dict[int, list[str]] = {}
     for path, module, _ in found:
         by_module.setdefault(id(module), []).append(path)
@@ -2225,7 +2327,7 @@ def _warn_mixed_dtypes(path: str, old: nn.Module, new: nn.Module, adapter: MLPAd
             f"{', '.join(sorted(str(d) for d in news))} (a layer the host kept in float32, such "
             "as T5's wo, is not kept so): cast the new block's layers if the model needs it",
             UserWarning,
-            stacklevel=3,
+            stacklevel=external_stacklevel(),
         )
 
 
@@ -2481,7 +2583,7 @@ def _update_config(
             f"swap_mlp: blocks got different widths {sorted(widths)}; config keys "
             f"{sorted(width_keys)} left unchanged",
             UserWarning,
-            stacklevel=4,  # (through _install_and_configure: the caller of swap_mlp)
+            stacklevel=external_stacklevel(),
         )
     planned: dict[str, Any] = {}
     for key in sorted(width_keys):
@@ -2517,7 +2619,9 @@ def _update_config(
         if left[key].startswith((_EXCLUDED_ONLY, _UNCHECKED_KEPT)):
             continue
         warnings.warn(
-            f"swap_mlp: config key {key!r} not updated: {left[key]}", UserWarning, stacklevel=4
+            f"swap_mlp: config key {key!r} not updated: {left[key]}",
+            UserWarning,
+            stacklevel=external_stacklevel(),
         )
     updates: dict[str, tuple[Any, Any]] = {}
     for key, value in planned.items():
