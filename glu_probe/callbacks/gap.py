@@ -31,7 +31,13 @@ accumulate with torchmetrics' own ``update``/``compute`` on two private copies o
   loader, by whole batches at the first validation). For
   an ``IterableDataset`` the first batches of a fresh loader iterator (under ``isolate_rng``).
   ``train_subset=`` (a list of batches) overrides. The batches go through the module's
-  batch-transfer hooks once and stay on the device.
+  batch-transfer hooks once and stay on the device. They are evaluated at the start of each
+  validation run's first batch (``on_validation_batch_start``), after every callback's
+  ``on_validation_epoch_start``: with a weight-averaging callback (Lightning's
+  ``EMAWeightAveraging`` / ``WeightAveraging``, which swap the averaged weights in there and back
+  at ``on_validation_epoch_end``) both sides see the averaged network, whatever the callbacks'
+  order (the train side was evaluated at ``on_validation_end``, after the swap back: the raw
+  weights against the val side's averaged ones; review, session 26).
 * **Val side:** the batches of the (first) validation loader that Lightning runs anyway,
   evaluated again in ``on_validation_batch_end`` by the same function (``val_batches`` caps how
   many), so no second pass over the validation data is needed. For a
@@ -68,7 +74,11 @@ Logged mode
 with ``_epoch`` and ``_step`` suffixes) from ``trainer.callback_metrics`` at validation end, and for
 metrics the pairs ``{name: (train_key, val_key)}`` (or names ``n`` meaning ``train_n``/``val_n``).
 Cheap, but the two sides are whatever was logged: usually the last step's (or previous epoch's)
-training loss in train mode with dropout, against a full-val-set mean in eval mode.
+training loss in train mode with dropout, against a full-val-set mean in eval mode. Lightning does
+not restore ``callback_metrics`` from a checkpoint, so the monitor saves the training-side values
+the next validation would read (``on_save_checkpoint``) and a resumed run uses them until the keys
+are logged again: a training loss logged per epoch is then not missing at the resumed run's first
+validation (its gap point was dropped; review, session 26). Logged mode works under any strategy.
 
 Inference mode
 --------------
@@ -86,6 +96,15 @@ Zero interference
 Evaluations run under ``isolate_rng``, in eval mode with every submodule's train/eval flag
 restored afterwards, under ``no_grad`` (``.grad`` untouched), on the unwrapped module (no DDP
 reducer involvement). The sanity check, ``fast_dev_run`` and ``trainer.validate`` are skipped.
+That unwrapped module must hold the whole network on every rank: clean mode refuses FSDP,
+DeepSpeed and model-parallel strategies at setup (use ``mode="logged"`` there).
+
+Checkpoints
+-----------
+The history is saved, and a fingerprint of what decides the training side (mode, subset size,
+seed, explicit subset, loss route, and the subset's samples once fixed): resuming with another
+one warns that the restored series continues on another subset (it was silent). Checkpoints
+without a fingerprint load as before.
 """
 
 from __future__ import annotations
@@ -120,6 +139,7 @@ from glu_probe.callbacks._utils import (
     logger_step,
     rank_zero_batches,
     sampler_indices,
+    stable_repr,
 )
 from glu_probe.callbacks.paired import (
     EVAL_OUTPUTS_KEY,
@@ -136,6 +156,9 @@ __all__ = ["GeneralizationGapMonitor"]
 _RESERVED = {"loss", "train", "val"}
 #: Largest automatic training subset (``train_subset_size=None``), in samples.
 AUTO_SUBSET_MAX = 256
+#: Strategies that shard the parameters (matched by class name along the MRO, as
+#: NTKSpectrumMonitor's): the clean evaluation calls the unwrapped module, which needs them whole.
+_SHARDING_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLAFSDP")
 
 
 def _precision_context(trainer: pl.Trainer | None) -> AbstractContextManager[Any]:
@@ -168,6 +191,14 @@ def _eval_flags(module: nn.Module) -> Iterator[None]:
 def _eval_no_grad(module: nn.Module) -> Iterator[None]:
     with _eval_flags(module), torch.no_grad():
         yield
+
+
+def _find_logged(metrics: Mapping[str, Any], key: str) -> float | None:
+    """The logged value of ``key``, tried as given, then with ``_epoch`` and ``_step``."""
+    for k in (key, f"{key}_epoch", f"{key}_step"):
+        if k in metrics:
+            return float(metrics[k])
+    return None
 
 
 def _first_loader(loaders: Any) -> DataLoader | None:
@@ -688,6 +719,11 @@ class GeneralizationGapMonitor(Callback):
         self._warned_layout = False
         self._warned_missing: set[str] = set()
         self._epoch_ended = False  # a training epoch of this fit has ended (logged mode)
+        self._train_done = False  # this validation run's training subset is evaluated
+        # logged mode: training-side values a checkpoint brought, used until logged again
+        self._restored_logged: dict[str, float] = {}
+        self._fingerprint: dict[str, Any] | None = None  # this fit's (see _subset_fingerprint)
+        self._saved_fingerprint: dict[str, Any] | None = None  # a resumed checkpoint's
 
     # ------------------------------------------------------------------ config checks
     @staticmethod
@@ -760,19 +796,108 @@ class GeneralizationGapMonitor(Callback):
         return self._generate_state_key(prefix=self.prefix)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [dict(h) for h in self.history]}
+        """The history and the fingerprint of the training side (``subset``); in logged mode a
+        checkpoint also gets ``logged_train`` (see :meth:`on_save_checkpoint`)."""
+        return {
+            "history": [dict(h) for h in self.history],
+            "subset": dict(self._fingerprint) if self._fingerprint is not None else None,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state_dict.get("history", [])]
+        saved = state_dict.get("subset")  # (absent before session 26: nothing to compare)
+        self._saved_fingerprint = dict(saved) if isinstance(saved, Mapping) else None
+        logged = state_dict.get("logged_train") or {}
+        self._restored_logged = {str(k): float(v) for k, v in logged.items()}
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Logged mode: save the training-side values the next validation would read.
+
+        Lightning does not restore ``trainer.callback_metrics``: a training loss logged per epoch
+        was missing at a resumed run's first validation, and its gap point was dropped (review,
+        session 26). They are read here, at the save, so that values the module logs in its own
+        ``on_train_epoch_end`` (after the callbacks' hook, before ModelCheckpoint's) are in.
+        """
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if self.mode != "logged" or not isinstance(state, dict):
+            return
+        values = dict(self._restored_logged)  # (a resumed run's, not logged again yet)
+        for key in self._train_keys(pl_module):
+            found = _find_logged(trainer.callback_metrics, key)
+            if found is not None:
+                values[key] = found
+        state["logged_train"] = values
+
+    def _train_keys(self, pl_module: pl.LightningModule) -> list[str]:
+        """Logged mode: the training-side keys :meth:`_logged` reads."""
+        keys = [self.train_key, *(tk for tk, _ in self.metric_pairs.values())]
+        return [f"{tag}/{k}" if tag else k for tag in self._tags(pl_module) for k in keys]
+
+    def _subset_fingerprint(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """What decides the training side, JSON-able: saved with the history, compared when a
+        run resumes (``samples`` is added once the subset's size is fixed)."""
+        if self.mode == "logged":
+            return {"mode": "logged", "train_key": self.train_key, "val_key": self.val_key}
+        given = self.train_subset is not None
+        if isinstance(pl_module, PairedModule):
+            route = "PairedModule.evaluate"
+        elif self.loss_fn is not None:
+            route = f"loss_fn={stable_repr(self.loss_fn)}"
+        elif callable(getattr(pl_module, "compute_loss", None)):
+            route = "compute_loss"
+        else:
+            route = f"module.loss_fn={stable_repr(getattr(pl_module, 'loss_fn', None))}"
+        return {
+            "mode": "clean",
+            "train_subset_size": self.train_subset_size,
+            "seed": None if given else self.seed,
+            "train_subset": len(self.train_subset) if self.train_subset is not None else None,
+            "loss": route,
+            "causal_lm": bool(self._shifted),
+        }
+
+    def _check_resumed(self, keys: Sequence[str]) -> None:
+        """Warn once where a resumed checkpoint's fingerprint differs from this run's in
+        ``keys`` (a key either lacks is not compared)."""
+        saved, now = self._saved_fingerprint, self._fingerprint
+        if saved is None or now is None:
+            return
+        changed = [k for k in keys if k in saved and k in now and saved[k] != now[k]]
+        if not changed:
+            return
+        self._saved_fingerprint = None  # (one warning per resume)
+        ours = ", ".join(f"{k}={now[k]!r}" for k in changed)
+        theirs = ", ".join(f"{k}={saved[k]!r}" for k in changed)
+        rank_zero_warn(
+            f"GeneralizationGapMonitor: the training side ({ours}) differs from the resumed "
+            f"checkpoint's ({theirs}): the restored history was measured on another subset or "
+            "loss, so the logged train side (and the gap) changes here"
+        )
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self.mode == "clean":
+            names = [c.__name__ for c in type(getattr(trainer, "strategy", None)).__mro__]
+            if any(t.lower() in n.lower() for n in names for t in _SHARDING_STRATEGIES):
+                raise MisconfigurationException(
+                    f"GeneralizationGapMonitor(mode='clean') does not support the {names[0]} "
+                    "strategy: it shards the parameters, and the clean evaluation calls the "
+                    "unwrapped module on each rank, which needs the whole model there. Use "
+                    "mode='logged' (it only reads logged metrics and works under any strategy), "
+                    "or strategy='ddp'."
+                )
         self._warned_missing = set()
         self._epoch_ended = False
+        # (a resumed run's checkpoint is restored after setup and sets these again)
+        self._restored_logged = {}
+        self._saved_fingerprint = None
+        self._fingerprint = None
         check_unique_prefix(trainer, self)
-        if is_fresh_fit(trainer):  # a resumed run's checkpoint is restored after setup
+        if is_fresh_fit(trainer):
             self.history = []
         self._shifted = (
             self.causal_lm
@@ -781,6 +906,9 @@ class GeneralizationGapMonitor(Callback):
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fingerprint = self._subset_fingerprint(pl_module)
+        # (the checkpoint is restored by now; the subset's size is compared once it is fixed)
+        self._check_resumed([k for k in self._fingerprint if k != "samples"])
         if self.mode != "clean" or is_quiet_run(trainer):
             return
         self._check_contract(pl_module)
@@ -794,6 +922,8 @@ class GeneralizationGapMonitor(Callback):
             self._batches = [_as_trained(trainer, b) for b in batches]
         if self._batches:
             self._check_batch(pl_module, self._batches[0])
+        if self._sized:  # an explicit subset: its size is known now
+            self._note_samples()
         device = pl_module.device
         self._sides = {
             tag: {
@@ -805,6 +935,10 @@ class GeneralizationGapMonitor(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_ended = True  # (per-epoch training metrics exist from here on)
+        # A resumed run's training keys are logged again by now (per step, or at this epoch's
+        # end): a key still missing at a later validation is not logged at all, as in a run
+        # that did not resume, and is not given a stale value.
+        self._restored_logged = {}
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != "fit" and not self._warned_validate:
@@ -827,9 +961,39 @@ class GeneralizationGapMonitor(Callback):
         if self._active and not self._sized:
             self._sized = True
             self._rebatch(trainer, self._final_size(trainer))
+            self._note_samples()
         if self._active:
+            self._train_done = False
             for sides in self._sides.values():
+                sides["train"].reset()
                 sides["val"].reset()
+
+    def _note_samples(self) -> None:
+        """Add the fixed subset's size to the fingerprint, and compare it with a resumed
+        checkpoint's (an automatic size follows the validation run, which may have changed)."""
+        if self._fingerprint is None or self._batches is None:
+            return
+        self._fingerprint["samples"] = sum(_n_samples(b) for b in self._batches)
+        self._check_resumed(["samples"])
+        self._saved_fingerprint = None  # (everything compared)
+
+    def on_validation_batch_start(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Evaluate the training subset at the first batch of the validation run (of any
+        loader): after every callback's ``on_validation_epoch_start``, with the weights the
+        validation batches see (an EMA callback's swapped-in average, in either order of the
+        callbacks). Lightning runs no validation hook for a run without batches."""
+        if not self._active or self._train_done:
+            return
+        self._train_done = True
+        assert self._batches is not None
+        self._evaluate(pl_module, self._batches, "train", trainer)
 
     def on_validation_batch_end(
         self,
@@ -887,10 +1051,8 @@ class GeneralizationGapMonitor(Callback):
             if not self._active:
                 return
             self._active = False
-            assert self._batches is not None
-            for sides in self._sides.values():
-                sides["train"].reset()
-            self._evaluate(pl_module, self._batches, "train", trainer)
+            # (the train side was evaluated at the first validation batch, with the weights
+            # the val side saw: see on_validation_batch_start)
             metrics = self._clean_metrics(trainer)
         step = logger_step(trainer)
         if not metrics and self.mode == "logged":
@@ -1239,9 +1401,12 @@ class GeneralizationGapMonitor(Callback):
         exists only from the first epoch end, and its absence at a validation within the first
         epoch ended the fit with a MisconfigurationException (review, session 24)."""
         metrics = trainer.callback_metrics
-        for k in (key, f"{key}_epoch", f"{key}_step"):
-            if k in metrics:
-                return float(metrics[k])
+        found = _find_logged(metrics, key)
+        if found is not None:
+            self._restored_logged.pop(key, None)  # (logged again: the checkpoint's is stale)
+            return found
+        if key in self._restored_logged:  # a resumed run, before the key is logged again
+            return self._restored_logged[key]
         if self._epoch_ended:
             # Every per-epoch metric exists from the first epoch end on: still missing at a
             # validation of a later epoch, the name is not logged at all (a typo); it was a
