@@ -290,6 +290,8 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except OSError as err:
         parser.error(f"--out {args.out!r} cannot be used as a folder: {err}")
     run_dir = out / args.run_name if args.run_name is not None else None
+    if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
+        parser.error(f"--run-name {args.run_name!r}: {str(run_dir)!r} is a file, not a folder")
     if run_dir is not None and run_dir.exists() and any(run_dir.iterdir()):
         # TensorBoard would add this run's event files beside the old ones, and the report
         # would mix both runs' series

@@ -140,16 +140,42 @@ def stdlib_source_dir() -> Path:
 
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git", ".hg", ".svn"}
+#: Files of the standard library's folder written for one installation, not part of the
+#: library's source: ``_sysconfigdata_*.py`` (the build configuration, holding the install
+#: prefix about 80 times; it sat at byte 450,416 of the demo's 1 MB corpus, so the GPT-2 pair's
+#: numbers depended on where Python was installed: review, session 26), the ``config-*``
+#: folder's ``python-config.py``, and site hooks a distribution may add (Debian's symlinked
+#: ``sitecustomize.py``). Skipped in the default stdlib corpus only.
+_INSTALL_SPECIFIC = ("_sysconfigdata", "sitecustomize.py", "usercustomize.py")
 
 
-def _iter_files(root: Path, suffixes: Sequence[str] | None) -> Iterable[Path]:
+def _as_suffixes(suffixes: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """``suffixes`` as a tuple; one string is one suffix (``tuple(".py")`` was ``(".", "p",
+    "y")``, which read every file ending in a dot, ``p`` or ``y``: review, session 26)."""
+    if suffixes is None:
+        return None
+    return (suffixes,) if isinstance(suffixes, str) else tuple(suffixes)
+
+
+def _iter_files(
+    root: Path, suffixes: str | Sequence[str] | None, stdlib: bool = False
+) -> Iterable[Path]:
     # os.walk with sorted names: a deterministic order that does not depend on the file system.
+    wanted = _as_suffixes(suffixes)
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if d not in _SKIP_DIRS
+            and not d.startswith(".")
+            and not (stdlib and d.startswith("config-"))
+        )
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
-            if suffixes is not None and not name.endswith(tuple(suffixes)):
+            if wanted is not None and not name.endswith(wanted):
+                continue
+            if stdlib and name.startswith(_INSTALL_SPECIFIC):
                 continue
             yield Path(dirpath) / name
 
@@ -178,14 +204,16 @@ def _read_text_prefix(file: Path, limit: int | None) -> bytes | None:
 def read_text_files(
     path: str | os.PathLike[str],
     *,
-    suffixes: Sequence[str] | None = None,
+    suffixes: str | Sequence[str] | None = None,
     max_bytes: int | None = 4_000_000,
 ) -> bytes:
     """Concatenate the text files under ``path`` (a folder or one file) into one byte string.
 
     Files are visited in sorted order (directories ``site-packages``, ``__pycache__`` and hidden
-    ones are skipped), empty or unreadable files and files containing a NUL byte anywhere are
-    skipped (the latter as binary), and each file not ending in a newline is followed by one.
+    ones are skipped; in the standard library's folder, also the files one installation writes
+    there: ``_sysconfigdata_*.py``, ``config-*/``, ``sitecustomize.py``). Empty or unreadable
+    files and files containing a NUL byte anywhere are skipped (the latter as binary), and each
+    file not ending in a newline is followed by one.
     Reading stops once ``max_bytes`` bytes have been collected (the result is cut at exactly
     ``max_bytes``); ``None`` reads everything.
 
@@ -199,7 +227,8 @@ def read_text_files(
     if max_bytes is not None and int(max_bytes) <= 0:
         raise ValueError(f"max_bytes must be positive or None, got {max_bytes}")
     budget = None if max_bytes is None else int(max_bytes)
-    files = [root] if root.is_file() else list(_iter_files(root, suffixes))
+    stdlib = not root.is_file() and root.resolve() == stdlib_source_dir().resolve()
+    files = [root] if root.is_file() else list(_iter_files(root, suffixes, stdlib=stdlib))
     chunks: list[bytes] = []
     total = 0
     for file in files:
@@ -217,7 +246,7 @@ def read_text_files(
                 break
     blob = b"".join(chunks)
     if not blob:
-        what = f" with suffixes {tuple(suffixes)}" if suffixes else ""
+        what = f" with suffixes {_as_suffixes(suffixes)}" if suffixes else ""
         raise ValueError(f"no readable text files{what} under {str(root)!r}")
     return blob
 
@@ -281,7 +310,7 @@ def text_corpus(
     stride: int | None = None,
     val_fraction: float = 0.1,
     max_bytes: int | None = 2_000_000,
-    suffixes: Sequence[str] | None = None,
+    suffixes: str | Sequence[str] | None = None,
 ) -> ByteWindowDataset:
     """A byte-level language-modelling dataset from a folder of text files.
 
@@ -293,14 +322,16 @@ def text_corpus(
 
     Args:
         path: a folder (or one file) of text. ``None`` uses the Python standard library's source
-            files (``*.py`` under ``sysconfig.get_paths()["stdlib"]``).
+            files (``*.py`` under ``sysconfig.get_paths()["stdlib"]``, without the files written
+            for one installation, such as ``_sysconfigdata_*.py``: the corpus depends on the
+            Python version, not on where it is installed).
         split: ``"train"``, ``"val"`` or ``"all"``.
         seq_len: window length in bytes.
         stride: distance between window starts (default ``seq_len``).
         val_fraction: fraction of the bytes held out for validation (the tail).
         max_bytes: cap on the number of bytes read (``None``: no cap).
-        suffixes: only files whose names end with one of these (default: ``(".py",)`` for the
-            standard library, every file otherwise).
+        suffixes: only files whose names end with one of these (one string: that suffix;
+            default: ``(".py",)`` for the standard library, every file otherwise).
     """
     if path is None:
         path = stdlib_source_dir()

@@ -22,9 +22,11 @@ statement of what was observed, writes ``<out_dir>/<run_name>/report.png``
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import os
+import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -251,6 +253,36 @@ def build_pair(
     raise ValueError(f"unknown demo pair {name!r}; choose from {PAIRS}")
 
 
+def data_fingerprint(train: Dataset[Any], val: Dataset[Any]) -> dict[str, Any]:
+    """SHA-256 of the training and validation data, with their sizes and the Python version:
+    written into ``pair.json`` so that two runs can tell whether they trained on the same bytes
+    (the default GPT-2 corpus is the running Python's standard library, which differs between
+    Python versions). Datasets other than byte windows and tensor datasets get ``None``."""
+    from torch.utils.data import TensorDataset
+
+    from glu_probe.data import ByteWindowDataset
+
+    def tensors(ds: Dataset[Any]) -> tuple[torch.Tensor, ...] | None:
+        if isinstance(ds, ByteWindowDataset):
+            return (ds.tokens,)
+        if isinstance(ds, TensorDataset):
+            return tuple(ds.tensors)
+        return None
+
+    out: dict[str, Any] = {"python": platform.python_version()}
+    for split, ds in (("train", train), ("val", val)):
+        parts = tensors(ds)
+        if parts is None:
+            out[split] = None
+            continue
+        digest = hashlib.sha256()
+        for t in parts:
+            digest.update(str((tuple(t.shape), str(t.dtype))).encode())
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        out[split] = {"sha256": digest.hexdigest(), "numel": int(sum(t.numel() for t in parts))}
+    return out
+
+
 def check_text_data(data: str | Path | None, s: PairSettings) -> None:
     """Read the GPT-2 pair's corpus (``data``, default the Python stdlib sources) as
     :func:`build_pair` will, and take its probe batch, so that a corpus that cannot serve (too
@@ -474,6 +506,7 @@ def fit_pair(
         "seed": seed,
         "steps_done": int(trainer.global_step),
         "stopped_early": trainer.global_step < s.steps,
+        "data": data_fingerprint(train, val),
         "seconds": seconds,
         "accelerator": accelerator,
     }

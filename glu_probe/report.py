@@ -103,6 +103,8 @@ class SubRun:
     #: Tag prefix of each side of a paired run: ``PairedModule``'s ``model_prefix`` and
     #: ``baseline_prefix`` (``pair.json``, else found in the tags; default model / baseline).
     prefixes: dict[str, str] = field(default_factory=dict)
+    #: Training steps done (``pair.json``'s ``steps_done``; ``None`` without one).
+    steps_done: int | None = None
 
 
 @dataclass
@@ -189,6 +191,9 @@ def _read_dir(path: Path, name: str) -> SubRun:
             for side in ("model", "baseline"):
                 if isinstance(data.get(f"{side}_prefix"), str):
                     sub.prefixes[side] = data[f"{side}_prefix"]
+            done = data.get("steps_done")
+            if isinstance(done, int) and not isinstance(done, bool) and done >= 0:
+                sub.steps_done = done
         except (OSError, ValueError):
             sub.labels = {}
     return sub
@@ -356,7 +361,11 @@ def summarize(run: RunData) -> list[dict[str, Any]]:
             gap = gap_series.last if gap_series is not None else math.nan
             if gap_series is None and train is not None and val is not None:
                 gap = val.last - train.last
+            # the steps done where pair.json says (a pair cut by --max-minutes showed its last
+            # logged step, one less, beside a note giving the steps done: review, session 26)
             last_steps = [s.steps[-1] for s in (train, val, kappa) if s is not None]
+            if sub.steps_done is not None:
+                last_steps = [sub.steps_done]
             rows.append(
                 {
                     "run": name,
