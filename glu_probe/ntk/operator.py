@@ -31,6 +31,7 @@ far smaller; ``dtype=torch.float64`` for more).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -42,6 +43,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from .._warnings import external_stacklevel
 from .functional import (
     OutputSpec,
     ParamFilter,
@@ -68,7 +70,7 @@ def _warn_outside(message: str, category: type[Warning]) -> None:
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR + os.sep):
         frame = frame.f_back  # type: ignore[assignment]
         level += 1
-    warnings.warn(message, category, stacklevel=level)
+    warnings.warn(message, category, stacklevel=external_stacklevel())
 
 
 def _fold_decompositions() -> dict[Any, Any]:
@@ -495,6 +497,24 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(t in text for t in _OOM_TEXTS)
 
 
+def _missing_vmap(err: BaseException) -> bool:
+    """A custom ``autograd.Function`` without a vmap rule (PyTorch's RuntimeError text)."""
+    return isinstance(err, RuntimeError) and "does not have vmap support" in str(err)
+
+
+def _by_columns(fn: Callable[..., Any], k: int) -> Callable[..., Any]:
+    """``fn`` applied to the k columns one at a time, stacked as ``vmap(fn)`` would be."""
+    one = _batched(fn, 1)
+
+    def columns(*args: Tensor) -> Any:
+        outs = [one(*(a[i : i + 1] for a in args)) for i in range(k)]
+        if isinstance(outs[0], Tensor):
+            return torch.cat(outs)
+        return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+
+    return columns
+
+
 def _batched(fn: Callable[..., Any], k: int) -> Callable[..., Any]:
     """``vmap(fn)``; for a single column, ``fn`` on the squeezed column (vmap has a fixed cost),
     or a traced map's in-place copy where it has one (:func:`_in_place_copy`)."""
@@ -547,6 +567,11 @@ class _GraphedProduct:
 
 class NTKOperator:
     """The empirical NTK K = J Jᵀ of a model on a probe batch, as a matrix-free operator.
+
+    J is reverse mode's (training's) J. Before the first product one random pair checks that
+    forward mode agrees (:meth:`_check_adjoint`); a model that computes parameter-dependent
+    values under ``torch.no_grad()`` or rescales gradients with hooks inside its forward does
+    not, and then gets reverse-mode products (J·u as a VJP of a VJP), with a ``RuntimeWarning``.
 
     Args:
         model: any ``nn.Module``.
@@ -629,7 +654,7 @@ class NTKOperator:
                 dtype = default_probe_dtype(model_, params)
             # (a model of float64 and float32 parts gets float32 by default, with the warning;
             # stacklevel: past allows_autograd's wrapper, to the caller)
-            warn_narrowed(model_, dtype, "NTKOperator: dtype", stacklevel=3)
+            warn_narrowed(model_, dtype, "NTKOperator: dtype")
             probe = agreed(
                 lambda: ProbeFunction(
                     model_, inputs, output=output, params=params, dtype=dtype, eval_mode=eval_mode
@@ -655,8 +680,12 @@ class NTKOperator:
         self._run = 0  # products of _last_key in a row
         self._stream: Any = None
         self.n_graph_replays = 0
-        # False once an operation without a forward-mode derivative was met (J·u by VJPs).
+        # False once an operation without a forward-mode derivative was met, or forward and
+        # reverse mode were seen to disagree (_check_adjoint): J·u by VJPs from then on.
         self._forward_ad = True
+        self._adjoint_checked = False
+        # False once vmap met a custom autograd.Function without a vmap rule (columns then).
+        self._vmap_ok = True
         # CPU, traced maps: per block width, the timed trials of each way, then the choice
         self._block_trials: dict[int, dict[str, list[float]]] = {}
         self.block_mode: dict[int, str] = {}
@@ -755,7 +784,7 @@ class NTKOperator:
                 f"tracing the JVP failed ({type(err).__name__}: {err}); keeping "
                 "torch.func.jvp, which recomputes the forward pass per product",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=external_stacklevel(),
             )
             self.linearize = False
             return self._jvp(start, stop)
@@ -772,13 +801,15 @@ class NTKOperator:
                 f"tracing the VJP failed ({type(err).__name__}: {err}); keeping the autograd "
                 "vjp, which recomputes activation derivatives per product",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=external_stacklevel(),
             )
             return vjp_fn
         return traced
 
     def _linearisations(self) -> list[tuple[Callable[..., Any], Callable[..., Any]]] | None:
         """The cached (vjp_fn, jvp_fn) of the single chunk, or ``None`` when chunked."""
+        if not self._adjoint_checked:  # (before anything is built or traced from the JVP)
+            self._check_adjoint()
         if len(self._ranges) > 1:
             return None
         a, b = self._ranges[0]
@@ -804,6 +835,98 @@ class NTKOperator:
                 self._cache = [(self._traced_vjp(vjp, a, b), self._linearised_jvp(a, b))]
             self._traced = True
         return self._cache
+
+    def _check_adjoint(self) -> None:
+        """Check once, before the first product, that forward mode (J w, ``torch.func.jvp``)
+        and reverse mode (Jᵀ u, ``torch.func.vjp``) differentiate the same J: u·(J w) =
+        (Jᵀ u)·w for one seeded random pair. Where they do not, J·u is computed by reverse mode
+        only from then on (:meth:`_jvp_by_vjp`, also for a traced operator), with one
+        ``RuntimeWarning``.
+
+        They disagree on a forward that computes a parameter-dependent value under
+        ``torch.no_grad()`` / ``set_grad_enabled(False)`` (forward-mode AD is not disabled by
+        those) or registers a gradient hook (``tensor.register_hook``; forward mode never calls
+        it): the products were then J_f J_rᵀ, not even symmetric, and Lanczos reported wrong
+        eigenvalues as converged (review, session 26). Reverse mode is the J of training and
+        of the dense path.
+
+        Tolerance: u and w have standard normal entries, so |Jᵀu| ≈ |J w| ≈ ‖J‖_F and the
+        mismatch uᵀ(J_f − J_r)w has standard deviation ‖J_f − J_r‖_F: the test compares the
+        relative mismatch ‖J_f − J_r‖_F / ‖J‖_F with √eps of the model's coarsest arithmetic
+        (:func:`~glu_probe.ntk.dense.forward_rounding_dtype`: float32 for a float64 probe of a
+        model that casts inside). Rounding makes each product exact for a J perturbed by
+        c·eps relative (c: depth and accumulation lengths), which √eps leaves room for
+        (c up to ~3,000 in float32, ~7e7 in float64), while the mismatches above change J by
+        O(1) relative amounts. The JVP and the VJP draw the same random numbers (a model
+        with active dropout is compared with itself), and the caller's RNG is untouched.
+        Cost: one forward, one backward and one forward-mode pass, once per operator.
+        """
+        self._adjoint_checked = True
+        if not self._forward_ad:
+            return  # (reverse mode only already: adjoint by construction)
+        from .dense import forward_rounding_dtype  # local: dense imports this module
+
+        params = self.probe.params
+        # one seeded private generator for all of w and u (the global RNG is untouched; per
+        # tensor seeds would repeat w's entries across parameters of the same shape)
+        gen = torch.Generator(device=self.device).manual_seed(0x5EED)
+        w = tuple(
+            torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device) for p in params
+        )
+        devices = [self.device] if self.device.type == "cuda" else []
+        jtu: list[Tensor] = []
+        u_jw = torch.zeros((), dtype=torch.float64, device=self.device)
+        jw_sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        with self.probe.session():
+            for a, b in self._ranges:
+                chunk = self.probe.chunk(a, b)
+                ra, rb = self.probe.row_range(a, b)
+                u = torch.randn(rb - ra, generator=gen, dtype=self.dtype, device=self.device)
+
+                def f(*p: Tensor, chunk: Any = chunk) -> Tensor:
+                    return self.probe(p, chunk)
+
+                with torch.random.fork_rng(devices=devices):
+                    part = torch.func.vjp(f, *params)[1](u)
+                with torch.random.fork_rng(devices=devices):
+                    try:
+                        jw = torch.func.jvp(f, params, w)[1]
+                    except NotImplementedError as err:
+                        if not _missing_forward_ad(err):
+                            raise
+                        self._no_forward_ad(err)
+                        return
+                if not jtu:  # (own storage: autograd's gradients may share memory)
+                    jtu = [t.detach().clone() for t in part]
+                else:
+                    for x, y in zip(jtu, part, strict=True):
+                        x.add_(y)
+                # (sums in float64: their cancellation must not pass for a mismatch; the
+                # products stay in the probe's dtype, no float64 copy of a large parameter)
+                u_jw += (u * jw).sum(dtype=torch.float64)
+                jw_sq += jw.square().sum(dtype=torch.float64)
+        jtu_w = sum((g * t).sum(dtype=torch.float64) for g, t in zip(jtu, w, strict=True))
+        jtu_sq = sum(g.square().sum(dtype=torch.float64) for g in jtu)
+        internal = forward_rounding_dtype(self.probe)  # (its own probe session, memoised)
+        mismatch = abs(float(u_jw) - float(jtu_w))
+        scale = max(math.sqrt(float(jw_sq)), math.sqrt(float(jtu_sq)))
+        if not (math.isfinite(mismatch) and math.isfinite(scale)) or scale == 0.0:
+            return  # (non-finite rows or K = 0: the caller's errors say so)
+        tol = math.sqrt(torch.finfo(internal).eps) * scale
+        if mismatch > tol:
+            self._forward_ad = False
+            warnings.warn(
+                "NTKOperator: forward-mode and reverse-mode derivatives of this model disagree "
+                f"(u·(J w) = {float(u_jw):.6g} against (Jᵀu)·w = {float(jtu_w):.6g} for a "
+                f"random pair, relative mismatch {mismatch / scale:.1e} > {tol / scale:.1e}); "
+                "its forward likely computes a parameter-dependent value under torch.no_grad() "
+                "or set_grad_enabled(False), or registers a gradient hook (register_hook), "
+                "which reverse mode (training's J) respects and forward mode does not. J·u is "
+                "computed as the VJP of u ↦ Jᵀu instead (reverse mode only; one forward and "
+                "two backward passes per product)",
+                RuntimeWarning,
+                stacklevel=external_stacklevel(),
+            )
 
     def _vjp(self, start: int, stop: int) -> Callable[..., Any]:
         chunk = self.probe.chunk(start, stop)
@@ -857,7 +980,7 @@ class NTKOperator:
                 f"NTKOperator: {str(err).splitlines()[0][:200]} — J·u is computed as the VJP of "
                 "u ↦ Jᵀu instead (one forward and two backward passes per product)",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=external_stacklevel(),
             )
 
     def _all_reduce(self, acc: list[Tensor], k: int) -> list[Tensor]:
@@ -1046,7 +1169,7 @@ class NTKOperator:
             ra, rb = self.probe.row_range(a, b)
             u = local[ra:rb].T.contiguous()
             vjp_fn = cached[i][0] if cached is not None else self._vjp(a, b)
-            part = _batched(vjp_fn, k)(u)
+            part = self._vmapped(vjp_fn, k)(u)
             if not acc:
                 # Own storage for the running sum: autograd may return gradients that share
                 # memory (timm's cls_token gradient is a view of pos_embed's for a one-sample
@@ -1063,8 +1186,39 @@ class NTKOperator:
         outs = []
         for i, (a, b) in enumerate(self._ranges):
             jvp_fn = cached[i][1] if cached is not None else self._jvp(a, b)
-            outs.append(_batched(jvp_fn, k)(*tangents))
+            outs.append(self._vmapped(jvp_fn, k)(*tangents))
         return outs
+
+    def _vmapped(self, fn: Callable[..., Any], k: int) -> Callable[..., Any]:
+        """:func:`_batched`, or the k columns one at a time once vmap met a custom
+        ``autograd.Function`` without a vmap rule (a ``setup_context`` Function with neither
+        ``vmap`` nor ``generate_vmap_rule=True``), with one ``RuntimeWarning``: the same
+        product, k passes instead of one batched pass. Such a Function crashed block products
+        (k > 1) with torch's own error, while single columns ran (review, session 26)."""
+        if k == 1:
+            return _batched(fn, 1)
+        if not self._vmap_ok:
+            return _by_columns(fn, k)
+        batched = _batched(fn, k)
+
+        def call(*args: Tensor) -> Any:
+            if self._vmap_ok:
+                try:
+                    return batched(*args)
+                except RuntimeError as err:
+                    if not _missing_vmap(err):
+                        raise
+                    self._vmap_ok = False
+                    warnings.warn(
+                        f"NTKOperator: {str(err).splitlines()[0][:200]} — block products run "
+                        "one column at a time instead (the same product, without vmap's "
+                        "batching)",
+                        RuntimeWarning,
+                        stacklevel=external_stacklevel(),
+                    )
+            return _by_columns(fn, k)(*args)
+
+        return call
 
     def _agree(self, err: BaseException | None, stage: str) -> None:
         """:func:`agree_on_failure` for one product of this operator."""
