@@ -174,6 +174,8 @@ LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 
 _METHODS = ("auto", "dense", "lanczos")
 _OUTPUTS = ("pntk", "full")
+#: Numbers in a relayed warning's text (masked when deduplicating warnings across probes).
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?\binf\b|\bnan\b")
 _NONFINITE = re.compile(r"\bnan\b|\binf\b|non-finite|nonfinite", re.IGNORECASE)
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLAFSDP")
 
@@ -510,7 +512,7 @@ class NTKSpectrumMonitor(Callback):
         self.probe_seconds: list[float] = []
         self._pending_figure: tuple[int, dict[str, Any], dict[str, float]] | None = None
         # Warning sites (category, file, line) already relayed in this fit.
-        self._warned_sites: set[tuple[Any, str, int]] = set()
+        self._warned_sites: set[tuple[Any, str]] = set()
         self._global_step = 0  # trainer.global_step at the last batch end
         self._start_probe = False  # the start probe is due at the next batch start
         # Shapes of the probe's input tensors (checkpointed: a resumed run with another probe
@@ -1098,7 +1100,10 @@ class NTKSpectrumMonitor(Callback):
             finally:
                 pending = list(caught)
         for w in pending:
-            site = (w.category, w.filename, w.lineno)
+            # Keyed on the category and the text with its numbers masked: warnings are
+            # attributed to the user's frame (one site for every warning of a probe), and the
+            # same warning repeats with other numbers (λ_min, step counts) at later probes.
+            site = (w.category, _NUMBER.sub("#", str(w.message)))
             if site in self._warned_sites:
                 continue
             self._warned_sites.add(site)
@@ -1199,6 +1204,10 @@ class NTKSpectrumMonitor(Callback):
                     ):
                         spec = ntk_spectrum(target, self._inputs, chunk_size=chunk, **kwargs)
                 except Exception as err:
+                    # A sharded probe's budget refusal comes on every rank with the same text
+                    # (the engine agrees on it before any product), so every rank raises here,
+                    # or falls back below, together: one rank's lone refusal had left the
+                    # others in the operator's collectives (review, session 26).
                     if isinstance(err, ValueError) and str(err).startswith("memory_budget"):
                         if "memory_budget" in self.spectrum_kwargs:
                             raise MisconfigurationException(

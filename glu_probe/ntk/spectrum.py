@@ -56,6 +56,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .._warnings import external_stacklevel
 from .dense import (
     DenseBudgetError,
     _assemble,
@@ -235,7 +236,7 @@ def _warm_vectors(warm_start: Any, n: int, block_size: int) -> Tensor | None:
             f"warm_start ignored: its vectors have shape {shape}, but K has {n} rows "
             "(the probe batch changed size)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=external_stacklevel(),
         )
         return None
     v = v.reshape(n, -1)[:, : min(block_size, n)]
@@ -244,7 +245,7 @@ def _warm_vectors(warm_start: Any, n: int, block_size: int) -> Tensor | None:
             "warm_start ignored: its vectors contain NaN or Inf (a previous probe that failed?); "
             "starting from random vectors",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=external_stacklevel(),
         )
         return None
     return v
@@ -364,7 +365,7 @@ def _rank_warning(
         "rounding (the reported κ is not accurate, possibly infinite). Fewer rows "
         f"(smaller probe batch, output='pntk') or more parameters make K full rank{hint}",
         NTKRankWarning,
-        stacklevel=3,
+        stacklevel=external_stacklevel(),
     )
 
 
@@ -439,7 +440,11 @@ def ntk_spectrum(
             activations (the probe batch is chunked to fit). ``None``: the defaults of each.
         chunk_size: samples per chunk in the matrix-free products (bounds activation memory).
         eval_mode: run BatchNorm/dropout in eval mode (default).
-        process_group: distributed group; each rank passes its own probe shard (Lanczos only).
+        process_group: distributed group; each rank passes its own probe shard (Lanczos only)
+            and the same arguments otherwise. A ``memory_budget`` is checked against every
+            rank's shard, and the ranks agree on one plan (basis size, block width, spanning
+            the whole space or not); where any rank's shard does not fit, every rank raises
+            the same ``ValueError``.
         generator: random source of the Lanczos start (default: fixed seed, global RNG untouched).
         slq_probes: Lanczos path only: estimate the effective rank and the spectral density by
             stochastic Lanczos quadrature with this many Rademacher probes (0: skip, the
@@ -494,7 +499,19 @@ def ntk_spectrum(
     # float64 model may be finite only in float64).
     first = torch.float64 if method == "dense" else dtype
     if memory_budget is not None:
-        refuse_small_budget(memory_budget, model, inputs, params, first)
+        refusal: ValueError | None = None
+        try:
+            refuse_small_budget(memory_budget, model, inputs, params, first)
+        except ValueError as err:
+            if process_group is None:
+                raise
+            refusal = err
+        if process_group is not None:
+            # Each rank checks its own shard: every rank refuses together, or none does (a
+            # lone refusal left the other ranks in the next collective; review, session 26).
+            home = next((q.device for q in model.parameters()), torch.device("cpu"))
+            first_refusing = _refusing_rank(refusal, process_group, home)
+            _refuse_together(refusal, first_refusing, process_group, home)
 
     def build(probe_dtype: torch.dtype) -> ProbeFunction:
         return ProbeFunction(
@@ -549,15 +566,15 @@ def ntk_spectrum(
                 method = "dense"
     # (The dense path's narrowing warning comes once it has accepted the budget: a run that
     # auto then moves to Lanczos warned of a jacobian_dtype it never used.)
-    if method != "dense":  # (stacklevel: past allows_autograd's wrapper, to the caller)
-        warn_narrowed(model, probe.dtype, "ntk_spectrum: dtype", stacklevel=3)
+    if method != "dense":
+        warn_narrowed(model, probe.dtype, "ntk_spectrum: dtype")
     keep = probe.padding_keep() if drop_padding else None
     if keep is not None and process_group is not None:
         warnings.warn(
             "ntk_spectrum: the probe has padded tokens (attention_mask 0), whose rows a sharded "
             "probe keeps in K; pass a probe without padding to leave them out",
             UserWarning,
-            stacklevel=3,
+            stacklevel=external_stacklevel(),
         )
         keep = None
     if method == "dense":
@@ -565,7 +582,7 @@ def ntk_spectrum(
             result = _dense(
                 probe, memory_budget, block_size, t0, jacobian_dtype, dense_vectors, keep
             )
-            warn_narrowed(model, jacobian_dtype, "ntk_spectrum: jacobian_dtype", stacklevel=3)
+            warn_narrowed(model, jacobian_dtype, "ntk_spectrum: jacobian_dtype")
             return result
         except DenseBudgetError:
             # auto's estimate (K and four parameter vectors) is below the dense path's floor
@@ -576,7 +593,7 @@ def ntk_spectrum(
                 raise
             method = "lanczos"  # (with dense_vectors too, as below auto's estimate: the
             # Lanczos result carries its Ritz vectors)
-            warn_narrowed(model, probe.dtype, "ntk_spectrum: dtype", stacklevel=3)
+            warn_narrowed(model, probe.dtype, "ntk_spectrum: dtype")
     return _lanczos(
         probe,
         keep=keep,
@@ -709,7 +726,7 @@ def _dense(
             "(mixed precision: K and eigh in float64, the rows' rounding bound is in the "
             "residuals). Pass jacobian_dtype=torch.float32 to choose this and silence the warning",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=external_stacklevel(),
         )
     if keep is not None:  # the real tokens' principal submatrix (drop_padding)
         idx = keep.nonzero().squeeze(1).to(K.device)
@@ -755,7 +772,7 @@ def _dense(
             f"{n * eps64 * kappa:.1e}); condition_number_lower = (λ_max − r)/(λ_min + r) with "
             "r = n·eps·λ_max bounds κ from below",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=external_stacklevel(),
         )
     upper = lam_min + res_min
     kappa_lower = (lam_max - res_max) / upper if upper > 0.0 else math.inf
@@ -794,7 +811,7 @@ def _internal_rounding(probe: ProbeFunction, warn: bool = True) -> torch.dtype:
             f"or softmax): the float64 probe is exact only to {internal} rounding, and the "
             "residuals and bounds carry that rounding (precision='mixed')",
             RuntimeWarning,
-            stacklevel=5,
+            stacklevel=external_stacklevel(),
         )
     return internal
 
@@ -916,6 +933,171 @@ def _budgeted_products(
     return width, (samples if chunk_size is None else min(chunk_size, samples)), cap
 
 
+_Plan = tuple[int, int | None, int]
+"""(block width, samples per chunk, Krylov basis columns) of :func:`_budgeted_products`."""
+
+
+def _local_plans(
+    probe: ProbeFunction,
+    n: int,
+    span_width: int | None,
+    block_size: int,
+    max_matvecs: int,
+    chunk_size: int | None,
+    budget: int,
+    slq_probes: int,
+    slq_steps: int,
+) -> tuple[_Plan | None, _Plan | ValueError]:
+    """This rank's Lanczos plans within ``budget`` (:func:`_budgeted_products`): the plan that
+    spans the whole space in blocks of up to ``span_width`` columns (``None`` where no full
+    span is asked for, or it does not fit: its basis would be thick-restarted), and the plan of
+    a thick-restarted run with the SLQ estimate, or the ``ValueError`` that refuses it.
+
+    Spanning the whole space makes every eigenvalue exact and SLQ never runs: its basis is
+    reserved only where the whole space does not fit. Both plans are returned (they are
+    arithmetic only) so that the ranks of a sharded probe agree on one in a single all-reduce
+    (:func:`_agreed_plan`).
+    """
+
+    def plan(width: int, slq: int) -> _Plan:
+        return _budgeted_products(
+            probe,
+            n,
+            width,
+            block_size,
+            min(max(max_matvecs, width), n),
+            chunk_size,
+            budget,
+            slq,
+            slq_steps,
+        )
+
+    spanning: _Plan | None = None
+    if span_width is not None:
+        try:
+            spanning = plan(span_width, 0)
+        except ValueError:
+            spanning = None
+        if spanning is not None and spanning[2] < n:
+            spanning = None
+    fallback: _Plan | ValueError
+    try:
+        fallback = plan(block_size, slq_probes)
+    except ValueError as err:
+        fallback = err
+    return spanning, fallback
+
+
+def _agreed_plan(
+    spanning: _Plan | None,
+    fallback: _Plan | ValueError,
+    process_group: Any,
+    device: torch.device,
+) -> tuple[bool, _Plan]:
+    """(whether to span the whole space, the plan) that every rank of ``process_group`` runs,
+    from each rank's :func:`_local_plans`.
+
+    Every product of a sharded probe is a collective, so the ranks must run the same Lanczos
+    iteration: one plan for all, though each rank's shard (and free memory) differs. The whole
+    space is spanned only where it fits on every rank; the block width and the basis are the
+    smallest of the ranks' (smaller ones hold less, so every rank's own plan still fits); and
+    a refusal on any rank raises the same ``ValueError`` on every rank (review, session 26:
+    one rank refused and the others waited in the next collective, or died with gloo's
+    "Connection closed by peer"). The samples per chunk stay each rank's own (its products'
+    activations are local). One all-reduce, and a broadcast of the refusal's text where one
+    is refused; nothing without a group.
+    """
+    if process_group is None:
+        if spanning is not None:
+            return True, spanning
+        if isinstance(fallback, ValueError):
+            raise fallback
+        return False, fallback
+    import torch.distributed as dist
+
+    device = _collective_device(process_group, device)
+    world = dist.get_world_size(process_group)
+    rank = dist.get_rank(process_group)
+    refusal = fallback if isinstance(fallback, ValueError) else None
+    big = torch.iinfo(torch.int64).max
+    # All MIN-reduced: spanning everywhere, the fallback everywhere, the first refusing rank
+    # (world where none), then the widths and bases (big where this rank has no such plan).
+    stats = torch.tensor(
+        [
+            int(spanning is not None),
+            int(refusal is None),
+            world if refusal is None else rank,
+            big if spanning is None else spanning[0],
+            big if spanning is None else spanning[2],
+            big if isinstance(fallback, ValueError) else fallback[2],
+        ],
+        dtype=torch.int64,
+        device=device,
+    )
+    dist.all_reduce(stats, op=dist.ReduceOp.MIN, group=process_group)
+    span_all, fallback_all, first, width, span_basis, basis = (int(v) for v in stats.tolist())
+    if span_all:
+        assert spanning is not None
+        return True, (width, spanning[1], span_basis)
+    if not fallback_all:
+        _refuse_together(refusal, first, process_group, device)
+    assert not isinstance(fallback, ValueError)
+    return False, (fallback[0], fallback[1], basis)
+
+
+def _collective_device(process_group: Any, device: torch.device) -> torch.device:
+    """Where a small control tensor of ``process_group``'s collectives lives: the CPU for
+    gloo, else ``device``."""
+    import torch.distributed as dist
+
+    return torch.device("cpu") if dist.get_backend(process_group) == "gloo" else device
+
+
+def _refusing_rank(err: BaseException | None, process_group: Any, device: torch.device) -> int:
+    """The lowest rank of ``process_group`` whose ``err`` is set (one MIN all-reduce), or the
+    group's size where none is."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(process_group)
+    first = torch.tensor(
+        [dist.get_rank(process_group) if err is not None else world],
+        dtype=torch.int64,
+        device=_collective_device(process_group, device),
+    )
+    dist.all_reduce(first, op=dist.ReduceOp.MIN, group=process_group)
+    return int(first.item())
+
+
+def _refuse_together(
+    err: ValueError | None,
+    first: int,
+    process_group: Any,
+    device: torch.device,
+) -> None:
+    """Raise rank ``first``'s budget refusal ``err`` on every rank of ``process_group`` (as
+    found by :func:`_refusing_rank`; ``err`` is set on that rank), with the same text
+    everywhere; nothing where ``first`` is the group's size (no rank refused).
+
+    The text names the refusing rank and keeps the ``memory_budget=`` start by which callers
+    (the monitor's fallback to the engine's default budget) recognise a refused budget, so
+    that every rank takes the same branch. One broadcast of the text.
+    """
+    import torch.distributed as dist
+
+    if first >= dist.get_world_size(process_group):
+        return
+    text: list[Any] = [str(err) if dist.get_rank(process_group) == first else None]
+    dist.broadcast_object_list(
+        text,
+        src=dist.get_global_rank(process_group, first),
+        group=process_group,
+        device=_collective_device(process_group, device),
+    )
+    raise ValueError(
+        f"{text[0]} (rank {first}'s probe shard; every rank of the process group refuses)"
+    ) from err
+
+
 def _lanczos(
     probe: ProbeFunction, *, chunk_size: int | None, process_group: Any, **rest: Any
 ) -> NTKSpectrum:
@@ -970,42 +1152,27 @@ def _lanczos_on(
         width = _full_span_block(probe, n, block_size)
     max_basis: int | None = None
     if memory_budget is not None:
-
-        def plan(width: int, slq: int) -> tuple[int, int | None, int]:
-            return _budgeted_products(
-                probe,
-                n,
-                width,
-                block_size,
-                min(max(max_matvecs, width), n),
-                chunk_size,
-                memory_budget,
-                slq,
-                slq_steps,
-            )
-
-        planned = None
-        if full_span:
-            # Spanning the whole space makes every eigenvalue exact and SLQ never runs: its
-            # basis is reserved only where the whole space does not fit.
-            try:
-                planned = plan(width, 0)
-            except ValueError:
-                planned = None
-            if planned is not None and planned[2] < n:
-                planned = None
-            if planned is None:
-                full_span = False  # the whole space does not fit: thick-restarted Lanczos + SLQ
-                width = block_size
-        if planned is None:
-            planned = plan(width, slq_probes)
-        width, budget_chunk, max_basis = planned
-        if budget_chunk != chunk_size:
-            op.rechunk(budget_chunk)  # (local to this rank: no collective)
-    v0 = _warm_vectors(warm_start, n, block_size)
-    if v0 is not None:
-        v0 = v0.to(device=probe.device, dtype=probe.dtype)
-    if full_span and process_group is not None:
+        spanning, fallback = _local_plans(
+            probe,
+            n,
+            width if full_span else None,
+            block_size,
+            max_matvecs,
+            chunk_size,
+            memory_budget,
+            slq_probes,
+            slq_steps,
+        )
+        full_span, (width, budget_chunk, max_basis) = _agreed_plan(
+            spanning, fallback, process_group, probe.device
+        )
+        if budget_chunk != chunk_size or process_group is not None:
+            # Each rank's own chunks (its activations are local), but a sharded operator's
+            # rechunk agrees on the split with the other ranks (one all-reduce): every rank
+            # calls it, or the one that did waited in a collective the others never ran
+            # (uneven shards plan different chunks).
+            op.rechunk(budget_chunk)
+    elif full_span and process_group is not None:
         # Every rank must run the same block products (each is a collective), but free
         # memory differs between ranks: all take the narrowest width.
         import torch.distributed as dist
@@ -1013,6 +1180,9 @@ def _lanczos_on(
         agreed = torch.tensor([width], dtype=torch.int64, device=probe.device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=process_group)
         width = int(agreed.item())
+    v0 = _warm_vectors(warm_start, n, block_size)
+    if v0 is not None:
+        v0 = v0.to(device=probe.device, dtype=probe.dtype)
     # The products this call runs at most (the Krylov space stops at n columns unless thick
     # restarts keep it smaller; then max_matvecs columns stop it, in blocks that a restart may
     # make narrower, so up to one product per column; the SLQ estimate adds slq_steps blocks):
@@ -1120,7 +1290,7 @@ def _lanczos_on(
             "κ = inf; the numerical rank is unknown without the dense path (method='dense')"
             + ("; dtype=torch.float64 resolves smaller eigenvalues" if eps > 1e-10 else ""),
             NTKRankWarning,
-            stacklevel=2,
+            stacklevel=external_stacklevel(),
         )
     elif (
         which == "both"
@@ -1134,7 +1304,7 @@ def _lanczos_on(
             "error of that order even though the iteration converged"
             + ("; pass dtype=torch.float64" if probe.dtype != torch.float64 else ""),
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=external_stacklevel(),
         )
     if slq_probes > 0 and not res.exact:
         # Fixed seed: the same probes every call, so a run's estimates vary smoothly (common
@@ -1180,7 +1350,7 @@ def _lanczos_on(
             f"{kappa_lower:.4g} is a bound. Raise max_matvecs or use "
             "warm_start=",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=external_stacklevel(),
         )
     return NTKSpectrum(
         lambda_max=lam_max,
