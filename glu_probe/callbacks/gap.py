@@ -78,7 +78,13 @@ training loss in train mode with dropout, against a full-val-set mean in eval mo
 not restore ``callback_metrics`` from a checkpoint, so the monitor saves the training-side values
 the next validation would read (``on_save_checkpoint``) and a resumed run uses them until the keys
 are logged again: a training loss logged per epoch is then not missing at the resumed run's first
-validation (its gap point was dropped; review, session 26). Logged mode works under any strategy.
+validation (its gap point was dropped; review, session 26). A checkpoint saved at the validation of
+an epoch's last batch (Lightning's default with ``val_check_interval<1``, or
+``ModelCheckpoint(save_on_train_epoch_end=False)``) saves that epoch's per-epoch means, which its
+end hands to the next validation, and the end of that epoch that Lightning replays on resume,
+before any training batch, is not taken for a real one: the resumed series equals the
+uninterrupted run's (the resume raised "not logged", and the train side of the resumed epoch was
+the previous epoch's; re-review, session 26). Logged mode works under any strategy.
 
 Inference mode
 --------------
@@ -199,6 +205,28 @@ def _find_logged(metrics: Mapping[str, Any], key: str) -> float | None:
         if k in metrics:
             return float(metrics[k])
     return None
+
+
+def _pending_epoch_metrics(trainer: pl.Trainer) -> Mapping[str, Any]:
+    """The training epoch's per-epoch values (its ``on_epoch=True`` logs, reduced now) where the
+    epoch has run its last batch: during that batch's validation (or at its
+    ``on_train_batch_end``) they are not in ``callback_metrics`` yet, which holds the previous
+    epoch's there, and the epoch's end puts them in for the next validation. At the epoch's end
+    they are what ``callback_metrics`` holds. ``{}`` elsewhere (a batch still to come:
+    ``callback_metrics`` is what the next validation reads; after the epoch's end the collection
+    is reset) and where Lightning's internals differ from 2.4-2.6's
+    (``fit_loop.epoch_loop._results``, ``batch_progress.is_last_batch``)."""
+    try:
+        loop = trainer.fit_loop.epoch_loop
+        if not loop.batch_progress.is_last_batch:
+            return {}
+        # Reducing here caches what Lightning's epoch end computes (no update remains before
+        # it; an update clears the cache). A sync_dist value is all-reduced here, as there:
+        # every rank runs on_save_checkpoint (Trainer.save_checkpoint dumps on all of them).
+        pending = loop._results.metrics(on_step=False)["callback"]
+    except (AttributeError, KeyError, TypeError):
+        return {}
+    return pending if isinstance(pending, Mapping) else {}
 
 
 def _first_loader(loaders: Any) -> DataLoader | None:
@@ -719,6 +747,7 @@ class GeneralizationGapMonitor(Callback):
         self._warned_layout = False
         self._warned_missing: set[str] = set()
         self._epoch_ended = False  # a training epoch of this fit has ended (logged mode)
+        self._trained = False  # this fit has run a training batch (see on_train_epoch_end)
         self._train_done = False  # this validation run's training subset is evaluated
         # logged mode: training-side values a checkpoint brought, used until logged again
         self._restored_logged: dict[str, float] = {}
@@ -819,13 +848,21 @@ class GeneralizationGapMonitor(Callback):
         was missing at a resumed run's first validation, and its gap point was dropped (review,
         session 26). They are read here, at the save, so that values the module logs in its own
         ``on_train_epoch_end`` (after the callbacks' hook, before ModelCheckpoint's) are in.
+        A save after the epoch's last training batch but before its end (at the validation
+        that batch runs: ModelCheckpoint's default with ``val_check_interval<1``, or
+        ``save_on_train_epoch_end=False``) takes the epoch's pending per-epoch means instead,
+        which that epoch's end puts in ``callback_metrics`` for the next validation (see
+        :func:`_pending_epoch_metrics`).
         """
         state = checkpoint.get("callbacks", {}).get(self.state_key)
         if self.mode != "logged" or not isinstance(state, dict):
             return
         values = dict(self._restored_logged)  # (a resumed run's, not logged again yet)
+        pending = _pending_epoch_metrics(trainer)
         for key in self._train_keys(pl_module):
-            found = _find_logged(trainer.callback_metrics, key)
+            found = _find_logged(pending, key)
+            if found is None:
+                found = _find_logged(trainer.callback_metrics, key)
             if found is not None:
                 values[key] = found
         state["logged_train"] = values
@@ -892,6 +929,7 @@ class GeneralizationGapMonitor(Callback):
                 )
         self._warned_missing = set()
         self._epoch_ended = False
+        self._trained = False
         # (a resumed run's checkpoint is restored after setup and sets these again)
         self._restored_logged = {}
         self._saved_fingerprint = None
@@ -933,7 +971,23 @@ class GeneralizationGapMonitor(Callback):
             for tag in self._tags(pl_module)
         }
 
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._trained = True
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._trained:
+            # Lightning's replay of the end of the epoch a resumed checkpoint was saved in
+            # (saved at the validation of its last batch), before any training batch: no
+            # per-epoch metric is logged yet. Taking it for an epoch end raised "not logged"
+            # at the next validation and dropped the restored values (re-review, session 26).
+            return
         self._epoch_ended = True  # (per-epoch training metrics exist from here on)
         # A resumed run's training keys are logged again by now (per step, or at this epoch's
         # end): a key still missing at a later validation is not logged at all, as in a run
