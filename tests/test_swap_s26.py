@@ -173,3 +173,244 @@ def test_other_variant_left_is_still_mixed():
         swap_mlp(model, "silu", include=r".*decoder.*", match="width")
     record = model.config.glu_probe_swap
     assert record["mixed"] == {"model.encoder.layers.0": "swiglu (width 170)"}
+
+
+# --- re-review, session 26: partial swaps, native widths carried, per-block alignments -------
+
+
+def _bart2() -> torch.nn.Module:
+    """BART with two encoder and two decoder layers (encoder_ffn_dim 256, decoder 128)."""
+    torch.manual_seed(0)
+    config = transformers.BartConfig(
+        d_model=64,
+        encoder_ffn_dim=256,
+        decoder_ffn_dim=128,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        vocab_size=100,
+        max_position_embeddings=32,
+    )
+    return transformers.BartForConditionalGeneration(config).eval()
+
+
+def _fresh_width(variant: str, path: str, **kwargs) -> tuple[int, int]:
+    """(width, alignment) a swap of the block at ``path`` alone gives in a fresh model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        entry = swap_mlp(_bart2(), variant, include=[path], **kwargs).entries[0]
+    return entry.hidden_features, entry.multiple_of
+
+
+def _swiglu_params(h: int) -> int:
+    # packed up/gate layer 64 -> 2h with bias, down h -> 64 with bias
+    return 64 * 2 * h + 2 * h + h * 64 + 64
+
+
+def _fc_params(h: int) -> int:
+    return 64 * h + h + h * 64 + 64
+
+
+@pytest.mark.parametrize("match", ["width", "params"])
+def test_a_partial_swap_of_a_host_block_gets_its_own_width(match, tmp_path):
+    """Encoder layer 0, decoder layer 0, then encoder layer 1, one at a time: the last got the
+    decoder's width (128 with match="width", 85 by parameters: -50%) from the record of the
+    second swap, silently, and that record contradicted itself (hidden 85, native 256)."""
+    model = _bart2()
+    paths = ["model.encoder.layers.0", "model.decoder.layers.0", "model.encoder.layers.1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (multiple_of relaxed for the parameter match)
+        reports = [swap_mlp(model, "swiglu", match=match, include=[p]) for p in paths]
+    last = reports[2].entries[0]
+    assert last.source_hidden == 256
+    if match == "width":
+        assert last.hidden_features == 256
+    else:
+        # the width a swap of that block alone gives: 3 * 64 h + 3 h + 64 = 33088 at h = 170
+        assert (
+            (last.hidden_features, last.multiple_of)
+            == _fresh_width("swiglu", paths[2])
+            == (
+                170,
+                2,
+            )
+        )
+        assert last.params_after == _swiglu_params(170)
+        assert last.params_before == _fc_params(256) == 33088
+        assert abs(last.rel_diff) < 0.01
+    assert (
+        _widths(model)["model.encoder.layers.1.fc1"] == _widths(model)["model.encoder.layers.0.fc1"]
+    )
+    record = model.config.glu_probe_swap
+    width = 256 if match == "width" else 170
+    dec = 128 if match == "width" else 85
+    assert record["widths"] == {
+        "model.encoder.layers.0": [256, width],
+        "model.decoder.layers.0": [128, dec],
+        "model.encoder.layers.1": [256, width],
+    }
+    # one width does not describe these blocks: the record says so, not the last swap's
+    assert record["hidden"] is None and record["native_hidden"] is None
+    assert record["excluded"] == ["model.decoder.layers.1"]
+    rebuilt = _reload(model, tmp_path)
+    assert _widths(rebuilt) == _widths(model)
+    assert torch.equal(_logits(rebuilt), _logits(model))
+
+
+def test_a_partial_swap_does_not_take_a_width_given_by_hidden_features():
+    # the record's width for blocks of native width 256 was given (100), not matched: a later
+    # match="params" swap of another such block matches its own parameters
+    model = _bart2()
+    swap_mlp(model, "swiglu", include=["model.encoder.layers.0"], hidden_features=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        entry = swap_mlp(model, "swiglu", include=["model.encoder.layers.1"]).entries[0]
+    assert (entry.hidden_features, entry.multiple_of) == (170, 2)
+    assert abs(entry.rel_diff) < 0.01
+
+
+def test_a_later_partial_swap_takes_the_width_matched_for_its_native_width():
+    # one width per native width, whatever this call's multiple_of (docs): 170 made with 2
+    model = _bart2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        swap_mlp(model, "swiglu", include=[r"model\.(en|de)coder\.layers\.0"])
+    entry = swap_mlp(model, "swiglu", include=["model.encoder.layers.1"], multiple_of=1).entries[0]
+    assert (entry.hidden_features, entry.multiple_of) == (170, 2)
+    entry = swap_mlp(model, "swiglu", include=["model.decoder.layers.1"], multiple_of=4).entries[0]
+    assert (entry.hidden_features, entry.multiple_of) == (85, 1)
+
+
+@pytest.mark.parametrize(
+    "steps, expected",
+    [
+        # swiglu everywhere, gelu on the encoder, gelu on the decoder by width: the decoder's
+        # native width (128) was lost, the last record (not "mixed") had no entry for it, and
+        # the recipe rebuilt it at 128 (load failed)
+        (
+            [
+                ("swiglu", {}),
+                ("gelu", {"include": r".*encoder.*"}),
+                ("gelu", {"include": r".*decoder.*", "match": "width"}),
+            ],
+            {"model.encoder.layers.0": [256, 256], "model.decoder.layers.0": [128, 85]},
+        ),
+        # geglu decoder, swiglu encoder at 100, geglu decoder, geglu encoder: the encoder's
+        # native width was recorded as the decoder's (128)
+        (
+            [
+                ("geglu", {"include": r".*decoder.*"}),
+                ("swiglu", {"include": r".*encoder.*", "hidden_features": 100}),
+                ("geglu", {"include": r".*decoder.*"}),
+                ("geglu", {"include": r".*encoder.*"}),
+            ],
+            {"model.encoder.layers.0": [256, 100], "model.decoder.layers.0": [128, 85]},
+        ),
+        # swiglu, geglu on the encoder by width (the decoder "mixed"), swiglu by width: the
+        # decoder's native width was dropped with the "mixed" record
+        (
+            [
+                ("swiglu", {}),
+                ("geglu", {"include": r".*encoder.*", "match": "width"}),
+                ("swiglu", {"match": "width"}),
+            ],
+            {"model.encoder.layers.0": [256, 170], "model.decoder.layers.0": [128, 85]},
+        ),
+    ],
+)
+def test_chains_keep_each_blocks_native_width(steps, expected, tmp_path):
+    model = _bart(128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for variant, kwargs in steps:
+            swap_mlp(model, variant, **kwargs)
+    record = model.config.glu_probe_swap
+    assert "mixed" not in record
+    assert record["widths"] == expected
+    enc, dec = (expected[f"model.{p}.layers.0"][1] for p in ("encoder", "decoder"))
+    assert _widths(model) == {"model.encoder.layers.0.fc1": enc, "model.decoder.layers.0.fc1": dec}
+    rebuilt = _reload(model, tmp_path)
+    assert _widths(rebuilt) == _widths(model)
+    assert torch.equal(_logits(rebuilt), _logits(model))
+
+
+def test_a_block_of_unknown_native_width_is_marked_mixed():
+    # a record that does not describe a block an earlier swap built (here: its entry removed)
+    model = _bart(128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        swap_mlp(model, "swiglu")
+    del model.config.glu_probe_swap["widths"]["model.decoder.layers.0"]
+    with pytest.warns(UserWarning, match="does not say the width"):
+        swap_mlp(model, "gelu")
+    record = model.config.glu_probe_swap
+    assert record["mixed"] == {"model.decoder.layers.0": "gelu (width 128, native width unknown)"}
+    assert record["widths"] == {"model.encoder.layers.0": [256, 256]}
+
+
+def test_the_recipe_reports_the_alignment_each_width_was_made_with(tmp_path):
+    # encoder by parameters at multiple_of 2 (8 relaxed), decoder at 1: the record's one
+    # multiple_of was None, and the recipe's swap said 1 for both
+    model = _bart(128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = swap_mlp(model, "swiglu", include=r".*encoder.*")
+        second = swap_mlp(model, "swiglu", include=r".*decoder.*")
+    assert first.entries[0].multiple_of == 2 and second.entries[0].multiple_of == 1
+    record = model.config.glu_probe_swap
+    assert record["multiple_of"] is None
+    assert record["alignments"] == {"model.encoder.layers.0": 2, "model.decoder.layers.0": 1}
+    model.config.save_pretrained(tmp_path)
+    config = type(model.config).from_pretrained(tmp_path)
+    rebuilt = type(model)(config).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = swap_mlp(rebuilt, "swiglu", match=config.glu_probe_swap["match"])
+    assert {e.path: (e.hidden_features, e.multiple_of) for e in report.entries} == {
+        "model.encoder.layers.0": (170, 2),
+        "model.decoder.layers.0": (85, 1),
+    }
+
+
+_CHAIN_BLOCKS = [f"model.{p}.layers.{i}" for p in ("encoder", "decoder") for i in (0, 1)]
+
+
+def _random_chain(seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    steps = []
+    for _ in range(rng.randint(2, 4)):
+        kwargs: dict = {"variant": rng.choice(["gelu", "swiglu", "geglu", "silu"])}
+        if rng.random() < 0.6:
+            kwargs["include"] = rng.sample(_CHAIN_BLOCKS, rng.randint(1, 3))
+        kwargs["match"] = rng.choice(["params", "params", "width"])
+        kwargs["multiple_of"] = rng.choice([1, 8, 64])
+        if rng.random() < 0.15:
+            kwargs["hidden_features"] = rng.choice([96, 100, 200])
+        steps.append(kwargs)
+    return steps
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_chains_reload_or_are_marked_mixed(seed, tmp_path):
+    """Every chain of partial swaps either reloads with the recipe (identical logits) or has a
+    record marked "mixed" (the recipe refuses it); each block gets its own width."""
+    model = _bart2()
+    for kwargs in _random_chain(seed):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = swap_mlp(model, **kwargs)
+        for e in report.entries:
+            if "hidden_features" in kwargs:
+                assert e.hidden_features == kwargs["hidden_features"]
+            elif kwargs["match"] == "width":
+                assert e.hidden_features == e.source_hidden, (kwargs, e)
+            else:
+                assert abs(e.rel_diff) <= 0.01, (kwargs, e)
+    if "mixed" in model.config.glu_probe_swap:
+        return
+    rebuilt = _reload(model, tmp_path)
+    assert _widths(rebuilt) == _widths(model)
+    assert torch.equal(_logits(rebuilt), _logits(model))

@@ -24,7 +24,7 @@ import math
 import re
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -1113,56 +1113,42 @@ def _resolve_width(
     tolerance: float | None,
     record: dict[str, Any] | None,
     path: str | None = None,
+    place: Literal["rebuilt", "own", "built"] = "rebuilt",
 ) -> tuple[int, int]:
     """(hidden width, alignment used) of the replacement for ``spec``.
 
-    A width taken from the config's record (a host rebuilt from a config a swap updated, or a
-    later swap of other blocks of the same model: one width per config) is reported with the
-    alignment it was made with (the record's ``multiple_of``), not this call's, which it
-    ignores. ``path``: the block's path relative to the model owning the config, for the
-    record's per-block ``"widths"`` (blocks of several widths under one config)."""
+    ``place``: where the block is. ``"rebuilt"``: a host's own block of a model that holds no
+    block a swap built (a model rebuilt from a saved config, swapped by the reload recipe);
+    ``"own"``: a host's own block of a model that holds some (a partial swap after another);
+    ``"built"``: a block an earlier swap built. ``path``: the block's path relative to the
+    model owning the config, for the record's per-block ``"widths"``.
+
+    Under a config record of this variant and match, a rebuilt block gets the width the record
+    gives it (its entry under ``"widths"``, or the record's one width): a chain's width, so that
+    the saved state dict loads. A host's own block in a partial swap after another gets the width
+    the record gives the blocks of its native width (``"widths"`` entries of that native width
+    that agree, or ``"native_hidden"`` -> ``"hidden"``) only where that width is what matching
+    this block's parameters with the alignment the width was made with gives (one width per
+    native width, whatever this call's ``multiple_of`` / ``tolerance``; never another block's
+    width, a chain's, or one given by ``hidden_features``). A width taken from the record is
+    reported with the alignment it was made with (the record's, per block under
+    ``"alignments"`` where they differ), not this call's. Otherwise the width comes from this
+    call's arguments and the block's own width, as in a swap of a fresh model."""
     gated = variant in GATED_VARIANTS
-    if record and record.get("variant") == variant and record.get("match", match) == match:
+    same = (
+        record is not None
+        and record.get("variant") == variant
+        and record.get("match", match) == match
+    )
+    if same and record is not None and place == "rebuilt":
         # A host rebuilt from a config this function already updated. Only for a swap of the
         # same match: a config updated by match="width" made a later match="params" swap keep
         # that width, +50% parameters without a word (review, session 20). Also for
         # match="width" (the reload recipe passes the record's match): a chain that ended with
         # a match="width" swap has the width of the chain, not of the host's own block.
-        recorded = record.get("hidden")
-        aligned = record.get("multiple_of")
-        used = aligned if isinstance(aligned, int) and aligned >= 1 else 1
-        per_block = record.get("widths")
-        pair = per_block.get(path) if isinstance(per_block, dict) and path is not None else None
-        if (
-            isinstance(pair, list)
-            and len(pair) == 2
-            and all(isinstance(w, int) for w in pair)
-            and record.get("width_key") is None
-            and record.get("in_features") in (None, spec.in_features)
-            and record.get("out_features") in (None, spec.out_features)
-        ):
-            # Blocks of several widths under one config (BART with encoder_ffn_dim !=
-            # decoder_ffn_dim): no single width describes them, and a chain's blocks (swiglu then
-            # gelu: 256 -> 384 and 128 -> 192) did not load into the rebuilt model's swap, which
-            # fell back to 256 and 128 (review, session 26). The record gives each block's.
-            native, width = pair
-            if spec.hidden_features in (native, width):
-                return width, used
-        if spec.hidden_features == recorded:
-            # its native block has the swapped width: keep it, so that state dicts load
-            return spec.hidden_features, used
-        native = (
-            record.get("native_hidden") == spec.hidden_features
-            and record.get("in_features") == spec.in_features
-            and record.get("out_features") == spec.out_features
-        )
-        if isinstance(recorded, int) and record.get("width_key") is None and native:
-            # The config has no key for the width (the BART family, Whisper, GPT-J with
-            # n_inner=None), so the rebuilt block has its source width: a chain that left the
-            # family and came back (swiglu then gelu: 2048 -> 1368 -> 2056) ended elsewhere than
-            # a single swap of the rebuilt model (2048), and its state dict did not load
-            # (review, session 20). The recorded width is the chain's.
-            return recorded, used
+        taken = _rebuilt_width(spec, record, path)
+        if taken is not None:
+            return taken
     if match == "width":
         return spec.hidden_features, 1
     if gated == spec.gated:
@@ -1171,6 +1157,14 @@ def _resolve_width(
     if spec.norm is not None:
         slope += _params(spec.norm) // spec.hidden_features
     target = spec.num_params
+    if same and record is not None and place != "built":
+        # Partial swaps of one variant chain: the width an earlier swap matched for blocks of
+        # this native width, with its alignment. Checked against this block's own match: the
+        # record's width for blocks of native width 256 went to any block of that width, also
+        # when it was the decoder's (128 -> 85) or a chain's (review, session 26).
+        for h, d in _recorded_matches(spec, record):
+            if closest_width(target, slope, const, d) == h:
+                return h, d
     divisors = [d for d in range(multiple_of, 0, -1) if multiple_of % d == 0]
     best: tuple[int, int] | None = None
     for d in divisors:
@@ -1200,6 +1194,107 @@ def _resolve_width(
         stacklevel=external_stacklevel(),
     )
     return h, 1
+
+
+def _is_width(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _record_widths(record: Mapping[str, Any]) -> dict[str, tuple[int, int]] | None:
+    """A config record's per-block ``"widths"`` (path relative to the config's owner ->
+    (native width, swapped width)), or ``None`` for a record without them (whose one
+    ``"native_hidden"`` / ``"hidden"`` describe its blocks). Malformed entries are left out."""
+    per_block = record.get("widths")
+    if not isinstance(per_block, dict):
+        return None
+    return {
+        rel: (pair[0], pair[1])
+        for rel, pair in per_block.items()
+        if isinstance(pair, (list, tuple))
+        and len(pair) >= 2
+        and _is_width(pair[0])
+        and _is_width(pair[1])
+    }
+
+
+def _recorded_alignment(record: Mapping[str, Any], path: str | None) -> int | None:
+    """The alignment the block at ``path`` (relative to the config's owner) was made with, per
+    a config record: its entry under ``"alignments"``, else the record's ``"multiple_of"``."""
+    per_block = record.get("alignments")
+    if isinstance(per_block, dict) and path is not None and _is_width(per_block.get(path)):
+        return int(per_block[path])
+    aligned = record.get("multiple_of")
+    return aligned if _is_width(aligned) else None
+
+
+def _rebuilt_width(
+    spec: MLPSpec, record: Mapping[str, Any], path: str | None
+) -> tuple[int, int] | None:
+    """(width, alignment) that a config record (of the swap's variant and match) gives the
+    host's own block ``spec`` of a model rebuilt from the config, at ``path`` relative to the
+    config's owner; ``None`` where it gives none."""
+    used = _recorded_alignment(record, path) or 1
+    per_block = _record_widths(record)
+    if per_block is not None:
+        # Blocks of several widths under one config (BART with encoder_ffn_dim !=
+        # decoder_ffn_dim): no single width describes them, and a chain's blocks (swiglu then
+        # gelu: 256 -> 384 and 128 -> 192) did not load into the rebuilt model's swap, which
+        # fell back to 256 and 128 (review, session 26). The record gives each block's, and
+        # only those: its "hidden" gave a block of another width's width to any block of the
+        # recorded native width (re-review, session 26).
+        mixed = record.get("mixed")
+        pair = per_block.get(path) if path is not None else None
+        if (
+            pair is not None
+            and not (isinstance(mixed, dict) and path in mixed)
+            and record.get("in_features") in (None, spec.in_features)
+            and record.get("out_features") in (None, spec.out_features)
+            and spec.hidden_features in pair
+        ):
+            return pair[1], used
+        return None
+    recorded = record.get("hidden")
+    if spec.hidden_features == recorded:
+        # its native block has the swapped width: keep it, so that state dicts load
+        return spec.hidden_features, used
+    native = (
+        record.get("native_hidden") == spec.hidden_features
+        and record.get("in_features") == spec.in_features
+        and record.get("out_features") == spec.out_features
+    )
+    if isinstance(recorded, int) and record.get("width_key") is None and native:
+        # The config has no key for the width (the BART family, Whisper, GPT-J with
+        # n_inner=None), so the rebuilt block has its source width: a chain that left the
+        # family and came back (swiglu then gelu: 2048 -> 1368 -> 2056) ended elsewhere than
+        # a single swap of the rebuilt model (2048), and its state dict did not load
+        # (review, session 20). The recorded width is the chain's.
+        return recorded, used
+    return None
+
+
+def _recorded_matches(spec: MLPSpec, record: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """(width, alignment) pairs that a config record gives the blocks of ``spec``'s native width
+    and input / output widths, largest alignment first; ``[]`` where it gives none or blocks of
+    that width several widths."""
+    if (record.get("in_features"), record.get("out_features")) != (
+        spec.in_features,
+        spec.out_features,
+    ):
+        return []
+    per_block = _record_widths(record)
+    found: set[tuple[int, int | None]] = set()
+    if per_block is not None:
+        mixed = record.get("mixed")
+        found = {
+            (h, _recorded_alignment(record, rel))
+            for rel, (n, h) in per_block.items()
+            if n == spec.hidden_features and not (isinstance(mixed, dict) and rel in mixed)
+        }
+    elif record.get("native_hidden") == spec.hidden_features and _is_width(record.get("hidden")):
+        found = {(record["hidden"], _recorded_alignment(record, None))}
+    if len({h for h, _ in found}) != 1:
+        return []
+    return sorted(((h, d or 1) for h, d in found), key=lambda hd: -hd[1])
 
 
 #: ``make_mlp`` arguments the default :meth:`MLPAdapter.build` takes from the source block.
@@ -1459,7 +1554,12 @@ def swap_mlp(
             hidden, used = hidden_features, 1
         else:
             rel = _relative(path, owner[0]) if owner is not None else None
-            hidden, used = _resolve_width(spec, variant, match, multiple_of, tolerance, record, rel)
+            place: Literal["rebuilt", "own", "built"] = (
+                "built" if _built_by_swap(old) is not None else "own" if any_built else "rebuilt"
+            )
+            hidden, used = _resolve_width(
+                spec, variant, match, multiple_of, tolerance, record, rel, place
+            )
         new = adapter.build(spec, variant, hidden, **module_kwargs)
         built = getattr(new, "hidden_features", None)
         if isinstance(built, int) and built != hidden:
@@ -1637,6 +1737,7 @@ def _install_and_configure(
         if owner is not None:
             groups.setdefault(id(owner[2]), (*owner, []))[3].append(k)
     mixed: dict[str, str] = {}  # root path -> what the block is, for blocks a record misses
+    unknown: dict[str, str] = {}  # (those of them whose native width is unknown)
     for owner_path, owner_module, config, ks in groups.values():
         sub = SwapReport(variant=variant, match=match, entries=[plan[k][4] for k in ks])
         new_act = getattr(plan[ks[0]][3], "act", None)
@@ -1659,24 +1760,24 @@ def _install_and_configure(
         rec = updates[RECORD_ATTR][1]
         _record_kwargs(rec, module_kwargs or {})
         sigs = [_block_signature(plan[k][3]) for k in ks]
-        widths = _block_widths(
-            [plan[k][4] for k in ks],
-            [built_before[k] for k in ks],
-            owner_path,
-            config,
-            updates[RECORD_ATTR][0],
-            rec,
-            before,
-            {label for label, _ in sigs},
-        )
-        if widths:
-            rec["widths"] = widths
+        if rec.get("width_key") is None:
+            odd, lost = _describe_blocks(
+                rec,
+                updates[RECORD_ATTR][0],
+                config,
+                owner_path,
+                [plan[k][4] for k in ks],
+                [built_before[k] for k in ks],
+                sigs,
+                before,
+            )
+            unknown.update(lost)
+        else:  # (the rebuilt blocks have the recorded width: one width describes them)
+            odd = _undescribed(before, sigs, rec["hidden"])
         if own:  # (a model rebuilt from the config is swapped with exclude=these)
             rec["excluded"] = [_relative(p, owner_path) for p in own]
         if any(_under(p, owner_path) for p in lenient):
             rec["strict"] = False
-        described = [p for p in before if _relative(p, owner_path) in widths]
-        odd = _undescribed(before, sigs, rec["hidden"], described)
         if odd:
             rec["mixed"] = {_relative(p, owner_path): odd[p] for p in odd}
             mixed.update(odd)
@@ -1700,82 +1801,132 @@ def _install_and_configure(
             strict=not lenient,
         )
     )
-    if mixed:
-        shown = ", ".join(f"{p}: {what}" for p, what in list(mixed.items())[:4]) + (
-            ", ..." if len(mixed) > 4 else ""
+    kinds = {p: what for p, what in mixed.items() if p not in unknown}
+    if kinds:
+        shown = ", ".join(f"{p}: {what}" for p, what in list(kinds.items())[:4]) + (
+            ", ..." if len(kinds) > 4 else ""
         )
         built = sorted({f"{label} (width {h})" for label, h in signatures})
         warnings.warn(
             f"swap_mlp: the model now holds glu_probe blocks of more than one kind: this swap "
             f"built {', '.join(built)}, and an earlier swap left {shown}. The config's "
-            f"{RECORD_ATTR} record describes one variant and width, so it lists those blocks "
+            f"{RECORD_ATTR} record describes one variant, so it lists those blocks "
             'under "mixed": a model rebuilt from the config and swapped with the reload recipe '
             "would not be this model. Swap them to the same variant and width before saving, "
             "or rebuild the model by replaying the same swaps",
             UserWarning,
             stacklevel=external_stacklevel(),
         )
+    if unknown:
+        shown = ", ".join(list(unknown)[:4]) + (", ..." if len(unknown) > 4 else "")
+        warnings.warn(
+            f"swap_mlp: the config's {RECORD_ATTR} record does not say the width of the "
+            f"block a model rebuilt from the config holds at {shown} (an earlier record did "
+            'not describe it), so it lists those blocks under "mixed": the reload recipe would '
+            "not rebuild this model. Rebuild it by replaying the same swaps",
+            UserWarning,
+            stacklevel=external_stacklevel(),
+        )
 
 
-def _block_widths(
+def _describe_blocks(
+    rec: dict[str, Any],
+    old_record: Any,
+    config: Any,
+    owner_path: str,
     entries: Sequence[SwapEntry],
     built_before: Sequence[bool],
-    owner_path: str,
-    config: Any,
-    old_record: Any,
-    rec: Mapping[str, Any],
+    sigs: Sequence[tuple[str, int | None]],
     earlier: Mapping[str, tuple[str, int | None]],
-    labels: Collection[str],
-) -> dict[str, list[int]]:
-    """``{path relative to owner_path: [native width, new width]}`` for the blocks of one
-    config's record (``rec``) where its single ``"hidden"`` / ``"native_hidden"`` do not describe
-    them all (blocks of several widths: BART with ``encoder_ffn_dim != decoder_ffn_dim``), so
-    that the reload recipe's swap of a model rebuilt from the config builds each block at its
-    width; ``{}`` where they do, or where the record wrote a width key (the rebuilt blocks then
-    have the recorded width). The native width is that of the block a model rebuilt from the
-    config holds there: the replaced block's for a host's own block (``built_before`` False), the
-    earlier record's for a block an earlier swap built.
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Describe in ``rec``, a config record with no width key (the blocks of a model rebuilt
+    from the config have their native widths), every block under the config that a swap built:
+    this swap's (``entries``, ``sigs``: their variant labels and widths; ``built_before``: the
+    block replaced was one an earlier swap built) and the blocks an earlier swap built that this
+    one leaves (``earlier``: root path -> variant label and width). Sets ``"hidden"``,
+    ``"native_hidden"``, ``"multiple_of"``, ``"in_features"`` and ``"out_features"`` to the one
+    value the described blocks share (else ``None``), and, where one pair of widths does not
+    describe them all or some are left undescribed, ``"widths"``: path relative to the config's
+    owner -> ``[native width, width]`` of every block whose native width is known (the blocks
+    left undescribed included, so that a later swap still knows it), and, where their alignments
+    differ, ``"alignments"``: path -> the alignment each width was made with.
 
-    ``earlier``: root path -> (variant label, width) of the blocks under this config that an
-    earlier swap built and this one leaves; one of this swap's ``labels`` that the earlier
-    record (of the same variant) describes at its width keeps its entry, so that partial swaps of
-    one variant (encoder, then decoder) are not "mixed" for their widths alone."""
-    if rec.get("width_key") is not None:
-        return {}
+    The native width (that of the block a model rebuilt from the config holds there) is the
+    replaced block's for a host's own block; for a block an earlier swap built, the previous
+    record's: its ``"widths"`` entry, or the value of its width key, or its ``"native_hidden"``
+    where it described the block by its one width (a record without ``"widths"`` describes
+    every block it does not mark ``"mixed"``). Returns (root path -> what it is) the blocks the
+    record does not describe, for ``"mixed"``: those of another variant, and those whose native
+    width is unknown (also given on their own, second)."""
     old = old_record if isinstance(old_record, dict) else {}
-    old_widths: dict[str, Any] = old["widths"] if isinstance(old.get("widths"), dict) else {}
     old_key = old.get("width_key")
-    pairs: dict[str, tuple[int | None, int]] = {}
-    if old.get("variant") == rec.get("variant") and old_key is None:
-        old_mixed: dict[str, Any] = old["mixed"] if isinstance(old.get("mixed"), dict) else {}
-        for path, (label, h) in earlier.items():
-            rel = _relative(path, owner_path)
-            pair = old_widths.get(rel, [old.get("native_hidden"), old.get("hidden")])
-            if (
-                label in labels
-                and rel not in old_mixed
-                and isinstance(pair, list)
-                and len(pair) == 2
-                and isinstance(pair[0], int)
-                and isinstance(h, int)
-                and pair[1] == h
-            ):
-                pairs[rel] = (pair[0], h)
-    for entry, built in zip(entries, built_before, strict=True):
+    old_widths = _record_widths(old)
+    old_mixed: dict[str, Any] = old["mixed"] if isinstance(old.get("mixed"), dict) else {}
+
+    def previous(rel: str, width: int | None) -> tuple[int | None, int | None]:
+        """(native width at ``rel``, alignment of its block of ``width``) per the old record."""
+        if isinstance(old_key, str):  # (left unchanged since: the rebuilt block reads it)
+            value = getattr(config, old_key, None)
+            native = value if _is_width(value) else None
+            described = width == old.get("hidden")
+        elif old_widths is not None:
+            if rel not in old_widths:
+                return None, None
+            native, was = old_widths[rel]
+            described = was == width
+        elif _is_width(old.get("native_hidden")) and old.get("hidden") == width:
+            native, described = old["native_hidden"], True
+        else:
+            return None, None
+        described = described and rel not in old_mixed
+        return native, _recorded_alignment(old, rel) if described else None
+
+    labels = {label for label, _ in sigs}
+    # relative path -> (root path, variant label, native width, width, alignment)
+    blocks: dict[str, tuple[str, str, int | None, int | None, int | None]] = {}
+    from_old = False
+    for path, (label, h) in earlier.items():
+        rel = _relative(path, owner_path)
+        native, aligned = previous(rel, h)
+        blocks[rel] = (path, label, native, h, aligned)
+        from_old = from_old or (label in labels and native is not None)
+    for entry, built, (label, _) in zip(entries, built_before, sigs, strict=True):
         rel = _relative(entry.path, owner_path)
-        native: Any = entry.source_hidden
-        if built:
-            pair = old_widths.get(rel)
-            if isinstance(pair, list) and len(pair) == 2:
-                native = pair[0]
-            elif isinstance(old_key, str):  # (left unchanged: the rebuilt block reads it)
-                native = getattr(config, old_key, None)
-            else:
-                native = old.get("native_hidden")
-        pairs[rel] = (native if isinstance(native, int) else None, entry.hidden_features)
-    if set(pairs.values()) == {(rec.get("native_hidden"), rec.get("hidden"))}:
-        return {}  # one width for all (the common case: the record says it)
-    return {rel: [n, h] for rel, (n, h) in pairs.items() if n is not None}
+        native = previous(rel, entry.source_hidden)[0] if built else entry.source_hidden
+        blocks[rel] = (entry.path, label, native, entry.hidden_features, entry.multiple_of)
+    described = {
+        rel: block
+        for rel, block in blocks.items()
+        if block[1] in labels and block[2] is not None and block[3] is not None
+    }
+    odd: dict[str, str] = {}
+    lost: dict[str, str] = {}
+    for rel, (path, label, _, h, _) in blocks.items():
+        if label not in labels:
+            odd[path] = f"{label} (width {h})"
+        elif rel not in described:
+            lost[path] = odd[path] = f"{label} (width {h}, native width unknown)"
+
+    def unique(values: Iterable[Any]) -> Any:
+        kinds = set(values)
+        return next(iter(kinds)) if len(kinds) == 1 else None
+
+    ins = {e.in_features for e in entries} | ({old.get("in_features")} if from_old else set())
+    outs = {e.out_features for e in entries} | ({old.get("out_features")} if from_old else set())
+    rec["hidden"] = unique(b[3] for b in described.values())
+    rec["native_hidden"] = unique(b[2] for b in described.values())
+    rec["multiple_of"] = unique(b[4] for b in described.values())
+    rec["in_features"] = unique(ins)
+    rec["out_features"] = unique(outs)
+    pairs = {rel: [b[2], b[3]] for rel, b in blocks.items() if None not in (b[2], b[3])}
+    one = {(b[2], b[3]) for b in described.values()} == {(rec["native_hidden"], rec["hidden"])}
+    if pairs and (odd or not one):
+        rec["widths"] = pairs
+    alignments = {rel: b[4] for rel, b in described.items() if b[4] is not None}
+    if rec["multiple_of"] is None and alignments:
+        # (a width taken from the record is reported with the alignment it was made with)
+        rec["alignments"] = alignments
+    return odd, lost
 
 
 def _replaced_paths(path: str, old: nn.Module, adapter: MLPAdapter) -> list[str]:
@@ -1916,18 +2067,15 @@ def _undescribed(
     before: dict[str, tuple[str, int | None]],
     built: Sequence[tuple[str, int | None]],
     hidden: int | None,
-    described: Collection[str] = (),
 ) -> dict[str, str]:
     """The blocks of ``before`` (path -> variant and width of a block an earlier swap built) that
     a record of this swap's blocks (``built``, recorded width ``hidden``) does not describe:
-    another variant, or another width than the recorded one (unless the record's per-block
-    ``"widths"`` give it: ``described``), with what they are."""
+    another variant, or another width than the recorded one, with what they are."""
     labels = {label for label, _ in built}
     return {
         p: f"{label} (width {h})"
         for p, (label, h) in before.items()
-        if label not in labels
-        or (hidden is not None and h is not None and h != hidden and p not in described)
+        if label not in labels or (hidden is not None and h is not None and h != hidden)
     }
 
 
@@ -2631,7 +2779,10 @@ def _update_config(
     # The host's own blocks (what a model rebuilt from this config holds where the width key is
     # not written): carried through a chain of swaps, so that _resolve_width applies the
     # recorded width to such blocks only, not to a model of other sizes built from a copy of
-    # this config (review, session 20: GPT-J at n_embd 64 got a width recorded at 16).
+    # this config (review, session 20: GPT-J at n_embd 64 got a width recorded at 16). A record
+    # that writes no width key gets them from every block under the config (_describe_blocks):
+    # copied here, a partial swap of other blocks (the decoder after the encoder) recorded the
+    # encoder's native width with the decoder's width (re-review, session 26).
     def unique(values: set[Any]) -> Any:
         return next(iter(values)) if len(values) == 1 else None
 
