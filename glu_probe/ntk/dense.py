@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from .._settings import plain_settings
+from .._warnings import external_stacklevel
 from .functional import (
     FloatTrace,
     OutputSpec,
@@ -54,6 +55,7 @@ from .functional import (
     ProbeFunction,
     all_finite,
     allows_autograd,
+    default_probe_dtype,
     probe_copy_bytes,
     refuse_small_budget,
 )
@@ -280,7 +282,7 @@ def jacobian_rows(
                         f"{names[level]} failed ({type(err).__name__}: {err}); falling back "
                         f"to {names[level + 1]} (slower, same result)",
                         RuntimeWarning,
-                        stacklevel=2,
+                        stacklevel=external_stacklevel(),
                     )
         return chain[-1](a, b)
 
@@ -859,7 +861,10 @@ def ntk_matrix(
             ``dtype``). ``torch.float32`` with a float64 ``dtype`` is the mixed-precision mode of
             the module docstring: float32 backward passes, K accumulated in float64, eigenvalue
             errors ≤ 2·√λ·‖E‖₂ + ‖E‖₂². The ``"operator"`` strategy always works in ``dtype``
-            (its products accumulate in their own precision, which would cost ε·κ).
+            (its products accumulate in their own precision, which would cost ε·κ). A model
+            that does not run in float64 (a cast inside its forward, a kernel without a float64
+            version) gets float32 rows with a warning when ``dtype`` is float64 and
+            ``jacobian_dtype`` was not narrowed (as :func:`~glu_probe.ntk.ntk_spectrum`).
 
     Returns:
         K on the model's device, in ``dtype``.
@@ -884,16 +889,74 @@ def ntk_matrix(
         if memory_budget is not None:
             memory_budget = checked_budget(memory_budget)
             refuse_small_budget(memory_budget, model, inputs, params, dtype)
-        probe = ProbeFunction(
-            model,
-            inputs,
-            output=output,
-            params=params,
-            dtype=dtype,
-            eval_mode=eval_mode,
-            memory_budget=memory_budget,
-        )
-    return _assemble(probe, memory_budget, strategy, jacobian_dtype)[0]
+
+        def build(probe_dtype: torch.dtype) -> ProbeFunction:
+            return ProbeFunction(
+                model,
+                inputs,
+                output=output,
+                params=params,
+                dtype=probe_dtype,
+                eval_mode=eval_mode,
+                memory_budget=memory_budget,
+            )
+
+        try:
+            probe = build(dtype)
+        except (RuntimeError, NotImplementedError, TypeError) as err:
+            narrow = default_probe_dtype(model, params)
+            if not _may_narrow_rows(err, dtype, None) or narrow == torch.float64:
+                raise
+            # A model that casts inside its forward (x.float()) fails its float64 validating
+            # pass: validate in its own dtype, then K in float64 from float32 rows (as
+            # ntk_spectrum's dense path; this raised torch's raw dtype error, review session 26)
+            try:
+                probe = build(narrow).astype(dtype)
+            except Exception:
+                raise err from None
+            if _may_narrow_rows(err, dtype, jacobian_dtype):
+                return _narrowed_rows(probe, memory_budget, strategy, err)
+    try:
+        return _assemble(probe, memory_budget, strategy, jacobian_dtype)[0]
+    except (RuntimeError, NotImplementedError, TypeError) as err:
+        if not _may_narrow_rows(err, probe.dtype, jacobian_dtype):
+            raise
+        return _narrowed_rows(probe, memory_budget, strategy, err)
+
+
+def _may_narrow_rows(
+    err: BaseException, dtype: torch.dtype, jacobian_dtype: torch.dtype | None
+) -> bool:
+    """``ntk_matrix``: whether a failure in float64 may be retried with float32 Jacobian rows
+    (float64 K, rows at their default precision, not out of memory)."""
+    from .operator import is_out_of_memory  # local: operator imports dense lazily
+
+    return (
+        dtype == torch.float64
+        and jacobian_dtype in (None, torch.float64)
+        and not is_out_of_memory(err)
+    )
+
+
+def _narrowed_rows(
+    probe: ProbeFunction, memory_budget: int | None, strategy: str, err: BaseException
+) -> Tensor:
+    """K in float64 from float32 Jacobian rows, with ntk_spectrum's warning, for a model that
+    does not run in float64; if that fails as well, the float64 error ``err`` is raised."""
+    try:
+        K = _assemble(probe, memory_budget, strategy, torch.float32)[0]
+    except Exception:
+        raise err from None
+    warnings.warn(
+        f"ntk_matrix: the model does not run in float64 ({type(err).__name__}: "
+        f"{str(err).splitlines()[0][:200]}); K used float32 Jacobian rows (mixed precision: K "
+        "accumulated in float64, its entries carry the rows' float32 rounding). Pass "
+        "jacobian_dtype=torch.float32 to choose this and silence the warning, or "
+        "dtype=torch.float32 for a float32 K",
+        RuntimeWarning,
+        stacklevel=external_stacklevel(),
+    )
+    return K
 
 
 #: ``auto`` where the Jacobian rows would fit: the structured strategy is tried when the rows'
@@ -1005,7 +1068,7 @@ def _assemble(
                 "batch (strategy='operator'), not from per-sample Jacobian rows, which would "
                 "give another matrix",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=external_stacklevel(),
             )
         strategy = "operator"
     rows_dtype = jacobian_dtype or probe.dtype
