@@ -5,6 +5,8 @@ Functions without a vmap rule. Truth: float64 per-row Jacobians from ``torch.aut
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import warnings
 
 import pytest
@@ -257,3 +259,307 @@ def test_custom_function_without_vmap_rule_runs_by_columns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once per operator
         assert rel(op.matvec(V), K @ V) < 1e-10
+
+
+# ---------------------------------------------------------------- review, session 26 (second)
+def rel_mismatch_truth(model: nn.Module, x: torch.Tensor) -> float:
+    """‖J_f − J_r‖_F / ‖J‖_F from dense Jacobians: forward mode (jacfwd, which sees through
+    no_grad and skips hooks) against reverse mode (one autograd.grad per output row)."""
+    params = dict(model.named_parameters())
+    jf = torch.func.jacfwd(lambda p: torch.func.functional_call(model, p, (x,)).reshape(-1))(params)
+    Jf = torch.cat([j.reshape(j.shape[0], -1) for j in jf.values()], dim=1)
+    out = model(x).reshape(-1)
+    Jr = torch.stack(
+        [
+            torch.cat(
+                [
+                    g.reshape(-1)
+                    for g in torch.autograd.grad(o, list(params.values()), retain_graph=True)
+                ]
+            )
+            for o in out
+        ]
+    )
+    return float(torch.linalg.norm(Jf - Jr).detach() / torch.linalg.norm(Jr).detach())
+
+
+@pytest.mark.parametrize(
+    ("cls", "dtype"),
+    [
+        (NoGradScale, torch.bfloat16),
+        (GradScale, torch.bfloat16),
+        (NoGradScale, torch.float16),
+        (GradScale, torch.float16),
+    ],
+)
+def test_coarse_dtypes_detect_the_mismatch(cls, dtype):
+    """bfloat16 / float16 operators: the tolerance is 4·eps there (not √eps = 11 and 32 eps,
+    which one random pair missed: K 6% and 12% off in bfloat16, 12% in float16), over 4
+    pairs; K I then equals the reverse-mode truth up to the dtype's rounding."""
+    torch.manual_seed(0)
+    model, x = cls(), torch.randn(7, 4)
+    K = reverse_truth(model.double(), x.double())
+    op = NTKOperator(model.float(), x, output="full", dtype=dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        KI = op.matvec(torch.eye(op.n, dtype=dtype)).double()
+    assert [w.category for w in caught if MISMATCH in str(w.message)] == [RuntimeWarning]
+    assert not op._forward_ad
+    assert rel(KI, K) < 2e-2  # (bfloat16 rounding: 0.4-0.5%)
+
+
+class AutocastHook(nn.Module):
+    """bfloat16 autocast inside a float32 model, with a gradient-halving hook (review)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 32), nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = torch.tanh(self.a(x))
+            if h.requires_grad:
+                h.register_hook(lambda g: 0.5 * g)
+            return self.b(h).float()
+
+
+@pytest.mark.parametrize("seed", [16, 33])
+def test_autocast_mismatch_is_detected(seed):
+    """A float32 probe of a bfloat16-autocast model with a hook: the seeds whose one random
+    pair passed (K 4% off, Lanczos λ_max 2% high, converged) now switch to reverse mode; K and
+    λ_max agree with the float64 accumulation of the same bfloat16 reverse-mode rows."""
+    torch.manual_seed(seed)
+    model, x = AutocastHook(), torch.randn(12, 4)
+    params = list(model.parameters())
+    out = model(x).reshape(-1)
+    rows = [
+        torch.cat(
+            [g.reshape(-1).double() for g in torch.autograd.grad(o, params, retain_graph=True)]
+        )
+        for o in out
+    ]
+    J = torch.stack(rows)
+    K = J @ J.T
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        op = NTKOperator(model, x, output="full")
+        KI = op.matvec(torch.eye(op.n)).double()
+        s = ntk_spectrum(model, x, output="full", method="lanczos")
+    assert sum(MISMATCH in str(w.message) for w in caught) == 2
+    assert rel(KI, K) < 1.5e-2  # (bfloat16 rounding alone: 0.3-0.5%)
+    assert s.lambda_max == pytest.approx(float(torch.linalg.eigvalsh(K)[-1]), rel=5e-3)
+
+
+def test_coarse_dtypes_raise_no_false_alarm():
+    """Ordinary models in bfloat16 and float16 pass the 4·eps tolerance (their forward and
+    reverse modes differ by 0.2-1.9 eps of ‖J‖ over 4 pairs: MLPs, a 20-layer tanh net,
+    saturated sigmoids, BatchNorm, GPT-2 and ViT up to 16 and 8 layers)."""
+    timm = pytest.importorskip("timm")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    deep = nn.Sequential(*[m for _ in range(20) for m in (nn.Linear(16, 16), nn.Tanh())])
+    sig = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4), nn.Sigmoid())
+    with torch.no_grad():
+        sig[2].weight.mul_(30)  # (saturated outputs)
+    bn = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    bn(torch.randn(32, 8))  # (running statistics; probed in eval mode)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=4
+    )
+    cfg = transformers.GPT2Config(
+        vocab_size=32, n_positions=8, n_embd=16, n_layer=2, n_head=2, bos_token_id=0
+    )
+    gpt2 = transformers.GPT2LMHeadModel(cfg)
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    gpt2_in = {"input_ids": torch.randint(0, 32, (3, 8)), "attention_mask": mask}
+    cases = [
+        (deep, torch.randn(12, 16), torch.float16),
+        (sig, torch.randn(12, 8), torch.bfloat16),
+        (bn, torch.randn(12, 8), torch.float16),
+        (vit, torch.randn(6, 3, 8, 8), torch.bfloat16),
+        (gpt2, gpt2_in, torch.bfloat16),
+        (AutocastHook().a, torch.randn(12, 4), torch.bfloat16),
+    ]
+    for model, x, dtype in cases:
+        op = NTKOperator(model, x, output="full", dtype=dtype)
+        _quiet(lambda op=op, dtype=dtype: op.matvec(torch.randn(op.n, 2, dtype=dtype)))
+        assert op._forward_ad
+
+
+class AutocastInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = self.b(torch.tanh(self.a(x)))
+        return self.c(torch.tanh(h.float()))
+
+
+def test_float32_probe_of_autocast_model_raises_no_false_alarm():
+    torch.manual_seed(0)
+    op = NTKOperator(AutocastInside(), torch.randn(16, 16))
+    _quiet(lambda: op.matvec(torch.randn(op.n, 4)))
+    assert op._forward_ad
+
+
+def test_estimate_and_pairs_do_not_depend_on_the_block_width():
+    """``adjoint_mismatch`` estimates ‖J_f − J_r‖_F / ‖J‖_F (dense jacfwd against jacrev),
+    from the same seeded pairs whether the first product is one column (pairs one at a time,
+    no wider than the caller's products) or a block (pairs vmapped)."""
+    model, x = build(GradScale)
+    truth = rel_mismatch_truth(model, x)
+    got = []
+    for width in (1, 3, 4):
+        op = NTKOperator(model, x, output="full", dtype=torch.float64)
+        with pytest.warns(RuntimeWarning, match=MISMATCH):
+            op.matvec(torch.randn(op.n, width, dtype=torch.float64))
+        assert op.adjoint_mismatch is not None
+        got.append(op.adjoint_mismatch)
+    assert got[1] == pytest.approx(got[0], rel=1e-12) and got[2] == pytest.approx(got[0], rel=1e-12)
+    assert truth / 3 < got[0] < 3 * truth
+
+
+def test_failed_check_runs_again(monkeypatch):
+    """A check that fails (out of memory, say) is not taken as passed: the next product checks
+    again (before: it ran forward-mode products unchecked, K 7-16% off)."""
+    model, x = build(GradScale)
+    K = reverse_truth(model, x)
+    real = torch.func.vjp
+    calls = []
+
+    def failing_once(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (a test's)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.func, "vjp", failing_once)
+    op = NTKOperator(model, x, output="full", dtype=torch.float64, linearize=False)
+    eye = torch.eye(op.n, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        op.matvec(eye)
+    with pytest.warns(RuntimeWarning, match=MISMATCH):
+        KI = op.matvec(eye)
+    assert rel(KI, K) < 1e-10
+
+
+class LayerNormCommonMode(nn.Module):
+    """LayerNorm after a Linear whose rows share a large common vector: its centring cancels
+    ~100x the signal, and float32's forward and reverse modes differ by 3% from rounding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 64), nn.Linear(64, 64)
+        self.ln, self.c = nn.LayerNorm(64), nn.Linear(64, 3)
+        with torch.no_grad():
+            self.b.weight += 100.0 * torch.randn(1, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.ln(self.b(torch.tanh(self.a(x)))))
+
+
+def test_rounding_mismatch_warning_names_rounding_and_float64():
+    """Rounding alone can make the modes disagree; the warning says so and suggests float64,
+    which passes the check (and reverse mode stays: harmless)."""
+    torch.manual_seed(0)
+    model, x = LayerNormCommonMode(), torch.randn(16, 16)
+    op = NTKOperator(model, x)
+    with pytest.warns(RuntimeWarning, match=MISMATCH) as caught:
+        op.matvec(torch.randn(op.n, 2))
+    text = " ".join(str(w.message) for w in caught)
+    assert "rounding" in text and "dtype=torch.float64" in text
+    assert not op._forward_ad
+    op64 = NTKOperator(model.double(), x.double(), dtype=torch.float64)
+    _quiet(lambda: op64.matvec(torch.randn(op64.n, 2, dtype=torch.float64)))
+    assert op64._forward_ad
+
+
+# ------------------------------------------------------------------ sharded: one verdict
+class Gain(nn.Module):
+    """A stop-gradient gain: s = t computed under no_grad multiplies x[:, 0]; the modes differ
+    in the column of t by x[:, 0], so a shard whose x[:, 0] is tiny sees (almost) none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 1)
+        self.t = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            s = self.t * 1.0
+        return self.b(torch.tanh(self.a(x))) + self.t * x[:, 1:2] + s * x[:, :1]
+
+
+def _gain_problem() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model, x = Gain().double(), torch.randn(6, 3, dtype=torch.float64)
+    x[3:, 0] = 1e-9  # (rank 1's rows: a mismatch far below its own √eps)
+    return model, x
+
+
+def _gain_worker(rank: int, init_file: str, out: str) -> None:
+    import datetime
+    import os
+    import sys
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=20),
+    )
+    try:
+        model, x = _gain_problem()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            shard = x[3 * rank : 3 * rank + 3]
+            group = dist.group.WORLD
+            op = NTKOperator(model, shard, dtype=torch.float64, process_group=group)
+            KI = op.matvec(torch.eye(6, dtype=torch.float64))
+        said = sum(MISMATCH in str(w.message) for w in caught)
+        result = {
+            "K": KI,
+            "forward": op._forward_ad,
+            "said": said,
+            "est": getattr(op, "adjoint_mismatch", None),
+        }
+    except Exception as err:
+        result = {"error": repr(err)}
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    with contextlib.suppress(Exception):
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # (see tests/test_ntk_operator.py: gloo's threads at interpreter exit)
+
+
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or sys.platform == "win32", reason="needs gloo"
+)
+def test_sharded_check_takes_one_verdict(tmp_path):
+    """Two gloo ranks: the check's sums are all-reduced and decided once for the whole J. Rank
+    1's rows alone pass (mismatch 1e-9 of its ‖J‖): before, rank 1 kept forward mode while rank
+    0 switched, and K's rows of rank 1 were J_f J_rᵀ (off, not symmetric; 27% in the review's
+    case); now both ranks warn and K is the float64 reverse-mode truth."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(
+        _gain_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="fork"
+    )
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert all("error" not in g for g in got), got
+    model, x = _gain_problem()
+    K = reverse_truth(model, x)
+    for g in got:
+        assert not g["forward"] and g["said"] == 1
+        assert rel(g["K"], K) < 1e-12
+    assert got[0]["est"] == got[1]["est"]

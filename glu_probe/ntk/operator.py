@@ -515,6 +515,19 @@ def _by_columns(fn: Callable[..., Any], k: int) -> Callable[..., Any]:
     return columns
 
 
+def _pairwise(fn: Callable[..., Any], *args: Tensor) -> Any:
+    """``vmap(fn)`` over the leading dimension of ``args``, or one slice at a time where vmap
+    cannot run ``fn`` (a custom ``autograd.Function`` without a vmap rule; a random operation,
+    i.e. active dropout: ``fn`` then draws the same numbers per slice). For the adjointness
+    check, which must not fail where the products themselves would run."""
+    try:
+        return _batched(fn, args[0].shape[0])(*args)
+    except RuntimeError as err:
+        if not (_missing_vmap(err) or "randomness" in str(err)):
+            raise
+    return _by_columns(fn, args[0].shape[0])(*args)
+
+
 def _batched(fn: Callable[..., Any], k: int) -> Callable[..., Any]:
     """``vmap(fn)``; for a single column, ``fn`` on the squeezed column (vmap has a fixed cost),
     or a traced map's in-place copy where it has one (:func:`_in_place_copy`)."""
@@ -568,7 +581,7 @@ class _GraphedProduct:
 class NTKOperator:
     """The empirical NTK K = J Jᵀ of a model on a probe batch, as a matrix-free operator.
 
-    J is reverse mode's (training's) J. Before the first product one random pair checks that
+    J is reverse mode's (training's) J. Before the first product a few random pairs check that
     forward mode agrees (:meth:`_check_adjoint`); a model that computes parameter-dependent
     values under ``torch.no_grad()`` or rescales gradients with hooks inside its forward does
     not, and then gets reverse-mode products (J·u as a VJP of a VJP), with a ``RuntimeWarning``.
@@ -611,6 +624,8 @@ class NTKOperator:
             run in all (``None``: unknown). With ``linearize=None`` the operator traces only
             if at least :attr:`TRACE_MIN_REMAINING` of them are still to come.
         n_graph_replays: block products served by a CUDA graph replay so far.
+        adjoint_mismatch: the adjointness check's estimate of ‖J_f − J_r‖_F / ‖J‖_F (forward
+            against reverse mode; ``None`` until it ran, or where forward mode is not used).
     """
 
     LINEARIZE_AFTER = 16
@@ -627,6 +642,11 @@ class NTKOperator:
     #: (vmap turns their GEMMs into ``bmm`` and splits ``addmm``), and about as fast on GPT-2
     #: (2-core box, 2026-11-28); on CUDA, products are vmapped (and graph-replayed).
     BLOCK_TRIALS = 2
+    #: Random pairs (u, w) of the adjointness check (:meth:`_check_adjoint`).
+    ADJOINT_PAIRS = 4
+    #: C of the adjointness check's tolerance C·eps in bfloat16 and float16 (√eps in float32
+    #: and float64; :meth:`_check_adjoint`).
+    ADJOINT_EPS_FACTOR = 4.0
 
     @allows_autograd
     def __init__(
@@ -684,6 +704,8 @@ class NTKOperator:
         # reverse mode were seen to disagree (_check_adjoint): J·u by VJPs from then on.
         self._forward_ad = True
         self._adjoint_checked = False
+        self._check_width = 1  # (the first product's block width: the check's, at most)
+        self.adjoint_mismatch: float | None = None
         # False once vmap met a custom autograd.Function without a vmap rule (columns then).
         self._vmap_ok = True
         # CPU, traced maps: per block width, the timed trials of each way, then the choice
@@ -806,9 +828,13 @@ class NTKOperator:
             return vjp_fn
         return traced
 
-    def _linearisations(self) -> list[tuple[Callable[..., Any], Callable[..., Any]]] | None:
-        """The cached (vjp_fn, jvp_fn) of the single chunk, or ``None`` when chunked."""
+    def _linearisations(
+        self, width: int = 1
+    ) -> list[tuple[Callable[..., Any], Callable[..., Any]]] | None:
+        """The cached (vjp_fn, jvp_fn) of the single chunk, or ``None`` when chunked.
+        ``width``: the block width of the product that asks."""
         if not self._adjoint_checked:  # (before anything is built or traced from the JVP)
+            self._check_width = width
             self._check_adjoint()
         if len(self._ranges) > 1:
             return None
@@ -839,9 +865,9 @@ class NTKOperator:
     def _check_adjoint(self) -> None:
         """Check once, before the first product, that forward mode (J w, ``torch.func.jvp``)
         and reverse mode (Jᵀ u, ``torch.func.vjp``) differentiate the same J: u·(J w) =
-        (Jᵀ u)·w for one seeded random pair. Where they do not, J·u is computed by reverse mode
-        only from then on (:meth:`_jvp_by_vjp`, also for a traced operator), with one
-        ``RuntimeWarning``.
+        (Jᵀ u)·w for :attr:`ADJOINT_PAIRS` seeded random pairs. Where they do not, J·u is
+        computed by reverse mode only from then on (:meth:`_jvp_by_vjp`, also for a traced
+        operator), with one ``RuntimeWarning``. ``adjoint_mismatch`` records the estimate.
 
         They disagree on a forward that computes a parameter-dependent value under
         ``torch.no_grad()`` / ``set_grad_enabled(False)`` (forward-mode AD is not disabled by
@@ -850,83 +876,161 @@ class NTKOperator:
         eigenvalues as converged (review, session 26). Reverse mode is the J of training and
         of the dense path.
 
-        Tolerance: u and w have standard normal entries, so |Jᵀu| ≈ |J w| ≈ ‖J‖_F and the
-        mismatch uᵀ(J_f − J_r)w has standard deviation ‖J_f − J_r‖_F: the test compares the
-        relative mismatch ‖J_f − J_r‖_F / ‖J‖_F with √eps of the model's coarsest arithmetic
-        (:func:`~glu_probe.ntk.dense.forward_rounding_dtype`: float32 for a float64 probe of a
-        model that casts inside). Rounding makes each product exact for a J perturbed by
-        c·eps relative (c: depth and accumulation lengths), which √eps leaves room for
-        (c up to ~3,000 in float32, ~7e7 in float64), while the mismatches above change J by
-        O(1) relative amounts. The JVP and the VJP draw the same random numbers (a model
-        with active dropout is compared with itself), and the caller's RNG is untouched.
-        Cost: one forward, one backward and one forward-mode pass, once per operator.
+        Statistic: u and w have standard normal entries, so E[(uᵀ(J_f − J_r)w)²] =
+        ‖J_f − J_r‖²_F and E|J w|² = E|Jᵀu|² = ‖J‖²_F; the ratio of the pairs' summed squares
+        estimates δ = ‖J_f − J_r‖_F / ‖J‖_F (one pair alone is blind to a mismatch that its
+        u or w happens to be nearly orthogonal to: half the seeds of a bfloat16-autocast model
+        with a hook passed, K 2-4% off; review, session 26). Tolerance, with eps that of the
+        model's coarsest arithmetic (:func:`~glu_probe.ntk.dense.forward_rounding_dtype`:
+        float32 for a float64 probe of a model that casts inside): √eps, and in bfloat16 and
+        float16 :attr:`ADJOINT_EPS_FACTOR`·eps = 4·eps. Rounding makes each product exact for
+        a J perturbed by c·eps relative (c: depth, accumulation lengths, conditioning), which
+        √eps leaves room for in float32 and float64 (c up to ~2,900 and ~7e7; measured over 4
+        pairs: 0.6-5 on MLPs, a 20-layer tanh net, GPT-2 and ViT), while the mismatches above
+        change J by O(1) relative amounts (0.09-0.12 in the float32 tests). In bfloat16 and float16
+        √eps is only 11 and 32 eps, and mismatches below it changed K by 2-12%; there
+        matmuls and reductions accumulate in float32, so c counts rounded op outputs and did
+        not grow with depth (0.2-1.9 on the same models, GPT-2 up to 16 layers, ViT up to 8),
+        against 4.6-450 for the review's mismatches: 4·eps leaves twice the largest c. An
+        ill-conditioned forward can exceed either bound from rounding alone (the warning says
+        so); its reverse-mode products are merely slower. The JVP and the VJP draw the same
+        random numbers (a model with active dropout is compared with itself), and the caller's
+        RNG is untouched.
+
+        Under a process group the pairs span all ranks' rows (u drawn for the whole batch,
+        as unsharded), and the verdict is taken once, on sums all-reduced over ranks, so
+        that every rank runs the same products (review, session 26: a per-rank verdict left
+        one rank in forward mode, K 27% off). |Jᵀu|² is then the sum of the ranks' own
+        |Jᵣᵀuᵣ|² (same expectation, ‖J‖²_F; no parameter-sized collective).
+
+        Cost, once per operator: per group of pairs one forward, one backward and one
+        forward-mode pass, vmapped over the group's pairs; a group is as wide as the first
+        product's block (at most ADJOINT_PAIRS: never wider than the products the caller
+        planned memory for), and the pairs are the same whatever the width.
         """
-        self._adjoint_checked = True
         if not self._forward_ad:
+            self._adjoint_checked = True
             return  # (reverse mode only already: adjoint by construction)
         from .dense import forward_rounding_dtype  # local: dense imports this module
 
-        params = self.probe.params
-        # one seeded private generator for all of w and u (the global RNG is untouched; per
-        # tensor seeds would repeat w's entries across parameters of the same shape)
-        gen = torch.Generator(device=self.device).manual_seed(0x5EED)
-        w = tuple(
-            torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device) for p in params
-        )
-        devices = [self.device] if self.device.type == "cuda" else []
-        jtu: list[Tensor] = []
-        u_jw = torch.zeros((), dtype=torch.float64, device=self.device)
-        jw_sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        with self.probe.session():
-            for a, b in self._ranges:
-                chunk = self.probe.chunk(a, b)
-                ra, rb = self.probe.row_range(a, b)
-                u = torch.randn(rb - ra, generator=gen, dtype=self.dtype, device=self.device)
+        k = self.ADJOINT_PAIRS
+        width = max(1, min(k, self._check_width))
+        # rows: u·(J w), (Jᵀu)·w, |J w|², |Jᵀu|² per pair (sums in float64: their cancellation
+        # must not pass for a mismatch; the products stay in the probe's dtype)
+        sums = torch.zeros(4, k, dtype=torch.float64, device=self.device)
+        missing: BaseException | None = None
+        failure: BaseException | None = None
+        try:
+            missing = self._adjoint_sums(sums, width)
+        except Exception as err:  # (agreed on below, before the collective)
+            failure = err
+        flag = torch.tensor([0.0 if missing is None else 1.0], dtype=torch.float64)
+        if self.process_group is not None:
+            import torch.distributed as dist
 
-                def f(*p: Tensor, chunk: Any = chunk) -> Tensor:
-                    return self.probe(p, chunk)
-
-                with torch.random.fork_rng(devices=devices):
-                    part = torch.func.vjp(f, *params)[1](u)
-                with torch.random.fork_rng(devices=devices):
-                    try:
-                        jw = torch.func.jvp(f, params, w)[1]
-                    except NotImplementedError as err:
-                        if not _missing_forward_ad(err):
-                            raise
-                        self._no_forward_ad(err)
-                        return
-                if not jtu:  # (own storage: autograd's gradients may share memory)
-                    jtu = [t.detach().clone() for t in part]
-                else:
-                    for x, y in zip(jtu, part, strict=True):
-                        x.add_(y)
-                # (sums in float64: their cancellation must not pass for a mismatch; the
-                # products stay in the probe's dtype, no float64 copy of a large parameter)
-                u_jw += (u * jw).sum(dtype=torch.float64)
-                jw_sq += jw.square().sum(dtype=torch.float64)
-        jtu_w = sum((g * t).sum(dtype=torch.float64) for g, t in zip(jtu, w, strict=True))
-        jtu_sq = sum(g.square().sum(dtype=torch.float64) for g in jtu)
-        internal = forward_rounding_dtype(self.probe)  # (its own probe session, memoised)
-        mismatch = abs(float(u_jw) - float(jtu_w))
-        scale = max(math.sqrt(float(jw_sq)), math.sqrt(float(jtu_sq)))
+            device = self.device
+            if dist.get_backend(self.process_group) == "gloo":
+                device = torch.device("cpu")
+            agree_on_failure(failure, self.process_group, device, "NTKOperator", "its J check")
+            both = torch.cat([sums.reshape(-1).to(device), flag.to(device)])
+            dist.all_reduce(both, group=self.process_group)
+            sums, flag = both[:-1].reshape(4, k).cpu(), both[-1:].cpu()
+        elif failure is not None:
+            raise failure
+        # (only now: a check that failed, out of memory say, runs again at the next product,
+        # on every rank alike)
+        self._adjoint_checked = True
+        if float(flag) > 0:
+            if missing is not None:
+                self._no_forward_ad(missing)
+            else:
+                self._no_forward_ad(
+                    NotImplementedError("another rank's model has no forward-mode AD rule")
+                )
+            return
+        u_jw, jtu_w, jw_sq, jtu_sq = (row.cpu() for row in sums)
+        mismatch = math.sqrt(float((u_jw - jtu_w).square().sum()))
+        scale = math.sqrt(max(float(jw_sq.sum()), float(jtu_sq.sum())))
         if not (math.isfinite(mismatch) and math.isfinite(scale)) or scale == 0.0:
             return  # (non-finite rows or K = 0: the caller's errors say so)
-        tol = math.sqrt(torch.finfo(internal).eps) * scale
-        if mismatch > tol:
+        eps = torch.finfo(forward_rounding_dtype(self.probe)).eps  # (memoised probe trace)
+        tol = math.sqrt(eps)
+        if eps > torch.finfo(torch.float32).eps:  # (bfloat16, float16: see above)
+            tol = min(tol, self.ADJOINT_EPS_FACTOR * eps)
+        self.adjoint_mismatch = mismatch / scale
+        if self.adjoint_mismatch > tol:
             self._forward_ad = False
             warnings.warn(
                 "NTKOperator: forward-mode and reverse-mode derivatives of this model disagree "
-                f"(u·(J w) = {float(u_jw):.6g} against (Jᵀu)·w = {float(jtu_w):.6g} for a "
-                f"random pair, relative mismatch {mismatch / scale:.1e} > {tol / scale:.1e}); "
-                "its forward likely computes a parameter-dependent value under torch.no_grad() "
-                "or set_grad_enabled(False), or registers a gradient hook (register_hook), "
-                "which reverse mode (training's J) respects and forward mode does not. J·u is "
-                "computed as the VJP of u ↦ Jᵀu instead (reverse mode only; one forward and "
-                "two backward passes per product)",
+                f"(u·(J w) against (Jᵀu)·w for {k} random pairs: relative mismatch "
+                f"‖J_f − J_r‖/‖J‖ ≈ {self.adjoint_mismatch:.1e} > {tol:.1e}); its forward "
+                "likely computes a parameter-dependent value under torch.no_grad() or "
+                "set_grad_enabled(False), or registers a gradient hook (register_hook), which "
+                "reverse mode (training's J) respects and forward mode does not; severe "
+                "rounding (an ill-conditioned forward, e.g. LayerNorm of nearly equal entries) "
+                "can cause it too, where dtype=torch.float64 helps. J·u is computed as the VJP "
+                "of u ↦ Jᵀu instead (reverse mode only; one forward and two backward passes "
+                "per product)",
                 RuntimeWarning,
                 stacklevel=external_stacklevel(),
             )
+
+    def _adjoint_pairs(self, pairs: range) -> tuple[tuple[Tensor, ...], Tensor]:
+        """The check's pairs ``pairs``: w (stacked per parameter) and this rank's rows of u,
+        each pair from its own seeded private generator (the same pairs whatever the group
+        width; the global RNG untouched; per tensor seeds would repeat w's entries across
+        parameters of the same shape). u is drawn for all ranks' rows: the pairs of an
+        unsharded operator on the whole batch."""
+        m = len(pairs)
+        w = tuple(p.new_empty((m, *p.shape)) for p in self.probe.params)
+        u = torch.empty(m, self.n, dtype=self.dtype, device=self.device)
+        for j, i in enumerate(pairs):
+            gen = torch.Generator(device=self.device).manual_seed(0x5EED + i)
+            for t in w:
+                t[j].normal_(generator=gen)
+            u[j].normal_(generator=gen)
+        return w, u[:, self.offset : self.offset + self.n_local]
+
+    def _adjoint_sums(self, sums: Tensor, width: int) -> BaseException | None:
+        """This rank's part of :meth:`_check_adjoint`'s sums, added into ``sums`` (4, k); the
+        error of an operation without a forward-mode derivative, if one was met."""
+        k = sums.shape[1]
+        params = self.probe.params
+        devices = [self.device] if self.device.type == "cuda" else []
+        with self.probe.session():
+            for g in range(0, k, width):  # (groups of pairs, each one block wide)
+                m = min(width, k - g)
+                w, u = self._adjoint_pairs(range(g, g + m))
+                jtu: list[Tensor] = []
+                for a, b in self._ranges:
+                    chunk = self.probe.chunk(a, b)
+                    ra, rb = self.probe.row_range(a, b)
+
+                    def f(*p: Tensor, chunk: Any = chunk) -> Tensor:
+                        with torch.random.fork_rng(devices=devices):  # (every pass alike)
+                            return self.probe(p, chunk)
+
+                    vjp_fn = torch.func.vjp(f, *params)[1]
+                    part = _pairwise(vjp_fn, u[:, ra:rb].contiguous())
+                    del vjp_fn
+                    try:
+                        jw = _pairwise(lambda *t, f=f: torch.func.jvp(f, params, t)[1], *w)
+                    except NotImplementedError as err:
+                        if not _missing_forward_ad(err):
+                            raise
+                        return err
+                    if not jtu:  # (own storage: autograd's gradients may share memory)
+                        jtu = [t.detach().clone() for t in part]
+                    else:
+                        for x, y in zip(jtu, part, strict=True):
+                            x.add_(y)
+                    jw = jw.reshape(m, -1)
+                    sums[0, g : g + m] += (u[:, ra:rb] * jw).sum(1, dtype=torch.float64)
+                    sums[2, g : g + m] += jw.square().sum(1, dtype=torch.float64)
+                for x, t in zip(jtu, w, strict=True):
+                    sums[1, g : g + m] += (x * t).reshape(m, -1).sum(1, dtype=torch.float64)
+                    sums[3, g : g + m] += x.square().reshape(m, -1).sum(1, dtype=torch.float64)
+        return None
 
     def _vjp(self, start: int, stop: int) -> Callable[..., Any]:
         chunk = self.probe.chunk(start, stop)
@@ -1010,7 +1114,7 @@ class NTKOperator:
                 out = self._on_own_stream(local, k)
             else:
                 # unsharded: both maps in one probe session (entering one costs ~0.5 ms)
-                maps = self._linearisations()
+                maps = self._linearisations(k)
                 with self.probe.session():
                     out = self._block_product(local, k, maps)
             self.n_matvecs += k
@@ -1024,7 +1128,7 @@ class NTKOperator:
         err: BaseException | None = None
         cached: Any = None
         try:
-            cached = self._linearisations()
+            cached = self._linearisations(k)
             with self.probe.session():
                 acc = self._local_vjp(local, k, cached)
         except Exception as e:
@@ -1118,7 +1222,7 @@ class NTKOperator:
         float64): a replay on the capture's own input would also pass for a graph that missed
         work done outside the capture. Otherwise the graph is dropped, the model is not
         captured again, a ``RuntimeWarning`` says so, and products run eagerly."""
-        cached = self._linearisations()  # (may trace: never inside a capture)
+        cached = self._linearisations(k)  # (may trace: never inside a capture)
         key = (k, self._traced)
         if self._graph is not None and self._graph.key == key:
             self.n_graph_replays += 1
