@@ -414,3 +414,145 @@ def test_random_chains_reload_or_are_marked_mixed(seed, tmp_path):
     rebuilt = _reload(model, tmp_path)
     assert _widths(rebuilt) == _widths(model)
     assert torch.equal(_logits(rebuilt), _logits(model))
+
+
+# --- third round, session 26: alignments of re-swapped and "mixed" blocks --------------------
+
+
+def _gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=100, n_positions=32)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def _recipe_entries(model: torch.nn.Module, tmp_path) -> dict[str, tuple[int, int]]:
+    """(width, alignment) per block of the reload recipe's swap of a model rebuilt from the
+    saved config (its state dict loaded, the logits checked against ``model``'s)."""
+    model.config.save_pretrained(tmp_path)
+    config = type(model.config).from_pretrained(tmp_path)
+    rebuilt = type(model)(config).eval()
+    record = config.glu_probe_swap
+    assert "mixed" not in record
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = swap_mlp(
+            rebuilt, record["variant"], match=record["match"], exclude=record.get("excluded")
+        )
+    missing, unexpected = rebuilt.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and not unexpected
+    if isinstance(model, transformers.GPT2LMHeadModel):
+        ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert torch.equal(rebuilt(ids).logits, model(ids).logits)
+    else:
+        assert torch.equal(_logits(rebuilt), _logits(model))
+    return {e.path: (e.hidden_features, e.multiple_of) for e in report.entries}
+
+
+@pytest.mark.parametrize("make", [_gpt2, lambda: _bart(128)])
+def test_a_same_variant_reswap_keeps_the_alignment_of_its_width(make, tmp_path):
+    # GPT-2 / BART encoder: 64 -> 256 -> 64 with biases, 2*64*256 + 256 + 64 = 33088 params;
+    # swiglu 195 h + 64: h = 169.4, multiple of 64 -> 192. BART decoder (128): 16576 params,
+    # h = 84.7 -> 64. The re-swap said (192, 1) and recorded multiple_of 1 (re-review).
+    model = make()
+    expected = {
+        e.path: (192 if e.source_hidden == 256 else 64, 64)
+        for e in swap_mlp(model, "swiglu", multiple_of=64, tolerance=None).entries
+    }
+    assert set(expected.values()) <= {(192, 64), (64, 64)}
+    with pytest.warns(UserWarning, match="already are what this swap builds"):
+        report = swap_mlp(model, "swiglu", multiple_of=64, tolerance=None)
+    assert {e.path: (e.hidden_features, e.multiple_of) for e in report.entries} == expected
+    assert model.config.glu_probe_swap["multiple_of"] == 64
+    assert _recipe_entries(model, tmp_path) == expected
+
+
+def test_the_alignment_of_a_block_listed_mixed_is_carried(tmp_path):
+    # encoder 256 -> 170 (multiple_of 8 relaxed to 2: 195 h + 64 = 33088 at h = 169.4),
+    # decoder 128 -> 85 (at 1); the decoder to gelu and back lists the encoder "mixed" in
+    # between: its alignment was dropped, and the recipe said (170, 1) (re-review)
+    model = _bart(128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = swap_mlp(model, "swiglu")
+        swap_mlp(model, "gelu", include=r".*decoder.*")
+        assert model.config.glu_probe_swap["alignments"]["model.encoder.layers.0"] == 2
+        swap_mlp(model, "swiglu", include=r".*decoder.*")
+    expected = {"model.encoder.layers.0": (170, 2), "model.decoder.layers.0": (85, 1)}
+    assert {e.path: (e.hidden_features, e.multiple_of) for e in first.entries} == expected
+    assert model.config.glu_probe_swap["alignments"] == {
+        "model.encoder.layers.0": 2,
+        "model.decoder.layers.0": 1,
+    }
+    assert _recipe_entries(model, tmp_path) == expected
+    # and a later partial swap of the same native width takes 170 with its alignment 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _bart2()
+        swap_mlp(model, "swiglu", include="model.encoder.layers.0")
+        swap_mlp(model, "gelu", include=r"model\.decoder.*")
+        swap_mlp(model, "swiglu", include=r"model\.decoder.*")
+        late = swap_mlp(model, "swiglu", include="model.encoder.layers.1", multiple_of=1)
+    assert [(e.hidden_features, e.multiple_of) for e in late.entries] == [(170, 2)]
+
+
+def _clip() -> torch.nn.Module:
+    torch.manual_seed(0)
+    text = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=100,
+        max_position_embeddings=16,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    vision = dict(
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=8,
+    )
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    return transformers.CLIPModel(config).eval()
+
+
+def _clip_logits(model: torch.nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 100, (2, 6), generator=g)
+    pixels = torch.randn(2, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        return model(input_ids=ids, pixel_values=pixels).logits_per_image
+
+
+@pytest.mark.parametrize("first", [None, "swiglu"])
+def test_a_composite_model_swapped_through_a_wrapper_gets_its_top_record(first, tmp_path):
+    # CLIP in a wrapper module: the top config's record was not written (the recipe's
+    # config.glu_probe_swap raised AttributeError), or, after a swiglu swap of the model
+    # itself, still said swiglu after geglu through the wrapper: the recipe rebuilt swiglu
+    # blocks, the state dict loaded with no missing key, and the logits were wrong (re-review)
+    direct = _clip()
+    model = _clip()
+    wrapper = torch.nn.Module()
+    wrapper.net = model
+    if first is not None:
+        swap_mlp(model, first, match="width")
+    swap_mlp(direct, "geglu", match="width")
+    swap_mlp(wrapper, "geglu", match="width")
+    record = model.config.glu_probe_swap
+    assert record == direct.config.glu_probe_swap
+    assert record["variant"] == "geglu" and record["sub_configs"] == ["text_model", "vision_model"]
+    model.config.save_pretrained(tmp_path)
+    config = type(model.config).from_pretrained(tmp_path)
+    rebuilt = type(model)(config).eval()
+    saved = config.glu_probe_swap
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        swap_mlp(rebuilt, saved["variant"], match=saved["match"], exclude=saved.get("excluded"))
+    missing, unexpected = rebuilt.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and not unexpected
+    assert torch.equal(_clip_logits(rebuilt), _clip_logits(model))

@@ -1149,6 +1149,15 @@ def _resolve_width(
         taken = _rebuilt_width(spec, record, path)
         if taken is not None:
             return taken
+    if (
+        same
+        and record is not None
+        and place == "built"
+        and _recorded_width(record, path) == (spec.hidden_features)
+    ):
+        # A re-swap of a block a swap built keeps its width, and so the alignment that width
+        # was made with: it went to 1 in the report and the record (re-review, session 26).
+        return spec.hidden_features, _recorded_alignment(record, path) or 1
     if match == "width":
         return spec.hidden_features, 1
     if gated == spec.gated:
@@ -1225,6 +1234,21 @@ def _recorded_alignment(record: Mapping[str, Any], path: str | None) -> int | No
         return int(per_block[path])
     aligned = record.get("multiple_of")
     return aligned if _is_width(aligned) else None
+
+
+def _recorded_width(record: Mapping[str, Any], path: str | None) -> int | None:
+    """The swapped width a config record gives the block at ``path`` (relative to the config's
+    owner): its entry under ``"widths"`` (none for a block marked ``"mixed"``), else, for a
+    record without them, its one ``"hidden"``; ``None`` where it gives none."""
+    mixed = record.get("mixed")
+    if isinstance(mixed, dict) and path in mixed:
+        return None
+    per_block = _record_widths(record)
+    if per_block is not None:
+        pair = per_block.get(path) if path is not None else None
+        return pair[1] if pair is not None else None
+    recorded = record.get("hidden")
+    return recorded if _is_width(recorded) else None
 
 
 def _rebuilt_width(
@@ -1878,8 +1902,17 @@ def _describe_blocks(
             native, described = old["native_hidden"], True
         else:
             return None, None
-        described = described and rel not in old_mixed
-        return native, _recorded_alignment(old, rel) if described else None
+        if not described:
+            return native, None
+        if rel in old_mixed:
+            # A block the old record lists under "mixed" has its own alignment under
+            # "alignments" (its "multiple_of" is that of the blocks it describes): dropped here,
+            # a later swap back to its variant recorded multiple_of 1 for it (re-review,
+            # session 26).
+            per_block = old.get("alignments")
+            aligned = per_block.get(rel) if isinstance(per_block, dict) else None
+            return native, aligned if _is_width(aligned) else None
+        return native, _recorded_alignment(old, rel)
 
     labels = {label for label, _ in sigs}
     # relative path -> (root path, variant label, native width, width, alignment)
@@ -1922,8 +1955,11 @@ def _describe_blocks(
     one = {(b[2], b[3]) for b in described.values()} == {(rec["native_hidden"], rec["hidden"])}
     if pairs and (odd or not one):
         rec["widths"] = pairs
-    alignments = {rel: b[4] for rel, b in described.items() if b[4] is not None}
-    if rec["multiple_of"] is None and alignments:
+    # Every block's alignment, those listed under "mixed" included (as "widths" carries their
+    # widths), so that a later swap back to one variant still knows it.
+    alignments = {rel: b[4] for rel, b in blocks.items() if b[4] is not None}
+    carried = any(b[0] in odd for b in blocks.values() if b[4] is not None)
+    if alignments and (rec["multiple_of"] is None or carried):
         # (a width taken from the record is reported with the alignment it was made with)
         rec["alignments"] = alignments
     return odd, lost
@@ -2369,36 +2405,57 @@ def _record_at_root(
     (an AttributeError; review, session 20). It holds no width (``hidden`` None), so it changes
     no swap; the sub-configs' records keep theirs. Its ``"excluded"`` lists the host's own blocks
     of the whole model, and its ``"mixed"`` the blocks of an earlier swap of another variant
-    (in any sub-model) and those the sub-configs' records mark; returns the latter."""
-    root = _hf_config(model)
-    if root is None or id(root) in groups:
-        return {}
-    subs = sorted(path for path, *_ in groups.values() if path)
-    if not subs:
-        return {}
-    old = getattr(root, RECORD_ATTR, None)
+    (in any sub-model) and those the sub-configs' records mark; returns the latter (root paths).
+
+    The top config is that of the outermost model above the sub-models that holds their configs
+    as its sub-configs, also when ``model`` wraps it (a ``LightningModule`` holding a
+    ``CLIPModel``): the wrapper has no config, so the record was not written, or an earlier
+    record went stale and the recipe rebuilt another variant (re-review, session 26). Its paths
+    are relative to that model (what a model rebuilt from its config holds)."""
     earlier = earlier or {}
-    if earlier and isinstance(old, dict) and isinstance(old.get("sub_configs"), list):
-        subs = sorted(set(subs) | set(old["sub_configs"]))  # (an earlier swap's, still there)
-    rec: dict[str, Any] = {
-        "variant": report.variant,
-        "match": report.match,
-        "hidden": None,
-        "width_key": None,
-        "act_key": None,
-        "sub_configs": subs,
-    }
-    _record_kwargs(rec, module_kwargs or {})
-    if host_own:
-        rec["excluded"] = list(host_own)
-    if not strict:
-        rec["strict"] = False
-    odd = {**(mixed or {}), **_undescribed(earlier, built, None)}
-    if odd:
-        rec["mixed"] = odd
-    setattr(root, RECORD_ATTR, rec)
-    report.config_updates[RECORD_ATTR] = (old, rec)
-    return odd
+    # id(top config) -> (its owner's path, the config, [(sub-model path, plan indices)])
+    tops: dict[int, tuple[str, Any, list[tuple[str, list[int]]]]] = {}
+    for owner_path, _owner, config, ks in groups.values():
+        for p, m in reversed(_ancestors(model, owner_path)):  # (outermost first)
+            top = _hf_config(m)
+            holds = top is not None and any(v is config for v in vars(top).values())
+            if holds and _holds_config(m):
+                if id(top) not in groups:
+                    tops.setdefault(id(top), (p, top, []))[2].append((owner_path, ks))
+                break
+    odd_all: dict[str, str] = {}
+    for top_path, root, members in tops.values():
+        subs = sorted(_relative(path, top_path) for path, _ in members)
+        old = getattr(root, RECORD_ATTR, None)
+        before = {p: sig for p, sig in earlier.items() if _under(p, top_path)}
+        if before and isinstance(old, dict) and isinstance(old.get("sub_configs"), list):
+            subs = sorted(set(subs) | set(old["sub_configs"]))  # (an earlier swap's, still there)
+        rec: dict[str, Any] = {
+            "variant": report.variant,
+            "match": report.match,
+            "hidden": None,
+            "width_key": None,
+            "act_key": None,
+            "sub_configs": subs,
+        }
+        _record_kwargs(rec, module_kwargs or {})
+        own = [_relative(p, top_path) for p in host_own if _under(p, top_path)]
+        if own:
+            rec["excluded"] = own
+        if not strict:
+            rec["strict"] = False
+        signatures = [built[k] for _, ks in members for k in ks if k < len(built)]
+        odd = {
+            **{p: what for p, what in (mixed or {}).items() if _under(p, top_path)},
+            **_undescribed(before, signatures, None),
+        }
+        if odd:
+            rec["mixed"] = {_relative(p, top_path): what for p, what in odd.items()}
+        setattr(root, RECORD_ATTR, rec)
+        prefix = f"{top_path}.config." if top_path else ""
+        report.config_updates[prefix + RECORD_ATTR] = (old, rec)
+        odd_all.update(odd)
+    return odd_all
 
 
 def _sync_config_copies(
