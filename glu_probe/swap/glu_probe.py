@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from glu_probe.modules import MLP, GatedMLP
-from glu_probe.swap.core import MLPAdapter, MLPSpec, spec_from_glu_probe
+from glu_probe.swap.base import MLPAdapter, MLPSpec, spec_from_glu_probe
 
 __all__ = ["GluProbeAdapter"]
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from glu_probe._rng import seeded
 from glu_probe.modules import MLP, GatedMLP, activation_name
-from glu_probe.swap.core import MLPAdapter, MLPSpec, UnsupportedModelError, spec_from_glu_probe
+from glu_probe.swap.base import MLPAdapter, MLPSpec, UnsupportedModelError, spec_from_glu_probe
 
 __all__ = ["BertLayerAdapter", "ResidualNormMLP"]
 

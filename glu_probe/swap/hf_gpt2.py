@@ -5,7 +5,7 @@ layers, whose weight is stored transposed, ``(in, out)``; so ``c_fc.weight.shape
 (n_embd, n_inner)``. The replacement is a glu-probe block (``nn.Linear`` layout) with the
 residual dropout ``resid_pdrop`` as its output dropout; new blocks get GPT-2's init (weights
 N(0, initializer_range²), and the output projection the scaled std
-``initializer_range / sqrt(2 · n_layer)``), see :func:`glu_probe.swap.core.host_init`.
+``initializer_range / sqrt(2 · n_layer)``), see :func:`glu_probe.swap.host_init`.
 The host config's ``n_inner`` and ``activation_function`` are updated (for gated variants the
 latter names the gate activation).
 """
@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils.parametrize import is_parametrized
 
 from glu_probe.modules import activation_name
-from glu_probe.swap.core import MLPAdapter, MLPSpec, UnsupportedModelError
+from glu_probe.swap.base import MLPAdapter, MLPSpec, UnsupportedModelError
 
 __all__ = ["GPT2MLPAdapter"]
 

@@ -24,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from glu_probe.modules import activation_name
-from glu_probe.swap.core import MLPAdapter, MLPSpec, UnsupportedModelError
+from glu_probe.swap.base import MLPAdapter, MLPSpec, UnsupportedModelError
 from glu_probe.swap.structural import verify_split_gated
 
 _NAMES = ("gate_proj", "up_proj", "down_proj")

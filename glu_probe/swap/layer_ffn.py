@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from glu_probe._settings import plain_settings
 from glu_probe.modules import MLP, GatedMLP, activation_name
-from glu_probe.swap.core import MLPAdapter, MLPSpec, UnsupportedModelError, spec_from_glu_probe
+from glu_probe.swap.base import MLPAdapter, MLPSpec, UnsupportedModelError, spec_from_glu_probe
 from glu_probe.swap.structural import (
     _CheckRun,
     _close,

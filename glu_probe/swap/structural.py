@@ -67,15 +67,9 @@ from torch import Tensor, nn
 from glu_probe._rng import seeded
 from glu_probe._settings import plain_settings
 from glu_probe.modules import activation_name
-from glu_probe.swap.core import (
-    _CANDIDATE_CLASS,
-    _HOOK_DICTS,
-    MLPAdapter,
-    MLPSpec,
-    UnsupportedModelError,
-    _is_head,
-    hooked_modules,
-)
+from glu_probe.swap.base import MLPAdapter, MLPSpec, UnsupportedModelError
+from glu_probe.swap.guards import _HOOK_DICTS, hooked_modules
+from glu_probe.swap.select import _CANDIDATE_CLASS, _is_head
 
 __all__ = ["StructuralMLPAdapter"]
 
@@ -610,13 +604,13 @@ def _tiny_widths(linears: list[nn.Linear]) -> dict[int, int] | None:
 def _reduced_copy(
     module: nn.Module, linear_names: tuple[str, ...], tiny: dict[int, int]
 ) -> nn.Module | None:
-    """A copy of ``module`` (:func:`~glu_probe.swap.core._shell`: same class and instance
+    """A copy of ``module`` (:func:`~glu_probe.swap.origin._shell`: same class and instance
     settings) whose ``Linear`` children ``linear_names`` are shells of the same classes and bias
     flags at the widths ``tiny`` maps theirs to, int settings equal to a width mapped with it
     (e.g. LlamaMLP's ``hidden_size``), every other child shared; ``None`` where the block holds
     anything whose size cannot be reduced (a buffer, another child with weights, a width that
     ``tiny`` does not map, a ``Linear`` subclass with more parameters)."""
-    from glu_probe.swap.core import _shell
+    from glu_probe.swap.origin import _shell
 
     if any(True for _ in module.buffers()):
         return None

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from glu_probe.modules import activation_name
-from glu_probe.swap.core import MLPAdapter, MLPSpec, UnsupportedModelError
+from glu_probe.swap.base import MLPAdapter, MLPSpec, UnsupportedModelError
 
 __all__ = ["TimmMlpAdapter"]
 

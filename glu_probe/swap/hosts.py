@@ -1,0 +1,78 @@
+"""Where a block lives: the Hugging Face configs and host models above it, and paths relative
+to them.
+
+Shared by the initialisation (whose rules apply), the config record and update (which config
+describes a block) and the rollback snapshot (which configs to save), so it sits below all of
+them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+def _hf_config(model: nn.Module) -> Any:
+    try:
+        config = getattr(model, "config", None)
+    except Exception:  # a ``config`` property that fails (not loaded yet): no config to use
+        return None
+    if config is not None and hasattr(config, "to_dict") and hasattr(config, "model_type"):
+        return config
+    return None
+
+
+def _holds_config(model: nn.Module) -> bool:
+    """``model.config`` is its own (an instance or class attribute), not read through a
+    forwarding ``__getattr__``."""
+    return "config" in vars(model) or any("config" in vars(k) for k in type(model).__mro__)
+
+
+def _is_pretrained(model: nn.Module) -> bool:
+    return _hf_config(model) is not None and any(
+        c.__name__ == "PreTrainedModel" for c in type(model).__mro__
+    )
+
+
+def _ancestors(root: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of the modules above ``path``, nearest first, ``root`` (``""``) last."""
+    parts = path.split(".") if path else []
+    return [
+        (".".join(parts[:k]), root.get_submodule(".".join(parts[:k])))
+        for k in range(len(parts) - 1, -1, -1)
+    ]
+
+
+def config_owner(root: nn.Module, path: str) -> tuple[str, nn.Module, Any] | None:
+    """The Hugging Face config that describes the block at ``path``, ``(owner path, owner,
+    config)``, ``owner`` the outermost module holding that config object; ``None`` if none.
+
+    It is the config of the outermost model above the block that holds one (a wrapped model's
+    own config: a ``LightningModule`` holding a ``GPT2LMHeadModel``; T5's root config, not the
+    private copies its stacks hold), except where the nearest one is a sub-config of it (a
+    composite model's ``text_config`` / ``vision_config``, as in LLaVA): then that sub-config.
+    A wrapper that only forwards attribute reads to the model it wraps (``torch.compile``'s
+    ``OptimizedModule``, FSDP) does not hold the config: the record's paths are the model's,
+    which is what gets saved (review, session 25: they began with ``_orig_mod.``)."""
+    holders = [
+        (p, m, c)
+        for p, m in reversed(_ancestors(root, path))
+        if (c := _hf_config(m)) and _holds_config(m)
+    ]
+    if not holders:
+        return None
+    outer, near = holders[0][2], holders[-1][2]
+    config = near if any(v is near for v in vars(outer).values()) else outer
+    owner = next((p, m) for p, m, c in holders if c is config)
+    return owner[0], owner[1], config
+
+
+def _under(path: str, owner_path: str) -> bool:
+    """Whether ``path`` is at or below ``owner_path`` (``""``: the root, which holds all)."""
+    return not owner_path or path == owner_path or path.startswith(owner_path + ".")
+
+
+def _relative(path: str, owner_path: str) -> str:
+    """``path`` relative to ``owner_path`` (a path at or below it)."""
+    return path[len(owner_path) + 1 :] if owner_path else path
