@@ -384,11 +384,14 @@ def paper_lambda_min(kind: str, d: int, m: int, n: int) -> float:
 
     The paper's extracted text prints $\tilde s$ as "1 − √ 2n/d", which also reads as
     $1-\sqrt{2n/d}$; that reading puts $\tilde s = 0$ for every $n \ge d/2$ (where the
-    Hadamard square is still far from singular) and was 22–65% below $\lambda_{min}$ of the
-    proof's own kernel ($\tilde\alpha G\odot G + \tilde\beta d\,G + \tilde\gamma d^2 I$,
-    $G = XX^\top$) on $d \in \{10, 100, 300\}$, $m \in \{200, 2000\}$,
-    $n \in \{20, \dots, 800\}$, where $\sqrt{2n}/d$ is within −5% … +30% (session 21 review;
-    ``tests/test_theory.py``).
+    Hadamard square is still far from singular). Against $\lambda_{min}$ of the proof's own
+    kernel ($\tilde\alpha G\odot G + \tilde\beta d\,G + \tilde\gamma d^2 I$, $G = XX^\top$,
+    $X$ = ``gaussian_inputs(n, d, seed=5)``) on $m \in \{200, 2000\}$,
+    $n \in \{20, 40, 200, 800\}$ (session 21 review, re-measured in session 27;
+    ``tests/test_theory.py``, ``tests/test_theory_s27.py``) that reading was 24–65% below it for
+    $d \in \{100, 300\}$, where the formula with $1-\sqrt{2n}/d$ is within +3% … +30%; at
+    $d = 10$ it was 22–23% below at $n = 20$ and 7–8% below at $n = 40$ (this formula: ±5%),
+    and for $n \ge d^2/2 = 50$ both readings give $\tilde s = 0$, the same value.
     """
     _check_kind(kind, PAPER_KINDS)
     _check_pos_int(d=d, m=m, n=n)
@@ -666,14 +669,18 @@ def _as_kernel(K: Tensor | np.ndarray, name: str = "K") -> Tensor:
     return 0.5 * (Kt + Kt.T)
 
 
-def _eig_psd(K: Tensor, name: str = "K") -> tuple[Tensor, Tensor]:
-    lam, vecs = torch.linalg.eigh(K)
-    tol = 1e-9 * max(float(lam.abs().max()), 1e-300) * K.shape[0]
+def _check_psd_eigenvalues(lam: Tensor, name: str, what: str) -> None:
+    tol = 1e-9 * max(float(lam.abs().max()), 1e-300) * lam.numel()
     if float(lam.min()) < -tol:
         raise ValueError(
             f"{name} is not positive semi-definite (smallest eigenvalue {float(lam.min()):.3e}); "
-            "an NTK matrix always is"
+            f"{what} always is"
         )
+
+
+def _eig_psd(K: Tensor, name: str = "K") -> tuple[Tensor, Tensor]:
+    lam, vecs = torch.linalg.eigh(K)
+    _check_psd_eigenvalues(lam, name, "an NTK matrix")
     return lam.clamp(min=0.0), vecs
 
 
@@ -762,7 +769,8 @@ def expected_loss_curve(
     $E f_0f_0^\top = C$: $E\lVert f_k - Y\rVert^2 = \mathrm{Tr}[(I-\eta K)^{2k}C] +
     Y^\top(I-\eta K)^{2k}Y$. The paper takes $C = K$ (``init_cov="kernel"``, default);
     pass the true output covariance (`nngp_kernel`) for the exact expectation, or ``None``
-    for $f_0 = 0$. Computed from $K = \sum_i \lambda_i v_iv_i^\top$ as
+    for $f_0 = 0$; a matrix ``init_cov`` must be symmetric positive semi-definite (the same
+    tolerance as for ``K``), else ValueError. Computed from $K = \sum_i \lambda_i v_iv_i^\top$ as
     $\sum_i (v_i^\top C v_i + \lVert v_i^\top Y\rVert^2)|1-\eta\lambda_i|^{2k}$.
     ``reduction="mean"`` divides by ``n`` (the mean squared error). ``Y`` may be (n,) or (n, k)
     (k independent outputs, each with covariance C: the trace term is counted k times).
@@ -783,6 +791,8 @@ def expected_loss_curve(
         C = _as_kernel(init_cov, "init_cov")
         if C.shape != Kt.shape:
             raise ValueError(f"init_cov has shape {tuple(C.shape)}, expected {tuple(Kt.shape)}")
+        # (-10·I gave negative expected losses; review, session 27)
+        _check_psd_eigenvalues(torch.linalg.eigvalsh(C), "init_cov", "a covariance matrix")
         weights = weights + torch.einsum("ai,ab,bi->i", vecs, C, vecs) * Yt.shape[1]
     curve = _decay_curve(weights, lam, float(eta), int(steps))
     return curve / n if reduction == "mean" else curve
@@ -802,13 +812,23 @@ def linearized_train(
 
     This is the prediction for one network (its actual $f_0$, default 0) in the lazy
     regime, with the same step rule as `train_two_layer` (GD on
-    $\tfrac12\lVert f-Y\rVert^2$, step $\eta$). ``reduction="mean"`` divides by n.
+    $\tfrac12\lVert f-Y\rVert^2$, step $\eta$). ``f0`` has the shape of ``Y`` ((n,) and (n, 1)
+    are the same), else ValueError. ``reduction="mean"`` divides by n.
     """
     _check_reduction(reduction)
     Kt = _as_kernel(K)
     n = Kt.shape[0]
     Yt = _as_targets(Y, n)
-    R0 = -Yt if f0 is None else _as_targets(f0, n, "f0") - Yt
+    if f0 is None:
+        R0 = -Yt
+    else:
+        F0 = _as_targets(f0, n, "f0")
+        if F0.shape != Yt.shape:  # (they were broadcast against each other; review, session 27)
+            raise ValueError(
+                f"f0 and Y must have the same shape ((n,) and (n, 1) count as the same), got "
+                f"{tuple(torch.as_tensor(f0).shape)} and {tuple(torch.as_tensor(Y).shape)}"
+            )
+        R0 = F0 - Yt
     lam, vecs = _eig_psd(Kt)
     _check_eta_steps(eta, steps, float(lam.max()))
     weights = ((vecs.T @ R0) ** 2).sum(dim=1)
@@ -817,10 +837,12 @@ def linearized_train(
 
 
 def _crossing_step(curve_a: Tensor | np.ndarray, curve_b: Tensor | np.ndarray) -> int | None:
-    """First k with curve_b[k'] < curve_a[k'] for every k' >= k, provided curve_b >= curve_a at
-    some earlier step (else there is no crossing and the answer is None). A tail where the two
-    curves are equal (both decayed to 0.0, or to the same floor) says nothing and is left out:
-    a crossing at step 4 vanished once the horizon reached the underflow (review, session 25)."""
+    """First k with curve_b[k'] < curve_a[k'] for every k' >= k, provided curve_b > curve_a
+    (strictly) at some earlier step (else there is no crossing and the answer is None). Ties say
+    nothing about the order: leading ones (a shared start, as from one f0) do not make b "behind"
+    (a b below from step 1 on was a crossing at step 1; review, session 27), and a tail where the
+    two curves are equal (both decayed to 0.0, or to the same floor) is left out: a crossing at
+    step 4 vanished once the horizon reached the underflow (review, session 25)."""
     a = torch.as_tensor(curve_a, dtype=torch.float64)
     b = torch.as_tensor(curve_b, dtype=torch.float64)
     if a.shape != b.shape or a.dim() != 1:
@@ -838,7 +860,7 @@ def _crossing_step(curve_a: Tensor | np.ndarray, curve_b: Tensor | np.ndarray) -
     k = len(below) - 1
     while k > 0 and below[k - 1]:
         k -= 1
-    return k if k > 0 else None
+    return k if bool((b[:k] > a[:k]).any()) else None
 
 
 def predict_crossing(
@@ -855,8 +877,9 @@ def predict_crossing(
 
     With $L^a_k, L^b_k$ from `expected_loss_curve` (same ``Y``, ``eta``), returns the
     first step $k \le$ ``steps`` from which $L^b$ stays strictly below $L^a$ up
-    to ``steps``, provided $L^b \ge L^a$ earlier; ``None`` if there is no such crossing in
-    the horizon (including when b is below from the start). A tail where the two curves are
+    to ``steps``, provided $L^b > L^a$ (strictly) at some earlier step; ``None`` if there is no
+    such crossing in the horizon (including when b is below from the start, or level with a and
+    then below: a tie, such as a shared start, is not "behind"). A tail where the two curves are
     equal (both decayed to 0.0 in float64) is left out: it says nothing about the order.
     With ``K_a`` the non-GLU (ReLU) and ``K_b`` the GLU (ReGLU) kernel this is the crossing
     of the two Prop. 4.1 curves: ReLU ahead early, ReGLU overtaking. The paper's crossing
@@ -879,6 +902,8 @@ def crossing_hypotheses(
     ``K_a`` (non-GLU, ReLU) and ``K_b`` (GLU, ReGLU) on targets ``Y`` of ``d``-dimensional inputs:
     $Y^\top(K_a - K_b)Y \ge 0$ (the non-GLU model leads early), $d \ge 5$ and $n \ge 300$.
 
+    ``Y`` is one finite output column, (n,) or (n, 1) with n the kernels' size, and ``d`` a
+    positive integer; anything else raises ValueError.
     Returns ``{"quadratic_form": Yᵀ(K_a − K_b)Y, "d": d, "n": n, "sign_ok", "d_ok", "n_ok",
     "all_hold"}``. A centred target (mean 0) removes ReLU's rank-one β·r rᵀ term from
     $Y^\top K_a Y$, which is what makes the form positive in the paper's argument: with the
@@ -887,13 +912,20 @@ def crossing_hypotheses(
     instance of the conditional result.
     """
     Ka, Kb = _as_kernel(K_a, "K_a"), _as_kernel(K_b, "K_b")
-    y = torch.as_tensor(Y, dtype=torch.float64).reshape(-1)
-    if Ka.shape != Kb.shape or Ka.shape[0] != y.numel():
+    if Ka.shape != Kb.shape:
+        raise ValueError(f"K_a and K_b differ in shape: {tuple(Ka.shape)} vs {tuple(Kb.shape)}")
+    # (a (3, 2) Y was flattened against 6 x 6 kernels, NaN gave sign_ok False, d = 7.9 was
+    # stored as 7; review, session 27)
+    _check_pos_int(d=d)
+    n = Ka.shape[0]
+    Yt = _as_targets(Y, n)
+    if Yt.shape[1] != 1:
         raise ValueError(
-            f"K_a {tuple(Ka.shape)}, K_b {tuple(Kb.shape)} and Y ({y.numel()}) do not match"
+            f"crossing_hypotheses takes one output column: Y of shape (n,) or (n, 1), "
+            f"got {tuple(torch.as_tensor(Y).shape)}"
         )
+    y = Yt[:, 0]
     q = float(y @ (Ka - Kb) @ y)
-    n = int(y.numel())
     out: dict[str, Any] = {"quadratic_form": q, "d": int(d), "n": n}
     out |= {"sign_ok": q >= 0, "d_ok": d >= 5, "n_ok": n >= 300}
     out["all_hold"] = bool(out["sign_ok"] and out["d_ok"] and out["n_ok"])
@@ -960,8 +992,12 @@ def _extremes(K: Tensor) -> tuple[float, float, float]:
     ``matrix_rank`` tolerance: a λ_min of +1.1e-16 gave κ = 1.6e17; review, session 25)."""
     lam = torch.linalg.eigvalsh(K)
     lmax, lmin = float(lam[-1]), float(lam[0])
-    floor = lmax * K.shape[0] * torch.finfo(lam.dtype).eps
-    return lmax, lmin, (lmax / lmin if lmin > floor else math.inf)
+    return lmax, lmin, (math.inf if _zero_to_rounding(lmin, lmax, K.shape[0]) else lmax / lmin)
+
+
+def _zero_to_rounding(lmin: float, lmax: float, n: int) -> bool:
+    """Whether ``lmin <= lmax * n * eps`` (float64), the floor of `_extremes`."""
+    return lmin <= lmax * n * torch.finfo(torch.float64).eps
 
 
 def _grid(v: int | Sequence[int], name: str) -> list[int]:
@@ -995,12 +1031,14 @@ def theory_table(
     * ``ker_*``: the paper's approximate kernel (`paper_kernel`, eq. 10/11),
     * ``cf_*``: the paper's closed forms (`paper_lambda_max` / `paper_lambda_min`);
       for ReGLU ``cf_lambda_max`` is the bounds' midpoint, with ``cf_lambda_max_lower/upper``,
-    * ``err_lambda_max`` / ``err_lambda_min`` / ``err_kappa``: relative error of the closed form
-      vs the empirical value (for ReGLU's $\lambda_{max}$: 0 inside the bounds, else the
-      relative distance to the nearer bound), and ``lambda_max_in_bounds``; ``inf`` where the
-      measured $\lambda_{min} \le 0$ (a kernel singular to rounding, e.g. $n$ above the number
-      of parameters), and then ``err_kappa`` is NaN (a finite formula against an infinite
-      $\kappa$), printed ``nan`` by `format_theory_table`.
+    * ``err_lambda_max`` / ``err_lambda_min`` / ``err_kappa``: signed relative error of the
+      closed form vs the empirical value, (formula − emp) / emp (for ReGLU's $\lambda_{max}$: 0
+      inside the bounds, else (nearer bound − emp) / emp, negative above the upper bound), and
+      ``lambda_max_in_bounds``; ``err_lambda_min`` is ``inf`` where the measured
+      $\lambda_{min}$ is zero to rounding, $\le \lambda_{max} n \varepsilon$ (a singular kernel,
+      e.g. $n$ above the number of parameters; ``emp_kappa`` is then ``inf``), and then
+      ``err_kappa`` is NaN (a finite formula against an infinite $\kappa$), printed ``nan`` by
+      `format_theory_table`.
     """
     ds, ms, ns = _grid(d, "d"), _grid(m, "m"), _grid(n, "n")
     for k in kinds:
@@ -1031,15 +1069,20 @@ def theory_table(
                     lo, hi = cf_max
                     row |= {"cf_lambda_max": cf_max.mid, "cf_lambda_max_lower": lo}
                     row |= {"cf_lambda_max_upper": hi, "lambda_max_in_bounds": lo <= emax <= hi}
-                    gap = 0.0 if lo <= emax <= hi else min(abs(emax - lo), abs(emax - hi))
-                    row["err_lambda_max"] = _rel_err(emax + gap, emax) if gap else 0.0
+                    # signed like the ReLU rows, (formula - emp) / emp with the nearer bound as
+                    # the formula (it was unsigned; review, session 27)
+                    nearer = hi if emax > hi else lo
+                    row["err_lambda_max"] = 0.0 if lo <= emax <= hi else _rel_err(nearer, emax)
                 else:
                     row |= {"cf_lambda_max": cf_max, "err_lambda_max": _rel_err(cf_max, emax)}
                 row["cf_lambda_min"] = cf_min
                 # (a formula λ_min <= 0, at d=1 say, predicts no finite κ; and a kernel that is 0
                 # at d=m=n=1 divided by zero: review, session 22)
                 row["cf_kappa"] = row["cf_lambda_max"] / cf_min if cf_min > 0 else math.nan
-                row["err_lambda_min"] = _rel_err(cf_min, emin)
+                # λ_min zero to rounding (the floor of _extremes, where emp_kappa is inf): a
+                # +2.7e-32 gave an error of +1e34 % (review, session 27)
+                singular = _zero_to_rounding(emin, emax, ni)
+                row["err_lambda_min"] = math.inf if singular else _rel_err(cf_min, emin)
                 row["err_kappa"] = _rel_err(row["cf_kappa"], row["emp_kappa"])
                 rows.append(row)
     return rows
@@ -1241,7 +1284,8 @@ def crossing_experiment(
 ) -> dict[str, Any]:
     r"""Predicted vs observed loss crossing (Prop. 4.1) for one setting.
 
-    Both models (``kinds[0]`` = a, non-GLU; ``kinds[1]`` = b, GLU) are trained by
+    Both models (``kinds[0]`` = a, ``kinds[1]`` = b; by default a = ReLU, the non-GLU model, and
+    b = ReGLU, the GLU one; ``("reglu", "relu")`` asks whether ReLU overtakes ReGLU) are trained by
     `train_two_layer` with the same $\eta$ (default ``eta_scale / lambda_max`` of the
     larger of the two empirical NTKs) on the same $X\sim\mathcal N(0,I_d)^n$ and target.
     ``seed`` (a non-negative integer) fixes four independent random streams, derived by
@@ -1259,8 +1303,9 @@ def crossing_experiment(
     * ``observed``: real gradient descent of the two networks.
 
     Returns a dict with ``crossing_<source>`` (int or None), ``eta``, kernel extremes, final
-    mean-squared losses, ``hypotheses`` (`crossing_hypotheses` of the measured kernels: whether
-    the paper's conditional crossing result applies to this setting), and with
+    mean-squared losses, ``hypotheses`` (`crossing_hypotheses` of the measured kernels, with the
+    ReLU kernel as ``K_a`` whatever the order of ``kinds``: whether the paper's conditional
+    crossing result applies to this setting), and with
     ``keep_curves > 0`` the curves (MSE) subsampled to that many points (``keep_curves > steps``
     keeps every step, as `mean_crossings` needs). ``n >= 2`` (the target is standardised).
     """
@@ -1320,7 +1365,10 @@ def crossing_experiment(
         out[f"{k}_final_mse_linear"] = float(curves["linear"][i][-1])
     for name, (ca, cb) in curves.items():
         out[f"crossing_{name}"] = _crossing_step(ca, cb)
-    out["hypotheses"] = crossing_hypotheses(Ks[0], Ks[1], Y, d)
+    # The paper's hypothesis is Yᵀ(K_ReLU − K_ReGLU)Y >= 0 whichever model is "a" here (with
+    # kinds=("reglu", "relu") the form was computed with the kernels swapped; review, session 27).
+    i_relu = list(kinds).index("relu")
+    out["hypotheses"] = crossing_hypotheses(Ks[i_relu], Ks[1 - i_relu], Y, d)
     if keep_curves > 0:
         idx = torch.unique(torch.linspace(0, steps, keep_curves).round().long())
         out["curve_steps"] = idx.tolist()
