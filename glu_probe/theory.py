@@ -669,8 +669,20 @@ def _as_kernel(K: Tensor | np.ndarray, name: str = "K") -> Tensor:
     return 0.5 * (Kt + Kt.T)
 
 
-def _check_psd_eigenvalues(lam: Tensor, name: str, what: str) -> None:
-    tol = 1e-9 * max(float(lam.abs().max()), 1e-300) * lam.numel()
+def _input_eps(X: Any) -> float:
+    """Unit roundoff of ``X``'s floating dtype where it is narrower than float64, else 0."""
+    dtype = getattr(X, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return torch.finfo(dtype).eps if dtype.is_floating_point and dtype.itemsize < 8 else 0.0
+    if isinstance(dtype, np.dtype) and dtype.kind == "f" and dtype.itemsize < 8:
+        return float(np.finfo(dtype).eps)
+    return 0.0
+
+
+def _check_psd_eigenvalues(lam: Tensor, name: str, what: str, input_eps: float = 0.0) -> None:
+    # relative tolerance 1e-9 for float64 input; 10·eps of a narrower input's dtype (a float32
+    # covariance, PSD up to its rounding, was refused at small n; review, session 27)
+    tol = max(1e-9, 10.0 * input_eps) * max(float(lam.abs().max()), 1e-300) * lam.numel()
     if float(lam.min()) < -tol:
         raise ValueError(
             f"{name} is not positive semi-definite (smallest eigenvalue {float(lam.min()):.3e}); "
@@ -678,9 +690,9 @@ def _check_psd_eigenvalues(lam: Tensor, name: str, what: str) -> None:
         )
 
 
-def _eig_psd(K: Tensor, name: str = "K") -> tuple[Tensor, Tensor]:
+def _eig_psd(K: Tensor, name: str = "K", input_eps: float = 0.0) -> tuple[Tensor, Tensor]:
     lam, vecs = torch.linalg.eigh(K)
-    _check_psd_eigenvalues(lam, name, "an NTK matrix")
+    _check_psd_eigenvalues(lam, name, "an NTK matrix", input_eps)
     return lam.clamp(min=0.0), vecs
 
 
@@ -769,8 +781,10 @@ def expected_loss_curve(
     $E f_0f_0^\top = C$: $E\lVert f_k - Y\rVert^2 = \mathrm{Tr}[(I-\eta K)^{2k}C] +
     Y^\top(I-\eta K)^{2k}Y$. The paper takes $C = K$ (``init_cov="kernel"``, default);
     pass the true output covariance (`nngp_kernel`) for the exact expectation, or ``None``
-    for $f_0 = 0$; a matrix ``init_cov`` must be symmetric positive semi-definite (the same
-    tolerance as for ``K``), else ValueError. Computed from $K = \sum_i \lambda_i v_iv_i^\top$ as
+    for $f_0 = 0$; a matrix ``init_cov`` must be symmetric positive semi-definite (up to a
+    relative $10^{-9} n$, or $10 n\varepsilon$ of a narrower input dtype, as ``K``), else
+    ValueError. Step 0 is computed directly, $\lVert Y\rVert^2 + k\,\mathrm{Tr}\,C$, so
+    curves from one start begin level. Computed from $K = \sum_i \lambda_i v_iv_i^\top$ as
     $\sum_i (v_i^\top C v_i + \lVert v_i^\top Y\rVert^2)|1-\eta\lambda_i|^{2k}$.
     ``reduction="mean"`` divides by ``n`` (the mean squared error). ``Y`` may be (n,) or (n, k)
     (k independent outputs, each with covariance C: the trace term is counted k times).
@@ -780,21 +794,29 @@ def expected_loss_curve(
     Kt = _as_kernel(K)
     n = Kt.shape[0]
     Yt = _as_targets(Y, n)
-    lam, vecs = _eig_psd(Kt)
+    lam, vecs = _eig_psd(Kt, input_eps=_input_eps(K))
     _check_eta_steps(eta, steps, float(lam.max()))
     weights = ((vecs.T @ Yt) ** 2).sum(dim=1)
+    start = (Yt**2).sum()
     if isinstance(init_cov, str):
         if init_cov != "kernel":
             raise ValueError(f"init_cov must be 'kernel', a matrix or None, got {init_cov!r}")
         weights = weights + lam * Yt.shape[1]
+        start = start + Kt.diagonal().sum() * Yt.shape[1]
     elif init_cov is not None:
         C = _as_kernel(init_cov, "init_cov")
         if C.shape != Kt.shape:
             raise ValueError(f"init_cov has shape {tuple(C.shape)}, expected {tuple(Kt.shape)}")
         # (-10·I gave negative expected losses; review, session 27)
-        _check_psd_eigenvalues(torch.linalg.eigvalsh(C), "init_cov", "a covariance matrix")
+        lam_c = torch.linalg.eigvalsh(C)
+        _check_psd_eigenvalues(lam_c, "init_cov", "a covariance matrix", _input_eps(init_cov))
         weights = weights + torch.einsum("ai,ab,bi->i", vecs, C, vecs) * Yt.shape[1]
+        start = start + C.diagonal().sum() * Yt.shape[1]
     curve = _decay_curve(weights, lam, float(eta), int(steps))
+    # Step 0 exactly, not through K's eigenbasis: two curves from one start (f0 = 0, one C)
+    # then start level, where the rotation left them ~1e-14 apart and _crossing_step read a
+    # 1-ulp lead as "b behind" (review, session 27)
+    curve[0] = start
     return curve / n if reduction == "mean" else curve
 
 
@@ -829,10 +851,11 @@ def linearized_train(
                 f"{tuple(torch.as_tensor(f0).shape)} and {tuple(torch.as_tensor(Y).shape)}"
             )
         R0 = F0 - Yt
-    lam, vecs = _eig_psd(Kt)
+    lam, vecs = _eig_psd(Kt, input_eps=_input_eps(K))
     _check_eta_steps(eta, steps, float(lam.max()))
     weights = ((vecs.T @ R0) ** 2).sum(dim=1)
     curve = _decay_curve(weights, lam, float(eta), int(steps))
+    curve[0] = (R0**2).sum()  # exactly (see expected_loss_curve)
     return curve / n if reduction == "mean" else curve
 
 
@@ -927,7 +950,8 @@ def crossing_hypotheses(
     y = Yt[:, 0]
     q = float(y @ (Ka - Kb) @ y)
     out: dict[str, Any] = {"quadratic_form": q, "d": int(d), "n": n}
-    out |= {"sign_ok": q >= 0, "d_ok": d >= 5, "n_ok": n >= 300}
+    # Python bools (a numpy d gave np.bool_, written to JSON as the string "False")
+    out |= {"sign_ok": q >= 0, "d_ok": bool(d >= 5), "n_ok": n >= 300}
     out["all_hold"] = bool(out["sign_ok"] and out["d_ok"] and out["n_ok"])
     return out
 
@@ -1356,8 +1380,8 @@ def crossing_experiment(
         "observed": lambda i, k: train_two_layer(models[i], X, Y, eta, steps),
     }
     curves = {name: [fn(i, k) / n for i, k in enumerate(kinds)] for name, fn in sources.items()}
-    out: dict[str, Any] = {"d": d, "m": m, "n": n, "seed": seed, "steps": steps, "eta": eta}
-    out |= {"kinds": list(kinds), "target": target, "eta_lambda_max": eta * lmax}
+    out: dict[str, Any] = {"d": int(d), "m": int(m), "n": int(n), "seed": seed, "steps": steps}
+    out |= {"eta": eta, "kinds": list(kinds), "target": target, "eta_lambda_max": eta * lmax}
     for i, (k, K) in enumerate(zip(kinds, Ks, strict=True)):
         lmx, lmn, kap = _extremes(K)
         out[f"{k}_lambda_max"], out[f"{k}_lambda_min"], out[f"{k}_kappa"] = lmx, lmn, kap

@@ -313,3 +313,70 @@ def test_other_reading_of_s_tilde_ranges_as_documented():
         assert abs(ours_err[10, m, 20]) < 0.055 and abs(ours_err[10, m, 40]) < 0.055
         for n in (200, 800):
             assert other_err[10, m, n] == ours_err[10, m, n]
+
+
+# --- re-review of the fixes (session 27) ------------------------------------------------------
+
+
+def _rotated_pair(seed: int, n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    lam = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
+    K_a = Q @ torch.diag(lam) @ Q.T
+    return K_a, 1.5 * K_a  # b decays faster at every step >= 1: never behind
+
+
+def test_curves_from_one_start_begin_level_and_do_not_cross():
+    """A shared start (f0 = 0, one C, one f0) is level at step 0, not 1 ulp apart through each
+    kernel's eigenbasis: b below from step 1 on was a crossing at step 1 in ~40 % of draws."""
+    for seed in range(40):
+        K_a, K_b = _rotated_pair(seed)
+        g = torch.Generator().manual_seed(1000 + seed)
+        Y = torch.randn(12, generator=g, dtype=torch.float64)
+        C = torch.eye(12, dtype=torch.float64) * 0.3
+        for cov in (None, C):
+            la = expected_loss_curve(K_a, Y, 0.5, 20, init_cov=cov)
+            lb = expected_loss_curve(K_b, Y, 0.5, 20, init_cov=cov)
+            assert float(la[0]) == float(lb[0])
+            start = float(Y @ Y) + (0.0 if cov is None else float(C.trace()))
+            assert float(la[0]) == pytest.approx(start, rel=1e-15)
+            assert bool((lb[1:] < la[1:]).all())
+            assert predict_crossing(K_a, K_b, Y, 0.5, 20, init_cov_a=cov, init_cov_b=cov) is None
+        f0 = torch.randn(12, generator=g, dtype=torch.float64)
+        ta = linearized_train(K_a, Y, 0.5, 20, f0=f0)
+        tb = linearized_train(K_b, Y, 0.5, 20, f0=f0)
+        assert float(ta[0]) == float(tb[0]) == pytest.approx(float(((f0 - Y) ** 2).sum()))
+        assert th._crossing_step(ta, tb) is None
+
+
+def test_float32_covariance_psd_to_its_rounding_is_accepted():
+    """C = FᵀF/S from 2 float32 outputs (rank 2, n = 6): eigenvalues down to −7e-9·λmax, which
+    the float64 tolerance 1e-9·n refused; a truly indefinite float32 matrix is still refused."""
+    K = torch.eye(6, dtype=torch.float64)
+    Y = torch.ones(6, dtype=torch.float64)
+    refused_before = 0
+    for seed in range(20):
+        F = torch.randn(2, 6, generator=torch.Generator().manual_seed(seed)).float()
+        C = (F.T @ F) / 2
+        lam = torch.linalg.eigvalsh(C.double())
+        refused_before += float(lam.min()) < -1e-9 * float(lam.abs().max()) * 6
+        curve = expected_loss_curve(K, Y, 0.5, 3, init_cov=C)
+        # K = I, eta = 0.5: every mode decays by (1 - 0.5)^2 per step
+        start = float(Y @ Y) + float(C.double().trace())
+        truth = start * 0.25 ** torch.arange(4, dtype=torch.float64)
+        torch.testing.assert_close(curve, truth, rtol=1e-12, atol=0)
+    assert refused_before > 0  # the case the old tolerance refused occurs in these draws
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        expected_loss_curve(K, Y, 0.5, 3, init_cov=-torch.eye(6))
+
+
+def test_numpy_d_gives_python_bools_and_ints():
+    """A numpy d made d_ok an np.bool_, which strict JSON wrote as the string "False"."""
+    import json
+
+    from glu_probe._json import dumps
+
+    K = torch.eye(4, dtype=torch.float64)
+    out = crossing_hypotheses(K, 0.5 * K, torch.ones(4), d=np.int64(3))
+    assert type(out["d_ok"]) is bool and out["d_ok"] is False
+    assert json.loads(dumps(out))["d_ok"] is False
