@@ -841,11 +841,14 @@ def test_stand_in_gets_fresh_hook_dicts_and_buffer_set() -> None:
 
 
 class _ConfigWrapper(nn.Module):
-    """Exposes its model's config itself: no PreTrainedModel at the config's owner path."""
+    """Exposes its model's config itself, holding only the model's layers: no PreTrainedModel
+    at or above the config's owner path. (It held the whole model until session 27: the model,
+    a PreTrainedModel holding the same config object, now owns the config, so the shared-key
+    check runs there.)"""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
-        self.net = net
+        self.layers = net.model.layers
         self.config = net.config
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from .._warnings import external_stacklevel
 from .base import HF_ACT_NAMES, RECORD_ATTR, VARIANT_ACTIVATION, MLPAdapter, SwapReport
 from .hosts import _ancestors, _hf_config, _is_pretrained, _relative, _under
+from .record import _record_widths
 
 
 def _sync_config_copies(
@@ -177,6 +178,21 @@ def _shared_keys(
     return out
 
 
+def _rebuilds_record(report: SwapReport, record: Any, owner_path: str) -> bool:
+    """Whether every block of ``report`` is one a config record of its variant gives under
+    ``"widths"`` with the width it got (native width -> swapped width): the reload recipe's
+    swap of a model rebuilt from the config, which needs no width key (its blocks of several
+    widths are told already: it warned that the key was left unchanged; re-review, session
+    27)."""
+    if not isinstance(record, dict) or record.get("variant") != report.variant:
+        return False
+    per_block = _record_widths(record)
+    return per_block is not None and all(
+        per_block.get(_relative(e.path, owner_path)) == (e.source_hidden, e.hidden_features)
+        for e in report.entries
+    )
+
+
 def _update_config(
     model: nn.Module,
     owner_path: str,
@@ -215,7 +231,7 @@ def _update_config(
         if ak:
             act_keys.add(ak)
     hidden = next(iter(widths)) if len(widths) == 1 else None
-    if hidden is None and width_keys:
+    if hidden is None and width_keys and not _rebuilds_record(report, old_record, owner_path):
         warnings.warn(
             f"swap_mlp: blocks got different widths {sorted(widths)}; config keys "
             f"{sorted(width_keys)} left unchanged",

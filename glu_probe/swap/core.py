@@ -81,6 +81,7 @@ from .record import (
     _describe_blocks,
     _kwargs_differ,
     _listed,
+    _listed_by_top,
     _rebuilt_width,
     _record_at_root,
     _record_kwargs,
@@ -123,6 +124,7 @@ def _resolve_width(
     record: dict[str, Any] | None,
     path: str | None = None,
     place: Literal["rebuilt", "own", "built"] = "rebuilt",
+    listed: bool = False,
 ) -> tuple[int, int]:
     """(hidden width, alignment used) of the replacement for ``spec``.
 
@@ -142,14 +144,22 @@ def _resolve_width(
     width, a chain's, or one given by ``hidden_features``). A width taken from the record is
     reported with the alignment it was made with (the record's, per block under
     ``"alignments"`` where they differ), not this call's. Otherwise the width comes from this
-    call's arguments and the block's own width, as in a swap of a fresh model."""
+    call's arguments and the block's own width, as in a swap of a fresh model.
+
+    ``listed``: the block's sub-model is one a composite model's top record of this variant and
+    match names (what the reload recipe passes); a rebuilt block then takes the width its own
+    record (of this variant) gives whatever that record's match."""
     gated = variant in GATED_VARIANTS
     same = (
         record is not None
         and record.get("variant") == variant
         and record.get("match", match) == match
     )
-    if same and record is not None and place == "rebuilt":
+    # A composite model's sub-models each keep their own record, but the recipe passes the top
+    # record's match (the last swap's) to all: a tower swapped by width before another by
+    # params was rebuilt by params, and its state dict did not load (re-review, session 27).
+    described = same or (listed and record is not None and record.get("variant") == variant)
+    if described and record is not None and place == "rebuilt":
         # A host rebuilt from a config this function already updated. Only for a swap of the
         # same match: a config updated by match="width" made a later match="params" swap keep
         # that width, +50% parameters without a word (review, session 20). Also for
@@ -474,8 +484,15 @@ def swap_mlp(
             place: Literal["rebuilt", "own", "built"] = (
                 "built" if _built_by_swap(old) is not None else "own" if any_built else "rebuilt"
             )
+            listed = (
+                place == "rebuilt"
+                and record is not None
+                and owner is not None
+                and record.get("match") != match
+                and _listed_by_top(model, owner[0], owner[2], variant, match)
+            )
             hidden, used = _resolve_width(
-                spec, variant, match, multiple_of, tolerance, record, rel, place
+                spec, variant, match, multiple_of, tolerance, record, rel, place, listed
             )
         new = adapter.build(spec, variant, hidden, **module_kwargs)
         built = getattr(new, "hidden_features", None)

@@ -46,7 +46,8 @@ def _ancestors(root: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
 
 def config_owner(root: nn.Module, path: str) -> tuple[str, nn.Module, Any] | None:
     """The Hugging Face config that describes the block at ``path``, ``(owner path, owner,
-    config)``, ``owner`` the outermost module holding that config object; ``None`` if none.
+    config)``, ``owner`` the outermost ``PreTrainedModel`` holding that config object (the
+    outermost module holding it where none is a ``PreTrainedModel``); ``None`` if none.
 
     It is the config of the outermost model above the block that holds one (a wrapped model's
     own config: a ``LightningModule`` holding a ``GPT2LMHeadModel``; T5's root config, not the
@@ -54,7 +55,9 @@ def config_owner(root: nn.Module, path: str) -> tuple[str, nn.Module, Any] | Non
     composite model's ``text_config`` / ``vision_config``, as in LLaVA): then that sub-config.
     A wrapper that only forwards attribute reads to the model it wraps (``torch.compile``'s
     ``OptimizedModule``, FSDP) does not hold the config: the record's paths are the model's,
-    which is what gets saved (review, session 25: they began with ``_orig_mod.``)."""
+    which is what gets saved (review, session 25: they began with ``_orig_mod.``). Nor does a
+    wrapper that exposes its model's config as its own (``self.config = net.config``, common in
+    a ``LightningModule``): the model under it that is a ``PreTrainedModel`` owns it."""
     holders = [
         (p, m, c)
         for p, m in reversed(_ancestors(root, path))
@@ -64,8 +67,18 @@ def config_owner(root: nn.Module, path: str) -> tuple[str, nn.Module, Any] | Non
         return None
     outer, near = holders[0][2], holders[-1][2]
     config = near if any(v is near for v in vars(outer).values()) else outer
-    owner = next((p, m) for p, m, c in holders if c is config)
+    owner = _saved_holder([(p, m) for p, m, c in holders if c is config])
     return owner[0], owner[1], config
+
+
+def _saved_holder(holders: list[tuple[str, nn.Module]]) -> tuple[str, nn.Module]:
+    """Of the modules holding one config object (``(path, module)``, outermost first), the one
+    that gets saved: the outermost ``PreTrainedModel`` (``GPT2LMHeadModel``, not the
+    ``GPT2Model`` it holds, which shares the config), else the outermost. A wrapper holding the
+    same object (``self.config = net.config``) took over the record, whose paths then began
+    with ``net.``: the recipe on the saved ``net`` neither excluded nor found them (re-review,
+    session 27)."""
+    return next(((p, m) for p, m in holders if _is_pretrained(m)), holders[0])
 
 
 def _under(path: str, owner_path: str) -> bool:

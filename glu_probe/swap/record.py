@@ -20,7 +20,15 @@ from glu_probe.modules import GATED_VARIANTS, VARIANTS, _keyword_defaults, activ
 
 from .._warnings import external_stacklevel
 from .base import RECORD_ATTR, VARIANT_ACTIVATION, MLPAdapter, MLPSpec, SwapEntry, SwapReport
-from .hosts import _ancestors, _hf_config, _holds_config, _relative, _under, config_owner
+from .hosts import (
+    _ancestors,
+    _hf_config,
+    _holds_config,
+    _relative,
+    _saved_holder,
+    _under,
+    config_owner,
+)
 from .origin import _built_by_swap
 
 
@@ -322,7 +330,10 @@ def _block_signature(block: nn.Module) -> tuple[str, int | None]:
     activation (``"gelu"``, ``"swiglu"``; otherwise a description such as ``"gated
     gelu_tanh"``), with ``" (packed=False)"`` for a gated block with separate gate and up
     layers (other state-dict keys: a chain of swaps with either layout is "mixed"; review,
-    session 23), and its hidden width."""
+    session 23) and ``" (fused=True)"`` / ``" (fused=False)"`` for one built with that keyword
+    (other rounding: blocks built with ``fused=True``, then a swap without it, were rebuilt
+    unfused by the recipe, whose logits differed; re-review, session 27), and its hidden
+    width."""
     act = getattr(block, "act", None)
     try:
         name = activation_name(act) if isinstance(act, nn.Module) else type(block).__name__
@@ -335,6 +346,9 @@ def _block_signature(block: nn.Module) -> tuple[str, int | None]:
     )
     if gated and getattr(block, "packed", True) is False:
         label += " (packed=False)"
+    fused = getattr(block, "fused", None)
+    if gated and isinstance(fused, bool):
+        label += f" (fused={fused})"
     width = getattr(block, "hidden_features", None)
     return label, width if isinstance(width, int) else None
 
@@ -387,6 +401,46 @@ def _warn_mixed_record(
         )
 
 
+def _top_config(model: nn.Module, owner_path: str, config: Any) -> tuple[str, Any] | None:
+    """(path of its owner, top config) of the composite model above the sub-model at
+    ``owner_path`` whose config ``config`` is: the config of the outermost module above it that
+    holds ``config`` as a sub-config (``text_config``, an ``EncoderDecoderConfig``'s
+    ``encoder``), owned as :func:`~glu_probe.swap.hosts.config_owner` says (a wrapper exposing
+    that config as its own does not own it); ``None`` where no module above holds one."""
+    top: Any = None
+    holders: list[tuple[str, nn.Module]] = []
+    for p, m in reversed(_ancestors(model, owner_path)):  # (outermost first)
+        c = _hf_config(m)
+        if c is None or not _holds_config(m):
+            continue
+        if top is None and any(v is config for v in vars(c).values()):
+            top = c
+        if top is not None and c is top:
+            holders.append((p, m))
+    return None if top is None else (_saved_holder(holders)[0], top)
+
+
+def _listed_by_top(
+    model: nn.Module, owner_path: str, config: Any, variant: str, match: str
+) -> bool:
+    """Whether a composite model's top record of this ``variant`` and ``match`` (what the reload
+    recipe passes) lists the sub-model at ``owner_path`` (whose config is ``config``) under
+    ``"sub_configs"``: its own record then gives the widths the recipe rebuilds it with, also
+    where that sub-model was swapped with the other ``match``."""
+    found = _top_config(model, owner_path, config)
+    record = getattr(found[1], RECORD_ATTR, None) if found is not None else None
+    if not isinstance(record, dict) or found is None:
+        return False
+    subs = record.get("sub_configs")
+    return (
+        record.get("variant") == variant
+        and record.get("match") == match
+        and isinstance(subs, list)
+        and _under(owner_path, found[0])
+        and _relative(owner_path, found[0]) in subs
+    )
+
+
 def _record_at_root(
     model: nn.Module,
     groups: dict[int, Any],
@@ -410,18 +464,20 @@ def _record_at_root(
     as its sub-configs, also when ``model`` wraps it (a ``LightningModule`` holding a
     ``CLIPModel``): the wrapper has no config, so the record was not written, or an earlier
     record went stale and the recipe rebuilt another variant (re-review, session 26). Its paths
-    are relative to that model (what a model rebuilt from its config holds)."""
+    are relative to that model (what a model rebuilt from its config holds), also where the
+    wrapper exposes the model's config as its own (:func:`_top_config`).
+
+    Its ``"match"`` and ``"module_kwargs"`` are this swap's, which the recipe passes to every
+    sub-model: a sub-model an earlier swap built with other module keywords is listed under
+    ``"mixed"`` (the recipe would build it with these), while one swapped with the other
+    ``match`` keeps the widths its own record gives (:func:`_listed_by_top`)."""
     earlier = earlier or {}
     # id(top config) -> (its owner's path, the config, [(sub-model path, plan indices)])
     tops: dict[int, tuple[str, Any, list[tuple[str, list[int]]]]] = {}
     for owner_path, _owner, config, ks in groups.values():
-        for p, m in reversed(_ancestors(model, owner_path)):  # (outermost first)
-            top = _hf_config(m)
-            holds = top is not None and any(v is config for v in vars(top).values())
-            if holds and _holds_config(m):
-                if id(top) not in groups:
-                    tops.setdefault(id(top), (p, top, []))[2].append((owner_path, ks))
-                break
+        found = _top_config(model, owner_path, config)
+        if found is not None and id(found[1]) not in groups:
+            tops.setdefault(id(found[1]), (*found, []))[2].append((owner_path, ks))
     odd_all: dict[str, str] = {}
     for top_path, root, members in tops.values():
         subs = sorted(_relative(path, top_path) for path, _ in members)
@@ -448,6 +504,15 @@ def _record_at_root(
             **{p: what for p, what in (mixed or {}).items() if _under(p, top_path)},
             **_undescribed(before, signatures, None),
         }
+        recordable = _recordable_kwargs(module_kwargs or {}, report.variant)
+        for p, (label, h) in before.items():
+            # A sub-model this swap leaves, built with other module keywords (its own record's):
+            # the recipe passes this record's to every sub-model (re-review, session 27).
+            owner = config_owner(model, p) if p not in odd else None
+            sub = getattr(owner[2], RECORD_ATTR, None) if owner is not None else None
+            differing = _kwargs_differ(sub, recordable) if isinstance(sub, dict) else ""
+            if differing:
+                odd[p] = f"{label} (width {h}, module keywords {differing})"
         if odd:
             rec["mixed"] = {_relative(p, top_path): what for p, what in odd.items()}
         setattr(root, RECORD_ATTR, rec)
