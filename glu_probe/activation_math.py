@@ -2,8 +2,9 @@
 
 Shared by :mod:`glu_probe.theory` (the empirical NTK of the paper's two-layer nets, built without
 autograd) and :mod:`glu_probe.gated_product` (the forward-mode rule of the fused gated MLP).
-Names: ``"relu"``, ``"sigmoid"``, ``"silu"``, ``"gelu"`` (exact, erf), ``"gelu_tanh"``; any other
-name is the identity (the bilinear gate). ``relu'(0) = 0``, torch's convention.
+Names: ``"relu"``, ``"sigmoid"``, ``"silu"``, ``"gelu"`` (exact, erf), ``"gelu_tanh"`` and
+``"identity"`` (the bilinear gate); any other name raises ``ValueError``. ``relu'(0) = 0``,
+torch's convention.
 """
 
 from __future__ import annotations

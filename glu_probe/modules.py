@@ -431,10 +431,13 @@ class GatedMLP(_MLPBase):
         linear, b1, dd = self._init_widths(
             in_features, hidden_features, out_features, bias, drop, use_conv, device, dtype, kwargs
         )
-        if isinstance(align_to, bool) or not isinstance(align_to, int) or align_to < 0:
-            raise ValueError(
-                f"align_to must be a non-negative int (0: no rounding), got {align_to!r}"
-            )
+        given = align_to
+        try:  # any integer type (numpy's too, as timm's SwiGLU and our widths take), not bool
+            align_to = -1 if isinstance(given, bool) else operator.index(given)
+        except TypeError:
+            align_to = -1
+        if align_to < 0:
+            raise ValueError(f"align_to must be a non-negative int (0: no rounding), got {given!r}")
         if align_to:  # timm's SwiGLU rule: the gated width rounded up to a multiple of align_to
             self.hidden_features += -self.hidden_features % align_to
         h = self.hidden_features
