@@ -470,13 +470,15 @@ def _budget_cap(probe: ProbeFunction) -> int:
 
 
 #: Per model, the activation elements of one sample per probe signature (weak keys).
-_ACTIVATIONS: weakref.WeakKeyDictionary[nn.Module, dict[Any, tuple[int, torch.dtype | None]]] = (
-    weakref.WeakKeyDictionary()
-)
+_ACTIVATIONS: weakref.WeakKeyDictionary[
+    nn.Module, dict[Any, tuple[int, torch.dtype | None, int]]
+] = weakref.WeakKeyDictionary()
 
 
 def activation_elements(probe: ProbeFunction) -> int:
-    """Floating-point elements one sample's forward pass allocates (0 if it cannot be traced).
+    """Floating-point elements one sample's forward pass allocates (0 if it cannot be traced;
+    for a model that does not run on one sample alone, the whole batch's per sample, see
+    :func:`traced_samples`).
 
     The per-sample ``vmap(jacrev)`` of r rows holds, per sample, about (r + 1) times this:
     the forward's activations, and their gradients for each of the r cotangents (measured on a
@@ -494,21 +496,59 @@ def forward_rounding_dtype(probe: ProbeFunction) -> torch.dtype:
     Mistral, Qwen, ... compute their RMSNorm, rotary embedding and softmax in float32 whatever
     the weights' dtype). A float64 probe of such a model is float64 only up to float32
     rounding, and its error bounds must say so (scale review, 2026-11-28: a LLaMA probe's λ_min
-    was off by 1.5e-6 against a reported float64 residual of 1.8e-9). From the same one-sample
-    trace as :func:`activation_elements` (remembered per model and probe shapes)."""
-    narrow = _forward_trace(probe)[1]
+    was off by 1.5e-6 against a reported float64 residual of 1.8e-9). From the same trace as
+    :func:`activation_elements` (remembered per model and probe shapes).
+
+    Where no forward pass could be traced (:func:`forward_traced` is ``False``) the arithmetic
+    is unknown, and a float64 probe is taken to compute in float32 (the narrowest dtype a model
+    is known to cast to inside a float64 forward: autocast leaves float64 tensors alone), so
+    that its bounds carry float32 rounding rather than claim float64 ones the model may not
+    reach; a float32 or narrower probe keeps its own dtype (a model may still autocast to
+    bfloat16 inside: unknown, and not assumed)."""
+    _, narrow, samples = _forward_trace(probe)
+    if not samples and probe.dtype == torch.float64:
+        return torch.float32
     return narrow if narrow is not None else probe.dtype
 
 
-def _forward_trace(probe: ProbeFunction) -> tuple[int, torch.dtype | None]:
+def forward_traced(probe: ProbeFunction) -> bool:
+    """Whether :func:`forward_rounding_dtype` and :func:`activation_elements` come from a traced
+    forward pass (``False``: the model ran neither on one sample nor on the whole batch under
+    the trace; the first is then an assumption, the second 0)."""
+    return _forward_trace(probe)[2] > 0
+
+
+def traced_samples(probe: ProbeFunction) -> int:
+    """Samples of the forward pass behind :func:`activation_elements`: 1, the batch size where
+    the model does not run on one sample alone (its figure is then the batch's per sample,
+    right only for passes over the whole batch), or 0 where nothing could be traced."""
+    return _forward_trace(probe)[2]
+
+
+def _forward_trace(probe: ProbeFunction) -> tuple[int, torch.dtype | None, int]:
     """(floating elements one sample's forward allocates, the least precise floating dtype its
-    operations output where that is less precise than ``probe.dtype``), remembered per model,
-    output, parameters, input shapes and probe dtype."""
+    operations output where that is less precise than ``probe.dtype``, the samples of the
+    traced pass: :func:`traced_samples`), remembered per model, output, parameters, input
+    shapes, probe dtype and eval mode.
+
+    One sample is traced, under ``no_grad``, and then with autograd on where that fails (a
+    forward that differentiates inside itself, e.g. forces as −∂E/∂x). A model that does not run
+    on one sample alone (train-mode BatchNorm with ``eval_mode=False``: batch statistics need
+    two samples) is traced on the whole batch, and its elements divided by the batch size,
+    rounded up: the memory plans multiply the per-sample figure by the samples of a pass, and
+    such a probe's passes always hold the whole batch (it is never split), so they count at
+    least what the trace saw. The one-sample failure used to be read as "no narrower
+    arithmetic" and "no activations": a float64 probe of a model computing in float32 inside
+    reported float64 residuals 5e5 times below its error, with no warning (review, session 27).
+    Where no pass runs: (0, ``None``, 0)."""
     signature = (
         probe.output if isinstance(probe.output, str) else id(probe.output),
         tuple(probe.names),
         tuple(tuple(t.shape) for t in pytree.tree_leaves(probe.inputs) if isinstance(t, Tensor)),
         probe.dtype,
+        # (train mode runs other layers: the verdict of an eval_mode=True probe was reused for
+        # a train-mode one, and the result depended on the call history; review, session 27)
+        probe.eval_mode,
         # (a forward whose precision follows a Python attribute kept its first verdict: the
         # float64 bounds understated by 9 orders; review, session 25)
         tuple(
@@ -517,20 +557,38 @@ def _forward_trace(probe: ProbeFunction) -> tuple[int, torch.dtype | None]:
     )
     memo = _ACTIVATIONS.setdefault(probe.model, {})
     if signature not in memo:
-        trace = FloatTrace()
-        try:
-            with probe.session(), torch.no_grad(), trace:
-                probe(probe.params, probe.chunk(0, 1))
-        except Exception:  # a model that does not run on one sample alone: no estimate
-            trace.elements = 0
-            trace.dtypes = set()
+        attempts = [(probe.chunk(0, 1), 1)]
+        if probe.batch_size > 1:
+            attempts.append((probe.inputs, probe.batch_size))
+        result: tuple[int, torch.dtype | None, int] = (0, None, 0)
         own = torch.finfo(probe.dtype).eps
-        coarser = [d for d in trace.dtypes if torch.finfo(d).eps > own]
-        narrow = max(coarser, key=lambda d: torch.finfo(d).eps) if coarser else None
+        for inputs, samples in attempts:
+            trace = _traced_pass(probe, inputs)
+            if trace is None:
+                continue
+            coarser = [d for d in trace.dtypes if torch.finfo(d).eps > own]
+            narrow = max(coarser, key=lambda d: torch.finfo(d).eps) if coarser else None
+            result = (-(-trace.elements // samples), narrow, samples)
+            break
         if len(memo) >= 64:  # probes of ever new shapes: keep the memo bounded
             memo.clear()
-        memo[signature] = (trace.elements, narrow)
+        memo[signature] = result
     return memo[signature]
+
+
+def _traced_pass(probe: ProbeFunction, inputs: Any) -> FloatTrace | None:
+    """The :class:`FloatTrace` of one forward pass of the probe on ``inputs``: under
+    ``no_grad``, else with autograd on (its parameters and inputs do not require grad, so
+    nothing is recorded unless the forward asks for it); ``None`` where neither runs."""
+    for grad in (False, True):
+        trace = FloatTrace()
+        try:
+            with probe.session(), torch.set_grad_enabled(grad), trace:
+                probe(probe.params, inputs)
+        except Exception:
+            continue
+        return trace
+    return None
 
 
 #: Factor on the backward-pass estimates (:func:`jacobian_transient_bytes`,

@@ -533,6 +533,58 @@ def _warn_train_mode_layers(model: nn.Module) -> None:
         )
 
 
+def _refuse_module_backward_hooks(model: nn.Module) -> None:
+    """Raise a ``ValueError`` where a module of ``model`` has a full backward hook or a backward
+    pre-hook (``register_full_backward_hook``, ``register_full_backward_pre_hook``, or their
+    global ``nn.modules.module.register_module_full_backward_*`` forms).
+
+    PyTorch runs those hooks through ``BackwardHookFunction``, an ``autograd.Function``
+    without ``setup_context``, which no torch.func transform accepts: every probe pass raised
+    torch's "In order to use an autograd.Function with functorch transforms ... it must
+    override the setup_context staticmethod", about a Function the user never wrote, and the NTK
+    monitor ended the fit at its first probe (review, session 27). The hooks cannot be skipped
+    either: one that rescales gradients changes training's J. Old-style
+    ``register_backward_hook`` hooks (on the module's ``grad_fn``) work under torch.func and
+    are not refused."""
+    from torch.nn.modules import module as module_mod
+
+    hooked = [
+        name or type(model).__name__
+        for name, m in model.named_modules()
+        # (getattr: a TorchScript module routes attribute reads through its C++ object)
+        if getattr(m, "_backward_pre_hooks", None)
+        or (getattr(m, "_backward_hooks", None) and getattr(m, "_is_full_backward_hook", None))
+    ]
+    global_hooks = bool(module_mod._global_backward_pre_hooks) or (
+        bool(module_mod._global_backward_hooks) and module_mod._global_is_full_backward_hook is True
+    )
+    if not hooked and not global_hooks:
+        return
+    found = []
+    if hooked:
+        found.append(
+            "full backward hooks or backward pre-hooks (register_full_backward_hook / "
+            f"register_full_backward_pre_hook) on the model's modules "
+            f"{', '.join(repr(h) for h in hooked[:5])}"
+            + (f" and {len(hooked) - 5} more" if len(hooked) > 5 else "")
+        )
+    if global_hooks:
+        found.append(
+            "a global module full backward hook or backward pre-hook (registered with "
+            "nn.modules.module.register_module_full_backward_hook / _pre_hook), which applies "
+            "to every module"
+        )
+    raise ValueError(
+        f"the NTK probe cannot run with {' and '.join(found)}: PyTorch runs these hooks "
+        "through an autograd.Function without setup_context, which torch.func (the probe's "
+        "vmap, vjp and jvp) cannot run, and they cannot be left out either (a hook that "
+        "changes gradients changes training's Jacobian). Remove them while probing (the "
+        "handles' remove()), or express a gradient rescaling in the forward pass (a "
+        "tensor.register_hook on an activation, or a custom autograd.Function with "
+        "setup_context), which the probe supports"
+    )
+
+
 def _normal(t: Tensor) -> Tensor:
     """``t`` detached, or a normal copy of an inference-mode tensor (autograd cannot save
     those). Detached: an input that requires grad (``inputs_embeds`` of an upstream layer, a
@@ -985,6 +1037,7 @@ class ProbeFunction:
         for _, mod in model.named_modules(remove_duplicate=False):
             seen[id(mod)] = seen.get(id(mod), 0) + 1
         self._aliased = [m for m in model.modules() if seen[id(m)] > 1]
+        _refuse_module_backward_hooks(model)
         if not eval_mode:
             _warn_train_mode_layers(model)
         with torch.inference_mode(False):  # copies usable by autograd even if called under it
@@ -1426,11 +1479,14 @@ class ProbeFunction:
         budget = self._validation_budget
         if budget is None or self.batch_size < 2:
             return None
-        from .dense import activation_elements  # local: dense imports this module
+        from .dense import activation_elements, traced_samples  # local: dense imports this
 
         item = torch.finfo(self.dtype).bits // 8
         act = activation_elements(self) * item
-        if act == 0:
+        if act == 0 or traced_samples(self) != 1:
+            # (a model that does not run on one sample alone, e.g. train-mode BatchNorm: its
+            # chunks might not run either, and batch statistics would differ; the figure is
+            # the whole batch's per sample)
             return None
         from_copies = budget - probe_copy_bytes(self)
         chunk = max(1, min(self.batch_size, max(from_copies, 0) // act))

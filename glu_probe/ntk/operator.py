@@ -54,7 +54,7 @@ from .functional import (
     warn_narrowed,
 )
 
-__all__ = ["NTKOperator", "trace_linear_map"]
+__all__ = ["MatrixFreeUnavailableError", "NTKOperator", "trace_linear_map"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Models whose NTK product could not be captured in a CUDA graph: later operators on them run
@@ -428,6 +428,35 @@ def _missing_forward_ad(err: BaseException) -> bool:
     return any(s in text for s in ("forward AD", "forward mode AD", "forward-mode"))
 
 
+class MatrixFreeUnavailableError(NotImplementedError):
+    """J·u cannot be formed matrix-free for this model: forward mode is missing or disagrees
+    with reverse mode, and so does the reverse-mode fallback (the VJP of u ↦ Jᵀu, a double
+    backward), or it cannot run. The products would be wrong (or impossible); the dense path
+    (``ntk_spectrum(method="dense")``, ``ntk_matrix(strategy="jacobian")``), which needs
+    first-order reverse mode only, is not affected."""
+
+
+def _jvp_through_vjp(
+    f: Callable[..., Tensor], params: Sequence[Tensor], rows: int
+) -> Callable[..., Tensor]:
+    """``t ↦ J t`` of ``f`` at ``params`` without forward-mode AD: the VJP of the linear map
+    u ↦ Jᵀu with cotangent t, which is (Jᵀ)ᵀ t = J t at any u (here 0). One forward and two
+    backward passes per call, written by hand because torch.func has no such fallback of its
+    own."""
+    like = params[0]
+
+    def jt(u: Tensor) -> tuple[Tensor, ...]:
+        vjp_fn = torch.func.vjp(f, *params)[1]
+        return tuple(vjp_fn(u))
+
+    def jvp_fn(*t: Tensor) -> Tensor:
+        u0 = torch.zeros(rows, dtype=like.dtype, device=like.device)
+        back = torch.func.vjp(jt, u0)[1]
+        return back(tuple(t))[0]
+
+    return jvp_fn
+
+
 T = TypeVar("T")
 
 
@@ -584,7 +613,10 @@ class NTKOperator:
     J is reverse mode's (training's) J. Before the first product a few random pairs check that
     forward mode agrees (:meth:`_check_adjoint`); a model that computes parameter-dependent
     values under ``torch.no_grad()`` or rescales gradients with hooks inside its forward does
-    not, and then gets reverse-mode products (J·u as a VJP of a VJP), with a ``RuntimeWarning``.
+    not, and then gets reverse-mode products (J·u as a VJP of a VJP), with a ``RuntimeWarning``,
+    once the same pairs showed that those agree with reverse mode; where they do not either (a
+    custom ``autograd.Function`` with a ``@once_differentiable`` backward), or cannot run, a
+    product raises :class:`MatrixFreeUnavailableError` (the dense path is then the way).
 
     Args:
         model: any ``nn.Module``.
@@ -626,6 +658,8 @@ class NTKOperator:
         n_graph_replays: block products served by a CUDA graph replay so far.
         adjoint_mismatch: the adjointness check's estimate of ‖J_f − J_r‖_F / ‖J‖_F (forward
             against reverse mode; ``None`` until it ran, or where forward mode is not used).
+        fallback_mismatch: the same estimate for the reverse-mode fallback's J (``None`` until
+            the fallback was checked, or where it is not used).
     """
 
     LINEARIZE_AFTER = 16
@@ -706,6 +740,11 @@ class NTKOperator:
         self._adjoint_checked = False
         self._check_width = 1  # (the first product's block width: the check's, at most)
         self.adjoint_mismatch: float | None = None
+        # True once the reverse-mode fallback was checked (_verify_fallback), and its refusal
+        # where it failed (raised by every product from then on)
+        self._fallback_checked = False
+        self._refused: MatrixFreeUnavailableError | None = None
+        self.fallback_mismatch: float | None = None
         # False once vmap met a custom autograd.Function without a vmap rule (columns then).
         self._vmap_ok = True
         # CPU, traced maps: per block width, the timed trials of each way, then the choice
@@ -833,9 +872,12 @@ class NTKOperator:
     ) -> list[tuple[Callable[..., Any], Callable[..., Any]]] | None:
         """The cached (vjp_fn, jvp_fn) of the single chunk, or ``None`` when chunked.
         ``width``: the block width of the product that asks."""
+        if self._refused is not None:  # (its products would be wrong: never run them)
+            raise MatrixFreeUnavailableError(str(self._refused))
         if not self._adjoint_checked:  # (before anything is built or traced from the JVP)
             self._check_width = width
             self._check_adjoint()
+        self._verify_late_fallback()  # (a fallback taken by an earlier product)
         if len(self._ranges) > 1:
             return None
         a, b = self._ranges[0]
@@ -860,6 +902,7 @@ class NTKOperator:
                 vjp = self._cache[0][0]
                 self._cache = [(self._traced_vjp(vjp, a, b), self._linearised_jvp(a, b))]
             self._traced = True
+        self._verify_late_fallback()  # (tracing the JVP may have met a missing rule)
         return self._cache
 
     def _check_adjoint(self) -> None:
@@ -867,7 +910,9 @@ class NTKOperator:
         and reverse mode (Jᵀ u, ``torch.func.vjp``) differentiate the same J: u·(J w) =
         (Jᵀ u)·w for :attr:`ADJOINT_PAIRS` seeded random pairs. Where they do not, J·u is
         computed by reverse mode only from then on (:meth:`_jvp_by_vjp`, also for a traced
-        operator), with one ``RuntimeWarning``. ``adjoint_mismatch`` records the estimate.
+        operator), with one ``RuntimeWarning``, once that fallback passed the same check on the
+        same pairs (:meth:`_verify_fallback`; a :class:`MatrixFreeUnavailableError` where it
+        does not). ``adjoint_mismatch`` records the estimate.
 
         They disagree on a forward that computes a parameter-dependent value under
         ``torch.no_grad()`` / ``set_grad_enabled(False)`` (forward-mode AD is not disabled by
@@ -893,9 +938,10 @@ class NTKOperator:
         not grow with depth (0.2-1.9 on the same models, GPT-2 up to 16 layers, ViT up to 8),
         against 4.6-450 for the review's mismatches: 4·eps leaves twice the largest c. An
         ill-conditioned forward can exceed either bound from rounding alone (the warning says
-        so); its reverse-mode products are merely slower. The JVP and the VJP draw the same
-        random numbers (a model with active dropout is compared with itself), and the caller's
-        RNG is untouched.
+        so); its reverse-mode products are merely slower (their own check repeats itself in
+        float64 where rounding trips it too: :meth:`_verify_fallback`). The JVP and the VJP
+        draw the same random numbers (a model with active dropout is compared with itself),
+        and the caller's RNG is untouched.
 
         Under a process group the pairs span all ranks' rows (u drawn for the whole batch,
         as unsharded), and the verdict is taken once, on sums all-reduced over ranks, so
@@ -906,58 +952,26 @@ class NTKOperator:
         Cost, once per operator: per group of pairs one forward, one backward and one
         forward-mode pass, vmapped over the group's pairs; a group is as wide as the first
         product's block (at most ADJOINT_PAIRS: never wider than the products the caller
-        planned memory for), and the pairs are the same whatever the width.
+        planned memory for), and the pairs are the same whatever the width; where the
+        fallback is taken, the same again with its double backward in place of forward mode.
         """
-        if not self._forward_ad:
+        if not self._forward_ad:  # (reverse mode only already: its own check)
             self._adjoint_checked = True
-            return  # (reverse mode only already: adjoint by construction)
-        from .dense import forward_rounding_dtype  # local: dense imports this module
-
+            self._verify_fallback(collective=True)
+            return
         k = self.ADJOINT_PAIRS
-        width = max(1, min(k, self._check_width))
-        # rows: u·(J w), (Jᵀu)·w, |J w|², |Jᵀu|² per pair (sums in float64: their cancellation
-        # must not pass for a mismatch; the products stay in the probe's dtype)
-        sums = torch.zeros(4, k, dtype=torch.float64, device=self.device)
-        missing: BaseException | None = None
-        failure: BaseException | None = None
-        try:
-            missing = self._adjoint_sums(sums, width)
-        except Exception as err:  # (agreed on below, before the collective)
-            failure = err
-        flag = torch.tensor([0.0 if missing is None else 1.0], dtype=torch.float64)
-        if self.process_group is not None:
-            import torch.distributed as dist
-
-            device = self.device
-            if dist.get_backend(self.process_group) == "gloo":
-                device = torch.device("cpu")
-            agree_on_failure(failure, self.process_group, device, "NTKOperator", "its J check")
-            both = torch.cat([sums.reshape(-1).to(device), flag.to(device)])
-            dist.all_reduce(both, group=self.process_group)
-            sums, flag = both[:-1].reshape(4, k).cpu(), both[-1:].cpu()
-        elif failure is not None:
-            raise failure
+        missing, ratio = self._adjoint_estimate(by_vjp=False, collective=True)
         # (only now: a check that failed, out of memory say, runs again at the next product,
         # on every rank alike)
         self._adjoint_checked = True
-        if float(flag) > 0:
-            if missing is not None:
-                self._no_forward_ad(missing)
-            else:
-                self._no_forward_ad(
-                    NotImplementedError("another rank's model has no forward-mode AD rule")
-                )
+        if missing is not None:
+            self._no_forward_ad(missing)
+            self._verify_fallback(collective=True)
             return
-        u_jw, jtu_w, jw_sq, jtu_sq = (row.cpu() for row in sums)
-        mismatch = math.sqrt(float((u_jw - jtu_w).square().sum()))
-        scale = math.sqrt(max(float(jw_sq.sum()), float(jtu_sq.sum())))
-        if not (math.isfinite(mismatch) and math.isfinite(scale)) or scale == 0.0:
+        if ratio is None:
             return  # (non-finite rows or K = 0: the caller's errors say so)
-        eps = torch.finfo(forward_rounding_dtype(self.probe)).eps  # (memoised probe trace)
-        tol = math.sqrt(eps)
-        if eps > torch.finfo(torch.float32).eps:  # (bfloat16, float16: see above)
-            tol = min(tol, self.ADJOINT_EPS_FACTOR * eps)
-        self.adjoint_mismatch = mismatch / scale
+        tol = self._adjoint_tol()
+        self.adjoint_mismatch = ratio
         if self.adjoint_mismatch > tol:
             self._forward_ad = False
             warnings.warn(
@@ -974,6 +988,159 @@ class NTKOperator:
                 RuntimeWarning,
                 stacklevel=external_stacklevel(),
             )
+            self._verify_fallback(collective=True)
+
+    def _adjoint_tol(self) -> float:
+        """The adjointness checks' tolerance (see :meth:`_check_adjoint`)."""
+        from .dense import forward_rounding_dtype  # local: dense imports this module
+
+        eps = torch.finfo(forward_rounding_dtype(self.probe)).eps  # (memoised probe trace)
+        tol = math.sqrt(eps)
+        if eps > torch.finfo(torch.float32).eps:  # (bfloat16, float16: see _check_adjoint)
+            tol = min(tol, self.ADJOINT_EPS_FACTOR * eps)
+        return tol
+
+    def _adjoint_estimate(
+        self, by_vjp: bool, collective: bool
+    ) -> tuple[BaseException | None, float | None]:
+        """(the error of an operation without a forward-mode derivative, if one was met; the
+        estimate of ‖J_w − J_r‖_F / ‖J‖_F, ``None`` where the sums are not finite or K is 0)
+        over :attr:`ADJOINT_PAIRS` pairs, J w by forward mode or, ``by_vjp``, by the
+        reverse-mode fallback (:meth:`_jvp_by_vjp`). ``collective``: the sums and any failure
+        agreed on by every rank of the process group (every rank calls it together); else this
+        rank's rows only (the identity holds for each rank's block of J alike)."""
+        k = self.ADJOINT_PAIRS
+        width = max(1, min(k, self._check_width))
+        # rows: u·(J w), (Jᵀu)·w, |J w|², |Jᵀu|² per pair (sums in float64: their cancellation
+        # must not pass for a mismatch; the products stay in the probe's dtype)
+        sums = torch.zeros(4, k, dtype=torch.float64, device=self.device)
+        missing: BaseException | None = None
+        failure: BaseException | None = None
+        try:
+            missing = self._adjoint_sums(sums, width, by_vjp)
+        except Exception as err:  # (agreed on below, before the collective)
+            failure = err
+        flag = torch.tensor([0.0 if missing is None else 1.0], dtype=torch.float64)
+        if self.process_group is not None and collective:
+            import torch.distributed as dist
+
+            device = self.device
+            if dist.get_backend(self.process_group) == "gloo":
+                device = torch.device("cpu")
+            agree_on_failure(failure, self.process_group, device, "NTKOperator", "its J check")
+            both = torch.cat([sums.reshape(-1).to(device), flag.to(device)])
+            dist.all_reduce(both, group=self.process_group)
+            sums, flag = both[:-1].reshape(4, k).cpu(), both[-1:].cpu()
+        elif failure is not None:
+            raise failure
+        if float(flag) > 0:
+            return missing or NotImplementedError(
+                "another rank's model has no forward-mode AD rule"
+            ), None
+        u_jw, jtu_w, jw_sq, jtu_sq = (row.cpu() for row in sums)
+        mismatch = math.sqrt(float((u_jw - jtu_w).square().sum()))
+        scale = math.sqrt(max(float(jw_sq.sum()), float(jtu_sq.sum())))
+        if not (math.isfinite(mismatch) and math.isfinite(scale)) or scale == 0.0:
+            return None, None
+        return None, mismatch / scale
+
+    def _verify_fallback(self, collective: bool) -> None:
+        """Check the reverse-mode fallback (:meth:`_jvp_by_vjp`) as :meth:`_check_adjoint`
+        checks forward mode, on the same pairs and with the same tolerance, before its products
+        are used; a :class:`MatrixFreeUnavailableError` where it disagrees too or cannot run
+        (raised again by every later product: :meth:`_linearisations`).
+
+        The fallback differentiates the backward pass: where a backward is not differentiable
+        in its incoming gradient (a custom ``autograd.Function`` whose backward is
+        ``@once_differentiable``, the usual decorator of custom CUDA-op Functions), torch.func
+        raises nothing and drops that path from the double backward, so J·u missed the
+        Jacobian columns behind the Function, and Lanczos reported λ_max 17.05 for 23.57 with
+        ``converged=True`` (review, session 27). Computing J·w from n explicit reverse-mode
+        rows instead would cost n backward passes per product, more than the dense path's
+        n for all of K: the dense path is the way there, and the error says so.
+
+        Rounding can make the fallback disagree too: the double backward of an op is not the
+        exact transpose of its backward (LayerNorm's differ by ~1% in float32 on an
+        ill-conditioned forward, whose forward mode is 3% off). Where a probe narrower than
+        float64 fails the check, it is repeated on a float64 copy of the probe (the same
+        pairs): rounding shrinks by orders of magnitude there, a dropped path does not. The
+        fallback is kept if that passes. ``fallback_mismatch`` records the estimate in the
+        probe's dtype. ``collective``: as for :meth:`_adjoint_estimate` (a fallback taken by the
+        agreed check is verified on every rank together; one taken later, by one rank's
+        product, on that rank's rows)."""
+        try:
+            _, ratio = self._adjoint_estimate(by_vjp=True, collective=collective)
+        except RuntimeError as err:  # (NotImplementedError is one)
+            text = str(err)
+            if not ("derivative for" in text and "_backward" in text):
+                raise
+            # no double backward (nn.EmbeddingBag, ctc_loss): the fallback cannot run at all
+            self._refused = MatrixFreeUnavailableError(
+                f"NTKOperator: J·u cannot be formed matrix-free for this model ({err}): an "
+                "operation has neither a forward-mode derivative nor a double backward (e.g. "
+                "nn.EmbeddingBag). Use ntk_spectrum(method='dense') or ntk_matrix("
+                "strategy='jacobian'), which need first-order reverse mode only"
+            )
+            raise self._refused from err
+        self.fallback_mismatch = ratio
+        tol = self._adjoint_tol()
+        if ratio is None or ratio <= tol:
+            self._fallback_checked = True
+            return
+        wide: float | None = None
+        reason = ""
+        if self.dtype != torch.float64:
+            try:
+                wide, wide_tol = self._wide_fallback_estimate(collective)
+            except (RuntimeError, TypeError) as err:  # (no float64 kernel for some op)
+                if is_out_of_memory(err):
+                    raise  # (checked again at the next product)
+                reason = f"; the float64 check could not run ({type(err).__name__})"
+            else:
+                if wide is None or wide <= wide_tol:
+                    self._fallback_checked = True  # (rounding of the probe's dtype alone)
+                    return
+                reason = f", in float64 too ({wide:.1e} > {wide_tol:.1e})"
+        self._fallback_checked = True
+        self._refused = MatrixFreeUnavailableError(
+            "NTKOperator: J·u cannot be formed matrix-free for this model: forward mode is "
+            "unavailable or disagrees with reverse mode, and the reverse-mode fallback (J·u "
+            "as the VJP of u ↦ Jᵀu, a double backward) disagrees with reverse mode too "
+            f"(u·(J w) against (Jᵀu)·w for {self.ADJOINT_PAIRS} random pairs: relative "
+            f"mismatch ≈ {ratio:.1e} > {tol:.1e}{reason}). An operation's backward is not "
+            "differentiable: typically a custom autograd.Function whose backward is "
+            "@once_differentiable, whose path torch.func drops from a double backward "
+            "without an error. Its products would be wrong. Use ntk_spectrum("
+            "method='dense') or ntk_matrix(strategy='jacobian') (K from first-order "
+            "reverse-mode Jacobian rows, training's J), or give the Function a jvp "
+            "staticmethod that agrees with its backward (forward-mode products)"
+        )
+        raise self._refused
+
+    def _wide_fallback_estimate(self, collective: bool) -> tuple[float | None, float]:
+        """(the fallback's estimate, its tolerance) on a float64 copy of the probe, over the
+        same pairs and chunks (see :meth:`_verify_fallback`)."""
+        (a, b), chunks = self._ranges[0], len(self._ranges)
+        # (collective: every rank is here together, the verdict above being agreed; else this
+        # rank's rows alone, without a process group)
+        group = self.process_group if collective else None
+        wide = NTKOperator(
+            None,
+            None,
+            probe=self.probe.astype(torch.float64),
+            chunk_size=None if chunks == 1 else b - a,
+            process_group=group,
+            cuda_graphs=False,
+        )
+        wide._check_width = self._check_width
+        _, ratio = wide._adjoint_estimate(by_vjp=True, collective=collective)
+        return ratio, wide._adjoint_tol()
+
+    def _verify_late_fallback(self) -> None:
+        """:meth:`_verify_fallback` for a fallback taken after the check, by a product that met
+        an operation without a forward-mode derivative (this rank's rows: no collective)."""
+        if self._adjoint_checked and not self._forward_ad and not self._fallback_checked:
+            self._verify_fallback(collective=False)
 
     def _adjoint_pairs(self, pairs: range) -> tuple[tuple[Tensor, ...], Tensor]:
         """The check's pairs ``pairs``: w (stacked per parameter) and this rank's rows of u,
@@ -991,9 +1158,10 @@ class NTKOperator:
             u[j].normal_(generator=gen)
         return w, u[:, self.offset : self.offset + self.n_local]
 
-    def _adjoint_sums(self, sums: Tensor, width: int) -> BaseException | None:
+    def _adjoint_sums(self, sums: Tensor, width: int, by_vjp: bool = False) -> BaseException | None:
         """This rank's part of :meth:`_check_adjoint`'s sums, added into ``sums`` (4, k); the
-        error of an operation without a forward-mode derivative, if one was met."""
+        error of an operation without a forward-mode derivative, if one was met. ``by_vjp``:
+        J w by the reverse-mode fallback (:func:`_jvp_through_vjp`) instead of forward mode."""
         k = sums.shape[1]
         params = self.probe.params
         devices = [self.device] if self.device.type == "cuda" else []
@@ -1014,9 +1182,12 @@ class NTKOperator:
                     part = _pairwise(vjp_fn, u[:, ra:rb].contiguous())
                     del vjp_fn
                     try:
-                        jw = _pairwise(lambda *t, f=f: torch.func.jvp(f, params, t)[1], *w)
+                        if by_vjp:
+                            jw = _pairwise(_jvp_through_vjp(f, params, rb - ra), *w)
+                        else:
+                            jw = _pairwise(lambda *t, f=f: torch.func.jvp(f, params, t)[1], *w)
                     except NotImplementedError as err:
-                        if not _missing_forward_ad(err):
+                        if by_vjp or not _missing_forward_ad(err):
                             raise
                         return err
                     if not jtu:  # (own storage: autograd's gradients may share memory)
@@ -1055,27 +1226,17 @@ class NTKOperator:
         return jvp_fn
 
     def _jvp_by_vjp(self, chunk: Any, start: int, stop: int) -> Callable[..., Any]:
-        """J t without forward-mode AD: the VJP of the linear map u ↦ Jᵀu, applied to t.
+        """J t without forward-mode AD: the VJP of the linear map u ↦ Jᵀu, applied to t
+        (:func:`_jvp_through_vjp`).
 
         For models with an operation that has no forward-mode derivative (transformers'
-        grouped-GEMM mixture-of-experts layers, custom autograd Functions without ``jvp``).
-        u ↦ Jᵀu is linear, so its VJP with cotangent t is (Jᵀ)ᵀ t = J t, at any u (here 0):
-        one forward and two backward passes per product instead of a forward-mode pass,
-        written by hand because torch.func has no such fallback of its own.
+        grouped-GEMM mixture-of-experts layers, custom autograd Functions without ``jvp``), or
+        whose forward mode disagrees with reverse mode (:meth:`_check_adjoint`). It is right
+        only where every backward is itself differentiable: :meth:`_verify_fallback` checks
+        that before its products are used.
         """
-        params = self.probe.params
         a, b = self.probe.row_range(start, stop)
-
-        def jt(u: Tensor) -> tuple[Tensor, ...]:
-            vjp_fn = torch.func.vjp(lambda *p: self.probe(p, chunk), *params)[1]
-            return tuple(vjp_fn(u))
-
-        def jvp_fn(*t: Tensor) -> Tensor:
-            u0 = torch.zeros(b - a, dtype=self.dtype, device=self.device)
-            back = torch.func.vjp(jt, u0)[1]
-            return back(tuple(t))[0]
-
-        return jvp_fn
+        return _jvp_through_vjp(lambda *p: self.probe(p, chunk), self.probe.params, b - a)
 
     def _no_forward_ad(self, err: BaseException) -> None:
         if self._forward_ad:
@@ -1117,6 +1278,9 @@ class NTKOperator:
                 maps = self._linearisations(k)
                 with self.probe.session():
                     out = self._block_product(local, k, maps)
+            # (a product that met an operation without a forward-mode rule finished by the
+            # fallback: checked before its result is used)
+            self._verify_late_fallback()
             self.n_matvecs += k
             self._n_products += 1
             return out.reshape(-1) if vector else out
@@ -1140,6 +1304,7 @@ class NTKOperator:
         try:
             with self.probe.session():
                 outs = self._local_jvp(tuple(acc), k, cached)
+            self._verify_late_fallback()  # (local: its error is agreed on just below)
         except Exception as e:
             err = e
         self._agree(err, "J(Jᵀv)")

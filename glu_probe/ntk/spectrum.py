@@ -26,7 +26,9 @@ NTK K = J Jᵀ, the condition number κ = λ_max/λ_min and what is known about 
   ends asked for (``which``) meet ``tol`` (see ``block_lanczos``); otherwise a warning says so and
   ``condition_number`` is only an estimate. With ``which="largest"`` (``"smallest"``) the other
   end is not estimated: ``lambda_min`` (``lambda_max``) and ``condition_number`` are ``nan``.
-* ``method="auto"``: dense when n ≤ :data:`AUTO_DENSE_MAX_ROWS` and K fits the memory budget.
+* ``method="auto"``: dense when n ≤ :data:`AUTO_DENSE_MAX_ROWS` and K fits the memory budget,
+  and also above that where the matrix-free products cannot be formed for the model
+  (:class:`~glu_probe.ntk.operator.MatrixFreeUnavailableError`) and K fits.
   The dense path costs n per-sample backward passes plus an n²·P/2 GEMM and an n³ eigh, which
   beats the tens to hundreds of full-batch products Lanczos needs for λ_min of an ill-conditioned
   K up to about a thousand rows.
@@ -64,6 +66,7 @@ from .dense import (
     _budget,
     checked_budget,
     forward_rounding_dtype,
+    forward_traced,
     jacobian_rounding_estimate,
 )
 from .density import effective_rank as _effective_rank
@@ -79,7 +82,7 @@ from .functional import (
     warn_narrowed,
 )
 from .krylov import LanczosResult, _error_bounds, block_lanczos, check_tol, default_max_basis
-from .operator import NTKOperator, agreed, is_out_of_memory
+from .operator import MatrixFreeUnavailableError, NTKOperator, agreed, is_out_of_memory
 
 __all__ = [
     "AUTO_DENSE_MAX_ROWS",
@@ -472,6 +475,10 @@ def ntk_spectrum(
     Raises:
         ValueError: bad arguments, empty batch, no trainable parameters, NaN/Inf outputs, or
             outputs that do not depend on the parameters (K == 0).
+        MatrixFreeUnavailableError: (a ``NotImplementedError``) the Lanczos path cannot form
+            J·u correctly for the model (see :class:`~glu_probe.ntk.NTKOperator`), and the
+            dense path was not asked for (``method="auto"`` falls back to it with a
+            ``RuntimeWarning`` where K fits the budget and the samples are independent).
     """
     t0 = time.perf_counter()
     check_spectrum_arguments(
@@ -594,22 +601,51 @@ def ntk_spectrum(
             method = "lanczos"  # (with dense_vectors too, as below auto's estimate: the
             # Lanczos result carries its Ritz vectors)
             warn_narrowed(model, probe.dtype, "ntk_spectrum: dtype")
-    return _lanczos(
-        probe,
-        keep=keep,
-        tol=tol,
-        max_matvecs=max_matvecs,
-        block_size=block_size,
-        which=which,
-        warm_start=warm_start,
-        chunk_size=chunk_size,
-        memory_budget=memory_budget,
-        process_group=process_group,
-        generator=generator,
-        slq_probes=slq_probes,
-        slq_steps=slq_steps,
-        t0=t0,
-    )
+            auto = False  # (the dense path was refused: no way back to it below)
+    try:
+        return _lanczos(
+            probe,
+            keep=keep,
+            tol=tol,
+            max_matvecs=max_matvecs,
+            block_size=block_size,
+            which=which,
+            warm_start=warm_start,
+            chunk_size=chunk_size,
+            memory_budget=memory_budget,
+            process_group=process_group,
+            generator=generator,
+            slq_probes=slq_probes,
+            slq_steps=slq_steps,
+            t0=t0,
+        )
+    except MatrixFreeUnavailableError as err:
+        # `auto` took Lanczos for a probe above AUTO_DENSE_MAX_ROWS (a speed rule), but its
+        # products cannot be formed correctly for this model (review, session 27: a
+        # @once_differentiable Function): the dense path needs first-order reverse mode only,
+        # and is taken where K fits the budget and the samples are independent (per-sample
+        # rows; a coupled batch's dense K comes from the same products). Otherwise the error.
+        if (
+            not auto
+            or process_group is not None
+            or probe.per_sample_why is not None
+            or _budget(probe, 8, memory_budget) < n * n * 8 + 4 * probe.n_params * 8
+        ):
+            raise
+        warnings.warn(
+            f"ntk_spectrum: {str(err).splitlines()[0][:300]} — method='auto' computes K densely "
+            "instead (method='dense': per-sample reverse-mode Jacobian rows)",
+            RuntimeWarning,
+            stacklevel=external_stacklevel(),
+        )
+        try:
+            result = _dense(
+                probe, memory_budget, block_size, t0, jacobian_dtype, dense_vectors, keep
+            )
+        except DenseBudgetError:
+            raise err from None
+        warn_narrowed(model, jacobian_dtype, "ntk_spectrum: jacobian_dtype")
+        return result
 
 
 def _no_double_backward(err: BaseException) -> bool:
@@ -805,14 +841,25 @@ def _internal_rounding(probe: ProbeFunction, warn: bool = True) -> torch.dtype:
     than float64."""
     internal = forward_rounding_dtype(probe)
     if warn and internal != probe.dtype and probe.dtype == torch.float64:
-        warnings.warn(
-            f"the model computes part of its forward pass in {internal} whatever the probe's "
-            "dtype (a cast inside it, e.g. Hugging Face LLaMA-family RMSNorm, rotary embedding "
-            f"or softmax): the float64 probe is exact only to {internal} rounding, and the "
-            "residuals and bounds carry that rounding (precision='mixed')",
-            RuntimeWarning,
-            stacklevel=external_stacklevel(),
-        )
+        if not forward_traced(probe):
+            warnings.warn(
+                "the precision the model's forward pass computes in could not be traced (it "
+                "ran neither on one sample nor on the whole batch under the trace): the "
+                f"float64 probe is taken to be exact only to {internal} rounding, the narrowest "
+                "arithmetic a float64 forward is known to cast to, and the residuals and "
+                "bounds carry that rounding (precision='mixed')",
+                RuntimeWarning,
+                stacklevel=external_stacklevel(),
+            )
+        else:
+            warnings.warn(
+                f"the model computes part of its forward pass in {internal} whatever the "
+                "probe's dtype (a cast inside it, e.g. Hugging Face LLaMA-family RMSNorm, "
+                f"rotary embedding or softmax): the float64 probe is exact only to {internal} "
+                "rounding, and the residuals and bounds carry that rounding (precision='mixed')",
+                RuntimeWarning,
+                stacklevel=external_stacklevel(),
+            )
     return internal
 
 
@@ -1215,10 +1262,12 @@ def _lanczos_on(
         if v0 is not None and _warm_start_moved(warm_start, res, which):
             res = run(None)  # confirmed from a cold (random) start
     except RuntimeError as err:  # (NotImplementedError is one)
+        if isinstance(err, MatrixFreeUnavailableError):
+            raise  # (the operator's own message)
         if _no_double_backward(err):
             # No forward-mode AD and no double backward either (nn.EmbeddingBag, ctc_loss): J·u
             # cannot be formed as a JVP, nor as the VJP of u ↦ Jᵀu (review, session 20).
-            raise NotImplementedError(
+            raise MatrixFreeUnavailableError(
                 f"the Lanczos path cannot form J·u for this model ({err}): an operation has "
                 "neither a forward-mode derivative nor a double backward (e.g. "
                 "nn.EmbeddingBag). method='dense' needs first-order reverse mode only"

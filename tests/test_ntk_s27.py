@@ -1,0 +1,386 @@
+"""NTK engine fixes of re-review s27-A: the reverse-mode fallback checked before use (a
+``@once_differentiable`` backward), the precision trace of a model that does not run on one
+sample (train-mode BatchNorm), and module backward hooks refused with a clear error. Truth:
+float64 per-row Jacobians from ``torch.autograd`` (reverse mode, as in training) and
+``eigvalsh(J Jᵀ)``."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from glu_probe.ntk import NTKOperator, ntk_matrix, ntk_spectrum
+from glu_probe.ntk import spectrum as spectrum_mod
+from glu_probe.ntk.dense import activation_elements, forward_rounding_dtype
+from glu_probe.ntk.functional import FloatTrace, ProbeFunction
+
+torch.set_num_threads(1)
+
+MISMATCH = "forward-mode and reverse-mode derivatives of this model disagree"
+
+
+def training_kernel(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """K = J Jᵀ of the flattened outputs, J from per-row reverse-mode gradients."""
+    params = list(model.parameters())
+    out = model(x).reshape(-1)
+    rows = []
+    for o in out:
+        grads = torch.autograd.grad(o, params, retain_graph=True)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    J = torch.stack(rows).double()
+    return J @ J.T
+
+
+def caught(fn: Callable[[], Any]) -> tuple[Any, list[str]]:
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        result = fn()
+    return result, [str(w.message) for w in rec]
+
+
+# ---------------------------------------------------------------- 1. the fallback is checked
+
+
+class TanhNoJvp(torch.autograd.Function):
+    """tanh with a non-differentiable backward and no forward-mode rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class TanhBadJvp(TanhNoJvp):
+    """... with a forward-mode rule 5% off its backward (the adjointness check trips)."""
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def jvp(ctx: Any, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        return 1.05 * t * (1 - y * y)
+
+
+class TanhGoodJvp(TanhBadJvp):
+    """... with a forward-mode rule that agrees with its backward: no fallback needed."""
+
+    @staticmethod
+    def jvp(ctx: Any, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        return t * (1 - y * y)
+
+
+class FnNet(nn.Module):
+    def __init__(self, fn: type[torch.autograd.Function]) -> None:
+        super().__init__()
+        self.fn = fn
+        self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.fn.apply(self.a(x)))
+
+
+class HookNet(nn.Module):
+    """A gradient hook inside forward: forward mode disagrees, the fallback is right."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        if h.requires_grad:
+            h.register_hook(lambda g: 0.5 * g)
+        return self.b(h)
+
+
+def _fn_case(fn: type[torch.autograd.Function]) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model, x = FnNet(fn).double(), torch.randn(7, 4, dtype=torch.float64)
+    return model, x, training_kernel(model, x)
+
+
+@pytest.mark.parametrize("fn", [TanhNoJvp, TanhBadJvp])
+def test_unverifiable_fallback_refuses_matrix_free_products(
+    fn: type[torch.autograd.Function],
+) -> None:
+    # Before: the double backward silently dropped the Function's path; K·I was 31% off and
+    # Lanczos gave λ_max 17.05 for 23.57 with converged=True.
+    model, x, K = _fn_case(fn)
+    ev = torch.linalg.eigvalsh(K)
+    op = NTKOperator(model, x, output="full")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(NotImplementedError, match="once_differentiable"):
+            op.matvec(torch.eye(op.n, dtype=torch.float64))
+        with pytest.raises(NotImplementedError, match="method='dense'"):
+            ntk_spectrum(model, x, output="full", method="lanczos")
+        with pytest.raises(NotImplementedError, match="once_differentiable"):
+            ntk_matrix(model, x, output="full", strategy="operator")
+    assert op.fallback_mismatch is not None and op.fallback_mismatch > 0.1
+    with pytest.raises(NotImplementedError, match="once_differentiable"):
+        op.matvec(torch.eye(op.n, dtype=torch.float64))  # (every later product too)
+    # float32: the check is repeated in float64, where a dropped path stays
+    op32 = NTKOperator(model, x, output="full", dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(NotImplementedError, match="in float64 too"):
+            op32.matvec(torch.eye(op32.n))
+    # the dense path (first-order reverse-mode rows) is right
+    dense, _ = caught(lambda: ntk_spectrum(model, x, output="full", method="dense"))
+    assert abs(dense.lambda_max - float(ev[-1])) <= 1e-10 * float(ev[-1])
+    assert abs(dense.lambda_min - float(ev[0])) <= 1e-10 * float(ev[-1])
+
+
+def test_auto_takes_the_dense_path_where_products_cannot_be_formed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `auto` past its dense row limit runs Lanczos; where the products cannot be formed it
+    # falls back to the dense path (K fits), with a warning, instead of wrong values.
+    model, x, K = _fn_case(TanhNoJvp)
+    ev = torch.linalg.eigvalsh(K)
+    monkeypatch.setattr(spectrum_mod, "AUTO_DENSE_MAX_ROWS", 4)
+    spec, ws = caught(lambda: ntk_spectrum(model, x, output="full"))
+    assert spec.method == "dense"
+    assert any("computes K densely" in w for w in ws)
+    assert abs(spec.lambda_max - float(ev[-1])) <= 1e-10 * float(ev[-1])
+    assert abs(spec.lambda_min - float(ev[0])) <= 1e-10 * float(ev[-1])
+
+
+def test_verified_fallback_and_forward_mode_still_serve_products() -> None:
+    # Controls: a gradient hook (forward mode disagrees, the fallback passes its check and is
+    # used) and a Function with a correct jvp (forward mode passes, no fallback).
+    torch.manual_seed(0)
+    hook, x = HookNet().double(), torch.randn(7, 4, dtype=torch.float64)
+    for model, fallback in ((hook, True), (_fn_case(TanhGoodJvp)[0], False)):
+        K = training_kernel(model, x)
+        op = NTKOperator(model, x, output="full")
+        KI, ws = caught(lambda op=op: op.matvec(torch.eye(op.n, dtype=torch.float64)))
+        assert float((KI - K).abs().max()) <= 1e-10 * float(K.abs().max())
+        assert any(MISMATCH in w for w in ws) == fallback
+        assert (op.fallback_mismatch is not None) == fallback
+        if fallback:
+            assert op.fallback_mismatch is not None and op.fallback_mismatch < 1e-12
+        ev = torch.linalg.eigvalsh(K)
+        lan, _ = caught(lambda m=model: ntk_spectrum(m, x, output="full", method="lanczos"))
+        assert abs(lan.lambda_max - float(ev[-1])) <= 1e-8 * float(ev[-1])
+        assert abs(lan.lambda_min - float(ev[0])) <= 1e-8 * float(ev[-1])
+
+
+# ---------------------------------------------------------------- 2. the precision trace
+
+
+class F32Inside(nn.Module):
+    """Train-mode BatchNorm (needs two samples) and a float32 section inside (``cast``)."""
+
+    def __init__(self, cast: bool = True) -> None:
+        super().__init__()
+        self.cast = cast
+        self.a, self.bn, self.b = nn.Linear(8, 32), nn.BatchNorm1d(32), nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.a(x))
+        f = h.float() if self.cast else h
+        f = torch.softmax(f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + 1e-6), -1)
+        return self.b(10 * f.to(h.dtype))
+
+
+def _f32(cast: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return F32Inside(cast).double()
+
+
+def test_train_mode_batchnorm_probe_sees_the_float32_inside() -> None:
+    # Before: the one-sample trace failed (BatchNorm in train mode), was read as "float64
+    # throughout", and the dense result claimed precision='float64' with residuals ~1e-12
+    # against errors of 2e-8 (λ_min) and 6e-7 (λ_max), without the cast warning.
+    torch.manual_seed(1)
+    x = torch.randn(20, 8, dtype=torch.float64)
+    ev = torch.linalg.eigvalsh(training_kernel(_f32(False), x))  # float64 throughout
+    spec, ws = caught(
+        lambda: ntk_spectrum(_f32(True), x, method="dense", eval_mode=False, output="full")
+    )
+    assert spec.precision == "mixed"
+    assert any("computes part of its forward pass in torch.float32" in w for w in ws)
+    assert abs(spec.lambda_min - float(ev[0])) <= spec.residual_min
+    assert abs(spec.lambda_max - float(ev[-1])) <= spec.residual_max
+    # the adjointness check uses float32's tolerance: no false alarm
+    op = NTKOperator(_f32(True), x, dtype=torch.float64, eval_mode=False, output="full")
+    _, ws = caught(lambda: op.matvec(torch.randn(op.n, 2, dtype=torch.float64)))
+    assert not any(MISMATCH in w for w in ws)
+
+
+class AutocastBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn = nn.Linear(16, 64), nn.BatchNorm1d(64)
+        self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = self.b(torch.tanh(self.a(x)))
+        return self.c(torch.tanh(self.bn(h.float())))
+
+
+def test_trace_verdict_does_not_depend_on_call_history() -> None:
+    # Before: a fresh train-mode probe saw float32 (false alarm, reverse-mode products), the
+    # same probe after an eval_mode=True one reused its bfloat16 verdict (memo key lacked
+    # eval_mode).
+    torch.manual_seed(0)
+    x = torch.randn(16, 16)
+    for history in (False, True):
+        torch.manual_seed(0)
+        model = AutocastBN()
+        if history:
+            caught(lambda m=model: NTKOperator(m, x).matvec(torch.randn(16, 2)))
+        op, _ = caught(lambda m=model: NTKOperator(m, x, eval_mode=False))
+        assert forward_rounding_dtype(op.probe) == torch.bfloat16
+        _, ws = caught(lambda op=op: op.matvec(torch.randn(op.n, 2)))
+        assert op._forward_ad and not any(MISMATCH in w for w in ws)
+    # the activation estimate of the coupled batch is its whole-batch trace per sample (it was
+    # 0: no memory counted for the forward passes at all), so a pass over the batch counts at
+    # least what that pass allocates
+    torch.manual_seed(0)
+    train, _ = caught(lambda: ProbeFunction(AutocastBN(), x, eval_mode=False))
+    trace = FloatTrace()
+    with train.session(), torch.no_grad(), trace:
+        train(train.params)
+    assert trace.elements > 0
+    assert trace.elements <= activation_elements(train) * 16 < trace.elements + 16
+
+
+class NoTrace(nn.Module):
+    """A forward that refuses to run under a dispatch mode (the trace): nothing is known."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        if _get_current_dispatch_mode() is not None:
+            raise RuntimeError("no tracing")
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_untraceable_forward_is_assumed_float32_in_a_float64_probe() -> None:
+    torch.manual_seed(0)
+    model, x = NoTrace().double(), torch.randn(6, 4, dtype=torch.float64)
+    ev = torch.linalg.eigvalsh(training_kernel(model, x))
+    spec, ws = caught(lambda: ntk_spectrum(model, x, method="dense", output="full"))
+    assert spec.precision == "mixed"
+    assert any("could not be traced" in w for w in ws)
+    assert abs(spec.lambda_max - float(ev[-1])) <= spec.residual_max
+
+
+# ---------------------------------------------------------------- 3. module backward hooks
+
+
+class ActNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.act = nn.Linear(4, 16), nn.Linear(16, 2), nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.act(self.a(x)))
+
+
+@pytest.mark.parametrize("kind", ["full", "pre", "global"])
+def test_module_backward_hooks_are_refused_clearly(kind: str) -> None:
+    # Before: torch's "autograd.Function ... must override the setup_context staticmethod".
+    torch.manual_seed(0)
+    model, x = ActNet(), torch.randn(8, 4)
+    handle = None
+    if kind == "full":
+        model.act.register_full_backward_hook(lambda m, gi, go: (0.5 * gi[0],))
+    elif kind == "pre":
+        model.act.register_full_backward_pre_hook(lambda m, go: (0.5 * go[0],))
+    else:
+        handle = nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: None)
+    try:
+        match = "'act'" if kind != "global" else "global module full backward hook"
+        for call in (
+            lambda: ntk_spectrum(model, x),
+            lambda: ntk_matrix(model, x),
+            lambda: NTKOperator(model, x),
+        ):
+            with pytest.raises(ValueError, match=match):
+                call()
+    finally:
+        if handle is not None:
+            handle.remove()
+    # removed, the probe runs again
+    if kind == "global":
+        assert ntk_spectrum(model, x).lambda_max > 0
+
+
+def test_old_style_backward_hook_still_probes_training_jacobian() -> None:
+    # register_backward_hook (on the module's grad_fn) runs under torch.func: not refused,
+    # and K is training's (the hook halves the gradient through the activation).
+    torch.manual_seed(0)
+    model, x = ActNet().double(), torch.randn(6, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch deprecates register_backward_hook)
+        model.act.register_backward_hook(lambda m, gi, go: (0.5 * gi[0],))
+        K = training_kernel(model, x)
+        got = ntk_matrix(model, x, output="full")
+    assert float((got - K).abs().max()) <= 1e-10 * float(K.abs().max())
+
+
+def test_monitor_ends_the_fit_with_the_hook_message() -> None:
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from glu_probe.callbacks import NTKSpectrumMonitor
+
+    class LM(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = ActNet()
+            self.net.act.register_full_backward_hook(lambda m, gi, go: (0.5 * gi[0],))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, i: int) -> torch.Tensor:
+            return self(batch[0]).square().mean()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+    torch.manual_seed(0)
+    trainer = pl.Trainer(
+        max_steps=2,
+        callbacks=[NTKSpectrumMonitor(every_n_steps=1)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    data = DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="register_full_backward_hook"):
+            trainer.fit(LM(), data)
