@@ -35,4 +35,6 @@ def test_extension_and_warning_types_are_exported():
         assert getattr(glu_probe, name) is getattr(glu_probe.swap, name)
     assert glu_probe.NTKProbeWarning is glu_probe.callbacks.NTKProbeWarning
     assert glu_probe.NTKRankWarning is glu_probe.ntk.NTKRankWarning
+    # (raised where no matrix-free product is right: callers catch it to take the dense path)
+    assert issubclass(glu_probe.ntk.MatrixFreeUnavailableError, NotImplementedError)
     assert {"NTKProbeWarning", "NTKRankWarning"} <= set(glu_probe.__all__)

@@ -7,10 +7,11 @@ to the selected trainable parameters. See ``docs/ntk.md`` for the math and the e
 from .dense import ntk_matrix
 from .density import effective_rank, spectral_density
 from .functional import ProbeFunction
-from .operator import NTKOperator
+from .operator import MatrixFreeUnavailableError, NTKOperator
 from .spectrum import NTKRankWarning, NTKSpectrum, WarmStart, ntk_spectrum
 
 __all__ = [
+    "MatrixFreeUnavailableError",
     "NTKOperator",
     "NTKRankWarning",
     "NTKSpectrum",
