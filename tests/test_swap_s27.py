@@ -301,3 +301,109 @@ def test_recipe_on_per_block_widths_under_a_width_key_is_quiet(tmp_path):
         "transformer.h.1.mlp": [256, 200],
     }
     _reload(model, tmp_path)
+
+
+# Second round (re-review s27-rB).
+
+# Bug 1: a composite's top record keeps the "mixed" of a sub-model that a later swap leaves.
+
+
+def test_top_record_keeps_a_sub_models_mixed_when_another_sub_model_is_swapped(tmp_path):
+    torch.manual_seed(0)
+    text = {**_TEXT, "num_hidden_layers": 2}
+    config = transformers.CLIPConfig(text_config=text, vision_config=_VISION, projection_dim=16)
+    clip = transformers.CLIPModel(config).eval()
+    _quiet_swaps(clip, ("swiglu", {"match": "width", "include": r"text_model\..*"}))
+    with pytest.warns(UserWarning, match="more than one kind"):
+        swap_mlp(clip, "swiglu", include=["text_model.encoder.layers.1.mlp"], hidden_features=96)
+    # (the text record marks layer 0, 128 wide; a rebuilt text tower gets 96 there)
+    assert clip.config.text_config.glu_probe_swap["mixed"] == {
+        "encoder.layers.0.mlp": "swiglu (width 128)"
+    }
+    with pytest.warns(UserWarning, match="more than one kind"):
+        swap_mlp(clip, "swiglu", match="width", include=r"vision_model\..*")
+    assert _widths(clip) == {
+        _TEXT_MLP: 128,
+        "text_model.encoder.layers.1.mlp": 96,
+        _VISION_MLP: 192,
+    }
+    rebuilt, record = _record(clip, tmp_path)
+    # The recipe refuses: without the mark it went on and load_state_dict failed (256 vs 192
+    # rows of fc1 at text layer 0: its record rebuilds it 96 wide, packed gate and up 192)
+    assert record["mixed"] == {_TEXT_MLP: "swiglu (width 128)"}
+    assert record["sub_configs"] == ["text_model", "vision_model"]
+    _quiet_swaps(rebuilt, ("swiglu", {"match": record["match"]}))
+    with pytest.raises(RuntimeError, match=r"size mismatch for text_model\.encoder\.layers\.0"):
+        rebuilt.load_state_dict(clip.state_dict())
+
+
+# Bug 2: an align_to that changes no width does not make a sub-model "mixed".
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [({"align_to": 64}, {}), ({}, {"align_to": 64}), ({"align_to": 8}, {"align_to": 64})],
+)
+def test_align_to_that_changes_no_width_is_not_mixed(first, second, tmp_path):
+    """128 and 192 are multiples of 8 and 64: every block is what the recipe rebuilds (which
+    is quiet: ``_reload`` turns warnings into errors)."""
+    clip = _clip()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        swap_mlp(clip, "swiglu", match="width", include=r"text_model\..*", **first)
+        swap_mlp(clip, "swiglu", match="width", include=r"vision_model\..*", **second)
+    assert _widths(clip) == {_TEXT_MLP: 128, _VISION_MLP: 192}
+    assert clip.config.glu_probe_swap.get("module_kwargs", {}) == second
+    _reload(clip, tmp_path)
+
+
+# Bug 3: a wrapper exposing its model's config and holding a block of its own built from it.
+
+
+class _WrapperWithBlock(nn.Module):
+    def __init__(self, net: nn.Module, extra_first: bool) -> None:
+        super().__init__()
+        from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+
+        if extra_first:
+            self.extra = GPT2MLP(128, net.config)
+        self.net = net
+        self.config = net.config
+        if not extra_first:
+            self.extra = GPT2MLP(128, net.config)
+
+
+@pytest.mark.parametrize("extra_first", [True, False])
+def test_wrapper_block_outside_the_saved_model_stays_out_of_its_record(extra_first, tmp_path):
+    net = _gpt2()
+    wrapper = _WrapperWithBlock(net, extra_first)
+    _quiet_swaps(wrapper, ("swiglu", {"exclude": ["net.transformer.h.1.mlp"]}))
+    # swiglu matching a dense block's parameters (biases, 64 in and out): 256 -> 170, 128 -> 85
+    assert _widths(wrapper) == {"extra": 85, "net.transformer.h.0.mlp": 170}
+    record = net.config.glu_probe_swap
+    assert record["excluded"] == ["transformer.h.1.mlp"]
+    assert record["hidden"] == 170 and record["native_hidden"] == 256
+    assert "widths" not in record and "mixed" not in record
+    _reload(net, tmp_path)
+
+
+# Bug 4: a wrapper holding a deep copy of its model's config.
+
+
+def test_wrapper_holding_a_copy_of_the_config_does_not_take_the_record(tmp_path):
+    import copy
+
+    class _CopyWrapper(nn.Module):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+            self.config = copy.deepcopy(net.config)
+
+    net = _gpt2()
+    wrapper = _CopyWrapper(net)
+    assert config_owner(wrapper, "net.transformer.h.0.mlp")[:2] == ("net", net)
+    _quiet_swaps(wrapper, ("swiglu", {"include": ["net.transformer.h.0.mlp"]}))
+    assert net.config.glu_probe_swap["excluded"] == ["transformer.h.1.mlp"]
+    assert not hasattr(wrapper.config, "glu_probe_swap")
+    assert _widths(net) == {"transformer.h.0.mlp": 170}
+    _reload(net, tmp_path)

@@ -72,16 +72,18 @@ from .guards import (
     _warn_mixed_dtypes,
     hooked_modules,
 )
-from .hosts import _relative, _under, config_owner
+from .hosts import _hf_config, _is_pretrained, _relative, _under, config_owner
 from .origin import ORIGIN_ATTR, _built_by_swap, _meta_copy, _origin_of
 from .origin import _shell as _shell
 from .origin import _stand_in as _stand_in
 from .record import (
     _block_signature,
     _describe_blocks,
-    _kwargs_differ,
+    _describe_differing,
+    _differing_kwargs,
     _listed,
     _listed_by_top,
+    _realigns,
     _rebuilt_width,
     _record_at_root,
     _record_kwargs,
@@ -473,10 +475,9 @@ def swap_mlp(
         own_under_record = (
             record is not None and record.get("variant") == variant and _built_by_swap(old) is None
         )
-        if own_under_record and record is not None:
-            differing = _kwargs_differ(record, recordable)
-            if differing:
-                kwargs_differ.setdefault(differing, path)
+        kw_diff = (
+            _differing_kwargs(record, recordable) if own_under_record and record is not None else {}
+        )
         if hidden_features is not None:
             hidden, used = hidden_features, 1
         else:
@@ -503,6 +504,17 @@ def swap_mlp(
             # reported, and the change is told once per swap.
             realigned.append((path, hidden, built))
             hidden = built
+        elif (
+            isinstance(built, int)
+            and set(kw_diff) == {"align_to"}
+            and not _realigns(built, kw_diff["align_to"][0])
+        ):
+            # An align_to that changes neither this block's width nor that of the record's
+            # (128 with align_to 64 or none) builds the same block: the recipe's swap of a
+            # composite whose towers differ only so warned of a difference it did not make.
+            kw_diff = {}
+        if kw_diff:
+            kwargs_differ.setdefault(_describe_differing(kw_diff), path)
         _warn_mixed_dtypes(path, old, new, adapter)
         # Quiet for the reload recipe's swap of a model rebuilt from a saved config: a host's own
         # block under a record of this variant that does not list it as left out, in a model
@@ -664,12 +676,22 @@ def _install_and_configure(
         for m, training in modes:
             m.training = training
     _repoint_aliases(model, plan, paths_of)
-    # One update per config: each block's config is that of the sub-model owning it.
-    groups: dict[int, tuple[str, nn.Module, Any, list[int]]] = {}
+    # One update per config and owner: each block's config is that of the sub-model owning it.
+    # Keyed by the owner too: a wrapper exposing its model's config (self.config = net.config)
+    # that holds a block of its own built from it owns that block, and the first block's owner
+    # took the whole group (the record's paths began with "net.", or held "extra" cut to "a",
+    # as registration order had it; re-review, session 27).
+    saved = {
+        id(c) for m in model.modules() if _is_pretrained(m) and (c := _hf_config(m)) is not None
+    }
+    groups: dict[tuple[int, str], tuple[str, nn.Module, Any, list[int]]] = {}
     for k, (path, *_rest) in enumerate(plan):
         owner = config_owner(model, path)
-        if owner is not None:
-            groups.setdefault(id(owner[2]), (*owner, []))[3].append(k)
+        if owner is None or (id(owner[2]) in saved and not _is_pretrained(owner[1])):
+            # (a block outside the PreTrainedModel that saves its config is not saved with it:
+            # that model's record does not describe it, nor does its width key)
+            continue
+        groups.setdefault((id(owner[2]), owner[0]), (*owner, []))[3].append(k)
     mixed: dict[str, str] = {}  # root path -> what the block is, for blocks a record misses
     unknown: dict[str, str] = {}  # (those of them whose native width is unknown)
     for owner_path, owner_module, config, ks in groups.values():

@@ -57,7 +57,12 @@ def config_owner(root: nn.Module, path: str) -> tuple[str, nn.Module, Any] | Non
     ``OptimizedModule``, FSDP) does not hold the config: the record's paths are the model's,
     which is what gets saved (review, session 25: they began with ``_orig_mod.``). Nor does a
     wrapper that exposes its model's config as its own (``self.config = net.config``, common in
-    a ``LightningModule``): the model under it that is a ``PreTrainedModel`` owns it."""
+    a ``LightningModule``): the model under it that is a ``PreTrainedModel`` owns it. Nor,
+    likewise, does a wrapper that is no ``PreTrainedModel`` holding a copy of its model's config
+    (``self.config = copy.deepcopy(net.config)``): where a ``PreTrainedModel`` under it holds a
+    config of the same class, that model's config owns the blocks under it, as it is the one
+    saved (the record went on the wrapper's copy with paths beginning ``net.``, and the saved
+    config had none; re-review, session 27)."""
     holders = [
         (p, m, c)
         for p, m in reversed(_ancestors(root, path))
@@ -65,6 +70,11 @@ def config_owner(root: nn.Module, path: str) -> tuple[str, nn.Module, Any] | Non
     ]
     if not holders:
         return None
+    if not _is_pretrained(holders[0][1]):
+        inner = next((k for k, (_, m, _c) in enumerate(holders) if _is_pretrained(m)), None)
+        if inner is not None and type(holders[inner][2]) is type(holders[0][2]):
+            # (the same object is handled below: the wrapper exposes the model's own config)
+            holders = holders[inner:] if holders[inner][2] is not holders[0][2] else holders
     outer, near = holders[0][2], holders[-1][2]
     config = near if any(v is near for v in vars(outer).values()) else outer
     owner = _saved_holder([(p, m) for p, m, c in holders if c is config])

@@ -301,25 +301,44 @@ def _record_kwargs(rec: dict[str, Any], module_kwargs: Mapping[str, Any]) -> Non
         rec["module_kwargs_unrecorded"] = left
 
 
-def _kwargs_differ(record: Mapping[str, Any], recordable: Mapping[str, Any]) -> str:
-    """How the module keywords of a config record (a swap to the same variant made it) differ
-    from a new swap's, as text (``""`` where they agree). Keywords the record could not hold are
-    not compared."""
+def _differing_kwargs(
+    record: Mapping[str, Any], recordable: Mapping[str, Any]
+) -> dict[str, tuple[Any, Any]]:
+    """The module keywords on which a config record (a swap to the same variant made it) and a
+    new swap's (``recordable``) differ: name -> (the record's value, the swap's),
+    :data:`_MISSING` where one has none. Keywords the record could not hold are not compared."""
     old = record.get("module_kwargs")
     old = dict(old) if isinstance(old, Mapping) else {}
     unrecorded = record.get("module_kwargs_unrecorded")
     skip = set(unrecorded) if isinstance(unrecorded, list) else set()
     keys = sorted((set(old) | set(recordable)) - skip)
-    parts = [
-        f"{k}: record {old[k]!r} vs {recordable[k]!r}"
-        if k in old and k in recordable
-        else (
-            f"{k}={old[k]!r} in the record only" if k in old else f"{k}={recordable[k]!r} here only"
-        )
+    return {
+        k: (old.get(k, _MISSING), recordable.get(k, _MISSING))
         for k in keys
         if old.get(k, _MISSING) != recordable.get(k, _MISSING)
+    }
+
+
+def _describe_differing(differing: Mapping[str, tuple[Any, Any]]) -> str:
+    """:func:`_differing_kwargs`'s answer as text (``""`` where none differ)."""
+    parts = [
+        f"{k}: record {old!r} vs {new!r}"
+        if old is not _MISSING and new is not _MISSING
+        else f"{k}={old!r} in the record only"
+        if old is not _MISSING
+        else f"{k}={new!r} here only"
+        for k, (old, new) in differing.items()
     ]
     return "; ".join(parts)
+
+
+def _realigns(width: int | None, align_to: Any) -> bool:
+    """Whether a block of ``width`` built with ``align_to`` (``_MISSING``: not passed, the
+    default 0) gets another width: ``align_to`` rounds the gated width up to a multiple of it.
+    An unknown width counts as changed."""
+    if align_to is _MISSING or not _is_width(align_to):
+        return False
+    return width is None or width % align_to != 0
 
 
 _MISSING = object()
@@ -443,7 +462,7 @@ def _listed_by_top(
 
 def _record_at_root(
     model: nn.Module,
-    groups: dict[int, Any],
+    groups: dict[tuple[int, str], Any],
     report: SwapReport,
     host_own: Sequence[str] = (),
     earlier: dict[str, tuple[str, int | None]] | None = None,
@@ -469,14 +488,18 @@ def _record_at_root(
 
     Its ``"match"`` and ``"module_kwargs"`` are this swap's, which the recipe passes to every
     sub-model: a sub-model an earlier swap built with other module keywords is listed under
-    ``"mixed"`` (the recipe would build it with these), while one swapped with the other
-    ``match`` keeps the widths its own record gives (:func:`_listed_by_top`)."""
+    ``"mixed"`` (the recipe would build it with these; not for an ``align_to`` alone that leaves
+    each of its blocks' widths as they are: 128 with ``align_to=64`` or none), while one swapped
+    with the other ``match`` keeps the widths its own record gives (:func:`_listed_by_top`).
+    The blocks a sub-model's own record marks ``"mixed"`` are listed too where this swap leaves
+    that sub-model (its record is still the one that marks them)."""
     earlier = earlier or {}
     # id(top config) -> (its owner's path, the config, [(sub-model path, plan indices)])
     tops: dict[int, tuple[str, Any, list[tuple[str, list[int]]]]] = {}
+    written = {id(config) for _, _, config, _ in groups.values()}
     for owner_path, _owner, config, ks in groups.values():
         found = _top_config(model, owner_path, config)
-        if found is not None and id(found[1]) not in groups:
+        if found is not None and id(found[1]) not in written:
             tops.setdefault(id(found[1]), (*found, []))[2].append((owner_path, ks))
     odd_all: dict[str, str] = {}
     for top_path, root, members in tops.values():
@@ -506,13 +529,27 @@ def _record_at_root(
         }
         recordable = _recordable_kwargs(module_kwargs or {}, report.variant)
         for p, (label, h) in before.items():
-            # A sub-model this swap leaves, built with other module keywords (its own record's):
-            # the recipe passes this record's to every sub-model (re-review, session 27).
             owner = config_owner(model, p) if p not in odd else None
             sub = getattr(owner[2], RECORD_ATTR, None) if owner is not None else None
-            differing = _kwargs_differ(sub, recordable) if isinstance(sub, dict) else ""
+            if not isinstance(sub, dict) or owner is None:
+                continue
+            # A block its sub-model's own record marks "mixed" (written by an earlier swap of
+            # that sub-model, which this one leaves): rewritten without it, the top record let
+            # the recipe through, and the state dict did not load (re-review, session 27).
+            sub_mixed = sub.get("mixed")
+            rel = _relative(p, owner[0])
+            if isinstance(sub_mixed, dict) and rel in sub_mixed:
+                odd[p] = str(sub_mixed[rel])
+                continue
+            # A sub-model this swap leaves, built with other module keywords (its own record's):
+            # the recipe passes this record's to every sub-model (re-review, session 27). An
+            # align_to that leaves its width as it is (128 with align_to 64, or none) builds the
+            # same block: not marked for it alone (the recipe refused a model it reloads).
+            differing = _differing_kwargs(sub, recordable)
+            if set(differing) == {"align_to"} and not _realigns(h, differing["align_to"][1]):
+                continue
             if differing:
-                odd[p] = f"{label} (width {h}, module keywords {differing})"
+                odd[p] = f"{label} (width {h}, module keywords {_describe_differing(differing)})"
         if odd:
             rec["mixed"] = {_relative(p, top_path): what for p, what in odd.items()}
         setattr(root, RECORD_ATTR, rec)
