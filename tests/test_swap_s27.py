@@ -407,3 +407,27 @@ def test_wrapper_holding_a_copy_of_the_config_does_not_take_the_record(tmp_path)
     assert not hasattr(wrapper.config, "glu_probe_swap")
     assert _widths(net) == {"transformer.h.0.mlp": 170}
     _reload(net, tmp_path)
+
+
+# Re-review of the second round: two models built from one config object.
+
+
+def test_two_models_sharing_one_config_warn_and_the_first_reloads(tmp_path):
+    """A teacher and a student from one config object: grouped per owner, b's record and width
+    key silently replaced a's (a's excluded block lost: a did not reload). One record describes
+    the first model's blocks, with a warning that it cannot describe both."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=100, n_positions=32)
+
+    class _Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = transformers.GPT2LMHeadModel(config).eval()
+            self.b = transformers.GPT2LMHeadModel(config).eval()
+
+    two = _Two()
+    with pytest.warns(UserWarning, match=r"share one config object.*under 'a' only"):
+        swap_mlp(two, "swiglu", exclude=["a.transformer.h.1.mlp"])
+    assert config.glu_probe_swap["excluded"] == ["transformer.h.1.mlp"]
+    assert config.n_inner is None and config.activation_function == "gelu_new"
+    _reload(two.a, tmp_path)

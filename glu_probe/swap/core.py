@@ -676,22 +676,38 @@ def _install_and_configure(
         for m, training in modes:
             m.training = training
     _repoint_aliases(model, plan, paths_of)
-    # One update per config and owner: each block's config is that of the sub-model owning it.
-    # Keyed by the owner too: a wrapper exposing its model's config (self.config = net.config)
-    # that holds a block of its own built from it owns that block, and the first block's owner
-    # took the whole group (the record's paths began with "net.", or held "extra" cut to "a",
-    # as registration order had it; re-review, session 27).
+    # One update per config: each block's config is that of the sub-model owning it. A block
+    # outside the PreTrainedModel that saves its config is not saved with it, so that model's
+    # record and width key do not describe it: a wrapper exposing its model's config
+    # (self.config = net.config) that holds a block of its own built from it gave the group to
+    # whichever block came first (paths began with "net.", or held "extra" cut to "a";
+    # re-review, session 27).
     saved = {
         id(c) for m in model.modules() if _is_pretrained(m) and (c := _hf_config(m)) is not None
     }
-    groups: dict[tuple[int, str], tuple[str, nn.Module, Any, list[int]]] = {}
+    groups: dict[int, tuple[str, nn.Module, Any, list[int]]] = {}
+    owners: dict[int, list[str]] = {}
     for k, (path, *_rest) in enumerate(plan):
         owner = config_owner(model, path)
         if owner is None or (id(owner[2]) in saved and not _is_pretrained(owner[1])):
-            # (a block outside the PreTrainedModel that saves its config is not saved with it:
-            # that model's record does not describe it, nor does its width key)
             continue
-        groups.setdefault((id(owner[2]), owner[0]), (*owner, []))[3].append(k)
+        groups.setdefault(id(owner[2]), (*owner, []))[3].append(k)
+        seen = owners.setdefault(id(owner[2]), [])
+        if owner[0] not in seen:
+            seen.append(owner[0])
+    for paths in owners.values():
+        if len(paths) > 1:
+            # Two models built from one config object (a teacher and a student, an ensemble):
+            # one record cannot describe both (keyed per owner, the second write silently undid
+            # the first; re-review, session 27).
+            warnings.warn(
+                f"swap_mlp: the models at {paths} share one config object; its record and "
+                f"width keys describe the blocks under {paths[0]!r} only, so the reload recipe "
+                "may not rebuild the others. Build each model from its own config "
+                "(copy.deepcopy(config)) to save them separately",
+                UserWarning,
+                stacklevel=external_stacklevel(),
+            )
     mixed: dict[str, str] = {}  # root path -> what the block is, for blocks a record misses
     unknown: dict[str, str] = {}  # (those of them whose native width is unknown)
     for owner_path, owner_module, config, ks in groups.values():

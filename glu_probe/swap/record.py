@@ -462,7 +462,7 @@ def _listed_by_top(
 
 def _record_at_root(
     model: nn.Module,
-    groups: dict[tuple[int, str], Any],
+    groups: dict[int, Any],
     report: SwapReport,
     host_own: Sequence[str] = (),
     earlier: dict[str, tuple[str, int | None]] | None = None,
