@@ -384,3 +384,182 @@ def test_monitor_ends_the_fit_with_the_hook_message() -> None:
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="register_full_backward_hook"):
             trainer.fit(LM(), data)
+
+
+# ------------------------------------------------- second round (re-review s27-rA)
+# 1. A 16-bit probe of a model without float64 kernels: the fallback's check is repeated in
+#    float32 (it was refused: a bfloat16 OLMoE's grouped_mm, mismatch 5e-2 from rounding alone).
+
+
+class NoF64Tanh(torch.autograd.Function):
+    """tanh without a forward-mode rule (the fallback is taken), twice differentiable, and
+    without a float64 kernel (as ``grouped_mm``)."""
+
+    generate_vmap_rule = True
+    refused: tuple[torch.dtype, ...] = (torch.float64,)
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if x.dtype in NoF64Tanh.refused:
+            raise RuntimeError(f"Expected a Float32, BFloat16 or Float16 tensor, got {x.dtype}")
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class Cancelling(nn.Module):
+    """Two large branches that nearly cancel (frozen buffers): bfloat16 rounding of the
+    products is ~30 eps relative, above the 4-eps tolerance; float32's is far below √eps."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+        self.a = nn.Linear(8, 32)
+        w = torch.randn(4, 32)
+        self.register_buffer("p", 30 * w)
+        self.register_buffer("q", 30 * w - torch.randn(4, 32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fn(self.a(x))
+        return h @ self.p.T - h @ self.q.T
+
+
+def _cancelling() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model, x = Cancelling(NoF64Tanh.apply), torch.randn(6, 8)
+    torch.manual_seed(0)
+    twin = Cancelling(torch.tanh).double()  # (same weights, float64 tanh: the truth)
+    return model, x, training_kernel(twin, x.double())
+
+
+def test_bf16_fallback_without_float64_kernels_is_checked_in_float32() -> None:
+    model, x, K = _cancelling()
+    op = NTKOperator(model, x, dtype=torch.bfloat16, output="full")
+    KI, _ = caught(lambda: op.matvec(torch.eye(op.n, dtype=torch.bfloat16)))
+    # rounding alone tripped the bfloat16 check (the model refuses float64); float32 cleared it
+    assert op.fallback_mismatch is not None and op.fallback_mismatch > op._adjoint_tol()
+    assert not op._forward_ad and op._refused is None
+    err = float((KI.double() - K).abs().max() / K.abs().max())
+    # (bfloat16 rounding: 6.4% here, the dense path's bfloat16 K 5.8%; a dropped path is O(1))
+    assert err < 0.1
+    ev = torch.linalg.eigvalsh(K)
+    lan, _ = caught(lambda: ntk_spectrum(model, x, output="full", method="lanczos"))
+    assert abs(lan.lambda_max - float(ev[-1])) <= 1e-5 * float(ev[-1])  # (float32 probe)
+
+
+def test_unconfirmable_fallback_mismatch_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No dtype wider than bfloat16 runs: the mismatch is neither confirmed nor cleared, and the
+    # error says so instead of blaming a @once_differentiable backward.
+    monkeypatch.setattr(NoF64Tanh, "refused", (torch.float64, torch.float32))
+    model, x, _ = _cancelling()
+    op = NTKOperator(model, x, dtype=torch.bfloat16, output="full")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(NotImplementedError, match="could not be confirmed in a wider dtype"):
+            op.matvec(torch.eye(op.n, dtype=torch.bfloat16))
+    assert "float64: RuntimeError; float32: RuntimeError" in str(op._refused)
+    assert "An operation's backward is not differentiable" not in str(op._refused)
+
+
+# 2. Module backward hooks the probe never meets are not refused (a frozen backbone).
+
+
+class Backbone(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(4, 16), nn.Tanh())
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def test_backward_hook_on_a_part_the_probe_does_not_differentiate_is_allowed() -> None:
+    torch.manual_seed(0)
+    model, x = Backbone().double(), torch.randn(6, 4, dtype=torch.float64)
+    model.backbone.register_full_backward_hook(lambda m, gi, go: None)  # (gradient logging)
+    K = training_kernel(model.head, model.backbone(x).detach())  # (J of the head's params)
+    got = ntk_matrix(model, x, output="full", params=model.head)
+    assert float((got - K).abs().max()) <= 1e-12 * float(K.abs().max())
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    got = ntk_matrix(model, x, output="full")
+    assert float((got - K).abs().max()) <= 1e-12 * float(K.abs().max())
+    spec, _ = caught(lambda: ntk_spectrum(model, x, output="full", method="lanczos"))
+    assert abs(spec.lambda_max - float(torch.linalg.eigvalsh(K)[-1])) <= 1e-8 * spec.lambda_max
+    # a hook registered after the probe was built, which a pass meets: the same clear error
+    op = NTKOperator(model, x, output="full", params=model.head)
+    model.head.register_full_backward_hook(lambda m, gi, go: None)
+    with pytest.raises(ValueError, match="'backbone', 'head'"):
+        op.matvec(torch.randn(op.n, 2, dtype=torch.float64))
+
+
+# 3. A coupled batch whose products cannot be formed: the error does not advise the dense path.
+
+
+class CoupledFn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(TanhNoJvp.apply(self.bn(self.a(x))))
+
+
+def test_coupled_batch_refusal_points_to_eval_mode() -> None:
+    torch.manual_seed(0)
+    model, x = CoupledFn().double(), torch.randn(7, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for call in (
+            lambda: ntk_spectrum(model, x, output="full", method="dense", eval_mode=False),
+            lambda: ntk_matrix(model, x, output="full", eval_mode=False),
+        ):
+            with pytest.raises(NotImplementedError, match="No path can form K") as info:
+                call()
+            assert "Use ntk_spectrum(method='dense')" not in str(info.value)
+            assert "eval_mode=True" in str(info.value)
+    # and eval_mode=True works, with the dense path
+    model.eval()
+    ev = torch.linalg.eigvalsh(training_kernel(model, x))
+    spec, _ = caught(lambda: ntk_spectrum(model, x, output="full", method="dense"))
+    assert abs(spec.lambda_max - float(ev[-1])) <= 1e-10 * float(ev[-1])
+    assert abs(spec.lambda_min - float(ev[0])) <= 1e-10 * float(ev[-1])
+
+
+# 4. A wrong vmap batching rule (torch.cdist's backward, torch 2.14): the dense path's batched
+#    rows are checked against an unbatched VJP once, and computed without vmap where they differ.
+
+
+class RBF(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 16)
+        self.centers = nn.Parameter(torch.randn(5, 16))
+        self.w = nn.Parameter(torch.randn(5, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(torch.tanh(self.a(x)), self.centers) @ self.w
+
+
+def test_dense_rows_of_a_cdist_model_match_per_row_autograd() -> None:
+    # Before: ntk_matrix(strategy='jacobian') 20% off; dense λ_min −3.8e-14 for 2.78e-2 with a
+    # residual of 3.4e-12, precision float64.
+    torch.manual_seed(0)
+    model, x = RBF().double(), torch.randn(9, 4, dtype=torch.float64)
+    K = training_kernel(model, x)
+    ev = torch.linalg.eigvalsh(K)
+    got, ws = caught(lambda: ntk_matrix(model, x, output="full", strategy="jacobian"))
+    assert float((got - K).abs().max()) <= 1e-12 * float(K.abs().max())
+    assert any("batching rule" in w for w in ws)
+    spec, _ = caught(lambda: ntk_spectrum(model, x, output="full", method="dense"))
+    assert abs(spec.lambda_max - float(ev[-1])) <= 1e-10 * float(ev[-1])
+    assert abs(spec.lambda_min - float(ev[0])) <= max(spec.residual_min, 1e-10 * float(ev[-1]))
+    assert float(ev[0]) > 1e-2  # (the truth is well away from 0)

@@ -268,9 +268,38 @@ def jacobian_rows(
         "jacrev one sample at a time",
         "jacrev over each chunk",
     ]
-    state = {"level": 0}
+    # verified: 0 not yet, 1 agrees, -1 rows without vmap. A verdict is remembered per model
+    # and probe signature (a wrong batching rule is a property of the model's operations, not
+    # of its weights): a monitor checks once per fit, not at every probe (~4 % of a small
+    # ViT's ntk_matrix).
+    memo = _ROWS_VERIFIED.setdefault(probe.model, {})
+    key = _probe_signature(probe)
+    state = {"level": 0, "verified": memo.get(key, 0)}
 
     def rows(a: int, b: int) -> tuple[Tensor, ...]:
+        if not state["verified"]:
+            # (on the block's first sample alone, before the block: its rows and the check's
+            # pass held beside a full block went over the memory budget)
+            ratio, tol = _rows_mismatch(probe, a, lambda: assembled(a, a + 1))
+            state["verified"] = memo[key] = 1 if ratio <= tol else -1
+            if len(memo) > 64:  # (probes of ever new shapes: bounded)
+                memo.clear()
+            if ratio > tol:
+                warnings.warn(
+                    f"jacobian_rows: the batched Jacobian rows ({names[state['level']]}) "
+                    f"disagree with an unbatched reverse-mode pass (u·J for a random u: "
+                    f"relative mismatch {ratio:.1e} > {tol:.1e}); an operation's vmap batching "
+                    "rule is wrong for this model (torch.cdist's backward in torch 2.14), so "
+                    "the rows are computed without vmap, one backward pass per row (slower, "
+                    "right)",
+                    RuntimeWarning,
+                    stacklevel=external_stacklevel(),
+                )
+        if state["verified"] < 0:
+            return _unbatched_rows(probe, a, b)
+        return assembled(a, b)
+
+    def assembled(a: int, b: int) -> tuple[Tensor, ...]:
         while state["level"] < len(chain) - 1:
             level = state["level"]
             try:
@@ -287,6 +316,65 @@ def jacobian_rows(
         return chain[-1](a, b)
 
     return rows
+
+
+def _rows_mismatch(
+    probe: ProbeFunction, i: int, sample_rows: Callable[[], tuple[Tensor, ...]]
+) -> tuple[float, float]:
+    """(‖uᵀJ_i − Jᵀu‖ / ‖Jᵀu‖, its tolerance) for sample ``i``: its rows as
+    :func:`jacobian_rows` assembles them (``sample_rows()``: vmapped backward passes) against
+    an unbatched VJP of that sample alone with a seeded standard normal cotangent u (the
+    global RNG untouched).
+
+    vmap's batching rule of an operation can be wrong where its plain backward is right:
+    torch.cdist's ``_cdist_backward`` in torch 2.14, whose per-row K was 20% off and whose
+    dense λ_min came out −4e-14 for 2.8e-2 with a residual of 3e-12 (review, session 27).
+    One sample's rows, then one one-sample forward and backward pass, each freed before the
+    next (within the memory a block of rows takes), once per model and probe signature.
+    Tolerance as the operator's adjointness check
+    (:meth:`~glu_probe.ntk.operator.NTKOperator._check_adjoint`): √eps, 4·eps in 16-bit
+    dtypes, eps of the model's coarsest arithmetic; a wrong batching rule is O(1) off."""
+    r = probe.rows_per_sample
+    gen = torch.Generator(device=probe.device).manual_seed(0x5EED)
+    u = torch.randn(r, generator=gen, dtype=probe.dtype, device=probe.device)
+    rows = sample_rows()
+    got = torch.cat([torch.mv(J.reshape(r, -1).T, u.to(J.dtype)) for J in rows])
+    del rows  # (before the reference pass: a budget sized for one block holds one of them)
+    wide = torch.promote_types(got.dtype, torch.float32)  # (16-bit rows: float32 norms)
+    got = got.to(wide)
+    chunk = probe.chunk(i, i + 1)
+    ref = torch.func.vjp(lambda *p: probe(p, chunk), *probe.params)[1](u)
+    want = torch.cat([g.reshape(-1).to(wide) for g in ref])
+    del ref
+    diff = float(torch.linalg.vector_norm(got - want)) ** 2
+    scale = float(torch.linalg.vector_norm(want)) ** 2
+    eps = torch.finfo(forward_rounding_dtype(probe)).eps
+    tol = math.sqrt(eps)
+    if eps > torch.finfo(torch.float32).eps:
+        tol = min(tol, 4.0 * eps)
+    if scale == 0.0 or not math.isfinite(diff + scale):
+        return 0.0, tol  # (K = 0 or non-finite rows: ntk_matrix's own checks say so)
+    return math.sqrt(diff / scale), tol
+
+
+def _unbatched_rows(probe: ProbeFunction, a: int, b: int) -> tuple[Tensor, ...]:
+    """Rows of J for samples ``a:b`` without vmap (:func:`_rows_mismatch`): one VJP per
+    sample, applied to each of its r basis cotangents in turn; the whole chunk's VJP, row by
+    row, where one sample does not run alone."""
+    try:
+        return _per_sample_jacobian(probe, row_chunk=1)(slice(a, b))
+    except Exception:
+        pass
+    chunk = probe.chunk(a, b)
+    res = torch.func.vjp(lambda *p: probe(p, chunk), *probe.params)
+    out, vjp_fn = res[0], res[1]
+    jac = [torch.empty(out.numel(), *p.shape, dtype=p.dtype, device=p.device) for p in probe.params]
+    basis = torch.zeros(out.numel(), dtype=out.dtype, device=out.device)
+    for i in range(out.numel()):
+        basis.zero_()[i] = 1
+        for dst, src in zip(jac, vjp_fn(basis.view_as(out)), strict=True):
+            dst[i] = src
+    return tuple(jac)
 
 
 #: Elements of one converted column chunk in :func:`_gram` (float32 rows widened to float64 a
@@ -541,20 +629,7 @@ def _forward_trace(probe: ProbeFunction) -> tuple[int, torch.dtype | None, int]:
     arithmetic" and "no activations": a float64 probe of a model computing in float32 inside
     reported float64 residuals 5e5 times below its error, with no warning (review, session 27).
     Where no pass runs: (0, ``None``, 0)."""
-    signature = (
-        probe.output if isinstance(probe.output, str) else id(probe.output),
-        tuple(probe.names),
-        tuple(tuple(t.shape) for t in pytree.tree_leaves(probe.inputs) if isinstance(t, Tensor)),
-        probe.dtype,
-        # (train mode runs other layers: the verdict of an eval_mode=True probe was reused for
-        # a train-mode one, and the result depended on the call history; review, session 27)
-        probe.eval_mode,
-        # (a forward whose precision follows a Python attribute kept its first verdict: the
-        # float64 bounds understated by 9 orders; review, session 25)
-        tuple(
-            (name, type(m), plain_settings(m, held=True)) for name, m in probe.model.named_modules()
-        ),
-    )
+    signature = _probe_signature(probe)
     memo = _ACTIVATIONS.setdefault(probe.model, {})
     if signature not in memo:
         attempts = [(probe.chunk(0, 1), 1)]
@@ -574,6 +649,30 @@ def _forward_trace(probe: ProbeFunction) -> tuple[int, torch.dtype | None, int]:
             memo.clear()
         memo[signature] = result
     return memo[signature]
+
+
+#: Per model, :func:`jacobian_rows`' verdict on its batched rows per probe signature (1: they
+#: agree with an unbatched pass, -1: rows without vmap; weak keys).
+_ROWS_VERIFIED: weakref.WeakKeyDictionary[nn.Module, dict[Any, int]] = weakref.WeakKeyDictionary()
+
+
+def _probe_signature(probe: ProbeFunction) -> tuple[Any, ...]:
+    """What a per-model memo of the probe's forward keys on: output, parameter names, input
+    shapes, probe dtype, eval mode and the modules' plain settings."""
+    return (
+        probe.output if isinstance(probe.output, str) else id(probe.output),
+        tuple(probe.names),
+        tuple(tuple(t.shape) for t in pytree.tree_leaves(probe.inputs) if isinstance(t, Tensor)),
+        probe.dtype,
+        # (train mode runs other layers: the verdict of an eval_mode=True probe was reused for
+        # a train-mode one, and the result depended on the call history; review, session 27)
+        probe.eval_mode,
+        # (a forward whose precision follows a Python attribute kept its first verdict: the
+        # float64 bounds understated by 9 orders; review, session 25)
+        tuple(
+            (name, type(m), plain_settings(m, held=True)) for name, m in probe.model.named_modules()
+        ),
+    )
 
 
 def _traced_pass(probe: ProbeFunction, inputs: Any) -> FloatTrace | None:

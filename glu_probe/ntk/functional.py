@@ -533,19 +533,12 @@ def _warn_train_mode_layers(model: nn.Module) -> None:
         )
 
 
-def _refuse_module_backward_hooks(model: nn.Module) -> None:
-    """Raise a ``ValueError`` where a module of ``model`` has a full backward hook or a backward
-    pre-hook (``register_full_backward_hook``, ``register_full_backward_pre_hook``, or their
-    global ``nn.modules.module.register_module_full_backward_*`` forms).
-
-    PyTorch runs those hooks through ``BackwardHookFunction``, an ``autograd.Function``
-    without ``setup_context``, which no torch.func transform accepts: every probe pass raised
-    torch's "In order to use an autograd.Function with functorch transforms ... it must
-    override the setup_context staticmethod", about a Function the user never wrote, and the NTK
-    monitor ended the fit at its first probe (review, session 27). The hooks cannot be skipped
-    either: one that rescales gradients changes training's J. Old-style
-    ``register_backward_hook`` hooks (on the module's ``grad_fn``) work under torch.func and
-    are not refused."""
+def _module_backward_hooks(model: nn.Module) -> str | None:
+    """What full backward hooks or backward pre-hooks ``model`` carries
+    (``register_full_backward_hook``, ``register_full_backward_pre_hook``, or their global
+    ``nn.modules.module.register_module_full_backward_*`` forms), in words; ``None`` if none.
+    Old-style ``register_backward_hook`` hooks (on the module's ``grad_fn``) work under
+    torch.func and are not counted."""
     from torch.nn.modules import module as module_mod
 
     hooked = [
@@ -559,7 +552,7 @@ def _refuse_module_backward_hooks(model: nn.Module) -> None:
         bool(module_mod._global_backward_hooks) and module_mod._global_is_full_backward_hook is True
     )
     if not hooked and not global_hooks:
-        return
+        return None
     found = []
     if hooked:
         found.append(
@@ -574,8 +567,21 @@ def _refuse_module_backward_hooks(model: nn.Module) -> None:
             "nn.modules.module.register_module_full_backward_hook / _pre_hook), which applies "
             "to every module"
         )
-    raise ValueError(
-        f"the NTK probe cannot run with {' and '.join(found)}: PyTorch runs these hooks "
+    return " and ".join(found)
+
+
+def _backward_hook_error(found: str) -> ValueError:
+    """The clear error for module backward hooks that a probe pass meets (``found``: from
+    :func:`_module_backward_hooks`).
+
+    PyTorch runs those hooks through ``BackwardHookFunction``, an ``autograd.Function``
+    without ``setup_context``, which no torch.func transform accepts: every probe pass raised
+    torch's "In order to use an autograd.Function with functorch transforms ... it must
+    override the setup_context staticmethod", about a Function the user never wrote, and the NTK
+    monitor ended the fit at its first probe (review, session 27). The hooks cannot be skipped
+    either: one that rescales gradients changes training's J."""
+    return ValueError(
+        f"the NTK probe cannot run with {found}: PyTorch runs these hooks "
         "through an autograd.Function without setup_context, which torch.func (the probe's "
         "vmap, vjp and jvp) cannot run, and they cannot be left out either (a hook that "
         "changes gradients changes training's Jacobian). Remove them while probing (the "
@@ -583,6 +589,23 @@ def _refuse_module_backward_hooks(model: nn.Module) -> None:
         "tensor.register_hook on an activation, or a custom autograd.Function with "
         "setup_context), which the probe supports"
     )
+
+
+def _meets_backward_hook(rows: Tensor) -> bool:
+    """Whether the autograd graph of ``rows`` passes through a module backward hook
+    (``BackwardHookFunctionBackward`` nodes). PyTorch inserts one only where the hooked
+    module's inputs or outputs require grad: a hook on a frozen backbone, or outside the
+    parameters the probe selects, is never met, and its probe runs (review, session 27)."""
+    stack, seen = [rows.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == "BackwardHookFunctionBackward":
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
 
 
 def _normal(t: Tensor) -> Tensor:
@@ -1037,7 +1060,6 @@ class ProbeFunction:
         for _, mod in model.named_modules(remove_duplicate=False):
             seen[id(mod)] = seen.get(id(mod), 0) + 1
         self._aliased = [m for m in model.modules() if seen[id(m)] > 1]
-        _refuse_module_backward_hooks(model)
         if not eval_mode:
             _warn_train_mode_layers(model)
         with torch.inference_mode(False):  # copies usable by autograd even if called under it
@@ -1256,6 +1278,12 @@ class ProbeFunction:
         try:
             out = self._functional_call(state, args, kwargs)
         except RuntimeError as err:
+            if "must override the setup_context staticmethod" in str(err):
+                # (a module backward hook met inside a transform that the validating pass did
+                # not meet, e.g. one registered since: torch's error names no module)
+                found = _module_backward_hooks(self.model)
+                if found is not None:
+                    raise _backward_hook_error(found) from err
             if clone or "mutate a captured Tensor" not in str(err):
                 raise
             self._buffers_mutated()  # (inside a transform, before any plain call saw it)
@@ -1414,6 +1442,12 @@ class ProbeFunction:
             raise ProbeInputError(
                 f"the model failed on the probe batch ({type(err).__name__}: {err}){hint}"
             ) from err
+        # (module backward hooks that the probe's transforms would meet: refused here, with
+        # the hooks named, instead of torch's setup_context error at the first pass; hooks it
+        # never meets, on a frozen part, are no concern)
+        found = _module_backward_hooks(self.model)
+        if found is not None and rows.requires_grad and _meets_backward_hook(rows):
+            raise _backward_hook_error(found)
         if rows.numel() == 0:
             raise ValueError("the probe produced no rows (empty output)")
         if rows.is_complex():

@@ -431,9 +431,34 @@ def _missing_forward_ad(err: BaseException) -> bool:
 class MatrixFreeUnavailableError(NotImplementedError):
     """J·u cannot be formed matrix-free for this model: forward mode is missing or disagrees
     with reverse mode, and so does the reverse-mode fallback (the VJP of u ↦ Jᵀu, a double
-    backward), or it cannot run. The products would be wrong (or impossible); the dense path
-    (``ntk_spectrum(method="dense")``, ``ntk_matrix(strategy="jacobian")``), which needs
-    first-order reverse mode only, is not affected."""
+    backward), or it cannot run, or its check could not be confirmed in a dtype wider than the
+    probe's. The products would be wrong (or impossible, or unverified). Where the probe's
+    samples are independent, the dense path (``ntk_spectrum(method="dense")``,
+    ``ntk_matrix(strategy="jacobian")``), which needs first-order reverse mode only, is not
+    affected. Where they are not (a coupled batch: train-mode BatchNorm with
+    ``eval_mode=False``, :attr:`~glu_probe.ntk.functional.ProbeFunction.per_sample_why`), the
+    dense path's K comes from these same products and per-sample rows are not the batch's:
+    no path forms K for that model and batch (``eval_mode=True`` makes the samples
+    independent, and the dense path then works)."""
+
+
+def _without_products_advice(probe: ProbeFunction) -> str:
+    """What to use where the matrix-free products cannot be formed (see
+    :class:`MatrixFreeUnavailableError`): the dense path, unless the batch is coupled."""
+    if probe.per_sample_why is None:
+        return (
+            "Use ntk_spectrum(method='dense') or ntk_matrix(strategy='jacobian') (K from "
+            "first-order reverse-mode Jacobian rows, training's J)"
+        )
+    # (the dense path of a coupled batch runs these same products: advising it sent the user
+    # into the same error; review, session 27)
+    return (
+        f"No path can form K for this model and batch: {probe.per_sample_why}, so the dense "
+        "path (method='dense', strategy='auto') computes K from these same products, and "
+        "per-sample Jacobian rows (strategy='jacobian') do not give the batch's K. Probe "
+        "with eval_mode=True (running statistics: independent samples, whose K the dense "
+        "path forms from first-order reverse-mode rows)"
+    )
 
 
 def _jvp_through_vjp(
@@ -1063,11 +1088,15 @@ class NTKOperator:
         exact transpose of its backward (LayerNorm's differ by ~1% in float32 on an
         ill-conditioned forward, whose forward mode is 3% off). Where a probe narrower than
         float64 fails the check, it is repeated on a float64 copy of the probe (the same
-        pairs): rounding shrinks by orders of magnitude there, a dropped path does not. The
-        fallback is kept if that passes. ``fallback_mismatch`` records the estimate in the
-        probe's dtype. ``collective``: as for :meth:`_adjoint_estimate` (a fallback taken by the
-        agreed check is verified on every rank together; one taken later, by one rank's
-        product, on that rank's rows)."""
+        pairs), or, where the model does not run in float64 (an op without a float64 kernel,
+        e.g. ``grouped_mm`` of mixture-of-experts layers), on a float32 copy of a 16-bit probe:
+        rounding shrinks by orders of magnitude there, a dropped path does not. The fallback is
+        kept if that passes. Where no wider dtype runs, the mismatch can be neither confirmed
+        nor cleared, and the products are refused with an error that says so (not blaming a
+        non-differentiable backward it could not tell from rounding). ``fallback_mismatch``
+        records the estimate in the probe's dtype. ``collective``: as for
+        :meth:`_adjoint_estimate` (a fallback taken by the agreed check is verified on every
+        rank together; one taken later, by one rank's product, on that rank's rows)."""
         try:
             _, ratio = self._adjoint_estimate(by_vjp=True, collective=collective)
         except RuntimeError as err:  # (NotImplementedError is one)
@@ -1078,8 +1107,7 @@ class NTKOperator:
             self._refused = MatrixFreeUnavailableError(
                 f"NTKOperator: J·u cannot be formed matrix-free for this model ({err}): an "
                 "operation has neither a forward-mode derivative nor a double backward (e.g. "
-                "nn.EmbeddingBag). Use ntk_spectrum(method='dense') or ntk_matrix("
-                "strategy='jacobian'), which need first-order reverse mode only"
+                f"nn.EmbeddingBag). {_without_products_advice(self.probe)}"
             )
             raise self._refused from err
         self.fallback_mismatch = ratio
@@ -1087,38 +1115,64 @@ class NTKOperator:
         if ratio is None or ratio <= tol:
             self._fallback_checked = True
             return
-        wide: float | None = None
-        reason = ""
-        if self.dtype != torch.float64:
+        reason, confirmed = "", True
+        # (float64, then float32 for a 16-bit probe: the widest dtype the model runs in; a
+        # bfloat16 MoE's grouped_mm has no float64 kernel, and its fallback, 5e-2 off in
+        # bfloat16 from rounding alone and 8e-7 in float32, was refused: review, session 27)
+        own = torch.finfo(self.dtype).eps
+        wider = [d for d in (torch.float64, torch.float32) if torch.finfo(d).eps < own]
+        failed: list[str] = []
+        for wide_dtype in wider:
             try:
-                wide, wide_tol = self._wide_fallback_estimate(collective)
-            except (RuntimeError, TypeError) as err:  # (no float64 kernel for some op)
+                wide, wide_tol = self._wide_fallback_estimate(collective, wide_dtype)
+            except (RuntimeError, TypeError) as err:  # (no kernel in that dtype for some op)
                 if is_out_of_memory(err):
                     raise  # (checked again at the next product)
-                reason = f"; the float64 check could not run ({type(err).__name__})"
-            else:
-                if wide is None or wide <= wide_tol:
-                    self._fallback_checked = True  # (rounding of the probe's dtype alone)
-                    return
-                reason = f", in float64 too ({wide:.1e} > {wide_tol:.1e})"
+                failed.append(f"{str(wide_dtype).removeprefix('torch.')}: {type(err).__name__}")
+                continue
+            if wide is None or wide <= wide_tol:
+                self._fallback_checked = True  # (rounding of the probe's dtype alone)
+                return
+            reason = (
+                f", in {str(wide_dtype).removeprefix('torch.')} too ({wide:.1e} > {wide_tol:.1e})"
+            )
+            break
+        else:
+            confirmed = not wider  # (a float64 probe: measured in the widest dtype already)
         self._fallback_checked = True
-        self._refused = MatrixFreeUnavailableError(
-            "NTKOperator: J·u cannot be formed matrix-free for this model: forward mode is "
-            "unavailable or disagrees with reverse mode, and the reverse-mode fallback (J·u "
-            "as the VJP of u ↦ Jᵀu, a double backward) disagrees with reverse mode too "
-            f"(u·(J w) against (Jᵀu)·w for {self.ADJOINT_PAIRS} random pairs: relative "
-            f"mismatch ≈ {ratio:.1e} > {tol:.1e}{reason}). An operation's backward is not "
-            "differentiable: typically a custom autograd.Function whose backward is "
-            "@once_differentiable, whose path torch.func drops from a double backward "
-            "without an error. Its products would be wrong. Use ntk_spectrum("
-            "method='dense') or ntk_matrix(strategy='jacobian') (K from first-order "
-            "reverse-mode Jacobian rows, training's J), or give the Function a jvp "
-            "staticmethod that agrees with its backward (forward-mode products)"
+        measured = (
+            "the reverse-mode fallback (J·u as the VJP of u ↦ Jᵀu, a double backward) "
+            f"disagrees with reverse mode too (u·(J w) against (Jᵀu)·w for "
+            f"{self.ADJOINT_PAIRS} random pairs: relative mismatch ≈ {ratio:.1e} > {tol:.1e}"
         )
+        if confirmed:
+            self._refused = MatrixFreeUnavailableError(
+                "NTKOperator: J·u cannot be formed matrix-free for this model: forward mode is "
+                f"unavailable or disagrees with reverse mode, and {measured}{reason}). An "
+                "operation's backward is not differentiable: typically a custom "
+                "autograd.Function whose backward is @once_differentiable, whose path "
+                "torch.func drops from a double backward without an error. Its products would "
+                f"be wrong. {_without_products_advice(self.probe)}; or give the Function a "
+                "jvp staticmethod that agrees with its backward (forward-mode products)"
+            )
+        else:
+            name = str(self.dtype).removeprefix("torch.")
+            self._refused = MatrixFreeUnavailableError(
+                "NTKOperator: J·u cannot be formed matrix-free for this model: forward mode is "
+                f"unavailable or disagrees with reverse mode, and {measured} in "
+                f"{name}), which could not be confirmed in a wider dtype (the model does not "
+                f"run there: {'; '.join(failed)}). Rounding of {name} alone (an "
+                "ill-conditioned forward) can cause it, "
+                "as can an operation whose backward is not differentiable (a custom "
+                "autograd.Function with a @once_differentiable backward); the products are "
+                f"not used unverified. {_without_products_advice(self.probe)}"
+            )
         raise self._refused
 
-    def _wide_fallback_estimate(self, collective: bool) -> tuple[float | None, float]:
-        """(the fallback's estimate, its tolerance) on a float64 copy of the probe, over the
+    def _wide_fallback_estimate(
+        self, collective: bool, dtype: torch.dtype = torch.float64
+    ) -> tuple[float | None, float]:
+        """(the fallback's estimate, its tolerance) on a ``dtype`` copy of the probe, over the
         same pairs and chunks (see :meth:`_verify_fallback`)."""
         (a, b), chunks = self._ranges[0], len(self._ranges)
         # (collective: every rank is here together, the verdict above being agreed; else this
@@ -1127,7 +1181,7 @@ class NTKOperator:
         wide = NTKOperator(
             None,
             None,
-            probe=self.probe.astype(torch.float64),
+            probe=self.probe.astype(dtype),
             chunk_size=None if chunks == 1 else b - a,
             process_group=group,
             cuda_graphs=False,
