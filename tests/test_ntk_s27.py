@@ -6,6 +6,7 @@ float64 per-row Jacobians from ``torch.autograd`` (reverse mode, as in training)
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -563,3 +564,40 @@ def test_dense_rows_of_a_cdist_model_match_per_row_autograd() -> None:
     assert abs(spec.lambda_max - float(ev[-1])) <= 1e-10 * float(ev[-1])
     assert abs(spec.lambda_min - float(ev[0])) <= max(spec.residual_min, 1e-10 * float(ev[-1]))
     assert float(ev[0]) > 1e-2  # (the truth is well away from 0)
+
+
+def test_dense_row_check_does_not_take_float32_rounding_for_a_wrong_batching_rule():
+    """12 residual Linear -> LayerNorm blocks with a pre-norm offset of 100: float32 rounding
+    puts batched and unbatched rows 1.2e-3 apart (above √eps), both K equally far from float64
+    truth. The check repeats itself in float64 before it sends every later probe of the model
+    to one backward pass per row (re-review, session 27)."""
+    from glu_probe.ntk import dense as D
+
+    class _LayerNormNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(
+                [nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16)) for _ in range(12)]
+            )
+            self.out = nn.Linear(16, 3)
+            with torch.no_grad():
+                for i, b in enumerate(self.blocks):
+                    b[0].weight.mul_(10.0 ** (i % 4 - 2))
+                    b[0].bias.fill_(100.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for b in self.blocks:
+                x = x + b(x)
+            return self.out(x)
+
+    torch.manual_seed(6)
+    model, x = _LayerNormNet(), torch.randn(6, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "batching rule is wrong" warning)
+        K = ntk_matrix(model, x, output="full", strategy="jacobian", dtype=torch.float32)
+    assert set(D._ROWS_VERIFIED[model].values()) == {1}
+    truth = ntk_matrix(
+        copy.deepcopy(model).double(), x.double(), output="full", strategy="jacobian"
+    )
+    err = float((K.double() - truth).abs().max() / truth.abs().max())
+    assert err < 1e-2  # (float32 rounding of this ill-conditioned net: ~2e-3)
