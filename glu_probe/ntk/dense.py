@@ -350,10 +350,7 @@ def _rows_mismatch(
     del ref
     diff = float(torch.linalg.vector_norm(got - want)) ** 2
     scale = float(torch.linalg.vector_norm(want)) ** 2
-    eps = torch.finfo(forward_rounding_dtype(probe)).eps
-    tol = math.sqrt(eps)
-    if eps > torch.finfo(torch.float32).eps:
-        tol = min(tol, 4.0 * eps)
+    tol = derivative_tolerance(probe)
     if scale == 0.0 or not math.isfinite(diff + scale):
         return 0.0, tol  # (K = 0 or non-finite rows: ntk_matrix's own checks say so)
     return math.sqrt(diff / scale), tol
@@ -625,6 +622,18 @@ def forward_rounding_dtype(probe: ProbeFunction) -> torch.dtype:
     if not samples and probe.dtype == torch.float64:
         return torch.float32
     return narrow if narrow is not None else probe.dtype
+
+
+def derivative_tolerance(probe: ProbeFunction, eps_factor: float = 4.0) -> float:
+    """Relative tolerance of two derivative passes of the probe that should agree (forward
+    against reverse mode, batched against unbatched rows): √eps of the forward's coarsest
+    arithmetic (:func:`forward_rounding_dtype`), at most ``eps_factor``·eps in 16-bit dtypes
+    (see :meth:`~glu_probe.ntk.operator.NTKOperator._check_adjoint` for the measurements)."""
+    eps = torch.finfo(forward_rounding_dtype(probe)).eps  # (memoised probe trace)
+    tol = math.sqrt(eps)
+    if eps > torch.finfo(torch.float32).eps:  # (bfloat16, float16)
+        tol = min(tol, eps_factor * eps)
+    return tol
 
 
 def forward_traced(probe: ProbeFunction) -> bool:

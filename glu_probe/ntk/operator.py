@@ -1017,13 +1017,9 @@ class NTKOperator:
 
     def _adjoint_tol(self) -> float:
         """The adjointness checks' tolerance (see :meth:`_check_adjoint`)."""
-        from .dense import forward_rounding_dtype  # local: dense imports this module
+        from .dense import derivative_tolerance  # local: dense imports this module
 
-        eps = torch.finfo(forward_rounding_dtype(self.probe)).eps  # (memoised probe trace)
-        tol = math.sqrt(eps)
-        if eps > torch.finfo(torch.float32).eps:  # (bfloat16, float16: see _check_adjoint)
-            tol = min(tol, self.ADJOINT_EPS_FACTOR * eps)
-        return tol
+        return derivative_tolerance(self.probe, self.ADJOINT_EPS_FACTOR)
 
     def _adjoint_estimate(
         self, by_vjp: bool, collective: bool
