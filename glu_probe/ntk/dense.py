@@ -693,9 +693,27 @@ def _forward_trace(probe: ProbeFunction) -> tuple[int, torch.dtype | None, int]:
 _ROWS_VERIFIED: weakref.WeakKeyDictionary[nn.Module, dict[Any, int]] = weakref.WeakKeyDictionary()
 
 
+#: Per probe instance, its signature (:func:`_probe_signature`) per dtype, eval mode and inputs:
+#: walking every module's settings cost ~0.5 ms per call on the demo's ViT and GPT-2, and one
+#: ``ntk_spectrum`` asked 9 times (review, session 28). A probe is a snapshot of one call's
+#: model state (its session restores every attribute), so the walk is done once per probe.
+_SIGNATURES: weakref.WeakKeyDictionary[ProbeFunction, dict[Any, tuple[Any, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _probe_signature(probe: ProbeFunction) -> tuple[Any, ...]:
     """What a per-model memo of the probe's forward keys on: output, parameter names, input
-    shapes, probe dtype, eval mode and the modules' plain settings."""
+    shapes, probe dtype, eval mode and the modules' plain settings (computed once per probe
+    instance, dtype, eval mode and inputs)."""
+    memo = _SIGNATURES.setdefault(probe, {})
+    key = (probe.dtype, probe.eval_mode, id(probe.inputs))
+    if key not in memo:
+        memo[key] = _signature_of(probe)
+    return memo[key]
+
+
+def _signature_of(probe: ProbeFunction) -> tuple[Any, ...]:
     return (
         probe.output if isinstance(probe.output, str) else id(probe.output),
         tuple(probe.names),
@@ -803,6 +821,14 @@ def _plan(
         return None
     trans = jacobian_transient_bytes(probe, row_itemsize, strict)
     block = max(1, min(rows_block, (free // 4) // (row_bytes * r + trans)))
+    if panel >= s_total > block and s_total * (row_bytes * r + trans) <= free // 2:
+        # One panel holds every row: nothing is streamed beside it, so one call may make it
+        # whole (its output is the panel: no buffer, no copy) where its rows and transients fit
+        # half of what K leaves. The quarter rule above is for a block held beside a panel: a
+        # 64-sample ViT probe under the monitor's budget ran as blocks of 56 and 8 samples into
+        # a buffer, 65.7 ms against 53.1 ms in one call, at a higher peak (60 vs 40 MiB;
+        # review, session 28).
+        block = s_total
     # What the rows leave of the budget for a call's intermediates: the panel, and the block
     # being computed or streamed (none beside a panel that one call makes whole).
     resident = panel if block >= s_total else panel + block
