@@ -45,6 +45,8 @@ per baseline) need distinct prefixes.
 * ``crossing/delta`` = smoothed (this run − baseline), every ``log_every_n_steps`` updates and at
   each crossing; ``crossing/event`` = +1 (model overtakes baseline) or −1 (baseline overtakes
   model) at each crossing's detection step, through all of the Trainer's loggers on rank zero;
+  ``crossing/delta`` is also put in ``trainer.callback_metrics`` after every update (on every
+  rank, and restored on resume), so ``EarlyStopping`` / ``ModelCheckpoint`` can monitor it;
 * a TensorBoard text entry (tag ``crossing``) per crossing, on every TensorBoardLogger;
 * ``on_crossing(trainer, pl_module, crossing)``, an optional user hook, called on every rank;
 * ``crossings``: the list of :class:`~glu_probe.crossing.Crossing` so far.
@@ -563,6 +565,12 @@ class LossCrossingMonitor(Callback):
             else:
                 self._collect(trainer, pl_module)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resumed fit starts with empty callback_metrics (Lightning does not restore them);
+        # the uninterrupted run holds the last delta there until the next update.
+        if not is_quiet_run(trainer) and self.detector.n_updates:
+            self._publish(trainer)
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -783,6 +791,7 @@ class LossCrossingMonitor(Callback):
         crossing = self.detector.update(step, a, b)
         if self.detector.n_nonfinite != skipped:  # non-finite loss: ignored by the detector
             return
+        self._publish(trainer)
         metrics: dict[str, float] = {}
         if (self.detector.n_updates - 1) % self._delta_every(trainer) == 0 or crossing is not None:
             metrics[f"{self.prefix}/delta"] = self.detector.delta
@@ -791,6 +800,22 @@ class LossCrossingMonitor(Callback):
         log_metrics(trainer, metrics, step=step)
         if crossing is not None:
             self._announce(trainer, pl_module, crossing)
+
+    def _publish(self, trainer: pl.Trainer) -> None:
+        """Put the current smoothed delta in ``trainer.callback_metrics`` (every rank), after
+        every update as Lightning does for a metric logged on step whatever the loggers'
+        cadence, so that ``EarlyStopping`` / ``ModelCheckpoint(monitor="crossing/delta")`` can
+        use it: they said it was not available (review, session 28)."""
+        delta = self.detector.delta
+        if not np.isfinite(delta):
+            return  # (before the first update)
+        # Into the connector's dict itself where it has one: the callback_metrics property
+        # calls .item() on every progress-bar metric, a device sync per metric.
+        connector = getattr(trainer, "_logger_connector", None)
+        target = getattr(connector, "_callback_metrics", None)
+        if not isinstance(target, dict):
+            target = trainer.callback_metrics
+        target[f"{self.prefix}/delta"] = torch.tensor(float(delta))
 
     def _announce(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, crossing: Crossing

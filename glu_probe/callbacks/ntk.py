@@ -24,7 +24,10 @@ NTK is K = J Jᵀ. Every ``every_n_steps`` optimizer steps (and at step 0) the m
   allowance n·ε₆₄·λ_max alone (about 1e-13 of λ_max at 64 rows).
 
 For a PairedModule the names are ``ntk/model/<name>`` and ``ntk/baseline/<name>`` (its
-``model_prefix`` / ``baseline_prefix``). On rank zero it
+``model_prefix`` / ``baseline_prefix``). The values also go to ``trainer.callback_metrics`` (0-dim
+tensors, on every rank), so ``EarlyStopping`` / ``ModelCheckpoint(monitor="ntk/condition_number")``
+can use them: they hold the last probe's values until the next probe (a resumed run restores
+them from its checkpoint's history). On rank zero it
 also writes TensorBoard histograms of the spectrum (``ntk/spectrum`` and ``ntk/log10_spectrum``, the
 latter over the strictly positive eigenvalues only) and a matplotlib figure of the sorted
 eigenvalues, when the engine returned the whole spectrum (exact path). On the iterative path
@@ -95,7 +98,11 @@ MisconfigurationException.
 Failure containment
 -------------------
 An out-of-memory error halves the chunk size once and retries; a second one warns and skips the
-probe. Non-finite outputs or eigenvalues warn and skip. ``strict=True`` raises instead.
+probe. Non-finite outputs or eigenvalues warn and skip. A ``params`` filter that selected
+parameters at an earlier probe and selects none now (renamed by ``ModelPruning``, or frozen)
+warns once and skips the probes until it selects again. ``strict=True`` raises instead. A probed
+parameter set that changes between probes (``BackboneFinetuning`` unfreezing a backbone: only
+``requires_grad`` parameters are probed) warns at that step; the names are checkpointed.
 """
 
 from __future__ import annotations
@@ -231,7 +238,8 @@ def _checked_spectrum_kwargs(spectrum_kwargs: Mapping[str, Any] | None) -> dict[
 
 
 class NTKProbeWarning(UserWarning):
-    """A probe was skipped (out of memory, non-finite values); training continues."""
+    """A probe was skipped (out of memory, non-finite values, a ``params=`` filter that stopped
+    matching), or what it probes changed (the parameter set); training continues."""
 
 
 class _ProbeFailure(Exception):
@@ -316,6 +324,23 @@ def _is_encoder_decoder(module: nn.Module) -> bool:
         getattr(getattr(m, "config", None), "is_encoder_decoder", False) is True
         for m in module.modules()
     )
+
+
+def _unpruned_name(module: nn.Module, name: str) -> str:
+    """``name`` of a parameter of ``module`` as it was before ``torch.nn.utils.prune``, which
+    keeps a pruned ``weight`` (the same Parameter) as ``weight_orig`` beside a ``weight_mask``
+    buffer: pruning renames a probed parameter, it neither adds nor removes one."""
+    if not name.endswith("_orig"):
+        return name
+    path, _, leaf = name.rpartition(".")
+    base = leaf[: -len("_orig")]
+    try:
+        owner = module.get_submodule(path) if path else module
+    except AttributeError:
+        return name
+    if base and isinstance(getattr(owner, base + "_mask", None), torch.Tensor):
+        return f"{path}.{base}" if path else base
+    return name
 
 
 def _raised_here(err: BaseException) -> bool:
@@ -505,6 +530,9 @@ class NTKSpectrumMonitor(Callback):
         self.history: list[dict[str, Any]] = []
         self._ritz: dict[str, torch.Tensor] = {}
         self._ritz_values: dict[str, tuple[float, float]] = {}  # (λ_max, λ_min) of those
+        # The parameter names each target's last selection gave (pruned ones by their names
+        # before pruning): a later probe of another set warns that the series changes there.
+        self._probed_names: dict[str, list[str]] = {}
         # Per-fit state.
         self._inputs: Any = None
         self._n_probe: int = 0
@@ -525,6 +553,8 @@ class NTKSpectrumMonitor(Callback):
         # Targets whose default budget the engine refused in this fit: they probe under the
         # engine's own default from then on (no refused attempt at every probe).
         self._unbudgeted: set[str] = set()
+        # Targets whose params= selection stopped matching (warned once; skipped until it does)
+        self._unmatched: set[str] = set()
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -550,6 +580,7 @@ class NTKSpectrumMonitor(Callback):
             # (the eigenvalues the vectors came from: a resumed run checks its warm starts too)
             "warm_values": dict(self._ritz_values),
             "probe_shapes": self._probe_shapes,
+            "probed_params": {k: list(v) for k, v in self._probed_names.items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -569,6 +600,9 @@ class NTKSpectrumMonitor(Callback):
         self._ritz = dict(state_dict.get("warm_start", {}))
         self._ritz_values = dict(state_dict.get("warm_values", {}))  # (absent before session 20)
         self._saved_probe_shapes = state_dict.get("probe_shapes")  # (absent before 0.x)
+        # (absent before session 28: the first probe then compares with nothing)
+        saved_names = state_dict.get("probed_params") or {}
+        self._probed_names = {k: list(v) for k, v in saved_names.items()}
 
     def _reset_run(self) -> None:
         """Forget a previous, independent fit's state (this instance is being reused)."""
@@ -578,6 +612,7 @@ class NTKSpectrumMonitor(Callback):
         self.history = []
         self._ritz = {}
         self._ritz_values = {}
+        self._probed_names = {}
         self.probe_seconds = []
         self._pending_figure = None
 
@@ -673,6 +708,12 @@ class NTKSpectrumMonitor(Callback):
         self._restored_every = None
         self._warned_sites = set()
         self._unbudgeted = set()
+        self._unmatched = set()
+        if self.history:
+            # A resumed (or continued) fit: Lightning starts it with empty callback_metrics, and
+            # the uninterrupted run holds the last probe's values there until the next probe.
+            last = {k: v for k, v in self.history[-1].items() if k != "step"}
+            trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in last.items()})
         self._inputs = self._fix_probe(trainer, pl_module)
         shapes = self._probe_shapes
         saved, self._saved_probe_shapes = self._saved_probe_shapes, None
@@ -1046,6 +1087,10 @@ class NTKSpectrumMonitor(Callback):
         entry.update(metrics)
         self.history.append(entry)
         log_metrics(trainer, metrics, step=step)
+        # Also in trainer.callback_metrics, on every rank (each holds rank 0's broadcast result):
+        # EarlyStopping / ModelCheckpoint(monitor="ntk/condition_number") read them there, and
+        # said the metric was not available (review, session 28; gap/* since session 25).
+        trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in metrics.items()})
         if self.log_histogram or self.log_figure:
             self._log_spectra(trainer, results, step)
 
@@ -1068,14 +1113,18 @@ class NTKSpectrumMonitor(Callback):
                 # Tell the other ranks before raising, so that none waits in a collective.
                 original = err
                 payload = {"error": f"{type(err).__name__}: {err}"}
+            # (every rank holds the selected names: its checkpoint state)
+            payload["names"] = {k: list(v) for k, v in self._probed_names.items()}
         if distributed and not self.shard_probe:
             payload = trainer.strategy.broadcast(payload, src=0)
+            self._probed_names = {k: list(v) for k, v in payload["names"].items()}
         if original is not None:
             raise original
         if "error" in payload:
             raise RuntimeError(f"NTKSpectrumMonitor probe failed on rank 0: {payload['error']}")
         if "skip" in payload:
-            rank_zero_warn(payload["skip"], category=NTKProbeWarning)
+            if payload["skip"]:  # ("": a skip already warned about)
+                rank_zero_warn(payload["skip"], category=NTKProbeWarning)
             return {}
         results: dict[str, dict[str, Any]] = payload["ok"]
         for tag, res in results.items():
@@ -1167,6 +1216,9 @@ class NTKSpectrumMonitor(Callback):
         include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         for tag, target in targets.items():
             name = tag or type(pl_module).__name__
+            # (first: the budget and dtype below select the parameters too, outside the
+            # containment; a filter that pruning emptied ended the fit there; review, session 28)
+            self._select(target, tag, name, step)
             warm: Any = self._ritz.get(tag) if self.warm_start else None
             if warm is not None:
                 warm = warm.to(pl_module.device)
@@ -1302,6 +1354,59 @@ class NTKSpectrumMonitor(Callback):
             res["wall_time"] = time.perf_counter() - t0
             out[tag] = res
         return out
+
+    def _filter_text(self) -> str:
+        """``params`` in a message (a sub-module by its path, not its multi-line repr)."""
+        if isinstance(self.params, nn.Module):
+            return f"<module {self._params_path or type(self.params).__qualname__}>"
+        return stable_repr(self.params)
+
+    def _select(self, target: nn.Module, tag: str, name: str, step: int) -> None:
+        """Select ``target``'s probed parameters (``params``) inside the probe's failure
+        containment, and compare them with the previous probe's selection.
+
+        A filter that selected parameters at an earlier probe and now selects none (or fails:
+        they were renamed, as ``ModelPruning`` renames a pruned ``weight`` to ``weight_orig``,
+        or frozen) skips the probe with one ``NTKProbeWarning`` (raises with ``strict=True``);
+        later probes are skipped silently until it selects again. One that never selected is a
+        configuration error and raises. Another set than the previous probe's (a backbone
+        unfrozen by ``BackboneFinetuning``: only ``requires_grad`` parameters are probed) warns
+        once per change, with the step and the numbers of tensors added and removed.
+        """
+        from glu_probe.ntk.functional import select_parameters
+
+        before = self._probed_names.get(tag)
+        try:
+            selected = select_parameters(target, self.params)
+        except Exception as err:
+            if before is None or self.strict:
+                raise
+            if tag in self._unmatched:
+                raise _ProbeFailure("") from err
+            self._unmatched.add(tag)
+            raise _ProbeFailure(
+                f"NTKSpectrumMonitor: the params={self._filter_text()} filter selected "
+                f"{len(before)} parameter tensor(s) of {name} at an earlier probe and fails at "
+                f"step {step} ({err}): parameters were renamed or frozen since (ModelPruning, "
+                "for one, renames a pruned `weight` to `weight_orig`). This probe is skipped, and "
+                "so are the next ones, without a warning, until the filter selects again; "
+                "training continues."
+            ) from err
+        self._unmatched.discard(tag)
+        names = [_unpruned_name(target, n) for n in selected]
+        self._probed_names[tag] = names
+        if before is None or set(names) == set(before):
+            return
+        added = [n for n in names if n not in set(before)]
+        removed = [n for n in before if n not in set(names)]
+        rank_zero_warn(
+            f"NTKSpectrumMonitor: the parameters probed in {name} changed at step {step}: "
+            f"{len(added)} tensor(s) added {added[:3]}, {len(removed)} removed {removed[:3]}, "
+            f"{len(names)} now (only parameters with requires_grad=True are probed: a callback "
+            "such as BackboneFinetuning that freezes or unfreezes them changes K): the logged "
+            "series changes parameter set here",
+            category=NTKProbeWarning,
+        )
 
     def _check_shards(
         self, target: nn.Module, group: Any, name: str, step: int, include_cuda: bool
