@@ -31,7 +31,7 @@ import re
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, TypeGuard, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -481,6 +481,13 @@ def _versions(model: nn.Module) -> dict[str, tuple[int, int]]:
     version)."""
     named = [*model.named_parameters(), *model.named_buffers()]
     return {n: (id(t), t._version) for n, t in named}
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Same shape and values, NaNs in the same places equal (a NaN buffer is no change)."""
+    return a.shape == b.shape and (
+        torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, 0, 0, True))
+    )
 
 
 def _active_dropout(model: nn.Module) -> bool:
@@ -1001,11 +1008,92 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
+def _sparse_embedding(m: nn.Module) -> TypeGuard[nn.Embedding | nn.EmbeddingBag]:
+    """An ``nn.Embedding`` or ``nn.EmbeddingBag`` with ``sparse=True`` (sparse gradients)."""
+    return isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse is True
+
+
+@contextlib.contextmanager
+def _mha_fastpath_off() -> Iterator[None]:
+    """The native fast path of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``
+    off inside the block, the user's setting restored after (also on error).
+
+    Its fused kernels (``_transformer_encoder_layer_fwd``, ``_native_multi_head_attention``)
+    have no forward-mode AD: in eval mode every Lanczos product fell back, with a warning, to
+    the slower reverse-mode J·u (review, session 28). The slow path computes the same function.
+    ``torch.backends.mha`` is in torch 2.4 (the lower bound), not in 2.2: without it, nothing
+    is changed."""
+    try:
+        from torch.backends import mha
+    except ImportError:  # (older torch)
+        mha = None  # type: ignore[assignment]
+    get = getattr(mha, "get_fastpath_enabled", None)
+    set_ = getattr(mha, "set_fastpath_enabled", None)
+    if get is None or set_ is None:
+        yield
+        return
+    before = get()
+    set_(False)
+    try:
+        yield
+    finally:
+        set_(before)
+
+
+def _no_eval_error(err: NotImplementedError) -> ValueError:
+    """The clear error for a model whose ``eval()`` is not implemented: a module from
+    ``torch.export`` (``ExportedProgram.module()``) raised torch's "Calling train() is not
+    supported yet." from the probe's own restore, although the user called no train() (review,
+    session 28)."""
+    return ValueError(
+        f"the NTK probe's eval_mode=True cannot switch this model to eval mode: its eval() "
+        f"raises NotImplementedError ({err}). A module from torch.export "
+        "(ExportedProgram.module()) runs its graph as it was exported, in the mode it was "
+        "exported in: pass eval_mode=False to probe it as it is (export the model after "
+        "model.eval() for eval-mode behaviour)"
+    )
+
+
+#: Wrappers whose forward is their ``.module``'s (with data-parallel bookkeeping around it): the
+#: probe runs the wrapped module itself.
+_PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+
+def _unwrapped(model: nn.Module, params: ParamFilter) -> tuple[nn.Module, ParamFilter]:
+    """The module a probe of ``model`` runs, and ``params`` for it.
+
+    ``nn.DataParallel`` and ``DistributedDataParallel`` give their ``.module``: the same
+    function of the same parameters (the wrappers scatter the batch across devices, or sync
+    buffers and gradients, around that module's forward), which torch.func refused to run
+    through (DataParallel: "The stateless API can't be used with nn.DataParallel module";
+    review, session 28). A filter of names, patterns or a callable is applied to the wrapper's
+    names (``module.0.weight``) and passed on as the module's own names. A TorchScript module
+    is refused with a ``ValueError``: torch.func cannot run a compiled module at the top level
+    (torch's "The stateless API can't be used with Jitted modules")."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError(
+            f"the model is a TorchScript module ({type(model).__name__}, from torch.jit.script or "
+            "torch.jit.trace), which the NTK probe does not support: it runs the model through "
+            "torch.func (functional_call, vmap, jvp), which cannot run a compiled TorchScript "
+            "module; probe the original nn.Module (the one scripted or traced), which computes "
+            "the same function"
+        )
+    while isinstance(model, _PARALLEL_WRAPPERS):
+        wrapper, model = model, model.module
+        if params is not None and not isinstance(params, nn.Module):
+            # (the wrapper's names are "module." + the module's, in the same order)
+            params = [n.removeprefix("module.") for n in select_parameters(wrapper, params)]
+    return model, params
+
+
 class ProbeFunction:
     """A model and a probe batch as a pure function of the selected trainable parameters.
 
     Args:
-        model: any ``nn.Module``.
+        model: any ``nn.Module``. An ``nn.DataParallel`` or ``DistributedDataParallel`` wrapper
+            is probed through its ``.module`` (the same function: :attr:`model` and the
+            parameter :attr:`names` are then the wrapped module's, without ``module.``); a
+            TorchScript module (``torch.jit.script`` / ``trace``) is refused.
         inputs: a tensor (called as ``model(x)``), a tuple/list/namedtuple (``model(*x)``) or a
             dict (``model(**x)``, e.g. an HF batch). Integer tensors (token ids, masks) are
             carried as they are; floating tensors are cast to ``dtype``. The batch size is the
@@ -1032,8 +1120,9 @@ class ProbeFunction:
 
     Raises:
         ValueError: empty batch, inputs that disagree on the batch size, no trainable
-            parameters, outputs that do not depend on the selected parameters, or NaN/Inf
-            outputs.
+            parameters, outputs that do not depend on the selected parameters, NaN/Inf
+            outputs, a TorchScript model, or ``eval_mode=True`` for a model that cannot be
+            switched to eval mode (a module from ``torch.export``).
     """
 
     def __init__(
@@ -1049,6 +1138,7 @@ class ProbeFunction:
     ) -> None:
         if not (output in ("pntk", "full") or callable(output)):
             raise ValueError(f"output must be 'pntk', 'full' or a callable, got {output!r}")
+        model, params = _unwrapped(model, params)
         self.model = model
         self.output = output
         self.eval_mode = eval_mode
@@ -1124,12 +1214,7 @@ class ProbeFunction:
             snap = held.get(n)
             if snap is None or now.get(n) == self._versions.get(n):
                 continue
-            value = self._cast(tensor.detach()).to(snap.device)
-            same = value.shape == snap.shape and (
-                torch.equal(value, snap)
-                or (value.is_floating_point() and torch.allclose(value, snap, 0, 0, True))
-            )
-            if not same:
+            if not _same_values(self._cast(tensor.detach()).to(snap.device), snap):
                 what = "parameter" if n in self.names else "buffer or frozen parameter"
                 raise ValueError(
                     f"the model's {what} {n!r} changed since this probe was built: a probe "
@@ -1176,10 +1261,16 @@ class ProbeFunction:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        """Probe context: eval mode, SDPA math backend, IEEE float32 (no TF32, no bf16 oneDNN
-        matmuls), forked RNG; all restored after, and every module's attributes, parameters,
-        buffers and submodules as they were at entry where a pass left a tensor (or anything
-        but plain scalars) in them (see :func:`_restore_attributes`)."""
+        """Probe context: eval mode, SDPA math backend, the ``nn.MultiheadAttention`` /
+        ``nn.TransformerEncoderLayer`` fast path off, dense gradients for ``sparse=True``
+        embeddings, IEEE float32 (no TF32, no bf16 oneDNN matmuls), forked RNG; all restored
+        after, and every module's attributes, parameters, buffers and submodules as they were
+        at entry where a pass left a tensor (or anything but plain scalars) in them (see
+        :func:`_restore_attributes`).
+
+        Raises:
+            ValueError: ``eval_mode=True`` and the model's ``eval()`` raises
+                ``NotImplementedError`` (a module from ``torch.export``)."""
         modules = list(self.model.modules())
         flags = [(m, m.training) for m in modules]
         # What a forward leaves in the model's attributes goes with the session: a cache built
@@ -1207,14 +1298,25 @@ class ProbeFunction:
         # calls requires_grad_() on the embeddings' output, refused inside a transform; review,
         # session 23). Flags and hooks are given back as they were.
         checkpointing, hooks = _checkpointing_off(self.model)
+        # ``sparse=True`` embeddings only store their gradient as a sparse tensor, which
+        # torch.func cannot handle (every probe failed on "aten::view ... SparseCPU"; review,
+        # session 28): dense gradients inside the probe, the flags given back after.
+        sparse = [m for m in modules if _sparse_embedding(m)]
         try:
+            for emb in sparse:
+                emb.sparse = False
             if self.eval_mode:
                 switched = True
-                self.model.eval()
+                try:
+                    self.model.eval()
+                except NotImplementedError as err:
+                    switched = False  # (its train() refuses too)
+                    raise _no_eval_error(err) from err
             with (
                 ieee_float32(),
                 torch.random.fork_rng(devices=devices),
                 torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH),
+                _mha_fastpath_off(),
                 torch.inference_mode(False),  # e.g. a Lightning validation hook
                 _eager_stance(),
             ):
@@ -1252,6 +1354,9 @@ class ProbeFunction:
             for m, t in flags:
                 m.training = t
             _restore_attributes(attributes)
+            for emb in sparse:
+                # (explicitly: the attribute restore keeps a session's plain scalars)
+                emb.sparse = True
             if cache_level:
                 parametrize._cache_enabled = cache_level
 
@@ -1294,6 +1399,24 @@ class ProbeFunction:
         ):
             self._buffers_mutated()
         return out
+
+    def _copies_drifted(self) -> bool:
+        """Whether a pass changed the probe's buffer copies (in eval mode, where they are not
+        cloned per pass) from the model's buffers they were copied from.
+
+        Some in-place updates leave the version counter that :meth:`call_model` checks as it
+        was: the fused observer of QAT fake-quantisation (``torch.fused_moving_avg_obs_fake_
+        quant``, the default ``prepare_qat``) updated its min/max and scale in the probe's
+        copies at every pass, and K was another model's (19% off, Lanczos converged on a λ_max
+        3e-3 off, no warning; review, session 28). Called once per probe, after the validating
+        passes: the values of every buffer are compared then, not per product."""
+        if self._clone_buffers or not self.eval_mode:
+            return False
+        live = dict(self.model.named_buffers())
+        return any(
+            n in live and not _same_values(self.constants[n], self._cast(live[n].detach()))
+            for n in self._buffer_names
+        )
 
     def _buffers_mutated(self) -> None:
         """A forward updated a buffer in place: fresh copies per call from now on, and the
@@ -1484,6 +1607,11 @@ class ProbeFunction:
                 + hint
             )
         self.per_sample_why = self._independence(rows)
+        if self._copies_drifted():
+            # (every pass after the first ran on drifted copies, a retried or chunked
+            # validating pass too: the rows and the one-sample passes again, on fresh copies)
+            self._buffers_mutated()
+            self.per_sample_why = self._independence(self._validation_rows())
         return int(rows.numel()), int(rows.numel()) // self.batch_size
 
     def _validation_rows(self) -> Tensor:
