@@ -166,7 +166,9 @@ def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str,
 
     A parameter registered under several names (tied weights: GPT-2's ``lm_head.weight`` is
     ``transformer.wte.weight``) is selected when the filter accepts any of its names, and is
-    returned once, under its canonical name (the first in ``model.named_parameters()``).
+    returned once, under its canonical name (the first in ``model.named_parameters()``). A
+    weight pruned by ``torch.nn.utils.prune`` (``weight_orig`` beside a ``weight_mask`` buffer)
+    also answers to its unpruned name (``"net.0.weight"``).
     """
     check_param_filter(params)
     canonical: dict[int, str] = {}
@@ -179,6 +181,15 @@ def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str,
     for n, p in model.named_parameters(remove_duplicate=False):
         if id(p) in canonical:
             aliases[canonical[id(p)]].append(n)
+    # torch.nn.utils.prune (Lightning's ModelPruning) re-registers a pruned ``weight`` as the
+    # parameter ``weight_orig`` beside a ``weight_mask`` buffer: the names of the unpruned
+    # model keep selecting it (a monitor's params="net.0.weight" matched nothing after the
+    # first pruning; review, session 28).
+    for prefix, module in model.named_modules():
+        for own, p in module.named_parameters(recurse=False):
+            base = own[: -len("_orig")]
+            if own.endswith("_orig") and base + "_mask" in module._buffers and id(p) in canonical:
+                aliases[canonical[id(p)]].append(f"{prefix}.{base}" if prefix else base)
     if params is None:
         chosen = named
     elif isinstance(params, nn.Module):
