@@ -393,7 +393,13 @@ def test_result_properties():
     assert isinstance(res, LanczosResult)
     assert res.lambda_max == pytest.approx(4.0) and res.lambda_min == pytest.approx(1.0)
     assert res.condition_number == pytest.approx(4.0)
-    assert res.condition_number_lower == pytest.approx(4.0)
+    # a certified lower bound: κ widened by the products' rounding allowance s = 16·√n·ε·θ_max
+    # (session 28: without it the float32 bound exceeded the true κ)
+    s = 16 * math.sqrt(3) * torch.finfo(torch.float32).eps * res.lambda_max
+    assert res.condition_number_lower == pytest.approx(
+        (res.lambda_max - s) / (res.lambda_min + s), rel=1e-12
+    )
+    assert res.condition_number_lower <= 4.0
     assert res.residual_max == float(res.residual_norms[-1])
     assert res.residual_min == float(res.residual_norms[0])
     with pytest.raises(ValueError, match="block_size must be >= 1"):

@@ -81,7 +81,16 @@ from .functional import (
     refuse_small_budget,
     warn_narrowed,
 )
-from .krylov import LanczosResult, _error_bounds, block_lanczos, check_tol, default_max_basis
+from .krylov import (
+    LanczosResult,
+    _error_bounds,
+    block_lanczos,
+    check_tol,
+    condition_number_bound,
+    default_max_basis,
+    least_matvecs,
+    rounding_allowance,
+)
 from .operator import MatrixFreeUnavailableError, NTKOperator, agreed, is_out_of_memory
 
 __all__ = [
@@ -280,14 +289,14 @@ def _zero_kernel_error() -> ValueError:
     )
 
 
-#: Safety factor of the product-rounding allowance c·√n·ε·θ_max added to the Lanczos path's
-#: certificates (``lambda_min_upper``, ``condition_number_lower``).
-_PRODUCT_ROUNDING = 16.0
+#: ``check_spectrum_arguments``' default ``method``: the path is not known yet (the
+#: monitor checks its ``spectrum_kwargs`` at construction and owns ``method`` itself).
+_ANY_PATH: Any = object()
 
 
 def check_spectrum_arguments(
     *,
-    method: Any = "auto",
+    method: Any = _ANY_PATH,
     which: Any = "both",
     tol: Any = 1e-4,
     max_matvecs: Any = 400,
@@ -303,7 +312,15 @@ def check_spectrum_arguments(
 ) -> None:
     """ValueError for a bad :func:`ntk_spectrum` setting, whichever path would use it (the dense
     path ignores the Lanczos settings, but a typo there is still a typo). Needs no model: the
-    monitor checks its ``spectrum_kwargs`` with it at construction."""
+    monitor checks its ``spectrum_kwargs`` with it at construction.
+
+    ``max_matvecs`` below two Lanczos blocks (``2·block_size``) is refused for
+    ``method="lanczos"`` and where ``method`` is not given (the monitor's check: it owns its
+    ``method``, which may take the Lanczos path at any probe); the solver refuses it for every K
+    above that size (:func:`~glu_probe.ntk.krylov.least_matvecs`), so this is the refusal
+    before any work, with the value as passed. ``method="auto"`` and ``"dense"`` accept it: the
+    dense path does not use it, and where ``auto`` takes the Lanczos path the solver refuses
+    it then."""
 
     def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
         if value is None and allow_none:
@@ -312,7 +329,8 @@ def check_spectrum_arguments(
             none = " or None" if allow_none else ""
             raise ValueError(f"{name} must be a positive int{none}, got {value!r}")
 
-    if method not in ("auto", "dense", "lanczos"):
+    any_path = method is _ANY_PATH
+    if not any_path and method not in ("auto", "dense", "lanczos"):
         raise ValueError(f"method must be 'auto', 'dense' or 'lanczos', got {method!r}")
     for name, value, low in (("slq_probes", slq_probes, 0), ("slq_steps", slq_steps, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -330,6 +348,13 @@ def check_spectrum_arguments(
     check_tol(tol)
     positive_int("max_matvecs", max_matvecs)
     positive_int("block_size", block_size)
+    least = least_matvecs(block_size)
+    if (any_path or method == "lanczos") and max_matvecs < least:
+        raise ValueError(
+            f"max_matvecs must be at least two Lanczos blocks (2·block_size = {least}), got "
+            f"{max_matvecs}: nothing converges on the start block alone; raise max_matvecs or "
+            "lower block_size"
+        )
     positive_int("chunk_size", chunk_size, allow_none=True)
     if memory_budget is not None:
         checked_budget(memory_budget)  # any positive, finite number of bytes, as ntk_matrix
@@ -1234,7 +1259,7 @@ def _lanczos_on(
     # restarts keep it smaller; then max_matvecs columns stop it, in blocks that a restart may
     # make narrower, so up to one product per column; the SLQ estimate adds slq_steps blocks):
     # the operator traces its linear maps only where enough of them remain.
-    span = max(max_matvecs, min(width, n))
+    span = max_matvecs
     if (max_basis if max_basis is not None else default_max_basis(n, width, probe.dtype)) >= n:
         products = -(-min(span, n + width) // width)
     else:
@@ -1246,7 +1271,9 @@ def _lanczos_on(
             matvec,
             n,
             block_size=width,
-            max_matvecs=max(max_matvecs, min(width, n)),
+            # as passed: the solver's refusal of a budget below two blocks quotes it (it was
+            # raised to one block here, which the solver never accepts, and quoted as that)
+            max_matvecs=max_matvecs,
             tol=tol,
             v0=start,
             dtype=probe.dtype,
@@ -1374,13 +1401,12 @@ def _lanczos_on(
     # Rounding of the evaluated products: the Ritz data are exact for the operator as computed,
     # whose products differ from K's by rounding; this estimate widens the certificates to K
     # (measured misses without it: up to ~1e-7·λ_max with float32 products).
-    slack = _PRODUCT_ROUNDING * math.sqrt(n) * eps * abs(res.lambda_max)
+    # (eps: the model's own rounding where it is coarser than the products', so the allowance
+    # is at least the solver's, LanczosResult.condition_number_lower)
+    slack = rounding_allowance(n, eps, res.lambda_max)
     lam_max, lam_min, kappa = res.lambda_max, res.lambda_min, res.condition_number
     upper = lam_min + slack
-    kappa_lower = (lam_max - slack) / upper if upper > 0 else math.inf
-    kappa_lower = min(kappa_lower, res.condition_number_lower)
-    if kappa_lower < 1.0:  # κ >= 1 always (a slack above λ_max, as with bfloat16, gave -0.43)
-        kappa_lower = 1.0
+    kappa_lower = condition_number_bound(lam_max, lam_min, slack)
     if res.exact and numerical_rank is not None and numerical_rank < n:
         # λ_min at or below the products' rounding level is numerically zero: κ = ∞, as on the
         # dense path and as the rank warning says (it was kept finite here while the rank said
