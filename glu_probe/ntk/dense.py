@@ -40,7 +40,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +55,7 @@ from .functional import (
     ProbeFunction,
     all_finite,
     allows_autograd,
+    call_memo,
     default_probe_dtype,
     probe_copy_bytes,
     refuse_small_budget,
@@ -693,24 +694,23 @@ def _forward_trace(probe: ProbeFunction) -> tuple[int, torch.dtype | None, int]:
 _ROWS_VERIFIED: weakref.WeakKeyDictionary[nn.Module, dict[Any, int]] = weakref.WeakKeyDictionary()
 
 
-#: Per probe instance, its signature (:func:`_probe_signature`) per dtype, eval mode and inputs:
-#: walking every module's settings cost ~0.5 ms per call on the demo's ViT and GPT-2, and one
-#: ``ntk_spectrum`` asked 9 times (review, session 28). A probe is a snapshot of one call's
-#: model state (its session restores every attribute), so the walk is done once per probe.
-_SIGNATURES: weakref.WeakKeyDictionary[ProbeFunction, dict[Any, tuple[Any, ...]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 def _probe_signature(probe: ProbeFunction) -> tuple[Any, ...]:
     """What a per-model memo of the probe's forward keys on: output, parameter names, input
-    shapes, probe dtype, eval mode and the modules' plain settings (computed once per probe
-    instance, dtype, eval mode and inputs)."""
-    memo = _SIGNATURES.setdefault(probe, {})
-    key = (probe.dtype, probe.eval_mode, id(probe.inputs))
+    shapes, probe dtype, eval mode and the modules' plain settings.
+
+    Computed once per probe per public call (:func:`~.functional.call_memo`): walking every
+    module's settings cost ~0.5 ms on the demo's ViT and GPT-2, and one ``ntk_spectrum`` asked
+    9 times (review, session 28). Not across calls: a probe reused after the user changed a
+    module attribute (``ntk_matrix(probe=p)``) must see the change (a per-instance memo kept a
+    verdict on batched rows that a ``torch.cdist`` switch made wrong: K 20 % off; re-review,
+    session 28)."""
+    memo = call_memo()
+    if memo is None:
+        return _signature_of(probe)
+    key = ("probe signature", id(probe), probe.dtype, probe.eval_mode, id(probe.inputs))
     if key not in memo:
-        memo[key] = _signature_of(probe)
-    return memo[key]
+        memo[key] = (probe, _signature_of(probe))  # (the probe held: its id stays unique)
+    return cast(tuple[Any, ...], memo[key][1])
 
 
 def _signature_of(probe: ProbeFunction) -> tuple[Any, ...]:

@@ -28,6 +28,7 @@ import functools
 import math
 import operator
 import re
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -146,6 +147,22 @@ def warn_narrowed(model: nn.Module, dtype: torch.dtype, what: str) -> None:
         )
 
 
+def _pruned_names(module: nn.Module) -> list[str]:
+    """Names of ``module``'s tensors pruned by ``torch.nn.utils.prune``: its forward pre-hook
+    (a ``BasePruningMethod``, or a ``PruningContainer`` of them) names them, and ``<name>_orig``
+    is the parameter (a module's own ``x_orig`` beside an ``x_mask`` buffer is no alias;
+    re-review, session 28)."""
+    from torch.nn.utils import prune
+
+    names = []
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod):
+            name = hook._tensor_name
+            if name + "_orig" in module._parameters and name not in module._parameters:
+                names.append(name)
+    return names
+
+
 def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str, nn.Parameter]:
     r"""The trainable parameters of ``model`` selected by ``params``, by their canonical names.
 
@@ -186,9 +203,9 @@ def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str,
     # model keep selecting it (a monitor's params="net.0.weight" matched nothing after the
     # first pruning; review, session 28).
     for prefix, module in model.named_modules():
-        for own, p in module.named_parameters(recurse=False):
-            base = own[: -len("_orig")]
-            if own.endswith("_orig") and base + "_mask" in module._buffers and id(p) in canonical:
+        for base in _pruned_names(module):
+            p = module._parameters[base + "_orig"]
+            if p is not None and id(p) in canonical:
                 aliases[canonical[id(p)]].append(f"{prefix}.{base}" if prefix else base)
     if params is None:
         chosen = named
@@ -431,16 +448,49 @@ def _check_batch_sizes(inputs: Any, n: int) -> None:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class _CallScope(threading.local):
+    depth = 0
+    memo: dict[Any, Any] | None = None
+
+
+_CALL = _CallScope()
+
+
+@contextlib.contextmanager
+def _call_scope() -> Iterator[None]:
+    """One public call (``ntk_matrix``, ``ntk_spectrum``, an ``NTKOperator`` method): the
+    outermost opens a memo (:func:`call_memo`) that lives until it returns."""
+    outer = _CALL.depth == 0
+    if outer:
+        _CALL.memo = {}
+    _CALL.depth += 1
+    try:
+        yield
+    finally:
+        _CALL.depth -= 1
+        if outer:
+            _CALL.memo = None
+
+
+def call_memo() -> dict[Any, Any] | None:
+    """A memo for the length of the current outermost public call (``None`` outside one):
+    for facts about the model that cannot change within a call but may between two calls
+    that share a probe (a module attribute the user sets)."""
+    return _CALL.memo
+
+
 def allows_autograd(fn: F) -> F:
     """Run ``fn`` outside ``torch.inference_mode`` (a Lightning validation or test hook runs
-    under it): the probe needs autograd, and its results are then ordinary tensors."""
+    under it): the probe needs autograd, and its results are then ordinary tensors. The
+    outermost such call also scopes :func:`call_memo`."""
 
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        if not torch.is_inference_mode_enabled():
-            return fn(*args, **kwargs)
-        with torch.inference_mode(False):
-            return fn(*args, **kwargs)
+        with _call_scope():
+            if not torch.is_inference_mode_enabled():
+                return fn(*args, **kwargs)
+            with torch.inference_mode(False):
+                return fn(*args, **kwargs)
 
     return cast(F, wrapped)
 
@@ -497,8 +547,15 @@ def _versions(model: nn.Module) -> dict[str, tuple[int, int]]:
 def _same_values(a: Tensor, b: Tensor) -> bool:
     """Same shape and values, NaNs in the same places equal (a NaN buffer is no change)."""
     return a.shape == b.shape and (
-        torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, 0, 0, True))
+        torch.equal(a, b)
+        or ((a.is_floating_point() or a.is_complex()) and torch.allclose(a, b, 0, 0, True))
     )
+
+
+def _comparable(t: Tensor) -> bool:
+    """A dense tensor with values (``torch.equal`` has no sparse, nested or meta kernels: a GCN's
+    sparse adjacency buffer made every probe fail; re-review, session 28)."""
+    return t.layout == torch.strided and not t.is_meta and not t.is_nested
 
 
 def _active_dropout(model: nn.Module) -> bool:
@@ -1425,7 +1482,10 @@ class ProbeFunction:
             return False
         live = dict(self.model.named_buffers())
         return any(
-            n in live and not _same_values(self.constants[n], self._cast(live[n].detach()))
+            n in live
+            and _comparable(live[n])
+            and _comparable(self.constants[n])
+            and not _same_values(self.constants[n], self._cast(live[n].detach()))
             for n in self._buffer_names
         )
 
