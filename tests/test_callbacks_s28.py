@@ -450,3 +450,429 @@ def test_ddp_every_rank_holds_the_metrics_and_the_probed_names(tmp_path: Path) -
     assert [h["step"] for h in h0] == [0, 2, 4]  # 2 steps per epoch and rank
     assert m0[key] == pytest.approx(h0[-1][key], rel=1e-6)
     assert sorted(n0[""]) == ["net.0.bias", "net.0.weight", "net.2.bias", "net.2.weight"]
+
+
+# ------------------------------------------------------------------ re-review (round 2)
+class Episode(pl.Callback):
+    """Freeze ``net.0`` (a PairedModule side's ``0`` with ``side=``) for the global steps in
+    ``[start, stop)``; resumable: the state is checkpointed and re-applied at fit start."""
+
+    def __init__(self, start: int, stop: int = 10**9, side: str | None = None) -> None:
+        self.start, self.stop, self.side = start, stop, side
+        self.frozen = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"frozen": self.frozen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.frozen = state_dict["frozen"]
+
+    def _apply(self, pl_module: pl.LightningModule) -> None:
+        layer = getattr(pl_module, self.side)[0] if self.side else pl_module.net[0]
+        for p in layer.parameters():
+            p.requires_grad_(not self.frozen)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply(pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any
+    ) -> None:
+        frozen = self.start <= trainer.global_step < self.stop
+        if frozen != self.frozen:
+            self.frozen = frozen
+            self._apply(pl_module)
+
+
+def _episode_fit(
+    ckpt_dir: Path, epochs: int = 4, ckpt_path: Any = None, trainer: pl.Trainer | None = None
+) -> tuple[NTKSpectrumMonitor, list[str], Net]:
+    pl.seed_everything(0)
+    mon = NTKSpectrumMonitor(
+        every_n_steps=1, probe_size=8, params="net.0", dtype=torch.float64, **QUIET
+    )
+    ck = ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_epochs=1)
+    trainer = _trainer(
+        callbacks=[Episode(6, 10), mon, ck], max_epochs=epochs, enable_checkpointing=True
+    )
+    model = Net()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, _loader(), ckpt_path=ckpt_path)
+    assert trainer.global_step == 4 * epochs
+    ours = [str(w.message) for w in caught if issubclass(w.category, NTKProbeWarning)]
+    return mon, ours, model
+
+
+def _head_frozen_kappa(model: Net) -> float:
+    import copy
+
+    net = copy.deepcopy(model)
+    for p in net.net[2].parameters():
+        p.requires_grad_(False)
+    return _dense_kappa(net, _data()[:8][0])
+
+
+def test_a_run_resumed_inside_a_freeze_episode_skips_as_the_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    # The resumed fit died at on_train_start: the probe's row count selected the parameters
+    # with the filter, outside the containment (ValueError "no trainable parameters selected").
+    whole, warned, _ = _episode_fit(tmp_path / "a")
+    steps = [0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15, 16]
+    assert [h["step"] for h in whole.history] == steps
+    assert len(warned) == 1 and "at step 6" in warned[0]
+    # (epoch 1 ends at step 8, net.0 frozen since step 6)
+    resumed, warned, model = _episode_fit(
+        tmp_path / "b", ckpt_path=tmp_path / "a/epoch=1-step=8.ckpt"
+    )
+    assert [h["step"] for h in resumed.history] == steps
+    # (step 8 was the checkpoint's last, skipped, probe: the resumed run's first one is at 9)
+    assert len(warned) == 1 and "at step 9" in warned[0] and "params='net.0'" in warned[0]
+    for a, b in zip(whole.history, resumed.history, strict=True):
+        assert b["ntk/condition_number"] == pytest.approx(a["ntk/condition_number"], rel=1e-9)
+    assert resumed.history[-1]["ntk/condition_number"] == pytest.approx(
+        _head_frozen_kappa(model), rel=1e-7
+    )
+    # the probe batch is the uninterrupted run's (8 samples, the row count found without net.0)
+    assert resumed.state_dict()["probe_shapes"] == whole.state_dict()["probe_shapes"] == [[8, 6]]
+
+
+def test_a_fit_continued_inside_a_freeze_episode_skips_and_probes_again(tmp_path: Path) -> None:
+    whole, _, _ = _episode_fit(tmp_path / "a")
+    pl.seed_everything(0)
+    mon = NTKSpectrumMonitor(
+        every_n_steps=1, probe_size=8, params="net.0", dtype=torch.float64, **QUIET
+    )
+    trainer = _trainer(callbacks=[Episode(6, 10), mon], max_epochs=2)
+    model = Net()
+    trainer.fit(model, _loader())  # ends at step 8, net.0 frozen
+    trainer.fit_loop.max_epochs = 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, _loader())
+    assert trainer.global_step == 16
+    ours = [str(w.message) for w in caught if issubclass(w.category, NTKProbeWarning)]
+    assert len(ours) == 1 and "at step 9" in ours[0]  # (8: the first fit's last, skipped)
+    assert [h["step"] for h in mon.history] == [h["step"] for h in whole.history]
+    assert mon.history[-1]["ntk/condition_number"] == pytest.approx(
+        _head_frozen_kappa(model), rel=1e-7
+    )
+
+
+class Body(pl.LightningModule):
+    """A probed ``body`` and a ``head`` that keeps training while the body is frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+        self.head = nn.Linear(4, 4)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.head(self.body(batch[0])), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class FreezeBody(pl.Callback):
+    def __init__(self) -> None:
+        self.frozen = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"frozen": self.frozen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.frozen = state_dict["frozen"]
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.body.requires_grad_(not self.frozen)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any
+    ) -> None:
+        if trainer.global_step == 6:
+            self.frozen = True
+            pl_module.body.requires_grad_(False)
+
+
+def test_a_resumed_run_whose_probed_module_is_wholly_frozen_starts(tmp_path: Path) -> None:
+    # Nothing of the probed module is trainable at train start: the row count needs no
+    # trainable parameter (params=None fails there too), and the flags are left as they were.
+    def run(ckpt_path: Any = None) -> tuple[NTKSpectrumMonitor, Body, list[str]]:
+        pl.seed_everything(0)
+        mon = NTKSpectrumMonitor(every_n_steps=1, probe_size=8, module="body", **QUIET)
+        ck = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1)
+        trainer = _trainer(
+            callbacks=[FreezeBody(), mon, ck], max_epochs=3, enable_checkpointing=True
+        )
+        model = Body()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(model, _loader(), ckpt_path=ckpt_path)
+        assert trainer.global_step == 12
+        return (
+            mon,
+            model,
+            [str(w.message) for w in caught if issubclass(w.category, NTKProbeWarning)],
+        )
+
+    whole, _, _ = run()
+    assert [h["step"] for h in whole.history] == [0, 1, 2, 3, 4, 5]
+    mon, model, warned = run(tmp_path / "ck" / "epoch=1-step=8.ckpt")
+    assert [h["step"] for h in mon.history] == [0, 1, 2, 3, 4, 5]
+    assert len(warned) == 1 and "at step 9" in warned[0]
+    assert not any(p.requires_grad for p in model.body.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+    assert mon.state_dict()["probe_shapes"] == [[8, 6]]
+
+
+def _paired() -> PairedModule:
+    return PairedModule(
+        nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)),
+        nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 4)),
+        lr=1e-2,
+    )
+
+
+class FreezeSides(pl.Callback):
+    """At global step 2: freeze the whole layer ``0`` of ``sides``, and ``0.bias`` of
+    ``bias_of``."""
+
+    def __init__(self, sides: tuple[str, ...], bias_of: str | None = None) -> None:
+        self.sides, self.bias_of = sides, bias_of
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any
+    ) -> None:
+        if trainer.global_step == 2:
+            for side in self.sides:
+                getattr(pl_module, side)[0].requires_grad_(False)
+            if self.bias_of:
+                getattr(pl_module, self.bias_of)[0].bias.requires_grad_(False)
+
+
+def _paired_fit(
+    callback: pl.Callback, **kw: Any
+) -> tuple[NTKSpectrumMonitor, PairedModule, pl.Trainer, list[str]]:
+    pl.seed_everything(0)
+    model = _paired()
+    mon = NTKSpectrumMonitor(
+        every_n_steps=1, probe_size=8, params="0", dtype=torch.float64, **QUIET
+    )
+    val, ckpt_path = kw.pop("val", None), kw.pop("ckpt_path", None)
+    trainer = _trainer(callbacks=[callback, mon, *kw.pop("callbacks", [])], **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, _loader(), val, ckpt_path=ckpt_path)
+    ours = [str(w.message) for w in caught if issubclass(w.category, NTKProbeWarning)]
+    return mon, model, trainer, ours
+
+
+def _layer0_kappa(side: nn.Module) -> float:
+    """κ with the trainable parameters of layer ``0`` alone probed (float64 truth)."""
+    import copy
+
+    net = copy.deepcopy(side)
+    for p in net[2].parameters():
+        p.requires_grad_(False)
+    return _dense_kappa(net, _data()[:8][0])
+
+
+def test_paired_one_side_filter_stopping_skips_that_side_only() -> None:
+    # The model side's _ProbeFailure left the per-target loop: the baseline was not probed (nor
+    # its set change noticed) from step 2 on.
+    mon, model, trainer, warned = _paired_fit(
+        FreezeSides(("model",), bias_of="baseline"), max_epochs=2
+    )
+    assert trainer.global_step == 8
+    side_steps = {
+        side: [h["step"] for h in mon.history if f"ntk/{side}/condition_number" in h]
+        for side in ("model", "baseline")
+    }
+    assert side_steps == {"model": [0, 1], "baseline": list(range(9))}
+    assert [h["step"] for h in mon.history] == list(range(9))
+    filt = [w for w in warned if "filter" in w]
+    changed = [w for w in warned if "parameters probed" in w]
+    assert len(filt) == 1 and "of model" in filt[0] and "at step 2" in filt[0]
+    assert "baseline" not in filt[0]
+    assert "ntk/model/* values in trainer.callback_metrics stay" in filt[0]
+    assert len(changed) == 1 and "in baseline changed at step 2" in changed[0]
+    assert "0 tensor(s) added" in changed[0] and "1 removed ['0.bias']" in changed[0]
+    # the baseline's series measures it (0.weight only from step 2): the final weights
+    assert mon.history[-1]["ntk/baseline/condition_number"] == pytest.approx(
+        _layer0_kappa(model.baseline), rel=1e-7
+    )
+    # the skipped side holds its last probe's value (documented), the other one the current
+    cm = trainer.callback_metrics
+    assert float(cm["ntk/model/condition_number"]) == pytest.approx(
+        mon.history[1]["ntk/model/condition_number"], rel=1e-6
+    )
+    assert float(cm["ntk/baseline/condition_number"]) == pytest.approx(
+        mon.history[-1]["ntk/baseline/condition_number"], rel=1e-6
+    )
+
+
+def test_paired_both_sides_stopping_at_once_are_named_in_one_warning() -> None:
+    mon, _, trainer, warned = _paired_fit(FreezeSides(("model", "baseline")), max_epochs=2)
+    assert trainer.global_step == 8
+    assert [h["step"] for h in mon.history] == [0, 1]
+    assert len(warned) == 1, warned
+    assert "of model" in warned[0] and "of baseline" in warned[0] and "at step 2" in warned[0]
+
+
+def test_a_resumed_paired_run_holds_the_skipped_sides_last_value(tmp_path: Path) -> None:
+    # The restore took history[-1] alone: a side skipped since had no value in the resumed run.
+    key = "ntk/model/condition_number"
+
+    def run(ckpt_path: Any = None) -> list[tuple[int, float]]:
+        seen = Seen(key, optional=True)
+        ck = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1)
+        _paired_fit(
+            Episode(2, side="model"),
+            max_epochs=3,
+            callbacks=[seen, ck],
+            enable_checkpointing=True,
+            val=_loader(16, 1),
+            ckpt_path=ckpt_path,
+        )
+        return seen.values
+
+    whole = run()
+    assert [s for s, _ in whole] == [4, 8, 12] and whole[0][1] == whole[1][1] == whole[2][1]
+    assert run(tmp_path / "ck" / "epoch=0-step=4.ckpt") == whole[1:]
+
+
+def test_model_pruning_keeps_the_kappa_that_early_stopping_sees_current() -> None:
+    # With a name filter, pruning (weight -> weight_orig) skipped every later probe: EarlyStopping
+    # compared the step-4 κ again and again. The filter now follows the pruned weight.
+    pl.seed_everything(0)
+    key = "ntk/condition_number"
+    mon = NTKSpectrumMonitor(
+        every_n_steps=1, probe_size=8, params="net.0.weight", dtype=torch.float64, **QUIET
+    )
+    seen = Seen(key)
+    prune = ModelPruning("l1_unstructured", amount=0.3, verbose=0)
+    trainer = _trainer(callbacks=[prune, mon, seen], max_epochs=3)
+    model = Net()
+    trainer.fit(model, _loader(), _loader(16, 1))
+    assert [h["step"] for h in mon.history] == list(range(13))
+    by_step = {h["step"]: h[key] for h in mon.history}
+    assert [s for s, _ in seen.values] == [4, 8, 12]
+    assert all(v == pytest.approx(by_step[s], rel=1e-6) for s, v in seen.values)
+    assert len({v for _, v in seen.values}) == 3
+
+
+# ------------------------------------------------------------------ crossing/delta, read_every > 1
+_BASE = [1.6 - 0.02 * i for i in range(100)]
+
+
+def _delta_truth(trainer: pl.Trainer) -> dict[int, float]:
+    """The debiased EMA (β = 0.5) of the logged train_loss minus the baseline, per step."""
+    loss = _csv(trainer, "train_loss")
+    ema_a = ema_b = 0.0
+    out = {}
+    for k, step in enumerate(sorted(loss), start=1):
+        ema_a = 0.5 * ema_a + 0.5 * loss[step]
+        ema_b = 0.5 * ema_b + 0.5 * _BASE[step]
+        out[step] = (ema_a - ema_b) / (1 - 0.5**k)
+    return out
+
+
+class AtEpochEnd(pl.Callback):
+    """``crossing/delta`` in callback_metrics at each train-epoch end (no ``monitor``)."""
+
+    def __init__(self) -> None:
+        self.values: list[tuple[int, float]] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.values.append((trainer.global_step, float(trainer.callback_metrics["crossing/delta"])))
+
+
+def test_crossing_delta_is_current_at_train_epoch_end_with_read_every(tmp_path: Path) -> None:
+    # read_every=4, 6 batches an epoch: the epoch end saw the delta of step 3 (9, 15).
+    pl.seed_everything(0)
+    cross = LossCrossingMonitor(baseline=_BASE, monitor="train_loss", smoothing=0.5, read_every=4)
+    seen = AtEpochEnd()
+    trainer = _trainer(tmp_path, callbacks=[cross, seen], max_epochs=3)
+    trainer.fit(Net(), DataLoader(_data(48), batch_size=8))
+    truth = _delta_truth(trainer)
+    assert sorted(truth) == list(range(18))
+    assert [s for s, _ in seen.values] == [6, 12, 18]
+    assert [v for _, v in seen.values] == pytest.approx([truth[s - 1] for s, _ in seen.values])
+
+
+def _ranked_fit(tmp_path: Path, read_every: int) -> tuple[dict[int, float], float, int, Any]:
+    pl.seed_everything(0)
+    cross = LossCrossingMonitor(
+        baseline=_BASE, monitor="train_loss", smoothing=0.5, read_every=read_every
+    )
+    ck = ModelCheckpoint(
+        dirpath=tmp_path / f"ck{read_every}",
+        monitor="crossing/delta",
+        mode="min",
+        save_top_k=-1,
+        every_n_train_steps=5,
+        filename="{step}",
+    )
+    stop = EarlyStopping(
+        monitor="crossing/delta", mode="min", patience=1, check_on_train_epoch_end=True
+    )
+    trainer = _trainer(
+        tmp_path / f"log{read_every}",
+        callbacks=[cross, ck, stop],
+        max_epochs=4,
+        enable_checkpointing=True,
+    )
+    trainer.fit(Net(), DataLoader(_data(80), batch_size=8))
+    scores = {int(Path(p).stem.split("=")[1]): float(v) for p, v in ck.best_k_models.items()}
+    return scores, float(stop.best_score), stop.stopped_epoch, trainer
+
+
+def test_monitored_crossing_delta_is_read_every_batch(tmp_path: Path) -> None:
+    # ModelCheckpoint(every_n_train_steps=5) ranked the checkpoints by the delta of the last read
+    # (steps 3, 7, 11, ... with read_every=4), not of the step it saved.
+    scores, best, stopped, trainer = _ranked_fit(tmp_path, 4)
+    truth = _delta_truth(trainer)
+    # a checkpoint at global step s holds the delta of logger step s - 1
+    assert sorted(scores) == [5, 10, 15, 20, 25, 30, 35, 40][: len(scores)] and len(scores) >= 2
+    assert [scores[s] for s in sorted(scores)] == pytest.approx(
+        [truth[s - 1] for s in sorted(scores)],
+        rel=1e-6,  # (a float32 tensor there)
+    )
+    ref_scores, ref_best, ref_stopped, _ = _ranked_fit(tmp_path, 1)
+    assert scores == ref_scores and best == ref_best and stopped == ref_stopped
+
+
+class _DumpHistory(pl.Callback):
+    def __init__(self, path: Path, mon: NTKSpectrumMonitor) -> None:
+        self.path, self.mon = path, mon
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        torch.save(self.mon.history, self.path / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or sys.platform == "win32", reason="needs gloo"
+)
+def test_ddp_paired_one_side_skipped_on_every_rank(tmp_path: Path) -> None:
+    # rank 0 probes and broadcasts the other side's results with the skipped side's warning
+    torch.manual_seed(0)
+    model = _paired()
+    mon = NTKSpectrumMonitor(every_n_steps=1, probe_size=8, params="0", **QUIET)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork_find_unused_parameters_true",  # (a frozen layer: DDP is told)
+        max_epochs=2,
+        logger=False,
+        callbacks=[FreezeSides(("model",)), mon, _DumpHistory(tmp_path, mon)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, _loader())
+    h0, h1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert h0 == h1
+    assert [h["step"] for h in h0 if "ntk/model/condition_number" in h] == [0, 1]
+    assert [h["step"] for h in h0 if "ntk/baseline/condition_number" in h] == [0, 1, 2, 3, 4]

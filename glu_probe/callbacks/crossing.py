@@ -69,10 +69,14 @@ steps get shorter and the host's share larger). So with
 ``phase="train"`` the values are *collected* after every batch (one tiny on-device ``stack``,
 no sync) and *read* every ``read_every`` batches in one transfer (default: every batch for CPU
 values, every ``log_every_n_steps`` batches for accelerator tensors), and before every
-validation, checkpoint and the end of training. The detector sees the same ``(step, loss,
-baseline)`` sequence either way, so the crossings, their steps and the steps the metrics are
-logged at are unchanged; only ``on_crossing`` and the text entry come up to ``read_every − 1``
-batches later in wall time.
+validation, checkpoint and the end of each training epoch and of training. The detector sees the
+same ``(step, loss, baseline)`` sequence either way, so the crossings, their steps and the steps
+the metrics are logged at are unchanged; only ``on_crossing``, the text entry and the delta in
+``trainer.callback_metrics`` come up to ``read_every − 1`` batches later in wall time. A fit in
+which another callback monitors ``crossing/delta`` (its ``monitor``: ``ModelCheckpoint``,
+``EarlyStopping``) reads after every batch whatever ``read_every`` says, so that a checkpoint
+every n training steps is ranked by the current delta: one host read, a device synchronisation,
+per step, the cost that ``read_every`` exists to spare.
 
 Under DDP, log the monitored loss with ``sync_dist=True`` (PairedModule does) so that every rank
 feeds its detector the same values; metrics and text are written once (rank zero), the hook runs
@@ -327,7 +331,8 @@ class LossCrossingMonitor(Callback):
             (``val_loss``, ``eval_loss``, ``Val/loss``, ``valLoss``; not ``value_loss``).
         read_every: with ``phase="train"``, read the collected losses back to the host every
             this many batches (default: 1 for CPU values, ``log_every_n_steps`` for accelerator
-            tensors; see the module docstring). Detection results do not depend on it.
+            tensors; see the module docstring). Detection results do not depend on it. A fit
+            where another callback monitors ``<prefix>/delta`` reads every batch.
         prefix: tag prefix of the logged metrics and text (``"crossing"``: ``crossing/delta``,
             ``crossing/event``); monitors of one Trainer need distinct prefixes.
 
@@ -414,6 +419,9 @@ class LossCrossingMonitor(Callback):
         # logged_on_step's verdict per key, once the key is logged (fixed for a fit: not
         # re-derived from Lightning's results at every step)
         self._on_step: dict[str, bool] = {}
+        # Whether another callback of this fit monitors crossing/delta (set at setup): the
+        # collected losses are then read back after every batch, whatever read_every says.
+        self._read_each = False
 
     # ------------------------------------------------------------------ state
     @property
@@ -532,6 +540,13 @@ class LossCrossingMonitor(Callback):
                 self._warned = set()
                 self._last_read = []
             self._deferred = None
+            # A callback that monitors crossing/delta (ModelCheckpoint(every_n_train_steps=...),
+            # EarlyStopping) reads it after this one at a batch end: with values read back every
+            # read_every batches it ranked checkpoints by a stale delta (re-review, session 28).
+            # Such a fit reads every batch (one host read per step, the cost read_every spares).
+            key = f"{self.prefix}/delta"
+            others = [cb for cb in trainer.callbacks if cb is not self]  # type: ignore[attr-defined]
+            self._read_each = any(getattr(cb, "monitor", None) == key for cb in others)
         if self.kind == "paired":
             from glu_probe.callbacks.paired import PairedModule
 
@@ -578,6 +593,10 @@ class LossCrossingMonitor(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._read_deferred(trainer, pl_module)
+        # Read before EarlyStopping / ModelCheckpoint check crossing/delta here (Lightning calls
+        # them after the other callbacks and the module): they saw a delta up to read_every - 1
+        # steps old (re-review, session 28). The epoch's last batch ends its optimizer step.
+        self._flush(current=True)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._read_deferred(trainer, pl_module)
@@ -749,7 +768,9 @@ class LossCrossingMonitor(Callback):
             self._pending.append(self._current)
             self._current = None
         every = self.read_every
-        if every is None:
+        if self._read_each:  # (crossing/delta is monitored: see setup)
+            every = 1
+        elif every is None:
             every = 1 if values.device.type == "cpu" else self._delta_every(trainer)
         if read_now or len(self._pending) >= every:
             self._flush()

@@ -27,7 +27,14 @@ For a PairedModule the names are ``ntk/model/<name>`` and ``ntk/baseline/<name>`
 ``model_prefix`` / ``baseline_prefix``). The values also go to ``trainer.callback_metrics`` (0-dim
 tensors, on every rank), so ``EarlyStopping`` / ``ModelCheckpoint(monitor="ntk/condition_number")``
 can use them: they hold the last probe's values until the next probe (a resumed run restores
-them from its checkpoint's history). On rank zero it
+them from its checkpoint's history). A skipped probe (see "Failure containment") leaves them as
+they are, as Lightning keeps a metric that is not logged again: through a run of skipped probes
+(a ``params`` filter whose parameters are frozen) ``EarlyStopping`` compares the last measured
+value again at each check and may stop for "no improvement" in it; ``history[-1]["step"]`` is the
+step it was measured at. ``EarlyStopping``'s default ``check_finite=True`` stops the fit at the
+first κ = inf (a numerically singular K, a normal state: see "Probe batch") or NaN (the
+``which="largest"`` of ``spectrum_kwargs`` leaves λ_min and κ NaN): pass ``check_finite=False``,
+or monitor ``ntk/lambda_max``. On rank zero it
 also writes TensorBoard histograms of the spectrum (``ntk/spectrum`` and ``ntk/log10_spectrum``, the
 latter over the strictly positive eigenvalues only) and a matplotlib figure of the sorted
 eigenvalues, when the engine returned the whole spectrum (exact path). On the iterative path
@@ -99,8 +106,10 @@ Failure containment
 -------------------
 An out-of-memory error halves the chunk size once and retries; a second one warns and skips the
 probe. Non-finite outputs or eigenvalues warn and skip. A ``params`` filter that selected
-parameters at an earlier probe and selects none now (renamed by ``ModelPruning``, or frozen)
-warns once and skips the probes until it selects again. ``strict=True`` raises instead. A probed
+parameters at an earlier probe (or in the checkpoint of a resumed run) and selects none now
+(frozen; a weight pruned by ``ModelPruning`` keeps its name) warns once and skips the probes until
+it selects again; of a PairedModule only that side is skipped, the other one probed and logged.
+``strict=True`` raises instead. A probed
 parameter set that changes between probes (``BackboneFinetuning`` unfreezing a backbone: only
 ``requires_grad`` parameters are probed) warns at that step; the names are checkpointed.
 """
@@ -352,6 +361,24 @@ def _raised_here(err: BaseException) -> bool:
 
 
 @contextmanager
+def _all_trainable(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """Every floating parameter of ``module`` with ``requires_grad=True`` inside the block, the
+    flags restored after (a probe of its copies, never a step, runs there)."""
+    frozen = (
+        [p for p in module.parameters() if not p.requires_grad and p.is_floating_point()]
+        if enabled
+        else []
+    )
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+@contextmanager
 def _eval_mode(modules: Sequence[nn.Module], enabled: bool) -> Iterator[None]:
     flags = [(m, m.training) for root in modules for m in root.modules()] if enabled else []
     try:
@@ -555,6 +582,8 @@ class NTKSpectrumMonitor(Callback):
         self._unbudgeted: set[str] = set()
         # Targets whose params= selection stopped matching (warned once; skipped until it does)
         self._unmatched: set[str] = set()
+        # The warning of the targets that the probe in progress skipped (see _compute)
+        self._skip_note = ""
 
     # ------------------------------------------------------------------ Lightning plumbing
     @property
@@ -711,8 +740,12 @@ class NTKSpectrumMonitor(Callback):
         self._unmatched = set()
         if self.history:
             # A resumed (or continued) fit: Lightning starts it with empty callback_metrics, and
-            # the uninterrupted run holds the last probe's values there until the next probe.
-            last = {k: v for k, v in self.history[-1].items() if k != "step"}
+            # the uninterrupted run holds the last probe's values there until the next probe;
+            # each key's own last (a PairedModule side whose filter stopped matching is absent
+            # from the later entries).
+            last: dict[str, Any] = {}
+            for entry in self.history:
+                last.update((k, v) for k, v in entry.items() if k != "step")
             trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in last.items()})
         self._inputs = self._fix_probe(trainer, pl_module)
         shapes = self._probe_shapes
@@ -926,18 +959,39 @@ class NTKSpectrumMonitor(Callback):
 
     def _rows_per_sample(self, pl_module: pl.LightningModule, inputs: Any, cuda: bool) -> int:
         """Rows of K per sample: one forward pass of one sample (the engine's own row count: per
-        token for sequence outputs under ``"pntk"``, every output under ``"full"``)."""
+        token for sequence outputs under ``"pntk"``, every output under ``"full"``). A ``params``
+        filter that selects nothing now but did at an earlier probe (a resumed or continued fit
+        during a freeze) counts over every parameter instead; its probes are skipped
+        (:meth:`_select`)."""
         from glu_probe.ntk import ProbeFunction
+        from glu_probe.ntk.functional import select_parameters
 
-        target = next(iter(self._targets(pl_module).values()))
+        tag, target = next(iter(self._targets(pl_module).items()))
+        params, every = self.params, False
+        try:
+            select_parameters(target, params)
+        except ValueError:
+            # A filter that selected at an earlier probe (a resumed or continued fit) and selects
+            # nothing now (frozen) is ruled on by `_select` at the probes: skipped, with one
+            # warning. The row count does not depend on the filter: counted over every
+            # parameter, made trainable for the count where none is (the resumed fit ended here,
+            # where the uninterrupted one skipped probes; re-review, session 28).
+            if self.strict or not self._probed_names.get(tag):
+                raise
+            params, every = None, True
 
         def rows(k: int) -> int:
-            with isolate_rng(include_cuda=cuda), torch.inference_mode(False), torch.enable_grad():
+            with (
+                isolate_rng(include_cuda=cuda),
+                torch.inference_mode(False),
+                torch.enable_grad(),
+                _all_trainable(target, enabled=every),
+            ):
                 probe = ProbeFunction(
                     target,
                     slice_batch(inputs, slice(0, k)),
                     output=self.output,
-                    params=self.params,
+                    params=params,
                     eval_mode=self.eval_mode,
                 )
             return probe.rows_per_sample
@@ -1105,8 +1159,11 @@ class NTKSpectrumMonitor(Callback):
         if compute_here:
             try:
                 payload = {"ok": self._compute(trainer, pl_module, step)}
+                if self._skip_note:  # some targets skipped, the others probed
+                    payload["skip"] = self._skip_note
             except _ProbeFailure as err:
-                payload = {"skip": str(err)}
+                # (with the warning of targets skipped before the failing one, if any)
+                payload = {"skip": " ".join(m for m in (self._skip_note, str(err)) if m)}
             except Exception as err:
                 if not distributed or self.shard_probe:
                     raise
@@ -1122,9 +1179,9 @@ class NTKSpectrumMonitor(Callback):
             raise original
         if "error" in payload:
             raise RuntimeError(f"NTKSpectrumMonitor probe failed on rank 0: {payload['error']}")
-        if "skip" in payload:
-            if payload["skip"]:  # ("": a skip already warned about)
-                rank_zero_warn(payload["skip"], category=NTKProbeWarning)
+        if payload.get("skip"):  # ("": a skip already warned about)
+            rank_zero_warn(payload["skip"], category=NTKProbeWarning)
+        if "ok" not in payload:
             return {}
         results: dict[str, dict[str, Any]] = payload["ok"]
         for tag, res in results.items():
@@ -1214,11 +1271,20 @@ class NTKSpectrumMonitor(Callback):
         targets = self._targets(pl_module)
         out: dict[str, dict[str, Any]] = {}
         include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        # The warnings of the targets whose filter selects nothing now ("": warned before)
+        self._skip_note = ""
         for tag, target in targets.items():
             name = tag or type(pl_module).__name__
             # (first: the budget and dtype below select the parameters too, outside the
             # containment; a filter that pruning emptied ended the fit there; review, session 28)
-            self._select(target, tag, name, step)
+            try:
+                self._select(target, tag, name, step)
+            except _ProbeFailure as err:
+                # That target only: a PairedModule's other side is still selected (its set
+                # change warned about), probed and logged (one side's filter stopping ended
+                # both series; re-review, session 28).
+                self._skip_note = " ".join(m for m in (self._skip_note, str(err)) if m)
+                continue
             warm: Any = self._ritz.get(tag) if self.warm_start else None
             if warm is not None:
                 warm = warm.to(pl_module.device)
@@ -1353,7 +1419,10 @@ class NTKSpectrumMonitor(Callback):
             res["ritz_vectors"] = ritz.detach().cpu() if isinstance(ritz, torch.Tensor) else None
             res["wall_time"] = time.perf_counter() - t0
             out[tag] = res
-        return out
+        if not out:
+            note, self._skip_note = self._skip_note, ""
+            raise _ProbeFailure(note)
+        return out  # (the skipped targets' warning, in _skip_note: by _probe_all, on rank zero)
 
     def _filter_text(self) -> str:
         """``params`` in a message (a sub-module by its path, not its multi-line repr)."""
@@ -1366,12 +1435,14 @@ class NTKSpectrumMonitor(Callback):
         containment, and compare them with the previous probe's selection.
 
         A filter that selected parameters at an earlier probe and now selects none (or fails:
-        they were renamed, as ``ModelPruning`` renames a pruned ``weight`` to ``weight_orig``,
-        or frozen) skips the probe with one ``NTKProbeWarning`` (raises with ``strict=True``);
-        later probes are skipped silently until it selects again. One that never selected is a
-        configuration error and raises. Another set than the previous probe's (a backbone
-        unfrozen by ``BackboneFinetuning``: only ``requires_grad`` parameters are probed) warns
-        once per change, with the step and the numbers of tensors added and removed.
+        they were frozen, or renamed; a weight pruned by ``ModelPruning`` keeps its name) skips
+        this target's probe with one ``NTKProbeWarning`` (raises with ``strict=True``): raises
+        :class:`_ProbeFailure`, and :meth:`_compute` still probes the other targets (a
+        PairedModule's other side). Later probes skip it silently until it selects again. One
+        that never selected is a configuration error and raises. Another set than the previous
+        probe's (a backbone unfrozen by ``BackboneFinetuning``: only ``requires_grad`` parameters
+        are probed) warns once per change, with the step and the numbers of tensors added and
+        removed.
         """
         from glu_probe.ntk.functional import select_parameters
 
@@ -1387,10 +1458,10 @@ class NTKSpectrumMonitor(Callback):
             raise _ProbeFailure(
                 f"NTKSpectrumMonitor: the params={self._filter_text()} filter selected "
                 f"{len(before)} parameter tensor(s) of {name} at an earlier probe and fails at "
-                f"step {step} ({err}): parameters were renamed or frozen since (ModelPruning, "
-                "for one, renames a pruned `weight` to `weight_orig`). This probe is skipped, and "
-                "so are the next ones, without a warning, until the filter selects again; "
-                "training continues."
+                f"step {step} ({err}): parameters were renamed or frozen since. The probe of "
+                f"{name} is skipped at this step, and at the next ones without a warning, until "
+                f"the filter selects again (its {self._metric_prefix(tag)}* values in "
+                "trainer.callback_metrics stay those of its last probe); training continues."
             ) from err
         self._unmatched.discard(tag)
         names = [_unpruned_name(target, n) for n in selected]
