@@ -57,17 +57,20 @@ def _truth(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("max_matvecs", [1, 2, 3, 7])
 def test_check_refuses_max_matvecs_below_two_blocks_with_the_value_passed(max_matvecs):
-    for kwargs in ({"method": "lanczos"}, {}):  # {}: the monitor's check (method unknown)
+    # rows_unknown: the monitor's check at construction (its probe does not exist yet)
+    for kwargs in ({"method": "lanczos"}, {}):  # {}: method not given
         with pytest.raises(ValueError, match=rf"2·block_size = 8\), got {max_matvecs}:"):
-            check_spectrum_arguments(max_matvecs=max_matvecs, **kwargs)
+            check_spectrum_arguments(max_matvecs=max_matvecs, rows_unknown=True, **kwargs)
     # the block_size given, not the default
     with pytest.raises(ValueError, match=r"2·block_size = 4\), got 3:"):
-        check_spectrum_arguments(method="lanczos", max_matvecs=3, block_size=2)
-    check_spectrum_arguments(method="lanczos", max_matvecs=4, block_size=2)
-    check_spectrum_arguments(method="lanczos", max_matvecs=8)
+        check_spectrum_arguments(method="lanczos", max_matvecs=3, block_size=2, rows_unknown=True)
+    check_spectrum_arguments(method="lanczos", max_matvecs=4, block_size=2, rows_unknown=True)
+    check_spectrum_arguments(method="lanczos", max_matvecs=8, rows_unknown=True)
     # the dense path does not use it, and auto refuses it only where it takes Lanczos
-    check_spectrum_arguments(method="dense", max_matvecs=max_matvecs)
-    check_spectrum_arguments(method="auto", max_matvecs=max_matvecs)
+    check_spectrum_arguments(method="dense", max_matvecs=max_matvecs, rows_unknown=True)
+    check_spectrum_arguments(method="auto", max_matvecs=max_matvecs, rows_unknown=True)
+    # with the rows known (ntk_spectrum), the solver decides: min(n, 2·block_size)
+    check_spectrum_arguments(method="lanczos", max_matvecs=max_matvecs)
 
 
 def test_ntk_spectrum_quotes_the_max_matvecs_passed():
@@ -117,9 +120,33 @@ def test_monitor_refuses_max_matvecs_below_two_blocks_at_construction():
         )
     with pytest.raises(MisconfigurationException, match=r"2·block_size = 4\), got 3:"):
         NTKSpectrumMonitor(
-            probe=torch.randn(16, 6), spectrum_kwargs={"max_matvecs": 3, "block_size": 2}
+            probe=torch.randn(16, 6),
+            method="lanczos",
+            spectrum_kwargs={"max_matvecs": 3, "block_size": 2},
         )
     NTKSpectrumMonitor(probe=torch.randn(16, 6), spectrum_kwargs={"max_matvecs": 8})
+    # (re-review s28: the dense path never uses it; auto accepts it as ntk_spectrum does)
+    for method in ("dense", "auto"):
+        NTKSpectrumMonitor(
+            probe=torch.randn(16, 6), method=method, spectrum_kwargs={"max_matvecs": 3}
+        )
+    NTKSpectrumMonitor(
+        probe=torch.randn(16, 6), method="dense", spectrum_kwargs={"block_size": 300}
+    )
+
+
+def test_a_probe_of_fewer_rows_than_two_blocks_runs_on_its_rows():
+    """Re-review s28: a 3-row probe with max_matvecs=3 was refused ("two blocks = 8"),
+    though its first block spans K."""
+    model, x = _mlp_probe(rows=3)
+    ev = _truth(model, x)
+    for which in ("both", "largest"):
+        s = ntk_spectrum(
+            model, x, method="lanczos", max_matvecs=3, dtype=torch.float64, which=which
+        )
+        assert s.lambda_max == pytest.approx(float(ev[-1]), rel=1e-9)
+        if which == "both":
+            assert s.converged and s.lambda_min == pytest.approx(float(ev[0]), rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,3 +284,32 @@ def test_ntk_spectrum_and_the_solver_share_the_allowance():
         krylov.condition_number_bound(s.lambda_max, s.lambda_min, slack), rel=1e-12
     )
     assert s.condition_number_lower <= float(ev[-1] / ev[0])
+
+
+def test_a_tol_above_the_cap_is_the_cap_after_the_solver_too():
+    """Re-review s28: the SLQ deflation and the non-convergence warning still took the user's
+    tol (0.5) where the solver had tested 1e-2: the effective rank moved with a tol the
+    solver ignored, and the warning quoted a tolerance the residuals were far inside."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 64), nn.Tanh(), nn.Linear(64, 3))
+    x = torch.randn(100, 6)
+    runs = {}
+    for tol in (1e-2, 0.5):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs[tol] = ntk_spectrum(
+                m,
+                x,
+                output="full",
+                method="lanczos",
+                tol=tol,
+                slq_probes=4,
+                max_matvecs=16,
+                generator=torch.Generator().manual_seed(0),
+            )
+        texts = [str(w.message) for w in caught if "did not converge" in str(w.message)]
+        if tol == 0.5 and texts:
+            assert "tol=0.5, tested as 0.01" in texts[0]
+    a, b = runs[1e-2], runs[0.5]
+    assert a.lambda_max == b.lambda_max and a.n_matvecs == b.n_matvecs
+    assert a.effective_rank == b.effective_rank

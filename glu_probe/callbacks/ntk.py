@@ -212,7 +212,9 @@ _MONITOR_OWNED = (
 )
 
 
-def _checked_spectrum_kwargs(spectrum_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+def _checked_spectrum_kwargs(
+    spectrum_kwargs: Mapping[str, Any] | None, method: str = "auto"
+) -> dict[str, Any]:
     """``spectrum_kwargs`` as a dict, its names checked now instead of at the first probe."""
     import inspect
 
@@ -240,7 +242,13 @@ def _checked_spectrum_kwargs(spectrum_kwargs: Mapping[str, Any] | None) -> dict[
             )
     checked = inspect.signature(check_spectrum_arguments).parameters
     try:  # the values too: a bad one would otherwise fail (or be skipped) at every probe
-        check_spectrum_arguments(**{k: v for k, v in spectrum_kwargs.items() if k in checked})
+        # (the probe's rows are not known yet: a Lanczos budget below two blocks is refused
+        # now, not at the first probe; auto and dense accept it, as ntk_spectrum does)
+        check_spectrum_arguments(
+            method=method,
+            rows_unknown=True,
+            **{k: v for k, v in spectrum_kwargs.items() if k in checked},
+        )
     except ValueError as err:
         raise MisconfigurationException(f"`spectrum_kwargs`: {err}") from None
     return dict(spectrum_kwargs)
@@ -547,7 +555,7 @@ class NTKSpectrumMonitor(Callback):
         self.dtype = dtype
         self.eval_mode = bool(eval_mode)
         self.warm_start = bool(warm_start)
-        self.spectrum_kwargs = _checked_spectrum_kwargs(spectrum_kwargs)
+        self.spectrum_kwargs = _checked_spectrum_kwargs(spectrum_kwargs, self.method)
         self.spectrum_kwargs.setdefault("slq_probes", DEFAULT_SLQ_PROBES)
         self.prefix = prefix
 

@@ -82,6 +82,7 @@ from .functional import (
     warn_narrowed,
 )
 from .krylov import (
+    LOOSEST_TOL,
     LanczosResult,
     _error_bounds,
     block_lanczos,
@@ -309,18 +310,20 @@ def check_spectrum_arguments(
     jacobian_dtype: Any = torch.float64,
     dense_vectors: Any = False,
     drop_padding: Any = True,
+    rows_unknown: bool = False,
 ) -> None:
     """ValueError for a bad :func:`ntk_spectrum` setting, whichever path would use it (the dense
     path ignores the Lanczos settings, but a typo there is still a typo). Needs no model: the
     monitor checks its ``spectrum_kwargs`` with it at construction.
 
+    ``rows_unknown`` (the monitor's check at construction, before its probe exists): a
     ``max_matvecs`` below two Lanczos blocks (``2·block_size``) is refused for
-    ``method="lanczos"`` and where ``method`` is not given (the monitor's check: it owns its
-    ``method``, which may take the Lanczos path at any probe); the solver refuses it for every K
-    above that size (:func:`~glu_probe.ntk.krylov.least_matvecs`), so this is the refusal
-    before any work, with the value as passed. ``method="auto"`` and ``"dense"`` accept it: the
-    dense path does not use it, and where ``auto`` takes the Lanczos path the solver refuses
-    it then."""
+    ``method="lanczos"`` and where ``method`` is not given, with the value as passed; the
+    solver refuses it for every K above that size
+    (:func:`~glu_probe.ntk.krylov.least_matvecs`). Otherwise the rows decide: ``ntk_spectrum``
+    leaves it to the solver, which needs ``min(n, 2·block_size)`` (a 3-row probe runs on 3);
+    ``method="auto"`` and ``"dense"`` accept it where the dense path is taken, which does not
+    use it."""
 
     def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
         if value is None and allow_none:
@@ -349,7 +352,7 @@ def check_spectrum_arguments(
     positive_int("max_matvecs", max_matvecs)
     positive_int("block_size", block_size)
     least = least_matvecs(block_size)
-    if (any_path or method == "lanczos") and max_matvecs < least:
+    if rows_unknown and (any_path or method == "lanczos") and max_matvecs < least:
         raise ValueError(
             f"max_matvecs must be at least two Lanczos blocks (2·block_size = {least}), got "
             f"{max_matvecs}: nothing converges on the start block alone; raise max_matvecs or "
@@ -452,7 +455,9 @@ def ntk_spectrum(
             :func:`~glu_probe.ntk.dense.jacobian_rounding_estimate` (a rounding estimate, not a
             certificate), and the relative error of λ_min grows like √κ (κ errors measured
             8e-9 … 2.2e-6 at κ ≤ 8e5 on the demo models' 64-row probes, 1e-5 at κ ≈ 2.4e7).
-        tol: relative accuracy of the Lanczos extreme eigenvalues.
+        tol: relative accuracy of the Lanczos extreme eigenvalues (a ``tol`` above
+            ``krylov.LOOSEST_TOL = 1e-2`` is tested as 1e-2: looser residual tests certified a
+            neighbour of λ_min as λ_min).
         max_matvecs: budget of single-vector products for Lanczos.
         block_size: Lanczos block size.
         which: Lanczos ends that must converge: ``"both"``, ``"largest"`` (λ_max only: cheap,
@@ -1394,7 +1399,7 @@ def _lanczos_on(
             generator=slq_gen,
             dtype=probe.dtype,
             device=probe.device,
-            deflate=_converged_top(res, tol),
+            deflate=_converged_top(res, min(tol, LOOSEST_TOL)),  # (the tol the solver tested)
         )
         eff_rank = slq_effective_rank(nodes, weights, n)
         eff_method = "slq"
@@ -1418,10 +1423,13 @@ def _lanczos_on(
         lam_max = kappa = math.nan
     if not res.converged:
         ends = {"both": "λ_max and λ_min", "largest": "λ_max", "smallest": "λ_min"}[which]
+        tested = f"tol={tol:g}"
+        if tol > LOOSEST_TOL:  # (the solver tests the loosest: quote what was tested)
+            tested = f"tol={tol:g}, tested as {LOOSEST_TOL:g}"
         warnings.warn(
             f"block Lanczos did not converge for {ends} within {res.n_matvecs} products "
             f"(residuals: max end {res.residual_max:.2e}, min end {res.residual_min:.2e}, "
-            f"tol={tol}); condition_number is an estimate, condition_number_lower = "
+            f"{tested}); condition_number is an estimate, condition_number_lower = "
             f"{kappa_lower:.4g} is a bound. Raise max_matvecs or use "
             "warm_start=",
             RuntimeWarning,
