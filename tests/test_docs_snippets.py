@@ -124,6 +124,31 @@ val_loader = DataLoader(_data, batch_size=32)
 """
 
 
+_LM = """
+import transformers
+torch.manual_seed(0)
+model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+    n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16))
+"""
+
+
+def _check_lm_metrics(ns: dict[str, Any], tmp: Path) -> None:
+    """The metrics take the shifted (B, T-1, V) / (B, T-1) tensors: perplexity = exp(token-mean
+    CE), accuracy = the token-mean of argmax hits, both over non-ignored labels."""
+    metrics = ns["gap"].metrics
+    torch.manual_seed(1)
+    logits = torch.randn(3, 5, 50)
+    labels = torch.randint(0, 50, (3, 5))
+    labels[0, 3:] = -100
+    for m in metrics.values():
+        m.update(logits, labels)
+    keep = labels != -100
+    ce = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
+    assert float(metrics["ppl"].compute()) == pytest.approx(float(ce.exp()), rel=1e-5)
+    hits = (logits.argmax(-1) == labels)[keep].double().mean()
+    assert float(metrics["acc"].compute()) == pytest.approx(float(hits), rel=1e-6)
+
+
 # -- checks ------------------------------------------------------------------------------------
 
 
@@ -279,6 +304,7 @@ SNIPPETS: dict[tuple[str, int], Snippet] = {
         check=_check_callbacks_page,
         replace={"max_steps=2000,": "max_steps=12, log_every_n_steps=1,"},
     ),
+    ("docs/callbacks.md", 1): Snippet(setup=_LM, check=_check_lm_metrics),
     ("docs/crossing.md", 0): Snippet(
         setup=_PAIR,
         check=_check_crossing_page,

@@ -65,6 +65,22 @@ and no metrics the batch is passed whole and never split (any format; each batch
 number of samples). Anything the chosen route cannot split: MisconfigurationException at train
 start (checked on the first training-subset batch), not at the first validation.
 
+A causal language model's predictions reach ``loss_fn`` and the metrics *shifted*, in one format
+on every route (a module holding a Hugging Face causal LM, see ``causal_lm``, and
+``PairedModule(causal_lm=True)``): logits ``(B, T-1, V)`` of positions ``0..T-2`` and labels
+``(B, T-1)`` of tokens ``1..T-1`` (``-100``: ignored), the pairs the model's own loss averages.
+``torchmetrics.text.Perplexity(ignore_index=-100)`` takes them as they are; a loss or metric that
+wants the classes on dimension 1 takes ``p.transpose(1, 2)`` (``F.cross_entropy(p.transpose(1,
+2), t)``; ``torchmetrics.wrappers.LambdaInputTransformer(MulticlassAccuracy(num_classes=V,
+ignore_index=-100), transform_pred=lambda p: p.transpose(1, 2))`` for token accuracy). They got
+the unshifted ``(B, T, V)`` / ``(B, T)`` (a Perplexity gap of the wrong sign) and, from a
+PairedModule, its flattened ``(N, V)`` / ``(N,)`` (Perplexity crashed; review, session 28).
+The module's own loss (``compute_loss``, its ``loss_fn`` attribute, ``PairedModule.evaluate``)
+is computed as before. ``loss_fn`` and each metric's ``update`` are run once at train start on
+the first training-subset batch (a PairedModule's metrics where ``causal_lm=True``): one that
+fails there is refused with a MisconfigurationException that shows the shapes, not at the first
+validation after the training steps before it.
+
 Several monitors in one Trainer (e.g. clean and logged side by side) need distinct ``prefix``
 values (default ``"gap"``: ``gap/loss``, ...).
 
@@ -564,6 +580,68 @@ def _token_labels(batch: Any, target: Any) -> bool:
     )
 
 
+def _shape(x: Any) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _one_number(value: Any) -> bool:
+    """Whether a loss is one number (what the sums take), read without a device sync."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _shift_tokens(preds: Any, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal LM's logits ``(B, T, V)`` and labels ``(B, T)`` after the next-token shift, as
+    the monitor's ``loss_fn`` and metrics get them: logits ``(B, T-1, V)`` of positions
+    ``0..T-2`` (a view) and labels ``(B, T-1)`` of tokens ``1..T-1``, the pairs the model's
+    own loss averages. Logits of another layout are refused: unshifted, every position would
+    be scored against its own token."""
+    if not (
+        isinstance(preds, torch.Tensor)
+        and preds.dim() == 3
+        and tuple(preds.shape[:2]) == tuple(target.shape)
+    ):
+        raise MisconfigurationException(
+            f"GeneralizationGapMonitor: the module is a causal language model (its loss "
+            f"shifts the labels), so the predictions given to loss_fn and metrics are shifted "
+            f"too, which needs logits (B, T, V) for labels (B, T); got {_shape(preds)} for "
+            f"{_shape(target)}. Pass causal_lm=False if the labels are already shifted."
+        )
+    return preds[:, :-1], target[:, 1:]
+
+
+def _paired_tokens(pl_module: PairedModule, batch: Any, preds: Any, target: Any) -> tuple[Any, Any]:
+    """A ``PairedModule(causal_lm=True)``'s ``evaluate`` predictions and labels in the format
+    the monitor's metrics get from a module of one's own: ``evaluate`` gives them shifted and
+    flattened, ``(B·(T-1), V)`` / ``(B·(T-1),)`` as its ``loss_fn`` takes them, and they are
+    given back their batch dimension, ``(B, T-1, V)`` / ``(B, T-1)`` (a view). The flat ones
+    crashed ``torchmetrics.text.Perplexity``, and a metric written for one route broke on the
+    other (review, session 28). Anything else is returned as it is."""
+    if not (
+        pl_module.causal_lm
+        and isinstance(preds, torch.Tensor)
+        and isinstance(target, torch.Tensor)
+        and preds.dim() == 2
+        and target.dim() == 1
+    ):
+        return preds, target
+    try:
+        _, labels = _split_batch(batch, pl_module.labels_key)
+    except ValueError:
+        return preds, target
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        return preds, target
+    b, t = int(labels.shape[0]), int(labels.shape[1]) - 1
+    if preds.shape[0] != b * t or target.shape[0] != b * t:
+        return preds, target
+    return preds.reshape(b, t, preds.shape[-1]), target.reshape(b, t)
+
+
 #: Hugging Face model classes whose loss shifts ``labels`` for next-token prediction beside the
 #: ``...ForCausalLM`` ones (``XLNetLMHeadModel``, ``XLMWithLMHeadModel`` and
 #: ``FlaubertWithLMHeadModel`` do not shift, and are left out).
@@ -626,12 +704,14 @@ class GeneralizationGapMonitor(Callback):
             val loader's batch size, read at the first validation), at most
             :data:`AUTO_SUBSET_MAX` (256): both sides then carry the same sampling noise, and
             the train side never costs more than the validation Lightning runs anyway.
-        metrics: clean mode: ``{name: torchmetrics.Metric}``; logged mode: ``{name: (train_key,
-            val_key)}`` or a list of names ``n`` (keys ``train_n``, ``val_n``).
+        metrics: clean mode: ``{name: torchmetrics.Metric}``, updated with ``(preds, target)``
+            (a causal LM's shifted: see the module docstring); logged mode: ``{name:
+            (train_key, val_key)}`` or a list of names ``n`` (keys ``train_n``, ``val_n``).
         mode: ``"clean"`` (default) or ``"logged"``.
         train_key: logged-mode name of the training loss.
         val_key: logged-mode name of the validation loss.
-        loss_fn: ``loss_fn(preds, target)``; see the module docstring for the lookup order.
+        loss_fn: ``loss_fn(preds, target)`` (a causal LM's shifted, as the metrics get them);
+            see the module docstring for the lookup order and the format.
         val_batches: at most this many validation batches are evaluated (``None``: all); under
             DDP per rank, like Lightning's ``limit_val_batches``. (Unlike Lightning's own
             ``val_loss``, the val side leaves out the samples a ``DistributedSampler`` repeats
@@ -653,8 +733,10 @@ class GeneralizationGapMonitor(Callback):
             when the module's outermost Hugging Face model is a ``...ForCausalLM`` or an LM head
             whose loss shifts (GPT-2's, BERT's, ...; not XLNet's, XLM's, nor an
             ``EncoderDecoderModel``) and the targets have the shape of the batch's
-            ``input_ids``; pass ``False`` for labels already shifted in the data. (A
-            ``PairedModule`` shifts, or not, by its own ``causal_lm``.)
+            ``input_ids``; pass ``False`` for labels already shifted in the data. ``loss_fn`` and
+            the metrics then get the shifted predictions, logits ``(B, T-1, V)`` and labels
+            ``(B, T-1)``. (A ``PairedModule`` shifts, or not, by its own ``causal_lm``; its
+            metrics get the same format.)
 
     One instance can serve several independent ``fit`` runs: a fit that starts at step 0
     without a checkpoint starts with an empty history.
@@ -970,6 +1052,8 @@ class GeneralizationGapMonitor(Callback):
             }
             for tag in self._tags(pl_module)
         }
+        if self._batches:
+            self._check_outputs(trainer, pl_module, self._batches[0])
 
     def on_train_batch_end(
         self,
@@ -1091,8 +1175,10 @@ class GeneralizationGapMonitor(Callback):
                     )
         reused = _paired_evaluations(pl_module, outputs, self._sides)
         if reused is not None:  # the PairedModule's own validation_step results, no 2nd pass
+            assert isinstance(pl_module, PairedModule)
             for tag, sides in self._sides.items():
-                sides["val"].add(*reused[tag])
+                loss, preds, target = reused[tag]
+                sides["val"].add(loss, *_paired_tokens(pl_module, batch, preds, target))
             return
         self._evaluate(pl_module, [batch], "val", trainer)
 
@@ -1194,6 +1280,88 @@ class GeneralizationGapMonitor(Callback):
                 f"{type(pl_module).__name__}.forward{sig} does not take them ({err}). Give the "
                 "module a compute_loss(batch) hook (and no metrics), or use mode='logged'."
             ) from err
+
+    def _check_outputs(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any
+    ) -> None:
+        """Run the monitor's ``loss_fn`` and each metric's ``update`` once on (a copy of) the
+        first training-subset batch, as the evaluation will, and refuse what fails with a
+        MisconfigurationException at train start: a loss or metric that does not take the
+        predictions' format (a causal LM's shifted ``(B, T-1, V)`` logits) crashed the fit at
+        the first validation, after the training steps before it (review, session 28). One
+        forward per network, as an evaluation: eval mode, ``no_grad``, RNG isolated, the
+        training-side metric copies reset afterwards, so training is unchanged. A
+        PairedModule is checked where ``causal_lm=True`` (its metrics then get the monitor's
+        layout, not ``evaluate``'s; see :func:`_paired_tokens`)."""
+        paired = isinstance(pl_module, PairedModule)
+        loss_fn = None if paired else self.loss_fn
+        if loss_fn is None and not self.metrics:
+            return  # (the module's own loss: its training runs it)
+        lm = self._shifted or (paired and bool(getattr(pl_module, "causal_lm", False)))
+        if paired and not lm:
+            # Its metrics get what evaluate() gives its loss_fn, unchanged: checked by the
+            # first validation, as before (each evaluate() call is one forward of a member).
+            return
+        include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        with (
+            isolate_rng(include_cuda=include_cuda),
+            _as_validating(trainer, pl_module),
+            torch.no_grad(),
+            _precision_context(trainer),
+        ):
+            for tag, sides in self._sides.items():
+                loss, preds, target = self._predictions(pl_module, _copy_tensors(batch), tag)
+                if loss is None and loss_fn is not None:
+                    try:
+                        loss = loss_fn(preds, target)
+                    except torch.OutOfMemoryError:
+                        raise
+                    except Exception as err:
+                        raise self._refused("loss_fn", preds, target, err, lm) from err
+                    if not _one_number(loss):
+                        raise self._refused(
+                            "loss_fn",
+                            preds,
+                            target,
+                            f"it returns {_shape(loss)}, not one number (a mean loss)",
+                            lm,
+                        )
+                for name, metric in sides["train"].metrics.items():
+                    try:
+                        metric.update(preds, target)
+                    except torch.OutOfMemoryError:
+                        raise
+                    except Exception as err:
+                        raise self._refused(f"metric {name!r}", preds, target, err, lm) from err
+                    finally:
+                        metric.reset()
+
+    @staticmethod
+    def _refused(what: str, preds: Any, target: Any, err: Any, lm: bool) -> Exception:
+        """The MisconfigurationException of :meth:`_check_outputs`; ``lm``: the predictions
+        are a causal language model's (the format is then spelled out)."""
+        why = f"{type(err).__name__}: {err}" if isinstance(err, BaseException) else str(err)
+        why = why.rstrip(". ")
+        hint = (
+            " These are a causal language model's next-token predictions, shifted: logits "
+            "(B, T-1, V) of positions 0..T-2 and labels (B, T-1) of tokens 1..T-1 (-100: "
+            "ignored). torchmetrics.text.Perplexity(ignore_index=-100) takes them as they are; "
+            "a loss or metric that wants the classes on dimension 1 or flat (N, V) / (N,) "
+            "inputs needs them rearranged, e.g. F.cross_entropy(p.transpose(1, 2), t) or "
+            "torchmetrics.wrappers.LambdaInputTransformer(MulticlassAccuracy(..., "
+            "ignore_index=-100), transform_pred=lambda p: p.transpose(1, 2))."
+            if isinstance(preds, torch.Tensor)
+            and preds.dim() == 3
+            and isinstance(target, torch.Tensor)
+            and target.dim() == 2
+            and lm
+            else ""
+        )
+        return MisconfigurationException(
+            f"GeneralizationGapMonitor: {what} fails on the first training-subset batch, "
+            f"checked at train start: preds {_shape(preds)}, target {_shape(target)}: "
+            f"{why}.{hint}"
+        )
 
     def _final_size(self, trainer: pl.Trainer) -> int:
         """The subset's size: ``train_subset_size``, or (``None``) the number of samples the
@@ -1343,9 +1511,26 @@ class GeneralizationGapMonitor(Callback):
 
     def _batch_outputs(self, pl_module: pl.LightningModule, batch: Any, tag: str) -> tuple:
         """``(loss, preds, target)``; target ``None`` for a batch passed whole to
-        ``compute_loss`` (see :meth:`_splits`)."""
+        ``compute_loss`` (see :meth:`_splits`). ``preds``/``target`` are what the metrics get
+        (see :meth:`_predictions`)."""
+        loss, preds, target = self._predictions(pl_module, batch, tag)
+        if loss is None:  # the monitor's own loss_fn, on what the metrics get
+            assert self.loss_fn is not None
+            loss = self.loss_fn(preds, target)
+        return loss, preds, target
+
+    def _predictions(self, pl_module: pl.LightningModule, batch: Any, tag: str) -> tuple:
+        """``(loss, preds, target)`` with ``loss`` ``None`` where the monitor's ``loss_fn`` is
+        still to be applied to ``(preds, target)``. For a causal language model (``_shifted``
+        and next-token labels) ``preds``/``target`` are shifted, logits ``(B, T-1, V)`` and
+        labels ``(B, T-1)``, on every route (see :func:`_shift_tokens`, :func:`_paired_tokens`);
+        the unshifted ones reached the user's loss_fn and metrics, a PairedModule's flattened
+        ones its metrics (a Perplexity gap of the wrong sign; review, session 28). The module's
+        own loss (``compute_loss``, its ``loss_fn`` attribute, ``PairedModule.evaluate``) gets
+        the batch and its outputs as before."""
         if isinstance(pl_module, PairedModule):
-            return pl_module.evaluate(batch, tag)
+            loss, preds, target = pl_module.evaluate(batch, tag)
+            return (loss, *_paired_tokens(pl_module, batch, preds, target))
         if not self._splits(pl_module):
             # The hook takes the batch whole; a target, where the batch has one, still weighs
             # the batch by its loss terms (non-ignored tokens), else its samples count.
@@ -1355,17 +1540,23 @@ class GeneralizationGapMonitor(Callback):
                 target = None
             return pl_module.compute_loss(batch), None, target  # type: ignore[operator]
         inputs, target = _split_batch(batch, self.labels_key)
+        shift = self._shifted and _token_labels(batch, target)
         if self.loss_fn is not None:
             preds = _logits(_call(pl_module, inputs))
-            return self.loss_fn(preds, target), preds, target
+            return (None, *(_shift_tokens(preds, target) if shift else (preds, target)))
         compute = getattr(pl_module, "compute_loss", None)
         if callable(compute):
             loss = compute(batch)
-            maybe_preds = _logits(_call(pl_module, inputs)) if self.metrics else None
-            return loss, maybe_preds, target
+            if not self.metrics:
+                return loss, None, target
+            preds = _logits(_call(pl_module, inputs))
+            return (loss, *(_shift_tokens(preds, target) if shift else (preds, target)))
         preds = _logits(_call(pl_module, inputs))
         module_loss: Any = pl_module.loss_fn
-        return module_loss(preds, target), preds, target
+        loss = module_loss(preds, target)  # (the module's own contract: its raw outputs)
+        if not self.metrics:
+            return loss, preds, target  # (nothing reads the predictions)
+        return (loss, *(_shift_tokens(preds, target) if shift else (preds, target)))
 
     def _evaluate(
         self,
@@ -1406,7 +1597,8 @@ class GeneralizationGapMonitor(Callback):
                     elif self._shifted and _token_labels(batch, target):
                         # a causal LM's loss averages the labels after the shift: weighed by
                         # the unshifted count, each sequence counted one token too many
-                        # (review, session 23)
+                        # (review, session 23). (Labels left unshifted where no metric reads
+                        # the predictions; shifted ones count their own terms.)
                         sides[side].add(loss, preds, target, _n_items(target[..., 1:]))
                     else:
                         sides[side].add(loss, preds, target)

@@ -910,6 +910,13 @@ class NTKSpectrumMonitor(Callback):
                     f"NTKSpectrumMonitor: the probed module failed on the probe inputs, called "
                     f"{how} ({type(err).__name__}: {err}); pass probe_inputs=callable(batch) -> "
                     "the model's inputs (e.g. lambda b: b['image']), or probe= a batch"
+                    + (
+                        ""
+                        if self.module is not None
+                        else "; if the LightningModule's forward takes the whole batch (e.g. "
+                        "forward(self, batch): return self.model(**batch)), probe the network "
+                        "it holds: module='<attribute name>', e.g. module='model'"
+                    )
                 ) from err
             n = max(1, min(n, self.max_rows // max(1, per_sample)))
             inputs = slice_batch(inputs, slice(0, n))
