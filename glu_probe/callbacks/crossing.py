@@ -225,6 +225,21 @@ def _accumulates(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
     return bool(getattr(pl_module, "automatic_optimization", True)) and isinstance(k, int) and k > 1
 
 
+def _step_complete(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Whether the current training batch ends its optimizer step: always without gradient
+    accumulation; with it, the batch that steps (Lightning's ``_should_accumulate``, no public
+    accessor). The step's entry was closed only when the next step's first batch came, so a
+    callback monitoring ``crossing/delta`` at a step checkpoint or validation saw the previous
+    step's delta (re-review, session 28)."""
+    if not _accumulates(trainer, pl_module):
+        return True
+    epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    should_accumulate = getattr(epoch_loop, "_should_accumulate", None)
+    if should_accumulate is None:  # (closed by the next step's batch, as before)
+        return False
+    return not bool(should_accumulate())
+
+
 def _sequence_label(series: tuple[np.ndarray, np.ndarray] | None) -> str:
     """``<sequence …>`` with a digest of the values: part of the ``state_key``, so it must tell
     two in-memory baselines apart and be the same in a resumed process."""
@@ -402,7 +417,7 @@ class LossCrossingMonitor(Callback):
         self._current: tuple[int, Any, float | None] | None = None
         # (logger step, whether the loggers write it) of a batch whose loss is logged after
         # the monitor's on_train_batch_end: read at the next hook (see the module docstring)
-        self._deferred: tuple[int, bool] | None = None
+        self._deferred: tuple[int, bool, bool] | None = None
         self._host: tuple[pl.Trainer, pl.LightningModule] | None = None
         self._series: tuple[np.ndarray, np.ndarray] | None = None
         if isinstance(baseline, str) and baseline == "paired":
@@ -576,7 +591,11 @@ class LossCrossingMonitor(Callback):
         if self.phase == "train" and not is_quiet_run(trainer):
             self._read_deferred(trainer, pl_module)
             if self._logged_later(trainer):
-                self._deferred = (logger_step(trainer), logs_this_step(trainer))
+                self._deferred = (
+                    logger_step(trainer),
+                    logs_this_step(trainer),
+                    _step_complete(trainer, pl_module),
+                )
             else:
                 self._collect(trainer, pl_module)
 
@@ -712,13 +731,14 @@ class LossCrossingMonitor(Callback):
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         read_now: bool = False,
-        deferred: tuple[int, bool] | None = None,
+        deferred: tuple[int, bool, bool] | None = None,
     ) -> None:
         """Queue this step's ``(loss, baseline)`` as it is (no device sync), and read the queue
         back every ``read_every`` steps (see the module docstring). A later batch of the same
         logger step replaces the step's entry (gradient accumulation: the last micro-batch is
         the one the logger writes). ``deferred``: the (step, logged) of a batch whose loss
-        was logged after the monitor's ``on_train_batch_end``, read at a later hook."""
+        was logged after the monitor's ``on_train_batch_end``, read at a later hook, and
+        whether that batch ended its optimizer step."""
         if self._keys is None:
             self.setup(trainer, pl_module, "fit")
         assert self._keys is not None
@@ -764,7 +784,8 @@ class LossCrossingMonitor(Callback):
         if self._current is not None and not same_step:
             self._pending.append(self._current)
         self._current = (step, values, recorded)
-        if not _accumulates(trainer, pl_module):  # one batch per step: the step is complete
+        complete = deferred[2] if deferred is not None else _step_complete(trainer, pl_module)
+        if complete:  # (the batch that ran the optimizer step: its logged loss is the step's)
             self._pending.append(self._current)
             self._current = None
         every = self.read_every

@@ -369,14 +369,16 @@ def _raised_here(err: BaseException) -> bool:
 
 
 @contextmanager
-def _all_trainable(module: nn.Module, enabled: bool) -> Iterator[None]:
-    """Every floating parameter of ``module`` with ``requires_grad=True`` inside the block, the
-    flags restored after (a probe of its copies, never a step, runs there)."""
-    frozen = (
-        [p for p in module.parameters() if not p.requires_grad and p.is_floating_point()]
-        if enabled
-        else []
-    )
+def _trainable(module: nn.Module, names: Sequence[str] | None) -> Iterator[None]:
+    """The parameters of ``module`` named ``names`` (their names before pruning:
+    :func:`_unpruned_name`) with ``requires_grad=True`` inside the block, the flags restored
+    after (a probe of its copies, never a step, runs there). ``None``: nothing changed."""
+    wanted = set(names or ())
+    frozen = [
+        p
+        for n, p in module.named_parameters()
+        if not p.requires_grad and p.is_floating_point() and _unpruned_name(module, n) in wanted
+    ]
     try:
         for p in frozen:
             p.requires_grad_(True)
@@ -976,31 +978,34 @@ class NTKSpectrumMonitor(Callback):
         """Rows of K per sample: one forward pass of one sample (the engine's own row count: per
         token for sequence outputs under ``"pntk"``, every output under ``"full"``). A ``params``
         filter that selects nothing now but did at an earlier probe (a resumed or continued fit
-        during a freeze) counts over every parameter instead; its probes are skipped
+        during a freeze) counts over the parameters it selected then; its probes are skipped
         (:meth:`_select`)."""
         from glu_probe.ntk import ProbeFunction
         from glu_probe.ntk.functional import select_parameters
 
         tag, target = next(iter(self._targets(pl_module).items()))
-        params, every = self.params, False
+        params: Any = self.params
+        earlier: list[str] | None = None
         try:
             select_parameters(target, params)
         except ValueError:
             # A filter that selected at an earlier probe (a resumed or continued fit) and selects
             # nothing now (frozen) is ruled on by `_select` at the probes: skipped, with one
-            # warning. The row count does not depend on the filter: counted over every
-            # parameter, made trainable for the count where none is (the resumed fit ended here,
-            # where the uninterrupted one skipped probes; re-review, session 28).
-            if self.strict or not self._probed_names.get(tag):
+            # warning. The row count does not depend on the parameters: counted over those the
+            # filter selected then, made trainable for the count (the resumed fit ended here,
+            # where the uninterrupted one skipped probes; re-review, session 28). Not over every
+            # parameter: that took in ones the filter leaves out, a complex one refused.
+            earlier = self._probed_names.get(tag)
+            if self.strict or not earlier:
                 raise
-            params, every = None, True
+            params = list(earlier)
 
         def rows(k: int) -> int:
             with (
                 isolate_rng(include_cuda=cuda),
                 torch.inference_mode(False),
                 torch.enable_grad(),
-                _all_trainable(target, enabled=every),
+                _trainable(target, earlier),
             ):
                 probe = ProbeFunction(
                     target,
