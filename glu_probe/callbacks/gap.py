@@ -79,7 +79,22 @@ The module's own loss (``compute_loss``, its ``loss_fn`` attribute, ``PairedModu
 is computed as before. ``loss_fn`` and each metric's ``update`` are run once at train start on
 the first training-subset batch (a PairedModule's metrics where ``causal_lm=True``): one that
 fails there is refused with a MisconfigurationException that shows the shapes, not at the first
-validation after the training steps before it.
+validation after the training steps before it. A ``loss_fn`` that shifts by itself (``p[:, :-1]``,
+``t[:, 1:]``: the only way to get next-token numbers before session 28) would now score every
+position against the token two ahead; on that batch it is compared with the module's own loss
+(``compute_loss(batch)``, else its ``loss_fn`` attribute, else the output's ``.loss`` when called
+with ``labels``): equal to ``loss_fn`` on the unshifted predictions and not on the shifted ones,
+it is refused; equal to neither, a warning says ``gap/loss`` is not the model's own loss (within
+rounding: 1e-4 relative, two epsilons of a 16-bit type in the logits or losses; a model that
+scores both shifts alike at train start is not told apart). A *metric* that shifts by itself
+cannot be checked that way: remove its shift. Which labels are shifted: with ``causal_lm=None``
+those of the shape of the batch's integer token ids (``batch["input_ids"]``, the inputs of an
+``(inputs, labels)`` batch, or their ``"input_ids"``), which must follow Hugging Face's
+``labels=input_ids`` convention (equal wherever not ``-100``; checked on the first subset batch,
+as is that integer ``(B, T)`` labels have such ids: labels shifted in the data, or a batch that
+names its tokens otherwise, are refused at train start, asking for ``causal_lm=False`` or
+``True``); with ``causal_lm=True`` every integer ``(B, T)`` target. Each batch is weighed by the
+non-ignored labels after the shift on every route and layout.
 
 Several monitors in one Trainer (e.g. clean and logged side by side) need distinct ``prefix``
 values (default ``"gap"``: ``gap/loss``, ...).
@@ -553,31 +568,60 @@ def _n_items_lazy(target: Any, device: torch.device) -> torch.Tensor:
     return torch.tensor(float(_n_items(target)), dtype=torch.float64, device=device)
 
 
-def _token_labels(batch: Any, target: Any) -> bool:
-    """Whether ``target`` is a language model's next-token labels: ``(batch, tokens)`` class
-    indices of the shape of the batch's token ids (``input_ids``, or the integer inputs of an
-    ``(inputs, target)`` batch), Hugging Face's ``labels=input_ids`` convention; not a
-    classifier's ``(batch, 1)`` or multi-label targets (re-review, session 23: a ``(B, 1)``
-    target of a module that also held a causal LM was shifted to no terms at all)."""
-    if not (
+def _int_tokens(target: Any) -> bool:
+    """Whether ``target`` has the layout of token labels: ``(batch, tokens)`` class indices,
+    ``tokens > 1`` (a classifier's ``(batch, 1)`` target is not: re-review, session 23)."""
+    return (
         isinstance(target, torch.Tensor)
         and target.dim() == 2
         and target.shape[1] > 1
         and not target.is_floating_point()
         and not target.is_complex()
-    ):
-        return False
+    )
+
+
+def _token_ids(batch: Any) -> Any:
+    """The batch's token ids, where its layout shows them: ``batch["input_ids"]``, the inputs
+    of an ``(inputs, target)`` batch, or their ``"input_ids"`` where the inputs are a mapping
+    (``({"input_ids", "attention_mask"}, labels)``: missed before, so these batches went
+    unshifted; re-review, session 28). ``None`` elsewhere."""
     if isinstance(batch, Mapping):
-        ids = batch.get("input_ids")
-    elif isinstance(batch, (tuple, list)) and batch:
-        ids = batch[0]
-    else:
-        ids = None
+        return batch.get("input_ids")
+    if isinstance(batch, (tuple, list)) and batch:
+        first = batch[0]
+        return first.get("input_ids") if isinstance(first, Mapping) else first
+    return None
+
+
+def _token_labels(batch: Any, target: Any) -> bool:
+    """Whether ``target`` is a language model's next-token labels: ``(batch, tokens)`` class
+    indices of the shape of the batch's token ids (see :func:`_token_ids`), Hugging Face's
+    ``labels=input_ids`` convention; not a classifier's ``(batch, 1)`` or multi-label targets
+    (re-review, session 23: a ``(B, 1)`` target of a module that also held a causal LM was
+    shifted to no terms at all)."""
+    if not _int_tokens(target):
+        return False
+    ids = _token_ids(batch)
     return (
         isinstance(ids, torch.Tensor)
         and not ids.is_floating_point()
         and tuple(ids.shape) == tuple(target.shape)
     )
+
+
+def _rounding_rtol(*values: Any) -> float:
+    """Relative tolerance between two computations of one loss on one batch (the same logits,
+    other arithmetic: ``F.cross_entropy`` against Hugging Face's float32 loss): ``1e-4`` where
+    every floating tensor among ``values`` has 32 bits or more (rounding there is ~1e-7), two
+    machine epsilons of the narrowest type otherwise (bfloat16: 1.6e-2, float16: 2e-3): a loss
+    returned in 16 bits is rounded to half an epsilon, and a loss computed from 16-bit logits
+    (``precision="bf16-mixed"``) in 16 bits by one side only differs by about that much."""
+    narrow = [
+        torch.finfo(v.dtype).eps
+        for v in values
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.element_size() < 4
+    ]
+    return 2 * max(narrow) if narrow else 1e-4
 
 
 def _shape(x: Any) -> str:
@@ -710,8 +754,9 @@ class GeneralizationGapMonitor(Callback):
         mode: ``"clean"`` (default) or ``"logged"``.
         train_key: logged-mode name of the training loss.
         val_key: logged-mode name of the validation loss.
-        loss_fn: ``loss_fn(preds, target)`` (a causal LM's shifted, as the metrics get them);
-            see the module docstring for the lookup order and the format.
+        loss_fn: ``loss_fn(preds, target)`` (a causal LM's shifted, as the metrics get them;
+            one that shifts again is refused at train start where the module's own loss shows
+            it); see the module docstring for the lookup order and the format.
         val_batches: at most this many validation batches are evaluated (``None``: all); under
             DDP per rank, like Lightning's ``limit_val_batches``. (Unlike Lightning's own
             ``val_loss``, the val side leaves out the samples a ``DistributedSampler`` repeats
@@ -732,11 +777,15 @@ class GeneralizationGapMonitor(Callback):
             Face's ``*ForCausalLM`` shift ``labels=input_ids`` inside). ``None`` (default):
             when the module's outermost Hugging Face model is a ``...ForCausalLM`` or an LM head
             whose loss shifts (GPT-2's, BERT's, ...; not XLNet's, XLM's, nor an
-            ``EncoderDecoderModel``) and the targets have the shape of the batch's
-            ``input_ids``; pass ``False`` for labels already shifted in the data. ``loss_fn`` and
-            the metrics then get the shifted predictions, logits ``(B, T-1, V)`` and labels
-            ``(B, T-1)``. (A ``PairedModule`` shifts, or not, by its own ``causal_lm``; its
-            metrics get the same format.)
+            ``EncoderDecoderModel``) and the targets have the shape of the batch's integer
+            token ids (``batch["input_ids"]``, ``batch[0]`` or ``batch[0]["input_ids"]``); the
+            first subset batch's labels must then equal those ids wherever not ``-100``, and
+            integer ``(B, T)`` labels must have such ids, else a MisconfigurationException at
+            train start. ``True``: every integer ``(B, T)`` target (no check); ``False``: none
+            (labels already shifted in the data). ``loss_fn`` and the metrics then get the
+            shifted predictions, logits ``(B, T-1, V)`` and labels ``(B, T-1)``. (A
+            ``PairedModule`` shifts, or not, by its own ``causal_lm``; its metrics get the same
+            format.)
 
     One instance can serve several independent ``fit`` runs: a fit that starts at step 0
     without a checkpoint starts with an empty history.
@@ -1042,6 +1091,7 @@ class GeneralizationGapMonitor(Callback):
             self._batches = [_as_trained(trainer, b) for b in batches]
         if self._batches:
             self._check_batch(pl_module, self._batches[0])
+            self._check_token_labels(pl_module, self._batches[0])
         if self._sized:  # an explicit subset: its size is known now
             self._note_samples()
         device = pl_module.device
@@ -1292,7 +1342,9 @@ class GeneralizationGapMonitor(Callback):
         forward per network, as an evaluation: eval mode, ``no_grad``, RNG isolated, the
         training-side metric copies reset afterwards, so training is unchanged. A
         PairedModule is checked where ``causal_lm=True`` (its metrics then get the monitor's
-        layout, not ``evaluate``'s; see :func:`_paired_tokens`)."""
+        layout, not ``evaluate``'s; see :func:`_paired_tokens`). Where a causal LM's
+        predictions reach ``loss_fn`` shifted, its value is compared with the module's own
+        loss (:meth:`_check_own_shift`)."""
         paired = isinstance(pl_module, PairedModule)
         loss_fn = None if paired else self.loss_fn
         if loss_fn is None and not self.metrics:
@@ -1310,7 +1362,8 @@ class GeneralizationGapMonitor(Callback):
             _precision_context(trainer),
         ):
             for tag, sides in self._sides.items():
-                loss, preds, target = self._predictions(pl_module, _copy_tensors(batch), tag)
+                route = self._route_outputs(pl_module, _copy_tensors(batch), tag)
+                loss, preds, target, _ = self._shift(*route)
                 if loss is None and loss_fn is not None:
                     try:
                         loss = loss_fn(preds, target)
@@ -1326,6 +1379,8 @@ class GeneralizationGapMonitor(Callback):
                             f"it returns {_shape(loss)}, not one number (a mean loss)",
                             lm,
                         )
+                    if route[3]:  # shifted here: a loss_fn that shifts too is refused
+                        self._check_own_shift(pl_module, batch, loss_fn, loss, route[1], route[2])
                 for name, metric in sides["train"].metrics.items():
                     try:
                         metric.update(preds, target)
@@ -1362,6 +1417,160 @@ class GeneralizationGapMonitor(Callback):
             f"checked at train start: preds {_shape(preds)}, target {_shape(target)}: "
             f"{why}.{hint}"
         )
+
+    def _check_own_shift(
+        self,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        loss_fn: Callable[[Any, Any], Any],
+        shifted: Any,
+        preds: torch.Tensor,
+        target: torch.Tensor,
+    ) -> None:
+        """Refuse a ``loss_fn`` that shifts a causal LM's labels itself, now that the monitor
+        shifts them (session 28): given the shifted ``(B, T-1, V)`` / ``(B, T-1)`` it scored
+        every position against the token two ahead, silently (``gap/loss`` 0.0894 for 0.1130;
+        re-review, session 28). On the first training-subset batch (``preds``/``target``
+        unshifted, ``shifted``: ``loss_fn`` on the shifted ones) the module's own loss
+        (:meth:`_own_loss`) is compared with ``loss_fn`` both ways: equal to ``loss_fn`` on the
+        unshifted predictions and not on the shifted ones, within rounding
+        (:func:`_rounding_rtol`), it is refused with a MisconfigurationException; equal to
+        neither, a warning says that ``gap/loss`` is not the model's own loss. Nothing is said
+        where there is no own loss to compare with, or where both agree with it (an untrained
+        model may score the two shifts alike). Metrics cannot be checked this way."""
+        own = self._own_loss(pl_module, batch, preds, target)
+        if own is None or not _one_number(shifted):
+            return
+        value, source = own
+        try:
+            unshifted = loss_fn(preds, target)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:
+            unshifted = None  # (it takes the shifted layout only: no shift of its own)
+        if not _one_number(unshifted):
+            unshifted = None
+        rtol = _rounding_rtol(preds, value, shifted, unshifted)
+        own_v, shifted_v = float(value), float(shifted)
+        unshifted_v = float(unshifted) if unshifted is not None else math.nan
+        if not (math.isfinite(own_v) and math.isfinite(shifted_v)):
+            return
+        tol = rtol * max(abs(own_v), 1e-2)
+        if abs(shifted_v - own_v) <= tol:
+            return
+        if abs(unshifted_v - own_v) <= tol:  # (False for NaN)
+            raise MisconfigurationException(
+                "GeneralizationGapMonitor: loss_fn shifts the labels itself, and the monitor "
+                "shifts them too: on the first training-subset batch (checked at train start) "
+                f"the module's own loss ({source}) is {own_v:.6g}, loss_fn on the unshifted "
+                f"predictions gives {unshifted_v:.6g}, on the shifted ones {shifted_v:.6g}. "
+                "The monitor gives a causal language model's loss_fn and metrics the "
+                "predictions already shifted, logits (B, T-1, V) of positions 0..T-2 and "
+                "labels (B, T-1) of tokens 1..T-1, so a shift of one's own (p[:, :-1], "
+                "t[:, 1:]) scores every position against the token two ahead. Remove it, e.g. "
+                "loss_fn=lambda p, t: F.cross_entropy(p.transpose(1, 2), t, ignore_index=-100), "
+                "and from any metric that shifts too (metrics cannot be checked this way)."
+            )
+        rank_zero_warn(
+            f"GeneralizationGapMonitor: on the first training-subset batch loss_fn gives "
+            f"{shifted_v:.6g} where the module's own loss ({source}) gives {own_v:.6g} (beyond "
+            f"rounding, rtol {rtol:.2g}): gap/loss is not the model's own loss. Fine if that "
+            "is meant (another loss than the training one); if loss_fn shifts the labels "
+            "itself, remove that shift: the monitor gives a causal language model's loss_fn "
+            "and metrics the predictions already shifted, logits (B, T-1, V) and labels "
+            "(B, T-1)."
+        )
+
+    def _own_loss(
+        self, pl_module: pl.LightningModule, batch: Any, preds: Any, target: Any
+    ) -> tuple[Any, str] | None:
+        """The module's own loss on ``batch`` and where it comes from, the first of these that
+        gives one number: its ``compute_loss(batch)``, its ``loss_fn`` attribute on the
+        unshifted ``(preds, target)``, the ``.loss`` of its output when called with the inputs
+        and ``labels=target`` (a Hugging Face model's, whose loss shifts). ``None`` where none
+        does (a failure there is not the monitor's to report: the comparison is left out)."""
+
+        def hf_loss() -> Any:
+            inputs, _ = _split_batch(_copy_tensors(batch), self.labels_key)
+            args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else ((inputs,), {})
+            if "labels" in kwargs:
+                return None
+            kwargs["labels"] = target
+            inspect.signature(pl_module.forward).bind(*args, **kwargs)  # (TypeError: skipped)
+            out = pl_module(*args, **kwargs)
+            return out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+
+        compute = getattr(pl_module, "compute_loss", None)
+        module_loss = getattr(pl_module, "loss_fn", None)
+        sources: list[tuple[str, Callable[[], Any]]] = []
+        if callable(compute):
+            sources.append(("compute_loss(batch)", lambda: compute(_copy_tensors(batch))))
+        if callable(module_loss):
+            sources.append(("its loss_fn attribute", lambda: module_loss(preds, target)))
+        sources.append(("the output's .loss with labels", hf_loss))
+        for source, get in sources:
+            try:
+                value = get()
+            except torch.OutOfMemoryError:
+                raise
+            except Exception:
+                continue
+            if value is not None and _one_number(value):
+                return value, source
+        return None
+
+    def _check_token_labels(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Where the monitor detected a causal LM itself (``causal_lm=None``), refuse at train
+        start a first training-subset batch whose labels it would misread: labels that do not
+        follow Hugging Face's ``labels=input_ids`` convention (equal to ``input_ids`` wherever
+        not ``-100``; labels already shifted in the data were shifted again, a perplexity
+        12.5 % off), or integer ``(B, T)`` labels it would leave unshifted for want of integer
+        token ids beside them (``{"tokens", "labels"}`` batches; re-review, session 28; labels
+        of another shape than the ids are a classifier's, left unshifted). An explicit
+        ``causal_lm`` is the user's word and is not checked; a PairedModule shifts by its own
+        ``causal_lm``."""
+        if self.causal_lm is not None or not self._shifted or isinstance(pl_module, PairedModule):
+            return
+        try:
+            _, target = _split_batch(batch, self.labels_key)
+        except ValueError:
+            return  # (a whole batch for compute_loss: weighed by its samples)
+        if not _int_tokens(target):
+            return  # (a classifier's target beside the LM: not shifted)
+        choose = (
+            "Pass causal_lm=False if the labels are already shifted in the data (or are not "
+            "next-token labels), causal_lm=True if the model's loss shifts them (the monitor "
+            "then shifts every integer (B, T) target)."
+        )
+        ids = _token_ids(batch)
+        if not (isinstance(ids, torch.Tensor) and not ids.is_floating_point()):
+            raise MisconfigurationException(
+                "GeneralizationGapMonitor: the module holds a causal language model whose loss "
+                f"shifts its labels, but the batch's integer labels {_shape(target)} have no "
+                f"integer token ids beside them to be recognised by (found: "
+                f"{'none' if ids is None else _shape(ids)}; "
+                "looked for batch['input_ids'], the inputs of an (inputs, labels) batch, or "
+                "their 'input_ids'), so they would go unshifted. " + choose
+            )
+        if tuple(ids.shape) != tuple(target.shape):
+            return  # (not per-token labels of these ids: a multi-label target, not shifted)
+        kept = target != -100
+        differ = int((target[kept] != ids[kept]).sum())  # (one read, at train start)
+        if differ:
+            inner = kept[:, :-1]
+            shifted = bool(inner.any() and (target[:, :-1] == ids[:, 1:])[inner].all())
+            raise MisconfigurationException(
+                "GeneralizationGapMonitor: the module holds a causal language model whose loss "
+                "shifts labels=input_ids, but the first training-subset batch's labels differ "
+                f"from its input_ids at {differ} of {int(kept.sum())} non-ignored positions"
+                + (
+                    " (they equal the next token, input_ids[:, 1:]: shifted already)"
+                    if shifted
+                    else ""
+                )
+                + "; shifted again, every position would be scored against the wrong token. "
+                + choose
+            )
 
     def _final_size(self, trainer: pl.Trainer) -> int:
         """The subset's size: ``train_subset_size``, or (``None``) the number of samples the
@@ -1513,24 +1722,43 @@ class GeneralizationGapMonitor(Callback):
         """``(loss, preds, target)``; target ``None`` for a batch passed whole to
         ``compute_loss`` (see :meth:`_splits`). ``preds``/``target`` are what the metrics get
         (see :meth:`_predictions`)."""
-        loss, preds, target = self._predictions(pl_module, batch, tag)
+        return self._weighed_outputs(pl_module, batch, tag)[:3]
+
+    def _weighed_outputs(self, pl_module: pl.LightningModule, batch: Any, tag: str) -> tuple:
+        """``(loss, preds, target, terms)``: :meth:`_batch_outputs` and the batch's number of
+        loss terms where the target does not show it (``None``: the target's own count). A
+        causal LM's labels left unshifted (no metric reads the predictions) count the tokens
+        after the shift, ``labels[..., 1:]``, which the model's loss averages (review, session
+        23); a whole batch without a target counts its samples."""
+        loss, preds, target, unshifted = self._predictions(pl_module, batch, tag)
         if loss is None:  # the monitor's own loss_fn, on what the metrics get
             assert self.loss_fn is not None
             loss = self.loss_fn(preds, target)
-        return loss, preds, target
+        if target is None:
+            return loss, preds, target, _n_samples(batch)
+        return loss, preds, target, _n_items(target[..., 1:]) if unshifted else None
 
-    def _predictions(self, pl_module: pl.LightningModule, batch: Any, tag: str) -> tuple:
-        """``(loss, preds, target)`` with ``loss`` ``None`` where the monitor's ``loss_fn`` is
-        still to be applied to ``(preds, target)``. For a causal language model (``_shifted``
-        and next-token labels) ``preds``/``target`` are shifted, logits ``(B, T-1, V)`` and
-        labels ``(B, T-1)``, on every route (see :func:`_shift_tokens`, :func:`_paired_tokens`);
-        the unshifted ones reached the user's loss_fn and metrics, a PairedModule's flattened
-        ones its metrics (a Perplexity gap of the wrong sign; review, session 28). The module's
-        own loss (``compute_loss``, its ``loss_fn`` attribute, ``PairedModule.evaluate``) gets
-        the batch and its outputs as before."""
+    def _next_token(self, batch: Any, target: Any) -> bool:
+        """Whether ``target`` holds a causal LM's labels that the monitor shifts (a module of
+        one's own; a PairedModule shifts by itself): with an explicit ``causal_lm=True``
+        every integer ``(B, T)`` target (a model of one's own whose batch names its tokens
+        otherwise, ``{"tokens", "labels"}``, went unshifted; re-review, session 28); detected
+        (``causal_lm=None``), labels of the shape of the batch's token ids
+        (:func:`_token_labels`)."""
+        if not self._shifted:
+            return False
+        return _int_tokens(target) if self.causal_lm else _token_labels(batch, target)
+
+    def _route_outputs(self, pl_module: pl.LightningModule, batch: Any, tag: str) -> tuple:
+        """``(loss, preds, target, next_token)`` as the loss route gives them, before the
+        shift: ``loss`` ``None`` where the monitor's ``loss_fn`` is still to be applied,
+        ``preds`` ``None`` where nothing reads them, ``next_token`` whether ``target`` holds
+        labels to shift (:meth:`_next_token`; ``False`` for a PairedModule, whose ``evaluate``
+        shifts). The module's own loss (``compute_loss``, its ``loss_fn`` attribute,
+        ``PairedModule.evaluate``) gets the batch and its outputs unshifted."""
         if isinstance(pl_module, PairedModule):
             loss, preds, target = pl_module.evaluate(batch, tag)
-            return (loss, *_paired_tokens(pl_module, batch, preds, target))
+            return (loss, *_paired_tokens(pl_module, batch, preds, target), False)
         if not self._splits(pl_module):
             # The hook takes the batch whole; a target, where the batch has one, still weighs
             # the batch by its loss terms (non-ignored tokens), else its samples count.
@@ -1538,25 +1766,39 @@ class GeneralizationGapMonitor(Callback):
                 _, target = _split_batch(batch, self.labels_key)
             except ValueError:
                 target = None
-            return pl_module.compute_loss(batch), None, target  # type: ignore[operator]
+            loss = pl_module.compute_loss(batch)  # type: ignore[operator]
+            return loss, None, target, target is not None and self._next_token(batch, target)
         inputs, target = _split_batch(batch, self.labels_key)
-        shift = self._shifted and _token_labels(batch, target)
+        next_token = self._next_token(batch, target)
         if self.loss_fn is not None:
-            preds = _logits(_call(pl_module, inputs))
-            return (None, *(_shift_tokens(preds, target) if shift else (preds, target)))
+            return None, _logits(_call(pl_module, inputs)), target, next_token
         compute = getattr(pl_module, "compute_loss", None)
         if callable(compute):
             loss = compute(batch)
             if not self.metrics:
-                return loss, None, target
-            preds = _logits(_call(pl_module, inputs))
-            return (loss, *(_shift_tokens(preds, target) if shift else (preds, target)))
+                return loss, None, target, next_token
+            return loss, _logits(_call(pl_module, inputs)), target, next_token
         preds = _logits(_call(pl_module, inputs))
         module_loss: Any = pl_module.loss_fn
-        loss = module_loss(preds, target)  # (the module's own contract: its raw outputs)
-        if not self.metrics:
-            return loss, preds, target  # (nothing reads the predictions)
-        return (loss, *(_shift_tokens(preds, target) if shift else (preds, target)))
+        # (the module's own contract: its raw outputs)
+        return module_loss(preds, target), preds, target, next_token
+
+    def _predictions(self, pl_module: pl.LightningModule, batch: Any, tag: str) -> tuple:
+        """``(loss, preds, target, unshifted)`` with ``loss`` ``None`` where the monitor's
+        ``loss_fn`` is still to be applied to ``(preds, target)``. For a causal language model
+        (:meth:`_next_token`) ``preds``/``target`` are shifted, logits ``(B, T-1, V)`` and
+        labels ``(B, T-1)``, on every route (see :func:`_shift_tokens`,
+        :func:`_paired_tokens`) where ``loss_fn`` or a metric reads them; the unshifted ones
+        reached the user's loss_fn and metrics, a PairedModule's flattened ones its metrics (a
+        Perplexity gap of the wrong sign; review, session 28). ``unshifted``: the target holds
+        next-token labels left unshifted (nothing reads the predictions)."""
+        return self._shift(*self._route_outputs(pl_module, batch, tag))
+
+    def _shift(self, loss: Any, preds: Any, target: Any, next_token: bool) -> tuple:
+        """:meth:`_route_outputs`' outputs as :meth:`_predictions` gives them."""
+        if next_token and preds is not None and (loss is None or self.metrics):
+            return (loss, *_shift_tokens(preds, target), False)
+        return loss, preds, target, next_token
 
     def _evaluate(
         self,
@@ -1581,7 +1823,7 @@ class GeneralizationGapMonitor(Callback):
                     last_use = side == "val" and i == len(tags) - 1
                     batch = kept if last_use else _copy_tensors(kept)
                     try:
-                        loss, preds, target = self._batch_outputs(pl_module, batch, tag)
+                        loss, preds, target, terms = self._weighed_outputs(pl_module, batch, tag)
                     except RuntimeError as err:
                         if torch.is_inference_mode_enabled() and (
                             "inference" in str(err).lower() or "grad" in str(err).lower()
@@ -1592,16 +1834,10 @@ class GeneralizationGapMonitor(Callback):
                                 f"use Trainer(inference_mode=False). Original error: {err}"
                             ) from err
                         raise
-                    if target is None:  # a whole batch given to compute_loss: weigh samples
-                        sides[side].add(loss, preds, target, _n_samples(batch))
-                    elif self._shifted and _token_labels(batch, target):
-                        # a causal LM's loss averages the labels after the shift: weighed by
-                        # the unshifted count, each sequence counted one token too many
-                        # (review, session 23). (Labels left unshifted where no metric reads
-                        # the predictions; shifted ones count their own terms.)
-                        sides[side].add(loss, preds, target, _n_items(target[..., 1:]))
-                    else:
+                    if terms is None:  # the target's own count
                         sides[side].add(loss, preds, target)
+                    else:
+                        sides[side].add(loss, preds, target, terms)
 
     def _clean_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         out: dict[str, float] = {}
