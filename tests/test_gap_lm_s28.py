@@ -604,3 +604,121 @@ def test_the_loss_fn_comparison_leaves_training_bit_identical() -> None:
 
     a, b = run(False), run(True)
     assert all(torch.equal(v, b[k]) for k, v in a.items())
+
+
+# --------------------------------------------------------------------------------------------
+# Second re-review (session 28): false refusals and missed self-shifts of the train-start check
+# --------------------------------------------------------------------------------------------
+def _flat_ce(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(p.flatten(0, 1), t.flatten(), ignore_index=-100)
+
+
+def _sharp_gpt2() -> Any:
+    net = _gpt2(0)
+    with torch.no_grad():
+        net.transformer.wte.weight.mul_(8.0)  # a model that tells tokens apart
+    return net
+
+
+class _FlatCriterion(_HFLossOnly):
+    """A module whose ``loss_fn`` attribute is a flat criterion that its training_step applies
+    after shifting by itself: a correct user ``loss_fn`` (the same flat criterion) equals it on
+    the unshifted predictions and was refused as self-shifting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _sharp_gpt2()
+        self.loss_fn = _flat_ce
+
+    def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
+        logits = self.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return self.loss_fn(logits.logits[:, :-1], batch["labels"][:, 1:])
+
+
+def test_a_flat_criterion_attribute_does_not_refuse_a_correct_loss_fn() -> None:
+    module = _FlatCriterion()
+    gap = GeneralizationGapMonitor(loss_fn=_flat_ce, train_subset=_subset())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(gap).fit(module, DataLoader(_items(12, 0), batch_size=4), _val_loader())
+    assert not [w for w in caught if "GeneralizationGapMonitor" in str(w.message)]
+    train, val = _by_hand(module.net, _subset()), _by_hand(module.net, list(_val_loader()))
+    assert gap.history[-1]["gap/train/loss"] == pytest.approx(train["loss"], rel=1e-5)
+    assert gap.history[-1]["gap/val/loss"] == pytest.approx(val["loss"], rel=1e-5)
+    # and a self-shifting loss_fn is refused, by the HF loss (not by the attribute)
+    with pytest.raises(MisconfigurationException, match=r"\.loss with labels"):
+        _trainer(GeneralizationGapMonitor(loss_fn=_self_shifted_ce, train_subset=_subset())).fit(
+            _FlatCriterion(), DataLoader(_items(12, 0), batch_size=4), _val_loader()
+        )
+
+
+class _DictLoss(LM):
+    """``compute_loss`` returns a dict holding the loss; forward takes no ``labels``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _sharp_gpt2()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:  # type: ignore[override]
+        return self.net(input_ids=input_ids, attention_mask=attention_mask)
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> Any:  # type: ignore[override]
+        out = self.net(**batch)
+        return {"loss": out.loss, "logits": out.logits}
+
+    def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
+        return self.compute_loss(batch)["loss"]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], _: int) -> None:
+        pass
+
+
+def test_a_self_shift_is_caught_where_compute_loss_returns_a_dict() -> None:
+    with pytest.raises(MisconfigurationException, match=r"compute_loss\(batch\)"):
+        _trainer(GeneralizationGapMonitor(loss_fn=_self_shifted_ce, train_subset=_subset())).fit(
+            _DictLoss(), DataLoader(_items(12, 0), batch_size=4), _val_loader()
+        )
+
+
+def test_decoder_labels_of_another_token_input_are_not_refused() -> None:
+    """A module of one's own with an encoder input and a GPT-2 decoder: labels follow the
+    convention for ``decoder_input_ids``, not ``input_ids`` (they were refused)."""
+
+    class _EncDec(LM):
+        def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            # (the "encoder" input only conditions through a bias: the loss is the decoder's)
+            return self.net(input_ids=batch["decoder_input_ids"], labels=batch["labels"]).loss
+
+        def forward(self, **inputs: torch.Tensor) -> Any:
+            return self.net(input_ids=inputs["decoder_input_ids"])
+
+    def items(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+        g = torch.Generator().manual_seed(seed + 100)
+        out = []
+        for item in _items(n, seed):
+            source = torch.randint(1, VOCAB, (T,), generator=g)
+            out.append(
+                {
+                    "input_ids": source,
+                    "decoder_input_ids": item["input_ids"],
+                    "labels": item["labels"],
+                }
+            )
+        return out
+
+    module = _EncDec()
+    gap = GeneralizationGapMonitor(metrics={"ppl": Perplexity(ignore_index=-100)})
+    _trainer(gap).fit(
+        module, DataLoader(items(12, 0), batch_size=4), DataLoader(items(10, 1), batch_size=5)
+    )
+    val = [
+        {
+            "input_ids": b["decoder_input_ids"],
+            "attention_mask": torch.ones_like(b["labels"]),  # (right padding: labels -100)
+            "labels": b["labels"],
+        }
+        for b in DataLoader(items(10, 1), batch_size=5)
+    ]
+    truth = _by_hand(module.net, val)
+    assert gap.history[-1]["gap/val/loss"] == pytest.approx(truth["loss"], rel=1e-5)
+    assert gap.history[-1]["gap/val/ppl"] == pytest.approx(math.exp(truth["loss"]), rel=1e-4)
