@@ -83,8 +83,9 @@ validation after the training steps before it. A ``loss_fn`` that shifts by itse
 ``t[:, 1:]``: the only way to get next-token numbers before session 28) would now score every
 position against the token two ahead; on that batch it is compared with the module's own loss
 (``compute_loss(batch)``, else the output's ``.loss`` when called with ``labels``; not a
-``loss_fn`` attribute, which may be a flat criterion applied after a shift of the module's own): equal to ``loss_fn`` on the unshifted predictions and not on the shifted ones,
-it is refused; equal to neither, a warning says ``gap/loss`` is not the model's own loss (within
+``loss_fn`` attribute, which may be a flat criterion applied after a shift of the module's
+own): equal to ``loss_fn`` on the unshifted predictions and not on the shifted ones, it is
+refused; equal to neither, a warning says ``gap/loss`` is not the model's own loss (within
 rounding: 1e-4 relative, two epsilons of a 16-bit type in the logits or losses; a model that
 scores both shifts alike at train start is not told apart). A *metric* that shifts by itself
 cannot be checked that way: remove its shift. Which labels are shifted: with ``causal_lm=None``
