@@ -1460,7 +1460,7 @@ class GeneralizationGapMonitor(Callback):
         neither, a warning says that ``gap/loss`` is not the model's own loss. Nothing is said
         where there is no own loss to compare with, or where both agree with it (an untrained
         model may score the two shifts alike). Metrics cannot be checked this way."""
-        own = self._own_loss(pl_module, batch, preds, target)
+        own = self._own_loss(pl_module, batch, target)
         if own is None or not _one_number(shifted):
             return
         value, source = own
@@ -1504,7 +1504,7 @@ class GeneralizationGapMonitor(Callback):
         )
 
     def _own_loss(
-        self, pl_module: pl.LightningModule, batch: Any, preds: Any, target: Any
+        self, pl_module: pl.LightningModule, batch: Any, target: Any
     ) -> tuple[Any, str] | None:
         """The module's own loss on ``batch`` and where it comes from, the first of these that
         gives one number: its ``compute_loss(batch)`` (or the ``"loss"`` / first entry of a

@@ -158,6 +158,7 @@ from glu_probe.ntk.functional import (
     _active_dropout,
     _map_tensors,
     check_param_filter,
+    pruned_names,
 )
 from glu_probe.ntk.operator import is_out_of_memory
 from glu_probe.ntk.spectrum import WarmStart
@@ -346,7 +347,8 @@ def _is_encoder_decoder(module: nn.Module) -> bool:
 def _unpruned_name(module: nn.Module, name: str) -> str:
     """``name`` of a parameter of ``module`` as it was before ``torch.nn.utils.prune``, which
     keeps a pruned ``weight`` (the same Parameter) as ``weight_orig`` beside a ``weight_mask``
-    buffer: pruning renames a probed parameter, it neither adds nor removes one."""
+    buffer: pruning renames a probed parameter, it neither adds nor removes one. The engine's
+    rule (:func:`~glu_probe.ntk.functional.pruned_names`: torch pruning's own hooks)."""
     if not name.endswith("_orig"):
         return name
     path, _, leaf = name.rpartition(".")
@@ -355,7 +357,7 @@ def _unpruned_name(module: nn.Module, name: str) -> str:
         owner = module.get_submodule(path) if path else module
     except AttributeError:
         return name
-    if base and isinstance(getattr(owner, base + "_mask", None), torch.Tensor):
+    if base in pruned_names(owner):
         return f"{path}.{base}" if path else base
     return name
 

@@ -147,7 +147,7 @@ def warn_narrowed(model: nn.Module, dtype: torch.dtype, what: str) -> None:
         )
 
 
-def _pruned_names(module: nn.Module) -> list[str]:
+def pruned_names(module: nn.Module) -> list[str]:
     """Names of ``module``'s tensors pruned by ``torch.nn.utils.prune``: its forward pre-hook
     (a ``BasePruningMethod``, or a ``PruningContainer`` of them) names them, and ``<name>_orig``
     is the parameter (a module's own ``x_orig`` beside an ``x_mask`` buffer is no alias;
@@ -203,7 +203,7 @@ def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str,
     # model keep selecting it (a monitor's params="net.0.weight" matched nothing after the
     # first pruning; review, session 28).
     for prefix, module in model.named_modules():
-        for base in _pruned_names(module):
+        for base in pruned_names(module):
             p = module._parameters[base + "_orig"]
             if p is not None and id(p) in canonical:
                 aliases[canonical[id(p)]].append(f"{prefix}.{base}" if prefix else base)
