@@ -150,8 +150,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -161,8 +160,39 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from torch.utils.data import DistributedSampler, IterableDataset
 
+from glu_probe.callbacks._gap_checks import (
+    _check_own_shift,
+    _check_token_labels,
+    _one_number,
+    _refused,
+)
+from glu_probe.callbacks._gap_loaders import (
+    _first_loader,
+    _first_samples,
+    _loader_batch_size,
+    _n_samples,
+    _real_samples,
+    _unsized_loader_samples,
+)
+from glu_probe.callbacks._gap_trainer import (
+    _as_trained,
+    _as_validating,
+    _check_every_rank_validates,
+    _eval_no_grad,
+    _find_logged,
+    _pending_epoch_metrics,
+    _precision_context,
+)
+from glu_probe.callbacks._lm_tokens import (
+    _holds_causal_lm,
+    _int_tokens,
+    _paired_tokens,
+    _shape,
+    _shift_tokens,
+    _token_labels,
+)
 from glu_probe.callbacks._utils import (
     check_bool,
     check_name,
@@ -198,266 +228,10 @@ AUTO_SUBSET_MAX = 256
 #: NTKSpectrumMonitor's): the clean evaluation calls the unwrapped module, which needs them whole.
 _SHARDING_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLAFSDP")
 
-
-def _precision_context(trainer: pl.Trainer | None) -> AbstractContextManager[Any]:
-    """The Trainer's validation precision context (autocast under ``"bf16-mixed"``/``"16-mixed"``).
-
-    Lightning runs ``validation_step`` inside it, and a PairedModule's val side comes from there,
-    so both sides of the gap are evaluated under it: otherwise a mixed-precision run would compare
-    an autocast val loss with a float32 train loss, and the rounding difference (1e-5 to 1e-3 of
-    the loss) would show up as a generalization gap.
-    """
-    plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
-    if plugin is None:
-        return nullcontext()
-    return plugin.val_step_context()
-
-
-@contextmanager
-def _eval_flags(module: nn.Module) -> Iterator[None]:
-    """``module`` in eval mode, every sub-module's ``training`` flag given back afterwards."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-@contextmanager
-def _eval_no_grad(module: nn.Module) -> Iterator[None]:
-    with _eval_flags(module), torch.no_grad():
-        yield
-
-
-def _find_logged(metrics: Mapping[str, Any], key: str) -> float | None:
-    """The logged value of ``key``, tried as given, then with ``_epoch`` and ``_step``."""
-    for k in (key, f"{key}_epoch", f"{key}_step"):
-        if k in metrics:
-            return float(metrics[k])
-    return None
-
-
-def _pending_epoch_metrics(trainer: pl.Trainer) -> Mapping[str, Any]:
-    """The training epoch's per-epoch values (its ``on_epoch=True`` logs, reduced now) where the
-    epoch has run its last batch: during that batch's validation (or at its
-    ``on_train_batch_end``) they are not in ``callback_metrics`` yet, which holds the previous
-    epoch's there, and the epoch's end puts them in for the next validation. At the epoch's end
-    they are what ``callback_metrics`` holds. ``{}`` elsewhere (a batch still to come:
-    ``callback_metrics`` is what the next validation reads; after the epoch's end the collection
-    is reset) and where Lightning's internals differ from 2.4-2.6's
-    (``fit_loop.epoch_loop._results``, ``batch_progress.is_last_batch``)."""
-    try:
-        loop = trainer.fit_loop.epoch_loop
-        if not loop.batch_progress.is_last_batch:
-            return {}
-        # Reducing here caches what Lightning's epoch end computes (no update remains before
-        # it; an update clears the cache). A sync_dist value is all-reduced here, as there:
-        # every rank runs on_save_checkpoint (Trainer.save_checkpoint dumps on all of them).
-        pending = loop._results.metrics(on_step=False)["callback"]
-    except (AttributeError, KeyError, TypeError):
-        return {}
-    return pending if isinstance(pending, Mapping) else {}
-
-
-def _first_loader(loaders: Any) -> DataLoader | None:
-    if isinstance(loaders, DataLoader):
-        return loaders
-    values = loaders.values() if isinstance(loaders, Mapping) else loaders
-    if isinstance(values, (list, tuple)) or isinstance(loaders, Mapping):
-        for v in values:
-            found = _first_loader(v)
-            if found is not None:
-                return found
-    return None
-
-
-def _as_trained(trainer: pl.Trainer, batch: Any) -> Any:
-    """``batch`` as Lightning's loops hand it to a step: moved by the strategy (the module's
-    transfer hooks included), then converted by the precision plugin. Under ``"bf16-true"``,
-    ``"16-true"`` or ``"64-true"`` the plugin casts floating inputs to the parameters' dtype;
-    without it the subset's float32 inputs met bf16/float64 weights and the fit crashed.
-    ``on_before_batch_transfer`` (the module's, or a datamodule's that overrides it) runs first,
-    as in the loops (it was skipped: the training side saw other inputs; review, session 25)."""
-    batch = trainer.lightning_module._on_before_batch_transfer(batch, 0)
-    batch = trainer.strategy.batch_to_device(batch)
-    plugin = getattr(trainer, "precision_plugin", None)
-    return plugin.convert_input(batch) if plugin is not None else batch
-
-
-def _check_every_rank_validates(trainer: pl.Trainer) -> None:
-    """Refuse a DDP run where some ranks have validation batches and others none (a user's
-    shards with ``allow_zero_length_dataloader_with_multiple_devices``): Lightning skips
-    validation on the empty ranks, and the monitor's all-reduce of the validation sums waited
-    for them until the process group timed out (30 min; review, session 25). Every rank is
-    here. Without a sanity check the validation loader is set up here as Lightning does before
-    its first validation (so a module's ``val_dataloader()`` is asked once more), then the loop
-    is left as it was, for Lightning to set it up at its time; after the sanity check its batch
-    counts are read as they are."""
-    if not trainer.enable_validation:
-        return  # (no validation at all: nothing to wait for, and no loader to ask for)
-    loop = trainer.fit_loop.epoch_loop.val_loop
-    # (A loader set up here and kept, with its reload epoch recorded, made check_val_every_n_
-    # epoch + reload_dataloaders_every_n_epochs reload at other epochs; re-review, session 25.)
-    if loop._combined_loader is None:
-        epoch = loop._last_val_dl_reload_epoch
-        loop.setup_data()
-        loop._combined_loader = None
-        loop._last_val_dl_reload_epoch = epoch
-    has = float(sum(loop.max_batches) > 0)
-    count = torch.tensor([has], dtype=torch.float64, device=trainer.strategy.root_device)
-    ranks = int(float(trainer.strategy.reduce(count, reduce_op="sum")))
-    if 0 < ranks < trainer.world_size:
-        raise MisconfigurationException(
-            f"GeneralizationGapMonitor: {trainer.world_size - ranks} of {trainer.world_size} "
-            "ranks have no validation batches (this rank has "
-            f"{'some' if has else 'none'}); Lightning skips their validation, and the "
-            "monitor's all-reduce of the validation sums would wait for them forever. Give "
-            "every rank validation batches (a DistributedSampler does), or use mode='logged'."
-        )
-
-
-@contextmanager
-def _as_validating(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
-    """The module in eval mode and the trainer's stage ``VALIDATING`` (as when Lightning moves a
-    validation batch): the training subset goes through the transfer hooks as validation
-    batches do, so that an augmentation under ``if self.trainer.training`` (or
-    ``self.training``) is left out, whatever the batch sizes. It was applied at train start
-    and undone only where the subset was rebatched at the first validation (gap/train/loss
-    1.0988 or 0.9939 by eval_batch_size; review, session 24). Flags and stage restored."""
-    from lightning.pytorch.trainer.states import RunningStage
-
-    stage = trainer.state.stage
-    with _eval_flags(pl_module):
-        try:
-            trainer.state.stage = RunningStage.VALIDATING
-            yield
-        finally:
-            trainer.state.stage = stage
-
-
-def _loader_batch_size(loader: Any) -> int | None:
-    """The batch size a loader yields: ``batch_size``, else its ``batch_sampler``'s
-    (``BatchSampler.batch_size``; a custom batch sampler: its mean batch, the samples over its
-    length), else ``None``. Nothing is drawn from a sampler: a bucketing sampler may shuffle
-    with a generator of its own, which iterating would advance (review, session 24)."""
-    bs = getattr(loader, "batch_size", None)
-    if bs:
-        return int(bs)
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    if batch_sampler is None:
-        return None
-    bs = getattr(batch_sampler, "batch_size", None)
-    if isinstance(bs, int) and bs > 0:
-        return bs
-    shape = _batch_sampler_shape(loader)
-    return math.ceil(shape[0] / shape[1]) if shape else None
-
-
-def _length(obj: Any) -> int | None:
-    try:
-        return len(obj)
-    except TypeError:
-        return None
-
-
-def _batch_sampler_shape(loader: Any) -> tuple[int, int] | None:
-    """``(samples, batches)`` of one pass of a loader's batch sampler (samples: its sampler's
-    length, else the dataset's), read without iterating; ``None`` where either is unknown."""
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    if batch_sampler is None:
-        return None
-    inner = getattr(batch_sampler, "sampler", None)
-    samples = _length(inner) if inner is not None else None
-    if samples is None:
-        samples = _length(getattr(loader, "dataset", None))
-    batches = _length(batch_sampler)
-    return (samples, batches) if samples and batches else None
-
-
-def _unsized_loader_samples(loader: Any, n_batches: int) -> int | None:
-    """The samples in the first ``n_batches`` batches of a loader without ``batch_size``:
-    a batch sampler's samples (all of them where the run evaluates every batch, else its mean
-    batch times ``n_batches``), or for items that are batches the first item's size per batch.
-    Nothing is drawn from a sampler (see :func:`_loader_batch_size`)."""
-    try:
-        if getattr(loader, "batch_sampler", None) is not None:
-            shape = _batch_sampler_shape(loader)
-            if shape is None:
-                return None
-            samples, batches = shape
-            if n_batches >= batches:
-                return samples
-            return min(samples, n_batches * math.ceil(samples / batches))
-        if items_are_batches(loader):
-            dataset = loader.dataset
-            n_items = min(n_batches, len(dataset))
-            return n_items * _n_samples(loader.collate_fn(dataset[0])) if n_items else None
-    except (TypeError, IndexError, KeyError, NotImplementedError):
-        return None
-    return None
-
-
-def _n_samples(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, Mapping):
-        for v in batch.values():
-            return _n_samples(v)
-    if isinstance(batch, (tuple, list)) and batch:
-        return _n_samples(batch[0])
-    return 1
-
-
-def _first_samples(batch: Any, n: int, keep: int) -> Any:
-    """The first ``keep`` of the ``n`` samples of a batch, or ``None`` where its layout does not
-    show which entries are samples: every tensor must have ``n`` rows in dim 0 (0-dim ones are
-    kept), and a list or tuple of ``n`` plain values (strings, ids) is a per-sample list.
-    Sequence-first tensors (time in dim 0) give ``None``, and the caller keeps the batch whole."""
-    ok = True
-
-    def cut(x: Any) -> Any:
-        nonlocal ok
-        if isinstance(x, torch.Tensor):
-            if x.dim() == 0:
-                return x
-            if x.shape[0] != n:
-                ok = False
-                return x
-            return x[:keep]
-        if isinstance(x, Mapping):
-            return type(x)({k: cut(v) for k, v in x.items()})  # type: ignore[call-arg]
-        if isinstance(x, tuple) and hasattr(x, "_fields"):  # namedtuple
-            return type(x)(*(cut(v) for v in x))
-        if isinstance(x, (list, tuple)):
-            plain = all(isinstance(v, (str, bytes, int, float, bool)) for v in x)
-            if plain and len(x) == n:
-                return type(x)(x[:keep])
-            return type(x)(cut(v) for v in x)
-        return x
-
-    out = cut(batch)
-    return out if ok else None
-
-
-def _real_samples(loader: Any, rank: int | None = None) -> int | None:
-    """Samples of a rank's shard that are not padding, or ``None`` where every sample counts.
-
-    ``DistributedSampler(drop_last=False)`` pads the index list to a multiple of the world size
-    by repeating its first indices; rank r's j-th sample sits at position r + j·W of that
-    list, so it is padding exactly when r + j·W ≥ N: rank r holds ⌈(N − r)/W⌉ real samples,
-    then padding (shuffled or not). ``rank``: another rank's count (default: the sampler's).
-    """
-    sampler = getattr(loader, "sampler", None)
-    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
-        return None
-    try:
-        n = len(sampler.dataset)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-    r = sampler.rank if rank is None else rank
-    return max(0, -(-(n - r) // sampler.num_replicas))
+# The helpers with a job of their own live beside this module: _gap_loaders (loader and batch
+# sizes), _gap_trainer (the Trainer around an evaluation), _lm_tokens (a causal LM's token
+# layout), _gap_checks (the train-start checks). The accumulator stays here: tests force its
+# accelerator path by patching ``gap._reads_lazily``, which ``_Side.add`` looks up in this module.
 
 
 class _Side:
@@ -567,179 +341,6 @@ def _n_items_lazy(target: Any, device: torch.device) -> torch.Tensor:
     if isinstance(target, torch.Tensor) and target.dim() > 0 and not target.is_floating_point():
         return (target != -100).sum().double()
     return torch.tensor(float(_n_items(target)), dtype=torch.float64, device=device)
-
-
-def _int_tokens(target: Any) -> bool:
-    """Whether ``target`` has the layout of token labels: ``(batch, tokens)`` class indices,
-    ``tokens > 1`` (a classifier's ``(batch, 1)`` target is not: re-review, session 23)."""
-    return (
-        isinstance(target, torch.Tensor)
-        and target.dim() == 2
-        and target.shape[1] > 1
-        and not target.is_floating_point()
-        and not target.is_complex()
-    )
-
-
-def _token_ids(batch: Any) -> Any:
-    """The batch's token ids, where its layout shows them: ``batch["input_ids"]``, the inputs
-    of an ``(inputs, target)`` batch, or their ``"input_ids"`` where the inputs are a mapping
-    (``({"input_ids", "attention_mask"}, labels)``: missed before, so these batches went
-    unshifted; re-review, session 28). ``None`` elsewhere."""
-    if isinstance(batch, Mapping):
-        return batch.get("input_ids")
-    if isinstance(batch, (tuple, list)) and batch:
-        first = batch[0]
-        return first.get("input_ids") if isinstance(first, Mapping) else first
-    return None
-
-
-def _token_labels(batch: Any, target: Any) -> bool:
-    """Whether ``target`` is a language model's next-token labels: ``(batch, tokens)`` class
-    indices of the shape of the batch's token ids (see :func:`_token_ids`), Hugging Face's
-    ``labels=input_ids`` convention; not a classifier's ``(batch, 1)`` or multi-label targets
-    (re-review, session 23: a ``(B, 1)`` target of a module that also held a causal LM was
-    shifted to no terms at all)."""
-    if not _int_tokens(target):
-        return False
-    ids = _token_ids(batch)
-    return (
-        isinstance(ids, torch.Tensor)
-        and not ids.is_floating_point()
-        and tuple(ids.shape) == tuple(target.shape)
-    )
-
-
-def _other_ids(batch: Any, target: torch.Tensor) -> list[torch.Tensor]:
-    """Integer tensors of ``target``'s shape among the batch's (or its inputs') entries other
-    than ``input_ids`` and the labels (``decoder_input_ids``, ...)."""
-    entries: Any = batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Mapping):
-        entries = batch[0]
-    if not isinstance(entries, Mapping):
-        return []
-    return [
-        v
-        for k, v in entries.items()
-        if k != "input_ids"
-        and isinstance(v, torch.Tensor)
-        and v is not target
-        and not v.is_floating_point()
-        and not v.is_complex()
-        and v.dtype != torch.bool
-        and tuple(v.shape) == tuple(target.shape)
-    ]
-
-
-def _rounding_rtol(*values: Any) -> float:
-    """Relative tolerance between two computations of one loss on one batch (the same logits,
-    other arithmetic: ``F.cross_entropy`` against Hugging Face's float32 loss): ``1e-4`` where
-    every floating tensor among ``values`` has 32 bits or more (rounding there is ~1e-7), two
-    machine epsilons of the narrowest type otherwise (bfloat16: 1.6e-2, float16: 2e-3): a loss
-    returned in 16 bits is rounded to half an epsilon, and a loss computed from 16-bit logits
-    (``precision="bf16-mixed"``) in 16 bits by one side only differs by about that much."""
-    narrow = [
-        torch.finfo(v.dtype).eps
-        for v in values
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.element_size() < 4
-    ]
-    return 2 * max(narrow) if narrow else 1e-4
-
-
-def _shape(x: Any) -> str:
-    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
-
-
-def _one_number(value: Any) -> bool:
-    """Whether a loss is one number (what the sums take), read without a device sync."""
-    if isinstance(value, torch.Tensor):
-        return value.numel() == 1
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def _shift_tokens(preds: Any, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A causal LM's logits ``(B, T, V)`` and labels ``(B, T)`` after the next-token shift, as
-    the monitor's ``loss_fn`` and metrics get them: logits ``(B, T-1, V)`` of positions
-    ``0..T-2`` (a view) and labels ``(B, T-1)`` of tokens ``1..T-1``, the pairs the model's
-    own loss averages. Logits of another layout are refused: unshifted, every position would
-    be scored against its own token."""
-    if not (
-        isinstance(preds, torch.Tensor)
-        and preds.dim() == 3
-        and tuple(preds.shape[:2]) == tuple(target.shape)
-    ):
-        raise MisconfigurationException(
-            f"GeneralizationGapMonitor: the module is a causal language model (its loss "
-            f"shifts the labels), so the predictions given to loss_fn and metrics are shifted "
-            f"too, which needs logits (B, T, V) for labels (B, T); got {_shape(preds)} for "
-            f"{_shape(target)}. Pass causal_lm=False if the labels are already shifted."
-        )
-    return preds[:, :-1], target[:, 1:]
-
-
-def _paired_tokens(pl_module: PairedModule, batch: Any, preds: Any, target: Any) -> tuple[Any, Any]:
-    """A ``PairedModule(causal_lm=True)``'s ``evaluate`` predictions and labels in the format
-    the monitor's metrics get from a module of one's own: ``evaluate`` gives them shifted and
-    flattened, ``(B·(T-1), V)`` / ``(B·(T-1),)`` as its ``loss_fn`` takes them, and they are
-    given back their batch dimension, ``(B, T-1, V)`` / ``(B, T-1)`` (a view). The flat ones
-    crashed ``torchmetrics.text.Perplexity``, and a metric written for one route broke on the
-    other (review, session 28). Anything else is returned as it is."""
-    if not (
-        pl_module.causal_lm
-        and isinstance(preds, torch.Tensor)
-        and isinstance(target, torch.Tensor)
-        and preds.dim() == 2
-        and target.dim() == 1
-    ):
-        return preds, target
-    try:
-        _, labels = _split_batch(batch, pl_module.labels_key)
-    except ValueError:
-        return preds, target
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
-        return preds, target
-    b, t = int(labels.shape[0]), int(labels.shape[1]) - 1
-    if preds.shape[0] != b * t or target.shape[0] != b * t:
-        return preds, target
-    return preds.reshape(b, t, preds.shape[-1]), target.reshape(b, t)
-
-
-#: Hugging Face model classes whose loss shifts ``labels`` for next-token prediction beside the
-#: ``...ForCausalLM`` ones (``XLNetLMHeadModel``, ``XLMWithLMHeadModel`` and
-#: ``FlaubertWithLMHeadModel`` do not shift, and are left out).
-_SHIFTING_LM_HEADS = frozenset(
-    {
-        "BertLMHeadModel",
-        "BlipTextLMHeadModel",
-        "CTRLLMHeadModel",
-        "GPT2LMHeadModel",
-        "OpenAIGPTLMHeadModel",
-    }
-)
-
-
-def _holds_causal_lm(module: nn.Module) -> bool:
-    """Whether ``module`` holds a Hugging Face causal language model whose loss shifts its
-    labels: a ``...ForCausalLM`` or a class of :data:`_SHIFTING_LM_HEADS`, not inside another
-    Hugging Face model (an ``EncoderDecoderModel`` with a GPT-2 decoder computes its own loss,
-    unshifted; re-review, session 23)."""
-
-    def hf(m: nn.Module) -> bool:
-        return any(c.__name__ == "PreTrainedModel" for c in type(m).__mro__)
-
-    outer: list[str] = []  # paths of the outermost Hugging Face models (pre-order walk)
-    for path, m in module.named_modules():
-        if not hf(m) or any(p == "" or path.startswith(p + ".") for p in outer):
-            continue
-        outer.append(path)
-        name = type(m).__name__
-        if name.endswith("ForCausalLM") or name in _SHIFTING_LM_HEADS:
-            return True
-    return False
 
 
 def _paired_evaluations(
@@ -1113,7 +714,13 @@ class GeneralizationGapMonitor(Callback):
             self._batches = [_as_trained(trainer, b) for b in batches]
         if self._batches:
             self._check_batch(pl_module, self._batches[0])
-            self._check_token_labels(pl_module, self._batches[0])
+            _check_token_labels(
+                pl_module,
+                self._batches[0],
+                causal_lm=self.causal_lm,
+                shifts=self._shifted,
+                labels_key=self.labels_key,
+            )
         if self._sized:  # an explicit subset: its size is known now
             self._note_samples()
         device = pl_module.device
@@ -1366,7 +973,7 @@ class GeneralizationGapMonitor(Callback):
         PairedModule is checked where ``causal_lm=True`` (its metrics then get the monitor's
         layout, not ``evaluate``'s; see :func:`_paired_tokens`). Where a causal LM's
         predictions reach ``loss_fn`` shifted, its value is compared with the module's own
-        loss (:meth:`_check_own_shift`)."""
+        loss (:func:`_check_own_shift`)."""
         paired = isinstance(pl_module, PairedModule)
         loss_fn = None if paired else self.loss_fn
         if loss_fn is None and not self.metrics:
@@ -1392,9 +999,9 @@ class GeneralizationGapMonitor(Callback):
                     except torch.OutOfMemoryError:
                         raise
                     except Exception as err:
-                        raise self._refused("loss_fn", preds, target, err, lm) from err
+                        raise _refused("loss_fn", preds, target, err, lm) from err
                     if not _one_number(loss):
-                        raise self._refused(
+                        raise _refused(
                             "loss_fn",
                             preds,
                             target,
@@ -1402,209 +1009,18 @@ class GeneralizationGapMonitor(Callback):
                             lm,
                         )
                     if route[3]:  # shifted here: a loss_fn that shifts too is refused
-                        self._check_own_shift(pl_module, batch, loss_fn, loss, route[1], route[2])
+                        _check_own_shift(
+                            pl_module, batch, loss_fn, loss, route[1], route[2], self.labels_key
+                        )
                 for name, metric in sides["train"].metrics.items():
                     try:
                         metric.update(preds, target)
                     except torch.OutOfMemoryError:
                         raise
                     except Exception as err:
-                        raise self._refused(f"metric {name!r}", preds, target, err, lm) from err
+                        raise _refused(f"metric {name!r}", preds, target, err, lm) from err
                     finally:
                         metric.reset()
-
-    @staticmethod
-    def _refused(what: str, preds: Any, target: Any, err: Any, lm: bool) -> Exception:
-        """The MisconfigurationException of :meth:`_check_outputs`; ``lm``: the predictions
-        are a causal language model's (the format is then spelled out)."""
-        why = f"{type(err).__name__}: {err}" if isinstance(err, BaseException) else str(err)
-        why = why.rstrip(". ")
-        hint = (
-            " These are a causal language model's next-token predictions, shifted: logits "
-            "(B, T-1, V) of positions 0..T-2 and labels (B, T-1) of tokens 1..T-1 (-100: "
-            "ignored). torchmetrics.text.Perplexity(ignore_index=-100) takes them as they are; "
-            "a loss or metric that wants the classes on dimension 1 or flat (N, V) / (N,) "
-            "inputs needs them rearranged, e.g. F.cross_entropy(p.transpose(1, 2), t) or "
-            "torchmetrics.wrappers.LambdaInputTransformer(MulticlassAccuracy(..., "
-            "ignore_index=-100), transform_pred=lambda p: p.transpose(1, 2))."
-            if isinstance(preds, torch.Tensor)
-            and preds.dim() == 3
-            and isinstance(target, torch.Tensor)
-            and target.dim() == 2
-            and lm
-            else ""
-        )
-        return MisconfigurationException(
-            f"GeneralizationGapMonitor: {what} fails on the first training-subset batch, "
-            f"checked at train start: preds {_shape(preds)}, target {_shape(target)}: "
-            f"{why}.{hint}"
-        )
-
-    def _check_own_shift(
-        self,
-        pl_module: pl.LightningModule,
-        batch: Any,
-        loss_fn: Callable[[Any, Any], Any],
-        shifted: Any,
-        preds: torch.Tensor,
-        target: torch.Tensor,
-    ) -> None:
-        """Refuse a ``loss_fn`` that shifts a causal LM's labels itself, now that the monitor
-        shifts them (session 28): given the shifted ``(B, T-1, V)`` / ``(B, T-1)`` it scored
-        every position against the token two ahead, silently (``gap/loss`` 0.0894 for 0.1130;
-        re-review, session 28). On the first training-subset batch (``preds``/``target``
-        unshifted, ``shifted``: ``loss_fn`` on the shifted ones) the module's own loss
-        (:meth:`_own_loss`) is compared with ``loss_fn`` both ways: equal to ``loss_fn`` on the
-        unshifted predictions and not on the shifted ones, within rounding
-        (:func:`_rounding_rtol`), it is refused with a MisconfigurationException; equal to
-        neither, a warning says that ``gap/loss`` is not the model's own loss. Nothing is said
-        where there is no own loss to compare with, or where both agree with it (an untrained
-        model may score the two shifts alike). Metrics cannot be checked this way."""
-        own = self._own_loss(pl_module, batch, target)
-        if own is None or not _one_number(shifted):
-            return
-        value, source = own
-        try:
-            unshifted = loss_fn(preds, target)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception:
-            unshifted = None  # (it takes the shifted layout only: no shift of its own)
-        if not _one_number(unshifted):
-            unshifted = None
-        rtol = _rounding_rtol(preds, value, shifted, unshifted)
-        own_v, shifted_v = float(value), float(shifted)
-        unshifted_v = float(unshifted) if unshifted is not None else math.nan
-        if not (math.isfinite(own_v) and math.isfinite(shifted_v)):
-            return
-        tol = rtol * max(abs(own_v), 1e-2)
-        if abs(shifted_v - own_v) <= tol:
-            return
-        if abs(unshifted_v - own_v) <= tol:  # (False for NaN)
-            raise MisconfigurationException(
-                "GeneralizationGapMonitor: loss_fn shifts the labels itself, and the monitor "
-                "shifts them too: on the first training-subset batch (checked at train start) "
-                f"the module's own loss ({source}) is {own_v:.6g}, loss_fn on the unshifted "
-                f"predictions gives {unshifted_v:.6g}, on the shifted ones {shifted_v:.6g}. "
-                "The monitor gives a causal language model's loss_fn and metrics the "
-                "predictions already shifted, logits (B, T-1, V) of positions 0..T-2 and "
-                "labels (B, T-1) of tokens 1..T-1, so a shift of one's own (p[:, :-1], "
-                "t[:, 1:]) scores every position against the token two ahead. Remove it, e.g. "
-                "loss_fn=lambda p, t: F.cross_entropy(p.transpose(1, 2), t, ignore_index=-100), "
-                "and from any metric that shifts too (metrics cannot be checked this way)."
-            )
-        rank_zero_warn(
-            f"GeneralizationGapMonitor: on the first training-subset batch loss_fn gives "
-            f"{shifted_v:.6g} where the module's own loss ({source}) gives {own_v:.6g} (beyond "
-            f"rounding, rtol {rtol:.2g}): gap/loss is not the model's own loss. Fine if that "
-            "is meant (another loss than the training one); if loss_fn shifts the labels "
-            "itself, remove that shift: the monitor gives a causal language model's loss_fn "
-            "and metrics the predictions already shifted, logits (B, T-1, V) and labels "
-            "(B, T-1)."
-        )
-
-    def _own_loss(
-        self, pl_module: pl.LightningModule, batch: Any, target: Any
-    ) -> tuple[Any, str] | None:
-        """The module's own loss on ``batch`` and where it comes from, the first of these that
-        gives one number: its ``compute_loss(batch)`` (or the ``"loss"`` / first entry of a
-        mapping or sequence it returns), the ``.loss`` of its output when called with the
-        inputs and ``labels=target`` (a Hugging Face model's, whose loss shifts). ``None`` where
-        none does (a failure there is not the monitor's to report: the comparison is left out).
-        Not the module's ``loss_fn`` attribute: it takes the outputs as the module gives them,
-        a flat criterion on unshifted predictions equals a correct user ``loss_fn`` there, and
-        a correct one was refused as self-shifting (re-review, session 28)."""
-
-        def hf_loss() -> Any:
-            inputs, _ = _split_batch(_copy_tensors(batch), self.labels_key)
-            args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else ((inputs,), {})
-            if "labels" in kwargs:
-                return None
-            kwargs["labels"] = target
-            inspect.signature(pl_module.forward).bind(*args, **kwargs)  # (TypeError: skipped)
-            out = pl_module(*args, **kwargs)
-            return out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
-
-        compute = getattr(pl_module, "compute_loss", None)
-        sources: list[tuple[str, Callable[[], Any]]] = []
-        if callable(compute):
-            sources.append(("compute_loss(batch)", lambda: compute(_copy_tensors(batch))))
-        sources.append(("the output's .loss with labels", hf_loss))
-        for source, get in sources:
-            try:
-                value = get()
-            except torch.OutOfMemoryError:
-                raise
-            except Exception:
-                continue
-            if isinstance(value, Mapping):  # (a dict holding the loss, as HF outputs do)
-                value = value.get("loss")
-            elif isinstance(value, (tuple, list)) and value:
-                value = value[0]
-            if value is not None and _one_number(value):
-                return value, source
-        return None
-
-    def _check_token_labels(self, pl_module: pl.LightningModule, batch: Any) -> None:
-        """Where the monitor detected a causal LM itself (``causal_lm=None``), refuse at train
-        start a first training-subset batch whose labels it would misread: labels that do not
-        follow Hugging Face's ``labels=input_ids`` convention (equal to ``input_ids`` wherever
-        not ``-100``; labels already shifted in the data were shifted again, a perplexity
-        12.5 % off), or integer ``(B, T)`` labels it would leave unshifted for want of integer
-        token ids beside them (``{"tokens", "labels"}`` batches; re-review, session 28; labels
-        of another shape than the ids are a classifier's, left unshifted). An explicit
-        ``causal_lm`` is the user's word and is not checked; a PairedModule shifts by its own
-        ``causal_lm``."""
-        if self.causal_lm is not None or not self._shifted or isinstance(pl_module, PairedModule):
-            return
-        try:
-            _, target = _split_batch(batch, self.labels_key)
-        except ValueError:
-            return  # (a whole batch for compute_loss: weighed by its samples)
-        if not _int_tokens(target):
-            return  # (a classifier's target beside the LM: not shifted)
-        choose = (
-            "Pass causal_lm=False if the labels are already shifted in the data (or are not "
-            "next-token labels), causal_lm=True if the model's loss shifts them (the monitor "
-            "then shifts every integer (B, T) target)."
-        )
-        ids = _token_ids(batch)
-        if not (isinstance(ids, torch.Tensor) and not ids.is_floating_point()):
-            raise MisconfigurationException(
-                "GeneralizationGapMonitor: the module holds a causal language model whose loss "
-                f"shifts its labels, but the batch's integer labels {_shape(target)} have no "
-                f"integer token ids beside them to be recognised by (found: "
-                f"{'none' if ids is None else _shape(ids)}; "
-                "looked for batch['input_ids'], the inputs of an (inputs, labels) batch, or "
-                "their 'input_ids'), so they would go unshifted. " + choose
-            )
-        if tuple(ids.shape) != tuple(target.shape):
-            return  # (not per-token labels of these ids: a multi-label target, not shifted)
-        kept = target != -100
-        differ = int((target[kept] != ids[kept]).sum())  # (one read, at train start)
-        if differ and any(
-            int((target[kept] != other[kept]).sum()) == 0 for other in _other_ids(batch, target)
-        ):
-            # The labels of another token input of the batch, a decoder's (a module of one's
-            # own holding an encoder and a GPT-2 decoder: {input_ids: source, decoder_input_ids:
-            # target, labels: target} was refused; re-review, session 28): they follow the
-            # convention for that input, whose loss shifts them.
-            differ = 0
-        if differ:
-            inner = kept[:, :-1]
-            shifted = bool(inner.any() and (target[:, :-1] == ids[:, 1:])[inner].all())
-            raise MisconfigurationException(
-                "GeneralizationGapMonitor: the module holds a causal language model whose loss "
-                "shifts labels=input_ids, but the first training-subset batch's labels differ "
-                f"from its input_ids at {differ} of {int(kept.sum())} non-ignored positions"
-                + (
-                    " (they equal the next token, input_ids[:, 1:]: shifted already)"
-                    if shifted
-                    else ""
-                )
-                + "; shifted again, every position would be scored against the wrong token. "
-                + choose
-            )
 
     def _final_size(self, trainer: pl.Trainer) -> int:
         """The subset's size: ``train_subset_size``, or (``None``) the number of samples the

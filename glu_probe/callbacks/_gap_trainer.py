@@ -1,0 +1,145 @@
+"""What :class:`~glu_probe.callbacks.gap.GeneralizationGapMonitor` reads from, or sets on, the
+Trainer around its evaluations: the validation precision context, eval mode with every
+sub-module's flag given back, the ``VALIDATING`` stage for the training subset's transfer hooks,
+a batch moved and cast as Lightning's loops do, the DDP check that every rank validates, and the
+logged values of logged mode (the pending per-epoch ones included). Kept apart from the monitor
+because each depends on Lightning's behaviour (and, for a few, its internals), not on the
+monitor's state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+
+def _precision_context(trainer: pl.Trainer | None) -> AbstractContextManager[Any]:
+    """The Trainer's validation precision context (autocast under ``"bf16-mixed"``/``"16-mixed"``).
+
+    Lightning runs ``validation_step`` inside it, and a PairedModule's val side comes from there,
+    so both sides of the gap are evaluated under it: otherwise a mixed-precision run would compare
+    an autocast val loss with a float32 train loss, and the rounding difference (1e-5 to 1e-3 of
+    the loss) would show up as a generalization gap.
+    """
+    plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
+    if plugin is None:
+        return nullcontext()
+    return plugin.val_step_context()
+
+
+@contextmanager
+def _eval_flags(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode, every sub-module's ``training`` flag given back afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextmanager
+def _eval_no_grad(module: nn.Module) -> Iterator[None]:
+    with _eval_flags(module), torch.no_grad():
+        yield
+
+
+def _find_logged(metrics: Mapping[str, Any], key: str) -> float | None:
+    """The logged value of ``key``, tried as given, then with ``_epoch`` and ``_step``."""
+    for k in (key, f"{key}_epoch", f"{key}_step"):
+        if k in metrics:
+            return float(metrics[k])
+    return None
+
+
+def _pending_epoch_metrics(trainer: pl.Trainer) -> Mapping[str, Any]:
+    """The training epoch's per-epoch values (its ``on_epoch=True`` logs, reduced now) where the
+    epoch has run its last batch: during that batch's validation (or at its
+    ``on_train_batch_end``) they are not in ``callback_metrics`` yet, which holds the previous
+    epoch's there, and the epoch's end puts them in for the next validation. At the epoch's end
+    they are what ``callback_metrics`` holds. ``{}`` elsewhere (a batch still to come:
+    ``callback_metrics`` is what the next validation reads; after the epoch's end the collection
+    is reset) and where Lightning's internals differ from 2.4-2.6's
+    (``fit_loop.epoch_loop._results``, ``batch_progress.is_last_batch``)."""
+    try:
+        loop = trainer.fit_loop.epoch_loop
+        if not loop.batch_progress.is_last_batch:
+            return {}
+        # Reducing here caches what Lightning's epoch end computes (no update remains before
+        # it; an update clears the cache). A sync_dist value is all-reduced here, as there:
+        # every rank runs on_save_checkpoint (Trainer.save_checkpoint dumps on all of them).
+        pending = loop._results.metrics(on_step=False)["callback"]
+    except (AttributeError, KeyError, TypeError):
+        return {}
+    return pending if isinstance(pending, Mapping) else {}
+
+
+def _as_trained(trainer: pl.Trainer, batch: Any) -> Any:
+    """``batch`` as Lightning's loops hand it to a step: moved by the strategy (the module's
+    transfer hooks included), then converted by the precision plugin. Under ``"bf16-true"``,
+    ``"16-true"`` or ``"64-true"`` the plugin casts floating inputs to the parameters' dtype;
+    without it the subset's float32 inputs met bf16/float64 weights and the fit crashed.
+    ``on_before_batch_transfer`` (the module's, or a datamodule's that overrides it) runs first,
+    as in the loops (it was skipped: the training side saw other inputs; review, session 25)."""
+    batch = trainer.lightning_module._on_before_batch_transfer(batch, 0)
+    batch = trainer.strategy.batch_to_device(batch)
+    plugin = getattr(trainer, "precision_plugin", None)
+    return plugin.convert_input(batch) if plugin is not None else batch
+
+
+def _check_every_rank_validates(trainer: pl.Trainer) -> None:
+    """Refuse a DDP run where some ranks have validation batches and others none (a user's
+    shards with ``allow_zero_length_dataloader_with_multiple_devices``): Lightning skips
+    validation on the empty ranks, and the monitor's all-reduce of the validation sums waited
+    for them until the process group timed out (30 min; review, session 25). Every rank is
+    here. Without a sanity check the validation loader is set up here as Lightning does before
+    its first validation (so a module's ``val_dataloader()`` is asked once more), then the loop
+    is left as it was, for Lightning to set it up at its time; after the sanity check its batch
+    counts are read as they are."""
+    if not trainer.enable_validation:
+        return  # (no validation at all: nothing to wait for, and no loader to ask for)
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    # (A loader set up here and kept, with its reload epoch recorded, made check_val_every_n_
+    # epoch + reload_dataloaders_every_n_epochs reload at other epochs; re-review, session 25.)
+    if loop._combined_loader is None:
+        epoch = loop._last_val_dl_reload_epoch
+        loop.setup_data()
+        loop._combined_loader = None
+        loop._last_val_dl_reload_epoch = epoch
+    has = float(sum(loop.max_batches) > 0)
+    count = torch.tensor([has], dtype=torch.float64, device=trainer.strategy.root_device)
+    ranks = int(float(trainer.strategy.reduce(count, reduce_op="sum")))
+    if 0 < ranks < trainer.world_size:
+        raise MisconfigurationException(
+            f"GeneralizationGapMonitor: {trainer.world_size - ranks} of {trainer.world_size} "
+            "ranks have no validation batches (this rank has "
+            f"{'some' if has else 'none'}); Lightning skips their validation, and the "
+            "monitor's all-reduce of the validation sums would wait for them forever. Give "
+            "every rank validation batches (a DistributedSampler does), or use mode='logged'."
+        )
+
+
+@contextmanager
+def _as_validating(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
+    """The module in eval mode and the trainer's stage ``VALIDATING`` (as when Lightning moves a
+    validation batch): the training subset goes through the transfer hooks as validation
+    batches do, so that an augmentation under ``if self.trainer.training`` (or
+    ``self.training``) is left out, whatever the batch sizes. It was applied at train start
+    and undone only where the subset was rebatched at the first validation (gap/train/loss
+    1.0988 or 0.9939 by eval_batch_size; review, session 24). Flags and stage restored."""
+    from lightning.pytorch.trainer.states import RunningStage
+
+    stage = trainer.state.stage
+    with _eval_flags(pl_module):
+        try:
+            trainer.state.stage = RunningStage.VALIDATING
+            yield
+        finally:
+            trainer.state.stage = stage
