@@ -51,6 +51,39 @@ def _eval_no_grad(module: nn.Module) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _logging_silenced(module: nn.Module) -> Iterator[None]:
+    """Every LightningModule in ``module``'s tree with ``log`` and ``log_dict`` that do nothing,
+    given back exactly afterwards (an instance's own attribute put back, else removed).
+
+    The monitor's evaluations run the user's loss hook and forward inside Lightning's
+    validation hooks: a ``self.log("train_loss", ...)`` there landed in validation's results
+    under the user's own key (``callback_metrics["train_loss"]`` became the validation loss, a
+    value in the CSV's ``train_loss`` column at every validation; review, session 29), and
+    inside ``on_train_start``'s checks Lightning refuses logging altogether. The monitor's
+    passes are not the user's steps, so nothing they run logs.
+    """
+    missing = object()
+    saved: list[tuple[nn.Module, str, Any]] = []
+    for m in module.modules():
+        if isinstance(m, pl.LightningModule):
+            for name in ("log", "log_dict"):
+                saved.append((m, name, m.__dict__.get(name, missing)))
+                setattr(m, name, _no_log)
+    try:
+        yield
+    finally:
+        for m, name, value in reversed(saved):
+            if value is missing:
+                m.__dict__.pop(name, None)
+            else:
+                setattr(m, name, value)
+
+
+def _no_log(*args: Any, **kwargs: Any) -> None:
+    """``LightningModule.log`` / ``log_dict`` during the monitor's own passes: nothing."""
+
+
 def _find_logged(metrics: Mapping[str, Any], key: str) -> float | None:
     """The logged value of ``key``, tried as given, then with ``_epoch`` and ``_step``."""
     for k in (key, f"{key}_epoch", f"{key}_step"):

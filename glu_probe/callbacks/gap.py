@@ -182,6 +182,7 @@ from glu_probe.callbacks._gap_trainer import (
     _check_every_rank_validates,
     _eval_no_grad,
     _find_logged,
+    _logging_silenced,
     _pending_epoch_metrics,
     _precision_context,
 )
@@ -714,13 +715,14 @@ class GeneralizationGapMonitor(Callback):
             self._batches = [_as_trained(trainer, b) for b in batches]
         if self._batches:
             self._check_batch(pl_module, self._batches[0])
-            _check_token_labels(
-                pl_module,
-                self._batches[0],
-                causal_lm=self.causal_lm,
-                shifts=self._shifted,
-                labels_key=self.labels_key,
-            )
+            with _logging_silenced(pl_module):
+                _check_token_labels(
+                    pl_module,
+                    self._batches[0],
+                    causal_lm=self.causal_lm,
+                    shifts=self._shifted,
+                    labels_key=self.labels_key,
+                )
         if self._sized:  # an explicit subset: its size is known now
             self._note_samples()
         device = pl_module.device
@@ -989,6 +991,7 @@ class GeneralizationGapMonitor(Callback):
             _as_validating(trainer, pl_module),
             torch.no_grad(),
             _precision_context(trainer),
+            _logging_silenced(pl_module),
         ):
             for tag, sides in self._sides.items():
                 route = self._route_outputs(pl_module, _copy_tensors(batch), tag)
@@ -1262,6 +1265,7 @@ class GeneralizationGapMonitor(Callback):
             isolate_rng(include_cuda=include_cuda),
             _eval_no_grad(pl_module),
             _precision_context(trainer),
+            _logging_silenced(pl_module),
         ):
             tags = list(self._sides.items())
             for kept in batches:
