@@ -207,8 +207,10 @@ def test_true_precision_runs_probe_the_weights_as_trained(precision):
     trainer(max_steps=3, callbacks=[mon, snaps], precision=precision).fit(model, loader(ds))
     dtype = torch.bfloat16 if precision == "bf16-true" else torch.float64
     assert next(model.parameters()).dtype == dtype and [h["step"] for h in mon.history] == [0, 2]
+    # the inputs as the precision plugin hands them to the model (bfloat16 under "bf16-true")
+    x = ds.tensors[0][:12].to(dtype)
     for hist in mon.history:
-        ev = truth_at(snaps.states[hist["step"]], ds.tensors[0][:12])
+        ev = truth_at(snaps.states[hist["step"]], x)
         assert hist["ntk/lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-5)
         assert hist["ntk/condition_number"] == pytest.approx(float(ev[-1] / ev[0]), rel=1e-4)
 
@@ -340,6 +342,9 @@ def test_mixed_and_half_precision_training(precision):
     if precision == "bf16-true":
         assert next(model.parameters()).dtype == torch.bfloat16
     x = ds.tensors[0][:12]
+    if precision == "bf16-true":
+        # the inputs the model trains on: the precision plugin casts them to bfloat16
+        x = x.to(torch.bfloat16)
     for hist in mon.history:
         state = {k: v.double() for k, v in snaps.states[hist["step"]].items()}
         ev = truth_at(state, x)

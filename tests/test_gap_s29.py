@@ -122,3 +122,65 @@ def test_logging_silenced_restores_an_instance_override():
     assert calls == [] and m.__dict__["log"] is own and "log_dict" not in m.__dict__
     m.log("z", 3.0)
     assert calls == [("z", 3.0)]
+
+
+class _ShiftsOnTransfer(pl.LightningModule):
+    """Computes on its inputs in ``on_after_batch_transfer`` (a shift): under ``"bf16-true"``
+    the result depends on whether the inputs were cast to bfloat16 before or after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        return x + 1e-3, y
+
+    def training_step(self, batch, i):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch, i):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self.net(x), y))
+
+    def compute_loss(self, batch):
+        # (the inputs' own mean square, in float32: sensitive to one bfloat16 rounding of them)
+        x, y = batch
+        return F.cross_entropy(self.net(x).float(), y) + x.float().pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_training_subset_goes_through_the_loops_order_of_cast_and_hooks():
+    """The training subset is the validation batch itself: with Lightning's order (cast, then
+    the transfer hooks) both sides see the same inputs and the gap is exactly 0. Before the fix
+    the cast came after ``on_after_batch_transfer``: the shift was added in float32 and rounded
+    once, not added to bfloat16 inputs, and the gap was not 0."""
+    pl.seed_everything(0, verbose=False)
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(16, 5, generator=g) * 3, torch.randint(0, 3, (16,), generator=g)
+    data = TensorDataset(X, Y)
+    monitor = GeneralizationGapMonitor(train_subset=[(X, Y)])
+    trainer = pl.Trainer(
+        max_steps=1,
+        precision="bf16-true",
+        callbacks=[monitor],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(
+            _ShiftsOnTransfer(),
+            DataLoader(data, batch_size=16),
+            DataLoader(data, batch_size=16),
+        )
+    train = float(trainer.callback_metrics["gap/train/loss"])
+    val = float(trainer.callback_metrics["gap/val/loss"])
+    assert train == val
+    assert float(trainer.callback_metrics["gap/loss"]) == 0.0

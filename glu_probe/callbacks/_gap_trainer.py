@@ -115,16 +115,19 @@ def _pending_epoch_metrics(trainer: pl.Trainer) -> Mapping[str, Any]:
 
 
 def _as_trained(trainer: pl.Trainer, batch: Any) -> Any:
-    """``batch`` as Lightning's loops hand it to a step: moved by the strategy (the module's
-    transfer hooks included), then converted by the precision plugin. Under ``"bf16-true"``,
-    ``"16-true"`` or ``"64-true"`` the plugin casts floating inputs to the parameters' dtype;
-    without it the subset's float32 inputs met bf16/float64 weights and the fit crashed.
-    ``on_before_batch_transfer`` (the module's, or a datamodule's that overrides it) runs first,
-    as in the loops (it was skipped: the training side saw other inputs; review, session 25)."""
-    batch = trainer.lightning_module._on_before_batch_transfer(batch, 0)
-    batch = trainer.strategy.batch_to_device(batch)
+    """``batch`` as Lightning's loops hand it to a step, in their order: converted by the
+    precision plugin, then ``on_before_batch_transfer`` (the module's, or a datamodule's that
+    overrides it), then moved by the strategy (the module's transfer hooks included). Under
+    ``"bf16-true"``, ``"16-true"`` or ``"64-true"`` the plugin casts floating inputs to the
+    parameters' dtype; without it the subset's float32 inputs met bf16/float64 weights and the
+    fit crashed. ``on_before_batch_transfer`` was skipped before session 25 (the training side
+    saw other inputs), and the cast came after the transfer hooks before session 29 (a hook
+    computing on the inputs then rounded differently from the validation loop's)."""
     plugin = getattr(trainer, "precision_plugin", None)
-    return plugin.convert_input(batch) if plugin is not None else batch
+    if plugin is not None:
+        batch = plugin.convert_input(batch)
+    batch = trainer.lightning_module._on_before_batch_transfer(batch, 0)
+    return trainer.strategy.batch_to_device(batch)
 
 
 def _check_every_rank_validates(trainer: pl.Trainer) -> None:

@@ -60,9 +60,12 @@ length; kept whole if the cut does not give ``max_rows`` rows). In a causal LM t
 first t tokens do not depend on later tokens, so the cut probe's K is exactly the leading
 ``max_rows`` × ``max_rows`` block of the whole sequence's K. The cap also keeps K full rank:
 rows from several sequences of a small LM easily make K numerically singular (κ = inf), and the
-cost of the exact path grows linearly with the rows. The batch goes through the module's
+cost of the exact path grows linearly with the rows. The batch goes through the precision
+plugin's ``convert_input`` (``"bf16-true"``, ``"16-true"``, ``"64-true"``: floating tensors in the
+weights' dtype, integer ones as they are, the inputs the model trains on), then the module's
 ``on_before_batch_transfer`` / ``transfer_batch_to_device`` / ``on_after_batch_transfer`` hooks
-(a datamodule's where it overrides them), then the model input is extracted: ``x`` of
+(a datamodule's where it overrides them), as in Lightning's loops; then the model input is
+extracted: ``x`` of
 ``(x, y, ...)``, a dict minus its label keys (``labels``, ``label``, ``targets``, ``target``,
 ``y``, and a PairedModule's ``labels_key``), a tensor as is; ``probe_inputs=callable(batch) ->
 inputs`` overrides.
@@ -871,9 +874,15 @@ class NTKSpectrumMonitor(Callback):
                     "NTKSpectrumMonitor: the probe batch is empty or has no tensor with a batch "
                     "dimension."
                 )
-            # As Lightning's loops call them: a LightningDataModule's transfer hooks, where it
-            # overrides them, run in place of the module's (the probe had skipped them; review,
-            # session 25).
+            # As Lightning's loops call them: the precision plugin's conversion first (under
+            # "bf16-true", "16-true" or "64-true" floating inputs are cast to the parameters'
+            # dtype, integers left alone: the model trains on those values, and the probe had
+            # taken the float32 ones; review, session 29), then a LightningDataModule's transfer
+            # hooks, where it overrides them, in place of the module's (the probe had skipped
+            # them; review, session 25).
+            plugin = getattr(trainer, "precision_plugin", None)
+            if plugin is not None:
+                batch = plugin.convert_input(batch)
             batch = pl_module._on_before_batch_transfer(batch, 0)
             batch = pl_module._apply_batch_transfer_handler(batch, pl_module.device, 0)
         # A PairedModule's dict batches lose its own labels_key too, as in its training step

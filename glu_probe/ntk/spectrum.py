@@ -801,6 +801,12 @@ def _dense(
     # The rows' rounding: their dtype's, or coarser where the model casts inside its forward
     # (LLaMA-family norms in float32): then even float64 rows carry float32 rounding.
     internal = _internal_rounding(probe, warn=rows_dtype == torch.float64)
+    if rows_dtype != torch.float64:
+        # The rows ran on a rows_dtype copy, traced as such: autocast never narrows float64, so
+        # the float64 probe's trace missed a model's own bfloat16 autocast that its float32
+        # rows did run under (review, session 29: λ_max 18x outside the residual).
+        rows_internal = forward_rounding_dtype(probe.astype(rows_dtype, check=False))
+        internal = max(internal, rows_internal, key=lambda d: torch.finfo(d).eps)
     rounding_dtype = max(rows_dtype, internal, key=lambda d: torch.finfo(d).eps)
     mixed = rounding_dtype != torch.float64
     # ‖E‖₂ estimate of the Jacobian's rounding (0: float64 rows, K exact up to n·ε₆₄·λ_max).
