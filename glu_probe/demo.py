@@ -734,8 +734,10 @@ def observations(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Plain-language statements of what the summary rows show (nothing is assumed).
 
     For each pair: which network had the smaller NTK condition number at init and at the end,
-    which one led early and whether (and where) the GLU model overtook the baseline, the final
-    train losses and the generalization gaps.
+    which one led early and whether (and where) the GLU model overtook the baseline, a network
+    whose train loss ended non-finite (and from which step), the final train losses (which is
+    lower is decided on the smoothed losses at the last step both have, see
+    :func:`_train_loss_text`) and the generalization gaps.
     """
     by_run: dict[str, dict[str, dict[str, Any]]] = {}
     for r in rows:
@@ -770,12 +772,14 @@ def observations(rows: Sequence[dict[str, Any]]) -> list[str]:
                 + "; ".join(events[:2])
                 + f"; ... last: {events[-1]}."
             )
-        if _finite(m["train_loss"], b["train_loss"]):
-            winner = ml if m["train_loss"] < b["train_loss"] else bl
-            parts.append(
-                f"Final train loss {ml} {m['train_loss']:.4g} vs {bl} {b['train_loss']:.4g} "
-                f"(lower: {winner})."
-            )
+        for r in (m, b):
+            if r.get("diverged_step") is not None:
+                parts.append(
+                    f"{r['label']} diverged (non-finite train loss from step {r['diverged_step']})."
+                )
+        train_text = _train_loss_text(m, b)
+        if train_text:
+            parts.append(train_text)
         if _finite(m["gap"], b["gap"]):
             parts.append(
                 f"Clean gap (val − train subset, both in eval mode): {ml} {m['gap']:+.4g} vs "
@@ -783,6 +787,47 @@ def observations(rows: Sequence[dict[str, Any]]) -> list[str]:
             )
         lines.append(" ".join(parts))
     return lines
+
+
+def _lower(ml: str, x: float, bl: str, y: float) -> str:
+    return ml if x < y else (bl if y < x else "neither, equal")
+
+
+def _train_loss_text(m: dict[str, Any], b: dict[str, Any]) -> str:
+    """The train losses of a pair's two rows, compared at one step.
+
+    Which one is lower comes from the smoothed losses at the last step both sides have
+    (``compare_step``, ``train_smoothed`` of :func:`glu_probe.report.summarize`: the crossing
+    detector's EMA), not from one minibatch each, which could contradict the crossings (session
+    29: "SwiGLU overtook GELU MLP at step 316" and "lower: GELU MLP" from the last batch, with
+    SwiGLU lower on 46 of the last 50). The last logged values follow as numbers only, with their
+    steps where they differ. Rows without the smoothed values (older summaries) are compared on
+    the last logged values, where both are at the same step, and say so.
+    """
+    ml, bl = m["label"], b["label"]
+    x, y = m["train_loss"], b["train_loss"]
+    sx, sy = m.get("train_step"), b.get("train_step")
+    step, mx, my = m.get("compare_step"), m.get("train_smoothed"), b.get("train_smoothed")
+    if not _finite(x, y):
+        raw = ""
+    elif sx != sy:
+        raw = f"{ml} {x:.4g} (step {sx}) vs {bl} {y:.4g} (step {sy})"
+    else:
+        raw = f"{x:.4g} vs {y:.4g}" + (f" (step {sx})" if sx not in (None, step) else "")
+    if step is not None and mx is not None and my is not None and _finite(mx, my):
+        text = (
+            f"Final train loss, smoothed (the crossing detector's EMA, β = 0.9) at step {step}: "
+            f"{ml} {mx:.4g} vs {bl} {my:.4g} (lower: {_lower(ml, mx, bl, my)})"
+        )
+        return text + (f"; last logged batch {raw}." if raw else ".")
+    if "train_smoothed" not in m and raw and sx == sy:
+        return (
+            f"Final train loss, last logged batch: {ml} {x:.4g} vs {bl} {y:.4g} "
+            f"(lower: {_lower(ml, x, bl, y)})."
+        )
+    if raw:
+        return f"Last logged train loss {raw} (no common step with finite losses: not compared)."
+    return ""
 
 
 def _finite(*xs: Any) -> bool:

@@ -5,10 +5,15 @@ Works on any run that used the glu-probe callbacks, with or without :class:`Pair
 * :func:`load_run` finds every directory under ``run_dir`` that holds ``events.out.tfevents.*``
   files (a *sub-run*: e.g. ``runs/demo/vit/version_0``) and reads all its scalars and histograms
   with TensorBoard's own ``EventAccumulator`` (no sampling: ``size_guidance`` 0 keeps every event).
+  A run resumed into the same folder writes a second event file: the events of an earlier file
+  at or after the first step of a later one (written after it) are orphans of the crashed run
+  and are dropped, as TensorBoard does on a restart.
 * :func:`summarize` turns each sub-run into table rows, one per trained network (``model`` and
   ``baseline`` of a paired run, or the single network of a plain run): the NTK condition number
   κ = λ_max/λ_min at the first and last probe, the loss-crossing steps, and the last logged
-  train loss (the last logged batch), validation loss and the generalization gap: the
+  train loss (the last logged batch; where it ended non-finite, the step from which; and the
+  two sides' smoothed train losses at their last common step, the crossing detector's EMA),
+  validation loss and the generalization gap: the
   ``GeneralizationGapMonitor``'s clean gap (validation minus a training subset, both evaluated in
   eval mode), which is not the difference of the two loss columns (the train column is one
   training batch in train mode); val − train of those columns only when no gap was logged.
@@ -78,6 +83,26 @@ class Series:
         """The value at the first step (``nan`` for an empty series)."""
         return float(self.values[0]) if len(self.values) else math.nan
 
+    @property
+    def last_step(self) -> int | None:
+        """The last step logged (``None`` for an empty series)."""
+        return int(self.steps[-1]) if len(self.steps) else None
+
+    @property
+    def last_finite_step(self) -> int | None:
+        """The last step with a finite value (``None`` when there is none)."""
+        ok = np.flatnonzero(np.isfinite(self.values))
+        return int(self.steps[ok[-1]]) if len(ok) else None
+
+    @property
+    def nonfinite_from(self) -> int | None:
+        """The first step of the non-finite (NaN/inf) values the series ends with: where a
+        network diverged for good; ``None`` when the last value is finite (or there is none)."""
+        if not len(self.values) or math.isfinite(self.values[-1]):
+            return None
+        ok = np.flatnonzero(np.isfinite(self.values))
+        return int(self.steps[ok[-1] + 1]) if len(ok) else int(self.steps[0])
+
 
 @dataclass
 class HistogramSnapshot:
@@ -105,6 +130,8 @@ class SubRun:
     prefixes: dict[str, str] = field(default_factory=dict)
     #: Training steps done (``pair.json``'s ``steps_done``; ``None`` without one).
     steps_done: int | None = None
+    #: Whether the warning that one side of the pair logged nothing was given (once a sub-run).
+    warned_one_side: bool = field(default=False, repr=False)
 
 
 @dataclass
@@ -154,33 +181,119 @@ def _display_names(root: Path, dirs: Sequence[Path]) -> dict[Path, str]:
     return names
 
 
-def _read_dir(path: Path, name: str) -> SubRun:
+#: Scalars that do not tell where a run (re)started: Lightning's ``TensorBoardLogger`` logs
+#: ``hp_metric`` at step 0 in every run, a resumed one included.
+_NOT_RESTART = {"hp_metric"}
+
+
+@dataclass
+class _EventFile:
+    """The scalars and histograms of one event file: the wall time of its first event
+    (``started``), and the first and last wall times and the first step of its data other than
+    :data:`_NOT_RESTART` (``nan``/``None`` where it holds none)."""
+
+    scalars: dict[str, list[tuple[int, float]]]
+    histograms: dict[str, list[HistogramSnapshot]]
+    started: float = math.inf
+    first_wall: float = math.nan
+    last_wall: float = math.nan
+    first_step: int | None = None
+
+
+def _read_event_file(path: Path) -> _EventFile:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # size_guidance 0 = keep every event (the default reservoir-samples long runs).
     acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
     tags = acc.Tags()
-    sub = SubRun(name=name, path=path)
+    out = _EventFile(scalars={}, histograms={})
+    walls: list[float] = []
+    steps: list[int] = []
     for tag in tags.get("scalars", []):
-        by_step: dict[int, float] = {}
-        for ev in acc.Scalars(tag):
-            by_step[int(ev.step)] = float(ev.value)  # a rewritten step (resume) keeps the last
-        steps = np.array(sorted(by_step), dtype=np.int64)
-        sub.scalars[tag] = Series(steps, np.array([by_step[s] for s in steps], dtype=np.float64))
+        events = acc.Scalars(tag)
+        out.scalars[tag] = [(int(ev.step), float(ev.value)) for ev in events]
+        out.started = min([out.started] + [float(ev.wall_time) for ev in events])
+        if tag not in _NOT_RESTART:
+            walls += [float(ev.wall_time) for ev in events]
+            steps += [int(ev.step) for ev in events]
     for tag in tags.get("histograms", []):
-        snaps: dict[int, HistogramSnapshot] = {}
+        snaps = []
         for hev in acc.Histograms(tag):
             h = hev.histogram_value
-            snaps[int(hev.step)] = HistogramSnapshot(
-                step=int(hev.step),
-                limits=np.asarray(h.bucket_limit, dtype=np.float64),
-                counts=np.asarray(h.bucket, dtype=np.float64),
-                min=float(h.min),
-                max=float(h.max),
-                num=float(h.num),
+            snaps.append(
+                HistogramSnapshot(
+                    step=int(hev.step),
+                    limits=np.asarray(h.bucket_limit, dtype=np.float64),
+                    counts=np.asarray(h.bucket, dtype=np.float64),
+                    min=float(h.min),
+                    max=float(h.max),
+                    num=float(h.num),
+                )
             )
-        sub.histograms[tag] = [snaps[s] for s in sorted(snaps)]
+            walls.append(float(hev.wall_time))
+            steps.append(int(hev.step))
+        out.histograms[tag] = snaps
+    if walls:
+        out.first_wall, out.last_wall, out.first_step = min(walls), max(walls), min(steps)
+        out.started = min(out.started, out.first_wall)
+    return out
+
+
+def _restart_cutoffs(files: Sequence[_EventFile]) -> list[float]:
+    """For each file (in the order they were written), the step from which its events are
+    orphans: the first step of a later file that began after this one's last event (a run
+    resumed, after a crash, from an earlier checkpoint into the same folder). A later file that
+    overlaps it in time is another writer of the same run, not a restart, and purges nothing."""
+    cutoffs = []
+    for i, f in enumerate(files):
+        later = [
+            g.first_step
+            for g in files[i + 1 :]
+            if g.first_step is not None and g.first_wall >= f.last_wall
+        ]
+        cutoffs.append(float(min(later)) if later else math.inf)
+    return cutoffs
+
+
+def _read_dir(path: Path, name: str) -> SubRun:
+    # One event file at a time: a run resumed into the same folder writes a new file from its
+    # checkpoint's step on, and the crashed run's events at or after that step (a crossing it
+    # confirmed, its κ probes) are orphans that no later write replaces. TensorBoard purges them
+    # only on a SessionLog START event (EventAccumulator's purge_orphaned_data), which
+    # torch's SummaryWriter and Lightning never write, and its out-of-order fallback (event files
+    # before version 2 only) purges per tag; so the files are ordered by their first event's
+    # wall time and the purge done here, TensorBoard's rule for a START at the later file's
+    # first step.
+    files = sorted(
+        (f for f in path.iterdir() if f.is_file() and _EVENT_FILE.match(f.name)),
+        key=lambda f: f.name,
+    )
+    parsed = sorted(map(_read_event_file, files), key=lambda e: e.started)  # (stable: by name)
+    cutoffs = _restart_cutoffs(parsed)
+    sub = SubRun(name=name, path=path)
+    by_step: dict[str, dict[int, float]] = {}
+    hist_by_step: dict[str, dict[int, HistogramSnapshot]] = {}
+    for event_file, cutoff in zip(parsed, cutoffs, strict=True):
+        for tag, pairs in event_file.scalars.items():
+            kept = by_step.setdefault(tag, {})
+            for step, value in pairs:
+                if step < cutoff:
+                    kept[step] = value  # a rewritten step (resume) keeps the last
+        for tag, snaps in event_file.histograms.items():
+            hkept = hist_by_step.setdefault(tag, {})
+            for snap in snaps:
+                if snap.step < cutoff:
+                    hkept[snap.step] = snap
+    # (a tag whose every event was an orphan is not there: it would count as logged)
+    for tag, kept in by_step.items():
+        if kept:
+            steps = np.array(sorted(kept), dtype=np.int64)
+            values = np.array([kept[s] for s in steps], dtype=np.float64)
+            sub.scalars[tag] = Series(steps, values)
+    for tag, hkept in hist_by_step.items():
+        if hkept:
+            sub.histograms[tag] = [hkept[s] for s in sorted(hkept)]
     meta = path / "pair.json"
     if not meta.is_file():
         meta = path.parent / "pair.json"
@@ -251,6 +364,22 @@ def _sides(sub: SubRun) -> list[str]:
         not sub.prefixes and any(present(p) for p in prefixes)
     ):
         return [s for s, p in zip(("model", "baseline"), prefixes, strict=True) if present(p)]
+    if sub.prefixes and any(present(p) for p in prefixes):
+        # pair.json names both sides but one logged nothing (a crash, a changed prefix): the
+        # other is reported, as without pair.json; it showed as one "(single)" row of "-"
+        # (review, session 29)
+        kept = [s for s, p in zip(("model", "baseline"), prefixes, strict=True) if present(p)]
+        if not sub.warned_one_side:
+            sub.warned_one_side = True
+            lost = next(p for p in prefixes if not present(p))
+            warnings.warn(
+                f"report: sub-run {sub.name!r} is a pair (pair.json) but logs no {lost!r} "
+                f"losses or condition number ({lost}/train_loss, ntk/{lost}/...); only the "
+                f"{_side_prefix(sub, kept[0])!r} side is reported",
+                UserWarning,
+                stacklevel=external_stacklevel(),
+            )
+        return kept
     # A paired run's sides each log <prefix>/train_loss, and the paired monitors name them
     # (crossing/*, gap/<prefix>/..., ntk/<prefix>/...): two task heads or two NTK monitors
     # with prefixes of their own do not make a pair.
@@ -309,7 +438,9 @@ def crossing_steps(sub: SubRun) -> tuple[list[tuple[int, float]], list[tuple[int
     ``direction`` is +1 when the model overtakes the baseline, -1 back. ``detected`` are the
     ``crossing/event`` markers of a :class:`~glu_probe.callbacks.LossCrossingMonitor` (logged at
     the step the crossing was *confirmed*, after its smoothing and patience). ``estimated`` are
-    the crossing steps themselves (the first step of the new sign of the smoothed difference):
+    the crossing steps themselves (the step from which the smoothed difference kept the new sign
+    until the crossing was confirmed: its last zero-crossing before confirmation, which trails
+    the first one where near-tied noisy curves swap the lead back and forth before it):
     :func:`glu_probe.crossing.find_crossings`, the monitor's detector run offline with its default
     parameters, on the logged ``model/`` and ``baseline/`` train losses; when those are not both
     logged, the detection steps are used.
@@ -340,19 +471,62 @@ def crossing_steps(sub: SubRun) -> tuple[list[tuple[int, float]], list[tuple[int
     return [(int(c.step), float(c.event)) for c in found], detected
 
 
+def _smoothed_at_common_step(a: Series, b: Series) -> tuple[int, float, float] | None:
+    """``(step, â, b̂)``: the smoothed train losses of model ``a`` and baseline ``b`` at the last
+    step both have, as the crossing detector holds them there (``None`` without a common step).
+
+    The values are those of :func:`crossing_steps`' detector: each side's finite losses, ``b``
+    interpolated onto ``a``'s steps within ``b``'s step range (as
+    :func:`~glu_probe.crossing.find_crossings` does), fed to a
+    :class:`~glu_probe.crossing.CrossingDetector` with its default (and ``find_crossings``')
+    smoothing, β = 0.9; so which side is lower agrees with the sign the crossings track.
+    """
+    from glu_probe.crossing import CrossingDetector
+
+    ok_a, ok_b = np.isfinite(a.values), np.isfinite(b.values)
+    sa, va, sb, vb = a.steps[ok_a], a.values[ok_a], b.steps[ok_b], b.values[ok_b]
+    if not len(sa) or not len(sb):
+        return None
+    inside = (sa >= sb[0]) & (sa <= sb[-1])
+    if not inside.any():
+        return None
+    detector = CrossingDetector()  # (its own EMA, not a copy of it)
+    on_a = np.interp(sa[inside], sb, vb)
+    for step, x, y in zip(sa[inside].tolist(), va[inside].tolist(), on_a.tolist(), strict=True):
+        detector.update(int(step), x, y)
+    assert detector.last_step is not None  # (one update at least)
+    return detector.last_step, detector.smoothed_a, detector.smoothed_b
+
+
 def summarize(run: RunData) -> list[dict[str, Any]]:
     """One row per trained network of every sub-run.
 
     Keys: ``run``, ``side`` (``model``/``baseline``/``""``), ``label``, ``kappa_init``,
     ``kappa_end`` (condition number at the first and last probe), ``steps`` (last logged step),
-    ``train_loss``, ``val_loss``, ``gap`` (last logged gap; val − train from the losses when no gap
-    tag exists), ``crossings`` (list of ``(step, direction)``; on every row of a paired sub-run).
-    Missing values are ``nan``.
+    ``train_loss`` (the last logged value, one minibatch), ``val_loss``, ``gap`` (last logged gap;
+    val − train from the losses when no gap tag exists), ``crossings`` (list of
+    ``(step, direction)``; on every row of a paired sub-run), and of the train loss:
+    ``train_step`` (its last logged step), ``train_finite_step`` (its last step with a finite
+    value), ``diverged_step`` (the first step of the non-finite values it ends with, ``None``
+    when it ends finite; see :attr:`Series.nonfinite_from`), and on both rows of a pair
+    ``compare_step`` and ``train_smoothed``: the last step both sides' finite train losses have
+    and each side's smoothed loss there (the crossing detector's EMA, β = 0.9; see
+    :func:`_smoothed_at_common_step`), which is how the two should be compared (``None`` and
+    ``nan`` elsewhere). Missing values are ``nan``.
     """
     rows: list[dict[str, Any]] = []
     for name, sub in run.subruns.items():
         crossings, detected = crossing_steps(sub)
-        for side in _sides(sub):
+        sides = _sides(sub)
+        smoothed: dict[str, float] = {}
+        compare_step = None
+        if sides == ["model", "baseline"]:
+            a = _pick(sub, _loss_candidates(_side_prefix(sub, "model"), "train"))
+            b = _pick(sub, _loss_candidates(_side_prefix(sub, "baseline"), "train"))
+            common = _smoothed_at_common_step(a, b) if a is not None and b is not None else None
+            if common is not None:
+                compare_step, smoothed["model"], smoothed["baseline"] = common
+        for side in sides:
             prefix = _side_prefix(sub, side)
             kappa = _pick(sub, _kappa_tag(prefix))
             train = _pick(sub, _loss_candidates(prefix, "train"))
@@ -379,6 +553,11 @@ def summarize(run: RunData) -> list[dict[str, Any]]:
                     "gap": gap,
                     "crossings": crossings,
                     "crossings_detected": detected,
+                    "train_step": train.last_step if train is not None else None,
+                    "train_finite_step": train.last_finite_step if train is not None else None,
+                    "diverged_step": train.nonfinite_from if train is not None else None,
+                    "compare_step": compare_step,
+                    "train_smoothed": smoothed.get(side, math.nan),
                 }
             )
     return rows
@@ -390,6 +569,12 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
     return format(x, spec)
+
+
+def _fmt_train(row: dict[str, Any]) -> str:
+    """The last train loss; where the loss ended non-finite, from which step (it read "-")."""
+    diverged = row.get("diverged_step")
+    return f"non-finite from {diverged}" if diverged is not None else _fmt(row["train_loss"])
 
 
 def _fmt_crossings(
@@ -444,7 +629,7 @@ def render_table(rows: Sequence[dict[str, Any]], title: str = "glu-probe summary
             _fmt(row["kappa_init"], ".3g"),
             _fmt(row["kappa_end"], ".3g"),
             _fmt_crossings(row["crossings"], row.get("crossings_detected", [])) if first else "",
-            _fmt(row["train_loss"]),
+            _fmt_train(row),
             _fmt(row["val_loss"]),
             _fmt(row["gap"], "+.4g"),
             str(row["steps"]),
@@ -589,7 +774,9 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
     if not finite:
         return math.nan, math.nan, 0
     arr = np.asarray(finite)
-    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    # one value has no sample std (ddof=1 divides by 0): undefined, not 0 ("164 ± 0" read as a
+    # spread of zero over seeds; review, session 29)
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else math.nan
     return float(arr.mean()), std, len(arr)
 
 
@@ -599,7 +786,8 @@ def aggregate_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     Rows are grouped by ``side`` (``model``/``baseline``/``""``); each group is one network
     trained with different seeds. For ``kappa_init``, ``kappa_end``, ``train_loss``,
     ``val_loss`` and ``gap`` the result holds ``<key>_mean``, ``<key>_std`` (sample standard
-    deviation, ``ddof=1``; 0 for one seed) over the finite values, and ``<key>_n``, how many
+    deviation, ``ddof=1``; ``nan`` for one finite value, where it is undefined) over the finite
+    values, and ``<key>_n``, how many
     seeds were finite (:func:`format_seed_table` shows "(2/3 finite)" where some were not).
     ``crossing`` is the first step at which the model overtakes the baseline (estimated, see
     :func:`crossing_steps`), averaged over the seeds that have one; ``seeds_with_crossing``
@@ -624,12 +812,16 @@ def aggregate_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_seed_table(agg: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table of :func:`aggregate_seeds` rows (mean ± std over seeds)."""
+    """A Markdown table of :func:`aggregate_seeds` rows (mean ± std over seeds; the mean alone
+    where one seed gave a value, e.g. "164 (1/3 seeds)": no std is defined)."""
 
     def mean_std(mean: float, std: float, spec: str) -> str:
         """``mean ± std``, both to the decimal of the std's second significant digit (2.311 ±
-        0.0099 reads as 2.311 ± 0.0099, not 2.311 ± 0.009932); ``spec`` where std is 0."""
+        0.0099 reads as 2.311 ± 0.0099, not 2.311 ± 0.009932); ``spec`` where std is 0, and
+        the mean alone where it is undefined (``nan``: a single value)."""
         sign = "+" if spec.startswith("+") else ""
+        if math.isnan(std):
+            return f"{mean:{spec}}"
         if not (math.isfinite(std) and std > 0):
             return f"{mean:{spec}} ± 0"
         if abs(mean) >= 1e5 or 0 < abs(mean) < 1e-3:  # κ-sized or tiny: scientific
