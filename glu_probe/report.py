@@ -777,6 +777,11 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
     # one value has no sample std (ddof=1 divides by 0): undefined, not 0 ("164 ± 0" read as a
     # spread of zero over seeds; review, session 29)
     std = float(arr.std(ddof=1)) if len(arr) > 1 else math.nan
+    if len(arr) > 1 and bool(np.all(arr == arr[0])):
+        # identical seeds: the value itself, spread exactly 0 (the float64 mean of three 0.1s
+        # is 0.10000000000000002 with a round-off std of 1.7e-17, which the table printed to
+        # 18 decimals)
+        return float(arr[0]), 0.0, len(arr)
     return float(arr.mean()), std, len(arr)
 
 

@@ -331,3 +331,25 @@ def test_seed_table_shows_no_spread_for_a_single_value():
     cells = [c.strip() for c in format_seed_table([one]).splitlines()[-1].strip("|").split("|")]
     assert cells[2:] == ["1.6e+07", "1.6e+06", "164 (1/1 seeds)", "0.11", "0.21", "+0.1000"]
     assert not re.search(r"± 0\b", format_seed_table([one]))
+
+
+def test_identical_seeds_print_the_value_and_no_round_off_spread():
+    """Three identical float64 values: the float64 mean 0.10000000000000002 with a round-off
+    std of 1.7e-17 was printed to 18 decimals; now the value itself, ``± 0``."""
+    rows = [
+        {
+            "side": "model",
+            "label": "SwiGLU",
+            "kappa_init": 1e3,
+            "kappa_end": 1e3,
+            "train_loss": 0.1,
+            "val_loss": 0.1,
+            "gap": 0.1,
+            "crossings": [],
+        }
+        for _ in range(3)
+    ]
+    agg = aggregate_seeds(rows)
+    assert agg[0]["train_loss_mean"] == 0.1 and agg[0]["train_loss_std"] == 0.0
+    table = format_seed_table(agg)
+    assert "| 0.1 ± 0 | 0.1 ± 0 | +0.1000 ± 0 |" in table
