@@ -35,6 +35,8 @@ for singular values gives |σᵢ(J̃) − σᵢ(J)| ≤ ‖E‖₂ for every i. 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import warnings
@@ -239,6 +241,17 @@ def jacobian_rows(
     backward pass through the whole chunk). Every level gives the same rows. ``row_chunk``: at
     most that many rows of a sample per backward pass (:func:`row_chunked_jacrev`), one sample
     at a time.
+
+    A model that draws random numbers in its forward pass (:attr:`ProbeFunction.draws_random`:
+    active dropout or stochastic depth with ``eval_mode=False``) gets its rows one sample at a
+    time, sample ``i``'s numbers drawn from the global generators (CPU, and the probe's CUDA
+    device) seeded with ``s + i``, where ``s`` is the first number that
+    ``torch.randint(2**62, (1,))`` would draw from the global CPU generator's state at the
+    first call (not advanced: the caller's RNG is left as it was). A sample's rows are then the
+    same in every call that makes them, and K = J Jᵀ of one draw of J, positive semi-definite.
+    Drawn anew per call, a sample's rows recomputed for another panel came from another
+    network, and K had eigenvalues down to -18 (review, session 29); the same seed gives the
+    same K.
     """
     per_sample = _per_sample_jacobian(probe, row_chunk)
     chunked = _chunk_jacobian(probe)
@@ -276,14 +289,34 @@ def jacobian_rows(
     memo = _ROWS_VERIFIED.setdefault(probe.model, {})
     key = _probe_signature(probe)
     state = {"level": 0, "verified": memo.get(key, 0)}
+    seed: list[int] = []  # (s, drawn at the first call)
+
+    def drawn(i: int) -> contextlib.AbstractContextManager[None]:
+        if not seed:
+            seed.append(_next_seed())
+        return _seeded(probe.device, seed[0] + i)
 
     def rows(a: int, b: int) -> tuple[Tensor, ...]:
+        if not probe.draws_random:
+            return checked(a, b, contextlib.nullcontext)
+        parts = []
+        for i in range(a, b):
+            draw = functools.partial(drawn, i)
+            with draw():
+                parts.append(checked(i, i + 1, draw))
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(torch.cat(col) for col in zip(*parts, strict=True))
+
+    def checked(
+        a: int, b: int, draw: Callable[[], contextlib.AbstractContextManager[Any]]
+    ) -> tuple[Tensor, ...]:
         if not state["verified"]:
             # (on the block's first sample alone, before the block: its rows and the check's
             # pass held beside a full block went over the memory budget)
-            ratio, tol = _rows_mismatch(probe, a, lambda: assembled(a, a + 1))
+            ratio, tol = _rows_mismatch(probe, a, lambda: assembled(a, a + 1), draw)
             if tol < ratio < WRONG_ROWS and probe.dtype != torch.float64:
-                ratio, tol = _wide_rows_mismatch(probe, a, ratio, tol)
+                ratio, tol = _wide_rows_mismatch(probe, a, ratio, tol, draw)
             state["verified"] = memo[key] = 1 if ratio <= tol else -1
             if len(memo) > 64:  # (probes of ever new shapes: bounded)
                 memo.clear()
@@ -321,8 +354,32 @@ def jacobian_rows(
     return rows
 
 
+def _next_seed() -> int:
+    """The first number ``torch.randint(2**62, (1,))`` would draw from the global CPU
+    generator, which is not advanced."""
+    gen = torch.Generator()
+    gen.set_state(torch.get_rng_state())
+    return int(torch.randint(2**62, (1,), generator=gen))
+
+
+@contextlib.contextmanager
+def _seeded(device: torch.device, seed: int) -> Iterator[None]:
+    """The global generators (the CPU's, and ``device``'s on CUDA) seeded with ``seed`` for
+    the block, and put back as they were after."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        for d in devices:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 def _rows_mismatch(
-    probe: ProbeFunction, i: int, sample_rows: Callable[[], tuple[Tensor, ...]]
+    probe: ProbeFunction,
+    i: int,
+    sample_rows: Callable[[], tuple[Tensor, ...]],
+    draw: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> tuple[float, float]:
     """(‖uᵀJ_i − Jᵀu‖ / ‖Jᵀu‖, its tolerance) for sample ``i``: its rows as
     :func:`jacobian_rows` assembles them (``sample_rows()``: vmapped backward passes) against
@@ -336,17 +393,21 @@ def _rows_mismatch(
     next (within the memory a block of rows takes), once per model and probe signature.
     Tolerance as the operator's adjointness check
     (:meth:`~glu_probe.ntk.operator.NTKOperator._check_adjoint`): √eps, 4·eps in 16-bit
-    dtypes, eps of the model's coarsest arithmetic; a wrong batching rule is O(1) off."""
+    dtypes, eps of the model's coarsest arithmetic; a wrong batching rule is O(1) off.
+    ``draw``: the random numbers of both passes (a model that draws them, see
+    :func:`jacobian_rows`), entered for each."""
     r = probe.rows_per_sample
     gen = torch.Generator(device=probe.device).manual_seed(0x5EED)
     u = torch.randn(r, generator=gen, dtype=probe.dtype, device=probe.device)
-    rows = sample_rows()
+    with draw():
+        rows = sample_rows()
     got = torch.cat([torch.mv(J.reshape(r, -1).T, u.to(J.dtype)) for J in rows])
     del rows  # (before the reference pass: a budget sized for one block holds one of them)
     wide = torch.promote_types(got.dtype, torch.float32)  # (16-bit rows: float32 norms)
     got = got.to(wide)
     chunk = probe.chunk(i, i + 1)
-    ref = torch.func.vjp(lambda *p: probe(p, chunk), *probe.params)[1](u)
+    with draw():
+        ref = torch.func.vjp(lambda *p: probe(p, chunk), *probe.params)[1](u)
     want = torch.cat([g.reshape(-1).to(wide) for g in ref])
     del ref
     diff = float(torch.linalg.vector_norm(got - want)) ** 2
@@ -363,7 +424,11 @@ WRONG_ROWS = 0.1
 
 
 def _wide_rows_mismatch(
-    probe: ProbeFunction, i: int, ratio: float, tol: float
+    probe: ProbeFunction,
+    i: int,
+    ratio: float,
+    tol: float,
+    draw: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> tuple[float, float]:
     """:func:`_rows_mismatch` repeated on a float64 copy of the probe, for a mismatch above the
     probe's tolerance but below :data:`WRONG_ROWS`: rounding of an ill-conditioned float32 or
@@ -374,7 +439,7 @@ def _wide_rows_mismatch(
     (``(0, tol)``): below :data:`WRONG_ROWS` it cannot be told from it."""
     try:
         wide = probe.astype(torch.float64, check=False)
-        return _rows_mismatch(wide, i, lambda: _per_sample_jacobian(wide)(slice(i, i + 1)))
+        return _rows_mismatch(wide, i, lambda: _per_sample_jacobian(wide)(slice(i, i + 1)), draw)
     except (RuntimeError, TypeError, NotImplementedError) as err:
         from .operator import is_out_of_memory  # local: operator imports dense lazily
 

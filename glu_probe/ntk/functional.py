@@ -28,6 +28,7 @@ import functools
 import math
 import operator
 import re
+import sys
 import threading
 import warnings
 import weakref
@@ -844,6 +845,220 @@ def _checkpointing_off(
     return flags, hooks
 
 
+def _put_back(hook_dict: dict[Any, Any], saved: list[tuple[Any, Any]], taken: set[Any]) -> None:
+    """Put the hooks ``taken`` out of ``hook_dict`` back at their places (``saved``: its items
+    before): a hook removed meanwhile (a one-shot hook that removes itself) stays removed, one
+    added stays last (re-review, session 23: a full snapshot revived a removed hook)."""
+    now, before = dict(hook_dict), dict(saved)
+    merged = [(k, now.get(k, fn)) for k, fn in saved if k in taken or k in now]
+    merged += [(k, fn) for k, fn in now.items() if k not in before]
+    hook_dict.clear()
+    hook_dict.update(merged)
+
+
+#: The forward hook registries of a module (``register_forward_pre_hook``,
+#: ``register_forward_hook``, with or without ``with_kwargs`` / ``always_call``: those flags
+#: live in side dicts keyed by the same ids, and a hook runs only if its id is in one of these).
+_FORWARD_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
+
+#: A hook's place: (its registry, its key, the hook).
+_HookSite = tuple[dict[Any, Any], Any, Callable[..., Any]]
+
+
+def _forward_hook_sites(modules: Sequence[nn.Module]) -> list[_HookSite]:
+    """The user's forward hooks and forward pre-hooks on ``modules`` and the global ones
+    (``nn.modules.module.register_module_forward_hook`` / ``_pre_hook``), in registry order.
+    Not pruning's pre-hooks (``torch.nn.utils.prune``: they compute the weight, always part of
+    the function), nor Hugging Face's ``make_inputs_require_grads`` (:func:`_checkpointing_off`
+    takes it out of every pass)."""
+    from torch.nn.utils import prune
+
+    module_mod = nn.modules.module
+    registries: list[dict[Any, Any]] = [
+        module_mod._global_forward_pre_hooks,
+        module_mod._global_forward_hooks,
+    ]
+    for m in modules:
+        own = vars(m)
+        for name in _FORWARD_HOOK_DICTS:
+            registry = own.get(name)
+            if isinstance(registry, dict) and registry:
+                registries.append(registry)
+    return [
+        (registry, key, fn)
+        for registry in registries
+        for key, fn in list(registry.items())
+        if not (isinstance(fn, prune.BasePruningMethod) or _is_require_grads_hook(fn))
+    ]
+
+
+def _version(t: Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # (an inference tensor has no version counter, nor in-place updates)
+        return -1
+
+
+def _state_of(module: Any) -> list[Any] | None:
+    """The objects of ``module``'s attribute dict and of its parameter and buffer registries,
+    by identity (``None``: not a module)."""
+    if not isinstance(module, nn.Module):
+        return None
+    own = vars(module)
+    state: list[Any] = [*own.keys(), *own.values()]
+    for name in ("_parameters", "_buffers"):
+        registry = own.get(name)
+        if isinstance(registry, dict):
+            state += [*registry.keys(), *registry.values()]
+    return state
+
+
+class _Watched:
+    """A user's forward (pre-)hook during the probe's validating pass: called as it is, and
+    recording whether it is part of the model's function: it returned a value (a replaced
+    input or output), or changed a tensor it was given in place (its version counter), or its
+    module's attributes, parameters or buffers (an old-style ``spectral_norm`` / ``weight_norm``
+    pre-hook sets the weight)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.calls = 0
+        self.returns = False
+        self.mutates = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        versions = [_version(t) for t in tensors]
+        module = args[0] if args else None
+        state = _state_of(module)
+        result = self.fn(*args, **kwargs)
+        self.calls += 1
+        self.returns |= result is not None
+        after = _state_of(module)
+        self.mutates |= (
+            any(_version(t) != v for t, v in zip(tensors, versions, strict=True))
+            or (state is not None and after is not None and len(state) != len(after))
+            or (state is not None and after is not None and any(map(operator.is_not, state, after)))
+        )
+        return result
+
+
+@contextlib.contextmanager
+def _watching(modules: Sequence[nn.Module]) -> Iterator[list[tuple[_HookSite, _Watched]]]:
+    """Every hook of :func:`_forward_hook_sites` replaced by its :class:`_Watched` for the
+    block (same key, same place), the hook itself put back after, also on errors."""
+    watched = []
+    for site in _forward_hook_sites(modules):
+        registry, key, fn = site
+        watch = _Watched(fn)
+        registry[key] = watch
+        watched.append((site, watch))
+    try:
+        yield watched
+    finally:
+        for (registry, key, fn), watch in watched:
+            if registry.get(key) is watch:
+                registry[key] = fn
+
+
+def _take_out(
+    sites: Sequence[_HookSite],
+) -> list[tuple[dict[Any, Any], list[tuple[Any, Any]], set[Any]]]:
+    """Take the hooks of ``sites`` that are still registered out of their registries; returns
+    what :func:`_put_back` needs, per registry."""
+    by_registry: dict[int, tuple[dict[Any, Any], list[tuple[Any, Any]], set[Any]]] = {}
+    for registry, key, fn in sites:
+        if registry.get(key) is not fn:
+            continue  # (removed since, replaced, or out already: a nested session)
+        entry = by_registry.get(id(registry))
+        if entry is None:
+            entry = by_registry[id(registry)] = (registry, list(registry.items()), set())
+        entry[2].add(key)
+    for registry, _, taken in by_registry.values():
+        for key in taken:
+            del registry[key]
+    return list(by_registry.values())
+
+
+def _reached(t: Tensor) -> set[int]:
+    """The ids of the leaf tensors whose gradient ``t``'s autograd graph accumulates (the graph
+    only: saved tensors are not needed)."""
+    found: set[int] = set()
+    seen: set[Any] = set()
+    stack: list[Any] = [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor):
+            found.add(id(variable))
+        stack.extend(child for child, _ in node.next_functions)
+    return found
+
+
+def _hook_name(site: _HookSite) -> str:
+    fn = site[2]
+    return repr(getattr(fn, "__qualname__", None) or type(fn).__name__)
+
+
+def _lightning_module_types() -> tuple[type, ...]:
+    """Lightning's ``LightningModule`` classes that are loaded (``lightning.pytorch`` and the
+    older ``pytorch_lightning``): a model can only hold an instance of a loaded class, so
+    nothing is imported."""
+    found = []
+    for name in ("lightning.pytorch.core.module", "pytorch_lightning.core.module"):
+        cls = getattr(sys.modules.get(name), "LightningModule", None)
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
+
+
+def _no_log(*args: Any, **kwargs: Any) -> None:
+    """``LightningModule.log`` / ``log_dict`` inside the probe's passes: nothing is logged."""
+
+
+#: The LightningModule methods that a forward may call to log (``log_dict`` calls ``log``).
+_LOG_METHODS = ("log", "log_dict")
+
+_MISSING = object()
+
+
+def _logging_off(modules: Sequence[nn.Module]) -> list[tuple[dict[str, Any], str, Any]]:
+    """Shadow ``log`` and ``log_dict`` of every ``LightningModule`` in ``modules`` with an
+    instance attribute that does nothing; returns what to put back (the instance's own
+    attribute, or :data:`_MISSING`)."""
+    types = _lightning_module_types()
+    if not types:
+        return []
+    saved = []
+    for m in modules:
+        if isinstance(m, types):
+            own = vars(m)
+            for name in _LOG_METHODS:
+                saved.append((own, name, own.get(name, _MISSING)))
+                own[name] = _no_log
+    return saved
+
+
+def _logging_on(saved: list[tuple[dict[str, Any], str, Any]]) -> None:
+    for own, name, value in reversed(saved):
+        if value is _MISSING:
+            own.pop(name, None)
+        else:
+            own[name] = value
+
+
+def _rng_states(device: torch.device) -> list[Tensor]:
+    """The global RNG states a pass on ``device`` may draw from (the CPU's, and the device's
+    own on CUDA)."""
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
 #: The per-module registries a forward may add to or rebind (a buffer registered on the first
 #: call, a submodule built lazily), restored with the module's attributes after a probe.
 _REGISTRIES = ("_parameters", "_buffers", "_modules")
@@ -1157,6 +1372,12 @@ def _unwrapped(model: nn.Module, params: ParamFilter) -> tuple[nn.Module, ParamF
 class ProbeFunction:
     """A model and a probe batch as a pure function of the selected trainable parameters.
 
+    The user's forward hooks that are part of the model's function (they return a value, or
+    change their arguments or module in place) run in every pass; those that only watch (an
+    activation collector) run in the validating forward pass alone, with plain tensors, and are
+    taken out of the transformed passes (:meth:`_classify_hooks`). A ``LightningModule``'s
+    ``self.log`` / ``log_dict`` log nothing inside the probe (:meth:`session`).
+
     Args:
         model: any ``nn.Module``. An ``nn.DataParallel`` or ``DistributedDataParallel`` wrapper
             is probed through its ``.module`` (the same function: :attr:`model` and the
@@ -1176,7 +1397,8 @@ class ProbeFunction:
             ``None`` keeps the model's dtype.
         eval_mode: run the model in eval mode (BatchNorm uses running statistics, dropout is off).
             With ``False`` the model's own flags are kept; buffers are still copies, so running
-            statistics never change, and stochastic layers make K itself random.
+            statistics never change, and stochastic layers make K itself random (the dense
+            path's K is then J Jᵀ of one draw, see :func:`~glu_probe.ntk.dense.jacobian_rows`).
         memory_budget: bytes the probe may hold while it validates the batch: its copies of
             the parameters, buffers and inputs (:func:`probe_copy_bytes`) and the validating
             forward pass (``None``: the whole batch at once). Given, the batch is validated in
@@ -1226,6 +1448,14 @@ class ProbeFunction:
         #: Why a sample evaluated alone does not give its rows in the batch (``None``: it does);
         #: set by the validating forward pass, see :meth:`_independence`.
         self.per_sample_why: str | None = None
+        #: The user's forward hooks that only watch, kept out of every pass after the
+        #: validating one (``None``: not yet classified; see :meth:`_classify_hooks`).
+        self._observers: list[_HookSite] | None = None
+        #: Whether the model's forward pass draws random numbers (active dropout, stochastic
+        #: depth, noise injection: the validating pass moved the global RNG state); the
+        #: dense path's rows then draw per sample from a seeded generator
+        #: (:func:`~glu_probe.ntk.dense.jacobian_rows`), so that K is J Jᵀ of one draw.
+        self.draws_random = False
         self.n_rows, self.rows_per_sample = self._check()
 
     def _init_tensors(
@@ -1334,7 +1564,12 @@ class ProbeFunction:
         embeddings, IEEE float32 (no TF32, no bf16 oneDNN matmuls), forked RNG; all restored
         after, and every module's attributes, parameters, buffers and submodules as they were
         at entry where a pass left a tensor (or anything but plain scalars) in them (see
-        :func:`_restore_attributes`).
+        :func:`_restore_attributes`). The user's forward hooks that only watch
+        (:meth:`_classify_hooks`) are taken out of their registries for the session, global
+        ones too (for every thread, for that time), and put back at their places after, also on
+        errors; every ``LightningModule``'s ``log`` and ``log_dict`` do nothing inside it
+        (instance attributes, removed after: an instance's own attribute of that name is put
+        back).
 
         Raises:
             ValueError: ``eval_mode=True`` and the model's ``eval()`` raises
@@ -1366,11 +1601,20 @@ class ProbeFunction:
         # calls requires_grad_() on the embeddings' output, refused inside a transform; review,
         # session 23). Flags and hooks are given back as they were.
         checkpointing, hooks = _checkpointing_off(self.model)
+        # The user's forward hooks that only watch (an activation collector) stay out of the
+        # probe's passes after the validating one (see _classify_hooks): inside a transform they
+        # were handed vmap's batched, forward-mode dual and float64 tensors, which escaped into
+        # the user's list and crashed its torch.stack (review, session 29). And a
+        # LightningModule's self.log in forward logs nothing here: the logged tensor escaped
+        # from vmap into Lightning's results and ended the fit.
+        observers = _take_out(self._observers or ())
+        logging: list[tuple[dict[str, Any], str, Any]] = []
         # ``sparse=True`` embeddings only store their gradient as a sparse tensor, which
         # torch.func cannot handle (every probe failed on "aten::view ... SparseCPU"; review,
         # session 28): dense gradients inside the probe, the flags given back after.
         sparse = [m for m in modules if _sparse_embedding(m)]
         try:
+            logging = _logging_off(modules)
             for emb in sparse:
                 emb.sparse = False
             if self.eval_mode:
@@ -1402,18 +1646,13 @@ class ProbeFunction:
                         "with the probe's default eval_mode=True)"
                     ) from err
         finally:
+            _logging_on(logging)  # (before the attribute restore: the session's own entries)
+            for registry, saved_items, taken in reversed(observers):
+                _put_back(registry, saved_items, taken)
             for m, name in checkpointing:
                 vars(m)[name] = True
             for hook_dict, saved in hooks:
-                # The hooks taken out go back at their places; a hook removed meanwhile (a
-                # one-shot hook that removes itself) stays removed, one added stays last
-                # (re-review, session 23: a full snapshot revived a removed hook).
-                now, before = dict(hook_dict), dict(saved)
-                taken = {k for k, fn in saved if _is_require_grads_hook(fn)}
-                merged = [(k, now.get(k, fn)) for k, fn in saved if k in taken or k in now]
-                merged += [(k, fn) for k, fn in now.items() if k not in before]
-                hook_dict.clear()
-                hook_dict.update(merged)
+                _put_back(hook_dict, saved, {k for k, fn in saved if _is_require_grads_hook(fn)})
             if switched:
                 # Back through the model's own train(): an override that switches more than
                 # the flags (frozen BatchNorm, noise injection) undoes its eval() side effects.
@@ -1568,7 +1807,8 @@ class ProbeFunction:
             return None
         # Active dropout (eval_mode=False): every pass is random, so only whether one sample
         # runs alone is checked (train-mode BatchNorm1d beside dropout: review, session 18).
-        compare = self.eval_mode or not _active_dropout(self.model)
+        # (or any other forward that draws random numbers: a noise layer)
+        compare = not self.draws_random and (self.eval_mode or not _active_dropout(self.model))
         r = rows.numel() // n
         tol = math.sqrt(torch.finfo(self.dtype).eps)
         bad: list[Tensor] = []
@@ -1693,17 +1933,120 @@ class ProbeFunction:
         penalties) needs its saved tensors: it gets a plain forward with autograd."""
         leaves = tuple(p.detach().requires_grad_(True) for p in self.params)
         chunks = self._validation_chunks()
-        with self.session(), torch.enable_grad():
-            try:
-                with torch.autograd.graph.saved_tensors_hooks(_drop_saved, _no_backward):
-                    return self._rows_in(leaves, chunks)
-            except Exception as err:
-                # Any failure under the hooks (the hook's own error, torch.func transforms
-                # inside forward that refuse saved-tensor hooks, a wrapper of either): the plain
-                # forward decides, and its error is the one raised. Out of memory is not retried.
-                if isinstance(err, torch.OutOfMemoryError):
-                    raise
-            return self._rows_in(leaves, chunks)
+        watch = self._observers is None
+        with (
+            self.session(),
+            torch.enable_grad(),
+            _watching(list(self.model.modules()) if watch else []) as watched,
+        ):
+            rng = _rng_states(self.device)
+            rows = self._validation_pass(leaves, chunks)
+            # (the session forked the RNG: the states compared are its own)
+            self.draws_random |= not all(map(torch.equal, rng, _rng_states(self.device)))
+        if watch:
+            self._classify_hooks(watched, rows, leaves, chunks)
+        return rows
+
+    def _validation_pass(
+        self,
+        leaves: tuple[Tensor, ...],
+        chunks: list[tuple[int, int]] | None,
+        *,
+        warn: bool = True,
+    ) -> Tensor:
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(_drop_saved, _no_backward):
+                return self._rows_in(leaves, chunks, warn=warn)
+        except Exception as err:
+            # Any failure under the hooks (the hook's own error, torch.func transforms inside
+            # forward that refuse saved-tensor hooks, a wrapper of either): the plain forward
+            # decides, and its error is the one raised. Out of memory is not retried.
+            if isinstance(err, torch.OutOfMemoryError):
+                raise
+        return self._rows_in(leaves, chunks, warn=warn)
+
+    def _classify_hooks(
+        self,
+        watched: list[tuple[_HookSite, _Watched]],
+        rows: Tensor,
+        leaves: tuple[Tensor, ...],
+        chunks: list[tuple[int, int]] | None,
+    ) -> None:
+        """Which of the user's forward hooks and forward pre-hooks (the model's modules' and
+        the global ones) the probe's later passes run without (:attr:`_observers`), from what
+        they did in the validating pass (:class:`_Watched`).
+
+        A hook that returns a value (a scaled output, torch.ao's fake-quantizing observer)
+        or changes its arguments or its module in place is part of the model's function: it
+        stays. A hook that only watches (an activation-statistics collector) is taken out,
+        provided that the validating pass's rows (at ``leaves``), repeated without those hooks
+        (one more forward pass that saves nothing for a backward, only where there are such
+        hooks), agree within √ε of the rows' scale (kernels that a hook's presence switches
+        round differently) and depend on the same parameters, and on none of the validating
+        pass's (a hook that stored its output where the forward reads it: the repeated pass
+        read the stale tensor). A false disagreement only keeps the hooks, with a warning. So a
+        collector sees the plain tensors of the probe's plain passes up to here (the
+        validating pass, in the probe's dtype, and, where a memory budget is given, the
+        one-sample pass that sizes it) and nothing of the transformed ones. A hook that is
+        never called in the validating pass, or registered later, stays. Not seen: a hook
+        that hands a detached copy of its input to the forward, whose values then agree."""
+        self._observers = []
+        if rows.numel() == 0:  # (refused by _check)
+            return
+        candidates = [site for site, w in watched if w.calls and not (w.returns or w.mutates)]
+        mutating = [site for site, w in watched if w.calls and w.mutates and not w.returns]
+        if mutating:
+            warnings.warn(
+                f"{len(mutating)} forward hook(s) of the model (e.g. {_hook_name(mutating[0])}) "
+                "return None but change their arguments or their module in place: they are part "
+                "of the model's function, so they run in the NTK probe's transformed passes, "
+                "where they see vmap's batched and forward-mode dual tensors in the probe's "
+                "dtype (a collector among them keeps those); return the changed value instead "
+                "of changing it in place to let the probe tell them apart",
+                RuntimeWarning,
+                stacklevel=external_stacklevel(),
+            )
+        if not candidates:
+            return
+        self._observers = candidates
+        fresh = tuple(p.detach().requires_grad_(True) for p in self.params)
+        try:
+            # (as the validating pass: with autograd, for a forward that differentiates inside,
+            # and for the graph compared below)
+            with self.session(), torch.enable_grad():
+                without = self._validation_pass(fresh, chunks, warn=False)
+            ref = rows.detach()
+            tol = math.sqrt(torch.finfo(self.dtype).eps) * ref.abs().max()
+            before, after = _reached(rows), _reached(without)
+            why = (
+                None
+                if without.shape == ref.shape
+                and bool(
+                    torch.isfinite(without).all() & ((without.detach() - ref).abs().max() <= tol)
+                )
+                else "without them the model's output changed"
+            )
+            if why is None and (
+                [id(p) in before for p in leaves] != [id(p) in after for p in fresh]
+                or any(id(p) in after for p in leaves)
+            ):
+                why = "without them the output's dependence on the parameters changed"
+            del without
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:
+            why = f"the model failed without them ({type(err).__name__}: {str(err)[:200]})"
+        if why is None:
+            return
+        self._observers = []
+        warnings.warn(
+            f"the model's forward hooks that return None (e.g. {_hook_name(candidates[0])}) "
+            f"stay in the NTK probe's transformed passes, since {why}: there they see vmap's "
+            "batched and forward-mode dual tensors in the probe's dtype (a collector among them "
+            "keeps those)",
+            RuntimeWarning,
+            stacklevel=external_stacklevel(),
+        )
 
     def _validation_chunks(self) -> list[tuple[int, int]] | None:
         """Sample ranges of the validating forward under ``memory_budget`` (``None``: the
@@ -1725,13 +2068,19 @@ class ProbeFunction:
         chunk = max(1, min(self.batch_size, max(from_copies, 0) // act))
         return None if chunk >= self.batch_size else self._split(chunk)
 
-    def _rows_in(self, leaves: tuple[Tensor, ...], chunks: list[tuple[int, int]] | None) -> Tensor:
+    def _rows_in(
+        self,
+        leaves: tuple[Tensor, ...],
+        chunks: list[tuple[int, int]] | None,
+        *,
+        warn: bool = True,
+    ) -> Tensor:
         """The rows of the whole batch, or of its chunks concatenated (a row is the gradient's
         subject: it keeps its graph)."""
         parts = []
         for k, (a, b) in enumerate(chunks or [(0, self.batch_size)]):
             out = self.call_model(leaves, self.inputs if chunks is None else self.chunk(a, b))
-            if k == 0:
+            if k == 0 and warn:
                 # (here, where every probe passes: in the one-sample independence check a probe
                 # of one sample, the monitor's usual one for long sequences, was never warned
                 # about; review, session 25)

@@ -141,7 +141,11 @@ def _is_patchify(m: nn.Module) -> bool:
 
 def _candidates(probe: ProbeFunction) -> list[tuple[nn.Linear | nn.Conv2d, int, int | None]]:
     """Plain, unshared ``nn.Linear`` and patchify ``nn.Conv2d`` modules whose weight is a
-    selected parameter."""
+    selected parameter; none while a global forward hook is registered (it runs before the
+    taps, which must see the layer's own output: called inside a probe session, where the
+    hooks that only watch are out, see :meth:`ProbeFunction._classify_hooks`)."""
+    if nn.modules.module._global_forward_hooks:
+        return []
     index = {name: i for i, name in enumerate(probe.names)}
     uses: dict[int, int] = {}
     for _, p in probe.model.named_parameters(remove_duplicate=False):
@@ -180,8 +184,14 @@ class _Taps:
         self._handles: list[Any] = []
 
     def __enter__(self) -> _Taps:
+        # First among the module's forward hooks: a user's hook that changes the output (a
+        # scale) then acts on the tapped output, ε included, as on the layer's. Registered
+        # last, the tap came after the scale, the factors missed it and every probe fell back
+        # to rows with a warning about a weight used outside its forward (review, session 29).
+        # A forward pre-hook changes the layer's input before the tap reads it: it needs
+        # nothing. Global forward hooks run before every module's own: see _candidates.
         for k, m in enumerate(self.modules):
-            self._handles.append(m.register_forward_hook(self._hook(k)))
+            self._handles.append(m.register_forward_hook(self._hook(k), prepend=True))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -488,6 +498,13 @@ def structured_ntk(
         return None
 
     n, r, s_total = probe.n_rows, probe.rows_per_sample, probe.batch_size
+    if probe.draws_random:
+        # (its vmapped pass refuses random operations, and its check would draw other numbers
+        # than the factors: the rows draw one set per sample, see jacobian_rows)
+        return decline(
+            "the model draws random numbers in its forward pass (active dropout or stochastic "
+            "depth with eval_mode=False)"
+        )
     signature: tuple[Any, ...] | None = None
     if min_gain is not None:
         # The cost test needs the layers (one traced sample); its verdict depends only on the
@@ -515,6 +532,12 @@ def structured_ntk(
                 return decline(f"one sample alone does not run through the model ({err!r})")
             narrow.dtypes.add(torch.float32)  # unknown: allow float32 rounding in the check
         layers = [ly for ly in found if _worth_it(ly, n, s_total)]
+        global_hooks = bool(nn.modules.module._global_forward_hooks)  # (see _candidates)
+    if global_hooks:
+        return decline(
+            "a global forward hook (nn.modules.module.register_module_forward_hook) that is "
+            "part of the model's function runs before the layers' taps"
+        )
     if not layers:
         return decline(
             "no nn.Linear layer qualifies (a plain, unshared layer that runs once per forward "
