@@ -18,6 +18,8 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from glu_probe.ntk.functional import _logging_off, _logging_on
+
 
 def _precision_context(trainer: pl.Trainer | None) -> AbstractContextManager[Any]:
     """The Trainer's validation precision context (autocast under ``"bf16-mixed"``/``"16-mixed"``).
@@ -63,25 +65,11 @@ def _logging_silenced(module: nn.Module) -> Iterator[None]:
     inside ``on_train_start``'s checks Lightning refuses logging altogether. The monitor's
     passes are not the user's steps, so nothing they run logs.
     """
-    missing = object()
-    saved: list[tuple[nn.Module, str, Any]] = []
-    for m in module.modules():
-        if isinstance(m, pl.LightningModule):
-            for name in ("log", "log_dict"):
-                saved.append((m, name, m.__dict__.get(name, missing)))
-                setattr(m, name, _no_log)
+    saved = _logging_off(list(module.modules()))  # (the NTK probe's own rule, shared)
     try:
         yield
     finally:
-        for m, name, value in reversed(saved):
-            if value is missing:
-                m.__dict__.pop(name, None)
-            else:
-                setattr(m, name, value)
-
-
-def _no_log(*args: Any, **kwargs: Any) -> None:
-    """``LightningModule.log`` / ``log_dict`` during the monitor's own passes: nothing."""
+        _logging_on(saved)
 
 
 def _find_logged(metrics: Mapping[str, Any], key: str) -> float | None:
