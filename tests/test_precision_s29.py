@@ -273,3 +273,47 @@ def test_bf16_true_token_ids_stay_integers():
     ev = truth(snaps.states[0], inputs)
     assert hist["ntk/lambda_max"] == pytest.approx(float(ev[-1]), rel=1e-9)
     assert hist["ntk/condition_number"] == pytest.approx(float(ev[-1] / ev[0]), rel=1e-8)
+
+
+def _mlp() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 8))
+    return m, torch.randn(24, 16)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "dense"])
+def test_probe_called_under_the_callers_autocast_is_float32(method):
+    """Called inside the user's ``torch.autocast("cpu", bfloat16)`` (a ``training_step`` under
+    ``"bf16-mixed"``, an autocast eval loop), the probe ran its products and the Krylov
+    linear algebra in bfloat16: Lanczos crashed in its adjointness check ("expected scalar type
+    BFloat16 but found Float") or gave κ 290 for 285.7. Now the caller's autocast is off for the
+    whole call: the result is bit-identical to the call outside autocast and within its
+    residuals of the float64 truth."""
+    m, x = _mlp()
+    ev = truth(m, x)
+    kw: dict[str, Any] = {"method": method}
+    if method == "dense":
+        kw["jacobian_dtype"] = torch.float32
+    outside = ntk_spectrum(m, x, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = ntk_spectrum(m, x, **kw)
+    assert inside.precision == outside.precision
+    assert inside.lambda_max == outside.lambda_max
+    assert inside.lambda_min == outside.lambda_min
+    assert abs(inside.lambda_max - float(ev[-1])) <= inside.residual_max
+    assert abs(inside.lambda_min - float(ev[0])) <= inside.residual_min
+
+
+def test_probe_under_autocast_does_not_poison_later_probes():
+    """The memoised forward trace was taken under the caller's autocast and keyed without it:
+    every later probe of the model outside autocast reported bfloat16 rounding, κ = inf."""
+    m, x = _mlp()
+    fresh = ntk_spectrum(copy.deepcopy(m), x, method="lanczos")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ntk_spectrum(m, x, method="lanczos")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NTKRankWarning)
+        after = ntk_spectrum(m, x, method="lanczos")
+    assert after.precision == fresh.precision == "float32"
+    assert after.condition_number == fresh.condition_number
+    assert math.isfinite(after.condition_number)

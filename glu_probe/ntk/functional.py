@@ -483,17 +483,38 @@ def call_memo() -> dict[Any, Any] | None:
 def allows_autograd(fn: F) -> F:
     """Run ``fn`` outside ``torch.inference_mode`` (a Lightning validation or test hook runs
     under it): the probe needs autograd, and its results are then ordinary tensors. The
-    outermost such call also scopes :func:`call_memo`."""
+    caller's autocast is off inside (:func:`_outer_autocast_off`). The outermost such call
+    also scopes :func:`call_memo`."""
 
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with _call_scope():
+        # (the caller's autocast off for the whole call: see _outer_autocast_off)
+        cuda = ("cuda",) if torch.cuda.is_available() else ()
+        with _call_scope(), _outer_autocast_off("cpu", *cuda):
             if not torch.is_inference_mode_enabled():
                 return fn(*args, **kwargs)
             with torch.inference_mode(False):
                 return fn(*args, **kwargs)
 
     return cast(F, wrapped)
+
+
+@contextlib.contextmanager
+def _outer_autocast_off(*device_types: str) -> Iterator[None]:
+    """The caller's autocast off for ``device_types`` (those of ``"cpu"`` and ``"cuda"``;
+    others have none to turn off here): the probe's float32 is float32, in its passes and in
+    the linear algebra around them (Lanczos' reorthogonalisation, the Gram). Called from a
+    ``training_step`` under ``"bf16-mixed"`` or an autocast eval loop, the probe's products
+    ran in bfloat16 (λ_max 64x outside its residual; Lanczos failed on "expected scalar type
+    BFloat16 but found Float" in its adjointness check), and the memoised forward trace, taken
+    under autocast and keyed without it, then gave later probes outside autocast bfloat16
+    bounds and κ = inf (review, session 29). A model's own ``torch.autocast`` blocks nest
+    inside and still apply: they are its function."""
+    with contextlib.ExitStack() as stack:
+        for kind in dict.fromkeys(device_types):
+            if kind in ("cpu", "cuda"):
+                stack.enter_context(torch.autocast(device_type=kind, enabled=False))
+        yield
 
 
 def _eager_stance() -> contextlib.AbstractContextManager[Any]:
@@ -1626,6 +1647,7 @@ class ProbeFunction:
                     raise _no_eval_error(err) from err
             with (
                 ieee_float32(),
+                _outer_autocast_off("cpu", self.device.type),
                 torch.random.fork_rng(devices=devices),
                 torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH),
                 _mha_fastpath_off(),
