@@ -29,6 +29,7 @@ __all__ = [
     "loader_batches",
     "log_metrics",
     "logger_step",
+    "logger_step_advances",
     "logs_this_step",
     "rank_zero_batches",
     "sampler_indices",
@@ -191,12 +192,30 @@ def logger_step(trainer: pl.Trainer) -> int:
     This is ``fit_loop.epoch_loop._batches_that_stepped``, the counter Lightning's own
     ``LearningRateMonitor`` logs at; there is no public accessor. ``trainer.global_step`` is one
     ahead of it inside ``on_train_batch_end``, so callbacks that want their points to sit on the
-    same x as the loss curves use this.
+    same x as the loss curves use this. After a resume from a checkpoint saved at validation
+    end, Lightning 2.6 restores it one higher than the uninterrupted run has it (every series,
+    the user's own included, sits one step later from there); it is returned as it is.
     """
     loop = getattr(trainer, "fit_loop", None)
     epoch_loop = getattr(loop, "epoch_loop", None)
     step = getattr(epoch_loop, "_batches_that_stepped", None)
     return int(step) if step is not None else int(trainer.global_step)
+
+
+def logger_step_advances(trainer: pl.Trainer) -> bool | None:
+    """Whether Lightning advances its logger step (:func:`logger_step`) after the batch in
+    progress, asked inside ``on_train_batch_end``: by its own rule, after every batch that is not
+    an accumulation micro-batch (under manual optimization after every batch, stepping or not).
+    There is no public accessor; ``None`` where the internals differ (the caller then takes
+    whether ``global_step`` advanced)."""
+    epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    should_accumulate = getattr(epoch_loop, "_should_accumulate", None)
+    if not callable(should_accumulate):
+        return None
+    try:
+        return not bool(should_accumulate())
+    except Exception:  # (other Lightning versions, loops this rule does not know)
+        return None
 
 
 def step_metrics(trainer: pl.Trainer, after_batch: bool = False) -> Mapping[str, Any]:

@@ -87,7 +87,10 @@ Cadence
 ``max(1, trainer.estimated_stepping_batches // target_probes)`` with ``target_probes=20``, so a run
 gets at least ``target_probes`` probes (plus the one at step 0: 21) however long it is: the
 fewest the overhead target allows (at least 20 per run), since every probe costs a few training
-steps (the default was 25 until 2026-11-27).
+steps (the default was 25 until 2026-11-27). A resumed run probes the weights of the same global
+steps as the uninterrupted one, never twice at one global step, its points logged at
+Lightning's logger step (one higher after a resume from a validation-end checkpoint, for every
+series: :meth:`NTKSpectrumMonitor._count_offset`).
 
 Zero interference
 -----------------
@@ -115,6 +118,8 @@ it selects again; of a PairedModule only that side is skipped, the other one pro
 ``strict=True`` raises instead. A probed
 parameter set that changes between probes (``BackboneFinetuning`` unfreezing a backbone: only
 ``requires_grad`` parameters are probed) warns at that step; the names are checkpointed.
+Probed parameters that no optimizer of the Trainer holds (a module replaced after
+``configure_optimizers``) warn once per fit; they stay in K.
 """
 
 from __future__ import annotations
@@ -149,6 +154,7 @@ from glu_probe.callbacks._utils import (
     loader_batches,
     log_metrics,
     logger_step,
+    logger_step_advances,
     rank_zero_batches,
     sampler_indices,
     slice_batch,
@@ -569,6 +575,17 @@ class NTKSpectrumMonitor(Callback):
         # Run state (checkpointed).
         self._resolved_every: int | None = every_n_steps
         self.last_probe_step: int | None = None
+        # trainer.global_step and the cadence count (below) of the last probe: a probe is never
+        # repeated at one global step (the same weights).
+        self._last_probe_global: int | None = None
+        self._last_probe_count: int | None = None
+        # (global_step, cadence count of the next batch) at the last batch end. The cadence
+        # count is Lightning's logger step as an uninterrupted run has it: after a resume from
+        # a checkpoint saved at validation end, Lightning restores its logger step one too high
+        # (see _count_offset), and the probes counted on it fell on other global steps than
+        # the uninterrupted run's, the checkpoint's weights probed twice (review, session 29).
+        self._step_anchor: tuple[int, int] | None = None
+        self._step_offset = 0  # cadence count minus Lightning's logger step, in this fit
         self.history: list[dict[str, Any]] = []
         self._ritz: dict[str, torch.Tensor] = {}
         self._ritz_values: dict[str, tuple[float, float]] = {}  # (λ_max, λ_min) of those
@@ -597,6 +614,10 @@ class NTKSpectrumMonitor(Callback):
         self._unbudgeted: set[str] = set()
         # Targets whose params= selection stopped matching (warned once; skipped until it does)
         self._unmatched: set[str] = set()
+        # Per fit: each target's probed names when last checked against the optimizers, and
+        # the targets already warned about parameters that no optimizer holds.
+        self._optim_checked: dict[str, set[str]] = {}
+        self._optim_warned: set[str] = set()
         # The warning of the targets that the probe in progress skipped (see _compute)
         self._skip_note = ""
 
@@ -619,6 +640,9 @@ class NTKSpectrumMonitor(Callback):
         return {
             "every_n_steps": self._resolved_every,
             "last_probe_step": self.last_probe_step,
+            "last_probe_global_step": self._last_probe_global,
+            "last_probe_count": self._last_probe_count,
+            "step_anchor": None if self._step_anchor is None else list(self._step_anchor),
             "history": [dict(h) for h in self.history],
             "warm_start": {k: v.detach().cpu().clone() for k, v in self._ritz.items()},
             # (the eigenvalues the vectors came from: a resumed run checks its warm starts too)
@@ -640,6 +664,12 @@ class NTKSpectrumMonitor(Callback):
                 "cadence here"
             )
         self.last_probe_step = state_dict.get("last_probe_step")
+        # (absent before session 29: the cadence then counts on Lightning's logger step, the
+        # last probe's count being its logged step, as it was)
+        self._last_probe_global = state_dict.get("last_probe_global_step")
+        self._last_probe_count = state_dict.get("last_probe_count", self.last_probe_step)
+        anchor = state_dict.get("step_anchor")
+        self._step_anchor = None if anchor is None else (int(anchor[0]), int(anchor[1]))
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self._ritz = dict(state_dict.get("warm_start", {}))
         self._ritz_values = dict(state_dict.get("warm_values", {}))  # (absent before session 20)
@@ -653,6 +683,10 @@ class NTKSpectrumMonitor(Callback):
         self._resolved_every = self.every_n_steps
         self._restored_every = None
         self.last_probe_step = None
+        self._last_probe_global = None
+        self._last_probe_count = None
+        self._step_anchor = None
+        self._step_offset = 0
         self.history = []
         self._ritz = {}
         self._ritz_values = {}
@@ -753,6 +787,8 @@ class NTKSpectrumMonitor(Callback):
         self._warned_sites = set()
         self._unbudgeted = set()
         self._unmatched = set()
+        self._optim_checked = {}
+        self._optim_warned = set()
         if self.history:
             # A resumed (or continued) fit: Lightning starts it with empty callback_metrics, and
             # the uninterrupted run holds the last probe's values there until the next probe;
@@ -794,8 +830,32 @@ class NTKSpectrumMonitor(Callback):
     ) -> None:
         if self._start_probe:
             self._start_probe = False
+            self._step_offset = self._count_offset(trainer)
             if not is_quiet_run(trainer):
-                self._maybe_probe(trainer, pl_module, logger_step(trainer))
+                step = logger_step(trainer)
+                self._maybe_probe(trainer, pl_module, step, step + self._step_offset)
+
+    def _count_offset(self, trainer: pl.Trainer) -> int:
+        """The cadence count minus Lightning's logger step in this fit, at its first batch.
+
+        Lightning 2.6 restores its logger step (``_batches_that_stepped``) one too high after a
+        resume from a checkpoint saved at validation end (``ModelCheckpoint``'s place where
+        there is a validation loader; seen in runs bounded by ``max_steps``; its issue #19367
+        family): every series of the resumed run, the user's own ``self.log`` ones included,
+        sits one step later than in the uninterrupted run. The cadence is counted without that
+        shift, so that a resumed run probes the weights of the same global steps as the
+        uninterrupted one (the checkpoint's weights were probed twice, and every later probe
+        one optimizer step early). The count the next batch has was saved with its ``global_step``
+        (``step_anchor``): where the restored ``global_step`` is that one, the difference to
+        Lightning's logger step now is the shift (0 where Lightning has it right; it carries
+        over later resumes). Elsewhere (no such state: an older checkpoint, a monitor new to
+        the fit, a checkpoint taken in a batch before this monitor's hook ran) the logger step
+        is taken as it is (0).
+        """
+        anchor = self._step_anchor
+        if anchor is None or anchor[0] != int(trainer.global_step):
+            return 0
+        return anchor[1] - logger_step(trainer)
 
     def on_train_batch_end(
         self,
@@ -810,7 +870,12 @@ class NTKSpectrumMonitor(Callback):
         # Probes sit on the x-axis of the logged losses: Lightning's logger step, counted after
         # the batch's optimizer step (it is incremented after this hook, and only where an
         # optimizer stepped; global_step counts each optimizer of a manual multi-optimizer step).
-        if trainer.global_step == self._global_step:
+        stepped = trainer.global_step != self._global_step
+        advances = logger_step_advances(trainer)
+        next_count = logger_step(trainer) + self._step_offset
+        next_count += int(stepped if advances is None else advances)
+        self._step_anchor = (int(trainer.global_step), next_count)  # (see _count_offset)
+        if not stepped:
             return  # no optimizer stepped (gradient accumulation): the step has not ended
         per_batch = trainer.global_step - self._global_step
         self._global_step = trainer.global_step
@@ -824,7 +889,11 @@ class NTKSpectrumMonitor(Callback):
                 self._warn_cadence_change(restored, fresh, batches)
             if per_batch > 1 or restored is not None:
                 self._resolved_every = fresh
-        self._maybe_probe(trainer, pl_module, logger_step(trainer) + 1)
+        # Logged at Lightning's logger step, shifted or not after a resume (see _count_offset):
+        # the user's own series (and Lightning's LearningRateMonitor) are shifted alike, so the
+        # probes keep their place among them on one chart; the cadence counts unshifted.
+        step = logger_step(trainer) + 1
+        self._maybe_probe(trainer, pl_module, step, step + self._step_offset)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._inputs = None  # release the probe batch (device memory)
@@ -994,12 +1063,13 @@ class NTKSpectrumMonitor(Callback):
         from glu_probe.ntk import ProbeFunction
         from glu_probe.ntk.functional import select_parameters
 
-        tag, target = next(iter(self._targets(pl_module).items()))
+        targets = self._targets(pl_module)
+        tag, target = next(iter(targets.items()))
         params: Any = self.params
         earlier: list[str] | None = None
         try:
             select_parameters(target, params)
-        except ValueError:
+        except ValueError as err:
             # A filter that selected at an earlier probe (a resumed or continued fit) and selects
             # nothing now (frozen) is ruled on by `_select` at the probes: skipped, with one
             # warning. The row count does not depend on the parameters: counted over those the
@@ -1008,7 +1078,10 @@ class NTKSpectrumMonitor(Callback):
             # parameter: that took in ones the filter leaves out, a complex one refused.
             earlier = self._probed_names.get(tag)
             if self.strict or not earlier:
-                raise
+                wrapped = self._member_error(targets, tag, err)  # (a PairedModule's member)
+                if wrapped is err:
+                    raise
+                raise wrapped from err
             params = list(earlier)
 
         def rows(k: int) -> int:
@@ -1139,12 +1212,22 @@ class NTKSpectrumMonitor(Callback):
         return slice_batch(batch, slice(0, self.probe_size))
 
     # ------------------------------------------------------------------ probing
-    def _maybe_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+    def _maybe_probe(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, count: int
+    ) -> None:
+        """Probe, logged at ``step``, where the cadence count ``count`` (the logger step of an
+        uninterrupted run: :meth:`_count_offset`) hits a multiple of the cadence, and never
+        twice at one ``global_step`` (the same weights)."""
+        global_step = int(trainer.global_step)
+        if self._last_probe_global == global_step:
+            return
         every = self._resolved_every or 1
-        last = self.last_probe_step
-        if last is not None and step // every <= last // every:
+        last = self._last_probe_count
+        if last is not None and count // every <= last // every:
             return  # (a multiple of n crossed, not hit: the step may advance by more than one)
         self.last_probe_step = step
+        self._last_probe_count = count
+        self._last_probe_global = global_step
         t0 = time.perf_counter()
         try:
             self._probe_and_log(trainer, pl_module, step)
@@ -1309,13 +1392,14 @@ class NTKSpectrumMonitor(Callback):
             # (first: the budget and dtype below select the parameters too, outside the
             # containment; a filter that pruning emptied ended the fit there; review, session 28)
             try:
-                self._select(target, tag, name, step)
+                selected = self._select(target, tag, name, step, targets)
             except _ProbeFailure as err:
                 # That target only: a PairedModule's other side is still selected (its set
                 # change warned about), probed and logged (one side's filter stopping ended
                 # both series; re-review, session 28).
                 self._skip_note = " ".join(m for m in (self._skip_note, str(err)) if m)
                 continue
+            self._check_optimized(trainer, tag, name, selected)
             warm: Any = self._ritz.get(tag) if self.warm_start else None
             if warm is not None:
                 warm = warm.to(pl_module.device)
@@ -1461,9 +1545,16 @@ class NTKSpectrumMonitor(Callback):
             return f"<module {self._params_path or type(self.params).__qualname__}>"
         return stable_repr(self.params)
 
-    def _select(self, target: nn.Module, tag: str, name: str, step: int) -> None:
+    def _select(
+        self,
+        target: nn.Module,
+        tag: str,
+        name: str,
+        step: int,
+        targets: Mapping[str, nn.Module] | None = None,
+    ) -> dict[str, nn.Parameter]:
         """Select ``target``'s probed parameters (``params``) inside the probe's failure
-        containment, and compare them with the previous probe's selection.
+        containment, and compare them with the previous probe's selection; returns them.
 
         A filter that selected parameters at an earlier probe and now selects none (or fails:
         they were frozen, or renamed; a weight pruned by ``ModelPruning`` keeps its name) skips
@@ -1473,7 +1564,8 @@ class NTKSpectrumMonitor(Callback):
         that never selected is a configuration error and raises. Another set than the previous
         probe's (a backbone unfrozen by ``BackboneFinetuning``: only ``requires_grad`` parameters
         are probed) warns once per change, with the step and the numbers of tensors added and
-        removed.
+        removed. ``targets``: every probed module (a PairedModule's members), for the message of
+        a filter that selects nothing in one of them (:meth:`_member_error`).
         """
         from glu_probe.ntk.functional import select_parameters
 
@@ -1482,7 +1574,10 @@ class NTKSpectrumMonitor(Callback):
             selected = select_parameters(target, self.params)
         except Exception as err:
             if before is None or self.strict:
-                raise
+                wrapped = self._member_error(targets, tag, err)
+                if wrapped is err:
+                    raise
+                raise wrapped from err
             if tag in self._unmatched:
                 raise _ProbeFailure("") from err
             self._unmatched.add(tag)
@@ -1498,7 +1593,7 @@ class NTKSpectrumMonitor(Callback):
         names = [_unpruned_name(target, n) for n in selected]
         self._probed_names[tag] = names
         if before is None or set(names) == set(before):
-            return
+            return selected
         added = [n for n in names if n not in set(before)]
         removed = [n for n in before if n not in set(names)]
         rank_zero_warn(
@@ -1507,6 +1602,79 @@ class NTKSpectrumMonitor(Callback):
             f"{len(names)} now (only parameters with requires_grad=True are probed: a callback "
             "such as BackboneFinetuning that freezes or unfreezes them changes K): the logged "
             "series changes parameter set here",
+            category=NTKProbeWarning,
+        )
+        return selected
+
+    def _member_error(
+        self, targets: Mapping[str, nn.Module] | None, tag: str, err: BaseException
+    ) -> BaseException:
+        """The error of a ``params`` filter that selects nothing in one member of a
+        PairedModule, naming that member (the engine's own said "the model has no parameter
+        ... that matches", whichever member it was; review, session 29) and the way to a
+        filter that covers both naming schemes; ``err`` itself elsewhere (a plain module, or
+        another error than the engine's ValueError)."""
+        from glu_probe.ntk.functional import select_parameters
+
+        if not isinstance(err, ValueError) or targets is None or len(targets) < 2:
+            return err
+        roles = dict(zip(targets, ("model", "baseline"), strict=False))
+        role = roles.get(tag, tag)
+        target = targets[tag]
+        label = type(target).__name__ + ("" if tag == role else f", prefix {tag!r}")
+        others = []
+        for other, module in targets.items():
+            if other == tag:
+                continue
+            try:
+                n = len(select_parameters(module, self.params))
+            except Exception:
+                continue
+            others.append(f"{n} parameter tensor(s) of its {roles.get(other, other)}")
+        matched = f"; the filter selects {', '.join(others)}" if others else ""
+        # (the engine's text calls whatever it selects from "the model")
+        why = str(err).replace("the model has no", f"the {role} has no", 1)
+        return ValueError(
+            f"NTKSpectrumMonitor: params={self._filter_text()} selects nothing in the "
+            f"PairedModule's {role} ({label}{matched}): {why}. The two members may name their "
+            "layers differently (a swapped MLP's 'mlp' against BERT's 'intermediate.dense' and "
+            "'output.dense', say): pass a callable (name, p) -> bool filter, or a regular "
+            "expression that covers both naming schemes (params='re:...')."
+        )
+
+    def _check_optimized(
+        self, trainer: pl.Trainer, tag: str, name: str, selected: Mapping[str, nn.Parameter]
+    ) -> None:
+        """Warn once per fit and target (``NTKProbeWarning``) where probed parameters are held
+        by none of ``trainer.optimizers``' parameter groups (compared by identity), checked at
+        the target's first probe of the fit and where its probed set changes. Such parameters
+        never train: a module replaced after ``configure_optimizers`` (``swap_mlp`` in
+        ``on_fit_start``) leaves the optimizer stepping the old, detached ones, and the κ
+        series measured blocks that stayed at their initialization without a word (review,
+        session 29). The probe is not changed: K still includes them. Nothing is checked
+        without optimizers (manual optimization that configures none)."""
+        names = set(selected)
+        if self._optim_checked.get(tag) == names:
+            return
+        self._optim_checked[tag] = names
+        optimizers = list(getattr(trainer, "optimizers", None) or [])
+        if tag in self._optim_warned or not optimizers:
+            return
+        # (every optimizer: a PairedModule has one per member)
+        held = {id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]}
+        missing = [n for n, p in selected.items() if id(p) not in held]
+        if not missing:
+            return
+        self._optim_warned.add(tag)
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        rank_zero_warn(
+            f"NTKSpectrumMonitor: {len(missing)} of the {len(selected)} parameter tensor(s) "
+            f"probed in {name} are held by none of the trainer's optimizers ({missing[:3]}"
+            f"{more}): they are not trained by any optimizer. A module replaced after "
+            "configure_optimizers (e.g. swap_mlp in on_fit_start or on_train_start) leaves the "
+            "optimizer stepping the old, detached parameters: swap in __init__ or "
+            "configure_model. The probe still includes them in K (the κ series then measures "
+            "parameters that do not train).",
             category=NTKProbeWarning,
         )
 
