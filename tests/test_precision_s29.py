@@ -317,3 +317,77 @@ def test_probe_under_autocast_does_not_poison_later_probes():
     assert after.precision == fresh.precision == "float32"
     assert after.condition_number == fresh.condition_number
     assert math.isfinite(after.condition_number)
+
+
+def _qat_model() -> tuple[nn.Module, torch.Tensor]:
+    """A QAT-prepared net: fake-quantize ops (float32 only) whose observers update their
+    buffers in every forward, so the probe's samples are coupled (no per-sample rows)."""
+    from torch.ao.quantization import DeQuantStub, QuantStub, get_default_qat_qconfig, prepare_qat
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.dq = QuantStub(), DeQuantStub()
+            self.l1, self.act, self.l2 = nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.dq(self.l2(self.act(self.l1(self.q(x)))))
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = Net()
+        m.qconfig = get_default_qat_qconfig("fbgemm")
+        m.train()
+        prepare_qat(m, inplace=True)
+        x = torch.randn(8, 4)
+        m(x)
+    return m, x
+
+
+def _qat_truth(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """K = J Jᵀ of the pNTK rows from one float32 ``jacrev`` pass of a copy (its observers see
+    the probe batch once, as each probe pass does from the saved buffers), in float64."""
+    net = copy.deepcopy(m).eval()
+    names = [n for n, p in net.named_parameters()]
+    params = tuple(p.detach() for p in net.parameters())
+    buffers = dict(net.named_buffers())
+
+    def rows(*ps: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(
+            net, {**buffers, **dict(zip(names, ps, strict=True))}, (x,)
+        )
+        return out.sum(-1) / math.sqrt(out.shape[-1])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jac = torch.func.jacrev(rows, argnums=tuple(range(len(params))))(*params)
+    J = torch.cat([j.reshape(j.shape[0], -1) for j in jac], dim=1).double()
+    return J @ J.T
+
+
+def test_model_without_float64_kernels_on_coupled_samples():
+    """A QAT model: the exact path's float64 products fail ("expected scalar type Float but
+    found Double", torch's bare error before session 29, even with jacobian_dtype=float32),
+    and coupled samples leave no float32-rows fallback. ``method="dense"`` and ``ntk_matrix``
+    now say so and name the remedy; ``method="auto"`` takes the iterative path with a warning,
+    within its residuals of K from an explicit float32 Jacobian."""
+    from glu_probe.ntk import ntk_matrix
+    from glu_probe.ntk.dense import Float64UnavailableError
+
+    m, x = _qat_model()
+    K = _qat_truth(m, x)
+    ev = torch.linalg.eigvalsh(K)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Float64UnavailableError, match="method='lanczos'"):
+            ntk_spectrum(m, x, method="dense")
+        with pytest.raises(RuntimeError, match=r"dtype=torch\.float32"):
+            ntk_matrix(m, x)
+        K32 = ntk_matrix(m, x, dtype=torch.float32)
+    assert torch.allclose(K32.double(), K, rtol=1e-4, atol=1e-5 * float(ev[-1]))
+    with pytest.warns(RuntimeWarning, match="takes the iterative path"):
+        res = ntk_spectrum(m, x)
+    assert res.method == "lanczos"
+    assert abs(res.lambda_max - float(ev[-1])) <= res.residual_max
+    assert abs(res.lambda_min - float(ev[0])) <= res.residual_min

@@ -4,13 +4,14 @@ K = J Jᵀ with J the Jacobian of the probe rows (``"pntk"``, ``"full"`` or a ca
 to the selected trainable parameters. See ``docs/ntk.md`` for the math and the error bounds.
 """
 
-from .dense import ntk_matrix
+from .dense import Float64UnavailableError, ntk_matrix
 from .density import effective_rank, spectral_density
 from .functional import ProbeFunction
 from .operator import MatrixFreeUnavailableError, NTKOperator
 from .spectrum import NTKRankWarning, NTKSpectrum, WarmStart, ntk_spectrum
 
 __all__ = [
+    "Float64UnavailableError",
     "MatrixFreeUnavailableError",
     "NTKOperator",
     "NTKRankWarning",

@@ -42,7 +42,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +68,13 @@ __all__ = ["jacobian_rounding_estimate", "jacobian_rows", "ntk_matrix", "row_chu
 #: Safety factor c of the rounding estimate ‖E‖₂ ≤ ‖E‖_F ≈ c·u·‖J‖_F (see
 #: :func:`jacobian_rounding_estimate`); measured ‖E‖_F/‖J‖_F was 1.2–5.2 u on the demo models.
 ROUNDING_FACTOR = 16.0
+
+
+class Float64UnavailableError(RuntimeError):
+    """The exact path could not run: the model has no float64 kernel for some operation, and
+    the float32-rows fallback failed as well. That is the case where the samples are coupled
+    (the operator strategy, whose products run in K's dtype) or a kernel has neither dtype;
+    ``ntk_spectrum(method="auto")`` then takes the iterative path (float32 products)."""
 
 
 class DenseBudgetError(ValueError):
@@ -1209,6 +1216,29 @@ def ntk_matrix(
         return _narrowed_rows(probe, memory_budget, strategy, err)
 
 
+def raise_float64_unavailable(err: BaseException, err32: BaseException, remedy: str) -> NoReturn:
+    """Raise the error of an exact path that failed in float64 (``err``) and with float32
+    Jacobian rows (``err32``): both messages and the ``remedy``. Only the float64 error was
+    raised before (session 29: a QAT model's fake-quantize ops, float32-only, on coupled
+    samples gave torch's bare "expected scalar type Float but found Double", even with
+    ``jacobian_dtype=torch.float32``, whose rows the coupled samples' products do not use). A
+    ``NotImplementedError`` (no derivative rule, products that cannot be formed: a
+    :class:`~glu_probe.ntk.operator.MatrixFreeUnavailableError`) is not about the dtype and is
+    raised as it is."""
+    if isinstance(err, NotImplementedError):
+        raise err from None
+
+    def first(e: BaseException) -> str:
+        return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+    raise Float64UnavailableError(
+        f"the exact path failed in float64 ({first(err)}) and with float32 Jacobian rows "
+        f"({first(err32)}): the model has an operation without a float64 kernel, and where "
+        "its samples are coupled (train-mode BatchNorm, observers updating buffers, ...) K "
+        "comes from products in float64 whatever the rows' dtype; use " + remedy
+    ) from err
+
+
 def _may_narrow_rows(
     err: BaseException, dtype: torch.dtype, jacobian_dtype: torch.dtype | None
 ) -> bool:
@@ -1230,8 +1260,8 @@ def _narrowed_rows(
     does not run in float64; if that fails as well, the float64 error ``err`` is raised."""
     try:
         K = _assemble(probe, memory_budget, strategy, torch.float32)[0]
-    except Exception:
-        raise err from None
+    except Exception as err32:
+        raise_float64_unavailable(err, err32, "dtype=torch.float32 (a float32 K)")
     warnings.warn(
         f"ntk_matrix: the model does not run in float64 ({type(err).__name__}: "
         f"{str(err).splitlines()[0][:200]}); K used float32 Jacobian rows (mixed precision: K "

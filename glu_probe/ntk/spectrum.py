@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from .._warnings import external_stacklevel
 from .dense import (
     DenseBudgetError,
+    Float64UnavailableError,
     _assemble,
     _available_bytes,
     _budget,
@@ -68,6 +69,7 @@ from .dense import (
     forward_rounding_dtype,
     forward_traced,
     jacobian_rounding_estimate,
+    raise_float64_unavailable,
 )
 from .density import effective_rank as _effective_rank
 from .density import slq_density, slq_effective_rank
@@ -621,6 +623,20 @@ def ntk_spectrum(
             )
             warn_narrowed(model, jacobian_dtype, "ntk_spectrum: jacobian_dtype")
             return result
+        except Float64UnavailableError as err:
+            # (no float64 kernel, and the float32-rows fallback failed too: the iterative
+            # path's float32 products still run; a QAT model's fake-quantize ops on coupled
+            # samples, session 29)
+            if not auto:
+                raise
+            warnings.warn(
+                f"ntk_spectrum: {str(err)[:400]} — method='auto' takes the iterative path "
+                "(method='lanczos') instead",
+                RuntimeWarning,
+                stacklevel=external_stacklevel(),
+            )
+            method = "lanczos"
+            auto = False
         except DenseBudgetError:
             # auto's estimate (K and four parameter vectors) is below the dense path's floor
             # (K's eigendecomposition beside K, one product's activations, the probe's copies):
@@ -784,8 +800,10 @@ def _dense(
             raise
         try:
             K, rows_dtype = _assemble(probe, memory_budget, "auto", torch.float32, reserve)
-        except Exception:
-            raise err from None
+        except Exception as err32:
+            raise_float64_unavailable(
+                err, err32, "method='lanczos' (float32 products, its own bounds)"
+            )
         warnings.warn(
             f"ntk_spectrum: the model does not run in float64 ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:200]}); the dense path used float32 Jacobian rows "
