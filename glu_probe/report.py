@@ -5,9 +5,16 @@ Works on any run that used the glu-probe callbacks, with or without :class:`Pair
 * :func:`load_run` finds every directory under ``run_dir`` that holds ``events.out.tfevents.*``
   files (a *sub-run*: e.g. ``runs/demo/vit/version_0``) and reads all its scalars and histograms
   with TensorBoard's own ``EventAccumulator`` (no sampling: ``size_guidance`` 0 keeps every event).
-  A run resumed into the same folder writes a second event file: the events of an earlier file
-  at or after the first step of a later one (written after it) are orphans of the crashed run
-  and are dropped, as TensorBoard does on a restart.
+  A run resumed into the same folder writes a second event file, and the crashed run's events
+  from the restart step on are orphans, dropped (with a warning naming the file and the step).
+  Where the resumed run wrote TensorBoard's restart marker (a ``SessionLog.START`` event at
+  its step) that step is exact, as in TensorBoard. Lightning and torch's ``SummaryWriter``
+  write none, and the restart step is then taken to be the first training step of a later
+  ``fit``'s file (written after the earlier one's last event): an orphan between the
+  checkpoint's step and that first logged step (a crossing the crashed run confirmed there)
+  is kept. Files of ``validate()``/``test()`` calls (one step) neither restart a run nor are
+  dropped, and a file that would be dropped whole is kept, with a warning (the writers' clocks,
+  which order the files, are then in doubt).
 * :func:`summarize` turns each sub-run into table rows, one per trained network (``model`` and
   ``baseline`` of a paired run, or the single network of a plain run): the NTK condition number
   κ = λ_max/λ_min at the first and last probe, the loss-crossing steps, and the last logged
@@ -185,30 +192,75 @@ def _display_names(root: Path, dirs: Sequence[Path]) -> dict[Path, str]:
 #: ``hp_metric`` at step 0 in every run, a resumed one included.
 _NOT_RESTART = {"hp_metric"}
 
+#: Tags only a fit writes: a train loss or metric (``train_loss``, ``model/train_loss_step``,
+#: ``train/acc``, ``gap/train/loss``) and the training-time monitors' series (loss crossings,
+#: NTK probes).
+_TRAIN_TAG = re.compile(r"(?:^|/)train[_/]|^(?:crossing|ntk)/")
+
+#: Tags glu-probe's monitors log at the global step, without Lightning's ``epoch``.
+_MONITOR_TAG = re.compile(r"^(?:crossing|ntk|gap)/")
+
 
 @dataclass
 class _EventFile:
-    """The scalars and histograms of one event file: the wall time of its first event
-    (``started``), and the first and last wall times and the first step of its data other than
-    :data:`_NOT_RESTART` (``nan``/``None`` where it holds none)."""
+    """The scalars and histograms of one event file ``name``: the wall time of its first event
+    (``started``); the first and last wall times of its data other than :data:`_NOT_RESTART`
+    (``nan`` where it holds none); its first training step (``first_step``; ``None`` where it
+    has none) and whether it was written by a fit (``trains``, see :func:`_read_event_file`);
+    and the steps of its TensorBoard restart markers (``restarts``: ``SessionLog.START``)."""
 
+    name: str
     scalars: dict[str, list[tuple[int, float]]]
     histograms: dict[str, list[HistogramSnapshot]]
     started: float = math.inf
     first_wall: float = math.nan
     last_wall: float = math.nan
     first_step: int | None = None
+    trains: bool = False
+    restarts: list[int] = field(default_factory=list)
+
+
+def _accumulator(path: Path) -> tuple[Any, list[tuple[int, float]]]:
+    """TensorBoard's ``EventAccumulator`` for one file, keeping every event (``size_guidance``
+    0; the default reservoir-samples long runs), and the ``(step, wall time)`` of the
+    ``SessionLog.START`` events it met: the accumulator acts on them (it purges the file's own
+    earlier events at or after that step) but does not hand them out."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.compat.proto import event_pb2
+
+    starts: list[tuple[int, float]] = []
+
+    class _Accumulator(EventAccumulator):
+        def _ProcessEvent(self, event: Any) -> None:  # (TensorBoard's hook: every event)
+            if (
+                event.HasField("session_log")
+                and event.session_log.status == event_pb2.SessionLog.START
+            ):
+                starts.append((int(event.step), float(event.wall_time)))
+            super()._ProcessEvent(event)
+
+    acc = _Accumulator(str(path), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return acc, starts
 
 
 def _read_event_file(path: Path) -> _EventFile:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """One event file's events, and what tells whether it is a fit (re)started at a step.
 
-    # size_guidance 0 = keep every event (the default reservoir-samples long runs).
-    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "histograms": 0})
-    acc.Reload()
+    Lightning writes one event file per Trainer call (``validate``, ``fit``, ``test``: each
+    opens the logger's writer anew). Every ``self.log`` it writes at the global step comes
+    with an ``epoch`` scalar at that step; a ``validate``/``test`` call logs at one global step
+    (its epoch-end values and ``epoch``), and its ``on_step=True`` values (``val_loss_step``)
+    at its own batch index, not at a global step. So in a Lightning file (one with ``epoch``)
+    the training steps are those of ``epoch``, of the monitors' own tags and of the
+    histograms, and a file is a fit's where it has two or more of them or a tag only a fit
+    writes (:data:`_TRAIN_TAG`; a fit that crashed after one log). Elsewhere (a plain
+    ``SummaryWriter``) every step but :data:`_NOT_RESTART`'s counts."""
+    acc, starts = _accumulator(path)
     tags = acc.Tags()
-    out = _EventFile(scalars={}, histograms={})
-    walls: list[float] = []
+    out = _EventFile(name=path.name, scalars={}, histograms={})
+    out.restarts = [step for step, _ in starts]
+    walls = [wall for _, wall in starts]
     steps: list[int] = []
     for tag in tags.get("scalars", []):
         events = acc.Scalars(tag)
@@ -216,7 +268,6 @@ def _read_event_file(path: Path) -> _EventFile:
         out.started = min([out.started] + [float(ev.wall_time) for ev in events])
         if tag not in _NOT_RESTART:
             walls += [float(ev.wall_time) for ev in events]
-            steps += [int(ev.step) for ev in events]
     for tag in tags.get("histograms", []):
         snaps = []
         for hev in acc.Histograms(tag):
@@ -234,57 +285,126 @@ def _read_event_file(path: Path) -> _EventFile:
             walls.append(float(hev.wall_time))
             steps.append(int(hev.step))
         out.histograms[tag] = snaps
+    lightning = "epoch" in out.scalars
+    for tag, pairs in out.scalars.items():
+        if tag not in _NOT_RESTART and (not lightning or tag == "epoch" or _MONITOR_TAG.match(tag)):
+            steps += [step for step, _ in pairs]
     if walls:
-        out.first_wall, out.last_wall, out.first_step = min(walls), max(walls), min(steps)
+        out.first_wall, out.last_wall = min(walls), max(walls)
         out.started = min(out.started, out.first_wall)
+    if steps:
+        out.first_step = min(steps)
+    names = set(out.scalars) | set(out.histograms)
+    out.trains = len(set(steps)) >= 2 or any(_TRAIN_TAG.search(t) for t in names)
     return out
 
 
-def _restart_cutoffs(files: Sequence[_EventFile]) -> list[float]:
+def _restart_cutoffs(
+    files: Sequence[_EventFile],
+) -> tuple[list[float], list[tuple[str, int, int]]]:
     """For each file (in the order they were written), the step from which its events are
-    orphans: the first step of a later file that began after this one's last event (a run
-    resumed, after a crash, from an earlier checkpoint into the same folder). A later file that
-    overlaps it in time is another writer of the same run, not a restart, and purges nothing."""
-    cutoffs = []
+    orphans of a crashed run, and the files whose purge was refused as ``(file, its first
+    step, the cutoff)``.
+
+    * A ``SessionLog.START`` marker at step s in a later file is TensorBoard's own restart
+      record: every event of an earlier file at step ≥ s is an orphan (EventAccumulator's
+      ``_CheckForRestartAndMaybePurge``, across the files of a folder). Exact.
+    * Without one, the restart step is never recorded (Lightning and torch's SummaryWriter
+      write no marker), and the first training step of a later fit that began after this
+      file's last event stands for it (a run resumed from an earlier checkpoint into the same
+      folder). Only fits count, both ways: a ``validate()``/``test()`` call (one step) is no
+      restart, and its values are no crashed run's (a validation at step 0 before ``fit`` was
+      dropped as the fit started at 0; re-review, session 29). A later file that overlaps it in
+      time is another writer of the same run, not a restart. The first logged step can trail
+      the checkpoint's: an orphan between the two (a crossing the crashed run confirmed at 27,
+      a resume from 25 that first logs at 29) is kept.
+    * A guessed cutoff at or below the file's own first step would drop the whole file: the
+      order of the files (the writers' clocks) is then what is in doubt (a resumed run on a
+      host whose clock is behind sorts first), so nothing of it is dropped and the later
+      writes win per step, as without the purge; the caller warns.
+    """
+    cutoffs: list[float] = []
+    refused: list[tuple[str, int, int]] = []
     for i, f in enumerate(files):
-        later = [
+        later = files[i + 1 :]
+        marked = [s for g in later for s in g.restarts]
+        guessed = [
             g.first_step
-            for g in files[i + 1 :]
-            if g.first_step is not None and g.first_wall >= f.last_wall
+            for g in later
+            if not g.restarts
+            and g.trains
+            and g.first_step is not None
+            and g.first_wall >= f.last_wall
         ]
-        cutoffs.append(float(min(later)) if later else math.inf)
-    return cutoffs
+        if not f.trains or f.first_step is None:
+            guessed = []
+        elif guessed and min(guessed) <= f.first_step:
+            refused.append((f.name, f.first_step, min(guessed)))
+            guessed = []
+        cutoffs.append(float(min(marked + guessed)) if marked or guessed else math.inf)
+    return cutoffs, refused
 
 
 def _read_dir(path: Path, name: str) -> SubRun:
     # One event file at a time: a run resumed into the same folder writes a new file from its
     # checkpoint's step on, and the crashed run's events at or after that step (a crossing it
     # confirmed, its κ probes) are orphans that no later write replaces. TensorBoard purges them
-    # only on a SessionLog START event (EventAccumulator's purge_orphaned_data), which
-    # torch's SummaryWriter and Lightning never write, and its out-of-order fallback (event files
-    # before version 2 only) purges per tag; so the files are ordered by their first event's
-    # wall time and the purge done here, TensorBoard's rule for a START at the later file's
-    # first step.
+    # on a SessionLog START event (EventAccumulator's purge_orphaned_data) in the stream of the
+    # folder's files; read one file at a time, the markers are applied here
+    # (_restart_cutoffs), and so is a guess for runs that write none (torch's SummaryWriter
+    # and Lightning write none). Files are ordered by their first event's wall time.
     files = sorted(
         (f for f in path.iterdir() if f.is_file() and _EVENT_FILE.match(f.name)),
         key=lambda f: f.name,
     )
     parsed = sorted(map(_read_event_file, files), key=lambda e: e.started)  # (stable: by name)
-    cutoffs = _restart_cutoffs(parsed)
+    cutoffs, refused = _restart_cutoffs(parsed)
     sub = SubRun(name=name, path=path)
     by_step: dict[str, dict[int, float]] = {}
     hist_by_step: dict[str, dict[int, HistogramSnapshot]] = {}
+    purged: list[str] = []
     for event_file, cutoff in zip(parsed, cutoffs, strict=True):
+        dropped = 0
         for tag, pairs in event_file.scalars.items():
             kept = by_step.setdefault(tag, {})
             for step, value in pairs:
                 if step < cutoff:
                     kept[step] = value  # a rewritten step (resume) keeps the last
+                else:
+                    dropped += 1
         for tag, snaps in event_file.histograms.items():
             hkept = hist_by_step.setdefault(tag, {})
             for snap in snaps:
                 if snap.step < cutoff:
                     hkept[snap.step] = snap
+                else:
+                    dropped += 1
+        if dropped:
+            total = sum(map(len, event_file.scalars.values())) + sum(
+                map(len, event_file.histograms.values())
+            )
+            purged.append(
+                f"{event_file.name}: {dropped} of {total} events at step >= {int(cutoff)}"
+            )
+    # Never silently: a purge hides data, and a wrong one (a misread restart) hides real data.
+    if purged:
+        warnings.warn(
+            f"report: sub-run {name!r} holds the events of a run that was resumed into the "
+            "same folder; the crashed run's events from the restart step on are dropped as "
+            "orphans (" + "; ".join(purged) + ")",
+            UserWarning,
+            stacklevel=external_stacklevel(),
+        )
+    if refused:
+        shown = "; ".join(f"{n} (first step {s}, restart at {c})" for n, s, c in refused)
+        warnings.warn(
+            f"report: sub-run {name!r}: a later event file restarts at or before the first "
+            f"step of an earlier one, which would drop that file whole: {shown}. The files' "
+            "order (their writers' clocks) is in doubt, so none of it is dropped, and where two "
+            "files log the same step the one whose events start later wins",
+            UserWarning,
+            stacklevel=external_stacklevel(),
+        )
     # (a tag whose every event was an orphan is not there: it would count as logged)
     for tag, kept in by_step.items():
         if kept:
@@ -360,6 +480,20 @@ def _sides(sub: SubRun) -> list[str]:
         return any(side.fullmatch(t) for t in tags) or f"ntk/{prefix}/condition_number" in tags
 
     prefixes = [_side_prefix(sub, s) for s in ("model", "baseline")]
+    if sub.prefixes and not any(present(p) for p in prefixes):
+        # pair.json's prefixes name nothing logged (a renamed prefix, a pair.json copied from
+        # another run): it showed as one "(single) nan" row without a word (re-review, session
+        # 29). The tags are read as without its prefixes; its labels still name the sides.
+        warnings.warn(
+            f"report: sub-run {sub.name!r}: pair.json names the prefixes {prefixes}, but no "
+            "loss or condition number is logged under either (e.g. "
+            f"{prefixes[0]}/train_loss, ntk/{prefixes[0]}/condition_number); its prefixes "
+            "are ignored and the sides found in the tags, as without a pair.json",
+            UserWarning,
+            stacklevel=external_stacklevel(),
+        )
+        sub.prefixes = {}
+        prefixes = [_side_prefix(sub, s) for s in ("model", "baseline")]
     if all(present(p) for p in prefixes) or (
         not sub.prefixes and any(present(p) for p in prefixes)
     ):
@@ -396,8 +530,8 @@ def _sides(sub: SubRun) -> list[str]:
     )
     if len(found) == 2 and not sub.prefixes:
         warnings.warn(
-            f"report: sub-run {sub.name!r} logs the paired prefixes {found} and has no pair.json "
-            f"naming them; {found[0]!r} is taken as the model (GLU) side, so crossing arrows "
+            f"report: sub-run {sub.name!r} logs the paired prefixes {found} and no pair.json "
+            f"names them; {found[0]!r} is taken as the model (GLU) side, so crossing arrows "
             "assume that. Write model_prefix / baseline_prefix into its pair.json to fix the "
             "order",
             UserWarning,

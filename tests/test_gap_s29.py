@@ -184,3 +184,189 @@ def test_training_subset_goes_through_the_loops_order_of_cast_and_hooks():
     val = float(trainer.callback_metrics["gap/val/loss"])
     assert train == val
     assert float(trainer.callback_metrics["gap/loss"]) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Re-review, session 29: the monitor's evaluations left the user's torchmetrics state updated
+# --------------------------------------------------------------------------------------------
+
+
+class _Metered(pl.LightningModule):
+    """The usual pattern: the loss hook updates torchmetrics metrics by calling them and logs
+    them per epoch (an accuracy, and a MetricCollection whose precision and recall share one
+    compute group's states)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchmetrics import MetricCollection
+        from torchmetrics.classification import (
+            MulticlassAccuracy,
+            MulticlassPrecision,
+            MulticlassRecall,
+        )
+
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        self.train_acc = MulticlassAccuracy(num_classes=3)
+        self.train_pr = MetricCollection(
+            {"train_prec": MulticlassPrecision(num_classes=3), "train_rec": MulticlassRecall(3)}
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+    def compute_loss(self, batch):
+        x, y = batch
+        logits = self(x)
+        self.train_acc(logits, y)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        self.train_pr(logits, y)
+        self.log_dict(self.train_pr, on_step=False, on_epoch=True)
+        return F.cross_entropy(logits, y)
+
+    def training_step(self, batch, i):
+        return self.compute_loss(batch)
+
+    def validation_step(self, batch, i):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _metered_fit(tmp_path: Path, tag: str, callbacks: list):
+    pl.seed_everything(0, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+    Xv, Yv = torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+    model = _Metered()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=callbacks,
+        logger=CSVLogger(tmp_path / tag, name=""),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        val_check_interval=4,  # (mid-epoch: the metrics hold half an epoch at each validation)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(
+            model,
+            DataLoader(TensorDataset(X, Y), batch_size=8),
+            DataLoader(TensorDataset(Xv, Yv), batch_size=16),
+        )
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return model, trainer, rows, params
+
+
+def test_gap_evaluations_leave_the_users_torchmetrics_state_alone(tmp_path):
+    """Per-epoch ``train_acc``/``train_prec``/``train_rec`` logged from the loss hook are the
+    run without the monitor's, exactly (the monitor's training-subset and validation batches
+    went into them: 0.3249 for 0.3421); the weights are bit-identical."""
+    _, t0, rows0, p0 = _metered_fit(tmp_path, "base", [])
+    _, t1, rows1, p1 = _metered_fit(tmp_path, "gap", [GeneralizationGapMonitor()])
+    assert torch.equal(p0, p1)
+    assert "gap/loss" in t1.callback_metrics  # (the monitor did evaluate)
+    for key in ("train_acc", "train_prec", "train_rec"):
+        base = [(r["epoch"], r[key]) for r in rows0 if r.get(key)]
+        assert len(base) == 2, key
+        assert [(r["epoch"], r[key]) for r in rows1 if r.get(key)] == base, key
+        assert float(t1.callback_metrics[key]) == float(t0.callback_metrics[key]), key
+
+
+def _metric_zoo():
+    """Metrics of every kind of state: tensor sums, a compute group sharing state objects, a
+    list (cat) state, and a metric that updates its full state in ``forward``."""
+    from torchmetrics import MeanMetric, Metric, MetricCollection
+    from torchmetrics.aggregation import CatMetric
+    from torchmetrics.classification import MulticlassPrecision, MulticlassRecall
+
+    class _FullState(Metric):
+        full_state_update = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_state("total", torch.zeros(2), dist_reduce_fx="sum")
+
+        def update(self, x: torch.Tensor) -> None:
+            self.total += torch.stack([x.sum(), (x * x).sum()])  # (in place)
+
+        def compute(self) -> torch.Tensor:
+            return self.total.clone()
+
+    class _Holder(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mean = MeanMetric()
+            self.cat = CatMetric()
+            self.full = _FullState()
+            self.pr = MetricCollection(
+                {"p": MulticlassPrecision(num_classes=3), "r": MulticlassRecall(num_classes=3)}
+            )
+            self.inner = nn.ModuleDict({"m": MeanMetric()})
+
+        def feed(self, x: torch.Tensor, y: torch.Tensor) -> None:
+            self.mean(x)
+            self.cat(x)
+            self.full(x)
+            self.pr.update(torch.stack([x, -x, x * x], dim=1), y)  # (compute groups: update)
+            self.inner["m"].update(2 * x)
+
+        def results(self) -> list[torch.Tensor]:
+            out = [self.mean.compute(), self.cat.compute(), self.full.compute()]
+            out += [v for _, v in sorted(self.pr.compute().items())]
+            return [*out, self.inner["m"].compute()]
+
+    return _Holder()
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_user_state_kept_gives_every_metric_its_state_back(inference):
+    """Against a twin that never saw the monitor's batches (a deep copy fed the same user
+    batches): after ``_user_state_kept`` the metrics compute, and go on accumulating, exactly as
+    the twin's. Under inference mode (Lightning's validation) the states given back still take
+    the next training step's in-place updates."""
+    import copy
+
+    from glu_probe.callbacks._gap_trainer import _logging_silenced, _user_state_kept
+
+    assert _logging_silenced is _user_state_kept  # (the former name still imports)
+    g = torch.Generator().manual_seed(3)
+    batches = [
+        (torch.randn(8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(6)
+    ]
+    m = _metric_zoo()
+    for x, y in batches[:2]:
+        m.feed(x, y)
+    twin = copy.deepcopy(m)
+    kept_state = m.mean.mean_value
+    mode = torch.inference_mode() if inference else torch.no_grad()
+    with mode, _user_state_kept(m):
+        for x, y in batches[2:4]:  # the monitor's evaluations
+            m.feed(x * 10, y)
+        m.mean.compute()
+    assert m.mean.mean_value is kept_state  # (not changed in place: the object itself is back)
+    # the compute group still shares its states (precision's and recall's are one object; a
+    # compute(), or coll["p"], copies them until the next update)
+    for coll in (m.pr, twin.pr):
+        p, r = coll._modules["p"], coll._modules["r"]
+        assert all(getattr(p, s) is getattr(r, s) for s in p._defaults)
+    for a, b in zip(m.results(), twin.results(), strict=True):
+        assert torch.equal(a, b)
+    for x, y in batches[4:]:  # the user's next steps, outside any mode
+        m.feed(x, y)
+        twin.feed(x, y)
+    for a, b in zip(m.results(), twin.results(), strict=True):
+        assert torch.equal(a, b)
+    # a DDP sync (a world of one: the gather returns the rank's own state) after the restore
+    for metric in (m.mean, m.cat, m.full):
+        metric.sync(dist_sync_fn=lambda t, group=None: [t], distributed_available=lambda: True)
+        assert metric._is_synced
+        metric.unsync()
+    for a, b in zip(m.results(), twin.results(), strict=True):
+        assert torch.equal(a, b)
+    assert m.full._update_count == twin.full._update_count == 4

@@ -353,3 +353,300 @@ def test_identical_seeds_print_the_value_and_no_round_off_spread():
     assert agg[0]["train_loss_mean"] == 0.1 and agg[0]["train_loss_std"] == 0.0
     table = format_seed_table(agg)
     assert "| 0.1 ± 0 | 0.1 ± 0 | +0.1000 ± 0 |" in table
+
+
+# --------------------------------------------------------------------------------------------
+# Re-review, session 29: the restart purge
+# --------------------------------------------------------------------------------------------
+
+
+def _purge_warnings(caught) -> list[str]:
+    return [str(x.message) for x in caught if "dropped as orphans" in str(x.message)]
+
+
+class _Logged:
+    """A tiny LightningModule (made lazily: Lightning imports only where a test trains)."""
+
+    @staticmethod
+    def make(spike_at: int | None = None):
+        import lightning.pytorch as pl
+        from torch import nn
+
+        class _M(pl.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.lin = nn.Linear(4, 1)
+                self.spike_at = spike_at
+
+            def training_step(self, batch, i):
+                x, y = batch
+                loss = ((self.lin(x) - y) ** 2).mean()
+                self.log("train_loss", loss)
+                if self.global_step == self.spike_at:
+                    self.log("spike", 1.0)  # (the crashed run's only)
+                return loss
+
+            def validation_step(self, batch, i):
+                x, y = batch
+                loss = ((self.lin(x) - y) ** 2).mean()
+                self.log("val_loss", loss)
+                self.log("val_batch", loss, on_step=True, on_epoch=False)  # (at its batch index)
+
+            def test_step(self, batch, i):
+                x, y = batch
+                self.log("test_loss", ((self.lin(x) - y) ** 2).mean())
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.05)
+
+        return _M()
+
+
+def _loaders():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    y = x.sum(1, keepdim=True)
+    return (
+        DataLoader(TensorDataset(x, y), batch_size=8),
+        DataLoader(TensorDataset(x, y), batch_size=16),
+    )
+
+
+def _trainer(root: Path, max_steps: int, callbacks=()):
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return pl.Trainer(
+        max_steps=max_steps,
+        logger=TensorBoardLogger(str(root), name="r", version="v"),
+        callbacks=list(callbacks),
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+
+
+class _Values:
+    """Lightning's own values of a key after each validation / test (not read from the logs)."""
+
+    def __init__(self) -> None:
+        import lightning.pytorch as pl
+
+        outer = self
+        self.seen: list[float] = []
+
+        class _CB(pl.Callback):
+            def on_validation_end(self, trainer, pl_module):
+                outer.seen.append(float(trainer.callback_metrics["val_loss"]))
+
+        self.callback = _CB()
+
+
+def test_validate_and_test_calls_are_no_restart_and_not_purged(tmp_path: Path):
+    """``validate()`` before ``fit``, ``test()`` after it, then the fit continued from its
+    checkpoint, one logger folder (four event files): every validation's ``val_loss`` and the
+    test's value are reported. Before the fix the validate call's step-0 value was dropped as an
+    orphan of the fit starting at 0, and the continued fit's ``val_batch`` (logged at its
+    validation batch index, 0..3) made it 'restart' at step 0 and purge the first fit."""
+    train, val = _loaders()
+    torch.manual_seed(0)
+    model = _Logged.make()
+    values = _Values()
+    t1 = _trainer(tmp_path, 16, [values.callback])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t1.validate(model, val, verbose=False)
+        t1.fit(model, train, val)
+        t1.test(model, val, verbose=False)
+        test_value = float(t1.callback_metrics["test_loss"])
+        t1.save_checkpoint(tmp_path / "c.ckpt")
+        t2 = _trainer(tmp_path, 24, [values.callback])
+        t2.fit(model, train, val, ckpt_path=str(tmp_path / "c.ckpt"))
+    folder = tmp_path / "r" / "v"
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 4
+    assert len(values.seen) >= 4  # validate, two in the first fit, the continued fit's
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sub = load_run(tmp_path).subruns["r/v"]
+    assert _purge_warnings(caught) == []
+    got = sub.scalars["val_loss"]
+    assert got.steps[0] == 0
+    np.testing.assert_array_equal(got.values, _f32(np.array(values.seen)))
+    assert sub.scalars["test_loss"].values.tolist() == [float(np.float32(test_value))]
+    steps = sub.scalars["train_loss"].steps.tolist()
+    assert steps[:16] == list(range(16)) and steps[-1] >= 23  # both fits, nothing dropped
+
+
+def test_crashed_lightning_fit_resumed_drops_its_orphans(tmp_path: Path):
+    """A fit crashes at step 12 after a checkpoint at step 8 and logged ``spike`` at 10; the run
+    resumed from step 8 (same folder) logs its validation's ``val_batch`` at batch indices 0..3:
+    the restart is its first training step (8; 7 under Lightning 2.4, which logs the batch
+    that made the checkpoint again), not 0. The crashed run's ``spike`` and its ``train_loss``
+    from there on are dropped, with one warning naming its file and that step."""
+    import lightning.pytorch as pl
+
+    class _Crash(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 8:
+                trainer.save_checkpoint(tmp_path / "c.ckpt")
+            if trainer.global_step == 12:
+                raise RuntimeError("crash")
+
+    train, val = _loaders()
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="crash"):
+            _trainer(tmp_path, 30, [_Crash()]).fit(_Logged.make(spike_at=10), train, val)
+        time.sleep(0.05)
+        torch.manual_seed(1)  # (other weights: the resumed run's values are told apart)
+        resumed = _Logged.make()
+        _trainer(tmp_path, 24).fit(resumed, train, val, ckpt_path=str(tmp_path / "c.ckpt"))
+    files = sorted((tmp_path / "r" / "v").glob("events.out.tfevents.*"))
+    assert len(files) == 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    per_file = {}
+    for f in files:  # each file as written, read on its own (the truth to compare with)
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
+        per_file[f.name] = {t: {e.step: e.value for e in acc.Scalars(t)} for t in tags}
+    crashed, resumed_file = (per_file[f.name] for f in files)
+    restart = min(resumed_file["train_loss"])
+    assert 10 in crashed["spike"] and max(crashed["train_loss"]) >= 10
+    assert min(resumed_file["val_batch"]) == 0 and 7 <= restart <= 8
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sub = load_run(tmp_path).subruns["r/v"]
+    assert "spike" not in sub.scalars
+    loss = sub.scalars["train_loss"]
+    expected = {s: v for s, v in crashed["train_loss"].items() if s < restart}
+    expected.update(resumed_file["train_loss"])
+    assert loss.steps.tolist() == sorted(expected)
+    np.testing.assert_array_equal(loss.values, [expected[s] for s in sorted(expected)])
+    (said,) = _purge_warnings(caught)
+    assert files[0].name in said and f"step >= {restart})" in said
+
+
+def _start_marker(writer: SummaryWriter, step: int) -> None:
+    """TensorBoard's restart record: a ``SessionLog.START`` event at ``step``."""
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    writer._get_file_writer().add_event(
+        Event(step=step, session_log=SessionLog(status=SessionLog.START))
+    )
+
+
+@pytest.mark.parametrize("marker", [True, False])
+def test_restart_marker_purges_from_its_step(tmp_path: Path, marker: bool):
+    """Crashed run: train losses at 9, 19, 29 (``log_every_n_steps=10``) and a crossing it
+    confirmed at 27; resumed from the step-25 checkpoint, first logging at 29. With the resumed
+    run's ``SessionLog.START`` at 25 (as TensorBoard reads it) the crossing at 27 is an orphan
+    and dropped. Without it the restart is taken at the first logged step, 29, and the crossing
+    is kept (the documented limit)."""
+    folder = tmp_path / "pair"
+    w = SummaryWriter(str(folder))
+    for s in (9, 19, 29):
+        w.add_scalar("model/train_loss", 1.0 - s / 100, s)
+    w.add_scalar("crossing/event", 1.0, 27)
+    w.close()
+    time.sleep(0.05)
+    w = SummaryWriter(str(folder))
+    if marker:
+        _start_marker(w, 25)
+    for s in range(29, 100, 10):
+        w.add_scalar("model/train_loss", 2.0 - s / 100, s)
+    w.close()
+    crashed = sorted(folder.glob("events.out.tfevents.*"))[0].name
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sub = load_run(tmp_path).subruns["pair"]
+    loss = sub.scalars["model/train_loss"]
+    assert loss.steps.tolist() == [9, 19, *range(29, 100, 10)]
+    np.testing.assert_allclose(
+        loss.values, _f32(np.array([0.91, 0.81] + [2.0 - s / 100 for s in range(29, 100, 10)]))
+    )
+    (said,) = _purge_warnings(caught)
+    assert crashed in said
+    if marker:
+        assert "crossing/event" not in sub.scalars
+        assert "2 of 4 events at step >= 25" in said
+    else:
+        assert sub.scalars["crossing/event"].steps.tolist() == [27]
+        assert "1 of 4 events at step >= 29" in said
+
+
+def test_two_restarts_warn_once_naming_both_files(tmp_path: Path):
+    """Run A logs 0..49, crashes; B resumes from 30 (30..79), crashes; C resumes from 60. Kept:
+    A below 30, B from 30 below 60, C from 60; one warning for the folder, naming A (at 30) and
+    B (at 60)."""
+    folder = tmp_path / "run"
+    for k, (lo, hi) in enumerate([(0, 50), (30, 80), (60, 100)]):
+        w = SummaryWriter(str(folder), filename_suffix=f".{k}")
+        for s in range(lo, hi):
+            w.add_scalar("train_loss", float(k), s)
+        w.close()
+        time.sleep(0.05)
+    names = sorted(f.name for f in folder.glob("events.out.tfevents.*"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = load_run(tmp_path).subruns["run"].scalars["train_loss"]
+    assert loss.steps.tolist() == list(range(100))
+    assert loss.values.tolist() == [0.0] * 30 + [1.0] * 30 + [2.0] * 40
+    (said,) = _purge_warnings(caught)
+    a, b = (n for n in names if n.endswith((".0", ".1")))
+    assert f"{a}: 20 of 50 events at step >= 30" in said
+    assert f"{b}: 20 of 50 events at step >= 60" in said
+
+
+def test_resume_from_a_host_with_a_slower_clock_is_not_purged_whole(tmp_path: Path):
+    """Crash at 150, resume from 100 on a host whose clock is an hour behind: the resumed file
+    sorts first, and the crashed run's start at 0 would drop it whole. Nothing is dropped, with
+    a warning naming it; where both log a step the file whose events start later wins."""
+    folder = tmp_path / "run"
+    t0 = 1.8e9
+    w = SummaryWriter(str(folder), filename_suffix=".a")
+    for s in range(151):
+        w.add_scalar("train_loss", 1.0, s, walltime=t0 + s)
+    w.close()
+    w = SummaryWriter(str(folder), filename_suffix=".b")
+    for s in range(100, 200):
+        w.add_scalar("train_loss", 2.0, s, walltime=t0 - 3600 + s)
+    w.close()
+    resumed = next(f.name for f in folder.glob("events.out.tfevents.*") if f.name.endswith(".b"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = load_run(tmp_path).subruns["run"].scalars["train_loss"]
+    assert loss.steps.tolist() == list(range(200))
+    assert loss.values.tolist() == [1.0] * 151 + [2.0] * 49
+    said = [str(x.message) for x in caught if "would drop that file whole" in str(x.message)]
+    assert len(said) == 1 and f"{resumed} (first step 100, restart at 0)" in said[0]
+    assert _purge_warnings(caught) == []
+
+
+def test_pair_json_whose_prefixes_match_nothing_falls_back_to_the_tags(tmp_path: Path):
+    """pair.json names the prefixes glu/mlp; the logs hold model/ and baseline/. It gave one
+    silent "(single) nan" row; now a warning, and the two sides found in the tags (with
+    pair.json's labels)."""
+    folder = tmp_path / "pair"
+    a = 1.0 / (np.arange(60) + 1)
+    _write_pair(folder, a, 1.2 * a)
+    meta = {
+        "labels": {"model": "GLU", "baseline": "MLP"},
+        "model_prefix": "glu",
+        "baseline_prefix": "mlp",
+    }
+    (folder / "pair.json").write_text(json.dumps(meta))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = summarize(load_run(tmp_path))
+    said = [str(x.message) for x in caught if "pair.json names the prefixes" in str(x.message)]
+    assert len(said) == 1 and "'glu'" in said[0] and "'mlp'" in said[0]
+    assert [(r["side"], r["label"]) for r in rows] == [("model", "GLU"), ("baseline", "MLP")]
+    assert rows[0]["train_loss"] == pytest.approx(float(_f32(a[-1:])[0]), rel=0, abs=0)
+    assert rows[1]["train_loss"] == pytest.approx(float(_f32(1.2 * a[-1:])[0]), rel=0, abs=0)

@@ -9,8 +9,10 @@ monitor's state.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -53,23 +55,156 @@ def _eval_no_grad(module: nn.Module) -> Iterator[None]:
         yield
 
 
+#: ``nn.Module``'s own attributes: a metric's restore leaves them (the training flags are
+#: ``_eval_flags``' to give back; parameters, buffers, children and hooks are not its state).
+_MODULE_KEYS = frozenset(vars(nn.Module()))
+
+
+def _metric_types() -> tuple[type, ...]:
+    """torchmetrics' ``Metric`` and ``MetricCollection`` (``()`` without torchmetrics)."""
+    try:
+        from torchmetrics import Metric, MetricCollection
+    except ImportError:  # pragma: no cover (a Lightning dependency)
+        return ()
+    return (Metric, MetricCollection)
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is plain data (numbers, strings, and containers of them)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return all(map(_plain, value))
+    if isinstance(value, dict):
+        return all(_plain(k) and _plain(v) for k, v in value.items())
+    return False
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """``tensor``'s in-place version counter (``None`` for an inference tensor: none kept)."""
+    try:
+        return int(tensor._version)
+    except RuntimeError:
+        return None
+
+
+@dataclass
+class _KeptState:
+    """A metric state as it was: the object (``value``), and what gives it back by value
+    (``copy``: a tensor's clone, a list's items, another object's deep copy), with a tensor's
+    version counter (``version``) that tells whether the object itself was changed in place."""
+
+    value: Any
+    copy: Any
+    version: int | None = None
+
+
+def _state_kept(value: Any, clones: dict[int, torch.Tensor]) -> _KeptState:
+    if isinstance(value, torch.Tensor):
+        # One clone per tensor (``clones``): a MetricCollection's compute group shares its first
+        # member's state objects with the others, and a restored copy stays shared.
+        # Outside inference mode (validation runs in it): a clone made there is an inference
+        # tensor, and the next training step's in-place update of the state raised.
+        if id(value) not in clones:
+            with torch.inference_mode(False):
+                clones[id(value)] = value.detach().clone()
+        return _KeptState(value, clones[id(value)], _version(value))
+    if isinstance(value, list):
+        # A list state's tensors are kept as they are: torchmetrics appends to the list (in
+        # place, in update) or puts a new one (reset, forward's merge, sync, moves) and never
+        # writes into the tensors; cloning each of them (an epoch of predictions) at every
+        # evaluation made a validation quadratic in the training epoch's length.
+        return _KeptState(value, list(value))
+    return _KeptState(value, copy.deepcopy(value))
+
+
+def _state_back(kept: _KeptState) -> Any:
+    """The state object to put back: the one it was where it was not changed in place (the
+    usual case: ``forward``/``reset`` assign new states), else its copy by value."""
+    value = kept.value
+    if isinstance(value, torch.Tensor):
+        unchanged = kept.version is not None and _version(value) == kept.version
+        return value if unchanged else kept.copy
+    if isinstance(value, list):
+        if len(value) != len(kept.copy) or any(
+            x is not y for x, y in zip(value, kept.copy, strict=True)
+        ):
+            value[:] = kept.copy  # (appended to in place: the same list, its items as they were)
+        return value
+    return kept.copy
+
+
+def _metrics_kept(module: nn.Module) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """What to give back of every torchmetrics ``Metric`` / ``MetricCollection`` in ``module``'s
+    tree (attributes, ``MetricCollection``/``ModuleDict`` members, wrappers' inner metrics):
+    each one's attributes other than :data:`_MODULE_KEYS`, its states (``_defaults``' keys)
+    kept by value (:func:`_state_kept`), plain containers deep-copied (a collection's compute
+    ``_groups``, merged in place at its first update), the rest (``_update_count``,
+    ``_computed``, ``_forward_cache``, the sync flags and ``_cache``, whatever a later
+    torchmetrics adds) as they are: ``update``/``forward``/``sync`` assign those anew."""
+    types = _metric_types()
+    if not types:
+        return []
+    clones: dict[int, torch.Tensor] = {}
+    kept = []
+    for m in module.modules():
+        if not isinstance(m, types):
+            continue
+        own = vars(m)
+        states = set(getattr(m, "_defaults", {}))
+        saved: dict[str, Any] = {}
+        for name, value in own.items():
+            if name in _MODULE_KEYS:
+                continue
+            if name in states:
+                saved[name] = _state_kept(value, clones)
+            elif isinstance(value, (list, dict, set)) and _plain(value):
+                saved[name] = copy.deepcopy(value)
+            else:
+                saved[name] = value
+        kept.append((own, saved))
+    return kept
+
+
+def _metrics_back(kept: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+    # (An attribute first set during the evaluation stays: torchmetrics sets its own in
+    # __init__, and deleting what something else added lazily could break it.)
+    for own, saved in kept:
+        for name, value in saved.items():
+            # (written into the instance's dict: Metric.__setattr__ refuses some names)
+            own[name] = _state_back(value) if isinstance(value, _KeptState) else value
+
+
 @contextmanager
-def _logging_silenced(module: nn.Module) -> Iterator[None]:
-    """Every LightningModule in ``module``'s tree with ``log`` and ``log_dict`` that do nothing,
-    given back exactly afterwards (an instance's own attribute put back, else removed).
+def _user_state_kept(module: nn.Module) -> Iterator[None]:
+    """The user's logging and metric state untouched by what runs inside: every LightningModule
+    in ``module``'s tree with ``log`` and ``log_dict`` that do nothing, given back exactly
+    afterwards (an instance's own attribute put back, else removed), and every torchmetrics
+    metric in the tree given back its state as it was (:func:`_metrics_kept`).
 
     The monitor's evaluations run the user's loss hook and forward inside Lightning's
     validation hooks: a ``self.log("train_loss", ...)`` there landed in validation's results
     under the user's own key (``callback_metrics["train_loss"]`` became the validation loss, a
     value in the CSV's ``train_loss`` column at every validation; review, session 29), and
-    inside ``on_train_start``'s checks Lightning refuses logging altogether. The monitor's
-    passes are not the user's steps, so nothing they run logs.
+    inside ``on_train_start``'s checks Lightning refuses logging altogether. A hook that calls
+    ``self.train_acc(logits, y)`` then logs ``self.train_acc`` with ``on_epoch=True`` (the usual
+    pattern) accumulated the monitor's training-subset and validation batches into the epoch's
+    ``train_acc`` (0.3249 for 0.3421; re-review, session 29). The monitor's passes are not the
+    user's steps, so nothing they run logs or counts. The states are restored by value on
+    their own devices, with the metric's sync flags and cache: a later ``sync``/``compute``
+    (DDP) sees the metric as before.
     """
+    metrics = _metrics_kept(module)
     saved = _logging_off(list(module.modules()))  # (the NTK probe's own rule, shared)
     try:
         yield
     finally:
         _logging_on(saved)
+        _metrics_back(metrics)
+
+
+#: The former name (logging only), kept for callers that import it.
+_logging_silenced = _user_state_kept
 
 
 def _find_logged(metrics: Mapping[str, Any], key: str) -> float | None:

@@ -182,9 +182,9 @@ from glu_probe.callbacks._gap_trainer import (
     _check_every_rank_validates,
     _eval_no_grad,
     _find_logged,
-    _logging_silenced,
     _pending_epoch_metrics,
     _precision_context,
+    _user_state_kept,
 )
 from glu_probe.callbacks._lm_tokens import (
     _holds_causal_lm,
@@ -715,7 +715,7 @@ class GeneralizationGapMonitor(Callback):
             self._batches = [_as_trained(trainer, b) for b in batches]
         if self._batches:
             self._check_batch(pl_module, self._batches[0])
-            with _logging_silenced(pl_module):
+            with _user_state_kept(pl_module):
                 _check_token_labels(
                     pl_module,
                     self._batches[0],
@@ -991,7 +991,7 @@ class GeneralizationGapMonitor(Callback):
             _as_validating(trainer, pl_module),
             torch.no_grad(),
             _precision_context(trainer),
-            _logging_silenced(pl_module),
+            _user_state_kept(pl_module),
         ):
             for tag, sides in self._sides.items():
                 route = self._route_outputs(pl_module, _copy_tensors(batch), tag)
@@ -1265,7 +1265,7 @@ class GeneralizationGapMonitor(Callback):
             isolate_rng(include_cuda=include_cuda),
             _eval_no_grad(pl_module),
             _precision_context(trainer),
-            _logging_silenced(pl_module),
+            _user_state_kept(pl_module),
         ):
             tags = list(self._sides.items())
             for kept in batches:
