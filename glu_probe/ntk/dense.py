@@ -1223,10 +1223,14 @@ def raise_float64_unavailable(err: BaseException, err32: BaseException, remedy: 
     samples gave torch's bare "expected scalar type Float but found Double", even with
     ``jacobian_dtype=torch.float32``, whose rows the coupled samples' products do not use). A
     ``NotImplementedError`` (no derivative rule, products that cannot be formed: a
-    :class:`~glu_probe.ntk.operator.MatrixFreeUnavailableError`) is not about the dtype and is
-    raised as it is."""
-    if isinstance(err, NotImplementedError):
-        raise err from None
+    :class:`~glu_probe.ntk.operator.MatrixFreeUnavailableError`), or an error whose text says
+    nothing of a dtype (activation checkpointing's "saved tensor hooks", with its own advice), is
+    not about the dtype and is raised as it is."""
+    text = str(err)
+    if isinstance(err, NotImplementedError) or not any(
+        word in text for word in ("Double", "float64", "dtype", "scalar type")
+    ):
+        raise err from None  # (not about the dtype: e.g. a checkpointing error, as raised)
 
     def first(e: BaseException) -> str:
         return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
