@@ -59,6 +59,8 @@ from .functional import (
     allows_autograd,
     call_memo,
     default_probe_dtype,
+    generator_states,
+    model_generators,
     probe_copy_bytes,
     refuse_small_budget,
 )
@@ -254,8 +256,12 @@ def jacobian_rows(
     time, sample ``i``'s numbers drawn from the global generators (CPU, and the probe's CUDA
     device) seeded with ``s + i``, where ``s`` is the first number that
     ``torch.randint(2**62, (1,))`` would draw from the global CPU generator's state at the
-    first call (not advanced: the caller's RNG is left as it was). A sample's rows are then the
-    same in every call that makes them, and K = J Jᵀ of one draw of J, positive semi-definite.
+    first call (not advanced: the caller's RNG is left as it was), and from the model's own
+    generators (:func:`~glu_probe.ntk.functional.model_generators`), the k-th of them seeded
+    with the k-th number of ``torch.randint(2**62, (n,))`` drawn from a CPU generator seeded
+    with ``s + i`` (n generators; their states are put back after). A sample's rows are then
+    the same in every call that makes them, and K = J Jᵀ of one draw of J, positive
+    semi-definite.
     Drawn anew per call, a sample's rows recomputed for another panel came from another
     network, and K had eigenvalues down to -18 (review, session 29); the same seed gives the
     same K.
@@ -301,7 +307,7 @@ def jacobian_rows(
     def drawn(i: int) -> contextlib.AbstractContextManager[None]:
         if not seed:
             seed.append(_next_seed())
-        return _seeded(probe.device, seed[0] + i)
+        return _seeded(probe.device, seed[0] + i, probe.model)
 
     def rows(a: int, b: int) -> tuple[Tensor, ...]:
         if not probe.draws_random:
@@ -369,17 +375,33 @@ def _next_seed() -> int:
     return int(torch.randint(2**62, (1,), generator=gen))
 
 
+def _generator_seeds(seed: int, n: int) -> list[int]:
+    """The seeds of a model's ``n`` own generators for a block seeded with ``seed``
+    (:func:`_seeded`): ``torch.randint(2**62, (n,))`` from a CPU generator seeded with
+    ``seed``, one per generator and per sample, none the global generators' own seed."""
+    gen = torch.Generator().manual_seed(seed)
+    return [int(v) for v in torch.randint(2**62, (n,), generator=gen)] if n else []
+
+
 @contextlib.contextmanager
-def _seeded(device: torch.device, seed: int) -> Iterator[None]:
+def _seeded(device: torch.device, seed: int, model: nn.Module | None = None) -> Iterator[None]:
     """The global generators (the CPU's, and ``device``'s on CUDA) seeded with ``seed`` for
-    the block, and put back as they were after."""
+    the block, and ``model``'s own generators (:func:`model_generators`) with
+    :func:`_generator_seeds`; all put back as they were after."""
     devices = [device] if device.type == "cuda" else []
+    own = generator_states(model_generators(model)) if model is not None else []
     with torch.random.fork_rng(devices=devices):
-        torch.default_generator.manual_seed(seed)
-        for d in devices:
-            with torch.cuda.device(d):
-                torch.cuda.manual_seed(seed)
-        yield
+        try:
+            torch.default_generator.manual_seed(seed)
+            for d in devices:
+                with torch.cuda.device(d):
+                    torch.cuda.manual_seed(seed)
+            for (g, _), s in zip(own, _generator_seeds(seed, len(own)), strict=True):
+                g.manual_seed(s)
+            yield
+        finally:
+            for g, state in own:
+                g.set_state(state)
 
 
 def _rows_mismatch(

@@ -939,22 +939,32 @@ class _Watched:
     recording whether it is part of the model's function: it returned a value (a replaced
     input or output), or changed a tensor it was given in place (its version counter), or its
     module's attributes, parameters or buffers (an old-style ``spectral_norm`` / ``weight_norm``
-    pre-hook sets the weight)."""
+    pre-hook sets the weight), or registered a hook with autograd (:data:`_GRAD_REGISTRARS`, or
+    a global module backward hook: a gradient scaling or reversal, which changes the backward
+    pass and nothing that the forward computes)."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
         self.calls = 0
         self.returns = False
         self.mutates = False
+        self.registers = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         versions = [_version(t) for t in tensors]
         module = args[0] if args else None
         state = _state_of(module)
-        result = self.fn(*args, **kwargs)
+        backward = _global_backward_hook_count()
+        stack = _REGISTERING.stack
+        stack.append(self)
+        try:
+            result = self.fn(*args, **kwargs)
+        finally:
+            stack.pop()
         self.calls += 1
         self.returns |= result is not None
+        self.registers |= _global_backward_hook_count() != backward
         after = _state_of(module)
         self.mutates |= (
             any(_version(t) != v for t, v in zip(tensors, versions, strict=True))
@@ -964,10 +974,83 @@ class _Watched:
         return result
 
 
+class _Registering(threading.local):
+    #: The watched hooks running in this thread, innermost last.
+    stack: list[_Watched]
+
+    def __init__(self) -> None:
+        self.stack = []
+
+
+_REGISTERING = _Registering()
+
+#: Where a forward hook registers a hook with autograd: a gradient hook on a tensor
+#: (``Tensor.register_hook``: gradient scaling, DANN's gradient reversal), on a parameter's
+#: accumulation, on a set of tensors, or a module backward hook. Each is wrapped while a
+#: validating pass watches hooks (:func:`_registrations_watched`), and marks the watched hooks
+#: running in its thread. Not seen: ``grad_fn.register_hook`` / ``register_prehook`` (methods
+#: of C++ types, which cannot be wrapped) and a registrar bound by name before the pass
+#: (``from torch.autograd.graph import register_multi_grad_hook``).
+_GRAD_REGISTRARS: tuple[tuple[Any, str], ...] = (
+    (torch.Tensor, "register_hook"),
+    (torch.Tensor, "register_post_accumulate_grad_hook"),
+    (torch.autograd.graph, "register_multi_grad_hook"),
+    (nn.Module, "register_full_backward_hook"),
+    (nn.Module, "register_full_backward_pre_hook"),
+    (nn.Module, "register_backward_hook"),
+)
+
+_REGISTRARS_LOCK = threading.Lock()
+_REGISTRARS_USERS = [0]  # (threads inside _registrations_watched)
+
+
+def _global_backward_hook_count() -> int:
+    """How many global module backward hooks and pre-hooks are registered (a forward hook
+    that registers one through ``nn.modules.module.register_module_full_backward_hook`` /
+    ``_pre_hook``, whatever name it calls it by, changes this)."""
+    from torch.nn.modules import module as module_mod
+
+    return len(module_mod._global_backward_hooks) + len(module_mod._global_backward_pre_hooks)
+
+
+def _noting(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for watch in _REGISTERING.stack:  # (an outer hook that ran this one: kept too)
+            watch.registers = True
+        return fn(*args, **kwargs)
+
+    wrapper.__glu_probe_original__ = fn  # type: ignore[attr-defined]
+    return wrapper
+
+
+@contextlib.contextmanager
+def _registrations_watched() -> Iterator[None]:
+    """The registrars of :data:`_GRAD_REGISTRARS` wrapped for the block (once for all threads
+    that are inside one; the last to leave puts the originals back). A wrapper only marks the
+    hooks watched in its own thread and calls the original: other threads' registrations work
+    as ever."""
+    with _REGISTRARS_LOCK:
+        if _REGISTRARS_USERS[0] == 0:
+            for owner, name in _GRAD_REGISTRARS:
+                setattr(owner, name, _noting(getattr(owner, name)))
+        _REGISTRARS_USERS[0] += 1
+    try:
+        yield
+    finally:
+        with _REGISTRARS_LOCK:
+            _REGISTRARS_USERS[0] -= 1
+            if _REGISTRARS_USERS[0] == 0:
+                for owner, name in _GRAD_REGISTRARS:
+                    wrapper = getattr(owner, name)
+                    setattr(owner, name, getattr(wrapper, "__glu_probe_original__", wrapper))
+
+
 @contextlib.contextmanager
 def _watching(modules: Sequence[nn.Module]) -> Iterator[list[tuple[_HookSite, _Watched]]]:
     """Every hook of :func:`_forward_hook_sites` replaced by its :class:`_Watched` for the
-    block (same key, same place), the hook itself put back after, also on errors."""
+    block (same key, same place), the hook itself put back after, also on errors; with hooks
+    to watch, autograd's registrars are watched too (:func:`_registrations_watched`)."""
     watched = []
     for site in _forward_hook_sites(modules):
         registry, key, fn = site
@@ -975,7 +1058,8 @@ def _watching(modules: Sequence[nn.Module]) -> Iterator[list[tuple[_HookSite, _W
         registry[key] = watch
         watched.append((site, watch))
     try:
-        yield watched
+        with _registrations_watched() if watched else contextlib.nullcontext():
+            yield watched
     finally:
         for (registry, key, fn), watch in watched:
             if registry.get(key) is watch:
@@ -1077,6 +1161,96 @@ def _rng_states(device: torch.device) -> list[Tensor]:
     states = [torch.get_rng_state()]
     if device.type == "cuda":
         states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+#: The attribute dicts of a module that hold the module's machinery, never a generator.
+_NOT_HOLDERS = frozenset(
+    {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"}
+    | {name for name in vars(nn.Module()) if name.endswith("hooks")}
+)
+
+#: What a value of each type is to :func:`model_generators`: 1 a generator, 2 a list or
+#: tuple, 3 a dict, 0 none of them (per type: ``isinstance(v, torch.Generator)`` took 0.25 µs,
+#: 9 ms per session on a model of 1300 modules).
+_KINDS: dict[type, int] = {}
+
+
+def _kind(t: type) -> int:
+    kind = _KINDS.get(t)
+    if kind is None:
+        kind = _KINDS[t] = (
+            1
+            if issubclass(t, torch.Generator)
+            else 2
+            if issubclass(t, (list, tuple))
+            else 3
+            if issubclass(t, dict)
+            else 0
+        )
+    return kind
+
+
+def model_generators(
+    model: nn.Module, modules: Sequence[nn.Module] | None = None
+) -> list[tuple[str, torch.Generator]]:
+    """The ``torch.Generator`` objects that ``model``'s modules (``modules``, where given:
+    ``list(model.modules())``) hold as attributes, directly or in a list, tuple or dict
+    attribute (one level deep), each once, in module order, with where it is held
+    (``"noise.gen"``, ``"gens[1]"``): a model that draws its train-mode noise from its own
+    generator (``torch.randn(..., generator=self.gen)``). Generators held deeper, or only in a
+    closure, are not found."""
+    found: list[tuple[str, torch.Generator]] = []
+    seen: set[int] = set()
+    kinds = _KINDS
+    named: Any = model.named_modules() if modules is None else (("", m) for m in modules)
+    for prefix, m in named:
+        own = getattr(m, "__dict__", None)
+        if not isinstance(own, dict):
+            continue
+        for name, value in own.items():
+            kind = kinds.get(type(value))
+            if kind is None:
+                kind = _kind(type(value))
+            if not kind:
+                continue
+            if kind == 1:
+                held: list[tuple[str, Any]] = [(name, value)]
+            elif kind == 2:
+                held = [(f"{name}[{k}]", v) for k, v in enumerate(value) if _kind(type(v)) == 1]
+            elif name in _NOT_HOLDERS or not value:
+                continue
+            else:
+                held = [(f"{name}[{k!r}]", v) for k, v in value.items() if _kind(type(v)) == 1]
+            for where, g in held:
+                if id(g) not in seen:
+                    seen.add(id(g))
+                    found.append((f"{prefix}.{where}" if prefix else where, g))
+    if found and modules is not None:
+        return model_generators(model)  # (rare: again, for the names)
+    return found
+
+
+def generator_states(
+    generators: Sequence[tuple[str, torch.Generator]],
+) -> list[tuple[torch.Generator, Tensor]]:
+    """Each generator of :func:`model_generators` with its state, to put back with
+    ``set_state``.
+
+    Raises:
+        ValueError: a generator whose state cannot be read (so the probe could neither put it
+            back nor seed it), named by where the model holds it."""
+    states = []
+    for where, g in generators:
+        try:
+            states.append((g, g.get_state()))
+        except RuntimeError as err:
+            raise ValueError(
+                f"the NTK probe cannot save and restore the model's own random generator "
+                f"{where!r} (a torch.Generator on {g.device}: {err}), so its passes would "
+                "advance it and change the training that follows: give the model a generator "
+                "whose state can be read and set (get_state / set_state)"
+            ) from err
     return states
 
 
@@ -1393,11 +1567,12 @@ def _unwrapped(model: nn.Module, params: ParamFilter) -> tuple[nn.Module, ParamF
 class ProbeFunction:
     """A model and a probe batch as a pure function of the selected trainable parameters.
 
-    The user's forward hooks that are part of the model's function (they return a value, or
-    change their arguments or module in place) run in every pass; those that only watch (an
-    activation collector) run in the validating forward pass alone, with plain tensors, and are
-    taken out of the transformed passes (:meth:`_classify_hooks`). A ``LightningModule``'s
-    ``self.log`` / ``log_dict`` log nothing inside the probe (:meth:`session`).
+    The user's forward hooks that are part of the model's function (they return a value,
+    change their arguments or module in place, or register a gradient hook) run in every pass;
+    those that only watch (an activation collector) run in the validating forward pass alone,
+    with plain tensors, and are taken out of the transformed passes (:meth:`_classify_hooks`).
+    A ``LightningModule``'s ``self.log`` / ``log_dict`` log nothing inside the probe
+    (:meth:`session`).
 
     Args:
         model: any ``nn.Module``. An ``nn.DataParallel`` or ``DistributedDataParallel`` wrapper
@@ -1473,10 +1648,16 @@ class ProbeFunction:
         #: validating one (``None``: not yet classified; see :meth:`_classify_hooks`).
         self._observers: list[_HookSite] | None = None
         #: Whether the model's forward pass draws random numbers (active dropout, stochastic
-        #: depth, noise injection: the validating pass moved the global RNG state); the
+        #: depth, noise injection: the validating pass moved the global RNG state, or that of
+        #: a generator the model holds, see :func:`model_generators`); the
         #: dense path's rows then draw per sample from a seeded generator
         #: (:func:`~glu_probe.ntk.dense.jacobian_rows`), so that K is J Jᵀ of one draw.
         self.draws_random = False
+        #: The model's own generators (:func:`model_generators`) inside a :meth:`session`,
+        #: each pass's draws from them undone after it (:meth:`call_model`), and whether a pass
+        #: drew from one.
+        self._own_generators: list[torch.Generator] = []
+        self._draws_own = False
         self.n_rows, self.rows_per_sample = self._check()
 
     def _init_tensors(
@@ -1582,7 +1763,8 @@ class ProbeFunction:
     def session(self) -> Iterator[None]:
         """Probe context: eval mode, SDPA math backend, the ``nn.MultiheadAttention`` /
         ``nn.TransformerEncoderLayer`` fast path off, dense gradients for ``sparse=True``
-        embeddings, IEEE float32 (no TF32, no bf16 oneDNN matmuls), forked RNG; all restored
+        embeddings, IEEE float32 (no TF32, no bf16 oneDNN matmuls), forked RNG (the global
+        generators, and the model's own: :func:`model_generators`); all restored
         after, and every module's attributes, parameters, buffers and submodules as they were
         at entry where a pass left a tensor (or anything but plain scalars) in them (see
         :func:`_restore_attributes`). The user's forward hooks that only watch
@@ -1630,11 +1812,18 @@ class ProbeFunction:
         # from vmap into Lightning's results and ended the fit.
         observers = _take_out(self._observers or ())
         logging: list[tuple[dict[str, Any], str, Any]] = []
+        # The model's own generators (torch.randn(..., generator=self.gen) in a train-mode
+        # noise layer) are forked like the global ones: the probe advanced them, and an
+        # eval_mode=False monitor changed the training that followed (review, session 29).
+        generators: list[tuple[torch.Generator, Tensor]] = []
+        own_before = self._own_generators
         # ``sparse=True`` embeddings only store their gradient as a sparse tensor, which
         # torch.func cannot handle (every probe failed on "aten::view ... SparseCPU"; review,
         # session 28): dense gradients inside the probe, the flags given back after.
         sparse = [m for m in modules if _sparse_embedding(m)]
         try:
+            generators = generator_states(model_generators(self.model, modules))
+            self._own_generators = [g for g, _ in generators]
             logging = _logging_off(modules)
             for emb in sparse:
                 emb.sparse = False
@@ -1668,6 +1857,9 @@ class ProbeFunction:
                         "with the probe's default eval_mode=True)"
                     ) from err
         finally:
+            self._own_generators = own_before
+            for g, state in generators:
+                g.set_state(state)
             _logging_on(logging)  # (before the attribute restore: the session's own entries)
             for registry, saved_items, taken in reversed(observers):
                 _put_back(registry, saved_items, taken)
@@ -1690,7 +1882,26 @@ class ProbeFunction:
                 parametrize._cache_enabled = cache_level
 
     def call_model(self, params: Sequence[Tensor], inputs: Any) -> Any:
-        """The raw model output at ``params`` (a tuple aligned with :attr:`names`)."""
+        """The raw model output at ``params`` (a tuple aligned with :attr:`names`).
+
+        Inside a :meth:`session`, the model's own generators (:func:`model_generators`) are
+        put back after the pass as they were before it: every pass draws the same numbers
+        from them (as the iterative path's products fork the global RNG for each pass), so
+        the products of one call are those of one network."""
+        own = self._own_generators
+        if not own:
+            return self._call_model(params, inputs)
+        states = [g.get_state() for g in own]
+        try:
+            return self._call_model(params, inputs)
+        finally:
+            for g, state in zip(own, states, strict=True):
+                after = g.get_state()
+                if not torch.equal(after, state):
+                    self._draws_own = True
+                    g.set_state(state)
+
+    def _call_model(self, params: Sequence[Tensor], inputs: Any) -> Any:
         state = dict(self.constants)
         # Forwards that update buffers in place (train-mode BatchNorm, but also a call counter
         # or a running estimate updated in eval mode): torch.func forbids mutating captured
@@ -1721,7 +1932,7 @@ class ProbeFunction:
             if clone or "mutate a captured Tensor" not in str(err):
                 raise
             self._buffers_mutated()  # (inside a transform, before any plain call saw it)
-            return self.call_model(params, inputs)
+            return self._call_model(params, inputs)
         if versions and any(
             self.constants[n]._version != v
             for n, v in zip(self._buffer_names, versions, strict=True)
@@ -1963,8 +2174,10 @@ class ProbeFunction:
         ):
             rng = _rng_states(self.device)
             rows = self._validation_pass(leaves, chunks)
-            # (the session forked the RNG: the states compared are its own)
-            self.draws_random |= not all(map(torch.equal, rng, _rng_states(self.device)))
+            # (the session forked the RNG: the states compared are its own; a generator of the
+            # model's own is put back after each pass, which records that it moved)
+            moved = not all(map(torch.equal, rng, _rng_states(self.device)))
+            self.draws_random |= moved or self._draws_own
         if watch:
             self._classify_hooks(watched, rows, leaves, chunks)
         return rows
@@ -1998,33 +2211,51 @@ class ProbeFunction:
         the global ones) the probe's later passes run without (:attr:`_observers`), from what
         they did in the validating pass (:class:`_Watched`).
 
-        A hook that returns a value (a scaled output, torch.ao's fake-quantizing observer)
-        or changes its arguments or its module in place is part of the model's function: it
-        stays. A hook that only watches (an activation-statistics collector) is taken out,
-        provided that the validating pass's rows (at ``leaves``), repeated without those hooks
-        (one more forward pass that saves nothing for a backward, only where there are such
-        hooks), agree within √ε of the rows' scale (kernels that a hook's presence switches
-        round differently) and depend on the same parameters, and on none of the validating
-        pass's (a hook that stored its output where the forward reads it: the repeated pass
-        read the stale tensor). A false disagreement only keeps the hooks, with a warning. So a
-        collector sees the plain tensors of the probe's plain passes up to here (the
-        validating pass, in the probe's dtype, and, where a memory budget is given, the
-        one-sample pass that sizes it) and nothing of the transformed ones. A hook that is
-        never called in the validating pass, or registered later, stays. Not seen: a hook
-        that hands a detached copy of its input to the forward, whose values then agree."""
+        A hook that returns a value (a scaled output, torch.ao's fake-quantizing observer),
+        changes its arguments or its module in place, or registers a hook with autograd (a
+        gradient scaling or reversal: ``out.register_hook(lambda g: -g)``, which changes the
+        backward pass and no value of the forward) is part of the model's function: it stays,
+        with a warning for a hook that returns None. A hook that only watches (an
+        activation-statistics collector) is taken out, provided that the validating pass's rows
+        (at ``leaves``), repeated without those hooks (one more forward pass that saves nothing
+        for a backward, only where there are such hooks), agree within √ε of the rows' scale
+        (kernels that a hook's presence switches round differently) and depend on the same
+        parameters, and on none of the validating pass's (a hook that stored its output where
+        the forward reads it: the repeated pass read the stale tensor). A false disagreement
+        only keeps the hooks, with a warning. So a collector sees the plain tensors of the
+        probe's plain passes up to here (the validating pass, in the probe's dtype, and, where a
+        memory budget is given, the one-sample pass that sizes it) and nothing of the
+        transformed ones. A hook that is never called in the validating pass, or registered
+        later, stays. Not seen: a hook that hands a detached copy of its input to the forward,
+        whose values then agree, and one that registers a hook on a ``grad_fn`` (see
+        :data:`_GRAD_REGISTRARS`)."""
         self._observers = []
         if rows.numel() == 0:  # (refused by _check)
             return
-        candidates = [site for site, w in watched if w.calls and not (w.returns or w.mutates)]
-        mutating = [site for site, w in watched if w.calls and w.mutates and not w.returns]
-        if mutating:
+        candidates = [
+            site for site, w in watched if w.calls and not (w.returns or w.mutates or w.registers)
+        ]
+        kept = [
+            (site, w)
+            for site, w in watched
+            if w.calls and not w.returns and (w.mutates or w.registers)
+        ]
+        if kept:
+            what, remedy = [], []
+            if any(w.mutates for _, w in kept):
+                what.append("change their arguments or their module in place")
+                remedy.append("return the changed value instead of changing it in place")
+            if any(w.registers for _, w in kept):
+                # (a gradient scaling or reversal: it changes training's J, so it stays)
+                what.append("register a hook with autograd (a gradient hook)")
+                remedy.append("keep a gradient hook and a collector in separate hooks")
             warnings.warn(
-                f"{len(mutating)} forward hook(s) of the model (e.g. {_hook_name(mutating[0])}) "
-                "return None but change their arguments or their module in place: they are part "
-                "of the model's function, so they run in the NTK probe's transformed passes, "
-                "where they see vmap's batched and forward-mode dual tensors in the probe's "
-                "dtype (a collector among them keeps those); return the changed value instead "
-                "of changing it in place to let the probe tell them apart",
+                f"{len(kept)} forward hook(s) of the model (e.g. {_hook_name(kept[0][0])}) "
+                "return None but "
+                f"{' or '.join(what)}: they are part of the model's function, so they run in "
+                "the NTK probe's transformed passes, where they see vmap's batched and "
+                "forward-mode dual tensors in the probe's dtype (a collector among them keeps "
+                f"those); {' and '.join(remedy)} to let the probe tell them apart",
                 RuntimeWarning,
                 stacklevel=external_stacklevel(),
             )
