@@ -9,11 +9,22 @@ parameters that no optimizer holds, and a PairedModule's filter errors.
 * A module replaced after ``configure_optimizers`` (a swap in ``on_fit_start``) is trained by
   no optimizer: the monitor says so, once.
 * A PairedModule ``params=`` filter that selects nothing in one member names that member.
+
+Re-review, session 29:
+
+* ``configure_optimizers`` returning None leaves Lightning's placeholder optimizer in
+  ``trainer.optimizers``: not an optimizer that fails to hold the parameters.
+* A PairedModule's list of names that one member lacks, or a sub-module of the other member,
+  names that member in its own words; a complex parameter keeps the engine's error.
+* A checkpoint written before session 29 (no saved count), resumed from validation end, probes
+  the uninterrupted run's global steps.
+* A fit whose ``global_step`` never advances (parameters updated by hand) warns once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from pathlib import Path
 from typing import Any
@@ -358,3 +369,267 @@ def test_a_paired_filter_that_selects_nothing_in_one_member_names_it(unmatched):
     assert f"params='mlp' selects nothing in the PairedModule's {unmatched} (Block" in text
     assert f"selects 2 parameter tensor(s) of its {other}" in text
     assert "callable (name, p)" in text and "re:" in text
+
+
+# ------------------------------------------------------------------ re-review, session 29
+# 1. configure_optimizers returning None: Lightning's placeholder optimizer is no optimizer
+class HandSGD(pl.LightningModule):
+    """``configure_optimizers`` returns None; under manual optimization the parameters are
+    updated by hand (``p -= lr * p.grad``), under automatic optimization not at all."""
+
+    def __init__(self, manual: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        self.automatic_optimization = not manual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        if self.automatic_optimization:
+            return loss
+        self.manual_backward(loss)
+        with torch.no_grad():
+            for p in self.parameters():
+                p -= 0.1 * p.grad
+                p.grad = None
+        return None
+
+    def configure_optimizers(self) -> None:
+        return None
+
+
+def _hand_fit(
+    module: pl.LightningModule,
+    n: int = 16,
+    extra: list[Any] | None = None,
+    sink: list[Any] | None = None,
+):
+    """Two epochs of ``n`` samples in batches of 8, probed every step; ``sink`` receives the
+    list of the warnings caught (filled as they come)."""
+    monitor = NTKSpectrumMonitor(
+        every_n_steps=1, probe_size=8, dtype=torch.float64, log_histogram=False, log_figure=False
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        logger=False,
+        callbacks=[monitor, *(extra or [])],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(n, 4, generator=g), torch.randn(n, 2, generator=g))
+    start = copy.deepcopy(module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if sink is not None:
+            sink.append(caught)
+        trainer.fit(module, DataLoader(ds, batch_size=8))
+    return monitor, trainer, caught, start, ds.tensors[0][:8]
+
+
+def _texts(caught: list[Any], needle: str) -> list[str]:
+    return [
+        str(w.message)
+        for w in caught
+        if issubclass(w.category, NTKProbeWarning) and needle in str(w.message)
+    ]
+
+
+def test_a_module_without_optimizers_is_not_told_that_no_optimizer_holds_its_parameters():
+    # manual optimization, updated by hand: it trains, and no optimizer is expected to hold it
+    module = HandSGD(manual=True)
+    monitor, trainer, caught, start, x = _hand_fit(module)
+    assert repr(trainer.optimizers) == "[No Optimizer]"  # (Lightning's placeholder)
+    assert _texts(caught, "none of the trainer's optimizers") == []
+    assert not torch.equal(module.net[0].weight, start.net[0].weight)
+    # the fit-start probe, of the initial weights (float64 Jacobian)
+    assert [h["step"] for h in monitor.history] == [0]
+    assert monitor.history[0]["ntk/condition_number"] == pytest.approx(_kappa64(start, x), rel=1e-9)
+
+    # automatic optimization, nothing to step: Lightning warns, the monitor adds no claim of a
+    # module replaced after configure_optimizers
+    module = HandSGD(manual=False)
+    monitor, trainer, caught, start, x = _hand_fit(module)
+    assert any("returned `None`" in str(w.message) for w in caught)
+    assert _texts(caught, "configure_optimizers (e.g. swap_mlp") == []
+    assert _texts(caught, "none of the trainer's optimizers") == []
+    assert [h["step"] for h in monitor.history] == [0, 1, 2, 3, 4]
+    assert torch.equal(module.net[0].weight, start.net[0].weight)  # (nothing trained)
+    kappa = _kappa64(start, x)
+    for h in monitor.history:
+        assert h["ntk/condition_number"] == pytest.approx(kappa, rel=1e-9)
+
+
+def test_the_placeholder_optimizer_is_dropped_by_class_name_too():
+    from types import SimpleNamespace
+
+    from glu_probe.callbacks._utils import configured_optimizers
+
+    class _MockOptimizer:  # (another Lightning version's placeholder, by its name)
+        def __init__(self) -> None:
+            self.param_groups: list[Any] = []
+
+    from lightning.pytorch.core.optimizer import _MockOptimizer as Lightnings
+
+    assert configured_optimizers(SimpleNamespace(optimizers=[Lightnings()])) == []  # type: ignore[arg-type]
+    real = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+    trainer: Any = SimpleNamespace(optimizers=[_MockOptimizer(), real])
+    assert configured_optimizers(trainer) == [real]
+    assert configured_optimizers(SimpleNamespace(optimizers=None)) == []  # type: ignore[arg-type]
+
+
+# 2. a PairedModule's filter errors: each names the member, in its own words
+def _paired_error(model: nn.Module, baseline: nn.Module, params: Any) -> ValueError:
+    with pytest.raises(ValueError) as info:
+        _paired_fit(model, baseline, params)
+    return info.value
+
+
+def test_a_list_of_names_that_one_member_lacks_names_that_member():
+    # the model lacks 'ffn.weight' (it finds 'mlp.weight'): named, not "selects nothing"
+    text = str(_paired_error(Block("mlp", 0), Block("ffn", 1), ["mlp.weight", "ffn.weight"]))
+    assert "names parameters that are not in the PairedModule's model (Block)" in text
+    assert "not found among the model's trainable parameters: ['ffn.weight']" in text
+    assert "selects nothing" not in text
+    # names of the model only: the baseline lacks them, the model holds 1 of them
+    text = str(_paired_error(Block("mlp", 0), Block("ffn", 1), ["mlp.weight"]))
+    assert "names parameters that are not in the PairedModule's baseline (Block" in text
+    assert "the filter selects 1 parameter tensor(s) of its model" in text
+    assert "not found among the baseline's trainable parameters: ['mlp.weight']" in text
+    assert "selects nothing" not in text and "callable (name, p)" in text
+
+
+def test_a_sub_module_of_one_member_names_the_other():
+    model = Block("mlp", 0)
+    text = str(_paired_error(model, Block("mlp", 1), model.mlp))
+    assert "params=<module model.mlp> is not a sub-module of the PairedModule's baseline" in text
+    assert "the filter selects 2 parameter tensor(s) of its model" in text
+    assert "holds none of the baseline's parameters" in text
+    assert "the model's" not in text and "selects nothing" not in text
+
+
+def test_a_complex_parameter_keeps_the_engines_error():
+    from glu_probe.ntk.functional import select_parameters
+
+    baseline = Block("mlp", 1)
+    baseline.phase = nn.Parameter(torch.randn(8, dtype=torch.complex64))
+    with pytest.raises(ValueError) as engine:
+        select_parameters(baseline, None)
+    err = _paired_error(Block("mlp", 0), baseline, None)
+    assert type(err) is ValueError
+    assert str(err) == str(engine.value)
+    assert str(err).startswith("complex parameters are not supported by the NTK probe: ['phase']")
+
+
+# 3. a checkpoint written before session 29 (no saved count), resumed from validation end
+@pytest.mark.parametrize("every", [1, 2])
+def test_an_older_checkpoint_resumes_to_the_uninterrupted_runs_probes(tmp_path, every):
+    full = _fit(tmp_path / "a", every, "val-max_steps", [])
+    expected = list(range(0, 17, every))
+    assert full.probe_globals == expected
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_epochs=1, save_top_k=-1)
+    _fit(tmp_path / "b", every, "val-max_steps", [ck, Spy(crash_at=10)])
+    state = torch.load(tmp_path / "ck" / "epoch=1-step=8.ckpt", weights_only=False)
+    (key,) = [k for k in state["callbacks"] if k.startswith("Recording")]
+    for name in ("last_probe_global_step", "last_probe_count", "step_anchor"):
+        del state["callbacks"][key][name]  # (as a checkpoint of an older version has it)
+    old = tmp_path / "old.ckpt"
+    torch.save(state, old)
+
+    spy = Spy()
+    resumed = _fit(tmp_path / "c", every, "val-max_steps", [spy], seed=123, ckpt=old)
+    assert spy.first == (8, 9)  # (Lightning's logger step one too high: the shift)
+    assert resumed.probe_globals == [s for s in expected if s > 8]  # (not 8 again, none early)
+    assert len(resumed.history) == len(full.history)
+    for h_full, h_res in zip(full.history, resumed.history, strict=True):
+        assert h_res["ntk/condition_number"] == pytest.approx(
+            h_full["ntk/condition_number"], rel=1e-9
+        )
+
+
+@pytest.mark.parametrize(
+    ("global_step", "logged", "automatic", "offset"),
+    [
+        (8, 9, True, -1),  # validation-end checkpoint (Lightning 2.6): logger step one high
+        (3, 2, True, 1),  # batch-end checkpoint (Lightning 2.4): one low
+        (8, 8, True, 0),  # no shift
+        (50, 100, True, 0),  # an optimizer_step that skips steps: not a shift
+        (16, 9, False, 0),  # manual optimization (two optimizers): global_step counts both
+    ],
+)
+def test_without_a_saved_count_the_shift_is_read_off_the_two_counters(
+    global_step, logged, automatic, offset
+):
+    from types import SimpleNamespace
+
+    monitor = NTKSpectrumMonitor(every_n_steps=2)
+    monitor.load_state_dict({"every_n_steps": 2, "last_probe_step": 8, "history": []})
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=logged))
+    trainer: Any = SimpleNamespace(global_step=global_step, fit_loop=loop)
+    module: Any = SimpleNamespace(automatic_optimization=automatic)
+    assert monitor._count_offset(trainer, module) == offset
+
+
+# 4. global_step never advances: the cadence never comes round, and that is said once
+def test_a_fit_whose_global_step_never_advances_warns_once():
+    module = HandSGD(manual=True)
+    monitor, trainer, caught, _, _ = _hand_fit(module)
+    texts = _texts(caught, "global_step has not advanced")
+    assert len(texts) == 1, texts
+    assert "in the 4 training batch(es) of this fit" in texts[0]
+    assert "configure_optimizers" in texts[0]
+    assert trainer.global_step == 0 and len(monitor.history) == 1
+
+    # a long fit is told before its end: at the 100th such batch (of 120)
+    seen: list[int] = []
+    sink: list[Any] = []
+
+    class Count(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            seen.append(len(_texts(sink[0], "global_step has not advanced")))
+
+    _, _, caught, _, _ = _hand_fit(HandSGD(manual=True), n=8 * 60, extra=[Count()], sink=sink)
+    texts = _texts(caught, "global_step has not advanced")
+    assert len(texts) == 1 and "in the 100 training batch(es)" in texts[0]
+    assert len(seen) == 120 and seen[98] == 0 and seen[99] == 1 and seen[-1] == 1
+
+
+class WithSGD(HandSGD):
+    """The same module with an SGD optimizer from configure_optimizers (stepped by Lightning,
+    or by hand under manual optimization)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        if self.automatic_optimization:
+            return loss
+        opt: Any = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return None
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:  # type: ignore[override]
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_a_normal_fit_is_not_told_that_global_step_never_advances(manual):
+    module = WithSGD(manual=manual)
+    monitor, trainer, caught, start, x = _hand_fit(module)
+    assert _texts(caught, "global_step has not advanced") == []
+    assert _texts(caught, "none of the trainer's optimizers") == []
+    assert trainer.global_step == 4
+    assert [h["step"] for h in monitor.history] == [0, 1, 2, 3, 4]
+    assert not torch.equal(module.net[0].weight, start.net[0].weight)
+    # the last probe: the trained weights (float64 Jacobian)
+    assert monitor.history[-1]["ntk/condition_number"] == pytest.approx(
+        _kappa64(module, x), rel=1e-9
+    )

@@ -23,6 +23,7 @@ __all__ = [
     "check_positive_int",
     "check_prefix",
     "check_unique_prefix",
+    "configured_optimizers",
     "generator_states_restored",
     "is_fresh_fit",
     "is_quiet_run",
@@ -216,6 +217,24 @@ def logger_step_advances(trainer: pl.Trainer) -> bool | None:
         return not bool(should_accumulate())
     except Exception:  # (other Lightning versions, loops this rule does not know)
         return None
+
+
+def configured_optimizers(trainer: pl.Trainer) -> list[Any]:
+    """``trainer.optimizers`` without Lightning's placeholder for a ``configure_optimizers`` that
+    returns ``None`` (``_MockOptimizer``, shown as "No Optimizer"; it holds no parameters):
+    empty where the module configured none."""
+    placeholders: tuple[type, ...] = ()
+    try:
+        from lightning.pytorch.core.optimizer import _MockOptimizer
+
+        placeholders = (_MockOptimizer,)
+    except ImportError:  # (private: moved or renamed in other Lightning versions)
+        pass
+    return [
+        opt
+        for opt in getattr(trainer, "optimizers", None) or []
+        if not isinstance(opt, placeholders) and type(opt).__name__ != "_MockOptimizer"
+    ]
 
 
 def step_metrics(trainer: pl.Trainer, after_batch: bool = False) -> Mapping[str, Any]:

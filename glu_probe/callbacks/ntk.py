@@ -90,7 +90,9 @@ fewest the overhead target allows (at least 20 per run), since every probe costs
 steps (the default was 25 until 2026-11-27). A resumed run probes the weights of the same global
 steps as the uninterrupted one, never twice at one global step, its points logged at
 Lightning's logger step (one higher after a resume from a validation-end checkpoint, for every
-series: :meth:`NTKSpectrumMonitor._count_offset`).
+series: :meth:`NTKSpectrumMonitor._count_offset`). The cadence counts optimizer steps
+(``trainer.global_step``): a fit in which it never advances (manual optimization updating the
+parameters by hand, no optimizer) is probed at its start only, and warned about once.
 
 Zero interference
 -----------------
@@ -148,6 +150,7 @@ from glu_probe.callbacks._utils import (
     check_positive_int,
     check_prefix,
     check_unique_prefix,
+    configured_optimizers,
     is_fresh_fit,
     is_quiet_run,
     items_are_batches,
@@ -204,6 +207,12 @@ _OUTPUTS = ("pntk", "full")
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?\binf\b|\bnan\b")
 _NONFINITE = re.compile(r"\bnan\b|\binf\b|non-finite|nonfinite", re.IGNORECASE)
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLAFSDP")
+#: The texts of select_parameters' filter errors that a PairedModule member's error rewords
+#: (NTKSpectrumMonitor._member_error): a filter that selects nothing, names not found, a
+#: sub-module of another module.
+_NOTHING_SELECTED = "no trainable parameters selected"
+_NAMES_NOT_FOUND = "params= names not found"
+_FOREIGN_MODULE = "holds none of the model's parameters"
 
 
 #: ntk_spectrum arguments the monitor sets itself (its own constructor arguments).
@@ -601,6 +610,11 @@ class NTKSpectrumMonitor(Callback):
         # Warning sites (category, file, line) already relayed in this fit.
         self._warned_sites: set[tuple[Any, str]] = set()
         self._global_step = 0  # trainer.global_step at the last batch end
+        # trainer.global_step at the fit's start, the training batches since then while it has
+        # not advanced, and whether that was warned about (see _warn_no_steps)
+        self._fit_start_global = 0
+        self._unstepped_batches = 0
+        self._no_steps_warned = False
         self._start_probe = False  # the start probe is due at the next batch start
         # Shapes of the probe's input tensors (checkpointed: a resumed run with another probe
         # is told, and does not warm-start from vectors of another K).
@@ -789,6 +803,9 @@ class NTKSpectrumMonitor(Callback):
         self._unmatched = set()
         self._optim_checked = {}
         self._optim_warned = set()
+        self._fit_start_global = int(trainer.global_step)
+        self._unstepped_batches = 0
+        self._no_steps_warned = False
         if self.history:
             # A resumed (or continued) fit: Lightning starts it with empty callback_metrics, and
             # the uninterrupted run holds the last probe's values there until the next probe;
@@ -830,12 +847,12 @@ class NTKSpectrumMonitor(Callback):
     ) -> None:
         if self._start_probe:
             self._start_probe = False
-            self._step_offset = self._count_offset(trainer)
+            self._step_offset = self._count_offset(trainer, pl_module)
             if not is_quiet_run(trainer):
                 step = logger_step(trainer)
                 self._maybe_probe(trainer, pl_module, step, step + self._step_offset)
 
-    def _count_offset(self, trainer: pl.Trainer) -> int:
+    def _count_offset(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
         """The cadence count minus Lightning's logger step in this fit, at its first batch.
 
         Lightning 2.6 restores its logger step (``_batches_that_stepped``) one too high after a
@@ -848,14 +865,29 @@ class NTKSpectrumMonitor(Callback):
         one optimizer step early). The count the next batch has was saved with its ``global_step``
         (``step_anchor``): where the restored ``global_step`` is that one, the difference to
         Lightning's logger step now is the shift (0 where Lightning has it right; it carries
-        over later resumes). Elsewhere (no such state: an older checkpoint, a monitor new to
-        the fit, a checkpoint taken in a batch before this monitor's hook ran) the logger step
-        is taken as it is (0).
+        over later resumes).
+
+        Without that state (a checkpoint written before session 29, a monitor new to the fit,
+        a checkpoint taken in a batch before this monitor's hook ran), under automatic
+        optimization, where Lightning's logger step equals ``global_step`` at a batch start of
+        an uninterrupted run (gradient accumulation, ``max_epochs`` and ``max_steps`` alike), a
+        logger step one off ``global_step`` is such a shift, and the offset is their difference:
+        one above after a validation-end checkpoint, one below after a batch-end checkpoint
+        under Lightning 2.4 (such an older checkpoint's last probe step is then a global step,
+        as its run logged it). Anything else is taken as it is (0): manual optimization
+        (``global_step`` counts each optimizer's steps; such an older checkpoint still gives
+        probes one batch off where Lightning shifts), or an ``optimizer_step`` override that
+        skips steps (the two then differ by the skipped ones).
         """
         anchor = self._step_anchor
-        if anchor is None or anchor[0] != int(trainer.global_step):
-            return 0
-        return anchor[1] - logger_step(trainer)
+        logged = logger_step(trainer)
+        if anchor is not None and anchor[0] == int(trainer.global_step):
+            return anchor[1] - logged
+        shift = int(trainer.global_step) - logged
+        if pl_module.automatic_optimization and abs(shift) == 1:
+            # (an older checkpoint: Lightning's restore shift alone; re-review, session 29)
+            return shift
+        return 0
 
     def on_train_batch_end(
         self,
@@ -875,6 +907,10 @@ class NTKSpectrumMonitor(Callback):
         next_count = logger_step(trainer) + self._step_offset
         next_count += int(stepped if advances is None else advances)
         self._step_anchor = (int(trainer.global_step), next_count)  # (see _count_offset)
+        if trainer.global_step == self._fit_start_global:
+            self._unstepped_batches += 1
+            if self._unstepped_batches == max(100, 10 * (self._resolved_every or 1)):
+                self._warn_no_steps()
         if not stepped:
             return  # no optimizer stepped (gradient accumulation): the step has not ended
         per_batch = trainer.global_step - self._global_step
@@ -897,12 +933,34 @@ class NTKSpectrumMonitor(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._inputs = None  # release the probe batch (device memory)
+        if self._unstepped_batches and trainer.global_step == self._fit_start_global:
+            self._warn_no_steps()
         if self._pending_figure is not None:  # the last probe's spectrum figure
             step, spectra, kappas = self._pending_figure
             self._pending_figure = None
             writers = list(tensorboard_writers(trainer))
             if writers:
                 self._draw(writers, spectra, step, kappas)
+
+    def _warn_no_steps(self) -> None:
+        """Warn once per fit (``NTKProbeWarning``) that ``trainer.global_step`` has not advanced
+        in its training batches: at the fit's end, or after ``max(100, 10 · every_n_steps)``
+        such batches. The cadence counts optimizer steps; manual optimization that updates the
+        parameters by hand (no optimizer from ``configure_optimizers``) never advances it, and
+        the monitor made its fit-start probe only, without a word (re-review, session 29)."""
+        if self._no_steps_warned:
+            return
+        self._no_steps_warned = True
+        rank_zero_warn(
+            f"NTKSpectrumMonitor: trainer.global_step has not advanced in the "
+            f"{self._unstepped_batches} training batch(es) of this fit (no optimizer stepped): "
+            f"the probe cadence (every {self._resolved_every or 1} step(s)) counts optimizer "
+            "steps, so the monitor probes at most once in this fit, at its start. Under manual "
+            "optimization, update the parameters with an optimizer that configure_optimizers "
+            "returns (self.optimizers() and its step(); an update by hand, p -= lr * p.grad, "
+            "steps none).",
+            category=NTKProbeWarning,
+        )
 
     def _metric_prefix(self, tag: str) -> str:
         return f"{self.prefix}/" if tag == "" else f"{self.prefix}/{tag}/"
@@ -1609,17 +1667,38 @@ class NTKSpectrumMonitor(Callback):
     def _member_error(
         self, targets: Mapping[str, nn.Module] | None, tag: str, err: BaseException
     ) -> BaseException:
-        """The error of a ``params`` filter that selects nothing in one member of a
-        PairedModule, naming that member (the engine's own said "the model has no parameter
-        ... that matches", whichever member it was; review, session 29) and the way to a
-        filter that covers both naming schemes; ``err`` itself elsewhere (a plain module, or
-        another error than the engine's ValueError)."""
+        """The error of a ``params`` filter that fails in one member of a PairedModule, naming
+        that member (the engine's own says "the model", whichever member it was; review,
+        session 29) and the way to a filter that covers both naming schemes: a filter that
+        selects nothing there, a list with names the member lacks (the others may be found),
+        or a sub-module that is not the member's. ``err`` itself elsewhere: a plain module, or
+        another error (a complex parameter, a malformed filter), whose text holds for either
+        member (re-review, session 29: those were reported as selecting nothing)."""
         from glu_probe.ntk.functional import select_parameters
 
         if not isinstance(err, ValueError) or targets is None or len(targets) < 2:
             return err
         roles = dict(zip(targets, ("model", "baseline"), strict=False))
         role = roles.get(tag, tag)
+        text = str(err)
+        # (by the engine's texts, select_parameters in glu_probe.ntk.functional; each of them
+        # says "the model" for the module it was given)
+        if text.startswith(_NOTHING_SELECTED):
+            what = "selects nothing in the PairedModule's"
+            why = text.replace("the model has no", f"the {role} has no", 1)
+        elif text.startswith(_NAMES_NOT_FOUND):
+            what = "names parameters that are not in the PairedModule's"
+            why = text.replace(
+                "among the trainable parameters", f"among the {role}'s trainable parameters", 1
+            )
+        elif isinstance(self.params, nn.Module) and _FOREIGN_MODULE in text:
+            what = "is not a sub-module of the PairedModule's"
+            why = (
+                f"params= is a {type(self.params).__name__} that holds none of the {role}'s "
+                "parameters (a sub-module belongs to one member)"
+            )
+        else:
+            return err
         target = targets[tag]
         label = type(target).__name__ + ("" if tag == role else f", prefix {tag!r}")
         others = []
@@ -1632,12 +1711,10 @@ class NTKSpectrumMonitor(Callback):
                 continue
             others.append(f"{n} parameter tensor(s) of its {roles.get(other, other)}")
         matched = f"; the filter selects {', '.join(others)}" if others else ""
-        # (the engine's text calls whatever it selects from "the model")
-        why = str(err).replace("the model has no", f"the {role} has no", 1)
         return ValueError(
-            f"NTKSpectrumMonitor: params={self._filter_text()} selects nothing in the "
-            f"PairedModule's {role} ({label}{matched}): {why}. The two members may name their "
-            "layers differently (a swapped MLP's 'mlp' against BERT's 'intermediate.dense' and "
+            f"NTKSpectrumMonitor: params={self._filter_text()} {what} {role} ({label}{matched}): "
+            f"{why}. The filter is applied to each member, and the two may name their layers "
+            "differently (a swapped MLP's 'mlp' against BERT's 'intermediate.dense' and "
             "'output.dense', say): pass a callable (name, p) -> bool filter, or a regular "
             "expression that covers both naming schemes (params='re:...')."
         )
@@ -1652,12 +1729,15 @@ class NTKSpectrumMonitor(Callback):
         ``on_fit_start``) leaves the optimizer stepping the old, detached ones, and the κ
         series measured blocks that stayed at their initialization without a word (review,
         session 29). The probe is not changed: K still includes them. Nothing is checked
-        without optimizers (manual optimization that configures none)."""
+        without optimizers: a ``configure_optimizers`` that returns ``None`` (manual
+        optimization updating the parameters by hand) leaves ``trainer.optimizers`` Lightning's
+        placeholder, which holds no parameters and is not counted (it warned that every
+        parameter was untrained; re-review, session 29)."""
         names = set(selected)
         if self._optim_checked.get(tag) == names:
             return
         self._optim_checked[tag] = names
-        optimizers = list(getattr(trainer, "optimizers", None) or [])
+        optimizers = configured_optimizers(trainer)
         if tag in self._optim_warned or not optimizers:
             return
         # (every optimizer: a PairedModule has one per member)
