@@ -633,3 +633,48 @@ def test_a_normal_fit_is_not_told_that_global_step_never_advances(manual):
     assert monitor.history[-1]["ntk/condition_number"] == pytest.approx(
         _kappa64(module, x), rel=1e-9
     )
+
+
+def test_long_gradient_accumulation_is_not_told_that_global_step_never_advances():
+    """``accumulate_grad_batches=200`` leaves ``global_step`` where it was for 199 batches and
+    then steps: the mid-fit warning (at batch 100) told such a run that no optimizer stepped
+    and that it would be probed once (third re-review, session 29). It now fires mid-fit only
+    where no optimizer is configured; the probes follow the two optimizer steps."""
+
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.mse_loss(self(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(400, 5, generator=g), torch.randn(400, 2, generator=g))
+    monitor = NTKSpectrumMonitor(
+        every_n_steps=1, probe_size=8, dtype=torch.float64, log_histogram=False, log_figure=False
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        accumulate_grad_batches=200,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[monitor],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Net(), DataLoader(ds, batch_size=1))
+    assert trainer.global_step == 2
+    assert [h["step"] for h in monitor.history] == [0, 1, 2]
+    assert _texts(caught, "global_step has not advanced") == []

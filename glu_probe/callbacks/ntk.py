@@ -909,7 +909,14 @@ class NTKSpectrumMonitor(Callback):
         self._step_anchor = (int(trainer.global_step), next_count)  # (see _count_offset)
         if trainer.global_step == self._fit_start_global:
             self._unstepped_batches += 1
-            if self._unstepped_batches == max(100, 10 * (self._resolved_every or 1)):
+            # Mid-fit only where no optimizer is configured (the cause the warning names): a
+            # large accumulate_grad_batches, or manual optimization stepping every k batches,
+            # leaves global_step where it was for many batches and steps later (re-review,
+            # session 29: warned at batch 100 of accumulate_grad_batches=200). At the fit's end
+            # it warns where global_step never moved, whatever the optimizers.
+            if self._unstepped_batches == max(
+                100, 10 * (self._resolved_every or 1)
+            ) and not configured_optimizers(trainer):
                 self._warn_no_steps()
         if not stepped:
             return  # no optimizer stepped (gradient accumulation): the step has not ended
@@ -944,10 +951,11 @@ class NTKSpectrumMonitor(Callback):
 
     def _warn_no_steps(self) -> None:
         """Warn once per fit (``NTKProbeWarning``) that ``trainer.global_step`` has not advanced
-        in its training batches: at the fit's end, or after ``max(100, 10 · every_n_steps)``
-        such batches. The cadence counts optimizer steps; manual optimization that updates the
-        parameters by hand (no optimizer from ``configure_optimizers``) never advances it, and
-        the monitor made its fit-start probe only, without a word (re-review, session 29)."""
+        in its training batches: at the fit's end, or, where no optimizer is configured, after
+        ``max(100, 10 · every_n_steps)`` such batches. The cadence counts optimizer steps;
+        manual optimization that updates the parameters by hand (no optimizer from
+        ``configure_optimizers``) never advances it, and the monitor made its fit-start probe
+        only, without a word (re-review, session 29)."""
         if self._no_steps_warned:
             return
         self._no_steps_warned = True
