@@ -44,7 +44,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,18 +285,39 @@ def _read_event_file(path: Path) -> _EventFile:
             walls.append(float(hev.wall_time))
             steps.append(int(hev.step))
         out.histograms[tag] = snaps
-    lightning = "epoch" in out.scalars
+    prefix = _lightning_prefix(out.scalars)
+    lightning = prefix is not None
+
+    def bare(tag: str) -> str:  # (a TensorBoardLogger(prefix="p") writes "p-epoch", ...)
+        return tag[len(prefix) :] if prefix and tag.startswith(prefix) else tag
+
     for tag, pairs in out.scalars.items():
-        if tag not in _NOT_RESTART and (not lightning or tag == "epoch" or _MONITOR_TAG.match(tag)):
+        name = bare(tag)
+        if name not in _NOT_RESTART and (
+            not lightning or name == "epoch" or _MONITOR_TAG.match(name)
+        ):
             steps += [step for step, _ in pairs]
     if walls:
         out.first_wall, out.last_wall = min(walls), max(walls)
         out.started = min(out.started, out.first_wall)
     if steps:
         out.first_step = min(steps)
-    names = set(out.scalars) | set(out.histograms)
+    names = {bare(t) for t in set(out.scalars) | set(out.histograms)}
     out.trains = len(set(steps)) >= 2 or any(_TRAIN_TAG.search(t) for t in names)
     return out
+
+
+def _lightning_prefix(scalars: Mapping[str, Any]) -> str | None:
+    """The tag prefix of a Lightning ``TensorBoardLogger`` file (``""``; ``"p-"`` for
+    ``prefix="p"``, Lightning joining with ``-``), found from its ``epoch`` scalar; ``None``
+    where the file has none (not Lightning's), or several candidates. A prefixed logger's file
+    was read as a plain writer's, whose every step counts: its ``on_step`` validation values at
+    batch indices 0, 1, ... made a resumed fit look restarted at 0 (third re-review, session
+    29)."""
+    if "epoch" in scalars:
+        return ""
+    found = {tag[: -len("epoch")] for tag in scalars if tag.endswith("-epoch")}
+    return found.pop() if len(found) == 1 else None
 
 
 def _restart_cutoffs(

@@ -414,13 +414,13 @@ def _loaders():
     )
 
 
-def _trainer(root: Path, max_steps: int, callbacks=()):
+def _trainer(root: Path, max_steps: int, callbacks=(), prefix: str = ""):
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
 
     return pl.Trainer(
         max_steps=max_steps,
-        logger=TensorBoardLogger(str(root), name="r", version="v"),
+        logger=TensorBoardLogger(str(root), name="r", version="v", prefix=prefix),
         callbacks=list(callbacks),
         log_every_n_steps=1,
         enable_progress_bar=False,
@@ -481,12 +481,16 @@ def test_validate_and_test_calls_are_no_restart_and_not_purged(tmp_path: Path):
     assert steps[:16] == list(range(16)) and steps[-1] >= 23  # both fits, nothing dropped
 
 
-def test_crashed_lightning_fit_resumed_drops_its_orphans(tmp_path: Path):
+@pytest.mark.parametrize("prefix", ["", "p"])
+def test_crashed_lightning_fit_resumed_drops_its_orphans(tmp_path: Path, prefix: str):
     """A fit crashes at step 12 after a checkpoint at step 8 and logged ``spike`` at 10; the run
     resumed from step 8 (same folder) logs its validation's ``val_batch`` at batch indices 0..3:
     the restart is its first training step (8; 7 under Lightning 2.4, which logs the batch
     that made the checkpoint again), not 0. The crashed run's ``spike`` and its ``train_loss``
-    from there on are dropped, with one warning naming its file and that step."""
+    from there on are dropped, with one warning naming its file and that step. Also under a
+    ``TensorBoardLogger(prefix="p")`` (tags ``p-epoch``, ``p-train_loss``, ...), whose file was
+    read as a plain writer's: the orphans were kept and the clocks blamed (third re-review)."""
+    tag = (lambda name: f"{prefix}-{name}") if prefix else (lambda name: name)
     import lightning.pytorch as pl
 
     class _Crash(pl.Callback):
@@ -501,11 +505,13 @@ def test_crashed_lightning_fit_resumed_drops_its_orphans(tmp_path: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(RuntimeError, match="crash"):
-            _trainer(tmp_path, 30, [_Crash()]).fit(_Logged.make(spike_at=10), train, val)
+            _trainer(tmp_path, 30, [_Crash()], prefix).fit(_Logged.make(spike_at=10), train, val)
         time.sleep(0.05)
         torch.manual_seed(1)  # (other weights: the resumed run's values are told apart)
         resumed = _Logged.make()
-        _trainer(tmp_path, 24).fit(resumed, train, val, ckpt_path=str(tmp_path / "c.ckpt"))
+        _trainer(tmp_path, 24, prefix=prefix).fit(
+            resumed, train, val, ckpt_path=str(tmp_path / "c.ckpt")
+        )
     files = sorted((tmp_path / "r" / "v").glob("events.out.tfevents.*"))
     assert len(files) == 2
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -517,16 +523,16 @@ def test_crashed_lightning_fit_resumed_drops_its_orphans(tmp_path: Path):
         tags = acc.Tags()["scalars"]
         per_file[f.name] = {t: {e.step: e.value for e in acc.Scalars(t)} for t in tags}
     crashed, resumed_file = (per_file[f.name] for f in files)
-    restart = min(resumed_file["train_loss"])
-    assert 10 in crashed["spike"] and max(crashed["train_loss"]) >= 10
-    assert min(resumed_file["val_batch"]) == 0 and 7 <= restart <= 8
+    restart = min(resumed_file[tag("train_loss")])
+    assert 10 in crashed[tag("spike")] and max(crashed[tag("train_loss")]) >= 10
+    assert min(resumed_file[tag("val_batch")]) == 0 and 7 <= restart <= 8
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sub = load_run(tmp_path).subruns["r/v"]
-    assert "spike" not in sub.scalars
-    loss = sub.scalars["train_loss"]
-    expected = {s: v for s, v in crashed["train_loss"].items() if s < restart}
-    expected.update(resumed_file["train_loss"])
+    assert tag("spike") not in sub.scalars
+    loss = sub.scalars[tag("train_loss")]
+    expected = {s: v for s, v in crashed[tag("train_loss")].items() if s < restart}
+    expected.update(resumed_file[tag("train_loss")])
     assert loss.steps.tolist() == sorted(expected)
     np.testing.assert_array_equal(loss.values, [expected[s] for s in sorted(expected)])
     (said,) = _purge_warnings(caught)
