@@ -158,7 +158,7 @@ def _snapshot(model: nn.Module) -> list[list[tuple[object, object]]]:
     dicts = [
         g._global_forward_hooks,
         g._global_forward_pre_hooks,
-        g._global_forward_hooks_with_kwargs,
+        getattr(g, "_global_forward_hooks_with_kwargs", {}),  # (torch >= 2.5)
         g._global_forward_hooks_always_called,
     ]
     for m in model.modules():
