@@ -769,3 +769,217 @@ def test_fit_with_model_generator_and_train_mode_monitor_matches_the_run_without
             assert torch.equal(g0, g1), method
     finally:
         torch.use_deterministic_algorithms(deterministic)
+
+
+# ------------------------------------------- third round: a forward hook collecting gradients
+# ``out.register_hook(lambda g: gnorms.append(g.norm()))`` from a forward hook: the second
+# round kept every hook that registers a gradient hook, so this collector ran in the
+# transformed passes (functorch tensors in the user's list; a Lightning fit with the monitor
+# ended in an INTERNAL ASSERT). Its gradient hooks only read the gradient: taken out.
+def _grad_collector_model(scale: bool = False) -> tuple[nn.Sequential, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    m = mlp()
+    grads: list[torch.Tensor] = []
+
+    def collect(mod, args, out):
+        if out.requires_grad:
+            out.register_hook(lambda g: grads.append(g.norm()))
+            if scale:  # (a second gradient hook, changing it: the forward hook stays)
+                out.register_hook(lambda g: 3.0 * g)
+
+    m[2].register_forward_hook(collect)
+    return m, grads
+
+
+def test_forward_hook_collecting_gradients_is_taken_out():
+    m, grads = _grad_collector_model()
+    torch.manual_seed(1)
+    x = torch.randn(8, 6)
+    T = truth_K(_unhooked(m), x)
+    for strategy in ("auto", "jacobian", "structured", "operator"):
+        grads.clear()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            K = ntk_matrix(m, x, strategy=strategy)
+        assert rel(K, T) < 1e-10, strategy
+        assert not any("hook" in str(i.message) for i in w), strategy
+        assert 1 <= len(grads) <= 2 and all(_plain(g) for g in grads), strategy
+        torch.stack(grads)  # (the user's epoch end)
+    ev = torch.linalg.eigvalsh(T)
+    for method in ("dense", "lanczos"):
+        grads.clear()
+        s = ntk_spectrum(m, x, method=method, dtype=torch.float64)
+        assert abs(s.lambda_max - float(ev[-1])) <= 1e-9 * float(ev[-1]), method
+        assert all(_plain(g) for g in grads), method
+    assert not hasattr(torch.Tensor.register_hook, "__glu_probe_original__")
+
+
+def test_forward_hook_collecting_and_scaling_gradients_stays_in():
+    m, _ = _grad_collector_model(scale=True)
+    torch.manual_seed(1)
+    x = torch.randn(8, 6)
+    T = truth_K(m, x)
+    assert rel(truth_K(_unhooked(m), x), T) > 0.03
+    for strategy in ("jacobian", "operator"):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            K = ntk_matrix(m, x, strategy=strategy)
+        assert rel(K, T) < 1e-10, strategy
+        assert any("changes the gradient" in str(i.message) for i in w), strategy
+
+
+def test_fit_with_a_gradient_collector_and_the_monitor_matches_the_run_without():
+    pl = pytest.importorskip("lightning.pytorch")
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from glu_probe.callbacks import NTKSpectrumMonitor
+
+    class LM(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+            self.gnorms: list[torch.Tensor] = []
+            self.epochs: list[torch.Tensor] = []
+
+            def hook(mod, a, o):
+                if o.requires_grad:
+                    o.register_hook(lambda g: self.gnorms.append(g.norm()))
+
+            self.net[1].register_forward_hook(hook)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, i):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def on_train_epoch_end(self):
+            assert all(_plain(t) for t in self.gnorms)
+            self.epochs.append(torch.stack(self.gnorms).mean())
+            self.gnorms.clear()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def run(callbacks):
+        pl.seed_everything(0, verbose=False)
+        dl = DataLoader(TensorDataset(torch.randn(32, 6), torch.randint(0, 3, (32,))), batch_size=8)
+        m = LM()
+        tr = pl.Trainer(
+            max_epochs=2,
+            callbacks=callbacks,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tr.fit(m, dl)
+        return torch.cat([p.detach().flatten() for p in m.parameters()]), m, tr
+
+    p0, _, _ = run([])
+    for method in ("dense", "lanczos"):
+        p1, m1, tr = run([NTKSpectrumMonitor(every_n_steps=2, method=method)])
+        assert any(k.startswith("ntk/") for k in tr.callback_metrics), method
+        assert torch.equal(p0, p1), method
+        assert len(m1.epochs) == 2 and all(torch.isfinite(e) for e in m1.epochs), method
+
+
+# ------------------------------------- third round: generator search cost, and the messages
+def test_generator_search_is_bounded_and_done_once_per_call(monkeypatch):
+    """A 1M-entry vocabulary list was walked whole, and again for every sample's seeded block
+    (a tiny MLP's probe 0.0066 s -> 0.38 s): containers over 64 entries are not looked into,
+    and the seeded blocks reuse the generators found once."""
+    import glu_probe.ntk.dense as dense_mod
+    import glu_probe.ntk.functional as functional_mod
+
+    m = OwnNoise().train()
+    m.big = [torch.Generator(), *range(100)]  # (too large a container: not looked into)
+    m.few = {"g": torch.Generator(), "n": 1}
+    assert [w for w, _ in functional_mod.model_generators(m)] == ["gen", "few['g']"]
+    m.vocab = [f"tok{i}" for i in range(100_000)]
+    calls = [0]
+    original = functional_mod.model_generators
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(functional_mod, "model_generators", counted)
+    monkeypatch.setattr(dense_mod, "model_generators", counted)
+    x = torch.randn(24, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ntk_matrix(m, x, eval_mode=False, strategy="jacobian")
+    assert calls[0] < 12  # (one per session and per rows call, not one per sample: 24+)
+
+
+def test_refusals_name_a_nonlinear_gradient_hook_and_an_unfound_generator():
+    from glu_probe.ntk.operator import MatrixFreeUnavailableError
+
+    class ClipNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.c = nn.Linear(6, 32), nn.Linear(32, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            if h.requires_grad:
+                h.register_hook(lambda g: g.clamp(-0.01, 0.01))
+            return self.c(h)
+
+    torch.manual_seed(0)
+    x = torch.randn(10, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(MatrixFreeUnavailableError, match="not linear in its gradient"):
+            ntk_spectrum(ClipNet(), x, method="lanczos", dtype=torch.float64)
+
+    class LazyNoise(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 32), nn.Linear(32, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            if getattr(self, "gen", None) is None:
+                self.gen = torch.Generator().manual_seed(7)
+            return self.b(h + 0.1 * torch.randn(h.shape, generator=self.gen, dtype=h.dtype))
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with contextlib.suppress(Exception):
+            ntk_matrix(LazyNoise().train(), torch.randn(8, 6), eval_mode=False)
+    texts = [str(i.message) for i in w if "not independent" in str(i.message)]
+    assert texts and all("torch.Generator the probe cannot find" in t for t in texts)
+
+
+@pytest.mark.parametrize("kind", ["in-place", "multi-grad collector"])
+def test_gradient_hook_changing_in_place_stays_and_multi_grad_collector_is_out(kind):
+    torch.manual_seed(0)
+    m = mlp()
+    seen: list[torch.Tensor] = []
+
+    def hook(mod, args, out):
+        if not out.requires_grad:
+            return
+        if kind == "in-place":
+            out.register_hook(lambda g: (g.mul_(3.0), None)[1])
+        else:
+            torch.autograd.graph.register_multi_grad_hook((out,), lambda gs: seen.append(gs[0]))
+
+    m[2].register_forward_hook(hook)
+    torch.manual_seed(1)
+    x = torch.randn(8, 6)
+    T = truth_K(m, x)
+    seen.clear()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        K = ntk_matrix(m, x, strategy="jacobian")
+    assert rel(K, T) < 1e-10
+    warned = any("changes the gradient" in str(i.message) for i in w)
+    assert warned == (kind == "in-place")
+    assert all(_plain(t) for t in seen) and len(seen) <= 2

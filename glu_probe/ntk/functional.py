@@ -949,6 +949,12 @@ class _Watched:
         self.returns = False
         self.mutates = False
         self.registers = False
+        #: The gradient hooks it registered (``Tensor.register_hook``,
+        #: ``register_multi_grad_hook``), each wrapped in a :class:`_GradHookRecord`.
+        self.grad_hooks: list[_GradHookRecord] = []
+        #: Whether it registered a hook that the probe cannot run in a plain reverse pass (a
+        #: module backward hook, a post-accumulate-grad hook: never taken for a collector).
+        self.opaque = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
@@ -964,12 +970,34 @@ class _Watched:
             stack.pop()
         self.calls += 1
         self.returns |= result is not None
-        self.registers |= _global_backward_hook_count() != backward
+        if _global_backward_hook_count() != backward:
+            self.registers = self.opaque = True
         after = _state_of(module)
         self.mutates |= (
             any(_version(t) != v for t, v in zip(tensors, versions, strict=True))
             or (state is not None and after is not None and len(state) != len(after))
             or (state is not None and after is not None and any(map(operator.is_not, state, after)))
+        )
+        return result
+
+
+class _GradHookRecord:
+    """A gradient hook that a watched forward hook registered (:func:`_noting`), called as it
+    is, recording whether it was called and whether it changed the gradient: it returned a
+    value, or changed a tensor it was given in place (its version counter)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.calls = 0
+        self.changes = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        versions = [_version(t) for t in tensors]
+        result = self.fn(*args, **kwargs)
+        self.calls += 1
+        self.changes |= result is not None or any(
+            _version(t) != v for t, v in zip(tensors, versions, strict=True)
         )
         return result
 
@@ -991,13 +1019,16 @@ _REGISTERING = _Registering()
 #: running in its thread. Not seen: ``grad_fn.register_hook`` / ``register_prehook`` (methods
 #: of C++ types, which cannot be wrapped) and a registrar bound by name before the pass
 #: (``from torch.autograd.graph import register_multi_grad_hook``).
-_GRAD_REGISTRARS: tuple[tuple[Any, str], ...] = (
-    (torch.Tensor, "register_hook"),
-    (torch.Tensor, "register_post_accumulate_grad_hook"),
-    (torch.autograd.graph, "register_multi_grad_hook"),
-    (nn.Module, "register_full_backward_hook"),
-    (nn.Module, "register_full_backward_pre_hook"),
-    (nn.Module, "register_backward_hook"),
+#: The third entry: where the registrar takes the gradient hook (its positional index and
+#: keyword), which :func:`_noting` wraps in a :class:`_GradHookRecord`; ``None``: a hook the
+#: probe does not run in its plain reverse pass (the forward hook is then always kept).
+_GRAD_REGISTRARS: tuple[tuple[Any, str, tuple[int, str] | None], ...] = (
+    (torch.Tensor, "register_hook", (1, "hook")),
+    (torch.Tensor, "register_post_accumulate_grad_hook", None),
+    (torch.autograd.graph, "register_multi_grad_hook", (1, "fn")),
+    (nn.Module, "register_full_backward_hook", None),
+    (nn.Module, "register_full_backward_pre_hook", None),
+    (nn.Module, "register_backward_hook", None),
 )
 
 _REGISTRARS_LOCK = threading.Lock()
@@ -1013,11 +1044,31 @@ def _global_backward_hook_count() -> int:
     return len(module_mod._global_backward_hooks) + len(module_mod._global_backward_pre_hooks)
 
 
-def _noting(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _noting(fn: Callable[..., Any], hook_at: tuple[int, str] | None) -> Callable[..., Any]:
+    """``fn`` (a registrar of :data:`_GRAD_REGISTRARS`) marking the watched hooks running in
+    this thread as registering, and handing on the gradient hook at ``hook_at`` wrapped in a
+    :class:`_GradHookRecord` that each of them keeps (``hook_at`` ``None``: marked opaque)."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        for watch in _REGISTERING.stack:  # (an outer hook that ran this one: kept too)
+        stack = _REGISTERING.stack
+        if not stack:  # (another thread's, or a registration outside the watched hooks)
+            return fn(*args, **kwargs)
+        record = None
+        if hook_at is not None:
+            index, keyword = hook_at
+            if len(args) > index and callable(args[index]):
+                record = _GradHookRecord(args[index])
+                args = (*args[:index], record, *args[index + 1 :])
+            elif callable(kwargs.get(keyword)):
+                record = _GradHookRecord(kwargs[keyword])
+                kwargs = {**kwargs, keyword: record}
+        for watch in stack:  # (an outer hook that ran this one: kept too)
             watch.registers = True
+            if record is None:
+                watch.opaque = True
+            else:
+                watch.grad_hooks.append(record)
         return fn(*args, **kwargs)
 
     wrapper.__glu_probe_original__ = fn  # type: ignore[attr-defined]
@@ -1032,8 +1083,8 @@ def _registrations_watched() -> Iterator[None]:
     as ever."""
     with _REGISTRARS_LOCK:
         if _REGISTRARS_USERS[0] == 0:
-            for owner, name in _GRAD_REGISTRARS:
-                setattr(owner, name, _noting(getattr(owner, name)))
+            for owner, name, hook_at in _GRAD_REGISTRARS:
+                setattr(owner, name, _noting(getattr(owner, name), hook_at))
         _REGISTRARS_USERS[0] += 1
     try:
         yield
@@ -1041,7 +1092,7 @@ def _registrations_watched() -> Iterator[None]:
         with _REGISTRARS_LOCK:
             _REGISTRARS_USERS[0] -= 1
             if _REGISTRARS_USERS[0] == 0:
-                for owner, name in _GRAD_REGISTRARS:
+                for owner, name, _ in _GRAD_REGISTRARS:
                     wrapper = getattr(owner, name)
                     setattr(owner, name, getattr(wrapper, "__glu_probe_original__", wrapper))
 
@@ -1191,15 +1242,21 @@ def _kind(t: type) -> int:
     return kind
 
 
+#: The largest list, tuple or dict attribute that :func:`model_generators` looks into (a
+#: 1M-entry vocabulary list took 0.37 s a probe to walk; review, session 29).
+_MAX_HOLDER = 64
+
+
 def model_generators(
     model: nn.Module, modules: Sequence[nn.Module] | None = None
 ) -> list[tuple[str, torch.Generator]]:
     """The ``torch.Generator`` objects that ``model``'s modules (``modules``, where given:
     ``list(model.modules())``) hold as attributes, directly or in a list, tuple or dict
-    attribute (one level deep), each once, in module order, with where it is held
-    (``"noise.gen"``, ``"gens[1]"``): a model that draws its train-mode noise from its own
-    generator (``torch.randn(..., generator=self.gen)``). Generators held deeper, or only in a
-    closure, are not found."""
+    attribute of at most 64 entries (one level deep), each once, in module order, with where
+    it is held (``"noise.gen"``, ``"gens[1]"``): a model that draws its train-mode noise from
+    its own generator (``torch.randn(..., generator=self.gen)``). Generators held deeper, in a
+    larger container, in another object (a ``SimpleNamespace``), or only in a closure, are
+    not found."""
     found: list[tuple[str, torch.Generator]] = []
     seen: set[int] = set()
     kinds = _KINDS
@@ -1216,6 +1273,8 @@ def model_generators(
                 continue
             if kind == 1:
                 held: list[tuple[str, Any]] = [(name, value)]
+            elif len(value) > _MAX_HOLDER:
+                continue
             elif kind == 2:
                 held = [(f"{name}[{k}]", v) for k, v in enumerate(value) if _kind(type(v)) == 1]
             elif name in _NOT_HOLDERS or not value:
@@ -2086,7 +2145,10 @@ class ProbeFunction:
             f"the probe's samples are not independent: the {which} sample's rows computed alone "
             "differ from its rows in the batch, or are not finite alone (the forward pass couples "
             "the samples, e.g. train-mode BatchNorm, batch-mean centring or standardisation, or "
-            "an input whose leading dimension equals the batch size is not one entry per sample)"
+            "an input whose leading dimension equals the batch size is not one entry per "
+            "sample; or the model draws from a torch.Generator the probe cannot find, held "
+            "deeper than one level in a container or created during the forward, so that its "
+            "passes draw different numbers: hold it as a module attribute)"
         )
 
     def _check(self) -> tuple[int, int]:
@@ -2212,10 +2274,16 @@ class ProbeFunction:
         they did in the validating pass (:class:`_Watched`).
 
         A hook that returns a value (a scaled output, torch.ao's fake-quantizing observer),
-        changes its arguments or its module in place, or registers a hook with autograd (a
-        gradient scaling or reversal: ``out.register_hook(lambda g: -g)``, which changes the
-        backward pass and no value of the forward) is part of the model's function: it stays,
-        with a warning for a hook that returns None. A hook that only watches (an
+        changes its arguments or its module in place, or registers a gradient hook that changes
+        the gradient (a gradient scaling or reversal: ``out.register_hook(lambda g: -g)``,
+        which changes the backward pass and no value of the forward) is part of the model's
+        function: it stays, with a warning for a hook that returns None. Whether its gradient
+        hooks change the gradient is seen by running them, in one plain forward and reverse
+        pass (:meth:`_gradient_collectors`, only where a hook registered one): a hook whose
+        gradient hooks all returned None and changed nothing in place (a gradient-norm
+        collector) only watches; one that registers a hook the probe cannot run that way (a
+        module backward hook, a post-accumulate-grad hook), or whose gradient hooks did not
+        all run, stays. A hook that only watches (an
         activation-statistics collector) is taken out, provided that the validating pass's rows
         (at ``leaves``), repeated without those hooks (one more forward pass that saves nothing
         for a backward, only where there are such hooks), agree within √ε of the rows' scale
@@ -2232,6 +2300,12 @@ class ProbeFunction:
         self._observers = []
         if rows.numel() == 0:  # (refused by _check)
             return
+        registering = [
+            (site, w) for site, w in watched if w.calls and w.registers and not w.returns
+        ]
+        if registering:
+            for _, w in self._gradient_collectors(registering, chunks):
+                w.registers = False  # (its gradient hooks only read the gradient)
         candidates = [
             site for site, w in watched if w.calls and not (w.returns or w.mutates or w.registers)
         ]
@@ -2247,8 +2321,14 @@ class ProbeFunction:
                 remedy.append("return the changed value instead of changing it in place")
             if any(w.registers for _, w in kept):
                 # (a gradient scaling or reversal: it changes training's J, so it stays)
-                what.append("register a hook with autograd (a gradient hook)")
-                remedy.append("keep a gradient hook and a collector in separate hooks")
+                what.append(
+                    "register a gradient hook that changes the gradient (or one the probe "
+                    "could not run in a plain backward pass)"
+                )
+                remedy.append(
+                    "register a gradient hook that only reads the gradient (a gradient-norm "
+                    "collector) from a forward hook of its own, apart from one that changes it"
+                )
             warnings.warn(
                 f"{len(kept)} forward hook(s) of the model (e.g. {_hook_name(kept[0][0])}) "
                 "return None but "
@@ -2300,6 +2380,50 @@ class ProbeFunction:
             RuntimeWarning,
             stacklevel=external_stacklevel(),
         )
+
+    def _gradient_collectors(
+        self,
+        registering: list[tuple[_HookSite, _Watched]],
+        chunks: list[tuple[int, int]] | None,
+    ) -> list[tuple[_HookSite, _Watched]]:
+        """Those of ``registering`` (forward hooks that registered a hook with autograd in the
+        validating pass, which never runs backward) whose gradient hooks only read the
+        gradient (a gradient-norm collector): one plain forward pass with autograd (the
+        validating pass's first chunk, its hooks watched again) and one reverse pass of its
+        rows' sum to fresh leaves, in which each gradient hook that those hooks register is
+        called as it is (:class:`_GradHookRecord`: its values are plain tensors, in the
+        probe's dtype). A forward hook is a collector where it registered only such gradient
+        hooks (``Tensor.register_hook``, ``register_multi_grad_hook``), every one of them was
+        called, and none returned a value or changed its gradient in place. None where the
+        passes fail (the hooks then stay)."""
+        fresh = tuple(p.detach().requires_grad_(True) for p in self.params)
+        again: list[tuple[_HookSite, _Watched]] = []
+        try:
+            with (
+                self.session(),
+                torch.enable_grad(),
+                _watching(list(self.model.modules())) as again,
+            ):
+                rows = self._rows_in(fresh, chunks[:1] if chunks else None, warn=False)
+                if not rows.requires_grad:
+                    return []
+                torch.autograd.grad(rows.sum(), fresh, allow_unused=True)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:
+            return []
+        by_site = {(id(site[0]), site[1]): w for site, w in again}
+        collectors = []
+        for site, w in registering:
+            w2 = by_site.get((id(site[0]), site[1]))
+            if (
+                w2 is not None
+                and not (w.opaque or w2.opaque or w2.returns or w2.mutates)
+                and w2.grad_hooks
+                and all(r.calls and not r.changes for r in w2.grad_hooks)
+            ):
+                collectors.append((site, w))
+        return collectors
 
     def _validation_chunks(self) -> list[tuple[int, int]] | None:
         """Sample ranges of the validating forward under ``memory_budget`` (``None``: the

@@ -1147,7 +1147,11 @@ class NTKOperator:
                 f"unavailable or disagrees with reverse mode, and {measured}{reason}). An "
                 "operation's backward is not differentiable: typically a custom "
                 "autograd.Function whose backward is @once_differentiable, whose path "
-                "torch.func drops from a double backward without an error. Its products would "
+                "torch.func drops from a double backward without an error, or a gradient hook "
+                "that is not linear in its gradient (clipping, clamping); or the model draws "
+                "from a torch.Generator the probe cannot find (held deeper than one level in a "
+                "container, or created during the forward), so its passes draw different "
+                "numbers: hold it as a module attribute. Its products would "
                 f"be wrong. {_without_products_advice(self.probe)}; or give the Function a "
                 "jvp staticmethod that agrees with its backward (forward-mode products)"
             )
@@ -1160,7 +1164,10 @@ class NTKOperator:
                 f"run there: {'; '.join(failed)}). Rounding of {name} alone (an "
                 "ill-conditioned forward) can cause it, "
                 "as can an operation whose backward is not differentiable (a custom "
-                "autograd.Function with a @once_differentiable backward); the products are "
+                "autograd.Function with a @once_differentiable backward, a gradient hook that "
+                "is not linear in its gradient), or a torch.Generator of the model's that the "
+                "probe cannot find (held deeper than one level in a container, or created "
+                "during the forward: hold it as a module attribute); the products are "
                 f"not used unverified. {_without_products_advice(self.probe)}"
             )
         raise self._refused
