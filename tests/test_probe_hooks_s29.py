@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -983,3 +984,120 @@ def test_gradient_hook_changing_in_place_stays_and_multi_grad_collector_is_out(k
     warned = any("changes the gradient" in str(i.message) for i in w)
     assert warned == (kind == "in-place")
     assert all(_plain(t) for t in seen) and len(seen) <= 2
+
+
+# ------------------------------------------------- fourth re-review: what a gradient hook reads
+def _tanh_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3)
+    )
+
+
+def _explicit_K(model: nn.Module, x: torch.Tensor, output: Any = None) -> torch.Tensor:
+    """K of the pNTK rows (or ``output(out)`` flattened) from per-row float64 reverse-mode
+    gradients of a deep copy, its hooks included."""
+    m = copy.deepcopy(model).double().eval()
+    ps = [p for p in m.parameters() if p.requires_grad]
+    out = m(x.double())
+    if output is None:
+        rows = out.reshape(out.shape[0], -1).sum(-1) / out[0].numel() ** 0.5
+    else:
+        rows = output(out).reshape(-1)
+    J = torch.stack(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(r, ps, retain_graph=True)])
+            for r in rows
+        ]
+    )
+    return J @ J.T
+
+
+def _probe_or_error(model: nn.Module, x: torch.Tensor, **kw: Any) -> torch.Tensor | None:
+    """K, or None where the probe refused (an error, as at the session's start)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return ntk_matrix(model, x, **kw)
+        except (RuntimeError, NotImplementedError):
+            return None
+
+
+@pytest.mark.parametrize("strategy", ["jacobian", "operator"])
+def test_gradient_hook_changing_g_data_is_never_taken_for_a_collector(strategy):
+    """``g.data.mul_(3)`` returns None and leaves ``g``'s version counter as it was: the third
+    round took it for a collector and gave the unhooked model's K (0.76 off), silently. Its
+    values changed: it stays, and the probe is exact or refuses (as at the session's start)."""
+    m = _tanh_mlp()
+
+    def hook(mod, args, out):
+        if out.requires_grad:
+            out.register_hook(lambda g: (g.data.mul_(3.0), None)[1])
+
+    m[2].register_forward_hook(hook)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    truth = _explicit_K(m, x)
+    K = _probe_or_error(m, x, strategy=strategy)
+    assert K is None or torch.allclose(K, truth, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_gradient_hook_branching_on_the_gradient_is_never_taken_for_a_collector(inplace):
+    """A clipping hook (``if g.norm() > c: return g * c / g.norm()``, else None) did nothing on
+    the probe's one reverse pass of the rows' sum (centred logits: a zero gradient there), was
+    taken for a collector, and K was the unhooked model's (0.41-0.65 off), silently. A hook
+    that reads the gradient's values into Python stays: exact, or refused."""
+    m = _tanh_mlp()
+    c = 1e-3
+
+    def clip(g):
+        if inplace:
+            if g.abs().max() > c:
+                g.clamp_(-c, c)
+            return None
+        n = g.norm()
+        if n > c:
+            return g * (c / n)
+        return None
+
+    def hook(mod, args, out):
+        if out.requires_grad:
+            out.register_hook(clip)
+
+    m[2].register_forward_hook(hook)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+
+    def centred(o: torch.Tensor) -> torch.Tensor:
+        return o - o.mean(-1, keepdim=True)
+
+    truth = _explicit_K(m, x, centred)
+    K = _probe_or_error(m, x, output=centred, strategy="jacobian")
+    assert K is None or torch.allclose(K, truth, rtol=1e-8, atol=1e-12)
+
+
+def test_gradient_logger_passing_its_gradient_through_is_a_collector():
+    """``def h(g): norms.append(g.norm()); return g`` (a logger's pass-through) counted as a
+    change: kept in the transformed passes, its list held functorch tensors and a fit with the
+    monitor ended in an internal assert. Returning its own argument changes nothing: taken out,
+    K exact, plain entries only."""
+    m = _tanh_mlp()
+    norms: list[torch.Tensor] = []
+
+    def log(g):
+        norms.append(g.norm())
+        return g
+
+    def hook(mod, args, out):
+        if out.requires_grad:
+            out.register_hook(log)
+
+    m[2].register_forward_hook(hook)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    truth = _explicit_K(m, x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        K = ntk_matrix(m, x, strategy="jacobian")
+    assert torch.allclose(K, truth, rtol=1e-10, atol=0)
+    assert not [w for w in caught if "forward hook" in str(w.message)]
+    assert norms and all(type(t) is torch.Tensor for t in norms)
+    torch.stack(norms)

@@ -37,6 +37,7 @@ from typing import Any, TypeGuard, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -981,10 +982,44 @@ class _Watched:
         return result
 
 
+#: Tensor methods that read values into Python (control flow on the gradient's values).
+_VALUE_READS = frozenset(
+    {
+        Tensor.__bool__,
+        Tensor.item,
+        Tensor.tolist,
+        Tensor.__float__,
+        Tensor.__int__,
+        Tensor.__index__,
+        Tensor.numpy,
+    }
+)
+
+
+class _ValueReads(TorchFunctionMode):
+    """Notes whether the code under it read a tensor's values into Python (``bool(g.norm() >
+    c)``, ``.item()``): a gradient hook that branches on the gradient may change it on other
+    gradients than the one it was shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read = False
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in _VALUE_READS:
+            self.read = True
+        return func(*args, **(kwargs or {}))
+
+
 class _GradHookRecord:
     """A gradient hook that a watched forward hook registered (:func:`_noting`), called as it
-    is, recording whether it was called and whether it changed the gradient: it returned a
-    value, or changed a tensor it was given in place (its version counter)."""
+    is, recording whether it was called and whether it may change the gradient: it returned a
+    value other than a tensor it was given, changed one of them in place (its version counter,
+    or its values: ``g.data.mul_(3)`` leaves the counter as it was), or read the gradient's
+    values into Python (``if g.norm() > c: ...``: one pass cannot show that it only reads; a
+    clipping hook that did nothing on the probe's one reverse pass was taken for a collector,
+    K 0.5-3.7x off; fourth re-review, session 29). Returning its own argument (``return g``, a
+    logger's pass-through) changes nothing."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
@@ -994,10 +1029,15 @@ class _GradHookRecord:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         versions = [_version(t) for t in tensors]
-        result = self.fn(*args, **kwargs)
+        before = [t.detach().clone() for t in tensors]
+        with _ValueReads() as reads:
+            result = self.fn(*args, **kwargs)
         self.calls += 1
-        self.changes |= result is not None or any(
-            _version(t) != v for t, v in zip(tensors, versions, strict=True)
+        self.changes |= (
+            not (result is None or any(result is t for t in tensors))
+            or reads.read
+            or any(_version(t) != v for t, v in zip(tensors, versions, strict=True))
+            or any(not torch.equal(b, t) for b, t in zip(before, tensors, strict=True))
         )
         return result
 
