@@ -435,6 +435,7 @@ def _read_dir(path: Path, name: str) -> SubRun:
     for tag, hkept in hist_by_step.items():
         if hkept:
             sub.histograms[tag] = [hkept[s] for s in sorted(hkept)]
+    _strip_logger_prefix(sub)
     meta = path / "pair.json"
     if not meta.is_file():
         meta = path.parent / "pair.json"
@@ -451,6 +452,25 @@ def _read_dir(path: Path, name: str) -> SubRun:
         except (OSError, ValueError):
             sub.labels = {}
     return sub
+
+
+def _strip_logger_prefix(sub: SubRun) -> None:
+    """Drop a ``TensorBoardLogger(prefix="p")``'s ``p-`` from the sub-run's tags where every tag
+    has it (``hp_metric`` aside): the summary looks tags up by their logged names
+    (``model/train_loss``, ``ntk/...``), and a prefixed run's read as all ``nan`` with no word
+    (third re-review, session 29). A folder mixing prefixed and other tags is left as it is."""
+    prefix = _lightning_prefix(sub.scalars)
+    if not prefix:
+        return
+    tags = [t for t in [*sub.scalars, *sub.histograms] if t not in _NOT_RESTART]
+    if not all(t.startswith(prefix) for t in tags):
+        return
+    sub.scalars = {
+        (t[len(prefix) :] if t.startswith(prefix) else t): v for t, v in sub.scalars.items()
+    }
+    sub.histograms = {
+        (t[len(prefix) :] if t.startswith(prefix) else t): v for t, v in sub.histograms.items()
+    }
 
 
 def load_run(run_dir: str | os.PathLike[str]) -> RunData:

@@ -529,8 +529,9 @@ def test_crashed_lightning_fit_resumed_drops_its_orphans(tmp_path: Path, prefix:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sub = load_run(tmp_path).subruns["r/v"]
-    assert tag("spike") not in sub.scalars
-    loss = sub.scalars[tag("train_loss")]
+    # (the report drops a logger prefix every tag has: the tags as logged)
+    assert "spike" not in sub.scalars and tag("spike") not in sub.scalars
+    loss = sub.scalars["train_loss"]
     expected = {s: v for s, v in crashed[tag("train_loss")].items() if s < restart}
     expected.update(resumed_file[tag("train_loss")])
     assert loss.steps.tolist() == sorted(expected)
@@ -656,3 +657,22 @@ def test_pair_json_whose_prefixes_match_nothing_falls_back_to_the_tags(tmp_path:
     assert [(r["side"], r["label"]) for r in rows] == [("model", "GLU"), ("baseline", "MLP")]
     assert rows[0]["train_loss"] == pytest.approx(float(_f32(a[-1:])[0]), rel=0, abs=0)
     assert rows[1]["train_loss"] == pytest.approx(float(_f32(1.2 * a[-1:])[0]), rel=0, abs=0)
+
+
+def test_a_prefixed_loggers_run_is_summarized_like_an_unprefixed_one(tmp_path: Path):
+    """``TensorBoardLogger(prefix="p")`` writes ``p-epoch``, ``p-train_loss``, ...: the summary
+    looked the tags up by their logged names and gave ``nan`` for every cell, silently. The
+    prefix is dropped where every tag has it: the same summary as the unprefixed run's."""
+    train, val = _loaders()
+    rows = {}
+    for prefix in ("", "p"):
+        root = tmp_path / (prefix or "none")
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _trainer(root, 12, prefix=prefix).fit(_Logged.make(), train, val)
+            (row,) = summarize(load_run(root))
+        rows[prefix] = row
+    assert math.isfinite(rows["p"]["train_loss"]) and math.isfinite(rows["p"]["val_loss"])
+    for key in ("steps", "train_loss", "val_loss", "gap", "train_step"):
+        assert rows["p"][key] == rows[""][key], key
