@@ -207,12 +207,6 @@ _OUTPUTS = ("pntk", "full")
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?\binf\b|\bnan\b")
 _NONFINITE = re.compile(r"\bnan\b|\binf\b|non-finite|nonfinite", re.IGNORECASE)
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLAFSDP")
-#: The texts of select_parameters' filter errors that a PairedModule member's error rewords
-#: (NTKSpectrumMonitor._member_error): a filter that selects nothing, names not found, a
-#: sub-module of another module.
-_NOTHING_SELECTED = "no trainable parameters selected"
-_NAMES_NOT_FOUND = "params= names not found"
-_FOREIGN_MODULE = "holds none of the model's parameters"
 
 
 #: ntk_spectrum arguments the monitor sets itself (its own constructor arguments).
@@ -1682,24 +1676,23 @@ class NTKSpectrumMonitor(Callback):
         or a sub-module that is not the member's. ``err`` itself elsewhere: a plain module, or
         another error (a complex parameter, a malformed filter), whose text holds for either
         member (re-review, session 29: those were reported as selecting nothing)."""
-        from glu_probe.ntk.functional import select_parameters
+        from glu_probe.ntk.functional import ParamSelectionError, select_parameters
 
-        if not isinstance(err, ValueError) or targets is None or len(targets) < 2:
+        if not isinstance(err, ParamSelectionError) or targets is None or len(targets) < 2:
             return err
         roles = dict(zip(targets, ("model", "baseline"), strict=False))
         role = roles.get(tag, tag)
         text = str(err)
-        # (by the engine's texts, select_parameters in glu_probe.ntk.functional; each of them
-        # says "the model" for the module it was given)
-        if text.startswith(_NOTHING_SELECTED):
+        # (select_parameters' texts say "the model" for the module it was given)
+        if err.reason == "nothing":
             what = "selects nothing in the PairedModule's"
             why = text.replace("the model has no", f"the {role} has no", 1)
-        elif text.startswith(_NAMES_NOT_FOUND):
+        elif err.reason == "names":
             what = "names parameters that are not in the PairedModule's"
             why = text.replace(
                 "among the trainable parameters", f"among the {role}'s trainable parameters", 1
             )
-        elif isinstance(self.params, nn.Module) and _FOREIGN_MODULE in text:
+        elif err.reason == "foreign" and isinstance(self.params, nn.Module):
             what = "is not a sub-module of the PairedModule's"
             why = (
                 f"params= is a {type(self.params).__name__} that holds none of the {role}'s "

@@ -165,6 +165,21 @@ def pruned_names(module: nn.Module) -> list[str]:
     return names
 
 
+class ParamSelectionError(ValueError):
+    """:func:`select_parameters`' refusal of a ``params`` filter, with its ``reason``:
+    ``"nothing"`` (no trainable parameter selected), ``"names"`` (a list of names some of which
+    are not the model's) or ``"foreign"`` (a module that holds none of the model's parameters).
+    Callers that apply one filter to several models (a PairedModule's members) tell the cases
+    apart by it, not by the message."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:  # (pickled with its reason: spawned DDP ranks)
+        return type(self), (str(self), self.reason)
+
+
 def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str, nn.Parameter]:
     r"""The trainable parameters of ``model`` selected by ``params``, by their canonical names.
 
@@ -215,9 +230,10 @@ def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str,
         # (before the callable test: a module is callable, and was called as a filter)
         own = {id(p) for p in params.parameters()}
         if not own.intersection(id(p) for _, p in model.named_parameters()):
-            raise ValueError(
+            raise ParamSelectionError(
                 f"params= is a {type(params).__name__} that holds none of the model's "
-                "parameters; pass a sub-module of the model (or names, a pattern or a callable)"
+                "parameters; pass a sub-module of the model (or names, a pattern or a callable)",
+                "foreign",
             )
         chosen = [(n, p) for n, p in named if id(p) in own]
     elif callable(params):
@@ -231,9 +247,10 @@ def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str,
         available = {a for n in aliases for a in aliases[n]}
         missing = [n for n in params if n not in available]
         if missing:
-            raise ValueError(
+            raise ParamSelectionError(
                 f"params= names not found among the trainable parameters: {missing[:5]}; "
-                f"available names start with {sorted(available)[:5]}"
+                f"available names start with {sorted(available)[:5]}",
+                "names",
             )
         chosen = [(n, p) for n, p in named if wanted.intersection(aliases[n])]
     if not chosen:
@@ -246,10 +263,11 @@ def select_parameters(model: nn.Module, params: ParamFilter = None) -> dict[str,
                 "'h.1'; for a substring or regular expression pass 're:...' or re.compile(...); "
                 f"names start with {[n for n, _ in named[:3]]})"
             )
-        raise ValueError(
+        raise ParamSelectionError(
             "no trainable parameters selected: the model has no parameter with requires_grad=True"
             + ("" if params is None else f" that matches params={params!r}{hint}")
-            + "; unfreeze some parameters or change the params= filter"
+            + "; unfreeze some parameters or change the params= filter",
+            "nothing",
         )
     complex_ = [n for n, p in chosen if p.is_complex()]
     if complex_:
